@@ -1,0 +1,26 @@
+# Two entry points: `make demo` and `make test`. Each creates its own environment on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# Without a GPU, take the CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
+	# With a GPU, leave torch to the range in pyproject.toml.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch==2.13.0"; fi
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+.PHONY: install test demo bench
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+demo: $(STAMP)
+	$(BIN)/python -m jobs.caption
+
+bench: $(STAMP)
+	$(BIN)/python bench/preprocess.py
