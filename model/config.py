@@ -1,0 +1,197 @@
+"""Configurations of Idefics3 (vision tower, Llama text model, the whole model) and their `config.json`.
+
+Defaults are those of the Idefics3 documentation. Keys a checkpoint carries that we do not model
+(`is_llama_config`, `qk_layer_norms`, `initializer_range`, ...) are accepted and ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "config.json"
+
+
+def _known_fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _pick(cls, data: dict[str, Any]) -> dict[str, Any]:
+    """Keep only the keys `cls` models (unknown keys in checkpoints are ignored on purpose)."""
+    names = _known_fields(cls)
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclass
+class Idefics3VisionConfig:
+    """SigLIP-style vision tower. Missing keys take these class defaults (some SmolVLM configs rely on it)."""
+    hidden_size: int = 1152
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    model_type: str = "idefics3_vision"
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Idefics3VisionConfig":
+        # Any vision model_type ("idefics3", "idefics3_vision", ...) is read the same way.
+        return cls(**_pick(cls, {k: v for k, v in data.items() if k != "model_type"}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def rope_parameters_from_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """`rope_parameters` from either the current key or the older `rope_theta` + `rope_scaling` pair."""
+    current = data.get("rope_parameters")
+    if current:
+        params = dict(current)
+    else:
+        params = dict(data.get("rope_scaling") or {})
+        if "type" in params and "rope_type" not in params:
+            params["rope_type"] = params.pop("type")
+        params.pop("type", None)
+    params.setdefault("rope_type", "default")
+    params.setdefault("rope_theta", float(data.get("rope_theta", 10000.0)))
+    if params["rope_type"] == "llama3":
+        params.setdefault("original_max_position_embeddings", data.get("max_position_embeddings", 2048))
+    return params
+
+
+@dataclass
+class LlamaConfig:
+    """The Llama text decoder. `num_key_value_heads`/`head_dim` of None are derived from the head count."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict[str, Any] | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = False  # ignored by Idefics3: only the top-level switch ties
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    model_type: str = "llama"
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.rope_parameters = rope_parameters_from_legacy({
+            "rope_parameters": self.rope_parameters, "max_position_embeddings": self.max_position_embeddings})
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+
+    @property
+    def rope_theta(self) -> float:
+        return float(self.rope_parameters["rope_theta"])
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LlamaConfig":
+        model_type = data.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"unsupported text model_type {model_type!r}: only 'llama' text models are implemented")
+        kwargs = _pick(cls, data)
+        kwargs["rope_parameters"] = rope_parameters_from_legacy(data)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Idefics3Config:
+    """The whole model. Without a `text_config` the text model gets `rms_norm_eps=1e-5`; a `text_config`
+    dict that omits it gets the Llama default 1e-6 (the reference's pitfall, kept for parity)."""
+    vision_config: Idefics3VisionConfig = field(default_factory=Idefics3VisionConfig)
+    text_config: LlamaConfig = field(default_factory=lambda: LlamaConfig(rms_norm_eps=1e-5))
+    scale_factor: int = 2
+    image_token_id: int = 128257
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    pad_token_id: int | None = 128002  # deprecated and unused, kept for round trips
+    dtype: str | None = None
+    model_type: str = "idefics3"
+
+    def __post_init__(self) -> None:
+        if self.vision_config is None:
+            self.vision_config = Idefics3VisionConfig()
+        elif isinstance(self.vision_config, dict):
+            self.vision_config = Idefics3VisionConfig.from_dict(self.vision_config)
+        if self.text_config is None:
+            self.text_config = LlamaConfig(rms_norm_eps=1e-5)
+        elif isinstance(self.text_config, dict):
+            self.text_config = LlamaConfig.from_dict(self.text_config)
+        self._check_grid()
+
+    def _check_grid(self) -> None:
+        n, s = self.vision_config.num_patches_per_side, self.scale_factor
+        if n % s:
+            raise ValueError(f"patches per side ({n} = image_size // patch_size) must be a multiple of "
+                             f"scale_factor ({s})")
+
+    @property
+    def image_seq_len(self) -> int:
+        """Text positions one frame occupies after the pixel shuffle."""
+        return self.vision_config.num_patches_per_side ** 2 // self.scale_factor ** 2
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Idefics3Config":
+        data = dict(data)
+        if "dtype" not in data and "torch_dtype" in data:
+            data["dtype"] = data["torch_dtype"]
+        if "pad_token_id" not in data and "_pad_token_id" in data:  # how transformers 5 writes it
+            data["pad_token_id"] = data["_pad_token_id"]
+        if data.get("model_type", "idefics3") != "idefics3":
+            raise ValueError(f"unsupported model_type {data['model_type']!r}: expected 'idefics3'")
+        return cls(**_pick(cls, data))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["vision_config"] = self.vision_config.to_dict()
+        out["text_config"] = self.text_config.to_dict()
+        out["architectures"] = ["Idefics3ForConditionalGeneration"]
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path) -> "Idefics3Config":
+        from .loading import resolve_checkpoint_dir
+        folder = resolve_checkpoint_dir(path_or_id)
+        file = folder / CONFIG_NAME
+        if not file.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
+        return cls.from_dict(json.loads(file.read_text()))
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path / CONFIG_NAME

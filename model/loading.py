@@ -1,0 +1,177 @@
+"""Checkpoints in the Hugging Face layout: safetensors only (single file or sharded), local folder or hub id.
+
+The model is built on the meta device, materialised once in the target dtype and device, then filled
+tensor by tensor from safetensors, so peak host memory is about one model plus one tensor.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import CONFIG_NAME, Idefics3Config
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+GENERATION_CONFIG = "generation_config.json"
+BASE_PREFIX = "model."
+BASE_CHILDREN = ("vision_model.", "connector.", "text_model.")
+LM_HEAD, EMBED = "lm_head.weight", "model.text_model.embed_tokens.weight"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is (pickle-only, missing/unexpected keys, bad shapes)."""
+
+
+def resolve_checkpoint_dir(path_or_id: str | Path, **hub_kwargs) -> Path:
+    """A local folder as is; anything else that looks like `owner/name` through the hub cache."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"checkpoint folder not found: {text}")
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS, **hub_kwargs))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (sharded index first); pickle weights are refused."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        absent = [s for s in shards if not (folder / s).is_file()]
+        if absent:
+            raise CheckpointError(f"{index} names shard files that are not there: {absent}")
+        return [folder / s for s in shards]
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); loading them would run arbitrary "
+            f"code, so only safetensors are read. Convert them to {SINGLE_FILE} (e.g. with "
+            f"safetensors.torch.save_file on a trusted machine) and try again.")
+    raise CheckpointError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def target_name(key: str, is_base: bool) -> str | None:
+    """Map a checkpoint key to our parameter name; None means the key is deliberately skipped."""
+    key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+    if key.endswith("rotary_emb.inv_freq"):
+        return None  # a non-persistent buffer some old exports carried; we recompute it
+    if is_base:
+        if key == LM_HEAD:
+            return None  # a full checkpoint loaded into the bare model: the head is not ours
+        return key[len(BASE_PREFIX):] if key.startswith(BASE_PREFIX) else key
+    return BASE_PREFIX + key if key.startswith(BASE_CHILDREN) else key
+
+
+def _tied_names(model: nn.Module) -> list[set[str]]:
+    """Groups of names that share one tensor (the tied LM head)."""
+    groups: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), set()).add(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _check_keys(model: nn.Module, loaded: set[str], unexpected: list[str], folder: Path) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    covered = set(loaded)
+    for group in _tied_names(model):
+        if group & loaded:
+            covered |= group
+    missing = sorted(set(params) - covered)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {folder} does not match the model: missing keys {missing}, "
+                              f"unexpected keys {sorted(unexpected)}")
+
+
+def load_weights(model: nn.Module, files: list[Path], folder: Path) -> None:
+    """Copy every tensor of `files` into the (already materialised) parameters of `model`."""
+    from .idefics3 import Idefics3Model
+    is_base = isinstance(model, Idefics3Model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded, unexpected = set(), []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = target_name(key, is_base)
+                if name is None:
+                    continue
+                if name not in params:
+                    unexpected.append(key)
+                    continue
+                _copy_tensor(params[name], f.get_tensor(key), key)
+                loaded.add(name)
+    _check_keys(model, loaded, unexpected, folder)
+
+
+def _copy_tensor(param: torch.Tensor, tensor: torch.Tensor, key: str) -> None:
+    if param.shape != tensor.shape:
+        raise CheckpointError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensor)
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config: Idefics3Config) -> torch.dtype:
+    """Explicit dtype, else "auto"/None -> the checkpoint's `dtype` (float32 when it names none)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = config.dtype if dtype in (None, "auto") else dtype
+    if name is None:
+        return torch.float32
+    resolved = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return resolved
+
+
+def read_generation_config(folder: Path) -> dict:
+    file = folder / GENERATION_CONFIG
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def load_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | str | None = None,
+                    device: torch.device | str | None = None, **hub_kwargs) -> nn.Module:
+    folder = resolve_checkpoint_dir(path_or_id, **hub_kwargs)
+    config = Idefics3Config.from_pretrained(folder)
+    files = weight_files(folder)
+    target_dtype, target_device = _resolve_dtype(dtype, config), torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to(target_dtype).to_empty(device=target_device)  # casting on meta costs nothing
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    load_weights(model, files, folder)
+    model.config.dtype = str(target_dtype).replace("torch.", "")
+    model.generation_config = read_generation_config(folder)
+    return model.eval()
+
+
+def save_pretrained(model: nn.Module, path: str | Path) -> Path:
+    """config.json + model.safetensors (+ generation_config.json), in the layout transformers reads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    config.dtype = str(model.dtype).replace("torch.", "")
+    config.save_pretrained(path)
+    state, seen = {}, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:  # a tied head is stored once, under the embedding's name
+            continue
+        seen.add(id(p))
+        state[name] = p.detach().contiguous().cpu()
+    save_file(state, str(path / SINGLE_FILE), metadata={"format": "pt"})
+    if model.generation_config:
+        (path / GENERATION_CONFIG).write_text(json.dumps(model.generation_config, indent=2) + "\n")
+    return path
