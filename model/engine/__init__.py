@@ -1,0 +1,6 @@
+"""Generation engine: static KV cache of slots, continuous batching, per-request sampling."""
+from .engine import LLMEngine, default_stop_ids
+from .kv_cache import KVCache
+from .types import Request, Result, SamplingParams
+
+__all__ = ["LLMEngine", "Request", "Result", "SamplingParams", "KVCache", "default_stop_ids"]

@@ -1,0 +1,180 @@
+"""LLMEngine: continuous batching over a static KV cache of slots.
+
+Each loop iteration either prefills the next waiting requests that fit (free slots, token budget),
+packed end to end with their images encoded together, or runs one decode step over every busy
+slot. A finished request frees its slot at once, and the next waiting one takes it.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+from .kv_cache import KVCache
+from .runner import ModelRunner, pow2_bucket
+from .sampler import SamplingState, sample
+from .scheduler import Scheduler, Sequence
+from .types import Request, Result
+
+_GIB = 1 << 30
+
+
+def default_stop_ids(model: nn.Module, tokenizer=None) -> list[int]:
+    """eos ids of generation_config.json (else the text config), plus <end_of_utterance> if known."""
+    eos = (getattr(model, "generation_config", None) or {}).get("eos_token_id")
+    if eos is None:
+        eos = model.config.text_config.eos_token_id
+    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    to_id = getattr(tokenizer, "token_to_id", None) or getattr(tokenizer, "convert_tokens_to_ids", None)
+    eou = to_id("<end_of_utterance>") if to_id else None
+    if isinstance(eou, int) and eou >= 0 and eou not in ids:
+        ids.append(eou)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, model: nn.Module, tokenizer=None, max_batch_size: int = 64,
+                 kv_cache_tokens: int | None = None, *, max_prefill_tokens: int = 8192,
+                 use_cuda_graphs: bool = True, max_image_frames: int = 64) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.text_config = model.config.text_config
+        self.max_batch_size, self.kv_cache_tokens = max_batch_size, kv_cache_tokens
+        self.max_prefill_tokens, self.use_cuda_graphs = max_prefill_tokens, use_cuda_graphs
+        self.max_image_frames = max_image_frames
+        self.stop_ids = default_stop_ids(model, tokenizer)
+        self.runner: ModelRunner | None = None
+        self._rng = random.Random()
+
+    # ---- cache sizing -------------------------------------------------------------------------
+    def _token_budget(self, bytes_per_token: int, max_len: int) -> int:
+        if self.kv_cache_tokens is not None:
+            return self.kv_cache_tokens
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(max(free * 0.85 - 4 * _GIB, 0) // bytes_per_token)
+        return min(self.max_batch_size * max_len, 2 * _GIB // bytes_per_token)
+
+    def _ensure_cache(self, need_len: int) -> ModelRunner:
+        if self.runner is not None and self.runner.cache.max_len >= need_len:
+            return self.runner
+        self.runner = None                                   # free the old cache before sizing the new one
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        tc = self.text_config
+        max_len = min(-(-need_len // 256) * 256, max(tc.max_position_embeddings, need_len))
+        per_token = KVCache.bytes_per_token(tc.num_hidden_layers, tc.num_key_value_heads, tc.head_dim, self.dtype)
+        slots = min(self.max_batch_size, self._token_budget(per_token, max_len) // max_len)
+        if slots < 1:
+            raise ValueError(f"KV cache budget too small for one sequence of {max_len} tokens "
+                             f"({per_token * max_len / _GIB:.2f} GiB needed)")
+        cache = KVCache(tc.num_hidden_layers, slots, tc.num_key_value_heads, max_len, tc.head_dim,
+                        self.dtype, self.device)
+        self.runner = ModelRunner(self.model, cache, use_cuda_graphs=self.use_cuda_graphs,
+                                  max_image_frames=self.max_image_frames)
+        self.sampling = SamplingState.empty(slots, self.text_config.vocab_size, self.device)
+        self.active = torch.zeros(slots, dtype=torch.int64, device=self.device)
+        return self.runner
+
+    # ---- requests -----------------------------------------------------------------------------
+    def _check(self, request: Request) -> None:
+        rid, n = request.request_id, len(request.prompt_ids)
+        if n == 0:
+            raise ValueError(f"request {rid!r}: empty prompt")
+        total = n + request.sampling.max_new_tokens
+        if total > self.text_config.max_position_embeddings:
+            raise ValueError(f"request {rid!r}: prompt ({n}) + max_new_tokens exceeds the model's "
+                             f"{self.text_config.max_position_embeddings} positions")
+        n_image = sum(1 for t in request.prompt_ids if t == self.model.config.image_token_id)
+        pv = request.pixel_values
+        if pv is None:
+            return
+        if pv.dim() != 4:
+            raise ValueError(f"request {rid!r}: pixel_values must be (n_frames, 3, H, W), got {tuple(pv.shape)}")
+        cfg = self.model.config
+        p, s = cfg.vision_config.patch_size, cfg.scale_factor
+        per_frame = (pv.shape[-2] // p) * (pv.shape[-1] // p) // (s * s)
+        if n_image != pv.shape[0] * per_frame:
+            raise ValueError(f"request {rid!r}: {n_image} image tokens in the prompt but {pv.shape[0]} frames "
+                             f"x {per_frame} features")
+
+    def _sequence(self, index: int, request: Request) -> Sequence:
+        stop = request.sampling.stop_token_ids
+        return Sequence(index, request, frozenset(self.stop_ids if stop is None else stop))
+
+    @torch.inference_mode()
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Answers in the order of `requests`."""
+        for r in requests:
+            self._check(r)
+        if not requests:
+            return []
+        runner = self._ensure_cache(max(len(r.prompt_ids) + r.sampling.max_new_tokens for r in requests))
+        scheduler = Scheduler(runner.cache.num_slots, self.max_prefill_tokens)
+        seqs = [self._sequence(i, r) for i, r in enumerate(requests)]
+        for seq in seqs:
+            scheduler.add(seq)
+        while not scheduler.done:
+            admitted = scheduler.admit()
+            if admitted:
+                self._prefill(scheduler, admitted)
+            else:
+                self._decode(scheduler)
+        return [self._result(s) for s in seqs]
+
+    # ---- steps --------------------------------------------------------------------------------
+    def _assign_sampling(self, seq: Sequence) -> None:
+        p = seq.request.sampling
+        seed = p.seed if p.seed is not None else self._rng.getrandbits(62)
+        self.sampling.assign(seq.slot, p.temperature, p.top_k, p.top_p, seed, p.min_new_tokens,
+                             sorted(seq.stop_ids))
+
+    def _sample(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        params = [s.request.sampling for s in seqs]
+        return sample(logits, self.sampling, slots, any_sampling=any(not p.greedy for p in params),
+                      any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params))
+
+    def _prefill(self, scheduler: Scheduler, seqs: list[Sequence]) -> None:
+        runner = self.runner
+        features = runner.image_features([s.request.pixel_values for s in seqs],
+                                         [s.request.pixel_attention_mask for s in seqs])
+        slots = [s.slot for s in seqs]
+        logits = runner.prefill([s.request.prompt_ids for s in seqs], features, slots)
+        for seq in seqs:
+            self._assign_sampling(seq)
+        slot_t = torch.tensor(slots, device=self.device)
+        tokens = self._sample(logits, slot_t, seqs)
+        runner.tokens[slot_t] = tokens
+        runner.positions[slot_t] = torch.tensor([s.prompt_len for s in seqs], device=self.device)
+        self.active[slot_t] = 1
+        self.sampling.step[slot_t] += 1
+        self._record(scheduler, seqs, tokens.tolist())
+
+    def _decode(self, scheduler: Scheduler) -> None:
+        runner = self.runner
+        rows = pow2_bucket(scheduler.decode_batch_size(), 1, runner.cache.num_slots)
+        seqs = list(scheduler.running.values())
+        kv_len = pow2_bucket(max(s.length for s in seqs), 64, runner.cache.max_len)
+        logits = runner.decode(rows, kv_len)
+        tokens = self._sample(logits, torch.arange(rows, device=self.device), seqs)
+        runner.tokens[:rows] = tokens
+        runner.positions[:rows] += self.active[:rows]
+        self.sampling.step[:rows] += 1
+        host = tokens.tolist()                                   # the step's one host sync
+        self._record(scheduler, seqs, [host[s.slot] for s in seqs])
+
+    def _record(self, scheduler: Scheduler, seqs: list[Sequence], tokens: list[int]) -> None:
+        for seq, token in zip(seqs, tokens):
+            if seq.append(token):
+                scheduler.release(seq)
+                self.active[seq.slot] = 0
+
+    def _result(self, seq: Sequence) -> Result:
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        return Result(seq.request.request_id, list(seq.generated), text, seq.finish_reason,
+                      seq.prompt_len, len(seq.generated))

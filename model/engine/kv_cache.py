@@ -1,0 +1,105 @@
+"""A preallocated KV cache of slots, and the attention backends that read and write it.
+
+Layout: k, v = (layers, slots, kv_heads, max_len, head_dim). A request owns one slot for its whole
+life; position p of its sequence lives at [:, slot, :, p]. Nothing grows: prefill writes rows
+0..L-1 of a slot, each decode step writes one row per slot, and a finished request's slot is
+simply handed to the next one (its stale rows are masked by length, then overwritten).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_slots, self.max_len = num_slots, max_len
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def _expand_kv(x: Tensor, groups: int) -> Tensor:
+    """GQA: kv head j serves query heads j*g .. j*g+g-1."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+class PackedPrefillAttention:
+    """Prefill of several prompts packed end to end in one row (1, T): no padding.
+
+    Each segment writes its post-RoPE K/V into its slot and attends causally within itself only.
+    """
+
+    def __init__(self, cache: KVCache, slots: list[int], lengths: list[int]) -> None:
+        self.cache, self.slots, self.lengths = cache, slots, lengths
+
+    def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        groups = q.shape[1] // k.shape[1]
+        out = torch.empty_like(q)
+        start = 0
+        for slot, n in zip(self.slots, self.lengths):
+            end = start + n
+            ks, vs = k[:, :, start:end], v[:, :, start:end]
+            self.cache.k[layer_idx, slot, :, :n] = ks[0]
+            self.cache.v[layer_idx, slot, :, :n] = vs[0]
+            out[:, :, start:end] = F.scaled_dot_product_attention(
+                q[:, :, start:end], _expand_kv(ks, groups), _expand_kv(vs, groups), is_causal=True)
+            start = end
+        return out
+
+
+class DecodeAttention:
+    """One new token for each of slots 0..B-1, attending over the first kv_len rows of its slot.
+
+    positions (B,) is the device tensor of each row's new position (= its cached length); rows of
+    free slots are computed and ignored. Static shapes for a given (B, kv_len): CUDA-graph safe.
+    """
+
+    def __init__(self, cache: KVCache, positions: Tensor, kv_len: int) -> None:
+        self.cache, self.positions, self.kv_len = cache, positions, kv_len
+        self.rows = torch.arange(positions.shape[0], device=positions.device)
+        self.visible = torch.arange(kv_len, device=positions.device)[None, :] <= positions[:, None]
+
+    def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        b, hq, _, hd = q.shape
+        hkv = k.shape[1]
+        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        kc[self.rows, :, self.positions] = k[:, :, 0]
+        vc[self.rows, :, self.positions] = v[:, :, 0]
+        keys, values = kc[:b, :, :self.kv_len], vc[:b, :, :self.kv_len]      # (B, Hkv, L, hd)
+        qg = q.reshape(b, hkv, hq // hkv, hd)                                 # group query heads per kv head
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * hd ** -0.5
+        scores = scores.masked_fill(~self.visible[:, None, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(values.dtype)
+        return torch.matmul(probs, values).reshape(b, hq, 1, hd)
+
+
+class PaddedCacheAttention:
+    """The reference's left-padded batch (generate()): row b's K/V at columns 0..T-1 of slot b.
+
+    key_mask (B, T_max) marks real tokens; a query sees key j iff j <= its column and key_mask[j].
+    Fully masked query rows (left pads) give 0, as the reference's SDPA does.
+    """
+
+    def __init__(self, cache: KVCache, key_mask: Tensor, start: int) -> None:
+        self.cache, self.key_mask, self.start = cache, key_mask, start
+
+    def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        b, _, length, _ = q.shape
+        end = self.start + length
+        self.cache.k[layer_idx, :b, :, self.start:end] = k
+        self.cache.v[layer_idx, :b, :, self.start:end] = v
+        groups = q.shape[1] // k.shape[1]
+        keys = _expand_kv(self.cache.k[layer_idx, :b, :, :end], groups)
+        values = _expand_kv(self.cache.v[layer_idx, :b, :, :end], groups)
+        qpos = torch.arange(self.start, end, device=q.device)[:, None]
+        causal = torch.arange(end, device=q.device)[None, :] <= qpos                 # (L, end)
+        mask = causal[None, None] & self.key_mask[:, None, None, :end].bool()        # (B, 1, L, end)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)

@@ -1,0 +1,114 @@
+"""Runs the model on the engine's KV cache: image features, packed prefill, decode (graphed on CUDA)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .kv_cache import DecodeAttention, KVCache, PackedPrefillAttention
+
+
+def pow2_bucket(n: int, floor: int, cap: int) -> int:
+    """Smallest power of two >= n (at least `floor`), capped: the static shapes a step is padded to."""
+    b = floor
+    while b < n:
+        b *= 2
+    return min(b, cap)
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, cache: KVCache, *, use_cuda_graphs: bool,
+                 max_image_frames: int = 64) -> None:
+        self.model, self.cache = model, cache
+        self.text = model.model.text_model
+        self.image_token_id = model.config.image_token_id
+        self.max_image_frames = max_image_frames
+        slots, device = cache.num_slots, cache.k.device
+        self.tokens = torch.zeros(slots, dtype=torch.int64, device=device)     # each slot's last token
+        self.positions = torch.zeros(slots, dtype=torch.int64, device=device)  # each slot's cached length
+        self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.pool = None
+
+    # ---- images -------------------------------------------------------------------------------
+    def image_features(self, pixel_values: list[Tensor | None], masks: list[Tensor | None]) -> list[Tensor | None]:
+        """Features (n_frames, S, Dt) per request, the vision tower batched across requests."""
+        frames, frame_masks, owners = [], [], []
+        device = self.cache.k.device
+        for i, (pv, pm) in enumerate(zip(pixel_values, masks)):
+            if pv is None:
+                continue
+            pv = pv.to(device)
+            frames.append(pv)
+            frame_masks.append(torch.ones(pv.shape[0], *pv.shape[-2:], dtype=torch.bool, device=device)
+                               if pm is None else pm.to(device=device, dtype=torch.bool))
+            owners += [i] * pv.shape[0]
+        out: list[Tensor | None] = [None] * len(pixel_values)
+        if not frames:
+            return out
+        features = self._encode_frames(frames, frame_masks)
+        counts = [sum(1 for o in owners if o == i) for i in range(len(pixel_values))]
+        for i, chunk in enumerate(features.split(counts)):
+            out[i] = chunk if counts[i] else None
+        return out
+
+    def _encode_frames(self, frames: list[Tensor], masks: list[Tensor]) -> Tensor:
+        shapes = {f.shape[-2:] for f in frames}
+        if len(shapes) != 1:
+            raise ValueError(f"requests batched together have different tile sizes {sorted(shapes)}")
+        pv, pm = torch.cat(frames), torch.cat(masks)
+        parts = [self.model.model.get_image_features(pv[i:i + self.max_image_frames],
+                                                     pm[i:i + self.max_image_frames])
+                 for i in range(0, pv.shape[0], self.max_image_frames)]
+        return torch.cat(parts)
+
+    # ---- prefill ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], features: list[Tensor | None], slots: list[int]) -> Tensor:
+        """Packs the prompts into one row, fills their slots, returns last-position logits (n, V) float32."""
+        device = self.cache.k.device
+        lengths = [len(p) for p in prompts]
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)[None]
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+        embeds = self.text.embed_tokens(ids)
+        feats = [f for f in features if f is not None]
+        if feats:
+            embeds = self.model.model.merge_image_features(ids, embeds, torch.cat(feats))
+        hidden = self.text(inputs_embeds=embeds, position_ids=positions,
+                           attention=PackedPrefillAttention(self.cache, slots, lengths))
+        last = torch.tensor(lengths, device=device).cumsum(0) - 1
+        return self.model.lm_head(hidden[0, last]).float()
+
+    # ---- decode -------------------------------------------------------------------------------
+    def _decode_step(self, batch: int, kv_len: int) -> Tensor:
+        positions = self.positions[:batch]
+        attention = DecodeAttention(self.cache, positions, kv_len)
+        hidden = self.text(input_ids=self.tokens[:batch, None], position_ids=positions[:, None],
+                           attention=attention)
+        return self.model.lm_head(hidden[:, 0]).float()
+
+    @torch.inference_mode()
+    def decode(self, batch: int, kv_len: int) -> Tensor:
+        """Logits (batch, V) float32 for slots 0..batch-1 given self.tokens / self.positions."""
+        if not self.use_cuda_graphs:
+            return self._decode_step(batch, kv_len)
+        key = (batch, kv_len)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(batch, kv_len)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits
+
+    def _capture(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        # Warm up on a side stream (lazy inits, workspace allocations), then capture into a shared pool.
+        # The warm-up writes the same K/V the real step will write at the same positions: harmless.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._decode_step(batch, kv_len)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._decode_step(batch, kv_len)
+        return graph, logits

@@ -1,0 +1,97 @@
+"""Per-row sampling on the device: greedy, temperature, top-k, top-p, min-new-tokens.
+
+Randomness is counter-based: the noise for (seed, step, token) is a hash of those three integers,
+so a row's sample depends on its own logits, seed and step only, never on its batch neighbours or
+on a global generator, and no host sync is needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mixer (lowbias32) on int64 lanes; multiplication wraps mod 2^64, then masked."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: Tensor, steps: Tensor, vocab_size: int) -> Tensor:
+    """(B, V) float32 uniforms in (0, 1) from (seed, step, token index)."""
+    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    key = _hash32(_hash32(seeds ^ (seeds >> 32)) ^ _hash32(steps * 0x9E3779B9 + 1))
+    bits = _hash32(key[:, None] ^ _hash32(token[None, :] + 0x632BE5AB))
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def _filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Set to -inf every token outside the row's top-k and outside its nucleus of mass top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, logits.shape[-1])[:, None]
+    drop = rank >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= top_p[:, None]       # keep the smallest prefix reaching top_p (>= 1 token)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+@dataclass
+class SamplingState:
+    """Per-slot sampling parameters on the device, written when a request takes a slot."""
+    temperature: Tensor     # (S,) float32, 0 = greedy
+    top_k: Tensor           # (S,) int64
+    top_p: Tensor           # (S,) float32
+    seed: Tensor            # (S,) int64
+    step: Tensor            # (S,) int64 tokens generated so far
+    min_new: Tensor         # (S,) int64
+    stop_mask: Tensor       # (S, V) bool: the slot's stop ids
+
+    @classmethod
+    def empty(cls, num_slots: int, vocab_size: int, device: torch.device | str) -> "SamplingState":
+        z = dict(device=device)
+        return cls(torch.zeros(num_slots, **z), torch.zeros(num_slots, dtype=torch.int64, **z),
+                   torch.ones(num_slots, **z), torch.zeros(num_slots, dtype=torch.int64, **z),
+                   torch.zeros(num_slots, dtype=torch.int64, **z), torch.zeros(num_slots, dtype=torch.int64, **z),
+                   torch.zeros(num_slots, vocab_size, dtype=torch.bool, **z))
+
+    def assign(self, slot: int, temperature: float, top_k: int, top_p: float, seed: int, min_new: int,
+               stop_ids: list[int]) -> None:
+        self.temperature[slot], self.top_k[slot], self.top_p[slot] = temperature, top_k, top_p
+        self.seed[slot], self.step[slot], self.min_new[slot] = seed, 0, min_new
+        self.stop_mask[slot] = False
+        ids = [i for i in stop_ids if 0 <= i < self.stop_mask.shape[1]]
+        if ids:
+            self.stop_mask[slot, ids] = True
+
+
+def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
+           any_filter: bool) -> Tensor:
+    """Next token per row (B,) int64. slots (B,) indexes the rows' SamplingState entries.
+
+    any_sampling / any_filter are host-side facts about the rows (known from their requests), so
+    all-greedy batches skip the noise and the sort.
+    """
+    logits = logits.float()
+    step = state.step[slots]
+    too_early = (step < state.min_new[slots])[:, None] & state.stop_mask[slots]
+    logits = logits.masked_fill(too_early, float("-inf"))
+    greedy = logits.argmax(dim=-1)
+    if not any_sampling:
+        return greedy
+    temperature = state.temperature[slots]
+    scaled = logits / temperature.clamp_min(1e-6)[:, None]
+    if any_filter:
+        scaled = _filter_top_k_top_p(scaled, state.top_k[slots], state.top_p[slots])
+    gumbel = -torch.log(-torch.log(uniform_noise(state.seed[slots], step, logits.shape[-1])))
+    sampled = (scaled + gumbel).argmax(dim=-1)
+    return torch.where(temperature > 0, sampled, greedy)

@@ -1,0 +1,78 @@
+"""Slots and the waiting queue: who is admitted next, who runs, who is done."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .types import Request
+
+
+@dataclass
+class Sequence:
+    """A request while the engine works on it."""
+    index: int                  # position in the caller's list
+    request: Request
+    stop_ids: frozenset[int]
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def length(self) -> int:
+        """Tokens whose K/V are (or are about to be) in the cache, including the newest."""
+        return self.prompt_len + len(self.generated)
+
+    def append(self, token: int) -> bool:
+        """Record a new token; True when the sequence is finished."""
+        self.generated.append(token)
+        params = self.request.sampling
+        if token in self.stop_ids and len(self.generated) >= params.min_new_tokens:
+            self.finish_reason = "stop"
+        elif len(self.generated) >= params.max_new_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
+
+
+class Scheduler:
+    """First come, first served. The lowest free slot is taken so the decode batch (slots
+    0..highest busy) stays short; a finished sequence frees its slot at once."""
+
+    def __init__(self, num_slots: int, max_prefill_tokens: int) -> None:
+        self.free = list(range(num_slots))
+        self.running: dict[int, Sequence] = {}        # slot -> sequence
+        self.waiting: deque[Sequence] = deque()
+        self.max_prefill_tokens = max_prefill_tokens
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """The next waiting sequences that fit in free slots and the prefill token budget (at least one)."""
+        batch, tokens = [], 0
+        while self.waiting and self.free:
+            n = self.waiting[0].prompt_len
+            if batch and tokens + n > self.max_prefill_tokens:
+                break
+            seq = self.waiting.popleft()
+            self.free.sort()
+            seq.slot = self.free.pop(0)
+            self.running[seq.slot] = seq
+            batch.append(seq)
+            tokens += n
+        return batch
+
+    def release(self, seq: Sequence) -> None:
+        del self.running[seq.slot]
+        self.free.append(seq.slot)
+
+    @property
+    def done(self) -> bool:
+        return not self.waiting and not self.running
+
+    def decode_batch_size(self) -> int:
+        """Rows of the decode step: slots 0..highest busy slot."""
+        return max(self.running) + 1 if self.running else 0

@@ -1,0 +1,55 @@
+"""Requests in, results out: the engine's public value types."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings. temperature 0 means greedy."""
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int = 0              # 0 = no top-k filter
+    top_p: float = 1.0          # 1.0 = no nucleus filter
+    seed: int | None = None     # None = drawn at admission (answer then not reproducible)
+    stop_token_ids: tuple[int, ...] | list[int] | None = None   # None = the generation config's eos ids
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Request:
+    """One prompt. pixel_values: float (n_frames, 3, H, W), already normalised; None = text only."""
+    request_id: str
+    prompt_ids: list[int]
+    pixel_values: Tensor | None = None
+    pixel_attention_mask: Tensor | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Result:
+    request_id: str
+    token_ids: list[int]
+    text: str | None
+    finish_reason: Literal["stop", "length"]
+    num_prompt_tokens: int
+    num_generated_tokens: int

@@ -1,0 +1,111 @@
+"""`generate()` with the reference's semantics, on the engine's static KV cache.
+
+A left-padded batch is run as in transformers' `generate`: positions cumsum(attention_mask) - 1,
+image features computed once and scattered only in the prefill, decode steps that feed one token
+per row, rows stopped by an eos id (then padded with pad_token_id), prompt + new tokens returned.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .engine.kv_cache import KVCache, PaddedCacheAttention
+from .engine.sampler import SamplingState, sample
+
+
+def _setting(name: str, kwargs: dict, config: dict, default=None):
+    """kwargs win, then generation_config.json, then the default."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    return config.get(name, default) if config.get(name) is not None else default
+
+
+def _as_list(ids) -> list[int]:
+    if ids is None:
+        return []
+    if isinstance(ids, Tensor):
+        return ids.flatten().tolist()
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+class _Settings:
+    def __init__(self, model: nn.Module, prompt_len: int, kwargs: dict) -> None:
+        cfg, text = getattr(model, "generation_config", None) or {}, model.config.text_config
+        get = lambda name, default=None: _setting(name, kwargs, cfg, default)  # noqa: E731
+        max_new = get("max_new_tokens")
+        self.max_new = max_new if max_new is not None else get("max_length", 20) - prompt_len
+        self.min_new = get("min_new_tokens", 0)
+        self.eos = _as_list(get("eos_token_id", text.eos_token_id))
+        pad = get("pad_token_id", text.pad_token_id)
+        self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
+        self.do_sample = bool(get("do_sample", False))
+        self.temperature = float(get("temperature", 1.0)) if self.do_sample else 0.0
+        self.top_k, self.top_p = int(get("top_k", 50)), float(get("top_p", 1.0))
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 with do_sample=True, got {self.temperature}")
+
+
+def _sampling_state(s: _Settings, batch: int, vocab: int, device: torch.device) -> SamplingState:
+    state = SamplingState.empty(batch, vocab, device)
+    seeds = torch.randint(0, 2 ** 62, (batch,)).tolist()     # torch.manual_seed makes sampling repeatable
+    for row in range(batch):
+        state.assign(row, s.temperature, s.top_k, s.top_p, seeds[row], s.min_new, s.eos)
+    return state
+
+
+def _prefill_embeddings(model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None,
+                        pixel_attention_mask: Tensor | None) -> Tensor:
+    embeds = model.model.text_model.embed_tokens(input_ids)
+    if pixel_values is None:
+        return embeds
+    features = model.model.get_image_features(pixel_values, pixel_attention_mask)
+    return model.model.merge_image_features(input_ids, embeds, features)
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+             pixel_values: Tensor | None = None, pixel_attention_mask: Tensor | None = None,
+             **kwargs) -> Tensor:
+    """(B, T) prompt ids (left-padded) -> (B, T + n_new) LongTensor, like transformers' generate.
+
+    Settings (kwargs over generation_config.json): max_new_tokens / max_length, min_new_tokens,
+    do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id.
+    """
+    if input_ids is None or input_ids.dim() != 2:
+        raise ValueError("generate needs input_ids of shape (batch, seq_len)")
+    param = next(model.parameters())
+    input_ids = input_ids.to(param.device)
+    batch, prompt_len = input_ids.shape
+    s = _Settings(model, prompt_len, kwargs)
+    if s.max_new <= 0:
+        return input_ids
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(param.device)
+    text, tc = model.model.text_model, model.config.text_config
+    cache = KVCache(tc.num_hidden_layers, batch, tc.num_key_value_heads, prompt_len + s.max_new,
+                    tc.head_dim, param.dtype, param.device)
+    key_mask = torch.ones(batch, prompt_len + s.max_new, dtype=torch.bool, device=param.device)
+    key_mask[:, :prompt_len] = mask.bool()
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    state = _sampling_state(s, batch, tc.vocab_size, param.device)
+    rows = torch.arange(batch, device=param.device)
+
+    embeds = _prefill_embeddings(model, input_ids, pixel_values, pixel_attention_mask)
+    hidden = text(inputs_embeds=embeds, position_ids=positions, attention=PaddedCacheAttention(cache, key_mask, 0))
+    logits = model.lm_head(hidden[:, -1])
+    eos = torch.tensor(s.eos, dtype=torch.int64, device=param.device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=param.device)
+    position = positions[:, -1:]
+    new_tokens = []
+    for step in range(s.max_new):
+        token = sample(logits, state, rows, any_sampling=s.do_sample, any_filter=s.do_sample)
+        token = torch.where(unfinished, token, s.pad)
+        new_tokens.append(token)
+        state.step += 1
+        unfinished &= ~torch.isin(token, eos)
+        if step == s.max_new - 1 or not bool(unfinished.any()):
+            break
+        position = position + 1
+        attention = PaddedCacheAttention(cache, key_mask, prompt_len + step)
+        hidden = text(input_ids=token[:, None], position_ids=position, attention=attention)
+        logits = model.lm_head(hidden[:, -1])
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

@@ -1,0 +1,100 @@
+"""generate(): greedy tokens identical to transformers' generate (fp32, CPU) on mixed batches."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.fixtures.checkpoints import build_checkpoint
+
+torch.set_num_threads(1)
+
+
+def _image(seed: int, size: tuple[int, int]) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _prompt(processor, question: str, n_images: int) -> str:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def mixed_batch(path, counts=(2, 0, 1)):
+    """Processor outputs for prompts with `counts` images each, different lengths, left padded."""
+    from transformers import Idefics3Processor
+
+    processor = Idefics3Processor.from_pretrained(path)
+    questions = ["What is in the image?", "Hello, world! Colours: red, green, blue, yellow.",
+                 "Describe this picture in one sentence.", "How many shapes?"]
+    sizes = [(40, 30), (20, 50), (33, 33), (64, 20)]
+    texts, images = [], []
+    for i, n in enumerate(counts):
+        texts.append(_prompt(processor, questions[i % len(questions)], n))
+        images.append([_image(10 * i + j, sizes[(i + j) % len(sizes)]) for j in range(n)])
+    if not any(images):
+        return processor(text=texts, padding=True, return_tensors="pt")
+    return processor(text=texts, images=images, padding=True, return_tensors="pt")
+
+
+@pytest.fixture(scope="module", params=["smolvlm", "idefics3", "odd"])
+def pair(request, tmp_path_factory):
+    """(our model, the reference model) on the same checkpoint."""
+    from transformers import Idefics3ForConditionalGeneration as Reference
+
+    from model import Idefics3ForConditionalGeneration
+
+    path = build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+    ours = Idefics3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    ref = Reference.from_pretrained(path, dtype=torch.float32).eval()
+    return path, ours, ref
+
+
+def test_greedy_matches_reference_on_mixed_batch(pair):
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    assert (inputs["attention_mask"] == 0).any(), "the batch should be left padded"
+    kwargs = dict(max_new_tokens=12, do_sample=False)
+    expected = ref.generate(**inputs, **kwargs)
+    got = ours.generate(**inputs, **kwargs)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, expected)
+
+
+def test_min_new_tokens_and_eos_padding(pair):
+    path, ours, ref = pair
+    inputs = mixed_batch(path, counts=(1, 0))
+    # Make every row stop early: the eos set includes each row's greedy first token.
+    first = ref.generate(**inputs, max_new_tokens=1)[:, -1].tolist()
+    kwargs = dict(max_new_tokens=6, eos_token_id=first, do_sample=False)
+    expected = ref.generate(**inputs, **kwargs)
+    got = ours.generate(**inputs, **kwargs)
+    assert torch.equal(got, expected)
+    kwargs["min_new_tokens"] = 3
+    assert torch.equal(ours.generate(**inputs, **kwargs), ref.generate(**inputs, **kwargs))
+
+
+def test_text_only_batch(pair):
+    path, ours, ref = pair
+    inputs = mixed_batch(path, counts=(0, 0, 0))
+    expected = ref.generate(**inputs, max_new_tokens=8)
+    assert torch.equal(ours.generate(**inputs, max_new_tokens=8), expected)
+
+
+def test_sampling_is_seeded_and_valid(pair):
+    path, ours, _ = pair
+    inputs = mixed_batch(path, counts=(1, 0))
+    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=1.5, top_k=20, top_p=0.9)
+    torch.manual_seed(3)
+    a = ours.generate(**inputs, **kwargs)
+    torch.manual_seed(3)
+    b = ours.generate(**inputs, **kwargs)
+    assert torch.equal(a, b)
+    assert a.shape[0] == 2 and (a[:, inputs["input_ids"].shape[1]:] < ours.config.text_config.vocab_size).all()
+
+
+def test_bad_input_names_the_cause(pair):
+    _, ours, _ = pair
+    with pytest.raises(ValueError, match="input_ids"):
+        ours.generate(input_ids=torch.tensor([1, 2, 3]), max_new_tokens=2)
