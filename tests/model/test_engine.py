@@ -1,0 +1,148 @@
+"""LLMEngine: each request's greedy answer equals transformers' generate on that request alone,
+whatever the batch size, arrival order and slot; seeded samples ignore batch neighbours."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from model.engine import LLMEngine, Request, SamplingParams
+from tests.fixtures.checkpoints import build_checkpoint
+from tests.model.test_generation import mixed_batch
+
+torch.set_num_threads(1)
+
+IMAGE_COUNTS = [1, 0, 2, 1, 0, 1, 2, 0]
+MAX_NEW = [7, 3, 9, 5, 12, 4, 6, 10]
+
+
+def _requests(path, counts, sampling) -> list[Request]:
+    out = []
+    for i, n in enumerate(counts):
+        single = mixed_batch(path, counts=[0] * i + [n])      # vary the question with i
+        row = {k: v[-1] for k, v in single.items()}
+        ids = row["input_ids"][row["attention_mask"].bool()].tolist()
+        pv = row.get("pixel_values")
+        out.append(Request(f"r{i}", ids, pv, row.get("pixel_attention_mask"), sampling[i]))
+    return out
+
+
+def _reference(ref, request: Request) -> list[int]:
+    ids = torch.tensor([request.prompt_ids])
+    kwargs = dict(max_new_tokens=request.sampling.max_new_tokens, do_sample=False)
+    if request.pixel_values is not None:
+        kwargs.update(pixel_values=request.pixel_values[None],
+                      pixel_attention_mask=request.pixel_attention_mask[None])
+    return ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module", params=["smolvlm", "idefics3"])
+def setup(request, tmp_path_factory):
+    from tokenizers import Tokenizer
+    from transformers import Idefics3ForConditionalGeneration as Reference
+
+    from model import Idefics3ForConditionalGeneration
+
+    path = build_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+    ours = Idefics3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    ref = Reference.from_pretrained(path, dtype=torch.float32).eval()
+    requests = _requests(path, IMAGE_COUNTS, [SamplingParams(max_new_tokens=m) for m in MAX_NEW])
+    expected = {r.request_id: _reference(ref, r) for r in requests}
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    return ours, requests, expected, tokenizer, ref
+
+
+@pytest.mark.parametrize("batch,slots", [(1, 1), (3, 3), (8, 8), (8, 3)])
+def test_greedy_equals_reference_alone(setup, batch, slots):
+    ours, requests, expected, tokenizer, _ = setup
+    engine = LLMEngine(ours, tokenizer, max_batch_size=slots)
+    chosen = requests[:batch]
+    results = engine.generate(chosen)
+    assert [r.request_id for r in results] == [r.request_id for r in chosen]
+    for req, res in zip(chosen, results):
+        assert res.token_ids == expected[req.request_id], req.request_id
+        assert res.num_prompt_tokens == len(req.prompt_ids)
+        assert res.num_generated_tokens == len(res.token_ids)
+        stopped = res.token_ids[-1] in engine.stop_ids
+        assert res.finish_reason == ("stop" if stopped else "length")
+        assert res.text == tokenizer.decode(res.token_ids, skip_special_tokens=True)
+
+
+def test_arrival_order_and_slot_reuse(setup):
+    ours, requests, expected, _, _ = setup
+    engine = LLMEngine(ours, max_batch_size=3)     # 8 requests through 3 slots: every slot reused
+    for seed in (0, 1):
+        order = requests[:]
+        random.Random(seed).shuffle(order)
+        for req, res in zip(order, engine.generate(order)):
+            assert res.request_id == req.request_id
+            assert res.token_ids == expected[req.request_id], req.request_id
+            assert res.text is None
+
+
+def test_small_prefill_budget_and_one_slot_at_a_time(setup):
+    ours, requests, expected, _, _ = setup
+    engine = LLMEngine(ours, max_batch_size=4, max_prefill_tokens=1)   # prefill requests one by one
+    for req, res in zip(requests, engine.generate(requests)):
+        assert res.token_ids == expected[req.request_id]
+
+
+def test_finish_reasons_and_counts(setup):
+    ours, requests, expected, _, _ = setup
+    req = requests[2]
+    answer = expected[req.request_id]
+    stop_at = answer[2]
+    first = answer.index(stop_at)
+    params = SamplingParams(max_new_tokens=9, stop_token_ids=[stop_at])
+    stop = Request("stop", req.prompt_ids, req.pixel_values, req.pixel_attention_mask, params)
+    late = SamplingParams(max_new_tokens=9, min_new_tokens=first + 1, stop_token_ids=[stop_at])
+    no_stop = Request("late", req.prompt_ids, req.pixel_values, req.pixel_attention_mask, late)
+    length = Request("length", req.prompt_ids, req.pixel_values, req.pixel_attention_mask,
+                     SamplingParams(max_new_tokens=2, stop_token_ids=[]))
+    r_stop, r_late, r_len = LLMEngine(ours, max_batch_size=2).generate([stop, no_stop, length])
+    assert (r_stop.finish_reason, r_stop.token_ids) == ("stop", answer[:first + 1])
+    assert r_stop.num_generated_tokens == first + 1
+    assert stop_at not in r_late.token_ids[:first + 1] and len(r_late.token_ids) > first + 1
+    assert (r_len.finish_reason, r_len.token_ids, r_len.num_generated_tokens) == ("length", answer[:2], 2)
+
+
+def test_seeded_samples_ignore_batch_neighbours(setup):
+    ours, requests, _, _, _ = setup
+    hot = [SamplingParams(max_new_tokens=8, temperature=1.3, top_k=30, top_p=0.95, seed=100 + i)
+           for i in range(len(requests))]
+    sampled = [Request(r.request_id, r.prompt_ids, r.pixel_values, r.pixel_attention_mask, p)
+               for r, p in zip(requests, hot)]
+    alone = [LLMEngine(ours, max_batch_size=1).generate([r])[0].token_ids for r in sampled[:3]]
+    mixed = sampled[:3] + [requests[5]]          # plus a greedy neighbour
+    together = LLMEngine(ours, max_batch_size=4).generate(mixed[::-1])[::-1]
+    assert [r.token_ids for r in together[:3]] == alone
+    other_seed = SamplingParams(max_new_tokens=8, temperature=1.3, top_k=30, top_p=0.95, seed=7)
+    changed = LLMEngine(ours).generate([Request("x", sampled[0].prompt_ids, sampled[0].pixel_values,
+                                                sampled[0].pixel_attention_mask, other_seed)])
+    assert len(changed[0].token_ids) >= 1
+
+
+def test_bad_requests_are_named(setup):
+    ours, requests, _, _, _ = setup
+    engine = LLMEngine(ours)
+    img = requests[0]
+    cut = img.prompt_ids.index(ours.config.image_token_id)
+    with pytest.raises(ValueError, match="r_bad.*image tokens"):
+        engine.generate([Request("r_bad", img.prompt_ids[:cut] + img.prompt_ids[cut + 1:], img.pixel_values)])
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([Request("e", [])])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_match_eager_bf16(setup):
+    ours, requests, _, _, _ = setup
+    model = ours.to("cuda", torch.bfloat16)
+    try:
+        graphed = LLMEngine(model, max_batch_size=3).generate(requests)
+        eager = LLMEngine(model, max_batch_size=3, use_cuda_graphs=False).generate(requests)
+        assert [r.token_ids for r in graphed] == [r.token_ids for r in eager]
+    finally:
+        ours.to("cpu", torch.float32)
