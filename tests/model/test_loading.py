@@ -1,0 +1,133 @@
+"""Loading real safetensors checkpoints: shards, prefixes, tying, dtype, hub cache, bad folders, round trips."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from model import CheckpointError, Idefics3ForConditionalGeneration, Idefics3Model
+from tests.fixtures.checkpoints import build_tokenizer, reference_config
+from tests.model.test_parity import make_batch
+
+
+def copy_checkpoint(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_weights(folder, edit):
+    state = load_file(str(folder / "model.safetensors"))
+    edit(state)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+@torch.no_grad()
+def test_sharded_checkpoint_loads_same_weights(checkpoint):
+    single = Idefics3ForConditionalGeneration.from_pretrained(checkpoint("smolvlm"))
+    folder = checkpoint("smolvlm", shard_size="50KB")
+    assert len(list(folder.glob("model-*.safetensors"))) > 1 and (folder / "model.safetensors.index.json").exists()
+    sharded = Idefics3ForConditionalGeneration.from_pretrained(folder)
+    for (name, a), (_, b) in zip(single.state_dict().items(), sharded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert sharded.lm_head.weight is sharded.model.text_model.embed_tokens.weight  # tied
+
+
+def test_pickle_only_folder_is_refused(checkpoint, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(checkpoint("smolvlm") / "config.json", folder)
+    torch.save({"lm_head.weight": torch.zeros(2, 2)}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"only pickle weights \(pytorch_model.bin\).*arbitrary code"):
+        Idefics3ForConditionalGeneration.from_pretrained(folder)
+
+
+def test_missing_key_is_listed(checkpoint, tmp_path):
+    folder = copy_checkpoint(checkpoint("idefics3"), tmp_path / "ck")
+    edit_weights(folder, lambda s: s.pop("model.text_model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing keys \['model.text_model.layers.1.mlp.up_proj.weight'\]"):
+        Idefics3ForConditionalGeneration.from_pretrained(folder)
+
+
+def test_unexpected_key_and_bad_shape_are_reported(checkpoint, tmp_path):
+    folder = copy_checkpoint(checkpoint("idefics3"), tmp_path / "ck")
+    edit_weights(folder, lambda s: s.update({"model.extra.weight": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['model.extra.weight'\]"):
+        Idefics3ForConditionalGeneration.from_pretrained(folder)
+    edit_weights(folder, lambda s: (s.pop("model.extra.weight"), s.update({"lm_head.weight": torch.zeros(3, 3)})))
+    with pytest.raises(CheckpointError, match=r"lm_head.weight: checkpoint shape \(3, 3\)"):
+        Idefics3ForConditionalGeneration.from_pretrained(folder)
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
+        Idefics3ForConditionalGeneration.from_pretrained(tmp_path / "nowhere")
+
+
+@torch.no_grad()
+def test_bare_model_prefix_loads_and_untied_head_must_exist(tmp_path):
+    for name, tied in (("smolvlm", True), ("idefics3", False)):
+        folder = build_tokenizer(tmp_path / name)
+        torch.manual_seed(0)
+        transformers.Idefics3Model(reference_config(folder, name)).save_pretrained(folder)
+        keys = json.loads((folder / "config.json").read_text())  # saved by the bare model
+        assert keys["model_type"] == "idefics3"
+        bare = Idefics3Model.from_pretrained(folder)
+        assert not any(k.startswith("model.") for k in bare.state_dict())
+        if tied:
+            full = Idefics3ForConditionalGeneration.from_pretrained(folder)
+            assert torch.equal(full.model.text_model.embed_tokens.weight, bare.text_model.embed_tokens.weight)
+        else:
+            with pytest.raises(CheckpointError, match=r"missing keys \['lm_head.weight'\]"):
+                Idefics3ForConditionalGeneration.from_pretrained(folder)
+
+
+@torch.no_grad()
+def test_full_checkpoint_loads_into_bare_model(checkpoint):
+    folder = checkpoint("idefics3")
+    full = Idefics3ForConditionalGeneration.from_pretrained(folder)
+    bare = Idefics3Model.from_pretrained(folder)
+    batch = make_batch(full.config)
+    hidden = bare(**batch).last_hidden_state
+    torch.testing.assert_close(full.lm_head(hidden), full(**batch).logits, atol=0, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["smolvlm", "idefics3"])
+def test_save_pretrained_round_trips_into_transformers(checkpoint, tmp_path, name):
+    ours = Idefics3ForConditionalGeneration.from_pretrained(checkpoint(name))
+    ours.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "generation_config.json").exists()
+    ref, info = transformers.Idefics3ForConditionalGeneration.from_pretrained(
+        tmp_path / "saved", dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    batch = make_batch(ours.config)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ref.eval()(**batch).logits[real], ours(**batch).logits[real], atol=1e-4, rtol=0)
+    again = Idefics3ForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    assert again.config == ours.config
+
+
+def test_dtype_and_generation_config_are_applied(checkpoint):
+    folder = checkpoint("odd")
+    model = Idefics3ForConditionalGeneration.from_pretrained(folder, dtype="bfloat16", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.model.text_model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.generation_config == json.loads((folder / "generation_config.json").read_text())
+    model.to(torch.float16)
+    assert model.model.text_model.rotary_emb.inv_freq.dtype == torch.float32  # never follows casts
+
+
+@torch.no_grad()
+def test_hub_id_resolves_through_offline_cache(checkpoint, tmp_path):
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--acme--tiny-idefics3"
+    shutil.copytree(checkpoint("odd"), repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    model = Idefics3ForConditionalGeneration.from_pretrained("acme/tiny-idefics3", cache_dir=tmp_path / "hub")
+    local = Idefics3ForConditionalGeneration.from_pretrained(checkpoint("odd"))
+    assert torch.equal(model.lm_head.weight, local.lm_head.weight)
