@@ -1,0 +1,186 @@
+"""Synthetic shapes task: images of 1-3 coloured shapes, one per quadrant, with short canonical answers.
+
+Every image is split into a 2x2 grid of quadrants (top left, top right, bottom left, bottom right) and
+holds 1-3 shapes, each in its own quadrant, every (colour, shape) pair at most once per image. With the
+demo processor (longest edge 64, tiles of 32) each quadrant becomes one tile, so the row/column tags of
+the tile expansion carry the position.
+
+Held-out split: a fixed 1/6 of the (colour, shape, quadrant) triples never appear in training images;
+every held-out image contains at least one of them. Each colour, shape and quadrant, and every pair of
+them, is still seen in training, so held-out questions are answerable by composition, not memory.
+"""
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
+    "yellow": (240, 200, 20), "purple": (140, 50, 170), "orange": (250, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+CAPTION_PROMPTS = ("Describe the image.", "Describe this image.", "Caption the image.",
+                   "What is in the image?")
+CAPTION_PROMPT = CAPTION_PROMPTS[0]
+SPLIT_SEEDS = {"train": 1, "heldout": 2, "sample": 3}
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    shape: str
+    quadrant: int   # index into QUADRANTS
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+def is_heldout_triple(s: Shape) -> bool:
+    """The fixed 12 of 72 (colour, shape, quadrant) triples reserved for the held-out split."""
+    c, k = list(COLOURS).index(s.colour), SHAPES.index(s.shape)
+    return (c + 2 * k + s.quadrant) % 6 == 0
+
+
+def sample_scene(rng: random.Random) -> list[Shape]:
+    """1-3 shapes in distinct quadrants, distinct (colour, shape) pairs, sorted by quadrant."""
+    n = rng.randint(1, 3)
+    quadrants = sorted(rng.sample(range(4), n))
+    pairs = rng.sample([(c, k) for c in COLOURS for k in SHAPES], n)
+    return [Shape(c, k, q) for (c, k), q in zip(pairs, quadrants)]
+
+
+def scene_for_split(rng: random.Random, split: str) -> list[Shape]:
+    """Rejection-sample a scene: train has no held-out triple, heldout/sample have at least one."""
+    while True:
+        scene = sample_scene(rng)
+        if any(map(is_heldout_triple, scene)) == (split != "train"):
+            return scene
+
+
+def draw_scene(scene: list[Shape], rng: random.Random) -> Image.Image:
+    """Render a scene on a light background; image size, shape size and placement vary per image."""
+    w, h = rng.randint(64, 96), rng.randint(64, 96)
+    grey = rng.randint(225, 255)
+    img = Image.new("RGB", (w, h), (grey, grey, grey))
+    draw = ImageDraw.Draw(img)
+    for s in scene:
+        draw_shape(draw, s, w, h, rng)
+    return img
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, s: Shape, w: int, h: int, rng: random.Random) -> None:
+    qw, qh = w // 2, h // 2
+    x0, y0 = (s.quadrant % 2) * qw, (s.quadrant // 2) * qh
+    side = int(min(qw, qh) * rng.uniform(0.5, 0.8))
+    margin = 2
+    left = x0 + rng.randint(margin, qw - side - margin)
+    top = y0 + rng.randint(margin, qh - side - margin)
+    box = (left, top, left + side, top + side)
+    fill = COLOURS[s.colour]
+    if s.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif s.shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(left + side / 2, top), (left, top + side), (left + side, top + side)], fill=fill)
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption(scene: list[Shape]) -> str:
+    """'a red circle at top left, a blue square at top right and a green triangle at bottom left'."""
+    parts = [f"{article(s.colour)} {s.name} at {QUADRANTS[s.quadrant]}" for s in scene]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
+    """Every question kind asked of one scene, as (question, canonical answer)."""
+    by_quadrant = {s.quadrant: s for s in scene}
+    s = rng.choice(scene)
+    q = QUADRANTS[s.quadrant]
+    any_q = rng.randrange(4)
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    at = by_quadrant.get(any_q)
+    return [
+        (f"What shape is at the {q}?", s.shape),
+        (f"What colour is the shape at the {q}?", s.colour),
+        (f"Where is the {s.name}?", q),
+        (f"What is at the {QUADRANTS[any_q]}?", at.name if at else "nothing"),
+        ("How many shapes are there?", str(len(scene))),
+        (f"How many {shape}s are there?", str(sum(x.shape == shape for x in scene))),
+        (f"How many {colour} shapes are there?", str(sum(x.colour == colour for x in scene))),
+        (rng.choice(CAPTION_PROMPTS), caption(scene)),
+    ]
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def make_rows(split: str, n_images: int, questions_per_image: int, seed: int | None = None) -> list[dict]:
+    """Rows in the dataset contract (id, image PNG bytes, question, answers); deterministic per seed.
+
+    `questions_per_image` of the 8 question kinds are drawn per image (all 8 when >= 8); the sample
+    split asks only for the caption, with CAPTION_PROMPT.
+    """
+    rng = random.Random(SPLIT_SEEDS[split] if seed is None else seed)
+    rows = []
+    for i in range(n_images):
+        scene = scene_for_split(rng, split)
+        image = png_bytes(draw_scene(scene, rng))
+        qa = questions(scene, rng)
+        if split == "sample":
+            qa = [(CAPTION_PROMPT, caption(scene))]
+        elif questions_per_image < len(qa):
+            qa = rng.sample(qa, questions_per_image)
+        for j, (question, answer) in enumerate(qa):
+            rows.append({"id": f"{split}-{i:05d}-{j}", "image": image, "question": question,
+                         "answers": [answer]})
+    return rows
+
+
+def write_parquet(rows: list[dict], path: str | Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("id", pa.string()), ("image", pa.binary()), ("question", pa.string()),
+                        ("answers", pa.list_(pa.string()))])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+# Sizes of the committed/regenerated splits: (images, questions per image).
+SPLITS = {"train": (4000, 4), "heldout": (150, 3), "sample": (16, 1)}
+
+
+def build_split(split: str) -> list[dict]:
+    n_images, per_image = SPLITS[split]
+    return make_rows(split, n_images, per_image)
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write the demo shapes splits as Parquet.")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "data"))
+    ap.add_argument("--splits", nargs="+", default=["heldout", "sample"], choices=list(SPLITS))
+    args = ap.parse_args()
+    for split in args.splits:
+        rows = build_split(split)
+        print(f"{split}: {len(rows)} rows -> {write_parquet(rows, Path(args.out) / f'{split}.parquet')}")
+
+
+if __name__ == "__main__":
+    main()

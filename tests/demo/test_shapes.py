@@ -1,0 +1,80 @@
+"""The synthetic shapes task: deterministic, disjoint splits, answers that match the pixels."""
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from demo import shapes
+
+DATA = Path(__file__).resolve().parents[2] / "demo" / "data"
+
+
+def test_generator_is_deterministic_per_seed():
+    a = shapes.make_rows("train", 20, 3)
+    b = shapes.make_rows("train", 20, 3)
+    assert a == b
+    assert shapes.make_rows("train", 20, 3, seed=7) != a
+
+
+def test_committed_splits_are_the_seeded_ones():
+    for split in ("heldout", "sample"):
+        table = pq.read_table(DATA / f"{split}.parquet")
+        assert table.column_names == ["id", "image", "question", "answers"]
+        assert table.to_pylist() == shapes.build_split(split)
+
+
+
+def test_train_and_heldout_are_disjoint_by_combination():
+    rng = random.Random(0)
+    train = [shapes.scene_for_split(rng, "train") for _ in range(300)]
+    held = [shapes.scene_for_split(rng, "heldout") for _ in range(300)]
+    assert not any(shapes.is_heldout_triple(s) for scene in train for s in scene)
+    assert all(any(map(shapes.is_heldout_triple, scene)) for scene in held)
+    train_rows, held_rows = shapes.make_rows("train", 200, 8), shapes.build_split("heldout")
+    assert not {r["image"] for r in train_rows} & {r["image"] for r in held_rows}
+    assert not {r["id"] for r in train_rows} & {r["id"] for r in held_rows}
+
+
+def test_heldout_is_answerable_from_training_parts():
+    """Every colour, shape and quadrant, and every pair of them, occurs in training scenes."""
+    rng = random.Random(1)
+    seen = {s for _ in range(2000) for s in shapes.scene_for_split(rng, "train")}
+    pairs = lambda f: {f(s) for s in seen}  # noqa: E731
+    assert len(pairs(lambda s: (s.colour, s.shape))) == len(shapes.COLOURS) * len(shapes.SHAPES)
+    assert len(pairs(lambda s: (s.colour, s.quadrant))) == len(shapes.COLOURS) * 4
+    assert len(pairs(lambda s: (s.shape, s.quadrant))) == len(shapes.SHAPES) * 4
+
+
+def test_answers_are_canonical_and_cover_every_question_kind():
+    rows = shapes.build_split("heldout")
+    questions = {r["question"].split(" ")[0] + " " + r["question"].split(" ")[1] for r in rows}
+    assert {"What shape", "What colour", "Where is", "What is", "How many", "Describe the"} <= questions
+    for r in rows:
+        assert len(r["answers"]) == 1 and r["answers"][0] == r["answers"][0].strip().lower()
+
+
+def test_pixels_show_the_captioned_shapes():
+    """The colour named for a quadrant is the dominant non-background colour there."""
+    rng = random.Random(5)
+    for _ in range(20):
+        scene = shapes.sample_scene(rng)
+        img = np.asarray(shapes.draw_scene(scene, rng), dtype=np.int32)
+        h, w = img.shape[:2]
+        for q in range(4):
+            y, x = (q // 2) * (h // 2), (q % 2) * (w // 2)
+            quad = img[y:y + h // 2, x:x + w // 2].reshape(-1, 3)
+            present = [s for s in scene if s.quadrant == q]
+            hits = {c: int((np.abs(quad - np.array(rgb)).sum(1) < 10).sum()) for c, rgb in shapes.COLOURS.items()}
+            if present:
+                assert max(hits, key=hits.get) == present[0].colour and hits[present[0].colour] > 40
+            else:
+                assert max(hits.values()) == 0
+
+
+def test_images_are_png_and_sized_for_two_by_two_tiles():
+    for r in shapes.build_split("sample"):
+        img = Image.open(io.BytesIO(r["image"]))
+        assert img.format == "PNG" and 64 <= min(img.size) and max(img.size) <= 96
