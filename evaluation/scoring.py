@@ -1,0 +1,104 @@
+"""Predictions joined to ground truth, scored per row, and summarised (the numbers of metrics.json)."""
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+
+from evaluation.metrics import as_answer_list, get_metric
+
+SECONDARY_METRICS = ["exact_match"]
+DIGITS = 6  # metrics.json and report.md carry the same rounded numbers
+
+
+def _ids_as_strings(table: pa.Table) -> list[str]:
+    return [str(v) for v in table.column("id").to_pylist()]
+
+
+def _check_unique_ids(ids: list[str], what: str) -> None:
+    if len(set(ids)) != len(ids):
+        seen, dupes = set(), []
+        for i in ids:
+            (dupes.append(i) if i in seen else seen.add(i))
+        raise ValueError(f"{what} has duplicate ids: {sorted(set(dupes))[:5]}")
+
+
+def join_ground_truth(predictions: pa.Table, truth: pa.Table) -> pa.Table:
+    """One row per ground-truth row, in ground-truth order, with its prediction attached by id.
+
+    A ground-truth row without a prediction becomes an error row (a lost row must lower the score,
+    not vanish); a prediction whose id is not in the ground truth is a clear error.
+    """
+    pred_ids, truth_ids = _ids_as_strings(predictions), _ids_as_strings(truth)
+    _check_unique_ids(pred_ids, "predictions")
+    _check_unique_ids(truth_ids, "ground truth")
+    unknown = sorted(set(pred_ids) - set(truth_ids))
+    if unknown:
+        raise ValueError(f"{len(unknown)} predictions have ids not in the ground truth, e.g. {unknown[:5]}")
+    position = {i: k for k, i in enumerate(pred_ids)}
+    pred_cols = {name: predictions.column(name).to_pylist() for name in predictions.column_names
+                 if name not in truth.column_names}
+    rows = []
+    for k, row in enumerate(truth.to_pylist()):
+        row["id"] = truth_ids[k]
+        p = position.get(truth_ids[k])
+        row.update({"finish_reason": None, "error": None})  # every row carries both columns
+        row.update({name: None if p is None else values[p] for name, values in pred_cols.items()})
+        if p is None:
+            row["finish_reason"], row["error"] = "error", "no prediction for this id"
+        rows.append(row)
+    return pa.Table.from_pylist(rows)
+
+
+def is_error_row(row: dict) -> bool:
+    return row.get("error") is not None or row.get("finish_reason") == "error"
+
+
+def check_ground_truth(table: pa.Table) -> None:
+    """Every row needs at least one ground-truth answer: a benchmark without them scores nothing."""
+    if "answers" not in table.column_names:
+        raise ValueError("no ground-truth column 'answers' (pass --answers-column, or --input to join by id)")
+    missing = [str(i) for i, a in zip(table.column("id").to_pylist(), table.column("answers").to_pylist())
+               if not as_answer_list(a)]
+    if missing:
+        raise ValueError(f"{len(missing)} rows have no ground-truth answers, e.g. ids {missing[:5]}")
+
+
+def score_rows(table: pa.Table, metric: str) -> pa.Table:
+    """Add `score` (the primary metric) and one column per secondary metric; error rows score 0."""
+    check_ground_truth(table)
+    primary = get_metric(metric)
+    secondary = [m for m in SECONDARY_METRICS if m != metric]
+    scores: dict[str, list[float]] = {"score": [], **{m: [] for m in secondary}}
+    for row in table.to_pylist():
+        failed = is_error_row(row)
+        scores["score"].append(0.0 if failed else primary(row.get("answer"), row["answers"]))
+        for m in secondary:
+            scores[m].append(0.0 if failed else get_metric(m)(row.get("answer"), row["answers"]))
+    for name, values in scores.items():
+        table = table.append_column(name, pa.array(values, pa.float64()))
+    return table
+
+
+def _mean(values: list[float]) -> float:
+    return round(math.fsum(values) / len(values), DIGITS) if values else 0.0
+
+
+def summarize(scored: pa.Table, metric: str, category_column: str = "category") -> dict:
+    """The metrics.json document: primary score, all metrics, per-category scores, rows, errors."""
+    rows = scored.to_pylist()
+    primary = [r["score"] for r in rows]
+    metrics = {metric: _mean(primary)}
+    for m in SECONDARY_METRICS:
+        if m != metric:
+            metrics[m] = _mean([r[m] for r in rows])
+    per_category: dict[str, dict] = {}
+    if category_column in scored.column_names:
+        groups: dict[str, list[float]] = {}
+        for r in rows:
+            label = "(none)" if r[category_column] is None else str(r[category_column])
+            groups.setdefault(label, []).append(r["score"])
+        per_category = {c: {"score": _mean(s), "rows": len(s)} for c, s in sorted(groups.items())}
+    return {"metric": metric, "score": metrics[metric], "metrics": metrics, "per_category": per_category,
+            "rows": len(rows), "errors": sum(is_error_row(r) for r in rows)}
+

@@ -1,0 +1,179 @@
+"""jobs.evaluate --predictions: score an existing predictions Parquet end to end through the CLI."""
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs import evaluate as job
+
+REPO = Path(__file__).resolve().parents[2]
+
+PREDICTIONS = [
+    # id, answer, answers, category, finish_reason, error    -> exact_match
+    ("q1", "Two", ["2"], "count", "stop", None),             # 1 (number word)
+    ("q2", "red", ["blue"], "colour", "stop", None),         # 0
+    ("q3", "A circle.", ["circle"], "shape", "stop", None),  # 1 (article, period)
+    ("q4", None, ["square"], "shape", "error", "ImageDecodeError: not an image"),  # error -> 0
+    ("q5", "blue", ["blue"], "colour", "length", None),      # 1
+]
+
+
+def write_predictions(path: Path, rows=PREDICTIONS) -> Path:
+    cols = ["id", "answer", "answers", "category", "finish_reason", "error"]
+    table = pa.Table.from_pylist([dict(zip(cols, r)) for r in rows])
+    pq.write_table(table, path)
+    return path
+
+
+def png(colour: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def parse_report(text: str) -> dict:
+    """The numbers report.md shows, in metrics.json's shape."""
+    head = dict(re.findall(r"^- (score|rows|errors|metric): `?([^`\s]+)", text, re.M))
+    tables = re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|(?: ([^|]+?) \|)?$", text, re.M)
+    metrics, per_category = {}, {}
+    section = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section = line[3:]
+        m = re.match(r"^\| (.+?) \| (.+?) \|(?: (.+?) \|)?$", line)
+        if not m or m.group(2) in ("score", "rows", "---") or m.group(1).startswith("---"):
+            continue
+        if section == "Metrics":
+            metrics[m.group(1)] = float(m.group(2))
+        elif section == "Per category":
+            per_category[m.group(1)] = {"score": float(m.group(3)), "rows": int(m.group(2))}
+    assert tables, "report has no tables"
+    return {"metric": head["metric"], "score": float(head["score"]), "rows": int(head["rows"]),
+            "errors": int(head["errors"]), "metrics": metrics, "per_category": per_category}
+
+
+def test_predictions_mode_writes_every_artefact(tmp_path):
+    preds = write_predictions(tmp_path / "preds.parquet")
+    out = tmp_path / "out"
+    assert job.main(["--predictions", str(preds), "--output", str(out), "--metric", "exact_match"]) == 0
+
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary == {
+        "metric": "exact_match", "score": 0.6, "metrics": {"exact_match": 0.6},
+        "per_category": {"colour": {"score": 0.5, "rows": 2}, "count": {"score": 1.0, "rows": 1},
+                         "shape": {"score": 0.5, "rows": 2}},
+        "rows": 5, "errors": 1,
+    }
+    report = (out / "report.md").read_text()
+    assert parse_report(report) == summary
+    assert "(scores.png)" in report
+
+    with Image.open(out / "scores.png") as chart:
+        assert chart.format == "PNG" and chart.width > 100 and chart.height > 50
+
+    scored = pq.read_table(out / "predictions.parquet").to_pylist()
+    assert [r["id"] for r in scored] == ["q1", "q2", "q3", "q4", "q5"]
+    assert [r["score"] for r in scored] == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert scored[3]["error"].startswith("ImageDecodeError")
+    assert not (out / "gallery.html").exists()
+
+
+def test_cli_subprocess_vqa_accuracy_with_secondary_metric(tmp_path):
+    rows = [("a", "dog", ["a dog"] * 2 + ["cat"] * 8, None, "stop", None),
+            ("b", "Yes.", ["yes"] * 10, None, "stop", None),
+            ("c", "cat", ["dog"] * 10, None, "stop", None)]
+    preds = write_predictions(tmp_path / "vqav2_preds.parquet", rows)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--predictions", str(preds),
+                           "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "metrics.json").read_text())
+    # The metric comes from the dataset name (vqav2); exact_match rides along as a secondary metric.
+    assert summary["metric"] == "vqa_accuracy"
+    assert summary["score"] == round((0.6 + 1.0 + 0.0) / 3, 6)
+    assert summary["metrics"] == {"vqa_accuracy": summary["score"], "exact_match": round(2 / 3, 6)}
+    assert summary["per_category"] == {"(none)": {"score": summary["score"], "rows": 3}}
+    assert parse_report((out / "report.md").read_text()) == summary
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["score"] == summary["score"]
+
+
+def test_ground_truth_joined_from_input_by_id_with_gallery(tmp_path):
+    truth = pa.table({"qid": ["x1", "x2", "x3"], "img": [png("red"), png("blue"), b"not an image"],
+                      "prompt": ["Colour?", "Colour?", "Shape?"], "gt": [["red"], ["blue"], ["star"]],
+                      "kind": ["colour", "colour", "shape"]})
+    truth = truth.rename_columns(["id", "img", "prompt", "gt", "kind"])
+    pq.write_table(truth, tmp_path / "bench.parquet")
+    # x3 was lost by the run: it must count as an error row, not vanish. No `answers` in the predictions.
+    pq.write_table(pa.table({"id": ["x2", "x1"], "answer": ["Blue", "green"]}), tmp_path / "p.parquet")
+    out = tmp_path / "out"
+    argv = ["--predictions", str(tmp_path / "p.parquet"), "--input", str(tmp_path / "bench.parquet"),
+            "--output", str(out), "--metric", "exact_match", "--image-column", "img",
+            "--question-column", "prompt", "--answers-column", "gt", "--category-column", "kind",
+            "--gallery", "10"]
+    assert job.main(argv) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert (summary["score"], summary["rows"], summary["errors"]) == (pytest.approx(1 / 3, abs=1e-6), 3, 1)
+    assert summary["per_category"] == {"colour": {"score": 0.5, "rows": 2}, "shape": {"score": 0.0, "rows": 1}}
+    scored = pq.read_table(out / "predictions.parquet").to_pylist()
+    assert [(r["id"], r["answer"], r["question"], r["score"]) for r in scored] == [
+        ("x1", "green", "Colour?", 0.0), ("x2", "Blue", "Colour?", 1.0), ("x3", None, "Shape?", 0.0)]
+    assert scored[2]["error"] == "no prediction for this id"
+    gallery = (out / "gallery.html").read_text()
+    assert gallery.count('class="card') == 3
+    assert gallery.count("data:image/jpeg;base64,") == 2    # the undecodable image shows as missing
+    assert "no image" in gallery and "Colour?" in gallery
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("q1", "a", [], None, "stop", None)], "no ground-truth answers"),
+    ([("q1", "a", ["a"], None, "stop", None), ("q1", "b", ["b"], None, "stop", None)], "duplicate ids"),
+])
+def test_bad_predictions_are_clear_errors(tmp_path, capsys, rows, message):
+    preds = write_predictions(tmp_path / "p.parquet", rows)
+    if message == "duplicate ids":  # duplicates matter when joining to the ground truth
+        pq.write_table(pa.table({"id": ["q1"], "answers": [["a"]]}), tmp_path / "t.parquet")
+        extra = ["--input", str(tmp_path / "t.parquet")]
+    else:
+        extra = []
+    code = job.main(["--predictions", str(preds), "--output", str(tmp_path / "o"), "--metric", "anls", *extra])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_prediction_ids_missing_from_ground_truth(tmp_path, capsys):
+    pq.write_table(pa.table({"id": [1, 2]}).append_column("answers", pa.array([["a"], ["b"]])),
+                   tmp_path / "t.parquet")
+    pq.write_table(pa.table({"id": ["1", "9"], "answer": ["a", "b"]}), tmp_path / "p.parquet")
+    code = job.main(["--predictions", str(tmp_path / "p.parquet"), "--input", str(tmp_path / "t.parquet"),
+                     "--output", str(tmp_path / "o"), "--metric", "exact_match"])
+    assert code == 2 and "ids not in the ground truth, e.g. ['9']" in capsys.readouterr().err
+
+
+def test_metric_is_required_for_an_unknown_benchmark(tmp_path, capsys):
+    preds = write_predictions(tmp_path / "mystery.parquet")
+    assert job.main(["--predictions", str(preds), "--output", str(tmp_path / "o")]) == 2
+    assert "pass --metric" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, metric", [("DocVQA_val", "anls"), ("chart-qa", "relaxed_accuracy"),
+                                          ("MMStar", "multiple_choice"), ("textvqa", "vqa_accuracy")])
+def test_metric_from_dataset_name(name, metric):
+    assert job.choose_metric(job.parse_args(["--input", f"/data/{name}/test.parquet"])) == metric
+
+
+def test_missing_input_file_is_a_clear_error(tmp_path, capsys):
+    assert job.main(["--predictions", str(tmp_path / "nope.parquet"), "--output", str(tmp_path / "o"),
+                     "--metric", "anls"]) == 2
+    assert "no such Parquet file or folder" in capsys.readouterr().err
+
+
+def test_demo_without_its_files_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(job, "DEMO_MODEL", tmp_path / "demo" / "model")
+    assert job.main(["--output", str(tmp_path / "o")]) == 2
+    assert "demo model is missing" in capsys.readouterr().err
