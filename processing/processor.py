@@ -6,6 +6,7 @@ from the image processor. Truncation may never cut an image block: that raises i
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from itertools import accumulate
@@ -143,11 +144,11 @@ class Idefics3Processor:
     def from_pretrained(cls, path: str | Path, image_backend: str = "pil") -> "Idefics3Processor":
         """Load tokenizer, image processor ("pil": the Pillow recipe checkpoints were trained with;
         "torch": the torch recipe), image_seq_len and chat template from a local HF-layout folder."""
-        path = _local_path(path)
-        from . import image_processor as ip
         classes = {"pil": "Idefics3ImageProcessorPil", "torch": "Idefics3ImageProcessor"}
         if image_backend not in classes:
             raise ValueError(f"image_backend must be 'pil' or 'torch', got {image_backend!r}")
+        path = _local_path(path)
+        ip = importlib.import_module(".image_processor", __package__)
         image_processor = getattr(ip, classes[image_backend]).from_pretrained(path)
         tokenizer = Tokenizer.from_pretrained(path)
         return cls(image_processor, tokenizer, image_seq_len=read_image_seq_len(path),
