@@ -1,0 +1,86 @@
+"""Scoring summaries and report artefacts on small real tables."""
+import io
+import json
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from evaluation.report import (report_markdown, sample_rows, thumbnail_data_uri, write_chart,
+                               write_gallery, write_metrics_json)
+from evaluation.scoring import join_ground_truth, score_rows, summarize
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), "green").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_score_rows_counts_errors_as_zero_and_keeps_columns():
+    table = pa.table({"id": ["a", "b", "c"], "answer": ["5%", "4", "0.05"], "answers": [["0.05"], ["4"], ["0.05"]],
+                      "finish_reason": ["stop", "error", "stop"], "error": [None, None, None]})
+    scored = score_rows(table, "relaxed_accuracy")
+    assert scored.column("score").to_pylist() == [1.0, 0.0, 1.0]   # b: finish_reason error
+    assert scored.column("exact_match").to_pylist() == [0.0, 0.0, 1.0]
+    summary = summarize(scored, "relaxed_accuracy")
+    assert summary == {"metric": "relaxed_accuracy", "score": 0.666667,
+                       "metrics": {"relaxed_accuracy": 0.666667, "exact_match": 0.333333},
+                       "per_category": {}, "rows": 3, "errors": 1}
+
+
+def test_answers_may_be_plain_strings():
+    table = pa.table({"id": [1, 2], "answer": ["B", "(C)"], "answers": ["B", "B"]})
+    assert score_rows(table, "multiple_choice").column("score").to_pylist() == [1.0, 0.0]
+
+
+def test_join_keeps_ground_truth_order_and_matches_int_and_string_ids():
+    truth = pa.table({"id": [3, 1, 2], "answers": [["c"], ["a"], ["b"]]})
+    preds = pa.table({"id": ["1", "2", "3"], "answer": ["a", "x", "c"], "finish_reason": ["stop"] * 3})
+    joined = join_ground_truth(preds, truth)
+    assert joined.column("id").to_pylist() == ["3", "1", "2"]
+    assert joined.column("answer").to_pylist() == ["c", "a", "x"]
+    assert score_rows(joined, "exact_match").column("score").to_pylist() == [1.0, 1.0, 0.0]
+
+
+def test_empty_benchmark_summarises_to_zero_rows():
+    table = pa.table({"id": pa.array([], pa.string()), "answer": pa.array([], pa.string()),
+                      "answers": pa.array([], pa.list_(pa.string()))})
+    summary = summarize(score_rows(table, "anls"), "anls")
+    assert (summary["score"], summary["rows"], summary["errors"]) == (0.0, 0, 0)
+
+
+def test_report_markdown_prints_metrics_json_numbers_and_escapes_cells(tmp_path):
+    summary = {"metric": "anls", "score": 0.123457, "metrics": {"anls": 0.123457, "exact_match": 0.1},
+               "per_category": {"a|b": {"score": 0.5, "rows": 2}}, "rows": 4, "errors": 1}
+    text = report_markdown(summary, {"model": "m", "input": "in.parquet"})
+    assert "- score: 0.123457" in text and "| anls | 0.123457 |" in text and "| a\\|b | 2 | 0.5 |" in text
+    assert json.loads(write_metrics_json(summary, tmp_path).read_text()) == summary
+
+
+@pytest.mark.parametrize("per_category", [{}, {f"category {i}": {"score": i / 10, "rows": 1} for i in range(11)}])
+def test_chart_is_a_png(tmp_path, per_category):
+    summary = {"metric": "vqa_accuracy", "score": 0.5, "per_category": per_category, "rows": 11}
+    with Image.open(write_chart(summary, tmp_path)) as img:
+        assert img.format == "PNG"
+
+
+def test_thumbnails_from_bytes_struct_and_path(tmp_path):
+    data = _png()
+    (tmp_path / "x.png").write_bytes(data)
+    for cell in (data, {"bytes": data, "path": None}, {"bytes": None, "path": str(tmp_path / "x.png")},
+                 str(tmp_path / "x.png")):
+        uri = thumbnail_data_uri(cell, size=64)
+        assert uri.startswith("data:image/jpeg;base64,")
+    assert thumbnail_data_uri(b"garbage") is None and thumbnail_data_uri(str(tmp_path / "missing.png")) is None
+
+
+def test_gallery_escapes_text_and_samples_reproducibly(tmp_path):
+    rows = [{"id": str(i), "question": "<b>q</b>", "answer": "ünï", "answers": ["a"], "score": 0.0} for i in range(20)]
+    picked = sample_rows(rows, 5, seed=1)
+    assert picked == sample_rows(rows, 5, seed=1) and len(picked) == 5
+    assert [int(r["id"]) for r in picked] == sorted(int(r["id"]) for r in picked)
+    page = write_gallery(picked, {picked[0]["id"]: _png()}, {"metric": "anls", "score": 0, "rows": 20}, tmp_path)
+    text = page.read_text(encoding="utf-8")
+    assert "&lt;b&gt;q&lt;/b&gt;" in text and "<b>q</b>" not in text and "ünï" in text
+    assert text.count("data:image/jpeg") == 1 and text.count('class="card') == 5
