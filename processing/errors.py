@@ -1,0 +1,18 @@
+"""Typed bad-input errors: every row-level failure of `processing/` is an `InputError`."""
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Base of every bad-input error; the message says what was wrong with the input."""
+
+
+class ImageDecodeError(InputError):
+    """The bytes are not a decodable image (empty, truncated, unknown format, corrupt)."""
+
+
+class ImageTooLargeError(InputError):
+    """The image header announces more pixels (or a longer side) than the configured limit."""
+
+
+class PromptError(InputError):
+    """The text cannot be combined with the images (placeholder mismatch, `<image>` typed by a user, ...)."""

@@ -1,0 +1,143 @@
+"""The two resamplers: Pillow (uint8 through PIL images) and torch `interpolate` (uint8 or float CHW).
+
+Pillow recipe: every resize goes through a PIL image. uint8 data is used as is; other arrays must be
+integer-valued in 0..255 (cast to uint8) or in [0, 1] (truncated to uint8 after x255, resized, then
+multiplied back by 1/255) -- so float inputs are quantised at every resize, even to the same size.
+
+Torch recipe: `interpolate(antialias=True)` directly on uint8 CHW tensors on CPU (native uint8 kernels
+for lanczos/bicubic), in float without clamping for float inputs; a resize to the current size is
+skipped. Off the CPU, LANCZOS falls back to BICUBIC with a warning, as in the reference.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+# PIL enum value -> torch interpolate mode (the reference maps NEAREST to nearest-exact).
+TORCH_MODES = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_NAMES = {"nearest": 0, "nearest-exact": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+def resample_id(resample: int | str | Image.Resampling) -> int:
+    """Normalise a PIL enum, its int value or a mode name to the PIL int value."""
+    if isinstance(resample, str):
+        key = resample.lower()
+        if key not in _NAMES:
+            raise ValueError(f"unknown resample {resample!r}; expected one of {sorted(_NAMES)}")
+        return _NAMES[key]
+    value = int(getattr(resample, "value", resample))
+    if value not in TORCH_MODES:
+        raise ValueError(f"unknown resample {resample!r}; expected a PIL resampling filter 0..5")
+    return value
+
+
+# ------------------------------------------------------------------------------------------ Pillow
+def _needs_unit_rescale(array: np.ndarray) -> bool:
+    """True for [0, 1] data that must be scaled by 255; False for integer-valued 0..255 data."""
+    if array.dtype == np.uint8:
+        return False
+    if np.allclose(array, array.astype(int)):
+        if np.all(array >= 0) and np.all(array <= 255):
+            return False
+        raise ValueError("The image to be converted to a PIL image contains values outside the range "
+                         f"[0, 255], got [{array.min()}, {array.max()}] which cannot be converted to uint8.")
+    if np.all(array >= 0) and np.all(array <= 1):
+        return True
+    raise ValueError("The image to be converted to a PIL image contains values outside the range [0, 1], "
+                     f"got [{array.min()}, {array.max()}] which cannot be converted to uint8.")
+
+
+def _chw_to_pil(array: np.ndarray, unit_rescale: bool) -> Image.Image:
+    hwc = np.moveaxis(array, 0, -1)
+    if hwc.shape[-1] == 1:
+        hwc = hwc[..., 0]
+    if unit_rescale:
+        hwc = (hwc.astype(np.float64) * 255).astype(np.float32)
+    return Image.fromarray(hwc.astype(np.uint8))
+
+
+def pil_to_chw(image: Image.Image) -> np.ndarray:
+    """A CHW view of a PIL image's pixels (one copy out of Pillow, no transpose copy)."""
+    array = np.asarray(image)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def pil_resize(image: Image.Image | np.ndarray, size: tuple[int, int], resample: int
+               ) -> Image.Image | np.ndarray:
+    """Resize to `size` = (height, width) with Pillow; uint8 stays a PIL image (no round trip to numpy)."""
+    height, width = size
+    if isinstance(image, Image.Image):
+        return image if image.size == (width, height) else image.resize((width, height), resample)
+    if image.dtype == np.uint8:
+        if image.shape[-2:] == (height, width):
+            return image
+        return _chw_to_pil(image, False).resize((width, height), resample)
+    unit_rescale = _needs_unit_rescale(image)
+    resized = _chw_to_pil(image, unit_rescale).resize((width, height), resample)
+    if not unit_rescale:
+        return resized
+    return (pil_to_chw(resized).astype(np.float64) * (1 / 255)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------- torch
+_warned_bicubic = False
+
+
+def _warn_bicubic_once() -> None:
+    global _warned_bicubic
+    if not _warned_bicubic:
+        logger.warning("LANCZOS resampling of tensors is only implemented on CPU: falling back to BICUBIC on "
+                       "this device, like the reference. Use device='cpu' (or the Pillow recipe) to match "
+                       "the checkpoint's preprocessing exactly.")
+        _warned_bicubic = True
+
+
+def _native_uint8(mode: str, device: torch.device) -> bool:
+    if mode == "nearest-exact":
+        return True
+    if device.type != "cpu":
+        return False
+    if mode == "bilinear":  # torch's uint8 bilinear kernel is vectorised only on these CPUs
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or \
+            platform.machine() in ("aarch64", "arm64")
+    return mode in ("bicubic", "lanczos")
+
+
+def torch_mode(resample: int, device: torch.device) -> str:
+    mode = TORCH_MODES[resample]
+    if mode in ("box", "hamming"):
+        raise ValueError(f"resample={mode!r} is not available for tensors; use the Pillow recipe")
+    if mode == "lanczos" and device.type != "cpu":
+        _warn_bicubic_once()
+        return "bicubic"
+    return mode
+
+
+def torch_resize(image: torch.Tensor, size: tuple[int, int], resample: int) -> torch.Tensor:
+    """Resize a (..., C, H, W) tensor to `size`; identity sizes are returned untouched."""
+    mode = torch_mode(resample, image.device)
+    *lead, channels, height, width = image.shape
+    if (height, width) == tuple(size) or image.numel() == 0:
+        return image
+    smooth = mode in ("bilinear", "bicubic", "lanczos")
+    batch = image.reshape(-1, channels, height, width)
+    dtype = image.dtype
+    cast = not (dtype in (torch.float32, torch.float64) or (dtype == torch.uint8 and _native_uint8(mode, image.device)))
+    if cast:
+        batch = batch.to(torch.float32)
+    out = F.interpolate(batch, size=list(size), mode=mode, align_corners=False if smooth else None,
+                        antialias=smooth)
+    if cast:
+        if mode in ("bicubic", "lanczos") and dtype == torch.uint8:
+            out = out.clamp_(0, 255)
+        if not dtype.is_floating_point:
+            out = out.round_()
+        out = out.to(dtype)
+    return out.reshape(*lead, channels, *size)
