@@ -1,8 +1,9 @@
 """Tokenizer on the `tokenizers` library: tokenizer.json + tokenizer_config.json of the HF layout.
 
-Behaviour follows the reference's fast tokenizer: added tokens split the text, BOS/EOS come from the
-backend's post-processor (rebuilt only when the config sets add_bos_token/add_eos_token or the file
-has none), padding and truncation are the backend's own, decode skips tokens flagged special.
+Behaviour follows the reference's fast tokenizer: added tokens split the text, BOS/EOS come only from
+tokenizer.json's post-processor (the reference ignores add_bos_token/add_eos_token in the config for
+these byte-level tokenizers, and so do we), padding and truncation are the backend's own, decode
+skips tokens flagged special.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer as Backend, processors
+from tokenizers import AddedToken, Tokenizer as Backend
 
 NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # The reference's "no limit" sentinel for model_max_length; anything above it means "unknown".
@@ -91,8 +92,6 @@ class Tokenizer:
         self._named = {key: _token_content(self.config.get(key)) for key in NAMED_SPECIAL}
         self._extra = [t for t in _extra_special(self.config) if t]
         self._register_config_tokens()
-        if self._needs_post_processor():
-            self._rebuild_post_processor()
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Tokenizer":
@@ -115,20 +114,6 @@ class Tokenizer:
         tokens = [t for t in self._named.values() if t] + self._extra
         if tokens:
             self.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
-
-    def _needs_post_processor(self) -> bool:
-        explicit = "add_bos_token" in self.config or "add_eos_token" in self.config
-        return explicit or self.backend.post_processor is None
-
-    def _rebuild_post_processor(self) -> None:
-        """Template `BOS $A EOS` from add_bos_token / add_eos_token (both default False)."""
-        bos, eos = self.bos_token, self.eos_token
-        add_bos = bool(self.config.get("add_bos_token", False)) and bos is not None
-        add_eos = bool(self.config.get("add_eos_token", False)) and eos is not None
-        single = " ".join(([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else []))
-        pair = single + " " + " ".join(([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else []))
-        special = ([(bos, self.bos_token_id)] if add_bos else []) + ([(eos, self.eos_token_id)] if add_eos else [])
-        self.backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
     def add_special_tokens(self, tokens: dict[str, Any]) -> int:
         """`{"bos_token": ..., "additional_special_tokens": [...]}`; returns how many ids were new."""
