@@ -51,7 +51,8 @@ class CausalAttention:
     """
 
     def __init__(self, attention_mask: Tensor | None = None):
-        self.attention_mask = attention_mask
+        # Decided once, not per layer: `.all()` on a GPU tensor is a host sync.
+        self.attention_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         self._mask: Tensor | None = None
         self._dead_rows: Tensor | None = None
 
@@ -63,7 +64,7 @@ class CausalAttention:
         self._mask = mask | self._dead_rows                               # no NaN from empty rows
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if self.attention_mask is None or bool(self.attention_mask.all()):
+        if self.attention_mask is None:
             return sdpa(q, k, v, is_causal=True)
         if self._mask is None:
             self._build(q.shape[2], q.device)

@@ -161,3 +161,13 @@ def test_feature_token_count_mismatch_is_a_clear_error(pair):
     batch["input_ids"][0, 2] = 5   # one image position fewer than features
     with pytest.raises(ValueError, match="Image features and image tokens do not match"):
         ours(**batch)
+
+
+@torch.no_grad()
+def test_all_padding_frames_give_the_mismatch_error_not_a_crash(pair):
+    _, _, _, ours = pair
+    batch = make_batch(ours.config, seed=9)
+    batch["pixel_values"].zero_()
+    assert ours.get_image_features(batch["pixel_values"]).shape[0] == 0
+    with pytest.raises(ValueError, match=r"tokens: \d+, features: 0"):
+        ours(**batch)
