@@ -39,9 +39,18 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _StrictSandbox(ImmutableSandboxedEnvironment):
+    """Jinja2's sandbox turns an unsafe attribute into an Undefined that only fails when used;
+    we fail at the access itself, so a probing template can never render quietly."""
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise jinja2.exceptions.SecurityError(
+            f"chat template tried to reach the unsafe attribute {attribute!r} of a {type(obj).__name__}")
+
+
 @lru_cache(maxsize=32)
 def compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     return env.from_string(source)

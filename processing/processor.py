@@ -46,31 +46,11 @@ def expand_image(rows: int, cols: int, image_seq_len: int) -> str:
 
 
 def is_image(obj: Any) -> bool:
-    """What counts as one image when nesting inputs (strings/bytes are loaded later)."""
-    if isinstance(obj, (str, bytes)):
+    """What counts as one image when nesting inputs (path strings are loaded by the image processor)."""
+    if isinstance(obj, str):
         return True
     module = type(obj).__module__
     return module.startswith("PIL.") or (hasattr(obj, "shape") and hasattr(obj, "dtype"))
-
-
-def load_image_ref(ref: Any) -> Any:
-    """Strings are local paths (or data: URIs) loaded like the reference: EXIF transpose, then RGB."""
-    if not isinstance(ref, (str, bytes)):
-        return ref
-    import base64
-    import io
-
-    from PIL import Image, ImageOps
-    if isinstance(ref, str) and ref.startswith(("http://", "https://")):
-        raise ValueError(f"image URLs are not fetched ({ref[:80]}); download the image and pass bytes or a PIL image")
-    if isinstance(ref, str) and ref.startswith("data:"):
-        ref = base64.b64decode(ref.split(",", 1)[1])
-    source = io.BytesIO(ref) if isinstance(ref, bytes) else ref
-    try:
-        with Image.open(source) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"could not load image {str(ref)[:80] if isinstance(ref, str) else '<bytes>'}: {e}") from e
 
 
 def nest_images(images: Any, text: list[str] | None) -> list[list[Any]]:
@@ -169,7 +149,6 @@ class Idefics3Processor:
         image_kwargs, text_kwargs = split_kwargs(kwargs)
         out: dict[str, Any] = {}
         if images is not None:
-            images = [[load_image_ref(im) for im in group] for group in images]
             pixels = dict(self.image_processor(images, return_row_col_info=True, return_tensors=return_tensors,
                                                **image_kwargs))
             rows, cols = pixels.pop("rows"), pixels.pop("cols")
@@ -217,6 +196,7 @@ class Idefics3Processor:
         template = resolve_template(self.chat_template, chat_template)
         conversations, batched = normalize_conversations(conversation)
         processor_kwargs = dict(processor_kwargs or {})
+        return_tensors = processor_kwargs.pop("return_tensors", return_tensors)
         processor_kwargs.update({k: kwargs.pop(k) for k in list(kwargs) if k in IMAGE_KWARGS | TEXT_KWARGS})
         variables = {**self.tokenizer.special_tokens_map, **kwargs}
         prompts = [render_chat(template, conv, add_generation_prompt=add_generation_prompt,

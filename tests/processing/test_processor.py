@@ -17,14 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _ours(folder):
-    try:
-        return Idefics3Processor.from_pretrained(folder)
-    except ModuleNotFoundError:  # TEMPORARY until processing/image_processor.py lands
-        from processing.chat_template import load_chat_template
-        from processing.processor import read_image_seq_len
-        ip = transformers.AutoImageProcessor.from_pretrained(folder)
-        return Idefics3Processor(ip, Tokenizer.from_pretrained(folder), read_image_seq_len(folder),
-                                 load_chat_template(folder))
+    return Idefics3Processor.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
