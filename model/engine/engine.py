@@ -7,6 +7,7 @@ slot. A finished request frees its slot at once, and the next waiting one takes 
 from __future__ import annotations
 
 import random
+import time
 
 import torch
 from torch import nn
@@ -48,6 +49,7 @@ class LLMEngine:
         self.stop_ids = default_stop_ids(model, tokenizer)
         self.runner: ModelRunner | None = None
         self._rng = random.Random()
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0}
 
     # ---- cache sizing -------------------------------------------------------------------------
     def _token_budget(self, bytes_per_token: int, max_len: int) -> int:
@@ -118,11 +120,16 @@ class LLMEngine:
         for seq in seqs:
             scheduler.add(seq)
         while not scheduler.done:
+            start = time.perf_counter()
             admitted = scheduler.admit()
             if admitted:
                 self._prefill(scheduler, admitted)
+                self.stats["prefill_s"] += time.perf_counter() - start
             else:
+                self.stats["decode_tokens"] += len(scheduler.running)
                 self._decode(scheduler)
+                self.stats["decode_s"] += time.perf_counter() - start
+                self.stats["decode_steps"] += 1
         return [self._result(s) for s in seqs]
 
     # ---- steps --------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 whatever the batch size, arrival order and slot; seeded samples ignore batch neighbours."""
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -137,12 +138,20 @@ def test_bad_requests_are_named(setup):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp32_graphs_equal_reference(setup):
+    ours, requests, expected, _, _ = setup
+    model = copy.deepcopy(ours).to("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results = LLMEngine(model, max_batch_size=3).generate(requests)
+    assert [r.token_ids for r in results] == [expected[r.request_id] for r in requests]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_match_eager_bf16(setup):
     ours, requests, _, _, _ = setup
-    model = ours.to("cuda", torch.bfloat16)
-    try:
-        graphed = LLMEngine(model, max_batch_size=3).generate(requests)
-        eager = LLMEngine(model, max_batch_size=3, use_cuda_graphs=False).generate(requests)
-        assert [r.token_ids for r in graphed] == [r.token_ids for r in eager]
-    finally:
-        ours.to("cpu", torch.float32)
+    model = copy.deepcopy(ours).to("cuda", torch.bfloat16)
+    graphed_engine = LLMEngine(model, max_batch_size=3)
+    graphed = graphed_engine.generate(requests)
+    assert graphed_engine.runner.graphs, "decode should have been captured in CUDA graphs"
+    eager = LLMEngine(model, max_batch_size=3, use_cuda_graphs=False).generate(requests)
+    assert [r.token_ids for r in graphed] == [r.token_ids for r in eager]

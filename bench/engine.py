@@ -1,0 +1,275 @@
+"""Benchmark: our LLMEngine vs transformers' generate on the same random-weight checkpoint.
+
+Same prompts (text + image tiles), same images, the same number of new tokens for every row
+(min_new_tokens = max_new_tokens, so eos never ends a row early), greedy, one process. Prints
+end-to-end tokens/s and images/s for both and the ratio; on CUDA also our decode tokens/s as a
+fraction of the memory-bandwidth limit (decoder weight bytes / step time vs the HBM bandwidth).
+
+    python bench/engine.py                          # CPU: SmolVLM-256M shapes, 128 px tiles, batch 8
+    python bench/engine.py --device cuda            # SmolVLM-256M and Idefics3-8B shapes, batch 1/32/256
+No Ray, no hub: the reference model is built by transformers from a config, with random weights,
+and ours shares its tensors.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model import Idefics3Config, Idefics3ForConditionalGeneration  # noqa: E402
+from model.engine import LLMEngine, Request, SamplingParams  # noqa: E402
+from model.llama import LlamaRotaryEmbedding, rope_inv_freq  # noqa: E402
+from model.loading import target_name  # noqa: E402
+
+# Real dimensions (behaviour spec sections 5.2 / 5.3); token ids as in the released checkpoints.
+SHAPES = {
+    "smolvlm-256m": dict(
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    image_size=512, patch_size=16),
+        text=dict(vocab_size=49280, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                  max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=2),
+        top=dict(scale_factor=4, tie_word_embeddings=True, image_token_id=49190),
+        fake=49189, eou=49279, frames=5),
+    "idefics3-8b": dict(
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    image_size=364, patch_size=14),
+        text=dict(vocab_size=128259, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                  rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+                  pad_token_id=128002,
+                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                    original_max_position_embeddings=8192)),
+        top=dict(scale_factor=2, tie_word_embeddings=False, image_token_id=128257),
+        fake=128256, eou=128258, frames=5),
+}
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def reference_model(name: str, tile: int | None, device: str, dtype: torch.dtype):
+    """transformers' Idefics3ForConditionalGeneration with random weights, built from the config."""
+    from transformers import Idefics3Config as RefConfig
+    from transformers import Idefics3ForConditionalGeneration as Reference
+
+    spec = SHAPES[name]
+    vision = dict(spec["vision"], image_size=tile or spec["vision"]["image_size"])
+    config = RefConfig(vision_config=vision, text_config=dict(spec["text"], model_type="llama"),
+                       pad_token_id=spec["text"]["pad_token_id"], **spec["top"])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    torch.manual_seed(0)
+    try:
+        with torch.device(device):
+            model = Reference(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.eos_token_id = [spec["text"]["eos_token_id"], spec["eou"]]
+    model.generation_config.pad_token_id = spec["text"]["pad_token_id"]
+    return model
+
+
+def our_model(reference) -> Idefics3ForConditionalGeneration:
+    """Ours, built from the reference's config.json and sharing its weight tensors (no copy)."""
+    with tempfile.TemporaryDirectory() as folder:
+        reference.config.save_pretrained(folder)
+        config = Idefics3Config.from_pretrained(folder)
+    with torch.device("meta"):
+        ours = Idefics3ForConditionalGeneration(config)
+    state = {target_name(k, False): v for k, v in reference.state_dict().items()}
+    missing, unexpected = ours.load_state_dict({k: v for k, v in state.items() if k}, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        ours.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not line up: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    device = next(reference.parameters()).device
+    for module in ours.modules():               # the non-persistent float32 RoPE table
+        if isinstance(module, LlamaRotaryEmbedding):
+            module.inv_freq = rope_inv_freq(module.config, device=device)
+    left = [n for n, t in [*ours.named_parameters(), *ours.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left on meta: {left[:5]}")
+    ours.generation_config = {"eos_token_id": list(reference.generation_config.eos_token_id),
+                              "pad_token_id": reference.generation_config.pad_token_id}
+    return ours.eval()
+
+
+def make_requests(name: str, tile: int, batch: int, max_frames: int, new_tokens: int,
+                  device: str) -> list[Request]:
+    """Prompts of different lengths with 1..max_frames tiles each: BOS, text, image blocks, text."""
+    spec = SHAPES[name]
+    per_frame = (tile // spec["vision"]["patch_size"]) ** 2 // spec["top"]["scale_factor"] ** 2
+    g = torch.Generator().manual_seed(1)
+    params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    out = []
+    for i in range(batch):
+        frames = 1 + i % max_frames
+        text = lambda n: torch.randint(100, 20000, (n,), generator=g).tolist()  # noqa: E731
+        ids = [spec["text"]["bos_token_id"]] + text(8 + 5 * (i % 7))
+        for _ in range(frames):
+            ids += [spec["fake"]] + [spec["top"]["image_token_id"]] * per_frame
+        ids += [spec["fake"]] + text(12 + 3 * (i % 5))
+        pixels = torch.randn(frames, 3, tile, tile, generator=g).clamp(-1, 1).to(device)
+        mask = torch.ones(frames, tile, tile, dtype=torch.bool, device=device)
+        out.append(Request(f"r{i}", ids, pixels, mask, params))
+    return out
+
+
+def padded_batch(requests: list[Request], pad_id: int, device: str) -> dict:
+    """The reference's inputs: left-padded ids, (B, F_max, 3, H, W) pixels with all-zero padding frames."""
+    length = max(len(r.prompt_ids) for r in requests)
+    frames = max(r.pixel_values.shape[0] for r in requests)
+    b, (_, c, h, w) = len(requests), requests[0].pixel_values.shape
+    ids = torch.full((b, length), pad_id, dtype=torch.int64)
+    attn = torch.zeros(b, length, dtype=torch.int64)
+    pixels = torch.zeros(b, frames, c, h, w, device=device)
+    pmask = torch.zeros(b, frames, h, w, dtype=torch.bool, device=device)
+    for i, r in enumerate(requests):
+        n, f = len(r.prompt_ids), r.pixel_values.shape[0]
+        ids[i, length - n:], attn[i, length - n:] = torch.tensor(r.prompt_ids), 1
+        pixels[i, :f], pmask[i, :f] = r.pixel_values, r.pixel_attention_mask
+    return dict(input_ids=ids.to(device), attention_mask=attn.to(device), pixel_values=pixels,
+                pixel_attention_mask=pmask)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_reference(ref, requests, new_tokens: int, device: str, dtype: torch.dtype, repeats: int) -> float:
+    inputs = padded_batch(requests, ref.generation_config.pad_token_id, device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            out = ref.generate(**inputs, **kwargs)
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + new_tokens
+    return best
+
+
+def time_engine(engine: LLMEngine, requests, new_tokens: int, device: str, repeats: int) -> tuple[float, dict]:
+    best, best_stats = float("inf"), {}
+    for _ in range(repeats):
+        engine.stats = dict.fromkeys(engine.stats, 0)
+        _sync(device)
+        start = time.perf_counter()
+        results = engine.generate(requests)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed < best:
+            best, best_stats = elapsed, dict(engine.stats)
+    assert all(r.num_generated_tokens == new_tokens for r in results)
+    return best, best_stats
+
+
+def decoder_weight_bytes(model) -> int:
+    """Bytes a decode step must read: decoder layers, final norm and the LM head (not the embedding table)."""
+    text = model.model.text_model
+    params = [p for n, p in text.named_parameters() if not n.startswith("embed_tokens")]
+    params.append(model.lm_head.weight)
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[dict]:
+    spec = SHAPES[name]
+    tile = args.tile or spec["vision"]["image_size"]
+    ref = reference_model(name, tile, args.device, dtype)
+    ours = our_model(ref)
+    rows = []
+    for batch in batches:
+        requests = make_requests(name, tile, batch, args.frames or spec["frames"], args.new_tokens, args.device)
+        if args.warmup:
+            time_reference(ref, requests[:1], 2, args.device, dtype, 1)
+        ref_s = time_reference(ref, requests, args.new_tokens, args.device, dtype, args.repeats)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()                 # the reference's cache goes before ours is made
+        need = max(len(r.prompt_ids) for r in requests) + args.new_tokens
+        engine = LLMEngine(ours, max_batch_size=batch, kv_cache_tokens=batch * (-(-need // 256) * 256),
+                           max_prefill_tokens=args.prefill_tokens)
+        if args.warmup:                              # allocates the cache, captures the CUDA graphs
+            time_engine(engine, requests, args.new_tokens, args.device, 1)
+        ours_s, stats = time_engine(engine, requests, args.new_tokens, args.device, args.repeats)
+        tokens, images = batch * args.new_tokens, len(requests)
+        row = dict(model=name, device=args.device, batch=batch, tile=tile, new_tokens=args.new_tokens,
+                   prompt_tokens=sum(len(r.prompt_ids) for r in requests),
+                   frames=sum(r.pixel_values.shape[0] for r in requests),
+                   ref_s=round(ref_s, 3), ours_s=round(ours_s, 3),
+                   ref_tok_s=round(tokens / ref_s, 1), ours_tok_s=round(tokens / ours_s, 1),
+                   ref_img_s=round(images / ref_s, 2), ours_img_s=round(images / ours_s, 2),
+                   speedup=round(ref_s / ours_s, 2), ours_prefill_s=round(stats["prefill_s"], 3),
+                   ours_decode_s=round(stats["decode_s"], 3))
+        if stats["decode_steps"]:
+            step = stats["decode_s"] / stats["decode_steps"]
+            row["ours_decode_tok_s"] = round(stats["decode_tokens"] / stats["decode_s"], 1)
+            row["ours_step_ms"] = round(step * 1e3, 3)
+            if args.device == "cuda":
+                bw = args.hbm_bytes_per_s or _hbm_bandwidth()
+                row["bandwidth_fraction"] = round(decoder_weight_bytes(ours) / step / bw, 3)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del engine
+        gc.collect()
+    del ref, ours
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _hbm_bandwidth() -> float:
+    name = torch.cuda.get_device_name()
+    for key, value in HBM_BYTES_PER_S.items():
+        if key in name:
+            return value
+    raise SystemExit(f"unknown HBM bandwidth for {name!r}: pass --hbm-bytes-per-s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--models", nargs="+", default=None, choices=sorted(SHAPES))
+    p.add_argument("--batches", nargs="+", type=int, default=None)
+    p.add_argument("--tile", type=int, default=None, help="tile size in px (CPU default 128)")
+    p.add_argument("--frames", type=int, default=None, help="max tiles per image (request i has 1 + i % frames)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--prefill-tokens", type=int, default=8192)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--hbm-bytes-per-s", type=float, default=None)
+    p.add_argument("--out", default=None, help="append the JSON rows to this file")
+    args = p.parse_args(argv)
+    cpu = args.device == "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = args.models or (["smolvlm-256m"] if cpu else ["smolvlm-256m", "idefics3-8b"])
+    batches = args.batches or ([8] if cpu else [1, 32, 256])
+    if cpu and args.tile is None:
+        args.tile, args.frames = 128, args.frames or 3
+    dtype = torch.float32 if cpu else torch.bfloat16
+    print(f"# {args.device} {torch.cuda.get_device_name() if not cpu else ''} torch {torch.__version__} "
+          f"threads {torch.get_num_threads()}", flush=True)
+    for name in models:
+        for row in bench_one(name, batches, args, dtype):
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
