@@ -1,0 +1,98 @@
+"""Safe decoding of untrusted image bytes into PIL images.
+
+Every failure is a typed `InputError` whose message says what was wrong:
+* `ImageDecodeError`: not bytes, empty, unknown format, truncated or corrupt data;
+* `ImageTooLargeError`: too many bytes, or a header announcing too many pixels or a side longer than
+  the limit. The pixel count is checked on the header alone (`Image.open` parses only the header), so a
+  decompression bomb never allocates its pixels.
+Animated images (GIF, APNG, WebP, multi-page TIFF) give their first frame; EXIF orientation is applied
+as the reference's path loader does. Pillow decoders are bounded by the input size, so nothing hangs.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps
+
+from .errors import ImageDecodeError, ImageTooLargeError
+
+DEFAULT_MAX_PIXELS = 64_000_000       # e.g. 8000 x 8000; the processor shrinks everything to <= 4096 anyway
+DEFAULT_MAX_SIDE = 1 << 16            # longer sides are corrupt headers rather than images
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+ORIENTATION_TAG = 0x0112
+
+
+def check_size(width: int, height: int, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               max_side: int | None = DEFAULT_MAX_SIDE) -> None:
+    """Raise `ImageTooLargeError` / `ImageDecodeError` for sizes the limits refuse."""
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"image header gives an empty size {width}x{height}")
+    if max_side is not None and max(width, height) > max_side:
+        raise ImageTooLargeError(f"image is {width}x{height}: a side is longer than the limit of {max_side} pixels")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, more than the limit "
+                                 f"of {max_pixels} (possible decompression bomb)")
+
+
+def _open_header(data: bytes) -> Image.Image:
+    with warnings.catch_warnings():
+        # Our own limit is checked right after; Pillow's global bomb warning adds nothing.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise ImageTooLargeError(f"image exceeds Pillow's decompression-bomb limit: {e}") from e
+        except Image.UnidentifiedImageError as e:
+            raise ImageDecodeError(f"not a recognised image format ({len(data)} bytes, starting "
+                                   f"{bytes(data[:8])!r})") from e
+        except Exception as e:  # malformed headers raise anything from SyntaxError to struct.error
+            raise ImageDecodeError(f"corrupt image header: {type(e).__name__}: {e}") from e
+
+
+def _load_first_frame(image: Image.Image) -> None:
+    try:
+        image.seek(0)
+        image.load()
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"image exceeds Pillow's decompression-bomb limit: {e}") from e
+    except MemoryError as e:
+        raise ImageTooLargeError(f"not enough memory to decode a {image.width}x{image.height} image") from e
+    except Exception as e:  # OSError("image file is truncated"), zlib errors, ValueError, EOFError, ...
+        raise ImageDecodeError(f"cannot decode {image.format or 'image'} data "
+                               f"({image.width}x{image.height}): {type(e).__name__}: {e}") from e
+
+
+def decode_image(data: bytes | bytearray | memoryview, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 max_side: int | None = DEFAULT_MAX_SIDE, max_bytes: int | None = DEFAULT_MAX_BYTES,
+                 exif_transpose: bool = True) -> Image.Image:
+    """Decode untrusted bytes into a loaded PIL image in its own mode (alpha kept, first frame only).
+
+    The image processor then converts it to RGB (compositing any alpha over white).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageDecodeError(f"image data must be bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ImageDecodeError("image data is empty (0 bytes)")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageTooLargeError(f"image data is {len(data)} bytes, more than the limit of {max_bytes}")
+    image = _open_header(bytes(data))
+    check_size(image.width, image.height, max_pixels, max_side)
+    _load_first_frame(image)
+    if exif_transpose:
+        try:
+            if image.getexif().get(ORIENTATION_TAG, 1) not in (0, 1):  # skip the copy when upright
+                image = ImageOps.exif_transpose(image)
+        except Exception as e:
+            raise ImageDecodeError(f"corrupt EXIF orientation data: {type(e).__name__}: {e}") from e
+    return image
+
+
+def decode_image_file(path: str, **limits) -> Image.Image:
+    """`decode_image` for a local file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ImageDecodeError(f"cannot read image file {path!r}: {e}") from e
+    return decode_image(data, **limits)
