@@ -14,7 +14,7 @@ _EXPORTS = {
     "InputError": "errors",
     "ImageDecodeError": "errors",
     "ImageTooLargeError": "errors",
-    "PromptError": "fast_path",
+    "PromptError": "errors",
     "RowEncoder": "fast_path",
     "EncodedRow": "fast_path",
     "frames_to_pixel_values": "pixels",

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from .chat_template import Template, images_of, load_chat_template, normalize_conversations, render_chat, \
     resolve_template
+from .errors import PromptError
 from .tokenizer import BatchEncoding, Tokenizer, to_tensors
 
 logger = logging.getLogger(__name__)
@@ -70,19 +71,19 @@ def nest_images(images: Any, text: list[str] | None) -> list[list[Any]]:
 
 
 def validate(images: list[list[Any]] | None, text: list[str] | None) -> None:
-    """The reference's checks, with its messages."""
+    """The reference's checks, with its messages (PromptError is a ValueError)."""
     if text is not None:
         counts = [t.count(IMAGE) for t in text]
         if images is None and any(counts):
-            raise ValueError(f"Found {sum(counts)} {IMAGE} tokens in the text but no images were passed.")
+            raise PromptError(f"Found {sum(counts)} {IMAGE} tokens in the text but no images were passed.")
         if images is not None:
             n_images = [len(group) for group in images]
             if sum(counts) != sum(n_images):
-                raise ValueError(
+                raise PromptError(
                     f"The total number of {IMAGE} tokens in the prompts should be the same as the number of images "
                     f"passed. Found total {sum(counts)} {IMAGE} tokens and {sum(n_images)} images.")
             if counts != n_images:
-                raise ValueError(
+                raise PromptError(
                     f"The number of {IMAGE} tokens in each prompt should be the same as the number of images passed."
                     f" Found {counts} {IMAGE} tokens and {n_images} images per sample.")
     if images is not None and not any(images):
@@ -179,7 +180,7 @@ class Idefics3Processor:
             want = (prompt.count(FAKE), prompt.count(IMAGE))
             got = (ids.count(self.fake_image_token_id), ids.count(self.image_token_id))
             if want != got:
-                raise ValueError(
+                raise PromptError(
                     f"prompt {i}: tokenization would cut through an image block (max_length="
                     f"{text_kwargs.get('max_length')}, truncation={text_kwargs.get('truncation')}): expected "
                     f"{want[1]} {IMAGE} and {want[0]} {FAKE} tokens, got {got[1]} and {got[0]}. "

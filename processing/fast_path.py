@@ -1,0 +1,187 @@
+"""The pipeline's CPU-side encoder: one (image, question) row -> uint8 frames + token ids.
+
+Frames stay uint8 (n_frames, 3, m, m) until they reach the model's device, where
+`frames_to_pixel_values` turns them into the processor's float32 pixel values bit for bit: the
+object store carries 4x fewer bytes. The ids are those of
+`processor.apply_chat_template([one user turn: image, question], add_generation_prompt=True,
+tokenize=True)`: the chat template, a single BOS, and the image's expansion.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .decode import DEFAULT_MAX_PIXELS, check_size, decode_image
+from .errors import ImageDecodeError, PromptError
+from .pixels import frames_to_pixel_values
+from .processor import FAKE, GLOBAL, IMAGE, Idefics3Processor, _local_path, expand_image
+from .tokenizer import LARGE_INTEGER, Tokenizer
+
+# Strings that would add or move image tokens if a user typed them into a question.
+_IMAGE_MARKUP = re.compile("|".join([re.escape(IMAGE), re.escape(FAKE), re.escape(GLOBAL), r"<row_\d+_col_\d+>"]))
+_PROBE_QUESTION = "Probe: what is in  the picture?\n\n Say it "
+
+
+__all__ = ["EncodedRow", "PromptError", "RowEncoder", "payload_nbytes"]
+
+
+@dataclass
+class EncodedRow:
+    input_ids: list[int]
+    frames: np.ndarray | None  # uint8 (n_frames, 3, m, m); None for a text-only row
+    rows: int = 0
+    cols: int = 0
+
+    @property
+    def num_frames(self) -> int:
+        return 0 if self.frames is None else int(self.frames.shape[0])
+
+    @property
+    def encoded_nbytes(self) -> int:
+        """Bytes this row costs in transit: uint8 frames + int64 ids."""
+        return (0 if self.frames is None else int(self.frames.nbytes)) + 8 * len(self.input_ids)
+
+    @property
+    def float32_nbytes(self) -> int:
+        """What the same row would cost with float32 pixel_values (the reference's output) instead."""
+        return (0 if self.frames is None else int(self.frames.size) * 4) + 8 * len(self.input_ids)
+
+
+def payload_nbytes(num_frames: int, tile: int, channels: int = 3) -> dict[str, int]:
+    """Pixel bytes per image: uint8 frames vs float32 pixel_values."""
+    values = num_frames * channels * tile * tile
+    return {"uint8": values, "float32": 4 * values}
+
+
+class RowEncoder:
+    """Encodes dataset rows for the GPU workers; raises InputError subclasses for bad rows."""
+
+    def __init__(self, processor: Idefics3Processor, max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 max_length: int | None = None):
+        self.processor = processor
+        self.image_processor = processor.image_processor
+        self.tokenizer: Tokenizer = processor.tokenizer
+        self.max_image_pixels = max_image_pixels
+        self.max_length = max_length
+        self._template = _resolve(processor)
+        self._blocks: dict[tuple[int, int], list[int]] = {}
+        self._splice = self._splice_is_exact()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, image_backend: str = "pil",
+                        max_image_pixels: int | None = DEFAULT_MAX_PIXELS) -> "RowEncoder":
+        path = _local_path(path)
+        processor = Idefics3Processor.from_pretrained(path, image_backend=image_backend)
+        return cls(processor, max_image_pixels=max_image_pixels, max_length=_context_length(path, processor))
+
+    @property
+    def recipe(self) -> str:
+        return self.image_processor.recipe
+
+    # --- the row -------------------------------------------------------------------------------
+
+    def encode(self, image: Any = None, question: str = "") -> EncodedRow:
+        """bytes / PIL image / None + question -> EncodedRow (ids, uint8 frames, rows, cols)."""
+        check_question(question)
+        frames, rows, cols = (None, 0, 0) if image is None else self.image_frames(image)
+        ids = self.encode_prompt(self.prompt(question, image is not None), None if frames is None else (rows, cols))
+        if self.max_length is not None and len(ids) > self.max_length:
+            raise PromptError(f"the prompt is {len(ids)} tokens (with the image), more than the model's context "
+                              f"of {self.max_length}")
+        return EncodedRow(ids, frames, rows, cols)
+
+    def image_frames(self, image: Any) -> tuple[np.ndarray, int, int]:
+        """Decode (bytes) or check (PIL) the image, then resize/tile it to uint8 frames."""
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            image = decode_image(image, max_pixels=self.max_image_pixels)
+        elif type(image).__module__.startswith("PIL."):
+            check_size(image.width, image.height, self.max_image_pixels)
+        else:
+            raise ImageDecodeError(f"image must be encoded bytes or a PIL image, got {type(image).__name__}")
+        try:
+            frames, rows, cols = self.image_processor.image_to_frames(image)
+        except (OSError, ValueError) as e:  # e.g. a mode Pillow cannot convert to RGB
+            raise ImageDecodeError(f"cannot convert the {image.mode} {image.width}x{image.height} image: {e}") from e
+        return frames, int(rows), int(cols)
+
+    def prompt(self, question: str, with_image: bool) -> str:
+        """The chat template over one user turn ([image,] text) with the generation prompt."""
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  chat_template=self._template)
+
+    def encode_prompt(self, prompt: str, grid: tuple[int, int] | None) -> list[int]:
+        """Tokenize with a single BOS; the image's block ids are spliced in from a cache when that
+        is provably the same as tokenizing the expanded text (checked once at construction)."""
+        bos = self.tokenizer.bos_token
+        add_special = not (bos is not None and prompt.startswith(bos))
+        if grid is None:
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special)
+        if prompt.count(IMAGE) != 1:
+            raise PromptError(f"the chat template produced {prompt.count(IMAGE)} {IMAGE} markers for one image")
+        if self._splice and not add_special:
+            before, after = prompt.split(IMAGE)
+            encode = self.tokenizer.encode
+            return encode(before, add_special_tokens=False) + self.block_ids(*grid) + encode(after, add_special_tokens=False)
+        expanded = prompt.replace(IMAGE, expand_image(*grid, self.processor.image_seq_len))
+        return self.tokenizer.encode(expanded, add_special_tokens=add_special)
+
+    def block_ids(self, rows: int, cols: int) -> list[int]:
+        if (rows, cols) not in self._blocks:
+            text = expand_image(rows, cols, self.processor.image_seq_len)
+            self._blocks[rows, cols] = self.tokenizer.encode(text, add_special_tokens=False)
+        return self._blocks[rows, cols]
+
+    def _splice_is_exact(self) -> bool:
+        # Added tokens split the text, so the ids around an image block do not depend on it for the
+        # usual tokenizers; a normalizer or pre-tokenizer that looks at the whole string would break
+        # that, and then we tokenize the full text instead.
+        self._splice = True
+        for grid in ((0, 0), (2, 3)):
+            prompt = self.prompt(_PROBE_QUESTION, True)
+            full = prompt.replace(IMAGE, expand_image(*grid, self.processor.image_seq_len))
+            bos = self.tokenizer.bos_token
+            add_special = not (bos is not None and prompt.startswith(bos))
+            if add_special or self.encode_prompt(prompt, grid) != self.tokenizer.encode(full, add_special_tokens=False):
+                return False
+        return True
+
+    # --- on the model's device ------------------------------------------------------------------
+
+    def pixel_values(self, frames: Any, device: Any = None):
+        """uint8 frames -> float32 pixel values with this checkpoint's rescale/normalise settings."""
+        ip = self.image_processor
+        return frames_to_pixel_values(frames, recipe=self.recipe, rescale_factor=ip.rescale_factor,
+                                      mean=ip.image_mean, std=ip.image_std, device=device,
+                                      do_rescale=ip.do_rescale, do_normalize=ip.do_normalize)
+
+
+def check_question(question: Any) -> None:
+    if not isinstance(question, str):
+        raise PromptError(f"the question must be a string, got {type(question).__name__}")
+    found = _IMAGE_MARKUP.search(question)
+    if found:
+        raise PromptError(f"the question contains the image marker {found.group()!r}; it would shift the image "
+                          "tokens, so the row is refused")
+
+
+def _resolve(processor: Idefics3Processor) -> str:
+    from .chat_template import resolve_template
+    return resolve_template(processor.chat_template)
+
+
+def _context_length(path: Path, processor: Idefics3Processor) -> int | None:
+    """The decoder's max_position_embeddings from config.json, else the tokenizer's model_max_length."""
+    config_file = path / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        found = (config.get("text_config") or {}).get("max_position_embeddings")
+        if found:
+            return int(found)
+    limit = processor.tokenizer.model_max_length
+    return limit if limit <= LARGE_INTEGER else None
