@@ -7,6 +7,7 @@ import shutil
 import jinja2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from processing.chat_template import ChatTemplateError, load_chat_template, render_chat
@@ -185,3 +186,16 @@ def test_render_does_not_modify_the_callers_messages(pair):
 def test_tokenizer_exposes_tokenizer_config_template(folder, tmp_path):
     path, marked = _folder_with_template(folder, tmp_path, "tokenizer_config.json")
     assert Tokenizer.from_pretrained(path).chat_template == marked
+
+
+def test_multi_turn_with_two_images_tokenized_matches_reference(pair):
+    ref, ours = pair
+    conv = json.loads(json.dumps(EXAMPLE))
+    conv[1]["content"][0]["image"] = _img(70, 40, 1)
+    conv[3]["content"][1]["image"] = _img(24, 24, 2)
+    kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    want, got = ref.apply_chat_template(conv, **kwargs), ours.apply_chat_template(conv, **kwargs)
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    assert torch.equal(got["attention_mask"], want["attention_mask"])
+    np.testing.assert_allclose(got["pixel_values"].numpy(), want["pixel_values"].numpy(), atol=1e-6, rtol=0)
+    assert got["input_ids"][0].tolist().count(ours.tokenizer.bos_token_id) == 1

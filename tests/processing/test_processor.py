@@ -284,3 +284,11 @@ def test_from_pretrained_reads_image_seq_len_and_template(folder, tmp_path):
     assert _ours(tmp_path / "ck").image_seq_len == 169
     with pytest.raises(ValueError, match="image_backend"):
         Idefics3Processor.from_pretrained(folder, image_backend="cv2")
+
+
+def test_image_paths_are_loaded_like_the_reference(pair, tmp_path):
+    ref, ours = pair
+    path = tmp_path / "x.png"
+    _img(50, 30, mode="RGBA").save(path)
+    kwargs = dict(text=["<image>hi", "<image>"], images=[str(path), _img(20, 20)], padding=True, return_tensors="pt")
+    assert_same(ref(**kwargs), ours(**kwargs))
