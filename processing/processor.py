@@ -88,6 +88,9 @@ def validate(images: list[list[Any]] | None, text: list[str] | None) -> None:
                     f" Found {counts} {IMAGE} tokens and {n_images} images per sample.")
     if images is not None and not any(images):
         raise ValueError("images holds no image at all (every sample's list is empty)")
+    if images is not None and any(getattr(im, "ndim", 3) == 4 for group in images for im in group):
+        # The reference counts a 4-D array as one image and then fails; say why instead.
+        raise ValueError("a 4-D array/tensor is not one image: pass a list of (H, W, C) or (C, H, W) images")
 
 
 def split_kwargs(kwargs: dict) -> tuple[dict, dict]:

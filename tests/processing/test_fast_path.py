@@ -166,3 +166,12 @@ def test_published_sizes_bytes_per_image():
     assert idefics3 == {"uint8": 5_167_344, "float32": 20_669_376}
     smolvlm = payload_nbytes(13, 512)  # SmolVLM: 2048 / 512 -> 4x3 + 1
     assert smolvlm["float32"] - smolvlm["uint8"] == 3 * 13 * 3 * 512 * 512
+
+
+def test_encoder_survives_pickling_for_ray_actors(setup):
+    import pickle
+    _, enc, _ = setup
+    copy = pickle.loads(pickle.dumps(enc))
+    image = _png(_img(60, 40))
+    assert copy.encode(image=image, question=QUESTION).input_ids == enc.encode(image=image, question=QUESTION).input_ids
+    assert copy.tokenizer.decode(copy.encode(None, "hi").input_ids, skip_special_tokens=True).startswith("User: hi")

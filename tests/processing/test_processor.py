@@ -161,6 +161,12 @@ def test_validation_errors_have_the_reference_messages(pair, kwargs, message):
     assert str(our_err.value) == str(ref_err.value) == message
 
 
+def test_4d_array_is_refused_with_a_reason(pair):
+    batch = np.zeros((2, 30, 30, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="4-D"):
+        pair[1](text="<image>", images=batch)
+
+
 def test_unknown_kwarg_is_a_clear_error(pair):
     with pytest.raises(TypeError, match="do_splitting"):
         pair[1](text="hi", do_splitting=False)
