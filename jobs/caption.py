@@ -1,0 +1,75 @@
+"""Caption (or answer) every row of a Parquet dataset with an Idefics3-family checkpoint, on Ray.
+
+    python -m jobs.caption --input s3://bucket/rows/ --output s3://bucket/captions --model path/to/ckpt
+    ray job submit --working-dir . -- python -m jobs.caption --input ... --output ...
+
+Flags may also come from `--config job.yaml` (same names); the command line wins. At the end a
+summary (rows, error rows, rows/s, generated tokens/s, wall time) is printed and written to
+`<output>.summary.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, demo_path, init_ray, json_option, merge_args,
+                         print_summary)
+
+DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", max_new_tokens=64,
+                temperature=0.0, top_p=1.0, seed=None, replicas=1, tensor_parallel_size=1, cpu_workers=1,
+                batch_size=16, keep_columns="", resume=False, image_backend="pil", storage_options=None,
+                max_image_pixels=None, device=None)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--input", help=f"Parquet file, folder or glob; local, s3:// or any fsspec URL "
+                                    f"(default: {DEMO_INPUT.relative_to(DEMO_INPUT.parents[2])})")
+    ap.add_argument("--output", help="output folder of Parquet files (default: demo/output/captions)")
+    ap.add_argument("--model", help="HF-layout checkpoint folder (default: demo/model)")
+    ap.add_argument("--prompt", help="the user turn for rows without a question")
+    ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--temperature", type=float, help="0 = greedy")
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--seed", type=int, help="sampling seed; each row's seed derives from it and the row id")
+    ap.add_argument("--replicas", type=int, help="model replicas")
+    ap.add_argument("--tensor-parallel-size", type=int, help="devices per replica")
+    ap.add_argument("--cpu-workers", type=int, help="preprocessing actors")
+    ap.add_argument("--batch-size", type=int, help="rows per block and per model call")
+    ap.add_argument("--keep-columns", help="comma-separated input columns to copy to the output")
+    ap.add_argument("--resume", action="store_true", default=None, help="skip ids already in --output")
+    ap.add_argument("--image-backend", choices=["pil", "torch"], help="reference image recipe")
+    ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')
+    ap.add_argument("--max-image-pixels", type=int, help="larger images become error rows")
+    ap.add_argument("--device", help="cuda / cpu (default: cuda when the cluster has GPUs)")
+    ap.add_argument("--config", help="job.yaml with any of the flags above")
+    return ap.parse_args(argv)
+
+
+def pipeline_config(values: dict):
+    from pipeline import PipelineConfig
+
+    keys = set(PipelineConfig.field_names()) - {"storage_options"}
+    config = {k: v for k, v in values.items() if k in keys}
+    config["model"] = demo_path(values["model"], DEMO_MODEL, "model")
+    return PipelineConfig(storage_options=json_option(values["storage_options"], "--storage-options"), **config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline import run_job
+
+    try:
+        values = merge_args(parse_args(argv), DEFAULTS)
+        config = pipeline_config(values)
+        source = demo_path(values["input"], DEMO_INPUT, "input")
+        init_ray()
+        summary = run_job(source, values["output"] or str(DEMO_OUTPUT), config, resume=bool(values["resume"]))
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # bad arguments: say which, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Helpers shared by the job entry points: YAML job configs, JSON options, Ray start-up, summaries."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_INPUT = REPO / "demo" / "data" / "sample.parquet"
+DEMO_MODEL = REPO / "demo" / "model"
+DEMO_OUTPUT = REPO / "demo" / "output" / "captions"
+
+
+def load_job_config(path: str | None) -> dict[str, Any]:
+    """A job.yaml of flag names (dashes or underscores) -> values."""
+    if not path:
+        return {}
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"job config {path!r} must be a mapping of flag names to values")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def merge_args(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Command line > job.yaml > defaults. Flags are declared with default None to tell them apart."""
+    from_file = load_job_config(getattr(args, "config", None))
+    unknown = set(from_file) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown keys in {args.config!r}: {sorted(unknown)}")
+    merged = dict(defaults)
+    merged.update(from_file)
+    merged.update({k: v for k, v in vars(args).items() if v is not None and k in defaults})
+    return merged
+
+
+def json_option(text: str | dict | None, name: str) -> dict:
+    if text is None or isinstance(text, dict):
+        return text or {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} must be a JSON object: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def demo_path(value: str | None, default: Path, what: str) -> str:
+    """The given path, else the bundled demo one, which must exist."""
+    if value:
+        return str(value)
+    if not default.exists():
+        raise FileNotFoundError(f"no {what} given and the demo {what} {default} is missing: pass --{what}")
+    return str(default)
+
+
+def init_ray() -> None:
+    """Join the cluster of RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+
+
+def print_summary(summary: dict) -> None:
+    print(f"rows {summary['rows']} ({summary['error_rows']} errors) | this run: {summary['rows_this_run']} rows "
+          f"in {summary['wall_s']:.1f}s = {summary['rows_per_s']} rows/s, "
+          f"{summary['generated_tokens_per_s']} generated tokens/s")
+    print(json.dumps(summary))

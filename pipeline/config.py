@@ -1,0 +1,50 @@
+"""PipelineConfig: everything the Ray Data graph needs, in the style of `ray.data.llm`'s processor configs."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+DEFAULT_PROMPT = "Describe this image."
+
+
+@dataclass
+class PipelineConfig:
+    model: str                                  # HF-layout checkpoint folder (or hub id)
+    prompt: str = DEFAULT_PROMPT                # the user turn when a row has no question
+    max_new_tokens: int = 64
+    temperature: float = 0.0                    # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None                     # with sampling: per-row seed = f(seed, id), batch-independent
+    replicas: int = 1                           # model replicas (actors)
+    tensor_parallel_size: int = 1               # devices per replica (placement group, STRICT_PACK)
+    cpu_workers: int = 1                        # preprocessing actors
+    cpus_per_worker: float = 1.0
+    cpus_per_replica: float = 1.0               # CPUs of a model replica actor (its compute on a CPU-only node)
+    batch_size: int = 16                        # rows per block / per model call
+    max_batch_size: int = 64                    # sequences the engine decodes together
+    keep_columns: list[str] = field(default_factory=list)
+    image_backend: str = "pil"                  # "pil" | "torch": which reference image recipe
+    max_image_pixels: int | None = None         # larger images become error rows (None = processing's default)
+    device: str | None = None                   # None: cuda when the cluster has GPUs, else cpu
+    dtype: str | None = None                    # None: bfloat16 on cuda, float32 on cpu
+    storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep_columns, str):
+            self.keep_columns = [c for c in self.keep_columns.split(",") if c]
+        positive = ("max_new_tokens", "replicas", "tensor_parallel_size", "cpu_workers", "batch_size",
+                    "max_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_backend not in ("pil", "torch"):
+            raise ValueError(f"image_backend must be 'pil' or 'torch', got {self.image_backend!r}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

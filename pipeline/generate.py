@@ -1,0 +1,105 @@
+"""Model stage: a replica (one actor; `tensor_parallel_size` devices) running LLMEngine over each batch.
+
+The uint8 frames become float pixel values here, on the model's device. Rows that arrive with an
+error pass straight through; a row the engine refuses becomes an error row and the rest of the
+batch is still answered (the batch is retried row by row to isolate it).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from .config import PipelineConfig
+from .rows import error_message, output_schema, row_seed
+
+
+def pick_device(config: PipelineConfig) -> str:
+    import torch
+
+    if config.device:
+        return config.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(config: PipelineConfig, device: str):
+    """The model of one replica. Tensor parallelism plugs in here (model/parallel, a worker group in this
+    replica's STRICT_PACK placement group); with tensor_parallel_size 1 the model lives in the actor."""
+    import torch
+    from model import Idefics3ForConditionalGeneration
+
+    if config.tensor_parallel_size > 1:
+        raise NotImplementedError("tensor_parallel_size > 1 needs model/parallel, which is not in this tree yet")
+    dtype = config.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    model = Idefics3ForConditionalGeneration.from_pretrained(config.model, dtype=getattr(torch, dtype), device=device)
+    return model
+
+
+class Generate:
+    def __init__(self, config: PipelineConfig):
+        from model.engine import LLMEngine
+        from processing import RowEncoder
+
+        self.config, self.device = config, pick_device(config)
+        self.encoder = RowEncoder.from_pretrained(config.model, image_backend=config.image_backend)
+        model = load_model(config, self.device)
+        self.engine = LLMEngine(model, tokenizer=self.encoder.tokenizer, max_batch_size=config.max_batch_size)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select(["id", "question", "input_ids", "frames", "frames_shape", "error"]).to_pylist()
+        outputs: list[dict] = [self.error_output(r, r["error"]) if r["error"] else None for r in rows]
+        todo = [i for i, out in enumerate(outputs) if out is None]
+        requests = {}
+        for i in todo:
+            try:
+                requests[i] = self.request(rows[i])
+            except Exception as e:
+                outputs[i] = self.error_output(rows[i], error_message("prepare", e))
+        for i, result in self.run(requests).items():
+            outputs[i] = (self.error_output(rows[i], error_message("generate", result))
+                          if isinstance(result, Exception) else self.answer_output(rows[i], result))
+        return self.to_table(batch, outputs)
+
+    def request(self, row: dict):
+        from model.engine import Request, SamplingParams
+
+        c = self.config
+        frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"])
+        sampling = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                                  top_k=c.top_k, seed=row_seed(c.seed, row["id"]))
+        return Request(str(row["id"]), row["input_ids"], self.encoder.pixel_values(frames, device=self.device),
+                       sampling=sampling)
+
+    def run(self, requests: dict) -> dict:
+        """index -> Result, or the exception of that row alone."""
+        keys = list(requests)
+        try:
+            return dict(zip(keys, self.engine.generate([requests[k] for k in keys])))
+        except Exception:
+            out = {}
+            for k in keys:  # isolate the failing row(s); the others are answered
+                try:
+                    out[k] = self.engine.generate([requests[k]])[0]
+                except Exception as e:
+                    out[k] = e
+            return out
+
+    @staticmethod
+    def answer_output(row: dict, result) -> dict:
+        return {"question": row["question"], "answer": (result.text or "").strip(),
+                "finish_reason": result.finish_reason, "error": None,
+                "num_prompt_tokens": result.num_prompt_tokens, "num_generated_tokens": result.num_generated_tokens}
+
+    @staticmethod
+    def error_output(row: dict, message: str) -> dict:
+        prompt = row.get("input_ids")
+        return {"question": row["question"], "answer": None, "finish_reason": "error", "error": message,
+                "num_prompt_tokens": len(prompt) if prompt else 0, "num_generated_tokens": 0}
+
+    def to_table(self, batch: pa.Table, outputs: list[dict]) -> pa.Table:
+        kept = [batch.schema.field(n) for n in self.config.keep_columns]
+        schema = output_schema(batch.schema.field("id").type, kept)
+        columns = [batch.column("id")]
+        for f in list(schema)[1:len(schema) - len(kept)]:
+            columns.append(pa.array([o[f.name] for o in outputs], type=f.type))
+        columns += [batch.column(f.name) for f in kept]
+        return pa.Table.from_arrays(columns, schema=schema)

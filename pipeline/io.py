@@ -1,0 +1,47 @@
+"""Read input rows and write output rows as Parquet, on any fsspec store."""
+from __future__ import annotations
+
+import glob as globlib
+
+import pyarrow.dataset as pads
+import ray.data
+
+from .storage import arrow_fs, fsspec_fs
+
+
+def input_paths(uri: str, storage_options: dict | None = None) -> list[str] | str:
+    """A file, a folder, or a glob -> what read_parquet takes (paths without protocol)."""
+    fs, path = fsspec_fs(uri, storage_options)
+    if globlib.has_magic(path):
+        found = sorted(p for p in fs.glob(path) if p.endswith(".parquet"))
+        if not found:
+            raise FileNotFoundError(f"no Parquet file matches {uri!r}")
+        return found
+    if not fs.exists(path):
+        raise FileNotFoundError(f"input {uri!r} does not exist")
+    return path
+
+
+def read_rows(uri: str, storage_options: dict | None = None, **read_args) -> ray.data.Dataset:
+    """Input Parquet as a Dataset, with Ray Data's `row_hash` (file path + row index) for rows without id."""
+    filesystem, _ = arrow_fs(uri, storage_options)
+    return ray.data.read_parquet(input_paths(uri, storage_options), filesystem=filesystem,
+                                 include_row_hash=True, **read_args)
+
+
+def write_rows(ds: ray.data.Dataset, uri: str, storage_options: dict | None = None) -> None:
+    """Output rows as a folder of Parquet files, one per finished block."""
+    filesystem, path = arrow_fs(uri, storage_options)
+    ds.write_parquet(path, filesystem=filesystem)
+
+
+def read_output(uri: str, storage_options: dict | None = None, columns: list[str] | None = None):
+    """The output folder as one Arrow table (driver side, for summaries and tests); None when empty."""
+    filesystem, path = arrow_fs(uri, storage_options)
+    try:
+        dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
+    except (FileNotFoundError, OSError):
+        return None
+    if not dataset.files:
+        return None
+    return dataset.to_table(columns=columns)

@@ -1,0 +1,75 @@
+"""One captioning/answering run: read -> process -> write, with resume and a summary of the run."""
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow.compute as pc
+import ray.data
+
+from .builder import build_processor
+from .config import PipelineConfig
+from .io import read_output, read_rows, write_rows
+from .resume import checkpoint_config, clear_checkpoint, has_checkpoint
+from .storage import has_files, sibling, write_text
+
+COUNTED = ["finish_reason", "num_generated_tokens"]
+
+
+def output_counts(output: str, storage_options: dict | None = None) -> dict:
+    table = read_output(output, storage_options, columns=COUNTED)
+    if table is None:
+        return {"rows": 0, "error_rows": 0, "generated_tokens": 0}
+    errors = pc.sum(pc.equal(table["finish_reason"], "error")).as_py() or 0
+    return {"rows": table.num_rows, "error_rows": errors,
+            "generated_tokens": pc.sum(table["num_generated_tokens"]).as_py() or 0}
+
+
+def prepare_output(output: str, storage_options: dict | None, resume: bool) -> None:
+    """A fresh run needs an empty output; a resumed one needs the checkpoint of the run it continues."""
+    written = has_files(output, storage_options)
+    if not resume:
+        if written:
+            raise FileExistsError(f"output {output!r} already holds Parquet files: pass --resume to continue "
+                                  "that run, or choose another output")
+        clear_checkpoint(output, storage_options)
+    elif written and not has_checkpoint(output, storage_options):
+        raise FileNotFoundError(f"cannot resume into {output!r}: it has files but no checkpoint "
+                                f"({output.rstrip('/')}.checkpoint) from a previous run of this job")
+
+
+def check_columns(ds: ray.data.Dataset, config: PipelineConfig, source: str) -> None:
+    names = set(ds.schema().names)
+    if "image" not in names:
+        raise ValueError(f"input {source!r} has no `image` column (columns: {sorted(names)})")
+    missing = [c for c in config.keep_columns if c not in names]
+    if missing:
+        raise ValueError(f"--keep-columns {missing} are not columns of {source!r} (columns: {sorted(names)})")
+
+
+def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False) -> dict:
+    """Answer every row of `input_uri` into `output_uri`; returns (and writes beside it) the summary."""
+    opts = config.storage_options
+    prepare_output(output_uri, opts, resume)
+    before = output_counts(output_uri, opts)
+    context = ray.data.DataContext.get_current()
+    context.checkpoint_config = checkpoint_config(output_uri, opts)
+    try:
+        ds = read_rows(input_uri, opts)
+        check_columns(ds, config, input_uri)
+        start = time.perf_counter()
+        write_rows(build_processor(config)(ds), output_uri, opts)
+        wall = time.perf_counter() - start
+    finally:
+        context.checkpoint_config = None
+    summary = summarize(input_uri, output_uri, before, output_counts(output_uri, opts), wall)
+    write_text(sibling(output_uri, ".summary.json"), json.dumps(summary, indent=2), opts)
+    return summary
+
+
+def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: float) -> dict:
+    rows, tokens = after["rows"] - before["rows"], after["generated_tokens"] - before["generated_tokens"]
+    return {"input": input_uri, "output": output_uri, "rows": after["rows"], "error_rows": after["error_rows"],
+            "rows_this_run": rows, "generated_tokens_this_run": tokens, "wall_s": round(wall, 3),
+            "rows_per_s": round(rows / wall, 3) if wall > 0 else None,
+            "generated_tokens_per_s": round(tokens / wall, 3) if wall > 0 else None}

@@ -1,0 +1,58 @@
+"""CPU stage: rows -> token ids + uint8 frames (compact in the object store), or an error row.
+
+A callable class on a Ray Data actor pool: each actor loads the checkpoint's tokenizer and image
+processor once. Every per-row failure (null or unreadable image, undecodable or oversized image,
+`<image>` typed in a question, a prompt longer than the context) becomes `error` on that row; the
+row still flows on so that it is written with finish_reason="error".
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from .config import PipelineConfig
+from .rows import error_message, image_bytes, row_ids
+
+ENCODED_FIELDS = [("question", pa.string()), ("input_ids", pa.list_(pa.int32())), ("frames", pa.large_binary()),
+                  ("frames_shape", pa.list_(pa.int32())), ("error", pa.string())]
+
+
+class Preprocess:
+    def __init__(self, config: PipelineConfig):
+        from processing import RowEncoder
+
+        kwargs = {} if config.max_image_pixels is None else {"max_image_pixels": config.max_image_pixels}
+        self.encoder = RowEncoder.from_pretrained(config.model, image_backend=config.image_backend, **kwargs)
+        self.config = config
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        images = batch.column("image").to_pylist() if "image" in batch.column_names else [None] * batch.num_rows
+        questions = (batch.column("question").to_pylist() if "question" in batch.column_names
+                     else [None] * batch.num_rows)
+        encoded = [self.encode_row(image, question) for image, question in zip(images, questions)]
+        columns = {"id": row_ids(batch)}
+        for i, (name, type_) in enumerate(ENCODED_FIELDS):
+            columns[name] = pa.array([row[i] for row in encoded], type=type_)
+        for name in self.config.keep_columns:
+            columns.setdefault(name, batch.column(name))
+        return pa.table(columns)
+
+    def encode_row(self, image, question: str | None) -> tuple:
+        """(question, input_ids, frames bytes, frames shape, error) for one row; never raises."""
+        question = self.config.prompt if question is None else question
+        stage = "read image"
+        try:
+            data = image_bytes(image, self.config.storage_options)
+            stage = "preprocess"
+            row = self.encoder.encode(data, question)
+            self.check_context(len(row.input_ids))
+        except Exception as e:  # any failure is this row's, the batch goes on
+            return question, None, None, None, error_message(stage, e)
+        frames = np.ascontiguousarray(row.frames, dtype=np.uint8)
+        return question, row.input_ids, frames.tobytes(), list(frames.shape), None
+
+    def check_context(self, num_prompt_tokens: int) -> None:
+        limit = self.encoder.max_length
+        if limit is not None and num_prompt_tokens + self.config.max_new_tokens > limit:
+            raise ValueError(f"the prompt is {num_prompt_tokens} tokens; with max_new_tokens="
+                             f"{self.config.max_new_tokens} it exceeds the model's context of {limit}")

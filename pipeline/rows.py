@@ -1,0 +1,66 @@
+"""Row-level helpers shared by the stages: ids, image values, error rows, per-row seeds, output schema."""
+from __future__ import annotations
+
+import zlib
+
+import pyarrow as pa
+
+from .storage import read_bytes
+
+ROW_HASH = "row_hash"        # Ray Data's deterministic (file path, row index) hash, our id when `id` is absent
+OUTPUT_SCHEMA = pa.schema([
+    ("question", pa.string()), ("answer", pa.string()), ("finish_reason", pa.string()),
+    ("error", pa.string()), ("num_prompt_tokens", pa.int32()), ("num_generated_tokens", pa.int32()),
+])                            # plus `id` first (its input type) and the kept input columns
+
+
+class RowError(ValueError):
+    """A row-level failure found by the pipeline itself (null image, unreadable image path, ...)."""
+
+
+def row_ids(batch: pa.Table) -> pa.ChunkedArray:
+    """The `id` column, else the row hash Ray Data adds at read time (uint64 of file path + row index)."""
+    if "id" in batch.column_names:
+        return batch.column("id")
+    if ROW_HASH in batch.column_names:
+        return batch.column(ROW_HASH)
+    raise ValueError("rows have neither an `id` column nor Ray Data's `row_hash`: read them with pipeline.read_rows")
+
+
+def image_bytes(value, storage_options: dict | None = None) -> bytes:
+    """Binary, HF datasets' {bytes, path} struct, or a path/URL string -> encoded image bytes."""
+    if value is None:
+        raise RowError("image is null")
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        if value.get("path"):
+            return _read_image_url(value["path"], storage_options)
+        raise RowError("image struct has neither bytes nor path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return _read_image_url(value, storage_options)
+    raise RowError(f"image has unsupported type {type(value).__name__} (want bytes, {{bytes, path}} or a path)")
+
+
+def _read_image_url(url: str, storage_options: dict | None) -> bytes:
+    try:
+        return read_bytes(url, storage_options)
+    except Exception as e:  # missing file, no permission, network: the row fails, not the job
+        raise RowError(f"cannot read image {url!r}: {type(e).__name__}: {e}") from e
+
+
+def error_message(stage: str, exc: BaseException) -> str:
+    return f"{stage}: {type(exc).__name__}: {exc}"
+
+
+def row_seed(seed: int | None, row_id) -> int | None:
+    """A per-row seed that depends on the job seed and the row id only, never on batching."""
+    if seed is None:
+        return None
+    return (seed * 1_000_003 + zlib.crc32(str(row_id).encode())) % (1 << 62)
+
+
+def output_schema(id_type: pa.DataType, kept: list[pa.Field]) -> pa.Schema:
+    return pa.schema([pa.field("id", id_type), *OUTPUT_SCHEMA, *kept])

@@ -1,0 +1,75 @@
+"""Filesystems for any fsspec URL: local paths, s3:// (s3fs), and the rest, configured the standard way.
+
+S3 credentials and region come from the AWS environment and config files (boto's own chain);
+`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` point at S3-compatible stores; `storage_options` (the
+`--storage-options` JSON) is passed to the fsspec filesystem and wins over both.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+
+import fsspec
+import pyarrow.fs as pafs
+
+
+def _options(protocol: str, storage_options: dict | None) -> dict:
+    options = dict(storage_options or {})
+    if protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        client_kwargs = options.get("client_kwargs") or {}
+        if endpoint and "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
+            options["endpoint_url"] = endpoint
+    return options
+
+
+def protocol_of(uri: str) -> str:
+    return fsspec.core.split_protocol(uri)[0] or "file"
+
+
+def is_local(uri: str) -> bool:
+    return protocol_of(uri) in ("file", "local")
+
+
+def fsspec_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path without protocol) for `uri`; local paths come back absolute."""
+    if is_local(uri):
+        return fsspec.filesystem("file"), os.path.abspath(fsspec.core.strip_protocol(uri))
+    protocol = protocol_of(uri)
+    fs = fsspec.filesystem(protocol, **_options(protocol, storage_options))
+    return fs, fs._strip_protocol(uri)
+
+
+def arrow_fs(uri: str, storage_options: dict | None = None) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path) for `uri`: Arrow's own for local disk, fsspec's wrapped otherwise."""
+    fs, path = fsspec_fs(uri, storage_options)
+    if is_local(uri):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def sibling(uri: str, suffix: str) -> str:
+    """`s3://b/out` + `.summary.json` -> `s3://b/out.summary.json` (next to a folder, not inside it)."""
+    return uri.rstrip("/") + suffix
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    fs, path = fsspec_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_text(uri: str, text: str, storage_options: dict | None = None) -> None:
+    fs, path = fsspec_fs(uri, storage_options)
+    parent = posixpath.dirname(path)
+    if parent and is_local(uri):
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(text)
+
+
+def has_files(uri: str, storage_options: dict | None = None, ext: str = ".parquet") -> bool:
+    fs, path = fsspec_fs(uri, storage_options)
+    if not fs.exists(path):
+        return False
+    return any(p.endswith(ext) for p in fs.find(path))

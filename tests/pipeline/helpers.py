@@ -1,0 +1,58 @@
+"""Shared test data for the pipeline and job tests: tiny images, input Parquet, the transformers oracle."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+
+def png(width: int, height: int, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def good_rows(n: int, with_questions: bool = True) -> list[dict]:
+    rows = []
+    for i in range(n):
+        q = ["What is in the image?", "How many shapes are there?", None][i % 3] if with_questions else None
+        rows.append({"id": f"row-{i}", "image": png(20 + 7 * i, 30 + 3 * (i % 4), seed=i), "question": q})
+    return rows
+
+
+def write_parquet(path: str | Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+class Oracle:
+    """transformers' processor + greedy generate on one row alone: the reference answer."""
+
+    def __init__(self, checkpoint: str | Path):
+        import torch
+        from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+
+        torch.set_num_threads(1)
+        self.processor = AutoProcessor.from_pretrained(str(checkpoint))
+        self.model = Idefics3ForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+
+    def answer(self, image: bytes, question: str, max_new_tokens: int) -> tuple[str, int]:
+        import torch
+
+        messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(io.BytesIO(image))},
+                                                 {"type": "text", "text": question}]}]
+        inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, return_tensors="pt")
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        eos = set(self.model.generation_config.eos_token_id or [])
+        n = next((i + 1 for i, t in enumerate(new.tolist()) if t in eos), len(new))
+        return self.processor.decode(new[:n], skip_special_tokens=True).strip(), n
