@@ -95,10 +95,43 @@ def lut_for(recipe: Recipe, channels: int, do_rescale: bool, rescale_factor: flo
                              _hashable(mean), _hashable(std))
 
 
+@lru_cache(maxsize=64)
+def _two_op_form(lut_bytes: bytes, channels: int) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """A float32 two-operation formula that reproduces the table exactly on all 256 values, if any.
+
+    Two vectorised ufunc passes beat a table gather (which needs an intp copy of the indices); the
+    formula is only used when it equals the table everywhere, so results stay bit-identical.
+    """
+    lut = np.frombuffer(lut_bytes, dtype=np.float32).reshape(channels, 256)
+    x = np.arange(256, dtype=np.float32)
+    # the table is affine in x: recover its scale and offset from the end points, in float64
+    slope = (lut[:, 255].astype(np.float64) - lut[:, 0]) / 255
+    for kind in ("div-sub", "sub-div"):
+        if kind == "div-sub":   # x / a - b      (Pillow recipe with the usual mean/std)
+            a, b = (1 / slope).astype(np.float32), (-lut[:, 0].astype(np.float64)).astype(np.float32)
+            got = x[None] / a[:, None] - b[:, None]
+        else:                   # (x - b) / a    (torch recipe)
+            a = (1 / slope).astype(np.float32)
+            b = (-lut[:, 0].astype(np.float64) / slope).astype(np.float32)
+            got = (x[None] - b[:, None]) / a[:, None]
+        if np.all(slope > 0) and got.astype(np.float32).tobytes() == lut.tobytes():  # signed zeros too
+            return kind, a, b
+    return None
+
+
 def lut_into_numpy(dst: np.ndarray, frame: np.ndarray, lut: np.ndarray) -> None:
-    """dst[c] = lut[c][frame[c]] for a CHW uint8 frame, without temporaries when dst is contiguous."""
+    """dst[c] = lut[c][frame[c]] for a CHW uint8 frame (by an exact two-op formula when there is one)."""
+    form = _two_op_form(lut.tobytes(), lut.shape[0])
     for c in range(frame.shape[0]):
-        if dst[c].flags.c_contiguous:
+        if form is not None:
+            kind, a, b = form
+            if kind == "div-sub":
+                np.divide(frame[c], a[c], out=dst[c], dtype=np.float32)
+                np.subtract(dst[c], b[c], out=dst[c])
+            else:
+                np.subtract(frame[c], b[c], out=dst[c], dtype=np.float32)
+                np.divide(dst[c], a[c], out=dst[c])
+        elif dst[c].flags.c_contiguous:
             np.take(lut[c], frame[c], out=dst[c], mode="clip")
         else:
             dst[c] = lut[c][frame[c]]
