@@ -1,0 +1,82 @@
+"""Sharded loading: each rank builds its shard on meta, then reads only its slices of the checkpoint.
+
+Sharded tensors go through `safe_open(...).get_slice(key)[rows]`, which reads just those bytes, so a
+rank's peak memory is about its shard (plus the replicated parameters), never a full sharded tensor.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..config import Idefics3Config
+from ..idefics3 import Idefics3ForConditionalGeneration
+from ..loading import (CheckpointError, _check_keys, _copy_tensor, _resolve_dtype, read_generation_config,
+                       resolve_checkpoint_dir, target_name, weight_files)
+from .layers import ShardSpec, TPContext
+from .shard import check_tp, shard_model
+
+
+def read_shard(handle, key: str, spec: ShardSpec) -> torch.Tensor:
+    """Rows [start, stop) of dim `spec.dim` of checkpoint tensor `key`, read as a slice."""
+    part = handle.get_slice(key)
+    shape = list(part.get_shape())
+    if len(shape) <= spec.dim or shape[spec.dim] != spec.full:
+        raise CheckpointError(f"{key}: checkpoint shape {tuple(shape)} has no dim {spec.dim} of size "
+                              f"{spec.full} to shard")
+    index = (slice(None),) * spec.dim + (slice(spec.start, spec.stop),)
+    return part[index]
+
+
+def _copy_shard(param: torch.Tensor, tensor: torch.Tensor, key: str, spec: ShardSpec) -> None:
+    rows = spec.stop - spec.start
+    expected = list(param.shape)
+    expected[spec.dim] = rows
+    if list(tensor.shape) != expected:
+        raise CheckpointError(f"{key}: checkpoint slice shape {tuple(tensor.shape)} != shard shape {tuple(expected)}")
+    with torch.no_grad():
+        param.narrow(spec.dim, 0, rows).copy_(tensor)
+        param.narrow(spec.dim, rows, param.shape[spec.dim] - rows).zero_()   # vocab padding rows
+
+
+def load_sharded_weights(model: nn.Module, files: list[Path], folder: Path, specs: dict[str, ShardSpec]) -> None:
+    """Fill `model` (materialised, sharded) from `files`: slices for sharded parameters, whole tensors
+    for replicated ones."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded, unexpected = set(), []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                name = target_name(key, is_base=False)
+                if name is None:
+                    continue
+                if name not in params:
+                    unexpected.append(key)
+                elif name in specs:
+                    _copy_shard(params[name], read_shard(handle, key, specs[name]), key, specs[name])
+                else:
+                    _copy_tensor(params[name], handle.get_tensor(key), key)
+                loaded.add(name)
+    _check_keys(model, loaded, unexpected, folder)
+
+
+def load_shard(path_or_id: str | Path, tp: TPContext, dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None) -> Idefics3ForConditionalGeneration:
+    """This rank's shard of an Idefics3ForConditionalGeneration checkpoint, ready for inference.
+    A config that cannot be split raises before any weight is read."""
+    folder = resolve_checkpoint_dir(path_or_id)
+    config = Idefics3Config.from_pretrained(folder)
+    check_tp(config, tp.world_size)
+    files = weight_files(folder)
+    target_dtype = _resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = Idefics3ForConditionalGeneration(config)
+    specs = shard_model(model, tp)
+    model = model.to(target_dtype).to_empty(device=torch.device(device or "cpu"))
+    model.tie_weights()   # to_empty gives each tied name its own tensor
+    load_sharded_weights(model, files, folder, specs)
+    model.config.dtype = str(target_dtype).replace("torch.", "")
+    model.generation_config = read_generation_config(folder)
+    return model.eval()

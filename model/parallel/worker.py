@@ -1,0 +1,282 @@
+"""The process model: one TPWorker per rank. Rank 0 drives; ranks 1.. follow its commands.
+
+Rank 0 broadcasts each command (generate, logits, stats, stop) with its inputs once; every rank then
+runs the same steps on its shard. TPWorker is plain Python: run it in processes (`TPEngine` below, or
+`python -m model.parallel.worker` under torchrun) or wrap it with `ray.remote` (model/parallel/ray_group.py).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import random
+import socket
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor
+
+from ..config import Idefics3Config
+from ..engine import Request, Result
+from ..loading import resolve_checkpoint_dir
+from .engine import Comm, ShardEngine
+from .layers import TPContext
+from .loading import load_shard
+from .shard import check_tp, sharded_fraction
+
+log = logging.getLogger(__name__)
+STOP = "stop"
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (for the rendezvous store)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def rank_device(device_type: str, rank: int) -> torch.device:
+    """cuda:rank when this process sees every GPU of the group (multiprocessing), cuda:0 when it sees
+    only its own (a Ray actor with one GPU)."""
+    if device_type == "cuda":
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device(device_type)
+
+
+def _to_cpu(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.detach().cpu()
+
+
+class TPWorker:
+    def __init__(self, rank: int, world_size: int, model_path: str | Path, dtype: torch.dtype | str | None = None,
+                 device_type: str = "cpu", tokenizer=None, cpu_threads: int | None = None,
+                 engine_kwargs: dict | None = None) -> None:
+        self.rank, self.world_size, self.model_path = rank, world_size, str(model_path)
+        self.dtype, self.device_type, self.tokenizer = dtype, device_type, tokenizer
+        self.engine_kwargs = dict(engine_kwargs or {})
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        self.comm: Comm | None = None
+        self.engine: ShardEngine | None = None
+        self._rng = random.Random()
+
+    # ---- start and stop -----------------------------------------------------------------------
+    def rendezvous_address(self) -> tuple[str, int]:
+        """(address, free port) of this worker's host; ask rank 0's worker, give it to every rank.
+        127.0.0.1: a replica's ranks share one node (STRICT_PACK); torchrun passes its own address."""
+        return "127.0.0.1", free_port()
+
+    def setup(self, master_addr: str, master_port: int, timeout_s: float = 600.0) -> dict:
+        """Join the group, load this rank's shard and build its engine. Collective: call on every rank.
+        Raises on every rank if any rank failed to load."""
+        tp = self._join(master_addr, master_port, timeout_s)
+        error = None
+        try:
+            device = rank_device(self.device_type, self.rank)
+            model = load_shard(self.model_path, tp, dtype=self.dtype, device=device)
+            self.engine = ShardEngine(model, self.comm, tokenizer=self.tokenizer, **self.engine_kwargs)
+        except Exception as e:  # reported to every rank below, so no rank waits forever for another
+            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+            log.error("loading failed on rank %d\n%s", self.rank, traceback.format_exc())
+        errors = [e for e in self.comm.all_gather_object(error) if e]
+        if errors:
+            self._leave()
+            raise RuntimeError("tensor-parallel load failed: " + "; ".join(errors))
+        return self._stats()
+
+    def _join(self, master_addr: str, master_port: int, timeout_s: float) -> TPContext:
+        if self.world_size == 1:
+            self.comm = Comm(TPContext())
+            return self.comm.tp
+        if self.device_type == "cuda":
+            torch.cuda.set_device(rank_device("cuda", self.rank))
+        backend = "nccl" if self.device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
+        cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+        self.comm = Comm(TPContext(self.rank, self.world_size, dist.group.WORLD), cpu_group)
+        return self.comm.tp
+
+    def _leave(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.engine = None
+
+    def shutdown(self) -> None:
+        """Rank 0: release the followers and leave the group. Idempotent."""
+        if self.engine is not None and self.rank == 0:
+            self.comm.broadcast_object((STOP, None))
+        self._leave()
+
+    # ---- rank 0 -------------------------------------------------------------------------------
+    def _command(self, name: str, payload, local=None):
+        """Broadcast (name, payload), then run it here too (with `local` in place of the payload)."""
+        if self.rank != 0:
+            raise RuntimeError("only rank 0 drives the tensor-parallel group; the others run follow()")
+        if self.engine is None:
+            raise RuntimeError("the worker is not set up (or already shut down)")
+        self.comm.broadcast_object((name, payload))
+        return getattr(self, "_on_" + name)(payload if local is None else local)
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Like LLMEngine.generate. Seeds and stop ids are fixed here so every rank samples alike."""
+        for r in requests:
+            self.engine._check(r)   # refuse bad input before any rank starts working on it
+        pinned = [self._pin(r) for r in requests]
+        shipped = [dataclasses.replace(r, pixel_values=_to_cpu(r.pixel_values),
+                                       pixel_attention_mask=_to_cpu(r.pixel_attention_mask)) for r in pinned]
+        return self._command("generate", shipped, local=pinned)
+
+    def _pin(self, request: Request) -> Request:
+        s = request.sampling
+        seed = s.seed if s.seed is not None else self._rng.getrandbits(62)
+        stop = tuple(s.stop_token_ids if s.stop_token_ids is not None else self.engine.stop_ids)
+        return dataclasses.replace(request, sampling=dataclasses.replace(s, seed=seed, stop_token_ids=stop))
+
+    def logits(self, **inputs) -> Tensor:
+        """Full-vocabulary logits of one forward pass (Idefics3ForConditionalGeneration's arguments), on CPU."""
+        return self._command("logits", {k: _to_cpu(v) if isinstance(v, Tensor) else v for k, v in inputs.items()})
+
+    def shard_stats(self) -> list[dict]:
+        """Per rank: parameter elements held, and how many of them are sharded."""
+        return self._command("stats", None)
+
+    # ---- every rank ---------------------------------------------------------------------------
+    def follow(self) -> None:
+        """Ranks 1..: run rank 0's commands until it stops the group."""
+        while True:
+            name, payload = self.comm.broadcast_object()
+            if name == STOP:
+                break
+            try:
+                getattr(self, "_on_" + name)(payload)
+            except Exception:  # rank 0 raises the same error to its caller; keep following
+                log.error("rank %d: %s failed\n%s", self.rank, name, traceback.format_exc())
+        self._leave()
+
+    def _on_generate(self, requests: list[Request]) -> list[Result]:
+        return self.engine.generate(requests)
+
+    @torch.inference_mode()
+    def _on_logits(self, inputs: dict) -> Tensor:
+        device = self.engine.device
+        inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+        return self.engine.model(**inputs).logits.float().cpu()
+
+    def _on_stats(self, _) -> list[dict]:
+        return self.comm.all_gather_object(self._stats())
+
+    def _stats(self) -> dict:
+        sharded, total = sharded_fraction(self.engine.model)
+        return {"rank": self.rank, "sharded_params": sharded, "total_params": total,
+                "kv_heads": self.engine.model.config.text_config.num_key_value_heads}
+
+
+def _follower_main(rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float,
+                   spec: dict) -> None:
+    worker = TPWorker(rank, world_size, **spec)
+    try:
+        worker.setup(master_addr, master_port, timeout_s)
+    except RuntimeError:
+        return                  # rank 0 reports the failure
+    worker.follow()
+
+
+class TPEngine:
+    """`generate(list[Request]) -> list[Result]` like model.engine.LLMEngine, on `tp` devices.
+
+    This process is rank 0 (it loads its shard here and drives); ranks 1..tp-1 are spawned processes.
+    On CUDA, rank r uses cuda:r of the visible devices. A config that cannot be split raises before
+    any process starts. Close it (or use `with`) to stop the followers.
+    """
+
+    def __init__(self, model_path: str | Path, tp: int = 1, dtype: torch.dtype | str | None = None,
+                 device_type: str = "cpu", tokenizer=None, *, cpu_threads: int | None = None,
+                 timeout_s: float = 600.0, **engine_kwargs) -> None:
+        folder = resolve_checkpoint_dir(model_path)
+        check_tp(Idefics3Config.from_pretrained(folder), tp)
+        if device_type == "cuda" and torch.cuda.device_count() < tp:
+            raise ValueError(f"tensor_parallel_size {tp} needs {tp} visible GPUs, found {torch.cuda.device_count()}")
+        engine_kwargs.setdefault("use_cuda_graphs", tp == 1)   # graphs around NCCL collectives: not yet validated
+        spec = dict(model_path=str(folder), dtype=dtype, device_type=device_type, cpu_threads=cpu_threads,
+                    engine_kwargs=engine_kwargs)
+        port = free_port()
+        context = mp.get_context("spawn")
+        self.processes = [context.Process(target=_follower_main, daemon=True,
+                                          args=(rank, tp, "127.0.0.1", port, timeout_s, spec))
+                          for rank in range(1, tp)]
+        for p in self.processes:
+            p.start()
+        self.worker = TPWorker(0, tp, tokenizer=tokenizer, **spec)
+        try:
+            self.worker.setup("127.0.0.1", port, timeout_s)
+        except BaseException:
+            self._reap(timeout=5.0)
+            raise
+
+    @property
+    def engine(self) -> ShardEngine:
+        return self.worker.engine
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        return self.worker.generate(requests)
+
+    def logits(self, **inputs) -> Tensor:
+        return self.worker.logits(**inputs)
+
+    def shard_stats(self) -> list[dict]:
+        return self.worker.shard_stats()
+
+    def close(self) -> None:
+        self.worker.shutdown()
+        self._reap(timeout=30.0)
+
+    def _reap(self, timeout: float) -> None:
+        for p in self.processes:
+            p.join(timeout)
+            if p.is_alive():
+                p.terminate()
+                p.join(5.0)
+        self.processes = []
+
+    def __enter__(self) -> "TPEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def launch_local(tp: int, model_path: str | Path, **kwargs) -> TPEngine:
+    """A TPEngine over `tp` local processes (this one is rank 0); kwargs as TPEngine's."""
+    return TPEngine(model_path, tp, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """torchrun --nproc-per-node N -m model.parallel.worker --model PATH --prompt-ids 1,2,3"""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--prompt-ids", required=True, help="comma-separated token ids of one text prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    worker = TPWorker(rank, world, args.model, dtype=args.dtype, device_type=args.device)
+    worker.setup(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", free_port())))
+    if rank != 0:
+        worker.follow()
+        return
+    from ..engine import SamplingParams
+    ids = [int(t) for t in args.prompt_ids.split(",")]
+    result = worker.generate([Request("0", ids, sampling=SamplingParams(max_new_tokens=args.max_new_tokens))])[0]
+    print(" ".join(map(str, result.token_ids)), result.finish_reason, flush=True)
+    worker.shutdown()
+
+
+if __name__ == "__main__":
+    main()
