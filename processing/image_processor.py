@@ -330,7 +330,9 @@ def _read_config(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
     if not os.path.isdir(path):
-        from huggingface_hub import snapshot_download
+        if path.startswith((".", "/", "~")) or path.count("/") > 1:
+            raise FileNotFoundError(f"no such checkpoint directory: {path}")
+        from huggingface_hub import snapshot_download  # a hub id
         path = snapshot_download(path, allow_patterns=["*.json"])
     nested = os.path.join(path, PROCESSOR_CONFIG)
     if os.path.isfile(nested):

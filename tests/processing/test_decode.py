@@ -1,0 +1,133 @@
+"""Safe decoding: every failure kind is a typed InputError with a message naming the cause."""
+from __future__ import annotations
+
+import io
+import struct
+import time
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from processing.decode import decode_image, decode_image_file
+from processing.errors import ImageDecodeError, ImageTooLargeError, InputError
+from tests.processing.image_cases import photo
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A syntactically valid PNG header announcing width x height, with a tiny (wrong) IDAT."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_errors_are_input_errors_and_value_errors():
+    assert issubclass(ImageDecodeError, InputError) and issubclass(ImageTooLargeError, InputError)
+    assert issubclass(InputError, ValueError)
+
+
+def test_roundtrip_png_is_exact():
+    pixels = photo(37, 23)
+    image = decode_image(encode(Image.fromarray(pixels), "PNG"))
+    assert image.size == (37, 23) and np.array_equal(np.asarray(image), pixels)
+
+
+@pytest.mark.parametrize("data,cause", [(b"", "empty"), (b"GIF89a", "format"), (b"hello world" * 10, "format")])
+def test_empty_and_unknown(data, cause):
+    with pytest.raises(ImageDecodeError, match=cause):
+        decode_image(data)
+
+
+def test_not_bytes():
+    with pytest.raises(ImageDecodeError, match="must be bytes"):
+        decode_image("a string")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_truncated(fmt):
+    data = encode(Image.fromarray(photo(200, 150)), fmt)
+    with pytest.raises(ImageDecodeError, match=r"cannot decode|corrupt|format"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_corrupt_png_payload():
+    data = bytearray(encode(Image.fromarray(photo(64, 64)), "PNG"))
+    start = data.index(b"IDAT") + 8
+    data[start:start + 200] = bytes(200)   # zeroed compressed stream
+    with pytest.raises(ImageDecodeError):
+        decode_image(bytes(data))
+
+
+@pytest.mark.timeout(10)
+def test_decompression_bomb_is_refused_from_the_header():
+    bomb = png_with_header(100_000, 100_000)   # 10^10 pixels announced in 70 bytes
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(ImageTooLargeError, match="pixels|limit"):
+        decode_image(bomb)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert time.perf_counter() - start < 2 and peak < 10_000_000
+
+
+def test_pixel_limit_is_configurable():
+    data = encode(Image.fromarray(photo(100, 80)), "PNG")
+    with pytest.raises(ImageTooLargeError, match="8000 pixels, more than the limit of 7999"):
+        decode_image(data, max_pixels=7999)
+    assert decode_image(data, max_pixels=8000).size == (100, 80)
+    assert decode_image(data, max_pixels=None).size == (100, 80)
+
+
+def test_absurd_sizes():
+    with pytest.raises(ImageTooLargeError, match="longer than the limit"):
+        decode_image(png_with_header(70_000, 1), max_pixels=None)
+    with pytest.raises(ImageTooLargeError, match="longer than the limit of 50"):
+        decode_image(encode(Image.fromarray(photo(60, 2)), "PNG"), max_side=50)
+    with pytest.raises(ImageTooLargeError, match="bytes"):
+        decode_image(encode(Image.fromarray(photo(60, 20)), "PNG"), max_bytes=100)
+
+
+def test_animated_gif_gives_first_frame():
+    frames = [Image.new("RGB", (16, 12), colour) for colour in [(255, 0, 0), (0, 0, 255), (0, 255, 0)]]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    image = decode_image(data)
+    assert getattr(image, "n_frames", 1) >= 1
+    assert image.convert("RGB").getpixel((3, 3)) == (255, 0, 0)
+
+
+def test_animated_webp_gives_first_frame():
+    frames = [Image.new("RGB", (16, 12), colour) for colour in [(10, 200, 30), (200, 10, 30)]]
+    data = encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    assert decode_image(data).convert("RGB").getpixel((3, 3)) == (10, 200, 30)
+
+
+def test_exif_orientation_is_applied_like_the_reference_path_loader(tmp_path):
+    from transformers.image_utils import load_image
+    image = Image.fromarray(photo(40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6   # rotate 90 degrees clockwise when displayed
+    path = tmp_path / "rotated.jpg"
+    path.write_bytes(encode(image, "JPEG", exif=exif.tobytes()))
+    ours = decode_image_file(str(path))
+    assert ours.size == (20, 40)
+    assert np.array_equal(np.asarray(ours.convert("RGB")), np.asarray(load_image(str(path))))
+    assert decode_image(path.read_bytes(), exif_transpose=False).size == (40, 20)
+
+
+def test_alpha_is_kept_for_the_processor_to_composite():
+    rgba = np.dstack([photo(20, 10), np.full((10, 20), 128, np.uint8)])
+    assert decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG")).mode == "RGBA"
+
+
+def test_missing_file():
+    with pytest.raises(ImageDecodeError, match="cannot read"):
+        decode_image_file("/nonexistent/image.png")
