@@ -37,7 +37,7 @@ def default_stop_ids(model: nn.Module, tokenizer=None) -> list[int]:
 class LLMEngine:
     def __init__(self, model: nn.Module, tokenizer=None, max_batch_size: int = 64,
                  kv_cache_tokens: int | None = None, *, max_prefill_tokens: int = 8192,
-                 use_cuda_graphs: bool = True, max_image_frames: int = 64) -> None:
+                 use_cuda_graphs: bool = True, compile: bool | None = None, max_image_frames: int = 64) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         param = next(model.parameters())
@@ -46,6 +46,7 @@ class LLMEngine:
         self.max_batch_size, self.kv_cache_tokens = max_batch_size, kv_cache_tokens
         self.max_prefill_tokens, self.use_cuda_graphs = max_prefill_tokens, use_cuda_graphs
         self.max_image_frames = max_image_frames
+        self.compile = self.device.type == "cuda" if compile is None else compile   # CPU: compile time > gain
         self.stop_ids = default_stop_ids(model, tokenizer)
         self.runner: ModelRunner | None = None
         self._rng = random.Random()
@@ -75,7 +76,7 @@ class LLMEngine:
                              f"({per_token * max_len / _GIB:.2f} GiB needed)")
         cache = KVCache(tc.num_hidden_layers, slots, tc.num_key_value_heads, max_len, tc.head_dim,
                         self.dtype, self.device)
-        self.runner = ModelRunner(self.model, cache, use_cuda_graphs=self.use_cuda_graphs,
+        self.runner = ModelRunner(self.model, cache, use_cuda_graphs=self.use_cuda_graphs, compile=self.compile,
                                   max_image_frames=self.max_image_frames)
         self.sampling = SamplingState.empty(slots, self.text_config.vocab_size, self.device)
         self.active = torch.zeros(slots, dtype=torch.int64, device=self.device)

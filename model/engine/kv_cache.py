@@ -57,19 +57,20 @@ class PackedPrefillAttention:
 class DecodeAttention:
     """One new token for each of slots 0..B-1, attending over the first kv_len rows of its slot.
 
-    positions (B,) is the device tensor of each row's new position (= its cached length); rows of
-    free slots are computed and ignored. Static shapes for a given (B, kv_len): CUDA-graph safe.
+    k_cache / v_cache: (layers, slots, Hkv, max_len, hd); positions (B,) is the device tensor of each
+    row's new position (= its cached length); rows of free slots are computed and ignored. Static
+    shapes for a given (B, kv_len): CUDA-graph and torch.compile friendly.
     """
 
-    def __init__(self, cache: KVCache, positions: Tensor, kv_len: int) -> None:
-        self.cache, self.positions, self.kv_len = cache, positions, kv_len
+    def __init__(self, k_cache: Tensor, v_cache: Tensor, positions: Tensor, kv_len: int) -> None:
+        self.k_cache, self.v_cache, self.positions, self.kv_len = k_cache, v_cache, positions, kv_len
         self.rows = torch.arange(positions.shape[0], device=positions.device)
         self.visible = torch.arange(kv_len, device=positions.device)[None, :] <= positions[:, None]
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         b, hq, _, hd = q.shape
         hkv = k.shape[1]
-        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
         kc[self.rows, :, self.positions] = k[:, :, 0]
         vc[self.rows, :, self.positions] = v[:, :, 0]
         keys, values = kc[:b, :, :self.kv_len], vc[:b, :, :self.kv_len]      # (B, Hkv, L, hd)

@@ -7,6 +7,29 @@ from torch import Tensor, nn
 from .kv_cache import DecodeAttention, KVCache, PackedPrefillAttention
 
 
+def decode_logits(model: nn.Module, k_cache: Tensor, v_cache: Tensor, tokens: Tensor, positions: Tensor,
+                  kv_len: int) -> Tensor:
+    """One decode step for rows 0..B-1 of the cache: (B,) last tokens at (B,) positions -> (B, V) float32."""
+    attention = DecodeAttention(k_cache, v_cache, positions, kv_len)
+    hidden = model.model.text_model(input_ids=tokens[:, None], position_ids=positions[:, None],
+                                    attention=attention)
+    return model.lm_head(hidden[:, 0]).float()
+
+
+_COMPILED = None
+
+
+def compiled_decode():
+    """decode_logits through torch.compile, shared by every runner: it fuses the many small kernels
+    of a decode step (norms, RoPE, softmax, SiLU) that otherwise dominate small batches. Shapes
+    that vary (batch bucket, kv_len, cache size) are symbolic: one compile serves them all."""
+    global _COMPILED
+    if _COMPILED is None:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _COMPILED = torch.compile(decode_logits, fullgraph=True, dynamic=True)
+    return _COMPILED
+
+
 def pow2_bucket(n: int, floor: int, cap: int) -> int:
     """Smallest power of two >= n (at least `floor`), capped: the static shapes a step is padded to."""
     b = floor
@@ -16,7 +39,7 @@ def pow2_bucket(n: int, floor: int, cap: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cache: KVCache, *, use_cuda_graphs: bool,
+    def __init__(self, model: nn.Module, cache: KVCache, *, use_cuda_graphs: bool, compile: bool = False,
                  max_image_frames: int = 64) -> None:
         self.model, self.cache = model, cache
         self.text = model.model.text_model
@@ -26,6 +49,7 @@ class ModelRunner:
         self.tokens = torch.zeros(slots, dtype=torch.int64, device=device)     # each slot's last token
         self.positions = torch.zeros(slots, dtype=torch.int64, device=device)  # each slot's cached length
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
+        self.compile = compile
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = None
 
@@ -78,13 +102,10 @@ class ModelRunner:
         last = torch.tensor(lengths, device=device).cumsum(0) - 1
         return self.model.lm_head(hidden[0, last]).float()
 
-    # ---- decode -------------------------------------------------------------------------------
+    # ---- decode ----------------------------------------------------------------------------
     def _decode_step(self, batch: int, kv_len: int) -> Tensor:
-        positions = self.positions[:batch]
-        attention = DecodeAttention(self.cache, positions, kv_len)
-        hidden = self.text(input_ids=self.tokens[:batch, None], position_ids=positions[:, None],
-                           attention=attention)
-        return self.model.lm_head(hidden[:, 0]).float()
+        fn = compiled_decode() if self.compile else decode_logits
+        return fn(self.model, self.cache.k, self.cache.v, self.tokens[:batch], self.positions[:batch], kv_len)
 
     @torch.inference_mode()
     def decode(self, batch: int, kv_len: int) -> Tensor:
