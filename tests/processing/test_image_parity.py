@@ -84,3 +84,13 @@ def test_torch_class_geometry_and_pixels_near_pil_class(name, images, kwargs):
     # RGBA arrays are composited differently (227 vs 228 for c=200, a=128): one more grey level
     levels = 3 if "RGBA" in name and "numpy" in name else 2
     assert np.abs(a - b).max() <= levels * grey + 1e-5, (name, np.abs(a - b).max() / grey)
+
+
+@pytest.mark.parametrize("name,images,kwargs", [c for c in CASES if c[0] != "no pad"],
+                         ids=[i for i in IDS if i != "no pad"])
+def test_torch_class_matches_reference_torch_class(name, images, kwargs):
+    """Runs where torchvision loads (see bench/compare_torch_backend.py); skipped in the CPU-only venv."""
+    pytest.importorskip("torchvision")
+    from transformers.models.idefics3.image_processing_idefics3 import Idefics3ImageProcessor as RefTorch
+    call = {"return_row_col_info": True, "return_tensors": "pt"}
+    assert_same_output(Idefics3ImageProcessor(**kwargs)(images, **call), RefTorch(**kwargs)(images, **call))
