@@ -1,0 +1,95 @@
+"""The whole graph on a real local Ray cluster: answers equal the reference's, bad rows become error rows."""
+import json
+
+import pyarrow as pa
+import pytest
+
+from pipeline import PipelineConfig, read_output, run_job
+from tests.pipeline.helpers import good_rows, png, write_parquet
+
+MAX_NEW = 6
+
+
+def bad_rows() -> list[dict]:
+    return [
+        {"id": "undecodable", "image": b"\x89PNG\r\n\x1a\n-truncated", "question": "What?"},
+        {"id": "null-image", "image": None, "question": "What?"},
+        {"id": "oversized", "image": png(120, 100, seed=9), "question": "What?"},
+        {"id": "too-long", "image": png(20, 20), "question": "red green blue yellow " * 1200},
+        {"id": "image-tag", "image": png(20, 20), "question": "Where is <image> the star?"},
+    ]
+
+
+@pytest.fixture(scope="module")
+def run(ray_cluster, checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    rows = good_rows(6) + bad_rows()
+    for i, row in enumerate(rows):
+        row["extra"] = i
+    write_parquet(tmp / "in" / "part-0.parquet", rows[:7])
+    write_parquet(tmp / "in" / "part-1.parquet", rows[7:])
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW, batch_size=3, keep_columns=["extra"],
+                            max_image_pixels=100 * 100)
+    summary = run_job(str(tmp / "in"), str(tmp / "out"), config)
+    table = read_output(str(tmp / "out"))
+    return rows, {r["id"]: r for r in table.to_pylist()}, table, summary, tmp
+
+
+def test_every_id_exactly_once_with_output_schema(run):
+    rows, by_id, table, _, _ = run
+    assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in rows)
+    assert table.column_names == ["id", "question", "answer", "finish_reason", "error", "num_prompt_tokens",
+                                  "num_generated_tokens", "extra"]
+    assert all(by_id[r["id"]]["extra"] == r["extra"] for r in rows)
+
+
+def test_answers_equal_greedy_generate_of_each_row_alone(run, oracle):
+    rows, by_id, _, _, _ = run
+    for row in good_rows(6):
+        question = row["question"] or PipelineConfig.prompt
+        text, n = oracle.answer(row["image"], question, MAX_NEW)
+        got = by_id[row["id"]]
+        assert (got["answer"], got["num_generated_tokens"]) == (text, n), row["id"]
+        assert got["finish_reason"] == ("length" if n == MAX_NEW else "stop")
+        assert got["question"] == question and got["error"] is None
+
+
+@pytest.mark.parametrize("row_id, cause", [
+    ("undecodable", "ImageDecodeError"), ("null-image", "image is null"), ("oversized", "ImageTooLargeError"),
+    ("too-long", "context"), ("image-tag", "<image>"),
+])
+def test_bad_rows_become_error_rows(run, row_id, cause):
+    got = run[1][row_id]
+    assert got["finish_reason"] == "error" and got["answer"] is None
+    assert cause in got["error"]
+
+
+def test_summary_printed_and_written_beside_the_output(run):
+    rows, _, _, summary, tmp = run
+    on_disk = json.loads((tmp / "out.summary.json").read_text())
+    assert on_disk == summary
+    assert summary["rows"] == summary["rows_this_run"] == len(rows)
+    assert summary["error_rows"] == len(bad_rows())
+    assert summary["generated_tokens_this_run"] > 0 and summary["rows_per_s"] > 0
+
+
+def test_fresh_run_refuses_a_written_output(run, checkpoint):
+    tmp = run[4]
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_job(str(tmp / "in"), str(tmp / "out"), PipelineConfig(model=str(checkpoint)))
+
+
+def test_image_struct_without_ids(ray_cluster, checkpoint, tmp_path):
+    """HF datasets' Image struct (bytes, or a local path); no id column: ids are Ray's row hash (uint64)."""
+    images = [png(20, 24, seed=1), png(26, 20, seed=2)]
+    (tmp_path / "img1.png").write_bytes(images[1])
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [{"image": {"bytes": images[0], "path": None}}, {"image": {"bytes": None, "path": str(tmp_path / "img1.png")}},
+            {"image": {"bytes": None, "path": str(tmp_path / "missing.png")}}]
+    write_parquet(tmp_path / "structs" / "x.parquet", rows, pa.schema([("image", struct)]))
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=4)
+    run_job(str(tmp_path / "structs" / "*.parquet"), str(tmp_path / "out1"), config)
+    structs = read_output(str(tmp_path / "out1"))
+    reasons = structs.column("finish_reason").to_pylist()
+    assert reasons.count("error") == 1 and "missing.png" in "".join(e for e in structs["error"].to_pylist() if e)
+    assert structs.schema.field("id").type == pa.uint64() and len(set(structs["id"].to_pylist())) == 3
