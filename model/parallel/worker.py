@@ -64,6 +64,7 @@ class TPWorker:
         self.comm: Comm | None = None
         self.engine: ShardEngine | None = None
         self._rng = random.Random()
+        self.last_tokens: list[list[int]] = []
 
     # ---- start and stop -----------------------------------------------------------------------
     def rendezvous_address(self) -> tuple[str, int]:
@@ -160,7 +161,9 @@ class TPWorker:
         self._leave()
 
     def _on_generate(self, requests: list[Request]) -> list[Result]:
-        return self.engine.generate(requests)
+        results = self.engine.generate(requests)
+        self.last_tokens = [r.token_ids for r in results]   # reported by stats: ranks must agree
+        return results
 
     @torch.inference_mode()
     def _on_logits(self, inputs: dict) -> Tensor:
@@ -174,7 +177,8 @@ class TPWorker:
     def _stats(self) -> dict:
         sharded, total = sharded_fraction(self.engine.model)
         return {"rank": self.rank, "sharded_params": sharded, "total_params": total,
-                "kv_heads": self.engine.model.config.text_config.num_key_value_heads}
+                "kv_heads": self.engine.model.config.text_config.num_key_value_heads,
+                "last_tokens": self.last_tokens}
 
 
 def _follower_main(rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float,
