@@ -36,7 +36,8 @@ def fsspec_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Abs
     if is_local(uri):
         return fsspec.filesystem("file"), os.path.abspath(fsspec.core.strip_protocol(uri))
     protocol = protocol_of(uri)
-    fs = fsspec.filesystem(protocol, **_options(protocol, storage_options))
+    # A fresh instance: fsspec's cached ones keep directory listings from before a write.
+    fs = fsspec.filesystem(protocol, skip_instance_cache=True, **_options(protocol, storage_options))
     return fs, fs._strip_protocol(uri)
 
 

@@ -1,0 +1,73 @@
+"""Input and output on S3: moto's standalone server on loopback, s3fs speaking HTTP to it via AWS_ENDPOINT_URL."""
+import io
+import json
+import os
+import socket
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import PipelineConfig, read_output, run_job
+from tests.pipeline.helpers import good_rows
+
+MAX_NEW = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # before ray.init: the workers inherit it
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("bucket")
+    yield fs
+    server.stop()
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def s3_cluster(s3):
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def test_input_and_output_on_s3(s3, s3_cluster, checkpoint, oracle):
+    rows = good_rows(3)
+    for row in rows:  # images as s3:// URLs read through fsspec, one of them missing
+        s3.pipe(f"bucket/images/{row['id']}.png", row["image"])
+    table = pa.table({"id": [r["id"] for r in rows] + ["gone"],
+                      "image": [f"s3://bucket/images/{r['id']}.png" for r in rows] + ["s3://bucket/images/gone.png"],
+                      "question": [r["question"] for r in rows] + ["What?"]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    s3.pipe("bucket/in/part-0.parquet", buf.getvalue())
+
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW, batch_size=2)
+    summary = run_job("s3://bucket/in/", "s3://bucket/out", config)
+    out = {r["id"]: r for r in read_output("s3://bucket/out").to_pylist()}
+    assert sorted(out) == sorted(table.column("id").to_pylist())
+    for row in rows:
+        text, n = oracle.answer(row["image"], row["question"] or config.prompt, MAX_NEW)
+        assert (out[row["id"]]["answer"], out[row["id"]]["num_generated_tokens"]) == (text, n)
+    assert out["gone"]["finish_reason"] == "error" and "gone.png" in out["gone"]["error"]
+    assert any(p.endswith(".parquet") for p in s3.find("bucket/out"))
+    assert json.loads(s3.cat("bucket/out.summary.json")) == summary and summary["error_rows"] == 1
