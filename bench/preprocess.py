@@ -86,14 +86,14 @@ def check_outputs(v: dict, jpegs: list[bytes]) -> None:
         print(f"output check: {ours} == {ref} (bit-exact), fast path == processor")
 
 
-def time_rounds(v: dict, jpegs: list[bytes], rounds: int) -> dict[str, list[float]]:
+def time_rounds(v: dict, jpegs: list[bytes], rounds: int, clock) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in v}
     for _ in range(rounds):
         for name, fn in v.items():
-            start = time.perf_counter()
+            start = clock()
             for b in jpegs:
                 fn(b)
-            times[name].append((time.perf_counter() - start) / len(jpegs))
+            times[name].append((clock() - start) / len(jpegs))
     return times
 
 
@@ -117,15 +117,19 @@ def main() -> None:
         for fn in v.values():
             fn(b)
     check_outputs(v, jpegs)
-    times = time_rounds(v, jpegs, args.rounds)
+    # CPU time of this (single-threaded) process is the per-core cost, and is less disturbed than wall
+    # time when other processes share the cores; wall time is shown beside it.
+    cpu = time_rounds(v, jpegs, args.rounds, time.process_time)
+    wall = time_rounds(v, jpegs, args.rounds, time.perf_counter)
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
           f"{args.images} JPEGs 1024x768 (mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB), "
-          f"{args.rounds} interleaved rounds")
-    base = 1 / min(times["transformers Idefics3ImageProcessorPil"])
-    print(f"{'variant':48s} {'img/s best':>10s} {'img/s median':>12s} {'vs transformers Pil':>20s}")
-    for name, ts in times.items():
-        best, median = 1 / min(ts), 1 / statistics.median(ts)
-        print(f"{name:48s} {best:10.1f} {median:12.1f} {best / base:19.2f}x")
+          f"{args.rounds} interleaved rounds per clock, load average {os.getloadavg()[0]:.1f}")
+    ref = "transformers Idefics3ImageProcessorPil"
+    print(f"{'variant':46s} {'img/CPU-s best':>14s} {'median':>7s} {'vs tf Pil':>9s} {'img/s wall best':>15s} {'vs tf Pil':>9s}")
+    for name in v:
+        c, w = 1 / min(cpu[name]), 1 / min(wall[name])
+        print(f"{name:46s} {c:14.1f} {1 / statistics.median(cpu[name]):7.1f} {c * min(cpu[ref]):8.2f}x "
+              f"{w:15.1f} {w * min(wall[ref]):8.2f}x")
     frames, rows, cols = Idefics3ImageProcessorPil().image_to_frames(decode_image(jpegs[0]))
     float_bytes = frames.size * 4
     print(f"\nbytes per image: uint8 frames {frames.nbytes} ({frames.shape}, rows={rows}, cols={cols}) vs "
