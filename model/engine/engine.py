@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .kv_cache import KVCache
-from .runner import ModelRunner, pow2_bucket
+from .runner import ModelRunner, kv_bucket, pow2_bucket
 from .sampler import SamplingState, sample
 from .scheduler import Scheduler, Sequence
 from .types import Request, Result
@@ -165,7 +165,7 @@ class LLMEngine:
         runner = self.runner
         rows = pow2_bucket(scheduler.decode_batch_size(), 1, runner.cache.num_slots)
         seqs = list(scheduler.running.values())
-        kv_len = pow2_bucket(max(s.length for s in seqs), 64, runner.cache.max_len)
+        kv_len = kv_bucket(max(s.length for s in seqs), runner.cache.max_len)
         logits = runner.decode(rows, kv_len)
         tokens = self._sample(logits, torch.arange(rows, device=self.device), seqs)
         runner.tokens[:rows] = tokens

@@ -33,23 +33,30 @@ def _expand_kv(x: Tensor, groups: int) -> Tensor:
 class PackedPrefillAttention:
     """Prefill of several prompts packed end to end in one row (1, T): no padding.
 
-    Each segment writes its post-RoPE K/V into its slot and attends causally within itself only.
+    All segments' post-RoPE K/V go to their slots in one indexed write per layer; each segment
+    attends causally within itself only.
     """
 
     def __init__(self, cache: KVCache, slots: list[int], lengths: list[int]) -> None:
-        self.cache, self.slots, self.lengths = cache, slots, lengths
+        self.cache, self.lengths = cache, lengths
+        device = cache.k.device
+        self.token_slot = torch.repeat_interleave(torch.tensor(slots, device=device),
+                                                  torch.tensor(lengths, device=device))
+        self.token_pos = torch.cat([torch.arange(n, device=device) for n in lengths])
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        self.cache.k[layer_idx, self.token_slot, :, self.token_pos] = k[0].transpose(0, 1)
+        self.cache.v[layer_idx, self.token_slot, :, self.token_pos] = v[0].transpose(0, 1)
         groups = q.shape[1] // k.shape[1]
+        k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+        if len(self.lengths) == 1:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out = torch.empty_like(q)
         start = 0
-        for slot, n in zip(self.slots, self.lengths):
+        for n in self.lengths:
             end = start + n
-            ks, vs = k[:, :, start:end], v[:, :, start:end]
-            self.cache.k[layer_idx, slot, :, :n] = ks[0]
-            self.cache.v[layer_idx, slot, :, :n] = vs[0]
             out[:, :, start:end] = F.scaled_dot_product_attention(
-                q[:, :, start:end], _expand_kv(ks, groups), _expand_kv(vs, groups), is_causal=True)
+                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True)
             start = end
         return out
 

@@ -1,6 +1,8 @@
 """Runs the model on the engine's KV cache: image features, packed prefill, decode (graphed on CUDA)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +38,12 @@ def pow2_bucket(n: int, floor: int, cap: int) -> int:
     while b < n:
         b *= 2
     return min(b, cap)
+
+
+def kv_bucket(n: int, cap: int) -> int:
+    """Keys a decode step attends over: powers of two up to 512, then multiples of 512 (every
+    masked key is still read, so long contexts get finer steps)."""
+    return pow2_bucket(n, 64, cap) if n <= 512 else min(-(-n // 512) * 512, cap)
 
 
 class ModelRunner:
@@ -104,8 +112,14 @@ class ModelRunner:
 
     # ---- decode ----------------------------------------------------------------------------
     def _decode_step(self, batch: int, kv_len: int) -> Tensor:
-        fn = compiled_decode() if self.compile else decode_logits
-        return fn(self.model, self.cache.k, self.cache.v, self.tokens[:batch], self.positions[:batch], kv_len)
+        args = (self.model, self.cache.k, self.cache.v, self.tokens[:batch], self.positions[:batch], kv_len)
+        if self.compile:
+            try:
+                return compiled_decode()(*args)
+            except Exception as e:   # a compiler failure (no triton, old GPU) must not stop generation
+                warnings.warn(f"torch.compile of the decode step failed, running it eagerly: {e!r}")
+                self.compile = False
+        return decode_logits(*args)
 
     @torch.inference_mode()
     def decode(self, batch: int, kv_len: int) -> Tensor:
