@@ -72,6 +72,9 @@ class TPWorker:
         127.0.0.1: a replica's ranks share one node (STRICT_PACK); torchrun passes its own address."""
         return "127.0.0.1", free_port()
 
+    def hostname(self) -> str:
+        return socket.gethostname()
+
     def setup(self, master_addr: str, master_port: int, timeout_s: float = 600.0) -> dict:
         """Join the group, load this rank's shard and build its engine. Collective: call on every rank.
         Raises on every rank if any rank failed to load."""

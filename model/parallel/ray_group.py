@@ -1,0 +1,82 @@
+"""One Ray actor per rank: the tensor-parallel group as the pipeline runs it.
+
+Ray is imported only when a group is built (model/ must import without Ray). The caller places the
+replica: pass a placement group (one bundle per rank, STRICT_PACK), or create the group from inside an
+actor whose placement group captures child tasks. Same `generate(requests) -> results` as TPEngine.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import Idefics3Config
+from ..engine import Request, Result
+from ..loading import resolve_checkpoint_dir
+from .shard import check_tp
+from .worker import TPWorker
+
+
+class RayTPGroup:
+    def __init__(self, model_path: str | Path, tp: int, dtype: torch.dtype | str | None = None,
+                 device_type: str = "cpu", tokenizer=None, *, placement_group=None, num_cpus: float = 1,
+                 cpu_threads: int | None = None, timeout_s: float = 600.0, **engine_kwargs) -> None:
+        import ray
+        from ray.util import get_current_placement_group
+
+        folder = resolve_checkpoint_dir(model_path)
+        check_tp(Idefics3Config.from_pretrained(folder), tp)       # before any actor starts
+        engine_kwargs.setdefault("use_cuda_graphs", tp == 1)
+        actor = ray.remote(TPWorker)
+        # Inside an actor whose placement group captures child tasks, rank r takes bundle r of it.
+        placement_group = placement_group or get_current_placement_group()
+        self.workers = [
+            actor.options(**self._placement(rank, placement_group, device_type, num_cpus)).remote(
+                rank, tp, str(folder), dtype=dtype, device_type=device_type,
+                tokenizer=tokenizer if rank == 0 else None, cpu_threads=cpu_threads, engine_kwargs=engine_kwargs)
+            for rank in range(tp)]
+        self.follow_refs: list = []
+        try:
+            self._start(ray, timeout_s)
+        except BaseException:
+            self._kill(ray)
+            raise
+
+    @staticmethod
+    def _placement(rank: int, placement_group, device_type: str, num_cpus: float) -> dict:
+        options = {"num_cpus": num_cpus, "num_gpus": 1 if device_type == "cuda" else 0}
+        if placement_group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group, placement_group_bundle_index=rank)
+        return options
+
+    def _start(self, ray, timeout_s: float) -> None:
+        hosts = ray.get([w.hostname.remote() for w in self.workers])
+        if len(set(hosts)) != 1:
+            raise RuntimeError(f"the ranks of one tensor-parallel replica landed on several nodes {sorted(set(hosts))}: "
+                               f"place them with a STRICT_PACK placement group")
+        addr, port = ray.get(self.workers[0].rendezvous_address.remote())
+        ray.get([w.setup.remote(addr, port, timeout_s) for w in self.workers])
+        self.follow_refs = [w.follow.remote() for w in self.workers[1:]]
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        import ray
+        return ray.get(self.workers[0].generate.remote(requests))
+
+    def shard_stats(self) -> list[dict]:
+        import ray
+        return ray.get(self.workers[0].shard_stats.remote())
+
+    def close(self) -> None:
+        import ray
+        if not self.workers:
+            return
+        ray.get(self.workers[0].shutdown.remote())
+        ray.get(self.follow_refs)           # the followers return once they have left the group
+        self._kill(ray)
+
+    def _kill(self, ray) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers, self.follow_refs = [], []

@@ -1,0 +1,75 @@
+"""The tensor-parallel group as Ray actors (one per rank) in a STRICT_PACK placement group."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import Idefics3ForConditionalGeneration
+from model.parallel.ray_group import RayTPGroup
+from tests.model.parallel_cases import reference_tokens, requests
+
+ray = pytest.importorskip("ray")
+torch.set_num_threads(1)
+ROOT = str(Path(__file__).resolve().parents[2])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+def test_ray_group_matches_tp1(cluster, checkpoint):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    path = checkpoint("tp_mqa")
+    plain = Idefics3ForConditionalGeneration.from_pretrained(path)
+    reqs = requests(path)
+    want = reference_tokens(plain, reqs)
+    group = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_PACK")
+    ray.get(group.ready())
+    tp = RayTPGroup(path, 2, placement_group=group, cpu_threads=1, timeout_s=120)
+    try:
+        assert [r.token_ids for r in tp.generate(reqs)] == want
+        stats = tp.shard_stats()
+        assert [s["rank"] for s in stats] == [0, 1]
+        assert stats[0]["last_tokens"] == stats[1]["last_tokens"] == want
+    finally:
+        tp.close()
+        remove_placement_group(group)
+
+
+class Replica:
+    """What the pipeline's model stage does: an actor in a capturing placement group builds the group."""
+
+    def __init__(self, path):
+        self.group = RayTPGroup(path, 2, cpu_threads=1, timeout_s=120)
+
+    def generate(self, reqs):
+        return [r.token_ids for r in self.group.generate(reqs)]
+
+    def close(self):
+        self.group.close()
+
+
+def test_ray_group_built_inside_a_capturing_actor(cluster, checkpoint):
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    path = checkpoint("idefics3")
+    reqs = requests(path)
+    want = reference_tokens(Idefics3ForConditionalGeneration.from_pretrained(path), reqs)
+    group = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_PACK")
+    ray.get(group.ready())
+    strategy = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+    replica = ray.remote(Replica).options(num_cpus=0, scheduling_strategy=strategy).remote(path)
+    try:
+        assert ray.get(replica.generate.remote(reqs)) == want
+        ray.get(replica.close.remote())
+    finally:
+        ray.kill(replica)
+        remove_placement_group(group)
