@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from torch import Tensor
 
 from ..config import Idefics3Config
-from ..engine import Request, Result
+from ..engine import Request, Result, SamplingParams
 from ..loading import resolve_checkpoint_dir
 from .engine import Comm, ShardEngine
 from .layers import TPContext
@@ -75,9 +75,10 @@ class TPWorker:
     def hostname(self) -> str:
         return socket.gethostname()
 
-    def setup(self, master_addr: str, master_port: int, timeout_s: float = 600.0) -> dict:
+    def setup(self, master_addr: str | None, master_port: int | None, timeout_s: float = 600.0) -> dict:
         """Join the group, load this rank's shard and build its engine. Collective: call on every rank.
-        Raises on every rank if any rank failed to load."""
+        master_addr None: rendezvous through the environment (torchrun's store). Raises on every rank
+        if any rank failed to load."""
         tp = self._join(master_addr, master_port, timeout_s)
         error = None
         try:
@@ -93,14 +94,15 @@ class TPWorker:
             raise RuntimeError("tensor-parallel load failed: " + "; ".join(errors))
         return self._stats()
 
-    def _join(self, master_addr: str, master_port: int, timeout_s: float) -> TPContext:
+    def _join(self, master_addr: str | None, master_port: int | None, timeout_s: float) -> TPContext:
         if self.world_size == 1:
             self.comm = Comm(TPContext())
             return self.comm.tp
         if self.device_type == "cuda":
             torch.cuda.set_device(rank_device("cuda", self.rank))
         backend = "nccl" if self.device_type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+        init = "env://" if master_addr is None else f"tcp://{master_addr}:{master_port}"
+        dist.init_process_group(backend, init_method=init, rank=self.rank,
                                 world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
         cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
         self.comm = Comm(TPContext(self.rank, self.world_size, dist.group.WORLD), cpu_group)
@@ -271,14 +273,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--prompt-ids", required=True, help="comma-separated token ids of one text prompt")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--cpu-threads", type=int, default=None)
     args = parser.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    worker = TPWorker(rank, world, args.model, dtype=args.dtype, device_type=args.device)
-    worker.setup(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", free_port())))
+    worker = TPWorker(rank, world, args.model, dtype=args.dtype, device_type=args.device,
+                      cpu_threads=args.cpu_threads)
+    worker.setup(None, None)   # torchrun's rendezvous (a single process needs none)
     if rank != 0:
         worker.follow()
         return
-    from ..engine import SamplingParams
     ids = [int(t) for t in args.prompt_ids.split(",")]
     result = worker.generate([Request("0", ids, sampling=SamplingParams(max_new_tokens=args.max_new_tokens))])[0]
     print(" ".join(map(str, result.token_ids)), result.finish_reason, flush=True)

@@ -5,6 +5,11 @@ seeded samples, ranks in lockstep, about 1/tp of the sharded parameters on each 
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -71,3 +76,22 @@ def test_nccl_tp2_matches_tp1(checkpoint):
     with TPEngine(path, 2, device_type="cuda", timeout_s=120) as engine:
         assert (engine.logits(**inputs) - want_logits).abs().max().item() <= 1e-4
         assert [r.token_ids for r in engine.generate(reqs)] == want
+
+
+def test_torchrun_entry_point(checkpoint):
+    from model.engine import Request, SamplingParams
+    from model.parallel import free_port
+
+    path = checkpoint("tp_mqa")
+    prompt = [5, 17, 300, 42, 9, 120]
+    plain = Idefics3ForConditionalGeneration.from_pretrained(path)
+    want = reference_tokens(plain, [Request("0", prompt, sampling=SamplingParams(max_new_tokens=6))])[0]
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+         "-m", "model.parallel.worker", "--model", str(path), "--device", "cpu", "--cpu-threads", "1",
+         "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "6"],
+        cwd=root, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    tokens, reason = out.stdout.split()[:-1], out.stdout.split()[-1]
+    assert [int(t) for t in tokens] == want and reason in ("stop", "length")
