@@ -24,8 +24,8 @@ def read_shard(handle, key: str, spec: ShardSpec) -> torch.Tensor:
     part = handle.get_slice(key)
     shape = list(part.get_shape())
     if len(shape) <= spec.dim or shape[spec.dim] != spec.full:
-        raise CheckpointError(f"{key}: checkpoint shape {tuple(shape)} has no dim {spec.dim} of size "
-                              f"{spec.full} to shard")
+        raise CheckpointError(f"{key}: checkpoint shape {tuple(shape)} does not match the model, whose "
+                              f"dim {spec.dim} (the one sharded) has size {spec.full}")
     index = (slice(None),) * spec.dim + (slice(spec.start, spec.stop),)
     return part[index]
 

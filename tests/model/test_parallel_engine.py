@@ -95,3 +95,18 @@ def test_torchrun_entry_point(checkpoint):
     assert out.returncode == 0, out.stderr[-2000:]
     tokens, reason = out.stdout.split()[:-1], out.stdout.split()[-1]
     assert [int(t) for t in tokens] == want and reason in ("stop", "length")
+
+
+def test_a_checkpoint_that_does_not_fit_fails_on_every_rank_without_hanging(checkpoint, tmp_path):
+    import json
+    import multiprocessing
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint("idefics3"), broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 256          # still splits, but no longer matches the weights
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match=r"rank 0: CheckpointError: .*does not match the model.*; rank 1: CheckpointError"):
+        TPEngine(broken, 2, cpu_threads=1, timeout_s=60)
+    assert multiprocessing.active_children() == []
