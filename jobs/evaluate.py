@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -29,6 +29,7 @@ log = logging.getLogger("jobs.evaluate")
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL, DEMO_INPUT = REPO / "demo" / "model", REPO / "demo" / "data" / "heldout.parquet"
+DEMO_OUTPUT = REPO / "demo" / "output" / "evaluate"
 PREDICTIONS_FILE = "predictions.parquet"
 
 # Benchmark name (found in the input's path, lowercased, without - and _) -> its standard metric.
@@ -57,7 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "instead of running a model; with --input, ground truth is joined from it by id")
     ap.add_argument("--gallery", type=int, default=0, metavar="N", help="write gallery.html with N sampled rows")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=None, help="rows per model batch (pipeline default)")
+    ap.add_argument("--batch-size", type=int, default=16, help="rows per block and per model call")
+    ap.add_argument("--replicas", type=int, default=1, help="model replicas")
+    ap.add_argument("--cpu-workers", type=int, default=1, help="preprocessing actors")
+    ap.add_argument("--device", help="cuda / cpu (default: cuda when the cluster has GPUs)")
+    ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')
     return ap.parse_args(argv)
 
 
@@ -70,6 +75,7 @@ def resolve_demo(args: argparse.Namespace) -> argparse.Namespace:
             raise FileNotFoundError(f"the {what} is missing at {path}: build it with `python -m jobs.train_demo` "
                                     "(or pass --input and --model)")
     args.input, args.model = str(DEMO_INPUT), str(DEMO_MODEL)
+    args.output = args.output or str(DEMO_OUTPUT)
     return args
 
 
@@ -84,9 +90,17 @@ def choose_metric(args: argparse.Namespace) -> str:
                      f"({', '.join(METRICS)})")
 
 
-def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file, folder or glob, local or any fsspec URL, as one table (missing columns skipped)."""
-    fs, path = fsspec.core.url_to_fs(uri)
+def storage_options(args: argparse.Namespace) -> dict:
+    from jobs.common import json_option
+
+    return json_option(getattr(args, "storage_options", None), "--storage-options")
+
+
+def parquet_dataset(uri: str, options: dict | None = None) -> pq.ParquetDataset:
+    """A Parquet file, folder or glob, local or any fsspec URL (S3 set up as the pipeline does)."""
+    from pipeline.storage import fsspec_fs
+
+    fs, path = fsspec_fs(uri, options)
     if any(c in path for c in "*?["):
         paths = sorted(fs.glob(path))
         if not paths:
@@ -95,7 +109,12 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
         paths = path
     else:
         raise FileNotFoundError(f"no such Parquet file or folder: {uri}")
-    dataset = pq.ParquetDataset(paths, filesystem=fs)
+    return pq.ParquetDataset(paths, filesystem=fs)
+
+
+def read_parquet(uri: str, columns: list[str] | None = None, options: dict | None = None) -> pa.Table:
+    """The Parquet at `uri` as one table; requested columns it lacks are skipped."""
+    dataset = parquet_dataset(uri, options)
     present = dataset.schema.names
     return dataset.read(columns=None if columns is None else [c for c in columns if c in present])
 
@@ -114,7 +133,7 @@ def _column_mapping(args: argparse.Namespace) -> dict[str, str]:
 def read_ground_truth(args: argparse.Namespace) -> pa.Table:
     """id, answers, and question/category when present, from --input (never the image bytes)."""
     wanted = ["id", args.answers_column, args.question_column, args.category_column]
-    table = rename_columns(read_parquet(args.input, wanted), _column_mapping(args))
+    table = rename_columns(read_parquet(args.input, wanted, storage_options(args)), _column_mapping(args))
     for needed in ("id", "answers"):
         if needed not in table.column_names:
             flag = "" if needed == "id" else f" (--answers-column {args.answers_column!r})"
@@ -123,25 +142,61 @@ def read_ground_truth(args: argparse.Namespace) -> pa.Table:
 
 
 def read_predictions(uri: str, args: argparse.Namespace) -> pa.Table:
-    table = rename_columns(read_parquet(uri), _column_mapping(args))
+    table = rename_columns(read_parquet(uri, None, storage_options(args)), _column_mapping(args))
     for needed in ("id", "answer"):
         if needed not in table.column_names:
             raise ValueError(f"predictions {uri} have no {needed!r} column; columns: {table.column_names}")
     return table.drop_columns([c for c in ("image",) if c in table.column_names])
 
 
-def run_model(args: argparse.Namespace, out_dir: Path) -> str:
-    """Answer every benchmark row with the caption pipeline; returns the raw output folder."""
-    from jobs.evaluate_pipeline import run_pipeline  # Ray is imported only when a model runs
+def benchmark_rows(batch: pa.Table, mapping: dict[str, str], suffix: str) -> pa.Table:
+    """A batch of benchmark rows in the pipeline's column names, the prompt suffix on each question."""
+    batch = rename_columns(batch, mapping)
+    if suffix and "question" in batch.column_names:
+        questions = [None if q is None else q + suffix for q in batch.column("question").to_pylist()]
+        batch = batch.set_column(batch.column_names.index("question"), "question", pa.array(questions, pa.string()))
+    return batch
 
-    return run_pipeline(args, out_dir / "raw")
+
+def pipeline_config(args: argparse.Namespace, kept: list[str]):
+    from pipeline import PipelineConfig
+
+    return PipelineConfig(model=args.model, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          replicas=args.replicas, cpu_workers=args.cpu_workers, device=args.device,
+                          keep_columns=kept, storage_options=storage_options(args))
+
+
+def run_model(args: argparse.Namespace, out_dir: Path) -> str:
+    """Answer every benchmark row with the caption pipeline (greedy); returns the raw output folder.
+
+    The ground truth (answers, category) travels with each row as kept columns, so that rows whose
+    ids the pipeline derives (inputs without `id`) are scored as well.
+    """
+    from jobs.common import init_ray
+    from pipeline import build_processor, read_rows, write_rows
+    from pipeline.job import check_columns
+
+    if not args.model:
+        raise ValueError("--model is required to run a model (or pass --predictions to score existing answers)")
+    mapping = _column_mapping(args)
+    present = [mapping.get(c, c) for c in parquet_dataset(args.input, storage_options(args)).schema.names]
+    config = pipeline_config(args, [c for c in ("answers", "category") if c in present])
+    raw = out_dir / "raw"
+    shutil.rmtree(raw, ignore_errors=True)  # our own scratch output: a re-run starts it afresh
+    init_ray()
+    ds = read_rows(args.input, config.storage_options)
+    ds = ds.map_batches(benchmark_rows, fn_kwargs={"mapping": mapping, "suffix": args.prompt_suffix},
+                        batch_format="pyarrow")
+    check_columns(ds, config, args.input)
+    write_rows(build_processor(config)(ds), str(raw), config.storage_options)
+    return str(raw)
 
 
 def load_images(args: argparse.Namespace, ids: list[str]) -> dict[str, object]:
     """Image cells of the given ids from --input, for the gallery's thumbnails."""
     if not args.input:
         return {}
-    table = read_parquet(args.input, ["id", args.image_column])
+    table = read_parquet(args.input, ["id", args.image_column], storage_options(args))
     if args.image_column not in table.column_names or "id" not in table.column_names:
         return {}
     wanted = set(ids)
@@ -149,15 +204,18 @@ def load_images(args: argparse.Namespace, ids: list[str]) -> dict[str, object]:
             if str(i) in wanted}
 
 
+def input_has_ids(args: argparse.Namespace) -> bool:
+    return "id" in parquet_dataset(args.input, storage_options(args)).schema.names
+
+
 def gather_predictions(args: argparse.Namespace, out_dir: Path) -> pa.Table:
     """Predictions (run or read) with ground truth attached, one row per benchmark row."""
+    ran_model = not args.predictions
     source = args.predictions or run_model(args, out_dir)
     predictions = read_predictions(source, args)
-    if not args.input:
-        return predictions
-    truth = read_ground_truth(args)
-    predictions = predictions.drop_columns([c for c in ("answers",) if c in predictions.column_names])
-    return join_ground_truth(predictions, truth)
+    if not args.input or (ran_model and not input_has_ids(args)):
+        return predictions  # ground truth is in the predictions (kept columns, or the file's own)
+    return join_ground_truth(predictions, read_ground_truth(args))  # the input's ground truth wins
 
 
 def evaluate(args: argparse.Namespace) -> dict:
