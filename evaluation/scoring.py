@@ -9,6 +9,7 @@ from evaluation.metrics import as_answer_list, get_metric
 
 SECONDARY_METRICS = ["exact_match"]
 DIGITS = 6  # metrics.json and report.md carry the same rounded numbers
+GROUND_TRUTH_COLUMNS = ("id", "answers", "category")
 
 
 def _ids_as_strings(table: pa.Table) -> list[str]:
@@ -36,16 +37,20 @@ def join_ground_truth(predictions: pa.Table, truth: pa.Table) -> pa.Table:
     if unknown:
         raise ValueError(f"{len(unknown)} predictions have ids not in the ground truth, e.g. {unknown[:5]}")
     position = {i: k for k, i in enumerate(pred_ids)}
+    # The benchmark's ground truth wins; other shared columns (the question as the model saw it) come
+    # from the predictions.
     pred_cols = {name: predictions.column(name).to_pylist() for name in predictions.column_names
-                 if name not in truth.column_names}
+                 if name not in GROUND_TRUTH_COLUMNS}
     rows = []
     for k, row in enumerate(truth.to_pylist()):
         row["id"] = truth_ids[k]
         p = position.get(truth_ids[k])
-        row.update({"finish_reason": None, "error": None})  # every row carries both columns
-        row.update({name: None if p is None else values[p] for name, values in pred_cols.items()})
+        for name in (*pred_cols, "finish_reason", "error"):  # every row carries every column
+            row.setdefault(name, None)
         if p is None:
             row["finish_reason"], row["error"] = "error", "no prediction for this id"
+        else:
+            row.update({name: values[p] for name, values in pred_cols.items()})
         rows.append(row)
     return pa.Table.from_pylist(rows)
 

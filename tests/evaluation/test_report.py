@@ -84,3 +84,12 @@ def test_gallery_escapes_text_and_samples_reproducibly(tmp_path):
     text = page.read_text(encoding="utf-8")
     assert "&lt;b&gt;q&lt;/b&gt;" in text and "<b>q</b>" not in text and "ünï" in text
     assert text.count("data:image/jpeg") == 1 and text.count('class="card') == 5
+
+
+def test_join_when_the_first_row_has_no_prediction():
+    truth = pa.table({"id": ["a", "b"], "answers": [["x"], ["y"]], "question": ["qa", "qb"]})
+    preds = pa.table({"id": ["b"], "answer": ["y"], "question": ["qb, briefly"]})
+    assert join_ground_truth(preds, truth).to_pylist() == [
+        {"id": "a", "answers": ["x"], "question": "qa", "answer": None, "finish_reason": "error",
+         "error": "no prediction for this id"},
+        {"id": "b", "answers": ["y"], "question": "qb, briefly", "answer": "y", "finish_reason": None, "error": None}]

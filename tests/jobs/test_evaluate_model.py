@@ -1,0 +1,117 @@
+"""jobs.evaluate running a model: the real pipeline on a local Ray cluster, a tiny random checkpoint."""
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from evaluation.metrics import exact_match
+from jobs import evaluate as job
+from tests.fixtures.checkpoints import build_checkpoint
+from tests.jobs.test_evaluate_predictions import parse_report, png
+
+pytestmark = pytest.mark.timeout(300)
+
+MAX_NEW = 4
+SUFFIX = " Answer in one word."
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt"), "smolvlm")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    # Logical CPUs: a preprocess actor, a model replica and the write tasks each hold one.
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def oracle_answer(checkpoint):
+    """transformers' greedy answer to the first row, alone: its ground truth, so that it scores 1."""
+    import io
+
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+
+    torch.set_num_threads(1)
+    processor = AutoProcessor.from_pretrained(str(checkpoint))
+    model = Idefics3ForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(io.BytesIO(png("red")))},
+                                             {"type": "text", "text": "Colour?" + SUFFIX}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def write_benchmark(path: Path, oracle: str, with_ids: bool = True) -> Path:
+    table = {"prompt": ["Colour?", "Shape?", "Colour?", "Count?"],
+             "picture": [png("red"), png("blue"), b"not an image", png("green")],
+             "gt": [[oracle, "other"], ["zzz-never"], ["red"], ["zzz-never", "yyy"]],
+             "kind": ["colour", "shape", "colour", "count"]}
+    if with_ids:
+        table = {"id": ["b0", "b1", "b2", "b3"], **table}
+    pq.write_table(pa.table(table), path)
+    return path
+
+
+def run(tmp_path: Path, checkpoint, bench: Path, *extra: str) -> tuple[dict, list[dict], str]:
+    out = tmp_path / "out"
+    argv = ["--input", str(bench), "--model", str(checkpoint), "--output", str(out), "--metric", "exact_match",
+            "--question-column", "prompt", "--answers-column", "gt", "--image-column", "picture",
+            "--category-column", "kind", "--prompt-suffix", SUFFIX, "--max-new-tokens", str(MAX_NEW),
+            "--batch-size", "2", *extra]
+    assert job.main(argv) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert parse_report((out / "report.md").read_text()) == summary
+    assert (out / "scores.png").stat().st_size > 0
+    return summary, pq.read_table(out / "predictions.parquet").to_pylist(), str(out)
+
+
+def test_model_run_joins_by_id_and_scores(ray_cluster, checkpoint, oracle_answer, tmp_path):
+    summary, rows, out = run(tmp_path, checkpoint, write_benchmark(tmp_path / "bench.parquet", oracle_answer),
+                             "--gallery", "3")
+    assert [r["id"] for r in rows] == ["b0", "b1", "b2", "b3"]                      # benchmark order
+    assert all(r["question"].endswith(SUFFIX) for r in rows)
+    assert rows[0]["answer"] == oracle_answer and rows[0]["score"] == 1.0         # the pipeline == reference
+    assert rows[2]["finish_reason"] == "error" and rows[2]["score"] == 0.0        # undecodable image
+    for r in rows:
+        expected = 0.0 if r["finish_reason"] == "error" else exact_match(r["answer"], r["answers"])
+        assert r["score"] == expected
+    assert summary["rows"] == 4 and summary["errors"] == 1
+    assert summary["score"] == round(sum(r["score"] for r in rows) / 4, 6)
+    assert summary["per_category"]["colour"] == {"score": 0.5, "rows": 2}
+    gallery = Path(out, "gallery.html").read_text()
+    assert gallery.count('class="card') == 3 and "data:image/jpeg" in gallery
+
+
+def test_model_run_without_ids_scores_every_row(ray_cluster, checkpoint, oracle_answer, tmp_path):
+    summary, rows, _ = run(tmp_path, checkpoint, write_benchmark(tmp_path / "bench.parquet", oracle_answer, False))
+    assert len({r["id"] for r in rows}) == 4 and summary["rows"] == 4 and summary["errors"] == 1
+    by_truth = {tuple(r["answers"]): r for r in rows}
+    assert by_truth[(oracle_answer, "other")]["score"] == 1.0
+    assert sorted(r["category"] for r in rows) == ["colour", "colour", "count", "shape"]
+
+
+def test_demo_model_on_heldout_rows(ray_cluster, tmp_path):
+    if not (job.DEMO_MODEL.exists() and job.DEMO_INPUT.exists()):
+        pytest.skip("the demo model is not built (python -m jobs.train_demo)")
+    bench = tmp_path / "heldout_head.parquet"
+    pq.write_table(pq.read_table(job.DEMO_INPUT).slice(0, 12), bench)
+    out = tmp_path / "out"
+    assert job.main(["--input", str(bench), "--model", str(job.DEMO_MODEL), "--output", str(out),
+                     "--metric", "exact_match", "--batch-size", "6"]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["rows"] == 12 and summary["errors"] == 0
+    assert parse_report((out / "report.md").read_text()) == summary
+    assert re.search(r"^- score: ", (out / "report.md").read_text(), re.M)
