@@ -59,19 +59,29 @@ def is_error_row(row: dict) -> bool:
     return row.get("error") is not None or row.get("finish_reason") == "error"
 
 
-def check_ground_truth(table: pa.Table) -> None:
-    """Every row needs at least one ground-truth answer: a benchmark without them scores nothing."""
+def check_ground_truth(table: pa.Table, metric: str) -> None:
+    """Every row needs ground truth the metric can use (answers; option letters for multiple_choice)."""
     if "answers" not in table.column_names:
         raise ValueError("no ground-truth column 'answers' (pass --answers-column, or --input to join by id)")
-    missing = [str(i) for i, a in zip(table.column("id").to_pylist(), table.column("answers").to_pylist())
-               if not as_answer_list(a)]
+    score = get_metric(metric)
+    missing, unusable = [], []
+    for row_id, answers in zip(table.column("id").to_pylist(), table.column("answers").to_pylist()):
+        if not as_answer_list(answers):
+            missing.append(str(row_id))
+            continue
+        try:
+            score("", answers)
+        except ValueError as e:
+            unusable.append(f"{row_id}: {e}")
     if missing:
         raise ValueError(f"{len(missing)} rows have no ground-truth answers, e.g. ids {missing[:5]}")
+    if unusable:
+        raise ValueError(f"{len(unusable)} rows have ground truth {metric} cannot use, e.g. {unusable[:3]}")
 
 
 def score_rows(table: pa.Table, metric: str) -> pa.Table:
     """Add `score` (the primary metric) and one column per secondary metric; error rows score 0."""
-    check_ground_truth(table)
+    check_ground_truth(table, metric)
     primary = get_metric(metric)
     secondary = [m for m in SECONDARY_METRICS if m != metric]
     scores: dict[str, list[float]] = {"score": [], **{m: [] for m in secondary}}

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from evaluation.metrics import METRICS
 from evaluation.report import (sample_rows, write_chart, write_gallery, write_metrics_json,
                                write_report_md)
-from evaluation.scoring import join_ground_truth, score_rows, summarize
+from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -180,6 +180,8 @@ def run_model(args: argparse.Namespace, out_dir: Path) -> str:
         raise ValueError("--model is required to run a model (or pass --predictions to score existing answers)")
     mapping = _column_mapping(args)
     present = [mapping.get(c, c) for c in parquet_dataset(args.input, storage_options(args)).schema.names]
+    if "answers" not in present:
+        raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
     config = pipeline_config(args, [c for c in ("answers", "category") if c in present])
     raw = out_dir / "raw"
     shutil.rmtree(raw, ignore_errors=True)  # our own scratch output: a re-run starts it afresh
@@ -208,14 +210,18 @@ def input_has_ids(args: argparse.Namespace) -> bool:
     return "id" in parquet_dataset(args.input, storage_options(args)).schema.names
 
 
-def gather_predictions(args: argparse.Namespace, out_dir: Path) -> pa.Table:
+def gather_predictions(args: argparse.Namespace, metric: str, out_dir: Path) -> pa.Table:
     """Predictions (run or read) with ground truth attached, one row per benchmark row."""
-    ran_model = not args.predictions
+    truth = read_ground_truth(args) if args.input and input_has_ids(args) else None
+    if truth is not None:
+        check_ground_truth(truth, metric)  # before a long model run, not after it
+    elif args.input and args.predictions:
+        raise ValueError(f"{args.input} has no 'id' column to join the predictions on")
     source = args.predictions or run_model(args, out_dir)
     predictions = read_predictions(source, args)
-    if not args.input or (ran_model and not input_has_ids(args)):
+    if truth is None:
         return predictions  # ground truth is in the predictions (kept columns, or the file's own)
-    return join_ground_truth(predictions, read_ground_truth(args))  # the input's ground truth wins
+    return join_ground_truth(predictions, truth)  # the benchmark's ground truth wins
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -223,7 +229,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     metric = choose_metric(args)
     out_dir = Path(args.output or f"runs/evaluate-{Path(args.input or args.predictions).stem}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    scored = score_rows(gather_predictions(args, out_dir), metric)
+    scored = score_rows(gather_predictions(args, metric, out_dir), metric)
     pq.write_table(scored, out_dir / PREDICTIONS_FILE)
     summary = summarize(scored, metric)
     sources = {k: v for k, v in (("model", args.model), ("input", args.input),

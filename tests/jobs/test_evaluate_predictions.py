@@ -177,3 +177,26 @@ def test_demo_without_its_files_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(job, "DEMO_MODEL", tmp_path / "demo" / "model")
     assert job.main(["--output", str(tmp_path / "o")]) == 2
     assert "demo model is missing" in capsys.readouterr().err
+
+
+def test_ground_truth_a_metric_cannot_use_fails_before_scoring(tmp_path, capsys):
+    preds = write_predictions(tmp_path / "mmstar.parquet", [("q1", "B", ["B"], None, "stop", None),
+                                                            ("q2", "B", ["a cat"], None, "stop", None)])
+    assert job.main(["--predictions", str(preds), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "multiple_choice cannot use" in err and "q2: ground truth 'a cat' is not an option letter" in err
+
+
+def test_joining_needs_ids_in_the_input(tmp_path, capsys):
+    pq.write_table(pa.table({"answers": [["a"]]}), tmp_path / "t.parquet")
+    preds = write_predictions(tmp_path / "p.parquet")
+    assert job.main(["--predictions", str(preds), "--input", str(tmp_path / "t.parquet"),
+                     "--output", str(tmp_path / "o"), "--metric", "anls"]) == 2
+    assert "has no 'id' column to join the predictions on" in capsys.readouterr().err
+
+
+def test_running_a_model_needs_ground_truth_in_the_input(tmp_path, capsys):
+    pq.write_table(pa.table({"image": [png("red")], "question": ["?"]}), tmp_path / "t.parquet")
+    assert job.main(["--input", str(tmp_path / "t.parquet"), "--model", str(tmp_path / "m"),
+                     "--output", str(tmp_path / "o"), "--metric", "anls"]) == 2
+    assert "no ground-truth column 'answers'" in capsys.readouterr().err
