@@ -1,0 +1,97 @@
+"""Engine parts on their own: the sampler (filters, counter-based noise, min-new-tokens) and the
+attention backends over the slot cache, against plain formulas."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.engine.kv_cache import DecodeAttention, KVCache, PackedPrefillAttention
+from model.engine.runner import kv_bucket, pow2_bucket
+from model.engine.sampler import SamplingState, _filter_top_k_top_p, sample, uniform_noise
+
+torch.set_num_threads(1)
+
+
+def _state(n: int, vocab: int, **params) -> SamplingState:
+    state = SamplingState.empty(n, vocab, "cpu")
+    for row in range(n):
+        p = dict(temperature=1.0, top_k=0, top_p=1.0, seed=row, min_new=0, stop_ids=[])
+        p.update({k: (v[row] if isinstance(v, list) else v) for k, v in params.items()})
+        state.assign(row, **p)
+    return state
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.5, 0.05, 0.3, 0.15]]))
+    out = _filter_top_k_top_p(logits, torch.tensor([2, 0]), torch.tensor([1.0, 0.8]))
+    assert torch.isfinite(out).tolist() == [[True, False, True, False], [True, False, True, False]]
+    assert torch.equal(out[0, [0, 2]], logits[0, [0, 2]])
+    out = _filter_top_k_top_p(logits, torch.tensor([0, 0]), torch.tensor([0.81, 0.01]))
+    assert torch.isfinite(out).tolist() == [[True, False, True, True], [True, False, False, False]]
+
+
+def test_noise_depends_only_on_seed_step_and_token():
+    seeds, steps = torch.tensor([5, 9, 5]), torch.tensor([0, 0, 1])
+    u = uniform_noise(seeds, steps, 1000)
+    assert ((u > 0) & (u < 1)).all()
+    assert torch.equal(uniform_noise(seeds[2:], steps[2:], 1000)[0], u[2])      # no neighbour effect
+    assert not torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1])
+    assert abs(u.mean().item() - 0.5) < 0.03
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    n = 4000
+    state = _state(n, 4)
+    tokens = sample(probs.log().expand(n, 4), state, torch.arange(n), any_sampling=True, any_filter=False)
+    freq = torch.bincount(tokens, minlength=4).float() / n
+    assert (freq - probs).abs().max() < 0.03, freq
+
+
+def test_greedy_rows_and_min_new_tokens():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 5.0, 1.0], [0.0, 5.0, 1.0]])
+    state = _state(3, 3, temperature=[0.0, 0.0, 0.0], min_new=[0, 2, 2], stop_ids=[[1]] * 3)
+    state.step[2] = 2
+    tokens = sample(logits, state, torch.arange(3), any_sampling=False, any_filter=False)
+    assert tokens.tolist() == [1, 2, 1]       # row 1 may not stop before 2 new tokens
+
+
+def _naive_attention(q, k, v, visible):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])
+
+
+def test_decode_attention_reads_each_slot_up_to_its_length():
+    torch.manual_seed(0)
+    cache = KVCache(num_layers=2, num_slots=4, num_kv_heads=2, max_len=16, head_dim=8, dtype=torch.float32,
+                    device="cpu")
+    cache.k.normal_()
+    cache.v.normal_()
+    positions = torch.tensor([3, 0, 9, 15])
+    q, k, v = torch.randn(4, 4, 1, 8), torch.randn(4, 2, 1, 8), torch.randn(4, 2, 1, 8)
+    out = DecodeAttention(cache.k, cache.v, positions, kv_len=16)(1, q, k, v)
+    assert torch.equal(cache.k[1, torch.arange(4), :, positions], k[:, :, 0])
+    visible = torch.arange(16)[None] <= positions[:, None]
+    expected = _naive_attention(q, cache.k[1], cache.v[1], visible)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_prefill_equals_separate_causal_attention():
+    torch.manual_seed(1)
+    cache = KVCache(1, 3, 1, 8, 4, torch.float32, "cpu")
+    lengths, slots = [3, 5], [2, 0]
+    q, k, v = torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4)
+    out = PackedPrefillAttention(cache, slots, lengths)(0, q, k, v)
+    for (start, n), slot in zip([(0, 3), (3, 5)], slots):
+        seg = slice(start, start + n)
+        ref = F.scaled_dot_product_attention(q[:, :, seg], k[:, :, seg].repeat_interleave(2, 1),
+                                             v[:, :, seg].repeat_interleave(2, 1), is_causal=True)
+        torch.testing.assert_close(out[:, :, seg], ref)
+        assert torch.equal(cache.k[0, slot, :, :n], k[0, :, seg])
+    assert (cache.k[0, 1] == 0).all()          # the untouched slot
+
+
+def test_buckets():
+    assert [pow2_bucket(n, 1, 256) for n in (1, 3, 8, 200, 300)] == [1, 4, 8, 256, 256]
+    assert [kv_bucket(n, 4096) for n in (1, 65, 512, 513, 1100, 5000)] == [64, 128, 512, 1024, 1536, 4096]
