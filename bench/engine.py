@@ -185,6 +185,33 @@ def decoder_weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
+def _measure_sequential(ref, make_engine, requests, args, dtype) -> tuple[float, float, dict]:
+    """GPU: the reference's runs first and its memory freed, then ours (no two caches at once)."""
+    if args.warmup:
+        time_reference(ref, requests[:1], 2, args.device, dtype, 1)
+    ref_s = time_reference(ref, requests, args.new_tokens, args.device, dtype, args.repeats)
+    torch.cuda.empty_cache()
+    engine = make_engine()
+    if args.warmup:                              # allocates the cache, compiles, captures the CUDA graphs
+        time_engine(engine, requests, args.new_tokens, args.device, 1)
+    ours_s, stats = time_engine(engine, requests, args.new_tokens, args.device, args.repeats)
+    return ref_s, ours_s, stats
+
+
+def _measure_interleaved(ref, engine, requests, args, dtype) -> tuple[float, float, dict]:
+    """CPU (often shared): alternate the two so a load spike cannot favour one side; best of each."""
+    if args.warmup:
+        time_reference(ref, requests[:1], 2, args.device, dtype, 1)
+        time_engine(engine, requests[:1], args.new_tokens, args.device, 1)
+    ref_s, ours_s, stats = float("inf"), float("inf"), {}
+    for _ in range(args.repeats):
+        ref_s = min(ref_s, time_reference(ref, requests, args.new_tokens, args.device, dtype, 1))
+        seconds, run_stats = time_engine(engine, requests, args.new_tokens, args.device, 1)
+        if seconds < ours_s:
+            ours_s, stats = seconds, run_stats
+    return ref_s, ours_s, stats
+
+
 def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[dict]:
     spec = SHAPES[name]
     tile = args.tile or spec["vision"]["image_size"]
@@ -193,17 +220,13 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
     rows = []
     for batch in batches:
         requests = make_requests(name, tile, batch, args.frames or spec["frames"], args.new_tokens, args.device)
-        if args.warmup:
-            time_reference(ref, requests[:1], 2, args.device, dtype, 1)
-        ref_s = time_reference(ref, requests, args.new_tokens, args.device, dtype, args.repeats)
-        if args.device == "cuda":
-            torch.cuda.empty_cache()                 # the reference's cache goes before ours is made
         need = max(len(r.prompt_ids) for r in requests) + args.new_tokens
-        engine = LLMEngine(ours, max_batch_size=batch, kv_cache_tokens=batch * (-(-need // 256) * 256),
-                           max_prefill_tokens=args.prefill_tokens)
-        if args.warmup:                              # allocates the cache, captures the CUDA graphs
-            time_engine(engine, requests, args.new_tokens, args.device, 1)
-        ours_s, stats = time_engine(engine, requests, args.new_tokens, args.device, args.repeats)
+        make_engine = lambda: LLMEngine(ours, max_batch_size=batch, max_prefill_tokens=args.prefill_tokens,  # noqa: E731
+                                        kv_cache_tokens=batch * (-(-need // 256) * 256))
+        if args.device == "cuda":
+            ref_s, ours_s, stats = _measure_sequential(ref, make_engine, requests, args, dtype)
+        else:
+            ref_s, ours_s, stats = _measure_interleaved(ref, make_engine(), requests, args, dtype)
         tokens, images = batch * args.new_tokens, len(requests)
         row = dict(model=name, device=args.device, batch=batch, tile=tile, new_tokens=args.new_tokens,
                    prompt_tokens=sum(len(r.prompt_ids) for r in requests),
@@ -222,7 +245,6 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
                 row["bandwidth_fraction"] = round(decoder_weight_bytes(ours) / step / bw, 3)
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del engine
         gc.collect()
     del ref, ours
     gc.collect()
