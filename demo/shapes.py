@@ -26,7 +26,7 @@ SHAPES = ("circle", "square", "triangle")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 CAPTION_PROMPTS = ("Describe the image.", "Describe this image.", "Caption the image.",
                    "What is in the image?")
-CAPTION_PROMPT = CAPTION_PROMPTS[0]
+CAPTION_PROMPT = CAPTION_PROMPTS[1]  # jobs.caption's default --prompt
 SPLIT_SEEDS = {"train": 1, "heldout": 2, "sample": 3}
 
 
@@ -77,7 +77,7 @@ def draw_scene(scene: list[Shape], rng: random.Random) -> Image.Image:
 def draw_shape(draw: ImageDraw.ImageDraw, s: Shape, w: int, h: int, rng: random.Random) -> None:
     qw, qh = w // 2, h // 2
     x0, y0 = (s.quadrant % 2) * qw, (s.quadrant // 2) * qh
-    side = int(min(qw, qh) * rng.uniform(0.5, 0.8))
+    side = int(min(qw, qh) * rng.uniform(0.65, 0.9))
     margin = 2
     left = x0 + rng.randint(margin, qw - side - margin)
     top = y0 + rng.randint(margin, qh - side - margin)

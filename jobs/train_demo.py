@@ -1,6 +1,6 @@
 """Train the bundled demo Idefics3 from scratch on the synthetic shapes task (CPU, minutes).
 
-    python -m jobs.train_demo --out demo/model --steps 1200
+    python -m jobs.train_demo --out demo/model --steps 3000
 
 Writes a complete Hugging Face layout folder: tokenizer (byte-level BPE trained here), chat template,
 processor configs (image splitting on: 2x2 tiles of 32 px + a global frame), generation config and the
@@ -20,7 +20,7 @@ import torch
 from demo import assets, shapes
 
 # Vision: 32-px tiles in 8-px patches (4x4 grid) -> pixel shuffle 2 -> 4 tokens per frame.
-VISION = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=3,
+VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
               image_size=assets.TILE, patch_size=8, layer_norm_eps=1e-6)
 TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, max_position_embeddings=512,
@@ -172,29 +172,18 @@ def train(model, data: list[Encoded], steps: int, batch_size: int, lr: float, pa
 
 
 @torch.no_grad()
-def greedy_answers(model, items: list[Encoded], pad: int, stops: set[int], max_new: int = 40) -> list[list[int]]:
-    """Tiny greedy loop (no cache): left-padded prompts, positions from the attention mask."""
+def greedy_answers(model, items: list[Encoded], pad: int, stops: set[int], max_new: int = 48) -> list[list[int]]:
+    """Greedy answers through the model's `generate` (left-padded prompts, KV cache)."""
     length, device = max(len(e.prompt) for e in items), model.device
     ids = torch.tensor([[pad] * (length - len(e.prompt)) + e.prompt for e in items], device=device)
-    starts = torch.tensor([length - len(e.prompt) for e in items], device=device)
-    mask = (torch.arange(length, device=device)[None] >= starts[:, None]).long()
-    pixel_values = torch.cat([e.frames for e in items])[None].to(device)
-    done = torch.zeros(len(items), dtype=torch.bool)
-    generated: list[list[int]] = [[] for _ in items]
-    for _ in range(max_new):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
-                       position_ids=positions).logits[:, -1]
-        nxt = logits.argmax(-1)
-        for i, t in enumerate(nxt.tolist()):
-            if not done[i]:
-                generated[i].append(t)
-                done[i] = t in stops
-        if done.all():
-            break
-        ids = torch.cat([ids, nxt[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return generated
+    mask = (ids != pad).long()
+    n_frames = max(len(e.frames) for e in items)
+    pixel_values = torch.zeros(len(items), n_frames, *items[0].frames.shape[1:])
+    for i, e in enumerate(items):
+        pixel_values[i, :len(e.frames)] = e.frames
+    out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values.to(device),
+                         max_new_tokens=max_new, do_sample=False, eos_token_id=sorted(stops), pad_token_id=pad)
+    return [[t for t in row if t != pad] for row in out[:, length:].tolist()]
 
 
 def question_kind(question: str) -> str:
@@ -222,9 +211,9 @@ def evaluate(model, items: list[Encoded], rows: list[dict], tokenizer, pad: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo/model")
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=7e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-images", type=int, default=None, help="fewer training images (quick runs)")
