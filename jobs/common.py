@@ -58,12 +58,24 @@ def demo_path(value: str | None, default: Path, what: str) -> str:
     return str(default)
 
 
+LOCAL_MIN_CPUS = 4
+
+
 def init_ray() -> None:
-    """Join the cluster of RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+    """Join the cluster of RAY_ADDRESS (as under `ray job submit`), else start a local one.
+
+    A local cluster gets at least 4 logical CPUs: Ray's read/write tasks, the checkpoint filter and
+    the stage actors each hold one, and on a 2-core laptop they would otherwise wait for each other."""
+    import os
+
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, LOCAL_MIN_CPUS), logging_level=logging.WARNING)
 
 
 def print_summary(summary: dict) -> None:

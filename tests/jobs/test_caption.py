@@ -1,0 +1,78 @@
+"""jobs.caption as a user runs it: a subprocess with its own local Ray, killed with SIGKILL, then --resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from tests.fixtures.checkpoints import build_checkpoint
+from tests.pipeline.helpers import png, write_parquet
+
+REPO = Path(__file__).resolve().parents[2]
+N_ROWS = 14
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("smolvlm"), "smolvlm")
+
+
+def caption(*args: str, log: Path) -> subprocess.Popen:
+    """The job in a subprocess, its output to a file (a full pipe would stall Ray's progress logging)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "jobs.caption", *args], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+    process.wait(timeout=timeout)
+    return log.read_text()
+
+
+def parquet_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.parquet")) if folder.exists() else []
+
+
+def test_sigkill_mid_run_then_resume_gives_every_row_once(checkpoint, tmp_path):
+    # No id column: ids are derived (file path + row index), so this also shows they are stable across runs.
+    write_parquet(tmp_path / "in.parquet", [{"image": png(20 + i, 24, seed=i), "question": f"Row {i}?"}
+                                            for i in range(N_ROWS)])
+    (tmp_path / "job.yaml").write_text(f"model: {checkpoint}\nmax-new-tokens: 24\nbatch_size: 2\n")
+    args = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+            "--config", str(tmp_path / "job.yaml")]
+    first = caption(*args, log=tmp_path / "first.log")
+    deadline = time.time() + 240
+    while not parquet_files(tmp_path / "out") and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)  # the driver only, as `kill -9` would
+    first.wait()
+    assert not (tmp_path / "out.summary.json").exists(), "the first run finished before it could be killed"
+    killed_with = len(parquet_files(tmp_path / "out"))
+    assert 1 <= killed_with
+
+    second = caption(*args, "--resume", log=tmp_path / "second.log")
+    log = finish(second, tmp_path / "second.log")
+    assert second.returncode == 0, log[-3000:]
+    table = pads.dataset(tmp_path / "out").to_table()
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == N_ROWS
+    assert "error" not in table.column("finish_reason").to_pylist()
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["rows"] == N_ROWS and summary["rows_this_run"] < N_ROWS
+    assert json.loads(log.strip().splitlines()[-1]) == summary
+
+
+def test_clear_errors_for_bad_arguments(tmp_path):
+    fresh = caption("--input", str(tmp_path / "nope.parquet"), "--output", str(tmp_path / "out"),
+                    "--model", str(tmp_path), log=tmp_path / "a.log")
+    log = finish(fresh, tmp_path / "a.log")
+    assert fresh.returncode == 2 and "does not exist" in log and "Traceback" not in log
+    bad = caption("--storage-options", "[1]", "--model", str(tmp_path), log=tmp_path / "b.log")
+    log = finish(bad, tmp_path / "b.log")
+    assert bad.returncode == 2 and "--storage-options must be a JSON object" in log
