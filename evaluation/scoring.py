@@ -79,6 +79,14 @@ def check_ground_truth(table: pa.Table, metric: str) -> None:
         raise ValueError(f"{len(unusable)} rows have ground truth {metric} cannot use, e.g. {unusable[:3]}")
 
 
+def _string_typed(table: pa.Table) -> pa.Table:
+    """Text columns that hold only nulls get the string type, so every predictions file reads alike."""
+    for name in ("answer", "question", "finish_reason", "error"):
+        if name in table.column_names and pa.types.is_null(table.schema.field(name).type):
+            table = table.set_column(table.column_names.index(name), name, table.column(name).cast(pa.string()))
+    return table
+
+
 def score_rows(table: pa.Table, metric: str) -> pa.Table:
     """Add `score` (the primary metric) and one column per secondary metric; error rows score 0."""
     check_ground_truth(table, metric)
@@ -92,7 +100,7 @@ def score_rows(table: pa.Table, metric: str) -> pa.Table:
             scores[m].append(0.0 if failed else get_metric(m)(row.get("answer"), row["answers"]))
     for name, values in scores.items():
         table = table.append_column(name, pa.array(values, pa.float64()))
-    return table
+    return _string_typed(table)
 
 
 def _mean(values: list[float]) -> float:
