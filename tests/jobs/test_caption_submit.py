@@ -1,0 +1,76 @@
+"""`ray job submit --working-dir . -- python -m jobs.caption ...` against a `ray start --head` cluster on localhost."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from tests.fixtures.checkpoints import build_checkpoint
+from tests.pipeline.helpers import good_rows, write_parquet
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"no Ray dashboard at {url}")
+
+
+@pytest.fixture
+def cluster():
+    """A head node in its own session and temp dir; stopped by killing that process group only
+    (`ray stop` would stop every Ray cluster on the machine)."""
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
+    dashboard = free_port()
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4", f"--temp-dir={temp}",
+         "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_for_dashboard(url, head)
+        yield url, env
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_job_to_completion(cluster, tmp_path):
+    url, env = cluster
+    checkpoint = build_checkpoint(tmp_path / "ckpt", "smolvlm")
+    write_parquet(tmp_path / "in.parquet", good_rows(4))
+    runtime_env = '{"excludes": [".venv", ".git", "*.egg-info", ".pytest_cache"]}'
+    submit = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".", "--runtime-env-json",
+         runtime_env, "--", "python", "-m", "jobs.caption", "--input", str(tmp_path / "in.parquet"),
+         "--output", str(tmp_path / "out"), "--model", str(checkpoint), "--max-new-tokens", "3"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+    assert "succeeded" in submit.stdout
+    table = pads.dataset(tmp_path / "out").to_table()
+    assert sorted(table.column("id").to_pylist()) == [f"row-{i}" for i in range(4)]
+    assert (tmp_path / "out.summary.json").exists()
