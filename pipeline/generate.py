@@ -63,7 +63,7 @@ class Generate:
         from model.engine import Request, SamplingParams
 
         c = self.config
-        frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"])
+        frames = np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape(row["frames_shape"])
         sampling = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, seed=row_seed(c.seed, row["id"]))
         return Request(str(row["id"]), row["input_ids"], self.encoder.pixel_values(frames, device=self.device),
