@@ -4,6 +4,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -27,25 +28,37 @@ def test_committed_splits_are_the_seeded_ones():
 
 
 
-def test_train_and_heldout_are_disjoint_by_combination():
+@pytest.mark.parametrize("rule", ["scene", "triple"])
+def test_train_and_heldout_are_disjoint_by_combination(rule, monkeypatch):
+    monkeypatch.setattr(shapes, "HOLDOUT", rule)
     rng = random.Random(0)
-    train = [shapes.scene_for_split(rng, "train") for _ in range(300)]
-    held = [shapes.scene_for_split(rng, "heldout") for _ in range(300)]
-    assert not any(shapes.is_heldout_triple(s) for scene in train for s in scene)
-    assert all(any(map(shapes.is_heldout_triple, scene)) for scene in held)
-    train_rows, held_rows = shapes.make_rows("train", 200, 8), shapes.build_split("heldout")
+    train = [shapes.scene_for_split(rng, "train") for _ in range(500)]
+    held = [shapes.scene_for_split(rng, "heldout") for _ in range(200)]
+    assert not {repr(x) for x in train} & {repr(x) for x in held}
+    if rule == "triple":
+        assert not any(shapes.is_heldout_triple(s) for scene in train for s in scene)
+        assert all(any(map(shapes.is_heldout_triple, scene)) for scene in held)
+
+
+def test_committed_rows_are_disjoint():
+    train_rows, held_rows = shapes.make_rows("train", 300, 8), shapes.build_split("heldout")
     assert not {r["image"] for r in train_rows} & {r["image"] for r in held_rows}
     assert not {r["id"] for r in train_rows} & {r["id"] for r in held_rows}
 
 
-def test_heldout_is_answerable_from_training_parts():
-    """Every colour, shape and quadrant, and every pair of them, occurs in training scenes."""
+@pytest.mark.parametrize("rule", ["scene", "triple"])
+def test_heldout_is_answerable_from_training_parts(rule, monkeypatch):
+    """Every colour, shape and quadrant, and every pair of them, occurs in training scenes (with the
+    scene rule every (colour, shape, quadrant) triple does too)."""
+    monkeypatch.setattr(shapes, "HOLDOUT", rule)
     rng = random.Random(1)
     seen = {s for _ in range(2000) for s in shapes.scene_for_split(rng, "train")}
     pairs = lambda f: {f(s) for s in seen}  # noqa: E731
     assert len(pairs(lambda s: (s.colour, s.shape))) == len(shapes.COLOURS) * len(shapes.SHAPES)
     assert len(pairs(lambda s: (s.colour, s.quadrant))) == len(shapes.COLOURS) * 4
     assert len(pairs(lambda s: (s.shape, s.quadrant))) == len(shapes.SHAPES) * 4
+    if rule == "scene":
+        assert len(seen) == len(shapes.COLOURS) * len(shapes.SHAPES) * 4
 
 
 def test_answers_are_canonical_and_cover_every_question_kind():
