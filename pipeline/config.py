@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 DEFAULT_PROMPT = "Describe this image."
+OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens")
 
 
 @dataclass
@@ -31,7 +32,9 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.keep_columns, str):
-            self.keep_columns = [c for c in self.keep_columns.split(",") if c]
+            self.keep_columns = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
+        # Output columns are always there; keeping them again would duplicate them.
+        self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c not in OUTPUT_COLUMNS]
         positive = ("max_new_tokens", "replicas", "tensor_parallel_size", "cpu_workers", "batch_size",
                     "max_batch_size")
         for name in positive:
