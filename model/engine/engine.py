@@ -97,6 +97,8 @@ class LLMEngine:
             return
         if pv.dim() != 4:
             raise ValueError(f"request {rid!r}: pixel_values must be (n_frames, 3, H, W), got {tuple(pv.shape)}")
+        if bool((pv.flatten(1) == 0).all(1).any()):
+            raise ValueError(f"request {rid!r}: a frame of pixel_values is all zeros (read as padding)")
         cfg = self.model.config
         p, s = cfg.vision_config.patch_size, cfg.scale_factor
         per_frame = (pv.shape[-2] // p) * (pv.shape[-1] // p) // (s * s)

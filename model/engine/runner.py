@@ -63,35 +63,28 @@ class ModelRunner:
 
     # ---- images -------------------------------------------------------------------------------
     def image_features(self, pixel_values: list[Tensor | None], masks: list[Tensor | None]) -> list[Tensor | None]:
-        """Features (n_frames, S, Dt) per request, the vision tower batched across requests."""
-        frames, frame_masks, owners = [], [], []
+        """Features (n_frames, S, Dt) per request; the vision tower runs batched across requests
+        (one batch per tile size)."""
         device = self.cache.k.device
-        for i, (pv, pm) in enumerate(zip(pixel_values, masks)):
-            if pv is None:
-                continue
-            pv = pv.to(device)
-            frames.append(pv)
-            frame_masks.append(torch.ones(pv.shape[0], *pv.shape[-2:], dtype=torch.bool, device=device)
-                               if pm is None else pm.to(device=device, dtype=torch.bool))
-            owners += [i] * pv.shape[0]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, pv in enumerate(pixel_values):
+            if pv is not None:
+                by_size.setdefault(tuple(pv.shape[-2:]), []).append(i)
         out: list[Tensor | None] = [None] * len(pixel_values)
-        if not frames:
-            return out
-        features = self._encode_frames(frames, frame_masks)
-        counts = [sum(1 for o in owners if o == i) for i in range(len(pixel_values))]
-        for i, chunk in enumerate(features.split(counts)):
-            out[i] = chunk if counts[i] else None
+        for owners in by_size.values():
+            frames = [pixel_values[i].to(device) for i in owners]
+            frame_masks = [torch.ones(f.shape[0], *f.shape[-2:], dtype=torch.bool, device=device)
+                           if masks[i] is None else masks[i].to(device=device, dtype=torch.bool)
+                           for i, f in zip(owners, frames)]
+            features = self._encode_frames(torch.cat(frames), torch.cat(frame_masks))
+            for i, chunk in zip(owners, features.split([f.shape[0] for f in frames])):
+                out[i] = chunk
         return out
 
-    def _encode_frames(self, frames: list[Tensor], masks: list[Tensor]) -> Tensor:
-        shapes = {f.shape[-2:] for f in frames}
-        if len(shapes) != 1:
-            raise ValueError(f"requests batched together have different tile sizes {sorted(shapes)}")
-        pv, pm = torch.cat(frames), torch.cat(masks)
-        parts = [self.model.model.get_image_features(pv[i:i + self.max_image_frames],
-                                                     pm[i:i + self.max_image_frames])
-                 for i in range(0, pv.shape[0], self.max_image_frames)]
-        return torch.cat(parts)
+    def _encode_frames(self, pv: Tensor, pm: Tensor) -> Tensor:
+        step = self.max_image_frames
+        return torch.cat([self.model.model.get_image_features(pv[i:i + step], pm[i:i + step])
+                          for i in range(0, pv.shape[0], step)])
 
     # ---- prefill ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -104,7 +97,8 @@ class ModelRunner:
         embeds = self.text.embed_tokens(ids)
         feats = [f for f in features if f is not None]
         if feats:
-            embeds = self.model.model.merge_image_features(ids, embeds, torch.cat(feats))
+            flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])       # tile sizes may differ
+            embeds = self.model.model.merge_image_features(ids, embeds, flat)
         hidden = self.text(inputs_embeds=embeds, position_ids=positions,
                            attention=PackedPrefillAttention(self.cache, slots, lengths))
         last = torch.tensor(lengths, device=device).cumsum(0) - 1

@@ -137,6 +137,25 @@ def test_bad_requests_are_named(setup):
         SamplingParams(max_new_tokens=0)
 
 
+def test_requests_with_different_tile_sizes_share_a_batch(setup):
+    ours, requests, _, _, _ = setup
+    cfg = ours.config
+    small = 2 * cfg.vision_config.patch_size * cfg.scale_factor // 2      # a smaller square tile
+    if small % (cfg.vision_config.patch_size * cfg.scale_factor):
+        small = cfg.vision_config.patch_size * cfg.scale_factor
+    per_frame = (small // cfg.vision_config.patch_size) ** 2 // cfg.scale_factor ** 2
+    text = [t for t in requests[1].prompt_ids if t != cfg.image_token_id]
+    g = torch.Generator().manual_seed(0)
+    tiny = Request("tiny", text[:3] + [cfg.image_token_id] * (2 * per_frame) + text[3:],
+                   torch.randn(2, 3, small, small, generator=g), None, SamplingParams(max_new_tokens=5))
+    engine = LLMEngine(ours, max_batch_size=4)
+    alone = engine.generate([tiny])[0].token_ids
+    together = engine.generate([requests[0], tiny, requests[2]])
+    assert together[1].token_ids == alone
+    with pytest.raises(ValueError, match="all zeros"):
+        engine.generate([Request("z", tiny.prompt_ids, torch.zeros(2, 3, small, small))])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_fp32_graphs_equal_reference(setup):
     ours, requests, expected, _, _ = setup
