@@ -47,7 +47,8 @@ class _Settings:
 
 def _sampling_state(s: _Settings, batch: int, vocab: int, device: torch.device) -> SamplingState:
     state = SamplingState.empty(batch, vocab, device)
-    seeds = torch.randint(0, 2 ** 62, (batch,)).tolist()     # torch.manual_seed makes sampling repeatable
+    # torch.manual_seed makes sampling repeatable; greedy leaves the global generator alone.
+    seeds = torch.randint(0, 2 ** 62, (batch,)).tolist() if s.do_sample else [0] * batch
     for row in range(batch):
         state.assign(row, s.temperature, s.top_k, s.top_p, seeds[row], s.min_new, s.eos)
     return state
