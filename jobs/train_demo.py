@@ -218,6 +218,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-images", type=int, default=None, help="fewer training images (quick runs)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--init-from", default=None, help="start from this saved checkpoint instead of scratch")
     ap.add_argument("--set", nargs="*", default=[], metavar="vision.KEY=VALUE",
                     help="override a model size, e.g. text.num_hidden_layers=6 vision.patch_size=4")
     ap.add_argument("--heldout-rows", type=int, default=None, help="evaluate on the first N held-out rows")
@@ -239,8 +240,11 @@ def main() -> None:
     print(f"encoded {len(train_data)} train / {len(heldout)} held-out rows in {time.time() - t0:.0f}s "
           f"(model: {'ours' if ours else 'transformers'}, processor: {processor_kind})", flush=True)
     cfg = config_dict(ids)
-    model = Model(Config.from_dict(cfg) if ours else Config(**cfg))
-    init_weights(model)
+    if args.init_from:  # continue training a saved demo checkpoint (same tokenizer: same corpus)
+        model = Model.from_pretrained(args.init_from)
+    else:
+        model = Model(Config.from_dict(cfg) if ours else Config(**cfg))
+        init_weights(model)
     model.to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params / 1e6:.2f}M", flush=True)
