@@ -64,7 +64,8 @@ def build_processor(config: PipelineConfig) -> Callable[[ray.data.Dataset], ray.
         ds = ds.map_batches(Preprocess, fn_constructor_args=(config,), batch_size=config.batch_size,
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.cpu_workers),
                             num_cpus=config.cpus_per_worker * share)
-        return ds.map_batches(Generate, fn_constructor_args=(config,), batch_size=config.batch_size,
+        rank_cpus = 1.0 if on_gpu(config) else config.cpus_per_replica * share
+        return ds.map_batches(Generate, fn_constructor_args=(config, rank_cpus), batch_size=config.batch_size,
                               batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.replicas),
                               **replica_resources(config, share))
     return process

@@ -21,28 +21,33 @@ def pick_device(config: PipelineConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(config: PipelineConfig, device: str):
-    """The model of one replica. Tensor parallelism plugs in here (model/parallel, a worker group in this
-    replica's STRICT_PACK placement group); with tensor_parallel_size 1 the model lives in the actor."""
+def load_engine(config: PipelineConfig, device: str, tokenizer, rank_cpus: float):
+    """The engine of one replica: in this actor (tp 1), or a RayTPGroup of one actor per rank, each
+    taking its bundle of this actor's STRICT_PACK placement group (the builder places the actor)."""
     import torch
-    from model import Idefics3ForConditionalGeneration
 
+    dtype = getattr(torch, config.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     if config.tensor_parallel_size > 1:
-        raise NotImplementedError("tensor_parallel_size > 1 needs model/parallel, which is not in this tree yet")
-    dtype = config.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    model = Idefics3ForConditionalGeneration.from_pretrained(config.model, dtype=getattr(torch, dtype), device=device)
-    return model
+        from model.parallel.ray_group import RayTPGroup
+
+        return RayTPGroup(config.model, config.tensor_parallel_size, dtype=dtype, device_type=device.split(":")[0],
+                          tokenizer=tokenizer, num_cpus=rank_cpus, max_batch_size=config.max_batch_size)
+    from model import Idefics3ForConditionalGeneration
+    from model.engine import LLMEngine
+
+    model = Idefics3ForConditionalGeneration.from_pretrained(config.model, dtype=dtype, device=device)
+    return LLMEngine(model, tokenizer=tokenizer, max_batch_size=config.max_batch_size)
 
 
 class Generate:
-    def __init__(self, config: PipelineConfig):
-        from model.engine import LLMEngine
+    def __init__(self, config: PipelineConfig, rank_cpus: float = 1.0):
         from processing import RowEncoder
 
         self.config, self.device = config, pick_device(config)
         self.encoder = RowEncoder.from_pretrained(config.model, image_backend=config.image_backend)
-        model = load_model(config, self.device)
-        self.engine = LLMEngine(model, tokenizer=self.encoder.tokenizer, max_batch_size=config.max_batch_size)
+        self.engine = load_engine(config, self.device, self.encoder.tokenizer, rank_cpus)
+        if config.tensor_parallel_size > 1:
+            self.device = "cpu"  # this actor holds no device; the ranks move the pixel values to theirs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(["id", "question", "input_ids", "frames", "frames_shape", "error"]).to_pylist()
