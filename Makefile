@@ -20,6 +20,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 demo: $(STAMP)
+	# a fresh run each time: the job refuses to overwrite an earlier output without --resume
+	rm -rf demo/output/captions demo/output/captions.checkpoint demo/output/captions.summary.json
 	$(BIN)/python -m jobs.caption
 
 bench: $(STAMP)

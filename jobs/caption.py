@@ -18,7 +18,7 @@ from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, demo_path, init_ra
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", max_new_tokens=64,
                 temperature=0.0, top_p=1.0, seed=None, replicas=1, tensor_parallel_size=1, cpu_workers=1,
                 batch_size=16, keep_columns="", resume=False, image_backend="pil", storage_options=None,
-                max_image_pixels=None, device=None)
+                max_image_pixels=None, device=None, show=5)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')
     ap.add_argument("--max-image-pixels", type=int, help="larger images become error rows")
     ap.add_argument("--device", help="cuda / cpu (default: cuda when the cluster has GPUs)")
+    ap.add_argument("--show", type=int, help="print this many output rows at the end (default 5)")
     ap.add_argument("--config", help="job.yaml with any of the flags above")
     return ap.parse_args(argv)
 
@@ -55,6 +56,16 @@ def pipeline_config(values: dict):
     return PipelineConfig(storage_options=json_option(values["storage_options"], "--storage-options"), **config)
 
 
+def print_rows(output: str, storage_options: dict, n: int) -> None:
+    """A few answered rows, so a person sees what the job wrote."""
+    from pipeline.io import read_output
+
+    table = read_output(output, storage_options, columns=["id", "question", "answer", "finish_reason", "error"])
+    for row in ([] if table is None or n <= 0 else table.slice(0, n).to_pylist()):
+        said = row["answer"] if row["finish_reason"] != "error" else f"<error: {row['error']}>"
+        print(f"[{row['id']}] {row['question']!r} -> {said!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline import run_job
 
@@ -63,10 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         config = pipeline_config(values)
         source = demo_path(values["input"], DEMO_INPUT, "input")
         init_ray()
-        summary = run_job(source, values["output"] or str(DEMO_OUTPUT), config, resume=bool(values["resume"]))
+        output = values["output"] or str(DEMO_OUTPUT)
+        summary = run_job(source, output, config, resume=bool(values["resume"]))
     except (FileNotFoundError, FileExistsError, ValueError) as e:  # bad arguments: say which, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print_rows(output, config.storage_options, values["show"])
     print_summary(summary)
     return 0
 
