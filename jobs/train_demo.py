@@ -1,6 +1,10 @@
 """Train the bundled demo Idefics3 from scratch on the synthetic shapes task (CPU, minutes).
 
-    python -m jobs.train_demo --out demo/model --steps 3000
+    python -m jobs.train_demo --out demo/model --steps 1500 --threads 1
+    python -m jobs.train_demo --out demo/model --init-from demo/model --steps 700 --lr 3e-4 --threads 1
+
+(the bundled model: 1.39M parameters, held-out exact-match 0.84 after the first command and 0.88 after
+the second; about 17 + 4 minutes on one contended core.)
 
 Writes a complete Hugging Face layout folder: tokenizer (byte-level BPE trained here), chat template,
 processor configs (image splitting on: 2x2 tiles of 32 px + a global frame), generation config and the
