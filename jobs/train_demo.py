@@ -215,7 +215,7 @@ def evaluate(model, items: list[Encoded], rows: list[dict], tokenizer, pad: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo/model")
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=7e-4)
     ap.add_argument("--seed", type=int, default=0)
