@@ -87,8 +87,8 @@ def vocab_range(vocab_size: int, tp: TPContext) -> tuple[int, int, int]:
     return start, min(start + per_rank, vocab_size), per_rank
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Rows [start, stop) of the embedding table; ids outside them contribute 0 to the all-reduce."""
+class _VocabShard(nn.Module):
+    """Rows [start, stop) of a (vocab, dim) table; the last partition is padded to equal size."""
 
     def __init__(self, vocab_size: int, dim: int, tp: TPContext) -> None:
         super().__init__()
@@ -98,6 +98,10 @@ class VocabParallelEmbedding(nn.Module):
 
     def shard_spec(self, name: str) -> ShardSpec:
         return ShardSpec(0, self.start, self.stop, self.vocab_size)
+
+
+class VocabParallelEmbedding(_VocabShard):
+    """Ids outside this rank's rows contribute 0 to the all-reduce."""
 
     def forward(self, ids: Tensor) -> Tensor:
         local = ids - self.start
@@ -106,17 +110,8 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(nn.Module):
-    """Logits of vocabulary rows [start, stop) locally, then all-gathered: every rank gets all logits."""
-
-    def __init__(self, vocab_size: int, dim: int, tp: TPContext) -> None:
-        super().__init__()
-        self.vocab_size, self.tp = vocab_size, tp
-        self.start, self.stop, per_rank = vocab_range(vocab_size, tp)
-        self.weight = nn.Parameter(torch.empty(per_rank, dim))
-
-    def shard_spec(self, name: str) -> ShardSpec:
-        return ShardSpec(0, self.start, self.stop, self.vocab_size)
+class ParallelLMHead(_VocabShard):
+    """Logits of this rank's vocabulary rows, then all-gathered: every rank gets all logits."""
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.tp.all_gather_last_dim(F.linear(x, self.weight))
