@@ -12,8 +12,6 @@ from typing import Callable
 
 import ray
 import ray.data
-from ray.util.placement_group import placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import PipelineConfig
 from .generate import Generate
@@ -42,19 +40,14 @@ def cpu_share(config: PipelineConfig) -> float:
 
 
 def replica_resources(config: PipelineConfig, share: float = 1.0) -> dict:
-    """Ray Data args of the model stage: GPUs per replica, or a STRICT_PACK placement group for TP."""
-    gpu, tp = on_gpu(config), config.tensor_parallel_size
-    cpus = config.cpus_per_replica * share
-    if tp == 1:
-        return {"num_gpus": 1 if gpu else 0, "num_cpus": cpus}
-    bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": cpus}
-    # The actor itself takes no device: its TP workers claim the bundles of its placement group.
-    return {"num_gpus": 0, "num_cpus": 0, "ray_remote_args_fn": lambda: _tp_strategy(bundle, tp)}
-
-
-def _tp_strategy(bundle: dict, tp: int) -> dict:
-    group = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
-    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+    """Ray Data args of the model stage. A tp > 1 replica takes no device itself: its rank actors claim
+    the bundles of the placement group it makes (generate.replica_placement_group). Ray restarts a dead
+    replica and retries its batch there (explicit, so a change of Ray Data's defaults cannot drop rows)."""
+    if config.tensor_parallel_size > 1:
+        device = {"num_gpus": 0, "num_cpus": 0}
+    else:
+        device = {"num_gpus": 1 if on_gpu(config) else 0, "num_cpus": config.cpus_per_replica * share}
+    return {**device, "max_restarts": -1, "max_task_retries": -1}
 
 
 def build_processor(config: PipelineConfig) -> Callable[[ray.data.Dataset], ray.data.Dataset]:
@@ -64,8 +57,8 @@ def build_processor(config: PipelineConfig) -> Callable[[ray.data.Dataset], ray.
         ds = ds.map_batches(Preprocess, fn_constructor_args=(config,), batch_size=config.batch_size,
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.cpu_workers),
                             num_cpus=config.cpus_per_worker * share)
-        rank_cpus = 1.0 if on_gpu(config) else config.cpus_per_replica * share
-        return ds.map_batches(Generate, fn_constructor_args=(config, rank_cpus), batch_size=config.batch_size,
+        rank = {"GPU": 1, "CPU": 1} if on_gpu(config) else {"CPU": config.cpus_per_replica * share}
+        return ds.map_batches(Generate, fn_constructor_args=(config, rank), batch_size=config.batch_size,
                               batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.replicas),
                               **replica_resources(config, share))
     return process

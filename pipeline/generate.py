@@ -12,6 +12,8 @@ import pyarrow as pa
 from .config import PipelineConfig
 from .rows import error_message, output_schema, row_seed
 
+PLACEMENT_TIMEOUT_S = 600.0   # an autoscaling cluster may need minutes to add a node that fits a replica
+
 
 def pick_device(config: PipelineConfig) -> str:
     import torch
@@ -21,17 +23,36 @@ def pick_device(config: PipelineConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_engine(config: PipelineConfig, device: str, tokenizer, rank_cpus: float):
-    """The engine of one replica: in this actor (tp 1), or a RayTPGroup of one actor per rank, each
-    taking its bundle of this actor's STRICT_PACK placement group (the builder places the actor)."""
+def replica_placement_group(bundle: dict, tp: int, timeout_s: float = PLACEMENT_TIMEOUT_S):
+    """One bundle per rank, all on one node (STRICT_PACK), reserved by the replica itself. Not through
+    Ray Data's ray_remote_args_fn: Ray Data also calls that to inspect the args (its issue detectors),
+    and each call would reserve one more group, until the reserved CPUs starve the read tasks and the
+    job hangs. A group made by an actor is removed when that actor dies, so a restarted replica
+    reserves a fresh one."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
+    if not ray.wait([group.ready()], timeout=timeout_s)[0]:
+        remove_placement_group(group)
+        raise RuntimeError(f"tensor_parallel_size {tp}: no node could hold {tp} bundles of {bundle} within "
+                           f"{timeout_s:.0f}s (cluster resources: {ray.cluster_resources()})")
+    return group
+
+
+def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict):
+    """The engine of one replica: in this actor (tp 1), or a RayTPGroup of one actor per rank, rank r
+    taking bundle r (`rank`: its resources) of this replica's placement group."""
     import torch
 
     dtype = getattr(torch, config.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    if config.tensor_parallel_size > 1:
+    tp = config.tensor_parallel_size
+    if tp > 1:
         from model.parallel.ray_group import RayTPGroup
 
-        return RayTPGroup(config.model, config.tensor_parallel_size, dtype=dtype, device_type=device.split(":")[0],
-                          tokenizer=tokenizer, num_cpus=rank_cpus, max_batch_size=config.max_batch_size)
+        return RayTPGroup(config.model, tp, dtype=dtype, device_type=device.split(":")[0], tokenizer=tokenizer,
+                          placement_group=replica_placement_group(rank, tp), num_cpus=rank["CPU"],
+                          max_batch_size=config.max_batch_size)
     from model import Idefics3ForConditionalGeneration
     from model.engine import LLMEngine
 
@@ -40,12 +61,12 @@ def load_engine(config: PipelineConfig, device: str, tokenizer, rank_cpus: float
 
 
 class Generate:
-    def __init__(self, config: PipelineConfig, rank_cpus: float = 1.0):
+    def __init__(self, config: PipelineConfig, rank: dict | None = None):
         from processing import RowEncoder
 
         self.config, self.device = config, pick_device(config)
         self.encoder = RowEncoder.from_pretrained(config.model, image_backend=config.image_backend)
-        self.engine = load_engine(config, self.device, self.encoder.tokenizer, rank_cpus)
+        self.engine = load_engine(config, self.device, self.encoder.tokenizer, rank or {"CPU": 1.0})
         if config.tensor_parallel_size > 1:
             self.device = "cpu"  # this actor holds no device; the ranks move the pixel values to theirs
 
