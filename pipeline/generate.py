@@ -6,6 +6,9 @@ batch is still answered (the batch is retried row by row to isolate it).
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 
@@ -13,6 +16,7 @@ from .config import PipelineConfig
 from .rows import error_message, output_schema, row_seed
 
 PLACEMENT_TIMEOUT_S = 600.0   # an autoscaling cluster may need minutes to add a node that fits a replica
+CRASH_ONCE_ENV = "PIPELINE_CRASH_ONCE"   # fault injection for tests: "<row id>=<marker file>"
 
 
 def pick_device(config: PipelineConfig) -> str:
@@ -60,6 +64,19 @@ def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict):
     return LLMEngine(model, tokenizer=tokenizer, max_batch_size=config.max_batch_size)
 
 
+def crash_once_on(ids: list) -> None:
+    """With PIPELINE_CRASH_ONCE="<row id>=<marker file>" set on the workers, the replica that gets that
+    row dies as a killed process would (no exception, no cleanup), once: it writes the marker first,
+    so the retry of its batch on the restarted replica goes through. Tests use it; unset, it does nothing."""
+    spec = os.environ.get(CRASH_ONCE_ENV)
+    if not spec:
+        return
+    row_id, marker = spec.split("=", 1)
+    if row_id in map(str, ids) and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
+
+
 class Generate:
     def __init__(self, config: PipelineConfig, rank: dict | None = None):
         from processing import RowEncoder
@@ -71,6 +88,7 @@ class Generate:
             self.device = "cpu"  # this actor holds no device; the ranks move the pixel values to theirs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        crash_once_on(batch.column("id").to_pylist())
         rows = batch.select(["id", "question", "input_ids", "frames", "frames_shape", "error"]).to_pylist()
         outputs: list[dict] = [self.error_output(r, r["error"]) if r["error"] else None for r in rows]
         todo = [i for i, out in enumerate(outputs) if out is None]
