@@ -47,7 +47,12 @@ def cluster():
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4", f"--temp-dir={temp}",
-         "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--disable-usage-stats",
+         # Free ports for the agents too: the defaults (52365, ...) collide with any other Ray on the box,
+         # and then the job agent never comes up ("No available agent to submit job").
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     try:
@@ -67,11 +72,12 @@ def test_ray_job_submit_runs_the_job_to_completion(cluster, tmp_path):
     command = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".", "--runtime-env-json",
                runtime_env, "--", "python", "-m", "jobs.caption", "--input", str(tmp_path / "in.parquet"),
                "--output", str(tmp_path / "out"), "--model", str(checkpoint), "--max-new-tokens", "3"]
-    for _ in range(30):  # the dashboard answers before the head's job agent is up, on a busy machine
+    deadline = time.time() + 240  # the dashboard answers before the head's job agent is up, on a busy machine
+    while True:
         submit = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
-        if "No available agent" not in submit.stderr:
+        if "No available agent" not in submit.stderr or time.time() > deadline:
             break
-        time.sleep(2)
+        time.sleep(3)
     assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
     assert "succeeded" in submit.stdout
     table = pads.dataset(tmp_path / "out").to_table()
