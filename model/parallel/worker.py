@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -108,8 +109,10 @@ class TPWorker:
         self.comm = Comm(TPContext(self.rank, self.world_size, dist.group.WORLD), cpu_group)
         return self.comm.tp
 
-    def _leave(self) -> None:
+    def _leave(self, together: bool = False) -> None:
         if dist.is_initialized():
+            if together:  # every rank past the STOP broadcast before any tears its sockets down
+                dist.barrier()
             dist.destroy_process_group()
         self.engine = None
 
@@ -117,6 +120,7 @@ class TPWorker:
         """Rank 0: release the followers and leave the group. Idempotent."""
         if self.engine is not None and self.rank == 0:
             self.comm.broadcast_object((STOP, None))
+            self._leave(together=True)
         self._leave()
 
     # ---- rank 0 -------------------------------------------------------------------------------
@@ -163,7 +167,7 @@ class TPWorker:
                 getattr(self, "_on_" + name)(payload)
             except Exception:  # rank 0 raises the same error to its caller; keep following
                 log.error("rank %d: %s failed\n%s", self.rank, name, traceback.format_exc())
-        self._leave()
+        self._leave(together=True)
 
     def _on_generate(self, requests: list[Request]) -> list[Result]:
         results = self.engine.generate(requests)
@@ -194,6 +198,12 @@ def _follower_main(rank: int, world_size: int, master_addr: str, master_port: in
     except RuntimeError:
         return                  # rank 0 reports the failure
     worker.follow()
+    # The group is gone and the work done; skip interpreter teardown, where a still-joinable native
+    # thread (gloo / the OpenMP pool) now and then aborts the process ("terminate called without an
+    # active exception") and turns a clean stop into SIGABRT.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class TPEngine:
