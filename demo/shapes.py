@@ -29,7 +29,7 @@ QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 CAPTION_PROMPTS = ("Describe the image.", "Describe this image.", "Caption the image.",
                    "What is in the image?")
 CAPTION_PROMPT = CAPTION_PROMPTS[1]  # jobs.caption's default --prompt
-SPLIT_SEEDS = {"train": 1, "heldout": 2, "sample": 3}
+SPLIT_SEEDS = {"train": 1, "heldout": 2, "sample": 3, "focus": 4}
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,29 @@ def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
         (f"How many {colour} shapes are there?", str(sum(x.colour == colour for x in scene))),
         (rng.choice(CAPTION_PROMPTS), caption(scene)),
     ]
+
+
+def focus_questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
+    """The kinds that need the question's object bound to the image: where is each shape, and counts."""
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    return [(f"Where is the {s.name}?", QUADRANTS[s.quadrant]) for s in scene] + [
+        ("How many shapes are there?", str(len(scene))),
+        (f"How many {shape}s are there?", str(sum(x.shape == shape for x in scene))),
+        (f"How many {colour} shapes are there?", str(sum(x.colour == colour for x in scene))),
+    ]
+
+
+def focus_rows(n_images: int) -> list[dict]:
+    """Extra training rows (train scenes, own seed) on the where/count kinds: rebalances the mix."""
+    rng = random.Random(SPLIT_SEEDS["focus"])
+    rows = []
+    for i in range(n_images):
+        scene = scene_for_split(rng, "train")
+        image = png_bytes(draw_scene(scene, rng))
+        for j, (question, answer) in enumerate(focus_questions(scene, rng)):
+            rows.append({"id": f"focus-{i:05d}-{j}", "image": image, "question": question,
+                         "answers": [answer]})
+    return rows
 
 
 def png_bytes(img: Image.Image) -> bytes:

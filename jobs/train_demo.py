@@ -221,6 +221,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-images", type=int, default=None, help="fewer training images (quick runs)")
+    ap.add_argument("--focus-images", type=int, default=0,
+                    help="extra training images asked only where/count questions (shapes.focus_rows)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--init-from", default=None, help="start from this saved checkpoint instead of scratch")
     ap.add_argument("--set", nargs="*", default=[], metavar="vision.KEY=VALUE",
@@ -237,7 +239,8 @@ def main() -> None:
     if args.train_images:
         train_rows = [r for r in train_rows if int(r["id"].split("-")[1]) < args.train_images]
     heldout_rows = shapes.build_split("heldout")[:args.heldout_rows]
-    ids = write_assets(out, train_rows)
+    ids = write_assets(out, train_rows)  # tokenizer from the base rows only: --init-from stays valid
+    train_rows += shapes.focus_rows(args.focus_images)
     processor, processor_kind = load_processor(out)
     train_data = encode_rows(processor, train_rows, ids["eou"])
     heldout = encode_rows(processor, heldout_rows, ids["eou"])
