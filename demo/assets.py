@@ -33,8 +33,10 @@ def chat_text(question: str, answer: str | None = None) -> str:
     return prompt if answer is None else f"{prompt} {answer}{EOU}\n"
 
 
-def build_tokenizer(path: str | Path, corpus: Iterable[str], vocab_size: int = 512) -> Path:
-    """Train a byte-level BPE on `corpus`; write tokenizer.json and tokenizer_config.json."""
+def build_tokenizer(path: str | Path, corpus: Iterable[str], vocab_size: int = 512, *,
+                    padding_side: str = "left", model_max_length: int = 1024) -> Path:
+    """Train a byte-level BPE with the Idefics3 tokens on `corpus`; write tokenizer.json and
+    tokenizer_config.json (also the test fixtures' tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     path = Path(path)
@@ -44,14 +46,14 @@ def build_tokenizer(path: str | Path, corpus: Iterable[str], vocab_size: int = 5
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(corpus) + ["User: Assistant:\n\n"], trainer=trainer)
+    tok.train_from_iterator(list(corpus), trainer=trainer)
     tok.add_special_tokens(IMAGE_TOKENS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-        "pad_token": PAD, "padding_side": "left", "model_max_length": 1024,
+        "pad_token": PAD, "padding_side": padding_side, "model_max_length": model_max_length,
         "additional_special_tokens": [FAKE, IMAGE, EOU],
     }, indent=2) + "\n")
     return path

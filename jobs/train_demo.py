@@ -82,7 +82,7 @@ def write_assets(out: Path, train_rows: list[dict]) -> dict[str, int]:
     """Tokenizer (trained on the training questions and answers), processor files, generation config."""
     corpus = [f"{r['question']} {r['answers'][0]}" for r in train_rows]
     corpus += list(shapes.CAPTION_PROMPTS)
-    assets.build_tokenizer(out, corpus)
+    assets.build_tokenizer(out, corpus + ["User: Assistant:\n\n"])
     assets.write_processor_files(out, image_seq_len())
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
