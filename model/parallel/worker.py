@@ -118,10 +118,10 @@ class TPWorker:
 
     def shutdown(self) -> None:
         """Rank 0: release the followers and leave the group. Idempotent."""
-        if self.engine is not None and self.rank == 0:
+        releasing = self.engine is not None and self.rank == 0
+        if releasing:
             self.comm.broadcast_object((STOP, None))
-            self._leave(together=True)
-        self._leave()
+        self._leave(together=releasing)
 
     # ---- rank 0 -------------------------------------------------------------------------------
     def _command(self, name: str, payload, local=None):
