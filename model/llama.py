@@ -142,7 +142,43 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
-class LlamaAttention(nn.Module):
+class FusedLinears:
+    """Linears that read the same input, run as one GEMM (fewer, larger kernels: decode at small batch).
+
+    Their weights become row slices (views) of one matrix: state-dict names and memory stay as they
+    were. A move, cast or `assign` load replaces the weights, so `_apply` / loading drop the fusion.
+    """
+
+    def __init__(self, linears: list[nn.Module]) -> None:
+        self.weight = torch.cat([lin.weight.detach() for lin in linears])
+        has_bias = linears[0].bias is not None
+        self.bias = torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None
+        self.sizes = [lin.weight.shape[0] for lin in linears]
+        start = 0
+        for lin, n in zip(linears, self.sizes):
+            lin.weight = nn.Parameter(self.weight[start:start + n], requires_grad=lin.weight.requires_grad)
+            if has_bias:
+                lin.bias = nn.Parameter(self.bias[start:start + n], requires_grad=lin.bias.requires_grad)
+            start += n
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+class Fusable(nn.Module):
+    """A module whose projections can be fused; the fusion never outlives a change of its weights."""
+    fused: FusedLinears | None = None
+
+    def _apply(self, fn, recurse: bool = True):
+        self.fused = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.fused = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+class LlamaAttention(Fusable):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -158,15 +194,22 @@ class LlamaAttention(nn.Module):
         b, length, _ = x.shape
         return x.view(b, length, n, self.head_dim).transpose(1, 2)
 
+    def fuse(self) -> None:
+        self.fused = FusedLinears([self.q_proj, self.k_proj, self.v_proj])
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionBackend) -> Tensor:
-        q = apply_rope(self._heads(self.q_proj(x), self.num_heads), cos, sin)
-        k = apply_rope(self._heads(self.k_proj(x), self.num_kv_heads), cos, sin)
-        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        if self.fused is not None:
+            q, k, v = self.fused(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = apply_rope(self._heads(q, self.num_heads), cos, sin)
+        k = apply_rope(self._heads(k, self.num_kv_heads), cos, sin)
+        v = self._heads(v, self.num_kv_heads)
         out = attention(self.layer_idx, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(Fusable):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         d, h, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
@@ -175,8 +218,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(h, d, bias=bias)
         self.act = activation(config.hidden_act)
 
+    def fuse(self) -> None:
+        self.fused = FusedLinears([self.gate_proj, self.up_proj])
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.fused(x) if self.fused is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -216,3 +263,12 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, attention)
         return self.norm(x)
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """q/k/v and gate/up of every decoder layer as one GEMM each. Call once the model has its final
+    device and dtype (a later move or cast undoes it, safely)."""
+    for module in model.modules():
+        if isinstance(module, Fusable):
+            module.fuse()
+    return model

@@ -170,7 +170,10 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
         if id(p) in seen:  # a tied head is stored once, under the embedding's name
             continue
         seen.add(id(p))
-        state[name] = p.detach().contiguous().cpu()
+        tensor = p.detach().contiguous().cpu()
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()  # a view (fused projections): safetensors refuses shared storage
+        state[name] = tensor
     save_file(state, str(path / SINGLE_FILE), metadata={"format": "pt"})
     if model.generation_config:
         (path / GENERATION_CONFIG).write_text(json.dumps(model.generation_config, indent=2) + "\n")

@@ -12,6 +12,7 @@ import time
 import torch
 from torch import nn
 
+from ..llama import fuse_projections
 from .kv_cache import KVCache
 from .runner import ModelRunner, kv_bucket, pow2_bucket
 from .sampler import SamplingState, sample
@@ -38,7 +39,7 @@ class LLMEngine:
     def __init__(self, model: nn.Module, tokenizer=None, max_batch_size: int = 64,
                  kv_cache_tokens: int | None = None, *, max_prefill_tokens: int = 8192,
                  use_cuda_graphs: bool = True, compile: bool | None = None, max_image_frames: int = 64) -> None:
-        self.model = model.eval()
+        self.model = fuse_projections(model.eval())
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
