@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Idefics3VisionConfig
+from .fusion import Fusable, FusedLinears
 from .llama import activation
 
 
@@ -45,7 +46,7 @@ class Idefics3VisionEmbeddings(nn.Module):
         return tokens + self.position_embedding(bucket_position_ids(patch_mask, self.num_patches_per_side))
 
 
-class Idefics3VisionAttention(nn.Module):
+class Idefics3VisionAttention(Fusable):
     def __init__(self, config: Idefics3VisionConfig):
         super().__init__()
         d = config.hidden_size
@@ -59,8 +60,15 @@ class Idefics3VisionAttention(nn.Module):
         n, t, _ = x.shape
         return x.view(n, t, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def fuse(self) -> None:
+        self.fused = FusedLinears([self.q_proj, self.k_proj, self.v_proj])
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.fused(x) if self.fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        return self._heads(q), self._heads(k), self._heads(v)
+
     def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
-        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        q, k, v = self.qkv(x)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # bidirectional
         return self.out_proj(out.transpose(1, 2).reshape(x.shape))
 

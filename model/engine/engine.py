@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from ..llama import fuse_projections
+from ..fusion import fuse_projections
 from .kv_cache import KVCache
 from .runner import ModelRunner, kv_bucket, pow2_bucket
 from .sampler import SamplingState, sample

@@ -85,7 +85,7 @@ class ShardedVisionAttention(Idefics3VisionAttention):
     """The vision attention on a head slice: its output has num_heads * head_dim features, not the width."""
 
     def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
-        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        q, k, v = self.qkv(x)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         return self.out_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
 

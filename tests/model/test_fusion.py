@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from model import Idefics3ForConditionalGeneration
-from model.llama import LlamaAttention, LlamaMLP, fuse_projections
+from model.fusion import Fusable, fuse_projections
 from tests.model.test_parity import make_batch
 
 torch.set_num_threads(1)
@@ -45,7 +45,7 @@ def test_save_after_fusion_round_trips(checkpoint, tmp_path):
 def test_cast_and_weight_loading_drop_the_fusion(checkpoint):
     model = fuse_projections(_model(checkpoint))
     model.to(torch.float64)
-    fusable = [m for m in model.modules() if isinstance(m, (LlamaAttention, LlamaMLP))]
+    fusable = [m for m in model.modules() if isinstance(m, Fusable)]
     assert all(m.fused is None for m in fusable)
     fuse_projections(model)
     state = {k: torch.zeros_like(v) if k.endswith("q_proj.weight") else v for k, v in model.state_dict().items()}
