@@ -90,8 +90,9 @@ class _PilBackend:
 
     @staticmethod
     def normalise(frame: np.ndarray, s: dict) -> np.ndarray:
-        return normalise_pil(frame, s["do_rescale"], s["rescale_factor"], s["do_normalize"],
-                             s["image_mean"], s["image_std"])
+        out = normalise_pil(frame, s["do_rescale"], s["rescale_factor"], s["do_normalize"],
+                            s["image_mean"], s["image_std"])
+        return np.array(out) if out is frame else out  # never hand out a view of Pillow's memory
 
     @staticmethod
     def is_uint8(frame) -> bool:

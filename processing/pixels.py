@@ -124,12 +124,15 @@ def lut_into_numpy(dst: np.ndarray, frame: np.ndarray, lut: np.ndarray) -> None:
     form = _two_op_form(lut.tobytes(), lut.shape[0])
     for c in range(frame.shape[0]):
         if form is not None:
+            # uint8 -> float32 is exact; a plain casting copy then two in-place float32 passes beats
+            # ufuncs that cast their (strided) uint8 input through a buffer
             kind, a, b = form
+            dst[c] = frame[c]
             if kind == "div-sub":
-                np.divide(frame[c], a[c], out=dst[c], dtype=np.float32)
+                np.divide(dst[c], a[c], out=dst[c])
                 np.subtract(dst[c], b[c], out=dst[c])
             else:
-                np.subtract(frame[c], b[c], out=dst[c], dtype=np.float32)
+                np.subtract(dst[c], b[c], out=dst[c])
                 np.divide(dst[c], a[c], out=dst[c])
         elif dst[c].flags.c_contiguous:
             np.take(lut[c], frame[c], out=dst[c], mode="clip")

@@ -14,6 +14,7 @@ import logging
 import platform
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -63,9 +64,31 @@ def _chw_to_pil(array: np.ndarray, unit_rescale: bool) -> Image.Image:
     return Image.fromarray(hwc.astype(np.uint8))
 
 
+def _pixel_view(image: Image.Image) -> np.ndarray | None:
+    """A read-only HWC (or HW) view of an RGB or L image's memory, without copying, or None.
+
+    Pillow exports single-block images through the Arrow C data interface; RGB pixels are 4 bytes
+    (the 4th is padding). The view keeps the pixel memory alive. `np.asarray` would copy the image
+    twice (through `tobytes`), which costs more than the float conversion of all its tiles.
+    """
+    if image.mode not in ("RGB", "L") or not hasattr(image, "__arrow_c_array__"):  # Pillow < 11.2
+        return None
+    try:
+        array = pa.array(image)
+    except (ValueError, TypeError):  # pixels in several memory blocks (large images)
+        return None
+    values = array if image.mode == "L" else array.values
+    if array.offset or values.offset:
+        return None
+    flat = np.frombuffer(values.buffers()[1], np.uint8, count=len(values))
+    return flat.reshape(image.height, image.width) if image.mode == "L" else \
+        flat.reshape(image.height, image.width, 4)[..., :3]
+
+
 def pil_to_chw(image: Image.Image) -> np.ndarray:
-    """A CHW view of a PIL image's pixels (one copy out of Pillow, no transpose copy)."""
-    array = np.asarray(image)
+    """A read-only CHW view of a PIL image's pixels (zero-copy where Pillow allows, else one copy)."""
+    array = _pixel_view(image)
+    array = np.asarray(image) if array is None else array
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 

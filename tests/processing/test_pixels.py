@@ -1,13 +1,17 @@
 """The uint8 fast path: image_to_frames + frames_to_pixel_values reproduce the processors bit for bit."""
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from processing.image_processor import Idefics3ImageProcessor, Idefics3ImageProcessorPil
-from processing.pixels import (frames_to_pixel_values, image_to_frames, normalisation_lut, normalise_pil,
-                               normalise_torch)
+from processing.pixels import (frames_to_pixel_values, image_to_frames, lut_into_numpy, normalisation_lut,
+                               normalise_pil, normalise_torch)
+from processing.resample import pil_to_chw
 from tests.processing.image_cases import SMALL, photo, pil
 
 torch.set_num_threads(1)
@@ -74,3 +78,47 @@ def test_fast_path_saves_three_quarters_of_the_bytes():
     frames, rows, cols = proc.image_to_frames(pil(1000, 700))
     assert (rows, cols) == (3, 4) and frames.shape == (13, 3, 364, 364)
     assert frames.nbytes * 4 == proc(pil(1000, 700))["pixel_values"].nbytes
+
+
+LUT_SETTINGS = [(True, 1 / 255, True, (0.5,) * 3, (0.5,) * 3),
+                (True, 1 / 255, True, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                (True, 1 / 127, True, (0.1, 0.9, 0.5), (2.0, 0.3, 1.0)),
+                (True, 1 / 255, False, (0.5,) * 3, (0.5,) * 3),
+                (False, 1 / 255, True, (0.5, 0.2, 0.7), (0.5, 0.3, 0.1)),
+                (True, 0.004, True, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))]
+
+
+@pytest.mark.parametrize("recipe", ["pil", "torch"])
+@pytest.mark.parametrize("settings", LUT_SETTINGS)
+def test_table_application_equals_the_literal_recipe_on_every_value(recipe, settings):
+    """All 256 values per channel, read through a strided HWC view as the processor does (4-byte pixels)."""
+    hwc = np.zeros((2, 256, 4), dtype=np.uint8)
+    hwc[..., :3] = np.arange(256, dtype=np.uint8)[None, :, None]
+    hwc[1, :, :3] = hwc[1, ::-1, :3]
+    frame = hwc[..., :3].transpose(2, 0, 1)                               # (3, 2, 256), not contiguous
+    literal = normalise_pil(frame.copy(), *settings) if recipe == "pil" else \
+        normalise_torch(torch.from_numpy(frame.copy()), *settings).numpy()
+    out = np.full((3, 2, 256), np.nan, dtype=np.float32)
+    lut_into_numpy(out, frame, normalisation_lut(recipe, 3, *settings))
+    assert out.tobytes() == np.ascontiguousarray(literal, dtype=np.float32).tobytes()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("size", [(1, 1), (97, 61), (2000, 2100)], ids=["1x1", "small", "multi-block"])
+def test_pil_to_chw_equals_numpy_and_outlives_the_image(mode, size):
+    image = pil(*size, mode, 3) if mode == "RGB" else pil(*size, "RGB", 3).convert("L")
+    expected = np.asarray(image).copy()
+    chw = pil_to_chw(image)
+    del image
+    gc.collect()
+    _ = [Image.new("RGB", (500, 500), (9, 9, 9)) for _ in range(8)]     # reuse freed memory, if any was freed
+    hwc = chw[0] if mode == "L" else chw.transpose(1, 2, 0)
+    assert np.array_equal(hwc, expected)
+    assert not chw.flags.writeable
+
+
+def test_unpadded_uint8_frames_are_private_copies():
+    image = pil(24, 24, "RGB", 4)  # already tile-sized: no resize, the working image is the input
+    frames = Idefics3ImageProcessorPil(**SMALL, do_pad=False, do_rescale=False, do_normalize=False,
+                                       do_resize=False, do_image_splitting=False)(image)["pixel_values"][0]
+    assert all(f.flags.writeable and f.dtype == np.uint8 for f in frames)
