@@ -75,8 +75,8 @@ class _PilBackend:
         return pil_to_chw(image) if isinstance(image, Image.Image) else image
 
     @staticmethod
-    def zeros(shape, dtype, device) -> np.ndarray:
-        return np.zeros(shape, dtype=np.float32 if dtype == "float32" else np.uint8)
+    def empty(shape, dtype, device) -> np.ndarray:
+        return np.empty(shape, dtype=np.float32 if dtype == "float32" else np.uint8)
 
     @staticmethod
     def normalise_into(dst: np.ndarray, frame: np.ndarray, s: dict) -> None:
@@ -90,9 +90,8 @@ class _PilBackend:
 
     @staticmethod
     def normalise(frame: np.ndarray, s: dict) -> np.ndarray:
-        out = normalise_pil(frame, s["do_rescale"], s["rescale_factor"], s["do_normalize"],
-                            s["image_mean"], s["image_std"])
-        return np.array(out) if out is frame else out  # never hand out a view of Pillow's memory
+        return normalise_pil(frame, s["do_rescale"], s["rescale_factor"], s["do_normalize"],
+                             s["image_mean"], s["image_std"])
 
     @staticmethod
     def is_uint8(frame) -> bool:
@@ -126,8 +125,8 @@ class _TorchBackend:
         return image
 
     @staticmethod
-    def zeros(shape, dtype, device) -> torch.Tensor:
-        return torch.zeros(shape, dtype=torch.float32, device=device)
+    def empty(shape, dtype, device) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.float32, device=device)
 
     @staticmethod
     def normalise_into(dst: torch.Tensor, frame: torch.Tensor, s: dict) -> None:
@@ -283,8 +282,9 @@ class _Idefics3ImageProcessorBase:
         padded_frames = any(len(sample) < num_frames for sample in per_sample)
         keep_uint8 = be is _PilBackend and raw and not padded_frames and all(be.is_uint8(f) for f in frames)
         shape = (len(per_sample), num_frames, channels, height, width)
-        pixels = be.zeros(shape, "uint8" if keep_uint8 else "float32", device)
-        mask = np.zeros((len(per_sample), num_frames, height, width), dtype=np.int64)
+        # empty, not zeros: every element is written once below (zeros would clear 20 MB per image first)
+        pixels = be.empty(shape, "uint8" if keep_uint8 else "float32", device)
+        mask = np.empty((len(per_sample), num_frames, height, width), dtype=np.int64)
         for i, sample in enumerate(per_sample):
             for j, frame in enumerate(sample):
                 h, w = frame.shape[-2:]
@@ -292,7 +292,11 @@ class _Idefics3ImageProcessorBase:
                     raise ValueError(f"images of one batch have different channel counts ({frame.shape[0]} "
                                      f"and {channels}); keep do_convert_rgb=True")
                 be.normalise_into(pixels[i, j, :, :h, :w], frame, s)
+                _fill_padded(pixels[i, j], h, w, 0)
                 mask[i, j, :h, :w] = 1
+                _fill_padded(mask[i, j], h, w, 0)
+            pixels[i, len(sample):] = 0
+            mask[i, len(sample):] = 0
         if be is _TorchBackend:
             mask = torch.from_numpy(mask).to(pixels.device)
         return BatchFeature(pixel_values=pixels, pixel_attention_mask=mask)
@@ -312,6 +316,12 @@ class _Idefics3ImageProcessorBase:
             height, width, kw.get("size", self.size)["longest_edge"],
             kw.get("max_image_size", self.max_image_size)["longest_edge"],
             kw.get("do_image_splitting", self.do_image_splitting))
+
+
+def _fill_padded(frame, height: int, width: int, value) -> None:
+    """Set the padding of a (..., H, W) frame whose top-left (height, width) block holds the image."""
+    frame[..., height:, :] = value
+    frame[..., :height, width:] = value
 
 
 def _convert(out: BatchFeature, return_tensors: str | None, backend) -> BatchFeature:

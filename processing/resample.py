@@ -64,31 +64,30 @@ def _chw_to_pil(array: np.ndarray, unit_rescale: bool) -> Image.Image:
     return Image.fromarray(hwc.astype(np.uint8))
 
 
-def _pixel_view(image: Image.Image) -> np.ndarray | None:
-    """A read-only HWC (or HW) view of an RGB or L image's memory, without copying, or None.
+def _band_pixels(band: Image.Image) -> np.ndarray:
+    """(H, W) uint8 pixels of an 8-bit band: a zero-copy view through the Arrow C data interface, or a copy.
 
-    Pillow exports single-block images through the Arrow C data interface; RGB pixels are 4 bytes
-    (the 4th is padding). The view keeps the pixel memory alive. `np.asarray` would copy the image
-    twice (through `tobytes`), which costs more than the float conversion of all its tiles.
+    Pillow exports single-block images without copying (Pillow >= 11.2); `np.asarray` copies twice.
     """
-    if image.mode not in ("RGB", "L") or not hasattr(image, "__arrow_c_array__"):  # Pillow < 11.2
-        return None
-    try:
-        array = pa.array(image)
-    except (ValueError, TypeError):  # pixels in several memory blocks (large images)
-        return None
-    values = array if image.mode == "L" else array.values
-    if array.offset or values.offset:
-        return None
-    flat = np.frombuffer(values.buffers()[1], np.uint8, count=len(values))
-    return flat.reshape(image.height, image.width) if image.mode == "L" else \
-        flat.reshape(image.height, image.width, 4)[..., :3]
+    if hasattr(band, "__arrow_c_array__"):
+        try:
+            array = pa.array(band)
+        except (ValueError, TypeError):  # pixels in several memory blocks (large images)
+            array = None
+        if array is not None and array.offset == 0:
+            return np.frombuffer(array.buffers()[1], np.uint8, count=len(array)).reshape(band.height, band.width)
+    return np.asarray(band)
 
 
 def pil_to_chw(image: Image.Image) -> np.ndarray:
-    """A read-only CHW view of a PIL image's pixels (zero-copy where Pillow allows, else one copy)."""
-    array = _pixel_view(image)
-    array = np.asarray(image) if array is None else array
+    """A CHW copy of a PIL image's pixels, tile rows contiguous.
+
+    For 8-bit images Pillow splits the bands (fast C), numpy stacks views of them: one pass, versus two
+    copies through `tobytes` plus a slow byte-strided transpose for every tile taken from an HWC array.
+    """
+    if image.mode in ("L", "LA", "RGB", "RGBA"):
+        return np.stack([_band_pixels(band) for band in image.split()])
+    array = np.asarray(image)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
