@@ -1,6 +1,7 @@
 """Image preprocessing throughput per core: ours vs transformers, on the same 1024x768 JPEGs.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/preprocess.py [--images 16] [--rounds 5]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/preprocess.py --only Pil,pil --malloc-cache
     OMP_NUM_THREADS=1 /tmp/tvenv/bin/python bench/preprocess.py   # adds transformers' torch class
 
 Default Idefics3 settings (L=1456, m=364: 13 frames of 3x364x364 per image). Every variant starts from
@@ -9,15 +10,23 @@ checked equal to the reference before timing (Pillow recipe: exact; torch recipe
 torchvision is installed). Rounds are interleaved so background load hits every variant alike; the
 best round is reported (and the median). One thread everywhere: images/s is per core.
 
+Page faults matter: every variant allocates tens of MB per image, and whether glibc hands back fresh
+(faulting, kernel-zeroed) pages or reuses freed ones depends on what ran before in the process (its
+mmap/trim thresholds adapt to the largest freed block). The `faults/img` column shows it; `--only`
+runs a subset of variants (a different allocator history), `--malloc-cache` pins glibc's thresholds
+so freed memory is reused by every variant (compute only, no page-fault cost).
+
 The fast path is what the pipeline's CPU workers do: bytes -> uint8 frames + rows/cols (then the
 frames travel, and `frames_to_pixel_values` expands them on the GPU; its CPU cost is shown separately).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import io
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -79,22 +88,37 @@ def check_outputs(v: dict, jpegs: list[bytes]) -> None:
             continue
         for b in jpegs[:3]:
             a, r = v[ours](b), v[ref](b)
-            assert torch.equal(a["pixel_values"], r["pixel_values"]), f"{ours} differs from {ref}"
-            assert torch.equal(a["pixel_attention_mask"], r["pixel_attention_mask"])
+            for key in ("pixel_values", "pixel_attention_mask"):
+                assert a[key].dtype == r[key].dtype and torch.equal(a[key], r[key]), f"{ours} {key} != {ref}"
             frames, _, _ = v[f"ours fast path {recipe} (bytes -> uint8 frames)"](b)
             assert torch.equal(frames_to_pixel_values(torch.from_numpy(frames), recipe), a["pixel_values"][0])
         print(f"output check: {ours} == {ref} (bit-exact), fast path == processor")
 
 
-def time_rounds(v: dict, jpegs: list[bytes], rounds: int, clock) -> dict[str, list[float]]:
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_rounds(v: dict, jpegs: list[bytes], rounds: int, clock, faults: dict | None = None
+                ) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in v}
     for _ in range(rounds):
         for name, fn in v.items():
-            start = clock()
+            start, start_faults = clock(), minor_faults()
             for b in jpegs:
                 fn(b)
             times[name].append((clock() - start) / len(jpegs))
+            if faults is not None:
+                faults[name] = faults.get(name, 0) + (minor_faults() - start_faults) / (len(jpegs) * rounds)
     return times
+
+
+def pin_malloc_thresholds() -> None:
+    """glibc: serve blocks up to 32 MiB from the heap and never trim it, so freed memory is reused."""
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if not (libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)):
+        raise RuntimeError("mallopt failed")
 
 
 def time_expand(jpegs: list[bytes], recipe: str) -> float:
@@ -110,26 +134,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", help="comma-separated substrings: run only the variants whose name has one")
+    parser.add_argument("--malloc-cache", action="store_true", help="pin glibc's malloc thresholds (see above)")
     args = parser.parse_args()
+    if args.malloc_cache:
+        pin_malloc_thresholds()
     jpegs = make_jpegs(args.images)
     v = variants()
     for b in jpegs[:2]:  # warm up caches and lazy imports
         for fn in v.values():
             fn(b)
     check_outputs(v, jpegs)
+    ref = "transformers Idefics3ImageProcessorPil"
+    if args.only:
+        v = {name: fn for name, fn in v.items() if name == ref or any(k in name for k in args.only.split(","))}
     # CPU time of this (single-threaded) process is the per-core cost, and is less disturbed than wall
     # time when other processes share the cores; wall time is shown beside it.
-    cpu = time_rounds(v, jpegs, args.rounds, time.process_time)
+    faults: dict[str, float] = {}
+    cpu = time_rounds(v, jpegs, args.rounds, time.process_time, faults)
     wall = time_rounds(v, jpegs, args.rounds, time.perf_counter)
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
           f"{args.images} JPEGs 1024x768 (mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB), "
-          f"{args.rounds} interleaved rounds per clock, load average {os.getloadavg()[0]:.1f}")
-    ref = "transformers Idefics3ImageProcessorPil"
-    print(f"{'variant':46s} {'img/CPU-s best':>14s} {'median':>7s} {'vs tf Pil':>9s} {'img/s wall best':>15s} {'vs tf Pil':>9s}")
+          f"{args.rounds} interleaved rounds per clock, load average {os.getloadavg()[0]:.1f}"
+          f"{', malloc thresholds pinned' if args.malloc_cache else ''}")
+    print(f"{'variant':46s} {'img/CPU-s best':>14s} {'median':>7s} {'vs tf Pil':>9s} {'(median)':>8s} "
+          f"{'img/s wall best':>15s} {'vs tf Pil':>9s} {'faults/img':>10s}")
     for name in v:
-        c, w = 1 / min(cpu[name]), 1 / min(wall[name])
-        print(f"{name:46s} {c:14.1f} {1 / statistics.median(cpu[name]):7.1f} {c * min(cpu[ref]):8.2f}x "
-              f"{w:15.1f} {w * min(wall[ref]):8.2f}x")
+        c, w, m = 1 / min(cpu[name]), 1 / min(wall[name]), 1 / statistics.median(cpu[name])
+        print(f"{name:46s} {c:14.1f} {m:7.1f} {c * min(cpu[ref]):8.2f}x "
+              f"{m * statistics.median(cpu[ref]):7.2f}x {w:15.1f} {w * min(wall[ref]):8.2f}x {faults[name]:10.0f}")
     frames, rows, cols = Idefics3ImageProcessorPil().image_to_frames(decode_image(jpegs[0]))
     float_bytes = frames.size * 4
     print(f"\nbytes per image: uint8 frames {frames.nbytes} ({frames.shape}, rows={rows}, cols={cols}) vs "

@@ -14,10 +14,14 @@ import logging
 import platform
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+try:  # zero-copy access to Pillow's pixels (a runtime dependency; without it, pixels are copied)
+    import pyarrow as pa
+except ImportError:
+    pa = None
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ def _band_pixels(band: Image.Image) -> np.ndarray:
 
     Pillow exports single-block images without copying (Pillow >= 11.2); `np.asarray` copies twice.
     """
-    if hasattr(band, "__arrow_c_array__"):
+    if pa is not None and hasattr(band, "__arrow_c_array__"):
         try:
             array = pa.array(band)
         except (ValueError, TypeError):  # pixels in several memory blocks (large images)

@@ -10,6 +10,7 @@ import torch
 from processing.image_processor import Idefics3ImageProcessor, Idefics3ImageProcessorPil
 from processing.pixels import (frames_to_pixel_values, image_to_frames, lut_into_numpy, normalisation_lut,
                                normalise_pil, normalise_torch)
+from processing import resample
 from processing.resample import pil_to_chw
 from tests.processing.image_cases import SMALL, photo, pil
 
@@ -102,10 +103,13 @@ def test_table_application_equals_the_literal_recipe_on_every_value(recipe, sett
     assert out.tobytes() == np.ascontiguousarray(literal, dtype=np.float32).tobytes()
 
 
+@pytest.mark.parametrize("arrow", [True, False], ids=["arrow", "no-pyarrow"])
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA", "I;16"])
 @pytest.mark.parametrize("size", [(1, 1), (97, 61), (2000, 2100)], ids=["1x1", "small", "multi-block"])
-def test_pil_to_chw_equals_numpy(mode, size):
+def test_pil_to_chw_equals_numpy(mode, size, arrow, monkeypatch):
     """Bands through Arrow views (Pillow's single-block images) or copies (multi-block, other modes)."""
+    if not arrow:
+        monkeypatch.setattr(resample, "pa", None)
     image = pil(*size, "RGBA", 3).convert(mode)
     hwc = np.asarray(image)
     expected = hwc[None] if hwc.ndim == 2 else hwc.transpose(2, 0, 1)
