@@ -12,9 +12,11 @@ best round is reported (and the median). One thread everywhere: images/s is per 
 
 Page faults matter: every variant allocates tens of MB per image, and whether glibc hands back fresh
 (faulting, kernel-zeroed) pages or reuses freed ones depends on what ran before in the process (its
-mmap/trim thresholds adapt to the largest freed block). The `faults/img` column shows it; `--only`
-runs a subset of variants (a different allocator history), `--malloc-cache` pins glibc's thresholds
-so freed memory is reused by every variant (compute only, no page-fault cost).
+mmap/trim thresholds adapt to the largest freed block). The `faults/img` column shows it;
+`--malloc-cache` pins glibc's thresholds so freed memory is reused by every variant (compute only,
+no page-fault cost; the environment variables MALLOC_MMAP_THRESHOLD_=33554432 and
+MALLOC_TRIM_THRESHOLD_=1073741824 do the same). `--only` times a subset of the variants (all are
+still checked and warmed up).
 
 The fast path is what the pipeline's CPU workers do: bytes -> uint8 frames + rows/cols (then the
 frames travel, and `frames_to_pixel_values` expands them on the GPU; its CPU cost is shown separately).
