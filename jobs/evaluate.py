@@ -174,6 +174,7 @@ def run_model(args: argparse.Namespace, out_dir: Path) -> str:
     """
     from jobs.common import init_ray
     from pipeline import build_processor, read_rows, write_rows
+    from pipeline.generate import release_replica_groups
     from pipeline.job import check_columns
 
     if not args.model:
@@ -190,7 +191,10 @@ def run_model(args: argparse.Namespace, out_dir: Path) -> str:
     ds = ds.map_batches(benchmark_rows, fn_kwargs={"mapping": mapping, "suffix": args.prompt_suffix},
                         batch_format="pyarrow")
     check_columns(ds, config, args.input)
-    write_rows(build_processor(config)(ds), str(raw), config.storage_options)
+    try:
+        write_rows(build_processor(config)(ds), str(raw), config.storage_options)
+    finally:
+        release_replica_groups()
     return str(raw)
 
 

@@ -6,6 +6,7 @@ batch is still answered (the batch is retried row by row to isolate it).
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pyarrow as pa
 from .config import PipelineConfig
 from .rows import error_message, output_schema, row_seed
 
+log = logging.getLogger(__name__)
+GROUP_REBUILDS = 2            # per batch: a tensor-parallel group whose rank died is rebuilt this often
 PLACEMENT_TIMEOUT_S = 600.0   # an autoscaling cluster may need minutes to add a node that fits a replica
 CRASH_ONCE_ENV = "PIPELINE_CRASH_ONCE"   # fault injection for tests: "<row id>=<marker file>"
 
@@ -27,16 +30,31 @@ def pick_device(config: PipelineConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+GROUP_PREFIX = "idefics3-tp"
+
+
+def group_name_prefix(job_id: str) -> str:
+    return f"{GROUP_PREFIX}-{job_id}-"
+
+
 def replica_placement_group(bundle: dict, tp: int, timeout_s: float = PLACEMENT_TIMEOUT_S):
     """One bundle per rank, all on one node (STRICT_PACK), reserved by the replica itself. Not through
     Ray Data's ray_remote_args_fn: Ray Data also calls that to inspect the args (its issue detectors),
     and each call would reserve one more group, until the reserved CPUs starve the read tasks and the
-    job hangs. A group made by an actor is removed when that actor dies, so a restarted replica
-    reserves a fresh one."""
+    job hangs. Ray keeps a group until both its creator and the creator's job are gone, so the group is
+    named after the job and the replica (a restarted replica keeps its actor id): a restarted replica
+    first removes its predecessor's group, and the driver removes the job's groups at the end
+    (release_replica_groups)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    group = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
+    context = ray.get_runtime_context()
+    name = group_name_prefix(context.get_job_id()) + (context.get_actor_id() or "driver")
+    try:
+        remove_placement_group(ray.util.get_placement_group(name))
+    except ValueError:   # no predecessor
+        pass
+    group = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK", name=name)
     if not ray.wait([group.ready()], timeout=timeout_s)[0]:
         remove_placement_group(group)
         raise RuntimeError(f"tensor_parallel_size {tp}: no node could hold {tp} bundles of {bundle} within "
@@ -44,9 +62,25 @@ def replica_placement_group(bundle: dict, tp: int, timeout_s: float = PLACEMENT_
     return group
 
 
-def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict):
+def release_replica_groups() -> int:
+    """Driver side, after a run: remove the placement groups this job's tp > 1 replicas reserved (Ray
+    Data ends its actors, but their groups would live as long as the driver). Returns how many."""
+    import ray
+    from ray.util import placement_group_table
+    from ray.util.placement_group import remove_placement_group
+
+    prefix = group_name_prefix(ray.get_runtime_context().get_job_id())
+    removed = 0
+    for entry in placement_group_table().values():
+        if entry["name"].startswith(prefix) and entry["state"] != "REMOVED":
+            remove_placement_group(ray.util.get_placement_group(entry["name"]))
+            removed += 1
+    return removed
+
+
+def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict, placement=None):
     """The engine of one replica: in this actor (tp 1), or a RayTPGroup of one actor per rank, rank r
-    taking bundle r (`rank`: its resources) of this replica's placement group."""
+    taking bundle r (`rank`: its resources) of `placement`, this replica's placement group."""
     import torch
 
     dtype = getattr(torch, config.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
@@ -55,7 +89,7 @@ def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict):
         from model.parallel.ray_group import RayTPGroup
 
         return RayTPGroup(config.model, tp, dtype=dtype, device_type=device.split(":")[0], tokenizer=tokenizer,
-                          placement_group=replica_placement_group(rank, tp), num_cpus=rank["CPU"],
+                          placement_group=placement, num_cpus=rank["CPU"],
                           max_batch_size=config.max_batch_size)
     from model import Idefics3ForConditionalGeneration
     from model.engine import LLMEngine
@@ -82,10 +116,16 @@ class Generate:
         from processing import RowEncoder
 
         self.config, self.device = config, pick_device(config)
+        self.rank = rank or {"CPU": 1.0}
         self.encoder = RowEncoder.from_pretrained(config.model, image_backend=config.image_backend)
-        self.engine = load_engine(config, self.device, self.encoder.tokenizer, rank or {"CPU": 1.0})
-        if config.tensor_parallel_size > 1:
+        tp = config.tensor_parallel_size
+        self.placement = replica_placement_group(self.rank, tp) if tp > 1 else None
+        self.engine = self.load()
+        if tp > 1:
             self.device = "cpu"  # this actor holds no device; the ranks move the pixel values to theirs
+
+    def load(self):
+        return load_engine(self.config, self.device, self.encoder.tokenizer, self.rank, self.placement)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         crash_once_on(batch.column("id").to_pylist())
@@ -114,15 +154,38 @@ class Generate:
                        sampling=sampling)
 
     def run(self, requests: dict) -> dict:
-        """index -> Result, or the exception of that row alone."""
+        """index -> Result, or the exception of that row alone. A tensor-parallel group that lost a
+        rank is rebuilt (same placement group) and the batch retried; past GROUP_REBUILDS the rows
+        become error rows naming the dead rank."""
+        from model.parallel.ray_group import TPGroupBroken
+
+        error = None
+        for attempt in range(GROUP_REBUILDS + 1):
+            if self.engine is None:
+                self.engine = self.load()
+            try:
+                return self.run_rows(requests)
+            except TPGroupBroken as e:
+                log.warning("replica: %s; rebuilding its tensor-parallel group (attempt %d)", e, attempt + 1)
+                self.engine.close()
+                self.engine, error = None, e
+        return dict.fromkeys(requests, error)
+
+    def run_rows(self, requests: dict) -> dict:
+        from model.parallel.ray_group import TPGroupBroken
+
         keys = list(requests)
         try:
             return dict(zip(keys, self.engine.generate([requests[k] for k in keys])))
+        except TPGroupBroken:
+            raise
         except Exception:
             out = {}
             for k in keys:  # isolate the failing row(s); the others are answered
                 try:
                     out[k] = self.engine.generate([requests[k]])[0]
+                except TPGroupBroken:
+                    raise
                 except Exception as e:
                     out[k] = e
             return out

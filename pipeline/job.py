@@ -8,6 +8,7 @@ import pyarrow.compute as pc
 import ray.data
 
 from .builder import build_processor
+from .generate import release_replica_groups
 from .config import PipelineConfig
 from .io import read_output, read_rows, write_rows
 from .resume import checkpoint_config, clear_checkpoint, has_checkpoint
@@ -62,6 +63,7 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
         wall = time.perf_counter() - start
     finally:
         context.checkpoint_config = None
+        release_replica_groups()
     summary = summarize(input_uri, output_uri, before, output_counts(output_uri, opts), wall)
     write_text(sibling(output_uri, ".summary.json"), json.dumps(summary, indent=2), opts)
     return summary

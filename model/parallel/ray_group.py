@@ -17,6 +17,10 @@ from .shard import check_tp
 from .worker import TPWorker
 
 
+class TPGroupBroken(RuntimeError):
+    """A rank of the group has died: the group cannot answer any more (build a new one)."""
+
+
 class RayTPGroup:
     def __init__(self, model_path: str | Path, tp: int, dtype: torch.dtype | str | None = None,
                  device_type: str = "cpu", tokenizer=None, *, placement_group=None, num_cpus: float = 1,
@@ -36,6 +40,7 @@ class RayTPGroup:
                 tokenizer=tokenizer if rank == 0 else None, cpu_threads=cpu_threads, engine_kwargs=engine_kwargs)
             for rank in range(tp)]
         self.follow_refs: list = []
+        self.broken: str | None = None
         try:
             self._start(ray, timeout_s)
         except BaseException:
@@ -61,8 +66,31 @@ class RayTPGroup:
         self.follow_refs = [w.follow.remote() for w in self.workers[1:]]
 
     def generate(self, requests: list[Request]) -> list[Result]:
+        """Rank 0's answers. Raises TPGroupBroken when a rank has died (before or during the call);
+        other errors (a request the engine refuses) pass through, the group still usable."""
         import ray
-        return ray.get(self.workers[0].generate.remote(requests))
+        self._check_alive(ray, wait_s=0.0)
+        try:
+            return ray.get(self.workers[0].generate.remote(requests))
+        except ray.exceptions.RayActorError as e:
+            self.broken = f"rank 0 died: {e}"
+            raise TPGroupBroken(self.broken) from e
+        except Exception:
+            self._check_alive(ray, wait_s=2.0)   # a follower's death surfaces at rank 0 as a collective error
+            raise
+
+    def _check_alive(self, ray, wait_s: float) -> None:
+        if not self.broken and self.follow_refs:
+            done, _ = ray.wait(self.follow_refs, num_returns=1, timeout=wait_s)
+            if done:   # followers return only when stopped: an early return is a death
+                rank = 1 + self.follow_refs.index(done[0])
+                try:
+                    ray.get(done[0])
+                    self.broken = f"rank {rank} left the group"
+                except Exception as e:
+                    self.broken = f"rank {rank} died: {type(e).__name__}: {e}"
+        if self.broken:
+            raise TPGroupBroken(self.broken)
 
     def shard_stats(self) -> list[dict]:
         import ray
@@ -71,6 +99,9 @@ class RayTPGroup:
     def close(self) -> None:
         import ray
         if not self.workers:
+            return
+        if self.broken:       # no polite shutdown: the survivors would wait on the dead rank
+            self._kill(ray)
             return
         ray.get(self.workers[0].shutdown.remote())
         ray.get(self.follow_refs)           # the followers return once they have left the group

@@ -32,6 +32,21 @@ from .shard import check_tp, sharded_fraction
 
 log = logging.getLogger(__name__)
 STOP = "stop"
+RANK_CRASH_ONCE_ENV = "TP_RANK_CRASH_ONCE"   # fault injection for tests: "<rank>:<request id>=<marker file>"
+
+
+def crash_once_on(rank: int, requests: list[Request]) -> None:
+    """With TP_RANK_CRASH_ONCE="<rank>:<request id>=<marker file>", that rank's process dies as a killed
+    one would (no exception, no cleanup) when it receives that request, once (it writes the marker
+    first). Tests use it to break a group mid-job; unset, it does nothing."""
+    spec = os.environ.get(RANK_CRASH_ONCE_ENV)
+    if not spec:
+        return
+    target, rest = spec.split(":", 1)
+    request_id, marker = rest.split("=", 1)
+    if int(target) == rank and any(r.request_id == request_id for r in requests) and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
 
 
 def free_port() -> int:
@@ -170,6 +185,7 @@ class TPWorker:
         self._leave(together=True)
 
     def _on_generate(self, requests: list[Request]) -> list[Result]:
+        crash_once_on(self.rank, requests)
         results = self.engine.generate(requests)
         self.last_tokens = [r.token_ids for r in results]   # reported by stats: ranks must agree
         return results

@@ -1,5 +1,7 @@
 """--tensor-parallel-size 2 on CPU: each replica reserves one STRICT_PACK placement group of 2 bundles,
 and answers exactly as tensor_parallel_size 1."""
+import shutil
+
 from ray.util import placement_group_table
 
 from pipeline import PipelineConfig, read_output, run_job
@@ -9,8 +11,12 @@ from tests.pipeline.helpers import good_rows, write_parquet
 
 def answers(checkpoint, tmp_path, tp: int) -> list[tuple]:
     config = PipelineConfig(model=str(checkpoint), max_new_tokens=5, batch_size=2, tensor_parallel_size=tp)
-    run_job(str(tmp_path / "in.parquet"), str(tmp_path / f"out{tp}"), config)
-    table = read_output(str(tmp_path / f"out{tp}"))
+    out = tmp_path / f"out{tp}"
+    if out.exists():
+        shutil.rmtree(out)
+        shutil.rmtree(f"{out}.checkpoint", ignore_errors=True)
+    run_job(str(tmp_path / "in.parquet"), str(out), config)
+    table = read_output(str(out))
     return sorted(zip(*(table[c].to_pylist() for c in ("id", "answer", "finish_reason", "num_generated_tokens"))))
 
 
@@ -21,7 +27,9 @@ def test_tp2_answers_equal_tp1(ray_cluster, tmp_path):
     assert [r[0] for r in tp1] == [f"row-{i}" for i in range(4)]
     assert all(r[2] == "length" and r[3] == 5 for r in tp1)
     assert answers(checkpoint, tmp_path, 2) == tp1
-    # One group for the one replica: reserving a group per call of a Ray Data hook leaked groups until
-    # the read tasks starved and the job hung.
+    # One group for the one replica (reserving a group per call of a Ray Data hook leaked groups until
+    # the read tasks starved and the job hung), removed once the run is over: Ray would keep it as
+    # long as the driver lives, and its CPUs would starve the next run.
     groups = list(placement_group_table().values())
-    assert [(len(g["bundles"]), g["strategy"]) for g in groups] == [(2, "STRICT_PACK")]
+    assert [(len(g["bundles"]), g["strategy"], g["state"]) for g in groups] == [(2, "STRICT_PACK", "REMOVED")]
+    assert answers(checkpoint, tmp_path, 1) == tp1

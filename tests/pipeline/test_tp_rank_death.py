@@ -1,0 +1,42 @@
+"""A rank of a tensor-parallel replica dies mid-job (a real process death, through the worker's
+TP_RANK_CRASH_ONCE hook): the replica rebuilds its group in its own placement group and retries the
+batch, so every id comes out once with the same answers as tensor_parallel_size 1."""
+import pytest
+from ray.util import placement_group_table
+
+from model.parallel.worker import RANK_CRASH_ONCE_ENV
+from pipeline import PipelineConfig, read_output, run_job
+from tests.fixtures.checkpoints import build_checkpoint
+from tests.pipeline.helpers import good_rows, write_parquet
+
+CRASH_ROW = "row-2"   # in the second of three batches
+
+
+@pytest.fixture(scope="module")
+def rank_crash_cluster(tmp_path_factory):
+    import ray
+
+    marker = tmp_path_factory.mktemp("rank-crash") / "crashed"
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {RANK_CRASH_ONCE_ENV: f"1:{CRASH_ROW}={marker}"}})
+    yield marker
+    ray.shutdown()
+
+
+def answers(checkpoint, source, out, tp: int) -> list[tuple]:
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=5, batch_size=2, tensor_parallel_size=tp)
+    run_job(str(source), str(out), config)
+    table = read_output(str(out))
+    return sorted(zip(*(table[c].to_pylist() for c in ("id", "answer", "finish_reason", "error"))))
+
+
+def test_dead_rank_group_is_rebuilt_and_its_batch_retried(rank_crash_cluster, tmp_path):
+    checkpoint = build_checkpoint(tmp_path / "ckpt", "idefics3")   # 4 heads, 2 kv heads: splits in 2
+    write_parquet(tmp_path / "in.parquet", good_rows(6))
+    tp2 = answers(checkpoint, tmp_path / "in.parquet", tmp_path / "out2", 2)
+    assert rank_crash_cluster.exists(), "rank 1 never received the row that kills it"
+    assert [r[0] for r in tp2] == [f"row-{i}" for i in range(6)]
+    assert all(r[2] == "length" and r[3] is None for r in tp2), tp2
+    groups = [(len(g["bundles"]), g["state"]) for g in placement_group_table().values()]
+    assert groups == [(2, "REMOVED")], groups      # the rebuilt group reused the replica's reservation
+    assert tp2 == answers(checkpoint, tmp_path / "in.parquet", tmp_path / "out1", 1)
