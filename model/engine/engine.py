@@ -54,7 +54,8 @@ class LLMEngine:
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0}
 
     # ---- cache sizing -------------------------------------------------------------------------
-    def _token_budget(self, bytes_per_token: int, max_len: int) -> int:
+    def kv_token_budget(self, bytes_per_token: int, max_len: int) -> int:
+        """Tokens the KV cache may hold (a hook: tensor-parallel ranks agree on the smallest)."""
         if self.kv_cache_tokens is not None:
             return self.kv_cache_tokens
         if self.device.type == "cuda":
@@ -71,7 +72,7 @@ class LLMEngine:
         tc = self.text_config
         max_len = min(-(-need_len // 256) * 256, max(tc.max_position_embeddings, need_len))
         per_token = KVCache.bytes_per_token(tc.num_hidden_layers, tc.num_key_value_heads, tc.head_dim, self.dtype)
-        slots = min(self.max_batch_size, self._token_budget(per_token, max_len) // max_len)
+        slots = min(self.max_batch_size, self.kv_token_budget(per_token, max_len) // max_len)
         if slots < 1:
             raise ValueError(f"KV cache budget too small for one sequence of {max_len} tokens "
                              f"({per_token * max_len / _GIB:.2f} GiB needed)")
@@ -84,7 +85,8 @@ class LLMEngine:
         return self.runner
 
     # ---- requests -----------------------------------------------------------------------------
-    def _check(self, request: Request) -> None:
+    def check_request(self, request: Request) -> None:
+        """ValueError naming the request if the engine cannot run it (checked before any work starts)."""
         rid, n = request.request_id, len(request.prompt_ids)
         if n == 0:
             raise ValueError(f"request {rid!r}: empty prompt")
@@ -115,7 +117,7 @@ class LLMEngine:
     def generate(self, requests: list[Request]) -> list[Result]:
         """Answers in the order of `requests`."""
         for r in requests:
-            self._check(r)
+            self.check_request(r)
         if not requests:
             return []
         runner = self._ensure_cache(max(len(r.prompt_ids) + r.sampling.max_new_tokens for r in requests))
@@ -143,7 +145,8 @@ class LLMEngine:
         self.sampling.assign(seq.slot, p.temperature, p.top_k, p.top_p, seed, p.min_new_tokens,
                              sorted(seq.stop_ids))
 
-    def _sample(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def sample_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Next token of each row (a hook: tensor-parallel ranks take rank 0's)."""
         params = [s.request.sampling for s in seqs]
         return sample(logits, self.sampling, slots, any_sampling=any(not p.greedy for p in params),
                       any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params))
@@ -157,7 +160,7 @@ class LLMEngine:
         for seq in seqs:
             self._assign_sampling(seq)
         slot_t = torch.tensor(slots, device=self.device)
-        tokens = self._sample(logits, slot_t, seqs)
+        tokens = self.sample_tokens(logits, slot_t, seqs)
         runner.tokens[slot_t] = tokens
         runner.positions[slot_t] = torch.tensor([s.prompt_len for s in seqs], device=self.device)
         self.active[slot_t] = 1
@@ -170,7 +173,7 @@ class LLMEngine:
         seqs = list(scheduler.running.values())
         kv_len = kv_bucket(max(s.length for s in seqs), runner.cache.max_len)
         logits = runner.decode(rows, kv_len)
-        tokens = self._sample(logits, torch.arange(rows, device=self.device), seqs)
+        tokens = self.sample_tokens(logits, torch.arange(rows, device=self.device), seqs)
         runner.tokens[:rows] = tokens
         runner.positions[:rows] += self.active[:rows]
         self.sampling.step[:rows] += 1

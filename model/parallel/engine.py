@@ -58,9 +58,9 @@ class ShardEngine(LLMEngine):
         super().__init__(model, **kwargs)
         self.comm = comm
 
-    def _token_budget(self, bytes_per_token: int, max_len: int) -> int:
+    def kv_token_budget(self, bytes_per_token: int, max_len: int) -> int:
         # Free memory differs per device; the slot count (hence every schedule) must not.
-        return self.comm.min_int(super()._token_budget(bytes_per_token, max_len))
+        return self.comm.min_int(super().kv_token_budget(bytes_per_token, max_len))
 
-    def _sample(self, logits: Tensor, slots: Tensor, seqs) -> Tensor:
-        return self.comm.broadcast_tensor(super()._sample(logits, slots, seqs).contiguous())
+    def sample_tokens(self, logits: Tensor, slots: Tensor, seqs) -> Tensor:
+        return self.comm.broadcast_tensor(super().sample_tokens(logits, slots, seqs).contiguous())

@@ -151,7 +151,7 @@ class TPWorker:
     def generate(self, requests: list[Request]) -> list[Result]:
         """Like LLMEngine.generate. Seeds and stop ids are fixed here so every rank samples alike."""
         for r in requests:
-            self.engine._check(r)   # refuse bad input before any rank starts working on it
+            self.engine.check_request(r)   # refuse bad input before any rank starts working on it
         pinned = [self._pin(r) for r in requests]
         shipped = [dataclasses.replace(r, pixel_values=_to_cpu(r.pixel_values),
                                        pixel_attention_mask=_to_cpu(r.pixel_attention_mask)) for r in pinned]
