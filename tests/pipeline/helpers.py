@@ -1,6 +1,7 @@
 """Shared test data for the pipeline and job tests: tiny images, input Parquet, the transformers oracle."""
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -56,3 +57,16 @@ class Oracle:
         eos = set(self.model.generation_config.eos_token_id or [])
         n = next((i + 1 for i, t in enumerate(new.tolist()) if t in eos), len(new))
         return self.processor.decode(new[:n], skip_special_tokens=True).strip(), n
+
+
+@contextlib.contextmanager
+def ray_with_fault(env_name: str, spec: str):
+    """A local Ray cluster whose workers see the fault-injection variable `env_name` = `spec`."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {env_name: spec}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

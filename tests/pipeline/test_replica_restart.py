@@ -5,7 +5,7 @@ import pytest
 
 from pipeline import PipelineConfig, read_output, run_job
 from pipeline.generate import CRASH_ONCE_ENV
-from tests.pipeline.helpers import good_rows, write_parquet
+from tests.pipeline.helpers import good_rows, ray_with_fault, write_parquet
 
 MAX_NEW = 4
 CRASH_ROW = "row-3"   # in the second of three batches
@@ -13,13 +13,9 @@ CRASH_ROW = "row-3"   # in the second of three batches
 
 @pytest.fixture(scope="module")
 def crashing_cluster(tmp_path_factory):
-    import ray
-
     marker = tmp_path_factory.mktemp("crash") / "crashed"
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {CRASH_ONCE_ENV: f"{CRASH_ROW}={marker}"}})
-    yield marker
-    ray.shutdown()
+    with ray_with_fault(CRASH_ONCE_ENV, f"{CRASH_ROW}={marker}"):
+        yield marker
 
 
 def test_dead_replica_is_restarted_and_its_rows_retried(crashing_cluster, checkpoint, oracle, tmp_path):

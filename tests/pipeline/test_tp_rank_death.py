@@ -7,20 +7,16 @@ from ray.util import placement_group_table
 from model.parallel.worker import RANK_CRASH_ONCE_ENV
 from pipeline import PipelineConfig, read_output, run_job
 from tests.fixtures.checkpoints import build_checkpoint
-from tests.pipeline.helpers import good_rows, write_parquet
+from tests.pipeline.helpers import good_rows, ray_with_fault, write_parquet
 
 CRASH_ROW = "row-2"   # in the second of three batches
 
 
 @pytest.fixture(scope="module")
 def rank_crash_cluster(tmp_path_factory):
-    import ray
-
     marker = tmp_path_factory.mktemp("rank-crash") / "crashed"
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {RANK_CRASH_ONCE_ENV: f"1:{CRASH_ROW}={marker}"}})
-    yield marker
-    ray.shutdown()
+    with ray_with_fault(RANK_CRASH_ONCE_ENV, f"1:{CRASH_ROW}={marker}"):
+        yield marker
 
 
 def answers(checkpoint, source, out, tp: int) -> list[tuple]:
