@@ -36,6 +36,9 @@ def default_stop_ids(model: nn.Module, tokenizer=None) -> list[int]:
 
 
 class LLMEngine:
+    """Serves `generate(requests)` from one model. The model is put in eval mode and its q/k/v and
+    gate/up projections are fused in place (model.fusion: same state dict, same memory)."""
+
     def __init__(self, model: nn.Module, tokenizer=None, max_batch_size: int = 64,
                  kv_cache_tokens: int | None = None, *, max_prefill_tokens: int = 8192,
                  use_cuda_graphs: bool = True, compile: bool | None = None, max_image_frames: int = 64) -> None:
