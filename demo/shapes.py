@@ -134,24 +134,47 @@ def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
     ]
 
 
-def focus_questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
-    """The kinds that need the question's object bound to the image: where is each shape, and counts."""
+FOCUS_KINDS = ("where", "count", "shape-count", "colour-count", "colour-count-balanced")
+
+
+def focus_questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
+    """The kinds that need the question's object bound to the image: where is each shape, and counts;
+    as (kind, question, answer)."""
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-    return [(f"Where is the {s.name}?", QUADRANTS[s.quadrant]) for s in scene] + [
-        ("How many shapes are there?", str(len(scene))),
-        (f"How many {shape}s are there?", str(sum(x.shape == shape for x in scene))),
-        (f"How many {colour} shapes are there?", str(sum(x.colour == colour for x in scene))),
+    return [("where", f"Where is the {s.name}?", QUADRANTS[s.quadrant]) for s in scene] + [
+        ("count", "How many shapes are there?", str(len(scene))),
+        ("shape-count", f"How many {shape}s are there?", str(sum(x.shape == shape for x in scene))),
+        ("colour-count", f"How many {colour} shapes are there?", str(sum(x.colour == colour for x in scene))),
     ]
 
 
-def focus_rows(n_images: int) -> list[dict]:
-    """Extra training rows (train scenes, own seed) on the where/count kinds: rebalances the mix."""
+def balanced_colour_counts(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
+    """One colour in the scene and one not: half the answers are not "0" (a random colour is absent
+    ~2/3 of the time, a prior the model otherwise settles on)."""
+    present = sorted({x.colour for x in scene})
+    absent = [c for c in COLOURS if c not in present]
+    return [("colour-count-balanced", f"How many {c} shapes are there?",
+             str(sum(x.colour == c for x in scene))) for c in (rng.choice(present), rng.choice(absent))]
+
+
+def focus_rows(n_images: int, kinds: tuple[str, ...] = FOCUS_KINDS[:4]) -> list[dict]:
+    """Extra training rows (train scenes, own seed) on the where/count kinds: rebalances the mix.
+    `kinds` (of FOCUS_KINDS) keeps only those questions of the same images (for curriculum stages)."""
+    unknown = set(kinds) - set(FOCUS_KINDS)
+    if unknown:
+        raise ValueError(f"unknown focus kinds {sorted(unknown)}; known: {FOCUS_KINDS}")
     rng = random.Random(SPLIT_SEEDS["focus"])
+    extra = random.Random(SPLIT_SEEDS["focus"] + 100)  # own stream: the other kinds' rows stay the same
     rows = []
     for i in range(n_images):
         scene = scene_for_split(rng, "train")
         image = png_bytes(draw_scene(scene, rng))
-        for j, (question, answer) in enumerate(focus_questions(scene, rng)):
+        qa = focus_questions(scene, rng)
+        if "colour-count-balanced" in kinds:
+            qa += balanced_colour_counts(scene, extra)
+        for j, (kind, question, answer) in enumerate(qa):
+            if kind not in kinds:
+                continue
             rows.append({"id": f"focus-{i:05d}-{j}", "image": image, "question": question,
                          "answers": [answer]})
     return rows

@@ -62,9 +62,9 @@ def test_greedy_answers_match_transformers_and_the_ground_truth():
     assert torch.equal(ours_new[:, :width], ref_new[:, :width])
     answers = [a.strip() for a in ours_proc.batch_decode(ours_new, skip_special_tokens=True)]
     right = [a == r["answers"][0] for a, r in zip(answers, rows)]
-    # The bundled model scores 0.92 exact-match on the whole held-out split (jobs.train_demo's report
+    # The bundled model scores 0.944 exact-match on the whole held-out split (jobs.train_demo's report
     # and jobs.evaluate; 15 of these 16); a random-weight model scores ~0 here.
-    assert sum(right) >= 0.85 * len(rows), list(zip(answers, [r["answers"][0] for r in rows]))
+    assert sum(right) >= 0.9 * len(rows), list(zip(answers, [r["answers"][0] for r in rows]))
 
 
 def test_training_script_writes_a_loadable_checkpoint(tmp_path):

@@ -91,3 +91,18 @@ def test_images_are_png_and_sized_for_two_by_two_tiles():
     for r in shapes.build_split("sample"):
         img = Image.open(io.BytesIO(r["image"]))
         assert img.format == "PNG" and 64 <= min(img.size) and max(img.size) <= 96
+
+
+def test_focus_kinds_select_questions_of_the_same_training_images():
+    """A focus stage asking fewer kinds sees the same images and the same rows of those kinds; the
+    balanced colour counts ask one colour present (answer >= 1) and one absent (answer 0)."""
+    every = shapes.focus_rows(40)
+    where = shapes.focus_rows(40, ("where",))
+    assert where == [r for r in every if r["question"].startswith("Where")] and where
+    mixed = shapes.focus_rows(40, ("where", "colour-count-balanced"))
+    assert [r for r in mixed if r["question"].startswith("Where")] == where
+    balanced = [r for r in mixed if r["question"].startswith("How")]
+    assert [r["answers"][0] != "0" for r in balanced] == [True, False] * 40
+    assert not {r["image"] for r in every} & {r["image"] for r in shapes.build_split("heldout")}
+    with pytest.raises(ValueError, match="unknown focus kinds"):
+        shapes.focus_rows(1, ("colour",))
