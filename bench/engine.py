@@ -185,16 +185,27 @@ def decoder_weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
+def progress(what: str, since: float) -> float:
+    """One line on stderr per phase, so a run cut short by a time limit still shows where time went."""
+    now = time.perf_counter()
+    print(f"#   {what}: {now - since:.1f} s", file=sys.stderr, flush=True)
+    return now
+
+
 def _measure_sequential(ref, make_engine, requests, args, dtype) -> tuple[float, float, dict]:
     """GPU: the reference's runs first and its memory freed, then ours (no two caches at once)."""
+    t = time.perf_counter()
     if args.warmup:
         time_reference(ref, requests[:1], 2, args.device, dtype, 1)
     ref_s = time_reference(ref, requests, args.new_tokens, args.device, dtype, args.repeats)
+    t = progress(f"reference, warm-up + {args.repeats} runs (best {ref_s:.2f} s)", t)
     torch.cuda.empty_cache()
     engine = make_engine()
     if args.warmup:                              # allocates the cache, compiles, captures the CUDA graphs
         time_engine(engine, requests, args.new_tokens, args.device, 1)
+        t = progress("ours, warm-up (cache, compile, CUDA graphs)", t)
     ours_s, stats = time_engine(engine, requests, args.new_tokens, args.device, args.repeats)
+    progress(f"ours, {args.repeats} runs (best {ours_s:.2f} s)", t)
     return ref_s, ours_s, stats
 
 
@@ -215,8 +226,10 @@ def _measure_interleaved(ref, engine, requests, args, dtype) -> tuple[float, flo
 def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[dict]:
     spec = SHAPES[name]
     tile = args.tile or spec["vision"]["image_size"]
+    start = time.perf_counter()
     ref = reference_model(name, tile, args.device, dtype)
     ours = our_model(ref)
+    progress(f"{name}: random-weight models built", start)
     rows = []
     for batch in batches:
         requests = make_requests(name, tile, batch, args.frames or spec["frames"], args.new_tokens, args.device)
