@@ -134,7 +134,7 @@ def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
     ]
 
 
-FOCUS_KINDS = ("where", "count", "shape-count", "colour-count", "colour-count-balanced")
+FOCUS_KINDS = ("where", "count", "shape-count", "colour-count", "colour-count-balanced", "where-colour")
 
 
 def focus_questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
@@ -157,6 +157,14 @@ def balanced_colour_counts(scene: list[Shape], rng: random.Random) -> list[tuple
              str(sum(x.colour == c for x in scene))) for c in (rng.choice(present), rng.choice(absent))]
 
 
+def where_by_colour(scene: list[Shape]) -> list[tuple[str, str, str]]:
+    """"Where is the <colour> shape?" for each colour held by one shape only: the position of a shape
+    found by its colour alone (the binding the model otherwise never learns)."""
+    colours = [x.colour for x in scene]
+    return [("where-colour", f"Where is the {s.colour} shape?", QUADRANTS[s.quadrant])
+            for s in scene if colours.count(s.colour) == 1]
+
+
 def focus_rows(n_images: int, kinds: tuple[str, ...] = FOCUS_KINDS[:4]) -> list[dict]:
     """Extra training rows (train scenes, own seed) on the where/count kinds: rebalances the mix.
     `kinds` (of FOCUS_KINDS) keeps only those questions of the same images (for curriculum stages)."""
@@ -172,6 +180,8 @@ def focus_rows(n_images: int, kinds: tuple[str, ...] = FOCUS_KINDS[:4]) -> list[
         qa = focus_questions(scene, rng)
         if "colour-count-balanced" in kinds:
             qa += balanced_colour_counts(scene, extra)
+        if "where-colour" in kinds:
+            qa += where_by_colour(scene)
         for j, (kind, question, answer) in enumerate(qa):
             if kind not in kinds:
                 continue

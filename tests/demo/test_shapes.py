@@ -106,3 +106,10 @@ def test_focus_kinds_select_questions_of_the_same_training_images():
     assert not {r["image"] for r in every} & {r["image"] for r in shapes.build_split("heldout")}
     with pytest.raises(ValueError, match="unknown focus kinds"):
         shapes.focus_rows(1, ("colour",))
+
+
+def test_where_by_colour_asks_only_colours_held_by_one_shape():
+    scene = [shapes.Shape("red", "circle", 0), shapes.Shape("red", "square", 1), shapes.Shape("blue", "circle", 3)]
+    assert shapes.where_by_colour(scene) == [("where-colour", "Where is the blue shape?", "bottom right")]
+    rows = shapes.focus_rows(20, ("where-colour",))
+    assert rows and all(r["question"].endswith(" shape?") for r in rows)
