@@ -69,6 +69,8 @@ def release_replica_groups() -> int:
     from ray.util import placement_group_table
     from ray.util.placement_group import remove_placement_group
 
+    if not ray.is_initialized():      # the run failed before Ray started: nothing was reserved
+        return 0
     prefix = group_name_prefix(ray.get_runtime_context().get_job_id())
     removed = 0
     for entry in placement_group_table().values():
