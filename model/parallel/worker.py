@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import os
 import random
@@ -129,7 +130,10 @@ class TPWorker:
             if together:  # every rank past the STOP broadcast before any tears its sockets down
                 dist.barrier()
             dist.destroy_process_group()
-        self.engine = None
+        # Drop every reference to the group (the engine's layers hold it) and collect now: a group
+        # object left to interpreter teardown joins its threads too late and aborts the process.
+        self.engine, self.comm = None, None
+        gc.collect()
 
     def shutdown(self) -> None:
         """Rank 0: release the followers and leave the group. Idempotent."""
