@@ -30,8 +30,18 @@ class FusedLinears:
 
 
 class Fusable(nn.Module):
-    """A module whose projections can be fused; the fusion never outlives a change of its weights."""
+    """A module whose input projections (`fusable()`) can run fused; `project(x)` gives their outputs
+    either way. The fusion never outlives a change of the weights."""
     fused: FusedLinears | None = None
+
+    def fusable(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def fuse(self) -> None:
+        self.fused = FusedLinears(self.fusable())
+
+    def project(self, x: Tensor) -> tuple[Tensor, ...]:
+        return self.fused(x) if self.fused is not None else tuple(lin(x) for lin in self.fusable())
 
     def _apply(self, fn, recurse: bool = True):
         self.fused = None

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LlamaConfig
-from .fusion import Fusable, FusedLinears
+from .fusion import Fusable
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -159,14 +159,11 @@ class LlamaAttention(Fusable):
         b, length, _ = x.shape
         return x.view(b, length, n, self.head_dim).transpose(1, 2)
 
-    def fuse(self) -> None:
-        self.fused = FusedLinears([self.q_proj, self.k_proj, self.v_proj])
+    def fusable(self) -> list[nn.Module]:
+        return [self.q_proj, self.k_proj, self.v_proj]
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionBackend) -> Tensor:
-        if self.fused is not None:
-            q, k, v = self.fused(x)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project(x)
         q = apply_rope(self._heads(q, self.num_heads), cos, sin)
         k = apply_rope(self._heads(k, self.num_kv_heads), cos, sin)
         v = self._heads(v, self.num_kv_heads)
@@ -183,11 +180,11 @@ class LlamaMLP(Fusable):
         self.down_proj = nn.Linear(h, d, bias=bias)
         self.act = activation(config.hidden_act)
 
-    def fuse(self) -> None:
-        self.fused = FusedLinears([self.gate_proj, self.up_proj])
+    def fusable(self) -> list[nn.Module]:
+        return [self.gate_proj, self.up_proj]
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.fused(x) if self.fused is not None else (self.gate_proj(x), self.up_proj(x))
+        gate, up = self.project(x)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -228,4 +225,3 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, attention)
         return self.norm(x)
-

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Idefics3VisionConfig
-from .fusion import Fusable, FusedLinears
+from .fusion import Fusable
 from .llama import activation
 
 
@@ -60,11 +60,11 @@ class Idefics3VisionAttention(Fusable):
         n, t, _ = x.shape
         return x.view(n, t, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def fuse(self) -> None:
-        self.fused = FusedLinears([self.q_proj, self.k_proj, self.v_proj])
+    def fusable(self) -> list[nn.Module]:
+        return [self.q_proj, self.k_proj, self.v_proj]
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = self.fused(x) if self.fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v = self.project(x)
         return self._heads(q), self._heads(k), self._heads(v)
 
     def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
