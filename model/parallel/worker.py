@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import socket
-import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -218,12 +217,6 @@ def _follower_main(rank: int, world_size: int, master_addr: str, master_port: in
     except RuntimeError:
         return                  # rank 0 reports the failure
     worker.follow()
-    # The group is gone and the work done; skip interpreter teardown, where a still-joinable native
-    # thread (gloo / the OpenMP pool) now and then aborts the process ("terminate called without an
-    # active exception") and turns a clean stop into SIGABRT.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 class TPEngine:
