@@ -113,3 +113,15 @@ def test_where_by_colour_asks_only_colours_held_by_one_shape():
     assert shapes.where_by_colour(scene) == [("where-colour", "Where is the blue shape?", "bottom right")]
     rows = shapes.focus_rows(20, ("where-colour",))
     assert rows and all(r["question"].endswith(" shape?") for r in rows)
+
+
+def test_name_by_colour_repeats_the_colour_then_names_the_shape():
+    scene = [shapes.Shape("red", "circle", 0), shapes.Shape("red", "square", 1), shapes.Shape("blue", "triangle", 3)]
+    assert shapes.name_by_colour(scene) == [("name-colour", "Name the blue shape.", "blue triangle")]
+    rows = shapes.focus_rows(20, ("name-colour",))
+    assert rows and all(r["question"].startswith("Name the ") for r in rows)
+    # a kind added to the focus mix leaves the rows of the other kinds as they were (stages reproduce)
+    before = shapes.focus_rows(20, ("where", "where-colour"))
+    after = [r for r in shapes.focus_rows(20, ("where", "where-colour", "name-colour"))
+             if not r["question"].startswith("Name the ")]
+    assert before == after
