@@ -47,7 +47,7 @@ def test_greedy_answers_match_transformers_and_the_ground_truth():
     from model import Idefics3ForConditionalGeneration
     from processing import Idefics3Processor
 
-    rows = heldout_rows(16)
+    rows = heldout_rows(32)
     ours_proc, ref_proc = Idefics3Processor.from_pretrained(MODEL), transformers.Idefics3Processor.from_pretrained(MODEL)
     ours_in, ref_in = batch(ours_proc, rows), batch(ref_proc, rows)
     assert torch.equal(ours_in["input_ids"], ref_in["input_ids"])
@@ -62,8 +62,9 @@ def test_greedy_answers_match_transformers_and_the_ground_truth():
     assert torch.equal(ours_new[:, :width], ref_new[:, :width])
     answers = [a.strip() for a in ours_proc.batch_decode(ours_new, skip_special_tokens=True)]
     right = [a == r["answers"][0] for a, r in zip(answers, rows)]
-    # The bundled model scores 0.944 exact-match on the whole held-out split (jobs.train_demo's report
-    # and jobs.evaluate; 15 of these 16); a random-weight model scores ~0 here.
+    # The bundled model scores 0.989 exact-match on the whole held-out split (jobs.train_demo's report
+    # and jobs.evaluate; 30 of these 32: two of its five misses fall here); a random-weight model scores
+    # ~0. The whole split's score is asserted in tests/jobs/test_evaluate_model.py.
     assert sum(right) >= 0.9 * len(rows), list(zip(answers, [r["answers"][0] for r in rows]))
 
 
