@@ -2,7 +2,7 @@
 # The prepared GPU check for a device session (15 device-minutes; one call, then give the machine back):
 #   rm -rf tmp/gpu_deps && mkdir -p tmp/gpu_deps && cp -r .venv/lib/python3.11/site-packages/{_pytest,pytest,pluggy,\
 #     iniconfig,py.py,pytest_timeout.py,pygments,packaging} tmp/gpu_deps/      # the device image has no pytest
-#   run(command="bash bench/device_check.sh", carry=["tmp"], timeout_s=540)
+#   run(command="bash bench/device_check.sh", carry=["tmp/gpu_deps"], timeout_s=560)
 # Order = priority: the CUDA tests, the 8B decode (bandwidth target), then the batch-32 ratios.
 # Each step has its own time limit so that a slow one cannot starve the rest; rows land in $OUT.
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 timeout 120 python -m pytest -q -x -p no:cacheprovider tests/model/test_cuda.py tests/model/test_engine.py \
   tests/model/test_fusion.py tests/processing/test_pixels.py -k "cuda or fused or fusion" 2>&1 | tail -4
 bench() { timeout "$1" python bench/engine.py --device cuda --new-tokens 64 --out "$OUT/engine.jsonl" "${@:2}" 2>&1 \
-  | grep -v -i warn | tail -8; }
-bench 150 --models idefics3-8b --batches 1 --repeats 2
+  | grep -v -i warn | tail -30; }
+bench 170 --models idefics3-8b --batches 1 --repeats 2 --profile
 bench 150 --models smolvlm-256m --batches 32 --repeats 2
-bench 120 --models idefics3-8b --batches 32 --repeats 1
+bench 100 --models idefics3-8b --batches 32 --repeats 1

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import Idefics3Config, Idefics3ForConditionalGeneration  # noqa: E402
 from model.engine import LLMEngine, Request, SamplingParams  # noqa: E402
+from model.engine.runner import kv_bucket, pow2_bucket  # noqa: E402
 from model.llama import LlamaRotaryEmbedding, rope_inv_freq  # noqa: E402
 from model.loading import target_name  # noqa: E402
 
@@ -177,6 +178,32 @@ def time_engine(engine: LLMEngine, requests, new_tokens: int, device: str, repea
     return best, best_stats
 
 
+def profile_decode(engine: LLMEngine, batch: int, kv_len: int, device: str, steps: int = 20,
+                   top: int = 15) -> None:
+    """Where a decode step's time goes: `steps` replays of the step the run used (same batch and kv
+    buckets, CUDA graph included) under torch.profiler; the top kernels by device time on stderr.
+    The replays rewrite the K/V of the finished run's last position: the results are already out."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = engine.runner
+    rows, kv = pow2_bucket(batch, 1, runner.cache.num_slots), kv_bucket(kv_len, runner.cache.max_len)
+    runner.decode(rows, kv)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            runner.decode(rows, kv)
+        _sync(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    kernels = [e for e in events if device != "cuda" or e.device_type == DeviceType.CUDA]
+    total_us = sum(getattr(e, key) for e in kernels)
+    print(f"# profile: decode rows {rows}, kv {kv}: {total_us / steps / 1e3:.3f} ms and "
+          f"{sum(e.count for e in kernels) / steps:.0f} {'kernels' if device == 'cuda' else 'ops'} per step",
+          file=sys.stderr)
+    print(events.table(sort_by=key, row_limit=top), file=sys.stderr, flush=True)
+
+
 def decoder_weight_bytes(model) -> int:
     """Bytes a decode step must read: decoder layers, final norm and the LM head (not the embedding table)."""
     text = model.model.text_model
@@ -192,7 +219,7 @@ def progress(what: str, since: float) -> float:
     return now
 
 
-def _measure_sequential(ref, make_engine, requests, args, dtype) -> tuple[float, float, dict]:
+def _measure_sequential(ref, make_engine, requests, args, dtype) -> tuple[float, float, dict, LLMEngine]:
     """GPU: the reference's runs first and its memory freed, then ours (no two caches at once)."""
     t = time.perf_counter()
     if args.warmup:
@@ -206,10 +233,10 @@ def _measure_sequential(ref, make_engine, requests, args, dtype) -> tuple[float,
         t = progress("ours, warm-up (cache, compile, CUDA graphs)", t)
     ours_s, stats = time_engine(engine, requests, args.new_tokens, args.device, args.repeats)
     progress(f"ours, {args.repeats} runs (best {ours_s:.2f} s)", t)
-    return ref_s, ours_s, stats
+    return ref_s, ours_s, stats, engine
 
 
-def _measure_interleaved(ref, engine, requests, args, dtype) -> tuple[float, float, dict]:
+def _measure_interleaved(ref, engine, requests, args, dtype) -> tuple[float, float, dict, LLMEngine]:
     """CPU (often shared): alternate the two so a load spike cannot favour one side; best of each."""
     if args.warmup:
         time_reference(ref, requests[:1], 2, args.device, dtype, 1)
@@ -220,7 +247,7 @@ def _measure_interleaved(ref, engine, requests, args, dtype) -> tuple[float, flo
         seconds, run_stats = time_engine(engine, requests, args.new_tokens, args.device, 1)
         if seconds < ours_s:
             ours_s, stats = seconds, run_stats
-    return ref_s, ours_s, stats
+    return ref_s, ours_s, stats, engine
 
 
 def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[dict]:
@@ -237,9 +264,12 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
         make_engine = lambda: LLMEngine(ours, max_batch_size=batch, max_prefill_tokens=args.prefill_tokens,  # noqa: E731
                                         kv_cache_tokens=batch * (-(-need // 256) * 256))
         if args.device == "cuda":
-            ref_s, ours_s, stats = _measure_sequential(ref, make_engine, requests, args, dtype)
+            ref_s, ours_s, stats, engine = _measure_sequential(ref, make_engine, requests, args, dtype)
         else:
-            ref_s, ours_s, stats = _measure_interleaved(ref, make_engine(), requests, args, dtype)
+            ref_s, ours_s, stats, engine = _measure_interleaved(ref, make_engine(), requests, args, dtype)
+        if args.profile:
+            profile_decode(engine, batch, need, args.device)
+        del engine
         tokens, images = batch * args.new_tokens, len(requests)
         row = dict(model=name, device=args.device, batch=batch, tile=tile, new_tokens=args.new_tokens,
                    prompt_tokens=sum(len(r.prompt_ids) for r in requests),
@@ -288,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--hbm-bytes-per-s", type=float, default=None)
     p.add_argument("--out", default=None, help="append the JSON rows to this file")
+    p.add_argument("--profile", action="store_true", help="also print the top kernels of our decode step")
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
     if args.threads:
