@@ -21,7 +21,8 @@ on an uncontended one (0.24 s/step), 6 + 9 + 4.5 minutes for the last three on o
 Colour lookups. After the fourth stage the model never found a shape by its colour: "How many
 <colour> shapes?" was always "0" and "Where is the <colour> <shape>?" failed beside another shape of
 that kind; training on those questions alone did not move them (colour counts stayed at chance for
-1500 steps even from scratch, and so did "where is the <shape>?"). Finding a shape by colour needs two
+1000-1500 steps, from scratch as from the fourth stage, and so did "where is the <shape>?" from
+scratch). Finding a shape by colour needs two
 links learned together: the question's colour word routed to the answer position, and a head whose
 query is the colour matching the image tokens of that colour. Neither gets a gradient while the other
 is missing. The training-only kind "Name the <colour> shape." -> "<colour> <shape>" (name-colour)
