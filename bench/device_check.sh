@@ -15,5 +15,5 @@ timeout 120 python -m pytest -q -x -p no:cacheprovider tests/model/test_cuda.py 
 bench() { timeout "$1" python bench/engine.py --device cuda --new-tokens 64 --out "$OUT/engine.jsonl" "${@:2}" 2>&1 \
   | grep -v -i warn | tail -30; }
 bench 170 --models idefics3-8b --batches 1 --repeats 2 --profile
-bench 150 --models smolvlm-256m --batches 32 --repeats 2
+bench 150 --models smolvlm-256m --batches 32 --repeats 2 --profile
 bench 100 --models idefics3-8b --batches 32 --repeats 1
