@@ -158,12 +158,17 @@ def balanced_colour_counts(scene: list[Shape], rng: random.Random) -> list[tuple
              str(sum(x.colour == c for x in scene))) for c in (rng.choice(present), rng.choice(absent))]
 
 
+def alone_in_colour(scene: list[Shape]) -> list[Shape]:
+    """The shapes whose colour no other shape of the scene has: those a colour alone names."""
+    colours = [x.colour for x in scene]
+    return [s for s in scene if colours.count(s.colour) == 1]
+
+
 def where_by_colour(scene: list[Shape]) -> list[tuple[str, str, str]]:
     """"Where is the <colour> shape?" for each colour held by one shape only: the position of a shape
     found by its colour alone (the binding the model otherwise never learns)."""
-    colours = [x.colour for x in scene]
     return [("where-colour", f"Where is the {s.colour} shape?", QUADRANTS[s.quadrant])
-            for s in scene if colours.count(s.colour) == 1]
+            for s in alone_in_colour(scene)]
 
 
 def name_by_colour(scene: list[Shape]) -> list[tuple[str, str, str]]:
@@ -173,8 +178,7 @@ def name_by_colour(scene: list[Shape]) -> list[tuple[str, str, str]]:
     colour-keyed lookup is trained one hop from its query. Without it the model never learns to find
     a shape by colour ("How many <colour> shapes?" stays at "0" however long it trains on it); with it
     that count is learned in ~1000 steps."""
-    colours = [x.colour for x in scene]
-    return [("name-colour", f"Name the {s.colour} shape.", s.name) for s in scene if colours.count(s.colour) == 1]
+    return [("name-colour", f"Name the {s.colour} shape.", s.name) for s in alone_in_colour(scene)]
 
 
 def focus_rows(n_images: int, kinds: tuple[str, ...] = FOCUS_KINDS[:4]) -> list[dict]:

@@ -22,17 +22,17 @@ Colour lookups. After the fourth stage the model never found a shape by its colo
 <colour> shapes?" was always "0" and "Where is the <colour> <shape>?" failed beside another shape of
 that kind; training on those questions alone did not move them (colour counts stayed at chance for
 1000-1500 steps, from scratch as from the fourth stage, and so did "where is the <shape>?" from
-scratch). Finding a shape by colour needs two
-links learned together: the question's colour word routed to the answer position, and a head whose
-query is the colour matching the image tokens of that colour. Neither gets a gradient while the other
-is missing. The training-only kind "Name the <colour> shape." -> "<colour> <shape>" (name-colour)
-supervises the second link one hop from its query: the shape is predicted right after the colour
-token. It is learned in ~400 steps, and with it the colour counts go from chance to 0.99 within ~1100
-steps (probe on held-out scenes). The fifth stage trains those two kinds alone (the other kinds are
-forgotten: 0.23 overall, colour counts 49/55), the sixth restores the whole mix: 0.982 (where 0.95,
-counts 0.98, captions 0.97), and the seventh, the same at a third of the rate, polishes: 0.989
-(where 0.98, counts 0.99, captions 0.97; the 16 sample captions all right, 15 after the sixth). The same sixth stage from the fourth, without the fifth, gives 0.940 at
-lr 3e-4 and 0.951 at lr 7e-4 (2500 steps).
+scratch). Finding a shape by colour needs two links learned together: the question's colour word
+routed to the answer position, and a head whose query is the colour matching the image tokens of that
+colour. Neither gets a gradient while the other is missing. The training-only kind "Name the <colour>
+shape." -> "<colour> <shape>" (name-colour) supervises the second link one hop from its query: the
+shape is predicted right after the colour token. It is learned in ~400 steps, and with it the colour
+counts go from chance to 0.99 within ~1100 steps (probe on held-out scenes). The fifth stage trains
+those two kinds alone (the other kinds are forgotten: 0.23 overall, colour counts 49/55), the sixth
+restores the whole mix: 0.982 (where 0.95, counts 0.98, captions 0.97), and the seventh, the same at
+a third of the rate, polishes: 0.989 (where 0.98, counts 0.99, captions 0.97; the 16 sample captions
+all right, 15 after the sixth). The same sixth stage from the fourth, without the fifth, gives 0.940
+at lr 3e-4 and 0.951 at lr 7e-4 (2500 steps).
 
 Tried before, without gain: on top of the fourth (2000 steps, lr 3e-4, --focus-images 10000):
 --focus-kinds where colour-count (0.944), where colour-count-balanced (0.91 at step 1500);
