@@ -147,7 +147,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_reference(ref, requests, new_tokens: int, device: str, dtype: torch.dtype, repeats: int) -> float:
+def time_reference(ref, requests, new_tokens: int, device: str, dtype: torch.dtype,
+                   repeats: int) -> tuple[float, list[list[int]]]:
+    """Best seconds of `repeats` generate calls, and each row's new tokens."""
     inputs = padded_batch(requests, ref.generation_config.pad_token_id, device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -159,11 +161,14 @@ def time_reference(ref, requests, new_tokens: int, device: str, dtype: torch.dty
             out = ref.generate(**inputs, **kwargs)
             _sync(device)
             best = min(best, time.perf_counter() - start)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + new_tokens
-    return best
+    prompt = inputs["input_ids"].shape[1]
+    assert out.shape[1] == prompt + new_tokens
+    return best, out[:, prompt:].tolist()
 
 
-def time_engine(engine: LLMEngine, requests, new_tokens: int, device: str, repeats: int) -> tuple[float, dict]:
+def time_engine(engine: LLMEngine, requests, new_tokens: int, device: str,
+                repeats: int) -> tuple[float, dict, list[list[int]]]:
+    """Best seconds of `repeats` runs, that run's engine stats, and each request's new tokens."""
     best, best_stats = float("inf"), {}
     for _ in range(repeats):
         engine.stats = dict.fromkeys(engine.stats, 0)
@@ -175,7 +180,8 @@ def time_engine(engine: LLMEngine, requests, new_tokens: int, device: str, repea
         if elapsed < best:
             best, best_stats = elapsed, dict(engine.stats)
     assert all(r.num_generated_tokens == new_tokens for r in results)
-    return best, best_stats
+    by_id = {r.request_id: list(r.token_ids) for r in results}
+    return best, best_stats, [by_id[r.request_id] for r in requests]
 
 
 def profile_decode(engine: LLMEngine, batch: int, kv_len: int, device: str, steps: int = 20,
@@ -219,35 +225,41 @@ def progress(what: str, since: float) -> float:
     return now
 
 
-def _measure_sequential(ref, make_engine, requests, args, dtype) -> tuple[float, float, dict, LLMEngine]:
+def same_rows(ref_tokens: list[list[int]], our_tokens: list[list[int]]) -> int:
+    """Rows whose new tokens are identical in both implementations."""
+    return sum(a == b for a, b in zip(ref_tokens, our_tokens))
+
+
+def _measure_sequential(ref, make_engine, requests, args, dtype) -> tuple[float, float, dict, LLMEngine, int]:
     """GPU: the reference's runs first and its memory freed, then ours (no two caches at once)."""
     t = time.perf_counter()
     if args.warmup:
         time_reference(ref, requests[:1], 2, args.device, dtype, 1)
-    ref_s = time_reference(ref, requests, args.new_tokens, args.device, dtype, args.repeats)
+    ref_s, ref_tokens = time_reference(ref, requests, args.new_tokens, args.device, dtype, args.repeats)
     t = progress(f"reference, warm-up + {args.repeats} runs (best {ref_s:.2f} s)", t)
     torch.cuda.empty_cache()
     engine = make_engine()
     if args.warmup:                              # allocates the cache, compiles, captures the CUDA graphs
         time_engine(engine, requests, args.new_tokens, args.device, 1)
         t = progress("ours, warm-up (cache, compile, CUDA graphs)", t)
-    ours_s, stats = time_engine(engine, requests, args.new_tokens, args.device, args.repeats)
+    ours_s, stats, our_tokens = time_engine(engine, requests, args.new_tokens, args.device, args.repeats)
     progress(f"ours, {args.repeats} runs (best {ours_s:.2f} s)", t)
-    return ref_s, ours_s, stats, engine
+    return ref_s, ours_s, stats, engine, same_rows(ref_tokens, our_tokens)
 
 
-def _measure_interleaved(ref, engine, requests, args, dtype) -> tuple[float, float, dict, LLMEngine]:
+def _measure_interleaved(ref, engine, requests, args, dtype) -> tuple[float, float, dict, LLMEngine, int]:
     """CPU (often shared): alternate the two so a load spike cannot favour one side; best of each."""
     if args.warmup:
         time_reference(ref, requests[:1], 2, args.device, dtype, 1)
         time_engine(engine, requests[:1], args.new_tokens, args.device, 1)
     ref_s, ours_s, stats = float("inf"), float("inf"), {}
     for _ in range(args.repeats):
-        ref_s = min(ref_s, time_reference(ref, requests, args.new_tokens, args.device, dtype, 1))
-        seconds, run_stats = time_engine(engine, requests, args.new_tokens, args.device, 1)
+        seconds, ref_tokens = time_reference(ref, requests, args.new_tokens, args.device, dtype, 1)
+        ref_s = min(ref_s, seconds)
+        seconds, run_stats, our_tokens = time_engine(engine, requests, args.new_tokens, args.device, 1)
         if seconds < ours_s:
             ours_s, stats = seconds, run_stats
-    return ref_s, ours_s, stats, engine
+    return ref_s, ours_s, stats, engine, same_rows(ref_tokens, our_tokens)
 
 
 def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[dict]:
@@ -264,9 +276,9 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
         make_engine = lambda: LLMEngine(ours, max_batch_size=batch, max_prefill_tokens=args.prefill_tokens,  # noqa: E731
                                         kv_cache_tokens=batch * (-(-need // 256) * 256))
         if args.device == "cuda":
-            ref_s, ours_s, stats, engine = _measure_sequential(ref, make_engine, requests, args, dtype)
+            ref_s, ours_s, stats, engine, same = _measure_sequential(ref, make_engine, requests, args, dtype)
         else:
-            ref_s, ours_s, stats, engine = _measure_interleaved(ref, make_engine(), requests, args, dtype)
+            ref_s, ours_s, stats, engine, same = _measure_interleaved(ref, make_engine(), requests, args, dtype)
         if args.profile:
             profile_decode(engine, batch, need, args.device)
         del engine
@@ -274,7 +286,7 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
         row = dict(model=name, device=args.device, batch=batch, tile=tile, new_tokens=args.new_tokens,
                    prompt_tokens=sum(len(r.prompt_ids) for r in requests),
                    frames=sum(r.pixel_values.shape[0] for r in requests),
-                   ref_s=round(ref_s, 3), ours_s=round(ours_s, 3),
+                   same_tokens=f"{same}/{batch}", ref_s=round(ref_s, 3), ours_s=round(ours_s, 3),
                    ref_tok_s=round(tokens / ref_s, 1), ours_tok_s=round(tokens / ours_s, 1),
                    ref_img_s=round(images / ref_s, 2), ours_img_s=round(images / ours_s, 2),
                    speedup=round(ref_s / ours_s, 2), ours_prefill_s=round(stats["prefill_s"], 3),

@@ -6,6 +6,7 @@ import math
 from torch import Tensor, nn
 
 from .config import Idefics3Config
+from .linear import Linear
 
 
 def pixel_shuffle(x: Tensor, scale: int) -> Tensor:
@@ -24,7 +25,7 @@ class Idefics3SimpleMLP(nn.Module):
     def __init__(self, config: Idefics3Config):
         super().__init__()
         in_dim = config.vision_config.hidden_size * config.scale_factor ** 2
-        self.proj = nn.Linear(in_dim, config.text_config.hidden_size, bias=False)
+        self.proj = Linear(in_dim, config.text_config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .linear import PackedWeight, linear
 
 
 class FusedLinears:
@@ -12,6 +13,8 @@ class FusedLinears:
     Their weights become row slices (views) of one matrix: state-dict names and memory stay as they
     were. A move, cast or `assign` load replaces the weights, so `_apply` / loading drop the fusion.
     """
+
+    packed: PackedWeight | None = None
 
     def __init__(self, linears: list[nn.Module]) -> None:
         self.weight = torch.cat([lin.weight.detach() for lin in linears])
@@ -26,7 +29,7 @@ class FusedLinears:
             start += n
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return linear(x, self.weight, self.bias, self.packed).split(self.sizes, dim=-1)
 
 
 class Fusable(nn.Module):

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .config import Idefics3Config
 from .connector import Idefics3Connector
+from .linear import Linear
 from .llama import AttentionBackend, LlamaModel
 from .vision import Idefics3VisionTransformer
 
@@ -163,7 +164,7 @@ class Idefics3ForConditionalGeneration(_PretrainedMixin, nn.Module):
         self.config = config
         self.model = Idefics3Model(config)
         text = config.text_config
-        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.lm_head = Linear(text.hidden_size, text.vocab_size, bias=False)
         self.generation_config: dict = {}
         self.tie_weights()
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .config import LlamaConfig
 from .fusion import Fusable
+from .linear import Linear
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -150,10 +151,10 @@ class LlamaAttention(Fusable):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, bias = config.head_dim, config.attention_bias
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+        self.q_proj = Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=bias)
 
     def _heads(self, x: Tensor, n: int) -> Tensor:
         b, length, _ = x.shape
@@ -175,9 +176,9 @@ class LlamaMLP(Fusable):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         d, h, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(d, h, bias=bias)
-        self.up_proj = nn.Linear(d, h, bias=bias)
-        self.down_proj = nn.Linear(h, d, bias=bias)
+        self.gate_proj = Linear(d, h, bias=bias)
+        self.up_proj = Linear(d, h, bias=bias)
+        self.down_proj = Linear(h, d, bias=bias)
         self.act = activation(config.hidden_act)
 
     def fusable(self) -> list[nn.Module]:

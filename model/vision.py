@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .config import Idefics3VisionConfig
 from .fusion import Fusable
+from .linear import Linear
 from .llama import activation
 
 
@@ -51,10 +52,10 @@ class Idefics3VisionAttention(Fusable):
         super().__init__()
         d = config.hidden_size
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.q_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.k_proj = Linear(d, d)
+        self.v_proj = Linear(d, d)
+        self.q_proj = Linear(d, d)
+        self.out_proj = Linear(d, d)
 
     def _heads(self, x: Tensor) -> Tensor:
         n, t, _ = x.shape
@@ -76,8 +77,8 @@ class Idefics3VisionAttention(Fusable):
 class Idefics3VisionMLP(nn.Module):
     def __init__(self, config: Idefics3VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.act = activation(config.hidden_act)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..fusion import fuse_projections
+from ..linear import pack_weights
 from .kv_cache import KVCache
 from .runner import ModelRunner, kv_bucket, pow2_bucket
 from .sampler import SamplingState, sample
@@ -37,12 +38,14 @@ def default_stop_ids(model: nn.Module, tokenizer=None) -> list[int]:
 
 class LLMEngine:
     """Serves `generate(requests)` from one model. The model is put in eval mode and its q/k/v and
-    gate/up projections are fused in place (model.fusion: same state dict, same memory)."""
+    gate/up projections are fused in place (model.fusion: same state dict, same memory); on CPU in
+    float32 the projections also get a copy packed for oneDNN (model.linear: ~1.6x faster decode,
+    for a second copy of the weights)."""
 
     def __init__(self, model: nn.Module, tokenizer=None, max_batch_size: int = 64,
                  kv_cache_tokens: int | None = None, *, max_prefill_tokens: int = 8192,
                  use_cuda_graphs: bool = True, compile: bool | None = None, max_image_frames: int = 64) -> None:
-        self.model = fuse_projections(model.eval())
+        self.model = pack_weights(fuse_projections(model.eval()))
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype

@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..linear import PackedWeight, linear
+
 
 @dataclass(frozen=True)
 class TPContext:
@@ -47,6 +49,7 @@ class ShardSpec:
 
 class ColumnParallelLinear(nn.Module):
     """y_local = x @ W[rows].T (+ b[rows]): output features [start, stop) of the full layer."""
+    packed: PackedWeight | None = None
 
     def __init__(self, in_features: int, out_features: int, start: int, stop: int, bias: bool) -> None:
         super().__init__()
@@ -58,11 +61,12 @@ class ColumnParallelLinear(nn.Module):
         return ShardSpec(0, self.start, self.stop, self.full_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_local @ W[:, cols].T) + b: the input features [start, stop) live on this rank."""
+    packed: PackedWeight | None = None
 
     def __init__(self, in_features: int, out_features: int, start: int, stop: int, bias: bool,
                  tp: TPContext) -> None:
@@ -75,7 +79,7 @@ class RowParallelLinear(nn.Module):
         return ShardSpec(1, self.start, self.stop, self.full_in) if name == "weight" else None  # bias: whole
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(linear(x, self.weight, packed=self.packed))
         return out if self.bias is None else out + self.bias   # the bias once, after the sum
 
 
@@ -112,7 +116,8 @@ class VocabParallelEmbedding(_VocabShard):
 
 class ParallelLMHead(_VocabShard):
     """Logits of this rank's vocabulary rows, then all-gathered: every rank gets all logits."""
+    packed: PackedWeight | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = self.tp.all_gather_last_dim(F.linear(x, self.weight))
+        logits = self.tp.all_gather_last_dim(linear(x, self.weight, packed=self.packed))
         return logits[..., : self.vocab_size]     # drop the padding rows of the last partition

@@ -1,0 +1,77 @@
+"""model.linear: oneDNN projections (packed or not) equal F.linear in float32; training and stale
+packs fall back to the plain weight."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import Idefics3ForConditionalGeneration
+from model.linear import Linear, PackedWeight, linear, pack_weights, uses_onednn
+from tests.model.test_parity import make_batch
+
+torch.set_num_threads(1)
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 96), (8, 96), (3, 5, 96), (0, 96)])
+def test_linear_matches_f_linear_packed_or_not(shape):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(*shape, generator=g), torch.randn(200, 96, generator=g), torch.randn(200, generator=g)
+    with torch.inference_mode():
+        assert uses_onednn(x, w)
+        expected = F.linear(x, w, b)
+        _close(linear(x, w, b), expected)
+        _close(linear(x, w, b, PackedWeight(w)), expected)
+        _close(linear(x, w[50:150], None, PackedWeight(w[50:150])), F.linear(x, w[50:150]))
+
+
+def test_training_keeps_f_linear_and_its_gradients():
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    assert not uses_onednn(x, layer.weight)
+    layer(x).square().sum().backward()
+    weight = layer.weight.detach().requires_grad_()
+    x2 = x.detach().requires_grad_()
+    F.linear(x2, weight, layer.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, weight.grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+@needs_onednn
+def test_a_pack_stops_standing_for_a_weight_changed_by_an_optimizer_step_or_a_load():
+    layer = Linear(16, 8)
+    pack_weights(layer)
+    assert layer.packed is not None and layer.packed.matches(layer.weight)
+    x = torch.randn(4, 16)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x.requires_grad_()).sum().backward()
+    optimizer.step()
+    assert not layer.packed.matches(layer.weight)
+    with torch.inference_mode():
+        _close(layer(x), F.linear(x, layer.weight, layer.bias))     # the new weight, not the packed old one
+    pack_weights(layer)
+    layer.load_state_dict({"weight": torch.zeros(8, 16), "bias": torch.ones(8)})
+    with torch.inference_mode():
+        assert torch.equal(layer(x), torch.ones(4, 8))
+
+
+@needs_onednn
+def test_packed_model_gives_the_same_logits_and_packs_fused_groups_once(checkpoint):
+    from model.fusion import fuse_projections
+
+    model = Idefics3ForConditionalGeneration.from_pretrained(checkpoint("smolvlm")).eval()
+    batch = make_batch(model.config)
+    with torch.inference_mode():
+        before = model(**batch).logits
+    pack_weights(fuse_projections(model))
+    attn = model.model.text_model.layers[0].self_attn
+    assert attn.fused.packed is not None and attn.q_proj.packed is None and attn.o_proj.packed is not None
+    assert model.lm_head.packed is not None
+    with torch.inference_mode():
+        _close(model(**batch).logits, before)
