@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,6 +37,14 @@ def default_stop_ids(model: nn.Module, tokenizer=None) -> list[int]:
     return ids
 
 
+@dataclass
+class DecodeStep:
+    """A queued decode step: the sequences it serves and where their tokens land on the host."""
+    seqs: list[Sequence]
+    tokens: torch.Tensor                     # (rows,) int64, indexed by slot
+    ready: torch.cuda.Event | None           # CUDA: recorded after the copy to host memory
+
+
 class LLMEngine:
     """Serves `generate(requests)` from one model. The model is put in eval mode and its q/k/v and
     gate/up projections are fused in place (model.fusion: same state dict, same memory); on CPU in
@@ -44,7 +53,8 @@ class LLMEngine:
 
     def __init__(self, model: nn.Module, tokenizer=None, max_batch_size: int = 64,
                  kv_cache_tokens: int | None = None, *, max_prefill_tokens: int = 8192,
-                 use_cuda_graphs: bool = True, compile: bool | None = None, max_image_frames: int = 64) -> None:
+                 use_cuda_graphs: bool = True, compile: bool | None = None, max_image_frames: int = 64,
+                 overlap: bool | None = None) -> None:
         self.model = pack_weights(fuse_projections(model.eval()))
         self.tokenizer = tokenizer
         param = next(model.parameters())
@@ -54,6 +64,9 @@ class LLMEngine:
         self.max_prefill_tokens, self.use_cuda_graphs = max_prefill_tokens, use_cuda_graphs
         self.max_image_frames = max_image_frames
         self.compile = self.device.type == "cuda" if compile is None else compile   # CPU: compile time > gain
+        # Overlap: decode step N+1 is queued before step N's tokens are read, so the device never waits
+        # on the host's bookkeeping. CPU runs steps synchronously anyway: there it only costs a step.
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self.stop_ids = default_stop_ids(model, tokenizer)
         self.runner: ModelRunner | None = None
         self._rng = random.Random()
@@ -70,6 +83,7 @@ class LLMEngine:
         return min(self.max_batch_size * max_len, 2 * _GIB // bytes_per_token)
 
     def _ensure_cache(self, need_len: int) -> ModelRunner:
+        need_len += self.overlap        # a step in flight may advance a finished row one position more
         if self.runner is not None and self.runner.cache.max_len >= need_len:
             return self.runner
         self.runner = None                                   # free the old cache before sizing the new one
@@ -88,6 +102,8 @@ class LLMEngine:
                                   max_image_frames=self.max_image_frames)
         self.sampling = SamplingState.empty(slots, self.text_config.vocab_size, self.device)
         self.active = torch.zeros(slots, dtype=torch.int64, device=self.device)
+        pinned = self.device.type == "cuda"
+        self.host_tokens = [torch.zeros(slots, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
         return self.runner
 
     # ---- requests -----------------------------------------------------------------------------
@@ -131,17 +147,22 @@ class LLMEngine:
         seqs = [self._sequence(i, r) for i, r in enumerate(requests)]
         for seq in seqs:
             scheduler.add(seq)
+        in_flight: DecodeStep | None = None
         while not scheduler.done:
             start = time.perf_counter()
-            admitted = scheduler.admit()
-            if admitted:
-                self._prefill(scheduler, admitted)
+            if scheduler.can_admit():
+                self._collect(scheduler, in_flight)          # frees slots before admitting
+                in_flight = None
+                self._prefill(scheduler, scheduler.admit())
                 self.stats["prefill_s"] += time.perf_counter() - start
-            else:
-                self.stats["decode_tokens"] += len(scheduler.running)
-                self._decode(scheduler)
-                self.stats["decode_s"] += time.perf_counter() - start
-                self.stats["decode_steps"] += 1
+                continue
+            launched = self._launch_decode(scheduler, in_flight)
+            self._collect(scheduler, in_flight)
+            in_flight = launched
+            if not self.overlap:
+                self._collect(scheduler, in_flight)
+                in_flight = None
+            self.stats["decode_s"] += time.perf_counter() - start
         return [self._result(s) for s in seqs]
 
     # ---- steps --------------------------------------------------------------------------------
@@ -173,18 +194,44 @@ class LLMEngine:
         self.sampling.step[slot_t] += 1
         self._record(scheduler, seqs, tokens.tolist())
 
-    def _decode(self, scheduler: Scheduler) -> None:
+    def _launch_decode(self, scheduler: Scheduler, in_flight: DecodeStep | None) -> DecodeStep | None:
+        """Queue one decode step over the running sequences; its tokens reach the host later.
+        With a step in flight, each sequence is one token longer than recorded, and those whose
+        in-flight token is their last (max_new_tokens) are left out. None (collect first) if that
+        leaves none, or if it frees a slot that a waiting request should take before this step."""
+        lag = in_flight is not None
+        seqs = [s for s in scheduler.running.values() if not (lag and s.last_token_pending())]
+        if not seqs or (len(seqs) < len(scheduler.running) and scheduler.waiting):
+            return None
         runner = self.runner
         rows = pow2_bucket(scheduler.decode_batch_size(), 1, runner.cache.num_slots)
-        seqs = list(scheduler.running.values())
-        kv_len = kv_bucket(max(s.length for s in seqs), runner.cache.max_len)
+        kv_len = kv_bucket(max(s.length for s in seqs) + lag, runner.cache.max_len)
         logits = runner.decode(rows, kv_len)
         tokens = self.sample_tokens(logits, torch.arange(rows, device=self.device), seqs)
         runner.tokens[:rows] = tokens
         runner.positions[:rows] += self.active[:rows]
         self.sampling.step[:rows] += 1
-        host = tokens.tolist()                                   # the step's one host sync
-        self._record(scheduler, seqs, [host[s.slot] for s in seqs])
+        self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += len(seqs)
+        if self.device.type != "cuda":
+            return DecodeStep(seqs, tokens, None)
+        self.host_tokens.reverse()               # two buffers: the other may hold the unread step in flight
+        host = self.host_tokens[0][:rows]
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return DecodeStep(seqs, host, ready)
+
+    def _collect(self, scheduler: Scheduler, step: DecodeStep | None) -> None:
+        """Record a launched step's tokens (the step's one host sync); rows of sequences that
+        finished meanwhile are dropped."""
+        if step is None:
+            return
+        if step.ready is not None:
+            step.ready.synchronize()
+        host = step.tokens.tolist()
+        live = [s for s in step.seqs if s.finish_reason is None]
+        self._record(scheduler, live, [host[s.slot] for s in live])
 
     def _record(self, scheduler: Scheduler, seqs: list[Sequence], tokens: list[int]) -> None:
         for seq, token in zip(seqs, tokens):

@@ -26,6 +26,10 @@ class Sequence:
         """Tokens whose K/V are (or are about to be) in the cache, including the newest."""
         return self.prompt_len + len(self.generated)
 
+    def last_token_pending(self) -> bool:
+        """One more token reaches max_new_tokens: the sequence ends with it, whatever it is."""
+        return len(self.generated) + 1 >= self.request.sampling.max_new_tokens
+
     def append(self, token: int) -> bool:
         """Record a new token; True when the sequence is finished."""
         self.generated.append(token)
@@ -64,6 +68,9 @@ class Scheduler:
             batch.append(seq)
             tokens += n
         return batch
+
+    def can_admit(self) -> bool:
+        return bool(self.waiting and self.free)
 
     def release(self, seq: Sequence) -> None:
         del self.running[seq.slot]

@@ -54,10 +54,16 @@ def setup(request, tmp_path_factory):
     return ours, requests, expected, tokenizer, ref
 
 
+@pytest.fixture(params=[False, True], ids=["step-by-step", "overlapped"])
+def overlap(request) -> bool:
+    """Both decode loops: tokens read after each step, or step N+1 queued before N's are read."""
+    return request.param
+
+
 @pytest.mark.parametrize("batch,slots", [(1, 1), (3, 3), (8, 8), (8, 3)])
-def test_greedy_equals_reference_alone(setup, batch, slots):
+def test_greedy_equals_reference_alone(setup, batch, slots, overlap):
     ours, requests, expected, tokenizer, _ = setup
-    engine = LLMEngine(ours, tokenizer, max_batch_size=slots)
+    engine = LLMEngine(ours, tokenizer, max_batch_size=slots, overlap=overlap)
     chosen = requests[:batch]
     results = engine.generate(chosen)
     assert [r.request_id for r in results] == [r.request_id for r in chosen]
@@ -70,9 +76,9 @@ def test_greedy_equals_reference_alone(setup, batch, slots):
         assert res.text == tokenizer.decode(res.token_ids, skip_special_tokens=True)
 
 
-def test_arrival_order_and_slot_reuse(setup):
+def test_arrival_order_and_slot_reuse(setup, overlap):
     ours, requests, expected, _, _ = setup
-    engine = LLMEngine(ours, max_batch_size=3)     # 8 requests through 3 slots: every slot reused
+    engine = LLMEngine(ours, max_batch_size=3, overlap=overlap)     # 8 requests through 3 slots: every slot reused
     for seed in (0, 1):
         order = requests[:]
         random.Random(seed).shuffle(order)
@@ -82,14 +88,14 @@ def test_arrival_order_and_slot_reuse(setup):
             assert res.text is None
 
 
-def test_small_prefill_budget_and_one_slot_at_a_time(setup):
+def test_small_prefill_budget_and_one_slot_at_a_time(setup, overlap):
     ours, requests, expected, _, _ = setup
-    engine = LLMEngine(ours, max_batch_size=4, max_prefill_tokens=1)   # prefill requests one by one
+    engine = LLMEngine(ours, max_batch_size=4, max_prefill_tokens=1, overlap=overlap)   # prefill requests one by one
     for req, res in zip(requests, engine.generate(requests)):
         assert res.token_ids == expected[req.request_id]
 
 
-def test_finish_reasons_and_counts(setup):
+def test_finish_reasons_and_counts(setup, overlap):
     ours, requests, expected, _, _ = setup
     req = requests[2]
     answer = expected[req.request_id]
@@ -101,14 +107,14 @@ def test_finish_reasons_and_counts(setup):
     no_stop = Request("late", req.prompt_ids, req.pixel_values, req.pixel_attention_mask, late)
     length = Request("length", req.prompt_ids, req.pixel_values, req.pixel_attention_mask,
                      SamplingParams(max_new_tokens=2, stop_token_ids=[]))
-    r_stop, r_late, r_len = LLMEngine(ours, max_batch_size=2).generate([stop, no_stop, length])
+    r_stop, r_late, r_len = LLMEngine(ours, max_batch_size=2, overlap=overlap).generate([stop, no_stop, length])
     assert (r_stop.finish_reason, r_stop.token_ids) == ("stop", answer[:first + 1])
     assert r_stop.num_generated_tokens == first + 1
     assert stop_at not in r_late.token_ids[:first + 1] and len(r_late.token_ids) > first + 1
     assert (r_len.finish_reason, r_len.token_ids, r_len.num_generated_tokens) == ("length", answer[:2], 2)
 
 
-def test_seeded_samples_ignore_batch_neighbours(setup):
+def test_seeded_samples_ignore_batch_neighbours(setup, overlap):
     ours, requests, _, _, _ = setup
     hot = [SamplingParams(max_new_tokens=8, temperature=1.3, top_k=30, top_p=0.95, seed=100 + i)
            for i in range(len(requests))]
@@ -116,12 +122,26 @@ def test_seeded_samples_ignore_batch_neighbours(setup):
                for r, p in zip(requests, hot)]
     alone = [LLMEngine(ours, max_batch_size=1).generate([r])[0].token_ids for r in sampled[:3]]
     mixed = sampled[:3] + [requests[5]]          # plus a greedy neighbour
-    together = LLMEngine(ours, max_batch_size=4).generate(mixed[::-1])[::-1]
+    together = LLMEngine(ours, max_batch_size=4, overlap=overlap).generate(mixed[::-1])[::-1]
     assert [r.token_ids for r in together[:3]] == alone
     other_seed = SamplingParams(max_new_tokens=8, temperature=1.3, top_k=30, top_p=0.95, seed=7)
     changed = LLMEngine(ours).generate([Request("x", sampled[0].prompt_ids, sampled[0].pixel_values,
                                                 sampled[0].pixel_attention_mask, other_seed)])
     assert len(changed[0].token_ids) >= 1
+
+
+def test_overlap_runs_no_step_past_a_known_last_token(setup):
+    """Length-limited rows: the overlapped loop queues exactly the steps the step-by-step one runs."""
+    ours, requests, expected, _, _ = setup
+    fixed = [Request(r.request_id, r.prompt_ids, r.pixel_values, r.pixel_attention_mask,
+                     SamplingParams(max_new_tokens=m, min_new_tokens=m)) for r, m in zip(requests, MAX_NEW)]
+    steps = {}
+    for overlap in (False, True):
+        engine = LLMEngine(ours, max_batch_size=3, overlap=overlap)
+        results = engine.generate(fixed)
+        assert [len(r.token_ids) for r in results] == MAX_NEW
+        steps[overlap] = engine.stats["decode_steps"]
+    assert steps[True] == steps[False]
 
 
 def test_bad_requests_are_named(setup):
