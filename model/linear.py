@@ -37,8 +37,8 @@ class PackedWeight:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: PackedWeight | None = None) -> Tensor:
     """x @ weight.T + bias. On CPU, torch's float32 matmul goes to MKL, which takes its AVX2 path on
     AMD processors; oneDNN uses the widest vector unit: 2.1-2.2x the FLOP/s of MKL on a Zen 5 core
-    for the prefill GEMMs, 1.5x (2.4x packed) for decode at batch 8 (BENCHMARKS.md). Still IEEE
-    float32, in another summation order."""
+    for the prefill GEMMs, 1.3-1.9x (1.8-3.1x packed) for decode at batch 8 (BENCHMARKS.md).
+    Still IEEE float32, in another summation order."""
     if not uses_onednn(x, weight):
         return F.linear(x, weight, bias)
     if packed is not None and packed.matches(weight):
