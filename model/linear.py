@@ -2,10 +2,13 @@
 packed once into its blocked layout where the engine asked for it."""
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+log = logging.getLogger(__name__)
 _ONEDNN = torch.backends.mkldnn.is_available()
 
 
@@ -58,16 +61,40 @@ def _packable(weight: Tensor) -> bool:
     return _ONEDNN and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
-def pack_weights(model: nn.Module) -> nn.Module:
-    """Give every projection that runs on CPU in float32 a PackedWeight (fused groups as one).
-    Inference only: it costs a second copy of those weights, and a changed weight stops using it."""
-    fused_parts = set()
+def _packing_targets(model: nn.Module) -> list:
+    """The projections that run on CPU in float32: fused groups as one, not their parts again."""
+    fused_parts, targets = set(), []
     for module in model.modules():
         fused = getattr(module, "fused", None)
-        if fused is not None and _packable(fused.weight):
-            fused.packed = PackedWeight(fused.weight)
+        if fused is not None:
+            targets.append(fused)
             fused_parts.update(id(part) for part in module.fusable())
-    for module in model.modules():
-        if hasattr(module, "packed") and id(module) not in fused_parts and _packable(module.weight):
-            module.packed = PackedWeight(module.weight)
+    targets += [m for m in model.modules() if hasattr(m, "packed") and id(m) not in fused_parts]
+    return [t for t in targets if _packable(t.weight)]
+
+
+def available_host_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def pack_weights(model: nn.Module, budget_bytes: int | None = None) -> nn.Module:
+    """Give every projection that runs on CPU in float32 a PackedWeight. Inference only: a changed
+    weight stops using it. It costs a second copy of those weights, so nothing is packed (with a
+    warning) when that copy would exceed `budget_bytes`."""
+    targets = _packing_targets(model)
+    need = sum(t.weight.numel() * t.weight.element_size() for t in targets)
+    if budget_bytes is not None and need > budget_bytes:
+        log.warning("not packing %.2f GiB of projection weights for oneDNN (budget %.2f GiB): "
+                    "CPU decode runs slower", need / 2**30, budget_bytes / 2**30)
+        return model
+    for target in targets:
+        target.packed = PackedWeight(target.weight)
     return model

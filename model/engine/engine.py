@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..fusion import fuse_projections
-from ..linear import pack_weights
+from ..linear import available_host_memory, pack_weights
 from .kv_cache import KVCache
 from .runner import ModelRunner, kv_bucket, pow2_bucket
 from .sampler import SamplingState, sample
@@ -49,13 +49,14 @@ class LLMEngine:
     """Serves `generate(requests)` from one model. The model is put in eval mode and its q/k/v and
     gate/up projections are fused in place (model.fusion: same state dict, same memory); on CPU in
     float32 the projections also get a copy packed for oneDNN (model.linear: ~1.6x faster decode,
-    for a second copy of the weights)."""
+    for a second copy of the weights, made only if it fits in half the available memory)."""
 
     def __init__(self, model: nn.Module, tokenizer=None, max_batch_size: int = 64,
                  kv_cache_tokens: int | None = None, *, max_prefill_tokens: int = 8192,
                  use_cuda_graphs: bool = True, compile: bool | None = None, max_image_frames: int = 64,
                  overlap: bool | None = None) -> None:
-        self.model = pack_weights(fuse_projections(model.eval()))
+        free = available_host_memory()
+        self.model = pack_weights(fuse_projections(model.eval()), None if free is None else free // 2)
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype

@@ -75,3 +75,18 @@ def test_packed_model_gives_the_same_logits_and_packs_fused_groups_once(checkpoi
     assert model.lm_head.packed is not None
     with torch.inference_mode():
         _close(model(**batch).logits, before)
+
+
+@needs_onednn
+def test_nothing_is_packed_past_the_memory_budget(checkpoint, caplog):
+    from model.fusion import fuse_projections
+    from model.linear import available_host_memory
+
+    model = fuse_projections(Idefics3ForConditionalGeneration.from_pretrained(checkpoint("smolvlm")).eval())
+    projections = [model.lm_head, model.model.text_model.layers[0].self_attn.fused]
+    need = sum(p.weight.numel() * 4 for p in [*projections, model.model.text_model.layers[0].mlp.down_proj])
+    pack_weights(model, budget_bytes=need)
+    assert all(p.packed is None for p in projections)
+    assert "not packing" in caplog.text
+    pack_weights(model, budget_bytes=available_host_memory())
+    assert all(p.packed is not None for p in projections)
