@@ -221,7 +221,7 @@ class LLMEngine:
         host = self.host_tokens[0][:rows]
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(self.device))     # the copy's stream, whatever device is current
         return DecodeStep(seqs, host, ready)
 
     def _collect(self, scheduler: Scheduler, step: DecodeStep | None) -> None:
