@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.linear import PackedWeight, linear  # noqa: E402
+from model.linear import ONEDNN, PackedWeight, linear  # noqa: E402
 
 # (out_features, in_features) of SmolVLM-256M's projections: fused q/k/v, o, fused gate/up, down,
 # LM head; vision fused q/k/v, fc1, fc2.
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
-    if not torch.backends.mkldnn.is_available():
+    if not ONEDNN:
         raise SystemExit("this torch has no oneDNN: model.linear uses F.linear everywhere")
     torch.set_num_threads(args.threads)
     print(f"# {cpu_name()}  torch {torch.__version__}  threads {args.threads}")

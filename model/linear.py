@@ -9,12 +9,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
-_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _onednn_linear_works() -> bool:
+    """The oneDNN ops used here are private to torch: probe them once, fall back to F.linear if a
+    build lacks them or they change."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w = torch.ones(2, 3), torch.arange(12.0).reshape(4, 3)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return torch.equal(y, F.linear(x, w))
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+
+
+ONEDNN = _onednn_linear_works()
 
 
 def uses_onednn(x: Tensor, weight: Tensor) -> bool:
     """CPU float32 without autograd: oneDNN's linear has no backward, so training keeps F.linear."""
-    if not _ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if not ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
@@ -58,7 +74,7 @@ class Linear(nn.Linear):
 
 
 def _packable(weight: Tensor) -> bool:
-    return _ONEDNN and weight.device.type == "cpu" and weight.dtype == torch.float32
+    return ONEDNN and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
 def _packing_targets(model: nn.Module) -> list:
