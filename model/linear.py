@@ -52,6 +52,11 @@ class PackedWeight:
     def matches(self, weight: Tensor) -> bool:
         return self._identity(weight) == self.source
 
+    def __deepcopy__(self, memo: dict) -> None:
+        # A copied module's weights live elsewhere, so no pack could stand for them (and oneDNN's
+        # blocked tensor has no storage to copy): the copy starts unpacked.
+        return None
+
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: PackedWeight | None = None) -> Tensor:
     """x @ weight.T + bias. On CPU, torch's float32 matmul goes to MKL, which takes its AVX2 path on
@@ -71,6 +76,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias, self.packed)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.packed = None          # a moved or cast weight is another tensor: free the stale copy
+        return super()._apply(fn, recurse)
 
 
 def _packable(weight: Tensor) -> bool:

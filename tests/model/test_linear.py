@@ -90,3 +90,20 @@ def test_nothing_is_packed_past_the_memory_budget(checkpoint, caplog):
     assert "not packing" in caplog.text
     pack_weights(model, budget_bytes=available_host_memory())
     assert all(p.packed is not None for p in projections)
+
+
+@needs_onednn
+def test_a_packed_model_deep_copies_and_moves_without_its_packs(checkpoint):
+    import copy
+
+    from model.fusion import fuse_projections
+
+    model = Idefics3ForConditionalGeneration.from_pretrained(checkpoint("smolvlm")).eval()
+    batch = make_batch(model.config)
+    pack_weights(fuse_projections(model))
+    twin = copy.deepcopy(model)                   # what the CUDA tests do after a CPU engine ran
+    assert twin.lm_head.packed is None and twin.model.text_model.layers[0].self_attn.fused.packed is None
+    with torch.inference_mode():
+        _close(twin(**batch).logits, model(**batch).logits)
+    model.to(torch.float64)
+    assert model.lm_head.packed is None
