@@ -54,7 +54,7 @@ class LLMEngine:
     def __init__(self, model: nn.Module, tokenizer=None, max_batch_size: int = 64,
                  kv_cache_tokens: int | None = None, *, max_prefill_tokens: int = 8192,
                  use_cuda_graphs: bool = True, compile: bool | None = None, max_image_frames: int = 64,
-                 overlap: bool | None = None) -> None:
+                 overlap: bool | None = None, batched_prefill: bool | None = None) -> None:
         free = available_host_memory()
         self.model = pack_weights(fuse_projections(model.eval()), None if free is None else free // 2)
         self.tokenizer = tokenizer
@@ -69,6 +69,7 @@ class LLMEngine:
         # on the host's bookkeeping. On CPU a step ends before the host goes on, so there is nothing to
         # hide, only a wasted step when the last rows end on a stop token: off by default.
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self.batched_prefill = batched_prefill      # None: on CUDA (see PackedPrefillAttention)
         self.stop_ids = default_stop_ids(model, tokenizer)
         self.runner: ModelRunner | None = None
         self._rng = random.Random()
@@ -101,7 +102,7 @@ class LLMEngine:
         cache = KVCache(tc.num_hidden_layers, slots, tc.num_key_value_heads, max_len, tc.head_dim,
                         self.dtype, self.device)
         self.runner = ModelRunner(self.model, cache, use_cuda_graphs=self.use_cuda_graphs, compile=self.compile,
-                                  max_image_frames=self.max_image_frames)
+                                  max_image_frames=self.max_image_frames, batched_prefill=self.batched_prefill)
         self.sampling = SamplingState.empty(slots, self.text_config.vocab_size, self.device)
         self.active = torch.zeros(slots, dtype=torch.int64, device=self.device)
         pinned = self.device.type == "cuda"

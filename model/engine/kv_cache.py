@@ -7,6 +7,8 @@ simply handed to the next one (its stale rows are masked by length, then overwri
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,18 +33,27 @@ def _expand_kv(x: Tensor, groups: int) -> Tensor:
 
 
 class PackedPrefillAttention:
-    """Prefill of several prompts packed end to end in one row (1, T): no padding.
+    """Prefill of several prompts packed end to end in one row (1, T): no padding in the projections.
 
     All segments' post-RoPE K/V go to their slots in one indexed write per layer; each segment
-    attends causally within itself only.
+    attends causally within itself only: one attention call per segment, or (`batched`) per group
+    of segments gathered into a right-padded batch (`padded_groups`). A causal query never sees the
+    padding after its own segment, so both are exact. Batched trades padding and gathers for far
+    fewer kernels: the better trade on a GPU, where a prefill of many short prompts on a small
+    model is bound by kernel launches; on a CPU the kernels' work dominates, and padding adds to it.
     """
 
-    def __init__(self, cache: KVCache, slots: list[int], lengths: list[int]) -> None:
+    def __init__(self, cache: KVCache, slots: list[int], lengths: list[int], batched: bool = False) -> None:
         self.cache, self.lengths = cache, lengths
         device = cache.k.device
         self.token_slot = torch.repeat_interleave(torch.tensor(slots, device=device),
                                                   torch.tensor(lengths, device=device))
         self.token_pos = torch.cat([torch.arange(n, device=device) for n in lengths])
+        self.batches = None
+        if batched and len(lengths) > 1:
+            starts = [0, *itertools.accumulate(lengths)]
+            self.batches = [SegmentBatch([starts[i] for i in group], [lengths[i] for i in group], device)
+                            for group in padded_groups(lengths)]
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         self.cache.k[layer_idx, self.token_slot, :, self.token_pos] = k[0].transpose(0, 1)
@@ -52,6 +63,10 @@ class PackedPrefillAttention:
         if len(self.lengths) == 1:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out = torch.empty_like(q)
+        if self.batches is not None:
+            for batch in self.batches:
+                batch.attend(q, k, v, out)
+            return out
         start = 0
         for n in self.lengths:
             end = start + n
@@ -59,6 +74,42 @@ class PackedPrefillAttention:
                 q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True)
             start = end
         return out
+
+
+def padded_groups(lengths: list[int], waste: float = 2.0) -> list[list[int]]:
+    """Segments (indices into `lengths`) grouped longest first, so that each group padded to its
+    longest member holds at most `waste` times its real tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= waste * (real + lengths[i]):
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            real = lengths[i]
+    return groups
+
+
+class SegmentBatch:
+    """Some segments of a packed row as a right-padded batch (n, Lmax): where to gather their
+    tokens from, and which padded positions are real (pads read the segment's first token)."""
+
+    def __init__(self, starts: list[int], lengths: list[int], device: torch.device) -> None:
+        columns = torch.arange(max(lengths))
+        real = columns[None, :] < torch.tensor(lengths)[:, None]                            # (n, Lmax)
+        source = torch.tensor(starts)[:, None] + columns[None, :] * real
+        self.source = source.to(device)
+        self.real = real.flatten().nonzero()[:, 0].to(device)
+        self.targets = source.flatten()[real.flatten()].to(device)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
+        """Causal attention of these segments of (1, H, T, hd) q/k/v, written into `out`'s rows."""
+        def gather(x: Tensor) -> Tensor:            # (1, H, T, hd) -> (n, H, Lmax, hd)
+            return x[0][:, self.source].transpose(0, 1)
+        attended = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), is_causal=True)
+        out[0][:, self.targets] = attended.transpose(0, 1).flatten(1, 2)[:, self.real]
 
 
 class DecodeAttention:

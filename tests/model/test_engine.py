@@ -76,6 +76,16 @@ def test_greedy_equals_reference_alone(setup, batch, slots, overlap):
         assert res.text == tokenizer.decode(res.token_ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("slots", [8, 3])
+def test_batched_prefill_equals_reference(setup, slots):
+    """Prompts prefilled together attend as padded groups (the CUDA default): same tokens."""
+    ours, requests, expected, _, _ = setup
+    engine = LLMEngine(ours, max_batch_size=slots, batched_prefill=True)
+    for req, res in zip(requests, engine.generate(requests)):
+        assert res.token_ids == expected[req.request_id], req.request_id
+    assert engine.runner.batched_prefill
+
+
 def test_arrival_order_and_slot_reuse(setup, overlap):
     ours, requests, expected, _, _ = setup
     engine = LLMEngine(ours, max_batch_size=3, overlap=overlap)     # 8 requests through 3 slots: every slot reused

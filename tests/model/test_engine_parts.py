@@ -2,10 +2,11 @@
 attention backends over the slot cache, against plain formulas."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from model.engine.kv_cache import DecodeAttention, KVCache, PackedPrefillAttention
+from model.engine.kv_cache import DecodeAttention, KVCache, PackedPrefillAttention, padded_groups
 from model.engine.runner import kv_bucket, pow2_bucket
 from model.engine.sampler import SamplingState, _filter_top_k_top_p, sample, uniform_noise
 
@@ -77,19 +78,36 @@ def test_decode_attention_reads_each_slot_up_to_its_length():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_packed_prefill_equals_separate_causal_attention():
+@pytest.mark.parametrize("batched", [False, True], ids=["per-prompt", "padded-groups"])
+def test_packed_prefill_equals_separate_causal_attention(batched):
     torch.manual_seed(1)
-    cache = KVCache(1, 3, 1, 8, 4, torch.float32, "cpu")
-    lengths, slots = [3, 5], [2, 0]
-    q, k, v = torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4)
-    out = PackedPrefillAttention(cache, slots, lengths)(0, q, k, v)
-    for (start, n), slot in zip([(0, 3), (3, 5)], slots):
+    lengths, slots = [3, 5, 1, 12, 2, 7], [2, 0, 5, 3, 6, 1]
+    cache = KVCache(2, 8, 2, 16, 4, torch.float32, "cpu")
+    total = sum(lengths)
+    q, k, v = torch.randn(1, 4, total, 4), torch.randn(1, 2, total, 4), torch.randn(1, 2, total, 4)
+    attention = PackedPrefillAttention(cache, slots, lengths, batched=batched)
+    assert batched == (attention.batches is not None and len(attention.batches) > 1)
+    out = attention(1, q, k, v)
+    start = 0
+    for n, slot in zip(lengths, slots):
         seg = slice(start, start + n)
         ref = F.scaled_dot_product_attention(q[:, :, seg], k[:, :, seg].repeat_interleave(2, 1),
                                              v[:, :, seg].repeat_interleave(2, 1), is_causal=True)
         torch.testing.assert_close(out[:, :, seg], ref)
-        assert torch.equal(cache.k[0, slot, :, :n], k[0, :, seg])
-    assert (cache.k[0, 1] == 0).all()          # the untouched slot
+        assert torch.equal(cache.k[1, slot, :, :n], k[0, :, seg])
+        assert torch.equal(cache.v[1, slot, :, :n], v[0, :, seg])
+        start += n
+    assert (cache.k[1, [4, 7]] == 0).all() and (cache.k[0] == 0).all()   # untouched slots and layer
+
+
+def test_padded_groups_hold_each_prompt_once_within_the_waste_bound():
+    lengths = [40, 3, 17, 17, 90, 1, 60, 8, 33]
+    groups = padded_groups(lengths, waste=2.0)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 2.0 * sum(lengths[i] for i in g)
+    assert len(groups) < len(lengths)
+    assert padded_groups([5, 5, 5, 5]) == [[0, 1, 2, 3]]
 
 
 def test_buckets():
