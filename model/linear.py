@@ -29,8 +29,11 @@ ONEDNN = _onednn_linear_works()
 
 
 def uses_onednn(x: Tensor, weight: Tensor) -> bool:
-    """CPU float32 without autograd: oneDNN's linear has no backward, so training keeps F.linear."""
+    """CPU float32 without autograd: oneDNN's linear has no backward, so training keeps F.linear.
+    Not under torch.compile either: inductor cannot lower the private op, and picks its own GEMMs."""
     if not ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.compiler.is_compiling():
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 

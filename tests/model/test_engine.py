@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import shutil
 
 import pytest
 import torch
@@ -84,6 +85,60 @@ def test_batched_prefill_equals_reference(setup, slots):
     for req, res in zip(requests, engine.generate(requests)):
         assert res.token_ids == expected[req.request_id], req.request_id
     assert engine.runner.batched_prefill
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.filterwarnings("error:torch.compile of the decode step failed")
+def test_compiled_decode_equals_reference(setup):
+    """The decode step through torch.compile (the CUDA default), here on CPU: it must trace whole
+    (fullgraph; a failure would fall back to eager with a warning, made an error here) and give
+    the reference's tokens through several batch and kv buckets."""
+    ours, requests, expected, _, _ = setup
+    engine = LLMEngine(ours, max_batch_size=3, compile=True)
+    for req, res in zip(requests, engine.generate(requests)):
+        assert res.token_ids == expected[req.request_id], req.request_id
+    assert engine.runner.compile
+
+
+class _PostGradGraph:
+    """Records the ops of each graph inductor compiles (after its own post-grad passes)."""
+
+    def __init__(self) -> None:
+        self.ops: list[str] = []
+
+    def __call__(self, graph) -> None:
+        self.ops += [str(node.target) for node in graph.nodes if node.op == "call_function"]
+
+    def uuid(self) -> None:
+        return None
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decode_writes_the_cache_in_place(setup):
+    """A K/V write through a view of the cache (its layer slice) is functionalised by torch.compile
+    into a scatter of that whole slice, every layer of every step: decode time grows with the cache
+    (100x on CPU at SmolVLM-256M shapes). Writes indexed into the cache itself stay in place."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from model.engine.kv_cache import KVCache
+    from model.engine.runner import decode_logits
+
+    ours = setup[0]
+    tc = ours.config.text_config
+    cache = KVCache(tc.num_hidden_layers, 4, tc.num_key_value_heads, 128, tc.head_dim, torch.float32, "cpu")
+    tokens, positions = torch.tensor([5, 6, 7]), torch.tensor([3, 0, 9])
+    graph = _PostGradGraph()
+    CustomGraphPass.register(_PostGradGraph)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=graph, fx_graph_cache=False), torch.inference_mode():
+        compiled = torch.compile(decode_logits, fullgraph=True, dynamic=True)(
+            ours, cache.k, cache.v, tokens, positions, 64)
+        k_after = cache.k.clone()
+        cache.k.zero_()
+        eager = decode_logits(ours, cache.k, cache.v, tokens, positions, 64)
+    assert graph.ops and not [op for op in graph.ops if "scatter" in op], sorted(set(graph.ops))
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(k_after, cache.k)           # same rows written, in place
 
 
 def test_arrival_order_and_slot_reuse(setup, overlap):
