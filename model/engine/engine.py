@@ -105,8 +105,9 @@ class LLMEngine:
                                   max_image_frames=self.max_image_frames, batched_prefill=self.batched_prefill)
         self.sampling = SamplingState.empty(slots, self.text_config.vocab_size, self.device)
         self.active = torch.zeros(slots, dtype=torch.int64, device=self.device)
-        pinned = self.device.type == "cuda"
-        self.host_tokens = [torch.zeros(slots, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
+        # CUDA: two pinned buffers that decode steps copy their tokens to (one may hold a step in flight).
+        self.host_tokens = [torch.zeros(slots, dtype=torch.int64, pin_memory=True)
+                            for _ in range(2)] if self.device.type == "cuda" else []
         return self.runner
 
     # ---- requests -----------------------------------------------------------------------------
@@ -218,7 +219,7 @@ class LLMEngine:
         self.stats["decode_tokens"] += len(seqs)
         if self.device.type != "cuda":
             return DecodeStep(seqs, tokens, None)
-        self.host_tokens.reverse()               # two buffers: the other may hold the unread step in flight
+        self.host_tokens.reverse()               # the other buffer may hold the unread step in flight
         host = self.host_tokens[0][:rows]
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
