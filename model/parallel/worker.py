@@ -171,7 +171,8 @@ class TPWorker:
         return self._command("logits", {k: _to_cpu(v) if isinstance(v, Tensor) else v for k, v in inputs.items()})
 
     def shard_stats(self) -> list[dict]:
-        """Per rank: parameter elements held, and how many of them are sharded."""
+        """Per rank: parameter elements held and how many of them are sharded, the last answers,
+        and whether the decode step runs compiled (False if off, or if compiling it failed)."""
         return self._command("stats", None)
 
     # ---- every rank ---------------------------------------------------------------------------
@@ -206,7 +207,8 @@ class TPWorker:
         sharded, total = sharded_fraction(self.engine.model)
         return {"rank": self.rank, "sharded_params": sharded, "total_params": total,
                 "kv_heads": self.engine.model.config.text_config.num_key_value_heads,
-                "last_tokens": self.last_tokens}
+                "last_tokens": self.last_tokens,
+                "compiled_decode": self.engine.runner is not None and self.engine.runner.compile}
 
 
 def _follower_main(rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float,

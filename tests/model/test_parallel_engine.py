@@ -6,6 +6,7 @@ seeded samples, ranks in lockstep, about 1/tp of the sharded parameters on each 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,19 @@ def test_tp_matches_tp1(checkpoint, name, tp):
     whole = sum(p.numel() for p in plain.parameters() if p.dim() >= 1)
     assert all(s["sharded_params"] < 1.1 * whole / tp for s in stats)
     assert len(processes) == tp - 1 and all(p.exitcode == 0 for p in processes)   # followers left cleanly
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_tp2_compiled_decode_matches_tp1(checkpoint):
+    """The compiled decode step (the CUDA default) traces whole with the collectives inside it."""
+    path = checkpoint("idefics3")
+    plain = Idefics3ForConditionalGeneration.from_pretrained(path)
+    reqs = requests(path)
+    with TPEngine(path, 2, cpu_threads=1, timeout_s=300, compile=True) as engine:
+        got = [r.token_ids for r in engine.generate(reqs)]
+        stats = engine.shard_stats()
+    assert got == reference_tokens(plain, reqs)
+    assert [s["compiled_decode"] for s in stats] == [True, True]
 
 
 def test_tp1_engine_needs_no_processes(checkpoint):
