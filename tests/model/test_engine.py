@@ -113,8 +113,9 @@ class _PostGradGraph:
         return None
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_decode_writes_the_cache_in_place(setup):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_compiled_decode_writes_the_cache_in_place(setup, device):
     """A K/V write through a view of the cache (its layer slice) is functionalised by torch.compile
     into a scatter of that whole slice, every layer of every step: decode time grows with the cache
     (100x on CPU at SmolVLM-256M shapes). Writes indexed into the cache itself stay in place."""
@@ -123,10 +124,12 @@ def test_compiled_decode_writes_the_cache_in_place(setup):
     from model.engine.kv_cache import KVCache
     from model.engine.runner import decode_logits
 
-    ours = setup[0]
+    if device == "cpu" and shutil.which("g++") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    ours = setup[0] if device == "cpu" else copy.deepcopy(setup[0]).to(device)
     tc = ours.config.text_config
-    cache = KVCache(tc.num_hidden_layers, 4, tc.num_key_value_heads, 128, tc.head_dim, torch.float32, "cpu")
-    tokens, positions = torch.tensor([5, 6, 7]), torch.tensor([3, 0, 9])
+    cache = KVCache(tc.num_hidden_layers, 4, tc.num_key_value_heads, 128, tc.head_dim, torch.float32, device)
+    tokens, positions = torch.tensor([5, 6, 7], device=device), torch.tensor([3, 0, 9], device=device)
     graph = _PostGradGraph()
     CustomGraphPass.register(_PostGradGraph)
     torch._dynamo.reset()
@@ -137,8 +140,8 @@ def test_compiled_decode_writes_the_cache_in_place(setup):
         cache.k.zero_()
         eager = decode_logits(ours, cache.k, cache.v, tokens, positions, 64)
     assert graph.ops and not [op for op in graph.ops if "scatter" in op], sorted(set(graph.ops))
-    torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(k_after, cache.k)           # same rows written, in place
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(k_after, cache.k, rtol=1e-4, atol=1e-4)    # same rows written, in place
 
 
 def test_arrival_order_and_slot_reuse(setup, overlap):
