@@ -74,6 +74,12 @@ class LLMEngine:
         self.batched_prefill = batched_prefill      # None: on CUDA (see PackedPrefillAttention)
         self.stop_ids = default_stop_ids(model, tokenizer)
         self.runner: ModelRunner | None = None
+        self._scheduler: Scheduler | None = None
+        self._scheduler_runner: ModelRunner | None = None
+        self._pending: list[Sequence] = []          # added, not yet in the scheduler
+        self._in_flight: DecodeStep | None = None
+        self._finished: list[Sequence] = []         # finished since the last step returned
+        self._added = 0
         self._rng = random.Random()
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0}
 
@@ -144,32 +150,80 @@ class LLMEngine:
     @torch.inference_mode()
     def generate(self, requests: list[Request]) -> list[Result]:
         """Answers in the order of `requests`."""
+        if self.has_unfinished():
+            raise RuntimeError("generate() while requests added with add_requests() are unfinished")
+        seqs = self._add(requests)
+        while any(s.finish_reason is None for s in seqs):
+            self._step()
+        return [self._result(s) for s in seqs]
+
+    # ---- streaming: requests join the running batch as they come --------------------------------
+    def add_requests(self, requests: list[Request]) -> None:
+        """Queue requests (all checked first: a ValueError names the bad one, and none is queued).
+        `step()` returns their results as they finish, whatever else is running."""
+        self._add(requests)
+
+    @torch.inference_mode()
+    def step(self) -> list[Result]:
+        """One prefill or one decode step; the results of the requests that finished in it."""
+        return [self._result(s) for s in self._step()]
+
+    def has_unfinished(self) -> bool:
+        return bool(self._pending) or (self._scheduler is not None and not self._scheduler.done)
+
+    def abort(self) -> list[Request]:
+        """Drop every unfinished request (after a failed step the engine's state is unknown);
+        returns them, so the caller can answer them otherwise."""
+        dropped = [s.request for s in self._pending]
+        if self._scheduler is not None:
+            dropped += [s.request for s in (*self._scheduler.running.values(), *self._scheduler.waiting)]
+        self._pending, self._scheduler, self._in_flight, self._finished = [], None, None, []
+        return dropped
+
+    def _add(self, requests: list[Request]) -> list[Sequence]:
         for r in requests:
             self.check_request(r)
-        if not requests:
-            return []
-        runner = self._ensure_cache(max(len(r.prompt_ids) + r.sampling.max_new_tokens for r in requests))
-        scheduler = Scheduler(runner.cache.num_slots, self.max_prefill_tokens)
-        seqs = [self._sequence(i, r) for i, r in enumerate(requests)]
-        for seq in seqs:
-            scheduler.add(seq)
-        in_flight: DecodeStep | None = None
-        while not scheduler.done:
-            start = time.perf_counter()
+        seqs = [self._sequence(self._added + i, r) for i, r in enumerate(requests)]
+        self._added += len(seqs)
+        self._pending += seqs
+        return seqs
+
+    def _admit_pending(self) -> None:
+        """Pending requests join the scheduler in arrival order while they fit the cache. The cache
+        is (re)sized only when nothing runs; a request too long for it waits for that, and so do
+        the ones behind it (none overtakes it for ever)."""
+        if self._pending and (self._scheduler is None or self._scheduler.done):
+            runner = self._ensure_cache(max(s.prompt_len + s.request.sampling.max_new_tokens
+                                            for s in self._pending))
+            if self._scheduler is None or self._scheduler_runner is not runner:    # a new cache: new slots
+                self._scheduler = Scheduler(runner.cache.num_slots, self.max_prefill_tokens)
+                self._scheduler_runner = runner
+        room = self.runner.cache.max_len - self.overlap if self.runner is not None else 0
+        while self._pending and self._pending[0].prompt_len + self._pending[0].request.sampling.max_new_tokens <= room:
+            self._scheduler.add(self._pending.pop(0))
+
+    def _step(self) -> list[Sequence]:
+        self._admit_pending()
+        scheduler, start = self._scheduler, time.perf_counter()
+        try:
             if scheduler.can_admit():
-                self._collect(scheduler, in_flight)          # frees slots before admitting
-                in_flight = None
+                self._collect(scheduler, self._in_flight)          # frees slots before admitting
+                self._in_flight = None
                 self._prefill(scheduler, scheduler.admit())
                 self.stats["prefill_s"] += time.perf_counter() - start
-                continue
-            launched = self._launch_decode(scheduler, in_flight)
-            self._collect(scheduler, in_flight)
-            in_flight = launched
-            if not self.overlap:
-                self._collect(scheduler, in_flight)
-                in_flight = None
-            self.stats["decode_s"] += time.perf_counter() - start
-        return [self._result(s) for s in seqs]
+            else:
+                launched = self._launch_decode(scheduler, self._in_flight)
+                self._collect(scheduler, self._in_flight)
+                self._in_flight = launched
+                if not self.overlap:
+                    self._collect(scheduler, launched)
+                    self._in_flight = None
+                self.stats["decode_s"] += time.perf_counter() - start
+        except BaseException:
+            self.abort()
+            raise
+        finished, self._finished = self._finished, []
+        return finished
 
     # ---- steps --------------------------------------------------------------------------------
     def _assign_sampling(self, seq: Sequence) -> None:
@@ -244,6 +298,7 @@ class LLMEngine:
             if seq.append(token):
                 scheduler.release(seq)
                 self.active[seq.slot] = 0
+                self._finished.append(seq)
 
     def _result(self, seq: Sequence) -> Result:
         text = None
