@@ -131,16 +131,24 @@ class Generate:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         crash_once_on(batch.column("id").to_pylist())
+        rows, outputs, requests = self.prepare(batch)
+        return self.finish(batch, rows, outputs, self.run(requests))
+
+    def prepare(self, batch: pa.Table) -> tuple[list[dict], list[dict | None], dict]:
+        """The batch's rows, their outputs so far (rows that arrived with an error, or failed to
+        become a request), and the engine requests of the others (row index -> Request)."""
         rows = batch.select(["id", "question", "input_ids", "frames", "frames_shape", "error"]).to_pylist()
-        outputs: list[dict] = [self.error_output(r, r["error"]) if r["error"] else None for r in rows]
-        todo = [i for i, out in enumerate(outputs) if out is None]
+        outputs: list[dict | None] = [self.error_output(r, r["error"]) if r["error"] else None for r in rows]
         requests = {}
-        for i in todo:
+        for i in [i for i, out in enumerate(outputs) if out is None]:
             try:
                 requests[i] = self.request(rows[i])
             except Exception as e:
                 outputs[i] = self.error_output(rows[i], error_message("prepare", e))
-        for i, result in self.run(requests).items():
+        return rows, outputs, requests
+
+    def finish(self, batch: pa.Table, rows: list[dict], outputs: list[dict | None], results: dict) -> pa.Table:
+        for i, result in results.items():
             outputs[i] = (self.error_output(rows[i], error_message("generate", result))
                           if isinstance(result, Exception) else self.answer_output(rows[i], result))
         return self.to_table(batch, outputs)
@@ -212,3 +220,28 @@ class Generate:
             columns.append(pa.array([o[f.name] for o in outputs], type=f.type))
         columns += [batch.column(f.name) for f in kept]
         return pa.Table.from_arrays(columns, schema=schema)
+
+
+class StreamingGenerate(Generate):
+    """The model stage of a one-device replica: the actor takes several batches at once (concurrent
+    calls) and their rows share one engine's decode steps (stream.EngineLoop), so a finished row's
+    slot goes to the next batch's rows instead of idling until its own batch's longest answer ends."""
+
+    def __init__(self, config: PipelineConfig, rank: dict | None = None):
+        from .stream import EngineLoop
+
+        super().__init__(config, rank)
+        self.loop = EngineLoop(self.engine)
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        import asyncio
+
+        crash_once_on(batch.column("id").to_pylist())
+        rows, outputs, requests = self.prepare(batch)
+        results = await asyncio.wrap_future(self.loop.submit(requests))
+        return self.finish(batch, rows, outputs, results)
+
+
+def calls_in_flight(config: PipelineConfig) -> int:
+    """Batches a streaming replica takes at once: enough to refill every engine slot, and one more."""
+    return -(-config.max_batch_size // config.batch_size) + 1

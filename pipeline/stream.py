@@ -1,0 +1,112 @@
+"""EngineLoop: one thread drives a replica's engine; the model stage's concurrent calls submit their
+batches to it, and each batch's rows join the decode steps of the rows already running.
+
+Without it a replica answers one batch at a time: the device decodes the batch's longest answer
+alone while the slots of the finished rows wait for the next batch. A step that fails takes every
+running row with it; those rows are then run one at a time, so that a failure names its own row
+and the others are still answered.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import replace
+
+log = logging.getLogger(__name__)
+
+
+class Submission:
+    """One batch's requests (row key -> Request) and the future of their outcomes (Result or exception)."""
+
+    def __init__(self, requests: dict) -> None:
+        self.requests, self.outcomes, self.future = requests, {}, Future()
+        if not requests:
+            self.future.set_result({})
+
+    def settle(self, key, outcome) -> None:
+        self.outcomes[key] = outcome
+        if len(self.outcomes) == len(self.requests) and not self.future.done():
+            self.future.set_result(self.outcomes)
+
+
+class EngineLoop:
+    """Serves `submit(requests)` from an engine with the streaming API (add_requests / step / generate)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[Submission] = queue.SimpleQueue()
+        self._live: dict[str, tuple[Submission, object]] = {}      # engine request id -> (submission, key)
+        self._suspects: list[tuple[Submission, object]] = []       # rows of a failed step, to run alone
+        self._ids = itertools.count()
+        threading.Thread(target=self._serve, name="engine-loop", daemon=True).start()
+
+    def submit(self, requests: dict) -> Future:
+        """Future of {key: Result | Exception}, one entry per request."""
+        submission = Submission(requests)
+        if requests:
+            self._inbox.put(submission)
+        return submission.future
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                self._turn()
+            except Exception as e:       # a bug here must not leave callers waiting for ever
+                log.exception("engine loop")
+                self.engine.abort()
+                for submission, key in [*self._live.values(), *self._suspects]:
+                    submission.settle(key, e)
+                self._live.clear()
+                self._suspects.clear()
+
+    def _turn(self) -> None:
+        if self._suspects:
+            self._run_alone(*self._suspects.pop(0))
+            return
+        self._take(block=not self.engine.has_unfinished())
+        if not self.engine.has_unfinished():
+            return
+        try:
+            finished = self.engine.step()
+        except Exception as e:           # the engine dropped its requests: each one runs again, alone
+            log.warning("a step over %d rows failed (%r); running them one at a time", len(self._live), e)
+            self._suspects += self._live.values()
+            self._live.clear()
+            return
+        for result in finished:
+            submission, key = self._live.pop(result.request_id)
+            submission.settle(key, replace(result, request_id=submission.requests[key].request_id))
+
+    def _take(self, block: bool) -> None:
+        """Add the waiting submissions' requests to the engine (wait for one if `block`)."""
+        try:
+            submission = self._inbox.get(block=block)
+        except queue.Empty:
+            return
+        while True:
+            for key, request in submission.requests.items():
+                self._add(submission, key, request)
+            try:
+                submission = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, submission: Submission, key, request) -> None:
+        try:
+            self.engine.check_request(request)          # its error names the row's own request id
+        except Exception as e:
+            submission.settle(key, e)
+            return
+        uid = str(next(self._ids))                      # row ids may repeat across batches
+        self.engine.add_requests([replace(request, request_id=uid)])
+        self._live[uid] = (submission, key)
+
+    def _run_alone(self, submission: Submission, key) -> None:
+        try:
+            outcome = self.engine.generate([submission.requests[key]])[0]
+        except Exception as e:
+            outcome = e
+        submission.settle(key, outcome)

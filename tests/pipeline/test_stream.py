@@ -1,0 +1,76 @@
+"""EngineLoop: batches submitted while others run share the engine's decode steps; a bad row or a
+failed step is answered row by row, naming its row, and every other row still gets its answer."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from model.engine import LLMEngine, Request
+from pipeline.stream import EngineLoop
+from tests.model.test_engine import setup  # noqa: F401  (tiny checkpoints, the reference's answers)
+
+torch.set_num_threads(1)
+
+
+def _keyed(requests: list[Request]) -> dict:
+    return {r.request_id: r for r in requests}
+
+
+def test_batches_in_flight_share_steps_and_get_the_reference_answers(setup):
+    ours, requests, expected, _, _ = setup
+    one_by_one = LLMEngine(ours, max_batch_size=4)
+    for part in (requests[:3], requests[3:6], requests[6:]):
+        one_by_one.generate(part)
+    engine = LLMEngine(ours, max_batch_size=4)
+    loop = EngineLoop(engine)
+    futures = [loop.submit(_keyed(part)) for part in (requests[:3], requests[3:6], requests[6:], [])]
+    outcomes = {}
+    for future in futures:
+        outcomes.update(future.result(timeout=60))
+    assert {k: r.token_ids for k, r in outcomes.items()} == expected
+    assert all(r.request_id == k for k, r in outcomes.items())       # the caller's ids, not the loop's
+    assert engine.stats["decode_steps"] < one_by_one.stats["decode_steps"]
+
+
+def test_a_bad_row_and_a_failing_step_cost_only_their_own_rows(setup, monkeypatch):
+    ours, requests, expected, _, _ = setup
+    engine = LLMEngine(ours, max_batch_size=4)
+    poison = requests[5]
+    prefill = engine._prefill
+
+    def failing_prefill(scheduler, seqs):       # a step fails whenever the poison row is in it
+        if any(s.request.prompt_ids == poison.prompt_ids for s in seqs):
+            raise RuntimeError("out of memory")
+        return prefill(scheduler, seqs)
+
+    monkeypatch.setattr(engine, "_prefill", failing_prefill)
+    loop = EngineLoop(engine)
+    bad = Request("empty", [])
+    first = loop.submit(_keyed(requests[:4]) | {"empty": bad})
+    second = loop.submit(_keyed(requests[4:]))
+    outcomes = first.result(timeout=60) | second.result(timeout=60)
+    assert isinstance(outcomes["empty"], ValueError) and "'empty'" in str(outcomes["empty"])
+    assert isinstance(outcomes[poison.request_id], RuntimeError)
+    answered = {k: r.token_ids for k, r in outcomes.items() if k not in ("empty", poison.request_id)}
+    assert answered == {k: v for k, v in expected.items() if k != poison.request_id}
+    assert not engine.has_unfinished()
+
+
+def test_submissions_from_many_threads(setup):
+    ours, requests, expected, _, _ = setup
+    loop = EngineLoop(LLMEngine(ours, max_batch_size=3))
+    outcomes, lock = {}, threading.Lock()
+
+    def call(part):
+        got = loop.submit(_keyed(part)).result(timeout=60)
+        with lock:
+            outcomes.update(got)
+
+    threads = [threading.Thread(target=call, args=([r],)) for r in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {k: r.token_ids for k, r in outcomes.items()} == expected
