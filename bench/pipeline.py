@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--cpu-workers", type=int, default=1)
+    ap.add_argument("--batches-in-flight", type=int, help="per replica (default: enough to fill the engine)")
     args = ap.parse_args()
     import torch
 
@@ -105,7 +106,7 @@ def main() -> None:
     pq.write_table(table.slice(0, args.rows), tmp / "small.parquet")
     pq.write_table(table, tmp / "large.parquet")
     config = PipelineConfig(model=args.model, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                            cpu_workers=args.cpu_workers)
+                            cpu_workers=args.cpu_workers, batches_in_flight=args.batches_in_flight)
 
     bare = bare_engine(config, table)
     small = run_pipeline(config, str(tmp / "small.parquet"), str(tmp / "out_small"))
@@ -114,7 +115,7 @@ def main() -> None:
     marginal_s = large["wall_s"] - small["wall_s"]
     report = {
         "rows": [args.rows, 3 * args.rows], "image": args.image, "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size, "cpu_workers": args.cpu_workers,
+        "batch_size": args.batch_size, "cpu_workers": args.cpu_workers, "batches_in_flight": args.batches_in_flight,
         "bare_engine_rows_per_s": round(1 / engine_s_per_row, 2),
         "bare_encode_rows_per_s_one_core": round(table.num_rows / bare["encode_s"], 2),
         "pipeline_rows_per_s_whole_run": large["rows_per_s"], "pipeline_wall_s": [small["wall_s"], large["wall_s"]],

@@ -17,8 +17,8 @@ from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, demo_path, init_ra
 
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", max_new_tokens=64,
                 temperature=0.0, top_p=1.0, seed=None, replicas=1, tensor_parallel_size=1, cpu_workers=1,
-                batch_size=16, keep_columns="", resume=False, image_backend="pil", storage_options=None,
-                max_image_pixels=None, device=None, show=5)
+                batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="", resume=False,
+                image_backend="pil", storage_options=None, max_image_pixels=None, device=None, show=5)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tensor-parallel-size", type=int, help="devices per replica")
     ap.add_argument("--cpu-workers", type=int, help="preprocessing actors")
     ap.add_argument("--batch-size", type=int, help="rows per block and per model call")
+    ap.add_argument("--max-batch-size", type=int, help="sequences a replica's engine decodes together (default 64)")
+    ap.add_argument("--batches-in-flight", type=int,
+                    help="blocks a one-device replica answers at once, their rows sharing decode steps "
+                         "(default: enough to fill --max-batch-size, plus one)")
     ap.add_argument("--keep-columns", help="comma-separated input columns to copy to the output")
     ap.add_argument("--resume", action="store_true", default=None, help="skip ids already in --output")
     ap.add_argument("--image-backend", choices=["pil", "torch"], help="reference image recipe")

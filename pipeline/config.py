@@ -23,6 +23,7 @@ class PipelineConfig:
     cpus_per_replica: float = 1.0               # CPUs of a model replica actor (its compute on a CPU-only node)
     batch_size: int = 16                        # rows per block / per model call
     max_batch_size: int = 64                    # sequences the engine decodes together
+    batches_in_flight: int | None = None        # per one-device replica; None: enough to fill the engine
     keep_columns: list[str] = field(default_factory=list)
     image_backend: str = "pil"                  # "pil" | "torch": which reference image recipe
     max_image_pixels: int | None = None         # larger images become error rows (None = processing's default)
@@ -40,6 +41,8 @@ class PipelineConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batches_in_flight is not None and self.batches_in_flight < 1:
+            raise ValueError(f"batches_in_flight must be >= 1, got {self.batches_in_flight}")
         if self.image_backend not in ("pil", "torch"):
             raise ValueError(f"image_backend must be 'pil' or 'torch', got {self.image_backend!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

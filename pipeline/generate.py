@@ -243,5 +243,5 @@ class StreamingGenerate(Generate):
 
 
 def calls_in_flight(config: PipelineConfig) -> int:
-    """Batches a streaming replica takes at once: enough to refill every engine slot, and one more."""
-    return -(-config.max_batch_size // config.batch_size) + 1
+    """Batches a streaming replica takes at once: by default enough to refill every engine slot, and one more."""
+    return config.batches_in_flight or -(-config.max_batch_size // config.batch_size) + 1

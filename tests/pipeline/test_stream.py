@@ -74,3 +74,17 @@ def test_submissions_from_many_threads(setup):
     for t in threads:
         t.join()
     assert {k: r.token_ids for k, r in outcomes.items()} == expected
+
+
+def test_batches_in_flight_fill_the_engine_unless_set():
+    from jobs.caption import DEFAULTS, parse_args, pipeline_config
+    from jobs.common import merge_args
+    from pipeline import PipelineConfig
+    from pipeline.generate import calls_in_flight
+
+    assert calls_in_flight(PipelineConfig(model="m", batch_size=16, max_batch_size=64)) == 5
+    assert calls_in_flight(PipelineConfig(model="m", batch_size=100, max_batch_size=64)) == 2
+    config = pipeline_config(merge_args(parse_args(["--max-batch-size", "8", "--batches-in-flight", "1"]), DEFAULTS))
+    assert (config.max_batch_size, config.batches_in_flight, calls_in_flight(config)) == (8, 1, 1)
+    with pytest.raises(ValueError, match="batches_in_flight"):
+        PipelineConfig(model="m", batches_in_flight=0)

@@ -1,0 +1,91 @@
+"""Streaming batches through one engine (pipeline.stream.EngineLoop) against one batch at a time.
+
+A replica of the pipeline gets blocks of `--batch` rows. One at a time, each block decodes until
+its longest answer ends while the slots of its finished rows idle; streamed, the next blocks'
+rows take those slots. Answer lengths vary (each row's max_new_tokens drawn from
+[--min-new, --max-new], min_new_tokens equal: the length of a row that stops on EOS), greedy.
+Prints decode steps, wall time and rows/s of both, same model and requests, in one run.
+
+    python bench/stream.py                                  # CPU, SmolVLM-256M shapes, 128 px tiles
+    python bench/stream.py --device cuda --blocks 16 --batch 16 --slots 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from engine import make_requests, our_model, reference_model  # noqa: E402  (bench/engine.py)
+from model.engine import LLMEngine, SamplingParams  # noqa: E402
+from pipeline.stream import EngineLoop  # noqa: E402
+
+
+def varied_requests(args, device: str) -> list:
+    rng = random.Random(0)
+    base = make_requests("smolvlm-256m", args.tile, args.blocks * args.batch, 3, args.max_new, device)
+    out = []
+    for i, r in enumerate(base):
+        n = rng.randint(args.min_new, args.max_new)
+        out.append(replace(r, request_id=f"r{i}", sampling=SamplingParams(max_new_tokens=n, min_new_tokens=n)))
+    return out
+
+
+def one_at_a_time(engine: LLMEngine, blocks: list[list]) -> float:
+    start = time.perf_counter()
+    for block in blocks:
+        engine.generate(block)
+    return time.perf_counter() - start
+
+
+def streamed(engine: LLMEngine, blocks: list[list]) -> float:
+    loop = EngineLoop(engine)
+    start = time.perf_counter()
+    futures = [loop.submit({r.request_id: r for r in block}) for block in blocks]
+    for f in futures:
+        f.result()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--blocks", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=8, help="rows per block")
+    ap.add_argument("--slots", type=int, default=16, help="the engine's max_batch_size")
+    ap.add_argument("--min-new", type=int, default=4)
+    ap.add_argument("--max-new", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model = our_model(reference_model("smolvlm-256m", args.tile, args.device, dtype))
+    requests = varied_requests(args, args.device)
+    blocks = [requests[i:i + args.batch] for i in range(0, len(requests), args.batch)]
+    report = {"device": args.device, "blocks": args.blocks, "batch": args.batch, "slots": args.slots,
+              "new_tokens": sum(r.sampling.max_new_tokens for r in requests)}
+    for name, run in (("one_at_a_time", one_at_a_time), ("streamed", streamed)):
+        best, steps = float("inf"), 0
+        engine = LLMEngine(model, max_batch_size=args.slots)
+        for _ in range(args.repeats + 1):                     # the first run warms up (cache, graphs)
+            engine.stats["decode_steps"] = 0
+            seconds = run(engine, blocks)
+            best, steps = min(best, seconds), engine.stats["decode_steps"]
+        report[name] = {"decode_steps": steps, "seconds": round(best, 3),
+                        "rows_per_s": round(len(requests) / best, 2)}
+    report["speedup"] = round(report["one_at_a_time"]["seconds"] / report["streamed"]["seconds"], 2)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
