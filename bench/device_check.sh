@@ -3,7 +3,8 @@
 #   rm -rf tmp/gpu_deps && mkdir -p tmp/gpu_deps && cp -r .venv/lib/python3.11/site-packages/{_pytest,pytest,pluggy,\
 #     iniconfig,py.py,pytest_timeout.py,pygments,packaging} tmp/gpu_deps/      # the device image has no pytest
 #   run(command="bash bench/device_check.sh", carry=["tmp/gpu_deps"], timeout_s=560)
-# Order = priority: the CUDA tests, the 8B decode (bandwidth target), then the batch-32 ratios.
+# Order = priority: the CUDA tests, the 8B decode (bandwidth target), the batch-32 ratio, streamed
+# blocks vs one at a time (bench/stream.py), the 8B batch-32 ratio.
 # Each step has its own time limit so that a slow one cannot starve the rest; rows land in $OUT.
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/tmp/gpu_deps:$PWD
@@ -16,4 +17,5 @@ bench() { timeout "$1" python bench/engine.py --device cuda --new-tokens 64 --ou
   | grep -v -i warn | tail -30; }
 bench 160 --models idefics3-8b --batches 1 --repeats 2 --profile
 bench 150 --models smolvlm-256m --batches 32 --repeats 2 --profile
-bench 90 --models idefics3-8b --batches 32 --repeats 1
+timeout 50 python bench/stream.py --device cuda --blocks 8 --batch 16 --slots 64 --repeats 1 2>&1 | tail -1
+bench 80 --models idefics3-8b --batches 32 --repeats 1
