@@ -1,4 +1,4 @@
-"""Streaming batches through one engine (pipeline.stream.EngineLoop) against one batch at a time.
+"""Streaming batches through one engine (model.engine.loop.EngineLoop) against one batch at a time.
 
 A replica of the pipeline gets blocks of `--batch` rows. One at a time, each block decodes until
 its longest answer ends while the slots of its finished rows idle; streamed, the next blocks'
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine import make_requests, our_model, reference_model  # noqa: E402  (bench/engine.py)
 from model.engine import LLMEngine, SamplingParams  # noqa: E402
-from pipeline.stream import EngineLoop  # noqa: E402
+from model.engine.loop import EngineLoop  # noqa: E402
 
 
 def varied_requests(args, device: str) -> list:

@@ -224,11 +224,11 @@ class Generate:
 
 class StreamingGenerate(Generate):
     """The model stage of a one-device replica: the actor takes several batches at once (concurrent
-    calls) and their rows share one engine's decode steps (stream.EngineLoop), so a finished row's
+    calls) and their rows share one engine's decode steps (model.engine.loop.EngineLoop), so a finished row's
     slot goes to the next batch's rows instead of idling until its own batch's longest answer ends."""
 
     def __init__(self, config: PipelineConfig, rank: dict | None = None):
-        from .stream import EngineLoop
+        from model.engine.loop import EngineLoop
 
         super().__init__(config, rank)
         self.loop = EngineLoop(self.engine)

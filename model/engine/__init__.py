@@ -1,6 +1,7 @@
 """Generation engine: static KV cache of slots, continuous batching, per-request sampling."""
 from .engine import LLMEngine, default_stop_ids
 from .kv_cache import KVCache
+from .loop import EngineLoop
 from .types import Request, Result, SamplingParams
 
-__all__ = ["LLMEngine", "Request", "Result", "SamplingParams", "KVCache", "default_stop_ids"]
+__all__ = ["LLMEngine", "EngineLoop", "Request", "Result", "SamplingParams", "KVCache", "default_stop_ids"]

@@ -93,3 +93,17 @@ def test_image_struct_without_ids(ray_cluster, checkpoint, tmp_path):
     reasons = structs.column("finish_reason").to_pylist()
     assert reasons.count("error") == 1 and "missing.png" in "".join(e for e in structs["error"].to_pylist() if e)
     assert structs.schema.field("id").type == pa.uint64() and len(set(structs["id"].to_pylist())) == 3
+
+
+def test_batches_in_flight_fill_the_engine_unless_set():
+    from jobs.caption import DEFAULTS, parse_args, pipeline_config
+    from jobs.common import merge_args
+    from pipeline import PipelineConfig
+    from pipeline.generate import calls_in_flight
+
+    assert calls_in_flight(PipelineConfig(model="m", batch_size=16, max_batch_size=64)) == 5
+    assert calls_in_flight(PipelineConfig(model="m", batch_size=100, max_batch_size=64)) == 2
+    config = pipeline_config(merge_args(parse_args(["--max-batch-size", "8", "--batches-in-flight", "1"]), DEFAULTS))
+    assert (config.max_batch_size, config.batches_in_flight, calls_in_flight(config)) == (8, 1, 1)
+    with pytest.raises(ValueError, match="batches_in_flight"):
+        PipelineConfig(model="m", batches_in_flight=0)

@@ -1,5 +1,5 @@
-"""EngineLoop: batches submitted while others run share the engine's decode steps; a bad row or a
-failed step is answered row by row, naming its row, and every other row still gets its answer."""
+"""EngineLoop: batches submitted while others run share the engine's decode steps; a bad request or
+a failed step is answered request by request, naming its own, and every other one is answered."""
 from __future__ import annotations
 
 import threading
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.engine import LLMEngine, Request
-from pipeline.stream import EngineLoop
+from model.engine.loop import EngineLoop
 from tests.model.test_engine import setup  # noqa: F401  (tiny checkpoints, the reference's answers)
 
 torch.set_num_threads(1)
@@ -75,16 +75,3 @@ def test_submissions_from_many_threads(setup):
         t.join()
     assert {k: r.token_ids for k, r in outcomes.items()} == expected
 
-
-def test_batches_in_flight_fill_the_engine_unless_set():
-    from jobs.caption import DEFAULTS, parse_args, pipeline_config
-    from jobs.common import merge_args
-    from pipeline import PipelineConfig
-    from pipeline.generate import calls_in_flight
-
-    assert calls_in_flight(PipelineConfig(model="m", batch_size=16, max_batch_size=64)) == 5
-    assert calls_in_flight(PipelineConfig(model="m", batch_size=100, max_batch_size=64)) == 2
-    config = pipeline_config(merge_args(parse_args(["--max-batch-size", "8", "--batches-in-flight", "1"]), DEFAULTS))
-    assert (config.max_batch_size, config.batches_in_flight, calls_in_flight(config)) == (8, 1, 1)
-    with pytest.raises(ValueError, match="batches_in_flight"):
-        PipelineConfig(model="m", batches_in_flight=0)

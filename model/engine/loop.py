@@ -1,9 +1,10 @@
-"""EngineLoop: one thread drives a replica's engine; the model stage's concurrent calls submit their
-batches to it, and each batch's rows join the decode steps of the rows already running.
+"""EngineLoop: one thread drives an engine; callers on other threads submit batches of requests
+to it, and each batch's requests join the decode steps of those already running.
 
-Without it a replica answers one batch at a time: the device decodes the batch's longest answer
-alone while the slots of the finished rows wait for the next batch. A step that fails takes every
-running row with it; those rows are then run one at a time, so that a failure names its own row
+Without it, callers with one batch each are answered one batch at a time: the device decodes a
+batch's longest answer alone while the slots of its finished requests wait for the next batch
+(the pipeline's model stage: pipeline.generate.StreamingGenerate). A step that fails takes every
+running request with it; those are then run one at a time, so a failure names its own request
 and the others are still answered.
 """
 from __future__ import annotations
