@@ -22,13 +22,14 @@ def _drain(engine: LLMEngine, arrivals: dict[int, list[Request]]) -> tuple[dict[
     return answers, steps
 
 
-def test_requests_arriving_mid_run_share_its_steps(setup):
+@pytest.mark.parametrize("overlap", [False, True], ids=["step-by-step", "overlapped"])
+def test_requests_arriving_mid_run_share_its_steps(setup, overlap):
     ours, requests, expected, _, _ = setup
     first, second = requests[:4], requests[4:]
-    one_by_one = LLMEngine(ours, max_batch_size=4)
+    one_by_one = LLMEngine(ours, max_batch_size=4, overlap=overlap)
     one_by_one.generate(first)
     one_by_one.generate(second)
-    engine = LLMEngine(ours, max_batch_size=4)
+    engine = LLMEngine(ours, max_batch_size=4, overlap=overlap)
     answers, _ = _drain(engine, {0: first, 3: second})
     assert answers == {r.request_id: expected[r.request_id] for r in requests}
     # the second batch filled the slots the first one freed, instead of waiting for its longest row
