@@ -178,6 +178,8 @@ class LLMEngine:
         if self._scheduler is not None:
             dropped += [s.request for s in (*self._scheduler.running.values(), *self._scheduler.waiting)]
         self._pending, self._scheduler, self._in_flight, self._finished = [], None, None, []
+        if self.runner is not None:
+            self.active.zero_()         # dropped rows' positions must stop advancing (past the cache's end)
         return dropped
 
     def _add(self, requests: list[Request]) -> list[Sequence]:
@@ -203,6 +205,8 @@ class LLMEngine:
             self._scheduler.add(self._pending.pop(0))
 
     def _step(self) -> list[Sequence]:
+        if not self.has_unfinished():
+            return []
         self._admit_pending()
         scheduler, start = self._scheduler, time.perf_counter()
         try:
