@@ -195,13 +195,12 @@ class LLMEngine:
         is (re)sized only when nothing runs; a request too long for it waits for that, and so do
         the ones behind it (none overtakes it for ever)."""
         if self._pending and (self._scheduler is None or self._scheduler.done):
-            runner = self._ensure_cache(max(s.prompt_len + s.request.sampling.max_new_tokens
-                                            for s in self._pending))
+            runner = self._ensure_cache(max(s.max_length for s in self._pending))
             if self._scheduler is None or self._scheduler_runner is not runner:    # a new cache: new slots
                 self._scheduler = Scheduler(runner.cache.num_slots, self.max_prefill_tokens)
                 self._scheduler_runner = runner
         room = self.runner.cache.max_len - self.overlap if self.runner is not None else 0
-        while self._pending and self._pending[0].prompt_len + self._pending[0].request.sampling.max_new_tokens <= room:
+        while self._pending and self._pending[0].max_length <= room:
             self._scheduler.add(self._pending.pop(0))
 
     def _step(self) -> list[Sequence]:

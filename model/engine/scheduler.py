@@ -26,6 +26,11 @@ class Sequence:
         """Tokens whose K/V are (or are about to be) in the cache, including the newest."""
         return self.prompt_len + len(self.generated)
 
+    @property
+    def max_length(self) -> int:
+        """Cache positions the sequence may fill: its prompt and every new token it may get."""
+        return self.prompt_len + self.request.sampling.max_new_tokens
+
     def last_token_pending(self) -> bool:
         """One more token reaches max_new_tokens: the sequence ends with it, whatever it is."""
         return len(self.generated) + 1 >= self.request.sampling.max_new_tokens
