@@ -89,12 +89,12 @@ def test_batched_prefill_equals_reference(setup, slots):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.filterwarnings("error:torch.compile of the decode step failed")
-def test_compiled_decode_equals_reference(setup):
-    """The decode step through torch.compile (the CUDA default), here on CPU: it must trace whole
-    (fullgraph; a failure would fall back to eager with a warning, made an error here) and give
-    the reference's tokens through several batch and kv buckets."""
+def test_cuda_defaults_on_cpu_equal_reference(setup):
+    """The CUDA defaults but graphs: the decode step through torch.compile, which must trace whole
+    (fullgraph; a failure would fall back to eager with a warning, made an error here), overlapped
+    steps and padded-group prefill; the reference's tokens through several batch and kv buckets."""
     ours, requests, expected, _, _ = setup
-    engine = LLMEngine(ours, max_batch_size=3, compile=True)
+    engine = LLMEngine(ours, max_batch_size=3, compile=True, overlap=True, batched_prefill=True)
     for req, res in zip(requests, engine.generate(requests)):
         assert res.token_ids == expected[req.request_id], req.request_id
     assert engine.runner.compile
