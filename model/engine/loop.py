@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 
 log = logging.getLogger(__name__)
+_STOP = object()            # close(): the inbox's last item
 
 
 class Submission:
@@ -38,21 +39,31 @@ class EngineLoop:
 
     def __init__(self, engine) -> None:
         self.engine = engine
-        self._inbox: queue.SimpleQueue[Submission] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, tuple[Submission, object]] = {}      # engine request id -> (submission, key)
         self._suspects: list[tuple[Submission, object]] = []       # rows of a failed step, to run alone
         self._ids = itertools.count()
-        threading.Thread(target=self._serve, name="engine-loop", daemon=True).start()
+        self._closed = self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="engine-loop", daemon=True)
+        self._thread.start()
 
     def submit(self, requests: dict) -> Future:
         """Future of {key: Result | Exception}, one entry per request."""
+        if self._closed:
+            raise RuntimeError("submit() on a closed EngineLoop")
         submission = Submission(requests)
         if requests:
             self._inbox.put(submission)
         return submission.future
 
+    def close(self) -> None:
+        """Answer what was submitted, then stop the thread."""
+        self._closed = True
+        self._inbox.put(_STOP)
+        self._thread.join()
+
     def _serve(self) -> None:
-        while True:
+        while not (self._stopping and not self.engine.has_unfinished() and not self._suspects):
             try:
                 self._turn()
             except Exception as e:       # a bug here must not leave callers waiting for ever
@@ -88,6 +99,9 @@ class EngineLoop:
         except queue.Empty:
             return
         while True:
+            if submission is _STOP:
+                self._stopping = True
+                return
             for key, request in submission.requests.items():
                 self._add(submission, key, request)
             try:

@@ -32,6 +32,11 @@ def test_batches_in_flight_share_steps_and_get_the_reference_answers(setup):
     assert {k: r.token_ids for k, r in outcomes.items()} == expected
     assert all(r.request_id == k for k, r in outcomes.items())       # the caller's ids, not the loop's
     assert engine.stats["decode_steps"] < one_by_one.stats["decode_steps"]
+    late = loop.submit(_keyed(requests[:2]))
+    loop.close()                                                     # answers what was submitted first
+    assert {k: r.token_ids for k, r in late.result(timeout=0).items()} == {k: expected[k] for k in late.result()}
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.submit(_keyed(requests[:1]))
 
 
 def test_a_bad_row_and_a_failing_step_cost_only_their_own_rows(setup, monkeypatch):
