@@ -12,7 +12,8 @@ OUT=${OUT:-/tmp/device_out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 timeout 150 python -m pytest -q -x -p no:cacheprovider tests/model/test_cuda.py tests/model/test_engine.py \
-  tests/model/test_fusion.py tests/processing/test_pixels.py -k "cuda or fused or fusion" 2>&1 | tail -4
+  tests/model/test_engine_loop.py tests/model/test_fusion.py tests/processing/test_pixels.py \
+  -k "cuda or fused or fusion" 2>&1 | tail -4
 bench() { timeout "$1" python bench/engine.py --device cuda --new-tokens 64 --out "$OUT/engine.jsonl" "${@:2}" 2>&1 \
   | grep -v -i warn | tail -30; }
 bench 160 --models idefics3-8b --batches 1 --repeats 2 --profile

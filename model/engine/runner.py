@@ -142,6 +142,8 @@ class ModelRunner:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the engine may run in a thread of its own (EngineLoop) while other threads
+        # move new requests' pixels to the device; "global" would fail their CUDA calls, or this capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = self._decode_step(batch, kv_len)
         return graph, logits

@@ -80,3 +80,30 @@ def test_submissions_from_many_threads(setup):
         t.join()
     assert {k: r.token_ids for k, r in outcomes.items()} == expected
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_submissions_from_threads_moving_pixels_while_graphs_are_captured(setup):
+    """As the pipeline does: callers put each request's pixels on the device while the loop's
+    thread captures CUDA graphs for new buckets."""
+    import copy
+    from dataclasses import replace
+
+    ours, requests, _, _, _ = setup
+    model = copy.deepcopy(ours).to("cuda", torch.bfloat16)
+    eager = {r.request_id: r.token_ids for r in
+             LLMEngine(model, max_batch_size=3, use_cuda_graphs=False, compile=False).generate(requests)}
+    loop = EngineLoop(LLMEngine(model, max_batch_size=3, compile=False))
+    outcomes, lock = {}, threading.Lock()
+
+    def call(request):
+        pv = None if request.pixel_values is None else request.pixel_values.to("cuda", torch.bfloat16)
+        got = loop.submit({request.request_id: replace(request, pixel_values=pv)}).result(timeout=120)
+        with lock:
+            outcomes.update(got)
+
+    threads = [threading.Thread(target=call, args=(r,)) for r in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {k: r.token_ids for k, r in outcomes.items()} == eager
