@@ -206,9 +206,10 @@ class LLMEngine:
     def _step(self) -> list[Sequence]:
         if not self.has_unfinished():
             return []
-        self._admit_pending()
-        scheduler, start = self._scheduler, time.perf_counter()
+        start = time.perf_counter()
         try:
+            self._admit_pending()           # may size the cache, and find it too small
+            scheduler = self._scheduler
             if scheduler.can_admit():
                 self._collect(scheduler, self._in_flight)          # frees slots before admitting
                 self._in_flight = None

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from model.engine import LLMEngine, Request
+from model.engine import LLMEngine, Request, SamplingParams
 from model.engine.loop import EngineLoop
 from tests.model.test_engine import setup  # noqa: F401  (tiny checkpoints, the reference's answers)
 
@@ -60,6 +60,17 @@ def test_a_bad_row_and_a_failing_step_cost_only_their_own_rows(setup, monkeypatc
     assert isinstance(outcomes[poison.request_id], RuntimeError)
     answered = {k: r.token_ids for k, r in outcomes.items() if k not in ("empty", poison.request_id)}
     assert answered == {k: v for k, v in expected.items() if k != poison.request_id}
+    assert not engine.has_unfinished()
+
+
+def test_a_request_the_cache_cannot_hold_fails_alone(setup):
+    ours, requests, expected, _, _ = setup
+    engine = LLMEngine(ours, max_batch_size=4, kv_cache_tokens=300)
+    huge = Request("huge", requests[0].prompt_ids, sampling=SamplingParams(max_new_tokens=400))
+    loop = EngineLoop(engine)
+    outcomes = loop.submit({"r1": requests[1], "huge": huge, "r2": requests[2]}).result(timeout=60)
+    assert isinstance(outcomes["huge"], ValueError) and "KV cache budget" in str(outcomes["huge"])
+    assert {k: outcomes[k].token_ids for k in ("r1", "r2")} == {k: expected[k] for k in ("r1", "r2")}
     assert not engine.has_unfinished()
 
 
