@@ -1,8 +1,9 @@
 """LLMEngine: continuous batching over a static KV cache of slots.
 
-Each loop iteration either prefills the next waiting requests that fit (free slots, token budget),
-packed end to end with their images encoded together, or runs one decode step over every busy
-slot. A finished request frees its slot at once, and the next waiting one takes it.
+Each step either prefills the next waiting requests that fit (free slots, token budget), packed
+end to end with their images encoded together, or runs one decode step over every busy slot. A
+finished request frees its slot at once, and the next waiting one takes it. Requests come all at
+once (`generate`) or as they arrive (`add_requests` / `step`, and EngineLoop for other threads).
 """
 from __future__ import annotations
 
