@@ -75,13 +75,15 @@ def main() -> None:
     report = {"device": args.device, "blocks": args.blocks, "batch": args.batch, "slots": args.slots,
               "new_tokens": sum(r.sampling.max_new_tokens for r in requests)}
     for name, run in (("one_at_a_time", one_at_a_time), ("streamed", streamed)):
-        best, steps = float("inf"), 0
+        best, stats = float("inf"), {}
         engine = LLMEngine(model, max_batch_size=args.slots)
         for _ in range(args.repeats + 1):                     # the first run warms up (cache, graphs)
-            engine.stats["decode_steps"] = 0
+            engine.stats.update(decode_steps=0, prefill_s=0.0, decode_s=0.0)
             seconds = run(engine, blocks)
-            best, steps = min(best, seconds), engine.stats["decode_steps"]
-        report[name] = {"decode_steps": steps, "seconds": round(best, 3),
+            if seconds < best:
+                best, stats = seconds, dict(engine.stats)
+        report[name] = {"decode_steps": stats["decode_steps"], "seconds": round(best, 3),
+                        "prefill_s": round(stats["prefill_s"], 3), "decode_s": round(stats["decode_s"], 3),
                         "rows_per_s": round(len(requests) / best, 2)}
     report["speedup"] = round(report["one_at_a_time"]["seconds"] / report["streamed"]["seconds"], 2)
     print(json.dumps(report))
