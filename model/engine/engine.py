@@ -96,15 +96,26 @@ class LLMEngine:
 
     def _ensure_cache(self, need_len: int) -> ModelRunner:
         need_len += self.overlap        # a step in flight may advance a finished row one position more
-        if self.runner is not None and self.runner.cache.max_len >= need_len:
+        old_len = 0 if self.runner is None else self.runner.cache.max_len
+        if old_len >= need_len:
             return self.runner
         self.runner = None                                   # free the old cache before sizing the new one
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         tc = self.text_config
-        max_len = min(-(-need_len // 256) * 256, max(tc.max_position_embeddings, need_len))
+        cap = max(tc.max_position_embeddings, need_len)
         per_token = KVCache.bytes_per_token(tc.num_hidden_layers, tc.num_key_value_heads, tc.head_dim, self.dtype)
-        slots = min(self.max_batch_size, self.kv_token_budget(per_token, max_len) // max_len)
+
+        def slots_for(length: int) -> int:
+            return min(self.max_batch_size, self.kv_token_budget(per_token, length) // length)
+
+        max_len = min(-(-need_len // 256) * 256, cap)
+        slots = slots_for(max_len)
+        # A cache that had to grow (a stream of requests must drain first) is likely to grow again:
+        # double it instead, if that costs no slot.
+        ahead = min(2 * old_len, cap)
+        if ahead > max_len and slots_for(ahead) == slots:
+            max_len = ahead
         if slots < 1:
             raise ValueError(f"KV cache budget too small for one sequence of {max_len} tokens "
                              f"({per_token * max_len / _GIB:.2f} GiB needed)")

@@ -70,5 +70,10 @@ def test_a_request_longer_than_the_cache_waits_for_it_to_grow(setup):
     engine = LLMEngine(ours, max_batch_size=4)
     answers, _ = _drain(engine, {0: requests[:2], 2: [long, requests[2]]})
     assert engine.runner.cache.max_len >= len(long.prompt_ids) + 300
+    grown = engine.runner.cache.max_len
+    one_more = grown + 1 - len(long.prompt_ids)
+    longer = Request("longer", long.prompt_ids, sampling=SamplingParams(max_new_tokens=one_more))
+    engine.generate([longer])
+    assert engine.runner.cache.max_len == 2 * grown       # grown ahead: it costs no slot here
     assert answers["long"] == alone and len(alone) == 300
     assert set(answers) == {"r0", "r1", "long", "r2"}
