@@ -78,11 +78,11 @@ def main() -> None:
         best, stats = float("inf"), {}
         engine = LLMEngine(model, max_batch_size=args.slots)
         for _ in range(args.repeats + 1):                     # the first run warms up (cache, graphs)
-            engine.stats.update(decode_steps=0, prefill_s=0.0, decode_s=0.0)
+            engine.stats.update(decode_steps=0, prefills=0, prefill_s=0.0, decode_s=0.0)
             seconds = run(engine, blocks)
             if seconds < best:
                 best, stats = seconds, dict(engine.stats)
-        report[name] = {"decode_steps": stats["decode_steps"], "seconds": round(best, 3),
+        report[name] = {"decode_steps": stats["decode_steps"], "prefills": stats["prefills"], "seconds": round(best, 3),
                         "prefill_s": round(stats["prefill_s"], 3), "decode_s": round(stats["decode_s"], 3),
                         "rows_per_s": round(len(requests) / best, 2)}
     report["speedup"] = round(report["one_at_a_time"]["seconds"] / report["streamed"]["seconds"], 2)

@@ -82,7 +82,7 @@ class LLMEngine:
         self._finished: list[Sequence] = []         # finished since the last step returned
         self._added = 0
         self._rng = random.Random()
-        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0}
+        self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0}
 
     # ---- cache sizing -------------------------------------------------------------------------
     def kv_token_budget(self, bytes_per_token: int, max_len: int) -> int:
@@ -227,6 +227,7 @@ class LLMEngine:
                 self._in_flight = None
                 self._prefill(scheduler, scheduler.admit())
                 self.stats["prefill_s"] += time.perf_counter() - start
+                self.stats["prefills"] += 1
             else:
                 launched = self._launch_decode(scheduler, self._in_flight)
                 self._collect(scheduler, self._in_flight)
@@ -277,7 +278,8 @@ class LLMEngine:
         leaves none, or if it frees a slot that a waiting request should take before this step."""
         lag = in_flight is not None
         seqs = [s for s in scheduler.running.values() if not (lag and s.last_token_pending())]
-        if not seqs or (len(seqs) < len(scheduler.running) and scheduler.waiting):
+        finishing = len(scheduler.running) - len(seqs)
+        if not seqs or (finishing and scheduler.can_admit(finishing)):
             return None
         runner = self.runner
         rows = pow2_bucket(scheduler.decode_batch_size(), 1, runner.cache.num_slots)

@@ -48,13 +48,19 @@ class Sequence:
 
 class Scheduler:
     """First come, first served. The lowest free slot is taken so the decode batch (slots
-    0..highest busy) stays short; a finished sequence frees its slot at once."""
+    0..highest busy) stays short; a finished sequence frees its slot at once.
+
+    While sequences run, waiting ones are admitted in groups (a quarter of the slots, or all
+    that wait): with requests streaming in, slots free one by one, and a prefill per freed slot
+    would cost a device far more than a few decode steps with some slots idle (a prefill of a
+    small model is bound by its kernel launches, whatever its size)."""
 
     def __init__(self, num_slots: int, max_prefill_tokens: int) -> None:
         self.free = list(range(num_slots))
         self.running: dict[int, Sequence] = {}        # slot -> sequence
         self.waiting: deque[Sequence] = deque()
         self.max_prefill_tokens = max_prefill_tokens
+        self.admit_group = max(1, num_slots // 4)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -74,8 +80,12 @@ class Scheduler:
             tokens += n
         return batch
 
-    def can_admit(self) -> bool:
-        return bool(self.waiting and self.free)
+    def can_admit(self, finishing: int = 0) -> bool:
+        """Whether waiting sequences are admitted now (or once `finishing` running ones end)."""
+        free, running = len(self.free) + finishing, len(self.running) - finishing
+        if not (self.waiting and free):
+            return False
+        return not running or free >= min(len(self.waiting), self.admit_group)
 
     def release(self, seq: Sequence) -> None:
         del self.running[seq.slot]

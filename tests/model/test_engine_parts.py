@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from model.engine.kv_cache import DecodeAttention, KVCache, PackedPrefillAttention, padded_groups
 from model.engine.runner import kv_bucket, pow2_bucket
+from model.engine.scheduler import Scheduler, Sequence
+from model.engine.types import Request, SamplingParams
 from model.engine.sampler import SamplingState, _filter_top_k_top_p, sample, uniform_noise
 
 torch.set_num_threads(1)
@@ -113,3 +115,20 @@ def test_padded_groups_hold_each_prompt_once_within_the_waste_bound():
 def test_buckets():
     assert [pow2_bucket(n, 1, 256) for n in (1, 3, 8, 200, 300)] == [1, 4, 8, 256, 256]
     assert [kv_bucket(n, 4096) for n in (1, 65, 512, 513, 1100, 5000)] == [64, 128, 512, 1024, 1536, 4096]
+
+
+def test_while_sequences_run_waiting_ones_are_admitted_in_groups():
+    def seq(i: int) -> Sequence:
+        return Sequence(i, Request(f"r{i}", [1, 2, 3], sampling=SamplingParams(max_new_tokens=4)), frozenset())
+
+    scheduler = Scheduler(num_slots=8, max_prefill_tokens=100)
+    for i in range(11):
+        scheduler.add(seq(i))
+    assert scheduler.can_admit() and len(scheduler.admit()) == 8       # nothing runs: admit what fits
+    assert not scheduler.can_admit() and scheduler.admit_group == 2
+    scheduler.release(scheduler.running[5])
+    assert not scheduler.can_admit() and scheduler.can_admit(finishing=1)   # one free slot, three waiting
+    scheduler.release(scheduler.running[2])
+    assert scheduler.can_admit() and [s.slot for s in scheduler.admit()] == [2, 5]
+    scheduler.release(scheduler.running[0])
+    assert scheduler.can_admit()                                        # the last one waiting: no group to wait for
