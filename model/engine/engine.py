@@ -275,7 +275,7 @@ class LLMEngine:
         """Queue one decode step over the running sequences; its tokens reach the host later.
         With a step in flight, each sequence is one token longer than recorded, and those whose
         in-flight token is their last (max_new_tokens) are left out. None (collect first) if that
-        leaves none, or if it frees a slot that a waiting request should take before this step."""
+        leaves none, or if their slots would let waiting requests in (Scheduler.can_admit)."""
         lag = in_flight is not None
         seqs = [s for s in scheduler.running.values() if not (lag and s.last_token_pending())]
         finishing = len(scheduler.running) - len(seqs)
