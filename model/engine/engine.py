@@ -75,12 +75,10 @@ class LLMEngine:
         self.batched_prefill = batched_prefill      # None: on CUDA (see PackedPrefillAttention)
         self.stop_ids = default_stop_ids(model, tokenizer)
         self.runner: ModelRunner | None = None
-        self._scheduler: Scheduler | None = None
-        self._scheduler_runner: ModelRunner | None = None
+        self._scheduler: Scheduler | None = None    # None: a new one, over the current cache's slots
         self._pending: list[Sequence] = []          # added, not yet in the scheduler
         self._in_flight: DecodeStep | None = None
         self._finished: list[Sequence] = []         # finished since the last step returned
-        self._added = 0
         self._rng = random.Random()
         self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0}
 
@@ -99,7 +97,7 @@ class LLMEngine:
         old_len = 0 if self.runner is None else self.runner.cache.max_len
         if old_len >= need_len:
             return self.runner
-        self.runner = None                                   # free the old cache before sizing the new one
+        self.runner = self._scheduler = None        # free the old cache before sizing the new one; new slots
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         tc = self.text_config
@@ -155,9 +153,9 @@ class LLMEngine:
             raise ValueError(f"request {rid!r}: {n_image} image tokens in the prompt but {pv.shape[0]} frames "
                              f"x {per_frame} features")
 
-    def _sequence(self, index: int, request: Request) -> Sequence:
+    def _sequence(self, request: Request) -> Sequence:
         stop = request.sampling.stop_token_ids
-        return Sequence(index, request, frozenset(self.stop_ids if stop is None else stop))
+        return Sequence(request, frozenset(self.stop_ids if stop is None else stop))
 
     @torch.inference_mode()
     def generate(self, requests: list[Request]) -> list[Result]:
@@ -183,22 +181,16 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self._pending) or (self._scheduler is not None and not self._scheduler.done)
 
-    def abort(self) -> list[Request]:
-        """Drop every unfinished request (after a failed step the engine's state is unknown);
-        returns them, so the caller can answer them otherwise."""
-        dropped = [s.request for s in self._pending]
-        if self._scheduler is not None:
-            dropped += [s.request for s in (*self._scheduler.running.values(), *self._scheduler.waiting)]
+    def abort(self) -> None:
+        """Drop every unfinished request (after a failed step the engine's state is unknown)."""
         self._pending, self._scheduler, self._in_flight, self._finished = [], None, None, []
         if self.runner is not None:
             self.active.zero_()         # dropped rows' positions must stop advancing (past the cache's end)
-        return dropped
 
     def _add(self, requests: list[Request]) -> list[Sequence]:
         for r in requests:
             self.check_request(r)
-        seqs = [self._sequence(self._added + i, r) for i, r in enumerate(requests)]
-        self._added += len(seqs)
+        seqs = [self._sequence(r) for r in requests]
         self._pending += seqs
         return seqs
 
@@ -206,12 +198,13 @@ class LLMEngine:
         """Pending requests join the scheduler in arrival order while they fit the cache. The cache
         is (re)sized only when nothing runs; a request too long for it waits for that, and so do
         the ones behind it (none overtakes it for ever)."""
-        if self._pending and (self._scheduler is None or self._scheduler.done):
+        if not self._pending:
+            return
+        if self._scheduler is None or self._scheduler.done:
             runner = self._ensure_cache(max(s.max_length for s in self._pending))
-            if self._scheduler is None or self._scheduler_runner is not runner:    # a new cache: new slots
+            if self._scheduler is None:
                 self._scheduler = Scheduler(runner.cache.num_slots, self.max_prefill_tokens)
-                self._scheduler_runner = runner
-        room = self.runner.cache.max_len - self.overlap if self.runner is not None else 0
+        room = self.runner.cache.max_len - self.overlap
         while self._pending and self._pending[0].max_length <= room:
             self._scheduler.add(self._pending.pop(0))
 

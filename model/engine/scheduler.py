@@ -10,7 +10,6 @@ from .types import Request
 @dataclass
 class Sequence:
     """A request while the engine works on it."""
-    index: int                  # position in the caller's list
     request: Request
     stop_ids: frozenset[int]
     slot: int = -1

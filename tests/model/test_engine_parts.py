@@ -119,7 +119,7 @@ def test_buckets():
 
 def test_while_sequences_run_waiting_ones_are_admitted_in_groups():
     def seq(i: int) -> Sequence:
-        return Sequence(i, Request(f"r{i}", [1, 2, 3], sampling=SamplingParams(max_new_tokens=4)), frozenset())
+        return Sequence(Request(f"r{i}", [1, 2, 3], sampling=SamplingParams(max_new_tokens=4)), frozenset())
 
     scheduler = Scheduler(num_slots=8, max_prefill_tokens=100)
     for i in range(11):
