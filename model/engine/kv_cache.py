@@ -59,14 +59,15 @@ class PackedPrefillAttention:
         self.cache.k[layer_idx, self.token_slot, :, self.token_pos] = k[0].transpose(0, 1)
         self.cache.v[layer_idx, self.token_slot, :, self.token_pos] = v[0].transpose(0, 1)
         groups = q.shape[1] // k.shape[1]
+        if self.batches is not None:
+            out = torch.empty_like(q)
+            for batch in self.batches:
+                batch.attend(q, k, v, groups, out)
+            return out
         k, v = _expand_kv(k, groups), _expand_kv(v, groups)
         if len(self.lengths) == 1:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out = torch.empty_like(q)
-        if self.batches is not None:
-            for batch in self.batches:
-                batch.attend(q, k, v, out)
-            return out
         start = 0
         for n in self.lengths:
             end = start + n
@@ -104,11 +105,13 @@ class SegmentBatch:
         self.real = real.flatten().nonzero()[:, 0].to(device)
         self.targets = source.flatten()[real.flatten()].to(device)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
-        """Causal attention of these segments of (1, H, T, hd) q/k/v, written into `out`'s rows."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, groups: int, out: Tensor) -> None:
+        """Causal attention of these segments of (1, H, T, hd) q and (1, H / groups, T, hd) k/v,
+        written into `out`'s rows."""
         def gather(x: Tensor) -> Tensor:            # (1, H, T, hd) -> (n, H, Lmax, hd)
             return x[0][:, self.source].transpose(0, 1)
-        attended = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), is_causal=True)
+        attended = F.scaled_dot_product_attention(gather(q), _expand_kv(gather(k), groups),
+                                                  _expand_kv(gather(v), groups), is_causal=True)
         out[0][:, self.targets] = attended.transpose(0, 1).flatten(1, 2)[:, self.real]
 
 
