@@ -73,16 +73,20 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Packed
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict names) whose forward is `linear`."""
+class Packable(nn.Module):
+    """A module whose `weight` may get a PackedWeight (pack_weights) for its `linear` calls."""
     packed: PackedWeight | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
 
     def _apply(self, fn, recurse: bool = True):
         self.packed = None          # a moved or cast weight is another tensor: free the stale copy
         return super()._apply(fn, recurse)
+
+
+class Linear(Packable, nn.Linear):
+    """nn.Linear (same parameters, same state-dict names) whose forward is `linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 def _packable(weight: Tensor) -> bool:
@@ -97,7 +101,7 @@ def _packing_targets(model: nn.Module) -> list:
         if fused is not None:
             targets.append(fused)
             fused_parts.update(id(part) for part in module.fusable())
-    targets += [m for m in model.modules() if hasattr(m, "packed") and id(m) not in fused_parts]
+    targets += [m for m in model.modules() if isinstance(m, Packable) and id(m) not in fused_parts]
     return [t for t in targets if _packable(t.weight)]
 
 

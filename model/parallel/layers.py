@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..linear import PackedWeight, linear
+from ..linear import Packable, linear
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,8 @@ class ShardSpec:
     full: int
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(Packable):
     """y_local = x @ W[rows].T (+ b[rows]): output features [start, stop) of the full layer."""
-    packed: PackedWeight | None = None
 
     def __init__(self, in_features: int, out_features: int, start: int, stop: int, bias: bool) -> None:
         super().__init__()
@@ -64,9 +63,8 @@ class ColumnParallelLinear(nn.Module):
         return linear(x, self.weight, self.bias, self.packed)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(Packable):
     """y = all_reduce(x_local @ W[:, cols].T) + b: the input features [start, stop) live on this rank."""
-    packed: PackedWeight | None = None
 
     def __init__(self, in_features: int, out_features: int, start: int, stop: int, bias: bool,
                  tp: TPContext) -> None:
@@ -114,9 +112,8 @@ class VocabParallelEmbedding(_VocabShard):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(_VocabShard):
+class ParallelLMHead(Packable, _VocabShard):
     """Logits of this rank's vocabulary rows, then all-gathered: every rank gets all logits."""
-    packed: PackedWeight | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.tp.all_gather_last_dim(linear(x, self.weight, packed=self.packed))
