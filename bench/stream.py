@@ -78,7 +78,7 @@ def main() -> None:
         best, stats = float("inf"), {}
         engine = LLMEngine(model, max_batch_size=args.slots)
         for _ in range(args.repeats + 1):                     # the first run warms up (cache, graphs)
-            engine.stats.update(decode_steps=0, prefills=0, prefill_s=0.0, decode_s=0.0)
+            engine.stats = dict.fromkeys(engine.stats, 0)
             seconds = run(engine, blocks)
             if seconds < best:
                 best, stats = seconds, dict(engine.stats)
