@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, help="rows per block and per model call")
     ap.add_argument("--max-batch-size", type=int, help="sequences a replica's engine decodes together (default 64)")
     ap.add_argument("--batches-in-flight", type=int,
-                    help="blocks a one-device replica answers at once, their rows sharing decode steps "
+                    help="blocks a replica answers at once, their rows sharing decode steps "
                          "(default: enough to fill --max-batch-size, plus one)")
     ap.add_argument("--keep-columns", help="comma-separated input columns to copy to the output")
     ap.add_argument("--resume", action="store_true", default=None, help="skip ids already in --output")

@@ -2,8 +2,8 @@
 
     read -> blocks of batch_size rows -> Preprocess (CPU actor pool) -> Generate (replica pool) -> write
 
-A one-device replica takes several blocks at once and streams their rows through one engine
-(StreamingGenerate); a tensor-parallel replica answers one block at a time (Generate).
+A replica (one device, or a tensor-parallel group) takes several blocks at once and streams their
+rows through one engine (Generate).
 
 Small blocks keep every stage streaming: each model call answers one block, and each answered
 block is written (and checkpointed) as soon as it is done, so a killed job loses at most the
@@ -17,7 +17,7 @@ import ray
 import ray.data
 
 from .config import PipelineConfig
-from .generate import Generate, StreamingGenerate, calls_in_flight
+from .generate import Generate, calls_in_flight
 from .preprocess import Preprocess
 
 
@@ -61,11 +61,8 @@ def build_processor(config: PipelineConfig) -> Callable[[ray.data.Dataset], ray.
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.cpu_workers),
                             num_cpus=config.cpus_per_worker * share)
         rank = {"GPU": 1, "CPU": 1} if on_gpu(config) else {"CPU": config.cpus_per_replica * share}
-        if config.tensor_parallel_size > 1:       # one batch at a time through the rank actors
-            stage, pool = Generate, ray.data.ActorPoolStrategy(size=config.replicas)
-        else:
-            stage, pool = StreamingGenerate, ray.data.ActorPoolStrategy(
-                size=config.replicas, max_concurrent_calls_per_actor=calls_in_flight(config))
-        return ds.map_batches(stage, fn_constructor_args=(config, rank), batch_size=config.batch_size,
+        pool = ray.data.ActorPoolStrategy(size=config.replicas,
+                                          max_concurrent_calls_per_actor=calls_in_flight(config))
+        return ds.map_batches(Generate, fn_constructor_args=(config, rank), batch_size=config.batch_size,
                               batch_format="pyarrow", compute=pool, **replica_resources(config, share))
     return process

@@ -23,7 +23,7 @@ class PipelineConfig:
     cpus_per_replica: float = 1.0               # CPUs of a model replica actor (its compute on a CPU-only node)
     batch_size: int = 16                        # rows per block / per model call
     max_batch_size: int = 64                    # sequences the engine decodes together
-    batches_in_flight: int | None = None        # per one-device replica; None: enough to fill the engine
+    batches_in_flight: int | None = None        # blocks a replica streams at once; None: enough to fill the engine
     keep_columns: list[str] = field(default_factory=list)
     image_backend: str = "pil"                  # "pil" | "torch": which reference image recipe
     max_image_pixels: int | None = None         # larger images become error rows (None = processing's default)

@@ -1,11 +1,12 @@
-"""Model stage: a replica (one actor; `tensor_parallel_size` devices) running LLMEngine over each batch.
+"""Model stage: a replica (one actor; `tensor_parallel_size` devices) streaming its batches through one engine.
 
 The uint8 frames become float pixel values here, on the model's device. Rows that arrive with an
 error pass straight through; a row the engine refuses becomes an error row and the rest of the
-batch is still answered (the batch is retried row by row to isolate it).
+batch is still answered (a failed step's rows are run one at a time to isolate it: EngineLoop).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -92,7 +93,7 @@ def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict, plac
 
         return RayTPGroup(config.model, tp, dtype=dtype, device_type=device.split(":")[0], tokenizer=tokenizer,
                           placement_group=placement, num_cpus=rank["CPU"],
-                          max_batch_size=config.max_batch_size)
+                          batches_in_flight=calls_in_flight(config), max_batch_size=config.max_batch_size)
     from model import Idefics3ForConditionalGeneration
     from model.engine import LLMEngine
 
@@ -114,7 +115,13 @@ def crash_once_on(ids: list) -> None:
 
 
 class Generate:
+    """The model stage. A replica takes several batches at once (Ray Data's concurrent calls,
+    `calls_in_flight`) and their rows share one engine's decode steps, so a finished row's slot goes
+    to the next batch's rows instead of idling until its own batch's longest answer ends: through
+    an EngineLoop here (one device), or rank 0's (a tensor-parallel group: RayTPGroup.answer)."""
+
     def __init__(self, config: PipelineConfig, rank: dict | None = None):
+        from model.engine.loop import EngineLoop
         from processing import RowEncoder
 
         self.config, self.device = config, pick_device(config)
@@ -123,16 +130,17 @@ class Generate:
         tp = config.tensor_parallel_size
         self.placement = replica_placement_group(self.rank, tp) if tp > 1 else None
         self.engine = self.load()
+        self.loop = EngineLoop(self.engine) if tp == 1 else None
         if tp > 1:
             self.device = "cpu"  # this actor holds no device; the ranks move the pixel values to theirs
 
     def load(self):
         return load_engine(self.config, self.device, self.encoder.tokenizer, self.rank, self.placement)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         crash_once_on(batch.column("id").to_pylist())
         rows, outputs, requests = self.prepare(batch)
-        return self.finish(batch, rows, outputs, self.run(requests))
+        return self.finish(batch, rows, outputs, await self.answer(requests))
 
     def prepare(self, batch: pa.Table) -> tuple[list[dict], list[dict | None], dict]:
         """The batch's rows, their outputs so far (rows that arrived with an error, or failed to
@@ -163,42 +171,32 @@ class Generate:
         return Request(str(row["id"]), row["input_ids"], self.encoder.pixel_values(frames, device=self.device),
                        sampling=sampling)
 
-    def run(self, requests: dict) -> dict:
-        """index -> Result, or the exception of that row alone. A tensor-parallel group that lost a
-        rank is rebuilt (same placement group) and the batch retried; past GROUP_REBUILDS the rows
-        become error rows naming the dead rank."""
+    async def answer(self, requests: dict) -> dict:
+        """index -> Result, or the exception of that row alone."""
+        if self.loop is not None:
+            return await asyncio.wrap_future(self.loop.submit(requests))
+        return await self.answer_on_group(requests)
+
+    async def answer_on_group(self, requests: dict) -> dict:
+        """A tensor-parallel group that lost a rank is rebuilt (same placement group) and the batch
+        retried; past GROUP_REBUILDS the rows become error rows naming the dead rank. The batches in
+        flight all see the loss: the first rebuilds, the others retry on its new group."""
         from model.parallel.ray_group import TPGroupBroken
 
         error = None
         for attempt in range(GROUP_REBUILDS + 1):
             if self.engine is None:
                 self.engine = self.load()
+            group = self.engine
             try:
-                return self.run_rows(requests)
+                return await group.answer(requests)
             except TPGroupBroken as e:
                 log.warning("replica: %s; rebuilding its tensor-parallel group (attempt %d)", e, attempt + 1)
-                self.engine.close()
-                self.engine, error = None, e
+                if self.engine is group:
+                    group.close()
+                    self.engine = None
+                error = e
         return dict.fromkeys(requests, error)
-
-    def run_rows(self, requests: dict) -> dict:
-        from model.parallel.ray_group import TPGroupBroken
-
-        keys = list(requests)
-        try:
-            return dict(zip(keys, self.engine.generate([requests[k] for k in keys])))
-        except TPGroupBroken:
-            raise
-        except Exception:
-            out = {}
-            for k in keys:  # isolate the failing row(s); the others are answered
-                try:
-                    out[k] = self.engine.generate([requests[k]])[0]
-                except TPGroupBroken:
-                    raise
-                except Exception as e:
-                    out[k] = e
-            return out
 
     @staticmethod
     def answer_output(row: dict, result) -> dict:
@@ -220,26 +218,6 @@ class Generate:
             columns.append(pa.array([o[f.name] for o in outputs], type=f.type))
         columns += [batch.column(f.name) for f in kept]
         return pa.Table.from_arrays(columns, schema=schema)
-
-
-class StreamingGenerate(Generate):
-    """The model stage of a one-device replica: the actor takes several batches at once (concurrent
-    calls) and their rows share one engine's decode steps (model.engine.loop.EngineLoop), so a finished row's
-    slot goes to the next batch's rows instead of idling until its own batch's longest answer ends."""
-
-    def __init__(self, config: PipelineConfig, rank: dict | None = None):
-        from model.engine.loop import EngineLoop
-
-        super().__init__(config, rank)
-        self.loop = EngineLoop(self.engine)
-
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        import asyncio
-
-        crash_once_on(batch.column("id").to_pylist())
-        rows, outputs, requests = self.prepare(batch)
-        results = await asyncio.wrap_future(self.loop.submit(requests))
-        return self.finish(batch, rows, outputs, results)
 
 
 def calls_in_flight(config: PipelineConfig) -> int:

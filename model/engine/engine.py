@@ -181,6 +181,7 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self._pending) or (self._scheduler is not None and not self._scheduler.done)
 
+    @torch.inference_mode()              # the slots' flags are inference tensors
     def abort(self) -> None:
         """Drop every unfinished request (after a failed step the engine's state is unknown)."""
         self._pending, self._scheduler, self._in_flight, self._finished = [], None, None, []

@@ -3,7 +3,8 @@ to it, and each batch's requests join the decode steps of those already running.
 
 Without it, callers with one batch each are answered one batch at a time: the device decodes a
 batch's longest answer alone while the slots of its finished requests wait for the next batch
-(the pipeline's model stage: pipeline.generate.StreamingGenerate). A step that fails takes every
+(the pipeline's model stage: pipeline.generate.Generate; a tensor-parallel group's rank 0 runs
+one over its ranks: model.parallel.worker.TPWorker.serve). A step that fails takes every
 running request with it; those are then run one at a time, so a failure names its own request
 and the others are still answered.
 """
@@ -68,7 +69,10 @@ class EngineLoop:
                 self._turn()
             except Exception as e:       # a bug here must not leave callers waiting for ever
                 log.exception("engine loop")
-                self.engine.abort()
+                try:
+                    self.engine.abort()
+                except Exception:
+                    log.exception("engine loop: abort")
                 for submission, key in [*self._live.values(), *self._suspects]:
                     submission.settle(key, e)
                 self._live.clear()
@@ -83,10 +87,11 @@ class EngineLoop:
             return
         try:
             finished = self.engine.step()
-        except Exception as e:           # the engine dropped its requests: each one runs again, alone
+        except Exception as e:           # each of its requests runs again, alone
             log.warning("a step over %d rows failed (%r); running them one at a time", len(self._live), e)
             self._suspects += self._live.values()
             self._live.clear()
+            self.engine.abort()          # the engine drops them itself, unless the step failed after its work
             return
         for result in finished:
             submission, key = self._live.pop(result.request_id)
@@ -110,13 +115,13 @@ class EngineLoop:
                 return
 
     def _add(self, submission: Submission, key, request) -> None:
+        uid = f"{next(self._ids)}#{request.request_id}"   # row ids may repeat across batches
         try:
-            self.engine.check_request(request)          # its error names the row's own request id
+            self.engine.check_request(request)            # its error names the row's own request id
+            self.engine.add_requests([replace(request, request_id=uid)])
         except Exception as e:
             submission.settle(key, e)
             return
-        uid = str(next(self._ids))                      # row ids may repeat across batches
-        self.engine.add_requests([replace(request, request_id=uid)])
         self._live[uid] = (submission, key)
 
     def _run_alone(self, submission: Submission, key) -> None:

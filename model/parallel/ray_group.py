@@ -2,10 +2,12 @@
 
 Ray is imported only when a group is built (model/ must import without Ray). The caller places the
 replica: pass a placement group (one bundle per rank, STRICT_PACK), or create the group from inside an
-actor whose placement group captures child tasks. Same `generate(requests) -> results` as TPEngine.
+actor whose placement group captures child tasks. Same `generate(requests) -> results` as TPEngine,
+and `answer(batch)` to stream batches through one engine (the pipeline's model stage).
 """
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import torch
@@ -24,7 +26,8 @@ class TPGroupBroken(RuntimeError):
 class RayTPGroup:
     def __init__(self, model_path: str | Path, tp: int, dtype: torch.dtype | str | None = None,
                  device_type: str = "cpu", tokenizer=None, *, placement_group=None, num_cpus: float = 1,
-                 cpu_threads: int | None = None, timeout_s: float = 600.0, **engine_kwargs) -> None:
+                 cpu_threads: int | None = None, timeout_s: float = 600.0, batches_in_flight: int = 1,
+                 **engine_kwargs) -> None:
         import ray
         from ray.util import get_current_placement_group
 
@@ -35,7 +38,8 @@ class RayTPGroup:
         # Inside an actor whose placement group captures child tasks, rank r takes bundle r of it.
         placement_group = placement_group or get_current_placement_group()
         self.workers = [
-            actor.options(**self._placement(rank, placement_group, device_type, num_cpus)).remote(
+            actor.options(**self._placement(rank, placement_group, device_type, num_cpus),
+                          max_concurrency=batches_in_flight + 2 if rank == 0 else 1).remote(
                 rank, tp, str(folder), dtype=dtype, device_type=device_type,
                 tokenizer=tokenizer if rank == 0 else None, cpu_threads=cpu_threads, engine_kwargs=engine_kwargs)
             for rank in range(tp)]
@@ -78,6 +82,21 @@ class RayTPGroup:
         except Exception:
             self._check_alive(ray, wait_s=2.0)   # a follower's death surfaces at rank 0 as a collective error
             raise
+
+    async def answer(self, requests: dict) -> dict:
+        """One batch's outcomes (key -> Result, or that request's exception); batches awaited side
+        by side share decode steps (rank 0 streams them: TPWorker.serve, `batches_in_flight` at
+        once). Raises TPGroupBroken when a rank has died."""
+        import ray
+        self._check_alive(ray, wait_s=0.0)
+        try:
+            outcomes = await self.workers[0].serve.remote(requests)
+        except ray.exceptions.RayActorError as e:
+            self.broken = f"rank 0 died: {e}"
+            raise TPGroupBroken(self.broken) from e
+        if any(isinstance(o, Exception) for o in outcomes.values()):
+            await asyncio.to_thread(self._check_alive, ray, 2.0)    # was it a follower's death?
+        return outcomes
 
     def _check_alive(self, ray, wait_s: float) -> None:
         if not self.broken and self.follow_refs:

@@ -13,7 +13,9 @@ import logging
 import os
 import random
 import socket
+import threading
 import traceback
+from concurrent.futures import Future
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from torch import Tensor
 
 from ..config import Idefics3Config
 from ..engine import Request, Result, SamplingParams
+from ..engine.loop import EngineLoop
 from ..loading import resolve_checkpoint_dir
 from .engine import Comm, ShardEngine
 from .layers import TPContext
@@ -44,7 +47,9 @@ def crash_once_on(rank: int, requests: list[Request]) -> None:
         return
     target, rest = spec.split(":", 1)
     request_id, marker = rest.split("=", 1)
-    if int(target) == rank and any(r.request_id == request_id for r in requests) and not os.path.exists(marker):
+    # A request streamed through EngineLoop is named "<n>#<its own id>".
+    ids = {i for r in requests for i in (r.request_id, r.request_id.split("#", 1)[-1])}
+    if int(target) == rank and request_id in ids and not os.path.exists(marker):
         Path(marker).touch()
         os._exit(1)
 
@@ -68,6 +73,12 @@ def _to_cpu(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.detach().cpu()
 
 
+def _shipped(request: Request) -> Request:
+    """The request as the other ranks receive it (tensors on the CPU)."""
+    return dataclasses.replace(request, pixel_values=_to_cpu(request.pixel_values),
+                               pixel_attention_mask=_to_cpu(request.pixel_attention_mask))
+
+
 class TPWorker:
     def __init__(self, rank: int, world_size: int, model_path: str | Path, dtype: torch.dtype | str | None = None,
                  device_type: str = "cpu", tokenizer=None, cpu_threads: int | None = None,
@@ -81,6 +92,10 @@ class TPWorker:
         self.engine: ShardEngine | None = None
         self._rng = random.Random()
         self.last_tokens: list[list[int]] = []
+        # Rank 0 may be called from several threads (a threaded Ray actor: streamed batches, stats):
+        # a command's broadcast and its local run must not interleave with another's.
+        self._lock = threading.RLock()
+        self.loop: EngineLoop | None = None
 
     # ---- start and stop -----------------------------------------------------------------------
     def rendezvous_address(self) -> tuple[str, int]:
@@ -135,11 +150,15 @@ class TPWorker:
         gc.collect()
 
     def shutdown(self) -> None:
-        """Rank 0: release the followers and leave the group. Idempotent."""
-        releasing = self.engine is not None and self.rank == 0
-        if releasing:
-            self.comm.broadcast_object((STOP, None))
-        self._leave(together=releasing)
+        """Rank 0: answer what was streamed, release the followers and leave the group. Idempotent."""
+        if self.loop is not None:
+            self.loop.close()
+            self.loop = None
+        with self._lock:
+            releasing = self.engine is not None and self.rank == 0
+            if releasing:
+                self.comm.broadcast_object((STOP, None))
+            self._leave(together=releasing)
 
     # ---- rank 0 -------------------------------------------------------------------------------
     def _command(self, name: str, payload, local=None):
@@ -148,17 +167,45 @@ class TPWorker:
             raise RuntimeError("only rank 0 drives the tensor-parallel group; the others run follow()")
         if self.engine is None:
             raise RuntimeError("the worker is not set up (or already shut down)")
-        self.comm.broadcast_object((name, payload))
-        return getattr(self, "_on_" + name)(payload if local is None else local)
+        with self._lock:
+            self.comm.broadcast_object((name, payload))
+            return getattr(self, "_on_" + name)(payload if local is None else local)
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """Like LLMEngine.generate. Seeds and stop ids are fixed here so every rank samples alike."""
         for r in requests:
             self.engine.check_request(r)   # refuse bad input before any rank starts working on it
         pinned = [self._pin(r) for r in requests]
-        shipped = [dataclasses.replace(r, pixel_values=_to_cpu(r.pixel_values),
-                                       pixel_attention_mask=_to_cpu(r.pixel_attention_mask)) for r in pinned]
-        return self._command("generate", shipped, local=pinned)
+        return self._command("generate", [_shipped(r) for r in pinned], local=pinned)
+
+    def submit(self, requests: dict) -> Future:
+        """Future of one batch's outcomes (key -> Result, or the exception of that request alone), as
+        EngineLoop.submit: its requests join the decode steps of the batches submitted before."""
+        with self._lock:
+            if self.loop is None:
+                self.loop = EngineLoop(self)
+        return self.loop.submit(requests)
+
+    def serve(self, requests: dict) -> dict:
+        """submit(requests)'s outcomes, for a threaded Ray actor (its calls wait side by side)."""
+        return self.submit(requests).result()
+
+    # The streaming API of LLMEngine, for EngineLoop: every rank adds and steps alike.
+    def check_request(self, request: Request) -> None:
+        self.engine.check_request(request)
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def add_requests(self, requests: list[Request]) -> None:
+        pinned = [self._pin(r) for r in requests]
+        self._command("add", [_shipped(r) for r in pinned], local=pinned)
+
+    def step(self) -> list[Result]:
+        return self._command("step", None)
+
+    def abort(self) -> None:
+        self._command("abort", None)
 
     def _pin(self, request: Request) -> Request:
         s = request.sampling
@@ -172,7 +219,7 @@ class TPWorker:
 
     def shard_stats(self) -> list[dict]:
         """Per rank: parameter elements held and how many of them are sharded, the last answers,
-        and whether the decode step runs compiled (False if off, or if compiling it failed)."""
+        decode steps run, and whether the decode step runs compiled (False if off, or if compiling it failed)."""
         return self._command("stats", None)
 
     # ---- every rank ---------------------------------------------------------------------------
@@ -194,6 +241,19 @@ class TPWorker:
         self.last_tokens = [r.token_ids for r in results]   # reported by stats: ranks must agree
         return results
 
+    def _on_add(self, requests: list[Request]) -> None:
+        crash_once_on(self.rank, requests)
+        self.engine.add_requests(requests)
+
+    def _on_step(self, _) -> list[Result]:
+        results = self.engine.step()
+        if results:
+            self.last_tokens = [r.token_ids for r in results]
+        return results
+
+    def _on_abort(self, _) -> None:
+        self.engine.abort()
+
     @torch.inference_mode()
     def _on_logits(self, inputs: dict) -> Tensor:
         device = self.engine.device
@@ -207,7 +267,7 @@ class TPWorker:
         sharded, total = sharded_fraction(self.engine.model)
         return {"rank": self.rank, "sharded_params": sharded, "total_params": total,
                 "kv_heads": self.engine.model.config.text_config.num_key_value_heads,
-                "last_tokens": self.last_tokens,
+                "last_tokens": self.last_tokens, "decode_steps": self.engine.stats["decode_steps"],
                 "compiled_decode": self.engine.runner is not None and self.engine.runner.compile}
 
 
@@ -259,6 +319,10 @@ class TPEngine:
 
     def generate(self, requests: list[Request]) -> list[Result]:
         return self.worker.generate(requests)
+
+    def submit(self, requests: dict) -> Future:
+        """Batches submitted from any thread share decode steps (EngineLoop); {key: Result | exception}."""
+        return self.worker.submit(requests)
 
     def logits(self, **inputs) -> Tensor:
         return self.worker.logits(**inputs)

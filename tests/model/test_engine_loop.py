@@ -3,6 +3,7 @@ a failed step is answered request by request, naming its own, and every other on
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -61,6 +62,28 @@ def test_a_bad_row_and_a_failing_step_cost_only_their_own_rows(setup, monkeypatc
     assert isinstance(outcomes[poison.request_id], RuntimeError)
     answered = {k: r.token_ids for k, r in outcomes.items() if k not in ("empty", poison.request_id)}
     assert answered == {k: v for k, v in expected.items() if k != poison.request_id}
+    assert not engine.has_unfinished()
+
+
+def test_a_step_that_fails_after_its_work_costs_only_its_own_row(setup, monkeypatch):
+    """The step ran, then turning one finished row into a result failed (its text, say): the engine
+    still holds the others; they are dropped and run again alone, and are answered."""
+    ours, requests, expected, _, _ = setup
+    engine = LLMEngine(ours, max_batch_size=4)
+    poison = replace(requests[2], sampling=SamplingParams(max_new_tokens=2))   # ends before the others
+    result = engine._result
+
+    def failing_result(seq):
+        if seq.request.prompt_ids == poison.prompt_ids:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return result(seq)
+
+    monkeypatch.setattr(engine, "_result", failing_result)
+    batch = _keyed(requests[:4]) | {poison.request_id: poison}
+    outcomes = EngineLoop(engine).submit(batch).result(timeout=60)
+    assert isinstance(outcomes.pop(poison.request_id), UnicodeDecodeError)
+    assert {k: r.token_ids for k, r in outcomes.items()} == {k: expected[k] for k in outcomes}
+    assert len(outcomes) == 3
     assert not engine.has_unfinished()
 
 

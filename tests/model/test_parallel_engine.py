@@ -69,6 +69,38 @@ def test_tp2_compiled_decode_matches_tp1(checkpoint):
     assert [s["compiled_decode"] for s in stats] == [True, True]
 
 
+def test_tp2_streamed_batches_match_tp1(checkpoint):
+    """Batches submitted while others run join rank 0's decode steps (EngineLoop over the group):
+    every rank adds and steps alike, answers equal TP=1's, a bad row fails alone."""
+    from model.engine import Request
+
+    path = checkpoint("idefics3")
+    plain = Idefics3ForConditionalGeneration.from_pretrained(path)
+    long, short = requests(path, max_new_tokens=12), requests(path, max_new_tokens=3)
+    sampled = requests(path, max_new_tokens=7, temperature=0.9, top_k=50, seed=5)
+    parts = [long, short, sampled]
+    want = {(i, j): tokens for i, part in enumerate(parts) for j, tokens in enumerate(reference_tokens(plain, part))}
+    with TPEngine(path, 2, cpu_threads=1, timeout_s=120, max_batch_size=8) as engine:
+        for part in parts:
+            engine.generate(part)
+        one_at_a_time = engine.engine.stats["decode_steps"]
+        engine.engine.stats["decode_steps"] = 0
+        batches = [{(i, j): r for j, r in enumerate(part)} for i, part in enumerate(parts)]
+        batches[0]["bad"] = Request("bad", [])
+        outcomes = {}
+        for future in [engine.submit(b) for b in batches]:
+            outcomes.update(future.result(timeout=120))
+        streamed = engine.engine.stats["decode_steps"]
+        stats = engine.shard_stats()
+        processes = list(engine.processes)
+    bad = outcomes.pop("bad")
+    assert isinstance(bad, ValueError) and "'bad'" in str(bad)
+    assert {k: r.token_ids for k, r in outcomes.items()} == want
+    assert streamed < one_at_a_time
+    assert stats[0]["last_tokens"] == stats[1]["last_tokens"]              # the ranks stepped alike
+    assert all(p.exitcode == 0 for p in processes)                         # shutdown answered, then left
+
+
 def test_tp1_engine_needs_no_processes(checkpoint):
     path = checkpoint("idefics3")
     plain = Idefics3ForConditionalGeneration.from_pretrained(path)

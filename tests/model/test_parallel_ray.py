@@ -1,6 +1,7 @@
 """The tensor-parallel group as Ray actors (one per rank) in a STRICT_PACK placement group."""
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -32,12 +33,23 @@ def test_ray_group_matches_tp1(cluster, checkpoint):
     want = reference_tokens(plain, reqs)
     group = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_PACK")
     ray.get(group.ready())
-    tp = RayTPGroup(path, 2, placement_group=group, cpu_threads=1, timeout_s=120)
+    tp = RayTPGroup(path, 2, placement_group=group, cpu_threads=1, timeout_s=120, batches_in_flight=2)
     try:
         assert [r.token_ids for r in tp.generate(reqs)] == want
         stats = tp.shard_stats()
         assert [s["rank"] for s in stats] == [0, 1]
         assert stats[0]["last_tokens"] == stats[1]["last_tokens"] == want
+        # Two batches awaited side by side (the pipeline's model stage): rank 0 streams them together.
+        long, short = requests(path, max_new_tokens=40), requests(path, max_new_tokens=4)
+        alone = [reference_tokens(plain, part) for part in (long, short)]
+
+        async def both():
+            return await asyncio.gather(*(tp.answer(dict(enumerate(part))) for part in (long, short)))
+
+        steps = tp.shard_stats()[0]["decode_steps"]
+        outcomes = asyncio.run(both())
+        assert [[out[i].token_ids for i in range(len(out))] for out in outcomes] == alone
+        assert tp.shard_stats()[0]["decode_steps"] - steps < 39 + 3   # one after the other: 39 + 3
     finally:
         tp.close()
         remove_placement_group(group)
