@@ -8,13 +8,16 @@ Prints decode steps, wall time and rows/s of both, same model and requests, in o
 
     python bench/stream.py                                  # CPU, SmolVLM-256M shapes, 128 px tiles
     python bench/stream.py --device cuda --blocks 16 --batch 16 --slots 64
+    python bench/stream.py --tp 2                           # a tensor-parallel group (rank 0 streams)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import make_requests, our_model, reference_model  # noqa: E402  (bench/engine.py)
 from model.engine import LLMEngine, SamplingParams  # noqa: E402
 from model.engine.loop import EngineLoop  # noqa: E402
+from model.parallel import TPEngine  # noqa: E402
 
 
 def varied_requests(args, device: str) -> list:
@@ -39,20 +43,31 @@ def varied_requests(args, device: str) -> list:
     return out
 
 
-def one_at_a_time(engine: LLMEngine, blocks: list[list]) -> float:
+def one_at_a_time(engine, blocks: list[list]) -> float:
     start = time.perf_counter()
     for block in blocks:
         engine.generate(block)
     return time.perf_counter() - start
 
 
-def streamed(engine: LLMEngine, blocks: list[list]) -> float:
-    loop = EngineLoop(engine)
+def streamed(engine, blocks: list[list]) -> float:
+    submit = engine.submit if isinstance(engine, TPEngine) else EngineLoop(engine).submit
     start = time.perf_counter()
-    futures = [loop.submit({r.request_id: r for r in block}) for block in blocks]
+    futures = [submit({r.request_id: r for r in block}) for block in blocks]
     for f in futures:
         f.result()
     return time.perf_counter() - start
+
+
+def make_engine(model, args, folder: str):
+    """LLMEngine here, or (--tp > 1) a TPEngine over --tp processes loading the saved checkpoint."""
+    if args.tp == 1:
+        return LLMEngine(model, max_batch_size=args.slots)
+    return TPEngine(folder, args.tp, device_type=args.device, cpu_threads=args.threads, max_batch_size=args.slots)
+
+
+def stats_of(engine) -> dict:
+    return (engine.engine if isinstance(engine, TPEngine) else engine).stats
 
 
 def main() -> None:
@@ -66,27 +81,35 @@ def main() -> None:
     ap.add_argument("--min-new", type=int, default=4)
     ap.add_argument("--max-new", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes; --threads each)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    model = our_model(reference_model("smolvlm-256m", args.tile, args.device, dtype))
+    reference = reference_model("smolvlm-256m", args.tile, args.device, dtype)
+    folder = tempfile.mkdtemp(prefix="bench-stream-")
+    if args.tp > 1:
+        reference.save_pretrained(folder)                     # safetensors, for the ranks to load
+    model = our_model(reference)
     requests = varied_requests(args, args.device)
     blocks = [requests[i:i + args.batch] for i in range(0, len(requests), args.batch)]
-    report = {"device": args.device, "blocks": args.blocks, "batch": args.batch, "slots": args.slots,
+    report = {"device": args.device, "tp": args.tp, "blocks": args.blocks, "batch": args.batch, "slots": args.slots,
               "new_tokens": sum(r.sampling.max_new_tokens for r in requests)}
     for name, run in (("one_at_a_time", one_at_a_time), ("streamed", streamed)):
         best, stats = float("inf"), {}
-        engine = LLMEngine(model, max_batch_size=args.slots)
+        engine = make_engine(model, args, folder)
         for _ in range(args.repeats + 1):                     # the first run warms up (cache, graphs)
-            engine.stats = dict.fromkeys(engine.stats, 0)
+            stats_of(engine).update(dict.fromkeys(stats_of(engine), 0))
             seconds = run(engine, blocks)
             if seconds < best:
-                best, stats = seconds, dict(engine.stats)
+                best, stats = seconds, dict(stats_of(engine))
+        if isinstance(engine, TPEngine):
+            engine.close()
         report[name] = {"decode_steps": stats["decode_steps"], "prefills": stats["prefills"], "seconds": round(best, 3),
                         "prefill_s": round(stats["prefill_s"], 3), "decode_s": round(stats["decode_s"], 3),
                         "rows_per_s": round(len(requests) / best, 2)}
     report["speedup"] = round(report["one_at_a_time"]["seconds"] / report["streamed"]["seconds"], 2)
     print(json.dumps(report))
+    shutil.rmtree(folder)
 
 
 if __name__ == "__main__":

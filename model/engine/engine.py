@@ -92,8 +92,11 @@ class LLMEngine:
             return int(max(free * 0.85 - 4 * _GIB, 0) // bytes_per_token)
         return min(self.max_batch_size * max_len, 2 * _GIB // bytes_per_token)
 
+    def _positions_needed(self, seq: Sequence) -> int:
+        # A step in flight may advance a finished row one position more.
+        return seq.max_length + self.overlap
+
     def _ensure_cache(self, need_len: int) -> ModelRunner:
-        need_len += self.overlap        # a step in flight may advance a finished row one position more
         old_len = 0 if self.runner is None else self.runner.cache.max_len
         if old_len >= need_len:
             return self.runner
@@ -202,11 +205,10 @@ class LLMEngine:
         if not self._pending:
             return
         if self._scheduler is None or self._scheduler.done:
-            runner = self._ensure_cache(max(s.max_length for s in self._pending))
+            runner = self._ensure_cache(max(map(self._positions_needed, self._pending)))
             if self._scheduler is None:
                 self._scheduler = Scheduler(runner.cache.num_slots, self.max_prefill_tokens)
-        room = self.runner.cache.max_len - self.overlap
-        while self._pending and self._pending[0].max_length <= room:
+        while self._pending and self._positions_needed(self._pending[0]) <= self.runner.cache.max_len:
             self._scheduler.add(self._pending.pop(0))
 
     def _step(self) -> list[Sequence]:

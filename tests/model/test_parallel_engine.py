@@ -69,9 +69,11 @@ def test_tp2_compiled_decode_matches_tp1(checkpoint):
     assert [s["compiled_decode"] for s in stats] == [True, True]
 
 
-def test_tp2_streamed_batches_match_tp1(checkpoint):
+@pytest.mark.parametrize("cuda_defaults", [False, True], ids=["cpu_defaults", "cuda_defaults_but_compile"])
+def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     """Batches submitted while others run join rank 0's decode steps (EngineLoop over the group):
-    every rank adds and steps alike, answers equal TP=1's, a bad row fails alone."""
+    every rank adds and steps alike, answers equal TP=1's, a bad row fails alone. Also with a decode
+    step in flight while the next is queued, and padded-group prefill (CUDA's defaults)."""
     from model.engine import Request
 
     path = checkpoint("idefics3")
@@ -80,7 +82,8 @@ def test_tp2_streamed_batches_match_tp1(checkpoint):
     sampled = requests(path, max_new_tokens=7, temperature=0.9, top_k=50, seed=5)
     parts = [long, short, sampled]
     want = {(i, j): tokens for i, part in enumerate(parts) for j, tokens in enumerate(reference_tokens(plain, part))}
-    with TPEngine(path, 2, cpu_threads=1, timeout_s=120, max_batch_size=8) as engine:
+    options = dict(overlap=True, batched_prefill=True) if cuda_defaults else {}
+    with TPEngine(path, 2, cpu_threads=1, timeout_s=120, max_batch_size=8, **options) as engine:
         for part in parts:
             engine.generate(part)
         one_at_a_time = engine.engine.stats["decode_steps"]
