@@ -145,7 +145,8 @@ class Generate:
     def prepare(self, batch: pa.Table) -> tuple[list[dict], list[dict | None], dict]:
         """The batch's rows, their outputs so far (rows that arrived with an error, or failed to
         become a request), and the engine requests of the others (row index -> Request)."""
-        rows = batch.select(["id", "question", "input_ids", "frames", "frames_shape", "error"]).to_pylist()
+        rows = batch.select(["id", "question", "input_ids", "frames", "frames_shape", "image_key",
+                             "error"]).to_pylist()
         outputs: list[dict | None] = [self.error_output(r, r["error"]) if r["error"] else None for r in rows]
         requests = {}
         for i in [i for i, out in enumerate(outputs) if out is None]:
@@ -169,7 +170,7 @@ class Generate:
         sampling = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, seed=row_seed(c.seed, row["id"]))
         return Request(str(row["id"]), row["input_ids"], self.encoder.pixel_values(frames, device=self.device),
-                       sampling=sampling)
+                       sampling=sampling, image_key=row["image_key"])
 
     async def answer(self, requests: dict) -> dict:
         """index -> Result, or the exception of that row alone."""

@@ -7,6 +7,8 @@ row still flows on so that it is written with finish_reason="error".
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 
@@ -14,7 +16,7 @@ from .config import PipelineConfig
 from .rows import error_message, image_bytes, row_ids
 
 ENCODED_FIELDS = [("question", pa.string()), ("input_ids", pa.list_(pa.int32())), ("frames", pa.large_binary()),
-                  ("frames_shape", pa.list_(pa.int32())), ("error", pa.string())]
+                  ("frames_shape", pa.list_(pa.int32())), ("image_key", pa.string()), ("error", pa.string())]
 
 
 class Preprocess:
@@ -38,7 +40,8 @@ class Preprocess:
         return pa.table(columns)
 
     def encode_row(self, image, question: str | None) -> tuple:
-        """(question, input_ids, frames bytes, frames shape, error) for one row; never raises."""
+        """(question, input_ids, frames bytes, frames shape, image key, error) for one row; never
+        raises. The key is a hash of the image file: the engine encodes rows of one image once."""
         question = self.config.prompt if question is None else question
         stage = "read image"
         try:
@@ -47,9 +50,10 @@ class Preprocess:
             row = self.encoder.encode(data, question)
             self.check_context(len(row.input_ids))
         except Exception as e:  # any failure is this row's, the batch goes on
-            return question, None, None, None, error_message(stage, e)
+            return question, None, None, None, None, error_message(stage, e)
         frames = np.ascontiguousarray(row.frames, dtype=np.uint8)
-        return question, row.input_ids, frames.tobytes(), list(frames.shape), None
+        key = hashlib.blake2b(data, digest_size=16).hexdigest()
+        return question, row.input_ids, frames.tobytes(), list(frames.shape), key, None
 
     def check_context(self, num_prompt_tokens: int) -> None:
         limit = self.encoder.max_length

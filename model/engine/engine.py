@@ -16,6 +16,7 @@ from torch import nn
 
 from ..fusion import fuse_projections
 from ..linear import available_host_memory, pack_weights
+from .image_cache import ImageFeatureCache
 from .kv_cache import KVCache
 from .runner import ModelRunner, kv_bucket, pow2_bucket
 from .sampler import SamplingState, sample
@@ -55,7 +56,8 @@ class LLMEngine:
     def __init__(self, model: nn.Module, tokenizer=None, max_batch_size: int = 64,
                  kv_cache_tokens: int | None = None, *, max_prefill_tokens: int = 8192,
                  use_cuda_graphs: bool = True, compile: bool | None = None, max_image_frames: int = 64,
-                 overlap: bool | None = None, batched_prefill: bool | None = None) -> None:
+                 overlap: bool | None = None, batched_prefill: bool | None = None,
+                 image_cache_bytes: int = 256 << 20) -> None:
         free = available_host_memory()
         self.model = pack_weights(fuse_projections(model.eval()), None if free is None else free // 2)
         self.tokenizer = tokenizer
@@ -74,13 +76,15 @@ class LLMEngine:
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self.batched_prefill = batched_prefill      # None: on CUDA (see PackedPrefillAttention)
         self.stop_ids = default_stop_ids(model, tokenizer)
+        self.image_cache = ImageFeatureCache(image_cache_bytes)     # requests naming the same image
         self.runner: ModelRunner | None = None
         self._scheduler: Scheduler | None = None    # None: a new one, over the current cache's slots
         self._pending: list[Sequence] = []          # added, not yet in the scheduler
         self._in_flight: DecodeStep | None = None
         self._finished: list[Sequence] = []         # finished since the last step returned
         self._rng = random.Random()
-        self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0}
+        self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0,
+                      "images_encoded": 0}
 
     # ---- cache sizing -------------------------------------------------------------------------
     def kv_token_budget(self, bytes_per_token: int, max_len: int) -> int:
@@ -253,8 +257,12 @@ class LLMEngine:
 
     def _prefill(self, scheduler: Scheduler, seqs: list[Sequence]) -> None:
         runner = self.runner
-        features = runner.image_features([s.request.pixel_values for s in seqs],
-                                         [s.request.pixel_attention_mask for s in seqs])
+
+        def encode(pixel_values: list, masks: list) -> list:
+            self.stats["images_encoded"] += len(pixel_values)
+            return runner.image_features(pixel_values, masks)
+
+        features = self.image_cache.features([s.request for s in seqs], encode)
         slots = [s.slot for s in seqs]
         logits = runner.prefill([s.request.prompt_ids for s in seqs], features, slots)
         for seq in seqs:

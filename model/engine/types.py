@@ -37,12 +37,15 @@ class SamplingParams:
 
 @dataclass
 class Request:
-    """One prompt. pixel_values: float (n_frames, 3, H, W), already normalised; None = text only."""
+    """One prompt. pixel_values: float (n_frames, 3, H, W), already normalised; None = text only.
+    image_key: names the image (a hash of its file, say): requests with equal keys promise equal
+    pixel values, and the engine encodes them once (model.engine.image_cache)."""
     request_id: str
     prompt_ids: list[int]
     pixel_values: Tensor | None = None
     pixel_attention_mask: Tensor | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    image_key: str | None = None
 
 
 @dataclass

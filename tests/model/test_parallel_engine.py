@@ -74,6 +74,8 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     """Batches submitted while others run join rank 0's decode steps (EngineLoop over the group):
     every rank adds and steps alike, answers equal TP=1's, a bad row fails alone. Also with a decode
     step in flight while the next is queued, and padded-group prefill (CUDA's defaults)."""
+    from dataclasses import replace
+
     from model.engine import Request
 
     path = checkpoint("idefics3")
@@ -87,19 +89,23 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
         for part in parts:
             engine.generate(part)
         one_at_a_time = engine.engine.stats["decode_steps"]
-        engine.engine.stats["decode_steps"] = 0
-        batches = [{(i, j): r for j, r in enumerate(part)} for i, part in enumerate(parts)]
+        engine.engine.stats.update(decode_steps=0, images_encoded=0)
+        # Request j of every part asks about the same image: every rank encodes it once (the ranks
+        # run the vision tower's collectives together, so their feature caches must agree).
+        batches = [{(i, j): replace(r, image_key=f"image-{j}") for j, r in enumerate(part)}
+                   for i, part in enumerate(parts)]
         batches[0]["bad"] = Request("bad", [])
         outcomes = {}
         for future in [engine.submit(b) for b in batches]:
             outcomes.update(future.result(timeout=120))
-        streamed = engine.engine.stats["decode_steps"]
+        streamed, images_encoded = engine.engine.stats["decode_steps"], engine.engine.stats["images_encoded"]
         stats = engine.shard_stats()
         processes = list(engine.processes)
     bad = outcomes.pop("bad")
     assert isinstance(bad, ValueError) and "'bad'" in str(bad)
     assert {k: r.token_ids for k, r in outcomes.items()} == want
     assert streamed < one_at_a_time
+    assert images_encoded == sum(r.pixel_values is not None for r in long)
     assert stats[0]["last_tokens"] == stats[1]["last_tokens"]              # the ranks stepped alike
     assert all(p.exitcode == 0 for p in processes)                         # shutdown answered, then left
 

@@ -20,14 +20,21 @@ def bad_rows() -> list[dict]:
     ]
 
 
+def questions_about_one_image() -> list[dict]:
+    """Rows of one image (the engine encodes it once: Preprocess gives them one image_key)."""
+    image = png(41, 23, seed=12)
+    return [{"id": f"same-image-{i}", "image": image, "question": q}
+            for i, q in enumerate(["What is in the image?", "Which colour is the star?", None])]
+
+
 @pytest.fixture(scope="module")
 def run(ray_cluster, checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
-    rows = good_rows(6) + bad_rows()
+    rows = good_rows(6) + questions_about_one_image() + bad_rows()
     for i, row in enumerate(rows):
         row["extra"] = i
-    write_parquet(tmp / "in" / "part-0.parquet", rows[:7])
-    write_parquet(tmp / "in" / "part-1.parquet", rows[7:])
+    write_parquet(tmp / "in" / "part-0.parquet", rows[:8])
+    write_parquet(tmp / "in" / "part-1.parquet", rows[8:])
     config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW, batch_size=3, keep_columns=["extra"],
                             max_image_pixels=100 * 100)
     summary = run_job(str(tmp / "in"), str(tmp / "out"), config)
@@ -45,7 +52,7 @@ def test_every_id_exactly_once_with_output_schema(run):
 
 def test_answers_equal_greedy_generate_of_each_row_alone(run, oracle):
     rows, by_id, _, _, _ = run
-    for row in good_rows(6):
+    for row in good_rows(6) + questions_about_one_image():
         question = row["question"] or PipelineConfig.prompt
         text, n = oracle.answer(row["image"], question, MAX_NEW)
         got = by_id[row["id"]]
@@ -77,6 +84,24 @@ def test_fresh_run_refuses_a_written_output(run, checkpoint):
     tmp = run[4]
     with pytest.raises(FileExistsError, match="--resume"):
         run_job(str(tmp / "in"), str(tmp / "out"), PipelineConfig(model=str(checkpoint)))
+
+
+def test_rows_of_one_image_file_share_an_image_key_and_one_encoding(checkpoint):
+    import asyncio
+
+    from pipeline.generate import Generate
+    from pipeline.preprocess import Preprocess
+
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW)
+    rows = questions_about_one_image() + good_rows(2)
+    encoded = Preprocess(config)(pa.Table.from_pylist(rows))
+    keys = encoded.column("image_key").to_pylist()
+    assert keys[0] == keys[1] == keys[2] and len({keys[0], keys[3], keys[4]}) == 3
+    stage = Generate(config)                       # the model stage itself, outside Ray
+    answered = asyncio.run(stage(encoded)).to_pylist()
+    assert [r["error"] for r in answered] == [None] * 5
+    assert stage.engine.stats["images_encoded"] == 3
+    stage.loop.close()
 
 
 def test_image_struct_without_ids(ray_cluster, checkpoint, tmp_path):

@@ -1,0 +1,75 @@
+"""Image features shared by requests about the same image: the vision tower runs once per image.
+
+Benchmarks and VQA datasets ask several questions about each image (VQAv2 about five, DocVQA about
+four), and the rows of one image usually come together. A request that names its image
+(`Request.image_key`: equal keys promise equal pixel values) reuses the features of an earlier
+request with that key, or of another one in the same prefill, instead of encoding them again.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+from torch import Tensor
+
+from .types import Request
+
+Encoder = Callable[[list[Tensor | None], list[Tensor | None]], list[Tensor | None]]
+
+
+class ImageFeatureCache:
+    """The features of the most recently used keys, at most `max_bytes` of them (0: none kept).
+    Every tensor-parallel rank sees the same requests and the same feature sizes, so every rank
+    keeps and evicts the same keys and runs the vision tower (and its collectives) alike."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._entries: OrderedDict[str, Tensor] = OrderedDict()
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str | None) -> Tensor | None:
+        features = None if key is None else self._entries.get(key)
+        if features is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return features
+
+    def put(self, key: str, features: Tensor) -> None:
+        size = features.numel() * features.element_size()
+        if key in self._entries or size > self.max_bytes:
+            return
+        self._entries[key] = features
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    def features(self, requests: list[Request], encode: Encoder) -> list[Tensor | None]:
+        """Each request's image features (None without an image): cached, or encoded once per key
+        (requests without a key are encoded each on their own), in one call of `encode`."""
+        out = [self.get(r.image_key) if r.pixel_values is not None else None for r in requests]
+        def owner(i: int) -> tuple:               # requests without a key own their pixels alone
+            key = requests[i].image_key
+            return ("row", i) if key is None else ("key", key)
+
+        missing = [i for i, r in enumerate(requests) if r.pixel_values is not None and out[i] is None]
+        owners: dict[tuple, int] = {}             # -> the request whose pixels are encoded
+        for i in missing:
+            owners.setdefault(owner(i), i)
+        if not owners:
+            return out
+        encoded = dict(zip(owners, encode([requests[i].pixel_values for i in owners.values()],
+                                          [requests[i].pixel_attention_mask for i in owners.values()])))
+        for i in missing:
+            out[i] = encoded[owner(i)]
+        for (kind, key), features in encoded.items():
+            if kind == "key":
+                self.put(key, features)
+        return out
