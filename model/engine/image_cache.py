@@ -41,7 +41,7 @@ class ImageFeatureCache:
         size = features.numel() * features.element_size()
         if key in self._entries or size > self.max_bytes:
             return
-        self._entries[key] = features
+        self._entries[key] = features.clone()     # not a view that would keep its whole batch alive
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, old = self._entries.popitem(last=False)
