@@ -1,6 +1,7 @@
 """The Ray Data pipeline against the bare engine, on the same rows and model.
 
     python bench/pipeline.py [--model CKPT] [--rows 64] [--image 512x384] [--max-new-tokens 16]
+                             [--questions-per-image 4]
 
 Reports: bare-engine rows/s (rows pre-encoded, the engine alone, every batch of the pipeline's size
 in flight at once), pipeline rows/s (read -> preprocess actors -> model replica -> Parquet write) over the
@@ -28,15 +29,17 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def make_rows(n: int, width: int, height: int) -> pa.Table:
+def make_rows(n: int, width: int, height: int, questions_per_image: int = 1) -> pa.Table:
+    """n rows, in runs of `questions_per_image` rows about one image (as VQA datasets come)."""
     rng = np.random.default_rng(0)
     images = []
-    for _ in range(n):  # smooth gradients + noise: PNG sizes like photos, not like pure noise
+    for _ in range(-(-n // questions_per_image)):  # smooth gradients + noise: PNG sizes like photos
         base = np.linspace(0, 255, width, dtype=np.float32)[None, :, None] * rng.random((1, 1, 3))
         noise = rng.normal(0, 12, (height, width, 3))
         buf = io.BytesIO()
         Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(buf, format="PNG")
         images.append(buf.getvalue())
+    images = [image for image in images for _ in range(questions_per_image)][:n]
     return pa.table({"id": [f"r{i}" for i in range(n)], "image": images, "question": ["Describe it."] * n})
 
 
@@ -95,6 +98,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--cpu-workers", type=int, default=1)
     ap.add_argument("--batches-in-flight", type=int, help="per replica (default: enough to fill the engine)")
+    ap.add_argument("--questions-per-image", type=int, default=1, help="consecutive rows about one image")
     args = ap.parse_args()
     import torch
 
@@ -106,7 +110,7 @@ def main() -> None:
         from tests.fixtures.checkpoints import build_checkpoint
         args.model = str(build_checkpoint(tmp / "ckpt", "smolvlm"))
     width, height = map(int, args.image.split("x"))
-    table = make_rows(3 * args.rows, width, height)
+    table = make_rows(3 * args.rows, width, height, args.questions_per_image)
     pq.write_table(table.slice(0, args.rows), tmp / "small.parquet")
     pq.write_table(table, tmp / "large.parquet")
     config = PipelineConfig(model=args.model, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -118,7 +122,8 @@ def main() -> None:
     engine_s_per_row = bare["engine_s"] / table.num_rows
     marginal_s = large["wall_s"] - small["wall_s"]
     report = {
-        "rows": [args.rows, 3 * args.rows], "image": args.image, "max_new_tokens": args.max_new_tokens,
+        "rows": [args.rows, 3 * args.rows], "image": args.image, "questions_per_image": args.questions_per_image,
+        "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size, "cpu_workers": args.cpu_workers, "batches_in_flight": args.batches_in_flight,
         "bare_engine_rows_per_s": round(1 / engine_s_per_row, 2),
         "bare_encode_rows_per_s_one_core": round(table.num_rows / bare["encode_s"], 2),

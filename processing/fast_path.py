@@ -85,10 +85,15 @@ class RowEncoder:
 
     # --- the row -------------------------------------------------------------------------------
 
-    def encode(self, image: Any = None, question: str = "") -> EncodedRow:
-        """bytes / PIL image / None + question -> EncodedRow (ids, uint8 frames, rows, cols)."""
+    def encode(self, image: Any = None, question: str = "",
+               tiles: tuple[np.ndarray, int, int] | None = None) -> EncodedRow:
+        """bytes / PIL image / None + question -> EncodedRow (ids, uint8 frames, rows, cols).
+        `tiles`: this image's `image_frames(image)`, when already made (another question about it)."""
         check_question(question)
-        frames, rows, cols = (None, 0, 0) if image is None else self.image_frames(image)
+        if image is None:
+            frames, rows, cols = None, 0, 0
+        else:
+            frames, rows, cols = tiles if tiles is not None else self.image_frames(image)
         ids = self.encode_prompt(self.prompt(question, image is not None), None if frames is None else (rows, cols))
         if self.max_length is not None and len(ids) > self.max_length:
             raise PromptError(f"the prompt is {len(ids)} tokens (with the image), more than the model's context "

@@ -94,9 +94,16 @@ def test_rows_of_one_image_file_share_an_image_key_and_one_encoding(checkpoint):
 
     config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW)
     rows = questions_about_one_image() + good_rows(2)
-    encoded = Preprocess(config)(pa.Table.from_pylist(rows))
+    preprocess = Preprocess(config)
+    tiled = []
+    image_frames = preprocess.encoder.image_frames
+    preprocess.encoder.image_frames = lambda data: tiled.append(data) or image_frames(data)
+    encoded = preprocess(pa.Table.from_pylist(rows))
     keys = encoded.column("image_key").to_pylist()
     assert keys[0] == keys[1] == keys[2] and len({keys[0], keys[3], keys[4]}) == 3
+    assert len(tiled) == 3                         # the shared image was decoded and tiled once
+    fresh = Preprocess(config)(pa.Table.from_pylist(rows[2:3]))
+    assert encoded.slice(2, 1).select(["input_ids", "frames"]).equals(fresh.select(["input_ids", "frames"]))
     stage = Generate(config)                       # the model stage itself, outside Ray
     answered = asyncio.run(stage(encoded)).to_pylist()
     assert [r["error"] for r in answered] == [None] * 5
