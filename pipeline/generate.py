@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from .config import PipelineConfig
+from .preprocess import RECENT_IMAGES
 from .rows import error_message, output_schema, row_seed
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,7 @@ class Generate:
         self.placement = replica_placement_group(self.rank, tp) if tp > 1 else None
         self.engine = self.load()
         self.loop = EngineLoop(self.engine) if tp == 1 else None
+        self.recent_pixels: OrderedDict = OrderedDict()      # image key -> pixel values
         if tp > 1:
             self.device = "cpu"  # this actor holds no device; the ranks move the pixel values to theirs
 
@@ -166,11 +169,25 @@ class Generate:
         from model.engine import Request, SamplingParams
 
         c = self.config
-        frames = np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape(row["frames_shape"])
         sampling = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, seed=row_seed(c.seed, row["id"]))
-        return Request(str(row["id"]), row["input_ids"], self.encoder.pixel_values(frames, device=self.device),
-                       sampling=sampling, image_key=row["image_key"])
+        return Request(str(row["id"]), row["input_ids"], self.pixel_values(row), sampling=sampling,
+                       image_key=row["image_key"])
+
+    def pixel_values(self, row: dict):
+        """The row's frames as pixel values on the device, converted once for consecutive rows
+        about the same image (the engine does not mutate them)."""
+        key = row["image_key"]
+        if key is not None and key in self.recent_pixels:
+            self.recent_pixels.move_to_end(key)
+            return self.recent_pixels[key]
+        frames = np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape(row["frames_shape"])
+        pixels = self.encoder.pixel_values(frames, device=self.device)
+        if key is not None:
+            self.recent_pixels[key] = pixels
+            if len(self.recent_pixels) > RECENT_IMAGES:
+                self.recent_pixels.popitem(last=False)
+        return pixels
 
     async def answer(self, requests: dict) -> dict:
         """index -> Result, or the exception of that row alone."""

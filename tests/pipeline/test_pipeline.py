@@ -105,9 +105,12 @@ def test_rows_of_one_image_file_share_an_image_key_and_one_encoding(checkpoint):
     fresh = Preprocess(config)(pa.Table.from_pylist(rows[2:3]))
     assert encoded.slice(2, 1).select(["input_ids", "frames"]).equals(fresh.select(["input_ids", "frames"]))
     stage = Generate(config)                       # the model stage itself, outside Ray
+    converted = []
+    to_pixels = stage.encoder.pixel_values
+    stage.encoder.pixel_values = lambda frames, device: converted.append(1) or to_pixels(frames, device=device)
     answered = asyncio.run(stage(encoded)).to_pylist()
     assert [r["error"] for r in answered] == [None] * 5
-    assert stage.engine.stats["images_encoded"] == 3
+    assert stage.engine.stats["images_encoded"] == 3 and len(converted) == 3
     stage.loop.close()
 
 
