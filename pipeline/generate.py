@@ -16,8 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from .config import PipelineConfig
-from .preprocess import RECENT_IMAGES
-from .rows import error_message, output_schema, row_seed
+from .rows import error_message, output_schema, reuse_recent, row_seed
 
 log = logging.getLogger(__name__)
 GROUP_REBUILDS = 2            # per batch: a tensor-parallel group whose rank died is rebuilt this often
@@ -177,17 +176,10 @@ class Generate:
     def pixel_values(self, row: dict):
         """The row's frames as pixel values on the device, converted once for consecutive rows
         about the same image (the engine does not mutate them)."""
-        key = row["image_key"]
-        if key is not None and key in self.recent_pixels:
-            self.recent_pixels.move_to_end(key)
-            return self.recent_pixels[key]
-        frames = np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape(row["frames_shape"])
-        pixels = self.encoder.pixel_values(frames, device=self.device)
-        if key is not None:
-            self.recent_pixels[key] = pixels
-            if len(self.recent_pixels) > RECENT_IMAGES:
-                self.recent_pixels.popitem(last=False)
-        return pixels
+        def convert():
+            frames = np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape(row["frames_shape"])
+            return self.encoder.pixel_values(frames, device=self.device)
+        return reuse_recent(self.recent_pixels, row["image_key"], convert)
 
     async def answer(self, requests: dict) -> dict:
         """index -> Result, or the exception of that row alone."""

@@ -14,9 +14,8 @@ import numpy as np
 import pyarrow as pa
 
 from .config import PipelineConfig
-from .rows import error_message, image_bytes, row_ids
+from .rows import error_message, image_bytes, reuse_recent, row_ids
 
-RECENT_IMAGES = 4             # per actor: images whose frames are kept for the next rows about them
 ENCODED_FIELDS = [("question", pa.string()), ("input_ids", pa.list_(pa.int32())), ("frames", pa.large_binary()),
                   ("frames_shape", pa.list_(pa.int32())), ("image_key", pa.string()), ("error", pa.string())]
 
@@ -28,7 +27,7 @@ class Preprocess:
         kwargs = {} if config.max_image_pixels is None else {"max_image_pixels": config.max_image_pixels}
         self.encoder = RowEncoder.from_pretrained(config.model, image_backend=config.image_backend, **kwargs)
         self.config = config
-        self.recent: OrderedDict[str, tuple] = OrderedDict()    # image key -> its frames, rows, cols
+        self.recent: OrderedDict[str, tuple] = OrderedDict()    # image key -> its frames, rows, cols (made once)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = batch.column("image").to_pylist() if "image" in batch.column_names else [None] * batch.num_rows
@@ -51,23 +50,13 @@ class Preprocess:
             data = image_bytes(image, self.config.storage_options)
             stage = "preprocess"
             key = hashlib.blake2b(data, digest_size=16).hexdigest()
-            row = self.encoder.encode(data, question, tiles=self.tiles(key, data))
+            tiles = reuse_recent(self.recent, key, lambda: self.encoder.image_frames(data))
+            row = self.encoder.encode(data, question, tiles=tiles)
             self.check_context(len(row.input_ids))
         except Exception as e:  # any failure is this row's, the batch goes on
             return question, None, None, None, None, error_message(stage, e)
         frames = np.ascontiguousarray(row.frames, dtype=np.uint8)
         return question, row.input_ids, frames.tobytes(), list(frames.shape), key, None
-
-    def tiles(self, key: str, data: bytes) -> tuple:
-        """The image's frames, rows and cols: made once for rows about the same image, which
-        datasets of several questions an image keep together (a few recent images are kept)."""
-        if key in self.recent:
-            self.recent.move_to_end(key)
-            return self.recent[key]
-        tiles = self.recent[key] = self.encoder.image_frames(data)
-        if len(self.recent) > RECENT_IMAGES:
-            self.recent.popitem(last=False)
-        return tiles
 
     def check_context(self, num_prompt_tokens: int) -> None:
         limit = self.encoder.max_length

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import zlib
+from collections import OrderedDict
+from typing import Callable, TypeVar
 
 import pyarrow as pa
 
 from .storage import read_bytes
 
+T = TypeVar("T")
+RECENT_IMAGES = 4            # per actor: images whose frames / pixel values are kept for the next rows about them
 ROW_HASH = "row_hash"        # Ray Data's deterministic (file path, row index) hash, our id when `id` is absent
 OUTPUT_SCHEMA = pa.schema([
     ("question", pa.string()), ("answer", pa.string()), ("finish_reason", pa.string()),
@@ -64,3 +68,17 @@ def row_seed(seed: int | None, row_id) -> int | None:
 
 def output_schema(id_type: pa.DataType, kept: list[pa.Field]) -> pa.Schema:
     return pa.schema([pa.field("id", id_type), *OUTPUT_SCHEMA, *kept])
+
+
+def reuse_recent(recent: OrderedDict, key: str | None, make: Callable[[], T]) -> T:
+    """`make()`, or what it gave for `key` among the RECENT_IMAGES last keys (rows about one image
+    come together in datasets of several questions an image). Key None: made, not kept."""
+    if key is not None and key in recent:
+        recent.move_to_end(key)
+        return recent[key]
+    value = make()
+    if key is not None:
+        recent[key] = value
+        if len(recent) > RECENT_IMAGES:
+            recent.popitem(last=False)
+    return value
