@@ -36,13 +36,11 @@ class PipelineConfig:
             self.keep_columns = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
         # Output columns are always there; keeping them again would duplicate them.
         self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c not in OUTPUT_COLUMNS]
-        positive = ("max_new_tokens", "replicas", "tensor_parallel_size", "cpu_workers", "batch_size",
-                    "max_batch_size")
+        positive = ["max_new_tokens", "replicas", "tensor_parallel_size", "cpu_workers", "batch_size",
+                    "max_batch_size"] + (["batches_in_flight"] if self.batches_in_flight is not None else [])
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batches_in_flight is not None and self.batches_in_flight < 1:
-            raise ValueError(f"batches_in_flight must be >= 1, got {self.batches_in_flight}")
         if self.image_backend not in ("pil", "torch"):
             raise ValueError(f"image_backend must be 'pil' or 'torch', got {self.image_backend!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

@@ -47,14 +47,11 @@ class ImageFeatureCache:
             _, old = self._entries.popitem(last=False)
             self.bytes -= old.numel() * old.element_size()
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
-
     def features(self, requests: list[Request], encode: Encoder) -> list[Tensor | None]:
         """Each request's image features (None without an image): cached, or encoded once per key
         (requests without a key are encoded each on their own), in one call of `encode`."""
         out = [self.get(r.image_key) if r.pixel_values is not None else None for r in requests]
+
         def owner(i: int) -> tuple:               # requests without a key own their pixels alone
             key = requests[i].image_key
             return ("row", i) if key is None else ("key", key)

@@ -77,8 +77,7 @@ class RayTPGroup:
         try:
             return ray.get(self.workers[0].generate.remote(requests))
         except ray.exceptions.RayActorError as e:
-            self.broken = f"rank 0 died: {e}"
-            raise TPGroupBroken(self.broken) from e
+            raise self._rank0_died(e) from e
         except Exception:
             self._check_alive(ray, wait_s=2.0)   # a follower's death surfaces at rank 0 as a collective error
             raise
@@ -92,11 +91,14 @@ class RayTPGroup:
         try:
             outcomes = await self.workers[0].serve.remote(requests)
         except ray.exceptions.RayActorError as e:
-            self.broken = f"rank 0 died: {e}"
-            raise TPGroupBroken(self.broken) from e
+            raise self._rank0_died(e) from e
         if any(isinstance(o, Exception) for o in outcomes.values()):
             await asyncio.to_thread(self._check_alive, ray, 2.0)    # was it a follower's death?
         return outcomes
+
+    def _rank0_died(self, error: Exception) -> TPGroupBroken:
+        self.broken = f"rank 0 died: {error}"
+        return TPGroupBroken(self.broken)
 
     def _check_alive(self, ray, wait_s: float) -> None:
         if not self.broken and self.follow_refs:
