@@ -17,6 +17,7 @@ from torch import nn
 from ..fusion import fuse_projections
 from ..linear import available_host_memory, pack_weights
 from .image_cache import ImageFeatureCache
+from .prefix_cache import SlotPrefixes
 from .kv_cache import KVCache
 from .runner import ModelRunner, kv_bucket, pow2_bucket
 from .sampler import SamplingState, sample
@@ -57,7 +58,7 @@ class LLMEngine:
                  kv_cache_tokens: int | None = None, *, max_prefill_tokens: int = 8192,
                  use_cuda_graphs: bool = True, compile: bool | None = None, max_image_frames: int = 64,
                  overlap: bool | None = None, batched_prefill: bool | None = None,
-                 image_cache_bytes: int = 256 << 20) -> None:
+                 image_cache_bytes: int = 256 << 20, share_prefixes: bool = True) -> None:
         free = available_host_memory()
         self.model = pack_weights(fuse_projections(model.eval()), None if free is None else free // 2)
         self.tokenizer = tokenizer
@@ -77,6 +78,8 @@ class LLMEngine:
         self.batched_prefill = batched_prefill      # None: on CUDA (see PackedPrefillAttention)
         self.stop_ids = default_stop_ids(model, tokenizer)
         self.image_cache = ImageFeatureCache(image_cache_bytes)     # requests naming the same image
+        self.share_prefixes = share_prefixes
+        self.prefixes = SlotPrefixes(model.config.image_token_id)   # ... and their prompts' K/V
         self.runner: ModelRunner | None = None
         self._scheduler: Scheduler | None = None    # None: a new one, over the current cache's slots
         self._pending: list[Sequence] = []          # added, not yet in the scheduler
@@ -84,7 +87,7 @@ class LLMEngine:
         self._finished: list[Sequence] = []         # finished since the last step returned
         self._rng = random.Random()
         self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0,
-                      "images_encoded": 0}
+                      "images_encoded": 0, "prefix_tokens_reused": 0}
 
     # ---- cache sizing -------------------------------------------------------------------------
     def kv_token_budget(self, bytes_per_token: int, max_len: int) -> int:
@@ -105,6 +108,7 @@ class LLMEngine:
         if old_len >= need_len:
             return self.runner
         self.runner = self._scheduler = None        # free the old cache before sizing the new one; new slots
+        self.prefixes.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         tc = self.text_config
@@ -192,6 +196,7 @@ class LLMEngine:
     def abort(self) -> None:
         """Drop every unfinished request (after a failed step the engine's state is unknown)."""
         self._pending, self._scheduler, self._in_flight, self._finished = [], None, None, []
+        self.prefixes.clear()           # a failed prefill may have written some slots' rows
         if self.runner is not None:
             self.active.zero_()         # dropped rows' positions must stop advancing (past the cache's end)
 
@@ -225,7 +230,7 @@ class LLMEngine:
             if scheduler.can_admit():
                 self._collect(scheduler, self._in_flight)          # frees slots before admitting
                 self._in_flight = None
-                self._prefill(scheduler, scheduler.admit())
+                self._prefill(scheduler, self._admit(scheduler))
                 self.stats["prefill_s"] += time.perf_counter() - start
                 self.stats["prefills"] += 1
             else:
@@ -255,6 +260,24 @@ class LLMEngine:
         return sample(logits, self.sampling, slots, any_sampling=any(not p.greedy for p in params),
                       any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params))
 
+    def _admit(self, scheduler: Scheduler) -> list[Sequence]:
+        if not self.share_prefixes:
+            return scheduler.admit()
+        wanted = {s.request.image_key for s in scheduler.waiting} - {None}
+
+        def rank_slot(seq: Sequence, slot: int) -> tuple[bool, bool]:
+            """A slot holding this request's image first; then one no waiting request needs."""
+            key = self.prefixes.key_of(slot)
+            return key is None or key != seq.request.image_key, key in wanted
+        return scheduler.admit(self._shares_prefix, rank_slot)
+
+    def _shares_prefix(self, seq: Sequence, batch: list[Sequence]) -> bool:
+        """Whether `seq` waits for the next prefill, to copy the prompt prefix that an earlier
+        request of this one computes (same image, no slot holding its prompt yet)."""
+        key = seq.request.image_key
+        return (key is not None and seq.request.pixel_values is not None and not self.prefixes.holds(key)
+                and any(s.request.image_key == key for s in batch))
+
     def _prefill(self, scheduler: Scheduler, seqs: list[Sequence]) -> None:
         runner = self.runner
 
@@ -262,9 +285,20 @@ class LLMEngine:
             self.stats["images_encoded"] += len(pixel_values)
             return runner.image_features(pixel_values, masks)
 
-        features = self.image_cache.features([s.request for s in seqs], encode)
-        slots = [s.slot for s in seqs]
-        logits = runner.prefill([s.request.prompt_ids for s in seqs], features, slots)
+        requests, slots = [s.request for s in seqs], [s.slot for s in seqs]
+        sources = self.prefixes.plan(requests, slots) if self.share_prefixes else [None] * len(seqs)
+        for slot, source in zip(slots, sources):
+            if source is not None:
+                runner.cache.copy_prefix(source.slot, slot, source.length)
+        prefixes = [0 if source is None else source.length for source in sources]
+        self.stats["prefix_tokens_reused"] += sum(prefixes)
+        fresh = [i for i, n in enumerate(prefixes) if n == 0]
+        features = [None] * len(seqs)
+        for i, f in zip(fresh, self.image_cache.features([requests[i] for i in fresh], encode)):
+            features[i] = f
+        logits = runner.prefill([r.prompt_ids for r in requests], features, slots, prefixes)
+        if self.share_prefixes:
+            self.prefixes.remember(requests, slots)
         for seq in seqs:
             self._assign_sampling(seq)
         slot_t = torch.tensor(slots, device=self.device)

@@ -22,6 +22,12 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_slots, self.max_len = num_slots, max_len
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Rows 0..length-1 of slot `source`, every layer, into slot `target`."""
+        if source != target:
+            self.k[:, target, :, :length] = self.k[:, source, :, :length]
+            self.v[:, target, :, :length] = self.v[:, source, :, :length]
+
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
@@ -41,39 +47,47 @@ class PackedPrefillAttention:
     padding after its own segment, so both are exact. Batched trades padding and gathers for far
     fewer kernels: the better trade on a GPU, where a prefill of many short prompts on a small
     model is bound by kernel launches; on a CPU the kernels' work dominates, and padding adds to it.
+
+    A segment may continue a prompt whose first `prefixes[i]` positions are already in its slot
+    (model.engine.prefix_cache): it holds only the rest, and attends over its slot's rows.
     """
 
-    def __init__(self, cache: KVCache, slots: list[int], lengths: list[int], batched: bool = False) -> None:
+    def __init__(self, cache: KVCache, slots: list[int], lengths: list[int], batched: bool = False,
+                 prefixes: list[int] | None = None) -> None:
         self.cache, self.lengths = cache, lengths
+        prefixes = prefixes or [0] * len(lengths)
         device = cache.k.device
         self.token_slot = torch.repeat_interleave(torch.tensor(slots, device=device),
                                                   torch.tensor(lengths, device=device))
-        self.token_pos = torch.cat([torch.arange(n, device=device) for n in lengths])
-        self.batches = None
-        if batched and len(lengths) > 1:
-            starts = [0, *itertools.accumulate(lengths)]
-            self.batches = [SegmentBatch([starts[i] for i in group], [lengths[i] for i in group], device)
-                            for group in padded_groups(lengths)]
+        self.token_pos = torch.cat([torch.arange(p, p + n, device=device) for p, n in zip(prefixes, lengths)])
+        self.whole_row = len(lengths) == 1 and prefixes[0] == 0
+        starts = [0, *itertools.accumulate(lengths)]
+        fresh = [i for i, p in enumerate(prefixes) if p == 0]
+        continued = [i for i, p in enumerate(prefixes) if p > 0]
+
+        def groups_of(indices: list[int], sizes: list[int]) -> list[list[int]]:
+            if not batched:
+                return [[i] for i in indices]
+            return [[indices[j] for j in group] for group in padded_groups(sizes)]
+
+        self.batches = [SegmentBatch([starts[i] for i in g], [lengths[i] for i in g], device)
+                        for g in groups_of(fresh, [lengths[i] for i in fresh])]
+        self.batches += [PrefixedSegments(SegmentBatch([starts[i] for i in g], [lengths[i] for i in g], device),
+                                          [slots[i] for i in g], [prefixes[i] for i in g])
+                         for g in groups_of(continued, [prefixes[i] + lengths[i] for i in continued])]
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         self.cache.k[layer_idx, self.token_slot, :, self.token_pos] = k[0].transpose(0, 1)
         self.cache.v[layer_idx, self.token_slot, :, self.token_pos] = v[0].transpose(0, 1)
         groups = q.shape[1] // k.shape[1]
-        if self.batches is not None:
-            out = torch.empty_like(q)
-            for batch in self.batches:
-                batch.attend(q, k, v, groups, out)
-            return out
-        k, v = _expand_kv(k, groups), _expand_kv(v, groups)
-        if len(self.lengths) == 1:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.whole_row:
+            return F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), is_causal=True)
         out = torch.empty_like(q)
-        start = 0
-        for n in self.lengths:
-            end = start + n
-            out[:, :, start:end] = F.scaled_dot_product_attention(
-                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True)
-            start = end
+        for batch in self.batches:
+            if isinstance(batch, PrefixedSegments):
+                batch.attend(self.cache, layer_idx, q, groups, out)
+            else:
+                batch.attend(q, k, v, groups, out)
         return out
 
 
@@ -98,21 +112,57 @@ class SegmentBatch:
     tokens from, and which padded positions are real (pads read the segment's first token)."""
 
     def __init__(self, starts: list[int], lengths: list[int], device: torch.device) -> None:
-        columns = torch.arange(max(lengths))
+        self.width = max(lengths)
+        self.single = slice(starts[0], starts[0] + lengths[0]) if len(lengths) == 1 else None
+        columns = torch.arange(self.width)
         real = columns[None, :] < torch.tensor(lengths)[:, None]                            # (n, Lmax)
         source = torch.tensor(starts)[:, None] + columns[None, :] * real
         self.source = source.to(device)
         self.real = real.flatten().nonzero()[:, 0].to(device)
         self.targets = source.flatten()[real.flatten()].to(device)
 
+    def gather(self, x: Tensor) -> Tensor:
+        """(1, H, T, hd) -> (n, H, Lmax, hd); one segment is a view, not a copy."""
+        if self.single is not None:
+            return x[:, :, self.single]
+        return x[0][:, self.source].transpose(0, 1)
+
+    def scatter(self, attended: Tensor, out: Tensor) -> None:
+        """The real rows of (n, H, Lmax, hd) into their places in (1, H, T, hd) `out`."""
+        if self.single is not None:
+            out[:, :, self.single] = attended
+        else:
+            out[0][:, self.targets] = attended.transpose(0, 1).flatten(1, 2)[:, self.real]
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, groups: int, out: Tensor) -> None:
         """Causal attention of these segments of (1, H, T, hd) q and (1, H / groups, T, hd) k/v,
         written into `out`'s rows."""
-        def gather(x: Tensor) -> Tensor:            # (1, H, T, hd) -> (n, H, Lmax, hd)
-            return x[0][:, self.source].transpose(0, 1)
-        attended = F.scaled_dot_product_attention(gather(q), _expand_kv(gather(k), groups),
-                                                  _expand_kv(gather(v), groups), is_causal=True)
-        out[0][:, self.targets] = attended.transpose(0, 1).flatten(1, 2)[:, self.real]
+        attended = F.scaled_dot_product_attention(self.gather(q), _expand_kv(self.gather(k), groups),
+                                                  _expand_kv(self.gather(v), groups), is_causal=True)
+        self.scatter(attended, out)
+
+
+class PrefixedSegments:
+    """Segments that continue prompts whose first positions are already cached in their slots:
+    query i of a segment with prefix p sees its slot's rows 0..p+i, read back from the cache."""
+
+    def __init__(self, segments: SegmentBatch, slots: list[int], prefixes: list[int]) -> None:
+        device = segments.source.device
+        self.segments = segments
+        # One slot: a view of its rows; several: gathered.
+        self.slots = slice(slots[0], slots[0] + 1) if len(slots) == 1 else torch.tensor(slots, device=device)
+        columns = torch.arange(segments.width, device=device)
+        last_key = torch.tensor(prefixes, device=device)[:, None] + columns[None, :]           # (n, Lmax)
+        self.num_keys = int(last_key.max()) + 1
+        keys = torch.arange(self.num_keys, device=device)
+        self.mask = (keys[None, None, :] <= last_key[:, :, None])[:, None]                     # (n, 1, Lmax, K)
+
+    def attend(self, cache: KVCache, layer_idx: int, q: Tensor, groups: int, out: Tensor) -> None:
+        keys = cache.k[layer_idx][self.slots, :, :self.num_keys]                               # (n, Hkv, K, hd)
+        values = cache.v[layer_idx][self.slots, :, :self.num_keys]
+        attended = F.scaled_dot_product_attention(self.segments.gather(q), _expand_kv(keys, groups),
+                                                  _expand_kv(values, groups), attn_mask=self.mask)
+        self.segments.scatter(attended, out)
 
 
 class DecodeAttention:

@@ -91,12 +91,17 @@ class ModelRunner:
 
     # ---- prefill ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], features: list[Tensor | None], slots: list[int]) -> Tensor:
-        """Packs the prompts into one row, fills their slots, returns last-position logits (n, V) float32."""
+    def prefill(self, prompts: list[list[int]], features: list[Tensor | None], slots: list[int],
+                prefixes: list[int] | None = None) -> Tensor:
+        """Packs the prompts into one row, fills their slots, returns last-position logits (n, V) float32.
+        prefixes[i] > 0: the first prefixes[i] positions of prompt i are already in its slot (and
+        its image tokens among them: features[i] is None); only the rest is run."""
         device = self.cache.k.device
+        prefixes = prefixes or [0] * len(prompts)
+        prompts = [p[start:] for p, start in zip(prompts, prefixes)]
         lengths = [len(p) for p in prompts]
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)[None]
-        positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+        positions = torch.cat([torch.arange(p, p + n, device=device) for p, n in zip(prefixes, lengths)])[None]
         embeds = self.text.embed_tokens(ids)
         feats = [f for f in features if f is not None]
         if feats:
@@ -104,7 +109,7 @@ class ModelRunner:
             embeds = self.model.model.merge_image_features(ids, embeds, flat)
         hidden = self.text(inputs_embeds=embeds, position_ids=positions,
                            attention=PackedPrefillAttention(self.cache, slots, lengths,
-                                                            batched=self.batched_prefill))
+                                                            batched=self.batched_prefill, prefixes=prefixes))
         last = torch.tensor(lengths, device=device).cumsum(0) - 1
         return self.model.lm_head(hidden[0, last]).float()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .types import Request
 
@@ -64,19 +65,26 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def admit(self) -> list[Sequence]:
-        """The next waiting sequences that fit in free slots and the prefill token budget (at least one)."""
-        batch, tokens = [], 0
+    def admit(self, hold: Callable[[Sequence, list[Sequence]], bool] | None = None,
+              rank_slot: Callable[[Sequence, int], tuple] | None = None) -> list[Sequence]:
+        """The next waiting sequences that fit in free slots and the prefill token budget (at least
+        one). Those that `hold(seq, batch so far)` keep their place in the queue for the next one.
+        Each takes the free slot of lowest `rank_slot(seq, slot)`, then the lowest free slot."""
+        batch, held, tokens = [], [], 0
         while self.waiting and self.free:
             n = self.waiting[0].prompt_len
             if batch and tokens + n > self.max_prefill_tokens:
                 break
+            if batch and hold is not None and hold(self.waiting[0], batch):
+                held.append(self.waiting.popleft())
+                continue
             seq = self.waiting.popleft()
-            self.free.sort()
-            seq.slot = self.free.pop(0)
+            seq.slot = min(self.free, key=lambda slot: (() if rank_slot is None else rank_slot(seq, slot), slot))
+            self.free.remove(seq.slot)
             self.running[seq.slot] = seq
             batch.append(seq)
             tokens += n
+        self.waiting.extendleft(reversed(held))
         return batch
 
     def can_admit(self, finishing: int = 0) -> bool:

@@ -88,7 +88,7 @@ def test_packed_prefill_equals_separate_causal_attention(batched):
     total = sum(lengths)
     q, k, v = torch.randn(1, 4, total, 4), torch.randn(1, 2, total, 4), torch.randn(1, 2, total, 4)
     attention = PackedPrefillAttention(cache, slots, lengths, batched=batched)
-    assert batched == (attention.batches is not None and len(attention.batches) > 1)
+    assert batched == (len(attention.batches) < len(lengths))         # one call per group, or per prompt
     out = attention(1, q, k, v)
     start = 0
     for n, slot in zip(lengths, slots):
@@ -100,6 +100,35 @@ def test_packed_prefill_equals_separate_causal_attention(batched):
         assert torch.equal(cache.v[1, slot, :, :n], v[0, :, seg])
         start += n
     assert (cache.k[1, [4, 7]] == 0).all() and (cache.k[0] == 0).all()   # untouched slots and layer
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per-prompt", "padded-groups"])
+def test_prompts_continuing_a_cached_prefix_attend_over_their_slots_rows(batched):
+    """Segments 1 and 3 hold only the ends of their prompts: their first 6 and 9 positions are
+    already in their slots (copied from another slot); the others are whole prompts."""
+    torch.manual_seed(2)
+    lengths, prefixes, slots = [4, 3, 5, 2, 6], [0, 6, 0, 9, 0], [3, 1, 0, 6, 2]
+    cache = KVCache(2, 8, 2, 16, 4, torch.float32, "cpu")
+    cache.k.normal_()
+    cache.v.normal_()
+    cached_k, cached_v = cache.k.clone(), cache.v.clone()
+    cache.copy_prefix(1, 5, 6)
+    assert torch.equal(cache.k[:, 5, :, :6], cached_k[:, 1, :, :6]) and torch.equal(cache.k[:, 5, :, 6:], cached_k[:, 5, :, 6:])
+    total = sum(lengths)
+    q, k, v = torch.randn(1, 4, total, 4), torch.randn(1, 2, total, 4), torch.randn(1, 2, total, 4)
+    out = PackedPrefillAttention(cache, slots, lengths, batched=batched, prefixes=prefixes)(1, q, k, v)
+    start = 0
+    for n, p, slot in zip(lengths, prefixes, slots):
+        seg = slice(start, start + n)
+        keys = torch.cat([cached_k[1, slot, :, :p], k[0, :, seg]], dim=1)[None]     # prefix rows, then its own
+        values = torch.cat([cached_v[1, slot, :, :p], v[0, :, seg]], dim=1)[None]
+        visible = torch.arange(p + n)[None, :] <= p + torch.arange(n)[:, None]
+        ref = F.scaled_dot_product_attention(q[:, :, seg], keys.repeat_interleave(2, 1),
+                                             values.repeat_interleave(2, 1), attn_mask=visible)
+        torch.testing.assert_close(out[:, :, seg], ref)
+        assert torch.equal(cache.k[1, slot, :, :p], cached_k[1, slot, :, :p])        # the prefix stays
+        assert torch.equal(cache.k[1, slot, :, p:p + n], k[0, :, seg])
+        start += n
 
 
 def test_padded_groups_hold_each_prompt_once_within_the_waste_bound():

@@ -76,11 +76,12 @@ def test_a_key_is_trusted_and_a_zero_byte_cache_keeps_nothing(setup):
     first, second = next((a, b) for a in with_images for b in with_images
                          if a is not b and a.pixel_values.shape == b.pixel_values.shape)  # features that fit
     misnamed = replace(second, image_key="one")                 # claims the first's image
-    engine = LLMEngine(ours, max_batch_size=4)
+    # Prompt prefixes are shared by key too (test_prefix_cache): off, to see the feature cache alone.
+    engine = LLMEngine(ours, max_batch_size=4, share_prefixes=False)
     engine.generate([replace(first, image_key="one")])
     engine.generate([misnamed])
     assert engine.stats["images_encoded"] == 1 and engine.image_cache.hits == 1     # it got the first's features
-    uncached = LLMEngine(ours, max_batch_size=4, image_cache_bytes=0)
+    uncached = LLMEngine(ours, max_batch_size=4, image_cache_bytes=0, share_prefixes=False)
     uncached.generate([replace(first, image_key="one")])
     assert uncached.generate([misnamed])[0].token_ids == expected[second.request_id]
     assert uncached.stats["images_encoded"] == 2 and len(uncached.image_cache) == 0

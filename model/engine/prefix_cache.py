@@ -1,0 +1,100 @@
+"""Prompt prefixes shared by requests about the same image: their K/V computed once.
+
+Rows about one image share their prompt up to the end of its image block (the chat template's
+opening and the image's hundreds to thousands of tokens) and differ in the question after it. A
+slot's cache rows 0..prompt_len-1 hold its prompt's K/V from its prefill until another request
+takes the slot (decode writes only later rows), so a new request naming the same image
+(`Request.image_key`) copies the rows of the common prefix from such a slot and prefills only the
+rest: no vision tower and no prefill for the image block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .types import Request
+
+
+@dataclass(frozen=True)
+class PrefixSource:
+    """Rows 0..length-1 of `slot` hold the K/V of the request's first `length` prompt tokens."""
+    slot: int
+    length: int
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class SlotPrefixes:
+    """Which slots hold the prompt of which image. A prefix is shared only if it covers every image
+    token of the new prompt (an image's features are the same for equal keys; the text after them
+    is the request's own) and leaves at least one token to prefill (its logits start the answer).
+    Tensor-parallel ranks see the same requests and slots, so they make the same choices."""
+
+    def __init__(self, image_token_id: int) -> None:
+        self.image_token_id = image_token_id
+        self._prompts: dict[int, tuple[str, list[int]]] = {}    # slot -> (image key, prompt ids) in its rows
+        self._slots: dict[str, set[int]] = {}             # image key -> slots holding its prompts
+
+    def clear(self) -> None:
+        self._prompts.clear()
+        self._slots.clear()
+
+    def holds(self, key: str | None) -> bool:
+        return bool(self._slots.get(key))
+
+    def key_of(self, slot: int) -> str | None:
+        """The image whose prompt the slot holds."""
+        return self._prompts.get(slot, (None,))[0]
+
+    def plan(self, requests: list[Request], slots: list[int]) -> list[PrefixSource | None]:
+        """Where each request about to be prefilled into `slots` finds its prefix (None: nowhere).
+        This prefill overwrites those slots' rows, but for a request that continues its own slot's
+        old prompt: the rows it keeps may serve the others too. The slots' old prompts are then
+        forgotten (`remember` tells the new ones after the prefill)."""
+        own = [self._match(r, slot) for r, slot in zip(requests, slots)]
+        kept = {slot: n for slot, n in zip(slots, own) if n}
+        sources = [PrefixSource(slot, n) if n else self._best(r, kept, set(slots))
+                   for r, slot, n in zip(requests, slots, own)]
+        for slot in slots:
+            self._forget(slot)
+        return sources
+
+    def remember(self, requests: list[Request], slots: list[int]) -> None:
+        """After their prefill: these slots hold these prompts."""
+        for request, slot in zip(requests, slots):
+            if request.image_key is not None and request.pixel_values is not None:
+                self._prompts[slot] = (request.image_key, request.prompt_ids)
+                self._slots.setdefault(request.image_key, set()).add(slot)
+
+    def _forget(self, slot: int) -> None:
+        key, _ = self._prompts.pop(slot, (None, None))
+        if key is not None:
+            self._slots[key].discard(slot)
+            if not self._slots[key]:
+                del self._slots[key]
+
+    def _match(self, request: Request, source: int, rows: int | None = None) -> int:
+        """Prompt tokens of `request` whose K/V the first `rows` (default: all) rows of slot
+        `source` hold: 0 unless they cover its image and leave a token to run."""
+        held = self._prompts.get(source)
+        if held is None or request.image_key is None or request.pixel_values is None or held[0] != request.image_key:
+            return 0
+        ids = request.prompt_ids
+        need = max((i for i, t in enumerate(ids) if t == self.image_token_id), default=-1) + 1
+        n = min(common_prefix_length(held[1], ids), len(ids) - 1, len(ids) if rows is None else rows)
+        return n if n >= max(need, 1) else 0
+
+    def _best(self, request: Request, kept: dict[int, int], taken: set[int]) -> PrefixSource | None:
+        best = None
+        for source in sorted(self._slots.get(request.image_key, ())):
+            # A slot this prefill takes: only the rows its new request keeps.
+            n = self._match(request, source, kept.get(source, 0) if source in taken else None)
+            if n and (best is None or n > best.length):
+                best = PrefixSource(source, n)
+        return best

@@ -1,0 +1,119 @@
+"""Questions about one image share the K/V of their prompt's prefix (model.engine.prefix_cache):
+computed once, copied between slots, and every answer is still the reference's on that prompt alone."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model.engine import LLMEngine, Request, SamplingParams
+from model.engine.prefix_cache import PrefixSource, SlotPrefixes
+from model.engine.scheduler import Scheduler, Sequence
+from tests.model.test_engine import _reference, setup  # noqa: F401  (tiny checkpoints, the reference)
+
+torch.set_num_threads(1)
+
+IMAGE = 7
+
+
+def _image_end(ids: list[int], image_token_id: int) -> int:
+    return max(i for i, t in enumerate(ids) if t == image_token_id) + 2     # and the token closing the image
+
+
+@pytest.fixture(scope="module")
+def questions(setup):
+    """Three questions about each image of the setup (its own, and two made of other prompts'
+    endings), in runs of one image, keyed, with the reference's answer to each alone."""
+    ours, requests, _, _, ref = setup
+    image_token_id = ours.config.image_token_id
+    with_images = [r for r in requests if r.pixel_values is not None]
+    tails = [r.prompt_ids[-n:] for r, n in zip(requests[::-1], (5, 9, 13, 7))]
+    out = []
+    for r in with_images:
+        prefix = r.prompt_ids[:_image_end(r.prompt_ids, image_token_id)]
+        for j, ids in enumerate([r.prompt_ids, prefix + tails[len(out) % 4], prefix + tails[(len(out) + 1) % 4]]):
+            out.append(Request(f"{r.request_id}-q{j}", ids, r.pixel_values, r.pixel_attention_mask,
+                               SamplingParams(max_new_tokens=4 + len(out) % 5), image_key=f"image-of-{r.request_id}"))
+    return out, {q.request_id: _reference(ref, q) for q in out}
+
+
+@pytest.mark.parametrize("slots,batched", [(16, False), (4, False), (1, False), (4, True)])
+def test_questions_about_one_image_answer_as_the_reference_with_one_prefill_of_it(setup, questions, slots, batched):
+    ours = setup[0]
+    requests, expected = questions
+    engine = LLMEngine(ours, max_batch_size=slots, batched_prefill=batched)
+    got = {r.request_id: r.token_ids for r in engine.generate(requests)}
+    assert got == expected
+    images = len(requests) // 3
+    assert engine.stats["images_encoded"] == images
+    shared = sum(_image_end(r.prompt_ids, ours.config.image_token_id) for r in requests[1::3] + requests[2::3])
+    # With few slots a waiting question may find its image's slot taken by an earlier row, but
+    # one slot or enough slots keep every image until its questions are in.
+    assert engine.stats["prefix_tokens_reused"] >= (shared if slots in (1, 16) else 1)
+    plain = LLMEngine(ours, max_batch_size=slots, batched_prefill=batched, share_prefixes=False)
+    assert {r.request_id: r.token_ids for r in plain.generate(requests)} == expected
+    assert plain.stats["prefix_tokens_reused"] == 0
+
+
+def test_a_later_request_reuses_a_finished_rows_prefix_and_an_abort_forgets_them(setup, questions):
+    ours = setup[0]
+    requests, expected = questions
+    engine = LLMEngine(ours, max_batch_size=2)
+    engine.generate(requests[:1])
+    assert engine.prefixes.holds(requests[0].image_key)
+    before = engine.stats["prefix_tokens_reused"]
+    assert engine.generate(requests[1:2])[0].token_ids == expected[requests[1].request_id]
+    assert engine.stats["prefix_tokens_reused"] > before and engine.stats["images_encoded"] == 1
+    engine.abort()
+    assert not engine.prefixes.holds(requests[0].image_key)
+
+
+def test_slot_prefixes_choose_the_longest_prefix_that_covers_the_image_and_survives_this_prefill():
+    prefixes = SlotPrefixes(IMAGE)
+    pixels = torch.ones(1, 3, 2, 2)
+
+    def ask(ids: list[int], key: str | None = "a") -> Request:
+        return Request("r", ids, pixels, image_key=key)
+
+    prefixes.remember([ask([1, IMAGE, IMAGE, 2, 3]), ask([1, IMAGE, IMAGE, 2, 4, 5]), ask([1, IMAGE, 9], "b")],
+                      [0, 1, 2])
+    assert prefixes.plan([ask([1, IMAGE, IMAGE, 2, 4, 6])], [5]) == [PrefixSource(1, 5)]     # the longer one
+    assert prefixes.plan([ask([1, IMAGE, IMAGE, 2, 3])], [6]) == [PrefixSource(0, 4)]       # one token left to run
+    # slot 0 is overwritten by this prefill: only its own new request may use its old rows (no copy)
+    assert prefixes.plan([ask([1, IMAGE, IMAGE, 2, 3, 3]), ask([1, IMAGE, IMAGE, 8])],
+                         [3, 0]) == [PrefixSource(1, 4), PrefixSource(0, 3)]
+    assert prefixes.plan([ask([1, IMAGE, 9, 9], "b")], [2]) == [PrefixSource(2, 3)]
+    # the rows a slot's new request keeps serve another request of this prefill too
+    assert prefixes.plan([ask([1, IMAGE, IMAGE, 2, 4, 8]), ask([1, IMAGE, IMAGE, 2, 4, 5, 6])],
+                         [1, 7]) == [PrefixSource(1, 5), PrefixSource(1, 5)]
+    assert prefixes.plan([ask([1, IMAGE, IMAGE])], [4]) == [None]           # the image is the end: nothing to run
+    prefixes.remember([ask([1, IMAGE, IMAGE, 2])], [4])
+    assert prefixes.plan([ask([1, 5, IMAGE, IMAGE, 2])], [6]) == [None]     # the image not covered
+    assert prefixes.plan([ask([1, IMAGE, IMAGE, 2, 9], key=None)], [6]) == [None]         # no key, no sharing
+    assert prefixes.plan([ask([1, IMAGE, IMAGE, 2, 9], key="c")], [6]) == [None]          # another image
+    prefixes.clear()
+    assert not prefixes.holds("a")
+
+
+def test_held_requests_keep_their_place_in_the_queue():
+    scheduler = Scheduler(num_slots=4, max_prefill_tokens=100)
+    seqs = [Sequence(Request(f"r{i}", [1] * 3), frozenset()) for i in range(5)]
+    for s in seqs:
+        scheduler.add(s)
+    odd = scheduler.admit(hold=lambda seq, batch: int(seq.request.request_id[1:]) % 2 == 1)
+    assert [s.request.request_id for s in odd] == ["r0", "r2", "r4"]
+    assert [s.request.request_id for s in scheduler.waiting] == ["r1", "r3"]
+    assert [s.request.request_id for s in scheduler.admit(hold=lambda seq, batch: True)] == ["r1"]   # never none
+
+
+def test_requests_about_one_image_wait_one_prefill_for_its_prefix(setup, questions):
+    ours = setup[0]
+    requests, _ = questions
+    engine = LLMEngine(ours, max_batch_size=16)
+    engine.add_requests(requests[:3] + [replace(requests[3], image_key=None)])
+    engine.step()
+    running = {s.request.request_id for s in engine._scheduler.running.values()}
+    assert running == {requests[0].request_id, requests[3].request_id}       # the others copy the first's
+    engine.step()
+    assert len(engine._scheduler.running) == 4 and engine.stats["prefills"] == 2
