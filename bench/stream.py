@@ -9,7 +9,8 @@ Prints decode steps, wall time and rows/s of both, same model and requests, in o
     python bench/stream.py                                  # CPU, SmolVLM-256M shapes, 128 px tiles
     python bench/stream.py --device cuda --blocks 16 --batch 16 --slots 64
     python bench/stream.py --tp 3                           # a tensor-parallel group (rank 0 streams)
-    python bench/stream.py --questions-per-image 4          # + rows naming their image (encoded once)
+    python bench/stream.py --questions-per-image 4          # + rows naming their image (encoded once),
+                                                            # and sharing their prompt's prefix K/V
 """
 from __future__ import annotations
 
@@ -29,22 +30,32 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import make_requests, our_model, reference_model  # noqa: E402  (bench/engine.py)
+from engine import SHAPES, make_requests, our_model, reference_model  # noqa: E402  (bench/engine.py)
 from model.engine import LLMEngine, SamplingParams  # noqa: E402
 from model.engine.loop import EngineLoop  # noqa: E402
+from model.engine.runner import ModelRunner  # noqa: E402
 from model.parallel import TPEngine  # noqa: E402
 
 
 def varied_requests(args, device: str) -> list:
-    """Rows in runs of --questions-per-image about one image (the first's prompt and pixels)."""
+    """Rows in runs of --questions-per-image about one image: the first's pixels and prompt up to
+    the end of its image, then each row's own question (the text after its own image)."""
     rng = random.Random(0)
     base = make_requests("smolvlm-256m", args.tile, args.blocks * args.batch, 3, args.max_new, device)
+    image_token = SHAPES["smolvlm-256m"]["top"]["image_token_id"]
     out = []
-    for i in range(len(base)):
+    for i, own in enumerate(base):
+        first = base[i - i % args.questions_per_image]
         n = rng.randint(args.min_new, args.max_new)
-        out.append(replace(base[i - i % args.questions_per_image], request_id=f"r{i}",
+        ids = first.prompt_ids[:image_end(first.prompt_ids, image_token)] + own.prompt_ids[image_end(own.prompt_ids, image_token):]
+        out.append(replace(first, request_id=f"r{i}", prompt_ids=ids,
                            sampling=SamplingParams(max_new_tokens=n, min_new_tokens=n)))
     return out
+
+
+def image_end(ids: list[int], image_token: int) -> int:
+    """Where the prompt's last image block ends (after the token that closes it)."""
+    return max(i for i, t in enumerate(ids) if t == image_token) + 2
 
 
 def streamed_with_image_keys(questions_per_image: int):
@@ -74,15 +85,35 @@ def streamed(engine, blocks: list[list]) -> float:
     return time.perf_counter() - start
 
 
-def make_engine(model, args, folder: str):
+def make_engine(model, args, folder: str, **options):
     """LLMEngine here, or (--tp > 1) a TPEngine over --tp processes loading the saved checkpoint."""
     if args.tp == 1:
-        return LLMEngine(model, max_batch_size=args.slots)
-    return TPEngine(folder, args.tp, device_type=args.device, cpu_threads=args.threads, max_batch_size=args.slots)
+        return LLMEngine(model, max_batch_size=args.slots, **options)
+    return TPEngine(folder, args.tp, device_type=args.device, cpu_threads=args.threads, max_batch_size=args.slots,
+                    **options)
 
 
 def stats_of(engine) -> dict:
     return (engine.engine if isinstance(engine, TPEngine) else engine).stats
+
+
+VISION_S = [0.0]
+
+
+def time_the_vision_tower(device: str) -> None:
+    """Adds each ModelRunner.image_features call's time (of this process: rank 0) to VISION_S, so
+    a prefill's time splits into the vision tower's and the decoder's."""
+    encode = ModelRunner.image_features
+
+    def timed(self, *args):
+        synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        synchronize()
+        start = time.perf_counter()
+        out = encode(self, *args)
+        synchronize()
+        VISION_S[0] += time.perf_counter() - start
+        return out
+    ModelRunner.image_features = timed
 
 
 def main() -> None:
@@ -101,6 +132,7 @@ def main() -> None:
                     help="consecutive rows about one image; > 1 adds a streamed run whose rows name their image")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    time_the_vision_tower(args.device)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     reference = reference_model("smolvlm-256m", args.tile, args.device, dtype)
     folder = tempfile.mkdtemp(prefix="bench-stream-")
@@ -111,25 +143,33 @@ def main() -> None:
     blocks = [requests[i:i + args.batch] for i in range(0, len(requests), args.batch)]
     report = {"device": args.device, "tp": args.tp, "blocks": args.blocks, "batch": args.batch, "slots": args.slots,
               "new_tokens": sum(r.sampling.max_new_tokens for r in requests)}
-    runs = [("one_at_a_time", one_at_a_time), ("streamed", streamed)]
+    # Prompt prefixes are shared only by requests naming their image, so the runs without keys
+    # share none; the keyed runs measure the vision tower skipped, then the prefixes too.
+    runs = [("one_at_a_time", one_at_a_time, {}), ("streamed", streamed, {})]
     if args.questions_per_image > 1:
-        runs.append(("streamed_image_keys", streamed_with_image_keys(args.questions_per_image)))
-    for name, run in runs:
+        runs += [("streamed_image_keys", streamed_with_image_keys(args.questions_per_image), {"share_prefixes": False}),
+                 ("streamed_shared_prefixes", streamed_with_image_keys(args.questions_per_image), {})]
+    for name, run, options in runs:
         best, stats = float("inf"), {}
-        engine = make_engine(model, args, folder)
+        engine = make_engine(model, args, folder, **options)
         for _ in range(args.repeats + 1):                     # the first run warms up (cache, graphs)
             stats_of(engine).update(dict.fromkeys(stats_of(engine), 0))
+            VISION_S[0] = 0.0
             seconds = run(engine, blocks)
             if seconds < best:
-                best, stats = seconds, dict(stats_of(engine))
+                best, stats = seconds, dict(stats_of(engine), vision_s=VISION_S[0])
         if isinstance(engine, TPEngine):
             engine.close()
         report[name] = {"decode_steps": stats["decode_steps"], "prefills": stats["prefills"], "seconds": round(best, 3),
-                        "prefill_s": round(stats["prefill_s"], 3), "decode_s": round(stats["decode_s"], 3),
-                        "images_encoded": stats["images_encoded"], "rows_per_s": round(len(requests) / best, 2)}
+                        "prefill_s": round(stats["prefill_s"], 3), "vision_s": round(stats["vision_s"], 3),
+                        "decode_s": round(stats["decode_s"], 3),
+                        "images_encoded": stats["images_encoded"], "prefix_tokens_reused": stats["prefix_tokens_reused"],
+                        "rows_per_s": round(len(requests) / best, 2)}
     report["speedup"] = round(report["one_at_a_time"]["seconds"] / report["streamed"]["seconds"], 2)
     if "streamed_image_keys" in report:
         report["image_keys_speedup"] = round(report["streamed"]["seconds"] / report["streamed_image_keys"]["seconds"], 2)
+        report["shared_prefixes_speedup"] = round(
+            report["streamed_image_keys"]["seconds"] / report["streamed_shared_prefixes"]["seconds"], 2)
     print(json.dumps(report))
     shutil.rmtree(folder)
 

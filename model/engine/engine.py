@@ -2,7 +2,9 @@
 
 Each step either prefills the next waiting requests that fit (free slots, token budget), packed
 end to end with their images encoded together, or runs one decode step over every busy slot. A
-finished request frees its slot at once, and the next waiting one takes it. Requests come all at
+finished request frees its slot at once, and the next waiting one takes it. Requests naming the
+same image (`Request.image_key`) encode it once (image_cache) and, by default, share the K/V of
+their prompt up to the image's end (prefix_cache): a later one prefills only its own question. Requests come all at
 once (`generate`) or as they arrive (`add_requests` / `step`, and EngineLoop for other threads).
 """
 from __future__ import annotations

@@ -85,10 +85,13 @@ class SlotPrefixes:
         held = self._prompts.get(source)
         if held is None or request.image_key is None or request.pixel_values is None or held[0] != request.image_key:
             return 0
-        ids = request.prompt_ids
-        need = max((i for i, t in enumerate(ids) if t == self.image_token_id), default=-1) + 1
-        n = min(common_prefix_length(held[1], ids), len(ids) - 1, len(ids) if rows is None else rows)
-        return n if n >= max(need, 1) else 0
+        ids, image = request.prompt_ids, self.image_token_id
+        need = len(ids) - ids[::-1].index(image) if image in ids else 1         # through its last image token
+        if held[1][:need] != ids[:need]:                                         # compared at C speed
+            return 0
+        n = need + common_prefix_length(held[1][need:], ids[need:])
+        n = min(n, len(ids) - 1, len(ids) if rows is None else rows)
+        return n if n >= need else 0
 
     def _best(self, request: Request, kept: dict[int, int], taken: set[int]) -> PrefixSource | None:
         best = None

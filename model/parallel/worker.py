@@ -219,7 +219,7 @@ class TPWorker:
 
     def shard_stats(self) -> list[dict]:
         """Per rank: parameter elements held and how many of them are sharded, the last answers,
-        decode steps run, and whether the decode step runs compiled (False if off, or if compiling it failed)."""
+        decode steps run, prompt tokens whose K/V were copied, and whether the decode step runs compiled (False if off, or if compiling it failed)."""
         return self._command("stats", None)
 
     # ---- every rank ---------------------------------------------------------------------------
@@ -268,6 +268,7 @@ class TPWorker:
         return {"rank": self.rank, "sharded_params": sharded, "total_params": total,
                 "kv_heads": self.engine.model.config.text_config.num_key_value_heads,
                 "last_tokens": self.last_tokens, "decode_steps": self.engine.stats["decode_steps"],
+                "prefix_tokens_reused": self.engine.stats["prefix_tokens_reused"],
                 "compiled_decode": self.engine.runner is not None and self.engine.runner.compile}
 
 

@@ -91,7 +91,8 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
         one_at_a_time = engine.engine.stats["decode_steps"]
         engine.engine.stats.update(decode_steps=0, images_encoded=0)
         # Request j of every part asks about the same image: every rank encodes it once (the ranks
-        # run the vision tower's collectives together, so their feature caches must agree).
+        # run the vision tower's collectives together, so their feature caches must agree), and
+        # copies the same prompt prefixes.
         batches = [{(i, j): replace(r, image_key=f"image-{j}") for j, r in enumerate(part)}
                    for i, part in enumerate(parts)]
         batches[0]["bad"] = Request("bad", [])
@@ -107,6 +108,7 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     assert streamed < one_at_a_time
     assert images_encoded == sum(r.pixel_values is not None for r in long)
     assert stats[0]["last_tokens"] == stats[1]["last_tokens"]              # the ranks stepped alike
+    assert stats[0]["prefix_tokens_reused"] == stats[1]["prefix_tokens_reused"] > 0
     assert all(p.exitcode == 0 for p in processes)                         # shutdown answered, then left
 
 

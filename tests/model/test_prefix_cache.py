@@ -2,6 +2,7 @@
 computed once, copied between slots, and every answer is still the reference's on that prompt alone."""
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -117,3 +118,15 @@ def test_requests_about_one_image_wait_one_prefill_for_its_prefix(setup, questio
     assert running == {requests[0].request_id, requests[3].request_id}       # the others copy the first's
     engine.step()
     assert len(engine._scheduler.running) == 4 and engine.stats["prefills"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp32_shared_prefixes_equal_reference(setup, questions):
+    """CUDA's defaults (graphs, compiled and overlapped decode, padded-group prefill) with prefixes
+    copied between slots: the reference's tokens."""
+    requests, expected = questions
+    model = copy.deepcopy(setup[0]).to("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    engine = LLMEngine(model, max_batch_size=4)
+    assert {r.request_id: r.token_ids for r in engine.generate(requests)} == expected
+    assert engine.stats["prefix_tokens_reused"] > 0
