@@ -11,6 +11,7 @@ Prints decode steps, wall time and rows/s of both, same model and requests, in o
     python bench/stream.py --tp 3                           # a tensor-parallel group (rank 0 streams)
     python bench/stream.py --questions-per-image 4          # + rows naming their image (encoded once),
                                                             # and sharing their prompt's prefix K/V
+    python bench/stream.py --device cuda --model idefics3-8b --tile 364 --questions-per-image 4
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ def varied_requests(args, device: str) -> list:
     """Rows in runs of --questions-per-image about one image: the first's pixels and prompt up to
     the end of its image, then each row's own question (the text after its own image)."""
     rng = random.Random(0)
-    base = make_requests("smolvlm-256m", args.tile, args.blocks * args.batch, 3, args.max_new, device)
-    image_token = SHAPES["smolvlm-256m"]["top"]["image_token_id"]
+    base = make_requests(args.model, args.tile, args.blocks * args.batch, 3, args.max_new, device)
+    image_token = SHAPES[args.model]["top"]["image_token_id"]
     out = []
     for i, own in enumerate(base):
         first = base[i - i % args.questions_per_image]
@@ -119,6 +120,7 @@ def time_the_vision_tower(device: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="smolvlm-256m", choices=sorted(SHAPES), help="random weights of these shapes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--blocks", type=int, default=6)
@@ -134,7 +136,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     time_the_vision_tower(args.device)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    reference = reference_model("smolvlm-256m", args.tile, args.device, dtype)
+    reference = reference_model(args.model, args.tile, args.device, dtype)
     folder = tempfile.mkdtemp(prefix="bench-stream-")
     if args.tp > 1:
         reference.save_pretrained(folder)                     # safetensors, for the ranks to load

@@ -2,10 +2,11 @@
 
 Each step either prefills the next waiting requests that fit (free slots, token budget), packed
 end to end with their images encoded together, or runs one decode step over every busy slot. A
-finished request frees its slot at once, and the next waiting one takes it. Requests naming the
-same image (`Request.image_key`) encode it once (image_cache) and, by default, share the K/V of
-their prompt up to the image's end (prefix_cache): a later one prefills only its own question. Requests come all at
+finished request frees its slot at once, and the next waiting one takes it. Requests come all at
 once (`generate`) or as they arrive (`add_requests` / `step`, and EngineLoop for other threads).
+Requests naming the same image (`Request.image_key`) encode it once (image_cache) and, by default,
+share the K/V of their prompt up to the image's end (prefix_cache): a later one prefills only its
+own question.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from torch import nn
 from ..fusion import fuse_projections
 from ..linear import available_host_memory, pack_weights
 from .image_cache import ImageFeatureCache
-from .prefix_cache import SlotPrefixes
 from .kv_cache import KVCache
+from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket, pow2_bucket
 from .sampler import SamplingState, sample
 from .scheduler import Scheduler, Sequence
@@ -232,7 +233,8 @@ class LLMEngine:
             if scheduler.can_admit():
                 self._collect(scheduler, self._in_flight)          # frees slots before admitting
                 self._in_flight = None
-                self._prefill(scheduler, self._admit(scheduler))
+                policy = SharedPrefixAdmission(self.prefixes, scheduler.waiting) if self.share_prefixes else None
+                self._prefill(scheduler, scheduler.admit(policy))
                 self.stats["prefill_s"] += time.perf_counter() - start
                 self.stats["prefills"] += 1
             else:
@@ -261,24 +263,6 @@ class LLMEngine:
         params = [s.request.sampling for s in seqs]
         return sample(logits, self.sampling, slots, any_sampling=any(not p.greedy for p in params),
                       any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params))
-
-    def _admit(self, scheduler: Scheduler) -> list[Sequence]:
-        if not self.share_prefixes:
-            return scheduler.admit()
-        wanted = {s.request.image_key for s in scheduler.waiting} - {None}
-
-        def rank_slot(seq: Sequence, slot: int) -> tuple[bool, bool]:
-            """A slot holding this request's image first; then one no waiting request needs."""
-            key = self.prefixes.key_of(slot)
-            return key is None or key != seq.request.image_key, key in wanted
-        return scheduler.admit(self._shares_prefix, rank_slot)
-
-    def _shares_prefix(self, seq: Sequence, batch: list[Sequence]) -> bool:
-        """Whether `seq` waits for the next prefill, to copy the prompt prefix that an earlier
-        request of this one computes (same image, no slot holding its prompt yet)."""
-        key = seq.request.image_key
-        return (key is not None and seq.request.pixel_values is not None and not self.prefixes.holds(key)
-                and any(s.request.image_key == key for s in batch))
 
     def _prefill(self, scheduler: Scheduler, seqs: list[Sequence]) -> None:
         runner = self.runner

@@ -54,7 +54,7 @@ class PackedPrefillAttention:
 
     def __init__(self, cache: KVCache, slots: list[int], lengths: list[int], batched: bool = False,
                  prefixes: list[int] | None = None) -> None:
-        self.cache, self.lengths = cache, lengths
+        self.cache = cache
         prefixes = prefixes or [0] * len(lengths)
         device = cache.k.device
         self.token_slot = torch.repeat_interleave(torch.tensor(slots, device=device),

@@ -10,7 +10,9 @@ rest: no vision tower and no prefill for the image block.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
+from .scheduler import Sequence
 from .types import Request
 
 
@@ -51,6 +53,10 @@ class SlotPrefixes:
     def key_of(self, slot: int) -> str | None:
         """The image whose prompt the slot holds."""
         return self._prompts.get(slot, (None,))[0]
+
+    def reusable(self, request: Request) -> int:
+        """The most prompt tokens of `request` that a slot holds now (0: none)."""
+        return max((self._match(request, slot) for slot in self._slots.get(request.image_key, ())), default=0)
 
     def plan(self, requests: list[Request], slots: list[int]) -> list[PrefixSource | None]:
         """Where each request about to be prefilled into `slots` finds its prefix (None: nowhere).
@@ -101,3 +107,26 @@ class SlotPrefixes:
             if n and (best is None or n > best.length):
                 best = PrefixSource(source, n)
         return best
+
+
+class SharedPrefixAdmission:
+    """Admission when prefixes are shared: a request waits one prefill for an earlier request of
+    this one about its image (none of whose prompts a slot holds yet) rather than prefill that
+    image block again; it counts only the tokens it will run against the prefill budget; and free
+    slots holding its image come first, then slots holding no image that waiting requests want."""
+
+    def __init__(self, prefixes: SlotPrefixes, waiting: Iterable[Sequence]) -> None:
+        self.prefixes = prefixes
+        self.wanted = {s.request.image_key for s in waiting} - {None}
+
+    def hold(self, seq: Sequence, batch: list[Sequence]) -> bool:
+        key = seq.request.image_key
+        return (key is not None and seq.request.pixel_values is not None and not self.prefixes.holds(key)
+                and any(s.request.image_key == key for s in batch))
+
+    def slot_rank(self, seq: Sequence, slot: int) -> tuple[bool, bool]:
+        key = self.prefixes.key_of(slot)
+        return key is None or key != seq.request.image_key, key in self.wanted
+
+    def prefill_tokens(self, seq: Sequence) -> int:
+        return seq.prompt_len - self.prefixes.reusable(seq.request)

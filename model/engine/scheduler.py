@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Protocol
 
 from .types import Request
 
@@ -46,6 +46,22 @@ class Sequence:
         return self.finish_reason is not None
 
 
+class Admission(Protocol):
+    """What decides admission besides arrival order (model.engine.prefix_cache.SharedPrefixAdmission)."""
+
+    def hold(self, seq: Sequence, batch: list[Sequence]) -> bool:
+        """Whether `seq` keeps its place in the queue for the next prefill instead of joining `batch`."""
+        ...
+
+    def slot_rank(self, seq: Sequence, slot: int) -> tuple:
+        """Free slots of lower rank are taken first (ties: the lowest slot)."""
+        ...
+
+    def prefill_tokens(self, seq: Sequence) -> int:
+        """Tokens the prefill will run for `seq` (counted against the prefill budget)."""
+        ...
+
+
 class Scheduler:
     """First come, first served. The lowest free slot is taken so the decode batch (slots
     0..highest busy) stays short; a finished sequence frees its slot at once.
@@ -65,21 +81,20 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def admit(self, hold: Callable[[Sequence, list[Sequence]], bool] | None = None,
-              rank_slot: Callable[[Sequence, int], tuple] | None = None) -> list[Sequence]:
+    def admit(self, policy: Admission | None = None) -> list[Sequence]:
         """The next waiting sequences that fit in free slots and the prefill token budget (at least
-        one). Those that `hold(seq, batch so far)` keep their place in the queue for the next one.
-        Each takes the free slot of lowest `rank_slot(seq, slot)`, then the lowest free slot."""
+        one), each into the lowest free slot; a `policy` may hold some back, rank the slots first
+        and count fewer tokens."""
         batch, held, tokens = [], [], 0
         while self.waiting and self.free:
-            n = self.waiting[0].prompt_len
+            n = self.waiting[0].prompt_len if policy is None else policy.prefill_tokens(self.waiting[0])
             if batch and tokens + n > self.max_prefill_tokens:
                 break
-            if batch and hold is not None and hold(self.waiting[0], batch):
+            if batch and policy is not None and policy.hold(self.waiting[0], batch):
                 held.append(self.waiting.popleft())
                 continue
             seq = self.waiting.popleft()
-            seq.slot = min(self.free, key=lambda slot: (() if rank_slot is None else rank_slot(seq, slot), slot))
+            seq.slot = min(self.free, key=lambda slot: (() if policy is None else policy.slot_rank(seq, slot), slot))
             self.free.remove(seq.slot)
             self.running[seq.slot] = seq
             batch.append(seq)

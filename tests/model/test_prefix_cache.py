@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.engine import LLMEngine, Request, SamplingParams
-from model.engine.prefix_cache import PrefixSource, SlotPrefixes
+from model.engine.prefix_cache import PrefixSource, SharedPrefixAdmission, SlotPrefixes
 from model.engine.scheduler import Scheduler, Sequence
 from tests.model.test_engine import _reference, setup  # noqa: F401  (tiny checkpoints, the reference)
 
@@ -97,15 +97,44 @@ def test_slot_prefixes_choose_the_longest_prefix_that_covers_the_image_and_survi
     assert not prefixes.holds("a")
 
 
+class Holding:
+    """An admission policy that holds the requests `held` names, ranks no slot, counts whole prompts."""
+
+    def __init__(self, held) -> None:
+        self.held = held
+
+    def hold(self, seq: Sequence, batch: list[Sequence]) -> bool:
+        return self.held(seq)
+
+    def slot_rank(self, seq: Sequence, slot: int) -> tuple:
+        return ()
+
+    def prefill_tokens(self, seq: Sequence) -> int:
+        return seq.prompt_len
+
+
 def test_held_requests_keep_their_place_in_the_queue():
     scheduler = Scheduler(num_slots=4, max_prefill_tokens=100)
     seqs = [Sequence(Request(f"r{i}", [1] * 3), frozenset()) for i in range(5)]
     for s in seqs:
         scheduler.add(s)
-    odd = scheduler.admit(hold=lambda seq, batch: int(seq.request.request_id[1:]) % 2 == 1)
+    odd = scheduler.admit(Holding(lambda seq: int(seq.request.request_id[1:]) % 2 == 1))
     assert [s.request.request_id for s in odd] == ["r0", "r2", "r4"]
     assert [s.request.request_id for s in scheduler.waiting] == ["r1", "r3"]
-    assert [s.request.request_id for s in scheduler.admit(hold=lambda seq, batch: True)] == ["r1"]   # never none
+    assert [s.request.request_id for s in scheduler.admit(Holding(lambda seq: True))] == ["r1"]   # never none
+
+
+def test_free_slots_holding_a_requests_image_come_first_and_wanted_images_are_kept():
+    prefixes = SlotPrefixes(IMAGE)
+    pixels = torch.ones(1, 3, 2, 2)
+    prefixes.remember([Request("b0", [1, IMAGE, 2], pixels, image_key="b"),
+                       Request("a0", [1, IMAGE, 3], pixels, image_key="a")], [0, 1])
+    scheduler = Scheduler(num_slots=4, max_prefill_tokens=100)
+    for key in "acb":
+        scheduler.add(Sequence(Request(key, [1, IMAGE, 4, 5], pixels, image_key=key), frozenset()))
+    admitted = scheduler.admit(SharedPrefixAdmission(prefixes, scheduler.waiting))
+    # a: its image's slot; c: not slot 0, whose image b a waiting request wants; b: its image's slot
+    assert {s.request.request_id: s.slot for s in admitted} == {"a": 1, "c": 2, "b": 0}
 
 
 def test_requests_about_one_image_wait_one_prefill_for_its_prefix(setup, questions):
@@ -130,3 +159,19 @@ def test_cuda_fp32_shared_prefixes_equal_reference(setup, questions):
     engine = LLMEngine(model, max_batch_size=4)
     assert {r.request_id: r.token_ids for r in engine.generate(requests)} == expected
     assert engine.stats["prefix_tokens_reused"] > 0
+
+
+def test_the_prefill_budget_counts_the_tokens_a_prefill_runs(setup, questions):
+    """A budget that one whole prompt fills lets in both questions that copy the image's prefix."""
+    ours = setup[0]
+    requests, expected = questions
+    engine = LLMEngine(ours, max_batch_size=16, max_prefill_tokens=max(len(r.prompt_ids) for r in requests[:3]))
+    engine.add_requests(requests[:3])
+    engine.step()
+    assert len(engine._scheduler.running) == 1
+    engine.step()
+    assert len(engine._scheduler.running) == 3 and engine.stats["prefills"] == 2
+    got = {}
+    while engine.has_unfinished():
+        got.update({r.request_id: r.token_ids for r in engine.step()})
+    assert got == {r.request_id: expected[r.request_id] for r in requests[:3]}
