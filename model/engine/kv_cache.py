@@ -65,15 +65,15 @@ class PackedPrefillAttention:
         fresh = [i for i, p in enumerate(prefixes) if p == 0]
         continued = [i for i, p in enumerate(prefixes) if p > 0]
 
-        def groups_of(indices: list[int], sizes: list[int]) -> list[list[int]]:
-            if not batched:
-                return [[i] for i in indices]
-            return [[indices[j] for j in group] for group in padded_groups(sizes)]
+        def pick(values: list[int], group: list[int]) -> list[int]:
+            return [values[i] for i in group]
 
-        self.batches = [SegmentBatch([starts[i] for i in g], [lengths[i] for i in g], device)
-                        for g in groups_of(fresh, [lengths[i] for i in fresh])]
-        self.batches += [PrefixedSegments(SegmentBatch([starts[i] for i in g], [lengths[i] for i in g], device),
-                                          [slots[i] for i in g], [prefixes[i] for i in g])
+        def groups_of(indices: list[int], sizes: list[int]) -> list[list[int]]:
+            return [pick(indices, group) for group in padded_groups(sizes)] if batched else [[i] for i in indices]
+
+        self.batches = [SegmentBatch(pick(starts, g), pick(lengths, g), device)
+                        for g in groups_of(fresh, pick(lengths, fresh))]
+        self.batches += [PrefixedSegments(pick(starts, g), pick(lengths, g), pick(slots, g), pick(prefixes, g), device)
                          for g in groups_of(continued, [prefixes[i] + lengths[i] for i in continued])]
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -146,14 +146,15 @@ class PrefixedSegments:
     """Segments that continue prompts whose first positions are already cached in their slots:
     query i of a segment with prefix p sees its slot's rows 0..p+i, read back from the cache."""
 
-    def __init__(self, segments: SegmentBatch, slots: list[int], prefixes: list[int]) -> None:
-        device = segments.source.device
-        self.segments = segments
+    def __init__(self, starts: list[int], lengths: list[int], slots: list[int], prefixes: list[int],
+                 device: torch.device) -> None:
+        self.segments = segments = SegmentBatch(starts, lengths, device)
         # One slot: a view of its rows; several: gathered.
         self.slots = slice(slots[0], slots[0] + 1) if len(slots) == 1 else torch.tensor(slots, device=device)
+        # Keys up to the longest real row; a pad query may see all of them (its output is dropped).
+        self.num_keys = max(p + n for p, n in zip(prefixes, lengths))
         columns = torch.arange(segments.width, device=device)
         last_key = torch.tensor(prefixes, device=device)[:, None] + columns[None, :]           # (n, Lmax)
-        self.num_keys = int(last_key.max()) + 1
         keys = torch.arange(self.num_keys, device=device)
         self.mask = (keys[None, None, :] <= last_key[:, :, None])[:, None]                     # (n, 1, Lmax, K)
 

@@ -104,16 +104,18 @@ def test_packed_prefill_equals_separate_causal_attention(batched):
 
 @pytest.mark.parametrize("batched", [False, True], ids=["per-prompt", "padded-groups"])
 def test_prompts_continuing_a_cached_prefix_attend_over_their_slots_rows(batched):
-    """Segments 1 and 3 hold only the ends of their prompts: their first 6 and 9 positions are
-    already in their slots (copied from another slot); the others are whole prompts."""
+    """Segments 1 and 3 hold only the ends of their prompts: their first 2 and 12 positions are
+    already in their slots (copied from another slot); the others are whole prompts. Padded
+    together, 2 + 8 and 12 + 2 keys: a pad query must not widen the keys past the cache's 16."""
     torch.manual_seed(2)
-    lengths, prefixes, slots = [4, 3, 5, 2, 6], [0, 6, 0, 9, 0], [3, 1, 0, 6, 2]
+    lengths, prefixes, slots = [4, 8, 5, 2, 6], [0, 2, 0, 12, 0], [3, 1, 0, 6, 2]
     cache = KVCache(2, 8, 2, 16, 4, torch.float32, "cpu")
     cache.k.normal_()
     cache.v.normal_()
     cached_k, cached_v = cache.k.clone(), cache.v.clone()
     cache.copy_prefix(1, 5, 6)
     assert torch.equal(cache.k[:, 5, :, :6], cached_k[:, 1, :, :6]) and torch.equal(cache.k[:, 5, :, 6:], cached_k[:, 5, :, 6:])
+    cache.k[:, 5], cache.v[:, 5] = cached_k[:, 5], cached_v[:, 5]
     total = sum(lengths)
     q, k, v = torch.randn(1, 4, total, 4), torch.randn(1, 2, total, 4), torch.randn(1, 2, total, 4)
     out = PackedPrefillAttention(cache, slots, lengths, batched=batched, prefixes=prefixes)(1, q, k, v)

@@ -111,6 +111,7 @@ def test_rows_of_one_image_file_share_an_image_key_and_one_encoding(checkpoint):
     answered = asyncio.run(stage(encoded)).to_pylist()
     assert [r["error"] for r in answered] == [None] * 5
     assert stage.engine.stats["images_encoded"] == 3 and len(converted) == 3
+    assert stage.engine.stats["prefix_tokens_reused"] > 0       # the other questions copied the image's K/V
     stage.loop.close()
 
 
