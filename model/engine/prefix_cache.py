@@ -48,11 +48,11 @@ class SlotPrefixes:
         self._slots.clear()
 
     def holds(self, key: str | None) -> bool:
-        return bool(self._slots.get(key))
+        return bool(self.slots_holding(key))
 
-    def key_of(self, slot: int) -> str | None:
-        """The image whose prompt the slot holds."""
-        return self._prompts.get(slot, (None,))[0]
+    def slots_holding(self, key: str | None) -> set[int]:
+        """The slots that hold prompts about image `key`."""
+        return self._slots.get(key, set())
 
     def reusable(self, request: Request) -> int:
         """The most prompt tokens of `request` that a slot holds now (0: none)."""
@@ -112,21 +112,21 @@ class SlotPrefixes:
 class SharedPrefixAdmission:
     """Admission when prefixes are shared: a request waits one prefill for an earlier request of
     this one about its image (none of whose prompts a slot holds yet) rather than prefill that
-    image block again; it counts only the tokens it will run against the prefill budget; and free
-    slots holding its image come first, then slots holding no image that waiting requests want."""
+    image block again; it counts only the tokens it will run against the prefill budget; and it
+    takes a free slot holding its image, else one holding no image that a waiting request asks about."""
 
     def __init__(self, prefixes: SlotPrefixes, waiting: Iterable[Sequence]) -> None:
         self.prefixes = prefixes
-        self.wanted = {s.request.image_key for s in waiting} - {None}
+        wanted = {s.request.image_key for s in waiting} - {None}
+        self.wanted_slots = set().union(*(prefixes.slots_holding(key) for key in wanted))
 
     def hold(self, seq: Sequence, batch: list[Sequence]) -> bool:
         key = seq.request.image_key
         return (key is not None and seq.request.pixel_values is not None and not self.prefixes.holds(key)
                 and any(s.request.image_key == key for s in batch))
 
-    def slot_rank(self, seq: Sequence, slot: int) -> tuple[bool, bool]:
-        key = self.prefixes.key_of(slot)
-        return key is None or key != seq.request.image_key, key in self.wanted
+    def choose_slot(self, seq: Sequence, free: set[int]) -> int:
+        return min(self.prefixes.slots_holding(seq.request.image_key) & free or free - self.wanted_slots or free)
 
     def prefill_tokens(self, seq: Sequence) -> int:
         return seq.prompt_len - self.prefixes.reusable(seq.request)

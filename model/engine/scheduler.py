@@ -53,8 +53,8 @@ class Admission(Protocol):
         """Whether `seq` keeps its place in the queue for the next prefill instead of joining `batch`."""
         ...
 
-    def slot_rank(self, seq: Sequence, slot: int) -> tuple:
-        """Free slots of lower rank are taken first (ties: the lowest slot)."""
+    def choose_slot(self, seq: Sequence, free: set[int]) -> int:
+        """The free slot `seq` takes."""
         ...
 
     def prefill_tokens(self, seq: Sequence) -> int:
@@ -72,7 +72,7 @@ class Scheduler:
     small model is bound by its kernel launches, whatever its size)."""
 
     def __init__(self, num_slots: int, max_prefill_tokens: int) -> None:
-        self.free = list(range(num_slots))
+        self.free = set(range(num_slots))
         self.running: dict[int, Sequence] = {}        # slot -> sequence
         self.waiting: deque[Sequence] = deque()
         self.max_prefill_tokens = max_prefill_tokens
@@ -83,8 +83,8 @@ class Scheduler:
 
     def admit(self, policy: Admission | None = None) -> list[Sequence]:
         """The next waiting sequences that fit in free slots and the prefill token budget (at least
-        one), each into the lowest free slot; a `policy` may hold some back, rank the slots first
-        and count fewer tokens."""
+        one), each into the lowest free slot; a `policy` may hold some back, choose other slots and
+        count fewer tokens."""
         batch, held, tokens = [], [], 0
         while self.waiting and self.free:
             n = self.waiting[0].prompt_len if policy is None else policy.prefill_tokens(self.waiting[0])
@@ -94,7 +94,7 @@ class Scheduler:
                 held.append(self.waiting.popleft())
                 continue
             seq = self.waiting.popleft()
-            seq.slot = min(self.free, key=lambda slot: (() if policy is None else policy.slot_rank(seq, slot), slot))
+            seq.slot = min(self.free) if policy is None else policy.choose_slot(seq, self.free)
             self.free.remove(seq.slot)
             self.running[seq.slot] = seq
             batch.append(seq)
@@ -111,7 +111,7 @@ class Scheduler:
 
     def release(self, seq: Sequence) -> None:
         del self.running[seq.slot]
-        self.free.append(seq.slot)
+        self.free.add(seq.slot)
 
     @property
     def done(self) -> bool:

@@ -98,7 +98,7 @@ def test_slot_prefixes_choose_the_longest_prefix_that_covers_the_image_and_survi
 
 
 class Holding:
-    """An admission policy that holds the requests `held` names, ranks no slot, counts whole prompts."""
+    """An admission policy that holds the requests `held` names, takes the lowest slot, counts whole prompts."""
 
     def __init__(self, held) -> None:
         self.held = held
@@ -106,8 +106,8 @@ class Holding:
     def hold(self, seq: Sequence, batch: list[Sequence]) -> bool:
         return self.held(seq)
 
-    def slot_rank(self, seq: Sequence, slot: int) -> tuple:
-        return ()
+    def choose_slot(self, seq: Sequence, free: set[int]) -> int:
+        return min(free)
 
     def prefill_tokens(self, seq: Sequence) -> int:
         return seq.prompt_len
