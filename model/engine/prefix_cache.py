@@ -119,11 +119,15 @@ class SharedPrefixAdmission:
         self.prefixes = prefixes
         wanted = {s.request.image_key for s in waiting} - {None}
         self.wanted_slots = set().union(*(prefixes.slots_holding(key) for key in wanted))
+        self._batch_keys: set[str | None] = set()       # of the batch's first _seen sequences
+        self._seen = 0
 
     def hold(self, seq: Sequence, batch: list[Sequence]) -> bool:
+        self._batch_keys.update(s.request.image_key for s in batch[self._seen:])      # the batch only grows
+        self._seen = len(batch)
         key = seq.request.image_key
         return (key is not None and seq.request.pixel_values is not None and not self.prefixes.holds(key)
-                and any(s.request.image_key == key for s in batch))
+                and key in self._batch_keys)
 
     def choose_slot(self, seq: Sequence, free: set[int]) -> int:
         return min(self.prefixes.slots_holding(seq.request.image_key) & free or free - self.wanted_slots or free)
