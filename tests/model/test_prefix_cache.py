@@ -57,6 +57,29 @@ def test_questions_about_one_image_answer_as_the_reference_with_one_prefill_of_i
     assert plain.stats["prefix_tokens_reused"] == 0
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_streamed_in_any_order_and_any_grouping_every_answer_is_the_references(setup, questions, seed):
+    """Questions and text-only rows arrive shuffled, in random groups between steps, into 3 slots
+    (slots change hands, sources are overwritten or kept, questions wait or not)."""
+    import random
+
+    ours, requests, expected_text_only, _, _ = setup
+    asked, expected = questions
+    text_only = [r for r in requests if r.pixel_values is None]
+    rows = asked + text_only
+    expected = {**expected, **{r.request_id: expected_text_only[r.request_id] for r in text_only}}
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    engine = LLMEngine(ours, max_batch_size=3, overlap=seed % 2 == 1, batched_prefill=seed >= 2)
+    got = {}
+    while rows or engine.has_unfinished():
+        if rows and rng.random() < 0.5:
+            engine.add_requests([rows.pop() for _ in range(min(len(rows), rng.randint(1, 4)))])
+        got.update({r.request_id: r.token_ids for r in engine.step()})
+    assert got == expected
+    assert engine.stats["prefix_tokens_reused"] > 0
+
+
 def test_a_later_request_reuses_a_finished_rows_prefix_and_an_abort_forgets_them(setup, questions):
     ours = setup[0]
     requests, expected = questions
@@ -68,6 +91,17 @@ def test_a_later_request_reuses_a_finished_rows_prefix_and_an_abort_forgets_them
     assert engine.stats["prefix_tokens_reused"] > before and engine.stats["images_encoded"] == 1
     engine.abort()
     assert not engine.prefixes.holds(requests[0].image_key)
+
+
+def test_a_slot_overwritten_by_another_prompt_is_no_source(setup, questions):
+    ours, requests, expected_text_only, _, _ = setup
+    asked, expected = questions
+    text_only = next(r for r in requests if r.pixel_values is None)
+    engine = LLMEngine(ours, max_batch_size=1)
+    engine.generate(asked[:1])
+    assert engine.generate([text_only])[0].token_ids == expected_text_only[text_only.request_id]
+    assert engine.generate(asked[1:2])[0].token_ids == expected[asked[1].request_id]
+    assert engine.stats["prefix_tokens_reused"] == 0 and engine.stats["images_encoded"] == 1   # features cached
 
 
 def test_slot_prefixes_choose_the_longest_prefix_that_covers_the_image_and_survives_this_prefill():
