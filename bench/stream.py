@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import SHAPES, make_requests, our_model, reference_model  # noqa: E402  (bench/engine.py)
+from engine import SHAPES, about_shared_images, make_requests, our_model, reference_model, with_fresh_keys  # noqa: E402
 from model.engine import LLMEngine, SamplingParams  # noqa: E402
 from model.engine.loop import EngineLoop  # noqa: E402
 from model.engine.runner import ModelRunner  # noqa: E402
@@ -39,24 +39,16 @@ from model.parallel import TPEngine  # noqa: E402
 
 
 def varied_requests(args, device: str) -> list:
-    """Rows in runs of --questions-per-image about one image: the first's pixels and prompt up to
-    the end of its image, then each row's own question (the text after its own image)."""
+    """Rows in runs of --questions-per-image about one image (bench/engine.py: about_shared_images),
+    each with its own answer length; without image keys (streamed_with_image_keys adds them)."""
     rng = random.Random(0)
     base = make_requests(args.model, args.tile, args.blocks * args.batch, 3, args.max_new, device)
-    image_token = SHAPES[args.model]["top"]["image_token_id"]
+    base = about_shared_images(base, args.questions_per_image, SHAPES[args.model]["top"]["image_token_id"])
     out = []
-    for i, own in enumerate(base):
-        first = base[i - i % args.questions_per_image]
+    for r in base:
         n = rng.randint(args.min_new, args.max_new)
-        ids = first.prompt_ids[:image_end(first.prompt_ids, image_token)] + own.prompt_ids[image_end(own.prompt_ids, image_token):]
-        out.append(replace(first, request_id=f"r{i}", prompt_ids=ids,
-                           sampling=SamplingParams(max_new_tokens=n, min_new_tokens=n)))
+        out.append(replace(r, image_key=None, sampling=SamplingParams(max_new_tokens=n, min_new_tokens=n)))
     return out
-
-
-def image_end(ids: list[int], image_token: int) -> int:
-    """Where the prompt's last image block ends (after the token that closes it)."""
-    return max(i for i, t in enumerate(ids) if t == image_token) + 2
 
 
 def streamed_with_image_keys(questions_per_image: int):
@@ -64,9 +56,9 @@ def streamed_with_image_keys(questions_per_image: int):
     runs = itertools.count()
 
     def run(engine, blocks: list[list]) -> float:
-        tag = next(runs)
-        return streamed(engine, [[replace(r, image_key=f"{tag}-{int(r.request_id[1:]) // questions_per_image}")
-                                  for r in block] for block in blocks])
+        tag = str(next(runs))
+        return streamed(engine, [with_fresh_keys([replace(r, image_key=f"{int(r.request_id[1:]) // questions_per_image}")
+                                                  for r in block], tag) for block in blocks])
     return run
 
 
