@@ -4,7 +4,8 @@
 #     iniconfig,py.py,pytest_timeout.py,pygments,packaging} tmp/gpu_deps/      # the device image has no pytest
 #   run(command="bash bench/device_check.sh", carry=["tmp/gpu_deps"], timeout_s=560)
 # Order = priority: the CUDA tests, the 8B decode (bandwidth target), the batch-32 ratio, streamed
-# blocks vs one at a time and rows about one image (bench/stream.py), the 8B batch-32 ratio.
+# blocks vs one at a time and rows about one image (bench/stream.py), the 8B batch-32 ratio, and
+# batch 32 as 8 images x 4 questions (VQA-shaped).
 # Each step has its own time limit so that a slow one cannot starve the rest; rows land in $OUT.
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/tmp/gpu_deps:$PWD
@@ -20,3 +21,4 @@ bench 160 --models idefics3-8b --batches 1 --repeats 2 --profile
 bench 150 --models smolvlm-256m --batches 32 --repeats 2 --profile
 timeout 70 python bench/stream.py --device cuda --blocks 8 --batch 16 --slots 64 --repeats 1 --questions-per-image 4 2>&1 | tail -1
 bench 60 --models idefics3-8b --batches 32 --repeats 1
+bench 60 --models smolvlm-256m --batches 32 --repeats 1 --questions-per-image 4
