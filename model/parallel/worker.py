@@ -49,7 +49,14 @@ def crash_once_on(rank: int, requests: list[Request]) -> None:
     request_id, marker = rest.split("=", 1)
     # A request streamed through EngineLoop is named "<n>#<its own id>".
     ids = {i for r in requests for i in (r.request_id, r.request_id.split("#", 1)[-1])}
-    if int(target) == rank and request_id in ids and not os.path.exists(marker):
+    if int(target) == rank and request_id in ids:
+        die_once(marker)
+
+
+def die_once(marker: str) -> None:
+    """Die as a killed process would (no exception, no cleanup) unless `marker` exists, writing it
+    first: the retry goes through. The fault-injection hooks of tests (here and pipeline.generate)."""
+    if not os.path.exists(marker):
         Path(marker).touch()
         os._exit(1)
 
