@@ -39,27 +39,27 @@ from model.parallel import TPEngine  # noqa: E402
 
 
 def varied_requests(args, device: str) -> list:
-    """Rows in runs of --questions-per-image about one image (bench/engine.py: about_shared_images),
-    each with its own answer length; without image keys (streamed_with_image_keys adds them)."""
+    """Rows in runs of --questions-per-image about one image, naming it (bench/engine.py:
+    about_shared_images), each with its own answer length."""
     rng = random.Random(0)
     base = make_requests(args.model, args.tile, args.blocks * args.batch, 3, args.max_new, device)
     base = about_shared_images(base, args.questions_per_image, SHAPES[args.model]["top"]["image_token_id"])
     out = []
     for r in base:
         n = rng.randint(args.min_new, args.max_new)
-        out.append(replace(r, image_key=None, sampling=SamplingParams(max_new_tokens=n, min_new_tokens=n)))
+        out.append(replace(r, sampling=SamplingParams(max_new_tokens=n, min_new_tokens=n)))
     return out
 
 
-def streamed_with_image_keys(questions_per_image: int):
+def without_image_keys(run):
+    """The run, its requests not naming their images (each encoded and prefilled whole)."""
+    return lambda engine, blocks: run(engine, [[replace(r, image_key=None) for r in block] for block in blocks])
+
+
+def streamed_with_image_keys():
     """streamed, each request naming its image; fresh names each run, so no run reuses the last's."""
     runs = itertools.count()
-
-    def run(engine, blocks: list[list]) -> float:
-        tag = str(next(runs))
-        return streamed(engine, [with_fresh_keys([replace(r, image_key=f"{int(r.request_id[1:]) // questions_per_image}")
-                                                  for r in block], tag) for block in blocks])
-    return run
+    return lambda engine, blocks: streamed(engine, [with_fresh_keys(block, str(next(runs))) for block in blocks])
 
 
 def one_at_a_time(engine, blocks: list[list]) -> float:
@@ -139,10 +139,10 @@ def main() -> None:
               "new_tokens": sum(r.sampling.max_new_tokens for r in requests)}
     # Prompt prefixes are shared only by requests naming their image, so the runs without keys
     # share none; the keyed runs measure the vision tower skipped, then the prefixes too.
-    runs = [("one_at_a_time", one_at_a_time, {}), ("streamed", streamed, {})]
+    runs = [("one_at_a_time", without_image_keys(one_at_a_time), {}), ("streamed", without_image_keys(streamed), {})]
     if args.questions_per_image > 1:
-        runs += [("streamed_image_keys", streamed_with_image_keys(args.questions_per_image), {"share_prefixes": False}),
-                 ("streamed_shared_prefixes", streamed_with_image_keys(args.questions_per_image), {})]
+        runs += [("streamed_image_keys", streamed_with_image_keys(), {"share_prefixes": False}),
+                 ("streamed_shared_prefixes", streamed_with_image_keys(), {})]
     for name, run, options in runs:
         best, stats = float("inf"), {}
         engine = make_engine(model, args, folder, **options)
