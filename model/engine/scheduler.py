@@ -87,12 +87,12 @@ class Scheduler:
         count fewer tokens."""
         batch, held, tokens = [], [], 0
         while self.waiting and self.free:
-            n = self.waiting[0].prompt_len if policy is None else policy.prefill_tokens(self.waiting[0])
-            if batch and tokens + n > self.max_prefill_tokens:
-                break
             if batch and policy is not None and policy.hold(self.waiting[0], batch):
                 held.append(self.waiting.popleft())
                 continue
+            n = self.waiting[0].prompt_len if policy is None else policy.prefill_tokens(self.waiting[0])
+            if batch and tokens + n > self.max_prefill_tokens:
+                break
             seq = self.waiting.popleft()
             seq.slot = min(self.free) if policy is None else policy.choose_slot(seq, self.free)
             self.free.remove(seq.slot)

@@ -156,6 +156,11 @@ def test_held_requests_keep_their_place_in_the_queue():
     assert [s.request.request_id for s in odd] == ["r0", "r2", "r4"]
     assert [s.request.request_id for s in scheduler.waiting] == ["r1", "r3"]
     assert [s.request.request_id for s in scheduler.admit(Holding(lambda seq: True))] == ["r1"]   # never none
+    # A held request does not count against the budget, nor stop the ones behind it.
+    scheduler = Scheduler(num_slots=4, max_prefill_tokens=5)
+    for i, n in enumerate([3, 3, 2]):
+        scheduler.add(Sequence(Request(f"r{i}", [1] * n), frozenset()))
+    assert [s.request.request_id for s in scheduler.admit(Holding(lambda seq: seq.request.request_id == "r1"))] == ["r0", "r2"]
 
 
 def test_free_slots_holding_a_requests_image_come_first_and_wanted_images_are_kept():
