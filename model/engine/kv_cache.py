@@ -73,7 +73,7 @@ class PackedPrefillAttention:
 
         self.batches = [SegmentBatch(pick(starts, g), pick(lengths, g), device)
                         for g in groups_of(fresh, pick(lengths, fresh))]
-        self.batches += [PrefixedSegments(pick(starts, g), pick(lengths, g), pick(slots, g), pick(prefixes, g), device)
+        self.batches += [PrefixedSegments(cache, pick(starts, g), pick(lengths, g), pick(slots, g), pick(prefixes, g))
                          for g in groups_of(continued, [prefixes[i] + lengths[i] for i in continued])]
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -84,10 +84,7 @@ class PackedPrefillAttention:
             return F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), is_causal=True)
         out = torch.empty_like(q)
         for batch in self.batches:
-            if isinstance(batch, PrefixedSegments):
-                batch.attend(self.cache, layer_idx, q, groups, out)
-            else:
-                batch.attend(q, k, v, groups, out)
+            batch.attend(layer_idx, q, k, v, groups, out)
         return out
 
 
@@ -134,7 +131,7 @@ class SegmentBatch:
         else:
             out[0][:, self.targets] = attended.transpose(0, 1).flatten(1, 2)[:, self.real]
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, groups: int, out: Tensor) -> None:
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, groups: int, out: Tensor) -> None:
         """Causal attention of these segments of (1, H, T, hd) q and (1, H / groups, T, hd) k/v,
         written into `out`'s rows."""
         attended = F.scaled_dot_product_attention(self.gather(q), _expand_kv(self.gather(k), groups),
@@ -146,8 +143,10 @@ class PrefixedSegments:
     """Segments that continue prompts whose first positions are already cached in their slots:
     query i of a segment with prefix p sees its slot's rows 0..p+i, read back from the cache."""
 
-    def __init__(self, starts: list[int], lengths: list[int], slots: list[int], prefixes: list[int],
-                 device: torch.device) -> None:
+    def __init__(self, cache: KVCache, starts: list[int], lengths: list[int], slots: list[int],
+                 prefixes: list[int]) -> None:
+        device = cache.k.device
+        self.cache = cache
         self.segments = segments = SegmentBatch(starts, lengths, device)
         # One slot: a view of its rows; several: gathered.
         self.slots = slice(slots[0], slots[0] + 1) if len(slots) == 1 else torch.tensor(slots, device=device)
@@ -158,9 +157,10 @@ class PrefixedSegments:
         keys = torch.arange(self.num_keys, device=device)
         self.mask = (keys[None, None, :] <= last_key[:, :, None])[:, None]                     # (n, 1, Lmax, K)
 
-    def attend(self, cache: KVCache, layer_idx: int, q: Tensor, groups: int, out: Tensor) -> None:
-        keys = cache.k[layer_idx][self.slots, :, :self.num_keys]                               # (n, Hkv, K, hd)
-        values = cache.v[layer_idx][self.slots, :, :self.num_keys]
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, groups: int, out: Tensor) -> None:
+        """As SegmentBatch.attend, with keys and values read from the slots (k/v are in them by now)."""
+        keys = self.cache.k[layer_idx][self.slots, :, :self.num_keys]                          # (n, Hkv, K, hd)
+        values = self.cache.v[layer_idx][self.slots, :, :self.num_keys]
         attended = F.scaled_dot_product_attention(self.segments.gather(q), _expand_kv(keys, groups),
                                                   _expand_kv(values, groups), attn_mask=self.mask)
         self.segments.scatter(attended, out)

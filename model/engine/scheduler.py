@@ -47,7 +47,7 @@ class Sequence:
 
 
 class Admission(Protocol):
-    """What decides admission besides arrival order (model.engine.prefix_cache.SharedPrefixAdmission)."""
+    """Who is admitted, where, at what cost: ArrivalOrder, or model.engine.prefix_cache.SharedPrefixAdmission."""
 
     def hold(self, seq: Sequence, batch: list[Sequence]) -> bool:
         """Whether `seq` keeps its place in the queue for the next prefill instead of joining `batch`."""
@@ -60,6 +60,20 @@ class Admission(Protocol):
     def prefill_tokens(self, seq: Sequence) -> int:
         """Tokens the prefill will run for `seq` (counted against the prefill budget)."""
         ...
+
+
+class ArrivalOrder:
+    """The default admission: nobody held, the lowest free slot (the decode batch, slots 0..highest
+    busy, stays short), whole prompts counted."""
+
+    def hold(self, seq: Sequence, batch: list[Sequence]) -> bool:
+        return False
+
+    def choose_slot(self, seq: Sequence, free: set[int]) -> int:
+        return min(free)
+
+    def prefill_tokens(self, seq: Sequence) -> int:
+        return seq.prompt_len
 
 
 class Scheduler:
@@ -83,18 +97,18 @@ class Scheduler:
 
     def admit(self, policy: Admission | None = None) -> list[Sequence]:
         """The next waiting sequences that fit in free slots and the prefill token budget (at least
-        one), each into the lowest free slot; a `policy` may hold some back, choose other slots and
-        count fewer tokens."""
+        one), as `policy` (default ArrivalOrder) holds them back, chooses their slots and counts them."""
+        policy = policy or ArrivalOrder()
         batch, held, tokens = [], [], 0
         while self.waiting and self.free:
-            if batch and policy is not None and policy.hold(self.waiting[0], batch):
+            if batch and policy.hold(self.waiting[0], batch):
                 held.append(self.waiting.popleft())
                 continue
-            n = self.waiting[0].prompt_len if policy is None else policy.prefill_tokens(self.waiting[0])
+            n = policy.prefill_tokens(self.waiting[0])
             if batch and tokens + n > self.max_prefill_tokens:
                 break
             seq = self.waiting.popleft()
-            seq.slot = min(self.free) if policy is None else policy.choose_slot(seq, self.free)
+            seq.slot = policy.choose_slot(seq, self.free)
             self.free.remove(seq.slot)
             self.running[seq.slot] = seq
             batch.append(seq)
