@@ -18,7 +18,8 @@ from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, demo_path, init_ra
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", max_new_tokens=64,
                 temperature=0.0, top_p=1.0, seed=None, replicas=1, tensor_parallel_size=1, cpu_workers=1,
                 batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="", resume=False,
-                image_backend="pil", storage_options=None, max_image_pixels=None, device=None, show=5)
+                image_backend="pil", storage_options=None, max_image_pixels=None, fetch_threads=16, fetch_attempts=3,
+                device=None, show=5)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--image-backend", choices=["pil", "torch"], help="reference image recipe")
     ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')
     ap.add_argument("--max-image-pixels", type=int, help="larger images become error rows")
+    ap.add_argument("--fetch-threads", type=int,
+                    help="image paths/URLs a CPU worker reads at once (default 16)")
+    ap.add_argument("--fetch-attempts", type=int,
+                    help="tries of an image read that fails for a reason that may pass: timeout, "
+                         "connection reset, throttling, HTTP 5xx (default 3)")
     ap.add_argument("--device", help="cuda / cpu (default: cuda when the cluster has GPUs)")
     ap.add_argument("--show", type=int, help="print this many output rows at the end (default 5)")
     ap.add_argument("--config", help="job.yaml with any of the flags above")

@@ -30,6 +30,8 @@ class PipelineConfig:
     device: str | None = None                   # None: cuda when the cluster has GPUs, else cpu
     dtype: str | None = None                    # None: bfloat16 on cuda, float32 on cpu
     storage_options: dict = field(default_factory=dict)
+    fetch_threads: int = 16                     # image paths/URLs a CPU worker reads at once
+    fetch_attempts: int = 3                     # tries of a read that fails for a reason that may pass
 
     def __post_init__(self) -> None:
         if isinstance(self.keep_columns, str):
@@ -37,7 +39,7 @@ class PipelineConfig:
         # Output columns are always there; keeping them again would duplicate them.
         self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c not in OUTPUT_COLUMNS]
         positive = ["max_new_tokens", "replicas", "tensor_parallel_size", "cpu_workers", "batch_size",
-                    "max_batch_size"] + (["batches_in_flight"] if self.batches_in_flight is not None else [])
+                    "max_batch_size", "fetch_threads", "fetch_attempts"] + (["batches_in_flight"] if self.batches_in_flight is not None else [])
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 
 from .config import PipelineConfig
-from .rows import error_message, image_bytes, reuse_recent, row_ids
+from .fetch import ImageFetcher
+from .rows import RowError, error_message, reuse_recent, row_ids
 
 ENCODED_FIELDS = [("question", pa.string()), ("input_ids", pa.list_(pa.int32())), ("frames", pa.large_binary()),
                   ("frames_shape", pa.list_(pa.int32())), ("image_key", pa.string()), ("error", pa.string())]
@@ -27,13 +28,15 @@ class Preprocess:
         kwargs = {} if config.max_image_pixels is None else {"max_image_pixels": config.max_image_pixels}
         self.encoder = RowEncoder.from_pretrained(config.model, image_backend=config.image_backend, **kwargs)
         self.config = config
+        self.fetcher = ImageFetcher(config.storage_options, threads=config.fetch_threads,
+                                    attempts=config.fetch_attempts)
         self.recent: OrderedDict[str, tuple] = OrderedDict()    # image key -> its frames, rows, cols (made once)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = batch.column("image").to_pylist() if "image" in batch.column_names else [None] * batch.num_rows
         questions = (batch.column("question").to_pylist() if "question" in batch.column_names
                      else [None] * batch.num_rows)
-        encoded = [self.encode_row(image, question) for image, question in zip(images, questions)]
+        encoded = [self.encode_row(data, question) for data, question in zip(self.fetcher.fetch(images), questions)]
         columns = {"id": row_ids(batch)}
         for i, (name, type_) in enumerate(ENCODED_FIELDS):
             columns[name] = pa.array([row[i] for row in encoded], type=type_)
@@ -41,20 +44,19 @@ class Preprocess:
             columns.setdefault(name, batch.column(name))
         return pa.table(columns)
 
-    def encode_row(self, image, question: str | None) -> tuple:
+    def encode_row(self, data: bytes | RowError, question: str | None) -> tuple:
         """(question, input_ids, frames bytes, frames shape, image key, error) for one row; never
         raises. The key is a hash of the image file: the engine encodes rows of one image once."""
         question = self.config.prompt if question is None else question
-        stage = "read image"
+        if isinstance(data, RowError):
+            return question, None, None, None, None, error_message("read image", data)
         try:
-            data = image_bytes(image, self.config.storage_options)
-            stage = "preprocess"
             key = hashlib.blake2b(data, digest_size=16).hexdigest()
             tiles = reuse_recent(self.recent, key, lambda: self.encoder.image_frames(data))
             row = self.encoder.encode(data, question, tiles=tiles)
             self.check_context(len(row.input_ids))
         except Exception as e:  # any failure is this row's, the batch goes on
-            return question, None, None, None, None, error_message(stage, e)
+            return question, None, None, None, None, error_message("preprocess", e)
         frames = np.ascontiguousarray(row.frames, dtype=np.uint8)
         return question, row.input_ids, frames.tobytes(), list(frames.shape), key, None
 

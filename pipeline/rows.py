@@ -1,4 +1,4 @@
-"""Row-level helpers shared by the stages: ids, image values, error rows, per-row seeds, output schema."""
+"""Row-level helpers shared by the stages: ids, error rows, per-row seeds, output schema."""
 from __future__ import annotations
 
 import zlib
@@ -6,8 +6,6 @@ from collections import OrderedDict
 from typing import Callable, TypeVar
 
 import pyarrow as pa
-
-from .storage import read_bytes
 
 T = TypeVar("T")
 RECENT_IMAGES = 4            # per actor: images whose frames / pixel values are kept for the next rows about them
@@ -29,30 +27,6 @@ def row_ids(batch: pa.Table) -> pa.ChunkedArray:
     if ROW_HASH in batch.column_names:
         return batch.column(ROW_HASH)
     raise ValueError("rows have neither an `id` column nor Ray Data's `row_hash`: read them with pipeline.read_rows")
-
-
-def image_bytes(value, storage_options: dict | None = None) -> bytes:
-    """Binary, HF datasets' {bytes, path} struct, or a path/URL string -> encoded image bytes."""
-    if value is None:
-        raise RowError("image is null")
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return value["bytes"]
-        if value.get("path"):
-            return _read_image_url(value["path"], storage_options)
-        raise RowError("image struct has neither bytes nor path")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
-        return _read_image_url(value, storage_options)
-    raise RowError(f"image has unsupported type {type(value).__name__} (want bytes, {{bytes, path}} or a path)")
-
-
-def _read_image_url(url: str, storage_options: dict | None) -> bytes:
-    try:
-        return read_bytes(url, storage_options)
-    except Exception as e:  # missing file, no permission, network: the row fails, not the job
-        raise RowError(f"cannot read image {url!r}: {type(e).__name__}: {e}") from e
 
 
 def error_message(stage: str, exc: BaseException) -> str:

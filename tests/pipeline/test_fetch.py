@@ -1,0 +1,152 @@
+"""Reading the images that rows name by path or URL: a real HTTP server on loopback (fsspec's
+http filesystem), real local files, and the preprocessing stage over both (no Ray needed)."""
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pyarrow as pa
+import pytest
+
+from pipeline import PipelineConfig
+from pipeline.fetch import ImageFetcher, is_transient
+from pipeline.preprocess import Preprocess
+from pipeline.rows import RowError
+from pipeline.storage import reader_fs
+from tests.pipeline.helpers import png
+
+
+class ImageServer(ThreadingHTTPServer):
+    """Serves `files`; a path in `failures` answers that status its first n times; counts GETs
+    per path and the most requests it ever had in progress at once (each takes `delay_s`)."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files: dict[str, bytes] = {}
+        self.failures: dict[str, tuple[int, int]] = {}
+        self.gets: dict[str, int] = {}
+        self.delay_s, self.in_flight, self.max_in_flight = 0.0, 0, 0
+        self.lock = threading.Lock()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        server: ImageServer = self.server
+        with server.lock:
+            server.gets[self.path] = server.gets.get(self.path, 0) + 1
+            server.in_flight += 1
+            server.max_in_flight = max(server.max_in_flight, server.in_flight)
+            status, times = server.failures.get(self.path, (200, 0))
+            failing = server.gets[self.path] <= times
+        time.sleep(server.delay_s)
+        with server.lock:
+            server.in_flight -= 1
+        if failing or self.path not in server.files:
+            self.send_error(status if failing else 404)
+            return
+        body = server.files[self.path]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = ImageServer()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def fetcher(**kw) -> ImageFetcher:
+    return ImageFetcher(None, backoff_s=0.01, **kw)
+
+
+def test_rows_get_their_bytes_or_an_error_naming_the_url(server, tmp_path):
+    a, b = png(20, 10, seed=1), png(8, 30, seed=2)
+    server.files = {"/a.png": a, "/b.png": b}
+    local = tmp_path / "c[1].png"              # glob characters are a name, not a pattern
+    local.write_bytes(png(5, 5, seed=3))
+    values = [server.url("/a.png"), {"bytes": b"inline", "path": "x.png"}, {"bytes": None, "path": server.url("/b.png")},
+              str(local), server.url("/gone.png"), None, 7, str(tmp_path / "missing.png"), b"raw"]
+    out = fetcher().fetch(values)
+    assert out[:4] == [a, b"inline", b, local.read_bytes()] and out[-1] == b"raw"
+    errors = {i: str(out[i]) for i in (4, 5, 6, 7)}
+    assert all(isinstance(out[i], RowError) for i in errors)
+    assert "/gone.png" in errors[4] and "FileNotFoundError" in errors[4]
+    assert errors[5] == "image is null" and "unsupported type int" in errors[6]
+    assert "missing.png" in errors[7]
+    assert server.gets["/gone.png"] == 1          # a missing file is not asked for again
+
+
+def test_transient_failures_are_retried_permanent_ones_are_not(server):
+    image = png(12, 12)
+    server.files = {"/flaky.png": image, "/down.png": image, "/forbidden.png": image, "/busy.png": image}
+    server.failures = {"/flaky.png": (503, 2), "/down.png": (502, 99), "/forbidden.png": (403, 99),
+                       "/busy.png": (429, 1)}
+    out = fetcher(attempts=3).fetch([server.url(p) for p in ("/flaky.png", "/down.png", "/forbidden.png",
+                                                              "/busy.png")])
+    assert out[0] == image and out[3] == image
+    assert isinstance(out[1], RowError) and "after 3 attempts" in str(out[1]) and "502" in str(out[1])
+    assert isinstance(out[2], RowError) and "403" in str(out[2]) and "attempts" not in str(out[2])
+    assert server.gets == {"/flaky.png": 3, "/down.png": 3, "/forbidden.png": 1, "/busy.png": 2}
+
+
+def test_a_file_named_by_several_rows_is_read_once(server):
+    server.files = {"/same.png": png(9, 9)}
+    out = fetcher().fetch([server.url("/same.png")] * 5)
+    assert out == [server.files["/same.png"]] * 5 and server.gets == {"/same.png": 1}
+
+
+def test_a_block_is_read_concurrently(server):
+    server.files = {f"/{i}.png": png(6, 6, seed=i) for i in range(8)}
+    server.delay_s = 0.2
+    out = fetcher(threads=8).fetch([server.url(f"/{i}.png") for i in range(8)])
+    assert out == [server.files[f"/{i}.png"] for i in range(8)]
+    assert server.max_in_flight > 1
+    server.max_in_flight = 0
+    fetcher(threads=1).fetch([server.url(f"/{i}.png") for i in range(3)])
+    assert server.max_in_flight == 1
+
+
+def test_one_filesystem_per_protocol_and_options():
+    first, _ = reader_fs("memory://a/x.png")
+    assert reader_fs("memory://b/y.png")[0] is first
+    assert reader_fs("memory://b/y.png", {"x": 1})[0] is not first
+
+
+def test_which_errors_are_worth_another_try():
+    class Status(Exception):
+        def __init__(self, status):
+            self.status = status
+
+    assert all(is_transient(e) for e in (TimeoutError(), ConnectionResetError(), OSError("EIO"), Status(503),
+                                           Status(429), Status(408)))
+    assert not any(is_transient(e) for e in (FileNotFoundError(), PermissionError(), Status(404), Status(403),
+                                               ValueError("Protocol not known"), ImportError("gcsfs")))
+
+
+def test_preprocess_stage_reads_urls_and_keeps_failures_as_row_errors(server, checkpoint):
+    image = png(40, 30, seed=4)
+    server.files = {"/ok.png": image}
+    server.failures = {"/ok.png": (500, 1)}
+    stage = Preprocess(PipelineConfig(model=str(checkpoint), max_new_tokens=4, fetch_attempts=2))
+    stage.fetcher.backoff_s = 0.01
+    batch = pa.table({"id": [1, 2, 3], "image": [server.url("/ok.png"), server.url("/nope.png"), server.url("/ok.png")],
+                      "question": ["What?", "What?", "Where?"]})
+    out = stage(batch).to_pylist()
+    inline = stage(pa.table({"id": [4], "image": [image], "question": ["What?"]})).to_pylist()[0]
+    assert out[0]["error"] is None and out[0]["input_ids"] == inline["input_ids"]
+    assert out[0]["frames"] == inline["frames"] and out[2]["image_key"] == inline["image_key"]
+    assert out[1]["error"].startswith("read image: RowError: cannot read image") and "/nope.png" in out[1]["error"]
+    assert server.gets == {"/ok.png": 2, "/nope.png": 1}
