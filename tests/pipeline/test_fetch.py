@@ -20,6 +20,7 @@ class ImageServer(ThreadingHTTPServer):
     per path and the most requests it ever had in progress at once (each takes `delay_s`)."""
 
     daemon_threads = True
+    request_queue_size = 64      # the default backlog (5) drops concurrent connects (1 s SYN retries)
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), _Handler)
