@@ -18,7 +18,7 @@ from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, demo_path, init_ra
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", max_new_tokens=64,
                 temperature=0.0, top_p=1.0, seed=None, replicas=1, tensor_parallel_size=1, cpu_workers=1,
                 batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="", resume=False,
-                image_backend="pil", storage_options=None, max_image_pixels=None, fetch_threads=16, fetch_attempts=3,
+                image_backend="pil", storage_options=None, max_image_pixels=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0,
                 device=None, show=5)
 
 
@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fetch-attempts", type=int,
                     help="tries of an image read that fails for a reason that may pass: timeout, "
                          "connection reset, throttling, HTTP 5xx (default 3)")
+    ap.add_argument("--fetch-timeout", type=float, dest="fetch_timeout_s",
+                    help="seconds an attempt to read an image (s3, gcs, http) may take (default 60)")
     ap.add_argument("--device", help="cuda / cpu (default: cuda when the cluster has GPUs)")
     ap.add_argument("--show", type=int, help="print this many output rows at the end (default 5)")
     ap.add_argument("--config", help="job.yaml with any of the flags above")

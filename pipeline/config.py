@@ -32,6 +32,7 @@ class PipelineConfig:
     storage_options: dict = field(default_factory=dict)
     fetch_threads: int = 16                     # image paths/URLs a CPU worker reads at once
     fetch_attempts: int = 3                     # tries of a read that fails for a reason that may pass
+    fetch_timeout_s: float = 60.0               # an image read (async stores: s3, gcs, http) not done by then fails
 
     def __post_init__(self) -> None:
         if isinstance(self.keep_columns, str):
@@ -43,6 +44,8 @@ class PipelineConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.fetch_timeout_s <= 0:
+            raise ValueError(f"fetch_timeout_s must be > 0, got {self.fetch_timeout_s}")
         if self.image_backend not in ("pil", "torch"):
             raise ValueError(f"image_backend must be 'pil' or 'torch', got {self.image_backend!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

@@ -4,20 +4,42 @@ A block's files are read concurrently by a pool of threads (object stores answer
 tens of milliseconds; one at a time, a CPU worker would mostly wait), through one filesystem
 instance per protocol and options in the process (storage.reader_fs), and a file named by several
 rows is read once. A read that fails for a reason that may pass (a timeout, a reset connection,
-throttling, a 5xx) is tried again after a back-off; a missing or forbidden file is not. Every row
+throttling, a 5xx, no answer within the timeout) is tried again after a back-off; a missing or forbidden file is not. Every row
 gets its bytes or a RowError that names what it asked for and why that failed.
 """
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .rows import RowError
 from .storage import reader_fs
 
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError,
-             ImportError, NotImplementedError)      # ImportError: a protocol whose package is not installed
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 RETRYABLE_STATUS = (408, 429)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Failures of the transport rather than of the request: OSError (timeouts, resets, s3fs's
+    unmapped S3 errors) and the connection / payload errors of aiohttp and botocore, which are not
+    OSErrors. Both come with s3fs; neither is needed to import this module."""
+    kinds: list[type[BaseException]] = [OSError]
+    try:
+        import aiohttp
+        kinds += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    except ImportError:
+        pass
+    try:
+        from botocore import exceptions
+        kinds += [exceptions.ConnectionError, exceptions.HTTPClientError]
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+NETWORK_ERRORS = _network_errors()
 
 
 def image_source(value) -> bytes | str:
@@ -37,20 +59,36 @@ def image_source(value) -> bytes | str:
     raise RowError(f"image has unsupported type {type(value).__name__} (want bytes, {{bytes, path}} or a path)")
 
 
+SECRET_PARAM = re.compile(r"sig|signature|credential|token|secret|key|password|auth", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """The URL as error rows may show it: no user:password, no signature, token or key in its query
+    (pre-signed S3 / GCS URLs carry them), the rest kept so the row still says which file."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = urlencode([(k, "***" if SECRET_PARAM.search(k) else v)
+                       for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def is_transient(error: BaseException) -> bool:
-    """Whether trying the same read again may succeed: not for a missing or forbidden file, nor for
-    an HTTP 4xx other than a timeout or throttling (aiohttp's errors carry `status`)."""
+    """Whether trying the same read again may succeed: after an HTTP 5xx, 408 or 429 (aiohttp's
+    errors carry `status`) or a network failure; not for a missing or forbidden file, missing
+    credentials, an unknown protocol or any other 4xx."""
     status = getattr(error, "status", None)
-    if isinstance(status, int) and 400 <= status < 500 and status not in RETRYABLE_STATUS:
-        return False
-    return not isinstance(error, PERMANENT)
+    if isinstance(status, int):
+        return status >= 500 or status in RETRYABLE_STATUS
+    return isinstance(error, NETWORK_ERRORS) and not isinstance(error, PERMANENT)
 
 
 class ImageFetcher:
     def __init__(self, storage_options: dict | None = None, *, threads: int = 16, attempts: int = 3,
-                 backoff_s: float = 0.5) -> None:
+                 timeout_s: float = 60.0, backoff_s: float = 0.5) -> None:
         self.storage_options = storage_options
-        self.attempts, self.backoff_s = attempts, backoff_s
+        self.attempts, self.timeout_s, self.backoff_s = attempts, timeout_s, backoff_s
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="image-fetch")
 
     def fetch(self, values: list) -> list[bytes | RowError]:
@@ -75,13 +113,22 @@ class ImageFetcher:
     def read(self, url: str) -> bytes | RowError:
         for attempt in range(1, self.attempts + 1):
             try:
-                fs, path = reader_fs(url, self.storage_options)
-                return fs.cat_file(path)
+                return self._read_once(url)
             except Exception as e:  # missing file, no permission, network: the row fails, not the job
                 if attempt == self.attempts or not is_transient(e):
                     tries = f" (after {attempt} attempts)" if attempt > 1 else ""
-                    return RowError(f"cannot read image {url!r}{tries}: {type(e).__name__}: {e}")
+                    why = str(e) or (f"no answer within {self.timeout_s:g} s" if isinstance(e, TimeoutError) else "")
+                    safe = redact_url(url)
+                    return RowError(f"cannot read image {safe!r}{tries}: {type(e).__name__}: {why.replace(url, safe)}")
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
+
+    def _read_once(self, url: str) -> bytes:
+        fs, path = reader_fs(url, self.storage_options)
+        if getattr(fs, "async_impl", False):
+            # fsspec's sync() cancels the read past `timeout` (FSTimeoutError, worth another try):
+            # a server that accepts and never answers costs one attempt, not aiohttp's 5 minutes.
+            return fs.cat_file(path, timeout=self.timeout_s)
+        return fs.cat_file(path)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -29,7 +29,7 @@ class Preprocess:
         self.encoder = RowEncoder.from_pretrained(config.model, image_backend=config.image_backend, **kwargs)
         self.config = config
         self.fetcher = ImageFetcher(config.storage_options, threads=config.fetch_threads,
-                                    attempts=config.fetch_attempts)
+                                    attempts=config.fetch_attempts, timeout_s=config.fetch_timeout_s)
         self.recent: OrderedDict[str, tuple] = OrderedDict()    # image key -> its frames, rows, cols (made once)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

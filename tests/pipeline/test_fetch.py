@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import PipelineConfig
-from pipeline.fetch import ImageFetcher, is_transient
+from pipeline.fetch import ImageFetcher, is_transient, redact_url
 from pipeline.preprocess import Preprocess
 from pipeline.rows import RowError
 from pipeline.storage import reader_fs
@@ -17,7 +17,8 @@ from tests.pipeline.helpers import png
 
 class ImageServer(ThreadingHTTPServer):
     """Serves `files`; a path in `failures` answers that status its first n times; counts GETs
-    per path and the most requests it ever had in progress at once (each takes `delay_s`)."""
+    per path and the most requests it ever had in progress at once (each takes `delay_s`, or its
+    path's entry in `delays`)."""
 
     daemon_threads = True
     request_queue_size = 64      # the default backlog (5) drops concurrent connects (1 s SYN retries)
@@ -27,6 +28,7 @@ class ImageServer(ThreadingHTTPServer):
         self.files: dict[str, bytes] = {}
         self.failures: dict[str, tuple[int, int]] = {}
         self.gets: dict[str, int] = {}
+        self.delays: dict[str, float] = {}
         self.delay_s, self.in_flight, self.max_in_flight = 0.0, 0, 0
         self.lock = threading.Lock()
 
@@ -43,7 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
             status, times = server.failures.get(self.path, (200, 0))
             failing = server.gets[self.path] <= times
-        time.sleep(server.delay_s)
+        time.sleep(server.delays.get(self.path, server.delay_s))
         with server.lock:
             server.in_flight -= 1
         if failing or self.path not in server.files:
@@ -103,6 +105,17 @@ def test_transient_failures_are_retried_permanent_ones_are_not(server):
     assert server.gets == {"/flaky.png": 3, "/down.png": 3, "/forbidden.png": 1, "/busy.png": 2}
 
 
+def test_a_read_that_hangs_is_cut_off_and_tried_again(server):
+    server.files = {"/hang.png": png(7, 7), "/ok.png": png(8, 8)}
+    server.delays = {"/hang.png": 30.0}
+    start = time.perf_counter()
+    out = fetcher(attempts=2, timeout_s=1.0).fetch([server.url("/hang.png"), server.url("/ok.png")])
+    assert time.perf_counter() - start < 10
+    assert out[1] == server.files["/ok.png"]
+    assert isinstance(out[0], RowError) and "after 2 attempts" in str(out[0]) and "no answer within 1 s" in str(out[0])
+    assert server.gets["/hang.png"] == 2
+
+
 def test_a_file_named_by_several_rows_is_read_once(server):
     server.files = {"/same.png": png(9, 9)}
     out = fetcher().fetch([server.url("/same.png")] * 5)
@@ -131,10 +144,16 @@ def test_which_errors_are_worth_another_try():
         def __init__(self, status):
             self.status = status
 
+    import aiohttp
+    from botocore import exceptions as boto
+
     assert all(is_transient(e) for e in (TimeoutError(), ConnectionResetError(), OSError("EIO"), Status(503),
-                                           Status(429), Status(408)))
+                                           Status(429), Status(408), aiohttp.ServerDisconnectedError(),
+                                           aiohttp.ClientPayloadError(), boto.EndpointConnectionError(endpoint_url="x"),
+                                           boto.ReadTimeoutError(endpoint_url="x")))
     assert not any(is_transient(e) for e in (FileNotFoundError(), PermissionError(), Status(404), Status(403),
-                                               ValueError("Protocol not known"), ImportError("gcsfs")))
+                                               ValueError("Protocol not known"), ImportError("gcsfs"),
+                                               boto.NoCredentialsError(), RuntimeError()))
 
 
 def test_preprocess_stage_reads_urls_and_keeps_failures_as_row_errors(server, checkpoint):
@@ -151,3 +170,14 @@ def test_preprocess_stage_reads_urls_and_keeps_failures_as_row_errors(server, ch
     assert out[0]["frames"] == inline["frames"] and out[2]["image_key"] == inline["image_key"]
     assert out[1]["error"].startswith("read image: RowError: cannot read image") and "/nope.png" in out[1]["error"]
     assert server.gets == {"/ok.png": 2, "/nope.png": 1}
+
+
+def test_error_rows_do_not_show_credentials_in_urls(server):
+    signed = server.url("/private.png?X-Amz-Credential=AKIA123&X-Amz-Signature=abc123&X-Amz-Expires=60&v=2")
+    with_user = signed.replace("http://", "http://alice:hunter2@")
+    for url in (signed, with_user):
+        error = str(fetcher().fetch([url])[0])
+        assert "private.png" in error and "X-Amz-Expires=60" in error and "v=2" in error
+        assert not any(secret in error for secret in ("AKIA123", "abc123", "hunter2", "alice"))
+    assert redact_url("s3://bucket/a/b.png") == "s3://bucket/a/b.png"
+    assert redact_url("https://h/x.png?token=t&w=3") == "https://h/x.png?token=***&w=3"
