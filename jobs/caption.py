@@ -17,9 +17,9 @@ from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, demo_path, init_ra
 
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", max_new_tokens=64,
                 temperature=0.0, top_p=1.0, seed=None, replicas=1, tensor_parallel_size=1, cpu_workers=1,
-                batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="", resume=False,
-                image_backend="pil", storage_options=None, max_image_pixels=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0,
-                device=None, show=5)
+                batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="", rows_per_file=1000,
+                resume=False, image_backend="pil", storage_options=None, max_image_pixels=None, fetch_threads=16,
+                fetch_attempts=3, fetch_timeout_s=60.0, device=None, show=5)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batches-in-flight", type=int,
                     help="blocks a replica answers at once, their rows sharing decode steps "
                          "(default: enough to fill --max-batch-size, plus one)")
+    ap.add_argument("--rows-per-file", type=int,
+                    help="output rows gathered into one Parquet file (default 1000; the last file holds the rest)")
     ap.add_argument("--keep-columns", help="comma-separated input columns to copy to the output")
     ap.add_argument("--resume", action="store_true", default=None, help="skip ids already in --output")
     ap.add_argument("--image-backend", choices=["pil", "torch"], help="reference image recipe")

@@ -192,7 +192,7 @@ def run_model(args: argparse.Namespace, out_dir: Path) -> str:
                         batch_format="pyarrow")
     check_columns(ds, config, args.input)
     try:
-        write_rows(build_processor(config)(ds), str(raw), config.storage_options)
+        write_rows(build_processor(config)(ds), str(raw), config.storage_options, config.rows_per_file)
     finally:
         release_replica_groups()
     return str(raw)

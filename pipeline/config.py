@@ -25,6 +25,8 @@ class PipelineConfig:
     max_batch_size: int = 64                    # sequences the engine decodes together
     batches_in_flight: int | None = None        # blocks a replica streams at once; None: enough to fill the engine
     keep_columns: list[str] = field(default_factory=list)
+    rows_per_file: int = 1000                   # output rows gathered into one Parquet file (a killed run
+                                                # loses at most about this many unwritten rows' work)
     image_backend: str = "pil"                  # "pil" | "torch": which reference image recipe
     max_image_pixels: int | None = None         # larger images become error rows (None = processing's default)
     device: str | None = None                   # None: cuda when the cluster has GPUs, else cpu
@@ -40,7 +42,8 @@ class PipelineConfig:
         # Output columns are always there; keeping them again would duplicate them.
         self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c not in OUTPUT_COLUMNS]
         positive = ["max_new_tokens", "replicas", "tensor_parallel_size", "cpu_workers", "batch_size",
-                    "max_batch_size", "fetch_threads", "fetch_attempts"] + (["batches_in_flight"] if self.batches_in_flight is not None else [])
+                    "max_batch_size", "rows_per_file", "fetch_threads", "fetch_attempts"]
+        positive += ["batches_in_flight"] if self.batches_in_flight is not None else []
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

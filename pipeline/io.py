@@ -29,10 +29,13 @@ def read_rows(uri: str, storage_options: dict | None = None, **read_args) -> ray
                                  include_row_hash=True, **read_args)
 
 
-def write_rows(ds: ray.data.Dataset, uri: str, storage_options: dict | None = None) -> None:
-    """Output rows as a folder of Parquet files, one per finished block."""
+def write_rows(ds: ray.data.Dataset, uri: str, storage_options: dict | None = None,
+               rows_per_file: int | None = None) -> None:
+    """Output rows as a folder of Parquet files. Finished blocks are gathered until they hold
+    `rows_per_file` rows (the last file holds the rest); None: a file per block, whose size is the
+    model stage's batch (a million rows in 16-row batches would be 62 500 tiny files)."""
     filesystem, path = arrow_fs(uri, storage_options)
-    ds.write_parquet(path, filesystem=filesystem)
+    ds.write_parquet(path, filesystem=filesystem, min_rows_per_file=rows_per_file)
 
 
 def read_output(uri: str, storage_options: dict | None = None, columns: list[str] | None = None):

@@ -59,7 +59,7 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
         ds = read_rows(input_uri, opts)
         check_columns(ds, config, input_uri)
         start = time.perf_counter()
-        write_rows(build_processor(config)(ds), output_uri, opts)
+        write_rows(build_processor(config)(ds), output_uri, opts, config.rows_per_file)
         wall = time.perf_counter() - start
     finally:
         context.checkpoint_config = None

@@ -43,7 +43,10 @@ def test_sigkill_mid_run_then_resume_gives_every_row_once(checkpoint, tmp_path):
     # No id column: ids are derived (file path + row index), so this also shows they are stable across runs.
     write_parquet(tmp_path / "in.parquet", [{"image": png(20 + i, 24, seed=i), "question": f"Row {i}?"}
                                             for i in range(N_ROWS)])
-    (tmp_path / "job.yaml").write_text(f"model: {checkpoint}\nmax-new-tokens: 24\nbatch_size: 2\n")
+    # Files of 4 rows from blocks of 2: rows waiting for their file's other block when the run is
+    # killed are answered again by the resumed run, and written once.
+    (tmp_path / "job.yaml").write_text(f"model: {checkpoint}\nmax-new-tokens: 24\nbatch_size: 2\n"
+                                       f"rows-per-file: 4\n")
     args = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
             "--config", str(tmp_path / "job.yaml")]
     first = caption(*args, log=tmp_path / "first.log")

@@ -48,6 +48,7 @@ def test_every_id_exactly_once_with_output_schema(run):
     assert table.column_names == ["id", "question", "answer", "finish_reason", "error", "num_prompt_tokens",
                                   "num_generated_tokens", "extra"]
     assert all(by_id[r["id"]]["extra"] == r["extra"] for r in rows)
+    assert len(list((run[4] / "out").glob("*.parquet"))) == 1      # blocks of 3 rows, one file (rows_per_file)
 
 
 def test_answers_equal_greedy_generate_of_each_row_alone(run, oracle):
@@ -123,8 +124,9 @@ def test_image_struct_without_ids(ray_cluster, checkpoint, tmp_path):
     rows = [{"image": {"bytes": images[0], "path": None}}, {"image": {"bytes": None, "path": str(tmp_path / "img1.png")}},
             {"image": {"bytes": None, "path": str(tmp_path / "missing.png")}}]
     write_parquet(tmp_path / "structs" / "x.parquet", rows, pa.schema([("image", struct)]))
-    config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=4)
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=1, rows_per_file=1)
     run_job(str(tmp_path / "structs" / "*.parquet"), str(tmp_path / "out1"), config)
+    assert len(list((tmp_path / "out1").glob("*.parquet"))) == 3    # a file per block of one row
     structs = read_output(str(tmp_path / "out1"))
     reasons = structs.column("finish_reason").to_pylist()
     assert reasons.count("error") == 1 and "missing.png" in "".join(e for e in structs["error"].to_pylist() if e)
