@@ -29,16 +29,33 @@ def on_gpu(config: PipelineConfig) -> bool:
     return config.device.startswith("cuda") if config.device else cluster_has_gpus()
 
 
+RESERVED_CPUS = 2      # one CPU for the read and write tasks, one for the checkpoint filter actor
+
+
+def replica_cpus(config: PipelineConfig) -> float:
+    """CPUs the model replicas claim; on GPU nodes they are not counted (those have CPUs to spare)."""
+    return 0.0 if on_gpu(config) else config.replicas * config.cpus_per_replica * config.tensor_parallel_size
+
+
+def cpu_worker_range(config: PipelineConfig) -> tuple[int, int]:
+    """(min, max) preprocessing actors: `cpu_workers` exactly, else from 1 up to what the cluster's
+    CPUs allow after the replicas and the reserved ones; Ray Data adds actors while the pool is busy
+    with rows waiting, so one slow image decoder does not starve a fast GPU."""
+    if config.cpu_workers is not None:
+        return config.cpu_workers, config.cpu_workers
+    total = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+    spare = total - replica_cpus(config) - RESERVED_CPUS
+    return 1, max(1, int(spare // config.cpus_per_worker))
+
+
 def cpu_share(config: PipelineConfig) -> float:
     """1, or less when the actors would take every CPU of a small cluster (a laptop, a 2-core CI box):
     the read and write tasks and Ray's checkpoint filter need CPUs too, or the job waits forever."""
     if not ray.is_initialized():
         return 1.0
     total = ray.cluster_resources().get("CPU", 0)
-    demand = config.cpu_workers * config.cpus_per_worker
-    if not on_gpu(config):
-        demand += config.replicas * config.cpus_per_replica * config.tensor_parallel_size
-    free_for_actors = max(total - 2, 0.5)   # one CPU for tasks, one for the checkpoint filter actor
+    demand = cpu_worker_range(config)[1] * config.cpus_per_worker + replica_cpus(config)
+    free_for_actors = max(total - RESERVED_CPUS, 0.5)
     return min(1.0, free_for_actors / demand)
 
 
@@ -56,9 +73,10 @@ def replica_resources(config: PipelineConfig, share: float = 1.0) -> dict:
 def build_processor(config: PipelineConfig) -> Callable[[ray.data.Dataset], ray.data.Dataset]:
     def process(ds: ray.data.Dataset) -> ray.data.Dataset:
         share = cpu_share(config)
+        fewest, most = cpu_worker_range(config)
         ds = ds.repartition(target_num_rows_per_block=config.batch_size)
         ds = ds.map_batches(Preprocess, fn_constructor_args=(config,), batch_size=config.batch_size,
-                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.cpu_workers),
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=fewest, max_size=most),
                             num_cpus=config.cpus_per_worker * share)
         rank = {"GPU": 1, "CPU": 1} if on_gpu(config) else {"CPU": config.cpus_per_replica * share}
         pool = ray.data.ActorPoolStrategy(size=config.replicas,

@@ -18,7 +18,7 @@ class PipelineConfig:
     seed: int | None = None                     # with sampling: per-row seed = f(seed, id), batch-independent
     replicas: int = 1                           # model replicas (actors)
     tensor_parallel_size: int = 1               # devices per replica (placement group, STRICT_PACK)
-    cpu_workers: int = 1                        # preprocessing actors
+    cpu_workers: int | None = None              # preprocessing actors; None: 1 up to the CPUs left (autoscaled)
     cpus_per_worker: float = 1.0
     cpus_per_replica: float = 1.0               # CPUs of a model replica actor (its compute on a CPU-only node)
     batch_size: int = 16                        # rows per block / per model call
@@ -41,9 +41,9 @@ class PipelineConfig:
             self.keep_columns = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
         # Output columns are always there; keeping them again would duplicate them.
         self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c not in OUTPUT_COLUMNS]
-        positive = ["max_new_tokens", "replicas", "tensor_parallel_size", "cpu_workers", "batch_size",
-                    "max_batch_size", "rows_per_file", "fetch_threads", "fetch_attempts"]
-        positive += ["batches_in_flight"] if self.batches_in_flight is not None else []
+        positive = ["max_new_tokens", "replicas", "tensor_parallel_size", "batch_size", "max_batch_size",
+                    "rows_per_file", "fetch_threads", "fetch_attempts"]
+        positive += [n for n in ("batches_in_flight", "cpu_workers") if getattr(self, n) is not None]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
