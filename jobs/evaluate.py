@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gallery", type=int, default=0, metavar="N", help="write gallery.html with N sampled rows")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16, help="rows per block and per model call")
-    ap.add_argument("--replicas", type=int, default=1, help="model replicas")
+    ap.add_argument("--replicas", type=int, default=None,
+                    help="model replicas (default: one per GPU of the cluster; 1 on CPU)")
     ap.add_argument("--cpu-workers", type=int, default=None,
                     help="preprocessing actors (default: from 1 up to the cluster's spare CPUs, as the rows need)")
     ap.add_argument("--device", help="cuda / cpu (default: cuda when the cluster has GPUs)")

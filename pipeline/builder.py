@@ -32,9 +32,19 @@ def on_gpu(config: PipelineConfig) -> bool:
 RESERVED_CPUS = 2      # one CPU for the read and write tasks, one for the checkpoint filter actor
 
 
+def replica_count(config: PipelineConfig) -> int:
+    """`replicas`, else one per `tensor_parallel_size` GPUs of the cluster (all of them), or 1 on CPU."""
+    if config.replicas is not None:
+        return config.replicas
+    if not on_gpu(config):
+        return 1
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    return max(1, int(gpus // config.tensor_parallel_size))
+
+
 def replica_cpus(config: PipelineConfig) -> float:
     """CPUs the model replicas claim; on GPU nodes they are not counted (those have CPUs to spare)."""
-    return 0.0 if on_gpu(config) else config.replicas * config.cpus_per_replica * config.tensor_parallel_size
+    return 0.0 if on_gpu(config) else replica_count(config) * config.cpus_per_replica * config.tensor_parallel_size
 
 
 def cpu_worker_range(config: PipelineConfig) -> tuple[int, int]:
@@ -79,7 +89,7 @@ def build_processor(config: PipelineConfig) -> Callable[[ray.data.Dataset], ray.
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=fewest, max_size=most),
                             num_cpus=config.cpus_per_worker * share)
         rank = {"GPU": 1, "CPU": 1} if on_gpu(config) else {"CPU": config.cpus_per_replica * share}
-        pool = ray.data.ActorPoolStrategy(size=config.replicas,
+        pool = ray.data.ActorPoolStrategy(size=replica_count(config),
                                           max_concurrent_calls_per_actor=calls_in_flight(config))
         return ds.map_batches(Generate, fn_constructor_args=(config, rank), batch_size=config.batch_size,
                               batch_format="pyarrow", compute=pool, **replica_resources(config, share))

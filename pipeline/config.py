@@ -16,7 +16,7 @@ class PipelineConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None                     # with sampling: per-row seed = f(seed, id), batch-independent
-    replicas: int = 1                           # model replicas (actors)
+    replicas: int | None = None                 # model replicas (actors); None: every GPU (/ tp), or 1 on CPU
     tensor_parallel_size: int = 1               # devices per replica (placement group, STRICT_PACK)
     cpu_workers: int | None = None              # preprocessing actors; None: 1 up to the CPUs left (autoscaled)
     cpus_per_worker: float = 1.0
@@ -41,9 +41,9 @@ class PipelineConfig:
             self.keep_columns = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
         # Output columns are always there; keeping them again would duplicate them.
         self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c not in OUTPUT_COLUMNS]
-        positive = ["max_new_tokens", "replicas", "tensor_parallel_size", "batch_size", "max_batch_size",
+        positive = ["max_new_tokens", "tensor_parallel_size", "batch_size", "max_batch_size",
                     "rows_per_file", "fetch_threads", "fetch_attempts"]
-        positive += [n for n in ("batches_in_flight", "cpu_workers") if getattr(self, n) is not None]
+        positive += [n for n in ("replicas", "batches_in_flight", "cpu_workers") if getattr(self, n) is not None]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
