@@ -98,27 +98,18 @@ def storage_options(args: argparse.Namespace) -> dict:
     return json_option(getattr(args, "storage_options", None), "--storage-options")
 
 
-def parquet_dataset(uri: str, options: dict | None = None) -> pq.ParquetDataset:
-    """A Parquet file, folder or glob, local or any fsspec URL (S3 set up as the pipeline does)."""
-    from pipeline.storage import fsspec_fs
+def parquet_dataset(uri: str, options: dict | None = None):
+    """A Parquet file, folder or glob, local or any fsspec URL (as the pipeline reads it)."""
+    from pipeline.io import parquet_dataset as dataset
 
-    fs, path = fsspec_fs(uri, options)
-    if any(c in path for c in "*?["):
-        paths = sorted(fs.glob(path))
-        if not paths:
-            raise FileNotFoundError(f"no Parquet files match {uri}")
-    elif fs.exists(path):
-        paths = path
-    else:
-        raise FileNotFoundError(f"no such Parquet file or folder: {uri}")
-    return pq.ParquetDataset(paths, filesystem=fs)
+    return dataset(uri, options)
 
 
 def read_parquet(uri: str, columns: list[str] | None = None, options: dict | None = None) -> pa.Table:
     """The Parquet at `uri` as one table; requested columns it lacks are skipped."""
     dataset = parquet_dataset(uri, options)
     present = dataset.schema.names
-    return dataset.read(columns=None if columns is None else [c for c in columns if c in present])
+    return dataset.to_table(columns=None if columns is None else [c for c in columns if c in present])
 
 
 def rename_columns(table: pa.Table, mapping: dict[str, str]) -> pa.Table:

@@ -29,6 +29,17 @@ def read_rows(uri: str, storage_options: dict | None = None, **read_args) -> ray
                                  include_row_hash=True, **read_args)
 
 
+def parquet_dataset(uri: str, storage_options: dict | None = None) -> pads.Dataset:
+    filesystem, _ = arrow_fs(uri, storage_options)
+    return pads.dataset(input_paths(uri, storage_options), filesystem=filesystem, format="parquet")
+
+
+def read_ids(uri: str, storage_options: dict | None = None):
+    """The input's `id` column (only that column is read), or None when it has none."""
+    dataset = parquet_dataset(uri, storage_options)
+    return dataset.to_table(columns=["id"]).column("id") if "id" in dataset.schema.names else None
+
+
 def write_rows(ds: ray.data.Dataset, uri: str, storage_options: dict | None = None,
                rows_per_file: int | None = None) -> None:
     """Output rows as a folder of Parquet files. Finished blocks are gathered until they hold

@@ -10,7 +10,7 @@ import ray.data
 from .builder import build_processor
 from .generate import release_replica_groups
 from .config import PipelineConfig
-from .io import read_output, read_rows, write_rows
+from .io import read_ids, read_output, read_rows, write_rows
 from .resume import checkpoint_config, clear_checkpoint, has_checkpoint
 from .storage import has_files, sibling, write_text
 
@@ -39,6 +39,20 @@ def prepare_output(output: str, storage_options: dict | None, resume: bool) -> N
                                 f"({output.rstrip('/')}.checkpoint) from a previous run of this job")
 
 
+def check_unique_ids(source: str, storage_options: dict | None) -> None:
+    """Resume skips every input row whose id is already written, so two rows sharing an id (an image id
+    given to several questions) would lose one of them on resume: refused before any work."""
+    ids = read_ids(source, storage_options)
+    if ids is None or pc.count_distinct(ids, mode="all").as_py() == len(ids):
+        return
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    examples = ", ".join(f"{v['values']!r} x{v['counts']}" for v in repeated.slice(0, 3).to_pylist())
+    raise ValueError(f"input {source!r}: {len(repeated)} ids occur more than once (e.g. {examples}); "
+                     "a resumed run would skip every row of an id already written. Make the `id` column "
+                     "unique, or rename it (rows without `id` get ids from their file and row)")
+
+
 def check_columns(ds: ray.data.Dataset, config: PipelineConfig, source: str) -> None:
     names = set(ds.schema().names)
     if "image" not in names:
@@ -52,6 +66,7 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
     """Answer every row of `input_uri` into `output_uri`; returns (and writes beside it) the summary."""
     opts = config.storage_options
     prepare_output(output_uri, opts, resume)
+    check_unique_ids(input_uri, opts)
     before = output_counts(output_uri, opts)
     context = ray.data.DataContext.get_current()
     context.checkpoint_config = checkpoint_config(output_uri, opts)

@@ -170,7 +170,7 @@ def test_metric_from_dataset_name(name, metric):
 def test_missing_input_file_is_a_clear_error(tmp_path, capsys):
     assert job.main(["--predictions", str(tmp_path / "nope.parquet"), "--output", str(tmp_path / "o"),
                      "--metric", "anls"]) == 2
-    assert "no such Parquet file or folder" in capsys.readouterr().err
+    assert "nope.parquet' does not exist" in capsys.readouterr().err
 
 
 def test_demo_without_its_files_is_a_clear_error(tmp_path, monkeypatch, capsys):

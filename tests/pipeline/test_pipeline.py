@@ -145,3 +145,20 @@ def test_batches_in_flight_fill_the_engine_unless_set():
     assert (config.max_batch_size, config.batches_in_flight, calls_in_flight(config)) == (8, 1, 1)
     with pytest.raises(ValueError, match="batches_in_flight"):
         PipelineConfig(model="m", batches_in_flight=0)
+
+
+def test_repeated_ids_are_refused_before_any_work(checkpoint, tmp_path):
+    """Resume skips the rows of ids already written: rows sharing an id would be lost, so none may."""
+    image = png(20, 20)
+    rows = [{"id": i, "image": image, "question": q} for i, q in (("img-1", "Colour?"), ("img-1", "Shape?"),
+                                                                  ("img-2", "Colour?"), ("img-1", "Size?"))]
+    write_parquet(tmp_path / "in" / "a.parquet", rows[:2])
+    write_parquet(tmp_path / "in" / "b.parquet", rows[2:])
+    config = PipelineConfig(model=str(checkpoint))
+    with pytest.raises(ValueError, match=r"1 ids occur more than once \(e.g. 'img-1' x3\).*unique"):
+        run_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    write_parquet(tmp_path / "nulls" / "a.parquet", [{"id": None, "image": image}, {"id": None, "image": image}],
+                  pa.schema([("id", pa.string()), ("image", pa.binary())]))
+    with pytest.raises(ValueError, match="None x2"):
+        run_job(str(tmp_path / "nulls"), str(tmp_path / "out"), config)
+    assert not (tmp_path / "out").exists()
