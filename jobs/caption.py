@@ -18,7 +18,7 @@ from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, demo_path, init_ra
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", max_new_tokens=64,
                 temperature=0.0, top_p=1.0, seed=None, replicas=None, tensor_parallel_size=1, cpu_workers=None,
                 batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="", rows_per_file=1000,
-                resume=False, image_backend="pil", storage_options=None, max_image_pixels=None, fetch_threads=16,
+                resume=False, image_backend="pil", storage_options=None, max_image_pixels=None, image_root=None, fetch_threads=16,
                 fetch_attempts=3, fetch_timeout_s=60.0, device=None, show=5)
 
 
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--image-backend", choices=["pil", "torch"], help="reference image recipe")
     ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')
     ap.add_argument("--max-image-pixels", type=int, help="larger images become error rows")
+    ap.add_argument("--image-root", help="folder (local or URL) that relative image paths are read from "
+                                         "(default: the input's folder)")
     ap.add_argument("--fetch-threads", type=int,
                     help="image paths/URLs a CPU worker reads at once (default 16)")
     ap.add_argument("--fetch-attempts", type=int,

@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cpu-workers", type=int, default=None,
                     help="preprocessing actors (default: from 1 up to the cluster's spare CPUs, as the rows need)")
     ap.add_argument("--device", help="cuda / cpu (default: cuda when the cluster has GPUs)")
+    ap.add_argument("--image-root", help="folder (local or URL) that relative image paths are read from "
+                                         "(default: the input's folder)")
     ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')
     return ap.parse_args(argv)
 
@@ -156,7 +158,7 @@ def pipeline_config(args: argparse.Namespace, kept: list[str]):
 
     return PipelineConfig(model=args.model, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           replicas=args.replicas, cpu_workers=args.cpu_workers, device=args.device,
-                          keep_columns=kept, storage_options=storage_options(args))
+                          keep_columns=kept, storage_options=storage_options(args), image_root=args.image_root)
 
 
 def run_model(args: argparse.Namespace, out_dir: Path) -> str:
@@ -168,7 +170,7 @@ def run_model(args: argparse.Namespace, out_dir: Path) -> str:
     from jobs.common import init_ray
     from pipeline import build_processor, read_rows, write_rows
     from pipeline.generate import release_replica_groups
-    from pipeline.job import check_columns
+    from pipeline.job import check_columns, with_image_root
 
     if not args.model:
         raise ValueError("--model is required to run a model (or pass --predictions to score existing answers)")
@@ -176,7 +178,7 @@ def run_model(args: argparse.Namespace, out_dir: Path) -> str:
     present = [mapping.get(c, c) for c in parquet_dataset(args.input, storage_options(args)).schema.names]
     if "answers" not in present:
         raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
-    config = pipeline_config(args, [c for c in ("answers", "category") if c in present])
+    config = with_image_root(pipeline_config(args, [c for c in ("answers", "category") if c in present]), args.input)
     raw = out_dir / "raw"
     shutil.rmtree(raw, ignore_errors=True)  # our own scratch output: a re-run starts it afresh
     init_ray()

@@ -32,6 +32,7 @@ class PipelineConfig:
     device: str | None = None                   # None: cuda when the cluster has GPUs, else cpu
     dtype: str | None = None                    # None: bfloat16 on cuda, float32 on cpu
     storage_options: dict = field(default_factory=dict)
+    image_root: str | None = None               # relative image paths are read from here (jobs: the input's folder)
     fetch_threads: int = 16                     # image paths/URLs a CPU worker reads at once
     fetch_attempts: int = 3                     # tries of a read that fails for a reason that may pass
     fetch_timeout_s: float = 60.0               # an image read (async stores: s3, gcs, http) not done by then fails

@@ -9,6 +9,7 @@ gets its bytes or a RowError that names what it asked for and why that failed.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -85,9 +86,9 @@ def is_transient(error: BaseException) -> bool:
 
 
 class ImageFetcher:
-    def __init__(self, storage_options: dict | None = None, *, threads: int = 16, attempts: int = 3,
-                 timeout_s: float = 60.0, backoff_s: float = 0.5) -> None:
-        self.storage_options = storage_options
+    def __init__(self, storage_options: dict | None = None, *, root: str | None = None, threads: int = 16,
+                 attempts: int = 3, timeout_s: float = 60.0, backoff_s: float = 0.5) -> None:
+        self.storage_options, self.root = storage_options, root
         self.attempts, self.timeout_s, self.backoff_s = attempts, timeout_s, backoff_s
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="image-fetch")
 
@@ -104,11 +105,18 @@ class ImageFetcher:
             if isinstance(source, bytes):
                 out[i] = source
             else:
-                rows_of.setdefault(source, []).append(i)
+                rows_of.setdefault(self.resolve(source), []).append(i)
         for url, data in zip(rows_of, self._pool.map(self.read, rows_of)):
             for i in rows_of[url]:
                 out[i] = data
         return out
+
+    def resolve(self, path: str) -> str:
+        """A URL or an absolute path as it is; a relative path under `root` (a dataset's rows name
+        their images relative to it; a Ray worker's current directory means nothing to the user)."""
+        if self.root is None or "://" in path or os.path.isabs(path):
+            return path
+        return self.root.rstrip("/") + "/" + path
 
     def read(self, url: str) -> bytes | RowError:
         for attempt in range(1, self.attempts + 1):

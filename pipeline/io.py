@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import glob as globlib
+import posixpath
 
 import pyarrow.dataset as pads
 import ray.data
 
-from .storage import arrow_fs, fsspec_fs
+from .storage import arrow_fs, fsspec_fs, is_local, protocol_of
 
 
 def input_paths(uri: str, storage_options: dict | None = None) -> list[str] | str:
-    """A file, a folder, or a glob -> what read_parquet takes (paths without protocol)."""
+    """A file, a folder, or a glob -> what read_parquet takes (paths without protocol). Only
+    `.parquet` files count: a dataset's folder may hold its images too."""
     fs, path = fsspec_fs(uri, storage_options)
     if globlib.has_magic(path):
         found = sorted(p for p in fs.glob(path) if p.endswith(".parquet"))
@@ -22,16 +24,32 @@ def input_paths(uri: str, storage_options: dict | None = None) -> list[str] | st
     return path
 
 
+def input_folder(uri: str, storage_options: dict | None = None) -> str:
+    """The input's folder as a URI (a folder itself, a file's parent, the fixed part of a glob): where
+    image paths relative to the dataset are read from."""
+    fs, path = fsspec_fs(uri, storage_options)
+    if globlib.has_magic(path):
+        path = posixpath.dirname(path[:min(path.index(c) for c in "*?[" if c in path)] + "x")
+    elif not fs.isdir(path):
+        path = posixpath.dirname(path)
+    return path if is_local(uri) else f"{protocol_of(uri)}://{path}"
+
+
 def read_rows(uri: str, storage_options: dict | None = None, **read_args) -> ray.data.Dataset:
     """Input Parquet as a Dataset, with Ray Data's `row_hash` (file path + row index) for rows without id."""
     filesystem, _ = arrow_fs(uri, storage_options)
     return ray.data.read_parquet(input_paths(uri, storage_options), filesystem=filesystem,
-                                 include_row_hash=True, **read_args)
+                                 include_row_hash=True, file_extensions=["parquet"], **read_args)
 
 
 def parquet_dataset(uri: str, storage_options: dict | None = None) -> pads.Dataset:
+    """The input's `.parquet` files as one Arrow dataset (driver side: its ids, a benchmark's columns)."""
     filesystem, _ = arrow_fs(uri, storage_options)
-    return pads.dataset(input_paths(uri, storage_options), filesystem=filesystem, format="parquet")
+    paths = input_paths(uri, storage_options)
+    if isinstance(paths, str):
+        fs, _ = fsspec_fs(uri, storage_options)
+        paths = sorted(p for p in fs.find(paths) if p.endswith(".parquet")) if fs.isdir(paths) else [paths]
+    return pads.dataset(paths, filesystem=filesystem, format="parquet")
 
 
 def read_ids(uri: str, storage_options: dict | None = None):

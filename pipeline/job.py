@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import pyarrow.compute as pc
 import ray.data
@@ -10,7 +11,7 @@ import ray.data
 from .builder import build_processor
 from .generate import release_replica_groups
 from .config import PipelineConfig
-from .io import read_ids, read_output, read_rows, write_rows
+from .io import input_folder, read_ids, read_output, read_rows, write_rows
 from .resume import checkpoint_config, clear_checkpoint, has_checkpoint
 from .storage import has_files, sibling, write_text
 
@@ -39,6 +40,11 @@ def prepare_output(output: str, storage_options: dict | None, resume: bool) -> N
                                 f"({output.rstrip('/')}.checkpoint) from a previous run of this job")
 
 
+def with_image_root(config: PipelineConfig, input_uri: str) -> PipelineConfig:
+    """Relative image paths of the rows are read from the input's folder unless `image_root` says otherwise."""
+    return replace(config, image_root=config.image_root or input_folder(input_uri, config.storage_options))
+
+
 def check_unique_ids(source: str, storage_options: dict | None) -> None:
     """Resume skips every input row whose id is already written, so two rows sharing an id (an image id
     given to several questions) would lose one of them on resume: refused before any work."""
@@ -65,6 +71,7 @@ def check_columns(ds: ray.data.Dataset, config: PipelineConfig, source: str) -> 
 def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False) -> dict:
     """Answer every row of `input_uri` into `output_uri`; returns (and writes beside it) the summary."""
     opts = config.storage_options
+    config = with_image_root(config, input_uri)
     prepare_output(output_uri, opts, resume)
     check_unique_ids(input_uri, opts)
     before = output_counts(output_uri, opts)

@@ -28,7 +28,7 @@ class Preprocess:
         kwargs = {} if config.max_image_pixels is None else {"max_image_pixels": config.max_image_pixels}
         self.encoder = RowEncoder.from_pretrained(config.model, image_backend=config.image_backend, **kwargs)
         self.config = config
-        self.fetcher = ImageFetcher(config.storage_options, threads=config.fetch_threads,
+        self.fetcher = ImageFetcher(config.storage_options, root=config.image_root, threads=config.fetch_threads,
                                     attempts=config.fetch_attempts, timeout_s=config.fetch_timeout_s)
         self.recent: OrderedDict[str, tuple] = OrderedDict()    # image key -> its frames, rows, cols (made once)
 

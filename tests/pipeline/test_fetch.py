@@ -181,3 +181,28 @@ def test_error_rows_do_not_show_credentials_in_urls(server):
         assert not any(secret in error for secret in ("AKIA123", "abc123", "hunter2", "alice"))
     assert redact_url("s3://bucket/a/b.png") == "s3://bucket/a/b.png"
     assert redact_url("https://h/x.png?token=t&w=3") == "https://h/x.png?token=***&w=3"
+
+
+def test_relative_paths_are_read_under_the_root(server, tmp_path):
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.png").write_bytes(b"local")
+    server.files = {"/data/pics/a.png": b"remote"}
+    absolute = tmp_path / "pics" / "a.png"
+    assert fetcher(root=str(tmp_path)).fetch(["pics/a.png", str(absolute)]) == [b"local", b"local"]
+    remote = fetcher(root=server.url("/data/"))
+    assert remote.fetch(["pics/a.png", server.url("/data/pics/a.png")]) == [b"remote", b"remote"]
+    assert server.gets == {"/data/pics/a.png": 1}          # one file, whichever way the rows name it
+    assert "/data/pics/b.png" in str(remote.fetch(["pics/b.png"])[0])     # the error names what was tried
+
+
+def test_jobs_read_relative_paths_from_the_input_folder(tmp_path):
+    from pipeline.io import input_folder
+    from pipeline.job import with_image_root
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rows.parquet").write_bytes(b"")
+    folder = str(tmp_path / "data")
+    assert input_folder(folder) == input_folder(folder + "/rows.parquet") == input_folder(folder + "/*.parquet") == folder
+    config = PipelineConfig(model="m")
+    assert with_image_root(config, folder + "/rows.parquet").image_root == folder
+    assert with_image_root(PipelineConfig(model="m", image_root="s3://b/imgs"), folder).image_root == "s3://b/imgs"

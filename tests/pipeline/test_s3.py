@@ -54,9 +54,12 @@ def test_input_and_output_on_s3(s3, s3_cluster, checkpoint, oracle):
     rows = good_rows(3)
     for row in rows:  # images as s3:// URLs read through fsspec, one of them missing
         s3.pipe(f"bucket/images/{row['id']}.png", row["image"])
-    table = pa.table({"id": [r["id"] for r in rows] + ["gone"],
-                      "image": [f"s3://bucket/images/{r['id']}.png" for r in rows] + ["s3://bucket/images/gone.png"],
-                      "question": [r["question"] for r in rows] + ["What?"]})
+    relative = good_rows(4)[3]          # named relative to the input's folder
+    s3.pipe("bucket/in/pictures/rel.png", relative["image"])
+    table = pa.table({"id": [r["id"] for r in rows] + ["gone", "relative"],
+                      "image": [f"s3://bucket/images/{r['id']}.png" for r in rows] + ["s3://bucket/images/gone.png",
+                                                                                        "pictures/rel.png"],
+                      "question": [r["question"] for r in rows] + ["What?", relative["question"]]})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     s3.pipe("bucket/in/part-0.parquet", buf.getvalue())
@@ -65,7 +68,7 @@ def test_input_and_output_on_s3(s3, s3_cluster, checkpoint, oracle):
     summary = run_job("s3://bucket/in/", "s3://bucket/out", config)
     out = {r["id"]: r for r in read_output("s3://bucket/out").to_pylist()}
     assert sorted(out) == sorted(table.column("id").to_pylist())
-    for row in rows:
+    for row in rows + [dict(relative, id="relative")]:
         text, n = oracle.answer(row["image"], row["question"] or config.prompt, MAX_NEW)
         assert (out[row["id"]]["answer"], out[row["id"]]["num_generated_tokens"]) == (text, n)
     assert out["gone"]["finish_reason"] == "error" and "gone.png" in out["gone"]["error"]
