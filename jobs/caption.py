@@ -16,10 +16,10 @@ from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, demo_path, init_ra
                          print_summary)
 
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", max_new_tokens=64,
-                temperature=0.0, top_p=1.0, seed=None, replicas=None, tensor_parallel_size=1, cpu_workers=None,
-                batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="", rows_per_file=1000,
-                resume=False, image_backend="pil", storage_options=None, max_image_pixels=None, image_root=None, fetch_threads=16,
-                fetch_attempts=3, fetch_timeout_s=60.0, device=None, show=5)
+                temperature=0.0, top_p=1.0, top_k=0, seed=None, replicas=None, tensor_parallel_size=1,
+                cpu_workers=None, batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="",
+                rows_per_file=1000, resume=False, image_backend="pil", storage_options=None, max_image_pixels=None,
+                image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0, device=None, show=5)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--temperature", type=float, help="0 = greedy")
     ap.add_argument("--top-p", type=float)
+    ap.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (0 = all)")
     ap.add_argument("--seed", type=int, help="sampling seed; each row's seed derives from it and the row id")
     ap.add_argument("--replicas", type=int,
                     help="model replicas (default: one per --tensor-parallel-size GPUs of the cluster; 1 on CPU)")

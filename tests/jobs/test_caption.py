@@ -79,3 +79,16 @@ def test_clear_errors_for_bad_arguments(tmp_path):
     bad = caption("--storage-options", "[1]", "--model", str(tmp_path), log=tmp_path / "b.log")
     log = finish(bad, tmp_path / "b.log")
     assert bad.returncode == 2 and "--storage-options must be a JSON object" in log
+
+
+def test_flags_reach_the_pipeline_config(tmp_path):
+    from jobs.caption import DEFAULTS, parse_args, pipeline_config
+    from jobs.common import merge_args
+
+    (tmp_path / "job.yaml").write_text("fetch-threads: 4\nrows-per-file: 50\n")
+    args = parse_args(["--model", "m", "--top-k", "5", "--image-root", "s3://b/imgs", "--fetch-attempts", "2",
+                       "--fetch-timeout", "7.5", "--rows-per-file", "20", "--config", str(tmp_path / "job.yaml")])
+    config = pipeline_config(merge_args(args, DEFAULTS))
+    assert (config.top_k, config.image_root, config.fetch_attempts, config.fetch_timeout_s) == (5, "s3://b/imgs", 2, 7.5)
+    assert (config.fetch_threads, config.rows_per_file) == (4, 20)             # flag > job.yaml > default
+    assert (config.replicas, config.cpu_workers) == (None, None)                # sized from the cluster
