@@ -19,7 +19,8 @@ DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image
                 temperature=0.0, top_p=1.0, top_k=0, seed=None, replicas=None, tensor_parallel_size=1,
                 cpu_workers=None, batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="",
                 rows_per_file=1000, resume=False, image_backend="pil", storage_options=None, max_image_pixels=None,
-                image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0, device=None, show=5)
+                image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0, step_timeout_s=600.0,
+                device=None, show=5)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "(default: enough to fill --max-batch-size, plus one)")
     ap.add_argument("--rows-per-file", type=int,
                     help="output rows gathered into one Parquet file (default 1000; the last file holds the rest)")
+    ap.add_argument("--step-timeout", type=float, dest="step_timeout_s",
+                    help="seconds an engine step may run before its replica is restarted (a hung GPU or "
+                         "collective; default 600, 0 = never)")
     ap.add_argument("--keep-columns", help="comma-separated input columns to copy to the output")
     ap.add_argument("--resume", action="store_true", default=None, help="skip ids already in --output")
     ap.add_argument("--image-backend", choices=["pil", "torch"], help="reference image recipe")

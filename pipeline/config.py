@@ -24,6 +24,8 @@ class PipelineConfig:
     batch_size: int = 16                        # rows per block / per model call
     max_batch_size: int = 64                    # sequences the engine decodes together
     batches_in_flight: int | None = None        # blocks a replica streams at once; None: enough to fill the engine
+    step_timeout_s: float | None = 600.0        # an engine step running longer ends its replica's process
+                                                # (a hung device or collective), which Ray restarts; None: never
     keep_columns: list[str] = field(default_factory=list)
     rows_per_file: int = 1000                   # output rows gathered into one Parquet file (a killed run
                                                 # loses at most about this many unwritten rows' work)
@@ -48,6 +50,8 @@ class PipelineConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.step_timeout_s is not None and self.step_timeout_s < 0:
+            raise ValueError(f"step_timeout_s must be >= 0 (0 or None: no watchdog), got {self.step_timeout_s}")
         if self.fetch_timeout_s <= 0:
             raise ValueError(f"fetch_timeout_s must be > 0, got {self.fetch_timeout_s}")
         if self.image_backend not in ("pil", "torch"):

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 GROUP_REBUILDS = 2            # per batch: a tensor-parallel group whose rank died is rebuilt this often
 PLACEMENT_TIMEOUT_S = 600.0   # an autoscaling cluster may need minutes to add a node that fits a replica
 CRASH_ONCE_ENV = "PIPELINE_CRASH_ONCE"   # fault injection for tests: "<row id>=<marker file>"
+HANG_ONCE_ENV = "PIPELINE_HANG_ONCE"     # the same, for a step that never returns
 
 
 def pick_device(config: PipelineConfig) -> str:
@@ -93,7 +96,8 @@ def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict, plac
 
         return RayTPGroup(config.model, tp, dtype=dtype, device_type=device.split(":")[0], tokenizer=tokenizer,
                           placement_group=placement, num_cpus=rank["CPU"],
-                          batches_in_flight=calls_in_flight(config), max_batch_size=config.max_batch_size)
+                          batches_in_flight=calls_in_flight(config), max_batch_size=config.max_batch_size,
+                          step_timeout_s=config.step_timeout_s)
     from model import Idefics3ForConditionalGeneration
     from model.engine import LLMEngine
 
@@ -101,18 +105,33 @@ def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict, plac
     return LLMEngine(model, tokenizer=tokenizer, max_batch_size=config.max_batch_size)
 
 
+def fault_marker(env_name: str, ids: list) -> str | None:
+    """The marker file of the fault `env_name` = "<row id>=<marker file>" if that row is among `ids`."""
+    spec = os.environ.get(env_name)
+    if not spec:
+        return None
+    row_id, marker = spec.split("=", 1)
+    return marker if row_id in map(str, ids) else None
+
+
 def crash_once_on(ids: list) -> None:
     """With PIPELINE_CRASH_ONCE="<row id>=<marker file>" set on the workers, the replica that gets that
     row dies as a killed process would (no exception, no cleanup), once: it writes the marker first,
     so the retry of its batch on the restarted replica goes through. Tests use it; unset, it does nothing."""
-    spec = os.environ.get(CRASH_ONCE_ENV)
-    if not spec:
-        return
-    row_id, marker = spec.split("=", 1)
-    if row_id in map(str, ids):
+    marker = fault_marker(CRASH_ONCE_ENV, ids)
+    if marker:
         from model.parallel.worker import die_once
 
         die_once(marker)
+
+
+def hang_once_on(engine, ids: list) -> None:
+    """PIPELINE_HANG_ONCE, likewise: the next step of the engine that gets the row never returns (as
+    a wedged device would), once; the replica's watchdog (step_timeout_s) has to end it."""
+    marker = fault_marker(HANG_ONCE_ENV, ids)
+    if marker and not os.path.exists(marker):
+        Path(marker).touch()
+        engine.step = lambda: time.sleep(1e9)
 
 
 class Generate:
@@ -131,7 +150,7 @@ class Generate:
         tp = config.tensor_parallel_size
         self.placement = replica_placement_group(self.rank, tp) if tp > 1 else None
         self.engine = self.load()
-        self.loop = EngineLoop(self.engine) if tp == 1 else None
+        self.loop = EngineLoop(self.engine, stall_timeout_s=config.step_timeout_s) if tp == 1 else None
         self.recent_pixels: OrderedDict = OrderedDict()      # image key -> pixel values
         if tp > 1:
             self.device = "cpu"  # this actor holds no device; the ranks move the pixel values to theirs
@@ -141,6 +160,8 @@ class Generate:
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         crash_once_on(batch.column("id").to_pylist())
+        if self.loop is not None:
+            hang_once_on(self.engine, batch.column("id").to_pylist())
         rows, outputs, requests = self.prepare(batch)
         return self.finish(batch, rows, outputs, await self.answer(requests))
 

@@ -7,18 +7,37 @@ batch's longest answer alone while the slots of its finished requests wait for t
 one over its ranks: model.parallel.worker.TPWorker.serve). A step that fails takes every
 running request with it; those are then run one at a time, so a failure names its own request
 and the others are still answered.
+
+A step that never returns (a collective waiting for a rank that hangs, a wedged device) fails
+nobody: with `stall_timeout_s`, a watchdog calls `on_stall` once a call into the engine (a step,
+adding requests, an abort: each may wait on a device or on a group's other ranks) has run that
+long. Its default ends the process, so that a supervisor (Ray restarting an actor) can start over.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import replace
+from typing import Callable
 
 log = logging.getLogger(__name__)
 _STOP = object()            # close(): the inbox's last item
+STALLED_EXIT_CODE = 75      # the process ended because a step stalled (EX_TEMPFAIL: worth a restart)
+
+
+def exit_process(stalled_s: float) -> None:
+    """on_stall's default: a hung device or collective cannot be cancelled from Python; only a new
+    process recovers (logging first: the exit skips every clean-up)."""
+    log.critical("a call into the engine (step, add, abort) has not returned for %.0f s: ending this "
+                 "process to be restarted", stalled_s)
+    logging.shutdown()
+    os._exit(STALLED_EXIT_CODE)
 
 
 class Submission:
@@ -38,15 +57,20 @@ class Submission:
 class EngineLoop:
     """Serves `submit(requests)` from an engine with the streaming API (add_requests / step / generate)."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, *, stall_timeout_s: float | None = None,
+                 on_stall: Callable[[float], None] = exit_process) -> None:
         self.engine = engine
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, tuple[Submission, object]] = {}      # engine request id -> (submission, key)
         self._suspects: list[tuple[Submission, object]] = []       # rows of a failed step, to run alone
         self._ids = itertools.count()
         self._closed = self._stopping = False
+        self._busy_since: float | None = None      # monotonic start of the engine call running, if any
         self._thread = threading.Thread(target=self._serve, name="engine-loop", daemon=True)
         self._thread.start()
+        if stall_timeout_s:
+            threading.Thread(target=self._watch, args=(stall_timeout_s, on_stall), name="engine-watchdog",
+                             daemon=True).start()
 
     def submit(self, requests: dict) -> Future:
         """Future of {key: Result | Exception}, one entry per request."""
@@ -63,6 +87,30 @@ class EngineLoop:
         self._inbox.put(_STOP)
         self._thread.join()
 
+    def _watch(self, timeout_s: float, on_stall: Callable[[float], None]) -> None:
+        while self._thread.is_alive():
+            time.sleep(min(timeout_s / 4, 5.0))
+            started = self._busy_since
+            if started is not None and time.monotonic() - started > timeout_s:
+                on_stall(time.monotonic() - started)
+                return
+
+    @contextlib.contextmanager
+    def _watched(self):
+        self._busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._busy_since = None
+
+    def _step(self) -> list:
+        with self._watched():
+            return self.engine.step()
+
+    def _abort(self) -> None:
+        with self._watched():
+            self.engine.abort()
+
     def _serve(self) -> None:
         while not (self._stopping and not self.engine.has_unfinished() and not self._suspects):
             try:
@@ -70,7 +118,7 @@ class EngineLoop:
             except Exception as e:       # a bug here must not leave callers waiting for ever
                 log.exception("engine loop")
                 try:
-                    self.engine.abort()
+                    self._abort()
                 except Exception:
                     log.exception("engine loop: abort")
                 for submission, key in [*self._live.values(), *self._suspects]:
@@ -86,12 +134,12 @@ class EngineLoop:
         if not self.engine.has_unfinished():
             return
         try:
-            finished = self.engine.step()
+            finished = self._step()
         except Exception as e:           # each of its requests runs again, alone
             log.warning("a step over %d rows failed (%r); running them one at a time", len(self._live), e)
             self._suspects += self._live.values()
             self._live.clear()
-            self.engine.abort()          # the engine drops them itself, unless the step failed after its work
+            self._abort()                # the engine drops them itself, unless the step failed after its work
             return
         for result in finished:
             submission, key = self._live.pop(result.request_id)
@@ -118,15 +166,23 @@ class EngineLoop:
         uid = f"{next(self._ids)}#{request.request_id}"   # row ids may repeat across batches
         try:
             self.engine.check_request(request)            # its error names the row's own request id
-            self.engine.add_requests([replace(request, request_id=uid)])
+            with self._watched():
+                self.engine.add_requests([replace(request, request_id=uid)])
         except Exception as e:
             submission.settle(key, e)
             return
         self._live[uid] = (submission, key)
 
     def _run_alone(self, submission: Submission, key) -> None:
+        """The request alone in the engine, step by step (each step watched like any other)."""
         try:
-            outcome = self.engine.generate([submission.requests[key]])[0]
+            with self._watched():
+                self.engine.add_requests([submission.requests[key]])
+            finished = []
+            while not finished:
+                finished = self._step()
+            outcome = finished[0]
         except Exception as e:
+            self._abort()
             outcome = e
         submission.settle(key, outcome)

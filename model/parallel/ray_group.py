@@ -27,7 +27,7 @@ class RayTPGroup:
     def __init__(self, model_path: str | Path, tp: int, dtype: torch.dtype | str | None = None,
                  device_type: str = "cpu", tokenizer=None, *, placement_group=None, num_cpus: float = 1,
                  cpu_threads: int | None = None, timeout_s: float = 600.0, batches_in_flight: int = 1,
-                 **engine_kwargs) -> None:
+                 step_timeout_s: float | None = None, **engine_kwargs) -> None:
         import ray
         from ray.util import get_current_placement_group
 
@@ -41,7 +41,8 @@ class RayTPGroup:
             actor.options(**self._placement(rank, placement_group, device_type, num_cpus),
                           max_concurrency=batches_in_flight + 2 if rank == 0 else 1).remote(
                 rank, tp, str(folder), dtype=dtype, device_type=device_type,
-                tokenizer=tokenizer if rank == 0 else None, cpu_threads=cpu_threads, engine_kwargs=engine_kwargs)
+                tokenizer=tokenizer if rank == 0 else None, cpu_threads=cpu_threads, engine_kwargs=engine_kwargs,
+                step_timeout_s=step_timeout_s if rank == 0 else None)
             for rank in range(tp)]
         self.follow_refs: list = []
         self.broken: str | None = None

@@ -14,6 +14,7 @@ import os
 import random
 import socket
 import threading
+import time
 import traceback
 from concurrent.futures import Future
 from datetime import timedelta
@@ -36,21 +37,34 @@ from .shard import check_tp, sharded_fraction
 log = logging.getLogger(__name__)
 STOP = "stop"
 RANK_CRASH_ONCE_ENV = "TP_RANK_CRASH_ONCE"   # fault injection for tests: "<rank>:<request id>=<marker file>"
+RANK_HANG_ONCE_ENV = "TP_RANK_HANG_ONCE"     # the same, for a rank that stops answering
 
 
-def crash_once_on(rank: int, requests: list[Request]) -> None:
-    """With TP_RANK_CRASH_ONCE="<rank>:<request id>=<marker file>", that rank's process dies as a killed
-    one would (no exception, no cleanup) when it receives that request, once (it writes the marker
-    first). Tests use it to break a group mid-job; unset, it does nothing."""
-    spec = os.environ.get(RANK_CRASH_ONCE_ENV)
+def fault_marker(env_name: str, rank: int, requests: list[Request]) -> str | None:
+    """The marker file of the fault `env_name` = "<rank>:<request id>=<marker file>" if it is this
+    rank's and one of `requests` is that request."""
+    spec = os.environ.get(env_name)
     if not spec:
-        return
+        return None
     target, rest = spec.split(":", 1)
     request_id, marker = rest.split("=", 1)
     # A request streamed through EngineLoop is named "<n>#<its own id>".
     ids = {i for r in requests for i in (r.request_id, r.request_id.split("#", 1)[-1])}
-    if int(target) == rank and request_id in ids:
+    return marker if int(target) == rank and request_id in ids else None
+
+
+def fail_once_on(rank: int, requests: list[Request]) -> None:
+    """With TP_RANK_CRASH_ONCE="<rank>:<request id>=<marker file>", that rank's process dies as a killed
+    one would (no exception, no cleanup) when it receives that request, once (it writes the marker
+    first); with TP_RANK_HANG_ONCE, it stops there for ever instead (a wedged device: the group's
+    collectives wait on it). Tests use them to break a group mid-job; unset, they do nothing."""
+    marker = fault_marker(RANK_CRASH_ONCE_ENV, rank, requests)
+    if marker:
         die_once(marker)
+    marker = fault_marker(RANK_HANG_ONCE_ENV, rank, requests)
+    if marker and not os.path.exists(marker):
+        Path(marker).touch()
+        time.sleep(1e9)
 
 
 def die_once(marker: str) -> None:
@@ -89,8 +103,9 @@ def _shipped(request: Request) -> Request:
 class TPWorker:
     def __init__(self, rank: int, world_size: int, model_path: str | Path, dtype: torch.dtype | str | None = None,
                  device_type: str = "cpu", tokenizer=None, cpu_threads: int | None = None,
-                 engine_kwargs: dict | None = None) -> None:
+                 engine_kwargs: dict | None = None, step_timeout_s: float | None = None) -> None:
         self.rank, self.world_size, self.model_path = rank, world_size, str(model_path)
+        self.step_timeout_s = step_timeout_s      # rank 0's EngineLoop ends this process past it
         self.dtype, self.device_type, self.tokenizer = dtype, device_type, tokenizer
         self.engine_kwargs = dict(engine_kwargs or {})
         if cpu_threads:
@@ -190,7 +205,7 @@ class TPWorker:
         EngineLoop.submit: its requests join the decode steps of the batches submitted before."""
         with self._lock:
             if self.loop is None:
-                self.loop = EngineLoop(self)
+                self.loop = EngineLoop(self, stall_timeout_s=self.step_timeout_s)
         return self.loop.submit(requests)
 
     def serve(self, requests: dict) -> dict:
@@ -243,13 +258,13 @@ class TPWorker:
         self._leave(together=True)
 
     def _on_generate(self, requests: list[Request]) -> list[Result]:
-        crash_once_on(self.rank, requests)
+        fail_once_on(self.rank, requests)
         results = self.engine.generate(requests)
         self.last_tokens = [r.token_ids for r in results]   # reported by stats: ranks must agree
         return results
 
     def _on_add(self, requests: list[Request]) -> None:
-        crash_once_on(self.rank, requests)
+        fail_once_on(self.rank, requests)
         self.engine.add_requests(requests)
 
     def _on_step(self, _) -> list[Result]:

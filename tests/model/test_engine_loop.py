@@ -142,3 +142,26 @@ def test_cuda_submissions_from_threads_moving_pixels_while_graphs_are_captured(s
     for t in threads:
         t.join()
     assert {k: r.token_ids for k, r in outcomes.items()} == eager
+
+
+def test_a_step_that_does_not_return_calls_the_watchdog(setup):
+    ours, requests, expected, _, _ = setup
+    engine = LLMEngine(ours, max_batch_size=4)
+    release, stalls = threading.Event(), []
+    step = engine.step
+
+    def wedged_once():          # the first step blocks until the watchdog has fired
+        engine.step = step
+        release.wait(timeout=60)
+        return step()
+
+    engine.step = wedged_once
+    loop = EngineLoop(engine, stall_timeout_s=0.5, on_stall=lambda s: stalls.append(s) or release.set())
+    outcomes = loop.submit(_keyed(requests[:3])).result(timeout=60)
+    loop.close()
+    assert len(stalls) == 1 and stalls[0] > 0.5
+    assert {k: r.token_ids for k, r in outcomes.items()} == {r.request_id: expected[r.request_id] for r in requests[:3]}
+    quiet = EngineLoop(LLMEngine(ours, max_batch_size=4), stall_timeout_s=5.0, on_stall=stalls.append)
+    quiet.submit(_keyed(requests[:3])).result(timeout=60)
+    quiet.close()
+    assert len(stalls) == 1                     # steps that return in time never call it

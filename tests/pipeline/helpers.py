@@ -60,12 +60,12 @@ class Oracle:
 
 
 @contextlib.contextmanager
-def ray_with_fault(env_name: str, spec: str):
-    """A local Ray cluster whose workers see the fault-injection variable `env_name` = `spec`."""
+def ray_with_fault(faults: dict[str, str]):
+    """A local Ray cluster whose workers see the fault-injection variables `faults` (name -> spec)."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {env_name: spec}})
+             runtime_env={"env_vars": faults})
     try:
         yield ray
     finally:

@@ -1,30 +1,45 @@
 """A model replica whose process dies mid-job is restarted and its batch retried: every id comes out
 exactly once, with the reference's answer. The death is real (os._exit in the replica, once, through
-pipeline.generate's PIPELINE_CRASH_ONCE hook), not an exception."""
+pipeline.generate's PIPELINE_CRASH_ONCE hook), not an exception. So is a hang: an engine step that
+never returns (PIPELINE_HANG_ONCE) until the replica's watchdog ends the process."""
 import pytest
 
 from pipeline import PipelineConfig, read_output, run_job
-from pipeline.generate import CRASH_ONCE_ENV
+from pipeline.generate import CRASH_ONCE_ENV, HANG_ONCE_ENV
 from tests.pipeline.helpers import good_rows, ray_with_fault, write_parquet
 
 MAX_NEW = 4
 CRASH_ROW = "row-3"   # in the second of three batches
+HANG_ROW = "row-4"    # in the third
 
 
 @pytest.fixture(scope="module")
-def crashing_cluster(tmp_path_factory):
-    marker = tmp_path_factory.mktemp("crash") / "crashed"
-    with ray_with_fault(CRASH_ONCE_ENV, f"{CRASH_ROW}={marker}"):
-        yield marker
+def faulty_cluster(tmp_path_factory):
+    crashed, hung = tmp_path_factory.mktemp("crash") / "crashed", tmp_path_factory.mktemp("hang") / "hung"
+    with ray_with_fault({CRASH_ONCE_ENV: f"{CRASH_ROW}={crashed}", HANG_ONCE_ENV: f"{HANG_ROW}={hung}"}):
+        yield crashed, hung
 
 
-def test_dead_replica_is_restarted_and_its_rows_retried(crashing_cluster, checkpoint, oracle, tmp_path):
-    rows = good_rows(6)
+def test_dead_replica_is_restarted_and_its_rows_retried(faulty_cluster, checkpoint, oracle, tmp_path):
+    rows = [r for r in good_rows(6) if r["id"] != HANG_ROW]
     write_parquet(tmp_path / "in.parquet", rows)
     config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW, batch_size=2)
     run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config)
-    assert crashing_cluster.exists(), "the replica never reached the row that kills it"
-    table = read_output(str(tmp_path / "out"))
+    assert faulty_cluster[0].exists(), "the replica never reached the row that kills it"
+    assert_reference_answers(tmp_path / "out", rows, config, oracle)
+
+
+def test_hung_replica_is_ended_by_its_watchdog_and_its_rows_retried(faulty_cluster, checkpoint, oracle, tmp_path):
+    rows = [r for r in good_rows(6) if r["id"] != CRASH_ROW]
+    write_parquet(tmp_path / "in.parquet", rows)
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW, batch_size=2, step_timeout_s=2.0)
+    run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config)
+    assert faulty_cluster[1].exists(), "the replica never reached the row that hangs it"
+    assert_reference_answers(tmp_path / "out", rows, config, oracle)
+
+
+def assert_reference_answers(output, rows: list[dict], config: PipelineConfig, oracle) -> None:
+    table = read_output(str(output))
     assert sorted(table["id"].to_pylist()) == [r["id"] for r in rows]
     by_id = {r["id"]: r for r in table.to_pylist()}
     for row in rows:
