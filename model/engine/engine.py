@@ -195,6 +195,18 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self._pending) or (self._scheduler is not None and not self._scheduler.done)
 
+    def device_ok(self) -> bool:
+        """Whether the device still runs work: after an illegal address or a device-side assert, every
+        CUDA call fails (the context is lost), so a failed step's rows are not to blame."""
+        if self.device.type != "cuda":
+            return True
+        try:
+            torch.cuda.synchronize(self.device)
+            torch.ones(1, device=self.device).add_(1).item()
+            return True
+        except Exception:       # torch.AcceleratorError (a RuntimeError) or whatever this build raises
+            return False
+
     @torch.inference_mode()              # the slots' flags are inference tensors
     def abort(self) -> None:
         """Drop every unfinished request (after a failed step the engine's state is unknown)."""

@@ -8,10 +8,12 @@ one over its ranks: model.parallel.worker.TPWorker.serve). A step that fails tak
 running request with it; those are then run one at a time, so a failure names its own request
 and the others are still answered.
 
-A step that never returns (a collective waiting for a rank that hangs, a wedged device) fails
-nobody: with `stall_timeout_s`, a watchdog calls `on_stall` once a call into the engine (a step,
-adding requests, an abort: each may wait on a device or on a group's other ranks) has run that
-long. Its default ends the process, so that a supervisor (Ray restarting an actor) can start over.
+Two failures are the process's, not the rows': a call into the engine that never returns (a
+collective waiting for a rank that hangs, a wedged device: with `stall_timeout_s`, a watchdog sees
+a step, an add or an abort run that long), and a step that fails on a device that no longer
+works (a CUDA illegal address or device-side assert poisons the context: every later row would
+fail too). Both call `on_fatal(reason)`, whose default ends the process, so that a supervisor
+(Ray restarting an actor) can start over and retry the rows.
 """
 from __future__ import annotations
 
@@ -28,16 +30,15 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 _STOP = object()            # close(): the inbox's last item
-STALLED_EXIT_CODE = 75      # the process ended because a step stalled (EX_TEMPFAIL: worth a restart)
+FATAL_EXIT_CODE = 75        # the process ended to be restarted (EX_TEMPFAIL)
 
 
-def exit_process(stalled_s: float) -> None:
-    """on_stall's default: a hung device or collective cannot be cancelled from Python; only a new
+def exit_process(reason: str) -> None:
+    """on_fatal's default: a hung call or a poisoned device cannot be mended from Python; only a new
     process recovers (logging first: the exit skips every clean-up)."""
-    log.critical("a call into the engine (step, add, abort) has not returned for %.0f s: ending this "
-                 "process to be restarted", stalled_s)
+    log.critical("%s: ending this process to be restarted", reason)
     logging.shutdown()
-    os._exit(STALLED_EXIT_CODE)
+    os._exit(FATAL_EXIT_CODE)
 
 
 class Submission:
@@ -58,7 +59,7 @@ class EngineLoop:
     """Serves `submit(requests)` from an engine with the streaming API (add_requests / step / generate)."""
 
     def __init__(self, engine, *, stall_timeout_s: float | None = None,
-                 on_stall: Callable[[float], None] = exit_process) -> None:
+                 on_fatal: Callable[[str], None] = exit_process) -> None:
         self.engine = engine
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, tuple[Submission, object]] = {}      # engine request id -> (submission, key)
@@ -66,10 +67,11 @@ class EngineLoop:
         self._ids = itertools.count()
         self._closed = self._stopping = False
         self._busy_since: float | None = None      # monotonic start of the engine call running, if any
+        self._on_fatal = on_fatal
         self._thread = threading.Thread(target=self._serve, name="engine-loop", daemon=True)
         self._thread.start()
         if stall_timeout_s:
-            threading.Thread(target=self._watch, args=(stall_timeout_s, on_stall), name="engine-watchdog",
+            threading.Thread(target=self._watch, args=(stall_timeout_s,), name="engine-watchdog",
                              daemon=True).start()
 
     def submit(self, requests: dict) -> Future:
@@ -87,12 +89,13 @@ class EngineLoop:
         self._inbox.put(_STOP)
         self._thread.join()
 
-    def _watch(self, timeout_s: float, on_stall: Callable[[float], None]) -> None:
+    def _watch(self, timeout_s: float) -> None:
         while self._thread.is_alive():
             time.sleep(min(timeout_s / 4, 5.0))
             started = self._busy_since
             if started is not None and time.monotonic() - started > timeout_s:
-                on_stall(time.monotonic() - started)
+                self._on_fatal(f"a call into the engine (step, add, abort) has not returned for "
+                               f"{time.monotonic() - started:.0f} s")
                 return
 
     @contextlib.contextmanager
@@ -106,6 +109,10 @@ class EngineLoop:
     def _step(self) -> list:
         with self._watched():
             return self.engine.step()
+
+    def _device_ok(self) -> bool:
+        device_ok = getattr(self.engine, "device_ok", None)
+        return device_ok is None or device_ok()
 
     def _abort(self) -> None:
         with self._watched():
@@ -136,6 +143,8 @@ class EngineLoop:
         try:
             finished = self._step()
         except Exception as e:           # each of its requests runs again, alone
+            if not self._device_ok():
+                self._on_fatal(f"a step failed ({e!r}) and the device no longer works")
             log.warning("a step over %d rows failed (%r); running them one at a time", len(self._live), e)
             self._suspects += self._live.values()
             self._live.clear()

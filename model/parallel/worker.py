@@ -219,6 +219,10 @@ class TPWorker:
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished()
 
+    def device_ok(self) -> bool:
+        """Rank 0's device (a poisoned rank elsewhere fails the group's collectives: TPGroupBroken)."""
+        return self.engine.device_ok()
+
     def add_requests(self, requests: list[Request]) -> None:
         pinned = [self._pin(r) for r in requests]
         self._command("add", [_shipped(r) for r in pinned], local=pinned)

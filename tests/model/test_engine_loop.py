@@ -156,12 +156,58 @@ def test_a_step_that_does_not_return_calls_the_watchdog(setup):
         return step()
 
     engine.step = wedged_once
-    loop = EngineLoop(engine, stall_timeout_s=0.5, on_stall=lambda s: stalls.append(s) or release.set())
+    loop = EngineLoop(engine, stall_timeout_s=0.5, on_fatal=lambda why: stalls.append(why) or release.set())
     outcomes = loop.submit(_keyed(requests[:3])).result(timeout=60)
     loop.close()
-    assert len(stalls) == 1 and stalls[0] > 0.5
+    assert len(stalls) == 1 and "has not returned for" in stalls[0]
     assert {k: r.token_ids for k, r in outcomes.items()} == {r.request_id: expected[r.request_id] for r in requests[:3]}
-    quiet = EngineLoop(LLMEngine(ours, max_batch_size=4), stall_timeout_s=5.0, on_stall=stalls.append)
+    quiet = EngineLoop(LLMEngine(ours, max_batch_size=4), stall_timeout_s=5.0, on_fatal=stalls.append)
     quiet.submit(_keyed(requests[:3])).result(timeout=60)
     quiet.close()
     assert len(stalls) == 1                     # steps that return in time never call it
+
+
+def test_a_step_failing_on_a_broken_device_is_the_process_fault_not_the_rows(setup):
+    ours, requests, expected, _, _ = setup
+    engine = LLMEngine(ours, max_batch_size=4)
+    assert engine.device_ok()                   # CPU: always
+    fatal, step = [], engine.step
+
+    def lost_device():                          # as after a CUDA illegal address: the step fails ...
+        engine.step = step
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    engine.step, engine.device_ok = lost_device, lambda: False      # ... and so would any other call
+    loop = EngineLoop(engine, on_fatal=fatal.append)
+    outcomes = loop.submit(_keyed(requests[:3])).result(timeout=60)
+    loop.close()
+    assert len(fatal) == 1 and "illegal memory access" in fatal[0] and "no longer works" in fatal[0]
+    # on_fatal returned (its default ends the process): the rows went on as after any failed step
+    assert {k: r.token_ids for k, r in outcomes.items()} == {r.request_id: expected[r.request_id] for r in requests[:3]}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_ok_sees_a_lost_cuda_context(checkpoint):
+    """In a child process: a device-side assert loses the context for every later CUDA call."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+
+    script = (
+        "import torch\n"
+        "from model import Idefics3ForConditionalGeneration\n"
+        "from model.engine import LLMEngine\n"
+        f"m = Idefics3ForConditionalGeneration.from_pretrained({str(checkpoint('smolvlm'))!r}, device='cuda')\n"
+        "e = LLMEngine(m, max_batch_size=2)\n"
+        "print('before', e.device_ok())\n"
+        "try:\n"
+        "    torch.zeros(2, device='cuda')[torch.tensor([7], device='cuda')].item()\n"
+        "except Exception:\n"
+        "    pass\n"
+        "print('after', e.device_ok())\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=repo,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])))
+    assert "before True" in run.stdout and "after False" in run.stdout, run.stdout + run.stderr[-2000:]
