@@ -29,7 +29,7 @@ def input_folder(uri: str, storage_options: dict | None = None) -> str:
     image paths relative to the dataset are read from."""
     fs, path = fsspec_fs(uri, storage_options)
     if globlib.has_magic(path):
-        path = posixpath.dirname(path[:min(path.index(c) for c in "*?[" if c in path)] + "x")
+        path = posixpath.dirname(path[:min(path.index(c) for c in "*?[" if c in path)])
     elif not fs.isdir(path):
         path = posixpath.dirname(path)
     return path if is_local(uri) else f"{protocol_of(uri)}://{path}"

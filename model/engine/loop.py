@@ -188,9 +188,9 @@ class EngineLoop:
             with self._watched():
                 self.engine.add_requests([submission.requests[key]])
             finished = []
-            while not finished:
+            while not finished and self.engine.has_unfinished():
                 finished = self._step()
-            outcome = finished[0]
+            outcome = finished[0] if finished else RuntimeError("the engine dropped the request unanswered")
         except Exception as e:
             self._abort()
             outcome = e
