@@ -82,4 +82,7 @@ def print_summary(summary: dict) -> None:
     print(f"rows {summary['rows']} ({summary['error_rows']} errors) | this run: {summary['rows_this_run']} rows "
           f"in {summary['wall_s']:.1f}s = {summary['rows_per_s']} rows/s, "
           f"{summary['generated_tokens_per_s']} generated tokens/s")
+    kinds = summary.get("errors_by_kind") or {}
+    if kinds:
+        print("errors: " + "; ".join(f"{n} x {kind}" for kind, n in kinds.items()))
     print(json.dumps(summary))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import replace
 
 import pyarrow.compute as pc
@@ -13,18 +14,22 @@ from .generate import release_replica_groups
 from .config import PipelineConfig
 from .io import input_folder, read_ids, read_output, read_rows, write_rows
 from .resume import checkpoint_config, clear_checkpoint, has_checkpoint
+from .rows import error_kind
 from .storage import has_files, sibling, write_text
 
-COUNTED = ["finish_reason", "num_generated_tokens"]
+COUNTED = ["finish_reason", "error", "num_generated_tokens"]
+ERROR_KINDS_SHOWN = 10
 
 
 def output_counts(output: str, storage_options: dict | None = None) -> dict:
     table = read_output(output, storage_options, columns=COUNTED)
     if table is None:
-        return {"rows": 0, "error_rows": 0, "generated_tokens": 0}
-    errors = pc.sum(pc.equal(table["finish_reason"], "error")).as_py() or 0
-    return {"rows": table.num_rows, "error_rows": errors,
-            "generated_tokens": pc.sum(table["num_generated_tokens"]).as_py() or 0}
+        return {"rows": 0, "error_rows": 0, "generated_tokens": 0, "errors_by_kind": {}}
+    failed = table.filter(pc.equal(table["finish_reason"], "error"))
+    kinds = Counter(error_kind(m or "") for m in failed["error"].to_pylist())
+    return {"rows": table.num_rows, "error_rows": failed.num_rows,
+            "generated_tokens": pc.sum(table["num_generated_tokens"]).as_py() or 0,
+            "errors_by_kind": dict(kinds.most_common(ERROR_KINDS_SHOWN))}
 
 
 def prepare_output(output: str, storage_options: dict | None, resume: bool) -> None:
@@ -96,4 +101,5 @@ def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: 
     return {"input": input_uri, "output": output_uri, "rows": after["rows"], "error_rows": after["error_rows"],
             "rows_this_run": rows, "generated_tokens_this_run": tokens, "wall_s": round(wall, 3),
             "rows_per_s": round(rows / wall, 3) if wall > 0 else None,
-            "generated_tokens_per_s": round(tokens / wall, 3) if wall > 0 else None}
+            "generated_tokens_per_s": round(tokens / wall, 3) if wall > 0 else None,
+            "errors_by_kind": after["errors_by_kind"]}

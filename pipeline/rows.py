@@ -1,6 +1,7 @@
 """Row-level helpers shared by the stages: ids, error rows, per-row seeds, output schema."""
 from __future__ import annotations
 
+import re
 import zlib
 from collections import OrderedDict
 from typing import Callable, TypeVar
@@ -31,6 +32,23 @@ def row_ids(batch: pa.Table) -> pa.ChunkedArray:
 
 def error_message(stage: str, exc: BaseException) -> str:
     return f"{stage}: {type(exc).__name__}: {exc}"
+
+
+_ERROR_TYPE = re.compile(r"\b[A-Z]\w*(?:Error|Exception|Broken)\b")
+
+
+def error_kind(message: str) -> str:
+    """"stage: cause" of an error row's message, for counting: the exception type that ended the row
+    ("preprocess: ImageDecodeError"); for the pipeline's own RowError, the failure it wraps
+    ("read image: FileNotFoundError") or its own words ("read image: image is null")."""
+    if not message:
+        return "(no message)"
+    stage, _, rest = message.partition(": ")
+    types = _ERROR_TYPE.findall(rest)
+    if types[:1] != [RowError.__name__]:
+        return f"{stage}: {types[0] if types else rest}"[:100]
+    inner = types[1] if len(types) > 1 else rest.removeprefix(f"{RowError.__name__}: ").split(" '")[0]
+    return f"{stage}: {inner}"[:100]
 
 
 def row_seed(seed: int | None, row_id) -> int | None:

@@ -206,3 +206,15 @@ def test_jobs_read_relative_paths_from_the_input_folder(tmp_path):
     config = PipelineConfig(model="m")
     assert with_image_root(config, folder + "/rows.parquet").image_root == folder
     assert with_image_root(PipelineConfig(model="m", image_root="s3://b/imgs"), folder).image_root == "s3://b/imgs"
+
+
+def test_error_rows_are_counted_by_stage_and_cause(server):
+    from pipeline.rows import error_kind, error_message
+
+    server.failures = {"/busy.png": (503, 9)}
+    read = [error_message("read image", e) for e in fetcher(attempts=2).fetch(
+        [server.url("/gone.png"), server.url("/busy.png"), None])]
+    assert [error_kind(m) for m in read] == ["read image: FileNotFoundError", "read image: ClientResponseError",
+                                             "read image: image is null"]
+    assert error_kind("preprocess: ImageDecodeError: corrupt image header: OSError: Truncated") == \
+        "preprocess: ImageDecodeError"                      # what ended the row, not what it wrapped

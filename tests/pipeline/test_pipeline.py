@@ -78,6 +78,8 @@ def test_summary_printed_and_written_beside_the_output(run):
     assert on_disk == summary
     assert summary["rows"] == summary["rows_this_run"] == len(rows)
     assert summary["error_rows"] == len(bad_rows())
+    assert summary["errors_by_kind"] == {"preprocess: PromptError": 2, "preprocess: ImageDecodeError": 1,
+                                         "read image: image is null": 1, "preprocess: ImageTooLargeError": 1}
     assert summary["generated_tokens_this_run"] > 0 and summary["rows_per_s"] > 0
 
 
