@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import time
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from .config import PipelineConfig
-from .rows import error_message, output_schema, reuse_recent, row_seed
+from .faults import crash_always_on, crash_once_on, hang_once_on
+from .ledger import CrashLedger, Gate, ledger_path
+from .rows import RowError, error_message, output_schema, reuse_recent, row_seed
 
 log = logging.getLogger(__name__)
 GROUP_REBUILDS = 2            # per batch: a tensor-parallel group whose rank died is rebuilt this often
 PLACEMENT_TIMEOUT_S = 600.0   # an autoscaling cluster may need minutes to add a node that fits a replica
-CRASH_ONCE_ENV = "PIPELINE_CRASH_ONCE"   # fault injection for tests: "<row id>=<marker file>"
-HANG_ONCE_ENV = "PIPELINE_HANG_ONCE"     # the same, for a step that never returns
 
 
 def pick_device(config: PipelineConfig) -> str:
@@ -105,35 +102,6 @@ def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict, plac
     return LLMEngine(model, tokenizer=tokenizer, max_batch_size=config.max_batch_size)
 
 
-def fault_marker(env_name: str, ids: list) -> str | None:
-    """The marker file of the fault `env_name` = "<row id>=<marker file>" if that row is among `ids`."""
-    spec = os.environ.get(env_name)
-    if not spec:
-        return None
-    row_id, marker = spec.split("=", 1)
-    return marker if row_id in map(str, ids) else None
-
-
-def crash_once_on(ids: list) -> None:
-    """With PIPELINE_CRASH_ONCE="<row id>=<marker file>" set on the workers, the replica that gets that
-    row dies as a killed process would (no exception, no cleanup), once: it writes the marker first,
-    so the retry of its batch on the restarted replica goes through. Tests use it; unset, it does nothing."""
-    marker = fault_marker(CRASH_ONCE_ENV, ids)
-    if marker:
-        from model.parallel.worker import die_once
-
-        die_once(marker)
-
-
-def hang_once_on(engine, ids: list) -> None:
-    """PIPELINE_HANG_ONCE, likewise: the next step of the engine that gets the row never returns (as
-    a wedged device would), once; the replica's watchdog (step_timeout_s) has to end it."""
-    marker = fault_marker(HANG_ONCE_ENV, ids)
-    if marker and not os.path.exists(marker):
-        Path(marker).touch()
-        engine.step = lambda: time.sleep(1e9)
-
-
 class Generate:
     """The model stage. A replica takes several batches at once (Ray Data's concurrent calls,
     `calls_in_flight`) and their rows share one engine's decode steps, so a finished row's slot goes
@@ -152,6 +120,7 @@ class Generate:
         self.engine = self.load()
         self.loop = EngineLoop(self.engine, stall_timeout_s=config.step_timeout_s) if tp == 1 else None
         self.recent_pixels: OrderedDict = OrderedDict()      # image key -> pixel values
+        self.ledger, self.gate = CrashLedger(ledger_path("generate")), Gate()
         if tp > 1:
             self.device = "cpu"  # this actor holds no device; the ranks move the pixel values to theirs
 
@@ -163,7 +132,34 @@ class Generate:
         if self.loop is not None:
             hang_once_on(self.engine, batch.column("id").to_pylist())
         rows, outputs, requests = self.prepare(batch)
-        return self.finish(batch, rows, outputs, await self.answer(requests))
+        return self.finish(batch, rows, outputs, await self.answer_tracked(rows, requests))
+
+    async def answer_tracked(self, rows: list[dict], requests: dict) -> dict:
+        """answer(), with the rows in flight on the ledger: rows that were in flight when an earlier
+        process of this replica died run alone, and those that died with it alone too often fail."""
+        names = {i: str(rows[i]["id"]) for i in requests}
+        suspects = [i for i in requests if self.ledger.suspect(names[i])]
+        results = {}
+        ordinary = {i: r for i, r in requests.items() if i not in suspects}
+        if ordinary:
+            async with self.gate.shared():
+                results.update(await self.answer_logged(ordinary, names, alone=False))
+        for i in suspects:
+            if self.ledger.condemned(names[i]):
+                results[i] = RowError(self.ledger.verdict(names[i]))
+                continue
+            async with self.gate.alone():
+                results.update(await self.answer_logged({i: requests[i]}, names, alone=True))
+        return results
+
+    async def answer_logged(self, requests: dict, names: dict, alone: bool) -> dict:
+        logged = [names[i] for i in requests]
+        self.ledger.begin(logged, alone)
+        try:
+            crash_always_on("generate", logged)
+            return await self.answer(requests)
+        finally:
+            self.ledger.end(logged)
 
     def prepare(self, batch: pa.Table) -> tuple[list[dict], list[dict | None], dict]:
         """The batch's rows, their outputs so far (rows that arrived with an error, or failed to

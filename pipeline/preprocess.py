@@ -14,7 +14,9 @@ import numpy as np
 import pyarrow as pa
 
 from .config import PipelineConfig
+from .faults import crash_always_on
 from .fetch import ImageFetcher
+from .ledger import CrashLedger, ledger_path
 from .rows import RowError, error_message, reuse_recent, row_ids
 
 ENCODED_FIELDS = [("question", pa.string()), ("input_ids", pa.list_(pa.int32())), ("frames", pa.large_binary()),
@@ -31,12 +33,13 @@ class Preprocess:
         self.fetcher = ImageFetcher(config.storage_options, root=config.image_root, threads=config.fetch_threads,
                                     attempts=config.fetch_attempts, timeout_s=config.fetch_timeout_s)
         self.recent: OrderedDict[str, tuple] = OrderedDict()    # image key -> its frames, rows, cols (made once)
+        self.ledger = CrashLedger(ledger_path("preprocess"))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = batch.column("image").to_pylist() if "image" in batch.column_names else [None] * batch.num_rows
         questions = (batch.column("question").to_pylist() if "question" in batch.column_names
                      else [None] * batch.num_rows)
-        encoded = [self.encode_row(data, question) for data, question in zip(self.fetcher.fetch(images), questions)]
+        encoded = self.encode_rows([str(i) for i in row_ids(batch).to_pylist()], images, questions)
         columns = {"id": row_ids(batch)}
         for i, (name, type_) in enumerate(ENCODED_FIELDS):
             columns[name] = pa.array([row[i] for row in encoded], type=type_)
@@ -44,21 +47,46 @@ class Preprocess:
             columns.setdefault(name, batch.column(name))
         return pa.table(columns)
 
+    def encode_rows(self, names: list[str], images: list, questions: list) -> list[tuple]:
+        """encode_row for each row, with the rows in flight on the ledger: rows that were in flight
+        when an earlier process of this actor died run one at a time after the others, and those
+        that died with it alone too often fail."""
+        ledger, out = self.ledger, [None] * len(names)
+        ordinary = [k for k, name in enumerate(names) if not ledger.suspect(name)]
+        ledger.begin([names[k] for k in ordinary])
+        images = self.fetcher.fetch(images)
+        for k in ordinary:
+            crash_always_on("preprocess", [names[k]])
+            out[k] = self.encode_row(images[k], questions[k])
+        ledger.end([names[k] for k in ordinary])
+        for k in [k for k, row in enumerate(out) if row is None]:
+            if ledger.condemned(names[k]):
+                out[k] = self.failed_row(questions[k], error_message("preprocess", RowError(ledger.verdict(names[k]))))
+                continue
+            ledger.begin([names[k]], alone=True)
+            crash_always_on("preprocess", [names[k]])
+            out[k] = self.encode_row(images[k], questions[k])
+            ledger.end([names[k]])
+        return out
+
     def encode_row(self, data: bytes | RowError, question: str | None) -> tuple:
         """(question, input_ids, frames bytes, frames shape, image key, error) for one row; never
         raises. The key is a hash of the image file: the engine encodes rows of one image once."""
-        question = self.config.prompt if question is None else question
         if isinstance(data, RowError):
-            return question, None, None, None, None, error_message("read image", data)
+            return self.failed_row(question, error_message("read image", data))
+        question = self.config.prompt if question is None else question
         try:
             key = hashlib.blake2b(data, digest_size=16).hexdigest()
             tiles = reuse_recent(self.recent, key, lambda: self.encoder.image_frames(data))
             row = self.encoder.encode(data, question, tiles=tiles)
             self.check_context(len(row.input_ids))
         except Exception as e:  # any failure is this row's, the batch goes on
-            return question, None, None, None, None, error_message("preprocess", e)
+            return self.failed_row(question, error_message("preprocess", e))
         frames = np.ascontiguousarray(row.frames, dtype=np.uint8)
         return question, row.input_ids, frames.tobytes(), list(frames.shape), key, None
+
+    def failed_row(self, question: str | None, message: str) -> tuple:
+        return self.config.prompt if question is None else question, None, None, None, None, message
 
     def check_context(self, num_prompt_tokens: int) -> None:
         limit = self.encoder.max_length

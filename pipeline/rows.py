@@ -47,7 +47,7 @@ def error_kind(message: str) -> str:
     types = _ERROR_TYPE.findall(rest)
     if types[:1] != [RowError.__name__]:
         return f"{stage}: {types[0] if types else rest}"[:100]
-    inner = types[1] if len(types) > 1 else rest.removeprefix(f"{RowError.__name__}: ").split(" '")[0]
+    inner = types[1] if len(types) > 1 else rest.removeprefix(f"{RowError.__name__}: ").split(" '")[0].split(" (")[0]
     return f"{stage}: {inner}"[:100]
 
 

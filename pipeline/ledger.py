@@ -1,0 +1,134 @@
+"""The rows an actor is working on, on local disk, so that the process Ray starts after a crash
+knows what was running.
+
+Ray Data restarts a dead actor (same actor id) and retries the batches it held, for ever: a row
+that kills its process every time (a decoder that segfaults on it, a host OOM kill) would loop the
+job. Each stage's actor writes the ids it works on to a small file named after the job, the stage
+and its actor id, and its successor reads it back. A row that was in flight at a death is a
+suspect: it runs alone (nothing else in flight in the process), so the next death is its own. A
+row whose process died each of SOLO_DEATHS times it ran alone becomes an error row.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import tempfile
+import threading
+from collections import Counter
+from pathlib import Path
+
+SOLO_DEATHS = 2
+ROOT_ENV = "PIPELINE_LEDGER_DIR"      # where the files go (default: the node's temp dir)
+
+
+def ledger_path(stage: str) -> Path | None:
+    """This actor's file, or None outside a Ray actor (nothing restarts the process there)."""
+    import ray
+
+    if not ray.is_initialized():           # get_runtime_context() would start a local Ray
+        return None
+    context = ray.get_runtime_context()
+    actor = context.get_actor_id()
+    if actor is None:
+        return None
+    root = Path(os.environ.get(ROOT_ENV) or Path(tempfile.gettempdir()) / "idefics3-ray-ledgers")
+    return root / f"{context.get_job_id()}-{stage}-{actor}.json"
+
+
+class CrashLedger:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.deaths: Counter = Counter()          # row id -> deaths of the process while it was in flight
+        self.solo_deaths: Counter = Counter()     # ... while it was the only row in flight
+        self.in_flight: set[str] = set()
+        self.alone = False
+        self._lock = threading.Lock()
+        self._recover()
+
+    def _recover(self) -> None:
+        if self.path is None or not self.path.exists():
+            return
+        state = json.loads(self.path.read_text())
+        self.deaths.update(state["deaths"])
+        self.solo_deaths.update(state["solo_deaths"])
+        for row in state["in_flight"]:            # our predecessor died with these in flight
+            self.deaths[row] += 1
+            self.solo_deaths[row] += state["alone"]
+        self._save()
+
+    def suspect(self, row: str) -> bool:
+        return self.deaths[row] > 0
+
+    def condemned(self, row: str) -> bool:
+        return self.solo_deaths[row] >= SOLO_DEATHS
+
+    def verdict(self, row: str) -> str:
+        return (f"the process died whenever it worked on this row alone ({self.solo_deaths[row]} times; "
+                f"{self.deaths[row]} deaths with it in flight); not tried again")
+
+    def begin(self, rows: list[str], alone: bool = False) -> None:
+        with self._lock:
+            self.in_flight.update(rows)
+            self.alone = alone
+            self._save()
+
+    def end(self, rows: list[str]) -> None:
+        with self._lock:
+            self.in_flight.difference_update(rows)
+            self.alone = False
+            self._save()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"in_flight": sorted(self.in_flight), "alone": self.alone,
+                 "deaths": dict(self.deaths), "solo_deaths": dict(self.solo_deaths)}
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(state))
+        os.replace(partial, self.path)            # a death mid-write leaves the previous state
+
+
+class Gate:
+    """An async actor's batches share its engine; a suspect row waits until nothing else is in
+    flight, and nothing starts while it runs, so that a death while it runs is its own."""
+
+    def __init__(self) -> None:
+        self._condition: asyncio.Condition | None = None     # made in the actor's event loop
+        self._shared = self._waiting_alone = 0
+        self._alone = False
+
+    def _cond(self) -> asyncio.Condition:
+        if self._condition is None:
+            self._condition = asyncio.Condition()
+        return self._condition
+
+    @contextlib.asynccontextmanager
+    async def shared(self):
+        cond = self._cond()
+        async with cond:
+            await cond.wait_for(lambda: not self._alone and not self._waiting_alone)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            async with cond:
+                self._shared -= 1
+                cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def alone(self):
+        cond = self._cond()
+        async with cond:
+            self._waiting_alone += 1
+            await cond.wait_for(lambda: not self._alone and not self._shared)
+            self._waiting_alone -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            async with cond:
+                self._alone = False
+                cond.notify_all()

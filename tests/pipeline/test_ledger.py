@@ -1,0 +1,46 @@
+"""The crash ledger and the gate, on their own: a row in flight at a process death becomes a
+suspect, one that dies alone SOLO_DEATHS times is condemned; suspects run with nothing else in flight."""
+import asyncio
+
+from pipeline.ledger import SOLO_DEATHS, CrashLedger, Gate
+
+
+def test_a_death_makes_suspects_and_dying_alone_condemns(tmp_path):
+    path = tmp_path / "ledger.json"
+    first = CrashLedger(path)
+    first.begin(["a", "b"])
+    first.end(["a"])
+    first.begin(["c"])                   # the process dies with b and c in flight
+    second = CrashLedger(path)
+    assert [second.suspect(r) for r in "abc"] == [False, True, True]
+    assert not second.condemned("b")
+    for _ in range(SOLO_DEATHS):
+        second.begin(["c"], alone=True)  # ... and again with c alone, each time
+        second = CrashLedger(path)
+    second.begin(["b"], alone=True)
+    second.end(["b"])                    # b ran alone and came back: still a suspect, never condemned
+    assert second.condemned("c") and not second.condemned("b")
+    assert f"({SOLO_DEATHS} times; {SOLO_DEATHS + 1} deaths with it in flight)" in second.verdict("c")
+    assert not CrashLedger(None).suspect("a")                    # outside an actor: nothing kept
+
+
+def test_gate_runs_suspects_with_nothing_else_in_flight():
+    gate, events = Gate(), []
+
+    async def batch(name: str, alone: bool, hold: float):
+        async with (gate.alone() if alone else gate.shared()):
+            events.append(f"+{name}")
+            await asyncio.sleep(hold)
+            events.append(f"-{name}")
+
+    async def main():
+        first = asyncio.create_task(batch("a", False, 0.05))
+        second = asyncio.create_task(batch("b", False, 0.05))
+        await asyncio.sleep(0.01)
+        solo = asyncio.create_task(batch("s", True, 0.05))
+        await asyncio.sleep(0.01)
+        late = asyncio.create_task(batch("c", False, 0.01))     # arrives while s waits: goes after it
+        await asyncio.gather(first, second, solo, late)
+
+    asyncio.run(main())
+    assert events[:2] == ["+a", "+b"] and events[4:] == ["+s", "-s", "+c", "-c"]
