@@ -170,6 +170,7 @@ def run_model(args: argparse.Namespace, out_dir: Path) -> str:
     from jobs.common import init_ray
     from pipeline import build_processor, read_rows, write_rows
     from pipeline.generate import release_replica_groups
+    from pipeline.ledger import remove_job_ledgers
     from pipeline.job import check_columns, with_image_root
 
     if not args.model:
@@ -190,6 +191,7 @@ def run_model(args: argparse.Namespace, out_dir: Path) -> str:
         write_rows(build_processor(config)(ds), str(raw), config.storage_options, config.rows_per_file)
     finally:
         release_replica_groups()
+        remove_job_ledgers()
     return str(raw)
 
 

@@ -10,9 +10,10 @@ import pyarrow.compute as pc
 import ray.data
 
 from .builder import build_processor
-from .generate import release_replica_groups
 from .config import PipelineConfig
+from .generate import release_replica_groups
 from .io import input_folder, read_ids, read_output, read_rows, write_rows
+from .ledger import remove_job_ledgers
 from .resume import checkpoint_config, clear_checkpoint, has_checkpoint
 from .rows import error_kind
 from .storage import has_files, sibling, write_text
@@ -91,6 +92,7 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
     finally:
         context.checkpoint_config = None
         release_replica_groups()
+        remove_job_ledgers()
     summary = summarize(input_uri, output_uri, before, output_counts(output_uri, opts), wall)
     write_text(sibling(output_uri, ".summary.json"), json.dumps(summary, indent=2), opts)
     return summary

@@ -23,6 +23,10 @@ SOLO_DEATHS = 2
 ROOT_ENV = "PIPELINE_LEDGER_DIR"      # where the files go (default: the node's temp dir)
 
 
+def ledger_root() -> Path:
+    return Path(os.environ.get(ROOT_ENV) or Path(tempfile.gettempdir()) / "idefics3-ray-ledgers")
+
+
 def ledger_path(stage: str) -> Path | None:
     """This actor's file, or None outside a Ray actor (nothing restarts the process there)."""
     import ray
@@ -33,8 +37,20 @@ def ledger_path(stage: str) -> Path | None:
     actor = context.get_actor_id()
     if actor is None:
         return None
-    root = Path(os.environ.get(ROOT_ENV) or Path(tempfile.gettempdir()) / "idefics3-ray-ledgers")
-    return root / f"{context.get_job_id()}-{stage}-{actor}.json"
+    return ledger_root() / f"{context.get_job_id()}-{stage}-{actor}.json"
+
+
+def remove_job_ledgers() -> int:
+    """Driver side, after a run: this job's ledger files on this node (a resumed run is a new job
+    and starts its own). Files on other nodes stay, a few KB each. Returns how many were removed."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    files = list(ledger_root().glob(f"{ray.get_runtime_context().get_job_id()}-*.json"))
+    for path in files:
+        path.unlink(missing_ok=True)
+    return len(files)
 
 
 class CrashLedger:

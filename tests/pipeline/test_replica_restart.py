@@ -19,10 +19,11 @@ POISON = {"preprocess": "poison-pre", "generate": "poison-gen"}
 @pytest.fixture(scope="module")
 def faulty_cluster(tmp_path_factory):
     crashed, hung = tmp_path_factory.mktemp("crash") / "crashed", tmp_path_factory.mktemp("hang") / "hung"
+    ledgers = tmp_path_factory.mktemp("ledgers")
     with ray_with_fault({CRASH_ONCE_ENV: f"{CRASH_ROW}={crashed}", HANG_ONCE_ENV: f"{HANG_ROW}={hung}",
                          CRASH_ALWAYS_ENV: ",".join(f"{stage}:{row}" for stage, row in POISON.items()),
-                         ROOT_ENV: str(tmp_path_factory.mktemp("ledgers"))}):
-        yield crashed, hung
+                         ROOT_ENV: str(ledgers)}):
+        yield crashed, hung, ledgers
 
 
 def test_dead_replica_is_restarted_and_its_rows_retried(faulty_cluster, checkpoint, oracle, tmp_path):
@@ -43,7 +44,9 @@ def test_hung_replica_is_ended_by_its_watchdog_and_its_rows_retried(faulty_clust
     assert_reference_answers(tmp_path / "out", rows, config, oracle)
 
 
-def test_rows_that_kill_their_process_every_time_become_error_rows(faulty_cluster, checkpoint, oracle, tmp_path):
+def test_rows_that_kill_their_process_every_time_become_error_rows(faulty_cluster, checkpoint, oracle, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setenv(ROOT_ENV, str(faulty_cluster[2]))      # the driver removes the job's ledgers there
     rows = [r for r in good_rows(6) if r["id"] not in (CRASH_ROW, HANG_ROW)]
     poisoned = [dict(rows[i], id=POISON[stage]) for i, stage in enumerate(POISON)]
     write_parquet(tmp_path / "in.parquet", rows[:2] + poisoned[:1] + rows[2:] + poisoned[1:])
@@ -55,6 +58,7 @@ def test_rows_that_kill_their_process_every_time_become_error_rows(faulty_cluste
         assert out[row]["finish_reason"] == "error", out[row]
         assert out[row]["error"].startswith(f"{stage}: RowError: the process died whenever it worked on this row alone")
     assert summary["error_rows"] == 2
+    assert not list(faulty_cluster[2].glob("*.json"))           # the workers wrote them; the driver removed them
     assert_reference_answers(tmp_path / "out", rows, config, oracle, every_id=False)
 
 
