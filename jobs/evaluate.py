@@ -169,9 +169,7 @@ def run_model(args: argparse.Namespace, out_dir: Path) -> str:
     """
     from jobs.common import init_ray
     from pipeline import build_processor, read_rows, write_rows
-    from pipeline.generate import release_replica_groups
-    from pipeline.ledger import remove_job_ledgers
-    from pipeline.job import check_columns, with_image_root
+    from pipeline.job import check_columns, release_run, with_image_root
 
     if not args.model:
         raise ValueError("--model is required to run a model (or pass --predictions to score existing answers)")
@@ -190,8 +188,7 @@ def run_model(args: argparse.Namespace, out_dir: Path) -> str:
     try:
         write_rows(build_processor(config)(ds), str(raw), config.storage_options, config.rows_per_file)
     finally:
-        release_replica_groups()
-        remove_job_ledgers()
+        release_run()
     return str(raw)
 
 

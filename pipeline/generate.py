@@ -154,12 +154,9 @@ class Generate:
 
     async def answer_logged(self, requests: dict, names: dict, alone: bool) -> dict:
         logged = [names[i] for i in requests]
-        self.ledger.begin(logged, alone)
-        try:
+        with self.ledger.working(logged, alone):
             crash_always_on("generate", logged)
             return await self.answer(requests)
-        finally:
-            self.ledger.end(logged)
 
     def prepare(self, batch: pa.Table) -> tuple[list[dict], list[dict | None], dict]:
         """The batch's rows, their outputs so far (rows that arrived with an error, or failed to

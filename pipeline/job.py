@@ -46,6 +46,13 @@ def prepare_output(output: str, storage_options: dict | None, resume: bool) -> N
                                 f"({output.rstrip('/')}.checkpoint) from a previous run of this job")
 
 
+def release_run() -> None:
+    """Driver side, after a run, finished or not: what its actors left on this node (the replicas'
+    placement groups, the ledger files)."""
+    release_replica_groups()
+    remove_job_ledgers()
+
+
 def with_image_root(config: PipelineConfig, input_uri: str) -> PipelineConfig:
     """Relative image paths of the rows are read from the input's folder unless `image_root` says otherwise."""
     return replace(config, image_root=config.image_root or input_folder(input_uri, config.storage_options))
@@ -91,8 +98,7 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
         wall = time.perf_counter() - start
     finally:
         context.checkpoint_config = None
-        release_replica_groups()
-        remove_job_ledgers()
+        release_run()
     summary = summarize(input_uri, output_uri, before, output_counts(output_uri, opts), wall)
     write_text(sibling(output_uri, ".summary.json"), json.dumps(summary, indent=2), opts)
     return summary

@@ -84,17 +84,20 @@ class CrashLedger:
         return (f"the process died whenever it worked on this row alone ({self.solo_deaths[row]} times; "
                 f"{self.deaths[row]} deaths with it in flight); not tried again")
 
-    def begin(self, rows: list[str], alone: bool = False) -> None:
+    @contextlib.contextmanager
+    def working(self, rows: list[str], alone: bool = False):
+        """`rows` are in flight (the only ones, if `alone`) for the duration."""
         with self._lock:
             self.in_flight.update(rows)
             self.alone = alone
             self._save()
-
-    def end(self, rows: list[str]) -> None:
-        with self._lock:
-            self.in_flight.difference_update(rows)
-            self.alone = False
-            self._save()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight.difference_update(rows)
+                self.alone = False
+                self._save()
 
     def _save(self) -> None:
         if self.path is None:

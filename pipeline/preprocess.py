@@ -53,20 +53,18 @@ class Preprocess:
         that died with it alone too often fail."""
         ledger, out = self.ledger, [None] * len(names)
         ordinary = [k for k, name in enumerate(names) if not ledger.suspect(name)]
-        ledger.begin([names[k] for k in ordinary])
-        images = self.fetcher.fetch(images)
-        for k in ordinary:
-            crash_always_on("preprocess", [names[k]])
-            out[k] = self.encode_row(images[k], questions[k])
-        ledger.end([names[k] for k in ordinary])
+        with ledger.working([names[k] for k in ordinary]):
+            images = self.fetcher.fetch(images)
+            for k in ordinary:
+                crash_always_on("preprocess", [names[k]])
+                out[k] = self.encode_row(images[k], questions[k])
         for k in [k for k, row in enumerate(out) if row is None]:
             if ledger.condemned(names[k]):
                 out[k] = self.failed_row(questions[k], error_message("preprocess", RowError(ledger.verdict(names[k]))))
                 continue
-            ledger.begin([names[k]], alone=True)
-            crash_always_on("preprocess", [names[k]])
-            out[k] = self.encode_row(images[k], questions[k])
-            ledger.end([names[k]])
+            with ledger.working([names[k]], alone=True):
+                crash_always_on("preprocess", [names[k]])
+                out[k] = self.encode_row(images[k], questions[k])
         return out
 
     def encode_row(self, data: bytes | RowError, question: str | None) -> tuple:

@@ -56,7 +56,8 @@ class Submission:
 
 
 class EngineLoop:
-    """Serves `submit(requests)` from an engine with the streaming API (add_requests / step / generate)."""
+    """Serves `submit(requests)` from an engine with the streaming API (check_request / add_requests /
+    step / has_unfinished / abort) and `device_ok`: LLMEngine, or a TP group's rank 0 (TPWorker)."""
 
     def __init__(self, engine, *, stall_timeout_s: float | None = None,
                  on_fatal: Callable[[str], None] = exit_process) -> None:
@@ -110,10 +111,6 @@ class EngineLoop:
         with self._watched():
             return self.engine.step()
 
-    def _device_ok(self) -> bool:
-        device_ok = getattr(self.engine, "device_ok", None)
-        return device_ok is None or device_ok()
-
     def _abort(self) -> None:
         with self._watched():
             self.engine.abort()
@@ -143,7 +140,7 @@ class EngineLoop:
         try:
             finished = self._step()
         except Exception as e:           # each of its requests runs again, alone
-            if not self._device_ok():
+            if not self.engine.device_ok():
                 self._on_fatal(f"a step failed ({e!r}) and the device no longer works")
             log.warning("a step over %d rows failed (%r); running them one at a time", len(self._live), e)
             self._suspects += self._live.values()

@@ -5,20 +5,28 @@ import asyncio
 from pipeline.ledger import SOLO_DEATHS, CrashLedger, Gate
 
 
+def died_working(ledger: CrashLedger, rows: list[str], alone: bool = False, held: list = []):  # noqa: B006
+    """Enter `working` and never leave it, as a process that dies there (the context is kept alive:
+    closing it on garbage collection would run its exit)."""
+    context = ledger.working(rows, alone)
+    context.__enter__()
+    held.append(context)
+
+
 def test_a_death_makes_suspects_and_dying_alone_condemns(tmp_path):
     path = tmp_path / "ledger.json"
     first = CrashLedger(path)
-    first.begin(["a", "b"])
-    first.end(["a"])
-    first.begin(["c"])                   # the process dies with b and c in flight
+    with first.working(["a"]):
+        pass
+    died_working(first, ["b", "c"])
     second = CrashLedger(path)
     assert [second.suspect(r) for r in "abc"] == [False, True, True]
     assert not second.condemned("b")
     for _ in range(SOLO_DEATHS):
-        second.begin(["c"], alone=True)  # ... and again with c alone, each time
+        died_working(second, ["c"], alone=True)          # ... and again with c alone, each time
         second = CrashLedger(path)
-    second.begin(["b"], alone=True)
-    second.end(["b"])                    # b ran alone and came back: still a suspect, never condemned
+    with second.working(["b"], alone=True):
+        pass                             # b ran alone and came back: still a suspect, never condemned
     assert second.condemned("c") and not second.condemned("b")
     assert f"({SOLO_DEATHS} times; {SOLO_DEATHS + 1} deaths with it in flight)" in second.verdict("c")
     assert not CrashLedger(None).suspect("a")                    # outside an actor: nothing kept
