@@ -1,7 +1,8 @@
 """Model stage: a replica (one actor; `tensor_parallel_size` devices) streaming its batches through one engine.
 
-The uint8 frames become float pixel values here, on the model's device. Rows that arrive with an
-error pass straight through; a row the engine refuses becomes an error row and the rest of the
+Rows arrive grouped by image (pipeline.groups: an image's frames once, with its questions) and
+leave one per question. The uint8 frames become float pixel values here, on the model's device,
+once per image. Rows that arrive with an error pass straight through; a row the engine refuses becomes an error row and the rest of the
 batch is still answered (a failed step's rows are run one at a time to isolate it: EngineLoop).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pyarrow as pa
 
 from .config import PipelineConfig
 from .faults import crash_always_on, crash_once_on, hang_once_on
+from .groups import IMAGE_FIELDS, ungroup
 from .ledger import CrashLedger, Gate, ledger_path
 from .rows import RowError, error_message, output_schema, reuse_recent, row_seed
 
@@ -127,11 +129,12 @@ class Generate:
     def load(self):
         return load_engine(self.config, self.device, self.encoder.tokenizer, self.rank, self.placement)
 
-    async def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, groups: pa.Table) -> pa.Table:
+        batch, group_of = ungroup(groups)
         crash_once_on(batch.column("id").to_pylist())
         if self.loop is not None:
             hang_once_on(self.engine, batch.column("id").to_pylist())
-        rows, outputs, requests = self.prepare(batch)
+        rows, outputs, requests = self.prepare(batch, groups.select(list(IMAGE_FIELDS)).to_pylist(), group_of)
         return self.finish(batch, rows, outputs, await self.answer_tracked(rows, requests))
 
     async def answer_tracked(self, rows: list[dict], requests: dict) -> dict:
@@ -158,11 +161,13 @@ class Generate:
             crash_always_on("generate", logged)
             return await self.answer(requests)
 
-    def prepare(self, batch: pa.Table) -> tuple[list[dict], list[dict | None], dict]:
-        """The batch's rows, their outputs so far (rows that arrived with an error, or failed to
-        become a request), and the engine requests of the others (row index -> Request)."""
-        rows = batch.select(["id", "question", "input_ids", "frames", "frames_shape", "image_key",
-                             "error"]).to_pylist()
+    def prepare(self, batch: pa.Table, images: list[dict], group_of) -> tuple[list[dict], list[dict | None], dict]:
+        """The batch's rows (each with its group's image: `images[group_of[i]]`, shared, not copied),
+        their outputs so far (rows that arrived with an error, or failed to become a request), and
+        the engine requests of the others (row index -> Request)."""
+        rows = batch.select(["id", "question", "input_ids", "error"]).to_pylist()
+        for row, group in zip(rows, group_of):
+            row.update(images[group])
         outputs: list[dict | None] = [self.error_output(r, r["error"]) if r["error"] else None for r in rows]
         requests = {}
         for i in [i for i, out in enumerate(outputs) if out is None]:

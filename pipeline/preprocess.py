@@ -1,4 +1,5 @@
-"""CPU stage: rows -> token ids + uint8 frames (compact in the object store), or an error row.
+"""CPU stage: rows -> token ids + uint8 frames (compact in the object store), or an error row;
+the rows about one image leave as one row that carries its frames once (pipeline.groups).
 
 A callable class on a Ray Data actor pool: each actor loads the checkpoint's tokenizer and image
 processor once. Every per-row failure (null or unreadable image, undecodable or oversized image,
@@ -16,6 +17,7 @@ import pyarrow as pa
 from .config import PipelineConfig
 from .faults import crash_always_on
 from .fetch import ImageFetcher
+from .groups import group_by_image
 from .ledger import CrashLedger, ledger_path
 from .rows import RowError, error_message, reuse_recent, row_ids
 
@@ -45,7 +47,7 @@ class Preprocess:
             columns[name] = pa.array([row[i] for row in encoded], type=type_)
         for name in self.config.keep_columns:
             columns.setdefault(name, batch.column(name))
-        return pa.table(columns)
+        return group_by_image(pa.table(columns))
 
     def encode_rows(self, names: list[str], images: list, questions: list) -> list[tuple]:
         """encode_row for each row, with the rows in flight on the ledger: rows that were in flight

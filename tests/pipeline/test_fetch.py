@@ -164,11 +164,13 @@ def test_preprocess_stage_reads_urls_and_keeps_failures_as_row_errors(server, ch
     stage.fetcher.backoff_s = 0.01
     batch = pa.table({"id": [1, 2, 3], "image": [server.url("/ok.png"), server.url("/nope.png"), server.url("/ok.png")],
                       "question": ["What?", "What?", "Where?"]})
-    out = stage(batch).to_pylist()
+    out = stage(batch).to_pylist()           # rows 1 and 3 share the image: one row, frames once
     inline = stage(pa.table({"id": [4], "image": [image], "question": ["What?"]})).to_pylist()[0]
-    assert out[0]["error"] is None and out[0]["input_ids"] == inline["input_ids"]
-    assert out[0]["frames"] == inline["frames"] and out[2]["image_key"] == inline["image_key"]
-    assert out[1]["error"].startswith("read image: RowError: cannot read image") and "/nope.png" in out[1]["error"]
+    assert out[0]["id"] == [1, 3] and out[0]["error"] == [None, None]
+    assert out[0]["input_ids"][0] == inline["input_ids"][0]
+    assert out[0]["frames"] == inline["frames"] and out[0]["image_key"] == inline["image_key"]
+    assert out[1]["id"] == [2] and "/nope.png" in out[1]["error"][0]
+    assert out[1]["error"][0].startswith("read image: RowError: cannot read image")
     assert server.gets == {"/ok.png": 2, "/nope.png": 1}
 
 
