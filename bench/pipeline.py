@@ -82,7 +82,7 @@ def run_pipeline(config, source: str, output: str) -> dict:
 
     from pipeline import run_job
 
-    ray.init(num_cpus=max(4, config.cpu_workers + config.replicas + 2), include_dashboard=False,
+    ray.init(num_cpus=max(4, config.cpu_workers + (config.replicas or 1) + 2), include_dashboard=False,
              logging_level="WARNING")
     try:
         summary = run_job(source, output, config)
