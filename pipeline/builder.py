@@ -71,13 +71,12 @@ def cpu_share(config: PipelineConfig) -> float:
 
 def replica_resources(config: PipelineConfig, share: float = 1.0) -> dict:
     """Ray Data args of the model stage. A tp > 1 replica takes no device itself: its rank actors claim
-    the bundles of the placement group it makes (generate.replica_placement_group). Ray restarts a dead
-    replica and retries its batch there (explicit, so a change of Ray Data's defaults cannot drop rows)."""
+    the bundles of the placement group it makes (generate.replica_placement_group). Ray Data restarts
+    a dead replica and retries its batch there by default (max_restarts and max_task_retries -1;
+    passing them is deprecated: tests/pipeline/test_replica_restart.py fails if that default changes)."""
     if config.tensor_parallel_size > 1:
-        device = {"num_gpus": 0, "num_cpus": 0}
-    else:
-        device = {"num_gpus": 1 if on_gpu(config) else 0, "num_cpus": config.cpus_per_replica * share}
-    return {**device, "max_restarts": -1, "max_task_retries": -1}
+        return {"num_gpus": 0, "num_cpus": 0}
+    return {"num_gpus": 1 if on_gpu(config) else 0, "num_cpus": config.cpus_per_replica * share}
 
 
 def build_processor(config: PipelineConfig) -> Callable[[ray.data.Dataset], ray.data.Dataset]:
