@@ -12,15 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, demo_path, init_ray, json_option, merge_args,
-                         print_summary)
+from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, DTYPE_HELP, demo_path, init_ray, json_option,
+                         merge_args, print_summary)
 
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", max_new_tokens=64,
                 temperature=0.0, top_p=1.0, top_k=0, seed=None, replicas=None, tensor_parallel_size=1,
                 cpu_workers=None, batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="",
                 rows_per_file=1000, resume=False, image_backend="pil", storage_options=None, max_image_pixels=None,
                 image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0, step_timeout_s=600.0,
-                device=None, show=5)
+                device=None, dtype=None, show=5)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tensor-parallel-size", type=int, help="devices per replica")
     ap.add_argument("--cpu-workers", type=int,
                     help="preprocessing actors (default: from 1 up to the cluster's spare CPUs, as the rows need)")
-    ap.add_argument("--batch-size", type=int, help="rows per block and per model call")
+    ap.add_argument("--batch-size", type=int, help="rows per CPU-stage block; images per model call")
     ap.add_argument("--max-batch-size", type=int, help="sequences a replica's engine decodes together (default 64)")
     ap.add_argument("--batches-in-flight", type=int,
                     help="blocks a replica answers at once, their rows sharing decode steps "
@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fetch-timeout", type=float, dest="fetch_timeout_s",
                     help="seconds an attempt to read an image (s3, gcs, http) may take (default 60)")
     ap.add_argument("--device", help="cuda / cpu (default: cuda when the cluster has GPUs)")
+    ap.add_argument("--dtype", help=DTYPE_HELP)
     ap.add_argument("--show", type=int, help="print this many output rows at the end (default 5)")
     ap.add_argument("--config", help="job.yaml with any of the flags above")
     return ap.parse_args(argv)

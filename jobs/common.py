@@ -11,6 +11,9 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_INPUT = REPO / "demo" / "data" / "sample.parquet"
 DEMO_MODEL = REPO / "demo" / "model"
 DEMO_OUTPUT = REPO / "demo" / "output" / "captions"
+DTYPE_HELP = ("bfloat16 / float16 / float32 (default: bfloat16 on GPUs from Ampere on, float16 on older ones "
+              "such as T4 and V100, float32 on CPU; with --tensor-parallel-size > 1, bfloat16 on any GPU: "
+              "pass float16 there for T4 or V100)")
 
 
 def load_job_config(path: str | None) -> dict[str, Any]:

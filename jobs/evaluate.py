@@ -24,6 +24,7 @@ from evaluation.metrics import METRICS
 from evaluation.report import (sample_rows, write_chart, write_gallery, write_metrics_json,
                                write_report_md)
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
+from jobs.common import DTYPE_HELP
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -58,12 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "instead of running a model; with --input, ground truth is joined from it by id")
     ap.add_argument("--gallery", type=int, default=0, metavar="N", help="write gallery.html with N sampled rows")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16, help="rows per block and per model call")
+    ap.add_argument("--batch-size", type=int, default=16, help="rows per CPU-stage block; images per model call")
     ap.add_argument("--replicas", type=int, default=None,
                     help="model replicas (default: one per GPU of the cluster; 1 on CPU)")
     ap.add_argument("--cpu-workers", type=int, default=None,
                     help="preprocessing actors (default: from 1 up to the cluster's spare CPUs, as the rows need)")
     ap.add_argument("--device", help="cuda / cpu (default: cuda when the cluster has GPUs)")
+    ap.add_argument("--dtype", help=DTYPE_HELP)
     ap.add_argument("--image-root", help="folder (local or URL) that relative image paths are read from "
                                          "(default: the input's folder)")
     ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')
@@ -157,7 +159,7 @@ def pipeline_config(args: argparse.Namespace, kept: list[str]):
     from pipeline import PipelineConfig
 
     return PipelineConfig(model=args.model, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          replicas=args.replicas, cpu_workers=args.cpu_workers, device=args.device,
+                          replicas=args.replicas, cpu_workers=args.cpu_workers, device=args.device, dtype=args.dtype,
                           keep_columns=kept, storage_options=storage_options(args), image_root=args.image_root)
 
 

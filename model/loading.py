@@ -123,6 +123,16 @@ def _copy_tensor(param: torch.Tensor, tensor: torch.Tensor, key: str) -> None:
         param.copy_(tensor)
 
 
+def compute_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype to run inference in on `device` when none is asked for: bfloat16 on CUDA GPUs that
+    compute in it natively (compute capability 8.0, Ampere, and later), float16 on older ones (T4,
+    V100: bfloat16 is emulated there, many times slower), float32 on a CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None, config: Idefics3Config) -> torch.dtype:
     """Explicit dtype, else "auto"/None -> the checkpoint's `dtype` (float32 when it names none)."""
     if isinstance(dtype, torch.dtype):

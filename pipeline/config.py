@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 DEFAULT_PROMPT = "Describe this image."
+DTYPES = ("bfloat16", "float16", "float32")
 OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens")
 
 
@@ -32,7 +33,8 @@ class PipelineConfig:
     image_backend: str = "pil"                  # "pil" | "torch": which reference image recipe
     max_image_pixels: int | None = None         # larger images become error rows (None = processing's default)
     device: str | None = None                   # None: cuda when the cluster has GPUs, else cpu
-    dtype: str | None = None                    # None: bfloat16 on cuda, float32 on cpu
+    dtype: str | None = None                    # one of DTYPES; None: model.loading.compute_dtype (bfloat16
+                                                # on GPUs from Ampere on, float16 before), float32 on cpu
     storage_options: dict = field(default_factory=dict)
     image_root: str | None = None               # relative image paths are read from here (jobs: the input's folder)
     fetch_threads: int = 16                     # image paths/URLs a CPU worker reads at once
@@ -54,6 +56,8 @@ class PipelineConfig:
             raise ValueError(f"step_timeout_s must be >= 0 (0 or None: no watchdog), got {self.step_timeout_s}")
         if self.fetch_timeout_s <= 0:
             raise ValueError(f"fetch_timeout_s must be > 0, got {self.fetch_timeout_s}")
+        if self.dtype not in (None, *DTYPES):
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.image_backend not in ("pil", "torch"):
             raise ValueError(f"image_backend must be 'pil' or 'torch', got {self.image_backend!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

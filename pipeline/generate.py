@@ -83,13 +83,24 @@ def release_replica_groups() -> int:
     return removed
 
 
+def replica_dtype(config: PipelineConfig, device: str):
+    """`dtype`, else the device's own (model.loading.compute_dtype: float16 on GPUs without fast
+    bfloat16). A tp > 1 replica holds no device to ask: its ranks' GPUs are taken to have bfloat16."""
+    import torch
+
+    from model.loading import compute_dtype
+
+    if config.dtype:
+        return getattr(torch, config.dtype)
+    if config.tensor_parallel_size > 1 and device.startswith("cuda"):
+        return torch.bfloat16
+    return compute_dtype(device)
+
+
 def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict, placement=None):
     """The engine of one replica: in this actor (tp 1), or a RayTPGroup of one actor per rank, rank r
     taking bundle r (`rank`: its resources) of `placement`, this replica's placement group."""
-    import torch
-
-    dtype = getattr(torch, config.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    tp = config.tensor_parallel_size
+    dtype, tp = replica_dtype(config, device), config.tensor_parallel_size
     if tp > 1:
         from model.parallel.ray_group import RayTPGroup
 

@@ -119,6 +119,37 @@ def test_rows_of_one_image_file_share_an_image_key_and_one_encoding(checkpoint):
     stage.loop.close()
 
 
+def test_model_stage_computes_in_the_dtype_asked(checkpoint):
+    """float16: the dtype of GPUs without fast bfloat16 (T4, V100); on CPU it runs the same code."""
+    import asyncio
+
+    import torch
+
+    from pipeline.generate import Generate
+    from pipeline.preprocess import Preprocess
+
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW, dtype="float16")
+    stage = Generate(config)
+    answered = asyncio.run(stage(Preprocess(config)(pa.Table.from_pylist(good_rows(2))))).to_pylist()
+    stage.loop.close()
+    assert stage.engine.model.dtype == torch.float16
+    assert [(r["error"], r["num_generated_tokens"] > 0) for r in answered] == [(None, True)] * 2
+
+
+def test_replica_dtype_is_the_one_asked_else_the_devices():
+    import torch
+
+    from pipeline.generate import replica_dtype
+
+    assert replica_dtype(PipelineConfig(model="m"), "cpu") == torch.float32
+    assert replica_dtype(PipelineConfig(model="m", dtype="bfloat16"), "cpu") == torch.bfloat16
+    assert replica_dtype(PipelineConfig(model="m", tensor_parallel_size=2), "cuda") == torch.bfloat16
+    assert replica_dtype(PipelineConfig(model="m", tensor_parallel_size=2, dtype="float16"), "cuda") == torch.float16
+    if torch.cuda.is_available():
+        newer = torch.cuda.get_device_capability() >= (8, 0)
+        assert replica_dtype(PipelineConfig(model="m"), "cuda") == (torch.bfloat16 if newer else torch.float16)
+
+
 def test_image_struct_without_ids(ray_cluster, checkpoint, tmp_path):
     """HF datasets' Image struct (bytes, or a local path); no id column: ids are Ray's row hash (uint64)."""
     images = [png(20, 24, seed=1), png(26, 20, seed=2)]
