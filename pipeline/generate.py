@@ -2,8 +2,9 @@
 
 Rows arrive grouped by image (pipeline.groups: an image's frames once, with its questions) and
 leave one per question. The uint8 frames become float pixel values here, on the model's device,
-once per image. Rows that arrive with an error pass straight through; a row the engine refuses becomes an error row and the rest of the
-batch is still answered (a failed step's rows are run one at a time to isolate it: EngineLoop).
+once per image. Rows that arrive with an error pass straight through; a row the engine refuses
+becomes an error row and the rest of the batch is still answered (a failed step's rows are run
+one at a time to isolate it: EngineLoop).
 """
 from __future__ import annotations
 

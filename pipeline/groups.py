@@ -20,16 +20,17 @@ def group_by_image(rows: pa.Table) -> pa.Table:
     members: dict = {}
     for i, key in enumerate(rows.column("image_key").to_pylist()):
         members.setdefault(i if key is None else key, []).append(i)
-    order = np.concatenate([np.asarray(m, dtype=np.int64) for m in members.values()]) if members else np.zeros(0, np.int64)
-    offsets = pa.array(np.concatenate([[0], np.cumsum([len(m) for m in members.values()])]), type=pa.int32())
-    firsts = pa.array([m[0] for m in members.values()], type=pa.int64())
+    groups = list(members.values())
+    order = pa.array([i for group in groups for i in group], type=pa.int64())
+    offsets = pa.array(np.cumsum([0] + [len(group) for group in groups]), type=pa.int32())
+    firsts = pa.array([group[0] for group in groups], type=pa.int64())
     columns = {}
     for name in rows.column_names:
         column = rows.column(name)
         if name in IMAGE_FIELDS:
             columns[name] = column.take(firsts)
         else:
-            columns[name] = pa.ListArray.from_arrays(offsets, column.take(pa.array(order)).combine_chunks())
+            columns[name] = pa.ListArray.from_arrays(offsets, column.take(order).combine_chunks())
     return pa.table(columns)
 
 
