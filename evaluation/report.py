@@ -70,9 +70,12 @@ def write_chart(summary: dict, out_dir: Path) -> Path:
 
 
 def thumbnail_data_uri(image: object, size: int = 160) -> str | None:
-    """A small JPEG data URI of an image cell (bytes, {bytes, path} struct or local path), or None."""
+    """A small JPEG data URI of an image cell (bytes, {bytes, path} struct or local path; of a list of
+    them, the first), or None."""
     from PIL import Image
 
+    if isinstance(image, list):
+        image = image[0] if image else None
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
     try:

@@ -38,7 +38,8 @@ class Preprocess:
         self.ledger = CrashLedger(ledger_path("preprocess"))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        images = batch.column("image").to_pylist() if "image" in batch.column_names else [None] * batch.num_rows
+        cells = batch.column("image").to_pylist() if "image" in batch.column_names else [None] * batch.num_rows
+        images = [cell if isinstance(cell, list) else [cell] for cell in cells]      # a list: several images
         questions = (batch.column("question").to_pylist() if "question" in batch.column_names
                      else [None] * batch.num_rows)
         encoded = self.encode_rows([str(i) for i in row_ids(batch).to_pylist()], images, questions)
@@ -56,7 +57,7 @@ class Preprocess:
         ledger, out = self.ledger, [None] * len(names)
         ordinary = [k for k, name in enumerate(names) if not ledger.suspect(name)]
         with ledger.working([names[k] for k in ordinary]):
-            images = self.fetcher.fetch(images)
+            images = self.fetch(images)
             for k in ordinary:
                 crash_always_on("preprocess", [names[k]])
                 out[k] = self.encode_row(images[k], questions[k])
@@ -69,16 +70,24 @@ class Preprocess:
                 out[k] = self.encode_row(images[k], questions[k])
         return out
 
-    def encode_row(self, data: bytes | RowError, question: str | None) -> tuple:
-        """(question, input_ids, frames bytes, frames shape, image key, error) for one row; never
-        raises. The key is a hash of the image file: the engine encodes rows of one image once."""
-        if isinstance(data, RowError):
-            return self.failed_row(question, error_message("read image", data))
+    def fetch(self, images: list[list]) -> list[list[bytes | RowError]]:
+        """Each row's images' bytes (or why there are none), all of the batch's files read at once."""
+        flat = iter(self.fetcher.fetch([image for row in images for image in row]))
+        return [[next(flat) for _ in row] for row in images]
+
+    def encode_row(self, data: list[bytes | RowError], question: str | None) -> tuple:
+        """(question, input_ids, frames bytes, frames shape, image key, error) for one row of one
+        image or several; never raises. The key is a hash of the image files: the engine encodes
+        rows of one image once."""
+        failed = next((d for d in data if isinstance(d, RowError)), None if data else RowError("image list is empty"))
+        if failed is not None:
+            return self.failed_row(question, error_message("read image", failed))
         question = self.config.prompt if question is None else question
         try:
-            key = hashlib.blake2b(data, digest_size=16).hexdigest()
-            tiles = reuse_recent(self.recent, key, lambda: self.encoder.image_frames(data))
-            row = self.encoder.encode(data, question, tiles=tiles)
+            hashes = [hashlib.blake2b(d, digest_size=16).hexdigest() for d in data]
+            key = hashes[0] if len(hashes) == 1 else hashlib.blake2b("".join(hashes).encode(), digest_size=16).hexdigest()
+            tiles = [reuse_recent(self.recent, h, lambda d=d: self.encoder.image_frames(d)) for h, d in zip(hashes, data)]
+            row = self.encoder.encode_images(data, question, tiles=tiles)
             self.check_context(len(row.input_ids))
         except Exception as e:  # any failure is this row's, the batch goes on
             return self.failed_row(question, error_message("preprocess", e))

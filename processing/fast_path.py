@@ -1,10 +1,10 @@
-"""The pipeline's CPU-side encoder: one (image, question) row -> uint8 frames + token ids.
+"""The pipeline's CPU-side encoder: one row (an image, or several, and a question) -> uint8 frames + token ids.
 
 Frames stay uint8 (n_frames, 3, m, m) until they reach the model's device, where
 `frames_to_pixel_values` turns them into the processor's float32 pixel values bit for bit: the
 object store carries 4x fewer bytes. The ids are those of
-`processor.apply_chat_template([one user turn: image, question], add_generation_prompt=True,
-tokenize=True)`: the chat template, a single BOS, and the image's expansion.
+`processor.apply_chat_template([one user turn: image(s), question], add_generation_prompt=True,
+tokenize=True)`: the chat template, a single BOS, and each image's expansion.
 """
 from __future__ import annotations
 
@@ -89,16 +89,23 @@ class RowEncoder:
                tiles: tuple[np.ndarray, int, int] | None = None) -> EncodedRow:
         """bytes / PIL image / None + question -> EncodedRow (ids, uint8 frames, rows, cols).
         `tiles`: this image's `image_frames(image)`, when already made (another question about it)."""
+        return self.encode_images([] if image is None else [image], question, None if tiles is None else [tiles])
+
+    def encode_images(self, images: list, question: str = "",
+                      tiles: list[tuple[np.ndarray, int, int]] | None = None) -> EncodedRow:
+        """Several images (bytes / PIL) before the question in one user turn, as the processor's
+        images=[[a, b, ...]]: each image's block in order, their frames concatenated (rows, cols: the
+        first image's grid). `tiles`: the images' `image_frames`, when already made."""
         check_question(question)
-        if image is None:
-            frames, rows, cols = None, 0, 0
-        else:
-            frames, rows, cols = tiles if tiles is not None else self.image_frames(image)
-        ids = self.encode_prompt(self.prompt(question, image is not None), None if frames is None else (rows, cols))
+        tiles = tiles if tiles is not None else [self.image_frames(image) for image in images]
+        ids = self.encode_prompt(self.prompt(question, len(tiles)), [(rows, cols) for _, rows, cols in tiles])
         if self.max_length is not None and len(ids) > self.max_length:
             raise PromptError(f"the prompt is {len(ids)} tokens (with the image), more than the model's context "
                               f"of {self.max_length}")
-        return EncodedRow(ids, frames, rows, cols)
+        if not tiles:
+            return EncodedRow(ids, None)
+        frames = tiles[0][0] if len(tiles) == 1 else np.concatenate([frames for frames, _, _ in tiles])
+        return EncodedRow(ids, frames, tiles[0][1], tiles[0][2])
 
     def image_frames(self, image: Any) -> tuple[np.ndarray, int, int]:
         """Decode (bytes) or check (PIL) the image, then resize/tile it to uint8 frames."""
@@ -114,27 +121,34 @@ class RowEncoder:
             raise ImageDecodeError(f"cannot convert the {image.mode} {image.width}x{image.height} image: {e}") from e
         return frames, int(rows), int(cols)
 
-    def prompt(self, question: str, with_image: bool) -> str:
-        """The chat template over one user turn ([image,] text) with the generation prompt."""
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+    def prompt(self, question: str, num_images: int) -> str:
+        """The chat template over one user turn (num_images images, then the text) with the generation prompt."""
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                   chat_template=self._template)
 
-    def encode_prompt(self, prompt: str, grid: tuple[int, int] | None) -> list[int]:
-        """Tokenize with a single BOS; the image's block ids are spliced in from a cache when that
-        is provably the same as tokenizing the expanded text (checked once at construction)."""
+    def encode_prompt(self, prompt: str, grids: list[tuple[int, int]]) -> list[int]:
+        """Tokenize with a single BOS, the i-th image marker expanded for grids[i]; the images' block
+        ids are spliced in from a cache when that is provably the same as tokenizing the expanded
+        text (checked once at construction)."""
         bos = self.tokenizer.bos_token
         add_special = not (bos is not None and prompt.startswith(bos))
-        if grid is None:
-            return self.tokenizer.encode(prompt, add_special_tokens=add_special)
-        if prompt.count(IMAGE) != 1:
-            raise PromptError(f"the chat template produced {prompt.count(IMAGE)} {IMAGE} markers for one image")
-        if self._splice and not add_special:
-            before, after = prompt.split(IMAGE)
-            encode = self.tokenizer.encode
-            return encode(before, add_special_tokens=False) + self.block_ids(*grid) + encode(after, add_special_tokens=False)
-        expanded = prompt.replace(IMAGE, expand_image(*grid, self.processor.image_seq_len))
-        return self.tokenizer.encode(expanded, add_special_tokens=add_special)
+        if prompt.count(IMAGE) != len(grids):
+            raise PromptError(f"the chat template produced {prompt.count(IMAGE)} {IMAGE} markers for "
+                              f"{len(grids)} images")
+        texts = prompt.split(IMAGE)
+        if self._splice and not add_special and grids:
+            ids = self.tokenizer.encode(texts[0], add_special_tokens=False)
+            for grid, text in zip(grids, texts[1:]):
+                ids += self.block_ids(*grid) + self.tokenizer.encode(text, add_special_tokens=False)
+            return ids
+        return self.tokenizer.encode(self.expand(prompt, grids), add_special_tokens=add_special)
+
+    def expand(self, prompt: str, grids: list[tuple[int, int]]) -> str:
+        """The prompt with its i-th image marker replaced by the text of grids[i]'s image block."""
+        texts = prompt.split(IMAGE)
+        return texts[0] + "".join(expand_image(*grid, self.processor.image_seq_len) + text
+                                  for grid, text in zip(grids, texts[1:]))
 
     def block_ids(self, rows: int, cols: int) -> list[int]:
         if (rows, cols) not in self._blocks:
@@ -147,12 +161,12 @@ class RowEncoder:
         # usual tokenizers; a normalizer or pre-tokenizer that looks at the whole string would break
         # that, and then we tokenize the full text instead.
         self._splice = True
-        for grid in ((0, 0), (2, 3)):
-            prompt = self.prompt(_PROBE_QUESTION, True)
-            full = prompt.replace(IMAGE, expand_image(*grid, self.processor.image_seq_len))
+        for grids in ([(0, 0)], [(2, 3)], [(1, 2), (0, 0)]):
+            prompt = self.prompt(_PROBE_QUESTION, len(grids))
+            full = self.expand(prompt, grids)
             bos = self.tokenizer.bos_token
             add_special = not (bos is not None and prompt.startswith(bos))
-            if add_special or self.encode_prompt(prompt, grid) != self.tokenizer.encode(full, add_special_tokens=False):
+            if add_special or self.encode_prompt(prompt, grids) != self.tokenizer.encode(full, add_special_tokens=False):
                 return False
         return True
 

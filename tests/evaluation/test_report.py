@@ -71,10 +71,11 @@ def test_thumbnails_from_bytes_struct_and_path(tmp_path):
     data = _png()
     (tmp_path / "x.png").write_bytes(data)
     for cell in (data, {"bytes": data, "path": None}, {"bytes": None, "path": str(tmp_path / "x.png")},
-                 str(tmp_path / "x.png")):
+                 str(tmp_path / "x.png"), [{"bytes": data, "path": None}, b"garbage"]):
         uri = thumbnail_data_uri(cell, size=64)
         assert uri.startswith("data:image/jpeg;base64,")
     assert thumbnail_data_uri(b"garbage") is None and thumbnail_data_uri(str(tmp_path / "missing.png")) is None
+    assert thumbnail_data_uri([]) is None
 
 
 def test_gallery_escapes_text_and_samples_reproducibly(tmp_path):

@@ -44,11 +44,13 @@ class Oracle:
         self.processor = AutoProcessor.from_pretrained(str(checkpoint))
         self.model = Idefics3ForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
 
-    def answer(self, image: bytes, question: str, max_new_tokens: int) -> tuple[str, int]:
+    def answer(self, image: bytes | list[bytes], question: str, max_new_tokens: int) -> tuple[str, int]:
+        """`image`: one image's bytes, or a list of several (all before the question)."""
         import torch
 
-        messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(io.BytesIO(image))},
-                                                 {"type": "text", "text": question}]}]
+        images = image if isinstance(image, list) else [image]
+        content = [{"type": "image", "image": Image.open(io.BytesIO(data))} for data in images]
+        messages = [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
         inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True, return_tensors="pt")
         with torch.no_grad():

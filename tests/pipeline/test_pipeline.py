@@ -119,6 +119,32 @@ def test_rows_of_one_image_file_share_an_image_key_and_one_encoding(checkpoint):
     stage.loop.close()
 
 
+def test_rows_of_several_images(ray_cluster, checkpoint, oracle, tmp_path):
+    """An `image` cell that is a list (MMMU, NLVR2): the images come before the question, in order,
+    as the processor's images=[[a, b]]; one missing file makes that row an error row."""
+    a, b, c = png(41, 23, seed=3), png(20, 50, seed=4), png(30, 30, seed=5)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "c.png").write_bytes(c)
+    A, B = {"bytes": a, "path": None}, {"bytes": b, "path": None}          # HF datasets' Sequence(Image())
+    rows = [{"id": "ab", "image": [A, B], "question": "Which is larger?"},
+            {"id": "ba", "image": [B, A], "question": "Which is larger?"},
+            {"id": "a", "image": [A], "question": "What is it?"},
+            {"id": "abc", "image": [A, B, {"bytes": None, "path": "c.png"}], "question": None},
+            {"id": "missing", "image": [A, {"bytes": None, "path": "nope.png"}], "question": "What?"},
+            {"id": "none", "image": [], "question": "What?"}]
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    write_parquet(tmp_path / "in" / "rows.parquet", rows,
+                  pa.schema([("id", pa.string()), ("image", pa.list_(struct)), ("question", pa.string())]))
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW, batch_size=4)
+    run_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    by_id = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    for row, images in zip(rows[:4], ([a, b], [b, a], [a], [a, b, c])):
+        text, n = oracle.answer(images, row["question"] or PipelineConfig.prompt, MAX_NEW)
+        assert (by_id[row["id"]]["answer"], by_id[row["id"]]["num_generated_tokens"]) == (text, n), row["id"]
+    assert "nope.png" in by_id["missing"]["error"] and by_id["missing"]["finish_reason"] == "error"
+    assert by_id["none"]["error"] == "read image: RowError: image list is empty"
+
+
 def test_model_stage_computes_in_the_dtype_asked(checkpoint):
     """float16: the dtype of GPUs without fast bfloat16 (T4, V100); on CPU it runs the same code."""
     import asyncio

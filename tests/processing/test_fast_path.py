@@ -37,7 +37,8 @@ def _png(image) -> bytes:
 
 
 def _reference(ref, image, question):
-    content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": question}]
+    images = image if isinstance(image, list) else [] if image is None else [image]
+    content = [{"type": "image", "image": i} for i in images] + [{"type": "text", "text": question}]
     return ref.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                    tokenize=True, return_dict=True, return_tensors="pt")
 
@@ -55,6 +56,21 @@ def test_ids_and_pixels_match_reference_apply_chat_template(setup, size):
     assert torch.equal(pixels, want["pixel_values"][0])  # bit-identical
     grid = (row.rows, row.cols)
     assert row.frames.shape[0] == (grid[0] * grid[1] + 1 if grid != (0, 0) else 1)
+
+
+@pytest.mark.parametrize("sizes", [[(60, 40), (20, 90)], [(72, 72), (1, 1), (300, 7)], [(33, 33), (33, 33)]])
+def test_several_images_match_reference_apply_chat_template(setup, sizes):
+    """A row of several images (MMMU, NLVR2): each image's block in order, then the question."""
+    ref, enc, _ = setup
+    images = [_img(*size, seed=i) for i, size in enumerate(sizes)]
+    row = enc.encode_images([_png(image) for image in images], QUESTION)
+    want = _reference(ref, images, QUESTION)
+    assert row.input_ids == want["input_ids"][0].tolist()
+    frames = torch.from_numpy(row.frames)
+    assert torch.equal(enc.pixel_values(frames), want["pixel_values"][0][: frames.shape[0]])
+    assert not want["pixel_values"][0][frames.shape[0]:].any()       # the reference's padding frames only
+    tiles = [enc.image_frames(_png(image)) for image in images]
+    assert enc.encode_images(images, QUESTION, tiles=tiles).input_ids == row.input_ids
 
 
 def test_pil_input_and_rgba_and_grey(setup):
@@ -144,7 +160,7 @@ def test_torch_backend_recipe(setup):
     assert enc.recipe == "torch"
     image = _img(60, 40)
     row = enc.encode(image=image, question=QUESTION)
-    want = enc.processor(text=enc.prompt(QUESTION, True), images=[image], add_special_tokens=False,
+    want = enc.processor(text=enc.prompt(QUESTION, 1), images=[image], add_special_tokens=False,
                          return_tensors="pt")
     assert row.input_ids == want["input_ids"][0].tolist()
     assert torch.equal(enc.pixel_values(row.frames), want["pixel_values"][0])
