@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import glob as globlib
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import ray.data
 
 from .storage import arrow_fs, fsspec_fs, is_local, protocol_of
@@ -42,14 +44,38 @@ def read_rows(uri: str, storage_options: dict | None = None, **read_args) -> ray
                                  include_row_hash=True, file_extensions=["parquet"], **read_args)
 
 
-def parquet_dataset(uri: str, storage_options: dict | None = None) -> pads.Dataset:
-    """The input's `.parquet` files as one Arrow dataset (driver side: its ids, a benchmark's columns)."""
-    filesystem, _ = arrow_fs(uri, storage_options)
+def parquet_files(uri: str, storage_options: dict | None = None) -> list[str]:
+    """Every `.parquet` file of the input (paths without protocol)."""
     paths = input_paths(uri, storage_options)
     if isinstance(paths, str):
         fs, _ = fsspec_fs(uri, storage_options)
         paths = sorted(p for p in fs.find(paths) if p.endswith(".parquet")) if fs.isdir(paths) else [paths]
-    return pads.dataset(paths, filesystem=filesystem, format="parquet")
+    return paths
+
+
+def parquet_dataset(uri: str, storage_options: dict | None = None) -> pads.Dataset:
+    """The input's `.parquet` files as one Arrow dataset (driver side: its ids, a benchmark's columns)."""
+    filesystem, _ = arrow_fs(uri, storage_options)
+    return pads.dataset(parquet_files(uri, storage_options), filesystem=filesystem, format="parquet")
+
+
+def unreadable_files(uri: str, storage_options: dict | None = None, threads: int = 32) -> dict[str, str]:
+    """Input files whose Parquet footer cannot be read (an upload cut short, another format named
+    .parquet) -> why. One small read a file, `threads` at once."""
+    filesystem, _ = arrow_fs(uri, storage_options)
+
+    def problem(path: str) -> str | None:
+        try:
+            with filesystem.open_input_file(path) as f:
+                pq.read_metadata(f)
+        except Exception as e:      # ArrowInvalid, OSError: whatever it is, the file cannot be read
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    files = parquet_files(uri, storage_options)
+    with ThreadPoolExecutor(threads) as pool:
+        found = dict(zip(files, pool.map(problem, files)))
+    return {path: why for path, why in found.items() if why}
 
 
 def read_ids(uri: str, storage_options: dict | None = None):

@@ -12,7 +12,7 @@ import ray.data
 from .builder import build_processor
 from .config import PipelineConfig
 from .generate import release_replica_groups
-from .io import input_folder, read_ids, read_output, read_rows, write_rows
+from .io import input_folder, read_ids, read_output, read_rows, unreadable_files, write_rows
 from .ledger import remove_job_ledgers
 from .resume import checkpoint_config, clear_checkpoint, has_checkpoint
 from .rows import error_kind
@@ -58,6 +58,16 @@ def with_image_root(config: PipelineConfig, input_uri: str) -> PipelineConfig:
     return replace(config, image_root=config.image_root or input_folder(input_uri, config.storage_options))
 
 
+def check_input_files(source: str, storage_options: dict | None) -> None:
+    """Refuse, before any work, an input with a file that cannot be read (Ray Data would fail the
+    job when it reached it, hours in), naming every such file."""
+    bad = unreadable_files(source, storage_options)
+    if bad:
+        named = "; ".join(f"{path} ({why})" for path, why in list(bad.items())[:5])
+        raise ValueError(f"input {source!r}: {len(bad)} Parquet file(s) cannot be read, so nothing was started; "
+                         f"repair or remove them: {named}")
+
+
 def check_unique_ids(source: str, storage_options: dict | None) -> None:
     """Resume skips every input row whose id is already written, so two rows sharing an id (an image id
     given to several questions) would lose one of them on resume: refused before any work."""
@@ -86,6 +96,7 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
     opts = config.storage_options
     config = with_image_root(config, input_uri)
     prepare_output(output_uri, opts, resume)
+    check_input_files(input_uri, opts)
     check_unique_ids(input_uri, opts)
     before = output_counts(output_uri, opts)
     context = ray.data.DataContext.get_current()

@@ -207,6 +207,24 @@ def test_batches_in_flight_fill_the_engine_unless_set():
         PipelineConfig(model="m", batches_in_flight=0)
 
 
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_unreadable_input_files_are_refused_before_any_work(checkpoint, tmp_path, with_ids):
+    """A file cut short (an interrupted upload) or another format named .parquet would fail the job
+    when Ray Data reached it: every such file is named up front instead, whether or not the rows
+    have ids (without them, the id check reads no file)."""
+    rows = [{"id": f"r{i}", "image": png(20, 20), "question": "Colour?"} for i in range(4)]
+    rows = rows if with_ids else [{k: v for k, v in r.items() if k != "id"} for r in rows]
+    write_parquet(tmp_path / "in" / "a.parquet", rows[:2])
+    cut = write_parquet(tmp_path / "in" / "b.parquet", rows[2:])
+    cut.write_bytes(cut.read_bytes()[:300])
+    (tmp_path / "in" / "notes.parquet").write_text("not parquet")
+    (tmp_path / "in" / "image.png").write_bytes(png(20, 20))          # not .parquet: not read
+    with pytest.raises(ValueError, match=r"2 Parquet file\(s\) cannot be read, so nothing was started") as e:
+        run_job(str(tmp_path / "in"), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint)))
+    assert "b.parquet (" in str(e.value) and "notes.parquet (" in str(e.value) and "a.parquet" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_repeated_ids_are_refused_before_any_work(checkpoint, tmp_path):
     """Resume skips the rows of ids already written: rows sharing an id would be lost, so none may."""
     image = png(20, 20)

@@ -74,3 +74,16 @@ def test_input_and_output_on_s3(s3, s3_cluster, checkpoint, oracle):
     assert out["gone"]["finish_reason"] == "error" and "gone.png" in out["gone"]["error"]
     assert any(p.endswith(".parquet") for p in s3.find("bucket/out"))
     assert json.loads(s3.cat("bucket/out.summary.json")) == summary and summary["error_rows"] == 1
+
+
+def test_an_unreadable_file_on_s3_is_named_before_any_work(s3, checkpoint):
+    from pipeline.io import unreadable_files
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"id": ["x"], "image": [good_rows(1)[0]["image"]]}), buf)
+    s3.pipe("bucket/cut/a.parquet", buf.getvalue())
+    s3.pipe("bucket/cut/b.parquet", buf.getvalue()[:100])
+    assert list(unreadable_files("s3://bucket/cut/")) == ["bucket/cut/b.parquet"]
+    with pytest.raises(ValueError, match=r"1 Parquet file\(s\) cannot be read.*bucket/cut/b\.parquet"):
+        run_job("s3://bucket/cut/", "s3://bucket/cut-out", PipelineConfig(model=str(checkpoint)))
+    assert not s3.exists("bucket/cut-out")
