@@ -21,7 +21,8 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	# a fresh run each time: the job refuses to overwrite an earlier output without --resume
-	rm -rf demo/output/captions demo/output/captions.checkpoint demo/output/captions.summary.json
+	rm -rf demo/output/captions demo/output/captions.checkpoint demo/output/captions.summary.json \
+		demo/output/captions.run.json
 	$(BIN)/python -m jobs.caption
 
 bench: $(STAMP)

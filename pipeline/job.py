@@ -14,6 +14,7 @@ from .config import PipelineConfig
 from .generate import release_replica_groups
 from .io import input_folder, read_ids, read_output, read_rows, unreadable_files, write_rows
 from .ledger import remove_job_ledgers
+from .manifest import keep_run_settings
 from .resume import checkpoint_config, clear_checkpoint, has_checkpoint
 from .rows import error_kind
 from .storage import has_files, sibling, write_text
@@ -98,6 +99,7 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
     prepare_output(output_uri, opts, resume)
     check_input_files(input_uri, opts)
     check_unique_ids(input_uri, opts)
+    keep_run_settings(output_uri, config, resume, opts)
     before = output_counts(output_uri, opts)
     context = ray.data.DataContext.get_current()
     context.checkpoint_config = checkpoint_config(output_uri, opts)

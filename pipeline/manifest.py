@@ -1,0 +1,71 @@
+"""The settings a run's answers depend on, kept beside its output (`<output>.run.json`), so that
+`--resume` cannot mix answers made two ways into one dataset: another checkpoint, prompt or
+decoding; other kept columns would also give the output's files two schemas.
+
+Not compared: the input (a resumed run may read a grown dataset), and what only moves speed or
+placement (replicas, batch sizes, device, dtype: a resumed run may land on other hardware).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .config import PipelineConfig
+from .storage import fsspec_fs, sibling, write_text
+
+ANSWER_SETTINGS = ("prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "image_backend",
+                   "max_image_pixels", "keep_columns")
+SAMPLED_BYTES = 1 << 20     # read from each end of each weights file
+
+
+def checkpoint_fingerprint(model: str) -> str:
+    """A hash of a checkpoint folder's small files and of each weights file's size and first and
+    last MiB: another fine-tune of the same shapes differs, the same folder moved elsewhere does not.
+    A name that is not a local folder (a hub id) is its own fingerprint."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return model
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            if file.suffix != ".safetensors" or size <= 2 * SAMPLED_BYTES:
+                digest.update(f.read())
+                continue
+            digest.update(f.read(SAMPLED_BYTES))
+            f.seek(size - SAMPLED_BYTES)
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def run_settings(config: PipelineConfig) -> dict:
+    return {"model": config.model, "checkpoint": checkpoint_fingerprint(config.model),
+            **{name: getattr(config, name) for name in ANSWER_SETTINGS}}
+
+
+def differences(earlier: dict, now: dict) -> list[str]:
+    """What changed, in words ("prompt: 'A' -> 'B'"); the model's path alone may change (a moved folder)."""
+    changed = []
+    for name in [n for n in now if n != "model" and earlier.get(n) != now[n]]:
+        if name == "checkpoint":
+            changed.append(f"the checkpoint's files ({earlier.get('model')!r} then, {now['model']!r} now)")
+        else:
+            changed.append(f"{name}: {earlier.get(name)!r} -> {now[name]!r}")
+    return changed
+
+
+def keep_run_settings(output: str, config: PipelineConfig, resume: bool, storage_options: dict | None) -> None:
+    """Write this run's settings beside the output; a resumed run first checks that they are those
+    of the run it continues (ValueError naming each difference)."""
+    path = sibling(output, ".run.json")
+    now = json.loads(json.dumps(run_settings(config)))     # as they will read back (lists, not tuples)
+    fs, local = fsspec_fs(path, storage_options)
+    if resume and fs.exists(local):
+        changed = differences(json.loads(fs.cat(local)), now)
+        if changed:
+            raise ValueError(f"cannot resume into {output!r} with other settings than its earlier run ("
+                             + "; ".join(changed) + "): its answers would be a mix. Use the earlier settings, "
+                             "or a new output")
+    write_text(path, json.dumps(now, indent=2), storage_options)

@@ -1,0 +1,50 @@
+"""--resume continues a run only with the settings its answers were made with."""
+import shutil
+
+import pytest
+
+from pipeline import PipelineConfig, run_job
+from pipeline.manifest import checkpoint_fingerprint, keep_run_settings
+from tests.fixtures.checkpoints import build_checkpoint
+
+
+def test_the_fingerprint_follows_the_weights_not_the_folder(checkpoint, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(checkpoint, moved)
+    other = build_checkpoint(tmp_path / "other", "smolvlm", seed=1)      # same shapes, other weights
+    assert checkpoint_fingerprint(str(moved)) == checkpoint_fingerprint(str(checkpoint))
+    assert checkpoint_fingerprint(str(other)) != checkpoint_fingerprint(str(checkpoint))
+    assert checkpoint_fingerprint("HuggingFaceTB/SmolVLM-256M-Instruct") == "HuggingFaceTB/SmolVLM-256M-Instruct"
+
+
+def test_a_resume_with_other_settings_is_refused(checkpoint, tmp_path):
+    out = str(tmp_path / "out")
+    config = PipelineConfig(model=str(checkpoint), prompt="Describe it.", keep_columns=["url"])
+    keep_run_settings(out, config, resume=False, storage_options=None)
+    keep_run_settings(out, config, resume=True, storage_options=None)              # the same: goes on
+    moved = tmp_path / "moved"
+    shutil.copytree(checkpoint, moved)
+    keep_run_settings(out, PipelineConfig(model=str(moved), prompt="Describe it.", keep_columns=["url"]),
+                      resume=True, storage_options=None)                          # a moved checkpoint: goes on
+    changed = PipelineConfig(model=str(build_checkpoint(tmp_path / "other", "smolvlm", seed=1)),
+                             prompt="Caption it.", temperature=0.7, keep_columns=["url", "license"])
+    with pytest.raises(ValueError) as refused:
+        keep_run_settings(out, changed, resume=True, storage_options=None)
+    message = str(refused.value)
+    assert "prompt: 'Describe it.' -> 'Caption it.'" in message and "temperature: 0.0 -> 0.7" in message
+    assert "keep_columns: ['url'] -> ['url', 'license']" in message and "the checkpoint's files" in message
+    assert "max_new_tokens" not in message
+    keep_run_settings(out, changed, resume=False, storage_options=None)           # a fresh run starts over
+
+
+def test_run_job_refuses_before_any_work(checkpoint, tmp_path):
+    from tests.pipeline.helpers import png, write_parquet
+
+    write_parquet(tmp_path / "in" / "a.parquet", [{"id": "a", "image": png(20, 20)}])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "part-0.parquet").write_bytes((tmp_path / "in" / "a.parquet").read_bytes())
+    (tmp_path / "out.checkpoint").mkdir()
+    keep_run_settings(str(tmp_path / "out"), PipelineConfig(model=str(checkpoint)), resume=False, storage_options=None)
+    with pytest.raises(ValueError, match="max_new_tokens: 64 -> 8"):
+        run_job(str(tmp_path / "in"), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint), max_new_tokens=8),
+                resume=True)
