@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--input", help=f"Parquet file, folder or glob; local, s3:// or any fsspec URL "
                                     f"(default: {DEMO_INPUT.relative_to(DEMO_INPUT.parents[2])})")
     ap.add_argument("--output", help="output folder of Parquet files (default: demo/output/captions)")
-    ap.add_argument("--model", help="HF-layout checkpoint folder (default: demo/model)")
+    ap.add_argument("--model", help="HF-layout checkpoint: a folder, its URL (s3://..., copied once per node) "
+                                    "or a hub id (default: demo/model)")
     ap.add_argument("--prompt", help="the user turn for rows without a question")
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--temperature", type=float, help="0 = greedy")

@@ -46,7 +46,7 @@ DATASET_METRICS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", help="benchmark Parquet (file, folder, glob; local or fsspec URL)")
-    ap.add_argument("--model", help="checkpoint folder or hub id")
+    ap.add_argument("--model", help="checkpoint folder, its URL (s3://..., copied once per node) or hub id")
     ap.add_argument("--output", help="folder for the artefacts (default: runs/evaluate-<dataset>)")
     ap.add_argument("--metric", choices=list(METRICS), help="default: the dataset's standard metric")
     ap.add_argument("--prompt-suffix", default="", help="appended to every question, e.g. "

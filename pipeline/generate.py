@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
 
+from .checkpoint import local_checkpoint
 from .config import PipelineConfig
 from .faults import crash_always_on, crash_once_on, hang_once_on
 from .groups import IMAGE_FIELDS, ungroup
@@ -105,14 +107,17 @@ def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict, plac
     if tp > 1:
         from model.parallel.ray_group import RayTPGroup
 
-        return RayTPGroup(config.model, tp, dtype=dtype, device_type=device.split(":")[0], tokenizer=tokenizer,
+        # Each rank copies a checkpoint named by URL to its own node (the ranks' node may not be this one's).
+        fetch = partial(local_checkpoint, storage_options=config.storage_options)
+        return RayTPGroup(config.model, tp, dtype=dtype, device_type=device.split(":")[0], tokenizer=tokenizer, fetch=fetch,
                           placement_group=placement, num_cpus=rank["CPU"],
                           batches_in_flight=calls_in_flight(config), max_batch_size=config.max_batch_size,
                           step_timeout_s=config.step_timeout_s)
     from model import Idefics3ForConditionalGeneration
     from model.engine import LLMEngine
 
-    model = Idefics3ForConditionalGeneration.from_pretrained(config.model, dtype=dtype, device=device)
+    model = Idefics3ForConditionalGeneration.from_pretrained(local_checkpoint(config.model, config.storage_options),
+                                                             dtype=dtype, device=device)
     return LLMEngine(model, tokenizer=tokenizer, max_batch_size=config.max_batch_size)
 
 
@@ -128,7 +133,8 @@ class Generate:
 
         self.config, self.device = config, pick_device(config)
         self.rank = rank or {"CPU": 1.0}
-        self.encoder = RowEncoder.from_pretrained(config.model, image_backend=config.image_backend)
+        self.encoder = RowEncoder.from_pretrained(local_checkpoint(config.model, config.storage_options),
+                                                  image_backend=config.image_backend)
         tp = config.tensor_parallel_size
         self.placement = replica_placement_group(self.rank, tp) if tp > 1 else None
         self.engine = self.load()

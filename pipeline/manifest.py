@@ -11,19 +11,23 @@ import hashlib
 import json
 from pathlib import Path
 
+from .checkpoint import remote_files
 from .config import PipelineConfig
-from .storage import fsspec_fs, sibling, write_text
+from .storage import fsspec_fs, is_local, sibling, write_text
 
 ANSWER_SETTINGS = ("prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "image_backend",
                    "max_image_pixels", "keep_columns")
 SAMPLED_BYTES = 1 << 20     # read from each end of each weights file
 
 
-def checkpoint_fingerprint(model: str) -> str:
+def checkpoint_fingerprint(model: str, storage_options: dict | None = None) -> str:
     """A hash of a checkpoint folder's small files and of each weights file's size and first and
     last MiB: another fine-tune of the same shapes differs, the same folder moved elsewhere does not.
-    A name that is not a local folder (a hub id) is its own fingerprint."""
+    A URL's checkpoint: its files' names and sizes; a hub id: itself."""
     folder = Path(model)
+    if not is_local(model):
+        listing = json.dumps(sorted(remote_files(model, storage_options).items()))
+        return hashlib.sha256(listing.encode()).hexdigest()
     if not folder.is_dir():
         return model
     digest = hashlib.sha256()
@@ -41,7 +45,7 @@ def checkpoint_fingerprint(model: str) -> str:
 
 
 def run_settings(config: PipelineConfig) -> dict:
-    return {"model": config.model, "checkpoint": checkpoint_fingerprint(config.model),
+    return {"model": config.model, "checkpoint": checkpoint_fingerprint(config.model, config.storage_options),
             **{name: getattr(config, name) for name in ANSWER_SETTINGS}}
 
 

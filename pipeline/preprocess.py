@@ -14,6 +14,7 @@ from collections import OrderedDict
 import numpy as np
 import pyarrow as pa
 
+from .checkpoint import local_checkpoint
 from .config import PipelineConfig
 from .faults import crash_always_on
 from .fetch import ImageFetcher
@@ -30,7 +31,8 @@ class Preprocess:
         from processing import RowEncoder
 
         kwargs = {} if config.max_image_pixels is None else {"max_image_pixels": config.max_image_pixels}
-        self.encoder = RowEncoder.from_pretrained(config.model, image_backend=config.image_backend, **kwargs)
+        model = local_checkpoint(config.model, config.storage_options)
+        self.encoder = RowEncoder.from_pretrained(model, image_backend=config.image_backend, **kwargs)
         self.config = config
         self.fetcher = ImageFetcher(config.storage_options, root=config.image_root, threads=config.fetch_threads,
                                     attempts=config.fetch_attempts, timeout_s=config.fetch_timeout_s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -27,11 +28,14 @@ class RayTPGroup:
     def __init__(self, model_path: str | Path, tp: int, dtype: torch.dtype | str | None = None,
                  device_type: str = "cpu", tokenizer=None, *, placement_group=None, num_cpus: float = 1,
                  cpu_threads: int | None = None, timeout_s: float = 600.0, batches_in_flight: int = 1,
-                 step_timeout_s: float | None = None, **engine_kwargs) -> None:
+                 step_timeout_s: float | None = None, fetch: Callable[[str], str] | None = None,
+                 **engine_kwargs) -> None:
+        """`fetch`: model_path -> a local folder on the calling node (each rank calls it on its own
+        node: a checkpoint named by URL, copied where it is read); None: model_path is a folder."""
         import ray
         from ray.util import get_current_placement_group
 
-        folder = resolve_checkpoint_dir(model_path)
+        folder = resolve_checkpoint_dir(fetch(str(model_path)) if fetch else model_path)
         check_tp(Idefics3Config.from_pretrained(folder), tp)       # before any actor starts
         engine_kwargs.setdefault("use_cuda_graphs", tp == 1)
         actor = ray.remote(TPWorker)
@@ -40,7 +44,7 @@ class RayTPGroup:
         self.workers = [
             actor.options(**self._placement(rank, placement_group, device_type, num_cpus),
                           max_concurrency=batches_in_flight + 2 if rank == 0 else 1).remote(
-                rank, tp, str(folder), dtype=dtype, device_type=device_type,
+                rank, tp, str(model_path) if fetch else str(folder), fetch=fetch, dtype=dtype, device_type=device_type,
                 tokenizer=tokenizer if rank == 0 else None, cpu_threads=cpu_threads, engine_kwargs=engine_kwargs,
                 step_timeout_s=step_timeout_s if rank == 0 else None)
             for rank in range(tp)]

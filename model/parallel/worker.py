@@ -19,6 +19,7 @@ import traceback
 from concurrent.futures import Future
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -103,8 +104,10 @@ def _shipped(request: Request) -> Request:
 class TPWorker:
     def __init__(self, rank: int, world_size: int, model_path: str | Path, dtype: torch.dtype | str | None = None,
                  device_type: str = "cpu", tokenizer=None, cpu_threads: int | None = None,
-                 engine_kwargs: dict | None = None, step_timeout_s: float | None = None) -> None:
+                 engine_kwargs: dict | None = None, step_timeout_s: float | None = None,
+                 fetch: Callable[[str], str] | None = None) -> None:
         self.rank, self.world_size, self.model_path = rank, world_size, str(model_path)
+        self.fetch = fetch                        # model_path -> a local folder (RayTPGroup)
         self.step_timeout_s = step_timeout_s      # rank 0's EngineLoop ends this process past it
         self.dtype, self.device_type, self.tokenizer = dtype, device_type, tokenizer
         self.engine_kwargs = dict(engine_kwargs or {})
@@ -136,7 +139,8 @@ class TPWorker:
         error = None
         try:
             device = rank_device(self.device_type, self.rank)
-            model = load_shard(self.model_path, tp, dtype=self.dtype, device=device)
+            folder = self.fetch(self.model_path) if self.fetch else self.model_path
+            model = load_shard(folder, tp, dtype=self.dtype, device=device)
             self.engine = ShardEngine(model, self.comm, tokenizer=self.tokenizer, **self.engine_kwargs)
         except Exception as e:  # reported to every rank below, so no rank waits forever for another
             error = f"rank {self.rank}: {type(e).__name__}: {e}"

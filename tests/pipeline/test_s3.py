@@ -3,13 +3,14 @@ import io
 import json
 import os
 import socket
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import PipelineConfig, read_output, run_job
-from tests.pipeline.helpers import good_rows
+from tests.pipeline.helpers import Oracle, good_rows
 
 MAX_NEW = 4
 
@@ -21,14 +22,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3():
+def s3(tmp_path_factory):
     from moto.server import ThreadedMotoServer
+
+    from pipeline.checkpoint import CACHE_ENV
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           CACHE_ENV: str(tmp_path_factory.mktemp("checkpoint-cache"))}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # before ray.init: the workers inherit it
     import s3fs
@@ -87,3 +91,47 @@ def test_an_unreadable_file_on_s3_is_named_before_any_work(s3, checkpoint):
     with pytest.raises(ValueError, match=r"1 Parquet file\(s\) cannot be read.*bucket/cut/b\.parquet"):
         run_job("s3://bucket/cut/", "s3://bucket/cut-out", PipelineConfig(model=str(checkpoint)))
     assert not s3.exists("bucket/cut-out")
+
+
+def upload_checkpoint(s3, folder, prefix: str) -> None:
+    for file in folder.iterdir():
+        s3.pipe(f"{prefix}/{file.name}", file.read_bytes())
+
+
+def test_a_checkpoint_on_s3_is_copied_once_per_node_and_again_when_it_changes(s3, checkpoint):
+    from pipeline.checkpoint import local_checkpoint
+
+    upload_checkpoint(s3, checkpoint, "bucket/models/copied")
+    s3.pipe("bucket/models/copied/pytorch_model.bin", b"pickle: never fetched")
+    local = local_checkpoint("s3://bucket/models/copied/")
+    names = sorted(p.name for p in Path(local).iterdir() if not p.name.startswith("."))
+    assert names == sorted(p.name for p in checkpoint.iterdir())                # all but the pickle
+    stamp = (Path(local) / "model.safetensors").stat().st_mtime_ns
+    assert local_checkpoint("s3://bucket/models/copied") == local                 # the same copy, not fetched again
+    assert (Path(local) / "model.safetensors").stat().st_mtime_ns == stamp
+    s3.pipe("bucket/models/copied/generation_config.json", b'{"eos_token_id": 2, "changed": true}')
+    assert local_checkpoint("s3://bucket/models/copied/") == local
+    assert b"changed" in (Path(local) / "generation_config.json").read_bytes()   # rewritten remotely: copied again
+    with pytest.raises(FileNotFoundError, match="no checkpoint files"):
+        local_checkpoint("s3://bucket/models/none/")
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_model_on_s3(s3, s3_cluster, checkpoint, tmp_path, tp, oracle):
+    """--model s3://...: every replica (each rank of a tensor-parallel one) reads its node's copy."""
+    from tests.fixtures.checkpoints import build_checkpoint
+
+    folder = build_checkpoint(tmp_path / "ckpt", "idefics3") if tp > 1 else checkpoint   # tp 2: heads split in 2
+    upload_checkpoint(s3, folder, f"bucket/models/tp{tp}")
+    rows = good_rows(3)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    s3.pipe(f"bucket/in-tp{tp}/part-0.parquet", buf.getvalue())
+    config = PipelineConfig(model=f"s3://bucket/models/tp{tp}", max_new_tokens=MAX_NEW, batch_size=2,
+                            tensor_parallel_size=tp)
+    run_job(f"s3://bucket/in-tp{tp}/", f"s3://bucket/out-tp{tp}", config)
+    out = {r["id"]: r for r in read_output(f"s3://bucket/out-tp{tp}").to_pylist()}
+    want = oracle if tp == 1 else Oracle(folder)
+    for row in rows:
+        text, n = want.answer(row["image"], row["question"] or config.prompt, MAX_NEW)
+        assert (out[row["id"]]["answer"], out[row["id"]]["num_generated_tokens"]) == (text, n), row["id"]

@@ -1,0 +1,73 @@
+"""Checkpoints named by URL (`--model s3://bucket/SmolVLM-256M-Instruct`): copied once per node.
+
+On a cluster the driver's disk is not the workers', so a checkpoint kept on S3 (or any fsspec store)
+is copied by the first actor of a node that needs it into a local cache, the others waiting on a
+file lock and then reading the same copy. A copy is complete (a marker lists its files and their
+sizes) and current (a checkpoint rewritten under the same URL, with other sizes, is copied again).
+Only the files a loader reads are copied: safetensors weights, JSON configs, tokenizer and
+templates; pickle weights are never fetched.
+"""
+from __future__ import annotations
+
+import fcntl
+import fnmatch
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .storage import is_local, reader_fs
+
+WANTED = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model")    # as model.loading's hub download
+CACHE_ENV = "IDEFICS3_CHECKPOINT_CACHE"     # default: <temp dir>/idefics3-checkpoints
+COMPLETE = ".complete.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "idefics3-checkpoints")
+
+
+def remote_files(uri: str, storage_options: dict | None) -> dict[str, int]:
+    """The checkpoint's wanted files under `uri`: relative path -> size."""
+    fs, root = reader_fs(uri, storage_options)
+    found = {}
+    for path, info in fs.find(root, detail=True).items():
+        relative = posixpath.relpath(path, root.rstrip("/"))
+        if any(fnmatch.fnmatch(posixpath.basename(relative), p) for p in WANTED):
+            found[relative] = int(info.get("size") or 0)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint files ({', '.join(WANTED)}) under {uri!r}")
+    return found
+
+
+def local_checkpoint(model: str, storage_options: dict | None = None) -> str:
+    """A local folder or hub id as it is; a URL's checkpoint as the path of this node's copy of it."""
+    if is_local(model):
+        return model
+    target = cache_root() / hashlib.sha256(model.rstrip("/").encode()).hexdigest()[:24]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    files = remote_files(model, storage_options)
+    with open(f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)        # one copy per node; the others wait for it
+        marker = target / COMPLETE
+        if not (marker.is_file() and json.loads(marker.read_text()) == files):
+            copy(model, files, target, storage_options)
+            marker.write_text(json.dumps(files))
+    return str(target)
+
+
+def copy(uri: str, files: dict[str, int], target: Path, storage_options: dict | None) -> None:
+    shutil.rmtree(target, ignore_errors=True)
+    fs, root = reader_fs(uri, storage_options)
+
+    def get(relative: str) -> None:
+        local = target / relative
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(posixpath.join(root.rstrip("/"), relative), str(local))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(get, files))
