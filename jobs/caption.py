@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_rows(output, config.storage_options, values["show"])
-    print_summary(summary)
-    return 0
+    return 0 if print_summary(summary) else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,18 @@ def init_ray() -> None:
         ray.init(num_cpus=max(os.cpu_count() or 1, LOCAL_MIN_CPUS), logging_level=logging.WARNING)
 
 
-def print_summary(summary: dict) -> None:
-    print(f"rows {summary['rows']} ({summary['error_rows']} errors) | this run: {summary['rows_this_run']} rows "
-          f"in {summary['wall_s']:.1f}s = {summary['rows_per_s']} rows/s, "
+def print_summary(summary: dict) -> bool:
+    """Prints the run's summary; False (and says so) when the output does not hold every input row once."""
+    print(f"rows {summary['rows']} of {summary['input_rows']} input rows ({summary['error_rows']} errors) | "
+          f"this run: {summary['rows_this_run']} rows in {summary['wall_s']:.1f}s = {summary['rows_per_s']} rows/s, "
           f"{summary['generated_tokens_per_s']} generated tokens/s")
     kinds = summary.get("errors_by_kind") or {}
     if kinds:
         print("errors: " + "; ".join(f"{n} x {kind}" for kind, n in kinds.items()))
+    whole = not summary["missing_rows"] and not summary["duplicate_rows"]
+    if not whole:
+        print(f"error: the output does not hold every input row once: {summary['missing_rows']} input rows have "
+              f"no output row, {summary['duplicate_rows']} output rows repeat an id (run again with --resume "
+              "to answer the missing ones)", file=sys.stderr)
     print(json.dumps(summary))
+    return whole

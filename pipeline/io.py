@@ -59,23 +59,21 @@ def parquet_dataset(uri: str, storage_options: dict | None = None) -> pads.Datas
     return pads.dataset(parquet_files(uri, storage_options), filesystem=filesystem, format="parquet")
 
 
-def unreadable_files(uri: str, storage_options: dict | None = None, threads: int = 32) -> dict[str, str]:
-    """Input files whose Parquet footer cannot be read (an upload cut short, another format named
-    .parquet) -> why. One small read a file, `threads` at once."""
+def read_footers(uri: str, storage_options: dict | None = None, threads: int = 32) -> dict[str, int | str]:
+    """Each input file's row count from its Parquet footer, or why the footer cannot be read (an
+    upload cut short, another format named .parquet). One small read a file, `threads` at once."""
     filesystem, _ = arrow_fs(uri, storage_options)
 
-    def problem(path: str) -> str | None:
+    def rows(path: str) -> int | str:
         try:
             with filesystem.open_input_file(path) as f:
-                pq.read_metadata(f)
+                return pq.read_metadata(f).num_rows
         except Exception as e:      # ArrowInvalid, OSError: whatever it is, the file cannot be read
             return f"{type(e).__name__}: {e}"
-        return None
 
     files = parquet_files(uri, storage_options)
     with ThreadPoolExecutor(threads) as pool:
-        found = dict(zip(files, pool.map(problem, files)))
-    return {path: why for path, why in found.items() if why}
+        return dict(zip(files, pool.map(rows, files)))
 
 
 def read_ids(uri: str, storage_options: dict | None = None):

@@ -12,24 +12,25 @@ import ray.data
 from .builder import build_processor
 from .config import PipelineConfig
 from .generate import release_replica_groups
-from .io import input_folder, read_ids, read_output, read_rows, unreadable_files, write_rows
+from .io import input_folder, read_footers, read_ids, read_output, read_rows, write_rows
 from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
 from .resume import checkpoint_config, clear_checkpoint, has_checkpoint
 from .rows import error_kind
 from .storage import has_files, sibling, write_text
 
-COUNTED = ["finish_reason", "error", "num_generated_tokens"]
+COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
 ERROR_KINDS_SHOWN = 10
 
 
 def output_counts(output: str, storage_options: dict | None = None) -> dict:
     table = read_output(output, storage_options, columns=COUNTED)
     if table is None:
-        return {"rows": 0, "error_rows": 0, "generated_tokens": 0, "errors_by_kind": {}}
+        return {"rows": 0, "ids": 0, "error_rows": 0, "generated_tokens": 0, "errors_by_kind": {}}
     failed = table.filter(pc.equal(table["finish_reason"], "error"))
     kinds = Counter(error_kind(m or "") for m in failed["error"].to_pylist())
-    return {"rows": table.num_rows, "error_rows": failed.num_rows,
+    return {"rows": table.num_rows, "ids": pc.count_distinct(table["id"], mode="all").as_py(),
+            "error_rows": failed.num_rows,
             "generated_tokens": pc.sum(table["num_generated_tokens"]).as_py() or 0,
             "errors_by_kind": dict(kinds.most_common(ERROR_KINDS_SHOWN))}
 
@@ -59,14 +60,16 @@ def with_image_root(config: PipelineConfig, input_uri: str) -> PipelineConfig:
     return replace(config, image_root=config.image_root or input_folder(input_uri, config.storage_options))
 
 
-def check_input_files(source: str, storage_options: dict | None) -> None:
-    """Refuse, before any work, an input with a file that cannot be read (Ray Data would fail the
-    job when it reached it, hours in), naming every such file."""
-    bad = unreadable_files(source, storage_options)
-    if bad:
-        named = "; ".join(f"{path} ({why})" for path, why in list(bad.items())[:5])
-        raise ValueError(f"input {source!r}: {len(bad)} Parquet file(s) cannot be read, so nothing was started; "
-                         f"repair or remove them: {named}")
+def check_input_files(source: str, storage_options: dict | None) -> int:
+    """The input's row count; refuses, before any work, an input with a file that cannot be read
+    (Ray Data would fail the job when it reached it, hours in), naming every such file."""
+    footers = read_footers(source, storage_options)
+    bad = {path: why for path, why in footers.items() if isinstance(why, str)}
+    if not bad:
+        return sum(footers.values())
+    named = "; ".join(f"{path} ({why})" for path, why in list(bad.items())[:5])
+    raise ValueError(f"input {source!r}: {len(bad)} Parquet file(s) cannot be read, so nothing was started; "
+                     f"repair or remove them: {named}")
 
 
 def check_unique_ids(source: str, storage_options: dict | None) -> None:
@@ -97,7 +100,7 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
     opts = config.storage_options
     config = with_image_root(config, input_uri)
     prepare_output(output_uri, opts, resume)
-    check_input_files(input_uri, opts)
+    input_rows = check_input_files(input_uri, opts)
     check_unique_ids(input_uri, opts)
     keep_run_settings(output_uri, config, resume, opts)
     before = output_counts(output_uri, opts)
@@ -112,14 +115,19 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
     finally:
         context.checkpoint_config = None
         release_run()
-    summary = summarize(input_uri, output_uri, before, output_counts(output_uri, opts), wall)
+    summary = summarize(input_uri, output_uri, before, output_counts(output_uri, opts), wall, input_rows)
     write_text(sibling(output_uri, ".summary.json"), json.dumps(summary, indent=2), opts)
     return summary
 
 
-def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: float) -> dict:
+def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: float, input_rows: int) -> dict:
+    """The run in numbers, and the reconciliation a user needs at scale: input rows with no output
+    row (`missing_rows`) and output rows of an id written twice (`duplicate_rows`), both 0 unless
+    something went wrong."""
     rows, tokens = after["rows"] - before["rows"], after["generated_tokens"] - before["generated_tokens"]
-    return {"input": input_uri, "output": output_uri, "rows": after["rows"], "error_rows": after["error_rows"],
+    return {"input": input_uri, "output": output_uri, "input_rows": input_rows,
+            "missing_rows": max(input_rows - after["ids"], 0), "duplicate_rows": after["rows"] - after["ids"],
+            "rows": after["rows"], "error_rows": after["error_rows"],
             "rows_this_run": rows, "generated_tokens_this_run": tokens, "wall_s": round(wall, 3),
             "rows_per_s": round(rows / wall, 3) if wall > 0 else None,
             "generated_tokens_per_s": round(tokens / wall, 3) if wall > 0 else None,

@@ -76,11 +76,35 @@ def test_summary_printed_and_written_beside_the_output(run):
     rows, _, _, summary, tmp = run
     on_disk = json.loads((tmp / "out.summary.json").read_text())
     assert on_disk == summary
-    assert summary["rows"] == summary["rows_this_run"] == len(rows)
+    assert summary["rows"] == summary["rows_this_run"] == summary["input_rows"] == len(rows)
+    assert summary["missing_rows"] == summary["duplicate_rows"] == 0
     assert summary["error_rows"] == len(bad_rows())
     assert summary["errors_by_kind"] == {"preprocess: PromptError": 2, "preprocess: ImageDecodeError": 1,
                                          "read image: image is null": 1, "preprocess: ImageTooLargeError": 1}
     assert summary["generated_tokens_this_run"] > 0 and summary["rows_per_s"] > 0
+
+
+def test_the_summary_reconciles_the_output_with_the_input(ray_cluster, checkpoint, tmp_path, capsys):
+    """An output file lost after its rows were checkpointed (deleted by hand, a bucket lifecycle
+    rule): a resume skips those rows, and the summary says they are missing; a file copied twice
+    shows as duplicates. jobs.caption exits 1 on either."""
+    import shutil
+
+    from jobs.common import print_summary
+
+    write_parquet(tmp_path / "in.parquet", [{"id": f"r{i}", "image": png(20, 20, seed=i)} for i in range(4)])
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=2, rows_per_file=2)
+    out = tmp_path / "out"
+    assert print_summary(run_job(str(tmp_path / "in.parquet"), str(out), config))
+    files = sorted(out.glob("*.parquet"))
+    assert len(files) == 2
+    files[0].unlink()
+    summary = run_job(str(tmp_path / "in.parquet"), str(out), config, resume=True)
+    assert (summary["input_rows"], summary["rows"], summary["missing_rows"], summary["duplicate_rows"]) == (4, 2, 2, 0)
+    assert not print_summary(summary) and "2 input rows have no output row" in capsys.readouterr().err
+    shutil.copy(files[1], out / "copy.parquet")
+    summary = run_job(str(tmp_path / "in.parquet"), str(out), config, resume=True)
+    assert (summary["rows"], summary["missing_rows"], summary["duplicate_rows"]) == (4, 2, 2)
 
 
 def test_fresh_run_refuses_a_written_output(run, checkpoint):
