@@ -90,6 +90,9 @@ def print_summary(summary: dict) -> bool:
     kinds = summary.get("errors_by_kind") or {}
     if kinds:
         print("errors: " + "; ".join(f"{n} x {kind}" for kind, n in kinds.items()))
+    if summary.get("lost_rows_answered_again"):
+        print(f"{summary['lost_rows_answered_again']} rows whose output file was lost since the earlier run "
+              "were answered again")
     whole = not summary["missing_rows"] and not summary["duplicate_rows"]
     if not whole:
         print(f"error: the output does not hold every input row once: {summary['missing_rows']} input rows have "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import replace
@@ -15,12 +16,13 @@ from .generate import release_replica_groups
 from .io import input_folder, read_footers, read_ids, read_output, read_rows, write_rows
 from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
-from .resume import checkpoint_config, clear_checkpoint, has_checkpoint
+from .resume import checkpoint_config, clear_checkpoint, forget_lost_rows, has_checkpoint
 from .rows import error_kind
 from .storage import has_files, sibling, write_text
 
 COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
 ERROR_KINDS_SHOWN = 10
+log = logging.getLogger(__name__)
 
 
 def output_counts(output: str, storage_options: dict | None = None) -> dict:
@@ -103,6 +105,10 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
     input_rows = check_input_files(input_uri, opts)
     check_unique_ids(input_uri, opts)
     keep_run_settings(output_uri, config, resume, opts)
+    lost = forget_lost_rows(output_uri, opts) if resume else 0
+    if lost:
+        log.warning("%d rows of an earlier run have no output row any more (a deleted output file?): "
+                    "they are answered again", lost)
     before = output_counts(output_uri, opts)
     context = ray.data.DataContext.get_current()
     context.checkpoint_config = checkpoint_config(output_uri, opts)
@@ -116,6 +122,7 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
         context.checkpoint_config = None
         release_run()
     summary = summarize(input_uri, output_uri, before, output_counts(output_uri, opts), wall, input_rows)
+    summary["lost_rows_answered_again"] = lost
     write_text(sibling(output_uri, ".summary.json"), json.dumps(summary, indent=2), opts)
     return summary
 

@@ -9,9 +9,12 @@ clean-up deletes every data file under the output whose name starts with a pendi
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from ray.data.checkpoint import CheckpointConfig
 from ray.data.checkpoint.checkpoint_filter import NumpyArrayBasedCheckpointFilter
 
+from .io import read_output
 from .rows import ROW_HASH
 from .storage import arrow_fs, fsspec_fs, is_local, sibling
 
@@ -48,3 +51,29 @@ def clear_checkpoint(output: str, storage_options: dict | None = None) -> None:
 def has_checkpoint(output: str, storage_options: dict | None = None) -> bool:
     fs, path = fsspec_fs(checkpoint_uri(output), storage_options)
     return fs.exists(path)
+
+
+def forget_lost_rows(output: str, storage_options: dict | None = None) -> int:
+    """Before a resume: ids committed in the checkpoint whose output rows are gone (a data file deleted
+    by hand, a bucket's lifecycle rule) are taken out of it, so the resumed run answers them again
+    instead of skipping them for ever. Returns how many. Pending checkpoints are Ray's to clean."""
+    fs, folder = fsspec_fs(checkpoint_uri(output), storage_options)
+    committed = [p for p in fs.glob(f"{folder}/*.parquet") if not p.endswith(".pending.parquet")]
+    if not committed:
+        return 0
+    written = read_output(output, storage_options, columns=["id"])
+    present = written.column("id").combine_chunks() if written is not None else pa.array([])
+    lost = 0
+    for path in committed:
+        with fs.open(path, "rb") as f:
+            ids = pq.read_table(f)
+        kept = ids.filter(pc.is_in(ids.column("id"), value_set=present.cast(ids.schema.field("id").type)))
+        if kept.num_rows == ids.num_rows:
+            continue
+        lost += ids.num_rows - kept.num_rows
+        if kept.num_rows == 0:
+            fs.rm(path)
+        else:
+            with fs.open(path, "wb") as f:
+                pq.write_table(kept, f)
+    return lost

@@ -2,6 +2,7 @@
 import json
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import PipelineConfig, read_output, run_job
@@ -84,10 +85,10 @@ def test_summary_printed_and_written_beside_the_output(run):
     assert summary["generated_tokens_this_run"] > 0 and summary["rows_per_s"] > 0
 
 
-def test_the_summary_reconciles_the_output_with_the_input(ray_cluster, checkpoint, tmp_path, capsys):
+def test_a_resume_answers_again_the_rows_of_a_lost_output_file(ray_cluster, checkpoint, tmp_path, capsys):
     """An output file lost after its rows were checkpointed (deleted by hand, a bucket lifecycle
-    rule): a resume skips those rows, and the summary says they are missing; a file copied twice
-    shows as duplicates. jobs.caption exits 1 on either."""
+    rule): a resume takes its ids out of the checkpoint and answers them again, the other file's rows
+    not; a file copied twice shows in the summary as duplicates, and jobs.caption exits 1 on it."""
     import shutil
 
     from jobs.common import print_summary
@@ -98,13 +99,17 @@ def test_the_summary_reconciles_the_output_with_the_input(ray_cluster, checkpoin
     assert print_summary(run_job(str(tmp_path / "in.parquet"), str(out), config))
     files = sorted(out.glob("*.parquet"))
     assert len(files) == 2
+    lost = set(pq.read_table(files[0]).column("id").to_pylist())
     files[0].unlink()
     summary = run_job(str(tmp_path / "in.parquet"), str(out), config, resume=True)
-    assert (summary["input_rows"], summary["rows"], summary["missing_rows"], summary["duplicate_rows"]) == (4, 2, 2, 0)
-    assert not print_summary(summary) and "2 input rows have no output row" in capsys.readouterr().err
+    assert (summary["input_rows"], summary["rows"], summary["missing_rows"], summary["duplicate_rows"]) == (4, 4, 0, 0)
+    assert summary["rows_this_run"] == summary["lost_rows_answered_again"] == 2
+    new = set(out.glob("*.parquet")) - set(files)
+    assert {i for f in new for i in pq.read_table(f).column("id").to_pylist()} == lost
     shutil.copy(files[1], out / "copy.parquet")
     summary = run_job(str(tmp_path / "in.parquet"), str(out), config, resume=True)
-    assert (summary["rows"], summary["missing_rows"], summary["duplicate_rows"]) == (4, 2, 2)
+    assert (summary["rows"], summary["missing_rows"], summary["duplicate_rows"], summary["rows_this_run"]) == (6, 0, 2, 0)
+    assert not print_summary(summary) and "2 output rows repeat an id" in capsys.readouterr().err
 
 
 def test_fresh_run_refuses_a_written_output(run, checkpoint):

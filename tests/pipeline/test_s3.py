@@ -79,6 +79,13 @@ def test_input_and_output_on_s3(s3, s3_cluster, checkpoint, oracle):
     assert any(p.endswith(".parquet") for p in s3.find("bucket/out"))
     assert json.loads(s3.cat("bucket/out.summary.json")) == summary and summary["error_rows"] == 1
 
+    written = sorted(p for p in s3.find("bucket/out") if p.endswith(".parquet"))
+    lost = pq.read_table(io.BytesIO(s3.cat(written[0]))).num_rows
+    s3.rm(written[0])               # a lost output file: its rows are answered again on resume
+    summary = run_job("s3://bucket/in/", "s3://bucket/out", config, resume=True)
+    assert summary["lost_rows_answered_again"] == summary["rows_this_run"] == lost
+    assert (summary["rows"], summary["missing_rows"], summary["duplicate_rows"]) == (len(out), 0, 0)
+
 
 def test_an_unreadable_file_on_s3_is_named_before_any_work(s3, checkpoint):
     from pipeline.io import read_footers
