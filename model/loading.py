@@ -18,7 +18,7 @@ from .config import CONFIG_NAME, Idefics3Config
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]   # what a loader reads: never pickles
 GENERATION_CONFIG = "generation_config.json"
 BASE_PREFIX = "model."
 BASE_CHILDREN = ("vision_model.", "connector.", "text_model.")
@@ -121,6 +121,15 @@ def _copy_tensor(param: torch.Tensor, tensor: torch.Tensor, key: str) -> None:
         raise CheckpointError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
     with torch.no_grad():
         param.copy_(tensor)
+
+
+DEVICE_DTYPE = "device"      # a dtype argument: compute_dtype of the device the model lands on
+
+
+def common_dtype(choices: list[torch.dtype]) -> torch.dtype:
+    """One dtype for ranks whose devices chose differently (a node of mixed GPUs): float16 runs
+    fast on every CUDA GPU, so any disagreement settles on it."""
+    return choices[0] if len(set(choices)) == 1 else torch.float16
 
 
 def compute_dtype(device: str | torch.device) -> torch.dtype:

@@ -20,9 +20,10 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from model.loading import HUB_PATTERNS
+
 from .storage import is_local, reader_fs
 
-WANTED = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model")    # as model.loading's hub download
 CACHE_ENV = "IDEFICS3_CHECKPOINT_CACHE"     # default: <temp dir>/idefics3-checkpoints
 COMPLETE = ".complete.json"
 
@@ -37,10 +38,10 @@ def remote_files(uri: str, storage_options: dict | None) -> dict[str, int]:
     found = {}
     for path, info in fs.find(root, detail=True).items():
         relative = posixpath.relpath(path, root.rstrip("/"))
-        if any(fnmatch.fnmatch(posixpath.basename(relative), p) for p in WANTED):
+        if any(fnmatch.fnmatch(posixpath.basename(relative), p) for p in HUB_PATTERNS):
             found[relative] = int(info.get("size") or 0)
     if not found:
-        raise FileNotFoundError(f"no checkpoint files ({', '.join(WANTED)}) under {uri!r}")
+        raise FileNotFoundError(f"no checkpoint files ({', '.join(HUB_PATTERNS)}) under {uri!r}")
     return found
 
 

@@ -88,21 +88,22 @@ def release_replica_groups() -> int:
 
 def replica_dtype(config: PipelineConfig, device: str):
     """`dtype`, else the device's own (model.loading.compute_dtype: float16 on GPUs without fast
-    bfloat16). A tp > 1 replica holds no device to ask: its ranks' GPUs are taken to have bfloat16."""
+    bfloat16). A tp > 1 replica's actor holds no GPU to ask: its ranks ask theirs (DEVICE_DTYPE)."""
     import torch
 
-    from model.loading import compute_dtype
+    from model.loading import DEVICE_DTYPE, compute_dtype
 
     if config.dtype:
         return getattr(torch, config.dtype)
     if config.tensor_parallel_size > 1 and device.startswith("cuda"):
-        return torch.bfloat16
+        return DEVICE_DTYPE
     return compute_dtype(device)
 
 
-def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict, placement=None):
-    """The engine of one replica: in this actor (tp 1), or a RayTPGroup of one actor per rank, rank r
-    taking bundle r (`rank`: its resources) of `placement`, this replica's placement group."""
+def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict, placement=None, folder: str | None = None):
+    """The engine of one replica: in this actor (tp 1, from `folder`, this node's copy of the
+    checkpoint), or a RayTPGroup of one actor per rank, rank r taking bundle r (`rank`: its
+    resources) of `placement`, this replica's placement group."""
     dtype, tp = replica_dtype(config, device), config.tensor_parallel_size
     if tp > 1:
         from model.parallel.ray_group import RayTPGroup
@@ -116,8 +117,8 @@ def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict, plac
     from model import Idefics3ForConditionalGeneration
     from model.engine import LLMEngine
 
-    model = Idefics3ForConditionalGeneration.from_pretrained(local_checkpoint(config.model, config.storage_options),
-                                                             dtype=dtype, device=device)
+    folder = folder or local_checkpoint(config.model, config.storage_options)
+    model = Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device)
     return LLMEngine(model, tokenizer=tokenizer, max_batch_size=config.max_batch_size)
 
 
@@ -133,8 +134,8 @@ class Generate:
 
         self.config, self.device = config, pick_device(config)
         self.rank = rank or {"CPU": 1.0}
-        self.encoder = RowEncoder.from_pretrained(local_checkpoint(config.model, config.storage_options),
-                                                  image_backend=config.image_backend)
+        self.folder = local_checkpoint(config.model, config.storage_options)
+        self.encoder = RowEncoder.from_pretrained(self.folder, image_backend=config.image_backend)
         tp = config.tensor_parallel_size
         self.placement = replica_placement_group(self.rank, tp) if tp > 1 else None
         self.engine = self.load()
@@ -145,7 +146,7 @@ class Generate:
             self.device = "cpu"  # this actor holds no device; the ranks move the pixel values to theirs
 
     def load(self):
-        return load_engine(self.config, self.device, self.encoder.tokenizer, self.rank, self.placement)
+        return load_engine(self.config, self.device, self.encoder.tokenizer, self.rank, self.placement, self.folder)
 
     async def __call__(self, groups: pa.Table) -> pa.Table:
         batch, group_of = ungroup(groups)

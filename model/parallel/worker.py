@@ -29,7 +29,7 @@ from torch import Tensor
 from ..config import Idefics3Config
 from ..engine import Request, Result, SamplingParams
 from ..engine.loop import EngineLoop
-from ..loading import resolve_checkpoint_dir
+from ..loading import DEVICE_DTYPE, common_dtype, compute_dtype, resolve_checkpoint_dir
 from .engine import Comm, ShardEngine
 from .layers import TPContext
 from .loading import load_shard
@@ -136,11 +136,11 @@ class TPWorker:
         master_addr None: rendezvous through the environment (torchrun's store). Raises on every rank
         if any rank failed to load."""
         tp = self._join(master_addr, master_port, timeout_s)
-        error = None
+        dtype, error = self._group_dtype(), None
         try:
             device = rank_device(self.device_type, self.rank)
             folder = self.fetch(self.model_path) if self.fetch else self.model_path
-            model = load_shard(folder, tp, dtype=self.dtype, device=device)
+            model = load_shard(folder, tp, dtype=dtype, device=device)
             self.engine = ShardEngine(model, self.comm, tokenizer=self.tokenizer, **self.engine_kwargs)
         except Exception as e:  # reported to every rank below, so no rank waits forever for another
             error = f"rank {self.rank}: {type(e).__name__}: {e}"
@@ -150,6 +150,19 @@ class TPWorker:
             self._leave()
             raise RuntimeError("tensor-parallel load failed: " + "; ".join(errors))
         return self._stats()
+
+    def _group_dtype(self) -> torch.dtype | str | None:
+        """DEVICE_DTYPE: each rank asks its own GPU (the actor driving the group may hold none) and
+        the ranks agree on one. Collective: every rank calls it before anything that may fail on
+        one rank alone, so the ranks' later collectives still pair up."""
+        if self.dtype != DEVICE_DTYPE:
+            return self.dtype
+        try:
+            mine = compute_dtype(rank_device(self.device_type, self.rank))
+        except Exception:       # this rank's load below fails too, and says why
+            mine = None
+        choices = [c for c in self.comm.all_gather_object(mine) if c is not None]
+        return common_dtype(choices) if choices else None
 
     def _join(self, master_addr: str | None, master_port: int | None, timeout_s: float) -> TPContext:
         if self.world_size == 1:
@@ -248,7 +261,7 @@ class TPWorker:
         return self._command("logits", {k: _to_cpu(v) if isinstance(v, Tensor) else v for k, v in inputs.items()})
 
     def shard_stats(self) -> list[dict]:
-        """Per rank: parameter elements held and how many of them are sharded, the last answers,
+        """Per rank: parameter elements held and how many of them are sharded, its dtype, the last answers,
         decode steps run, prompt tokens whose K/V were copied, and whether the decode step runs compiled (False if off, or if compiling it failed)."""
         return self._command("stats", None)
 
@@ -297,6 +310,7 @@ class TPWorker:
         sharded, total = sharded_fraction(self.engine.model)
         return {"rank": self.rank, "sharded_params": sharded, "total_params": total,
                 "kv_heads": self.engine.model.config.text_config.num_key_value_heads,
+                "dtype": str(next(self.engine.model.parameters()).dtype).replace("torch.", ""),
                 "last_tokens": self.last_tokens, "decode_steps": self.engine.stats["decode_steps"],
                 "prefix_tokens_reused": self.engine.stats["prefix_tokens_reused"],
                 "compiled_decode": self.engine.runner is not None and self.engine.runner.compile}

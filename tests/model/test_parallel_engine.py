@@ -121,6 +121,22 @@ def test_tp1_engine_needs_no_processes(checkpoint):
         assert [r.token_ids for r in engine.generate(reqs)] == reference_tokens(plain, reqs)
 
 
+def test_ranks_asked_for_their_devices_dtype_agree_on_one(checkpoint):
+    """dtype "device" (a tensor-parallel replica's actor holds no GPU to ask): each rank asks its
+    own device (float32 on a CPU) and the ranks settle on one dtype, float16 if their GPUs differ."""
+    from model.loading import common_dtype
+
+    path = checkpoint("idefics3")
+    plain = Idefics3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    reqs = requests(path)
+    with TPEngine(path, 2, dtype="device", cpu_threads=1, timeout_s=120) as engine:
+        got = [r.token_ids for r in engine.generate(reqs)]
+        assert [s["dtype"] for s in engine.shard_stats()] == ["float32", "float32"]
+    assert got == reference_tokens(plain, reqs)
+    assert common_dtype([torch.bfloat16, torch.bfloat16]) == torch.bfloat16
+    assert common_dtype([torch.bfloat16, torch.float16]) == torch.float16
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL)")
 def test_nccl_tp2_matches_tp1(checkpoint):
     path = checkpoint("idefics3")
@@ -133,6 +149,9 @@ def test_nccl_tp2_matches_tp1(checkpoint):
     with TPEngine(path, 2, device_type="cuda", timeout_s=120) as engine:
         assert (engine.logits(**inputs) - want_logits).abs().max().item() <= 1e-4
         assert [r.token_ids for r in engine.generate(reqs)] == want
+    with TPEngine(path, 2, dtype="device", device_type="cuda", timeout_s=120) as engine:
+        newer = torch.cuda.get_device_capability() >= (8, 0)
+        assert {s["dtype"] for s in engine.shard_stats()} == {"bfloat16" if newer else "float16"}
 
 
 def test_torchrun_entry_point(checkpoint):
