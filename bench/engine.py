@@ -108,12 +108,13 @@ def our_model(reference) -> Idefics3ForConditionalGeneration:
 
 
 def make_requests(name: str, tile: int, batch: int, max_frames: int, new_tokens: int,
-                  device: str) -> list[Request]:
+                  device: str, repetition_penalty: float = 1.0) -> list[Request]:
     """Prompts of different lengths with 1..max_frames tiles each: BOS, text, image blocks, text."""
     spec = SHAPES[name]
     per_frame = (tile // spec["vision"]["patch_size"]) ** 2 // spec["top"]["scale_factor"] ** 2
     g = torch.Generator().manual_seed(1)
-    params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            repetition_penalty=repetition_penalty)
     out = []
     for i in range(batch):
         frames = 1 + i % max_frames
@@ -178,7 +179,8 @@ def time_reference(ref, requests, new_tokens: int, device: str, dtype: torch.dty
     """Best seconds of `repeats` generate calls, and each row's new tokens."""
     inputs = padded_batch(requests, ref.generation_config.pad_token_id, device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  repetition_penalty=requests[0].sampling.repetition_penalty)
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
@@ -301,7 +303,8 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
     progress(f"{name}: random-weight models built", start)
     rows = []
     for batch in batches:
-        requests = make_requests(name, tile, batch, args.frames or spec["frames"], args.new_tokens, args.device)
+        requests = make_requests(name, tile, batch, args.frames or spec["frames"], args.new_tokens, args.device,
+                                 args.repetition_penalty)
         if args.questions_per_image > 1:
             requests = about_shared_images(requests, args.questions_per_image, spec["top"]["image_token_id"])
         need = max(len(r.prompt_ids) for r in requests) + args.new_tokens
@@ -365,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hbm-bytes-per-s", type=float, default=None)
     p.add_argument("--out", default=None, help="append the JSON rows to this file")
     p.add_argument("--profile", action="store_true", help="also print the top kernels of our decode step")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="every row's, both implementations")
     p.add_argument("--questions-per-image", type=int, default=1,
                    help="requests in runs of this many questions about one image (a VQA dataset's shape): our engine "
                         "encodes each image once and shares its prompt prefix; the reference runs every row whole")

@@ -16,7 +16,7 @@ from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, DTYPE_HELP, demo_p
                          merge_args, print_summary)
 
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", max_new_tokens=64,
-                temperature=0.0, top_p=1.0, top_k=0, seed=None, replicas=None, tensor_parallel_size=1,
+                temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None, replicas=None, tensor_parallel_size=1,
                 cpu_workers=None, batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="",
                 rows_per_file=1000, resume=False, image_backend="pil", storage_options=None, max_image_pixels=None,
                 image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0, step_timeout_s=600.0,
@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, help="0 = greedy")
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (0 = all)")
+    ap.add_argument("--repetition-penalty", type=float,
+                    help="> 1 discourages tokens already in the prompt or the answer (as transformers' "
+                         "repetition_penalty; 1.2 stops small models' loops; default 1 = none)")
     ap.add_argument("--seed", type=int, help="sampling seed; each row's seed derives from it and the row id")
     ap.add_argument("--replicas", type=int,
                     help="model replicas (default: one per --tensor-parallel-size GPUs of the cluster; 1 on CPU)")

@@ -41,16 +41,21 @@ class _Settings:
         self.do_sample = bool(get("do_sample", False))
         self.temperature = float(get("temperature", 1.0)) if self.do_sample else 0.0
         self.top_k, self.top_p = int(get("top_k", 50)), float(get("top_p", 1.0))
+        self.penalty = float(get("repetition_penalty", 1.0))
+        if self.penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.penalty}")
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 with do_sample=True, got {self.temperature}")
 
 
-def _sampling_state(s: _Settings, batch: int, vocab: int, device: torch.device) -> SamplingState:
-    state = SamplingState.empty(batch, vocab, device)
+def _sampling_state(s: _Settings, input_ids: Tensor, mask: Tensor, vocab: int) -> SamplingState:
+    batch = input_ids.shape[0]
+    state = SamplingState.empty(batch, vocab, input_ids.device)
     # torch.manual_seed makes sampling repeatable; greedy leaves the global generator alone.
     seeds = torch.randint(0, 2 ** 62, (batch,)).tolist() if s.do_sample else [0] * batch
     for row in range(batch):
-        state.assign(row, s.temperature, s.top_k, s.top_p, seeds[row], s.min_new, s.eos)
+        prompt = input_ids[row][mask[row].bool()].tolist() if s.penalty != 1.0 else []   # left padding is not penalised
+        state.assign(row, s.temperature, s.top_k, s.top_p, seeds[row], s.min_new, s.eos, s.penalty, prompt)
     return state
 
 
@@ -70,7 +75,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     """(B, T) prompt ids (left-padded) -> (B, T + n_new) LongTensor, like transformers' generate.
 
     Settings (kwargs over generation_config.json): max_new_tokens / max_length, min_new_tokens,
-    do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id.
+    do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id.
     """
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("generate needs input_ids of shape (batch, seq_len)")
@@ -87,7 +92,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     key_mask = torch.ones(batch, prompt_len + s.max_new, dtype=torch.bool, device=param.device)
     key_mask[:, :prompt_len] = mask.bool()
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    state = _sampling_state(s, batch, tc.vocab_size, param.device)
+    state = _sampling_state(s, input_ids, mask, tc.vocab_size)
     rows = torch.arange(batch, device=param.device)
 
     embeds = _prefill_embeddings(model, input_ids, pixel_values, pixel_attention_mask)
@@ -98,8 +103,11 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     position = positions[:, -1:]
     new_tokens = []
     for step in range(s.max_new):
-        token = sample(logits, state, rows, any_sampling=s.do_sample, any_filter=s.do_sample)
+        token = sample(logits, state, rows, any_sampling=s.do_sample, any_filter=s.do_sample,
+                       any_penalty=s.penalty != 1.0)
         token = torch.where(unfinished, token, s.pad)
+        if s.penalty != 1.0:
+            state.mark_seen(rows, token)
         new_tokens.append(token)
         state.step += 1
         unfinished &= ~torch.isin(token, eos)

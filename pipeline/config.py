@@ -16,6 +16,7 @@ class PipelineConfig:
     temperature: float = 0.0                    # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0             # transformers' repetition_penalty; 1 = none
     seed: int | None = None                     # with sampling: per-row seed = f(seed, id), batch-independent
     replicas: int | None = None                 # model replicas (actors); None: every GPU (/ tp), or 1 on CPU
     tensor_parallel_size: int = 1               # devices per replica (placement group, STRICT_PACK)
@@ -54,6 +55,8 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.step_timeout_s is not None and self.step_timeout_s < 0:
             raise ValueError(f"step_timeout_s must be >= 0 (0 or None: no watchdog), got {self.step_timeout_s}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.fetch_timeout_s <= 0:
             raise ValueError(f"fetch_timeout_s must be > 0, got {self.fetch_timeout_s}")
         if self.dtype not in (None, *DTYPES):

@@ -31,7 +31,7 @@ def crash_once_on(ids: list) -> None:
     """Die as a killed process would (no exception, no cleanup)."""
     marker = fault_marker(CRASH_ONCE_ENV, ids)
     if marker:
-        from model.parallel.worker import die_once
+        from model.parallel.faults import die_once
 
         die_once(marker)
 

@@ -15,7 +15,7 @@ from .checkpoint import remote_files
 from .config import PipelineConfig
 from .storage import fsspec_fs, is_local, sibling, write_text
 
-ANSWER_SETTINGS = ("prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "image_backend",
+ANSWER_SETTINGS = ("prompt", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "image_backend",
                    "max_image_pixels", "keep_columns")
 SAMPLED_BYTES = 1 << 20     # read from each end of each weights file
 
@@ -50,7 +50,10 @@ def run_settings(config: PipelineConfig) -> dict:
 
 
 def differences(earlier: dict, now: dict) -> list[str]:
-    """What changed, in words ("prompt: 'A' -> 'B'"); the model's path alone may change (a moved folder)."""
+    """What changed, in words ("prompt: 'A' -> 'B'"); the model's path alone may change (a moved folder).
+    A setting newer than the earlier run's file had, then, its default."""
+    defaults = json.loads(json.dumps({name: getattr(PipelineConfig(model=""), name) for name in ANSWER_SETTINGS}))
+    earlier = {**defaults, **earlier}
     changed = []
     for name in [n for n in now if n != "model" and earlier.get(n) != now[n]]:
         if name == "checkpoint":

@@ -43,6 +43,10 @@ def default_stop_ids(model: nn.Module, tokenizer=None) -> list[int]:
     return ids
 
 
+def penalized(seqs: list[Sequence]) -> bool:
+    return any(s.request.sampling.repetition_penalty != 1.0 for s in seqs)
+
+
 @dataclass
 class DecodeStep:
     """A queued decode step: the sequences it serves and where their tokens land on the host."""
@@ -268,13 +272,20 @@ class LLMEngine:
         p = seq.request.sampling
         seed = p.seed if p.seed is not None else self._rng.getrandbits(62)
         self.sampling.assign(seq.slot, p.temperature, p.top_k, p.top_p, seed, p.min_new_tokens,
-                             sorted(seq.stop_ids))
+                             sorted(seq.stop_ids), p.repetition_penalty, seq.request.prompt_ids)
 
     def sample_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Next token of each row (a hook: tensor-parallel ranks take rank 0's)."""
         params = [s.request.sampling for s in seqs]
         return sample(logits, self.sampling, slots, any_sampling=any(not p.greedy for p in params),
-                      any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params))
+                      any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params),
+                      any_penalty=penalized(seqs))
+
+    def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        tokens = self.sample_tokens(logits, slots, seqs)
+        if penalized(seqs):
+            self.sampling.mark_seen(slots, tokens)
+        return tokens
 
     def _prefill(self, scheduler: Scheduler, seqs: list[Sequence]) -> None:
         runner = self.runner
@@ -300,7 +311,7 @@ class LLMEngine:
         for seq in seqs:
             self._assign_sampling(seq)
         slot_t = torch.tensor(slots, device=self.device)
-        tokens = self.sample_tokens(logits, slot_t, seqs)
+        tokens = self._next_tokens(logits, slot_t, seqs)
         runner.tokens[slot_t] = tokens
         runner.positions[slot_t] = torch.tensor([s.prompt_len for s in seqs], device=self.device)
         self.active[slot_t] = 1
@@ -321,7 +332,7 @@ class LLMEngine:
         rows = pow2_bucket(scheduler.decode_batch_size(), 1, runner.cache.num_slots)
         kv_len = kv_bucket(max(s.length for s in seqs) + lag, runner.cache.max_len)
         logits = runner.decode(rows, kv_len)
-        tokens = self.sample_tokens(logits, torch.arange(rows, device=self.device), seqs)
+        tokens = self._next_tokens(logits, torch.arange(rows, device=self.device), seqs)
         runner.tokens[:rows] = tokens
         runner.positions[:rows] += self.active[:rows]
         self.sampling.step[:rows] += 1

@@ -1,4 +1,4 @@
-"""Per-row sampling on the device: greedy, temperature, top-k, top-p, min-new-tokens.
+"""Per-row sampling on the device: repetition penalty, greedy, temperature, top-k, top-p, min-new-tokens.
 
 Randomness is counter-based: the noise for (seed, step, token) is a hash of those three integers,
 so a row's sample depends on its own logits, seed and step only, never on its batch neighbours or
@@ -55,33 +55,54 @@ class SamplingState:
     step: Tensor            # (S,) int64 tokens generated so far
     min_new: Tensor         # (S,) int64
     stop_mask: Tensor       # (S, V) bool: the slot's stop ids
+    penalty: Tensor         # (S,) float32 repetition penalty, 1 = none
+    seen: Tensor            # (S, V) bool: tokens of the prompt and the answer so far (kept where penalty != 1)
 
     @classmethod
     def empty(cls, num_slots: int, vocab_size: int, device: torch.device | str) -> "SamplingState":
         z = dict(device=device)
-        return cls(torch.zeros(num_slots, **z), torch.zeros(num_slots, dtype=torch.int64, **z),
-                   torch.ones(num_slots, **z), torch.zeros(num_slots, dtype=torch.int64, **z),
-                   torch.zeros(num_slots, dtype=torch.int64, **z), torch.zeros(num_slots, dtype=torch.int64, **z),
-                   torch.zeros(num_slots, vocab_size, dtype=torch.bool, **z))
+        ints = lambda: torch.zeros(num_slots, dtype=torch.int64, **z)  # noqa: E731
+        masks = lambda: torch.zeros(num_slots, vocab_size, dtype=torch.bool, **z)  # noqa: E731
+        return cls(torch.zeros(num_slots, **z), ints(), torch.ones(num_slots, **z), ints(), ints(), ints(),
+                   masks(), torch.ones(num_slots, **z), masks())
 
     def assign(self, slot: int, temperature: float, top_k: int, top_p: float, seed: int, min_new: int,
-               stop_ids: list[int]) -> None:
+               stop_ids: list[int], penalty: float = 1.0, prompt_ids: list[int] = ()) -> None:
         self.temperature[slot], self.top_k[slot], self.top_p[slot] = temperature, top_k, top_p
         self.seed[slot], self.step[slot], self.min_new[slot] = seed, 0, min_new
-        self.stop_mask[slot] = False
-        ids = [i for i in stop_ids if 0 <= i < self.stop_mask.shape[1]]
+        self._set_row(self.stop_mask, slot, stop_ids)
+        self.penalty[slot] = penalty
+        self._set_row(self.seen, slot, prompt_ids if penalty != 1.0 else ())
+
+    @staticmethod
+    def _set_row(mask: Tensor, slot: int, ids) -> None:
+        mask[slot] = False
+        ids = [i for i in set(ids) if 0 <= i < mask.shape[1]]
         if ids:
-            self.stop_mask[slot, ids] = True
+            mask[slot, torch.tensor(ids, device=mask.device)] = True
+
+    def mark_seen(self, slots: Tensor, tokens: Tensor) -> None:
+        """The rows' new tokens join what their repetition penalty discourages."""
+        self.seen[slots, tokens] = True
+
+
+def penalize_repeats(logits: Tensor, penalty: Tensor, seen: Tensor) -> Tensor:
+    """The reference's repetition penalty: a seen token's logit is divided by the penalty when
+    positive, multiplied by it when negative (both lower it for a penalty > 1)."""
+    penalty = penalty[:, None]
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
-           any_filter: bool) -> Tensor:
+           any_filter: bool, any_penalty: bool = False) -> Tensor:
     """Next token per row (B,) int64. slots (B,) indexes the rows' SamplingState entries.
 
-    any_sampling / any_filter are host-side facts about the rows (known from their requests), so
-    all-greedy batches skip the noise and the sort.
+    any_sampling / any_filter / any_penalty are host-side facts about the rows (known from their
+    requests), so all-greedy batches skip the noise and the sort, and unpenalised ones the penalty.
     """
     logits = logits.float()
+    if any_penalty:
+        logits = penalize_repeats(logits, state.penalty[slots], state.seen[slots])
     step = state.step[slots]
     too_early = (step < state.min_new[slots])[:, None] & state.stop_mask[slots]
     logits = logits.masked_fill(too_early, float("-inf"))

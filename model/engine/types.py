@@ -17,6 +17,7 @@ class SamplingParams:
     top_p: float = 1.0          # 1.0 = no nucleus filter
     seed: int | None = None     # None = drawn at admission (answer then not reproducible)
     stop_token_ids: tuple[int, ...] | list[int] | None = None   # None = the generation config's eos ids
+    repetition_penalty: float = 1.0   # > 1 discourages every token of the prompt and the answer so far
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -29,6 +30,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:

@@ -14,7 +14,6 @@ import os
 import random
 import socket
 import threading
-import time
 import traceback
 from concurrent.futures import Future
 from datetime import timedelta
@@ -31,51 +30,13 @@ from ..engine import Request, Result, SamplingParams
 from ..engine.loop import EngineLoop
 from ..loading import DEVICE_DTYPE, common_dtype, compute_dtype, resolve_checkpoint_dir
 from .engine import Comm, ShardEngine
+from .faults import fail_once_on
 from .layers import TPContext
 from .loading import load_shard
 from .shard import check_tp, sharded_fraction
 
 log = logging.getLogger(__name__)
 STOP = "stop"
-RANK_CRASH_ONCE_ENV = "TP_RANK_CRASH_ONCE"   # fault injection for tests: "<rank>:<request id>=<marker file>"
-RANK_HANG_ONCE_ENV = "TP_RANK_HANG_ONCE"     # the same, for a rank that stops answering
-
-
-def fault_marker(env_name: str, rank: int, requests: list[Request]) -> str | None:
-    """The marker file of the fault `env_name` = "<rank>:<request id>=<marker file>" if it is this
-    rank's and one of `requests` is that request."""
-    spec = os.environ.get(env_name)
-    if not spec:
-        return None
-    target, rest = spec.split(":", 1)
-    request_id, marker = rest.split("=", 1)
-    # A request streamed through EngineLoop is named "<n>#<its own id>".
-    ids = {i for r in requests for i in (r.request_id, r.request_id.split("#", 1)[-1])}
-    return marker if int(target) == rank and request_id in ids else None
-
-
-def fail_once_on(rank: int, requests: list[Request]) -> None:
-    """With TP_RANK_CRASH_ONCE="<rank>:<request id>=<marker file>", that rank's process dies as a killed
-    one would (no exception, no cleanup) when it receives that request, once (it writes the marker
-    first); with TP_RANK_HANG_ONCE, it stops there for ever instead (a wedged device: the group's
-    collectives wait on it). Tests use them to break a group mid-job; unset, they do nothing."""
-    marker = fault_marker(RANK_CRASH_ONCE_ENV, rank, requests)
-    if marker:
-        die_once(marker)
-    marker = fault_marker(RANK_HANG_ONCE_ENV, rank, requests)
-    if marker and not os.path.exists(marker):
-        Path(marker).touch()
-        time.sleep(1e9)
-
-
-def die_once(marker: str) -> None:
-    """Die as a killed process would (no exception, no cleanup) unless `marker` exists, writing it
-    first: the retry goes through. The fault-injection hooks of tests (here and pipeline.generate)."""
-    if not os.path.exists(marker):
-        Path(marker).touch()
-        os._exit(1)
-
-
 def free_port() -> int:
     """A TCP port free on this host right now (for the rendezvous store)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -32,7 +32,8 @@ def _requests(path, counts, sampling) -> list[Request]:
 
 def _reference(ref, request: Request) -> list[int]:
     ids = torch.tensor([request.prompt_ids])
-    kwargs = dict(max_new_tokens=request.sampling.max_new_tokens, do_sample=False)
+    kwargs = dict(max_new_tokens=request.sampling.max_new_tokens, do_sample=False,
+                  repetition_penalty=float(request.sampling.repetition_penalty))
     if request.pixel_values is not None:
         kwargs.update(pixel_values=request.pixel_values[None],
                       pixel_attention_mask=request.pixel_attention_mask[None])
@@ -154,6 +155,20 @@ def test_arrival_order_and_slot_reuse(setup, overlap):
             assert res.request_id == req.request_id
             assert res.token_ids == expected[req.request_id], req.request_id
             assert res.text is None
+
+
+def test_repetition_penalty_equals_reference_alone(setup, overlap):
+    """Rows with and without a penalty (> 1 and < 1) share decode steps through reused slots; each
+    answer equals transformers' generate(repetition_penalty=...) on that row alone."""
+    from dataclasses import replace
+
+    ours, requests, expected, _, ref = setup
+    penalties = [1.8, 1.0, 0.6, 1.8, 1.3, 1.0, 2.5, 1.8]
+    penalized = [replace(r, sampling=replace(r.sampling, repetition_penalty=p)) for r, p in zip(requests, penalties)]
+    want = {r.request_id: _reference(ref, r) for r in penalized}
+    assert any(want[r.request_id] != expected[r.request_id] for r in penalized)    # the penalty changes answers
+    results = LLMEngine(ours, max_batch_size=3, overlap=overlap).generate(penalized[::-1])
+    assert {r.request_id: r.token_ids for r in results} == want
 
 
 def test_small_prefill_budget_and_one_slot_at_a_time(setup, overlap):

@@ -75,6 +75,18 @@ def test_min_new_tokens_and_eos_padding(pair):
     assert torch.equal(ours.generate(**inputs, **kwargs), ref.generate(**inputs, **kwargs))
 
 
+@pytest.mark.parametrize("penalty", [1.7, 0.5])
+def test_repetition_penalty_matches_reference(pair, penalty):
+    """The prompt's tokens (not its left padding) and the answer's so far are penalised."""
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    kwargs = dict(max_new_tokens=12, do_sample=False, repetition_penalty=penalty)
+    expected = ref.generate(**inputs, **kwargs)
+    if penalty > 1:     # random weights repeat a token for ever: a penalty breaks that
+        assert not torch.equal(expected, ref.generate(**inputs, max_new_tokens=12, do_sample=False))
+    assert torch.equal(ours.generate(**inputs, **kwargs), expected)
+
+
 def test_text_only_batch(pair):
     path, ours, ref = pair
     inputs = mixed_batch(path, counts=(0, 0, 0))

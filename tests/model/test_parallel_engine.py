@@ -82,7 +82,8 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     plain = Idefics3ForConditionalGeneration.from_pretrained(path)
     long, short = requests(path, max_new_tokens=12), requests(path, max_new_tokens=3)
     sampled = requests(path, max_new_tokens=7, temperature=0.9, top_k=50, seed=5)
-    parts = [long, short, sampled]
+    penalized = requests(path, max_new_tokens=6, repetition_penalty=1.6)
+    parts = [long, short, sampled, penalized]
     want = {(i, j): tokens for i, part in enumerate(parts) for j, tokens in enumerate(reference_tokens(plain, part))}
     options = dict(overlap=True, batched_prefill=True) if cuda_defaults else {}
     with TPEngine(path, 2, cpu_threads=1, timeout_s=120, max_batch_size=8, **options) as engine:

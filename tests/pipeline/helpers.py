@@ -44,8 +44,9 @@ class Oracle:
         self.processor = AutoProcessor.from_pretrained(str(checkpoint))
         self.model = Idefics3ForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
 
-    def answer(self, image: bytes | list[bytes], question: str, max_new_tokens: int) -> tuple[str, int]:
-        """`image`: one image's bytes, or a list of several (all before the question)."""
+    def answer(self, image: bytes | list[bytes], question: str, max_new_tokens: int, **generate) -> tuple[str, int]:
+        """`image`: one image's bytes, or a list of several (all before the question); `generate`:
+        more of generate's settings (repetition_penalty=...)."""
         import torch
 
         images = image if isinstance(image, list) else [image]
@@ -54,7 +55,7 @@ class Oracle:
         inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True, return_tensors="pt")
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate)
         new = out[0, inputs["input_ids"].shape[1]:]
         eos = set(self.model.generation_config.eos_token_id or [])
         n = next((i + 1 for i, t in enumerate(new.tolist()) if t in eos), len(new))

@@ -37,6 +37,24 @@ def test_a_resume_with_other_settings_is_refused(checkpoint, tmp_path):
     keep_run_settings(out, changed, resume=False, storage_options=None)           # a fresh run starts over
 
 
+def test_a_setting_the_earlier_run_did_not_record_counts_as_its_default(checkpoint, tmp_path):
+    """A run.json written before a setting existed (repetition_penalty came later) resumes with
+    that setting at its default, and is refused with another value."""
+    import json
+
+    out = str(tmp_path / "out")
+    keep_run_settings(out, PipelineConfig(model=str(checkpoint)), resume=False, storage_options=None)
+    path = tmp_path / "out.run.json"
+    older = json.loads(path.read_text())
+    del older["repetition_penalty"]
+    path.write_text(json.dumps(older))
+    keep_run_settings(out, PipelineConfig(model=str(checkpoint)), resume=True, storage_options=None)
+    path.write_text(json.dumps(older))
+    with pytest.raises(ValueError, match="repetition_penalty: 1.0 -> 1.2"):
+        keep_run_settings(out, PipelineConfig(model=str(checkpoint), repetition_penalty=1.2), resume=True,
+                          storage_options=None)
+
+
 def test_run_job_refuses_before_any_work(checkpoint, tmp_path):
     from tests.pipeline.helpers import png, write_parquet
 

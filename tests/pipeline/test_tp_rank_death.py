@@ -6,7 +6,7 @@ tensor_parallel_size 1."""
 import pytest
 from ray.util import placement_group_table
 
-from model.parallel.worker import RANK_CRASH_ONCE_ENV, RANK_HANG_ONCE_ENV
+from model.parallel.faults import RANK_CRASH_ONCE_ENV, RANK_HANG_ONCE_ENV
 from pipeline import PipelineConfig, read_output, run_job
 from tests.fixtures.checkpoints import build_checkpoint
 from tests.pipeline.helpers import good_rows, ray_with_fault, write_parquet
