@@ -12,15 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, DTYPE_HELP, demo_path, init_ray, json_option,
-                         merge_args, print_summary)
+from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, DTYPE_HELP, add_image_flags, demo_path, init_ray,
+                         json_option, merge_args, print_summary)
 
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", max_new_tokens=64,
-                temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None, replicas=None, tensor_parallel_size=1,
-                cpu_workers=None, batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="",
-                rows_per_file=1000, resume=False, image_backend="pil", storage_options=None, max_image_pixels=None,
-                image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0, step_timeout_s=600.0,
-                device=None, dtype=None, show=5)
+                temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None, replicas=None,
+                tensor_parallel_size=1, cpu_workers=None, batch_size=16, max_batch_size=64, batches_in_flight=None,
+                keep_columns="", rows_per_file=1000, resume=False, image_backend="pil", image_longest_edge=None,
+                image_splitting=None, storage_options=None, max_image_pixels=None, image_root=None, fetch_threads=16,
+                fetch_attempts=3, fetch_timeout_s=60.0, step_timeout_s=600.0, device=None, dtype=None, show=5)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep-columns", help="comma-separated input columns to copy to the output")
     ap.add_argument("--resume", action="store_true", default=None, help="skip ids already in --output")
     ap.add_argument("--image-backend", choices=["pil", "torch"], help="reference image recipe")
+    add_image_flags(ap)
     ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')
     ap.add_argument("--max-image-pixels", type=int, help="larger images become error rows")
     ap.add_argument("--image-root", help="folder (local or URL) that relative image paths are read from "

@@ -12,6 +12,17 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_INPUT = REPO / "demo" / "data" / "sample.parquet"
 DEMO_MODEL = REPO / "demo" / "model"
 DEMO_OUTPUT = REPO / "demo" / "output" / "captions"
+def add_image_flags(ap) -> None:
+    """Flags of the image recipe: fewer tiles an image for speed (both jobs)."""
+    ap.add_argument("--image-longest-edge", type=int, metavar="PX",
+                    help="resize images to this longest edge before tiling (the image processor's "
+                         "size.longest_edge; default: the checkpoint's, e.g. 4*364 or 4*512): smaller means "
+                         "fewer tiles and image tokens a row, so faster answers")
+    ap.add_argument("--image-splitting", action=argparse.BooleanOptionalAction, default=None,
+                    help="--no-image-splitting: one frame an image instead of its tiles and a thumbnail "
+                         "(default: the checkpoint's do_image_splitting)")
+
+
 DTYPE_HELP = ("bfloat16 / float16 / float32 (default: bfloat16 on GPUs from Ampere on, float16 on older ones "
               "such as T4 and V100, float32 on CPU; with --tensor-parallel-size > 1, bfloat16 on any GPU: "
               "pass float16 there for T4 or V100)")

@@ -24,7 +24,7 @@ from evaluation.metrics import METRICS
 from evaluation.report import (sample_rows, write_chart, write_gallery, write_metrics_json,
                                write_report_md)
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
-from jobs.common import DTYPE_HELP
+from jobs.common import DTYPE_HELP, add_image_flags
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="preprocessing actors (default: from 1 up to the cluster's spare CPUs, as the rows need)")
     ap.add_argument("--device", help="cuda / cpu (default: cuda when the cluster has GPUs)")
     ap.add_argument("--dtype", help=DTYPE_HELP)
+    add_image_flags(ap)
     ap.add_argument("--image-root", help="folder (local or URL) that relative image paths are read from "
                                          "(default: the input's folder)")
     ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')
@@ -160,7 +161,8 @@ def pipeline_config(args: argparse.Namespace, kept: list[str]):
 
     return PipelineConfig(model=args.model, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           replicas=args.replicas, cpu_workers=args.cpu_workers, device=args.device, dtype=args.dtype,
-                          keep_columns=kept, storage_options=storage_options(args), image_root=args.image_root)
+                          keep_columns=kept, storage_options=storage_options(args), image_root=args.image_root,
+                          image_longest_edge=args.image_longest_edge, image_splitting=args.image_splitting)
 
 
 def run_model(args: argparse.Namespace, out_dir: Path) -> str:

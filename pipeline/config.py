@@ -32,6 +32,9 @@ class PipelineConfig:
     rows_per_file: int = 1000                   # output rows gathered into one Parquet file (a killed run
                                                 # loses at most about this many unwritten rows' work)
     image_backend: str = "pil"                  # "pil" | "torch": which reference image recipe
+    image_longest_edge: int | None = None       # the image processor's size["longest_edge"] (None: the
+                                                # checkpoint's); smaller = fewer tiles, faster answers
+    image_splitting: bool | None = None         # do_image_splitting (None: the checkpoint's); False = one frame
     max_image_pixels: int | None = None         # larger images become error rows (None = processing's default)
     device: str | None = None                   # None: cuda when the cluster has GPUs, else cpu
     dtype: str | None = None                    # one of DTYPES; None: model.loading.compute_dtype (bfloat16
@@ -49,7 +52,8 @@ class PipelineConfig:
         self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c not in OUTPUT_COLUMNS]
         positive = ["max_new_tokens", "tensor_parallel_size", "batch_size", "max_batch_size",
                     "rows_per_file", "fetch_threads", "fetch_attempts"]
-        positive += [n for n in ("replicas", "batches_in_flight", "cpu_workers") if getattr(self, n) is not None]
+        positive += [n for n in ("replicas", "batches_in_flight", "cpu_workers", "image_longest_edge")
+                     if getattr(self, n) is not None]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -68,6 +72,15 @@ class PipelineConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def image_settings(self) -> dict:
+        """Overrides of the checkpoint's image-processor config (processing.RowEncoder.from_pretrained)."""
+        out = {}
+        if self.image_longest_edge is not None:
+            out["size"] = {"longest_edge": self.image_longest_edge}
+        if self.image_splitting is not None:
+            out["do_image_splitting"] = self.image_splitting
+        return out
 
     @classmethod
     def field_names(cls) -> list[str]:

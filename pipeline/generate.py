@@ -135,7 +135,8 @@ class Generate:
         self.config, self.device = config, pick_device(config)
         self.rank = rank or {"CPU": 1.0}
         self.folder = local_checkpoint(config.model, config.storage_options)
-        self.encoder = RowEncoder.from_pretrained(self.folder, image_backend=config.image_backend)
+        self.encoder = RowEncoder.from_pretrained(self.folder, image_backend=config.image_backend,
+                                                  **config.image_settings())
         tp = config.tensor_parallel_size
         self.placement = replica_placement_group(self.rank, tp) if tp > 1 else None
         self.engine = self.load()

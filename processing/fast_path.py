@@ -74,9 +74,10 @@ class RowEncoder:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, image_backend: str = "pil",
-                        max_image_pixels: int | None = DEFAULT_MAX_PIXELS) -> "RowEncoder":
+                        max_image_pixels: int | None = DEFAULT_MAX_PIXELS, **image_settings: Any) -> "RowEncoder":
+        """`image_settings`: overrides of the image processor's config (Idefics3Processor.from_pretrained)."""
         path = _local_path(path)
-        processor = Idefics3Processor.from_pretrained(path, image_backend=image_backend)
+        processor = Idefics3Processor.from_pretrained(path, image_backend=image_backend, **image_settings)
         return cls(processor, max_image_pixels=max_image_pixels, max_length=_context_length(path, processor))
 
     @property

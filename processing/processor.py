@@ -125,15 +125,20 @@ class Idefics3Processor:
         self.end_of_utterance_token_id = tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, image_backend: str = "pil") -> "Idefics3Processor":
+    def from_pretrained(cls, path: str | Path, image_backend: str = "pil", **image_settings: Any) -> "Idefics3Processor":
         """Load tokenizer, image processor ("pil": the Pillow recipe checkpoints were trained with;
-        "torch": the torch recipe), image_seq_len and chat template from a local HF-layout folder."""
+        "torch": the torch recipe), image_seq_len and chat template from a local HF-layout folder.
+        `image_settings` override the image processor's config, as the reference's kwargs do
+        (`size={"longest_edge": 2 * 364}`: fewer tiles; `do_image_splitting=False`: one frame)."""
         classes = {"pil": "Idefics3ImageProcessorPil", "torch": "Idefics3ImageProcessor"}
         if image_backend not in classes:
             raise ValueError(f"image_backend must be 'pil' or 'torch', got {image_backend!r}")
         path = _local_path(path)
         ip = importlib.import_module(".image_processor", __package__)
-        image_processor = getattr(ip, classes[image_backend]).from_pretrained(path)
+        unknown = sorted(set(image_settings) - set(ip.DEFAULTS))
+        if unknown:
+            raise TypeError(f"unknown image-processor settings {unknown}; known: {sorted(ip.DEFAULTS)}")
+        image_processor = getattr(ip, classes[image_backend]).from_pretrained(path, **image_settings)
         tokenizer = Tokenizer.from_pretrained(path)
         return cls(image_processor, tokenizer, image_seq_len=read_image_seq_len(path),
                    chat_template=load_chat_template(path))

@@ -200,3 +200,9 @@ def test_running_a_model_needs_ground_truth_in_the_input(tmp_path, capsys):
     assert job.main(["--input", str(tmp_path / "t.parquet"), "--model", str(tmp_path / "m"),
                      "--output", str(tmp_path / "o"), "--metric", "anls"]) == 2
     assert "no ground-truth column 'answers'" in capsys.readouterr().err
+
+
+def test_image_flags_reach_the_pipeline_config():
+    args = job.parse_args(["--input", "x.parquet", "--model", "m", "--image-longest-edge", "1024", "--no-image-splitting"])
+    assert job.pipeline_config(args, []).image_settings() == {"size": {"longest_edge": 1024}, "do_image_splitting": False}
+    assert job.pipeline_config(job.parse_args(["--input", "x.parquet", "--model", "m"]), []).image_settings() == {}

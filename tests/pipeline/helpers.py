@@ -36,12 +36,12 @@ def write_parquet(path: str | Path, rows: list[dict], schema: pa.Schema | None =
 class Oracle:
     """transformers' processor + greedy generate on one row alone: the reference answer."""
 
-    def __init__(self, checkpoint: str | Path):
+    def __init__(self, checkpoint: str | Path, **image_settings):
         import torch
         from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
         torch.set_num_threads(1)
-        self.processor = AutoProcessor.from_pretrained(str(checkpoint))
+        self.processor = AutoProcessor.from_pretrained(str(checkpoint), **image_settings)
         self.model = Idefics3ForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
 
     def answer(self, image: bytes | list[bytes], question: str, max_new_tokens: int, **generate) -> tuple[str, int]:

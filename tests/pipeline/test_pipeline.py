@@ -137,6 +137,30 @@ def test_the_model_stage_applies_the_repetition_penalty(checkpoint, oracle):
     assert [(r["answer"], r["num_generated_tokens"]) for r in answered] == want
 
 
+@pytest.mark.parametrize("image_flags", [dict(image_longest_edge=32), dict(image_splitting=False)])
+def test_fewer_tiles_an_image_answer_as_the_reference_with_those_settings(checkpoint, image_flags):
+    """--image-longest-edge / --no-image-splitting: fewer image tokens a row; the answers equal
+    transformers' generate after AutoProcessor.from_pretrained(path, size=..., do_image_splitting=...)."""
+    import asyncio
+
+    from pipeline.generate import Generate
+    from pipeline.preprocess import Preprocess
+    from tests.pipeline.helpers import Oracle
+
+    rows = good_rows(3)
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW, **image_flags)
+    stage = Generate(config)
+    answered = asyncio.run(stage(Preprocess(config)(pa.Table.from_pylist(rows)))).to_pylist()
+    stage.loop.close()
+    oracle = Oracle(checkpoint, **config.image_settings())
+    want = [oracle.answer(r["image"], r["question"] or config.prompt, MAX_NEW) for r in rows]
+    assert [(r["answer"], r["num_generated_tokens"]) for r in answered] == want
+    default = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW)
+    plain = Preprocess(default)(pa.Table.from_pylist(rows)).column("input_ids").to_pylist()
+    fewer = Preprocess(config)(pa.Table.from_pylist(rows)).column("input_ids").to_pylist()
+    assert all(len(f[0]) < len(p[0]) for f, p in zip(fewer, plain))
+
+
 def test_rows_of_one_image_file_share_an_image_key_and_one_encoding(checkpoint):
     import asyncio
 

@@ -58,6 +58,27 @@ def test_ids_and_pixels_match_reference_apply_chat_template(setup, size):
     assert row.frames.shape[0] == (grid[0] * grid[1] + 1 if grid != (0, 0) else 1)
 
 
+@pytest.mark.parametrize("settings, fewer", [({"size": {"longest_edge": 48}}, False), ({"do_image_splitting": False}, True),
+                                             ({"size": {"longest_edge": 20}}, True), ({"size": {"longest_edge": 100}}, False)])
+def test_image_settings_override_the_config_as_the_reference_kwargs(setup, settings, fewer):
+    """Fewer (or more) tiles, or one frame, for speed: our overrides equal the reference's
+    AutoProcessor.from_pretrained(path, **settings) on ids and pixels."""
+    _, _, path = setup
+    ref = transformers.AutoProcessor.from_pretrained(path, **settings)
+    enc = RowEncoder.from_pretrained(path, **settings)
+    default_frames = setup[1].encode(image=_png(_img(90, 60, seed=3)), question=QUESTION).frames.shape[0]
+    for size in [(90, 60), (20, 90), (33, 33)]:
+        image = _img(*size, seed=sum(size))
+        row = enc.encode(image=_png(image), question=QUESTION)
+        want = _reference(ref, image, QUESTION)
+        assert row.input_ids == want["input_ids"][0].tolist()
+        assert torch.equal(enc.pixel_values(torch.from_numpy(row.frames)), want["pixel_values"][0])
+    if fewer:
+        assert enc.encode(image=_png(_img(90, 60, seed=3)), question=QUESTION).frames.shape[0] < default_frames
+    with pytest.raises(TypeError, match="unknown image-processor settings"):
+        RowEncoder.from_pretrained(path, longest_edge=48)
+
+
 @pytest.mark.parametrize("sizes", [[(60, 40), (20, 90)], [(72, 72), (1, 1), (300, 7)], [(33, 33), (33, 33)]])
 def test_several_images_match_reference_apply_chat_template(setup, sizes):
     """A row of several images (MMMU, NLVR2): each image's block in order, then the question."""
