@@ -15,8 +15,8 @@ import sys
 from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, DTYPE_HELP, add_image_flags, demo_path, init_ray,
                          json_option, merge_args, print_summary)
 
-DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", max_new_tokens=64,
-                temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None, replicas=None,
+DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", system_prompt=None,
+                max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None, replicas=None,
                 tensor_parallel_size=1, cpu_workers=None, batch_size=16, max_batch_size=64, batches_in_flight=None,
                 keep_columns="", rows_per_file=1000, resume=False, image_backend="pil", image_longest_edge=None,
                 image_splitting=None, storage_options=None, max_image_pixels=None, image_root=None, fetch_threads=16,
@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", help="HF-layout checkpoint: a folder, its URL (s3://..., copied once per node) "
                                     "or a hub id (default: demo/model)")
     ap.add_argument("--prompt", help="the user turn for rows without a question")
+    ap.add_argument("--system-prompt", help="a system turn before every row's user turn (the checkpoint's chat "
+                                            "template renders it; default: none)")
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--temperature", type=float, help="0 = greedy")
     ap.add_argument("--top-p", type=float)

@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", help="checkpoint folder, its URL (s3://..., copied once per node) or hub id")
     ap.add_argument("--output", help="folder for the artefacts (default: runs/evaluate-<dataset>)")
     ap.add_argument("--metric", choices=list(METRICS), help="default: the dataset's standard metric")
+    ap.add_argument("--system-prompt", help="a system turn before every question (default: none)")
     ap.add_argument("--prompt-suffix", default="", help="appended to every question, e.g. "
                     "'Answer the question using a single word or phrase.'")
     ap.add_argument("--question-column", default="question")
@@ -162,7 +163,8 @@ def pipeline_config(args: argparse.Namespace, kept: list[str]):
     return PipelineConfig(model=args.model, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           replicas=args.replicas, cpu_workers=args.cpu_workers, device=args.device, dtype=args.dtype,
                           keep_columns=kept, storage_options=storage_options(args), image_root=args.image_root,
-                          image_longest_edge=args.image_longest_edge, image_splitting=args.image_splitting)
+                          image_longest_edge=args.image_longest_edge, image_splitting=args.image_splitting,
+                          system_prompt=args.system_prompt)
 
 
 def run_model(args: argparse.Namespace, out_dir: Path) -> str:

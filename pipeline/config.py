@@ -12,6 +12,7 @@ OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_pro
 class PipelineConfig:
     model: str                                  # HF-layout checkpoint folder (or hub id)
     prompt: str = DEFAULT_PROMPT                # the user turn when a row has no question
+    system_prompt: str | None = None            # a system turn before every row's user turn
     max_new_tokens: int = 64
     temperature: float = 0.0                    # 0 = greedy
     top_p: float = 1.0

@@ -33,7 +33,7 @@ class Preprocess:
         kwargs = {} if config.max_image_pixels is None else {"max_image_pixels": config.max_image_pixels}
         model = local_checkpoint(config.model, config.storage_options)
         self.encoder = RowEncoder.from_pretrained(model, image_backend=config.image_backend, **kwargs,
-                                                  **config.image_settings())
+                                                  system_prompt=config.system_prompt, **config.image_settings())
         self.config = config
         self.fetcher = ImageFetcher(config.storage_options, root=config.image_root, threads=config.fetch_threads,
                                     attempts=config.fetch_attempts, timeout_s=config.fetch_timeout_s)

@@ -62,7 +62,10 @@ class RowEncoder:
     """Encodes dataset rows for the GPU workers; raises InputError subclasses for bad rows."""
 
     def __init__(self, processor: Idefics3Processor, max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 max_length: int | None = None):
+                 max_length: int | None = None, system_prompt: str | None = None):
+        if system_prompt is not None:
+            check_question(system_prompt)
+        self.system_prompt = system_prompt or None
         self.processor = processor
         self.image_processor = processor.image_processor
         self.tokenizer: Tokenizer = processor.tokenizer
@@ -74,11 +77,14 @@ class RowEncoder:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, image_backend: str = "pil",
-                        max_image_pixels: int | None = DEFAULT_MAX_PIXELS, **image_settings: Any) -> "RowEncoder":
-        """`image_settings`: overrides of the image processor's config (Idefics3Processor.from_pretrained)."""
+                        max_image_pixels: int | None = DEFAULT_MAX_PIXELS, system_prompt: str | None = None,
+                        **image_settings: Any) -> "RowEncoder":
+        """`system_prompt`: a system turn before every row's user turn; `image_settings`: overrides
+        of the image processor's config (Idefics3Processor.from_pretrained)."""
         path = _local_path(path)
         processor = Idefics3Processor.from_pretrained(path, image_backend=image_backend, **image_settings)
-        return cls(processor, max_image_pixels=max_image_pixels, max_length=_context_length(path, processor))
+        return cls(processor, max_image_pixels=max_image_pixels, max_length=_context_length(path, processor),
+                   system_prompt=system_prompt)
 
     @property
     def recipe(self) -> str:
@@ -123,10 +129,12 @@ class RowEncoder:
         return frames, int(rows), int(cols)
 
     def prompt(self, question: str, num_images: int) -> str:
-        """The chat template over one user turn (num_images images, then the text) with the generation prompt."""
+        """The chat template over one user turn (num_images images, then the text) with the generation
+        prompt, after the system turn if there is one."""
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                  chat_template=self._template)
+        system = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}] if self.system_prompt else []
+        return self.processor.apply_chat_template(system + [{"role": "user", "content": content}],
+                                                  add_generation_prompt=True, chat_template=self._template)
 
     def encode_prompt(self, prompt: str, grids: list[tuple[int, int]]) -> list[int]:
         """Tokenize with a single BOS, the i-th image marker expanded for grids[i]; the images' block

@@ -203,6 +203,8 @@ def test_running_a_model_needs_ground_truth_in_the_input(tmp_path, capsys):
 
 
 def test_image_flags_reach_the_pipeline_config():
-    args = job.parse_args(["--input", "x.parquet", "--model", "m", "--image-longest-edge", "1024", "--no-image-splitting"])
+    args = job.parse_args(["--input", "x.parquet", "--model", "m", "--image-longest-edge", "1024", "--no-image-splitting",
+                           "--system-prompt", "Be brief."])
     assert job.pipeline_config(args, []).image_settings() == {"size": {"longest_edge": 1024}, "do_image_splitting": False}
+    assert job.pipeline_config(args, []).system_prompt == "Be brief."
     assert job.pipeline_config(job.parse_args(["--input", "x.parquet", "--model", "m"]), []).image_settings() == {}

@@ -44,14 +44,17 @@ class Oracle:
         self.processor = AutoProcessor.from_pretrained(str(checkpoint), **image_settings)
         self.model = Idefics3ForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
 
-    def answer(self, image: bytes | list[bytes], question: str, max_new_tokens: int, **generate) -> tuple[str, int]:
-        """`image`: one image's bytes, or a list of several (all before the question); `generate`:
-        more of generate's settings (repetition_penalty=...)."""
+    def answer(self, image: bytes | list[bytes], question: str, max_new_tokens: int, system: str | None = None,
+               **generate) -> tuple[str, int]:
+        """`image`: one image's bytes, or a list of several (all before the question); `system`: a
+        system turn first; `generate`: more of generate's settings (repetition_penalty=...)."""
         import torch
 
         images = image if isinstance(image, list) else [image]
         content = [{"type": "image", "image": Image.open(io.BytesIO(data))} for data in images]
         messages = [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
+        if system:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
         inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True, return_tensors="pt")
         with torch.no_grad():

@@ -118,21 +118,24 @@ def test_fresh_run_refuses_a_written_output(run, checkpoint):
         run_job(str(tmp / "in"), str(tmp / "out"), PipelineConfig(model=str(checkpoint)))
 
 
-def test_the_model_stage_applies_the_repetition_penalty(checkpoint, oracle):
-    """--repetition-penalty reaches every row's request: answers equal transformers' generate with
-    the same repetition_penalty on each row alone (the model stage itself, outside Ray)."""
+def test_the_model_stage_applies_the_repetition_penalty_and_system_prompt(checkpoint, oracle):
+    """--repetition-penalty reaches every row's request and --system-prompt its prompt: answers equal
+    transformers' generate with the same repetition_penalty and system turn on each row alone (the
+    model stage itself, outside Ray)."""
     import asyncio
 
     from pipeline.generate import Generate
     from pipeline.preprocess import Preprocess
 
-    config = PipelineConfig(model=str(checkpoint), max_new_tokens=12, repetition_penalty=4.0)
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=12, repetition_penalty=4.0,
+                            system_prompt="Answer in one short sentence.")
     rows = good_rows(3)
     stage = Generate(config)
     answered = asyncio.run(stage(Preprocess(config)(pa.Table.from_pylist(rows)))).to_pylist()
     stage.loop.close()
-    plain = [oracle.answer(r["image"], r["question"] or config.prompt, 12) for r in rows]
-    want = [oracle.answer(r["image"], r["question"] or config.prompt, 12, repetition_penalty=4.0) for r in rows]
+    plain = [oracle.answer(r["image"], r["question"] or config.prompt, 12, system=config.system_prompt) for r in rows]
+    want = [oracle.answer(r["image"], r["question"] or config.prompt, 12, system=config.system_prompt,
+                          repetition_penalty=4.0) for r in rows]
     assert want != plain
     assert [(r["answer"], r["num_generated_tokens"]) for r in answered] == want
 

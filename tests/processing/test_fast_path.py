@@ -79,6 +79,23 @@ def test_image_settings_override_the_config_as_the_reference_kwargs(setup, setti
         RowEncoder.from_pretrained(path, longest_edge=48)
 
 
+def test_a_system_prompt_comes_before_the_user_turn_as_in_the_reference(setup):
+    ref, _, path = setup
+    system = "You write one short, factual caption."
+    enc = RowEncoder.from_pretrained(path, system_prompt=system)
+    image = _img(60, 40, seed=5)
+    content = [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}, {"role": "user", "content": content}]
+    want = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   return_tensors="pt")
+    row = enc.encode(image=_png(image), question=QUESTION)
+    assert row.input_ids == want["input_ids"][0].tolist()
+    assert row.input_ids != setup[1].encode(image=_png(image), question=QUESTION).input_ids
+    assert enc.encode(question="text only").input_ids[:5] == want["input_ids"][0].tolist()[:5]
+    with pytest.raises(InputError, match="image marker"):
+        RowEncoder.from_pretrained(path, system_prompt="Look at <image> first.")
+
+
 @pytest.mark.parametrize("sizes", [[(60, 40), (20, 90)], [(72, 72), (1, 1), (300, 7)], [(33, 33), (33, 33)]])
 def test_several_images_match_reference_apply_chat_template(setup, sizes):
     """A row of several images (MMMU, NLVR2): each image's block in order, then the question."""
