@@ -16,11 +16,13 @@ import json
 import os
 import tempfile
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 SOLO_DEATHS = 2
 ROOT_ENV = "PIPELINE_LEDGER_DIR"      # where the files go (default: the node's temp dir)
+STALE_S = 7 * 24 * 3600               # a file untouched this long is an ended job's (a live actor rewrites its own)
 
 
 def ledger_root() -> Path:
@@ -37,12 +39,26 @@ def ledger_path(stage: str) -> Path | None:
     actor = context.get_actor_id()
     if actor is None:
         return None
+    remove_stale_ledgers()
     return ledger_root() / f"{context.get_job_id()}-{stage}-{actor}.json"
+
+
+def remove_stale_ledgers(max_age_s: float = STALE_S) -> int:
+    """Files of ended jobs on this node: the driver removes its own node's, not the other nodes',
+    so each actor clears the stale ones where it starts. Returns how many."""
+    now, removed = time.time(), 0
+    for path in ledger_root().glob("*.json"):
+        with contextlib.suppress(FileNotFoundError):       # another actor of this node got it first
+            if now - path.stat().st_mtime > max_age_s:
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def remove_job_ledgers() -> int:
     """Driver side, after a run: this job's ledger files on this node (a resumed run is a new job
-    and starts its own). Files on other nodes stay, a few KB each. Returns how many were removed."""
+    and starts its own). Files on other nodes go when they are stale (remove_stale_ledgers). Returns
+    how many were removed."""
     import ray
 
     if not ray.is_initialized():

@@ -52,3 +52,21 @@ def test_gate_runs_suspects_with_nothing_else_in_flight():
 
     asyncio.run(main())
     assert events[:2] == ["+a", "+b"] and events[4:] == ["+s", "-s", "+c", "-c"]
+
+
+def test_stale_ledger_files_of_ended_jobs_are_removed(tmp_path, monkeypatch):
+    """The driver removes its job's files on its own node only; each actor clears week-old ones
+    where it starts, leaving live ones (a live actor rewrites its file as it works)."""
+    import os
+    import time
+
+    from pipeline.ledger import ROOT_ENV, STALE_S, remove_stale_ledgers
+
+    monkeypatch.setenv(ROOT_ENV, str(tmp_path))
+    old, fresh = tmp_path / "01000000-generate-a.json", tmp_path / "02000000-generate-b.json"
+    for path in (old, fresh):
+        path.write_text("{}")
+    past = time.time() - STALE_S - 60
+    os.utime(old, (past, past))
+    assert remove_stale_ledgers() == 1
+    assert not old.exists() and fresh.exists()
