@@ -266,6 +266,12 @@ def test_cuda_fp32_graphs_equal_reference(setup):
     torch.backends.cuda.matmul.allow_tf32 = False
     results = LLMEngine(model, max_batch_size=3).generate(requests)
     assert [r.token_ids for r in results] == [expected[r.request_id] for r in requests]
+    from dataclasses import replace                 # the repetition penalty's mask on the device, too
+
+    penalized = [replace(r, sampling=replace(r.sampling, repetition_penalty=1.8)) for r in requests[:4]]
+    on_cpu = LLMEngine(ours, max_batch_size=3).generate(penalized)
+    on_gpu = LLMEngine(model, max_batch_size=3).generate(penalized)
+    assert [r.token_ids for r in on_gpu] == [r.token_ids for r in on_cpu]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
