@@ -20,7 +20,8 @@ DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image
                 tensor_parallel_size=1, cpu_workers=None, batch_size=16, max_batch_size=64, batches_in_flight=None,
                 keep_columns="", rows_per_file=1000, resume=False, image_backend="pil", image_longest_edge=None,
                 image_splitting=None, storage_options=None, max_image_pixels=None, image_root=None, fetch_threads=16,
-                fetch_attempts=3, fetch_timeout_s=60.0, step_timeout_s=600.0, device=None, dtype=None, show=5)
+                fetch_attempts=3, fetch_timeout_s=60.0, step_timeout_s=600.0, device=None, dtype=None, show=5,
+                limit=None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "collective; default 600, 0 = never)")
     ap.add_argument("--keep-columns", help="comma-separated input columns to copy to the output")
     ap.add_argument("--resume", action="store_true", default=None, help="skip ids already in --output")
+    ap.add_argument("--limit", type=int, help="answer only N rows (a trial run into a fresh output; "
+                                              "--resume then answers the rest)")
     ap.add_argument("--image-backend", choices=["pil", "torch"], help="reference image recipe")
     add_image_flags(ap)
     ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         source = demo_path(values["input"], DEMO_INPUT, "input")
         init_ray()
         output = values["output"] or str(DEMO_OUTPUT)
-        summary = run_job(source, output, config, resume=bool(values["resume"]))
+        summary = run_job(source, output, config, resume=bool(values["resume"]), limit=values["limit"])
     except (FileNotFoundError, FileExistsError, ValueError) as e:  # bad arguments: say which, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -95,7 +95,7 @@ def init_ray() -> None:
 
 def print_summary(summary: dict) -> bool:
     """Prints the run's summary; False (and says so) when the output does not hold every input row once."""
-    print(f"rows {summary['rows']} of {summary['input_rows']} input rows ({summary['error_rows']} errors) | "
+    print(f"rows {summary['rows']} of {summary['input_rows']} input rows{' (--limit)' if summary.get('limit') else ''} ({summary['error_rows']} errors) | "
           f"this run: {summary['rows_this_run']} rows in {summary['wall_s']:.1f}s = {summary['rows_per_s']} rows/s, "
           f"{summary['generated_tokens_per_s']} generated tokens/s")
     kinds = summary.get("errors_by_kind") or {}

@@ -97,8 +97,17 @@ def check_columns(ds: ray.data.Dataset, config: PipelineConfig, source: str) -> 
         raise ValueError(f"--keep-columns {missing} are not columns of {source!r} (columns: {sorted(names)})")
 
 
-def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False) -> dict:
-    """Answer every row of `input_uri` into `output_uri`; returns (and writes beside it) the summary."""
+def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
+            limit: int | None = None) -> dict:
+    """Answer every row of `input_uri` into `output_uri` (with `limit`, only that many: a trial
+    before the whole dataset, which a later resume completes); returns (and writes beside it) the
+    summary."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if limit is not None and resume:
+        # Ray Data pushes a limit down to the read, before the checkpoint's filter of rows already
+        # written, so a resumed run with one would take rows it then skips.
+        raise ValueError("limit is for a fresh run; resume without it to answer the rest")
     opts = config.storage_options
     config = with_image_root(config, input_uri)
     prepare_output(output_uri, opts, resume)
@@ -115,22 +124,25 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
     try:
         ds = read_rows(input_uri, opts)
         check_columns(ds, config, input_uri)
+        if limit is not None:
+            ds = ds.limit(limit)
         start = time.perf_counter()
         write_rows(build_processor(config)(ds), output_uri, opts, config.rows_per_file)
         wall = time.perf_counter() - start
     finally:
         context.checkpoint_config = None
         release_run()
-    summary = summarize(input_uri, output_uri, before, output_counts(output_uri, opts), wall, input_rows)
-    summary["lost_rows_answered_again"] = lost
+    wanted = input_rows if limit is None else min(input_rows, limit)
+    summary = summarize(input_uri, output_uri, before, output_counts(output_uri, opts), wall, wanted)
+    summary.update(lost_rows_answered_again=lost, limit=limit)
     write_text(sibling(output_uri, ".summary.json"), json.dumps(summary, indent=2), opts)
     return summary
 
 
 def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: float, input_rows: int) -> dict:
-    """The run in numbers, and the reconciliation a user needs at scale: input rows with no output
-    row (`missing_rows`) and output rows of an id written twice (`duplicate_rows`), both 0 unless
-    something went wrong."""
+    """The run in numbers, and the reconciliation a user needs at scale: input rows (those the run
+    was to answer) with no output row (`missing_rows`) and output rows of an id written twice
+    (`duplicate_rows`), both 0 unless something went wrong."""
     rows, tokens = after["rows"] - before["rows"], after["generated_tokens"] - before["generated_tokens"]
     return {"input": input_uri, "output": output_uri, "input_rows": input_rows,
             "missing_rows": max(input_rows - after["ids"], 0), "duplicate_rows": after["rows"] - after["ids"],

@@ -106,6 +106,7 @@ def test_flags_reach_the_pipeline_config(tmp_path):
     assert (config.dtype, config.repetition_penalty) == ("float16", 1.2)
     assert config.image_settings() == {"size": {"longest_edge": 728}, "do_image_splitting": False}
     assert config.system_prompt == "Be brief."
+    assert merge_args(parse_args(["--limit", "100"]), DEFAULTS)["limit"] == 100      # run_job's, not the config's
     assert pipeline_config(merge_args(parse_args([]), DEFAULTS)).image_settings() == {}    # the checkpoint's
     with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
         pipeline_config(merge_args(parse_args(["--repetition-penalty", "0"]), DEFAULTS))

@@ -112,6 +112,28 @@ def test_a_resume_answers_again_the_rows_of_a_lost_output_file(ray_cluster, chec
     assert not print_summary(summary) and "2 output rows repeat an id" in capsys.readouterr().err
 
 
+def test_a_limited_trial_run_then_resumes_complete_it(ray_cluster, checkpoint, tmp_path):
+    """--limit N answers the first N rows (a trial before the whole dataset) and reconciles against
+    those; a resume answers the rest, each row once. A resume with a limit is refused (Ray Data
+    would apply it before skipping the rows already written)."""
+    from jobs.common import print_summary
+
+    write_parquet(tmp_path / "in.parquet", [{"id": f"r{i}", "image": png(20, 20, seed=i)} for i in range(5)])
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=2)
+    source, out = str(tmp_path / "in.parquet"), str(tmp_path / "out")
+    counts = []
+    for resume, limit in [(False, 2), (True, None)]:
+        summary = run_job(source, out, config, resume=resume, limit=limit)
+        assert print_summary(summary) and summary["missing_rows"] == summary["duplicate_rows"] == 0
+        counts.append((summary["input_rows"], summary["rows"], summary["rows_this_run"]))
+    assert counts == [(2, 2, 2), (5, 5, 3)]
+    assert sorted(read_output(out).column("id").to_pylist()) == [f"r{i}" for i in range(5)]
+    with pytest.raises(ValueError, match="limit is for a fresh run"):
+        run_job(source, out, config, resume=True, limit=1)
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        run_job(source, str(tmp_path / "other"), config, limit=0)
+
+
 def test_fresh_run_refuses_a_written_output(run, checkpoint):
     tmp = run[4]
     with pytest.raises(FileExistsError, match="--resume"):
