@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from evaluation.metrics import METRICS
@@ -59,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--predictions", help="score this predictions Parquet (id, answer[, answers, category]) "
                     "instead of running a model; with --input, ground truth is joined from it by id")
     ap.add_argument("--gallery", type=int, default=0, metavar="N", help="write gallery.html with N sampled rows")
+    ap.add_argument("--limit", type=int, metavar="N", help="score only the first N benchmark rows (a quick check; "
+                    "the report says so)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16, help="rows per CPU-stage block; images per model call")
     ap.add_argument("--replicas", type=int, default=None,
@@ -167,8 +170,13 @@ def pipeline_config(args: argparse.Namespace, kept: list[str]):
                           system_prompt=args.system_prompt)
 
 
-def run_model(args: argparse.Namespace, out_dir: Path) -> str:
-    """Answer every benchmark row with the caption pipeline (greedy); returns the raw output folder.
+def keep_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
+    return batch.filter(pc.is_in(pc.cast(batch.column("id"), pa.string()), pa.array(ids)))
+
+
+def run_model(args: argparse.Namespace, out_dir: Path, ids: list[str] | None = None) -> str:
+    """Answer every benchmark row (with --limit: those of `ids`, else the first N read) with the
+    caption pipeline (greedy); returns the raw output folder.
 
     The ground truth (answers, category) travels with each row as kept columns, so that rows whose
     ids the pipeline derives (inputs without `id`) are scored as well.
@@ -189,6 +197,9 @@ def run_model(args: argparse.Namespace, out_dir: Path) -> str:
     shutil.rmtree(raw, ignore_errors=True)  # our own scratch output: a re-run starts it afresh
     init_ray()
     ds = read_rows(args.input, config.storage_options)
+    if args.limit is not None:
+        ds = ds.limit(args.limit) if ids is None else ds.map_batches(keep_ids, fn_kwargs={"ids": ids},
+                                                                      batch_format="pyarrow")
     ds = ds.map_batches(benchmark_rows, fn_kwargs={"mapping": mapping, "suffix": args.prompt_suffix},
                         batch_format="pyarrow")
     check_columns(ds, config, args.input)
@@ -216,16 +227,23 @@ def input_has_ids(args: argparse.Namespace) -> bool:
 
 
 def gather_predictions(args: argparse.Namespace, metric: str, out_dir: Path) -> pa.Table:
-    """Predictions (run or read) with ground truth attached, one row per benchmark row."""
+    """Predictions (run or read) with ground truth attached, one row per benchmark row (the first
+    --limit ones with it)."""
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
     truth = read_ground_truth(args) if args.input and input_has_ids(args) else None
     if truth is not None:
+        truth = truth.slice(0, args.limit)
         check_ground_truth(truth, metric)  # before a long model run, not after it
     elif args.input and args.predictions:
         raise ValueError(f"{args.input} has no 'id' column to join the predictions on")
-    source = args.predictions or run_model(args, out_dir)
+    ids = None if truth is None or args.limit is None else [str(i) for i in truth.column("id").to_pylist()]
+    source = args.predictions or run_model(args, out_dir, ids)
     predictions = read_predictions(source, args)
     if truth is None:
-        return predictions  # ground truth is in the predictions (kept columns, or the file's own)
+        return predictions.slice(0, args.limit)  # ground truth is in the predictions (kept columns, or the file's own)
+    if ids is not None:
+        predictions = predictions.filter(pc.is_in(pc.cast(predictions.column("id"), pa.string()), pa.array(ids)))
     return join_ground_truth(predictions, truth)  # the benchmark's ground truth wins
 
 
@@ -239,6 +257,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     summary = summarize(scored, metric)
     sources = {k: v for k, v in (("model", args.model), ("input", args.input),
                                  ("predictions", args.predictions)) if v}
+    if args.limit is not None:
+        sources["limit"] = f"the first {args.limit} rows only"
     write_metrics_json(summary, out_dir)
     write_report_md(summary, sources, out_dir)
     write_chart(summary, out_dir)

@@ -94,6 +94,18 @@ def test_model_run_joins_by_id_and_scores(ray_cluster, checkpoint, oracle_answer
     assert gallery.count('class="card') == 3 and "data:image/jpeg" in gallery
 
 
+@pytest.mark.parametrize("with_ids", [True, False], ids=["by-id", "no-ids"])
+def test_limit_runs_and_scores_only_the_first_rows(ray_cluster, checkpoint, oracle_answer, tmp_path, with_ids):
+    """--limit N: a quick check on N benchmark rows (lmms-eval's --limit); the report says so."""
+    bench = write_benchmark(tmp_path / "bench.parquet", oracle_answer, with_ids)
+    summary, rows, out = run(tmp_path, checkpoint, bench, "--limit", "2")
+    assert summary["rows"] == len(rows) == 2 and summary["errors"] == 0
+    assert sorted(tuple(r["answers"]) for r in rows) == sorted([("zzz-never",), (oracle_answer, "other")])
+    if with_ids:
+        assert [r["id"] for r in rows] == ["b0", "b1"]
+    assert "the first 2 rows only" in Path(out, "report.md").read_text()
+
+
 def test_model_run_without_ids_scores_every_row(ray_cluster, checkpoint, oracle_answer, tmp_path):
     summary, rows, _ = run(tmp_path, checkpoint, write_benchmark(tmp_path / "bench.parquet", oracle_answer, False))
     assert len({r["id"] for r in rows}) == 4 and summary["rows"] == 4 and summary["errors"] == 1

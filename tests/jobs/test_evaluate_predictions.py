@@ -202,6 +202,19 @@ def test_running_a_model_needs_ground_truth_in_the_input(tmp_path, capsys):
     assert "no ground-truth column 'answers'" in capsys.readouterr().err
 
 
+def test_limit_scores_the_first_ground_truth_rows_only(tmp_path, capsys):
+    pq.write_table(pa.table({"id": ["x1", "x2", "x3"], "answers": [["red"], ["blue"], ["star"]]}),
+                   tmp_path / "bench.parquet")
+    pq.write_table(pa.table({"id": ["x3", "x2", "x1"], "answer": ["star", "Blue", "green"]}), tmp_path / "p.parquet")
+    base = ["--predictions", str(tmp_path / "p.parquet"), "--input", str(tmp_path / "bench.parquet"),
+            "--metric", "exact_match"]
+    assert job.main(base + ["--output", str(tmp_path / "o"), "--limit", "2"]) == 0
+    summary = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert (summary["rows"], summary["score"]) == (2, 0.5)             # x1 wrong, x2 right; x3 not scored
+    assert job.main(base + ["--output", str(tmp_path / "o2"), "--limit", "0"]) == 2
+    assert "--limit must be >= 1" in capsys.readouterr().err
+
+
 def test_image_flags_reach_the_pipeline_config():
     args = job.parse_args(["--input", "x.parquet", "--model", "m", "--image-longest-edge", "1024", "--no-image-splitting",
                            "--system-prompt", "Be brief."])
