@@ -12,6 +12,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_INPUT = REPO / "demo" / "data" / "sample.parquet"
 DEMO_MODEL = REPO / "demo" / "model"
 DEMO_OUTPUT = REPO / "demo" / "output" / "captions"
+
+
 def add_image_flags(ap) -> None:
     """Flags of the image recipe: fewer tiles an image for speed (both jobs)."""
     ap.add_argument("--image-longest-edge", type=int, metavar="PX",
@@ -24,8 +26,7 @@ def add_image_flags(ap) -> None:
 
 
 DTYPE_HELP = ("bfloat16 / float16 / float32 (default: bfloat16 on GPUs from Ampere on, float16 on older ones "
-              "such as T4 and V100, float32 on CPU; with --tensor-parallel-size > 1, bfloat16 on any GPU: "
-              "pass float16 there for T4 or V100)")
+              "such as T4 and V100, float32 on CPU; a tensor-parallel replica's ranks ask their own GPUs)")
 
 
 def load_job_config(path: str | None) -> dict[str, Any]:
@@ -95,7 +96,8 @@ def init_ray() -> None:
 
 def print_summary(summary: dict) -> bool:
     """Prints the run's summary; False (and says so) when the output does not hold every input row once."""
-    print(f"rows {summary['rows']} of {summary['input_rows']} input rows{' (--limit)' if summary.get('limit') else ''} ({summary['error_rows']} errors) | "
+    limited = " (--limit)" if summary.get("limit") else ""
+    print(f"rows {summary['rows']} of {summary['input_rows']} input rows{limited} ({summary['error_rows']} errors) | "
           f"this run: {summary['rows_this_run']} rows in {summary['wall_s']:.1f}s = {summary['rows_per_s']} rows/s, "
           f"{summary['generated_tokens_per_s']} generated tokens/s")
     kinds = summary.get("errors_by_kind") or {}

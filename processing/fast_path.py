@@ -132,9 +132,9 @@ class RowEncoder:
         """The chat template over one user turn (num_images images, then the text) with the generation
         prompt, after the system turn if there is one."""
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-        system = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}] if self.system_prompt else []
-        return self.processor.apply_chat_template(system + [{"role": "user", "content": content}],
-                                                  add_generation_prompt=True, chat_template=self._template)
+        system = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}]
+        turns = (system if self.system_prompt else []) + [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(turns, add_generation_prompt=True, chat_template=self._template)
 
     def encode_prompt(self, prompt: str, grids: list[tuple[int, int]]) -> list[int]:
         """Tokenize with a single BOS, the i-th image marker expanded for grids[i]; the images' block

@@ -125,7 +125,8 @@ class Idefics3Processor:
         self.end_of_utterance_token_id = tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, image_backend: str = "pil", **image_settings: Any) -> "Idefics3Processor":
+    def from_pretrained(cls, path: str | Path, image_backend: str = "pil",
+                        **image_settings: Any) -> "Idefics3Processor":
         """Load tokenizer, image processor ("pil": the Pillow recipe checkpoints were trained with;
         "torch": the torch recipe), image_seq_len and chat template from a local HF-layout folder.
         `image_settings` override the image processor's config, as the reference's kwargs do
