@@ -16,8 +16,8 @@ from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, DTYPE_HELP, add_im
                          json_option, merge_args, print_summary)
 
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", system_prompt=None,
-                max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None,
-                replicas=None, tensor_parallel_size=1, cpu_workers=None, batch_size=16, max_batch_size=64,
+                max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=False,
+                seed=None, replicas=None, tensor_parallel_size=1, cpu_workers=None, batch_size=16, max_batch_size=64,
                 batches_in_flight=None, keep_columns="", rows_per_file=1000, resume=False, limit=None,
                 image_backend="pil", image_longest_edge=None, image_splitting=None, storage_options=None,
                 max_image_pixels=None, image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0,
@@ -41,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repetition-penalty", type=float,
                     help="> 1 discourages tokens already in the prompt or the answer (as transformers' "
                          "repetition_penalty; 1.2 stops small models' loops; default 1 = none)")
+    ap.add_argument("--logprobs", action="store_true", default=None,
+                    help="add an answer_logprob column: the sum of the answer tokens' log-probabilities under "
+                         "the model (a confidence score to filter captions by; divide by num_generated_tokens "
+                         "for the mean)")
     ap.add_argument("--seed", type=int, help="sampling seed; each row's seed derives from it and the row id")
     ap.add_argument("--replicas", type=int,
                     help="model replicas (default: one per --tensor-parallel-size GPUs of the cluster; 1 on CPU)")

@@ -5,7 +5,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 DEFAULT_PROMPT = "Describe this image."
 DTYPES = ("bfloat16", "float16", "float32")
-OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens")
+OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens",
+                  "answer_logprob")
 
 
 @dataclass
@@ -18,6 +19,7 @@ class PipelineConfig:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0             # transformers' repetition_penalty; 1 = none
+    logprobs: bool = False                      # an `answer_logprob` column: the answer's log p under the model
     seed: int | None = None                     # with sampling: per-row seed = f(seed, id), batch-independent
     replicas: int | None = None                 # model replicas (actors); None: every GPU (/ tp), or 1 on CPU
     tensor_parallel_size: int = 1               # devices per replica (placement group, STRICT_PACK)

@@ -208,7 +208,7 @@ class Generate:
 
         c = self.config
         sampling = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                                  top_k=c.top_k, repetition_penalty=c.repetition_penalty,
+                                  top_k=c.top_k, repetition_penalty=c.repetition_penalty, logprobs=c.logprobs,
                                   seed=row_seed(c.seed, row["id"]))
         return Request(str(row["id"]), row["input_ids"], self.pixel_values(row), sampling=sampling,
                        image_key=row["image_key"])
@@ -252,17 +252,18 @@ class Generate:
     def answer_output(row: dict, result) -> dict:
         return {"question": row["question"], "answer": (result.text or "").strip(),
                 "finish_reason": result.finish_reason, "error": None,
-                "num_prompt_tokens": result.num_prompt_tokens, "num_generated_tokens": result.num_generated_tokens}
+                "num_prompt_tokens": result.num_prompt_tokens, "num_generated_tokens": result.num_generated_tokens,
+                "answer_logprob": result.cumulative_logprob}
 
     @staticmethod
     def error_output(row: dict, message: str) -> dict:
         prompt = row.get("input_ids")
         return {"question": row["question"], "answer": None, "finish_reason": "error", "error": message,
-                "num_prompt_tokens": len(prompt) if prompt else 0, "num_generated_tokens": 0}
+                "num_prompt_tokens": len(prompt) if prompt else 0, "num_generated_tokens": 0, "answer_logprob": None}
 
     def to_table(self, batch: pa.Table, outputs: list[dict]) -> pa.Table:
         kept = [batch.schema.field(n) for n in self.config.keep_columns]
-        schema = output_schema(batch.schema.field("id").type, kept)
+        schema = output_schema(batch.schema.field("id").type, kept, self.config.logprobs)
         columns = [batch.column("id")]
         for f in list(schema)[1:len(schema) - len(kept)]:
             columns.append(pa.array([o[f.name] for o in outputs], type=f.type))

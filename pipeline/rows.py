@@ -58,8 +58,11 @@ def row_seed(seed: int | None, row_id) -> int | None:
     return (seed * 1_000_003 + zlib.crc32(str(row_id).encode())) % (1 << 62)
 
 
-def output_schema(id_type: pa.DataType, kept: list[pa.Field]) -> pa.Schema:
-    return pa.schema([pa.field("id", id_type), *OUTPUT_SCHEMA, *kept])
+LOGPROB = pa.field("answer_logprob", pa.float64())   # with --logprobs: the answer's log p under the model
+
+
+def output_schema(id_type: pa.DataType, kept: list[pa.Field], logprobs: bool = False) -> pa.Schema:
+    return pa.schema([pa.field("id", id_type), *OUTPUT_SCHEMA, *([LOGPROB] if logprobs else []), *kept])
 
 
 def reuse_recent(recent: OrderedDict, key: str | None, make: Callable[[], T]) -> T:

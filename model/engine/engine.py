@@ -23,7 +23,7 @@ from .image_cache import ImageFeatureCache
 from .kv_cache import KVCache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket, pow2_bucket
-from .sampler import SamplingState, sample
+from .sampler import SamplingState, sample, token_logprobs
 from .scheduler import Scheduler, Sequence
 from .types import Request, Result
 
@@ -47,12 +47,17 @@ def penalized(seqs: list[Sequence]) -> bool:
     return any(s.request.sampling.repetition_penalty != 1.0 for s in seqs)
 
 
+def wants_logprobs(seqs: list[Sequence]) -> bool:
+    return any(s.request.sampling.logprobs for s in seqs)
+
+
 @dataclass
 class DecodeStep:
     """A queued decode step: the sequences it serves and where their tokens land on the host."""
     seqs: list[Sequence]
     tokens: torch.Tensor                     # (rows,) int64, indexed by slot
     ready: torch.cuda.Event | None           # CUDA: recorded after the copy to host memory
+    logprobs: torch.Tensor | None = None     # (rows,) float32, when a request asks for them
 
 
 class LLMEngine:
@@ -144,6 +149,7 @@ class LLMEngine:
         # CUDA: two pinned buffers that decode steps copy their tokens to (one may hold a step in flight).
         self.host_tokens = [torch.zeros(slots, dtype=torch.int64, pin_memory=True)
                             for _ in range(2)] if self.device.type == "cuda" else []
+        self.host_logprobs = [torch.zeros(slots, pin_memory=True) for _ in self.host_tokens]
         return self.runner
 
     # ---- requests -----------------------------------------------------------------------------
@@ -281,11 +287,13 @@ class LLMEngine:
                       any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params),
                       any_penalty=penalized(seqs))
 
-    def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor,
+                     seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows' tokens, and their log p when a request asks for them."""
         tokens = self.sample_tokens(logits, slots, seqs)
         if penalized(seqs):
             self.sampling.mark_seen(slots, tokens)
-        return tokens
+        return tokens, token_logprobs(logits, tokens) if wants_logprobs(seqs) else None
 
     def _prefill(self, scheduler: Scheduler, seqs: list[Sequence]) -> None:
         runner = self.runner
@@ -311,12 +319,12 @@ class LLMEngine:
         for seq in seqs:
             self._assign_sampling(seq)
         slot_t = torch.tensor(slots, device=self.device)
-        tokens = self._next_tokens(logits, slot_t, seqs)
+        tokens, logprobs = self._next_tokens(logits, slot_t, seqs)
         runner.tokens[slot_t] = tokens
         runner.positions[slot_t] = torch.tensor([s.prompt_len for s in seqs], device=self.device)
         self.active[slot_t] = 1
         self.sampling.step[slot_t] += 1
-        self._record(scheduler, seqs, tokens.tolist())
+        self._record(scheduler, seqs, tokens.tolist(), None if logprobs is None else logprobs.tolist())
 
     def _launch_decode(self, scheduler: Scheduler, in_flight: DecodeStep | None) -> DecodeStep | None:
         """Queue one decode step over the running sequences; its tokens reach the host later.
@@ -332,20 +340,23 @@ class LLMEngine:
         rows = pow2_bucket(scheduler.decode_batch_size(), 1, runner.cache.num_slots)
         kv_len = kv_bucket(max(s.length for s in seqs) + lag, runner.cache.max_len)
         logits = runner.decode(rows, kv_len)
-        tokens = self._next_tokens(logits, torch.arange(rows, device=self.device), seqs)
+        tokens, logprobs = self._next_tokens(logits, torch.arange(rows, device=self.device), seqs)
         runner.tokens[:rows] = tokens
         runner.positions[:rows] += self.active[:rows]
         self.sampling.step[:rows] += 1
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(seqs)
         if self.device.type != "cuda":
-            return DecodeStep(seqs, tokens, None)
+            return DecodeStep(seqs, tokens, None, logprobs)
         self.host_tokens.reverse()               # the other buffer may hold the unread step in flight
+        self.host_logprobs.reverse()
         host = self.host_tokens[0][:rows]
         host.copy_(tokens, non_blocking=True)
+        if logprobs is not None:
+            logprobs = self.host_logprobs[0][:rows].copy_(logprobs, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))     # the copy's stream, whatever device is current
-        return DecodeStep(seqs, host, ready)
+        return DecodeStep(seqs, host, ready, logprobs)
 
     def _collect(self, scheduler: Scheduler, step: DecodeStep | None) -> None:
         """Record a launched step's tokens (the step's one host sync); rows of sequences that
@@ -356,10 +367,15 @@ class LLMEngine:
             step.ready.synchronize()
         host = step.tokens.tolist()
         live = [s for s in step.seqs if s.finish_reason is None]
-        self._record(scheduler, live, [host[s.slot] for s in live])
+        logprobs = None if step.logprobs is None else step.logprobs.tolist()
+        self._record(scheduler, live, [host[s.slot] for s in live],
+                     None if logprobs is None else [logprobs[s.slot] for s in live])
 
-    def _record(self, scheduler: Scheduler, seqs: list[Sequence], tokens: list[int]) -> None:
-        for seq, token in zip(seqs, tokens):
+    def _record(self, scheduler: Scheduler, seqs: list[Sequence], tokens: list[int],
+                logprobs: list[float] | None = None) -> None:
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            if logprobs is not None:
+                seq.logprob += logprobs[i]
             if seq.append(token):
                 scheduler.release(seq)
                 self.active[seq.slot] = 0
@@ -370,4 +386,4 @@ class LLMEngine:
         if self.tokenizer is not None:
             text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         return Result(seq.request.request_id, list(seq.generated), text, seq.finish_reason,
-                      seq.prompt_len, len(seq.generated))
+                      seq.prompt_len, len(seq.generated), seq.logprob if seq.request.sampling.logprobs else None)

@@ -93,6 +93,12 @@ def penalize_repeats(logits: Tensor, penalty: Tensor, seen: Tensor) -> Tensor:
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log p of each row's token under the model's own distribution (the raw logits: before the
+    penalty, temperature and filters), as vLLM's logprobs."""
+    return logits.float().log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
+
+
 def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
            any_filter: bool, any_penalty: bool = False) -> Tensor:
     """Next token per row (B,) int64. slots (B,) indexes the rows' SamplingState entries.

@@ -16,6 +16,7 @@ class Sequence:
     slot: int = -1
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    logprob: float = 0.0                     # sum of the generated tokens' log p, when the request asks for it
 
     @property
     def prompt_len(self) -> int:

@@ -18,6 +18,7 @@ class SamplingParams:
     seed: int | None = None     # None = drawn at admission (answer then not reproducible)
     stop_token_ids: tuple[int, ...] | list[int] | None = None   # None = the generation config's eos ids
     repetition_penalty: float = 1.0   # > 1 discourages every token of the prompt and the answer so far
+    logprobs: bool = False            # Result.cumulative_logprob: the answer's log-probability under the model
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -59,3 +60,4 @@ class Result:
     finish_reason: Literal["stop", "length"]
     num_prompt_tokens: int
     num_generated_tokens: int
+    cumulative_logprob: float | None = None   # sum of the new tokens' log p (raw logits), if asked for

@@ -171,6 +171,30 @@ def test_repetition_penalty_equals_reference_alone(setup, overlap):
     assert {r.request_id: r.token_ids for r in results} == want
 
 
+def test_logprobs_equal_the_references_raw_logits(setup, overlap):
+    """Result.cumulative_logprob: the sum of log_softmax(raw logits) at the chosen tokens, as from
+    transformers' generate(output_logits=True) on each row alone; rows that do not ask get None."""
+    from dataclasses import replace
+
+    ours, requests, _, _, ref = setup
+    asked = [replace(r, sampling=replace(r.sampling, logprobs=i % 3 != 1)) for i, r in enumerate(requests)]
+    results = LLMEngine(ours, max_batch_size=3, overlap=overlap).generate(asked)
+    for req, res in zip(asked, results):
+        if not req.sampling.logprobs:
+            assert res.cumulative_logprob is None
+            continue
+        ids = torch.tensor([req.prompt_ids])
+        kwargs = dict(max_new_tokens=req.sampling.max_new_tokens, do_sample=False, output_logits=True,
+                      return_dict_in_generate=True)
+        if req.pixel_values is not None:
+            kwargs.update(pixel_values=req.pixel_values[None], pixel_attention_mask=req.pixel_attention_mask[None])
+        out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        tokens = out.sequences[0, ids.shape[1]:].tolist()
+        want = sum(step[0].float().log_softmax(-1)[t].item() for step, t in zip(out.logits, tokens))
+        assert res.token_ids == tokens
+        assert res.cumulative_logprob == pytest.approx(want, abs=1e-4), req.request_id
+
+
 def test_small_prefill_budget_and_one_slot_at_a_time(setup, overlap):
     ours, requests, expected, _, _ = setup
     engine = LLMEngine(ours, max_batch_size=4, max_prefill_tokens=1, overlap=overlap)   # prefill requests one by one
@@ -268,10 +292,11 @@ def test_cuda_fp32_graphs_equal_reference(setup):
     assert [r.token_ids for r in results] == [expected[r.request_id] for r in requests]
     from dataclasses import replace                 # the repetition penalty's mask on the device, too
 
-    penalized = [replace(r, sampling=replace(r.sampling, repetition_penalty=1.8)) for r in requests[:4]]
+    penalized = [replace(r, sampling=replace(r.sampling, repetition_penalty=1.8, logprobs=True)) for r in requests[:4]]
     on_cpu = LLMEngine(ours, max_batch_size=3).generate(penalized)
-    on_gpu = LLMEngine(model, max_batch_size=3).generate(penalized)
+    on_gpu = LLMEngine(model, max_batch_size=3).generate(penalized)        # logprobs through pinned host buffers
     assert [r.token_ids for r in on_gpu] == [r.token_ids for r in on_cpu]
+    assert [r.cumulative_logprob for r in on_gpu] == pytest.approx([r.cumulative_logprob for r in on_cpu], abs=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -143,14 +143,14 @@ def test_fresh_run_refuses_a_written_output(run, checkpoint):
 def test_the_model_stage_applies_the_repetition_penalty_and_system_prompt(checkpoint, oracle):
     """--repetition-penalty reaches every row's request and --system-prompt its prompt: answers equal
     transformers' generate with the same repetition_penalty and system turn on each row alone (the
-    model stage itself, outside Ray)."""
+    model stage itself, outside Ray); --logprobs adds answer_logprob."""
     import asyncio
 
     from pipeline.generate import Generate
     from pipeline.preprocess import Preprocess
 
     config = PipelineConfig(model=str(checkpoint), max_new_tokens=12, repetition_penalty=4.0,
-                            system_prompt="Answer in one short sentence.")
+                            system_prompt="Answer in one short sentence.", logprobs=True)
     rows = good_rows(3)
     stage = Generate(config)
     answered = asyncio.run(stage(Preprocess(config)(pa.Table.from_pylist(rows)))).to_pylist()
@@ -160,6 +160,7 @@ def test_the_model_stage_applies_the_repetition_penalty_and_system_prompt(checkp
                           repetition_penalty=4.0) for r in rows]
     assert want != plain
     assert [(r["answer"], r["num_generated_tokens"]) for r in answered] == want
+    assert all(r["answer_logprob"] < 0 for r in answered)      # --logprobs (exact values: tests/model/test_engine.py)
 
 
 @pytest.mark.parametrize("image_flags", [dict(image_longest_edge=32), dict(image_splitting=False)])
