@@ -82,7 +82,7 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     plain = Idefics3ForConditionalGeneration.from_pretrained(path)
     long, short = requests(path, max_new_tokens=12), requests(path, max_new_tokens=3)
     sampled = requests(path, max_new_tokens=7, temperature=0.9, top_k=50, seed=5)
-    penalized = requests(path, max_new_tokens=6, repetition_penalty=1.6)
+    penalized = requests(path, max_new_tokens=6, repetition_penalty=1.6, logprobs=True)
     parts = [long, short, sampled, penalized]
     want = {(i, j): tokens for i, part in enumerate(parts) for j, tokens in enumerate(reference_tokens(plain, part))}
     options = dict(overlap=True, batched_prefill=True) if cuda_defaults else {}
@@ -106,6 +106,7 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     bad = outcomes.pop("bad")
     assert isinstance(bad, ValueError) and "'bad'" in str(bad)
     assert {k: r.token_ids for k, r in outcomes.items()} == want
+    assert all((r.cumulative_logprob is not None) == (k[0] == 3) for k, r in outcomes.items())
     assert streamed < one_at_a_time
     assert images_encoded == sum(r.pixel_values is not None for r in long)
     assert stats[0]["last_tokens"] == stats[1]["last_tokens"]              # the ranks stepped alike
