@@ -17,9 +17,9 @@ from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, DTYPE_HELP, add_im
 
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", system_prompt=None,
                 max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=False,
-                seed=None, replicas=None, tensor_parallel_size=1, cpu_workers=None, batch_size=16, max_batch_size=64,
-                batches_in_flight=None, keep_columns="", rows_per_file=1000, resume=False, limit=None,
-                image_backend="pil", image_longest_edge=None, image_splitting=None, storage_options=None,
+                stop=None, seed=None, replicas=None, tensor_parallel_size=1, cpu_workers=None, batch_size=16,
+                max_batch_size=64, batches_in_flight=None, keep_columns="", rows_per_file=1000, resume=False,
+                limit=None, image_backend="pil", image_longest_edge=None, image_splitting=None, storage_options=None,
                 max_image_pixels=None, image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0,
                 step_timeout_s=600.0, device=None, dtype=None, show=5)
 
@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repetition-penalty", type=float,
                     help="> 1 discourages tokens already in the prompt or the answer (as transformers' "
                          "repetition_penalty; 1.2 stops small models' loops; default 1 = none)")
+    ap.add_argument("--stop", action="append", metavar="TEXT",
+                    help="end an answer with the token that completes TEXT (repeatable; transformers' "
+                         "stop_strings: the answer keeps it), e.g. --stop '.' for one sentence")
     ap.add_argument("--logprobs", action="store_true", default=None,
                     help="add an answer_logprob column: the sum of the answer tokens' log-probabilities under "
                          "the model (a confidence score to filter captions by; divide by num_generated_tokens "

@@ -158,6 +158,8 @@ class LLMEngine:
         rid, n = request.request_id, len(request.prompt_ids)
         if n == 0:
             raise ValueError(f"request {rid!r}: empty prompt")
+        if request.sampling.stop and self.tokenizer is None:
+            raise ValueError(f"request {rid!r}: stop strings need the engine's tokenizer")
         total = n + request.sampling.max_new_tokens
         if total > self.text_config.max_position_embeddings:
             raise ValueError(f"request {rid!r}: prompt ({n}) + max_new_tokens exceeds the model's "
@@ -376,10 +378,25 @@ class LLMEngine:
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             if logprobs is not None:
                 seq.logprob += logprobs[i]
-            if seq.append(token):
+            finished = seq.append(token)
+            if self._completes_stop_string(seq):
+                seq.finish_reason, finished = "stop", True
+            if finished:
                 scheduler.release(seq)
                 self.active[seq.slot] = 0
                 self._finished.append(seq)
+
+    def _completes_stop_string(self, seq: Sequence) -> bool:
+        """Whether the newest token completes one of the request's stop strings: an occurrence in the
+        text that the token overlaps, which may begin in the prompt (transformers' StopStringCriteria)."""
+        stops = seq.request.sampling.stop
+        if not stops:
+            return False
+        last = max(map(len, stops)) + 1                                  # a token is at least one character
+        window = (seq.request.prompt_ids[-last:] + seq.generated)[-last:]
+        before = self.tokenizer.decode(window[:-1], skip_special_tokens=False)
+        after = self.tokenizer.decode(window, skip_special_tokens=False)
+        return any(after.find(s, max(len(before) - len(s) + 1, 0)) >= 0 for s in stops)
 
     def _result(self, seq: Sequence) -> Result:
         text = None

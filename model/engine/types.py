@@ -19,6 +19,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | list[int] | None = None   # None = the generation config's eos ids
     repetition_penalty: float = 1.0   # > 1 discourages every token of the prompt and the answer so far
     logprobs: bool = False            # Result.cumulative_logprob: the answer's log-probability under the model
+    stop: tuple[str, ...] | list[str] = ()   # strings that end the answer (with the token that completes one)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -31,6 +32,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 

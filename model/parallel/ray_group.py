@@ -45,7 +45,7 @@ class RayTPGroup:
             actor.options(**self._placement(rank, placement_group, device_type, num_cpus),
                           max_concurrency=batches_in_flight + 2 if rank == 0 else 1).remote(
                 rank, tp, str(model_path) if fetch else str(folder), fetch=fetch, dtype=dtype, device_type=device_type,
-                tokenizer=tokenizer if rank == 0 else None, cpu_threads=cpu_threads, engine_kwargs=engine_kwargs,
+                tokenizer=tokenizer, cpu_threads=cpu_threads, engine_kwargs=engine_kwargs,
                 step_timeout_s=step_timeout_s if rank == 0 else None)
             for rank in range(tp)]
         self.follow_refs: list = []

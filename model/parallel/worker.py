@@ -303,8 +303,9 @@ class TPEngine:
         if device_type == "cuda" and torch.cuda.device_count() < tp:
             raise ValueError(f"tensor_parallel_size {tp} needs {tp} visible GPUs, found {torch.cuda.device_count()}")
         engine_kwargs.setdefault("use_cuda_graphs", tp == 1)   # graphs around NCCL collectives: not yet validated
+        # Every rank gets the tokenizer: the ranks end a sequence on a stop string each on its own.
         spec = dict(model_path=str(folder), dtype=dtype, device_type=device_type, cpu_threads=cpu_threads,
-                    engine_kwargs=engine_kwargs)
+                    engine_kwargs=engine_kwargs, tokenizer=tokenizer)
         port = free_port()
         context = mp.get_context("spawn")
         self.processes = [context.Process(target=_follower_main, daemon=True,
@@ -312,7 +313,7 @@ class TPEngine:
                           for rank in range(1, tp)]
         for p in self.processes:
             p.start()
-        self.worker = TPWorker(0, tp, tokenizer=tokenizer, **spec)
+        self.worker = TPWorker(0, tp, **spec)
         try:
             self.worker.setup("127.0.0.1", port, timeout_s)
         except BaseException:

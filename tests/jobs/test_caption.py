@@ -97,7 +97,7 @@ def test_flags_reach_the_pipeline_config(tmp_path):
     args = parse_args(["--model", "m", "--top-k", "5", "--image-root", "s3://b/imgs", "--fetch-attempts", "2",
                        "--fetch-timeout", "7.5", "--rows-per-file", "20", "--step-timeout", "0", "--dtype", "float16",
                        "--repetition-penalty", "1.2", "--image-longest-edge", "728", "--no-image-splitting",
-                       "--system-prompt", "Be brief.", "--logprobs", "--config", str(tmp_path / "job.yaml")])
+                       "--system-prompt", "Be brief.", "--logprobs", "--stop", ".", "--stop", "\n", "--config", str(tmp_path / "job.yaml")])
     config = pipeline_config(merge_args(args, DEFAULTS))
     assert (config.top_k, config.image_root, config.fetch_attempts, config.fetch_timeout_s) == (5, "s3://b/imgs", 2, 7.5)
     assert (config.fetch_threads, config.rows_per_file) == (4, 20)             # flag > job.yaml > default
@@ -105,7 +105,7 @@ def test_flags_reach_the_pipeline_config(tmp_path):
     assert config.step_timeout_s == 0                                           # no watchdog
     assert (config.dtype, config.repetition_penalty) == ("float16", 1.2)
     assert config.image_settings() == {"size": {"longest_edge": 728}, "do_image_splitting": False}
-    assert config.system_prompt == "Be brief." and config.logprobs
+    assert config.system_prompt == "Be brief." and config.logprobs and config.stop == [".", "\n"]
     assert not pipeline_config(merge_args(parse_args([]), DEFAULTS)).logprobs
     assert merge_args(parse_args(["--limit", "100"]), DEFAULTS)["limit"] == 100      # run_job's, not the config's
     assert pipeline_config(merge_args(parse_args([]), DEFAULTS)).image_settings() == {}    # the checkpoint's

@@ -195,6 +195,38 @@ def test_logprobs_equal_the_references_raw_logits(setup, overlap):
         assert res.cumulative_logprob == pytest.approx(want, abs=1e-4), req.request_id
 
 
+def test_stop_strings_end_answers_as_the_references_stop_strings(setup, overlap, tmp_path):
+    """SamplingParams.stop: an answer ends with the token that completes a stop string (even one
+    spanning tokens), as transformers' generate(stop_strings=...) on that row alone."""
+    from dataclasses import replace
+
+    from transformers import PreTrainedTokenizerFast
+
+    ours, requests, expected, tokenizer, ref = setup
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    stopped, want = [], {}
+    for r in requests[:6]:
+        text = tokenizer.decode(expected[r.request_id], skip_special_tokens=False)
+        # (not from text of partial UTF-8 byte tokens: decoded they are U+FFFD, which transformers
+        # matches on the tokens' own strings instead)
+        stop = [text[3:6]] if len(text) >= 6 and "\ufffd" not in text[:6] else ["never-generated"]
+        req = replace(r, sampling=replace(r.sampling, stop=stop))
+        ids = torch.tensor([r.prompt_ids])
+        kwargs = dict(max_new_tokens=r.sampling.max_new_tokens, do_sample=False, stop_strings=stop,
+                      tokenizer=hf_tokenizer)
+        if r.pixel_values is not None:
+            kwargs.update(pixel_values=r.pixel_values[None], pixel_attention_mask=r.pixel_attention_mask[None])
+        want[r.request_id] = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:].tolist()
+        stopped.append(req)
+    assert any(len(want[k]) < len(expected[k]) for k in want)           # some answers did stop early
+    results = LLMEngine(ours, tokenizer, max_batch_size=3, overlap=overlap).generate(stopped)
+    assert {r.request_id: r.token_ids for r in results} == want
+    assert all(r.finish_reason == "stop" for r in results if len(r.token_ids) < len(expected[r.request_id]))
+    with pytest.raises(ValueError, match="need the engine's tokenizer"):
+        LLMEngine(ours).generate([stopped[0]])
+
+
 def test_small_prefill_budget_and_one_slot_at_a_time(setup, overlap):
     ours, requests, expected, _, _ = setup
     engine = LLMEngine(ours, max_batch_size=4, max_prefill_tokens=1, overlap=overlap)   # prefill requests one by one

@@ -76,17 +76,24 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     step in flight while the next is queued, and padded-group prefill (CUDA's defaults)."""
     from dataclasses import replace
 
-    from model.engine import Request
+    from tokenizers import Tokenizer
+
+    from model.engine import LLMEngine, Request
 
     path = checkpoint("idefics3")
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     plain = Idefics3ForConditionalGeneration.from_pretrained(path)
     long, short = requests(path, max_new_tokens=12), requests(path, max_new_tokens=3)
     sampled = requests(path, max_new_tokens=7, temperature=0.9, top_k=50, seed=5)
     penalized = requests(path, max_new_tokens=6, repetition_penalty=1.6, logprobs=True)
-    parts = [long, short, sampled, penalized]
-    want = {(i, j): tokens for i, part in enumerate(parts) for j, tokens in enumerate(reference_tokens(plain, part))}
+    texts = [tokenizer.decode(t, skip_special_tokens=False) for t in reference_tokens(plain, long)]
+    stopped = [replace(r, sampling=replace(r.sampling, stop=[text[2:4] or "x"])) for r, text in zip(long, texts)]
+    parts = [long, short, sampled, penalized, stopped]
+    want = {(i, j): tokens for i, part in enumerate(parts[:-1]) for j, tokens in enumerate(reference_tokens(plain, part))}
+    want.update({(4, j): r.token_ids for j, r in enumerate(LLMEngine(plain, tokenizer).generate(stopped))})
+    assert any(len(want[4, j]) < len(want[0, j]) for j in range(len(long)))        # stop strings cut answers
     options = dict(overlap=True, batched_prefill=True) if cuda_defaults else {}
-    with TPEngine(path, 2, cpu_threads=1, timeout_s=120, max_batch_size=8, **options) as engine:
+    with TPEngine(path, 2, tokenizer=tokenizer, cpu_threads=1, timeout_s=120, max_batch_size=8, **options) as engine:
         for part in parts:
             engine.generate(part)
         one_at_a_time = engine.engine.stats["decode_steps"]

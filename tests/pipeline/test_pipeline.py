@@ -163,6 +163,27 @@ def test_the_model_stage_applies_the_repetition_penalty_and_system_prompt(checkp
     assert all(r["answer_logprob"] < 0 for r in answered)      # --logprobs (exact values: tests/model/test_engine.py)
 
 
+def test_the_model_stage_ends_answers_on_stop_strings(checkpoint, oracle):
+    """--stop: answers end with the token completing a stop string, as transformers'
+    generate(stop_strings=...) on each row alone."""
+    import asyncio
+
+    from pipeline.generate import Generate
+    from pipeline.preprocess import Preprocess
+
+    rows = good_rows(3)
+    full = [oracle.answer(r["image"], r["question"] or PipelineConfig.prompt, 12) for r in rows]
+    stop = [full[0][0][1:3]]                           # from the first answer: it ends early at least
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=12, stop=stop)
+    stage = Generate(config)
+    answered = asyncio.run(stage(Preprocess(config)(pa.Table.from_pylist(rows)))).to_pylist()
+    stage.loop.close()
+    want = [oracle.answer(r["image"], r["question"] or config.prompt, 12, stop_strings=stop,
+                          tokenizer=oracle.processor.tokenizer) for r in rows]
+    assert [(r["answer"], r["num_generated_tokens"]) for r in answered] == want
+    assert want[0][1] < full[0][1] and answered[0]["finish_reason"] == "stop"
+
+
 @pytest.mark.parametrize("image_flags", [dict(image_longest_edge=32), dict(image_splitting=False)])
 def test_fewer_tiles_an_image_answer_as_the_reference_with_those_settings(checkpoint, image_flags):
     """--image-longest-edge / --no-image-splitting: fewer image tokens a row; the answers equal
