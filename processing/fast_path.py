@@ -132,8 +132,9 @@ class RowEncoder:
         """The chat template over one user turn (num_images images, then the text) with the generation
         prompt, after the system turn if there is one."""
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-        system = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}]
-        turns = (system if self.system_prompt else []) + [{"role": "user", "content": content}]
+        turns = [{"role": "user", "content": content}]
+        if self.system_prompt:
+            turns.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         return self.processor.apply_chat_template(turns, add_generation_prompt=True, chat_template=self._template)
 
     def encode_prompt(self, prompt: str, grids: list[tuple[int, int]]) -> list[int]:

@@ -37,6 +37,8 @@ from .shard import check_tp, sharded_fraction
 
 log = logging.getLogger(__name__)
 STOP = "stop"
+
+
 def free_port() -> int:
     """A TCP port free on this host right now (for the rendezvous store)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
