@@ -12,6 +12,8 @@ Prints decode steps, wall time and rows/s of both, same model and requests, in o
     python bench/stream.py --questions-per-image 4          # + rows naming their image (encoded once),
                                                             # and sharing their prompt's prefix K/V
     python bench/stream.py --device cuda --model idefics3-8b --tile 364 --questions-per-image 4
+    python bench/stream.py --system-tokens 200              # + every row behind one 200-token system
+                                                            # turn, shared or not
 """
 from __future__ import annotations
 
@@ -44,10 +46,12 @@ def varied_requests(args, device: str) -> list:
     rng = random.Random(0)
     base = make_requests(args.model, args.tile, args.blocks * args.batch, 3, args.max_new, device)
     base = about_shared_images(base, args.questions_per_image, SHAPES[args.model]["top"]["image_token_id"])
+    system = torch.randint(100, 20000, (args.system_tokens,), generator=torch.Generator().manual_seed(2)).tolist()
     out = []
     for r in base:
         n = rng.randint(args.min_new, args.max_new)
-        out.append(replace(r, sampling=SamplingParams(max_new_tokens=n, min_new_tokens=n)))
+        out.append(replace(r, prompt_ids=r.prompt_ids[:1] + system + r.prompt_ids[1:],
+                           sampling=SamplingParams(max_new_tokens=n, min_new_tokens=n)))
     return out
 
 
@@ -122,6 +126,9 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes; --threads each)")
+    ap.add_argument("--system-tokens", type=int, default=0,
+                    help="a system turn of this many tokens before every row's; > 0 adds a streamed run that "
+                         "prefills it for every row")
     ap.add_argument("--questions-per-image", type=int, default=1,
                     help="consecutive rows about one image; > 1 adds a streamed run whose rows name their image")
     args = ap.parse_args()
@@ -137,9 +144,11 @@ def main() -> None:
     blocks = [requests[i:i + args.batch] for i in range(0, len(requests), args.batch)]
     report = {"device": args.device, "tp": args.tp, "blocks": args.blocks, "batch": args.batch, "slots": args.slots,
               "new_tokens": sum(r.sampling.max_new_tokens for r in requests)}
-    # Prompt prefixes are shared only by requests naming their image, so the runs without keys
-    # share none; the keyed runs measure the vision tower skipped, then the prefixes too.
+    # Prompts through their image are shared only by requests naming it, so the runs without keys
+    # share only a system turn; the keyed runs measure the vision tower skipped, then the prefixes too.
     runs = [("one_at_a_time", without_image_keys(one_at_a_time), {}), ("streamed", without_image_keys(streamed), {})]
+    if args.system_tokens:
+        runs += [("streamed_unshared_system", without_image_keys(streamed), {"share_prefixes": False})]
     if args.questions_per_image > 1:
         runs += [("streamed_image_keys", streamed_with_image_keys(), {"share_prefixes": False}),
                  ("streamed_shared_prefixes", streamed_with_image_keys(), {})]
@@ -160,6 +169,10 @@ def main() -> None:
                         "images_encoded": stats["images_encoded"], "prefix_tokens_reused": stats["prefix_tokens_reused"],
                         "rows_per_s": round(len(requests) / best, 2)}
     report["speedup"] = round(report["one_at_a_time"]["seconds"] / report["streamed"]["seconds"], 2)
+    if args.system_tokens:
+        report["system_tokens"] = args.system_tokens
+        report["shared_system_speedup"] = round(
+            report["streamed_unshared_system"]["seconds"] / report["streamed"]["seconds"], 2)
     if "streamed_image_keys" in report:
         report["image_keys_speedup"] = round(report["streamed"]["seconds"] / report["streamed_image_keys"]["seconds"], 2)
         report["shared_prefixes_speedup"] = round(

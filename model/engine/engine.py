@@ -311,9 +311,10 @@ class LLMEngine:
                 runner.cache.copy_prefix(source.slot, slot, source.length)
         prefixes = [0 if source is None else source.length for source in sources]
         self.stats["prefix_tokens_reused"] += sum(prefixes)
-        fresh = [i for i, n in enumerate(prefixes) if n == 0]
+        image = self.model.config.image_token_id
+        unseen = [i for i, (r, n) in enumerate(zip(requests, prefixes)) if image in r.prompt_ids[n:]]
         features = [None] * len(seqs)
-        for i, f in zip(fresh, self.image_cache.features([requests[i] for i in fresh], encode)):
+        for i, f in zip(unseen, self.image_cache.features([requests[i] for i in unseen], encode)):
             features[i] = f
         logits = runner.prefill([r.prompt_ids for r in requests], features, slots, prefixes)
         if self.share_prefixes:

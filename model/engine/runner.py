@@ -94,8 +94,8 @@ class ModelRunner:
     def prefill(self, prompts: list[list[int]], features: list[Tensor | None], slots: list[int],
                 prefixes: list[int] | None = None) -> Tensor:
         """Packs the prompts into one row, fills their slots, returns last-position logits (n, V) float32.
-        prefixes[i] > 0: the first prefixes[i] positions of prompt i are already in its slot (and
-        its image tokens among them: features[i] is None); only the rest is run."""
+        prefixes[i] > 0: the first prefixes[i] positions of prompt i are already in its slot; only
+        the rest is run (features[i] is None when its image tokens are all among the cached)."""
         device = self.cache.k.device
         prefixes = prefixes or [0] * len(prompts)
         prompts = [p[start:] for p, start in zip(prompts, prefixes)]

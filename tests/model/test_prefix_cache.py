@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.engine import LLMEngine, Request, SamplingParams
-from model.engine.prefix_cache import PrefixSource, SharedPrefixAdmission, SlotPrefixes
+from model.engine.prefix_cache import MIN_SHARED_TEXT, PrefixSource, SharedPrefixAdmission, SlotPrefixes
 from model.engine.scheduler import Scheduler, Sequence
 from tests.model.test_engine import _reference, setup  # noqa: F401  (tiny checkpoints, the reference)
 
@@ -214,3 +214,107 @@ def test_the_prefill_budget_counts_the_tokens_a_prefill_runs(setup, questions):
     while engine.has_unfinished():
         got.update({r.request_id: r.token_ids for r in engine.step()})
     assert got == {r.request_id: expected[r.request_id] for r in requests[:3]}
+
+
+# ---- a long text before the image (a system prompt), shared whatever the image -----------------------
+
+@pytest.fixture(scope="module")
+def with_system_prompt(setup):
+    """Each image request of the setup behind the same 70-token system turn, and two more
+    questions about each of two images (keyed, so their image prefixes are shared too), with the
+    reference's answer to each alone."""
+    ours, requests, _, _, ref = setup
+    image = ours.config.image_token_id
+    text = [t for r in requests if r.pixel_values is not None for t in r.prompt_ids[_image_end(r.prompt_ids, image):]]
+    system = (text * 70)[:70]
+    out = []
+    for r in requests:
+        if r.pixel_values is None:
+            continue
+        ids = r.prompt_ids[:1] + system + r.prompt_ids[1:]
+        key = f"image-of-{r.request_id}" if len(out) < 4 else None
+        out.append(Request(f"{r.request_id}-s", ids, r.pixel_values, r.pixel_attention_mask,
+                           SamplingParams(max_new_tokens=3 + len(out) % 4), image_key=key))
+        if key is not None:
+            out.append(replace(out[-1], request_id=f"{r.request_id}-s2", prompt_ids=ids[:-3] + text[:5]))
+    assert all(ids.index(image) >= MIN_SHARED_TEXT for ids in (r.prompt_ids for r in out))
+    return out, {q.request_id: _reference(ref, q) for q in out}, len(system) + 1
+
+
+@pytest.mark.parametrize("slots,batched", [(16, False), (1, False), (4, True)])
+def test_a_long_system_prompt_is_prefilled_once_whatever_the_image(setup, with_system_prompt, slots, batched):
+    ours = setup[0]
+    requests, expected, _ = with_system_prompt
+    engine = LLMEngine(ours, max_batch_size=slots, batched_prefill=batched)
+    assert {r.request_id: r.token_ids for r in engine.generate(requests)} == expected
+    image = ours.config.image_token_id
+    text = [r.prompt_ids.index(image) for r in requests]
+    # Every request after the first copies at least its text before the image (one slot: the
+    # previous row's; 16: the first prefill runs one request, the second copies from it).
+    if slots in (1, 16):
+        assert engine.stats["prefix_tokens_reused"] >= sum(text[1:])
+        assert engine.stats["images_encoded"] == len({r.image_key or r.request_id for r in requests})
+    else:
+        assert engine.stats["prefix_tokens_reused"] > 0
+    plain = LLMEngine(ours, max_batch_size=slots, batched_prefill=batched, share_prefixes=False)
+    assert {r.request_id: r.token_ids for r in plain.generate(requests)} == expected
+    assert plain.stats["prefix_tokens_reused"] == 0
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_system_prompted_rows_streamed_in_any_order_answer_as_the_reference(setup, with_system_prompt, seed):
+    import random
+
+    ours, requests, expected_plain, _, _ = setup
+    asked, expected, _ = with_system_prompt
+    rows = asked + requests
+    expected = {**expected, **expected_plain}
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    engine = LLMEngine(ours, max_batch_size=3, overlap=seed == 1, batched_prefill=seed == 1)
+    got = {}
+    while rows or engine.has_unfinished():
+        if rows and rng.random() < 0.5:
+            engine.add_requests([rows.pop() for _ in range(min(len(rows), rng.randint(1, 4)))])
+        got.update({r.request_id: r.token_ids for r in engine.step()})
+    assert got == expected
+    assert engine.stats["prefix_tokens_reused"] > 0
+
+
+def test_slot_prefixes_share_a_long_text_before_the_image_with_any_image():
+    prefixes = SlotPrefixes(IMAGE)
+    pixels = torch.ones(1, 3, 2, 2)
+    system = list(range(100, 100 + MIN_SHARED_TEXT))
+
+    def ask(ids: list[int], key: str | None = None, image: bool = True) -> Request:
+        return Request("r", ids, pixels if image else None, image_key=key)
+
+    prefixes.remember([ask(system + [IMAGE, IMAGE, 2, 3], "a"), ask(system[1:] + [IMAGE, 9], "b")], [0, 1])
+    n = len(system)
+    assert prefixes.plan([ask(system + [IMAGE, 5])], [2]) == [PrefixSource(0, n)]             # no key: its text
+    assert prefixes.plan([ask(system + [IMAGE, 5], "c")], [3]) == [PrefixSource(0, n)]        # another image
+    assert prefixes.plan([ask(system + [IMAGE, IMAGE, 2, 4], "a")], [4]) == [PrefixSource(0, n + 3)]   # its image
+    assert prefixes.plan([ask(system[1:] + [IMAGE, 5], "c")], [5]) == [None]      # text shorter than MIN_SHARED_TEXT
+    assert prefixes.plan([ask(system[:-1] + [8, IMAGE, 5])], [5]) == [None]       # another text
+    assert prefixes.plan([ask(system + [5, 6], image=False)], [5]) == [None]      # no image: nothing shared
+    # slot 0 is taken by this prefill: its new request keeps its text, which serves the other too
+    assert prefixes.plan([ask(system + [IMAGE, 7]), ask(system + [IMAGE, 8])],
+                         [0, 6]) == [PrefixSource(0, n), PrefixSource(0, n)]
+    prefixes.remember([ask(system + [IMAGE, 7])], [0])
+    assert prefixes.holds_text(tuple(system)) and prefixes.reusable(ask(system + [IMAGE, 1], "z")) == n
+    prefixes.plan([ask([1, IMAGE, 2])], [0])                     # overwritten by a prompt without that text
+    assert not prefixes.holds_text(tuple(system)) and prefixes.reusable(ask(system + [IMAGE, 1])) == 0
+
+
+def test_requests_with_one_system_prompt_wait_one_prefill_for_it(setup, with_system_prompt):
+    ours = setup[0]
+    requests = [r for r in with_system_prompt[0] if r.image_key is None]       # three images
+    plain = next(r for r in setup[1] if r.pixel_values is None)
+    engine = LLMEngine(ours, max_batch_size=16)
+    engine.add_requests(requests + [plain])
+    engine.step()
+    running = {s.request.request_id for s in engine._scheduler.running.values()}
+    assert running == {requests[0].request_id, plain.request_id}     # the others copy the first's text
+    engine.step()
+    assert len(engine._scheduler.running) == 4 and engine.stats["prefills"] == 2
+    assert engine.stats["prefix_tokens_reused"] == 2 * requests[1].prompt_ids.index(ours.config.image_token_id)

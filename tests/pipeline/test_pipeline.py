@@ -5,6 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from model.engine.prefix_cache import MIN_SHARED_TEXT
 from pipeline import PipelineConfig, read_output, run_job
 from tests.pipeline.helpers import good_rows, png, write_parquet
 
@@ -140,17 +141,22 @@ def test_fresh_run_refuses_a_written_output(run, checkpoint):
         run_job(str(tmp / "in"), str(tmp / "out"), PipelineConfig(model=str(checkpoint)))
 
 
+SYSTEM_PROMPT = ("Answer in one short sentence. Name the shapes you see, their colours, how many there are and "
+                 "where they lie in the picture; say nothing that the picture does not show.")
+
+
 def test_the_model_stage_applies_the_repetition_penalty_and_system_prompt(checkpoint, oracle):
     """--repetition-penalty reaches every row's request and --system-prompt its prompt: answers equal
     transformers' generate with the same repetition_penalty and system turn on each row alone (the
-    model stage itself, outside Ray); --logprobs adds answer_logprob."""
+    model stage itself, outside Ray), the system turn prefilled once and copied to the other rows;
+    --logprobs adds answer_logprob."""
     import asyncio
 
     from pipeline.generate import Generate
     from pipeline.preprocess import Preprocess
 
     config = PipelineConfig(model=str(checkpoint), max_new_tokens=12, repetition_penalty=4.0,
-                            system_prompt="Answer in one short sentence.", logprobs=True)
+                            system_prompt=SYSTEM_PROMPT, logprobs=True)
     rows = good_rows(3)
     stage = Generate(config)
     answered = asyncio.run(stage(Preprocess(config)(pa.Table.from_pylist(rows)))).to_pylist()
@@ -161,6 +167,7 @@ def test_the_model_stage_applies_the_repetition_penalty_and_system_prompt(checkp
     assert want != plain
     assert [(r["answer"], r["num_generated_tokens"]) for r in answered] == want
     assert all(r["answer_logprob"] < 0 for r in answered)      # --logprobs (exact values: tests/model/test_engine.py)
+    assert stage.engine.stats["prefix_tokens_reused"] >= 2 * MIN_SHARED_TEXT          # rows 2 and 3 copy row 1's
 
 
 def test_the_model_stage_ends_answers_on_stop_strings(checkpoint, oracle):
