@@ -297,12 +297,15 @@ def test_slot_prefixes_share_a_long_text_before_the_image_with_any_image():
     assert prefixes.plan([ask(system[1:] + [IMAGE, 5], "c")], [5]) == [None]      # text shorter than MIN_SHARED_TEXT
     assert prefixes.plan([ask(system[:-1] + [8, IMAGE, 5])], [5]) == [None]       # another text
     assert prefixes.plan([ask(system + [5, 6], image=False)], [5]) == [None]      # no image: nothing shared
+    assert prefixes.plan([ask(system + [11, 12, IMAGE, 5])], [5]) == [PrefixSource(0, n)]     # their common text
+    prefixes.remember([ask(system + [11, 12, 13, IMAGE, 5])], [5])
+    assert prefixes.plan([ask(system + [11, 12, IMAGE, 5])], [6]) == [PrefixSource(5, n + 2)]     # the longest
     # slot 0 is taken by this prefill: its new request keeps its text, which serves the other too
     assert prefixes.plan([ask(system + [IMAGE, 7]), ask(system + [IMAGE, 8])],
                          [0, 6]) == [PrefixSource(0, n), PrefixSource(0, n)]
     prefixes.remember([ask(system + [IMAGE, 7])], [0])
     assert prefixes.holds_text(tuple(system)) and prefixes.reusable(ask(system + [IMAGE, 1], "z")) == n
-    prefixes.plan([ask([1, IMAGE, 2])], [0])                     # overwritten by a prompt without that text
+    prefixes.plan([ask([1, IMAGE, 2]), ask([1, IMAGE, 3])], [0, 5])     # overwritten by prompts without that text
     assert not prefixes.holds_text(tuple(system)) and prefixes.reusable(ask(system + [IMAGE, 1])) == 0
 
 
@@ -318,3 +321,16 @@ def test_requests_with_one_system_prompt_wait_one_prefill_for_it(setup, with_sys
     engine.step()
     assert len(engine._scheduler.running) == 4 and engine.stats["prefills"] == 2
     assert engine.stats["prefix_tokens_reused"] == 2 * requests[1].prompt_ids.index(ours.config.image_token_id)
+
+
+def test_common_prefix_length_by_halving_equals_counting():
+    import random
+
+    from model.engine.prefix_cache import common_prefix_length
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [rng.randint(0, 2) for _ in range(rng.randint(0, 40))]
+        b = a[:rng.randint(0, len(a))] + [rng.randint(0, 2) for _ in range(rng.randint(0, 40))]
+        counted = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix_length(a, b) == common_prefix_length(b, a) == counted
