@@ -261,6 +261,17 @@ def test_a_long_system_prompt_is_prefilled_once_whatever_the_image(setup, with_s
     assert plain.stats["prefix_tokens_reused"] == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp32_shared_system_prompt_equals_reference(setup, with_system_prompt):
+    """CUDA's defaults with a system turn copied between slots: the reference's tokens."""
+    requests, expected, _ = with_system_prompt
+    model = copy.deepcopy(setup[0]).to("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    engine = LLMEngine(model, max_batch_size=4)
+    assert {r.request_id: r.token_ids for r in engine.generate(requests)} == expected
+    assert engine.stats["prefix_tokens_reused"] > 0
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_system_prompted_rows_streamed_in_any_order_answer_as_the_reference(setup, with_system_prompt, seed):
     import random
