@@ -77,6 +77,9 @@ def demo_path(value: str | None, default: Path, what: str) -> str:
 LOCAL_MIN_CPUS = 4
 
 
+FOOTER_ACTORS_VAR = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
 def init_ray() -> None:
     """Join the cluster of RAY_ADDRESS (as under `ray job submit`), else start a local one.
 
@@ -91,7 +94,11 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, LOCAL_MIN_CPUS), logging_level=logging.WARNING)
+        cpus = max(os.cpu_count() or 1, LOCAL_MIN_CPUS)
+        # Ray Data reads Parquet footers on 32 actors a listing (sized for clusters); on one machine
+        # their process starts cost seconds of a small job's start-up. A value set by the user wins.
+        os.environ.setdefault(FOOTER_ACTORS_VAR, str(min(cpus, 8)))
+        ray.init(num_cpus=cpus, logging_level=logging.WARNING)
 
 
 def print_summary(summary: dict) -> bool:
