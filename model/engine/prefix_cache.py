@@ -29,7 +29,8 @@ class PrefixSource:
 # Shorter text before an image (a chat template's opening: a few tokens) is not worth a copy and a
 # masked attention instead of a plain causal one; a system prompt is.
 MIN_SHARED_TEXT = 64
-# Slots holding one text are alike (a system prompt's rows): a few of the latest are asked, not all.
+# Slots holding one text are alike (a system prompt's rows): a few of the latest that this prefill
+# does not take are asked, not all.
 TEXT_SOURCES_ASKED = 8
 
 
@@ -167,11 +168,14 @@ class SlotPrefixes:
             n = self._match_image(request, source, rows(source))
             if n and (best is None or n > best.length):
                 best = PrefixSource(source, n)
-        head = self.head_of(request)
-        for source in list(self._head_slots.get(head, ()))[-TEXT_SOURCES_ASKED:] if head is not None else ():
+        asked, head = 0, self.head_of(request)
+        for source in reversed(self._head_slots.get(head, {})) if head is not None else ():      # latest first
             n = self._match_text(request, source, rows(source))
             if n and (best is None or n > best.length):
                 best = PrefixSource(source, n)
+            asked += source not in taken
+            if asked == TEXT_SOURCES_ASKED:
+                break
         return best
 
 

@@ -308,14 +308,14 @@ def test_slot_prefixes_share_a_long_text_before_the_image_with_any_image():
     assert prefixes.plan([ask(system[1:] + [IMAGE, 5], "c")], [5]) == [None]      # text shorter than MIN_SHARED_TEXT
     assert prefixes.plan([ask(system[:-1] + [8, IMAGE, 5])], [5]) == [None]       # another text
     assert prefixes.plan([ask(system + [5, 6], image=False)], [5]) == [None]      # no image: nothing shared
-    assert prefixes.plan([ask(system + [11, 12, IMAGE, 5])], [5]) == [PrefixSource(0, n)]     # their common text
-    prefixes.remember([ask(system + [11, 12, 13, IMAGE, 5])], [5])
-    assert prefixes.plan([ask(system + [11, 12, IMAGE, 5])], [6]) == [PrefixSource(5, n + 2)]     # the longest
     # slot 0 is taken by this prefill: its new request keeps its text, which serves the other too
     assert prefixes.plan([ask(system + [IMAGE, 7]), ask(system + [IMAGE, 8])],
                          [0, 6]) == [PrefixSource(0, n), PrefixSource(0, n)]
     prefixes.remember([ask(system + [IMAGE, 7])], [0])
     assert prefixes.holds_text(tuple(system)) and prefixes.reusable(ask(system + [IMAGE, 1], "z")) == n
+    assert prefixes.plan([ask(system + [11, 12, IMAGE, 5])], [5]) == [PrefixSource(0, n)]     # their common text
+    prefixes.remember([ask(system + [11, 12, 13, IMAGE, 5])], [5])
+    assert prefixes.plan([ask(system + [11, 12, IMAGE, 5])], [6]) == [PrefixSource(5, n + 2)]     # the longest
     prefixes.plan([ask([1, IMAGE, 2]), ask([1, IMAGE, 3])], [0, 5])     # overwritten by prompts without that text
     assert not prefixes.holds_text(tuple(system)) and prefixes.reusable(ask(system + [IMAGE, 1])) == 0
 
@@ -345,3 +345,20 @@ def test_common_prefix_length_by_halving_equals_counting():
         b = a[:rng.randint(0, len(a))] + [rng.randint(0, 2) for _ in range(rng.randint(0, 40))]
         counted = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         assert common_prefix_length(a, b) == common_prefix_length(b, a) == counted
+
+
+def test_a_text_is_found_in_a_slot_this_prefill_does_not_take():
+    """The latest slots holding the text are being given other prompts: an older one serves."""
+    from model.engine.prefix_cache import TEXT_SOURCES_ASKED
+
+    prefixes = SlotPrefixes(IMAGE)
+    system = list(range(100, 100 + MIN_SHARED_TEXT))
+    pixels = torch.ones(1, 3, 2, 2)
+
+    def ask(ids: list[int]) -> Request:
+        return Request("r", ids, pixels)
+
+    prefixes.remember([ask(system + [IMAGE, i]) for i in range(12)], list(range(12)))
+    taken = list(range(12 - TEXT_SOURCES_ASKED, 12))
+    plan = prefixes.plan([ask([1, IMAGE, 2])] * len(taken) + [ask(system + [IMAGE, 99])], taken + [12])
+    assert plan == [None] * len(taken) + [PrefixSource(12 - TEXT_SOURCES_ASKED - 1, len(system))]
