@@ -61,23 +61,29 @@ def test_questions_about_one_image_answer_as_the_reference_with_one_prefill_of_i
 def test_streamed_in_any_order_and_any_grouping_every_answer_is_the_references(setup, questions, seed):
     """Questions and text-only rows arrive shuffled, in random groups between steps, into 3 slots
     (slots change hands, sources are overwritten or kept, questions wait or not)."""
-    import random
-
     ours, requests, expected_text_only, _, _ = setup
     asked, expected = questions
     text_only = [r for r in requests if r.pixel_values is None]
     rows = asked + text_only
     expected = {**expected, **{r.request_id: expected_text_only[r.request_id] for r in text_only}}
-    rng = random.Random(seed)
-    rng.shuffle(rows)
     engine = LLMEngine(ours, max_batch_size=3, overlap=seed % 2 == 1, batched_prefill=seed >= 2)
+    assert streamed_in_random_groups(engine, rows, seed) == expected
+    assert engine.stats["prefix_tokens_reused"] > 0
+
+
+def streamed_in_random_groups(engine: LLMEngine, rows: list[Request], seed: int) -> dict[str, list[int]]:
+    """The rows shuffled, added in random groups (1-4) between the engine's steps; tokens by id."""
+    import random
+
+    rng = random.Random(seed)
+    rows = rows[:]
+    rng.shuffle(rows)
     got = {}
     while rows or engine.has_unfinished():
         if rows and rng.random() < 0.5:
             engine.add_requests([rows.pop() for _ in range(min(len(rows), rng.randint(1, 4)))])
         got.update({r.request_id: r.token_ids for r in engine.step()})
-    assert got == expected
-    assert engine.stats["prefix_tokens_reused"] > 0
+    return got
 
 
 def test_a_later_request_reuses_a_finished_rows_prefix_and_an_abort_forgets_them(setup, questions):
@@ -274,21 +280,12 @@ def test_cuda_fp32_shared_system_prompt_equals_reference(setup, with_system_prom
 
 @pytest.mark.parametrize("seed", range(2))
 def test_system_prompted_rows_streamed_in_any_order_answer_as_the_reference(setup, with_system_prompt, seed):
-    import random
-
     ours, requests, expected_plain, _, _ = setup
     asked, expected, _ = with_system_prompt
     rows = asked + requests
     expected = {**expected, **expected_plain}
-    rng = random.Random(seed)
-    rng.shuffle(rows)
     engine = LLMEngine(ours, max_batch_size=3, overlap=seed == 1, batched_prefill=seed == 1)
-    got = {}
-    while rows or engine.has_unfinished():
-        if rows and rng.random() < 0.5:
-            engine.add_requests([rows.pop() for _ in range(min(len(rows), rng.randint(1, 4)))])
-        got.update({r.request_id: r.token_ids for r in engine.step()})
-    assert got == expected
+    assert streamed_in_random_groups(engine, rows, seed) == expected
     assert engine.stats["prefix_tokens_reused"] > 0
 
 
