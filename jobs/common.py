@@ -75,8 +75,6 @@ def demo_path(value: str | None, default: Path, what: str) -> str:
 
 
 LOCAL_MIN_CPUS = 4
-
-
 FOOTER_ACTORS_VAR = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 
 
