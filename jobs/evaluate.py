@@ -171,6 +171,7 @@ def pipeline_config(args: argparse.Namespace, kept: list[str]):
 
 
 def keep_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
+    """The rows of `batch` whose id (as a string) is one of `ids`."""
     return batch.filter(pc.is_in(pc.cast(batch.column("id"), pa.string()), pa.array(ids)))
 
 
@@ -243,7 +244,7 @@ def gather_predictions(args: argparse.Namespace, metric: str, out_dir: Path) -> 
     if truth is None:
         return predictions.slice(0, args.limit)  # ground truth is in the predictions (kept columns, or the file's own)
     if ids is not None:
-        predictions = predictions.filter(pc.is_in(pc.cast(predictions.column("id"), pa.string()), pa.array(ids)))
+        predictions = keep_ids(predictions, ids)
     return join_ground_truth(predictions, truth)  # the benchmark's ground truth wins
 
 
