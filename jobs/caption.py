@@ -108,15 +108,16 @@ def print_rows(output: str, storage_options: dict, n: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline import run_job
+    from pipeline.job import prepare_job, run_prepared
 
     try:
         values = merge_args(parse_args(argv), DEFAULTS)
         config = pipeline_config(values)
         source = demo_path(values["input"], DEMO_INPUT, "input")
-        init_ray()
         output = values["output"] or str(DEMO_OUTPUT)
-        summary = run_job(source, output, config, resume=bool(values["resume"]), limit=values["limit"])
+        job = prepare_job(source, output, config, resume=bool(values["resume"]), limit=values["limit"])
+        init_ray()      # only once the arguments are known good: a typo costs no cluster start
+        summary = run_prepared(job)
     except (FileNotFoundError, FileExistsError, ValueError) as e:  # bad arguments: say which, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

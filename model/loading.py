@@ -29,13 +29,18 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is (pickle-only, missing/unexpected keys, bad shapes)."""
 
 
+def is_hub_id(text: str) -> bool:
+    """`owner/name`, and nothing on this disk by that name: a checkpoint the hub (or its cache) holds."""
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).expanduser().exists()
+
+
 def resolve_checkpoint_dir(path_or_id: str | Path, **hub_kwargs) -> Path:
     """A local folder as is; anything else that looks like `owner/name` through the hub cache."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
     text = str(path_or_id)
-    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+    if not is_hub_id(text):
         raise FileNotFoundError(f"checkpoint folder not found: {text}")
     from huggingface_hub import snapshot_download
     return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS, **hub_kwargs))

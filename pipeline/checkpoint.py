@@ -20,12 +20,15 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from model.loading import HUB_PATTERNS
+import fsspec
+
+from model.loading import HUB_PATTERNS, INDEX_FILE, SINGLE_FILE, CheckpointError, is_hub_id, weight_files
 
 from .storage import is_local, reader_fs
 
 CACHE_ENV = "IDEFICS3_CHECKPOINT_CACHE"     # default: <temp dir>/idefics3-checkpoints
 COMPLETE = ".complete.json"
+REQUIRED_FILES = ("config.json", "tokenizer.json")      # the model's and the CPU stage's processor's
 
 
 def cache_root() -> Path:
@@ -43,6 +46,30 @@ def remote_files(uri: str, storage_options: dict | None) -> dict[str, int]:
     if not found:
         raise FileNotFoundError(f"no checkpoint files ({', '.join(HUB_PATTERNS)}) under {uri!r}")
     return found
+
+
+def check_model(model: str, storage_options: dict | None = None) -> None:
+    """Refuses, in the driver and before any work, a model the stage actors could not load: a folder
+    (local or URL) without config.json, tokenizer.json or safetensors weights, or a path that is
+    neither a folder nor a hub id. Otherwise every actor would fail on it in turn, minutes in, each
+    with its traceback. A hub id is left to the actors (the hub, or its cache, where they run)."""
+    if is_local(model):
+        folder = Path(fsspec.core.strip_protocol(model)).expanduser()
+        if not folder.is_dir():
+            if is_hub_id(model):
+                return
+            raise FileNotFoundError(f"model {model!r}: no such checkpoint folder (nor a hub id owner/name)")
+        weight_files(folder)        # CheckpointError: pickle weights only, no weights, shards missing
+        names = {p.name for p in folder.iterdir()}
+    else:
+        names = {r for r in remote_files(model, storage_options) if "/" not in r}
+        if not any(n.endswith(".safetensors") for n in names):
+            raise CheckpointError(f"model {model!r} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); "
+                                  "pickle weights are never loaded")
+    missing = [name for name in REQUIRED_FILES if name not in names]
+    if missing:
+        raise FileNotFoundError(f"model {model!r} has no {' or '.join(missing)}: not a checkpoint folder "
+                                "in the Hugging Face layout")
 
 
 def local_checkpoint(model: str, storage_options: dict | None = None) -> str:

@@ -5,12 +5,13 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pyarrow.compute as pc
 import ray.data
 
 from .builder import build_processor
+from .checkpoint import check_model
 from .config import PipelineConfig
 from .generate import release_replica_groups
 from .io import input_folder, read_footers, read_ids, read_output, read_rows, write_rows
@@ -97,11 +98,22 @@ def check_columns(ds: ray.data.Dataset, config: PipelineConfig, source: str) -> 
         raise ValueError(f"--keep-columns {missing} are not columns of {source!r} (columns: {sorted(names)})")
 
 
-def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
-            limit: int | None = None) -> dict:
-    """Answer every row of `input_uri` into `output_uri` (with `limit`, only that many: a trial
-    before the whole dataset, which a later resume completes); returns (and writes beside it) the
-    summary."""
+@dataclass(frozen=True)
+class PreparedJob:
+    """A run whose input, output and model passed the driver's checks; nothing started on Ray yet."""
+    input_uri: str
+    output_uri: str
+    config: PipelineConfig
+    limit: int | None
+    input_rows: int         # rows the run is to answer
+    lost_rows: int          # written by an earlier run, their output file gone since: answered again
+    before: dict            # output_counts before the run
+
+
+def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
+                limit: int | None = None) -> PreparedJob:
+    """Every check a run can make without a cluster (bad arguments fail here, in seconds, naming the
+    cause), and the output made ready: emptied checkpoint, or lost rows forgotten for a resume."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if limit is not None and resume:
@@ -109,6 +121,7 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
         # written, so a resumed run with one would take rows it then skips.
         raise ValueError("limit is for a fresh run; resume without it to answer the rest")
     opts = config.storage_options
+    check_model(config.model, opts)
     config = with_image_root(config, input_uri)
     prepare_output(output_uri, opts, resume)
     input_rows = check_input_files(input_uri, opts)
@@ -118,25 +131,40 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
     if lost:
         log.warning("%d rows of an earlier run have no output row any more (a deleted output file?): "
                     "they are answered again", lost)
-    before = output_counts(output_uri, opts)
+    wanted = input_rows if limit is None else min(input_rows, limit)
+    return PreparedJob(input_uri, output_uri, config, limit, wanted, lost, output_counts(output_uri, opts))
+
+
+def run_prepared(job: PreparedJob) -> dict:
+    """Runs a prepared job on the Ray cluster this process is connected to; returns (and writes
+    beside the output) the summary."""
+    opts = job.config.storage_options
     context = ray.data.DataContext.get_current()
-    context.checkpoint_config = checkpoint_config(output_uri, opts)
+    context.checkpoint_config = checkpoint_config(job.output_uri, opts)
     try:
-        ds = read_rows(input_uri, opts)
-        check_columns(ds, config, input_uri)
-        if limit is not None:
-            ds = ds.limit(limit)
+        ds = read_rows(job.input_uri, opts)
+        check_columns(ds, job.config, job.input_uri)
+        if job.limit is not None:
+            ds = ds.limit(job.limit)
         start = time.perf_counter()
-        write_rows(build_processor(config)(ds), output_uri, opts, config.rows_per_file)
+        write_rows(build_processor(job.config)(ds), job.output_uri, opts, job.config.rows_per_file)
         wall = time.perf_counter() - start
     finally:
         context.checkpoint_config = None
         release_run()
-    wanted = input_rows if limit is None else min(input_rows, limit)
-    summary = summarize(input_uri, output_uri, before, output_counts(output_uri, opts), wall, wanted)
-    summary.update(lost_rows_answered_again=lost, limit=limit)
-    write_text(sibling(output_uri, ".summary.json"), json.dumps(summary, indent=2), opts)
+    summary = summarize(job.input_uri, job.output_uri, job.before, output_counts(job.output_uri, opts), wall,
+                        job.input_rows)
+    summary.update(lost_rows_answered_again=job.lost_rows, limit=job.limit)
+    write_text(sibling(job.output_uri, ".summary.json"), json.dumps(summary, indent=2), opts)
     return summary
+
+
+def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
+            limit: int | None = None) -> dict:
+    """Answer every row of `input_uri` into `output_uri` (with `limit`, only that many: a trial
+    before the whole dataset, which a later resume completes); returns (and writes beside it) the
+    summary."""
+    return run_prepared(prepare_job(input_uri, output_uri, config, resume=resume, limit=limit))
 
 
 def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: float, input_rows: int) -> dict:

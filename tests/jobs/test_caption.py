@@ -79,11 +79,20 @@ def printed_summary(log: str) -> dict:
     raise AssertionError(f"no summary line in the job's output:\n{log[-3000:]}")
 
 
-def test_clear_errors_for_bad_arguments(tmp_path):
+def test_clear_errors_for_bad_arguments(checkpoint, tmp_path):
     fresh = caption("--input", str(tmp_path / "nope.parquet"), "--output", str(tmp_path / "out"),
-                    "--model", str(tmp_path), log=tmp_path / "a.log")
+                    "--model", str(checkpoint), log=tmp_path / "a.log")
     log = finish(fresh, tmp_path / "a.log")
     assert fresh.returncode == 2 and "does not exist" in log and "Traceback" not in log
+    # A mistyped --model: one line, before any cluster starts (no actor fails on it, minutes in).
+    write_parquet(tmp_path / "in.parquet", [{"image": png(20, 24), "question": "Row?"}])
+    typo = caption("--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+                   "--model", str(tmp_path / "no-such-model"), log=tmp_path / "m.log")
+    log = finish(typo, tmp_path / "m.log")
+    assert typo.returncode == 2, log[-3000:]
+    assert log.strip().splitlines() == [f"error: model '{tmp_path / 'no-such-model'}': no such checkpoint "
+                                        "folder (nor a hub id owner/name)"]
+    assert not (tmp_path / "out").exists()
     bad = caption("--storage-options", "[1]", "--model", str(tmp_path), log=tmp_path / "b.log")
     log = finish(bad, tmp_path / "b.log")
     assert bad.returncode == 2 and "--storage-options must be a JSON object" in log

@@ -128,3 +128,13 @@ def test_demo_model_on_its_heldout_split(ray_cluster, tmp_path):
     scored = pq.read_table(out / "predictions.parquet")
     assert summary["score"] == round(sum(scored.column("score").to_pylist()) / scored.num_rows, 6)
     assert (out / "scores.png").stat().st_size > 0
+
+
+def test_a_mistyped_model_is_named_before_any_work(tmp_path, capsys):
+    bench = write_benchmark(tmp_path / "bench.parquet", "red")
+    argv = ["--input", str(bench), "--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "out"),
+            "--metric", "exact_match", "--question-column", "prompt", "--answers-column", "gt",
+            "--image-column", "picture"]
+    assert job.main(argv) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "raw").exists()

@@ -124,6 +124,26 @@ def test_a_checkpoint_on_s3_is_copied_once_per_node_and_again_when_it_changes(s3
         local_checkpoint("s3://bucket/models/none/")
 
 
+def test_a_model_url_the_actors_could_not_load_is_refused_before_any_work(s3, checkpoint):
+    from model.loading import CheckpointError
+    from pipeline.checkpoint import check_model
+
+    upload_checkpoint(s3, checkpoint, "bucket/models/whole")
+    check_model("s3://bucket/models/whole/")
+    for file in checkpoint.iterdir():           # the tokenizer forgotten in the upload
+        if file.name != "tokenizer.json":
+            s3.pipe(f"bucket/models/no-tokenizer/{file.name}", file.read_bytes())
+    with pytest.raises(FileNotFoundError, match="'s3://bucket/models/no-tokenizer' has no tokenizer.json"):
+        check_model("s3://bucket/models/no-tokenizer")
+    s3.pipe("bucket/models/pickled/config.json", (checkpoint / "config.json").read_bytes())
+    s3.pipe("bucket/models/pickled/pytorch_model.bin", b"pickle")
+    with pytest.raises(CheckpointError, match="no safetensors weights"):
+        check_model("s3://bucket/models/pickled")
+    with pytest.raises(FileNotFoundError, match="no checkpoint files"):
+        run_job("s3://bucket/in/", "s3://bucket/never-out", PipelineConfig(model="s3://bucket/models/typo"))
+    assert not s3.exists("bucket/never-out")
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_model_on_s3(s3, s3_cluster, checkpoint, tmp_path, tp, oracle):
     """--model s3://...: every replica (each rank of a tensor-parallel one) reads its node's copy."""
