@@ -189,12 +189,12 @@ def run_model(args: argparse.Namespace, out_dir: Path, ids: list[str] | None = N
 
     if not args.model:
         raise ValueError("--model is required to run a model (or pass --predictions to score existing answers)")
-    check_model(args.model, storage_options(args))
     check_input_files(args.input, storage_options(args))
     mapping = _column_mapping(args)
     present = [mapping.get(c, c) for c in parquet_dataset(args.input, storage_options(args)).schema.names]
     if "answers" not in present:
         raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
+    check_model(args.model, storage_options(args))
     config = with_image_root(pipeline_config(args, [c for c in ("answers", "category") if c in present]), args.input)
     raw = out_dir / "raw"
     shutil.rmtree(raw, ignore_errors=True)  # our own scratch output: a re-run starts it afresh

@@ -58,7 +58,8 @@ def check_model(model: str, storage_options: dict | None = None) -> None:
         if not folder.is_dir():
             if is_hub_id(model):
                 return
-            raise FileNotFoundError(f"model {model!r}: no such checkpoint folder (nor a hub id owner/name)")
+            what = "a file, not a checkpoint folder" if folder.exists() else "no such checkpoint folder"
+            raise FileNotFoundError(f"model {model!r}: {what} (nor a hub id owner/name)")
         weight_files(folder)        # CheckpointError: pickle weights only, no weights, shards missing
         names = {p.name for p in folder.iterdir()}
     else:

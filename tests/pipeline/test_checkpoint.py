@@ -37,3 +37,8 @@ def test_pickle_weights_only_are_refused(checkpoint, tmp_path):
 def test_a_path_that_is_no_folder_nor_a_hub_id(path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
         check_model(path)
+
+
+def test_a_weights_file_named_instead_of_its_folder(checkpoint):
+    with pytest.raises(FileNotFoundError, match="a file, not a checkpoint folder"):
+        check_model(str(checkpoint / "model.safetensors"))
