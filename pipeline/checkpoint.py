@@ -22,13 +22,15 @@ from pathlib import Path
 
 import fsspec
 
+from model.config import CONFIG_NAME, Idefics3Config
 from model.loading import HUB_PATTERNS, INDEX_FILE, SINGLE_FILE, CheckpointError, is_hub_id, weight_files
+from model.parallel.shard import check_tp
 
 from .storage import is_local, reader_fs
 
 CACHE_ENV = "IDEFICS3_CHECKPOINT_CACHE"     # default: <temp dir>/idefics3-checkpoints
 COMPLETE = ".complete.json"
-REQUIRED_FILES = ("config.json", "tokenizer.json")      # the model's and the CPU stage's processor's
+REQUIRED_FILES = (CONFIG_NAME, "tokenizer.json")      # the model's and the CPU stage's processor's
 
 
 def cache_root() -> Path:
@@ -48,11 +50,12 @@ def remote_files(uri: str, storage_options: dict | None) -> dict[str, int]:
     return found
 
 
-def check_model(model: str, storage_options: dict | None = None) -> None:
+def check_model(model: str, storage_options: dict | None = None, tensor_parallel_size: int = 1) -> None:
     """Refuses, in the driver and before any work, a model the stage actors could not load: a folder
-    (local or URL) without config.json, tokenizer.json or safetensors weights, or a path that is
-    neither a folder nor a hub id. Otherwise every actor would fail on it in turn, minutes in, each
-    with its traceback. A hub id is left to the actors (the hub, or its cache, where they run)."""
+    (local or URL) without config.json, tokenizer.json or safetensors weights, a config.json that is
+    not an Idefics3 one or that `tensor_parallel_size` cannot split, or a path that is neither a
+    folder nor a hub id. Otherwise every actor would fail on it in turn, minutes in, each with its
+    traceback. A hub id is left to the actors (the hub, or its cache, where they run)."""
     if is_local(model):
         folder = Path(fsspec.core.strip_protocol(model)).expanduser()
         if not folder.is_dir():
@@ -62,15 +65,23 @@ def check_model(model: str, storage_options: dict | None = None) -> None:
             raise FileNotFoundError(f"model {model!r}: {what} (nor a hub id owner/name)")
         weight_files(folder)        # CheckpointError: pickle weights only, no weights, shards missing
         names = {p.name for p in folder.iterdir()}
+        read_config = (folder / CONFIG_NAME).read_bytes
     else:
         names = {r for r in remote_files(model, storage_options) if "/" not in r}
         if not any(n.endswith(".safetensors") for n in names):
             raise CheckpointError(f"model {model!r} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); "
                                   "pickle weights are never loaded")
+        fs, root = reader_fs(model, storage_options)
+        read_config = lambda: fs.cat_file(posixpath.join(root.rstrip("/"), CONFIG_NAME))  # noqa: E731
     missing = [name for name in REQUIRED_FILES if name not in names]
     if missing:
         raise FileNotFoundError(f"model {model!r} has no {' or '.join(missing)}: not a checkpoint folder "
                                 "in the Hugging Face layout")
+    try:
+        config = Idefics3Config.from_dict(json.loads(read_config()))
+        check_tp(config, tensor_parallel_size)
+    except (ValueError, TypeError) as e:    # bad JSON, another model_type, unknown fields, unsplittable
+        raise CheckpointError(f"model {model!r}: {e}") from e
 
 
 def local_checkpoint(model: str, storage_options: dict | None = None) -> str:

@@ -121,7 +121,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
         # written, so a resumed run with one would take rows it then skips.
         raise ValueError("limit is for a fresh run; resume without it to answer the rest")
     opts = config.storage_options
-    check_model(config.model, opts)
+    check_model(config.model, opts, config.tensor_parallel_size)
     config = with_image_root(config, input_uri)
     prepare_output(output_uri, opts, resume)
     input_rows = check_input_files(input_uri, opts)

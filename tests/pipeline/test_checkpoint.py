@@ -42,3 +42,23 @@ def test_a_path_that_is_no_folder_nor_a_hub_id(path):
 def test_a_weights_file_named_instead_of_its_folder(checkpoint):
     with pytest.raises(FileNotFoundError, match="a file, not a checkpoint folder"):
         check_model(str(checkpoint / "model.safetensors"))
+
+
+def test_a_config_the_replicas_cannot_build_or_split(checkpoint, tmp_path):
+    import json
+
+    from tests.fixtures.checkpoints import build_checkpoint
+
+    check_model(str(build_checkpoint(tmp_path / "idefics3", "idefics3")), tensor_parallel_size=2)
+    config = json.loads((checkpoint / "config.json").read_text())
+    heads = config["text_config"]["num_attention_heads"]
+    with pytest.raises(CheckpointError, match=f"cannot shard this model: text_config.num_attention_heads "
+                                              f"\\({heads}\\) is not divisible by tensor_parallel_size 2"):
+        check_model(str(checkpoint), tensor_parallel_size=2)
+    folder = copy_without(checkpoint, tmp_path)
+    (folder / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
+    with pytest.raises(CheckpointError, match="unsupported model_type 'llama'"):
+        check_model(str(folder))
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="Expecting property name"):
+        check_model(str(folder))

@@ -130,6 +130,8 @@ def test_a_model_url_the_actors_could_not_load_is_refused_before_any_work(s3, ch
 
     upload_checkpoint(s3, checkpoint, "bucket/models/whole")
     check_model("s3://bucket/models/whole/")
+    with pytest.raises(CheckpointError, match="is not divisible by tensor_parallel_size 2"):
+        check_model("s3://bucket/models/whole/", tensor_parallel_size=2)        # its config.json, read remotely
     for file in checkpoint.iterdir():           # the tokenizer forgotten in the upload
         if file.name != "tokenizer.json":
             s3.pipe(f"bucket/models/no-tokenizer/{file.name}", file.read_bytes())
