@@ -185,7 +185,7 @@ def run_model(args: argparse.Namespace, out_dir: Path, ids: list[str] | None = N
     from jobs.common import init_ray
     from pipeline import build_processor, read_rows, write_rows
     from pipeline.checkpoint import check_model
-    from pipeline.job import check_columns, check_input_files, release_run, with_image_root
+    from pipeline.job import check_columns, check_image_root, check_input_files, release_run, with_image_root
 
     if not args.model:
         raise ValueError("--model is required to run a model (or pass --predictions to score existing answers)")
@@ -195,6 +195,7 @@ def run_model(args: argparse.Namespace, out_dir: Path, ids: list[str] | None = N
     if "answers" not in present:
         raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
     check_model(args.model, storage_options(args))
+    check_image_root(args.image_root, storage_options(args))
     config = with_image_root(pipeline_config(args, [c for c in ("answers", "category") if c in present]), args.input)
     raw = out_dir / "raw"
     shutil.rmtree(raw, ignore_errors=True)  # our own scratch output: a re-run starts it afresh

@@ -19,10 +19,11 @@ from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
 from .resume import checkpoint_config, clear_checkpoint, forget_lost_rows, has_checkpoint
 from .rows import error_kind
-from .storage import has_files, sibling, write_text
+from .storage import has_files, protocol_of, reader_fs, sibling, write_text
 
 COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
 ERROR_KINDS_SHOWN = 10
+LISTABLE = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")   # stores whose folders can be asked for
 log = logging.getLogger(__name__)
 
 
@@ -61,6 +62,18 @@ def release_run() -> None:
 def with_image_root(config: PipelineConfig, input_uri: str) -> PipelineConfig:
     """Relative image paths of the rows are read from the input's folder unless `image_root` says otherwise."""
     return replace(config, image_root=config.image_root or input_folder(input_uri, config.storage_options))
+
+
+def check_image_root(root: str | None, storage_options: dict | None) -> None:
+    """A given `image_root` (local, or an object store's prefix) must exist: else every row naming
+    its image by a relative path would become an error row, after the whole run. Other stores
+    (HTTP) cannot say whether a folder exists, so they are not asked."""
+    if root is None or protocol_of(root) not in LISTABLE:
+        return
+    fs, path = reader_fs(root, storage_options)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"image root {root!r}: no such folder (relative image paths of the rows "
+                                "are read from it)")
 
 
 def check_input_files(source: str, storage_options: dict | None) -> int:
@@ -122,6 +135,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
         raise ValueError("limit is for a fresh run; resume without it to answer the rest")
     opts = config.storage_options
     check_model(config.model, opts, config.tensor_parallel_size)
+    check_image_root(config.image_root, opts)
     config = with_image_root(config, input_uri)
     prepare_output(output_uri, opts, resume)
     input_rows = check_input_files(input_uri, opts)

@@ -12,7 +12,7 @@ from pipeline.fetch import ImageFetcher, is_transient, redact_url
 from pipeline.preprocess import Preprocess
 from pipeline.rows import RowError
 from pipeline.storage import reader_fs
-from tests.pipeline.helpers import png
+from tests.pipeline.helpers import png, write_parquet
 
 
 class ImageServer(ThreadingHTTPServer):
@@ -208,6 +208,19 @@ def test_jobs_read_relative_paths_from_the_input_folder(tmp_path):
     config = PipelineConfig(model="m")
     assert with_image_root(config, folder + "/rows.parquet").image_root == folder
     assert with_image_root(PipelineConfig(model="m", image_root="s3://b/imgs"), folder).image_root == "s3://b/imgs"
+
+
+def test_a_missing_image_root_is_named_before_any_work(checkpoint, tmp_path):
+    from pipeline import run_job
+    from pipeline.job import check_image_root
+
+    check_image_root(str(tmp_path), None)
+    check_image_root("https://example.invalid/images/", None)     # HTTP cannot list folders: not asked
+    write_parquet(tmp_path / "in.parquet", [{"image": "a.png", "question": "?"}])
+    config = PipelineConfig(model=str(checkpoint), image_root=str(tmp_path / "imgs"))
+    with pytest.raises(FileNotFoundError, match="image root .*imgs.*: no such folder"):
+        run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config)   # no cluster: it fails first
+    assert not (tmp_path / "out").exists()
 
 
 def test_error_rows_are_counted_by_stage_and_cause(server):

@@ -146,6 +146,16 @@ def test_a_model_url_the_actors_could_not_load_is_refused_before_any_work(s3, ch
     assert not s3.exists("bucket/never-out")
 
 
+
+def test_an_image_root_on_s3_must_hold_files(s3):
+    from pipeline.job import check_image_root
+
+    s3.pipe("bucket/coco/val/0.png", b"png")
+    check_image_root("s3://bucket/coco/val", None)
+    with pytest.raises(FileNotFoundError, match="image root 's3://bucket/coco/value': no such folder"):
+        check_image_root("s3://bucket/coco/value", None)
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_model_on_s3(s3, s3_cluster, checkpoint, tmp_path, tp, oracle):
     """--model s3://...: every replica (each rank of a tensor-parallel one) reads its node's copy."""
