@@ -67,11 +67,16 @@ def with_image_root(config: PipelineConfig, input_uri: str) -> PipelineConfig:
 def check_image_root(root: str | None, storage_options: dict | None) -> None:
     """A given `image_root` (local, or an object store's prefix) must exist: else every row naming
     its image by a relative path would become an error row, after the whole run. Other stores
-    (HTTP) cannot say whether a folder exists, so they are not asked."""
+    (HTTP) cannot say whether a folder exists, so they are not asked, nor is a store that refuses
+    the listing."""
     if root is None or protocol_of(root) not in LISTABLE:
         return
     fs, path = reader_fs(root, storage_options)
-    if not fs.isdir(path):
+    try:
+        missing = not fs.isdir(path)
+    except OSError:         # credentials that may read objects but not list them: not known, not refused
+        return
+    if missing:
         raise FileNotFoundError(f"image root {root!r}: no such folder (relative image paths of the rows "
                                 "are read from it)")
 
