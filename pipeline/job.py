@@ -19,11 +19,10 @@ from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
 from .resume import checkpoint_config, clear_checkpoint, forget_lost_rows, has_checkpoint
 from .rows import error_kind
-from .storage import has_files, protocol_of, reader_fs, sibling, write_text
+from .storage import has_files, lists_folders, reader_fs, sibling, write_text
 
 COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
 ERROR_KINDS_SHOWN = 10
-LISTABLE = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")   # stores whose folders can be asked for
 log = logging.getLogger(__name__)
 
 
@@ -69,7 +68,7 @@ def check_image_root(root: str | None, storage_options: dict | None) -> None:
     its image by a relative path would become an error row, after the whole run. Other stores
     (HTTP) cannot say whether a folder exists, so they are not asked, nor is a store that refuses
     the listing."""
-    if root is None or protocol_of(root) not in LISTABLE:
+    if root is None or not lists_folders(root):
         return
     fs, path = reader_fs(root, storage_options)
     try:

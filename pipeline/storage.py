@@ -33,6 +33,11 @@ def is_local(uri: str) -> bool:
     return protocol_of(uri) in ("file", "local")
 
 
+def lists_folders(uri: str) -> bool:
+    """Whether the store of `uri` can say if a folder exists (local disks and object stores; HTTP cannot)."""
+    return is_local(uri) or protocol_of(uri) in ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
 def fsspec_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path without protocol) for `uri`; local paths come back absolute."""
     if is_local(uri):
