@@ -1,12 +1,25 @@
-"""Idefics3 in plain PyTorch: configs, SigLIP vision tower, connector, Llama decoder, HF-layout loading."""
-from .config import Idefics3Config, Idefics3VisionConfig, LlamaConfig
-from .idefics3 import Idefics3CausalLMOutput, Idefics3ForConditionalGeneration, Idefics3Model
-from .llama import AttentionBackend, CausalAttention, LlamaModel
-from .loading import CheckpointError
-from .vision import Idefics3VisionTransformer
+"""Idefics3 in plain PyTorch: configs, SigLIP vision tower, connector, Llama decoder, HF-layout loading.
 
-__all__ = [
-    "Idefics3Config", "Idefics3VisionConfig", "LlamaConfig", "Idefics3VisionTransformer", "Idefics3Model",
-    "Idefics3ForConditionalGeneration", "Idefics3CausalLMOutput", "LlamaModel", "AttentionBackend",
-    "CausalAttention", "CheckpointError",
-]
+Names are resolved lazily: a CPU-stage worker that only reads a checkpoint's files (model.config,
+model.files) does not import torch (~180 MB and seconds per process).
+"""
+from __future__ import annotations
+
+from lazy_exports import lazy_exports
+
+_EXPORTS = {
+    "Idefics3Config": "config",
+    "Idefics3VisionConfig": "config",
+    "LlamaConfig": "config",
+    "Idefics3VisionTransformer": "vision",
+    "Idefics3Model": "idefics3",
+    "Idefics3ForConditionalGeneration": "idefics3",
+    "Idefics3CausalLMOutput": "idefics3",
+    "LlamaModel": "llama",
+    "AttentionBackend": "llama",
+    "CausalAttention": "llama",
+    "CheckpointError": "files",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

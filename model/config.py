@@ -178,7 +178,7 @@ class Idefics3Config:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path) -> "Idefics3Config":
-        from .loading import resolve_checkpoint_dir
+        from .files import resolve_checkpoint_dir
         folder = resolve_checkpoint_dir(path_or_id)
         file = folder / CONFIG_NAME
         if not file.is_file():
@@ -190,3 +190,23 @@ class Idefics3Config:
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path / CONFIG_NAME
+
+
+def check_tp(config: Idefics3Config, tp: int) -> None:
+    """Raise a ValueError naming every size that tensor parallelism of degree `tp` cannot split."""
+    if tp < 1:
+        raise ValueError(f"tensor parallel size must be >= 1, got {tp}")
+    text, vision = config.text_config, config.vision_config
+    problems = [f"{where}.{name} ({value}) is not divisible by tensor_parallel_size {tp}"
+                for where, name, value in [
+                    ("text_config", "num_attention_heads", text.num_attention_heads),
+                    ("text_config", "intermediate_size", text.intermediate_size),
+                    ("vision_config", "num_attention_heads", vision.num_attention_heads),
+                    ("vision_config", "intermediate_size", vision.intermediate_size)]
+                if value % tp]
+    kv = text.num_key_value_heads
+    if kv % tp and tp % kv:
+        problems.append(f"text_config.num_key_value_heads ({kv}) and tensor_parallel_size {tp}: one must "
+                        f"divide the other (KV heads are split, or replicated when tp > num_key_value_heads)")
+    if problems:
+        raise ValueError("cannot shard this model: " + "; ".join(problems))

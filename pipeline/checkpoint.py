@@ -22,9 +22,8 @@ from pathlib import Path
 
 import fsspec
 
-from model.config import CONFIG_NAME, Idefics3Config
-from model.loading import HUB_PATTERNS, INDEX_FILE, SINGLE_FILE, CheckpointError, is_hub_id, weight_files
-from model.parallel.shard import check_tp
+from model.config import CONFIG_NAME, Idefics3Config, check_tp
+from model.files import HUB_PATTERNS, INDEX_FILE, SINGLE_FILE, CheckpointError, is_hub_id, weight_files
 
 from .storage import is_local, reader_fs
 

@@ -2,8 +2,7 @@
 tokenizer in a decode-only worker) does not import torch, Pillow or Jinja2 for the others."""
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lazy_exports import lazy_exports
 
 _EXPORTS = {
     "Idefics3ImageProcessor": "image_processor",
@@ -21,15 +20,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'processing' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -8,21 +8,26 @@ Each class means what the documentation's class of the same name means: checkpoi
 `Idefics3ImageProcessor` and want the Pillow recipe (everything trained before the torch backend
 existed) should load `Idefics3ImageProcessorPil`; `Idefics3Processor.from_pretrained(image_backend=...)`
 makes that choice.
+
+torch is imported by the torch backend's methods only: the Pillow recipe (the CPU stage's) runs
+without it.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .geometry import number_of_image_patches, plan_image
-from .images import fetch_images, nest_images, prepare_for_pil, prepare_for_torch
+from .images import fetch_images, is_tensor, nest_images, prepare_for_pil, prepare_for_torch
 from .pixels import lut_apply_torch, lut_for, lut_into_numpy, normalise_pil, normalise_torch
 from .resample import pil_resize, pil_to_chw, resample_id, torch_resize
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULTS: dict[str, Any] = {
     "do_convert_rgb": True, "do_resize": True, "size": {"longest_edge": 4 * 364}, "resample": 1,
@@ -44,7 +49,7 @@ class BatchFeature(dict):
             raise AttributeError(name) from e
 
     def to(self, device: str | torch.device) -> "BatchFeature":
-        return BatchFeature({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
+        return BatchFeature({k: v.to(device) if is_tensor(v) else v for k, v in self.items()})
 
 
 def _size_dict(size: Any, name: str) -> dict:
@@ -105,6 +110,10 @@ class _PilBackend:
     def stack(frames: list) -> np.ndarray:
         return np.stack(frames)
 
+    @staticmethod
+    def mask_like(mask: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+        return mask
+
 
 class _TorchBackend:
     """Working images are CHW tensors (uint8 or float) on the processing device; outputs are tensors."""
@@ -126,12 +135,13 @@ class _TorchBackend:
 
     @staticmethod
     def empty(shape, dtype, device) -> torch.Tensor:
+        import torch
         return torch.empty(shape, dtype=torch.float32, device=device)
 
     @staticmethod
     def normalise_into(dst: torch.Tensor, frame: torch.Tensor, s: dict) -> None:
         lut = lut_for("torch", frame.shape[0], s["do_rescale"], s["rescale_factor"], s["do_normalize"],
-                      s["image_mean"], s["image_std"]) if frame.dtype == torch.uint8 else None
+                      s["image_mean"], s["image_std"]) if _TorchBackend.is_uint8(frame) else None
         if lut is None:
             dst.copy_(normalise_torch(frame, s["do_rescale"], s["rescale_factor"], s["do_normalize"],
                                       s["image_mean"], s["image_std"]))
@@ -147,6 +157,7 @@ class _TorchBackend:
 
     @staticmethod
     def is_uint8(frame) -> bool:
+        import torch
         return frame.dtype == torch.uint8
 
     @staticmethod
@@ -155,7 +166,13 @@ class _TorchBackend:
 
     @staticmethod
     def stack(frames: list) -> torch.Tensor:
+        import torch
         return torch.stack(frames)
+
+    @staticmethod
+    def mask_like(mask: np.ndarray, pixels: torch.Tensor) -> torch.Tensor:
+        import torch
+        return torch.from_numpy(mask).to(pixels.device)
 
 
 # --------------------------------------------------------------------------------------- processor
@@ -297,9 +314,7 @@ class _Idefics3ImageProcessorBase:
                 _fill_padded(mask[i, j], h, w, 0)
             pixels[i, len(sample):] = 0
             mask[i, len(sample):] = 0
-        if be is _TorchBackend:
-            mask = torch.from_numpy(mask).to(pixels.device)
-        return BatchFeature(pixel_values=pixels, pixel_attention_mask=mask)
+        return BatchFeature(pixel_values=pixels, pixel_attention_mask=be.mask_like(mask, pixels))
 
     def _unpadded(self, per_sample: list[list], s: dict, kwargs: dict) -> BatchFeature:
         values = [[self.backend.normalise(f, s) for f in sample] for sample in per_sample]
@@ -330,8 +345,9 @@ def _convert(out: BatchFeature, return_tensors: str | None, backend) -> BatchFea
     for key in ("pixel_values", "pixel_attention_mask"):
         value = out.get(key)
         if return_tensors == "pt" and isinstance(value, np.ndarray):
+            import torch
             out[key] = torch.from_numpy(value)
-        elif return_tensors == "np" and isinstance(value, torch.Tensor):
+        elif return_tensors == "np" and is_tensor(value):
             out[key] = backend.to_numpy(value)
     return out
 

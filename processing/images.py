@@ -4,6 +4,9 @@ Both recipes accept PIL images, numpy arrays and torch tensors (channels first o
 only where the reference's two backends differ (section 1.2 of the behaviour spec):
 4-channel arrays are composited over white in float64 with rounding (Pillow recipe) or in float32 with
 `floor(v * 255.999)` (torch recipe); PIL images go through Pillow's own conversion in both.
+
+torch is imported by the torch recipe's functions only: the Pillow recipe (the CPU stage's) runs
+without it, and a process that has not imported it holds no tensor.
 """
 from __future__ import annotations
 
@@ -12,22 +15,30 @@ import binascii
 import io
 import logging
 import os
-from typing import Any, Union
+import sys
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from .errors import ImageDecodeError
 
 logger = logging.getLogger(__name__)
 
-ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+ImageLike = Union[Image.Image, np.ndarray, "torch.Tensor"]
 CHANNEL_COUNTS = (1, 3, 4)
 
 
+def is_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def is_image(x: Any) -> bool:
-    return isinstance(x, (Image.Image, np.ndarray, torch.Tensor))
+    return isinstance(x, (Image.Image, np.ndarray)) or is_tensor(x)
 
 
 # ----------------------------------------------------------------------------------------- strings
@@ -151,12 +162,9 @@ def array_to_rgb(image: np.ndarray, channels_first: bool) -> np.ndarray:
     return np.moveaxis(rgb, -1, 0) if channels_first else rgb
 
 
-_INT_MAX = {torch.uint8: 255, torch.int8: 127, torch.int16: 32767, torch.uint16: 65535,
-            torch.int32: 2**31 - 1, torch.int64: 2**63 - 1}
-
-
 def tensor_to_rgb(image: torch.Tensor) -> torch.Tensor:
     """Torch recipe for CHW tensors: grey repeated, RGBA blended in float32, back as floor(v * 255.999)."""
+    import torch
     channels = image.shape[-3]
     if channels == 1:
         return image.repeat(3, 1, 1)
@@ -170,12 +178,12 @@ def tensor_to_rgb(image: torch.Tensor) -> torch.Tensor:
     if dtype.is_floating_point:
         unit = hwc.to(torch.float32)
     else:
-        unit = hwc.to(torch.float32).mul_(1.0 / _INT_MAX[dtype])
+        unit = hwc.to(torch.float32).mul_(1.0 / torch.iinfo(dtype).max)
     rgb = unit[..., :3] * unit[..., 3:] + (1 - unit[..., 3:])
     if dtype.is_floating_point:
         rgb = rgb.to(dtype)
     else:
-        rgb = rgb.mul(_INT_MAX[dtype] + 1.0 - 1e-3).to(dtype)
+        rgb = rgb.mul(torch.iinfo(dtype).max + 1.0 - 1e-3).to(dtype)
     return rgb.movedim(-1, -3)
 
 
@@ -193,7 +201,7 @@ def prepare_for_pil(image: ImageLike, do_convert_rgb: bool, input_data_format: s
             return pil_to_rgb(image)
         array = np.array(image)
         return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+    array = image.detach().cpu().numpy() if is_tensor(image) else image
     if do_convert_rgb:
         array = array_to_rgb(array, infer_channels_first(array.shape, input_data_format))
     if array.ndim == 2:
@@ -204,6 +212,7 @@ def prepare_for_pil(image: ImageLike, do_convert_rgb: bool, input_data_format: s
 def prepare_for_torch(image: ImageLike, do_convert_rgb: bool, input_data_format: str | None = None,
                       device: str | torch.device | None = None) -> torch.Tensor:
     """Torch recipe: a contiguous CHW tensor of the input's dtype, on `device`."""
+    import torch
     if isinstance(image, Image.Image):
         array = np.array(pil_to_rgb(image)) if do_convert_rgb else np.array(image)
         tensor = torch.from_numpy(array)

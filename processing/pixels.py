@@ -8,15 +8,19 @@ For uint8 frames each recipe is a function of (channel, value) only, so it is ta
 256-entry lookup table per channel, computed on the CPU with the reference's own operations: applying
 the table is exact on every device, and faster than the float arithmetic. Non-uint8 frames (float
 inputs) go through the literal operations.
+
+torch is imported by the torch recipe's functions only (the CPU stage's Pillow recipe runs without it).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 Recipe = Literal["pil", "torch"]
 RECIPES = ("pil", "torch")
@@ -50,6 +54,7 @@ def normalise_pil(frame: np.ndarray, do_rescale: bool, rescale_factor: float, do
 def normalise_torch(frame: torch.Tensor, do_rescale: bool, rescale_factor: float, do_normalize: bool,
                     mean, std) -> torch.Tensor:
     """The torch backend's fused rescale+normalise on a (..., C, H, W) tensor (any dtype)."""
+    import torch
     if do_normalize:
         channels = frame.shape[-3]
         mean, std = _per_channel(mean, channels, "image_mean"), _per_channel(std, channels, "image_std")
@@ -76,6 +81,7 @@ def normalisation_lut(recipe: Recipe, channels: int, do_rescale: bool = True, re
     if recipe == "pil":
         table = normalise_pil(values, do_rescale, rescale_factor, do_normalize, mean, std)
     elif recipe == "torch":
+        import torch
         table = normalise_torch(torch.from_numpy(values), do_rescale, rescale_factor, do_normalize,
                                 mean, std).numpy()
     else:
@@ -142,6 +148,7 @@ def lut_into_numpy(dst: np.ndarray, frame: np.ndarray, lut: np.ndarray) -> None:
 
 def lut_apply_torch(frames: torch.Tensor, lut: np.ndarray) -> torch.Tensor:
     """lut[c][frames[..., c, :, :]] on the frames' device (a gather, exact everywhere)."""
+    import torch
     channels = frames.shape[-3]
     table = torch.from_numpy(lut).to(frames.device).reshape(-1)
     offsets = (torch.arange(channels, device=frames.device) * 256).view(channels, 1, 1)
@@ -157,6 +164,7 @@ def frames_to_pixel_values(frames_uint8: torch.Tensor | np.ndarray, recipe: Reci
 
     Move the uint8 frames first (4x fewer bytes), then expand them on the target device.
     """
+    import torch
     frames = torch.as_tensor(frames_uint8)
     if frames.dtype != torch.uint8:
         raise TypeError(f"frames must be uint8, got {frames.dtype}")

@@ -7,16 +7,19 @@ multiplied back by 1/255) -- so float inputs are quantised at every resize, even
 Torch recipe: `interpolate(antialias=True)` directly on uint8 CHW tensors on CPU (native uint8 kernels
 for lanczos/bicubic), in float without clamping for float inputs; a resize to the current size is
 skipped. Off the CPU, LANCZOS falls back to BICUBIC with a warning, as in the reference.
+torch is imported by the torch recipe's functions only (the CPU stage's Pillow recipe runs without it).
 """
 from __future__ import annotations
 
 import logging
 import platform
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 try:  # zero-copy access to Pillow's pixels (a runtime dependency; without it, pixels are copied)
     import pyarrow as pa
@@ -131,6 +134,7 @@ def _native_uint8(mode: str, device: torch.device) -> bool:
     if device.type != "cpu":
         return False
     if mode == "bilinear":  # torch's uint8 bilinear kernel is vectorised only on these CPUs
+        import torch
         return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or \
             platform.machine() in ("aarch64", "arm64")
     return mode in ("bicubic", "lanczos")
@@ -148,6 +152,8 @@ def torch_mode(resample: int, device: torch.device) -> str:
 
 def torch_resize(image: torch.Tensor, size: tuple[int, int], resample: int) -> torch.Tensor:
     """Resize a (..., C, H, W) tensor to `size`; identity sizes are returned untouched."""
+    import torch
+    import torch.nn.functional as F
     mode = torch_mode(resample, image.device)
     *lead, channels, height, width = image.shape
     if (height, width) == tuple(size) or image.numel() == 0:

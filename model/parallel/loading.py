@@ -13,8 +13,8 @@ from torch import nn
 
 from ..config import Idefics3Config
 from ..idefics3 import Idefics3ForConditionalGeneration
-from ..loading import (CheckpointError, _check_keys, _copy_tensor, _resolve_dtype, read_generation_config,
-                       resolve_checkpoint_dir, target_name, weight_files)
+from ..files import CheckpointError, resolve_checkpoint_dir, weight_files
+from ..loading import _check_keys, _copy_tensor, _resolve_dtype, read_generation_config, target_name
 from .layers import ShardSpec, TPContext
 from .shard import check_tp, shard_model
 

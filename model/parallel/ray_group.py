@@ -15,7 +15,7 @@ import torch
 
 from ..config import Idefics3Config
 from ..engine import Request, Result
-from ..loading import resolve_checkpoint_dir
+from ..files import resolve_checkpoint_dir
 from .shard import check_tp
 from .worker import TPWorker
 

@@ -14,31 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Idefics3Config
+from ..config import Idefics3Config, check_tp
 from ..llama import LlamaAttention, LlamaMLP
 from ..vision import Idefics3VisionAttention, Idefics3VisionMLP
 from .layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, ShardSpec, TPContext,
                      VocabParallelEmbedding)
-
-
-def check_tp(config: Idefics3Config, tp: int) -> None:
-    """Raise a ValueError naming every size that tensor parallelism of degree `tp` cannot split."""
-    if tp < 1:
-        raise ValueError(f"tensor parallel size must be >= 1, got {tp}")
-    text, vision = config.text_config, config.vision_config
-    problems = [f"{where}.{name} ({value}) is not divisible by tensor_parallel_size {tp}"
-                for where, name, value in [
-                    ("text_config", "num_attention_heads", text.num_attention_heads),
-                    ("text_config", "intermediate_size", text.intermediate_size),
-                    ("vision_config", "num_attention_heads", vision.num_attention_heads),
-                    ("vision_config", "intermediate_size", vision.intermediate_size)]
-                if value % tp]
-    kv = text.num_key_value_heads
-    if kv % tp and tp % kv:
-        problems.append(f"text_config.num_key_value_heads ({kv}) and tensor_parallel_size {tp}: one must "
-                        f"divide the other (KV heads are split, or replicated when tp > num_key_value_heads)")
-    if problems:
-        raise ValueError("cannot shard this model: " + "; ".join(problems))
 
 
 def kv_head_range(num_kv_heads: int, tp: TPContext) -> tuple[int, int]:

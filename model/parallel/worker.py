@@ -28,7 +28,8 @@ from torch import Tensor
 from ..config import Idefics3Config
 from ..engine import Request, Result, SamplingParams
 from ..engine.loop import EngineLoop
-from ..loading import DEVICE_DTYPE, common_dtype, compute_dtype, resolve_checkpoint_dir
+from ..files import resolve_checkpoint_dir
+from ..loading import DEVICE_DTYPE, common_dtype, compute_dtype
 from .engine import Comm, ShardEngine
 from .faults import fail_once_on
 from .layers import TPContext

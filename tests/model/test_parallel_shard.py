@@ -11,7 +11,8 @@ from safetensors import safe_open
 import model.parallel.loading as parallel_loading
 import tests.model.parallel_cases  # noqa: F401  (registers the "tp_mqa" fixture config)
 from model import Idefics3Config, Idefics3ForConditionalGeneration
-from model.loading import target_name, weight_files
+from model.files import weight_files
+from model.loading import target_name
 from model.parallel import TPContext, TPEngine, check_tp, load_shard, sharded_fraction
 from model.parallel.shard import kv_head_range, shard_specs
 

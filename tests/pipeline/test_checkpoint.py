@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from model.loading import CheckpointError
+from model.files import CheckpointError
 from pipeline.checkpoint import check_model
 
 

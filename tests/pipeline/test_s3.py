@@ -125,7 +125,7 @@ def test_a_checkpoint_on_s3_is_copied_once_per_node_and_again_when_it_changes(s3
 
 
 def test_a_model_url_the_actors_could_not_load_is_refused_before_any_work(s3, checkpoint):
-    from model.loading import CheckpointError
+    from model.files import CheckpointError
     from pipeline.checkpoint import check_model
 
     upload_checkpoint(s3, checkpoint, "bucket/models/whole")

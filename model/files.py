@@ -1,0 +1,58 @@
+"""A checkpoint's files in the Hugging Face layout: where its folder is, which weight files it has.
+
+No tensor is read here, and torch is not imported: the driver's checks and the CPU-stage actors use
+these without the model stage's dependencies (model.loading reads the weights).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]   # what a loader reads: never pickles
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is (pickle-only, missing/unexpected keys, bad shapes)."""
+
+
+def is_hub_id(text: str) -> bool:
+    """`owner/name`, and nothing on this disk by that name: a checkpoint the hub (or its cache) holds."""
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).expanduser().exists()
+
+
+def resolve_checkpoint_dir(path_or_id: str | Path, **hub_kwargs) -> Path:
+    """A local folder as is; anything else that looks like `owner/name` through the hub cache."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    if not is_hub_id(text):
+        raise FileNotFoundError(f"checkpoint folder not found: {text}")
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS, **hub_kwargs))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (sharded index first); pickle weights are refused."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        absent = [s for s in shards if not (folder / s).is_file()]
+        if absent:
+            raise CheckpointError(f"{index} names shard files that are not there: {absent}")
+        return [folder / s for s in shards]
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); loading them would run arbitrary "
+            f"code, so only safetensors are read. Convert them to {SINGLE_FILE} (e.g. with "
+            f"safetensors.torch.save_file on a trusted machine) and try again.")
+    raise CheckpointError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")

@@ -1,0 +1,44 @@
+"""The driver and the CPU-stage actors never import torch: each CPU actor would carry ~180 MB of it
+and seconds more to start, for code that decodes and tiles images with Pillow and numpy."""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+WITHOUT_TORCH = """
+import sys
+
+import pyarrow.parquet as pq
+
+import jobs.caption, jobs.evaluate
+from jobs.common import DEMO_INPUT, DEMO_MODEL
+from pipeline.config import PipelineConfig
+from pipeline.job import prepare_job
+from pipeline.preprocess import Preprocess
+
+config = PipelineConfig(model=str(DEMO_MODEL))
+job = prepare_job(str(DEMO_INPUT), sys.argv[1], config)
+rows = Preprocess(job.config)(pq.read_table(DEMO_INPUT).slice(0, 4))
+errors = [e for group in rows.column("error").to_pylist() for e in group]     # rows about one image: a list
+assert errors == [None] * 4, errors
+assert all(ids for group in rows.column("input_ids").to_pylist() for ids in group)
+print("torch" in sys.modules)
+"""
+
+
+def test_the_driver_and_the_cpu_stage_run_without_torch(tmp_path):
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False", "torch was imported by the driver's checks or the CPU stage"
+
+
+def test_the_cpu_stage_with_the_torch_recipe_still_works(tmp_path):
+    """The torch recipe imports torch when it is chosen, not before."""
+    script = WITHOUT_TORCH.replace("PipelineConfig(model=str(DEMO_MODEL))",
+                                   "PipelineConfig(model=str(DEMO_MODEL), image_backend='torch')")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
