@@ -53,10 +53,17 @@ def parquet_files(uri: str, storage_options: dict | None = None) -> list[str]:
     return paths
 
 
-def parquet_dataset(uri: str, storage_options: dict | None = None) -> pads.Dataset:
+def parquet_dataset(uri: str, storage_options: dict | None = None, partitioning: str | None = None) -> pads.Dataset:
     """The input's `.parquet` files as one Arrow dataset (driver side: its ids, a benchmark's columns)."""
     filesystem, _ = arrow_fs(uri, storage_options)
-    return pads.dataset(parquet_files(uri, storage_options), filesystem=filesystem, format="parquet")
+    return pads.dataset(parquet_files(uri, storage_options), filesystem=filesystem, format="parquet",
+                        partitioning=partitioning)
+
+
+def input_columns(uri: str, storage_options: dict | None = None) -> list[str]:
+    """The columns read_rows gives the rows: the files' schema (the first file's, as Ray Data's) and
+    the hive partition keys of their paths (`rows/lang=en/part-0.parquet`: `lang`), as Ray Data adds them."""
+    return parquet_dataset(uri, storage_options, partitioning="hive").schema.names
 
 
 def read_footers(uri: str, storage_options: dict | None = None, threads: int = 32) -> dict[str, int | str]:

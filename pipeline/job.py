@@ -14,7 +14,7 @@ from .builder import build_processor
 from .checkpoint import check_model
 from .config import PipelineConfig
 from .generate import release_replica_groups
-from .io import input_folder, read_footers, read_ids, read_output, read_rows, write_rows
+from .io import input_columns, input_folder, read_footers, read_ids, read_output, read_rows, write_rows
 from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
 from .resume import checkpoint_config, clear_checkpoint, forget_lost_rows, has_checkpoint
@@ -106,8 +106,9 @@ def check_unique_ids(source: str, storage_options: dict | None) -> None:
                      "unique, or rename it (rows without `id` get ids from their file and row)")
 
 
-def check_columns(ds: ray.data.Dataset, config: PipelineConfig, source: str) -> None:
-    names = set(ds.schema().names)
+def check_columns(source: str, config: PipelineConfig) -> None:
+    """The rows must have an `image` column and every column `keep_columns` names."""
+    names = set(input_columns(source, config.storage_options))
     if "image" not in names:
         raise ValueError(f"input {source!r} has no `image` column (columns: {sorted(names)})")
     missing = [c for c in config.keep_columns if c not in names]
@@ -143,6 +144,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     config = with_image_root(config, input_uri)
     prepare_output(output_uri, opts, resume)
     input_rows = check_input_files(input_uri, opts)
+    check_columns(input_uri, config)
     check_unique_ids(input_uri, opts)
     keep_run_settings(output_uri, config, resume, opts)
     lost = forget_lost_rows(output_uri, opts) if resume else 0
@@ -161,7 +163,6 @@ def run_prepared(job: PreparedJob) -> dict:
     context.checkpoint_config = checkpoint_config(job.output_uri, opts)
     try:
         ds = read_rows(job.input_uri, opts)
-        check_columns(ds, job.config, job.input_uri)
         if job.limit is not None:
             ds = ds.limit(job.limit)
         start = time.perf_counter()

@@ -1,0 +1,32 @@
+"""The input's columns are checked in the driver, before a cluster is started or joined."""
+import pytest
+
+from pipeline import PipelineConfig
+from pipeline.io import input_columns
+from pipeline.job import prepare_job
+from tests.pipeline.helpers import good_rows, write_parquet
+
+
+def test_a_mistyped_keep_column_is_named_before_any_work(checkpoint, tmp_path):
+    source = write_parquet(tmp_path / "in" / "rows.parquet", [dict(r, url="u") for r in good_rows(2)])
+    config = PipelineConfig(model=str(checkpoint), keep_columns=["url", "licence"])
+    with pytest.raises(ValueError, match=r"--keep-columns \['licence'\] are not columns of .*'url'"):
+        prepare_job(str(source), str(tmp_path / "out"), config)      # no cluster: it fails first
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_input_without_images_is_named_before_any_work(checkpoint, tmp_path):
+    source = write_parquet(tmp_path / "in.parquet", [{"id": "a", "picture": b"x", "question": "q"}])
+    with pytest.raises(ValueError, match=r"has no `image` column \(columns: \['id', 'picture', 'question'\]\)"):
+        prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint)))
+
+
+def test_hive_partition_keys_are_columns(checkpoint, tmp_path):
+    """`rows/lang=en/part.parquet`: Ray Data adds `lang` to the rows, so it may be kept."""
+    for lang in ("en", "fr"):
+        rows = [dict(r, id=f"{lang}-{r['id']}") for r in good_rows(2)]
+        write_parquet(tmp_path / "rows" / f"lang={lang}" / "part.parquet", rows)
+    assert set(input_columns(str(tmp_path / "rows"))) == {"id", "image", "question", "lang"}
+    config = PipelineConfig(model=str(checkpoint), keep_columns=["lang"])
+    job = prepare_job(str(tmp_path / "rows"), str(tmp_path / "out"), config)
+    assert job.input_rows == 4 and job.config.keep_columns == ["lang"]
