@@ -13,6 +13,7 @@ import fcntl
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -29,6 +30,7 @@ from .storage import is_local, reader_fs
 
 CACHE_ENV = "IDEFICS3_CHECKPOINT_CACHE"     # default: <temp dir>/idefics3-checkpoints
 COMPLETE = ".complete.json"
+log = logging.getLogger(__name__)
 REQUIRED_FILES = (CONFIG_NAME, "tokenizer.json")      # the model's and the CPU stage's processor's
 
 
@@ -54,12 +56,12 @@ def check_model(model: str, storage_options: dict | None = None, tensor_parallel
     (local or URL) without config.json, tokenizer.json or safetensors weights, a config.json that is
     not an Idefics3 one or that `tensor_parallel_size` cannot split, or a path that is neither a
     folder nor a hub id. Otherwise every actor would fail on it in turn, minutes in, each with its
-    traceback. A hub id is left to the actors (the hub, or its cache, where they run)."""
+    traceback. A hub id's config.json is asked of the hub (check_hub_model)."""
     if is_local(model):
         folder = Path(fsspec.core.strip_protocol(model)).expanduser()
         if not folder.is_dir():
             if is_hub_id(model):
-                return
+                return check_hub_model(model, tensor_parallel_size)
             what = "a file, not a checkpoint folder" if folder.exists() else "no such checkpoint folder"
             raise FileNotFoundError(f"model {model!r}: {what} (nor a hub id owner/name)")
         weight_files(folder)        # CheckpointError: pickle weights only, no weights, shards missing
@@ -76,11 +78,46 @@ def check_model(model: str, storage_options: dict | None = None, tensor_parallel
     if missing:
         raise FileNotFoundError(f"model {model!r} has no {' or '.join(missing)}: not a checkpoint folder "
                                 "in the Hugging Face layout")
+    check_config(model, read_config(), tensor_parallel_size)
+
+
+def check_config(model: str, config_json: bytes | str, tensor_parallel_size: int) -> None:
     try:
-        config = Idefics3Config.from_dict(json.loads(read_config()))
+        config = Idefics3Config.from_dict(json.loads(config_json))
         check_tp(config, tensor_parallel_size)
     except (ValueError, TypeError) as e:    # bad JSON, another model_type, unknown fields, unsplittable
         raise CheckpointError(f"model {model!r}: {e}") from e
+
+
+def check_hub_model(model: str, tensor_parallel_size: int) -> None:
+    """A hub id: its config.json (a few KB, or the hub cache's copy) must exist and be an Idefics3 config
+    that `tensor_parallel_size` can split. A hub this process cannot reach (offline, a cache without
+    the model) says nothing of the actors' nodes, which may reach it or hold it: left to them."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    try:
+        path = hf_hub_download(model, CONFIG_NAME)
+    except GatedRepoError:
+        raise CheckpointError(f"model {model!r}: a gated hub repository; accept its terms on the hub and "
+                              "set HF_TOKEN") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise FileNotFoundError(f"model {model!r}: no such checkpoint folder, nor a repository on the hub "
+                                "(a private one needs HF_TOKEN)") from None
+    except LocalEntryNotFoundError as e:        # offline, or no answer: not known here
+        log.warning("model %r: not checked (%s); the actors will fetch it", model, _first_line(e))
+        return
+    except EntryNotFoundError:
+        raise FileNotFoundError(f"model {model!r}: the hub repository has no {CONFIG_NAME}: not a checkpoint "
+                                "in the Hugging Face layout") from None
+    except HfHubHTTPError as e:                 # throttled, or the hub failing: the actors will try again
+        log.warning("model %r: not checked (%s); the actors will fetch it", model, _first_line(e))
+        return
+    check_config(model, Path(path).read_bytes(), tensor_parallel_size)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def local_checkpoint(model: str, storage_options: dict | None = None) -> str:

@@ -1,5 +1,12 @@
-"""pipeline.checkpoint.check_model on local folders: what the driver refuses before any work (URLs: test_s3)."""
+"""pipeline.checkpoint.check_model on local folders and hub ids: what the driver refuses before any work
+(URLs: test_s3)."""
+import os
 import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -13,10 +20,70 @@ def copy_without(checkpoint, tmp_path, *names: str):
     return folder
 
 
-def test_a_whole_checkpoint_and_a_hub_id_pass(checkpoint):
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_whole_checkpoint_and_an_unreachable_hub_id_pass(checkpoint, caplog):
     check_model(str(checkpoint))
     check_model(f"file://{checkpoint}")
-    check_model("HuggingFaceTB/SmolVLM-256M-Instruct")      # left to the actors: nothing is fetched here
+    check_model("HuggingFaceTB/SmolVLM-256M-Instruct")      # offline, not cached here: left to the actors
+    assert "not checked" in caplog.text
+
+
+def hub_cache(root: Path, repo: str, checkpoint: Path) -> Path:
+    """The hub cache's layout (models--owner--name/refs/main -> snapshots/<commit>/) holding `checkpoint`."""
+    entry = root / ("models--" + repo.replace("/", "--"))
+    commit = "0" * 40
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    shutil.copytree(checkpoint, entry / "snapshots" / commit)
+    return root
+
+
+def test_a_hub_id_is_checked_from_the_hub_cache(checkpoint, tmp_path, monkeypatch, caplog):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache(tmp_path, "owner/smolvlm", checkpoint)))
+    check_model("owner/smolvlm")
+    assert "not checked" not in caplog.text
+    with pytest.raises(CheckpointError, match="'owner/smolvlm': cannot shard this model"):
+        check_model("owner/smolvlm", tensor_parallel_size=5)
+
+
+class StandInHub(BaseHTTPRequestHandler):
+    """Answers as the hub does for repositories it does not have, or that are gated."""
+
+    def do_HEAD(self):
+        code = "GatedRepo" if "/gated/" in self.path else "RepoNotFound"
+        self.send_response(403 if code == "GatedRepo" else 404)
+        self.send_header("X-Error-Code", code)
+        self.send_header("X-Error-Message", "stand-in hub")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def hub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StandInHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("model,said", [
+    ("owner/mistyped", "no such checkpoint folder, nor a repository on the hub"),
+    ("owner/gated", "a gated hub repository"),
+])
+def test_a_hub_id_the_hub_does_not_have_fails_the_job_at_once(hub, tmp_path, model, said):
+    env = dict(os.environ, HF_ENDPOINT=hub, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-m", "jobs.caption", "--model", model, "--output", str(tmp_path / "out")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert said in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("missing", ["config.json", "tokenizer.json"])
