@@ -1,8 +1,9 @@
 """Tensor parallelism: one Idefics3 model across `tp` devices, each rank loading only its slices."""
+from ..config import check_tp
 from .layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, ShardSpec, TPContext,
                      VocabParallelEmbedding)
 from .loading import load_shard
-from .shard import check_tp, shard_model, sharded_fraction
+from .shard import shard_model, sharded_fraction
 from .worker import TPEngine, TPWorker, free_port, launch_local
 
 __all__ = ["TPEngine", "TPWorker", "launch_local", "load_shard", "check_tp", "shard_model", "sharded_fraction",

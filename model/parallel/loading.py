@@ -11,12 +11,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..config import Idefics3Config
+from ..config import Idefics3Config, check_tp
 from ..idefics3 import Idefics3ForConditionalGeneration
 from ..files import CheckpointError, resolve_checkpoint_dir, weight_files
 from ..loading import _check_keys, _copy_tensor, _resolve_dtype, read_generation_config, target_name
 from .layers import ShardSpec, TPContext
-from .shard import check_tp, shard_model
+from .shard import shard_model
 
 
 def read_shard(handle, key: str, spec: ShardSpec) -> torch.Tensor:

@@ -13,10 +13,9 @@ from typing import Callable
 
 import torch
 
-from ..config import Idefics3Config
+from ..config import Idefics3Config, check_tp
 from ..engine import Request, Result
 from ..files import resolve_checkpoint_dir
-from .shard import check_tp
 from .worker import TPWorker
 
 

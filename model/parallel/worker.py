@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from ..config import Idefics3Config
+from ..config import Idefics3Config, check_tp
 from ..engine import Request, Result, SamplingParams
 from ..engine.loop import EngineLoop
 from ..files import resolve_checkpoint_dir
@@ -34,7 +34,7 @@ from .engine import Comm, ShardEngine
 from .faults import fail_once_on
 from .layers import TPContext
 from .loading import load_shard
-from .shard import check_tp, sharded_fraction
+from .shard import sharded_fraction
 
 log = logging.getLogger(__name__)
 STOP = "stop"
