@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import (DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, DTYPE_HELP, add_image_flags, demo_path, init_ray,
-                         json_option, merge_args, print_summary)
+from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, DTYPE_HELP, add_image_flags, demo_path,
+                         init_ray, json_option, merge_args, print_summary)
 
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", system_prompt=None,
                 max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=False,
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         job = prepare_job(source, output, config, resume=bool(values["resume"]), limit=values["limit"])
         init_ray()      # only once the arguments are known good: a typo costs no cluster start
         summary = run_prepared(job)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:  # bad arguments: say which, no traceback
+    except BAD_ARGUMENTS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_rows(output, config.storage_options, values["show"])

@@ -25,6 +25,9 @@ def add_image_flags(ap) -> None:
                          "(default: the checkpoint's do_image_splitting)")
 
 
+# What a bad argument raises (a missing input, an output that exists or cannot be written, a bad
+# value): the jobs print its message in one line and exit 2, with no traceback.
+BAD_ARGUMENTS = (FileNotFoundError, FileExistsError, PermissionError, ValueError)
 DTYPE_HELP = ("bfloat16 / float16 / float32 (default: bfloat16 on GPUs from Ampere on, float16 on older ones "
               "such as T4 and V100, float32 on CPU; a tensor-parallel replica's ranks ask their own GPUs)")
 

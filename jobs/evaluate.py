@@ -25,7 +25,7 @@ from evaluation.metrics import METRICS
 from evaluation.report import (sample_rows, write_chart, write_gallery, write_metrics_json,
                                write_report_md)
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
-from jobs.common import DTYPE_HELP, add_image_flags
+from jobs.common import BAD_ARGUMENTS, DTYPE_HELP, add_image_flags
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         summary = evaluate(parse_args(argv))
-    except (ValueError, FileNotFoundError) as e:
+    except BAD_ARGUMENTS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("metric", "score", "rows", "errors")}))

@@ -5,6 +5,7 @@ import json
 import logging
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import pyarrow.compute as pc
@@ -49,6 +50,16 @@ def prepare_output(output: str, storage_options: dict | None, resume: bool) -> N
     elif written and not has_checkpoint(output, storage_options):
         raise FileNotFoundError(f"cannot resume into {output!r}: it has files but no checkpoint "
                                 f"({output.rstrip('/')}.checkpoint) from a previous run of this job")
+
+
+@contextmanager
+def writing_output(output: str):
+    """A store that refuses the output (a read-only folder, credentials without write rights) is named
+    in one line, not met as a traceback (s3fs's "Access Denied" names no path)."""
+    try:
+        yield
+    except PermissionError as e:
+        raise PermissionError(f"output {output!r} cannot be written: {e}") from None
 
 
 def release_run() -> None:
@@ -142,11 +153,13 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     check_model(config.model, opts, config.tensor_parallel_size)
     check_image_root(config.image_root, opts)
     config = with_image_root(config, input_uri)
-    prepare_output(output_uri, opts, resume)
+    with writing_output(output_uri):
+        prepare_output(output_uri, opts, resume)
     input_rows = check_input_files(input_uri, opts)
     check_columns(input_uri, config)
     check_unique_ids(input_uri, opts)
-    keep_run_settings(output_uri, config, resume, opts)
+    with writing_output(output_uri):
+        keep_run_settings(output_uri, config, resume, opts)
     lost = forget_lost_rows(output_uri, opts) if resume else 0
     if lost:
         log.warning("%d rows of an earlier run have no output row any more (a deleted output file?): "

@@ -98,6 +98,28 @@ def test_clear_errors_for_bad_arguments(checkpoint, tmp_path):
     assert bad.returncode == 2 and "--storage-options must be a JSON object" in log
 
 
+def refuses_writes(folder: str) -> bool:
+    try:
+        Path(folder, "idefics3-write-probe").write_text("")
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    Path(folder, "idefics3-write-probe").unlink()
+    return False
+
+
+@pytest.mark.skipif(not refuses_writes("/sys"), reason="needs a folder that refuses writes, even to root (/sys)")
+def test_an_output_that_cannot_be_written_is_one_line(checkpoint, tmp_path):
+    write_parquet(tmp_path / "in.parquet", [{"image": png(20, 24), "question": "Row?"}])
+    job = caption("--input", str(tmp_path / "in.parquet"), "--output", "/sys/answers", "--model", str(checkpoint),
+                  log=tmp_path / "job.log")
+    log = finish(job, tmp_path / "job.log")
+    assert job.returncode == 2, log[-3000:]
+    assert log.strip().splitlines() == ["error: output '/sys/answers' cannot be written: [Errno 13] Permission "
+                                        "denied: '/sys/answers.run.json'"]
+
+
 def test_flags_reach_the_pipeline_config(tmp_path):
     from jobs.caption import DEFAULTS, parse_args, pipeline_config
     from jobs.common import merge_args
