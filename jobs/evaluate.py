@@ -185,18 +185,20 @@ def run_model(args: argparse.Namespace, out_dir: Path, ids: list[str] | None = N
     from jobs.common import init_ray
     from pipeline import build_processor, read_rows, write_rows
     from pipeline.checkpoint import check_model
+    from pipeline.io import input_columns
     from pipeline.job import check_columns, check_image_root, check_input_files, release_run, with_image_root
 
     if not args.model:
         raise ValueError("--model is required to run a model (or pass --predictions to score existing answers)")
     check_input_files(args.input, storage_options(args))
     mapping = _column_mapping(args)
-    present = [mapping.get(c, c) for c in parquet_dataset(args.input, storage_options(args)).schema.names]
+    present = [mapping.get(c, c) for c in input_columns(args.input, storage_options(args))]
     if "answers" not in present:
         raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
     check_model(args.model, storage_options(args))
     check_image_root(args.image_root, storage_options(args))
     config = with_image_root(pipeline_config(args, [c for c in ("answers", "category") if c in present]), args.input)
+    check_columns(present, config, args.input)
     raw = out_dir / "raw"
     shutil.rmtree(raw, ignore_errors=True)  # our own scratch output: a re-run starts it afresh
     init_ray()
@@ -206,7 +208,6 @@ def run_model(args: argparse.Namespace, out_dir: Path, ids: list[str] | None = N
                                                                       batch_format="pyarrow")
     ds = ds.map_batches(benchmark_rows, fn_kwargs={"mapping": mapping, "suffix": args.prompt_suffix},
                         batch_format="pyarrow")
-    check_columns(ds, config, args.input)
     try:
         write_rows(build_processor(config)(ds), str(raw), config.storage_options, config.rows_per_file)
     finally:

@@ -117,9 +117,10 @@ def check_unique_ids(source: str, storage_options: dict | None) -> None:
                      "unique, or rename it (rows without `id` get ids from their file and row)")
 
 
-def check_columns(source: str, config: PipelineConfig) -> None:
-    """The rows must have an `image` column and every column `keep_columns` names."""
-    names = set(input_columns(source, config.storage_options))
+def check_columns(names: list[str], config: PipelineConfig, source: str) -> None:
+    """The rows (`names`: their columns, as the model stage gets them) must have an `image` column
+    and every column `keep_columns` names."""
+    names = set(names)
     if "image" not in names:
         raise ValueError(f"input {source!r} has no `image` column (columns: {sorted(names)})")
     missing = [c for c in config.keep_columns if c not in names]
@@ -156,7 +157,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     with writing_output(output_uri):
         prepare_output(output_uri, opts, resume)
     input_rows = check_input_files(input_uri, opts)
-    check_columns(input_uri, config)
+    check_columns(input_columns(input_uri, opts), config, input_uri)
     check_unique_ids(input_uri, opts)
     with writing_output(output_uri):
         keep_run_settings(output_uri, config, resume, opts)
