@@ -104,8 +104,9 @@ def check_hub_model(model: str, tensor_parallel_size: int) -> None:
     except (RepositoryNotFoundError, RevisionNotFoundError):
         raise FileNotFoundError(f"model {model!r}: no such checkpoint folder, nor a repository on the hub "
                                 "(a private one needs HF_TOKEN)") from None
-    except LocalEntryNotFoundError as e:        # offline, or no answer: not known here
-        log.warning("model %r: not checked (%s); the actors will fetch it", model, _first_line(e))
+    except LocalEntryNotFoundError as e:        # offline, or no answer (after the hub client's retries)
+        log.warning("model %r: not checked (%s); the actors will fetch it (where the hub cannot be reached, "
+                    "HF_HUB_OFFLINE=1 reads the hub cache without asking)", model, _first_line(e))
         return
     except EntryNotFoundError:
         raise FileNotFoundError(f"model {model!r}: the hub repository has no {CONFIG_NAME}: not a checkpoint "
