@@ -185,14 +185,14 @@ def run_model(args: argparse.Namespace, out_dir: Path, ids: list[str] | None = N
     from jobs.common import init_ray
     from pipeline import build_processor, read_rows, write_rows
     from pipeline.checkpoint import check_model
-    from pipeline.io import input_columns
+    from pipeline.io import input_dataset
     from pipeline.job import check_columns, check_image_root, check_input_files, release_run, with_image_root
 
     if not args.model:
         raise ValueError("--model is required to run a model (or pass --predictions to score existing answers)")
     check_input_files(args.input, storage_options(args))
     mapping = _column_mapping(args)
-    present = [mapping.get(c, c) for c in input_columns(args.input, storage_options(args))]
+    present = [mapping.get(c, c) for c in input_dataset(args.input, storage_options(args)).schema.names]
     if "answers" not in present:
         raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
     check_model(args.model, storage_options(args))

@@ -60,10 +60,11 @@ def parquet_dataset(uri: str, storage_options: dict | None = None, partitioning:
                         partitioning=partitioning)
 
 
-def input_columns(uri: str, storage_options: dict | None = None) -> list[str]:
-    """The columns read_rows gives the rows: the files' schema (the first file's, as Ray Data's) and
-    the hive partition keys of their paths (`rows/lang=en/part-0.parquet`: `lang`), as Ray Data adds them."""
-    return parquet_dataset(uri, storage_options, partitioning="hive").schema.names
+def input_dataset(uri: str, storage_options: dict | None = None) -> pads.Dataset:
+    """The input as one Arrow dataset with the columns read_rows gives the rows: the files' schema (the
+    first file's, as Ray Data's) and the hive partition keys of their paths (`rows/lang=en/part-0.parquet`:
+    `lang`), as Ray Data adds them. Driver side: one listing serves the checks of columns and ids."""
+    return parquet_dataset(uri, storage_options, partitioning="hive")
 
 
 def read_footers(uri: str, storage_options: dict | None = None, threads: int = 32) -> dict[str, int | str]:
@@ -81,12 +82,6 @@ def read_footers(uri: str, storage_options: dict | None = None, threads: int = 3
     files = parquet_files(uri, storage_options)
     with ThreadPoolExecutor(threads) as pool:
         return dict(zip(files, pool.map(rows, files)))
-
-
-def read_ids(uri: str, storage_options: dict | None = None):
-    """The input's `id` column (only that column is read), or None when it has none."""
-    dataset = parquet_dataset(uri, storage_options)
-    return dataset.to_table(columns=["id"]).column("id") if "id" in dataset.schema.names else None
 
 
 def write_rows(ds: ray.data.Dataset, uri: str, storage_options: dict | None = None,

@@ -9,13 +9,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import ray.data
 
 from .builder import build_processor
 from .checkpoint import check_model
 from .config import PipelineConfig
 from .generate import release_replica_groups
-from .io import input_columns, input_folder, read_footers, read_ids, read_output, read_rows, write_rows
+from .io import input_dataset, input_folder, read_footers, read_output, read_rows, write_rows
 from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
 from .resume import checkpoint_config, clear_checkpoint, forget_lost_rows, has_checkpoint
@@ -103,11 +104,13 @@ def check_input_files(source: str, storage_options: dict | None) -> int:
                      f"repair or remove them: {named}")
 
 
-def check_unique_ids(source: str, storage_options: dict | None) -> None:
+def check_unique_ids(rows: pads.Dataset, source: str) -> None:
     """Resume skips every input row whose id is already written, so two rows sharing an id (an image id
     given to several questions) would lose one of them on resume: refused before any work."""
-    ids = read_ids(source, storage_options)
-    if ids is None or pc.count_distinct(ids, mode="all").as_py() == len(ids):
+    if "id" not in rows.schema.names:
+        return
+    ids = rows.to_table(columns=["id"]).column("id")        # only that column is read
+    if pc.count_distinct(ids, mode="all").as_py() == len(ids):
         return
     counts = pc.value_counts(ids)
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
@@ -157,8 +160,9 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     with writing_output(output_uri):
         prepare_output(output_uri, opts, resume)
     input_rows = check_input_files(input_uri, opts)
-    check_columns(input_columns(input_uri, opts), config, input_uri)
-    check_unique_ids(input_uri, opts)
+    rows = input_dataset(input_uri, opts)
+    check_columns(rows.schema.names, config, input_uri)
+    check_unique_ids(rows, input_uri)
     with writing_output(output_uri):
         keep_run_settings(output_uri, config, resume, opts)
     lost = forget_lost_rows(output_uri, opts) if resume else 0

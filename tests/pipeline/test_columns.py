@@ -2,7 +2,7 @@
 import pytest
 
 from pipeline import PipelineConfig
-from pipeline.io import input_columns
+from pipeline.io import input_dataset
 from pipeline.job import prepare_job
 from tests.pipeline.helpers import good_rows, write_parquet
 
@@ -26,7 +26,7 @@ def test_hive_partition_keys_are_columns(checkpoint, tmp_path):
     for lang in ("en", "fr"):
         rows = [dict(r, id=f"{lang}-{r['id']}") for r in good_rows(2)]
         write_parquet(tmp_path / "rows" / f"lang={lang}" / "part.parquet", rows)
-    assert set(input_columns(str(tmp_path / "rows"))) == {"id", "image", "question", "lang"}
+    assert set(input_dataset(str(tmp_path / "rows")).schema.names) == {"id", "image", "question", "lang"}
     config = PipelineConfig(model=str(checkpoint), keep_columns=["lang"])
     job = prepare_job(str(tmp_path / "rows"), str(tmp_path / "out"), config)
     assert job.input_rows == 4 and job.config.keep_columns == ["lang"]
