@@ -25,6 +25,7 @@ from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket, pow2_bucket
 from .sampler import SamplingState, sample, token_logprobs
 from .scheduler import Scheduler, Sequence
+from .stop_strings import StopStringMatcher
 from .types import Request, Result
 
 _GIB = 1 << 30
@@ -74,6 +75,7 @@ class LLMEngine:
         free = available_host_memory()
         self.model = pack_weights(fuse_projections(model.eval()), None if free is None else free // 2)
         self.tokenizer = tokenizer
+        self._stop_matcher: StopStringMatcher | None = None     # made when a request has stop strings
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.text_config = model.config.text_config
@@ -388,16 +390,13 @@ class LLMEngine:
                 self._finished.append(seq)
 
     def _completes_stop_string(self, seq: Sequence) -> bool:
-        """Whether the newest token completes one of the request's stop strings: an occurrence in the
-        text that the token overlaps, which may begin in the prompt (transformers' StopStringCriteria)."""
+        """Whether the newest token completes one of the request's stop strings (model.engine.stop_strings)."""
         stops = seq.request.sampling.stop
         if not stops:
             return False
-        last = max(map(len, stops)) + 1                                  # a token is at least one character
-        window = (seq.request.prompt_ids[-last:] + seq.generated)[-last:]
-        before = self.tokenizer.decode(window[:-1], skip_special_tokens=False)
-        after = self.tokenizer.decode(window, skip_special_tokens=False)
-        return any(after.find(s, max(len(before) - len(s) + 1, 0)) >= 0 for s in stops)
+        if self._stop_matcher is None:
+            self._stop_matcher = StopStringMatcher(self.tokenizer)
+        return self._stop_matcher.completes(seq.request.prompt_ids[-max(map(len, stops)) * 4:] + seq.generated, stops)
 
     def _result(self, seq: Sequence) -> Result:
         text = None
