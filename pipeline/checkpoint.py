@@ -69,16 +69,25 @@ def check_model(model: str, storage_options: dict | None = None, tensor_parallel
         read_config = (folder / CONFIG_NAME).read_bytes
     else:
         names = {r for r in remote_files(model, storage_options) if "/" not in r}
-        if not any(n.endswith(".safetensors") for n in names):
-            raise CheckpointError(f"model {model!r} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); "
-                                  "pickle weights are never loaded")
+        check_listed_weights(model, names)
         fs, root = reader_fs(model, storage_options)
         read_config = lambda: fs.cat_file(posixpath.join(root.rstrip("/"), CONFIG_NAME))  # noqa: E731
+    check_required_files(model, names)
+    check_config(model, read_config(), tensor_parallel_size)
+
+
+def check_listed_weights(model: str, names: set[str]) -> None:
+    """A listing of a checkpoint's files (a URL's, a hub repository's) holds safetensors weights."""
+    if not any(n.endswith(".safetensors") for n in names):
+        raise CheckpointError(f"model {model!r} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); "
+                              "pickle weights are never loaded")
+
+
+def check_required_files(model: str, names: set[str]) -> None:
     missing = [name for name in REQUIRED_FILES if name not in names]
     if missing:
         raise FileNotFoundError(f"model {model!r} has no {' or '.join(missing)}: not a checkpoint folder "
                                 "in the Hugging Face layout")
-    check_config(model, read_config(), tensor_parallel_size)
 
 
 def check_config(model: str, config_json: bytes | str, tensor_parallel_size: int) -> None:
@@ -91,8 +100,22 @@ def check_config(model: str, config_json: bytes | str, tensor_parallel_size: int
 
 def check_hub_model(model: str, tensor_parallel_size: int) -> None:
     """A hub id: its config.json (a few KB, or the hub cache's copy) must exist and be an Idefics3 config
-    that `tensor_parallel_size` can split. A hub this process cannot reach (offline, a cache without
-    the model) says nothing of the actors' nodes, which may reach it or hold it: left to them."""
+    that `tensor_parallel_size` can split, and the repository's files (one listing, where the hub is
+    reached) must include tokenizer.json and safetensors weights. A hub this process cannot reach
+    (offline, a cache without the model) says nothing of the actors' nodes, which may reach it or
+    hold it: left to them."""
+    config = hub_config(model)
+    if config is None:
+        return
+    check_config(model, config, tensor_parallel_size)
+    names = hub_files(model)
+    if names is not None:
+        check_listed_weights(model, names)
+        check_required_files(model, names)
+
+
+def hub_config(model: str) -> bytes | None:
+    """A hub repository's config.json; None (with a warning) where the hub cannot be reached."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -107,14 +130,27 @@ def check_hub_model(model: str, tensor_parallel_size: int) -> None:
     except LocalEntryNotFoundError as e:        # offline, or no answer (after the hub client's retries)
         log.warning("model %r: not checked (%s); the actors will fetch it (where the hub cannot be reached, "
                     "HF_HUB_OFFLINE=1 reads the hub cache without asking)", model, _first_line(e))
-        return
+        return None
     except EntryNotFoundError:
         raise FileNotFoundError(f"model {model!r}: the hub repository has no {CONFIG_NAME}: not a checkpoint "
                                 "in the Hugging Face layout") from None
     except HfHubHTTPError as e:                 # throttled, or the hub failing: the actors will try again
         log.warning("model %r: not checked (%s); the actors will fetch it", model, _first_line(e))
-        return
-    check_config(model, Path(path).read_bytes(), tensor_parallel_size)
+        return None
+    return Path(path).read_bytes()
+
+
+def hub_files(model: str) -> set[str] | None:
+    """The top-level files of a hub repository; None where they cannot be listed (offline: the config
+    came from the hub cache, and the actors' nodes may hold more of the model than this one)."""
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    try:
+        return {entry.path for entry in HfApi().list_repo_tree(model, recursive=False)}
+    except (HfHubHTTPError, httpx.HTTPError, OSError) as e:      # OSError: OfflineModeIsEnabled too
+        log.info("model %r: its files not listed (%s)", model, _first_line(e))
+        return None
 
 
 def _first_line(error: Exception) -> str:

@@ -1,5 +1,6 @@
 """pipeline.checkpoint.check_model on local folders and hub ids: what the driver refuses before any work
 (URLs: test_s3)."""
+import json
 import os
 import shutil
 import subprocess
@@ -54,14 +55,35 @@ def test_a_hub_id_is_checked_from_the_hub_cache(checkpoint, tmp_path, monkeypatc
 
 
 class StandInHub(BaseHTTPRequestHandler):
-    """Answers as the hub does for repositories it does not have, or that are gated."""
+    """Answers as the hub does: the files and top-level listing of the repositories in `repos`
+    (owner/name -> folder); 403 GatedRepo for an owner/gated, 404 RepoNotFound for any other."""
+    repos: dict[str, Path] = {}
 
     def do_HEAD(self):
-        code = "GatedRepo" if "/gated/" in self.path else "RepoNotFound"
-        self.send_response(403 if code == "GatedRepo" else 404)
-        self.send_header("X-Error-Code", code)
-        self.send_header("X-Error-Message", "stand-in hub")
+        path = self.path.split("?")[0].strip("/")
+        if path.startswith("api/models/") and "/tree/" in path:
+            repo = path[len("api/models/"):].split("/tree/")[0]
+            if repo in self.repos:
+                listing = [{"type": "file", "path": p.name, "size": p.stat().st_size, "oid": "0" * 40}
+                           for p in sorted(self.repos[repo].iterdir())]
+                return self.answer(200, json.dumps(listing).encode(), {"Content-Type": "application/json"})
+        elif "/resolve/" in path:
+            repo, name = path.split("/resolve/")[0], path.split("/")[-1]
+            if repo in self.repos and (self.repos[repo] / name).is_file():
+                body = (self.repos[repo] / name).read_bytes()
+                return self.answer(200, body, {"X-Repo-Commit": "1" * 40, "ETag": f'"{len(body)}"'})
+            if repo in self.repos:
+                return self.answer(404, b"", {"X-Error-Code": "EntryNotFound"})
+        gated = path.startswith("gated/") or "/gated/" in path
+        self.answer(403 if gated else 404, b"", {"X-Error-Code": "GatedRepo" if gated else "RepoNotFound"})
+
+    def answer(self, status: int, body: bytes, headers: dict):
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": str(len(body)), "X-Error-Message": "stand-in hub"}.items():
+            self.send_header(key, value)
         self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
 
     do_GET = do_HEAD
 
@@ -75,6 +97,11 @@ def hub():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
+    StandInHub.repos = {}
+
+
+def hub_env(hub: str, tmp_path: Path) -> dict:
+    return dict(os.environ, HF_ENDPOINT=hub, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(tmp_path / "cache"))
 
 
 @pytest.mark.parametrize("model,said", [
@@ -82,12 +109,30 @@ def hub():
     ("owner/gated", "a gated hub repository"),
 ])
 def test_a_hub_id_the_hub_does_not_have_fails_the_job_at_once(hub, tmp_path, model, said):
-    env = dict(os.environ, HF_ENDPOINT=hub, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(tmp_path / "cache"))
     done = subprocess.run([sys.executable, "-m", "jobs.caption", "--model", model, "--output", str(tmp_path / "out")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=hub_env(hub, tmp_path), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert said in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_repository_without_what_the_actors_read_is_named(hub, checkpoint, tmp_path):
+    """The repository's listing must hold tokenizer.json and safetensors weights, as a folder must."""
+    pickled = copy_without(checkpoint, tmp_path / "pickled", "*.safetensors")
+    (pickled / "pytorch_model.bin").write_bytes(b"pickle")
+    StandInHub.repos = {"owner/whole": checkpoint, "owner/pickled": pickled,
+                        "owner/untokenized": copy_without(checkpoint, tmp_path / "untokenized", "tokenizer.json")}
+    check = ("import sys\nfrom pipeline.checkpoint import check_model\n"
+             "try:\n    check_model(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    said = {}
+    for repo in StandInHub.repos:
+        done = subprocess.run([sys.executable, "-c", check, repo], cwd=REPO, env=hub_env(hub, tmp_path),
+                              capture_output=True, text=True, timeout=120)
+        said[repo] = done.stdout.strip()
+    assert said["owner/whole"] == ""
+    assert said["owner/pickled"].startswith("CheckpointError model 'owner/pickled' has no safetensors weights")
+    assert said["owner/untokenized"] == ("FileNotFoundError model 'owner/untokenized' has no tokenizer.json: "
+                                         "not a checkpoint folder in the Hugging Face layout")
 
 
 @pytest.mark.parametrize("missing", ["config.json", "tokenizer.json"])
