@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, DTYPE_HELP, add_image_flags, demo_path,
-                         init_ray, json_option, merge_args, print_summary)
+from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add_run_flags, demo_path, init_ray,
+                         json_option, merge_args, print_summary)
 
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", system_prompt=None,
                 max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=False,
@@ -49,40 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "the model (a confidence score to filter captions by; divide by num_generated_tokens "
                          "for the mean)")
     ap.add_argument("--seed", type=int, help="sampling seed; each row's seed derives from it and the row id")
-    ap.add_argument("--replicas", type=int,
-                    help="model replicas (default: one per --tensor-parallel-size GPUs of the cluster; 1 on CPU)")
-    ap.add_argument("--tensor-parallel-size", type=int, help="devices per replica")
-    ap.add_argument("--cpu-workers", type=int,
-                    help="preprocessing actors (default: from 1 up to the cluster's spare CPUs, as the rows need)")
-    ap.add_argument("--batch-size", type=int, help="rows per CPU-stage block; images per model call")
-    ap.add_argument("--max-batch-size", type=int, help="sequences a replica's engine decodes together (default 64)")
-    ap.add_argument("--batches-in-flight", type=int,
-                    help="blocks a replica answers at once, their rows sharing decode steps "
-                         "(default: enough to fill --max-batch-size, plus one)")
     ap.add_argument("--rows-per-file", type=int,
                     help="output rows gathered into one Parquet file (default 1000; the last file holds the rest)")
-    ap.add_argument("--step-timeout", type=float, dest="step_timeout_s",
-                    help="seconds an engine step may run before its replica is restarted (a hung GPU or "
-                         "collective; default 600, 0 = never)")
     ap.add_argument("--keep-columns", help="comma-separated input columns to copy to the output")
     ap.add_argument("--resume", action="store_true", default=None, help="skip ids already in --output")
     ap.add_argument("--limit", type=int, help="answer only N rows (a trial run into a fresh output; "
                                               "--resume then answers the rest)")
-    ap.add_argument("--image-backend", choices=["pil", "torch"], help="reference image recipe")
-    add_image_flags(ap)
-    ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')
-    ap.add_argument("--max-image-pixels", type=int, help="larger images become error rows")
-    ap.add_argument("--image-root", help="folder (local or URL) that relative image paths are read from "
-                                         "(default: the input's folder)")
-    ap.add_argument("--fetch-threads", type=int,
-                    help="image paths/URLs a CPU worker reads at once (default 16)")
-    ap.add_argument("--fetch-attempts", type=int,
-                    help="tries of an image read that fails for a reason that may pass: timeout, "
-                         "connection reset, throttling, HTTP 5xx (default 3)")
-    ap.add_argument("--fetch-timeout", type=float, dest="fetch_timeout_s",
-                    help="seconds an attempt to read an image (s3, gcs, http) may take (default 60)")
-    ap.add_argument("--device", help="cuda / cpu (default: cuda when the cluster has GPUs)")
-    ap.add_argument("--dtype", help=DTYPE_HELP)
+    add_run_flags(ap)
     ap.add_argument("--show", type=int, help="print this many output rows at the end (default 5)")
     ap.add_argument("--config", help="job.yaml with any of the flags above")
     return ap.parse_args(argv)

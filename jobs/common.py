@@ -14,8 +14,42 @@ DEMO_MODEL = REPO / "demo" / "model"
 DEMO_OUTPUT = REPO / "demo" / "output" / "captions"
 
 
+def add_run_flags(ap) -> None:
+    """Flags of how the pipeline runs a model over rows (both jobs): replicas and their batches, the
+    image recipe, where images are read from. Each defaults to None: the job's defaults (caption: its
+    job.yaml, then DEFAULTS; evaluate: PipelineConfig's) fill in what is not given."""
+    ap.add_argument("--replicas", type=int,
+                    help="model replicas (default: one per --tensor-parallel-size GPUs of the cluster; 1 on CPU)")
+    ap.add_argument("--tensor-parallel-size", type=int, help="devices per replica (default 1)")
+    ap.add_argument("--cpu-workers", type=int,
+                    help="preprocessing actors (default: from 1 up to the cluster's spare CPUs, as the rows need)")
+    ap.add_argument("--batch-size", type=int, help="rows per CPU-stage block; images per model call (default 16)")
+    ap.add_argument("--max-batch-size", type=int, help="sequences a replica's engine decodes together (default 64)")
+    ap.add_argument("--batches-in-flight", type=int,
+                    help="blocks a replica answers at once, their rows sharing decode steps "
+                         "(default: enough to fill --max-batch-size, plus one)")
+    ap.add_argument("--step-timeout", type=float, dest="step_timeout_s",
+                    help="seconds an engine step may run before its replica is restarted (a hung GPU or "
+                         "collective; default 600, 0 = never)")
+    ap.add_argument("--image-backend", choices=["pil", "torch"], help="reference image recipe (default pil)")
+    add_image_flags(ap)
+    ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')
+    ap.add_argument("--max-image-pixels", type=int, help="larger images become error rows")
+    ap.add_argument("--image-root", help="folder (local or URL) that relative image paths are read from "
+                                         "(default: the input's folder)")
+    ap.add_argument("--fetch-threads", type=int,
+                    help="image paths/URLs a CPU worker reads at once (default 16)")
+    ap.add_argument("--fetch-attempts", type=int,
+                    help="tries of an image read that fails for a reason that may pass: timeout, "
+                         "connection reset, throttling, HTTP 5xx (default 3)")
+    ap.add_argument("--fetch-timeout", type=float, dest="fetch_timeout_s",
+                    help="seconds an attempt to read an image (s3, gcs, http) may take (default 60)")
+    ap.add_argument("--device", help="cuda / cpu (default: cuda when the cluster has GPUs)")
+    ap.add_argument("--dtype", help=DTYPE_HELP)
+
+
 def add_image_flags(ap) -> None:
-    """Flags of the image recipe: fewer tiles an image for speed (both jobs)."""
+    """Flags of the image recipe: fewer tiles an image for speed."""
     ap.add_argument("--image-longest-edge", type=int, metavar="PX",
                     help="resize images to this longest edge before tiling (the image processor's "
                          "size.longest_edge; default: the checkpoint's, e.g. 4*364 or 4*512): smaller means "

@@ -25,7 +25,7 @@ from evaluation.metrics import METRICS
 from evaluation.report import (sample_rows, write_chart, write_gallery, write_metrics_json,
                                write_report_md)
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
-from jobs.common import BAD_ARGUMENTS, DTYPE_HELP, add_image_flags
+from jobs.common import BAD_ARGUMENTS, add_run_flags
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -62,18 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gallery", type=int, default=0, metavar="N", help="write gallery.html with N sampled rows")
     ap.add_argument("--limit", type=int, metavar="N", help="score only the first N benchmark rows (a quick check; "
                     "the report says so)")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16, help="rows per CPU-stage block; images per model call")
-    ap.add_argument("--replicas", type=int, default=None,
-                    help="model replicas (default: one per GPU of the cluster; 1 on CPU)")
-    ap.add_argument("--cpu-workers", type=int, default=None,
-                    help="preprocessing actors (default: from 1 up to the cluster's spare CPUs, as the rows need)")
-    ap.add_argument("--device", help="cuda / cpu (default: cuda when the cluster has GPUs)")
-    ap.add_argument("--dtype", help=DTYPE_HELP)
-    add_image_flags(ap)
-    ap.add_argument("--image-root", help="folder (local or URL) that relative image paths are read from "
-                                         "(default: the input's folder)")
-    ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')
+    ap.add_argument("--max-new-tokens", type=int, help="default 64")
+    add_run_flags(ap)
     return ap.parse_args(argv)
 
 
@@ -161,13 +151,12 @@ def benchmark_rows(batch: pa.Table, mapping: dict[str, str], suffix: str) -> pa.
 
 
 def pipeline_config(args: argparse.Namespace, kept: list[str]):
+    """Greedy answers with the given run flags; what is not given is PipelineConfig's default."""
     from pipeline import PipelineConfig
 
-    return PipelineConfig(model=args.model, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          replicas=args.replicas, cpu_workers=args.cpu_workers, device=args.device, dtype=args.dtype,
-                          keep_columns=kept, storage_options=storage_options(args), image_root=args.image_root,
-                          image_longest_edge=args.image_longest_edge, image_splitting=args.image_splitting,
-                          system_prompt=args.system_prompt)
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k in PipelineConfig.field_names() and k not in ("model", "storage_options")}
+    return PipelineConfig(model=args.model, keep_columns=kept, storage_options=storage_options(args), **given)
 
 
 def keep_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
@@ -195,9 +184,9 @@ def run_model(args: argparse.Namespace, out_dir: Path, ids: list[str] | None = N
     present = [mapping.get(c, c) for c in input_dataset(args.input, storage_options(args)).schema.names]
     if "answers" not in present:
         raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
-    check_model(args.model, storage_options(args))
-    check_image_root(args.image_root, storage_options(args))
     config = with_image_root(pipeline_config(args, [c for c in ("answers", "category") if c in present]), args.input)
+    check_model(args.model, config.storage_options, config.tensor_parallel_size)
+    check_image_root(args.image_root, config.storage_options)
     check_columns(present, config, args.input)
     raw = out_dir / "raw"
     shutil.rmtree(raw, ignore_errors=True)  # our own scratch output: a re-run starts it afresh

@@ -138,3 +138,13 @@ def test_a_mistyped_model_is_named_before_any_work(tmp_path, capsys):
     assert job.main(argv) == 2
     assert "no such checkpoint folder" in capsys.readouterr().err
     assert not (tmp_path / "out" / "raw").exists()
+
+
+def test_a_tensor_parallel_size_the_model_cannot_take_is_named_before_any_work(checkpoint, tmp_path, capsys):
+    bench = write_benchmark(tmp_path / "bench.parquet", "red")
+    argv = ["--input", str(bench), "--model", str(checkpoint), "--output", str(tmp_path / "out"),
+            "--metric", "exact_match", "--question-column", "prompt", "--answers-column", "gt",
+            "--image-column", "picture", "--tensor-parallel-size", "2"]     # 3 attention heads
+    assert job.main(argv) == 2
+    assert "cannot shard this model" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "raw").exists()
