@@ -42,6 +42,17 @@ DATASET_METRICS = {
     "textvqa": "vqa_accuracy", "vqav2": "vqa_accuracy", "vizwiz": "vqa_accuracy", "okvqa": "vqa_accuracy",
     "demo": "exact_match",
 }
+# Benchmark -> the instruction appended to each question when --prompt-suffix is not given: lmms-eval's
+# default post_prompt for the task, so that scores stand beside the tables made with it.
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+UNANSWERABLE = "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT_ANSWER
+OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."
+DATASET_SUFFIXES = {
+    "docvqa": SHORT_ANSWER, "infovqa": SHORT_ANSWER, "infographicvqa": SHORT_ANSWER, "stvqa": SHORT_ANSWER,
+    "chartqa": SHORT_ANSWER, "textvqa": SHORT_ANSWER, "vqav2": SHORT_ANSWER,
+    "vizwiz": UNANSWERABLE, "okvqa": UNANSWERABLE,
+    "mmstar": OPTION_LETTER.rstrip("."), "mmmu": OPTION_LETTER, "mmbench": OPTION_LETTER,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,8 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--output", help="folder for the artefacts (default: runs/evaluate-<dataset>)")
     ap.add_argument("--metric", choices=list(METRICS), help="default: the dataset's standard metric")
     ap.add_argument("--system-prompt", help="a system turn before every question (default: none)")
-    ap.add_argument("--prompt-suffix", default="", help="appended to every question, e.g. "
-                    "'Answer the question using a single word or phrase.'")
+    ap.add_argument("--prompt-suffix", help="appended to every question (default: lmms-eval's instruction for "
+                    "the benchmark named in --input, e.g. '\\nAnswer the question using a single word or phrase.' "
+                    "for DocVQA; none for others; '' for none)")
     ap.add_argument("--question-column", default="question")
     ap.add_argument("--answers-column", default="answers")
     ap.add_argument("--image-column", default="image")
@@ -80,13 +92,23 @@ def resolve_demo(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def benchmark_name(args: argparse.Namespace) -> str | None:
+    """The known benchmark named in the input's (or predictions') path, if any."""
+    name = (args.input or args.predictions or "").lower().replace("-", "").replace("_", "")
+    return next((dataset for dataset in DATASET_METRICS if dataset in name), None)
+
+
+def choose_suffix(args: argparse.Namespace) -> str:
+    if args.prompt_suffix is not None:
+        return args.prompt_suffix
+    return DATASET_SUFFIXES.get(benchmark_name(args), "")
+
+
 def choose_metric(args: argparse.Namespace) -> str:
     if args.metric:
         return args.metric
-    name = (args.input or args.predictions or "").lower().replace("-", "").replace("_", "")
-    for dataset, metric in DATASET_METRICS.items():
-        if dataset in name:
-            return metric
+    if benchmark_name(args):
+        return DATASET_METRICS[benchmark_name(args)]
     raise ValueError(f"cannot tell the benchmark from {args.input or args.predictions!r}: pass --metric "
                      f"({', '.join(METRICS)})")
 
@@ -195,7 +217,7 @@ def run_model(args: argparse.Namespace, out_dir: Path, ids: list[str] | None = N
     if args.limit is not None:
         ds = ds.limit(args.limit) if ids is None else ds.map_batches(keep_ids, fn_kwargs={"ids": ids},
                                                                       batch_format="pyarrow")
-    ds = ds.map_batches(benchmark_rows, fn_kwargs={"mapping": mapping, "suffix": args.prompt_suffix},
+    ds = ds.map_batches(benchmark_rows, fn_kwargs={"mapping": mapping, "suffix": choose_suffix(args)},
                         batch_format="pyarrow")
     try:
         write_rows(build_processor(config)(ds), str(raw), config.storage_options, config.rows_per_file)
@@ -251,6 +273,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     summary = summarize(scored, metric)
     sources = {k: v for k, v in (("model", args.model), ("input", args.input),
                                  ("predictions", args.predictions)) if v}
+    if args.model and not args.predictions:
+        sources["prompt suffix"] = repr(choose_suffix(args))
     if args.limit is not None:
         sources["limit"] = f"the first {args.limit} rows only"
     write_metrics_json(summary, out_dir)

@@ -114,6 +114,19 @@ def test_model_run_without_ids_scores_every_row(ray_cluster, checkpoint, oracle_
     assert sorted(r["category"] for r in rows) == ["colour", "colour", "count", "shape"]
 
 
+def test_a_known_benchmarks_questions_get_its_instruction(ray_cluster, checkpoint, tmp_path):
+    """Without --prompt-suffix, a TextVQA input's questions end with lmms-eval's instruction for it."""
+    bench = write_benchmark(tmp_path / "TextVQA_val.parquet", "red")
+    out = tmp_path / "out"
+    assert job.main(["--input", str(bench), "--model", str(checkpoint), "--output", str(out), "--limit", "2",
+                     "--question-column", "prompt", "--answers-column", "gt", "--image-column", "picture",
+                     "--max-new-tokens", "2"]) == 0
+    rows = pq.read_table(out / "predictions.parquet").to_pylist()
+    assert [r["question"] for r in rows] == ["Colour?" + job.SHORT_ANSWER, "Shape?" + job.SHORT_ANSWER]
+    assert json.loads((out / "metrics.json").read_text())["metric"] == "vqa_accuracy"
+    assert "- prompt suffix: `'\\nAnswer the question using a single word or phrase.'`" in (out / "report.md").read_text()
+
+
 def test_demo_model_on_its_heldout_split(ray_cluster, tmp_path):
     """The issue's acceptance run: no --input/--model, the bundled demo model on its held-out split."""
     if not (job.DEMO_MODEL.exists() and job.DEMO_INPUT.exists()):

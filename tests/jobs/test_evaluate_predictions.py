@@ -167,6 +167,18 @@ def test_metric_from_dataset_name(name, metric):
     assert job.choose_metric(job.parse_args(["--input", f"/data/{name}/test.parquet"])) == metric
 
 
+@pytest.mark.parametrize("argv, suffix", [
+    (["--input", "/data/DocVQA_val/test.parquet"], job.SHORT_ANSWER),
+    (["--input", "/data/vizwiz/val.parquet"], job.UNANSWERABLE),
+    (["--input", "/data/MMBench_en/dev.parquet"], job.OPTION_LETTER),
+    (["--input", "/data/mystery.parquet"], ""),
+    (["--input", "/data/DocVQA_val/test.parquet", "--prompt-suffix", ""], ""),
+    (["--input", "/data/DocVQA_val/test.parquet", "--prompt-suffix", " Be brief."], " Be brief."),
+])
+def test_prompt_suffix_defaults_to_the_benchmarks_instruction(argv, suffix):
+    assert job.choose_suffix(job.parse_args(argv)) == suffix
+
+
 def test_missing_input_file_is_a_clear_error(tmp_path, capsys):
     assert job.main(["--predictions", str(tmp_path / "nope.parquet"), "--output", str(tmp_path / "o"),
                      "--metric", "anls"]) == 2
