@@ -181,6 +181,21 @@ def pipeline_config(args: argparse.Namespace, kept: list[str]):
     return PipelineConfig(model=args.model, keep_columns=kept, storage_options=storage_options(args), **given)
 
 
+SHOWN_SETTINGS = ("system_prompt", "max_new_tokens", "image_backend", "image_longest_edge", "image_splitting",
+                  "max_image_pixels", "dtype")
+
+
+def model_settings(args: argparse.Namespace) -> dict[str, str]:
+    """What the report says of how the answers were made: the checkpoint's files (a fingerprint, as
+    the caption job's run manifest keeps), the prompt suffix and the settings answers depend on."""
+    from pipeline.manifest import checkpoint_fingerprint
+
+    config = pipeline_config(args, [])
+    return {"checkpoint": checkpoint_fingerprint(config.model, config.storage_options),
+            "prompt suffix": repr(choose_suffix(args)),
+            "settings": json.dumps({name: getattr(config, name) for name in SHOWN_SETTINGS})}
+
+
 def keep_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
     """The rows of `batch` whose id (as a string) is one of `ids`."""
     return batch.filter(pc.is_in(pc.cast(batch.column("id"), pa.string()), pa.array(ids)))
@@ -274,7 +289,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     sources = {k: v for k, v in (("model", args.model), ("input", args.input),
                                  ("predictions", args.predictions)) if v}
     if args.model and not args.predictions:
-        sources["prompt suffix"] = repr(choose_suffix(args))
+        sources.update(model_settings(args))
     if args.limit is not None:
         sources["limit"] = f"the first {args.limit} rows only"
     write_metrics_json(summary, out_dir)

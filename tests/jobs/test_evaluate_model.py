@@ -1,5 +1,6 @@
 """jobs.evaluate running a model: the real pipeline on a local Ray cluster, a tiny random checkpoint."""
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -124,7 +125,11 @@ def test_a_known_benchmarks_questions_get_its_instruction(ray_cluster, checkpoin
     rows = pq.read_table(out / "predictions.parquet").to_pylist()
     assert [r["question"] for r in rows] == ["Colour?" + job.SHORT_ANSWER, "Shape?" + job.SHORT_ANSWER]
     assert json.loads((out / "metrics.json").read_text())["metric"] == "vqa_accuracy"
-    assert "- prompt suffix: `'\\nAnswer the question using a single word or phrase.'`" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "- prompt suffix: `'\\nAnswer the question using a single word or phrase.'`" in report
+    settings = json.loads(re.search(r"^- settings: `(.*)`$", report, re.M).group(1))
+    assert settings["max_new_tokens"] == 2 and settings["image_backend"] == "pil"
+    assert re.search(r"^- checkpoint: `[0-9a-f]{8,}`$", report, re.M)
 
 
 def test_demo_model_on_its_heldout_split(ray_cluster, tmp_path):
