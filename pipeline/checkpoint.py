@@ -99,37 +99,59 @@ def check_config(model: str, config_json: bytes | str, tensor_parallel_size: int
 
 
 def check_hub_model(model: str, tensor_parallel_size: int) -> None:
-    """A hub id: its config.json (a few KB, or the hub cache's copy) must exist and be an Idefics3 config
-    that `tensor_parallel_size` can split, and the repository's files (one listing, where the hub is
-    reached) must include tokenizer.json and safetensors weights. A hub this process cannot reach
-    (offline, a cache without the model) says nothing of the actors' nodes, which may reach it or
-    hold it: left to them."""
-    config = hub_config(model)
+    """A hub id: the repository must exist, hold tokenizer.json and safetensors weights (one listing),
+    and its config.json (a few KB) must be an Idefics3 config that `tensor_parallel_size` can split.
+    A hub this process cannot reach (offline, or no answer) says nothing of the actors' nodes, which
+    may reach it or hold it: then only the hub cache's config.json is checked, if it has one, and the
+    rest is left to them. The listing fails at once where the hub cannot be reached, so the config is
+    then read from the cache without the hub client's retries (~23 s)."""
+    try:
+        names, unreachable = hub_files(model), None
+    except HubUnreachable as e:
+        names, unreachable = None, str(e)
+    config = hub_config(model, unreachable)
     if config is None:
         return
     check_config(model, config, tensor_parallel_size)
-    names = hub_files(model)
     if names is not None:
         check_listed_weights(model, names)
         check_required_files(model, names)
 
 
-def hub_config(model: str) -> bytes | None:
-    """A hub repository's config.json; None (with a warning) where the hub cannot be reached."""
+class HubUnreachable(Exception):
+    """The hub cannot be asked here (offline, no answer, a failing hub); the message says why."""
+
+
+def hub_files(model: str) -> set[str]:
+    """The top-level files of a hub repository."""
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    try:
+        return {entry.path for entry in HfApi().list_repo_tree(model, recursive=False)}
+    except GatedRepoError:
+        raise _gated(model) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise _not_on_hub(model) from None
+    except (httpx.HTTPError, OSError) as e:      # HfHubHTTPError and OfflineModeIsEnabled are both
+        raise HubUnreachable(_first_line(e)) from None
+
+
+def hub_config(model: str, unreachable: str | None = None) -> bytes | None:
+    """A hub repository's config.json (the hub cache's copy where the hub is `unreachable`, for that
+    reason); None, with a warning, where it cannot be had."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
     try:
-        path = hf_hub_download(model, CONFIG_NAME)
+        path = hf_hub_download(model, CONFIG_NAME, local_files_only=unreachable is not None)
     except GatedRepoError:
-        raise CheckpointError(f"model {model!r}: a gated hub repository; accept its terms on the hub and "
-                              "set HF_TOKEN") from None
+        raise _gated(model) from None
     except (RepositoryNotFoundError, RevisionNotFoundError):
-        raise FileNotFoundError(f"model {model!r}: no such checkpoint folder, nor a repository on the hub "
-                                "(a private one needs HF_TOKEN)") from None
-    except LocalEntryNotFoundError as e:        # offline, or no answer (after the hub client's retries)
+        raise _not_on_hub(model) from None
+    except LocalEntryNotFoundError as e:        # offline, or no answer, and not in the hub cache
         log.warning("model %r: not checked (%s); the actors will fetch it (where the hub cannot be reached, "
-                    "HF_HUB_OFFLINE=1 reads the hub cache without asking)", model, _first_line(e))
+                    "HF_HUB_OFFLINE=1 reads the hub cache without asking)", model, unreachable or _first_line(e))
         return None
     except EntryNotFoundError:
         raise FileNotFoundError(f"model {model!r}: the hub repository has no {CONFIG_NAME}: not a checkpoint "
@@ -140,17 +162,13 @@ def hub_config(model: str) -> bytes | None:
     return Path(path).read_bytes()
 
 
-def hub_files(model: str) -> set[str] | None:
-    """The top-level files of a hub repository; None where they cannot be listed (offline: the config
-    came from the hub cache, and the actors' nodes may hold more of the model than this one)."""
-    import httpx
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-    try:
-        return {entry.path for entry in HfApi().list_repo_tree(model, recursive=False)}
-    except (HfHubHTTPError, httpx.HTTPError, OSError) as e:      # OSError: OfflineModeIsEnabled too
-        log.info("model %r: its files not listed (%s)", model, _first_line(e))
-        return None
+def _gated(model: str) -> CheckpointError:
+    return CheckpointError(f"model {model!r}: a gated hub repository; accept its terms on the hub and set HF_TOKEN")
+
+
+def _not_on_hub(model: str) -> FileNotFoundError:
+    return FileNotFoundError(f"model {model!r}: no such checkpoint folder, nor a repository on the hub "
+                             "(a private one needs HF_TOKEN)")
 
 
 def _first_line(error: Exception) -> str:

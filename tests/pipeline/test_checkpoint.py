@@ -54,6 +54,27 @@ def test_a_hub_id_is_checked_from_the_hub_cache(checkpoint, tmp_path, monkeypatc
         check_model("owner/smolvlm", tensor_parallel_size=5)
 
 
+def test_a_hub_that_does_not_answer_is_given_up_at_once_for_the_cached_config(checkpoint, tmp_path):
+    """No answer from the hub (here: nothing listens on its port) and HF_HUB_OFFLINE unset: the
+    listing fails at once, and the hub cache's config.json is checked without the hub client's
+    retries (~23 s before)."""
+    import socket
+
+    with socket.socket() as probe:          # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_OFFLINE="0",
+               HF_HUB_CACHE=str(hub_cache(tmp_path, "owner/smolvlm", checkpoint)))
+    check = ("import sys, time\nfrom pipeline.checkpoint import check_model\nstart = time.monotonic()\n"
+             "try:\n    check_model(sys.argv[1], tensor_parallel_size=5)\nexcept Exception as e:\n    print(e)\n"
+             "print(f'{time.monotonic() - start:.1f} s')")
+    said = [subprocess.run([sys.executable, "-c", check, repo], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120).stdout.splitlines() for repo in ("owner/smolvlm", "owner/uncached")]
+    assert "'owner/smolvlm': cannot shard this model" in said[0][0]
+    assert len(said[1]) == 1                                    # nothing raised: left to the actors
+    assert all(float(lines[-1].split()[0]) < 5 for lines in said), said
+
+
 class StandInHub(BaseHTTPRequestHandler):
     """Answers as the hub does: the files and top-level listing of the repositories in `repos`
     (owner/name -> folder); 403 GatedRepo for an owner/gated, 404 RepoNotFound for any other."""
