@@ -127,6 +127,11 @@ class LlamaConfig:
         return dataclasses.asdict(self)
 
 
+# SmolVLM2 checkpoints ("smolvlm") are transformers' SmolVLM classes, which are Idefics3's for images:
+# the same configs, weight names, vision tower, connector, image tokens and image processor.
+ARCHITECTURES = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
+
+
 @dataclass
 class Idefics3Config:
     """The whole model. Without a `text_config` the text model gets `rms_norm_eps=1e-5`; a `text_config`
@@ -165,15 +170,15 @@ class Idefics3Config:
             data["dtype"] = data["torch_dtype"]
         if "pad_token_id" not in data and "_pad_token_id" in data:  # how transformers 5 writes it
             data["pad_token_id"] = data["_pad_token_id"]
-        if data.get("model_type", "idefics3") != "idefics3":
-            raise ValueError(f"unsupported model_type {data['model_type']!r}: expected 'idefics3'")
+        if data.get("model_type", "idefics3") not in ARCHITECTURES:
+            raise ValueError(f"unsupported model_type {data['model_type']!r}: expected one of {sorted(ARCHITECTURES)}")
         return cls(**_pick(cls, data))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["vision_config"] = self.vision_config.to_dict()
         out["text_config"] = self.text_config.to_dict()
-        out["architectures"] = ["Idefics3ForConditionalGeneration"]
+        out["architectures"] = [ARCHITECTURES[self.model_type]]
         return out
 
     @classmethod

@@ -366,3 +366,19 @@ def test_repeated_ids_are_refused_before_any_work(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="None x2"):
         run_job(str(tmp_path / "nulls"), str(tmp_path / "out"), config)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_smolvlm2_checkpoint_answers_as_its_idefics3_twin(ray_cluster, oracle, tmp_path):
+    """model_type "smolvlm" (SmolVLM2, written by transformers' SmolVLM classes): the session
+    checkpoint's weights, so the same answers as its reference's."""
+    from tests.fixtures.checkpoints import build_checkpoint
+
+    twin = build_checkpoint(tmp_path / "smolvlm2", "smolvlm", family="smolvlm")
+    rows = good_rows(3)
+    write_parquet(tmp_path / "in.parquet", rows)
+    run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"),
+            PipelineConfig(model=str(twin), max_new_tokens=MAX_NEW, batch_size=3))
+    by_id = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    for row in rows:
+        text, n = oracle.answer(row["image"], row["question"] or PipelineConfig.prompt, MAX_NEW)
+        assert (by_id[row["id"]]["answer"], by_id[row["id"]]["num_generated_tokens"]) == (text, n), row["id"]

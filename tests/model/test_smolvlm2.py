@@ -1,0 +1,88 @@
+"""SmolVLM2 checkpoints (model_type "smolvlm": transformers' SmolVLM classes, which for images are
+Idefics3's: the same config fields, weight names, vision tower, connector, image tokens and image
+processor). Ours loads them and answers as transformers' SmolVLMForConditionalGeneration; videos are
+not supported (rows are images)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import Idefics3ForConditionalGeneration
+from model.engine import LLMEngine, SamplingParams
+from tests.fixtures.checkpoints import build_checkpoint
+from tests.model.test_engine import _requests
+from tests.model.test_generation import mixed_batch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from transformers import SmolVLMForConditionalGeneration
+
+    path = build_checkpoint(tmp_path_factory.mktemp("smolvlm2"), "smolvlm", family="smolvlm")
+    ours = Idefics3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    ref = SmolVLMForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return path, ours, ref
+
+
+def test_the_checkpoint_is_smolvlms_and_is_read_as_it_is(pair):
+    path, ours, _ = pair
+    written = json.loads((path / "config.json").read_text())
+    assert (written["model_type"], written["vision_config"]["model_type"]) == ("smolvlm", "smolvlm_vision")
+    assert ours.config.model_type == "smolvlm"
+    assert ours.config.to_dict()["architectures"] == ["SmolVLMForConditionalGeneration"]
+
+
+@torch.no_grad()
+def test_logits_and_greedy_tokens_match_the_reference(pair):
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(ours(**inputs).logits[real], ref(**inputs).logits[real], atol=1e-4, rtol=0)
+    kwargs = dict(max_new_tokens=10, do_sample=False)
+    assert torch.equal(ours.generate(**inputs, **kwargs), ref.generate(**inputs, **kwargs))
+
+
+def test_the_engine_answers_as_the_reference_alone(pair):
+    path, ours, ref = pair
+    requests = _requests(path, [1, 0, 2], [SamplingParams(max_new_tokens=8)] * 3)
+    results = LLMEngine(ours, max_batch_size=2).generate(requests)
+    for request, result in zip(requests, results):
+        ids = torch.tensor([request.prompt_ids])
+        kwargs = dict(max_new_tokens=8, do_sample=False)
+        if request.pixel_values is not None:
+            kwargs.update(pixel_values=request.pixel_values[None], pixel_attention_mask=request.pixel_attention_mask[None])
+        want = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:].tolist()
+        assert result.token_ids == want, request.request_id
+
+
+def test_images_and_prompts_are_processed_as_smolvlms_processor_does(pair):
+    """transformers' SmolVLM image processor (a subclass of Idefics3's) and its image prompt string
+    (its processor needs torchvision, for videos, so its pieces are compared)."""
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    from processing import Idefics3Processor
+
+    path = pair[0]
+    ours = Idefics3Processor.from_pretrained(path)
+    config = json.loads((path / "preprocessor_config.json").read_text())
+    reference = SmolVLMImageProcessorPil(**{k: v for k, v in config.items() if k != "image_processor_type"})
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 90, 3), dtype=np.uint8))
+    want = reference([[image]], return_row_col_info=True, return_tensors="np")
+    got = ours.image_processor([[image]], return_row_col_info=True, return_tensors="np")
+    assert np.array_equal(got["pixel_values"], want["pixel_values"]) and got["rows"] == want["rows"]
+    expanded = ours(text="<image>Hi", images=[[image]])["input_ids"][0]
+    prompt = get_image_prompt_string(want["rows"][0][0], want["cols"][0][0], ours.image_seq_len,
+                                     "<fake_token_around_image>", "<image>", "<global-img>")
+    assert expanded == ours.tokenizer(prompt + "Hi")["input_ids"]
+
+
+def test_the_driver_accepts_it(pair):
+    from pipeline.checkpoint import check_model
+    check_model(str(pair[0]))
