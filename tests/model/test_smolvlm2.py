@@ -86,3 +86,35 @@ def test_images_and_prompts_are_processed_as_smolvlms_processor_does(pair):
 def test_the_driver_accepts_it(pair):
     from pipeline.checkpoint import check_model
     check_model(str(pair[0]))
+
+
+# SmolVLM2-500M-Video-Instruct's config.json as published (its vision config omits the sizes that
+# the class defaults give: 12 layers, 3072 wide; unknown keys from its training code are ignored).
+SMOLVLM2_500M = {
+    "architectures": ["SmolVLMForConditionalGeneration"], "image_token_id": 49190, "model_type": "smolvlm",
+    "pad_token_id": 128002, "scale_factor": 4, "tie_word_embeddings": False, "torch_dtype": "float32",
+    "use_cache": False, "vocab_size": 49280,
+    "text_config": {"architectures": ["VLlama3ForCausalLM"], "head_dim": 64, "hidden_size": 960,
+                    "intermediate_size": 2560, "is_llama_config": True, "max_position_embeddings": 8192,
+                    "model_type": "llama", "num_attention_heads": 15, "num_hidden_layers": 32,
+                    "num_key_value_heads": 5, "pad_token_id": 2, "pixel_shuffle_factor": 4, "qk_layer_norms": False,
+                    "rms_norm_eps": 1e-05, "rope_interleaved": False, "rope_theta": 100000,
+                    "torch_dtype": "bfloat16", "use_resampler": False, "vocab_size": 49280},
+    "vision_config": {"hidden_size": 768, "image_size": 512, "max_image_size": {"longest_edge": 512},
+                      "model_type": "smolvlm_vision", "num_attention_heads": 12, "patch_size": 16,
+                      "size": {"longest_edge": 2048}, "tie_word_embeddings": False, "use_base_siglip": False},
+}
+
+
+def test_a_published_smolvlm2_config_builds_the_references_model():
+    """Same parameter names and shapes as transformers' SmolVLMForConditionalGeneration, on the meta device."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    from model import Idefics3Config
+
+    with torch.device("meta"):
+        ours = Idefics3ForConditionalGeneration(Idefics3Config.from_dict(SMOLVLM2_500M))
+        ref = SmolVLMForConditionalGeneration(SmolVLMConfig.from_dict(SMOLVLM2_500M))
+    shapes = lambda model: {k: tuple(v.shape) for k, v in model.state_dict().items()}   # noqa: E731
+    assert shapes(ours) == shapes(ref)
+    assert ours.config.image_seq_len == 64 and ours.config.text_config.rope_theta == 100000.0
