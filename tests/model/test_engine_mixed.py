@@ -27,7 +27,8 @@ def mixed_requests(base: list[Request], image_token_id: int, rng: random.Random)
                 end = max(k for k, t in enumerate(ids) if t == image_token_id) + 2
                 ids = ids[:end] + base[rng.randrange(len(base))].prompt_ids[-rng.randint(3, 9):] if j else ids
             greedy = rng.random() < 0.5
-            params = SamplingParams(max_new_tokens=rng.randint(1, 14), temperature=0.0 if greedy else rng.choice([0.7, 1.3]),
+            params = SamplingParams(max_new_tokens=rng.randint(1, 14),
+                                    temperature=0.0 if greedy else rng.choice([0.7, 1.3]),
                                     top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.8]), seed=rng.randrange(1000),
                                     repetition_penalty=rng.choice([1.0, 1.3, 0.8]), logprobs=rng.random() < 0.5)
             params = replace(params, min_new_tokens=rng.randint(0, params.max_new_tokens // 2))

@@ -56,7 +56,8 @@ def test_the_engine_answers_as_the_reference_alone(pair):
         ids = torch.tensor([request.prompt_ids])
         kwargs = dict(max_new_tokens=8, do_sample=False)
         if request.pixel_values is not None:
-            kwargs.update(pixel_values=request.pixel_values[None], pixel_attention_mask=request.pixel_attention_mask[None])
+            kwargs.update(pixel_values=request.pixel_values[None],
+                          pixel_attention_mask=request.pixel_attention_mask[None])
         want = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:].tolist()
         assert result.token_ids == want, request.request_id
 

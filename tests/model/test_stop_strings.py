@@ -38,7 +38,7 @@ def test_the_byte_alphabet_is_gpt2s():
 
 def test_multibyte_characters_are_split_into_byte_tokens(tokenizers):
     ours, hf = tokenizers
-    assert is_byte_level(ours) and is_byte_level(ours.backend) and is_byte_level(hf)   # ours, `tokenizers`', transformers'
+    assert is_byte_level(ours) and is_byte_level(ours.backend) and is_byte_level(hf)   # ours, its backend, HF's
     ids = ours.encode(TEXT, add_special_tokens=False)
     assert ours.decode(ids) == TEXT
     partial = [t for t in ids if "\ufffd" in ours.decode([t])]
