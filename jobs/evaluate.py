@@ -107,8 +107,9 @@ def choose_suffix(args: argparse.Namespace) -> str:
 def choose_metric(args: argparse.Namespace) -> str:
     if args.metric:
         return args.metric
-    if benchmark_name(args):
-        return DATASET_METRICS[benchmark_name(args)]
+    name = benchmark_name(args)
+    if name:
+        return DATASET_METRICS[name]
     raise ValueError(f"cannot tell the benchmark from {args.input or args.predictions!r}: pass --metric "
                      f"({', '.join(METRICS)})")
 

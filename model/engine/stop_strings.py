@@ -51,14 +51,14 @@ class StopStringMatcher:
     """Finds stop strings at the end of a token sequence, through one tokenizer."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
+        self.tokenizer, self.backend = tokenizer, _backend(tokenizer)
         self.alphabet = byte_level_alphabet() if is_byte_level(tokenizer) else None
         self._bytes: dict[int, bytes | None] = {}
 
     def token_bytes(self, token_id: int) -> bytes | None:
         """The bytes a token stands for; None for an id the vocabulary does not have."""
         if token_id not in self._bytes:
-            token = _backend(self.tokenizer).id_to_token(token_id)
+            token = self.backend.id_to_token(token_id)
             if token is None:
                 self._bytes[token_id] = None
             elif all(c in self.alphabet for c in token):
