@@ -14,7 +14,7 @@ from PIL import Image
 from model import Idefics3ForConditionalGeneration
 from model.engine import LLMEngine, SamplingParams
 from tests.fixtures.checkpoints import build_checkpoint
-from tests.model.test_engine import _requests
+from tests.model.test_engine import _reference, _requests
 from tests.model.test_generation import mixed_batch
 
 torch.set_num_threads(1)
@@ -52,14 +52,7 @@ def test_the_engine_answers_as_the_reference_alone(pair):
     path, ours, ref = pair
     requests = _requests(path, [1, 0, 2], [SamplingParams(max_new_tokens=8)] * 3)
     results = LLMEngine(ours, max_batch_size=2).generate(requests)
-    for request, result in zip(requests, results):
-        ids = torch.tensor([request.prompt_ids])
-        kwargs = dict(max_new_tokens=8, do_sample=False)
-        if request.pixel_values is not None:
-            kwargs.update(pixel_values=request.pixel_values[None],
-                          pixel_attention_mask=request.pixel_attention_mask[None])
-        want = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:].tolist()
-        assert result.token_ids == want, request.request_id
+    assert [r.token_ids for r in results] == [_reference(ref, request) for request in requests]
 
 
 def test_images_and_prompts_are_processed_as_smolvlms_processor_does(pair):
