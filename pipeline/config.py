@@ -14,6 +14,10 @@ class PipelineConfig:
     model: str                                  # HF-layout checkpoint folder (or hub id)
     prompt: str = DEFAULT_PROMPT                # the user turn when a row has no question
     system_prompt: str | None = None            # a system turn before every row's user turn
+    prompt_suffix: str = ""                     # appended to every row's question (or prompt): an answer
+                                                # format, e.g. a benchmark's "Answer with one word."
+    image_column: str = "image"                 # the input column of each row's image(s)
+    question_column: str = "question"           # the input column of each row's question (null: `prompt`)
     max_new_tokens: int = 64
     temperature: float = 0.0                    # 0 = greedy
     top_p: float = 1.0
@@ -72,6 +76,9 @@ class PipelineConfig:
             raise ValueError(f"fetch_timeout_s must be > 0, got {self.fetch_timeout_s}")
         if self.dtype not in (None, *DTYPES):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("image_column", "question_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a column name, got {getattr(self, name)!r}")
         if self.image_backend not in ("pil", "torch"):
             raise ValueError(f"image_backend must be 'pil' or 'torch', got {self.image_backend!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

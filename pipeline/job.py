@@ -121,11 +121,15 @@ def check_unique_ids(rows: pads.Dataset, source: str) -> None:
 
 
 def check_columns(names: list[str], config: PipelineConfig, source: str) -> None:
-    """The rows (`names`: their columns, as the model stage gets them) must have an `image` column
+    """The rows (`names`: their columns, as the model stage gets them) must have the image column
     and every column `keep_columns` names."""
     names = set(names)
-    if "image" not in names:
-        raise ValueError(f"input {source!r} has no `image` column (columns: {sorted(names)})")
+    if config.image_column not in names:
+        raise ValueError(f"input {source!r} has no `{config.image_column}` column of images (columns: "
+                         f"{sorted(names)}; --image-column names another)")
+    if config.question_column != "question" and config.question_column not in names:
+        raise ValueError(f"input {source!r} has no `{config.question_column}` column of questions (columns: "
+                         f"{sorted(names)})")
     missing = [c for c in config.keep_columns if c not in names]
     if missing:
         raise ValueError(f"--keep-columns {missing} are not columns of {source!r} (columns: {sorted(names)})")

@@ -41,10 +41,8 @@ class Preprocess:
         self.ledger = CrashLedger(ledger_path("preprocess"))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        cells = batch.column("image").to_pylist() if "image" in batch.column_names else [None] * batch.num_rows
-        images = [cell if isinstance(cell, list) else [cell] for cell in cells]      # a list: several images
-        questions = (batch.column("question").to_pylist() if "question" in batch.column_names
-                     else [None] * batch.num_rows)
+        images = [cell if isinstance(cell, list) else [cell] for cell in self.cells(batch, self.config.image_column)]
+        questions = self.cells(batch, self.config.question_column)
         encoded = self.encode_rows([str(i) for i in row_ids(batch).to_pylist()], images, questions)
         columns = {"id": row_ids(batch)}
         for i, (name, type_) in enumerate(ENCODED_FIELDS):
@@ -52,6 +50,10 @@ class Preprocess:
         for name in self.config.keep_columns:
             columns.setdefault(name, batch.column(name))
         return group_by_image(pa.table(columns))
+
+    @staticmethod
+    def cells(batch: pa.Table, column: str) -> list:
+        return batch.column(column).to_pylist() if column in batch.column_names else [None] * batch.num_rows
 
     def encode_rows(self, names: list[str], images: list, questions: list) -> list[tuple]:
         """encode_row for each row, with the rows in flight on the ledger: rows that were in flight
@@ -85,20 +87,24 @@ class Preprocess:
         failed = next((d for d in data if isinstance(d, RowError)), None if data else RowError("image list is empty"))
         if failed is not None:
             return self.failed_row(question, error_message("read image", failed))
-        question = self.config.prompt if question is None else question
+        text = self.user_text(question)
         try:
             hashes = [hashlib.blake2b(d, digest_size=16).hexdigest() for d in data]
             key = hashes[0] if len(hashes) == 1 else hashlib.blake2b("".join(hashes).encode(), digest_size=16).hexdigest()
             tiles = [reuse_recent(self.recent, h, lambda d=d: self.encoder.image_frames(d)) for h, d in zip(hashes, data)]
-            row = self.encoder.encode_images(data, question, tiles=tiles)
+            row = self.encoder.encode_images(data, text, tiles=tiles)
             self.check_context(len(row.input_ids))
         except Exception as e:  # any failure is this row's, the batch goes on
             return self.failed_row(question, error_message("preprocess", e))
         frames = np.ascontiguousarray(row.frames, dtype=np.uint8)
-        return question, row.input_ids, frames.tobytes(), list(frames.shape), key, None
+        return text, row.input_ids, frames.tobytes(), list(frames.shape), key, None
+
+    def user_text(self, question: str | None) -> str:
+        """The row's question (else the job's prompt) with the job's suffix: what the model is asked."""
+        return (self.config.prompt if question is None else question) + self.config.prompt_suffix
 
     def failed_row(self, question: str | None, message: str) -> tuple:
-        return self.config.prompt if question is None else question, None, None, None, None, message
+        return self.user_text(question), None, None, None, None, message
 
     def check_context(self, num_prompt_tokens: int) -> None:
         limit = self.encoder.max_length

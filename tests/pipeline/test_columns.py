@@ -17,8 +17,20 @@ def test_a_mistyped_keep_column_is_named_before_any_work(checkpoint, tmp_path):
 
 def test_an_input_without_images_is_named_before_any_work(checkpoint, tmp_path):
     source = write_parquet(tmp_path / "in.parquet", [{"id": "a", "picture": b"x", "question": "q"}])
-    with pytest.raises(ValueError, match=r"has no `image` column \(columns: \['id', 'picture', 'question'\]\)"):
+    with pytest.raises(ValueError, match=r"has no `image` column of images \(columns: \['id', 'picture', 'question'\]"):
         prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint)))
+    job = prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint), image_column="picture"))
+    assert job.input_rows == 1
+
+
+def test_a_mistyped_question_column_is_named_before_any_work(checkpoint, tmp_path):
+    """Else every row would be asked --prompt instead of its question, silently."""
+    source = write_parquet(tmp_path / "in.parquet", [{"id": "a", "image": b"x", "query": "q"}])
+    config = PipelineConfig(model=str(checkpoint), question_column="querry")
+    with pytest.raises(ValueError, match=r"has no `querry` column of questions \(columns: \['id', 'image', 'query'\]"):
+        prepare_job(str(source), str(tmp_path / "out"), config)
+    assert not (tmp_path / "out").exists()
+    prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint)))   # no question column: --prompt
 
 
 def test_hive_partition_keys_are_columns(checkpoint, tmp_path):

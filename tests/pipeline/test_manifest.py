@@ -27,12 +27,14 @@ def test_a_resume_with_other_settings_is_refused(checkpoint, tmp_path):
     keep_run_settings(out, PipelineConfig(model=str(moved), prompt="Describe it.", keep_columns=["url"]),
                       resume=True, storage_options=None)                          # a moved checkpoint: goes on
     changed = PipelineConfig(model=str(build_checkpoint(tmp_path / "other", "smolvlm", seed=1)),
-                             prompt="Caption it.", temperature=0.7, keep_columns=["url", "license"])
+                             prompt="Caption it.", temperature=0.7, keep_columns=["url", "license"],
+                             prompt_suffix=" One word.", question_column="query")
     with pytest.raises(ValueError) as refused:
         keep_run_settings(out, changed, resume=True, storage_options=None)
     message = str(refused.value)
     assert "prompt: 'Describe it.' -> 'Caption it.'" in message and "temperature: 0.0 -> 0.7" in message
     assert "keep_columns: ['url'] -> ['url', 'license']" in message and "the checkpoint's files" in message
+    assert "prompt_suffix: '' -> ' One word.'" in message and "question_column: 'question' -> 'query'" in message
     assert "max_new_tokens" not in message
     keep_run_settings(out, changed, resume=False, storage_options=None)           # a fresh run starts over
 

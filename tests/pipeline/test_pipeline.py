@@ -191,6 +191,30 @@ def test_the_model_stage_ends_answers_on_stop_strings(checkpoint, oracle):
     assert want[0][1] < full[0][1] and answered[0]["finish_reason"] == "stop"
 
 
+def test_the_model_stage_reads_the_named_columns_and_adds_the_prompt_suffix(checkpoint, oracle):
+    """--image-column / --question-column name the input's columns, --prompt-suffix ends every
+    question (and --prompt, for rows without one): answers equal transformers' generate asked that
+    text on each row alone, and the output's `question` is what the model was asked."""
+    import asyncio
+
+    from pipeline.generate import Generate
+    from pipeline.preprocess import Preprocess
+
+    rows = [{"id": r["id"], "picture": r["image"], "query": r["question"]} for r in good_rows(3, with_questions=False)]
+    rows[0]["query"] = "What shape is this?"
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=12, image_column="picture", question_column="query",
+                            prompt_suffix=" Answer in one word.", repetition_penalty=4.0)   # answers that differ
+    stage = Generate(config)
+    answered = asyncio.run(stage(Preprocess(config)(pa.Table.from_pylist(rows)))).to_pylist()
+    stage.loop.close()
+    asked = [(r["query"] or config.prompt) + " Answer in one word." for r in rows]
+    assert [r["question"] for r in answered] == asked and rows[1]["query"] is None
+    want = [oracle.answer(r["picture"], text, 12, repetition_penalty=4.0) for r, text in zip(rows, asked)]
+    assert [(r["answer"], r["num_generated_tokens"]) for r in answered] == want
+    unsuffixed = [oracle.answer(r["picture"], r["query"] or config.prompt, 12, repetition_penalty=4.0) for r in rows]
+    assert all(a != b for a, b in zip(want, unsuffixed))
+
+
 @pytest.mark.parametrize("image_flags", [dict(image_longest_edge=32), dict(image_splitting=False)])
 def test_fewer_tiles_an_image_answer_as_the_reference_with_those_settings(checkpoint, image_flags):
     """--image-longest-edge / --no-image-splitting: fewer image tokens a row; the answers equal
