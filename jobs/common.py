@@ -48,6 +48,13 @@ def add_run_flags(ap) -> None:
     ap.add_argument("--dtype", help=DTYPE_HELP)
 
 
+def run_flag_names() -> list[str]:
+    """The names (dests) of add_run_flags' flags."""
+    ap = argparse.ArgumentParser()
+    add_run_flags(ap)
+    return list(vars(ap.parse_args([])))
+
+
 def add_image_flags(ap) -> None:
     """Flags of the image recipe: fewer tiles an image for speed."""
     ap.add_argument("--image-longest-edge", type=int, metavar="PX",

@@ -5,17 +5,22 @@
     python -m jobs.evaluate --predictions runs/docvqa/predictions.parquet --output runs/rescore
     python -m jobs.evaluate            # the bundled demo model on its held-out split
 
-Writes predictions.parquet, metrics.json, report.md, scores.png (and gallery.html with --gallery N).
-Metrics follow lmms-eval's conventions (evaluation/metrics.py).
+Writes predictions.parquet, metrics.json, report.md, scores.png (and gallery.html with --gallery N)
+into --output, a folder or a URL (s3://...); the model's raw answers go to <output>/raw as the caption
+job writes them, so a killed run continues with --resume. Flags may also come from `--config
+eval.yaml`. Metrics follow lmms-eval's conventions (evaluation/metrics.py).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
-import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,7 +30,7 @@ from evaluation.metrics import METRICS
 from evaluation.report import (sample_rows, write_chart, write_gallery, write_metrics_json,
                                write_report_md)
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
-from jobs.common import BAD_ARGUMENTS, add_run_flags
+from jobs.common import BAD_ARGUMENTS, add_run_flags, merge_args, run_flag_names
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -65,18 +70,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-suffix", help="appended to every question (default: lmms-eval's instruction for "
                     "the benchmark named in --input, e.g. '\\nAnswer the question using a single word or phrase.' "
                     "for DocVQA; none for others; '' for none)")
-    ap.add_argument("--question-column", default="question")
-    ap.add_argument("--answers-column", default="answers")
-    ap.add_argument("--image-column", default="image")
-    ap.add_argument("--category-column", default="category")
+    ap.add_argument("--question-column", help="default: question")
+    ap.add_argument("--answers-column", help="the ground truth: one answer or a list (default: answers)")
+    ap.add_argument("--image-column", help="default: image")
+    ap.add_argument("--category-column", help="scores are also given per category (default: category)")
     ap.add_argument("--predictions", help="score this predictions Parquet (id, answer[, answers, category]) "
                     "instead of running a model; with --input, ground truth is joined from it by id")
-    ap.add_argument("--gallery", type=int, default=0, metavar="N", help="write gallery.html with N sampled rows")
+    ap.add_argument("--gallery", type=int, metavar="N", help="write gallery.html with N sampled rows")
     ap.add_argument("--limit", type=int, metavar="N", help="score only the first N benchmark rows (a quick check; "
                     "the report says so)")
     ap.add_argument("--max-new-tokens", type=int, help="default 64")
+    ap.add_argument("--resume", action="store_true", default=None,
+                    help="continue the model run that --output holds (a killed one answers the rest; a finished "
+                         "one is scored again)")
+    ap.add_argument("--overwrite", action="store_true", default=None,
+                    help="start over, discarding the answers an earlier run left in --output")
     add_run_flags(ap)
-    return ap.parse_args(argv)
+    ap.add_argument("--config", help="eval.yaml with any of the flags above")
+    return argparse.Namespace(**merge_args(ap.parse_args(argv), DEFAULTS))
+
+
+DEFAULTS = dict(input=None, model=None, output=None, metric=None, system_prompt=None, prompt_suffix=None,
+                question_column="question", answers_column="answers", image_column="image",
+                category_column="category", predictions=None, gallery=0, limit=None, max_new_tokens=None,
+                resume=False, overwrite=False, **dict.fromkeys(run_flag_names()))
 
 
 def resolve_demo(args: argparse.Namespace) -> argparse.Namespace:
@@ -89,6 +106,7 @@ def resolve_demo(args: argparse.Namespace) -> argparse.Namespace:
                                     "(or pass --input and --model)")
     args.input, args.model = str(DEMO_INPUT), str(DEMO_MODEL)
     args.output = args.output or str(DEMO_OUTPUT)
+    args.overwrite = args.overwrite or not args.resume      # a demo run starts over unless told to resume
     return args
 
 
@@ -157,29 +175,24 @@ def read_ground_truth(args: argparse.Namespace) -> pa.Table:
 
 
 def read_predictions(uri: str, args: argparse.Namespace) -> pa.Table:
-    table = rename_columns(read_parquet(uri, None, storage_options(args)), _column_mapping(args))
+    """id, answer (the prediction: never renamed, though a benchmark may name its ground truth
+    `answer`, as MMStar does) and the rest in the contract's names."""
+    mapping = {k: v for k, v in _column_mapping(args).items() if k not in ("id", "answer")}
+    table = rename_columns(read_parquet(uri, None, storage_options(args)), mapping)
     for needed in ("id", "answer"):
         if needed not in table.column_names:
             raise ValueError(f"predictions {uri} have no {needed!r} column; columns: {table.column_names}")
     return table.drop_columns([c for c in ("image",) if c in table.column_names])
 
 
-def benchmark_rows(batch: pa.Table, mapping: dict[str, str], suffix: str) -> pa.Table:
-    """A batch of benchmark rows in the pipeline's column names, the prompt suffix on each question."""
-    batch = rename_columns(batch, mapping)
-    if suffix and "question" in batch.column_names:
-        questions = [None if q is None else q + suffix for q in batch.column("question").to_pylist()]
-        batch = batch.set_column(batch.column_names.index("question"), "question", pa.array(questions, pa.string()))
-    return batch
-
-
 def pipeline_config(args: argparse.Namespace, kept: list[str]):
     """Greedy answers with the given run flags; what is not given is PipelineConfig's default."""
     from pipeline import PipelineConfig
 
-    given = {k: v for k, v in vars(args).items()
-             if v is not None and k in PipelineConfig.field_names() and k not in ("model", "storage_options")}
-    return PipelineConfig(model=args.model, keep_columns=kept, storage_options=storage_options(args), **given)
+    given = {k: v for k, v in vars(args).items() if v is not None and k in PipelineConfig.field_names()
+             and k not in ("model", "storage_options", "prompt_suffix")}
+    return PipelineConfig(model=args.model, keep_columns=kept, storage_options=storage_options(args),
+                          prompt_suffix=choose_suffix(args), **given)
 
 
 SHOWN_SETTINGS = ("system_prompt", "max_new_tokens", "image_backend", "image_longest_edge", "image_splitting",
@@ -193,53 +206,57 @@ def model_settings(args: argparse.Namespace) -> dict[str, str]:
 
     config = pipeline_config(args, [])
     return {"checkpoint": checkpoint_fingerprint(config.model, config.storage_options),
-            "prompt suffix": repr(choose_suffix(args)),
+            "prompt suffix": repr(config.prompt_suffix),
             "settings": json.dumps({name: getattr(config, name) for name in SHOWN_SETTINGS})}
 
 
-def keep_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
-    """The rows of `batch` whose id (as a string) is one of `ids`."""
-    return batch.filter(pc.is_in(pc.cast(batch.column("id"), pa.string()), pa.array(ids)))
+def raw_output(output: str) -> str:
+    """Where the model's answers are written (as jobs.caption writes them): <output>/raw."""
+    return output.rstrip("/") + "/raw"
 
 
-def run_model(args: argparse.Namespace, out_dir: Path, ids: list[str] | None = None) -> str:
+def start_afresh(raw: str, args: argparse.Namespace) -> None:
+    """A run that is not a resume needs `raw` empty: answers of an earlier run are removed only with
+    --overwrite (hours of answers are not thrown away by a command repeated without --resume)."""
+    from pipeline.storage import fsspec_fs, has_files
+
+    options = storage_options(args)
+    if not has_files(raw, options):
+        return
+    if not args.overwrite:
+        raise FileExistsError(f"{args.output!r} holds the answers of an earlier run ({raw}): pass --resume to "
+                              "continue it (a finished one is scored again), or --overwrite to start over")
+    fs, path = fsspec_fs(raw, options)
+    fs.rm(path, recursive=True)
+
+
+def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[str, dict]:
     """Answer every benchmark row (with --limit: those of `ids`, else the first N read) with the
-    caption pipeline (greedy); returns the raw output folder.
+    caption pipeline (greedy, resumable); returns the raw output and the run's summary.
 
     The ground truth (answers, category) travels with each row as kept columns, so that rows whose
     ids the pipeline derives (inputs without `id`) are scored as well.
     """
     from jobs.common import init_ray
-    from pipeline import build_processor, read_rows, write_rows
-    from pipeline.checkpoint import check_model
     from pipeline.io import input_dataset
-    from pipeline.job import check_columns, check_image_root, check_input_files, release_run, with_image_root
+    from pipeline.job import prepare_job, run_prepared
 
     if not args.model:
         raise ValueError("--model is required to run a model (or pass --predictions to score existing answers)")
-    check_input_files(args.input, storage_options(args))
-    mapping = _column_mapping(args)
-    present = [mapping.get(c, c) for c in input_dataset(args.input, storage_options(args)).schema.names]
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the earlier run, --overwrite discards it: pass one")
+    truth = {args.answers_column: "answers", args.category_column: "category"}
+    present = [truth.get(c, c) for c in input_dataset(args.input, storage_options(args)).schema.names]
     if "answers" not in present:
         raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
-    config = with_image_root(pipeline_config(args, [c for c in ("answers", "category") if c in present]), args.input)
-    check_model(args.model, config.storage_options, config.tensor_parallel_size)
-    check_image_root(args.image_root, config.storage_options)
-    check_columns(present, config, args.input)
-    raw = out_dir / "raw"
-    shutil.rmtree(raw, ignore_errors=True)  # our own scratch output: a re-run starts it afresh
+    config = pipeline_config(args, [c for c in ("answers", "category") if c in present])
+    raw = raw_output(args.output)
+    if not args.resume:
+        start_afresh(raw, args)
+    job = prepare_job(args.input, raw, config, resume=bool(args.resume), limit=args.limit if ids is None else None,
+                      only_ids=ids, adapt=functools.partial(rename_columns, mapping=truth))
     init_ray()
-    ds = read_rows(args.input, config.storage_options)
-    if args.limit is not None:
-        ds = ds.limit(args.limit) if ids is None else ds.map_batches(keep_ids, fn_kwargs={"ids": ids},
-                                                                      batch_format="pyarrow")
-    ds = ds.map_batches(benchmark_rows, fn_kwargs={"mapping": mapping, "suffix": choose_suffix(args)},
-                        batch_format="pyarrow")
-    try:
-        write_rows(build_processor(config)(ds), str(raw), config.storage_options, config.rows_per_file)
-    finally:
-        release_run()
-    return str(raw)
+    return raw, run_prepared(job)
 
 
 def load_images(args: argparse.Namespace, ids: list[str]) -> dict[str, object]:
@@ -258,9 +275,11 @@ def input_has_ids(args: argparse.Namespace) -> bool:
     return "id" in parquet_dataset(args.input, storage_options(args)).schema.names
 
 
-def gather_predictions(args: argparse.Namespace, metric: str, out_dir: Path) -> pa.Table:
+def gather_predictions(args: argparse.Namespace, metric: str) -> tuple[pa.Table, dict | None]:
     """Predictions (run or read) with ground truth attached, one row per benchmark row (the first
-    --limit ones with it)."""
+    --limit ones with it); and the model run's summary (None when --predictions are scored)."""
+    from pipeline.rows import keep_ids
+
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     truth = read_ground_truth(args) if args.input and input_has_ids(args) else None
@@ -270,22 +289,48 @@ def gather_predictions(args: argparse.Namespace, metric: str, out_dir: Path) -> 
     elif args.input and args.predictions:
         raise ValueError(f"{args.input} has no 'id' column to join the predictions on")
     ids = None if truth is None or args.limit is None else [str(i) for i in truth.column("id").to_pylist()]
-    source = args.predictions or run_model(args, out_dir, ids)
+    source, run = (args.predictions, None) if args.predictions else run_model(args, ids)
     predictions = read_predictions(source, args)
     if truth is None:
-        return predictions.slice(0, args.limit)  # ground truth is in the predictions (kept columns, or the file's own)
+        return predictions.slice(0, args.limit), run  # ground truth is in the predictions (kept columns, or the file's own)
     if ids is not None:
         predictions = keep_ids(predictions, ids)
-    return join_ground_truth(predictions, truth)  # the benchmark's ground truth wins
+    return join_ground_truth(predictions, truth), run  # the benchmark's ground truth wins
 
 
-def evaluate(args: argparse.Namespace) -> dict:
+@contextmanager
+def artefact_folder(output: str, options: dict) -> Iterator[Path]:
+    """The local folder the artefacts are written to: `output` itself, or for a URL (s3://...) a
+    temporary one whose files are copied there at the end."""
+    from pipeline.storage import fsspec_fs, is_local
+
+    if is_local(output):
+        Path(output).mkdir(parents=True, exist_ok=True)
+        yield Path(output)
+        return
+    with tempfile.TemporaryDirectory() as local:
+        yield Path(local)
+        fs, path = fsspec_fs(output, options)
+        for file in sorted(Path(local).iterdir()):
+            fs.put_file(str(file), f"{path.rstrip('/')}/{file.name}")
+
+
+def unanswered(run: dict | None) -> str | None:
+    """What the report and the exit status say of a model run whose output lacks rows."""
+    if not run or not (run["missing_rows"] or run["duplicate_rows"]):
+        return None
+    return (f"{run['missing_rows']} benchmark rows have no answer, {run['duplicate_rows']} answers repeat an id "
+            "(run again with --resume to answer the missing ones)")
+
+
+def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
+    """Scores the predictions and writes the artefacts; returns metrics.json's summary and, when the
+    model run left rows unanswered, what is wrong (the rows count as errors where their ids are known)."""
     args = resolve_demo(args)
     metric = choose_metric(args)
-    out_dir = Path(args.output or f"runs/evaluate-{Path(args.input or args.predictions).stem}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scored = score_rows(gather_predictions(args, metric, out_dir), metric)
-    pq.write_table(scored, out_dir / PREDICTIONS_FILE)
+    args.output = args.output or f"runs/evaluate-{Path(args.input or args.predictions).stem}"
+    scored, run = gather_predictions(args, metric)
+    scored = score_rows(scored, metric)
     summary = summarize(scored, metric)
     sources = {k: v for k, v in (("model", args.model), ("input", args.input),
                                  ("predictions", args.predictions)) if v}
@@ -293,26 +338,33 @@ def evaluate(args: argparse.Namespace) -> dict:
         sources.update(model_settings(args))
     if args.limit is not None:
         sources["limit"] = f"the first {args.limit} rows only"
-    write_metrics_json(summary, out_dir)
-    write_report_md(summary, sources, out_dir)
-    write_chart(summary, out_dir)
-    if args.gallery > 0:
-        rows = sample_rows(scored.to_pylist(), args.gallery)
-        write_gallery(rows, load_images(args, [str(r["id"]) for r in rows]), summary, out_dir)
+    problem = unanswered(run)
+    if problem:
+        sources["incomplete"] = problem
+    with artefact_folder(args.output, storage_options(args)) as out_dir:
+        pq.write_table(scored, out_dir / PREDICTIONS_FILE)
+        write_metrics_json(summary, out_dir)
+        write_report_md(summary, sources, out_dir)
+        write_chart(summary, out_dir)
+        if args.gallery > 0:
+            rows = sample_rows(scored.to_pylist(), args.gallery)
+            write_gallery(rows, load_images(args, [str(r["id"]) for r in rows]), summary, out_dir)
     log.info("%s = %s over %d rows (%d errors) -> %s", metric, summary["score"], summary["rows"],
-             summary["errors"], out_dir)
-    return summary
+             summary["errors"], args.output)
+    return summary, problem
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        summary = evaluate(parse_args(argv))
+        summary, problem = evaluate(parse_args(argv))
     except BAD_ARGUMENTS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("metric", "score", "rows", "errors")}))
-    return 0
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problem else 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Callable
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray.data
@@ -20,7 +22,7 @@ from .io import input_dataset, input_folder, read_footers, read_output, read_row
 from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
 from .resume import checkpoint_config, clear_checkpoint, forget_lost_rows, has_checkpoint
-from .rows import error_kind
+from .rows import error_kind, keep_ids
 from .storage import has_files, lists_folders, reader_fs, sibling, write_text
 
 COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
@@ -135,6 +137,9 @@ def check_columns(names: list[str], config: PipelineConfig, source: str) -> None
         raise ValueError(f"--keep-columns {missing} are not columns of {source!r} (columns: {sorted(names)})")
 
 
+Adapt = Callable[[pa.Table], pa.Table]
+
+
 @dataclass(frozen=True)
 class PreparedJob:
     """A run whose input, output and model passed the driver's checks; nothing started on Ray yet."""
@@ -145,12 +150,18 @@ class PreparedJob:
     input_rows: int         # rows the run is to answer
     lost_rows: int          # written by an earlier run, their output file gone since: answered again
     before: dict            # output_counts before the run
+    only_ids: tuple[str, ...] | None = None     # answer only the rows of these ids
+    adapt: Adapt | None = None                  # applied to each read batch (e.g. renames its columns)
 
 
 def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
-                limit: int | None = None) -> PreparedJob:
+                limit: int | None = None, only_ids: list[str] | None = None, adapt: Adapt | None = None) -> PreparedJob:
     """Every check a run can make without a cluster (bad arguments fail here, in seconds, naming the
-    cause), and the output made ready: emptied checkpoint, or lost rows forgotten for a resume."""
+    cause), and the output made ready: emptied checkpoint, or lost rows forgotten for a resume.
+
+    `only_ids`: answer only the rows of these ids (as strings). `adapt`: a picklable function of each
+    read batch, run before the pipeline; it must keep the ids (resume filters them before it), and
+    the columns are checked as it leaves them."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if limit is not None and resume:
@@ -165,7 +176,8 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
         prepare_output(output_uri, opts, resume)
     input_rows = check_input_files(input_uri, opts)
     rows = input_dataset(input_uri, opts)
-    check_columns(rows.schema.names, config, input_uri)
+    columns = rows.schema.names if adapt is None else adapt(rows.schema.empty_table()).column_names
+    check_columns(columns, config, input_uri)
     check_unique_ids(rows, input_uri)
     with writing_output(output_uri):
         keep_run_settings(output_uri, config, resume, opts)
@@ -173,8 +185,10 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     if lost:
         log.warning("%d rows of an earlier run have no output row any more (a deleted output file?): "
                     "they are answered again", lost)
-    wanted = input_rows if limit is None else min(input_rows, limit)
-    return PreparedJob(input_uri, output_uri, config, limit, wanted, lost, output_counts(output_uri, opts))
+    wanted = input_rows if only_ids is None else len(set(only_ids))
+    wanted = wanted if limit is None else min(wanted, limit)
+    return PreparedJob(input_uri, output_uri, config, limit, wanted, lost, output_counts(output_uri, opts),
+                       None if only_ids is None else tuple(only_ids), adapt)
 
 
 def run_prepared(job: PreparedJob) -> dict:
@@ -185,6 +199,10 @@ def run_prepared(job: PreparedJob) -> dict:
     context.checkpoint_config = checkpoint_config(job.output_uri, opts)
     try:
         ds = read_rows(job.input_uri, opts)
+        if job.only_ids is not None:
+            ds = ds.map_batches(keep_ids, fn_kwargs={"ids": job.only_ids}, batch_format="pyarrow")
+        if job.adapt is not None:
+            ds = ds.map_batches(job.adapt, batch_format="pyarrow")
         if job.limit is not None:
             ds = ds.limit(job.limit)
         start = time.perf_counter()

@@ -7,6 +7,7 @@ from collections import OrderedDict
 from typing import Callable, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 T = TypeVar("T")
 RECENT_IMAGES = 4            # per actor: images whose frames / pixel values are kept for the next rows about them
@@ -28,6 +29,11 @@ def row_ids(batch: pa.Table) -> pa.ChunkedArray:
     if ROW_HASH in batch.column_names:
         return batch.column(ROW_HASH)
     raise ValueError("rows have neither an `id` column nor Ray Data's `row_hash`: read them with pipeline.read_rows")
+
+
+def keep_ids(batch: pa.Table, ids: tuple[str, ...] | list[str]) -> pa.Table:
+    """The rows of `batch` whose id, as a string, is one of `ids`."""
+    return batch.filter(pc.is_in(pc.cast(row_ids(batch), pa.string()), pa.array(list(ids), pa.string())))
 
 
 def error_message(stage: str, exc: BaseException) -> str:

@@ -54,10 +54,10 @@ def oracle_answer(checkpoint):
     return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def write_benchmark(path: Path, oracle: str, with_ids: bool = True) -> Path:
+def write_benchmark(path: Path, oracle: str, with_ids: bool = True, truth: str = "gt") -> Path:
     table = {"prompt": ["Colour?", "Shape?", "Colour?", "Count?"],
              "picture": [png("red"), png("blue"), b"not an image", png("green")],
-             "gt": [[oracle, "other"], ["zzz-never"], ["red"], ["zzz-never", "yyy"]],
+             truth: [[oracle, "other"], ["zzz-never"], ["red"], ["zzz-never", "yyy"]],
              "kind": ["colour", "shape", "colour", "count"]}
     if with_ids:
         table = {"id": ["b0", "b1", "b2", "b3"], **table}
@@ -95,20 +95,44 @@ def test_model_run_joins_by_id_and_scores(ray_cluster, checkpoint, oracle_answer
     assert gallery.count('class="card') == 3 and "data:image/jpeg" in gallery
 
 
-@pytest.mark.parametrize("with_ids", [True, False], ids=["by-id", "no-ids"])
-def test_limit_runs_and_scores_only_the_first_rows(ray_cluster, checkpoint, oracle_answer, tmp_path, with_ids):
+def check_limited(summary: dict, rows: list[dict], out: str, oracle_answer: str) -> None:
     """--limit N: a quick check on N benchmark rows (lmms-eval's --limit); the report says so."""
-    bench = write_benchmark(tmp_path / "bench.parquet", oracle_answer, with_ids)
-    summary, rows, out = run(tmp_path, checkpoint, bench, "--limit", "2")
     assert summary["rows"] == len(rows) == 2 and summary["errors"] == 0
     assert sorted(tuple(r["answers"]) for r in rows) == sorted([("zzz-never",), (oracle_answer, "other")])
-    if with_ids:
-        assert [r["id"] for r in rows] == ["b0", "b1"]
     assert "the first 2 rows only" in Path(out, "report.md").read_text()
 
 
+def test_limit_runs_and_scores_only_the_first_rows(ray_cluster, checkpoint, oracle_answer, tmp_path):
+    """Without ids (with them: the next test)."""
+    bench = write_benchmark(tmp_path / "bench.parquet", oracle_answer, with_ids=False)
+    check_limited(*run(tmp_path, checkpoint, bench, "--limit", "2"), oracle_answer)
+
+
+def test_a_run_continues_with_resume_and_starts_over_only_with_overwrite(ray_cluster, checkpoint, oracle_answer,
+                                                                         tmp_path, capsys):
+    """The model's answers stay in <output>/raw: a second run is refused unless it resumes (answering
+    only the rows not yet answered: here those past a first --limit) or starts over."""
+    bench = write_benchmark(tmp_path / "bench.parquet", oracle_answer)
+    summary, rows, out = run(tmp_path, checkpoint, bench, "--limit", "2")
+    check_limited(summary, rows, out, oracle_answer)
+    assert [r["id"] for r in rows] == ["b0", "b1"]
+    with pytest.raises(AssertionError):
+        run(tmp_path, checkpoint, bench)
+    assert "pass --resume to continue it" in capsys.readouterr().err
+    summary, rows, out = run(tmp_path, checkpoint, bench, "--resume")
+    assert [r["id"] for r in rows] == ["b0", "b1", "b2", "b3"] and summary["errors"] == 1
+    assert rows[0]["score"] == 1.0 and "limit" not in Path(out, "report.md").read_text()
+    answered = json.loads(Path(out, "raw.summary.json").read_text())
+    assert (answered["rows_this_run"], answered["rows"], answered["missing_rows"]) == (2, 4, 0)
+    summary, rows, out = run(tmp_path, checkpoint, bench, "--overwrite", "--limit", "1")
+    assert [r["id"] for r in rows] == ["b0"] and pq.read_table(Path(out, "raw")).num_rows == 1
+
+
 def test_model_run_without_ids_scores_every_row(ray_cluster, checkpoint, oracle_answer, tmp_path):
-    summary, rows, _ = run(tmp_path, checkpoint, write_benchmark(tmp_path / "bench.parquet", oracle_answer, False))
+    """The ground truth rides with the rows; here in a column named `answer`, as MMStar's, the name
+    of the prediction column too."""
+    bench = write_benchmark(tmp_path / "bench.parquet", oracle_answer, False, truth="answer")
+    summary, rows, _ = run(tmp_path, checkpoint, bench, "--answers-column", "answer")
     assert len({r["id"] for r in rows}) == 4 and summary["rows"] == 4 and summary["errors"] == 1
     by_truth = {tuple(r["answers"]): r for r in rows}
     assert by_truth[(oracle_answer, "other")]["score"] == 1.0

@@ -253,3 +253,18 @@ def test_run_flags_reach_the_pipeline_config():
     assert config.storage_options == {"anon": True} and config.keep_columns == ["answers"]
     plain = job.pipeline_config(job.parse_args(["--input", "x.parquet", "--model", "m"]), [])
     assert plain.to_dict() == PipelineConfig(model="m").to_dict()         # greedy, the library's defaults
+
+
+def test_flags_may_come_from_a_config_file(tmp_path):
+    """--config eval.yaml, as jobs.caption's: the command line wins over the file, the file over the
+    defaults; a key that is no flag is named."""
+    (tmp_path / "eval.yaml").write_text("input: s3://b/docvqa/\nmodel: m\ntensor-parallel-size: 2\n"
+                                        "answers_column: gt\nmax-new-tokens: 16\ngallery: 5\n")
+    args = job.parse_args(["--config", str(tmp_path / "eval.yaml"), "--max-new-tokens", "8"])
+    assert (args.input, args.model, args.answers_column, args.gallery) == ("s3://b/docvqa/", "m", "gt", 5)
+    config = job.pipeline_config(args, [])
+    assert (config.tensor_parallel_size, config.max_new_tokens, config.prompt_suffix) == (2, 8, job.SHORT_ANSWER)
+    assert (args.question_column, args.resume, args.limit) == ("question", False, None)
+    (tmp_path / "bad.yaml").write_text("metrik: anls\n")
+    with pytest.raises(ValueError, match=r"unknown keys in .*bad.yaml.*\['metrik'\]"):
+        job.parse_args(["--config", str(tmp_path / "bad.yaml")])

@@ -175,3 +175,27 @@ def test_model_on_s3(s3, s3_cluster, checkpoint, tmp_path, tp, oracle):
     for row in rows:
         text, n = want.answer(row["image"], row["question"] or config.prompt, MAX_NEW)
         assert (out[row["id"]]["answer"], out[row["id"]]["num_generated_tokens"]) == (text, n), row["id"]
+
+
+def test_an_evaluation_reads_and_writes_s3(s3, s3_cluster, checkpoint, oracle):
+    """jobs.evaluate with its benchmark and --output on S3: the workers write the answers there
+    (a local folder would be each node's own), the artefacts follow."""
+    from jobs import evaluate
+
+    rows = good_rows(3)
+    truth = [[oracle.answer(rows[0]["image"], rows[0]["question"], MAX_NEW)[0]], ["zzz"], ["zzz"]]
+    table = pa.table({"id": [r["id"] for r in rows], "image": [r["image"] for r in rows],
+                      "question": [r["question"] or "What?" for r in rows], "answers": truth})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    s3.pipe("bucket/bench/part-0.parquet", buf.getvalue())
+    argv = ["--input", "s3://bucket/bench/", "--model", str(checkpoint), "--output", "s3://bucket/evals/run",
+            "--metric", "exact_match", "--prompt-suffix", "", "--max-new-tokens", str(MAX_NEW), "--batch-size", "2"]
+    assert evaluate.main(argv) == 0
+    assert sorted(p.rsplit("/", 1)[1] for p in s3.ls("bucket/evals/run")) == [
+        "metrics.json", "predictions.parquet", "raw", "raw.checkpoint", "raw.run.json", "raw.summary.json",
+        "report.md", "scores.png"]
+    metrics = json.loads(s3.cat("bucket/evals/run/metrics.json"))
+    assert (metrics["rows"], metrics["errors"], metrics["score"]) == (3, 0, round(1 / 3, 6))
+    scored = pq.read_table(io.BytesIO(s3.cat("bucket/evals/run/predictions.parquet"))).to_pylist()
+    assert [r["score"] for r in scored] == [1.0, 0.0, 0.0] and scored[0]["answer"] == truth[0][0]
