@@ -268,3 +268,10 @@ def test_flags_may_come_from_a_config_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("metrik: anls\n")
     with pytest.raises(ValueError, match=r"unknown keys in .*bad.yaml.*\['metrik'\]"):
         job.parse_args(["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_a_model_run_that_left_rows_unanswered_is_said():
+    assert job.unanswered(None) is None                                  # --predictions: no model run
+    assert job.unanswered({"missing_rows": 0, "duplicate_rows": 0}) is None
+    said = job.unanswered({"missing_rows": 3, "duplicate_rows": 1})
+    assert said.startswith("3 benchmark rows have no answer, 1 answers repeat an id") and "--resume" in said
