@@ -16,7 +16,7 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add
                          json_option, merge_args, print_summary)
 
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", system_prompt=None,
-                prompt_suffix="", image_column="image", question_column="question",
+                prompt_suffix="", id_column="id", image_column="image", question_column="question",
                 max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=False,
                 stop=None, seed=None, replicas=None, tensor_parallel_size=1, cpu_workers=None, batch_size=16,
                 max_batch_size=64, batches_in_flight=None, keep_columns="", rows_per_file=1000, resume=False,
@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                             "template renders it; default: none)")
     ap.add_argument("--prompt-suffix", help="appended to every row's question (or --prompt), e.g. "
                                             "' Answer with one word.' (default: none)")
+    ap.add_argument("--id-column", help="the input column of row ids, the output's `id` (unique; default: id, "
+                                        "else ids from each row's file and index)")
     ap.add_argument("--image-column", help="the input column of each row's image(s) (default: image)")
     ap.add_argument("--question-column", help="the input column of each row's question; rows whose cell is "
                                               "null get --prompt (default: question, if there is one)")

@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-suffix", help="appended to every question (default: lmms-eval's instruction for "
                     "the benchmark named in --input, e.g. '\\nAnswer the question using a single word or phrase.' "
                     "for DocVQA; none for others; '' for none)")
+    ap.add_argument("--id-column", help="the benchmark's question ids, the predictions' `id` (default: id, "
+                                        "else ids from each row's file and index)")
     ap.add_argument("--question-column", help="default: question")
     ap.add_argument("--answers-column", help="the ground truth: one answer or a list (default: answers)")
     ap.add_argument("--image-column", help="default: image")
@@ -91,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 DEFAULTS = dict(input=None, model=None, output=None, metric=None, system_prompt=None, prompt_suffix=None,
-                question_column="question", answers_column="answers", image_column="image",
+                id_column="id", question_column="question", answers_column="answers", image_column="image",
                 category_column="category", predictions=None, gallery=0, limit=None, max_new_tokens=None,
                 resume=False, overwrite=False, **dict.fromkeys(run_flag_names()))
 
@@ -159,17 +161,17 @@ def rename_columns(table: pa.Table, mapping: dict[str, str]) -> pa.Table:
 
 
 def _column_mapping(args: argparse.Namespace) -> dict[str, str]:
-    return {args.question_column: "question", args.answers_column: "answers",
+    return {args.id_column: "id", args.question_column: "question", args.answers_column: "answers",
             args.image_column: "image", args.category_column: "category"}
 
 
 def read_ground_truth(args: argparse.Namespace) -> pa.Table:
     """id, answers, and question/category when present, from --input (never the image bytes)."""
-    wanted = ["id", args.answers_column, args.question_column, args.category_column]
+    wanted = [args.id_column, args.answers_column, args.question_column, args.category_column]
     table = rename_columns(read_parquet(args.input, wanted, storage_options(args)), _column_mapping(args))
     for needed in ("id", "answers"):
         if needed not in table.column_names:
-            flag = "" if needed == "id" else f" (--answers-column {args.answers_column!r})"
+            flag = f" (--id-column {args.id_column!r})" if needed == "id" else f" (--answers-column {args.answers_column!r})"
             raise ValueError(f"{args.input} has no {needed!r} column{flag}; columns: {table.column_names}")
     return table
 
@@ -177,8 +179,10 @@ def read_ground_truth(args: argparse.Namespace) -> pa.Table:
 def read_predictions(uri: str, args: argparse.Namespace) -> pa.Table:
     """id, answer (the prediction: never renamed, though a benchmark may name its ground truth
     `answer`, as MMStar does) and the rest in the contract's names."""
-    mapping = {k: v for k, v in _column_mapping(args).items() if k not in ("id", "answer")}
-    table = rename_columns(read_parquet(uri, None, storage_options(args)), mapping)
+    table = read_parquet(uri, None, storage_options(args))
+    mapping = {k: v for k, v in _column_mapping(args).items()
+               if k != "answer" and not (v == "id" and "id" in table.column_names)}
+    table = rename_columns(table, mapping)
     for needed in ("id", "answer"):
         if needed not in table.column_names:
             raise ValueError(f"predictions {uri} have no {needed!r} column; columns: {table.column_names}")
@@ -263,16 +267,17 @@ def load_images(args: argparse.Namespace, ids: list[str]) -> dict[str, object]:
     """Image cells of the given ids from --input, for the gallery's thumbnails."""
     if not args.input:
         return {}
-    table = read_parquet(args.input, ["id", args.image_column], storage_options(args))
-    if args.image_column not in table.column_names or "id" not in table.column_names:
+    table = read_parquet(args.input, [args.id_column, args.image_column], storage_options(args))
+    if args.image_column not in table.column_names or args.id_column not in table.column_names:
         return {}
     wanted = set(ids)
-    return {str(i): img for i, img in zip(table.column("id").to_pylist(), table.column(args.image_column).to_pylist())
+    return {str(i): img for i, img in zip(table.column(args.id_column).to_pylist(),
+                                          table.column(args.image_column).to_pylist())
             if str(i) in wanted}
 
 
 def input_has_ids(args: argparse.Namespace) -> bool:
-    return "id" in parquet_dataset(args.input, storage_options(args)).schema.names
+    return args.id_column in parquet_dataset(args.input, storage_options(args)).schema.names
 
 
 def gather_predictions(args: argparse.Namespace, metric: str) -> tuple[pa.Table, dict | None]:
@@ -287,7 +292,7 @@ def gather_predictions(args: argparse.Namespace, metric: str) -> tuple[pa.Table,
         truth = truth.slice(0, args.limit)
         check_ground_truth(truth, metric)  # before a long model run, not after it
     elif args.input and args.predictions:
-        raise ValueError(f"{args.input} has no 'id' column to join the predictions on")
+        raise ValueError(f"{args.input} has no {args.id_column!r} column to join the predictions on (--id-column)")
     ids = None if truth is None or args.limit is None else [str(i) for i in truth.column("id").to_pylist()]
     source, run = (args.predictions, None) if args.predictions else run_model(args, ids)
     predictions = read_predictions(source, args)

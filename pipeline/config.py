@@ -16,6 +16,7 @@ class PipelineConfig:
     system_prompt: str | None = None            # a system turn before every row's user turn
     prompt_suffix: str = ""                     # appended to every row's question (or prompt): an answer
                                                 # format, e.g. a benchmark's "Answer with one word."
+    id_column: str = "id"                       # the input column of row ids (absent "id": Ray Data's row hash)
     image_column: str = "image"                 # the input column of each row's image(s)
     question_column: str = "question"           # the input column of each row's question (null: `prompt`)
     max_new_tokens: int = 64
@@ -76,7 +77,7 @@ class PipelineConfig:
             raise ValueError(f"fetch_timeout_s must be > 0, got {self.fetch_timeout_s}")
         if self.dtype not in (None, *DTYPES):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("image_column", "question_column"):
+        for name in ("id_column", "image_column", "question_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a column name, got {getattr(self, name)!r}")
         if self.image_backend not in ("pil", "torch"):

@@ -106,19 +106,19 @@ def check_input_files(source: str, storage_options: dict | None) -> int:
                      f"repair or remove them: {named}")
 
 
-def check_unique_ids(rows: pads.Dataset, source: str) -> None:
+def check_unique_ids(rows: pads.Dataset, source: str, column: str = "id") -> None:
     """Resume skips every input row whose id is already written, so two rows sharing an id (an image id
     given to several questions) would lose one of them on resume: refused before any work."""
-    if "id" not in rows.schema.names:
+    if column not in rows.schema.names:
         return
-    ids = rows.to_table(columns=["id"]).column("id")        # only that column is read
+    ids = rows.to_table(columns=[column]).column(column)        # only that column is read
     if pc.count_distinct(ids, mode="all").as_py() == len(ids):
         return
     counts = pc.value_counts(ids)
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     examples = ", ".join(f"{v['values']!r} x{v['counts']}" for v in repeated.slice(0, 3).to_pylist())
     raise ValueError(f"input {source!r}: {len(repeated)} ids occur more than once (e.g. {examples}); "
-                     "a resumed run would skip every row of an id already written. Make the `id` column "
+                     f"a resumed run would skip every row of an id already written. Make the `{column}` column "
                      "unique, or rename it (rows without `id` get ids from their file and row)")
 
 
@@ -129,6 +129,8 @@ def check_columns(names: list[str], config: PipelineConfig, source: str) -> None
     if config.image_column not in names:
         raise ValueError(f"input {source!r} has no `{config.image_column}` column of images (columns: "
                          f"{sorted(names)}; --image-column names another)")
+    if config.id_column != "id" and config.id_column not in names:
+        raise ValueError(f"input {source!r} has no `{config.id_column}` column of ids (columns: {sorted(names)})")
     if config.question_column != "question" and config.question_column not in names:
         raise ValueError(f"input {source!r} has no `{config.question_column}` column of questions (columns: "
                          f"{sorted(names)})")
@@ -178,7 +180,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     rows = input_dataset(input_uri, opts)
     columns = rows.schema.names if adapt is None else adapt(rows.schema.empty_table()).column_names
     check_columns(columns, config, input_uri)
-    check_unique_ids(rows, input_uri)
+    check_unique_ids(rows, input_uri, config.id_column)
     with writing_output(output_uri):
         keep_run_settings(output_uri, config, resume, opts)
     lost = forget_lost_rows(output_uri, opts) if resume else 0
@@ -196,11 +198,12 @@ def run_prepared(job: PreparedJob) -> dict:
     beside the output) the summary."""
     opts = job.config.storage_options
     context = ray.data.DataContext.get_current()
-    context.checkpoint_config = checkpoint_config(job.output_uri, opts)
+    context.checkpoint_config = checkpoint_config(job.output_uri, opts, job.config.id_column)
     try:
         ds = read_rows(job.input_uri, opts)
         if job.only_ids is not None:
-            ds = ds.map_batches(keep_ids, fn_kwargs={"ids": job.only_ids}, batch_format="pyarrow")
+            ds = ds.map_batches(keep_ids, fn_kwargs={"ids": job.only_ids, "column": job.config.id_column},
+                                batch_format="pyarrow")
         if job.adapt is not None:
             ds = ds.map_batches(job.adapt, batch_format="pyarrow")
         if job.limit is not None:

@@ -43,8 +43,9 @@ class Preprocess:
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = [cell if isinstance(cell, list) else [cell] for cell in self.cells(batch, self.config.image_column)]
         questions = self.cells(batch, self.config.question_column)
-        encoded = self.encode_rows([str(i) for i in row_ids(batch).to_pylist()], images, questions)
-        columns = {"id": row_ids(batch)}
+        ids = row_ids(batch, self.config.id_column)
+        encoded = self.encode_rows([str(i) for i in ids.to_pylist()], images, questions)
+        columns = {"id": ids}
         for i, (name, type_) in enumerate(ENCODED_FIELDS):
             columns[name] = pa.array([row[i] for row in encoded], type=type_)
         for name in self.config.keep_columns:

@@ -18,28 +18,36 @@ from .io import read_output
 from .rows import ROW_HASH
 from .storage import arrow_fs, fsspec_fs, is_local, sibling
 
+ROW_INDEX = "__row_index"
+
 
 class IdOrRowHashFilter(NumpyArrayBasedCheckpointFilter):
-    """Ray's id filter, reading `row_hash` for input files without an `id` column (it becomes `id`)."""
+    """Ray's id filter, reading the input's id column (`input_id_column` of the checkpoint config,
+    as PipelineConfig.id_column), else `row_hash` for input files without it: both become the
+    output's `id`."""
 
     def filter_rows_for_block(self, block: pa.Table) -> pa.Table:
-        names = block.column_names
-        if self.id_column in names or ROW_HASH not in names:
+        source = getattr(self.ckpt_config, "input_id_column", self.id_column)
+        source = source if source in block.column_names else ROW_HASH
+        if source == self.id_column or source not in block.column_names:
             return super().filter_rows_for_block(block)
-        renamed = block.rename_columns([self.id_column if n == ROW_HASH else n for n in names])
-        return super().filter_rows_for_block(renamed).rename_columns(names)
+        keyed = pa.table({self.id_column: block.column(source), ROW_INDEX: pa.array(range(block.num_rows))})
+        return block.take(super().filter_rows_for_block(keyed).column(ROW_INDEX))
 
 
 def checkpoint_uri(output: str) -> str:
     return sibling(output, ".checkpoint")
 
 
-def checkpoint_config(output: str, storage_options: dict | None = None) -> CheckpointConfig:
+def checkpoint_config(output: str, storage_options: dict | None = None, input_id_column: str = "id") -> CheckpointConfig:
+    """Ray's checkpoint of the output's `id` column, filtering the input by `input_id_column`."""
     uri = checkpoint_uri(output)
     filesystem, path = arrow_fs(uri, storage_options)
-    return CheckpointConfig(id_column="id", checkpoint_path=path if is_local(uri) else uri,
-                            override_filesystem=filesystem, delete_checkpoint_on_success=False,
-                            checkpoint_filter_cls=IdOrRowHashFilter)
+    config = CheckpointConfig(id_column="id", checkpoint_path=path if is_local(uri) else uri,
+                              override_filesystem=filesystem, delete_checkpoint_on_success=False,
+                              checkpoint_filter_cls=IdOrRowHashFilter)
+    config.input_id_column = input_id_column    # travels with the config to the filter's actors
+    return config
 
 
 def clear_checkpoint(output: str, storage_options: dict | None = None) -> None:

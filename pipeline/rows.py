@@ -22,18 +22,18 @@ class RowError(ValueError):
     """A row-level failure found by the pipeline itself (null image, unreadable image path, ...)."""
 
 
-def row_ids(batch: pa.Table) -> pa.ChunkedArray:
-    """The `id` column, else the row hash Ray Data adds at read time (uint64 of file path + row index)."""
-    if "id" in batch.column_names:
-        return batch.column("id")
+def row_ids(batch: pa.Table, column: str = "id") -> pa.ChunkedArray:
+    """The id column, else the row hash Ray Data adds at read time (uint64 of file path + row index)."""
+    if column in batch.column_names:
+        return batch.column(column)
     if ROW_HASH in batch.column_names:
         return batch.column(ROW_HASH)
     raise ValueError("rows have neither an `id` column nor Ray Data's `row_hash`: read them with pipeline.read_rows")
 
 
-def keep_ids(batch: pa.Table, ids: tuple[str, ...] | list[str]) -> pa.Table:
-    """The rows of `batch` whose id, as a string, is one of `ids`."""
-    return batch.filter(pc.is_in(pc.cast(row_ids(batch), pa.string()), pa.array(list(ids), pa.string())))
+def keep_ids(batch: pa.Table, ids: tuple[str, ...] | list[str], column: str = "id") -> pa.Table:
+    """The rows of `batch` whose id (in `column`), as a string, is one of `ids`."""
+    return batch.filter(pc.is_in(pc.cast(row_ids(batch, column), pa.string()), pa.array(list(ids), pa.string())))
 
 
 def error_message(stage: str, exc: BaseException) -> str:

@@ -139,8 +139,9 @@ def test_flags_reach_the_pipeline_config(tmp_path):
     assert config.system_prompt == "Be brief." and config.logprobs and config.stop == [".", "\n"]
     assert not pipeline_config(merge_args(parse_args([]), DEFAULTS)).logprobs
     columns = pipeline_config(merge_args(parse_args(["--image-column", "jpg", "--question-column", "query",
-                                                     "--prompt-suffix", " One word."]), DEFAULTS))
+                                                     "--prompt-suffix", " One word.", "--id-column", "key"]), DEFAULTS))
     assert (columns.image_column, columns.question_column, columns.prompt_suffix) == ("jpg", "query", " One word.")
+    assert columns.id_column == "key"
     assert merge_args(parse_args(["--limit", "100"]), DEFAULTS)["limit"] == 100      # run_job's, not the config's
     assert pipeline_config(merge_args(parse_args([]), DEFAULTS)).image_settings() == {}    # the checkpoint's
     with pytest.raises(ValueError, match="repetition_penalty must be > 0"):

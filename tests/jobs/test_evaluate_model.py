@@ -54,13 +54,13 @@ def oracle_answer(checkpoint):
     return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def write_benchmark(path: Path, oracle: str, with_ids: bool = True, truth: str = "gt") -> Path:
+def write_benchmark(path: Path, oracle: str, with_ids: bool = True, truth: str = "gt", ids: str = "id") -> Path:
     table = {"prompt": ["Colour?", "Shape?", "Colour?", "Count?"],
              "picture": [png("red"), png("blue"), b"not an image", png("green")],
              truth: [[oracle, "other"], ["zzz-never"], ["red"], ["zzz-never", "yyy"]],
              "kind": ["colour", "shape", "colour", "count"]}
     if with_ids:
-        table = {"id": ["b0", "b1", "b2", "b3"], **table}
+        table = {ids: ["b0", "b1", "b2", "b3"], **table}
     pq.write_table(pa.table(table), path)
     return path
 
@@ -111,20 +111,25 @@ def test_limit_runs_and_scores_only_the_first_rows(ray_cluster, checkpoint, orac
 def test_a_run_continues_with_resume_and_starts_over_only_with_overwrite(ray_cluster, checkpoint, oracle_answer,
                                                                          tmp_path, capsys):
     """The model's answers stay in <output>/raw: a second run is refused unless it resumes (answering
-    only the rows not yet answered: here those past a first --limit) or starts over."""
-    bench = write_benchmark(tmp_path / "bench.parquet", oracle_answer)
-    summary, rows, out = run(tmp_path, checkpoint, bench, "--limit", "2")
+    only the rows not yet answered: here those past a first --limit) or starts over. The ids are
+    the benchmark's `question_id` (--id-column)."""
+    bench = write_benchmark(tmp_path / "bench.parquet", oracle_answer, ids="question_id")
+
+    def run_by_question_id(*extra: str) -> tuple[dict, list[dict], str]:
+        return run(tmp_path, checkpoint, bench, "--id-column", "question_id", *extra)
+
+    summary, rows, out = run_by_question_id("--limit", "2")
     check_limited(summary, rows, out, oracle_answer)
     assert [r["id"] for r in rows] == ["b0", "b1"]
     with pytest.raises(AssertionError):
-        run(tmp_path, checkpoint, bench)
+        run_by_question_id()
     assert "pass --resume to continue it" in capsys.readouterr().err
-    summary, rows, out = run(tmp_path, checkpoint, bench, "--resume")
+    summary, rows, out = run_by_question_id("--resume")
     assert [r["id"] for r in rows] == ["b0", "b1", "b2", "b3"] and summary["errors"] == 1
     assert rows[0]["score"] == 1.0 and "limit" not in Path(out, "report.md").read_text()
     answered = json.loads(Path(out, "raw.summary.json").read_text())
     assert (answered["rows_this_run"], answered["rows"], answered["missing_rows"]) == (2, 4, 0)
-    summary, rows, out = run(tmp_path, checkpoint, bench, "--overwrite", "--limit", "1")
+    summary, rows, out = run_by_question_id("--overwrite", "--limit", "1")
     assert [r["id"] for r in rows] == ["b0"] and pq.read_table(Path(out, "raw")).num_rows == 1
 
 

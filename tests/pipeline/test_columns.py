@@ -33,6 +33,14 @@ def test_a_mistyped_question_column_is_named_before_any_work(checkpoint, tmp_pat
     prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint)))   # no question column: --prompt
 
 
+def test_a_mistyped_or_repeating_id_column_is_named_before_any_work(checkpoint, tmp_path):
+    source = write_parquet(tmp_path / "in.parquet", [{"key": k, "image": b"x"} for k in ("a", "b", "a")])
+    with pytest.raises(ValueError, match=r"has no `keys` column of ids \(columns: \['image', 'key'\]"):
+        prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint), id_column="keys"))
+    with pytest.raises(ValueError, match=r"1 ids occur more than once \(e.g. 'a' x2\).*Make the `key` column unique"):
+        prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint), id_column="key"))
+
+
 def test_hive_partition_keys_are_columns(checkpoint, tmp_path):
     """`rows/lang=en/part.parquet`: Ray Data adds `lang` to the rows, so it may be kept."""
     for lang in ("en", "fr"):

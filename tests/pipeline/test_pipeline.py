@@ -116,11 +116,13 @@ def test_a_resume_answers_again_the_rows_of_a_lost_output_file(ray_cluster, chec
 def test_a_limited_trial_run_then_resumes_complete_it(ray_cluster, checkpoint, tmp_path):
     """--limit N answers the first N rows (a trial before the whole dataset) and reconciles against
     those; a resume answers the rest, each row once. A resume with a limit is refused (Ray Data
-    would apply it before skipping the rows already written)."""
+    would apply it before skipping the rows already written). The ids are another column's
+    (--id-column: integers here, beside an `id` column that is not them)."""
     from jobs.common import print_summary
 
-    write_parquet(tmp_path / "in.parquet", [{"id": f"r{i}", "image": png(20, 20, seed=i)} for i in range(5)])
-    config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=2)
+    write_parquet(tmp_path / "in.parquet", [{"id": "same", "question_id": 100 + i, "image": png(20, 20, seed=i)}
+                                            for i in range(5)])
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=2, id_column="question_id")
     source, out = str(tmp_path / "in.parquet"), str(tmp_path / "out")
     counts = []
     for resume, limit in [(False, 2), (True, None)]:
@@ -128,7 +130,7 @@ def test_a_limited_trial_run_then_resumes_complete_it(ray_cluster, checkpoint, t
         assert print_summary(summary) and summary["missing_rows"] == summary["duplicate_rows"] == 0
         counts.append((summary["input_rows"], summary["rows"], summary["rows_this_run"]))
     assert counts == [(2, 2, 2), (5, 5, 3)]
-    assert sorted(read_output(out).column("id").to_pylist()) == [f"r{i}" for i in range(5)]
+    assert sorted(read_output(out).column("id").to_pylist()) == [100 + i for i in range(5)]
     with pytest.raises(ValueError, match="limit is for a fresh run"):
         run_job(source, out, config, resume=True, limit=1)
     with pytest.raises(ValueError, match="limit must be >= 1"):
