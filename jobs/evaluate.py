@@ -13,7 +13,6 @@ eval.yaml`. Metrics follow lmms-eval's conventions (evaluation/metrics.py).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import sys
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from evaluation.metrics import METRICS
@@ -31,6 +29,7 @@ from evaluation.report import (sample_rows, write_chart, write_gallery, write_me
                                write_report_md)
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
 from jobs.common import BAD_ARGUMENTS, add_run_flags, merge_args, run_flag_names
+from pipeline.rows import rename_columns
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -154,12 +153,6 @@ def read_parquet(uri: str, columns: list[str] | None = None, options: dict | Non
     return dataset.to_table(columns=None if columns is None else [c for c in columns if c in present])
 
 
-def rename_columns(table: pa.Table, mapping: dict[str, str]) -> pa.Table:
-    """User column names -> the dataset contract's (question, answers, image, category)."""
-    names = [mapping.get(n, n) for n in table.column_names]
-    return table.rename_columns(names)
-
-
 def _column_mapping(args: argparse.Namespace) -> dict[str, str]:
     return {args.id_column: "id", args.question_column: "question", args.answers_column: "answers",
             args.image_column: "image", args.category_column: "category"}
@@ -258,7 +251,7 @@ def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[s
     if not args.resume:
         start_afresh(raw, args)
     job = prepare_job(args.input, raw, config, resume=bool(args.resume), limit=args.limit if ids is None else None,
-                      only_ids=ids, adapt=functools.partial(rename_columns, mapping=truth))
+                      only_ids=ids, renames=truth)
     init_ray()
     return raw, run_prepared(job)
 

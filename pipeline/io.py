@@ -67,15 +67,16 @@ def input_dataset(uri: str, storage_options: dict | None = None) -> pads.Dataset
     return parquet_dataset(uri, storage_options, partitioning="hive")
 
 
-def read_footers(uri: str, storage_options: dict | None = None, threads: int = 32) -> dict[str, int | str]:
-    """Each input file's row count from its Parquet footer, or why the footer cannot be read (an
-    upload cut short, another format named .parquet). One small read a file, `threads` at once."""
+def read_footers(uri: str, storage_options: dict | None = None,
+                 threads: int = 32) -> dict[str, pq.FileMetaData | str]:
+    """Each input file's Parquet footer (row count, schema), or why it cannot be read (an upload cut
+    short, another format named .parquet). One small read a file, `threads` at once."""
     filesystem, _ = arrow_fs(uri, storage_options)
 
-    def rows(path: str) -> int | str:
+    def rows(path: str) -> pq.FileMetaData | str:
         try:
             with filesystem.open_input_file(path) as f:
-                return pq.read_metadata(f).num_rows
+                return pq.read_metadata(f)
         except Exception as e:      # ArrowInvalid, OSError: whatever it is, the file cannot be read
             return f"{type(e).__name__}: {e}"
 

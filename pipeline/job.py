@@ -7,23 +7,22 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import ray.data
 
 from .builder import build_processor
 from .checkpoint import check_model
+from .checks import check_columns, check_image_root, check_input_files, check_unique_ids, read_schema
 from .config import PipelineConfig
 from .generate import release_replica_groups
-from .io import input_dataset, input_folder, read_footers, read_output, read_rows, write_rows
+from .io import input_dataset, input_folder, read_output, read_rows, write_rows
 from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
 from .resume import checkpoint_config, clear_checkpoint, forget_lost_rows, has_checkpoint
-from .rows import error_kind, keep_ids
-from .storage import has_files, lists_folders, reader_fs, sibling, write_text
+from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
+from .storage import has_files, sibling, write_text
 
 COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
 ERROR_KINDS_SHOWN = 10
@@ -77,71 +76,6 @@ def with_image_root(config: PipelineConfig, input_uri: str) -> PipelineConfig:
     return replace(config, image_root=config.image_root or input_folder(input_uri, config.storage_options))
 
 
-def check_image_root(root: str | None, storage_options: dict | None) -> None:
-    """A given `image_root` (local, or an object store's prefix) must exist: else every row naming
-    its image by a relative path would become an error row, after the whole run. Other stores
-    (HTTP) cannot say whether a folder exists, so they are not asked, nor is a store that refuses
-    the listing."""
-    if root is None or not lists_folders(root):
-        return
-    fs, path = reader_fs(root, storage_options)
-    try:
-        missing = not fs.isdir(path)
-    except OSError:         # credentials that may read objects but not list them: not known, not refused
-        return
-    if missing:
-        raise FileNotFoundError(f"image root {root!r}: no such folder (relative image paths of the rows "
-                                "are read from it)")
-
-
-def check_input_files(source: str, storage_options: dict | None) -> int:
-    """The input's row count; refuses, before any work, an input with a file that cannot be read
-    (Ray Data would fail the job when it reached it, hours in), naming every such file."""
-    footers = read_footers(source, storage_options)
-    bad = {path: why for path, why in footers.items() if isinstance(why, str)}
-    if not bad:
-        return sum(footers.values())
-    named = "; ".join(f"{path} ({why})" for path, why in list(bad.items())[:5])
-    raise ValueError(f"input {source!r}: {len(bad)} Parquet file(s) cannot be read, so nothing was started; "
-                     f"repair or remove them: {named}")
-
-
-def check_unique_ids(rows: pads.Dataset, source: str, column: str = "id") -> None:
-    """Resume skips every input row whose id is already written, so two rows sharing an id (an image id
-    given to several questions) would lose one of them on resume: refused before any work."""
-    if column not in rows.schema.names:
-        return
-    ids = rows.to_table(columns=[column]).column(column)        # only that column is read
-    if pc.count_distinct(ids, mode="all").as_py() == len(ids):
-        return
-    counts = pc.value_counts(ids)
-    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
-    examples = ", ".join(f"{v['values']!r} x{v['counts']}" for v in repeated.slice(0, 3).to_pylist())
-    raise ValueError(f"input {source!r}: {len(repeated)} ids occur more than once (e.g. {examples}); "
-                     f"a resumed run would skip every row of an id already written. Make the `{column}` column "
-                     "unique, or rename it (rows without `id` get ids from their file and row)")
-
-
-def check_columns(names: list[str], config: PipelineConfig, source: str) -> None:
-    """The rows (`names`: their columns, as the model stage gets them) must have the image column
-    and every column `keep_columns` names."""
-    names = set(names)
-    if config.image_column not in names:
-        raise ValueError(f"input {source!r} has no `{config.image_column}` column of images (columns: "
-                         f"{sorted(names)}; --image-column names another)")
-    if config.id_column != "id" and config.id_column not in names:
-        raise ValueError(f"input {source!r} has no `{config.id_column}` column of ids (columns: {sorted(names)})")
-    if config.question_column != "question" and config.question_column not in names:
-        raise ValueError(f"input {source!r} has no `{config.question_column}` column of questions (columns: "
-                         f"{sorted(names)})")
-    missing = [c for c in config.keep_columns if c not in names]
-    if missing:
-        raise ValueError(f"--keep-columns {missing} are not columns of {source!r} (columns: {sorted(names)})")
-
-
-Adapt = Callable[[pa.Table], pa.Table]
-
-
 @dataclass(frozen=True)
 class PreparedJob:
     """A run whose input, output and model passed the driver's checks; nothing started on Ray yet."""
@@ -152,18 +86,27 @@ class PreparedJob:
     input_rows: int         # rows the run is to answer
     lost_rows: int          # written by an earlier run, their output file gone since: answered again
     before: dict            # output_counts before the run
+    columns: tuple[str, ...] = ()               # the input columns the run reads: those it uses
+    schema: pa.Schema | None = None             # their types (but hive partition keys'), as all files convert
     only_ids: tuple[str, ...] | None = None     # answer only the rows of these ids
-    adapt: Adapt | None = None                  # applied to each read batch (e.g. renames its columns)
+    renames: dict | None = None                 # input column -> the name the pipeline knows it by
+
+
+def used_columns(names: list[str], config: PipelineConfig, renames: dict[str, str]) -> list[str]:
+    """The input columns a run reads (its rows' id, image, question and kept columns): a dataset's
+    other columns (a second image, embeddings) are not read, nor can their types fail the run."""
+    used = {config.id_column, config.image_column, config.question_column, *config.keep_columns}
+    return [name for name in names if renames.get(name, name) in used]
 
 
 def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
-                limit: int | None = None, only_ids: list[str] | None = None, adapt: Adapt | None = None) -> PreparedJob:
+                limit: int | None = None, only_ids: list[str] | None = None,
+                renames: dict[str, str] | None = None) -> PreparedJob:
     """Every check a run can make without a cluster (bad arguments fail here, in seconds, naming the
     cause), and the output made ready: emptied checkpoint, or lost rows forgotten for a resume.
 
-    `only_ids`: answer only the rows of these ids (as strings). `adapt`: a picklable function of each
-    read batch, run before the pipeline; it must keep the ids (resume filters them before it), and
-    the columns are checked as it leaves them."""
+    `only_ids`: answer only the rows of these ids (as strings). `renames`: input columns the
+    pipeline is to know by other names (not the id column: resume filters by it before renames)."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if limit is not None and resume:
@@ -176,11 +119,14 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     config = with_image_root(config, input_uri)
     with writing_output(output_uri):
         prepare_output(output_uri, opts, resume)
-    input_rows = check_input_files(input_uri, opts)
+    footers = check_input_files(input_uri, opts)
+    renames = dict(renames or {})
     rows = input_dataset(input_uri, opts)
-    columns = rows.schema.names if adapt is None else adapt(rows.schema.empty_table()).column_names
-    check_columns(columns, config, input_uri)
+    check_columns([renames.get(name, name) for name in rows.schema.names], config, input_uri)
+    columns = used_columns(rows.schema.names, config, renames)
+    schema = read_schema(footers, columns, input_uri)
     check_unique_ids(rows, input_uri, config.id_column)
+    input_rows = sum(meta.num_rows for meta in footers.values())
     with writing_output(output_uri):
         keep_run_settings(output_uri, config, resume, opts)
     lost = forget_lost_rows(output_uri, opts) if resume else 0
@@ -190,7 +136,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     wanted = input_rows if only_ids is None else len(set(only_ids))
     wanted = wanted if limit is None else min(wanted, limit)
     return PreparedJob(input_uri, output_uri, config, limit, wanted, lost, output_counts(output_uri, opts),
-                       None if only_ids is None else tuple(only_ids), adapt)
+                       tuple(columns), schema, None if only_ids is None else tuple(only_ids), renames)
 
 
 def run_prepared(job: PreparedJob) -> dict:
@@ -200,12 +146,12 @@ def run_prepared(job: PreparedJob) -> dict:
     context = ray.data.DataContext.get_current()
     context.checkpoint_config = checkpoint_config(job.output_uri, opts, job.config.id_column)
     try:
-        ds = read_rows(job.input_uri, opts)
+        ds = read_rows(job.input_uri, opts, schema=job.schema).select_columns([*job.columns, ROW_HASH])
         if job.only_ids is not None:
             ds = ds.map_batches(keep_ids, fn_kwargs={"ids": job.only_ids, "column": job.config.id_column},
                                 batch_format="pyarrow")
-        if job.adapt is not None:
-            ds = ds.map_batches(job.adapt, batch_format="pyarrow")
+        if job.renames:
+            ds = ds.map_batches(rename_columns, fn_kwargs={"renames": job.renames}, batch_format="pyarrow")
         if job.limit is not None:
             ds = ds.limit(job.limit)
         start = time.perf_counter()

@@ -36,6 +36,11 @@ def keep_ids(batch: pa.Table, ids: tuple[str, ...] | list[str], column: str = "i
     return batch.filter(pc.is_in(pc.cast(row_ids(batch, column), pa.string()), pa.array(list(ids), pa.string())))
 
 
+def rename_columns(batch: pa.Table, renames: dict[str, str]) -> pa.Table:
+    """`batch` with the columns `renames` names renamed (old -> new)."""
+    return batch.rename_columns([renames.get(name, name) for name in batch.column_names])
+
+
 def error_message(stage: str, exc: BaseException) -> str:
     return f"{stage}: {type(exc).__name__}: {exc}"
 

@@ -1,4 +1,5 @@
 """The input's columns are checked in the driver, before a cluster is started or joined."""
+import pyarrow as pa
 import pytest
 
 from pipeline import PipelineConfig
@@ -50,3 +51,21 @@ def test_hive_partition_keys_are_columns(checkpoint, tmp_path):
     config = PipelineConfig(model=str(checkpoint), keep_columns=["lang"])
     job = prepare_job(str(tmp_path / "rows"), str(tmp_path / "out"), config)
     assert job.input_rows == 4 and job.config.keep_columns == ["lang"]
+
+
+def test_a_used_column_of_two_types_is_named_before_any_work(checkpoint, tmp_path):
+    """Ray Data takes the schema of the first 16 files: a later file with text ids where the others
+    have integers would fail the job when reached (and every resume). A column the run does not
+    read may differ; types that widen may too."""
+    for k in range(17):
+        write_parquet(tmp_path / "in" / f"a{k:02d}.parquet", [{"id": k, "image": b"x", "notes": k}])
+    write_parquet(tmp_path / "in" / "b.parquet", [{"id": "x17", "image": b"x", "notes": "text"}])
+    config = PipelineConfig(model=str(checkpoint))
+    with pytest.raises(ValueError, match=r"column 'id' has types that do not convert to one another across files "
+                                         r"\(int64 in .*a00\.parquet; string in .*b\.parquet\)"):
+        prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    write_parquet(tmp_path / "in" / "b.parquet", [{"id": 17, "image": b"x", "notes": "text"}],
+                  schema=pa.schema([("id", pa.int32()), ("image", pa.large_binary()), ("notes", pa.string())]))
+    job = prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    assert job.input_rows == 18 and job.columns == ("id", "image")      # `notes` is not read
+    assert job.schema == pa.schema([("id", pa.int64()), ("image", pa.large_binary())])      # what all convert to

@@ -212,7 +212,7 @@ def test_jobs_read_relative_paths_from_the_input_folder(tmp_path):
 
 def test_a_missing_image_root_is_named_before_any_work(checkpoint, tmp_path):
     from pipeline import run_job
-    from pipeline.job import check_image_root
+    from pipeline.checks import check_image_root
 
     check_image_root(str(tmp_path), None)
     check_image_root("https://example.invalid/images/", None)     # HTTP cannot list folders: not asked

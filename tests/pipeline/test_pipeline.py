@@ -35,7 +35,8 @@ def run(ray_cluster, checkpoint, tmp_path_factory):
     rows = good_rows(6) + questions_about_one_image() + bad_rows()
     for i, row in enumerate(rows):
         row["extra"] = i
-    write_parquet(tmp / "in" / "part-0.parquet", rows[:8])
+        row["notes"] = i if i < 8 else f"note {i}"      # a column the run does not use: not read (its
+    write_parquet(tmp / "in" / "part-0.parquet", rows[:8])  # two types would fail Ray Data's read)
     write_parquet(tmp / "in" / "part-1.parquet", rows[8:])
     config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW, batch_size=3, keep_columns=["extra"],
                             max_image_pixels=100 * 100)

@@ -95,7 +95,7 @@ def test_an_unreadable_file_on_s3_is_named_before_any_work(s3, checkpoint):
     s3.pipe("bucket/cut/a.parquet", buf.getvalue())
     s3.pipe("bucket/cut/b.parquet", buf.getvalue()[:100])
     footers = read_footers("s3://bucket/cut/")
-    assert footers["bucket/cut/a.parquet"] == 1 and footers["bucket/cut/b.parquet"].startswith("ArrowInvalid")
+    assert footers["bucket/cut/a.parquet"].num_rows == 1 and footers["bucket/cut/b.parquet"].startswith("ArrowInvalid")
     with pytest.raises(ValueError, match=r"1 Parquet file\(s\) cannot be read.*bucket/cut/b\.parquet"):
         run_job("s3://bucket/cut/", "s3://bucket/cut-out", PipelineConfig(model=str(checkpoint)))
     assert not s3.exists("bucket/cut-out")
@@ -148,7 +148,7 @@ def test_a_model_url_the_actors_could_not_load_is_refused_before_any_work(s3, ch
 
 
 def test_an_image_root_on_s3_must_hold_files(s3):
-    from pipeline.job import check_image_root
+    from pipeline.checks import check_image_root
 
     s3.pipe("bucket/coco/val/0.png", b"png")
     check_image_root("s3://bucket/coco/val", None)

@@ -1,0 +1,99 @@
+"""The driver's checks of a run's input, before a cluster is started or joined: each names the
+cause in one line, where Ray Data would fail the job when it reached it."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from .config import PipelineConfig
+from .io import read_footers
+from .storage import lists_folders, reader_fs
+
+
+def check_image_root(root: str | None, storage_options: dict | None) -> None:
+    """A given `image_root` (local, or an object store's prefix) must exist: else every row naming
+    its image by a relative path would become an error row, after the whole run. Other stores
+    (HTTP) cannot say whether a folder exists, so they are not asked, nor is a store that refuses
+    the listing."""
+    if root is None or not lists_folders(root):
+        return
+    fs, path = reader_fs(root, storage_options)
+    try:
+        missing = not fs.isdir(path)
+    except OSError:         # credentials that may read objects but not list them: not known, not refused
+        return
+    if missing:
+        raise FileNotFoundError(f"image root {root!r}: no such folder (relative image paths of the rows "
+                                "are read from it)")
+
+
+def check_input_files(source: str, storage_options: dict | None) -> dict[str, pq.FileMetaData]:
+    """The input files' footers; refuses, before any work, an input with a file that cannot be read
+    (Ray Data would fail the job when it reached it, hours in), naming every such file."""
+    footers = read_footers(source, storage_options)
+    bad = {path: why for path, why in footers.items() if isinstance(why, str)}
+    if bad:
+        named = "; ".join(f"{path} ({why})" for path, why in list(bad.items())[:5])
+        raise ValueError(f"input {source!r}: {len(bad)} Parquet file(s) cannot be read, so nothing was started; "
+                         f"repair or remove them: {named}")
+    return footers
+
+
+def read_schema(footers: dict[str, pq.FileMetaData], columns: list[str], source: str) -> pa.Schema:
+    """The schema every file is read as: `columns` (those the run uses) in the type of each that all
+    files convert to (int32 and int64: int64; string and large_string: large_string). Ray Data would
+    take the first 16 files' whole schemas: a conflict in a column the run does not use failed the
+    read, and a later file whose column cannot be cast (text ids after integer ones) failed the job
+    when it was reached, and every resume after; such a column of the run's is refused here."""
+    schemas = {path: meta.schema.to_arrow_schema() for path, meta in footers.items()}
+    fields = []
+    for column in columns:
+        first_of = {}
+        for path, schema in schemas.items():
+            if column in schema.names:
+                first_of.setdefault(schema.field(column).type, path)
+        if not first_of:            # a hive partition key: in the paths, not the files
+            continue
+        try:
+            unified = pa.unify_schemas([pa.schema([(column, t)]) for t in first_of], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            named = "; ".join(f"{t} in {path}" for t, path in list(first_of.items())[:3])
+            raise ValueError(f"input {source!r}: column {column!r} has types that do not convert to one another "
+                             f"across files ({named}), so nothing was started: write it with one type") from None
+        fields.append(unified.field(column))
+    return pa.schema(fields)
+
+
+def check_unique_ids(rows: pads.Dataset, source: str, column: str = "id") -> None:
+    """Resume skips every input row whose id is already written, so two rows sharing an id (an image id
+    given to several questions) would lose one of them on resume: refused before any work."""
+    if column not in rows.schema.names:
+        return
+    ids = rows.to_table(columns=[column]).column(column)        # only that column is read
+    if pc.count_distinct(ids, mode="all").as_py() == len(ids):
+        return
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    examples = ", ".join(f"{v['values']!r} x{v['counts']}" for v in repeated.slice(0, 3).to_pylist())
+    raise ValueError(f"input {source!r}: {len(repeated)} ids occur more than once (e.g. {examples}); "
+                     f"a resumed run would skip every row of an id already written. Make the `{column}` column "
+                     "unique, or rename it (rows without `id` get ids from their file and row)")
+
+
+def check_columns(names: list[str], config: PipelineConfig, source: str) -> None:
+    """The rows (`names`: their columns, as the model stage gets them) must have the image column
+    and every column `keep_columns` names."""
+    names = set(names)
+    if config.image_column not in names:
+        raise ValueError(f"input {source!r} has no `{config.image_column}` column of images (columns: "
+                         f"{sorted(names)}; --image-column names another)")
+    if config.id_column != "id" and config.id_column not in names:
+        raise ValueError(f"input {source!r} has no `{config.id_column}` column of ids (columns: {sorted(names)})")
+    if config.question_column != "question" and config.question_column not in names:
+        raise ValueError(f"input {source!r} has no `{config.question_column}` column of questions (columns: "
+                         f"{sorted(names)})")
+    missing = [c for c in config.keep_columns if c not in names]
+    if missing:
+        raise ValueError(f"--keep-columns {missing} are not columns of {source!r} (columns: {sorted(names)})")
