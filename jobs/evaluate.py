@@ -162,10 +162,10 @@ def read_ground_truth(args: argparse.Namespace) -> pa.Table:
     """id, answers, and question/category when present, from --input (never the image bytes)."""
     wanted = [args.id_column, args.answers_column, args.question_column, args.category_column]
     table = rename_columns(read_parquet(args.input, wanted, storage_options(args)), _column_mapping(args))
-    for needed in ("id", "answers"):
+    flags = {"id": f"--id-column {args.id_column!r}", "answers": f"--answers-column {args.answers_column!r}"}
+    for needed, flag in flags.items():
         if needed not in table.column_names:
-            flag = f" (--id-column {args.id_column!r})" if needed == "id" else f" (--answers-column {args.answers_column!r})"
-            raise ValueError(f"{args.input} has no {needed!r} column{flag}; columns: {table.column_names}")
+            raise ValueError(f"{args.input} has no {needed!r} column ({flag}); columns: {table.column_names}")
     return table
 
 
@@ -290,7 +290,8 @@ def gather_predictions(args: argparse.Namespace, metric: str) -> tuple[pa.Table,
     source, run = (args.predictions, None) if args.predictions else run_model(args, ids)
     predictions = read_predictions(source, args)
     if truth is None:
-        return predictions.slice(0, args.limit), run  # ground truth is in the predictions (kept columns, or the file's own)
+        # the ground truth is in the predictions (kept columns, or the file's own)
+        return predictions.slice(0, args.limit), run
     if ids is not None:
         predictions = keep_ids(predictions, ids)
     return join_ground_truth(predictions, truth), run  # the benchmark's ground truth wins

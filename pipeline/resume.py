@@ -39,7 +39,8 @@ def checkpoint_uri(output: str) -> str:
     return sibling(output, ".checkpoint")
 
 
-def checkpoint_config(output: str, storage_options: dict | None = None, input_id_column: str = "id") -> CheckpointConfig:
+def checkpoint_config(output: str, storage_options: dict | None = None,
+                      input_id_column: str = "id") -> CheckpointConfig:
     """Ray's checkpoint of the output's `id` column, filtering the input by `input_id_column`."""
     uri = checkpoint_uri(output)
     filesystem, path = arrow_fs(uri, storage_options)
