@@ -57,6 +57,8 @@ def read_schema(footers: dict[str, pq.FileMetaData], columns: list[str], source:
         if not first_of:            # a hive partition key: in the paths, not the files
             continue
         try:
+            if len({is_text(t) for t in first_of if is_text(t) is not None}) > 1:
+                raise pa.ArrowTypeError("text and bytes")     # image paths in one file, image bytes in another
             unified = pa.unify_schemas([pa.schema([(column, t)]) for t in first_of], promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             named = "; ".join(f"{t} in {path}" for t, path in list(first_of.items())[:3])
@@ -64,6 +66,13 @@ def read_schema(footers: dict[str, pq.FileMetaData], columns: list[str], source:
                              f"across files ({named}), so nothing was started: write it with one type") from None
         fields.append(unified.field(column))
     return pa.schema(fields)
+
+
+def is_text(type_: pa.DataType) -> bool | None:
+    """True for strings, False for bytes, None for other types (Arrow would cast bytes to text)."""
+    if pa.types.is_string(type_) or pa.types.is_large_string(type_):
+        return True
+    return False if pa.types.is_binary(type_) or pa.types.is_large_binary(type_) else None
 
 
 def check_unique_ids(rows: pads.Dataset, source: str, column: str = "id") -> None:

@@ -69,3 +69,6 @@ def test_a_used_column_of_two_types_is_named_before_any_work(checkpoint, tmp_pat
     job = prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
     assert job.input_rows == 18 and job.columns == ("id", "image")      # `notes` is not read
     assert job.schema == pa.schema([("id", pa.int64()), ("image", pa.large_binary())])      # what all convert to
+    write_parquet(tmp_path / "in" / "b.parquet", [{"id": 17, "image": "pictures/17.png"}])   # a path, not bytes
+    with pytest.raises(ValueError, match=r"column 'image' has types .* \(binary in .*a00\.parquet; string in "):
+        prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
