@@ -212,19 +212,14 @@ def raw_output(output: str) -> str:
     return output.rstrip("/") + "/raw"
 
 
-def start_afresh(raw: str, args: argparse.Namespace) -> None:
-    """A run that is not a resume needs `raw` empty: answers of an earlier run are removed only with
-    --overwrite (hours of answers are not thrown away by a command repeated without --resume)."""
-    from pipeline.storage import fsspec_fs, has_files
+def refuse_earlier_answers(raw: str, args: argparse.Namespace) -> None:
+    """Answers of an earlier run are thrown away only with --overwrite (prepare_job removes them once
+    every check has passed), not by a command repeated without --resume; this says so in the job's flags."""
+    from pipeline.storage import has_files
 
-    options = storage_options(args)
-    if not has_files(raw, options):
-        return
-    if not args.overwrite:
+    if not args.overwrite and has_files(raw, storage_options(args)):
         raise FileExistsError(f"{args.output!r} holds the answers of an earlier run ({raw}): pass --resume to "
                               "continue it (a finished one is scored again), or --overwrite to start over")
-    fs, path = fsspec_fs(raw, options)
-    fs.rm(path, recursive=True)
 
 
 def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[str, dict]:
@@ -249,9 +244,9 @@ def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[s
     config = pipeline_config(args, [c for c in ("answers", "category") if c in present])
     raw = raw_output(args.output)
     if not args.resume:
-        start_afresh(raw, args)
+        refuse_earlier_answers(raw, args)
     job = prepare_job(args.input, raw, config, resume=bool(args.resume), limit=args.limit if ids is None else None,
-                      only_ids=ids, renames=truth)
+                      only_ids=ids, renames=truth, overwrite=bool(args.overwrite))
     init_ray()
     return raw, run_prepared(job)
 

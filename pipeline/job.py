@@ -22,7 +22,7 @@ from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
 from .resume import checkpoint_config, clear_checkpoint, forget_lost_rows, has_checkpoint
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
-from .storage import has_files, sibling, write_text
+from .storage import fsspec_fs, has_files, sibling, write_text
 
 COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
 ERROR_KINDS_SHOWN = 10
@@ -41,17 +41,28 @@ def output_counts(output: str, storage_options: dict | None = None) -> dict:
             "errors_by_kind": dict(kinds.most_common(ERROR_KINDS_SHOWN))}
 
 
-def prepare_output(output: str, storage_options: dict | None, resume: bool) -> None:
-    """A fresh run needs an empty output; a resumed one needs the checkpoint of the run it continues."""
+def check_output(output: str, storage_options: dict | None, resume: bool, overwrite: bool = False) -> None:
+    """A fresh run needs an empty output (or leave to empty it); a resumed one needs the checkpoint
+    of the run it continues."""
     written = has_files(output, storage_options)
     if not resume:
-        if written:
+        if written and not overwrite:
             raise FileExistsError(f"output {output!r} already holds Parquet files: pass --resume to continue "
                                   "that run, or choose another output")
-        clear_checkpoint(output, storage_options)
     elif written and not has_checkpoint(output, storage_options):
         raise FileNotFoundError(f"cannot resume into {output!r}: it has files but no checkpoint "
                                 f"({output.rstrip('/')}.checkpoint) from a previous run of this job")
+
+
+def start_output(output: str, storage_options: dict | None, resume: bool, overwrite: bool = False) -> None:
+    """A fresh run's output made empty: its checkpoint cleared and, with `overwrite`, the files of an
+    earlier run removed (only once every check has passed)."""
+    if resume:
+        return
+    if overwrite and has_files(output, storage_options):
+        fs, path = fsspec_fs(output, storage_options)
+        fs.rm(path, recursive=True)
+    clear_checkpoint(output, storage_options)
 
 
 @contextmanager
@@ -101,12 +112,13 @@ def used_columns(names: list[str], config: PipelineConfig, renames: dict[str, st
 
 def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
                 limit: int | None = None, only_ids: list[str] | None = None,
-                renames: dict[str, str] | None = None) -> PreparedJob:
+                renames: dict[str, str] | None = None, overwrite: bool = False) -> PreparedJob:
     """Every check a run can make without a cluster (bad arguments fail here, in seconds, naming the
     cause), and the output made ready: emptied checkpoint, or lost rows forgotten for a resume.
 
     `only_ids`: answer only the rows of these ids (as strings). `renames`: input columns the
-    pipeline is to know by other names (not the id column: resume filters by it before renames)."""
+    pipeline is to know by other names (not the id column: resume filters by it before renames).
+    `overwrite`: a fresh run may start over in an output that holds an earlier run's answers."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if limit is not None and resume:
@@ -118,7 +130,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     check_image_root(config.image_root, opts)
     config = with_image_root(config, input_uri)
     with writing_output(output_uri):
-        prepare_output(output_uri, opts, resume)
+        check_output(output_uri, opts, resume, overwrite)
     footers = check_input_files(input_uri, opts)
     renames = dict(renames or {})
     rows = input_dataset(input_uri, opts)
@@ -128,6 +140,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     check_unique_ids(rows, input_uri, config.id_column)
     input_rows = sum(meta.num_rows for meta in footers.values())
     with writing_output(output_uri):
+        start_output(output_uri, opts, resume, overwrite)
         keep_run_settings(output_uri, config, resume, opts)
     lost = forget_lost_rows(output_uri, opts) if resume else 0
     if lost:

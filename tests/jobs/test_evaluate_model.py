@@ -129,6 +129,9 @@ def test_a_run_continues_with_resume_and_starts_over_only_with_overwrite(ray_clu
     assert rows[0]["score"] == 1.0 and "limit" not in Path(out, "report.md").read_text()
     answered = json.loads(Path(out, "raw.summary.json").read_text())
     assert (answered["rows_this_run"], answered["rows"], answered["missing_rows"]) == (2, 4, 0)
+    mistyped = ["--input", str(bench), "--model", str(tmp_path / "no-such-model"), "--output", out, "--overwrite",
+                "--id-column", "question_id", "--answers-column", "gt", "--image-column", "picture"]
+    assert job.main(mistyped) == 2 and pq.read_table(Path(out, "raw")).num_rows == 4     # refused, answers kept
     summary, rows, out = run_by_question_id("--overwrite", "--limit", "1")
     assert [r["id"] for r in rows] == ["b0"] and pq.read_table(Path(out, "raw")).num_rows == 1
 
