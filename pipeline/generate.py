@@ -248,8 +248,10 @@ class Generate:
                 error = e
         return dict.fromkeys(requests, error)
 
-    @staticmethod
-    def answer_output(row: dict, result) -> dict:
+    @classmethod
+    def answer_output(cls, row: dict, result) -> dict:
+        if result.finish_reason == "error":        # the engine's own verdict (model.engine.NonFiniteLogitsError)
+            return cls.error_output(row, f"generate: {result.error}")
         return {"question": row["question"], "answer": (result.text or "").strip(),
                 "finish_reason": result.finish_reason, "error": None,
                 "num_prompt_tokens": result.num_prompt_tokens, "num_generated_tokens": result.num_generated_tokens,

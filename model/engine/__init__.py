@@ -2,6 +2,6 @@
 from .engine import LLMEngine, default_stop_ids
 from .kv_cache import KVCache
 from .loop import EngineLoop
-from .types import Request, Result, SamplingParams
+from .types import NonFiniteLogitsError, Request, Result, SamplingParams
 
-__all__ = ["LLMEngine", "EngineLoop", "Request", "Result", "SamplingParams", "KVCache", "default_stop_ids"]
+__all__ = ["LLMEngine", "EngineLoop", "Request", "Result", "SamplingParams", "NonFiniteLogitsError", "KVCache", "default_stop_ids"]

@@ -23,10 +23,10 @@ from .image_cache import ImageFeatureCache
 from .kv_cache import KVCache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket, pow2_bucket
-from .sampler import SamplingState, sample, token_logprobs
+from .sampler import NON_FINITE, SamplingState, flag_non_finite, model_tokens, sample, token_logprobs
 from .scheduler import Scheduler, Sequence
 from .stop_strings import StopStringMatcher
-from .types import Request, Result
+from .types import NonFiniteLogitsError, Request, Result
 
 _GIB = 1 << 30
 
@@ -285,19 +285,22 @@ class LLMEngine:
                              sorted(seq.stop_ids), p.repetition_penalty, seq.request.prompt_ids)
 
     def sample_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Next token of each row (a hook: tensor-parallel ranks take rank 0's)."""
+        """Next token of each row, NON_FINITE where its logits are not (a hook: tensor-parallel
+        ranks take rank 0's)."""
         params = [s.request.sampling for s in seqs]
-        return sample(logits, self.sampling, slots, any_sampling=any(not p.greedy for p in params),
-                      any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params),
-                      any_penalty=penalized(seqs))
+        tokens = sample(logits, self.sampling, slots, any_sampling=any(not p.greedy for p in params),
+                        any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params),
+                        any_penalty=penalized(seqs))
+        return flag_non_finite(tokens, logits)
 
     def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor,
                      seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The rows' tokens, and their log p when a request asks for them."""
+        """The rows' tokens (NON_FINITE for a row whose logits are not), and their log p when a
+        request asks for them. The model reads `model_tokens` of them."""
         tokens = self.sample_tokens(logits, slots, seqs)
         if penalized(seqs):
-            self.sampling.mark_seen(slots, tokens)
-        return tokens, token_logprobs(logits, tokens) if wants_logprobs(seqs) else None
+            self.sampling.mark_seen(slots, model_tokens(tokens))
+        return tokens, token_logprobs(logits, model_tokens(tokens)) if wants_logprobs(seqs) else None
 
     def _prefill(self, scheduler: Scheduler, seqs: list[Sequence]) -> None:
         runner = self.runner
@@ -325,7 +328,7 @@ class LLMEngine:
             self._assign_sampling(seq)
         slot_t = torch.tensor(slots, device=self.device)
         tokens, logprobs = self._next_tokens(logits, slot_t, seqs)
-        runner.tokens[slot_t] = tokens
+        runner.tokens[slot_t] = model_tokens(tokens)
         runner.positions[slot_t] = torch.tensor([s.prompt_len for s in seqs], device=self.device)
         self.active[slot_t] = 1
         self.sampling.step[slot_t] += 1
@@ -346,7 +349,7 @@ class LLMEngine:
         kv_len = kv_bucket(max(s.length for s in seqs) + lag, runner.cache.max_len)
         logits = runner.decode(rows, kv_len)
         tokens, logprobs = self._next_tokens(logits, torch.arange(rows, device=self.device), seqs)
-        runner.tokens[:rows] = tokens
+        runner.tokens[:rows] = model_tokens(tokens)
         runner.positions[:rows] += self.active[:rows]
         self.sampling.step[:rows] += 1
         self.stats["decode_steps"] += 1
@@ -379,15 +382,31 @@ class LLMEngine:
     def _record(self, scheduler: Scheduler, seqs: list[Sequence], tokens: list[int],
                 logprobs: list[float] | None = None) -> None:
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
-            if logprobs is not None:
-                seq.logprob += logprobs[i]
-            finished = seq.append(token)
-            if self._completes_stop_string(seq):
-                seq.finish_reason, finished = "stop", True
-            if finished:
+            if token == NON_FINITE:
+                self._fail_non_finite(seq)
+            else:
+                if logprobs is not None:
+                    seq.logprob += logprobs[i]
+                seq.append(token)
+                if self._completes_stop_string(seq):
+                    seq.finish_reason = "stop"
+            if seq.finish_reason is not None:
                 scheduler.release(seq)
                 self.active[seq.slot] = 0
                 self._finished.append(seq)
+
+    def _fail_non_finite(self, seq: Sequence) -> None:
+        """End a sequence whose logits were not finite, and wipe its slot: attention weighs the
+        stale rows past a later request's length by exactly 0, and 0 x NaN is NaN, so one such
+        row would spoil every request that takes its slot after it."""
+        hint = ("; float16 overflows where bfloat16 and float32 do not: run in one of those"
+                if self.dtype == torch.float16 else "")
+        error = NonFiniteLogitsError(f"the model's logits were NaN or infinite at new token "
+                                     f"{len(seq.generated) + 1} (of request {seq.request.request_id!r}){hint}")
+        seq.finish_reason, seq.error = "error", f"{type(error).__name__}: {error}"
+        self.runner.cache.clear_slot(seq.slot)
+        self.runner.positions[seq.slot] = 0     # the free row's ignored steps then read only zeros
+        self.prefixes.forget(seq.slot)
 
     def _completes_stop_string(self, seq: Sequence) -> bool:
         """Whether the newest token completes one of the request's stop strings (model.engine.stop_strings)."""
@@ -403,4 +422,5 @@ class LLMEngine:
         if self.tokenizer is not None:
             text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         return Result(seq.request.request_id, list(seq.generated), text, seq.finish_reason,
-                      seq.prompt_len, len(seq.generated), seq.logprob if seq.request.sampling.logprobs else None)
+                      seq.prompt_len, len(seq.generated), seq.logprob if seq.request.sampling.logprobs else None,
+                      seq.error)

@@ -28,6 +28,10 @@ class KVCache:
             self.k[:, target, :, :length] = self.k[:, source, :, :length]
             self.v[:, target, :, :length] = self.v[:, source, :, :length]
 
+    def clear_slot(self, slot: int) -> None:
+        self.k[:, slot].zero_()
+        self.v[:, slot].zero_()
+
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8

@@ -104,7 +104,7 @@ class SlotPrefixes:
         sources = [PrefixSource(slot, n) if n else self._best(r, kept, set(slots))
                    for r, slot, n in zip(requests, slots, own)]
         for slot in slots:
-            self._forget(slot)
+            self.forget(slot)
         return sources
 
     def remember(self, requests: list[Request], slots: list[int]) -> None:
@@ -120,7 +120,8 @@ class SlotPrefixes:
                 self._heads[slot] = head
                 self._head_slots.setdefault(head, {})[slot] = None
 
-    def _forget(self, slot: int) -> None:
+    def forget(self, slot: int) -> None:
+        """Slot `slot` no longer holds a prompt to share."""
         key, _ = self._prompts.pop(slot, (None, None))
         if key is not None:
             self._slots[key].discard(slot)

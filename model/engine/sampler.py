@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 _M32 = 0xFFFFFFFF
+NON_FINITE = -1     # the token of a row whose logits hold a NaN or an infinity
 
 
 def _hash32(x: Tensor) -> Tensor:
@@ -91,6 +92,18 @@ def penalize_repeats(logits: Tensor, penalty: Tensor, seen: Tensor) -> Tensor:
     positive, multiplied by it when negative (both lower it for a penalty > 1)."""
     penalty = penalty[:, None]
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def flag_non_finite(tokens: Tensor, logits: Tensor) -> Tensor:
+    """NON_FINITE in place of the token of each row whose logits are not all finite: argmax over a
+    NaN is an arbitrary token, and the host learns of it with the tokens it reads anyway."""
+    return torch.where(torch.isfinite(logits).all(dim=-1), tokens, NON_FINITE)
+
+
+def model_tokens(tokens: Tensor) -> Tensor:
+    """Sampled tokens as the model may read them: a NON_FINITE row has ended, but a step in flight
+    still embeds its token."""
+    return tokens.clamp_min(0)
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:

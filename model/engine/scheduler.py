@@ -16,6 +16,7 @@ class Sequence:
     slot: int = -1
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None                 # why, when finish_reason is "error"
     logprob: float = 0.0                     # sum of the generated tokens' log p, when the request asks for it
 
     @property

@@ -55,12 +55,18 @@ class Request:
     image_key: str | None = None
 
 
+class NonFiniteLogitsError(ArithmeticError):
+    """A request's logits held a NaN or an infinity (float16 overflow, broken weights): its answer
+    would be noise, so it ends with finish_reason "error" instead."""
+
+
 @dataclass
 class Result:
     request_id: str
     token_ids: list[int]
     text: str | None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "error"]
     num_prompt_tokens: int
     num_generated_tokens: int
     cumulative_logprob: float | None = None   # sum of the new tokens' log p (raw logits), if asked for
+    error: str | None = None                  # "ErrorType: message" when finish_reason is "error"

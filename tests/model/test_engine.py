@@ -252,6 +252,48 @@ def test_finish_reasons_and_counts(setup, overlap):
     assert (r_len.finish_reason, r_len.token_ids, r_len.num_generated_tokens) == ("length", answer[:2], 2)
 
 
+def test_a_request_whose_logits_overflow_ends_in_error_and_spoils_no_later_one(setup, overlap):
+    """Pixels that overflow the vision tower make a request's logits NaN: it ends with
+    finish_reason "error" naming the cause, and the requests that take its slot after it still
+    answer as the reference (attention reads its stale rows with weight 0, and 0 x NaN is NaN)."""
+    ours, requests, expected, _, _ = setup
+    r = requests[2]                                    # the longest prompt: later ones leave its rows behind
+    bad = Request("bad", r.prompt_ids, r.pixel_values * 1e30, r.pixel_attention_mask, r.sampling)
+    later = [requests[i] for i in (0, 1, 3, 4, 5)]
+    for slots in (1, 2):
+        results = LLMEngine(ours, max_batch_size=slots, overlap=overlap).generate([bad, *later])
+        assert (results[0].finish_reason, results[0].token_ids) == ("error", [])
+        assert results[0].error.startswith("NonFiniteLogitsError: ") and "new token 1 " in results[0].error
+        for req, res in zip(later, results[1:]):
+            assert (res.token_ids, res.error) == (expected[req.request_id], None), req.request_id
+
+
+def test_logits_that_turn_non_finite_mid_answer_end_that_answer_there(setup, overlap):
+    """A token whose embedding is NaN: the request that generates it errs at the next token (its
+    answer so far kept), one whose prompt holds it errs at once, the others answer as the reference."""
+    ours, requests, expected, _, _ = setup
+    if ours.config.tie_word_embeddings:
+        pytest.skip("a NaN embedding row would be a NaN logit of every row")
+    answering = requests[2]
+    token = expected[answering.request_id][1]
+    broken = copy.deepcopy(ours)
+    with torch.no_grad():
+        broken.model.text_model.embed_tokens.weight[token] = float("nan")
+    results = LLMEngine(broken, max_batch_size=3, overlap=overlap).generate(requests)
+    for req, res in zip(requests, results):
+        want = expected[req.request_id]
+        if token in req.prompt_ids:
+            assert (res.finish_reason, res.token_ids) == ("error", []), req.request_id
+        elif token in want[:-1]:
+            upto = want.index(token) + 1
+            assert (res.finish_reason, res.token_ids) == ("error", want[:upto]), req.request_id
+            assert f"new token {upto + 1} " in res.error
+        else:
+            assert (res.token_ids, res.finish_reason) == (want, "stop" if want[-1] in LLMEngine(ours).stop_ids
+                                                          else "length"), req.request_id
+    assert results[2].finish_reason == "error"
+
+
 def test_seeded_samples_ignore_batch_neighbours(setup, overlap):
     ours, requests, _, _, _ = setup
     hot = [SamplingParams(max_new_tokens=8, temperature=1.3, top_k=30, top_p=0.95, seed=100 + i)

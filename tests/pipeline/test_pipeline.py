@@ -218,6 +218,43 @@ def test_the_model_stage_reads_the_named_columns_and_adds_the_prompt_suffix(chec
     assert all(a != b for a, b in zip(want, unsuffixed))
 
 
+def test_a_row_whose_logits_are_not_finite_is_an_error_row_and_spoils_no_later_row(tmp_path):
+    """A checkpoint whose embedding of one token is NaN (a fine-tune that diverged; float16 overflow
+    does the same): the row whose question holds that token becomes an error row naming the cause,
+    not noise, and the rows after it in the engine slot it held answer as transformers does."""
+    import asyncio
+
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.generate import Generate
+    from pipeline.preprocess import Preprocess
+    from pipeline.rows import error_kind
+    from tests.fixtures.checkpoints import build_checkpoint
+    from tests.pipeline.helpers import Oracle
+
+    path = build_checkpoint(tmp_path / "ckpt", "idefics3")          # untied: the LM head stays finite
+    rows = good_rows(3)
+    rows[0].update(image=png(70, 60, seed=5),             # the longest prompt: the later rows leave its rows behind
+                   question="Does the quick brown fox jump over the lazy dog? Describe this picture in one sentence.")
+    config = PipelineConfig(model=str(path), max_new_tokens=8, max_batch_size=1)     # one slot: every row reuses it
+    prepared = Preprocess(config)(pa.Table.from_pylist(rows))
+    ids = [prompts[0] for prompts in prepared["input_ids"].to_pylist()]     # each row's one prompt
+    token = next(t for t in ids[0] if all(t not in other for other in ids[1:]))
+    weights = load_file(path / "model.safetensors")
+    weights["model.text_model.embed_tokens.weight"][token] = float("nan")
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    stage = Generate(config)
+    answered = asyncio.run(stage(prepared)).to_pylist()
+    stage.loop.close()
+    assert (answered[0]["finish_reason"], answered[0]["answer"]) == ("error", None)
+    assert error_kind(answered[0]["error"]) == "generate: NonFiniteLogitsError"
+    assert "NaN or infinite at new token 1 " in answered[0]["error"]
+    oracle = Oracle(path)
+    want = [oracle.answer(r["image"], r["question"] or config.prompt, 8) for r in rows[1:]]
+    assert [(r["answer"], r["num_generated_tokens"], r["error"]) for r in answered[1:]] == [(*w, None) for w in want]
+    assert len(ids[0]) > max(map(len, ids[1:]))
+
+
 @pytest.mark.parametrize("image_flags", [dict(image_longest_edge=32), dict(image_splitting=False)])
 def test_fewer_tiles_an_image_answer_as_the_reference_with_those_settings(checkpoint, image_flags):
     """--image-longest-edge / --no-image-splitting: fewer image tokens a row; the answers equal
