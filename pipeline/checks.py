@@ -75,12 +75,17 @@ def is_text(type_: pa.DataType) -> bool | None:
     return False if pa.types.is_binary(type_) or pa.types.is_large_binary(type_) else None
 
 
-def check_unique_ids(rows: pads.Dataset, source: str, column: str = "id") -> None:
+def check_ids(rows: pads.Dataset, source: str, column: str = "id") -> None:
     """Resume skips every input row whose id is already written, so two rows sharing an id (an image id
-    given to several questions) would lose one of them on resume: refused before any work."""
+    given to several questions) would lose one of them on resume, and a null id fails every resume
+    (Ray's checkpoint sorts the ids written): both refused before any work."""
     if column not in rows.schema.names:
         return
     ids = rows.to_table(columns=[column]).column(column)        # only that column is read
+    if ids.null_count:
+        raise ValueError(f"input {source!r}: {ids.null_count} rows have a null `{column}`; ids are what --resume "
+                         f"skips written rows by. Give every row an id, or rename the column (rows without "
+                         "`id` get ids from their file and row)")
     if pc.count_distinct(ids, mode="all").as_py() == len(ids):
         return
     counts = pc.value_counts(ids)

@@ -416,7 +416,8 @@ def test_unreadable_input_files_are_refused_before_any_work(checkpoint, tmp_path
 
 
 def test_repeated_ids_are_refused_before_any_work(checkpoint, tmp_path):
-    """Resume skips the rows of ids already written: rows sharing an id would be lost, so none may."""
+    """Resume skips the rows of ids already written: rows sharing an id would be lost, and a null id
+    fails Ray's checkpoint filter on every resume, so none may."""
     image = png(20, 20)
     rows = [{"id": i, "image": image, "question": q} for i, q in (("img-1", "Colour?"), ("img-1", "Shape?"),
                                                                   ("img-2", "Colour?"), ("img-1", "Size?"))]
@@ -427,8 +428,12 @@ def test_repeated_ids_are_refused_before_any_work(checkpoint, tmp_path):
         run_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
     write_parquet(tmp_path / "nulls" / "a.parquet", [{"id": None, "image": image}, {"id": None, "image": image}],
                   pa.schema([("id", pa.string()), ("image", pa.binary())]))
-    with pytest.raises(ValueError, match="None x2"):
+    with pytest.raises(ValueError, match="2 rows have a null `id`"):
         run_job(str(tmp_path / "nulls"), str(tmp_path / "out"), config)
+    write_parquet(tmp_path / "one_null" / "a.parquet", [{"id": None, "image": image}, {"id": "x", "image": image}],
+                  pa.schema([("id", pa.string()), ("image", pa.binary())]))    # a run went through; its resumes failed
+    with pytest.raises(ValueError, match="1 rows have a null `id`.*--resume"):
+        run_job(str(tmp_path / "one_null"), str(tmp_path / "out"), config)
     assert not (tmp_path / "out").exists()
 
 
