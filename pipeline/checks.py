@@ -68,6 +68,25 @@ def read_schema(footers: dict[str, pq.FileMetaData], columns: list[str], source:
     return pa.schema(fields)
 
 
+def check_column_types(schema: pa.Schema, config: PipelineConfig, source: str, renames: dict[str, str]) -> None:
+    """Questions must be text (a number or a list would fail every block of the CPU stage, and the
+    job with it), images bytes, paths or HF datasets' {bytes, path} structs, or lists of those
+    (anything else would make every row an error row): refused before any work."""
+    for field in schema:
+        name = renames.get(field.name, field.name)
+        if name == config.question_column and not (is_text(field.type) or pa.types.is_null(field.type)):
+            raise ValueError(f"input {source!r}: the question column {field.name!r} holds {field.type}, not text")
+        if name == config.image_column and not holds_images(field.type):
+            raise ValueError(f"input {source!r}: the image column {field.name!r} holds {field.type}, not image bytes, "
+                             "paths or {bytes, path} structs")
+
+
+def holds_images(type_: pa.DataType) -> bool:
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):      # several images a row
+        type_ = type_.value_type
+    return is_text(type_) is not None or pa.types.is_struct(type_) or pa.types.is_null(type_)
+
+
 def is_text(type_: pa.DataType) -> bool | None:
     """True for strings, False for bytes, None for other types (Arrow would cast bytes to text)."""
     if pa.types.is_string(type_) or pa.types.is_large_string(type_):

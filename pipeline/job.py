@@ -14,7 +14,7 @@ import ray.data
 
 from .builder import build_processor
 from .checkpoint import check_model
-from .checks import check_columns, check_image_root, check_input_files, check_ids, read_schema
+from .checks import check_column_types, check_columns, check_ids, check_image_root, check_input_files, read_schema
 from .config import PipelineConfig
 from .generate import release_replica_groups
 from .io import input_dataset, input_folder, read_output, read_rows, write_rows
@@ -137,6 +137,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     check_columns([renames.get(name, name) for name in rows.schema.names], config, input_uri)
     columns = used_columns(rows.schema.names, config, renames)
     schema = read_schema(footers, columns, input_uri)
+    check_column_types(schema, config, input_uri, renames)
     check_ids(rows, input_uri, config.id_column)
     input_rows = sum(meta.num_rows for meta in footers.values())
     with writing_output(output_uri):

@@ -1,4 +1,6 @@
 """The input's columns are checked in the driver, before a cluster is started or joined."""
+import re
+
 import pyarrow as pa
 import pytest
 
@@ -32,6 +34,32 @@ def test_a_mistyped_question_column_is_named_before_any_work(checkpoint, tmp_pat
         prepare_job(str(source), str(tmp_path / "out"), config)
     assert not (tmp_path / "out").exists()
     prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint)))   # no question column: --prompt
+
+
+@pytest.mark.parametrize("column,values,says", [
+    ("question", [5, 6], "the question column 'question' holds int64, not text"),
+    ("question", [["a"], ["b"]], "the question column 'question' holds list<element: string>, not text"),
+    ("image", [1.5, 2.5], "the image column 'image' holds double, not image bytes"),
+])
+def test_a_question_or_image_column_of_another_type_is_named_before_any_work(checkpoint, tmp_path, column, values,
+                                                                           says):
+    """Questions that are not text failed every CPU-stage block (the job with it); images of another
+    type made every row an error row."""
+    rows = [{"id": i, "image": b"x", "question": "q"} for i in "ab"]
+    for row, value in zip(rows, values):
+        row[column] = value
+    source = write_parquet(tmp_path / "in.parquet", rows)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_images_and_questions_of_every_accepted_type_pass(checkpoint, tmp_path):
+    struct = {"bytes": b"x", "path": None}
+    for i, (image, question) in enumerate([(b"x", "q"), ("a.png", None), (struct, "q"), ([b"x", b"y"], "q"),
+                                           ([struct], "q")]):
+        source = write_parquet(tmp_path / f"in{i}.parquet", [{"id": "a", "image": image, "question": question}])
+        prepare_job(str(source), str(tmp_path / f"out{i}"), PipelineConfig(model=str(checkpoint)))
 
 
 def test_a_mistyped_or_repeating_id_column_is_named_before_any_work(checkpoint, tmp_path):
