@@ -2,6 +2,9 @@
 cause in one line, where Ray Data would fail the job when it reached it."""
 from __future__ import annotations
 
+import glob as globlib
+import posixpath
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -9,7 +12,7 @@ import pyarrow.parquet as pq
 
 from .config import PipelineConfig
 from .io import read_footers
-from .storage import lists_folders, reader_fs
+from .storage import fsspec_fs, lists_folders, protocol_of, reader_fs
 
 
 def check_image_root(root: str | None, storage_options: dict | None) -> None:
@@ -27,6 +30,27 @@ def check_image_root(root: str | None, storage_options: dict | None) -> None:
     if missing:
         raise FileNotFoundError(f"image root {root!r}: no such folder (relative image paths of the rows "
                                 "are read from it)")
+
+
+def check_output_outside_input(input_uri: str, output_uri: str, storage_options: dict | None) -> None:
+    """A folder input is every Parquet file below it: an output inside it (with its checkpoint beside
+    it) would be read back as input rows by the next run or resume."""
+    fs, folder = fsspec_fs(input_uri, storage_options)
+    if globlib.has_magic(folder) or protocol_of(input_uri) != protocol_of(output_uri) or not is_folder(fs, folder):
+        return
+    _, output = fsspec_fs(output_uri, storage_options)
+    folder, output = posixpath.normpath(folder), posixpath.normpath(output)
+    if output == folder or output.startswith(folder.rstrip("/") + "/"):
+        raise ValueError(f"output {output_uri!r} lies inside the input folder {input_uri!r}, whose Parquet files are "
+                         "all read: a resume would read the answers and checkpoint as input rows. Choose an output "
+                         "outside it")
+
+
+def is_folder(fs, path: str) -> bool:
+    try:
+        return fs.isdir(path)
+    except OSError:         # a store that cannot say (HTTP) or will not (no list permission): not known
+        return False
 
 
 def check_input_files(source: str, storage_options: dict | None) -> dict[str, pq.FileMetaData]:

@@ -14,7 +14,8 @@ import ray.data
 
 from .builder import build_processor
 from .checkpoint import check_model
-from .checks import check_column_types, check_columns, check_ids, check_image_root, check_input_files, read_schema
+from .checks import (check_column_types, check_columns, check_ids, check_image_root, check_input_files,
+                     check_output_outside_input, read_schema)
 from .config import PipelineConfig
 from .generate import release_replica_groups
 from .io import input_dataset, input_folder, read_output, read_rows, write_rows
@@ -129,6 +130,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     check_model(config.model, opts, config.tensor_parallel_size)
     check_image_root(config.image_root, opts)
     config = with_image_root(config, input_uri)
+    check_output_outside_input(input_uri, output_uri, opts)
     with writing_output(output_uri):
         check_output(output_uri, opts, resume, overwrite)
     footers = check_input_files(input_uri, opts)

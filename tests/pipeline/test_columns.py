@@ -1,4 +1,5 @@
-"""The input's columns are checked in the driver, before a cluster is started or joined."""
+"""The input's columns, and where the output lies, are checked in the driver, before a cluster is
+started or joined."""
 import re
 
 import pyarrow as pa
@@ -100,3 +101,17 @@ def test_a_used_column_of_two_types_is_named_before_any_work(checkpoint, tmp_pat
     write_parquet(tmp_path / "in" / "b.parquet", [{"id": 17, "image": "pictures/17.png"}])   # a path, not bytes
     with pytest.raises(ValueError, match=r"column 'image' has types .* \(binary in .*a00\.parquet; string in "):
         prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
+
+
+def test_an_output_inside_the_input_folder_is_refused(checkpoint, tmp_path):
+    """A resume would read the answers (and Ray's checkpoint files) back as input rows."""
+    write_parquet(tmp_path / "data" / "a.parquet", good_rows(2))
+    config = PipelineConfig(model=str(checkpoint))
+    for output in (tmp_path / "data" / "answers", tmp_path / "data" / "sub" / "answers", tmp_path / "data"):
+        with pytest.raises(ValueError, match="lies inside the input folder"):
+            prepare_job(str(tmp_path / "data"), str(output), config)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["a.parquet"]
+    for source, output in ((tmp_path / "data", tmp_path / "data-answers"),
+                           (tmp_path / "data" / "a.parquet", tmp_path / "data" / "answers"),   # one file is read
+                           (tmp_path / "data" / "*.parquet", tmp_path / "data" / "answers")):   # the glob's files
+        assert prepare_job(str(source), str(output), config).input_rows == 2
