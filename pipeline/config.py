@@ -64,7 +64,7 @@ class PipelineConfig:
         self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c not in OUTPUT_COLUMNS]
         positive = ["max_new_tokens", "tensor_parallel_size", "batch_size", "max_batch_size",
                     "rows_per_file", "fetch_threads", "fetch_attempts"]
-        positive += [n for n in ("replicas", "batches_in_flight", "cpu_workers", "image_longest_edge")
+        positive += [n for n in ("replicas", "batches_in_flight", "cpu_workers", "image_longest_edge", "max_image_pixels")
                      if getattr(self, n) is not None]
         for name in positive:
             if getattr(self, name) < 1:
@@ -84,6 +84,8 @@ class PipelineConfig:
             raise ValueError(f"image_backend must be 'pil' or 'torch', got {self.image_backend!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.top_k < 0:      # else every row's request would be refused, each an error row
+            raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
 
     def to_dict(self) -> dict:
         return asdict(self)

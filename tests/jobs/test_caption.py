@@ -148,3 +148,7 @@ def test_flags_reach_the_pipeline_config(tmp_path):
         pipeline_config(merge_args(parse_args(["--repetition-penalty", "0"]), DEFAULTS))
     with pytest.raises(ValueError, match="dtype must be one of bfloat16, float16, float32, got 'fp8'"):
         pipeline_config(merge_args(parse_args(["--dtype", "fp8"]), DEFAULTS))
+    with pytest.raises(ValueError, match="top_k must be >= 0"):         # else every row an error row
+        pipeline_config(merge_args(parse_args(["--top-k", "-1"]), DEFAULTS))
+    with pytest.raises(ValueError, match="max_image_pixels must be >= 1"):
+        pipeline_config(merge_args(parse_args(["--max-image-pixels", "0"]), DEFAULTS))
