@@ -94,11 +94,12 @@ def normalize_vqa_answer(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def as_answer_list(answers: object) -> list[str]:
-    """Ground truth as a list of strings: a single string becomes a one-element list."""
+    """Ground truth as a list of strings: a single string (or number: a counting benchmark's int
+    column) becomes a one-element list; list items are taken as text (str) alike."""
     if answers is None:
         return []
-    if isinstance(answers, str):
-        return [answers]
+    if isinstance(answers, (str, int, float)) and not isinstance(answers, bool):
+        return [str(answers)]
     if isinstance(answers, bytes):
         return [answers.decode("utf-8")]
     try:

@@ -180,6 +180,16 @@ def test_answers_as_string_or_list_agree(name):
         assert metric(prediction, truth) == metric(prediction, [truth]) == metric(prediction, (truth,))
 
 
+def test_numbers_as_ground_truth_are_their_text():
+    """A benchmark whose answer column holds numbers (counts) scores as if it held their text."""
+    for truth, text in [(3, "3"), (12.5, "12.5")]:
+        assert vqa_accuracy(text, truth) == exact_match(text, truth) == relaxed_accuracy(text, truth) == 1.0
+        assert anls(text, truth) == 1.0 and anls(text, [truth]) == 1.0
+    assert exact_match("4", 3) == 0.0
+    with pytest.raises(ValueError, match="got bool"):
+        exact_match("True", True)
+
+
 @pytest.mark.parametrize("name", METRIC_NAMES)
 def test_none_prediction_scores_as_empty(name):
     assert get_metric(name)(None, ["B"]) == get_metric(name)("", ["B"]) == 0.0
