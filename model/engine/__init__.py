@@ -4,4 +4,5 @@ from .kv_cache import KVCache
 from .loop import EngineLoop
 from .types import NonFiniteLogitsError, Request, Result, SamplingParams
 
-__all__ = ["LLMEngine", "EngineLoop", "Request", "Result", "SamplingParams", "NonFiniteLogitsError", "KVCache", "default_stop_ids"]
+__all__ = ["LLMEngine", "EngineLoop", "Request", "Result", "SamplingParams", "NonFiniteLogitsError", "KVCache",
+           "default_stop_ids"]
