@@ -160,6 +160,11 @@ class LLMEngine:
         rid, n = request.request_id, len(request.prompt_ids)
         if n == 0:
             raise ValueError(f"request {rid!r}: empty prompt")
+        vocab = self.text_config.vocab_size
+        outside = [t for t in (min(request.prompt_ids), max(request.prompt_ids)) if not 0 <= t < vocab]
+        if outside:     # on CUDA the embedding's lookup would be a device-side assert: the replica lost
+            raise ValueError(f"request {rid!r}: token id {outside[0]} is outside the model's vocabulary of {vocab} "
+                             "(is the tokenizer the checkpoint's?)")
         if request.sampling.stop and self.tokenizer is None:
             raise ValueError(f"request {rid!r}: stop strings need the engine's tokenizer")
         total = n + request.sampling.max_new_tokens

@@ -333,6 +333,10 @@ def test_bad_requests_are_named(setup):
         engine.generate([Request("r_bad", img.prompt_ids[:cut] + img.prompt_ids[cut + 1:], img.pixel_values)])
     with pytest.raises(ValueError, match="empty prompt"):
         engine.generate([Request("e", [])])
+    vocab = ours.config.text_config.vocab_size
+    for token in (vocab, -1):       # a tokenizer that is not the checkpoint's
+        with pytest.raises(ValueError, match=f"'v': token id {token} is outside the model's vocabulary of {vocab}"):
+            engine.generate([Request("v", [1, token, 2])])
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
 
