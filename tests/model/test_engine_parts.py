@@ -10,7 +10,7 @@ from model.engine.kv_cache import DecodeAttention, KVCache, PackedPrefillAttenti
 from model.engine.runner import kv_bucket, pow2_bucket
 from model.engine.scheduler import Scheduler, Sequence
 from model.engine.types import Request, SamplingParams
-from model.engine.sampler import SamplingState, _filter_top_k_top_p, sample, uniform_noise
+from model.engine.sampler import NON_FINITE, SamplingState, _filter_top_k_top_p, flag_non_finite, sample, uniform_noise
 
 torch.set_num_threads(1)
 
@@ -163,3 +163,12 @@ def test_while_sequences_run_waiting_ones_are_admitted_in_groups():
     assert scheduler.can_admit() and [s.slot for s in scheduler.admit()] == [2, 5]
     scheduler.release(scheduler.running[0])
     assert scheduler.can_admit()                                        # the last one waiting: no group to wait for
+
+
+def test_rows_with_a_nan_or_an_infinity_are_flagged():
+    logits = torch.randn(5, 1000)
+    logits[1, 7], logits[2, 0], logits[3, 999] = float("nan"), float("inf"), float("-inf")
+    tokens = torch.arange(5)
+    assert flag_non_finite(tokens, logits).tolist() == [0, NON_FINITE, NON_FINITE, NON_FINITE, 4]
+    big = torch.full((2, 1000), 60000.0, dtype=torch.float16)     # its sum overflows float16, not float32
+    assert flag_non_finite(torch.arange(2), big).tolist() == [0, 1]
