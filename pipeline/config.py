@@ -64,8 +64,8 @@ class PipelineConfig:
         self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c not in OUTPUT_COLUMNS]
         positive = ["max_new_tokens", "tensor_parallel_size", "batch_size", "max_batch_size",
                     "rows_per_file", "fetch_threads", "fetch_attempts"]
-        positive += [n for n in ("replicas", "batches_in_flight", "cpu_workers", "image_longest_edge", "max_image_pixels")
-                     if getattr(self, n) is not None]
+        optional = ("replicas", "batches_in_flight", "cpu_workers", "image_longest_edge", "max_image_pixels")
+        positive += [n for n in optional if getattr(self, n) is not None]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
