@@ -385,3 +385,18 @@ def test_cuda_graphs_match_eager_bf16(setup):
     assert graphed_engine.runner.graphs, "decode should have been captured in CUDA graphs"
     eager = LLMEngine(model, max_batch_size=3, use_cuda_graphs=False).generate(requests)
     assert [r.token_ids for r in graphed] == [r.token_ids for r in eager]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_overflowing_request_spoils_no_later_one(setup):
+    """The CUDA defaults (graphs, compiled and overlapped decode, bf16): a request whose pixels
+    overflow ends in error, and the requests after it in its slot answer as without it."""
+    ours, requests, _, _, _ = setup
+    model = copy.deepcopy(ours).to("cuda", torch.bfloat16)
+    r = requests[2]
+    bad = Request("bad", r.prompt_ids, r.pixel_values * 1e30, r.pixel_attention_mask, r.sampling)
+    later = [requests[i] for i in (0, 1, 3, 4, 5)]
+    alone = LLMEngine(model, max_batch_size=2).generate(later)
+    results = LLMEngine(model, max_batch_size=2).generate([bad, *later])
+    assert results[0].finish_reason == "error" and "NonFiniteLogitsError" in results[0].error
+    assert [r.token_ids for r in results[1:]] == [r.token_ids for r in alone]
