@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import BinaryIO
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -33,6 +34,24 @@ def resolve_checkpoint_dir(path_or_id: str | Path, **hub_kwargs) -> Path:
         raise FileNotFoundError(f"checkpoint folder not found: {text}")
     from huggingface_hub import snapshot_download
     return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS, **hub_kwargs))
+
+
+def check_complete_safetensors(name: str, f: BinaryIO, size: int) -> None:
+    """A safetensors file (`f` open at its start, `size` bytes) must hold the bytes its header
+    describes: a download or copy cut short would fail every replica's load, each in turn."""
+    head = f.read(8)
+    header_len = int.from_bytes(head, "little")
+    if len(head) < 8 or 8 + header_len > size:
+        raise CheckpointError(f"{name} is not a complete safetensors file: its {size} bytes end before its "
+                              "header does (a download or copy cut short, or not safetensors at all)")
+    try:
+        header = json.loads(f.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise CheckpointError(f"{name} is not a safetensors file (its header does not read)") from None
+    if 8 + header_len + end != size:
+        raise CheckpointError(f"{name} is not a complete safetensors file: {size} bytes where its header "
+                              f"describes {8 + header_len + end} (a download or copy cut short?)")
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -24,7 +24,8 @@ from pathlib import Path
 import fsspec
 
 from model.config import CONFIG_NAME, Idefics3Config, check_tp
-from model.files import HUB_PATTERNS, INDEX_FILE, SINGLE_FILE, CheckpointError, is_hub_id, weight_files
+from model.files import (HUB_PATTERNS, INDEX_FILE, SINGLE_FILE, CheckpointError, check_complete_safetensors, is_hub_id,
+                         weight_files)
 
 from .storage import is_local, reader_fs
 
@@ -64,13 +65,19 @@ def check_model(model: str, storage_options: dict | None = None, tensor_parallel
                 return check_hub_model(model, tensor_parallel_size)
             what = "a file, not a checkpoint folder" if folder.exists() else "no such checkpoint folder"
             raise FileNotFoundError(f"model {model!r}: {what} (nor a hub id owner/name)")
-        weight_files(folder)        # CheckpointError: pickle weights only, no weights, shards missing
+        for path in weight_files(folder):   # CheckpointError: pickle weights only, no weights, shards missing
+            with path.open("rb") as f:
+                check_complete_safetensors(str(path), f, path.stat().st_size)
         names = {p.name for p in folder.iterdir()}
         read_config = (folder / CONFIG_NAME).read_bytes
     else:
-        names = {r for r in remote_files(model, storage_options) if "/" not in r}
+        listing = remote_files(model, storage_options)
+        names = {r for r in listing if "/" not in r}
         check_listed_weights(model, names)
         fs, root = reader_fs(model, storage_options)
+        for name in sorted(n for n in names if n.endswith(".safetensors")):
+            with fs.open(posixpath.join(root.rstrip("/"), name), "rb", block_size=1 << 20) as f:
+                check_complete_safetensors(f"{model.rstrip('/')}/{name}", f, listing[name])
         read_config = lambda: fs.cat_file(posixpath.join(root.rstrip("/"), CONFIG_NAME))  # noqa: E731
     check_required_files(model, names)
     check_config(model, read_config(), tensor_parallel_size)

@@ -170,6 +170,25 @@ def test_pickle_weights_only_are_refused(checkpoint, tmp_path):
         check_model(str(folder))
 
 
+@pytest.mark.parametrize("keep", [0.5, 4 / (1 << 20), 1 - 1 / (1 << 20)])
+def test_weights_cut_short_are_refused(checkpoint, tmp_path, keep):
+    """A download or copy cut short: each replica's load would fail in turn, minutes in."""
+    folder = copy_without(checkpoint, tmp_path)
+    weights = folder / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(max(int(weights.stat().st_size * keep), 1))
+    with pytest.raises(CheckpointError, match="model.safetensors is not a complete safetensors file"):
+        check_model(str(folder))
+
+
+def test_weights_that_are_not_safetensors_are_refused(checkpoint, tmp_path):
+    folder = copy_without(checkpoint, tmp_path)
+    header = b"{not json"
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CheckpointError, match="is not a safetensors file"):
+        check_model(str(folder))
+
+
 @pytest.mark.parametrize("path", ["/no/such/checkpoint", "./ckpt", "~/models/x", "a/b/c"])
 def test_a_path_that_is_no_folder_nor_a_hub_id(path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):

@@ -141,6 +141,10 @@ def test_a_model_url_the_actors_could_not_load_is_refused_before_any_work(s3, ch
     s3.pipe("bucket/models/pickled/pytorch_model.bin", b"pickle")
     with pytest.raises(CheckpointError, match="no safetensors weights"):
         check_model("s3://bucket/models/pickled")
+    upload_checkpoint(s3, checkpoint, "bucket/models/cut")
+    s3.pipe("bucket/models/cut/model.safetensors", (checkpoint / "model.safetensors").read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="s3://bucket/models/cut/model.safetensors is not a complete"):
+        check_model("s3://bucket/models/cut/")                  # an upload cut short: read by ranges
     with pytest.raises(FileNotFoundError, match="no checkpoint files"):
         run_job("s3://bucket/in/", "s3://bucket/never-out", PipelineConfig(model="s3://bucket/models/typo"))
     assert not s3.exists("bucket/never-out")
