@@ -97,17 +97,22 @@ def check_column_types(schema: pa.Schema, config: PipelineConfig, source: str, r
     job with it), images bytes, paths or HF datasets' {bytes, path} structs, or lists of those
     (anything else would make every row an error row): refused before any work."""
     for field in schema:
-        name = renames.get(field.name, field.name)
-        if name == config.question_column and not (is_text(field.type) or pa.types.is_null(field.type)):
+        name, type_ = renames.get(field.name, field.name), values_of(field.type)
+        if name == config.question_column and not (is_text(type_) or pa.types.is_null(type_)):
             raise ValueError(f"input {source!r}: the question column {field.name!r} holds {field.type}, not text")
-        if name == config.image_column and not holds_images(field.type):
+        if name == config.image_column and not holds_images(type_):
             raise ValueError(f"input {source!r}: the image column {field.name!r} holds {field.type}, not image bytes, "
                              "paths or {bytes, path} structs")
 
 
+def values_of(type_: pa.DataType) -> pa.DataType:
+    """A dictionary-encoded column's values (pandas' categoricals are written so)."""
+    return type_.value_type if pa.types.is_dictionary(type_) else type_
+
+
 def holds_images(type_: pa.DataType) -> bool:
     if pa.types.is_list(type_) or pa.types.is_large_list(type_):      # several images a row
-        type_ = type_.value_type
+        type_ = values_of(type_.value_type)
     return is_text(type_) is not None or pa.types.is_struct(type_) or pa.types.is_null(type_)
 
 

@@ -3,6 +3,7 @@ started or joined."""
 import re
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import PipelineConfig
@@ -61,6 +62,10 @@ def test_images_and_questions_of_every_accepted_type_pass(checkpoint, tmp_path):
                                            ([struct], "q")]):
         source = write_parquet(tmp_path / f"in{i}.parquet", [{"id": "a", "image": image, "question": question}])
         prepare_job(str(source), str(tmp_path / f"out{i}"), PipelineConfig(model=str(checkpoint)))
+    categorical = pa.table({"id": ["a", "b"], "image": pa.array(["x.png", "x.png"]).dictionary_encode(),
+                            "question": pa.array(["q", "q"]).dictionary_encode()})     # as pandas writes categoricals
+    pq.write_table(categorical, tmp_path / "cat.parquet")
+    prepare_job(str(tmp_path / "cat.parquet"), str(tmp_path / "out-cat"), PipelineConfig(model=str(checkpoint)))
 
 
 def test_a_mistyped_or_repeating_id_column_is_named_before_any_work(checkpoint, tmp_path):
