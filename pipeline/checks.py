@@ -46,6 +46,17 @@ def check_output_outside_input(input_uri: str, output_uri: str, storage_options:
                          "outside it")
 
 
+def check_input_excludes_output(files: list[str], output_uri: str, storage_options: dict | None) -> None:
+    """No input file may be one of the output's or its checkpoint's (a glob input such as
+    `data/*/*.parquet` with the output `data/answers` matches them once they exist)."""
+    _, output = fsspec_fs(output_uri, storage_options)
+    output = posixpath.normpath(output)
+    ours = [f for f in files if f.startswith((output + "/", output + ".checkpoint/"))]
+    if ours:
+        raise ValueError(f"the input matches {len(ours)} files of the output {output_uri!r} or its checkpoint (e.g. "
+                         f"{ours[0]}): they would be read as input rows. Choose an output the input does not match")
+
+
 def is_folder(fs, path: str) -> bool:
     try:
         return fs.isdir(path)

@@ -14,8 +14,8 @@ import ray.data
 
 from .builder import build_processor
 from .checkpoint import check_model
-from .checks import (check_column_types, check_columns, check_ids, check_image_root, check_input_files,
-                     check_output_outside_input, read_schema)
+from .checks import (check_column_types, check_columns, check_ids, check_image_root, check_input_excludes_output,
+                     check_input_files, check_output_outside_input, read_schema)
 from .config import PipelineConfig
 from .generate import release_replica_groups
 from .io import input_dataset, input_folder, read_output, read_rows, write_rows
@@ -134,6 +134,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     with writing_output(output_uri):
         check_output(output_uri, opts, resume, overwrite)
     footers = check_input_files(input_uri, opts)
+    check_input_excludes_output(list(footers), output_uri, opts)
     renames = dict(renames or {})
     rows = input_dataset(input_uri, opts)
     check_columns([renames.get(name, name) for name in rows.schema.names], config, input_uri)

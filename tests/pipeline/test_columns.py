@@ -120,3 +120,13 @@ def test_an_output_inside_the_input_folder_is_refused(checkpoint, tmp_path):
                            (tmp_path / "data" / "a.parquet", tmp_path / "data" / "answers"),   # one file is read
                            (tmp_path / "data" / "*.parquet", tmp_path / "data" / "answers")):   # the glob's files
         assert prepare_job(str(source), str(output), config).input_rows == 2
+
+
+def test_a_glob_input_that_matches_the_outputs_files_is_refused(checkpoint, tmp_path):
+    """A fresh run cannot tell (the output is empty); its resume names the files the glob matches."""
+    write_parquet(tmp_path / "data" / "en" / "a.parquet", good_rows(2))
+    write_parquet(tmp_path / "data" / "answers" / "part-0.parquet", [{"id": "row-0", "answer": "x"}])
+    (tmp_path / "data" / "answers.checkpoint").mkdir()
+    with pytest.raises(ValueError, match=r"the input matches 1 files of the output .* \(e.g. .*answers/part-0.parquet"):
+        prepare_job(str(tmp_path / "data" / "*" / "*.parquet"), str(tmp_path / "data" / "answers"),
+                    PipelineConfig(model=str(checkpoint)), resume=True)
