@@ -2,17 +2,25 @@
 cause in one line, where Ray Data would fail the job when it reached it."""
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
+import io
 import posixpath
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from .checkpoint import remote_files
 from .config import PipelineConfig
 from .io import read_footers
-from .storage import fsspec_fs, lists_folders, protocol_of, reader_fs
+from .preprocess import row_encoder
+from .storage import fsspec_fs, is_local, lists_folders, protocol_of, reader_fs
 
 
 def check_image_root(root: str | None, storage_options: dict | None) -> None:
@@ -30,6 +38,45 @@ def check_image_root(root: str | None, storage_options: dict | None) -> None:
     if missing:
         raise FileNotFoundError(f"image root {root!r}: no such folder (relative image paths of the rows "
                                 "are read from it)")
+
+
+def check_row_encoding(config: PipelineConfig) -> None:
+    """The CPU stage's encoder, built from the checkpoint's processor files as its actors build it,
+    must make a row's prompt and ids: a chat template that does not render (or that refuses
+    --system-prompt's system turn), a tokenizer.json cut short, image settings it cannot apply would
+    otherwise fail every CPU-stage actor, and the job, once a cluster is up. A hub id is left to them."""
+    if is_local(config.model) and not Path(config.model).expanduser().is_dir():
+        return
+    with processor_folder(config.model, config.storage_options) as folder:
+        try:
+            encoder = row_encoder(replace(config, max_image_pixels=None), folder, image_backend="pil")
+            encoder.encode(sample_png(), "What is in the image?")
+        except Exception as e:      # whatever it is, every row would meet it
+            raise ValueError(f"model {config.model!r}: its processor files cannot make a row's prompt "
+                             f"({type(e).__name__}: {e})") from None
+
+
+@contextlib.contextmanager
+def processor_folder(model: str, storage_options: dict | None) -> Iterator[str]:
+    """A local checkpoint folder as it is; a URL's files but its weights, copied to a temporary folder."""
+    if is_local(model):
+        yield model
+        return
+    fs, root = reader_fs(model, storage_options)
+    with tempfile.TemporaryDirectory() as folder:
+        for relative in remote_files(model, storage_options):
+            if not relative.endswith(".safetensors"):
+                (Path(folder) / relative).parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(posixpath.join(root.rstrip("/"), relative), str(Path(folder) / relative))
+        yield folder
+
+
+def sample_png() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (48, 32), (200, 40, 40)).save(out, format="PNG")
+    return out.getvalue()
 
 
 def check_output_outside_input(input_uri: str, output_uri: str, storage_options: dict | None) -> None:

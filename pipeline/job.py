@@ -15,7 +15,7 @@ import ray.data
 from .builder import build_processor
 from .checkpoint import check_model
 from .checks import (check_column_types, check_columns, check_ids, check_image_root, check_input_excludes_output,
-                     check_input_files, check_output_outside_input, read_schema)
+                     check_input_files, check_output_outside_input, check_row_encoding, read_schema)
 from .config import PipelineConfig
 from .generate import release_replica_groups
 from .io import input_dataset, input_folder, read_output, read_rows, write_rows
@@ -128,6 +128,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
         raise ValueError("limit is for a fresh run; resume without it to answer the rest")
     opts = config.storage_options
     check_model(config.model, opts, config.tensor_parallel_size)
+    check_row_encoding(config)
     check_image_root(config.image_root, opts)
     config = with_image_root(config, input_uri)
     check_output_outside_input(input_uri, output_uri, opts)

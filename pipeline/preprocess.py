@@ -26,14 +26,18 @@ ENCODED_FIELDS = [("question", pa.string()), ("input_ids", pa.list_(pa.int32()))
                   ("frames_shape", pa.list_(pa.int32())), ("image_key", pa.string()), ("error", pa.string())]
 
 
+def row_encoder(config: PipelineConfig, folder: str, image_backend: str | None = None):
+    """processing.RowEncoder of the checkpoint's processor files in `folder`, with the job's settings."""
+    from processing import RowEncoder
+
+    kwargs = {} if config.max_image_pixels is None else {"max_image_pixels": config.max_image_pixels}
+    return RowEncoder.from_pretrained(folder, image_backend=image_backend or config.image_backend, **kwargs,
+                                      system_prompt=config.system_prompt, **config.image_settings())
+
+
 class Preprocess:
     def __init__(self, config: PipelineConfig):
-        from processing import RowEncoder
-
-        kwargs = {} if config.max_image_pixels is None else {"max_image_pixels": config.max_image_pixels}
-        model = local_checkpoint(config.model, config.storage_options)
-        self.encoder = RowEncoder.from_pretrained(model, image_backend=config.image_backend, **kwargs,
-                                                  system_prompt=config.system_prompt, **config.image_settings())
+        self.encoder = row_encoder(config, local_checkpoint(config.model, config.storage_options))
         self.config = config
         self.fetcher = ImageFetcher(config.storage_options, root=config.image_root, threads=config.fetch_threads,
                                     attempts=config.fetch_attempts, timeout_s=config.fetch_timeout_s)

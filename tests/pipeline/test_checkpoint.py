@@ -189,6 +189,41 @@ def test_weights_that_are_not_safetensors_are_refused(checkpoint, tmp_path):
         check_model(str(folder))
 
 
+REFUSE_SYSTEM = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+
+
+@pytest.mark.parametrize("template,system,says", [
+    ("{% for m in messages %}{{ m.content ", None, "ChatTemplateError: chat template failed: unexpected end of template"),
+    (REFUSE_SYSTEM + "{original}", "Be brief.", "System role not supported"),
+])
+def test_a_chat_template_that_cannot_make_a_rows_prompt_is_refused(checkpoint, tmp_path, template, system, says):
+    """Else every CPU-stage actor, and the job, would fail on it once a cluster is up."""
+    from pipeline import PipelineConfig
+    from pipeline.checks import check_row_encoding
+
+    folder = copy_without(checkpoint, tmp_path)
+    original = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").write_text(template.replace("{original}", original))
+    with pytest.raises(ValueError, match=f"its processor files cannot make a row's prompt .*{says}"):
+        check_row_encoding(PipelineConfig(model=str(folder), system_prompt=system))
+    if system:
+        check_row_encoding(PipelineConfig(model=str(folder)))          # without the system turn it renders
+
+
+def test_a_tokenizer_cut_short_is_refused_before_any_work(checkpoint, tmp_path):
+    from pipeline import PipelineConfig
+    from pipeline.job import prepare_job
+    from tests.pipeline.helpers import good_rows, write_parquet
+
+    folder = copy_without(checkpoint, tmp_path)
+    text = (folder / "tokenizer.json").read_bytes()
+    (folder / "tokenizer.json").write_bytes(text[:len(text) // 2])
+    source = write_parquet(tmp_path / "in.parquet", good_rows(1))
+    with pytest.raises(ValueError, match="its processor files cannot make a row's prompt"):
+        prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(folder)))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("path", ["/no/such/checkpoint", "./ckpt", "~/models/x", "a/b/c"])
 def test_a_path_that_is_no_folder_nor_a_hub_id(path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):

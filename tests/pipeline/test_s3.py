@@ -127,9 +127,15 @@ def test_a_checkpoint_on_s3_is_copied_once_per_node_and_again_when_it_changes(s3
 def test_a_model_url_the_actors_could_not_load_is_refused_before_any_work(s3, checkpoint):
     from model.files import CheckpointError
     from pipeline.checkpoint import check_model
+    from pipeline.checks import check_row_encoding
 
     upload_checkpoint(s3, checkpoint, "bucket/models/whole")
     check_model("s3://bucket/models/whole/")
+    check_row_encoding(PipelineConfig(model="s3://bucket/models/whole/"))     # its processor files, copied
+    s3.pipe("bucket/models/whole/chat_template.jinja", b"{% for m in messages %}")
+    with pytest.raises(ValueError, match="s3://bucket/models/whole/'?: its processor files cannot make a row's prompt"):
+        check_row_encoding(PipelineConfig(model="s3://bucket/models/whole/"))
+    upload_checkpoint(s3, checkpoint, "bucket/models/whole")
     with pytest.raises(CheckpointError, match="is not divisible by tensor_parallel_size 2"):
         check_model("s3://bucket/models/whole/", tensor_parallel_size=2)        # its config.json, read remotely
     for file in checkpoint.iterdir():           # the tokenizer forgotten in the upload
