@@ -27,6 +27,7 @@ from .sampler import NON_FINITE, SamplingState, flag_non_finite, model_tokens, s
 from .scheduler import Scheduler, Sequence
 from .stop_strings import StopStringMatcher
 from .types import NonFiniteLogitsError, Request, Result
+from .validation import check_request
 
 _GIB = 1 << 30
 
@@ -157,34 +158,7 @@ class LLMEngine:
     # ---- requests -----------------------------------------------------------------------------
     def check_request(self, request: Request) -> None:
         """ValueError naming the request if the engine cannot run it (checked before any work starts)."""
-        rid, n = request.request_id, len(request.prompt_ids)
-        if n == 0:
-            raise ValueError(f"request {rid!r}: empty prompt")
-        vocab = self.text_config.vocab_size
-        outside = [t for t in (min(request.prompt_ids), max(request.prompt_ids)) if not 0 <= t < vocab]
-        if outside:     # on CUDA the embedding's lookup would be a device-side assert: the replica lost
-            raise ValueError(f"request {rid!r}: token id {outside[0]} is outside the model's vocabulary of {vocab} "
-                             "(is the tokenizer the checkpoint's?)")
-        if request.sampling.stop and self.tokenizer is None:
-            raise ValueError(f"request {rid!r}: stop strings need the engine's tokenizer")
-        total = n + request.sampling.max_new_tokens
-        if total > self.text_config.max_position_embeddings:
-            raise ValueError(f"request {rid!r}: prompt ({n}) + max_new_tokens exceeds the model's "
-                             f"{self.text_config.max_position_embeddings} positions")
-        n_image = sum(1 for t in request.prompt_ids if t == self.model.config.image_token_id)
-        pv = request.pixel_values
-        if pv is None:
-            return
-        if pv.dim() != 4:
-            raise ValueError(f"request {rid!r}: pixel_values must be (n_frames, 3, H, W), got {tuple(pv.shape)}")
-        if bool((pv.flatten(1) == 0).all(1).any()):
-            raise ValueError(f"request {rid!r}: a frame of pixel_values is all zeros (read as padding)")
-        cfg = self.model.config
-        p, s = cfg.vision_config.patch_size, cfg.scale_factor
-        per_frame = (pv.shape[-2] // p) * (pv.shape[-1] // p) // (s * s)
-        if n_image != pv.shape[0] * per_frame:
-            raise ValueError(f"request {rid!r}: {n_image} image tokens in the prompt but {pv.shape[0]} frames "
-                             f"x {per_frame} features")
+        check_request(request, self.model.config, has_tokenizer=self.tokenizer is not None)
 
     def _sequence(self, request: Request) -> Sequence:
         stop = request.sampling.stop_token_ids

@@ -1,0 +1,38 @@
+"""What the engine refuses before any work starts: each ValueError names the request and the cause."""
+from __future__ import annotations
+
+from .types import Request
+
+
+def check_request(request: Request, config, has_tokenizer: bool) -> None:
+    """`config`: the model's Idefics3Config."""
+    rid, n = request.request_id, len(request.prompt_ids)
+    if n == 0:
+        raise ValueError(f"request {rid!r}: empty prompt")
+    text = config.text_config
+    outside = [t for t in (min(request.prompt_ids), max(request.prompt_ids)) if not 0 <= t < text.vocab_size]
+    if outside:     # on CUDA the embedding's lookup would be a device-side assert: the replica lost
+        raise ValueError(f"request {rid!r}: token id {outside[0]} is outside the model's vocabulary of "
+                         f"{text.vocab_size} (is the tokenizer the checkpoint's?)")
+    if request.sampling.stop and not has_tokenizer:
+        raise ValueError(f"request {rid!r}: stop strings need the engine's tokenizer")
+    if n + request.sampling.max_new_tokens > text.max_position_embeddings:
+        raise ValueError(f"request {rid!r}: prompt ({n}) + max_new_tokens exceeds the model's "
+                         f"{text.max_position_embeddings} positions")
+    if request.pixel_values is not None:
+        check_pixels(request, config)
+
+
+def check_pixels(request: Request, config) -> None:
+    """Frames of the right rank, none all zeros (padding), as many image features as image tokens."""
+    rid, pv = request.request_id, request.pixel_values
+    if pv.dim() != 4:
+        raise ValueError(f"request {rid!r}: pixel_values must be (n_frames, 3, H, W), got {tuple(pv.shape)}")
+    if bool((pv.flatten(1) == 0).all(1).any()):
+        raise ValueError(f"request {rid!r}: a frame of pixel_values is all zeros (read as padding)")
+    p, s = config.vision_config.patch_size, config.scale_factor
+    per_frame = (pv.shape[-2] // p) * (pv.shape[-1] // p) // (s * s)
+    n_image = sum(1 for t in request.prompt_ids if t == config.image_token_id)
+    if n_image != pv.shape[0] * per_frame:
+        raise ValueError(f"request {rid!r}: {n_image} image tokens in the prompt but {pv.shape[0]} frames "
+                         f"x {per_frame} features")
