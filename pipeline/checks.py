@@ -151,13 +151,16 @@ def read_schema(footers: dict[str, pq.FileMetaData], columns: list[str], source:
 
 
 def check_column_types(schema: pa.Schema, config: PipelineConfig, source: str, renames: dict[str, str]) -> None:
-    """Questions must be text (a number or a list would fail every block of the CPU stage, and the
-    job with it), images bytes, paths or HF datasets' {bytes, path} structs, or lists of those
-    (anything else would make every row an error row): refused before any work."""
+    """Ids must be text or integers (the output's key, sorted by Ray's checkpoint), questions text (a
+    number or a list would fail every block of the CPU stage, and the job with it), images bytes,
+    paths or HF datasets' {bytes, path} structs, or lists of those (anything else would make every
+    row an error row): refused before any work."""
     for field in schema:
         name, type_ = renames.get(field.name, field.name), values_of(field.type)
         if name == config.question_column and not (is_text(type_) or pa.types.is_null(type_)):
             raise ValueError(f"input {source!r}: the question column {field.name!r} holds {field.type}, not text")
+        if name == config.id_column and not (is_text(type_) or pa.types.is_integer(type_)):
+            raise ValueError(f"input {source!r}: the id column {field.name!r} holds {field.type}, not text or integers")
         if name == config.image_column and not holds_images(type_):
             raise ValueError(f"input {source!r}: the image column {field.name!r} holds {field.type}, not image bytes, "
                              "paths or {bytes, path} structs")

@@ -42,11 +42,12 @@ def test_a_mistyped_question_column_is_named_before_any_work(checkpoint, tmp_pat
     ("question", [5, 6], "the question column 'question' holds int64, not text"),
     ("question", [["a"], ["b"]], "the question column 'question' holds list<element: string>, not text"),
     ("image", [1.5, 2.5], "the image column 'image' holds double, not image bytes"),
+    ("id", [[1], [2]], "the id column 'id' holds list<element: int64>, not text or integers"),
 ])
 def test_a_question_or_image_column_of_another_type_is_named_before_any_work(checkpoint, tmp_path, column, values,
                                                                            says):
     """Questions that are not text failed every CPU-stage block (the job with it); images of another
-    type made every row an error row."""
+    type made every row an error row; ids that are lists failed the id check obscurely."""
     rows = [{"id": i, "image": b"x", "question": "q"} for i in "ab"]
     for row, value in zip(rows, values):
         row[column] = value
