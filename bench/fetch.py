@@ -12,10 +12,15 @@ in-region is typically 10-50 ms). Three readers over the same block of `--images
 - N threads: today's default (`--fetch-threads`, 16).
 
 Every reader's bytes are checked equal to the files'. Best of `--rounds`; ratios against "before".
+
+Then S3 with `--latency-ms` a request (a client-side delay before each request is sent; moto
+itself answers at once): today's ranged GET of each file against a whole-object read, for which
+s3fs first sends a HEAD for the object's size (what the fetcher did until the byte limit).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import socket
@@ -28,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.linear import cpu_name  # noqa: E402
 from pipeline.fetch import ImageFetcher  # noqa: E402
-from pipeline.storage import fsspec_fs  # noqa: E402
+from pipeline.storage import fsspec_fs, reader_fs  # noqa: E402
 
 
 def read_before(urls: list[str]) -> list[bytes]:
@@ -112,6 +117,30 @@ def bench_store(store: str, urls: list[str], expected: list[bytes], threads: int
     many.close()
 
 
+class WholeObjectFetcher(ImageFetcher):
+    def _read_once(self, url: str) -> bytes:
+        fs, path = reader_fs(url, self.storage_options)
+        return fs.cat_file(path, timeout=self.timeout_s)
+
+
+def bench_s3_round_trips(urls: list[str], expected: list[bytes], latency_ms: float, threads: int,
+                         rounds: int) -> None:
+    async def delay(**_):
+        await asyncio.sleep(latency_ms / 1000)
+
+    fs, path = reader_fs(urls[0])
+    fs.cat_file(path)                   # connects: the client whose requests are delayed
+    fs.s3.meta.events.register("before-send.s3", delay)
+    for n in (1, threads):
+        whole, ranged = WholeObjectFetcher(threads=n), ImageFetcher(threads=n)
+        before, now = (best_rate(f.fetch, urls, expected, rounds) for f in (whole, ranged))
+        print(f"| S3, {latency_ms:g} ms a request, {n} thread{'s' * (n > 1)} | {before:,.0f} img/s | "
+              f"{now:,.0f} img/s ({now / before:.1f}x) |")
+        whole.close()
+        ranged.close()
+    fs.s3.meta.events.unregister("before-send.s3", delay)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=128)
@@ -127,13 +156,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| store | before | 1 thread | {args.threads} threads |\n|---|---|---|---|")
     urls, moto = moto_s3(files)
     bench_store("S3 (moto, loopback)", urls, expected, args.threads, args.rounds)
-    moto.stop()
     for latency in args.latency_ms:
         server = slow_http_server(files, latency / 1000)
         base = f"http://127.0.0.1:{server.server_address[1]}"
         bench_store(f"HTTP, {latency:g} ms a request", [base + name for name in files], expected,
                     args.threads, args.rounds)
         server.shutdown()
+    print("\n| S3 reads | whole object (HEAD + GET) | ranged GET |\n|---|---|---|")
+    for latency in [ms for ms in args.latency_ms if ms > 0]:
+        bench_s3_round_trips(urls, expected, latency, args.threads, args.rounds)
+    moto.stop()
 
 
 if __name__ == "__main__":

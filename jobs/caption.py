@@ -21,8 +21,8 @@ DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image
                 stop=None, seed=None, replicas=None, tensor_parallel_size=1, cpu_workers=None, batch_size=16,
                 max_batch_size=64, batches_in_flight=None, keep_columns="", rows_per_file=1000, resume=False,
                 limit=None, image_backend="pil", image_longest_edge=None, image_splitting=None, storage_options=None,
-                max_image_pixels=None, image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0,
-                step_timeout_s=600.0, device=None, dtype=None, show=5)
+                max_image_pixels=None, max_image_bytes=None, image_root=None, fetch_threads=16, fetch_attempts=3,
+                fetch_timeout_s=60.0, step_timeout_s=600.0, device=None, dtype=None, show=5)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

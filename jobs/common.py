@@ -35,6 +35,8 @@ def add_run_flags(ap) -> None:
     add_image_flags(ap)
     ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')
     ap.add_argument("--max-image-pixels", type=int, help="larger images become error rows")
+    ap.add_argument("--max-image-bytes", type=int,
+                    help="larger image files become error rows, read no further than the limit (default 256 MiB)")
     ap.add_argument("--image-root", help="folder (local or URL) that relative image paths are read from "
                                          "(default: the input's folder)")
     ap.add_argument("--fetch-threads", type=int,

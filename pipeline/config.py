@@ -45,6 +45,8 @@ class PipelineConfig:
                                                 # checkpoint's); smaller = fewer tiles, faster answers
     image_splitting: bool | None = None         # do_image_splitting (None: the checkpoint's); False = one frame
     max_image_pixels: int | None = None         # larger images become error rows (None = processing's default)
+    max_image_bytes: int | None = None          # larger image files become error rows, read no further
+                                                # (None = processing's default, 256 MiB)
     device: str | None = None                   # None: cuda when the cluster has GPUs, else cpu
     dtype: str | None = None                    # one of DTYPES; None: model.loading.compute_dtype (bfloat16
                                                 # on GPUs from Ampere on, float16 before), float32 on cpu
@@ -64,7 +66,8 @@ class PipelineConfig:
         self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c not in OUTPUT_COLUMNS]
         positive = ["max_new_tokens", "tensor_parallel_size", "batch_size", "max_batch_size",
                     "rows_per_file", "fetch_threads", "fetch_attempts"]
-        optional = ("replicas", "batches_in_flight", "cpu_workers", "image_longest_edge", "max_image_pixels")
+        optional = ("replicas", "batches_in_flight", "cpu_workers", "image_longest_edge", "max_image_pixels",
+                    "max_image_bytes")
         positive += [n for n in optional if getattr(self, n) is not None]
         for name in positive:
             if getattr(self, name) < 1:

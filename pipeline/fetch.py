@@ -6,6 +6,10 @@ instance per protocol and options in the process (storage.reader_fs), and a file
 rows is read once. A read that fails for a reason that may pass (a timeout, a reset connection,
 throttling, a 5xx, no answer within the timeout) is tried again after a back-off; a missing or forbidden file is not. Every row
 gets its bytes or a RowError that names what it asked for and why that failed.
+
+Each file is read by one ranged GET of at most one byte past the size limit: a file that is not an
+image (a video, an archive, a multi-GB scan) costs that much memory, not its size; and s3fs, asked
+for a whole object, first sends a HEAD for its size: a second round trip per image.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from processing.decode import DEFAULT_MAX_BYTES
 
 from .rows import RowError
 from .storage import reader_fs
@@ -85,10 +91,17 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, NETWORK_ERRORS) and not isinstance(error, PERMANENT)
 
 
+def is_range_not_satisfiable(error: BaseException) -> bool:
+    """A ranged read of an empty object: HTTP 416 (aiohttp's status; s3fs's OSError says it)."""
+    return getattr(error, "status", None) == 416 or "range is not satisfiable" in str(error).lower()
+
+
 class ImageFetcher:
     def __init__(self, storage_options: dict | None = None, *, root: str | None = None, threads: int = 16,
-                 attempts: int = 3, timeout_s: float = 60.0, backoff_s: float = 0.5) -> None:
+                 attempts: int = 3, timeout_s: float = 60.0, backoff_s: float = 0.5,
+                 max_bytes: int | None = None) -> None:
         self.storage_options, self.root = storage_options, root
+        self.max_bytes = max_bytes or DEFAULT_MAX_BYTES
         self.attempts, self.timeout_s, self.backoff_s = attempts, timeout_s, backoff_s
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="image-fetch")
 
@@ -121,7 +134,11 @@ class ImageFetcher:
     def read(self, url: str) -> bytes | RowError:
         for attempt in range(1, self.attempts + 1):
             try:
-                return self._read_once(url)
+                data = self._read_once(url)
+                if len(data) > self.max_bytes:
+                    return RowError(f"image file {redact_url(url)!r} is larger than the limit of {self.max_bytes} "
+                                    f"bytes (max_image_bytes)")
+                return data
             except Exception as e:  # missing file, no permission, network: the row fails, not the job
                 if attempt == self.attempts or not is_transient(e):
                     tries = f" (after {attempt} attempts)" if attempt > 1 else ""
@@ -132,11 +149,15 @@ class ImageFetcher:
 
     def _read_once(self, url: str) -> bytes:
         fs, path = reader_fs(url, self.storage_options)
-        if getattr(fs, "async_impl", False):
-            # fsspec's sync() cancels the read past `timeout` (FSTimeoutError, worth another try):
-            # a server that accepts and never answers costs one attempt, not aiohttp's 5 minutes.
-            return fs.cat_file(path, timeout=self.timeout_s)
-        return fs.cat_file(path)
+        # fsspec's sync() cancels an async store's read past `timeout` (FSTimeoutError, worth another
+        # try): a server that accepts and never answers costs one attempt, not aiohttp's 5 minutes.
+        timeout = {"timeout": self.timeout_s} if getattr(fs, "async_impl", False) else {}
+        try:
+            return fs.cat_file(path, start=0, end=self.max_bytes + 1, **timeout)
+        except Exception as e:
+            if is_range_not_satisfiable(e):
+                return b""      # the decoder names it: "image data is empty"
+            raise
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

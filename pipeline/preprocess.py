@@ -30,7 +30,8 @@ def row_encoder(config: PipelineConfig, folder: str, image_backend: str | None =
     """processing.RowEncoder of the checkpoint's processor files in `folder`, with the job's settings."""
     from processing import RowEncoder
 
-    kwargs = {} if config.max_image_pixels is None else {"max_image_pixels": config.max_image_pixels}
+    limits = ("max_image_pixels", "max_image_bytes")
+    kwargs = {name: getattr(config, name) for name in limits if getattr(config, name) is not None}
     return RowEncoder.from_pretrained(folder, image_backend=image_backend or config.image_backend, **kwargs,
                                       system_prompt=config.system_prompt, **config.image_settings())
 
@@ -40,7 +41,8 @@ class Preprocess:
         self.encoder = row_encoder(config, local_checkpoint(config.model, config.storage_options))
         self.config = config
         self.fetcher = ImageFetcher(config.storage_options, root=config.image_root, threads=config.fetch_threads,
-                                    attempts=config.fetch_attempts, timeout_s=config.fetch_timeout_s)
+                                    attempts=config.fetch_attempts, timeout_s=config.fetch_timeout_s,
+                                    max_bytes=config.max_image_bytes)
         self.recent: OrderedDict[str, tuple] = OrderedDict()    # image key -> its frames, rows, cols (made once)
         self.ledger = CrashLedger(ledger_path("preprocess"))
 

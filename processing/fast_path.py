@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .decode import DEFAULT_MAX_PIXELS, check_size, decode_image
+from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, check_size, decode_image
 from .errors import ImageDecodeError, PromptError
 from .pixels import frames_to_pixel_values
 from .processor import FAKE, GLOBAL, IMAGE, Idefics3Processor, _local_path, expand_image
@@ -62,14 +62,15 @@ class RowEncoder:
     """Encodes dataset rows for the GPU workers; raises InputError subclasses for bad rows."""
 
     def __init__(self, processor: Idefics3Processor, max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 max_length: int | None = None, system_prompt: str | None = None):
+                 max_length: int | None = None, system_prompt: str | None = None,
+                 max_image_bytes: int | None = DEFAULT_MAX_BYTES):
         if system_prompt is not None:
             check_question(system_prompt)
         self.system_prompt = system_prompt or None
         self.processor = processor
         self.image_processor = processor.image_processor
         self.tokenizer: Tokenizer = processor.tokenizer
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels, self.max_image_bytes = max_image_pixels, max_image_bytes
         self.max_length = max_length
         self._template = _resolve(processor)
         self._blocks: dict[tuple[int, int], list[int]] = {}
@@ -78,13 +79,13 @@ class RowEncoder:
     @classmethod
     def from_pretrained(cls, path: str | Path, image_backend: str = "pil",
                         max_image_pixels: int | None = DEFAULT_MAX_PIXELS, system_prompt: str | None = None,
-                        **image_settings: Any) -> "RowEncoder":
+                        max_image_bytes: int | None = DEFAULT_MAX_BYTES, **image_settings: Any) -> "RowEncoder":
         """`system_prompt`: a system turn before every row's user turn; `image_settings`: overrides
         of the image processor's config (Idefics3Processor.from_pretrained)."""
         path = _local_path(path)
         processor = Idefics3Processor.from_pretrained(path, image_backend=image_backend, **image_settings)
         return cls(processor, max_image_pixels=max_image_pixels, max_length=_context_length(path, processor),
-                   system_prompt=system_prompt)
+                   system_prompt=system_prompt, max_image_bytes=max_image_bytes)
 
     @property
     def recipe(self) -> str:
@@ -117,7 +118,7 @@ class RowEncoder:
     def image_frames(self, image: Any) -> tuple[np.ndarray, int, int]:
         """Decode (bytes) or check (PIL) the image, then resize/tile it to uint8 frames."""
         if isinstance(image, (bytes, bytearray, memoryview)):
-            image = decode_image(image, max_pixels=self.max_image_pixels)
+            image = decode_image(image, max_pixels=self.max_image_pixels, max_bytes=self.max_image_bytes)
         elif type(image).__module__.startswith("PIL."):
             check_size(image.width, image.height, self.max_image_pixels)
         else:

@@ -152,3 +152,6 @@ def test_flags_reach_the_pipeline_config(tmp_path):
         pipeline_config(merge_args(parse_args(["--top-k", "-1"]), DEFAULTS))
     with pytest.raises(ValueError, match="max_image_pixels must be >= 1"):
         pipeline_config(merge_args(parse_args(["--max-image-pixels", "0"]), DEFAULTS))
+    with pytest.raises(ValueError, match="max_image_bytes must be >= 1"):
+        pipeline_config(merge_args(parse_args(["--max-image-bytes", "0"]), DEFAULTS))
+    assert pipeline_config(merge_args(parse_args(["--max-image-bytes", "1000"]), DEFAULTS)).max_image_bytes == 1000

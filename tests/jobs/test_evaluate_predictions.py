@@ -243,13 +243,13 @@ def test_run_flags_reach_the_pipeline_config():
     args = job.parse_args(["--input", "x.parquet", "--model", "m", "--tensor-parallel-size", "2", "--replicas", "3",
                            "--max-batch-size", "8", "--batches-in-flight", "2", "--step-timeout", "0",
                            "--image-backend", "torch", "--fetch-threads", "4", "--fetch-attempts", "5",
-                           "--fetch-timeout", "9", "--max-image-pixels", "1000000", "--dtype", "float32",
+                           "--fetch-timeout", "9", "--max-image-pixels", "1000000", "--max-image-bytes", "7", "--dtype", "float32",
                            "--storage-options", '{"anon": true}'])
     config = job.pipeline_config(args, ["answers"])
     assert (config.tensor_parallel_size, config.replicas, config.max_batch_size, config.batches_in_flight,
             config.step_timeout_s, config.image_backend, config.fetch_threads, config.fetch_attempts,
-            config.fetch_timeout_s, config.max_image_pixels, config.dtype) == (2, 3, 8, 2, 0, "torch", 4, 5, 9, 10**6,
-                                                                               "float32")
+            config.fetch_timeout_s, config.max_image_pixels, config.max_image_bytes, config.dtype) == (
+        2, 3, 8, 2, 0, "torch", 4, 5, 9, 10**6, 7, "float32")
     assert config.storage_options == {"anon": True} and config.keep_columns == ["answers"]
     plain = job.pipeline_config(job.parse_args(["--input", "x.parquet", "--model", "m"]), [])
     assert plain.to_dict() == PipelineConfig(model="m").to_dict()         # greedy, the library's defaults

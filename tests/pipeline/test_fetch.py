@@ -16,9 +16,10 @@ from tests.pipeline.helpers import png, write_parquet
 
 
 class ImageServer(ThreadingHTTPServer):
-    """Serves `files`; a path in `failures` answers that status its first n times; counts GETs
-    per path and the most requests it ever had in progress at once (each takes `delay_s`, or its
-    path's entry in `delays`)."""
+    """Serves `files`, honouring a GET's byte range (as object stores and most servers do) unless
+    `ignores_range`; a path in `failures` answers that status its first n times; counts GETs and
+    the bytes sent per path and the most requests it ever had in progress at once (each takes
+    `delay_s`, or its path's entry in `delays`)."""
 
     daemon_threads = True
     request_queue_size = 64      # the default backlog (5) drops concurrent connects (1 s SYN retries)
@@ -28,6 +29,8 @@ class ImageServer(ThreadingHTTPServer):
         self.files: dict[str, bytes] = {}
         self.failures: dict[str, tuple[int, int]] = {}
         self.gets: dict[str, int] = {}
+        self.sent: dict[str, int] = {}
+        self.ignores_range = False
         self.delays: dict[str, float] = {}
         self.delay_s, self.in_flight, self.max_in_flight = 0.0, 0, 0
         self.lock = threading.Lock()
@@ -51,11 +54,25 @@ class _Handler(BaseHTTPRequestHandler):
         if failing or self.path not in server.files:
             self.send_error(status if failing else 404)
             return
-        body = server.files[self.path]
-        self.send_response(200)
+        body, status = server.files[self.path], 200
+        first, last = self.byte_range()
+        if first is not None and not server.ignores_range:
+            if first >= len(body):
+                self.send_error(416)
+                return
+            body, status = body[first:last + 1], 206
+        server.sent[self.path] = server.sent.get(self.path, 0) + len(body)
+        self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def byte_range(self) -> tuple[int | None, int]:
+        spec = self.headers.get("Range", "")
+        if not spec.startswith("bytes="):
+            return None, 0
+        first, last = spec[len("bytes="):].split("-")
+        return int(first), int(last) if last else 1 << 62
 
     def log_message(self, *args):
         pass
@@ -90,6 +107,24 @@ def test_rows_get_their_bytes_or_an_error_naming_the_url(server, tmp_path):
     assert errors[5] == "image is null" and "unsupported type int" in errors[6]
     assert "missing.png" in errors[7]
     assert server.gets["/gone.png"] == 1          # a missing file is not asked for again
+
+
+def test_a_file_past_the_byte_limit_is_an_error_read_no_further(server, tmp_path):
+    """A video or an archive named as an image costs the limit's bytes, not its size; an empty file
+    (a ranged read of it is HTTP 416) is empty data for the decoder to name, not a failed read."""
+    small, big = png(9, 9), png(64, 64, seed=5) + bytes(5000)
+    server.files = {"/small.png": small, "/big.png": big, "/empty.png": b""}
+    (tmp_path / "big.png").write_bytes(big)
+    limit = len(small) + 10
+    out = fetcher(max_bytes=limit).fetch([server.url(p) for p in ("/small.png", "/big.png", "/empty.png")]
+                                         + [str(tmp_path / "big.png")])
+    assert out[:1] == [small] and out[2] == b""
+    for error, name in ((out[1], server.url("/big.png")), (out[3], str(tmp_path / "big.png"))):
+        assert str(error) == f"image file {name!r} is larger than the limit of {limit} bytes (max_image_bytes)"
+    assert server.sent["/big.png"] == limit + 1 and server.gets == {"/small.png": 1, "/big.png": 1, "/empty.png": 1}
+    server.ignores_range = True         # a server that sends the whole file anyway: still refused
+    assert isinstance(fetcher(max_bytes=limit).fetch([server.url("/big.png")])[0], RowError)
+    assert fetcher().fetch([server.url("/big.png")]) == [big]       # 256 MiB by default
 
 
 def test_transient_failures_are_retried_permanent_ones_are_not(server):
@@ -172,6 +207,20 @@ def test_preprocess_stage_reads_urls_and_keeps_failures_as_row_errors(server, ch
     assert out[1]["id"] == [2] and "/nope.png" in out[1]["error"][0]
     assert out[1]["error"][0].startswith("read image: RowError: cannot read image")
     assert server.gets == {"/ok.png": 2, "/nope.png": 1}
+
+
+def test_the_byte_limit_reaches_the_stage_for_files_and_inline_bytes(server, checkpoint):
+    image = png(40, 30, seed=6)
+    server.files = {"/a.png": image}
+
+    def error(limit: int, cell) -> str | None:
+        stage = Preprocess(PipelineConfig(model=str(checkpoint), max_new_tokens=4, max_image_bytes=limit))
+        return stage(pa.table({"id": [1], "image": [cell], "question": ["What?"]})).column("error")[0][0].as_py()
+
+    assert f"is larger than the limit of {len(image) - 1} bytes" in error(len(image) - 1, server.url("/a.png"))
+    assert error(len(image) - 1, image) == (f"preprocess: ImageTooLargeError: image data is {len(image)} bytes, "
+                                            f"more than the limit of {len(image) - 1}")
+    assert error(len(image), server.url("/a.png")) is None and error(len(image), image) is None
 
 
 def test_error_rows_do_not_show_credentials_in_urls(server):

@@ -157,6 +157,23 @@ def test_a_model_url_the_actors_could_not_load_is_refused_before_any_work(s3, ch
 
 
 
+def test_an_image_on_s3_is_one_ranged_get(s3):
+    """s3fs asked for a whole object sends a HEAD for its size first: two round trips an image."""
+    from pipeline.fetch import ImageFetcher
+    from pipeline.storage import reader_fs
+
+    s3.pipe("bucket/fetch/a.png", b"a" * 300)
+    s3.pipe("bucket/fetch/b.png", b"b" * 301)
+    s3.pipe("bucket/fetch/empty.png", b"")
+    calls = []
+    reader_fs("s3://bucket/fetch/a.png")[0].s3.meta.events.register("before-call.s3", lambda **kw: calls.append(
+        kw["params"].get("headers", {}).get("Range", kw["model"].name)))
+    out = ImageFetcher(max_bytes=300).fetch([f"s3://bucket/fetch/{name}.png" for name in ("a", "b", "empty")])
+    assert out[0] == b"a" * 300 and out[2] == b""       # the decoder says "image data is empty"
+    assert str(out[1]) == "image file 's3://bucket/fetch/b.png' is larger than the limit of 300 bytes (max_image_bytes)"
+    assert calls == ["bytes=0-300"] * 3
+
+
 def test_an_image_root_on_s3_must_hold_files(s3):
     from pipeline.checks import check_image_root
 
