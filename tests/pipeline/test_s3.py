@@ -101,6 +101,35 @@ def test_an_unreadable_file_on_s3_is_named_before_any_work(s3, checkpoint):
     assert not s3.exists("bucket/cut-out")
 
 
+def test_the_checks_and_the_read_fetch_only_the_columns_they_use(s3, checkpoint, monkeypatch, tmp_path):
+    """Arrow asks for column chunks; fsspec's files read ahead by 50 MB blocks, so the driver's id
+    check fetched most of a dataset of inline images, and the read fetched unused columns too."""
+    import s3fs
+
+    from pipeline.io import parquet_dataset
+    from pipeline.job import prepare_job
+
+    rows = [{"id": f"r{i}", "image": os.urandom(500_000), "question": "What?", "embedding": os.urandom(500_000)}
+            for i in range(40)]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf, row_group_size=10)
+    s3.pipe("bucket/inline/part-0.parquet", buf.getvalue())
+    fetched = []
+    call = s3fs.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):
+        out = await call(self, method, *args, **kwargs)
+        fetched.append(out["ContentLength"] if method == "get_object" else 0)
+        return out
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    job = prepare_job("s3://bucket/inline/", str(tmp_path / "out"), PipelineConfig(model=str(checkpoint)))
+    assert job.input_rows == 40 and sum(fetched) < 200_000          # footers and ids, of a 40 MB file
+    fetched.clear()
+    used = parquet_dataset("s3://bucket/inline/").to_table(columns=["id", "image", "question"])
+    assert used.num_rows == 40 and sum(fetched) < 20_500_000        # not the 20 MB of embeddings
+
+
 def upload_checkpoint(s3, folder, prefix: str) -> None:
     for file in folder.iterdir():
         s3.pipe(f"{prefix}/{file.name}", file.read_bytes())
