@@ -114,7 +114,8 @@ class Preprocess:
         return self.user_text(question), None, None, None, None, message
 
     def check_context(self, num_prompt_tokens: int) -> None:
+        """A prompt must leave room for an answer; an answer longer than the room is cut ("length")."""
         limit = self.encoder.max_length
-        if limit is not None and num_prompt_tokens + self.config.max_new_tokens > limit:
-            raise ValueError(f"the prompt is {num_prompt_tokens} tokens; with max_new_tokens="
-                             f"{self.config.max_new_tokens} it exceeds the model's context of {limit}")
+        if limit is not None and num_prompt_tokens >= limit:
+            raise ValueError(f"the prompt is {num_prompt_tokens} tokens, which fills the model's context of {limit}: "
+                             f"no room for an answer")

@@ -162,7 +162,10 @@ class LLMEngine:
 
     def _sequence(self, request: Request) -> Sequence:
         stop = request.sampling.stop_token_ids
-        return Sequence(request, frozenset(self.stop_ids if stop is None else stop))
+        # As vLLM's: an answer that would outgrow the context ends there, "length"; not an error.
+        room = self.text_config.max_position_embeddings - len(request.prompt_ids)
+        return Sequence(request, frozenset(self.stop_ids if stop is None else stop),
+                        max_new_tokens=min(request.sampling.max_new_tokens, room))
 
     @torch.inference_mode()
     def generate(self, requests: list[Request]) -> list[Result]:

@@ -13,11 +13,16 @@ class Sequence:
     """A request while the engine works on it."""
     request: Request
     stop_ids: frozenset[int]
+    max_new_tokens: int | None = None        # the request's, or fewer: the room the context leaves
     slot: int = -1
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None                 # why, when finish_reason is "error"
     logprob: float = 0.0                     # sum of the generated tokens' log p, when the request asks for it
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens is None:
+            self.max_new_tokens = self.request.sampling.max_new_tokens
 
     @property
     def prompt_len(self) -> int:
@@ -31,11 +36,11 @@ class Sequence:
     @property
     def max_length(self) -> int:
         """Cache positions the sequence may fill: its prompt and every new token it may get."""
-        return self.prompt_len + self.request.sampling.max_new_tokens
+        return self.prompt_len + self.max_new_tokens
 
     def last_token_pending(self) -> bool:
         """One more token reaches max_new_tokens: the sequence ends with it, whatever it is."""
-        return len(self.generated) + 1 >= self.request.sampling.max_new_tokens
+        return len(self.generated) + 1 >= self.max_new_tokens
 
     def append(self, token: int) -> bool:
         """Record a new token; True when the sequence is finished."""
@@ -43,7 +48,7 @@ class Sequence:
         params = self.request.sampling
         if token in self.stop_ids and len(self.generated) >= params.min_new_tokens:
             self.finish_reason = "stop"
-        elif len(self.generated) >= params.max_new_tokens:
+        elif len(self.generated) >= self.max_new_tokens:
             self.finish_reason = "length"
         return self.finish_reason is not None
 

@@ -16,9 +16,9 @@ def check_request(request: Request, config, has_tokenizer: bool) -> None:
                          f"{text.vocab_size} (is the tokenizer the checkpoint's?)")
     if request.sampling.stop and not has_tokenizer:
         raise ValueError(f"request {rid!r}: stop strings need the engine's tokenizer")
-    if n + request.sampling.max_new_tokens > text.max_position_embeddings:
-        raise ValueError(f"request {rid!r}: prompt ({n}) + max_new_tokens exceeds the model's "
-                         f"{text.max_position_embeddings} positions")
+    if n >= text.max_position_embeddings:      # a longer answer is cut at the context ("length")
+        raise ValueError(f"request {rid!r}: the prompt ({n} tokens) fills the model's context of "
+                         f"{text.max_position_embeddings} positions, leaving no room for an answer")
     if request.pixel_values is not None:
         check_pixels(request, config)
 

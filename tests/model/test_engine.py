@@ -341,6 +341,21 @@ def test_bad_requests_are_named(setup):
         SamplingParams(max_new_tokens=0)
 
 
+def test_an_answer_longer_than_the_context_leaves_is_cut_there(setup, monkeypatch, overlap):
+    """As vLLM's: the answer ends at the context, finish_reason "length" (it was an error: a long
+    prompt with a generous max_new_tokens lost its row); a prompt that fills the context is refused."""
+    ours, requests, expected, _, _ = setup
+    long = requests[4]          # text only, 12 new tokens
+    assert not set(expected[long.request_id][:-1]) & set(LLMEngine(ours).stop_ids)
+    monkeypatch.setattr(ours.config.text_config, "max_position_embeddings", len(long.prompt_ids) + 5)
+    engine = LLMEngine(ours, max_batch_size=2, overlap=overlap)
+    cut, other = engine.generate([long, Request("short", long.prompt_ids[:-3], sampling=SamplingParams(4))])
+    assert cut.token_ids == expected[long.request_id][:5] and cut.finish_reason == "length"
+    assert other.num_generated_tokens == 4 or other.finish_reason == "stop"
+    with pytest.raises(ValueError, match=r"'full': the prompt \(\d+ tokens\) fills the model's context of"):
+        engine.generate([Request("full", long.prompt_ids + [1] * 5)])
+
+
 def test_requests_with_different_tile_sizes_share_a_batch(setup):
     ours, requests, _, _, _ = setup
     cfg = ours.config

@@ -255,6 +255,37 @@ def test_a_row_whose_logits_are_not_finite_is_an_error_row_and_spoils_no_later_r
     assert len(ids[0]) > max(map(len, ids[1:]))
 
 
+def test_an_answer_is_cut_at_the_context_and_a_prompt_that_fills_it_is_an_error_row(checkpoint, oracle, tmp_path):
+    """A row whose prompt leaves less room than --max-new-tokens answers until the context is full
+    (finish_reason "length", as vLLM); it was an error row. One whose prompt fills it is an error row."""
+    import asyncio
+    import json
+    import shutil
+
+    from pipeline.generate import Generate
+    from pipeline.preprocess import Preprocess
+
+    rows = good_rows(2, with_questions=False)
+    rows[1]["question"] = PipelineConfig(model="").prompt + " Be very brief."
+    lengths = [len(ids[0]) for ids in Preprocess(PipelineConfig(model=str(checkpoint)))(
+        pa.Table.from_pylist(rows))["input_ids"].to_pylist()]
+    room = lengths[1] - lengths[0]
+    assert room > 0
+    path = shutil.copytree(checkpoint, tmp_path / "short-context")
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = lengths[1]
+    (path / "config.json").write_text(json.dumps(config))
+    config = PipelineConfig(model=str(path), max_new_tokens=room + 4, repetition_penalty=4.0)     # no early stop
+    stage = Generate(config)
+    answered = asyncio.run(stage(Preprocess(config)(pa.Table.from_pylist(rows)))).to_pylist()
+    stage.loop.close()
+    want = oracle.answer(rows[0]["image"], config.prompt, room, repetition_penalty=4.0)
+    assert (answered[0]["answer"], answered[0]["num_generated_tokens"]) == want and want[1] == room
+    assert [r["finish_reason"] for r in answered] == ["length", "error"]
+    assert answered[1]["error"] == (f"preprocess: ValueError: the prompt is {lengths[1]} tokens, which fills the "
+                                    f"model's context of {lengths[1]}: no room for an answer")
+
+
 @pytest.mark.parametrize("image_flags", [dict(image_longest_edge=32), dict(image_splitting=False)])
 def test_fewer_tiles_an_image_answer_as_the_reference_with_those_settings(checkpoint, image_flags):
     """--image-longest-edge / --no-image-splitting: fewer image tokens a row; the answers equal
