@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from .checkpoint import remote_files
 from .config import PipelineConfig
-from .io import read_footers
+from .io import read_column, read_footers
 from .preprocess import row_encoder
 from .storage import fsspec_fs, is_local, lists_folders, protocol_of, reader_fs
 
@@ -184,13 +184,22 @@ def is_text(type_: pa.DataType) -> bool | None:
     return False if pa.types.is_binary(type_) or pa.types.is_large_binary(type_) else None
 
 
-def check_ids(rows: pads.Dataset, source: str, column: str = "id") -> None:
+def input_ids(rows: pads.Dataset, footers: dict[str, pq.FileMetaData], schema: pa.Schema, column: str,
+              source: str, storage_options: dict | None) -> pa.ChunkedArray | None:
+    """The id column of every input row; None when the rows have none (Ray Data's row hash serves)."""
+    if column in schema.names:
+        return read_column(footers, schema.field(column), source, storage_options)
+    if column in rows.schema.names:         # a hive partition key: in the paths, not the files
+        return rows.to_table(columns=[column]).column(column)
+    return None
+
+
+def check_ids(ids: pa.ChunkedArray | None, source: str, column: str = "id") -> None:
     """Resume skips every input row whose id is already written, so two rows sharing an id (an image id
     given to several questions) would lose one of them on resume, and a null id fails every resume
     (Ray's checkpoint sorts the ids written): both refused before any work."""
-    if column not in rows.schema.names:
+    if ids is None:
         return
-    ids = rows.to_table(columns=[column]).column(column)        # only that column is read
     if ids.null_count:
         raise ValueError(f"input {source!r}: {ids.null_count} rows have a null `{column}`; ids are what --resume "
                          f"skips written rows by. Give every row an id, or rename the column (rows without "

@@ -5,6 +5,7 @@ import glob as globlib
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray.data
@@ -83,6 +84,25 @@ def read_footers(uri: str, storage_options: dict | None = None,
     files = parquet_files(uri, storage_options)
     with ThreadPoolExecutor(threads) as pool:
         return dict(zip(files, pool.map(rows, files)))
+
+
+def read_column(footers: dict[str, pq.FileMetaData], field: pa.Field, uri: str,
+                storage_options: dict | None = None, threads: int = 32) -> pa.ChunkedArray:
+    """One column of every input file as `field.type` (a file without it: nulls), `threads` files at
+    once. The footers are read already: a file costs its open and the column's chunks, where an
+    Arrow dataset's scan read each footer again, 8 files at a time."""
+    filesystem, _ = arrow_fs(uri, storage_options)
+
+    def read(path: str) -> pa.ChunkedArray:
+        meta = footers[path]
+        if field.name not in meta.schema.to_arrow_schema().names:
+            return pa.chunked_array([pa.nulls(meta.num_rows, field.type)])
+        with filesystem.open_input_file(path) as f:
+            return pq.ParquetFile(f, metadata=meta).read(columns=[field.name]).column(0).cast(field.type)
+
+    with ThreadPoolExecutor(threads) as pool:
+        parts = list(pool.map(read, footers))
+    return pa.chunked_array([chunk for part in parts for chunk in part.chunks], type=field.type)
 
 
 def write_rows(ds: ray.data.Dataset, uri: str, storage_options: dict | None = None,

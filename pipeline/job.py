@@ -15,7 +15,7 @@ import ray.data
 from .builder import build_processor
 from .checkpoint import check_model
 from .checks import (check_column_types, check_columns, check_ids, check_image_root, check_input_excludes_output,
-                     check_input_files, check_output_outside_input, check_row_encoding, read_schema)
+                     check_input_files, check_output_outside_input, check_row_encoding, input_ids, read_schema)
 from .config import PipelineConfig
 from .generate import release_replica_groups
 from .io import input_dataset, input_folder, read_output, read_rows, write_rows
@@ -142,7 +142,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     columns = used_columns(rows.schema.names, config, renames)
     schema = read_schema(footers, columns, input_uri)
     check_column_types(schema, config, input_uri, renames)
-    check_ids(rows, input_uri, config.id_column)
+    check_ids(input_ids(rows, footers, schema, config.id_column, input_uri, opts), input_uri, config.id_column)
     input_rows = sum(meta.num_rows for meta in footers.values())
     with writing_output(output_uri):
         start_output(output_uri, opts, resume, overwrite)

@@ -1,6 +1,7 @@
 """The input's columns, and where the output lies, are checked in the driver, before a cluster is
 started or joined."""
 import re
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -75,6 +76,24 @@ def test_a_mistyped_or_repeating_id_column_is_named_before_any_work(checkpoint, 
         prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint), id_column="keys"))
     with pytest.raises(ValueError, match=r"1 ids occur more than once \(e.g. 'a' x2\).*Make the `key` column unique"):
         prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint), id_column="key"))
+
+
+def test_ids_are_checked_across_files_of_two_widths_a_partition_key_and_a_file_without_them(checkpoint, tmp_path):
+    """Each file's ids are read with its footer known (a file without the column: null ids); a
+    partition key as the id column is read from the paths."""
+    config = PipelineConfig(model=str(checkpoint))
+    write_parquet(tmp_path / "in" / "a.parquet", [{"id": 1, "image": b"x"}, {"id": 2, "image": b"x"}])
+    pq.write_table(pa.table({"id": pa.array([3, 1], pa.int32()), "image": [b"x", b"x"]}), tmp_path / "in" / "b.parquet")
+    with pytest.raises(ValueError, match=r"1 ids occur more than once \(e.g. 1 x2\)"):
+        prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    (tmp_path / "in" / "b.parquet").unlink()
+    write_parquet(tmp_path / "in" / "c.parquet", [{"image": b"x", "question": "q"}] * 3)
+    with pytest.raises(ValueError, match=r"3 rows have a null `id`"):
+        prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    for part in ("p", "q"):
+        write_parquet(tmp_path / "parts" / f"key={part}" / "rows.parquet", [{"image": b"x"}])
+    job = prepare_job(str(tmp_path / "parts"), str(tmp_path / "out2"), replace(config, id_column="key"))
+    assert job.input_rows == 2
 
 
 def test_hive_partition_keys_are_columns(checkpoint, tmp_path):
