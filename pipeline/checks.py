@@ -187,9 +187,9 @@ def is_text(type_: pa.DataType) -> bool | None:
 def input_ids(rows: pads.Dataset, footers: dict[str, pq.FileMetaData], schema: pa.Schema, column: str,
               source: str, storage_options: dict | None) -> pa.ChunkedArray | None:
     """The id column of every input row; None when the rows have none (Ray Data's row hash serves)."""
-    if column in schema.names:
+    if column in schema.names and lists_folders(source):
         return read_column(footers, schema.field(column), source, storage_options)
-    if column in rows.schema.names:         # a hive partition key: in the paths, not the files
+    if column in rows.schema.names:     # a hive partition key, or HTTP (whose server may not honour ranges)
         return rows.to_table(columns=[column]).column(column)
     return None
 

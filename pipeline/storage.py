@@ -53,7 +53,8 @@ class ExactReads(pafs.FSSpecHandler):
     """Arrow asks for the byte ranges of the columns it reads; fsspec's files read ahead by blocks
     (s3fs: 50 MB), so reading the ids of a file of inline images fetched most of the file, and a
     dataset's unused columns were read with the used ones. Opened without a cache, each read is
-    the range Arrow asked for; and without FSSpecHandler's isfile(), one HEAD a file less."""
+    the range Arrow asked for; and without FSSpecHandler's isfile(), one HEAD a file less. For
+    object stores, which all answer ranged reads."""
 
     def open_input_file(self, path: str) -> pa.PythonFile:
         return pa.PythonFile(self.fs.open(path, mode="rb", cache_type="none"), mode="r")
@@ -64,7 +65,9 @@ def arrow_fs(uri: str, storage_options: dict | None = None) -> tuple[pafs.FileSy
     fs, path = fsspec_fs(uri, storage_options)
     if is_local(uri):
         return pafs.LocalFileSystem(), path
-    return pafs.PyFileSystem(ExactReads(fs)), path
+    # HTTP servers need not honour ranges (fsspec's read-ahead block can take the whole small file)
+    handler = ExactReads(fs) if lists_folders(uri) else pafs.FSSpecHandler(fs)
+    return pafs.PyFileSystem(handler), path
 
 
 def sibling(uri: str, suffix: str) -> str:
