@@ -96,6 +96,28 @@ def test_ids_are_checked_across_files_of_two_widths_a_partition_key_and_a_file_w
     assert job.input_rows == 2
 
 
+def test_an_input_on_an_http_server_without_ranges_passes_the_checks(checkpoint, tmp_path):
+    """Python's http.server answers a ranged GET with the whole file: object stores' exact ranged
+    reads would be refused there; HTTP keeps fsspec's read-ahead, which takes a small file whole."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    write_parquet(tmp_path / "www" / "rows.parquet", good_rows(3))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path / "www")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        job = prepare_job(f"http://127.0.0.1:{server.server_port}/rows.parquet", str(tmp_path / "out"),
+                          PipelineConfig(model=str(checkpoint)))
+    finally:
+        server.shutdown()
+    assert job.input_rows == 3
+
+
 def test_hive_partition_keys_are_columns(checkpoint, tmp_path):
     """`rows/lang=en/part.parquet`: Ray Data adds `lang` to the rows, so it may be kept."""
     for lang in ("en", "fr"):
