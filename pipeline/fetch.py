@@ -92,8 +92,11 @@ def is_transient(error: BaseException) -> bool:
 
 
 def is_range_not_satisfiable(error: BaseException) -> bool:
-    """A ranged read of an empty object: HTTP 416 (aiohttp's status; s3fs's OSError says it)."""
-    return getattr(error, "status", None) == 416 or "range is not satisfiable" in str(error).lower()
+    """A ranged read of an empty object: HTTP 416 (aiohttp's `status`, gcsfs' `code`; s3fs's OSError
+    says "The requested range is not satisfiable")."""
+    if 416 in (getattr(error, "status", None), getattr(error, "code", None)):
+        return True
+    return isinstance(error, OSError) and "not satisfiable" in str(error).lower()
 
 
 class ImageFetcher:

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import PipelineConfig
-from pipeline.fetch import ImageFetcher, is_transient, redact_url
+from pipeline.fetch import ImageFetcher, is_range_not_satisfiable, is_transient, redact_url
 from pipeline.preprocess import Preprocess
 from pipeline.rows import RowError
 from pipeline.storage import reader_fs
@@ -189,6 +189,11 @@ def test_which_errors_are_worth_another_try():
     assert not any(is_transient(e) for e in (FileNotFoundError(), PermissionError(), Status(404), Status(403),
                                                ValueError("Protocol not known"), ImportError("gcsfs"),
                                                boto.NoCredentialsError(), RuntimeError()))
+    coded = Status(0)
+    coded.code = 416                # gcsfs' HttpError
+    empty = (Status(416), coded, OSError(22, "The requested range is not satisfiable"))      # aiohttp, gcsfs, s3fs
+    assert all(map(is_range_not_satisfiable, empty))
+    assert not any(map(is_range_not_satisfiable, (Status(404), OSError("EIO"), ValueError("not satisfiable"))))
 
 
 def test_preprocess_stage_reads_urls_and_keeps_failures_as_row_errors(server, checkpoint):
