@@ -83,9 +83,20 @@ class Preprocess:
         return out
 
     def fetch(self, images: list[list]) -> list[list[bytes | RowError]]:
-        """Each row's images' bytes (or why there are none), all of the batch's files read at once."""
-        flat = iter(self.fetcher.fetch([image for row in images for image in row]))
-        return [[next(flat) for _ in row] for row in images]
+        """Each row's images' bytes (or why there are none), all of the batch's files read at once; a
+        row naming more images than the context holds is not read."""
+        refused = [self.too_many(row) for row in images]
+        flat = iter(self.fetcher.fetch([image for row, no in zip(images, refused) if no is None for image in row]))
+        return [[no] if no is not None else [next(flat) for _ in row] for row, no in zip(images, refused)]
+
+    def too_many(self, images: list) -> RowError | None:
+        """Each image takes at least image_seq_len tokens of the context."""
+        limit = self.encoder.max_length
+        most = limit // self.encoder.processor.image_seq_len if limit else len(images)
+        if len(images) > most:
+            return RowError(f"the row has {len(images)} images; the model's context of {limit} tokens holds at "
+                            f"most {most}")
+        return None
 
     def encode_row(self, data: list[bytes | RowError], question: str | None) -> tuple:
         """(question, input_ids, frames bytes, frames shape, image key, error) for one row of one

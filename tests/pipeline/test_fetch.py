@@ -228,6 +228,19 @@ def test_the_byte_limit_reaches_the_stage_for_files_and_inline_bytes(server, che
     assert error(len(image), server.url("/a.png")) is None and error(len(image), image) is None
 
 
+def test_a_row_of_more_images_than_the_context_holds_is_refused_unread(server, checkpoint):
+    stage = Preprocess(PipelineConfig(model=str(checkpoint), max_new_tokens=4))
+    stage.encoder.max_length = 100
+    most = 100 // stage.encoder.processor.image_seq_len
+    server.files = {f"/{i}.png": png(16, 16, seed=7) for i in range(most + 2)}
+    many, one = [server.url(f"/{i}.png") for i in range(1, most + 2)], [server.url("/0.png")]
+    out = stage(pa.table({"id": [1, 2], "image": [many, one], "question": ["Which?", "What?"]})).to_pylist()
+    errors = {row["id"][0]: row["error"][0] for row in out}
+    assert errors == {1: f"read image: RowError: the row has {most + 1} images; the model's context of 100 tokens "
+                         f"holds at most {most}", 2: None}
+    assert server.gets == {"/0.png": 1}
+
+
 def test_error_rows_do_not_show_credentials_in_urls(server):
     signed = server.url("/private.png?X-Amz-Credential=AKIA123&X-Amz-Signature=abc123&X-Amz-Expires=60&v=2")
     with_user = signed.replace("http://", "http://alice:hunter2@")
