@@ -115,6 +115,8 @@ def check_input_files(source: str, storage_options: dict | None) -> dict[str, pq
     """The input files' footers; refuses, before any work, an input with a file that cannot be read
     (Ray Data would fail the job when it reached it, hours in), naming every such file."""
     footers = read_footers(source, storage_options)
+    if not footers:
+        raise FileNotFoundError(f"input {source!r} holds no .parquet file")
     bad = {path: why for path, why in footers.items() if isinstance(why, str)}
     if bad:
         named = "; ".join(f"{path} ({why})" for path, why in list(bad.items())[:5])

@@ -118,6 +118,14 @@ def test_an_input_on_an_http_server_without_ranges_passes_the_checks(checkpoint,
     assert job.input_rows == 3
 
 
+def test_a_folder_without_parquet_files_is_named_as_such(checkpoint, tmp_path):
+    """It was refused as having no `image` column (columns: [])."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"input '.*in' holds no \.parquet file"):
+        prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint)))
+
+
 def test_hive_partition_keys_are_columns(checkpoint, tmp_path):
     """`rows/lang=en/part.parquet`: Ray Data adds `lang` to the rows, so it may be kept."""
     for lang in ("en", "fr"):
