@@ -45,6 +45,9 @@ def output_counts(output: str, storage_options: dict | None = None) -> dict:
 def check_output(output: str, storage_options: dict | None, resume: bool, overwrite: bool = False) -> None:
     """A fresh run needs an empty output (or leave to empty it); a resumed one needs the checkpoint
     of the run it continues."""
+    fs, path = fsspec_fs(output, storage_options)
+    if fs.isfile(path):
+        raise FileExistsError(f"output {output!r} is a file: --output names a folder (of Parquet files)")
     written = has_files(output, storage_options)
     if not resume:
         if written and not overwrite:

@@ -158,6 +158,15 @@ def test_a_used_column_of_two_types_is_named_before_any_work(checkpoint, tmp_pat
         prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
 
 
+def test_an_output_that_is_a_file_is_named_as_such(checkpoint, tmp_path):
+    """It failed in Arrow: "Could not read schema from '.../answers.txt'. Is this a 'parquet' file?"."""
+    source = write_parquet(tmp_path / "in.parquet", good_rows(1))
+    (tmp_path / "answers.txt").write_text("an earlier tool's output")
+    with pytest.raises(FileExistsError, match=r"output '.*answers\.txt' is a file: --output names a folder"):
+        prepare_job(str(source), str(tmp_path / "answers.txt"), PipelineConfig(model=str(checkpoint)))
+    assert (tmp_path / "answers.txt").read_text() == "an earlier tool's output"
+
+
 def test_an_output_inside_the_input_folder_is_refused(checkpoint, tmp_path):
     """A resume would read the answers (and Ray's checkpoint files) back as input rows."""
     write_parquet(tmp_path / "data" / "a.parquet", good_rows(2))
