@@ -82,8 +82,11 @@ def print_rows(output: str, storage_options: dict, n: int) -> None:
     """A few answered rows, so a person sees what the job wrote."""
     from pipeline.io import read_output
 
-    table = read_output(output, storage_options, columns=["id", "question", "answer", "finish_reason", "error"])
-    for row in ([] if table is None or n <= 0 else table.slice(0, n).to_pylist()):
+    if n <= 0:
+        return
+    table = read_output(output, storage_options, columns=["id", "question", "answer", "finish_reason", "error"],
+                        limit=n)
+    for row in ([] if table is None else table.to_pylist()):
         said = row["answer"] if row["finish_reason"] != "error" else f"<error: {row['error']}>"
         print(f"[{row['id']}] {row['question']!r} -> {said!r}")
 

@@ -8,6 +8,8 @@ clean-up deletes every data file under the output whose name starts with a pendi
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -19,6 +21,7 @@ from .rows import ROW_HASH
 from .storage import arrow_fs, fsspec_fs, is_local, sibling
 
 ROW_INDEX = "__row_index"
+READ_THREADS = 32
 
 
 class IdOrRowHashFilter(NumpyArrayBasedCheckpointFilter):
@@ -72,10 +75,15 @@ def forget_lost_rows(output: str, storage_options: dict | None = None) -> int:
         return 0
     written = read_output(output, storage_options, columns=["id"])
     present = written.column("id").combine_chunks() if written is not None else pa.array([])
-    lost = 0
-    for path in committed:
+
+    def read(path: str) -> pa.Table:
         with fs.open(path, "rb") as f:
-            ids = pq.read_table(f)
+            return pq.read_table(f)
+
+    lost = 0
+    with ThreadPoolExecutor(READ_THREADS) as pool:      # one at a time: 10 minutes for 10 000 files on S3
+        checkpoints = list(pool.map(read, committed))
+    for path, ids in zip(committed, checkpoints):
         kept = ids.filter(pc.is_in(ids.column("id"), value_set=present.cast(ids.schema.field("id").type)))
         if kept.num_rows == ids.num_rows:
             continue
