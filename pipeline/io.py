@@ -12,6 +12,8 @@ import ray.data
 
 from .storage import arrow_fs, fsspec_fs, is_local, protocol_of
 
+WHOLE_FILE_BYTES = 4 << 20
+
 
 def input_paths(uri: str, storage_options: dict | None = None) -> list[str] | str:
     """A file, a folder, or a glob -> what read_parquet takes (paths without protocol). Only
@@ -133,7 +135,8 @@ def read_output(uri: str, storage_options: dict | None = None, columns: list[str
 
     def read(file: str) -> pa.Table:
         with filesystem.open_input_file(file) as f:
-            parquet = pq.ParquetFile(f)
+            # A small file in one read: its footer's and its columns' would be two requests.
+            parquet = pq.ParquetFile(pa.BufferReader(f.read()) if f.size() <= WHOLE_FILE_BYTES else f)
             names = parquet.schema_arrow.names
             return parquet.read(columns=None if columns is None else [c for c in columns if c in names])
 
