@@ -88,23 +88,31 @@ def read_footers(uri: str, storage_options: dict | None = None,
         return dict(zip(files, pool.map(rows, files)))
 
 
-def read_column(footers: dict[str, pq.FileMetaData], field: pa.Field, uri: str,
-                storage_options: dict | None = None, threads: int = 32) -> pa.ChunkedArray:
-    """One column of every input file as `field.type` (a file without it: nulls), `threads` files at
-    once. The footers are read already: a file costs its open and the column's chunks, where an
-    Arrow dataset's scan read each footer again, 8 files at a time."""
+def read_files(files: list[str], uri: str, storage_options: dict | None = None, columns: list[str] | None = None,
+               footers: dict[str, pq.FileMetaData] | None = None, threads: int = 32) -> pa.Table:
+    """`columns` (None: all) of `files` (at least one), `threads` files at once, each opened once, as
+    one table (types widened across files, a column a file lacks: nulls). With a file's footer read
+    already, it costs its open and its columns' chunks; a small one is read whole in one GET (its
+    footer's and its columns' reads would be two). An Arrow dataset's scan read each footer again,
+    8 files at a time: minutes over thousands of files on S3."""
     filesystem, _ = arrow_fs(uri, storage_options)
 
-    def read(path: str) -> pa.ChunkedArray:
-        meta = footers[path]
-        if field.name not in meta.schema.to_arrow_schema().names:
-            return pa.chunked_array([pa.nulls(meta.num_rows, field.type)])
-        with filesystem.open_input_file(path) as f:
-            return pq.ParquetFile(f, metadata=meta).read(columns=[field.name]).column(0).cast(field.type)
+    def read(file: str) -> pa.Table:
+        meta = (footers or {}).get(file)
+        with filesystem.open_input_file(file) as f:
+            small = meta is None and f.size() <= WHOLE_FILE_BYTES
+            parquet = pq.ParquetFile(pa.BufferReader(f.read()) if small else f, metadata=meta)
+            names = parquet.schema_arrow.names
+            return parquet.read(columns=None if columns is None else [c for c in columns if c in names])
 
     with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(read, footers))
-    return pa.chunked_array([chunk for part in parts for chunk in part.chunks], type=field.type)
+        return pa.concat_tables(pool.map(read, files), promote_options="permissive")
+
+
+def read_column(footers: dict[str, pq.FileMetaData], field: pa.Field, uri: str,
+                storage_options: dict | None = None) -> pa.ChunkedArray:
+    """One column of every input file (at least one holds it) as `field.type`, the footers read already."""
+    return read_files(list(footers), uri, storage_options, [field.name], footers).column(field.name).cast(field.type)
 
 
 def write_rows(ds: ray.data.Dataset, uri: str, storage_options: dict | None = None,
@@ -117,12 +125,11 @@ def write_rows(ds: ray.data.Dataset, uri: str, storage_options: dict | None = No
 
 
 def read_output(uri: str, storage_options: dict | None = None, columns: list[str] | None = None,
-                limit: int | None = None, threads: int = 32) -> pa.Table | None:
-    """The output folder as one Arrow table (driver side: summaries, resume, tests), or its first
-    `limit` rows; None when empty. Its files are read `threads` at once, each opened once (an Arrow
-    dataset's scan, 8 files at a time, took minutes over a large output on S3)."""
-    filesystem, path = arrow_fs(uri, storage_options)
+                limit: int | None = None) -> pa.Table | None:
+    """The output folder as one Arrow table (driver side: summaries, resume, tests; read_files), or
+    its first `limit` rows; None when empty."""
     if limit is not None:
+        filesystem, path = arrow_fs(uri, storage_options)
         try:
             dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
         except (FileNotFoundError, OSError):
@@ -132,16 +139,7 @@ def read_output(uri: str, storage_options: dict | None = None, columns: list[str
         files = parquet_files(uri, storage_options)
     except FileNotFoundError:
         return None
-
-    def read(file: str) -> pa.Table:
-        with filesystem.open_input_file(file) as f:
-            # A small file in one read: its footer's and its columns' would be two requests.
-            parquet = pq.ParquetFile(pa.BufferReader(f.read()) if f.size() <= WHOLE_FILE_BYTES else f)
-            names = parquet.schema_arrow.names
-            return parquet.read(columns=None if columns is None else [c for c in columns if c in names])
-
     if not files:
         return None
-    with ThreadPoolExecutor(threads) as pool:
-        table = pa.concat_tables(pool.map(read, files), promote_options="permissive")
+    table = read_files(files, uri, storage_options, columns)
     return table if columns is None else table.select(columns)
