@@ -307,7 +307,7 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
                                  args.repetition_penalty)
         if args.questions_per_image > 1:
             requests = about_shared_images(requests, args.questions_per_image, spec["top"]["image_token_id"])
-        need = max(len(r.prompt_ids) for r in requests) + args.new_tokens
+        need = max(len(r.prompt_ids) for r in requests) + args.new_tokens + 1   # + an overlapped step's position
         make_engine = lambda: LLMEngine(ours, max_batch_size=batch, max_prefill_tokens=args.prefill_tokens,  # noqa: E731
                                         kv_cache_tokens=batch * (-(-need // 256) * 256))
         if args.device == "cuda":
