@@ -6,7 +6,8 @@ multiplied back by 1/255) -- so float inputs are quantised at every resize, even
 
 Torch recipe: `interpolate(antialias=True)` directly on uint8 CHW tensors on CPU (native uint8 kernels
 for lanczos/bicubic), in float without clamping for float inputs; a resize to the current size is
-skipped. Off the CPU, LANCZOS falls back to BICUBIC with a warning, as in the reference.
+skipped. Off the CPU, or with a torch whose interpolate lacks it, LANCZOS falls back to BICUBIC with a
+warning, as in the reference.
 torch is imported by the torch recipe's functions only (the CPU stage's Pillow recipe runs without it).
 """
 from __future__ import annotations
@@ -117,14 +118,31 @@ def pil_resize(image: Image.Image | np.ndarray, size: tuple[int, int], resample:
 
 # ------------------------------------------------------------------------------------------- torch
 _warned_bicubic = False
+_has_lanczos: bool | None = None
 
 
-def _warn_bicubic_once() -> None:
+def torch_has_lanczos() -> bool:
+    """Whether this torch's `interpolate` has mode="lanczos" (recent releases only: older ones refuse
+    it, as transformers' torch class does with torchvision < 0.27)."""
+    global _has_lanczos
+    if _has_lanczos is None:
+        import torch
+        import torch.nn.functional as F
+        try:
+            for dtype in (torch.uint8, torch.float32):
+                F.interpolate(torch.zeros(1, 1, 4, 4, dtype=dtype), size=[2, 2], mode="lanczos", antialias=True)
+            _has_lanczos = True
+        except (ValueError, NotImplementedError, RuntimeError):
+            _has_lanczos = False
+    return _has_lanczos
+
+
+def _warn_bicubic_once(why: str) -> None:
     global _warned_bicubic
     if not _warned_bicubic:
-        logger.warning("LANCZOS resampling of tensors is only implemented on CPU: falling back to BICUBIC on "
-                       "this device, like the reference. Use device='cpu' (or the Pillow recipe) to match "
-                       "the checkpoint's preprocessing exactly.")
+        logger.warning("LANCZOS resampling of tensors %s: falling back to BICUBIC, like the reference. Use the "
+                       "Pillow recipe (or device='cpu' with a torch that has it) to match the checkpoint's "
+                       "preprocessing exactly.", why)
         _warned_bicubic = True
 
 
@@ -145,7 +163,11 @@ def torch_mode(resample: int, device: torch.device) -> str:
     if mode in ("box", "hamming"):
         raise ValueError(f"resample={mode!r} is not available for tensors; use the Pillow recipe")
     if mode == "lanczos" and device.type != "cpu":
-        _warn_bicubic_once()
+        _warn_bicubic_once("is only implemented on CPU")
+        return "bicubic"
+    if mode == "lanczos" and not torch_has_lanczos():
+        import torch
+        _warn_bicubic_once(f"is not in this torch ({torch.__version__})")
         return "bicubic"
     return mode
 

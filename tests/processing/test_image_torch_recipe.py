@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import processing.resample as resample
 from processing.image_processor import Idefics3ImageProcessor, Idefics3ImageProcessorPil
 from tests.processing.image_cases import SMALL, photo
 
 torch.set_num_threads(1)
+needs_lanczos = pytest.mark.skipif(not resample.torch_has_lanczos(), reason="this torch's interpolate has no lanczos")
 
 
 def lanczos(x: torch.Tensor, size) -> torch.Tensor:
@@ -33,6 +35,7 @@ def described_torch_recipe(chw_uint8: torch.Tensor) -> tuple[torch.Tensor, int, 
     return (frames.float() - mean.view(-1, 1, 1)) / std.view(-1, 1, 1), 3, 3
 
 
+@needs_lanczos
 def test_uint8_pipeline_is_the_described_recipe():
     hwc = photo(40, 30, 11)
     expected, rows, cols = described_torch_recipe(torch.from_numpy(hwc).permute(2, 0, 1).contiguous())
@@ -42,6 +45,7 @@ def test_uint8_pipeline_is_the_described_recipe():
     assert out["pixel_values"].min() >= -1 and out["pixel_values"].max() <= 1
 
 
+@needs_lanczos
 def test_float_inputs_are_resized_in_float_without_clamping():
     chw = torch.zeros(3, 30, 40)
     chw[:, :, 20:] = 1.0                                       # a hard edge makes lanczos ring
@@ -53,6 +57,7 @@ def test_float_inputs_are_resized_in_float_without_clamping():
     assert pil.min() >= -1.0 and pil.max() <= 1.0              # the Pillow recipe quantises to uint8
 
 
+@needs_lanczos
 def test_geometry_identical_and_pixels_within_two_levels_of_pil_class():
     images = [[photo(97, 61, 1), photo(33, 80, 2)], [photo(24, 24, 3)]]
     t = Idefics3ImageProcessor(**SMALL)(images, return_row_col_info=True)
@@ -65,6 +70,7 @@ def test_geometry_identical_and_pixels_within_two_levels_of_pil_class():
     assert 0 < diff.max() <= 3 / 127.5 + 1e-6 and diff.mean() < 0.01
 
 
+@needs_lanczos
 def test_other_filters_and_rescale_only():
     hwc = photo(40, 30, 5)
     bicubic = Idefics3ImageProcessor(**SMALL)(hwc, resample=3)["pixel_values"]
@@ -83,9 +89,29 @@ def test_device_option_cpu():
     assert torch.equal(out["pixel_values"], Idefics3ImageProcessor(**SMALL)(hwc)["pixel_values"])
 
 
+def test_a_torch_without_lanczos_falls_back_to_bicubic_with_a_warning(monkeypatch, caplog):
+    """torch releases before lanczos refuse mode="lanczos" (seen with torch 2.11): every image of the torch
+    recipe failed there; transformers' torch class takes BICUBIC then (torchvision < 0.27)."""
+    real = F.interpolate
+
+    def without_lanczos(*args, mode="nearest", **kwargs):
+        if mode == "lanczos":
+            raise ValueError("Anti-alias option is restricted to bilinear and bicubic modes and requires a 4-D tensor")
+        return real(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(F, "interpolate", without_lanczos)
+    monkeypatch.setattr(resample, "_has_lanczos", None)
+    monkeypatch.setattr(resample, "_warned_bicubic", False)
+    assert not resample.torch_has_lanczos()
+    hwc = photo(40, 30, 8)
+    with caplog.at_level(logging.WARNING):
+        out = Idefics3ImageProcessor(**SMALL)(hwc)["pixel_values"]
+    assert "BICUBIC" in caplog.text and "not in this torch" in caplog.text
+    assert torch.equal(out, Idefics3ImageProcessor(**SMALL)(hwc, resample=3)["pixel_values"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_falls_back_to_bicubic_with_a_warning(caplog):
-    import processing.resample as resample
     resample._warned_bicubic = False
     hwc = photo(40, 30, 7)
     with caplog.at_level(logging.WARNING):
