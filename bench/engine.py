@@ -314,9 +314,6 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
             ref_s, ours_s, stats, engine, same = _measure_sequential(ref, make_engine, requests, args, dtype)
         else:
             ref_s, ours_s, stats, engine, same = _measure_interleaved(ref, make_engine(), requests, args, dtype)
-        if args.profile:
-            profile_decode(engine, batch, need, args.device)
-        del engine
         tokens, images = batch * args.new_tokens, len(requests)
         row = dict(model=name, device=args.device, batch=batch, tile=tile, new_tokens=args.new_tokens,
                    questions_per_image=args.questions_per_image, images_encoded=stats["images_encoded"],
@@ -335,7 +332,13 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
             if args.device == "cuda":
                 bw = args.hbm_bytes_per_s or _hbm_bandwidth()
                 row["bandwidth_fraction"] = round(decoder_weight_bytes(ours) / step / bw, 3)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row), flush=True)      # before the profile: a step cut short by a time limit keeps it
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if args.profile:
+            profile_decode(engine, batch, need - 1, args.device)    # the run's last kv bucket: no new compile
+        del engine
         rows.append(row)
         gc.collect()
     del ref, ours
@@ -384,10 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {args.device} {torch.cuda.get_device_name() if not cpu else ''} torch {torch.__version__} "
           f"threads {torch.get_num_threads()}", flush=True)
     for name in models:
-        for row in bench_one(name, batches, args, dtype):
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+        bench_one(name, batches, args, dtype)
 
 
 if __name__ == "__main__":
