@@ -9,7 +9,7 @@
 # Each step's whole log lands in $OUT, the JSON rows of bench/engine.py in $OUT/engine.jsonl, and stdout
 # shows the rows and the logs' ends. TESTS="<pytest -k expression>" narrows the tests step.
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_LOGS=recompiles   # a recompile mid-run is a ~45-85 s stall
 OUT=${OUT:-/tmp/device_out}; mkdir -p "$OUT"
 ENGINE=(python3 bench/engine.py --device cuda --new-tokens 64 --out "$OUT/engine.jsonl")
 step() {  # step SECONDS NAME COMMAND...: the command's whole output in $OUT/NAME.log, its end here
@@ -17,7 +17,7 @@ step() {  # step SECONDS NAME COMMAND...: the command's whole output in $OUT/NAM
   local start=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "== $name: rc=$? in $((SECONDS - start)) s"
-  grep -v -i "warn\|^ *$\|^---\|^ \{20\}" "$OUT/$name.log" | grep "^{\|^#\|passed\|failed\|FAILED\|Error\|error" | tail -"${TAIL:-14}"
+  grep -v -i "warn\|^ *$\|^---\|^ \{20\}" "$OUT/$name.log" | grep "^{\|^#\|Recompiling\|passed\|failed\|FAILED\|Error\|error" | tail -"${TAIL:-14}"
 }
 header() {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
