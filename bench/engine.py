@@ -14,6 +14,7 @@ and ours shares its tensors.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import itertools
 import json
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import Idefics3Config, Idefics3ForConditionalGeneration  # noqa: E402
 from model.engine import LLMEngine, Request, SamplingParams  # noqa: E402
-from model.engine.runner import kv_bucket, pow2_bucket  # noqa: E402
+from model.engine.runner import kv_bucket  # noqa: E402
 from model.llama import LlamaRotaryEmbedding, rope_inv_freq  # noqa: E402
 from model.loading import target_name  # noqa: E402
 
@@ -225,7 +226,7 @@ def profile_decode(engine: LLMEngine, batch: int, kv_len: int, device: str, step
     from torch.profiler import ProfilerActivity, profile
 
     runner = engine.runner
-    rows, kv = pow2_bucket(batch, 1, runner.cache.num_slots), kv_bucket(kv_len, runner.cache.max_len)
+    rows, kv = runner.decode_rows(batch), kv_bucket(kv_len, runner.cache.max_len)
     runner.decode(rows, kv)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -308,7 +309,7 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
         if args.questions_per_image > 1:
             requests = about_shared_images(requests, args.questions_per_image, spec["top"]["image_token_id"])
         need = max(len(r.prompt_ids) for r in requests) + args.new_tokens + 1   # + an overlapped step's position
-        make_engine = lambda: LLMEngine(ours, max_batch_size=batch, max_prefill_tokens=args.prefill_tokens,  # noqa: E731
+        make_engine = functools.partial(LLMEngine, ours, max_batch_size=batch, max_prefill_tokens=args.prefill_tokens,
                                         kv_cache_tokens=batch * (-(-need // 256) * 256))
         if args.device == "cuda":
             ref_s, ours_s, stats, engine, same = _measure_sequential(ref, make_engine, requests, args, dtype)

@@ -22,7 +22,7 @@ from ..linear import available_host_memory, pack_weights
 from .image_cache import ImageFeatureCache
 from .kv_cache import KVCache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
-from .runner import ModelRunner, kv_bucket, pow2_bucket
+from .runner import ModelRunner, kv_bucket
 from .sampler import NON_FINITE, SamplingState, flag_non_finite, model_tokens, sample, token_logprobs
 from .scheduler import Scheduler, Sequence
 from .stop_strings import StopStringMatcher
@@ -327,7 +327,7 @@ class LLMEngine:
         if not seqs or (finishing and scheduler.can_admit(finishing)):
             return None
         runner = self.runner
-        rows = pow2_bucket(scheduler.decode_batch_size(), 1, runner.cache.num_slots)
+        rows = runner.decode_rows(scheduler.decode_batch_size())
         kv_len = kv_bucket(max(s.length for s in seqs) + lag, runner.cache.max_len)
         logits = runner.decode(rows, kv_len)
         tokens, logprobs = self._next_tokens(logits, torch.arange(rows, device=self.device), seqs)

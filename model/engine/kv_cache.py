@@ -1,6 +1,6 @@
 """A preallocated KV cache of slots, and the attention backends that read and write it.
 
-Layout: k, v = (layers, slots, kv_heads, max_len, head_dim). A request owns one slot for its whole
+Layout: k, v = (layers, slots, kv_heads, max_len + 1 spare, head_dim). A request owns one slot for its whole
 life; position p of its sequence lives at [:, slot, :, p]. Nothing grows: prefill writes rows
 0..L-1 of a slot, each decode step writes one row per slot, and a finished request's slot is
 simply handed to the next one (its stale rows are masked by length, then overwritten).
@@ -17,7 +17,9 @@ from torch import Tensor
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+        # One spare position past max_len, never read: a decode step then never slices the whole
+        # axis, which torch.compile specialises (kv_len == the axis: a second compile of the step).
+        shape = (num_layers, num_slots, num_kv_heads, max_len + 1, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_slots, self.max_len = num_slots, max_len

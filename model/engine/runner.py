@@ -124,6 +124,12 @@ class ModelRunner:
                 self.compile = False
         return decode_logits(*args)
 
+    def decode_rows(self, n: int) -> int:
+        """Rows a decode step of n sequences runs: a power of two, at most the slots; compiled, at least
+        two, since torch.compile specialises a size of one (a second compile of the whole step, ~85 s
+        on an H200, when a replica's last rows drain). A spare row costs ~nothing."""
+        return pow2_bucket(n, 2 if self.compile else 1, self.cache.num_slots)
+
     @torch.inference_mode()
     def decode(self, batch: int, kv_len: int) -> Tensor:
         """Logits (batch, V) float32 for slots 0..batch-1 given self.tokens / self.positions."""

@@ -90,15 +90,44 @@ def test_batched_prefill_equals_reference(setup, slots):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.filterwarnings("error:torch.compile of the decode step failed")
-def test_cuda_defaults_on_cpu_equal_reference(setup):
+def test_cuda_defaults_on_cpu_equal_reference(setup, monkeypatch):
     """The CUDA defaults but graphs: the decode step through torch.compile, which must trace whole
     (fullgraph; a failure would fall back to eager with a warning, made an error here), overlapped
-    steps and padded-group prefill; the reference's tokens through several batch and kv buckets."""
+    steps and padded-group prefill; the reference's tokens through several batch and kv buckets.
+    No step runs one row: torch.compile specialises a size of 1, which would compile the step again."""
+    from model.engine.runner import ModelRunner
+
     ours, requests, expected, _, _ = setup
+    batches, decode = [], ModelRunner.decode
+    monkeypatch.setattr(ModelRunner, "decode", lambda self, rows, kv_len: batches.append(rows) or decode(self, rows, kv_len))
     engine = LLMEngine(ours, max_batch_size=3, compile=True, overlap=True, batched_prefill=True)
     for req, res in zip(requests, engine.generate(requests)):
         assert res.token_ids == expected[req.request_id], req.request_id
     assert engine.runner.compile
+    alone = LLMEngine(ours, max_batch_size=3, compile=True).generate(requests[:1])[0]
+    assert alone.token_ids == expected[requests[0].request_id]
+    assert min(batches) == 2, batches
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decode_compiles_once_over_batch_and_kv_buckets(setup):
+    """torch.compile specialises a slice of a whole axis: a step attending over the cache's whole
+    length compiled the step again (~85 s at 8B on an H200, mid-run, when a row reached the last kv
+    bucket). The cache keeps a spare position; batches of one the engine avoids (test above)."""
+    from torch._dynamo.utils import counters
+
+    from model.engine.kv_cache import KVCache
+    from model.engine.runner import ModelRunner
+
+    ours = setup[0]
+    tc = ours.config.text_config
+    cache = KVCache(tc.num_hidden_layers, 4, tc.num_key_value_heads, 256, tc.head_dim, torch.float32, "cpu")
+    runner = ModelRunner(ours, cache, use_cuda_graphs=False, compile=True)
+    runner.decode(2, 64)
+    compiled = counters["stats"]["unique_graphs"]
+    for rows, kv_len in [(4, 128), (2, 256), (4, 256), (3, 64)]:
+        runner.decode(rows, kv_len)
+    assert counters["stats"]["unique_graphs"] == compiled and runner.compile
 
 
 class _PostGradGraph:
