@@ -1,7 +1,7 @@
 """A preallocated KV cache of slots, and the attention backends that read and write it.
 
-Layout: k, v = (layers, slots, kv_heads, max_len + 1 spare, head_dim). A request owns one slot for its whole
-life; position p of its sequence lives at [:, slot, :, p]. Nothing grows: prefill writes rows
+Layout: k, v = (layers, slots, kv_heads, max_len + 1 spare, head_dim). A request owns one slot for its
+whole life; position p of its sequence lives at [:, slot, :, p]. Nothing grows: prefill writes rows
 0..L-1 of a slot, each decode step writes one row per slot, and a finished request's slot is
 simply handed to the next one (its stale rows are masked by length, then overwritten).
 """
