@@ -28,8 +28,24 @@ def compiled_decode():
     global _COMPILED
     if _COMPILED is None:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _COMPILED = torch.compile(decode_logits, fullgraph=True, dynamic=True)
+        _COMPILED = _without_duck_sizing(torch.compile(decode_logits, fullgraph=True, dynamic=True))
     return _COMPILED
+
+
+def _without_duck_sizing(step):
+    """Each size its own symbol. With duck sizing, sizes equal at the first compile are assumed equal
+    for good: a first step whose rows equal the cache's slots (a full cache), its layers or a head
+    count compiled the whole step again (~85 s on an H200) once the rows changed."""
+    try:
+        from torch.fx.experimental import _config as fx_config
+        fx_config.use_duck_shape
+    except (ImportError, AttributeError):         # a torch without the switch keeps duck sizing
+        return step
+
+    def call(*args):
+        with fx_config.patch(use_duck_shape=False):
+            return step(*args)
+    return call
 
 
 def pow2_bucket(n: int, floor: int, cap: int) -> int:
