@@ -1,10 +1,11 @@
 #!/bin/bash
 # The prepared GPU checks for a device session (15 device-minutes, machine starts included, ~95 s each):
-#   run(command="bash bench/device_check.sh", timeout_s=600)           # every step, in priority order
-#   run(command="bash bench/device_check.sh b1_8b tests", timeout_s=330) # or only the steps named
-# Steps (seconds each at most): b1_8b (150: the bandwidth target, profiled), b32_256m (120: the 5x target,
-# profiled), tests (180: the CUDA tests; a compile of the decode step costs ~60-90 s per model shape),
-# b32_8b (80), stream (80: streamed blocks, rows about one image), qpi4 (60: batch 32 as 8 images x 4 questions).
+#   run(command="bash bench/device_check.sh b8b b32_256m", timeout_s=420)   # the two targets, profiled
+#   run(command="bash bench/device_check.sh tests stream qpi4", timeout_s=360)
+# Steps (seconds each at most): b8b (270: Idefics3-8B at batch 1, the bandwidth target, and 32, profiled,
+# one process), b32_256m (120: the 5x target, profiled), tests (180: the CUDA tests), stream (80: streamed
+# blocks, rows about one image), qpi4 (60: batch 32 as 8 images x 4 questions). A process compiles the
+# decode step once per model (~85 s; twice where a run has one slot: a batch of one is its own compile).
 # The device image has python, torch (CUDA), transformers, tokenizers, pytest; not Ray (no step needs it).
 # Each step's whole log lands in $OUT, the JSON rows of bench/engine.py in $OUT/engine.jsonl, and stdout
 # shows the rows and the logs' ends. TESTS="<pytest -k expression>" narrows the tests step.
@@ -33,13 +34,12 @@ EOF
 }
 run_step() {
   case "$1" in
-  b1_8b) step 150 b1_8b "${ENGINE[@]}" --models idefics3-8b --batches 1 --repeats 3 --profile ;;
+  b8b) step 270 b8b "${ENGINE[@]}" --models idefics3-8b --batches 1 32 --repeats 2 --profile ;;
   b32_256m) step 120 b32_256m "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 2 --profile ;;
   tests) TAIL=30 step 180 tests python3 -m pytest -p no:cacheprovider -o addopts=-ra --timeout 120 \
     tests/model/test_cuda.py tests/model/test_engine.py tests/model/test_engine_loop.py tests/model/test_fusion.py \
     tests/model/test_prefix_cache.py tests/processing/test_pixels.py tests/processing/test_image_torch_recipe.py \
     -k "${TESTS:-cuda or fused or fusion}" ;;
-  b32_8b) step 80 b32_8b "${ENGINE[@]}" --models idefics3-8b --batches 32 --repeats 1 ;;
   stream) step 80 stream python3 bench/stream.py --device cuda --blocks 8 --batch 16 --slots 64 --repeats 1 \
     --questions-per-image 4 ;;
   qpi4) step 60 qpi4 "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 1 --questions-per-image 4 ;;
@@ -47,6 +47,6 @@ run_step() {
   esac
 }
 header
-for name in "${@:-b1_8b b32_256m tests b32_8b stream qpi4}"; do
+for name in "${@:-b8b b32_256m tests stream qpi4}"; do
   for one in $name; do run_step "$one"; done
 done
