@@ -217,10 +217,15 @@ def time_engine(engine: LLMEngine, requests, new_tokens: int, device: str,
 RUNS = itertools.count()
 
 
+GEMM_NAMES = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "linear", "aten::mm", "aten::addmm", "aten::bmm")
+
+
 def profile_decode(engine: LLMEngine, batch: int, kv_len: int, device: str, steps: int = 20,
-                   top: int = 15) -> None:
+                   top: int = 15, weight_bytes: int | None = None, bandwidth: float | None = None) -> None:
     """Where a decode step's time goes: `steps` replays of the step the run used (same batch and kv
-    buckets, CUDA graph included) under torch.profiler; the top kernels by device time on stderr.
+    buckets, CUDA graph included) under torch.profiler; the top kernels by device time on stderr,
+    and the GEMMs' share (with the weights' bytes: the bandwidth they read them at, which bounds
+    what the rest of the step may take for a target fraction of the limit).
     The replays rewrite the K/V of the finished run's last position: the results are already out."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -240,6 +245,13 @@ def profile_decode(engine: LLMEngine, batch: int, kv_len: int, device: str, step
     print(f"# profile: decode rows {rows}, kv {kv}: {total_us / steps / 1e3:.3f} ms and "
           f"{sum(e.count for e in kernels) / steps:.0f} {'kernels' if device == 'cuda' else 'ops'} per step",
           file=sys.stderr)
+    gemms = [e for e in kernels if any(n in e.key.lower() for n in GEMM_NAMES)]
+    gemm_s = sum(getattr(e, key) for e in gemms) / steps / 1e6
+    line = (f"# profile: GEMMs {gemm_s * 1e3:.3f} ms in {sum(e.count for e in gemms) / steps:.0f} kernels, "
+            f"the rest {(total_us / steps / 1e6 - gemm_s) * 1e3:.3f} ms")
+    if weight_bytes and bandwidth and gemm_s:
+        line += f"; the GEMMs read the weights at {weight_bytes / gemm_s / bandwidth:.0%} of the bandwidth limit"
+    print(line, file=sys.stderr)
     print(events.table(sort_by=key, row_limit=top), file=sys.stderr, flush=True)
 
 
@@ -338,7 +350,9 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if args.profile:
-            profile_decode(engine, batch, need - 1, args.device)    # the run's last kv bucket: no new compile
+            bandwidth = (args.hbm_bytes_per_s or _hbm_bandwidth()) if args.device == "cuda" else None
+            profile_decode(engine, batch, need - 1, args.device,    # the run's last kv bucket: no new compile
+                           weight_bytes=decoder_weight_bytes(ours), bandwidth=bandwidth)
         del engine
         rows.append(row)
         gc.collect()
