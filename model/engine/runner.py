@@ -74,6 +74,9 @@ class ModelRunner:
         self.positions = torch.zeros(slots, dtype=torch.int64, device=device)  # each slot's cached length
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
         self.compile = compile
+        # Fixed at the start, not cleared with `compile` if compiling fails on one tensor-parallel rank:
+        # every rank must run the same rows.
+        self.min_decode_rows = 2 if compile else 1
         # One attention call per group of padded prompts, not per prompt: fewer launches (GPU) vs
         # less work (CPU); see PackedPrefillAttention.
         self.batched_prefill = device.type == "cuda" if batched_prefill is None else batched_prefill
@@ -144,7 +147,7 @@ class ModelRunner:
         """Rows a decode step of n sequences runs: a power of two, at most the slots; compiled, at least
         two, since torch.compile specialises a size of one (a second compile of the whole step, ~85 s
         on an H200, when a replica's last rows drain). A spare row costs ~nothing."""
-        return pow2_bucket(n, 2 if self.compile else 1, self.cache.num_slots)
+        return pow2_bucket(n, self.min_decode_rows, self.cache.num_slots)
 
     @torch.inference_mode()
     def decode(self, batch: int, kv_len: int) -> Tensor:

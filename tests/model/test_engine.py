@@ -132,6 +132,28 @@ def test_compiled_decode_compiles_once_over_batch_and_kv_buckets(setup):
     assert counters["stats"]["unique_graphs"] == compiled and runner.compile
 
 
+def test_a_failed_compile_runs_eagerly_with_the_same_rows(setup, monkeypatch):
+    """A compile that fails (on one tensor-parallel rank, say) falls back to eager steps, which run
+    the rows the other ranks run: the rows do not follow the fallback."""
+    import model.engine.runner as runner_module
+    from model.engine.kv_cache import KVCache
+
+    def broken():
+        def step(*args):
+            raise RuntimeError("no compiler here")
+        return step
+
+    ours = setup[0]
+    tc = ours.config.text_config
+    cache = KVCache(tc.num_hidden_layers, 4, tc.num_key_value_heads, 64, tc.head_dim, torch.float32, "cpu")
+    runner = runner_module.ModelRunner(ours, cache, use_cuda_graphs=False, compile=True)
+    monkeypatch.setattr(runner_module, "compiled_decode", broken)
+    assert runner.decode_rows(1) == 2
+    with pytest.warns(UserWarning, match="torch.compile of the decode step failed"):
+        logits = runner.decode(2, 64)
+    assert not runner.compile and logits.shape[0] == 2 and runner.decode_rows(1) == 2
+
+
 class _PostGradGraph:
     """Records the ops of each graph inductor compiles (after its own post-grad passes)."""
 
