@@ -122,7 +122,27 @@ def check_input_files(source: str, storage_options: dict | None) -> dict[str, pq
         named = "; ".join(f"{path} ({why})" for path, why in list(bad.items())[:5])
         raise ValueError(f"input {source!r}: {len(bad)} Parquet file(s) cannot be read, so nothing was started; "
                          f"repair or remove them: {named}")
+    if protocol_of(source) in ("http", "https"):
+        check_ranged_reads(next(iter(footers)), source, storage_options)
     return footers
+
+
+def check_ranged_reads(path: str, source: str, storage_options: dict | None) -> None:
+    """Parquet is read by byte ranges, its footer first (at the end). An HTTP server that answers a
+    ranged GET with the whole file (Python's http.server) passed the footer checks (a small file fits
+    fsspec's first read-ahead block, from byte 0) and failed the job at Ray Data's first read."""
+    fs, stripped = fsspec_fs(path, storage_options)
+    try:
+        with fs.open(stripped, "rb", block_size=8) as f:
+            if (f.size or 0) > 8:
+                f.seek(f.size - 8)
+                f.read(8)
+    except ValueError as e:
+        if "range" not in str(e).lower():
+            raise
+        raise ValueError(f"input {source!r}: the server of {path} answers a ranged read (HTTP Range) with the whole "
+                         "file, and Parquet is read by ranges; serve the files from one that honours them (S3, the "
+                         "Hugging Face Hub, nginx; not Python's http.server), or copy them to local disk") from None
 
 
 def read_schema(footers: dict[str, pq.FileMetaData], columns: list[str], source: str) -> pa.Schema:

@@ -76,3 +76,39 @@ def ray_with_fault(faults: dict[str, str]):
         yield ray
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def serve_folder(folder: str | Path, ranges: bool):
+    """An HTTP server of `folder`'s files on loopback (yields its base URL). Python's http.server
+    answers a ranged GET with the whole file; with `ranges`, it answers the range (206), as object
+    stores, the Hugging Face Hub and most servers do."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            spec = self.headers.get("Range", "")
+            path = Path(self.translate_path(self.path))
+            if not (ranges and spec.startswith("bytes=") and path.is_file()):
+                return super().do_GET()
+            body = path.read_bytes()
+            first, last = spec[len("bytes="):].split("-")
+            first, last = int(first), min(int(last) if last else len(body) - 1, len(body) - 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {first}-{last}/{len(body)}")
+            self.send_header("Content-Length", str(last - first + 1))
+            self.end_headers()
+            self.wfile.write(body[first:last + 1])
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -7,7 +7,7 @@ import pytest
 
 from model.engine.prefix_cache import MIN_SHARED_TEXT
 from pipeline import PipelineConfig, read_output, run_job
-from tests.pipeline.helpers import good_rows, png, write_parquet
+from tests.pipeline.helpers import good_rows, png, serve_folder, write_parquet
 
 MAX_NEW = 6
 
@@ -85,6 +85,20 @@ def test_summary_printed_and_written_beside_the_output(run):
     assert summary["errors_by_kind"] == {"preprocess: PromptError": 2, "preprocess: ImageDecodeError": 1,
                                          "read image: image is null": 1, "preprocess: ImageTooLargeError": 1}
     assert summary["generated_tokens_this_run"] > 0 and summary["rows_per_s"] > 0
+
+
+def test_an_input_on_an_http_server_runs_end_to_end(ray_cluster, checkpoint, oracle, tmp_path):
+    """Parquet over HTTP (a server that honours ranged reads): Ray Data's reads, the footers and the
+    id check all go through it; the answers are the reference's."""
+    rows = good_rows(2)
+    write_parquet(tmp_path / "www" / "rows.parquet", rows)
+    with serve_folder(tmp_path / "www", ranges=True) as url:
+        summary = run_job(f"{url}/rows.parquet", str(tmp_path / "out"), PipelineConfig(model=str(checkpoint),
+                                                                                        max_new_tokens=3))
+    assert (summary["rows"], summary["error_rows"], summary["missing_rows"]) == (2, 0, 0)
+    by_id = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    for row in rows:
+        assert by_id[row["id"]]["answer"] == oracle.answer(row["image"], row["question"], 3)[0]
 
 
 def test_a_resume_answers_again_the_rows_of_a_lost_output_file(ray_cluster, checkpoint, tmp_path, capsys):
