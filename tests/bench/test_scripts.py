@@ -1,0 +1,33 @@
+"""The benchmark scripts a device session runs (bench/device_check.sh) still run: small, on CPU, their
+figures not checked (performance is measured, not asserted), only that each row is made and that
+the two implementations gave the same tokens. A broken script costs a GPU session's scarce minutes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_script(*args: str) -> list[dict]:
+    """The JSON rows a bench script prints."""
+    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_the_engine_bench_makes_its_row_and_profile(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    (row,) = run_script("bench/engine.py", "--batches", "2", "--new-tokens", "3", "--repeats", "1", "--threads", "1",
+                        "--tile", "64", "--profile", "--out", str(out))
+    assert row["same_tokens"] == "2/2" and row["batch"] == 2 and row["ours_decode_tok_s"] > 0
+    assert json.loads(out.read_text()) == row
+
+
+def test_the_stream_bench_makes_its_report():
+    (report,) = run_script("bench/stream.py", "--tile", "64", "--blocks", "2", "--batch", "2", "--slots", "4",
+                           "--min-new", "2", "--max-new", "3", "--repeats", "0", "--questions-per-image", "2")
+    assert report["streamed_shared_prefixes"]["images_encoded"] == 2          # 4 rows about 2 images
+    assert report["one_at_a_time"]["images_encoded"] == 4
