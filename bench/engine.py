@@ -314,6 +314,8 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
     ref = reference_model(name, tile, args.device, dtype)
     ours = our_model(ref)
     progress(f"{name}: random-weight models built", start)
+    weight_bytes = decoder_weight_bytes(ours)
+    bandwidth = (args.hbm_bytes_per_s or _hbm_bandwidth()) if args.device == "cuda" else None
     rows = []
     for batch in batches:
         requests = make_requests(name, tile, batch, args.frames or spec["frames"], args.new_tokens, args.device,
@@ -342,17 +344,15 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
             step = stats["decode_s"] / stats["decode_steps"]
             row["ours_decode_tok_s"] = round(stats["decode_tokens"] / stats["decode_s"], 1)
             row["ours_step_ms"] = round(step * 1e3, 3)
-            if args.device == "cuda":
-                bw = args.hbm_bytes_per_s or _hbm_bandwidth()
-                row["bandwidth_fraction"] = round(decoder_weight_bytes(ours) / step / bw, 3)
+            if bandwidth:
+                row["bandwidth_fraction"] = round(weight_bytes / step / bandwidth, 3)
         print(json.dumps(row), flush=True)      # before the profile: a step cut short by a time limit keeps it
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if args.profile:
-            bandwidth = (args.hbm_bytes_per_s or _hbm_bandwidth()) if args.device == "cuda" else None
             profile_decode(engine, batch, need - 1, args.device,    # the run's last kv bucket: no new compile
-                           weight_bytes=decoder_weight_bytes(ours), bandwidth=bandwidth)
+                           weight_bytes=weight_bytes, bandwidth=bandwidth)
         del engine
         rows.append(row)
         gc.collect()
