@@ -1,11 +1,11 @@
 #!/bin/bash
 # The prepared GPU checks for a device session (15 device-minutes, machine starts included, ~95 s each):
-#   run(command="bash bench/device_check.sh b8b b32_256m", timeout_s=420)   # the two targets, profiled
-#   run(command="bash bench/device_check.sh tests stream qpi4", timeout_s=360)
+#   run(command="bash bench/device_check.sh b8b b32_256m", timeout_s=480)   # the two targets, profiled
+#   then at once (the machine stays warm ~30 s): run(command="bash bench/device_check.sh tests", timeout_s=320)
 # Steps (seconds each at most): b8b (270: Idefics3-8B at batch 1, the bandwidth target, and 32, profiled,
-# one process), b32_256m (120: the 5x target, profiled), tests (180: the CUDA tests), stream (80: streamed
-# blocks, rows about one image), qpi4 (60: batch 32 as 8 images x 4 questions). A process compiles the
-# decode step once per model (~85 s; twice where a run has one slot: a batch of one is its own compile).
+# one process), b32_256m (180: the 5x target, profiled), tests (300: the CUDA tests), stream (180: streamed
+# blocks, rows about one image), qpi4 (180: batch 32 as 8 images x 4 questions). A process compiles the
+# decode step once per model: 100-110 s on a fresh machine (run 5), the tiny test models ~20 s each.
 # The device image has python, torch (CUDA), transformers, tokenizers, pytest; not Ray (no step needs it).
 # Each step's whole log lands in $OUT, the JSON rows of bench/engine.py in $OUT/engine.jsonl, and stdout
 # shows the rows and the logs' ends. TESTS="<pytest -k expression>" narrows the tests step.
@@ -35,14 +35,14 @@ EOF
 run_step() {
   case "$1" in
   b8b) step 270 b8b "${ENGINE[@]}" --models idefics3-8b --batches 1 32 --repeats 2 --profile ;;
-  b32_256m) step 120 b32_256m "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 2 --profile ;;
-  tests) TAIL=30 step 180 tests python3 -m pytest -p no:cacheprovider -o addopts=-ra --timeout 120 \
+  b32_256m) step 180 b32_256m "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 2 --profile ;;
+  tests) TAIL=30 step 300 tests python3 -m pytest -p no:cacheprovider -o addopts=-ra --timeout 150 \
     tests/model/test_cuda.py tests/model/test_engine.py tests/model/test_engine_loop.py tests/model/test_fusion.py \
     tests/model/test_prefix_cache.py tests/processing/test_pixels.py tests/processing/test_image_torch_recipe.py \
     -k "${TESTS:-cuda or fused or fusion}" ;;
-  stream) step 80 stream python3 bench/stream.py --device cuda --blocks 8 --batch 16 --slots 64 --repeats 1 \
+  stream) step 180 stream python3 bench/stream.py --device cuda --blocks 8 --batch 16 --slots 64 --repeats 1 \
     --questions-per-image 4 ;;
-  qpi4) step 60 qpi4 "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 1 --questions-per-image 4 ;;
+  qpi4) step 180 qpi4 "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 1 --questions-per-image 4 ;;
   *) echo "unknown step $1" ;;
   esac
 }

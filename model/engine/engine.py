@@ -143,14 +143,19 @@ class LLMEngine:
         if slots < 1:
             raise ValueError(f"KV cache budget too small for one sequence of {max_len} tokens "
                              f"({per_token * max_len / _GIB:.2f} GiB needed)")
-        cache = KVCache(tc.num_hidden_layers, slots, tc.num_key_value_heads, max_len, tc.head_dim,
+        self.slots = slots
+        # A compiled step runs at least two rows (ModelRunner.decode_rows): a one-slot cache keeps a
+        # spare row (one sequence's memory, never scheduled), or its steps compile for one row, and
+        # again when the rows change.
+        rows = max(slots, 2 if self.compile else 1)
+        cache = KVCache(tc.num_hidden_layers, rows, tc.num_key_value_heads, max_len, tc.head_dim,
                         self.dtype, self.device)
         self.runner = ModelRunner(self.model, cache, use_cuda_graphs=self.use_cuda_graphs, compile=self.compile,
                                   max_image_frames=self.max_image_frames, batched_prefill=self.batched_prefill)
-        self.sampling = SamplingState.empty(slots, self.text_config.vocab_size, self.device)
-        self.active = torch.zeros(slots, dtype=torch.int64, device=self.device)
+        self.sampling = SamplingState.empty(rows, self.text_config.vocab_size, self.device)
+        self.active = torch.zeros(rows, dtype=torch.int64, device=self.device)
         # CUDA: two pinned buffers that decode steps copy their tokens to (one may hold a step in flight).
-        self.host_tokens = [torch.zeros(slots, dtype=torch.int64, pin_memory=True)
+        self.host_tokens = [torch.zeros(rows, dtype=torch.int64, pin_memory=True)
                             for _ in range(2)] if self.device.type == "cuda" else []
         self.host_logprobs = [torch.zeros(slots, pin_memory=True) for _ in self.host_tokens]
         return self.runner
@@ -227,7 +232,7 @@ class LLMEngine:
         if self._scheduler is None or self._scheduler.done:
             runner = self._ensure_cache(max(map(self._positions_needed, self._pending)))
             if self._scheduler is None:
-                self._scheduler = Scheduler(runner.cache.num_slots, self.max_prefill_tokens)
+                self._scheduler = Scheduler(self.slots, self.max_prefill_tokens)
         while self._pending and self._positions_needed(self._pending[0]) <= self.runner.cache.max_len:
             self._scheduler.add(self._pending.pop(0))
 

@@ -94,7 +94,8 @@ def test_cuda_defaults_on_cpu_equal_reference(setup, monkeypatch):
     """The CUDA defaults but graphs: the decode step through torch.compile, which must trace whole
     (fullgraph; a failure would fall back to eager with a warning, made an error here), overlapped
     steps and padded-group prefill; the reference's tokens through several batch and kv buckets.
-    No step runs one row: torch.compile specialises a size of 1, which would compile the step again."""
+    No step runs one row, not even with one slot: torch.compile specialises a size of 1, which would
+    compile the step again once the rows change (the 8B bench, batch 1 then 32, on an H200)."""
     from model.engine.runner import ModelRunner
 
     ours, requests, expected, _, _ = setup
@@ -106,6 +107,10 @@ def test_cuda_defaults_on_cpu_equal_reference(setup, monkeypatch):
     assert engine.runner.compile
     alone = LLMEngine(ours, max_batch_size=3, compile=True).generate(requests[:1])[0]
     assert alone.token_ids == expected[requests[0].request_id]
+    one_slot = LLMEngine(ours, max_batch_size=1, compile=True)     # a spare row, never scheduled
+    for req, res in zip(requests[:2], one_slot.generate(requests[:2])):
+        assert res.token_ids == expected[req.request_id], req.request_id
+    assert len(one_slot._scheduler.free) == 1 and one_slot.runner.cache.num_slots == 2
     assert min(batches) == 2, batches
 
 
