@@ -253,6 +253,39 @@ def profile_decode(engine: LLMEngine, batch: int, kv_len: int, device: str, step
         line += f"; the GEMMs read the weights at {weight_bytes / gemm_s / bandwidth:.0%} of the bandwidth limit"
     print(line, file=sys.stderr)
     print(events.table(sort_by=key, row_limit=top), file=sys.stderr, flush=True)
+    if device == "cuda":
+        print(f"# profile: a replay's wall time {replay_ms(runner, rows, kv, steps):.3f} ms (its kernels' "
+              f"sum above: the rest is the gaps between them)", file=sys.stderr)
+    profile_by_op(runner, rows, kv, device, top)
+
+
+def replay_ms(runner, rows: int, kv: int, steps: int) -> float:
+    """Mean wall time of the decode step's CUDA graph replayed back to back, events around the loop."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        runner.decode(rows, kv)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def profile_by_op(runner, rows: int, kv: int, device: str, top: int) -> None:
+    """One step run outside its CUDA graph, by op and input shapes: which projection or attention
+    product each GEMM kernel of the graph belongs to (a replay's kernels have no op above them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.inference_mode(), profile(activities=activities, record_shapes=True) as prof:
+        runner._decode_step(rows, kv)
+        _sync(device)
+    key = "device_time_total" if device == "cuda" else "cpu_time_total"
+    ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+    ops.sort(key=lambda e: getattr(e, key), reverse=True)
+    print("# profile, one step by op and shapes (outside the graph):", file=sys.stderr)
+    for e in ops[:top]:
+        print(f"#   {e.key:<28} {e.count:>4} x  {getattr(e, key) / max(e.count, 1):9.1f} us  {e.input_shapes}",
+              file=sys.stderr)
 
 
 def decoder_weight_bytes(model) -> int:
@@ -377,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=None, choices=sorted(SHAPES))
     p.add_argument("--batches", nargs="+", type=int, default=None)
     p.add_argument("--tile", type=int, default=None, help="tile size in px (CPU default 128)")
-    p.add_argument("--frames", type=int, default=None, help="max tiles per image (request i has 1 + i % frames)")
+    p.add_argument("--frames", type=int, default=None, help="max tiles per image (request i has 1 + i %% frames)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)

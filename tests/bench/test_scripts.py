@@ -4,6 +4,7 @@ the two implementations gave the same tokens. A broken script costs a GPU sessio
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,16 @@ def test_the_stream_bench_makes_its_report():
                            "--min-new", "2", "--max-new", "3", "--repeats", "0", "--questions-per-image", "2")
     assert report["streamed_shared_prefixes"]["images_encoded"] == 2          # 4 rows about 2 images
     assert report["one_at_a_time"]["images_encoded"] == 4
+
+
+def test_every_bench_script_explains_its_options():
+    """`--help` of each script (the first thing a device session runs): a stray % in a help text
+    made argparse fail there (bench/engine.py's --frames)."""
+    scripts = sorted(p for p in (REPO / "bench").glob("*.py") if p.name != "compare_torch_backend.py")
+    code = ("import runpy, sys\nfor path in sys.argv[1:]:\n    sys.argv = [path, '--help']\n"
+            "    try:\n        runpy.run_path(path, run_name='__main__')\n    except SystemExit as e:\n"
+            "        assert e.code == 0, path\n    else:\n        raise AssertionError(path + ': no --help')\n")
+    done = subprocess.run([sys.executable, "-c", code, *map(str, scripts)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("usage:") == len(scripts) > 5
