@@ -33,6 +33,7 @@ from model.engine import LLMEngine, Request, SamplingParams  # noqa: E402
 from model.engine.runner import kv_bucket  # noqa: E402
 from model.llama import LlamaRotaryEmbedding, rope_inv_freq  # noqa: E402
 from model.loading import target_name  # noqa: E402
+from bench.decode_variants import VARIANTS, current_variant, decode_variant  # noqa: E402
 
 # Real dimensions (behaviour spec sections 5.2 / 5.3); token ids as in the released checkpoints.
 SHAPES = {
@@ -60,14 +61,16 @@ SHAPES = {
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 
 
-def reference_model(name: str, tile: int | None, device: str, dtype: torch.dtype):
-    """transformers' Idefics3ForConditionalGeneration with random weights, built from the config."""
+def reference_model(name: str, tile: int | None, device: str, dtype: torch.dtype, layers: int | None = None):
+    """transformers' Idefics3ForConditionalGeneration with random weights, built from the config
+    (`layers`: that many decoder layers, for quicker compiles when comparing step variants)."""
     from transformers import Idefics3Config as RefConfig
     from transformers import Idefics3ForConditionalGeneration as Reference
 
     spec = SHAPES[name]
     vision = dict(spec["vision"], image_size=tile or spec["vision"]["image_size"])
-    config = RefConfig(vision_config=vision, text_config=dict(spec["text"], model_type="llama"),
+    text = dict(spec["text"], model_type="llama", **({"num_hidden_layers": layers} if layers else {}))
+    config = RefConfig(vision_config=vision, text_config=text,
                        pad_token_id=spec["text"]["pad_token_id"], **spec["top"])
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -344,13 +347,13 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
     spec = SHAPES[name]
     tile = args.tile or spec["vision"]["image_size"]
     start = time.perf_counter()
-    ref = reference_model(name, tile, args.device, dtype)
+    ref = reference_model(name, tile, args.device, dtype, args.layers)
     ours = our_model(ref)
     progress(f"{name}: random-weight models built", start)
     weight_bytes = decoder_weight_bytes(ours)
     bandwidth = (args.hbm_bytes_per_s or _hbm_bandwidth()) if args.device == "cuda" else None
     rows = []
-    for batch in batches:
+    for variant, batch in itertools.product(args.variants, batches):    # a variant's batches share its compile
         requests = make_requests(name, tile, batch, args.frames or spec["frames"], args.new_tokens, args.device,
                                  args.repetition_penalty)
         if args.questions_per_image > 1:
@@ -358,42 +361,54 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
         need = max(len(r.prompt_ids) for r in requests) + args.new_tokens + 1   # + an overlapped step's position
         make_engine = functools.partial(LLMEngine, ours, max_batch_size=batch, max_prefill_tokens=args.prefill_tokens,
                                         kv_cache_tokens=batch * (-(-need // 256) * 256))
-        if args.device == "cuda":
-            ref_s, ours_s, stats, engine, same = _measure_sequential(ref, make_engine, requests, args, dtype)
-        else:
-            ref_s, ours_s, stats, engine, same = _measure_interleaved(ref, make_engine(), requests, args, dtype)
-        tokens, images = batch * args.new_tokens, len(requests)
-        row = dict(model=name, device=args.device, batch=batch, tile=tile, new_tokens=args.new_tokens,
-                   questions_per_image=args.questions_per_image, images_encoded=stats["images_encoded"],
-                   prefix_tokens_reused=stats["prefix_tokens_reused"],
-                   prompt_tokens=sum(len(r.prompt_ids) for r in requests),
-                   frames=sum(r.pixel_values.shape[0] for r in requests),
-                   same_tokens=f"{same}/{batch}", ref_s=round(ref_s, 3), ours_s=round(ours_s, 3),
-                   ref_tok_s=round(tokens / ref_s, 1), ours_tok_s=round(tokens / ours_s, 1),
-                   ref_img_s=round(images / ref_s, 2), ours_img_s=round(images / ours_s, 2),
-                   speedup=round(ref_s / ours_s, 2), ours_prefill_s=round(stats["prefill_s"], 3),
-                   ours_decode_s=round(stats["decode_s"], 3))
-        if stats["decode_steps"]:
-            step = stats["decode_s"] / stats["decode_steps"]
-            row["ours_decode_tok_s"] = round(stats["decode_tokens"] / stats["decode_s"], 1)
-            row["ours_step_ms"] = round(step * 1e3, 3)
-            if bandwidth:
-                row["bandwidth_fraction"] = round(weight_bytes / step / bandwidth, 3)
-        print(json.dumps(row), flush=True)      # before the profile: a step cut short by a time limit keeps it
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if args.profile:
-            profile_decode(engine, batch, need - 1, args.device,    # the run's last kv bucket: no new compile
-                           weight_bytes=weight_bytes, bandwidth=bandwidth)
-        del engine
+        with decode_variant(variant):
+            row = bench_batch(name, batch, requests, make_engine, need, args, dtype, ref, weight_bytes, bandwidth)
         rows.append(row)
-        gc.collect()
     del ref, ours
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def bench_batch(name: str, batch: int, requests: list[Request], make_engine, need: int, args, dtype: torch.dtype,
+                ref, weight_bytes: int, bandwidth: float | None) -> dict:
+    """One row: the reference and our engine on the same requests, printed (and appended to --out)."""
+    if args.device == "cuda":
+        ref_s, ours_s, stats, engine, same = _measure_sequential(ref, make_engine, requests, args, dtype)
+    else:
+        ref_s, ours_s, stats, engine, same = _measure_interleaved(ref, make_engine(), requests, args, dtype)
+    tokens, images = batch * args.new_tokens, len(requests)
+    row = dict(model=name, device=args.device, batch=batch, tile=requests[0].pixel_values.shape[-1],
+               new_tokens=args.new_tokens, questions_per_image=args.questions_per_image,
+               images_encoded=stats["images_encoded"], prefix_tokens_reused=stats["prefix_tokens_reused"],
+               prompt_tokens=sum(len(r.prompt_ids) for r in requests),
+               frames=sum(r.pixel_values.shape[0] for r in requests),
+               same_tokens=f"{same}/{batch}", ref_s=round(ref_s, 3), ours_s=round(ours_s, 3),
+               ref_tok_s=round(tokens / ref_s, 1), ours_tok_s=round(tokens / ours_s, 1),
+               ref_img_s=round(images / ref_s, 2), ours_img_s=round(images / ours_s, 2),
+               speedup=round(ref_s / ours_s, 2), ours_prefill_s=round(stats["prefill_s"], 3),
+               ours_decode_s=round(stats["decode_s"], 3))
+    if args.layers:
+        row["layers"] = args.layers
+    if args.variants != ["base"]:
+        row["variant"] = current_variant()
+    if stats["decode_steps"]:
+        step = stats["decode_s"] / stats["decode_steps"]
+        row["ours_decode_tok_s"] = round(stats["decode_tokens"] / stats["decode_s"], 1)
+        row["ours_step_ms"] = round(step * 1e3, 3)
+        if bandwidth:
+            row["bandwidth_fraction"] = round(weight_bytes / step / bandwidth, 3)
+    print(json.dumps(row), flush=True)      # before the profile: a step cut short by a time limit keeps it
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    if args.profile:
+        profile_decode(engine, batch, need - 1, args.device,    # the run's last kv bucket: no new compile
+                       weight_bytes=weight_bytes, bandwidth=bandwidth)
+    del engine
+    gc.collect()
+    return row
 
 
 def _hbm_bandwidth() -> float:
@@ -419,6 +434,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hbm-bytes-per-s", type=float, default=None)
     p.add_argument("--out", default=None, help="append the JSON rows to this file")
     p.add_argument("--profile", action="store_true", help="also print the top kernels of our decode step")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (fewer: quicker compiles)")
+    p.add_argument("--variants", nargs="+", default=["base"], choices=sorted(VARIANTS),
+                   help="decode-step variants to run ours with, a row each (bench/decode_variants.py)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="every row's, both implementations")
     p.add_argument("--questions-per-image", type=int, default=1,
                    help="requests in runs of this many questions about one image (a VQA dataset's shape): our engine "

@@ -27,6 +27,13 @@ def test_the_engine_bench_makes_its_row_and_profile(tmp_path):
     assert json.loads(out.read_text()) == row
 
 
+def test_the_engine_bench_runs_each_decode_variant():
+    rows = run_script("bench/engine.py", "--batches", "2", "--new-tokens", "3", "--repeats", "1", "--threads", "1",
+                      "--tile", "64", "--layers", "2", "--variants", "base", "sdpa", "cdt")
+    assert [r["variant"] for r in rows] == ["base", "sdpa", "cdt"]
+    assert all(r["same_tokens"] == "2/2" and r["layers"] == 2 for r in rows)
+
+
 def test_the_stream_bench_makes_its_report():
     (report,) = run_script("bench/stream.py", "--tile", "64", "--blocks", "2", "--batch", "2", "--slots", "4",
                            "--min-new", "2", "--max-new", "3", "--repeats", "0", "--questions-per-image", "2")
@@ -37,7 +44,8 @@ def test_the_stream_bench_makes_its_report():
 def test_every_bench_script_explains_its_options():
     """`--help` of each script (the first thing a device session runs): a stray % in a help text
     made argparse fail there (bench/engine.py's --frames)."""
-    scripts = sorted(p for p in (REPO / "bench").glob("*.py") if p.name != "compare_torch_backend.py")
+    scripts = sorted(p for p in (REPO / "bench").glob("*.py")
+                     if p.name != "compare_torch_backend.py" and "__main__" in p.read_text())
     code = ("import runpy, sys\nfor path in sys.argv[1:]:\n    sys.argv = [path, '--help']\n"
             "    try:\n        runpy.run_path(path, run_name='__main__')\n    except SystemExit as e:\n"
             "        assert e.code == 0, path\n    else:\n        raise AssertionError(path + ': no --help')\n")
