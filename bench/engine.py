@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import Idefics3Config, Idefics3ForConditionalGeneration  # noqa: E402
 from model.engine import LLMEngine, Request, SamplingParams  # noqa: E402
-from model.engine.runner import kv_bucket  # noqa: E402
 from model.llama import LlamaRotaryEmbedding, rope_inv_freq  # noqa: E402
 from model.loading import target_name  # noqa: E402
 from bench.decode_variants import VARIANTS, current_variant, decode_variant  # noqa: E402
+from bench.profiling import profile_decode, profile_prefill, sync  # noqa: E402
 
 # Real dimensions (behaviour spec sections 5.2 / 5.3); token ids as in the released checkpoints.
 SHAPES = {
@@ -173,11 +173,6 @@ def padded_batch(requests: list[Request], pad_id: int, device: str) -> dict:
                 pixel_attention_mask=pmask)
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_reference(ref, requests, new_tokens: int, device: str, dtype: torch.dtype,
                    repeats: int) -> tuple[float, list[list[int]]]:
     """Best seconds of `repeats` generate calls, and each row's new tokens."""
@@ -188,10 +183,10 @@ def time_reference(ref, requests, new_tokens: int, device: str, dtype: torch.dty
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             out = ref.generate(**inputs, **kwargs)
-            _sync(device)
+            sync(device)
             best = min(best, time.perf_counter() - start)
     prompt = inputs["input_ids"].shape[1]
     assert out.shape[1] == prompt + new_tokens
@@ -205,10 +200,10 @@ def time_engine(engine: LLMEngine, requests, new_tokens: int, device: str,
     for _ in range(repeats):
         engine.stats = dict.fromkeys(engine.stats, 0)
         run = with_fresh_keys(requests, str(next(RUNS)))
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         results = engine.generate(run)
-        _sync(device)
+        sync(device)
         elapsed = time.perf_counter() - start
         if elapsed < best:
             best, best_stats = elapsed, dict(engine.stats)
@@ -218,77 +213,6 @@ def time_engine(engine: LLMEngine, requests, new_tokens: int, device: str,
 
 
 RUNS = itertools.count()
-
-
-GEMM_NAMES = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "linear", "aten::mm", "aten::addmm", "aten::bmm")
-
-
-def profile_decode(engine: LLMEngine, batch: int, kv_len: int, device: str, steps: int = 20,
-                   top: int = 15, weight_bytes: int | None = None, bandwidth: float | None = None) -> None:
-    """Where a decode step's time goes: `steps` replays of the step the run used (same batch and kv
-    buckets, CUDA graph included) under torch.profiler; the top kernels by device time on stderr,
-    and the GEMMs' share (with the weights' bytes: the bandwidth they read them at, which bounds
-    what the rest of the step may take for a target fraction of the limit).
-    The replays rewrite the K/V of the finished run's last position: the results are already out."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    runner = engine.runner
-    rows, kv = runner.decode_rows(batch), kv_bucket(kv_len, runner.cache.max_len)
-    runner.decode(rows, kv)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            runner.decode(rows, kv)
-        _sync(device)
-    events = prof.key_averages()
-    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    kernels = [e for e in events if device != "cuda" or e.device_type == DeviceType.CUDA]
-    total_us = sum(getattr(e, key) for e in kernels)
-    print(f"# profile: decode rows {rows}, kv {kv}: {total_us / steps / 1e3:.3f} ms and "
-          f"{sum(e.count for e in kernels) / steps:.0f} {'kernels' if device == 'cuda' else 'ops'} per step",
-          file=sys.stderr)
-    gemms = [e for e in kernels if any(n in e.key.lower() for n in GEMM_NAMES)]
-    gemm_s = sum(getattr(e, key) for e in gemms) / steps / 1e6
-    line = (f"# profile: GEMMs {gemm_s * 1e3:.3f} ms in {sum(e.count for e in gemms) / steps:.0f} kernels, "
-            f"the rest {(total_us / steps / 1e6 - gemm_s) * 1e3:.3f} ms")
-    if weight_bytes and bandwidth and gemm_s:
-        line += f"; the GEMMs read the weights at {weight_bytes / gemm_s / bandwidth:.0%} of the bandwidth limit"
-    print(line, file=sys.stderr)
-    print(events.table(sort_by=key, row_limit=top), file=sys.stderr, flush=True)
-    if device == "cuda":
-        print(f"# profile: a replay's wall time {replay_ms(runner, rows, kv, steps):.3f} ms (its kernels' "
-              f"sum above: the rest is the gaps between them)", file=sys.stderr)
-    profile_by_op(runner, rows, kv, device, top)
-
-
-def replay_ms(runner, rows: int, kv: int, steps: int) -> float:
-    """Mean wall time of the decode step's CUDA graph replayed back to back, events around the loop."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        runner.decode(rows, kv)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
-
-
-def profile_by_op(runner, rows: int, kv: int, device: str, top: int) -> None:
-    """One step run outside its CUDA graph, by op and input shapes: which projection or attention
-    product each GEMM kernel of the graph belongs to (a replay's kernels have no op above them)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with torch.inference_mode(), profile(activities=activities, record_shapes=True) as prof:
-        runner._decode_step(rows, kv)
-        _sync(device)
-    key = "device_time_total" if device == "cuda" else "cpu_time_total"
-    ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
-    ops.sort(key=lambda e: getattr(e, key), reverse=True)
-    print("# profile, one step by op and shapes (outside the graph):", file=sys.stderr)
-    for e in ops[:top]:
-        print(f"#   {e.key:<28} {e.count:>4} x  {getattr(e, key) / max(e.count, 1):9.1f} us  {e.input_shapes}",
-              file=sys.stderr)
 
 
 def decoder_weight_bytes(model) -> int:
@@ -360,7 +284,7 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
             requests = about_shared_images(requests, args.questions_per_image, spec["top"]["image_token_id"])
         need = max(len(r.prompt_ids) for r in requests) + args.new_tokens + 1   # + an overlapped step's position
         make_engine = functools.partial(LLMEngine, ours, max_batch_size=batch, max_prefill_tokens=args.prefill_tokens,
-                                        kv_cache_tokens=batch * (-(-need // 256) * 256))
+                                        kv_cache_tokens=batch * (-(-need // 256) * 256), compile=args.compile)
         with decode_variant(variant):
             row = bench_batch(name, batch, requests, make_engine, need, args, dtype, ref, weight_bytes, bandwidth)
         rows.append(row)
@@ -389,6 +313,7 @@ def bench_batch(name: str, batch: int, requests: list[Request], make_engine, nee
                ref_img_s=round(images / ref_s, 2), ours_img_s=round(images / ours_s, 2),
                speedup=round(ref_s / ours_s, 2), ours_prefill_s=round(stats["prefill_s"], 3),
                ours_decode_s=round(stats["decode_s"], 3))
+    row["compiled"] = engine.runner.compile         # False: the compile failed and the step ran eagerly
     if args.layers:
         row["layers"] = args.layers
     if args.variants != ["base"]:
@@ -406,6 +331,7 @@ def bench_batch(name: str, batch: int, requests: list[Request], make_engine, nee
     if args.profile:
         profile_decode(engine, batch, need - 1, args.device,    # the run's last kv bucket: no new compile
                        weight_bytes=weight_bytes, bandwidth=bandwidth)
+        profile_prefill(engine, requests, args.device)
     del engine
     gc.collect()
     return row
@@ -434,6 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hbm-bytes-per-s", type=float, default=None)
     p.add_argument("--out", default=None, help="append the JSON rows to this file")
     p.add_argument("--profile", action="store_true", help="also print the top kernels of our decode step")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="our decode step through torch.compile (default: the engine's, on for CUDA)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (fewer: quicker compiles)")
     p.add_argument("--variants", nargs="+", default=["base"], choices=sorted(VARIANTS),
                    help="decode-step variants to run ours with, a row each (bench/decode_variants.py)")

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,11 +30,13 @@ def test_the_engine_bench_makes_its_row_and_profile(tmp_path):
     assert json.loads(out.read_text()) == row
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_the_engine_bench_runs_each_decode_variant():
-    rows = run_script("bench/engine.py", "--batches", "2", "--new-tokens", "3", "--repeats", "1", "--threads", "1",
-                      "--tile", "64", "--layers", "2", "--variants", "base", "sdpa", "cdt")
-    assert [r["variant"] for r in rows] == ["base", "sdpa", "cdt"]
-    assert all(r["same_tokens"] == "2/2" and r["layers"] == 2 for r in rows)
+    """The decode-step candidates the device session times, compiled as on CUDA: the reference's tokens."""
+    rows = run_script("bench/engine.py", "--batches", "2", "--new-tokens", "4", "--repeats", "1", "--threads", "1",
+                      "--tile", "64", "--layers", "2", "--compile", "--variants", "base", "sdpa")
+    assert [r["variant"] for r in rows] == ["base", "sdpa"]
+    assert all(r["same_tokens"] == "2/2" and r["layers"] == 2 and r["compiled"] for r in rows)
 
 
 def test_the_stream_bench_makes_its_report():
