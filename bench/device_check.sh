@@ -1,13 +1,14 @@
 #!/bin/bash
 # The prepared GPU checks for a device session (15 device-minutes, machine starts included, ~95 s each):
-#   run(command="bash bench/device_check.sh variants b8b", timeout_s=600)   # the bandwidth target's levers
-#   then at once (the machine stays warm ~30 s): run(command="bash bench/device_check.sh tests", timeout_s=180)
-#   with TESTS narrowed, or b32_256m (the 5x target, reached in run 4) if code under model/ changed.
+#   run(command="bash bench/device_check.sh variants", timeout_s=350)   # the bandwidth target's levers
+#   then at once (the machine stays warm ~30 s): run(command="bash bench/device_check.sh b8b", timeout_s=290)
+#   (8B batch 1 and 32 at 32 layers), then what time is left: tests with TESTS narrowed, b32_256m, b256.
 # Steps (seconds each at most): b8b (270: Idefics3-8B at batch 1, the bandwidth target, and 32, profiled,
 # one process), b32_256m (180: the 5x target, profiled), tests (300: the CUDA tests), stream (180: streamed
 # blocks, rows about one image), qpi4 (180: batch 32 as 8 images x 4 questions), variants (330: the 8B's
 # shapes with 8 layers, batch 1 and 32, the decode-step candidates of bench/decode_variants.py side by
-# side, each its own compile: which to move into model/ for the bandwidth target). A process compiles the
+# side, each its own compile: which to move into model/ for the bandwidth target), b256 (360: both
+# models at batch 256, never measured compiled; two compiles). A process compiles the
 # decode step once per model: 100-110 s on a fresh machine (run 5), the tiny test models ~20 s each.
 # The device image has python, torch (CUDA), transformers, tokenizers, pytest; not Ray (no step needs it).
 # Each step's whole log lands in $OUT, the JSON rows of bench/engine.py in $OUT/engine.jsonl, and stdout
@@ -46,6 +47,7 @@ run_step() {
   stream) step 180 stream python3 bench/stream.py --device cuda --blocks 8 --batch 16 --slots 64 --repeats 1 \
     --questions-per-image 4 ;;
   qpi4) step 180 qpi4 "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 1 --questions-per-image 4 ;;
+  b256) step 360 b256 "${ENGINE[@]}" --models smolvlm-256m idefics3-8b --batches 256 --repeats 1 ;;
   variants) step 330 variants "${ENGINE[@]}" --models idefics3-8b --layers 8 --batches 1 32 --repeats 2 --profile \
     --variants base sdpa cdt autotune ;;
   *) echo "unknown step $1" ;;
