@@ -7,7 +7,9 @@
 # one process), b32_256m (180: the 5x target, profiled), tests (300: the CUDA tests), stream (180: streamed
 # blocks, rows about one image), qpi4 (180: batch 32 as 8 images x 4 questions), variants (330: the 8B's
 # shapes with 8 layers, batch 1 and 32, the decode-step candidates of bench/decode_variants.py side by
-# side, each its own compile: which to move into model/ for the bandwidth target), b256 (360: both
+# side, each its own compile: which to move into model/ for the bandwidth target), variants_long (200:
+# base and sdpa at batch 1 with 13 tiles, ~2 200 prompt tokens: SDPA's fused kernel parallelises over
+# queries, few at decode, so long contexts are its risk), b256 (360: both
 # models at batch 256, never measured compiled; two compiles). A process compiles the
 # decode step once per model: 100-110 s on a fresh machine (run 5), the tiny test models ~20 s each.
 # The device image has python, torch (CUDA), transformers, tokenizers, pytest; not Ray (no step needs it).
@@ -47,6 +49,8 @@ run_step() {
   stream) step 180 stream python3 bench/stream.py --device cuda --blocks 8 --batch 16 --slots 64 --repeats 1 \
     --questions-per-image 4 ;;
   qpi4) step 180 qpi4 "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 1 --questions-per-image 4 ;;
+  variants_long) step 200 variants_long "${ENGINE[@]}" --models idefics3-8b --layers 8 --batches 1 --tiles 13 \
+    --repeats 2 --variants base sdpa ;;
   b256) step 360 b256 "${ENGINE[@]}" --models smolvlm-256m idefics3-8b --batches 256 --repeats 1 ;;
   variants) step 330 variants "${ENGINE[@]}" --models idefics3-8b --layers 8 --batches 1 32 --repeats 2 --profile \
     --variants base sdpa cdt autotune ;;

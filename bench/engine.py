@@ -112,8 +112,9 @@ def our_model(reference) -> Idefics3ForConditionalGeneration:
 
 
 def make_requests(name: str, tile: int, batch: int, max_frames: int, new_tokens: int,
-                  device: str, repetition_penalty: float = 1.0) -> list[Request]:
-    """Prompts of different lengths with 1..max_frames tiles each: BOS, text, image blocks, text."""
+                  device: str, repetition_penalty: float = 1.0, tiles: int | None = None) -> list[Request]:
+    """Prompts of different lengths with 1..max_frames tiles each (`tiles`: that many each): BOS,
+    text, image blocks, text."""
     spec = SHAPES[name]
     per_frame = (tile // spec["vision"]["patch_size"]) ** 2 // spec["top"]["scale_factor"] ** 2
     g = torch.Generator().manual_seed(1)
@@ -121,7 +122,7 @@ def make_requests(name: str, tile: int, batch: int, max_frames: int, new_tokens:
                             repetition_penalty=repetition_penalty)
     out = []
     for i in range(batch):
-        frames = 1 + i % max_frames
+        frames = tiles or 1 + i % max_frames
         text = lambda n: torch.randint(100, 20000, (n,), generator=g).tolist()  # noqa: E731
         ids = [spec["text"]["bos_token_id"]] + text(8 + 5 * (i % 7))
         for _ in range(frames):
@@ -279,7 +280,7 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
     rows = []
     for variant, batch in itertools.product(args.variants, batches):    # a variant's batches share its compile
         requests = make_requests(name, tile, batch, args.frames or spec["frames"], args.new_tokens, args.device,
-                                 args.repetition_penalty)
+                                 args.repetition_penalty, args.tiles)
         if args.questions_per_image > 1:
             requests = about_shared_images(requests, args.questions_per_image, spec["top"]["image_token_id"])
         need = max(len(r.prompt_ids) for r in requests) + args.new_tokens + 1   # + an overlapped step's position
@@ -352,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", nargs="+", type=int, default=None)
     p.add_argument("--tile", type=int, default=None, help="tile size in px (CPU default 128)")
     p.add_argument("--frames", type=int, default=None, help="max tiles per image (request i has 1 + i %% frames)")
+    p.add_argument("--tiles", type=int, default=None, help="every request this many tiles (long prompts)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
