@@ -8,10 +8,14 @@ moves into model/; until then it lives here, out of the engine's code.
     cdt       inductor's coordinate-descent tuning of its own kernels' launch configs (gpt-fast's)
     autotune  inductor benchmarks Triton GEMM templates against cuBLAS for each projection
               (small-M GEMMs without split-K and its reduce kernels; a much longer compile)
+    combo     inductor's combo kernels: independent kernels of other shapes in one launch (q's and
+              k's RoPE, the K and V cache writes; vLLM and SGLang turn it on)
+A variant whose inductor option this torch lacks says so and runs as base.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -48,12 +52,21 @@ def _patched(obj, name: str, value) -> Iterator[None]:
         setattr(obj, name, old)
 
 
+def _inductor(**options) -> contextlib.AbstractContextManager:
+    config = torch._inductor.config
+    missing = [k for k in options if not hasattr(config, k)]
+    if missing:
+        print(f"# this torch's inductor has no {missing}: the variant runs as base", file=sys.stderr)
+        return contextlib.nullcontext()
+    return config.patch(**options)
+
+
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "base": contextlib.nullcontext,
     "sdpa": lambda: _patched(DecodeAttention, "__call__", sdpa_decode_attention),
-    "cdt": lambda: torch._inductor.config.patch(coordinate_descent_tuning=True),
-    "autotune": lambda: torch._inductor.config.patch(max_autotune_gemm=True,
-                                                     max_autotune_gemm_backends="ATEN,TRITON"),
+    "cdt": lambda: _inductor(coordinate_descent_tuning=True),
+    "autotune": lambda: _inductor(max_autotune_gemm=True, max_autotune_gemm_backends="ATEN,TRITON"),
+    "combo": lambda: _inductor(combo_kernels=True),
 }
 
 

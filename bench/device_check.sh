@@ -1,11 +1,11 @@
 #!/bin/bash
 # The prepared GPU checks for a device session (15 device-minutes, machine starts included, ~95 s each):
-#   run(command="bash bench/device_check.sh variants", timeout_s=350)   # the bandwidth target's levers
+#   run(command="bash bench/device_check.sh variants", timeout_s=420)   # the bandwidth target's levers
 #   then at once (the machine stays warm ~30 s): run(command="bash bench/device_check.sh b8b", timeout_s=290)
 #   (8B batch 1 and 32 at 32 layers), then what time is left: tests with TESTS narrowed, b32_256m, b256.
 # Steps (seconds each at most): b8b (270: Idefics3-8B at batch 1, the bandwidth target, and 32, profiled,
 # one process), b32_256m (180: the 5x target, profiled), tests (300: the CUDA tests), stream (180: streamed
-# blocks, rows about one image), qpi4 (180: batch 32 as 8 images x 4 questions), variants (330: the 8B's
+# blocks, rows about one image), qpi4 (180: batch 32 as 8 images x 4 questions), variants (400: the 8B's
 # shapes with 8 layers, batch 1 and 32, the decode-step candidates of bench/decode_variants.py side by
 # side, each its own compile: which to move into model/ for the bandwidth target), variants_long (200:
 # base and sdpa at batch 1 with 13 tiles, ~2 200 prompt tokens: SDPA's fused kernel parallelises over
@@ -52,8 +52,8 @@ run_step() {
   variants_long) step 200 variants_long "${ENGINE[@]}" --models idefics3-8b --layers 8 --batches 1 --tiles 13 \
     --repeats 2 --variants base sdpa ;;
   b256) step 360 b256 "${ENGINE[@]}" --models smolvlm-256m idefics3-8b --batches 256 --repeats 1 ;;
-  variants) step 330 variants "${ENGINE[@]}" --models idefics3-8b --layers 8 --batches 1 32 --repeats 2 --profile \
-    --variants base sdpa cdt autotune ;;
+  variants) step 400 variants "${ENGINE[@]}" --models idefics3-8b --layers 8 --batches 1 32 --repeats 2 --profile \
+    --variants base sdpa combo cdt autotune ;;
   *) echo "unknown step $1" ;;
   esac
 }
