@@ -157,7 +157,7 @@ class LLMEngine:
         # CUDA: two pinned buffers that decode steps copy their tokens to (one may hold a step in flight).
         self.host_tokens = [torch.zeros(rows, dtype=torch.int64, pin_memory=True)
                             for _ in range(2)] if self.device.type == "cuda" else []
-        self.host_logprobs = [torch.zeros(slots, pin_memory=True) for _ in self.host_tokens]
+        self.host_logprobs = [torch.zeros(rows, pin_memory=True) for _ in self.host_tokens]
         return self.runner
 
     # ---- requests -----------------------------------------------------------------------------

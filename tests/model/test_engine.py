@@ -447,6 +447,9 @@ def test_cuda_fp32_graphs_equal_reference(setup):
     on_gpu = LLMEngine(model, max_batch_size=3).generate(penalized)        # logprobs through pinned host buffers
     assert [r.token_ids for r in on_gpu] == [r.token_ids for r in on_cpu]
     assert [r.cumulative_logprob for r in on_gpu] == pytest.approx([r.cumulative_logprob for r in on_cpu], abs=1e-3)
+    one_slot = LLMEngine(model, max_batch_size=1).generate(penalized)       # compiled: two rows, a spare one
+    assert [r.token_ids for r in one_slot] == [r.token_ids for r in on_cpu]
+    assert [r.cumulative_logprob for r in one_slot] == pytest.approx([r.cumulative_logprob for r in on_cpu], abs=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
