@@ -35,7 +35,7 @@ class PipelineConfig:
     batch_size: int = 16                        # rows per block / per model call
     max_batch_size: int = 64                    # sequences the engine decodes together
     batches_in_flight: int | None = None        # blocks a replica streams at once; None: enough to fill the engine
-    step_timeout_s: float | None = 600.0        # an engine step running longer ends its replica's process
+    step_timeout_s: float | None = 600.0        # an engine step running longer (compiling aside) ends its replica's process
                                                 # (a hung device or collective), which Ray restarts; None: never
     keep_columns: list[str] = field(default_factory=list)
     rows_per_file: int = 1000                   # output rows gathered into one Parquet file (a killed run

@@ -230,7 +230,7 @@ class LLMEngine:
         if not self._pending:
             return
         if self._scheduler is None or self._scheduler.done:
-            runner = self._ensure_cache(max(map(self._positions_needed, self._pending)))
+            self._ensure_cache(max(map(self._positions_needed, self._pending)))
             if self._scheduler is None:
                 self._scheduler = Scheduler(self.slots, self.max_prefill_tokens)
         while self._pending and self._positions_needed(self._pending[0]) <= self.runner.cache.max_len:

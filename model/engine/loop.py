@@ -10,7 +10,8 @@ and the others are still answered.
 
 Two failures are the process's, not the rows': a call into the engine that never returns (a
 collective waiting for a rank that hangs, a wedged device: with `stall_timeout_s`, a watchdog sees
-a step, an add or an abort run that long), and a step that fails on a device that no longer
+a step, an add or an abort run that long, time in torch.compile not counted), and a step that
+fails on a device that no longer
 works (a CUDA illegal address or device-side assert poisons the context: every later row would
 fail too). Both call `on_fatal(reason)`, whose default ends the process, so that a supervisor
 (Ray restarting an actor) can start over and retry the rows.
@@ -28,9 +29,12 @@ from concurrent.futures import Future
 from dataclasses import replace
 from typing import Callable
 
+from . import compile_clock
+
 log = logging.getLogger(__name__)
 _STOP = object()            # close(): the inbox's last item
 FATAL_EXIT_CODE = 75        # the process ended to be restarted (EX_TEMPFAIL)
+COMPILE_LIMIT_S = 3600.0    # time compiling is not stalling, up to this: a compile that long is a hang
 
 
 def exit_process(reason: str) -> None:
@@ -67,11 +71,12 @@ class EngineLoop:
         self._suspects: list[tuple[Submission, object]] = []       # rows of a failed step, to run alone
         self._ids = itertools.count()
         self._closed = self._stopping = False
-        self._busy_since: float | None = None      # monotonic start of the engine call running, if any
+        self._busy: tuple[float, float] | None = None   # the engine call running: its start, compile_seconds() then
         self._on_fatal = on_fatal
         self._thread = threading.Thread(target=self._serve, name="engine-loop", daemon=True)
         self._thread.start()
         if stall_timeout_s:
+            compile_clock.install()
             threading.Thread(target=self._watch, args=(stall_timeout_s,), name="engine-watchdog",
                              daemon=True).start()
 
@@ -91,21 +96,27 @@ class EngineLoop:
         self._thread.join()
 
     def _watch(self, timeout_s: float) -> None:
+        """Time a call spends in torch.compile does not count (a replica's first decode step compiles
+        for minutes), up to COMPILE_LIMIT_S."""
         while self._thread.is_alive():
             time.sleep(min(timeout_s / 4, 5.0))
-            started = self._busy_since
-            if started is not None and time.monotonic() - started > timeout_s:
+            busy = self._busy
+            if busy is None:
+                continue
+            elapsed = time.monotonic() - busy[0]
+            compiling = compile_clock.compile_seconds() - busy[1]
+            if elapsed - compiling > timeout_s or compiling > COMPILE_LIMIT_S:
                 self._on_fatal(f"a call into the engine (step, add, abort) has not returned for "
-                               f"{time.monotonic() - started:.0f} s")
+                               f"{elapsed:.0f} s ({compiling:.0f} s of it compiling)")
                 return
 
     @contextlib.contextmanager
     def _watched(self):
-        self._busy_since = time.monotonic()
+        self._busy = (time.monotonic(), compile_clock.compile_seconds())
         try:
             yield
         finally:
-            self._busy_since = None
+            self._busy = None
 
     def _step(self) -> list:
         with self._watched():

@@ -3,6 +3,7 @@ a failed step is answered request by request, naming its own, and every other on
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -165,6 +166,51 @@ def test_a_step_that_does_not_return_calls_the_watchdog(setup):
     quiet.submit(_keyed(requests[:3])).result(timeout=60)
     quiet.close()
     assert len(stalls) == 1                     # steps that return in time never call it
+
+
+def compiling_first_step(engine: LLMEngine, seconds: float, fn) -> None:
+    """The engine's next step first runs torch.compile on `fn` (new to dynamo) through a backend
+    that takes `seconds`: the real compile path, its callbacks included."""
+    step = engine.step
+
+    def slow_backend(graph, example_inputs):
+        time.sleep(seconds)
+        return graph.forward
+
+    compiled = torch.compile(fn, backend=slow_backend)
+
+    def compiling_once():
+        engine.step = step
+        compiled(torch.zeros(3))
+        return step()
+
+    engine.step = compiling_once
+
+
+def test_a_step_that_compiles_past_the_stall_timeout_is_not_a_hang(setup):
+    """A replica's first compiled decode step compiles for minutes (100-110 s at 8B on an H200):
+    the watchdog does not count torch.compile's time, only the rest."""
+    ours, requests, expected, _, _ = setup
+    engine, stalls = LLMEngine(ours, max_batch_size=4), []
+    compiling_first_step(engine, 1.5, lambda x: x + 1)
+    loop = EngineLoop(engine, stall_timeout_s=0.5, on_fatal=stalls.append)
+    outcomes = loop.submit(_keyed(requests[:3])).result(timeout=60)
+    loop.close()
+    assert stalls == []
+    assert {k: r.token_ids for k, r in outcomes.items()} == {r.request_id: expected[r.request_id] for r in requests[:3]}
+
+
+def test_a_compile_past_its_own_limit_is_a_hang(setup, monkeypatch):
+    import model.engine.loop as loop_module
+
+    ours, requests, _, _, _ = setup
+    engine, stalls = LLMEngine(ours, max_batch_size=4), []
+    compiling_first_step(engine, 3.0, lambda x: x * 2)          # the watchdog looks every 1.25 s
+    monkeypatch.setattr(loop_module, "COMPILE_LIMIT_S", 0.4)
+    loop = EngineLoop(engine, stall_timeout_s=5.0, on_fatal=stalls.append)
+    loop.submit(_keyed(requests[:1])).result(timeout=60)
+    loop.close()
+    assert len(stalls) == 1 and "of it compiling" in stalls[0]
 
 
 def test_a_step_failing_on_a_broken_device_is_the_process_fault_not_the_rows(setup):
