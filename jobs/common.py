@@ -31,6 +31,9 @@ def add_run_flags(ap) -> None:
     ap.add_argument("--step-timeout", type=float, dest="step_timeout_s",
                     help="seconds an engine step may run before its replica is restarted (a hung GPU or "
                          "collective; default 600, 0 = never)")
+    ap.add_argument("--compile", dest="compile_decode", action=argparse.BooleanOptionalAction,
+                    help="the decode step through torch.compile (default: on CUDA, where a replica's first step "
+                         "compiles for ~2 minutes; --no-compile for short runs; off on CPU, where it is slower)")
     ap.add_argument("--image-backend", choices=["pil", "torch"], help="reference image recipe (default pil)")
     add_image_flags(ap)
     ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')

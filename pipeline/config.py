@@ -37,6 +37,8 @@ class PipelineConfig:
     batches_in_flight: int | None = None        # blocks a replica streams at once; None: enough to fill the engine
     step_timeout_s: float | None = 600.0        # an engine step running longer (compiling aside) ends its replica's process
                                                 # (a hung device or collective), which Ray restarts; None: never
+    compile_decode: bool | None = None          # the decode step through torch.compile; None: on CUDA (a replica's
+                                                # first step compiles, ~2 min at 8B), off on CPU (slower there)
     keep_columns: list[str] = field(default_factory=list)
     rows_per_file: int = 1000                   # output rows gathered into one Parquet file (a killed run
                                                 # loses at most about this many unwritten rows' work)

@@ -113,13 +113,13 @@ def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict, plac
         return RayTPGroup(config.model, tp, dtype=dtype, device_type=device.split(":")[0], tokenizer=tokenizer, fetch=fetch,
                           placement_group=placement, num_cpus=rank["CPU"],
                           batches_in_flight=calls_in_flight(config), max_batch_size=config.max_batch_size,
-                          step_timeout_s=config.step_timeout_s)
+                          step_timeout_s=config.step_timeout_s, compile=config.compile_decode)
     from model import Idefics3ForConditionalGeneration
     from model.engine import LLMEngine
 
     folder = folder or local_checkpoint(config.model, config.storage_options)
     model = Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device)
-    return LLMEngine(model, tokenizer=tokenizer, max_batch_size=config.max_batch_size)
+    return LLMEngine(model, tokenizer=tokenizer, max_batch_size=config.max_batch_size, compile=config.compile_decode)
 
 
 class Generate:

@@ -128,16 +128,19 @@ def test_flags_reach_the_pipeline_config(tmp_path):
     args = parse_args(["--model", "m", "--top-k", "5", "--image-root", "s3://b/imgs", "--fetch-attempts", "2",
                        "--fetch-timeout", "7.5", "--rows-per-file", "20", "--step-timeout", "0", "--dtype", "float16",
                        "--repetition-penalty", "1.2", "--image-longest-edge", "728", "--no-image-splitting",
-                       "--system-prompt", "Be brief.", "--logprobs", "--stop", ".", "--stop", "\n", "--config", str(tmp_path / "job.yaml")])
+                       "--system-prompt", "Be brief.", "--logprobs", "--stop", ".", "--stop", "\n", "--no-compile",
+                       "--config", str(tmp_path / "job.yaml")])
     config = pipeline_config(merge_args(args, DEFAULTS))
     assert (config.top_k, config.image_root, config.fetch_attempts, config.fetch_timeout_s) == (5, "s3://b/imgs", 2, 7.5)
     assert (config.fetch_threads, config.rows_per_file) == (4, 20)             # flag > job.yaml > default
     assert (config.replicas, config.cpu_workers) == (None, None)                # sized from the cluster
     assert config.step_timeout_s == 0                                           # no watchdog
+    assert config.compile_decode is False
     assert (config.dtype, config.repetition_penalty) == ("float16", 1.2)
     assert config.image_settings() == {"size": {"longest_edge": 728}, "do_image_splitting": False}
     assert config.system_prompt == "Be brief." and config.logprobs and config.stop == [".", "\n"]
     assert not pipeline_config(merge_args(parse_args([]), DEFAULTS)).logprobs
+    assert pipeline_config(merge_args(parse_args([]), DEFAULTS)).compile_decode is None     # the engine's default
     columns = pipeline_config(merge_args(parse_args(["--image-column", "jpg", "--question-column", "query",
                                                      "--prompt-suffix", " One word.", "--id-column", "key"]), DEFAULTS))
     assert (columns.image_column, columns.question_column, columns.prompt_suffix) == ("jpg", "query", " One word.")

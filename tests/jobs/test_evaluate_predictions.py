@@ -244,8 +244,9 @@ def test_run_flags_reach_the_pipeline_config():
                            "--max-batch-size", "8", "--batches-in-flight", "2", "--step-timeout", "0",
                            "--image-backend", "torch", "--fetch-threads", "4", "--fetch-attempts", "5",
                            "--fetch-timeout", "9", "--max-image-pixels", "1000000", "--max-image-bytes", "7", "--dtype", "float32",
-                           "--storage-options", '{"anon": true}'])
+                           "--storage-options", '{"anon": true}', "--compile"])
     config = job.pipeline_config(args, ["answers"])
+    assert config.compile_decode is True
     assert (config.tensor_parallel_size, config.replicas, config.max_batch_size, config.batches_in_flight,
             config.step_timeout_s, config.image_backend, config.fetch_threads, config.fetch_attempts,
             config.fetch_timeout_s, config.max_image_pixels, config.max_image_bytes, config.dtype) == (
