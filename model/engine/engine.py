@@ -145,9 +145,9 @@ class LLMEngine:
                              f"({per_token * max_len / _GIB:.2f} GiB needed)")
         self.slots = slots
         # A compiled step runs at least two rows (ModelRunner.decode_rows): a one-slot cache keeps a
-        # spare row (one sequence's memory, never scheduled), or its steps compile for one row, and
-        # again when the rows change.
-        rows = max(slots, 2 if self.compile else 1)
+        # spare row (never scheduled) where the budget has room for it, or its steps compile for one
+        # row, and again when the rows change.
+        rows = max(slots, min(2 if self.compile else 1, self.kv_token_budget(per_token, max_len) // max_len))
         cache = KVCache(tc.num_hidden_layers, rows, tc.num_key_value_heads, max_len, tc.head_dim,
                         self.dtype, self.device)
         self.runner = ModelRunner(self.model, cache, use_cuda_graphs=self.use_cuda_graphs, compile=self.compile,

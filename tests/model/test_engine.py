@@ -107,11 +107,13 @@ def test_cuda_defaults_on_cpu_equal_reference(setup, monkeypatch):
     assert engine.runner.compile
     alone = LLMEngine(ours, max_batch_size=3, compile=True).generate(requests[:1])[0]
     assert alone.token_ids == expected[requests[0].request_id]
-    one_slot = LLMEngine(ours, max_batch_size=1, compile=True)     # a spare row, never scheduled
+    one_slot = LLMEngine(ours, max_batch_size=1, compile=True, kv_cache_tokens=1 << 14)   # a spare row, never scheduled
     for req, res in zip(requests[:2], one_slot.generate(requests[:2])):
         assert res.token_ids == expected[req.request_id], req.request_id
     assert len(one_slot._scheduler.free) == 1 and one_slot.runner.cache.num_slots == 2
     assert min(batches) == 2, batches
+    no_room = LLMEngine(ours, max_batch_size=1, compile=True)        # a budget of one sequence: no spare row
+    assert no_room._ensure_cache(256).cache.num_slots == 1
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
