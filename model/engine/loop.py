@@ -11,10 +11,9 @@ and the others are still answered.
 Two failures are the process's, not the rows': a call into the engine that never returns (a
 collective waiting for a rank that hangs, a wedged device: with `stall_timeout_s`, a watchdog sees
 a step, an add or an abort run that long, time in torch.compile not counted), and a step that
-fails on a device that no longer
-works (a CUDA illegal address or device-side assert poisons the context: every later row would
-fail too). Both call `on_fatal(reason)`, whose default ends the process, so that a supervisor
-(Ray restarting an actor) can start over and retry the rows.
+fails on a device that no longer works (a CUDA illegal address or device-side assert poisons the
+context: every later row would fail too). Both call `on_fatal(reason)`, whose default ends the
+process, so that a supervisor (Ray restarting an actor) can start over and retry the rows.
 """
 from __future__ import annotations
 
