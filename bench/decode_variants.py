@@ -10,10 +10,12 @@ moves into model/; until then it lives here, out of the engine's code.
               (small-M GEMMs without split-K and its reduce kernels; a much longer compile)
     combo     inductor's combo kernels: independent kernels of other shapes in one launch (q's and
               k's RoPE, the K and V cache writes; vLLM and SGLang turn it on)
-A variant whose inductor option this torch lacks says so and runs as base.
+Variants combine with "+" (`sdpa+combo`). A variant whose inductor option this torch lacks says so
+and runs as base.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
@@ -81,9 +83,19 @@ def decode_variant(name: str) -> Iterator[None]:
         runner_module._COMPILED = None
         torch._dynamo.reset()
     _compiled_under = name
-    with VARIANTS[name]():
+    with contextlib.ExitStack() as stack:
+        for part in name.split("+"):
+            stack.enter_context(VARIANTS[part]())
         yield
 
 
 def current_variant() -> str | None:
     return _compiled_under
+
+
+def variant_name(name: str) -> str:
+    """argparse type: a variant or a "+" combination of them."""
+    unknown = [part for part in name.split("+") if part not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown decode variant(s) {unknown}: known are {sorted(VARIANTS)}")
+    return name

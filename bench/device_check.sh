@@ -2,7 +2,8 @@
 # The prepared GPU checks for a device session (15 device-minutes, machine starts included, ~95 s each):
 #   run(command="bash bench/device_check.sh variants", timeout_s=420)   # the bandwidth target's levers
 #   then at once (the machine stays warm ~30 s): run(command="bash bench/device_check.sh b8b", timeout_s=290)
-#   (8B batch 1 and 32 at 32 layers), then what time is left: tests with TESTS narrowed, b32_256m, b256.
+#   (8B batch 1 and 32 at 32 layers; VARIANTS="sdpa+combo" runs it with the variants' winners, before
+#   they move into model/), then what time is left: tests with TESTS narrowed, b32_256m, b256.
 # Steps (seconds each at most): b8b (270: Idefics3-8B at batch 1, the bandwidth target, and 32, profiled,
 # one process), b32_256m (180: the 5x target, profiled), tests (300: the CUDA tests), stream (180: streamed
 # blocks, rows about one image), qpi4 (180: batch 32 as 8 images x 4 questions), variants (400: the 8B's
@@ -40,7 +41,7 @@ EOF
 }
 run_step() {
   case "$1" in
-  b8b) step 270 b8b "${ENGINE[@]}" --models idefics3-8b --batches 1 32 --repeats 2 --profile ;;
+  b8b) step 270 b8b "${ENGINE[@]}" --models idefics3-8b --batches 1 32 --repeats 2 --profile --variants ${VARIANTS:-base} ;;
   b32_256m) step 180 b32_256m "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 2 --profile ;;
   tests) TAIL=30 step 300 tests python3 -m pytest -p no:cacheprovider -o addopts=-ra --timeout 150 \
     tests/model/test_cuda.py tests/model/test_engine.py tests/model/test_engine_loop.py tests/model/test_fusion.py \

@@ -32,7 +32,7 @@ from model import Idefics3Config, Idefics3ForConditionalGeneration  # noqa: E402
 from model.engine import LLMEngine, Request, SamplingParams  # noqa: E402
 from model.llama import LlamaRotaryEmbedding, rope_inv_freq  # noqa: E402
 from model.loading import target_name  # noqa: E402
-from bench.decode_variants import VARIANTS, current_variant, decode_variant  # noqa: E402
+from bench.decode_variants import VARIANTS, current_variant, decode_variant, variant_name  # noqa: E402
 from bench.profiling import profile_decode, profile_prefill, sync  # noqa: E402
 
 # Real dimensions (behaviour spec sections 5.2 / 5.3); token ids as in the released checkpoints.
@@ -366,8 +366,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="our decode step through torch.compile (default: the engine's, on for CUDA)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (fewer: quicker compiles)")
-    p.add_argument("--variants", nargs="+", default=["base"], choices=sorted(VARIANTS),
-                   help="decode-step variants to run ours with, a row each (bench/decode_variants.py)")
+    p.add_argument("--variants", nargs="+", default=["base"], type=variant_name,
+                   help=f"decode-step variants to run ours with, a row each; '+' combines them "
+                        f"(bench/decode_variants.py: {', '.join(sorted(VARIANTS))})")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="every row's, both implementations")
     p.add_argument("--questions-per-image", type=int, default=1,
                    help="requests in runs of this many questions about one image (a VQA dataset's shape): our engine "
