@@ -5,6 +5,7 @@ it bounds a step from below only where the device's step is shorter. A tiny rand
 `--rows` text-only requests of `--new-tokens` each, greedy (or `--sample`), one thread:
 
     python bench/host.py --rows 32 256
+    python bench/host.py --rows 256 --sample --top-k 50
 """
 from __future__ import annotations
 
@@ -51,13 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sample", action="store_true", help="temperature 0.8, top-p 0.9 instead of greedy")
+    p.add_argument("--top-k", type=int, default=0, help="with --sample: every request's top_k")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     model = Idefics3ForConditionalGeneration.from_pretrained(build_checkpoint(tempfile.mkdtemp(), "smolvlm"))
     sampling = SamplingParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                              **(dict(temperature=0.8, top_p=0.9) if args.sample else {}))
+                              **(dict(temperature=0.8, top_p=0.9, top_k=args.top_k) if args.sample else {}))
     for rows in args.rows:
-        print(json.dumps(dict(rows=rows, new_tokens=args.new_tokens, sample=args.sample,
+        print(json.dumps(dict(rows=rows, new_tokens=args.new_tokens, sample=args.sample, top_k=args.top_k,
                               host_ms_per_step=round(host_ms(model, rows, args.new_tokens, sampling, args.repeats), 3))),
               flush=True)
 

@@ -274,10 +274,11 @@ class LLMEngine:
     def sample_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Next token of each row, NON_FINITE where its logits are not (a hook: tensor-parallel
         ranks take rank 0's)."""
-        params = [s.request.sampling for s in seqs]
-        tokens = sample(logits, self.sampling, slots, any_sampling=any(not p.greedy for p in params),
-                        any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params),
-                        any_penalty=penalized(seqs))
+        sampled = [s.request.sampling for s in seqs if not s.request.sampling.greedy]
+        top_ks = [p.top_k for p in sampled]
+        tokens = sample(logits, self.sampling, slots, any_sampling=bool(sampled),
+                        any_filter=any(p.top_k > 0 or p.top_p < 1 for p in sampled), any_penalty=penalized(seqs),
+                        top_k_cap=max(top_ks) if top_ks and min(top_ks) > 0 else None)
         return flag_non_finite(tokens, logits)
 
     def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor,

@@ -33,17 +33,22 @@ def uniform_noise(seeds: Tensor, steps: Tensor, vocab_size: int) -> Tensor:
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
-def _filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-    """Set to -inf every token outside the row's top-k and outside its nucleus of mass top_p."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+def _filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor, k_cap: int | None = None) -> Tensor:
+    """Set to -inf every token outside the row's top-k and outside its nucleus of mass top_p.
+    k_cap: no row keeps more than this many (each has 0 < top_k <= k_cap): only the k_cap largest
+    are sorted (torch.topk), the same tokens kept, instead of sorting the whole vocabulary."""
+    if k_cap is not None and k_cap < logits.shape[-1]:
+        sorted_logits, order = logits.topk(k_cap, dim=-1)
+    else:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :]
     k = torch.where(top_k > 0, top_k, logits.shape[-1])[:, None]
     drop = rank >= k
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     drop |= mass_before >= top_p[:, None]       # keep the smallest prefix reaching top_p (>= 1 token)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
 
 
 @dataclass
@@ -115,11 +120,12 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
 
 
 def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
-           any_filter: bool, any_penalty: bool = False) -> Tensor:
+           any_filter: bool, any_penalty: bool = False, top_k_cap: int | None = None) -> Tensor:
     """Next token per row (B,) int64. slots (B,) indexes the rows' SamplingState entries.
 
-    any_sampling / any_filter / any_penalty are host-side facts about the rows (known from their
-    requests), so all-greedy batches skip the noise and the sort, and unpenalised ones the penalty.
+    any_sampling / any_filter / any_penalty / top_k_cap are host-side facts about the rows (known
+    from their requests), so all-greedy batches skip the noise and the sort, unpenalised ones the
+    penalty, and batches whose sampled rows all set top_k sort only the largest top_k_cap logits.
     """
     logits = logits.float()
     if any_penalty:
@@ -133,7 +139,7 @@ def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling:
     temperature = state.temperature[slots]
     scaled = logits / temperature.clamp_min(1e-6)[:, None]
     if any_filter:
-        scaled = _filter_top_k_top_p(scaled, state.top_k[slots], state.top_p[slots])
+        scaled = _filter_top_k_top_p(scaled, state.top_k[slots], state.top_p[slots], top_k_cap)
     gumbel = -torch.log(-torch.log(uniform_noise(state.seed[slots], step, logits.shape[-1])))
     sampled = (scaled + gumbel).argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy)

@@ -356,7 +356,9 @@ def test_logits_that_turn_non_finite_mid_answer_end_that_answer_there(setup, ove
 
 def test_seeded_samples_ignore_batch_neighbours(setup, overlap):
     ours, requests, _, _, _ = setup
-    hot = [SamplingParams(max_new_tokens=8, temperature=1.3, top_k=30, top_p=0.95, seed=100 + i)
+    # Row 1 sets no top_k: alone, rows 0 and 2 sort only their 30 largest logits (the top-k cap),
+    # together with row 1 the whole vocabulary, for the same tokens.
+    hot = [SamplingParams(max_new_tokens=8, temperature=1.3, top_k=0 if i == 1 else 30, top_p=0.95, seed=100 + i)
            for i in range(len(requests))]
     sampled = [Request(r.request_id, r.prompt_ids, r.pixel_values, r.pixel_attention_mask, p)
                for r, p in zip(requests, hot)]

@@ -33,6 +33,19 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert torch.isfinite(out).tolist() == [[True, False, True, True], [True, False, False, False]]
 
 
+def test_a_top_k_cap_sorts_fewer_logits_and_keeps_the_same_tokens():
+    """Rows that all set top_k: only the largest max(top_k) logits are sorted (the engine passes
+    the cap), and every row keeps exactly what the whole-vocabulary sort keeps."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 1000, generator=g) * 3
+    top_k, top_p = torch.tensor([1, 5, 40, 40, 17, 2]), torch.tensor([1.0, 0.9, 0.5, 1.0, 0.99, 0.3])
+    whole = _filter_top_k_top_p(logits, top_k, top_p)
+    assert torch.equal(_filter_top_k_top_p(logits, top_k, top_p, k_cap=40), whole)
+    kept = torch.isfinite(whole)
+    assert kept[0].nonzero().flatten().tolist() == [logits[0].argmax().item()]     # top_k 1: the argmax
+    assert kept[3].sum() == 40 and (kept.sum(1) <= top_k).all()
+
+
 def test_noise_depends_only_on_seed_step_and_token():
     seeds, steps = torch.tensor([5, 9, 5]), torch.tensor([0, 0, 1])
     u = uniform_noise(seeds, steps, 1000)
