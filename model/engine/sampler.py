@@ -25,30 +25,39 @@ def _hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seeds: Tensor, steps: Tensor, vocab_size: int) -> Tensor:
-    """(B, V) float32 uniforms in (0, 1) from (seed, step, token index)."""
-    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+def uniform_noise(seeds: Tensor, steps: Tensor, tokens: Tensor | int) -> Tensor:
+    """(B, V) float32 uniforms in (0, 1) from (seed, step, token): for the token ids (B, K) given,
+    or for every token of a vocabulary of that size. A token's noise is the same either way."""
+    if isinstance(tokens, int):
+        tokens = torch.arange(tokens, device=seeds.device, dtype=torch.int64)[None, :]
     key = _hash32(_hash32(seeds ^ (seeds >> 32)) ^ _hash32(steps * 0x9E3779B9 + 1))
-    bits = _hash32(key[:, None] ^ _hash32(token[None, :] + 0x632BE5AB))
+    bits = _hash32(key[:, None] ^ _hash32(tokens + 0x632BE5AB))
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
-def _filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor, k_cap: int | None = None) -> Tensor:
-    """Set to -inf every token outside the row's top-k and outside its nucleus of mass top_p.
-    k_cap: no row keeps more than this many (each has 0 < top_k <= k_cap): only the k_cap largest
-    are sorted (torch.topk), the same tokens kept, instead of sorting the whole vocabulary."""
+def _candidates(logits: Tensor, k_cap: int | None) -> tuple[Tensor, Tensor]:
+    """Each row's logits in descending order and their token ids: all of them, or the k_cap largest
+    (torch.topk) where no row keeps more (each has 0 < top_k <= k_cap)."""
     if k_cap is not None and k_cap < logits.shape[-1]:
-        sorted_logits, order = logits.topk(k_cap, dim=-1)
-    else:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, logits.shape[-1])[:, None]
-    drop = rank >= k
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= top_p[:, None]       # keep the smallest prefix reaching top_p (>= 1 token)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
+        return logits.topk(k_cap, dim=-1)
+    return logits.sort(dim=-1, descending=True)
+
+
+def _keep_top_k_top_p(ranked: Tensor, top_k: Tensor, top_p: Tensor, vocab_size: int) -> Tensor:
+    """-inf in place of each descending row's logits past its top-k, or past the smallest prefix
+    whose probability mass reaches top_p (>= 1 token)."""
+    rank = torch.arange(ranked.shape[-1], device=ranked.device)[None, :]
+    drop = rank >= torch.where(top_k > 0, top_k, vocab_size)[:, None]
+    probs = ranked.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    drop |= probs.cumsum(dim=-1) - probs >= top_p[:, None]
+    return ranked.masked_fill(drop, float("-inf"))
+
+
+def _filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor, k_cap: int | None = None) -> Tensor:
+    """Set to -inf every token outside the row's top-k and outside its nucleus of mass top_p."""
+    ranked, order = _candidates(logits, k_cap)
+    kept = _keep_top_k_top_p(ranked, top_k, top_p, logits.shape[-1])
+    return torch.full_like(logits, float("-inf")).scatter_(-1, order, kept)
 
 
 @dataclass
@@ -138,8 +147,12 @@ def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling:
         return greedy
     temperature = state.temperature[slots]
     scaled = logits / temperature.clamp_min(1e-6)[:, None]
-    if any_filter:
-        scaled = _filter_top_k_top_p(scaled, state.top_k[slots], state.top_p[slots], top_k_cap)
-    gumbel = -torch.log(-torch.log(uniform_noise(state.seed[slots], step, logits.shape[-1])))
-    sampled = (scaled + gumbel).argmax(dim=-1)
+    if any_filter:      # Gumbel-max over the kept candidates only: the noise of the others is moot
+        ranked, tokens = _candidates(scaled, top_k_cap)
+        scaled = _keep_top_k_top_p(ranked, state.top_k[slots], state.top_p[slots], logits.shape[-1])
+    else:
+        tokens = logits.shape[-1]
+    gumbel = -torch.log(-torch.log(uniform_noise(state.seed[slots], step, tokens)))
+    best = (scaled + gumbel).argmax(dim=-1)
+    sampled = best if isinstance(tokens, int) else tokens.gather(-1, best[:, None])[:, 0]
     return torch.where(temperature > 0, sampled, greedy)

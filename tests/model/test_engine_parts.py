@@ -53,6 +53,8 @@ def test_noise_depends_only_on_seed_step_and_token():
     assert torch.equal(uniform_noise(seeds[2:], steps[2:], 1000)[0], u[2])      # no neighbour effect
     assert not torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1])
     assert abs(u.mean().item() - 0.5) < 0.03
+    some = torch.tensor([[7, 999, 0], [3, 3, 500], [42, 1, 2]])       # the sampler's top-k candidates
+    assert torch.equal(uniform_noise(seeds, steps, some), u.gather(1, some))
 
 
 def test_sampling_follows_the_distribution():
