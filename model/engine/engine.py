@@ -278,7 +278,8 @@ class LLMEngine:
         top_ks = [p.top_k for p in sampled]
         tokens = sample(logits, self.sampling, slots, any_sampling=bool(sampled),
                         any_filter=any(p.top_k > 0 or p.top_p < 1 for p in sampled), any_penalty=penalized(seqs),
-                        top_k_cap=max(top_ks) if top_ks and min(top_ks) > 0 else None)
+                        top_k_cap=max(top_ks) if top_ks and min(top_ks) > 0 else None,
+                        fuse_noise=self.runner.compile)
         return flag_non_finite(tokens, logits)
 
     def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor,

@@ -2,6 +2,8 @@
 attention backends over the slot cache, against plain formulas."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,24 @@ def test_a_top_k_cap_sorts_fewer_logits_and_keeps_the_same_tokens():
     kept = torch.isfinite(whole)
     assert kept[0].nonzero().flatten().tolist() == [logits[0].argmax().item()]     # top_k 1: the argmax
     assert kept[3].sum() == 40 and (kept.sum(1) <= top_k).all()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.filterwarnings("error:torch.compile of the sampler")
+def test_the_fused_noise_draws_the_eager_samples():
+    """fuse_noise (the engine's choice with a compiled decode step): the noise, logs and argmax as
+    one compiled kernel give the eager sampler's tokens, with and without filters, any batch."""
+    g = torch.Generator().manual_seed(5)
+    for rows in (5, 3):
+        logits = torch.randn(rows, 700, generator=g) * 2
+        state = _state(rows, 700, temperature=[1.0, 0.7, 1.3, 0.0, 1.0][:rows], top_k=[0, 40, 0, 0, 5][:rows],
+                       top_p=[1.0, 0.9, 0.8, 1.0, 1.0][:rows])
+        for any_filter, cap in ((False, None), (True, None), (True, 40)):
+            state.top_k[:] = state.top_k.clamp_min(1) if cap else state.top_k
+            eager = sample(logits, state, torch.arange(rows), any_sampling=True, any_filter=any_filter, top_k_cap=cap)
+            fused = sample(logits, state, torch.arange(rows), any_sampling=True, any_filter=any_filter, top_k_cap=cap,
+                           fuse_noise=True)
+            assert torch.equal(fused, eager), (rows, any_filter, cap)
 
 
 def test_noise_depends_only_on_seed_step_and_token():
