@@ -11,7 +11,8 @@
 # side, each its own compile: which to move into model/ for the bandwidth target), variants_long (200:
 # base and sdpa at batch 1 with 13 tiles, ~2 200 prompt tokens: SDPA's fused kernel parallelises over
 # queries, few at decode, so long contexts are its risk), b256 (360: both
-# models at batch 256, never measured compiled; two compiles). A process compiles the
+# models at batch 256, never measured compiled; two compiles), sampler (120: the sampler alone at the
+# 8B's vocabulary, 32 and 256 rows, eager vs fused noise: what sampled answers cost a step). A process compiles the
 # decode step once per model: 100-110 s on a fresh machine (run 5), the tiny test models ~20 s each.
 # The device image has python, torch (CUDA), transformers, tokenizers, pytest; not Ray (no step needs it).
 # Each step's whole log lands in $OUT, the JSON rows of bench/engine.py in $OUT/engine.jsonl, and stdout
@@ -52,6 +53,7 @@ run_step() {
   qpi4) step 180 qpi4 "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 1 --questions-per-image 4 ;;
   variants_long) step 200 variants_long "${ENGINE[@]}" --models idefics3-8b --layers 8 --batches 1 --tiles 13 \
     --repeats 2 --variants base sdpa ;;
+  sampler) step 120 sampler python3 bench/sampler.py --device cuda --rows 32 256 --vocab 128259 ;;
   b256) step 360 b256 "${ENGINE[@]}" --models smolvlm-256m idefics3-8b --batches 256 --repeats 1 ;;
   variants) step 400 variants "${ENGINE[@]}" --models idefics3-8b --layers 8 --batches 1 32 --repeats 2 --profile \
     --variants base sdpa combo cdt autotune ;;

@@ -1,0 +1,72 @@
+"""Benchmark: the sampler on its own, per decode step, over random logits of a real vocabulary.
+
+Greedy, temperature only, top-p, top-k 50 (+ top-p), each eager and with the fused noise (the
+engine's choice when its decode step is compiled), milliseconds a step (CUDA events on a GPU):
+
+    python bench/sampler.py --device cuda --rows 32 256 --vocab 128259
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.engine.sampler import SamplingState, sample  # noqa: E402
+
+KINDS = {"greedy": dict(temperature=0.0), "temperature": dict(temperature=0.8),
+         "top_p": dict(temperature=0.8, top_p=0.9), "top_k": dict(temperature=0.8, top_k=50, top_p=0.9)}
+
+
+def state_for(rows: int, vocab: int, device: str, temperature: float, top_k: int = 0,
+              top_p: float = 1.0) -> SamplingState:
+    state = SamplingState.empty(rows, vocab, device)
+    for row in range(rows):
+        state.assign(row, temperature, top_k, top_p, seed=row, min_new=0, stop_ids=[])
+    return state
+
+
+def step_ms(rows: int, vocab: int, device: str, kind: str, fuse: bool, repeats: int) -> float:
+    params = KINDS[kind]
+    state, slots = state_for(rows, vocab, device, **params), torch.arange(rows, device=device)
+    logits = torch.randn(rows, vocab, device=device, generator=torch.Generator(device).manual_seed(0)) * 3
+    kw = dict(any_sampling=params["temperature"] > 0, any_filter="top_p" in params,
+              top_k_cap=params.get("top_k") or None, fuse_noise=fuse)
+    for _ in range(3):                                   # warm-up (and the fused kernel's compile)
+        sample(logits, state, slots, **kw)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for step in range(repeats):
+        state.step += 1
+        sample(logits, state, slots, **kw)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--rows", nargs="+", type=int, default=[32])
+    p.add_argument("--vocab", type=int, default=49280, help="SmolVLM's 49 280; Idefics3-8B's 128 259")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--no-fused", action="store_true", help="eager only (no compile: quick on CPU)")
+    args = p.parse_args(argv)
+    for rows in args.rows:
+        for kind in args.kinds:
+            row = dict(device=args.device, rows=rows, vocab=args.vocab, kind=kind,
+                       eager_ms=round(step_ms(rows, args.vocab, args.device, kind, False, args.repeats), 3))
+            if not args.no_fused and kind != "greedy":
+                row["fused_ms"] = round(step_ms(rows, args.vocab, args.device, kind, True, args.repeats), 3)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
