@@ -39,6 +39,12 @@ def test_the_engine_bench_runs_each_decode_variant():
     assert all(r["same_tokens"] == "2/2" and r["layers"] == 2 and r["compiled"] for r in rows)
 
 
+def test_the_sampler_bench_times_each_kind():
+    rows = run_script("bench/sampler.py", "--vocab", "300", "--rows", "4", "--repeats", "1", "--no-fused")
+    assert [r["kind"] for r in rows] == ["greedy", "temperature", "top_p", "top_k"]
+    assert all(r["eager_ms"] > 0 for r in rows)
+
+
 def test_the_stream_bench_makes_its_report():
     (report,) = run_script("bench/stream.py", "--tile", "64", "--blocks", "2", "--batch", "2", "--slots", "4",
                            "--min-new", "2", "--max-new", "3", "--repeats", "0", "--questions-per-image", "2")
