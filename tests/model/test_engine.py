@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import random
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -220,7 +221,6 @@ def test_arrival_order_and_slot_reuse(setup, overlap):
 def test_repetition_penalty_equals_reference_alone(setup, overlap):
     """Rows with and without a penalty (> 1 and < 1) share decode steps through reused slots; each
     answer equals transformers' generate(repetition_penalty=...) on that row alone."""
-    from dataclasses import replace
 
     ours, requests, expected, _, ref = setup
     penalties = [1.8, 1.0, 0.6, 1.8, 1.3, 1.0, 2.5, 1.8]
@@ -234,7 +234,6 @@ def test_repetition_penalty_equals_reference_alone(setup, overlap):
 def test_logprobs_equal_the_references_raw_logits(setup, overlap):
     """Result.cumulative_logprob: the sum of log_softmax(raw logits) at the chosen tokens, as from
     transformers' generate(output_logits=True) on each row alone; rows that do not ask get None."""
-    from dataclasses import replace
 
     ours, requests, _, _, ref = setup
     asked = [replace(r, sampling=replace(r.sampling, logprobs=i % 3 != 1)) for i, r in enumerate(requests)]
@@ -258,7 +257,6 @@ def test_logprobs_equal_the_references_raw_logits(setup, overlap):
 def test_stop_strings_end_answers_as_the_references_stop_strings(setup, overlap, tmp_path):
     """SamplingParams.stop: an answer ends with the token that completes a stop string (even one
     spanning tokens), as transformers' generate(stop_strings=...) on that row alone."""
-    from dataclasses import replace
 
     from transformers import PreTrainedTokenizerFast
 
@@ -372,6 +370,20 @@ def test_seeded_samples_ignore_batch_neighbours(setup, overlap):
     assert len(changed[0].token_ids) >= 1
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.filterwarnings("error:torch.compile of the")
+def test_a_compiled_engine_samples_as_the_eager_one(setup):
+    """The CUDA default: a compiled decode step, and the sampler's noise and draw fused by
+    torch.compile too: the eager engine's seeded samples, with and without top-p."""
+    ours, requests, _, _, _ = setup
+    sampled = [replace(r, sampling=SamplingParams(max_new_tokens=8, temperature=1.1, seed=3 + i,
+                                                  top_p=0.9 if i % 2 else 1.0)) for i, r in enumerate(requests[:4])]
+    eager = LLMEngine(ours, max_batch_size=4).generate(sampled)
+    compiled = LLMEngine(ours, max_batch_size=4, compile=True)
+    assert [r.token_ids for r in compiled.generate(sampled)] == [r.token_ids for r in eager]
+    assert compiled.runner.compile
+
+
 def test_overlap_runs_no_step_past_a_known_last_token(setup):
     """Length-limited rows: the overlapped loop queues exactly the steps the step-by-step one runs."""
     ours, requests, expected, _, _ = setup
@@ -444,8 +456,7 @@ def test_cuda_fp32_graphs_equal_reference(setup):
     torch.backends.cuda.matmul.allow_tf32 = False
     results = LLMEngine(model, max_batch_size=3).generate(requests)
     assert [r.token_ids for r in results] == [expected[r.request_id] for r in requests]
-    from dataclasses import replace                 # the repetition penalty's mask on the device, too
-
+    # The repetition penalty's mask on the device, too.
     penalized = [replace(r, sampling=replace(r.sampling, repetition_penalty=1.8, logprobs=True)) for r in requests[:4]]
     on_cpu = LLMEngine(ours, max_batch_size=3).generate(penalized)
     on_gpu = LLMEngine(model, max_batch_size=3).generate(penalized)        # logprobs through pinned host buffers
