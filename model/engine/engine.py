@@ -130,16 +130,19 @@ class LLMEngine:
         cap = max(tc.max_position_embeddings, need_len)
         per_token = KVCache.bytes_per_token(tc.num_hidden_layers, tc.num_key_value_heads, tc.head_dim, self.dtype)
 
-        def slots_for(length: int) -> int:
-            return min(self.max_batch_size, self.kv_token_budget(per_token, length) // length)
+        def room(length: int) -> int:      # sequences of that length the budget holds
+            return self.kv_token_budget(per_token, length) // length
 
         max_len = min(-(-need_len // 256) * 256, cap)
-        slots = slots_for(max_len)
+        fits = room(max_len)
+        slots = min(self.max_batch_size, fits)
         # A cache that had to grow (a stream of requests must drain first) is likely to grow again:
         # double it instead, if that costs no slot.
         ahead = min(2 * old_len, cap)
-        if ahead > max_len and slots_for(ahead) == slots:
-            max_len = ahead
+        if ahead > max_len:
+            fits_ahead = room(ahead)
+            if min(self.max_batch_size, fits_ahead) == slots:
+                max_len, fits = ahead, fits_ahead
         if slots < 1:
             raise ValueError(f"KV cache budget too small for one sequence of {max_len} tokens "
                              f"({per_token * max_len / _GIB:.2f} GiB needed)")
@@ -147,7 +150,7 @@ class LLMEngine:
         # A compiled step runs at least two rows (ModelRunner.decode_rows): a one-slot cache keeps a
         # spare row (never scheduled) where the budget has room for it, or its steps compile for one
         # row, and again when the rows change.
-        rows = max(slots, min(2 if self.compile else 1, self.kv_token_budget(per_token, max_len) // max_len))
+        rows = max(slots, min(2 if self.compile else 1, fits))
         cache = KVCache(tc.num_hidden_layers, rows, tc.num_key_value_heads, max_len, tc.head_dim,
                         self.dtype, self.device)
         self.runner = ModelRunner(self.model, cache, use_cuda_graphs=self.use_cuda_graphs, compile=self.compile,
