@@ -136,22 +136,24 @@ def gumbel_argmax(scores: Tensor, seeds: Tensor, steps: Tensor, tokens: Tensor) 
     return (scores + gumbel).argmax(dim=-1)
 
 
-_FUSED: dict = {}
+_FUSED = None
 
 
 def fused_gumbel_argmax(*args: Tensor) -> Tensor:
     """gumbel_argmax through torch.compile: the noise's ~25 integer passes, the logs and the argmax
     in one kernel (eager, each pass reads and writes (B, V) int64 lanes: ~12 GB a step at 256 rows
     of a 128 256-token vocabulary). A compiler that fails warns once and the eager one serves."""
-    if "fn" not in _FUSED:
-        _FUSED["fn"] = torch.compile(gumbel_argmax, dynamic=True, fullgraph=True)
-    if _FUSED["fn"] is not gumbel_argmax:
-        try:
-            return _FUSED["fn"](*args)
-        except Exception as e:
-            warnings.warn(f"torch.compile of the sampler's noise failed, running it eagerly: {e!r}")
-            _FUSED["fn"] = gumbel_argmax
-    return gumbel_argmax(*args)
+    global _FUSED
+    if _FUSED is None:
+        _FUSED = torch.compile(gumbel_argmax, dynamic=True, fullgraph=True)
+    try:
+        return _FUSED(*args)
+    except Exception as e:
+        if _FUSED is gumbel_argmax:      # an eager failure is the sampler's own, not the compiler's
+            raise
+        warnings.warn(f"torch.compile of the sampler's noise failed, running it eagerly: {e!r}")
+        _FUSED = gumbel_argmax
+        return gumbel_argmax(*args)
 
 
 def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
