@@ -10,10 +10,10 @@
 # shapes with 8 layers, batch 1 and 32, the decode-step candidates of bench/decode_variants.py side by
 # side, each its own compile: which to move into model/ for the bandwidth target), variants_long (200:
 # base and sdpa at batch 1 with 13 tiles, ~2 200 prompt tokens: SDPA's fused kernel parallelises over
-# queries, few at decode, so long contexts are its risk), b256 (360: both
-# models at batch 256, never measured compiled; two compiles), sampler (120: the sampler alone at the
-# 8B's vocabulary, 32 and 256 rows, eager vs fused noise: what sampled answers cost a step). A process compiles the
-# decode step once per model: 100-110 s on a fresh machine (run 5), the tiny test models ~20 s each.
+# queries, few at decode, so long contexts are its risk), b256 (360: both models at batch 256, never
+# measured compiled; two compiles), sampler (120: the sampler alone at the 8B's vocabulary, 32 and 256
+# rows, eager vs fused noise: what sampled answers cost a step). A process compiles the decode step
+# once per model: 100-110 s on a fresh machine (run 5), the tiny test models ~20 s each.
 # The device image has python, torch (CUDA), transformers, tokenizers, pytest; not Ray (no step needs it).
 # Each step's whole log lands in $OUT, the JSON rows of bench/engine.py in $OUT/engine.jsonl, and stdout
 # shows the rows and the logs' ends. TESTS="<pytest -k expression>" narrows the tests step.

@@ -16,6 +16,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def profiler(device: str, **options):
+    """torch.profiler over the host, and the GPU's kernels on CUDA."""
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else []),
+                   **options)
+
+
 GEMM_NAMES = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "linear", "aten::mm", "aten::addmm", "aten::bmm")
 
 
@@ -27,13 +35,10 @@ def profile_decode(engine: LLMEngine, batch: int, kv_len: int, device: str, step
     what the rest of the step may take for a target fraction of the limit).
     The replays rewrite the K/V of the finished run's last position: the results are already out."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
     runner = engine.runner
     rows, kv = runner.decode_rows(batch), kv_bucket(kv_len, runner.cache.max_len)
     runner.decode(rows, kv)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profiler(device) as prof:
         for _ in range(steps):
             runner.decode(rows, kv)
         sync(device)
@@ -72,10 +77,7 @@ def replay_ms(runner, rows: int, kv: int, steps: int) -> float:
 def profile_by_op(runner, rows: int, kv: int, device: str, top: int) -> None:
     """One step run outside its CUDA graph, by op and input shapes: which projection or attention
     product each GEMM kernel of the graph belongs to (a replay's kernels have no op above them)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with torch.inference_mode(), profile(activities=activities, record_shapes=True) as prof:
+    with torch.inference_mode(), profiler(device, record_shapes=True) as prof:
         runner._decode_step(rows, kv)
         sync(device)
     key = "device_time_total" if device == "cuda" else "cpu_time_total"
@@ -90,14 +92,11 @@ def profile_by_op(runner, rows: int, kv: int, device: str, top: int) -> None:
 def profile_prefill(engine: LLMEngine, requests: list[Request], device: str, top: int = 15) -> None:
     """Where a prefill's time goes: the requests run again for one new token each (vision tower,
     connector, packed prefill, one sample; no image or prefix reused), ops by device time on stderr."""
-    from torch.profiler import ProfilerActivity, profile
-
     one = [replace(r, request_id=f"prefill/{r.request_id}", image_key=None,
                    sampling=replace(r.sampling, max_new_tokens=1, min_new_tokens=1)) for r in requests]
     engine.prefixes.clear()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sync(device)
-    with profile(activities=activities) as prof:
+    with profiler(device) as prof:
         engine.generate(one)
         sync(device)
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
