@@ -83,10 +83,23 @@ class Packable(nn.Module):
 
 
 class Linear(Packable, nn.Linear):
-    """nn.Linear (same parameters, same state-dict names) whose forward is `linear`."""
+    """nn.Linear (same parameters, same state-dict names) whose forward is `linear`. `padded`: the
+    weight's storage with rows past out_features (model.lm_head.pad_lm_head), multiplied whole."""
+    padded: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.padded is not None:
+            out = linear(x, self.padded)[..., : self.out_features]
+            return out if self.bias is None else out + self.bias
         return linear(x, self.weight, self.bias, self.packed)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.padded = None          # the moved or cast weight is another tensor
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.padded = None          # an `assign` load replaces the weight
+        return super()._load_from_state_dict(*args, **kwargs)
 
 
 def _packable(weight: Tensor) -> bool:

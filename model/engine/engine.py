@@ -19,6 +19,7 @@ from torch import nn
 
 from ..fusion import fuse_projections
 from ..linear import available_host_memory, pack_weights
+from ..lm_head import pad_lm_head
 from .image_cache import ImageFeatureCache
 from .kv_cache import KVCache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
@@ -66,7 +67,8 @@ class LLMEngine:
     """Serves `generate(requests)` from one model. The model is put in eval mode and its q/k/v and
     gate/up projections are fused in place (model.fusion: same state dict, same memory); on CPU in
     float32 the projections also get a copy packed for oneDNN (model.linear: ~1.6x faster decode,
-    for a second copy of the weights, made only if it fits in half the available memory)."""
+    for a second copy of the weights, made only if it fits in half the available memory); on CUDA
+    the LM head's rows are padded to an aligned count (model.lm_head: same state dict)."""
 
     def __init__(self, model: nn.Module, tokenizer=None, max_batch_size: int = 64,
                  kv_cache_tokens: int | None = None, *, max_prefill_tokens: int = 8192,
@@ -79,6 +81,8 @@ class LLMEngine:
         self._stop_matcher: StopStringMatcher | None = None     # made when a request has stop strings
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.device.type == "cuda":
+            pad_lm_head(model)
         self.text_config = model.config.text_config
         self.max_batch_size, self.kv_cache_tokens = max_batch_size, kv_cache_tokens
         self.max_prefill_tokens, self.use_cuda_graphs = max_prefill_tokens, use_cuda_graphs

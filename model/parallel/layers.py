@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..linear import Packable, linear
+from ..lm_head import padded_rows
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,9 @@ class RowParallelLinear(Packable):
 
 def vocab_range(vocab_size: int, tp: TPContext) -> tuple[int, int, int]:
     """(start, stop, rows per rank): equal padded partitions, so the LM head's all-gather is uniform
-    even when the vocabulary does not divide (Idefics3-8B has 128259 tokens)."""
-    per_rank = -(-vocab_size // tp.world_size)
+    even when the vocabulary does not divide (Idefics3-8B has 128259 tokens), each of an aligned
+    number of rows, for the GEMM's sake (model.lm_head)."""
+    per_rank = padded_rows(-(-vocab_size // tp.world_size))
     start = min(tp.rank * per_rank, vocab_size)
     return start, min(start + per_rank, vocab_size), per_rank
 

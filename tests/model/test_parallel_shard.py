@@ -12,6 +12,7 @@ import model.parallel.loading as parallel_loading
 import tests.model.parallel_cases  # noqa: F401  (registers the "tp_mqa" fixture config)
 from model import Idefics3Config, Idefics3ForConditionalGeneration
 from model.files import weight_files
+from model.lm_head import padded_rows
 from model.loading import target_name
 from model.parallel import TPContext, TPEngine, check_tp, load_shard, sharded_fraction
 from model.parallel.shard import kv_head_range, shard_specs
@@ -156,9 +157,15 @@ def test_each_rank_holds_about_one_tp_th_of_the_sharded_parameters(checkpoint, n
     path = checkpoint(name)
     whole, whole_total = sharded_fraction(load_shard(path, TPContext(0, 1)))
     for rank in range(tp):
-        sharded, total = sharded_fraction(load_shard(path, TPContext(rank, tp)))
-        ratio = sharded / (whole / tp)
-        # exact for a clean split; replicated KV heads (tp > kv heads) and vocab padding add a little
+        shard = load_shard(path, TPContext(rank, tp))
+        sharded, total = sharded_fraction(shard)
+        vocab = shard.config.text_config.vocab_size
+        equal_part = -(-vocab // tp)
+        tables = {id(m.weight): m.weight for m in (shard.lm_head, shard.model.text_model.embed_tokens)}
+        assert all(w.shape[0] == padded_rows(equal_part) and w.shape[0] % 64 == 0 for w in tables.values())
+        alignment = sum((w.shape[0] - equal_part) * w.shape[1] for w in tables.values())
+        ratio = (sharded - alignment) / (whole / tp)
+        # exact for a clean split; replicated KV heads (tp > kv heads) and an uneven vocab split add a little
         assert 1.0 <= ratio <= bound, (rank, ratio)
         assert total - sharded == whole_total - whole   # norms, patch/position embeddings, connector: whole
 
