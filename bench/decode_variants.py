@@ -3,14 +3,18 @@ with the current step in one run (each compiles the step afresh: --layers keeps 
 moves into model/; until then it lives here, out of the engine's code.
 
     base      the step as the engine runs it
-    sdpa      decode attention as one scaled_dot_product_attention call (one fused kernel with the
-              row mask on CUDA: the memory-efficient one) instead of two GEMMs and a softmax
     cdt       inductor's coordinate-descent tuning of its own kernels' launch configs (gpt-fast's)
     autotune  inductor benchmarks Triton GEMM templates against cuBLAS for each projection
               (small-M GEMMs without split-K and its reduce kernels; a much longer compile)
     combo     inductor's combo kernels: independent kernels of other shapes in one launch (q's and
               k's RoPE, the K and V cache writes; vLLM and SGLang turn it on)
-Variants combine with "+" (`sdpa+combo`). A variant whose inductor option this torch lacks says so
+    unpadded  the LM head as before run 6: its weight's rows not padded (model.lm_head), so an odd
+              vocabulary's logits are unaligned rows for cuBLAS
+Run 6 (H200, 8B shapes, 8 layers): cdt slower, combo within noise, autotune faster only through the
+LM head (its Triton templates slower than cuBLAS for every other projection; ~3.5 s of autotuning per
+attention GEMM and layer); decode attention as one SDPA call (cuDNN's kernel) slower, and removed
+(BENCHMARKS.md).
+Variants combine with "+" (`unpadded+combo`). A variant whose inductor option this torch lacks says so
 and runs as base.
 """
 from __future__ import annotations
@@ -22,26 +26,14 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch._inductor.config
-import torch.nn.functional as F
-from torch import Tensor
 
+import model.engine.engine as engine_module
 import model.engine.runner as runner_module
-from model.engine.kv_cache import DecodeAttention
 
 
-def sdpa_decode_attention(self: DecodeAttention, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """DecodeAttention.__call__ with the attention product as one SDPA call: a row's query heads of
-    one kv head are that head's query 'positions', so no key is expanded per query head."""
-    b, hq, _, hd = q.shape
-    hkv = k.shape[1]
-    layer = torch.full_like(self.rows, layer_idx)
-    self.k_cache[layer, self.rows, :, self.positions] = k[:, :, 0]
-    self.v_cache[layer, self.rows, :, self.positions] = v[:, :, 0]
-    keys = self.k_cache[layer_idx, :b, :, :self.kv_len]
-    values = self.v_cache[layer_idx, :b, :, :self.kv_len]
-    qg = q.reshape(b, hkv, hq // hkv, hd)
-    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=self.visible[:, None, None, :])
-    return out.reshape(b, hq, 1, hd)
+def _unpad_lm_head(model) -> bool:
+    model.lm_head.padded = None        # the weight stays a view of the buffer: its logits unaligned
+    return False
 
 
 @contextlib.contextmanager
@@ -65,10 +57,10 @@ def _inductor(**options) -> contextlib.AbstractContextManager:
 
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "base": contextlib.nullcontext,
-    "sdpa": lambda: _patched(DecodeAttention, "__call__", sdpa_decode_attention),
     "cdt": lambda: _inductor(coordinate_descent_tuning=True),
     "autotune": lambda: _inductor(max_autotune_gemm=True, max_autotune_gemm_backends="ATEN,TRITON"),
     "combo": lambda: _inductor(combo_kernels=True),
+    "unpadded": lambda: _patched(engine_module, "pad_lm_head", _unpad_lm_head),
 }
 
 

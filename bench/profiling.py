@@ -24,7 +24,8 @@ def profiler(device: str, **options):
                    **options)
 
 
-GEMM_NAMES = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "linear", "aten::mm", "aten::addmm", "aten::bmm")
+GEMM_NAMES = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "linear", "aten::mm", "aten::addmm", "aten::bmm",
+              "triton_tem")    # inductor's GEMM templates (max-autotune)
 
 
 def profile_decode(engine: LLMEngine, batch: int, kv_len: int, device: str, steps: int = 20,
