@@ -8,8 +8,10 @@ moves into model/; until then it lives here, out of the engine's code.
               (small-M GEMMs without split-K and its reduce kernels; a much longer compile)
     combo     inductor's combo kernels: independent kernels of other shapes in one launch (q's and
               k's RoPE, the K and V cache writes; vLLM and SGLang turn it on)
-    unpadded  the LM head as before run 6: its weight's rows not padded (model.lm_head), so an odd
+    unpadded  the LM head as run 6 ran it: its weight's rows not padded (model.lm_head), so an odd
               vocabulary's logits are unaligned rows for cuBLAS
+    eager_pointwise  the prefill's norms, RoPE and activation eager, as run 6 ran them
+              (model.pointwise; the decode step traces them either way): compare ours_prefill_s
 Run 6 (H200, 8B shapes, 8 layers): cdt slower, combo within noise, autotune faster only through the
 LM head (its Triton templates slower than cuBLAS for every other projection; ~3.5 s of autotuning per
 attention GEMM and layer); decode attention as one SDPA call (cuDNN's kernel) slower, and removed
@@ -29,11 +31,16 @@ import torch._inductor.config
 
 import model.engine.engine as engine_module
 import model.engine.runner as runner_module
+from model.pointwise import compile_pointwise
 
 
 def _unpad_lm_head(model) -> bool:
     model.lm_head.padded = None        # the weight stays a view of the buffer: its logits unaligned
     return False
+
+
+def _eager_pointwise(model, compiled: bool = True):
+    return compile_pointwise(model, False)
 
 
 @contextlib.contextmanager
@@ -61,6 +68,7 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "autotune": lambda: _inductor(max_autotune_gemm=True, max_autotune_gemm_backends="ATEN,TRITON"),
     "combo": lambda: _inductor(combo_kernels=True),
     "unpadded": lambda: _patched(engine_module, "pad_lm_head", _unpad_lm_head),
+    "eager_pointwise": lambda: _patched(engine_module, "compile_pointwise", _eager_pointwise),
 }
 
 

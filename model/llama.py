@@ -5,6 +5,8 @@ Module and parameter names are those of the Hugging Face state dict, so loading 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -74,17 +76,48 @@ class CausalAttention:
         return out.masked_fill(self._dead_rows, 0.0)
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Statistics in float32, cast back to the input dtype *before* the weight multiply (as the reference).
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def act_mul(act: Callable[[Tensor], Tensor], gate: Tensor, up: Tensor) -> Tensor:
+    return act(gate) * up
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass(frozen=True)
+class Pointwise:
+    """The decoder's elementwise chains, each a handful of kernels over the whole prompt when run
+    eagerly; model.pointwise.compile_pointwise gives the layers compiled ones (one kernel each)."""
+    rms_norm: Callable = rms_norm
+    rope: Callable = apply_rope
+    act_mul: Callable = act_mul
+
+
+EAGER = Pointwise()
+
+
 class LlamaRMSNorm(nn.Module):
+    pointwise: Pointwise = EAGER
+
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # Statistics in float32, cast back to the input dtype *before* the weight multiply (as the reference).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.pointwise.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: LlamaConfig, device: torch.device | str | None = None) -> Tensor:
@@ -135,16 +168,9 @@ class LlamaRotaryEmbedding(nn.Module):
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, L, hd)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + rotate_half(x) * sin
-
-
 class LlamaAttention(Fusable):
+    pointwise: Pointwise = EAGER
+
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -165,14 +191,16 @@ class LlamaAttention(Fusable):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionBackend) -> Tensor:
         q, k, v = self.project(x)
-        q = apply_rope(self._heads(q, self.num_heads), cos, sin)
-        k = apply_rope(self._heads(k, self.num_kv_heads), cos, sin)
+        q = self.pointwise.rope(self._heads(q, self.num_heads), cos, sin)
+        k = self.pointwise.rope(self._heads(k, self.num_kv_heads), cos, sin)
         v = self._heads(v, self.num_kv_heads)
         out = attention(self.layer_idx, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
 
 
 class LlamaMLP(Fusable):
+    pointwise: Pointwise = EAGER
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         d, h, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
@@ -186,7 +214,7 @@ class LlamaMLP(Fusable):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.project(x)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.pointwise.act_mul(self.act, gate, up))
 
 
 class LlamaDecoderLayer(nn.Module):

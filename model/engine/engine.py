@@ -20,6 +20,7 @@ from torch import nn
 from ..fusion import fuse_projections
 from ..linear import available_host_memory, pack_weights
 from ..lm_head import pad_lm_head
+from ..pointwise import compile_pointwise
 from .image_cache import ImageFeatureCache
 from .kv_cache import KVCache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
@@ -90,6 +91,7 @@ class LLMEngine:
         # CPU: compiled is slower (its GEMMs are MKL's, not packed oneDNN: 66 vs 34 ms a step at
         # SmolVLM-256M shapes, batch 8) and takes minutes to build.
         self.compile = self.device.type == "cuda" if compile is None else compile
+        compile_pointwise(model, self.compile)      # the prefill's norms, RoPE and activation
         # Overlap: decode step N+1 is queued before step N's tokens are read, so the device never waits
         # on the host's bookkeeping. On CPU a step ends before the host goes on, so there is nothing to
         # hide, only a wasted step when the last rows end on a stop token: off by default.

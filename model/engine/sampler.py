@@ -6,11 +6,12 @@ on a global generator, and no host sync is needed.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ..compiling import CompiledOrEager
 
 _M32 = 0xFFFFFFFF
 NON_FINITE = -1     # the token of a row whose logits hold a NaN or an infinity
@@ -136,24 +137,10 @@ def gumbel_argmax(scores: Tensor, seeds: Tensor, steps: Tensor, tokens: Tensor) 
     return (scores + gumbel).argmax(dim=-1)
 
 
-_FUSED = None
-
-
-def fused_gumbel_argmax(*args: Tensor) -> Tensor:
-    """gumbel_argmax through torch.compile: the noise's ~25 integer passes, the logs and the argmax
-    in one kernel (eager, each pass reads and writes (B, V) int64 lanes: ~12 GB a step at 256 rows
-    of a 128 256-token vocabulary). A compiler that fails warns once and the eager one serves."""
-    global _FUSED
-    if _FUSED is None:
-        _FUSED = torch.compile(gumbel_argmax, dynamic=True, fullgraph=True)
-    try:
-        return _FUSED(*args)
-    except Exception as e:
-        if _FUSED is gumbel_argmax:      # an eager failure is the sampler's own, not the compiler's
-            raise
-        warnings.warn(f"torch.compile of the sampler's noise failed, running it eagerly: {e!r}")
-        _FUSED = gumbel_argmax
-        return gumbel_argmax(*args)
+# gumbel_argmax through torch.compile: the noise's ~25 integer passes, the logs and the argmax in one
+# kernel (eager, each pass reads and writes (B, V) int64 lanes: ~12 GB a step at 256 rows of a
+# 128 256-token vocabulary).
+fused_gumbel_argmax = CompiledOrEager(gumbel_argmax, "the sampler's noise")
 
 
 def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
