@@ -1,10 +1,11 @@
 #!/bin/bash
 # The prepared GPU checks for a device session (15 device-minutes, machine starts included, ~95 s each):
-#   run(command="bash bench/device_check.sh b8b", timeout_s=290)   # the bandwidth target, with stop 30's fixes
-#   then at once (the machine stays warm ~30 s): run(command="bash bench/device_check.sh variants", timeout_s=260)
-#   (the LM head padded or not, the prefill's elementwise chains compiled or not, side by side), then
-#   what time is left: tests with TESTS narrowed ("lm_head or pointwise or cuda"), b32_256m, b256.
-# Steps (seconds each at most): b8b (270: Idefics3-8B at batch 1, the bandwidth target, and 32, profiled,
+#   run(command="bash bench/device_check.sh b8b", timeout_s=350)   # the bandwidth target, with stop 30's fixes
+#   then at once (the machine stays warm ~30 s):
+#   run(command="TESTS='lm_head or pointwise' bash bench/device_check.sh tests", timeout_s=150)
+#   run(command="bash bench/device_check.sh variants", timeout_s=260)   # what each fix did, side by side
+#   and give_back.
+# Steps (seconds each at most): b8b (330: Idefics3-8B at batch 1, the bandwidth target, and 32, profiled,
 # one process), b32_256m (180: the 5x target, profiled), tests (300: the CUDA tests), stream (180: streamed
 # blocks, rows about one image), qpi4 (180: batch 32 as 8 images x 4 questions), variants (240: the 8B's
 # shapes with 8 layers, batch 1 and 32, side by side, each its own compile: base; unpadded, the LM head
@@ -13,7 +14,8 @@
 # compiles), sampler (120: the sampler alone at the 8B's vocabulary, 32 and 256 rows, eager vs fused
 # noise; run 6 measured it). A process compiles the decode step once per model: 100-110 s on a fresh
 # machine (run 5), 25-40 s at 8 layers, the tiny test models ~20 s each. Not `autotune` at 32 layers:
-# its compile alone outran b8b's 270 s (run 6).
+# its compile alone outran b8b's 270 s (run 6). The prefill's pointwise kernels compile at the first
+# prefill (~16 s on this project's 2-core CPU box, cold).
 # The device image has python, torch (CUDA), transformers, tokenizers, pytest; not Ray (no step needs it).
 # Each step's whole log lands in $OUT, the JSON rows of bench/engine.py in $OUT/engine.jsonl, and stdout
 # shows the rows and the logs' ends. TESTS="<pytest -k expression>" narrows the tests step.
@@ -42,7 +44,7 @@ EOF
 }
 run_step() {
   case "$1" in
-  b8b) step 270 b8b "${ENGINE[@]}" --models idefics3-8b --batches 1 32 --repeats 2 --profile --variants ${VARIANTS:-base} ;;
+  b8b) step 330 b8b "${ENGINE[@]}" --models idefics3-8b --batches 1 32 --repeats 2 --profile --variants ${VARIANTS:-base} ;;
   b32_256m) step 180 b32_256m "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 2 --profile ;;
   tests) TAIL=30 step 300 tests python3 -m pytest -p no:cacheprovider -o addopts=-ra --timeout 150 \
     tests/model/test_cuda.py tests/model/test_engine.py tests/model/test_engine_loop.py tests/model/test_fusion.py \
