@@ -2,8 +2,9 @@
 # The prepared GPU checks for a device session (15 device-minutes, machine starts included, ~95 s each):
 #   run(command="bash bench/device_check.sh b8b", timeout_s=350)   # the bandwidth target, with stop 30's fixes
 #   then at once (the machine stays warm ~30 s):
-#   run(command="TESTS='lm_head or pointwise' bash bench/device_check.sh tests", timeout_s=150)
-#   run(command="bash bench/device_check.sh variants", timeout_s=260)   # what each fix did, side by side
+#   run(command="TESTS='lm_head or pointwise or top_p' bash bench/device_check.sh tests", timeout_s=150)
+#   run(command="bash bench/device_check.sh sampler", timeout_s=60)    # top_p (bisection) vs top_p_sort
+#   run(command="bash bench/device_check.sh variants", timeout_s=<what is left>)   # each fix, side by side
 #   and give_back.
 # Steps (seconds each at most): b8b (330: Idefics3-8B at batch 1, the bandwidth target, and 32, profiled,
 # one process), b32_256m (180: the 5x target, profiled), tests (300: the CUDA tests), stream (180: streamed
@@ -11,8 +12,8 @@
 # shapes with 8 layers, batch 1 and 32, side by side, each its own compile: base; unpadded, the LM head
 # as run 6 ran it; eager_pointwise, the prefill's norms, RoPE and activation as run 6 ran them; see
 # bench/decode_variants.py), b256 (360: both models at batch 256, never measured compiled; two
-# compiles), sampler (120: the sampler alone at the 8B's vocabulary, 32 and 256 rows, eager vs fused
-# noise; run 6 measured it). A process compiles the decode step once per model: 100-110 s on a fresh
+# compiles), sampler (120: the sampler alone at the 8B's vocabulary, 32 and 256 rows, eager vs fused;
+# ~25 s in run 6; now also the nucleus by bisection, top_p, against the sort, top_p_sort). A process compiles the decode step once per model: 100-110 s on a fresh
 # machine (run 5), 25-40 s at 8 layers, the tiny test models ~20 s each. Not `autotune` at 32 layers:
 # its compile alone outran b8b's 270 s (run 6). The prefill's pointwise kernels compile at the first
 # prefill (~16 s on this project's 2-core CPU box, cold).

@@ -1,7 +1,8 @@
 """Benchmark: the sampler on its own, per decode step, over random logits of a real vocabulary.
 
-Greedy, temperature only, top-p, top-k 50 (+ top-p), each eager and with the fused noise (the
-engine's choice when its decode step is compiled), milliseconds a step (CUDA events on a GPU):
+Greedy, temperature only, top-p (its nucleus found by bisection, as where no row sets top_k, or by
+a sort, as where rows mix), top-k 50 (+ top-p), each eager and with the fused noise and nucleus
+(the engine's choice when its decode step is compiled), milliseconds a step (synchronised):
 
     python bench/sampler.py --device cuda --rows 32 256 --vocab 128259
 """
@@ -20,11 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model.engine.sampler import SamplingState, sample  # noqa: E402
 
 KINDS = {"greedy": dict(temperature=0.0), "temperature": dict(temperature=0.8),
-         "top_p": dict(temperature=0.8, top_p=0.9), "top_k": dict(temperature=0.8, top_k=50, top_p=0.9)}
+         "top_p": dict(temperature=0.8, top_p=0.9),                       # the nucleus by bisection
+         "top_p_sort": dict(temperature=0.8, top_p=0.9, sort=True),       # ... by a sort (batches mixing top_k)
+         "top_k": dict(temperature=0.8, top_k=50, top_p=0.9)}
 
 
 def state_for(rows: int, vocab: int, device: str, temperature: float, top_k: int = 0,
-              top_p: float = 1.0) -> SamplingState:
+              top_p: float = 1.0, sort: bool = False) -> SamplingState:
     state = SamplingState.empty(rows, vocab, device)
     for row in range(rows):
         state.assign(row, temperature, top_k, top_p, seed=row, min_new=0, stop_ids=[])
@@ -36,7 +39,8 @@ def step_ms(rows: int, vocab: int, device: str, kind: str, fuse: bool, repeats: 
     state, slots = state_for(rows, vocab, device, **params), torch.arange(rows, device=device)
     logits = torch.randn(rows, vocab, device=device, generator=torch.Generator(device).manual_seed(0)) * 3
     kw = dict(any_sampling=params["temperature"] > 0, any_filter="top_p" in params,
-              top_k_cap=params.get("top_k") or None, fuse_noise=fuse)
+              top_k_cap=params.get("top_k") or None, sort_free_nucleus=not {"top_k", "sort"} & params.keys(),
+              fuse_noise=fuse)
     for _ in range(3):                                   # warm-up (and the fused kernel's compile)
         sample(logits, state, slots, **kw)
     if device == "cuda":

@@ -12,7 +12,8 @@ from model.engine.kv_cache import DecodeAttention, KVCache, PackedPrefillAttenti
 from model.engine.runner import kv_bucket, pow2_bucket
 from model.engine.scheduler import Scheduler, Sequence
 from model.engine.types import Request, SamplingParams
-from model.engine.sampler import NON_FINITE, SamplingState, _filter_top_k_top_p, flag_non_finite, sample, uniform_noise
+from model.engine.sampler import (NON_FINITE, SamplingState, _filter_top_k_top_p, flag_non_finite, outside_nucleus,
+                                  sample, uniform_noise)
 
 torch.set_num_threads(1)
 
@@ -48,8 +49,32 @@ def test_a_top_k_cap_sorts_fewer_logits_and_keeps_the_same_tokens():
     assert kept[3].sum() == 40 and (kept.sum(1) <= top_k).all()
 
 
+def test_the_nucleus_without_a_sort_keeps_what_the_sort_keeps():
+    """Rows where no sampled row sets top_k: the nucleus by bisection (outside_nucleus) keeps the
+    tokens the sorted cumulative sum keeps, so the seeded draw picks the same tokens."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(7, 3000, generator=g) * torch.tensor([0.3, 1, 2, 3, 5, 8, 2])[:, None]
+    logits[6, 100:] = float("-inf")                           # a row held to 100 tokens (min_new's stop mask)
+    top_p = torch.tensor([0.9, 0.5, 0.99, 1.0, 0.2, 0.95, 0.999])
+    sorted_kept = torch.isfinite(_filter_top_k_top_p(logits, torch.zeros(7, dtype=torch.long), top_p))
+    assert torch.equal(~outside_nucleus(logits, top_p) & torch.isfinite(logits), sorted_kept)
+    assert sorted_kept[3].sum() == 3000 and sorted_kept[5].sum() < 30
+    state = _state(7, 3000, temperature=[1.0] * 7, top_k=[0] * 7, top_p=top_p.tolist())
+    rows = torch.arange(7)
+    for step in range(3):
+        state.step[:] = step
+        by_sort = sample(logits, state, rows, any_sampling=True, any_filter=True)
+        assert torch.equal(sample(logits, state, rows, any_sampling=True, any_filter=True, sort_free_nucleus=True), by_sort)
+
+
+def test_a_nucleus_tied_at_its_edge_keeps_every_tied_token():
+    logits = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2]]))
+    assert (~outside_nucleus(logits, torch.tensor([0.5]))).tolist() == [[True, True, True, True]]
+    assert (~outside_nucleus(logits, torch.tensor([0.4]))).tolist() == [[True, False, False, False]]
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
-@pytest.mark.filterwarnings("error:torch.compile of the sampler")
+@pytest.mark.filterwarnings("error:torch.compile of the")
 def test_the_fused_noise_draws_the_eager_samples():
     """fuse_noise (the engine's choice with a compiled decode step): the noise, logs and argmax as
     one compiled kernel give the eager sampler's tokens, with and without filters, any batch."""
@@ -64,6 +89,10 @@ def test_the_fused_noise_draws_the_eager_samples():
             fused = sample(logits, state, torch.arange(rows), any_sampling=True, any_filter=any_filter, top_k_cap=cap,
                            fuse_noise=True)
             assert torch.equal(fused, eager), (rows, any_filter, cap)
+        state.top_k[:] = 0                  # no top_k: the nucleus's bisection, compiled too
+        nucleus = dict(any_sampling=True, any_filter=True, sort_free_nucleus=True)
+        assert torch.equal(sample(logits, state, torch.arange(rows), **nucleus, fuse_noise=True),
+                           sample(logits, state, torch.arange(rows), **nucleus))
 
 
 def test_noise_depends_only_on_seed_step_and_token():
