@@ -288,8 +288,7 @@ class LLMEngine:
         tokens = sample(logits, self.sampling, slots, any_sampling=bool(sampled),
                         any_filter=any(p.top_k > 0 or p.top_p < 1 for p in sampled), any_penalty=penalized(seqs),
                         top_k_cap=max(top_ks) if top_ks and min(top_ks) > 0 else None,
-                        sort_free_nucleus=self.device.type == "cuda" and not any(top_ks),
-                        fuse_noise=self.runner.compile)
+                        sort_free_nucleus=self.runner.compile and not any(top_ks), fuse_noise=self.runner.compile)
         return flag_non_finite(tokens, logits)
 
     def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor,

@@ -377,7 +377,8 @@ def test_seeded_samples_ignore_batch_neighbours(setup, overlap):
 @pytest.mark.filterwarnings("error:torch.compile of the")
 def test_a_compiled_engine_samples_as_the_eager_one(setup):
     """The CUDA default: a compiled decode step, and the sampler's noise and draw fused by
-    torch.compile too: the eager engine's seeded samples, with and without top-p."""
+    torch.compile too, its nuclei (no row sets top_k) by bisection: the eager engine's seeded
+    samples (the eager one sorts), with and without top-p."""
     ours, requests, _, _, _ = setup
     sampled = [replace(r, sampling=SamplingParams(max_new_tokens=8, temperature=1.1, seed=3 + i,
                                                   top_p=0.9 if i % 2 else 1.0)) for i, r in enumerate(requests[:4])]
