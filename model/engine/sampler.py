@@ -164,6 +164,22 @@ fused_gumbel_argmax = CompiledOrEager(gumbel_argmax, "the sampler's noise")
 fused_outside_nucleus = CompiledOrEager(outside_nucleus, "the nucleus")
 
 
+def too_early(step: Tensor, min_new: Tensor, stop_mask: Tensor, slots: Tensor) -> Tensor:
+    """(B, V) True at the stop ids of rows that have not reached their min_new_tokens."""
+    return (step[slots] < min_new[slots])[:, None] & stop_mask[slots]
+
+
+def greedy_tokens(logits: Tensor, step: Tensor, min_new: Tensor, stop_mask: Tensor, slots: Tensor) -> Tensor:
+    """An all-greedy, unpenalised step: `sample` then `flag_non_finite` as one function, so that
+    compiled (fused_greedy_tokens) its ~ten small kernels outside the decode graph are two or three."""
+    logits = logits.float()
+    tokens = logits.masked_fill(too_early(step, min_new, stop_mask, slots), float("-inf")).argmax(dim=-1)
+    return flag_non_finite(tokens, logits)
+
+
+fused_greedy_tokens = CompiledOrEager(greedy_tokens, "the greedy draw")
+
+
 def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
            any_filter: bool, any_penalty: bool = False, top_k_cap: int | None = None,
            sort_free_nucleus: bool = False, fuse_noise: bool = False) -> Tensor:
@@ -182,8 +198,7 @@ def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling:
     if any_penalty:
         logits = penalize_repeats(logits, state.penalty[slots], state.seen[slots])
     step = state.step[slots]
-    too_early = (step < state.min_new[slots])[:, None] & state.stop_mask[slots]
-    logits = logits.masked_fill(too_early, float("-inf"))
+    logits = logits.masked_fill(too_early(state.step, state.min_new, state.stop_mask, slots), float("-inf"))
     greedy = logits.argmax(dim=-1)
     if not any_sampling:
         return greedy

@@ -12,8 +12,8 @@ from model.engine.kv_cache import DecodeAttention, KVCache, PackedPrefillAttenti
 from model.engine.runner import kv_bucket, pow2_bucket
 from model.engine.scheduler import Scheduler, Sequence
 from model.engine.types import Request, SamplingParams
-from model.engine.sampler import (NON_FINITE, SamplingState, _filter_top_k_top_p, flag_non_finite, outside_nucleus,
-                                  sample, uniform_noise)
+from model.engine.sampler import (NON_FINITE, SamplingState, _filter_top_k_top_p, flag_non_finite, fused_greedy_tokens,
+                                  outside_nucleus, sample, uniform_noise)
 
 torch.set_num_threads(1)
 
@@ -93,6 +93,28 @@ def test_the_fused_noise_draws_the_eager_samples():
         nucleus = dict(any_sampling=True, any_filter=True, sort_free_nucleus=True)
         assert torch.equal(sample(logits, state, torch.arange(rows), **nucleus, fuse_noise=True),
                            sample(logits, state, torch.arange(rows), **nucleus))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.filterwarnings("error:torch.compile of the")
+def test_the_fused_greedy_draw_gives_the_eager_tokens_and_flags():
+    """An all-greedy step with a compiled decode: one compiled function for the argmax (stop ids
+    masked while too early) and the non-finite flag, as sample() then flag_non_finite()."""
+    g = torch.Generator().manual_seed(6)
+    for rows in (6, 4):
+        logits = torch.randn(rows, 500, generator=g)
+        logits[:, 7] = 10.0                                       # every row's argmax, a stop id
+        logits[1, 3] = float("nan")
+        logits[2, 9] = float("inf")
+        state = _state(rows, 500, temperature=[0.0] * rows, top_k=[0] * rows, top_p=[1.0] * rows)
+        state.min_new[1:] = 2                                     # row 0 may stop, the others not yet
+        for row in range(rows):
+            state.stop_mask[row, 7] = True
+        slots = torch.arange(rows)
+        eager = flag_non_finite(sample(logits, state, slots, any_sampling=False, any_filter=False), logits)
+        fused = fused_greedy_tokens(logits, state.step, state.min_new, state.stop_mask, slots)
+        assert torch.equal(fused, eager) and fused[1] == fused[2] == NON_FINITE
+        assert fused[0] == 7 and fused[-1] not in (7, NON_FINITE)
 
 
 def test_noise_depends_only_on_seed_step_and_token():
