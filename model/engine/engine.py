@@ -350,7 +350,7 @@ class LLMEngine:
         rows = runner.decode_rows(scheduler.decode_batch_size())
         kv_len = kv_bucket(max(s.length for s in seqs) + lag, runner.cache.max_len)
         logits = runner.decode(rows, kv_len)
-        tokens, logprobs = self._next_tokens(logits, torch.arange(rows, device=self.device), seqs)
+        tokens, logprobs = self._next_tokens(logits, runner.slot_ids[:rows], seqs)
         runner.tokens[:rows] = model_tokens(tokens)
         runner.positions[:rows] += self.active[:rows]
         self.sampling.step[:rows] += 1

@@ -72,6 +72,7 @@ class ModelRunner:
         slots, device = cache.num_slots, cache.k.device
         self.tokens = torch.zeros(slots, dtype=torch.int64, device=device)     # each slot's last token
         self.positions = torch.zeros(slots, dtype=torch.int64, device=device)  # each slot's cached length
+        self.slot_ids = torch.arange(slots, device=device)      # a decode step's rows index: no kernel a step
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
         self.compile = compile
         # Fixed at the start, not cleared with `compile` if compiling fails on one tensor-parallel rank:
