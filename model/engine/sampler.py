@@ -71,7 +71,7 @@ def outside_nucleus(scaled: Tensor, top_p: Tensor) -> Tensor:
         mid = (lo + hi) // 2
         holds = torch.where(bits >= mid[:, None], probs, 0.0).sum(dim=-1) >= top_p
         lo, hi = torch.where(holds, mid, lo), torch.where(holds, hi, mid)
-    return bits < lo[:, None]
+    return (bits < lo[:, None]) & (top_p < 1)[:, None]      # a float sum may reach 1 short of the tail
 
 
 def _filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor, k_cap: int | None = None) -> Tensor:
@@ -197,7 +197,6 @@ def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling:
     logits = logits.float()
     if any_penalty:
         logits = penalize_repeats(logits, state.penalty[slots], state.seen[slots])
-    step = state.step[slots]
     logits = logits.masked_fill(too_early(state.step, state.min_new, state.stop_mask, slots), float("-inf"))
     greedy = logits.argmax(dim=-1)
     if not any_sampling:
@@ -212,6 +211,6 @@ def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling:
         ranked, tokens = _candidates(scaled, top_k_cap)
         scaled = _keep_top_k_top_p(ranked, state.top_k[slots], state.top_p[slots], logits.shape[-1])
     draw = fused_gumbel_argmax if fuse_noise else gumbel_argmax
-    best = draw(scaled, state.seed[slots], step, tokens)
+    best = draw(scaled, state.seed[slots], state.step[slots], tokens)
     sampled = tokens.expand(len(best), -1).gather(-1, best[:, None])[:, 0]
     return torch.where(temperature > 0, sampled, greedy)
