@@ -82,14 +82,25 @@ class Packable(nn.Module):
         return super()._apply(fn, recurse)
 
 
+class PaddedRows:
+    """A weight's storage with rows past the weight's own (model.lm_head.pad_lm_head), the weight a
+    view of its first rows. A deep copy's weight is storage of its own, so the copy has none."""
+
+    def __init__(self, rows: Tensor) -> None:
+        self.rows = rows
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+
 class Linear(Packable, nn.Linear):
-    """nn.Linear (same parameters, same state-dict names) whose forward is `linear`. `padded`: the
-    weight's storage with rows past out_features (model.lm_head.pad_lm_head), multiplied whole."""
-    padded: Tensor | None = None
+    """nn.Linear (same parameters, same state-dict names) whose forward is `linear`; with `padded`,
+    the whole padded storage is multiplied and the padding's outputs dropped."""
+    padded: PaddedRows | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.padded is not None:
-            out = linear(x, self.padded)[..., : self.out_features]
+            out = linear(x, self.padded.rows)[..., : self.out_features]
             return out if self.bias is None else out + self.bias
         return linear(x, self.weight, self.bias, self.packed)
 

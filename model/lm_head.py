@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .linear import Linear
+from .linear import Linear, PaddedRows
 
 ROW_MULTIPLE = 64
 
@@ -32,5 +32,5 @@ def pad_lm_head(model: nn.Module) -> bool:
     for module in model.modules():
         if module._parameters.get("weight") is old:       # the head, and a tied embedding
             module.weight = new
-    head.padded = buffer
+    head.padded = PaddedRows(buffer)
     return True

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import model.linear
-
 from model import Idefics3ForConditionalGeneration
 from model.engine import LLMEngine, SamplingParams
 from model.lm_head import pad_lm_head
@@ -31,8 +30,9 @@ def test_a_padded_head_keeps_logits_state_dict_and_tie(checkpoint, name, monkeyp
     padded = copy.deepcopy(plain)
     assert pad_lm_head(padded)
     head = padded.lm_head
-    assert head.padded.shape == (512, head.in_features) and not head.padded[VOCAB:].any()
-    assert head.weight.data_ptr() == head.padded.data_ptr() and head.weight.shape == (VOCAB, head.in_features)
+    rows = head.padded.rows
+    assert rows.shape == (512, head.in_features) and not rows[VOCAB:].any()
+    assert head.weight.data_ptr() == rows.data_ptr() and head.weight.shape == (VOCAB, head.in_features)
     assert (head.weight is _embedding(padded).weight) == (name == "smolvlm")
     before, after = plain.state_dict(), padded.state_dict()
     assert before.keys() == after.keys()
@@ -40,13 +40,17 @@ def test_a_padded_head_keeps_logits_state_dict_and_tie(checkpoint, name, monkeyp
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
     batch = make_batch(plain.config)
     expected = plain(**batch).logits
-    rows = []
-    monkeypatch.setattr(model.linear, "linear", lambda x, w, b=None, packed=None: rows.append(w.shape[0]) or F.linear(x, w, b))
+    multiplied = []
+    monkeypatch.setattr(model.linear, "linear",
+                        lambda x, w, b=None, packed=None: multiplied.append(w.shape[0]) or F.linear(x, w, b))
     torch.testing.assert_close(padded(**batch).logits, expected, rtol=1e-6, atol=1e-6)
-    assert rows[-1] == 512              # the head multiplied the whole buffer
+    assert multiplied[-1] == 512        # the head multiplied the whole buffer
     monkeypatch.undo()
     assert not pad_lm_head(padded) and padded.lm_head.padded is head.padded     # once
-    moved = copy.deepcopy(padded).to(torch.float64)     # a cast weight is another tensor: unpadded
+    twin = copy.deepcopy(padded)        # its weight is storage of its own: unpadded until padded again
+    assert twin.lm_head.padded is None and pad_lm_head(twin) and twin.lm_head.padded.rows.shape[0] == 512
+    assert twin.lm_head.weight.data_ptr() == twin.lm_head.padded.rows.data_ptr()
+    moved = twin.to(torch.float64)      # a cast weight is another tensor: unpadded
     assert moved.lm_head.padded is None
     torch.testing.assert_close(moved(**batch).logits.float(), expected, rtol=1e-4, atol=1e-4)
     padded.load_state_dict(before, assign=True)      # a replaced weight: unpadded
@@ -92,5 +96,5 @@ def test_cuda_engine_pads_an_odd_vocabulary_and_answers_as_the_reference(odd_voc
     on_gpu = copy.deepcopy(model).to("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     engine = LLMEngine(on_gpu, max_batch_size=2)
-    assert on_gpu.lm_head.padded is not None and on_gpu.lm_head.padded.shape[0] == 512
+    assert on_gpu.lm_head.padded is not None and on_gpu.lm_head.padded.rows.shape[0] == 512
     assert [r.token_ids for r in engine.generate(requests)] == expected
