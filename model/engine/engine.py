@@ -25,8 +25,7 @@ from .image_cache import ImageFeatureCache
 from .kv_cache import KVCache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket
-from .sampler import (NON_FINITE, SamplingState, flag_non_finite, fused_greedy_tokens, model_tokens, sample,
-                      token_logprobs)
+from .sampler import NON_FINITE, SamplingState, model_tokens, sample_rows, token_logprobs
 from .scheduler import Scheduler, Sequence
 from .stop_strings import StopStringMatcher
 from .types import NonFiniteLogitsError, Request, Result
@@ -284,16 +283,8 @@ class LLMEngine:
     def sample_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Next token of each row, NON_FINITE where its logits are not (a hook: tensor-parallel
         ranks take rank 0's)."""
-        sampled = [s.request.sampling for s in seqs if not s.request.sampling.greedy]
-        if self.runner.compile and not sampled and not penalized(seqs):
-            st = self.sampling
-            return fused_greedy_tokens(logits, st.step, st.min_new, st.stop_mask, slots)
-        top_ks = [p.top_k for p in sampled]
-        tokens = sample(logits, self.sampling, slots, any_sampling=bool(sampled),
-                        any_filter=any(p.top_k > 0 or p.top_p < 1 for p in sampled), any_penalty=penalized(seqs),
-                        top_k_cap=max(top_ks) if top_ks and min(top_ks) > 0 else None,
-                        sort_free_nucleus=self.runner.compile and not any(top_ks), fuse_noise=self.runner.compile)
-        return flag_non_finite(tokens, logits)
+        return sample_rows(logits, self.sampling, slots, [s.request.sampling for s in seqs],
+                           compiled=self.runner.compile)
 
     def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor,
                      seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..compiling import CompiledOrEager
+from .types import SamplingParams
 
 _M32 = 0xFFFFFFFF
 NON_FINITE = -1     # the token of a row whose logits hold a NaN or an infinity
@@ -178,6 +179,23 @@ def greedy_tokens(logits: Tensor, step: Tensor, min_new: Tensor, stop_mask: Tens
 
 
 fused_greedy_tokens = CompiledOrEager(greedy_tokens, "the greedy draw")
+
+
+def sample_rows(logits: Tensor, state: SamplingState, slots: Tensor, params: list[SamplingParams], *,
+                compiled: bool) -> Tensor:
+    """Next token of each row, NON_FINITE where its logits are not, the host-side facts `sample`
+    takes read from the rows' requests. compiled: the engine's decode step is; its sampler is then
+    compiled too, an all-greedy step is one compiled function, and nuclei are found by bisection."""
+    sampled = [p for p in params if not p.greedy]
+    penalty = any(p.repetition_penalty != 1.0 for p in params)
+    if compiled and not sampled and not penalty:
+        return fused_greedy_tokens(logits, state.step, state.min_new, state.stop_mask, slots)
+    top_ks = [p.top_k for p in sampled]
+    tokens = sample(logits, state, slots, any_sampling=bool(sampled),
+                    any_filter=any(p.top_k > 0 or p.top_p < 1 for p in sampled), any_penalty=penalty,
+                    top_k_cap=max(top_ks) if top_ks and min(top_ks) > 0 else None,
+                    sort_free_nucleus=compiled and not any(top_ks), fuse_noise=compiled)
+    return flag_non_finite(tokens, logits)
 
 
 def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
