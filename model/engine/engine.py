@@ -69,7 +69,9 @@ class LLMEngine:
     gate/up projections are fused in place (model.fusion: same state dict, same memory); on CPU in
     float32 the projections also get a copy packed for oneDNN (model.linear: ~1.6x faster decode,
     for a second copy of the weights, made only if it fits in half the available memory); on CUDA
-    the LM head's rows are padded to an aligned count (model.lm_head: same state dict)."""
+    the LM head's rows are padded to an aligned count (model.lm_head: same state dict); and its
+    norms, RoPE and activation run compiled or eagerly as this engine's decode step (model.pointwise:
+    on a model shared by engines, the last one made decides)."""
 
     def __init__(self, model: nn.Module, tokenizer=None, max_batch_size: int = 64,
                  kv_cache_tokens: int | None = None, *, max_prefill_tokens: int = 8192,
