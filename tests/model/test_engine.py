@@ -94,8 +94,8 @@ def test_batched_prefill_equals_reference(setup, slots):
 def test_cuda_defaults_on_cpu_equal_reference(setup, monkeypatch):
     """The CUDA defaults but graphs: the decode step through torch.compile, which must trace whole
     (fullgraph; a failure would fall back to eager with a warning, made an error here), the
-    prefill's elementwise chains compiled, overlapped
-    steps and padded-group prefill; the reference's tokens through several batch and kv buckets.
+    prefill's elementwise chains and the greedy draw compiled, overlapped steps and padded-group
+    prefill; the reference's tokens through several batch and kv buckets.
     No step runs one row, not even with one slot: torch.compile specialises a size of 1, which would
     compile the step again once the rows change (the 8B bench, batch 1 then 32, on an H200)."""
     from model.engine.runner import ModelRunner
