@@ -12,11 +12,12 @@
 # shapes with 8 layers, batch 1 and 32, side by side, each its own compile: base; unpadded, the LM head
 # as run 6 ran it; eager_pointwise, the prefill's norms, RoPE and activation as run 6 ran them; see
 # bench/decode_variants.py), b256 (360: both models at batch 256, never measured compiled; two
-# compiles), sampler (120: the sampler alone at the 8B's vocabulary, 32 and 256 rows, eager vs fused;
-# ~25 s in run 6; now also the nucleus by bisection, top_p, against the sort, top_p_sort). A process compiles the decode step once per model: 100-110 s on a fresh
-# machine (run 5), 25-40 s at 8 layers, the tiny test models ~20 s each. Not `autotune` at 32 layers:
-# its compile alone outran b8b's 270 s (run 6). The prefill's pointwise kernels compile at the first
-# prefill (~16 s on this project's 2-core CPU box, cold).
+# compiles), sampler (120: the sampler alone at the 8B's vocabulary, 32 and 256 rows, eager vs
+# compiled; ~25 s in run 6; now also the nucleus by bisection, top_p, against the sort, top_p_sort,
+# and the compiled greedy draw). A process compiles the decode step once per model: 100-110 s on a
+# fresh machine (run 5), 25-40 s at 8 layers, the tiny test models ~20 s each. Not `autotune` at 32
+# layers: its compile alone outran b8b's 270 s (run 6). The prefill's pointwise kernels compile at
+# the first prefill (~16 s on this project's 2-core CPU box, cold).
 # The device image has python, torch (CUDA), transformers, tokenizers, pytest; not Ray (no step needs it).
 # Each step's whole log lands in $OUT, the JSON rows of bench/engine.py in $OUT/engine.jsonl, and stdout
 # shows the rows and the logs' ends. TESTS="<pytest -k expression>" narrows the tests step.

@@ -1,8 +1,8 @@
 """Benchmark: the sampler on its own, per decode step, over random logits of a real vocabulary.
 
-Greedy, temperature only, top-p (its nucleus found by bisection, as where no row sets top_k, or by
-a sort, as where rows mix), top-k 50 (+ top-p), each eager and with the fused noise and nucleus
-(the engine's choice when its decode step is compiled), milliseconds a step (synchronised):
+Greedy (with the non-finite check), temperature only, top-p (its nucleus found by bisection, as
+where no row sets top_k, or by a sort, as where rows mix), top-k 50 (+ top-p), each eager and
+compiled (the engine's choice when its decode step is compiled), milliseconds a step (synchronised):
 
     python bench/sampler.py --device cuda --rows 32 256 --vocab 128259
 """
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.engine.sampler import SamplingState, sample  # noqa: E402
+from model.engine.sampler import SamplingState, flag_non_finite, fused_greedy_tokens, sample  # noqa: E402
 
 KINDS = {"greedy": dict(temperature=0.0), "temperature": dict(temperature=0.8),
          "top_p": dict(temperature=0.8, top_p=0.9),                       # the nucleus by bisection
@@ -34,21 +34,30 @@ def state_for(rows: int, vocab: int, device: str, temperature: float, top_k: int
     return state
 
 
-def step_ms(rows: int, vocab: int, device: str, kind: str, fuse: bool, repeats: int) -> float:
+def drawer(kind: str, fuse: bool, logits: torch.Tensor, state: SamplingState, slots: torch.Tensor):
+    """One step's draw as the engine makes it (greedy: with the non-finite check it fuses)."""
     params = KINDS[kind]
-    state, slots = state_for(rows, vocab, device, **params), torch.arange(rows, device=device)
+    if kind == "greedy":
+        if fuse:
+            return lambda: fused_greedy_tokens(logits, state.step, state.min_new, state.stop_mask, slots)
+        return lambda: flag_non_finite(sample(logits, state, slots, any_sampling=False, any_filter=False), logits)
+    kw = dict(any_sampling=True, any_filter="top_p" in params, top_k_cap=params.get("top_k") or None,
+              sort_free_nucleus=not {"top_k", "sort"} & params.keys(), fuse_noise=fuse)
+    return lambda: sample(logits, state, slots, **kw)
+
+
+def step_ms(rows: int, vocab: int, device: str, kind: str, fuse: bool, repeats: int) -> float:
+    state, slots = state_for(rows, vocab, device, **KINDS[kind]), torch.arange(rows, device=device)
     logits = torch.randn(rows, vocab, device=device, generator=torch.Generator(device).manual_seed(0)) * 3
-    kw = dict(any_sampling=params["temperature"] > 0, any_filter="top_p" in params,
-              top_k_cap=params.get("top_k") or None, sort_free_nucleus=not {"top_k", "sort"} & params.keys(),
-              fuse_noise=fuse)
+    draw = drawer(kind, fuse, logits, state, slots)
     for _ in range(3):                                   # warm-up (and the fused kernel's compile)
-        sample(logits, state, slots, **kw)
+        draw()
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for step in range(repeats):
         state.step += 1
-        sample(logits, state, slots, **kw)
+        draw()
     if device == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / repeats * 1e3
@@ -67,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         for kind in args.kinds:
             row = dict(device=args.device, rows=rows, vocab=args.vocab, kind=kind,
                        eager_ms=round(step_ms(rows, args.vocab, args.device, kind, False, args.repeats), 3))
-            if not args.no_fused and kind != "greedy":
+            if not args.no_fused:
                 row["fused_ms"] = round(step_ms(rows, args.vocab, args.device, kind, True, args.repeats), 3)
             print(json.dumps(row), flush=True)
 
