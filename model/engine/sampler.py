@@ -185,11 +185,12 @@ def sample_rows(logits: Tensor, state: SamplingState, slots: Tensor, params: lis
                 compiled: bool) -> Tensor:
     """Next token of each row, NON_FINITE where its logits are not, the host-side facts `sample`
     takes read from the rows' requests. compiled: the engine's decode step is; its sampler is then
-    compiled too, an all-greedy step is one compiled function, and nuclei are found by bisection."""
+    compiled too (an all-greedy step one compiled function), and nuclei are found by bisection."""
     sampled = [p for p in params if not p.greedy]
     penalty = any(p.repetition_penalty != 1.0 for p in params)
-    if compiled and not sampled and not penalty:
-        return fused_greedy_tokens(logits, state.step, state.min_new, state.stop_mask, slots)
+    if not sampled and not penalty:
+        draw = fused_greedy_tokens if compiled else greedy_tokens
+        return draw(logits, state.step, state.min_new, state.stop_mask, slots)
     top_ks = [p.top_k for p in sampled]
     tokens = sample(logits, state, slots, any_sampling=bool(sampled),
                     any_filter=any(p.top_k > 0 or p.top_p < 1 for p in sampled), any_penalty=penalty,
@@ -221,13 +222,14 @@ def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling:
         return greedy
     temperature = state.temperature[slots]
     scaled = logits / temperature.clamp_min(1e-6)[:, None]
-    tokens = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    if any_filter and sort_free_nucleus:
-        outside = fused_outside_nucleus if fuse_noise else outside_nucleus
-        scaled = scaled.masked_fill(outside(scaled, state.top_p[slots]), float("-inf"))
-    elif any_filter:    # Gumbel-max over the kept candidates only: the noise of the others is moot
+    if any_filter and not sort_free_nucleus:    # Gumbel-max over the kept candidates only
         ranked, tokens = _candidates(scaled, top_k_cap)
         scaled = _keep_top_k_top_p(ranked, state.top_k[slots], state.top_p[slots], logits.shape[-1])
+    else:
+        tokens = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+        if any_filter:
+            outside = fused_outside_nucleus if fuse_noise else outside_nucleus
+            scaled = scaled.masked_fill(outside(scaled, state.top_p[slots]), float("-inf"))
     draw = fused_gumbel_argmax if fuse_noise else gumbel_argmax
     best = draw(scaled, state.seed[slots], state.step[slots], tokens)
     sampled = tokens.expand(len(best), -1).gather(-1, best[:, None])[:, 0]
