@@ -24,6 +24,13 @@ def profiler(device: str, **options):
                    **options)
 
 
+def kernel_events(events, device: str) -> list:
+    """The GPU's kernels on CUDA (an op's row also carries its kernels' device time: summing both
+    counts it twice), every op on CPU."""
+    from torch.autograd import DeviceType
+    return [e for e in events if device != "cuda" or e.device_type == DeviceType.CUDA]
+
+
 GEMM_NAMES = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "linear", "aten::mm", "aten::addmm", "aten::bmm",
               "triton_tem")    # inductor's GEMM templates (max-autotune)
 
@@ -35,7 +42,6 @@ def profile_decode(engine: LLMEngine, batch: int, kv_len: int, device: str, step
     and the GEMMs' share (with the weights' bytes: the bandwidth they read them at, which bounds
     what the rest of the step may take for a target fraction of the limit).
     The replays rewrite the K/V of the finished run's last position: the results are already out."""
-    from torch.autograd import DeviceType
     runner = engine.runner
     rows, kv = runner.decode_rows(batch), kv_bucket(kv_len, runner.cache.max_len)
     runner.decode(rows, kv)
@@ -45,7 +51,7 @@ def profile_decode(engine: LLMEngine, batch: int, kv_len: int, device: str, step
         sync(device)
     events = prof.key_averages()
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    kernels = [e for e in events if device != "cuda" or e.device_type == DeviceType.CUDA]
+    kernels = kernel_events(events, device)
     total_us = sum(getattr(e, key) for e in kernels)
     print(f"# profile: decode rows {rows}, kv {kv}: {total_us / steps / 1e3:.3f} ms and "
           f"{sum(e.count for e in kernels) / steps:.0f} {'kernels' if device == 'cuda' else 'ops'} per step",
@@ -102,7 +108,7 @@ def profile_prefill(engine: LLMEngine, requests: list[Request], device: str, top
         sync(device)
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     ops = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in ops)
+    total = sum(getattr(e, key) for e in kernel_events(ops, device))
     print(f"# profile, prefill of {len(one)} requests ({sum(len(r.prompt_ids) for r in one)} tokens): "
           f"{total / 1e3:.1f} ms of {'kernels' if device == 'cuda' else 'ops'}", file=sys.stderr)
     for e in ops[:top]:

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.engine.sampler import SamplingState, flag_non_finite, fused_greedy_tokens, sample  # noqa: E402
+from bench.profiling import sync  # noqa: E402
 
 KINDS = {"greedy": dict(temperature=0.0), "temperature": dict(temperature=0.8),
          "top_p": dict(temperature=0.8, top_p=0.9),                       # the nucleus by bisection
@@ -52,14 +53,12 @@ def step_ms(rows: int, vocab: int, device: str, kind: str, fuse: bool, repeats: 
     draw = drawer(kind, fuse, logits, state, slots)
     for _ in range(3):                                   # warm-up (and the fused kernel's compile)
         draw()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     for step in range(repeats):
         state.step += 1
         draw()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - start) / repeats * 1e3
 
 
