@@ -12,6 +12,8 @@ moves into model/; until then it lives here, out of the engine's code.
               vocabulary's logits are unaligned rows for cuBLAS
     eager_pointwise  the prefill's norms, RoPE and activation eager, as run 6 ran them
               (model.pointwise; the decode step traces them either way): compare ours_prefill_s
+    skinny    every projection of a few rows (the decode step's) through model.skinny's Triton
+              kernel instead of cuBLAS (bench/skinny.py times them shape by shape)
 Run 6 (H200, 8B shapes, 8 layers): cdt slower, combo within noise, autotune faster only through the
 LM head (its Triton templates slower than cuBLAS for every other projection; ~3.5 s of autotuning per
 attention GEMM and layer); decode attention as one SDPA call (cuDNN's kernel) slower, and removed
@@ -31,6 +33,7 @@ import torch._inductor.config
 
 import model.engine.engine as engine_module
 import model.engine.runner as runner_module
+import model.skinny as skinny_module
 from model.pointwise import compile_pointwise
 
 
@@ -69,6 +72,7 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "combo": lambda: _inductor(combo_kernels=True),
     "unpadded": lambda: _patched(engine_module, "pad_lm_head", _unpad_lm_head),
     "eager_pointwise": lambda: _patched(engine_module, "compile_pointwise", _eager_pointwise),
+    "skinny": lambda: _patched(skinny_module, "enabled", True),
 }
 
 

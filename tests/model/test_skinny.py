@@ -1,0 +1,100 @@
+"""model.skinny: the few-rows projection kernel. Without a GPU, Triton's interpreter runs the kernel
+(tests/model/skinny_interpreted.py, in a subprocess); on CUDA the compiled kernel, at the 8B's
+shapes and inside the engine's compiled, graphed decode step."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model.linear
+import model.skinny as skinny
+from model import Idefics3ForConditionalGeneration
+from model.engine import LLMEngine, SamplingParams
+from tests.model.test_engine import _reference, _requests
+
+ROOT = Path(__file__).resolve().parents[2]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_without_a_gpu_or_the_interpreter_the_op_is_f_linear(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, weight = torch.randn(2, 16), torch.randn(24, 16)
+    assert not skinny.runs_skinny(x, weight)
+    assert torch.equal(skinny.skinny_linear(x, weight), F.linear(x, weight))
+    before = model.linear.linear(x, weight)             # oneDNN on CPU
+    monkeypatch.setattr(skinny, "enabled", True)       # the switch is for GPU projections only
+    assert torch.equal(model.linear.linear(x, weight), before)
+
+
+def test_which_calls_the_kernel_takes():
+    x, weight = torch.randn(2, 1, 16), torch.randn(24, 16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        patch.setattr(skinny, "triton_available", lambda: True)
+        assert skinny.runs_skinny(x, weight)
+        assert skinny.runs_skinny(x.bfloat16(), weight.bfloat16())
+        assert not skinny.runs_skinny(torch.randn(65, 16), weight)          # prefill: F.linear
+        assert not skinny.runs_skinny(x, weight.bfloat16())                 # mixed dtypes
+        assert not skinny.runs_skinny(x, weight.t().contiguous().t())       # columns not contiguous
+        assert not skinny.runs_skinny(x.double(), weight.double())
+    assert [skinny.row_bucket(n) for n in (1, 16, 17, 32, 33, 64)] == [16, 16, 32, 32, 64, 64]
+
+
+@pytest.mark.skipif(not skinny.triton_available(), reason="needs triton (its interpreter runs the kernel on CPU)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the CUDA tests below run the kernel itself")
+def test_the_interpreted_kernel():
+    """The kernel's arithmetic, its bounds and its place in the engine, by Triton's interpreter."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "addopts=",
+                           "tests/model/skinny_interpreted.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
+
+
+@cuda
+@pytest.mark.parametrize("rows", [1, 2, 16, 32, 64])
+@pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 14336), (128259, 4096)])   # 8B: q/k/v, down, head
+def test_cuda_kernel_at_the_8b_shapes(rows, n, k):
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    assert skinny.runs_skinny(x, weight)
+    out = skinny.skinny_linear(x, weight)
+    expected = F.linear(x.float(), weight.float())
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@cuda
+def test_cuda_float32_kernel_is_full_precision():
+    x, weight = torch.randn(3, 512, device="cuda"), torch.randn(700, 512, device="cuda")
+    torch.testing.assert_close(skinny.skinny_linear(x, weight), F.linear(x.double(), weight.double()).float(),
+                               rtol=1e-5, atol=1e-4)
+
+
+@cuda
+@pytest.mark.filterwarnings("error:torch.compile of")
+def test_cuda_engine_through_the_kernel_answers_as_the_reference(checkpoint, monkeypatch):
+    """The compiled, CUDA-graphed decode step with the op inside: the reference's tokens (float32)."""
+    from transformers import Idefics3ForConditionalGeneration as Reference
+
+    path = checkpoint("idefics3", vocab_size=450)
+    ref = Reference.from_pretrained(path, dtype=torch.float32).eval()
+    requests = _requests(path, [1, 0, 2], [SamplingParams(max_new_tokens=m) for m in (6, 9, 4)])
+    expected = [_reference(ref, r) for r in requests]
+    monkeypatch.setattr(skinny, "enabled", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    launched = []
+    real = skinny.launch
+    monkeypatch.setattr(skinny, "launch", lambda x, *a, **kw: launched.append(x.shape[0]) or real(x, *a, **kw))
+    model = Idefics3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to("cuda")
+    engine = LLMEngine(model, max_batch_size=2)
+    assert engine.runner.compile and engine.runner.use_cuda_graphs
+    assert [r.token_ids for r in engine.generate(requests)] == expected
+    assert launched
