@@ -12,8 +12,9 @@ moves into model/; until then it lives here, out of the engine's code.
               vocabulary's logits are unaligned rows for cuBLAS
     eager_pointwise  the prefill's norms, RoPE and activation eager, as run 6 ran them
               (model.pointwise; the decode step traces them either way): compare ours_prefill_s
-    skinny    every projection of a few rows (the decode step's) through model.skinny's Triton
+    skinny    every projection of a few rows (the decode step's) through model.kernels.skinny's Triton
               kernel instead of cuBLAS (bench/skinny.py times them shape by shape)
+    attention the decode step's attention as model.kernels.attention's kernel (bench/attention.py)
 Run 6 (H200, 8B shapes, 8 layers): cdt slower, combo within noise, autotune faster only through the
 LM head (its Triton templates slower than cuBLAS for every other projection; ~3.5 s of autotuning per
 attention GEMM and layer); decode attention as one SDPA call (cuDNN's kernel) slower, and removed
@@ -33,7 +34,8 @@ import torch._inductor.config
 
 import model.engine.engine as engine_module
 import model.engine.runner as runner_module
-import model.skinny as skinny_module
+import model.kernels.attention as attention_module
+import model.kernels.skinny as skinny_module
 from model.pointwise import compile_pointwise
 
 
@@ -73,6 +75,7 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "unpadded": lambda: _patched(engine_module, "pad_lm_head", _unpad_lm_head),
     "eager_pointwise": lambda: _patched(engine_module, "compile_pointwise", _eager_pointwise),
     "skinny": lambda: _patched(skinny_module, "enabled", True),
+    "attention": lambda: _patched(attention_module, "enabled", True),
 }
 
 

@@ -1,14 +1,15 @@
 #!/bin/bash
 # The prepared GPU checks for a device session (15 device-minutes, machine starts included, ~95 s each):
-#   run(command="bash bench/device_check.sh skinny", timeout_s=200)  # cuBLAS vs model.skinny per 8B shape
-#   then at once (the machine stays warm ~30 s), with VARIANTS=skinny if the kernel won at 2 rows on
-#   the step estimate ("best_ms"/"kernel_ms" under "aten_ms"), else without:
-#   run(command="VARIANTS=skinny bash bench/device_check.sh b8b", timeout_s=350)   # the bandwidth target
-#   run(command="TESTS='lm_head or pointwise or top_p or skinny' bash bench/device_check.sh tests", timeout_s=150)
-#   and, with what is left: sampler (60), variants (base vs skinny at 8 layers: VARIANTS="base skinny").
-#   give_back.
-# Steps (seconds each at most): skinny (180: bench/skinny.py, rows 1, 2 and 32, each launch config
-# swept at 2 rows; the kernel compiles once per row bucket, ~12 configs, then autotunes per shape), b8b (330: Idefics3-8B at batch 1, the bandwidth target, and 32, profiled,
+#   run(command="bash bench/device_check.sh kernels", timeout_s=240)  # model.kernels vs cuBLAS / torch
+#   then at once (the machine stays warm ~30 s), with VARIANTS naming the kernels that won (skinny: the
+#   step estimate's kernel_ms or best_ms under aten_ms at 2 rows; attention: x > 1 at rows 2), e.g.
+#   run(command="VARIANTS=skinny+attention bash bench/device_check.sh b8b", timeout_s=350)  # the target
+#   run(command="TESTS='lm_head or pointwise or top_p or kernels' bash bench/device_check.sh tests", timeout_s=150)
+#   and, with what is left: sampler (60), variants (VARIANTS="base skinny attention" at 8 layers).
+#   give_back. A kernel that wins: switch it on for the engine (its module's `enabled`).
+# Steps (seconds each at most): kernels (220: bench/skinny.py, the projections at rows 1, 2 and 32, each
+# launch config swept at 2 rows; the kernel compiles once per row bucket, ~12 configs, then autotunes per
+# shape; bench/attention.py, rows 2 and 32, 256-4096 keys), b8b (330: Idefics3-8B at batch 1, the bandwidth target, and 32, profiled,
 # one process), b32_256m (180: the 5x target, profiled), tests (300: the CUDA tests), stream (180: streamed
 # blocks, rows about one image), qpi4 (180: batch 32 as 8 images x 4 questions), variants (240: the 8B's
 # shapes with 8 layers, batch 1 and 32, side by side, each its own compile: base; unpadded, the LM head
@@ -52,13 +53,13 @@ run_step() {
   b32_256m) step 180 b32_256m "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 2 --profile ;;
   tests) TAIL=30 step 300 tests python3 -m pytest -p no:cacheprovider -o addopts=-ra --timeout 150 \
     tests/model/test_cuda.py tests/model/test_engine.py tests/model/test_engine_loop.py tests/model/test_fusion.py \
-    tests/model/test_prefix_cache.py tests/model/test_lm_head.py tests/model/test_pointwise.py tests/model/test_skinny.py tests/processing/test_pixels.py tests/processing/test_image_torch_recipe.py \
+    tests/model/test_prefix_cache.py tests/model/test_lm_head.py tests/model/test_pointwise.py tests/model/test_kernels.py tests/processing/test_pixels.py tests/processing/test_image_torch_recipe.py \
     -k "${TESTS:-cuda or fused or fusion}" ;;
   stream) step 180 stream python3 bench/stream.py --device cuda --blocks 8 --batch 16 --slots 64 --repeats 1 \
     --questions-per-image 4 ;;
   qpi4) step 180 qpi4 "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 1 --questions-per-image 4 ;;
-  skinny) TAIL=40 step 180 skinny bash -c "python3 bench/skinny.py --rows 1 32 --out $OUT/skinny.jsonl &&
-    python3 bench/skinny.py --rows 2 --sweep --out $OUT/skinny.jsonl" ;;
+  kernels) TAIL=40 step 220 kernels bash -c "python3 bench/attention.py --out $OUT/attention.jsonl;
+    python3 bench/skinny.py --rows 2 --sweep --out $OUT/skinny.jsonl; python3 bench/skinny.py --rows 1 32 --out $OUT/skinny.jsonl" ;;
   sampler) step 120 sampler python3 bench/sampler.py --device cuda --rows 32 256 --vocab 128259 ;;
   b256) step 360 b256 "${ENGINE[@]}" --models smolvlm-256m idefics3-8b --batches 256 --repeats 1 ;;
   variants) step 240 variants "${ENGINE[@]}" --models idefics3-8b --layers 8 --batches 1 32 --repeats 2 --profile \

@@ -1,4 +1,4 @@
-"""Benchmark: a decode step's projections at a few rows, cuBLAS (F.linear) against model.skinny's
+"""Benchmark: a decode step's projections at a few rows, cuBLAS (F.linear) against model.kernels.skinny's
 Triton kernel, each weight read from memory (enough copies that no cache holds them), on CUDA as
 replays of a captured graph of the calls (no launch gaps but the graph's own):
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import skinny  # noqa: E402
+from model.kernels import skinny  # noqa: E402
 from bench.profiling import sync  # noqa: E402
 
 # (out_features, in_features) of Idefics3-8B's decode-step GEMMs: fused q/k/v, o, fused gate/up,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import skinny
+from .kernels import skinny
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Packed
     """x @ weight.T + bias. On CPU, torch's float32 matmul goes to MKL, which takes its AVX2 path on
     AMD processors; oneDNN uses the widest vector unit: 2.1-2.2x the FLOP/s of MKL on a Zen 5 core
     for the prefill GEMMs, 1.3-1.9x (1.8-3.1x packed) for decode at batch 8 (BENCHMARKS.md).
-    Still IEEE float32, in another summation order. With model.skinny switched on, GPU projections
-    go through its custom op (few rows: its kernel; more: F.linear)."""
+    Still IEEE float32, in another summation order. With model.kernels.skinny switched on, GPU
+    projections go through its custom op (few rows: its kernel; more: F.linear)."""
     if skinny.enabled and (x.is_cuda or skinny.interpreting()):
         return skinny.skinny_linear(x, weight, bias)
     if not uses_onednn(x, weight):

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels import attention as kernels_attention
+
 
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
@@ -187,20 +189,15 @@ class DecodeAttention:
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         b, hq, _, hd = q.shape
-        hkv = k.shape[1]
         # Indexed writes into the whole cache, not into its layer view: under torch.compile a write
         # through a view of an input is functionalised into a copy of the whole layer slab (all
         # slots, all positions) per layer; a write into the input itself is done in place.
         layer = torch.full_like(self.rows, layer_idx)
         self.k_cache[layer, self.rows, :, self.positions] = k[:, :, 0]
         self.v_cache[layer, self.rows, :, self.positions] = v[:, :, 0]
-        keys = self.k_cache[layer_idx, :b, :, :self.kv_len]                    # (B, Hkv, L, hd)
-        values = self.v_cache[layer_idx, :b, :, :self.kv_len]
-        qg = q.reshape(b, hkv, hq // hkv, hd)                                 # group query heads per kv head
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * hd ** -0.5
-        scores = scores.masked_fill(~self.visible[:, None, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(values.dtype)
-        return torch.matmul(probs, values).reshape(b, hq, 1, hd)
+        out = kernels_attention.attend(q[:, :, 0], self.k_cache, self.v_cache, layer_idx, self.positions,
+                                       self.kv_len, self.visible)
+        return out.reshape(b, hq, 1, hd)
 
 
 class PaddedCacheAttention:

@@ -1,6 +1,6 @@
-"""model.skinny: the few-rows projection kernel. Without a GPU, Triton's interpreter runs the kernel
-(tests/model/skinny_interpreted.py, in a subprocess); on CUDA the compiled kernel, at the 8B's
-shapes and inside the engine's compiled, graphed decode step."""
+"""model.kernels: the few-rows projection kernel (skinny) and decode attention. Without a GPU, Triton's
+interpreter runs them (tests/model/kernels_interpreted.py, in a subprocess); on CUDA the compiled
+kernels, at the 8B's shapes and inside the engine's compiled, graphed decode step."""
 from __future__ import annotations
 
 import os
@@ -12,14 +12,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model.kernels
 import model.linear
-import model.skinny as skinny
+import model.kernels.attention as attention
+import model.kernels.skinny as skinny
 from model import Idefics3ForConditionalGeneration
 from model.engine import LLMEngine, SamplingParams
 from tests.model.test_engine import _reference, _requests
 
 ROOT = Path(__file__).resolve().parents[2]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def count_launches(monkeypatch, module) -> list[int]:
+    """Switch `module`'s kernel on; the launches it makes from then on (their first argument's rows)."""
+    made: list[int] = []
+    real = module.launch
+
+    def counted(x, *args, **kwargs):
+        made.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(module, "launch", counted)
+    monkeypatch.setattr(module, "enabled", True)
+    return made
 
 
 def test_without_a_gpu_or_the_interpreter_the_op_is_f_linear(monkeypatch):
@@ -46,13 +62,26 @@ def test_which_calls_the_kernel_takes():
     assert [skinny.row_bucket(n) for n in (1, 16, 17, 32, 33, 64)] == [16, 16, 32, 32, 64, 64]
 
 
+def test_without_a_gpu_or_the_interpreter_attention_is_the_torch_step(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    k_cache, v_cache = torch.randn(2, 3, 2, 40, 16), torch.randn(2, 3, 2, 40, 16)
+    q, positions = torch.randn(3, 4, 16), torch.tensor([31, 0, 7])
+    visible = torch.arange(32)[None, :] <= positions[:, None]
+    expected = attention.attend_torch(q, k_cache, v_cache, 1, 32, visible)
+    assert not attention.runs_kernel(q, k_cache)
+    assert torch.equal(attention.decode_attention(q, k_cache, v_cache, 1, positions, 32), expected)
+    monkeypatch.setattr(attention, "enabled", True)
+    assert torch.equal(attention.attend(q, k_cache, v_cache, 1, positions, 32, visible), expected)
+    assert [attention.split_count(n) for n in (64, 512, 513, 4096, 100_000)] == [1, 1, 2, 8, 16]
+
+
 @pytest.mark.skipif(not skinny.triton_available(), reason="needs triton (its interpreter runs the kernel on CPU)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the CUDA tests below run the kernel itself")
-def test_the_interpreted_kernel():
-    """The kernel's arithmetic, its bounds and its place in the engine, by Triton's interpreter."""
+def test_the_interpreted_kernels():
+    """The kernels' arithmetic, their bounds and their place in the engine, by Triton's interpreter."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "addopts=",
-                           "tests/model/skinny_interpreted.py"], cwd=ROOT, env=env,
+                           "tests/model/kernels_interpreted.py"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
@@ -79,8 +108,23 @@ def test_cuda_float32_kernel_is_full_precision():
 
 
 @cuda
+@pytest.mark.parametrize("rows, kv_len", [(2, 256), (32, 1024), (2, 4096)])
+def test_cuda_decode_attention_at_the_8b_shapes(rows, kv_len):
+    torch.manual_seed(rows)
+    cache = dict(dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = (torch.randn(2, rows, 8, kv_len + 1, 128, **cache) for _ in range(2))
+    q, positions = torch.randn(rows, 32, 128, **cache), torch.randint(0, kv_len, (rows,), device="cuda")
+    visible = torch.arange(kv_len, device="cuda")[None, :] <= positions[:, None]
+    expected = attention.attend_torch(q.float(), k_cache.float(), v_cache.float(), 1, kv_len, visible)
+    assert attention.runs_kernel(q, k_cache)
+    out = attention.decode_attention(q, k_cache, v_cache, 1, positions, kv_len)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@cuda
+@pytest.mark.parametrize("kernels", [["skinny"], ["attention"], ["skinny", "attention"]])
 @pytest.mark.filterwarnings("error:torch.compile of")
-def test_cuda_engine_through_the_kernel_answers_as_the_reference(checkpoint, monkeypatch):
+def test_cuda_engine_through_the_kernels_answers_as_the_reference(checkpoint, monkeypatch, kernels):
     """The compiled, CUDA-graphed decode step with the op inside: the reference's tokens (float32)."""
     from transformers import Idefics3ForConditionalGeneration as Reference
 
@@ -88,13 +132,10 @@ def test_cuda_engine_through_the_kernel_answers_as_the_reference(checkpoint, mon
     ref = Reference.from_pretrained(path, dtype=torch.float32).eval()
     requests = _requests(path, [1, 0, 2], [SamplingParams(max_new_tokens=m) for m in (6, 9, 4)])
     expected = [_reference(ref, r) for r in requests]
-    monkeypatch.setattr(skinny, "enabled", True)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    launched = []
-    real = skinny.launch
-    monkeypatch.setattr(skinny, "launch", lambda x, *a, **kw: launched.append(x.shape[0]) or real(x, *a, **kw))
-    model = Idefics3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to("cuda")
-    engine = LLMEngine(model, max_batch_size=2)
+    made = {name: count_launches(monkeypatch, getattr(model.kernels, name)) for name in kernels}
+    vlm = Idefics3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to("cuda")
+    engine = LLMEngine(vlm, max_batch_size=2)
     assert engine.runner.compile and engine.runner.use_cuda_graphs
     assert [r.token_ids for r in engine.generate(requests)] == expected
-    assert launched
+    assert all(made.values())       # each kernel ran (in the warm-ups before the graphs' captures)

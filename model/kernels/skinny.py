@@ -12,12 +12,12 @@ runs; with TRITON_INTERPRET=1 it also runs on CPU tensors (the tests' way to che
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .runtime import interpreting, triton_available
 
 MAX_ROWS = 64
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -31,15 +31,6 @@ def enable(on: bool = True) -> None:
     step traced before the switch is traced again after it (dynamo guards on the flag)."""
     global enabled
     enabled = on
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.cache
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def runs_skinny(x: Tensor, weight: Tensor) -> bool:
@@ -98,19 +89,21 @@ def plain_kernel():
     import triton
     import triton.language as tl
 
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
     def skinny_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, M, N, K, stride_x, stride_w,
                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr):
         rows = tl.arange(0, ROWS)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             ks = start + tl.arange(0, BLOCK_K)
+            in_k = (ks < K) | EVEN_K         # no K mask where BLOCK_K divides K: unmasked, vector loads
             x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
-                        mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+                        mask=(rows[:, None] < M) & in_k[None, :], other=0.0)
             w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
-                        mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
+                        mask=(cols[:, None] < N) & in_k[None, :], other=0.0)
             if UPCAST:      # float32 in full precision (not tf32); the interpreter's bf16 dot is wrong
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
             else:

@@ -1,0 +1,181 @@
+"""model.kernels' Triton kernels run by Triton's interpreter on CPU tensors: collected only by
+tests/model/test_kernels.py, which runs this file under TRITON_INTERPRET=1 (set before triton is
+imported) in a subprocess, so that CI checks the kernels without a GPU."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model.kernels
+import model.kernels.attention as attention
+import model.kernels.skinny as skinny
+from model import Idefics3ForConditionalGeneration
+from model.engine import LLMEngine, SamplingParams
+from tests.model.test_engine import _reference, _requests
+from tests.model.test_kernels import count_launches
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    return count_launches(monkeypatch, skinny)
+
+
+# ---- model.kernels.skinny ------------------------------------------------------------------------
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 33, 64])
+@pytest.mark.parametrize("n, k", [(48, 64), (77, 130), (448, 96), (40, 256)])   # 256: BLOCK_K divides K
+def test_the_kernel_multiplies_as_f_linear(rows, n, k, launches):
+    torch.manual_seed(rows * n)
+    x, weight, bias = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
+    torch.testing.assert_close(skinny.skinny_linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(skinny.skinny_linear(x, weight, bias), F.linear(x, weight, bias),
+                               rtol=1e-5, atol=1e-5)
+    assert launches == [rows, rows]
+
+
+def test_leading_dims_strided_rows_and_half_precision(launches):
+    torch.manual_seed(0)
+    big = torch.randn(300, 96)
+    weight = big[100:250]                           # rows of a larger matrix (a fused projection's part)
+    x = torch.randn(3, 1, 2 * 96)[..., ::2]         # not contiguous
+    torch.testing.assert_close(skinny.skinny_linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    half, w16 = x.bfloat16(), weight.bfloat16()
+    out = skinny.skinny_linear(half, w16)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 1, 150)
+    # float32 sums of the same bf16 products, rounded once: within bf16's rounding of F.linear's result
+    torch.testing.assert_close(out.float(), F.linear(half.float(), w16.float()), rtol=8e-3, atol=8e-3)
+    assert launches == [3, 3]
+
+
+def test_more_rows_than_the_kernel_holds_go_to_f_linear(launches):
+    x, weight = torch.randn(65, 32), torch.randn(40, 32)
+    assert torch.equal(skinny.skinny_linear(x, weight), F.linear(x, weight))
+    assert launches == []
+
+
+def test_one_compiled_function_serves_every_row_count(launches):
+    """The op is opaque to torch.compile: no guard on the rows, one graph for all."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    weight = torch.randn(50, 96)
+    step = torch.compile(lambda x: skinny.skinny_linear(x, weight).relu(), dynamic=True, fullgraph=True)
+    for rows in (2, 5, 40, 70):
+        x = torch.randn(rows, 1, 96)
+        torch.testing.assert_close(step(x), F.linear(x, weight).relu(), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert launches == [2, 5, 40]
+
+
+# ---- model.kernels.attention ---------------------------------------------------------------------
+def cache_case(layers=2, slots=4, kv_heads=2, max_len=100, head_dim=16, heads=8, rows=3, kv_len=64,
+               dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    k_cache = torch.randn(layers, slots, kv_heads, max_len + 1, head_dim, dtype=dtype)
+    positions = torch.randint(0, kv_len, (rows,))
+    positions[0] = kv_len - 1
+    return k_cache, torch.randn_like(k_cache), torch.randn(rows, heads, head_dim, dtype=dtype), positions
+
+
+def visible(positions, kv_len):
+    return torch.arange(kv_len)[None, :] <= positions[:, None]
+
+
+@pytest.mark.parametrize("kv_heads, heads, head_dim", [(2, 8, 16), (1, 3, 8), (4, 4, 64), (2, 10, 32)])
+@pytest.mark.parametrize("kv_len, splits", [(64, None), (64, 3), (640, None), (1536, None)])
+def test_decode_attention_equals_the_torch_step(kv_heads, heads, head_dim, kv_len, splits):
+    k_cache, v_cache, q, positions = cache_case(kv_heads=kv_heads, heads=heads, head_dim=head_dim,
+                                                max_len=kv_len + 5, kv_len=kv_len)
+    expected = attention.attend_torch(q, k_cache, v_cache, 1, kv_len, visible(positions, kv_len))
+    out = attention.launch(q, k_cache[1], v_cache[1], positions, kv_len, splits)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert attention.split_count(kv_len) == {64: 1, 640: 2, 1536: 3}[kv_len]
+
+
+def test_decode_attention_in_half_precision_and_never_reads_past_a_row():
+    k_cache, v_cache, q, positions = cache_case(dtype=torch.bfloat16, kv_len=200, max_len=300)
+    expected = attention.attend_torch(q.float(), k_cache.float(), v_cache.float(), 0, 200, visible(positions, 200))
+    for row, position in enumerate(positions.tolist()):        # keys no query may see: poison
+        k_cache[0, row, :, position + 1:] = float("nan")
+        v_cache[0, row, :, position + 1:] = float("nan")
+    for splits in (1, 2):
+        out = attention.launch(q, k_cache[0], v_cache[0], positions, 200, splits)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_the_compiled_op_reads_the_keys_written_just_before_it(monkeypatch):
+    """As in the decode step: an indexed write into the cache (an input), then the op reading it."""
+    k_cache, v_cache, q, positions = cache_case(kv_len=64)
+    k_new, v_new = torch.randn(2, 3, 2, 16).unbind(0)
+    monkeypatch.setattr(attention, "enabled", True)
+
+    def step(k_cache, v_cache, q, positions, kv_len):
+        rows = torch.arange(3)
+        k_cache[torch.ones_like(rows), rows, :, positions] = k_new
+        v_cache[torch.ones_like(rows), rows, :, positions] = v_new
+        return attention.attend(q, k_cache, v_cache, 1, positions, kv_len, visible(positions, kv_len))
+
+    expected = step(k_cache.clone(), v_cache.clone(), q, positions, 64)
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(k_cache, v_cache, q, positions, 64), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(k_cache[1, torch.arange(3), :, positions], k_new)
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoint):
+    from transformers import Idefics3ForConditionalGeneration as Reference
+
+    path = checkpoint("idefics3")
+    ref = Reference.from_pretrained(path, dtype=torch.float32).eval()
+    requests = _requests(path, [1, 0, 2], [SamplingParams(max_new_tokens=m) for m in (5, 7, 3)])
+    return path, requests, [_reference(ref, r) for r in requests]
+
+
+compiling = pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+
+
+@pytest.mark.parametrize("kernels, compile", [(["skinny"], False), (["attention"], False),
+                                              (["skinny", "attention"], False),
+                                              pytest.param(["skinny", "attention"], True, marks=compiling)])
+@pytest.mark.filterwarnings("error:torch.compile of")
+def test_an_engine_through_the_kernels_answers_as_the_reference(tiny, kernels, compile, monkeypatch):
+    path, requests, expected = tiny
+    made = {name: count_launches(monkeypatch, getattr(model.kernels, name)) for name in kernels}
+    model_ = Idefics3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    engine = LLMEngine(model_, max_batch_size=4, compile=compile)
+    assert [r.token_ids for r in engine.generate(requests)] == expected
+    assert engine.runner.compile == compile
+    for launches in made.values():          # the decode steps ran the kernels (at most 4 rows)
+        assert launches and max(launches) <= 4
+
+
+def test_the_benchmark_times_both_and_sweeps_the_configs(tmp_path, capsys):
+    from bench import skinny as bench
+
+    out = tmp_path / "rows.jsonl"
+    bench.main(["--device", "cpu", "--rows", "2", "--shape", "qkv", "40", "64", "--shape", "head", "70", "32",
+                "--layers", "2", "--min-bytes", "20000", "--repeats", "1", "--sweep", "--dtype", "float32",
+                "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and "sweep best" in lines[1] and "best of each" in lines[3]
+    assert [r.get("shape") for r in rows] == ["qkv", "head", None]
+    assert all(r["kernel"] and len(r["sweep_us"]) == len(skinny.configs()) and r["picked"] for r in rows[:2])
+    assert rows[2]["rows"] == 2 and rows[2]["best_ms"] <= rows[2]["aten_ms"]
+
+
+def test_the_attention_benchmark_times_both(tmp_path):
+    from bench import attention as bench
+
+    out = tmp_path / "rows.jsonl"
+    bench.main(["--device", "cpu", "--rows", "2", "--kv", "64", "600", "--layers", "2", "--heads", "4",
+                "--kv-heads", "2", "--head-dim", "16", "--repeats", "1", "--dtype", "float32", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["kv_len"], r["splits"], r["kernel"]) for r in rows] == [(64, 1, True), (600, 2, True)]
