@@ -87,6 +87,61 @@ def test_the_interpreted_kernels():
     assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
 
 
+def compile_for(target: int, kernel, types: dict[str, str], constants: dict) -> dict:
+    """Compile a Triton kernel for sm_<target> without a GPU (ptxas comes with triton): its asm.
+    Pointers and integers are declared 16-divisible, as Triton's launcher finds them at the 8B's shapes."""
+    triton = pytest.importorskip("triton")
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton has no CUDA backend")
+    fn = kernel
+    while not isinstance(fn, triton.runtime.JITFunction):     # under @triton.heuristics
+        fn = fn.fn
+    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+               if signature[name].startswith("*") or signature[name] == "i32"}
+    options = {key: constants.pop(key) for key in ("num_warps", "num_stages") if key in constants}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", target, 32), options=options).asm
+
+
+SKINNY_TYPES = dict(x_ptr="*{t}", w_ptr="*{t}", out_ptr="*{t}", bias_ptr="*{t}", M="i32", N="i32", K="i32",
+                    stride_x="i32", stride_w="i32")
+
+
+@pytest.mark.skipif(not skinny.triton_available(), reason="needs triton")
+@pytest.mark.parametrize("target", [90, 80])
+def test_the_projection_kernel_compiles_for_the_gpu_in_every_config(target):
+    """What the interpreter cannot check: Triton's GPU compiler accepts the kernel (bf16: tensor-core
+    dots), for every autotuned config and each row bucket, bf16 and float32 with a bias."""
+    cases = [dict(c, ROWS=16, dtype="bf16", HAS_BIAS=False) for c in skinny.configs()]
+    cases += [dict(skinny.configs()[0], ROWS=rows, dtype="bf16", HAS_BIAS=False) for rows in (32, 64)]
+    cases += [dict(skinny.configs()[0], ROWS=16, dtype="fp32", HAS_BIAS=True)]
+    for case in cases:
+        dtype = case.pop("dtype")
+        types = {name: t.format(t=dtype) for name, t in SKINNY_TYPES.items()}
+        asm = compile_for(target, skinny.plain_kernel(), types, dict(case, UPCAST=dtype == "fp32", EVEN_K=True))
+        assert asm["cubin"] and ("mma" in asm["ptx"]) == (dtype == "bf16")    # float32: exact FMAs, no tf32
+
+
+@pytest.mark.skipif(not skinny.triton_available(), reason="needs triton")
+@pytest.mark.parametrize("target", [90, 80])
+def test_the_attention_kernels_compile_for_the_gpu(target):
+    split, merge = attention.kernels()
+    for dtype, direct in (("bf16", True), ("bf16", False), ("fp32", True), ("fp32", False)):
+        types = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", pos_ptr="*i64", out_ptr=f"*{dtype}",
+                     part_ptr=f"*{dtype}" if direct else "*fp32", stat_ptr=f"*{dtype}" if direct else "*fp32",
+                     kv_len="i32", chunk="i32", scale="fp32", stride_qb="i32", stride_qh="i32",
+                     stride_slot="i32", stride_head="i32", stride_pos="i32", splits="i32")
+        shapes = dict(GROUP=4, HEAD_DIM=128, G_PAD=16, D_PAD=128, BLOCK_L=attention.BLOCK_L)
+        assert compile_for(target, split, types, dict(shapes, DIRECT=direct, UPCAST=dtype == "fp32"))["cubin"]
+    merged = dict(part_ptr="*fp32", stat_ptr="*fp32", out_ptr="*bf16", splits="i32", head_dim="i32")
+    assert compile_for(target, merge, merged, dict(SPLITS_PAD=8, D_PAD=128))["cubin"]
+
+
 @cuda
 @pytest.mark.parametrize("rows", [1, 2, 16, 32, 64])
 @pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 14336), (128259, 4096)])   # 8B: q/k/v, down, head
