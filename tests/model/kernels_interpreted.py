@@ -156,6 +156,38 @@ def test_an_engine_through_the_kernels_answers_as_the_reference(tiny, kernels, c
         assert launches and max(launches) <= 4
 
 
+@compiling
+def test_the_compiled_step_through_the_kernels_writes_the_cache_in_place(tiny, monkeypatch):
+    """As test_engine's check of the torch step: no scatter of the cache, the same logits and rows."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from model.engine.kv_cache import KVCache
+    from model.engine.runner import decode_logits
+    from tests.model.test_engine import _PostGradGraph
+
+    made = [count_launches(monkeypatch, module) for module in (skinny, attention)]
+    vlm = Idefics3ForConditionalGeneration.from_pretrained(tiny[0], dtype=torch.float32)
+    tc = vlm.config.text_config
+    cache = KVCache(tc.num_hidden_layers, 4, tc.num_key_value_heads, 128, tc.head_dim, torch.float32, "cpu")
+    tokens, positions = torch.tensor([5, 6, 7]), torch.tensor([3, 0, 9])
+    graph = _PostGradGraph()
+    CustomGraphPass.register(_PostGradGraph)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=graph, fx_graph_cache=False), torch.inference_mode():
+        compiled = torch.compile(decode_logits, fullgraph=True, dynamic=True)(vlm, cache.k, cache.v, tokens, positions, 64)
+        k_after = cache.k.clone()
+        cache.k.zero_()
+        monkeypatch.setattr(attention, "enabled", False)
+        monkeypatch.setattr(skinny, "enabled", False)
+        eager = decode_logits(vlm, cache.k, cache.v, tokens, positions, 64)
+    ops = set(graph.ops)
+    assert "idefics3.decode_attention.default" in ops and "idefics3.skinny_linear.default" in ops, sorted(ops)
+    assert not [op for op in ops if "scatter" in op], sorted(ops)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(k_after, cache.k, rtol=1e-4, atol=1e-4)
+    assert all(made)
+
+
 def test_the_benchmark_times_both_and_sweeps_the_configs(tmp_path, capsys):
     from bench import skinny as bench
 
