@@ -22,7 +22,7 @@ from ..linear import available_host_memory, pack_weights
 from ..lm_head import pad_lm_head
 from ..pointwise import compile_pointwise
 from .image_cache import ImageFeatureCache
-from .kv_cache import KVCache
+from .kv_cache import KVCache, plan_cache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket
 from .sampler import NON_FINITE, SamplingState, model_tokens, sample_rows, token_logprobs
@@ -135,34 +135,19 @@ class LLMEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         tc = self.text_config
-        cap = max(tc.max_position_embeddings, need_len)
         per_token = KVCache.bytes_per_token(tc.num_hidden_layers, tc.num_key_value_heads, tc.head_dim, self.dtype)
-
-        def room(length: int) -> int:      # sequences of that length the budget holds
-            return self.kv_token_budget(per_token, length) // length
-
-        max_len = min(-(-need_len // 256) * 256, cap)
-        fits = room(max_len)
-        slots = min(self.max_batch_size, fits)
-        # A cache that had to grow (a stream of requests must drain first) is likely to grow again:
-        # double it instead, if that costs no slot.
-        ahead = min(2 * old_len, cap)
-        if ahead > max_len:
-            fits_ahead = room(ahead)
-            if min(self.max_batch_size, fits_ahead) == slots:
-                max_len, fits = ahead, fits_ahead
-        if slots < 1:
-            raise ValueError(f"KV cache budget too small for one sequence of {max_len} tokens "
-                             f"({per_token * max_len / _GIB:.2f} GiB needed)")
-        self.slots = slots
-        # A compiled step runs at least two rows (ModelRunner.decode_rows): a one-slot cache keeps a
-        # spare row (never scheduled) where the budget has room for it, or its steps compile for one
-        # row, and again when the rows change.
-        rows = max(slots, min(2 if self.compile else 1, fits))
-        cache = KVCache(tc.num_hidden_layers, rows, tc.num_key_value_heads, max_len, tc.head_dim,
+        plan = plan_cache(need_len, old_len, max(tc.max_position_embeddings, need_len), self.max_batch_size,
+                          room=lambda length: self.kv_token_budget(per_token, length) // length,
+                          min_rows=ModelRunner.min_rows(self.compile))
+        if plan.slots < 1:
+            raise ValueError(f"KV cache budget too small for one sequence of {plan.max_len} tokens "
+                             f"({per_token * plan.max_len / _GIB:.2f} GiB needed)")
+        self.slots = plan.slots
+        cache = KVCache(tc.num_hidden_layers, plan.rows, tc.num_key_value_heads, plan.max_len, tc.head_dim,
                         self.dtype, self.device)
         self.runner = ModelRunner(self.model, cache, use_cuda_graphs=self.use_cuda_graphs, compile=self.compile,
                                   max_image_frames=self.max_image_frames, batched_prefill=self.batched_prefill)
+        rows = plan.rows
         self.sampling = SamplingState.empty(rows, self.text_config.vocab_size, self.device)
         self.active = torch.zeros(rows, dtype=torch.int64, device=self.device)
         # CUDA: two pinned buffers that decode steps copy their tokens to (one may hold a step in flight).

@@ -8,12 +8,38 @@ simply handed to the next one (its stale rows are masked by length, then overwri
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import attention as kernels_attention
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    max_len: int        # positions a slot holds
+    slots: int          # sequences scheduled at once
+    rows: int           # slots allocated: a spare past `slots` where a step must run more rows
+
+
+def plan_cache(need_len: int, old_len: int, cap: int, max_slots: int, room: Callable[[int], int],
+               min_rows: int = 1) -> CachePlan:
+    """The cache for sequences of need_len positions (multiples of 256, at most `cap`), as many slots
+    as `room(max_len)` sequences fit, at most max_slots. A cache that had to grow (a stream of requests
+    must drain first) is likely to grow again: one that had old_len positions doubles instead, if
+    that costs no slot. `rows`: at least min_rows where the budget has room for them."""
+    max_len = min(-(-need_len // 256) * 256, cap)
+    fits = room(max_len)
+    slots = min(max_slots, fits)
+    ahead = min(2 * old_len, cap)
+    if ahead > max_len:
+        fits_ahead = room(ahead)
+        if min(max_slots, fits_ahead) == slots:
+            max_len, fits = ahead, fits_ahead
+    return CachePlan(max_len, slots, max(slots, min(min_rows, fits)))
 
 
 class KVCache:

@@ -77,12 +77,18 @@ class ModelRunner:
         self.compile = compile
         # Fixed at the start, not cleared with `compile` if compiling fails on one tensor-parallel rank:
         # every rank must run the same rows.
-        self.min_decode_rows = 2 if compile else 1
+        self.min_decode_rows = self.min_rows(compile)
         # One attention call per group of padded prompts, not per prompt: fewer launches (GPU) vs
         # less work (CPU); see PackedPrefillAttention.
         self.batched_prefill = device.type == "cuda" if batched_prefill is None else batched_prefill
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = None
+
+    @staticmethod
+    def min_rows(compile: bool) -> int:
+        """Rows a decode step runs at least: compiled, two (see decode_rows). A one-slot cache keeps
+        a spare row where it has room, or its steps compile for one row, and again when rows change."""
+        return 2 if compile else 1
 
     # ---- images -------------------------------------------------------------------------------
     def image_features(self, pixel_values: list[Tensor | None], masks: list[Tensor | None]) -> list[Tensor | None]:

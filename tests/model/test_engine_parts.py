@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.engine.kv_cache import DecodeAttention, KVCache, PackedPrefillAttention, padded_groups
+from model.engine.kv_cache import (CachePlan, DecodeAttention, KVCache, PackedPrefillAttention, padded_groups,
+                                   plan_cache)
 from model.engine.runner import kv_bucket, pow2_bucket
 from model.engine.scheduler import Scheduler, Sequence
 from model.engine.types import Request, SamplingParams
@@ -258,3 +259,18 @@ def test_rows_with_a_nan_or_an_infinity_are_flagged():
     assert flag_non_finite(tokens, logits).tolist() == [0, NON_FINITE, NON_FINITE, NON_FINITE, 4]
     big = torch.full((2, 1000), 60000.0, dtype=torch.float16)     # its sum overflows float16, not float32
     assert flag_non_finite(torch.arange(2), big).tolist() == [0, 1]
+
+
+def test_the_cache_plan():
+    room = lambda budget: lambda length: budget // length            # noqa: E731
+    assert plan_cache(300, 0, 4096, 64, room(10_000)) == CachePlan(512, 19, 19)       # 256-multiples
+    assert plan_cache(4097, 0, 4100, 64, room(10**6)) == CachePlan(4100, 64, 64)      # at most the cap
+    # a cache that grew doubles, where that costs no slot ...
+    assert plan_cache(600, 512, 8192, 4, room(10**6)) == CachePlan(1024, 4, 4)
+    # ... and keeps what it needs where it would
+    assert plan_cache(600, 512, 8192, 64, room(10_000)) == CachePlan(768, 13, 13)
+    assert plan_cache(600, 512, 900, 4, room(10**6)) == CachePlan(900, 4, 4)          # doubling stops at the cap
+    # a compiled step's spare row, where there is room for it
+    assert plan_cache(100, 0, 4096, 1, room(10_000), min_rows=2) == CachePlan(256, 1, 2)
+    assert plan_cache(100, 0, 4096, 1, room(300), min_rows=2) == CachePlan(256, 1, 1)
+    assert plan_cache(100, 0, 4096, 8, room(100)).slots == 0                          # no room: the caller says so
