@@ -38,7 +38,7 @@ def measure(rows: int, kv_len: int, args: argparse.Namespace) -> dict:
                           for i in layers])
     kernel_us = per_layer([lambda i=i: attention.decode_attention(q, k_cache, v_cache, i, positions, kv_len)
                            for i in layers])
-    return dict(rows=rows, kv_len=kv_len, kernel=attention.runs_kernel(q, k_cache),
+    return dict(rows=rows, kv_len=kv_len, kernel=attention.runs_kernel(q, k_cache, v_cache),
                 splits=attention.split_count(kv_len), torch_us=round(torch_us, 2), kernel_us=round(kernel_us, 2),
                 speedup=round(torch_us / kernel_us, 3))
 

@@ -21,11 +21,6 @@ KEYS_PER_SPLIT = 512
 MAX_SPLITS = 16
 
 
-def enable(on: bool = True) -> None:
-    global enabled
-    enabled = on
-
-
 def attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, layer: int, positions: Tensor, kv_len: int,
            visible: Tensor) -> Tensor:
     """q (B, Hq, hd): row b's heads over keys 0..positions[b] (< kv_len) of slot b, layer `layer`, of
@@ -47,15 +42,16 @@ def attend_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, layer: int, kv_len
     return torch.matmul(probs, values).reshape(b, hq, hd)
 
 
-def runs_kernel(q: Tensor, k_cache: Tensor) -> bool:
-    return ((q.is_cuda or interpreting()) and triton_available() and q.dtype == k_cache.dtype
-            and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and k_cache.stride(-1) == 1)
+def runs_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    return ((q.is_cuda or interpreting()) and triton_available() and q.dtype == k_cache.dtype == v_cache.dtype
+            and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and k_cache.stride(-1) == 1
+            and k_cache.stride() == v_cache.stride())
 
 
 @torch.library.custom_op("idefics3::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, layer: int, positions: Tensor,
                      kv_len: int) -> Tensor:
-    if not runs_kernel(q, k_cache):
+    if not runs_kernel(q, k_cache, v_cache):
         visible = torch.arange(kv_len, device=q.device)[None, :] <= positions[:, None]
         return attend_torch(q, k_cache, v_cache, layer, kv_len, visible)
     return launch(q.contiguous(), k_cache[layer], v_cache[layer], positions, kv_len)

@@ -12,6 +12,7 @@ runs; with TRITON_INTERPRET=1 it also runs on CPU tensors (the tests' way to che
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +23,9 @@ from .runtime import interpreting, triton_available
 MAX_ROWS = 64
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-
-enabled = False      # model.linear's switch; not yet the engine's default (to be measured on a GPU)
-
-
-def enable(on: bool = True) -> None:
-    """Route model.linear's GPU projections through skinny_linear (or back to F.linear). A compiled
-    step traced before the switch is traced again after it (dynamo guards on the flag)."""
-    global enabled
-    enabled = on
+# model.linear's switch: its GPU projections through skinny_linear. Off until a GPU measures it faster;
+# a compiled step traced before a change is traced again after it (dynamo guards on the flag).
+enabled = False
 
 
 def runs_skinny(x: Tensor, weight: Tensor) -> bool:
@@ -46,19 +41,21 @@ def row_bucket(rows: int) -> int:
     return 16 if rows <= 16 else 32 if rows <= 32 else 64
 
 
+# Optional[...], not "| None": the spelling of torch's own custom-op examples, which every torch since
+# 2.4 parses (this registration runs whenever model.linear is imported).
 @torch.library.custom_op("idefics3::skinny_linear", mutates_args=())
-def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:  # noqa: UP045
     """x @ weight.T + bias, by the kernel where runs_skinny says so."""
     if not runs_skinny(x, weight):
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty(flat.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    launch(flat, weight, bias, out)
+    launch(flat, weight, None if bias is None else bias.contiguous(), out)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 @skinny_linear.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:  # noqa: UP045
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 

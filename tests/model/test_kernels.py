@@ -68,7 +68,7 @@ def test_without_a_gpu_or_the_interpreter_attention_is_the_torch_step(monkeypatc
     q, positions = torch.randn(3, 4, 16), torch.tensor([31, 0, 7])
     visible = torch.arange(32)[None, :] <= positions[:, None]
     expected = attention.attend_torch(q, k_cache, v_cache, 1, 32, visible)
-    assert not attention.runs_kernel(q, k_cache)
+    assert not attention.runs_kernel(q, k_cache, v_cache)
     assert torch.equal(attention.decode_attention(q, k_cache, v_cache, 1, positions, 32), expected)
     monkeypatch.setattr(attention, "enabled", True)
     assert torch.equal(attention.attend(q, k_cache, v_cache, 1, positions, 32, visible), expected)
@@ -171,7 +171,7 @@ def test_cuda_decode_attention_at_the_8b_shapes(rows, kv_len):
     q, positions = torch.randn(rows, 32, 128, **cache), torch.randint(0, kv_len, (rows,), device="cuda")
     visible = torch.arange(kv_len, device="cuda")[None, :] <= positions[:, None]
     expected = attention.attend_torch(q.float(), k_cache.float(), v_cache.float(), 1, kv_len, visible)
-    assert attention.runs_kernel(q, k_cache)
+    assert attention.runs_kernel(q, k_cache, v_cache)
     out = attention.decode_attention(q, k_cache, v_cache, 1, positions, kv_len)
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
 
