@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# Without a GPU, take the CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
 	# With a GPU, leave torch to the range in pyproject.toml. Triton too without a GPU: its interpreter
-	# runs model/kernels/skinny.py's kernel on CPU in the tests (CUDA builds of torch bring their own Triton).
+	# runs model/kernels/' Triton kernels on CPU in the tests (CUDA builds of torch bring their own Triton).
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch==2.13.0" "triton==3.9.0"; fi
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
