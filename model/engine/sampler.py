@@ -40,20 +40,36 @@ def uniform_noise(seeds: Tensor, steps: Tensor, tokens: Tensor | int) -> Tensor:
 
 def _candidates(logits: Tensor, k_cap: int | None) -> tuple[Tensor, Tensor]:
     """Each row's logits in descending order and their token ids: all of them, or the k_cap largest
-    (torch.topk) where no row keeps more (each has 0 < top_k <= k_cap)."""
+    where no row keeps more (each has 0 < top_k <= k_cap). Equal logits rank by token id, lower
+    first, either way: bf16 logits tie often, and a row's top-k must not depend on how many
+    candidates its batch neighbours made it take (torch.topk breaks ties as it likes)."""
     if k_cap is not None and k_cap < logits.shape[-1]:
-        return logits.topk(k_cap, dim=-1)
-    return logits.sort(dim=-1, descending=True)
+        order = ranking_keys(logits).topk(k_cap, dim=-1).indices
+        return logits.gather(-1, order), order
+    return logits.sort(dim=-1, descending=True, stable=True)
+
+
+def ranking_keys(logits: Tensor) -> Tensor:
+    """int64 keys ordered as (logit descending, token id ascending) are: the float32 bits made
+    monotone in the value (negatives' magnitude bits flipped; -0.0 counted as +0.0), then the id."""
+    bits = (logits.float() + 0.0).view(torch.int32).long()
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    id_bits = max(1, (logits.shape[-1] - 1).bit_length())
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    return ordered * (1 << id_bits) + ((1 << id_bits) - 1 - ids)
 
 
 def _keep_top_k_top_p(ranked: Tensor, top_k: Tensor, top_p: Tensor, vocab_size: int) -> Tensor:
-    """-inf in place of each descending row's logits past its top-k, or past the smallest prefix
-    whose probability mass reaches top_p (>= 1 token; top_p 1 keeps all, though a float cumulative
-    sum may reach 1 before the last tokens)."""
+    """-inf in place of each descending row's logits past its top-k, or less probable than the last
+    token of the smallest prefix whose probability mass reaches top_p (>= 1 token; tokens tied with
+    that last one all stay, as in outside_nucleus, so that the order of ties does not matter; top_p 1
+    keeps all, though a float cumulative sum may reach 1 before the last tokens)."""
     rank = torch.arange(ranked.shape[-1], device=ranked.device)[None, :]
     drop = rank >= torch.where(top_k > 0, top_k, vocab_size)[:, None]
     probs = ranked.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    drop |= (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (top_p < 1)[:, None]
+    past = probs.cumsum(dim=-1) - probs >= top_p[:, None]
+    edge = probs.masked_fill(past, float("inf")).amin(dim=-1, keepdim=True)
+    drop |= (probs < edge) & (top_p < 1)[:, None]
     return ranked.masked_fill(drop, float("-inf"))
 
 

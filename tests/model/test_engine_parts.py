@@ -74,6 +74,45 @@ def test_a_nucleus_tied_at_its_edge_keeps_every_tied_token():
     assert (~outside_nucleus(logits, torch.tensor([0.4]))).tolist() == [[True, False, False, False]]
 
 
+def tied_logits(rows: int, vocab: int, seed: int = 5) -> torch.Tensor:
+    """Logits as a bf16 LM head gives them (the GPU's): few distinct values, so many ties."""
+    return (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 2).bfloat16().float()
+
+
+def test_ties_never_make_a_rows_kept_tokens_depend_on_its_neighbours():
+    """Which candidates a row's batch makes it take (the top-k cap is the batch's largest top_k; a
+    row without top_k makes every row sort the whole vocabulary, or none does and the nucleus is
+    found by bisection) must not change its kept tokens: equal logits rank by token id, and every
+    token tied with the nucleus's edge stays."""
+    logits = tied_logits(12, 2000)
+    top_k = torch.tensor([50, 50, 7, 7, 120, 1] * 2)
+    top_p = torch.tensor([1.0, 0.9, 1.0, 0.6, 0.95, 1.0] * 2)
+    whole = torch.isfinite(_filter_top_k_top_p(logits, top_k, top_p))
+    for cap in (120, 500):
+        assert torch.equal(torch.isfinite(_filter_top_k_top_p(logits, top_k, top_p, k_cap=cap)), whole)
+    assert torch.equal(whole[top_p == 1].sum(-1), top_k[top_p == 1])                # exactly k ...
+    ranked = logits.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(whole[0], torch.zeros_like(whole[0]).scatter(0, ranked.indices[0, :50], True))  # ... lowest ids
+    no_k = torch.zeros(12, dtype=torch.long)
+    nucleus = torch.tensor([0.9, 0.5, 0.99, 0.7, 0.95, 0.3] * 2)
+    by_sort = torch.isfinite(_filter_top_k_top_p(logits, no_k, nucleus))
+    assert torch.equal(~outside_nucleus(logits, nucleus), by_sort)
+
+
+def test_tied_rows_sample_the_same_tokens_whatever_their_batch():
+    logits = (tied_logits(6, 2000, seed=6) * 2).round() / 2         # coarser still: ties at the top
+    params = dict(temperature=[3.0] * 6, top_k=[2, 5, 3, 0, 0, 200], top_p=[1.0, 0.8, 1.0, 0.9, 0.5, 0.95])
+    state, rows = _state(6, 2000, **params), torch.arange(6)
+    with_k, without_k = rows[[0, 1, 2, 5]], rows[[3, 4]]
+    for step in range(20):
+        state.step[:] = step
+        mixed = sample(logits, state, rows, any_sampling=True, any_filter=True)   # whole-vocabulary sort
+        capped = sample(logits[with_k], state, with_k, any_sampling=True, any_filter=True, top_k_cap=200)
+        bisected = sample(logits[without_k], state, without_k, any_sampling=True, any_filter=True,
+                          sort_free_nucleus=True)
+        assert torch.equal(capped, mixed[with_k]) and torch.equal(bisected, mixed[without_k]), step
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.filterwarnings("error:torch.compile of the")
 def test_the_fused_noise_draws_the_eager_samples():
