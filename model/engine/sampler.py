@@ -42,21 +42,27 @@ def _candidates(logits: Tensor, k_cap: int | None) -> tuple[Tensor, Tensor]:
     """Each row's logits in descending order and their token ids: all of them, or the k_cap largest
     where no row keeps more (each has 0 < top_k <= k_cap). Equal logits rank by token id, lower
     first, either way: bf16 logits tie often, and a row's top-k must not depend on how many
-    candidates its batch neighbours made it take (torch.topk breaks ties as it likes)."""
+    candidates its batch neighbours made it take."""
     if k_cap is not None and k_cap < logits.shape[-1]:
-        order = ranking_keys(logits).topk(k_cap, dim=-1).indices
-        return logits.gather(-1, order), order
+        return _top_candidates(logits, k_cap)
     return logits.sort(dim=-1, descending=True, stable=True)
 
 
-def ranking_keys(logits: Tensor) -> Tensor:
-    """int64 keys ordered as (logit descending, token id ascending) are: the float32 bits made
-    monotone in the value (negatives' magnitude bits flipped; -0.0 counted as +0.0), then the id."""
-    bits = (logits.float() + 0.0).view(torch.int32).long()
-    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    id_bits = max(1, (logits.shape[-1] - 1).bit_length())
-    ids = torch.arange(logits.shape[-1], device=logits.device)
-    return ordered * (1 << id_bits) + ((1 << id_bits) - 1 - ids)
+def _top_candidates(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest logits of each row, ranked as a stable sort of the whole row ranks them.
+    torch.topk returns every logit above its k-th value but any of those equal to it: their places
+    take the lowest ids among the tokens equal to it (a second topk, over a key larger for lower
+    ids: exact in float32 below 2^24 tokens), then the k are ordered. ~3x a plain topk on a CPU,
+    a tenth of an int64 topk over (logit, id) keys."""
+    values, ids = logits.topk(k, dim=-1)
+    edge = values[:, -1:]
+    lower_first = torch.arange(logits.shape[-1], 0, -1, device=logits.device, dtype=torch.float32)
+    tied_ids = torch.where(logits == edge, lower_first, 0.0).topk(k, dim=-1).indices
+    at_edge = values == edge                                   # a suffix of the descending values
+    ids = torch.where(at_edge, tied_ids.gather(-1, (at_edge.cumsum(dim=-1) - 1).clamp_min(0)), ids)
+    ids = ids.sort(dim=-1).values
+    values, order = logits.gather(-1, ids).sort(dim=-1, descending=True, stable=True)
+    return values, ids.gather(-1, order)
 
 
 def _keep_top_k_top_p(ranked: Tensor, top_k: Tensor, top_p: Tensor, vocab_size: int) -> Tensor:
