@@ -4,7 +4,7 @@
 #   then at once (the machine stays warm ~30 s), with VARIANTS naming the kernels that won (skinny: the
 #   step estimate's kernel_ms or best_ms under aten_ms at 2 rows; attention: x > 1 at rows 2), e.g.
 #   run(command="VARIANTS=skinny+attention bash bench/device_check.sh b8b", timeout_s=350)  # the target
-#   run(command="TESTS='lm_head or pointwise or top_p or kernels' bash bench/device_check.sh tests", timeout_s=150)
+#   run(command="TESTS='lm_head or pointwise or top_p or kernels' bash bench/device_check.sh tests", timeout_s=240)
 #   and, with what is left: sampler (60), variants (VARIANTS="base skinny attention" at 8 layers).
 #   give_back. A kernel that wins: switch it on for the engine (its module's `enabled`).
 # Steps (seconds each at most): kernels (220: bench/skinny.py, the projections at rows 1, 2 and 32, each
