@@ -85,7 +85,7 @@ def outside_nucleus(scaled: Tensor, top_p: Tensor) -> Tensor:
     least probable member p*, and p* is the largest probability whose tokens at or above it hold
     top_p: a bisection over float32's bit patterns (as integers, in the order of the non-negative
     floats) finds it exactly in 31 halvings, each one pass over the row. Tokens tied with p* are all
-    kept (a sort would keep some of them, in its order)."""
+    kept, as _keep_top_k_top_p keeps them after its sort."""
     probs = scaled.softmax(dim=-1)
     bits = probs.view(torch.int32)
     lo = torch.zeros(len(probs), dtype=torch.int64, device=probs.device)    # holds top_p: all tokens

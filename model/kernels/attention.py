@@ -13,7 +13,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .runtime import interpreting, triton_available
+from .runtime import DTYPES, interpreting, triton_available
 
 enabled = False      # model.engine.kv_cache.DecodeAttention's switch; on once measured on a GPU
 BLOCK_L = 64         # keys a loop iteration takes
@@ -44,7 +44,7 @@ def attend_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, layer: int, kv_len
 
 def runs_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
     return ((q.is_cuda or interpreting()) and triton_available() and q.dtype == k_cache.dtype == v_cache.dtype
-            and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and k_cache.stride(-1) == 1
+            and q.dtype in DTYPES and k_cache.stride(-1) == 1
             and k_cache.stride() == v_cache.stride())
 
 

@@ -6,6 +6,11 @@ import functools
 import importlib.util
 import os
 
+import torch
+
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)     # what the kernels compute in
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .runtime import interpreting, triton_available
+from .runtime import DTYPES, interpreting, triton_available
 
 MAX_ROWS = 64
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # model.linear's switch: its GPU projections through skinny_linear. Off until a GPU measures it faster;
 # a compiled step traced before a change is traced again after it (dynamo guards on the flag).
