@@ -15,6 +15,8 @@ moves into model/; until then it lives here, out of the engine's code.
     skinny    every projection of a few rows (the decode step's) through model.kernels.skinny's Triton
               kernel instead of cuBLAS (bench/skinny.py times them shape by shape)
     attention the decode step's attention as model.kernels.attention's kernel (bench/attention.py)
+    fused     skinny, with each layer's norms, gated activation and residual adds inside the
+              projections' kernel (model.kernels.fused: three kernels a layer fewer)
 Run 6 (H200, 8B shapes, 8 layers): cdt slower, combo within noise, autotune faster only through the
 LM head (its Triton templates slower than cuBLAS for every other projection; ~3.5 s of autotuning per
 attention GEMM and layer); decode attention as one SDPA call (cuDNN's kernel) slower, and removed
@@ -35,6 +37,7 @@ import torch._inductor.config
 import model.engine.engine as engine_module
 import model.engine.runner as runner_module
 import model.kernels.attention as attention_module
+import model.kernels.fused as fused_module
 import model.kernels.skinny as skinny_module
 from model.pointwise import compile_pointwise
 
@@ -58,6 +61,13 @@ def _patched(obj, name: str, value) -> Iterator[None]:
         setattr(obj, name, old)
 
 
+def _fused_layers() -> contextlib.AbstractContextManager:
+    stack = contextlib.ExitStack()
+    stack.enter_context(_patched(skinny_module, "enabled", True))
+    stack.enter_context(_patched(fused_module, "enabled", True))
+    return stack
+
+
 def _inductor(**options) -> contextlib.AbstractContextManager:
     config = torch._inductor.config
     missing = [k for k in options if not hasattr(config, k)]
@@ -76,6 +86,7 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "eager_pointwise": lambda: _patched(engine_module, "compile_pointwise", _eager_pointwise),
     "skinny": lambda: _patched(skinny_module, "enabled", True),
     "attention": lambda: _patched(attention_module, "enabled", True),
+    "fused": _fused_layers,
 }
 
 

@@ -1,18 +1,19 @@
 #!/bin/bash
 # The prepared GPU checks for a device session (15 device-minutes, machine starts included, ~95 s each):
-#   run(command="bash bench/device_check.sh kernels", timeout_s=240)  # model.kernels vs cuBLAS / torch
-#   then at once (the machine stays warm ~30 s), with VARIANTS naming the kernels that won (skinny: the
-#   step estimate's kernel_ms or best_ms under aten_ms at 2 rows; attention: x > 1 at rows 2), e.g.
-#   run(command="VARIANTS=skinny+attention bash bench/device_check.sh b8b", timeout_s=350)  # the target
-#   run(command="TESTS='lm_head or pointwise or top_p or kernels' bash bench/device_check.sh tests", timeout_s=240)
-#   and, with what is left: sampler (60), variants (VARIANTS="base skinny attention" at 8 layers).
-#   give_back. A kernel that wins: switch it on for the engine (its module's `enabled`).
+#   run(command="BATCHES=1 VARIANTS='base skinny skinny+attention fused+attention' bash bench/device_check.sh \
+#       variants", timeout_s=300)   # the kernels' whole decode step against the torch one, 8 layers of the 8B
+#   then at once (the machine stays warm ~30 s), with the fastest of them (its batch-1 step), e.g.
+#   run(command="VARIANTS=fused+attention bash bench/device_check.sh b8b", timeout_s=350)  # the target
+#   run(command="TESTS=kernels bash bench/device_check.sh tests", timeout_s=150)  # the kernels' CUDA tests
+#   and, with what is left: kernels (240: each kernel against cuBLAS / the torch step, shape by shape,
+#   where a kernel loses), sampler (60). give_back. A variant that wins: switch its kernels on for the
+#   engine (each module's `enabled` default: a tensor-parallel worker sees only the default).
 # Steps (seconds each at most): kernels (220: bench/skinny.py, the projections at rows 1, 2 and 32, each
 # launch config swept at 2 rows; the kernel compiles once per row bucket, ~12 configs, then autotunes per
 # shape; bench/attention.py, rows 2 and 32, 256-4096 keys), b8b (330: Idefics3-8B at batch 1, the bandwidth target, and 32, profiled,
 # one process), b32_256m (180: the 5x target, profiled), tests (300: the CUDA tests), stream (180: streamed
-# blocks, rows about one image), qpi4 (180: batch 32 as 8 images x 4 questions), variants (240: the 8B's
-# shapes with 8 layers, batch 1 and 32, side by side, each its own compile: base; unpadded, the LM head
+# blocks, rows about one image), qpi4 (180: batch 32 as 8 images x 4 questions), variants (280: the 8B's
+# shapes with 8 layers, batch 1 and 32 or BATCHES, side by side, each its own compile: base; unpadded, the LM head
 # as run 6 ran it; eager_pointwise, the prefill's norms, RoPE and activation as run 6 ran them; see
 # bench/decode_variants.py), b256 (360: both models at batch 256, never measured compiled; two
 # compiles), sampler (120: the sampler alone at the 8B's vocabulary, 32 and 256 rows, eager vs
@@ -62,7 +63,7 @@ run_step() {
     python3 bench/skinny.py --rows 2 --sweep --out $OUT/skinny.jsonl; python3 bench/skinny.py --rows 1 32 --out $OUT/skinny.jsonl" ;;
   sampler) step 120 sampler python3 bench/sampler.py --device cuda --rows 32 256 --vocab 128259 ;;
   b256) step 360 b256 "${ENGINE[@]}" --models smolvlm-256m idefics3-8b --batches 256 --repeats 1 ;;
-  variants) step 240 variants "${ENGINE[@]}" --models idefics3-8b --layers 8 --batches 1 32 --repeats 2 --profile \
+  variants) step 280 variants "${ENGINE[@]}" --models idefics3-8b --layers 8 --batches ${BATCHES:-1 32} --repeats 2 --profile \
     --variants ${VARIANTS:-base unpadded eager_pointwise} ;;
   *) echo "unknown step $1" ;;
   esac

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .config import LlamaConfig
 from .fusion import Fusable
+from .kernels import fused
 from .linear import Linear
 
 ACTIVATIONS = {
@@ -32,7 +33,9 @@ def activation(name: str):
 
 
 class AttentionBackend(Protocol):
-    """What a decoder layer calls once q, k, v exist (post-RoPE). The engine implements KV caches here."""
+    """What a decoder layer calls once q, k, v exist (post-RoPE). The engine implements KV caches here.
+    A backend whose calls run a few rows each (the decode step's) says so with a true `few_rows`
+    attribute: the layers may then run their norms and adds inside their projections' kernels."""
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q: (B, Hq, L, hd), k/v: (B, Hkv, L, hd); returns (B, Hq, L, hd)."""
@@ -190,12 +193,24 @@ class LlamaAttention(Fusable):
         return [self.q_proj, self.k_proj, self.v_proj]
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionBackend) -> Tensor:
-        q, k, v = self.project(x)
+        return self.o_proj(self.attend(self.project(x), cos, sin, attention))
+
+    def attend(self, qkv: tuple[Tensor, Tensor, Tensor], cos: Tensor, sin: Tensor,
+               attention: AttentionBackend) -> Tensor:
+        """The heads' outputs (B, L, Hq * hd) for projected q, k, v (B, L, features)."""
+        q, k, v = qkv
+        b, length, _ = q.shape
         q = self.pointwise.rope(self._heads(q, self.num_heads), cos, sin)
         k = self.pointwise.rope(self._heads(k, self.num_kv_heads), cos, sin)
         v = self._heads(v, self.num_kv_heads)
         out = attention(self.layer_idx, q, k, v)
-        return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
+        return out.transpose(1, 2).reshape(b, length, -1)
+
+    def fused_forward(self, x: Tensor, norm: LlamaRMSNorm, cos: Tensor, sin: Tensor,
+                      attention: AttentionBackend) -> Tensor:
+        """x + forward(norm(x)), the norm and the add inside the projections (model.kernels.fused)."""
+        heads = self.attend(fused.normed_projections(self, norm, x), cos, sin, attention)
+        return fused.residual_projection(self.o_proj, heads, x)
 
 
 class LlamaMLP(Fusable):
@@ -216,6 +231,11 @@ class LlamaMLP(Fusable):
         gate, up = self.project(x)
         return self.down_proj(self.pointwise.act_mul(self.act, gate, up))
 
+    def fused_forward(self, x: Tensor, norm: LlamaRMSNorm) -> Tensor:
+        """x + forward(norm(x)), the norm, activation and add inside the projections."""
+        gate, up = fused.normed_projections(self, norm, x)
+        return fused.gated_projection(self.down_proj, self.act, gate, up, x)
+
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
@@ -226,6 +246,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionBackend) -> Tensor:
+        if fused.fuses(attention, x):
+            h = self.self_attn.fused_forward(x, self.input_layernorm, cos, sin, attention)
+            return self.mlp.fused_forward(h, self.post_attention_layernorm)
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
         return h + self.mlp(self.post_attention_layernorm(h))
 

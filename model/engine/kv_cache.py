@@ -207,6 +207,7 @@ class DecodeAttention:
     row's new position (= its cached length); rows of free slots are computed and ignored. Static
     shapes for a given (B, kv_len): CUDA-graph and torch.compile friendly.
     """
+    few_rows = True      # model.llama.AttentionBackend: the layers may fuse their elementwise work
 
     def __init__(self, k_cache: Tensor, v_cache: Tensor, positions: Tensor, kv_len: int) -> None:
         self.k_cache, self.v_cache, self.positions, self.kv_len = k_cache, v_cache, positions, kv_len

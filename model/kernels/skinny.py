@@ -12,6 +12,7 @@ runs; with TRITON_INTERPRET=1 it also runs on CPU tensors (the tests' way to che
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -58,14 +59,34 @@ def _(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:  # no
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def launch(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, config: dict | None = None) -> None:
-    """out (M, N) = x (M, K) @ weight (N, K).T (+ bias). `config` pins the launch (the benchmark's
-    sweep); without it the autotuner picks one per shape, once (outside CUDA-graph capture: the
-    engine warms every step up before capturing it)."""
+@dataclass(frozen=True)
+class Fusion:
+    """Elementwise work a projection takes into its kernel (model.kernels.fused): the reference's
+    RMSNorm of x by `norm_weight` (prologue), x as the gate of silu(gate) * `up` (prologue), and
+    `residual` + the projection (epilogue). Row-strided 2-D tensors, the norm's weight contiguous."""
+    norm_weight: Tensor | None = None
+    eps: float = 0.0
+    up: Tensor | None = None
+    residual: Tensor | None = None
+
+
+NO_FUSION = Fusion()
+
+
+def launch(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, config: dict | None = None,
+           fusion: Fusion = NO_FUSION) -> None:
+    """out (M, N) = x (M, K) @ weight (N, K).T (+ bias), with `fusion`'s prologue and epilogue.
+    `config` pins the launch (the benchmark's sweep); without it the autotuner picks one per shape,
+    once (outside CUDA-graph capture: the engine warms every step up before capturing it)."""
     m, k = x.shape
     n = weight.shape[0]
-    args = (x, weight, out, bias if bias is not None else out, m, n, k, x.stride(0), weight.stride(0))
-    flags = dict(ROWS=row_bucket(m), HAS_BIAS=bias is not None, UPCAST=interpreting() or x.dtype == torch.float32)
+    up, residual = fusion.up, fusion.residual
+    args = (x, weight, out, bias if bias is not None else out,
+            fusion.norm_weight if fusion.norm_weight is not None else out, up if up is not None else out,
+            residual if residual is not None else out, m, n, k, x.stride(0), weight.stride(0),
+            up.stride(0) if up is not None else 0, residual.stride(0) if residual is not None else 0, fusion.eps)
+    flags = dict(ROWS=row_bucket(m), HAS_BIAS=bias is not None, UPCAST=interpreting() or x.dtype == torch.float32,
+                 NORM=fusion.norm_weight is not None, ACT=up is not None, RESIDUAL=residual is not None)
     if config is None:
         kernel = autotuned_kernel()
         kernel[lambda meta: (-(-n // meta["BLOCK_N"]),)](*args, **flags)
@@ -80,34 +101,8 @@ def configs() -> list[dict]:
             for bn in (16, 32, 64) for bk in (128, 256) for warps, stages in ((4, 3), (4, 4))]
 
 
-@functools.cache
 def plain_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-    @triton.jit
-    def skinny_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, M, N, K, stride_x, stride_w,
-                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr):
-        rows = tl.arange(0, ROWS)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            in_k = (ks < K) | EVEN_K         # no K mask where BLOCK_K divides K: unmasked, vector loads
-            x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
-                        mask=(rows[:, None] < M) & in_k[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
-                        mask=(cols[:, None] < N) & in_k[None, :], other=0.0)
-            if UPCAST:      # float32 in full precision (not tf32); the interpreter's bf16 dot is wrong
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < M) & (cols[None, :] < N))
+    from .skinny_triton import skinny_kernel       # imports triton: only once a kernel runs
 
     return skinny_kernel
 
@@ -119,4 +114,4 @@ def autotuned_kernel():
                            num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs()]
     if interpreting():      # nothing to time there
         tuned = tuned[:1]
-    return triton.autotune(configs=tuned, key=["N", "K", "ROWS", "HAS_BIAS"])(plain_kernel())
+    return triton.autotune(configs=tuned, key=["N", "K", "ROWS", "HAS_BIAS", "NORM", "ACT", "RESIDUAL"])(plain_kernel())

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import model.kernels
 import model.kernels.attention as attention
+import model.kernels.fused as fused
 import model.kernels.skinny as skinny
 from model import Idefics3ForConditionalGeneration
 from model.engine import LLMEngine, SamplingParams
@@ -71,6 +72,68 @@ def test_one_compiled_function_serves_every_row_count(launches):
         torch.testing.assert_close(step(x), F.linear(x, weight).relu(), rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
     assert launches == [2, 5, 40]
+
+
+# ---- model.kernels.fused -------------------------------------------------------------------------
+def record_fusions(monkeypatch) -> list:
+    """Switch the fused layers on; the Fusion of each kernel launch from then on."""
+    made: list = []
+    real = skinny.launch
+
+    def recorded(x, weight, bias, out, config=None, fusion=skinny.NO_FUSION):
+        made.append(fusion)
+        return real(x, weight, bias, out, config, fusion)
+
+    monkeypatch.setattr(skinny, "launch", recorded)
+    monkeypatch.setattr(fused, "enabled", True)
+    return made
+
+
+def kind(fusion) -> str:
+    parts = [name for name, t in (("norm", fusion.norm_weight), ("act", fusion.up), ("residual", fusion.residual))
+             if t is not None]
+    return "+".join(parts) or "none"
+
+
+@pytest.fixture
+def fusions(monkeypatch):
+    monkeypatch.setattr(skinny, "enabled", True)
+    return record_fusions(monkeypatch)
+
+
+PARTS = {"norm": dict(norm=True), "norm+bias": dict(norm=True, bias=True), "residual": dict(residual=True),
+         "act+residual": dict(act=True, residual=True), "act+residual+bias": dict(act=True, residual=True, bias=True)}
+
+
+def fused_case(rows, n, k, dtype, norm=False, act=False, residual=False, bias=False, seed=0):
+    torch.manual_seed(seed)
+    gate_up = torch.randn(rows, 1, 2 * k, dtype=dtype)           # gate and up: views of one projection
+    return (gate_up[..., :k], torch.randn(n, k, dtype=dtype) / k ** 0.5,
+            torch.randn(n, dtype=dtype) if bias else None, torch.rand(k, dtype=dtype) + 0.5 if norm else None,
+            1e-5, gate_up[..., k:] if act else None, torch.randn(rows, 1, n, dtype=dtype) if residual else None)
+
+
+@pytest.mark.parametrize("parts", sorted(PARTS))
+@pytest.mark.parametrize("rows, n, k", [(1, 48, 64), (2, 77, 130), (17, 40, 256), (64, 24, 96)])
+def test_the_fused_kernel_computes_the_torch_chain(parts, rows, n, k, fusions):
+    args = fused_case(rows, n, k, torch.float32, **PARTS[parts])
+    torch.testing.assert_close(fused.fused_linear(*args), fused.fused_linear_torch(*args), rtol=1e-5, atol=1e-5)
+    assert [kind(f) for f in fusions] == [parts.replace("+bias", "")]
+
+
+@pytest.mark.parametrize("parts", sorted(PARTS))
+def test_the_fused_kernel_rounds_bf16_where_torch_does(parts, fusions):
+    """Each step rounded to bf16 as the torch chain rounds it: at most one bf16 step apart."""
+    args = fused_case(5, 96, 128, torch.bfloat16, **PARTS[parts])
+    out, expected = fused.fused_linear(*args), fused.fused_linear_torch(*args)
+    assert out.dtype == torch.bfloat16 and out.shape == (5, 1, 96)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2, atol=4e-2)
+
+
+def test_more_rows_than_the_kernel_holds_run_the_torch_chain(fusions):
+    args = fused_case(65, 24, 32, torch.float32, norm=True, residual=True)
+    assert torch.equal(fused.fused_linear(*args), fused.fused_linear_torch(*args))
+    assert fusions == []
 
 
 # ---- model.kernels.attention ---------------------------------------------------------------------
@@ -142,22 +205,28 @@ compiling = pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compil
 
 
 @pytest.mark.parametrize("kernels, compile", [(["skinny"], False), (["attention"], False),
-                                              (["skinny", "attention"], False),
-                                              pytest.param(["skinny", "attention"], True, marks=compiling)])
+                                              (["skinny", "attention"], False), (["skinny", "fused"], False),
+                                              pytest.param(["skinny", "attention"], True, marks=compiling),
+                                              pytest.param(["skinny", "fused", "attention"], True, marks=compiling)])
 @pytest.mark.filterwarnings("error:torch.compile of")
 def test_an_engine_through_the_kernels_answers_as_the_reference(tiny, kernels, compile, monkeypatch):
     path, requests, expected = tiny
-    made = {name: count_launches(monkeypatch, getattr(model.kernels, name)) for name in kernels}
+    made = {name: count_launches(monkeypatch, getattr(model.kernels, name)) for name in kernels if name != "fused"}
+    fusions = record_fusions(monkeypatch) if "fused" in kernels else None
     model_ = Idefics3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     engine = LLMEngine(model_, max_batch_size=4, compile=compile)
     assert [r.token_ids for r in engine.generate(requests)] == expected
     assert engine.runner.compile == compile
     for launches in made.values():          # the decode steps ran the kernels (at most 4 rows)
         assert launches and max(launches) <= 4
+    if fusions is not None:     # norms before q/k/v and gate/up, o's residual, down's activation and residual
+        assert {kind(f) for f in fusions} == {"none", "norm", "residual", "act+residual"}
+
 
 
 @compiling
-def test_the_compiled_step_through_the_kernels_writes_the_cache_in_place(tiny, monkeypatch):
+@pytest.mark.parametrize("fusing", [False, True])
+def test_the_compiled_step_through_the_kernels_writes_the_cache_in_place(tiny, monkeypatch, fusing):
     """As test_engine's check of the torch step: no scatter of the cache, the same logits and rows."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
@@ -166,6 +235,7 @@ def test_the_compiled_step_through_the_kernels_writes_the_cache_in_place(tiny, m
     from tests.model.test_engine import _PostGradGraph
 
     made = [count_launches(monkeypatch, module) for module in (skinny, attention)]
+    monkeypatch.setattr(fused, "enabled", fusing)
     vlm = Idefics3ForConditionalGeneration.from_pretrained(tiny[0], dtype=torch.float32)
     tc = vlm.config.text_config
     cache = KVCache(tc.num_hidden_layers, 4, tc.num_key_value_heads, 128, tc.head_dim, torch.float32, "cpu")
@@ -182,6 +252,7 @@ def test_the_compiled_step_through_the_kernels_writes_the_cache_in_place(tiny, m
         eager = decode_logits(vlm, cache.k, cache.v, tokens, positions, 64)
     ops = set(graph.ops)
     assert "idefics3.decode_attention.default" in ops and "idefics3.skinny_linear.default" in ops, sorted(ops)
+    assert ("idefics3.fused_linear.default" in ops) == fusing
     assert not [op for op in ops if "scatter" in op], sorted(ops)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(k_after, cache.k, rtol=1e-4, atol=1e-4)
@@ -211,3 +282,24 @@ def test_the_attention_benchmark_times_both(tmp_path):
                 "--kv-heads", "2", "--head-dim", "16", "--repeats", "1", "--dtype", "float32", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["kv_len"], r["splits"], r["kernel"]) for r in rows] == [(64, 1, True), (600, 2, True)]
+
+
+def test_a_tensor_parallel_shard_fuses_only_its_norms(tiny, monkeypatch):
+    """A row-parallel projection's sum comes after its all-reduce: o and down keep the torch chain."""
+    from model.engine.kv_cache import KVCache
+    from model.engine.runner import decode_logits
+    from model.fusion import fuse_projections
+    from model.parallel.layers import TPContext
+    from model.parallel.loading import load_shard
+
+    shard = fuse_projections(load_shard(tiny[0], TPContext(0, 1)).eval())
+    tc = shard.config.text_config
+    cache = KVCache(tc.num_hidden_layers, 2, tc.num_key_value_heads, 32, tc.head_dim, torch.float32, "cpu")
+    tokens, positions = torch.tensor([5, 6]), torch.tensor([3, 0])
+    with torch.inference_mode():
+        plain = decode_logits(shard, cache.k, cache.v, tokens, positions, 8)
+        monkeypatch.setattr(skinny, "enabled", True)
+        fusions = record_fusions(monkeypatch)
+        fused_logits = decode_logits(shard, cache.k, cache.v, tokens, positions, 8)
+    assert {kind(f) for f in fusions} == {"norm", "none"}
+    torch.testing.assert_close(fused_logits, plain, rtol=1e-5, atol=1e-5)

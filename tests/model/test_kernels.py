@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import model.kernels
 import model.linear
 import model.kernels.attention as attention
+import model.kernels.fused as fused
 import model.kernels.skinny as skinny
 from model import Idefics3ForConditionalGeneration
 from model.engine import LLMEngine, SamplingParams
@@ -47,6 +48,21 @@ def test_without_a_gpu_or_the_interpreter_the_op_is_f_linear(monkeypatch):
     before = model.linear.linear(x, weight)             # oneDNN on CPU
     monkeypatch.setattr(skinny, "enabled", True)       # the switch is for GPU projections only
     assert torch.equal(model.linear.linear(x, weight), before)
+
+
+def test_without_a_gpu_or_the_interpreter_layers_do_not_fuse(monkeypatch):
+    """The fused layers are for the kernel's devices; elsewhere the decode step is the plain one."""
+    from model.engine.kv_cache import DecodeAttention
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(skinny, "enabled", True)
+    monkeypatch.setattr(fused, "enabled", True)
+    x = torch.randn(2, 1, 16)
+    assert DecodeAttention.few_rows and not fused.fuses(DecodeAttention, x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fused.fuses(DecodeAttention, x) and not fused.fuses(object(), x)     # a prefill's backend
+    monkeypatch.setattr(skinny, "enabled", False)
+    assert not fused.fuses(DecodeAttention, x)
 
 
 def test_which_calls_the_kernel_takes():
@@ -113,8 +129,10 @@ def compile_for(target: int, kernel, types: dict[str, str], constants: dict) -> 
     return triton.compile(source, target=GPUTarget("cuda", target, 32), options=options).asm
 
 
-SKINNY_TYPES = dict(x_ptr="*{t}", w_ptr="*{t}", out_ptr="*{t}", bias_ptr="*{t}", M="i32", N="i32", K="i32",
-                    stride_x="i32", stride_w="i32")
+SKINNY_TYPES = dict(x_ptr="*{t}", w_ptr="*{t}", out_ptr="*{t}", bias_ptr="*{t}", norm_ptr="*{t}", up_ptr="*{t}",
+                    res_ptr="*{t}", M="i32", N="i32", K="i32", stride_x="i32", stride_w="i32", stride_up="i32",
+                    stride_res="i32", eps="fp32")
+UNFUSED = dict(NORM=False, ACT=False, RESIDUAL=False)
 
 
 @pytest.mark.skipif(not skinny.triton_available(), reason="needs triton")
@@ -122,9 +140,12 @@ SKINNY_TYPES = dict(x_ptr="*{t}", w_ptr="*{t}", out_ptr="*{t}", bias_ptr="*{t}",
 def test_the_projection_kernel_compiles_for_the_gpu_in_every_config(target):
     """What the interpreter cannot check: Triton's GPU compiler accepts the kernel (bf16: tensor-core
     dots), for every autotuned config and each row bucket, bf16 and float32 with a bias."""
-    cases = [dict(c, ROWS=16, dtype="bf16", HAS_BIAS=False) for c in skinny.configs()]
-    cases += [dict(skinny.configs()[0], ROWS=rows, dtype="bf16", HAS_BIAS=False) for rows in (32, 64)]
-    cases += [dict(skinny.configs()[0], ROWS=16, dtype="fp32", HAS_BIAS=True)]
+    cases = [dict(c, ROWS=16, dtype="bf16", HAS_BIAS=False, **UNFUSED) for c in skinny.configs()]
+    cases += [dict(skinny.configs()[0], ROWS=rows, dtype="bf16", HAS_BIAS=False, **UNFUSED) for rows in (32, 64)]
+    cases += [dict(skinny.configs()[0], ROWS=16, dtype="fp32", HAS_BIAS=True, **UNFUSED)]
+    fused = [dict(NORM=True, ACT=False, RESIDUAL=False), dict(NORM=False, ACT=True, RESIDUAL=True),
+             dict(NORM=False, ACT=False, RESIDUAL=True)]         # model.kernels.fused's three uses
+    cases += [dict(c, ROWS=16, dtype="bf16", HAS_BIAS=False, **f) for c in skinny.configs()[:2] for f in fused]
     for case in cases:
         dtype = case.pop("dtype")
         types = {name: t.format(t=dtype) for name, t in SKINNY_TYPES.items()}
@@ -182,7 +203,8 @@ def test_cuda_decode_attention_at_the_8b_shapes(rows, kv_len):
 
 
 @cuda
-@pytest.mark.parametrize("kernels", [["skinny"], ["attention"], ["skinny", "attention"]])
+@pytest.mark.parametrize("kernels", [["skinny"], ["attention"], ["skinny", "attention"], ["skinny", "fused"],
+                                     ["skinny", "fused", "attention"]])
 @pytest.mark.filterwarnings("error:torch.compile of")
 def test_cuda_engine_through_the_kernels_answers_as_the_reference(checkpoint, monkeypatch, kernels):
     """The compiled, CUDA-graphed decode step with the op inside: the reference's tokens (float32)."""
@@ -193,7 +215,8 @@ def test_cuda_engine_through_the_kernels_answers_as_the_reference(checkpoint, mo
     requests = _requests(path, [1, 0, 2], [SamplingParams(max_new_tokens=m) for m in (6, 9, 4)])
     expected = [_reference(ref, r) for r in requests]
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    made = {name: count_launches(monkeypatch, getattr(model.kernels, name)) for name in kernels}
+    made = {name: count_launches(monkeypatch, getattr(model.kernels, name)) for name in kernels if name != "fused"}
+    monkeypatch.setattr(fused, "enabled", "fused" in kernels)      # its launches are skinny's
     vlm = Idefics3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to("cuda")
     engine = LLMEngine(vlm, max_batch_size=2)
     assert engine.runner.compile and engine.runner.use_cuda_graphs
