@@ -1,7 +1,8 @@
 """Benchmark: decode attention over the engine's KV cache, the torch step (compiled, as in the engine's
-decode step: scores GEMM, masked softmax, values GEMM) against model.kernels.attention's kernel, at
-the 8B's heads (32 query heads, 8 kv heads, head_dim 128), every layer of a 32-layer cache in turn
-(on CUDA one captured graph), every row at the last position (both read the same keys):
+decode step: RoPE of q and k, the K/V cache writes, scores GEMM, masked softmax, values GEMM) against
+model.kernels.attention's kernel (all of it in one), at the 8B's heads (32 query heads, 8 kv heads,
+head_dim 128), every layer of a 32-layer cache in turn (on CUDA one captured graph), every row at the
+last position (both read the same keys):
 
     python bench/attention.py --device cuda --rows 2 32 --kv 256 1024 4096
 
@@ -27,17 +28,19 @@ def measure(rows: int, kv_len: int, args: argparse.Namespace) -> dict:
     shape = (args.layers, rows, args.kv_heads, kv_len + 1, args.head_dim)
     k_cache = torch.randn(shape, dtype=args.dtype, device=args.device)
     v_cache = torch.randn_like(k_cache)
-    q = torch.randn(rows, args.heads, args.head_dim, dtype=args.dtype, device=args.device)
+    make = dict(dtype=args.dtype, device=args.device)
+    q = torch.randn(rows, args.heads, args.head_dim, **make)
+    k, v = (torch.randn(rows, args.kv_heads, args.head_dim, **make) for _ in range(2))
+    cos, sin = torch.rand(rows, args.head_dim, **make), torch.rand(rows, args.head_dim, **make)
     positions = torch.full((rows,), kv_len - 1, device=args.device)
-    visible = torch.arange(kv_len, device=args.device)[None, :] <= positions[:, None]
-    step = torch.compile(attention.attend_torch, dynamic=False, fullgraph=True)
+    step = torch.compile(attention.rope_write_attend_torch, dynamic=False, fullgraph=True)
     layers = range(args.layers)
     per_layer = lambda calls: pass_seconds(calls, args.device, args.repeats) / args.layers * 1e6   # noqa: E731
     # each layer's slab as a one-layer cache: one compile serves every layer (an int layer would recompile)
-    torch_us = per_layer([lambda i=i: step(q, k_cache[i:i + 1], v_cache[i:i + 1], 0, kv_len, visible)
-                          for i in layers])
-    kernel_us = per_layer([lambda i=i: attention.decode_attention(q, k_cache, v_cache, i, positions, kv_len)
-                           for i in layers])
+    torch_us = per_layer([lambda i=i: step(q, k, v, cos, sin, k_cache[i:i + 1], v_cache[i:i + 1], 0, positions,
+                                           kv_len) for i in layers])
+    kernel_us = per_layer([lambda i=i: attention.decode_attention(q, k, v, cos, sin, k_cache, v_cache, i, positions,
+                                                                  kv_len) for i in layers])
     return dict(rows=rows, kv_len=kv_len, kernel=attention.runs_kernel(q, k_cache, v_cache),
                 splits=attention.split_count(kv_len), torch_us=round(torch_us, 2), kernel_us=round(kernel_us, 2),
                 speedup=round(torch_us / kernel_us, 3))

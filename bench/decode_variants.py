@@ -14,7 +14,8 @@ moves into model/; until then it lives here, out of the engine's code.
               (model.pointwise; the decode step traces them either way): compare ours_prefill_s
     skinny    every projection of a few rows (the decode step's) through model.kernels.skinny's Triton
               kernel instead of cuBLAS (bench/skinny.py times them shape by shape)
-    attention the decode step's attention as model.kernels.attention's kernel (bench/attention.py)
+    attention the decode step's attention, with RoPE and the K/V cache writes, as
+              model.kernels.attention's kernel (bench/attention.py)
     fused     skinny, with each layer's norms, gated activation and residual adds inside the
               projections' kernel (model.kernels.fused: three kernels a layer fewer)
 Run 6 (H200, 8B shapes, 8 layers): cdt slower, combo within noise, autotune faster only through the

@@ -35,7 +35,8 @@ def activation(name: str):
 class AttentionBackend(Protocol):
     """What a decoder layer calls once q, k, v exist (post-RoPE). The engine implements KV caches here.
     A backend whose calls run a few rows each (the decode step's) says so with a true `few_rows`
-    attribute: the layers may then run their norms and adds inside their projections' kernels."""
+    attribute: the layers may then run their norms and adds inside their projections' kernels. One
+    with a true `takes_rope` is given q and k before RoPE, and `rope=(cos, sin)`, to rotate them itself."""
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q: (B, Hq, L, hd), k/v: (B, Hkv, L, hd); returns (B, Hq, L, hd)."""
@@ -200,10 +201,11 @@ class LlamaAttention(Fusable):
         """The heads' outputs (B, L, Hq * hd) for projected q, k, v (B, L, features)."""
         q, k, v = qkv
         b, length, _ = q.shape
-        q = self.pointwise.rope(self._heads(q, self.num_heads), cos, sin)
-        k = self.pointwise.rope(self._heads(k, self.num_kv_heads), cos, sin)
-        v = self._heads(v, self.num_kv_heads)
-        out = attention(self.layer_idx, q, k, v)
+        q, k, v = self._heads(q, self.num_heads), self._heads(k, self.num_kv_heads), self._heads(v, self.num_kv_heads)
+        if getattr(attention, "takes_rope", False):
+            out = attention(self.layer_idx, q, k, v, rope=(cos, sin))
+        else:
+            out = attention(self.layer_idx, self.pointwise.rope(q, cos, sin), self.pointwise.rope(k, cos, sin), v)
         return out.transpose(1, 2).reshape(b, length, -1)
 
     def fused_forward(self, x: Tensor, norm: LlamaRMSNorm, cos: Tensor, sin: Tensor,

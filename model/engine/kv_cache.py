@@ -212,18 +212,26 @@ class DecodeAttention:
     def __init__(self, k_cache: Tensor, v_cache: Tensor, positions: Tensor, kv_len: int) -> None:
         self.k_cache, self.v_cache, self.positions, self.kv_len = k_cache, v_cache, positions, kv_len
         self.rows = torch.arange(positions.shape[0], device=positions.device)
-        self.visible = torch.arange(kv_len, device=positions.device)[None, :] <= positions[:, None]
+        self.takes_rope = kernels_attention.enabled and (positions.is_cuda or kernels_attention.interpreting())
+        if not self.takes_rope:
+            self.visible = torch.arange(kv_len, device=positions.device)[None, :] <= positions[:, None]
 
-    def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor] | None = None
+                 ) -> Tensor:
         b, hq, _, hd = q.shape
+        if rope is not None:        # takes_rope: RoPE, the cache writes and attention in one kernel
+            cos, sin = (t[:, 0, 0] for t in rope)
+            out = kernels_attention.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], cos, sin, self.k_cache,
+                                                     self.v_cache, layer_idx, self.positions, self.kv_len)
+            return out.reshape(b, hq, 1, hd)
         # Indexed writes into the whole cache, not into its layer view: under torch.compile a write
         # through a view of an input is functionalised into a copy of the whole layer slab (all
         # slots, all positions) per layer; a write into the input itself is done in place.
         layer = torch.full_like(self.rows, layer_idx)
         self.k_cache[layer, self.rows, :, self.positions] = k[:, :, 0]
         self.v_cache[layer, self.rows, :, self.positions] = v[:, :, 0]
-        out = kernels_attention.attend(q[:, :, 0], self.k_cache, self.v_cache, layer_idx, self.positions,
-                                       self.kv_len, self.visible)
+        out = kernels_attention.attend_torch(q[:, :, 0], self.k_cache, self.v_cache, layer_idx, self.kv_len,
+                                             self.visible)
         return out.reshape(b, hq, 1, hd)
 
 

@@ -80,15 +80,25 @@ def test_which_calls_the_kernel_takes():
 
 
 def test_without_a_gpu_or_the_interpreter_attention_is_the_torch_step(monkeypatch):
+    from model.engine.kv_cache import DecodeAttention
+    from model.llama import apply_rope
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     k_cache, v_cache = torch.randn(2, 3, 2, 40, 16), torch.randn(2, 3, 2, 40, 16)
-    q, positions = torch.randn(3, 4, 16), torch.tensor([31, 0, 7])
+    q, k, v, positions = torch.randn(3, 4, 16), torch.randn(3, 2, 16), torch.randn(3, 2, 16), torch.tensor([31, 0, 7])
+    cos, sin = torch.rand(3, 16), torch.rand(3, 16)
     visible = torch.arange(32)[None, :] <= positions[:, None]
-    expected = attention.attend_torch(q, k_cache, v_cache, 1, 32, visible)
+    keys, values = k_cache.clone(), v_cache.clone()
+    keys[1, torch.arange(3), :, positions] = apply_rope(k, cos[:, None], sin[:, None])
+    values[1, torch.arange(3), :, positions] = v
+    expected = attention.attend_torch(apply_rope(q, cos[:, None], sin[:, None]), keys, values, 1, 32, visible)
     assert not attention.runs_kernel(q, k_cache, v_cache)
-    assert torch.equal(attention.decode_attention(q, k_cache, v_cache, 1, positions, 32), expected)
-    monkeypatch.setattr(attention, "enabled", True)
-    assert torch.equal(attention.attend(q, k_cache, v_cache, 1, positions, 32, visible), expected)
+    assert torch.equal(attention.decode_attention(q, k, v, cos, sin, k_cache, v_cache, 1, positions, 32), expected)
+    assert torch.equal(k_cache, keys) and torch.equal(v_cache, values)
+    monkeypatch.setattr(attention, "enabled", True)       # for the GPU: the CPU's decode step keeps torch's RoPE
+    assert not DecodeAttention(k_cache, v_cache, positions, 32).takes_rope
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert DecodeAttention(k_cache, v_cache, positions, 32).takes_rope
     assert [attention.split_count(n) for n in (64, 512, 513, 4096, 100_000)] == [1, 1, 2, 8, 16]
 
 
@@ -156,16 +166,19 @@ def test_the_projection_kernel_compiles_for_the_gpu_in_every_config(target):
 @pytest.mark.skipif(not skinny.triton_available(), reason="needs triton")
 @pytest.mark.parametrize("target", [90, 80])
 def test_the_attention_kernels_compile_for_the_gpu(target):
-    split, merge = attention.kernels()
+    from model.kernels import attention_triton
+
     for dtype, direct in (("bf16", True), ("bf16", False), ("fp32", True), ("fp32", False)):
-        types = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", pos_ptr="*i64", out_ptr=f"*{dtype}",
+        types = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", cos_ptr=f"*{dtype}", sin_ptr=f"*{dtype}",
+                     kc_ptr=f"*{dtype}", vc_ptr=f"*{dtype}", pos_ptr="*i64", out_ptr=f"*{dtype}",
                      part_ptr=f"*{dtype}" if direct else "*fp32", stat_ptr=f"*{dtype}" if direct else "*fp32",
-                     kv_len="i32", chunk="i32", scale="fp32", stride_qb="i32", stride_qh="i32",
-                     stride_slot="i32", stride_head="i32", stride_pos="i32", splits="i32")
+                     kv_len="i32", chunk="i32", scale="fp32", splits="i32",
+                     **{f"stride_{name}": "i32" for name in ("qb", "qh", "kb", "kh", "vb", "vh", "slot", "head", "pos")})
         shapes = dict(GROUP=4, HEAD_DIM=128, G_PAD=16, D_PAD=128, BLOCK_L=attention.BLOCK_L)
+        split = attention_triton.split_kernel
         assert compile_for(target, split, types, dict(shapes, DIRECT=direct, UPCAST=dtype == "fp32"))["cubin"]
     merged = dict(part_ptr="*fp32", stat_ptr="*fp32", out_ptr="*bf16", splits="i32", head_dim="i32")
-    assert compile_for(target, merge, merged, dict(SPLITS_PAD=8, D_PAD=128))["cubin"]
+    assert compile_for(target, attention_triton.merge_kernel, merged, dict(SPLITS_PAD=8, D_PAD=128))["cubin"]
 
 
 @cuda
@@ -192,14 +205,18 @@ def test_cuda_float32_kernel_is_full_precision():
 @pytest.mark.parametrize("rows, kv_len", [(2, 256), (32, 1024), (2, 4096)])
 def test_cuda_decode_attention_at_the_8b_shapes(rows, kv_len):
     torch.manual_seed(rows)
-    cache = dict(dtype=torch.bfloat16, device="cuda")
-    k_cache, v_cache = (torch.randn(2, rows, 8, kv_len + 1, 128, **cache) for _ in range(2))
-    q, positions = torch.randn(rows, 32, 128, **cache), torch.randint(0, kv_len, (rows,), device="cuda")
-    visible = torch.arange(kv_len, device="cuda")[None, :] <= positions[:, None]
-    expected = attention.attend_torch(q.float(), k_cache.float(), v_cache.float(), 1, kv_len, visible)
+    make = dict(dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = (torch.randn(2, rows, 8, kv_len + 1, 128, **make) for _ in range(2))
+    q, k, v = torch.randn(rows, 32, 128, **make), torch.randn(rows, 8, 128, **make), torch.randn(rows, 8, 128, **make)
+    cos, sin = torch.rand(rows, 128, **make), torch.rand(rows, 128, **make)
+    positions = torch.randint(0, kv_len, (rows,), device="cuda")
+    expected_caches = [k_cache.float(), v_cache.float()]
+    expected = attention.rope_write_attend_torch(q.float(), k.float(), v.float(), cos.float(), sin.float(),
+                                                 *expected_caches, 1, positions, kv_len)
     assert attention.runs_kernel(q, k_cache, v_cache)
-    out = attention.decode_attention(q, k_cache, v_cache, 1, positions, kv_len)
+    out = attention.decode_attention(q, k, v, cos, sin, k_cache, v_cache, 1, positions, kv_len)
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(k_cache.float(), expected_caches[0], rtol=2e-2, atol=2e-2)
 
 
 @cuda
