@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .runtime import DTYPES, interpreting, triton_available
+from .runtime import DTYPES, interpreting, switched_on, triton_available
 
-enabled = False      # model.engine.kv_cache.DecodeAttention's switch; on once measured on a GPU
+# model.engine.kv_cache.DecodeAttention's switch: off (unless IDEFICS3_KERNELS lists it) until a GPU
+# measures it faster.
+enabled = switched_on("attention")
 BLOCK_L = 64         # keys a loop iteration takes
 KEYS_PER_SPLIT = 512
 MAX_SPLITS = 16

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import skinny
-from .runtime import interpreting
+from .runtime import interpreting, switched_on
 
 # The decode step's layers through fused_linear where the projections allow it; needs skinny.enabled.
-# Off until a GPU measures it faster (bench/decode_variants.py `fused`).
-enabled = False
+# Off (unless IDEFICS3_KERNELS lists it) until a GPU measures it faster (bench/decode_variants.py).
+enabled = switched_on("fused")
 
 
 def fuses(attention: object, x: Tensor) -> bool:

@@ -1,5 +1,5 @@
 """Where the Triton kernels can run: a GPU, or Triton's interpreter (TRITON_INTERPRET=1, set before
-triton is imported) on CPU tensors, the tests' way to check them without one."""
+triton is imported) on CPU tensors, the tests' way to check them without one; and which are on."""
 from __future__ import annotations
 
 import functools
@@ -19,3 +19,13 @@ def interpreting() -> bool:
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+KERNELS_VARIABLE = "IDEFICS3_KERNELS"
+
+
+def switched_on(name: str) -> bool:
+    """A kernel's default switch: on where IDEFICS3_KERNELS (comma-separated names) lists it. An
+    environment variable reaches every process of a job (tensor-parallel workers, Ray actors started
+    from the driver's environment), where a switch flipped in one process reaches none."""
+    return name in {part.strip() for part in os.environ.get(KERNELS_VARIABLE, "").split(",")}

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .runtime import DTYPES, interpreting, triton_available
+from .runtime import DTYPES, interpreting, switched_on, triton_available
 
 MAX_ROWS = 64
 
-# model.linear's switch: its GPU projections through skinny_linear. Off until a GPU measures it faster;
+# model.linear's switch: its GPU projections through skinny_linear. Off (unless IDEFICS3_KERNELS lists
+# it) until a GPU measures it faster;
 # a compiled step traced before a change is traced again after it (dynamo guards on the flag).
-enabled = False
+enabled = switched_on("skinny")
 
 
 def runs_skinny(x: Tensor, weight: Tensor) -> bool:

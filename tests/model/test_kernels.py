@@ -50,6 +50,17 @@ def test_without_a_gpu_or_the_interpreter_the_op_is_f_linear(monkeypatch):
     assert torch.equal(model.linear.linear(x, weight), before)
 
 
+def test_the_environment_switches_kernels_on_in_every_process():
+    """IDEFICS3_KERNELS sets the switches' defaults (what a tensor-parallel worker or Ray actor sees)."""
+    probe = ("import model.kernels.attention as a, model.kernels.fused as f, model.kernels.skinny as s; "
+             "print(s.enabled, f.enabled, a.enabled)")
+    runs = {value: subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                                  env=dict(os.environ, PYTHONPATH=str(ROOT), IDEFICS3_KERNELS=value)).stdout.split()
+            for value in ("skinny, attention", "", "skinny,fused,attention")}
+    assert runs == {"skinny, attention": ["True", "False", "True"], "": ["False"] * 3,
+                    "skinny,fused,attention": ["True"] * 3}
+
+
 def test_without_a_gpu_or_the_interpreter_layers_do_not_fuse(monkeypatch):
     """The fused layers are for the kernel's devices; elsewhere the decode step is the plain one."""
     from model.engine.kv_cache import DecodeAttention
