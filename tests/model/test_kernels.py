@@ -231,6 +231,13 @@ def test_cuda_decode_attention_at_the_8b_shapes(rows, kv_len):
 
 
 @cuda
+def test_cuda_compiled_attention_writes_the_caches_in_place():
+    from tests.model.kernels_interpreted import compiled_op_writes_in_place
+
+    compiled_op_writes_in_place("cuda")        # the interpreter's check, on the GPU's torch and Triton
+
+
+@cuda
 @pytest.mark.parametrize("kernels", [["skinny"], ["attention"], ["skinny", "attention"], ["skinny", "fused"],
                                      ["skinny", "fused", "attention"]])
 @pytest.mark.filterwarnings("error:torch.compile of")
