@@ -8,7 +8,9 @@ its few rows' statistics from L2), silu(gate) * up in the down projection's prol
 add in the o and down projections' epilogues: three kernels a layer fewer, the same roundings.
 
 Only the decode step takes it (an attention backend with `few_rows`); more rows than the kernel
-holds run the same operations in torch inside the op.
+holds (a big batch) take the prologue as a kernel of its own before cuBLAS's GEMM, and the residual
+add after it: two small kernels a layer more than inductor's chain (the adds), where eager torch
+would run ~10.
 """
 from __future__ import annotations
 
@@ -38,10 +40,19 @@ def _rows(t: Tensor) -> Tensor:
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
+def _alike(x: Tensor, *others: Tensor | None) -> bool:
+    return all(t is None or (t.dtype == x.dtype and t.device == x.device) for t in others)
+
+
 def runs_fused(x: Tensor, weight: Tensor, norm_weight: Tensor | None, up: Tensor | None,
                residual: Tensor | None) -> bool:
-    others = [t for t in (norm_weight, up, residual) if t is not None]
-    return skinny.runs_skinny(x, weight) and all(t.dtype == x.dtype and t.device == x.device for t in others)
+    return skinny.runs_skinny(x, weight) and _alike(x, norm_weight, up, residual)
+
+
+def runs_prologue(x: Tensor, norm_weight: Tensor | None, up: Tensor | None) -> bool:
+    """Whether more rows than the kernel holds take the prologue kernel before cuBLAS."""
+    return ((norm_weight is not None or up is not None) and (x.is_cuda or interpreting())
+            and skinny.triton_available() and x.dtype in skinny.DTYPES and _alike(x, norm_weight, up))
 
 
 def fused_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None, eps: float,
@@ -60,15 +71,19 @@ def fused_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None, norm_weig
 def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],  # noqa: UP045
                  eps: float, up: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:  # noqa: UP045
     """residual + linear(silu(x) * up or rms_norm(x) or x, weight, bias), each part optional."""
-    if not runs_fused(x, weight, norm_weight, up, residual):
-        return fused_linear_torch(x, weight, bias, norm_weight, eps, up, residual)
-    flat = _rows(x)
-    out = torch.empty(flat.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     fusion = skinny.Fusion(norm_weight=None if norm_weight is None else norm_weight.contiguous(), eps=eps,
                            up=None if up is None else _rows(up),
                            residual=None if residual is None else _rows(residual))
-    skinny.launch(flat, weight, None if bias is None else bias.contiguous(), out, fusion=fusion)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    if runs_fused(x, weight, norm_weight, up, residual):
+        flat = _rows(x)
+        out = torch.empty(flat.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        skinny.launch(flat, weight, None if bias is None else bias.contiguous(), out, fusion=fusion)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    if not runs_prologue(x, norm_weight, up):
+        return fused_linear_torch(x, weight, bias, norm_weight, eps, up, residual)
+    # a big batch: the prologue in one kernel (eager torch's norm is six), the GEMM cuBLAS's
+    projected = F.linear(skinny.launch_prologue(_rows(x), fusion).view(x.shape), weight, bias)
+    return projected if residual is None else residual + projected
 
 
 @fused_linear.register_fake

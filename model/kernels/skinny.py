@@ -96,6 +96,21 @@ def launch(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, config: 
         kernel[(-(-n // config["BLOCK_N"]),)](*args, **flags, **config)
 
 
+def launch_prologue(x: Tensor, fusion: Fusion, rows_per_program: int = 4, block_k: int = 512) -> Tensor:
+    """`fusion`'s prologue (norm or activation) of x (M, K) alone, as a new (M, K) tensor: for more
+    rows than the kernel holds, whose GEMM is cuBLAS's (one kernel here, where eager torch takes 2-6)."""
+    from .skinny_triton import prologue_kernel
+
+    m, k = x.shape
+    out = torch.empty(m, k, dtype=x.dtype, device=x.device)
+    up = fusion.up
+    prologue_kernel[(-(-m // rows_per_program),)](
+        x, fusion.norm_weight if fusion.norm_weight is not None else x, up if up is not None else x, out, m, k,
+        x.stride(0), up.stride(0) if up is not None else 0, fusion.eps, ROWS=rows_per_program, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, NORM=fusion.norm_weight is not None, ACT=up is not None)
+    return out
+
+
 def configs() -> list[dict]:
     """The launch configurations the autotuner times (and bench/skinny.py sweeps)."""
     return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)

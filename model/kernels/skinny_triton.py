@@ -64,3 +64,18 @@ def skinny_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, norm_ptr, up_ptr, res_ptr, M,
         residual = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=in_out, other=0.0)
         acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) + residual.to(tl.float32)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=in_out)
+
+
+@triton.jit
+def prologue_kernel(x_ptr, norm_ptr, up_ptr, out_ptr, M, K, stride_x, stride_up, eps,
+                    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                    NORM: tl.constexpr, ACT: tl.constexpr):
+    """The prologue alone, written out (M, K): for more rows than skinny_kernel holds, before cuBLAS."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rstd = tl.zeros((ROWS,), dtype=tl.float32)
+    if NORM:
+        rstd = inverse_rms(x_ptr, rows, M, K, stride_x, eps, ROWS, BLOCK_K, EVEN_K)
+    for start in range(0, K, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        x = input_tile(x_ptr, norm_ptr, up_ptr, rows, ks, rstd, M, K, stride_x, stride_up, EVEN_K, NORM, ACT)
+        tl.store(out_ptr + rows[:, None] * K + ks[None, :], x, mask=(rows[:, None] < M) & (ks < K)[None, :])

@@ -130,8 +130,21 @@ def test_the_fused_kernel_rounds_bf16_where_torch_does(parts, fusions):
     torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2, atol=4e-2)
 
 
-def test_more_rows_than_the_kernel_holds_run_the_torch_chain(fusions):
-    args = fused_case(65, 24, 32, torch.float32, norm=True, residual=True)
+@pytest.mark.parametrize("parts", sorted(PARTS))
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 4e-2)])
+def test_more_rows_than_the_kernel_holds_take_the_prologue_kernel_and_f_linear(parts, dtype, tolerance, fusions,
+                                                                              monkeypatch):
+    prologues = []
+    real = skinny.launch_prologue
+    monkeypatch.setattr(skinny, "launch_prologue", lambda x, fusion: prologues.append(kind(fusion)) or real(x, fusion))
+    args = fused_case(70, 24, 600, dtype, **PARTS[parts])          # 600: BLOCK_K does not divide it
+    torch.testing.assert_close(fused.fused_linear(*args).float(), fused.fused_linear_torch(*args).float(),
+                               rtol=tolerance, atol=tolerance)
+    assert fusions == [] and prologues == ([] if parts == "residual" else [parts.replace("+bias", "")])
+
+
+def test_without_a_prologue_more_rows_are_the_torch_chain(fusions):
+    args = fused_case(65, 24, 32, torch.float32, residual=True)
     assert torch.equal(fused.fused_linear(*args), fused.fused_linear_torch(*args))
     assert fusions == []
 

@@ -172,6 +172,13 @@ def test_the_projection_kernel_compiles_for_the_gpu_in_every_config(target):
         types = {name: t.format(t=dtype) for name, t in SKINNY_TYPES.items()}
         asm = compile_for(target, skinny.plain_kernel(), types, dict(case, UPCAST=dtype == "fp32", EVEN_K=True))
         assert asm["cubin"] and ("mma" in asm["ptx"]) == (dtype == "bf16")    # float32: exact FMAs, no tf32
+    from model.kernels.skinny_triton import prologue_kernel      # a big batch's norm or activation alone
+
+    types = dict(x_ptr="*bf16", norm_ptr="*bf16", up_ptr="*bf16", out_ptr="*bf16", M="i32", K="i32", stride_x="i32",
+                 stride_up="i32", eps="fp32")
+    for norm, act in ((True, False), (False, True)):
+        shapes = dict(ROWS=4, BLOCK_K=512, EVEN_K=True, NORM=norm, ACT=act)
+        assert compile_for(target, prologue_kernel, types, shapes)["cubin"]
 
 
 @pytest.mark.skipif(not skinny.triton_available(), reason="needs triton")
@@ -203,6 +210,17 @@ def test_cuda_kernel_at_the_8b_shapes(rows, n, k):
     out = skinny.skinny_linear(x, weight)
     expected = F.linear(x.float(), weight.float())
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@cuda
+@pytest.mark.parametrize("rows", [2, 32, 100])          # 100: the prologue kernel, then cuBLAS
+@pytest.mark.parametrize("parts, n, k", [("norm", 6144, 4096), ("act+residual", 4096, 14336), ("residual", 4096, 4096)])
+def test_cuda_fused_projections_at_the_8b_shapes(rows, parts, n, k):
+    from tests.model.kernels_interpreted import PARTS, fused_case
+
+    args = [t.cuda() if isinstance(t, torch.Tensor) else t for t in fused_case(rows, n, k, torch.bfloat16, **PARTS[parts])]
+    expected = fused.fused_linear_torch(*args)
+    torch.testing.assert_close(fused.fused_linear(*args).float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
 @cuda
