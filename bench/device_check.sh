@@ -5,7 +5,8 @@
 #   (each row is printed when done: the later variants may not finish; the skinny kernel autotunes 12
 #   configs per projection shape and fusion, ~1 s each, in the first variant that meets them)
 #   then at once (the machine stays warm ~30 s), with the fastest of them (its batch-1 step), e.g.
-#   run(command="VARIANTS=fused+attention bash bench/device_check.sh b8b", timeout_s=350)  # the target
+#   run(command="BATCHES=1 VARIANTS=fused+attention bash bench/device_check.sh b8b", timeout_s=350)  # the target
+#   (BATCHES=1: a batch of 32 is another row bucket, another ~100 s of the skinny kernel's autotuning)
 #   run(command="TESTS=kernels bash bench/device_check.sh tests", timeout_s=150)  # the kernels' CUDA tests
 #   and, with what is left: kernels (240: each kernel against cuBLAS / the torch step, shape by shape,
 #   where a kernel loses), sampler (60). give_back. A variant that wins: switch its kernels on for the
@@ -52,7 +53,7 @@ EOF
 }
 run_step() {
   case "$1" in
-  b8b) step 330 b8b "${ENGINE[@]}" --models idefics3-8b --batches 1 32 --repeats 2 --profile --variants ${VARIANTS:-base} ;;
+  b8b) step 330 b8b "${ENGINE[@]}" --models idefics3-8b --batches ${BATCHES:-1 32} --repeats 2 --profile --variants ${VARIANTS:-base} ;;
   b32_256m) step 180 b32_256m "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 2 --profile ;;
   tests) TAIL=30 step 300 tests python3 -m pytest -p no:cacheprovider -o addopts=-ra --timeout 150 \
     tests/model/test_cuda.py tests/model/test_engine.py tests/model/test_engine_loop.py tests/model/test_fusion.py \
