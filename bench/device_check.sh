@@ -9,7 +9,7 @@
 #   (BATCHES=1: a batch of 32 is another row bucket, another ~100 s of the skinny kernel's autotuning)
 #   run(command="TESTS=kernels bash bench/device_check.sh tests", timeout_s=150)  # the kernels' CUDA tests
 #   and, with what is left: kernels (240: each kernel against cuBLAS / the torch step, shape by shape,
-#   where a kernel loses), sampler (60). give_back. A variant that wins: switch its kernels on for the
+#   with and without the layers' fusions, where a variant loses), sampler (60). give_back. A variant that wins: switch its kernels on for the
 #   engine (each module's `enabled` default: a tensor-parallel worker sees only the default).
 # Steps (seconds each at most): kernels (220: bench/skinny.py, the projections at rows 1, 2 and 32, each
 # launch config swept at 2 rows; the kernel compiles once per row bucket, ~12 configs, then autotunes per
@@ -63,7 +63,7 @@ run_step() {
     --questions-per-image 4 ;;
   qpi4) step 180 qpi4 "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 1 --questions-per-image 4 ;;
   kernels) TAIL=40 step 220 kernels bash -c "python3 bench/attention.py --out $OUT/attention.jsonl;
-    python3 bench/skinny.py --rows 2 --sweep --out $OUT/skinny.jsonl; python3 bench/skinny.py --rows 1 32 --out $OUT/skinny.jsonl" ;;
+    python3 bench/skinny.py --rows 2 --sweep --fused --out $OUT/skinny.jsonl; python3 bench/skinny.py --rows 1 32 --out $OUT/skinny.jsonl" ;;
   sampler) step 120 sampler python3 bench/sampler.py --device cuda --rows 32 256 --vocab 128259 ;;
   b256) step 360 b256 "${ENGINE[@]}" --models smolvlm-256m idefics3-8b --batches 256 --repeats 1 ;;
   variants) step 280 variants "${ENGINE[@]}" --models idefics3-8b --layers 8 --batches ${BATCHES:-1 32} --repeats 2 --profile \

@@ -4,12 +4,15 @@ replays of a captured graph of the calls (no launch gaps but the graph's own):
 
     python bench/skinny.py --device cuda                    # the 8B's shapes, rows 1 2 4 8 16 32 64
     python bench/skinny.py --device cuda --sweep --rows 2   # every launch config, and their agreement
+    python bench/skinny.py --device cuda --fused --rows 2   # with each layer's fusion (model.kernels.fused)
 
 One JSON row per (shape, rows): microseconds a call and the share of the bandwidth limit for both,
 the autotuner's pick; with --sweep each config's time and whether all configs' outputs are bitwise
 equal (the kernel's sums should not depend on the config: run-to-run identical answers). Then per
 row count the 8B's decode-step GEMMs (32 layers and the head) for cuBLAS, the kernel, and the faster
-of the two per shape.
+of the two per shape. With --fused, each layer projection also with the elementwise work its layer
+gives it (q/k/v and gate/up: the RMSNorm; o: the residual add; down: silu(gate) * up and the add):
+the fused kernel against the compiled torch chain (inductor's norm or activation kernel, cuBLAS).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.kernels import skinny  # noqa: E402
+from model.kernels import fused, skinny  # noqa: E402
 from bench.profiling import sync  # noqa: E402
 
 # (out_features, in_features) of Idefics3-8B's decode-step GEMMs: fused q/k/v, o, fused gate/up,
@@ -33,6 +36,7 @@ from bench.profiling import sync  # noqa: E402
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "head": (128320, 4096)}
 LAYERS = 32
+FUSIONS = {"qkv": "norm", "o": "residual", "gate_up": "norm", "down": "act+residual"}    # the head: none
 
 
 def pass_seconds(calls: list[Callable[[], object]], device: str, repeats: int) -> float:
@@ -75,7 +79,22 @@ def measure(name: str, rows: int, args: argparse.Namespace) -> dict:
                speedup=round(aten_us / kernel_us, 3), picked=picked_config())
     if args.sweep and row["kernel"]:
         row.update(sweep(x, weights, per_call))
+    if args.fused and name in FUSIONS:
+        row.update(fused_times(FUSIONS[name], x, weights, per_call))
     return row
+
+
+def fused_times(kind: str, x: torch.Tensor, weights: list[torch.Tensor], per_call: Callable) -> dict:
+    """The fused kernel against the compiled torch chain, for the fusion `kind` of the projection."""
+    rows, k = x.shape
+    norm = torch.rand(k, dtype=x.dtype, device=x.device) + 0.5 if "norm" in kind else None
+    up = torch.randn_like(x) if "act" in kind else None
+    residual = x.new_empty(rows, weights[0].shape[0]).normal_() if "residual" in kind else None
+    chain = torch.compile(fused.fused_linear_torch, dynamic=False, fullgraph=True)
+    chain_us = per_call([lambda w=w: chain(x, w, None, norm, 1e-5, up, residual) for w in weights])
+    fused_us = per_call([lambda w=w: fused.fused_linear(x, w, None, norm, 1e-5, up, residual) for w in weights])
+    return dict(fusion=kind, chain_us=round(chain_us, 2), fused_us=round(fused_us, 2),
+                fused_speedup=round(chain_us / fused_us, 3))
 
 
 def picked_config() -> str | None:
@@ -105,9 +124,14 @@ def step_estimate(rows: list[dict], layers: int) -> dict:
     count = lambda r: 1 if r["shape"] == "head" else layers                   # noqa: E731
     total = lambda key: sum(count(r) * r[key] for r in rows) / 1e3            # noqa: E731
     best = sum(count(r) * min(r["aten_us"], r["kernel_us"]) for r in rows) / 1e3
-    return dict(estimate=f"decode-step GEMMs, {layers} layers + head", rows=rows[0]["rows"],
-                aten_ms=round(total("aten_us"), 3), kernel_ms=round(total("kernel_us"), 3),
-                best_ms=round(best, 3), limit_ms=round(total("limit_us"), 3))
+    estimate = dict(estimate=f"decode-step GEMMs, {layers} layers + head", rows=rows[0]["rows"],
+                    aten_ms=round(total("aten_us"), 3), kernel_ms=round(total("kernel_us"), 3),
+                    best_ms=round(best, 3), limit_ms=round(total("limit_us"), 3))
+    layers_rows = [r for r in rows if r["shape"] != "head"]             # the head unfused either way
+    if layers_rows and all("fused_us" in r for r in layers_rows):
+        with_head = lambda key: sum(count(r) * r.get(key, r["kernel_us"]) for r in rows) / 1e3    # noqa: E731
+        estimate.update(chain_ms=round(with_head("chain_us"), 3), fused_ms=round(with_head("fused_us"), 3))
+    return estimate
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-bytes", type=int, default=512 << 20, help="weight copies per shape: at least this much")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sweep", action="store_true", help="time every launch config too")
+    p.add_argument("--fused", action="store_true", help="time each projection with its layer's fusion too")
     p.add_argument("--out", type=Path, help="append the JSON rows here, not to stdout (stdout: one line each)")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
@@ -148,8 +173,10 @@ def report(row: dict, out: Path | None) -> None:
 
 def summary(row: dict) -> str:
     if "estimate" in row:
+        fusion = (f"; with the layers' elementwise work: torch chain {row['chain_ms']} ms, fused "
+                  f"{row['fused_ms']} ms" if "fused_ms" in row else "")
         return (f"# {row['estimate']} at {row['rows']} rows: cuBLAS {row['aten_ms']} ms, kernel "
-                f"{row['kernel_ms']} ms, best of each {row['best_ms']} ms, limit {row['limit_ms']} ms")
+                f"{row['kernel_ms']} ms, best of each {row['best_ms']} ms, limit {row['limit_ms']} ms{fusion}")
     line = (f"# {row['shape']} {row['n']}x{row['k']} rows {row['rows']}: cuBLAS {row['aten_us']} us "
             f"({row['aten_bw']:.0%}), kernel {row['kernel_us']} us ({row['kernel_bw']:.0%}) x{row['speedup']}"
             f" picked {row['picked']}")
@@ -157,6 +184,8 @@ def summary(row: dict) -> str:
         ranked = sorted(row["sweep_us"].items(), key=lambda item: item[1])
         line += (f"; sweep best {ranked[0][0]} {ranked[0][1]} us, worst {ranked[-1][0]} {ranked[-1][1]} us,"
                  f" bitwise equal: {row['configs_bitwise_equal']}")
+    if "fused_us" in row:
+        line += f"; {row['fusion']}: chain {row['chain_us']} us, fused {row['fused_us']} us x{row['fused_speedup']}"
     return line
 
 

@@ -309,7 +309,7 @@ def test_the_benchmark_times_both_and_sweeps_the_configs(tmp_path, capsys):
 
     out = tmp_path / "rows.jsonl"
     bench.main(["--device", "cpu", "--rows", "2", "--shape", "qkv", "40", "64", "--shape", "head", "70", "32",
-                "--layers", "2", "--min-bytes", "20000", "--repeats", "1", "--sweep", "--dtype", "float32",
+                "--layers", "2", "--min-bytes", "20000", "--repeats", "1", "--sweep", "--fused", "--dtype", "float32",
                 "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     lines = capsys.readouterr().out.splitlines()
@@ -317,6 +317,10 @@ def test_the_benchmark_times_both_and_sweeps_the_configs(tmp_path, capsys):
     assert [r.get("shape") for r in rows] == ["qkv", "head", None]
     assert all(r["kernel"] and len(r["sweep_us"]) == len(skinny.configs()) and r["picked"] for r in rows[:2])
     assert rows[2]["rows"] == 2 and rows[2]["best_ms"] <= rows[2]["aten_ms"]
+    # q/k/v with its norm, both ways; the head has no fusion, and counts as its kernel in both sums
+    assert rows[0]["fusion"] == "norm" and rows[0]["chain_us"] > 0 and rows[0]["fused_us"] > 0
+    assert "fusion" not in rows[1]
+    assert "torch chain" in lines[3] and rows[2]["fused_ms"] > 0 and rows[2]["chain_ms"] > 0
 
 
 def test_the_attention_benchmark_times_both(tmp_path):

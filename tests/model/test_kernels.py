@@ -191,7 +191,8 @@ def test_the_attention_kernels_compile_for_the_gpu(target):
                      kc_ptr=f"*{dtype}", vc_ptr=f"*{dtype}", pos_ptr="*i64", out_ptr=f"*{dtype}",
                      part_ptr=f"*{dtype}" if direct else "*fp32", stat_ptr=f"*{dtype}" if direct else "*fp32",
                      kv_len="i32", chunk="i32", scale="fp32", splits="i32",
-                     **{f"stride_{name}": "i32" for name in ("qb", "qh", "kb", "kh", "vb", "vh", "slot", "head", "pos")})
+                     **{f"stride_{name}": "i32"
+                        for name in ("qb", "qh", "kb", "kh", "vb", "vh", "slot", "head", "pos")})
         shapes = dict(GROUP=4, HEAD_DIM=128, G_PAD=16, D_PAD=128, BLOCK_L=attention.BLOCK_L)
         split = attention_triton.split_kernel
         assert compile_for(target, split, types, dict(shapes, DIRECT=direct, UPCAST=dtype == "fp32"))["cubin"]
@@ -218,7 +219,8 @@ def test_cuda_kernel_at_the_8b_shapes(rows, n, k):
 def test_cuda_fused_projections_at_the_8b_shapes(rows, parts, n, k):
     from tests.model.kernels_interpreted import PARTS, fused_case
 
-    args = [t.cuda() if isinstance(t, torch.Tensor) else t for t in fused_case(rows, n, k, torch.bfloat16, **PARTS[parts])]
+    case = fused_case(rows, n, k, torch.bfloat16, **PARTS[parts])
+    args = [t.cuda() if isinstance(t, torch.Tensor) else t for t in case]
     expected = fused.fused_linear_torch(*args)
     torch.testing.assert_close(fused.fused_linear(*args).float(), expected.float(), rtol=2e-2, atol=2e-2)
 
