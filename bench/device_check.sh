@@ -8,10 +8,10 @@
 #   run(command="BATCHES=1 VARIANTS=fused+attention bash bench/device_check.sh b8b", timeout_s=350)  # the target
 #   (BATCHES=1: a batch of 32 is another row bucket, another ~100 s of the skinny kernel's autotuning)
 #   run(command="TESTS=kernels bash bench/device_check.sh tests", timeout_s=150)  # the kernels' CUDA tests
-#   and, with what is left: kernels (240: each kernel against cuBLAS / the torch step, shape by shape,
+#   and, with what is left: kernels (280: each kernel against cuBLAS / the torch step, shape by shape,
 #   with and without the layers' fusions, where a variant loses), sampler (60). give_back. A variant that wins: switch its kernels on for the
 #   engine (each module's `enabled` default: a tensor-parallel worker sees only the default).
-# Steps (seconds each at most): kernels (220: bench/skinny.py, the projections at rows 1, 2 and 32, each
+# Steps (seconds each at most): kernels (260: bench/skinny.py, the projections at rows 1, 2 and 32, each
 # launch config swept at 2 rows; the kernel compiles once per row bucket, ~12 configs, then autotunes per
 # shape; bench/attention.py, rows 2 and 32, 256-4096 keys), b8b (330: Idefics3-8B at batch 1, the bandwidth target, and 32, profiled,
 # one process), b32_256m (180: the 5x target, profiled), tests (300: the CUDA tests), stream (180: streamed
@@ -62,7 +62,7 @@ run_step() {
   stream) step 180 stream python3 bench/stream.py --device cuda --blocks 8 --batch 16 --slots 64 --repeats 1 \
     --questions-per-image 4 ;;
   qpi4) step 180 qpi4 "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 1 --questions-per-image 4 ;;
-  kernels) TAIL=40 step 220 kernels bash -c "python3 bench/attention.py --out $OUT/attention.jsonl;
+  kernels) TAIL=40 step 260 kernels bash -c "python3 bench/attention.py --out $OUT/attention.jsonl;
     python3 bench/skinny.py --rows 2 --sweep --fused --out $OUT/skinny.jsonl; python3 bench/skinny.py --rows 1 32 --out $OUT/skinny.jsonl" ;;
   sampler) step 120 sampler python3 bench/sampler.py --device cuda --rows 32 256 --vocab 128259 ;;
   b256) step 360 b256 "${ENGINE[@]}" --models smolvlm-256m idefics3-8b --batches 256 --repeats 1 ;;
