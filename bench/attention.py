@@ -5,6 +5,7 @@ head_dim 128), every layer of a 32-layer cache in turn (on CUDA one captured gra
 last position (both read the same keys):
 
     python bench/attention.py --device cuda --rows 2 32 --kv 256 1024 4096
+    python bench/attention.py --device cuda --rows 1 2 --kv 256 512 --splits 1 2 4 8   # splits forced
 
 One line per (rows, kv length): microseconds a layer for both and the kernel's splits; JSON rows
 with --out.
@@ -41,9 +42,14 @@ def measure(rows: int, kv_len: int, args: argparse.Namespace) -> dict:
                                            kv_len) for i in layers])
     kernel_us = per_layer([lambda i=i: attention.decode_attention(q, k, v, cos, sin, k_cache, v_cache, i, positions,
                                                                   kv_len) for i in layers])
-    return dict(rows=rows, kv_len=kv_len, kernel=attention.runs_kernel(q, k_cache, v_cache),
-                splits=attention.split_count(kv_len), torch_us=round(torch_us, 2), kernel_us=round(kernel_us, 2),
-                speedup=round(torch_us / kernel_us, 3))
+    row = dict(rows=rows, kv_len=kv_len, kernel=attention.runs_kernel(q, k_cache, v_cache),
+               splits=attention.split_count(kv_len), torch_us=round(torch_us, 2), kernel_us=round(kernel_us, 2),
+               speedup=round(torch_us / kernel_us, 3))
+    if args.splits and row["kernel"]:       # the keys split otherwise than KEYS_PER_SPLIT says
+        row["splits_us"] = {n: round(per_layer([lambda i=i: attention.launch(q, k, v, cos, sin, k_cache[i], v_cache[i],
+                                                                             positions, kv_len, n) for i in layers]), 2)
+                            for n in args.splits}
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--splits", nargs="+", type=int, help="also time the kernel with the keys split this many ways")
     p.add_argument("--out", type=Path, help="append the JSON rows here")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
@@ -67,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             for kv_len in args.kv:
                 row = measure(rows, kv_len, args)
                 print(f"# attention rows {rows} kv {kv_len}: torch {row['torch_us']} us a layer, kernel "
-                      f"{row['kernel_us']} us (splits {row['splits']}, ran: {row['kernel']}) x{row['speedup']}",
-                      flush=True)
+                      f"{row['kernel_us']} us (splits {row['splits']}, ran: {row['kernel']}) x{row['speedup']}"
+                      + (f"; forced splits {row['splits_us']}" if "splits_us" in row else ""), flush=True)
                 if args.out:
                     with args.out.open("a") as f:
                         f.write(json.dumps(row) + "\n")

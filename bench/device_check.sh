@@ -62,7 +62,7 @@ run_step() {
   stream) step 180 stream python3 bench/stream.py --device cuda --blocks 8 --batch 16 --slots 64 --repeats 1 \
     --questions-per-image 4 ;;
   qpi4) step 180 qpi4 "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 1 --questions-per-image 4 ;;
-  kernels) TAIL=40 step 260 kernels bash -c "python3 bench/attention.py --out $OUT/attention.jsonl;
+  kernels) TAIL=40 step 260 kernels bash -c "python3 bench/attention.py --splits 1 2 4 8 --out $OUT/attention.jsonl;
     python3 bench/skinny.py --rows 2 --sweep --fused --out $OUT/skinny.jsonl; python3 bench/skinny.py --rows 1 32 --out $OUT/skinny.jsonl" ;;
   sampler) step 120 sampler python3 bench/sampler.py --device cuda --rows 32 256 --vocab 128259 ;;
   b256) step 360 b256 "${ENGINE[@]}" --models smolvlm-256m idefics3-8b --batches 256 --repeats 1 ;;

@@ -328,9 +328,11 @@ def test_the_attention_benchmark_times_both(tmp_path):
 
     out = tmp_path / "rows.jsonl"
     bench.main(["--device", "cpu", "--rows", "2", "--kv", "64", "600", "--layers", "2", "--heads", "4",
-                "--kv-heads", "2", "--head-dim", "16", "--repeats", "1", "--dtype", "float32", "--out", str(out)])
+                "--kv-heads", "2", "--head-dim", "16", "--repeats", "1", "--dtype", "float32", "--splits", "1", "3",
+                "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["kv_len"], r["splits"], r["kernel"]) for r in rows] == [(64, 1, True), (600, 2, True)]
+    assert all(list(r["splits_us"]) == ["1", "3"] and min(r["splits_us"].values()) > 0 for r in rows)
 
 
 def test_a_tensor_parallel_shard_fuses_only_its_norms(tiny, monkeypatch):
