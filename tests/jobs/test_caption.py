@@ -45,14 +45,15 @@ def test_sigkill_mid_run_then_resume_gives_every_row_once(checkpoint, tmp_path):
                                             for i in range(N_ROWS)])
     # Files of 4 rows from blocks of 2: rows waiting for their file's other block when the run is
     # killed are answered again by the resumed run, and written once.
-    (tmp_path / "job.yaml").write_text(f"model: {checkpoint}\nmax-new-tokens: 24\nbatch_size: 2\n"
+    (tmp_path / "job.yaml").write_text(f"model: {checkpoint}\nmax-new-tokens: 96\nbatch_size: 2\n"
                                        f"rows-per-file: 4\n")
     args = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
             "--config", str(tmp_path / "job.yaml")]
     first = caption(*args, log=tmp_path / "first.log")
     deadline = time.time() + 240
-    # On a local 2-core cluster the files come out close together near the run's end (once all four
-    # and the summary within 0.18 s, between two polls 0.2 s apart): poll often.
+    # The files come out while rows are generated, after the actors' start: at 24 new tokens a row that
+    # was the last ~0.2 s of the run (once all four files and the summary came between two polls 0.2 s
+    # apart); at 96, ~1 s. Poll often too.
     while not parquet_files(tmp_path / "out") and first.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     first.send_signal(signal.SIGKILL)  # the driver only, as `kill -9` would
