@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.kernels import fused, skinny  # noqa: E402
+from model.kernels.runtime import triton_available  # noqa: E402
 from bench.profiling import sync  # noqa: E402
 
 # (out_features, in_features) of Idefics3-8B's decode-step GEMMs: fused q/k/v, o, fused gate/up,
@@ -98,7 +99,7 @@ def fused_times(kind: str, x: torch.Tensor, weights: list[torch.Tensor], per_cal
 
 
 def picked_config() -> str | None:
-    tuner = skinny.autotuned_kernel() if skinny.triton_available() else None
+    tuner = skinny.autotuned_kernel() if triton_available() else None
     best = getattr(tuner, "best_config", None)
     return None if best is None else describe(dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages))
 

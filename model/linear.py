@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels import skinny
+from .kernels.runtime import on_kernel_device
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Packed
     for the prefill GEMMs, 1.3-1.9x (1.8-3.1x packed) for decode at batch 8 (BENCHMARKS.md).
     Still IEEE float32, in another summation order. With model.kernels.skinny switched on, GPU
     projections go through its custom op (few rows: its kernel; more: F.linear)."""
-    if skinny.enabled and (x.is_cuda or skinny.interpreting()):
+    if skinny.enabled and on_kernel_device(x):
         return skinny.skinny_linear(x, weight, bias)
     if not uses_onednn(x, weight):
         return F.linear(x, weight, bias)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import attention as kernels_attention
+from ..kernels.runtime import on_kernel_device
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ class DecodeAttention:
     def __init__(self, k_cache: Tensor, v_cache: Tensor, positions: Tensor, kv_len: int) -> None:
         self.k_cache, self.v_cache, self.positions, self.kv_len = k_cache, v_cache, positions, kv_len
         self.rows = torch.arange(positions.shape[0], device=positions.device)
-        self.takes_rope = kernels_attention.enabled and (positions.is_cuda or kernels_attention.interpreting())
+        self.takes_rope = kernels_attention.enabled and on_kernel_device(positions)
         if not self.takes_rope:
             self.visible = torch.arange(kv_len, device=positions.device)[None, :] <= positions[:, None]
 

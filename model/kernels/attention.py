@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .runtime import DTYPES, interpreting, switched_on, triton_available
+from .runtime import interpreting, kernel_can_run, switched_on
 
 # model.engine.kv_cache.DecodeAttention's switch: off (unless IDEFICS3_KERNELS lists it) until a GPU
 # measures it faster.
@@ -53,8 +53,7 @@ def rope_write_attend_torch(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: T
 
 
 def runs_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
-    return ((q.is_cuda or interpreting()) and triton_available() and q.dtype == k_cache.dtype == v_cache.dtype
-            and q.dtype in DTYPES and k_cache.stride(-1) == 1
+    return (kernel_can_run(q) and q.dtype == k_cache.dtype == v_cache.dtype and k_cache.stride(-1) == 1
             and k_cache.stride() == v_cache.stride())
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import skinny
-from .runtime import interpreting, switched_on
+from .runtime import kernel_can_run, on_kernel_device, switched_on
 
 # The decode step's layers through fused_linear where the projections allow it; needs skinny.enabled.
 # Off (unless IDEFICS3_KERNELS lists it) until a GPU measures it faster (bench/decode_variants.py).
@@ -31,13 +31,7 @@ enabled = switched_on("fused")
 def fuses(attention: object, x: Tensor) -> bool:
     """Whether a layer runs its elementwise work inside its projections for this call."""
     return (enabled and skinny.enabled and getattr(attention, "few_rows", False)
-            and (x.is_cuda or interpreting()))
-
-
-def _rows(t: Tensor) -> Tensor:
-    """2-D (rows, features), inner stride 1 (a split's view keeps its row stride)."""
-    flat = t.reshape(-1, t.shape[-1])
-    return flat if flat.stride(-1) == 1 else flat.contiguous()
+            and on_kernel_device(x))
 
 
 def _alike(x: Tensor, *others: Tensor | None) -> bool:
@@ -51,8 +45,7 @@ def runs_fused(x: Tensor, weight: Tensor, norm_weight: Tensor | None, up: Tensor
 
 def runs_prologue(x: Tensor, norm_weight: Tensor | None, up: Tensor | None) -> bool:
     """Whether more rows than the kernel holds take the prologue kernel before cuBLAS."""
-    return ((norm_weight is not None or up is not None) and (x.is_cuda or interpreting())
-            and skinny.triton_available() and x.dtype in skinny.DTYPES and _alike(x, norm_weight, up))
+    return (norm_weight is not None or up is not None) and kernel_can_run(x) and _alike(x, norm_weight, up)
 
 
 def fused_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None, norm_weight: Tensor | None, eps: float,
@@ -71,19 +64,24 @@ def fused_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None, norm_weig
 def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],  # noqa: UP045
                  eps: float, up: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:  # noqa: UP045
     """residual + linear(silu(x) * up or rms_norm(x) or x, weight, bias), each part optional."""
-    fusion = skinny.Fusion(norm_weight=None if norm_weight is None else norm_weight.contiguous(), eps=eps,
-                           up=None if up is None else _rows(up),
-                           residual=None if residual is None else _rows(residual))
     if runs_fused(x, weight, norm_weight, up, residual):
-        flat = _rows(x)
+        flat = skinny.as_rows(x)
         out = torch.empty(flat.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        fusion = _fusion(norm_weight, eps, up, residual)
         skinny.launch(flat, weight, None if bias is None else bias.contiguous(), out, fusion=fusion)
         return out.reshape(*x.shape[:-1], weight.shape[0])
     if not runs_prologue(x, norm_weight, up):
         return fused_linear_torch(x, weight, bias, norm_weight, eps, up, residual)
     # a big batch: the prologue in one kernel (eager torch's norm is six), the GEMM cuBLAS's
-    projected = F.linear(skinny.launch_prologue(_rows(x), fusion).view(x.shape), weight, bias)
+    prologue = skinny.launch_prologue(skinny.as_rows(x), _fusion(norm_weight, eps, up, residual))
+    projected = F.linear(prologue.view(x.shape), weight, bias)
     return projected if residual is None else residual + projected
+
+
+def _fusion(norm_weight: Tensor | None, eps: float, up: Tensor | None, residual: Tensor | None) -> skinny.Fusion:
+    return skinny.Fusion(norm_weight=None if norm_weight is None else norm_weight.contiguous(), eps=eps,
+                         up=None if up is None else skinny.as_rows(up),
+                         residual=None if residual is None else skinny.as_rows(residual))
 
 
 @fused_linear.register_fake

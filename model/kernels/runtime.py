@@ -7,6 +7,7 @@ import importlib.util
 import os
 
 import torch
+from torch import Tensor
 
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)     # what the kernels compute in
@@ -19,6 +20,16 @@ def interpreting() -> bool:
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def on_kernel_device(t: Tensor) -> bool:
+    """A GPU tensor, or any tensor under Triton's interpreter."""
+    return t.is_cuda or interpreting()
+
+
+def kernel_can_run(t: Tensor) -> bool:
+    """Triton is there and can compute on t: its device, its dtype."""
+    return on_kernel_device(t) and triton_available() and t.dtype in DTYPES
 
 
 KERNELS_VARIABLE = "IDEFICS3_KERNELS"

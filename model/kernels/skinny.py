@@ -19,22 +19,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .runtime import DTYPES, interpreting, switched_on, triton_available
+from .runtime import interpreting, kernel_can_run, switched_on
 
 MAX_ROWS = 64
 
 # model.linear's switch: its GPU projections through skinny_linear. Off (unless IDEFICS3_KERNELS lists
-# it) until a GPU measures it faster;
-# a compiled step traced before a change is traced again after it (dynamo guards on the flag).
+# it) until a GPU measures it faster; a compiled step traced before a change is traced again after it
+# (dynamo guards on the flag).
 enabled = switched_on("skinny")
 
 
 def runs_skinny(x: Tensor, weight: Tensor) -> bool:
     """Whether skinny_linear takes its kernel for x (..., K) and weight (N, K), not F.linear."""
     rows = x.numel() // max(x.shape[-1], 1)
-    return (0 < rows <= MAX_ROWS and (x.is_cuda or interpreting()) and triton_available()
-            and x.dtype == weight.dtype and x.dtype in DTYPES and weight.dim() == 2
+    return (0 < rows <= MAX_ROWS and kernel_can_run(x) and x.dtype == weight.dtype and weight.dim() == 2
             and weight.stride(1) == 1 and x.device == weight.device)
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """t as 2-D (rows, features) with inner stride 1; a split's view keeps its row stride (no copy)."""
+    flat = t.reshape(-1, t.shape[-1])
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
 def row_bucket(rows: int) -> int:
@@ -49,7 +54,7 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
     """x @ weight.T + bias, by the kernel where runs_skinny says so."""
     if not runs_skinny(x, weight):
         return F.linear(x, weight, bias)
-    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    flat = as_rows(x)
     out = torch.empty(flat.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     launch(flat, weight, None if bias is None else bias.contiguous(), out)
     return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -18,6 +18,7 @@ import model.linear
 import model.kernels.attention as attention
 import model.kernels.fused as fused
 import model.kernels.skinny as skinny
+from model.kernels import runtime
 from model import Idefics3ForConditionalGeneration
 from model.engine import LLMEngine, SamplingParams
 from tests.model.test_engine import _reference, _requests
@@ -80,7 +81,7 @@ def test_which_calls_the_kernel_takes():
     x, weight = torch.randn(2, 1, 16), torch.randn(24, 16)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")
-        patch.setattr(skinny, "triton_available", lambda: True)
+        patch.setattr(runtime, "triton_available", lambda: True)
         assert skinny.runs_skinny(x, weight)
         assert skinny.runs_skinny(x.bfloat16(), weight.bfloat16())
         assert not skinny.runs_skinny(torch.randn(65, 16), weight)          # prefill: F.linear
@@ -113,7 +114,7 @@ def test_without_a_gpu_or_the_interpreter_attention_is_the_torch_step(monkeypatc
     assert [attention.split_count(n) for n in (64, 512, 513, 4096, 100_000)] == [1, 1, 2, 8, 16]
 
 
-@pytest.mark.skipif(not skinny.triton_available(), reason="needs triton (its interpreter runs the kernel on CPU)")
+@pytest.mark.skipif(not runtime.triton_available(), reason="needs triton (its interpreter runs the kernel on CPU)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the CUDA tests below run the kernel itself")
 def test_the_interpreted_kernels():
     """The kernels' arithmetic, their bounds and their place in the engine, by Triton's interpreter."""
@@ -156,7 +157,7 @@ SKINNY_TYPES = dict(x_ptr="*{t}", w_ptr="*{t}", out_ptr="*{t}", bias_ptr="*{t}",
 UNFUSED = dict(NORM=False, ACT=False, RESIDUAL=False)
 
 
-@pytest.mark.skipif(not skinny.triton_available(), reason="needs triton")
+@pytest.mark.skipif(not runtime.triton_available(), reason="needs triton")
 @pytest.mark.parametrize("target", [90, 80])
 def test_the_projection_kernel_compiles_for_the_gpu_in_every_config(target):
     """What the interpreter cannot check: Triton's GPU compiler accepts the kernel (bf16: tensor-core
@@ -181,7 +182,7 @@ def test_the_projection_kernel_compiles_for_the_gpu_in_every_config(target):
         assert compile_for(target, prologue_kernel, types, shapes)["cubin"]
 
 
-@pytest.mark.skipif(not skinny.triton_available(), reason="needs triton")
+@pytest.mark.skipif(not runtime.triton_available(), reason="needs triton")
 @pytest.mark.parametrize("target", [90, 80])
 def test_the_attention_kernels_compile_for_the_gpu(target):
     from model.kernels import attention_triton
