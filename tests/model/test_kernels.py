@@ -4,9 +4,11 @@ kernels, at the 8B's shapes and inside the engine's compiled, graphed decode ste
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -182,6 +184,41 @@ def test_the_projection_kernel_compiles_for_the_gpu_in_every_config(target):
         assert compile_for(target, prologue_kernel, types, shapes)["cubin"]
 
 
+def sass_of(asm: dict) -> str:
+    """The machine code of a compiled kernel, by the cuobjdump that comes with triton."""
+    import triton
+
+    tool = getattr(getattr(getattr(triton, "knobs", None), "nvidia", None), "cuobjdump", None)
+    path = getattr(tool, "path", None)
+    if not path or not os.path.exists(path):
+        pytest.skip("this triton carries no cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(asm["cubin"])
+        cubin.flush()
+        return subprocess.run([path, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def async_16_byte_copies(sass: str) -> int:
+    return len(re.findall(r"\bLDGSTS\.E(?:\.BYPASS)?\.128\b", sass))
+
+
+@pytest.mark.skipif(not runtime.triton_available(), reason="needs triton")
+@pytest.mark.parametrize("parts", ["plain", "norm", "act+residual"])
+def test_the_projection_kernel_streams_its_tiles_in_pipelined_16_byte_copies(parts):
+    """What a bandwidth-bound kernel lives by, read off its sm_90 machine code: every tile it streams
+    (the weight's, the rows', the up projection's) comes in 16-byte asynchronous copies, one set a
+    pipeline stage. A mask Triton cannot prove constant along K, or a stride it cannot prove
+    16-divisible, would make them narrower (4x-8x the copies for the same bytes) or synchronous."""
+    flags = dict(plain=UNFUSED, norm=dict(UNFUSED, NORM=True), **{"act+residual": dict(UNFUSED, ACT=True, RESIDUAL=True)})
+    types = {name: t.format(t="bf16") for name, t in SKINNY_TYPES.items()}
+    for config in skinny.configs():
+        sass = sass_of(compile_for(90, skinny.plain_kernel(), types, dict(
+            config, ROWS=16, HAS_BIAS=False, UPCAST=False, EVEN_K=True, **flags[parts])))
+        tiles = config["BLOCK_N"] + 16 + (16 if parts == "act+residual" else 0)     # weight, rows, up: rows
+        per_stage = tiles * config["BLOCK_K"] * 2 // (config["num_warps"] * 32 * 16)
+        assert async_16_byte_copies(sass) >= config["num_stages"] * per_stage, (parts, config)
+
+
 @pytest.mark.skipif(not runtime.triton_available(), reason="needs triton")
 @pytest.mark.parametrize("target", [90, 80])
 def test_the_attention_kernels_compile_for_the_gpu(target):
@@ -195,8 +232,11 @@ def test_the_attention_kernels_compile_for_the_gpu(target):
                      **{f"stride_{name}": "i32"
                         for name in ("qb", "qh", "kb", "kh", "vb", "vh", "slot", "head", "pos")})
         shapes = dict(GROUP=4, HEAD_DIM=128, G_PAD=16, D_PAD=128, BLOCK_L=attention.BLOCK_L)
-        split = attention_triton.split_kernel
-        assert compile_for(target, split, types, dict(shapes, DIRECT=direct, UPCAST=dtype == "fp32"))["cubin"]
+        asm = compile_for(target, attention_triton.split_kernel, types, dict(shapes, DIRECT=direct, UPCAST=dtype == "fp32"))
+        assert asm["cubin"]
+        if dtype == "bf16":     # an iteration's keys and values in 16-byte asynchronous copies, double-buffered at least
+            keys_and_values = 2 * attention.BLOCK_L * 128 * 2 // (4 * 32 * 16)
+            assert async_16_byte_copies(sass_of(asm)) >= 2 * keys_and_values
     merged = dict(part_ptr="*fp32", stat_ptr="*fp32", out_ptr="*bf16", splits="i32", head_dim="i32")
     assert compile_for(target, attention_triton.merge_kernel, merged, dict(SPLITS_PAD=8, D_PAD=128))["cubin"]
 
