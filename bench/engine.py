@@ -369,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="+", default=["base"], type=variant_name,
                    help=f"decode-step variants to run ours with, a row each; '+' combines them "
                         f"(bench/decode_variants.py: {', '.join(sorted(VARIANTS))})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="both implementations' (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="every row's, both implementations")
     p.add_argument("--questions-per-image", type=int, default=1,
                    help="requests in runs of this many questions about one image (a VQA dataset's shape): our engine "
@@ -381,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = args.batches or ([8] if cpu else [1, 32, 256])
     if cpu and args.tile is None:
         args.tile, args.frames = 128, args.frames or 3
-    dtype = torch.float32 if cpu else torch.bfloat16
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float32 if cpu else torch.bfloat16
     print(f"# {args.device} {torch.cuda.get_device_name() if not cpu else ''} torch {torch.__version__} "
           f"threads {torch.get_num_threads()}", flush=True)
     for name in models:

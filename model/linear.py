@@ -1,5 +1,6 @@
-"""The one GEMM entry point of every projection: oneDNN for float32 inference on CPU, on weights
-packed once into its blocked layout where the engine asked for it."""
+"""The one GEMM entry point of every projection: oneDNN for float32 inference on CPU (and bfloat16
+where the CPU computes it natively), on weights packed once into its blocked layout where the engine
+asked for it."""
 from __future__ import annotations
 
 import logging
@@ -28,13 +29,32 @@ def _onednn_linear_works() -> bool:
         return False
 
 
+def _onednn_bf16_is_f_linear() -> bool:
+    """bfloat16 on a CPU with native bfloat16 dot products (AVX512-BF16, AMX): F.linear is oneDNN's
+    GEMM already, so its packed weight gives the same bits (checked here) ~1.6-2x faster at decode's
+    few rows (BENCHMARKS.md). Elsewhere bfloat16 is emulated, and left to F.linear."""
+    if not ONEDNN:
+        return False
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*shape, generator=g).bfloat16() for shape in ((3, 40), (24, 40), (24,)))
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""), F.linear(x, w, b))
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+
+
 ONEDNN = _onednn_linear_works()
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _onednn_bf16_is_f_linear() else (torch.float32,)
 
 
 def uses_onednn(x: Tensor, weight: Tensor) -> bool:
-    """CPU float32 without autograd: oneDNN's linear has no backward, so training keeps F.linear.
-    Not under torch.compile either: inductor cannot lower the private op, and picks its own GEMMs."""
-    if not ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    """CPU float32 (or native bfloat16) without autograd: oneDNN's linear has no backward, so training
+    keeps F.linear. Not under torch.compile either: inductor cannot lower the private op, and picks
+    its own GEMMs."""
+    if not ONEDNN or x.device.type != "cpu" or x.dtype not in ONEDNN_DTYPES or weight.dtype != x.dtype:
         return False
     if torch.compiler.is_compiling():
         return False
@@ -120,11 +140,11 @@ class Linear(Packable, nn.Linear):
 
 
 def _packable(weight: Tensor) -> bool:
-    return ONEDNN and weight.device.type == "cpu" and weight.dtype == torch.float32
+    return ONEDNN and weight.device.type == "cpu" and weight.dtype in ONEDNN_DTYPES
 
 
 def _packing_targets(model: nn.Module) -> list:
-    """The projections that run on CPU in float32: fused groups as one, not their parts again."""
+    """The projections that run on CPU through oneDNN: fused groups as one, not their parts again."""
     fused_parts, targets = set(), []
     for module in model.modules():
         fused = getattr(module, "fused", None)
@@ -148,7 +168,7 @@ def available_host_memory() -> int | None:
 
 
 def pack_weights(model: nn.Module, budget_bytes: int | None = None) -> nn.Module:
-    """Give every projection that runs on CPU in float32 a PackedWeight. Inference only: a changed
+    """Give every projection that runs on CPU through oneDNN a PackedWeight. Inference only: a changed
     weight stops using it. It costs a second copy of those weights, so nothing is packed (with a
     warning) when that copy would exceed `budget_bytes`."""
     targets = _packing_targets(model)

@@ -67,8 +67,9 @@ class DecodeStep:
 class LLMEngine:
     """Serves `generate(requests)` from one model. The model is put in eval mode and its q/k/v and
     gate/up projections are fused in place (model.fusion: same state dict, same memory); on CPU in
-    float32 the projections also get a copy packed for oneDNN (model.linear: ~1.6x faster decode,
-    for a second copy of the weights, made only if it fits in half the available memory); on CUDA
+    float32 (or bfloat16 where the CPU has it natively) the projections also get a copy packed for
+    oneDNN (model.linear: ~1.6x faster decode, for a second copy of the weights, made only if it
+    fits in half the available memory); on CUDA
     the LM head's rows are padded to an aligned count (model.lm_head: same state dict); and its
     norms, RoPE and activation run compiled or eagerly as this engine's decode step (model.pointwise:
     on a model shared by engines, the last one made decides)."""

@@ -1,5 +1,5 @@
-"""model.linear: oneDNN projections (packed or not) equal F.linear in float32; training and stale
-packs fall back to the plain weight."""
+"""model.linear: oneDNN projections (packed or not) equal F.linear in float32, and bit for bit in
+bfloat16 where the CPU has it natively; training and stale packs fall back to the plain weight."""
 from __future__ import annotations
 
 import pytest
@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from model import Idefics3ForConditionalGeneration
-from model.linear import ONEDNN, Linear, PackedWeight, linear, pack_weights, uses_onednn
+from model.linear import ONEDNN, ONEDNN_DTYPES, Linear, PackedWeight, linear, pack_weights, uses_onednn
 from tests.model.test_parity import make_batch
 
 torch.set_num_threads(1)
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this torch has no usable oneDNN linear")
+needs_native_bf16 = pytest.mark.skipif(torch.bfloat16 not in ONEDNN_DTYPES,
+                                       reason="this CPU emulates bfloat16 (no AVX512-BF16 or AMX)")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -29,6 +31,17 @@ def test_linear_matches_f_linear_packed_or_not(shape):
         _close(linear(x, w, b), expected)
         _close(linear(x, w, b, PackedWeight(w)), expected)
         _close(linear(x, w[50:150], None, PackedWeight(w[50:150])), F.linear(x, w[50:150]))
+
+
+@needs_native_bf16
+@pytest.mark.parametrize("shape", [(1, 96), (8, 96), (3, 5, 96), (300, 96)])
+def test_bf16_linear_packed_or_not_is_f_linear_bit_for_bit(shape):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in (shape, (200, 96), (200,)))
+    with torch.inference_mode():
+        assert uses_onednn(x, w)
+        assert torch.equal(linear(x, w, b, PackedWeight(w)), F.linear(x, w, b))
+        assert torch.equal(linear(x, w), F.linear(x, w))
 
 
 def test_training_keeps_f_linear_and_its_gradients():
@@ -75,6 +88,21 @@ def test_packed_model_gives_the_same_logits_and_packs_fused_groups_once(checkpoi
     assert model.lm_head.packed is not None
     with torch.inference_mode():
         _close(model(**batch).logits, before)
+
+
+@needs_native_bf16
+def test_a_packed_bf16_model_gives_the_same_logits_bit_for_bit(checkpoint):
+    from model.fusion import fuse_projections
+
+    model = Idefics3ForConditionalGeneration.from_pretrained(checkpoint("smolvlm"), dtype=torch.bfloat16).eval()
+    batch = make_batch(model.config)
+    with torch.inference_mode():
+        before = model(**batch).logits
+    pack_weights(fuse_projections(model))
+    vision_mlp = model.model.vision_model.encoder.layers[0].mlp.fc1             # with a bias
+    assert model.lm_head.packed is not None and vision_mlp.packed is not None
+    with torch.inference_mode():
+        assert torch.equal(model(**batch).logits, before)
 
 
 @needs_onednn
