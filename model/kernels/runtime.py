@@ -27,9 +27,17 @@ def on_kernel_device(t: Tensor) -> bool:
     return t.is_cuda or interpreting()
 
 
+@functools.cache
+def capable_gpu(index: int) -> bool:
+    """Ampere or later: the asynchronous copies and bfloat16 tensor-core dots the kernels are built
+    on (Triton supports compute capability 8.0 on); a T4 or V100 keeps the torch step."""
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
 def kernel_can_run(t: Tensor) -> bool:
     """Triton is there and can compute on t: its device, its dtype."""
-    return on_kernel_device(t) and triton_available() and t.dtype in DTYPES
+    device_ok = interpreting() or (t.is_cuda and capable_gpu(t.device.index))
+    return device_ok and triton_available() and t.dtype in DTYPES
 
 
 KERNELS_VARIABLE = "IDEFICS3_KERNELS"

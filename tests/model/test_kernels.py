@@ -53,6 +53,22 @@ def test_without_a_gpu_or_the_interpreter_the_op_is_f_linear(monkeypatch):
     assert torch.equal(model.linear.linear(x, weight), before)
 
 
+def test_gpus_before_ampere_keep_the_torch_step(monkeypatch):
+    capabilities = {0: (7, 5), 1: (8, 0), 2: (9, 0)}        # a T4, an A100, an H100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capabilities[index])
+    runtime.capable_gpu.cache_clear()
+    try:
+        assert [runtime.capable_gpu(i) for i in range(3)] == [False, True, True]
+    finally:
+        runtime.capable_gpu.cache_clear()
+
+
+@cuda
+def test_cuda_this_gpu_takes_the_kernels_from_ampere_on():
+    x = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16)
+    assert runtime.kernel_can_run(x) == (torch.cuda.get_device_capability() >= (8, 0))
+
+
 def test_the_environment_switches_kernels_on_in_every_process():
     """IDEFICS3_KERNELS sets the switches' defaults (what a tensor-parallel worker or Ray actor sees)."""
     probe = ("import model.kernels.attention as a, model.kernels.fused as f, model.kernels.skinny as s; "
