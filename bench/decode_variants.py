@@ -18,6 +18,10 @@ moves into model/; until then it lives here, out of the engine's code.
               model.kernels.attention's kernel (bench/attention.py)
     fused     skinny, with each layer's norms, gated activation and residual adds inside the
               projections' kernel (model.kernels.fused: three kernels a layer fewer)
+    eager     the engine built with compile=False: its decode step eager inside the CUDA graphs (as
+              run 1), its prefill's pointwise chains and sampler eager too. With the kernels on, a
+              layer is five custom ops, so the compile (~100 s a model on a fresh machine, per
+              replica) may buy little: `fused+attention+eager` against `fused+attention` says
 Run 6 (H200, 8B shapes, 8 layers): cdt slower, combo within noise, autotune faster only through the
 LM head (its Triton templates slower than cuBLAS for every other projection; ~3.5 s of autotuning per
 attention GEMM and layer); decode attention as one SDPA call (cuDNN's kernel) slower, and removed
@@ -88,7 +92,12 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "skinny": lambda: _patched(skinny_module, "enabled", True),
     "attention": lambda: _patched(attention_module, "enabled", True),
     "fused": _fused_layers,
+    "eager": contextlib.nullcontext,        # read by uncompiled(): the engine is built with compile=False
 }
+
+
+def uncompiled(name: str) -> bool:
+    return "eager" in name.split("+")
 
 
 _compiled_under: str | None = None

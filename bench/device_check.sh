@@ -1,9 +1,11 @@
 #!/bin/bash
 # The prepared GPU checks for a device session (15 device-minutes, machine starts included, ~95 s each):
-#   run(command="BATCHES=1 VARIANTS='base fused+attention skinny+attention skinny' bash bench/device_check.sh \
-#       variants", timeout_s=300)   # the kernels' whole decode step against the torch one, 8 layers of the 8B
-#   (each row is printed when done: the later variants may not finish; the skinny kernel autotunes 12
-#   configs per projection shape and fusion, ~1 s each, in the first variant that meets them)
+#   run(command="BATCHES=1 VARIANTS='base fused+attention fused+attention+eager skinny+attention skinny' bash \
+#       bench/device_check.sh variants", timeout_s=300)   # the kernels' whole decode step against the torch one,
+#   8 layers of the 8B (each row is printed when done: the later variants may not finish; the skinny kernel
+#   autotunes 12 configs per projection shape and fusion, ~1 s each, in the first variant that meets them;
+#   +eager: the same kernels without torch.compile, inside CUDA graphs: if as fast, a replica could skip
+#   the ~100 s compile)
 #   then at once (the machine stays warm ~30 s), with the fastest of them (its batch-1 step), e.g.
 #   run(command="BATCHES=1 VARIANTS=fused+attention bash bench/device_check.sh b8b", timeout_s=350)  # the target
 #   (BATCHES=1: a batch of 32 is another row bucket, another ~100 s of the skinny kernel's autotuning)

@@ -32,7 +32,7 @@ from model import Idefics3Config, Idefics3ForConditionalGeneration  # noqa: E402
 from model.engine import LLMEngine, Request, SamplingParams  # noqa: E402
 from model.llama import LlamaRotaryEmbedding, rope_inv_freq  # noqa: E402
 from model.loading import target_name  # noqa: E402
-from bench.decode_variants import VARIANTS, current_variant, decode_variant, variant_name  # noqa: E402
+from bench.decode_variants import VARIANTS, current_variant, decode_variant, uncompiled, variant_name  # noqa: E402
 from bench.profiling import profile_decode, profile_prefill, sync  # noqa: E402
 
 # Real dimensions (behaviour spec sections 5.2 / 5.3); token ids as in the released checkpoints.
@@ -284,9 +284,10 @@ def bench_one(name: str, batches: list[int], args, dtype: torch.dtype) -> list[d
         if args.questions_per_image > 1:
             requests = about_shared_images(requests, args.questions_per_image, spec["top"]["image_token_id"])
         need = max(len(r.prompt_ids) for r in requests) + args.new_tokens + 1   # + an overlapped step's position
+        compile_step = False if uncompiled(variant) else args.compile
         make_engine = functools.partial(LLMEngine, ours, max_batch_size=batch, max_prefill_tokens=args.prefill_tokens,
                                         kv_cache_tokens=max(batch, 2) * (-(-need // 256) * 256),   # a compiled
-                                        compile=args.compile)                   # step's two rows at batch 1
+                                        compile=compile_step)                   # step's two rows at batch 1
         with decode_variant(variant):
             row = bench_batch(name, batch, requests, make_engine, need, args, dtype, ref, weight_bytes, bandwidth)
         rows.append(row)
