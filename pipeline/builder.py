@@ -32,6 +32,37 @@ def on_gpu(config: PipelineConfig) -> bool:
 RESERVED_CPUS = 2      # one CPU for the read and write tasks, one for the checkpoint filter actor
 
 
+def node_cpus() -> list[float]:
+    """CPUs of each alive node of the cluster."""
+    if not ray.is_initialized():
+        return [1.0]
+    return [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")] or \
+        [ray.cluster_resources().get("CPU", 0.0)]
+
+
+def fitting_cpus(nodes: list[float], replicas: int, tp: int, reserve: float) -> int:
+    """The most CPUs each rank of `replicas` replicas can hold, a replica's `tp` ranks on one node
+    (their placement group packs them), with `reserve` CPUs of the cluster left over; at least 1."""
+    for cpus in range(int(max(nodes)) // tp, 1, -1):
+        fits = sum(int(n // (cpus * tp)) for n in nodes) >= replicas
+        if fits and cpus * tp * replicas <= sum(nodes) - reserve:
+            return cpus
+    return 1
+
+
+def replica_cpu_count(config: PipelineConfig) -> float:
+    """CPUs of a model replica (of each rank of a tensor-parallel one): `cpus_per_replica`, else 1
+    beside a GPU, and on a CPU-only run the most that its replicas can hold with one preprocessing
+    actor's CPU and Ray Data's reserved ones left: on CPUs the model is the work (~20x a row's
+    preprocessing), and its torch runs a thread a CPU (generate.cpu_threads)."""
+    if config.cpus_per_replica is not None:
+        return config.cpus_per_replica
+    if on_gpu(config):
+        return 1.0
+    reserve = RESERVED_CPUS + config.cpus_per_worker
+    return float(fitting_cpus(node_cpus(), replica_count(config), config.tensor_parallel_size, reserve))
+
+
 def replica_count(config: PipelineConfig) -> int:
     """`replicas`, else one per `tensor_parallel_size` GPUs of the cluster (all of them), or 1 on CPU."""
     if config.replicas is not None:
@@ -44,7 +75,7 @@ def replica_count(config: PipelineConfig) -> int:
 
 def replica_cpus(config: PipelineConfig) -> float:
     """CPUs the model replicas claim; on GPU nodes they are not counted (those have CPUs to spare)."""
-    return 0.0 if on_gpu(config) else replica_count(config) * config.cpus_per_replica * config.tensor_parallel_size
+    return 0.0 if on_gpu(config) else replica_count(config) * replica_cpu_count(config) * config.tensor_parallel_size
 
 
 def cpu_worker_range(config: PipelineConfig) -> tuple[int, int]:
@@ -76,7 +107,7 @@ def replica_resources(config: PipelineConfig, share: float = 1.0) -> dict:
     passing them is deprecated: tests/pipeline/test_replica_restart.py fails if that default changes)."""
     if config.tensor_parallel_size > 1:
         return {"num_gpus": 0, "num_cpus": 0}
-    return {"num_gpus": 1 if on_gpu(config) else 0, "num_cpus": config.cpus_per_replica * share}
+    return {"num_gpus": 1 if on_gpu(config) else 0, "num_cpus": replica_cpu_count(config) * share}
 
 
 def build_processor(config: PipelineConfig) -> Callable[[ray.data.Dataset], ray.data.Dataset]:
@@ -87,7 +118,7 @@ def build_processor(config: PipelineConfig) -> Callable[[ray.data.Dataset], ray.
         ds = ds.map_batches(Preprocess, fn_constructor_args=(config,), batch_size=config.batch_size,
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=fewest, max_size=most),
                             num_cpus=config.cpus_per_worker * share)
-        rank = {"GPU": 1, "CPU": 1} if on_gpu(config) else {"CPU": config.cpus_per_replica * share}
+        rank = {"GPU": 1, "CPU": 1} if on_gpu(config) else {"CPU": replica_cpu_count(config) * share}
         pool = ray.data.ActorPoolStrategy(size=replica_count(config),
                                           max_concurrent_calls_per_actor=calls_in_flight(config))
         return ds.map_batches(Generate, fn_constructor_args=(config, rank), batch_size=config.batch_size,

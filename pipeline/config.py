@@ -31,7 +31,9 @@ class PipelineConfig:
     tensor_parallel_size: int = 1               # devices per replica (placement group, STRICT_PACK)
     cpu_workers: int | None = None              # preprocessing actors; None: 1 up to the CPUs left (autoscaled)
     cpus_per_worker: float = 1.0
-    cpus_per_replica: float = 1.0               # CPUs of a model replica actor (its compute on a CPU-only node)
+    cpus_per_replica: float | None = None       # CPUs (torch threads) of a model replica actor; None: 1 beside a
+                                                # GPU, and on CPUs a node's less one preprocessing actor's and
+                                                # Ray Data's tasks' (pipeline.builder.replica_cpu_count)
     batch_size: int = 16                        # rows per block / per model call
     max_batch_size: int = 64                    # sequences the engine decodes together
     batches_in_flight: int | None = None        # blocks a replica streams at once; None: enough to fill the engine
@@ -80,6 +82,8 @@ class PipelineConfig:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.fetch_timeout_s <= 0:
             raise ValueError(f"fetch_timeout_s must be > 0, got {self.fetch_timeout_s}")
+        if self.cpus_per_replica is not None and not self.cpus_per_replica > 0:
+            raise ValueError(f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
         if self.dtype not in (None, *DTYPES):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("id_column", "image_column", "question_column"):

@@ -100,23 +100,34 @@ def replica_dtype(config: PipelineConfig, device: str):
     return compute_dtype(device)
 
 
+def cpu_threads(rank: dict) -> int:
+    """A CPU replica's (or rank's) torch threads: its CPUs. Ray sets OMP_NUM_THREADS to them only
+    where the environment has not (a cluster's OMP_NUM_THREADS=1 would leave a 30-CPU replica one)."""
+    return max(1, int(rank.get("CPU", 1)))
+
+
 def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict, placement=None, folder: str | None = None):
     """The engine of one replica: in this actor (tp 1, from `folder`, this node's copy of the
     checkpoint), or a RayTPGroup of one actor per rank, rank r taking bundle r (`rank`: its
     resources) of `placement`, this replica's placement group."""
     dtype, tp = replica_dtype(config, device), config.tensor_parallel_size
+    threads = cpu_threads(rank) if device == "cpu" else None
     if tp > 1:
         from model.parallel.ray_group import RayTPGroup
 
         # Each rank copies a checkpoint named by URL to its own node (the ranks' node may not be this one's).
         fetch = partial(local_checkpoint, storage_options=config.storage_options)
         return RayTPGroup(config.model, tp, dtype=dtype, device_type=device.split(":")[0], tokenizer=tokenizer, fetch=fetch,
-                          placement_group=placement, num_cpus=rank["CPU"],
+                          placement_group=placement, num_cpus=rank["CPU"], cpu_threads=threads,
                           batches_in_flight=calls_in_flight(config), max_batch_size=config.max_batch_size,
                           step_timeout_s=config.step_timeout_s, compile=config.compile_decode)
     from model import Idefics3ForConditionalGeneration
     from model.engine import LLMEngine
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     folder = folder or local_checkpoint(config.model, config.storage_options)
     model = Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device)
     return LLMEngine(model, tokenizer=tokenizer, max_batch_size=config.max_batch_size, compile=config.compile_decode)
