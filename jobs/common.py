@@ -23,7 +23,8 @@ def add_run_flags(ap) -> None:
     ap.add_argument("--tensor-parallel-size", type=int, help="devices per replica (default 1)")
     ap.add_argument("--cpus-per-replica", type=float,
                     help="CPUs (torch threads) of each model replica (default: 1 beside a GPU; on a CPU-only "
-                         "cluster a node's CPUs less 3: one preprocessing actor's and Ray Data's tasks')")
+                         "cluster the most the replicas fit on its nodes with 3 left for one preprocessing "
+                         "actor and Ray Data's tasks: a 32-CPU node's replica 29)")
     ap.add_argument("--cpu-workers", type=int,
                     help="preprocessing actors (default: from 1 up to the cluster's spare CPUs, as the rows need)")
     ap.add_argument("--batch-size", type=int, help="rows per CPU-stage block; images per model call (default 16)")
