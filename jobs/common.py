@@ -19,7 +19,8 @@ def add_run_flags(ap) -> None:
     image recipe, where images are read from. Each defaults to None: the job's defaults (caption: its
     job.yaml, then DEFAULTS; evaluate: PipelineConfig's) fill in what is not given."""
     ap.add_argument("--replicas", type=int,
-                    help="model replicas (default: one per --tensor-parallel-size GPUs of the cluster; 1 on CPU)")
+                    help="model replicas (default: one per --tensor-parallel-size GPUs of the cluster; without GPUs, "
+                         "one a node)")
     ap.add_argument("--tensor-parallel-size", type=int, help="devices per replica (default 1)")
     ap.add_argument("--cpus-per-replica", type=float,
                     help="CPUs (torch threads) of each model replica (default: 1 beside a GPU; on a CPU-only "

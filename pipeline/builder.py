@@ -63,12 +63,19 @@ def replica_cpu_count(config: PipelineConfig) -> float:
     return float(fitting_cpus(node_cpus(), replica_count(config), config.tensor_parallel_size, reserve))
 
 
+def replica_nodes(nodes: list[float]) -> int:
+    """CPU-only: the nodes that hold a replica each, those of at least half the largest's CPUs (a
+    small head node would otherwise shrink every replica to its size: fitting_cpus is uniform)."""
+    return sum(n >= max(nodes) / 2 for n in nodes)
+
+
 def replica_count(config: PipelineConfig) -> int:
-    """`replicas`, else one per `tensor_parallel_size` GPUs of the cluster (all of them), or 1 on CPU."""
+    """`replicas`, else one per `tensor_parallel_size` GPUs of the cluster (all of them), or on a
+    CPU-only cluster one a node (replica_nodes)."""
     if config.replicas is not None:
         return config.replicas
     if not on_gpu(config):
-        return 1
+        return replica_nodes(node_cpus())
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     return max(1, int(gpus // config.tensor_parallel_size))
 

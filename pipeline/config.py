@@ -27,7 +27,7 @@ class PipelineConfig:
     logprobs: bool = False                      # an `answer_logprob` column: the answer's log p under the model
     stop: list[str] = field(default_factory=list)   # strings that end an answer (transformers' stop_strings)
     seed: int | None = None                     # with sampling: per-row seed = f(seed, id), batch-independent
-    replicas: int | None = None                 # model replicas (actors); None: every GPU (/ tp), or 1 on CPU
+    replicas: int | None = None                 # model replicas (actors); None: every GPU (/ tp), or one a CPU node
     tensor_parallel_size: int = 1               # devices per replica (placement group, STRICT_PACK)
     cpu_workers: int | None = None              # preprocessing actors; None: 1 up to the CPUs left (autoscaled)
     cpus_per_worker: float = 1.0
