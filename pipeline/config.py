@@ -32,8 +32,8 @@ class PipelineConfig:
     cpu_workers: int | None = None              # preprocessing actors; None: 1 up to the CPUs left (autoscaled)
     cpus_per_worker: float = 1.0
     cpus_per_replica: float | None = None       # CPUs (torch threads) of a model replica actor; None: 1 beside a
-                                                # GPU, and on CPUs a node's less one preprocessing actor's and
-                                                # Ray Data's tasks' (pipeline.builder.replica_cpu_count)
+                                                # GPU, on CPUs the most the replicas fit on the nodes with 3 left
+                                                # (pipeline.builder.replica_cpu_count)
     batch_size: int = 16                        # rows per block / per model call
     max_batch_size: int = 64                    # sequences the engine decodes together
     batches_in_flight: int | None = None        # blocks a replica streams at once; None: enough to fill the engine
