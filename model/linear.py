@@ -15,35 +15,32 @@ from .kernels.runtime import on_kernel_device
 log = logging.getLogger(__name__)
 
 
+def _packed_is_f_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> bool:
+    """Whether oneDNN's linear on w packed gives F.linear's result here (False where its private ops
+    are missing or fail)."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""), F.linear(x, w, b))
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+
+
 def _onednn_linear_works() -> bool:
     """The oneDNN ops used here are private to torch: probe them once, fall back to F.linear if a
     build lacks them or they change."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        x, w = torch.ones(2, 3), torch.arange(12.0).reshape(4, 3)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        return torch.equal(y, F.linear(x, w))
-    except (AttributeError, NotImplementedError, RuntimeError):
-        return False
+    probe = torch.ones(2, 3), torch.arange(12.0).reshape(4, 3)
+    return torch.backends.mkldnn.is_available() and _packed_is_f_linear(*probe)
 
 
 def _onednn_bf16_is_f_linear() -> bool:
     """bfloat16 on a CPU with native bfloat16 dot products (AVX512-BF16, AMX): F.linear is oneDNN's
     GEMM already, so its packed weight gives the same bits (checked here) ~1.6-2x faster at decode's
     few rows (BENCHMARKS.md). Elsewhere bfloat16 is emulated, and left to F.linear."""
-    if not ONEDNN:
+    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if not ONEDNN or native is None or not native():
         return False
-    try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return False
-        g = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(*shape, generator=g).bfloat16() for shape in ((3, 40), (24, 40), (24,)))
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""), F.linear(x, w, b))
-    except (AttributeError, NotImplementedError, RuntimeError):
-        return False
+    g = torch.Generator().manual_seed(0)
+    return _packed_is_f_linear(*(torch.randn(*shape, generator=g).bfloat16() for shape in ((3, 40), (24, 40), (24,))))
 
 
 ONEDNN = _onednn_linear_works()
