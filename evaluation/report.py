@@ -72,19 +72,18 @@ def write_chart(summary: dict, out_dir: Path) -> Path:
 def thumbnail_data_uri(image: object, size: int = 160) -> str | None:
     """A small JPEG data URI of an image cell (bytes, {bytes, path} struct or local path; of a list of
     them, the first), or None."""
-    from PIL import Image
+    from processing.decode import decode_image, decode_image_file
 
     if isinstance(image, list):
         image = image[0] if image else None
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
-    try:
-        source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
-        with Image.open(source) as img:
-            img = img.convert("RGB")
-            img.thumbnail((size, size))
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=85)
+    try:    # the rows' own images: untrusted bytes, decoded within the same limits as the job's
+        img = decode_image(image) if isinstance(image, (bytes, bytearray)) else decode_image_file(image)
+        img = img.convert("RGB")
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
     except Exception:  # a gallery is for looking; an unreadable image is shown as missing
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

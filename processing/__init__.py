@@ -13,6 +13,8 @@ _EXPORTS = {
     "InputError": "errors",
     "ImageDecodeError": "errors",
     "ImageTooLargeError": "errors",
+    "NotAnImageError": "errors",
+    "UnsupportedImageFormatError": "errors",
     "PromptError": "errors",
     "RowEncoder": "fast_path",
     "EncodedRow": "fast_path",

@@ -1,7 +1,10 @@
 """Safe decoding of untrusted image bytes into PIL images.
 
 Every failure is a typed `InputError` whose message says what was wrong:
-* `ImageDecodeError`: not bytes, empty, unknown format, truncated or corrupt data;
+* `ImageDecodeError`: not bytes, empty, unknown format, truncated or corrupt data; among them
+  `NotAnImageError` (an HTML page, a video, a PDF, text: `processing.sniff` tells what from the first
+  bytes) and `UnsupportedImageFormatError` (HEIC without its plugin, SVG, and PostScript / EPS, which
+  Pillow would hand to Ghostscript: untrusted bytes never reach another program);
 * `ImageTooLargeError`: too many bytes, or a header announcing too many pixels or a side longer than
   the limit. The pixel count is checked on the header alone (`Image.open` parses only the header), so a
   decompression bomb never allocates its pixels.
@@ -15,12 +18,16 @@ import warnings
 
 from PIL import Image, ImageOps
 
-from .errors import ImageDecodeError, ImageTooLargeError
+from .errors import ImageDecodeError, ImageTooLargeError, NotAnImageError, UnsupportedImageFormatError
+from .sniff import sniff
 
 DEFAULT_MAX_PIXELS = 64_000_000       # e.g. 8000 x 8000; the processor shrinks everything to <= 4096 anyway
 DEFAULT_MAX_SIDE = 1 << 16            # longer sides are corrupt headers rather than images
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 ORIENTATION_TAG = 0x0112
+# Formats Pillow registers that are not decoded: EPS is rendered by running Ghostscript over the file
+# (PostScript is a programming language; Ghostscript's -dSAFER sandbox has been escaped before).
+REFUSED_FORMATS = frozenset({"EPS"})
 
 
 def check_size(width: int, height: int, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -35,19 +42,39 @@ def check_size(width: int, height: int, max_pixels: int | None = DEFAULT_MAX_PIX
                                  f"of {max_pixels} (possible decompression bomb)")
 
 
+def decodable_formats() -> list[str]:
+    """Pillow's registered formats (plugins such as pillow-heif's included) but the refused ones."""
+    Image.init()
+    return [name for name in Image.OPEN if name not in REFUSED_FORMATS]
+
+
 def _open_header(data: bytes) -> Image.Image:
     with warnings.catch_warnings():
         # Our own limit is checked right after; Pillow's global bomb warning adds nothing.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            return Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data), formats=decodable_formats())
         except Image.DecompressionBombError as e:
             raise ImageTooLargeError(f"image exceeds Pillow's decompression-bomb limit: {e}") from e
         except Image.UnidentifiedImageError as e:
-            raise ImageDecodeError(f"not a recognised image format ({len(data)} bytes, starting "
-                                   f"{bytes(data[:8])!r})") from e
+            raise unidentified(data) from e
         except Exception as e:  # malformed headers raise anything from SyntaxError to struct.error
-            raise ImageDecodeError(f"corrupt image header: {type(e).__name__}: {e}") from e
+            found = sniff(data)
+            what = f"{found.what} " if found and found.kind == "image" else ""
+            raise ImageDecodeError(f"corrupt {what}image header ({len(data)} bytes): {type(e).__name__}: {e}") from e
+
+
+def unidentified(data: bytes) -> ImageDecodeError:
+    """The error for bytes Pillow does not open, saying what they are where their start tells."""
+    size, start = f"{len(data)} bytes", f"starting {bytes(data[:8])!r}"
+    found = sniff(data)
+    if found is None:
+        return ImageDecodeError(f"not a recognised image format ({size}, {start})")
+    if found.kind == "image":
+        return ImageDecodeError(f"{found.what} data that Pillow cannot open ({size}): cut short, or a corrupt header")
+    if found.kind == "unsupported":
+        return UnsupportedImageFormatError(f"{found.what} ({size})")
+    return NotAnImageError(f"not an image: {found.what} ({size}, {start})")
 
 
 def _load_first_frame(image: Image.Image) -> None:

@@ -10,6 +10,14 @@ class ImageDecodeError(InputError):
     """The bytes are not a decodable image (empty, truncated, unknown format, corrupt)."""
 
 
+class NotAnImageError(ImageDecodeError):
+    """The bytes are something else: an HTML page, a video, a PDF, an archive, text."""
+
+
+class UnsupportedImageFormatError(ImageDecodeError):
+    """An image format that is not decoded: HEIC without its Pillow plugin, SVG, PostScript / EPS."""
+
+
 class ImageTooLargeError(InputError):
     """The image header announces more pixels (or a longer side) than the configured limit."""
 

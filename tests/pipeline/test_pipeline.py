@@ -15,6 +15,7 @@ MAX_NEW = 6
 def bad_rows() -> list[dict]:
     return [
         {"id": "undecodable", "image": b"\x89PNG\r\n\x1a\n-truncated", "question": "What?"},
+        {"id": "html-page", "image": b"<!doctype html><title>403 Forbidden</title>", "question": "What?"},
         {"id": "null-image", "image": None, "question": "What?"},
         {"id": "oversized", "image": png(120, 100, seed=9), "question": "What?"},
         {"id": "too-long", "image": png(20, 20), "question": "red green blue yellow " * 1200},
@@ -66,7 +67,8 @@ def test_answers_equal_greedy_generate_of_each_row_alone(run, oracle):
 
 
 @pytest.mark.parametrize("row_id, cause", [
-    ("undecodable", "ImageDecodeError"), ("null-image", "image is null"), ("oversized", "ImageTooLargeError"),
+    ("undecodable", "ImageDecodeError: corrupt PNG image header"), ("html-page", "NotAnImageError: not an image: an HTML page"),
+    ("null-image", "image is null"), ("oversized", "ImageTooLargeError"),
     ("too-long", "context"), ("image-tag", "<image>"),
 ])
 def test_bad_rows_become_error_rows(run, row_id, cause):
@@ -83,7 +85,8 @@ def test_summary_printed_and_written_beside_the_output(run):
     assert summary["missing_rows"] == summary["duplicate_rows"] == 0
     assert summary["error_rows"] == len(bad_rows())
     assert summary["errors_by_kind"] == {"preprocess: PromptError": 2, "preprocess: ImageDecodeError": 1,
-                                         "read image: image is null": 1, "preprocess: ImageTooLargeError": 1}
+                                         "preprocess: NotAnImageError": 1, "read image: image is null": 1,
+                                         "preprocess: ImageTooLargeError": 1}
     assert summary["generated_tokens_this_run"] > 0 and summary["rows_per_s"] > 0
 
 

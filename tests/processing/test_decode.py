@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import time
 import tracemalloc
@@ -12,7 +13,8 @@ import pytest
 from PIL import Image
 
 from processing.decode import decode_image, decode_image_file
-from processing.errors import ImageDecodeError, ImageTooLargeError, InputError
+from processing.errors import (ImageDecodeError, ImageTooLargeError, InputError, NotAnImageError,
+                               UnsupportedImageFormatError)
 from tests.processing.image_cases import photo
 
 
@@ -41,10 +43,56 @@ def test_roundtrip_png_is_exact():
     assert image.size == (37, 23) and np.array_equal(np.asarray(image), pixels)
 
 
-@pytest.mark.parametrize("data,cause", [(b"", "empty"), (b"GIF89a", "format"), (b"hello world" * 10, "format")])
+@pytest.mark.parametrize("data,cause", [(b"", "empty"), (b"GIF89a", "GIF data that Pillow cannot open"),
+                                        (bytes(range(64)), "not a recognised image format")])
 def test_empty_and_unknown(data, cause):
     with pytest.raises(ImageDecodeError, match=cause):
         decode_image(data)
+
+
+@pytest.mark.parametrize("data,error,cause", [
+    (b"\n<!DOCTYPE html>\n<html><body>404 Not Found</body></html>", NotAnImageError, "not an image: an HTML page"),
+    (b"%PDF-1.7\n%\xe2\xe3", NotAnImageError, "not an image: a PDF document"),
+    (b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2", NotAnImageError, "MP4/QuickTime video"),
+    (b"\x1aE\xdf\xa3\x9fB\x86\x81\x01", NotAnImageError, "WebM video"),
+    (b"PK\x03\x04\x14\x00\x00\x00", NotAnImageError, "a ZIP archive"),
+    (b"hello world" * 10, NotAnImageError, "not an image: text"),
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", UnsupportedImageFormatError, "HEIC/HEIF image"),
+    (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', UnsupportedImageFormatError, "SVG"),
+])
+def test_what_is_not_an_image_is_named(data, error, cause):
+    """At dataset scale many undecodable rows are something else saved as the image (a crawler's
+    error page, a video): the message, and the summary's count by error type, say what."""
+    with pytest.raises(error, match=cause):
+        decode_image(data)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "TIFF", "WEBP"])
+def test_an_image_cut_in_its_header_is_named_by_its_format(fmt):
+    data = encode(Image.fromarray(photo(20, 10)), fmt)[:14]
+    with pytest.raises(ImageDecodeError, match=f"{fmt if fmt != 'WEBP' else 'WebP'} data|corrupt|cannot decode") as e:
+        decode_image(data)
+    assert not isinstance(e.value, NotAnImageError)
+
+
+def test_postscript_never_reaches_ghostscript(tmp_path, monkeypatch):
+    """Pillow renders EPS by running Ghostscript over the file: untrusted bytes must not reach it. A
+    `gs` on the PATH that records its calls; Pillow looks for it again (gs_binary reset)."""
+    from PIL import EpsImagePlugin
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)
+    eps = encode(Image.new("RGB", (10, 10), "red"), "EPS")
+    with pytest.raises(UnsupportedImageFormatError, match="PostScript .*Ghostscript"):
+        decode_image(eps)
+    with pytest.raises(UnsupportedImageFormatError):      # the DOS EPS binary header too
+        decode_image(b"\xc5\xd0\xd3\xc6" + bytes(26) + eps)
+    assert not calls.exists()
 
 
 def test_not_bytes():
