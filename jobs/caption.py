@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add_run_flags, demo_path, init_ray,
-                         json_option, merge_args, print_summary)
+                         json_option, merge_args, print_error, print_summary)
 
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", system_prompt=None,
                 prompt_suffix="", id_column="id", image_column="image", question_column="question",
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         init_ray()      # only once the arguments are known good: a typo costs no cluster start
         summary = run_prepared(job)
     except BAD_ARGUMENTS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     print_rows(output, config.storage_options, values["show"])
     return 0 if print_summary(summary) else 1

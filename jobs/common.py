@@ -79,6 +79,13 @@ def add_image_flags(ap) -> None:
 # What a bad argument raises (a missing input, an output that exists or cannot be written, a bad
 # value): the jobs print its message in one line and exit 2, with no traceback.
 BAD_ARGUMENTS = (FileNotFoundError, FileExistsError, PermissionError, ValueError)
+
+
+def print_error(error: BaseException | str) -> None:
+    """A job's one-line error, without the passwords, signatures or tokens of the URLs it quotes."""
+    from pipeline.storage import redact_urls
+
+    print(f"error: {redact_urls(str(error))}", file=sys.stderr)
 DTYPE_HELP = ("bfloat16 / float16 / float32 (default: bfloat16 on GPUs from Ampere on, float16 on older ones "
               "such as T4 and V100, float32 on CPU; a tensor-parallel replica's ranks ask their own GPUs)")
 

@@ -28,8 +28,9 @@ from evaluation.metrics import METRICS
 from evaluation.report import (sample_rows, write_chart, write_gallery, write_metrics_json,
                                write_report_md)
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
-from jobs.common import BAD_ARGUMENTS, add_run_flags, merge_args, run_flag_names
+from jobs.common import BAD_ARGUMENTS, add_run_flags, merge_args, print_error, run_flag_names
 from pipeline.rows import rename_columns
+from pipeline.storage import redact_url
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -326,8 +327,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
     scored, run = gather_predictions(args, metric)
     scored = score_rows(scored, metric)
     summary = summarize(scored, metric)
-    sources = {k: v for k, v in (("model", args.model), ("input", args.input),
-                                 ("predictions", args.predictions)) if v}
+    sources = {k: redact_url(v) for k, v in (("model", args.model), ("input", args.input),
+                                             ("predictions", args.predictions)) if v}
     if args.model and not args.predictions:
         sources.update(model_settings(args))
     if args.limit is not None:
@@ -344,7 +345,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
             rows = sample_rows(scored.to_pylist(), args.gallery)
             write_gallery(rows, load_images(args, [str(r["id"]) for r in rows]), summary, out_dir)
     log.info("%s = %s over %d rows (%d errors) -> %s", metric, summary["score"], summary["rows"],
-             summary["errors"], args.output)
+             summary["errors"], redact_url(args.output))
     return summary, problem
 
 
@@ -353,11 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary, problem = evaluate(parse_args(argv))
     except BAD_ARGUMENTS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     print(json.dumps({k: summary[k] for k in ("metric", "score", "rows", "errors")}))
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        print_error(problem)
     return 1 if problem else 0
 
 

@@ -14,15 +14,13 @@ for a whole object, first sends a HEAD for its size: a second round trip per ima
 from __future__ import annotations
 
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from processing.decode import DEFAULT_MAX_BYTES
 
 from .rows import RowError
-from .storage import reader_fs
+from .storage import reader_fs, redact_url
 
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 RETRYABLE_STATUS = (408, 429)
@@ -64,21 +62,6 @@ def image_source(value) -> bytes | str:
     if isinstance(value, str):
         return value
     raise RowError(f"image has unsupported type {type(value).__name__} (want bytes, {{bytes, path}} or a path)")
-
-
-SECRET_PARAM = re.compile(r"sig|signature|credential|token|secret|key|password|auth", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """The URL as error rows may show it: no user:password, no signature, token or key in its query
-    (pre-signed S3 / GCS URLs carry them), the rest kept so the row still says which file."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = urlencode([(k, "***" if SECRET_PARAM.search(k) else v)
-                       for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def is_transient(error: BaseException) -> bool:

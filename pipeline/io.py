@@ -15,11 +15,17 @@ from .storage import arrow_fs, fsspec_fs, is_local, protocol_of
 WHOLE_FILE_BYTES = 4 << 20
 
 
+def is_glob(uri: str, path: str) -> bool:
+    """Whether the input names files by a pattern. An HTTP URL names one file: its `?` begins a
+    query (a pre-signed URL's signature), not a wildcard."""
+    return protocol_of(uri) not in ("http", "https") and globlib.has_magic(path)
+
+
 def input_paths(uri: str, storage_options: dict | None = None) -> list[str] | str:
     """A file, a folder, or a glob -> what read_parquet takes (paths without protocol). Only
     `.parquet` files count: a dataset's folder may hold its images too."""
     fs, path = fsspec_fs(uri, storage_options)
-    if globlib.has_magic(path):
+    if is_glob(uri, path):
         found = sorted(p for p in fs.glob(path) if p.endswith(".parquet"))
         if not found:
             raise FileNotFoundError(f"no Parquet file matches {uri!r}")
@@ -33,7 +39,7 @@ def input_folder(uri: str, storage_options: dict | None = None) -> str:
     """The input's folder as a URI (a folder itself, a file's parent, the fixed part of a glob): where
     image paths relative to the dataset are read from."""
     fs, path = fsspec_fs(uri, storage_options)
-    if globlib.has_magic(path):
+    if is_glob(uri, path):
         path = posixpath.dirname(path[:min(path.index(c) for c in "*?[" if c in path)])
     elif not fs.isdir(path):
         path = posixpath.dirname(path)

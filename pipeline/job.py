@@ -23,7 +23,7 @@ from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
 from .resume import checkpoint_config, clear_checkpoint, forget_lost_rows, has_checkpoint
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
-from .storage import fsspec_fs, has_files, sibling, write_text
+from .storage import fsspec_fs, has_files, redact_url, sibling, write_text
 
 COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
 ERROR_KINDS_SHOWN = 10
@@ -201,7 +201,7 @@ def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: 
     was to answer) with no output row (`missing_rows`) and output rows of an id written twice
     (`duplicate_rows`), both 0 unless something went wrong."""
     rows, tokens = after["rows"] - before["rows"], after["generated_tokens"] - before["generated_tokens"]
-    return {"input": input_uri, "output": output_uri, "input_rows": input_rows,
+    return {"input": redact_url(input_uri), "output": redact_url(output_uri), "input_rows": input_rows,
             "missing_rows": max(input_rows - after["ids"], 0), "duplicate_rows": after["rows"] - after["ids"],
             "rows": after["rows"], "error_rows": after["error_rows"],
             "rows_this_run": rows, "generated_tokens_this_run": tokens, "wall_s": round(wall, 3),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .checkpoint import remote_files
 from .config import PipelineConfig
-from .storage import fsspec_fs, is_local, sibling, write_text
+from .storage import fsspec_fs, is_local, redact_url, sibling, write_text
 
 ANSWER_SETTINGS = ("prompt", "system_prompt", "prompt_suffix", "id_column", "image_column", "question_column",
                    "max_new_tokens", "temperature", "top_p", "top_k",
@@ -47,7 +47,7 @@ def checkpoint_fingerprint(model: str, storage_options: dict | None = None) -> s
 
 
 def run_settings(config: PipelineConfig) -> dict:
-    return {"model": config.model, "checkpoint": checkpoint_fingerprint(config.model, config.storage_options),
+    return {"model": redact_url(config.model), "checkpoint": checkpoint_fingerprint(config.model, config.storage_options),
             **{name: getattr(config, name) for name in ANSWER_SETTINGS}}
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import threading
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
 import pyarrow as pa
@@ -108,3 +110,29 @@ def has_files(uri: str, storage_options: dict | None = None, ext: str = ".parque
     if not fs.exists(path):
         return False
     return any(p.endswith(ext) for p in fs.find(path))
+
+
+SECRET_PARAM = re.compile(r"sig|signature|credential|token|secret|key|password|auth", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """The URL as error rows may show it: no user:password, no signature, token or key in its query
+    (pre-signed S3 / GCS URLs carry them), the rest kept so the row still says which file. A local
+    path is returned as it is."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = urlencode([(k, "***" if SECRET_PARAM.search(k) else v)
+                       for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>()\[\]]*[^\s'\"<>()\[\].,;:]")
+
+
+def redact_urls(text: str) -> str:
+    """redact_url for every URL inside a message (a library's error may quote the URL it read)."""
+    return _URL.sub(lambda m: redact_url(m.group(0)), text)

@@ -101,6 +101,20 @@ def test_clear_errors_for_bad_arguments(checkpoint, tmp_path):
     assert bad.returncode == 2 and "--storage-options must be a JSON object" in log
 
 
+def test_an_error_quotes_urls_without_their_secrets(checkpoint, tmp_path):
+    from tests.pipeline.helpers import serve_folder
+
+    (tmp_path / "www").mkdir()
+    with serve_folder(tmp_path / "www", ranges=True) as url:
+        signed = url.replace("http://", "http://alice:hunter2@") + "/gone.parquet?X-Amz-Signature=abc123&v=2"
+        job = caption("--input", signed, "--output", str(tmp_path / "out"), "--model", str(checkpoint),
+                      log=tmp_path / "job.log")
+        log = finish(job, tmp_path / "job.log")
+    assert job.returncode == 2, log[-3000:]
+    assert "does not exist" in log and "gone.parquet?X-Amz-Signature=***&v=2" in log
+    assert "hunter2" not in log and "abc123" not in log
+
+
 def refuses_writes(folder: str) -> bool:
     try:
         Path(folder, "idefics3-write-probe").write_text("")

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline import PipelineConfig
 from pipeline.fetch import ImageFetcher, is_range_not_satisfiable, is_transient, redact_url
+from pipeline.storage import redact_urls
 from pipeline.preprocess import Preprocess
 from pipeline.rows import RowError
 from pipeline.storage import reader_fs
@@ -250,6 +251,9 @@ def test_error_rows_do_not_show_credentials_in_urls(server):
         assert not any(secret in error for secret in ("AKIA123", "abc123", "hunter2", "alice"))
     assert redact_url("s3://bucket/a/b.png") == "s3://bucket/a/b.png"
     assert redact_url("https://h/x.png?token=t&w=3") == "https://h/x.png?token=***&w=3"
+    assert redact_url("/data/a b?c=d#e") == "/data/a b?c=d#e"                 # a local path stays as it is
+    assert redact_urls("input 'https://a:pw@h/x?token=t' (see http://h/y?key=k).") == \
+        "input 'https://***@h/x?token=***' (see http://h/y?key=***)."
 
 
 def test_relative_paths_are_read_under_the_root(server, tmp_path):
