@@ -3,10 +3,11 @@
 Every failure is a typed `InputError` whose message says what was wrong:
 * `ImageDecodeError`: not bytes, empty, unknown format, truncated or corrupt data; among them
   `NotAnImageError` (an HTML page, a video, a PDF, text: `processing.sniff` tells what from the first
-  bytes) and `UnsupportedImageFormatError` (HEIC without its plugin, SVG, and PostScript / EPS, which
-  Pillow would hand to Ghostscript: untrusted bytes never reach another program);
+  bytes) and `UnsupportedImageFormatError` (HEIC without its plugin, SVG, Apple icons, and PostScript /
+  EPS, which Pillow would hand to Ghostscript: untrusted bytes never reach another program);
 * `ImageTooLargeError`: too many bytes, or a header announcing too many pixels or a side longer than
-  the limit. The pixel count is checked on the header alone (`Image.open` parses only the header), so a
+  the limit. The pixel count is checked on the header alone (`Image.open` parses only the header; an
+  ICO file, which Pillow decodes while opening it, has the headers of its icons checked before), so a
   decompression bomb never allocates its pixels.
 Animated images (GIF, APNG, WebP, multi-page TIFF) give their first frame; EXIF orientation is applied
 as the reference's path loader does. Pillow decoders are bounded by the input size, so nothing hangs.
@@ -14,6 +15,7 @@ as the reference's path loader does. Pillow decoders are bounded by the input si
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 from PIL import Image, ImageOps
@@ -27,7 +29,8 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 ORIENTATION_TAG = 0x0112
 # Formats Pillow registers that are not decoded: EPS is rendered by running Ghostscript over the file
 # (PostScript is a programming language; Ghostscript's -dSAFER sandbox has been escaped before).
-REFUSED_FORMATS = frozenset({"EPS"})
+# ICNS decodes its icons (PNG, JPEG 2000) at sizes its header does not announce.
+REFUSED_FORMATS = frozenset({"EPS", "ICNS"})
 
 
 def check_size(width: int, height: int, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -77,6 +80,25 @@ def unidentified(data: bytes) -> ImageDecodeError:
     return NotAnImageError(f"not an image: {found.what} ({size}, {start})")
 
 
+def check_icon_sizes(data: bytes, max_pixels: int | None, max_side: int | None) -> None:
+    """An ICO file decodes its largest icon while it is opened, at the size of the PNG or bitmap
+    inside, not the size its directory gives (at most 256): those sizes are checked first."""
+    if not data.startswith(b"\0\0\1\0") or len(data) < 6:
+        return
+    for i in range(struct.unpack_from("<H", data, 4)[0]):
+        if len(data) < 22 + 16 * i:
+            return                  # a directory cut short: Pillow refuses it
+        offset = struct.unpack_from("<I", data, 18 + 16 * i)[0]
+        if data[offset:offset + 8] == b"\x89PNG\r\n\x1a\n" and len(data) >= offset + 24:
+            width, height = struct.unpack_from(">II", data, offset + 16)
+        elif len(data) >= offset + 12:
+            width, height = struct.unpack_from("<ii", data, offset + 4)
+            height = abs(height) // 2            # a bitmap icon's height counts its mask too
+        else:
+            continue
+        check_size(max(width, 1), max(height, 1), max_pixels, max_side)
+
+
 def _load_first_frame(image: Image.Image) -> None:
     try:
         image.seek(0)
@@ -103,7 +125,9 @@ def decode_image(data: bytes | bytearray | memoryview, *, max_pixels: int | None
         raise ImageDecodeError("image data is empty (0 bytes)")
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageTooLargeError(f"image data is {len(data)} bytes, more than the limit of {max_bytes}")
-    image = _open_header(bytes(data))
+    data = bytes(data)
+    check_icon_sizes(data, max_pixels, max_side)
+    image = _open_header(data)
     check_size(image.width, image.height, max_pixels, max_side)
     _load_first_frame(image)
     if exif_transpose:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import logging
 import os
 import sys
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .errors import ImageDecodeError
 

@@ -16,6 +16,7 @@ _OTHERS = ((b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"), (b"\x1
            (b"\x1aE\xdf\xa3", "a Matroska/WebM video"), (b"OggS", "Ogg media"), (b"ID3", "MP3 audio"))
 POSTSCRIPT = "PostScript (EPS), which is not decoded: Pillow would run Ghostscript, a PostScript interpreter, over it"
 _POSTSCRIPT = (b"%!PS", b"\xc5\xd0\xd3\xc6")
+_ICNS = "an Apple icon (ICNS), which is not decoded: the sizes of the images inside are not in its header"
 _RIFF = {b"WEBP": ("image", "WebP"), b"AVI ": ("other", "an AVI video"), b"WAVE": ("other", "WAV audio")}
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 
@@ -33,6 +34,8 @@ def sniff(data: bytes) -> Sniffed | None:
 def _by_signature(data: bytes) -> Sniffed | None:
     if data.startswith(_POSTSCRIPT):
         return Sniffed("unsupported", POSTSCRIPT)
+    if data.startswith(b"icns"):
+        return Sniffed("unsupported", _ICNS)
     for table, kind in ((_IMAGES, "image"), (_OTHERS, "other")):
         for signature, what in table:
             if data.startswith(signature):

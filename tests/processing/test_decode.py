@@ -59,6 +59,7 @@ def test_empty_and_unknown(data, cause):
     (b"hello world" * 10, NotAnImageError, "not an image: text"),
     (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", UnsupportedImageFormatError, "HEIC/HEIF image"),
     (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', UnsupportedImageFormatError, "SVG"),
+    (b"icns\x00\x00\x01\x00ic07\x00\x00\x00\x20", UnsupportedImageFormatError, "Apple icon"),
 ])
 def test_what_is_not_an_image_is_named(data, error, cause):
     """At dataset scale many undecodable rows are something else saved as the image (a crawler's
@@ -125,6 +126,23 @@ def test_decompression_bomb_is_refused_from_the_header():
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert time.perf_counter() - start < 2 and peak < 10_000_000
+
+
+@pytest.mark.parametrize("bitmap_format", ["png", "bmp"])
+def test_icons_decode_within_the_limits_of_the_image_inside(bitmap_format):
+    """An ICO file decodes its largest icon while Pillow opens it, at the size of the PNG or bitmap
+    inside (its directory says at most 256): a favicon decodes; a 9000 x 9000 PNG inside one is
+    refused before anything is decoded (tens of KB of zeros would take 243 MB of pixels)."""
+    icon = Image.fromarray(photo(48, 48))
+    data = encode(icon, "ICO", sizes=[(48, 48), (16, 16)], bitmap_format=bitmap_format)
+    assert decode_image(data).size == (48, 48)
+    with pytest.raises(ImageTooLargeError, match="48x48 = 2304 pixels, more than the limit of 2000"):
+        decode_image(data, max_pixels=2000)
+    if bitmap_format == "png":
+        big = png_with_header(9000, 9000)
+        bomb = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(big), 22) + big
+        with pytest.raises(ImageTooLargeError, match="9000x9000"):
+            decode_image(bomb)
 
 
 def test_pixel_limit_is_configurable():
