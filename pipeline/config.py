@@ -91,7 +91,7 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be a column name, got {getattr(self, name)!r}")
         if self.image_backend not in ("pil", "torch"):
             raise ValueError(f"image_backend must be 'pil' or 'torch', got {self.image_backend!r}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1:      # NaN fails both
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if self.top_k < 0:      # else every row's request would be refused, each an error row
             raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")

@@ -417,6 +417,10 @@ def test_bad_requests_are_named(setup):
             engine.generate([Request("v", [1, token, 2])])
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+    for bad in (dict(temperature=float("nan")), dict(temperature=-1.0), dict(top_p=float("nan")), dict(top_p=0.0),
+                dict(top_k=-1), dict(repetition_penalty=float("nan")), dict(min_new_tokens=65)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
 
 
 def test_an_answer_longer_than_the_context_leaves_is_cut_there(setup, monkeypatch, overlap):
