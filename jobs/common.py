@@ -86,6 +86,8 @@ def print_error(error: BaseException | str) -> None:
     from pipeline.storage import redact_urls
 
     print(f"error: {redact_urls(str(error))}", file=sys.stderr)
+
+
 DTYPE_HELP = ("bfloat16 / float16 / float32 (default: bfloat16 on GPUs from Ampere on, float16 on older ones "
               "such as T4 and V100, float32 on CPU; a tensor-parallel replica's ranks ask their own GPUs)")
 

@@ -47,7 +47,8 @@ def checkpoint_fingerprint(model: str, storage_options: dict | None = None) -> s
 
 
 def run_settings(config: PipelineConfig) -> dict:
-    return {"model": redact_url(config.model), "checkpoint": checkpoint_fingerprint(config.model, config.storage_options),
+    return {"model": redact_url(config.model),
+            "checkpoint": checkpoint_fingerprint(config.model, config.storage_options),
             **{name: getattr(config, name) for name in ANSWER_SETTINGS}}
 
 

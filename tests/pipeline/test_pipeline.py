@@ -67,7 +67,8 @@ def test_answers_equal_greedy_generate_of_each_row_alone(run, oracle):
 
 
 @pytest.mark.parametrize("row_id, cause", [
-    ("undecodable", "ImageDecodeError: corrupt PNG image header"), ("html-page", "NotAnImageError: not an image: an HTML page"),
+    ("undecodable", "ImageDecodeError: corrupt PNG image header"),
+    ("html-page", "NotAnImageError: not an image: an HTML page"),
     ("null-image", "image is null"), ("oversized", "ImageTooLargeError"),
     ("too-long", "context"), ("image-tag", "<image>"),
 ])
