@@ -3,7 +3,7 @@
 Every failure is a typed `InputError` whose message says what was wrong:
 * `ImageDecodeError`: not bytes, empty, unknown format, truncated or corrupt data; among them
   `NotAnImageError` (an HTML page, a video, a PDF, text: `processing.sniff` tells what from the first
-  bytes) and `UnsupportedImageFormatError` (HEIC without its plugin, SVG, Apple icons, and PostScript /
+  bytes) and `UnsupportedImageFormatError` (HEIC where pillow-heif is not installed, SVG, Apple icons, and PostScript /
   EPS, which Pillow would hand to Ghostscript: untrusted bytes never reach another program);
 * `ImageTooLargeError`: too many bytes, or a header announcing too many pixels or a side longer than
   the limit. The pixel count is checked on the header alone (`Image.open` parses only the header; an
@@ -21,7 +21,7 @@ import warnings
 from PIL import Image, ImageOps
 
 from .errors import ImageDecodeError, ImageTooLargeError, NotAnImageError, UnsupportedImageFormatError
-from .sniff import sniff
+from .sniff import HEIF, sniff
 
 DEFAULT_MAX_PIXELS = 64_000_000       # e.g. 8000 x 8000; the processor shrinks everything to <= 4096 anyway
 DEFAULT_MAX_SIDE = 1 << 16            # longer sides are corrupt headers rather than images
@@ -31,6 +31,18 @@ ORIENTATION_TAG = 0x0112
 # (PostScript is a programming language; Ghostscript's -dSAFER sandbox has been escaped before).
 # ICNS decodes its icons (PNG, JPEG 2000) at sizes its header does not announce.
 REFUSED_FORMATS = frozenset({"EPS", "ICNS"})
+
+
+def register_heif() -> None:
+    """HEIC / HEIF (phones' photos) decode where pillow-heif is installed (the `heif` extra)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return
+    register_heif_opener()
+
+
+register_heif()
 
 
 def check_size(width: int, height: int, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -73,6 +85,9 @@ def unidentified(data: bytes) -> ImageDecodeError:
     found = sniff(data)
     if found is None:
         return ImageDecodeError(f"not a recognised image format ({size}, {start})")
+    if found.what == HEIF and "HEIF" not in decodable_formats():
+        return UnsupportedImageFormatError(f"a HEIC/HEIF image ({size}): Pillow reads it only with the pillow-heif "
+                                           "plugin (pip install pillow-heif)")
     if found.kind == "image":
         return ImageDecodeError(f"{found.what} data that Pillow cannot open ({size}): cut short, or a corrupt header")
     if found.kind == "unsupported":

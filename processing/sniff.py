@@ -18,6 +18,7 @@ POSTSCRIPT = "PostScript (EPS), which is not decoded: Pillow would run Ghostscri
 _POSTSCRIPT = (b"%!PS", b"\xc5\xd0\xd3\xc6")
 _ICNS = "an Apple icon (ICNS), which is not decoded: the sizes of the images inside are not in its header"
 _RIFF = {b"WEBP": ("image", "WebP"), b"AVI ": ("other", "an AVI video"), b"WAVE": ("other", "WAV audio")}
+HEIF = "HEIC/HEIF"
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 
 
@@ -51,7 +52,7 @@ def _by_box(data: bytes) -> Sniffed | None:
         return None
     brand = data[8:12]
     if brand in _HEIF_BRANDS:
-        return Sniffed("unsupported", "a HEIC/HEIF image, which Pillow reads only with the pillow-heif plugin")
+        return Sniffed("image", HEIF)
     if brand in (b"avif", b"avis"):
         return Sniffed("image", "AVIF")
     return Sniffed("other", f"an MP4/QuickTime video (ISO media, brand {brand.decode('latin-1')!r})")

@@ -57,7 +57,6 @@ def test_empty_and_unknown(data, cause):
     (b"\x1aE\xdf\xa3\x9fB\x86\x81\x01", NotAnImageError, "WebM video"),
     (b"PK\x03\x04\x14\x00\x00\x00", NotAnImageError, "a ZIP archive"),
     (b"hello world" * 10, NotAnImageError, "not an image: text"),
-    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", UnsupportedImageFormatError, "HEIC/HEIF image"),
     (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', UnsupportedImageFormatError, "SVG"),
     (b"icns\x00\x00\x01\x00ic07\x00\x00\x00\x20", UnsupportedImageFormatError, "Apple icon"),
 ])
@@ -74,6 +73,23 @@ def test_an_image_cut_in_its_header_is_named_by_its_format(fmt):
     with pytest.raises(ImageDecodeError, match=f"{fmt if fmt != 'WEBP' else 'WebP'} data|corrupt|cannot decode") as e:
         decode_image(data)
     assert not isinstance(e.value, NotAnImageError)
+
+
+def test_heic_photos_decode_where_pillow_heif_is_installed(monkeypatch):
+    pytest.importorskip("pillow_heif")      # the test extra installs it; decode registers it
+    from processing import decode
+
+    data = encode(Image.new("RGB", (40, 30), (200, 30, 10)), "HEIF")
+    image = decode_image(data)
+    assert image.size == (40, 30) and np.abs(np.asarray(image.convert("RGB"), np.int16) - (200, 30, 10)).max() < 8
+    with pytest.raises(ImageTooLargeError, match="40x30"):
+        decode_image(data, max_pixels=1000)
+    with pytest.raises(ImageDecodeError, match="HEIC/HEIF") as cut:
+        decode_image(data[:40])
+    assert not isinstance(cut.value, UnsupportedImageFormatError)
+    monkeypatch.setattr(decode, "REFUSED_FORMATS", decode.REFUSED_FORMATS | {"HEIF"})   # as without the plugin
+    with pytest.raises(UnsupportedImageFormatError, match="HEIC/HEIF image .*pip install pillow-heif"):
+        decode_image(data)
 
 
 def test_postscript_never_reaches_ghostscript(tmp_path, monkeypatch):
