@@ -21,7 +21,7 @@ import warnings
 from PIL import Image, ImageOps
 
 from .errors import ImageDecodeError, ImageTooLargeError, NotAnImageError, UnsupportedImageFormatError
-from .sniff import HEIF, sniff
+from .sniff import sniff
 
 DEFAULT_MAX_PIXELS = 64_000_000       # e.g. 8000 x 8000; the processor shrinks everything to <= 4096 anyway
 DEFAULT_MAX_SIDE = 1 << 16            # longer sides are corrupt headers rather than images
@@ -31,6 +31,7 @@ ORIENTATION_TAG = 0x0112
 # (PostScript is a programming language; Ghostscript's -dSAFER sandbox has been escaped before).
 # ICNS decodes its icons (PNG, JPEG 2000) at sizes its header does not announce.
 REFUSED_FORMATS = frozenset({"EPS", "ICNS"})
+PLUGINS = {"HEIF": "pillow-heif"}     # formats a pip package adds to Pillow
 
 
 def register_heif() -> None:
@@ -85,9 +86,10 @@ def unidentified(data: bytes) -> ImageDecodeError:
     found = sniff(data)
     if found is None:
         return ImageDecodeError(f"not a recognised image format ({size}, {start})")
-    if found.what == HEIF and "HEIF" not in decodable_formats():
-        return UnsupportedImageFormatError(f"a HEIC/HEIF image ({size}): Pillow reads it only with the pillow-heif "
-                                           "plugin (pip install pillow-heif)")
+    if found.kind == "image" and found.pillow_format not in decodable_formats():
+        plugin = PLUGINS.get(found.pillow_format)
+        how = f"with the {plugin} plugin (pip install {plugin})" if plugin else "where built with its codec"
+        return UnsupportedImageFormatError(f"a {found.what} image ({size}): Pillow reads it only {how}")
     if found.kind == "image":
         return ImageDecodeError(f"{found.what} data that Pillow cannot open ({size}): cut short, or a corrupt header")
     if found.kind == "unsupported":
