@@ -21,6 +21,7 @@ from ..fusion import fuse_projections
 from ..linear import available_host_memory, pack_weights
 from ..lm_head import pad_lm_head
 from ..pointwise import compile_pointwise
+from .choices import EngineChoices
 from .image_cache import ImageFeatureCache
 from .kv_cache import KVCache, plan_cache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
@@ -88,6 +89,7 @@ class LLMEngine:
         if self.device.type == "cuda":
             pad_lm_head(model)
         self.text_config = model.config.text_config
+        self.choices = EngineChoices(tokenizer, self.text_config.vocab_size, self.device)
         self.max_batch_size, self.kv_cache_tokens = max_batch_size, kv_cache_tokens
         self.max_prefill_tokens, self.use_cuda_graphs = max_prefill_tokens, use_cuda_graphs
         self.max_image_frames = max_image_frames
@@ -161,13 +163,17 @@ class LLMEngine:
     def check_request(self, request: Request) -> None:
         """ValueError naming the request if the engine cannot run it (checked before any work starts)."""
         check_request(request, self.model.config, has_tokenizer=self.tokenizer is not None)
+        if request.sampling.choices:
+            self.choices.check(request, self._stop_ids(request))
+
+    def _stop_ids(self, request: Request) -> frozenset[int]:
+        stop = request.sampling.stop_token_ids
+        return frozenset(self.stop_ids if stop is None else stop)
 
     def _sequence(self, request: Request) -> Sequence:
-        stop = request.sampling.stop_token_ids
         # As vLLM's: an answer that would outgrow the context ends there, "length"; not an error.
         room = self.text_config.max_position_embeddings - len(request.prompt_ids)
-        return Sequence(request, frozenset(self.stop_ids if stop is None else stop),
-                        max_new_tokens=min(request.sampling.max_new_tokens, room))
+        return Sequence(request, self._stop_ids(request), max_new_tokens=min(request.sampling.max_new_tokens, room))
 
     @torch.inference_mode()
     def generate(self, requests: list[Request]) -> list[Result]:
@@ -268,17 +274,18 @@ class LLMEngine:
         self.sampling.assign(seq.slot, p.temperature, p.top_k, p.top_p, seed, p.min_new_tokens,
                              sorted(seq.stop_ids), p.repetition_penalty, seq.request.prompt_ids)
 
-    def sample_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Next token of each row, NON_FINITE where its logits are not (a hook: tensor-parallel
-        ranks take rank 0's)."""
+    def sample_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence],
+                      allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Next token of each row, NON_FINITE where its logits are not, only `allowed` tokens where
+        given (a hook: tensor-parallel ranks take rank 0's)."""
         return sample_rows(logits, self.sampling, slots, [s.request.sampling for s in seqs],
-                           compiled=self.runner.compile)
+                           compiled=self.runner.compile, allowed=allowed)
 
-    def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor,
-                     seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence],
+                     rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The rows' tokens (NON_FINITE for a row whose logits are not), and their log p when a
-        request asks for them. The model reads `model_tokens` of them."""
-        tokens = self.sample_tokens(logits, slots, seqs)
+        request asks for them. The model reads `model_tokens` of them. Row rows[i] is seqs[i]'s."""
+        tokens = self.sample_tokens(logits, slots, seqs, self.choices.allowed(seqs, rows, logits.shape[0]))
         if penalized(seqs):
             self.sampling.mark_seen(slots, model_tokens(tokens))
         return tokens, token_logprobs(logits, model_tokens(tokens)) if wants_logprobs(seqs) else None
@@ -308,7 +315,7 @@ class LLMEngine:
         for seq in seqs:
             self._assign_sampling(seq)
         slot_t = torch.tensor(slots, device=self.device)
-        tokens, logprobs = self._next_tokens(logits, slot_t, seqs)
+        tokens, logprobs = self._next_tokens(logits, slot_t, seqs, list(range(len(seqs))))
         runner.tokens[slot_t] = model_tokens(tokens)
         runner.positions[slot_t] = torch.tensor([s.prompt_len for s in seqs], device=self.device)
         self.active[slot_t] = 1
@@ -321,6 +328,8 @@ class LLMEngine:
         in-flight token is their last (max_new_tokens) are left out. None (collect first) if that
         leaves none, or if their slots would let waiting requests in (Scheduler.can_admit)."""
         lag = in_flight is not None
+        if lag and any(s.request.sampling.choices for s in in_flight.seqs):
+            return None      # a choice's next tokens depend on the token in flight
         seqs = [s for s in scheduler.running.values() if not (lag and s.last_token_pending())]
         finishing = len(scheduler.running) - len(seqs)
         if not seqs or (finishing and scheduler.can_admit(finishing)):
@@ -329,7 +338,7 @@ class LLMEngine:
         rows = runner.decode_rows(scheduler.decode_batch_size())
         kv_len = kv_bucket(max(s.length for s in seqs) + lag, runner.cache.max_len)
         logits = runner.decode(rows, kv_len)
-        tokens, logprobs = self._next_tokens(logits, runner.slot_ids[:rows], seqs)
+        tokens, logprobs = self._next_tokens(logits, runner.slot_ids[:rows], seqs, [s.slot for s in seqs])
         runner.tokens[:rows] = model_tokens(tokens)
         runner.positions[:rows] += self.active[:rows]
         self.sampling.step[:rows] += 1

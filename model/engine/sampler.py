@@ -204,26 +204,27 @@ fused_greedy_tokens = CompiledOrEager(greedy_tokens, "the greedy draw")
 
 
 def sample_rows(logits: Tensor, state: SamplingState, slots: Tensor, params: list[SamplingParams], *,
-                compiled: bool) -> Tensor:
+                compiled: bool, allowed: Tensor | None = None) -> Tensor:
     """Next token of each row, NON_FINITE where its logits are not, the host-side facts `sample`
     takes read from the rows' requests. compiled: the engine's decode step is; its sampler is then
-    compiled too (an all-greedy step one compiled function), and nuclei are found by bisection."""
+    compiled too (an all-greedy step one compiled function), and nuclei are found by bisection.
+    allowed: (B, V) bool, the only tokens each row may take (model.engine.choices), or None."""
     sampled = [p for p in params if not p.greedy]
     penalty = any(p.repetition_penalty != 1.0 for p in params)
-    if not sampled and not penalty:
+    if not sampled and not penalty and allowed is None:
         draw = fused_greedy_tokens if compiled else greedy_tokens
         return draw(logits, state.step, state.min_new, state.stop_mask, slots)
     top_ks = [p.top_k for p in sampled]
     tokens = sample(logits, state, slots, any_sampling=bool(sampled),
                     any_filter=any(p.top_k > 0 or p.top_p < 1 for p in sampled), any_penalty=penalty,
                     top_k_cap=max(top_ks) if top_ks and min(top_ks) > 0 else None,
-                    sort_free_nucleus=compiled and not any(top_ks), fuse_noise=compiled)
+                    sort_free_nucleus=compiled and not any(top_ks), fuse_noise=compiled, allowed=allowed)
     return flag_non_finite(tokens, logits)
 
 
 def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
            any_filter: bool, any_penalty: bool = False, top_k_cap: int | None = None,
-           sort_free_nucleus: bool = False, fuse_noise: bool = False) -> Tensor:
+           sort_free_nucleus: bool = False, fuse_noise: bool = False, allowed: Tensor | None = None) -> Tensor:
     """Next token per row (B,) int64. slots (B,) indexes the rows' SamplingState entries.
 
     any_sampling / any_filter / any_penalty / top_k_cap are host-side facts about the rows (known
@@ -233,11 +234,13 @@ def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling:
     the engine's choice with fuse_noise: compiled, it beat the sort 2.4-2.9x on a CPU (32 and 256
     rows of 49 280 tokens), and the GPU's sort took ~3 ms a step at 256 x 128 259 (run 6); eager,
     at 256 rows, it lost. fuse_noise: the noise and the draw, and the bisection, compiled (the
-    engine's choice with a compiled decode step: CUDA's default).
+    engine's choice with a compiled decode step: CUDA's default). allowed: as sample_rows's.
     """
     logits = logits.float()
     if any_penalty:
         logits = penalize_repeats(logits, state.penalty[slots], state.seen[slots])
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     logits = logits.masked_fill(too_early(state.step, state.min_new, state.stop_mask, slots), float("-inf"))
     greedy = logits.argmax(dim=-1)
     if not any_sampling:

@@ -20,6 +20,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # > 1 discourages every token of the prompt and the answer so far
     logprobs: bool = False            # Result.cumulative_logprob: the answer's log-probability under the model
     stop: tuple[str, ...] | list[str] = ()   # strings that end the answer (with the token that completes one)
+    choices: tuple[str, ...] | list[str] = ()   # the answer is one of these (after at most one space)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -34,6 +35,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+        if any(not isinstance(c, str) or not c for c in self.choices):
+            raise ValueError(f"choices must be non-empty strings, got {list(self.choices)!r}")
+        if self.choices and self.min_new_tokens:
+            raise ValueError("min_new_tokens cannot be combined with choices (a whole choice may come first)")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 

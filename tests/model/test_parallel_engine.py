@@ -88,9 +88,11 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     penalized = requests(path, max_new_tokens=6, repetition_penalty=1.6, logprobs=True)
     texts = [tokenizer.decode(t, skip_special_tokens=False) for t in reference_tokens(plain, long)]
     stopped = [replace(r, sampling=replace(r.sampling, stop=[text[2:4] or "x"])) for r, text in zip(long, texts)]
-    parts = [long, short, sampled, penalized, stopped]
-    want = {(i, j): tokens for i, part in enumerate(parts[:-1]) for j, tokens in enumerate(reference_tokens(plain, part))}
-    want.update({(4, j): r.token_ids for j, r in enumerate(LLMEngine(plain, tokenizer).generate(stopped))})
+    chosen = [replace(r, sampling=replace(r.sampling, choices=("red circle", "blue square", "green"))) for r in long]
+    parts = [long, short, sampled, penalized, stopped, chosen]
+    want = {(i, j): tokens for i, part in enumerate(parts[:4]) for j, tokens in enumerate(reference_tokens(plain, part))}
+    for i in (4, 5):        # stop strings, choices: as TP=1's engine
+        want.update({(i, j): r.token_ids for j, r in enumerate(LLMEngine(plain, tokenizer).generate(parts[i]))})
     assert any(len(want[4, j]) < len(want[0, j]) for j in range(len(long)))        # stop strings cut answers
     options = dict(overlap=True, batched_prefill=True) if cuda_defaults else {}
     with TPEngine(path, 2, tokenizer=tokenizer, cpu_threads=1, timeout_s=120, max_batch_size=8, **options) as engine:
