@@ -26,6 +26,7 @@ class PipelineConfig:
     repetition_penalty: float = 1.0             # transformers' repetition_penalty; 1 = none
     logprobs: bool = False                      # an `answer_logprob` column: the answer's log p under the model
     stop: list[str] = field(default_factory=list)   # strings that end an answer (transformers' stop_strings)
+    choices: list[str] = field(default_factory=list)    # every answer is one of these (vLLM's guided choice)
     seed: int | None = None                     # with sampling: per-row seed = f(seed, id), batch-independent
     replicas: int | None = None                 # model replicas (actors); None: every GPU (/ tp), or one a CPU node
     tensor_parallel_size: int = 1               # devices per replica (placement group, STRICT_PACK)
@@ -61,9 +62,12 @@ class PipelineConfig:
     fetch_timeout_s: float = 60.0               # an image read (async stores: s3, gcs, http) not done by then fails
 
     def __post_init__(self) -> None:
-        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty, got {self.stop!r}")
+        for name in ("stop", "choices"):
+            texts = getattr(self, name)
+            texts = [texts] if isinstance(texts, str) else list(dict.fromkeys(texts or []))
+            if any(not isinstance(s, str) or not s for s in texts):
+                raise ValueError(f"{name} must be non-empty strings, got {texts!r}")
+            setattr(self, name, texts)
         if isinstance(self.keep_columns, str):
             self.keep_columns = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
         # Output columns are always there; keeping them again would duplicate them.

@@ -220,7 +220,7 @@ class Generate:
         c = self.config
         sampling = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, repetition_penalty=c.repetition_penalty, logprobs=c.logprobs,
-                                  stop=tuple(c.stop), seed=row_seed(c.seed, row["id"]))
+                                  stop=tuple(c.stop), choices=tuple(c.choices), seed=row_seed(c.seed, row["id"]))
         return Request(str(row["id"]), row["input_ids"], self.pixel_values(row), sampling=sampling,
                        image_key=row["image_key"])
 

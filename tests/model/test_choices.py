@@ -19,11 +19,11 @@ from tests.model.test_engine import setup  # noqa: F401  (tiny checkpoints, the 
 CHOICES = ("red circle", "red", "blue square", "green triangles", "purple", "zebra crossing")
 
 
-def brute_force_allowed(tokenizer, generated: list[int], choices, stop_ids) -> list[int]:
+def brute_force_allowed(backend, generated: list[int], choices, stop_ids) -> list[int]:
     """Every token after which the answer's text is still a beginning of a choice (or of a space and
-    a choice), and the stop ids once it is a whole one: each token's text decoded with the answer."""
+    a choice), and the stop ids once it is a whole one: each token's text decoded with the answer.
+    `backend`: the `tokenizers` Tokenizer."""
     texts = [c for choice in choices for c in (choice, " " + choice)]
-    backend = tokenizer.backend
     added = set(backend.get_added_tokens_decoder())
     so_far = backend.decode(generated, skip_special_tokens=False)
     allowed = [v for v in range(backend.get_vocab_size(with_added_tokens=False)) if v not in added
@@ -36,7 +36,8 @@ def reference_choice(ref, tokenizer, request, choices, stop_ids) -> list[int]:
     n = len(request.prompt_ids)
     ids = torch.tensor([request.prompt_ids])
     kwargs = dict(max_new_tokens=request.sampling.max_new_tokens, do_sample=False, eos_token_id=sorted(stop_ids),
-                  prefix_allowed_tokens_fn=lambda _, row: brute_force_allowed(tokenizer, row[n:].tolist(), choices, stop_ids))
+                  prefix_allowed_tokens_fn=lambda _, row: brute_force_allowed(tokenizer.backend, row[n:].tolist(),
+                                                                              choices, stop_ids))
     if request.pixel_values is not None:
         kwargs.update(pixel_values=request.pixel_values[None], pixel_attention_mask=request.pixel_attention_mask[None])
     return ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0, n:].tolist()

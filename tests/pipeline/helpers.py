@@ -45,9 +45,10 @@ class Oracle:
         self.model = Idefics3ForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
 
     def answer(self, image: bytes | list[bytes], question: str, max_new_tokens: int, system: str | None = None,
-               **generate) -> tuple[str, int]:
+               allowed=None, **generate) -> tuple[str, int]:
         """`image`: one image's bytes, or a list of several (all before the question); `system`: a
-        system turn first; `generate`: more of generate's settings (repetition_penalty=...)."""
+        system turn first; `allowed`: the tokens allowed after the answer's tokens so far (a function
+        of them); `generate`: more of generate's settings (repetition_penalty=...)."""
         import torch
 
         images = image if isinstance(image, list) else [image]
@@ -57,6 +58,9 @@ class Oracle:
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
         inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True, return_tensors="pt")
+        n = inputs["input_ids"].shape[1]
+        if allowed is not None:
+            generate["prefix_allowed_tokens_fn"] = lambda _, row: allowed(row[n:].tolist())
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate)
         new = out[0, inputs["input_ids"].shape[1]:]
