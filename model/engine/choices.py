@@ -9,10 +9,12 @@ generate(prefix_allowed_tokens_fn=...) answers with the same sets.
 Matched on the tokens' bytes (byte-level vocabularies: every Idefics3 checkpoint), so a choice may
 be written in any of the vocabulary's spellings of it, not only in the tokenizer's own split, and
 each step allows only tokens after which the choice can still be finished. Special and added
-tokens never spell a choice.
+tokens never spell a choice. What each answer so far allows is kept as token ids (a few per choice),
+not as vocabulary-wide masks, so that rows with choices of their own cost little memory.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Sequence
 
@@ -36,7 +38,7 @@ class EngineChoices:
 
     def constraint(self, choices: Sequence[str], stop_ids: frozenset[int]) -> "ChoiceConstraint":
         if self._vocabulary is None:
-            self._vocabulary = ChoiceVocabulary(self.tokenizer, self.vocab_size, self.device)
+            self._vocabulary = ChoiceVocabulary(self.tokenizer, self.vocab_size)
         return self._vocabulary.constraint(choices, stop_ids)
 
     def check(self, request, stop_ids: frozenset[int]) -> None:
@@ -57,16 +59,22 @@ class EngineChoices:
         chosen = [(row, seq) for row, seq in zip(rows, seqs) if seq.request.sampling.choices]
         if not chosen:
             return None
+        ids = [self.constraint(seq.request.sampling.choices, seq.stop_ids).allowed_after(seq.generated)
+               for _, seq in chosen]
+        on_device = lambda values: torch.tensor(values, dtype=torch.int64, device=self.device)  # noqa: E731
         allowed = torch.ones(num_rows, self.vocab_size, dtype=torch.bool, device=self.device)
-        masks = [self.constraint(seq.request.sampling.choices, seq.stop_ids).mask(seq.generated) for _, seq in chosen]
-        allowed[torch.tensor([row for row, _ in chosen], device=self.device)] = torch.stack(masks)
+        allowed[on_device([row for row, _ in chosen])] = False
+        rows_of_ids = [row for (row, _), some in zip(chosen, ids) for _ in some]
+        allowed[on_device(rows_of_ids), on_device([i for some in ids for i in some])] = True
         return allowed
 
 
 class ChoiceVocabulary:
     """The tokens that spell text, by their bytes, of one tokenizer and model vocabulary."""
 
-    def __init__(self, tokenizer, vocab_size: int, device: torch.device | str) -> None:
+    KEPT = 4096     # sets of choices whose allowed tokens are remembered (rows may each have their own)
+
+    def __init__(self, tokenizer, vocab_size: int) -> None:
         self.matcher = StopStringMatcher(tokenizer)
         if self.matcher.alphabet is None:
             raise ValueError("choices need a byte-level tokenizer (GPT-2's or Llama 3's, as Idefics3 "
@@ -79,13 +87,15 @@ class ChoiceVocabulary:
             if i < vocab_size and i not in added and piece:
                 self.by_bytes.setdefault(piece, []).append(i)
         self.longest = max(map(len, self.by_bytes))
-        self.vocab_size, self.device = vocab_size, device
-        self._constraints: dict[tuple, ChoiceConstraint] = {}
+        self._constraints: OrderedDict[tuple, ChoiceConstraint] = OrderedDict()
 
     def constraint(self, choices: Sequence[str], stop_ids: frozenset[int]) -> "ChoiceConstraint":
         key = (choice_texts(choices), stop_ids)
         if key not in self._constraints:
             self._constraints[key] = ChoiceConstraint(self, *key)
+            if len(self._constraints) > self.KEPT:
+                self._constraints.popitem(last=False)
+        self._constraints.move_to_end(key)
         return self._constraints[key]
 
     def pieces(self, text: bytes) -> list[tuple[bytes, list[int]]]:
@@ -98,12 +108,16 @@ class ChoiceVocabulary:
 
 
 class ChoiceConstraint:
-    """One set of choices and stop ids: the tokens allowed after each answer so far, as a mask."""
+    """One set of choices and stop ids: the tokens allowed after each answer so far."""
 
     def __init__(self, vocabulary: ChoiceVocabulary, texts: frozenset[bytes], stop_ids: frozenset[int]) -> None:
         self.vocabulary, self.texts, self.stop_ids = vocabulary, texts, stop_ids
-        self._masks: dict[bytes, Tensor] = {}
         self.live = lru_cache(maxsize=None)(self._live)
+        self.allowed_ids = lru_cache(maxsize=None)(self._allowed_ids)
+
+    def allowed_after(self, answer_ids: Sequence[int]) -> list[int]:
+        """The tokens allowed after the answer `answer_ids`."""
+        return self.allowed_ids(self.vocabulary.answer_bytes(answer_ids))
 
     def _live(self, answer: bytes) -> bool:
         """Whether some choice can be finished from `answer` (a prefix of one of the texts)."""
@@ -113,7 +127,7 @@ class ChoiceConstraint:
         return {piece for text in self.texts if text.startswith(answer) and len(text) > len(answer)
                 for piece, _ in self.vocabulary.pieces(text[len(answer):])}
 
-    def allowed_ids(self, answer: bytes) -> list[int]:
+    def _allowed_ids(self, answer: bytes) -> list[int]:
         """Tokens after which some choice can still be finished, and the stop ids on a whole choice."""
         ids = set(self.stop_ids) if answer in self.texts else set()
         for text in self.texts:
@@ -122,16 +136,6 @@ class ChoiceConstraint:
                     if self.live(answer + piece):
                         ids.update(tokens)
         return sorted(ids)
-
-    def mask(self, answer_ids: Sequence[int]) -> Tensor:
-        """(V,) bool on the device: the tokens allowed after the answer `answer_ids`."""
-        answer = self.vocabulary.answer_bytes(answer_ids)
-        if answer not in self._masks:
-            ids = self.allowed_ids(answer)
-            mask = torch.zeros(self.vocabulary.vocab_size, dtype=torch.bool)
-            mask[ids] = True
-            self._masks[answer] = mask.to(self.vocabulary.device)
-        return self._masks[answer]
 
     def unwritable(self, choices: Sequence[str]) -> list[str]:
         """The choices no sequence of this vocabulary's tokens spells (with or without the space)."""
