@@ -18,7 +18,7 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add
 DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", system_prompt=None,
                 prompt_suffix="", id_column="id", image_column="image", question_column="question",
                 max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=False,
-                stop=None, choices=None, seed=None, replicas=None, tensor_parallel_size=1, cpu_workers=None, cpus_per_replica=None,
+                stop=None, choices=None, choices_column=None, seed=None, replicas=None, tensor_parallel_size=1, cpu_workers=None, cpus_per_replica=None,
                 batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="", rows_per_file=1000, resume=False,
                 limit=None, image_backend="pil", image_longest_edge=None, image_splitting=None, storage_options=None,
                 max_image_pixels=None, max_image_bytes=None, image_root=None, fetch_threads=16, fetch_attempts=3,
@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--choice", action="append", metavar="TEXT", dest="choices",
                     help="answer with one of these texts only (repeatable; vLLM's guided choice): each token must "
                          "keep the answer on the way to a choice, e.g. --choice yes --choice no to label images")
+    ap.add_argument("--choices-column", help="an input column of each row's own choices (lists of text), for "
+                                             "rows whose candidates differ; a null cell takes --choice's")
     ap.add_argument("--logprobs", action="store_true", default=None,
                     help="add an answer_logprob column: the sum of the answer tokens' log-probabilities under "
                          "the model (a confidence score to filter captions by; divide by num_generated_tokens "

@@ -183,6 +183,9 @@ def check_column_types(schema: pa.Schema, config: PipelineConfig, source: str, r
             raise ValueError(f"input {source!r}: the question column {field.name!r} holds {field.type}, not text")
         if name == config.id_column and not (is_text(type_) or pa.types.is_integer(type_)):
             raise ValueError(f"input {source!r}: the id column {field.name!r} holds {field.type}, not text or integers")
+        if name == config.choices_column and not holds_texts(type_):
+            raise ValueError(f"input {source!r}: the choices column {field.name!r} holds {field.type}, not lists "
+                             "of text")
         if name == config.image_column and not holds_images(type_):
             raise ValueError(f"input {source!r}: the image column {field.name!r} holds {field.type}, not image bytes, "
                              "paths or {bytes, path} structs")
@@ -197,6 +200,14 @@ def holds_images(type_: pa.DataType) -> bool:
     if pa.types.is_list(type_) or pa.types.is_large_list(type_):      # several images a row
         type_ = values_of(type_.value_type)
     return is_text(type_) is not None or pa.types.is_struct(type_) or pa.types.is_null(type_)
+
+
+def holds_texts(type_: pa.DataType) -> bool:
+    """Lists of strings (or nulls only)."""
+    if pa.types.is_null(type_):
+        return True
+    listed = pa.types.is_list(type_) or pa.types.is_large_list(type_)
+    return listed and (is_text(values_of(type_.value_type)) or pa.types.is_null(type_.value_type))
 
 
 def is_text(type_: pa.DataType) -> bool | None:
@@ -247,6 +258,9 @@ def check_columns(names: list[str], config: PipelineConfig, source: str) -> None
         raise ValueError(f"input {source!r} has no `{config.id_column}` column of ids (columns: {sorted(names)})")
     if config.question_column != "question" and config.question_column not in names:
         raise ValueError(f"input {source!r} has no `{config.question_column}` column of questions (columns: "
+                         f"{sorted(names)})")
+    if config.choices_column is not None and config.choices_column not in names:
+        raise ValueError(f"input {source!r} has no `{config.choices_column}` column of choices (columns: "
                          f"{sorted(names)})")
     missing = [c for c in config.keep_columns if c not in names]
     if missing:

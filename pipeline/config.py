@@ -27,6 +27,8 @@ class PipelineConfig:
     logprobs: bool = False                      # an `answer_logprob` column: the answer's log p under the model
     stop: list[str] = field(default_factory=list)   # strings that end an answer (transformers' stop_strings)
     choices: list[str] = field(default_factory=list)    # every answer is one of these (vLLM's guided choice)
+    choices_column: str | None = None           # an input column of each row's own choices (lists of text;
+                                                # a null cell: `choices`)
     seed: int | None = None                     # with sampling: per-row seed = f(seed, id), batch-independent
     replicas: int | None = None                 # model replicas (actors); None: every GPU (/ tp), or one a CPU node
     tensor_parallel_size: int = 1               # devices per replica (placement group, STRICT_PACK)
@@ -90,7 +92,9 @@ class PipelineConfig:
             raise ValueError(f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
         if self.dtype not in (None, *DTYPES):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("id_column", "image_column", "question_column"):
+        for name in ("id_column", "image_column", "question_column", "choices_column"):
+            if name == "choices_column" and self.choices_column is None:
+                continue
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a column name, got {getattr(self, name)!r}")
         if self.image_backend not in ("pil", "torch"):

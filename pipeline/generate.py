@@ -21,7 +21,7 @@ from .config import PipelineConfig
 from .faults import crash_always_on, crash_once_on, hang_once_on
 from .groups import IMAGE_FIELDS, ungroup
 from .ledger import CrashLedger, Gate, ledger_path
-from .rows import RowError, error_message, output_schema, reuse_recent, row_seed
+from .rows import ROW_CHOICES, RowError, error_message, output_schema, reuse_recent, row_seed
 
 log = logging.getLogger(__name__)
 GROUP_REBUILDS = 2            # per batch: a tensor-parallel group whose rank died is rebuilt this often
@@ -196,7 +196,8 @@ class Generate:
         """The batch's rows (each with its group's image: `images[group_of[i]]`, shared, not copied),
         their outputs so far (rows that arrived with an error, or failed to become a request), and
         the engine requests of the others (row index -> Request)."""
-        rows = batch.select(["id", "question", "input_ids", "error"]).to_pylist()
+        rows = batch.select(["id", "question", "input_ids", "error"] +
+                            [ROW_CHOICES] * (ROW_CHOICES in batch.column_names)).to_pylist()
         for row, group in zip(rows, group_of):
             row.update(images[group])
         outputs: list[dict | None] = [self.error_output(r, r["error"]) if r["error"] else None for r in rows]
@@ -220,7 +221,8 @@ class Generate:
         c = self.config
         sampling = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, repetition_penalty=c.repetition_penalty, logprobs=c.logprobs,
-                                  stop=tuple(c.stop), choices=tuple(c.choices), seed=row_seed(c.seed, row["id"]))
+                                  stop=tuple(c.stop), choices=tuple(row.get(ROW_CHOICES) or c.choices),
+                                  seed=row_seed(c.seed, row["id"]))
         return Request(str(row["id"]), row["input_ids"], self.pixel_values(row), sampling=sampling,
                        image_key=row["image_key"])
 

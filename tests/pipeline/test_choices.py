@@ -13,36 +13,48 @@ from tests.pipeline.helpers import good_rows, write_parquet
 
 
 def test_the_model_stage_answers_one_of_the_choices_as_the_reference(checkpoint, oracle):
+    """The job's choices, or a row's own (--choices-column; a null or empty cell takes the job's); a
+    row whose own choices are not text is an error row, and the others are answered."""
     from pipeline.generate import Generate
     from pipeline.preprocess import Preprocess
 
-    rows = good_rows(4)
+    rows = good_rows(6)
     choices = ["red circle", "blue square", "green", "nothing at all"]
-    config = PipelineConfig(model=str(checkpoint), max_new_tokens=12, choices=choices)
+    own = [None, ["yellow star", "purple"], [], ["three", "two", "one"], ["fox", "dog", "the lazy dog"], ["", "x"]]
+    for row, options in zip(rows, own):
+        row["options"] = options
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=12, choices=choices, choices_column="options")
     stage = Generate(config)
     answered = asyncio.run(stage(Preprocess(config)(pa.Table.from_pylist(rows)))).to_pylist()
     stage.loop.close()
     stop_ids = sorted(stage.engine.stop_ids)
     backend = oracle.processor.tokenizer.backend_tokenizer
+    asked = [options or choices for options in own]
     want = [oracle.answer(r["image"], r["question"] or config.prompt, 12, eos_token_id=stop_ids,
-                          allowed=lambda generated: brute_force_allowed(backend, generated, choices, stop_ids))
-            for r in rows]
-    assert [(r["answer"], r["num_generated_tokens"]) for r in answered] == want
-    assert all(r["answer"] in choices and r["finish_reason"] == "stop" for r in answered)
+                          allowed=lambda generated, c=c: brute_force_allowed(backend, generated, c, stop_ids))
+            for r, c in zip(rows[:5], asked)]
+    assert [(r["answer"], r["num_generated_tokens"]) for r in answered[:5]] == want
+    assert all(r["answer"] in c and r["finish_reason"] == "stop" for r, c in zip(answered, asked[:5]))
+    assert answered[5]["finish_reason"] == "error" and "choices must be non-empty strings" in answered[5]["error"]
 
 
 @pytest.mark.skipif(not DEMO_MODEL.exists(), reason="the demo model is not built (python -m jobs.train_demo)")
 def test_a_run_labels_the_demo_images_with_the_choices(ray_cluster, tmp_path):
-    """The demo model names shapes right; asked their colour, it still answers a shape."""
+    """The demo model names shapes and colours right, each question with its own choices (the
+    colour questions' from a column); asked a colour with only shapes to answer, it answers a shape."""
     rows = [r for r in pq.read_table(DEMO_INPUT.parent / "heldout.parquet").to_pylist()
-            if r["question"].startswith(("What shape is", "What colour is"))][:12]
-    write_parquet(tmp_path / "in.parquet", [{k: r[k] for k in ("id", "image", "question")} for r in rows])
+            if r["question"].startswith(("What shape is", "What colour is"))][:16]
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
     shapes = ["circle", "square", "triangle"]
-    config = PipelineConfig(model=str(DEMO_MODEL), max_new_tokens=8, choices=shapes, batch_size=4)
+    for i, r in enumerate(rows):
+        r["options"] = colours if r["question"].startswith("What colour") and i % 4 else None
+    write_parquet(tmp_path / "in.parquet", [{k: r[k] for k in ("id", "image", "question", "options")} for r in rows])
+    config = PipelineConfig(model=str(DEMO_MODEL), max_new_tokens=8, choices=shapes, choices_column="options",
+                            batch_size=4)
     summary = run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config)
     assert summary["error_rows"] == 0 and summary["missing_rows"] == 0
-    answers = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
-    assert all(answers[r["id"]]["answer"] in shapes for r in rows)
-    asked_shape = [r for r in rows if r["question"].startswith("What shape")]
-    assert asked_shape and all(answers[r["id"]]["answer"] == r["answers"][0] for r in asked_shape)
-    assert any(r["question"].startswith("What colour") for r in rows)
+    answers = {r["id"]: r["answer"] for r in read_output(str(tmp_path / "out")).to_pylist()}
+    assert all(answers[r["id"]] in (r["options"] or shapes) for r in rows)
+    right = [r for r in rows if r["question"].startswith("What shape") or r["options"]]
+    assert all(answers[r["id"]] == r["answers"][0] for r in right)
+    assert len(right) < len(rows) and any(r["options"] for r in rows)      # colour questions answered with shapes

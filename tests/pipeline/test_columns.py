@@ -10,7 +10,7 @@ import pytest
 from pipeline import PipelineConfig
 from pipeline.io import input_dataset
 from pipeline.job import prepare_job
-from tests.pipeline.helpers import good_rows, serve_folder, write_parquet
+from tests.pipeline.helpers import good_rows, png, serve_folder, write_parquet
 
 
 def test_a_mistyped_keep_column_is_named_before_any_work(checkpoint, tmp_path):
@@ -180,3 +180,15 @@ def test_a_glob_input_that_matches_the_outputs_files_is_refused(checkpoint, tmp_
     with pytest.raises(ValueError, match=r"the input matches 1 files of the output .* \(e.g. .*answers/part-0.parquet"):
         prepare_job(str(tmp_path / "data" / "*" / "*.parquet"), str(tmp_path / "data" / "answers"),
                     PipelineConfig(model=str(checkpoint)), resume=True)
+
+
+def test_a_choices_column_that_is_missing_or_not_lists_of_text_is_named_before_any_work(checkpoint, tmp_path):
+    rows = [{"id": "a", "image": png(20, 20), "options": ["yes", "no"], "label": "yes"},
+            {"id": "b", "image": png(20, 20), "options": None, "label": "no"}]
+    source = write_parquet(tmp_path / "in.parquet", rows)
+    with pytest.raises(ValueError, match=r"has no `choice` column of choices \(columns: \['id', 'image', 'label', "):
+        prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint), choices_column="choice"))
+    with pytest.raises(ValueError, match=r"the choices column 'label' holds string, not lists of text"):
+        prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint), choices_column="label"))
+    job = prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint), choices_column="options"))
+    assert "options" in job.columns and "label" not in job.columns        # read: the run uses it
