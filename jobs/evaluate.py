@@ -82,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, metavar="N", help="score only the first N benchmark rows (a quick check; "
                     "the report says so)")
     ap.add_argument("--max-new-tokens", type=int, help="default 64")
+    ap.add_argument("--choice", action="append", metavar="TEXT", dest="choices",
+                    help="answer with one of these texts only (repeatable), e.g. the option letters of a "
+                         "multiple-choice benchmark; lmms-eval does not, so scores may differ from its tables")
+    ap.add_argument("--choices-column", help="a column of each question's own choices (lists of text)")
     ap.add_argument("--resume", action="store_true", default=None,
                     help="continue the model run that --output holds (a killed one answers the rest; a finished "
                          "one is scored again)")
@@ -95,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 DEFAULTS = dict(input=None, model=None, output=None, metric=None, system_prompt=None, prompt_suffix=None,
                 id_column="id", question_column="question", answers_column="answers", image_column="image",
                 category_column="category", predictions=None, gallery=0, limit=None, max_new_tokens=None,
-                resume=False, overwrite=False, **dict.fromkeys(run_flag_names()))
+                resume=False, overwrite=False, choices=None, choices_column=None, **dict.fromkeys(run_flag_names()))
 
 
 def resolve_demo(args: argparse.Namespace) -> argparse.Namespace:
@@ -194,7 +198,7 @@ def pipeline_config(args: argparse.Namespace, kept: list[str]):
 
 
 SHOWN_SETTINGS = ("system_prompt", "max_new_tokens", "image_backend", "image_longest_edge", "image_splitting",
-                  "max_image_pixels", "dtype")
+                  "max_image_pixels", "dtype", "choices", "choices_column")
 
 
 def model_settings(args: argparse.Namespace) -> dict[str, str]:

@@ -198,3 +198,20 @@ def test_a_tensor_parallel_size_the_model_cannot_take_is_named_before_any_work(c
     assert job.main(argv) == 2
     assert "cannot shard this model" in capsys.readouterr().err
     assert not (tmp_path / "out" / "raw").exists()
+
+
+def test_choices_constrain_the_answers_and_the_report_says_so(ray_cluster, checkpoint, tmp_path):
+    """--choice for every question, --choices-column for those with their own (a multiple-choice
+    benchmark's options); the report's settings name them."""
+    bench = write_benchmark(tmp_path / "bench.parquet", "red")
+    table = pq.read_table(bench)
+    options = pa.array([["red", "blue"], None, None, ["one", "two", "three"]], pa.list_(pa.string()))
+    pq.write_table(table.append_column("options", options), bench)
+    summary, rows, out = run(tmp_path, checkpoint, bench, "--choice", "red", "--choice", "green square",
+                             "--choices-column", "options", "--max-new-tokens", "16")
+    asked = {"b0": ["red", "blue"], "b1": ["red", "green square"], "b3": ["one", "two", "three"]}
+    assert {r["id"]: r["answer"] in asked.get(r["id"], []) for r in rows} == {"b0": True, "b1": True, "b2": False,
+                                                                              "b3": True}
+    assert rows[2]["finish_reason"] == "error"       # the undecodable image
+    settings = json.loads(re.search(r"^- settings: `(.*)`$", (Path(out) / "report.md").read_text(), re.M).group(1))
+    assert settings["choices"] == ["red", "green square"] and settings["choices_column"] == "options"
