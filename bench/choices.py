@@ -1,0 +1,127 @@
+"""Benchmark: labelling with choices (SamplingParams.choices) — our engine vs transformers' generate
+with prefix_allowed_tokens_fn, on the same random-weight checkpoint and prompts, and what the
+constraint costs our decode step.
+
+    python bench/choices.py [--batch 8] [--labels 10] [--repeats 3] [--threads 2]
+
+The reference's allowed tokens come from our own cached constraint (the cheapest function it could
+be given), so the comparison is of the two loops, not of how the sets are found. A byte-level
+vocabulary of the model's size is made up (256 byte tokens and random words), since no real
+tokenizer may be downloaded here. Prints one JSON row: seconds for both, the rows whose tokens
+agree, and our decode step with and without choices.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.engine import SHAPES, make_requests, our_model, padded_batch, reference_model, with_fresh_keys  # noqa: E402
+from model.engine import LLMEngine, SamplingParams  # noqa: E402
+from model.engine.stop_strings import byte_level_alphabet  # noqa: E402
+
+LABELS = ["cat", "dog", "car", "person", "tree", "building", "food", "text", "animal", "vehicle",
+          "bicycle", "boat", "bird", "chart", "document", "screenshot"]
+
+
+def made_up_tokenizer(vocab_size: int, seed: int = 0):
+    """A byte-level BPE of `vocab_size` tokens: SmolVLM's special ids (0-2: <|endoftext|>,
+    <|im_start|>, <|im_end|>; the last: <end_of_utterance>), the 256 byte characters, and random
+    words (with and without the leading-space character) in between."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    rng = random.Random(seed)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {c: i for i, c in enumerate(specials + list(byte_level_alphabet()))}
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    while len(vocab) < vocab_size - 1:
+        word = "".join(rng.choice(letters) for _ in range(rng.randint(2, 8)))
+        vocab.setdefault(("Ġ" if rng.random() < 0.5 else "") + word, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in specials + ["<end_of_utterance>"]])
+    return tok
+
+
+def time_ours(engine: LLMEngine, requests, repeats: int) -> tuple[float, dict, dict]:
+    best, stats, tokens = float("inf"), {}, {}
+    for run in range(repeats):
+        engine.stats = dict.fromkeys(engine.stats, 0)
+        start = time.perf_counter()
+        results = engine.generate(with_fresh_keys(requests, f"run{run}"))
+        if time.perf_counter() - start < best:
+            best, stats = time.perf_counter() - start, dict(engine.stats)
+            tokens = {r.request_id: r.token_ids for r in results}
+    return best, stats, tokens
+
+
+def time_reference(ref, requests, constraint, stop_ids: list[int], new_tokens: int, repeats: int):
+    inputs = padded_batch(requests, ref.generation_config.pad_token_id, "cpu")
+    prompt = inputs["input_ids"].shape[1]
+    pad = ref.generation_config.pad_token_id
+
+    def allowed(_, row):        # a finished row goes on with padding
+        answer = row[prompt:].tolist()
+        return [pad] if set(answer) & set(stop_ids) else constraint.allowed_after(answer)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = ref.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=stop_ids,
+                               prefix_allowed_tokens_fn=allowed)
+            best = min(best, time.perf_counter() - start)
+    answers = {}
+    for r, row in zip(requests, out[:, prompt:].tolist()):
+        ends = [i + 1 for i, t in enumerate(row) if t in stop_ids]
+        answers[r.request_id] = row[:ends[0]] if ends else row
+    return best, answers
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--labels", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=12, help="max_new_tokens (answers end at their label)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    name = "smolvlm-256m"
+    ref = reference_model(name, 128, "cpu", torch.float32)
+    ours = our_model(ref)
+    tokenizer = made_up_tokenizer(SHAPES[name]["text"]["vocab_size"])
+    labels = tuple(LABELS[:args.labels])
+    base = make_requests(name, 128, args.batch, 3, args.new_tokens, "cpu")
+    chosen = [replace(r, sampling=SamplingParams(max_new_tokens=args.new_tokens, choices=labels)) for r in base]
+    engine = LLMEngine(ours, tokenizer, max_batch_size=args.batch)
+    start = time.perf_counter()
+    engine.generate(chosen[:1])                     # warm-up; reads the vocabulary for choices
+    warm_s = time.perf_counter() - start
+    stop_ids = sorted(engine.stop_ids)
+    constraint = engine.choices.constraint(labels, frozenset(stop_ids))
+    ours_s, stats, our_tokens = time_ours(engine, chosen, args.repeats)
+    _, free_stats, _ = time_ours(engine, base, args.repeats)        # same prompts, answers of new_tokens, no choices
+    ref_s, ref_tokens = time_reference(ref, chosen, constraint, stop_ids, args.new_tokens, args.repeats)
+    text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    step = lambda s: 1e3 * s["decode_s"] / max(s["decode_steps"], 1)  # noqa: E731
+    print(json.dumps({
+        "batch": args.batch, "labels": len(labels), "threads": args.threads,
+        "same_tokens": f"{sum(our_tokens[k] == ref_tokens[k] for k in ref_tokens)}/{len(ref_tokens)}",
+        "answers_in_labels": sum(text(t) in labels for t in our_tokens.values()),
+        "generated_tokens": sum(map(len, our_tokens.values())),
+        "ref_s": round(ref_s, 3), "ours_s": round(ours_s, 3), "speedup": round(ref_s / ours_s, 2),
+        "ours_step_ms_choices": round(step(stats), 2), "ours_step_ms_free": round(step(free_stats), 2),
+        "first_request_s": round(warm_s, 2)}))
+
+
+if __name__ == "__main__":
+    main()
