@@ -112,39 +112,31 @@ class ChoiceConstraint:
 
     def __init__(self, vocabulary: ChoiceVocabulary, texts: frozenset[bytes], stop_ids: frozenset[int]) -> None:
         self.vocabulary, self.texts, self.stop_ids = vocabulary, texts, stop_ids
-        self.live = lru_cache(maxsize=None)(self._live)
+        self.finishable = lru_cache(maxsize=None)(self._finishable)
         self.allowed_ids = lru_cache(maxsize=None)(self._allowed_ids)
 
     def allowed_after(self, answer_ids: Sequence[int]) -> list[int]:
         """The tokens allowed after the answer `answer_ids`."""
         return self.allowed_ids(self.vocabulary.answer_bytes(answer_ids))
 
-    def _live(self, answer: bytes) -> bool:
-        """Whether some choice can be finished from `answer` (a prefix of one of the texts)."""
-        return answer in self.texts or any(self.live(answer + piece) for piece in self._next_pieces(answer))
-
-    def _next_pieces(self, answer: bytes) -> set[bytes]:
-        return {piece for text in self.texts if text.startswith(answer) and len(text) > len(answer)
-                for piece, _ in self.vocabulary.pieces(text[len(answer):])}
+    def _finishable(self, text: bytes) -> tuple[bool, ...]:
+        """For each position of `text` (and its end): whether tokens spell the rest of it from there."""
+        ok = [False] * len(text) + [True]
+        for start in range(len(text) - 1, -1, -1):
+            ok[start] = any(ok[start + len(piece)] for piece, _ in self.vocabulary.pieces(text[start:]))
+        return tuple(ok)
 
     def _allowed_ids(self, answer: bytes) -> list[int]:
         """Tokens after which some choice can still be finished, and the stop ids on a whole choice."""
         ids = set(self.stop_ids) if answer in self.texts else set()
-        for text in self.texts:
-            if text.startswith(answer):
-                for piece, tokens in self.vocabulary.pieces(text[len(answer):]):
-                    if self.live(answer + piece):
-                        ids.update(tokens)
+        at = len(answer)
+        for text in [t for t in self.texts if t.startswith(answer)]:
+            finishable = self.finishable(text)
+            for piece, tokens in self.vocabulary.pieces(text[at:]):
+                if finishable[at + len(piece)]:
+                    ids.update(tokens)
         return sorted(ids)
 
     def unwritable(self, choices: Sequence[str]) -> list[str]:
         """The choices no sequence of this vocabulary's tokens spells (with or without the space)."""
-        return [c for c in choices if not any(map(self._reaches, choice_texts([c])))]
-
-    def _reaches(self, text: bytes) -> bool:
-        """Whether tokens spell `text` whole."""
-        ends = {0}
-        for start in range(len(text)):
-            if start in ends:
-                ends.update(start + len(piece) for piece, _ in self.vocabulary.pieces(text[start:]))
-        return len(text) in ends
+        return [c for c in choices if not any(self.finishable(t)[0] for t in choice_texts([c]))]

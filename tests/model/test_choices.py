@@ -140,3 +140,16 @@ def test_a_choice_no_tokens_spell_is_named(tokenizer):
     cut = ChoiceVocabulary(tokenizer, vocab_size=max(byte_ids) + 1)
     constraint = cut.constraint(("red", "日本"), frozenset({1}))
     assert constraint.unwritable(("red", "日本")) == ["日本"]
+
+
+def test_long_choices_and_many_sets_of_them(tokenizer):
+    """A long option text (no recursion over its bytes), and sets of choices beyond what is kept."""
+    vocabulary = ChoiceVocabulary(tokenizer, vocab_size=len(tokenizer))
+    long = "the quick brown fox jumps over the lazy dog " * 60
+    constraint = vocabulary.constraint((long, "short"), frozenset({1}))
+    ids = tokenizer.encode(" " + long, add_special_tokens=False)
+    assert all(ids[n] in constraint.allowed_after(ids[:n]) for n in range(0, len(ids), 97))
+    assert constraint.allowed_after(ids) == [1]
+    for i in range(vocabulary.KEPT + 5):
+        vocabulary.constraint((f"option {i}",), frozenset({1}))
+    assert len(vocabulary._constraints) == vocabulary.KEPT
