@@ -153,3 +153,18 @@ def test_long_choices_and_many_sets_of_them(tokenizer):
     for i in range(vocabulary.KEPT + 5):
         vocabulary.constraint((f"option {i}",), frozenset({1}))
     assert len(vocabulary._constraints) == vocabulary.KEPT
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_choices_answer_as_on_cpu(setup):
+    """CUDA's defaults (compiled step in graphs, overlapped steps, padded-group prefill) with rows with
+    choices among rows without: the CPU engine's answers, float32."""
+    import copy
+
+    ours, requests, _, tokenizer, _ = setup
+    torch.backends.cuda.matmul.allow_tf32 = False
+    chosen = [replace(r, sampling=replace(r.sampling, max_new_tokens=12, choices=CHOICES[i % 3:i % 3 + 3]))
+              if i % 3 else r for i, r in enumerate(requests)]
+    on_cpu = LLMEngine(ours, tokenizer, max_batch_size=3).generate(chosen)
+    on_gpu = LLMEngine(copy.deepcopy(ours).to("cuda"), tokenizer, max_batch_size=3).generate(chosen)
+    assert [r.token_ids for r in on_gpu] == [r.token_ids for r in on_cpu]
