@@ -171,6 +171,9 @@ def print_summary(summary: dict) -> bool:
     kinds = summary.get("errors_by_kind") or {}
     if kinds:
         print("errors: " + "; ".join(f"{n} x {kind}" for kind, n in kinds.items()))
+    answers = summary.get("answers_by_choice")
+    if answers:
+        print("answers: " + "; ".join(f"{n} x {answer!r}" for answer, n in answers.items()))
     if summary.get("lost_rows_answered_again"):
         print(f"{summary['lost_rows_answered_again']} rows whose output file was lost since the earlier run "
               "were answered again")

@@ -27,6 +27,7 @@ from .storage import fsspec_fs, has_files, redact_url, sibling, write_text
 
 COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
 ERROR_KINDS_SHOWN = 10
+ANSWERS_SHOWN = 50
 log = logging.getLogger(__name__)
 
 
@@ -40,6 +41,17 @@ def output_counts(output: str, storage_options: dict | None = None) -> dict:
             "error_rows": failed.num_rows,
             "generated_tokens": pc.sum(table["num_generated_tokens"]).as_py() or 0,
             "errors_by_kind": dict(kinds.most_common(ERROR_KINDS_SHOWN))}
+
+
+def answer_counts(output: str, storage_options: dict | None = None) -> dict[str, int]:
+    """A run with choices: the rows of each answer (the most common ANSWERS_SHOWN), whole answers
+    only (finish_reason "stop")."""
+    table = read_output(output, storage_options, columns=["answer", "finish_reason"])
+    if table is None:
+        return {}
+    answers = table.filter(pc.equal(table["finish_reason"], "stop"))["answer"]
+    counts = sorted(pc.value_counts(answers).to_pylist(), key=lambda c: (-c["counts"], str(c["values"])))
+    return {c["values"]: c["counts"] for c in counts[:ANSWERS_SHOWN]}
 
 
 def check_output(output: str, storage_options: dict | None, resume: bool, overwrite: bool = False) -> None:
@@ -184,6 +196,8 @@ def run_prepared(job: PreparedJob) -> dict:
     summary = summarize(job.input_uri, job.output_uri, job.before, output_counts(job.output_uri, opts), wall,
                         job.input_rows)
     summary.update(lost_rows_answered_again=job.lost_rows, limit=job.limit)
+    if job.config.choices or job.config.choices_column:
+        summary["answers_by_choice"] = answer_counts(job.output_uri, opts)
     write_text(sibling(job.output_uri, ".summary.json"), json.dumps(summary, indent=2), opts)
     return summary
 

@@ -53,6 +53,8 @@ def test_a_run_labels_the_demo_images_with_the_choices(ray_cluster, tmp_path):
                             batch_size=4)
     summary = run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config)
     assert summary["error_rows"] == 0 and summary["missing_rows"] == 0
+    assert sum(summary["answers_by_choice"].values()) == len(rows)
+    assert set(summary["answers_by_choice"]) <= set(shapes + colours)
     answers = {r["id"]: r["answer"] for r in read_output(str(tmp_path / "out")).to_pylist()}
     assert all(answers[r["id"]] in (r["options"] or shapes) for r in rows)
     right = [r for r in rows if r["question"].startswith("What shape") or r["options"]]
