@@ -15,7 +15,7 @@ import sys
 from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add_run_flags, demo_path, init_ray,
                          json_option, merge_args, print_error, print_summary)
 
-DEFAULTS = dict(input=None, output=None, model=None, prompt="Describe this image.", system_prompt=None,
+DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_suffix="", id_column="id", image_column="image", question_column="question",
                 max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=False,
                 stop=None, choices=None, choices_column=None, seed=None, replicas=None, tensor_parallel_size=1, cpu_workers=None, cpus_per_replica=None,
@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--output", help="output folder of Parquet files (default: demo/output/captions)")
     ap.add_argument("--model", help="HF-layout checkpoint: a folder, its URL (s3://..., copied once per node) "
                                     "or a hub id (default: demo/model)")
+    ap.add_argument("--adapter", help="a PEFT LoRA (or DoRA) adapter of --model: its folder or URL, merged "
+                                      "into the weights as they load (a fine-tune published as an adapter)")
     ap.add_argument("--prompt", help="the user turn for rows without a question")
     ap.add_argument("--system-prompt", help="a system turn before every row's user turn (the checkpoint's chat "
                                             "template renders it; default: none)")

@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", help="benchmark Parquet (file, folder, glob; local or fsspec URL)")
     ap.add_argument("--model", help="checkpoint folder, its URL (s3://..., copied once per node) or hub id")
+    ap.add_argument("--adapter", help="a PEFT LoRA (or DoRA) adapter of --model: its folder or URL, merged "
+                                      "into the weights as they load (a fine-tune published as an adapter)")
     ap.add_argument("--output", help="folder for the artefacts (default: runs/evaluate-<dataset>)")
     ap.add_argument("--metric", choices=list(METRICS), help="default: the dataset's standard metric")
     ap.add_argument("--system-prompt", help="a system turn before every question (default: none)")
@@ -96,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return argparse.Namespace(**merge_args(ap.parse_args(argv), DEFAULTS))
 
 
-DEFAULTS = dict(input=None, model=None, output=None, metric=None, system_prompt=None, prompt_suffix=None,
+DEFAULTS = dict(input=None, model=None, adapter=None, output=None, metric=None, system_prompt=None, prompt_suffix=None,
                 id_column="id", question_column="question", answers_column="answers", image_column="image",
                 category_column="category", predictions=None, gallery=0, limit=None, max_new_tokens=None,
                 resume=False, overwrite=False, choices=None, choices_column=None, **dict.fromkeys(run_flag_names()))
@@ -207,7 +209,8 @@ def model_settings(args: argparse.Namespace) -> dict[str, str]:
     from pipeline.manifest import checkpoint_fingerprint
 
     config = pipeline_config(args, [])
-    return {"checkpoint": checkpoint_fingerprint(config.model, config.storage_options),
+    adapter = {"adapter": checkpoint_fingerprint(config.adapter, config.storage_options)} if config.adapter else {}
+    return {"checkpoint": checkpoint_fingerprint(config.model, config.storage_options), **adapter,
             "prompt suffix": repr(config.prompt_suffix),
             "settings": json.dumps({name: getattr(config, name) for name in SHOWN_SETTINGS})}
 

@@ -15,8 +15,37 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]   # what a loader reads: never pickles
 
 
+ADAPTER_CONFIG = "adapter_config.json"       # a PEFT adapter folder's (model.lora merges LoRA ones)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Options whose adapters are not a weight delta (or change the model's structure): refused when set.
+UNMERGED_OPTIONS = ("fan_in_fan_out", "lora_bias", "modules_to_save", "layer_replication", "trainable_token_indices",
+                    "target_parameters", "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config",
+                    "velora_config", "monteclora_config", "kasa_config")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is (pickle-only, missing/unexpected keys, bad shapes)."""
+
+
+def read_adapter_config(folder: Path) -> dict:
+    file = folder / ADAPTER_CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"adapter {folder}: no {ADAPTER_CONFIG} (not a PEFT adapter folder)")
+    return check_adapter_config(json.loads(file.read_text()), str(folder))
+
+
+def check_adapter_config(config: dict, adapter: str) -> dict:
+    """A LoRA (or DoRA) adapter's config whose every option merges into weights (model.lora)."""
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"adapter {adapter}: peft_type {config.get('peft_type')!r}; only LoRA adapters "
+                              "(and DoRA) are merged")
+    refused = [option for option in UNMERGED_OPTIONS if config.get(option)]
+    if config.get("bias", "none") != "none":
+        refused.append(f"bias={config['bias']!r}")
+    if refused:
+        raise CheckpointError(f"adapter {adapter}: {', '.join(refused)} set; such adapters are not merged here "
+                              "(merge it with PEFT's merge_and_unload and load the merged checkpoint)")
+    return config
 
 
 def is_hub_id(text: str) -> bool:

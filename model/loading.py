@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import CONFIG_NAME, Idefics3Config
 from .files import SINGLE_FILE, CheckpointError, resolve_checkpoint_dir, weight_files
+from .lora import LoraAdapter
 
 GENERATION_CONFIG = "generation_config.json"
 BASE_PREFIX = "model."
@@ -54,8 +55,9 @@ def _check_keys(model: nn.Module, loaded: set[str], unexpected: list[str], folde
                               f"unexpected keys {sorted(unexpected)}")
 
 
-def load_weights(model: nn.Module, files: list[Path], folder: Path) -> None:
-    """Copy every tensor of `files` into the (already materialised) parameters of `model`."""
+def load_weights(model: nn.Module, files: list[Path], folder: Path, adapter: LoraAdapter | None = None) -> None:
+    """Copy every tensor of `files` into the (already materialised) parameters of `model`, with
+    `adapter`'s changes merged into the weights it adapts."""
     from .idefics3 import Idefics3Model
     is_base = isinstance(model, Idefics3Model)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -69,9 +71,16 @@ def load_weights(model: nn.Module, files: list[Path], folder: Path) -> None:
                 if name not in params:
                     unexpected.append(key)
                     continue
-                _copy_tensor(params[name], f.get_tensor(key), key)
+                tensor = f.get_tensor(key)
+                _copy_tensor(params[name], adapter.merged(name, tensor) if name in (adapter or ()) else tensor, key)
                 loaded.add(name)
     _check_keys(model, loaded, unexpected, folder)
+    check_adapter(adapter, model, loaded)
+
+
+def check_adapter(adapter: LoraAdapter | None, model: nn.Module, loaded: set[str]) -> None:
+    if adapter is not None:
+        adapter.check_applied(loaded, set().union(*_tied_names(model)))
 
 
 def _copy_tensor(param: torch.Tensor, tensor: torch.Tensor, key: str) -> None:
@@ -119,7 +128,10 @@ def read_generation_config(folder: Path) -> dict:
 
 
 def load_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | str | None = None,
-                    device: torch.device | str | None = None, **hub_kwargs) -> nn.Module:
+                    device: torch.device | str | None = None, adapter: str | Path | None = None,
+                    **hub_kwargs) -> nn.Module:
+    """`adapter`: a PEFT LoRA adapter folder of this checkpoint, merged as the weights load (model.lora)."""
+    lora = None if adapter is None else LoraAdapter.from_pretrained(adapter)
     folder = resolve_checkpoint_dir(path_or_id, **hub_kwargs)
     config = Idefics3Config.from_pretrained(folder)
     files = weight_files(folder)
@@ -129,7 +141,7 @@ def load_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | str | None
     model = model.to(target_dtype).to_empty(device=target_device)  # casting on meta costs nothing
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    load_weights(model, files, folder)
+    load_weights(model, files, folder, lora)
     model.config.dtype = str(target_dtype).replace("torch.", "")
     model.generation_config = read_generation_config(folder)
     return model.eval()

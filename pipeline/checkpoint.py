@@ -24,8 +24,8 @@ from pathlib import Path
 import fsspec
 
 from model.config import CONFIG_NAME, Idefics3Config, check_tp
-from model.files import (HUB_PATTERNS, INDEX_FILE, SINGLE_FILE, CheckpointError, check_complete_safetensors, is_hub_id,
-                         weight_files)
+from model.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HUB_PATTERNS, INDEX_FILE, SINGLE_FILE, CheckpointError,
+                         check_adapter_config, check_complete_safetensors, is_hub_id, read_adapter_config, weight_files)
 
 from .storage import is_local, reader_fs
 
@@ -81,6 +81,33 @@ def check_model(model: str, storage_options: dict | None = None, tensor_parallel
         read_config = lambda: fs.cat_file(posixpath.join(root.rstrip("/"), CONFIG_NAME))  # noqa: E731
     check_required_files(model, names)
     check_config(model, read_config(), tensor_parallel_size)
+
+
+def check_adapter(adapter: str | None, storage_options: dict | None = None) -> None:
+    """Refuses, in the driver, a LoRA adapter (a folder or its URL) that the replicas could not merge:
+    no such folder, no adapter_config.json or adapter_model.safetensors, one cut short, or an adapter
+    whose options do not merge into weights (model.files.check_adapter_config)."""
+    if adapter is None:
+        return
+    if is_local(adapter):
+        folder = Path(fsspec.core.strip_protocol(adapter)).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"adapter {adapter!r}: no such folder (an adapter is a local folder or a URL)")
+        read_adapter_config(folder)
+        weights = folder / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"adapter {adapter!r}: no {ADAPTER_WEIGHTS} (pickle weights are never loaded)")
+        with weights.open("rb") as f:
+            check_complete_safetensors(str(weights), f, weights.stat().st_size)
+        return
+    listing = remote_files(adapter, storage_options)
+    fs, root = reader_fs(adapter, storage_options)
+    if ADAPTER_CONFIG not in listing or ADAPTER_WEIGHTS not in listing:
+        raise FileNotFoundError(f"adapter {adapter!r}: needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
+                                f"(found {sorted(listing)})")
+    check_adapter_config(json.loads(fs.cat_file(posixpath.join(root.rstrip("/"), ADAPTER_CONFIG))), adapter)
+    with fs.open(posixpath.join(root.rstrip("/"), ADAPTER_WEIGHTS), "rb", block_size=1 << 20) as f:
+        check_complete_safetensors(f"{adapter.rstrip('/')}/{ADAPTER_WEIGHTS}", f, listing[ADAPTER_WEIGHTS])
 
 
 def check_listed_weights(model: str, names: set[str]) -> None:

@@ -12,6 +12,7 @@ OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_pro
 @dataclass
 class PipelineConfig:
     model: str                                  # HF-layout checkpoint folder (or hub id)
+    adapter: str | None = None                  # a PEFT LoRA adapter folder (or its URL) of `model`, merged
     prompt: str = DEFAULT_PROMPT                # the user turn when a row has no question
     system_prompt: str | None = None            # a system turn before every row's user turn
     prompt_suffix: str = ""                     # appended to every row's question (or prompt): an answer

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import ray.data
 
 from .builder import build_processor
-from .checkpoint import check_model
+from .checkpoint import check_adapter, check_model
 from .checks import (check_column_types, check_columns, check_ids, check_image_root, check_input_excludes_output,
                      check_input_files, check_output_outside_input, check_row_encoding, input_ids, read_schema)
 from .config import PipelineConfig
@@ -143,6 +143,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
         raise ValueError("limit is for a fresh run; resume without it to answer the rest")
     opts = config.storage_options
     check_model(config.model, opts, config.tensor_parallel_size)
+    check_adapter(config.adapter, opts)
     check_row_encoding(config)
     check_image_root(config.image_root, opts)
     config = with_image_root(config, input_uri)

@@ -48,8 +48,9 @@ def checkpoint_fingerprint(model: str, storage_options: dict | None = None) -> s
 
 
 def run_settings(config: PipelineConfig) -> dict:
+    adapter = config.adapter and checkpoint_fingerprint(config.adapter, config.storage_options)
     return {"model": redact_url(config.model),
-            "checkpoint": checkpoint_fingerprint(config.model, config.storage_options),
+            "checkpoint": checkpoint_fingerprint(config.model, config.storage_options), "adapter": adapter,
             **{name: getattr(config, name) for name in ANSWER_SETTINGS}}
 
 
@@ -62,6 +63,9 @@ def differences(earlier: dict, now: dict) -> list[str]:
     for name in [n for n in now if n != "model" and earlier.get(n) != now[n]]:
         if name == "checkpoint":
             changed.append(f"the checkpoint's files ({earlier.get('model')!r} then, {now['model']!r} now)")
+        elif name == "adapter":
+            then, later = ("one" if earlier.get(name) else "none"), ("one" if now[name] else "none")
+            changed.append("the adapter's files" if then == later else f"the adapter ({then} then, {later} now)")
         else:
             changed.append(f"{name}: {earlier.get(name)!r} -> {now[name]!r}")
     return changed

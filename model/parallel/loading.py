@@ -14,7 +14,8 @@ from torch import nn
 from ..config import Idefics3Config, check_tp
 from ..idefics3 import Idefics3ForConditionalGeneration
 from ..files import CheckpointError, resolve_checkpoint_dir, weight_files
-from ..loading import _check_keys, _copy_tensor, _resolve_dtype, read_generation_config, target_name
+from ..loading import _check_keys, _copy_tensor, _resolve_dtype, check_adapter, read_generation_config, target_name
+from ..lora import LoraAdapter
 from .layers import ShardSpec, TPContext
 from .shard import shard_model
 
@@ -41,9 +42,11 @@ def _copy_shard(param: torch.Tensor, tensor: torch.Tensor, key: str, spec: Shard
         param.narrow(spec.dim, rows, param.shape[spec.dim] - rows).zero_()   # vocab padding rows
 
 
-def load_sharded_weights(model: nn.Module, files: list[Path], folder: Path, specs: dict[str, ShardSpec]) -> None:
+def load_sharded_weights(model: nn.Module, files: list[Path], folder: Path, specs: dict[str, ShardSpec],
+                         adapter: LoraAdapter | None = None) -> None:
     """Fill `model` (materialised, sharded) from `files`: slices for sharded parameters, whole tensors
-    for replicated ones."""
+    for replicated ones; a weight `adapter` changes is read whole, merged, then sliced (DoRA's
+    norms are over whole rows)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded, unexpected = set(), []
     for file in files:
@@ -54,18 +57,31 @@ def load_sharded_weights(model: nn.Module, files: list[Path], folder: Path, spec
                     continue
                 if name not in params:
                     unexpected.append(key)
+                elif name in (adapter or ()):
+                    merged = adapter.merged(name, handle.get_tensor(key))
+                    if name in specs:
+                        _copy_shard(params[name], shard_of(merged, specs[name]), key, specs[name])
+                    else:
+                        _copy_tensor(params[name], merged, key)
                 elif name in specs:
                     _copy_shard(params[name], read_shard(handle, key, specs[name]), key, specs[name])
                 else:
                     _copy_tensor(params[name], handle.get_tensor(key), key)
                 loaded.add(name)
     _check_keys(model, loaded, unexpected, folder)
+    check_adapter(adapter, model, loaded)
+
+
+def shard_of(tensor: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
+    return tensor.narrow(spec.dim, spec.start, spec.stop - spec.start)
 
 
 def load_shard(path_or_id: str | Path, tp: TPContext, dtype: torch.dtype | str | None = None,
-               device: torch.device | str | None = None) -> Idefics3ForConditionalGeneration:
-    """This rank's shard of an Idefics3ForConditionalGeneration checkpoint, ready for inference.
-    A config that cannot be split raises before any weight is read."""
+               device: torch.device | str | None = None,
+               adapter: str | Path | None = None) -> Idefics3ForConditionalGeneration:
+    """This rank's shard of an Idefics3ForConditionalGeneration checkpoint (with a LoRA `adapter`
+    folder merged), ready for inference. A config that cannot be split raises before any weight is read."""
+    lora = None if adapter is None else LoraAdapter.from_pretrained(adapter)
     folder = resolve_checkpoint_dir(path_or_id)
     config = Idefics3Config.from_pretrained(folder)
     check_tp(config, tp.world_size)
@@ -76,7 +92,7 @@ def load_shard(path_or_id: str | Path, tp: TPContext, dtype: torch.dtype | str |
     specs = shard_model(model, tp)
     model = model.to(target_dtype).to_empty(device=torch.device(device or "cpu"))
     model.tie_weights()   # to_empty gives each tied name its own tensor
-    load_sharded_weights(model, files, folder, specs)
+    load_sharded_weights(model, files, folder, specs, lora)
     model.config.dtype = str(target_dtype).replace("torch.", "")
     model.generation_config = read_generation_config(folder)
     return model.eval()

@@ -28,9 +28,10 @@ class RayTPGroup:
                  device_type: str = "cpu", tokenizer=None, *, placement_group=None, num_cpus: float = 1,
                  cpu_threads: int | None = None, timeout_s: float = 600.0, batches_in_flight: int = 1,
                  step_timeout_s: float | None = None, fetch: Callable[[str], str] | None = None,
-                 **engine_kwargs) -> None:
-        """`fetch`: model_path -> a local folder on the calling node (each rank calls it on its own
-        node: a checkpoint named by URL, copied where it is read); None: model_path is a folder."""
+                 adapter: str | None = None, **engine_kwargs) -> None:
+        """`fetch`: model_path (and `adapter`, a LoRA adapter merged as the shards load) -> a local
+        folder on the calling node (each rank calls it on its own node: a checkpoint named by URL,
+        copied where it is read); None: model_path is a folder."""
         import ray
         from ray.util import get_current_placement_group
 
@@ -44,7 +45,7 @@ class RayTPGroup:
             actor.options(**self._placement(rank, placement_group, device_type, num_cpus),
                           max_concurrency=batches_in_flight + 2 if rank == 0 else 1).remote(
                 rank, tp, str(model_path) if fetch else str(folder), fetch=fetch, dtype=dtype, device_type=device_type,
-                tokenizer=tokenizer, cpu_threads=cpu_threads, engine_kwargs=engine_kwargs,
+                tokenizer=tokenizer, cpu_threads=cpu_threads, engine_kwargs=engine_kwargs, adapter=adapter,
                 step_timeout_s=step_timeout_s if rank == 0 else None)
             for rank in range(tp)]
         self.follow_refs: list = []

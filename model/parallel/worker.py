@@ -69,9 +69,10 @@ class TPWorker:
     def __init__(self, rank: int, world_size: int, model_path: str | Path, dtype: torch.dtype | str | None = None,
                  device_type: str = "cpu", tokenizer=None, cpu_threads: int | None = None,
                  engine_kwargs: dict | None = None, step_timeout_s: float | None = None,
-                 fetch: Callable[[str], str] | None = None) -> None:
+                 fetch: Callable[[str], str] | None = None, adapter: str | None = None) -> None:
         self.rank, self.world_size, self.model_path = rank, world_size, str(model_path)
-        self.fetch = fetch                        # model_path -> a local folder (RayTPGroup)
+        self.fetch = fetch                        # model_path (and adapter) -> a local folder (RayTPGroup)
+        self.adapter = adapter                    # a LoRA adapter folder, merged into the shard (model.lora)
         self.step_timeout_s = step_timeout_s      # rank 0's EngineLoop ends this process past it
         self.dtype, self.device_type, self.tokenizer = dtype, device_type, tokenizer
         self.engine_kwargs = dict(engine_kwargs or {})
@@ -103,8 +104,9 @@ class TPWorker:
         dtype, error = self._group_dtype(), None
         try:
             device = rank_device(self.device_type, self.rank)
-            folder = self.fetch(self.model_path) if self.fetch else self.model_path
-            model = load_shard(folder, tp, dtype=dtype, device=device)
+            local = self.fetch or (lambda path: path)
+            model = load_shard(local(self.model_path), tp, dtype=dtype, device=device,
+                               adapter=self.adapter and local(self.adapter))
             self.engine = ShardEngine(model, self.comm, tokenizer=self.tokenizer, **self.engine_kwargs)
         except Exception as e:  # reported to every rank below, so no rank waits forever for another
             error = f"rank {self.rank}: {type(e).__name__}: {e}"
@@ -300,7 +302,7 @@ class TPEngine:
 
     def __init__(self, model_path: str | Path, tp: int = 1, dtype: torch.dtype | str | None = None,
                  device_type: str = "cpu", tokenizer=None, *, cpu_threads: int | None = None,
-                 timeout_s: float = 600.0, **engine_kwargs) -> None:
+                 timeout_s: float = 600.0, adapter: str | None = None, **engine_kwargs) -> None:
         folder = resolve_checkpoint_dir(model_path)
         check_tp(Idefics3Config.from_pretrained(folder), tp)
         if device_type == "cuda" and torch.cuda.device_count() < tp:
@@ -308,7 +310,7 @@ class TPEngine:
         engine_kwargs.setdefault("use_cuda_graphs", tp == 1)   # graphs around NCCL collectives: not yet validated
         # Every rank gets the tokenizer: the ranks end a sequence on a stop string each on its own.
         spec = dict(model_path=str(folder), dtype=dtype, device_type=device_type, cpu_threads=cpu_threads,
-                    engine_kwargs=engine_kwargs, tokenizer=tokenizer)
+                    engine_kwargs=engine_kwargs, tokenizer=tokenizer, adapter=adapter and str(adapter))
         port = free_port()
         context = mp.get_context("spawn")
         self.processes = [context.Process(target=_follower_main, daemon=True,

@@ -146,7 +146,7 @@ def test_flags_reach_the_pipeline_config(tmp_path):
                        "--fetch-timeout", "7.5", "--rows-per-file", "20", "--step-timeout", "0", "--dtype", "float16",
                        "--repetition-penalty", "1.2", "--image-longest-edge", "728", "--no-image-splitting",
                        "--system-prompt", "Be brief.", "--logprobs", "--stop", ".", "--stop", "\n", "--no-compile",
-                       "--choice", "yes", "--choice", "no", "--choices-column", "labels",
+                       "--choice", "yes", "--choice", "no", "--choices-column", "labels", "--adapter", "s3://b/lora",
                        "--config", str(tmp_path / "job.yaml")])
     config = pipeline_config(merge_args(args, DEFAULTS))
     assert (config.top_k, config.image_root, config.fetch_attempts, config.fetch_timeout_s) == (5, "s3://b/imgs", 2, 7.5)
@@ -158,6 +158,7 @@ def test_flags_reach_the_pipeline_config(tmp_path):
     assert config.image_settings() == {"size": {"longest_edge": 728}, "do_image_splitting": False}
     assert config.system_prompt == "Be brief." and config.logprobs and config.stop == [".", "\n"]
     assert config.choices == ["yes", "no"] and config.choices_column == "labels"
+    assert config.adapter == "s3://b/lora"
     assert not pipeline_config(merge_args(parse_args([]), DEFAULTS)).logprobs
     assert pipeline_config(merge_args(parse_args([]), DEFAULTS)).compile_decode is None     # the engine's default
     columns = pipeline_config(merge_args(parse_args(["--image-column", "jpg", "--question-column", "query",

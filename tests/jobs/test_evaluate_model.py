@@ -200,18 +200,23 @@ def test_a_tensor_parallel_size_the_model_cannot_take_is_named_before_any_work(c
     assert not (tmp_path / "out" / "raw").exists()
 
 
-def test_choices_constrain_the_answers_and_the_report_says_so(ray_cluster, checkpoint, tmp_path):
+def test_choices_and_an_adapter_and_the_report_says_so(ray_cluster, checkpoint, tmp_path):
     """--choice for every question, --choices-column for those with their own (a multiple-choice
-    benchmark's options); the report's settings name them."""
+    benchmark's options), from a checkpoint with a LoRA adapter; the report names them."""
+    from tests.model.test_lora import ADAPTERS, build_adapter
+
+    build_adapter(checkpoint, tmp_path / "adapter", **ADAPTERS["lora"])
     bench = write_benchmark(tmp_path / "bench.parquet", "red")
     table = pq.read_table(bench)
     options = pa.array([["red", "blue"], None, None, ["one", "two", "three"]], pa.list_(pa.string()))
     pq.write_table(table.append_column("options", options), bench)
     summary, rows, out = run(tmp_path, checkpoint, bench, "--choice", "red", "--choice", "green square",
-                             "--choices-column", "options", "--max-new-tokens", "16")
+                             "--choices-column", "options", "--max-new-tokens", "16",
+                             "--adapter", str(tmp_path / "adapter"))
     asked = {"b0": ["red", "blue"], "b1": ["red", "green square"], "b3": ["one", "two", "three"]}
     assert {r["id"]: r["answer"] in asked.get(r["id"], []) for r in rows} == {"b0": True, "b1": True, "b2": False,
                                                                               "b3": True}
     assert rows[2]["finish_reason"] == "error"       # the undecodable image
     settings = json.loads(re.search(r"^- settings: `(.*)`$", (Path(out) / "report.md").read_text(), re.M).group(1))
     assert settings["choices"] == ["red", "green square"] and settings["choices_column"] == "options"
+    assert re.search(r"^- adapter: `[0-9a-f]{8,}`$", (Path(out) / "report.md").read_text(), re.M)

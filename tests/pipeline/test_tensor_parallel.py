@@ -9,8 +9,9 @@ from tests.fixtures.checkpoints import build_checkpoint
 from tests.pipeline.helpers import good_rows, write_parquet
 
 
-def answers(checkpoint, tmp_path, tp: int) -> list[tuple]:
-    config = PipelineConfig(model=str(checkpoint), max_new_tokens=5, batch_size=2, tensor_parallel_size=tp)
+def answers(checkpoint, tmp_path, tp: int, adapter=None) -> list[tuple]:
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=5, batch_size=2, tensor_parallel_size=tp,
+                            adapter=adapter and str(adapter))
     out = tmp_path / f"out{tp}"
     if out.exists():
         shutil.rmtree(out)
@@ -33,3 +34,15 @@ def test_tp2_answers_equal_tp1(ray_cluster, tmp_path):
     groups = list(placement_group_table().values())
     assert [(len(g["bundles"]), g["strategy"], g["state"]) for g in groups] == [(2, "STRICT_PACK", "REMOVED")]
     assert answers(checkpoint, tmp_path, 1) == tp1
+
+
+def test_tp2_merges_an_adapter_as_tp1(ray_cluster, tmp_path):
+    """Each rank merges the adapter into its slices (DoRA's row norms over whole rows)."""
+    from tests.model.test_lora import ADAPTERS, build_adapter
+
+    checkpoint = build_checkpoint(tmp_path / "ckpt", "idefics3")
+    build_adapter(checkpoint, tmp_path / "adapter", **ADAPTERS["dora"])
+    write_parquet(tmp_path / "in.parquet", good_rows(4))
+    tp1 = answers(checkpoint, tmp_path, 1, tmp_path / "adapter")
+    assert tp1 != answers(checkpoint, tmp_path, 1)
+    assert answers(checkpoint, tmp_path, 2, tmp_path / "adapter") == tp1

@@ -1,0 +1,100 @@
+"""LoRA adapters (PEFT's folder layout: adapter_config.json + adapter_model.safetensors), merged into
+the base checkpoint's weights as they load, as PEFT's `merge_and_unload` merges them.
+
+A fine-tune is often published as an adapter of a few MB beside a base checkpoint (SmolVLM's
+fine-tuning recipe saves one). Merged, the model is the base model's shape and speed: nothing
+changes in the engine. Each adapted weight W becomes W + scaling * (B @ A) (scaling = alpha / r,
+alpha / sqrt(r) with rsLoRA, per-module alphas from alpha_pattern), and with DoRA that times
+magnitude / ||W + scaling * (B @ A)|| row by row; computed in float32 and cast to the model's
+dtype once (PEFT's merge in float32 gives the same bits). Options that do not merge into a weight
+(adapted biases, modules saved whole, token adapters, ...) are refused, naming the option.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .files import ADAPTER_WEIGHTS, CheckpointError, read_adapter_config
+
+PEFT_PREFIX = "base_model.model."
+PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "magnitude"}
+
+
+class LoraAdapter:
+    """The weight deltas of one adapter, by the name of the parameter (ours, as the base checkpoint's
+    keys map to it) each one changes."""
+
+    def __init__(self, parts: dict[str, dict[str, torch.Tensor]], scalings: dict[str, float], folder: Path) -> None:
+        self.parts, self.scalings, self.folder = parts, scalings, folder
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "LoraAdapter":
+        folder = Path(path).expanduser()
+        config = read_adapter_config(folder)
+        weights = folder / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"adapter {folder}: no {ADAPTER_WEIGHTS} (pickle weights are never loaded)")
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                module, part = split_key(key, folder)
+                parts.setdefault(module + ".weight", {})[part] = f.get_tensor(key).float()
+        for name, found in parts.items():
+            if "A" not in found or "B" not in found:
+                raise CheckpointError(f"adapter {folder}: {name} has {sorted(found)} but not both lora_A and lora_B")
+        scalings = {name: scaling(config, name.removesuffix(".weight"), found["A"].shape[0])
+                    for name, found in parts.items()}
+        return cls(parts, scalings, folder)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.parts
+
+    def names(self) -> set[str]:
+        return set(self.parts)
+
+    def merged(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (the base checkpoint's tensor) with this adapter's change, float32."""
+        found, weight = self.parts[name], weight.float()
+        if weight.dim() != 2 or found["B"].shape[0] != weight.shape[0] or found["A"].shape[1] != weight.shape[1]:
+            raise CheckpointError(f"adapter {self.folder}: {name} is {tuple(weight.shape)} in the checkpoint, but the "
+                                  f"adapter's B @ A is {found['B'].shape[0]} x {found['A'].shape[1]}")
+        delta = (found["B"] @ found["A"]) * self.scalings[name]
+        if "magnitude" not in found:
+            return weight + delta
+        norm = torch.linalg.norm(weight + delta, dim=1)
+        return (found["magnitude"] / norm).view(-1, 1) * (weight + delta)
+
+    def check_applied(self, applied: set[str], tied: set[str]) -> None:
+        """Every delta went to a weight of the model, none to a weight that another shares (tied)."""
+        left = sorted(self.names() - applied)
+        if left:
+            raise CheckpointError(f"adapter {self.folder} changes weights the model does not have: {left[:5]} "
+                                  "(an adapter of another base model?)")
+        shared = sorted(self.names() & tied)
+        if shared:
+            raise CheckpointError(f"adapter {self.folder} changes {shared[0]}, which the model ties to another "
+                                  "weight: merge it with PEFT (merge_and_unload) and load the merged checkpoint")
+
+
+def split_key(key: str, folder: Path) -> tuple[str, str]:
+    """('model.text_model.layers.0.self_attn.q_proj', 'A') from PEFT's saved key."""
+    body = key.removeprefix(PEFT_PREFIX)
+    for suffix, part in PARTS.items():
+        if body.endswith("." + suffix):
+            return body[:-len(suffix) - 1], part
+    raise CheckpointError(f"adapter {folder}: {key} is not a LoRA tensor (lora_A, lora_B, or DoRA's magnitude); "
+                          "embedding and other adapters are not merged here")
+
+
+def scaling(config: dict, module: str, rank: int) -> float:
+    """alpha / r (rsLoRA: alpha / sqrt(r)); alpha from the first alpha_pattern that names the module."""
+    alpha = config.get("lora_alpha", 8)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = value
+            break
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
