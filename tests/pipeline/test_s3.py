@@ -255,3 +255,34 @@ def test_an_evaluation_reads_and_writes_s3(s3, s3_cluster, checkpoint, oracle):
     assert (metrics["rows"], metrics["errors"], metrics["score"]) == (3, 0, round(1 / 3, 6))
     scored = pq.read_table(io.BytesIO(s3.cat("bucket/evals/run/predictions.parquet"))).to_pylist()
     assert [r["score"] for r in scored] == [1.0, 0.0, 0.0] and scored[0]["answer"] == truth[0][0]
+
+
+def test_an_adapter_on_s3_is_checked_copied_and_merged(s3, s3_cluster, checkpoint, tmp_path):
+    """A LoRA adapter on S3 (--adapter): checked in the driver, copied to each node and merged by the
+    replicas: the model stage's answers with it, its fingerprint in the run's manifest."""
+    from model.files import CheckpointError
+    from pipeline.checkpoint import check_adapter
+    from tests.pipeline.helpers import write_parquet
+    from tests.pipeline.test_adapter import build_dora_adapter, engine_answers
+
+    adapter = build_dora_adapter(checkpoint, tmp_path / "adapter")
+    rows = good_rows(4)
+    want = engine_answers(checkpoint, adapter, rows, 6)
+    assert want != engine_answers(checkpoint, None, rows, 6)        # the adapter changes the answers
+    upload_checkpoint(s3, adapter, "bucket/adapters/dora")
+    check_adapter("s3://bucket/adapters/dora/")
+    write_parquet(tmp_path / "in.parquet", rows)
+    config = PipelineConfig(model=str(checkpoint), adapter="s3://bucket/adapters/dora/", max_new_tokens=6)
+    summary = run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config)
+    assert summary["error_rows"] == 0
+    got = {r["id"]: (r["answer"], r["num_generated_tokens"]) for r in read_output(str(tmp_path / "out")).to_pylist()}
+    assert got == want
+    manifest = json.loads((tmp_path / "out.run.json").read_text())
+    assert manifest["adapter"] and manifest["adapter"] != manifest["checkpoint"]
+    with pytest.raises(ValueError, match=r"the adapter \(one then, none now\)"):
+        run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint),
+                max_new_tokens=6), resume=True)
+    s3.pipe("bucket/adapters/cut/adapter_config.json", (adapter / "adapter_config.json").read_bytes())
+    s3.pipe("bucket/adapters/cut/adapter_model.safetensors", (adapter / "adapter_model.safetensors").read_bytes()[:-9])
+    with pytest.raises(CheckpointError, match="not a complete safetensors file"):
+        check_adapter("s3://bucket/adapters/cut")
