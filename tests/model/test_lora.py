@@ -111,3 +111,13 @@ def test_adapters_that_do_not_merge_into_weights_are_refused(checkpoint, tmp_pat
     (folder / "adapter_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="pickle weights are never loaded"):
         Idefics3ForConditionalGeneration.from_pretrained(base, adapter=folder)
+
+
+def test_a_bfloat16_model_gets_the_float32_merge_rounded_once(adapted):
+    """The merge runs in float32 whatever the model's dtype, and is cast once (merging in bfloat16
+    would round the base weight, the delta and their sum)."""
+    base, folder, _ = adapted
+    merged = dict(Idefics3ForConditionalGeneration.from_pretrained(base, adapter=folder).named_parameters())
+    low = Idefics3ForConditionalGeneration.from_pretrained(base, dtype=torch.bfloat16, adapter=folder)
+    for name, p in low.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, merged[name].to(torch.bfloat16)), name
