@@ -65,9 +65,10 @@ def resolve_checkpoint_dir(path_or_id: str | Path, **hub_kwargs) -> Path:
     return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS, **hub_kwargs))
 
 
-def check_complete_safetensors(name: str, f: BinaryIO, size: int) -> None:
+def check_complete_safetensors(name: str, f: BinaryIO, size: int) -> dict[str, list[int]]:
     """A safetensors file (`f` open at its start, `size` bytes) must hold the bytes its header
-    describes: a download or copy cut short would fail every replica's load, each in turn."""
+    describes: a download or copy cut short would fail every replica's load, each in turn.
+    Returns its tensors' shapes (read from the header alone)."""
     head = f.read(8)
     header_len = int.from_bytes(head, "little")
     if len(head) < 8 or 8 + header_len > size:
@@ -81,6 +82,7 @@ def check_complete_safetensors(name: str, f: BinaryIO, size: int) -> None:
     if 8 + header_len + end != size:
         raise CheckpointError(f"{name} is not a complete safetensors file: {size} bytes where its header "
                               f"describes {8 + header_len + end} (a download or copy cut short?)")
+    return {k: t.get("shape") for k, t in header.items() if k != "__metadata__"}
 
 
 def weight_files(folder: Path) -> list[Path]:

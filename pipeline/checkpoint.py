@@ -52,22 +52,24 @@ def remote_files(uri: str, storage_options: dict | None) -> dict[str, int]:
     return found
 
 
-def check_model(model: str, storage_options: dict | None = None, tensor_parallel_size: int = 1) -> None:
+def check_model(model: str, storage_options: dict | None = None, tensor_parallel_size: int = 1) -> dict | None:
     """Refuses, in the driver and before any work, a model the stage actors could not load: a folder
     (local or URL) without config.json, tokenizer.json or safetensors weights, a config.json that is
     not an Idefics3 one or that `tensor_parallel_size` cannot split, or a path that is neither a
     folder nor a hub id. Otherwise every actor would fail on it in turn, minutes in, each with its
-    traceback. A hub id's config.json is asked of the hub (check_hub_model)."""
+    traceback. A hub id's config.json is asked of the hub (check_hub_model). Returns the shapes of
+    the folder's weights (their files' headers; None for a hub id)."""
+    shapes: dict = {}
     if is_local(model):
         folder = Path(fsspec.core.strip_protocol(model)).expanduser()
         if not folder.is_dir():
             if is_hub_id(model):
-                return check_hub_model(model, tensor_parallel_size)
+                return check_hub_model(model, tensor_parallel_size)     # None
             what = "a file, not a checkpoint folder" if folder.exists() else "no such checkpoint folder"
             raise FileNotFoundError(f"model {model!r}: {what} (nor a hub id owner/name)")
         for path in weight_files(folder):   # CheckpointError: pickle weights only, no weights, shards missing
             with path.open("rb") as f:
-                check_complete_safetensors(str(path), f, path.stat().st_size)
+                shapes.update(check_complete_safetensors(str(path), f, path.stat().st_size))
         names = {p.name for p in folder.iterdir()}
         read_config = (folder / CONFIG_NAME).read_bytes
     else:
@@ -77,18 +79,27 @@ def check_model(model: str, storage_options: dict | None = None, tensor_parallel
         fs, root = reader_fs(model, storage_options)
         for name in sorted(n for n in names if n.endswith(".safetensors")):
             with fs.open(posixpath.join(root.rstrip("/"), name), "rb", block_size=1 << 20) as f:
-                check_complete_safetensors(f"{model.rstrip('/')}/{name}", f, listing[name])
+                shapes.update(check_complete_safetensors(f"{model.rstrip('/')}/{name}", f, listing[name]))
         read_config = lambda: fs.cat_file(posixpath.join(root.rstrip("/"), CONFIG_NAME))  # noqa: E731
     check_required_files(model, names)
     check_config(model, read_config(), tensor_parallel_size)
+    return shapes
 
 
-def check_adapter(adapter: str | None, storage_options: dict | None = None) -> None:
+def check_adapter(adapter: str | None, storage_options: dict | None = None, model_shapes: dict | None = None) -> None:
     """Refuses, in the driver, a LoRA adapter (a folder or its URL) that the replicas could not merge:
-    no such folder, no adapter_config.json or adapter_model.safetensors, one cut short, or an adapter
-    whose options do not merge into weights (model.files.check_adapter_config)."""
+    no such folder, no adapter_config.json or adapter_model.safetensors, one cut short, an adapter
+    whose options do not merge into weights (model.files.check_adapter_config), or, given the
+    model's weight shapes (check_model's), one of another base model."""
     if adapter is None:
         return
+    shapes = adapter_shapes(adapter, storage_options)
+    if model_shapes:
+        check_adapter_fits(adapter, shapes, model_shapes)
+
+
+def adapter_shapes(adapter: str, storage_options: dict | None) -> dict[str, list[int]]:
+    """The shapes of an adapter's tensors, once its files are checked (check_adapter)."""
     if is_local(adapter):
         folder = Path(fsspec.core.strip_protocol(adapter)).expanduser()
         if not folder.is_dir():
@@ -98,8 +109,7 @@ def check_adapter(adapter: str | None, storage_options: dict | None = None) -> N
         if not weights.is_file():
             raise CheckpointError(f"adapter {adapter!r}: no {ADAPTER_WEIGHTS} (pickle weights are never loaded)")
         with weights.open("rb") as f:
-            check_complete_safetensors(str(weights), f, weights.stat().st_size)
-        return
+            return check_complete_safetensors(str(weights), f, weights.stat().st_size)
     listing = remote_files(adapter, storage_options)
     fs, root = reader_fs(adapter, storage_options)
     if ADAPTER_CONFIG not in listing or ADAPTER_WEIGHTS not in listing:
@@ -107,7 +117,26 @@ def check_adapter(adapter: str | None, storage_options: dict | None = None) -> N
                                 f"(found {sorted(listing)})")
     check_adapter_config(json.loads(fs.cat_file(posixpath.join(root.rstrip("/"), ADAPTER_CONFIG))), adapter)
     with fs.open(posixpath.join(root.rstrip("/"), ADAPTER_WEIGHTS), "rb", block_size=1 << 20) as f:
-        check_complete_safetensors(f"{adapter.rstrip('/')}/{ADAPTER_WEIGHTS}", f, listing[ADAPTER_WEIGHTS])
+        return check_complete_safetensors(f"{adapter.rstrip('/')}/{ADAPTER_WEIGHTS}", f, listing[ADAPTER_WEIGHTS])
+
+
+def check_adapter_fits(adapter: str, shapes: dict[str, list[int]], model_shapes: dict[str, list[int]]) -> None:
+    """Each pair of lora_B (out x r) and lora_A (r x in) of the adapter must change a weight of the
+    model of out x in (PEFT's keys: base_model.model. + the weight's key, less `.weight`)."""
+    for key, a_shape in sorted(shapes.items()):
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        b_shape = shapes.get(key.replace(".lora_A.", ".lora_B."))
+        want = model_shapes.get(module + ".weight")
+        if want is None:
+            raise CheckpointError(f"adapter {adapter!r} changes {module}.weight, which the model does not have "
+                                  "(an adapter of another base model?)")
+        if b_shape is None or [b_shape[0], a_shape[1]] != list(want):
+            got = "no lora_B" if b_shape is None else f"{b_shape[0]} x {a_shape[1]}"
+            raise CheckpointError(f"adapter {adapter!r} does not fit the model: {module}.weight is "
+                                  f"{' x '.join(map(str, want))} in the model, {got} in the adapter (an adapter "
+                                  "of another base model?)")
 
 
 def check_listed_weights(model: str, names: set[str]) -> None:

@@ -142,8 +142,8 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
         # written, so a resumed run with one would take rows it then skips.
         raise ValueError("limit is for a fresh run; resume without it to answer the rest")
     opts = config.storage_options
-    check_model(config.model, opts, config.tensor_parallel_size)
-    check_adapter(config.adapter, opts)
+    shapes = check_model(config.model, opts, config.tensor_parallel_size)
+    check_adapter(config.adapter, opts, shapes)
     check_row_encoding(config)
     check_image_root(config.image_root, opts)
     config = with_image_root(config, input_uri)

@@ -7,6 +7,7 @@ import pytest
 
 from model.files import CheckpointError
 from pipeline import PipelineConfig, run_job
+from tests.fixtures.checkpoints import build_checkpoint
 from tests.model.test_lora import ADAPTERS, build_adapter
 from tests.pipeline.helpers import good_rows, write_parquet
 
@@ -52,4 +53,9 @@ def test_an_adapter_the_replicas_could_not_merge_is_refused_before_any_work(chec
     (bad / "adapter_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no adapter_model.safetensors"):
         run(bad)
+    other = tmp_path / "other"          # an adapter of another base model (its layers' sizes differ)
+    build_adapter(build_checkpoint(tmp_path / "idefics3", "idefics3"), other, **ADAPTERS["lora"])
+    with pytest.raises(CheckpointError, match=r"does not fit the model: model\.text_model\.layers\.0\.mlp\."
+                                              r"down_proj\.weight is 48 x 96 in the model, 64 x 128 in the adapter"):
+        run(other)
     assert not (tmp_path / "out").exists()
