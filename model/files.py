@@ -27,11 +27,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is (pickle-only, missing/unexpected keys, bad shapes)."""
 
 
-def read_adapter_config(folder: Path) -> dict:
-    file = folder / ADAPTER_CONFIG
+def adapter_files(folder: Path) -> tuple[dict, Path]:
+    """A local adapter folder's config (checked: check_adapter_config) and the path of its weights."""
+    file, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not file.is_file():
         raise FileNotFoundError(f"adapter {folder}: no {ADAPTER_CONFIG} (not a PEFT adapter folder)")
-    return check_adapter_config(json.loads(file.read_text()), str(folder))
+    config = check_adapter_config(json.loads(file.read_text()), str(folder))
+    if not weights.is_file():
+        raise CheckpointError(f"adapter {folder}: no {ADAPTER_WEIGHTS} (pickle weights are never loaded)")
+    return config, weights
 
 
 def check_adapter_config(config: dict, adapter: str) -> dict:

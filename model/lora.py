@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .files import ADAPTER_WEIGHTS, CheckpointError, read_adapter_config
+from .files import CheckpointError, adapter_files
 
 PEFT_PREFIX = "base_model.model."
 PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "magnitude"}
@@ -34,10 +34,7 @@ class LoraAdapter:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "LoraAdapter":
         folder = Path(path).expanduser()
-        config = read_adapter_config(folder)
-        weights = folder / ADAPTER_WEIGHTS
-        if not weights.is_file():
-            raise CheckpointError(f"adapter {folder}: no {ADAPTER_WEIGHTS} (pickle weights are never loaded)")
+        config, weights = adapter_files(folder)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         with safe_open(str(weights), framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -62,11 +59,10 @@ class LoraAdapter:
         if weight.dim() != 2 or found["B"].shape[0] != weight.shape[0] or found["A"].shape[1] != weight.shape[1]:
             raise CheckpointError(f"adapter {self.folder}: {name} is {tuple(weight.shape)} in the checkpoint, but the "
                                   f"adapter's B @ A is {found['B'].shape[0]} x {found['A'].shape[1]}")
-        delta = (found["B"] @ found["A"]) * self.scalings[name]
+        merged = weight + (found["B"] @ found["A"]) * self.scalings[name]
         if "magnitude" not in found:
-            return weight + delta
-        norm = torch.linalg.norm(weight + delta, dim=1)
-        return (found["magnitude"] / norm).view(-1, 1) * (weight + delta)
+            return merged
+        return (found["magnitude"] / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
 
     def check_applied(self, applied: set[str], tied: set[str]) -> None:
         """Every delta went to a weight of the model, none to a weight that another shares (tied)."""

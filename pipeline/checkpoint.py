@@ -25,7 +25,7 @@ import fsspec
 
 from model.config import CONFIG_NAME, Idefics3Config, check_tp
 from model.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HUB_PATTERNS, INDEX_FILE, SINGLE_FILE, CheckpointError,
-                         check_adapter_config, check_complete_safetensors, is_hub_id, read_adapter_config, weight_files)
+                         adapter_files, check_adapter_config, check_complete_safetensors, is_hub_id, weight_files)
 
 from .storage import is_local, reader_fs
 
@@ -104,10 +104,7 @@ def adapter_shapes(adapter: str, storage_options: dict | None) -> dict[str, list
         folder = Path(fsspec.core.strip_protocol(adapter)).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"adapter {adapter!r}: no such folder (an adapter is a local folder or a URL)")
-        read_adapter_config(folder)
-        weights = folder / ADAPTER_WEIGHTS
-        if not weights.is_file():
-            raise CheckpointError(f"adapter {adapter!r}: no {ADAPTER_WEIGHTS} (pickle weights are never loaded)")
+        _, weights = adapter_files(folder)
         with weights.open("rb") as f:
             return check_complete_safetensors(str(weights), f, weights.stat().st_size)
     listing = remote_files(adapter, storage_options)
