@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine import SHAPES, make_requests, our_model, padded_batch, reference_model, with_fresh_keys  # noqa: E402
 from model.engine import LLMEngine, SamplingParams  # noqa: E402
+from model.engine.constraints import choices_pattern  # noqa: E402
 from model.engine.stop_strings import byte_level_alphabet  # noqa: E402
 
 LABELS = ["cat", "dog", "car", "person", "tree", "building", "food", "text", "animal", "vehicle",
@@ -71,7 +72,7 @@ def time_reference(ref, requests, constraint, stop_ids: list[int], new_tokens: i
 
     def allowed(_, row):        # a finished row goes on with padding
         answer = row[prompt:].tolist()
-        return [pad] if set(answer) & set(stop_ids) else constraint.allowed_after(answer)
+        return [pad] if set(answer) & set(stop_ids) else constraint.allowed_ids(constraint.advance(constraint.start, answer))
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     engine.generate(chosen[:1])                     # warm-up; reads the vocabulary for choices
     warm_s = time.perf_counter() - start
     stop_ids = sorted(engine.stop_ids)
-    constraint = engine.choices.constraint(labels, frozenset(stop_ids))
+    constraint = engine.constraints.constraint(choices_pattern(labels), frozenset(stop_ids))
     ours_s, stats, our_tokens = time_ours(engine, chosen, args.repeats)
     _, free_stats, _ = time_ours(engine, base, args.repeats)        # same prompts, answers of new_tokens, no choices
     ref_s, ref_tokens = time_reference(ref, chosen, constraint, stop_ids, args.new_tokens, args.repeats)

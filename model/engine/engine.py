@@ -21,7 +21,7 @@ from ..fusion import fuse_projections
 from ..linear import available_host_memory, pack_weights
 from ..lm_head import pad_lm_head
 from ..pointwise import compile_pointwise
-from .choices import EngineChoices
+from .constraints import EngineConstraints
 from .image_cache import ImageFeatureCache
 from .kv_cache import KVCache, plan_cache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
@@ -89,7 +89,7 @@ class LLMEngine:
         if self.device.type == "cuda":
             pad_lm_head(model)
         self.text_config = model.config.text_config
-        self.choices = EngineChoices(tokenizer, self.text_config.vocab_size, self.device)
+        self.constraints = EngineConstraints(tokenizer, self.text_config.vocab_size, self.device)
         self.max_batch_size, self.kv_cache_tokens = max_batch_size, kv_cache_tokens
         self.max_prefill_tokens, self.use_cuda_graphs = max_prefill_tokens, use_cuda_graphs
         self.max_image_frames = max_image_frames
@@ -163,8 +163,8 @@ class LLMEngine:
     def check_request(self, request: Request) -> None:
         """ValueError naming the request if the engine cannot run it (checked before any work starts)."""
         check_request(request, self.model.config, has_tokenizer=self.tokenizer is not None)
-        if request.sampling.choices:
-            self.choices.check(request, self._stop_ids(request))
+        if request.sampling.constrained:
+            self.constraints.check(request, self._stop_ids(request))
 
     def _stop_ids(self, request: Request) -> frozenset[int]:
         stop = request.sampling.stop_token_ids
@@ -285,7 +285,7 @@ class LLMEngine:
                      rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The rows' tokens (NON_FINITE for a row whose logits are not), and their log p when a
         request asks for them. The model reads `model_tokens` of them. Row rows[i] is seqs[i]'s."""
-        tokens = self.sample_tokens(logits, slots, seqs, self.choices.allowed(seqs, rows, logits.shape[0]))
+        tokens = self.sample_tokens(logits, slots, seqs, self.constraints.allowed(seqs, rows, logits.shape[0]))
         if penalized(seqs):
             self.sampling.mark_seen(slots, model_tokens(tokens))
         return tokens, token_logprobs(logits, model_tokens(tokens)) if wants_logprobs(seqs) else None
@@ -328,8 +328,8 @@ class LLMEngine:
         in-flight token is their last (max_new_tokens) are left out. None (collect first) if that
         leaves none, or if their slots would let waiting requests in (Scheduler.can_admit)."""
         lag = in_flight is not None
-        if lag and any(s.request.sampling.choices for s in in_flight.seqs):
-            return None      # a choice's next tokens depend on the token in flight
+        if lag and any(s.request.sampling.constrained for s in in_flight.seqs):
+            return None      # a constrained answer's next tokens depend on the token in flight
         seqs = [s for s in scheduler.running.values() if not (lag and s.last_token_pending())]
         finishing = len(scheduler.running) - len(seqs)
         if not seqs or (finishing and scheduler.can_admit(finishing)):

@@ -208,7 +208,7 @@ def sample_rows(logits: Tensor, state: SamplingState, slots: Tensor, params: lis
     """Next token of each row, NON_FINITE where its logits are not, the host-side facts `sample`
     takes read from the rows' requests. compiled: the engine's decode step is; its sampler is then
     compiled too (an all-greedy step one compiled function), and nuclei are found by bisection.
-    allowed: (B, V) bool, the only tokens each row may take (model.engine.choices), or None."""
+    allowed: (B, V) bool, the only tokens each row may take (model.engine.constraints), or None."""
     sampled = [p for p in params if not p.greedy]
     penalty = any(p.repetition_penalty != 1.0 for p in params)
     if not sampled and not penalty and allowed is None:

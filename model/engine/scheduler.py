@@ -19,6 +19,7 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None                 # why, when finish_reason is "error"
     logprob: float = 0.0                     # sum of the generated tokens' log p, when the request asks for it
+    constraint_state: tuple | None = None    # a constrained answer's state, and the tokens it has read
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is None:

@@ -1,10 +1,13 @@
 """Requests in, results out: the engine's public value types."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import Tensor
+
+from .json_schema import json_schema_pattern
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,8 @@ class SamplingParams:
     logprobs: bool = False            # Result.cumulative_logprob: the answer's log-probability under the model
     stop: tuple[str, ...] | list[str] = ()   # strings that end the answer (with the token that completes one)
     choices: tuple[str, ...] | list[str] = ()   # the answer is one of these (after at most one space)
+    regex: str | None = None          # the answer matches this expression in full (re.fullmatch's sense)
+    json_schema: dict | str | None = None   # the answer is a JSON document the schema (or its text) allows
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -37,14 +42,28 @@ class SamplingParams:
             raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         if any(not isinstance(c, str) or not c for c in self.choices):
             raise ValueError(f"choices must be non-empty strings, got {list(self.choices)!r}")
-        if self.choices and self.min_new_tokens:
-            raise ValueError("min_new_tokens cannot be combined with choices (a whole choice may come first)")
+        if sum(map(bool, (self.choices, self.regex is not None, self.json_schema is not None))) > 1:
+            raise ValueError("choices, regex and json_schema are three ways to constrain an answer: give one")
+        if self.constrained and self.min_new_tokens:
+            raise ValueError("min_new_tokens cannot be combined with choices, regex or json_schema (a whole "
+                             "answer may come first)")
+        if self.json_schema is not None:
+            json_schema_pattern(self.json_schema)       # a schema it cannot follow is refused here
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def constrained(self) -> bool:
+        return bool(self.choices) or self.regex is not None or self.json_schema is not None
+
+    @property
+    def json_schema_text(self) -> str | None:
+        schema = self.json_schema
+        return schema if schema is None or isinstance(schema, str) else json.dumps(schema)
 
 
 @dataclass

@@ -16,8 +16,8 @@ def check_request(request: Request, config, has_tokenizer: bool) -> None:
                          f"{text.vocab_size} (is the tokenizer the checkpoint's?)")
     if request.sampling.stop and not has_tokenizer:
         raise ValueError(f"request {rid!r}: stop strings need the engine's tokenizer")
-    if request.sampling.choices and not has_tokenizer:
-        raise ValueError(f"request {rid!r}: choices need the engine's tokenizer")
+    if request.sampling.constrained and not has_tokenizer:
+        raise ValueError(f"request {rid!r}: choices, regex or json_schema need the engine's tokenizer")
     if n >= text.max_position_embeddings:      # a longer answer is cut at the context ("length")
         raise ValueError(f"request {rid!r}: the prompt ({n} tokens) fills the model's context of "
                          f"{text.max_position_embeddings} positions, leaving no room for an answer")

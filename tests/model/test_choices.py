@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from model.engine import LLMEngine, SamplingParams
-from model.engine.choices import ChoiceVocabulary
+from model.engine import Request
+from model.engine.constraints import EngineConstraints, choices_pattern
 from processing import Tokenizer
 from tests.fixtures.checkpoints import build_tokenizer
 from tests.model.test_engine import setup  # noqa: F401  (tiny checkpoints, the reference)
@@ -87,9 +88,9 @@ def test_sampled_choices_ignore_batch_neighbours(setup):
 def test_requests_with_choices_the_engine_cannot_answer_are_refused(setup):
     ours, requests, _, tokenizer, _ = setup
     r = requests[0]
-    with pytest.raises(ValueError, match="choices need the engine's tokenizer"):
+    with pytest.raises(ValueError, match="need the engine.s tokenizer"):
         LLMEngine(ours).generate([replace(r, sampling=SamplingParams(choices=("red",)))])
-    with pytest.raises(ValueError, match="need a stop token"):
+    with pytest.raises(ValueError, match="needs a stop token"):
         LLMEngine(ours, tokenizer).generate([replace(r, sampling=SamplingParams(choices=("red",), stop_token_ids=()))])
     with pytest.raises(ValueError, match="min_new_tokens"):
         SamplingParams(choices=("red",), min_new_tokens=2)
@@ -106,14 +107,14 @@ def test_allowed_tokens_of_every_answer_so_far(tokenizer):
     """Byte-level pieces of characters (é, 日本, 🙂 are several tokens each): every answer on the way
     to a choice allows what the brute force allows; tokens past the model's vocabulary never."""
     choices = ("café", "日本語", "naïve 🙂", "red", "red circle")
-    vocabulary = ChoiceVocabulary(tokenizer, vocab_size=len(tokenizer) + 40)
-    constraint = vocabulary.constraint(choices, frozenset({1, 2}))
+    constraints = EngineConstraints(tokenizer, len(tokenizer) + 40, "cpu")
+    constraint = constraints.constraint(choices_pattern(choices), frozenset({1, 2}))
     checked = 0
     for choice in choices:
         for text in (choice, " " + choice):
             ids = tokenizer.encode(text, add_special_tokens=False)
             for n in range(len(ids) + 1):
-                got = constraint.allowed_after(ids[:n])
+                got = constraint.allowed_ids(constraint.advance(constraint.start, ids[:n]))
                 assert got == sorted(brute_force_partial(tokenizer, ids[:n], choices, {1, 2})), (text, n)
                 checked += 1
     assert checked > 30
@@ -137,22 +138,25 @@ def brute_force_partial(tokenizer, generated, choices, stop_ids) -> list[int]:
 def test_a_choice_no_tokens_spell_is_named(tokenizer):
     """A model vocabulary shorter than the tokenizer's (its embedding cut) may lack a byte's token."""
     byte_ids = {tokenizer.backend.token_to_id(c) for c in "abcdefghijklmnopqrstuvwxyz"}
-    cut = ChoiceVocabulary(tokenizer, vocab_size=max(byte_ids) + 1)
-    constraint = cut.constraint(("red", "日本"), frozenset({1}))
-    assert constraint.unwritable(("red", "日本")) == ["日本"]
+    cut = EngineConstraints(tokenizer, max(byte_ids) + 1, "cpu")
+    request = Request("cut", [1], sampling=SamplingParams(choices=("red", "日本")))
+    with pytest.raises(ValueError, match="request 'cut': no tokens of the vocabulary spell the choice '日本'"):
+        cut.check(request, frozenset({1}))
+    cut.check(replace(request, sampling=SamplingParams(choices=("red", "bed"))), frozenset({1}))
 
 
 def test_long_choices_and_many_sets_of_them(tokenizer):
     """A long option text (no recursion over its bytes), and sets of choices beyond what is kept."""
-    vocabulary = ChoiceVocabulary(tokenizer, vocab_size=len(tokenizer))
+    constraints = EngineConstraints(tokenizer, len(tokenizer), "cpu")
     long = "the quick brown fox jumps over the lazy dog " * 60
-    constraint = vocabulary.constraint((long, "short"), frozenset({1}))
+    constraint = constraints.constraint(choices_pattern((long, "short")), frozenset({1}))
     ids = tokenizer.encode(" " + long, add_special_tokens=False)
-    assert all(ids[n] in constraint.allowed_after(ids[:n]) for n in range(0, len(ids), 97))
-    assert constraint.allowed_after(ids) == [1]
-    for i in range(vocabulary.KEPT + 5):
-        vocabulary.constraint((f"option {i}",), frozenset({1}))
-    assert len(vocabulary._constraints) == vocabulary.KEPT
+    after = lambda n: constraint.allowed_ids(constraint.advance(constraint.start, ids[:n]))  # noqa: E731
+    assert all(ids[n] in after(n) for n in range(0, len(ids), 97))
+    assert after(len(ids)) == [1]
+    for i in range(constraints.KEPT + 5):
+        constraints.constraint(choices_pattern((f"option {i}",)), frozenset({1}))
+    assert len(constraints._constraints) == constraints.KEPT
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,0 +1,150 @@
+"""A JSON schema as the regular expression of documents that satisfy it (SamplingParams.json_schema).
+
+The documents are written as `json.dumps` writes them with one optional space after each ":" and
+",": objects hold their properties in the schema's order (required ones always, the others where
+the model writes them) and no others; strings are JSON strings (escapes included) of any
+characters. What a regular expression cannot say, or what would need one too large to build, is
+refused with the keyword that asks for it: free-form objects and arrays (no `properties` /
+`items`), number bounds, `uniqueItems`, recursive `$ref`s, string `pattern`s, most `format`s.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+SPACE = "[ ]?"
+STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
+INTEGER = r"-?(?:0|[1-9][0-9]*)"
+NUMBER = INTEGER + r"(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+FORMATS = {
+    "date": r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])",
+    "time": r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+-][0-9]{2}:[0-9]{2})?",
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+}
+FORMATS["date-time"] = FORMATS["date"] + "T" + FORMATS["time"]
+ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+               "readOnly", "writeOnly", "$defs", "definitions", "additionalProperties"}
+KEYWORDS = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties", "required", "items",
+            "minItems", "maxItems", "minLength", "maxLength", "format"}
+
+
+def json_schema_pattern(schema: str | dict) -> str:
+    """The expression of the documents that satisfy `schema` (a dict or its JSON text)."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the JSON schema is not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"a JSON schema is an object, not {type(schema).__name__}")
+    return _Writer(schema).value(schema, "#")
+
+
+def literal(value: Any) -> str:
+    return re.escape(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
+class _Writer:
+    def __init__(self, root: dict) -> None:
+        self.root, self.resolving = root, []
+
+    def value(self, schema: Any, where: str) -> str:
+        if schema is True or schema == {}:
+            raise ValueError(f"{where}: a schema that allows any JSON value cannot be written as a pattern "
+                             "(say its type)")
+        if not isinstance(schema, dict):
+            raise ValueError(f"{where}: a schema is an object, not {schema!r}")
+        unknown = sorted(set(schema) - KEYWORDS - ANNOTATIONS)
+        if unknown:
+            raise ValueError(f"{where}: the keyword {unknown[0]!r} is not supported")
+        if "$ref" in schema:
+            return self.reference(schema["$ref"], where)
+        if "const" in schema:
+            return literal(schema["const"])
+        if "enum" in schema:
+            return "(?:" + "|".join(map(literal, schema["enum"])) + ")"
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                return "(?:" + "|".join(self.value(s, f"{where}/{key}/{i}") for i, s in enumerate(schema[key])) + ")"
+        if "allOf" in schema:
+            if len(schema["allOf"]) != 1:
+                raise ValueError(f"{where}: allOf of more than one schema is not supported")
+            return self.value(schema["allOf"][0], f"{where}/allOf/0")
+        types = schema.get("type")
+        if types is None:
+            raise ValueError(f"{where}: the schema does not say its type")
+        if isinstance(types, list):
+            return "(?:" + "|".join(self.typed(t, schema, where) for t in types) + ")"
+        return self.typed(types, schema, where)
+
+    def reference(self, ref: str, where: str) -> str:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise ValueError(f"{where}: only references inside the schema (#/...) are supported, not {ref!r}")
+        if ref in self.resolving:
+            raise ValueError(f"{where}: the schema is recursive ({ref!r} inside itself), which a pattern "
+                             "cannot say")
+        target: Any = self.root
+        for part in filter(None, ref[1:].split("/")):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise ValueError(f"{where}: {ref!r} names nothing in the schema")
+            target = target[part]
+        self.resolving.append(ref)
+        try:
+            return self.value(target, ref)
+        finally:
+            self.resolving.pop()
+
+    def typed(self, kind: str, schema: dict, where: str) -> str:
+        write = {"string": self.string, "integer": lambda s, w: INTEGER, "number": lambda s, w: NUMBER,
+                 "boolean": lambda s, w: "(?:true|false)", "null": lambda s, w: "null",
+                 "array": self.array, "object": self.object}.get(kind)
+        if write is None:
+            raise ValueError(f"{where}: unknown type {kind!r}")
+        return write(schema, where)
+
+    def string(self, schema: dict, where: str) -> str:
+        if "format" in schema:
+            if schema["format"] not in FORMATS:
+                raise ValueError(f"{where}: the string format {schema['format']!r} is not supported "
+                                 f"(supported: {', '.join(sorted(FORMATS))})")
+            return f'"{FORMATS[schema["format"]]}"'
+        low, high = schema.get("minLength", 0), schema.get("maxLength")
+        return f'"{STRING_CHAR}{_count(low, high)}"'
+
+    def array(self, schema: dict, where: str) -> str:
+        if "items" not in schema or not isinstance(schema["items"], dict):
+            raise ValueError(f"{where}: an array needs `items` (one schema for its items)")
+        item = self.value(schema["items"], f"{where}/items")
+        low, high = schema.get("minItems", 0), schema.get("maxItems")
+        if high == 0:
+            return r"\[\]"
+        rest = _count(max(low - 1, 0), None if high is None else high - 1)
+        items = f"{item}(?:,{SPACE}{item}){rest}"
+        return rf"\[{items}\]" if low else rf"\[(?:{items})?\]"
+
+    def object(self, schema: dict, where: str) -> str:
+        if "properties" not in schema:
+            raise ValueError(f"{where}: an object needs `properties` (free-form objects are not supported)")
+        properties, required = schema["properties"], set(schema.get("required", ()))
+        missing = sorted(required - set(properties))
+        if missing:
+            raise ValueError(f"{where}: the required property {missing[0]!r} is not among `properties`")
+        members = [(f'{literal(name)}:{SPACE}{self.value(sub, f"{where}/properties/{name}")}', name in required)
+                   for name, sub in properties.items()]
+        return r"\{" + _members(members) + r"\}"
+
+
+def _count(low: int, high: int | None) -> str:
+    return "*" if (low, high) == (0, None) else f"{{{low},}}" if high is None else f"{{{low},{high}}}"
+
+
+def _members(members: list[tuple[str, bool]]) -> str:
+    """Members in order, comma-separated, the optional ones where the model writes them."""
+    rest = ""               # the members from i on, while none is written yet
+    for i in range(len(members) - 1, -1, -1):
+        member, needed = members[i]
+        with_it = member + "".join(f",{SPACE}{m}" if must else f"(?:,{SPACE}{m})?" for m, must in members[i + 1:])
+        rest = with_it if needed else f"(?:{with_it}|{rest})" if rest else f"(?:{with_it})?"
+    return rest
