@@ -69,6 +69,7 @@ class TokenVocabulary:
         self.keys = sorted(by_bytes)                  # the trie, flattened: a node is a run of keys
         self.ids = [by_bytes[k] for k in self.keys]
         self.longest = max(map(len, self.keys))
+        self.vocab_size = vocab_size
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.matcher.token_bytes(token_id) or b""
@@ -107,6 +108,7 @@ class PatternConstraint:
     def __init__(self, vocabulary: TokenVocabulary, pattern: str, stop_ids: frozenset[int],
                  device: torch.device | str) -> None:
         self.vocabulary, self.stop_ids, self.device = vocabulary, stop_ids, device
+        self.vocab_size = vocabulary.vocab_size
         self.automaton = Automaton(pattern)
         if self.automaton.start is None:
             raise ValueError(f"the pattern {pattern!r} matches no text")
@@ -124,10 +126,15 @@ class PatternConstraint:
         return state
 
     def allowed(self, state: State) -> Tensor:
-        """The token ids allowed in `state` (on the device)."""
+        """The tokens allowed in `state`, on the device: their ids (int64) where they are few, a
+        (V,) bool mask where they are many (inside a JSON string: most of the vocabulary), which
+        is cheaper to put in a step's mask."""
         if state not in self._allowed:
-            ids = self.allowed_ids(state)
-            self._allowed[state] = torch.tensor(ids, dtype=torch.int64, device=self.device)
+            ids = torch.tensor(self.allowed_ids(state), dtype=torch.int64)
+            if len(ids) > self.vocab_size // 16:
+                mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+                ids = mask.index_fill_(0, ids, True)
+            self._allowed[state] = ids.to(self.device)
         return self._allowed[state]
 
     def allowed_ids(self, state: State) -> list[int]:
@@ -225,13 +232,18 @@ class EngineConstraints:
         constrained = [(row, seq) for row, seq in zip(rows, seqs) if seq.request.sampling.constrained]
         if not constrained:
             return None
-        ids = [self._allowed_now(seq) for _, seq in constrained]
-        on_device = lambda values: torch.tensor(values, dtype=torch.int64, device=self.device)  # noqa: E731
         allowed = torch.ones(num_rows, self.vocab_size, dtype=torch.bool, device=self.device)
-        constrained_rows = on_device([row for row, _ in constrained])
-        allowed[constrained_rows] = False
-        counts = on_device([len(some) for some in ids])
-        allowed[constrained_rows.repeat_interleave(counts), torch.cat(ids)] = True
+        sets = [self._allowed_now(seq) for _, seq in constrained]
+        on_device = lambda values: torch.tensor(values, dtype=torch.int64, device=self.device)  # noqa: E731
+        masks = [(row, s) for (row, _), s in zip(constrained, sets) if s.dtype == torch.bool]
+        if masks:
+            allowed[on_device([row for row, _ in masks])] = torch.stack([s for _, s in masks])
+        ids = [(row, s) for (row, _), s in zip(constrained, sets) if s.dtype != torch.bool]
+        if ids:
+            rows_of_ids = on_device([row for row, _ in ids])
+            allowed[rows_of_ids] = False
+            counts = on_device([len(s) for _, s in ids])
+            allowed[rows_of_ids.repeat_interleave(counts), torch.cat([s for _, s in ids])] = True
         return allowed
 
     def _allowed_now(self, seq) -> Tensor:

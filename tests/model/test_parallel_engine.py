@@ -89,9 +89,12 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     texts = [tokenizer.decode(t, skip_special_tokens=False) for t in reference_tokens(plain, long)]
     stopped = [replace(r, sampling=replace(r.sampling, stop=[text[2:4] or "x"])) for r, text in zip(long, texts)]
     chosen = [replace(r, sampling=replace(r.sampling, choices=("red circle", "blue square", "green"))) for r in long]
-    parts = [long, short, sampled, penalized, stopped, chosen]
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}}}
+    patterned = [replace(r, sampling=replace(r.sampling, **(dict(json_schema=schema) if j % 2 else dict(regex="[a-z ]+."))))
+                 for j, r in enumerate(long)]
+    parts = [long, short, sampled, penalized, stopped, chosen, patterned]
     want = {(i, j): tokens for i, part in enumerate(parts[:4]) for j, tokens in enumerate(reference_tokens(plain, part))}
-    for i in (4, 5):        # stop strings, choices: as TP=1's engine
+    for i in (4, 5, 6):     # stop strings, choices, regex and JSON: as TP=1's engine
         want.update({(i, j): r.token_ids for j, r in enumerate(LLMEngine(plain, tokenizer).generate(parts[i]))})
     assert any(len(want[4, j]) < len(want[0, j]) for j in range(len(long)))        # stop strings cut answers
     options = dict(overlap=True, batched_prefill=True) if cuda_defaults else {}
