@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add_run_flags, demo_path, init_ray,
                          json_option, merge_args, print_error, print_summary)
@@ -18,7 +19,7 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_suffix="", id_column="id", image_column="image", question_column="question",
                 max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=False,
-                stop=None, choices=None, choices_column=None, seed=None, replicas=None, tensor_parallel_size=1,
+                stop=None, choices=None, choices_column=None, regex=None, json_schema=None, seed=None, replicas=None, tensor_parallel_size=1,
                 cpu_workers=None, cpus_per_replica=None,
                 batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="", rows_per_file=1000, resume=False,
                 limit=None, image_backend="pil", image_longest_edge=None, image_splitting=None, storage_options=None,
@@ -60,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "keep the answer on the way to a choice, e.g. --choice yes --choice no to label images")
     ap.add_argument("--choices-column", help="an input column of each row's own choices (lists of text), for "
                                              "rows whose candidates differ; a null cell takes --choice's")
+    ap.add_argument("--regex", metavar="PATTERN",
+                    help="every answer matches PATTERN in full (Python's re syntax; vLLM's guided regex), e.g. "
+                         "--regex '[0-9]+' to count objects")
+    ap.add_argument("--json-schema", metavar="FILE_OR_JSON",
+                    help="every answer is a JSON document this schema allows (a .json file, or the schema's text): "
+                         "structured captions, e.g. objects with a label and a count")
     ap.add_argument("--logprobs", action="store_true", default=None,
                     help="add an answer_logprob column: the sum of the answer tokens' log-probabilities under "
                          "the model (a confidence score to filter captions by; divide by num_generated_tokens "
@@ -83,7 +90,18 @@ def pipeline_config(values: dict):
     keys = set(PipelineConfig.field_names()) - {"storage_options"}
     config = {k: v for k, v in values.items() if k in keys}
     config["model"] = demo_path(values["model"], DEMO_MODEL, "model")
+    config["json_schema"] = schema_text(values.get("json_schema"))
     return PipelineConfig(storage_options=json_option(values["storage_options"], "--storage-options"), **config)
+
+
+def schema_text(value: str | None) -> str | None:
+    """--json-schema's schema: a file's text, or the value itself where it is not a file's path."""
+    if value is None or value.lstrip().startswith("{"):
+        return value
+    try:
+        return Path(value).read_text()
+    except OSError as e:
+        raise ValueError(f"--json-schema {value!r} is neither a schema's JSON text nor a readable file ({e})") from None
 
 
 def print_rows(output: str, storage_options: dict, n: int) -> None:

@@ -174,6 +174,9 @@ def print_summary(summary: dict) -> bool:
     answers = summary.get("answers_by_choice")
     if answers:
         print("answers: " + "; ".join(f"{n} x {answer!r}" for answer, n in answers.items()))
+    if summary.get("answers_cut_short"):
+        print(f"{summary['answers_cut_short']} answers were cut short by --max-new-tokens before they matched "
+              "the pattern or schema in full (finish_reason 'length')")
     if summary.get("lost_rows_answered_again"):
         print(f"{summary['lost_rows_answered_again']} rows whose output file was lost since the earlier run "
               "were answered again")

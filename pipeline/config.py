@@ -1,6 +1,7 @@
 """PipelineConfig: everything the Ray Data graph needs, in the style of `ray.data.llm`'s processor configs."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 
 DEFAULT_PROMPT = "Describe this image."
@@ -30,6 +31,8 @@ class PipelineConfig:
     choices: list[str] = field(default_factory=list)    # every answer is one of these (vLLM's guided choice)
     choices_column: str | None = None           # an input column of each row's own choices (lists of text;
                                                 # a null cell: `choices`)
+    regex: str | None = None                    # every answer matches this expression in full (vLLM's guided regex)
+    json_schema: str | None = None              # every answer is a JSON document this schema (its JSON text) allows
     seed: int | None = None                     # with sampling: per-row seed = f(seed, id), batch-independent
     replicas: int | None = None                 # model replicas (actors); None: every GPU (/ tp), or one a CPU node
     tensor_parallel_size: int = 1               # devices per replica (placement group, STRICT_PACK)
@@ -104,6 +107,32 @@ class PipelineConfig:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if self.top_k < 0:      # else every row's request would be refused, each an error row
             raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
+        self._check_constraint()
+
+    def _check_constraint(self) -> None:
+        """One way to constrain answers, and a pattern the engine can follow (else every row would be
+        an error row): checked without torch, in the driver."""
+        from model.engine.automaton import Automaton
+        from model.engine.json_schema import schema_text_pattern
+
+        if self.json_schema is not None:        # one text for one schema (the run manifest compares them)
+            try:
+                schema = json.loads(self.json_schema) if isinstance(self.json_schema, str) else self.json_schema
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema: the JSON schema is not JSON: {e}") from None
+            self.json_schema = json.dumps(schema, ensure_ascii=False)
+        ways = [name for name, on in (("choices", self.choices or self.choices_column), ("regex", self.regex),
+                                      ("json_schema", self.json_schema)) if on]
+        if len(ways) > 1:
+            raise ValueError(f"{' and '.join(ways)} are two ways to constrain answers: give one")
+        if self.regex is not None or self.json_schema is not None:
+            name = "regex" if self.regex is not None else "json_schema"
+            try:
+                pattern = self.regex if self.regex is not None else schema_text_pattern(self.json_schema)
+                if Automaton(pattern).start is None:
+                    raise ValueError("it matches no text")
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -224,6 +224,7 @@ class Generate:
         sampling = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, repetition_penalty=c.repetition_penalty, logprobs=c.logprobs,
                                   stop=tuple(c.stop), choices=tuple(row.get(ROW_CHOICES) or c.choices),
+                                  regex=c.regex, json_schema=c.json_schema,
                                   seed=row_seed(c.seed, row["id"]))
         return Request(str(row["id"]), row["input_ids"], self.pixel_values(row), sampling=sampling,
                        image_key=row["image_key"])

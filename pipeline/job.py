@@ -54,6 +54,12 @@ def answer_counts(output: str, storage_options: dict | None = None) -> dict[str,
     return {c["values"]: c["counts"] for c in counts[:ANSWERS_SHOWN]}
 
 
+def cut_short(output: str, storage_options: dict | None = None) -> int:
+    """A run with a pattern: the answers that --max-new-tokens ended before the pattern was whole."""
+    table = read_output(output, storage_options, columns=["finish_reason"])
+    return 0 if table is None else pc.sum(pc.equal(table["finish_reason"], "length")).as_py() or 0
+
+
 def check_output(output: str, storage_options: dict | None, resume: bool, overwrite: bool = False) -> None:
     """A fresh run needs an empty output (or leave to empty it); a resumed one needs the checkpoint
     of the run it continues."""
@@ -199,6 +205,8 @@ def run_prepared(job: PreparedJob) -> dict:
     summary.update(lost_rows_answered_again=job.lost_rows, limit=job.limit)
     if job.config.choices or job.config.choices_column:
         summary["answers_by_choice"] = answer_counts(job.output_uri, opts)
+    if job.config.regex is not None or job.config.json_schema is not None:
+        summary["answers_cut_short"] = cut_short(job.output_uri, opts)
     write_text(sibling(job.output_uri, ".summary.json"), json.dumps(summary, indent=2), opts)
     return summary
 

@@ -1,8 +1,22 @@
-"""Generation engine: static KV cache of slots, continuous batching, per-request sampling."""
-from .engine import LLMEngine, default_stop_ids
-from .kv_cache import KVCache
-from .loop import EngineLoop
-from .types import NonFiniteLogitsError, Request, Result, SamplingParams
+"""Generation engine: static KV cache of slots, continuous batching, per-request sampling.
 
-__all__ = ["LLMEngine", "EngineLoop", "Request", "Result", "SamplingParams", "NonFiniteLogitsError", "KVCache",
-           "default_stop_ids"]
+Names are resolved lazily, so that the torch-free parts (model.engine.automaton, .json_schema:
+a driver checks a job's constraints with them) import without torch.
+"""
+from __future__ import annotations
+
+from lazy_exports import lazy_exports
+
+_EXPORTS = {
+    "LLMEngine": "engine",
+    "default_stop_ids": "engine",
+    "KVCache": "kv_cache",
+    "EngineLoop": "loop",
+    "NonFiniteLogitsError": "types",
+    "Request": "types",
+    "Result": "types",
+    "SamplingParams": "types",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

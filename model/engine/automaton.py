@@ -92,7 +92,8 @@ class _NFA:
 class Automaton:
     """A pattern's lazily determinised automaton. States are ints; None is no state (dead)."""
 
-    def __init__(self, pattern: str) -> None:
+    def __init__(self, pattern: str, space_first: bool = False) -> None:
+        """space_first: a match may also begin with one space (after "Assistant:", models write one)."""
         try:
             parsed = parser.parse(pattern, 0)
         except re.error as e:
@@ -107,7 +108,11 @@ class Automaton:
             items = items[1:]
         if items and items[-1][0] is C.AT and items[-1][1] in (C.AT_END, C.AT_END_STRING):
             items = items[:-1]
-        self._sequence(items, start, self.accept, flags)
+        begin = self.nfa.state()
+        self.nfa.eps[start].append(begin)
+        if space_first:
+            self.nfa.edges[start].append((((32, 32),), begin))
+        self._sequence(items, begin, self.accept, flags)
         self._alive = self._reaching_accept()
         self._closure: dict[int, frozenset[int]] = {}
         self._sets: list[frozenset[int]] = []

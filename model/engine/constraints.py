@@ -2,8 +2,9 @@
 choice, regex and JSON), as one mechanism.
 
 Each request's constraint is a regular expression (choices become an alternation of their escaped
-texts, as written or after one space: chat templates end with "Assistant:", and models answer
-" Yes"; a JSON schema becomes the expression of its documents). At each step a row may take only
+texts; a JSON schema becomes the expression of its documents), which the answer matches in full,
+as written or after one space (chat templates end with "Assistant:", and models answer " Yes" or
+" {"). At each step a row may take only
 the tokens after which a whole match can still be written, and a stop token once its answer is
 one; the mask is applied to the logits before the draw (greedy or sampled). Greedy then answers
 what transformers' generate(prefix_allowed_tokens_fn=...) answers with the same sets.
@@ -27,21 +28,21 @@ import torch
 from torch import Tensor
 
 from .automaton import Automaton
-from .json_schema import json_schema_pattern
+from .json_schema import schema_text_pattern
 from .stop_strings import StopStringMatcher
 
 State = tuple[int, bytes]      # the automaton's state, and the bytes of a character begun but not ended
 
 
 def choices_pattern(choices: Sequence[str]) -> str:
-    return " ?(?:" + "|".join(map(re.escape, choices)) + ")"
+    return "|".join(map(re.escape, choices))
 
 
 @lru_cache(maxsize=4096)
 def _pattern(choices: tuple[str, ...], regex: str | None, schema: str | None) -> str:
     if choices:
         return choices_pattern(choices)
-    return regex if regex is not None else json_schema_pattern(schema)
+    return regex if regex is not None else schema_text_pattern(schema)
 
 
 def request_pattern(sampling) -> str | None:
@@ -109,7 +110,7 @@ class PatternConstraint:
                  device: torch.device | str) -> None:
         self.vocabulary, self.stop_ids, self.device = vocabulary, stop_ids, device
         self.vocab_size = vocabulary.vocab_size
-        self.automaton = Automaton(pattern)
+        self.automaton = Automaton(pattern, space_first=True)
         if self.automaton.start is None:
             raise ValueError(f"the pattern {pattern!r} matches no text")
         self.start: State = (self.automaton.start, b"")

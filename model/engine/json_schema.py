@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 from typing import Any
 
 SPACE = "[ ]?"
@@ -39,6 +40,12 @@ def json_schema_pattern(schema: str | dict) -> str:
     if not isinstance(schema, dict):
         raise ValueError(f"a JSON schema is an object, not {type(schema).__name__}")
     return _Writer(schema).value(schema, "#")
+
+
+@lru_cache(maxsize=256)
+def schema_text_pattern(text: str) -> str:
+    """json_schema_pattern of a schema's JSON text, remembered (every row of a job has the same)."""
+    return json_schema_pattern(text)
 
 
 def literal(value: Any) -> str:

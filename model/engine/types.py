@@ -7,7 +7,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from .json_schema import json_schema_pattern
+from .json_schema import schema_text_pattern
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class SamplingParams:
             raise ValueError("min_new_tokens cannot be combined with choices, regex or json_schema (a whole "
                              "answer may come first)")
         if self.json_schema is not None:
-            json_schema_pattern(self.json_schema)       # a schema it cannot follow is refused here
+            schema_text_pattern(self.json_schema_text)      # a schema it cannot follow is refused here
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 

@@ -53,3 +53,17 @@ def test_patterns_that_are_not_regular_are_refused(pattern, message):
 def test_a_pattern_of_nothing_has_no_start():
     assert Automaton(r"[^\s\S]").start is None
     assert Automaton(r"a[^\s\S]|b").step(Automaton(r"a[^\s\S]|b").start, ord("a")) is None
+
+
+def test_a_match_may_begin_after_one_space():
+    automaton = Automaton(r"[a-z]+", space_first=True)
+
+    def state_after(text: str):
+        state = automaton.start
+        for char in text:
+            state = state if state is None else automaton.step(state, ord(char))
+        return state
+
+    assert automaton.accepts(state_after("ab")) and automaton.accepts(state_after(" ab"))
+    assert state_after("  ") is None and state_after(" ") is not None and not automaton.accepts(state_after(" "))
+    assert state_after(" ") is not None and Automaton(r"[a-z]+").step(Automaton(r"[a-z]+").start, 32) is None
