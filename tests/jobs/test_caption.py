@@ -178,3 +178,19 @@ def test_flags_reach_the_pipeline_config(tmp_path):
     with pytest.raises(ValueError, match="max_image_bytes must be >= 1"):
         pipeline_config(merge_args(parse_args(["--max-image-bytes", "0"]), DEFAULTS))
     assert pipeline_config(merge_args(parse_args(["--max-image-bytes", "1000"]), DEFAULTS)).max_image_bytes == 1000
+
+
+def test_regex_and_json_schema_flags(tmp_path):
+    from jobs.caption import DEFAULTS, parse_args, pipeline_config
+    from jobs.common import merge_args
+
+    config = lambda *flags: pipeline_config(merge_args(parse_args(["--model", "m", *flags]), DEFAULTS))  # noqa: E731
+    assert config("--regex", "[0-9]+").regex == "[0-9]+"
+    (tmp_path / "schema.json").write_text('{\n  "type": "object",\n  "properties": {"n": {"type": "integer"}}\n}')
+    from_file = config("--json-schema", str(tmp_path / "schema.json")).json_schema
+    assert from_file == config("--json-schema", '{"type": "object", "properties": {"n": {"type": "integer"}}}').json_schema
+    assert json.loads(from_file) == {"type": "object", "properties": {"n": {"type": "integer"}}}
+    with pytest.raises(ValueError, match="neither a schema's JSON text nor a readable file"):
+        config("--json-schema", str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="choices and regex are two ways"):
+        config("--regex", "a", "--choice", "a")
