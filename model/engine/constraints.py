@@ -69,6 +69,7 @@ class TokenVocabulary:
                 by_bytes.setdefault(piece, []).append(i)
         self.keys = sorted(by_bytes)                  # the trie, flattened: a node is a run of keys
         self.ids = [by_bytes[k] for k in self.keys]
+        self.known = set(self.keys)
         self.longest = max(map(len, self.keys))
         self.vocab_size = vocab_size
 
@@ -77,7 +78,7 @@ class TokenVocabulary:
 
     def spells(self, text: bytes) -> bool:
         """Whether some sequence of tokens spells `text` exactly."""
-        known = set(self.keys)
+        known = self.known
         ok = [False] * len(text) + [True]
         for start in range(len(text) - 1, -1, -1):
             ends = range(start + 1, min(len(text), start + self.longest) + 1)
@@ -116,6 +117,14 @@ class PatternConstraint:
         self.start: State = (self.automaton.start, b"")
         self._steps: dict[tuple[int, bytes, int], State | None] = {}
         self._allowed: dict[State, Tensor] = {}
+        self._startable: bool | None = None
+
+    @property
+    def startable(self) -> bool:
+        """Whether some token of the vocabulary begins an answer (not only a stop token)."""
+        if self._startable is None:
+            self._startable = bool(set(self.allowed_ids(self.start)) - self.stop_ids)
+        return self._startable
 
     def advance(self, state: State, token_ids: Sequence[int]) -> State:
         """The state after `token_ids` (tokens the constraint allowed, one after the other)."""
@@ -224,7 +233,7 @@ class EngineConstraints:
                       if not any(map(self.vocabulary.spells, (c.encode(), b" " + c.encode())))]
         if unwritable:
             raise ValueError(f"request {rid!r}: no tokens of the vocabulary spell the choice {unwritable[0]!r}")
-        if not set(constraint.allowed_ids(constraint.start)) - stop_ids:
+        if not constraint.startable:
             raise ValueError(f"request {rid!r}: no token of the vocabulary begins an answer the pattern takes")
 
     def allowed(self, seqs: Sequence, rows: Sequence[int], num_rows: int) -> Tensor | None:

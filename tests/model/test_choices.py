@@ -162,13 +162,16 @@ def test_long_choices_and_many_sets_of_them(tokenizer):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_choices_answer_as_on_cpu(setup):
     """CUDA's defaults (compiled step in graphs, overlapped steps, padded-group prefill) with rows with
-    choices among rows without: the CPU engine's answers, float32."""
+    choices and rows with a JSON schema among rows without: the CPU engine's answers, float32."""
     import copy
+
+    from tests.model.test_constraints import SCHEMA
 
     ours, requests, _, tokenizer, _ = setup
     torch.backends.cuda.matmul.allow_tf32 = False
-    chosen = [replace(r, sampling=replace(r.sampling, max_new_tokens=12, choices=CHOICES[i % 3:i % 3 + 3]))
-              if i % 3 else r for i, r in enumerate(requests)]
+    constraints = [None, dict(choices=CHOICES[:3]), dict(json_schema=SCHEMA)]
+    chosen = [replace(r, sampling=replace(r.sampling, max_new_tokens=24, **constraints[i % 3])) if i % 3 else r
+              for i, r in enumerate(requests)]
     on_cpu = LLMEngine(ours, tokenizer, max_batch_size=3).generate(chosen)
     on_gpu = LLMEngine(copy.deepcopy(ours).to("cuda"), tokenizer, max_batch_size=3).generate(chosen)
     assert [r.token_ids for r in on_gpu] == [r.token_ids for r in on_cpu]

@@ -1,14 +1,16 @@
-"""Benchmark: labelling with choices (SamplingParams.choices) — our engine vs transformers' generate
-with prefix_allowed_tokens_fn, on the same random-weight checkpoint and prompts, and what the
-constraint costs our decode step.
+"""Benchmark: constrained answers — labels (SamplingParams.choices) or JSON documents of a schema
+(SamplingParams.json_schema) — our engine vs transformers' generate with prefix_allowed_tokens_fn,
+on the same random-weight checkpoint and prompts, and what the constraint costs our decode step.
 
-    python bench/choices.py [--batch 8] [--labels 10] [--repeats 3] [--threads 2]
+    python bench/constraints.py [--batch 8] [--labels 10] [--repeats 3] [--threads 2]
+    python bench/constraints.py --json [--new-tokens 48]
 
 The reference's allowed tokens come from our own cached constraint (the cheapest function it could
 be given), so the comparison is of the two loops, not of how the sets are found. A byte-level
 vocabulary of the model's size is made up (256 byte tokens and random words), since no real
 tokenizer may be downloaded here. Prints one JSON row: seconds for both, the rows whose tokens
-agree, and our decode step with and without choices.
+agree, our decode step with and without the constraint, and the first request's seconds (the
+vocabulary read, the allowed tokens of each state found).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine import SHAPES, make_requests, our_model, padded_batch, reference_model, with_fresh_keys  # noqa: E402
 from model.engine import LLMEngine, SamplingParams  # noqa: E402
-from model.engine.constraints import choices_pattern  # noqa: E402
+from model.engine.constraints import request_pattern  # noqa: E402
 from model.engine.stop_strings import byte_level_alphabet  # noqa: E402
 
 LABELS = ["cat", "dog", "car", "person", "tree", "building", "food", "text", "animal", "vehicle",
@@ -69,10 +71,16 @@ def time_reference(ref, requests, constraint, stop_ids: list[int], new_tokens: i
     inputs = padded_batch(requests, ref.generation_config.pad_token_id, "cpu")
     prompt = inputs["input_ids"].shape[1]
     pad = ref.generation_config.pad_token_id
+    known: dict = {}
 
     def allowed(_, row):        # a finished row goes on with padding
         answer = row[prompt:].tolist()
-        return [pad] if set(answer) & set(stop_ids) else constraint.allowed_ids(constraint.advance(constraint.start, answer))
+        if set(answer) & set(stop_ids):
+            return [pad]
+        state = constraint.advance(constraint.start, answer)
+        if state not in known:
+            known[state] = constraint.allowed_ids(state)
+        return known[state]
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
@@ -91,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--labels", type=int, default=10)
-    ap.add_argument("--new-tokens", type=int, default=12, help="max_new_tokens (answers end at their label)")
+    ap.add_argument("--new-tokens", type=int, help="max_new_tokens (default 12 for labels, 48 for JSON)")
+    ap.add_argument("--json", action="store_true", help="answers are JSON documents of SCHEMA, not labels")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -101,27 +110,42 @@ def main(argv: list[str] | None = None) -> None:
     ours = our_model(ref)
     tokenizer = made_up_tokenizer(SHAPES[name]["text"]["vocab_size"])
     labels = tuple(LABELS[:args.labels])
-    base = make_requests(name, 128, args.batch, 3, args.new_tokens, "cpu")
-    chosen = [replace(r, sampling=SamplingParams(max_new_tokens=args.new_tokens, choices=labels)) for r in base]
+    new_tokens = args.new_tokens or (48 if args.json else 12)
+    schema = {"type": "object", "properties": {"label": {"enum": list(labels)}, "confident": {"type": "boolean"},
+                                               "caption": {"type": "string", "maxLength": 16}},
+              "required": ["label", "confident", "caption"]}
+    constraint = dict(json_schema=schema) if args.json else dict(choices=labels)
+    base = make_requests(name, 128, args.batch, 3, new_tokens, "cpu")
+    chosen = [replace(r, sampling=SamplingParams(max_new_tokens=new_tokens, **constraint)) for r in base]
     engine = LLMEngine(ours, tokenizer, max_batch_size=args.batch)
     start = time.perf_counter()
-    engine.generate(chosen[:1])                     # warm-up; reads the vocabulary for choices
+    engine.generate(chosen)          # warm-up: reads the vocabulary, finds the allowed tokens of the states met
     warm_s = time.perf_counter() - start
     stop_ids = sorted(engine.stop_ids)
-    constraint = engine.constraints.constraint(choices_pattern(labels), frozenset(stop_ids))
+    found = engine.constraints.constraint(request_pattern(chosen[0].sampling), frozenset(stop_ids))
     ours_s, stats, our_tokens = time_ours(engine, chosen, args.repeats)
-    _, free_stats, _ = time_ours(engine, base, args.repeats)        # same prompts, answers of new_tokens, no choices
-    ref_s, ref_tokens = time_reference(ref, chosen, constraint, stop_ids, args.new_tokens, args.repeats)
+    _, free_stats, _ = time_ours(engine, base, args.repeats)        # same prompts, answers of new_tokens, free
+    ref_s, ref_tokens = time_reference(ref, chosen, found, stop_ids, new_tokens, args.repeats)
     text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     step = lambda s: 1e3 * s["decode_s"] / max(s["decode_steps"], 1)  # noqa: E731
     print(json.dumps({
-        "batch": args.batch, "labels": len(labels), "threads": args.threads,
+        "batch": args.batch, "answers": "json" if args.json else f"{len(labels)} labels", "threads": args.threads,
         "same_tokens": f"{sum(our_tokens[k] == ref_tokens[k] for k in ref_tokens)}/{len(ref_tokens)}",
-        "answers_in_labels": sum(text(t) in labels for t in our_tokens.values()),
+        "whole_answers": sum(is_whole(text(t), labels, schema if args.json else None) for t in our_tokens.values()),
         "generated_tokens": sum(map(len, our_tokens.values())),
         "ref_s": round(ref_s, 3), "ours_s": round(ours_s, 3), "speedup": round(ref_s / ours_s, 2),
-        "ours_step_ms_choices": round(step(stats), 2), "ours_step_ms_free": round(step(free_stats), 2),
-        "first_request_s": round(warm_s, 2)}))
+        "ours_step_ms_constrained": round(step(stats), 2), "ours_step_ms_free": round(step(free_stats), 2),
+        "first_batch_s": round(warm_s, 2)}))
+
+
+def is_whole(text: str, labels, schema: dict | None) -> bool:
+    if schema is None:
+        return text in labels
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return set(document) == set(schema["properties"]) and document["label"] in labels
 
 
 if __name__ == "__main__":
