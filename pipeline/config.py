@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 DEFAULT_PROMPT = "Describe this image."
 DTYPES = ("bfloat16", "float16", "float32")
 OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens",
-                  "answer_logprob")
+                  "answer_logprob", "answer_json")
 
 
 @dataclass

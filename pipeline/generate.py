@@ -22,6 +22,7 @@ from .faults import crash_always_on, crash_once_on, hang_once_on
 from .groups import IMAGE_FIELDS, ungroup
 from .ledger import CrashLedger, Gate, ledger_path
 from .rows import ROW_CHOICES, RowError, error_message, output_schema, reuse_recent, row_seed
+from .structured import answer_field, parsed_answers
 
 log = logging.getLogger(__name__)
 GROUP_REBUILDS = 2            # per batch: a tensor-parallel group whose rank died is rebuilt this often
@@ -281,10 +282,13 @@ class Generate:
 
     def to_table(self, batch: pa.Table, outputs: list[dict]) -> pa.Table:
         kept = [batch.schema.field(n) for n in self.config.keep_columns]
-        schema = output_schema(batch.schema.field("id").type, kept, self.config.logprobs)
+        parsed = None if self.config.json_schema is None else answer_field(self.config.json_schema)
+        schema = output_schema(batch.schema.field("id").type, kept, self.config.logprobs, parsed)
         columns = [batch.column("id")]
-        for f in list(schema)[1:len(schema) - len(kept)]:
+        for f in list(schema)[1:len(schema) - len(kept) - bool(parsed)]:
             columns.append(pa.array([o[f.name] for o in outputs], type=f.type))
+        if parsed:
+            columns.append(parsed_answers([o["answer"] for o in outputs], [o["finish_reason"] for o in outputs], parsed))
         columns += [batch.column(f.name) for f in kept]
         return pa.Table.from_arrays(columns, schema=schema)
 

@@ -73,8 +73,11 @@ def row_seed(seed: int | None, row_id) -> int | None:
 LOGPROB = pa.field("answer_logprob", pa.float64())   # with --logprobs: the answer's log p under the model
 
 
-def output_schema(id_type: pa.DataType, kept: list[pa.Field], logprobs: bool = False) -> pa.Schema:
-    return pa.schema([pa.field("id", id_type), *OUTPUT_SCHEMA, *([LOGPROB] if logprobs else []), *kept])
+def output_schema(id_type: pa.DataType, kept: list[pa.Field], logprobs: bool = False,
+                  parsed: pa.Field | None = None) -> pa.Schema:
+    """`parsed`: --json-schema's answer_json column (pipeline.structured.answer_field)."""
+    extra = [LOGPROB] if logprobs else []
+    return pa.schema([pa.field("id", id_type), *OUTPUT_SCHEMA, *extra, *([parsed] if parsed else []), *kept])
 
 
 def reuse_recent(recent: OrderedDict, key: str | None, make: Callable[[], T]) -> T:

@@ -59,6 +59,8 @@ def test_a_run_writes_json_the_schema_allows(ray_cluster, tmp_path):
     assert summary["answers_cut_short"] == len(answers) - len(whole) < len(answers) // 2
     for row in whole:
         jsonschema.validate(json.loads(row["answer"]), schema)
+        assert row["answer_json"] == json.loads(row["answer"])        # every property required: none null
+    assert all(r["answer_json"] is None for r in answers if r["finish_reason"] != "stop")
     other = PipelineConfig(model=str(DEMO_MODEL), max_new_tokens=48, json_schema={**schema, "required": ["shape"]})
     with pytest.raises(ValueError, match="cannot resume .*json_schema"):
         run_job(str(tmp_path / "in.parquet"), output, other, resume=True)
