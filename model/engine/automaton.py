@@ -120,6 +120,9 @@ class Automaton:
         self._moves: list[dict[int, int | None]] = []
         self._out: list[Ranges] = []
         self.start = self._intern(self._closed([start]))
+        # Code points where some edge's set begins or ends: between two of them all are alike.
+        self.boundaries = tuple(sorted({b for edges in self.nfa.edges for ranges, _ in edges
+                                        for lo, hi in ranges for b in (lo, hi + 1)}))
 
     # ---- building the NFA --------------------------------------------------------------------
     def _sequence(self, items, start: int, end: int, flags: int) -> None:

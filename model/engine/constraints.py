@@ -24,12 +24,14 @@ from collections import OrderedDict
 from functools import lru_cache
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .automaton import Automaton
 from .json_schema import schema_text_pattern
 from .stop_strings import StopStringMatcher
+from .token_chars import TokenChars
 
 State = tuple[int, bytes]      # the automaton's state, and the bytes of a character begun but not ended
 
@@ -72,6 +74,20 @@ class TokenVocabulary:
         self.known = set(self.keys)
         self.longest = max(map(len, self.keys))
         self.vocab_size = vocab_size
+        self.flat_ids = np.array([i for some in self.ids for i in some], dtype=np.int64)
+        self.key_of_id = np.array([k for k, some in enumerate(self.ids) for _ in some], dtype=np.int64)
+        self._chars: TokenChars | None = None
+
+    @property
+    def chars(self) -> TokenChars:
+        if self._chars is None:
+            self._chars = TokenChars(self.keys, _code_points_after)
+        return self._chars
+
+    def ids_of_keys(self, keys: np.ndarray) -> list[int]:
+        chosen = np.zeros(len(self.keys), dtype=bool)
+        chosen[keys] = True
+        return self.flat_ids[chosen[self.key_of_id]].tolist()
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.matcher.token_bytes(token_id) or b""
@@ -106,6 +122,8 @@ def _code_points_after(begun: bytes) -> tuple[int, int]:
 
 class PatternConstraint:
     """One expression and set of stop ids: the tokens each state allows."""
+
+    WALKED = 4096   # trie nodes a walk may visit before the vocabulary is read all at once instead
 
     def __init__(self, vocabulary: TokenVocabulary, pattern: str, stop_ids: frozenset[int],
                  device: torch.device | str) -> None:
@@ -150,7 +168,12 @@ class PatternConstraint:
     def allowed_ids(self, state: State) -> list[int]:
         automaton, (at, begun) = self.automaton, state
         whole = not begun and automaton.accepts(at)
-        ids = self._walk(state) if begun or not automaton.ends(at) else []
+        if automaton.ends(at) and not begun:
+            ids = []
+        else:       # few tokens go on (a choice's next letters): one by one; many (in a JSON string): all at once
+            ids = self._walk(state, None if begun else self.WALKED)
+            if ids is None:
+                ids = self.vocabulary.ids_of_keys(self.vocabulary.chars.allowed_keys(automaton, at))
         # Only a vocabulary that lacks some byte's token can leave no way on: the answer ends there.
         return sorted(ids + list(self.stop_ids) if whole or not ids else ids)
 
@@ -176,11 +199,16 @@ class PatternConstraint:
         nxt = automaton.step(at, cp)
         return None if nxt is None else (nxt, b"")
 
-    def _walk(self, state: State) -> list[int]:
-        """The tokens whose bytes, read from `state`, leave a match still possible."""
+    def _walk(self, state: State, budget: int | None = None) -> list[int] | None:
+        """The tokens whose bytes, read from `state`, leave a match still possible; None if that
+        takes more than `budget` nodes of the trie."""
         keys, ids, found = self.vocabulary.keys, self.vocabulary.ids, []
         nodes = [(0, len(keys), 0, state)]       # keys[lo:hi] share their first `depth` bytes
         while nodes:
+            if budget is not None:
+                budget -= 1
+                if budget < 0:
+                    return None
             lo, hi, depth, at = nodes.pop()
             if depth and len(keys[lo]) == depth:
                 found.extend(ids[lo])

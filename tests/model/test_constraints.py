@@ -184,3 +184,32 @@ def test_allowed_tokens_through_characters_of_several_bytes(tokenizer, pattern):
             ids.append(token)
             state = constraint.advance(state, [token])
     assert checked > 20
+
+
+@pytest.mark.parametrize("pattern,exact", [
+    (r"[α-ω]{1,3} ?日本語?", True), (r'"(?:[^"\\]|\\.)*"', True), (r"(?:café|naïve) 🙂+", True), (r"[^a-z]+", True),
+    (r"[^\n]{0,12}!", True), (r"\w+ \d{2,}", False), (r"(?a:\w)+\s", False)])
+def test_the_vocabulary_read_all_at_once_allows_what_the_walk_allows(tokenizer, pattern, exact):
+    """Two ways to find a state's tokens (the trie walked byte by byte; every token's characters
+    run through the automaton at once, model.engine.token_chars) agree on every state met along
+    random answers, and with the brute force where its completions of a character are `exact` (not
+    for Unicode's \\w, \\d and \\s, which take some characters of a block and not others)."""
+    rng = random.Random(pattern)
+    constraint = EngineConstraints(tokenizer, len(tokenizer), "cpu").constraint(pattern, frozenset({1}))
+    constraint.WALKED = 0        # never walk where reading all at once is possible
+    checked = 0
+    for _ in range(6):
+        state, ids = constraint.start, []
+        for _ in range(10):
+            got = constraint.allowed_ids(state)
+            if not state[1]:     # between characters: both ways
+                assert sorted(constraint._walk(state)) == [t for t in got if t != 1] or got == [1]
+                checked += 1
+            assert not exact or got == brute_force_allowed(tokenizer.backend, ids, pattern, {1}), ids
+            options = [t for t in got if t != 1]
+            if not options:
+                break
+            token = rng.choice(options)
+            ids.append(token)
+            state = constraint.advance(state, [token])
+    assert checked > 10
