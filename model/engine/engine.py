@@ -28,6 +28,7 @@ from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket
 from .sampler import NON_FINITE, SamplingState, model_tokens, sample_rows, token_logprobs
 from .scheduler import Scheduler, Sequence
+from .scoring import choice_logprobs, force, scoring_requests
 from .stop_strings import StopStringMatcher
 from .types import NonFiniteLogitsError, Request, Result
 from .validation import check_request
@@ -181,7 +182,7 @@ class LLMEngine:
         if self.has_unfinished():
             raise RuntimeError("generate() while requests added with add_requests() are unfinished")
         seqs = self._add(requests)
-        while any(s.finish_reason is None for s in seqs):
+        while any(not s.all_finished for s in seqs):
             self._step()
         return [self._result(s) for s in seqs]
 
@@ -194,7 +195,7 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[Result]:
         """One prefill or one decode step; the results of the requests that finished in it."""
-        return [self._result(s) for s in self._step()]
+        return [self._result(s) for s in self._ready(self._step())]
 
     def has_unfinished(self) -> bool:
         return bool(self._pending) or (self._scheduler is not None and not self._scheduler.done)
@@ -223,8 +224,31 @@ class LLMEngine:
         for r in requests:
             self.check_request(r)
         seqs = [self._sequence(r) for r in requests]
-        self._pending += seqs
+        for seq in seqs:
+            self._pending.append(seq)
+            if seq.request.sampling.choice_logprobs:
+                self._pending += self._add_scorers(seq)
         return seqs
+
+    def _add_scorers(self, seq: Sequence) -> list[Sequence]:
+        """Sequences that score `seq`'s choices, one per spelling (model.engine.scoring)."""
+        seq.request, scorers = scoring_requests(seq.request, self.tokenizer)
+        for choice, request, forced in scorers:
+            scorer = self._sequence(request)
+            scorer.forced, scorer.parent = forced, seq
+            seq.children.append((choice, scorer))
+        return [scorer for _, scorer in seq.children]
+
+    @staticmethod
+    def _ready(finished: list[Sequence]) -> list[Sequence]:
+        """The requests whose answer and choice scores are all done (scorers are not results)."""
+        ready = []
+        for seq in finished:
+            owner = seq.parent or seq
+            if owner.all_finished and not owner.emitted:
+                owner.emitted = True
+                ready.append(owner)
+        return ready
 
     def _admit_pending(self) -> None:
         """Pending requests join the scheduler in arrival order while they fit the cache. The cache
@@ -286,9 +310,12 @@ class LLMEngine:
         """The rows' tokens (NON_FINITE for a row whose logits are not), and their log p when a
         request asks for them. The model reads `model_tokens` of them. Row rows[i] is seqs[i]'s."""
         tokens = self.sample_tokens(logits, slots, seqs, self.constraints.allowed(seqs, rows, logits.shape[0]))
+        logprobs = token_logprobs(logits, model_tokens(tokens)) if wants_logprobs(seqs) else None
+        if any(s.forced for s in seqs):
+            force(tokens, logprobs, logits, seqs, rows)
         if penalized(seqs):
             self.sampling.mark_seen(slots, model_tokens(tokens))
-        return tokens, token_logprobs(logits, model_tokens(tokens)) if wants_logprobs(seqs) else None
+        return tokens, logprobs
 
     def _prefill(self, scheduler: Scheduler, seqs: list[Sequence]) -> None:
         runner = self.runner
@@ -328,8 +355,8 @@ class LLMEngine:
         in-flight token is their last (max_new_tokens) are left out. None (collect first) if that
         leaves none, or if their slots would let waiting requests in (Scheduler.can_admit)."""
         lag = in_flight is not None
-        if lag and any(s.request.sampling.constrained for s in in_flight.seqs):
-            return None      # a constrained answer's next tokens depend on the token in flight
+        if lag and any(s.request.sampling.constrained or s.forced for s in in_flight.seqs):
+            return None      # a constrained or forced answer's next token depends on the token in flight
         seqs = [s for s in scheduler.running.values() if not (lag and s.last_token_pending())]
         finishing = len(scheduler.running) - len(seqs)
         if not seqs or (finishing and scheduler.can_admit(finishing)):
@@ -413,4 +440,4 @@ class LLMEngine:
             text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         return Result(seq.request.request_id, list(seq.generated), text, seq.finish_reason,
                       seq.prompt_len, len(seq.generated), seq.logprob if seq.request.sampling.logprobs else None,
-                      seq.error)
+                      seq.error, choice_logprobs(seq) if seq.children else None)

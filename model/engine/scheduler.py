@@ -20,6 +20,15 @@ class Sequence:
     error: str | None = None                 # why, when finish_reason is "error"
     logprob: float = 0.0                     # sum of the generated tokens' log p, when the request asks for it
     constraint_state: tuple | None = None    # a constrained answer's state, and the tokens it has read
+    forced: tuple[int, ...] = ()             # tokens it takes instead of sampling (model.engine.scoring)
+    children: list = field(default_factory=list, repr=False)   # (choice, Sequence) scoring its choices
+    parent: "Sequence | None" = field(default=None, repr=False)    # the sequence whose choice it scores
+    emitted: bool = False                    # its result was returned
+
+    @property
+    def all_finished(self) -> bool:
+        """Finished, and so is every sequence that scores its choices."""
+        return self.finish_reason is not None and all(c.finish_reason is not None for _, c in self.children)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is None:

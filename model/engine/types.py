@@ -26,6 +26,7 @@ class SamplingParams:
     choices: tuple[str, ...] | list[str] = ()   # the answer is one of these (after at most one space)
     regex: str | None = None          # the answer matches this expression in full (re.fullmatch's sense)
     json_schema: dict | str | None = None   # the answer is a JSON document the schema (or its text) allows
+    choice_logprobs: bool = False     # Result.choice_logprobs: each choice's log p (model.engine.scoring)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -49,6 +50,8 @@ class SamplingParams:
                              "answer may come first)")
         if self.json_schema is not None:
             schema_text_pattern(self.json_schema_text)      # a schema it cannot follow is refused here
+        if self.choice_logprobs and not self.choices:
+            raise ValueError("choice_logprobs scores the request's choices: give some")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
@@ -94,3 +97,4 @@ class Result:
     num_generated_tokens: int
     cumulative_logprob: float | None = None   # sum of the new tokens' log p (raw logits), if asked for
     error: str | None = None                  # "ErrorType: message" when finish_reason is "error"
+    choice_logprobs: dict[str, float | None] | None = None   # with SamplingParams.choice_logprobs

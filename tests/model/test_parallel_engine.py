@@ -88,14 +88,17 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     penalized = requests(path, max_new_tokens=6, repetition_penalty=1.6, logprobs=True)
     texts = [tokenizer.decode(t, skip_special_tokens=False) for t in reference_tokens(plain, long)]
     stopped = [replace(r, sampling=replace(r.sampling, stop=[text[2:4] or "x"])) for r, text in zip(long, texts)]
-    chosen = [replace(r, sampling=replace(r.sampling, choices=("red circle", "blue square", "green"))) for r in long]
+    chosen = [replace(r, sampling=replace(r.sampling, choices=("red circle", "blue square", "green"), choice_logprobs=True))
+              for r in long]
     schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}}}
     patterned = [replace(r, sampling=replace(r.sampling, **(dict(json_schema=schema) if j % 2 else dict(regex="[a-z ]+."))))
                  for j, r in enumerate(long)]
     parts = [long, short, sampled, penalized, stopped, chosen, patterned]
     want = {(i, j): tokens for i, part in enumerate(parts[:4]) for j, tokens in enumerate(reference_tokens(plain, part))}
-    for i in (4, 5, 6):     # stop strings, choices, regex and JSON: as TP=1's engine
-        want.update({(i, j): r.token_ids for j, r in enumerate(LLMEngine(plain, tokenizer).generate(parts[i]))})
+    alone = {}
+    for i in (4, 5, 6):     # stop strings, choices (and their scores), regex and JSON: as TP=1's engine
+        alone.update({(i, j): r for j, r in enumerate(LLMEngine(plain, tokenizer).generate(parts[i]))})
+    want.update({k: r.token_ids for k, r in alone.items()})
     assert any(len(want[4, j]) < len(want[0, j]) for j in range(len(long)))        # stop strings cut answers
     options = dict(overlap=True, batched_prefill=True) if cuda_defaults else {}
     with TPEngine(path, 2, tokenizer=tokenizer, cpu_threads=1, timeout_s=120, max_batch_size=8, **options) as engine:
@@ -118,6 +121,8 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     bad = outcomes.pop("bad")
     assert isinstance(bad, ValueError) and "'bad'" in str(bad)
     assert {k: r.token_ids for k, r in outcomes.items()} == want
+    assert all(outcomes[5, j].choice_logprobs == pytest.approx(alone[5, j].choice_logprobs, abs=1e-4)
+               for j in range(len(long)))
     assert all((r.cumulative_logprob is not None) == (k[0] == 3) for k, r in outcomes.items())
     assert streamed < one_at_a_time
     assert images_encoded == sum(r.pixel_values is not None for r in long)

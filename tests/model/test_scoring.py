@@ -1,0 +1,86 @@
+"""SamplingParams.choice_logprobs: each choice's log-probability equals transformers' forward pass
+over the prompt and the choice's tokens (each spelling: as written and after one space), plus any
+stop token after them; the answer itself is what the request answers without scores."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model.engine import LLMEngine, SamplingParams
+from processing import Tokenizer
+from tests.model.test_engine import setup  # noqa: F401  (tiny checkpoints, the reference)
+
+CHOICES = ("red circle", "red", "blue square", "zebra crossing")
+
+
+def reference_scores(ref, tokenizer, request, stop_ids) -> dict[str, float]:
+    """log p(spelling, then a stop token) from one forward pass each, summed over both spellings."""
+    scores = {}
+    for choice in request.sampling.choices:
+        spellings = []
+        for text in (choice, " " + choice):
+            forced = tokenizer.encode(text, add_special_tokens=False)
+            ids = torch.tensor([request.prompt_ids + forced])
+            kwargs = {}
+            if request.pixel_values is not None:
+                kwargs = dict(pixel_values=request.pixel_values[None], pixel_attention_mask=request.pixel_attention_mask[None])
+            with torch.no_grad():
+                logits = ref(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs).logits[0].float()
+            n = len(request.prompt_ids)
+            log_p = logits[n - 1:].log_softmax(-1)
+            spelled = sum(log_p[i, t].item() for i, t in enumerate(forced))
+            spellings.append(spelled + log_p[len(forced), sorted(stop_ids)].logsumexp(-1).item())
+        scores[choice] = math.log(sum(math.exp(s) for s in spellings))
+    return scores
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["step-by-step", "overlapped"])
+def test_choice_scores_equal_the_reference_and_leave_the_answer_alone(setup, overlap):
+    ours, requests, expected, tokenizer, ref = setup
+    tokenizer = Tokenizer(tokenizer)
+    engine = LLMEngine(ours, tokenizer, max_batch_size=4, overlap=overlap)
+    stop_ids = frozenset(engine.stop_ids)
+    mixed = []
+    for i, r in enumerate(requests):
+        sampling = replace(r.sampling, max_new_tokens=12, choices=CHOICES[i % 2:], choice_logprobs=i % 3 != 2)
+        mixed.append(replace(r, sampling=sampling) if i % 4 != 3 else r)
+    results = engine.generate(mixed)
+    plain = LLMEngine(ours, tokenizer, max_batch_size=4).generate(
+        [replace(r, sampling=replace(r.sampling, choice_logprobs=False)) for r in mixed if r.sampling.choices])
+    assert [r.token_ids for r, q in zip(results, mixed) if q.sampling.choices] == [r.token_ids for r in plain]
+    scored = 0
+    for request, result in zip(mixed, results):
+        if not request.sampling.choice_logprobs:
+            assert result.choice_logprobs is None
+            continue
+        want = reference_scores(ref, tokenizer, request, stop_ids)
+        assert result.choice_logprobs.keys() == want.keys()
+        for choice, score in want.items():
+            assert result.choice_logprobs[choice] == pytest.approx(score, abs=2e-4), choice
+        scored += 1
+    assert scored >= 4
+    assert [r.request_id for r in results] == [r.request_id for r in mixed]
+
+
+def test_streamed_results_wait_for_their_scores(setup):
+    """step() returns a scored request once, when its answer and all its scores are done, and
+    never the sequences that score it."""
+    ours, requests, _, tokenizer, _ = setup
+    engine = LLMEngine(ours, Tokenizer(tokenizer), max_batch_size=3)
+    chosen = [replace(r, sampling=SamplingParams(max_new_tokens=4, choices=("red", "blue square and more"),
+                                                 choice_logprobs=True)) for r in requests[:3]]
+    engine.add_requests(chosen)
+    seen = []
+    while engine.has_unfinished():
+        seen += engine.step()
+    assert sorted(r.request_id for r in seen) == sorted(r.request_id for r in chosen)
+    assert all(set(r.choice_logprobs) == {"red", "blue square and more"} for r in seen)
+    assert all(all(v is not None and v < 0 for v in r.choice_logprobs.values()) for r in seen)
+
+
+def test_choice_scores_need_choices():
+    with pytest.raises(ValueError, match="give some"):
+        SamplingParams(choice_logprobs=True)
