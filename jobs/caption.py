@@ -19,7 +19,8 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_suffix="", id_column="id", image_column="image", question_column="question",
                 max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=False,
-                stop=None, choices=None, choices_column=None, regex=None, json_schema=None, seed=None, replicas=None, tensor_parallel_size=1,
+                stop=None, choices=None, choices_column=None, choice_logprobs=False, regex=None, json_schema=None,
+                seed=None, replicas=None, tensor_parallel_size=1,
                 cpu_workers=None, cpus_per_replica=None,
                 batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="", rows_per_file=1000, resume=False,
                 limit=None, image_backend="pil", image_longest_edge=None, image_splitting=None, storage_options=None,
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "keep the answer on the way to a choice, e.g. --choice yes --choice no to label images")
     ap.add_argument("--choices-column", help="an input column of each row's own choices (lists of text), for "
                                              "rows whose candidates differ; a null cell takes --choice's")
+    ap.add_argument("--choice-logprobs", action="store_true", default=None,
+                    help="add a choice_logprobs column: each choice's log-probability as the whole answer (both "
+                         "spellings, then the end), for thresholds (p(yes) > 0.9) and ranked labels")
     ap.add_argument("--regex", metavar="PATTERN",
                     help="every answer matches PATTERN in full (Python's re syntax; vLLM's guided regex), e.g. "
                          "--regex '[0-9]+' to count objects")

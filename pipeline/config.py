@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 DEFAULT_PROMPT = "Describe this image."
 DTYPES = ("bfloat16", "float16", "float32")
 OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens",
-                  "answer_logprob", "answer_json")
+                  "answer_logprob", "answer_json", "choice_logprobs")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class PipelineConfig:
     choices: list[str] = field(default_factory=list)    # every answer is one of these (vLLM's guided choice)
     choices_column: str | None = None           # an input column of each row's own choices (lists of text;
                                                 # a null cell: `choices`)
+    choice_logprobs: bool = False               # a `choice_logprobs` column: each choice's log p (model.engine.scoring)
     regex: str | None = None                    # every answer matches this expression in full (vLLM's guided regex)
     json_schema: str | None = None              # every answer is a JSON document this schema (its JSON text) allows
     seed: int | None = None                     # with sampling: per-row seed = f(seed, id), batch-independent
@@ -125,6 +126,8 @@ class PipelineConfig:
                                       ("json_schema", self.json_schema)) if on]
         if len(ways) > 1:
             raise ValueError(f"{' and '.join(ways)} are two ways to constrain answers: give one")
+        if self.choice_logprobs and ways != ["choices"]:
+            raise ValueError("choice_logprobs scores the choices: give choices (or a choices column)")
         if self.regex is not None or self.json_schema is not None:
             name = "regex" if self.regex is not None else "json_schema"
             try:

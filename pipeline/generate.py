@@ -21,7 +21,8 @@ from .config import PipelineConfig
 from .faults import crash_always_on, crash_once_on, hang_once_on
 from .groups import IMAGE_FIELDS, ungroup
 from .ledger import CrashLedger, Gate, ledger_path
-from .rows import ROW_CHOICES, RowError, error_message, output_schema, reuse_recent, row_seed
+from .rows import (CHOICE_LOGPROBS, LOGPROB, ROW_CHOICES, RowError, error_message, output_schema, reuse_recent,
+                   row_seed)
 from .structured import answer_field, parsed_answers
 
 log = logging.getLogger(__name__)
@@ -222,11 +223,11 @@ class Generate:
         from model.engine import Request, SamplingParams
 
         c = self.config
+        choices = tuple(row.get(ROW_CHOICES) or c.choices)
         sampling = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, repetition_penalty=c.repetition_penalty, logprobs=c.logprobs,
-                                  stop=tuple(c.stop), choices=tuple(row.get(ROW_CHOICES) or c.choices),
-                                  regex=c.regex, json_schema=c.json_schema,
-                                  seed=row_seed(c.seed, row["id"]))
+                                  stop=tuple(c.stop), choices=choices, regex=c.regex, json_schema=c.json_schema,
+                                  choice_logprobs=c.choice_logprobs and bool(choices), seed=row_seed(c.seed, row["id"]))
         return Request(str(row["id"]), row["input_ids"], self.pixel_values(row), sampling=sampling,
                        image_key=row["image_key"])
 
@@ -272,18 +273,21 @@ class Generate:
         return {"question": row["question"], "answer": (result.text or "").strip(),
                 "finish_reason": result.finish_reason, "error": None,
                 "num_prompt_tokens": result.num_prompt_tokens, "num_generated_tokens": result.num_generated_tokens,
-                "answer_logprob": result.cumulative_logprob}
+                "answer_logprob": result.cumulative_logprob, "choice_logprobs": result.choice_logprobs}
 
     @staticmethod
     def error_output(row: dict, message: str) -> dict:
         prompt = row.get("input_ids")
         return {"question": row["question"], "answer": None, "finish_reason": "error", "error": message,
-                "num_prompt_tokens": len(prompt) if prompt else 0, "num_generated_tokens": 0, "answer_logprob": None}
+                "num_prompt_tokens": len(prompt) if prompt else 0, "num_generated_tokens": 0, "answer_logprob": None,
+                "choice_logprobs": None}
 
     def to_table(self, batch: pa.Table, outputs: list[dict]) -> pa.Table:
-        kept = [batch.schema.field(n) for n in self.config.keep_columns]
-        parsed = None if self.config.json_schema is None else answer_field(self.config.json_schema)
-        schema = output_schema(batch.schema.field("id").type, kept, self.config.logprobs, parsed)
+        c = self.config
+        kept = [batch.schema.field(n) for n in c.keep_columns]
+        parsed = None if c.json_schema is None else answer_field(c.json_schema)
+        extra = [LOGPROB] * c.logprobs + [CHOICE_LOGPROBS] * c.choice_logprobs + [parsed] * bool(parsed)
+        schema = output_schema(batch.schema.field("id").type, kept, extra)
         columns = [batch.column("id")]
         for f in list(schema)[1:len(schema) - len(kept) - bool(parsed)]:
             columns.append(pa.array([o[f.name] for o in outputs], type=f.type))

@@ -71,13 +71,12 @@ def row_seed(seed: int | None, row_id) -> int | None:
 
 
 LOGPROB = pa.field("answer_logprob", pa.float64())   # with --logprobs: the answer's log p under the model
+CHOICE_LOGPROBS = pa.field("choice_logprobs", pa.map_(pa.string(), pa.float64()))  # --choice-logprobs: each one's
 
 
-def output_schema(id_type: pa.DataType, kept: list[pa.Field], logprobs: bool = False,
-                  parsed: pa.Field | None = None) -> pa.Schema:
-    """`parsed`: --json-schema's answer_json column (pipeline.structured.answer_field)."""
-    extra = [LOGPROB] if logprobs else []
-    return pa.schema([pa.field("id", id_type), *OUTPUT_SCHEMA, *extra, *([parsed] if parsed else []), *kept])
+def output_schema(id_type: pa.DataType, kept: list[pa.Field], extra: list[pa.Field] = ()) -> pa.Schema:
+    """`extra`: the optional columns a run adds (LOGPROB, CHOICE_LOGPROBS, --json-schema's answer_json)."""
+    return pa.schema([pa.field("id", id_type), *OUTPUT_SCHEMA, *extra, *kept])
 
 
 def reuse_recent(recent: OrderedDict, key: str | None, make: Callable[[], T]) -> T:

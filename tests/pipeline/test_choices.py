@@ -1,6 +1,7 @@
 """--choice: every answer is one of the choices; the model stage's answers are transformers' generate
 with the same allowed tokens on each row alone, and a run on Ray labels the demo's images."""
 import asyncio
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,13 +51,20 @@ def test_a_run_labels_the_demo_images_with_the_choices(ray_cluster, tmp_path):
         r["options"] = colours if r["question"].startswith("What colour") and i % 4 else None
     write_parquet(tmp_path / "in.parquet", [{k: r[k] for k in ("id", "image", "question", "options")} for r in rows])
     config = PipelineConfig(model=str(DEMO_MODEL), max_new_tokens=8, choices=shapes, choices_column="options",
-                            batch_size=4)
+                            batch_size=4, choice_logprobs=True)
     summary = run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config)
     assert summary["error_rows"] == 0 and summary["missing_rows"] == 0
     assert sum(summary["answers_by_choice"].values()) == len(rows)
     assert set(summary["answers_by_choice"]) <= set(shapes + colours)
-    answers = {r["id"]: r["answer"] for r in read_output(str(tmp_path / "out")).to_pylist()}
+    written = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    answers = {k: r["answer"] for k, r in written.items()}
     assert all(answers[r["id"]] in (r["options"] or shapes) for r in rows)
     right = [r for r in rows if r["question"].startswith("What shape") or r["options"]]
     assert all(answers[r["id"]] == r["answers"][0] for r in right)
+    # each row's choices scored: a distribution over them (the rest is other answers), led by the right one
+    scores = {k: dict(r["choice_logprobs"]) for k, r in written.items()}
+    assert all(set(scores[r["id"]]) == set(r["options"] or shapes) for r in rows)
+    assert all(sum(math.exp(v) for v in scores[r["id"]].values()) < 1 + 1e-6 for r in rows)
+    assert all(max(scores[r["id"]], key=scores[r["id"]].get) == r["answers"][0] for r in right)
+    assert all(math.exp(scores[r["id"]][r["answers"][0]]) > 0.5 for r in right)
     assert len(right) < len(rows) and any(r["options"] for r in rows)      # colour questions answered with shapes

@@ -80,6 +80,8 @@ def test_a_run_writes_json_the_schema_allows(ray_cluster, tmp_path):
     (dict(json_schema='{"type": "object"}'), "json_schema: #: an object needs `properties`"),
     (dict(json_schema="{nope"), "json_schema: the JSON schema is not JSON"),
     (dict(json_schema={"type": "string", "maxLength": 10 ** 6}), "too large"),
+    (dict(choice_logprobs=True), "choice_logprobs scores the choices"),
+    (dict(choice_logprobs=True, regex="a+"), "choice_logprobs scores the choices"),
 ])
 def test_constraints_a_run_cannot_keep_are_refused_before_it_starts(settings, message):
     with pytest.raises(ValueError, match=message):
