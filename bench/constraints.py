@@ -4,6 +4,7 @@ on the same random-weight checkpoint and prompts, and what the constraint costs 
 
     python bench/constraints.py [--batch 8] [--labels 10] [--repeats 3] [--threads 2]
     python bench/constraints.py --json [--new-tokens 48]
+    python bench/constraints.py --scores     # labels and each label's log p (choice_logprobs)
 
 The reference's allowed tokens come from our own cached constraint (the cheapest function it could
 be given), so the comparison is of the two loops, not of how the sets are found. A byte-level
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--labels", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, help="max_new_tokens (default 12 for labels, 48 for JSON)")
     ap.add_argument("--json", action="store_true", help="answers are JSON documents of SCHEMA, not labels")
+    ap.add_argument("--scores", action="store_true",
+                    help="labels with each label's log p (choice_logprobs); the reference scores them with one "
+                         "forward pass of every row per spelling")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     schema = {"type": "object", "properties": {"label": {"enum": list(labels)}, "confident": {"type": "boolean"},
                                                "caption": {"type": "string", "maxLength": 16}},
               "required": ["label", "confident", "caption"]}
-    constraint = dict(json_schema=schema) if args.json else dict(choices=labels)
+    constraint = dict(json_schema=schema) if args.json else dict(choices=labels, choice_logprobs=args.scores)
     base = make_requests(name, 128, args.batch, 3, new_tokens, "cpu")
     chosen = [replace(r, sampling=SamplingParams(max_new_tokens=new_tokens, **constraint)) for r in base]
     engine = LLMEngine(ours, tokenizer, max_batch_size=args.batch)
@@ -126,6 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     ours_s, stats, our_tokens = time_ours(engine, chosen, args.repeats)
     _, free_stats, _ = time_ours(engine, base, args.repeats)        # same prompts, answers of new_tokens, free
     ref_s, ref_tokens = time_reference(ref, chosen, found, stop_ids, new_tokens, args.repeats)
+    scores = {}
+    if args.scores:
+        score_s, ref_scores = time_reference_scores(ref, tokenizer, chosen, labels, stop_ids, args.repeats)
+        ours_scores = {r.request_id: r.choice_logprobs for r in engine.generate(with_fresh_keys(chosen, "scores"))}
+        scores = {"ref_score_s": round(score_s, 3), "speedup_with_scores": round((ref_s + score_s) / ours_s, 2),
+                  "score_max_abs_diff": max(abs(ours_scores[k][c] - v) for k, row in ref_scores.items()
+                                            for c, v in row.items())}
+        ours_plain = [replace(r, sampling=replace(r.sampling, choice_logprobs=False)) for r in chosen]
+        scores["ours_s_without_scores"] = round(time_ours(engine, ours_plain, args.repeats)[0], 3)
     text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     step = lambda s: 1e3 * s["decode_s"] / max(s["decode_steps"], 1)  # noqa: E731
     print(json.dumps({
@@ -135,7 +148,30 @@ def main(argv: list[str] | None = None) -> None:
         "generated_tokens": sum(map(len, our_tokens.values())),
         "ref_s": round(ref_s, 3), "ours_s": round(ours_s, 3), "speedup": round(ref_s / ours_s, 2),
         "ours_step_ms_constrained": round(step(stats), 2), "ours_step_ms_free": round(step(free_stats), 2),
-        "first_batch_s": round(warm_s, 2)}))
+        "first_batch_s": round(warm_s, 2), **scores}))
+
+
+def time_reference_scores(ref, tokenizer, requests, labels, stop_ids: list[int], repeats: int):
+    """Each label's log p the way one would with transformers: per spelling, one forward pass over
+    every row's prompt and the spelling (left-padded), summed, plus any stop token after it."""
+    pad = ref.generation_config.pad_token_id
+    best, scores = float("inf"), {}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            per_spelling = {}
+            for label in labels:
+                for text in (label, " " + label):
+                    forced = tokenizer.encode(text, add_special_tokens=False).ids
+                    inputs = padded_batch([replace(r, prompt_ids=r.prompt_ids + forced) for r in requests], pad, "cpu")
+                    log_p = ref(**inputs).logits[:, -len(forced) - 1:].float().log_softmax(-1)
+                    spelled = log_p[:, :-1].gather(-1, torch.tensor(forced).expand(len(requests), -1)[..., None])
+                    per_spelling[label, text] = spelled.sum((1, 2)) + log_p[:, -1, stop_ids].logsumexp(-1)
+            scores = {r.request_id: {label: float(torch.logaddexp(per_spelling[label, label][i],
+                                                                   per_spelling[label, " " + label][i]))
+                                     for label in labels} for i, r in enumerate(requests)}
+            best = min(best, time.perf_counter() - start)
+    return best, scores
 
 
 def is_whole(text: str, labels, schema: dict | None) -> bool:
