@@ -4,17 +4,19 @@ choice, regex and JSON), as one mechanism.
 Each request's constraint is a regular expression (choices become an alternation of their escaped
 texts; a JSON schema becomes the expression of its documents), which the answer matches in full,
 as written or after one space (chat templates end with "Assistant:", and models answer " Yes" or
-" {"). At each step a row may take only
-the tokens after which a whole match can still be written, and a stop token once its answer is
-one; the mask is applied to the logits before the draw (greedy or sampled). Greedy then answers
-what transformers' generate(prefix_allowed_tokens_fn=...) answers with the same sets.
+" {"). At each step a row may take only the tokens after which a whole match can still be written,
+and a stop token once its answer is one; the mask is applied to the logits before the draw (greedy
+or sampled). Greedy then answers what transformers' generate(prefix_allowed_tokens_fn=...) answers
+with the same sets.
 
 Tokens are matched on their bytes (byte-level vocabularies: every Idefics3 checkpoint), so an
 answer may be spelled in any of the vocabulary's ways, and a token that ends inside a multi-byte
 character is allowed where some completion of that character goes on. Special and added tokens
 never spell an answer. The tokens each state allows are found by walking the vocabulary as a trie
-(the sorted token bytes) along the automaton, pruning at the first byte no match takes; they are
-kept per state as a tensor of ids on the engine's device.
+(the sorted token bytes) along the automaton, pruning at the first byte no match takes, or, where
+many tokens go on (inside a JSON string), by running every token's characters through it at once
+(model.engine.token_chars); they are kept per state on the engine's device, as ids where few, as a
+vocabulary mask where many.
 """
 from __future__ import annotations
 
@@ -285,9 +287,13 @@ class EngineConstraints:
         return allowed
 
     def _allowed_now(self, seq) -> Tensor:
-        """The sequence's allowed tokens, its state moved on by the tokens it took since the last step."""
-        constraint = self.constraint(request_pattern(seq.request.sampling), seq.stop_ids)
-        state, taken = seq.constraint_state or (constraint.start, 0)
+        """The sequence's allowed tokens, its state moved on by the tokens it took since the last step.
+        The sequence keeps its constraint: states are numbered in the order an automaton meets them,
+        so a constraint the LRU dropped and made again could number them otherwise."""
+        if seq.constraint_state is None:
+            constraint = self.constraint(request_pattern(seq.request.sampling), seq.stop_ids)
+            seq.constraint_state = (constraint, constraint.start, 0)
+        constraint, state, taken = seq.constraint_state
         state = constraint.advance(state, seq.generated[taken:])
-        seq.constraint_state = (state, len(seq.generated))
+        seq.constraint_state = (constraint, state, len(seq.generated))
         return constraint.allowed(state)

@@ -19,7 +19,7 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None                 # why, when finish_reason is "error"
     logprob: float = 0.0                     # sum of the generated tokens' log p, when the request asks for it
-    constraint_state: tuple | None = None    # a constrained answer's state, and the tokens it has read
+    constraint_state: tuple | None = None    # a constrained answer's constraint, its state, the tokens it read
     forced: tuple[int, ...] = ()             # tokens it takes instead of sampling (model.engine.scoring)
     children: list = field(default_factory=list, repr=False)   # (choice, Sequence) scoring its choices
     parent: "Sequence | None" = field(default=None, repr=False)    # the sequence whose choice it scores

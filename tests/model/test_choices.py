@@ -175,3 +175,17 @@ def test_cuda_choices_answer_as_on_cpu(setup):
     on_cpu = LLMEngine(ours, tokenizer, max_batch_size=3).generate(chosen)
     on_gpu = LLMEngine(copy.deepcopy(ours).to("cuda"), tokenizer, max_batch_size=3).generate(chosen)
     assert [r.token_ids for r in on_gpu] == [r.token_ids for r in on_cpu]
+
+
+def test_a_running_answer_keeps_its_constraint_when_the_engine_forgets_it(setup):
+    """Rows with more sets of choices than the engine keeps: each answer still one of its own."""
+    ours, requests, _, tokenizer, _ = setup
+    engine = LLMEngine(ours, Tokenizer(tokenizer), max_batch_size=4)
+    engine.constraints.KEPT = 2
+    sets = [CHOICES[i:i + 2] for i in range(5)]
+    chosen = [replace(r, sampling=replace(r.sampling, max_new_tokens=24, choices=sets[i % 5]))
+              for i, r in enumerate(requests)]
+    results = engine.generate(chosen)
+    assert [(r.finish_reason, r.text.removeprefix(" ") in q.sampling.choices) for r, q in zip(results, chosen)] \
+        == [("stop", True)] * len(chosen), [(r.finish_reason, r.text) for r in results]
+    assert len(engine.constraints._constraints) == 2
