@@ -165,11 +165,10 @@ def test_cuda_choices_answer_as_on_cpu(setup):
     choices and rows with a JSON schema among rows without: the CPU engine's answers, float32."""
     import copy
 
-    from tests.model.test_constraints import SCHEMA
-
     ours, requests, _, tokenizer, _ = setup
     torch.backends.cuda.matmul.allow_tf32 = False
-    constraints = [None, dict(choices=CHOICES[:3]), dict(json_schema=SCHEMA)]
+    schema = {"type": "object", "properties": {"shape": {"enum": ["circle", "square"]}, "n": {"type": "integer"}}}
+    constraints = [None, dict(choices=CHOICES[:3]), dict(json_schema=schema)]
     chosen = [replace(r, sampling=replace(r.sampling, max_new_tokens=24, **constraints[i % 3])) if i % 3 else r
               for i, r in enumerate(requests)]
     on_cpu = LLMEngine(ours, tokenizer, max_batch_size=3).generate(chosen)
