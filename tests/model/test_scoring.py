@@ -84,3 +84,20 @@ def test_streamed_results_wait_for_their_scores(setup):
 def test_choice_scores_need_choices():
     with pytest.raises(ValueError, match="give some"):
         SamplingParams(choice_logprobs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_choice_scores_as_on_cpu(setup):
+    """CUDA's defaults (compiled step in graphs, overlapped steps) with scored rows among others."""
+    import copy
+
+    ours, requests, _, tokenizer, _ = setup
+    torch.backends.cuda.matmul.allow_tf32 = False
+    chosen = [replace(r, sampling=replace(r.sampling, max_new_tokens=8, choices=CHOICES, choice_logprobs=True))
+              if i % 2 else r for i, r in enumerate(requests)]
+    on_cpu = LLMEngine(ours, Tokenizer(tokenizer), max_batch_size=3).generate(chosen)
+    on_gpu = LLMEngine(copy.deepcopy(ours).to("cuda"), Tokenizer(tokenizer), max_batch_size=3).generate(chosen)
+    assert [r.token_ids for r in on_gpu] == [r.token_ids for r in on_cpu]
+    for gpu, cpu in zip(on_gpu, on_cpu):
+        assert (gpu.choice_logprobs is None) == (cpu.choice_logprobs is None)
+        assert gpu.choice_logprobs is None or gpu.choice_logprobs == pytest.approx(cpu.choice_logprobs, abs=1e-3)
