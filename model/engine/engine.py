@@ -28,7 +28,7 @@ from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket
 from .sampler import NON_FINITE, SamplingState, model_tokens, sample_rows, token_logprobs
 from .scheduler import Scheduler, Sequence
-from .scoring import choice_logprobs, force, scoring_requests
+from .scoring import add_scorers, answered, choice_logprobs, force
 from .stop_strings import StopStringMatcher
 from .types import NonFiniteLogitsError, Request, Result
 from .validation import check_request
@@ -195,7 +195,7 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[Result]:
         """One prefill or one decode step; the results of the requests that finished in it."""
-        return [self._result(s) for s in self._ready(self._step())]
+        return [self._result(s) for s in answered(self._step())]
 
     def has_unfinished(self) -> bool:
         return bool(self._pending) or (self._scheduler is not None and not self._scheduler.done)
@@ -227,28 +227,8 @@ class LLMEngine:
         for seq in seqs:
             self._pending.append(seq)
             if seq.request.sampling.choice_logprobs:
-                self._pending += self._add_scorers(seq)
+                self._pending += add_scorers(seq, self.tokenizer, self._sequence)
         return seqs
-
-    def _add_scorers(self, seq: Sequence) -> list[Sequence]:
-        """Sequences that score `seq`'s choices, one per spelling (model.engine.scoring)."""
-        seq.request, scorers = scoring_requests(seq.request, self.tokenizer)
-        for choice, request, forced in scorers:
-            scorer = self._sequence(request)
-            scorer.forced, scorer.parent = forced, seq
-            seq.children.append((choice, scorer))
-        return [scorer for _, scorer in seq.children]
-
-    @staticmethod
-    def _ready(finished: list[Sequence]) -> list[Sequence]:
-        """The requests whose answer and choice scores are all done (scorers are not results)."""
-        ready = []
-        for seq in finished:
-            owner = seq.parent or seq
-            if owner.all_finished and not owner.emitted:
-                owner.emitted = True
-                ready.append(owner)
-        return ready
 
     def _admit_pending(self) -> None:
         """Pending requests join the scheduler in arrival order while they fit the cache. The cache

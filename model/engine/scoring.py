@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Sequence as Seq
+from typing import Callable, Sequence as Seq
 
 import torch
 from torch import Tensor
@@ -43,6 +43,28 @@ def scoring_requests(request: Request, tokenizer) -> tuple[Request, list[tuple[s
             name = f"{request.request_id}{SCORE_ID}{len(scorers)}"
             scorers.append((choice, replace(request, request_id=name, sampling=sampling), forced))
     return request, scorers
+
+
+def add_scorers(seq: Sequence, tokenizer, make_sequence: Callable[[Request], Sequence]) -> list[Sequence]:
+    """Sequences that score `seq`'s choices, one per spelling, made by `make_sequence`."""
+    seq.request, scorers = scoring_requests(seq.request, tokenizer)
+    for choice, request, forced in scorers:
+        scorer = make_sequence(request)
+        scorer.forced, scorer.parent = forced, seq
+        seq.children.append((choice, scorer))
+    return [scorer for _, scorer in seq.children]
+
+
+def answered(finished: list[Sequence]) -> list[Sequence]:
+    """The requests among (or scored by) `finished` whose answer and choice scores are all done
+    now: each once, and never a scorer."""
+    ready = []
+    for seq in finished:
+        owner = seq.parent or seq
+        if owner.all_finished and not owner.emitted:
+            owner.emitted = True
+            ready.append(owner)
+    return ready
 
 
 def force(tokens: Tensor, logprobs: Tensor | None, logits: Tensor, seqs: Seq[Sequence], rows: Seq[int]) -> None:
