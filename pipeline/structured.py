@@ -90,7 +90,10 @@ class _Types:
 
 
 def _value_type(values: list) -> pa.DataType:
-    kinds = {bool if isinstance(v, bool) else type(v) for v in values}
+    """The type of an enum's values (null among them aside)."""
+    kinds = {bool if isinstance(v, bool) else type(v) for v in values if v is not None}
+    if not kinds:
+        return pa.null()
     if kinds <= {int}:
         return pa.int64()
     if kinds <= {int, float}:

@@ -28,6 +28,8 @@ def test_the_schema_becomes_an_arrow_type():
         ("seen", pa.bool_()), ("size", pa.float64()), ("mixed", pa.string()), ("nothing", pa.string()),
         ("empty", pa.string()), ("parts", pa.struct([("head", pa.string())]))])
     assert answer_field('{"type": "array", "items": {"enum": [true, false]}}').type == pa.list_(pa.bool_())
+    assert answer_field('{"enum": [1, 2, null]}').type == pa.int64()
+    assert answer_field('{"enum": [null]}').type == pa.string()        # Parquet has no column of nulls only
 
 
 def test_whole_answers_are_parsed_into_it_through_parquet(tmp_path):
