@@ -17,7 +17,7 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add
                          json_option, merge_args, print_error, print_summary)
 
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
-                prompt_suffix="", id_column="id", image_column="image", question_column="question",
+                prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
                 max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=False,
                 stop=None, choices=None, choices_column=None, choice_logprobs=False, regex=None, json_schema=None,
                 seed=None, replicas=None, tensor_parallel_size=1,
@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt", help="the user turn for rows without a question")
     ap.add_argument("--system-prompt", help="a system turn before every row's user turn (the checkpoint's chat "
                                             "template renders it; default: none)")
+    ap.add_argument("--prompt-template", metavar="TEXT",
+                    help="every row's question made of its columns, e.g. \"The photo's alt text is '{alt}'. Write a "
+                         "detailed caption.\" (a row with a null in one of them is asked --prompt)")
     ap.add_argument("--prompt-suffix", help="appended to every row's question (or --prompt), e.g. "
                                             "' Answer with one word.' (default: none)")
     ap.add_argument("--id-column", help="the input column of row ids, the output's `id` (unique; default: id, "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import asdict, dataclass, field, fields
 
 DEFAULT_PROMPT = "Describe this image."
@@ -16,6 +17,8 @@ class PipelineConfig:
     adapter: str | None = None                  # a PEFT LoRA adapter folder (or its URL) of `model`, merged
     prompt: str = DEFAULT_PROMPT                # the user turn when a row has no question
     system_prompt: str | None = None            # a system turn before every row's user turn
+    prompt_template: str | None = None          # every row's question made of its columns: "{title}: describe it."
+                                                # (a row with a null in one of them: `prompt`)
     prompt_suffix: str = ""                     # appended to every row's question (or prompt): an answer
                                                 # format, e.g. a benchmark's "Answer with one word."
     id_column: str = "id"                       # the input column of row ids (absent "id": Ray Data's row hash)
@@ -109,6 +112,23 @@ class PipelineConfig:
         if self.top_k < 0:      # else every row's request would be refused, each an error row
             raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
         self._check_constraint()
+        self.template_columns()          # a template it cannot fill is refused here
+
+    def template_columns(self) -> list[str]:
+        """The input columns `prompt_template` names, in order (ValueError for a field that is not
+        one column: positional, an attribute or an index)."""
+        if self.prompt_template is None:
+            return []
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"prompt_template {self.prompt_template!r}: {e}") from None
+        bad = [f for f in fields if not f or f.isdigit() or "." in f or "[" in f]
+        if bad or not fields:
+            raise ValueError(f"prompt_template {self.prompt_template!r}: name input columns in braces, "
+                             f"as {{title}} (got {bad[0]!r} instead)" if bad else
+                             f"prompt_template {self.prompt_template!r} names no column: use --prompt")
+        return list(dict.fromkeys(fields))
 
     def _check_constraint(self) -> None:
         """One way to constrain answers, and a pattern the engine can follow (else every row would be

@@ -48,7 +48,7 @@ class Preprocess:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = [cell if isinstance(cell, list) else [cell] for cell in self.cells(batch, self.config.image_column)]
-        questions = self.cells(batch, self.config.question_column)
+        questions = self.questions(batch)
         ids = row_ids(batch, self.config.id_column)
         encoded = self.encode_rows([str(i) for i in ids.to_pylist()], images, questions)
         columns = {"id": ids}
@@ -59,6 +59,16 @@ class Preprocess:
         for name in self.config.keep_columns:
             columns.setdefault(name, batch.column(name))
         return group_by_image(pa.table(columns))
+
+    def questions(self, batch: pa.Table) -> list[str | None]:
+        """Each row's question: its question column's, or the template filled with its columns (None,
+        so the job's prompt, where one of them is null)."""
+        template = self.config.prompt_template
+        if template is None:
+            return self.cells(batch, self.config.question_column)
+        names = self.config.template_columns()
+        rows = zip(*(self.cells(batch, name) for name in names))
+        return [None if None in values else template.format_map(dict(zip(names, values))) for values in rows]
 
     @staticmethod
     def cells(batch: pa.Table, column: str) -> list:

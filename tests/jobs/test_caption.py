@@ -186,6 +186,7 @@ def test_regex_and_json_schema_flags(tmp_path):
 
     config = lambda *flags: pipeline_config(merge_args(parse_args(["--model", "m", *flags]), DEFAULTS))  # noqa: E731
     assert config("--regex", "[0-9]+").regex == "[0-9]+"
+    assert config("--prompt-template", "Alt text: {alt}.").template_columns() == ["alt"]
     assert config("--choice", "yes", "--choice", "no", "--choice-logprobs").choice_logprobs
     (tmp_path / "schema.json").write_text('{\n  "type": "object",\n  "properties": {"n": {"type": "integer"}}\n}')
     from_file = config("--json-schema", str(tmp_path / "schema.json")).json_schema
