@@ -36,6 +36,13 @@ def row_encoder(config: PipelineConfig, folder: str, image_backend: str | None =
                                       system_prompt=config.system_prompt, **config.image_settings())
 
 
+def fill(template: str, values: dict) -> str | RowError:
+    try:
+        return template.format_map(values)
+    except (ValueError, TypeError, OverflowError) as e:
+        return RowError(f"the row's values do not fit the template: {type(e).__name__}: {e}")
+
+
 class Preprocess:
     def __init__(self, config: PipelineConfig):
         self.encoder = row_encoder(config, local_checkpoint(config.model, config.storage_options))
@@ -60,15 +67,16 @@ class Preprocess:
             columns.setdefault(name, batch.column(name))
         return group_by_image(pa.table(columns))
 
-    def questions(self, batch: pa.Table) -> list[str | None]:
+    def questions(self, batch: pa.Table) -> list[str | RowError | None]:
         """Each row's question: its question column's, or the template filled with its columns (None,
-        so the job's prompt, where one of them is null)."""
+        so the job's prompt, where one of them is null; a RowError where a value does not fit the
+        template's format, such as 2**21 for {count:c})."""
         template = self.config.prompt_template
         if template is None:
             return self.cells(batch, self.config.question_column)
         names = self.config.template_columns()
-        rows = zip(*(self.cells(batch, name) for name in names))
-        return [None if None in values else template.format_map(dict(zip(names, values))) for values in rows]
+        return [None if None in values else fill(template, dict(zip(names, values)))
+                for values in zip(*(self.cells(batch, name) for name in names))]
 
     @staticmethod
     def cells(batch: pa.Table, column: str) -> list:
@@ -110,10 +118,12 @@ class Preprocess:
                             f"most {most}")
         return None
 
-    def encode_row(self, data: list[bytes | RowError], question: str | None) -> tuple:
+    def encode_row(self, data: list[bytes | RowError], question: str | RowError | None) -> tuple:
         """(question, input_ids, frames bytes, frames shape, image key, error) for one row of one
         image or several; never raises. The key is a hash of the image files: the engine encodes
         rows of one image once."""
+        if isinstance(question, RowError):
+            return self.failed_row(question, error_message("prompt template", question))
         failed = next((d for d in data if isinstance(d, RowError)), None if data else RowError("image list is empty"))
         if failed is not None:
             return self.failed_row(question, error_message("read image", failed))
@@ -133,8 +143,9 @@ class Preprocess:
         """The row's question (else the job's prompt) with the job's suffix: what the model is asked."""
         return (self.config.prompt if question is None else question) + self.config.prompt_suffix
 
-    def failed_row(self, question: str | None, message: str) -> tuple:
-        return self.user_text(question), None, None, None, None, message
+    def failed_row(self, question: str | RowError | None, message: str) -> tuple:
+        asked = self.config.prompt_template if isinstance(question, RowError) else self.user_text(question)
+        return asked, None, None, None, None, message
 
     def check_context(self, num_prompt_tokens: int) -> None:
         """A prompt must leave room for an answer; an answer longer than the room is cut ("length")."""

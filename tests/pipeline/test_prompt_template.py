@@ -49,6 +49,18 @@ def test_a_run_fills_the_template_from_the_input_columns(ray_cluster, checkpoint
                 PipelineConfig(model=str(checkpoint), prompt_template="About {title}: {alt}"))
 
 
+def test_a_value_that_does_not_fit_the_template_is_an_error_row(checkpoint):
+    from pipeline.preprocess import Preprocess
+
+    rows = rows_with_alt_text()
+    rows[2]["count"] = 2 ** 21          # no character: {count:c} fails for this row alone
+    config = PipelineConfig(model=str(checkpoint), prompt_template="{alt}: {count:c}")
+    encoded = Preprocess(config)(pa.Table.from_pylist(rows))
+    errors = [e for group in encoded.column("error").to_pylist() for e in group if e]    # rows grouped by image
+    assert len(errors) == 1 and errors[0].startswith("prompt template: RowError: the row's values do not fit")
+    assert "OverflowError" in errors[0]
+
+
 @pytest.mark.parametrize("template,message", [
     ("Describe it.", "names no column"), ("Describe {}.", "name input columns"), ("{0} and {alt}", "'0'"),
     ("{meta.title}", "'meta.title'"), ("{tags[0]}", "'tags\\[0\\]'"), ("Describe {alt", "expected '}'"),
