@@ -79,6 +79,7 @@ class TokenVocabulary:
         self.flat_ids = np.array([i for some in self.ids for i in some], dtype=np.int64)
         self.key_of_id = np.array([k for k, some in enumerate(self.ids) for _ in some], dtype=np.int64)
         self._chars: TokenChars | None = None
+        self.spells = lru_cache(maxsize=1 << 16)(self._spells)     # every request's choices are checked
 
     @property
     def chars(self) -> TokenChars:
@@ -94,7 +95,7 @@ class TokenVocabulary:
     def token_bytes(self, token_id: int) -> bytes:
         return self.matcher.token_bytes(token_id) or b""
 
-    def spells(self, text: bytes) -> bool:
+    def _spells(self, text: bytes) -> bool:
         """Whether some sequence of tokens spells `text` exactly."""
         known = self.known
         ok = [False] * len(text) + [True]
