@@ -152,8 +152,11 @@ class PipelineConfig:
             name = "regex" if self.regex is not None else "json_schema"
             try:
                 pattern = self.regex if self.regex is not None else schema_text_pattern(self.json_schema)
-                if Automaton(pattern).start is None:
+                automaton = Automaton(pattern)
+                if automaton.start is None:
                     raise ValueError("it matches no text")
+                if automaton.ends(automaton.start):
+                    raise ValueError("it matches only the empty answer")
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
 

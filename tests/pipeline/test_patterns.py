@@ -77,6 +77,7 @@ def test_a_run_writes_json_the_schema_allows(ray_cluster, tmp_path):
     (dict(json_schema="{}", choices_column="labels"), "choices and json_schema are two ways"),
     (dict(regex=r"(a)\1"), "regex: the pattern uses groupref"),
     (dict(regex=r"[^\s\S]"), "regex: it matches no text"),
+    (dict(regex=""), "regex: it matches only the empty answer"), (dict(regex="(?:)*"), "only the empty answer"),
     (dict(json_schema='{"type": "object"}'), "json_schema: #: an object needs `properties`"),
     (dict(json_schema="{nope"), "json_schema: the JSON schema is not JSON"),
     (dict(json_schema={"type": "string", "maxLength": 10 ** 6}), "too large"),
