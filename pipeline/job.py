@@ -34,11 +34,12 @@ log = logging.getLogger(__name__)
 def output_counts(output: str, storage_options: dict | None = None) -> dict:
     table = read_output(output, storage_options, columns=COUNTED)
     if table is None:
-        return {"rows": 0, "ids": 0, "error_rows": 0, "generated_tokens": 0, "errors_by_kind": {}}
+        return {"rows": 0, "ids": 0, "error_rows": 0, "cut_short_rows": 0, "generated_tokens": 0, "errors_by_kind": {}}
     failed = table.filter(pc.equal(table["finish_reason"], "error"))
     kinds = Counter(error_kind(m or "") for m in failed["error"].to_pylist())
     return {"rows": table.num_rows, "ids": pc.count_distinct(table["id"], mode="all").as_py(),
             "error_rows": failed.num_rows,
+            "cut_short_rows": pc.sum(pc.equal(table["finish_reason"], "length")).as_py() or 0,
             "generated_tokens": pc.sum(table["num_generated_tokens"]).as_py() or 0,
             "errors_by_kind": dict(kinds.most_common(ERROR_KINDS_SHOWN))}
 
@@ -52,12 +53,6 @@ def answer_counts(output: str, storage_options: dict | None = None) -> dict[str,
     answers = table.filter(pc.equal(table["finish_reason"], "stop"))["answer"]
     counts = sorted(pc.value_counts(answers).to_pylist(), key=lambda c: (-c["counts"], str(c["values"])))
     return {c["values"]: c["counts"] for c in counts[:ANSWERS_SHOWN]}
-
-
-def cut_short(output: str, storage_options: dict | None = None) -> int:
-    """A run with a pattern: the answers that --max-new-tokens ended before the pattern was whole."""
-    table = read_output(output, storage_options, columns=["finish_reason"])
-    return 0 if table is None else pc.sum(pc.equal(table["finish_reason"], "length")).as_py() or 0
 
 
 def check_output(output: str, storage_options: dict | None, resume: bool, overwrite: bool = False) -> None:
@@ -126,8 +121,9 @@ class PreparedJob:
 
 
 def used_columns(names: list[str], config: PipelineConfig, renames: dict[str, str]) -> list[str]:
-    """The input columns a run reads (its rows' id, image, question, choices, template's and kept columns): a dataset's
-    other columns (a second image, embeddings) are not read, nor can their types fail the run."""
+    """The input columns a run reads (its rows' id, image, question, choices, template's and kept
+    columns): a dataset's other columns (a second image, embeddings) are not read, nor can their
+    types fail the run."""
     used = {config.id_column, config.image_column, config.question_column, config.choices_column, *config.keep_columns,
             *config.template_columns()}
     return [name for name in names if renames.get(name, name) in used]
@@ -201,13 +197,14 @@ def run_prepared(job: PreparedJob) -> dict:
     finally:
         context.checkpoint_config = None
         release_run()
-    summary = summarize(job.input_uri, job.output_uri, job.before, output_counts(job.output_uri, opts), wall,
-                        job.input_rows)
+    after = output_counts(job.output_uri, opts)
+    summary = summarize(job.input_uri, job.output_uri, job.before, after, wall, job.input_rows)
     summary.update(lost_rows_answered_again=job.lost_rows, limit=job.limit)
     if job.config.choices or job.config.choices_column:
         summary["answers_by_choice"] = answer_counts(job.output_uri, opts)
     if job.config.regex is not None or job.config.json_schema is not None:
-        summary["answers_cut_short"] = cut_short(job.output_uri, opts)
+        # answers --max-new-tokens ended before the pattern was whole
+        summary["answers_cut_short"] = after["cut_short_rows"]
     write_text(sibling(job.output_uri, ".summary.json"), json.dumps(summary, indent=2), opts)
     return summary
 
