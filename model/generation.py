@@ -46,6 +46,11 @@ class _Settings:
             raise ValueError(f"repetition_penalty must be > 0, got {self.penalty}")
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 with do_sample=True, got {self.temperature}")
+        self.copies = int(get("num_return_sequences", 1))
+        if self.copies < 1 or (self.copies > 1 and not self.do_sample):
+            raise ValueError(f"num_return_sequences={self.copies}: greedy decoding answers each prompt once; "
+                             "sample (do_sample=True) for several answers" if self.copies > 1 else
+                             f"num_return_sequences must be >= 1, got {self.copies}")
 
 
 def _sampling_state(s: _Settings, input_ids: Tensor, mask: Tensor, vocab: int) -> SamplingState:
@@ -75,7 +80,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     """(B, T) prompt ids (left-padded) -> (B, T + n_new) LongTensor, like transformers' generate.
 
     Settings (kwargs over generation_config.json): max_new_tokens / max_length, min_new_tokens,
-    do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id.
+    do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, and
+    num_return_sequences (k sampled answers a prompt: rows b*k .. b*k+k-1 are prompt b's).
     """
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("generate needs input_ids of shape (batch, seq_len)")
@@ -84,8 +90,12 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     batch, prompt_len = input_ids.shape
     s = _Settings(model, prompt_len, kwargs)
     if s.max_new <= 0:
-        return input_ids
+        return input_ids.repeat_interleave(s.copies, dim=0)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(param.device)
+    embeds = _prefill_embeddings(model, input_ids, pixel_values, pixel_attention_mask)   # each image once
+    if s.copies > 1:
+        input_ids, mask, embeds = (t.repeat_interleave(s.copies, dim=0) for t in (input_ids, mask, embeds))
+        batch *= s.copies
     text, tc = model.model.text_model, model.config.text_config
     cache = KVCache(tc.num_hidden_layers, batch, tc.num_key_value_heads, prompt_len + s.max_new,
                     tc.head_dim, param.dtype, param.device)
@@ -95,7 +105,6 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     state = _sampling_state(s, input_ids, mask, tc.vocab_size)
     rows = torch.arange(batch, device=param.device)
 
-    embeds = _prefill_embeddings(model, input_ids, pixel_values, pixel_attention_mask)
     hidden = text(inputs_embeds=embeds, position_ids=positions, attention=PaddedCacheAttention(cache, key_mask, 0))
     logits = model.lm_head(hidden[:, -1])
     eos = torch.tensor(s.eos, dtype=torch.int64, device=param.device)

@@ -27,6 +27,7 @@ from .kv_cache import KVCache, plan_cache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket
 from .sampler import NON_FINITE, SamplingState, model_tokens, sample_rows, token_logprobs
+from .samples import add_samples, with_samples
 from .scheduler import Scheduler, Sequence
 from .scoring import add_scorers, answered, choice_logprobs, force
 from .stop_strings import StopStringMatcher
@@ -226,6 +227,8 @@ class LLMEngine:
         seqs = [self._sequence(r) for r in requests]
         for seq in seqs:
             self._pending.append(seq)
+            if seq.request.sampling.n > 1:
+                self._pending += add_samples(seq, self._sequence)
             if seq.request.sampling.choice_logprobs:
                 self._pending += add_scorers(seq, self.tokenizer, self._sequence)
         return seqs
@@ -418,6 +421,7 @@ class LLMEngine:
         text = None
         if self.tokenizer is not None:
             text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        return Result(seq.request.request_id, list(seq.generated), text, seq.finish_reason,
-                      seq.prompt_len, len(seq.generated), seq.logprob if seq.request.sampling.logprobs else None,
-                      seq.error, choice_logprobs(seq) if seq.children else None)
+        result = Result(seq.request.request_id, list(seq.generated), text, seq.finish_reason,
+                        seq.prompt_len, len(seq.generated), seq.logprob if seq.request.sampling.logprobs else None,
+                        seq.error, choice_logprobs(seq) if seq.children else None)
+        return with_samples(result, [self._result(s) for s in seq.samples]) if seq.samples else result

@@ -22,13 +22,15 @@ class Sequence:
     constraint_state: tuple | None = None    # a constrained answer's constraint, its state, the tokens it read
     forced: tuple[int, ...] = ()             # tokens it takes instead of sampling (model.engine.scoring)
     children: list = field(default_factory=list, repr=False)   # (choice, Sequence) scoring its choices
-    parent: "Sequence | None" = field(default=None, repr=False)    # the sequence whose choice it scores
+    samples: list = field(default_factory=list, repr=False)    # Sequences of the request's other samples
+    parent: "Sequence | None" = field(default=None, repr=False)    # the sequence it scores or samples beside
     emitted: bool = False                    # its result was returned
 
     @property
     def all_finished(self) -> bool:
-        """Finished, and so is every sequence that scores its choices."""
-        return self.finish_reason is not None and all(c.finish_reason is not None for _, c in self.children)
+        """Finished, and so is every sequence that scores its choices or samples its other answers."""
+        return (self.finish_reason is not None and all(c.finish_reason is not None for _, c in self.children)
+                and all(s.finish_reason is not None for s in self.samples))
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is None:

@@ -32,8 +32,7 @@ def scoring_requests(request: Request, tokenizer) -> tuple[Request, list[tuple[s
     """The request (named after its image, so that its scorers share the image's features and
     prompt prefix) and, for each spelling of each choice: the choice, a request that scores it, and
     the tokens to force it along."""
-    if request.image_key is None and request.pixel_values is not None:
-        request = replace(request, image_key=f"{request.request_id}{SCORE_ID}-image")
+    request = request.with_image_key()
     scorers = []
     for choice in dict.fromkeys(request.sampling.choices):
         for text in (choice, " " + choice):
@@ -56,7 +55,7 @@ def add_scorers(seq: Sequence, tokenizer, make_sequence: Callable[[Request], Seq
 
 
 def answered(finished: list[Sequence]) -> list[Sequence]:
-    """The requests among (or scored by) `finished` whose answer and choice scores are all done
+    """The requests among (or scored or sampled beside) `finished` whose answers and choice scores are all done
     now: each once, and never a scorer."""
     ready = []
     for seq in finished:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from torch import Tensor
@@ -27,6 +27,7 @@ class SamplingParams:
     regex: str | None = None          # the answer matches this expression in full (re.fullmatch's sense)
     json_schema: dict | str | None = None   # the answer is a JSON document the schema (or its text) allows
     choice_logprobs: bool = False     # Result.choice_logprobs: each choice's log p (model.engine.scoring)
+    n: int = 1                        # answers sampled for the request (Result.samples; model.engine.samples)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -52,6 +53,10 @@ class SamplingParams:
             schema_text_pattern(self.json_schema_text)      # a schema it cannot follow is refused here
         if self.choice_logprobs and not self.choices:
             raise ValueError("choice_logprobs scores the request's choices: give some")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        if self.n > 1 and self.greedy:
+            raise ValueError(f"n={self.n} greedy answers would all be the same one: sample them (temperature > 0)")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
@@ -81,6 +86,13 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     image_key: str | None = None
 
+    def with_image_key(self) -> "Request":
+        """This request, its image named (after the request where it has no name), so that the
+        requests the engine derives from it share its image's features and its prompt's K/V."""
+        if self.image_key is not None or self.pixel_values is None:
+            return self
+        return replace(self, image_key=f"{self.request_id}\x1f-image")
+
 
 class NonFiniteLogitsError(ArithmeticError):
     """A request's logits held a NaN or an infinity (float16 overflow, broken weights): its answer
@@ -98,3 +110,4 @@ class Result:
     cumulative_logprob: float | None = None   # sum of the new tokens' log p (raw logits), if asked for
     error: str | None = None                  # "ErrorType: message" when finish_reason is "error"
     choice_logprobs: dict[str, float | None] | None = None   # with SamplingParams.choice_logprobs
+    samples: list["Result"] | None = None    # with SamplingParams.n > 1: every answer, this one first

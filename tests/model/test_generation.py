@@ -106,6 +106,26 @@ def test_sampling_is_seeded_and_valid(pair):
     assert a.shape[0] == 2 and (a[:, inputs["input_ids"].shape[1]:] < ours.config.text_config.vocab_size).all()
 
 
+def test_several_answers_a_prompt_come_as_the_references(pair):
+    """num_return_sequences: k rows a prompt, in the reference's order (its rows repeated in place);
+    top_k=1 makes the samples the greedy answer, so they are the reference's tokens exactly."""
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    kwargs = dict(max_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=3)
+    expected = ref.generate(**inputs, **kwargs)
+    assert expected.shape[0] == 3 * inputs["input_ids"].shape[0]
+    assert torch.equal(ours.generate(**inputs, **kwargs), expected)
+    torch.manual_seed(0)
+    hot = ours.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=2.0, num_return_sequences=4)
+    assert hot.shape[0] == 4 * inputs["input_ids"].shape[0]
+    assert torch.equal(hot[:, :inputs["input_ids"].shape[1]], inputs["input_ids"].repeat_interleave(4, 0))
+    with pytest.raises(ValueError, match="num_return_sequences") as ours_error:
+        ours.generate(**inputs, max_new_tokens=2, num_return_sequences=2)
+    with pytest.raises(ValueError, match="num_return_sequences"):       # the reference refuses it too
+        ref.generate(**inputs, max_new_tokens=2, do_sample=False, num_return_sequences=2)
+    assert "do_sample" in str(ours_error.value)
+
+
 def test_bad_input_names_the_cause(pair):
     _, ours, _ = pair
     with pytest.raises(ValueError, match="input_ids"):

@@ -93,10 +93,11 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}}}
     patterned = [replace(r, sampling=replace(r.sampling, **(dict(json_schema=schema) if j % 2 else dict(regex="[a-z ]+."))))
                  for j, r in enumerate(long)]
-    parts = [long, short, sampled, penalized, stopped, chosen, patterned]
+    several = requests(path, max_new_tokens=6, temperature=1.2, top_k=50, seed=9, n=3, logprobs=True)
+    parts = [long, short, sampled, penalized, stopped, chosen, patterned, several]
     want = {(i, j): tokens for i, part in enumerate(parts[:4]) for j, tokens in enumerate(reference_tokens(plain, part))}
     alone = {}
-    for i in (4, 5, 6):     # stop strings, choices (and their scores), regex and JSON: as TP=1's engine
+    for i in (4, 5, 6, 7):  # stop strings, choices (and their scores), regex and JSON, samples: as TP=1's engine
         alone.update({(i, j): r for j, r in enumerate(LLMEngine(plain, tokenizer).generate(parts[i]))})
     want.update({k: r.token_ids for k, r in alone.items()})
     assert any(len(want[4, j]) < len(want[0, j]) for j in range(len(long)))        # stop strings cut answers
@@ -123,7 +124,9 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     assert {k: r.token_ids for k, r in outcomes.items()} == want
     assert all(outcomes[5, j].choice_logprobs == pytest.approx(alone[5, j].choice_logprobs, abs=1e-4)
                for j in range(len(long)))
-    assert all((r.cumulative_logprob is not None) == (k[0] == 3) for k, r in outcomes.items())
+    assert all([s.token_ids for s in outcomes[7, j].samples] == [s.token_ids for s in alone[7, j].samples]
+               for j in range(len(long)))
+    assert all((r.cumulative_logprob is not None) == (k[0] in (3, 7)) for k, r in outcomes.items())
     assert streamed < one_at_a_time
     assert images_encoded == sum(r.pixel_values is not None for r in long)
     assert stats[0]["last_tokens"] == stats[1]["last_tokens"]              # the ranks stepped alike
