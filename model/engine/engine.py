@@ -10,9 +10,10 @@ own question.
 """
 from __future__ import annotations
 
+import itertools
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -114,6 +115,7 @@ class LLMEngine:
         self._in_flight: DecodeStep | None = None
         self._finished: list[Sequence] = []         # finished since the last step returned
         self._rng = random.Random()
+        self._image_names = itertools.count()
         self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0,
                       "images_encoded": 0, "prefix_tokens_reused": 0}
 
@@ -227,11 +229,21 @@ class LLMEngine:
         seqs = [self._sequence(r) for r in requests]
         for seq in seqs:
             self._pending.append(seq)
+            if seq.request.sampling.n > 1 or seq.request.sampling.choice_logprobs:
+                seq.request = self._with_image_key(seq.request)
             if seq.request.sampling.n > 1:
                 self._pending += add_samples(seq, self._sequence)
             if seq.request.sampling.choice_logprobs:
                 self._pending += add_scorers(seq, self.tokenizer, self._sequence)
         return seqs
+
+    def _with_image_key(self, request: Request) -> Request:
+        """`request`, its image named (where it has no name) for the sequences the engine derives from
+        it (samples, scorers) to share its features and prompt K/V: a name of this engine's making,
+        never met before (a request id may come again with another image)."""
+        if request.image_key is not None or request.pixel_values is None:
+            return request
+        return replace(request, image_key=f"\x1fimage-{next(self._image_names)}")
 
     def _admit_pending(self) -> None:
         """Pending requests join the scheduler in arrival order while they fit the cache. The cache

@@ -28,7 +28,8 @@ def sample_seed(seed: int | None, index: int) -> int | None:
 
 
 def sample_requests(request: Request) -> list[Request]:
-    """The requests of samples 1..n-1 of `request` (its image named: see Request.with_image_key)."""
+    """The requests of samples 1..n-1 of `request` (its image named, so that they share its
+    features and prompt prefix)."""
     p = request.sampling
     return [replace(request, request_id=f"{request.request_id}{SAMPLE_ID}{i}",
                     sampling=replace(p, n=1, seed=sample_seed(p.seed, i), choice_logprobs=False))
@@ -37,7 +38,6 @@ def sample_requests(request: Request) -> list[Request]:
 
 def add_samples(seq: Sequence, make_sequence: Callable[[Request], Sequence]) -> list[Sequence]:
     """The sequences of `seq`'s other samples, made by `make_sequence`."""
-    seq.request = seq.request.with_image_key()
     for request in sample_requests(seq.request):
         sibling = make_sequence(request)
         sibling.parent = seq

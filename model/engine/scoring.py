@@ -28,11 +28,9 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(getattr(encoded, "ids", encoded))
 
 
-def scoring_requests(request: Request, tokenizer) -> tuple[Request, list[tuple[str, Request, tuple[int, ...]]]]:
-    """The request (named after its image, so that its scorers share the image's features and
-    prompt prefix) and, for each spelling of each choice: the choice, a request that scores it, and
-    the tokens to force it along."""
-    request = request.with_image_key()
+def scoring_requests(request: Request, tokenizer) -> list[tuple[str, Request, tuple[int, ...]]]:
+    """For each spelling of each choice of `request` (its image named, so that they share its
+    features and prompt prefix): the choice, a request that scores it, and the tokens to force it along."""
     scorers = []
     for choice in dict.fromkeys(request.sampling.choices):
         for text in (choice, " " + choice):
@@ -41,13 +39,12 @@ def scoring_requests(request: Request, tokenizer) -> tuple[Request, list[tuple[s
                                       stop_token_ids=request.sampling.stop_token_ids)
             name = f"{request.request_id}{SCORE_ID}{len(scorers)}"
             scorers.append((choice, replace(request, request_id=name, sampling=sampling), forced))
-    return request, scorers
+    return scorers
 
 
 def add_scorers(seq: Sequence, tokenizer, make_sequence: Callable[[Request], Sequence]) -> list[Sequence]:
     """Sequences that score `seq`'s choices, one per spelling, made by `make_sequence`."""
-    seq.request, scorers = scoring_requests(seq.request, tokenizer)
-    for choice, request, forced in scorers:
+    for choice, request, forced in scoring_requests(seq.request, tokenizer):
         scorer = make_sequence(request)
         scorer.forced, scorer.parent = forced, seq
         seq.children.append((choice, scorer))

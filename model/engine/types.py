@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import Tensor
@@ -85,13 +85,6 @@ class Request:
     pixel_attention_mask: Tensor | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     image_key: str | None = None
-
-    def with_image_key(self) -> "Request":
-        """This request, its image named (after the request where it has no name), so that the
-        requests the engine derives from it share its image's features and its prompt's K/V."""
-        if self.image_key is not None or self.pixel_values is None:
-            return self
-        return replace(self, image_key=f"{self.request_id}\x1f-image")
 
 
 class NonFiniteLogitsError(ArithmeticError):

@@ -87,6 +87,21 @@ def test_streamed_requests_of_samples_come_back_once_with_every_sample(setup):
     assert all(len(r.samples) == 3 and all(s.finish_reason in ("stop", "length") for s in r.samples) for r in seen)
 
 
+def test_a_request_id_asked_again_about_another_image_is_answered_about_that_image(setup):
+    """The image name the engine makes for a request's samples and scorers is new each time (a
+    name made of the request id would find the first image's features and prompt K/V again)."""
+    ours, requests, _, tokenizer, _ = setup
+    engine = LLMEngine(ours, Tokenizer(tokenizer), max_batch_size=4)
+    first = sampled([requests[0]], choices=("red", "blue"), choice_logprobs=True)[0]
+    assert first.image_key is None
+    engine.generate([first])
+    again = replace(first, pixel_values=first.pixel_values.flip(-1))        # the same prompt, another image
+    got = engine.generate([again])[0]
+    fresh = LLMEngine(ours, Tokenizer(tokenizer), max_batch_size=4).generate([again])[0]
+    assert [s.token_ids for s in got.samples] == [s.token_ids for s in fresh.samples]
+    assert got.choice_logprobs == pytest.approx(fresh.choice_logprobs, abs=1e-6)
+
+
 @pytest.mark.parametrize("n,temperature,message", [(0, 1.0, "n must be"), (2.0, 1.0, "n must be"),
                                                    (2, 0.0, "greedy answers would all be the same")])
 def test_bad_sample_counts_are_refused(n, temperature, message):
