@@ -20,7 +20,7 @@ DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Descr
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
                 max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=False,
                 stop=None, choices=None, choices_column=None, choice_logprobs=False, regex=None, json_schema=None,
-                seed=None, replicas=None, tensor_parallel_size=1,
+                seed=None, samples=1, replicas=None, tensor_parallel_size=1,
                 cpu_workers=None, cpus_per_replica=None,
                 batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="", rows_per_file=1000, resume=False,
                 limit=None, image_backend="pil", image_longest_edge=None, image_splitting=None, storage_options=None,
@@ -79,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "the model (a confidence score to filter captions by; divide by num_generated_tokens "
                          "for the mean)")
     ap.add_argument("--seed", type=int, help="sampling seed; each row's seed derives from it and the row id")
+    ap.add_argument("--samples", type=int, metavar="N",
+                    help="sample N answers a row (needs --temperature > 0): list columns samples, "
+                         "samples_finish_reason, samples_num_generated_tokens (and samples_logprob, samples_json); "
+                         "the first sample is the row's answer, as without --samples (default 1)")
     ap.add_argument("--rows-per-file", type=int,
                     help="output rows gathered into one Parquet file (default 1000; the last file holds the rest)")
     ap.add_argument("--keep-columns", help="comma-separated input columns to copy to the output")

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 DEFAULT_PROMPT = "Describe this image."
 DTYPES = ("bfloat16", "float16", "float32")
 OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens",
-                  "answer_logprob", "answer_json", "choice_logprobs")
+                  "answer_logprob", "answer_json", "choice_logprobs", "samples", "samples_finish_reason",
+                  "samples_num_generated_tokens", "samples_logprob", "samples_json")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class PipelineConfig:
     regex: str | None = None                    # every answer matches this expression in full (vLLM's guided regex)
     json_schema: str | None = None              # every answer is a JSON document this schema (its JSON text) allows
     seed: int | None = None                     # with sampling: per-row seed = f(seed, id), batch-independent
+    samples: int = 1                            # answers sampled a row (`samples` columns; the first is `answer`)
     replicas: int | None = None                 # model replicas (actors); None: every GPU (/ tp), or one a CPU node
     tensor_parallel_size: int = 1               # devices per replica (placement group, STRICT_PACK)
     cpu_workers: int | None = None              # preprocessing actors; None: 1 up to the CPUs left (autoscaled)
@@ -82,7 +84,7 @@ class PipelineConfig:
             self.keep_columns = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
         # Output columns are always there; keeping them again would duplicate them.
         self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c not in OUTPUT_COLUMNS]
-        positive = ["max_new_tokens", "tensor_parallel_size", "batch_size", "max_batch_size",
+        positive = ["max_new_tokens", "samples", "tensor_parallel_size", "batch_size", "max_batch_size",
                     "rows_per_file", "fetch_threads", "fetch_attempts"]
         optional = ("replicas", "batches_in_flight", "cpu_workers", "image_longest_edge", "max_image_pixels",
                     "max_image_bytes")
@@ -111,6 +113,9 @@ class PipelineConfig:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if self.top_k < 0:      # else every row's request would be refused, each an error row
             raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"samples={self.samples} greedy answers would all be the same one: sample them "
+                             "(temperature > 0)")
         self._check_constraint()
         self.template_columns()          # a template it cannot fill is refused here
 

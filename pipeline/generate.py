@@ -21,9 +21,9 @@ from .config import PipelineConfig
 from .faults import crash_always_on, crash_once_on, hang_once_on
 from .groups import IMAGE_FIELDS, ungroup
 from .ledger import CrashLedger, Gate, ledger_path
-from .rows import (CHOICE_LOGPROBS, LOGPROB, ROW_CHOICES, RowError, error_message, output_schema, reuse_recent,
-                   row_seed)
-from .structured import answer_field, parsed_answers
+from .rows import (CHOICE_LOGPROBS, LOGPROB, ROW_CHOICES, SAMPLES, SAMPLES_LOGPROB, RowError, error_message,
+                   output_schema, reuse_recent, row_seed)
+from .structured import answer_field, parsed_answers, parsed_lists
 
 log = logging.getLogger(__name__)
 GROUP_REBUILDS = 2            # per batch: a tensor-parallel group whose rank died is rebuilt this often
@@ -227,7 +227,8 @@ class Generate:
         sampling = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, repetition_penalty=c.repetition_penalty, logprobs=c.logprobs,
                                   stop=tuple(c.stop), choices=choices, regex=c.regex, json_schema=c.json_schema,
-                                  choice_logprobs=c.choice_logprobs and bool(choices), seed=row_seed(c.seed, row["id"]))
+                                  choice_logprobs=c.choice_logprobs and bool(choices), seed=row_seed(c.seed, row["id"]),
+                                  n=c.samples)
         return Request(str(row["id"]), row["input_ids"], self.pixel_values(row), sampling=sampling,
                        image_key=row["image_key"])
 
@@ -270,31 +271,49 @@ class Generate:
     def answer_output(cls, row: dict, result) -> dict:
         if result.finish_reason == "error":        # the engine's own verdict (model.engine.NonFiniteLogitsError)
             return cls.error_output(row, f"generate: {result.error}")
-        return {"question": row["question"], "answer": (result.text or "").strip(),
+        samples = result.samples or [result]
+        return {"question": row["question"], "answer": answer_text(result),
                 "finish_reason": result.finish_reason, "error": None,
                 "num_prompt_tokens": result.num_prompt_tokens, "num_generated_tokens": result.num_generated_tokens,
-                "answer_logprob": result.cumulative_logprob, "choice_logprobs": result.choice_logprobs}
+                "answer_logprob": result.cumulative_logprob, "choice_logprobs": result.choice_logprobs,
+                "samples": [answer_text(s) for s in samples], "samples_finish_reason": [s.finish_reason for s in samples],
+                "samples_num_generated_tokens": [s.num_generated_tokens for s in samples],
+                "samples_logprob": [s.cumulative_logprob for s in samples]}
 
     @staticmethod
     def error_output(row: dict, message: str) -> dict:
         prompt = row.get("input_ids")
         return {"question": row["question"], "answer": None, "finish_reason": "error", "error": message,
                 "num_prompt_tokens": len(prompt) if prompt else 0, "num_generated_tokens": 0, "answer_logprob": None,
-                "choice_logprobs": None}
+                "choice_logprobs": None, "samples": None, "samples_finish_reason": None,
+                "samples_num_generated_tokens": None, "samples_logprob": None}
 
     def to_table(self, batch: pa.Table, outputs: list[dict]) -> pa.Table:
         c = self.config
         kept = [batch.schema.field(n) for n in c.keep_columns]
-        parsed = None if c.json_schema is None else answer_field(c.json_schema)
-        extra = [LOGPROB] * c.logprobs + [CHOICE_LOGPROBS] * c.choice_logprobs + [parsed] * bool(parsed)
-        schema = output_schema(batch.schema.field("id").type, kept, extra)
+        several = c.samples > 1
+        extra = ([LOGPROB] * c.logprobs + [CHOICE_LOGPROBS] * c.choice_logprobs + SAMPLES * several
+                 + [SAMPLES_LOGPROB] * (several and c.logprobs))
+        parsed = [] if c.json_schema is None else [answer_field(c.json_schema)]
+        parsed += [pa.field("samples_json", pa.list_(parsed[0].type))] if parsed and several else []
+        schema = output_schema(batch.schema.field("id").type, kept, extra + parsed)
         columns = [batch.column("id")]
-        for f in list(schema)[1:len(schema) - len(kept) - bool(parsed)]:
+        for f in list(schema)[1:len(schema) - len(kept) - len(parsed)]:
             columns.append(pa.array([o[f.name] for o in outputs], type=f.type))
         if parsed:
-            columns.append(parsed_answers([o["answer"] for o in outputs], [o["finish_reason"] for o in outputs], parsed))
+            columns.append(parsed_answers([o["answer"] for o in outputs], [o["finish_reason"] for o in outputs],
+                                          parsed[0]))
+        if len(parsed) > 1:
+            columns.append(parsed_lists([o["samples"] for o in outputs], [o["samples_finish_reason"] for o in outputs],
+                                        parsed[0], parsed[1]))
         columns += [batch.column(f.name) for f in kept]
         return pa.Table.from_arrays(columns, schema=schema)
+
+
+def answer_text(result) -> str | None:
+    """The answer as the output keeps it (without the space a model may write first); None for a
+    sample that ended in an error."""
+    return None if result.finish_reason == "error" else (result.text or "").strip()
 
 
 def calls_in_flight(config: PipelineConfig) -> int:

@@ -31,8 +31,11 @@ ANSWERS_SHOWN = 50
 log = logging.getLogger(__name__)
 
 
-def output_counts(output: str, storage_options: dict | None = None) -> dict:
-    table = read_output(output, storage_options, columns=COUNTED)
+def output_counts(output: str, storage_options: dict | None = None, samples: bool = False) -> dict:
+    """Rows, distinct ids, error and cut-short rows, generated tokens (every sample's, with `samples`),
+    the commonest kinds of error."""
+    tokens = "samples_num_generated_tokens" if samples else "num_generated_tokens"
+    table = read_output(output, storage_options, columns=COUNTED + [tokens] * samples)
     if table is None:
         return {"rows": 0, "ids": 0, "error_rows": 0, "cut_short_rows": 0, "generated_tokens": 0, "errors_by_kind": {}}
     failed = table.filter(pc.equal(table["finish_reason"], "error"))
@@ -40,7 +43,7 @@ def output_counts(output: str, storage_options: dict | None = None) -> dict:
     return {"rows": table.num_rows, "ids": pc.count_distinct(table["id"], mode="all").as_py(),
             "error_rows": failed.num_rows,
             "cut_short_rows": pc.sum(pc.equal(table["finish_reason"], "length")).as_py() or 0,
-            "generated_tokens": pc.sum(table["num_generated_tokens"]).as_py() or 0,
+            "generated_tokens": pc.sum(pc.list_flatten(table[tokens]) if samples else table[tokens]).as_py() or 0,
             "errors_by_kind": dict(kinds.most_common(ERROR_KINDS_SHOWN))}
 
 
@@ -172,7 +175,8 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
                     "they are answered again", lost)
     wanted = input_rows if only_ids is None else len(set(only_ids))
     wanted = wanted if limit is None else min(wanted, limit)
-    return PreparedJob(input_uri, output_uri, config, limit, wanted, lost, output_counts(output_uri, opts),
+    return PreparedJob(input_uri, output_uri, config, limit, wanted, lost,
+                       output_counts(output_uri, opts, config.samples > 1),
                        tuple(columns), schema, None if only_ids is None else tuple(only_ids), renames)
 
 
@@ -197,7 +201,7 @@ def run_prepared(job: PreparedJob) -> dict:
     finally:
         context.checkpoint_config = None
         release_run()
-    after = output_counts(job.output_uri, opts)
+    after = output_counts(job.output_uri, opts, job.config.samples > 1)
     summary = summarize(job.input_uri, job.output_uri, job.before, after, wall, job.input_rows)
     summary.update(lost_rows_answered_again=job.lost_rows, limit=job.limit)
     if job.config.choices or job.config.choices_column:

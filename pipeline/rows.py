@@ -72,10 +72,14 @@ def row_seed(seed: int | None, row_id) -> int | None:
 
 LOGPROB = pa.field("answer_logprob", pa.float64())   # with --logprobs: the answer's log p under the model
 CHOICE_LOGPROBS = pa.field("choice_logprobs", pa.map_(pa.string(), pa.float64()))  # --choice-logprobs: each one's
+# --samples N: every sample's answer, finish reason, token count (and log p with --logprobs); the first is the row's own
+SAMPLES = [pa.field("samples", pa.list_(pa.string())), pa.field("samples_finish_reason", pa.list_(pa.string())),
+           pa.field("samples_num_generated_tokens", pa.list_(pa.int32()))]
+SAMPLES_LOGPROB = pa.field("samples_logprob", pa.list_(pa.float64()))
 
 
 def output_schema(id_type: pa.DataType, kept: list[pa.Field], extra: list[pa.Field] = ()) -> pa.Schema:
-    """`extra`: the optional columns a run adds (LOGPROB, CHOICE_LOGPROBS, --json-schema's answer_json)."""
+    """`extra`: the optional columns a run adds (LOGPROB, CHOICE_LOGPROBS, SAMPLES, --json-schema's answer_json)."""
     return pa.schema([pa.field("id", id_type), *OUTPUT_SCHEMA, *extra, *kept])
 
 

@@ -42,6 +42,18 @@ def parsed_answers(answers: list[str | None], finish_reasons: list[str], field: 
     return pa.array(values, field.type)
 
 
+def parsed_lists(answers: list[list | None], finish_reasons: list[list | None], field: pa.Field,
+                 list_field: pa.Field) -> pa.Array:
+    """parsed_answers of each row's list of answers (--samples' `samples_json`); null for a null list."""
+    flat = parsed_answers([a for row in answers if row is not None for a in row],
+                          [f for row in finish_reasons if row is not None for f in row], field).to_pylist()
+    rows, start = [], 0
+    for row in answers:
+        rows.append(None if row is None else flat[start:start + len(row)])
+        start += 0 if row is None else len(row)
+    return pa.array(rows, list_field.type)
+
+
 def _fitted(value: Any, type_: pa.DataType) -> Any:
     """`value` shaped for `type_`: structs as dicts of every field, text where JSON text is kept."""
     if pa.types.is_struct(type_) and isinstance(value, dict):

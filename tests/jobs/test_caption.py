@@ -188,6 +188,9 @@ def test_regex_and_json_schema_flags(tmp_path):
     assert config("--regex", "[0-9]+").regex == "[0-9]+"
     assert config("--prompt-template", "Alt text: {alt}.").template_columns() == ["alt"]
     assert config("--choice", "yes", "--choice", "no", "--choice-logprobs").choice_logprobs
+    assert config("--samples", "4", "--temperature", "0.7").samples == 4
+    with pytest.raises(ValueError, match="samples=4 greedy answers"):
+        config("--samples", "4")
     (tmp_path / "schema.json").write_text('{\n  "type": "object",\n  "properties": {"n": {"type": "integer"}}\n}')
     from_file = config("--json-schema", str(tmp_path / "schema.json")).json_schema
     assert from_file == config("--json-schema", '{"type": "object", "properties": {"n": {"type": "integer"}}}').json_schema
