@@ -28,9 +28,34 @@ def _as_list(ids) -> list[int]:
     return [ids] if isinstance(ids, int) else list(ids)
 
 
+FOLLOWED = {"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+            "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences"}
+# transformers' settings that change nothing here: whatever their value, or at these values
+UNUSED = {"bos_token_id", "decoder_start_token_id", "use_cache", "length_penalty", "early_stopping",
+          "transformers_version", "cache_implementation"}
+INERT = {"num_beams": 1, "num_beam_groups": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+         "min_p": 0.0, "encoder_repetition_penalty": 1.0, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0,
+         "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0, "min_length": 0}
+
+
+def check_settings(settings: dict, source: str) -> None:
+    """ValueError naming a setting this generate does not follow at the value given (beam search,
+    output dicts, other logits processors): running on without it would answer otherwise than the
+    reference, silently."""
+    for name, value in settings.items():
+        inert = value is None or value is False or value == INERT.get(name, False) or (value == {} or value == [])
+        if name in FOLLOWED or name in UNUSED or name.startswith("_") or inert:
+            continue
+        what = "beam search" if name in ("num_beams", "num_beam_groups") else "it"
+        raise ValueError(f"generate does not implement {name}={value!r} ({source}): {what} would change the "
+                         f"answers; it follows {', '.join(sorted(FOLLOWED))}")
+
+
 class _Settings:
     def __init__(self, model: nn.Module, prompt_len: int, kwargs: dict) -> None:
         cfg, text = getattr(model, "generation_config", None) or {}, model.config.text_config
+        check_settings(kwargs, "given")
+        check_settings({k: v for k, v in cfg.items() if k not in kwargs}, "the checkpoint's generation_config.json")
         get = lambda name, default=None: _setting(name, kwargs, cfg, default)  # noqa: E731
         max_new = get("max_new_tokens")
         self.max_new = max_new if max_new is not None else get("max_length", 20) - prompt_len

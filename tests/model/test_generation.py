@@ -126,6 +126,29 @@ def test_several_answers_a_prompt_come_as_the_references(pair):
     assert "do_sample" in str(ours_error.value)
 
 
+@pytest.mark.parametrize("setting", [dict(num_beams=3), dict(no_repeat_ngram_size=2), dict(return_dict_in_generate=True),
+                                     dict(stop_strings=["."]), dict(min_p=0.1)])
+def test_settings_it_does_not_follow_are_refused_by_name(pair, setting):
+    """Beam search and the other settings it does not implement would change the answers: refused,
+    not run greedily; their neutral values, and settings that change nothing, are accepted."""
+    path, ours, ref = pair
+    inputs = mixed_batch(path, counts=(1, 0))
+    with pytest.raises(ValueError, match=f"does not implement {next(iter(setting))}="):
+        ours.generate(**inputs, max_new_tokens=3, **setting)
+    neutral = dict(num_beams=1, use_cache=True, return_dict_in_generate=False, no_repeat_ngram_size=0,
+                   length_penalty=1.0, stop_strings=None, bos_token_id=1)
+    assert torch.equal(ours.generate(**inputs, max_new_tokens=3, **neutral), ref.generate(**inputs, max_new_tokens=3))
+
+
+def test_beam_search_asked_by_the_checkpoint_is_refused_unless_overridden(pair, monkeypatch):
+    path, ours, ref = pair
+    inputs = mixed_batch(path, counts=(1, 0))
+    monkeypatch.setattr(ours, "generation_config", {**(ours.generation_config or {}), "num_beams": 4})
+    with pytest.raises(ValueError, match="num_beams=4 .the checkpoint's generation_config.json.: beam search"):
+        ours.generate(**inputs, max_new_tokens=3)
+    assert torch.equal(ours.generate(**inputs, max_new_tokens=3, num_beams=1), ref.generate(**inputs, max_new_tokens=3))
+
+
 def test_bad_input_names_the_cause(pair):
     _, ours, _ = pair
     with pytest.raises(ValueError, match="input_ids"):
