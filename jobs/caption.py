@@ -18,7 +18,7 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add
 
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
-                max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=False,
+                messages_column=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=False,
                 stop=None, choices=None, choices_column=None, choice_logprobs=False, regex=None, json_schema=None,
                 seed=None, samples=1, replicas=None, tensor_parallel_size=1,
                 cpu_workers=None, cpus_per_replica=None,
@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--image-column", help="the input column of each row's image(s) (default: image)")
     ap.add_argument("--question-column", help="the input column of each row's question; rows whose cell is "
                                               "null get --prompt (default: question, if there is one)")
+    ap.add_argument("--messages-column", metavar="NAME",
+                    help="an input column of each row's conversation (Hugging Face chat messages: role and content, "
+                         "{\"type\": \"image\"} parts standing for the row's images in order; or their JSON text): "
+                         "its next assistant turn is answered, a last assistant turn answered again")
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--temperature", type=float, help="0 = greedy")
     ap.add_argument("--top-p", type=float)

@@ -186,6 +186,9 @@ def check_column_types(schema: pa.Schema, config: PipelineConfig, source: str, r
         if name == config.choices_column and not holds_texts(type_):
             raise ValueError(f"input {source!r}: the choices column {field.name!r} holds {field.type}, not lists "
                              "of text")
+        if name == config.messages_column and not holds_messages(type_):
+            raise ValueError(f"input {source!r}: the messages column {field.name!r} holds {field.type}, not lists of "
+                             "{role, content} messages or their JSON text")
         if name == config.image_column and not holds_images(type_):
             raise ValueError(f"input {source!r}: the image column {field.name!r} holds {field.type}, not image bytes, "
                              "paths or {bytes, path} structs")
@@ -200,6 +203,14 @@ def holds_images(type_: pa.DataType) -> bool:
     if pa.types.is_list(type_) or pa.types.is_large_list(type_):      # several images a row
         type_ = values_of(type_.value_type)
     return is_text(type_) is not None or pa.types.is_struct(type_) or pa.types.is_null(type_)
+
+
+def holds_messages(type_: pa.DataType) -> bool:
+    """Lists of structs with a role and a content (the HF chat format), JSON text, or nulls only."""
+    if is_text(type_) or pa.types.is_null(type_):
+        return True
+    listed = pa.types.is_list(type_) or pa.types.is_large_list(type_)
+    return listed and pa.types.is_struct(type_.value_type) and {"role", "content"} <= {f.name for f in type_.value_type}
 
 
 def holds_texts(type_: pa.DataType) -> bool:
@@ -261,6 +272,9 @@ def check_columns(names: list[str], config: PipelineConfig, source: str) -> None
                          f"{sorted(names)})")
     if config.choices_column is not None and config.choices_column not in names:
         raise ValueError(f"input {source!r} has no `{config.choices_column}` column of choices (columns: "
+                         f"{sorted(names)})")
+    if config.messages_column is not None and config.messages_column not in names:
+        raise ValueError(f"input {source!r} has no `{config.messages_column}` column of conversations (columns: "
                          f"{sorted(names)})")
     missing = [c for c in config.keep_columns if c not in names]
     if missing:

@@ -25,6 +25,9 @@ class PipelineConfig:
     id_column: str = "id"                       # the input column of row ids (absent "id": Ray Data's row hash)
     image_column: str = "image"                 # the input column of each row's image(s)
     question_column: str = "question"           # the input column of each row's question (null: `prompt`)
+    messages_column: str | None = None          # an input column of each row's conversation (HF chat messages,
+                                                # or their JSON text) whose next assistant turn is answered
+                                                # (a last assistant turn: answered again); null: `prompt`
     max_new_tokens: int = 64
     temperature: float = 0.0                    # 0 = greedy
     top_p: float = 1.0
@@ -102,8 +105,8 @@ class PipelineConfig:
             raise ValueError(f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
         if self.dtype not in (None, *DTYPES):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("id_column", "image_column", "question_column", "choices_column"):
-            if name == "choices_column" and self.choices_column is None:
+        for name in ("id_column", "image_column", "question_column", "choices_column", "messages_column"):
+            if name in ("choices_column", "messages_column") and getattr(self, name) is None:
                 continue
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a column name, got {getattr(self, name)!r}")
@@ -118,6 +121,8 @@ class PipelineConfig:
                              "(temperature > 0)")
         self._check_constraint()
         self.template_columns()          # a template it cannot fill is refused here
+        if self.messages_column is not None and self.prompt_template is not None:
+            raise ValueError("messages_column and prompt_template are two ways to make what each row asks: give one")
 
     def template_columns(self) -> list[str]:
         """The input columns `prompt_template` names, in order (ValueError for a field that is not

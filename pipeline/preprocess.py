@@ -14,6 +14,9 @@ from collections import OrderedDict
 import numpy as np
 import pyarrow as pa
 
+from processing.conversation import Conversation, read_conversation
+from processing.errors import PromptError
+
 from .checkpoint import local_checkpoint
 from .config import PipelineConfig
 from .faults import crash_always_on
@@ -34,6 +37,14 @@ def row_encoder(config: PipelineConfig, folder: str, image_backend: str | None =
     kwargs = {name: getattr(config, name) for name in limits if getattr(config, name) is not None}
     return RowEncoder.from_pretrained(folder, image_backend=image_backend or config.image_backend, **kwargs,
                                       system_prompt=config.system_prompt, **config.image_settings())
+
+
+def conversation(messages, suffix: str):
+    """The row's conversation (processing.read_conversation), or the RowError of why it is none."""
+    try:
+        return read_conversation(messages, suffix)
+    except PromptError as e:
+        return RowError(str(e))
 
 
 def fill(template: str, values: dict) -> str | RowError:
@@ -67,10 +78,14 @@ class Preprocess:
             columns.setdefault(name, batch.column(name))
         return group_by_image(pa.table(columns))
 
-    def questions(self, batch: pa.Table) -> list[str | RowError | None]:
+    def questions(self, batch: pa.Table) -> list:
         """Each row's question: its question column's, or the template filled with its columns (None,
         so the job's prompt, where one of them is null; a RowError where a value does not fit the
-        template's format, such as 2**21 for {count:c})."""
+        template's format, such as 2**21 for {count:c}), or its conversation (a Conversation, or a
+        RowError where its messages are not one; None where null)."""
+        if self.config.messages_column is not None:
+            return [None if m is None else conversation(m, self.config.prompt_suffix)
+                    for m in self.cells(batch, self.config.messages_column)]
         template = self.config.prompt_template
         if template is None:
             return self.cells(batch, self.config.question_column)
@@ -123,7 +138,8 @@ class Preprocess:
         image or several; never raises. The key is a hash of the image files: the engine encodes
         rows of one image once."""
         if isinstance(question, RowError):
-            return self.failed_row(question, error_message("prompt template", question))
+            stage = "messages" if self.config.messages_column is not None else "prompt template"
+            return self.failed_row(question, error_message(stage, question))
         failed = next((d for d in data if isinstance(d, RowError)), None if data else RowError("image list is empty"))
         if failed is not None:
             return self.failed_row(question, error_message("read image", failed))
@@ -132,20 +148,27 @@ class Preprocess:
             hashes = [hashlib.blake2b(d, digest_size=16).hexdigest() for d in data]
             key = hashes[0] if len(hashes) == 1 else hashlib.blake2b("".join(hashes).encode(), digest_size=16).hexdigest()
             tiles = [reuse_recent(self.recent, h, lambda d=d: self.encoder.image_frames(d)) for h, d in zip(hashes, data)]
-            row = self.encoder.encode_images(data, text, tiles=tiles)
+            if isinstance(question, Conversation):
+                row = self.encoder.encode_conversation(data, question, tiles=tiles)
+            else:
+                row = self.encoder.encode_images(data, text, tiles=tiles)
             self.check_context(len(row.input_ids))
         except Exception as e:  # any failure is this row's, the batch goes on
             return self.failed_row(question, error_message("preprocess", e))
         frames = np.ascontiguousarray(row.frames, dtype=np.uint8)
         return text, row.input_ids, frames.tobytes(), list(frames.shape), key, None
 
-    def user_text(self, question: str | None) -> str:
-        """The row's question (else the job's prompt) with the job's suffix: what the model is asked."""
+    def user_text(self, question) -> str:
+        """The row's question (else the job's prompt) with the job's suffix, or the text of its
+        conversation's turn answered (the suffix in it): what the model is asked."""
+        if isinstance(question, Conversation):
+            return question.question
         return (self.config.prompt if question is None else question) + self.config.prompt_suffix
 
-    def failed_row(self, question: str | RowError | None, message: str) -> tuple:
-        asked = self.config.prompt_template if isinstance(question, RowError) else self.user_text(question)
-        return asked, None, None, None, None, message
+    def failed_row(self, question, message: str) -> tuple:
+        if isinstance(question, RowError):          # no question could be made of the row
+            return self.config.prompt_template, None, None, None, None, message
+        return self.user_text(question), None, None, None, None, message
 
     def check_context(self, num_prompt_tokens: int) -> None:
         """A prompt must leave room for an answer; an answer longer than the room is cut ("length")."""

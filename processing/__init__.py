@@ -17,6 +17,8 @@ _EXPORTS = {
     "UnsupportedImageFormatError": "errors",
     "PromptError": "errors",
     "RowEncoder": "fast_path",
+    "Conversation": "conversation",
+    "read_conversation": "conversation",
     "EncodedRow": "fast_path",
     "frames_to_pixel_values": "pixels",
 }

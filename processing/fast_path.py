@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .conversation import Conversation
 from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, check_size, decode_image
 from .errors import ImageDecodeError, PromptError
 from .pixels import frames_to_pixel_values
@@ -105,8 +106,25 @@ class RowEncoder:
         images=[[a, b, ...]]: each image's block in order, their frames concatenated (rows, cols: the
         first image's grid). `tiles`: the images' `image_frames`, when already made."""
         check_question(question)
+        count = len(tiles) if tiles is not None else len(images)
+        content = [{"type": "image"}] * count + [{"type": "text", "text": question}]
+        return self.encode_turns([{"role": "user", "content": content}], images, tiles)
+
+    def encode_conversation(self, images: list, conversation: Conversation,
+                            tiles: list[tuple[np.ndarray, int, int]] | None = None) -> EncodedRow:
+        """A conversation (processing.conversation) to answer, its image parts being `images` in order."""
+        count = len(tiles) if tiles is not None else len(images)
+        if conversation.num_images != count:
+            raise PromptError(f"the conversation has {conversation.num_images} image parts for the row's {count} "
+                              "images")
+        return self.encode_turns(conversation.turns, images, tiles)
+
+    def encode_turns(self, turns: list[dict], images: list,
+                     tiles: list[tuple[np.ndarray, int, int]] | None = None) -> EncodedRow:
+        """The turns' ids (after the system turn, if there is one and they have none), with the
+        generation prompt, their image parts expanded for `images` in order."""
         tiles = tiles if tiles is not None else [self.image_frames(image) for image in images]
-        ids = self.encode_prompt(self.prompt(question, len(tiles)), [(rows, cols) for _, rows, cols in tiles])
+        ids = self.encode_prompt(self.render(turns), [(rows, cols) for _, rows, cols in tiles])
         if self.max_length is not None and len(ids) > self.max_length:
             raise PromptError(f"the prompt is {len(ids)} tokens (with the image), more than the model's context "
                               f"of {self.max_length}")
@@ -133,9 +151,13 @@ class RowEncoder:
         """The chat template over one user turn (num_images images, then the text) with the generation
         prompt, after the system turn if there is one."""
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-        turns = [{"role": "user", "content": content}]
-        if self.system_prompt:
-            turns.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        return self.render([{"role": "user", "content": content}])
+
+    def render(self, turns: list[dict]) -> str:
+        """The chat template over `turns` with the generation prompt, after the system turn if there
+        is one and they open with none."""
+        if self.system_prompt and turns[0]["role"] != "system":
+            turns = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}, *turns]
         return self.processor.apply_chat_template(turns, add_generation_prompt=True, chat_template=self._template)
 
     def encode_prompt(self, prompt: str, grids: list[tuple[int, int]]) -> list[int]:
