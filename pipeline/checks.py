@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from .checkpoint import remote_files
-from .config import PipelineConfig
+from .config import SETTABLE, PipelineConfig
 from .io import read_column, read_footers
 from .preprocess import row_encoder
 from .storage import fsspec_fs, is_local, lists_folders, protocol_of, reader_fs
@@ -186,6 +186,8 @@ def check_column_types(schema: pa.Schema, config: PipelineConfig, source: str, r
         if name == config.choices_column and not holds_texts(type_):
             raise ValueError(f"input {source!r}: the choices column {field.name!r} holds {field.type}, not lists "
                              "of text")
+        if name == config.sampling_column:
+            check_settings_type(field, type_, source)
         if name == config.messages_column and not holds_messages(type_):
             raise ValueError(f"input {source!r}: the messages column {field.name!r} holds {field.type}, not lists of "
                              "{role, content} messages or their JSON text")
@@ -203,6 +205,26 @@ def holds_images(type_: pa.DataType) -> bool:
     if pa.types.is_list(type_) or pa.types.is_large_list(type_):      # several images a row
         type_ = values_of(type_.value_type)
     return is_text(type_) is not None or pa.types.is_struct(type_) or pa.types.is_null(type_)
+
+
+def check_settings_type(field: pa.Field, type_: pa.DataType, source: str) -> None:
+    """A column of decoding settings is JSON text, or structs of SETTABLE names in their types:
+    a misspelt or mistyped setting would otherwise be every row's error (or silently unused)."""
+    if is_text(type_) or pa.types.is_null(type_):
+        return
+    if not pa.types.is_struct(type_):
+        raise ValueError(f"input {source!r}: the settings column {field.name!r} holds {field.type}, not structs of "
+                         f"settings ({', '.join(SETTABLE)}) or their JSON text")
+    holds = {"integer": pa.types.is_integer, "number": lambda t: pa.types.is_integer(t) or pa.types.is_floating(t),
+             "texts": holds_texts, "text": lambda t: bool(is_text(t))}
+    for setting in type_:
+        kind = SETTABLE.get(setting.name)
+        if kind is None:
+            raise ValueError(f"input {source!r}: the settings column {field.name!r} has {setting.name!r}, which is "
+                             f"not a setting a row may set ({', '.join(SETTABLE)})")
+        if not (holds[kind](values_of(setting.type)) or pa.types.is_null(setting.type)):
+            raise ValueError(f"input {source!r}: the settings column {field.name!r} holds {setting.type} for "
+                             f"{setting.name!r}, not {kind}")
 
 
 def holds_messages(type_: pa.DataType) -> bool:
@@ -272,6 +294,9 @@ def check_columns(names: list[str], config: PipelineConfig, source: str) -> None
                          f"{sorted(names)})")
     if config.choices_column is not None and config.choices_column not in names:
         raise ValueError(f"input {source!r} has no `{config.choices_column}` column of choices (columns: "
+                         f"{sorted(names)})")
+    if config.sampling_column is not None and config.sampling_column not in names:
+        raise ValueError(f"input {source!r} has no `{config.sampling_column}` column of decoding settings (columns: "
                          f"{sorted(names)})")
     if config.messages_column is not None and config.messages_column not in names:
         raise ValueError(f"input {source!r} has no `{config.messages_column}` column of conversations (columns: "

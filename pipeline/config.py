@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 DEFAULT_PROMPT = "Describe this image."
 DTYPES = ("bfloat16", "float16", "float32")
+# What a row's own settings (`sampling_column`) may set, and the Arrow types a column of them may hold
+SETTABLE = {"max_new_tokens": "integer", "temperature": "number", "top_p": "number", "top_k": "integer",
+                "repetition_penalty": "number", "seed": "integer", "stop": "texts", "choices": "texts",
+                "regex": "text", "json_schema": "text"}
 OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens",
                   "answer_logprob", "answer_json", "choice_logprobs", "samples", "samples_finish_reason",
                   "samples_num_generated_tokens", "samples_logprob", "samples_json")
@@ -38,6 +42,8 @@ class PipelineConfig:
     choices: list[str] = field(default_factory=list)    # every answer is one of these (vLLM's guided choice)
     choices_column: str | None = None           # an input column of each row's own choices (lists of text;
                                                 # a null cell: `choices`)
+    sampling_column: str | None = None          # an input column of each row's own decoding settings (a struct,
+                                                # or JSON text, of SETTABLE names): they override the job's
     choice_logprobs: bool = False               # a `choice_logprobs` column: each choice's log p (model.engine.scoring)
     regex: str | None = None                    # every answer matches this expression in full (vLLM's guided regex)
     json_schema: str | None = None              # every answer is a JSON document this schema (its JSON text) allows
@@ -105,8 +111,9 @@ class PipelineConfig:
             raise ValueError(f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
         if self.dtype not in (None, *DTYPES):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("id_column", "image_column", "question_column", "choices_column", "messages_column"):
-            if name in ("choices_column", "messages_column") and getattr(self, name) is None:
+        for name in ("id_column", "image_column", "question_column", "choices_column", "messages_column",
+                     "sampling_column"):
+            if name in ("choices_column", "messages_column", "sampling_column") and getattr(self, name) is None:
                 continue
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a column name, got {getattr(self, name)!r}")

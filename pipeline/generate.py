@@ -9,6 +9,7 @@ one at a time to isolate it: EngineLoop).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import OrderedDict
 from functools import partial
@@ -17,15 +18,16 @@ import numpy as np
 import pyarrow as pa
 
 from .checkpoint import local_checkpoint
-from .config import PipelineConfig
+from .config import SETTABLE, PipelineConfig
 from .faults import crash_always_on, crash_once_on, hang_once_on
 from .groups import IMAGE_FIELDS, ungroup
 from .ledger import CrashLedger, Gate, ledger_path
-from .rows import (CHOICE_LOGPROBS, LOGPROB, ROW_CHOICES, SAMPLES, SAMPLES_LOGPROB, RowError, error_message,
-                   output_schema, reuse_recent, row_seed)
+from .rows import (CHOICE_LOGPROBS, LOGPROB, ROW_CHOICES, ROW_SETTINGS, SAMPLES, SAMPLES_LOGPROB, RowError,
+                   error_message, output_schema, reuse_recent, row_seed)
 from .structured import answer_field, parsed_answers, parsed_lists
 
 log = logging.getLogger(__name__)
+CONSTRAINTS = {"choices", "regex", "json_schema"}
 GROUP_REBUILDS = 2            # per batch: a tensor-parallel group whose rank died is rebuilt this often
 PLACEMENT_TIMEOUT_S = 600.0   # an autoscaling cluster may need minutes to add a node that fits a replica
 
@@ -201,7 +203,7 @@ class Generate:
         their outputs so far (rows that arrived with an error, or failed to become a request), and
         the engine requests of the others (row index -> Request)."""
         rows = batch.select(["id", "question", "input_ids", "error"] +
-                            [ROW_CHOICES] * (ROW_CHOICES in batch.column_names)).to_pylist()
+                            [c for c in (ROW_CHOICES, ROW_SETTINGS) if c in batch.column_names]).to_pylist()
         for row, group in zip(rows, group_of):
             row.update(images[group])
         outputs: list[dict | None] = [self.error_output(r, r["error"]) if r["error"] else None for r in rows]
@@ -223,12 +225,16 @@ class Generate:
         from model.engine import Request, SamplingParams
 
         c = self.config
-        choices = tuple(row.get(ROW_CHOICES) or c.choices)
-        sampling = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                                  top_k=c.top_k, repetition_penalty=c.repetition_penalty, logprobs=c.logprobs,
-                                  stop=tuple(c.stop), choices=choices, regex=c.regex, json_schema=c.json_schema,
-                                  choice_logprobs=c.choice_logprobs and bool(choices), seed=row_seed(c.seed, row["id"]),
-                                  n=c.samples)
+        settings = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                        repetition_penalty=c.repetition_penalty, stop=c.stop, choices=row.get(ROW_CHOICES) or c.choices,
+                        regex=c.regex, json_schema=c.json_schema, seed=row_seed(c.seed, row["id"]))
+        own = given_settings(row.get(ROW_SETTINGS))
+        if own.keys() & CONSTRAINTS:        # a row's own constraint replaces the job's
+            settings.update(choices=(), regex=None, json_schema=None)
+        settings.update(own)
+        choices, stop = tuple(settings.pop("choices") or ()), tuple(settings.pop("stop") or ())
+        sampling = SamplingParams(**settings, stop=stop, choices=choices, logprobs=c.logprobs,
+                                  choice_logprobs=c.choice_logprobs and bool(choices), n=c.samples)
         return Request(str(row["id"]), row["input_ids"], self.pixel_values(row), sampling=sampling,
                        image_key=row["image_key"])
 
@@ -308,6 +314,24 @@ class Generate:
                                         parsed[0], parsed[1]))
         columns += [batch.column(f.name) for f in kept]
         return pa.Table.from_arrays(columns, schema=schema)
+
+
+def given_settings(cell) -> dict:
+    """The settings a row sets (`sampling_column`): a struct's non-null fields, or a JSON object's."""
+    if cell is None:
+        return {}
+    if isinstance(cell, str):
+        try:
+            cell = json.loads(cell)
+        except json.JSONDecodeError as e:
+            raise RowError(f"the row's settings are not JSON: {e}") from None
+        if not isinstance(cell, dict):
+            raise RowError(f"the row's settings must be a JSON object, got {type(cell).__name__}")
+        unknown = sorted(cell.keys() - SETTABLE.keys())
+        if unknown:
+            raise RowError(f"the row's settings name {unknown[0]!r}, not one a row may set "
+                           f"({', '.join(SETTABLE)})")
+    return {k: v for k, v in cell.items() if v is not None}
 
 
 def answer_text(result) -> str | None:

@@ -189,6 +189,8 @@ def test_regex_and_json_schema_flags(tmp_path):
     assert config("--prompt-template", "Alt text: {alt}.").template_columns() == ["alt"]
     assert config("--choice", "yes", "--choice", "no", "--choice-logprobs").choice_logprobs
     assert config("--samples", "4", "--temperature", "0.7").samples == 4
+    assert config("--sampling-column", "params").sampling_column == "params"
+    assert config("--messages-column", "messages").messages_column == "messages"
     with pytest.raises(ValueError, match="samples=4 greedy answers"):
         config("--samples", "4")
     (tmp_path / "schema.json").write_text('{\n  "type": "object",\n  "properties": {"n": {"type": "integer"}}\n}')
