@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import CONFIG_NAME, Idefics3Config
+from .config import Idefics3Config
 from .files import SINGLE_FILE, CheckpointError, resolve_checkpoint_dir, weight_files
 from .lora import LoraAdapter
 

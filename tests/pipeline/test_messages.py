@@ -14,7 +14,7 @@ from PIL import Image
 
 from jobs.common import DEMO_INPUT, DEMO_MODEL
 from pipeline import PipelineConfig, read_output, run_job
-from tests.pipeline.helpers import good_rows, png, write_parquet
+from tests.pipeline.helpers import png, write_parquet
 from tests.processing.test_conversation import as_reference, text
 
 CONVERSATION = [{"role": "user", "content": [{"type": "image"}, text("What is in the first image?")]},
