@@ -176,8 +176,12 @@ class LLMEngine:
 
     def _sequence(self, request: Request) -> Sequence:
         # As vLLM's: an answer that would outgrow the context ends there, "length"; not an error.
+        scored = len(request.continuation_ids or ())
+        if scored:          # the continuation is prompt to the model, scored on the way
+            request = replace(request, prompt_ids=request.prompt_ids + request.continuation_ids, continuation_ids=None)
         room = self.text_config.max_position_embeddings - len(request.prompt_ids)
-        return Sequence(request, self._stop_ids(request), max_new_tokens=min(request.sampling.max_new_tokens, room))
+        return Sequence(request, self._stop_ids(request), max_new_tokens=min(request.sampling.max_new_tokens, room),
+                        scored=scored)
 
     @torch.inference_mode()
     def generate(self, requests: list[Request]) -> list[Result]:
@@ -321,19 +325,28 @@ class LLMEngine:
 
         requests, slots = [s.request for s in seqs], [s.slot for s in seqs]
         sources = self.prefixes.plan(requests, slots) if self.share_prefixes else [None] * len(seqs)
-        for slot, source in zip(slots, sources):
-            if source is not None:
-                runner.cache.copy_prefix(source.slot, slot, source.length)
-        prefixes = [0 if source is None else source.length for source in sources]
+        # a scored continuation is run, never copied: its log p come from the prefill's logits
+        prefixes = [0 if source is None else max(min(source.length, s.prompt_len - s.scored - 1), 0)
+                    for s, source in zip(seqs, sources)]
+        for slot, source, n in zip(slots, sources, prefixes):
+            if n:
+                runner.cache.copy_prefix(source.slot, slot, n)
         self.stats["prefix_tokens_reused"] += sum(prefixes)
         image = self.model.config.image_token_id
         unseen = [i for i, (r, n) in enumerate(zip(requests, prefixes)) if image in r.prompt_ids[n:]]
         features = [None] * len(seqs)
         for i, f in zip(unseen, self.image_cache.features([requests[i] for i in unseen], encode)):
             features[i] = f
-        logits = runner.prefill([r.prompt_ids for r in requests], features, slots, prefixes)
+        logits, scored = runner.prefill([r.prompt_ids for r in requests], features, slots, prefixes,
+                                        [s.scored for s in seqs])
         if self.share_prefixes:
             self.prefixes.remember(requests, slots)
+        for seq, log_p in zip(seqs, scored):
+            if log_p is not None:
+                seq.continuation_logprobs = log_p.tolist()
+        seqs, logits, slots = self._end_scored_only(scheduler, seqs, logits, slots)
+        if not seqs:
+            return
         for seq in seqs:
             self._assign_sampling(seq)
         slot_t = torch.tensor(slots, device=self.device)
@@ -343,6 +356,19 @@ class LLMEngine:
         self.active[slot_t] = 1
         self.sampling.step[slot_t] += 1
         self._record(scheduler, seqs, tokens.tolist(), None if logprobs is None else logprobs.tolist())
+
+    def _end_scored_only(self, scheduler: Scheduler, seqs: list[Sequence], logits: torch.Tensor,
+                         slots: list[int]) -> tuple[list[Sequence], torch.Tensor, list[int]]:
+        """Requests of no answer (max_new_tokens 0: they only score their continuation) end after
+        their prefill; the others, their logits' rows and slots go on."""
+        keep = [i for i, s in enumerate(seqs) if s.max_new_tokens > 0]
+        if len(keep) == len(seqs):
+            return seqs, logits, slots
+        for seq in (s for s in seqs if s.max_new_tokens == 0):
+            seq.finish_reason = "length"
+            scheduler.release(seq)
+            self._finished.append(seq)
+        return [seqs[i] for i in keep], logits[keep], [slots[i] for i in keep]
 
     def _launch_decode(self, scheduler: Scheduler, in_flight: DecodeStep | None) -> DecodeStep | None:
         """Queue one decode step over the running sequences; its tokens reach the host later.
@@ -435,5 +461,6 @@ class LLMEngine:
             text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         result = Result(seq.request.request_id, list(seq.generated), text, seq.finish_reason,
                         seq.prompt_len, len(seq.generated), seq.logprob if seq.request.sampling.logprobs else None,
-                        seq.error, choice_logprobs(seq) if seq.children else None)
+                        seq.error, choice_logprobs(seq) if seq.children else None,
+                        continuation_logprobs=seq.continuation_logprobs)
         return with_samples(result, [self._result(s) for s in seq.samples]) if seq.samples else result

@@ -118,8 +118,10 @@ class ModelRunner:
     # ---- prefill ------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], features: list[Tensor | None], slots: list[int],
-                prefixes: list[int] | None = None) -> Tensor:
-        """Packs the prompts into one row, fills their slots, returns last-position logits (n, V) float32.
+                prefixes: list[int] | None = None, scored: list[int] | None = None) -> tuple[Tensor, list]:
+        """Packs the prompts into one row, fills their slots; returns last-position logits (n, V) float32
+        and, for each prompt i with scored[i] > 0, the log p of its last scored[i] tokens (each given
+        those before it; a float32 tensor, else None); those tokens must be run, not in its prefix.
         prefixes[i] > 0: the first prefixes[i] positions of prompt i are already in its slot; only
         the rest is run (features[i] is None when its image tokens are all among the cached)."""
         device = self.cache.k.device
@@ -137,7 +139,13 @@ class ModelRunner:
                            attention=PackedPrefillAttention(self.cache, slots, lengths,
                                                             batched=self.batched_prefill, prefixes=prefixes))
         last = torch.tensor(lengths, device=device).cumsum(0) - 1
-        return self.model.lm_head(hidden[0, last]).float()
+        scored_logprobs = [None] * len(prompts)
+        for i, n in enumerate(scored or ()):
+            if n:
+                before = last[i] - n + torch.arange(n, device=device)        # positions predicting the scored tokens
+                log_p = self.model.lm_head(hidden[0, before]).float().log_softmax(-1)
+                scored_logprobs[i] = log_p.gather(1, ids[0, before + 1, None])[:, 0]
+        return self.model.lm_head(hidden[0, last]).float(), scored_logprobs
 
     # ---- decode ----------------------------------------------------------------------------
     def _decode_step(self, batch: int, kv_len: int) -> Tensor:

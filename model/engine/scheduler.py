@@ -19,6 +19,8 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None                 # why, when finish_reason is "error"
     logprob: float = 0.0                     # sum of the generated tokens' log p, when the request asks for it
+    scored: int = 0                          # the prompt's last tokens whose log p are asked (its continuation)
+    continuation_logprobs: list[float] | None = None
     constraint_state: tuple | None = None    # a constrained answer's constraint, its state, the tokens it read
     forced: tuple[int, ...] = ()             # tokens it takes instead of sampling (model.engine.scoring)
     children: list = field(default_factory=list, repr=False)   # (choice, Sequence) scoring its choices

@@ -13,7 +13,7 @@ from .json_schema import schema_text_pattern
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings. temperature 0 means greedy."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64                 # 0: no answer (a request that only scores its continuation_ids)
     min_new_tokens: int = 0
     temperature: float = 0.0
     top_k: int = 0              # 0 = no top-k filter
@@ -30,8 +30,8 @@ class SamplingParams:
     n: int = 1                        # answers sampled for the request (Result.samples; model.engine.samples)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if not self.temperature >= 0:       # NaN too: it would sample from NaN scores
@@ -78,13 +78,17 @@ class SamplingParams:
 class Request:
     """One prompt. pixel_values: float (n_frames, 3, H, W), already normalised; None = text only.
     image_key: names the image (a hash of its file, say): requests with equal keys promise equal
-    pixel values, and the engine encodes them once (model.engine.image_cache)."""
+    pixel values, and the engine encodes them once (model.engine.image_cache).
+    continuation_ids: tokens after the prompt that are scored, not generated: each one's log p given
+    the prompt and those before it (Result.continuation_logprobs), from the prefill; the answer, if
+    any, goes on after them (a caption's likelihood: its tokens here, max_new_tokens 0)."""
     request_id: str
     prompt_ids: list[int]
     pixel_values: Tensor | None = None
     pixel_attention_mask: Tensor | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     image_key: str | None = None
+    continuation_ids: list[int] | None = None
 
 
 class NonFiniteLogitsError(ArithmeticError):
@@ -104,3 +108,4 @@ class Result:
     error: str | None = None                  # "ErrorType: message" when finish_reason is "error"
     choice_logprobs: dict[str, float | None] | None = None   # with SamplingParams.choice_logprobs
     samples: list["Result"] | None = None    # with SamplingParams.n > 1: every answer, this one first
+    continuation_logprobs: list[float] | None = None   # with Request.continuation_ids: each one's log p

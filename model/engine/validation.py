@@ -6,11 +6,15 @@ from .types import Request
 
 def check_request(request: Request, config, has_tokenizer: bool) -> None:
     """`config`: the model's Idefics3Config."""
-    rid, n = request.request_id, len(request.prompt_ids)
-    if n == 0:
+    continuation = request.continuation_ids or []
+    rid, n = request.request_id, len(request.prompt_ids) + len(continuation)
+    if not request.prompt_ids:
         raise ValueError(f"request {rid!r}: empty prompt")
+    if request.sampling.max_new_tokens == 0 and not continuation:
+        raise ValueError(f"request {rid!r}: max_new_tokens 0 answers nothing: give continuation_ids to score")
     text = config.text_config
-    outside = [t for t in (min(request.prompt_ids), max(request.prompt_ids)) if not 0 <= t < text.vocab_size]
+    ids = request.prompt_ids + continuation
+    outside = [t for t in (min(ids), max(ids)) if not 0 <= t < text.vocab_size]
     if outside:     # on CUDA the embedding's lookup would be a device-side assert: the replica lost
         raise ValueError(f"request {rid!r}: token id {outside[0]} is outside the model's vocabulary of "
                          f"{text.vocab_size} (is the tokenizer the checkpoint's?)")
@@ -18,7 +22,7 @@ def check_request(request: Request, config, has_tokenizer: bool) -> None:
         raise ValueError(f"request {rid!r}: stop strings need the engine's tokenizer")
     if request.sampling.constrained and not has_tokenizer:
         raise ValueError(f"request {rid!r}: choices, regex or json_schema need the engine's tokenizer")
-    if n >= text.max_position_embeddings:      # a longer answer is cut at the context ("length")
+    if n >= text.max_position_embeddings + (request.sampling.max_new_tokens == 0):   # an answer is cut there
         raise ValueError(f"request {rid!r}: the prompt ({n} tokens) fills the model's context of "
                          f"{text.max_position_embeddings} positions, leaving no room for an answer")
     if request.pixel_values is not None:

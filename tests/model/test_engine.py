@@ -415,8 +415,10 @@ def test_bad_requests_are_named(setup):
     for token in (vocab, -1):       # a tokenizer that is not the checkpoint's
         with pytest.raises(ValueError, match=f"'v': token id {token} is outside the model's vocabulary of {vocab}"):
             engine.generate([Request("v", [1, token, 2])])
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        SamplingParams(max_new_tokens=-1)
+    with pytest.raises(ValueError, match="'z': max_new_tokens 0 answers nothing"):      # unless it scores a continuation
+        engine.generate([Request("z", [1, 2], sampling=SamplingParams(max_new_tokens=0))])
     for bad in (dict(temperature=float("nan")), dict(temperature=-1.0), dict(top_p=float("nan")), dict(top_p=0.0),
                 dict(top_k=-1), dict(repetition_penalty=float("nan")), dict(min_new_tokens=65)):
         with pytest.raises(ValueError, match=next(iter(bad))):

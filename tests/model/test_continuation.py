@@ -1,0 +1,70 @@
+"""Request.continuation_ids: tokens after the prompt scored from the prefill (a caption's likelihood):
+each one's log p equals transformers' forward pass over prompt + continuation; the answer after them
+equals the reference's generate on prompt + continuation; max_new_tokens 0 scores without answering;
+requests about one image still share its features, and a shared prefix never swallows the scored
+tokens."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model.engine import LLMEngine, SamplingParams
+from tests.model.test_engine import _reference, overlap, setup  # noqa: F401  (tiny checkpoints, the reference)
+
+
+def reference_logprobs(ref, request, continuation: list[int]) -> list[float]:
+    ids = torch.tensor([request.prompt_ids + continuation])
+    kwargs = {}
+    if request.pixel_values is not None:
+        kwargs = dict(pixel_values=request.pixel_values[None], pixel_attention_mask=request.pixel_attention_mask[None])
+    with torch.no_grad():
+        logits = ref(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs).logits[0].float()
+    n = len(request.prompt_ids)
+    log_p = logits[n - 1:-1].log_softmax(-1)
+    return [log_p[i, t].item() for i, t in enumerate(continuation)]
+
+
+def continuations(requests) -> list[list[int]]:
+    return [[(37 * i + 11 * k) % 200 + 5 for k in range(3 + i % 4)] for i in range(len(requests))]
+
+
+def test_continuation_logprobs_and_the_answer_after_them_equal_the_reference(setup, overlap):
+    ours, requests, _, _, ref = setup
+    tails = continuations(requests)
+    asked = [replace(r, continuation_ids=tail, sampling=SamplingParams(max_new_tokens=4 if i % 3 else 0))
+             for i, (r, tail) in enumerate(zip(requests, tails))]
+    results = LLMEngine(ours, max_batch_size=3, overlap=overlap).generate(asked)
+    for request, tail, result in zip(asked, tails, results):
+        assert result.continuation_logprobs == pytest.approx(reference_logprobs(ref, request, tail), abs=2e-4)
+        assert result.num_prompt_tokens == len(request.prompt_ids) + len(tail)
+        if request.sampling.max_new_tokens == 0:
+            assert (result.token_ids, result.finish_reason) == ([], "length")
+        else:
+            whole = replace(request, prompt_ids=request.prompt_ids + tail, continuation_ids=None)
+            assert result.token_ids == _reference(ref, whole)
+            assert result.continuation_logprobs is not None
+
+
+def test_requests_about_one_image_share_it_but_run_their_scored_tokens(setup):
+    """Several texts scored against one image (captions to rank): the image is encoded once, its
+    prompt's K/V are copied, but each text's tokens run in the prefill that scores them."""
+    ours, requests, _, _, ref = setup
+    base = next(r for r in requests if r.pixel_values is not None)
+    tails = [[21, 22, 23], [21, 22, 24, 25], [30], [21, 22, 23]]       # the last: a prompt seen whole before
+    asked = [replace(base, request_id=f"t{i}", image_key="one-image", continuation_ids=tail,
+                     sampling=SamplingParams(max_new_tokens=0)) for i, tail in enumerate(tails)]
+    engine = LLMEngine(ours, max_batch_size=2)
+    results = engine.generate(asked[:1]) + engine.generate(asked[1:])
+    assert engine.stats["images_encoded"] == 1 and engine.stats["prefix_tokens_reused"] > 0
+    for request, tail, result in zip(asked, tails, results):
+        assert result.continuation_logprobs == pytest.approx(reference_logprobs(ref, request, tail), abs=2e-4)
+
+
+def test_requests_that_answer_nothing_need_a_continuation(setup):
+    ours, requests, _, _, _ = setup
+    with pytest.raises(ValueError, match="max_new_tokens 0 answers nothing"):
+        LLMEngine(ours).generate([replace(requests[0], sampling=SamplingParams(max_new_tokens=0))])
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        LLMEngine(ours).generate([replace(requests[0], continuation_ids=[10 ** 7])])
