@@ -19,7 +19,7 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
                 messages_column=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, logprobs=False,
-                stop=None, choices=None, choices_column=None, sampling_column=None, choice_logprobs=False, regex=None, json_schema=None,
+                stop=None, choices=None, choices_column=None, sampling_column=None, score_column=None, choice_logprobs=False, regex=None, json_schema=None,
                 seed=None, samples=1, replicas=None, tensor_parallel_size=1,
                 cpu_workers=None, cpus_per_replica=None,
                 batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="", rows_per_file=1000, resume=False,
@@ -73,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="an input column of each row's own decoding settings, overriding the job's for that row (a "
                          "struct, or JSON text: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, "
                          "stop, choices, regex, json_schema; as ray.data.llm's per-row sampling_params)")
+    ap.add_argument("--score-column", metavar="NAME",
+                    help="score each row's text in this column as its answer instead of answering: answer_logprob is "
+                         "its log-probability given the image and question (caption filtering, reranking); "
+                         "num_generated_tokens is its token count")
     ap.add_argument("--choice-logprobs", action="store_true", default=None,
                     help="add a choice_logprobs column: each choice's log-probability as the whole answer (both "
                          "spellings, then the end), for thresholds (p(yes) > 0.9) and ranked labels")

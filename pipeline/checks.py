@@ -188,6 +188,9 @@ def check_column_types(schema: pa.Schema, config: PipelineConfig, source: str, r
                              "of text")
         if name == config.sampling_column:
             check_settings_type(field, type_, source)
+        if name == config.score_column and not (is_text(type_) or pa.types.is_null(type_)):
+            raise ValueError(f"input {source!r}: the column of texts to score {field.name!r} holds {field.type}, "
+                             "not text")
         if name == config.messages_column and not holds_messages(type_):
             raise ValueError(f"input {source!r}: the messages column {field.name!r} holds {field.type}, not lists of "
                              "{role, content} messages or their JSON text")
@@ -294,6 +297,9 @@ def check_columns(names: list[str], config: PipelineConfig, source: str) -> None
                          f"{sorted(names)})")
     if config.choices_column is not None and config.choices_column not in names:
         raise ValueError(f"input {source!r} has no `{config.choices_column}` column of choices (columns: "
+                         f"{sorted(names)})")
+    if config.score_column is not None and config.score_column not in names:
+        raise ValueError(f"input {source!r} has no `{config.score_column}` column of texts to score (columns: "
                          f"{sorted(names)})")
     if config.sampling_column is not None and config.sampling_column not in names:
         raise ValueError(f"input {source!r} has no `{config.sampling_column}` column of decoding settings (columns: "

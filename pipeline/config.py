@@ -44,6 +44,8 @@ class PipelineConfig:
                                                 # a null cell: `choices`)
     sampling_column: str | None = None          # an input column of each row's own decoding settings (a struct,
                                                 # or JSON text, of SETTABLE names): they override the job's
+    score_column: str | None = None             # an input column of texts scored as each row's answer (`answer_logprob`:
+                                                # their log p given the image and question), none generated
     choice_logprobs: bool = False               # a `choice_logprobs` column: each choice's log p (model.engine.scoring)
     regex: str | None = None                    # every answer matches this expression in full (vLLM's guided regex)
     json_schema: str | None = None              # every answer is a JSON document this schema (its JSON text) allows
@@ -112,8 +114,9 @@ class PipelineConfig:
         if self.dtype not in (None, *DTYPES):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("id_column", "image_column", "question_column", "choices_column", "messages_column",
-                     "sampling_column"):
-            if name in ("choices_column", "messages_column", "sampling_column") and getattr(self, name) is None:
+                     "sampling_column", "score_column"):
+            if name in ("choices_column", "messages_column", "sampling_column", "score_column") \
+                    and getattr(self, name) is None:
                 continue
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a column name, got {getattr(self, name)!r}")
@@ -128,6 +131,12 @@ class PipelineConfig:
                              "(temperature > 0)")
         self._check_constraint()
         self.template_columns()          # a template it cannot fill is refused here
+        generating = [name for name, on in (("choices", self.choices or self.choices_column), ("regex", self.regex),
+                                            ("json_schema", self.json_schema), ("samples", self.samples > 1),
+                                            ("sampling_column", self.sampling_column), ("stop", self.stop))
+                      if on]
+        if self.score_column is not None and generating:
+            raise ValueError(f"score_column scores given answers; {generating[0]} is about generating them: give one")
         if self.messages_column is not None and self.prompt_template is not None:
             raise ValueError("messages_column and prompt_template are two ways to make what each row asks: give one")
 

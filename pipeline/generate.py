@@ -22,7 +22,7 @@ from .config import SETTABLE, PipelineConfig
 from .faults import crash_always_on, crash_once_on, hang_once_on
 from .groups import IMAGE_FIELDS, ungroup
 from .ledger import CrashLedger, Gate, ledger_path
-from .rows import (CHOICE_LOGPROBS, LOGPROB, ROW_CHOICES, ROW_SETTINGS, SAMPLES, SAMPLES_LOGPROB, RowError,
+from .rows import (CHOICE_LOGPROBS, LOGPROB, ROW_CHOICES, ROW_SCORED, ROW_SETTINGS, SAMPLES, SAMPLES_LOGPROB, RowError,
                    error_message, output_schema, reuse_recent, row_seed)
 from .structured import answer_field, parsed_answers, parsed_lists
 
@@ -203,7 +203,7 @@ class Generate:
         their outputs so far (rows that arrived with an error, or failed to become a request), and
         the engine requests of the others (row index -> Request)."""
         rows = batch.select(["id", "question", "input_ids", "error"] +
-                            [c for c in (ROW_CHOICES, ROW_SETTINGS) if c in batch.column_names]).to_pylist()
+                            [c for c in (ROW_CHOICES, ROW_SETTINGS, ROW_SCORED) if c in batch.column_names]).to_pylist()
         for row, group in zip(rows, group_of):
             row.update(images[group])
         outputs: list[dict | None] = [self.error_output(r, r["error"]) if r["error"] else None for r in rows]
@@ -225,6 +225,10 @@ class Generate:
         from model.engine import Request, SamplingParams
 
         c = self.config
+        if c.score_column is not None:
+            return Request(str(row["id"]), row["input_ids"], self.pixel_values(row), image_key=row["image_key"],
+                           continuation_ids=self.scored_ids(row.get(ROW_SCORED)),
+                           sampling=SamplingParams(max_new_tokens=0))
         settings = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                         repetition_penalty=c.repetition_penalty, stop=c.stop, choices=row.get(ROW_CHOICES) or c.choices,
                         regex=c.regex, json_schema=c.json_schema, seed=row_seed(c.seed, row["id"]))
@@ -237,6 +241,14 @@ class Generate:
                                   choice_logprobs=c.choice_logprobs and bool(choices), n=c.samples)
         return Request(str(row["id"]), row["input_ids"], self.pixel_values(row), sampling=sampling,
                        image_key=row["image_key"])
+
+    def scored_ids(self, text: str | None) -> list[int]:
+        """The tokens of a text scored as the answer: after one space, as the model writes answers
+        after the generation prompt ("Assistant:"), unless the text begins with one."""
+        if not text:
+            raise RowError("the row has no text to score")
+        spelled = text if text[:1].isspace() else " " + text
+        return self.encoder.tokenizer.encode(spelled, add_special_tokens=False)
 
     def pixel_values(self, row: dict):
         """The row's frames as pixel values on the device, converted once for consecutive rows
@@ -277,6 +289,11 @@ class Generate:
     def answer_output(cls, row: dict, result) -> dict:
         if result.finish_reason == "error":        # the engine's own verdict (model.engine.NonFiniteLogitsError)
             return cls.error_output(row, f"generate: {result.error}")
+        if ROW_SCORED in row:                       # a given answer scored, none generated
+            return {**cls.error_output(row, None), "answer": row[ROW_SCORED], "finish_reason": "stop",
+                    "num_prompt_tokens": result.num_prompt_tokens - len(result.continuation_logprobs),
+                    "num_generated_tokens": len(result.continuation_logprobs),
+                    "answer_logprob": sum(result.continuation_logprobs)}
         samples = result.samples or [result]
         return {"question": row["question"], "answer": answer_text(result),
                 "finish_reason": result.finish_reason, "error": None,
@@ -287,7 +304,7 @@ class Generate:
                 "samples_logprob": [s.cumulative_logprob for s in samples]}
 
     @staticmethod
-    def error_output(row: dict, message: str) -> dict:
+    def error_output(row: dict, message: str | None) -> dict:
         prompt = row.get("input_ids")
         return {"question": row["question"], "answer": None, "finish_reason": "error", "error": message,
                 "num_prompt_tokens": len(prompt) if prompt else 0, "num_generated_tokens": 0, "answer_logprob": None,
@@ -298,7 +315,7 @@ class Generate:
         c = self.config
         kept = [batch.schema.field(n) for n in c.keep_columns]
         several = c.samples > 1
-        extra = ([LOGPROB] * c.logprobs + [CHOICE_LOGPROBS] * c.choice_logprobs + SAMPLES * several
+        extra = ([LOGPROB] * (c.logprobs or c.score_column is not None) + [CHOICE_LOGPROBS] * c.choice_logprobs + SAMPLES * several
                  + [SAMPLES_LOGPROB] * (several and c.logprobs))
         parsed = [] if c.json_schema is None else [answer_field(c.json_schema)]
         parsed += [pa.field("samples_json", pa.list_(parsed[0].type))] if parsed and several else []

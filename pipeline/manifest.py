@@ -20,7 +20,8 @@ ANSWER_SETTINGS = ("prompt", "system_prompt", "prompt_template", "prompt_suffix"
                    "repetition_penalty", "seed", "image_backend", "image_longest_edge", "image_splitting",
                    "max_image_pixels", "max_image_bytes", "keep_columns", "logprobs", "stop",
                    "choices", "choices_column", "choice_logprobs", "regex", "json_schema",
-                   "samples", "messages_column", "sampling_column")
+                   "samples", "messages_column", "sampling_column",
+                   "score_column")
 SAMPLED_BYTES = 1 << 20     # read from each end of each weights file
 
 

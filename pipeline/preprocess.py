@@ -23,7 +23,7 @@ from .faults import crash_always_on
 from .fetch import ImageFetcher
 from .groups import group_by_image
 from .ledger import CrashLedger, ledger_path
-from .rows import ROW_CHOICES, ROW_SETTINGS, RowError, error_message, reuse_recent, row_ids
+from .rows import ROW_CHOICES, ROW_SCORED, ROW_SETTINGS, RowError, error_message, reuse_recent, row_ids
 
 ENCODED_FIELDS = [("question", pa.string()), ("input_ids", pa.list_(pa.int32())), ("frames", pa.large_binary()),
                   ("frames_shape", pa.list_(pa.int32())), ("image_key", pa.string()), ("error", pa.string())]
@@ -74,6 +74,8 @@ class Preprocess:
             columns[name] = pa.array([row[i] for row in encoded], type=type_)
         if self.config.choices_column in batch.column_names:
             columns[ROW_CHOICES] = batch.column(self.config.choices_column)
+        if self.config.score_column in batch.column_names:
+            columns[ROW_SCORED] = batch.column(self.config.score_column)
         if self.config.sampling_column in batch.column_names:
             columns[ROW_SETTINGS] = batch.column(self.config.sampling_column)
         for name in self.config.keep_columns:

@@ -13,6 +13,7 @@ T = TypeVar("T")
 RECENT_IMAGES = 4            # per actor: images whose frames / pixel values are kept for the next rows about them
 ROW_HASH = "row_hash"        # Ray Data's deterministic (file path, row index) hash, our id when `id` is absent
 ROW_CHOICES = "_choices"     # a row's own choices (--choices-column), on their way to the model stage
+ROW_SCORED = "_scored"       # the text a row's answer is scored as (--score-column), on its way to the model stage
 ROW_SETTINGS = "_settings"   # a row's own decoding settings (--sampling-column), on their way to the model stage
 OUTPUT_SCHEMA = pa.schema([
     ("question", pa.string()), ("answer", pa.string()), ("finish_reason", pa.string()),
