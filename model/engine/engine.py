@@ -10,10 +10,9 @@ own question.
 """
 from __future__ import annotations
 
-import itertools
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,7 +22,8 @@ from ..linear import available_host_memory, pack_weights
 from ..lm_head import pad_lm_head
 from ..pointwise import compile_pointwise
 from .constraints import EngineConstraints
-from .image_cache import ImageFeatureCache
+from .continuation import folded, runnable_prefix
+from .image_cache import ImageFeatureCache, ImageNames
 from .kv_cache import KVCache, plan_cache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket
@@ -115,7 +115,7 @@ class LLMEngine:
         self._in_flight: DecodeStep | None = None
         self._finished: list[Sequence] = []         # finished since the last step returned
         self._rng = random.Random()
-        self._image_names = itertools.count()
+        self.image_names = ImageNames()             # for the samples and scorers of unnamed images
         self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0,
                       "images_encoded": 0, "prefix_tokens_reused": 0}
 
@@ -176,9 +176,7 @@ class LLMEngine:
 
     def _sequence(self, request: Request) -> Sequence:
         # As vLLM's: an answer that would outgrow the context ends there, "length"; not an error.
-        scored = len(request.continuation_ids or ())
-        if scored:          # the continuation is prompt to the model, scored on the way
-            request = replace(request, prompt_ids=request.prompt_ids + request.continuation_ids, continuation_ids=None)
+        request, scored = folded(request)
         room = self.text_config.max_position_embeddings - len(request.prompt_ids)
         return Sequence(request, self._stop_ids(request), max_new_tokens=min(request.sampling.max_new_tokens, room),
                         scored=scored)
@@ -234,20 +232,12 @@ class LLMEngine:
         for seq in seqs:
             self._pending.append(seq)
             if seq.request.sampling.n > 1 or seq.request.sampling.choice_logprobs:
-                seq.request = self._with_image_key(seq.request)
+                seq.request = self.image_names.named(seq.request)
             if seq.request.sampling.n > 1:
                 self._pending += add_samples(seq, self._sequence)
             if seq.request.sampling.choice_logprobs:
                 self._pending += add_scorers(seq, self.tokenizer, self._sequence)
         return seqs
-
-    def _with_image_key(self, request: Request) -> Request:
-        """`request`, its image named (where it has no name) for the sequences the engine derives from
-        it (samples, scorers) to share its features and prompt K/V: a name of this engine's making,
-        never met before (a request id may come again with another image)."""
-        if request.image_key is not None or request.pixel_values is None:
-            return request
-        return replace(request, image_key=f"\x1fimage-{next(self._image_names)}")
 
     def _admit_pending(self) -> None:
         """Pending requests join the scheduler in arrival order while they fit the cache. The cache
@@ -325,8 +315,7 @@ class LLMEngine:
 
         requests, slots = [s.request for s in seqs], [s.slot for s in seqs]
         sources = self.prefixes.plan(requests, slots) if self.share_prefixes else [None] * len(seqs)
-        # a scored continuation is run, never copied: its log p come from the prefill's logits
-        prefixes = [0 if source is None else max(min(source.length, s.prompt_len - s.scored - 1), 0)
+        prefixes = [0 if source is None else runnable_prefix(source.length, s.prompt_len, s.scored)
                     for s, source in zip(seqs, sources)]
         for slot, source, n in zip(slots, sources, prefixes):
             if n:

@@ -7,7 +7,9 @@ request with that key, or of another one in the same prefill, instead of encodin
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Callable
 
 from torch import Tensor
@@ -70,3 +72,17 @@ class ImageFeatureCache:
             if kind == "key":
                 self.put(key, features)
         return out
+
+
+class ImageNames:
+    """Names for the unnamed images of requests the engine derives sequences from (samples,
+    scorers), so that those share the image's features and prompt K/V: made here, never met before
+    (a name made of the request id would find an earlier image when the id comes again)."""
+
+    def __init__(self) -> None:
+        self._count = itertools.count()
+
+    def named(self, request: Request) -> Request:
+        if request.image_key is not None or request.pixel_values is None:
+            return request
+        return replace(request, image_key=f"\x1fimage-{next(self._count)}")

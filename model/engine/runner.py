@@ -139,13 +139,19 @@ class ModelRunner:
                            attention=PackedPrefillAttention(self.cache, slots, lengths,
                                                             batched=self.batched_prefill, prefixes=prefixes))
         last = torch.tensor(lengths, device=device).cumsum(0) - 1
-        scored_logprobs = [None] * len(prompts)
-        for i, n in enumerate(scored or ()):
-            if n:
-                before = last[i] - n + torch.arange(n, device=device)        # positions predicting the scored tokens
-                log_p = self.model.lm_head(hidden[0, before]).float().log_softmax(-1)
-                scored_logprobs[i] = log_p.gather(1, ids[0, before + 1, None])[:, 0]
+        scored_logprobs = [None if not n else self._scored_logprobs(hidden[0], ids[0], int(end), n)
+                           for end, n in zip(last, scored or [0] * len(prompts))]
         return self.model.lm_head(hidden[0, last]).float(), scored_logprobs
+
+    def _scored_logprobs(self, hidden: Tensor, ids: Tensor, last: int, n: int, chunk: int = 256) -> Tensor:
+        """log p of the n tokens ending at position `last`, each from the logits before it, a chunk of
+        positions at a time (a long text's logits over a large vocabulary would take gigabytes)."""
+        out = []
+        for start in range(last - n, last, chunk):
+            before = torch.arange(start, min(start + chunk, last), device=hidden.device)
+            log_p = self.model.lm_head(hidden[before]).float().log_softmax(-1)
+            out.append(log_p.gather(1, ids[before + 1, None])[:, 0])
+        return torch.cat(out)
 
     # ---- decode ----------------------------------------------------------------------------
     def _decode_step(self, batch: int, kv_len: int) -> Tensor:

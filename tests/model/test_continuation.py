@@ -30,7 +30,11 @@ def continuations(requests) -> list[list[int]]:
     return [[(37 * i + 11 * k) % 200 + 5 for k in range(3 + i % 4)] for i in range(len(requests))]
 
 
-def test_continuation_logprobs_and_the_answer_after_them_equal_the_reference(setup, overlap):
+@pytest.mark.parametrize("chunk", [256, 2], ids=["one-chunk", "chunks-of-2"])
+def test_continuation_logprobs_and_the_answer_after_them_equal_the_reference(setup, overlap, chunk, monkeypatch):
+    from model.engine.runner import ModelRunner
+
+    monkeypatch.setattr(ModelRunner._scored_logprobs, "__defaults__", (chunk,))    # the LM head a chunk at a time
     ours, requests, _, _, ref = setup
     tails = continuations(requests)
     asked = [replace(r, continuation_ids=tail, sampling=SamplingParams(max_new_tokens=4 if i % 3 else 0))
