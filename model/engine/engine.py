@@ -10,6 +10,7 @@ own question.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from .runner import ModelRunner, kv_bucket
 from .sampler import NON_FINITE, SamplingState, model_tokens, sample_rows, token_logprobs
 from .samples import add_samples, with_samples
 from .scheduler import Scheduler, Sequence
-from .scoring import add_scorers, answered, choice_logprobs, force
+from .scoring import add_scorers, answered, choice_logprobs, score_ends
 from .stop_strings import StopStringMatcher
 from .types import NonFiniteLogitsError, Request, Result
 from .validation import check_request
@@ -130,8 +131,9 @@ class LLMEngine:
         return min(self.max_batch_size * max_len, 2 * _GIB // bytes_per_token)
 
     def _positions_needed(self, seq: Sequence) -> int:
-        # A step in flight may advance a finished row one position more.
-        return seq.max_length + self.overlap
+        # A step in flight may advance a finished row one position more; a request of no answer
+        # leaves its free row's idle decode steps writing one position past its prompt.
+        return seq.max_length + self.overlap + (seq.max_new_tokens == 0)
 
     def _ensure_cache(self, need_len: int) -> ModelRunner:
         old_len = 0 if self.runner is None else self.runner.cache.max_len
@@ -300,8 +302,6 @@ class LLMEngine:
         request asks for them. The model reads `model_tokens` of them. Row rows[i] is seqs[i]'s."""
         tokens = self.sample_tokens(logits, slots, seqs, self.constraints.allowed(seqs, rows, logits.shape[0]))
         logprobs = token_logprobs(logits, model_tokens(tokens)) if wants_logprobs(seqs) else None
-        if any(s.forced for s in seqs):
-            force(tokens, logprobs, logits, seqs, rows)
         if penalized(seqs):
             self.sampling.mark_seen(slots, model_tokens(tokens))
         return tokens, logprobs
@@ -333,6 +333,7 @@ class LLMEngine:
         for seq, log_p in zip(seqs, scored):
             if log_p is not None:
                 seq.continuation_logprobs = log_p.tolist()
+        score_ends(seqs, logits)
         seqs, logits, slots = self._end_scored_only(scheduler, seqs, logits, slots)
         if not seqs:
             return
@@ -348,13 +349,22 @@ class LLMEngine:
 
     def _end_scored_only(self, scheduler: Scheduler, seqs: list[Sequence], logits: torch.Tensor,
                          slots: list[int]) -> tuple[list[Sequence], torch.Tensor, list[int]]:
-        """Requests of no answer (max_new_tokens 0: they only score their continuation) end after
-        their prefill; the others, their logits' rows and slots go on."""
+        """Requests of no answer (max_new_tokens 0: they only score their continuation, as scorers
+        do) end after their prefill, in error where their logits were not finite; the others, their
+        logits' rows and slots go on."""
         keep = [i for i, s in enumerate(seqs) if s.max_new_tokens > 0]
         if len(keep) == len(seqs):
             return seqs, logits, slots
-        for seq in (s for s in seqs if s.max_new_tokens == 0):
-            seq.finish_reason = "length"
+        for i, seq in enumerate(seqs):
+            if seq.max_new_tokens > 0:
+                continue
+            if math.isfinite(sum(seq.continuation_logprobs)) and bool(torch.isfinite(logits[i]).all()):
+                seq.finish_reason = "length"
+                # decode steps write every row up to the highest busy slot: this free row's idle
+                # writes must land past its prompt, whose K/V other requests may copy
+                self.runner.positions[seq.slot] = seq.prompt_len
+            else:
+                self._fail_non_finite(seq)
             scheduler.release(seq)
             self._finished.append(seq)
         return [seqs[i] for i in keep], logits[keep], [slots[i] for i in keep]
@@ -365,8 +375,8 @@ class LLMEngine:
         in-flight token is their last (max_new_tokens) are left out. None (collect first) if that
         leaves none, or if their slots would let waiting requests in (Scheduler.can_admit)."""
         lag = in_flight is not None
-        if lag and any(s.request.sampling.constrained or s.forced for s in in_flight.seqs):
-            return None      # a constrained or forced answer's next token depends on the token in flight
+        if lag and any(s.request.sampling.constrained for s in in_flight.seqs):
+            return None      # a constrained answer's next token depends on the token in flight
         seqs = [s for s in scheduler.running.values() if not (lag and s.last_token_pending())]
         finishing = len(scheduler.running) - len(seqs)
         if not seqs or (finishing and scheduler.can_admit(finishing)):
@@ -428,8 +438,9 @@ class LLMEngine:
         row would spoil every request that takes its slot after it."""
         hint = ("; float16 overflows where bfloat16 and float32 do not: run in one of those"
                 if self.dtype == torch.float16 else "")
-        error = NonFiniteLogitsError(f"the model's logits were NaN or infinite at new token "
-                                     f"{len(seq.generated) + 1} (of request {seq.request.request_id!r}){hint}")
+        where = f"new token {len(seq.generated) + 1}" if seq.max_new_tokens else "its scored tokens"
+        error = NonFiniteLogitsError(f"the model's logits were NaN or infinite at {where} (of request "
+                                     f"{seq.request.request_id!r}){hint}")
         seq.finish_reason, seq.error = "error", f"{type(error).__name__}: {error}"
         self.runner.cache.clear_slot(seq.slot)
         self.runner.positions[seq.slot] = 0     # the free row's ignored steps then read only zeros

@@ -22,7 +22,7 @@ class Sequence:
     scored: int = 0                          # the prompt's last tokens whose log p are asked (its continuation)
     continuation_logprobs: list[float] | None = None
     constraint_state: tuple | None = None    # a constrained answer's constraint, its state, the tokens it read
-    forced: tuple[int, ...] = ()             # tokens it takes instead of sampling (model.engine.scoring)
+    scorer: bool = False                     # it scores a choice of its parent (model.engine.scoring)
     children: list = field(default_factory=list, repr=False)   # (choice, Sequence) scoring its choices
     samples: list = field(default_factory=list, repr=False)    # Sequences of the request's other samples
     parent: "Sequence | None" = field(default=None, repr=False)    # the sequence it scores or samples beside

@@ -66,6 +66,37 @@ def test_requests_about_one_image_share_it_but_run_their_scored_tokens(setup):
         assert result.continuation_logprobs == pytest.approx(reference_logprobs(ref, request, tail), abs=2e-4)
 
 
+def test_a_scored_request_whose_logits_overflow_ends_in_error_and_spoils_no_later_one(setup, overlap):
+    """As an answering request's: the slot it wrote NaNs into is wiped before another takes it."""
+    ours, requests, expected, _, _ = setup
+    r = requests[2]
+    bad = replace(r, request_id="bad", pixel_values=r.pixel_values * 1e30, continuation_ids=[5, 6],
+                  sampling=SamplingParams(max_new_tokens=0))
+    later = [requests[i] for i in (0, 1, 3, 4, 5)]
+    results = LLMEngine(ours, max_batch_size=1, overlap=overlap).generate([bad, *later])
+    assert results[0].finish_reason == "error" and "at its scored tokens" in results[0].error
+    for req, res in zip(later, results[1:]):
+        assert (res.token_ids, res.error) == (expected[req.request_id], None), req.request_id
+
+
+def test_a_scored_slot_left_idle_under_decode_steps_keeps_its_prompt_to_share(setup):
+    """A scored request ends after its prefill, its slot free but holding its prompt for others to
+    copy; decode steps of the answers in higher slots write every row up to theirs, so that slot's
+    idle writes must land past its prompt, not where its last occupant stopped (inside it)."""
+    ours, requests, _, _, ref = setup
+    short = min(requests, key=lambda r: len(r.prompt_ids))
+    scored = max((r for r in requests if r.pixel_values is not None), key=lambda r: len(r.prompt_ids))
+    answering = replace(requests[1], sampling=SamplingParams(max_new_tokens=12, min_new_tokens=12))
+    engine = LLMEngine(ours, max_batch_size=2)
+    engine.generate([replace(short, sampling=SamplingParams(max_new_tokens=2)), answering])   # slot 0 stops early
+    first = replace(scored, image_key="k", continuation_ids=[7, 8], sampling=SamplingParams(max_new_tokens=0))
+    engine.generate([first, replace(answering, request_id="a2")])      # slot 0 scored, idle under 11 decode steps
+    again = replace(first, request_id="again", continuation_ids=[9, 10, 11])
+    result = engine.generate([again])[0]                               # copies the prompt from slot 0
+    assert engine.stats["prefix_tokens_reused"] > 0
+    assert result.continuation_logprobs == pytest.approx(reference_logprobs(ref, again, [9, 10, 11]), abs=2e-4)
+
+
 def test_requests_that_answer_nothing_need_a_continuation(setup):
     ours, requests, _, _, _ = setup
     with pytest.raises(ValueError, match="max_new_tokens 0 answers nothing"):
