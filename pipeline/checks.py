@@ -295,18 +295,10 @@ def check_columns(names: list[str], config: PipelineConfig, source: str) -> None
     if config.question_column != "question" and config.question_column not in names:
         raise ValueError(f"input {source!r} has no `{config.question_column}` column of questions (columns: "
                          f"{sorted(names)})")
-    if config.choices_column is not None and config.choices_column not in names:
-        raise ValueError(f"input {source!r} has no `{config.choices_column}` column of choices (columns: "
-                         f"{sorted(names)})")
-    if config.score_column is not None and config.score_column not in names:
-        raise ValueError(f"input {source!r} has no `{config.score_column}` column of texts to score (columns: "
-                         f"{sorted(names)})")
-    if config.sampling_column is not None and config.sampling_column not in names:
-        raise ValueError(f"input {source!r} has no `{config.sampling_column}` column of decoding settings (columns: "
-                         f"{sorted(names)})")
-    if config.messages_column is not None and config.messages_column not in names:
-        raise ValueError(f"input {source!r} has no `{config.messages_column}` column of conversations (columns: "
-                         f"{sorted(names)})")
+    for column, holding in ((config.choices_column, "choices"), (config.score_column, "texts to score"),
+                            (config.sampling_column, "decoding settings"), (config.messages_column, "conversations")):
+        if column is not None and column not in names:
+            raise ValueError(f"input {source!r} has no `{column}` column of {holding} (columns: {sorted(names)})")
     missing = [c for c in config.keep_columns if c not in names]
     if missing:
         raise ValueError(f"--keep-columns {missing} are not columns of {source!r} (columns: {sorted(names)})")

@@ -14,15 +14,19 @@ from model.engine import LLMEngine, SamplingParams
 from tests.model.test_engine import _reference, overlap, setup  # noqa: F401  (tiny checkpoints, the reference)
 
 
-def reference_logprobs(ref, request, continuation: list[int]) -> list[float]:
+def reference_log_softmax(ref, request, continuation: list[int]) -> torch.Tensor:
+    """transformers' log_softmax over the prompt's last position and each continuation token's."""
     ids = torch.tensor([request.prompt_ids + continuation])
     kwargs = {}
     if request.pixel_values is not None:
         kwargs = dict(pixel_values=request.pixel_values[None], pixel_attention_mask=request.pixel_attention_mask[None])
     with torch.no_grad():
         logits = ref(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs).logits[0].float()
-    n = len(request.prompt_ids)
-    log_p = logits[n - 1:-1].log_softmax(-1)
+    return logits[len(request.prompt_ids) - 1:].log_softmax(-1)
+
+
+def reference_logprobs(ref, request, continuation: list[int]) -> list[float]:
+    log_p = reference_log_softmax(ref, request, continuation)
     return [log_p[i, t].item() for i, t in enumerate(continuation)]
 
 

@@ -11,6 +11,7 @@ import torch
 
 from model.engine import LLMEngine, SamplingParams
 from processing import Tokenizer
+from tests.model.test_continuation import reference_log_softmax
 from tests.model.test_engine import setup  # noqa: F401  (tiny checkpoints, the reference)
 
 CHOICES = ("red circle", "red", "blue square", "zebra crossing")
@@ -23,14 +24,7 @@ def reference_scores(ref, tokenizer, request, stop_ids) -> dict[str, float]:
         spellings = []
         for text in (choice, " " + choice):
             forced = tokenizer.encode(text, add_special_tokens=False)
-            ids = torch.tensor([request.prompt_ids + forced])
-            kwargs = {}
-            if request.pixel_values is not None:
-                kwargs = dict(pixel_values=request.pixel_values[None], pixel_attention_mask=request.pixel_attention_mask[None])
-            with torch.no_grad():
-                logits = ref(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs).logits[0].float()
-            n = len(request.prompt_ids)
-            log_p = logits[n - 1:].log_softmax(-1)
+            log_p = reference_log_softmax(ref, request, forced)
             spelled = sum(log_p[i, t].item() for i, t in enumerate(forced))
             spellings.append(spelled + log_p[len(forced), sorted(stop_ids)].logsumexp(-1).item())
         scores[choice] = math.log(sum(math.exp(s) for s in spellings))
