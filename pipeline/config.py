@@ -9,8 +9,8 @@ DEFAULT_PROMPT = "Describe this image."
 DTYPES = ("bfloat16", "float16", "float32")
 # What a row's own settings (`sampling_column`) may set, and the Arrow types a column of them may hold
 SETTABLE = {"max_new_tokens": "integer", "temperature": "number", "top_p": "number", "top_k": "integer",
-                "repetition_penalty": "number", "seed": "integer", "stop": "texts", "choices": "texts",
-                "regex": "text", "json_schema": "text"}
+            "repetition_penalty": "number", "seed": "integer", "stop": "texts", "choices": "texts",
+            "regex": "text", "json_schema": "text"}
 OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens",
                   "answer_logprob", "answer_json", "choice_logprobs", "samples", "samples_finish_reason",
                   "samples_num_generated_tokens", "samples_logprob", "samples_json")
@@ -44,8 +44,8 @@ class PipelineConfig:
                                                 # a null cell: `choices`)
     sampling_column: str | None = None          # an input column of each row's own decoding settings (a struct,
                                                 # or JSON text, of SETTABLE names): they override the job's
-    score_column: str | None = None             # an input column of texts scored as each row's answer (`answer_logprob`:
-                                                # their log p given the image and question), none generated
+    score_column: str | None = None             # an input column of texts scored as each row's answer
+                                                # (`answer_logprob`: log p given image and question), none generated
     choice_logprobs: bool = False               # a `choice_logprobs` column: each choice's log p (model.engine.scoring)
     regex: str | None = None                    # every answer matches this expression in full (vLLM's guided regex)
     json_schema: str | None = None              # every answer is a JSON document this schema (its JSON text) allows

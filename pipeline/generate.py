@@ -299,7 +299,8 @@ class Generate:
                 "finish_reason": result.finish_reason, "error": None,
                 "num_prompt_tokens": result.num_prompt_tokens, "num_generated_tokens": result.num_generated_tokens,
                 "answer_logprob": result.cumulative_logprob, "choice_logprobs": result.choice_logprobs,
-                "samples": [answer_text(s) for s in samples], "samples_finish_reason": [s.finish_reason for s in samples],
+                "samples": [answer_text(s) for s in samples],
+                "samples_finish_reason": [s.finish_reason for s in samples],
                 "samples_num_generated_tokens": [s.num_generated_tokens for s in samples],
                 "samples_logprob": [s.cumulative_logprob for s in samples]}
 
@@ -315,8 +316,8 @@ class Generate:
         c = self.config
         kept = [batch.schema.field(n) for n in c.keep_columns]
         several = c.samples > 1
-        extra = ([LOGPROB] * (c.logprobs or c.score_column is not None) + [CHOICE_LOGPROBS] * c.choice_logprobs + SAMPLES * several
-                 + [SAMPLES_LOGPROB] * (several and c.logprobs))
+        extra = ([LOGPROB] * (c.logprobs or c.score_column is not None) + [CHOICE_LOGPROBS] * c.choice_logprobs
+                 + SAMPLES * several + [SAMPLES_LOGPROB] * (several and c.logprobs))
         parsed = [] if c.json_schema is None else [answer_field(c.json_schema)]
         parsed += [pa.field("samples_json", pa.list_(parsed[0].type))] if parsed and several else []
         schema = output_schema(batch.schema.field("id").type, kept, extra + parsed)

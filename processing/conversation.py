@@ -50,7 +50,8 @@ def read_conversation(messages: Any, suffix: str = "") -> Conversation:
 def _turn(message: Any, index: int) -> dict:
     if not isinstance(message, dict) or message.get("role") not in ROLES:
         role = message.get("role") if isinstance(message, dict) else None
-        raise PromptError(f"turn {index}: each message needs a role of {', '.join(ROLES)}, got {_shown(role or message)}")
+        raise PromptError(f"turn {index}: each message needs a role of {', '.join(ROLES)}, "
+                          f"got {_shown(role or message)}")
     if message["role"] == "system" and index:
         raise PromptError(f"turn {index}: a system turn may only open the conversation")
     content = message.get("content")
