@@ -28,7 +28,8 @@ from .image_cache import ImageFeatureCache, ImageNames
 from .kv_cache import KVCache, plan_cache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket
-from .sampler import NON_FINITE, SamplingState, model_tokens, sample_rows, token_logprobs
+from .logprobs import HostLogprobs, StepLogprobs, TokenLogprobs
+from .sampler import NON_FINITE, SamplingState, model_tokens, sample_rows
 from .samples import add_samples, with_samples
 from .scheduler import Scheduler, Sequence
 from .scoring import add_scorers, answered, choice_logprobs, score_ends
@@ -57,7 +58,7 @@ def penalized(seqs: list[Sequence]) -> bool:
 
 
 def wants_logprobs(seqs: list[Sequence]) -> bool:
-    return any(s.request.sampling.logprobs for s in seqs)
+    return any(s.request.sampling.logprobs or s.request.sampling.top_logprobs for s in seqs)
 
 
 @dataclass
@@ -66,7 +67,7 @@ class DecodeStep:
     seqs: list[Sequence]
     tokens: torch.Tensor                     # (rows,) int64, indexed by slot
     ready: torch.cuda.Event | None           # CUDA: recorded after the copy to host memory
-    logprobs: torch.Tensor | None = None     # (rows,) float32, when a request asks for them
+    logprobs: StepLogprobs | None = None     # when a request asks for them
 
 
 class LLMEngine:
@@ -162,7 +163,7 @@ class LLMEngine:
         # CUDA: two pinned buffers that decode steps copy their tokens to (one may hold a step in flight).
         self.host_tokens = [torch.zeros(rows, dtype=torch.int64, pin_memory=True)
                             for _ in range(2)] if self.device.type == "cuda" else []
-        self.host_logprobs = [torch.zeros(rows, pin_memory=True) for _ in self.host_tokens]
+        self.host_logprobs = [HostLogprobs(rows) for _ in self.host_tokens]
         return self.runner
 
     # ---- requests -----------------------------------------------------------------------------
@@ -297,11 +298,15 @@ class LLMEngine:
                            compiled=self.runner.compile, allowed=allowed)
 
     def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence],
-                     rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The rows' tokens (NON_FINITE for a row whose logits are not), and their log p when a
-        request asks for them. The model reads `model_tokens` of them. Row rows[i] is seqs[i]'s."""
+                     rows: list[int]) -> tuple[torch.Tensor, StepLogprobs | None]:
+        """The rows' tokens (NON_FINITE for a row whose logits are not), and their log p (and top
+        tokens') when a request asks for them. The model reads `model_tokens` of them. Row rows[i]
+        is seqs[i]'s."""
         tokens = self.sample_tokens(logits, slots, seqs, self.constraints.allowed(seqs, rows, logits.shape[0]))
-        logprobs = token_logprobs(logits, model_tokens(tokens)) if wants_logprobs(seqs) else None
+        logprobs = None
+        if wants_logprobs(seqs):
+            top = max(s.request.sampling.top_logprobs for s in seqs)
+            logprobs = StepLogprobs.of(logits, model_tokens(tokens), top)
         if penalized(seqs):
             self.sampling.mark_seen(slots, model_tokens(tokens))
         return tokens, logprobs
@@ -345,7 +350,7 @@ class LLMEngine:
         runner.positions[slot_t] = torch.tensor([s.prompt_len for s in seqs], device=self.device)
         self.active[slot_t] = 1
         self.sampling.step[slot_t] += 1
-        self._record(scheduler, seqs, tokens.tolist(), None if logprobs is None else logprobs.tolist())
+        self._record(scheduler, seqs, tokens.tolist(), None if logprobs is None else logprobs.rows(range(len(seqs))))
 
     def _end_scored_only(self, scheduler: Scheduler, seqs: list[Sequence], logits: torch.Tensor,
                          slots: list[int]) -> tuple[list[Sequence], torch.Tensor, list[int]]:
@@ -398,7 +403,7 @@ class LLMEngine:
         host = self.host_tokens[0][:rows]
         host.copy_(tokens, non_blocking=True)
         if logprobs is not None:
-            logprobs = self.host_logprobs[0][:rows].copy_(logprobs, non_blocking=True)
+            logprobs = logprobs.copied_to(self.host_logprobs[0])
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))     # the copy's stream, whatever device is current
         return DecodeStep(seqs, host, ready, logprobs)
@@ -412,18 +417,17 @@ class LLMEngine:
             step.ready.synchronize()
         host = step.tokens.tolist()
         live = [s for s in step.seqs if s.finish_reason is None]
-        logprobs = None if step.logprobs is None else step.logprobs.tolist()
         self._record(scheduler, live, [host[s.slot] for s in live],
-                     None if logprobs is None else [logprobs[s.slot] for s in live])
+                     None if step.logprobs is None else step.logprobs.rows([s.slot for s in live]))
 
     def _record(self, scheduler: Scheduler, seqs: list[Sequence], tokens: list[int],
-                logprobs: list[float] | None = None) -> None:
+                logprobs: list[TokenLogprobs] | None = None) -> None:
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             if token == NON_FINITE:
                 self._fail_non_finite(seq)
             else:
                 if logprobs is not None:
-                    seq.logprob += logprobs[i]
+                    seq.add_logprobs(*logprobs[i])
                 seq.append(token)
                 if self._completes_stop_string(seq):
                     seq.finish_reason = "stop"
@@ -459,8 +463,11 @@ class LLMEngine:
         text = None
         if self.tokenizer is not None:
             text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        p = seq.request.sampling
         result = Result(seq.request.request_id, list(seq.generated), text, seq.finish_reason,
-                        seq.prompt_len, len(seq.generated), seq.logprob if seq.request.sampling.logprobs else None,
+                        seq.prompt_len, len(seq.generated), seq.logprob if p.logprobs else None,
                         seq.error, choice_logprobs(seq) if seq.children else None,
-                        continuation_logprobs=seq.continuation_logprobs)
+                        continuation_logprobs=seq.continuation_logprobs,
+                        token_logprobs=seq.token_logprobs if p.top_logprobs else None,
+                        top_logprobs=seq.top_logprobs if p.top_logprobs else None)
         return with_samples(result, [self._result(s) for s in seq.samples]) if seq.samples else result

@@ -166,12 +166,6 @@ def model_tokens(tokens: Tensor) -> Tensor:
     return tokens.clamp_min(0)
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log p of each row's token under the model's own distribution (the raw logits: before the
-    penalty, temperature and filters), as vLLM's logprobs."""
-    return logits.float().log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
-
-
 def gumbel_argmax(scores: Tensor, seeds: Tensor, steps: Tensor, tokens: Tensor) -> Tensor:
     """Each row's column of the largest score plus the Gumbel noise of its token (tokens (B, K), or
     (1, K) shared): a draw from softmax(scores) (the Gumbel-max trick)."""

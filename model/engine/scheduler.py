@@ -19,6 +19,8 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None                 # why, when finish_reason is "error"
     logprob: float = 0.0                     # sum of the generated tokens' log p, when the request asks for it
+    token_logprobs: list[float] = field(default_factory=list, repr=False)    # each token's, with top_logprobs
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list, repr=False)  # each step's top k
     scored: int = 0                          # the prompt's last tokens whose log p are asked (its continuation)
     continuation_logprobs: list[float] | None = None
     constraint_state: tuple | None = None    # a constrained answer's constraint, its state, the tokens it read
@@ -55,6 +57,14 @@ class Sequence:
     def last_token_pending(self) -> bool:
         """One more token reaches max_new_tokens: the sequence ends with it, whatever it is."""
         return len(self.generated) + 1 >= self.max_new_tokens
+
+    def add_logprobs(self, chosen: float, top: list[tuple[int, float]] | None) -> None:
+        """The next token's log p, and the step's likeliest tokens' (model.engine.logprobs)."""
+        self.logprob += chosen
+        k = self.request.sampling.top_logprobs
+        if k:
+            self.token_logprobs.append(chosen)
+            self.top_logprobs.append(top[:k])
 
     def append(self, token: int) -> bool:
         """Record a new token; True when the sequence is finished."""

@@ -28,6 +28,7 @@ class SamplingParams:
     json_schema: dict | str | None = None   # the answer is a JSON document the schema (or its text) allows
     choice_logprobs: bool = False     # Result.choice_logprobs: each choice's log p (model.engine.scoring)
     n: int = 1                        # answers sampled for the request (Result.samples; model.engine.samples)
+    top_logprobs: int = 0             # Result.top_logprobs: each step's k likeliest tokens and their log p
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -57,6 +58,8 @@ class SamplingParams:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if self.n > 1 and self.greedy:
             raise ValueError(f"n={self.n} greedy answers would all be the same one: sample them (temperature > 0)")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
@@ -109,3 +112,5 @@ class Result:
     choice_logprobs: dict[str, float | None] | None = None   # with SamplingParams.choice_logprobs
     samples: list["Result"] | None = None    # with SamplingParams.n > 1: every answer, this one first
     continuation_logprobs: list[float] | None = None   # with Request.continuation_ids: each one's log p
+    token_logprobs: list[float] | None = None          # with top_logprobs: each new token's log p
+    top_logprobs: list[list[tuple[int, float]]] | None = None   # with top_logprobs: each step's (id, log p), top k

@@ -93,7 +93,7 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}}}
     patterned = [replace(r, sampling=replace(r.sampling, **(dict(json_schema=schema) if j % 2 else dict(regex="[a-z ]+."))))
                  for j, r in enumerate(long)]
-    several = requests(path, max_new_tokens=6, temperature=1.2, top_k=50, seed=9, n=3, logprobs=True)
+    several = requests(path, max_new_tokens=6, temperature=1.2, top_k=50, seed=9, n=3, logprobs=True, top_logprobs=2)
     continued = [replace(r, continuation_ids=[5 + j, 6, 7], sampling=replace(r.sampling, max_new_tokens=2 * (j % 2)))
                  for j, r in enumerate(long)]
     parts = [long, short, sampled, penalized, stopped, chosen, patterned, several, continued]
@@ -128,6 +128,8 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
                for j in range(len(long)))
     assert all([s.token_ids for s in outcomes[7, j].samples] == [s.token_ids for s in alone[7, j].samples]
                for j in range(len(long)))
+    assert all([[i for step in s.top_logprobs for i, _ in step] for s in outcomes[7, j].samples]
+               == [[i for step in s.top_logprobs for i, _ in step] for s in alone[7, j].samples] for j in range(len(long)))
     assert all(outcomes[8, j].continuation_logprobs == pytest.approx(alone[8, j].continuation_logprobs, abs=1e-4)
                for j in range(len(long)))
     assert all((r.cumulative_logprob is not None) == (k[0] in (3, 7)) for k, r in outcomes.items())
