@@ -20,10 +20,10 @@ DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Descr
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
                 messages_column=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
                 logprobs=False, stop=None, choices=None, choices_column=None, sampling_column=None, score_column=None,
-                choice_logprobs=False, regex=None, json_schema=None, seed=None, samples=1, replicas=None,
-                tensor_parallel_size=1, cpu_workers=None, cpus_per_replica=None, batch_size=16, max_batch_size=64,
-                batches_in_flight=None, keep_columns="", rows_per_file=1000, resume=False, limit=None,
-                image_backend="pil", image_longest_edge=None, image_splitting=None, storage_options=None,
+                choice_logprobs=False, regex=None, json_schema=None, seed=None, samples=1, top_logprobs=0,
+                replicas=None, tensor_parallel_size=1, cpu_workers=None, cpus_per_replica=None, batch_size=16,
+                max_batch_size=64, batches_in_flight=None, keep_columns="", rows_per_file=1000, resume=False,
+                limit=None, image_backend="pil", image_longest_edge=None, image_splitting=None, storage_options=None,
                 max_image_pixels=None, max_image_bytes=None, image_root=None, fetch_threads=16, fetch_attempts=3,
                 fetch_timeout_s=60.0, step_timeout_s=600.0, compile_decode=None, device=None, dtype=None, show=5)
 
@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "the model (a confidence score to filter captions by; divide by num_generated_tokens "
                          "for the mean)")
     ap.add_argument("--seed", type=int, help="sampling seed; each row's seed derives from it and the row id")
+    ap.add_argument("--top-logprobs", type=int, metavar="K",
+                    help="add a token_logprobs column: each answer token's id and log-probability and the K (<= 20) "
+                         "likeliest tokens' at its step, as vLLM's logprobs (soft labels to distil a smaller model)")
     ap.add_argument("--samples", type=int, metavar="N",
                     help="sample N answers a row (needs --temperature > 0): list columns samples, "
                          "samples_finish_reason, samples_num_generated_tokens (and samples_logprob, samples_json); "

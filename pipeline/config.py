@@ -13,7 +13,7 @@ SETTABLE = {"max_new_tokens": "integer", "temperature": "number", "top_p": "numb
             "regex": "text", "json_schema": "text"}
 OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens",
                   "answer_logprob", "answer_json", "choice_logprobs", "samples", "samples_finish_reason",
-                  "samples_num_generated_tokens", "samples_logprob", "samples_json")
+                  "samples_num_generated_tokens", "samples_logprob", "samples_json", "token_logprobs")
 
 
 @dataclass
@@ -51,6 +51,8 @@ class PipelineConfig:
     json_schema: str | None = None              # every answer is a JSON document this schema (its JSON text) allows
     seed: int | None = None                     # with sampling: per-row seed = f(seed, id), batch-independent
     samples: int = 1                            # answers sampled a row (`samples` columns; the first is `answer`)
+    top_logprobs: int = 0                       # a `token_logprobs` column: each token's log p and the step's
+                                                # top_logprobs likeliest tokens' (0-20)
     replicas: int | None = None                 # model replicas (actors); None: every GPU (/ tp), or one a CPU node
     tensor_parallel_size: int = 1               # devices per replica (placement group, STRICT_PACK)
     cpu_workers: int | None = None              # preprocessing actors; None: 1 up to the CPUs left (autoscaled)
@@ -126,6 +128,10 @@ class PipelineConfig:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if self.top_k < 0:      # else every row's request would be refused, each an error row
             raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
+        if not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if self.top_logprobs and self.samples > 1:
+            raise ValueError("top_logprobs describes one answer's tokens: not with samples > 1")
         if self.samples > 1 and self.temperature == 0:
             raise ValueError(f"samples={self.samples} greedy answers would all be the same one: sample them "
                              "(temperature > 0)")
@@ -133,7 +139,8 @@ class PipelineConfig:
         self.template_columns()          # a template it cannot fill is refused here
         generating = [name for name, on in (("choices", self.choices or self.choices_column), ("regex", self.regex),
                                             ("json_schema", self.json_schema), ("samples", self.samples > 1),
-                                            ("sampling_column", self.sampling_column), ("stop", self.stop))
+                                            ("sampling_column", self.sampling_column), ("stop", self.stop),
+                                            ("top_logprobs", self.top_logprobs))
                       if on]
         if self.score_column is not None and generating:
             raise ValueError(f"score_column scores given answers; {generating[0]} is about generating them: give one")

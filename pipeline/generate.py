@@ -22,8 +22,8 @@ from .config import SETTABLE, PipelineConfig
 from .faults import crash_always_on, crash_once_on, hang_once_on
 from .groups import IMAGE_FIELDS, ungroup
 from .ledger import CrashLedger, Gate, ledger_path
-from .rows import (CHOICE_LOGPROBS, LOGPROB, ROW_CHOICES, ROW_SCORED, ROW_SETTINGS, SAMPLES, SAMPLES_LOGPROB, RowError,
-                   error_message, output_schema, reuse_recent, row_seed)
+from .rows import (CHOICE_LOGPROBS, LOGPROB, ROW_CHOICES, ROW_SCORED, ROW_SETTINGS, SAMPLES, SAMPLES_LOGPROB,
+                   TOKEN_LOGPROBS, RowError, error_message, output_schema, reuse_recent, row_seed)
 from .structured import answer_field, parsed_answers, parsed_lists
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,8 @@ class Generate:
         settings.update(own)
         choices, stop = tuple(settings.pop("choices") or ()), tuple(settings.pop("stop") or ())
         sampling = SamplingParams(**settings, stop=stop, choices=choices, logprobs=c.logprobs,
-                                  choice_logprobs=c.choice_logprobs and bool(choices), n=c.samples)
+                                  choice_logprobs=c.choice_logprobs and bool(choices), n=c.samples,
+                                  top_logprobs=c.top_logprobs)
         return Request(str(row["id"]), row["input_ids"], self.pixel_values(row), sampling=sampling,
                        image_key=row["image_key"])
 
@@ -302,7 +303,7 @@ class Generate:
                 "samples": [answer_text(s) for s in samples],
                 "samples_finish_reason": [s.finish_reason for s in samples],
                 "samples_num_generated_tokens": [s.num_generated_tokens for s in samples],
-                "samples_logprob": [s.cumulative_logprob for s in samples]}
+                "samples_logprob": [s.cumulative_logprob for s in samples], "token_logprobs": token_steps(result)}
 
     @staticmethod
     def error_output(row: dict, message: str | None) -> dict:
@@ -310,14 +311,15 @@ class Generate:
         return {"question": row["question"], "answer": None, "finish_reason": "error", "error": message,
                 "num_prompt_tokens": len(prompt) if prompt else 0, "num_generated_tokens": 0, "answer_logprob": None,
                 "choice_logprobs": None, "samples": None, "samples_finish_reason": None,
-                "samples_num_generated_tokens": None, "samples_logprob": None}
+                "samples_num_generated_tokens": None, "samples_logprob": None, "token_logprobs": None}
 
     def to_table(self, batch: pa.Table, outputs: list[dict]) -> pa.Table:
         c = self.config
         kept = [batch.schema.field(n) for n in c.keep_columns]
         several = c.samples > 1
         extra = ([LOGPROB] * (c.logprobs or c.score_column is not None) + [CHOICE_LOGPROBS] * c.choice_logprobs
-                 + SAMPLES * several + [SAMPLES_LOGPROB] * (several and c.logprobs))
+                 + SAMPLES * several + [SAMPLES_LOGPROB] * (several and c.logprobs)
+                 + [TOKEN_LOGPROBS] * bool(c.top_logprobs))
         parsed = [] if c.json_schema is None else [answer_field(c.json_schema)]
         parsed += [pa.field("samples_json", pa.list_(parsed[0].type))] if parsed and several else []
         schema = output_schema(batch.schema.field("id").type, kept, extra + parsed)
@@ -350,6 +352,14 @@ def given_settings(cell) -> dict:
             raise RowError(f"the row's settings name {unknown[0]!r}, not one a row may set "
                            f"({', '.join(SETTABLE)})")
     return {k: v for k, v in cell.items() if v is not None}
+
+
+def token_steps(result) -> list[dict] | None:
+    """The TOKEN_LOGPROBS cells of an answer: each token's id and log p, the step's top ids and log p."""
+    if result.top_logprobs is None:
+        return None
+    return [{"id": token, "logprob": chosen, "top_ids": [i for i, _ in top], "top_logprobs": [v for _, v in top]}
+            for token, chosen, top in zip(result.token_ids, result.token_logprobs, result.top_logprobs)]
 
 
 def answer_text(result) -> str | None:

@@ -78,6 +78,10 @@ CHOICE_LOGPROBS = pa.field("choice_logprobs", pa.map_(pa.string(), pa.float64())
 SAMPLES = [pa.field("samples", pa.list_(pa.string())), pa.field("samples_finish_reason", pa.list_(pa.string())),
            pa.field("samples_num_generated_tokens", pa.list_(pa.int32()))]
 SAMPLES_LOGPROB = pa.field("samples_logprob", pa.list_(pa.float64()))
+# --top-logprobs K: each answer token's id and log p, and the step's K likeliest tokens' (distillation)
+TOKEN_LOGPROBS = pa.field("token_logprobs", pa.list_(pa.struct([
+    ("id", pa.int32()), ("logprob", pa.float64()), ("top_ids", pa.list_(pa.int32())),
+    ("top_logprobs", pa.list_(pa.float64()))])))
 
 
 def output_schema(id_type: pa.DataType, kept: list[pa.Field], extra: list[pa.Field] = ()) -> pa.Schema:
