@@ -41,6 +41,25 @@ def _reference(ref, request: Request) -> list[int]:
     return ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:].tolist()
 
 
+def reference_steps(ref, request, k: int = 1) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
+    """transformers' greedy tokens for `request` alone, each one's log p and each step's k likeliest
+    (id, log p), from generate(output_logits=True)."""
+    ids = torch.tensor([request.prompt_ids])
+    kwargs = dict(max_new_tokens=request.sampling.max_new_tokens, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    if request.pixel_values is not None:
+        kwargs.update(pixel_values=request.pixel_values[None], pixel_attention_mask=request.pixel_attention_mask[None])
+    out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    chosen, top = [], []
+    for step, token in zip(out.logits, tokens):
+        log_p = step[0].float().log_softmax(-1)
+        values, best = log_p.topk(k)
+        chosen.append(log_p[token].item())
+        top.append(list(zip(best.tolist(), values.tolist())))
+    return tokens, chosen, top
+
+
 @pytest.fixture(scope="module", params=["smolvlm", "idefics3"])
 def setup(request, tmp_path_factory):
     from tokenizers import Tokenizer
@@ -245,14 +264,8 @@ def test_logprobs_equal_the_references_raw_logits(setup, overlap):
         if not req.sampling.logprobs:
             assert res.cumulative_logprob is None
             continue
-        ids = torch.tensor([req.prompt_ids])
-        kwargs = dict(max_new_tokens=req.sampling.max_new_tokens, do_sample=False, output_logits=True,
-                      return_dict_in_generate=True)
-        if req.pixel_values is not None:
-            kwargs.update(pixel_values=req.pixel_values[None], pixel_attention_mask=req.pixel_attention_mask[None])
-        out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        tokens = out.sequences[0, ids.shape[1]:].tolist()
-        want = sum(step[0].float().log_softmax(-1)[t].item() for step, t in zip(out.logits, tokens))
+        tokens, chosen, _ = reference_steps(ref, req)
+        want = sum(chosen)
         assert res.token_ids == tokens
         assert res.cumulative_logprob == pytest.approx(want, abs=1e-4), req.request_id
 

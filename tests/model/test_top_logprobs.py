@@ -6,27 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import torch
-
 from model.engine import LLMEngine, SamplingParams
-from tests.model.test_engine import overlap, setup  # noqa: F401  (tiny checkpoints, the reference)
-
-
-def reference_steps(ref, request, k: int) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
-    ids = torch.tensor([request.prompt_ids])
-    kwargs = dict(max_new_tokens=request.sampling.max_new_tokens, do_sample=False, output_logits=True,
-                  return_dict_in_generate=True)
-    if request.pixel_values is not None:
-        kwargs.update(pixel_values=request.pixel_values[None], pixel_attention_mask=request.pixel_attention_mask[None])
-    out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-    tokens = out.sequences[0, ids.shape[1]:].tolist()
-    chosen, top = [], []
-    for step, token in zip(out.logits, tokens):
-        log_p = step[0].float().log_softmax(-1)
-        values, best = log_p.topk(k)
-        chosen.append(log_p[token].item())
-        top.append(list(zip(best.tolist(), values.tolist())))
-    return tokens, chosen, top
+from tests.model.test_engine import overlap, reference_steps, setup  # noqa: F401  (tiny checkpoints, the reference)
 
 
 def test_each_steps_top_tokens_equal_the_references(setup, overlap):
