@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
+
 from model.engine import LLMEngine, SamplingParams
 from tests.model.test_engine import overlap, reference_steps, setup  # noqa: F401  (tiny checkpoints, the reference)
 
@@ -51,3 +53,25 @@ def test_sampled_tokens_are_scored_as_drawn_and_samples_get_their_own(setup):
 def test_top_logprobs_out_of_range_is_refused(k):
     with pytest.raises(ValueError, match="top_logprobs must be an integer in"):
         SamplingParams(top_logprobs=k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_top_logprobs_and_scored_continuations_as_on_cpu(setup):
+    """On CUDA the top tokens come through pinned buffers with the step's tokens (overlapped,
+    compiled, in CUDA graphs), and continuations are scored by the same prefill: as on the CPU."""
+    import copy
+
+    ours, requests, _, _, _ = setup
+    model = copy.deepcopy(ours).to("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    asked = [replace(r, sampling=replace(r.sampling, top_logprobs=4), continuation_ids=[5, 6, 7] if i % 2 else None)
+             for i, r in enumerate(requests)]
+    on_cpu = LLMEngine(ours, max_batch_size=3).generate(asked)
+    on_gpu = LLMEngine(model, max_batch_size=3).generate(asked)
+    for cpu, gpu in zip(on_cpu, on_gpu):
+        assert gpu.token_ids == cpu.token_ids
+        assert [[i for i, _ in step] for step in gpu.top_logprobs] == [[i for i, _ in step] for step in cpu.top_logprobs]
+        assert gpu.token_logprobs == pytest.approx(cpu.token_logprobs, abs=1e-3)
+        assert (gpu.continuation_logprobs is None) == (cpu.continuation_logprobs is None)
+        if cpu.continuation_logprobs is not None:
+            assert gpu.continuation_logprobs == pytest.approx(cpu.continuation_logprobs, abs=1e-3)
