@@ -124,9 +124,9 @@ class PreparedJob:
 
 
 def used_columns(names: list[str], config: PipelineConfig, renames: dict[str, str]) -> list[str]:
-    """The input columns a run reads (its rows' id, image, question, choices, messages, settings, scored texts, template's and kept
-    columns): a dataset's other columns (a second image, embeddings) are not read, nor can their
-    types fail the run."""
+    """The input columns a run reads (its rows' id, image, question, choices, messages, settings,
+    scored texts, template's and kept columns): a dataset's other columns (a second image,
+    embeddings) are not read, nor can their types fail the run."""
     used = {config.id_column, config.image_column, config.question_column, config.choices_column,
             config.messages_column, config.sampling_column, config.score_column, *config.keep_columns,
             *config.template_columns()}
