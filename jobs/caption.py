@@ -19,13 +19,14 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
                 messages_column=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                logprobs=False, stop=None, choices=None, choices_column=None, sampling_column=None, score_column=None,
-                choice_logprobs=False, regex=None, json_schema=None, seed=None, samples=1, top_logprobs=0,
-                replicas=None, tensor_parallel_size=1, cpu_workers=None, cpus_per_replica=None, batch_size=16,
-                max_batch_size=64, batches_in_flight=None, keep_columns="", rows_per_file=1000, resume=False,
-                limit=None, image_backend="pil", image_longest_edge=None, image_splitting=None, storage_options=None,
-                max_image_pixels=None, max_image_bytes=None, image_root=None, fetch_threads=16, fetch_attempts=3,
-                fetch_timeout_s=60.0, step_timeout_s=600.0, compile_decode=None, device=None, dtype=None, show=5)
+                no_repeat_ngram_size=0, logprobs=False, stop=None, choices=None, choices_column=None,
+                sampling_column=None, score_column=None, choice_logprobs=False, regex=None, json_schema=None, seed=None,
+                samples=1, top_logprobs=0, replicas=None, tensor_parallel_size=1, cpu_workers=None,
+                cpus_per_replica=None, batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="",
+                rows_per_file=1000, resume=False, limit=None, image_backend="pil", image_longest_edge=None,
+                image_splitting=None, storage_options=None, max_image_pixels=None, max_image_bytes=None,
+                image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0, step_timeout_s=600.0,
+                compile_decode=None, device=None, dtype=None, show=5)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repetition-penalty", type=float,
                     help="> 1 discourages tokens already in the prompt or the answer (as transformers' "
                          "repetition_penalty; 1.2 stops small models' loops; default 1 = none)")
+    ap.add_argument("--no-repeat-ngram-size", type=int, metavar="N",
+                    help="no N tokens in a row twice in the prompt and answer (transformers' no_repeat_ngram_size: "
+                         "3 or 4 stops long captions' loops; default 0 = none)")
     ap.add_argument("--stop", action="append", metavar="TEXT",
                     help="end an answer with the token that completes TEXT (repeatable; transformers' "
                          "stop_strings: the answer keeps it), e.g. --stop '.' for one sentence")

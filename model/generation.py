@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine.kv_cache import KVCache, PaddedCacheAttention
+from .engine.ngrams import NGrams, allowed_by_ngrams
 from .engine.sampler import SamplingState, sample
 
 
@@ -29,12 +30,12 @@ def _as_list(ids) -> list[int]:
 
 
 FOLLOWED = {"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-            "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences"}
+            "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences", "no_repeat_ngram_size"}
 # transformers' settings that change nothing here: whatever their value, or at these values
 UNUSED = {"bos_token_id", "decoder_start_token_id", "use_cache", "length_penalty", "early_stopping",
           "transformers_version", "cache_implementation"}
 INERT = {"num_beams": 1, "num_beam_groups": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-         "min_p": 0.0, "encoder_repetition_penalty": 1.0, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0,
+         "min_p": 0.0, "encoder_repetition_penalty": 1.0, "diversity_penalty": 0.0,
          "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0, "min_length": 0}
 
 
@@ -71,6 +72,7 @@ class _Settings:
             raise ValueError(f"repetition_penalty must be > 0, got {self.penalty}")
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 with do_sample=True, got {self.temperature}")
+        self.no_repeat = int(get("no_repeat_ngram_size", 0))
         self.copies = int(get("num_return_sequences", 1))
         if self.copies < 1 or (self.copies > 1 and not self.do_sample):
             raise ValueError(f"num_return_sequences={self.copies}: greedy decoding answers each prompt once; "
@@ -105,8 +107,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     """(B, T) prompt ids (left-padded) -> (B, T + n_new) LongTensor, like transformers' generate.
 
     Settings (kwargs over generation_config.json): max_new_tokens / max_length, min_new_tokens,
-    do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, and
-    num_return_sequences (k sampled answers a prompt: rows b*k .. b*k+k-1 are prompt b's).
+    do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, eos_token_id,
+    pad_token_id, and num_return_sequences (k sampled answers a prompt: rows b*k .. b*k+k-1 are prompt b's).
     """
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("generate needs input_ids of shape (batch, seq_len)")
@@ -136,10 +138,15 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     unfinished = torch.ones(batch, dtype=torch.bool, device=param.device)
     position = positions[:, -1:]
     new_tokens = []
+    # as the reference: every row's ids, its left padding and a finished row's padding included
+    ngrams = [NGrams(s.no_repeat, row) for row in input_ids.tolist()] if s.no_repeat else []
     for step in range(s.max_new):
+        allowed = allowed_by_ngrams(list(enumerate(ngrams)), *logits.shape, logits.device) if ngrams else None
         token = sample(logits, state, rows, any_sampling=s.do_sample, any_filter=s.do_sample,
-                       any_penalty=s.penalty != 1.0)
+                       any_penalty=s.penalty != 1.0, allowed=allowed)
         token = torch.where(unfinished, token, s.pad)
+        for row, t in zip(ngrams, token.tolist() if ngrams else ()):
+            row.extend([t])
         if s.penalty != 1.0:
             state.mark_seen(rows, token)
         new_tokens.append(token)

@@ -9,8 +9,8 @@ DEFAULT_PROMPT = "Describe this image."
 DTYPES = ("bfloat16", "float16", "float32")
 # What a row's own settings (`sampling_column`) may set, and the Arrow types a column of them may hold
 SETTABLE = {"max_new_tokens": "integer", "temperature": "number", "top_p": "number", "top_k": "integer",
-            "repetition_penalty": "number", "seed": "integer", "stop": "texts", "choices": "texts",
-            "regex": "text", "json_schema": "text"}
+            "repetition_penalty": "number", "no_repeat_ngram_size": "integer", "seed": "integer", "stop": "texts",
+            "choices": "texts", "regex": "text", "json_schema": "text"}
 OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens",
                   "answer_logprob", "answer_json", "choice_logprobs", "samples", "samples_finish_reason",
                   "samples_num_generated_tokens", "samples_logprob", "samples_json", "token_logprobs")
@@ -37,6 +37,7 @@ class PipelineConfig:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0             # transformers' repetition_penalty; 1 = none
+    no_repeat_ngram_size: int = 0               # transformers' no_repeat_ngram_size: no n-gram twice; 0 = none
     logprobs: bool = False                      # an `answer_logprob` column: the answer's log p under the model
     stop: list[str] = field(default_factory=list)   # strings that end an answer (transformers' stop_strings)
     choices: list[str] = field(default_factory=list)    # every answer is one of these (vLLM's guided choice)
@@ -126,6 +127,8 @@ class PipelineConfig:
             raise ValueError(f"image_backend must be 'pil' or 'torch', got {self.image_backend!r}")
         if not self.temperature >= 0 or not 0 < self.top_p <= 1:      # NaN fails both
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0 (0: none), got {self.no_repeat_ngram_size}")
         if self.top_k < 0:      # else every row's request would be refused, each an error row
             raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
         if not 0 <= self.top_logprobs <= 20:

@@ -230,7 +230,8 @@ class Generate:
                            continuation_ids=self.scored_ids(row.get(ROW_SCORED)),
                            sampling=SamplingParams(max_new_tokens=0))
         settings = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                        repetition_penalty=c.repetition_penalty, stop=c.stop, choices=row.get(ROW_CHOICES) or c.choices,
+                        repetition_penalty=c.repetition_penalty, no_repeat_ngram_size=c.no_repeat_ngram_size,
+                        stop=c.stop, choices=row.get(ROW_CHOICES) or c.choices,
                         regex=c.regex, json_schema=c.json_schema, seed=row_seed(c.seed, row["id"]))
         own = given_settings(row.get(ROW_SETTINGS))
         if own.keys() & CONSTRAINTS:        # a row's own constraint replaces the job's

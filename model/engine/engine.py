@@ -29,6 +29,7 @@ from .kv_cache import KVCache, plan_cache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket
 from .logprobs import HostLogprobs, StepLogprobs, TokenLogprobs
+from .ngrams import allowed_by_ngrams, sequence_ngrams
 from .sampler import NON_FINITE, SamplingState, model_tokens, sample_rows
 from .samples import add_samples, with_samples
 from .scheduler import Scheduler, Sequence
@@ -302,7 +303,7 @@ class LLMEngine:
         """The rows' tokens (NON_FINITE for a row whose logits are not), and their log p (and top
         tokens') when a request asks for them. The model reads `model_tokens` of them. Row rows[i]
         is seqs[i]'s."""
-        tokens = self.sample_tokens(logits, slots, seqs, self.constraints.allowed(seqs, rows, logits.shape[0]))
+        tokens = self.sample_tokens(logits, slots, seqs, self._allowed(logits, seqs, rows))
         logprobs = None
         if wants_logprobs(seqs):
             top = max(s.request.sampling.top_logprobs for s in seqs)
@@ -310,6 +311,16 @@ class LLMEngine:
         if penalized(seqs):
             self.sampling.mark_seen(slots, model_tokens(tokens))
         return tokens, logprobs
+
+    def _allowed(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor | None:
+        """(rows, V) bool: the tokens each row may take (its constraint's, less the n-grams it may
+        not repeat), or None where every row may take any."""
+        constrained = self.constraints.allowed(seqs, rows, logits.shape[0])
+        histories = [(row, sequence_ngrams(s)) for row, s in zip(rows, seqs) if s.request.sampling.no_repeat_ngram_size]
+        unbanned = allowed_by_ngrams(histories, *logits.shape, self.device) if histories else None
+        if constrained is None or unbanned is None:
+            return unbanned if constrained is None else constrained
+        return constrained & unbanned
 
     def _prefill(self, scheduler: Scheduler, seqs: list[Sequence]) -> None:
         runner = self.runner
@@ -380,8 +391,8 @@ class LLMEngine:
         in-flight token is their last (max_new_tokens) are left out. None (collect first) if that
         leaves none, or if their slots would let waiting requests in (Scheduler.can_admit)."""
         lag = in_flight is not None
-        if lag and any(s.request.sampling.constrained for s in in_flight.seqs):
-            return None      # a constrained answer's next token depends on the token in flight
+        if lag and any(s.request.sampling.follows_answer for s in in_flight.seqs):
+            return None      # their next allowed tokens depend on the token in flight
         seqs = [s for s in scheduler.running.values() if not (lag and s.last_token_pending())]
         finishing = len(scheduler.running) - len(seqs)
         if not seqs or (finishing and scheduler.can_admit(finishing)):

@@ -23,6 +23,7 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list, repr=False)  # each step's top k
     scored: int = 0                          # the prompt's last tokens whose log p are asked (its continuation)
     continuation_logprobs: list[float] | None = None
+    ngrams: object | None = field(default=None, repr=False)   # model.engine.ngrams.NGrams, with no_repeat_ngram_size
     constraint_state: tuple | None = None    # a constrained answer's constraint, its state, the tokens it read
     scorer: bool = False                     # it scores a choice of its parent (model.engine.scoring)
     children: list = field(default_factory=list, repr=False)   # (choice, Sequence) scoring its choices

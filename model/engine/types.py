@@ -29,6 +29,7 @@ class SamplingParams:
     choice_logprobs: bool = False     # Result.choice_logprobs: each choice's log p (model.engine.scoring)
     n: int = 1                        # answers sampled for the request (Result.samples; model.engine.samples)
     top_logprobs: int = 0             # Result.top_logprobs: each step's k likeliest tokens and their log p
+    no_repeat_ngram_size: int = 0     # > 0: no n-gram of this size twice in prompt + answer (model.engine.ngrams)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -58,6 +59,8 @@ class SamplingParams:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if self.n > 1 and self.greedy:
             raise ValueError(f"n={self.n} greedy answers would all be the same one: sample them (temperature > 0)")
+        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
         if not self.repetition_penalty > 0:
@@ -66,6 +69,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def follows_answer(self) -> bool:
+        """Whether the tokens it may take next depend on its answer so far (a constraint's state,
+        the n-grams to ban): no decode step is queued before the last one's tokens are read."""
+        return self.constrained or self.no_repeat_ngram_size > 0
 
     @property
     def constrained(self) -> bool:

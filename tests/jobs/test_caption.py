@@ -192,6 +192,7 @@ def test_regex_and_json_schema_flags(tmp_path):
     assert config("--sampling-column", "params").sampling_column == "params"
     assert config("--score-column", "caption").score_column == "caption"
     assert config("--top-logprobs", "5").top_logprobs == 5
+    assert config("--no-repeat-ngram-size", "3").no_repeat_ngram_size == 3
     assert config("--messages-column", "messages").messages_column == "messages"
     with pytest.raises(ValueError, match="samples=4 greedy answers"):
         config("--samples", "4")

@@ -75,6 +75,17 @@ def test_min_new_tokens_and_eos_padding(pair):
     assert torch.equal(ours.generate(**inputs, **kwargs), ref.generate(**inputs, **kwargs))
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeated_ngrams_match_reference(pair, n):
+    """Banned n-grams counted over each row's whole ids, its left padding included, as the reference."""
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    kwargs = dict(max_new_tokens=12, do_sample=False, no_repeat_ngram_size=n)
+    expected = ref.generate(**inputs, **kwargs)
+    assert not torch.equal(expected, ref.generate(**inputs, max_new_tokens=12, do_sample=False))
+    assert torch.equal(ours.generate(**inputs, **kwargs), expected)
+
+
 @pytest.mark.parametrize("penalty", [1.7, 0.5])
 def test_repetition_penalty_matches_reference(pair, penalty):
     """The prompt's tokens (not its left padding) and the answer's so far are penalised."""
@@ -126,7 +137,7 @@ def test_several_answers_a_prompt_come_as_the_references(pair):
     assert "do_sample" in str(ours_error.value)
 
 
-@pytest.mark.parametrize("setting", [dict(num_beams=3), dict(no_repeat_ngram_size=2), dict(return_dict_in_generate=True),
+@pytest.mark.parametrize("setting", [dict(num_beams=3), dict(typical_p=0.5), dict(return_dict_in_generate=True),
                                      dict(stop_strings=["."]), dict(min_p=0.1)])
 def test_settings_it_does_not_follow_are_refused_by_name(pair, setting):
     """Beam search and the other settings it does not implement would change the answers: refused,

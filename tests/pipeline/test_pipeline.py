@@ -195,6 +195,24 @@ def test_the_model_stage_applies_the_repetition_penalty_and_system_prompt(checkp
     assert stage.engine.stats["prefix_tokens_reused"] >= 2 * MIN_SHARED_TEXT          # rows 2 and 3 copy row 1's
 
 
+def test_the_model_stage_repeats_no_ngram_as_the_reference(checkpoint, oracle):
+    """--no-repeat-ngram-size: answers equal transformers' generate(no_repeat_ngram_size=...) on each
+    row alone (the prompt's n-grams counted)."""
+    import asyncio
+
+    from pipeline.generate import Generate
+    from pipeline.preprocess import Preprocess
+
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=12, no_repeat_ngram_size=2)
+    rows = good_rows(3)
+    stage = Generate(config)
+    answered = asyncio.run(stage(Preprocess(config)(pa.Table.from_pylist(rows)))).to_pylist()
+    stage.loop.close()
+    want = [oracle.answer(r["image"], r["question"] or config.prompt, 12, no_repeat_ngram_size=2) for r in rows]
+    assert want != [oracle.answer(r["image"], r["question"] or config.prompt, 12) for r in rows]
+    assert [(r["answer"], r["num_generated_tokens"]) for r in answered] == want
+
+
 def test_the_model_stage_ends_answers_on_stop_strings(checkpoint, oracle):
     """--stop: answers end with the token completing a stop string, as transformers'
     generate(stop_strings=...) on each row alone."""
