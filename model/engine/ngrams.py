@@ -39,10 +39,10 @@ def allowed_by_ngrams(histories: list[tuple[int, NGrams]], num_rows: int, vocab:
     bans = [(row, banned) for row, banned in bans if banned]
     if not bans:
         return None
-    allowed = torch.ones(num_rows, vocab, dtype=torch.bool)
-    for row, banned in bans:
-        allowed[row, banned] = False
-    return allowed.to(device)
+    allowed = torch.ones(num_rows, vocab, dtype=torch.bool, device=device)
+    rows = torch.tensor([row for row, banned in bans for _ in banned], device=device)
+    allowed[rows, torch.tensor([t for _, banned in bans for t in banned], device=device)] = False
+    return allowed
 
 
 def sequence_ngrams(seq) -> NGrams:
