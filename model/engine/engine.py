@@ -346,6 +346,10 @@ class LLMEngine:
                                         [s.scored for s in seqs])
         if self.share_prefixes:
             self.prefixes.remember(requests, slots)
+        # decode steps write every row up to the highest busy slot, a free one at its position: past
+        # its prompt, whose K/V other requests may copy (a request of no answer frees its slot now)
+        runner.positions[torch.tensor(slots, device=self.device)] = torch.tensor(
+            [s.prompt_len for s in seqs], device=self.device)
         for seq, log_p in zip(seqs, scored):
             if log_p is not None:
                 seq.continuation_logprobs = log_p.tolist()
@@ -358,7 +362,6 @@ class LLMEngine:
         slot_t = torch.tensor(slots, device=self.device)
         tokens, logprobs = self._next_tokens(logits, slot_t, seqs, list(range(len(seqs))))
         runner.tokens[slot_t] = model_tokens(tokens)
-        runner.positions[slot_t] = torch.tensor([s.prompt_len for s in seqs], device=self.device)
         self.active[slot_t] = 1
         self.sampling.step[slot_t] += 1
         self._record(scheduler, seqs, tokens.tolist(), None if logprobs is None else logprobs.rows(range(len(seqs))))
@@ -371,14 +374,12 @@ class LLMEngine:
         keep = [i for i, s in enumerate(seqs) if s.max_new_tokens > 0]
         if len(keep) == len(seqs):
             return seqs, logits, slots
-        for i, seq in enumerate(seqs):
-            if seq.max_new_tokens > 0:
-                continue
-            if math.isfinite(sum(seq.continuation_logprobs)) and bool(torch.isfinite(logits[i]).all()):
+        ended = [i for i, s in enumerate(seqs) if s.max_new_tokens == 0]
+        finite = torch.isfinite(logits[ended]).all(-1).tolist()      # one host sync for them all
+        for i, logits_finite in zip(ended, finite):
+            seq = seqs[i]
+            if logits_finite and math.isfinite(sum(seq.continuation_logprobs)):
                 seq.finish_reason = "length"
-                # decode steps write every row up to the highest busy slot: this free row's idle
-                # writes must land past its prompt, whose K/V other requests may copy
-                self.runner.positions[seq.slot] = seq.prompt_len
             else:
                 self._fail_non_finite(seq)
             scheduler.release(seq)

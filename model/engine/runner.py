@@ -1,6 +1,8 @@
 """Runs the model on the engine's KV cache: image features, packed prefill, decode (graphed on CUDA)."""
 from __future__ import annotations
 
+import itertools
+
 import warnings
 
 import torch
@@ -138,9 +140,10 @@ class ModelRunner:
         hidden = self.text(inputs_embeds=embeds, position_ids=positions,
                            attention=PackedPrefillAttention(self.cache, slots, lengths,
                                                             batched=self.batched_prefill, prefixes=prefixes))
-        last = torch.tensor(lengths, device=device).cumsum(0) - 1
-        scored_logprobs = [None if not n else self._scored_logprobs(hidden[0], ids[0], int(end), n)
-                           for end, n in zip(last, scored or [0] * len(prompts))]
+        ends = list(itertools.accumulate(lengths))          # on the host: no sync to find a scored prompt's end
+        scored_logprobs = [None if not n else self._scored_logprobs(hidden[0], ids[0], end - 1, n)
+                           for end, n in zip(ends, scored or [0] * len(prompts))]
+        last = torch.tensor(ends, device=device) - 1
         return self.model.lm_head(hidden[0, last]).float(), scored_logprobs
 
     def _scored_logprobs(self, hidden: Tensor, ids: Tensor, last: int, n: int, chunk: int = 256) -> Tensor:
