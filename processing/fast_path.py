@@ -106,9 +106,8 @@ class RowEncoder:
         images=[[a, b, ...]]: each image's block in order, their frames concatenated (rows, cols: the
         first image's grid). `tiles`: the images' `image_frames`, when already made."""
         check_question(question)
-        count = len(tiles) if tiles is not None else len(images)
-        content = [{"type": "image"}] * count + [{"type": "text", "text": question}]
-        return self.encode_turns([{"role": "user", "content": content}], images, tiles)
+        return self.encode_turns(question_turns(question, len(tiles) if tiles is not None else len(images)),
+                                 images, tiles)
 
     def encode_conversation(self, images: list, conversation: Conversation,
                             tiles: list[tuple[np.ndarray, int, int]] | None = None) -> EncodedRow:
@@ -150,8 +149,7 @@ class RowEncoder:
     def prompt(self, question: str, num_images: int) -> str:
         """The chat template over one user turn (num_images images, then the text) with the generation
         prompt, after the system turn if there is one."""
-        content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-        return self.render([{"role": "user", "content": content}])
+        return self.render(question_turns(question, num_images))
 
     def render(self, turns: list[dict]) -> str:
         """The chat template over `turns` with the generation prompt, after the system turn if there
@@ -211,6 +209,11 @@ class RowEncoder:
         return frames_to_pixel_values(frames, recipe=self.recipe, rescale_factor=ip.rescale_factor,
                                       mean=ip.image_mean, std=ip.image_std, device=device,
                                       do_rescale=ip.do_rescale, do_normalize=ip.do_normalize)
+
+
+def question_turns(question: str, num_images: int) -> list[dict]:
+    """One user turn: the images, then the question."""
+    return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": question}]}]
 
 
 def check_question(question: Any) -> None:
