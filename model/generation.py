@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine.kv_cache import KVCache, PaddedCacheAttention
+from .engine.beams import BeamRules, BeamSearch, beam_candidates
 from .engine.ngrams import NGrams, allowed_by_ngrams
 from .engine.sampler import SamplingState, sample
 
@@ -30,11 +31,11 @@ def _as_list(ids) -> list[int]:
 
 
 FOLLOWED = {"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-            "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences", "no_repeat_ngram_size"}
+            "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences", "no_repeat_ngram_size",
+            "num_beams", "length_penalty", "early_stopping"}
 # transformers' settings that change nothing here: whatever their value, or at these values
-UNUSED = {"bos_token_id", "decoder_start_token_id", "use_cache", "length_penalty", "early_stopping",
-          "transformers_version", "cache_implementation"}
-INERT = {"num_beams": 1, "num_beam_groups": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+UNUSED = {"bos_token_id", "decoder_start_token_id", "use_cache", "transformers_version", "cache_implementation"}
+INERT = {"num_beam_groups": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
          "min_p": 0.0, "encoder_repetition_penalty": 1.0, "diversity_penalty": 0.0,
          "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0, "min_length": 0}
 
@@ -47,7 +48,7 @@ def check_settings(settings: dict, source: str) -> None:
         inert = value is None or value is False or value == INERT.get(name, False) or (value == {} or value == [])
         if name in FOLLOWED or name in UNUSED or name.startswith("_") or inert:
             continue
-        what = "beam search" if name in ("num_beams", "num_beam_groups") else "it"
+        what = "group beam search" if name == "num_beam_groups" else "it"
         raise ValueError(f"generate does not implement {name}={value!r} ({source}): {what} would change the "
                          f"answers; it follows {', '.join(sorted(FOLLOWED))}")
 
@@ -73,11 +74,23 @@ class _Settings:
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 with do_sample=True, got {self.temperature}")
         self.no_repeat = int(get("no_repeat_ngram_size", 0))
+        self.num_beams = int(get("num_beams", 1))
+        self.length_penalty = float(get("length_penalty", 1.0))
+        self.early_stopping = get("early_stopping", False)
+        if self.num_beams < 1 or (self.num_beams > 1 and self.do_sample):
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}" if self.num_beams < 1 else
+                             "beam search with do_sample=True (beam sampling) is not implemented: "
+                             "search greedily (do_sample=False) or sample without beams")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         self.copies = int(get("num_return_sequences", 1))
-        if self.copies < 1 or (self.copies > 1 and not self.do_sample):
+        if self.copies < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {self.copies}")
+        if self.copies > self.num_beams and not self.do_sample:
             raise ValueError(f"num_return_sequences={self.copies}: greedy decoding answers each prompt once; "
-                             "sample (do_sample=True) for several answers" if self.copies > 1 else
-                             f"num_return_sequences must be >= 1, got {self.copies}")
+                             "sample (do_sample=True) for several answers" if self.num_beams == 1 else
+                             f"num_return_sequences={self.copies} > num_beams={self.num_beams}: beam search "
+                             "returns at most its beams")
 
 
 def _sampling_state(s: _Settings, input_ids: Tensor, mask: Tensor, vocab: int) -> SamplingState:
@@ -108,7 +121,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
 
     Settings (kwargs over generation_config.json): max_new_tokens / max_length, min_new_tokens,
     do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, eos_token_id,
-    pad_token_id, and num_return_sequences (k sampled answers a prompt: rows b*k .. b*k+k-1 are prompt b's).
+    pad_token_id, num_return_sequences (k sampled answers a prompt: rows b*k .. b*k+k-1 are prompt b's),
+    and beam search: num_beams, length_penalty, early_stopping (num_return_sequences: the best beams).
     """
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("generate needs input_ids of shape (batch, seq_len)")
@@ -120,6 +134,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         return input_ids.repeat_interleave(s.copies, dim=0)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(param.device)
     embeds = _prefill_embeddings(model, input_ids, pixel_values, pixel_attention_mask)   # each image once
+    if s.num_beams > 1:
+        return _beam_generate(model, s, input_ids, mask, embeds)
     if s.copies > 1:
         input_ids, mask, embeds = (t.repeat_interleave(s.copies, dim=0) for t in (input_ids, mask, embeds))
         batch *= s.copies
@@ -159,3 +175,45 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         hidden = text(input_ids=token[:, None], position_ids=position, attention=attention)
         logits = model.lm_head(hidden[:, -1])
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tensor, embeds: Tensor) -> Tensor:
+    """generate() by beam search (model.engine.beams): every prompt's beams in one batch of
+    batch * num_beams rows, whose K/V each step gathers from their parents' rows."""
+    text, tc, device = model.model.text_model, model.config.text_config, input_ids.device
+    batch, prompt_len = input_ids.shape
+    k = s.num_beams
+    cache = KVCache(tc.num_hidden_layers, batch * k, tc.num_key_value_heads, prompt_len + s.max_new,
+                    tc.head_dim, embeds.dtype, device)
+    key_mask = torch.ones(batch * k, prompt_len + s.max_new, dtype=torch.bool, device=device)
+    key_mask[:, :prompt_len] = mask.bool().repeat_interleave(k, dim=0)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    hidden = text(inputs_embeds=embeds, position_ids=positions, attention=PaddedCacheAttention(cache, key_mask[::k], 0))
+    logits = model.lm_head(hidden[:, -1])
+    searches = [BeamSearch(k, s.eos, s.max_new, s.length_penalty, s.early_stopping) for _ in range(batch)]
+    rules = [BeamRules(search, tc.vocab_size, device, min_new_tokens=s.min_new, repetition_penalty=s.penalty,
+                       penalized_ids=row[row_mask.bool()].tolist(), no_repeat_ngram_size=s.no_repeat, ngram_ids=row.tolist())
+             for search, row, row_mask in zip(searches, input_ids, mask)]
+    next_position = positions[:, -1].repeat_interleave(k) + 1
+    for step in range(s.max_new):
+        rows_now = 1 if step == 0 else k          # beams a prompt had at this step
+        parents = []
+        for b, (search, rule, (scores, ids)) in enumerate(zip(searches, rules, beam_candidates(logits, rules))):
+            search.advance(scores, ids, logits.shape[-1])
+            rule.follow()
+            parents += [b * rows_now + p for p in search.parents]
+        if all(search.done for search in searches):
+            break
+        end = prompt_len + step
+        index = torch.tensor(parents, device=device)
+        cache.k[:, :, :, :end] = cache.k[:, index, :, :end]
+        cache.v[:, :, :, :end] = cache.v[:, index, :, :end]
+        tokens = torch.tensor([beam[-1] for search in searches for beam in search.beams], device=device)
+        attention = PaddedCacheAttention(cache, key_mask, end)
+        hidden = text(input_ids=tokens[:, None], position_ids=(next_position + step)[:, None], attention=attention)
+        logits = model.lm_head(hidden[:, -1])
+    best = [h.tokens for search in searches for h in search.best(s.copies)]
+    fill = s.pad if s.pad else (s.eos[0] if s.eos else -1)       # the reference's fill: pad, unless it is 0
+    width = max(map(len, best))
+    new = torch.tensor([t + [fill] * (width - len(t)) for t in best], dtype=torch.int64, device=device)
+    return torch.cat([input_ids.repeat_interleave(s.copies, dim=0), new], dim=1)

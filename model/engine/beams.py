@@ -1,0 +1,170 @@
+"""Beam search (SamplingParams.num_beams; transformers' num_beams, length_penalty, early_stopping):
+the answer of highest log-probability among the `num_beams` best partial answers kept each step,
+for captions and short answers where greedy's first choice leads astray.
+
+One prompt's search is a BeamSearch: the host-side bookkeeping of transformers' vectorized beam
+search, step for step (its float32 arithmetic, its candidate counts, its early-stop heuristic), so
+that the hypotheses, their order and the step the search ends at are the reference's. A step's
+device work for every search at once is `beam_candidates`: the beams' log-probabilities (the
+repetition penalty, min_new_tokens and the n-gram bans applied to them, as the reference applies
+its processors after the log-softmax), each search's best candidates, read in one host sync.
+Callers (model.generation, model.engine.beam_groups) own the K/V: each step they copy every beam's
+cache rows from its parent's.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ngrams import NGrams
+from .sampler import penalize_repeats
+
+NEG = -1.0e9       # the reference's score for "never": not -inf, so sums stay ordered
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    tokens: list[int]
+    score: float         # the sum of its tokens' log p divided by its length ** length_penalty
+    logprob: float       # the sum of its tokens' log p (as beam search saw them: after the penalties)
+
+
+class BeamSearch:
+    """One prompt's beams. `beams` holds the running beams' new tokens (one empty beam before the
+    first step: the reference's other beams start at -1e9 and cannot be chosen then)."""
+
+    def __init__(self, num_beams: int, stop_ids, max_new_tokens: int, length_penalty: float = 1.0,
+                 early_stopping: bool | str = False) -> None:
+        self.num_beams, self.stop_ids, self.max_new_tokens = num_beams, frozenset(stop_ids), max_new_tokens
+        self.length_penalty, self.early_stopping = length_penalty, early_stopping
+        # candidates kept a step: enough that num_beams of them go on even if as many end on each stop id
+        self.width = max(2, 1 + len(self.stop_ids)) * num_beams
+        self.beams: list[list[int]] = [[]]
+        self.scores = torch.zeros(1)
+        self.parents: list[int] = []                 # the last step's: beam j continues old beam parents[j]
+        self.finished = [Hypothesis([], NEG, NEG)] * num_beams
+        self.is_finished = torch.zeros(num_beams, dtype=torch.bool)
+        self.improvable = True
+        self.done = False
+
+    @property
+    def steps(self) -> int:
+        return len(self.beams[0])
+
+    def advance(self, top_scores: list[float], top_ids: list[int], vocab: int) -> None:
+        """Take a step's `width` best candidates (accumulated log p, descending; ids beam * vocab + token)."""
+        k, step = self.num_beams, self.steps + 1
+        scores = torch.tensor(top_scores, dtype=torch.float32)
+        parents, tokens = [i // vocab for i in top_ids], [i % vocab for i in top_ids]
+        ends = torch.tensor([t in self.stop_ids or step >= self.max_new_tokens for t in tokens])
+        going = scores + ends.float() * NEG
+        order = torch.topk(going, k).indices.tolist()
+        self._keep_finished(scores, parents, tokens, ends, step)
+        self.parents = [parents[i] for i in order]
+        self.beams = [self.beams[parents[i]] + [tokens[i]] for i in order]
+        self.scores = going[order]
+        self._check_improvable(step)
+        self.done = (not self.improvable or bool(self.is_finished.all()) and self.early_stopping is True
+                     or bool(ends.all()))
+
+    def _keep_finished(self, scores: Tensor, parents: list[int], tokens: list[int], ends: Tensor, step: int) -> None:
+        """The num_beams best hypotheses so far: the kept ones and the candidates that end now (only
+        among the num_beams best candidates, while they may still improve on the kept ones)."""
+        k = self.num_beams
+        top = torch.arange(len(tokens)) < k
+        just_ended = ends & top
+        ranked = scores / (step ** self.length_penalty)
+        ranked = ranked + float(bool(self.is_finished.all()) and self.early_stopping is True) * NEG
+        ranked = ranked + float(not self.improvable) * NEG
+        ranked = ranked + (~just_ended).float() * NEG
+        merged = torch.cat([torch.tensor([h.score for h in self.finished], dtype=torch.float32), ranked])
+        keep = torch.topk(merged, k).indices.tolist()
+        candidates = [Hypothesis(self.beams[p] + [t], s, raw)
+                      for p, t, s, raw in zip(parents, tokens, ranked.tolist(), scores.tolist())]
+        pool = self.finished + candidates
+        self.is_finished = torch.cat([self.is_finished, just_ended])[keep]
+        self.finished = [pool[i] for i in keep]
+
+    def _check_improvable(self, step: int) -> None:
+        """Whether the best running beam may still beat the worst kept hypothesis (the reference's
+        heuristic: at the current length, or at the longest with early_stopping "never")."""
+        longest = self.early_stopping == "never" and self.length_penalty > 0
+        length = self.max_new_tokens if longest else step
+        best = self.scores[:1] / (length ** self.length_penalty)
+        kept = torch.tensor([h.score for h in self.finished], dtype=torch.float32)
+        worst = torch.where(self.is_finished, kept.min(), torch.tensor(NEG))
+        self.improvable = self.improvable and bool((best > worst).any())
+
+    def best(self, n: int = 1) -> list[Hypothesis]:
+        return self.finished[:n]
+
+
+class BeamRules:
+    """What the reference's logits processors do to one search's beams, on the device: eos ids
+    barred before min_new_tokens, the repetition penalty (on log p: multiplied), n-gram bans. Its
+    per-beam state follows the beams' parents each step."""
+
+    def __init__(self, search: BeamSearch, vocab: int, device, *, min_new_tokens: int = 0,
+                 repetition_penalty: float = 1.0, penalized_ids=(), no_repeat_ngram_size: int = 0,
+                 ngram_ids=()) -> None:
+        self.search, self.min_new_tokens, self.penalty = search, min_new_tokens, repetition_penalty
+        self.stop = torch.tensor(sorted(i for i in search.stop_ids if 0 <= i < vocab), dtype=torch.int64, device=device)
+        self.seen = None
+        if repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+            ids = [i for i in set(penalized_ids) if 0 <= i < vocab]
+            self.seen[0, torch.tensor(ids, dtype=torch.int64, device=device)] = True
+        self.ngrams = [NGrams(no_repeat_ngram_size, list(ngram_ids))] if no_repeat_ngram_size else None
+
+    @property
+    def active(self) -> bool:
+        return self.seen is not None or self.ngrams is not None or self.search.steps < self.min_new_tokens
+
+    def apply(self, log_probs: Tensor) -> Tensor:
+        """This search's rows of log p, as its processors leave them."""
+        if self.search.steps < self.min_new_tokens and self.stop.numel():
+            log_probs = log_probs.index_fill(1, self.stop, float("-inf"))
+        if self.seen is not None:
+            log_probs = penalize_repeats(log_probs, log_probs.new_full((len(log_probs),), self.penalty), self.seen)
+        if self.ngrams is not None:
+            rows = [(row, t) for row, ngrams in enumerate(self.ngrams) for t in ngrams.banned()]
+            if rows:
+                log_probs = log_probs.index_put((torch.tensor([r for r, _ in rows], device=log_probs.device),
+                                                 torch.tensor([t for _, t in rows], device=log_probs.device)),
+                                                torch.tensor(float("-inf"), device=log_probs.device))
+        return log_probs
+
+    def follow(self) -> None:
+        """Move the state on to the search's new beams (after BeamSearch.advance)."""
+        parents, tokens = self.search.parents, [beam[-1] for beam in self.search.beams]
+        if self.seen is not None:
+            index = torch.tensor(parents, device=self.seen.device)
+            self.seen = self.seen[index]
+            self.seen[torch.arange(len(tokens), device=self.seen.device), torch.tensor(tokens, device=self.seen.device)] = True
+        if self.ngrams is not None:
+            self.ngrams = [copy.deepcopy(self.ngrams[p]) for p in parents]
+            for ngrams, t in zip(self.ngrams, tokens):
+                ngrams.extend([t])
+
+
+def beam_candidates(logits: Tensor, rules: list[BeamRules]) -> list[tuple[list[float], list[int]]]:
+    """Each search's best `width` candidates (accumulated log p, beam * vocab + token), from the
+    logits of its beams: rows in the order of `rules`, len(search.beams) each. One host sync."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    sizes = [len(r.search.beams) for r in rules]
+    if any(r.active for r in rules):
+        parts = log_probs.split(sizes)
+        log_probs = torch.cat([r.apply(p) if r.active else p for r, p in zip(rules, parts)])
+    scores = torch.cat([r.search.scores for r in rules]).to(log_probs.device)
+    totals = log_probs + scores[:, None]
+    widths = [r.search.width for r in rules]
+    if len(set(sizes)) == 1 and len(set(widths)) == 1:
+        values, ids = totals.view(len(rules), -1).topk(widths[0])
+        values, ids = values.cpu(), ids.cpu()
+        return list(zip(values.tolist(), ids.tolist()))
+    found = [part.reshape(-1).topk(w) for part, w in zip(totals.split(sizes), widths)]
+    return [(v.tolist(), i.tolist()) for v, i in found]
