@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine.kv_cache import KVCache, PaddedCacheAttention
-from .engine.beams import BeamRules, BeamSearch, beam_candidates
+from .engine.beams import BeamRules, BeamSearch, split_candidates, top_candidates
 from .engine.ngrams import NGrams, allowed_by_ngrams
 from .engine.sampler import SamplingState, sample
 
@@ -198,7 +198,8 @@ def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tens
     for step in range(s.max_new):
         rows_now = 1 if step == 0 else k          # beams a prompt had at this step
         parents = []
-        for b, (search, rule, (scores, ids)) in enumerate(zip(searches, rules, beam_candidates(logits, rules))):
+        found = split_candidates(*top_candidates(logits, rules), rules)
+        for b, (search, rule, (scores, ids)) in enumerate(zip(searches, rules, found)):
             search.advance(scores, ids, logits.shape[-1])
             rule.follow()
             parents += [b * rows_now + p for p in search.parents]

@@ -151,20 +151,29 @@ class BeamRules:
                 ngrams.extend([t])
 
 
-def beam_candidates(logits: Tensor, rules: list[BeamRules]) -> list[tuple[list[float], list[int]]]:
-    """Each search's best `width` candidates (accumulated log p, beam * vocab + token), from the
-    logits of its beams: rows in the order of `rules`, len(search.beams) each. One host sync."""
+def top_candidates(logits: Tensor, rules: list[BeamRules]) -> tuple[Tensor, Tensor]:
+    """Each search's best `width` candidates, from the logits of its beams (rows in the order of
+    `rules`, len(search.beams) each), end to end: accumulated log p (float32) and beam * vocab + token."""
     log_probs = F.log_softmax(logits.float(), dim=-1)
     sizes = [len(r.search.beams) for r in rules]
     if any(r.active for r in rules):
         parts = log_probs.split(sizes)
         log_probs = torch.cat([r.apply(p) if r.active else p for r, p in zip(rules, parts)])
-    scores = torch.cat([r.search.scores for r in rules]).to(log_probs.device)
-    totals = log_probs + scores[:, None]
+    totals = log_probs + torch.cat([r.search.scores for r in rules]).to(log_probs.device)[:, None]
     widths = [r.search.width for r in rules]
     if len(set(sizes)) == 1 and len(set(widths)) == 1:
         values, ids = totals.view(len(rules), -1).topk(widths[0])
-        values, ids = values.cpu(), ids.cpu()
-        return list(zip(values.tolist(), ids.tolist()))
+        return values.flatten(), ids.flatten()
     found = [part.reshape(-1).topk(w) for part, w in zip(totals.split(sizes), widths)]
-    return [(v.tolist(), i.tolist()) for v, i in found]
+    return torch.cat([v for v, _ in found]), torch.cat([i for _, i in found])
+
+
+def split_candidates(values: Tensor, ids: Tensor, rules: list[BeamRules]) -> list[tuple[list[float], list[int]]]:
+    """top_candidates' output as each search's (scores, ids) lists (the step's one host sync)."""
+    values, ids = values.tolist(), ids.tolist()
+    found, start = [], 0
+    for r in rules:
+        end = start + r.search.width
+        found.append((values[start:end], ids[start:end]))
+        start = end
+    return found

@@ -22,6 +22,8 @@ from ..fusion import fuse_projections
 from ..linear import available_host_memory, pack_weights
 from ..lm_head import pad_lm_head
 from ..pointwise import compile_pointwise
+from .beam_groups import BeamGroup, add_companions, finish_group, follow_search, start_group
+from .beams import BeamRules, split_candidates, top_candidates
 from .constraints import EngineConstraints
 from .continuation import folded, runnable_prefix
 from .image_cache import ImageFeatureCache, ImageNames
@@ -171,6 +173,10 @@ class LLMEngine:
     def check_request(self, request: Request) -> None:
         """ValueError naming the request if the engine cannot run it (checked before any work starts)."""
         check_request(request, self.model.config, has_tokenizer=self.tokenizer is not None)
+        beams = request.sampling.num_beams
+        if beams > self.max_batch_size:
+            raise ValueError(f"request {request.request_id!r}: num_beams={beams} takes as many slots, and the "
+                             f"engine has max_batch_size={self.max_batch_size}")
         if request.sampling.constrained:
             self.constraints.check(request, self._stop_ids(request))
 
@@ -235,9 +241,13 @@ class LLMEngine:
         seqs = [self._sequence(r) for r in requests]
         for seq in seqs:
             self._pending.append(seq)
-            if seq.request.sampling.n > 1 or seq.request.sampling.choice_logprobs:
+            p = seq.request.sampling
+            if p.num_beams > 1:
+                add_companions(seq, self._sequence)
+                continue
+            if p.n > 1 or p.choice_logprobs:
                 seq.request = self.image_names.named(seq.request)
-            if seq.request.sampling.n > 1:
+            if p.n > 1:
                 self._pending += add_samples(seq, self._sequence)
             if seq.request.sampling.choice_logprobs:
                 self._pending += add_scorers(seq, self.tokenizer, self._sequence)
@@ -254,6 +264,9 @@ class LLMEngine:
             if self._scheduler is None:
                 self._scheduler = Scheduler(self.slots, self.max_prefill_tokens)
         while self._pending and self._positions_needed(self._pending[0]) <= self.runner.cache.max_len:
+            if Scheduler.slots_needed(self._pending[0]) > self.slots:
+                raise ValueError(f"request {self._pending[0].request.request_id!r}: its {self._pending[0].request.sampling.num_beams} "
+                                 f"beams need as many slots, and the KV cache budget has room for {self.slots}")
             self._scheduler.add(self._pending.pop(0))
 
     def _step(self) -> list[Sequence]:
@@ -355,6 +368,11 @@ class LLMEngine:
                 seq.continuation_logprobs = log_p.tolist()
         score_ends(seqs, logits)
         seqs, logits, slots = self._end_scored_only(scheduler, seqs, logits, slots)
+        heads = [i for i, s in enumerate(seqs) if s.companions]
+        if heads:
+            self._start_beams(scheduler, [seqs[i] for i in heads], logits[heads])
+            keep = [i for i, s in enumerate(seqs) if not s.companions]
+            seqs, logits, slots = [seqs[i] for i in keep], logits[keep], [slots[i] for i in keep]
         if not seqs:
             return
         for seq in seqs:
@@ -365,6 +383,57 @@ class LLMEngine:
         self.active[slot_t] = 1
         self.sampling.step[slot_t] += 1
         self._record(scheduler, seqs, tokens.tolist(), None if logprobs is None else logprobs.rows(range(len(seqs))))
+
+    def beam_candidates(self, logits: torch.Tensor, rules: list[BeamRules]) -> tuple[torch.Tensor, torch.Tensor]:
+        """model.engine.beams.top_candidates (a hook: tensor-parallel ranks take rank 0's)."""
+        return top_candidates(logits, rules)
+
+    def _start_beams(self, scheduler: Scheduler, heads: list[Sequence], logits: torch.Tensor) -> None:
+        """The first step of the beam searches of `heads` (just prefilled; row i of logits is heads[i]'s)."""
+        groups = [start_group(head, logits.shape[-1], self.device) for head in heads]
+        for group in groups:
+            for beam in group.beams:
+                self.sampling.assign(beam.slot, 0.0, 0, 1.0, 0, 0, [], 1.0, ())   # its sampled token is not read
+                self.runner.positions[beam.slot] = beam.prompt_len
+                self.active[beam.slot] = 1
+            for beam in group.beams[1:]:
+                self.prefixes.forget(beam.slot)         # its rows will hold another prompt
+        self._beam_step(scheduler, logits, groups)
+
+    def _beam_step(self, scheduler: Scheduler, logits: torch.Tensor, groups: list[BeamGroup]) -> None:
+        """One step of each group's search, from its running beams' logits (rows in order): each beam
+        takes its parent's K/V rows and its new token; a search that is done ends its request."""
+        rules = [g.rules for g in groups]
+        found = split_candidates(*self.beam_candidates(logits, rules), rules)
+        slots, tokens = [], []
+        for group, (scores, ids) in zip(groups, found):
+            if any(math.isnan(v) or v == math.inf for v in scores):
+                self._end_group(scheduler, group, failed=True)
+                continue
+            group.search.advance(scores, ids, logits.shape[-1])
+            group.rules.follow()
+            targets, sources, start, end = follow_search(group)
+            self.runner.cache.move_rows(targets, sources, start, end)
+            if group.search.done:
+                self._end_group(scheduler, group)
+                continue
+            slots += targets
+            tokens += [beam[-1] for beam in group.search.beams]
+        if slots:
+            self.runner.tokens[torch.tensor(slots, device=self.device)] = torch.tensor(tokens, device=self.device)
+
+    def _end_group(self, scheduler: Scheduler, group: BeamGroup, failed: bool = False) -> None:
+        """A search is done (or its logits were not finite): its request ends, every beam's slot is freed."""
+        if failed:
+            for beam in group.beams[1:]:
+                self._fail_non_finite(beam)
+            self._fail_non_finite(group.head)
+        else:
+            finish_group(group)
+        for beam in group.beams:
+            scheduler.release(beam)
+            self.active[beam.slot] = 0
+        self._finished.append(group.head)
 
     def _end_scored_only(self, scheduler: Scheduler, seqs: list[Sequence], logits: torch.Tensor,
                          slots: list[int]) -> tuple[list[Sequence], torch.Tensor, list[int]]:
@@ -394,20 +463,25 @@ class LLMEngine:
         lag = in_flight is not None
         if lag and any(s.request.sampling.follows_answer for s in in_flight.seqs):
             return None      # their next allowed tokens depend on the token in flight
-        seqs = [s for s in scheduler.running.values() if not (lag and s.last_token_pending())]
-        finishing = len(scheduler.running) - len(seqs)
-        if not seqs or (finishing and scheduler.can_admit(finishing)):
+        # a beam's answer is up to date (its search read its step's tokens at once)
+        beams = [s for s in scheduler.running.values() if s.beam is not None]
+        seqs = [s for s in scheduler.running.values() if s.beam is None and not (lag and s.last_token_pending())]
+        finishing = len(scheduler.running) - len(seqs) - len(beams)
+        if not (seqs or beams) or (finishing and scheduler.can_admit(finishing)):
             return None
         runner = self.runner
         rows = runner.decode_rows(scheduler.decode_batch_size())
-        kv_len = kv_bucket(max(s.length for s in seqs) + lag, runner.cache.max_len)
+        kv_len = kv_bucket(max(s.length for s in seqs + beams) + lag, runner.cache.max_len)
         logits = runner.decode(rows, kv_len)
         tokens, logprobs = self._next_tokens(logits, runner.slot_ids[:rows], seqs, [s.slot for s in seqs])
         runner.tokens[:rows] = model_tokens(tokens)
+        if beams:
+            groups = list({id(s.beam): s.beam for s in beams}.values())
+            self._beam_step(scheduler, logits[[s.slot for g in groups for s in g.running()]], groups)
         runner.positions[:rows] += self.active[:rows]
         self.sampling.step[:rows] += 1
         self.stats["decode_steps"] += 1
-        self.stats["decode_tokens"] += len(seqs)
+        self.stats["decode_tokens"] += len(seqs) + len(beams)
         if self.device.type != "cuda":
             return DecodeStep(seqs, tokens, None, logprobs)
         self.host_tokens.reverse()               # the other buffer may hold the unread step in flight

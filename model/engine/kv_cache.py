@@ -59,6 +59,18 @@ class KVCache:
             self.k[:, target, :, :length] = self.k[:, source, :, :length]
             self.v[:, target, :, :length] = self.v[:, source, :, :length]
 
+    def move_rows(self, targets: list[int], sources: list[int], start: int, end: int) -> None:
+        """Rows start..end-1 of slot sources[i] into slot targets[i], every layer, all read before
+        any is written (beam search: each beam takes its parent's rows)."""
+        pairs = [(t, s) for t, s in zip(targets, sources) if t != s]
+        if not pairs or end <= start:
+            return
+        device = self.k.device
+        into = torch.tensor([t for t, _ in pairs], device=device)
+        source = torch.tensor([s for _, s in pairs], device=device)
+        self.k[:, into, :, start:end] = self.k[:, source, :, start:end]
+        self.v[:, into, :, start:end] = self.v[:, source, :, start:end]
+
     def clear_slot(self, slot: int) -> None:
         self.k[:, slot].zero_()
         self.v[:, slot].zero_()

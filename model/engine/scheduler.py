@@ -28,6 +28,8 @@ class Sequence:
     scorer: bool = False                     # it scores a choice of its parent (model.engine.scoring)
     children: list = field(default_factory=list, repr=False)   # (choice, Sequence) scoring its choices
     samples: list = field(default_factory=list, repr=False)    # Sequences of the request's other samples
+    companions: list = field(default_factory=list, repr=False)  # Sequences admitted with it, unprefilled (beams)
+    beam: object | None = field(default=None, repr=False)      # model.engine.beam_groups.BeamGroup it is a beam of
     parent: "Sequence | None" = field(default=None, repr=False)    # the sequence it scores or samples beside
     emitted: bool = False                    # its result was returned
 
@@ -132,7 +134,7 @@ class Scheduler:
         one), as `policy` (default ArrivalOrder) holds them back, chooses their slots and counts them."""
         policy = policy or ArrivalOrder()
         batch, held, tokens = [], [], 0
-        while self.waiting and self.free:
+        while self.waiting and len(self.free) >= self.slots_needed(self.waiting[0]):
             if batch and policy.hold(self.waiting[0], batch):
                 held.append(self.waiting.popleft())
                 continue
@@ -143,6 +145,10 @@ class Scheduler:
             seq.slot = policy.choose_slot(seq, self.free)
             self.free.remove(seq.slot)
             self.running[seq.slot] = seq
+            for companion in seq.companions:
+                companion.slot = min(self.free)
+                self.free.remove(companion.slot)
+                self.running[companion.slot] = companion
             batch.append(seq)
             tokens += n
         self.waiting.extendleft(reversed(held))
@@ -151,9 +157,13 @@ class Scheduler:
     def can_admit(self, finishing: int = 0) -> bool:
         """Whether waiting sequences are admitted now (or once `finishing` running ones end)."""
         free, running = len(self.free) + finishing, len(self.running) - finishing
-        if not (self.waiting and free):
+        if not (self.waiting and free >= self.slots_needed(self.waiting[0])):
             return False
         return not running or free >= min(len(self.waiting), self.admit_group)
+
+    @staticmethod
+    def slots_needed(seq: Sequence) -> int:
+        return 1 + len(seq.companions)
 
     def release(self, seq: Sequence) -> None:
         del self.running[seq.slot]

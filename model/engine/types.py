@@ -30,6 +30,9 @@ class SamplingParams:
     n: int = 1                        # answers sampled for the request (Result.samples; model.engine.samples)
     top_logprobs: int = 0             # Result.top_logprobs: each step's k likeliest tokens and their log p
     no_repeat_ngram_size: int = 0     # > 0: no n-gram of this size twice in prompt + answer (model.engine.ngrams)
+    num_beams: int = 1                # > 1: beam search (model.engine.beams; n: the best beams returned)
+    length_penalty: float = 1.0       # beam search: a hypothesis ranks by its log p / its length ** this
+    early_stopping: bool | str = False   # beam search: True, False or "never", as transformers'
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -57,14 +60,33 @@ class SamplingParams:
             raise ValueError("choice_logprobs scores the request's choices: give some")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        if self.n > 1 and self.greedy:
+        if self.n > 1 and self.greedy and self.num_beams == 1:
             raise ValueError(f"n={self.n} greedy answers would all be the same one: sample them (temperature > 0)")
+        if self.num_beams != 1:
+            self._check_beams()
         if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    def _check_beams(self) -> None:
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.n > self.num_beams:
+            raise ValueError(f"n={self.n} > num_beams={self.num_beams}: beam search returns at most its beams")
+        if not self.greedy:
+            raise ValueError("beam search with temperature > 0 (beam sampling) is not implemented: "
+                             "search with temperature 0 or sample without beams")
+        beside = [name for name, given in (("choices", self.choices), ("regex", self.regex is not None),
+                                           ("json_schema", self.json_schema is not None), ("stop", self.stop),
+                                           ("top_logprobs", self.top_logprobs), ("max_new_tokens=0", not self.max_new_tokens))
+                  if given]
+        if beside:
+            raise ValueError(f"beam search cannot be combined with {', '.join(beside)}")
 
     @property
     def greedy(self) -> bool:

@@ -64,3 +64,7 @@ class ShardEngine(LLMEngine):
 
     def sample_tokens(self, logits: Tensor, slots: Tensor, seqs, allowed: Tensor | None = None) -> Tensor:
         return self.comm.broadcast_tensor(super().sample_tokens(logits, slots, seqs, allowed).contiguous())
+
+    def beam_candidates(self, logits: Tensor, rules) -> tuple[Tensor, Tensor]:
+        values, ids = super().beam_candidates(logits, rules)
+        return self.comm.broadcast_tensor(values.contiguous()), self.comm.broadcast_tensor(ids.contiguous())

@@ -1,0 +1,77 @@
+"""A request's beam search in the engine (SamplingParams.num_beams): its beams are sequences in slots
+of their own, admitted together (Sequence.companions), decoded in the running batch beside other
+requests. Only the request's own sequence is prefilled: its logits give the first step, whose beams
+all copy its prompt's K/V; after each later step every beam copies its parent's answer rows. The
+search itself, as transformers', is model.engine.beams.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .beams import BeamRules, BeamSearch, Hypothesis
+from .scheduler import Sequence
+
+BEAM_ID = "\x1fbeam"
+
+
+@dataclass
+class BeamGroup:
+    search: BeamSearch
+    rules: BeamRules
+    beams: list[Sequence]          # the request's own sequence first; beam j of the search is in beams[j]'s slot
+
+    @property
+    def head(self) -> Sequence:
+        return self.beams[0]
+
+    def running(self) -> list[Sequence]:
+        """The sequences holding the search's current beams (one before its first step)."""
+        return self.beams[:len(self.search.beams)]
+
+
+def add_companions(seq: Sequence, make_sequence) -> None:
+    """The num_beams - 1 sequences that take slots beside `seq`, a request of beam search."""
+    p = seq.request.sampling
+    seq.companions = [make_sequence(replace(seq.request, request_id=f"{seq.request.request_id}{BEAM_ID}{i}",
+                                            sampling=replace(p, num_beams=1, n=1)))
+                      for i in range(1, p.num_beams)]
+
+
+def start_group(seq: Sequence, vocab: int, device) -> BeamGroup:
+    """The search of `seq` (admitted, with its companions in their slots)."""
+    p, request = seq.request.sampling, seq.request
+    search = BeamSearch(p.num_beams, seq.stop_ids, seq.max_new_tokens, p.length_penalty, p.early_stopping)
+    rules = BeamRules(search, vocab, device, min_new_tokens=p.min_new_tokens, repetition_penalty=p.repetition_penalty,
+                      penalized_ids=request.prompt_ids, no_repeat_ngram_size=p.no_repeat_ngram_size,
+                      ngram_ids=request.prompt_ids)
+    group = BeamGroup(search, rules, [seq, *seq.companions])
+    for beam in group.beams:
+        beam.beam = group
+    return group
+
+
+def follow_search(group: BeamGroup) -> tuple[list[int], list[int], int, int]:
+    """After a step of its search: each beam sequence's answer is its beam's; returns the K/V rows to
+    move (target slots, source slots, first row, end row): each beam's parent's rows, the prompt's
+    after the first step (only the request's own slot holds it), the answer's after the others."""
+    search, prompt = group.search, group.head.prompt_len
+    for seq, beam in zip(group.beams, search.beams):
+        seq.generated = list(beam)
+    before = search.steps - 1           # answer tokens whose K/V are in the slots
+    targets = [s.slot for s in group.beams[:len(search.parents)]]
+    sources = [group.beams[p].slot for p in search.parents]
+    return targets, sources, 0 if before == 0 else prompt, prompt + before
+
+
+def finish_group(group: BeamGroup) -> None:
+    """The request's answer is its best hypothesis; with n > 1, its next best are its samples."""
+    head = group.head
+    best, *others = group.search.best(max(1, head.request.sampling.n))
+    _take(head, best)
+    head.samples = [_take(Sequence(head.request, head.stop_ids, head.max_new_tokens), h) for h in others]
+
+
+def _take(seq: Sequence, h: Hypothesis) -> Sequence:
+    seq.generated, seq.logprob = list(h.tokens), h.logprob
+    seq.finish_reason = "stop" if h.tokens and h.tokens[-1] in seq.stop_ids else "length"
+    return seq

@@ -1,0 +1,132 @@
+"""SamplingParams.num_beams: each request's beam search gives transformers' generate(num_beams=...)
+hypotheses on that request alone, whatever its neighbours (greedy, sampled, other searches), the
+slots free and the decode loop; its beams' K/V rows follow their parents."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model.engine import LLMEngine, SamplingParams
+from tests.model.test_engine import overlap, setup  # noqa: F401  (tiny checkpoints, the reference)
+
+
+def reference_beams(ref, request, stop_ids, **settings) -> tuple[list[list[int]], list[float]]:
+    """transformers' hypotheses for `request` alone (best first), and their scores."""
+    p = request.sampling
+    ids = torch.tensor([request.prompt_ids])
+    kwargs = dict(max_new_tokens=p.max_new_tokens, do_sample=False, num_beams=p.num_beams,
+                  num_return_sequences=p.n, eos_token_id=sorted(stop_ids), length_penalty=p.length_penalty,
+                  early_stopping=p.early_stopping, min_new_tokens=p.min_new_tokens,
+                  repetition_penalty=float(p.repetition_penalty), no_repeat_ngram_size=p.no_repeat_ngram_size,
+                  return_dict_in_generate=True, output_scores=True) | settings
+    if request.pixel_values is not None:
+        kwargs.update(pixel_values=request.pixel_values[None], pixel_attention_mask=request.pixel_attention_mask[None])
+    out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    lengths = (out.beam_indices != -1).sum(-1).tolist()
+    start = ids.shape[1]
+    return [out.sequences[i, start:start + n].tolist() for i, n in enumerate(lengths)], out.sequences_scores.tolist()
+
+
+def hypotheses(result) -> list[list[int]]:
+    return [s.token_ids for s in result.samples] if result.samples else [result.token_ids]
+
+
+def searched(requests, widths=(3, 1, 2, 4), returned=(2, 1, 1, 3), **settings) -> list:
+    """Requests of beam search (and some greedy ones, width 1), cycling through the widths."""
+    return [replace(r, sampling=SamplingParams(max_new_tokens=r.sampling.max_new_tokens, num_beams=widths[i % len(widths)],
+                                               n=returned[i % len(returned)], **settings))
+            for i, r in enumerate(requests)]
+
+
+@pytest.mark.parametrize("slots", [7, 16])
+def test_each_search_is_the_references_alone(setup, overlap, slots):
+    """Beam searches beside greedy requests, queued where 7 slots cannot hold every beam at once."""
+    ours, requests, expected, tokenizer, ref = setup
+    asked = searched(requests, logprobs=True)
+    engine = LLMEngine(ours, tokenizer, max_batch_size=slots, overlap=overlap)
+    results = engine.generate(asked)
+    assert [r.request_id for r in results] == [r.request_id for r in asked]
+    for request, result in zip(asked, results):
+        p = request.sampling
+        if p.num_beams == 1:
+            assert result.token_ids == expected[request.request_id]
+            continue
+        want, scores = reference_beams(ref, request, engine.stop_ids)
+        assert hypotheses(result) == want, request.request_id
+        assert [s.request_id for s in result.samples or [result]] == [request.request_id] * p.n
+        for sample, score in zip(result.samples or [result], scores):
+            assert sample.cumulative_logprob / len(sample.token_ids) == pytest.approx(score, abs=1e-4)
+            assert sample.num_generated_tokens == len(sample.token_ids)
+            assert sample.finish_reason == ("stop" if sample.token_ids[-1] in engine.stop_ids else "length")
+            assert sample.text == tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+    assert not engine.has_unfinished() and not engine._scheduler.running
+
+
+@pytest.mark.parametrize("settings", [dict(length_penalty=-0.7, early_stopping=True),
+                                      dict(length_penalty=2.0, early_stopping="never"),
+                                      dict(min_new_tokens=3, repetition_penalty=1.8, no_repeat_ngram_size=2)],
+                         ids=["short", "never", "processors"])
+def test_search_settings_are_the_references(setup, settings):
+    ours, requests, expected, _, ref = setup
+    asked = searched(requests[:5], widths=(3, 2), returned=(3, 1), **settings)
+    engine = LLMEngine(ours, max_batch_size=6)
+    stops = frozenset(engine.stop_ids) | {t for r in requests for t in expected[r.request_id][1:4]}  # ends early
+    asked = [replace(r, sampling=replace(r.sampling, stop_token_ids=tuple(sorted(stops)))) for r in asked]
+    for request, result in zip(asked, engine.generate(asked)):
+        assert hypotheses(result) == reference_beams(ref, request, stops)[0], request.request_id
+
+
+def test_a_beams_slot_is_not_shared_as_another_prompts_prefix(setup):
+    """A beam takes a slot whose rows held an earlier prompt, remembered for prefix sharing: once
+    the beam writes its own prompt there, a later request naming the earlier image must not copy them."""
+    ours, requests, expected, _, ref = setup
+    named = [replace(r, image_key=f"image-{r.request_id}") for r in requests]
+    earlier = [named[0], named[3]]
+    beams = searched([named[2]], widths=(4,), returned=(1,))[0]
+    engine = LLMEngine(ours, max_batch_size=4)
+    assert [r.token_ids for r in engine.generate(earlier)] == [expected[r.request_id] for r in earlier]
+    assert hypotheses(engine.generate([beams])[0]) == reference_beams(ref, beams, engine.stop_ids)[0]
+    again = [replace(r, request_id=f"{r.request_id}-again") for r in earlier]
+    assert [r.token_ids for r in engine.generate(again)] == [expected[r.request_id] for r in earlier]
+    assert engine.stats["prefix_tokens_reused"] == 0       # their slots hold the beams now
+
+
+def test_streamed_searches_join_a_running_batch(setup):
+    ours, requests, expected, _, ref = setup
+    asked = searched(requests, widths=(2, 1, 3), returned=(2, 1, 1))
+    engine = LLMEngine(ours, max_batch_size=5)
+    results, pending = {}, list(asked)
+    engine.add_requests(pending[:3])
+    del pending[:3]
+    while engine.has_unfinished() or pending:
+        if pending and len(results) % 2 == 0:
+            engine.add_requests([pending.pop(0)])
+        results.update((r.request_id, r) for r in engine.step())
+    for request in asked:
+        got = results[request.request_id]
+        if request.sampling.num_beams == 1:
+            assert got.token_ids == expected[request.request_id]
+        else:
+            assert hypotheses(got) == reference_beams(ref, request, engine.stop_ids)[0]
+
+
+@pytest.mark.parametrize("settings,match", [(dict(temperature=0.7), "beam sampling"), (dict(n=5), "n=5 > num_beams=4"),
+                                            (dict(choices=("a", "b")), "choices"), (dict(stop=(".",)), "stop"),
+                                            (dict(top_logprobs=2), "top_logprobs"), (dict(early_stopping="soon"), "early_stopping"),
+                                            (dict(max_new_tokens=0), "max_new_tokens=0")])
+def test_settings_a_search_cannot_take_are_refused(settings, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**{"num_beams": 4, "max_new_tokens": 8} | settings)
+    with pytest.raises(ValueError, match="num_beams must be an integer >= 1"):
+        SamplingParams(num_beams=0)
+
+
+def test_more_beams_than_slots_is_refused_before_any_work(setup):
+    ours, requests, _, _, _ = setup
+    engine = LLMEngine(ours, max_batch_size=3)
+    asked = searched(requests[:2], widths=(2, 4), returned=(1,))
+    with pytest.raises(ValueError, match="'r1': num_beams=4 takes as many slots.*max_batch_size=3"):
+        engine.generate(asked)
+    assert not engine.has_unfinished()
