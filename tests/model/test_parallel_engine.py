@@ -96,10 +96,11 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
     several = requests(path, max_new_tokens=6, temperature=1.2, top_k=50, seed=9, n=3, logprobs=True, top_logprobs=2)
     continued = [replace(r, continuation_ids=[5 + j, 6, 7], sampling=replace(r.sampling, max_new_tokens=2 * (j % 2)))
                  for j, r in enumerate(long)]
-    parts = [long, short, sampled, penalized, stopped, chosen, patterned, several, continued]
+    searched = requests(path, max_new_tokens=6, num_beams=3, n=2, logprobs=True)
+    parts = [long, short, sampled, penalized, stopped, chosen, patterned, several, continued, searched]
     want = {(i, j): tokens for i, part in enumerate(parts[:4]) for j, tokens in enumerate(reference_tokens(plain, part))}
     alone = {}
-    for i in (4, 5, 6, 7, 8):   # stop strings, choices (and scores), regex and JSON, samples, scored continuations
+    for i in (4, 5, 6, 7, 8, 9):   # stop strings, choices (and scores), regex and JSON, samples, scored continuations, beams
         alone.update({(i, j): r for j, r in enumerate(LLMEngine(plain, tokenizer).generate(parts[i]))})
     want.update({k: r.token_ids for k, r in alone.items()})
     assert any(len(want[4, j]) < len(want[0, j]) for j in range(len(long)))        # stop strings cut answers
@@ -130,9 +131,11 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
                for j in range(len(long)))
     assert all([[i for step in s.top_logprobs for i, _ in step] for s in outcomes[7, j].samples]
                == [[i for step in s.top_logprobs for i, _ in step] for s in alone[7, j].samples] for j in range(len(long)))
+    assert all([s.token_ids for s in outcomes[9, j].samples] == [s.token_ids for s in alone[9, j].samples]
+               for j in range(len(long)))
     assert all(outcomes[8, j].continuation_logprobs == pytest.approx(alone[8, j].continuation_logprobs, abs=1e-4)
                for j in range(len(long)))
-    assert all((r.cumulative_logprob is not None) == (k[0] in (3, 7)) for k, r in outcomes.items())
+    assert all((r.cumulative_logprob is not None) == (k[0] in (3, 7, 9)) for k, r in outcomes.items())
     assert streamed < one_at_a_time
     assert images_encoded == sum(r.pixel_values is not None for r in long)
     assert stats[0]["last_tokens"] == stats[1]["last_tokens"]              # the ranks stepped alike
