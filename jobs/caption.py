@@ -19,7 +19,7 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
                 messages_column=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                no_repeat_ngram_size=0, logprobs=False, stop=None, choices=None, choices_column=None,
+                no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0, logprobs=False, stop=None, choices=None, choices_column=None,
                 sampling_column=None, score_column=None, choice_logprobs=False, regex=None, json_schema=None, seed=None,
                 samples=1, top_logprobs=0, replicas=None, tensor_parallel_size=1, cpu_workers=None,
                 cpus_per_replica=None, batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="",
@@ -65,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-repeat-ngram-size", type=int, metavar="N",
                     help="no N tokens in a row twice in the prompt and answer (transformers' no_repeat_ngram_size: "
                          "3 or 4 stops long captions' loops; default 0 = none)")
+    ap.add_argument("--num-beams", type=int, metavar="K",
+                    help="beam search: the likeliest answer among K kept a step (transformers' num_beams; slower, "
+                         "K slots a row); with --samples N (<= K), the N best beams; default 1 = greedy")
+    ap.add_argument("--length-penalty", type=float,
+                    help="beam search ranks answers by log-probability / length ** this (transformers' "
+                         "length_penalty: > 0 favours longer answers, < 0 shorter; default 1)")
     ap.add_argument("--stop", action="append", metavar="TEXT",
                     help="end an answer with the token that completes TEXT (repeatable; transformers' "
                          "stop_strings: the answer keeps it), e.g. --stop '.' for one sentence")
@@ -76,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sampling-column", metavar="NAME",
                     help="an input column of each row's own decoding settings, overriding the job's for that row (a "
                          "struct, or JSON text: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, "
-                         "stop, choices, regex, json_schema; as ray.data.llm's per-row sampling_params)")
+                         "stop, choices, regex, json_schema, num_beams, length_penalty; as ray.data.llm's per-row "
+                         "sampling_params)")
     ap.add_argument("--score-column", metavar="NAME",
                     help="score each row's text in this column as its answer instead of answering: answer_logprob is "
                          "its log-probability given the image and question (caption filtering, reranking); "
@@ -99,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="add a token_logprobs column: each answer token's id and log-probability and the K (<= 20) "
                          "likeliest tokens' at its step, as vLLM's logprobs (soft labels to distil a smaller model)")
     ap.add_argument("--samples", type=int, metavar="N",
-                    help="sample N answers a row (needs --temperature > 0): list columns samples, "
+                    help="sample N answers a row (needs --temperature > 0, or --num-beams >= N): list columns samples, "
                          "samples_finish_reason, samples_num_generated_tokens (and samples_logprob, samples_json); "
                          "the first sample is the row's answer, as without --samples (default 1)")
     ap.add_argument("--rows-per-file", type=int,

@@ -10,7 +10,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 # What a row's own settings (`sampling_column`) may set, and the Arrow types a column of them may hold
 SETTABLE = {"max_new_tokens": "integer", "temperature": "number", "top_p": "number", "top_k": "integer",
             "repetition_penalty": "number", "no_repeat_ngram_size": "integer", "seed": "integer", "stop": "texts",
-            "choices": "texts", "regex": "text", "json_schema": "text"}
+            "choices": "texts", "regex": "text", "json_schema": "text", "num_beams": "integer",
+            "length_penalty": "number"}
 OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens",
                   "answer_logprob", "answer_json", "choice_logprobs", "samples", "samples_finish_reason",
                   "samples_num_generated_tokens", "samples_logprob", "samples_json", "token_logprobs")
@@ -38,6 +39,8 @@ class PipelineConfig:
     top_k: int = 0
     repetition_penalty: float = 1.0             # transformers' repetition_penalty; 1 = none
     no_repeat_ngram_size: int = 0               # transformers' no_repeat_ngram_size: no n-gram twice; 0 = none
+    num_beams: int = 1                          # > 1: beam search (transformers' num_beams); `samples`: the best beams
+    length_penalty: float = 1.0                 # beam search ranks an answer by its log p / its length ** this
     logprobs: bool = False                      # an `answer_logprob` column: the answer's log p under the model
     stop: list[str] = field(default_factory=list)   # strings that end an answer (transformers' stop_strings)
     choices: list[str] = field(default_factory=list)    # every answer is one of these (vLLM's guided choice)
@@ -98,7 +101,7 @@ class PipelineConfig:
             self.keep_columns = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
         # Output columns are always there; keeping them again would duplicate them.
         self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c not in OUTPUT_COLUMNS]
-        positive = ["max_new_tokens", "samples", "tensor_parallel_size", "batch_size", "max_batch_size",
+        positive = ["max_new_tokens", "samples", "num_beams", "tensor_parallel_size", "batch_size", "max_batch_size",
                     "rows_per_file", "fetch_threads", "fetch_attempts"]
         optional = ("replicas", "batches_in_flight", "cpu_workers", "image_longest_edge", "max_image_pixels",
                     "max_image_bytes")
@@ -135,20 +138,37 @@ class PipelineConfig:
             raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         if self.top_logprobs and self.samples > 1:
             raise ValueError("top_logprobs describes one answer's tokens: not with samples > 1")
-        if self.samples > 1 and self.temperature == 0:
+        if self.samples > 1 and self.temperature == 0 and self.num_beams == 1:
             raise ValueError(f"samples={self.samples} greedy answers would all be the same one: sample them "
-                             "(temperature > 0)")
+                             "(temperature > 0), or search with num_beams >= samples")
         self._check_constraint()
+        self._check_beams()
         self.template_columns()          # a template it cannot fill is refused here
         generating = [name for name, on in (("choices", self.choices or self.choices_column), ("regex", self.regex),
                                             ("json_schema", self.json_schema), ("samples", self.samples > 1),
                                             ("sampling_column", self.sampling_column), ("stop", self.stop),
-                                            ("top_logprobs", self.top_logprobs))
+                                            ("top_logprobs", self.top_logprobs), ("num_beams", self.num_beams > 1))
                       if on]
         if self.score_column is not None and generating:
             raise ValueError(f"score_column scores given answers; {generating[0]} is about generating them: give one")
         if self.messages_column is not None and self.prompt_template is not None:
             raise ValueError("messages_column and prompt_template are two ways to make what each row asks: give one")
+
+    def _check_beams(self) -> None:
+        """Beam search keeps the best answers, greedily: nothing that samples or constrains them."""
+        if self.num_beams == 1:
+            return
+        if self.samples > self.num_beams:
+            raise ValueError(f"samples={self.samples} > num_beams={self.num_beams}: beam search returns at most "
+                             "its beams")
+        beside = [name for name, on in (("temperature > 0", self.temperature > 0), ("choices", self.choices),
+                                        ("regex", self.regex), ("json_schema", self.json_schema),
+                                        ("stop", self.stop), ("top_logprobs", self.top_logprobs)) if on]
+        if beside:
+            raise ValueError(f"num_beams={self.num_beams}: beam search cannot be combined with {beside[0]}")
+        if self.num_beams > self.max_batch_size:
+            raise ValueError(f"num_beams={self.num_beams} beams take as many of the engine's max_batch_size="
+                             f"{self.max_batch_size} slots")
 
     def template_columns(self) -> list[str]:
         """The input columns `prompt_template` names, in order (ValueError for a field that is not
