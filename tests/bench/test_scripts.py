@@ -54,13 +54,16 @@ def test_the_stream_bench_makes_its_report():
     assert report["one_at_a_time"]["images_encoded"] == 4
 
 
-def test_the_samples_and_score_benches_make_their_rows():
+def test_the_samples_score_and_beams_benches_make_their_rows():
     (row,) = run_script("bench/samples.py", "--batch", "2", "--samples", "2", "--new-tokens", "3", "--repeats", "1",
                         "--threads", "1", "--tile", "64")
     assert row["generated_tokens"] == 12 and row["images_encoded"] == 2
     (row,) = run_script("bench/score.py", "--images", "2", "--texts", "2", "--text-tokens", "4", "--repeats", "1",
                         "--threads", "1", "--tile", "64")
     assert row["rows"] == 4 and row["images_encoded"] == 2 and row["max_abs_diff"] < 1e-3
+    (row,) = run_script("bench/beams.py", "--batch", "2", "--beams", "2", "--new-tokens", "3", "--repeats", "1",
+                        "--threads", "1", "--tile", "64")
+    assert row["engine_same_answers"] == row["generate_same_answers"] == 2
 
 
 def test_every_bench_script_explains_its_options():
