@@ -6,6 +6,7 @@ search itself, as transformers', is model.engine.beams.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from .beams import BeamRules, BeamSearch, Hypothesis
@@ -14,7 +15,7 @@ from .scheduler import Sequence
 BEAM_ID = "\x1fbeam"
 
 
-@dataclass
+@dataclass(eq=False)
 class BeamGroup:
     search: BeamSearch
     rules: BeamRules
@@ -61,6 +62,27 @@ def follow_search(group: BeamGroup) -> tuple[list[int], list[int], int, int]:
     targets = [s.slot for s in group.beams[:len(search.parents)]]
     sources = [group.beams[p].slot for p in search.parents]
     return targets, sources, 0 if before == 0 else prompt, prompt + before
+
+
+def step_searches(groups: list[BeamGroup], found: list[tuple[list[float], list[int]]], vocab: int, cache
+                  ) -> tuple[list[BeamGroup], list[BeamGroup], list[int], list[int]]:
+    """Each group's search advanced by its step's candidates (model.engine.beams.split_candidates),
+    its beams' K/V rows moved after their parents' in `cache`: the groups whose logits were not
+    finite (not advanced), the groups now done, and the slots and next tokens of the others' beams."""
+    failed, done, slots, tokens = [], [], [], []
+    for group, (scores, ids) in zip(groups, found):
+        if any(math.isnan(v) or v == math.inf for v in scores):
+            failed.append(group)
+            continue
+        group.search.advance(scores, ids, vocab)
+        group.rules.follow()
+        cache.move_rows(*follow_search(group))
+        if group.search.done:
+            done.append(group)
+        else:
+            slots += [s.slot for s in group.beams]
+            tokens += [beam[-1] for beam in group.search.beams]
+    return failed, done, slots, tokens
 
 
 def finish_group(group: BeamGroup) -> None:

@@ -22,7 +22,7 @@ from ..fusion import fuse_projections
 from ..linear import available_host_memory, pack_weights
 from ..lm_head import pad_lm_head
 from ..pointwise import compile_pointwise
-from .beam_groups import BeamGroup, add_companions, finish_group, follow_search, start_group
+from .beam_groups import BeamGroup, add_companions, finish_group, start_group, step_searches
 from .beams import BeamRules, split_candidates, top_candidates
 from .constraints import EngineConstraints
 from .continuation import folded, runnable_prefix
@@ -405,20 +405,9 @@ class LLMEngine:
         takes its parent's K/V rows and its new token; a search that is done ends its request."""
         rules = [g.rules for g in groups]
         found = split_candidates(*self.beam_candidates(logits, rules), rules)
-        slots, tokens = [], []
-        for group, (scores, ids) in zip(groups, found):
-            if any(math.isnan(v) or v == math.inf for v in scores):
-                self._end_group(scheduler, group, failed=True)
-                continue
-            group.search.advance(scores, ids, logits.shape[-1])
-            group.rules.follow()
-            targets, sources, start, end = follow_search(group)
-            self.runner.cache.move_rows(targets, sources, start, end)
-            if group.search.done:
-                self._end_group(scheduler, group)
-                continue
-            slots += targets
-            tokens += [beam[-1] for beam in group.search.beams]
+        failed, done, slots, tokens = step_searches(groups, found, logits.shape[-1], self.runner.cache)
+        for group in failed + done:
+            self._end_group(scheduler, group, failed=group in failed)
         if slots:
             self.runner.tokens[torch.tensor(slots, device=self.device)] = torch.tensor(tokens, device=self.device)
 

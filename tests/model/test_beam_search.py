@@ -130,3 +130,20 @@ def test_more_beams_than_slots_is_refused_before_any_work(setup):
     with pytest.raises(ValueError, match="'r1': num_beams=4 takes as many slots.*max_batch_size=3"):
         engine.generate(asked)
     assert not engine.has_unfinished()
+
+
+def test_a_search_whose_logits_overflow_ends_in_error_and_spoils_no_later_one(setup, overlap):
+    """Pixels that overflow the vision tower make a search's logits NaN: it ends in error at once,
+    its beams' slots wiped, and the requests that take them after it answer as the reference."""
+    from model.engine import Request
+
+    ours, requests, expected, _, _ = setup
+    r = requests[2]
+    bad = Request("bad", r.prompt_ids, r.pixel_values * 1e30, r.pixel_attention_mask,
+                  SamplingParams(max_new_tokens=5, num_beams=3))
+    later = [requests[i] for i in (0, 1, 3, 4, 5)]
+    results = LLMEngine(ours, max_batch_size=3, overlap=overlap).generate([bad, *later])
+    assert (results[0].finish_reason, results[0].token_ids, results[0].samples) == ("error", [], None)
+    assert results[0].error.startswith("NonFiniteLogitsError: ")
+    for request, result in zip(later, results[1:]):
+        assert (result.token_ids, result.error) == (expected[request.request_id], None), request.request_id
