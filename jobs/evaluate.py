@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, metavar="N", help="score only the first N benchmark rows (a quick check; "
                     "the report says so)")
     ap.add_argument("--max-new-tokens", type=int, help="default 64")
+    ap.add_argument("--num-beams", type=int, metavar="K",
+                    help="beam search with K beams (transformers' num_beams; default 1: greedy, as lmms-eval "
+                         "scores most benchmarks)")
     ap.add_argument("--choice", action="append", metavar="TEXT", dest="choices",
                     help="answer with one of these texts only (repeatable), e.g. the option letters of a "
                          "multiple-choice benchmark; lmms-eval does not, so scores may differ from its tables")
@@ -101,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 DEFAULTS = dict(input=None, model=None, adapter=None, output=None, metric=None, system_prompt=None,
                 prompt_suffix=None,
                 id_column="id", question_column="question", answers_column="answers", image_column="image",
-                category_column="category", predictions=None, gallery=0, limit=None, max_new_tokens=None,
+                category_column="category", predictions=None, gallery=0, limit=None, max_new_tokens=None, num_beams=None,
                 resume=False, overwrite=False, choices=None, choices_column=None, **dict.fromkeys(run_flag_names()))
 
 
@@ -200,7 +203,7 @@ def pipeline_config(args: argparse.Namespace, kept: list[str]):
                           prompt_suffix=choose_suffix(args), **given)
 
 
-SHOWN_SETTINGS = ("system_prompt", "max_new_tokens", "image_backend", "image_longest_edge", "image_splitting",
+SHOWN_SETTINGS = ("system_prompt", "max_new_tokens", "num_beams", "image_backend", "image_longest_edge", "image_splitting",
                   "max_image_pixels", "dtype", "choices", "choices_column")
 
 
@@ -233,7 +236,7 @@ def refuse_earlier_answers(raw: str, args: argparse.Namespace) -> None:
 
 def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[str, dict]:
     """Answer every benchmark row (with --limit: those of `ids`, else the first N read) with the
-    caption pipeline (greedy, resumable); returns the raw output and the run's summary.
+    caption pipeline (greedy unless --num-beams, resumable); returns the raw output and the run's summary.
 
     The ground truth (answers, category) travels with each row as kept columns, so that rows whose
     ids the pipeline derives (inputs without `id`) are scored as well.

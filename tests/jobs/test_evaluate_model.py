@@ -153,14 +153,14 @@ def test_a_known_benchmarks_questions_get_its_instruction(ray_cluster, checkpoin
     out = tmp_path / "out"
     assert job.main(["--input", str(bench), "--model", str(checkpoint), "--output", str(out), "--limit", "2",
                      "--question-column", "prompt", "--answers-column", "gt", "--image-column", "picture",
-                     "--max-new-tokens", "2"]) == 0
+                     "--max-new-tokens", "2", "--num-beams", "2"]) == 0
     rows = pq.read_table(out / "predictions.parquet").to_pylist()
     assert [r["question"] for r in rows] == ["Colour?" + job.SHORT_ANSWER, "Shape?" + job.SHORT_ANSWER]
     assert json.loads((out / "metrics.json").read_text())["metric"] == "vqa_accuracy"
     report = (out / "report.md").read_text()
     assert "- prompt suffix: `'\\nAnswer the question using a single word or phrase.'`" in report
     settings = json.loads(re.search(r"^- settings: `(.*)`$", report, re.M).group(1))
-    assert settings["max_new_tokens"] == 2 and settings["image_backend"] == "pil"
+    assert settings["max_new_tokens"] == 2 and settings["image_backend"] == "pil" and settings["num_beams"] == 2
     assert re.search(r"^- checkpoint: `[0-9a-f]{8,}`$", report, re.M)
 
 
