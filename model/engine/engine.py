@@ -177,6 +177,9 @@ class LLMEngine:
         if beams > self.max_batch_size:
             raise ValueError(f"request {request.request_id!r}: num_beams={beams} takes as many slots, and the "
                              f"engine has max_batch_size={self.max_batch_size}")
+        if beams > 1 and max(2, 1 + len(self._stop_ids(request))) * beams > self.text_config.vocab_size:
+            raise ValueError(f"request {request.request_id!r}: num_beams={beams} keeps more candidates a step than "
+                             f"the vocabulary's {self.text_config.vocab_size} tokens")
         if request.sampling.constrained:
             self.constraints.check(request, self._stop_ids(request))
 

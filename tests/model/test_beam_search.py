@@ -130,6 +130,9 @@ def test_more_beams_than_slots_is_refused_before_any_work(setup):
     with pytest.raises(ValueError, match="'r1': num_beams=4 takes as many slots.*max_batch_size=3"):
         engine.generate(asked)
     assert not engine.has_unfinished()
+    wide = replace(requests[0], sampling=SamplingParams(num_beams=3, stop_token_ids=tuple(range(200))))
+    with pytest.raises(ValueError, match="'r0': num_beams=3 keeps more candidates a step than the vocabulary"):
+        engine.generate([wide])
 
 
 def test_a_search_whose_logits_overflow_ends_in_error_and_spoils_no_later_one(setup, overlap):
