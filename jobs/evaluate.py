@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 DEFAULTS = dict(input=None, model=None, adapter=None, output=None, metric=None, system_prompt=None,
                 prompt_suffix=None,
                 id_column="id", question_column="question", answers_column="answers", image_column="image",
-                category_column="category", predictions=None, gallery=0, limit=None, max_new_tokens=None, num_beams=None,
+                category_column="category", predictions=None, gallery=0, limit=None, max_new_tokens=None,
+                num_beams=None,
                 resume=False, overwrite=False, choices=None, choices_column=None, **dict.fromkeys(run_flag_names()))
 
 
@@ -203,8 +204,8 @@ def pipeline_config(args: argparse.Namespace, kept: list[str]):
                           prompt_suffix=choose_suffix(args), **given)
 
 
-SHOWN_SETTINGS = ("system_prompt", "max_new_tokens", "num_beams", "image_backend", "image_longest_edge", "image_splitting",
-                  "max_image_pixels", "dtype", "choices", "choices_column")
+SHOWN_SETTINGS = ("system_prompt", "max_new_tokens", "num_beams", "image_backend", "image_longest_edge",
+                  "image_splitting", "max_image_pixels", "dtype", "choices", "choices_column")
 
 
 def model_settings(args: argparse.Namespace) -> dict[str, str]:

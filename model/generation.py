@@ -192,7 +192,8 @@ def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tens
     logits = model.lm_head(hidden[:, -1])
     searches = [BeamSearch(k, s.eos, s.max_new, s.length_penalty, s.early_stopping) for _ in range(batch)]
     rules = [BeamRules(search, tc.vocab_size, device, min_new_tokens=s.min_new, repetition_penalty=s.penalty,
-                       penalized_ids=row[row_mask.bool()].tolist(), no_repeat_ngram_size=s.no_repeat, ngram_ids=row.tolist())
+                       penalized_ids=row[row_mask.bool()].tolist(),       # as the reference: not the left padding
+                       no_repeat_ngram_size=s.no_repeat, ngram_ids=row.tolist())
              for search, row, row_mask in zip(searches, input_ids, mask)]
     next_position = positions[:, -1].repeat_interleave(k) + 1
     for step in range(s.max_new):

@@ -142,9 +142,9 @@ class BeamRules:
         """Move the state on to the search's new beams (after BeamSearch.advance)."""
         parents, tokens = self.search.parents, [beam[-1] for beam in self.search.beams]
         if self.seen is not None:
-            index = torch.tensor(parents, device=self.seen.device)
-            self.seen = self.seen[index]
-            self.seen[torch.arange(len(tokens), device=self.seen.device), torch.tensor(tokens, device=self.seen.device)] = True
+            device = self.seen.device
+            self.seen = self.seen[torch.tensor(parents, device=device)]
+            self.seen[torch.arange(len(tokens), device=device), torch.tensor(tokens, device=device)] = True
         if self.ngrams is not None:
             self.ngrams = [copy.deepcopy(self.ngrams[p]) for p in parents]
             for ngrams, t in zip(self.ngrams, tokens):

@@ -267,10 +267,14 @@ class LLMEngine:
             if self._scheduler is None:
                 self._scheduler = Scheduler(self.slots, self.max_prefill_tokens)
         while self._pending and self._positions_needed(self._pending[0]) <= self.runner.cache.max_len:
-            if Scheduler.slots_needed(self._pending[0]) > self.slots:
-                raise ValueError(f"request {self._pending[0].request.request_id!r}: its {self._pending[0].request.sampling.num_beams} "
-                                 f"beams need as many slots, and the KV cache budget has room for {self.slots}")
-            self._scheduler.add(self._pending.pop(0))
+            seq = self._pending.pop(0)
+            if Scheduler.slots_needed(seq) > self.slots:       # beams the memory has no room for: never admitted
+                seq.finish_reason = "error"
+                seq.error = (f"ValueError: its {seq.request.sampling.num_beams} beams need as many slots, and the "
+                             f"KV cache has room for {self.slots}")
+                self._finished.append(seq)
+                continue
+            self._scheduler.add(seq)
 
     def _step(self) -> list[Sequence]:
         if not self.has_unfinished():

@@ -83,8 +83,8 @@ class SamplingParams:
                              "search with temperature 0 or sample without beams")
         beside = [name for name, given in (("choices", self.choices), ("regex", self.regex is not None),
                                            ("json_schema", self.json_schema is not None), ("stop", self.stop),
-                                           ("top_logprobs", self.top_logprobs), ("max_new_tokens=0", not self.max_new_tokens))
-                  if given]
+                                           ("top_logprobs", self.top_logprobs),
+                                           ("max_new_tokens=0", not self.max_new_tokens)) if given]
         if beside:
             raise ValueError(f"beam search cannot be combined with {', '.join(beside)}")
 

@@ -35,8 +35,9 @@ def hypotheses(result) -> list[list[int]]:
 
 def searched(requests, widths=(3, 1, 2, 4), returned=(2, 1, 1, 3), **settings) -> list:
     """Requests of beam search (and some greedy ones, width 1), cycling through the widths."""
-    return [replace(r, sampling=SamplingParams(max_new_tokens=r.sampling.max_new_tokens, num_beams=widths[i % len(widths)],
-                                               n=returned[i % len(returned)], **settings))
+    return [replace(r, sampling=SamplingParams(max_new_tokens=r.sampling.max_new_tokens,
+                                               num_beams=widths[i % len(widths)], n=returned[i % len(returned)],
+                                               **settings))
             for i, r in enumerate(requests)]
 
 
@@ -114,7 +115,8 @@ def test_streamed_searches_join_a_running_batch(setup):
 
 @pytest.mark.parametrize("settings,match", [(dict(temperature=0.7), "beam sampling"), (dict(n=5), "n=5 > num_beams=4"),
                                             (dict(choices=("a", "b")), "choices"), (dict(stop=(".",)), "stop"),
-                                            (dict(top_logprobs=2), "top_logprobs"), (dict(early_stopping="soon"), "early_stopping"),
+                                            (dict(top_logprobs=2), "top_logprobs"),
+                                            (dict(early_stopping="soon"), "early_stopping"),
                                             (dict(max_new_tokens=0), "max_new_tokens=0")])
 def test_settings_a_search_cannot_take_are_refused(settings, match):
     with pytest.raises(ValueError, match=match):
@@ -150,3 +152,16 @@ def test_a_search_whose_logits_overflow_ends_in_error_and_spoils_no_later_one(se
     assert results[0].error.startswith("NonFiniteLogitsError: ")
     for request, result in zip(later, results[1:]):
         assert (result.token_ids, result.error) == (expected[request.request_id], None), request.request_id
+
+
+def test_a_search_the_cache_has_no_room_for_ends_in_error_alone(setup):
+    """A KV cache budget of two slots: a search of three beams could never be admitted; it ends in
+    error, naming why, and the requests beside it answer."""
+    ours, requests, expected, _, _ = setup
+    asked = searched(requests[:3], widths=(1, 3, 1), returned=(1,))
+    length = max(len(r.prompt_ids) + r.sampling.max_new_tokens for r in asked)
+    engine = LLMEngine(ours, max_batch_size=4, kv_cache_tokens=2 * (-(-length // 256) * 256))
+    results = engine.generate(asked)
+    assert engine.slots == 2
+    assert results[1].finish_reason == "error" and "3 beams need as many slots" in results[1].error
+    assert [results[i].token_ids for i in (0, 2)] == [expected[requests[i].request_id] for i in (0, 2)]
