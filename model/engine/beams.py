@@ -83,11 +83,16 @@ class BeamSearch:
         ranked = ranked + (~just_ended).float() * NEG
         merged = torch.cat([torch.tensor([h.score for h in self.finished], dtype=torch.float32), ranked])
         keep = torch.topk(merged, k).indices.tolist()
-        candidates = [Hypothesis(self.beams[p] + [t], s, raw)
-                      for p, t, s, raw in zip(parents, tokens, ranked.tolist(), scores.tolist())]
-        pool = self.finished + candidates
+        ranked_list, raw = ranked.tolist(), scores.tolist()
+
+        def hypothesis(i: int) -> Hypothesis:       # i < k: a kept one; else candidate i - k
+            if i < k:
+                return self.finished[i]
+            c = i - k
+            return Hypothesis(self.beams[parents[c]] + [tokens[c]], ranked_list[c], raw[c])
+
         self.is_finished = torch.cat([self.is_finished, just_ended])[keep]
-        self.finished = [pool[i] for i in keep]
+        self.finished = [hypothesis(i) for i in keep]
 
     def _check_improvable(self, step: int) -> None:
         """Whether the best running beam may still beat the worst kept hypothesis (the reference's
