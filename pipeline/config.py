@@ -161,7 +161,8 @@ class PipelineConfig:
         if self.samples > self.num_beams:
             raise ValueError(f"samples={self.samples} > num_beams={self.num_beams}: beam search returns at most "
                              "its beams")
-        beside = [name for name, on in (("temperature > 0", self.temperature > 0), ("choices", self.choices),
+        beside = [name for name, on in (("temperature > 0", self.temperature > 0),
+                                        ("choices", self.choices or self.choices_column),
                                         ("regex", self.regex), ("json_schema", self.json_schema),
                                         ("stop", self.stop), ("top_logprobs", self.top_logprobs)) if on]
         if beside:

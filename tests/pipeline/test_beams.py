@@ -67,6 +67,7 @@ def test_a_run_searches_every_row(ray_cluster, tmp_path):
     (dict(num_beams=2, samples=3), "samples=3 > num_beams=2"),
     (dict(num_beams=2, temperature=0.7), "with temperature > 0"),
     (dict(num_beams=2, choices=["a", "b"]), "with choices"),
+    (dict(num_beams=2, choices_column="options"), "with choices"),
     (dict(num_beams=2, stop=["."]), "with stop"),
     (dict(num_beams=80), "num_beams=80 beams take as many of the engine's max_batch_size=64"),
     (dict(num_beams=2, score_column="caption"), "num_beams is about generating")])
