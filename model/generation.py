@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from .engine.kv_cache import KVCache, PaddedCacheAttention
 from .engine.beams import BeamRules, BeamSearch, split_candidates, top_candidates
-from .engine.ngrams import NGrams, allowed_by_ngrams
+from .engine.bad_words import banned_by_bad_words, check_bad_words, usable_bad_words
+from .engine.ngrams import NGrams, allowed_without
 from .engine.sampler import SamplingState, sample
 
 
@@ -32,7 +33,7 @@ def _as_list(ids) -> list[int]:
 
 FOLLOWED = {"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
             "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences", "no_repeat_ngram_size",
-            "num_beams", "length_penalty", "early_stopping"}
+            "num_beams", "length_penalty", "early_stopping", "bad_words_ids"}
 # transformers' settings that change nothing here: whatever their value, or at these values
 UNUSED = {"bos_token_id", "decoder_start_token_id", "use_cache", "transformers_version", "cache_implementation"}
 INERT = {"num_beam_groups": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
@@ -74,6 +75,9 @@ class _Settings:
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 with do_sample=True, got {self.temperature}")
         self.no_repeat = int(get("no_repeat_ngram_size", 0))
+        bad_words = get("bad_words_ids") or []
+        check_bad_words(bad_words, text.vocab_size)
+        self.bad_words = usable_bad_words(bad_words, self.eos)
         self.num_beams = int(get("num_beams", 1))
         self.length_penalty = float(get("length_penalty", 1.0))
         self.early_stopping = get("early_stopping", False)
@@ -120,7 +124,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     """(B, T) prompt ids (left-padded) -> (B, T + n_new) LongTensor, like transformers' generate.
 
     Settings (kwargs over generation_config.json): max_new_tokens / max_length, min_new_tokens,
-    do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, eos_token_id,
+    do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids, eos_token_id,
     pad_token_id, num_return_sequences (k sampled answers a prompt: rows b*k .. b*k+k-1 are prompt b's),
     and beam search: num_beams, length_penalty, early_stopping (num_return_sequences: the best beams).
     """
@@ -155,12 +159,17 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     position = positions[:, -1:]
     new_tokens = []
     # as the reference: every row's ids, its left padding and a finished row's padding included
-    ngrams = [NGrams(s.no_repeat, row) for row in input_ids.tolist()] if s.no_repeat else []
+    ids = input_ids.tolist() if s.no_repeat or s.bad_words else []
+    ngrams = [NGrams(s.no_repeat, row) for row in ids] if s.no_repeat else []
     for step in range(s.max_new):
-        allowed = allowed_by_ngrams(list(enumerate(ngrams)), *logits.shape, logits.device) if ngrams else None
+        bans = [(row, banned_by_bad_words(history, s.bad_words)) for row, history in enumerate(ids) if s.bad_words]
+        bans += [(row, ngram.banned()) for row, ngram in enumerate(ngrams)]
+        allowed = allowed_without(bans, *logits.shape, logits.device)
         token = sample(logits, state, rows, any_sampling=s.do_sample, any_filter=s.do_sample,
                        any_penalty=s.penalty != 1.0, allowed=allowed)
         token = torch.where(unfinished, token, s.pad)
+        for row, t in zip(ids, token.tolist() if ids else ()):
+            row.append(t)
         for row, t in zip(ngrams, token.tolist() if ngrams else ()):
             row.extend([t])
         if s.penalty != 1.0:
@@ -191,9 +200,9 @@ def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tens
     hidden = text(inputs_embeds=embeds, position_ids=positions, attention=PaddedCacheAttention(cache, key_mask[::k], 0))
     logits = model.lm_head(hidden[:, -1])
     searches = [BeamSearch(k, s.eos, s.max_new, s.length_penalty, s.early_stopping) for _ in range(batch)]
-    rules = [BeamRules(search, tc.vocab_size, device, min_new_tokens=s.min_new, repetition_penalty=s.penalty,
-                       penalized_ids=row[row_mask.bool()].tolist(),       # as the reference: not the left padding
-                       no_repeat_ngram_size=s.no_repeat, ngram_ids=row.tolist())
+    rules = [BeamRules(search, tc.vocab_size, device, prompt_ids=row.tolist(), min_new_tokens=s.min_new,
+                       repetition_penalty=s.penalty, no_repeat_ngram_size=s.no_repeat, bad_words=s.bad_words,
+                       penalized_ids=row[row_mask.bool()].tolist())       # as the reference: not the left padding
              for search, row, row_mask in zip(searches, input_ids, mask)]
     next_position = positions[:, -1].repeat_interleave(k) + 1
     for step in range(s.max_new):

@@ -42,9 +42,9 @@ def start_group(seq: Sequence, vocab: int, device) -> BeamGroup:
     """The search of `seq` (admitted, with its companions in their slots)."""
     p, request = seq.request.sampling, seq.request
     search = BeamSearch(p.num_beams, seq.stop_ids, seq.max_new_tokens, p.length_penalty, p.early_stopping)
-    rules = BeamRules(search, vocab, device, min_new_tokens=p.min_new_tokens, repetition_penalty=p.repetition_penalty,
-                      penalized_ids=request.prompt_ids, no_repeat_ngram_size=p.no_repeat_ngram_size,
-                      ngram_ids=request.prompt_ids)
+    rules = BeamRules(search, vocab, device, prompt_ids=request.prompt_ids, min_new_tokens=p.min_new_tokens,
+                      repetition_penalty=p.repetition_penalty, penalized_ids=request.prompt_ids,
+                      no_repeat_ngram_size=p.no_repeat_ngram_size, bad_words=p.bad_words_ids)
     group = BeamGroup(search, rules, [seq, *seq.companions])
     for beam in group.beams:
         beam.beam = group

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ngrams import NGrams
+from .bad_words import banned_by_bad_words, usable_bad_words
+from .ngrams import NGrams, allowed_without
 from .sampler import penalize_repeats
 
 NEG = -1.0e9       # the reference's score for "never": not -inf, so sums stay ordered
@@ -110,24 +111,30 @@ class BeamSearch:
 
 class BeamRules:
     """What the reference's logits processors do to one search's beams, on the device: eos ids
-    barred before min_new_tokens, the repetition penalty (on log p: multiplied), n-gram bans. Its
-    per-beam state follows the beams' parents each step."""
+    barred before min_new_tokens, the repetition penalty (on log p: multiplied), n-gram bans, bad
+    words. Its per-beam state follows the beams' parents each step. prompt_ids: the prompt as the
+    processors read it (a left-padded row's padding included); penalized_ids: the tokens the
+    repetition penalty counts from it."""
 
-    def __init__(self, search: BeamSearch, vocab: int, device, *, min_new_tokens: int = 0,
+    def __init__(self, search: BeamSearch, vocab: int, device, *, prompt_ids=(), min_new_tokens: int = 0,
                  repetition_penalty: float = 1.0, penalized_ids=(), no_repeat_ngram_size: int = 0,
-                 ngram_ids=()) -> None:
+                 bad_words=()) -> None:
         self.search, self.min_new_tokens, self.penalty = search, min_new_tokens, repetition_penalty
+        self.bad_words = usable_bad_words(bad_words, search.stop_ids)
+        reach = max(map(len, self.bad_words), default=1) - 1
+        self.prompt_tail = list(prompt_ids)[-reach:] if reach else []
         self.stop = torch.tensor(sorted(i for i in search.stop_ids if 0 <= i < vocab), dtype=torch.int64, device=device)
         self.seen = None
         if repetition_penalty != 1.0:
             self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
             ids = [i for i in set(penalized_ids) if 0 <= i < vocab]
             self.seen[0, torch.tensor(ids, dtype=torch.int64, device=device)] = True
-        self.ngrams = [NGrams(no_repeat_ngram_size, list(ngram_ids))] if no_repeat_ngram_size else None
+        self.ngrams = [NGrams(no_repeat_ngram_size, list(prompt_ids))] if no_repeat_ngram_size else None
 
     @property
     def active(self) -> bool:
-        return self.seen is not None or self.ngrams is not None or self.search.steps < self.min_new_tokens
+        return (self.seen is not None or self.ngrams is not None or bool(self.bad_words)
+                or self.search.steps < self.min_new_tokens)
 
     def apply(self, log_probs: Tensor) -> Tensor:
         """This search's rows of log p, as its processors leave them."""
@@ -135,13 +142,16 @@ class BeamRules:
             log_probs = log_probs.index_fill(1, self.stop, float("-inf"))
         if self.seen is not None:
             log_probs = penalize_repeats(log_probs, log_probs.new_full((len(log_probs),), self.penalty), self.seen)
-        if self.ngrams is not None:
-            rows = [(row, t) for row, ngrams in enumerate(self.ngrams) for t in ngrams.banned()]
-            if rows:
-                log_probs = log_probs.index_put((torch.tensor([r for r, _ in rows], device=log_probs.device),
-                                                 torch.tensor([t for _, t in rows], device=log_probs.device)),
-                                                torch.tensor(float("-inf"), device=log_probs.device))
-        return log_probs
+        bans = allowed_without(self._bans(), *log_probs.shape, log_probs.device)
+        return log_probs if bans is None else log_probs.masked_fill(~bans, float("-inf"))
+
+    def _bans(self) -> list[tuple[int, list[int]]]:
+        """Each beam's banned tokens: the n-grams it would repeat, its bad words' last tokens."""
+        bans = [(row, ngrams.banned()) for row, ngrams in enumerate(self.ngrams or ())]
+        if self.bad_words:
+            bans += [(row, banned_by_bad_words(self.prompt_tail + beam, self.bad_words))
+                     for row, beam in enumerate(self.search.beams)]
+        return bans
 
     def follow(self) -> None:
         """Move the state on to the search's new beams (after BeamSearch.advance)."""

@@ -23,6 +23,7 @@ from ..linear import available_host_memory, pack_weights
 from ..lm_head import pad_lm_head
 from ..pointwise import compile_pointwise
 from .beam_groups import BeamGroup, add_companions, finish_group, start_group, step_searches
+from .bad_words import check_bad_words, sequence_bans
 from .beams import BeamRules, split_candidates, top_candidates
 from .constraints import EngineConstraints
 from .continuation import folded, runnable_prefix
@@ -31,7 +32,7 @@ from .kv_cache import KVCache, plan_cache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket
 from .logprobs import HostLogprobs, StepLogprobs, TokenLogprobs
-from .ngrams import allowed_by_ngrams, sequence_ngrams
+from .ngrams import allowed_without, sequence_ngrams
 from .sampler import NON_FINITE, SamplingState, model_tokens, sample_rows
 from .samples import add_samples, with_samples
 from .scheduler import Scheduler, Sequence
@@ -180,6 +181,11 @@ class LLMEngine:
         if beams > 1 and max(2, 1 + len(self._stop_ids(request))) * beams > self.text_config.vocab_size:
             raise ValueError(f"request {request.request_id!r}: num_beams={beams} keeps more candidates a step than "
                              f"the vocabulary's {self.text_config.vocab_size} tokens")
+        if request.sampling.bad_words_ids:
+            try:
+                check_bad_words(request.sampling.bad_words_ids, self.text_config.vocab_size)
+            except ValueError as e:
+                raise ValueError(f"request {request.request_id!r}: {e}") from None
         if request.sampling.constrained:
             self.constraints.check(request, self._stop_ids(request))
 
@@ -334,10 +340,12 @@ class LLMEngine:
 
     def _allowed(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor | None:
         """(rows, V) bool: the tokens each row may take (its constraint's, less the n-grams it may
-        not repeat), or None where every row may take any."""
+        not repeat and its bad words' last tokens), or None where every row may take any."""
         constrained = self.constraints.allowed(seqs, rows, logits.shape[0])
-        histories = [(row, sequence_ngrams(s)) for row, s in zip(rows, seqs) if s.request.sampling.no_repeat_ngram_size]
-        unbanned = allowed_by_ngrams(histories, *logits.shape, self.device) if histories else None
+        bans = [(row, sequence_ngrams(s).banned()) for row, s in zip(rows, seqs)
+                if s.request.sampling.no_repeat_ngram_size]
+        bans += [(row, sequence_bans(s)) for row, s in zip(rows, seqs) if s.request.sampling.bad_words_ids]
+        unbanned = allowed_without(bans, *logits.shape, self.device) if bans else None
         if constrained is None or unbanned is None:
             return unbanned if constrained is None else constrained
         return constrained & unbanned

@@ -35,7 +35,12 @@ class NGrams:
 def allowed_by_ngrams(histories: list[tuple[int, NGrams]], num_rows: int, vocab: int, device) -> Tensor | None:
     """(num_rows, vocab) bool: every token but each row's banned ones (rows of `histories`: row,
     its n-grams), or None where no row bans one."""
-    bans = [(row, ngrams.banned()) for row, ngrams in histories]
+    return allowed_without([(row, ngrams.banned()) for row, ngrams in histories], num_rows, vocab, device)
+
+
+def allowed_without(bans: list[tuple[int, list[int]]], num_rows: int, vocab: int, device) -> Tensor | None:
+    """(num_rows, vocab) bool: every token but each row's banned ones (bans: row, its banned
+    tokens), written in one index; None where no row bans one."""
     bans = [(row, banned) for row, banned in bans if banned]
     if not bans:
         return None

@@ -7,6 +7,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from .bad_words import check_bad_words
 from .json_schema import schema_text_pattern
 
 
@@ -33,6 +34,7 @@ class SamplingParams:
     num_beams: int = 1                # > 1: beam search (model.engine.beams; n: the best beams returned)
     length_penalty: float = 1.0       # beam search: a hypothesis ranks by its log p / its length ** this
     early_stopping: bool | str = False   # beam search: True, False or "never", as transformers'
+    bad_words_ids: tuple = ()         # token sequences the answer never holds (model.engine.bad_words)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -70,6 +72,9 @@ class SamplingParams:
             raise ValueError(f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.bad_words_ids:
+            check_bad_words(self.bad_words_ids, vocab=1 << 62)     # the vocabulary: the engine checks it
+            object.__setattr__(self, "bad_words_ids", tuple(tuple(w) for w in self.bad_words_ids))
 
     def _check_beams(self) -> None:
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
@@ -96,7 +101,7 @@ class SamplingParams:
     def follows_answer(self) -> bool:
         """Whether the tokens it may take next depend on its answer so far (a constraint's state,
         the n-grams to ban): no decode step is queued before the last one's tokens are read."""
-        return self.constrained or self.no_repeat_ngram_size > 0
+        return self.constrained or self.no_repeat_ngram_size > 0 or any(len(w) > 1 for w in self.bad_words_ids)
 
     @property
     def constrained(self) -> bool:
