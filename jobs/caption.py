@@ -19,7 +19,8 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
                 messages_column=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0, logprobs=False, stop=None, choices=None,
+                no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0, logprobs=False, stop=None, bad_words=None,
+                choices=None,
                 choices_column=None,
                 sampling_column=None, score_column=None, choice_logprobs=False, regex=None, json_schema=None, seed=None,
                 samples=1, top_logprobs=0, replicas=None, tensor_parallel_size=1, cpu_workers=None,
@@ -75,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stop", action="append", metavar="TEXT",
                     help="end an answer with the token that completes TEXT (repeatable; transformers' "
                          "stop_strings: the answer keeps it), e.g. --stop '.' for one sentence")
+    ap.add_argument("--bad-words", action="append", metavar="TEXT",
+                    help="no answer holds TEXT (repeatable; vLLM's bad_words, transformers' bad_words_ids: its tokens "
+                         "as written and after a space), e.g. --bad-words 'The image shows' to keep that opening out "
+                         "of captions")
     ap.add_argument("--choice", action="append", metavar="TEXT", dest="choices",
                     help="answer with one of these texts only (repeatable; vLLM's guided choice): each token must "
                          "keep the answer on the way to a choice, e.g. --choice yes --choice no to label images")
@@ -83,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sampling-column", metavar="NAME",
                     help="an input column of each row's own decoding settings, overriding the job's for that row (a "
                          "struct, or JSON text: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, "
-                         "stop, choices, regex, json_schema, num_beams, length_penalty; as ray.data.llm's per-row "
-                         "sampling_params)")
+                         "stop, choices, regex, json_schema, num_beams, length_penalty, bad_words; as ray.data.llm's "
+                         "per-row sampling_params)")
     ap.add_argument("--score-column", metavar="NAME",
                     help="score each row's text in this column as its answer instead of answering: answer_logprob is "
                          "its log-probability given the image and question (caption filtering, reranking); "

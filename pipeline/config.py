@@ -11,7 +11,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 SETTABLE = {"max_new_tokens": "integer", "temperature": "number", "top_p": "number", "top_k": "integer",
             "repetition_penalty": "number", "no_repeat_ngram_size": "integer", "seed": "integer", "stop": "texts",
             "choices": "texts", "regex": "text", "json_schema": "text", "num_beams": "integer",
-            "length_penalty": "number"}
+            "length_penalty": "number", "bad_words": "texts"}
 OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens",
                   "answer_logprob", "answer_json", "choice_logprobs", "samples", "samples_finish_reason",
                   "samples_num_generated_tokens", "samples_logprob", "samples_json", "token_logprobs")
@@ -43,6 +43,8 @@ class PipelineConfig:
     length_penalty: float = 1.0                 # beam search ranks an answer by its log p / its length ** this
     logprobs: bool = False                      # an `answer_logprob` column: the answer's log p under the model
     stop: list[str] = field(default_factory=list)   # strings that end an answer (transformers' stop_strings)
+    bad_words: list[str] = field(default_factory=list)  # texts no answer holds (vLLM's bad_words: as written
+                                                # and after a space, as tokenized; transformers' bad_words_ids)
     choices: list[str] = field(default_factory=list)    # every answer is one of these (vLLM's guided choice)
     choices_column: str | None = None           # an input column of each row's own choices (lists of text;
                                                 # a null cell: `choices`)
@@ -91,7 +93,7 @@ class PipelineConfig:
     fetch_timeout_s: float = 60.0               # an image read (async stores: s3, gcs, http) not done by then fails
 
     def __post_init__(self) -> None:
-        for name in ("stop", "choices"):
+        for name in ("stop", "choices", "bad_words"):
             texts = getattr(self, name)
             texts = [texts] if isinstance(texts, str) else list(dict.fromkeys(texts or []))
             if any(not isinstance(s, str) or not s for s in texts):
@@ -147,6 +149,7 @@ class PipelineConfig:
         generating = [name for name, on in (("choices", self.choices or self.choices_column), ("regex", self.regex),
                                             ("json_schema", self.json_schema), ("samples", self.samples > 1),
                                             ("sampling_column", self.sampling_column), ("stop", self.stop),
+                                            ("bad_words", self.bad_words),
                                             ("top_logprobs", self.top_logprobs), ("num_beams", self.num_beams > 1))
                       if on]
         if self.score_column is not None and generating:

@@ -159,6 +159,7 @@ class Generate:
         self.engine = self.load()
         self.loop = EngineLoop(self.engine, stall_timeout_s=config.step_timeout_s) if tp == 1 else None
         self.recent_pixels: OrderedDict = OrderedDict()      # image key -> pixel values
+        self._bad_words: dict[tuple[str, ...], tuple[tuple[int, ...], ...]] = {}   # words -> their token ids
         self.ledger, self.gate = CrashLedger(ledger_path("generate")), Gate()
         if tp > 1:
             self.device = "cpu"  # this actor holds no device; the ranks move the pixel values to theirs
@@ -232,18 +233,29 @@ class Generate:
         settings = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                         repetition_penalty=c.repetition_penalty, no_repeat_ngram_size=c.no_repeat_ngram_size,
                         num_beams=c.num_beams, length_penalty=c.length_penalty,
-                        stop=c.stop, choices=row.get(ROW_CHOICES) or c.choices,
+                        stop=c.stop, choices=row.get(ROW_CHOICES) or c.choices, bad_words=c.bad_words,
                         regex=c.regex, json_schema=c.json_schema, seed=row_seed(c.seed, row["id"]))
         own = given_settings(row.get(ROW_SETTINGS))
         if own.keys() & CONSTRAINTS:        # a row's own constraint replaces the job's
             settings.update(choices=(), regex=None, json_schema=None)
         settings.update(own)
-        choices, stop = tuple(settings.pop("choices") or ()), tuple(settings.pop("stop") or ())
-        sampling = SamplingParams(**settings, stop=stop, choices=choices, logprobs=c.logprobs,
-                                  choice_logprobs=c.choice_logprobs and bool(choices), n=c.samples,
+        choices, stop = texts(settings.pop("choices")), texts(settings.pop("stop"))
+        bad_words = self.bad_word_ids(texts(settings.pop("bad_words")))
+        sampling = SamplingParams(**settings, stop=stop, choices=choices, bad_words_ids=bad_words,
+                                  logprobs=c.logprobs, choice_logprobs=c.choice_logprobs and bool(choices), n=c.samples,
                                   top_logprobs=c.top_logprobs)
         return Request(str(row["id"]), row["input_ids"], self.pixel_values(row), sampling=sampling,
                        image_key=row["image_key"])
+
+    def bad_word_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """The token sequences of bad words, as vLLM makes them: each word as written and after a
+        space (how it is tokenized inside a sentence), each once."""
+        if words not in self._bad_words:
+            encode = self.encoder.tokenizer.encode
+            spelled = [encode(text, add_special_tokens=False) for word in words
+                       for text in (word.strip(), " " + word.strip())]
+            self._bad_words[words] = tuple(dict.fromkeys(tuple(ids) for ids in spelled if ids))
+        return self._bad_words[words]
 
     def scored_ids(self, text: str | None) -> list[int]:
         """The tokens of a text scored as the answer: after one space, as the model writes answers
@@ -336,6 +348,11 @@ class Generate:
                                         parsed[0], parsed[1]))
         columns += [batch.column(f.name) for f in kept]
         return pa.Table.from_arrays(columns, schema=schema)
+
+
+def texts(value) -> tuple:
+    """A setting of texts (stop, choices, bad_words) as a tuple: one text alone, as the config reads it."""
+    return (value,) if isinstance(value, str) else tuple(value or ())
 
 
 def given_settings(cell) -> dict:
