@@ -23,7 +23,7 @@ from ..linear import available_host_memory, pack_weights
 from ..lm_head import pad_lm_head
 from ..pointwise import compile_pointwise
 from .beam_groups import BeamGroup, add_companions, finish_group, start_group, step_searches
-from .bad_words import check_bad_words, sequence_bans
+from .bad_words import sequence_bans
 from .beams import BeamRules, split_candidates, top_candidates
 from .constraints import EngineConstraints
 from .continuation import folded, runnable_prefix
@@ -39,7 +39,7 @@ from .scheduler import Scheduler, Sequence
 from .scoring import add_scorers, answered, choice_logprobs, score_ends
 from .stop_strings import StopStringMatcher
 from .types import NonFiniteLogitsError, Request, Result
-from .validation import check_request
+from .validation import check_request, check_search
 
 _GIB = 1 << 30
 
@@ -174,18 +174,7 @@ class LLMEngine:
     def check_request(self, request: Request) -> None:
         """ValueError naming the request if the engine cannot run it (checked before any work starts)."""
         check_request(request, self.model.config, has_tokenizer=self.tokenizer is not None)
-        beams = request.sampling.num_beams
-        if beams > self.max_batch_size:
-            raise ValueError(f"request {request.request_id!r}: num_beams={beams} takes as many slots, and the "
-                             f"engine has max_batch_size={self.max_batch_size}")
-        if beams > 1 and max(2, 1 + len(self._stop_ids(request))) * beams > self.text_config.vocab_size:
-            raise ValueError(f"request {request.request_id!r}: num_beams={beams} keeps more candidates a step than "
-                             f"the vocabulary's {self.text_config.vocab_size} tokens")
-        if request.sampling.bad_words_ids:
-            try:
-                check_bad_words(request.sampling.bad_words_ids, self.text_config.vocab_size)
-            except ValueError as e:
-                raise ValueError(f"request {request.request_id!r}: {e}") from None
+        check_search(request, self._stop_ids(request), self.max_batch_size, self.text_config.vocab_size)
         if request.sampling.constrained:
             self.constraints.check(request, self._stop_ids(request))
 

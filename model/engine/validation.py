@@ -1,6 +1,7 @@
 """What the engine refuses before any work starts: each ValueError names the request and the cause."""
 from __future__ import annotations
 
+from .bad_words import check_bad_words
 from .types import Request
 
 
@@ -27,6 +28,22 @@ def check_request(request: Request, config, has_tokenizer: bool) -> None:
                          f"{text.max_position_embeddings} positions, leaving no room for an answer")
     if request.pixel_values is not None:
         check_pixels(request, config)
+
+
+def check_search(request: Request, stop_ids, max_batch_size: int, vocab: int) -> None:
+    """Beams the engine can hold, bad words of the vocabulary."""
+    rid, p = request.request_id, request.sampling
+    if p.num_beams > max_batch_size:
+        raise ValueError(f"request {rid!r}: num_beams={p.num_beams} takes as many slots, and the engine has "
+                         f"max_batch_size={max_batch_size}")
+    if p.num_beams > 1 and max(2, 1 + len(stop_ids)) * p.num_beams > vocab:
+        raise ValueError(f"request {rid!r}: num_beams={p.num_beams} keeps more candidates a step than the "
+                         f"vocabulary's {vocab} tokens")
+    if p.bad_words_ids:
+        try:
+            check_bad_words(p.bad_words_ids, vocab)
+        except ValueError as e:
+            raise ValueError(f"request {rid!r}: {e}") from None
 
 
 def check_pixels(request: Request, config) -> None:
