@@ -61,7 +61,7 @@ run_step() {
   b32_256m) step 180 b32_256m "${ENGINE[@]}" --models smolvlm-256m --batches 32 --repeats 2 --profile ;;
   tests) TAIL=30 step 300 tests python3 -m pytest -p no:cacheprovider -o addopts=-ra --timeout 150 \
     tests/model/test_cuda.py tests/model/test_engine.py tests/model/test_engine_loop.py tests/model/test_fusion.py \
-    tests/model/test_prefix_cache.py tests/model/test_choices.py tests/model/test_scoring.py tests/model/test_top_logprobs.py tests/model/test_lm_head.py tests/model/test_pointwise.py tests/model/test_kernels.py tests/processing/test_pixels.py tests/processing/test_image_torch_recipe.py \
+    tests/model/test_prefix_cache.py tests/model/test_beam_search.py tests/model/test_choices.py tests/model/test_scoring.py tests/model/test_top_logprobs.py tests/model/test_lm_head.py tests/model/test_pointwise.py tests/model/test_kernels.py tests/processing/test_pixels.py tests/processing/test_image_torch_recipe.py \
     -k "${TESTS:-cuda or fused or fusion}" ;;
   stream) step 180 stream python3 bench/stream.py --device cuda --blocks 8 --batch 16 --slots 64 --repeats 1 \
     --questions-per-image 4 ;;

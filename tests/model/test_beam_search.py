@@ -165,3 +165,17 @@ def test_a_search_the_cache_has_no_room_for_ends_in_error_alone(setup):
     assert engine.slots == 2
     assert results[1].finish_reason == "error" and "3 beams need as many slots" in results[1].error
     assert [results[i].token_ids for i in (0, 2)] == [expected[requests[i].request_id] for i in (0, 2)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_searches_match_eager_bf16(setup):
+    """The CUDA defaults (graphs, compiled and overlapped decode, bf16): beam searches beside greedy
+    requests give the hypotheses of the eager, step-by-step engine."""
+    import copy
+
+    ours, requests, _, _, _ = setup
+    model = copy.deepcopy(ours).to("cuda", torch.bfloat16)
+    asked = searched(requests, bad_words_ids=((5, 6), (7,)))
+    graphed = LLMEngine(model, max_batch_size=7).generate(asked)
+    eager = LLMEngine(model, max_batch_size=7, use_cuda_graphs=False, compile=False, overlap=False).generate(asked)
+    assert [hypotheses(r) for r in graphed] == [hypotheses(r) for r in eager]
