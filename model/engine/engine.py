@@ -367,9 +367,11 @@ class LLMEngine:
         # its prompt, whose K/V other requests may copy (a request of no answer frees its slot now)
         runner.positions[torch.tensor(slots, device=self.device)] = torch.tensor(
             [s.prompt_len for s in seqs], device=self.device)
-        for seq, log_p in zip(seqs, scored):
-            if log_p is not None:
-                seq.continuation_logprobs = log_p.tolist()
+        read = [(seq, log_p) for seq, log_p in zip(seqs, scored) if log_p is not None]
+        if read:            # in one host sync
+            values, start = torch.cat([log_p for _, log_p in read]).tolist(), 0
+            for seq, log_p in read:
+                seq.continuation_logprobs, start = values[start:start + len(log_p)], start + len(log_p)
         score_ends(seqs, logits)
         seqs, logits, slots = self._end_scored_only(scheduler, seqs, logits, slots)
         heads = [i for i, s in enumerate(seqs) if s.companions]

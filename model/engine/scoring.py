@@ -14,6 +14,7 @@ import math
 from dataclasses import replace
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from .scheduler import Sequence
@@ -58,10 +59,13 @@ def add_scorers(seq: Sequence, tokenizer, make_sequence: Callable[[Request], Seq
 def score_ends(seqs: list[Sequence], logits: Tensor) -> None:
     """After their prefill (`logits`: its last-position rows, seqs[i]'s in row i): each scorer's log p,
     its spelling's tokens' and then any stop token's (the logsumexp over the stop ids)."""
-    for seq, row in zip(seqs, logits):
-        if seq.scorer and seq.continuation_logprobs is not None:
-            end = row.log_softmax(-1)[sorted(seq.stop_ids)].logsumexp(-1).item()
-            seq.logprob = sum(seq.continuation_logprobs) + end
+    rows = [i for i, seq in enumerate(seqs) if seq.scorer and seq.continuation_logprobs is not None]
+    if not rows:
+        return
+    log_p = logits[rows].log_softmax(-1)
+    ends = torch.stack([row[sorted(seqs[i].stop_ids)].logsumexp(-1) for i, row in zip(rows, log_p)]).tolist()
+    for i, end in zip(rows, ends):          # read in one host sync
+        seqs[i].logprob = sum(seqs[i].continuation_logprobs) + end
 
 
 def answered(finished: list[Sequence]) -> list[Sequence]:
