@@ -19,9 +19,8 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
                 messages_column=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0, logprobs=False, stop=None, bad_words=None,
-                choices=None,
-                choices_column=None,
+                no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0, early_stopping=False, logprobs=False,
+                stop=None, bad_words=None, choices=None, choices_column=None,
                 sampling_column=None, score_column=None, choice_logprobs=False, regex=None, json_schema=None, seed=None,
                 samples=1, top_logprobs=0, replicas=None, tensor_parallel_size=1, cpu_workers=None,
                 cpus_per_replica=None, batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="",
@@ -29,6 +28,13 @@ DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Descr
                 image_splitting=None, storage_options=None, max_image_pixels=None, max_image_bytes=None,
                 image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0, step_timeout_s=600.0,
                 compile_decode=None, device=None, dtype=None, show=5)
+
+
+def early_stopping(text: str) -> bool | str:
+    choices = {"true": True, "false": False, "never": "never"}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"--early-stopping takes true, false or never, got {text!r}")
+    return choices[text.lower()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--length-penalty", type=float,
                     help="beam search ranks answers by log-probability / length ** this (transformers' "
                          "length_penalty: > 0 favours longer answers, < 0 shorter; default 1)")
+    ap.add_argument("--early-stopping", type=early_stopping, metavar="true|false|never",
+                    help="beam search stops once K answers are finished (true), when a better one looks unlikely "
+                         "(false, the default) or never before --max-new-tokens, as transformers' early_stopping")
     ap.add_argument("--stop", action="append", metavar="TEXT",
                     help="end an answer with the token that completes TEXT (repeatable; transformers' "
                          "stop_strings: the answer keeps it), e.g. --stop '.' for one sentence")

@@ -41,6 +41,8 @@ class PipelineConfig:
     no_repeat_ngram_size: int = 0               # transformers' no_repeat_ngram_size: no n-gram twice; 0 = none
     num_beams: int = 1                          # > 1: beam search (transformers' num_beams); `samples`: the best beams
     length_penalty: float = 1.0                 # beam search ranks an answer by its log p / its length ** this
+    early_stopping: bool | str = False          # beam search: True (stop at num_beams answers), False (when no
+                                                # better one is likely) or "never", as transformers'
     logprobs: bool = False                      # an `answer_logprob` column: the answer's log p under the model
     stop: list[str] = field(default_factory=list)   # strings that end an answer (transformers' stop_strings)
     bad_words: list[str] = field(default_factory=list)  # texts no answer holds (vLLM's bad_words: as written
@@ -159,6 +161,8 @@ class PipelineConfig:
 
     def _check_beams(self) -> None:
         """Beam search keeps the best answers, greedily: nothing that samples or constrains them."""
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.num_beams == 1:
             return
         if self.samples > self.num_beams:

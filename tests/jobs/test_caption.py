@@ -194,8 +194,10 @@ def test_regex_and_json_schema_flags(tmp_path):
     assert config("--top-logprobs", "5").top_logprobs == 5
     assert config("--no-repeat-ngram-size", "3").no_repeat_ngram_size == 3
     assert config("--bad-words", "The image shows", "--bad-words", "photo").bad_words == ["The image shows", "photo"]
-    searched = config("--num-beams", "4", "--length-penalty", "0.5", "--samples", "2")
-    assert (searched.num_beams, searched.length_penalty, searched.samples) == (4, 0.5, 2)
+    searched = config("--num-beams", "4", "--length-penalty", "0.5", "--samples", "2", "--early-stopping", "never")
+    assert (searched.num_beams, searched.length_penalty, searched.samples, searched.early_stopping) == (4, 0.5, 2,
+                                                                                                        "never")
+    assert config("--num-beams", "2", "--early-stopping", "True").early_stopping is True
     assert config("--messages-column", "messages").messages_column == "messages"
     with pytest.raises(ValueError, match="samples=4 greedy answers"):
         config("--samples", "4")

@@ -17,11 +17,11 @@ def test_the_model_stage_searches_as_the_reference(checkpoint, oracle):
 
     rows = good_rows(4)
     config = PipelineConfig(model=str(checkpoint), max_new_tokens=12, num_beams=3, samples=2, length_penalty=0.5,
-                            logprobs=True)
+                            early_stopping=True, logprobs=True)
     table, stage = answered(config, rows)
     stop = sorted(stage.engine.stop_ids)
     want = [oracle.answer(r["image"], r["question"] or config.prompt, 12, num_beams=3, length_penalty=0.5,
-                          eos_token_id=stop) for r in rows]
+                          early_stopping=True, eos_token_id=stop) for r in rows]
     got = table.to_pylist()
     assert [(r["answer"], r["num_generated_tokens"]) for r in got] == want
     assert want != [oracle.answer(r["image"], r["question"] or config.prompt, 12, eos_token_id=stop) for r in rows]
@@ -64,6 +64,7 @@ def test_a_run_searches_every_row(ray_cluster, tmp_path):
 
 @pytest.mark.parametrize("settings,message", [
     (dict(num_beams=0), "num_beams must be >= 1"),
+    (dict(num_beams=2, early_stopping="soon"), "early_stopping must be True, False or 'never'"),
     (dict(num_beams=2, samples=3), "samples=3 > num_beams=2"),
     (dict(num_beams=2, temperature=0.7), "with temperature > 0"),
     (dict(num_beams=2, choices=["a", "b"]), "with choices"),
