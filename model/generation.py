@@ -215,10 +215,11 @@ def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tens
             parents += [b * rows_now + p for p in search.parents]
         if all(search.done for search in searches):
             break
-        end = prompt_len + step
+        # after the first step a prompt's beams share its rows: only their answers' move
+        start, end = 0 if step == 0 else prompt_len, prompt_len + step
         index = torch.tensor(parents, device=device)
-        cache.k[:, :, :, :end] = cache.k[:, index, :, :end]
-        cache.v[:, :, :, :end] = cache.v[:, index, :, :end]
+        cache.k[:, :, :, start:end] = cache.k[:, index, :, start:end]
+        cache.v[:, :, :, start:end] = cache.v[:, index, :, start:end]
         tokens = torch.tensor([beam[-1] for search in searches for beam in search.beams], device=device)
         attention = PaddedCacheAttention(cache, key_mask, end)
         hidden = text(input_ids=tokens[:, None], position_ids=(next_position + step)[:, None], attention=attention)
