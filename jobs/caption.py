@@ -18,7 +18,8 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add
 
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
-                messages_column=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                messages_column=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
+                repetition_penalty=1.0,
                 no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0, early_stopping=False, logprobs=False,
                 stop=None, bad_words=None, choices=None, choices_column=None,
                 sampling_column=None, score_column=None, choice_logprobs=False, regex=None, json_schema=None, seed=None,
@@ -67,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, help="0 = greedy")
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (0 = all)")
+    ap.add_argument("--min-p", type=float, help="sample no token less probable than min-p times the likeliest "
+                                                "(transformers' and vLLM's min_p, e.g. 0.05; default 0 = none)")
     ap.add_argument("--repetition-penalty", type=float,
                     help="> 1 discourages tokens already in the prompt or the answer (as transformers' "
                          "repetition_penalty; 1.2 stops small models' loops; default 1 = none)")
@@ -96,9 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                              "rows whose candidates differ; a null cell takes --choice's")
     ap.add_argument("--sampling-column", metavar="NAME",
                     help="an input column of each row's own decoding settings, overriding the job's for that row (a "
-                         "struct, or JSON text: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, "
-                         "stop, choices, regex, json_schema, num_beams, length_penalty, bad_words; as ray.data.llm's "
-                         "per-row sampling_params)")
+                         "struct, or JSON text: max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, "
+                         "seed, stop, choices, regex, json_schema, num_beams, length_penalty, bad_words; as "
+                         "ray.data.llm's per-row sampling_params)")
     ap.add_argument("--score-column", metavar="NAME",
                     help="score each row's text in this column as its answer instead of answering: answer_logprob is "
                          "its log-probability given the image and question (caption filtering, reranking); "

@@ -33,11 +33,11 @@ def _as_list(ids) -> list[int]:
 
 FOLLOWED = {"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
             "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences", "no_repeat_ngram_size",
-            "num_beams", "length_penalty", "early_stopping", "bad_words_ids"}
+            "num_beams", "length_penalty", "early_stopping", "bad_words_ids", "min_p"}
 # transformers' settings that change nothing here: whatever their value, or at these values
 UNUSED = {"bos_token_id", "decoder_start_token_id", "use_cache", "transformers_version", "cache_implementation"}
 INERT = {"num_beam_groups": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-         "min_p": 0.0, "encoder_repetition_penalty": 1.0, "diversity_penalty": 0.0,
+         "encoder_repetition_penalty": 1.0, "diversity_penalty": 0.0,
          "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0, "min_length": 0}
 
 
@@ -69,6 +69,9 @@ class _Settings:
         self.do_sample = bool(get("do_sample", False))
         self.temperature = float(get("temperature", 1.0)) if self.do_sample else 0.0
         self.top_k, self.top_p = int(get("top_k", 50)), float(get("top_p", 1.0))
+        self.min_p = float(get("min_p", 0.0)) if self.do_sample else 0.0
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         self.penalty = float(get("repetition_penalty", 1.0))
         if self.penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.penalty}")
@@ -104,7 +107,7 @@ def _sampling_state(s: _Settings, input_ids: Tensor, mask: Tensor, vocab: int) -
     seeds = torch.randint(0, 2 ** 62, (batch,)).tolist() if s.do_sample else [0] * batch
     for row in range(batch):
         prompt = input_ids[row][mask[row].bool()].tolist() if s.penalty != 1.0 else []   # left padding is not penalised
-        state.assign(row, s.temperature, s.top_k, s.top_p, seeds[row], s.min_new, s.eos, s.penalty, prompt)
+        state.assign(row, s.temperature, s.top_k, s.top_p, seeds[row], s.min_new, s.eos, s.penalty, prompt, s.min_p)
     return state
 
 
@@ -166,7 +169,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         bans += [(row, ngram.banned()) for row, ngram in enumerate(ngrams)]
         allowed = allowed_without(bans, *logits.shape, logits.device)
         token = sample(logits, state, rows, any_sampling=s.do_sample, any_filter=s.do_sample,
-                       any_penalty=s.penalty != 1.0, allowed=allowed)
+                       any_penalty=s.penalty != 1.0, any_min_p=s.min_p > 0, allowed=allowed)
         token = torch.where(unfinished, token, s.pad)
         for row, t in zip(ids, token.tolist() if ids else ()):
             row.append(t)

@@ -1,4 +1,5 @@
-"""Per-row sampling on the device: repetition penalty, greedy, temperature, top-k, top-p, min-new-tokens.
+"""Per-row sampling on the device: repetition penalty, greedy, temperature, top-k, top-p, min-p,
+min-new-tokens.
 
 Randomness is counter-based: the noise for (seed, step, token) is a hash of those three integers,
 so a row's sample depends on its own logits, seed and step only, never on its batch neighbours or
@@ -6,6 +7,7 @@ on a global generator, and no host sync is needed.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +118,7 @@ class SamplingState:
     stop_mask: Tensor       # (S, V) bool: the slot's stop ids
     penalty: Tensor         # (S,) float32 repetition penalty, 1 = none
     seen: Tensor            # (S, V) bool: tokens of the prompt and the answer so far (kept where penalty != 1)
+    log_min_p: Tensor       # (S,) float32 log of min_p (-inf: none)
 
     @classmethod
     def empty(cls, num_slots: int, vocab_size: int, device: torch.device | str) -> "SamplingState":
@@ -123,11 +126,12 @@ class SamplingState:
         ints = lambda: torch.zeros(num_slots, dtype=torch.int64, **z)  # noqa: E731
         masks = lambda: torch.zeros(num_slots, vocab_size, dtype=torch.bool, **z)  # noqa: E731
         return cls(torch.zeros(num_slots, **z), ints(), torch.ones(num_slots, **z), ints(), ints(), ints(),
-                   masks(), torch.ones(num_slots, **z), masks())
+                   masks(), torch.ones(num_slots, **z), masks(), torch.full((num_slots,), float("-inf"), **z))
 
     def assign(self, slot: int, temperature: float, top_k: int, top_p: float, seed: int, min_new: int,
-               stop_ids: list[int], penalty: float = 1.0, prompt_ids: list[int] = ()) -> None:
+               stop_ids: list[int], penalty: float = 1.0, prompt_ids: list[int] = (), min_p: float = 0.0) -> None:
         self.temperature[slot], self.top_k[slot], self.top_p[slot] = temperature, top_k, top_p
+        self.log_min_p[slot] = math.log(min_p) if min_p > 0 else float("-inf")
         self.seed[slot], self.step[slot], self.min_new[slot] = seed, 0, min_new
         self._set_row(self.stop_mask, slot, stop_ids)
         self.penalty[slot] = penalty
@@ -150,6 +154,12 @@ def penalize_repeats(logits: Tensor, penalty: Tensor, seen: Tensor) -> Tensor:
     positive, multiplied by it when negative (both lower it for a penalty > 1)."""
     penalty = penalty[:, None]
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def drop_below_min_p(scaled: Tensor, log_min_p: Tensor) -> Tensor:
+    """-inf in place of each row's tokens less probable than min_p times its likeliest (transformers'
+    min_p, after temperature, top-k and top-p): a ratio of probabilities, so a difference of logits."""
+    return scaled.masked_fill(scaled < scaled.amax(dim=-1, keepdim=True) + log_min_p[:, None], float("-inf"))
 
 
 def flag_non_finite(tokens: Tensor, logits: Tensor) -> Tensor:
@@ -211,13 +221,14 @@ def sample_rows(logits: Tensor, state: SamplingState, slots: Tensor, params: lis
     top_ks = [p.top_k for p in sampled]
     tokens = sample(logits, state, slots, any_sampling=bool(sampled),
                     any_filter=any(p.top_k > 0 or p.top_p < 1 for p in sampled), any_penalty=penalty,
+                    any_min_p=any(p.min_p > 0 for p in sampled),
                     top_k_cap=max(top_ks) if top_ks and min(top_ks) > 0 else None,
                     sort_free_nucleus=compiled and not any(top_ks), fuse_noise=compiled, allowed=allowed)
     return flag_non_finite(tokens, logits)
 
 
 def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
-           any_filter: bool, any_penalty: bool = False, top_k_cap: int | None = None,
+           any_filter: bool, any_penalty: bool = False, any_min_p: bool = False, top_k_cap: int | None = None,
            sort_free_nucleus: bool = False, fuse_noise: bool = False, allowed: Tensor | None = None) -> Tensor:
     """Next token per row (B,) int64. slots (B,) indexes the rows' SamplingState entries.
 
@@ -249,6 +260,8 @@ def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling:
         if any_filter:
             outside = fused_outside_nucleus if fuse_noise else outside_nucleus
             scaled = scaled.masked_fill(outside(scaled, state.top_p[slots]), float("-inf"))
+    if any_min_p:
+        scaled = drop_below_min_p(scaled, state.log_min_p[slots])
     draw = fused_gumbel_argmax if fuse_noise else gumbel_argmax
     best = draw(scaled, state.seed[slots], state.step[slots], tokens)
     sampled = tokens.expand(len(best), -1).gather(-1, best[:, None])[:, 0]

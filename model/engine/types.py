@@ -19,6 +19,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0              # 0 = no top-k filter
     top_p: float = 1.0          # 1.0 = no nucleus filter
+    min_p: float = 0.0          # > 0: no token less probable than min_p x the likeliest (after temperature)
     seed: int | None = None     # None = drawn at admission (answer then not reproducible)
     stop_token_ids: tuple[int, ...] | list[int] | None = None   # None = the generation config's eos ids
     repetition_penalty: float = 1.0   # > 1 discourages every token of the prompt and the answer so far
@@ -47,6 +48,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         if any(not isinstance(c, str) or not c for c in self.choices):

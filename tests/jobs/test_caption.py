@@ -193,6 +193,7 @@ def test_regex_and_json_schema_flags(tmp_path):
     assert config("--score-column", "caption").score_column == "caption"
     assert config("--top-logprobs", "5").top_logprobs == 5
     assert config("--no-repeat-ngram-size", "3").no_repeat_ngram_size == 3
+    assert config("--min-p", "0.05", "--temperature", "1").min_p == 0.05
     assert config("--bad-words", "The image shows", "--bad-words", "photo").bad_words == ["The image shows", "photo"]
     searched = config("--num-beams", "4", "--length-penalty", "0.5", "--samples", "2", "--early-stopping", "never")
     assert (searched.num_beams, searched.length_penalty, searched.samples, searched.early_stopping) == (4, 0.5, 2,

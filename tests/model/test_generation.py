@@ -138,7 +138,7 @@ def test_several_answers_a_prompt_come_as_the_references(pair):
 
 
 @pytest.mark.parametrize("setting", [dict(num_beam_groups=3), dict(typical_p=0.5), dict(return_dict_in_generate=True),
-                                     dict(stop_strings=["."]), dict(min_p=0.1)])
+                                     dict(stop_strings=["."]), dict(epsilon_cutoff=0.1)])
 def test_settings_it_does_not_follow_are_refused_by_name(pair, setting):
     """Group beam search and the other settings it does not implement would change the answers:
     refused, not run greedily; their neutral values, and settings that change nothing, are accepted."""
