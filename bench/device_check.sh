@@ -25,7 +25,9 @@
 # compiled; ~25 s in run 6; now also the nucleus by bisection, top_p, against the sort, top_p_sort,
 # and the compiled greedy draw), samples (150: 32 prompts x 8 sampled answers vs transformers'
 # num_return_sequences, bf16, 512-px tiles), score (120: 128 texts scored against 32 images vs
-# transformers' forward pass). A process compiles the decode step once per model: 100-110 s on a
+# transformers' forward pass), beams (150: 32 prompts x 4 beams vs transformers' beam search, bf16, 512-px
+# tiles: the host's per-search bookkeeping, ~90 us a search a step on this project's CPU box, against
+# the GPU's step). A process compiles the decode step once per model: 100-110 s on a
 # fresh machine (run 5), 25-40 s at 8 layers, the tiny test models ~20 s each. Not `autotune` at 32
 # layers: its compile alone outran b8b's 270 s (run 6). The prefill's pointwise kernels compile at
 # the first prefill (~16 s on this project's 2-core CPU box, cold).
@@ -72,6 +74,8 @@ run_step() {
   samples) step 150 samples python3 bench/samples.py --device cuda --dtype bfloat16 --tile 512 --batch 32 --samples 8 \
     --new-tokens 64 --repeats 2 ;;
   score) step 120 score python3 bench/score.py --device cuda --dtype bfloat16 --tile 512 --images 32 --texts 4 --repeats 2 ;;
+  beams) step 150 beams python3 bench/beams.py --device cuda --dtype bfloat16 --tile 512 --batch 32 --beams 4 \
+    --new-tokens 64 --repeats 2 ;;
   b256) step 360 b256 "${ENGINE[@]}" --models smolvlm-256m idefics3-8b --batches 256 --repeats 1 ;;
   variants) step 280 variants "${ENGINE[@]}" --models idefics3-8b --layers 8 --batches ${BATCHES:-1 32} --repeats 2 --profile \
     --variants ${VARIANTS:-base unpadded eager_pointwise} ;;
