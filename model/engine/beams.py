@@ -36,7 +36,13 @@ class Hypothesis:
 
 class BeamSearch:
     """One prompt's beams. `beams` holds the running beams' new tokens (one empty beam before the
-    first step: the reference's other beams start at -1e9 and cannot be chosen then)."""
+    first step: the reference's other beams start at -1e9 and cannot be chosen then).
+
+    Plain Python floats on the host (a step's few candidates: ~10x faster than small tensors). The
+    reference sums in float32; here the sums come from the device in float32 and the rest is in
+    float64, which ranks alike but for candidates within a float32 rounding of each other (as
+    fragile as the logits themselves), and keeps "never" (-1e9) scores apart where float32 merges
+    them (they decide nothing: at least num_beams candidates go on each step)."""
 
     def __init__(self, num_beams: int, stop_ids, max_new_tokens: int, length_penalty: float = 1.0,
                  early_stopping: bool | str = False) -> None:
@@ -45,10 +51,10 @@ class BeamSearch:
         # candidates kept a step: enough that num_beams of them go on even if as many end on each stop id
         self.width = max(2, 1 + len(self.stop_ids)) * num_beams
         self.beams: list[list[int]] = [[]]
-        self.scores = torch.zeros(1)
+        self.scores: list[float] = [0.0]            # each running beam's sum of log p
         self.parents: list[int] = []                 # the last step's: beam j continues old beam parents[j]
         self.finished = [Hypothesis([], NEG, NEG)] * num_beams
-        self.is_finished = torch.zeros(num_beams, dtype=torch.bool)
+        self.is_finished = [False] * num_beams
         self.improvable = True
         self.done = False
 
@@ -59,54 +65,53 @@ class BeamSearch:
     def advance(self, top_scores: list[float], top_ids: list[int], vocab: int) -> None:
         """Take a step's `width` best candidates (accumulated log p, descending; ids beam * vocab + token)."""
         k, step = self.num_beams, self.steps + 1
-        scores = torch.tensor(top_scores, dtype=torch.float32)
         parents, tokens = [i // vocab for i in top_ids], [i % vocab for i in top_ids]
-        ends = torch.tensor([t in self.stop_ids or step >= self.max_new_tokens for t in tokens])
-        going = scores + ends.float() * NEG
-        order = torch.topk(going, k).indices.tolist()
-        self._keep_finished(scores, parents, tokens, ends, step)
+        ends = [t in self.stop_ids or step >= self.max_new_tokens for t in tokens]
+        going = [s + NEG if end else s for s, end in zip(top_scores, ends)]
+        order = best_first(going)[:k]
+        self._keep_finished(top_scores, parents, tokens, ends, step)
         self.parents = [parents[i] for i in order]
         self.beams = [self.beams[parents[i]] + [tokens[i]] for i in order]
-        self.scores = going[order]
+        self.scores = [going[i] for i in order]
         self._check_improvable(step)
-        self.done = (not self.improvable or bool(self.is_finished.all()) and self.early_stopping is True
-                     or bool(ends.all()))
+        self.done = not self.improvable or all(self.is_finished) and self.early_stopping is True or all(ends)
 
-    def _keep_finished(self, scores: Tensor, parents: list[int], tokens: list[int], ends: Tensor, step: int) -> None:
+    def _keep_finished(self, scores: list[float], parents: list[int], tokens: list[int], ends: list[bool],
+                       step: int) -> None:
         """The num_beams best hypotheses so far: the kept ones and the candidates that end now (only
         among the num_beams best candidates, while they may still improve on the kept ones)."""
         k = self.num_beams
-        top = torch.arange(len(tokens)) < k
-        just_ended = ends & top
-        ranked = scores / (step ** self.length_penalty)
-        ranked = ranked + float(bool(self.is_finished.all()) and self.early_stopping is True) * NEG
-        ranked = ranked + float(not self.improvable) * NEG
-        ranked = ranked + (~just_ended).float() * NEG
-        merged = torch.cat([torch.tensor([h.score for h in self.finished], dtype=torch.float32), ranked])
-        keep = torch.topk(merged, k).indices.tolist()
-        ranked_list, raw = ranked.tolist(), scores.tolist()
+        closed = (all(self.is_finished) and self.early_stopping is True) or not self.improvable
+        length = step ** self.length_penalty
+        ranked = [s / length + (NEG if closed else 0.0) + (0.0 if end and i < k else NEG)
+                  for i, (s, end) in enumerate(zip(scores, ends))]
+        merged = [h.score for h in self.finished] + ranked
+        keep = best_first(merged)[:k]
 
         def hypothesis(i: int) -> Hypothesis:       # i < k: a kept one; else candidate i - k
             if i < k:
                 return self.finished[i]
             c = i - k
-            return Hypothesis(self.beams[parents[c]] + [tokens[c]], ranked_list[c], raw[c])
+            return Hypothesis(self.beams[parents[c]] + [tokens[c]], ranked[c], scores[c])
 
-        self.is_finished = torch.cat([self.is_finished, just_ended])[keep]
+        self.is_finished = [self.is_finished[i] if i < k else ends[i - k] and i - k < k for i in keep]
         self.finished = [hypothesis(i) for i in keep]
 
     def _check_improvable(self, step: int) -> None:
         """Whether the best running beam may still beat the worst kept hypothesis (the reference's
         heuristic: at the current length, or at the longest with early_stopping "never")."""
         longest = self.early_stopping == "never" and self.length_penalty > 0
-        length = self.max_new_tokens if longest else step
-        best = self.scores[:1] / (length ** self.length_penalty)
-        kept = torch.tensor([h.score for h in self.finished], dtype=torch.float32)
-        worst = torch.where(self.is_finished, kept.min(), torch.tensor(NEG))
-        self.improvable = self.improvable and bool((best > worst).any())
+        best = self.scores[0] / ((self.max_new_tokens if longest else step) ** self.length_penalty)
+        worst = min(h.score for h in self.finished)
+        self.improvable = self.improvable and any(best > (worst if f else NEG) for f in self.is_finished)
 
     def best(self, n: int = 1) -> list[Hypothesis]:
         return self.finished[:n]
+
+
+def best_first(values: list[float]) -> list[int]:
+    """Indices of `values`, highest first (ties: the earlier first)."""
+    return sorted(range(len(values)), key=lambda i: -values[i])
 
 
 class BeamRules:
@@ -174,7 +179,8 @@ def top_candidates(logits: Tensor, rules: list[BeamRules]) -> tuple[Tensor, Tens
     if any(r.active for r in rules):
         parts = log_probs.split(sizes)
         log_probs = torch.cat([r.apply(p) if r.active else p for r, p in zip(rules, parts)])
-    totals = log_probs + torch.cat([r.search.scores for r in rules]).to(log_probs.device)[:, None]
+    scores = torch.tensor([s for r in rules for s in r.search.scores], dtype=torch.float32)
+    totals = log_probs + scores.to(log_probs.device)[:, None]
     widths = [r.search.width for r in rules]
     if len(set(sizes)) == 1 and len(set(widths)) == 1:
         values, ids = totals.view(len(rules), -1).topk(widths[0])
