@@ -69,19 +69,20 @@ def step_searches(groups: list[BeamGroup], found: list[tuple[list[float], list[i
     """Each group's search advanced by its step's candidates (model.engine.beams.split_candidates),
     its beams' K/V rows moved after their parents' in `cache`: the groups whose logits were not
     finite (not advanced), the groups now done, and the slots and next tokens of the others' beams."""
-    failed, done, slots, tokens = [], [], [], []
+    failed, done, slots, tokens, moves = [], [], [], [], []
     for group, (scores, ids) in zip(groups, found):
         if any(math.isnan(v) or v == math.inf for v in scores):
             failed.append(group)
             continue
         group.search.advance(scores, ids, vocab)
         group.rules.follow()
-        cache.move_rows(*follow_search(group))
+        moves.append(follow_search(group))
         if group.search.done:
             done.append(group)
         else:
             slots += [s.slot for s in group.beams]
             tokens += [beam[-1] for beam in group.search.beams]
+    cache.move_rows(moves)
     return failed, done, slots, tokens
 
 

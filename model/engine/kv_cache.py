@@ -59,17 +59,21 @@ class KVCache:
             self.k[:, target, :, :length] = self.k[:, source, :, :length]
             self.v[:, target, :, :length] = self.v[:, source, :, :length]
 
-    def move_rows(self, targets: list[int], sources: list[int], start: int, end: int) -> None:
-        """Rows start..end-1 of slot sources[i] into slot targets[i], every layer, all read before
-        any is written (beam search: each beam takes its parent's rows)."""
-        pairs = [(t, s) for t, s in zip(targets, sources) if t != s]
-        if not pairs or end <= start:
+    def move_rows(self, moves: list[tuple[list[int], list[int], int, int]]) -> None:
+        """For each move (targets, sources, start, end): rows start..end-1 of slot sources[i] into slot
+        targets[i], every layer; all read before any is written, in one gather (beam search: each
+        beam takes its parent's rows)."""
+        runs = [(t, s, start, end) for targets, sources, start, end in moves for t, s in zip(targets, sources)
+                if t != s and end > start]
+        if not runs:
             return
-        device = self.k.device
-        into = torch.tensor([t for t, _ in pairs], device=device)
-        source = torch.tensor([s for _, s in pairs], device=device)
-        self.k[:, into, :, start:end] = self.k[:, source, :, start:end]
-        self.v[:, into, :, start:end] = self.v[:, source, :, start:end]
+        lengths = torch.tensor([end - start for *_, start, end in runs])
+        offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+        positions = offsets + torch.repeat_interleave(torch.tensor([start for *_, start, _ in runs]), lengths)
+        into, source = (torch.repeat_interleave(torch.tensor([run[i] for run in runs]), lengths) for i in (0, 1))
+        into, source, positions = (x.to(self.k.device) for x in (into, source, positions))
+        self.k[:, into, :, positions] = self.k[:, source, :, positions]
+        self.v[:, into, :, positions] = self.v[:, source, :, positions]
 
     def clear_slot(self, slot: int) -> None:
         self.k[:, slot].zero_()
