@@ -3,10 +3,10 @@ the answer of highest log-probability among the `num_beams` best partial answers
 for captions and short answers where greedy's first choice leads astray.
 
 One prompt's search is a BeamSearch: the host-side bookkeeping of transformers' vectorized beam
-search, step for step (its float32 arithmetic, its candidate counts, its early-stop heuristic), so
-that the hypotheses, their order and the step the search ends at are the reference's. A step's
-device work for every search at once is `beam_candidates`: the beams' log-probabilities (the
-repetition penalty, min_new_tokens and the n-gram bans applied to them, as the reference applies
+search, step for step (its candidate counts, its scores, its early-stop heuristic), so that the
+hypotheses, their order and the step the search ends at are the reference's. A step's device work
+for every search at once is `top_candidates`: the beams' log-probabilities (min_new_tokens, the
+repetition penalty, n-gram bans and bad words applied to them by BeamRules, as the reference applies
 its processors after the log-softmax), each search's best candidates, read in one host sync.
 Callers (model.generation, model.engine.beam_groups) own the K/V: each step they copy every beam's
 cache rows from its parent's.
@@ -128,7 +128,8 @@ class BeamRules:
         self.bad_words = usable_bad_words(bad_words, search.stop_ids)
         reach = max(map(len, self.bad_words), default=1) - 1
         self.prompt_tail = list(prompt_ids)[-reach:] if reach else []
-        self.stop = torch.tensor(sorted(i for i in search.stop_ids if 0 <= i < vocab), dtype=torch.int64, device=device)
+        stop = sorted(i for i in search.stop_ids if 0 <= i < vocab)
+        self.stop = torch.tensor(stop, dtype=torch.int64, device=device)
         self.seen = None
         if repetition_penalty != 1.0:
             self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
