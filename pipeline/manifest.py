@@ -21,8 +21,8 @@ ANSWER_SETTINGS = ("prompt", "system_prompt", "prompt_template", "prompt_suffix"
                    "max_image_pixels", "max_image_bytes", "keep_columns", "logprobs", "stop",
                    "choices", "choices_column", "choice_logprobs", "regex", "json_schema",
                    "samples", "messages_column", "sampling_column",
-                   "score_column", "top_logprobs", "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping",
-                   "bad_words")
+                   "score_column", "top_logprobs", "no_repeat_ngram_size", "num_beams", "length_penalty",
+                   "early_stopping", "bad_words")
 SAMPLED_BYTES = 1 << 20     # read from each end of each weights file
 
 

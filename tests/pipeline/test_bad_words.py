@@ -42,8 +42,9 @@ def test_a_row_names_its_own_words_and_stops_one_text_alone(checkpoint):
     assert out["row-1"]["answer"] == stopped["row-1"]["answer"]      # one stop string, not its letters
 
 
-@pytest.mark.parametrize("settings,message", [(dict(bad_words=[""]), "bad_words must be non-empty strings"),
-                                              (dict(bad_words=["x"], score_column="c"), "bad_words is about generating")])
+@pytest.mark.parametrize("settings,message", [
+    (dict(bad_words=[""]), "bad_words must be non-empty strings"),
+    (dict(bad_words=["x"], score_column="c"), "bad_words is about generating")])
 def test_bad_words_a_run_cannot_take_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         PipelineConfig(model="m", **settings)
