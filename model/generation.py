@@ -14,6 +14,7 @@ from .engine.beams import BeamRules, BeamSearch, split_candidates, top_candidate
 from .engine.bad_words import banned_by_bad_words, check_bad_words, usable_bad_words
 from .engine.ngrams import NGrams, allowed_without
 from .engine.sampler import SamplingState, sample
+from .engine.stop_strings import StopStringMatcher
 
 
 def _setting(name: str, kwargs: dict, config: dict, default=None):
@@ -33,7 +34,7 @@ def _as_list(ids) -> list[int]:
 
 FOLLOWED = {"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
             "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences", "no_repeat_ngram_size",
-            "num_beams", "length_penalty", "early_stopping", "bad_words_ids", "min_p"}
+            "num_beams", "length_penalty", "early_stopping", "bad_words_ids", "min_p", "stop_strings"}
 # transformers' settings that change nothing here: whatever their value, or at these values
 UNUSED = {"bos_token_id", "decoder_start_token_id", "use_cache", "transformers_version", "cache_implementation"}
 INERT = {"num_beam_groups": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
@@ -98,6 +99,10 @@ class _Settings:
                              "sample (do_sample=True) for several answers" if self.num_beams == 1 else
                              f"num_return_sequences={self.copies} > num_beams={self.num_beams}: beam search "
                              "returns at most its beams")
+        stops = get("stop_strings") or []
+        self.stop_strings = [stops] if isinstance(stops, str) else list(stops)
+        if self.stop_strings and self.num_beams > 1:
+            raise ValueError("stop_strings with beam search is not implemented: stop beams with eos ids")
 
 
 def _sampling_state(s: _Settings, input_ids: Tensor, mask: Tensor, vocab: int) -> SamplingState:
@@ -123,13 +128,14 @@ def _prefill_embeddings(model: nn.Module, input_ids: Tensor, pixel_values: Tenso
 @torch.inference_mode()
 def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
              pixel_values: Tensor | None = None, pixel_attention_mask: Tensor | None = None,
-             **kwargs) -> Tensor:
+             tokenizer=None, **kwargs) -> Tensor:
     """(B, T) prompt ids (left-padded) -> (B, T + n_new) LongTensor, like transformers' generate.
 
     Settings (kwargs over generation_config.json): max_new_tokens / max_length, min_new_tokens,
     do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids, eos_token_id,
     pad_token_id, num_return_sequences (k sampled answers a prompt: rows b*k .. b*k+k-1 are prompt b's),
-    and beam search: num_beams, length_penalty, early_stopping (num_return_sequences: the best beams).
+    stop_strings (with `tokenizer`, ours or transformers', as the reference asks), and beam search:
+    num_beams, length_penalty, early_stopping (num_return_sequences: the best beams).
     """
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("generate needs input_ids of shape (batch, seq_len)")
@@ -137,6 +143,9 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     input_ids = input_ids.to(param.device)
     batch, prompt_len = input_ids.shape
     s = _Settings(model, prompt_len, kwargs)
+    if s.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs the tokenizer: generate(..., stop_strings=..., "
+                         "tokenizer=processor.tokenizer)")
     if s.max_new <= 0:
         return input_ids.repeat_interleave(s.copies, dim=0)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(param.device)
@@ -162,7 +171,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     position = positions[:, -1:]
     new_tokens = []
     # as the reference: every row's ids, its left padding and a finished row's padding included
-    ids = input_ids.tolist() if s.no_repeat or s.bad_words else []
+    ids = input_ids.tolist() if s.no_repeat or s.bad_words or s.stop_strings else []
+    matcher = StopStringMatcher(tokenizer) if s.stop_strings else None
     ngrams = [NGrams(s.no_repeat, row) for row in ids] if s.no_repeat else []
     for step in range(s.max_new):
         bans = [(row, banned_by_bad_words(history, s.bad_words)) for row, history in enumerate(ids) if s.bad_words]
@@ -180,6 +190,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         new_tokens.append(token)
         state.step += 1
         unfinished &= ~torch.isin(token, eos)
+        if matcher is not None:         # as the reference: a stop string may begin in the prompt
+            unfinished &= ~torch.tensor([matcher.completes(row, s.stop_strings) for row in ids], device=token.device)
         if step == s.max_new - 1 or not bool(unfinished.any()):
             break
         position = position + 1

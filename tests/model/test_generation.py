@@ -138,7 +138,7 @@ def test_several_answers_a_prompt_come_as_the_references(pair):
 
 
 @pytest.mark.parametrize("setting", [dict(num_beam_groups=3), dict(typical_p=0.5), dict(return_dict_in_generate=True),
-                                     dict(stop_strings=["."]), dict(epsilon_cutoff=0.1)])
+                                     dict(eta_cutoff=0.1), dict(epsilon_cutoff=0.1)])
 def test_settings_it_does_not_follow_are_refused_by_name(pair, setting):
     """Group beam search and the other settings it does not implement would change the answers:
     refused, not run greedily; their neutral values, and settings that change nothing, are accepted."""
@@ -149,6 +149,32 @@ def test_settings_it_does_not_follow_are_refused_by_name(pair, setting):
     neutral = dict(num_beams=1, use_cache=True, return_dict_in_generate=False, no_repeat_ngram_size=0,
                    length_penalty=1.0, stop_strings=None, bos_token_id=1, num_beam_groups=1)
     assert torch.equal(ours.generate(**inputs, max_new_tokens=3, **neutral), ref.generate(**inputs, max_new_tokens=3))
+
+
+@pytest.mark.parametrize("whose", ["reference's", "ours"])
+def test_stop_strings_end_rows_as_the_reference(pair, whose):
+    """stop_strings (with the reference's tokenizer or ours): a row ends with the token completing
+    one, then is padded; the reference's tokens. Not with beam search (refused by name)."""
+    from transformers import AutoTokenizer
+
+    from processing import Idefics3Processor
+
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    reference_tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = reference_tokenizer if whose == "reference's" else Idefics3Processor.from_pretrained(path).tokenizer
+    start = inputs["input_ids"].shape[1]
+    greedy = ref.generate(**inputs, max_new_tokens=12, do_sample=False)
+    texts = reference_tokenizer.batch_decode(greedy[:, start:])
+    stops = [texts[0][4:6] or "x", texts[2][6:9] or "y"]
+    kwargs = dict(max_new_tokens=12, do_sample=False, stop_strings=stops, min_new_tokens=2)
+    expected = ref.generate(**inputs, tokenizer=reference_tokenizer, **kwargs)
+    assert torch.equal(ours.generate(**inputs, tokenizer=tokenizer, **kwargs), expected)
+    assert not torch.equal(expected, greedy[:, :expected.shape[1]]) or expected.shape[1] < greedy.shape[1]
+    with pytest.raises(ValueError, match="stop_strings needs the tokenizer"):
+        ours.generate(**inputs, **kwargs)
+    with pytest.raises(ValueError, match="stop_strings with beam search"):
+        ours.generate(**inputs, tokenizer=tokenizer, num_beams=2, **kwargs)
 
 
 def _likely_eos(ref, inputs, count: int, seed: int) -> list[int]:
