@@ -101,8 +101,6 @@ class _Settings:
                              "returns at most its beams")
         stops = get("stop_strings") or []
         self.stop_strings = [stops] if isinstance(stops, str) else list(stops)
-        if self.stop_strings and self.num_beams > 1:
-            raise ValueError("stop_strings with beam search is not implemented: stop beams with eos ids")
 
 
 def _sampling_state(s: _Settings, input_ids: Tensor, mask: Tensor, vocab: int) -> SamplingState:
@@ -151,7 +149,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(param.device)
     embeds = _prefill_embeddings(model, input_ids, pixel_values, pixel_attention_mask)   # each image once
     if s.num_beams > 1:
-        return _beam_generate(model, s, input_ids, mask, embeds)
+        return _beam_generate(model, s, input_ids, mask, embeds, tokenizer)
     if s.copies > 1:
         input_ids, mask, embeds = (t.repeat_interleave(s.copies, dim=0) for t in (input_ids, mask, embeds))
         batch *= s.copies
@@ -201,7 +199,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
 
 
-def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tensor, embeds: Tensor) -> Tensor:
+def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tensor, embeds: Tensor,
+                   tokenizer=None) -> Tensor:
     """generate() by beam search (model.engine.beams): every prompt's beams in one batch of
     batch * num_beams rows, whose K/V each step gathers from their parents' rows."""
     text, tc, device = model.model.text_model, model.config.text_config, input_ids.device
@@ -214,7 +213,13 @@ def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tens
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     hidden = text(inputs_embeds=embeds, position_ids=positions, attention=PaddedCacheAttention(cache, key_mask[::k], 0))
     logits = model.lm_head(hidden[:, -1])
-    searches = [BeamSearch(k, s.eos, s.max_new, s.length_penalty, s.early_stopping) for _ in range(batch)]
+    matcher = StopStringMatcher(tokenizer) if s.stop_strings else None
+
+    def stop_check(row: list[int]):             # a candidate's whole ids, as the reference checks them
+        return None if matcher is None else lambda answer: matcher.completes(row + answer, s.stop_strings)
+
+    searches = [BeamSearch(k, s.eos, s.max_new, s.length_penalty, s.early_stopping, stop_check(row))
+                for row in input_ids.tolist()]
     rules = [BeamRules(search, tc.vocab_size, device, prompt_ids=row.tolist(), min_new_tokens=s.min_new,
                        repetition_penalty=s.penalty, no_repeat_ngram_size=s.no_repeat, bad_words=s.bad_words,
                        penalized_ids=row[row_mask.bool()].tolist())       # as the reference: not the left padding

@@ -175,7 +175,7 @@ class PipelineConfig:
         beside = [name for name, on in (("temperature > 0", self.temperature > 0),
                                         ("choices", self.choices or self.choices_column),
                                         ("regex", self.regex), ("json_schema", self.json_schema),
-                                        ("stop", self.stop), ("top_logprobs", self.top_logprobs)) if on]
+                                        ("top_logprobs", self.top_logprobs)) if on]
         if beside:
             raise ValueError(f"num_beams={self.num_beams}: beam search cannot be combined with {beside[0]}")
         if self.num_beams > self.max_batch_size:

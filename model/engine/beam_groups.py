@@ -38,10 +38,12 @@ def add_companions(seq: Sequence, make_sequence) -> None:
                       for i in range(1, p.num_beams)]
 
 
-def start_group(seq: Sequence, vocab: int, device) -> BeamGroup:
-    """The search of `seq` (admitted, with its companions in their slots)."""
+def start_group(seq: Sequence, vocab: int, device, completes_stop=None) -> BeamGroup:
+    """The search of `seq` (admitted, with its companions in their slots); completes_stop: its stop
+    strings' check of an answer, if it has any."""
     p, request = seq.request.sampling, seq.request
-    search = BeamSearch(p.num_beams, seq.stop_ids, seq.max_new_tokens, p.length_penalty, p.early_stopping)
+    search = BeamSearch(p.num_beams, seq.stop_ids, seq.max_new_tokens, p.length_penalty, p.early_stopping,
+                        completes_stop)
     rules = BeamRules(search, vocab, device, prompt_ids=request.prompt_ids, min_new_tokens=p.min_new_tokens,
                       repetition_penalty=p.repetition_penalty, penalized_ids=request.prompt_ids,
                       no_repeat_ngram_size=p.no_repeat_ngram_size, bad_words=p.bad_words_ids)
@@ -90,11 +92,13 @@ def finish_group(group: BeamGroup) -> None:
     """The request's answer is its best hypothesis; with n > 1, its next best are its samples."""
     head = group.head
     best, *others = group.search.best(max(1, head.request.sampling.n))
-    _take(head, best)
-    head.samples = [_take(Sequence(head.request, head.stop_ids, head.max_new_tokens), h) for h in others]
+    stopped = group.search.completes_stop or (lambda answer: False)
+    _take(head, best, stopped)
+    head.samples = [_take(Sequence(head.request, head.stop_ids, head.max_new_tokens), h, stopped) for h in others]
 
 
-def _take(seq: Sequence, h: Hypothesis) -> Sequence:
+def _take(seq: Sequence, h: Hypothesis, completes_stop) -> Sequence:
     seq.generated, seq.logprob = list(h.tokens), h.logprob
-    seq.finish_reason = "stop" if h.tokens and h.tokens[-1] in seq.stop_ids else "length"
+    ended = bool(h.tokens) and (h.tokens[-1] in seq.stop_ids or completes_stop(h.tokens))
+    seq.finish_reason = "stop" if ended else "length"
     return seq

@@ -45,8 +45,10 @@ class BeamSearch:
     them (they decide nothing: at least num_beams candidates go on each step)."""
 
     def __init__(self, num_beams: int, stop_ids, max_new_tokens: int, length_penalty: float = 1.0,
-                 early_stopping: bool | str = False) -> None:
+                 early_stopping: bool | str = False, completes_stop=None) -> None:
         self.num_beams, self.stop_ids, self.max_new_tokens = num_beams, frozenset(stop_ids), max_new_tokens
+        # completes_stop(answer): whether the answer's last token completes a stop string (stop_strings)
+        self.completes_stop = completes_stop
         self.length_penalty, self.early_stopping = length_penalty, early_stopping
         # candidates kept a step: enough that num_beams of them go on even if as many end on each stop id
         self.width = max(2, 1 + len(self.stop_ids)) * num_beams
@@ -67,6 +69,8 @@ class BeamSearch:
         k, step = self.num_beams, self.steps + 1
         parents, tokens = [i // vocab for i in top_ids], [i % vocab for i in top_ids]
         ends = [t in self.stop_ids or step >= self.max_new_tokens for t in tokens]
+        if self.completes_stop is not None:
+            ends = [end or self.completes_stop(self.beams[p] + [t]) for end, p, t in zip(ends, parents, tokens)]
         going = [s + NEG if end else s for s, end in zip(top_scores, ends)]
         order = best_first(going)[:k]
         self._keep_finished(top_scores, parents, tokens, ends, step)

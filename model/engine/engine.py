@@ -14,6 +14,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -396,7 +397,7 @@ class LLMEngine:
 
     def _start_beams(self, scheduler: Scheduler, heads: list[Sequence], logits: torch.Tensor) -> None:
         """The first step of the beam searches of `heads` (just prefilled; row i of logits is heads[i]'s)."""
-        groups = [start_group(head, logits.shape[-1], self.device) for head in heads]
+        groups = [start_group(head, logits.shape[-1], self.device, self._stop_check(head.request)) for head in heads]
         for group in groups:
             for beam in group.beams:
                 self.sampling.assign(beam.slot, 0.0, 0, 1.0, 0, 0, [], 1.0, ())   # its sampled token is not read
@@ -532,13 +533,19 @@ class LLMEngine:
         self.prefixes.forget(seq.slot)
 
     def _completes_stop_string(self, seq: Sequence) -> bool:
-        """Whether the newest token completes one of the request's stop strings (model.engine.stop_strings)."""
-        stops = seq.request.sampling.stop
+        check = self._stop_check(seq.request)
+        return check is not None and check(seq.generated)
+
+    def _stop_check(self, request: Request) -> Callable[[list[int]], bool] | None:
+        """Whether an answer's newest token completes one of the request's stop strings
+        (model.engine.stop_strings); None for a request without any."""
+        stops = request.sampling.stop
         if not stops:
-            return False
+            return None
         if self._stop_matcher is None:
             self._stop_matcher = StopStringMatcher(self.tokenizer)
-        return self._stop_matcher.completes(seq.request.prompt_ids[-max(map(len, stops)) * 4:] + seq.generated, stops)
+        matcher, tail = self._stop_matcher, request.prompt_ids[-max(map(len, stops)) * 4:]
+        return lambda answer: matcher.completes(tail + answer, stops)
 
     def _result(self, seq: Sequence) -> Result:
         text = None

@@ -90,7 +90,7 @@ class SamplingParams:
             raise ValueError("beam search with temperature > 0 (beam sampling) is not implemented: "
                              "search with temperature 0 or sample without beams")
         beside = [name for name, given in (("choices", self.choices), ("regex", self.regex is not None),
-                                           ("json_schema", self.json_schema is not None), ("stop", self.stop),
+                                           ("json_schema", self.json_schema is not None),
                                            ("top_logprobs", self.top_logprobs),
                                            ("max_new_tokens=0", not self.max_new_tokens)) if given]
         if beside:

@@ -114,7 +114,7 @@ def test_streamed_searches_join_a_running_batch(setup):
 
 
 @pytest.mark.parametrize("settings,match", [(dict(temperature=0.7), "beam sampling"), (dict(n=5), "n=5 > num_beams=4"),
-                                            (dict(choices=("a", "b")), "choices"), (dict(stop=(".",)), "stop"),
+                                            (dict(choices=("a", "b")), "choices"),
                                             (dict(top_logprobs=2), "top_logprobs"),
                                             (dict(early_stopping="soon"), "early_stopping"),
                                             (dict(max_new_tokens=0), "max_new_tokens=0")])
@@ -179,3 +179,22 @@ def test_cuda_searches_match_eager_bf16(setup):
     graphed = LLMEngine(model, max_batch_size=7).generate(asked)
     eager = LLMEngine(model, max_batch_size=7, use_cuda_graphs=False, compile=False, overlap=False).generate(asked)
     assert [hypotheses(r) for r in graphed] == [hypotheses(r) for r in eager]
+
+
+def test_searches_with_stop_strings_are_the_references(setup):
+    """A candidate whose token completes a stop string ends (as transformers' StopStringCriteria in
+    its beam search); those hypotheses finish with reason "stop"."""
+    from transformers import AutoTokenizer
+
+    ours, requests, expected, tokenizer, ref = setup
+    reference_tokenizer = AutoTokenizer.from_pretrained(ref.name_or_path)
+    texts = [tokenizer.decode(expected[r.request_id], skip_special_tokens=False) for r in requests[:4]]
+    stops = tuple(dict.fromkeys(t[3:5] for t in texts if len(t) >= 5))
+    asked = searched(requests[:4], widths=(3, 2), returned=(3, 2), stop=stops)
+    engine = LLMEngine(ours, tokenizer, max_batch_size=6)
+    ended = 0
+    for request, result in zip(asked, engine.generate(asked)):
+        want = reference_beams(ref, request, engine.stop_ids, stop_strings=list(stops), tokenizer=reference_tokenizer)[0]
+        assert hypotheses(result) == want, request.request_id
+        ended += sum(s.finish_reason == "stop" and s.token_ids[-1] not in engine.stop_ids for s in result.samples)
+    assert ended

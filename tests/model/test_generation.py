@@ -154,7 +154,7 @@ def test_settings_it_does_not_follow_are_refused_by_name(pair, setting):
 @pytest.mark.parametrize("whose", ["reference's", "ours"])
 def test_stop_strings_end_rows_as_the_reference(pair, whose):
     """stop_strings (with the reference's tokenizer or ours): a row ends with the token completing
-    one, then is padded; the reference's tokens. Not with beam search (refused by name)."""
+    one, then is padded; the reference's tokens; in beam searches, a candidate completing one ends."""
     from transformers import AutoTokenizer
 
     from processing import Idefics3Processor
@@ -173,8 +173,9 @@ def test_stop_strings_end_rows_as_the_reference(pair, whose):
     assert not torch.equal(expected, greedy[:, :expected.shape[1]]) or expected.shape[1] < greedy.shape[1]
     with pytest.raises(ValueError, match="stop_strings needs the tokenizer"):
         ours.generate(**inputs, **kwargs)
-    with pytest.raises(ValueError, match="stop_strings with beam search"):
-        ours.generate(**inputs, tokenizer=tokenizer, num_beams=2, **kwargs)
+    for beams in (dict(num_beams=2), dict(num_beams=3, num_return_sequences=3, length_penalty=-1.0)):
+        expected = ref.generate(**inputs, tokenizer=reference_tokenizer, **kwargs, **beams)
+        assert torch.equal(ours.generate(**inputs, tokenizer=tokenizer, **kwargs, **beams), expected), beams
 
 
 def _likely_eos(ref, inputs, count: int, seed: int) -> list[int]:

@@ -69,9 +69,22 @@ def test_a_run_searches_every_row(ray_cluster, tmp_path):
     (dict(num_beams=2, temperature=0.7), "with temperature > 0"),
     (dict(num_beams=2, choices=["a", "b"]), "with choices"),
     (dict(num_beams=2, choices_column="options"), "with choices"),
-    (dict(num_beams=2, stop=["."]), "with stop"),
     (dict(num_beams=80), "num_beams=80 beams take as many of the engine's max_batch_size=64"),
     (dict(num_beams=2, score_column="caption"), "num_beams is about generating")])
 def test_searches_a_run_cannot_make_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         PipelineConfig(model="m", **settings)
+
+
+def test_searches_end_on_stop_strings_as_the_reference(checkpoint, oracle):
+    rows = good_rows(3)
+    plain, _ = answered(PipelineConfig(model=str(checkpoint), max_new_tokens=12, num_beams=2), rows)
+    stop = [plain.column("answer").to_pylist()[0][2:4]]
+    # a negative length penalty: the short hypotheses that end on the stop string win
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=12, num_beams=2, stop=stop, length_penalty=-1.0)
+    table, stage = answered(config, rows)
+    want = [oracle.answer(r["image"], r["question"] or config.prompt, 12, num_beams=2, stop_strings=stop,
+                          length_penalty=-1.0, tokenizer=oracle.processor.tokenizer,
+                          eos_token_id=sorted(stage.engine.stop_ids)) for r in rows]
+    assert [(r["answer"], r["num_generated_tokens"]) for r in table.to_pylist()] == want
+    assert "stop" in table.column("finish_reason").to_pylist()
