@@ -194,7 +194,8 @@ def test_searches_with_stop_strings_are_the_references(setup):
     engine = LLMEngine(ours, tokenizer, max_batch_size=6)
     ended = 0
     for request, result in zip(asked, engine.generate(asked)):
-        want = reference_beams(ref, request, engine.stop_ids, stop_strings=list(stops), tokenizer=reference_tokenizer)[0]
+        want = reference_beams(ref, request, engine.stop_ids, stop_strings=list(stops),
+                               tokenizer=reference_tokenizer)[0]
         assert hypotheses(result) == want, request.request_id
         ended += sum(s.finish_reason == "stop" and s.token_ids[-1] not in engine.stop_ids for s in result.samples)
     assert ended
