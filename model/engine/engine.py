@@ -421,9 +421,8 @@ class LLMEngine:
     def _end_group(self, scheduler: Scheduler, group: BeamGroup, failed: bool = False) -> None:
         """A search is done (or its logits were not finite): its request ends, every beam's slot is freed."""
         if failed:
-            for beam in group.beams[1:]:
+            for beam in group.beams:
                 self._fail_non_finite(beam)
-            self._fail_non_finite(group.head)
         else:
             finish_group(group)
         for beam in group.beams:

@@ -32,12 +32,6 @@ class NGrams:
         return sorted(self.followers.get(tuple(self.ids[len(self.ids) - self.n + 1:]), ()))
 
 
-def allowed_by_ngrams(histories: list[tuple[int, NGrams]], num_rows: int, vocab: int, device) -> Tensor | None:
-    """(num_rows, vocab) bool: every token but each row's banned ones (rows of `histories`: row,
-    its n-grams), or None where no row bans one."""
-    return allowed_without([(row, ngrams.banned()) for row, ngrams in histories], num_rows, vocab, device)
-
-
 def allowed_without(bans: list[tuple[int, list[int]]], num_rows: int, vocab: int, device) -> Tensor | None:
     """(num_rows, vocab) bool: every token but each row's banned ones (bans: row, its banned
     tokens), written in one index; None where no row bans one."""
