@@ -214,12 +214,8 @@ def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tens
     hidden = text(inputs_embeds=embeds, position_ids=positions, attention=PaddedCacheAttention(cache, key_mask[::k], 0))
     logits = model.lm_head(hidden[:, -1])
     matcher = StopStringMatcher(tokenizer) if s.stop_strings else None
-
-    def stop_check(row: list[int]):             # a candidate's whole ids, as the reference checks them
-        return None if matcher is None else lambda answer: matcher.completes(row + answer, s.stop_strings)
-
-    searches = [BeamSearch(k, s.eos, s.max_new, s.length_penalty, s.early_stopping, stop_check(row))
-                for row in input_ids.tolist()]
+    searches = [BeamSearch(k, s.eos, s.max_new, s.length_penalty, s.early_stopping,
+                           matcher and matcher.after(row, s.stop_strings)) for row in input_ids.tolist()]
     rules = [BeamRules(search, tc.vocab_size, device, prompt_ids=row.tolist(), min_new_tokens=s.min_new,
                        repetition_penalty=s.penalty, no_repeat_ngram_size=s.no_repeat, bad_words=s.bad_words,
                        penalized_ids=row[row_mask.bool()].tolist())       # as the reference: not the left padding

@@ -543,8 +543,7 @@ class LLMEngine:
             return None
         if self._stop_matcher is None:
             self._stop_matcher = StopStringMatcher(self.tokenizer)
-        matcher, tail = self._stop_matcher, request.prompt_ids[-max(map(len, stops)) * 4:]
-        return lambda answer: matcher.completes(tail + answer, stops)
+        return self._stop_matcher.after(request.prompt_ids, stops)
 
     def _result(self, seq: Sequence) -> Result:
         text = None

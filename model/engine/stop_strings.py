@@ -8,7 +8,7 @@ vocabularies on the decoded text."""
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 _PRINTABLE = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
 
@@ -66,6 +66,12 @@ class StopStringMatcher:
             else:       # an added token written in other characters: its text
                 self._bytes[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
         return self._bytes[token_id]
+
+    def after(self, prompt_ids: Sequence[int], stops: Sequence[str]) -> Callable[[list[int]], bool]:
+        """Whether an answer to `prompt_ids` has its last token complete one of `stops` (an
+        occurrence may begin in the prompt: its last tokens that a stop string's bytes can reach)."""
+        tail = list(prompt_ids[-max(map(len, stops)) * 4:])       # a character is at most 4 bytes
+        return lambda answer: self.completes(tail + answer, stops)
 
     def completes(self, token_ids: Sequence[int], stops: Sequence[str]) -> bool:
         """Whether the last of `token_ids` completes one of `stops`: an occurrence that it overlaps."""
