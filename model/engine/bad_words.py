@@ -22,12 +22,17 @@ def banned_by_bad_words(ids: Seq[int], words: tuple[tuple[int, ...], ...]) -> li
     return sorted({w[-1] for w in words if len(w) - 1 <= n and tuple(ids[n - len(w) + 1:]) == w[:-1]})
 
 
+def banned_after(prompt_ids: Seq[int], answer: Seq[int], words: tuple[tuple[int, ...], ...]) -> list[int]:
+    """banned_by_bad_words after an answer to `prompt_ids`, reading only the last tokens a word can reach."""
+    reach = max(map(len, words), default=1) - 1           # tokens before a word's last one that matter
+    ids = (list(prompt_ids[-reach:]) + list(answer[-reach:]))[-reach:] if reach else []
+    return banned_by_bad_words(ids, words)
+
+
 def sequence_bans(seq) -> list[int]:
     """The tokens an engine sequence may not take next for its request's bad words."""
     words = usable_bad_words(seq.request.sampling.bad_words_ids, seq.stop_ids)
-    reach = max(map(len, words), default=1) - 1           # tokens before a word's last one that matter
-    ids = (seq.request.prompt_ids[-reach:] + seq.generated[-reach:])[-reach:] if reach else []
-    return banned_by_bad_words(ids, words)
+    return banned_after(seq.request.prompt_ids, seq.generated, words)
 
 
 def check_bad_words(words, vocab: int) -> None:

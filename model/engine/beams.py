@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bad_words import banned_by_bad_words, usable_bad_words
+from .bad_words import banned_after, usable_bad_words
 from .ngrams import NGrams, allowed_without
 from .sampler import penalize_repeats
 
@@ -130,8 +130,7 @@ class BeamRules:
                  bad_words=()) -> None:
         self.search, self.min_new_tokens, self.penalty = search, min_new_tokens, repetition_penalty
         self.bad_words = usable_bad_words(bad_words, search.stop_ids)
-        reach = max(map(len, self.bad_words), default=1) - 1
-        self.prompt_tail = list(prompt_ids)[-reach:] if reach else []
+        self.prompt_ids = prompt_ids
         stop = sorted(i for i in search.stop_ids if 0 <= i < vocab)
         self.stop = torch.tensor(stop, dtype=torch.int64, device=device)
         self.seen = None
@@ -159,7 +158,7 @@ class BeamRules:
         """Each beam's banned tokens: the n-grams it would repeat, its bad words' last tokens."""
         bans = [(row, ngrams.banned()) for row, ngrams in enumerate(self.ngrams or ())]
         if self.bad_words:
-            bans += [(row, banned_by_bad_words(self.prompt_tail + beam, self.bad_words))
+            bans += [(row, banned_after(self.prompt_ids, beam, self.bad_words))
                      for row, beam in enumerate(self.search.beams)]
         return bans
 
