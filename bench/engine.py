@@ -111,6 +111,23 @@ def our_model(reference) -> Idefics3ForConditionalGeneration:
     return ours.eval()
 
 
+def add_pair_options(ap) -> None:
+    """The options of a bench that runs ours beside the reference on SmolVLM-256M shapes."""
+    ap.add_argument("--tile", type=int, default=128, help="tile side (SmolVLM's is 512; smaller on CPU)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+
+
+def smolvlm_pair(args) -> tuple:
+    """(the reference, ours sharing its weights, the dtype) as add_pair_options' `args` ask."""
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    ref = reference_model("smolvlm-256m", args.tile, args.device, dtype)
+    return ref, our_model(ref), dtype
+
+
 def make_requests(name: str, tile: int, batch: int, max_frames: int, new_tokens: int,
                   device: str, repetition_penalty: float = 1.0, tiles: int | None = None) -> list[Request]:
     """Prompts of different lengths with 1..max_frames tiles each (`tiles`: that many each): BOS,

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.engine import SHAPES, make_requests, our_model, padded_batch, reference_model, sync  # noqa: E402
+from bench.engine import SHAPES, add_pair_options, make_requests, padded_batch, smolvlm_pair, sync  # noqa: E402
 from model.engine import LLMEngine, SamplingParams  # noqa: E402
 
 
@@ -67,17 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=8, help="prompts")
     ap.add_argument("--samples", type=int, default=4, help="answers a prompt")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--tile", type=int, default=128, help="tile side (SmolVLM's is 512; smaller on CPU)")
+    add_pair_options(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    ref, ours, dtype = smolvlm_pair(args)
     name = "smolvlm-256m"
-    ref = reference_model(name, args.tile, args.device, dtype)
-    ours = our_model(ref)
     requests = sampled(make_requests(name, args.tile, args.batch, SHAPES[name]["frames"], args.new_tokens, args.device),
                        args.samples, args.new_tokens)
     rows = args.batch * args.samples

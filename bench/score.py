@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.engine import SHAPES, make_requests, our_model, padded_batch, reference_model, sync  # noqa: E402
+from bench.engine import SHAPES, add_pair_options, make_requests, padded_batch, smolvlm_pair, sync  # noqa: E402
 from model.engine import LLMEngine, SamplingParams  # noqa: E402
 
 
@@ -51,16 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--texts", type=int, default=4, help="texts scored a prompt (each a row)")
     ap.add_argument("--text-tokens", type=int, default=24)
-    ap.add_argument("--tile", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    add_pair_options(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    ref = reference_model("smolvlm-256m", args.tile, args.device, dtype)
-    ours = our_model(ref)
+    ref, ours, dtype = smolvlm_pair(args)
     requests = scored_requests(args.images, args.texts, args.text_tokens, args.tile, args.device)
     engine = LLMEngine(ours, max_batch_size=len(requests))
     engine.generate(requests[:1])
