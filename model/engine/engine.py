@@ -26,24 +26,21 @@ from ..pointwise import compile_pointwise
 from .beam_groups import BeamGroup, add_companions, finish_group, start_group, step_searches
 from .bad_words import sequence_bans
 from .beams import BeamRules, split_candidates, top_candidates
+from .cache_sizing import RowState, default_token_budget, empty_cache, plan_for
 from .constraints import EngineConstraints
 from .continuation import folded, runnable_prefix
 from .image_cache import ImageFeatureCache, ImageNames
-from .kv_cache import KVCache, plan_cache
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket
-from .logprobs import HostLogprobs, StepLogprobs, TokenLogprobs
+from .logprobs import StepLogprobs, TokenLogprobs
 from .ngrams import allowed_without, sequence_ngrams
-from .sampler import NON_FINITE, SamplingState, model_tokens, sample_rows
+from .sampler import NON_FINITE, model_tokens, sample_rows
 from .samples import add_samples, with_samples
 from .scheduler import Scheduler, Sequence
 from .scoring import add_scorers, answered, choice_logprobs, score_ends
 from .stop_strings import StopStringMatcher
 from .types import NonFiniteLogitsError, Request, Result
 from .validation import check_request, check_search
-
-_GIB = 1 << 30
-
 
 def default_stop_ids(model: nn.Module, tokenizer=None) -> list[int]:
     """eos ids of generation_config.json (else the text config), plus <end_of_utterance> if known."""
@@ -131,10 +128,7 @@ class LLMEngine:
         """Tokens the KV cache may hold (a hook: tensor-parallel ranks agree on the smallest)."""
         if self.kv_cache_tokens is not None:
             return self.kv_cache_tokens
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(max(free * 0.85 - 4 * _GIB, 0) // bytes_per_token)
-        return min(self.max_batch_size * max_len, 2 * _GIB // bytes_per_token)
+        return default_token_budget(self.device, bytes_per_token, max_len, self.max_batch_size)
 
     def _positions_needed(self, seq: Sequence) -> int:
         # A step in flight may advance a finished row one position more; a request of no answer
@@ -149,26 +143,13 @@ class LLMEngine:
         self.prefixes.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        tc = self.text_config
-        per_token = KVCache.bytes_per_token(tc.num_hidden_layers, tc.num_key_value_heads, tc.head_dim, self.dtype)
-        plan = plan_cache(need_len, old_len, max(tc.max_position_embeddings, need_len), self.max_batch_size,
-                          room=lambda length: self.kv_token_budget(per_token, length) // length,
-                          min_rows=ModelRunner.min_rows(self.compile))
-        if plan.slots < 1:
-            raise ValueError(f"KV cache budget too small for one sequence of {plan.max_len} tokens "
-                             f"({per_token * plan.max_len / _GIB:.2f} GiB needed)")
+        plan = plan_for(self.text_config, self.dtype, need_len, old_len, self.max_batch_size, self.kv_token_budget,
+                        ModelRunner.min_rows(self.compile))
         self.slots = plan.slots
-        cache = KVCache(tc.num_hidden_layers, plan.rows, tc.num_key_value_heads, plan.max_len, tc.head_dim,
-                        self.dtype, self.device)
-        self.runner = ModelRunner(self.model, cache, use_cuda_graphs=self.use_cuda_graphs, compile=self.compile,
+        self.runner = ModelRunner(self.model, empty_cache(self.text_config, plan, self.dtype, self.device),
+                                  use_cuda_graphs=self.use_cuda_graphs, compile=self.compile,
                                   max_image_frames=self.max_image_frames, batched_prefill=self.batched_prefill)
-        rows = plan.rows
-        self.sampling = SamplingState.empty(rows, self.text_config.vocab_size, self.device)
-        self.active = torch.zeros(rows, dtype=torch.int64, device=self.device)
-        # CUDA: two pinned buffers that decode steps copy their tokens to (one may hold a step in flight).
-        self.host_tokens = [torch.zeros(rows, dtype=torch.int64, pin_memory=True)
-                            for _ in range(2)] if self.device.type == "cuda" else []
-        self.host_logprobs = [HostLogprobs(rows) for _ in self.host_tokens]
+        self.row_state = RowState.empty(plan.rows, self.text_config.vocab_size, self.device)
         return self.runner
 
     # ---- requests -----------------------------------------------------------------------------
@@ -232,7 +213,7 @@ class LLMEngine:
         self._pending, self._scheduler, self._in_flight, self._finished = [], None, None, []
         self.prefixes.clear()           # a failed prefill may have written some slots' rows
         if self.runner is not None:
-            self.active.zero_()         # dropped rows' positions must stop advancing (past the cache's end)
+            self.row_state.active.zero_()         # dropped rows' positions must stop advancing (past the cache's end)
 
     def _add(self, requests: list[Request]) -> list[Sequence]:
         for r in requests:
@@ -304,14 +285,14 @@ class LLMEngine:
     def _assign_sampling(self, seq: Sequence) -> None:
         p = seq.request.sampling
         seed = p.seed if p.seed is not None else self._rng.getrandbits(62)
-        self.sampling.assign(seq.slot, p.temperature, p.top_k, p.top_p, seed, p.min_new_tokens,
+        self.row_state.sampling.assign(seq.slot, p.temperature, p.top_k, p.top_p, seed, p.min_new_tokens,
                              sorted(seq.stop_ids), p.repetition_penalty, seq.request.prompt_ids, p.min_p)
 
     def sample_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence],
                       allowed: torch.Tensor | None = None) -> torch.Tensor:
         """Next token of each row, NON_FINITE where its logits are not, only `allowed` tokens where
         given (a hook: tensor-parallel ranks take rank 0's)."""
-        return sample_rows(logits, self.sampling, slots, [s.request.sampling for s in seqs],
+        return sample_rows(logits, self.row_state.sampling, slots, [s.request.sampling for s in seqs],
                            compiled=self.runner.compile, allowed=allowed)
 
     def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence],
@@ -325,7 +306,7 @@ class LLMEngine:
             top = max(s.request.sampling.top_logprobs for s in seqs)
             logprobs = StepLogprobs.of(logits, model_tokens(tokens), top)
         if penalized(seqs):
-            self.sampling.mark_seen(slots, model_tokens(tokens))
+            self.row_state.sampling.mark_seen(slots, model_tokens(tokens))
         return tokens, logprobs
 
     def _allowed(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor | None:
@@ -387,8 +368,8 @@ class LLMEngine:
         slot_t = torch.tensor(slots, device=self.device)
         tokens, logprobs = self._next_tokens(logits, slot_t, seqs, list(range(len(seqs))))
         runner.tokens[slot_t] = model_tokens(tokens)
-        self.active[slot_t] = 1
-        self.sampling.step[slot_t] += 1
+        self.row_state.active[slot_t] = 1
+        self.row_state.sampling.step[slot_t] += 1
         self._record(scheduler, seqs, tokens.tolist(), None if logprobs is None else logprobs.rows(range(len(seqs))))
 
     def beam_candidates(self, logits: torch.Tensor, rules: list[BeamRules]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,9 +381,9 @@ class LLMEngine:
         groups = [start_group(head, logits.shape[-1], self.device, self._stop_check(head.request)) for head in heads]
         for group in groups:
             for beam in group.beams:
-                self.sampling.assign(beam.slot, 0.0, 0, 1.0, 0, 0, [], 1.0, ())   # its sampled token is not read
+                self.row_state.sampling.assign(beam.slot, 0.0, 0, 1.0, 0, 0, [], 1.0, ())  # its sampled token is unread
                 self.runner.positions[beam.slot] = beam.prompt_len
-                self.active[beam.slot] = 1
+                self.row_state.active[beam.slot] = 1
             for beam in group.beams[1:]:
                 self.prefixes.forget(beam.slot)         # its rows will hold another prompt
         self._beam_step(scheduler, logits, groups)
@@ -427,7 +408,7 @@ class LLMEngine:
             finish_group(group)
         for beam in group.beams:
             scheduler.release(beam)
-            self.active[beam.slot] = 0
+            self.row_state.active[beam.slot] = 0
         self._finished.append(group.head)
 
     def _end_scored_only(self, scheduler: Scheduler, seqs: list[Sequence], logits: torch.Tensor,
@@ -473,18 +454,18 @@ class LLMEngine:
         if beams:
             groups = list({id(s.beam): s.beam for s in beams}.values())
             self._beam_step(scheduler, logits[[s.slot for g in groups for s in g.running()]], groups)
-        runner.positions[:rows] += self.active[:rows]
-        self.sampling.step[:rows] += 1
+        runner.positions[:rows] += self.row_state.active[:rows]
+        self.row_state.sampling.step[:rows] += 1
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(seqs) + len(beams)
         if self.device.type != "cuda":
             return DecodeStep(seqs, tokens, None, logprobs)
-        self.host_tokens.reverse()               # the other buffer may hold the unread step in flight
-        self.host_logprobs.reverse()
-        host = self.host_tokens[0][:rows]
+        self.row_state.host_tokens.reverse()               # the other buffer may hold the unread step in flight
+        self.row_state.host_logprobs.reverse()
+        host = self.row_state.host_tokens[0][:rows]
         host.copy_(tokens, non_blocking=True)
         if logprobs is not None:
-            logprobs = logprobs.copied_to(self.host_logprobs[0])
+            logprobs = logprobs.copied_to(self.row_state.host_logprobs[0])
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))     # the copy's stream, whatever device is current
         return DecodeStep(seqs, host, ready, logprobs)
@@ -514,7 +495,7 @@ class LLMEngine:
                     seq.finish_reason = "stop"
             if seq.finish_reason is not None:
                 scheduler.release(seq)
-                self.active[seq.slot] = 0
+                self.row_state.active[seq.slot] = 0
                 self._finished.append(seq)
 
     def _fail_non_finite(self, seq: Sequence) -> None:

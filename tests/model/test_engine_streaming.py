@@ -58,7 +58,7 @@ def test_a_failed_step_drops_the_running_requests_and_the_engine_goes_on(setup, 
     with pytest.raises(RuntimeError, match="device lost"):
         engine.step()
     assert not engine.has_unfinished() and engine.step() == []
-    assert not engine.active.any()                              # no dropped row advances any more
+    assert not engine.row_state.active.any()                              # no dropped row advances any more
     monkeypatch.undo()
     assert [r.token_ids for r in engine.generate(requests[:3])] == [expected[r.request_id] for r in requests[:3]]
 
