@@ -6,14 +6,16 @@ per row, rows stopped by an eos id (then padded with pad_token_id), prompt + new
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 from torch import Tensor, nn
 
 from .engine.kv_cache import KVCache, PaddedCacheAttention
-from .engine.beams import BeamRules, BeamSearch, split_candidates, top_candidates
+from .engine.beams import BeamRules, BeamSearch, beam_log_probs, best_candidates, split_candidates
 from .engine.bad_words import banned_by_bad_words, check_bad_words, usable_bad_words
 from .engine.ngrams import NGrams, allowed_without
-from .engine.sampler import SamplingState, sample
+from .engine.sampler import SamplingState, draw, processed_scores, sample
 from .engine.stop_strings import StopStringMatcher
 
 
@@ -34,7 +36,8 @@ def _as_list(ids) -> list[int]:
 
 FOLLOWED = {"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
             "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences", "no_repeat_ngram_size",
-            "num_beams", "length_penalty", "early_stopping", "bad_words_ids", "min_p", "stop_strings"}
+            "num_beams", "length_penalty", "early_stopping", "bad_words_ids", "min_p", "stop_strings",
+            "return_dict_in_generate", "output_scores", "output_logits"}
 # transformers' settings that change nothing here: whatever their value, or at these values
 UNUSED = {"bos_token_id", "decoder_start_token_id", "use_cache", "transformers_version", "cache_implementation"}
 INERT = {"num_beam_groups": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
@@ -101,6 +104,51 @@ class _Settings:
                              "returns at most its beams")
         stops = get("stop_strings") or []
         self.stop_strings = [stops] if isinstance(stops, str) else list(stops)
+        self.return_dict = bool(get("return_dict_in_generate", False))
+        self.output_scores = self.return_dict and bool(get("output_scores", False))
+        self.output_logits = self.return_dict and bool(get("output_logits", False))
+
+
+@dataclass
+class GenerateOutput:
+    """generate()'s answer with return_dict_in_generate=True, as transformers' GenerateDecoderOnlyOutput
+    (and GenerateBeamDecoderOnlyOutput): read by attribute or by key. scores (output_scores): each
+    step's (rows, V) float32 logits as the processors left them (beam search: the beams' processed
+    log p); logits (output_logits): each step's raw float32 logits; beam search adds
+    sequences_scores (each answer's length-penalised log p, with output_scores) and beam_indices
+    (the row of `scores` each answer's token came from, -1 past its end)."""
+    sequences: Tensor
+    scores: tuple[Tensor, ...] | None = None
+    logits: tuple[Tensor, ...] | None = None
+    sequences_scores: Tensor | None = None
+    beam_indices: Tensor | None = None
+
+    def __getitem__(self, key: str | int):
+        return self.to_tuple()[key] if isinstance(key, int) else getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.keys())
+
+
+def transition_scores(sequences: Tensor, scores: tuple[Tensor, ...], beam_indices: Tensor | None = None,
+                      normalize_logits: bool = False) -> Tensor:
+    """(rows, steps) score of each generated token (transformers' compute_transition_scores): read
+    from `scores` at the token's row (a beam search's beam_indices; 0 past an answer's end), log-
+    softmaxed first if normalize_logits."""
+    stacked = torch.stack(scores, dim=1)                                  # (rows of scores, steps, V)
+    if normalize_logits:
+        stacked = stacked.log_softmax(dim=-1)
+    if beam_indices is None:
+        beam_indices = torch.arange(stacked.shape[0], device=stacked.device)[:, None].expand(-1, stacked.shape[1])
+    ended = beam_indices < 0
+    steps = int((~ended).sum(-1).max())
+    rows, ended = beam_indices[:, :steps].clamp_min(0).long(), ended[:, :steps]
+    tokens = sequences[:, sequences.shape[-1] - steps:]
+    picked = stacked[rows, torch.arange(steps, device=rows.device)[None, :], tokens]
+    return picked.masked_fill(ended, 0.0)
 
 
 def _sampling_state(s: _Settings, input_ids: Tensor, mask: Tensor, vocab: int) -> SamplingState:
@@ -126,14 +174,15 @@ def _prefill_embeddings(model: nn.Module, input_ids: Tensor, pixel_values: Tenso
 @torch.inference_mode()
 def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
              pixel_values: Tensor | None = None, pixel_attention_mask: Tensor | None = None,
-             tokenizer=None, **kwargs) -> Tensor:
+             tokenizer=None, **kwargs) -> Tensor | GenerateOutput:
     """(B, T) prompt ids (left-padded) -> (B, T + n_new) LongTensor, like transformers' generate.
 
     Settings (kwargs over generation_config.json): max_new_tokens / max_length, min_new_tokens,
     do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids, eos_token_id,
     pad_token_id, num_return_sequences (k sampled answers a prompt: rows b*k .. b*k+k-1 are prompt b's),
     stop_strings (with `tokenizer`, ours or transformers', as the reference asks), and beam search:
-    num_beams, length_penalty, early_stopping (num_return_sequences: the best beams).
+    num_beams, length_penalty, early_stopping (num_return_sequences: the best beams);
+    return_dict_in_generate with output_scores / output_logits: a GenerateOutput.
     """
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("generate needs input_ids of shape (batch, seq_len)")
@@ -145,7 +194,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         raise ValueError("stop_strings needs the tokenizer: generate(..., stop_strings=..., "
                          "tokenizer=processor.tokenizer)")
     if s.max_new <= 0:
-        return input_ids.repeat_interleave(s.copies, dim=0)
+        return _answer(s, input_ids.repeat_interleave(s.copies, dim=0), [], [])
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(param.device)
     embeds = _prefill_embeddings(model, input_ids, pixel_values, pixel_attention_mask)   # each image once
     if s.num_beams > 1:
@@ -172,12 +221,20 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     ids = input_ids.tolist() if s.no_repeat or s.bad_words or s.stop_strings else []
     matcher = StopStringMatcher(tokenizer) if s.stop_strings else None
     ngrams = [NGrams(s.no_repeat, row) for row in ids] if s.no_repeat else []
+    scores, raw_logits = [], []
     for step in range(s.max_new):
         bans = [(row, banned_by_bad_words(history, s.bad_words)) for row, history in enumerate(ids) if s.bad_words]
         bans += [(row, ngram.banned()) for row, ngram in enumerate(ngrams)]
         allowed = allowed_without(bans, *logits.shape, logits.device)
-        token = sample(logits, state, rows, any_sampling=s.do_sample, any_filter=s.do_sample,
-                       any_penalty=s.penalty != 1.0, any_min_p=s.min_p > 0, allowed=allowed)
+        if s.output_logits:
+            raw_logits.append(logits.float())
+        if s.output_scores:     # drawn from the scores returned, so that they explain the tokens
+            scores.append(processed_scores(logits, state, rows, any_sampling=s.do_sample,
+                                           any_penalty=s.penalty != 1.0, allowed=allowed))
+            token = draw(scores[-1], state, rows, any_sampling=s.do_sample)
+        else:
+            token = sample(logits, state, rows, any_sampling=s.do_sample, any_filter=s.do_sample,
+                           any_penalty=s.penalty != 1.0, any_min_p=s.min_p > 0, allowed=allowed)
         token = torch.where(unfinished, token, s.pad)
         for row, t in zip(ids, token.tolist() if ids else ()):
             row.append(t)
@@ -196,7 +253,15 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         attention = PaddedCacheAttention(cache, key_mask, prompt_len + step)
         hidden = text(input_ids=token[:, None], position_ids=position, attention=attention)
         logits = model.lm_head(hidden[:, -1])
-    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+    return _answer(s, torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1), scores, raw_logits)
+
+
+def _answer(s: _Settings, sequences: Tensor, scores: list[Tensor], logits: list[Tensor],
+            **beams) -> Tensor | GenerateOutput:
+    if not s.return_dict:
+        return sequences
+    return GenerateOutput(sequences, tuple(scores) if s.output_scores else None,
+                          tuple(logits) if s.output_logits else None, **beams)
 
 
 def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tensor, embeds: Tensor,
@@ -221,10 +286,16 @@ def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tens
                        penalized_ids=row[row_mask.bool()].tolist())       # as the reference: not the left padding
              for search, row, row_mask in zip(searches, input_ids, mask)]
     next_position = positions[:, -1].repeat_interleave(k) + 1
+    step_scores, raw_logits = [], []
     for step in range(s.max_new):
         rows_now = 1 if step == 0 else k          # beams a prompt had at this step
         parents = []
-        found = split_candidates(*top_candidates(logits, rules), rules)
+        log_probs = beam_log_probs(logits, rules)
+        if s.output_logits:         # as the reference's: a row per beam from the first step on
+            raw_logits.append(logits.float().repeat_interleave(k // rows_now, dim=0))
+        if s.output_scores:
+            step_scores.append(log_probs.repeat_interleave(k // rows_now, dim=0))
+        found = split_candidates(*best_candidates(log_probs, rules), rules)
         for b, (search, rule, (scores, ids)) in enumerate(zip(searches, rules, found)):
             search.advance(scores, ids, logits.shape[-1])
             rule.follow()
@@ -240,8 +311,14 @@ def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tens
         attention = PaddedCacheAttention(cache, key_mask, end)
         hidden = text(input_ids=tokens[:, None], position_ids=(next_position + step)[:, None], attention=attention)
         logits = model.lm_head(hidden[:, -1])
-    best = [h.tokens for search in searches for h in search.best(s.copies)]
+    best = [(b, search, h) for b, search in enumerate(searches) for h in search.best(s.copies)]
     fill = s.pad if s.pad else (s.eos[0] if s.eos else -1)       # the reference's fill: pad, unless it is 0
-    width = max(map(len, best))
-    new = torch.tensor([t + [fill] * (width - len(t)) for t in best], dtype=torch.int64, device=device)
-    return torch.cat([input_ids.repeat_interleave(s.copies, dim=0), new], dim=1)
+    width = max(len(h.tokens) for *_, h in best)
+    new = torch.tensor([h.tokens + [fill] * (width - len(h.tokens)) for *_, h in best], dtype=torch.int64, device=device)
+    sequences = torch.cat([input_ids.repeat_interleave(s.copies, dim=0), new], dim=1)
+    if not s.return_dict:
+        return sequences
+    paths = [[b * k + j for j in search.path(h)] + [-1] * (width - len(h.tokens)) for b, search, h in best]
+    sequences_scores = torch.tensor([h.score for *_, h in best], device=device) if s.output_scores else None
+    return _answer(s, sequences, step_scores, raw_logits, sequences_scores=sequences_scores,
+                   beam_indices=torch.tensor(paths, dtype=torch.int32, device=device))

@@ -196,5 +196,12 @@ class Idefics3ForConditionalGeneration(_PretrainedMixin, nn.Module):
         return Idefics3CausalLMOutput(logits, loss, out.image_hidden_states)
 
     def generate(self, **kwargs):
-        from .generation import generate  # written by the engine issue; imported lazily
+        from .generation import generate  # imported lazily: generation imports the engine
         return generate(self, **kwargs)
+
+    @staticmethod
+    def compute_transition_scores(sequences: Tensor, scores: tuple[Tensor, ...], beam_indices: Tensor | None = None,
+                                  normalize_logits: bool = False) -> Tensor:
+        """Each generated token's score, from generate(return_dict_in_generate=True, output_scores=True)."""
+        from .generation import transition_scores
+        return transition_scores(sequences, scores, beam_indices, normalize_logits)

@@ -32,6 +32,7 @@ class Hypothesis:
     tokens: list[int]
     score: float         # the sum of its tokens' log p divided by its length ** length_penalty
     logprob: float       # the sum of its tokens' log p (as beam search saw them: after the penalties)
+    parent: int = 0      # the running beam its last token continued
 
 
 class BeamSearch:
@@ -55,6 +56,7 @@ class BeamSearch:
         self.beams: list[list[int]] = [[]]
         self.scores: list[float] = [0.0]            # each running beam's sum of log p
         self.parents: list[int] = []                 # the last step's: beam j continues old beam parents[j]
+        self.history: list[list[int]] = []           # every step's parents
         self.finished = [Hypothesis([], NEG, NEG)] * num_beams
         self.is_finished = [False] * num_beams
         self.improvable = True
@@ -75,6 +77,7 @@ class BeamSearch:
         order = best_first(going)[:k]
         self._keep_finished(top_scores, parents, tokens, ends, step)
         self.parents = [parents[i] for i in order]
+        self.history.append(self.parents)
         self.beams = [self.beams[parents[i]] + [tokens[i]] for i in order]
         self.scores = [going[i] for i in order]
         self._check_improvable(step)
@@ -96,7 +99,7 @@ class BeamSearch:
             if i < k:
                 return self.finished[i]
             c = i - k
-            return Hypothesis(self.beams[parents[c]] + [tokens[c]], ranked[c], scores[c])
+            return Hypothesis(self.beams[parents[c]] + [tokens[c]], ranked[c], scores[c], parents[c])
 
         self.is_finished = [self.is_finished[i] if i < k else ends[i - k] and i - k < k for i in keep]
         self.finished = [hypothesis(i) for i in keep]
@@ -111,6 +114,14 @@ class BeamSearch:
 
     def best(self, n: int = 1) -> list[Hypothesis]:
         return self.finished[:n]
+
+    def path(self, hypothesis: Hypothesis) -> list[int]:
+        """The running beam each of the hypothesis's tokens continued, first token first (the
+        reference's beam_indices, within this search)."""
+        beams = [hypothesis.parent]
+        for parents in reversed(self.history[:len(hypothesis.tokens) - 1]):
+            beams.append(parents[beams[-1]])
+        return beams[::-1]
 
 
 def best_first(values: list[float]) -> list[int]:
@@ -178,11 +189,21 @@ class BeamRules:
 def top_candidates(logits: Tensor, rules: list[BeamRules]) -> tuple[Tensor, Tensor]:
     """Each search's best `width` candidates, from the logits of its beams (rows in the order of
     `rules`, len(search.beams) each), end to end: accumulated log p (float32) and beam * vocab + token."""
+    return best_candidates(beam_log_probs(logits, rules), rules)
+
+
+def beam_log_probs(logits: Tensor, rules: list[BeamRules]) -> Tensor:
+    """The beams' log p as the searches' processors leave them (the reference's output_scores)."""
     log_probs = F.log_softmax(logits.float(), dim=-1)
-    sizes = [len(r.search.beams) for r in rules]
     if any(r.active for r in rules):
-        parts = log_probs.split(sizes)
+        parts = log_probs.split([len(r.search.beams) for r in rules])
         log_probs = torch.cat([r.apply(p) if r.active else p for r, p in zip(rules, parts)])
+    return log_probs
+
+
+def best_candidates(log_probs: Tensor, rules: list[BeamRules]) -> tuple[Tensor, Tensor]:
+    """top_candidates from the beams' processed log p."""
+    sizes = [len(r.search.beams) for r in rules]
     scores = torch.tensor([s for r in rules for s in r.search.scores], dtype=torch.float32)
     totals = log_probs + scores.to(log_probs.device)[:, None]
     widths = [r.search.width for r in rules]

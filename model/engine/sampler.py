@@ -241,12 +241,7 @@ def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling:
     at 256 rows, it lost. fuse_noise: the noise and the draw, and the bisection, compiled (the
     engine's choice with a compiled decode step: CUDA's default). allowed: as sample_rows's.
     """
-    logits = logits.float()
-    if any_penalty:
-        logits = penalize_repeats(logits, state.penalty[slots], state.seen[slots])
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    logits = logits.masked_fill(too_early(state.step, state.min_new, state.stop_mask, slots), float("-inf"))
+    logits = _processed(logits, state, slots, any_penalty, allowed)
     greedy = logits.argmax(dim=-1)
     if not any_sampling:
         return greedy
@@ -266,3 +261,36 @@ def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling:
     best = draw(scaled, state.seed[slots], state.step[slots], tokens)
     sampled = tokens.expand(len(best), -1).gather(-1, best[:, None])[:, 0]
     return torch.where(temperature > 0, sampled, greedy)
+
+
+def _processed(logits: Tensor, state: SamplingState, slots: Tensor, any_penalty: bool,
+               allowed: Tensor | None) -> Tensor:
+    """float32 logits after the repetition penalty, the bans and min_new_tokens (-inf at the stop ids)."""
+    logits = logits.float()
+    if any_penalty:
+        logits = penalize_repeats(logits, state.penalty[slots], state.seen[slots])
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return logits.masked_fill(too_early(state.step, state.min_new, state.stop_mask, slots), float("-inf"))
+
+
+def processed_scores(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
+                     any_penalty: bool = False, allowed: Tensor | None = None) -> Tensor:
+    """(B, V) float32: the rows' logits as transformers' processors leave them (its output_scores):
+    `sample`'s penalty and bans, then, where sampling, temperature, top-k, top-p and min-p (-inf
+    where a token is dropped). `draw` on them picks the token `sample` picks."""
+    logits = _processed(logits, state, slots, any_penalty, allowed)
+    if not any_sampling:
+        return logits
+    scaled = logits / state.temperature[slots].clamp_min(1e-6)[:, None]
+    scaled = _filter_top_k_top_p(scaled, state.top_k[slots], state.top_p[slots])
+    return drop_below_min_p(scaled, state.log_min_p[slots])
+
+
+def draw(scores: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool) -> Tensor:
+    """The token of each row of processed_scores: its argmax, or where sampling, its Gumbel draw
+    (each token's noise as `sample` gives it)."""
+    if not any_sampling:
+        return scores.argmax(dim=-1)
+    tokens = torch.arange(scores.shape[-1], device=scores.device)[None, :]
+    return gumbel_argmax(scores, state.seed[slots], state.step[slots], tokens)
