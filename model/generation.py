@@ -17,6 +17,7 @@ from .engine.bad_words import banned_by_bad_words, check_bad_words, usable_bad_w
 from .engine.ngrams import NGrams, allowed_without
 from .engine.sampler import SamplingState, draw, processed_scores, sample
 from .engine.stop_strings import StopStringMatcher
+from .engine.types import check_cutoffs
 
 
 def _setting(name: str, kwargs: dict, config: dict, default=None):
@@ -37,11 +38,12 @@ def _as_list(ids) -> list[int]:
 FOLLOWED = {"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
             "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences", "no_repeat_ngram_size",
             "num_beams", "length_penalty", "early_stopping", "bad_words_ids", "min_p", "stop_strings",
+            "typical_p", "epsilon_cutoff", "eta_cutoff",
             "return_dict_in_generate", "output_scores", "output_logits"}
+CUTOFFS = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}     # their neutral values
 # transformers' settings that change nothing here: whatever their value, or at these values
 UNUSED = {"bos_token_id", "decoder_start_token_id", "use_cache", "transformers_version", "cache_implementation"}
-INERT = {"num_beam_groups": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-         "encoder_repetition_penalty": 1.0, "diversity_penalty": 0.0,
+INERT = {"num_beam_groups": 1, "encoder_repetition_penalty": 1.0, "diversity_penalty": 0.0,
          "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0, "min_length": 0}
 
 
@@ -76,6 +78,10 @@ class _Settings:
         self.min_p = float(get("min_p", 0.0)) if self.do_sample else 0.0
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        cutoffs = [float(get(name, default)) for name, default in CUTOFFS.items()]
+        check_cutoffs(*cutoffs)
+        self.typical_p, self.epsilon, self.eta = cutoffs if self.do_sample else CUTOFFS.values()
+        self.cut_off = self.typical_p < 1 or self.epsilon > 0 or self.eta > 0
         self.penalty = float(get("repetition_penalty", 1.0))
         if self.penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.penalty}")
@@ -158,7 +164,8 @@ def _sampling_state(s: _Settings, input_ids: Tensor, mask: Tensor, vocab: int) -
     seeds = torch.randint(0, 2 ** 62, (batch,)).tolist() if s.do_sample else [0] * batch
     for row in range(batch):
         prompt = input_ids[row][mask[row].bool()].tolist() if s.penalty != 1.0 else []   # left padding is not penalised
-        state.assign(row, s.temperature, s.top_k, s.top_p, seeds[row], s.min_new, s.eos, s.penalty, prompt, s.min_p)
+        state.assign(row, s.temperature, s.top_k, s.top_p, seeds[row], s.min_new, s.eos, s.penalty, prompt, s.min_p,
+                     s.typical_p, s.epsilon, s.eta)
     return state
 
 
@@ -230,11 +237,12 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
             raw_logits.append(logits.float())
         if s.output_scores:     # drawn from the scores returned, so that they explain the tokens
             scores.append(processed_scores(logits, state, rows, any_sampling=s.do_sample,
-                                           any_penalty=s.penalty != 1.0, allowed=allowed))
+                                           any_penalty=s.penalty != 1.0, any_cutoffs=s.cut_off, allowed=allowed))
             token = draw(scores[-1], state, rows, any_sampling=s.do_sample)
         else:
             token = sample(logits, state, rows, any_sampling=s.do_sample, any_filter=s.do_sample,
-                           any_penalty=s.penalty != 1.0, any_min_p=s.min_p > 0, allowed=allowed)
+                           any_penalty=s.penalty != 1.0, any_min_p=s.min_p > 0, any_cutoffs=s.cut_off,
+                           allowed=allowed)
         token = torch.where(unfinished, token, s.pad)
         for row, t in zip(ids, token.tolist() if ids else ()):
             row.append(t)

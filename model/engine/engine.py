@@ -286,7 +286,8 @@ class LLMEngine:
         p = seq.request.sampling
         seed = p.seed if p.seed is not None else self._rng.getrandbits(62)
         self.row_state.sampling.assign(seq.slot, p.temperature, p.top_k, p.top_p, seed, p.min_new_tokens,
-                             sorted(seq.stop_ids), p.repetition_penalty, seq.request.prompt_ids, p.min_p)
+                                       sorted(seq.stop_ids), p.repetition_penalty, seq.request.prompt_ids, p.min_p,
+                                       p.typical_p, p.epsilon_cutoff, p.eta_cutoff)
 
     def sample_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence],
                       allowed: torch.Tensor | None = None) -> torch.Tensor:

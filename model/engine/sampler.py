@@ -1,5 +1,5 @@
 """Per-row sampling on the device: repetition penalty, greedy, temperature, top-k, top-p, min-p,
-min-new-tokens.
+typical-p, epsilon and eta cutoffs, min-new-tokens.
 
 Randomness is counter-based: the noise for (seed, step, token) is a hash of those three integers,
 so a row's sample depends on its own logits, seed and step only, never on its batch neighbours or
@@ -119,6 +119,9 @@ class SamplingState:
     penalty: Tensor         # (S,) float32 repetition penalty, 1 = none
     seen: Tensor            # (S, V) bool: tokens of the prompt and the answer so far (kept where penalty != 1)
     log_min_p: Tensor       # (S,) float32 log of min_p (-inf: none)
+    typical_p: Tensor       # (S,) float32 (1: none)
+    epsilon: Tensor         # (S,) float32 epsilon_cutoff (0: none)
+    eta: Tensor             # (S,) float32 eta_cutoff (0: none)
 
     @classmethod
     def empty(cls, num_slots: int, vocab_size: int, device: torch.device | str) -> "SamplingState":
@@ -126,12 +129,15 @@ class SamplingState:
         ints = lambda: torch.zeros(num_slots, dtype=torch.int64, **z)  # noqa: E731
         masks = lambda: torch.zeros(num_slots, vocab_size, dtype=torch.bool, **z)  # noqa: E731
         return cls(torch.zeros(num_slots, **z), ints(), torch.ones(num_slots, **z), ints(), ints(), ints(),
-                   masks(), torch.ones(num_slots, **z), masks(), torch.full((num_slots,), float("-inf"), **z))
+                   masks(), torch.ones(num_slots, **z), masks(), torch.full((num_slots,), float("-inf"), **z),
+                   torch.ones(num_slots, **z), torch.zeros(num_slots, **z), torch.zeros(num_slots, **z))
 
     def assign(self, slot: int, temperature: float, top_k: int, top_p: float, seed: int, min_new: int,
-               stop_ids: list[int], penalty: float = 1.0, prompt_ids: list[int] = (), min_p: float = 0.0) -> None:
+               stop_ids: list[int], penalty: float = 1.0, prompt_ids: list[int] = (), min_p: float = 0.0,
+               typical_p: float = 1.0, epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0) -> None:
         self.temperature[slot], self.top_k[slot], self.top_p[slot] = temperature, top_k, top_p
         self.log_min_p[slot] = math.log(min_p) if min_p > 0 else float("-inf")
+        self.typical_p[slot], self.epsilon[slot], self.eta[slot] = typical_p, epsilon_cutoff, eta_cutoff
         self.seed[slot], self.step[slot], self.min_new[slot] = seed, 0, min_new
         self._set_row(self.stop_mask, slot, stop_ids)
         self.penalty[slot] = penalty
@@ -160,6 +166,48 @@ def drop_below_min_p(scaled: Tensor, log_min_p: Tensor) -> Tensor:
     """-inf in place of each row's tokens less probable than min_p times its likeliest (transformers'
     min_p, after temperature, top-k and top-p): a ratio of probabilities, so a difference of logits."""
     return scaled.masked_fill(scaled < scaled.amax(dim=-1, keepdim=True) + log_min_p[:, None], float("-inf"))
+
+
+def _entropy(log_p: Tensor) -> Tensor:
+    """(B, 1) entropy of each row's distribution (a dropped token, log p -inf, adds nothing)."""
+    return -(log_p * log_p.exp()).nansum(dim=-1, keepdim=True)
+
+
+def drop_atypical(scaled: Tensor, typical_p: Tensor) -> Tensor:
+    """-inf in place of each row's tokens outside its typical set (transformers' typical_p): tokens
+    ranked by how far their surprise (-log p) lies from the entropy, the closest first, are kept
+    until their mass reaches typical_p, with every token as close as the last kept one."""
+    log_p = scaled.log_softmax(dim=-1)
+    distance = (-log_p - _entropy(log_p)).abs()
+    closest, order = distance.sort(dim=-1)
+    mass = log_p.exp().gather(-1, order).cumsum(dim=-1)
+    last = (mass < typical_p[:, None]).sum(dim=-1, keepdim=True).clamp_max(scaled.shape[-1] - 1)
+    drop = (distance > closest.gather(-1, last)) & (typical_p < 1)[:, None]
+    return scaled.masked_fill(drop, float("-inf"))
+
+
+def drop_below_epsilon(scaled: Tensor, epsilon: Tensor) -> Tensor:
+    """-inf in place of each row's tokens less probable than epsilon, the likeliest kept
+    (transformers' epsilon_cutoff)."""
+    unlikely = scaled.softmax(dim=-1) < epsilon[:, None]
+    return scaled.masked_fill(unlikely & (scaled < scaled.amax(dim=-1, keepdim=True)), float("-inf"))
+
+
+def drop_below_eta(scaled: Tensor, eta: Tensor) -> Tensor:
+    """-inf in place of each row's tokens less probable than min(eta, sqrt(eta) * exp(-entropy)),
+    the likeliest kept (transformers' eta_cutoff: a cutoff that falls as the distribution widens)."""
+    log_p = scaled.log_softmax(dim=-1)
+    cutoff = torch.minimum(eta[:, None], eta.sqrt()[:, None] * torch.exp(-_entropy(log_p)))
+    unlikely = log_p.exp() < cutoff
+    return scaled.masked_fill(unlikely & (scaled < scaled.amax(dim=-1, keepdim=True)), float("-inf"))
+
+
+def drop_by_cutoffs(scaled: Tensor, state: SamplingState, slots: Tensor) -> Tensor:
+    """typical_p, then epsilon_cutoff, then eta_cutoff, each on what the last left (transformers'
+    order, after min_p); each inert at its neutral value."""
+    scaled = drop_atypical(scaled, state.typical_p[slots])
+    scaled = drop_below_epsilon(scaled, state.epsilon[slots])
+    return drop_below_eta(scaled, state.eta[slots])
 
 
 def flag_non_finite(tokens: Tensor, logits: Tensor) -> Tensor:
@@ -221,14 +269,15 @@ def sample_rows(logits: Tensor, state: SamplingState, slots: Tensor, params: lis
     top_ks = [p.top_k for p in sampled]
     tokens = sample(logits, state, slots, any_sampling=bool(sampled),
                     any_filter=any(p.top_k > 0 or p.top_p < 1 for p in sampled), any_penalty=penalty,
-                    any_min_p=any(p.min_p > 0 for p in sampled),
+                    any_min_p=any(p.min_p > 0 for p in sampled), any_cutoffs=any(p.cut_off for p in sampled),
                     top_k_cap=max(top_ks) if top_ks and min(top_ks) > 0 else None,
                     sort_free_nucleus=compiled and not any(top_ks), fuse_noise=compiled, allowed=allowed)
     return flag_non_finite(tokens, logits)
 
 
 def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
-           any_filter: bool, any_penalty: bool = False, any_min_p: bool = False, top_k_cap: int | None = None,
+           any_filter: bool, any_penalty: bool = False, any_min_p: bool = False, any_cutoffs: bool = False,
+           top_k_cap: int | None = None,
            sort_free_nucleus: bool = False, fuse_noise: bool = False, allowed: Tensor | None = None) -> Tensor:
     """Next token per row (B,) int64. slots (B,) indexes the rows' SamplingState entries.
 
@@ -257,6 +306,8 @@ def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling:
             scaled = scaled.masked_fill(outside(scaled, state.top_p[slots]), float("-inf"))
     if any_min_p:
         scaled = drop_below_min_p(scaled, state.log_min_p[slots])
+    if any_cutoffs:         # on the kept candidates: the tokens past them are dropped already
+        scaled = drop_by_cutoffs(scaled, state, slots)
     draw = fused_gumbel_argmax if fuse_noise else gumbel_argmax
     best = draw(scaled, state.seed[slots], state.step[slots], tokens)
     sampled = tokens.expand(len(best), -1).gather(-1, best[:, None])[:, 0]
@@ -275,16 +326,17 @@ def _processed(logits: Tensor, state: SamplingState, slots: Tensor, any_penalty:
 
 
 def processed_scores(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
-                     any_penalty: bool = False, allowed: Tensor | None = None) -> Tensor:
+                     any_penalty: bool = False, any_cutoffs: bool = False, allowed: Tensor | None = None) -> Tensor:
     """(B, V) float32: the rows' logits as transformers' processors leave them (its output_scores):
-    `sample`'s penalty and bans, then, where sampling, temperature, top-k, top-p and min-p (-inf
-    where a token is dropped). `draw` on them picks the token `sample` picks."""
+    `sample`'s penalty and bans, then, where sampling, temperature, top-k, top-p, min-p and the
+    cutoffs (-inf where a token is dropped). `draw` on them picks the token `sample` picks."""
     logits = _processed(logits, state, slots, any_penalty, allowed)
     if not any_sampling:
         return logits
     scaled = logits / state.temperature[slots].clamp_min(1e-6)[:, None]
     scaled = _filter_top_k_top_p(scaled, state.top_k[slots], state.top_p[slots])
-    return drop_below_min_p(scaled, state.log_min_p[slots])
+    scaled = drop_below_min_p(scaled, state.log_min_p[slots])
+    return drop_by_cutoffs(scaled, state, slots) if any_cutoffs else scaled
 
 
 def draw(scores: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool) -> Tensor:

@@ -11,6 +11,15 @@ from .bad_words import check_bad_words
 from .json_schema import schema_text_pattern
 
 
+def check_cutoffs(typical_p: float, epsilon_cutoff: float, eta_cutoff: float) -> None:
+    """ValueError for a cutoff out of transformers' range (NaN included)."""
+    if not 0 < typical_p <= 1:
+        raise ValueError(f"typical_p must be in (0, 1] (1: none), got {typical_p}")
+    for name, value in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1) (0: none), got {value}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings. temperature 0 means greedy."""
@@ -20,6 +29,9 @@ class SamplingParams:
     top_k: int = 0              # 0 = no top-k filter
     top_p: float = 1.0          # 1.0 = no nucleus filter
     min_p: float = 0.0          # > 0: no token less probable than min_p x the likeliest (after temperature)
+    typical_p: float = 1.0      # < 1: only the tokens whose surprise is nearest the entropy, this much mass
+    epsilon_cutoff: float = 0.0   # > 0: no token less probable than this (but the likeliest)
+    eta_cutoff: float = 0.0       # > 0: no token less probable than min(eta, sqrt(eta) * exp(-entropy))
     seed: int | None = None     # None = drawn at admission (answer then not reproducible)
     stop_token_ids: tuple[int, ...] | list[int] | None = None   # None = the generation config's eos ids
     repetition_penalty: float = 1.0   # > 1 discourages every token of the prompt and the answer so far
@@ -50,6 +62,7 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        check_cutoffs(self.typical_p, self.epsilon_cutoff, self.eta_cutoff)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         if any(not isinstance(c, str) or not c for c in self.choices):
@@ -105,6 +118,11 @@ class SamplingParams:
         """Whether the tokens it may take next depend on its answer so far (a constraint's state,
         the n-grams to ban): no decode step is queued before the last one's tokens are read."""
         return self.constrained or self.no_repeat_ngram_size > 0 or any(len(w) > 1 for w in self.bad_words_ids)
+
+    @property
+    def cut_off(self) -> bool:
+        """Whether it sets typical_p, epsilon_cutoff or eta_cutoff."""
+        return self.typical_p < 1 or self.epsilon_cutoff > 0 or self.eta_cutoff > 0
 
     @property
     def constrained(self) -> bool:

@@ -137,8 +137,9 @@ def test_several_answers_a_prompt_come_as_the_references(pair):
     assert "do_sample" in str(ours_error.value)
 
 
-@pytest.mark.parametrize("setting", [dict(num_beam_groups=3), dict(typical_p=0.5), dict(output_hidden_states=True, return_dict_in_generate=True),
-                                     dict(eta_cutoff=0.1), dict(epsilon_cutoff=0.1)])
+@pytest.mark.parametrize("setting", [dict(num_beam_groups=3), dict(diversity_penalty=0.5), dict(top_h=0.4),
+                                     dict(output_hidden_states=True, return_dict_in_generate=True),
+                                     dict(renormalize_logits=True)])
 def test_settings_it_does_not_follow_are_refused_by_name(pair, setting):
     """Group beam search and the other settings it does not implement would change the answers:
     refused, not run greedily; their neutral values, and settings that change nothing, are accepted."""
