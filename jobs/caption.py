@@ -19,6 +19,7 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
                 messages_column=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
+                typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
                 repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0,
                 early_stopping=False, logprobs=False, stop=None, bad_words=None, choices=None, choices_column=None,
                 sampling_column=None, score_column=None, choice_logprobs=False, regex=None, json_schema=None, seed=None,
@@ -69,6 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (0 = all)")
     ap.add_argument("--min-p", type=float, help="sample no token less probable than min-p times the likeliest "
                                                 "(transformers' and vLLM's min_p, e.g. 0.05; default 0 = none)")
+    ap.add_argument("--typical-p", type=float, help="sample only among the tokens whose surprise is nearest the "
+                                                    "entropy, this much probability mass (transformers' typical_p, "
+                                                    "e.g. 0.9; default 1 = none)")
+    ap.add_argument("--epsilon-cutoff", type=float, help="sample no token less probable than this but the likeliest "
+                                                         "(transformers' epsilon_cutoff, e.g. 3e-4; default 0 = none)")
+    ap.add_argument("--eta-cutoff", type=float, help="sample no token less probable than min(eta, sqrt(eta) * "
+                                                     "exp(-entropy)) but the likeliest (transformers' eta_cutoff, "
+                                                     "e.g. 2e-3; default 0 = none)")
     ap.add_argument("--repetition-penalty", type=float,
                     help="> 1 discourages tokens already in the prompt or the answer (as transformers' "
                          "repetition_penalty; 1.2 stops small models' loops; default 1 = none)")
@@ -98,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                              "rows whose candidates differ; a null cell takes --choice's")
     ap.add_argument("--sampling-column", metavar="NAME",
                     help="an input column of each row's own decoding settings, overriding the job's for that row (a "
-                         "struct, or JSON text: max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, "
+                         "struct, or JSON text: max_new_tokens, temperature, top_p, top_k, min_p, typical_p, "
+                         "epsilon_cutoff, eta_cutoff, repetition_penalty, "
                          "seed, stop, choices, regex, json_schema, num_beams, length_penalty, bad_words; as "
                          "ray.data.llm's per-row sampling_params)")
     ap.add_argument("--score-column", metavar="NAME",

@@ -9,7 +9,7 @@ DEFAULT_PROMPT = "Describe this image."
 DTYPES = ("bfloat16", "float16", "float32")
 # What a row's own settings (`sampling_column`) may set, and the Arrow types a column of them may hold
 SETTABLE = {"max_new_tokens": "integer", "temperature": "number", "top_p": "number", "top_k": "integer",
-            "min_p": "number",
+            "min_p": "number", "typical_p": "number", "epsilon_cutoff": "number", "eta_cutoff": "number",
             "repetition_penalty": "number", "no_repeat_ngram_size": "integer", "seed": "integer", "stop": "texts",
             "choices": "texts", "regex": "text", "json_schema": "text", "num_beams": "integer",
             "length_penalty": "number", "bad_words": "texts"}
@@ -39,6 +39,9 @@ class PipelineConfig:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0                          # sampling: no token below min_p x the likeliest's probability
+    typical_p: float = 1.0                      # sampling: transformers' typical_p (1 = none)
+    epsilon_cutoff: float = 0.0                 # sampling: no token below this probability (0 = none)
+    eta_cutoff: float = 0.0                     # sampling: transformers' eta_cutoff (0 = none)
     repetition_penalty: float = 1.0             # transformers' repetition_penalty; 1 = none
     no_repeat_ngram_size: int = 0               # transformers' no_repeat_ngram_size: no n-gram twice; 0 = none
     num_beams: int = 1                          # > 1: beam search (transformers' num_beams); `samples`: the best beams
@@ -140,6 +143,8 @@ class PipelineConfig:
             raise ValueError(f"no_repeat_ngram_size must be >= 0 (0: none), got {self.no_repeat_ngram_size}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1] (0: none), got {self.min_p}")
+        from model.engine.types import check_cutoffs
+        check_cutoffs(self.typical_p, self.epsilon_cutoff, self.eta_cutoff)
         if self.top_k < 0:      # else every row's request would be refused, each an error row
             raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
         if not 0 <= self.top_logprobs <= 20:

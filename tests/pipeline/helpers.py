@@ -62,7 +62,7 @@ class Oracle:
         if allowed is not None:
             generate["prefix_allowed_tokens_fn"] = lambda _, row: allowed(row[n:].tolist())
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate)
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **{"do_sample": False, **generate})
         new = out[0, inputs["input_ids"].shape[1]:]
         eos = set(self.model.generation_config.eos_token_id or [])
         n = next((i + 1 for i, t in enumerate(new.tolist()) if t in eos), len(new))
