@@ -18,6 +18,7 @@ from .engine.ngrams import NGrams, allowed_without
 from .engine.sampler import SamplingState, draw, processed_scores, sample
 from .engine.stop_strings import StopStringMatcher
 from .engine.types import check_cutoffs
+from .generation_hooks import UserRules
 
 
 def _setting(name: str, kwargs: dict, config: dict, default=None):
@@ -38,7 +39,8 @@ def _as_list(ids) -> list[int]:
 FOLLOWED = {"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
             "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences", "no_repeat_ngram_size",
             "num_beams", "length_penalty", "early_stopping", "bad_words_ids", "min_p", "stop_strings",
-            "typical_p", "epsilon_cutoff", "eta_cutoff",
+            "typical_p", "epsilon_cutoff", "eta_cutoff", "prefix_allowed_tokens_fn", "logits_processor",
+            "stopping_criteria",
             "return_dict_in_generate", "output_scores", "output_logits"}
 CUTOFFS = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}     # their neutral values
 # transformers' settings that change nothing here: whatever their value, or at these values
@@ -113,6 +115,8 @@ class _Settings:
         self.return_dict = bool(get("return_dict_in_generate", False))
         self.output_scores = self.return_dict and bool(get("output_scores", False))
         self.output_logits = self.return_dict and bool(get("output_logits", False))
+        self.user = UserRules(kwargs.get("prefix_allowed_tokens_fn"), kwargs.get("logits_processor"),
+                              kwargs.get("stopping_criteria"), rows_per_prompt=max(self.num_beams, self.copies))
 
 
 @dataclass
@@ -229,21 +233,17 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     matcher = StopStringMatcher(tokenizer) if s.stop_strings else None
     ngrams = [NGrams(s.no_repeat, row) for row in ids] if s.no_repeat else []
     scores, raw_logits = [], []
+    running = input_ids         # each row's ids so far, for the caller's rules
     for step in range(s.max_new):
         bans = [(row, banned_by_bad_words(history, s.bad_words)) for row, history in enumerate(ids) if s.bad_words]
         bans += [(row, ngram.banned()) for row, ngram in enumerate(ngrams)]
         allowed = allowed_without(bans, *logits.shape, logits.device)
         if s.output_logits:
             raw_logits.append(logits.float())
-        if s.output_scores:     # drawn from the scores returned, so that they explain the tokens
-            scores.append(processed_scores(logits, state, rows, any_sampling=s.do_sample,
-                                           any_penalty=s.penalty != 1.0, any_cutoffs=s.cut_off, allowed=allowed))
-            token = draw(scores[-1], state, rows, any_sampling=s.do_sample)
-        else:
-            token = sample(logits, state, rows, any_sampling=s.do_sample, any_filter=s.do_sample,
-                           any_penalty=s.penalty != 1.0, any_min_p=s.min_p > 0, any_cutoffs=s.cut_off,
-                           allowed=allowed)
+        token = _next_token(s, logits, state, rows, allowed, running, scores)
         token = torch.where(unfinished, token, s.pad)
+        if s.user.reads_ids:
+            running = torch.cat([running, token[:, None]], dim=1)
         for row, t in zip(ids, token.tolist() if ids else ()):
             row.append(t)
         for row, t in zip(ngrams, token.tolist() if ngrams else ()):
@@ -255,6 +255,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         unfinished &= ~torch.isin(token, eos)
         if matcher is not None:         # as the reference: a stop string may begin in the prompt
             unfinished &= ~torch.tensor([matcher.completes(row, s.stop_strings) for row in ids], device=token.device)
+        if s.user.stops:
+            unfinished &= ~s.user.stopped(running, tuple(scores) if s.output_scores else None)
         if step == s.max_new - 1 or not bool(unfinished.any()):
             break
         position = position + 1
@@ -262,6 +264,21 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         hidden = text(input_ids=token[:, None], position_ids=position, attention=attention)
         logits = model.lm_head(hidden[:, -1])
     return _answer(s, torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1), scores, raw_logits)
+
+
+def _next_token(s: _Settings, logits: Tensor, state: SamplingState, rows: Tensor, allowed: Tensor | None,
+                running: Tensor, scores: list[Tensor]) -> Tensor:
+    """Each row's next token; its processed scores join `scores` where they are asked for (then
+    the token is drawn from them, so that they explain it), as are the caller's processors."""
+    if not (s.output_scores or s.user.processes):
+        return sample(logits, state, rows, any_sampling=s.do_sample, any_filter=s.do_sample,
+                      any_penalty=s.penalty != 1.0, any_min_p=s.min_p > 0, any_cutoffs=s.cut_off, allowed=allowed)
+    between = (lambda x: s.user.process(running, x)) if s.user.processes else None
+    processed = processed_scores(logits, state, rows, any_sampling=s.do_sample, any_penalty=s.penalty != 1.0,
+                                 any_cutoffs=s.cut_off, allowed=allowed, between=between)
+    if s.output_scores:
+        scores.append(processed)
+    return draw(processed, state, rows, any_sampling=s.do_sample)
 
 
 def _answer(s: _Settings, sequences: Tensor, scores: list[Tensor], logits: list[Tensor],
@@ -299,13 +316,17 @@ def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tens
         rows_now = 1 if step == 0 else k          # beams a prompt had at this step
         parents = []
         log_probs = beam_log_probs(logits, rules)
+        if s.user.processes:
+            log_probs = _user_processed(s.user, input_ids, searches, log_probs, k)
         if s.output_logits:         # as the reference's: a row per beam from the first step on
             raw_logits.append(logits.float().repeat_interleave(k // rows_now, dim=0))
         if s.output_scores:
             step_scores.append(log_probs.repeat_interleave(k // rows_now, dim=0))
         found = split_candidates(*best_candidates(log_probs, rules), rules)
+        stopped = (_user_stopped(s.user, input_ids, searches, found, logits.shape[-1],
+                                 tuple(step_scores) if s.output_scores else None) if s.user.stops else None)
         for b, (search, rule, (scores, ids)) in enumerate(zip(searches, rules, found)):
-            search.advance(scores, ids, logits.shape[-1])
+            search.advance(scores, ids, logits.shape[-1], None if stopped is None else stopped[b])
             rule.follow()
             parents += [b * rows_now + p for p in search.parents]
         if all(search.done for search in searches):
@@ -330,3 +351,35 @@ def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tens
     sequences_scores = torch.tensor([h.score for *_, h in best], device=device) if s.output_scores else None
     return _answer(s, sequences, step_scores, raw_logits, sequences_scores=sequences_scores,
                    beam_indices=torch.tensor(paths, dtype=torch.int32, device=device))
+
+
+def _beam_ids(input_ids: Tensor, searches: list[BeamSearch]) -> Tensor:
+    """The running beams' ids (prompt, answer so far), a search's beams in a row."""
+    beams = [beam for search in searches for beam in search.beams]
+    answers = torch.tensor(beams, dtype=torch.int64, device=input_ids.device).reshape(len(beams), len(beams[0]))
+    return torch.cat([input_ids.repeat_interleave(len(searches[0].beams), dim=0), answers], dim=1)
+
+
+def _user_processed(user: UserRules, input_ids: Tensor, searches: list[BeamSearch], log_probs: Tensor,
+                    k: int) -> Tensor:
+    """The beams' log p after the caller's processors, which read num_beams rows a prompt from the
+    first step on, as the reference's (its first step's beams are copies of the prompt)."""
+    ids = _beam_ids(input_ids, searches)
+    copies = k // len(searches[0].beams)
+    processed = user.process(ids.repeat_interleave(copies, dim=0), log_probs.repeat_interleave(copies, dim=0))
+    return processed[::copies]
+
+
+def _user_stopped(user: UserRules, input_ids: Tensor, searches: list[BeamSearch],
+                  found: list[tuple[list[float], list[int]]], vocab: int, scores) -> list[list[bool]]:
+    """For each search, which of its candidates the caller's stopping criteria end, all read at once
+    (the candidates' ids: prompt, parent beam's answer, the token)."""
+    rows = [(b, i // vocab, i % vocab) for b, (_, ids) in enumerate(found) for i in ids]
+    answers = [searches[b].beams[parent] + [token] for b, parent, token in rows]
+    ids = torch.cat([input_ids[[b for b, *_ in rows]], torch.tensor(answers, device=input_ids.device)], dim=1)
+    done, start = user.stopped(ids, scores).tolist(), 0
+    out = []
+    for _, ids_of_search in found:
+        out.append(done[start:start + len(ids_of_search)])
+        start += len(ids_of_search)
+    return out

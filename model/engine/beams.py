@@ -66,11 +66,14 @@ class BeamSearch:
     def steps(self) -> int:
         return len(self.beams[0])
 
-    def advance(self, top_scores: list[float], top_ids: list[int], vocab: int) -> None:
-        """Take a step's `width` best candidates (accumulated log p, descending; ids beam * vocab + token)."""
+    def advance(self, top_scores: list[float], top_ids: list[int], vocab: int, stopped: list[bool] | None = None) -> None:
+        """Take a step's `width` best candidates (accumulated log p, descending; ids beam * vocab + token);
+        `stopped`: the candidates a caller's stopping criteria end."""
         k, step = self.num_beams, self.steps + 1
         parents, tokens = [i // vocab for i in top_ids], [i % vocab for i in top_ids]
         ends = [t in self.stop_ids or step >= self.max_new_tokens for t in tokens]
+        if stopped is not None:
+            ends = [end or stop for end, stop in zip(ends, stopped)]
         if self.completes_stop is not None:
             ends = [end or self.completes_stop(self.beams[p] + [t]) for end, p, t in zip(ends, parents, tokens)]
         going = [s + NEG if end else s for s, end in zip(top_scores, ends)]

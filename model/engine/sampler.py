@@ -8,6 +8,7 @@ on a global generator, and no host sync is needed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -326,11 +327,15 @@ def _processed(logits: Tensor, state: SamplingState, slots: Tensor, any_penalty:
 
 
 def processed_scores(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
-                     any_penalty: bool = False, any_cutoffs: bool = False, allowed: Tensor | None = None) -> Tensor:
+                     any_penalty: bool = False, any_cutoffs: bool = False, allowed: Tensor | None = None,
+                     between: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """(B, V) float32: the rows' logits as transformers' processors leave them (its output_scores):
-    `sample`'s penalty and bans, then, where sampling, temperature, top-k, top-p, min-p and the
-    cutoffs (-inf where a token is dropped). `draw` on them picks the token `sample` picks."""
+    `sample`'s penalty and bans, then `between` (a caller's processors), then, where sampling,
+    temperature, top-k, top-p, min-p and the cutoffs (-inf where a token is dropped). `draw` on
+    them picks the token `sample` picks."""
     logits = _processed(logits, state, slots, any_penalty, allowed)
+    if between is not None:
+        logits = between(logits)
     if not any_sampling:
         return logits
     scaled = logits / state.temperature[slots].clamp_min(1e-6)[:, None]
