@@ -493,12 +493,13 @@ def test_cuda_fp32_graphs_equal_reference(setup):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_top_p_samples_as_on_cpu(setup):
     """No row sets top_k: on CUDA the nucleus is found by bisection (and compiled), on CPU by a
-    sort; the same seeded tokens (fp32); min_p beside it on some rows."""
+    sort; the same seeded tokens (fp32); min_p beside it on some rows, typical_p and the cutoffs on others."""
     ours, requests, _, _, _ = setup
     torch.backends.cuda.matmul.allow_tf32 = False
+    cutoffs = [{}] * 4 + [dict(typical_p=0.7, epsilon_cutoff=1e-3), dict(eta_cutoff=0.3)]
     nucleus = [replace(r, sampling=replace(r.sampling, temperature=1.0, top_p=0.8 + 0.05 * i, seed=i,
-                                           min_p=0.3 * (i % 2)))
-               for i, r in enumerate(requests[:4])]
+                                           min_p=0.3 * (i % 2), **cut))
+               for i, (r, cut) in enumerate(zip(requests, cutoffs))]
     on_cpu = LLMEngine(ours, max_batch_size=3).generate(nucleus)
     on_gpu = LLMEngine(copy.deepcopy(ours).to("cuda"), max_batch_size=3).generate(nucleus)
     assert [r.token_ids for r in on_gpu] == [r.token_ids for r in on_cpu]
