@@ -32,6 +32,10 @@ def report_markdown(summary: dict, sources: dict[str, str], chart_name: str | No
     if summary["per_category"]:
         lines += ["", "## Per category", "", "| category | rows | score |", "|---|---|---|"]
         lines += [f"| {_escape_cell(c)} | {v['rows']} | {v['score']} |" for c, v in summary["per_category"].items()]
+    if summary.get("baseline"):
+        from evaluation.baseline import report_lines
+
+        lines += ["", *report_lines(summary["baseline"])]
     if chart_name:
         lines += ["", f"![{summary['metric']} per category]({chart_name})"]
     return "\n".join(lines) + "\n"
@@ -103,7 +107,8 @@ def _gallery_card(row: dict, image: object) -> str:
     answers = row.get("answers")
     truth = answers if isinstance(answers, str) else " | ".join(map(str, answers or []))
     cells = [("id", row.get("id")), ("question", row.get("question")), ("answer", row.get("answer")),
-             ("ground truth", truth), ("score", row.get("score")), ("error", row.get("error"))]
+             ("ground truth", truth), ("score", row.get("score")), ("error", row.get("error")),
+             ("baseline answer", row.get("baseline_answer")), ("baseline score", row.get("baseline_score"))]
     body = "".join(f"<dt>{k}</dt><dd>{html.escape(str(v))}</dd>" for k, v in cells if v is not None)
     verdict = "good" if (row.get("score") or 0) >= 0.5 else "bad"
     return f'<div class="card {verdict}">{img}<dl>{body}</dl></div>'

@@ -24,6 +24,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from evaluation.baseline import baseline_scores, changed_rows, compare
 from evaluation.metrics import METRICS
 from evaluation.report import (sample_rows, write_chart, write_gallery, write_metrics_json,
                                write_report_md)
@@ -80,6 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--category-column", help="scores are also given per category (default: category)")
     ap.add_argument("--predictions", help="score this predictions Parquet (id, answer[, answers, category]) "
                     "instead of running a model; with --input, ground truth is joined from it by id")
+    ap.add_argument("--baseline", metavar="PREDICTIONS",
+                    help="an earlier evaluation's predictions.parquet (or its --output folder; local or URL), e.g. "
+                         "the base checkpoint's: the report compares the two row by row (both scored with this "
+                         "run's ground truth and metric: the difference, its 95%% interval, rows better and worse, "
+                         "per category); the gallery then shows rows whose score changed")
     ap.add_argument("--gallery", type=int, metavar="N", help="write gallery.html with N sampled rows")
     ap.add_argument("--limit", type=int, metavar="N", help="score only the first N benchmark rows (a quick check; "
                     "the report says so)")
@@ -104,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 DEFAULTS = dict(input=None, model=None, adapter=None, output=None, metric=None, system_prompt=None,
                 prompt_suffix=None,
                 id_column="id", question_column="question", answers_column="answers", image_column="image",
-                category_column="category", predictions=None, gallery=0, limit=None, max_new_tokens=None,
+                category_column="category", predictions=None, baseline=None, gallery=0, limit=None, max_new_tokens=None,
                 num_beams=None,
                 resume=False, overwrite=False, choices=None, choices_column=None, **dict.fromkeys(run_flag_names()))
 
@@ -192,6 +198,20 @@ def read_predictions(uri: str, args: argparse.Namespace) -> pa.Table:
         if needed not in table.column_names:
             raise ValueError(f"predictions {uri} have no {needed!r} column; columns: {table.column_names}")
     return table.drop_columns([c for c in ("image",) if c in table.column_names])
+
+
+def baseline_file(uri: str, options: dict) -> str:
+    """--baseline's predictions: the file named, or the predictions.parquet of the run folder named."""
+    from pipeline.storage import fsspec_fs
+
+    if uri.endswith(".parquet"):
+        return uri
+    fs, path = fsspec_fs(uri, options)
+    inside = f"{path.rstrip('/')}/{PREDICTIONS_FILE}"
+    if not fs.exists(inside):
+        raise FileNotFoundError(f"--baseline {redact_url(uri)!r} is neither a .parquet file nor an evaluation's "
+                                f"output folder (no {PREDICTIONS_FILE} in it)")
+    return f"{uri.rstrip('/')}/{PREDICTIONS_FILE}"
 
 
 def pipeline_config(args: argparse.Namespace, kept: list[str]):
@@ -339,6 +359,10 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
     scored, run = gather_predictions(args, metric)
     scored = score_rows(scored, metric)
     summary = summarize(scored, metric)
+    if args.baseline:
+        baseline = read_predictions(baseline_file(args.baseline, storage_options(args)), args)
+        scored = baseline_scores(scored, baseline, metric)
+        summary["baseline"] = compare(scored, redact_url(args.baseline), baseline.num_rows)
     sources = {k: redact_url(v) for k, v in (("model", args.model), ("input", args.input),
                                              ("predictions", args.predictions)) if v}
     if args.model and not args.predictions:
@@ -354,7 +378,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
         write_report_md(summary, sources, out_dir)
         write_chart(summary, out_dir)
         if args.gallery > 0:
-            rows = sample_rows(scored.to_pylist(), args.gallery)
+            rows = scored.to_pylist()
+            rows = sample_rows((changed_rows(rows) if args.baseline else []) or rows, args.gallery)
             write_gallery(rows, load_images(args, [str(r["id"]) for r in rows]), summary, out_dir)
     log.info("%s = %s over %d rows (%d errors) -> %s", metric, summary["score"], summary["rows"],
              summary["errors"], redact_url(args.output))

@@ -276,3 +276,35 @@ def test_a_model_run_that_left_rows_unanswered_is_said():
     assert job.unanswered({"missing_rows": 0, "duplicate_rows": 0}) is None
     said = job.unanswered({"missing_rows": 3, "duplicate_rows": 1})
     assert said.startswith("3 benchmark rows have no answer, 1 answers repeat an id") and "--resume" in said
+
+
+def test_a_baseline_run_is_compared_row_by_row(tmp_path, capsys):
+    """--baseline names an earlier evaluation's output folder: metrics.json, report.md and the
+    predictions carry the paired comparison; the gallery shows the rows whose score changed."""
+    first = tmp_path / "base"
+    base_rows = [("q1", "3", ["2"], "count", "stop", None), ("q2", "blue", ["blue"], "colour", "stop", None),
+                 ("q3", "circle", ["circle"], "shape", "stop", None), ("q4", "square", ["square"], "shape", "stop", None),
+                 ("q5", "blue", ["blue"], "colour", "stop", None)]
+    assert job.main(["--predictions", str(write_predictions(tmp_path / "base.parquet", base_rows)),
+                     "--output", str(first), "--metric", "exact_match"]) == 0
+    out = tmp_path / "out"
+    argv = ["--predictions", str(write_predictions(tmp_path / "preds.parquet")), "--output", str(out),
+            "--metric", "exact_match", "--baseline", str(first), "--gallery", "5"]
+    assert job.main(argv) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    base = summary["baseline"]
+    # now: 1 0 1 0(error) 1; then: 0 1 1 1 1
+    assert (base["rows"], base["score"], base["baseline_score"], base["delta"]) == (5, 0.6, 0.8, -0.2)
+    assert (base["better"], base["worse"], base["same"]) == (1, 2, 2)
+    assert base["ci95"][0] < -0.2 < base["ci95"][1] and base["source"] == str(first)
+    assert base["per_category"]["count"]["delta"] == 1.0 and base["per_category"]["shape"]["delta"] == -0.5
+    report = (out / "report.md").read_text()
+    assert "## Against the baseline" in report and "- delta: -0.2 (this run 0.6, the baseline 0.8)" in report
+    assert parse_report(report)["score"] == summary["score"] == 0.6
+    scored = pq.read_table(out / "predictions.parquet").to_pylist()
+    assert [(r["baseline_answer"], r["baseline_score"]) for r in scored] == [
+        ("3", 0.0), ("blue", 1.0), ("circle", 1.0), ("square", 1.0), ("blue", 1.0)]
+    gallery = (out / "gallery.html").read_text()
+    assert gallery.count('class="card') == 3 and "baseline answer" in gallery     # q1, q2, q4 changed
+    assert job.main(argv[:-4] + ["--baseline", str(tmp_path / "nowhere")]) == 2
+    assert "--baseline" in capsys.readouterr().err

@@ -1,0 +1,88 @@
+"""This run against a baseline's predictions (another checkpoint's, an earlier fine-tune's) on the
+same benchmark: both scored with this run's ground truth and metric, row by row, so that the
+difference is paired: how much better or worse, with a 95 % interval, which rows changed."""
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+
+from evaluation.metrics import get_metric
+from evaluation.scoring import DIGITS, _check_unique_ids, is_error_row
+
+Z95 = 1.959964
+
+
+def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Table:
+    """`scored` with baseline_answer and baseline_score: the baseline's answer to each row's id,
+    scored against this run's ground truth (0 where the baseline's row is an error; null where it
+    has no row of that id)."""
+    ids = [str(i) for i in baseline.column("id").to_pylist()]
+    _check_unique_ids(ids, "the baseline's predictions")
+    rows = dict(zip(ids, baseline.to_pylist()))
+    score = get_metric(metric)
+    answers, scores = [], []
+    for row in scored.select(["id", "answers"]).to_pylist():
+        theirs = rows.get(str(row["id"]))
+        answers.append(None if theirs is None else theirs.get("answer"))
+        scores.append(None if theirs is None else 0.0 if is_error_row(theirs) else score(theirs.get("answer"),
+                                                                                           row["answers"]))
+    return (scored.append_column("baseline_answer", pa.array(answers, pa.string()))
+            .append_column("baseline_score", pa.array(scores, pa.float64())))
+
+
+def _round(value: float) -> float:
+    return round(value, DIGITS)
+
+
+def paired_difference(now: list[float], then: list[float]) -> dict:
+    """Mean scores, their difference and its 95 % interval (normal approximation of the paired
+    differences' mean), and how many rows scored higher, lower, the same."""
+    diffs = [a - b for a, b in zip(now, then)]
+    n = len(diffs)
+    mean = math.fsum(diffs) / n if n else 0.0
+    spread = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
+    half = Z95 * spread / math.sqrt(n) if n > 1 else float("nan")
+    return {"rows": n, "score": _round(math.fsum(now) / n) if n else 0.0,
+            "baseline_score": _round(math.fsum(then) / n) if n else 0.0, "delta": _round(mean),
+            "ci95": [_round(mean - half), _round(mean + half)] if n > 1 else None,
+            "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs),
+            "same": sum(d == 0 for d in diffs)}
+
+
+def compare(scored: pa.Table, source: str, baseline_rows: int, category_column: str = "category") -> dict:
+    """metrics.json's `baseline`: the paired comparison over the rows both runs answered, overall
+    and per category, and the rows only one of them has."""
+    rows = [r for r in scored.to_pylist() if r["baseline_score"] is not None]
+    overall = paired_difference([r["score"] for r in rows], [r["baseline_score"] for r in rows])
+    per_category = {}
+    if category_column in scored.column_names:
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            groups.setdefault("(none)" if r[category_column] is None else str(r[category_column]), []).append(r)
+        per_category = {c: paired_difference([r["score"] for r in g], [r["baseline_score"] for r in g])
+                        for c, g in sorted(groups.items())}
+    return {"source": source, **overall, "per_category": per_category,
+            "rows_without_baseline": scored.num_rows - len(rows), "baseline_rows_unused": baseline_rows - len(rows)}
+
+
+def changed_rows(rows: list[dict]) -> list[dict]:
+    """The rows whose score differs from the baseline's (the ones worth a look), in their order."""
+    return [r for r in rows if r.get("baseline_score") is not None and r["baseline_score"] != r["score"]]
+
+
+def report_lines(comparison: dict) -> list[str]:
+    """report.md's section on the baseline."""
+    c = comparison
+    interval = "n/a" if c["ci95"] is None else f"[{c['ci95'][0]}, {c['ci95'][1]}]"
+    lines = ["## Against the baseline", "", f"- baseline: `{c['source']}`",
+             f"- rows compared: {c['rows']} ({c['rows_without_baseline']} without a baseline answer, "
+             f"{c['baseline_rows_unused']} baseline answers to other ids)",
+             f"- delta: {c['delta']} (this run {c['score']}, the baseline {c['baseline_score']}), "
+             f"95 % interval {interval}",
+             f"- rows better / worse / same: {c['better']} / {c['worse']} / {c['same']}", ""]
+    if c["per_category"]:
+        lines += ["| category | rows | score | baseline | delta | better | worse |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {name.replace('|', '/')} | {v['rows']} | {v['score']} | {v['baseline_score']} | {v['delta']} "
+                  f"| {v['better']} | {v['worse']} |" for name, v in c["per_category"].items()]
+    return lines

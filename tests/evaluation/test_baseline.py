@@ -1,0 +1,41 @@
+"""evaluation.baseline: the paired comparison of a run with a baseline's predictions."""
+import math
+
+import pyarrow as pa
+import pytest
+
+from evaluation.baseline import baseline_scores, compare, paired_difference
+from evaluation.scoring import score_rows
+
+
+def test_paired_difference_counts_and_interval():
+    now, then = [1, 1, 0, 1, 0.5], [0, 1, 1, 0, 0.5]
+    got = paired_difference(now, then)
+    diffs = [1, 0, -1, 1, 0]
+    sd = math.sqrt(sum((d - 0.2) ** 2 for d in diffs) / 4)
+    assert (got["rows"], got["score"], got["baseline_score"], got["delta"]) == (5, 0.7, 0.5, 0.2)
+    assert got["ci95"] == pytest.approx([0.2 - 1.959964 * sd / math.sqrt(5), 0.2 + 1.959964 * sd / math.sqrt(5)],
+                                        abs=1e-6)
+    assert (got["better"], got["worse"], got["same"]) == (2, 1, 2)
+    assert paired_difference([1.0], [0.0])["ci95"] is None          # one row: no interval
+    assert paired_difference([], [])["rows"] == 0
+
+
+def test_baseline_rows_are_scored_with_this_runs_ground_truth():
+    """By id, whatever the baseline's order; its error rows score 0; ids it lacks stay null; its
+    own `score` column (another metric, other ground truth) is not trusted."""
+    scored = score_rows(pa.table({"id": ["a", "b", "c", "d"], "answer": ["cat", "dog", "two", "x"],
+                                  "answers": [["cat"], ["cow"], ["2"], ["y"]], "category": ["p", "p", "q", "q"]}),
+                        "exact_match")
+    baseline = pa.table({"id": ["c", "a", "b", "z"], "answer": ["3", "cat", "cow", "w"], "score": [1.0, 0.0, 0.0, 1.0],
+                         "error": [None, "ImageDecodeError: bad", None, None]})
+    both = baseline_scores(scored, baseline, "exact_match")
+    assert both.column("baseline_answer").to_pylist() == ["cat", "cow", "3", None]
+    assert both.column("baseline_score").to_pylist() == [0.0, 1.0, 0.0, None]
+    c = compare(both, "base.parquet", baseline.num_rows)
+    assert (c["rows"], c["score"], c["baseline_score"], c["delta"]) == (3, 0.666667, 0.333333, 0.333333)
+    assert (c["better"], c["worse"], c["same"], c["rows_without_baseline"], c["baseline_rows_unused"]) == (2, 1, 0, 1, 1)
+    assert c["per_category"]["q"] == {"rows": 1, "score": 1.0, "baseline_score": 0.0, "delta": 1.0, "ci95": None,
+                                      "better": 1, "worse": 0, "same": 0}
+    with pytest.raises(ValueError, match="the baseline's predictions has duplicate ids"):
+        baseline_scores(scored, pa.table({"id": ["a", "a"], "answer": ["x", "y"]}), "exact_match")
