@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 DEFAULT_PROMPT = "Describe this image."
 DTYPES = ("bfloat16", "float16", "float32")
 # What a row's own settings (`sampling_column`) may set, and the Arrow types a column of them may hold
-SETTABLE = {"max_new_tokens": "integer", "temperature": "number", "top_p": "number", "top_k": "integer",
+SETTABLE = {"max_new_tokens": "integer", "min_new_tokens": "integer", "temperature": "number", "top_p": "number",
+            "top_k": "integer",
             "min_p": "number", "typical_p": "number", "epsilon_cutoff": "number", "eta_cutoff": "number",
             "repetition_penalty": "number", "no_repeat_ngram_size": "integer", "seed": "integer", "stop": "texts",
             "choices": "texts", "regex": "text", "json_schema": "text", "num_beams": "integer",
@@ -35,6 +36,7 @@ class PipelineConfig:
                                                 # or their JSON text) whose next assistant turn is answered
                                                 # (a last assistant turn: answered again); null: `prompt`
     max_new_tokens: int = 64
+    min_new_tokens: int = 0                     # no end (eos) before this many tokens (transformers' min_new_tokens)
     temperature: float = 0.0                    # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0
@@ -143,6 +145,9 @@ class PipelineConfig:
             raise ValueError(f"no_repeat_ngram_size must be >= 0 (0: none), got {self.no_repeat_ngram_size}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1] (0: none), got {self.min_p}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                             f"got {self.min_new_tokens}")
         from model.engine.types import check_cutoffs
         check_cutoffs(self.typical_p, self.epsilon_cutoff, self.eta_cutoff)
         if self.top_k < 0:      # else every row's request would be refused, each an error row
@@ -219,6 +224,8 @@ class PipelineConfig:
                                       ("json_schema", self.json_schema)) if on]
         if len(ways) > 1:
             raise ValueError(f"{' and '.join(ways)} are two ways to constrain answers: give one")
+        if ways and self.min_new_tokens:
+            raise ValueError(f"min_new_tokens cannot be combined with {ways[0]} (a whole answer may come first)")
         if self.choice_logprobs and ways != ["choices"]:
             raise ValueError("choice_logprobs scores the choices: give choices (or a choices column)")
         if self.regex is not None or self.json_schema is not None:

@@ -194,6 +194,7 @@ def test_regex_and_json_schema_flags(tmp_path):
     assert config("--top-logprobs", "5").top_logprobs == 5
     assert config("--no-repeat-ngram-size", "3").no_repeat_ngram_size == 3
     assert config("--min-p", "0.05", "--temperature", "1").min_p == 0.05
+    assert config("--min-new-tokens", "5").min_new_tokens == 5
     cut = config("--typical-p", "0.9", "--epsilon-cutoff", "3e-4", "--eta-cutoff", "2e-3", "--temperature", "1")
     assert (cut.typical_p, cut.epsilon_cutoff, cut.eta_cutoff) == (0.9, 3e-4, 2e-3)
     assert config("--bad-words", "The image shows", "--bad-words", "photo").bad_words == ["The image shows", "photo"]
