@@ -40,7 +40,7 @@ FOLLOWED = {"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temp
             "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences", "no_repeat_ngram_size",
             "num_beams", "length_penalty", "early_stopping", "bad_words_ids", "min_p", "stop_strings",
             "typical_p", "epsilon_cutoff", "eta_cutoff", "prefix_allowed_tokens_fn", "logits_processor",
-            "stopping_criteria",
+            "stopping_criteria", "streamer",
             "return_dict_in_generate", "output_scores", "output_logits"}
 CUTOFFS = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}     # their neutral values
 # transformers' settings that change nothing here: whatever their value, or at these values
@@ -117,6 +117,10 @@ class _Settings:
         self.output_logits = self.return_dict and bool(get("output_logits", False))
         self.user = UserRules(kwargs.get("prefix_allowed_tokens_fn"), kwargs.get("logits_processor"),
                               kwargs.get("stopping_criteria"), rows_per_prompt=max(self.num_beams, self.copies))
+        self.streamer = kwargs.get("streamer")     # put(prompt ids), put(each step's tokens), end(), as transformers'
+        if self.streamer is not None and self.num_beams > 1:
+            raise ValueError("a streamer cannot follow beam search (as transformers' generate): its beams change "
+                             "their past tokens; set num_beams=1")
 
 
 @dataclass
@@ -204,6 +208,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     if s.stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs the tokenizer: generate(..., stop_strings=..., "
                          "tokenizer=processor.tokenizer)")
+    if s.streamer is not None:      # as the reference: each answer's rows (num_return_sequences)
+        s.streamer.put(input_ids.repeat_interleave(s.copies, dim=0).cpu())
     if s.max_new <= 0:
         return _answer(s, input_ids.repeat_interleave(s.copies, dim=0), [], [])
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(param.device)
@@ -242,6 +248,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
             raw_logits.append(logits.float())
         token = _next_token(s, logits, state, rows, allowed, running, scores)
         token = torch.where(unfinished, token, s.pad)
+        if s.streamer is not None:
+            s.streamer.put(token.cpu())
         if s.user.reads_ids:
             running = torch.cat([running, token[:, None]], dim=1)
         for row, t in zip(ids, token.tolist() if ids else ()):
@@ -263,6 +271,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         attention = PaddedCacheAttention(cache, key_mask, prompt_len + step)
         hidden = text(input_ids=token[:, None], position_ids=position, attention=attention)
         logits = model.lm_head(hidden[:, -1])
+    if s.streamer is not None:
+        s.streamer.end()
     return _answer(s, torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1), scores, raw_logits)
 
 

@@ -87,3 +87,32 @@ def test_an_unsatisfiable_prefix_rule_and_bad_rules_are_named(pair):
         ours.generate(**inputs, max_new_tokens=3, prefix_allowed_tokens_fn=lambda b, ids: [])
     with pytest.raises(ValueError, match="logits_processor must be callables"):
         ours.generate(**inputs, max_new_tokens=3, logits_processor=["not a processor"])
+
+
+class Recorder:
+    """A streamer (transformers' BaseStreamer protocol) that keeps what it is given."""
+    def __init__(self):
+        self.puts, self.ended = [], 0
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ended += 1
+
+
+@pytest.mark.parametrize("setting", [dict(), dict(do_sample=True, top_k=1, num_return_sequences=2)])
+def test_a_streamer_gets_what_the_references_gets(pair, setting):
+    """The prompt's ids, then each step's tokens (a finished row's padding too), then end()."""
+    from transformers import TextStreamer
+
+    path, ours, ref = pair
+    inputs = mixed_batch(path, counts=(1,))
+    theirs, mine = Recorder(), Recorder()
+    kwargs = dict(max_new_tokens=6, eos_token_id=[5], **setting)
+    expected = ref.generate(**inputs, **kwargs, streamer=theirs)
+    assert torch.equal(ours.generate(**inputs, **kwargs, streamer=mine), expected)
+    assert len(mine.puts) == len(theirs.puts) == 7 and (mine.ended, theirs.ended) == (1, 1)
+    assert all(torch.equal(a, b) for a, b in zip(mine.puts, theirs.puts))
+    with pytest.raises(ValueError, match="streamer cannot follow beam search"):
+        ours.generate(**inputs, max_new_tokens=2, num_beams=2, streamer=TextStreamer(None))
