@@ -197,7 +197,9 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     pad_token_id, num_return_sequences (k sampled answers a prompt: rows b*k .. b*k+k-1 are prompt b's),
     stop_strings (with `tokenizer`, ours or transformers', as the reference asks), and beam search:
     num_beams, length_penalty, early_stopping (num_return_sequences: the best beams);
-    return_dict_in_generate with output_scores / output_logits: a GenerateOutput.
+    typical_p, epsilon_cutoff, eta_cutoff; return_dict_in_generate with output_scores / output_logits
+    (a GenerateOutput); the caller's prefix_allowed_tokens_fn, logits_processor, stopping_criteria
+    (model.generation_hooks) and streamer.
     """
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("generate needs input_ids of shape (batch, seq_len)")
