@@ -17,7 +17,7 @@ from .engine.bad_words import banned_by_bad_words, check_bad_words, usable_bad_w
 from .engine.ngrams import NGrams, allowed_without
 from .engine.sampler import SamplingState, draw, processed_scores, sample
 from .engine.stop_strings import StopStringMatcher
-from .engine.types import check_cutoffs
+from .engine.cutoffs import check_cutoffs
 from .generation_hooks import UserRules
 
 

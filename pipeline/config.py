@@ -148,7 +148,7 @@ class PipelineConfig:
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
                              f"got {self.min_new_tokens}")
-        from model.engine.types import check_cutoffs
+        from model.engine.cutoffs import check_cutoffs
         check_cutoffs(self.typical_p, self.epsilon_cutoff, self.eta_cutoff)
         if self.top_k < 0:      # else every row's request would be refused, each an error row
             raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")

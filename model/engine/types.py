@@ -8,16 +8,8 @@ from typing import Literal
 from torch import Tensor
 
 from .bad_words import check_bad_words
+from .cutoffs import check_cutoffs
 from .json_schema import schema_text_pattern
-
-
-def check_cutoffs(typical_p: float, epsilon_cutoff: float, eta_cutoff: float) -> None:
-    """ValueError for a cutoff out of transformers' range (NaN included)."""
-    if not 0 < typical_p <= 1:
-        raise ValueError(f"typical_p must be in (0, 1] (1: none), got {typical_p}")
-    for name, value in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
-        if not 0 <= value < 1:
-            raise ValueError(f"{name} must be in [0, 1) (0: none), got {value}")
 
 
 @dataclass(frozen=True)
