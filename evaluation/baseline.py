@@ -8,9 +8,7 @@ import math
 import pyarrow as pa
 
 from evaluation.metrics import get_metric
-from evaluation.scoring import DIGITS, _check_unique_ids, is_error_row
-
-Z95 = 1.959964
+from evaluation.scoring import DIGITS, _check_unique_ids, interval95, is_error_row
 
 
 def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Table:
@@ -40,12 +38,9 @@ def paired_difference(now: list[float], then: list[float]) -> dict:
     differences' mean), and how many rows scored higher, lower, the same."""
     diffs = [a - b for a, b in zip(now, then)]
     n = len(diffs)
-    mean = math.fsum(diffs) / n if n else 0.0
-    spread = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
-    half = Z95 * spread / math.sqrt(n) if n > 1 else float("nan")
     return {"rows": n, "score": _round(math.fsum(now) / n) if n else 0.0,
-            "baseline_score": _round(math.fsum(then) / n) if n else 0.0, "delta": _round(mean),
-            "ci95": [_round(mean - half), _round(mean + half)] if n > 1 else None,
+            "baseline_score": _round(math.fsum(then) / n) if n else 0.0,
+            "delta": _round(math.fsum(diffs) / n) if n else 0.0, "ci95": interval95(diffs, -1.0, 1.0),
             "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs),
             "same": sum(d == 0 for d in diffs)}
 

@@ -25,7 +25,9 @@ def report_markdown(summary: dict, sources: dict[str, str], chart_name: str | No
     """report.md's text; every number is printed exactly as metrics.json holds it."""
     lines = ["# Evaluation report", ""]
     lines += [f"- {key}: {_code(value)}" for key, value in sources.items()]
-    lines += [f"- metric: {_code(summary['metric'])}", f"- score: {summary['score']}",
+    interval = summary.get("ci95")
+    spread = f" (95 % interval [{interval[0]}, {interval[1]}])" if interval else ""
+    lines += [f"- metric: {_code(summary['metric'])}", f"- score: {summary['score']}{spread}",
               f"- rows: {summary['rows']}", f"- errors: {summary['errors']} (scored 0)", ""]
     lines += ["## Metrics", "", "| metric | score |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in summary["metrics"].items()]

@@ -107,6 +107,21 @@ def _mean(values: list[float]) -> float:
     return round(math.fsum(values) / len(values), DIGITS) if values else 0.0
 
 
+Z95 = 1.959964
+
+
+def interval95(values: list[float], low: float = 0.0, high: float = 1.0) -> list[float] | None:
+    """The 95 % interval of the values' mean (normal approximation: mean +- 1.96 standard errors,
+    what a benchmark of n rows can tell apart), within [low, high] (a score's range); None below
+    two rows."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = math.fsum(values) / n
+    half = Z95 * math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+    return [round(max(mean - half, low), DIGITS), round(min(mean + half, high), DIGITS)]
+
+
 def summarize(scored: pa.Table, metric: str, category_column: str = "category") -> dict:
     """The metrics.json document: primary score, all metrics, per-category scores, rows, errors."""
     rows = scored.to_pylist()
@@ -122,6 +137,6 @@ def summarize(scored: pa.Table, metric: str, category_column: str = "category") 
             label = "(none)" if r[category_column] is None else str(r[category_column])
             groups.setdefault(label, []).append(r["score"])
         per_category = {c: {"score": _mean(s), "rows": len(s)} for c, s in sorted(groups.items())}
-    return {"metric": metric, "score": metrics[metric], "metrics": metrics, "per_category": per_category,
-            "rows": len(rows), "errors": sum(is_error_row(r) for r in rows)}
+    return {"metric": metric, "score": metrics[metric], "ci95": interval95(primary), "metrics": metrics,
+            "per_category": per_category, "rows": len(rows), "errors": sum(is_error_row(r) for r in rows)}
 

@@ -1,6 +1,7 @@
 """Scoring summaries and report artefacts on small real tables."""
 import io
 import json
+import math
 
 import pyarrow as pa
 import pytest
@@ -24,7 +25,8 @@ def test_score_rows_counts_errors_as_zero_and_keeps_columns():
     assert scored.column("score").to_pylist() == [1.0, 0.0, 1.0]   # b: finish_reason error
     assert scored.column("exact_match").to_pylist() == [0.0, 0.0, 1.0]
     summary = summarize(scored, "relaxed_accuracy")
-    assert summary == {"metric": "relaxed_accuracy", "score": 0.666667,
+    half = 1.959964 * math.sqrt(1 / 3) / math.sqrt(3)           # 1.96 standard errors of [1, 0, 1]'s mean
+    assert summary == {"metric": "relaxed_accuracy", "score": 0.666667, "ci95": [round(2 / 3 - half, 6), 1.0],
                        "metrics": {"relaxed_accuracy": 0.666667, "exact_match": 0.333333},
                        "per_category": {}, "rows": 3, "errors": 1}
 
@@ -49,7 +51,7 @@ def test_empty_benchmark_summarises_to_zero_rows():
     table = pa.table({"id": pa.array([], pa.string()), "answer": pa.array([], pa.string()),
                       "answers": pa.array([], pa.list_(pa.string()))})
     summary = summarize(score_rows(table, "anls"), "anls")
-    assert (summary["score"], summary["rows"], summary["errors"]) == (0.0, 0, 0)
+    assert (summary["score"], summary["rows"], summary["errors"], summary["ci95"]) == (0.0, 0, 0, None)
 
 
 def test_report_markdown_prints_metrics_json_numbers_and_escapes_cells(tmp_path):

@@ -41,6 +41,7 @@ def png(colour: str) -> bytes:
 def parse_report(text: str) -> dict:
     """The numbers report.md shows, in metrics.json's shape."""
     head = dict(re.findall(r"^- (score|rows|errors|metric): `?([^`\s]+)", text, re.M))
+    interval = re.search(r"^- score: \S+ \(95 % interval \[(\S+), (\S+)\]\)", text, re.M)
     tables = re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|(?: ([^|]+?) \|)?$", text, re.M)
     metrics, per_category = {}, {}
     section = None
@@ -55,7 +56,8 @@ def parse_report(text: str) -> dict:
         elif section == "Per category":
             per_category[m.group(1)] = {"score": float(m.group(3)), "rows": int(m.group(2))}
     assert tables, "report has no tables"
-    return {"metric": head["metric"], "score": float(head["score"]), "rows": int(head["rows"]),
+    return {"metric": head["metric"], "score": float(head["score"]),
+            "ci95": [float(interval.group(1)), float(interval.group(2))] if interval else None, "rows": int(head["rows"]),
             "errors": int(head["errors"]), "metrics": metrics, "per_category": per_category}
 
 
@@ -66,7 +68,7 @@ def test_predictions_mode_writes_every_artefact(tmp_path):
 
     summary = json.loads((out / "metrics.json").read_text())
     assert summary == {
-        "metric": "exact_match", "score": 0.6, "metrics": {"exact_match": 0.6},
+        "metric": "exact_match", "score": 0.6, "ci95": [0.119909, 1.0], "metrics": {"exact_match": 0.6},
         "per_category": {"colour": {"score": 0.5, "rows": 2}, "count": {"score": 1.0, "rows": 1},
                          "shape": {"score": 0.5, "rows": 2}},
         "rows": 5, "errors": 1,
