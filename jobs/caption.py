@@ -18,7 +18,8 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add
 
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
-                messages_column=None, max_new_tokens=64, min_new_tokens=0, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
+                messages_column=None, max_new_tokens=64, min_new_tokens=0, temperature=0.0, top_p=1.0, top_k=0,
+                min_p=0.0,
                 typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
                 repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0,
                 early_stopping=False, logprobs=False, stop=None, bad_words=None, choices=None, choices_column=None,
@@ -110,7 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                              "rows whose candidates differ; a null cell takes --choice's")
     ap.add_argument("--sampling-column", metavar="NAME",
                     help="an input column of each row's own decoding settings, overriding the job's for that row (a "
-                         "struct, or JSON text: max_new_tokens, min_new_tokens, temperature, top_p, top_k, min_p, typical_p, "
+                         "struct, or JSON text: max_new_tokens, min_new_tokens, temperature, top_p, top_k, min_p, "
+                         "typical_p, "
                          "epsilon_cutoff, eta_cutoff, repetition_penalty, "
                          "seed, stop, choices, regex, json_schema, num_beams, length_penalty, bad_words; as "
                          "ray.data.llm's per-row sampling_params)")

@@ -110,8 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 DEFAULTS = dict(input=None, model=None, adapter=None, output=None, metric=None, system_prompt=None,
                 prompt_suffix=None,
                 id_column="id", question_column="question", answers_column="answers", image_column="image",
-                category_column="category", predictions=None, baseline=None, gallery=0, limit=None, max_new_tokens=None,
-                num_beams=None,
+                category_column="category", predictions=None, baseline=None, gallery=0, limit=None,
+                max_new_tokens=None, num_beams=None,
                 resume=False, overwrite=False, choices=None, choices_column=None, **dict.fromkeys(run_flag_names()))
 
 

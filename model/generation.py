@@ -355,7 +355,8 @@ def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tens
     best = [(b, search, h) for b, search in enumerate(searches) for h in search.best(s.copies)]
     fill = s.pad if s.pad else (s.eos[0] if s.eos else -1)       # the reference's fill: pad, unless it is 0
     width = max(len(h.tokens) for *_, h in best)
-    new = torch.tensor([h.tokens + [fill] * (width - len(h.tokens)) for *_, h in best], dtype=torch.int64, device=device)
+    new = torch.tensor([h.tokens + [fill] * (width - len(h.tokens)) for *_, h in best], dtype=torch.int64,
+                       device=device)
     sequences = torch.cat([input_ids.repeat_interleave(s.copies, dim=0), new], dim=1)
     if not s.return_dict:
         return sequences

@@ -66,7 +66,8 @@ class BeamSearch:
     def steps(self) -> int:
         return len(self.beams[0])
 
-    def advance(self, top_scores: list[float], top_ids: list[int], vocab: int, stopped: list[bool] | None = None) -> None:
+    def advance(self, top_scores: list[float], top_ids: list[int], vocab: int,
+                stopped: list[bool] | None = None) -> None:
         """Take a step's `width` best candidates (accumulated log p, descending; ids beam * vocab + token);
         `stopped`: the candidates a caller's stopping criteria end."""
         k, step = self.num_beams, self.steps + 1

@@ -53,6 +53,7 @@ class RowState:
 
     @classmethod
     def empty(cls, rows: int, vocab: int, device: torch.device) -> RowState:
-        host = [torch.zeros(rows, dtype=torch.int64, pin_memory=True) for _ in range(2)] if device.type == "cuda" else []
+        host = ([torch.zeros(rows, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+                if device.type == "cuda" else [])
         return cls(SamplingState.empty(rows, vocab, device), torch.zeros(rows, dtype=torch.int64, device=device),
                    host, [HostLogprobs(rows) for _ in host])

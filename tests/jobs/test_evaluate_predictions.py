@@ -57,7 +57,8 @@ def parse_report(text: str) -> dict:
             per_category[m.group(1)] = {"score": float(m.group(3)), "rows": int(m.group(2))}
     assert tables, "report has no tables"
     return {"metric": head["metric"], "score": float(head["score"]),
-            "ci95": [float(interval.group(1)), float(interval.group(2))] if interval else None, "rows": int(head["rows"]),
+            "ci95": [float(interval.group(1)), float(interval.group(2))] if interval else None,
+            "rows": int(head["rows"]),
             "errors": int(head["errors"]), "metrics": metrics, "per_category": per_category}
 
 

@@ -53,8 +53,9 @@ def test_no_token_outside_the_kept_set_is_drawn(top_k):
 
     logits = _scores()
     logits = torch.where(torch.isfinite(logits), logits, -30.0)
-    settings = [dict(typical_p=0.5), dict(epsilon_cutoff=0.01), dict(eta_cutoff=0.02), dict(typical_p=0.9, eta_cutoff=3e-3),
-                dict(epsilon_cutoff=0.003, typical_p=0.7), dict(), dict(eta_cutoff=0.1), dict(typical_p=0.3)]
+    settings = [dict(typical_p=0.5), dict(epsilon_cutoff=0.01), dict(eta_cutoff=0.02),
+                dict(typical_p=0.9, eta_cutoff=3e-3), dict(epsilon_cutoff=0.003, typical_p=0.7), dict(),
+                dict(eta_cutoff=0.1), dict(typical_p=0.3)]
     params = [SamplingParams(temperature=1.3, top_k=top_k, **s) for s in settings]
     state = SamplingState.empty(8, 500, "cpu")
     kept = []

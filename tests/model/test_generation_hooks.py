@@ -77,7 +77,8 @@ def test_logits_processor_and_stopping_criteria_are_the_references(pair, setting
     ended = stopped.sequences.shape[1]          # rows ended early (then padded), or all of them
     assert ended < plain.sequences.shape[1] or not torch.equal(stopped.sequences, plain.sequences)
     both = dict(logits_processor=[favour()], stopping_criteria=[stop()], prefix_allowed_tokens_fn=allowed_by_parity)
-    assert torch.equal(ours.generate(**inputs, **kwargs, **both).sequences, ref.generate(**inputs, **kwargs, **both).sequences)
+    expected = ref.generate(**inputs, **kwargs, **both).sequences
+    assert torch.equal(ours.generate(**inputs, **kwargs, **both).sequences, expected)
 
 
 def test_an_unsatisfiable_prefix_rule_and_bad_rules_are_named(pair):
