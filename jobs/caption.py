@@ -10,6 +10,7 @@ summary (rows, error rows, rows/s, generated tokens/s, wall time) is printed and
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Descr
                 sampling_column=None, score_column=None, choice_logprobs=False, regex=None, json_schema=None, seed=None,
                 samples=1, top_logprobs=0, replicas=None, tensor_parallel_size=1, cpu_workers=None,
                 cpus_per_replica=None, batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="",
-                rows_per_file=1000, resume=False, limit=None, image_backend="pil", image_longest_edge=None,
+                rows_per_file=1000, resume=False, limit=None, dry_run=None, image_backend="pil", image_longest_edge=None,
                 image_splitting=None, storage_options=None, max_image_pixels=None, max_image_bytes=None,
                 image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0, step_timeout_s=600.0,
                 compile_decode=None, device=None, dtype=None, show=5)
@@ -147,6 +148,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true", default=None, help="skip ids already in --output")
     ap.add_argument("--limit", type=int, help="answer only N rows (a trial run into a fresh output; "
                                               "--resume then answers the rest)")
+    ap.add_argument("--dry-run", type=int, nargs="?", const=64, metavar="N",
+                    help="rehearse the job on this machine, writing nothing and loading no weights: every check "
+                         "of a run, then the CPU stage on the input's first N rows (default 64): their images read "
+                         "and tiled, their prompts tokenized; prints the rows that would fail and why, prompt "
+                         "tokens and tiles, and what that makes of the whole input")
     add_run_flags(ap)
     ap.add_argument("--show", type=int, help="print this many output rows at the end (default 5)")
     ap.add_argument("--config", help="job.yaml with any of the flags above")
@@ -186,6 +192,15 @@ def print_rows(output: str, storage_options: dict, n: int) -> None:
         print(f"[{row['id']}] {row['question']!r} -> {said!r}")
 
 
+def rehearse(source: str, output: str, config, values: dict) -> int:
+    """--dry-run: the rehearsal's findings as JSON; exit status 1 if every row tried would fail."""
+    from pipeline.dry_run import dry_run
+
+    found = dry_run(source, output, config, rows=values["dry_run"], resume=bool(values["resume"]))
+    print(json.dumps(found, indent=2, ensure_ascii=False))
+    return 1 if found["rows_tried"] and found["error_rows"] == found["rows_tried"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.job import prepare_job, run_prepared
 
@@ -194,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         config = pipeline_config(values)
         source = demo_path(values["input"], DEMO_INPUT, "input")
         output = values["output"] or str(DEMO_OUTPUT)
+        if values["dry_run"] is not None:
+            return rehearse(source, output, config, values)
         job = prepare_job(source, output, config, resume=bool(values["resume"]), limit=values["limit"])
         init_ray()      # only once the arguments are known good: a typo costs no cluster start
         summary = run_prepared(job)

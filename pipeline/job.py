@@ -133,21 +133,20 @@ def used_columns(names: list[str], config: PipelineConfig, renames: dict[str, st
     return [name for name in names if renames.get(name, name) in used]
 
 
-def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
-                limit: int | None = None, only_ids: list[str] | None = None,
-                renames: dict[str, str] | None = None, overwrite: bool = False) -> PreparedJob:
-    """Every check a run can make without a cluster (bad arguments fail here, in seconds, naming the
-    cause), and the output made ready: emptied checkpoint, or lost rows forgotten for a resume.
+@dataclass(frozen=True)
+class CheckedJob:
+    """What the driver's checks of a run learned (they write nothing)."""
+    config: PipelineConfig                  # with the image root the rows' relative paths are read from
+    columns: list[str]                      # the input columns the run reads
+    schema: pa.Schema                       # their types, as all files convert
+    input_rows: int
+    renames: dict[str, str]
 
-    `only_ids`: answer only the rows of these ids (as strings). `renames`: input columns the
-    pipeline is to know by other names (not the id column: resume filters by it before renames).
-    `overwrite`: a fresh run may start over in an output that holds an earlier run's answers."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    if limit is not None and resume:
-        # Ray Data pushes a limit down to the read, before the checkpoint's filter of rows already
-        # written, so a resumed run with one would take rows it then skips.
-        raise ValueError("limit is for a fresh run; resume without it to answer the rest")
+
+def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
+              renames: dict[str, str] | None = None, overwrite: bool = False) -> CheckedJob:
+    """Every check of the model, the input and the output a run makes before it starts, reading
+    only (a checkpoint's configs, the input's footers and ids, the output's listing)."""
     opts = config.storage_options
     shapes = check_model(config.model, opts, config.tensor_parallel_size)
     check_adapter(config.adapter, opts, shapes)
@@ -166,7 +165,28 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     schema = read_schema(footers, columns, input_uri)
     check_column_types(schema, config, input_uri, renames)
     check_ids(input_ids(rows, footers, schema, config.id_column, input_uri, opts), input_uri, config.id_column)
-    input_rows = sum(meta.num_rows for meta in footers.values())
+    return CheckedJob(config, columns, schema, sum(meta.num_rows for meta in footers.values()), renames)
+
+
+def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
+                limit: int | None = None, only_ids: list[str] | None = None,
+                renames: dict[str, str] | None = None, overwrite: bool = False) -> PreparedJob:
+    """Every check a run can make without a cluster (bad arguments fail here, in seconds, naming the
+    cause), and the output made ready: emptied checkpoint, or lost rows forgotten for a resume.
+
+    `only_ids`: answer only the rows of these ids (as strings). `renames`: input columns the
+    pipeline is to know by other names (not the id column: resume filters by it before renames).
+    `overwrite`: a fresh run may start over in an output that holds an earlier run's answers."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if limit is not None and resume:
+        # Ray Data pushes a limit down to the read, before the checkpoint's filter of rows already
+        # written, so a resumed run with one would take rows it then skips.
+        raise ValueError("limit is for a fresh run; resume without it to answer the rest")
+    checked = check_job(input_uri, output_uri, config, resume=resume, renames=renames, overwrite=overwrite)
+    config, columns, schema, input_rows, renames = (checked.config, checked.columns, checked.schema,
+                                                    checked.input_rows, checked.renames)
+    opts = config.storage_options
     with writing_output(output_uri):
         start_output(output_uri, opts, resume, overwrite)
         keep_run_settings(output_uri, config, resume, opts)

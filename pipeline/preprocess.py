@@ -55,8 +55,9 @@ def fill(template: str, values: dict) -> str | RowError:
 
 
 class Preprocess:
-    def __init__(self, config: PipelineConfig):
-        self.encoder = row_encoder(config, local_checkpoint(config.model, config.storage_options))
+    def __init__(self, config: PipelineConfig, folder: str | None = None):
+        """folder: the checkpoint's processor files (default: this node's copy of the checkpoint)."""
+        self.encoder = row_encoder(config, folder or local_checkpoint(config.model, config.storage_options))
         self.config = config
         self.fetcher = ImageFetcher(config.storage_options, root=config.image_root, threads=config.fetch_threads,
                                     attempts=config.fetch_attempts, timeout_s=config.fetch_timeout_s,

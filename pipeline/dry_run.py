@@ -1,0 +1,66 @@
+"""A run's rehearsal on the driver, before any cluster or GPU: every check a run makes, then the CPU
+stage on the input's first rows (their images read, decoded and tiled, their prompts tokenized), and
+what that says of the whole job: rows that would fail and why, prompt tokens, tiles. Nothing is
+written and no model weights are loaded: a dataset of millions of rows with a broken image column,
+an image root that points elsewhere or prompts that outgrow the context shows it in seconds."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pyarrow as pa
+
+from .config import PipelineConfig
+from .groups import ungroup
+from .io import input_dataset
+from .job import check_job
+from .rows import ROW_HASH, error_kind, rename_columns
+from .storage import redact_url
+
+EXAMPLES_SHOWN = 5
+
+
+def first_rows(input_uri: str, columns: list[str], schema: pa.Schema, n: int, options: dict | None) -> pa.Table:
+    """The input's first n rows, the run's columns in the types it reads them as; a row hash stands
+    in for missing ids, as Ray Data's does in a run."""
+    table = input_dataset(input_uri, options).head(n, columns=columns)
+    types = [schema.field(name) if name in schema.names else table.schema.field(name) for name in table.column_names]
+    table = table.cast(pa.schema(types))
+    return table.append_column(ROW_HASH, pa.array([f"row {i}" for i in range(table.num_rows)], pa.string()))
+
+
+def quantiles(values: list[int]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]  # noqa: E731
+    return {"mean": round(sum(values) / len(values), 1), "p50": pick(0.5), "p95": pick(0.95), "max": ordered[-1]}
+
+
+def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: int = 64, resume: bool = False,
+            overwrite: bool = False) -> dict:
+    """The run's checks, then its CPU stage on the first `rows` rows; returns what they showed."""
+    from .checks import processor_folder
+    from .preprocess import Preprocess
+
+    if rows < 1:
+        raise ValueError(f"--dry-run needs at least 1 row to try, got {rows}")
+    checked = check_job(input_uri, output_uri, config, resume=resume, overwrite=overwrite)
+    options = checked.config.storage_options
+    sample = first_rows(input_uri, checked.columns, checked.schema, rows, options)
+    sample = rename_columns(sample, checked.renames) if checked.renames else sample
+    with processor_folder(config.model, options) as folder:        # a URL's files but its weights
+        groups = Preprocess(checked.config, folder)(sample)
+    encoded, _ = ungroup(groups)
+    errors = [(str(i), e) for i, e in zip(encoded.column("id").to_pylist(), encoded.column("error").to_pylist()) if e]
+    prompts = [len(ids) for ids in encoded.column("input_ids").to_pylist() if ids is not None]
+    tiles = [shape[0] for shape in groups.column("frames_shape").to_pylist() if shape]
+    mean_prompt = sum(prompts) / len(prompts) if prompts else 0.0
+    return {"input": redact_url(input_uri), "output": redact_url(output_uri), "input_rows": checked.input_rows,
+            "rows_tried": encoded.num_rows, "error_rows": len(errors),
+            "errors_by_kind": dict(Counter(error_kind(e) for _, e in errors).most_common()),
+            "error_examples": [{"id": i, "error": e} for i, e in errors[:EXAMPLES_SHOWN]],
+            "prompt_tokens": quantiles(prompts), "images_tried": len(tiles), "tiles_per_image": quantiles(tiles),
+            "estimated_prompt_tokens": round(mean_prompt * checked.input_rows),
+            "estimated_error_rows": round(len(errors) / max(encoded.num_rows, 1) * checked.input_rows),
+            "max_new_tokens": config.max_new_tokens}

@@ -1,0 +1,67 @@
+"""jobs.caption --dry-run: the run's checks and its CPU stage on the first rows, on the driver,
+writing nothing, starting no cluster, loading no weights."""
+import io
+import json
+
+from PIL import Image
+
+from jobs import caption
+from tests.pipeline.helpers import png, write_parquet
+
+
+def rows_of_every_kind(tmp_path) -> list[dict]:
+    """Images named by path (relative to the input's folder): three good, a null, a missing file, a
+    crawler's error page saved as .png."""
+    (tmp_path / "not-an-image.png").write_bytes(b"<html>404</html>")
+    for i, size in enumerate([(40, 30), (64, 20), (30, 30)]):
+        (tmp_path / f"good-{i}.png").write_bytes(png(*size, seed=i))
+    return [{"id": "good-0", "image": "good-0.png", "question": "What is it?"},
+            {"id": "null", "image": None, "question": "What is it?"},
+            {"id": "good-1", "image": "good-1.png", "question": "How many shapes are there in the picture?"},
+            {"id": "missing", "image": "nowhere.png", "question": None},
+            {"id": "html", "image": "not-an-image.png", "question": None},
+            {"id": "good-2", "image": "good-2.png", "question": None}]
+
+
+def test_a_rehearsal_finds_the_failing_rows_and_counts_the_prompts(checkpoint, oracle, tmp_path, capsys):
+    import ray
+
+    rows = rows_of_every_kind(tmp_path)
+    write_parquet(tmp_path / "in.parquet", rows)
+    out = tmp_path / "out"
+    argv = ["--input", str(tmp_path / "in.parquet"), "--output", str(out), "--model", str(checkpoint),
+            "--image-column", "image"]
+    assert caption.main([*argv, "--dry-run", "10"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert (found["input_rows"], found["rows_tried"], found["error_rows"]) == (6, 6, 3)
+    assert [e["id"] for e in found["error_examples"]] == ["null", "missing", "html"]
+    assert set(found["errors_by_kind"]) == {"read image: image is null", "read image: FileNotFoundError",
+                                            "preprocess: NotAnImageError"}
+    assert found["estimated_error_rows"] == 3 and found["images_tried"] == 3
+    # each good row's prompt as transformers' processor makes it
+    lengths = []
+    for r in [r for r in rows if r["id"].startswith("good")]:
+        image = Image.open(io.BytesIO((tmp_path / r["image"]).read_bytes()))
+        messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                 {"type": "text", "text": r["question"] or "Describe this image."}]}]
+        inputs = oracle.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True, return_tensors="pt")
+        lengths.append(inputs["input_ids"].shape[1])
+    assert found["prompt_tokens"]["max"] == max(lengths)
+    assert found["prompt_tokens"]["mean"] == round(sum(lengths) / 3, 1)
+    assert found["estimated_prompt_tokens"] == round(sum(lengths) / 3 * 6)
+    assert not out.exists() and not ray.is_initialized()        # nothing written, no cluster
+    assert caption.main([*argv, "--dry-run", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows_tried"] == 2
+
+
+def test_a_rehearsal_fails_as_the_run_would(checkpoint, tmp_path, capsys):
+    rows = rows_of_every_kind(tmp_path)
+    write_parquet(tmp_path / "bad.parquet", [r for r in rows if not r["id"].startswith("good")])
+    argv = ["--input", str(tmp_path / "bad.parquet"), "--output", str(tmp_path / "out"), "--model", str(checkpoint)]
+    assert caption.main([*argv, "--dry-run"]) == 1                 # every row tried would fail
+    assert json.loads(capsys.readouterr().out)["error_rows"] == 3
+    assert caption.main([*argv, "--dry-run", "--question-column", "nope"]) == 2     # the run's own checks
+    assert "nope" in capsys.readouterr().err
+    assert caption.main([*argv, "--dry-run", "0"]) == 2
+    assert "at least 1 row" in capsys.readouterr().err
