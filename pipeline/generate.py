@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from .checkpoint import local_checkpoint
 from .config import SETTABLE, PipelineConfig
+from .dedup import SharedAnswers
 from .faults import crash_always_on, crash_once_on, hang_once_on
 from .groups import IMAGE_FIELDS, ungroup
 from .ledger import CrashLedger, Gate, ledger_path
@@ -161,6 +162,7 @@ class Generate:
         self.recent_pixels: OrderedDict = OrderedDict()      # image key -> pixel values
         self._bad_words: dict[tuple[str, ...], tuple[tuple[int, ...], ...]] = {}   # words -> their token ids
         self.ledger, self.gate = CrashLedger(ledger_path("generate")), Gate()
+        self.shared = SharedAnswers()
         if tp > 1:
             self.device = "cpu"  # this actor holds no device; the ranks move the pixel values to theirs
 
@@ -276,7 +278,11 @@ class Generate:
         return reuse_recent(self.recent_pixels, row["image_key"], convert)
 
     async def answer(self, requests: dict) -> dict:
-        """index -> Result, or the exception of that row alone."""
+        """index -> Result, or the exception of that row alone; a question asked again (same image,
+        prompt and deterministic settings) is answered once (pipeline.dedup)."""
+        return await self.shared.answer(requests, self.answer_each)
+
+    async def answer_each(self, requests: dict) -> dict:
         if self.loop is not None:
             return await asyncio.wrap_future(self.loop.submit(requests))
         return await self.answer_on_group(requests)

@@ -1,0 +1,57 @@
+"""A question asked again (the same image's bytes, the same prompt, deterministic settings) is
+answered once by the model stage: in the same batch, or from the answers of recent ones."""
+import asyncio
+
+import pyarrow as pa
+
+from pipeline import PipelineConfig
+from tests.pipeline.helpers import png
+
+
+def rows_with_repeats() -> list[dict]:
+    a, b, c = png(40, 30, seed=1), png(50, 20, seed=2), png(30, 30, seed=3)
+    asked = [(a, "What is it?"), (a, "What is it?"), (b, None), (a, "How many shapes?"), (b, None),
+             (a, "What is it?"), (c, None)]
+    return [{"id": f"row-{i}", "image": image, "question": q} for i, (image, q) in enumerate(asked)]
+
+
+def run_stage(stage, config: PipelineConfig, rows: list[dict]) -> dict:
+    from pipeline.preprocess import Preprocess
+
+    table = asyncio.run(stage(Preprocess(config)(pa.Table.from_pylist(rows))))
+    return {r["id"]: r for r in table.to_pylist()}
+
+
+def test_repeated_questions_are_answered_once_and_as_the_reference(checkpoint, oracle):
+    from pipeline.generate import Generate
+
+    rows = rows_with_repeats()
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=8, logprobs=True)
+    stage = Generate(config)
+    try:
+        out = run_stage(stage, config, rows)
+        assert stage.shared.shared == 3                 # row-1 and row-5 ask as row-0, row-4 as row-2
+        for r in rows:
+            want = oracle.answer(r["image"], r["question"] or config.prompt, 8)
+            assert (out[r["id"]]["answer"], out[r["id"]]["num_generated_tokens"]) == want
+        assert out["row-5"]["answer_logprob"] == out["row-0"]["answer_logprob"]
+        decoded = stage.engine.stats["decode_tokens"]
+        again = run_stage(stage, config, rows)           # a later batch: every question answered already
+        assert stage.shared.shared == 3 + len(rows) and stage.engine.stats["decode_tokens"] == decoded
+        assert [again[r["id"]]["answer"] for r in rows] == [out[r["id"]]["answer"] for r in rows]
+    finally:
+        stage.loop.close()
+
+
+def test_sampled_answers_are_never_shared(checkpoint):
+    from pipeline.generate import Generate
+
+    rows = rows_with_repeats()
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=8, temperature=1.0, seed=3)
+    stage = Generate(config)
+    try:
+        out = run_stage(stage, config, rows)
+        assert stage.shared.shared == 0
+        assert len({out[f"row-{i}"]["answer"] for i in (0, 1, 5)}) > 1      # each row its own seed
+    finally:
+        stage.loop.close()
