@@ -78,3 +78,10 @@ def test_every_bench_script_explains_its_options():
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("usage:") == len(scripts) > 5
+
+
+def test_the_dedup_bench_makes_its_row():
+    (row,) = run_script("bench/dedup.py", "--rows", "24", "--repeated", "0.5", "--batch", "8", "--max-new-tokens", "4",
+                        "--repeats", "1")
+    assert (row["rows"], row["distinct_questions"], row["rows_shared"]) == (24, 12, 12)
+    assert row["same_answers"] and row["shared_s"] > 0
