@@ -1,6 +1,7 @@
 """A run's rehearsal on the driver, before any cluster or GPU: every check a run makes, then the CPU
 stage on the input's first rows (their images read, decoded and tiled, their prompts tokenized), and
-what that says of the whole job: rows that would fail and why, prompt tokens, tiles. Nothing is
+what that says of the whole job: rows that would fail and why, prompt tokens, tiles, questions
+asked twice (answered once: pipeline.dedup). Nothing is
 written and no model weights are loaded: a dataset of millions of rows with a broken image column,
 an image root that points elsewhere or prompts that outgrow the context shows it in seconds."""
 from __future__ import annotations
@@ -51,9 +52,12 @@ def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: in
     sample = rename_columns(sample, checked.renames) if checked.renames else sample
     with processor_folder(config.model, options) as folder:        # a URL's files but its weights
         groups = Preprocess(checked.config, folder)(sample)
-    encoded, _ = ungroup(groups)
+    encoded, group_of = ungroup(groups)
+    keys = groups.column("image_key").to_pylist()       # rows of the same image bytes share one
     errors = [(str(i), e) for i, e in zip(encoded.column("id").to_pylist(), encoded.column("error").to_pylist()) if e]
-    prompts = [len(ids) for ids in encoded.column("input_ids").to_pylist() if ids is not None]
+    asked = [(keys[g], tuple(ids)) for g, ids in zip(group_of, encoded.column("input_ids").to_pylist())
+             if ids is not None]
+    prompts = [len(ids) for _, ids in asked]
     tiles = [shape[0] for shape in groups.column("frames_shape").to_pylist() if shape]
     mean_prompt = sum(prompts) / len(prompts) if prompts else 0.0
     return {"input": redact_url(input_uri), "output": redact_url(output_uri), "input_rows": checked.input_rows,
@@ -61,6 +65,7 @@ def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: in
             "errors_by_kind": dict(Counter(error_kind(e) for _, e in errors).most_common()),
             "error_examples": [{"id": i, "error": e} for i, e in errors[:EXAMPLES_SHOWN]],
             "prompt_tokens": quantiles(prompts), "images_tried": len(tiles), "tiles_per_image": quantiles(tiles),
+            "repeated_questions": len(asked) - len(set(asked)),
             "estimated_prompt_tokens": round(mean_prompt * checked.input_rows),
             "estimated_error_rows": round(len(errors) / max(encoded.num_rows, 1) * checked.input_rows),
             "max_new_tokens": config.max_new_tokens}

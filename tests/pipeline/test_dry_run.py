@@ -11,7 +11,7 @@ from tests.pipeline.helpers import png, write_parquet
 
 def rows_of_every_kind(tmp_path) -> list[dict]:
     """Images named by path (relative to the input's folder): three good, a null, a missing file, a
-    crawler's error page saved as .png."""
+    crawler's error page saved as .png, and the first question asked again."""
     (tmp_path / "not-an-image.png").write_bytes(b"<html>404</html>")
     for i, size in enumerate([(40, 30), (64, 20), (30, 30)]):
         (tmp_path / f"good-{i}.png").write_bytes(png(*size, seed=i))
@@ -20,7 +20,8 @@ def rows_of_every_kind(tmp_path) -> list[dict]:
             {"id": "good-1", "image": "good-1.png", "question": "How many shapes are there in the picture?"},
             {"id": "missing", "image": "nowhere.png", "question": None},
             {"id": "html", "image": "not-an-image.png", "question": None},
-            {"id": "good-2", "image": "good-2.png", "question": None}]
+            {"id": "good-2", "image": "good-2.png", "question": None},
+            {"id": "good-again", "image": "good-0.png", "question": "What is it?"}]       # good-0 asked again
 
 
 def test_a_rehearsal_finds_the_failing_rows_and_counts_the_prompts(checkpoint, oracle, tmp_path, capsys):
@@ -33,11 +34,11 @@ def test_a_rehearsal_finds_the_failing_rows_and_counts_the_prompts(checkpoint, o
             "--image-column", "image"]
     assert caption.main([*argv, "--dry-run", "10"]) == 0
     found = json.loads(capsys.readouterr().out)
-    assert (found["input_rows"], found["rows_tried"], found["error_rows"]) == (6, 6, 3)
+    assert (found["input_rows"], found["rows_tried"], found["error_rows"]) == (7, 7, 3)
     assert [e["id"] for e in found["error_examples"]] == ["null", "missing", "html"]
     assert set(found["errors_by_kind"]) == {"read image: image is null", "read image: FileNotFoundError",
                                             "preprocess: NotAnImageError"}
-    assert found["estimated_error_rows"] == 3 and found["images_tried"] == 3
+    assert found["estimated_error_rows"] == 3 and found["images_tried"] == 3 and found["repeated_questions"] == 1
     # each good row's prompt as transformers' processor makes it
     lengths = []
     for r in [r for r in rows if r["id"].startswith("good")]:
@@ -48,8 +49,8 @@ def test_a_rehearsal_finds_the_failing_rows_and_counts_the_prompts(checkpoint, o
                                                       return_dict=True, return_tensors="pt")
         lengths.append(inputs["input_ids"].shape[1])
     assert found["prompt_tokens"]["max"] == max(lengths)
-    assert found["prompt_tokens"]["mean"] == round(sum(lengths) / 3, 1)
-    assert found["estimated_prompt_tokens"] == round(sum(lengths) / 3 * 6)
+    assert found["prompt_tokens"]["mean"] == round(sum(lengths) / 4, 1)
+    assert found["estimated_prompt_tokens"] == round(sum(lengths) / 4 * 7)
     assert not out.exists() and not ray.is_initialized()        # nothing written, no cluster
     assert caption.main([*argv, "--dry-run", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["rows_tried"] == 2
