@@ -56,8 +56,10 @@ class SharedAnswers:
         try:
             answered = await run(asked) if asked else {}
         except BaseException as e:
+            # the rows waiting on these questions in other calls fail with it, named, not cancelled with it
+            failure = e if isinstance(e, Exception) else RuntimeError(f"the batch asking first was stopped ({e!r})")
             for future in owned.values():
-                future.set_exception(e)
+                future.set_exception(failure)
                 future.exception()          # retrieved: a future no other call waits on logs nothing
             raise
         finally:

@@ -55,3 +55,37 @@ def test_sampled_answers_are_never_shared(checkpoint):
         assert len({out[f"row-{i}"]["answer"] for i in (0, 1, 5)}) > 1      # each row its own seed
     finally:
         stage.loop.close()
+
+
+def test_a_failed_first_asking_fails_only_the_rows_waiting_on_it():
+    """Two calls in flight ask one question; the call that asks first fails: the other call's row
+    gets that failure as its own result (an error row), its other rows their answers; nothing failed
+    is remembered."""
+    from model.engine import Request, SamplingParams
+    from pipeline.dedup import SharedAnswers
+
+    shared = SharedAnswers()
+    same, other = [1, 2, 3], [4, 5]
+    started = None
+
+    async def failing(requests):
+        started.set()
+        await asyncio.sleep(0.01)
+        raise RuntimeError("device lost")
+
+    async def answering(requests):
+        return {i: f"answer to {r.prompt_ids}" for i, r in requests.items()}
+
+    async def both():
+        nonlocal started
+        started = asyncio.Event()
+        first = asyncio.create_task(shared.answer({0: Request("a", same, sampling=SamplingParams())}, failing))
+        await started.wait()
+        second = await shared.answer({0: Request("b", same, sampling=SamplingParams()),
+                                      1: Request("c", other, sampling=SamplingParams())}, answering)
+        return first, second
+
+    first, second = asyncio.run(both())
+    assert isinstance(first.exception(), RuntimeError)
+    assert isinstance(second[0], RuntimeError) and "device lost" in str(second[0])
+    assert second[1] == "answer to [4, 5]" and len(shared.recent) == 1 and not shared.pending
