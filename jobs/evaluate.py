@@ -86,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "the base checkpoint's: the report compares the two row by row (both scored with this "
                          "run's ground truth and metric: the difference, its 95%% interval, rows better and worse, "
                          "per category); the gallery then shows rows whose score changed")
+    ap.add_argument("--dry-run", type=int, nargs="?", const=64, metavar="N",
+                    help="rehearse the model run on this machine, writing nothing and loading no weights: the "
+                         "ground truth checked for the metric, then the caption job's --dry-run on the first N "
+                         "benchmark rows (default 64): rows that would fail and why, prompt tokens, tiles")
     ap.add_argument("--gallery", type=int, metavar="N", help="write gallery.html with N sampled rows")
     ap.add_argument("--limit", type=int, metavar="N", help="score only the first N benchmark rows (a quick check; "
                     "the report says so)")
@@ -110,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 DEFAULTS = dict(input=None, model=None, adapter=None, output=None, metric=None, system_prompt=None,
                 prompt_suffix=None,
                 id_column="id", question_column="question", answers_column="answers", image_column="image",
-                category_column="category", predictions=None, baseline=None, gallery=0, limit=None,
+                category_column="category", predictions=None, baseline=None, dry_run=None, gallery=0, limit=None,
                 max_new_tokens=None, num_beams=None,
                 resume=False, overwrite=False, choices=None, choices_column=None, **dict.fromkeys(run_flag_names()))
 
@@ -386,10 +390,38 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
     return summary, problem
 
 
+def rehearse(args: argparse.Namespace) -> dict:
+    """--dry-run: the ground truth checked for the metric, then the caption job's rehearsal
+    (pipeline.dry_run) of the model run evaluate would make."""
+    from pipeline.dry_run import dry_run
+    from pipeline.io import input_dataset
+
+    args = resolve_demo(args)
+    metric = choose_metric(args)
+    if args.predictions or not args.model:
+        raise ValueError("--dry-run rehearses a model run: give --input and --model (not --predictions)")
+    if input_has_ids(args):
+        check_ground_truth(read_ground_truth(args).slice(0, args.limit), metric)
+    truth = {args.answers_column: "answers", args.category_column: "category"}
+    present = [truth.get(c, c) for c in input_dataset(args.input, storage_options(args)).schema.names]
+    if "answers" not in present:
+        raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
+    config = pipeline_config(args, [c for c in ("answers", "category") if c in present])
+    output = raw_output(args.output or f"runs/evaluate-{Path(args.input).stem}")
+    found = dry_run(args.input, output, config, rows=args.dry_run, resume=bool(args.resume),
+                    overwrite=bool(args.overwrite), renames=truth)
+    return {"metric": metric, **found}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        summary, problem = evaluate(parse_args(argv))
+        args = parse_args(argv)
+        if args.dry_run is not None:
+            found = rehearse(args)
+            print(json.dumps(found, indent=2, ensure_ascii=False))
+            return 1 if found["rows_tried"] and found["error_rows"] == found["rows_tried"] else 0
+        summary, problem = evaluate(args)
     except BAD_ARGUMENTS as e:
         print_error(e)
         return 2

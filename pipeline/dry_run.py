@@ -39,14 +39,15 @@ def quantiles(values: list[int]) -> dict:
 
 
 def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: int = 64, resume: bool = False,
-            overwrite: bool = False) -> dict:
-    """The run's checks, then its CPU stage on the first `rows` rows; returns what they showed."""
+            overwrite: bool = False, renames: dict[str, str] | None = None) -> dict:
+    """The run's checks, then its CPU stage on the first `rows` rows; returns what they showed.
+    renames: input columns the run knows by other names (as prepare_job's)."""
     from .checks import processor_folder
     from .preprocess import Preprocess
 
     if rows < 1:
         raise ValueError(f"--dry-run needs at least 1 row to try, got {rows}")
-    checked = check_job(input_uri, output_uri, config, resume=resume, overwrite=overwrite)
+    checked = check_job(input_uri, output_uri, config, resume=resume, renames=renames, overwrite=overwrite)
     options = checked.config.storage_options
     sample = first_rows(input_uri, checked.columns, checked.schema, rows, options)
     sample = rename_columns(sample, checked.renames) if checked.renames else sample

@@ -220,3 +220,19 @@ def test_choices_and_an_adapter_and_the_report_says_so(ray_cluster, checkpoint, 
     settings = json.loads(re.search(r"^- settings: `(.*)`$", (Path(out) / "report.md").read_text(), re.M).group(1))
     assert settings["choices"] == ["red", "green square"] and settings["choices_column"] == "options"
     assert re.search(r"^- adapter: `[0-9a-f]{8,}`$", (Path(out) / "report.md").read_text(), re.M)
+
+
+def test_a_dry_run_rehearses_the_model_run(checkpoint, tmp_path, capsys):
+    """--dry-run: the ground truth checked for the metric, the benchmark's first rows through the CPU
+    stage on the driver (its broken image found), nothing written."""
+    bench = write_benchmark(tmp_path / "bench.parquet", "red")
+    out = tmp_path / "out"
+    argv = ["--input", str(bench), "--model", str(checkpoint), "--output", str(out), "--question-column", "prompt",
+            "--answers-column", "gt", "--image-column", "picture", "--category-column", "kind"]
+    assert job.main([*argv, "--metric", "exact_match", "--dry-run", "3"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert (found["metric"], found["input_rows"], found["rows_tried"], found["error_rows"]) == ("exact_match", 4, 3, 1)
+    assert found["error_examples"][0]["id"] == "b2" and found["prompt_tokens"]["max"] > 0
+    assert not out.exists()
+    assert job.main([*argv, "--metric", "multiple_choice", "--dry-run"]) == 2     # "red" is no option letter
+    assert "multiple_choice cannot use" in capsys.readouterr().err
