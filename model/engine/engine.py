@@ -42,6 +42,7 @@ from .stop_strings import StopStringMatcher
 from .types import NonFiniteLogitsError, Request, Result
 from .validation import check_request, check_search
 
+
 def default_stop_ids(model: nn.Module, tokenizer=None) -> list[int]:
     """eos ids of generation_config.json (else the text config), plus <end_of_utterance> if known."""
     eos = (getattr(model, "generation_config", None) or {}).get("eos_token_id")
@@ -213,7 +214,7 @@ class LLMEngine:
         self._pending, self._scheduler, self._in_flight, self._finished = [], None, None, []
         self.prefixes.clear()           # a failed prefill may have written some slots' rows
         if self.runner is not None:
-            self.row_state.active.zero_()         # dropped rows' positions must stop advancing (past the cache's end)
+            self.row_state.active.zero_()   # dropped rows' positions must stop advancing (past the cache's end)
 
     def _add(self, requests: list[Request]) -> list[Sequence]:
         for r in requests:
@@ -461,7 +462,7 @@ class LLMEngine:
         self.stats["decode_tokens"] += len(seqs) + len(beams)
         if self.device.type != "cuda":
             return DecodeStep(seqs, tokens, None, logprobs)
-        self.row_state.host_tokens.reverse()               # the other buffer may hold the unread step in flight
+        self.row_state.host_tokens.reverse()        # the other buffer may hold the unread step in flight
         self.row_state.host_logprobs.reverse()
         host = self.row_state.host_tokens[0][:rows]
         host.copy_(tokens, non_blocking=True)
