@@ -3,12 +3,10 @@ same benchmark: both scored with this run's ground truth and metric, row by row,
 difference is paired: how much better or worse, with a 95 % interval, which rows changed."""
 from __future__ import annotations
 
-import math
-
 import pyarrow as pa
 
 from evaluation.metrics import get_metric
-from evaluation.scoring import DIGITS, _check_unique_ids, interval95, is_error_row
+from evaluation.scoring import _check_unique_ids, _mean, interval95, is_error_row
 
 
 def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Table:
@@ -29,18 +27,12 @@ def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Tab
             .append_column("baseline_score", pa.array(scores, pa.float64())))
 
 
-def _round(value: float) -> float:
-    return round(value, DIGITS)
-
-
 def paired_difference(now: list[float], then: list[float]) -> dict:
     """Mean scores, their difference and its 95 % interval (normal approximation of the paired
     differences' mean), and how many rows scored higher, lower, the same."""
     diffs = [a - b for a, b in zip(now, then)]
-    n = len(diffs)
-    return {"rows": n, "score": _round(math.fsum(now) / n) if n else 0.0,
-            "baseline_score": _round(math.fsum(then) / n) if n else 0.0,
-            "delta": _round(math.fsum(diffs) / n) if n else 0.0, "ci95": interval95(diffs, -1.0, 1.0),
+    return {"rows": len(diffs), "score": _mean(now), "baseline_score": _mean(then), "delta": _mean(diffs),
+            "ci95": interval95(diffs, -1.0, 1.0),
             "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs),
             "same": sum(d == 0 for d in diffs)}
 
