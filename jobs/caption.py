@@ -10,12 +10,11 @@ summary (rows, error rows, rows/s, generated tokens/s, wall time) is printed and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add_run_flags, demo_path, init_ray,
-                         json_option, merge_args, print_error, print_summary)
+                         json_option, merge_args, print_error, print_rehearsal, print_summary)
 
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
@@ -27,8 +26,8 @@ DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Descr
                 sampling_column=None, score_column=None, choice_logprobs=False, regex=None, json_schema=None, seed=None,
                 samples=1, top_logprobs=0, replicas=None, tensor_parallel_size=1, cpu_workers=None,
                 cpus_per_replica=None, batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="",
-                rows_per_file=1000, resume=False, limit=None, dry_run=None, image_backend="pil", image_longest_edge=None,
-                image_splitting=None, storage_options=None, max_image_pixels=None, max_image_bytes=None,
+                rows_per_file=1000, resume=False, limit=None, dry_run=None, image_backend="pil",
+                image_longest_edge=None, image_splitting=None, storage_options=None, max_image_pixels=None, max_image_bytes=None,
                 image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0, step_timeout_s=600.0,
                 compile_decode=None, device=None, dtype=None, show=5)
 
@@ -193,12 +192,10 @@ def print_rows(output: str, storage_options: dict, n: int) -> None:
 
 
 def rehearse(source: str, output: str, config, values: dict) -> int:
-    """--dry-run: the rehearsal's findings as JSON; exit status 1 if every row tried would fail."""
+    """--dry-run: the rehearsal's findings as JSON (jobs.common.print_rehearsal)."""
     from pipeline.dry_run import dry_run
 
-    found = dry_run(source, output, config, rows=values["dry_run"], resume=bool(values["resume"]))
-    print(json.dumps(found, indent=2, ensure_ascii=False))
-    return 1 if found["rows_tried"] and found["error_rows"] == found["rows_tried"] else 0
+    return print_rehearsal(dry_run(source, output, config, rows=values["dry_run"], resume=bool(values["resume"])))
 
 
 def main(argv: list[str] | None = None) -> int:

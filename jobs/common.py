@@ -162,6 +162,12 @@ def init_ray() -> None:
         ray.init(num_cpus=cpus, logging_level=logging.WARNING)
 
 
+def print_rehearsal(found: dict) -> int:
+    """Prints a dry run's findings (pipeline.dry_run) as JSON; the exit status: 1 if every row tried would fail."""
+    print(json.dumps(found, indent=2, ensure_ascii=False))
+    return 1 if found["rows_tried"] and found["error_rows"] == found["rows_tried"] else 0
+
+
 def print_summary(summary: dict) -> bool:
     """Prints the run's summary; False (and says so) when the output does not hold every input row once."""
     limited = " (--limit)" if summary.get("limit") else ""

@@ -29,7 +29,7 @@ from evaluation.metrics import METRICS
 from evaluation.report import (sample_rows, write_chart, write_gallery, write_metrics_json,
                                write_report_md)
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
-from jobs.common import BAD_ARGUMENTS, add_run_flags, merge_args, print_error, run_flag_names
+from jobs.common import BAD_ARGUMENTS, add_run_flags, merge_args, print_error, print_rehearsal, run_flag_names
 from pipeline.rows import rename_columns
 from pipeline.storage import redact_url
 
@@ -259,6 +259,22 @@ def refuse_earlier_answers(raw: str, args: argparse.Namespace) -> None:
                               "continue it (a finished one is scored again), or --overwrite to start over")
 
 
+def model_run_config(args: argparse.Namespace):
+    """The caption pipeline's config of the model run, and the renames that make the benchmark's
+    ground truth `answers` and `category` (kept columns that travel with each row)."""
+    from pipeline.io import input_dataset
+
+    truth = {args.answers_column: "answers", args.category_column: "category"}
+    present = [truth.get(c, c) for c in input_dataset(args.input, storage_options(args)).schema.names]
+    if "answers" not in present:
+        raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
+    return pipeline_config(args, [c for c in ("answers", "category") if c in present]), truth
+
+
+def default_output(args: argparse.Namespace) -> str:
+    return args.output or f"runs/evaluate-{Path(args.input or args.predictions).stem}"
+
+
 def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[str, dict]:
     """Answer every benchmark row (with --limit: those of `ids`, else the first N read) with the
     caption pipeline (greedy unless --num-beams, resumable); returns the raw output and the run's summary.
@@ -267,18 +283,13 @@ def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[s
     ids the pipeline derives (inputs without `id`) are scored as well.
     """
     from jobs.common import init_ray
-    from pipeline.io import input_dataset
     from pipeline.job import prepare_job, run_prepared
 
     if not args.model:
         raise ValueError("--model is required to run a model (or pass --predictions to score existing answers)")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the earlier run, --overwrite discards it: pass one")
-    truth = {args.answers_column: "answers", args.category_column: "category"}
-    present = [truth.get(c, c) for c in input_dataset(args.input, storage_options(args)).schema.names]
-    if "answers" not in present:
-        raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
-    config = pipeline_config(args, [c for c in ("answers", "category") if c in present])
+    config, truth = model_run_config(args)
     raw = raw_output(args.output)
     if not args.resume:
         refuse_earlier_answers(raw, args)
@@ -359,7 +370,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
     model run left rows unanswered, what is wrong (the rows count as errors where their ids are known)."""
     args = resolve_demo(args)
     metric = choose_metric(args)
-    args.output = args.output or f"runs/evaluate-{Path(args.input or args.predictions).stem}"
+    args.output = default_output(args)
     scored, run = gather_predictions(args, metric)
     scored = score_rows(scored, metric)
     summary = summarize(scored, metric)
@@ -394,7 +405,6 @@ def rehearse(args: argparse.Namespace) -> dict:
     """--dry-run: the ground truth checked for the metric, then the caption job's rehearsal
     (pipeline.dry_run) of the model run evaluate would make."""
     from pipeline.dry_run import dry_run
-    from pipeline.io import input_dataset
 
     args = resolve_demo(args)
     metric = choose_metric(args)
@@ -402,13 +412,8 @@ def rehearse(args: argparse.Namespace) -> dict:
         raise ValueError("--dry-run rehearses a model run: give --input and --model (not --predictions)")
     if input_has_ids(args):
         check_ground_truth(read_ground_truth(args).slice(0, args.limit), metric)
-    truth = {args.answers_column: "answers", args.category_column: "category"}
-    present = [truth.get(c, c) for c in input_dataset(args.input, storage_options(args)).schema.names]
-    if "answers" not in present:
-        raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
-    config = pipeline_config(args, [c for c in ("answers", "category") if c in present])
-    output = raw_output(args.output or f"runs/evaluate-{Path(args.input).stem}")
-    found = dry_run(args.input, output, config, rows=args.dry_run, resume=bool(args.resume),
+    config, truth = model_run_config(args)
+    found = dry_run(args.input, raw_output(default_output(args)), config, rows=args.dry_run, resume=bool(args.resume),
                     overwrite=bool(args.overwrite), renames=truth)
     return {"metric": metric, **found}
 
@@ -418,9 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         if args.dry_run is not None:
-            found = rehearse(args)
-            print(json.dumps(found, indent=2, ensure_ascii=False))
-            return 1 if found["rows_tried"] and found["error_rows"] == found["rows_tried"] else 0
+            return print_rehearsal(rehearse(args))
         summary, problem = evaluate(args)
     except BAD_ARGUMENTS as e:
         print_error(e)
