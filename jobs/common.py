@@ -183,6 +183,9 @@ def print_summary(summary: dict) -> bool:
     if summary.get("answers_cut_short"):
         print(f"{summary['answers_cut_short']} answers were cut short by --max-new-tokens before they matched "
               "the pattern or schema in full (finish_reason 'length')")
+    if summary.get("shared_answer_rows"):
+        print(f"{summary['shared_answer_rows']} rows asked a question already asked about the same image with "
+              "the same settings and took its answer (their tokens are not in the generated tokens/s)")
     if summary.get("lost_rows_answered_again"):
         print(f"{summary['lost_rows_answered_again']} rows whose output file was lost since the earlier run "
               "were answered again")

@@ -117,7 +117,9 @@ def replica_resources(config: PipelineConfig, share: float = 1.0) -> dict:
     return {"num_gpus": 1 if on_gpu(config) else 0, "num_cpus": replica_cpu_count(config) * share}
 
 
-def build_processor(config: PipelineConfig) -> Callable[[ray.data.Dataset], ray.data.Dataset]:
+def build_processor(config: PipelineConfig,
+                    stats: str | None = None) -> Callable[[ray.data.Dataset], ray.data.Dataset]:
+    """The CPU stage then the model stage; `stats`: the run's counter the replicas report to (pipeline.run_stats)."""
     def process(ds: ray.data.Dataset) -> ray.data.Dataset:
         share = cpu_share(config)
         fewest, most = cpu_worker_range(config)
@@ -128,6 +130,6 @@ def build_processor(config: PipelineConfig) -> Callable[[ray.data.Dataset], ray.
         rank = {"GPU": 1, "CPU": 1} if on_gpu(config) else {"CPU": replica_cpu_count(config) * share}
         pool = ray.data.ActorPoolStrategy(size=replica_count(config),
                                           max_concurrent_calls_per_actor=calls_in_flight(config))
-        return ds.map_batches(Generate, fn_constructor_args=(config, rank), batch_size=config.batch_size,
+        return ds.map_batches(Generate, fn_constructor_args=(config, rank, stats), batch_size=config.batch_size,
                               batch_format="pyarrow", compute=pool, **replica_resources(config, share))
     return process

@@ -27,6 +27,12 @@ def answer_key(request) -> tuple | None:
     return (request.image_key, tuple(request.prompt_ids), continuation, repr(replace(request.sampling, seed=None)))
 
 
+def took_another_answer(request, result) -> bool:
+    """Whether `result` is the answer of another row's request (SharedAnswers hands that row's
+    Result over as it is, its request id included)."""
+    return getattr(result, "request_id", request.request_id) != request.request_id
+
+
 class SharedAnswers:
     """Answers requests (index -> Request) through `run` (the same contract, index -> Result or the
     row's exception), each distinct deterministic question once across the calls in flight and the

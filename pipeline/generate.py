@@ -19,12 +19,13 @@ import pyarrow as pa
 
 from .checkpoint import local_checkpoint
 from .config import SETTABLE, PipelineConfig
-from .dedup import SharedAnswers
+from .dedup import SharedAnswers, took_another_answer
 from .faults import crash_always_on, crash_once_on, hang_once_on
 from .groups import IMAGE_FIELDS, ungroup
 from .ledger import CrashLedger, Gate, ledger_path
 from .rows import (CHOICE_LOGPROBS, LOGPROB, ROW_CHOICES, ROW_SCORED, ROW_SETTINGS, SAMPLES, SAMPLES_LOGPROB,
                    TOKEN_LOGPROBS, RowError, error_message, output_schema, reuse_recent, row_seed)
+from .run_stats import StatsReporter
 from .structured import answer_field, parsed_answers, parsed_lists
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class Generate:
     to the next batch's rows instead of idling until its own batch's longest answer ends: through
     an EngineLoop here (one device), or rank 0's (a tensor-parallel group: RayTPGroup.answer)."""
 
-    def __init__(self, config: PipelineConfig, rank: dict | None = None):
+    def __init__(self, config: PipelineConfig, rank: dict | None = None, stats: str | None = None):
         from model.engine.loop import EngineLoop
         from processing import RowEncoder
 
@@ -162,7 +163,7 @@ class Generate:
         self.recent_pixels: OrderedDict = OrderedDict()      # image key -> pixel values
         self._bad_words: dict[tuple[str, ...], tuple[tuple[int, ...], ...]] = {}   # words -> their token ids
         self.ledger, self.gate = CrashLedger(ledger_path("generate")), Gate()
-        self.shared = SharedAnswers()
+        self.shared, self.stats = SharedAnswers(), StatsReporter(stats)
         if tp > 1:
             self.device = "cpu"  # this actor holds no device; the ranks move the pixel values to theirs
 
@@ -175,7 +176,10 @@ class Generate:
         if self.loop is not None:
             hang_once_on(self.engine, batch.column("id").to_pylist())
         rows, outputs, requests = self.prepare(batch, groups.select(list(IMAGE_FIELDS)).to_pylist(), group_of)
-        return self.finish(batch, rows, outputs, await self.answer_tracked(rows, requests))
+        results = await self.answer_tracked(rows, requests)
+        table = self.finish(batch, rows, outputs, results)
+        await self.stats.report(self.shared_counts(requests, results, outputs))
+        return table
 
     async def answer_tracked(self, rows: list[dict], requests: dict) -> dict:
         """answer(), with the rows in flight on the ledger: rows that were in flight when an earlier
@@ -223,6 +227,15 @@ class Generate:
             outputs[i] = (self.error_output(rows[i], error_message("generate", result))
                           if isinstance(result, Exception) else self.answer_output(rows[i], result))
         return self.to_table(batch, outputs)
+
+    def shared_counts(self, requests: dict, results: dict, outputs: list[dict]) -> dict[str, int]:
+        """The batch's rows that took another row's answer, and the generated tokens their outputs hold."""
+        shared = [i for i, result in results.items() if took_another_answer(requests[i], result)]
+        if self.config.samples > 1:
+            tokens = sum(sum(outputs[i]["samples_num_generated_tokens"] or ()) for i in shared)
+        else:
+            tokens = sum(outputs[i]["num_generated_tokens"] for i in shared)
+        return {"shared_answer_rows": len(shared), "shared_answer_tokens": tokens}
 
     def request(self, row: dict):
         from model.engine import Request, SamplingParams

@@ -23,6 +23,7 @@ from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
 from .resume import checkpoint_config, clear_checkpoint, forget_lost_rows, has_checkpoint
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
+from .run_stats import RunCounter
 from .storage import fsspec_fs, has_files, redact_url, sibling, write_text
 
 COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
@@ -207,6 +208,7 @@ def run_prepared(job: PreparedJob) -> dict:
     opts = job.config.storage_options
     context = ray.data.DataContext.get_current()
     context.checkpoint_config = checkpoint_config(job.output_uri, opts, job.config.id_column)
+    stats = RunCounter()
     try:
         ds = read_rows(job.input_uri, opts, schema=job.schema).select_columns([*job.columns, ROW_HASH])
         if job.only_ids is not None:
@@ -217,13 +219,14 @@ def run_prepared(job: PreparedJob) -> dict:
         if job.limit is not None:
             ds = ds.limit(job.limit)
         start = time.perf_counter()
-        write_rows(build_processor(job.config)(ds), job.output_uri, opts, job.config.rows_per_file)
+        write_rows(build_processor(job.config, stats.name)(ds), job.output_uri, opts, job.config.rows_per_file)
         wall = time.perf_counter() - start
     finally:
         context.checkpoint_config = None
+        reported = stats.close()
         release_run()
     after = output_counts(job.output_uri, opts, job.config.samples > 1)
-    summary = summarize(job.input_uri, job.output_uri, job.before, after, wall, job.input_rows)
+    summary = summarize(job.input_uri, job.output_uri, job.before, after, wall, job.input_rows, reported)
     summary.update(lost_rows_answered_again=job.lost_rows, limit=job.limit)
     if job.config.choices or job.config.choices_column:
         summary["answers_by_choice"] = answer_counts(job.output_uri, opts)
@@ -242,15 +245,22 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
     return run_prepared(prepare_job(input_uri, output_uri, config, resume=resume, limit=limit))
 
 
-def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: float, input_rows: int) -> dict:
+def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: float, input_rows: int,
+              reported: dict | None = None) -> dict:
     """The run in numbers, and the reconciliation a user needs at scale: input rows (those the run
     was to answer) with no output row (`missing_rows`) and output rows of an id written twice
-    (`duplicate_rows`), both 0 unless something went wrong."""
-    rows, tokens = after["rows"] - before["rows"], after["generated_tokens"] - before["generated_tokens"]
+    (`duplicate_rows`), both 0 unless something went wrong. Generated tokens are the model's: the
+    rows that took a repeated question's answer (`shared_answer_rows`, `reported` by the replicas)
+    are rows of the run, their tokens are not."""
+    reported = reported or {}
+    shared = reported.get("shared_answer_tokens", 0)
+    rows = after["rows"] - before["rows"]
+    tokens = after["generated_tokens"] - before["generated_tokens"] - shared
     return {"input": redact_url(input_uri), "output": redact_url(output_uri), "input_rows": input_rows,
             "missing_rows": max(input_rows - after["ids"], 0), "duplicate_rows": after["rows"] - after["ids"],
             "rows": after["rows"], "error_rows": after["error_rows"],
             "rows_this_run": rows, "generated_tokens_this_run": tokens, "wall_s": round(wall, 3),
             "rows_per_s": round(rows / wall, 3) if wall > 0 else None,
             "generated_tokens_per_s": round(tokens / wall, 3) if wall > 0 else None,
+            "shared_answer_rows": reported.get("shared_answer_rows", 0), "shared_answer_tokens": shared,
             "errors_by_kind": after["errors_by_kind"]}

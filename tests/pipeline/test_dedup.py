@@ -89,3 +89,20 @@ def test_a_failed_first_asking_fails_only_the_rows_waiting_on_it():
     assert isinstance(first.exception(), RuntimeError)
     assert isinstance(second[0], RuntimeError) and "device lost" in str(second[0])
     assert second[1] == "answer to [4, 5]" and len(shared.recent) == 1 and not shared.pending
+
+
+def test_the_run_summary_counts_the_shared_answers_apart_from_the_generated_tokens(ray_cluster, checkpoint, tmp_path):
+    """Through a real Ray run: the replica reports the rows that took another row's answer, and
+    the summary's generated tokens are only those the model generated."""
+    from pipeline import read_output, run_job
+    from tests.pipeline.helpers import write_parquet
+
+    rows = rows_with_repeats()
+    write_parquet(tmp_path / "in" / "part-0.parquet", rows)
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=8, batch_size=3, replicas=1)
+    summary = run_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    tokens = {r["id"]: r["num_generated_tokens"] for r in read_output(str(tmp_path / "out")).to_pylist()}
+    repeats = ["row-1", "row-4", "row-5"]
+    assert summary["rows_this_run"] == len(rows) and summary["shared_answer_rows"] == len(repeats)
+    assert summary["shared_answer_tokens"] == sum(tokens[i] for i in repeats) > 0
+    assert summary["generated_tokens_this_run"] == sum(tokens.values()) - summary["shared_answer_tokens"]

@@ -1,0 +1,67 @@
+"""Counts the model replicas report to the driver during a run, which the output files cannot tell:
+how many rows took another row's answer (pipeline.dedup) and the tokens those answers hold, so the
+summary's generated tokens/s counts only what the model generated.
+
+One small named actor per run holds them; a replica awaits its report before its batch leaves, so
+the driver reads every written batch's counts once the write is done. A batch retried after its
+replica died may be counted twice: the counts are the run's work, not a reconciliation.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+
+import ray
+
+log = logging.getLogger(__name__)
+
+NAME_PREFIX = "idefics3-run-stats-"
+
+
+@ray.remote(num_cpus=0)
+class RunStats:
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.counts.update(counts)
+
+    def read(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+class RunCounter:
+    """The driver's side: starts the run's counter (its `name` goes to the replicas) and `close()`
+    reads it. The handle is kept: a named actor still dies when its creator's last handle goes."""
+
+    def __init__(self) -> None:
+        self.name = NAME_PREFIX + uuid.uuid4().hex[:12]
+        self.handle = RunStats.options(name=self.name).remote()
+
+    def close(self) -> dict[str, int]:
+        """The counts reported, and the counter gone; none where it died (the run's own error, if
+        any, is the one to see)."""
+        try:
+            counts = ray.get(self.handle.read.remote(), timeout=60)
+            ray.kill(self.handle)
+            return counts
+        except Exception as e:
+            log.warning("the run's counts of shared answers are lost: %s", e)
+            return {}
+
+
+class StatsReporter:
+    """A replica's side: `await report(counts)` adds them to the run's counter (nothing without one,
+    as when a stage runs outside a job)."""
+
+    def __init__(self, name: str | None) -> None:
+        self.name, self._handle = name, None
+
+    async def report(self, counts: dict[str, int]) -> None:
+        counts = {k: v for k, v in counts.items() if v}
+        if self.name is None or not counts:
+            return
+        if self._handle is None:
+            self._handle = ray.get_actor(self.name)
+        await self._handle.add.remote(counts)
