@@ -21,7 +21,8 @@ DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Descr
                 messages_column=None, max_new_tokens=64, min_new_tokens=0, temperature=0.0, top_p=1.0, top_k=0,
                 min_p=0.0,
                 typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-                repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0,
+                repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, no_repeat_ngram_size=0,
+                num_beams=1, length_penalty=1.0,
                 early_stopping=False, logprobs=False, stop=None, bad_words=None, choices=None, choices_column=None,
                 sampling_column=None, score_column=None, choice_logprobs=False, regex=None, json_schema=None, seed=None,
                 samples=1, top_logprobs=0, replicas=None, tensor_parallel_size=1, cpu_workers=None,
@@ -85,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repetition-penalty", type=float,
                     help="> 1 discourages tokens already in the prompt or the answer (as transformers' "
                          "repetition_penalty; 1.2 stops small models' loops; default 1 = none)")
+    ap.add_argument("--presence-penalty", type=float,
+                    help="taken off the logit of each token the answer holds already (vLLM's and OpenAI's "
+                         "presence_penalty, in [-2, 2]: > 0 favours new words; default 0 = none)")
+    ap.add_argument("--frequency-penalty", type=float,
+                    help="taken off a token's logit once for each time the answer holds it (vLLM's and OpenAI's "
+                         "frequency_penalty, in [-2, 2]: > 0 stops long captions' loops; default 0 = none)")
     ap.add_argument("--no-repeat-ngram-size", type=int, metavar="N",
                     help="no N tokens in a row twice in the prompt and answer (transformers' no_repeat_ngram_size: "
                          "3 or 4 stops long captions' loops; default 0 = none)")
@@ -113,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="an input column of each row's own decoding settings, overriding the job's for that row (a "
                          "struct, or JSON text: max_new_tokens, min_new_tokens, temperature, top_p, top_k, min_p, "
                          "typical_p, "
-                         "epsilon_cutoff, eta_cutoff, repetition_penalty, "
+                         "epsilon_cutoff, eta_cutoff, repetition_penalty, presence_penalty, frequency_penalty, "
                          "seed, stop, choices, regex, json_schema, num_beams, length_penalty, bad_words; as "
                          "ray.data.llm's per-row sampling_params)")
     ap.add_argument("--score-column", metavar="NAME",

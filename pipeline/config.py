@@ -11,7 +11,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 SETTABLE = {"max_new_tokens": "integer", "min_new_tokens": "integer", "temperature": "number", "top_p": "number",
             "top_k": "integer",
             "min_p": "number", "typical_p": "number", "epsilon_cutoff": "number", "eta_cutoff": "number",
-            "repetition_penalty": "number", "no_repeat_ngram_size": "integer", "seed": "integer", "stop": "texts",
+            "repetition_penalty": "number", "presence_penalty": "number", "frequency_penalty": "number",
+            "no_repeat_ngram_size": "integer", "seed": "integer", "stop": "texts",
             "choices": "texts", "regex": "text", "json_schema": "text", "num_beams": "integer",
             "length_penalty": "number", "bad_words": "texts"}
 OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens",
@@ -45,6 +46,8 @@ class PipelineConfig:
     epsilon_cutoff: float = 0.0                 # sampling: no token below this probability (0 = none)
     eta_cutoff: float = 0.0                     # sampling: transformers' eta_cutoff (0 = none)
     repetition_penalty: float = 1.0             # transformers' repetition_penalty; 1 = none
+    presence_penalty: float = 0.0               # vLLM's presence_penalty (on the answer's tokens); 0 = none
+    frequency_penalty: float = 0.0              # vLLM's frequency_penalty (each repeat of a token); 0 = none
     no_repeat_ngram_size: int = 0               # transformers' no_repeat_ngram_size: no n-gram twice; 0 = none
     num_beams: int = 1                          # > 1: beam search (transformers' num_beams); `samples`: the best beams
     length_penalty: float = 1.0                 # beam search ranks an answer by its log p / its length ** this
@@ -124,6 +127,9 @@ class PipelineConfig:
             raise ValueError(f"step_timeout_s must be >= 0 (0 or None: no watchdog), got {self.step_timeout_s}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2] (0: none), got {getattr(self, name)}")
         if self.fetch_timeout_s <= 0:
             raise ValueError(f"fetch_timeout_s must be > 0, got {self.fetch_timeout_s}")
         if self.cpus_per_replica is not None and not self.cpus_per_replica > 0:
@@ -185,7 +191,9 @@ class PipelineConfig:
         beside = [name for name, on in (("temperature > 0", self.temperature > 0),
                                         ("choices", self.choices or self.choices_column),
                                         ("regex", self.regex), ("json_schema", self.json_schema),
-                                        ("top_logprobs", self.top_logprobs)) if on]
+                                        ("top_logprobs", self.top_logprobs),
+                                        ("presence_penalty", self.presence_penalty),
+                                        ("frequency_penalty", self.frequency_penalty)) if on]
         if beside:
             raise ValueError(f"num_beams={self.num_beams}: beam search cannot be combined with {beside[0]}")
         if self.num_beams > self.max_batch_size:

@@ -248,7 +248,8 @@ class Generate:
         settings = dict(max_new_tokens=c.max_new_tokens, min_new_tokens=c.min_new_tokens, temperature=c.temperature,
                         top_p=c.top_p, top_k=c.top_k, min_p=c.min_p, typical_p=c.typical_p,
                         epsilon_cutoff=c.epsilon_cutoff, eta_cutoff=c.eta_cutoff,
-                        repetition_penalty=c.repetition_penalty, no_repeat_ngram_size=c.no_repeat_ngram_size,
+                        repetition_penalty=c.repetition_penalty, presence_penalty=c.presence_penalty,
+                        frequency_penalty=c.frequency_penalty, no_repeat_ngram_size=c.no_repeat_ngram_size,
                         num_beams=c.num_beams, length_penalty=c.length_penalty, early_stopping=c.early_stopping,
                         stop=c.stop, choices=row.get(ROW_CHOICES) or c.choices, bad_words=c.bad_words,
                         regex=c.regex, json_schema=c.json_schema, seed=row_seed(c.seed, row["id"]))

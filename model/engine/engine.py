@@ -57,7 +57,7 @@ def default_stop_ids(model: nn.Module, tokenizer=None) -> list[int]:
 
 
 def penalized(seqs: list[Sequence]) -> bool:
-    return any(s.request.sampling.repetition_penalty != 1.0 for s in seqs)
+    return any(s.request.sampling.penalized for s in seqs)
 
 
 def wants_logprobs(seqs: list[Sequence]) -> bool:
@@ -288,7 +288,8 @@ class LLMEngine:
         seed = p.seed if p.seed is not None else self._rng.getrandbits(62)
         self.row_state.sampling.assign(seq.slot, p.temperature, p.top_k, p.top_p, seed, p.min_new_tokens,
                                        sorted(seq.stop_ids), p.repetition_penalty, seq.request.prompt_ids, p.min_p,
-                                       p.typical_p, p.epsilon_cutoff, p.eta_cutoff)
+                                       p.typical_p, p.epsilon_cutoff, p.eta_cutoff, p.presence_penalty,
+                                       p.frequency_penalty)
 
     def sample_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence],
                       allowed: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Per-row sampling on the device: repetition penalty, greedy, temperature, top-k, top-p, min-p,
-typical-p, epsilon and eta cutoffs, min-new-tokens.
+"""Per-row sampling on the device: repetition, presence and frequency penalties, greedy, temperature,
+top-k, top-p, min-p, typical-p, epsilon and eta cutoffs, min-new-tokens.
 
 Randomness is counter-based: the noise for (seed, step, token) is a hash of those three integers,
 so a row's sample depends on its own logits, seed and step only, never on its batch neighbours or
@@ -123,6 +123,9 @@ class SamplingState:
     typical_p: Tensor       # (S,) float32 (1: none)
     epsilon: Tensor         # (S,) float32 epsilon_cutoff (0: none)
     eta: Tensor             # (S,) float32 eta_cutoff (0: none)
+    presence: Tensor        # (S,) float32 presence penalty (0: none)
+    frequency: Tensor       # (S,) float32 frequency penalty (0: none)
+    counts: Tensor | None = None    # (S, V) float32: each token's count in the answer so far (once a slot needs it)
 
     @classmethod
     def empty(cls, num_slots: int, vocab_size: int, device: torch.device | str) -> "SamplingState":
@@ -131,11 +134,13 @@ class SamplingState:
         masks = lambda: torch.zeros(num_slots, vocab_size, dtype=torch.bool, **z)  # noqa: E731
         return cls(torch.zeros(num_slots, **z), ints(), torch.ones(num_slots, **z), ints(), ints(), ints(),
                    masks(), torch.ones(num_slots, **z), masks(), torch.full((num_slots,), float("-inf"), **z),
-                   torch.ones(num_slots, **z), torch.zeros(num_slots, **z), torch.zeros(num_slots, **z))
+                   torch.ones(num_slots, **z), torch.zeros(num_slots, **z), torch.zeros(num_slots, **z),
+                   torch.zeros(num_slots, **z), torch.zeros(num_slots, **z))
 
     def assign(self, slot: int, temperature: float, top_k: int, top_p: float, seed: int, min_new: int,
                stop_ids: list[int], penalty: float = 1.0, prompt_ids: list[int] = (), min_p: float = 0.0,
-               typical_p: float = 1.0, epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0) -> None:
+               typical_p: float = 1.0, epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> None:
         self.temperature[slot], self.top_k[slot], self.top_p[slot] = temperature, top_k, top_p
         self.log_min_p[slot] = math.log(min_p) if min_p > 0 else float("-inf")
         self.typical_p[slot], self.epsilon[slot], self.eta[slot] = typical_p, epsilon_cutoff, eta_cutoff
@@ -143,6 +148,11 @@ class SamplingState:
         self._set_row(self.stop_mask, slot, stop_ids)
         self.penalty[slot] = penalty
         self._set_row(self.seen, slot, prompt_ids if penalty != 1.0 else ())
+        self.presence[slot], self.frequency[slot] = presence_penalty, frequency_penalty
+        if self.counts is None and (presence_penalty or frequency_penalty):
+            self.counts = torch.zeros(self.seen.shape, device=self.seen.device)
+        if self.counts is not None:
+            self.counts[slot] = 0
 
     @staticmethod
     def _set_row(mask: Tensor, slot: int, ids) -> None:
@@ -152,8 +162,10 @@ class SamplingState:
             mask[slot, torch.tensor(ids, device=mask.device)] = True
 
     def mark_seen(self, slots: Tensor, tokens: Tensor) -> None:
-        """The rows' new tokens join what their repetition penalty discourages."""
+        """The rows' new tokens join what their penalties discourage."""
         self.seen[slots, tokens] = True
+        if self.counts is not None:
+            self.counts[slots, tokens] += 1
 
 
 def penalize_repeats(logits: Tensor, penalty: Tensor, seen: Tensor) -> Tensor:
@@ -161,6 +173,12 @@ def penalize_repeats(logits: Tensor, penalty: Tensor, seen: Tensor) -> Tensor:
     positive, multiplied by it when negative (both lower it for a penalty > 1)."""
     penalty = penalty[:, None]
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def penalize_counts(logits: Tensor, presence: Tensor, frequency: Tensor, counts: Tensor) -> Tensor:
+    """vLLM's (and OpenAI's) presence and frequency penalties, on the answer's tokens only (not the
+    prompt's): a token the answer holds loses `presence`, and `frequency` for each time it holds it."""
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
 
 
 def drop_below_min_p(scaled: Tensor, log_min_p: Tensor) -> Tensor:
@@ -263,7 +281,7 @@ def sample_rows(logits: Tensor, state: SamplingState, slots: Tensor, params: lis
     compiled too (an all-greedy step one compiled function), and nuclei are found by bisection.
     allowed: (B, V) bool, the only tokens each row may take (model.engine.constraints), or None."""
     sampled = [p for p in params if not p.greedy]
-    penalty = any(p.repetition_penalty != 1.0 for p in params)
+    penalty = any(p.penalized for p in params)
     if not sampled and not penalty and allowed is None:
         draw = fused_greedy_tokens if compiled else greedy_tokens
         return draw(logits, state.step, state.min_new, state.stop_mask, slots)
@@ -317,10 +335,13 @@ def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling:
 
 def _processed(logits: Tensor, state: SamplingState, slots: Tensor, any_penalty: bool,
                allowed: Tensor | None) -> Tensor:
-    """float32 logits after the repetition penalty, the bans and min_new_tokens (-inf at the stop ids)."""
+    """float32 logits after the repetition, presence and frequency penalties (vLLM's order), the
+    bans and min_new_tokens (-inf at the stop ids)."""
     logits = logits.float()
     if any_penalty:
         logits = penalize_repeats(logits, state.penalty[slots], state.seen[slots])
+        if state.counts is not None:
+            logits = penalize_counts(logits, state.presence[slots], state.frequency[slots], state.counts[slots])
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     return logits.masked_fill(too_early(state.step, state.min_new, state.stop_mask, slots), float("-inf"))

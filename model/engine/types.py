@@ -40,6 +40,8 @@ class SamplingParams:
     length_penalty: float = 1.0       # beam search: a hypothesis ranks by its log p / its length ** this
     early_stopping: bool | str = False   # beam search: True, False or "never", as transformers'
     bad_words_ids: tuple = ()         # token sequences the answer never holds (model.engine.bad_words)
+    presence_penalty: float = 0.0     # vLLM's: taken off the logit of each token the answer holds already
+    frequency_penalty: float = 0.0    # vLLM's: taken off a token's logit once for each time the answer holds it
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -80,6 +82,9 @@ class SamplingParams:
             raise ValueError(f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:      # vLLM's range (and OpenAI's)
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.bad_words_ids:
             check_bad_words(self.bad_words_ids, vocab=1 << 62)     # the vocabulary: the engine checks it
             object.__setattr__(self, "bad_words_ids", tuple(tuple(w) for w in self.bad_words_ids))
@@ -97,6 +102,8 @@ class SamplingParams:
         beside = [name for name, given in (("choices", self.choices), ("regex", self.regex is not None),
                                            ("json_schema", self.json_schema is not None),
                                            ("top_logprobs", self.top_logprobs),
+                                           ("presence_penalty", self.presence_penalty),
+                                           ("frequency_penalty", self.frequency_penalty),
                                            ("max_new_tokens=0", not self.max_new_tokens)) if given]
         if beside:
             raise ValueError(f"beam search cannot be combined with {', '.join(beside)}")
@@ -104,6 +111,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty reads the tokens seen so far (repetition, presence, frequency)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def follows_answer(self) -> bool:

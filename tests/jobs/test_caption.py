@@ -169,6 +169,13 @@ def test_flags_reach_the_pipeline_config(tmp_path):
     assert pipeline_config(merge_args(parse_args([]), DEFAULTS)).image_settings() == {}    # the checkpoint's
     with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
         pipeline_config(merge_args(parse_args(["--repetition-penalty", "0"]), DEFAULTS))
+    penalized = pipeline_config(merge_args(parse_args(["--presence-penalty", "1.5", "--frequency-penalty", "-0.5"]),
+                                           DEFAULTS))
+    assert (penalized.presence_penalty, penalized.frequency_penalty) == (1.5, -0.5)
+    with pytest.raises(ValueError, match=r"frequency_penalty must be in \[-2, 2\]"):     # vLLM's range
+        pipeline_config(merge_args(parse_args(["--frequency-penalty", "2.5"]), DEFAULTS))
+    with pytest.raises(ValueError, match="beam search cannot be combined with presence_penalty"):
+        pipeline_config(merge_args(parse_args(["--presence-penalty", "1", "--num-beams", "2"]), DEFAULTS))
     with pytest.raises(ValueError, match="dtype must be one of bfloat16, float16, float32, got 'fp8'"):
         pipeline_config(merge_args(parse_args(["--dtype", "fp8"]), DEFAULTS))
     with pytest.raises(ValueError, match="top_k must be >= 0"):         # else every row an error row

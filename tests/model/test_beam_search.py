@@ -116,6 +116,7 @@ def test_streamed_searches_join_a_running_batch(setup):
 @pytest.mark.parametrize("settings,match", [(dict(temperature=0.7), "beam sampling"), (dict(n=5), "n=5 > num_beams=4"),
                                             (dict(choices=("a", "b")), "choices"),
                                             (dict(top_logprobs=2), "top_logprobs"),
+                                            (dict(presence_penalty=1.0), "presence_penalty"),
                                             (dict(early_stopping="soon"), "early_stopping"),
                                             (dict(max_new_tokens=0), "max_new_tokens=0")])
 def test_settings_a_search_cannot_take_are_refused(settings, match):

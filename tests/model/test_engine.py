@@ -12,6 +12,7 @@ import torch
 
 from model.engine import LLMEngine, Request, SamplingParams
 from tests.fixtures.checkpoints import build_checkpoint
+from tests.fixtures.penalties import counted_penalties
 from tests.model.test_generation import mixed_batch
 
 torch.set_num_threads(1)
@@ -251,6 +252,37 @@ def test_repetition_penalty_equals_reference_alone(setup, overlap):
     assert any(want[r.request_id] != expected[r.request_id] for r in penalized)    # the penalty changes answers
     results = LLMEngine(ours, max_batch_size=3, overlap=overlap).generate(penalized[::-1])
     assert {r.request_id: r.token_ids for r in results} == want
+
+
+def test_presence_and_frequency_penalties_equal_vllms_formula_on_the_reference(setup, overlap):
+    """Rows with presence and frequency penalties (beside a repetition penalty, or none) share decode
+    steps through reused slots; each answer equals transformers' generate on that row alone with
+    vLLM's formula as its logits processor."""
+    from transformers import LogitsProcessorList
+
+    ours, requests, expected, _, ref = setup
+    settings = [(1.5, 0.0, 1.0), (0.0, 0.0, 1.0), (0.0, 2.0, 1.0), (-1.0, 0.5, 1.0), (2.0, 1.0, 1.3),
+                (0.0, 0.0, 1.3), (0.5, 2.0, 1.0), (1.0, -0.5, 1.0)]
+    asked = [replace(r, sampling=replace(r.sampling, max_new_tokens=12, presence_penalty=p, frequency_penalty=f,
+                                         repetition_penalty=rep))
+             for r, (p, f, rep) in zip(requests, settings)]
+    want = {}
+    for r, (p, f, _) in zip(asked, settings):
+        ids = torch.tensor([r.prompt_ids])
+        kwargs = dict(max_new_tokens=12, do_sample=False, repetition_penalty=r.sampling.repetition_penalty,
+                      logits_processor=LogitsProcessorList([counted_penalties(len(r.prompt_ids), p, f)]))
+        if r.pixel_values is not None:
+            kwargs.update(pixel_values=r.pixel_values[None], pixel_attention_mask=r.pixel_attention_mask[None])
+        out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        want[r.request_id] = out[0, ids.shape[1]:].tolist()
+    plain = {r.request_id: _reference(ref, replace(r, sampling=replace(r.sampling, presence_penalty=0.0,
+                                                                          frequency_penalty=0.0))) for r in asked}
+    assert sum(want[i] != plain[i] for i in want) >= 3       # the penalties change answers
+    results = LLMEngine(ours, max_batch_size=3, overlap=overlap).generate(asked[::-1])
+    assert {r.request_id: r.token_ids for r in results} == want
+    for name in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(ValueError, match=rf"{name} must be in \[-2, 2\]"):
+            SamplingParams(**{name: -2.5})
 
 
 def test_logprobs_equal_the_references_raw_logits(setup, overlap):

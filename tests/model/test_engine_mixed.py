@@ -30,7 +30,9 @@ def mixed_requests(base: list[Request], image_token_id: int, rng: random.Random)
             params = SamplingParams(max_new_tokens=rng.randint(1, 14),
                                     temperature=0.0 if greedy else rng.choice([0.7, 1.3]),
                                     top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.8]), seed=rng.randrange(1000),
-                                    repetition_penalty=rng.choice([1.0, 1.3, 0.8]), logprobs=rng.random() < 0.5)
+                                    repetition_penalty=rng.choice([1.0, 1.3, 0.8]), logprobs=rng.random() < 0.5,
+                                    presence_penalty=rng.choice([0.0, 0.0, 1.5]),
+                                    frequency_penalty=rng.choice([0.0, 0.0, 0.7]))
             params = replace(params, min_new_tokens=rng.randint(0, params.max_new_tokens // 2))
             out.append(Request(f"r{i}-{j}", ids, r.pixel_values, r.pixel_attention_mask, params, image_key=key))
     return out

@@ -45,10 +45,11 @@ class Oracle:
         self.model = Idefics3ForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
 
     def answer(self, image: bytes | list[bytes], question: str, max_new_tokens: int, system: str | None = None,
-               allowed=None, **generate) -> tuple[str, int]:
+               allowed=None, counted: tuple[float, float] | None = None, **generate) -> tuple[str, int]:
         """`image`: one image's bytes, or a list of several (all before the question); `system`: a
         system turn first; `allowed`: the tokens allowed after the answer's tokens so far (a function
-        of them); `generate`: more of generate's settings (repetition_penalty=...)."""
+        of them); `counted`: vLLM's (presence, frequency) penalties (tests.fixtures.penalties);
+        `generate`: more of generate's settings (repetition_penalty=...)."""
         import torch
 
         images = image if isinstance(image, list) else [image]
@@ -61,6 +62,10 @@ class Oracle:
         n = inputs["input_ids"].shape[1]
         if allowed is not None:
             generate["prefix_allowed_tokens_fn"] = lambda _, row: allowed(row[n:].tolist())
+        if counted is not None:
+            from tests.fixtures.penalties import counted_penalties
+            from transformers import LogitsProcessorList
+            generate["logits_processor"] = LogitsProcessorList([counted_penalties(n, *counted)])
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **{"do_sample": False, **generate})
         new = out[0, inputs["input_ids"].shape[1]:]

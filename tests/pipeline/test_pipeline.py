@@ -196,6 +196,30 @@ def test_the_model_stage_applies_the_repetition_penalty_and_system_prompt(checkp
     assert stage.engine.stats["prefix_tokens_reused"] >= 2 * MIN_SHARED_TEXT          # rows 2 and 3 copy row 1's
 
 
+def test_the_model_stage_applies_presence_and_frequency_penalties_of_the_job_and_the_row(checkpoint, oracle):
+    """--presence-penalty and --frequency-penalty reach every row's request, and a row's own settings
+    override them: answers equal transformers' generate with vLLM's formula as its logits processor
+    (tests.fixtures.penalties) on each row alone."""
+    import asyncio
+
+    from pipeline.generate import Generate
+    from pipeline.preprocess import Preprocess
+
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=12, presence_penalty=1.5, frequency_penalty=2.0,
+                            sampling_column="settings")
+    rows = good_rows(3)
+    for row, own in zip(rows, ['{"presence_penalty": 0, "frequency_penalty": 0}', None, '{"frequency_penalty": -1}']):
+        row["settings"] = own
+    stage = Generate(config)
+    answered = asyncio.run(stage(Preprocess(config)(pa.Table.from_pylist(rows)))).to_pylist()
+    stage.loop.close()
+    penalties = [(0.0, 0.0), (1.5, 2.0), (1.5, -1.0)]
+    want = [oracle.answer(r["image"], r["question"] or config.prompt, 12, counted=p) for r, p in zip(rows, penalties)]
+    plain = [oracle.answer(r["image"], r["question"] or config.prompt, 12) for r in rows]
+    assert want[0] == plain[0] and want[1:] != plain[1:]
+    assert [(r["answer"], r["num_generated_tokens"]) for r in answered] == want
+
+
 def test_the_model_stage_repeats_no_ngram_as_the_reference(checkpoint, oracle):
     """--no-repeat-ngram-size: answers equal transformers' generate(no_repeat_ngram_size=...) on each
     row alone (the prompt's n-grams counted)."""
