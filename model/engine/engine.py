@@ -6,15 +6,14 @@ finished request frees its slot at once, and the next waiting one takes it. Requ
 once (`generate`) or as they arrive (`add_requests` / `step`, and EngineLoop for other threads).
 Requests naming the same image (`Request.image_key`) encode it once (image_cache) and, by default,
 share the K/V of their prompt up to the image's end (prefix_cache): a later one prefills only its
-own question.
+own question. Its steps' parts live beside it: how a row's token is chosen (token_choice), the beam
+searches' steps (beam_steps), how requests end and what they return (endings).
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -23,23 +22,23 @@ from ..fusion import fuse_projections
 from ..linear import available_host_memory, pack_weights
 from ..lm_head import pad_lm_head
 from ..pointwise import compile_pointwise
-from .beam_groups import BeamGroup, add_companions, finish_group, start_group, step_searches
-from .bad_words import sequence_bans
-from .beams import BeamRules, split_candidates, top_candidates
+from .beam_groups import add_companions
+from .beam_steps import BeamSteps
 from .cache_sizing import RowState, default_token_budget, empty_cache, plan_for
 from .constraints import EngineConstraints
 from .continuation import folded, runnable_prefix
+from .endings import RequestEndings
 from .image_cache import ImageFeatureCache, ImageNames
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket
 from .logprobs import StepLogprobs, TokenLogprobs
-from .ngrams import allowed_without, sequence_ngrams
-from .sampler import NON_FINITE, model_tokens, sample_rows
-from .samples import add_samples, with_samples
+from .sampler import NON_FINITE, model_tokens
+from .samples import add_samples
 from .scheduler import Scheduler, Sequence
-from .scoring import add_scorers, answered, choice_logprobs, score_ends
+from .scoring import add_scorers, answered, score_ends
 from .stop_strings import StopStringMatcher
-from .types import NonFiniteLogitsError, Request, Result
+from .token_choice import TokenChoice
+from .types import Request, Result
 from .validation import check_request, check_search
 
 
@@ -56,14 +55,6 @@ def default_stop_ids(model: nn.Module, tokenizer=None) -> list[int]:
     return ids
 
 
-def penalized(seqs: list[Sequence]) -> bool:
-    return any(s.request.sampling.penalized for s in seqs)
-
-
-def wants_logprobs(seqs: list[Sequence]) -> bool:
-    return any(s.request.sampling.logprobs or s.request.sampling.top_logprobs for s in seqs)
-
-
 @dataclass
 class DecodeStep:
     """A queued decode step: the sequences it serves and where their tokens land on the host."""
@@ -73,7 +64,7 @@ class DecodeStep:
     logprobs: StepLogprobs | None = None     # when a request asks for them
 
 
-class LLMEngine:
+class LLMEngine(TokenChoice, BeamSteps, RequestEndings):
     """Serves `generate(requests)` from one model. The model is put in eval mode and its q/k/v and
     gate/up projections are fused in place (model.fusion: same state dict, same memory); on CPU in
     float32 (or bfloat16 where the CPU has it natively) the projections also get a copy packed for
@@ -283,47 +274,6 @@ class LLMEngine:
         return finished
 
     # ---- steps --------------------------------------------------------------------------------
-    def _assign_sampling(self, seq: Sequence) -> None:
-        p = seq.request.sampling
-        seed = p.seed if p.seed is not None else self._rng.getrandbits(62)
-        self.row_state.sampling.assign(seq.slot, p.temperature, p.top_k, p.top_p, seed, p.min_new_tokens,
-                                       sorted(seq.stop_ids), p.repetition_penalty, seq.request.prompt_ids, p.min_p,
-                                       p.typical_p, p.epsilon_cutoff, p.eta_cutoff, p.presence_penalty,
-                                       p.frequency_penalty)
-
-    def sample_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence],
-                      allowed: torch.Tensor | None = None) -> torch.Tensor:
-        """Next token of each row, NON_FINITE where its logits are not, only `allowed` tokens where
-        given (a hook: tensor-parallel ranks take rank 0's)."""
-        return sample_rows(logits, self.row_state.sampling, slots, [s.request.sampling for s in seqs],
-                           compiled=self.runner.compile, allowed=allowed)
-
-    def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence],
-                     rows: list[int]) -> tuple[torch.Tensor, StepLogprobs | None]:
-        """The rows' tokens (NON_FINITE for a row whose logits are not), and their log p (and top
-        tokens') when a request asks for them. The model reads `model_tokens` of them. Row rows[i]
-        is seqs[i]'s."""
-        tokens = self.sample_tokens(logits, slots, seqs, self._allowed(logits, seqs, rows))
-        logprobs = None
-        if wants_logprobs(seqs):
-            top = max(s.request.sampling.top_logprobs for s in seqs)
-            logprobs = StepLogprobs.of(logits, model_tokens(tokens), top)
-        if penalized(seqs):
-            self.row_state.sampling.mark_seen(slots, model_tokens(tokens))
-        return tokens, logprobs
-
-    def _allowed(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor | None:
-        """(rows, V) bool: the tokens each row may take (its constraint's, less the n-grams it may
-        not repeat and its bad words' last tokens), or None where every row may take any."""
-        constrained = self.constraints.allowed(seqs, rows, logits.shape[0])
-        bans = [(row, sequence_ngrams(s).banned()) for row, s in zip(rows, seqs)
-                if s.request.sampling.no_repeat_ngram_size]
-        bans += [(row, sequence_bans(s)) for row, s in zip(rows, seqs) if s.request.sampling.bad_words_ids]
-        unbanned = allowed_without(bans, *logits.shape, self.device) if bans else None
-        if constrained is None or unbanned is None:
-            return unbanned if constrained is None else constrained
-        return constrained & unbanned
-
     def _prefill(self, scheduler: Scheduler, seqs: list[Sequence]) -> None:
         runner = self.runner
 
@@ -374,65 +324,6 @@ class LLMEngine:
         self.row_state.active[slot_t] = 1
         self.row_state.sampling.step[slot_t] += 1
         self._record(scheduler, seqs, tokens.tolist(), None if logprobs is None else logprobs.rows(range(len(seqs))))
-
-    def beam_candidates(self, logits: torch.Tensor, rules: list[BeamRules]) -> tuple[torch.Tensor, torch.Tensor]:
-        """model.engine.beams.top_candidates (a hook: tensor-parallel ranks take rank 0's)."""
-        return top_candidates(logits, rules)
-
-    def _start_beams(self, scheduler: Scheduler, heads: list[Sequence], logits: torch.Tensor) -> None:
-        """The first step of the beam searches of `heads` (just prefilled; row i of logits is heads[i]'s)."""
-        groups = [start_group(head, logits.shape[-1], self.device, self._stop_check(head.request)) for head in heads]
-        for group in groups:
-            for beam in group.beams:
-                self.row_state.sampling.assign(beam.slot, 0.0, 0, 1.0, 0, 0, [], 1.0, ())  # its sampled token is unread
-                self.runner.positions[beam.slot] = beam.prompt_len
-                self.row_state.active[beam.slot] = 1
-            for beam in group.beams[1:]:
-                self.prefixes.forget(beam.slot)         # its rows will hold another prompt
-        self._beam_step(scheduler, logits, groups)
-
-    def _beam_step(self, scheduler: Scheduler, logits: torch.Tensor, groups: list[BeamGroup]) -> None:
-        """One step of each group's search, from its running beams' logits (rows in order): each beam
-        takes its parent's K/V rows and its new token; a search that is done ends its request."""
-        rules = [g.rules for g in groups]
-        found = split_candidates(*self.beam_candidates(logits, rules), rules)
-        failed, done, slots, tokens = step_searches(groups, found, logits.shape[-1], self.runner.cache)
-        for group in failed + done:
-            self._end_group(scheduler, group, failed=group in failed)
-        if slots:
-            self.runner.tokens[torch.tensor(slots, device=self.device)] = torch.tensor(tokens, device=self.device)
-
-    def _end_group(self, scheduler: Scheduler, group: BeamGroup, failed: bool = False) -> None:
-        """A search is done (or its logits were not finite): its request ends, every beam's slot is freed."""
-        if failed:
-            for beam in group.beams:
-                self._fail_non_finite(beam)
-        else:
-            finish_group(group)
-        for beam in group.beams:
-            scheduler.release(beam)
-            self.row_state.active[beam.slot] = 0
-        self._finished.append(group.head)
-
-    def _end_scored_only(self, scheduler: Scheduler, seqs: list[Sequence], logits: torch.Tensor,
-                         slots: list[int]) -> tuple[list[Sequence], torch.Tensor, list[int]]:
-        """Requests of no answer (max_new_tokens 0: they only score their continuation, as scorers
-        do) end after their prefill, in error where their logits were not finite; the others, their
-        logits' rows and slots go on."""
-        keep = [i for i, s in enumerate(seqs) if s.max_new_tokens > 0]
-        if len(keep) == len(seqs):
-            return seqs, logits, slots
-        ended = [i for i, s in enumerate(seqs) if s.max_new_tokens == 0]
-        finite = torch.isfinite(logits[ended]).all(-1).tolist()      # one host sync for them all
-        for i, logits_finite in zip(ended, finite):
-            seq = seqs[i]
-            if logits_finite and math.isfinite(sum(seq.continuation_logprobs)):
-                seq.finish_reason = "length"
-            else:
-                self._fail_non_finite(seq)
-            scheduler.release(seq)
-            self._finished.append(seq)
-        return [seqs[i] for i in keep], logits[keep], [slots[i] for i in keep]
 
     def _launch_decode(self, scheduler: Scheduler, in_flight: DecodeStep | None) -> DecodeStep | None:
         """Queue one decode step over the running sequences; its tokens reach the host later.
@@ -500,44 +391,3 @@ class LLMEngine:
                 scheduler.release(seq)
                 self.row_state.active[seq.slot] = 0
                 self._finished.append(seq)
-
-    def _fail_non_finite(self, seq: Sequence) -> None:
-        """End a sequence whose logits were not finite, and wipe its slot: attention weighs the
-        stale rows past a later request's length by exactly 0, and 0 x NaN is NaN, so one such
-        row would spoil every request that takes its slot after it."""
-        hint = ("; float16 overflows where bfloat16 and float32 do not: run in one of those"
-                if self.dtype == torch.float16 else "")
-        where = f"new token {len(seq.generated) + 1}" if seq.max_new_tokens else "its scored tokens"
-        error = NonFiniteLogitsError(f"the model's logits were NaN or infinite at {where} (of request "
-                                     f"{seq.request.request_id!r}){hint}")
-        seq.finish_reason, seq.error = "error", f"{type(error).__name__}: {error}"
-        self.runner.cache.clear_slot(seq.slot)
-        self.runner.positions[seq.slot] = 0     # the free row's ignored steps then read only zeros
-        self.prefixes.forget(seq.slot)
-
-    def _completes_stop_string(self, seq: Sequence) -> bool:
-        check = self._stop_check(seq.request)
-        return check is not None and check(seq.generated)
-
-    def _stop_check(self, request: Request) -> Callable[[list[int]], bool] | None:
-        """Whether an answer's newest token completes one of the request's stop strings
-        (model.engine.stop_strings); None for a request without any."""
-        stops = request.sampling.stop
-        if not stops:
-            return None
-        if self._stop_matcher is None:
-            self._stop_matcher = StopStringMatcher(self.tokenizer)
-        return self._stop_matcher.after(request.prompt_ids, stops)
-
-    def _result(self, seq: Sequence) -> Result:
-        text = None
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        p = seq.request.sampling
-        result = Result(seq.request.request_id, list(seq.generated), text, seq.finish_reason,
-                        seq.prompt_len, len(seq.generated), seq.logprob if p.logprobs else None,
-                        seq.error, choice_logprobs(seq) if seq.children else None,
-                        continuation_logprobs=seq.continuation_logprobs,
-                        token_logprobs=seq.token_logprobs if p.top_logprobs else None,
-                        top_logprobs=seq.top_logprobs if p.top_logprobs else None)
-        return with_samples(result, [self._result(s) for s in seq.samples]) if seq.samples else result
