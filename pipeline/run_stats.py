@@ -53,15 +53,20 @@ class RunCounter:
 
 class StatsReporter:
     """A replica's side: `await report(counts)` adds them to the run's counter (nothing without one,
-    as when a stage runs outside a job)."""
+    as when a stage runs outside a job; a counter that died loses the counts, never a batch)."""
 
     def __init__(self, name: str | None) -> None:
-        self.name, self._handle = name, None
+        self.name, self._handle, self.lost = name, None, False
 
     async def report(self, counts: dict[str, int]) -> None:
         counts = {k: v for k, v in counts.items() if v}
         if self.name is None or not counts:
             return
-        if self._handle is None:
-            self._handle = ray.get_actor(self.name)
-        await self._handle.add.remote(counts)
+        try:
+            if self._handle is None:
+                self._handle = ray.get_actor(self.name)
+            await self._handle.add.remote(counts)
+        except Exception as e:      # counts are not worth a batch: its rows are answered
+            if not self.lost:
+                log.warning("the run's counter is gone (%s): this replica's counts of shared answers are lost", e)
+            self.lost = True

@@ -106,3 +106,16 @@ def test_the_run_summary_counts_the_shared_answers_apart_from_the_generated_toke
     assert summary["rows_this_run"] == len(rows) and summary["shared_answer_rows"] == len(repeats)
     assert summary["shared_answer_tokens"] == sum(tokens[i] for i in repeats) > 0
     assert summary["generated_tokens_this_run"] == sum(tokens.values()) - summary["shared_answer_tokens"]
+
+
+def test_the_runs_counter_adds_the_reports_and_a_lost_one_costs_no_batch(ray_cluster):
+    from pipeline.run_stats import RunCounter, StatsReporter
+
+    counter = RunCounter()
+    reporter = StatsReporter(counter.name)
+    asyncio.run(reporter.report({"shared_answer_rows": 2, "shared_answer_tokens": 0}))
+    asyncio.run(reporter.report({"shared_answer_rows": 1, "shared_answer_tokens": 5}))
+    assert counter.close() == {"shared_answer_rows": 3, "shared_answer_tokens": 5}
+    gone = StatsReporter(counter.name + "-gone")        # no such counter: no error, the counts lost
+    asyncio.run(gone.report({"shared_answer_rows": 1}))
+    assert gone.lost
