@@ -30,7 +30,7 @@ DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Descr
                 rows_per_file=1000, resume=False, limit=None, dry_run=None, image_backend="pil",
                 image_longest_edge=None, image_splitting=None, storage_options=None, max_image_pixels=None, max_image_bytes=None,
                 image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0, step_timeout_s=600.0,
-                compile_decode=None, device=None, dtype=None, show=5)
+                compile_decode=None, device=None, dtype=None, show=5, generation_config="auto")
 
 
 def early_stopping(text: str) -> bool | str:

@@ -219,17 +219,19 @@ def baseline_file(uri: str, options: dict) -> str:
 
 
 def pipeline_config(args: argparse.Namespace, kept: list[str]):
-    """Greedy answers with the given run flags; what is not given is PipelineConfig's default."""
+    """Greedy answers with the given run flags (the checkpoint's generation_config.json only with
+    --generation-config auto); what is not given is PipelineConfig's default."""
     from pipeline import PipelineConfig
 
     given = {k: v for k, v in vars(args).items() if v is not None and k in PipelineConfig.field_names()
              and k not in ("model", "storage_options", "prompt_suffix")}
+    given.setdefault("generation_config", "none")
     return PipelineConfig(model=args.model, keep_columns=kept, storage_options=storage_options(args),
                           prompt_suffix=choose_suffix(args), **given)
 
 
-SHOWN_SETTINGS = ("system_prompt", "max_new_tokens", "num_beams", "image_backend", "image_longest_edge",
-                  "image_splitting", "max_image_pixels", "dtype", "choices", "choices_column")
+SHOWN_SETTINGS = ("system_prompt", "max_new_tokens", "num_beams", "generation_config", "image_backend",
+                  "image_longest_edge", "image_splitting", "max_image_pixels", "dtype", "choices", "choices_column")
 
 
 def model_settings(args: argparse.Namespace) -> dict[str, str]:

@@ -32,6 +32,7 @@ from .storage import is_local, reader_fs
 CACHE_ENV = "IDEFICS3_CHECKPOINT_CACHE"     # default: <temp dir>/idefics3-checkpoints
 COMPLETE = ".complete.json"
 log = logging.getLogger(__name__)
+GENERATION_CONFIG = "generation_config.json"
 REQUIRED_FILES = (CONFIG_NAME, "tokenizer.json")      # the model's and the CPU stage's processor's
 
 
@@ -84,6 +85,55 @@ def check_model(model: str, storage_options: dict | None = None, tensor_parallel
     check_required_files(model, names)
     check_config(model, read_config(), tensor_parallel_size)
     return shapes
+
+
+def generation_config_of(model: str, storage_options: dict | None = None) -> dict:
+    """The checkpoint's generation_config.json: {} where it has none, or where the hub cannot be asked
+    (then with a warning). A file that is not a JSON object is refused, naming it."""
+    if is_local(model):
+        folder = Path(fsspec.core.strip_protocol(model)).expanduser()
+        if folder.is_dir():
+            path = folder / GENERATION_CONFIG
+            text = path.read_bytes() if path.is_file() else None
+        else:
+            text = hub_generation_config(model)
+    else:
+        fs, root = reader_fs(model, storage_options)
+        path = posixpath.join(root.rstrip("/"), GENERATION_CONFIG)
+        text = fs.cat_file(path) if fs.isfile(path) else None
+    if text is None:
+        return {}
+    try:
+        found = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"model {model!r}: its {GENERATION_CONFIG} is not JSON: {e}") from None
+    if not isinstance(found, dict):
+        raise CheckpointError(f"model {model!r}: its {GENERATION_CONFIG} is not a JSON object")
+    return found
+
+
+def hub_generation_config(model: str) -> bytes | None:
+    """A hub repository's generation_config.json, from the hub (or its cache where the hub cannot
+    be reached); None where it has none, or with a warning where it cannot be had."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        names = hub_files(model)
+        if GENERATION_CONFIG not in names:
+            return None
+        offline = False
+    except HubUnreachable:
+        offline = True
+    except (CheckpointError, FileNotFoundError):    # check_model has said so already
+        return None
+    try:
+        return Path(hf_hub_download(model, GENERATION_CONFIG, local_files_only=offline)).read_bytes()
+    except EntryNotFoundError:
+        return None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        log.warning("model %r: its %s could not be read (%s): decoding takes the run's settings only", model,
+                    GENERATION_CONFIG, _first_line(e))
+        return None
 
 
 def check_adapter(adapter: str | None, storage_options: dict | None = None, model_shapes: dict | None = None) -> None:

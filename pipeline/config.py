@@ -45,6 +45,9 @@ class PipelineConfig:
     typical_p: float = 1.0                      # sampling: transformers' typical_p (1 = none)
     epsilon_cutoff: float = 0.0                 # sampling: no token below this probability (0 = none)
     eta_cutoff: float = 0.0                     # sampling: transformers' eta_cutoff (0 = none)
+    generation_config: str = "auto"             # "auto": the checkpoint's generation_config.json sets the decoding
+                                                # settings left at their defaults (pipeline.generation_defaults);
+                                                # "none": it is ignored
     repetition_penalty: float = 1.0             # transformers' repetition_penalty; 1 = none
     presence_penalty: float = 0.0               # vLLM's presence_penalty (on the answer's tokens); 0 = none
     frequency_penalty: float = 0.0              # vLLM's frequency_penalty (each repeat of a token); 0 = none
@@ -143,6 +146,8 @@ class PipelineConfig:
                 continue
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a column name, got {getattr(self, name)!r}")
+        if self.generation_config not in ("auto", "none"):
+            raise ValueError(f"generation_config must be 'auto' or 'none', got {self.generation_config!r}")
         if self.image_backend not in ("pil", "torch"):
             raise ValueError(f"image_backend must be 'pil' or 'torch', got {self.image_backend!r}")
         if not self.temperature >= 0 or not 0 < self.top_p <= 1:      # NaN fails both

@@ -69,4 +69,5 @@ def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: in
             "repeated_questions": len(asked) - len(set(asked)),
             "estimated_prompt_tokens": round(mean_prompt * checked.input_rows),
             "estimated_error_rows": round(len(errors) / max(encoded.num_rows, 1) * checked.input_rows),
-            "max_new_tokens": config.max_new_tokens}
+            "max_new_tokens": checked.config.max_new_tokens,
+            "settings_from_generation_config": checked.generation_defaults}

@@ -6,18 +6,19 @@ import logging
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
 from .builder import build_processor
-from .checkpoint import check_adapter, check_model
+from .checkpoint import check_adapter, check_model, generation_config_of
 from .checks import (check_column_types, check_columns, check_ids, check_image_root, check_input_excludes_output,
                      check_input_files, check_output_outside_input, check_row_encoding, input_ids, read_schema)
 from .config import PipelineConfig
 from .generate import release_replica_groups
+from .generation_defaults import with_checkpoint_defaults
 from .io import input_dataset, input_folder, read_output, read_rows, write_rows
 from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
@@ -122,6 +123,7 @@ class PreparedJob:
     schema: pa.Schema | None = None             # their types (but hive partition keys'), as all files convert
     only_ids: tuple[str, ...] | None = None     # answer only the rows of these ids
     renames: dict | None = None                 # input column -> the name the pipeline knows it by
+    generation_defaults: dict = field(default_factory=dict)   # settings taken from generation_config.json
 
 
 def used_columns(names: list[str], config: PipelineConfig, renames: dict[str, str]) -> list[str]:
@@ -142,6 +144,7 @@ class CheckedJob:
     schema: pa.Schema                       # their types, as all files convert
     input_rows: int
     renames: dict[str, str]
+    generation_defaults: dict = field(default_factory=dict)   # the settings taken from generation_config.json
 
 
 def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
@@ -150,6 +153,7 @@ def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume
     only (a checkpoint's configs, the input's footers and ids, the output's listing)."""
     opts = config.storage_options
     shapes = check_model(config.model, opts, config.tensor_parallel_size)
+    config, taken = with_checkpoint_defaults(config, generation_config_of(config.model, opts))
     check_adapter(config.adapter, opts, shapes)
     check_row_encoding(config)
     check_image_root(config.image_root, opts)
@@ -166,7 +170,7 @@ def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume
     schema = read_schema(footers, columns, input_uri)
     check_column_types(schema, config, input_uri, renames)
     check_ids(input_ids(rows, footers, schema, config.id_column, input_uri, opts), input_uri, config.id_column)
-    return CheckedJob(config, columns, schema, sum(meta.num_rows for meta in footers.values()), renames)
+    return CheckedJob(config, columns, schema, sum(meta.num_rows for meta in footers.values()), renames, taken)
 
 
 def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
@@ -199,7 +203,8 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     wanted = wanted if limit is None else min(wanted, limit)
     return PreparedJob(input_uri, output_uri, config, limit, wanted, lost,
                        output_counts(output_uri, opts, config.samples > 1),
-                       tuple(columns), schema, None if only_ids is None else tuple(only_ids), renames)
+                       tuple(columns), schema, None if only_ids is None else tuple(only_ids), renames,
+                       checked.generation_defaults)
 
 
 def run_prepared(job: PreparedJob) -> dict:
@@ -228,6 +233,8 @@ def run_prepared(job: PreparedJob) -> dict:
     after = output_counts(job.output_uri, opts, job.config.samples > 1)
     summary = summarize(job.input_uri, job.output_uri, job.before, after, wall, job.input_rows, reported)
     summary.update(lost_rows_answered_again=job.lost_rows, limit=job.limit)
+    if job.generation_defaults:
+        summary["settings_from_generation_config"] = job.generation_defaults
     if job.config.choices or job.config.choices_column:
         summary["answers_by_choice"] = answer_counts(job.output_uri, opts)
     if job.config.regex is not None or job.config.json_schema is not None:

@@ -256,7 +256,11 @@ def test_run_flags_reach_the_pipeline_config():
         2, 3, 8, 2, 0, "torch", 4, 5, 9, 10**6, 7, "float32")
     assert config.storage_options == {"anon": True} and config.keep_columns == ["answers"]
     plain = job.pipeline_config(job.parse_args(["--input", "x.parquet", "--model", "m"]), [])
-    assert plain.to_dict() == PipelineConfig(model="m").to_dict()         # greedy, the library's defaults
+    # greedy, the library's defaults, whatever the checkpoint's generation_config.json says
+    assert plain.to_dict() == PipelineConfig(model="m", generation_config="none").to_dict()
+    tuned = job.pipeline_config(job.parse_args(["--input", "x.parquet", "--model", "m", "--generation-config", "auto"]),
+                                [])
+    assert tuned.generation_config == "auto"
 
 
 def test_flags_may_come_from_a_config_file(tmp_path):

@@ -44,7 +44,7 @@ class Oracle:
         self.processor = AutoProcessor.from_pretrained(str(checkpoint), **image_settings)
         self.model = Idefics3ForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
 
-    def answer(self, image: bytes | list[bytes], question: str, max_new_tokens: int, system: str | None = None,
+    def answer(self, image: bytes | list[bytes], question: str, max_new_tokens: int | None, system: str | None = None,
                allowed=None, counted: tuple[float, float] | None = None, **generate) -> tuple[str, int]:
         """`image`: one image's bytes, or a list of several (all before the question); `system`: a
         system turn first; `allowed`: the tokens allowed after the answer's tokens so far (a function
@@ -67,7 +67,9 @@ class Oracle:
             from transformers import LogitsProcessorList
             generate["logits_processor"] = LogitsProcessorList([counted_penalties(n, *counted)])
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **{"do_sample": False, **generate})
+            if max_new_tokens is not None:          # None: the checkpoint's generation_config.json decides
+                generate["max_new_tokens"] = max_new_tokens
+            out = self.model.generate(**inputs, **{"do_sample": False, **generate})
         new = out[0, inputs["input_ids"].shape[1]:]
         eos = set(self.model.generation_config.eos_token_id or [])
         n = next((i + 1 for i, t in enumerate(new.tolist()) if t in eos), len(new))

@@ -155,12 +155,15 @@ def test_a_checkpoint_on_s3_is_copied_once_per_node_and_again_when_it_changes(s3
 
 def test_a_model_url_the_actors_could_not_load_is_refused_before_any_work(s3, checkpoint):
     from model.files import CheckpointError
-    from pipeline.checkpoint import check_model
+    from pipeline.checkpoint import check_model, generation_config_of
     from pipeline.checks import check_row_encoding
 
     upload_checkpoint(s3, checkpoint, "bucket/models/whole")
     check_model("s3://bucket/models/whole/")
     check_row_encoding(PipelineConfig(model="s3://bucket/models/whole/"))     # its processor files, copied
+    s3.pipe("bucket/models/whole/generation_config.json", b'{"do_sample": true, "top_p": 0.8}')
+    assert generation_config_of("s3://bucket/models/whole/") == {"do_sample": True, "top_p": 0.8}
+    assert generation_config_of("s3://bucket/models/none/") == {}
     s3.pipe("bucket/models/whole/chat_template.jinja", b"{% for m in messages %}")
     with pytest.raises(ValueError, match="s3://bucket/models/whole/'?: its processor files cannot make a row's prompt"):
         check_row_encoding(PipelineConfig(model="s3://bucket/models/whole/"))

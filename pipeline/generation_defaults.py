@@ -1,0 +1,94 @@
+"""The checkpoint's generation_config.json as the defaults of a run's decoding settings.
+
+transformers' `generate` decodes as a checkpoint's generation_config.json says unless told otherwise
+(vLLM too, by default), and so does our `model.generate`: a fine-tune shipped with `do_sample: true,
+temperature: 0.6` samples there. A run (`generation_config="auto"`, the default) takes the settings
+the file holds for those the job leaves at their defaults, so its answers are the ones the model's
+own `generate` gives; `"none"` ignores the file. Sampling follows transformers: the file's
+temperature, top_k, top_p and cutoffs count only with `do_sample: true`, and then a file without
+top_k samples among the 50 likeliest, as transformers' default. The settings it holds that a run
+cannot follow are named in a warning.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import MISSING, fields, replace
+
+from .config import PipelineConfig
+
+log = logging.getLogger(__name__)
+MODES = ("auto", "none")
+# the file's key -> the run's setting, each taken as it is
+TAKEN = {"max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens",
+         "repetition_penalty": "repetition_penalty", "no_repeat_ngram_size": "no_repeat_ngram_size",
+         "num_beams": "num_beams", "length_penalty": "length_penalty", "early_stopping": "early_stopping",
+         "stop_strings": "stop"}
+# with do_sample: the file's key -> (the run's setting, transformers' default where the file has none)
+SAMPLED = {"temperature": ("temperature", 1.0), "top_k": ("top_k", 50), "top_p": ("top_p", None),
+           "min_p": ("min_p", None), "typical_p": ("typical_p", None), "epsilon_cutoff": ("epsilon_cutoff", None),
+           "eta_cutoff": ("eta_cutoff", None)}
+# keys that change no answer of a run (ids it reads elsewhere, the cache, output formats, max_length:
+# a run always sets max_new_tokens, which transformers lets win over it)
+INERT = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
+         "use_cache", "cache_implementation", "max_length", "do_sample", "num_return_sequences",
+         "return_dict_in_generate", "output_scores", "output_logits", "output_attentions", "output_hidden_states"}
+NEUTRAL = {"num_beam_groups": 1, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0,
+           "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0, "min_length": 0}
+
+
+def job_defaults() -> dict:
+    return {f.name: f.default for f in fields(PipelineConfig) if f.default is not MISSING}
+
+
+def checkpoint_settings(generation_config: dict) -> dict:
+    """The run settings the file asks for (setting -> value), sampling ones only with do_sample."""
+    wanted = {setting: generation_config[key] for key, setting in TAKEN.items()
+              if generation_config.get(key) is not None}
+    if isinstance(wanted.get("stop"), str):
+        wanted["stop"] = [wanted["stop"]]
+    if generation_config.get("do_sample"):
+        for key, (setting, default) in SAMPLED.items():
+            value = generation_config.get(key, default)
+            if value is not None:
+                wanted[setting] = value
+    return wanted
+
+
+def unfollowed(generation_config: dict) -> list[str]:
+    """The file's keys that would change answers and that a run does not follow."""
+    known = TAKEN.keys() | SAMPLED.keys() | INERT
+    return sorted(k for k, v in generation_config.items()
+                  if k not in known and not k.startswith("_") and v not in (None, False, [], {})
+                  and NEUTRAL.get(k, object()) != v)
+
+
+def with_checkpoint_defaults(config: PipelineConfig, generation_config: dict) -> tuple[PipelineConfig, dict]:
+    """The run's settings with the file's for those left at their defaults, and the ones taken. A
+    ValueError names the file where its settings make an impossible run."""
+    if config.generation_config == "none" or not generation_config:
+        return config, {}
+    defaults = job_defaults()
+    default_stop = not config.stop
+    taken = {name: value for name, value in checkpoint_settings(generation_config).items()
+             if (default_stop if name == "stop" else getattr(config, name) == defaults[name])
+             and getattr(config, name) != value}
+    skipped = unfollowed(generation_config)
+    if skipped:
+        log.warning("the checkpoint's generation_config.json sets %s, which a run does not follow (generate() "
+                    "refuses them)", ", ".join(f"{k}={generation_config[k]!r}" for k in skipped))
+    if not taken:
+        return config, {}
+    try:
+        resolved = replace(config, **taken)
+    except ValueError as e:
+        raise ValueError(f"the checkpoint's generation_config.json sets {_listed(taken)}, which makes this run "
+                         f"impossible: {e}; set those settings yourself, or ignore the file (generation_config="
+                         "'none', --generation-config none)") from None
+    log.warning("decoding as the checkpoint's generation_config.json asks, for the settings this run leaves at "
+                "their defaults: %s (generation_config='none', --generation-config none, ignores the file)",
+                _listed(taken))
+    return resolved, taken
+
+
+def _listed(settings: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in settings.items())

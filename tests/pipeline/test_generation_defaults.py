@@ -1,0 +1,107 @@
+"""The checkpoint's generation_config.json decides the decoding settings a run leaves at their
+defaults, as transformers' generate (and ours) reads it; `generation_config="none"` ignores it."""
+import json
+import logging
+import shutil
+
+import pytest
+
+from pipeline import PipelineConfig
+from pipeline.checkpoint import generation_config_of
+from pipeline.generation_defaults import checkpoint_settings, with_checkpoint_defaults
+from tests.pipeline.helpers import good_rows, write_parquet
+
+
+def with_generation_config(checkpoint, tmp_path, settings: dict):
+    """A copy of `checkpoint` whose generation_config.json also holds `settings`."""
+    folder = tmp_path / "tuned"
+    shutil.copytree(checkpoint, folder)
+    path = folder / "generation_config.json"
+    found = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**found, **settings}))
+    return folder
+
+
+def test_sampling_settings_count_only_with_do_sample_and_then_as_transformers_defaults_them():
+    assert checkpoint_settings({"temperature": 0.6, "top_p": 0.9, "max_new_tokens": 20}) == {"max_new_tokens": 20}
+    assert checkpoint_settings({"do_sample": True, "top_p": 0.9}) == {"temperature": 1.0, "top_k": 50, "top_p": 0.9}
+    assert checkpoint_settings({"do_sample": True, "temperature": 0.6, "top_k": 0, "min_p": 0.1,
+                                "stop_strings": "."}) == {"temperature": 0.6, "top_k": 0, "min_p": 0.1, "stop": ["."]}
+    assert checkpoint_settings({"repetition_penalty": 1.2, "num_beams": 3, "early_stopping": True}) == {
+        "repetition_penalty": 1.2, "num_beams": 3, "early_stopping": True}
+
+
+def test_the_jobs_own_settings_win_and_none_ignores_the_file(caplog):
+    tuned = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.3, "max_new_tokens": 30,
+             "bos_token_id": 1, "eos_token_id": [2, 3], "transformers_version": "5.0", "suppress_tokens": [7]}
+    config, taken = with_checkpoint_defaults(PipelineConfig(model="m", top_p=0.5, max_new_tokens=12), tuned)
+    assert taken == {"temperature": 0.6, "top_k": 50, "repetition_penalty": 1.3}
+    assert (config.temperature, config.top_k, config.top_p, config.repetition_penalty, config.max_new_tokens) == (
+        0.6, 50, 0.5, 1.3, 12)
+    assert "suppress_tokens=[7]" in caplog.text        # what a run cannot follow is named
+    assert "eos_token_id" not in caplog.text
+    ignored = PipelineConfig(model="m", generation_config="none")
+    assert with_checkpoint_defaults(ignored, tuned) == (ignored, {})
+    with pytest.raises(ValueError, match="generation_config must be 'auto' or 'none'"):
+        PipelineConfig(model="m", generation_config="vllm")
+
+
+def test_a_file_that_makes_the_run_impossible_is_named():
+    with pytest.raises(ValueError, match=r"generation_config.json sets min_new_tokens=5.*choices.*"
+                                         r"--generation-config none"):
+        with_checkpoint_defaults(PipelineConfig(model="m", choices=["yes", "no"]), {"min_new_tokens": 5})
+    with pytest.raises(ValueError, match="generation_config.json sets num_beams=4, temperature=0.7"):
+        with_checkpoint_defaults(PipelineConfig(model="m"), {"do_sample": True, "temperature": 0.7, "num_beams": 4})
+
+
+def test_the_file_is_read_from_a_folder_the_hub_cache_and_refused_when_it_is_not_json(checkpoint, tmp_path,
+                                                                                   monkeypatch):
+    from huggingface_hub import constants
+
+    from model.files import CheckpointError
+    from tests.pipeline.test_checkpoint import hub_cache
+
+    folder = with_generation_config(checkpoint, tmp_path, {"repetition_penalty": 1.5})
+    assert generation_config_of(str(folder))["repetition_penalty"] == 1.5
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache(tmp_path / "hub", "owner/tuned", folder)))
+    assert generation_config_of("owner/tuned")["repetition_penalty"] == 1.5
+    (folder / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="generation_config.json is not a JSON object"):
+        generation_config_of(str(folder))
+    (folder / "generation_config.json").unlink()
+    assert generation_config_of(str(folder)) == {}
+
+
+def test_a_run_answers_as_the_checkpoints_own_generate(ray_cluster, checkpoint, tmp_path, caplog):
+    """A checkpoint whose generation_config.json asks for a repetition penalty and no repeated
+    bigram: the run's answers equal transformers' generate on that checkpoint (which reads the file
+    itself), not the plain checkpoint's; the summary and the dry run say what was taken; with
+    generation_config="none" the answers are the plain ones."""
+    from pipeline import read_output, run_job
+    from pipeline.dry_run import dry_run
+    from tests.pipeline.helpers import Oracle
+
+    caplog.set_level(logging.WARNING)
+    tuned = with_generation_config(checkpoint, tmp_path, {"repetition_penalty": 3.0, "no_repeat_ngram_size": 2,
+                                                          "max_new_tokens": 10})
+    rows = good_rows(3)
+    write_parquet(tmp_path / "in" / "part-0.parquet", rows)
+    config = PipelineConfig(model=str(tuned), batch_size=3)
+    taken = {"repetition_penalty": 3.0, "no_repeat_ngram_size": 2, "max_new_tokens": 10}
+    assert dry_run(str(tmp_path / "in"), str(tmp_path / "out"), config, rows=3)["settings_from_generation_config"] \
+        == taken
+    summary = run_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    assert summary["settings_from_generation_config"] == taken
+    assert "decoding as the checkpoint's generation_config.json asks" in caplog.text
+    got = {r["id"]: (r["answer"], r["num_generated_tokens"]) for r in read_output(str(tmp_path / "out")).to_pylist()}
+    own, plain = Oracle(tuned), Oracle(checkpoint)
+    want = {r["id"]: own.answer(r["image"], r["question"] or config.prompt, None) for r in rows}
+    assert got == want
+    assert want != {r["id"]: plain.answer(r["image"], r["question"] or config.prompt, 10) for r in rows}
+    ignored = PipelineConfig(model=str(tuned), batch_size=3, generation_config="none", max_new_tokens=10)
+    summary = run_job(str(tmp_path / "in"), str(tmp_path / "plain"), ignored)
+    assert "settings_from_generation_config" not in summary
+    got = {r["id"]: (r["answer"], r["num_generated_tokens"]) for r in read_output(str(tmp_path / "plain")).to_pylist()}
+    assert got == {r["id"]: plain.answer(r["image"], r["question"] or config.prompt, 10) for r in rows}
