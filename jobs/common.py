@@ -110,14 +110,20 @@ def load_job_config(path: str | None) -> dict[str, Any]:
 
 
 def merge_args(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Command line > job.yaml > defaults. Flags are declared with default None to tell them apart."""
+    """Command line > job.yaml > defaults. Flags are declared with default None to tell them apart;
+    `given_settings` names the decoding settings given either way (the checkpoint's
+    generation_config.json replaces none of them, even one given at its default value)."""
+    from pipeline.generation_defaults import SETTINGS
+
     from_file = load_job_config(getattr(args, "config", None))
     unknown = set(from_file) - set(defaults)
     if unknown:
         raise ValueError(f"unknown keys in {args.config!r}: {sorted(unknown)}")
     merged = dict(defaults)
     merged.update(from_file)
-    merged.update({k: v for k, v in vars(args).items() if v is not None and k in defaults})
+    given = {k: v for k, v in vars(args).items() if v is not None and k in defaults}
+    merged.update(given)
+    merged["given_settings"] = sorted((given.keys() | from_file.keys()) & SETTINGS)
     return merged
 
 

@@ -48,6 +48,8 @@ class PipelineConfig:
     generation_config: str = "auto"             # "auto": the checkpoint's generation_config.json sets the decoding
                                                 # settings left at their defaults (pipeline.generation_defaults);
                                                 # "none": it is ignored
+    given_settings: list[str] = field(default_factory=list)     # settings the file does not replace even at
+                                                # their defaults (the jobs' flags given: --temperature 0)
     repetition_penalty: float = 1.0             # transformers' repetition_penalty; 1 = none
     presence_penalty: float = 0.0               # vLLM's presence_penalty (on the answer's tokens); 0 = none
     frequency_penalty: float = 0.0              # vLLM's frequency_penalty (each repeat of a token); 0 = none

@@ -3,8 +3,9 @@
 transformers' `generate` decodes as a checkpoint's generation_config.json says unless told otherwise
 (vLLM too, by default), and so does our `model.generate`: a fine-tune shipped with `do_sample: true,
 temperature: 0.6` samples there. A run (`generation_config="auto"`, the default) takes the settings
-the file holds for those the job leaves at their defaults, so its answers are the ones the model's
-own `generate` gives; `"none"` ignores the file. Sampling follows transformers: the file's
+the file holds for those the job leaves at their defaults (and does not name in `given_settings`,
+as the jobs do with the flags given), so its answers are the ones the model's own `generate` gives;
+`"none"` ignores the file. Sampling follows transformers: the file's
 temperature, top_k, top_p and cutoffs count only with `do_sample: true`, and then a file without
 top_k samples among the 50 likeliest, as transformers' default. The settings it holds that a run
 cannot follow are named in a warning.
@@ -27,6 +28,7 @@ TAKEN = {"max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens",
 SAMPLED = {"temperature": ("temperature", 1.0), "top_k": ("top_k", 50), "top_p": ("top_p", None),
            "min_p": ("min_p", None), "typical_p": ("typical_p", None), "epsilon_cutoff": ("epsilon_cutoff", None),
            "eta_cutoff": ("eta_cutoff", None)}
+SETTINGS = set(TAKEN.values()) | {setting for setting, _ in SAMPLED.values()}     # the run's settings it may set
 # keys that change no answer of a run (ids it reads elsewhere, the cache, output formats, max_length:
 # a run always sets max_new_tokens, which transformers lets win over it)
 INERT = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
@@ -71,7 +73,7 @@ def with_checkpoint_defaults(config: PipelineConfig, generation_config: dict) ->
     default_stop = not config.stop
     taken = {name: value for name, value in checkpoint_settings(generation_config).items()
              if (default_stop if name == "stop" else getattr(config, name) == defaults[name])
-             and getattr(config, name) != value}
+             and getattr(config, name) != value and name not in config.given_settings}
     skipped = unfollowed(generation_config)
     if skipped:
         log.warning("the checkpoint's generation_config.json sets %s, which a run does not follow (generate() "

@@ -46,6 +46,23 @@ def test_the_jobs_own_settings_win_and_none_ignores_the_file(caplog):
         PipelineConfig(model="m", generation_config="vllm")
 
 
+def test_a_flag_given_at_its_default_value_still_wins(tmp_path):
+    """`--temperature 0` (or job.yaml's temperature: 0) is greedy even where the file samples."""
+    from jobs.caption import DEFAULTS, parse_args, pipeline_config
+    from jobs.common import merge_args
+
+    (tmp_path / "job.yaml").write_text("top-k: 0\n")
+    values = merge_args(parse_args(["--model", "m", "--temperature", "0", "--seed", "3", "--config",
+                                    str(tmp_path / "job.yaml")]), DEFAULTS)
+    config = pipeline_config(values)
+    assert config.given_settings == ["temperature", "top_k"]
+    sampling = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.9}
+    resolved, taken = with_checkpoint_defaults(config, sampling)
+    assert taken == {"top_p": 0.9} and (resolved.temperature, resolved.top_k) == (0.0, 0)
+    assert with_checkpoint_defaults(pipeline_config(merge_args(parse_args(["--model", "m"]), DEFAULTS)),
+                                    sampling)[1] == {"temperature": 0.6, "top_k": 20, "top_p": 0.9}
+
+
 def test_a_file_that_makes_the_run_impossible_is_named():
     with pytest.raises(ValueError, match=r"generation_config.json sets min_new_tokens=5.*choices.*"
                                          r"--generation-config none"):
