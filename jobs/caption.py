@@ -27,7 +27,8 @@ DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Descr
                 sampling_column=None, score_column=None, choice_logprobs=False, regex=None, json_schema=None, seed=None,
                 samples=1, top_logprobs=0, replicas=None, tensor_parallel_size=1, cpu_workers=None,
                 cpus_per_replica=None, batch_size=16, max_batch_size=64, batches_in_flight=None, keep_columns="",
-                rows_per_file=1000, resume=False, limit=None, dry_run=None, image_backend="pil",
+                rows_per_file=1000, resume=False, retry_errors=None, limit=None, dry_run=None,
+                image_backend="pil",
                 image_longest_edge=None, image_splitting=None, storage_options=None, max_image_pixels=None, max_image_bytes=None,
                 image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0, step_timeout_s=600.0,
                 compile_decode=None, device=None, dtype=None, show=5, generation_config="auto")
@@ -152,6 +153,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="output rows gathered into one Parquet file (default 1000; the last file holds the rest)")
     ap.add_argument("--keep-columns", help="comma-separated input columns to copy to the output")
     ap.add_argument("--resume", action="store_true", default=None, help="skip ids already in --output")
+    ap.add_argument("--retry-errors", nargs="?", const="", metavar="TEXT",
+                    help="resume --output and answer again its error rows (only those whose error holds TEXT, "
+                         "e.g. 'fetch' or 'TimeoutError', if given): rows that failed for a passing reason, "
+                         "such as an image server's outage, without re-running the rest")
     ap.add_argument("--limit", type=int, help="answer only N rows (a trial run into a fresh output; "
                                               "--resume then answers the rest)")
     ap.add_argument("--dry-run", type=int, nargs="?", const=64, metavar="N",
@@ -202,7 +207,8 @@ def rehearse(source: str, output: str, config, values: dict) -> int:
     """--dry-run: the rehearsal's findings as JSON (jobs.common.print_rehearsal)."""
     from pipeline.dry_run import dry_run
 
-    return print_rehearsal(dry_run(source, output, config, rows=values["dry_run"], resume=bool(values["resume"])))
+    resume = bool(values["resume"]) or values["retry_errors"] is not None
+    return print_rehearsal(dry_run(source, output, config, rows=values["dry_run"], resume=resume))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         output = values["output"] or str(DEMO_OUTPUT)
         if values["dry_run"] is not None:
             return rehearse(source, output, config, values)
-        job = prepare_job(source, output, config, resume=bool(values["resume"]), limit=values["limit"])
+        retry = values["retry_errors"]
+        job = prepare_job(source, output, config, resume=bool(values["resume"]) or retry is not None,
+                          limit=values["limit"], retry_errors=retry)
         init_ray()      # only once the arguments are known good: a typo costs no cluster start
         summary = run_prepared(job)
     except BAD_ARGUMENTS as e:

@@ -197,6 +197,9 @@ def print_summary(summary: dict) -> bool:
     if summary.get("shared_answer_rows"):
         print(f"{summary['shared_answer_rows']} rows asked a question already asked about the same image with "
               "the same settings and took its answer (their tokens are not in the generated tokens/s)")
+    if summary.get("error_rows_answered_again"):
+        print(f"{summary['error_rows_answered_again']} error rows of the earlier run were answered again "
+              f"({summary['error_rows']} error rows now)")
     if summary.get("lost_rows_answered_again"):
         print(f"{summary['lost_rows_answered_again']} rows whose output file was lost since the earlier run "
               "were answered again")

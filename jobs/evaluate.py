@@ -104,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true", default=None,
                     help="continue the model run that --output holds (a killed one answers the rest; a finished "
                          "one is scored again)")
+    ap.add_argument("--retry-errors", nargs="?", const="", metavar="TEXT",
+                    help="resume, and answer again the model run's error rows (only those whose error holds TEXT, "
+                         "if given), then score")
     ap.add_argument("--overwrite", action="store_true", default=None,
                     help="start over, discarding the answers an earlier run left in --output")
     add_run_flags(ap)
@@ -116,7 +119,8 @@ DEFAULTS = dict(input=None, model=None, adapter=None, output=None, metric=None, 
                 id_column="id", question_column="question", answers_column="answers", image_column="image",
                 category_column="category", predictions=None, baseline=None, dry_run=None, gallery=0, limit=None,
                 max_new_tokens=None, num_beams=None,
-                resume=False, overwrite=False, choices=None, choices_column=None, **dict.fromkeys(run_flag_names()))
+                resume=False, retry_errors=None, overwrite=False, choices=None, choices_column=None,
+                **dict.fromkeys(run_flag_names()))
 
 
 def resolve_demo(args: argparse.Namespace) -> argparse.Namespace:
@@ -129,7 +133,8 @@ def resolve_demo(args: argparse.Namespace) -> argparse.Namespace:
                                     "(or pass --input and --model)")
     args.input, args.model = str(DEMO_INPUT), str(DEMO_MODEL)
     args.output = args.output or str(DEMO_OUTPUT)
-    args.overwrite = args.overwrite or not args.resume      # a demo run starts over unless told to resume
+    resumed = args.resume or args.retry_errors is not None
+    args.overwrite = args.overwrite or not resumed          # a demo run starts over unless told to resume
     return args
 
 
@@ -289,14 +294,15 @@ def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[s
 
     if not args.model:
         raise ValueError("--model is required to run a model (or pass --predictions to score existing answers)")
-    if args.resume and args.overwrite:
+    resume = bool(args.resume) or args.retry_errors is not None
+    if resume and args.overwrite:
         raise ValueError("--resume continues the earlier run, --overwrite discards it: pass one")
     config, truth = model_run_config(args)
     raw = raw_output(args.output)
-    if not args.resume:
+    if not resume:
         refuse_earlier_answers(raw, args)
-    job = prepare_job(args.input, raw, config, resume=bool(args.resume), limit=args.limit if ids is None else None,
-                      only_ids=ids, renames=truth, overwrite=bool(args.overwrite))
+    job = prepare_job(args.input, raw, config, resume=resume, limit=args.limit if ids is None else None,
+                      only_ids=ids, renames=truth, overwrite=bool(args.overwrite), retry_errors=args.retry_errors)
     init_ray()
     return raw, run_prepared(job)
 
@@ -415,7 +421,8 @@ def rehearse(args: argparse.Namespace) -> dict:
     if input_has_ids(args):
         check_ground_truth(read_ground_truth(args).slice(0, args.limit), metric)
     config, truth = model_run_config(args)
-    found = dry_run(args.input, raw_output(default_output(args)), config, rows=args.dry_run, resume=bool(args.resume),
+    found = dry_run(args.input, raw_output(default_output(args)), config, rows=args.dry_run,
+                    resume=bool(args.resume) or args.retry_errors is not None,
                     overwrite=bool(args.overwrite), renames=truth)
     return {"metric": metric, **found}
 

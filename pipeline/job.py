@@ -24,6 +24,7 @@ from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
 from .resume import checkpoint_config, clear_checkpoint, forget_lost_rows, has_checkpoint
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
+from .retry import drop_error_rows
 from .run_stats import RunCounter
 from .storage import fsspec_fs, has_files, redact_url, sibling, write_text
 
@@ -124,6 +125,7 @@ class PreparedJob:
     only_ids: tuple[str, ...] | None = None     # answer only the rows of these ids
     renames: dict | None = None                 # input column -> the name the pipeline knows it by
     generation_defaults: dict = field(default_factory=dict)   # settings taken from generation_config.json
+    retried_rows: int = 0                       # error rows of the earlier run answered again (retry_errors)
 
 
 def used_columns(names: list[str], config: PipelineConfig, renames: dict[str, str]) -> list[str]:
@@ -175,19 +177,24 @@ def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume
 
 def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
                 limit: int | None = None, only_ids: list[str] | None = None,
-                renames: dict[str, str] | None = None, overwrite: bool = False) -> PreparedJob:
+                renames: dict[str, str] | None = None, overwrite: bool = False,
+                retry_errors: str | None = None) -> PreparedJob:
     """Every check a run can make without a cluster (bad arguments fail here, in seconds, naming the
     cause), and the output made ready: emptied checkpoint, or lost rows forgotten for a resume.
 
     `only_ids`: answer only the rows of these ids (as strings). `renames`: input columns the
     pipeline is to know by other names (not the id column: resume filters by it before renames).
-    `overwrite`: a fresh run may start over in an output that holds an earlier run's answers."""
+    `overwrite`: a fresh run may start over in an output that holds an earlier run's answers.
+    `retry_errors` (with resume): the earlier run's error rows whose error holds this text ("": all)
+    are answered again (pipeline.retry), once the run's settings are found to be the same."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if limit is not None and resume:
         # Ray Data pushes a limit down to the read, before the checkpoint's filter of rows already
         # written, so a resumed run with one would take rows it then skips.
         raise ValueError("limit is for a fresh run; resume without it to answer the rest")
+    if retry_errors is not None and not resume:
+        raise ValueError("retry_errors answers again the error rows of the run an output holds: resume it")
     checked = check_job(input_uri, output_uri, config, resume=resume, renames=renames, overwrite=overwrite)
     config, columns, schema, input_rows, renames = (checked.config, checked.columns, checked.schema,
                                                     checked.input_rows, checked.renames)
@@ -195,7 +202,10 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     with writing_output(output_uri):
         start_output(output_uri, opts, resume, overwrite)
         keep_run_settings(output_uri, config, resume, opts)
-    lost = forget_lost_rows(output_uri, opts) if resume else 0
+        retried = 0 if retry_errors is None else drop_error_rows(output_uri, opts, retry_errors)
+    lost = max((forget_lost_rows(output_uri, opts) if resume else 0) - retried, 0)
+    if retried:
+        log.warning("%d error rows of the earlier run are answered again", retried)
     if lost:
         log.warning("%d rows of an earlier run have no output row any more (a deleted output file?): "
                     "they are answered again", lost)
@@ -204,7 +214,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     return PreparedJob(input_uri, output_uri, config, limit, wanted, lost,
                        output_counts(output_uri, opts, config.samples > 1),
                        tuple(columns), schema, None if only_ids is None else tuple(only_ids), renames,
-                       checked.generation_defaults)
+                       checked.generation_defaults, retried)
 
 
 def run_prepared(job: PreparedJob) -> dict:
@@ -233,6 +243,8 @@ def run_prepared(job: PreparedJob) -> dict:
     after = output_counts(job.output_uri, opts, job.config.samples > 1)
     summary = summarize(job.input_uri, job.output_uri, job.before, after, wall, job.input_rows, reported)
     summary.update(lost_rows_answered_again=job.lost_rows, limit=job.limit)
+    if job.retried_rows:
+        summary["error_rows_answered_again"] = job.retried_rows
     if job.generation_defaults:
         summary["settings_from_generation_config"] = job.generation_defaults
     if job.config.choices or job.config.choices_column:
@@ -245,11 +257,13 @@ def run_prepared(job: PreparedJob) -> dict:
 
 
 def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
-            limit: int | None = None) -> dict:
+            limit: int | None = None, retry_errors: str | None = None) -> dict:
     """Answer every row of `input_uri` into `output_uri` (with `limit`, only that many: a trial
-    before the whole dataset, which a later resume completes); returns (and writes beside it) the
-    summary."""
-    return run_prepared(prepare_job(input_uri, output_uri, config, resume=resume, limit=limit))
+    before the whole dataset, which a later resume completes; with `retry_errors`, a resume also
+    answers again the error rows whose error holds that text, "" for all); returns (and writes
+    beside it) the summary."""
+    return run_prepared(prepare_job(input_uri, output_uri, config, resume=resume, limit=limit,
+                                    retry_errors=retry_errors))
 
 
 def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: float, input_rows: int,
