@@ -289,3 +289,23 @@ def test_an_adapter_on_s3_is_checked_copied_and_merged(s3, s3_cluster, checkpoin
     s3.pipe("bucket/adapters/cut/adapter_model.safetensors", (adapter / "adapter_model.safetensors").read_bytes()[:-9])
     with pytest.raises(CheckpointError, match="not a complete safetensors file"):
         check_adapter("s3://bucket/adapters/cut")
+
+
+def test_error_rows_are_taken_out_of_an_output_on_s3(s3):
+    """pipeline.retry on an object store: a file rewritten in place (one PUT), one of only error rows deleted."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import read_output
+    from pipeline.retry import drop_error_rows
+
+    for name, ids, errors in (("1", ["a", "b"], [None, "fetch: TimeoutError"]), ("2", ["c"], ["fetch: HTTP 503"])):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"id": ids, "finish_reason": ["stop" if e is None else "error" for e in errors],
+                                 "error": errors}), buf)
+        s3.pipe(f"bucket/retry-out/{name}.parquet", buf.getvalue())
+    assert drop_error_rows("s3://bucket/retry-out") == 2
+    assert s3.ls("bucket/retry-out", refresh=True) == ["bucket/retry-out/1.parquet"]
+    assert read_output("s3://bucket/retry-out").column("id").to_pylist() == ["a"]
