@@ -16,8 +16,10 @@ from typing import Callable
 import ray
 import ray.data
 
+from .checkpoint import generation_config_of
 from .config import PipelineConfig
 from .generate import Generate, calls_in_flight
+from .generation_defaults import with_checkpoint_defaults
 from .preprocess import Preprocess
 
 
@@ -117,9 +119,13 @@ def replica_resources(config: PipelineConfig, share: float = 1.0) -> dict:
     return {"num_gpus": 1 if on_gpu(config) else 0, "num_cpus": replica_cpu_count(config) * share}
 
 
-def build_processor(config: PipelineConfig,
-                    stats: str | None = None) -> Callable[[ray.data.Dataset], ray.data.Dataset]:
-    """The CPU stage then the model stage; `stats`: the run's counter the replicas report to (pipeline.run_stats)."""
+def build_processor(config: PipelineConfig, stats: str | None = None, *,
+                    checkpoint_defaults: bool = True) -> Callable[[ray.data.Dataset], ray.data.Dataset]:
+    """The CPU stage then the model stage; `stats`: the run's counter the replicas report to (pipeline.run_stats).
+    checkpoint_defaults: the checkpoint's generation_config.json decides the settings the config leaves
+    at their defaults (pipeline.generation_defaults; run_job's config has them already)."""
+    if checkpoint_defaults:
+        config, _ = with_checkpoint_defaults(config, generation_config_of(config.model, config.storage_options))
     def process(ds: ray.data.Dataset) -> ray.data.Dataset:
         share = cpu_share(config)
         fewest, most = cpu_worker_range(config)

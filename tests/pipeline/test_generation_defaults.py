@@ -117,6 +117,11 @@ def test_a_run_answers_as_the_checkpoints_own_generate(ray_cluster, checkpoint, 
     want = {r["id"]: own.answer(r["image"], r["question"] or config.prompt, None) for r in rows}
     assert got == want
     assert want != {r["id"]: plain.answer(r["image"], r["question"] or config.prompt, 10) for r in rows}
+    import ray.data
+
+    from pipeline import build_processor
+    built = build_processor(config)(ray.data.read_parquet(str(tmp_path / "in"))).take_all()     # the library's way
+    assert {r["id"]: (r["answer"], r["num_generated_tokens"]) for r in built} == want
     ignored = PipelineConfig(model=str(tuned), batch_size=3, generation_config="none", max_new_tokens=10)
     summary = run_job(str(tmp_path / "in"), str(tmp_path / "plain"), ignored)
     assert "settings_from_generation_config" not in summary
