@@ -13,114 +13,12 @@ from torch import Tensor, nn
 
 from .engine.kv_cache import KVCache, PaddedCacheAttention
 from .engine.beams import BeamRules, BeamSearch, beam_log_probs, best_candidates, split_candidates
-from .engine.bad_words import banned_by_bad_words, check_bad_words, usable_bad_words
+from .engine.bad_words import banned_by_bad_words
 from .engine.ngrams import NGrams, allowed_without
 from .engine.sampler import SamplingState, draw, processed_scores, sample
 from .engine.stop_strings import StopStringMatcher
-from .engine.cutoffs import check_cutoffs
 from .generation_hooks import UserRules
-
-
-def _setting(name: str, kwargs: dict, config: dict, default=None):
-    """kwargs win, then generation_config.json, then the default."""
-    if kwargs.get(name) is not None:
-        return kwargs[name]
-    return config.get(name, default) if config.get(name) is not None else default
-
-
-def _as_list(ids) -> list[int]:
-    if ids is None:
-        return []
-    if isinstance(ids, Tensor):
-        return ids.flatten().tolist()
-    return [ids] if isinstance(ids, int) else list(ids)
-
-
-FOLLOWED = {"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-            "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences", "no_repeat_ngram_size",
-            "num_beams", "length_penalty", "early_stopping", "bad_words_ids", "min_p", "stop_strings",
-            "typical_p", "epsilon_cutoff", "eta_cutoff", "prefix_allowed_tokens_fn", "logits_processor",
-            "stopping_criteria", "streamer",
-            "return_dict_in_generate", "output_scores", "output_logits"}
-CUTOFFS = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}     # their neutral values
-# transformers' settings that change nothing here: whatever their value, or at these values
-UNUSED = {"bos_token_id", "decoder_start_token_id", "use_cache", "transformers_version", "cache_implementation"}
-INERT = {"num_beam_groups": 1, "encoder_repetition_penalty": 1.0, "diversity_penalty": 0.0,
-         "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0, "min_length": 0}
-
-
-def check_settings(settings: dict, source: str) -> None:
-    """ValueError naming a setting this generate does not follow at the value given (beam search,
-    output dicts, other logits processors): running on without it would answer otherwise than the
-    reference, silently."""
-    for name, value in settings.items():
-        inert = value is None or value is False or value == INERT.get(name, False) or (value == {} or value == [])
-        if name in FOLLOWED or name in UNUSED or name.startswith("_") or inert:
-            continue
-        what = "group beam search" if name == "num_beam_groups" else "it"
-        raise ValueError(f"generate does not implement {name}={value!r} ({source}): {what} would change the "
-                         f"answers; it follows {', '.join(sorted(FOLLOWED))}")
-
-
-class _Settings:
-    def __init__(self, model: nn.Module, prompt_len: int, kwargs: dict) -> None:
-        cfg, text = getattr(model, "generation_config", None) or {}, model.config.text_config
-        check_settings(kwargs, "given")
-        check_settings({k: v for k, v in cfg.items() if k not in kwargs}, "the checkpoint's generation_config.json")
-        get = lambda name, default=None: _setting(name, kwargs, cfg, default)  # noqa: E731
-        max_new = get("max_new_tokens")
-        self.max_new = max_new if max_new is not None else get("max_length", 20) - prompt_len
-        self.min_new = get("min_new_tokens", 0)
-        self.eos = _as_list(get("eos_token_id", text.eos_token_id))
-        pad = get("pad_token_id", text.pad_token_id)
-        self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
-        self.do_sample = bool(get("do_sample", False))
-        self.temperature = float(get("temperature", 1.0)) if self.do_sample else 0.0
-        self.top_k, self.top_p = int(get("top_k", 50)), float(get("top_p", 1.0))
-        self.min_p = float(get("min_p", 0.0)) if self.do_sample else 0.0
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        cutoffs = [float(get(name, default)) for name, default in CUTOFFS.items()]
-        check_cutoffs(*cutoffs)
-        self.typical_p, self.epsilon, self.eta = cutoffs if self.do_sample else CUTOFFS.values()
-        self.cut_off = self.typical_p < 1 or self.epsilon > 0 or self.eta > 0
-        self.penalty = float(get("repetition_penalty", 1.0))
-        if self.penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.penalty}")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 with do_sample=True, got {self.temperature}")
-        self.no_repeat = int(get("no_repeat_ngram_size", 0))
-        bad_words = get("bad_words_ids") or []
-        check_bad_words(bad_words, text.vocab_size)
-        self.bad_words = usable_bad_words(bad_words, self.eos)
-        self.num_beams = int(get("num_beams", 1))
-        self.length_penalty = float(get("length_penalty", 1.0))
-        self.early_stopping = get("early_stopping", False)
-        if self.num_beams < 1 or (self.num_beams > 1 and self.do_sample):
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}" if self.num_beams < 1 else
-                             "beam search with do_sample=True (beam sampling) is not implemented: "
-                             "search greedily (do_sample=False) or sample without beams")
-        if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        self.copies = int(get("num_return_sequences", 1))
-        if self.copies < 1:
-            raise ValueError(f"num_return_sequences must be >= 1, got {self.copies}")
-        if self.copies > self.num_beams and not self.do_sample:
-            raise ValueError(f"num_return_sequences={self.copies}: greedy decoding answers each prompt once; "
-                             "sample (do_sample=True) for several answers" if self.num_beams == 1 else
-                             f"num_return_sequences={self.copies} > num_beams={self.num_beams}: beam search "
-                             "returns at most its beams")
-        stops = get("stop_strings") or []
-        self.stop_strings = [stops] if isinstance(stops, str) else list(stops)
-        self.return_dict = bool(get("return_dict_in_generate", False))
-        self.output_scores = self.return_dict and bool(get("output_scores", False))
-        self.output_logits = self.return_dict and bool(get("output_logits", False))
-        self.user = UserRules(kwargs.get("prefix_allowed_tokens_fn"), kwargs.get("logits_processor"),
-                              kwargs.get("stopping_criteria"), rows_per_prompt=max(self.num_beams, self.copies))
-        self.streamer = kwargs.get("streamer")     # put(prompt ids), put(each step's tokens), end(), as transformers'
-        if self.streamer is not None and self.num_beams > 1:
-            raise ValueError("a streamer cannot follow beam search (as transformers' generate): its beams change "
-                             "their past tokens; set num_beams=1")
+from .generation_settings import GenerateSettings
 
 
 @dataclass
@@ -165,7 +63,7 @@ def transition_scores(sequences: Tensor, scores: tuple[Tensor, ...], beam_indice
     return picked.masked_fill(ended, 0.0)
 
 
-def _sampling_state(s: _Settings, input_ids: Tensor, mask: Tensor, vocab: int) -> SamplingState:
+def _sampling_state(s: GenerateSettings, input_ids: Tensor, mask: Tensor, vocab: int) -> SamplingState:
     batch = input_ids.shape[0]
     state = SamplingState.empty(batch, vocab, input_ids.device)
     # torch.manual_seed makes sampling repeatable; greedy leaves the global generator alone.
@@ -206,7 +104,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     param = next(model.parameters())
     input_ids = input_ids.to(param.device)
     batch, prompt_len = input_ids.shape
-    s = _Settings(model, prompt_len, kwargs)
+    s = GenerateSettings(model, prompt_len, kwargs)
     if s.stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs the tokenizer: generate(..., stop_strings=..., "
                          "tokenizer=processor.tokenizer)")
@@ -278,7 +176,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     return _answer(s, torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1), scores, raw_logits)
 
 
-def _next_token(s: _Settings, logits: Tensor, state: SamplingState, rows: Tensor, allowed: Tensor | None,
+def _next_token(s: GenerateSettings, logits: Tensor, state: SamplingState, rows: Tensor, allowed: Tensor | None,
                 running: Tensor, scores: list[Tensor]) -> Tensor:
     """Each row's next token; its processed scores join `scores` where they are asked for (then
     the token is drawn from them, so that they explain it), as are the caller's processors."""
@@ -293,7 +191,7 @@ def _next_token(s: _Settings, logits: Tensor, state: SamplingState, rows: Tensor
     return draw(processed, state, rows, any_sampling=s.do_sample)
 
 
-def _answer(s: _Settings, sequences: Tensor, scores: list[Tensor], logits: list[Tensor],
+def _answer(s: GenerateSettings, sequences: Tensor, scores: list[Tensor], logits: list[Tensor],
             **beams) -> Tensor | GenerateOutput:
     if not s.return_dict:
         return sequences
@@ -301,7 +199,7 @@ def _answer(s: _Settings, sequences: Tensor, scores: list[Tensor], logits: list[
                           tuple(logits) if s.output_logits else None, **beams)
 
 
-def _beam_generate(model: nn.Module, s: _Settings, input_ids: Tensor, mask: Tensor, embeds: Tensor,
+def _beam_generate(model: nn.Module, s: GenerateSettings, input_ids: Tensor, mask: Tensor, embeds: Tensor,
                    tokenizer=None) -> Tensor:
     """generate() by beam search (model.engine.beams): every prompt's beams in one batch of
     batch * num_beams rows, whose K/V each step gathers from their parents' rows."""
