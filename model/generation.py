@@ -90,7 +90,9 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
              tokenizer=None, **kwargs) -> Tensor | GenerateOutput:
     """(B, T) prompt ids (left-padded) -> (B, T + n_new) LongTensor, like transformers' generate.
 
-    Settings (kwargs over generation_config.json): max_new_tokens / max_length, min_new_tokens,
+    Settings (kwargs over generation_config.json; model.generation_settings): max_new_tokens /
+    max_length, min_new_tokens / min_length, suppress_tokens, begin_suppress_tokens, forced_bos /
+    forced_eos_token_id, renormalize_logits, max_time,
     do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids, eos_token_id,
     pad_token_id, num_return_sequences (k sampled answers a prompt: rows b*k .. b*k+k-1 are prompt b's),
     stop_strings (with `tokenizer`, ours or transformers', as the reference asks), and beam search:
@@ -180,12 +182,14 @@ def _next_token(s: GenerateSettings, logits: Tensor, state: SamplingState, rows:
                 running: Tensor, scores: list[Tensor]) -> Tensor:
     """Each row's next token; its processed scores join `scores` where they are asked for (then
     the token is drawn from them, so that they explain it), as are the caller's processors."""
-    if not (s.output_scores or s.user.processes):
+    if not (s.output_scores or s.user.processes or s.renormalize):
         return sample(logits, state, rows, any_sampling=s.do_sample, any_filter=s.do_sample,
                       any_penalty=s.penalty != 1.0, any_min_p=s.min_p > 0, any_cutoffs=s.cut_off, allowed=allowed)
     between = (lambda x: s.user.process(running, x)) if s.user.processes else None
     processed = processed_scores(logits, state, rows, any_sampling=s.do_sample, any_penalty=s.penalty != 1.0,
                                  any_cutoffs=s.cut_off, allowed=allowed, between=between)
+    if s.renormalize:       # transformers' last processor: scores as log p
+        processed = processed.log_softmax(dim=-1)
     if s.output_scores:
         scores.append(processed)
     return draw(processed, state, rows, any_sampling=s.do_sample)
@@ -228,6 +232,8 @@ def _beam_generate(model: nn.Module, s: GenerateSettings, input_ids: Tensor, mas
         log_probs = beam_log_probs(logits, rules)
         if s.user.processes:
             log_probs = _user_processed(s.user, input_ids, searches, log_probs, k)
+        if s.renormalize:
+            log_probs = log_probs.log_softmax(dim=-1)
         if s.output_logits:         # as the reference's: a row per beam from the first step on
             raw_logits.append(logits.float().repeat_interleave(k // rows_now, dim=0))
         if s.output_scores:

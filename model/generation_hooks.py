@@ -6,6 +6,7 @@ transformers' LogitsProcessor and StoppingCriteria objects are such callables; s
 lm-format-enforcer's, which is how constrained-decoding libraries plug into transformers."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -63,3 +64,46 @@ class UserRules:
         for criterion in self.stopping_criteria:
             done = done | torch.as_tensor(criterion(ids, scores), device=ids.device).bool()
         return done
+
+
+# transformers' own processors that generate() runs where a checkpoint or caller sets them, after the
+# prefix constraint and before the caller's processors, in transformers' order (callables as theirs)
+class ForcedToken:
+    """All tokens -inf but `ids` (set to 0) at the step whose ids are `length` long: transformers'
+    forced_bos_token_id (length 1) and forced_eos_token_id (the last step's, max_length - 1)."""
+
+    def __init__(self, ids: list[int], length: int) -> None:
+        self.ids, self.length = ids, length
+
+    def __call__(self, ids: Tensor, scores: Tensor) -> Tensor:
+        if ids.shape[-1] != self.length:
+            return scores
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.ids] = 0.0
+        return forced
+
+
+class SuppressedTokens:
+    """-inf at `ids` (transformers' suppress_tokens), or only at the step whose ids are `length` long
+    (begin_suppress_tokens: the first new token's)."""
+
+    def __init__(self, ids: list[int], length: int | None = None) -> None:
+        self.ids, self.length = ids, length
+
+    def __call__(self, ids: Tensor, scores: Tensor) -> Tensor:
+        if self.length is not None and ids.shape[-1] != self.length:
+            return scores
+        suppressed = scores.clone()
+        suppressed[:, [i for i in self.ids if 0 <= i < scores.shape[-1]]] = float("-inf")
+        return suppressed
+
+
+class OutOfTime:
+    """transformers' max_time: every row ends once `seconds` have passed since generate() began."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.start = seconds, time.time()
+
+    def __call__(self, ids: Tensor, scores) -> Tensor:
+        return torch.full((ids.shape[0],), time.time() - self.start > self.seconds, dtype=torch.bool,
+                          device=ids.device)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .engine.bad_words import check_bad_words, usable_bad_words
 from .engine.cutoffs import check_cutoffs
-from .generation_hooks import UserRules
+from .generation_hooks import ForcedToken, OutOfTime, SuppressedTokens, UserRules
 
 
 def _setting(name: str, kwargs: dict, config: dict, default=None):
@@ -29,13 +29,14 @@ FOLLOWED = {"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temp
             "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences", "no_repeat_ngram_size",
             "num_beams", "length_penalty", "early_stopping", "bad_words_ids", "min_p", "stop_strings",
             "typical_p", "epsilon_cutoff", "eta_cutoff", "prefix_allowed_tokens_fn", "logits_processor",
-            "stopping_criteria", "streamer",
+            "stopping_criteria", "streamer", "min_length", "suppress_tokens", "begin_suppress_tokens",
+            "forced_bos_token_id", "forced_eos_token_id", "renormalize_logits", "max_time",
             "return_dict_in_generate", "output_scores", "output_logits"}
 CUTOFFS = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}     # their neutral values
 # transformers' settings that change nothing here: whatever their value, or at these values
 UNUSED = {"bos_token_id", "decoder_start_token_id", "use_cache", "transformers_version", "cache_implementation"}
 INERT = {"num_beam_groups": 1, "encoder_repetition_penalty": 1.0, "diversity_penalty": 0.0,
-         "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0, "min_length": 0}
+         "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0}
 
 
 def check_settings(settings: dict, source: str) -> None:
@@ -59,9 +60,13 @@ class GenerateSettings:
         check_settings(kwargs, "given")
         check_settings({k: v for k, v in cfg.items() if k not in kwargs}, "the checkpoint's generation_config.json")
         get = lambda name, default=None: _setting(name, kwargs, cfg, default)  # noqa: E731
-        max_new = get("max_new_tokens")
-        self.max_new = max_new if max_new is not None else get("max_length", 20) - prompt_len
-        self.min_new = get("min_new_tokens", 0)
+        max_new, max_length = get("max_new_tokens"), get("max_length")
+        if max_new is None:     # transformers 5: max_length counts the prompt; neither set: 20 new tokens
+            max_new = (max_length if max_length is not None else
+                       min(prompt_len + 20, text.max_position_embeddings)) - prompt_len
+        self.max_new = max_new
+        min_new = get("min_new_tokens")     # min_length counts the prompt; min_new_tokens wins over it
+        self.min_new = min_new if min_new is not None else max(int(get("min_length", 0)) - prompt_len, 0)
         self.eos = _as_list(get("eos_token_id", text.eos_token_id))
         pad = get("pad_token_id", text.pad_token_id)
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
@@ -106,9 +111,28 @@ class GenerateSettings:
         self.return_dict = bool(get("return_dict_in_generate", False))
         self.output_scores = self.return_dict and bool(get("output_scores", False))
         self.output_logits = self.return_dict and bool(get("output_logits", False))
-        self.user = UserRules(kwargs.get("prefix_allowed_tokens_fn"), kwargs.get("logits_processor"),
-                              kwargs.get("stopping_criteria"), rows_per_prompt=max(self.num_beams, self.copies))
+        self.renormalize = bool(get("renormalize_logits", False))
+        max_time = get("max_time")
+        processors = self._transformers_processors(get, prompt_len) + list(kwargs.get("logits_processor") or ())
+        criteria = list(kwargs.get("stopping_criteria") or ()) + ([] if max_time is None else [OutOfTime(max_time)])
+        self.user = UserRules(kwargs.get("prefix_allowed_tokens_fn"), processors, criteria,
+                              rows_per_prompt=max(self.num_beams, self.copies))
         self.streamer = kwargs.get("streamer")     # put(prompt ids), put(each step's tokens), end(), as transformers'
         if self.streamer is not None and self.num_beams > 1:
             raise ValueError("a streamer cannot follow beam search (as transformers' generate): its beams change "
                              "their past tokens; set num_beams=1")
+
+    def _transformers_processors(self, get, prompt_len: int) -> list:
+        """transformers' forced_bos / forced_eos_token_id, suppress_tokens and begin_suppress_tokens,
+        in its order (model.generation_hooks)."""
+        forced_bos, forced_eos = get("forced_bos_token_id"), get("forced_eos_token_id")
+        suppress, begin = get("suppress_tokens"), get("begin_suppress_tokens")
+        processors = [] if forced_bos is None else [ForcedToken([int(forced_bos)], 1)]
+        if forced_eos is not None:
+            processors.append(ForcedToken(_as_list(forced_eos), prompt_len + self.max_new - 1))
+        if suppress is not None:
+            processors.append(SuppressedTokens(_as_list(suppress)))
+        if begin is not None:   # its first new token's step (the one after a forced bos of a 1-token prompt)
+            first = prompt_len if prompt_len > 1 or forced_bos is None else prompt_len + 1
+            processors.append(SuppressedTokens(_as_list(begin), first))
+        return processors

@@ -76,8 +76,8 @@ def with_checkpoint_defaults(config: PipelineConfig, generation_config: dict) ->
              and getattr(config, name) != value and name not in config.given_settings}
     skipped = unfollowed(generation_config)
     if skipped:
-        log.warning("the checkpoint's generation_config.json sets %s, which a run does not follow (generate() "
-                    "refuses them)", ", ".join(f"{k}={generation_config[k]!r}" for k in skipped))
+        log.warning("the checkpoint's generation_config.json sets %s, which a run does not follow",
+                    ", ".join(f"{k}={generation_config[k]!r}" for k in skipped))
     if not taken:
         return config, {}
     try:

@@ -1,0 +1,83 @@
+"""generate()'s remaining transformers settings: suppress_tokens, begin_suppress_tokens,
+forced_bos / forced_eos_token_id, min_length, renormalize_logits, max_time, and transformers 5's
+default length (20 new tokens): the reference's tokens (and scores) on mixed left-padded batches."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.model.test_generation import mixed_batch, pair  # noqa: F401  (the fixture)
+
+torch.set_num_threads(1)
+MAX_NEW = 8
+
+
+def answers(ref, inputs, **kwargs) -> torch.Tensor:
+    return ref.generate(**inputs, max_new_tokens=MAX_NEW, **kwargs)[:, inputs["input_ids"].shape[1]:]
+
+
+def test_suppressed_tokens_are_the_references(pair):
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    plain = answers(ref, inputs)
+    settings = [dict(suppress_tokens=plain[:, 2].tolist()), dict(begin_suppress_tokens=plain[:, 0].tolist()),
+                dict(suppress_tokens=plain[:, 3].tolist(), begin_suppress_tokens=plain[:, 0].tolist(), num_beams=2)]
+    for setting in settings:
+        expected = ref.generate(**inputs, max_new_tokens=MAX_NEW, **setting)
+        assert torch.equal(ours.generate(**inputs, max_new_tokens=MAX_NEW, **setting), expected), setting
+        assert not torch.equal(expected[:, inputs["input_ids"].shape[1]:], plain), setting
+
+
+def test_forced_tokens_are_the_references(pair):
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    for setting in (dict(forced_eos_token_id=[5, 9]), dict(forced_eos_token_id=7, num_beams=2)):
+        expected = ref.generate(**inputs, max_new_tokens=MAX_NEW, **setting)
+        assert torch.equal(ours.generate(**inputs, max_new_tokens=MAX_NEW, **setting), expected), setting
+        assert expected[:, -1].tolist() != answers(ref, inputs)[:, -1].tolist()
+    one = dict(input_ids=torch.tensor([[1]]), attention_mask=torch.ones(1, 1, dtype=torch.int64))
+    forced = ref.generate(**one, max_new_tokens=4, forced_bos_token_id=11)       # a 1-token prompt
+    setting = dict(max_new_tokens=4, forced_bos_token_id=11, begin_suppress_tokens=[int(forced[0, 2])])
+    expected = ref.generate(**one, **setting)        # the token after the forced one is the first suppressed
+    assert forced[0, 1] == expected[0, 1] == 11 and expected[0, 2] != forced[0, 2]
+    assert torch.equal(ours.generate(**one, **setting), expected)
+
+
+def test_min_length_counts_the_prompt_and_min_new_tokens_wins(pair):
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    prompt_len = inputs["input_ids"].shape[1]
+    stop = answers(ref, inputs)[:, 1].tolist()          # each row's second token ends the answers...
+    for setting in (dict(min_length=prompt_len + 4), dict(min_length=prompt_len + 6, min_new_tokens=3),
+                    dict(min_length=prompt_len + 4, num_beams=2)):
+        expected = ref.generate(**inputs, max_new_tokens=MAX_NEW, eos_token_id=stop, **setting)
+        assert torch.equal(ours.generate(**inputs, max_new_tokens=MAX_NEW, eos_token_id=stop, **setting),
+                           expected), setting
+    early = ref.generate(**inputs, max_new_tokens=MAX_NEW, eos_token_id=stop)
+    assert early.shape[1] < expected.shape[1]           # ... unless min_length holds them
+
+
+@pytest.mark.parametrize("setting", [dict(), dict(num_beams=2, num_return_sequences=2)], ids=["greedy", "beams"])
+def test_renormalized_scores_are_the_references(pair, setting):
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    kwargs = dict(max_new_tokens=6, repetition_penalty=1.5, renormalize_logits=True, return_dict_in_generate=True,
+                  output_scores=True, **setting)
+    expected, got = ref.generate(**inputs, **kwargs), ours.generate(**inputs, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    for mine, theirs in zip(got.scores, expected.scores):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    assert torch.logsumexp(got.scores[0], dim=-1).abs().max() < 1e-4          # log p: each row sums to 1
+    if setting:
+        torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_max_time_and_the_default_length_are_the_references(pair):
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    expected = ref.generate(**inputs, max_new_tokens=MAX_NEW, max_time=1e-9)      # out of time after a token
+    assert expected.shape[1] == inputs["input_ids"].shape[1] + 1
+    assert torch.equal(ours.generate(**inputs, max_new_tokens=MAX_NEW, max_time=1e-9), expected)
+    expected = ref.generate(**inputs)           # neither max_new_tokens nor max_length: 20 new tokens
+    assert expected.shape[1] == inputs["input_ids"].shape[1] + 20
+    assert torch.equal(ours.generate(**inputs), expected)
