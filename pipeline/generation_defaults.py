@@ -18,7 +18,6 @@ from dataclasses import MISSING, fields, replace
 from .config import PipelineConfig
 
 log = logging.getLogger(__name__)
-MODES = ("auto", "none")
 # the file's key -> the run's setting, each taken as it is
 TAKEN = {"max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens",
          "repetition_penalty": "repetition_penalty", "no_repeat_ngram_size": "no_repeat_ngram_size",
@@ -28,7 +27,8 @@ TAKEN = {"max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens",
 SAMPLED = {"temperature": ("temperature", 1.0), "top_k": ("top_k", 50), "top_p": ("top_p", None),
            "min_p": ("min_p", None), "typical_p": ("typical_p", None), "epsilon_cutoff": ("epsilon_cutoff", None),
            "eta_cutoff": ("eta_cutoff", None)}
-SETTINGS = set(TAKEN.values()) | {setting for setting, _ in SAMPLED.values()}     # the run's settings it may set
+SAMPLED_SETTINGS = {setting for setting, _ in SAMPLED.values()}
+SETTINGS = set(TAKEN.values()) | SAMPLED_SETTINGS       # the run's settings the file may set
 # keys that change no answer of a run (ids it reads elsewhere, the cache, output formats, max_length:
 # a run always sets max_new_tokens, which transformers lets win over it)
 INERT = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
@@ -74,6 +74,8 @@ def with_checkpoint_defaults(config: PipelineConfig, generation_config: dict) ->
     taken = {name: value for name, value in checkpoint_settings(generation_config).items()
              if (default_stop if name == "stop" else getattr(config, name) == defaults[name])
              and getattr(config, name) != value and name not in config.given_settings}
+    if taken.get("temperature", config.temperature) == 0:      # a greedy run: the file's sampling settings are moot
+        taken = {name: value for name, value in taken.items() if name not in SAMPLED_SETTINGS}
     skipped = unfollowed(generation_config)
     if skipped:
         log.warning("the checkpoint's generation_config.json sets %s, which a run does not follow",

@@ -23,8 +23,8 @@ from .io import input_dataset, input_folder, read_output, read_rows, write_rows
 from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
 from .resume import checkpoint_config, clear_checkpoint, forget_lost_rows, has_checkpoint
-from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
 from .retry import drop_error_rows
+from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
 from .run_stats import RunCounter
 from .storage import fsspec_fs, has_files, redact_url, sibling, write_text
 

@@ -58,7 +58,7 @@ def test_a_flag_given_at_its_default_value_still_wins(tmp_path):
     assert config.given_settings == ["temperature", "top_k"]
     sampling = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.9}
     resolved, taken = with_checkpoint_defaults(config, sampling)
-    assert taken == {"top_p": 0.9} and (resolved.temperature, resolved.top_k) == (0.0, 0)
+    assert taken == {} and (resolved.temperature, resolved.top_k, resolved.top_p) == (0.0, 0, 1.0)   # greedy
     assert with_checkpoint_defaults(pipeline_config(merge_args(parse_args(["--model", "m"]), DEFAULTS)),
                                     sampling)[1] == {"temperature": 0.6, "top_k": 20, "top_p": 0.9}
 
