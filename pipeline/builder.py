@@ -126,6 +126,7 @@ def build_processor(config: PipelineConfig, stats: str | None = None, *,
     at their defaults (pipeline.generation_defaults; run_job's config has them already)."""
     if checkpoint_defaults:
         config, _ = with_checkpoint_defaults(config, generation_config_of(config.model, config.storage_options))
+
     def process(ds: ray.data.Dataset) -> ray.data.Dataset:
         share = cpu_share(config)
         fewest, most = cpu_worker_range(config)
