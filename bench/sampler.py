@@ -2,7 +2,9 @@
 
 Greedy (with the non-finite check), temperature only, top-p (its nucleus found by bisection, as
 where no row sets top_k, or by a sort, as where rows mix), top-k 50 (+ top-p), each eager and
-compiled (the engine's choice when its decode step is compiled), milliseconds a step (synchronised):
+compiled (the engine's choice when its decode step is compiled), and greedy with the repetition
+penalty alone or with vLLM's presence and frequency penalties (eager: the engine does not compile
+them), milliseconds a step (synchronised):
 
     python bench/sampler.py --device cuda --rows 32 256 --vocab 128259
 """
@@ -24,20 +26,31 @@ from bench.profiling import sync  # noqa: E402
 KINDS = {"greedy": dict(temperature=0.0), "temperature": dict(temperature=0.8),
          "top_p": dict(temperature=0.8, top_p=0.9),                       # the nucleus by bisection
          "top_p_sort": dict(temperature=0.8, top_p=0.9, sort=True),       # ... by a sort (batches mixing top_k)
-         "top_k": dict(temperature=0.8, top_k=50, top_p=0.9)}
+         "top_k": dict(temperature=0.8, top_k=50, top_p=0.9),
+         "repetition": dict(temperature=0.0, penalty=1.2),                    # the seen-token mask
+         "counted": dict(temperature=0.0, penalty=1.2, presence=0.5, frequency=0.5)}   # ... and the counts
 
 
 def state_for(rows: int, vocab: int, device: str, temperature: float, top_k: int = 0,
-              top_p: float = 1.0, sort: bool = False) -> SamplingState:
+              top_p: float = 1.0, sort: bool = False, penalty: float = 1.0, presence: float = 0.0,
+              frequency: float = 0.0) -> SamplingState:
     state = SamplingState.empty(rows, vocab, device)
     for row in range(rows):
-        state.assign(row, temperature, top_k, top_p, seed=row, min_new=0, stop_ids=[])
+        state.assign(row, temperature, top_k, top_p, seed=row, min_new=0, stop_ids=[], penalty=penalty,
+                     prompt_ids=list(range(0, 400 * (row + 1), 7)), presence_penalty=presence,
+                     frequency_penalty=frequency)
     return state
 
 
 def drawer(kind: str, fuse: bool, logits: torch.Tensor, state: SamplingState, slots: torch.Tensor):
     """One step's draw as the engine makes it (greedy: with the non-finite check it fuses)."""
     params = KINDS[kind]
+    if "penalty" in params:             # a penalised greedy step: the penalties, the draw, the tokens marked seen
+        def penalised():
+            tokens = sample(logits, state, slots, any_sampling=False, any_filter=False, any_penalty=True)
+            state.mark_seen(slots, tokens)
+            return tokens
+        return penalised
     if kind == "greedy":
         if fuse:
             return lambda: fused_greedy_tokens(logits, state.step, state.min_new, state.stop_mask, slots)

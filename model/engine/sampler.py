@@ -125,7 +125,11 @@ class SamplingState:
     eta: Tensor             # (S,) float32 eta_cutoff (0: none)
     presence: Tensor        # (S,) float32 presence penalty (0: none)
     frequency: Tensor       # (S,) float32 frequency penalty (0: none)
-    counts: Tensor | None = None    # (S, V) float32: each token's count in the answer so far (once a slot needs it)
+    # made once a slot needs them: (S, V) float32, what the presence and frequency penalties take off each
+    # token so far (kept as it grows, O(rows) a step, so a step subtracts it in one pass), and (S, V)
+    # bool, the tokens the answer holds
+    answer_penalty: Tensor | None = None
+    in_answer: Tensor | None = None
 
     @classmethod
     def empty(cls, num_slots: int, vocab_size: int, device: torch.device | str) -> "SamplingState":
@@ -149,10 +153,11 @@ class SamplingState:
         self.penalty[slot] = penalty
         self._set_row(self.seen, slot, prompt_ids if penalty != 1.0 else ())
         self.presence[slot], self.frequency[slot] = presence_penalty, frequency_penalty
-        if self.counts is None and (presence_penalty or frequency_penalty):
-            self.counts = torch.zeros(self.seen.shape, device=self.seen.device)
-        if self.counts is not None:
-            self.counts[slot] = 0
+        if self.answer_penalty is None and (presence_penalty or frequency_penalty):
+            self.answer_penalty = torch.zeros(self.seen.shape, device=self.seen.device)
+            self.in_answer = torch.zeros_like(self.seen)
+        if self.answer_penalty is not None:
+            self.answer_penalty[slot], self.in_answer[slot] = 0.0, False
 
     @staticmethod
     def _set_row(mask: Tensor, slot: int, ids) -> None:
@@ -164,8 +169,10 @@ class SamplingState:
     def mark_seen(self, slots: Tensor, tokens: Tensor) -> None:
         """The rows' new tokens join what their penalties discourage."""
         self.seen[slots, tokens] = True
-        if self.counts is not None:
-            self.counts[slots, tokens] += 1
+        if self.answer_penalty is not None:     # a token's first time costs presence + frequency, later ones frequency
+            first = ~self.in_answer[slots, tokens]
+            self.answer_penalty[slots, tokens] += self.frequency[slots] + self.presence[slots] * first
+            self.in_answer[slots, tokens] = True
 
 
 def penalize_repeats(logits: Tensor, penalty: Tensor, seen: Tensor) -> Tensor:
@@ -175,10 +182,11 @@ def penalize_repeats(logits: Tensor, penalty: Tensor, seen: Tensor) -> Tensor:
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
-def penalize_counts(logits: Tensor, presence: Tensor, frequency: Tensor, counts: Tensor) -> Tensor:
+def penalize_counts(logits: Tensor, answer_penalty: Tensor) -> Tensor:
     """vLLM's (and OpenAI's) presence and frequency penalties, on the answer's tokens only (not the
-    prompt's): a token the answer holds loses `presence`, and `frequency` for each time it holds it."""
-    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+    prompt's): a token the answer holds loses the presence penalty, and the frequency penalty for
+    each time it holds it (SamplingState.answer_penalty, their sum so far)."""
+    return logits - answer_penalty
 
 
 def drop_below_min_p(scaled: Tensor, log_min_p: Tensor) -> Tensor:
@@ -340,8 +348,8 @@ def _processed(logits: Tensor, state: SamplingState, slots: Tensor, any_penalty:
     logits = logits.float()
     if any_penalty:
         logits = penalize_repeats(logits, state.penalty[slots], state.seen[slots])
-        if state.counts is not None:
-            logits = penalize_counts(logits, state.presence[slots], state.frequency[slots], state.counts[slots])
+        if state.answer_penalty is not None:
+            logits = penalize_counts(logits, state.answer_penalty[slots])
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     return logits.masked_fill(too_early(state.step, state.min_new, state.stop_mask, slots), float("-inf"))
