@@ -78,6 +78,8 @@ def test_max_time_and_the_default_length_are_the_references(pair):
     expected = ref.generate(**inputs, max_new_tokens=MAX_NEW, max_time=1e-9)      # out of time after a token
     assert expected.shape[1] == inputs["input_ids"].shape[1] + 1
     assert torch.equal(ours.generate(**inputs, max_new_tokens=MAX_NEW, max_time=1e-9), expected)
+    beams = dict(max_new_tokens=MAX_NEW, max_time=1e-9, num_beams=2, num_return_sequences=2)
+    assert torch.equal(ours.generate(**inputs, **beams), ref.generate(**inputs, **beams))
     expected = ref.generate(**inputs)           # neither max_new_tokens nor max_length: 20 new tokens
     assert expected.shape[1] == inputs["input_ids"].shape[1] + 20
     assert torch.equal(ours.generate(**inputs), expected)
