@@ -39,11 +39,12 @@ def add_run_flags(ap) -> None:
     ap.add_argument("--compile", dest="compile_decode", action=argparse.BooleanOptionalAction,
                     help="the decode step through torch.compile (default: on CUDA, where a replica's first step "
                          "compiles for ~2 minutes; --no-compile for short runs; off on CPU, where it is slower)")
-    ap.add_argument("--generation-config", choices=["auto", "none"],
+    ap.add_argument("--generation-config", metavar="auto|none|PATH",
                     help="auto: the checkpoint's generation_config.json decides the decoding settings not given "
                          "(do_sample with its temperature, top_k, top_p; repetition_penalty, num_beams, "
                          "max_new_tokens, ...), as transformers' generate and vLLM take it (caption's default); "
-                         "none: the file is ignored (evaluate's default: greedy, as benchmarks are scored)")
+                         "PATH: that .json file (or a folder's generation_config.json, local or by URL) does; "
+                         "none: no file (evaluate's default: greedy, as benchmarks are scored)")
     ap.add_argument("--image-backend", choices=["pil", "torch"], help="reference image recipe (default pil)")
     add_image_flags(ap)
     ap.add_argument("--storage-options", help='JSON passed to fsspec, e.g. \'{"anon": true}\'')

@@ -16,10 +16,9 @@ from typing import Callable
 import ray
 import ray.data
 
-from .checkpoint import generation_config_of
 from .config import PipelineConfig
 from .generate import Generate, calls_in_flight
-from .generation_defaults import with_checkpoint_defaults
+from .generation_defaults import resolved as resolved_generation_config
 from .preprocess import Preprocess
 
 
@@ -125,7 +124,7 @@ def build_processor(config: PipelineConfig, stats: str | None = None, *,
     checkpoint_defaults: the checkpoint's generation_config.json decides the settings the config leaves
     at their defaults (pipeline.generation_defaults; run_job's config has them already)."""
     if checkpoint_defaults:
-        config, _ = with_checkpoint_defaults(config, generation_config_of(config.model, config.storage_options))
+        config, _ = resolved_generation_config(config)
 
     def process(ds: ray.data.Dataset) -> ray.data.Dataset:
         share = cpu_share(config)

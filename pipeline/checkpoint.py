@@ -27,7 +27,7 @@ from model.config import CONFIG_NAME, Idefics3Config, check_tp
 from model.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HUB_PATTERNS, INDEX_FILE, SINGLE_FILE, CheckpointError,
                          adapter_files, check_adapter_config, check_complete_safetensors, is_hub_id, weight_files)
 
-from .storage import is_local, reader_fs
+from .storage import fsspec_fs, is_local, reader_fs
 
 CACHE_ENV = "IDEFICS3_CHECKPOINT_CACHE"     # default: <temp dir>/idefics3-checkpoints
 COMPLETE = ".complete.json"
@@ -87,9 +87,13 @@ def check_model(model: str, storage_options: dict | None = None, tensor_parallel
     return shapes
 
 
-def generation_config_of(model: str, storage_options: dict | None = None) -> dict:
+def generation_config_of(model: str, storage_options: dict | None = None, *, named: bool = False) -> dict:
     """The checkpoint's generation_config.json: {} where it has none, or where the hub cannot be asked
-    (then with a warning). A file that is not a JSON object is refused, naming it."""
+    (then with a warning). A file that is not a JSON object is refused, naming it. `named`: `model`
+    names a generation config the user chose (a .json file, or a folder holding one, local or by URL):
+    one not there is refused."""
+    if named:
+        return _named_generation_config(model, storage_options)
     if is_local(model):
         folder = Path(fsspec.core.strip_protocol(model)).expanduser()
         if folder.is_dir():
@@ -109,6 +113,18 @@ def generation_config_of(model: str, storage_options: dict | None = None) -> dic
         raise CheckpointError(f"model {model!r}: its {GENERATION_CONFIG} is not JSON: {e}") from None
     if not isinstance(found, dict):
         raise CheckpointError(f"model {model!r}: its {GENERATION_CONFIG} is not a JSON object")
+    return found
+
+
+def _named_generation_config(source: str, storage_options: dict | None) -> dict:
+    fs, path = fsspec_fs(source, storage_options)
+    path = path if path.endswith(".json") else posixpath.join(path.rstrip("/"), GENERATION_CONFIG)
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"generation_config {source!r}: no such file ({path}); name a .json file or a "
+                                "folder holding generation_config.json, or 'auto' / 'none'")
+    found = json.loads(fs.cat_file(path))
+    if not isinstance(found, dict):
+        raise ValueError(f"generation_config {source!r}: not a JSON object")
     return found
 
 

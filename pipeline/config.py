@@ -47,7 +47,7 @@ class PipelineConfig:
     eta_cutoff: float = 0.0                     # sampling: transformers' eta_cutoff (0 = none)
     generation_config: str = "auto"             # "auto": the checkpoint's generation_config.json sets the decoding
                                                 # settings left at their defaults (pipeline.generation_defaults);
-                                                # "none": it is ignored
+                                                # a .json file's path (or a folder's): that one; "none": none
     given_settings: list[str] = field(default_factory=list)     # settings the file does not replace even at
                                                 # their defaults (the jobs' flags given: --temperature 0)
     repetition_penalty: float = 1.0             # transformers' repetition_penalty; 1 = none
@@ -148,8 +148,9 @@ class PipelineConfig:
                 continue
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a column name, got {getattr(self, name)!r}")
-        if self.generation_config not in ("auto", "none"):
-            raise ValueError(f"generation_config must be 'auto' or 'none', got {self.generation_config!r}")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise ValueError(f"generation_config must be 'auto', 'none' or a file's path, got "
+                             f"{self.generation_config!r}")
         if self.image_backend not in ("pil", "torch"):
             raise ValueError(f"image_backend must be 'pil' or 'torch', got {self.image_backend!r}")
         if not self.temperature >= 0 or not 0 < self.top_p <= 1:      # NaN fails both

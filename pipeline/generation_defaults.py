@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import MISSING, fields, replace
 
+from .checkpoint import generation_config_of
 from .config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,24 @@ def unfollowed(generation_config: dict) -> list[str]:
                   and NEUTRAL.get(k, object()) != v)
 
 
-def with_checkpoint_defaults(config: PipelineConfig, generation_config: dict) -> tuple[PipelineConfig, dict]:
+def resolved(config: PipelineConfig) -> tuple[PipelineConfig, dict]:
+    """`config` with the generation config it names read and taken (pipeline.checkpoint's
+    generation_config_of: "auto", the checkpoint's; a path, that file), and the settings taken."""
+    if config.generation_config == "none":
+        return config, {}
+    named = config.generation_config != "auto"
+    found = generation_config_of(config.generation_config if named else config.model, config.storage_options,
+                                 named=named)
+    return with_checkpoint_defaults(config, found, config.generation_config if named else None)
+
+
+def with_checkpoint_defaults(config: PipelineConfig, generation_config: dict,
+                             source: str | None = None) -> tuple[PipelineConfig, dict]:
     """The run's settings with the file's for those left at their defaults, and the ones taken. A
-    ValueError names the file where its settings make an impossible run."""
+    ValueError names the file (`source`, else the checkpoint's) where its settings make an impossible run."""
     if config.generation_config == "none" or not generation_config:
         return config, {}
+    whose = "the checkpoint's generation_config.json" if source is None else f"generation config {source!r}"
     defaults = job_defaults()
     default_stop = not config.stop
     taken = {name: value for name, value in checkpoint_settings(generation_config).items()
@@ -78,19 +92,18 @@ def with_checkpoint_defaults(config: PipelineConfig, generation_config: dict) ->
         taken = {name: value for name, value in taken.items() if name not in SAMPLED_SETTINGS}
     skipped = unfollowed(generation_config)
     if skipped:
-        log.warning("the checkpoint's generation_config.json sets %s, which a run does not follow",
+        log.warning("%s sets %s, which a run does not follow", whose,
                     ", ".join(f"{k}={generation_config[k]!r}" for k in skipped))
     if not taken:
         return config, {}
     try:
         resolved = replace(config, **taken)
     except ValueError as e:
-        raise ValueError(f"the checkpoint's generation_config.json sets {_listed(taken)}, which makes this run "
+        raise ValueError(f"{whose} sets {_listed(taken)}, which makes this run "
                          f"impossible: {e}; set those settings yourself, or ignore the file (generation_config="
                          "'none', --generation-config none)") from None
-    log.warning("decoding as the checkpoint's generation_config.json asks, for the settings this run leaves at "
-                "their defaults: %s (generation_config='none', --generation-config none, ignores the file)",
-                _listed(taken))
+    log.warning("decoding as %s asks, for the settings this run leaves at their defaults: %s "
+                "(generation_config='none', --generation-config none, ignores the file)", whose, _listed(taken))
     return resolved, taken
 
 

@@ -13,12 +13,12 @@ import pyarrow.compute as pc
 import ray.data
 
 from .builder import build_processor
-from .checkpoint import check_adapter, check_model, generation_config_of
+from .checkpoint import check_adapter, check_model
 from .checks import (check_column_types, check_columns, check_ids, check_image_root, check_input_excludes_output,
                      check_input_files, check_output_outside_input, check_row_encoding, input_ids, read_schema)
 from .config import PipelineConfig
 from .generate import release_replica_groups
-from .generation_defaults import with_checkpoint_defaults
+from .generation_defaults import resolved as resolved_generation_config
 from .io import input_dataset, input_folder, read_output, read_rows, write_rows
 from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings
@@ -155,7 +155,7 @@ def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume
     only (a checkpoint's configs, the input's footers and ids, the output's listing)."""
     opts = config.storage_options
     shapes = check_model(config.model, opts, config.tensor_parallel_size)
-    config, taken = with_checkpoint_defaults(config, generation_config_of(config.model, opts))
+    config, taken = resolved_generation_config(config)
     check_adapter(config.adapter, opts, shapes)
     check_row_encoding(config)
     check_image_root(config.image_root, opts)

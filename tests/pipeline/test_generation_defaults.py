@@ -42,8 +42,8 @@ def test_the_jobs_own_settings_win_and_none_ignores_the_file(caplog):
     assert "eos_token_id" not in caplog.text
     ignored = PipelineConfig(model="m", generation_config="none")
     assert with_checkpoint_defaults(ignored, tuned) == (ignored, {})
-    with pytest.raises(ValueError, match="generation_config must be 'auto' or 'none'"):
-        PipelineConfig(model="m", generation_config="vllm")
+    with pytest.raises(ValueError, match="generation_config must be 'auto', 'none' or a file's path"):
+        PipelineConfig(model="m", generation_config="")
 
 
 def test_a_flag_given_at_its_default_value_still_wins(tmp_path):
@@ -61,6 +61,25 @@ def test_a_flag_given_at_its_default_value_still_wins(tmp_path):
     assert taken == {} and (resolved.temperature, resolved.top_k, resolved.top_p) == (0.0, 0, 1.0)   # greedy
     assert with_checkpoint_defaults(pipeline_config(merge_args(parse_args(["--model", "m"]), DEFAULTS)),
                                     sampling)[1] == {"temperature": 0.6, "top_k": 20, "top_p": 0.9}
+
+
+def test_a_generation_config_named_by_path_is_the_one_read(checkpoint, tmp_path):
+    """--generation-config PATH: that .json file, or a folder's generation_config.json; one not there
+    is refused, named; its impossible settings are named by its path."""
+    from pipeline.generation_defaults import resolved
+
+    chosen = tmp_path / "sampling.json"
+    chosen.write_text(json.dumps({"do_sample": True, "temperature": 0.7, "top_p": 0.8}))
+    config, taken = resolved(PipelineConfig(model=str(checkpoint), generation_config=str(chosen)))
+    assert taken == {"temperature": 0.7, "top_k": 50, "top_p": 0.8} and config.temperature == 0.7
+    folder = with_generation_config(checkpoint, tmp_path, {"repetition_penalty": 1.4})
+    assert resolved(PipelineConfig(model=str(checkpoint), generation_config=str(folder)))[1] == {
+        "repetition_penalty": 1.4}
+    with pytest.raises(FileNotFoundError, match="generation_config '.*missing.json': no such file"):
+        resolved(PipelineConfig(model=str(checkpoint), generation_config=str(tmp_path / "missing.json")))
+    chosen.write_text(json.dumps({"do_sample": True, "num_beams": 3}))
+    with pytest.raises(ValueError, match=r"generation config '.*sampling.json' sets num_beams=3"):
+        resolved(PipelineConfig(model=str(checkpoint), generation_config=str(chosen)))
 
 
 def test_a_file_that_makes_the_run_impossible_is_named():
