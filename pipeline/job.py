@@ -234,7 +234,8 @@ def run_prepared(job: PreparedJob) -> dict:
         if job.limit is not None:
             ds = ds.limit(job.limit)
         start = time.perf_counter()
-        write_rows(build_processor(job.config, stats.name, checkpoint_defaults=False)(ds), job.output_uri, opts, job.config.rows_per_file)
+        answered = build_processor(job.config, stats.name, checkpoint_defaults=False)(ds)
+        write_rows(answered, job.output_uri, opts, job.config.rows_per_file)
         wall = time.perf_counter() - start
     finally:
         context.checkpoint_config = None
