@@ -29,6 +29,7 @@ SAMPLED = {"temperature": ("temperature", 1.0), "top_k": ("top_k", 50), "top_p":
            "min_p": ("min_p", None), "typical_p": ("typical_p", None), "epsilon_cutoff": ("epsilon_cutoff", None),
            "eta_cutoff": ("eta_cutoff", None)}
 SAMPLED_SETTINGS = {setting for setting, _ in SAMPLED.values()}
+BEAM_SETTINGS = {"length_penalty", "early_stopping"}
 SETTINGS = set(TAKEN.values()) | SAMPLED_SETTINGS       # the run's settings the file may set
 # keys that change no answer of a run (ids it reads elsewhere, the cache, output formats, max_length:
 # a run always sets max_new_tokens, which transformers lets win over it)
@@ -88,8 +89,12 @@ def with_checkpoint_defaults(config: PipelineConfig, generation_config: dict,
     taken = {name: value for name, value in checkpoint_settings(generation_config).items()
              if (default_stop if name == "stop" else getattr(config, name) == defaults[name])
              and getattr(config, name) != value and name not in config.given_settings}
-    if taken.get("temperature", config.temperature) == 0:      # a greedy run: the file's sampling settings are moot
-        taken = {name: value for name, value in taken.items() if name not in SAMPLED_SETTINGS}
+    moot = set()        # settings of a way of decoding the run does not use: they would change nothing
+    if taken.get("temperature", config.temperature) == 0:
+        moot |= SAMPLED_SETTINGS
+    if taken.get("num_beams", config.num_beams) == 1:
+        moot |= BEAM_SETTINGS
+    taken = {name: value for name, value in taken.items() if name not in moot}
     skipped = unfollowed(generation_config)
     if skipped:
         log.warning("%s sets %s, which a run does not follow", whose,

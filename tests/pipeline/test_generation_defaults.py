@@ -29,6 +29,11 @@ def test_sampling_settings_count_only_with_do_sample_and_then_as_transformers_de
                                 "stop_strings": "."}) == {"temperature": 0.6, "top_k": 0, "min_p": 0.1, "stop": ["."]}
     assert checkpoint_settings({"repetition_penalty": 1.2, "num_beams": 3, "early_stopping": True}) == {
         "repetition_penalty": 1.2, "num_beams": 3, "early_stopping": True}
+    # settings of a way of decoding the run does not use are not taken (they would change nothing)
+    assert with_checkpoint_defaults(PipelineConfig(model="m"), {"early_stopping": True, "length_penalty": 2.0,
+                                                                 "top_p": 0.5})[1] == {}
+    assert with_checkpoint_defaults(PipelineConfig(model="m"), {"early_stopping": True, "num_beams": 2})[1] == {
+        "num_beams": 2, "early_stopping": True}
 
 
 def test_the_jobs_own_settings_win_and_none_ignores_the_file(caplog):
