@@ -43,6 +43,35 @@ def test_repeated_questions_are_answered_once_and_as_the_reference(checkpoint, o
         stage.loop.close()
 
 
+def test_shared_beam_answers_count_every_returned_beams_tokens(checkpoint):
+    """With --num-beams and --samples, repeated questions share their searches, and the counts the
+    replica reports hold each shared row's returned beams' tokens (as the summary counts them)."""
+    from collections import Counter
+
+    from pipeline.generate import Generate
+
+    class Recorded:
+        def __init__(self):
+            self.counts = Counter()
+
+        async def report(self, counts):
+            self.counts.update(counts)
+
+    rows = rows_with_repeats()
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=6, num_beams=2, samples=2)
+    stage = Generate(config)
+    stage.stats = Recorded()
+    try:
+        out = run_stage(stage, config, rows)
+    finally:
+        stage.loop.close()
+    repeats = ["row-1", "row-4", "row-5"]
+    assert stage.stats.counts["shared_answer_rows"] == len(repeats)
+    assert stage.stats.counts["shared_answer_tokens"] == sum(sum(out[i]["samples_num_generated_tokens"])
+                                                             for i in repeats) > 0
+    assert out["row-5"]["samples"] == out["row-0"]["samples"]
+
+
 def test_sampled_answers_are_never_shared(checkpoint):
     from pipeline.generate import Generate
 
