@@ -17,6 +17,10 @@ def write_metrics_json(summary: dict, out_dir: Path) -> Path:
     return path
 
 
+def _interval(ci95: list[float] | None) -> str:
+    return "n/a" if ci95 is None else f"[{ci95[0]}, {ci95[1]}]"
+
+
 def _code(text: object) -> str:
     return f"`{text}`"
 
@@ -32,8 +36,9 @@ def report_markdown(summary: dict, sources: dict[str, str], chart_name: str | No
     lines += ["## Metrics", "", "| metric | score |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in summary["metrics"].items()]
     if summary["per_category"]:
-        lines += ["", "## Per category", "", "| category | rows | score |", "|---|---|---|"]
-        lines += [f"| {_escape_cell(c)} | {v['rows']} | {v['score']} |" for c, v in summary["per_category"].items()]
+        lines += ["", "## Per category", "", "| category | rows | score | 95 % interval |", "|---|---|---|---|"]
+        lines += [f"| {_escape_cell(c)} | {v['rows']} | {v['score']} | {_interval(v.get('ci95'))} |"
+                  for c, v in summary["per_category"].items()]
     if summary.get("baseline"):
         from evaluation.baseline import report_lines
 

@@ -123,7 +123,8 @@ def interval95(values: list[float], low: float = 0.0, high: float = 1.0) -> list
 
 
 def summarize(scored: pa.Table, metric: str, category_column: str = "category") -> dict:
-    """The metrics.json document: primary score, all metrics, per-category scores, rows, errors."""
+    """The metrics.json document: primary score (and its 95 % interval), all metrics, per-category
+    scores (each with its rows and interval: a category of a few rows tells little), rows, errors."""
     rows = scored.to_pylist()
     primary = [r["score"] for r in rows]
     metrics = {metric: _mean(primary)}
@@ -136,7 +137,8 @@ def summarize(scored: pa.Table, metric: str, category_column: str = "category") 
         for r in rows:
             label = "(none)" if r[category_column] is None else str(r[category_column])
             groups.setdefault(label, []).append(r["score"])
-        per_category = {c: {"score": _mean(s), "rows": len(s)} for c, s in sorted(groups.items())}
+        per_category = {c: {"score": _mean(s), "rows": len(s), "ci95": interval95(s)}
+                        for c, s in sorted(groups.items())}
     return {"metric": metric, "score": metrics[metric], "ci95": interval95(primary), "metrics": metrics,
             "per_category": per_category, "rows": len(rows), "errors": sum(is_error_row(r) for r in rows)}
 

@@ -56,9 +56,10 @@ def test_empty_benchmark_summarises_to_zero_rows():
 
 def test_report_markdown_prints_metrics_json_numbers_and_escapes_cells(tmp_path):
     summary = {"metric": "anls", "score": 0.123457, "metrics": {"anls": 0.123457, "exact_match": 0.1},
-               "per_category": {"a|b": {"score": 0.5, "rows": 2}}, "rows": 4, "errors": 1}
+               "per_category": {"a|b": {"score": 0.5, "rows": 2, "ci95": [0.1, 0.9]}}, "rows": 4, "errors": 1}
     text = report_markdown(summary, {"model": "m", "input": "in.parquet"})
-    assert "- score: 0.123457" in text and "| anls | 0.123457 |" in text and "| a\\|b | 2 | 0.5 |" in text
+    assert "- score: 0.123457" in text and "| anls | 0.123457 |" in text
+    assert "| a\\|b | 2 | 0.5 | [0.1, 0.9] |" in text
     assert json.loads(write_metrics_json(summary, tmp_path).read_text()) == summary
 
 

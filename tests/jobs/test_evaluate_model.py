@@ -90,7 +90,7 @@ def test_model_run_joins_by_id_and_scores(ray_cluster, checkpoint, oracle_answer
         assert r["score"] == expected
     assert summary["rows"] == 4 and summary["errors"] == 1
     assert summary["score"] == round(sum(r["score"] for r in rows) / 4, 6)
-    assert summary["per_category"]["colour"] == {"score": 0.5, "rows": 2}
+    assert summary["per_category"]["colour"] == {"score": 0.5, "rows": 2, "ci95": [0.0, 1.0]}
     gallery = Path(out, "gallery.html").read_text()
     assert gallery.count('class="card') == 3 and "data:image/jpeg" in gallery
 

@@ -48,13 +48,15 @@ def parse_report(text: str) -> dict:
     for line in text.splitlines():
         if line.startswith("## "):
             section = line[3:]
-        m = re.match(r"^\| (.+?) \| (.+?) \|(?: (.+?) \|)?$", line)
+        m = re.match(r"^\| (.+?) \| (.+?) \|(?: (.+?) \|)?(?: (.+?) \|)?$", line)
         if not m or m.group(2) in ("score", "rows", "---") or m.group(1).startswith("---"):
             continue
         if section == "Metrics":
             metrics[m.group(1)] = float(m.group(2))
         elif section == "Per category":
-            per_category[m.group(1)] = {"score": float(m.group(3)), "rows": int(m.group(2))}
+            bounds = re.match(r"\[(\S+), (\S+)\]", m.group(4))
+            per_category[m.group(1)] = {"score": float(m.group(3)), "rows": int(m.group(2)),
+                                        "ci95": [float(b) for b in bounds.groups()] if bounds else None}
     assert tables, "report has no tables"
     return {"metric": head["metric"], "score": float(head["score"]),
             "ci95": [float(interval.group(1)), float(interval.group(2))] if interval else None,
@@ -70,8 +72,9 @@ def test_predictions_mode_writes_every_artefact(tmp_path):
     summary = json.loads((out / "metrics.json").read_text())
     assert summary == {
         "metric": "exact_match", "score": 0.6, "ci95": [0.119909, 1.0], "metrics": {"exact_match": 0.6},
-        "per_category": {"colour": {"score": 0.5, "rows": 2}, "count": {"score": 1.0, "rows": 1},
-                         "shape": {"score": 0.5, "rows": 2}},
+        "per_category": {"colour": {"score": 0.5, "rows": 2, "ci95": [0.0, 1.0]},
+                         "count": {"score": 1.0, "rows": 1, "ci95": None},       # one row: no interval
+                         "shape": {"score": 0.5, "rows": 2, "ci95": [0.0, 1.0]}},
         "rows": 5, "errors": 1,
     }
     report = (out / "report.md").read_text()
@@ -102,7 +105,7 @@ def test_cli_subprocess_vqa_accuracy_with_secondary_metric(tmp_path):
     assert summary["metric"] == "vqa_accuracy"
     assert summary["score"] == round((0.6 + 1.0 + 0.0) / 3, 6)
     assert summary["metrics"] == {"vqa_accuracy": summary["score"], "exact_match": round(2 / 3, 6)}
-    assert summary["per_category"] == {"(none)": {"score": summary["score"], "rows": 3}}
+    assert summary["per_category"] == {"(none)": {"score": summary["score"], "rows": 3, "ci95": summary["ci95"]}}
     assert parse_report((out / "report.md").read_text()) == summary
     assert json.loads(proc.stdout.strip().splitlines()[-1])["score"] == summary["score"]
 
@@ -123,7 +126,8 @@ def test_ground_truth_joined_from_input_by_id_with_gallery(tmp_path):
     assert job.main(argv) == 0
     summary = json.loads((out / "metrics.json").read_text())
     assert (summary["score"], summary["rows"], summary["errors"]) == (pytest.approx(1 / 3, abs=1e-6), 3, 1)
-    assert summary["per_category"] == {"colour": {"score": 0.5, "rows": 2}, "shape": {"score": 0.0, "rows": 1}}
+    assert summary["per_category"] == {"colour": {"score": 0.5, "rows": 2, "ci95": [0.0, 1.0]},
+                                       "shape": {"score": 0.0, "rows": 1, "ci95": None}}
     scored = pq.read_table(out / "predictions.parquet").to_pylist()
     assert [(r["id"], r["answer"], r["question"], r["score"]) for r in scored] == [
         ("x1", "green", "Colour?", 0.0), ("x2", "Blue", "Colour?", 1.0), ("x3", None, "Shape?", 0.0)]
