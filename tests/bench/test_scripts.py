@@ -43,7 +43,8 @@ def test_the_engine_bench_runs_each_decode_variant():
 
 def test_the_sampler_bench_times_each_kind():
     rows = run_script("bench/sampler.py", "--vocab", "300", "--rows", "4", "--repeats", "1", "--no-fused")
-    assert [r["kind"] for r in rows] == ["greedy", "temperature", "top_p", "top_p_sort", "top_k"]
+    assert [r["kind"] for r in rows] == ["greedy", "temperature", "top_p", "top_p_sort", "top_k", "repetition",
+                                         "counted"]
     assert all(r["eager_ms"] > 0 for r in rows)
 
 
