@@ -131,8 +131,9 @@ def test_a_run_answers_as_the_checkpoints_own_generate(ray_cluster, checkpoint, 
     write_parquet(tmp_path / "in" / "part-0.parquet", rows)
     config = PipelineConfig(model=str(tuned), batch_size=3)
     taken = {"repetition_penalty": 3.0, "no_repeat_ngram_size": 2, "max_new_tokens": 10}
-    assert dry_run(str(tmp_path / "in"), str(tmp_path / "out"), config, rows=3)["settings_from_generation_config"] \
-        == taken
+    rehearsed = dry_run(str(tmp_path / "in"), str(tmp_path / "out"), config, rows=3)
+    assert rehearsed["settings_from_generation_config"] == taken
+    assert {k: rehearsed["decoding"][k] for k in taken} == taken and rehearsed["decoding"]["temperature"] == 0.0
     summary = run_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
     assert summary["settings_from_generation_config"] == taken
     assert "decoding as the checkpoint's generation_config.json asks" in caplog.text
