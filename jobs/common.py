@@ -195,6 +195,9 @@ def print_summary(summary: dict) -> bool:
     if summary.get("answers_cut_short"):
         print(f"{summary['answers_cut_short']} answers were cut short by --max-new-tokens before they matched "
               "the pattern or schema in full (finish_reason 'length')")
+    taken = summary.get("settings_from_generation_config")
+    if taken:
+        print("decoding took from the generation config: " + ", ".join(f"{k}={v!r}" for k, v in taken.items()))
     if summary.get("shared_answer_rows"):
         print(f"{summary['shared_answer_rows']} rows asked a question already asked about the same image with "
               "the same settings and took its answer (their tokens are not in the generated tokens/s)")

@@ -220,3 +220,17 @@ def test_regex_and_json_schema_flags(tmp_path):
         config("--json-schema", str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="choices and regex are two ways"):
         config("--regex", "a", "--choice", "a")
+
+
+def test_the_printed_summary_names_what_the_run_took_shared_and_retried(capsys):
+    from jobs.common import print_summary
+
+    summary = {"rows": 10, "input_rows": 10, "error_rows": 1, "rows_this_run": 4, "wall_s": 2.0, "rows_per_s": 2.0,
+               "generated_tokens_per_s": 30.0, "missing_rows": 0, "duplicate_rows": 0, "shared_answer_rows": 3,
+               "shared_answer_tokens": 12, "error_rows_answered_again": 2,
+               "settings_from_generation_config": {"temperature": 0.6, "top_k": 50}}
+    assert print_summary(summary)
+    out = capsys.readouterr().out
+    assert "decoding took from the generation config: temperature=0.6, top_k=50" in out
+    assert "3 rows asked a question already asked" in out
+    assert "2 error rows of the earlier run were answered again (1 error rows now)" in out
