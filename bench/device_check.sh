@@ -23,7 +23,8 @@
 # bench/decode_variants.py), b256 (360: both models at batch 256, never measured compiled; two
 # compiles), sampler (120: the sampler alone at the 8B's vocabulary, 32 and 256 rows, eager vs
 # compiled; ~25 s in run 6; now also the nucleus by bisection, top_p, against the sort, top_p_sort,
-# and the compiled greedy draw), samples (150: 32 prompts x 8 sampled answers vs transformers'
+# and the compiled greedy draw; stop 40: the repetition penalty and vLLM's presence / frequency penalties,
+# kinds repetition and counted, their CUDA path's first run), samples (150: 32 prompts x 8 sampled answers vs transformers'
 # num_return_sequences, bf16, 512-px tiles), score (120: 128 texts scored against 32 images vs
 # transformers' forward pass), beams (150: 32 prompts x 4 beams vs transformers' beam search, bf16, 512-px
 # tiles: the host's per-search bookkeeping, ~90 us a search a step on this project's CPU box, against
