@@ -93,39 +93,39 @@ def generation_config_of(model: str, storage_options: dict | None = None, *, nam
     names a generation config the user chose (a .json file, or a folder holding one, local or by URL):
     one not there is refused."""
     if named:
-        return _named_generation_config(model, storage_options)
-    if is_local(model):
-        folder = Path(fsspec.core.strip_protocol(model)).expanduser()
-        if folder.is_dir():
-            path = folder / GENERATION_CONFIG
-            text = path.read_bytes() if path.is_file() else None
-        else:
-            text = hub_generation_config(model)
+        text, what = _named_generation_config(model, storage_options), f"generation_config {model!r}"
     else:
-        fs, root = reader_fs(model, storage_options)
-        path = posixpath.join(root.rstrip("/"), GENERATION_CONFIG)
-        text = fs.cat_file(path) if fs.isfile(path) else None
+        text, what = _checkpoint_generation_config(model, storage_options), f"model {model!r}: its {GENERATION_CONFIG}"
     if text is None:
         return {}
     try:
         found = json.loads(text)
     except ValueError as e:
-        raise CheckpointError(f"model {model!r}: its {GENERATION_CONFIG} is not JSON: {e}") from None
+        raise CheckpointError(f"{what} is not JSON: {e}") from None
     if not isinstance(found, dict):
-        raise CheckpointError(f"model {model!r}: its {GENERATION_CONFIG} is not a JSON object")
+        raise CheckpointError(f"{what} is not a JSON object")
     return found
 
 
-def _named_generation_config(source: str, storage_options: dict | None) -> dict:
+def _checkpoint_generation_config(model: str, storage_options: dict | None) -> bytes | None:
+    if is_local(model):
+        folder = Path(fsspec.core.strip_protocol(model)).expanduser()
+        if not folder.is_dir():
+            return hub_generation_config(model)
+        path = folder / GENERATION_CONFIG
+        return path.read_bytes() if path.is_file() else None
+    fs, root = reader_fs(model, storage_options)
+    path = posixpath.join(root.rstrip("/"), GENERATION_CONFIG)
+    return fs.cat_file(path) if fs.isfile(path) else None
+
+
+def _named_generation_config(source: str, storage_options: dict | None) -> bytes:
     fs, path = fsspec_fs(source, storage_options)
     path = path if path.endswith(".json") else posixpath.join(path.rstrip("/"), GENERATION_CONFIG)
     if not fs.isfile(path):
         raise FileNotFoundError(f"generation_config {source!r}: no such file ({path}); name a .json file or a "
                                 "folder holding generation_config.json, or 'auto' / 'none'")
-    found = json.loads(fs.cat_file(path))
-    if not isinstance(found, dict):
-        raise ValueError(f"generation_config {source!r}: not a JSON object")
-    return found
+    return fs.cat_file(path)
 
 
 def hub_generation_config(model: str) -> bytes | None:
