@@ -197,7 +197,8 @@ def print_summary(summary: dict) -> bool:
               "the pattern or schema in full (finish_reason 'length')")
     taken = summary.get("settings_from_generation_config")
     if taken:
-        print("decoding took from the generation config: " + ", ".join(f"{k}={v!r}" for k, v in taken.items()))
+        from pipeline.generation_defaults import listed_settings
+        print("decoding took from the generation config: " + listed_settings(taken))
     if summary.get("shared_answer_rows"):
         print(f"{summary['shared_answer_rows']} rows asked a question already asked about the same image with "
               "the same settings and took its answer (their tokens are not in the generated tokens/s)")

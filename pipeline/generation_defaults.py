@@ -41,7 +41,8 @@ NEUTRAL = {"num_beam_groups": 1, "diversity_penalty": 0.0, "encoder_repetition_p
 
 
 def job_defaults() -> dict:
-    return {f.name: f.default for f in fields(PipelineConfig) if f.default is not MISSING}
+    return {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(PipelineConfig)
+            if f.default is not MISSING or f.default_factory is not MISSING}
 
 
 def checkpoint_settings(generation_config: dict) -> dict:
@@ -85,10 +86,8 @@ def with_checkpoint_defaults(config: PipelineConfig, generation_config: dict,
         return config, {}
     whose = "the checkpoint's generation_config.json" if source is None else f"generation config {source!r}"
     defaults = job_defaults()
-    default_stop = not config.stop
     taken = {name: value for name, value in checkpoint_settings(generation_config).items()
-             if (default_stop if name == "stop" else getattr(config, name) == defaults[name])
-             and getattr(config, name) != value and name not in config.given_settings}
+             if getattr(config, name) == defaults[name] != value and name not in config.given_settings}
     moot = set()        # settings of a way of decoding the run does not use: they would change nothing
     if taken.get("temperature", config.temperature) == 0:
         moot |= SAMPLED_SETTINGS
@@ -98,19 +97,21 @@ def with_checkpoint_defaults(config: PipelineConfig, generation_config: dict,
     skipped = unfollowed(generation_config)
     if skipped:
         log.warning("%s sets %s, which a run does not follow", whose,
-                    ", ".join(f"{k}={generation_config[k]!r}" for k in skipped))
+                    listed_settings({k: generation_config[k] for k in skipped}))
     if not taken:
         return config, {}
     try:
-        resolved = replace(config, **taken)
+        taken_config = replace(config, **taken)
     except ValueError as e:
-        raise ValueError(f"{whose} sets {_listed(taken)}, which makes this run "
+        raise ValueError(f"{whose} sets {listed_settings(taken)}, which makes this run "
                          f"impossible: {e}; set those settings yourself, or ignore the file (generation_config="
                          "'none', --generation-config none)") from None
     log.warning("decoding as %s asks, for the settings this run leaves at their defaults: %s "
-                "(generation_config='none', --generation-config none, ignores the file)", whose, _listed(taken))
-    return resolved, taken
+                "(generation_config='none', --generation-config none, ignores the file)", whose,
+                listed_settings(taken))
+    return taken_config, taken
 
 
-def _listed(settings: dict) -> str:
+def listed_settings(settings: dict) -> str:
+    """name=value, ... (as the warnings and the printed summary name settings)."""
     return ", ".join(f"{k}={v!r}" for k, v in settings.items())
