@@ -207,8 +207,7 @@ def rehearse(source: str, output: str, config, values: dict) -> int:
     """--dry-run: the rehearsal's findings as JSON (jobs.common.print_rehearsal)."""
     from pipeline.dry_run import dry_run
 
-    resume = bool(values["resume"]) or values["retry_errors"] is not None
-    return print_rehearsal(dry_run(source, output, config, rows=values["dry_run"], resume=resume))
+    return print_rehearsal(dry_run(source, output, config, rows=values["dry_run"], resume=bool(values["resume"])))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,9 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         output = values["output"] or str(DEMO_OUTPUT)
         if values["dry_run"] is not None:
             return rehearse(source, output, config, values)
-        retry = values["retry_errors"]
-        job = prepare_job(source, output, config, resume=bool(values["resume"]) or retry is not None,
-                          limit=values["limit"], retry_errors=retry)
+        job = prepare_job(source, output, config, resume=bool(values["resume"]), limit=values["limit"],
+                          retry_errors=values["retry_errors"])
         init_ray()      # only once the arguments are known good: a typo costs no cluster start
         summary = run_prepared(job)
     except BAD_ARGUMENTS as e:

@@ -125,6 +125,8 @@ def merge_args(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, 
     given = {k: v for k, v in vars(args).items() if v is not None and k in defaults}
     merged.update(given)
     merged["given_settings"] = sorted((given.keys() | from_file.keys()) & SETTINGS)
+    if merged.get("retry_errors") is not None:      # answering an output's error rows again resumes its run
+        merged["resume"] = True
     return merged
 
 

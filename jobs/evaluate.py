@@ -133,8 +133,7 @@ def resolve_demo(args: argparse.Namespace) -> argparse.Namespace:
                                     "(or pass --input and --model)")
     args.input, args.model = str(DEMO_INPUT), str(DEMO_MODEL)
     args.output = args.output or str(DEMO_OUTPUT)
-    resumed = args.resume or args.retry_errors is not None
-    args.overwrite = args.overwrite or not resumed          # a demo run starts over unless told to resume
+    args.overwrite = args.overwrite or not args.resume      # a demo run starts over unless told to resume
     return args
 
 
@@ -294,14 +293,13 @@ def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[s
 
     if not args.model:
         raise ValueError("--model is required to run a model (or pass --predictions to score existing answers)")
-    resume = bool(args.resume) or args.retry_errors is not None
-    if resume and args.overwrite:
+    if args.resume and args.overwrite:
         raise ValueError("--resume continues the earlier run, --overwrite discards it: pass one")
     config, truth = model_run_config(args)
     raw = raw_output(args.output)
-    if not resume:
+    if not args.resume:
         refuse_earlier_answers(raw, args)
-    job = prepare_job(args.input, raw, config, resume=resume, limit=args.limit if ids is None else None,
+    job = prepare_job(args.input, raw, config, resume=bool(args.resume), limit=args.limit if ids is None else None,
                       only_ids=ids, renames=truth, overwrite=bool(args.overwrite), retry_errors=args.retry_errors)
     init_ray()
     return raw, run_prepared(job)
@@ -422,8 +420,7 @@ def rehearse(args: argparse.Namespace) -> dict:
         check_ground_truth(read_ground_truth(args).slice(0, args.limit), metric)
     config, truth = model_run_config(args)
     found = dry_run(args.input, raw_output(default_output(args)), config, rows=args.dry_run,
-                    resume=bool(args.resume) or args.retry_errors is not None,
-                    overwrite=bool(args.overwrite), renames=truth)
+                    resume=bool(args.resume), overwrite=bool(args.overwrite), renames=truth)
     return {"metric": metric, **found}
 
 

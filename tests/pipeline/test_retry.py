@@ -67,7 +67,8 @@ def test_the_flag_resumes_and_names_what_to_retry():
     from jobs.caption import DEFAULTS, parse_args
     from jobs.common import merge_args
 
-    assert merge_args(parse_args(["--retry-errors"]), DEFAULTS)["retry_errors"] == ""
+    values = merge_args(parse_args(["--retry-errors"]), DEFAULTS)
+    assert values["retry_errors"] == "" and values["resume"] is True          # retrying resumes the run
     assert merge_args(parse_args(["--retry-errors", "fetch"]), DEFAULTS)["retry_errors"] == "fetch"
     assert merge_args(parse_args([]), DEFAULTS)["retry_errors"] is None
     from jobs import evaluate
