@@ -31,7 +31,8 @@ DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Descr
                 image_backend="pil",
                 image_longest_edge=None, image_splitting=None, storage_options=None, max_image_pixels=None, max_image_bytes=None,
                 image_root=None, fetch_threads=16, fetch_attempts=3, fetch_timeout_s=60.0, step_timeout_s=600.0,
-                compile_decode=None, device=None, dtype=None, show=5, generation_config="auto")
+                compile_decode=None, device=None, dtype=None, show=5, generation_config="auto",
+                bad_words_ids=None, sequence_bias=None, suppress_tokens=None, begin_suppress_tokens=None, min_length=0)
 
 
 def early_stopping(text: str) -> bool | str:
@@ -166,7 +167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "tokens and tiles, and what that makes of the whole input")
     add_run_flags(ap)
     ap.add_argument("--show", type=int, help="print this many output rows at the end (default 5)")
-    ap.add_argument("--config", help="job.yaml with any of the flags above")
+    ap.add_argument("--config", help="job.yaml with any of the flags above, and the settings of token ids a "
+                                     "generation config holds (bad_words_ids, sequence_bias, suppress_tokens, "
+                                     "begin_suppress_tokens, min_length)")
     return ap.parse_args(argv)
 
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .engine.kv_cache import KVCache, PaddedCacheAttention
 from .engine.beams import BeamRules, BeamSearch, beam_log_probs, best_candidates, split_candidates
 from .engine.bad_words import banned_by_bad_words
+from .engine.biases import bias_tensor, biases_after
 from .engine.ngrams import NGrams, allowed_without
 from .engine.sampler import SamplingState, draw, processed_scores, sample
 from .engine.stop_strings import StopStringMatcher
@@ -92,7 +93,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
 
     Settings (kwargs over generation_config.json; model.generation_settings): max_new_tokens /
     max_length, min_new_tokens / min_length, suppress_tokens, begin_suppress_tokens, forced_bos /
-    forced_eos_token_id, renormalize_logits, max_time,
+    forced_eos_token_id, renormalize_logits, max_time, sequence_bias,
     do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids, eos_token_id,
     pad_token_id, num_return_sequences (k sampled answers a prompt: rows b*k .. b*k+k-1 are prompt b's),
     stop_strings (with `tokenizer`, ours or transformers', as the reference asks), and beam search:
@@ -137,7 +138,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     position = positions[:, -1:]
     new_tokens = []
     # as the reference: every row's ids, its left padding and a finished row's padding included
-    ids = input_ids.tolist() if s.no_repeat or s.bad_words or s.stop_strings else []
+    ids = input_ids.tolist() if s.no_repeat or s.bad_words or s.stop_strings or s.sequence_bias else []
     matcher = StopStringMatcher(tokenizer) if s.stop_strings else None
     ngrams = [NGrams(s.no_repeat, row) for row in ids] if s.no_repeat else []
     scores, raw_logits = [], []
@@ -148,7 +149,9 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
         allowed = allowed_without(bans, *logits.shape, logits.device)
         if s.output_logits:
             raw_logits.append(logits.float())
-        token = _next_token(s, logits, state, rows, allowed, running, scores)
+        bias = bias_tensor([(row, biases_after(history, s.sequence_bias)) for row, history in enumerate(ids)],
+                           *logits.shape, logits.device) if s.sequence_bias else None
+        token = _next_token(s, logits, state, rows, allowed, running, scores, bias)
         token = torch.where(unfinished, token, s.pad)
         if s.streamer is not None:
             s.streamer.put(token.cpu())
@@ -179,15 +182,16 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
 
 
 def _next_token(s: GenerateSettings, logits: Tensor, state: SamplingState, rows: Tensor, allowed: Tensor | None,
-                running: Tensor, scores: list[Tensor]) -> Tensor:
+                running: Tensor, scores: list[Tensor], bias: Tensor | None = None) -> Tensor:
     """Each row's next token; its processed scores join `scores` where they are asked for (then
     the token is drawn from them, so that they explain it), as are the caller's processors."""
     if not (s.output_scores or s.user.processes or s.renormalize):
         return sample(logits, state, rows, any_sampling=s.do_sample, any_filter=s.do_sample,
-                      any_penalty=s.penalty != 1.0, any_min_p=s.min_p > 0, any_cutoffs=s.cut_off, allowed=allowed)
+                      any_penalty=s.penalty != 1.0, any_min_p=s.min_p > 0, any_cutoffs=s.cut_off, allowed=allowed,
+                      bias=bias)
     between = (lambda x: s.user.process(running, x)) if s.user.processes else None
     processed = processed_scores(logits, state, rows, any_sampling=s.do_sample, any_penalty=s.penalty != 1.0,
-                                 any_cutoffs=s.cut_off, allowed=allowed, between=between)
+                                 any_cutoffs=s.cut_off, allowed=allowed, between=between, bias=bias)
     if s.renormalize:       # transformers' last processor: scores as log p
         processed = processed.log_softmax(dim=-1)
     if s.output_scores:
@@ -222,6 +226,7 @@ def _beam_generate(model: nn.Module, s: GenerateSettings, input_ids: Tensor, mas
                            matcher and matcher.after(row, s.stop_strings)) for row in input_ids.tolist()]
     rules = [BeamRules(search, tc.vocab_size, device, prompt_ids=row.tolist(), min_new_tokens=s.min_new,
                        repetition_penalty=s.penalty, no_repeat_ngram_size=s.no_repeat, bad_words=s.bad_words,
+                       sequence_bias=s.sequence_bias,
                        penalized_ids=row[row_mask.bool()].tolist())       # as the reference: not the left padding
              for search, row, row_mask in zip(searches, input_ids, mask)]
     next_position = positions[:, -1].repeat_interleave(k) + 1

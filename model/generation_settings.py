@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .engine.bad_words import check_bad_words, usable_bad_words
+from .engine.biases import check_in_vocabulary, normalized_sequence_bias
 from .engine.cutoffs import check_cutoffs
 from .generation_hooks import ForcedToken, OutOfTime, SuppressedTokens, UserRules
 
@@ -30,7 +31,7 @@ FOLLOWED = {"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temp
             "num_beams", "length_penalty", "early_stopping", "bad_words_ids", "min_p", "stop_strings",
             "typical_p", "epsilon_cutoff", "eta_cutoff", "prefix_allowed_tokens_fn", "logits_processor",
             "stopping_criteria", "streamer", "min_length", "suppress_tokens", "begin_suppress_tokens",
-            "forced_bos_token_id", "forced_eos_token_id", "renormalize_logits", "max_time",
+            "forced_bos_token_id", "forced_eos_token_id", "renormalize_logits", "max_time", "sequence_bias",
             "return_dict_in_generate", "output_scores", "output_logits"}
 CUTOFFS = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}     # their neutral values
 # transformers' settings that change nothing here: whatever their value, or at these values
@@ -89,6 +90,8 @@ class GenerateSettings:
         bad_words = get("bad_words_ids") or []
         check_bad_words(bad_words, text.vocab_size)
         self.bad_words = usable_bad_words(bad_words, self.eos)
+        self.sequence_bias = normalized_sequence_bias(get("sequence_bias") or ())
+        check_in_vocabulary(text.vocab_size, self.sequence_bias)
         self.num_beams = int(get("num_beams", 1))
         self.length_penalty = float(get("length_penalty", 1.0))
         self.early_stopping = get("early_stopping", False)

@@ -15,6 +15,8 @@ SETTABLE = {"max_new_tokens": "integer", "min_new_tokens": "integer", "temperatu
             "no_repeat_ngram_size": "integer", "seed": "integer", "stop": "texts",
             "choices": "texts", "regex": "text", "json_schema": "text", "num_beams": "integer",
             "length_penalty": "number", "bad_words": "texts"}
+# Decoding settings of token ids, as a generation config gives them (a run's, not a row's)
+TOKEN_SETTINGS = ("bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens", "min_length")
 OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_prompt_tokens", "num_generated_tokens",
                   "answer_logprob", "answer_json", "choice_logprobs", "samples", "samples_finish_reason",
                   "samples_num_generated_tokens", "samples_logprob", "samples_json", "token_logprobs")
@@ -62,6 +64,15 @@ class PipelineConfig:
     stop: list[str] = field(default_factory=list)   # strings that end an answer (transformers' stop_strings)
     bad_words: list[str] = field(default_factory=list)  # texts no answer holds (vLLM's bad_words: as written
                                                 # and after a space, as tokenized; transformers' bad_words_ids)
+    bad_words_ids: list[list[int]] = field(default_factory=list)    # token sequences no answer holds
+                                                # (transformers' bad_words_ids, as a generation config gives them)
+    sequence_bias: list = field(default_factory=list)   # [[token ids, bias], ...] (or {id: bias}) added to the
+                                                # logits before the penalties (transformers' sequence_bias; a
+                                                # one-token entry is vLLM's logit_bias)
+    suppress_tokens: list[int] = field(default_factory=list)        # token ids no answer takes (transformers')
+    begin_suppress_tokens: list[int] = field(default_factory=list)  # token ids no answer begins with
+    min_length: int = 0                         # no end before prompt + answer hold this many tokens (transformers'
+                                                # min_length; min_new_tokens > 0 wins over it)
     choices: list[str] = field(default_factory=list)    # every answer is one of these (vLLM's guided choice)
     choices_column: str | None = None           # an input column of each row's own choices (lists of text;
                                                 # a null cell: `choices`)
@@ -116,6 +127,7 @@ class PipelineConfig:
             if any(not isinstance(s, str) or not s for s in texts):
                 raise ValueError(f"{name} must be non-empty strings, got {texts!r}")
             setattr(self, name, texts)
+        self._check_token_settings()
         if isinstance(self.keep_columns, str):
             self.keep_columns = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
         # Output columns are always there; keeping them again would duplicate them.
@@ -187,6 +199,26 @@ class PipelineConfig:
         if self.messages_column is not None and self.prompt_template is not None:
             raise ValueError("messages_column and prompt_template are two ways to make what each row asks: give one")
 
+    def _check_token_settings(self) -> None:
+        """Settings of token ids (a generation config's) in one form, JSON's (the run manifest compares them)."""
+        from model.engine.bad_words import check_bad_words
+        from model.engine.biases import normalized_sequence_bias, normalized_token_ids
+
+        check_bad_words(self.bad_words_ids or [], vocab=1 << 62)    # the vocabulary: each replica's engine checks it
+        self.bad_words_ids = [list(word) for word in self.bad_words_ids or []]
+        self.sequence_bias = [[list(ids), bias] for ids, bias in normalized_sequence_bias(self.sequence_bias)]
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            setattr(self, name, list(normalized_token_ids(getattr(self, name), name)))
+        if not isinstance(self.min_length, int) or self.min_length < 0:
+            raise ValueError(f"min_length must be an integer >= 0 (0: none), got {self.min_length!r}")
+
+    def min_new_tokens_for(self, prompt_len: int, min_new_tokens: int, max_new_tokens: int) -> int:
+        """A row's min_new_tokens: the one given (> 0), else what min_length leaves after its prompt,
+        at most max_new_tokens (transformers: min_new_tokens wins; past max_new_tokens, the answer ends there)."""
+        if min_new_tokens or not self.min_length:
+            return min_new_tokens
+        return min(max(self.min_length - prompt_len, 0), max_new_tokens)
+
     def _check_beams(self) -> None:
         """Beam search keeps the best answers, greedily: nothing that samples or constrains them."""
         if self.early_stopping not in (True, False, "never"):
@@ -240,8 +272,9 @@ class PipelineConfig:
                                       ("json_schema", self.json_schema)) if on]
         if len(ways) > 1:
             raise ValueError(f"{' and '.join(ways)} are two ways to constrain answers: give one")
-        if ways and self.min_new_tokens:
-            raise ValueError(f"min_new_tokens cannot be combined with {ways[0]} (a whole answer may come first)")
+        for name in ("min_new_tokens", "min_length"):
+            if ways and getattr(self, name):
+                raise ValueError(f"{name} cannot be combined with {ways[0]} (a whole answer may come first)")
         if self.choice_logprobs and ways != ["choices"]:
             raise ValueError("choice_logprobs scores the choices: give choices (or a choices column)")
         if self.regex is not None or self.json_schema is not None:

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pyarrow as pa
 
-from .config import SETTABLE, PipelineConfig
+from .config import SETTABLE, TOKEN_SETTINGS, PipelineConfig
 from .groups import ungroup
 from .io import input_dataset
 from .job import check_job
@@ -70,5 +70,5 @@ def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: in
             "estimated_prompt_tokens": round(mean_prompt * checked.input_rows),
             "estimated_error_rows": round(len(errors) / max(encoded.num_rows, 1) * checked.input_rows),
             "max_new_tokens": checked.config.max_new_tokens,
-            "decoding": {name: getattr(checked.config, name) for name in SETTABLE},
+            "decoding": {name: getattr(checked.config, name) for name in (*SETTABLE, *TOKEN_SETTINGS)},
             "settings_from_generation_config": checked.generation_defaults}

@@ -258,8 +258,12 @@ class Generate:
             settings.update(choices=(), regex=None, json_schema=None)
         settings.update(own)
         choices, stop = texts(settings.pop("choices")), texts(settings.pop("stop"))
-        bad_words = self.bad_word_ids(texts(settings.pop("bad_words")))
+        bad_words = self.bad_word_ids(texts(settings.pop("bad_words"))) + tuple(map(tuple, c.bad_words_ids))
+        settings["min_new_tokens"] = c.min_new_tokens_for(len(row["input_ids"]), settings["min_new_tokens"],
+                                                          settings["max_new_tokens"])
         sampling = SamplingParams(**settings, stop=stop, choices=choices, bad_words_ids=bad_words,
+                                  sequence_bias=c.sequence_bias, suppress_tokens=c.suppress_tokens,
+                                  begin_suppress_tokens=c.begin_suppress_tokens,
                                   logprobs=c.logprobs, choice_logprobs=c.choice_logprobs and bool(choices), n=c.samples,
                                   top_logprobs=c.top_logprobs)
         return Request(str(row["id"]), row["input_ids"], self.pixel_values(row), sampling=sampling,

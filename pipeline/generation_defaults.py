@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 TAKEN = {"max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens",
          "repetition_penalty": "repetition_penalty", "no_repeat_ngram_size": "no_repeat_ngram_size",
          "num_beams": "num_beams", "length_penalty": "length_penalty", "early_stopping": "early_stopping",
-         "stop_strings": "stop"}
+         "stop_strings": "stop", "bad_words_ids": "bad_words_ids", "sequence_bias": "sequence_bias",
+         "suppress_tokens": "suppress_tokens", "begin_suppress_tokens": "begin_suppress_tokens",
+         "min_length": "min_length"}
 # with do_sample: the file's key -> (the run's setting, transformers' default where the file has none)
 SAMPLED = {"temperature": ("temperature", 1.0), "top_k": ("top_k", 50), "top_p": ("top_p", None),
            "min_p": ("min_p", None), "typical_p": ("typical_p", None), "epsilon_cutoff": ("epsilon_cutoff", None),
@@ -37,7 +39,7 @@ INERT = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id
          "use_cache", "cache_implementation", "max_length", "do_sample", "num_return_sequences",
          "return_dict_in_generate", "output_scores", "output_logits", "output_attentions", "output_hidden_states"}
 NEUTRAL = {"num_beam_groups": 1, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0,
-           "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0, "min_length": 0}
+           "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0}
 
 
 def job_defaults() -> dict:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from .checkpoint import remote_files
-from .config import PipelineConfig
+from .config import TOKEN_SETTINGS, PipelineConfig
 from .storage import fsspec_fs, is_local, redact_url, sibling, write_text
 
 ANSWER_SETTINGS = ("prompt", "system_prompt", "prompt_template", "prompt_suffix", "id_column", "image_column",
@@ -24,7 +24,7 @@ ANSWER_SETTINGS = ("prompt", "system_prompt", "prompt_template", "prompt_suffix"
                    "choices", "choices_column", "choice_logprobs", "regex", "json_schema",
                    "samples", "messages_column", "sampling_column",
                    "score_column", "top_logprobs", "no_repeat_ngram_size", "num_beams", "length_penalty",
-                   "early_stopping", "bad_words")
+                   "early_stopping", "bad_words", *TOKEN_SETTINGS)
 SAMPLED_BYTES = 1 << 20     # read from each end of each weights file
 
 

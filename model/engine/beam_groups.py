@@ -46,7 +46,9 @@ def start_group(seq: Sequence, vocab: int, device, completes_stop=None) -> BeamG
                         completes_stop)
     rules = BeamRules(search, vocab, device, prompt_ids=request.prompt_ids, min_new_tokens=p.min_new_tokens,
                       repetition_penalty=p.repetition_penalty, penalized_ids=request.prompt_ids,
-                      no_repeat_ngram_size=p.no_repeat_ngram_size, bad_words=p.bad_words_ids)
+                      no_repeat_ngram_size=p.no_repeat_ngram_size, bad_words=p.bad_words_ids,
+                      sequence_bias=p.sequence_bias, suppress_tokens=p.suppress_tokens,
+                      begin_suppress_tokens=p.begin_suppress_tokens)
     group = BeamGroup(search, rules, [seq, *seq.companions])
     for beam in group.beams:
         beam.beam = group

@@ -6,8 +6,9 @@ One prompt's search is a BeamSearch: the host-side bookkeeping of transformers' 
 search, step for step (its candidate counts, its scores, its early-stop heuristic), so that the
 hypotheses, their order and the step the search ends at are the reference's. A step's device work
 for every search at once is `top_candidates`: the beams' log-probabilities (min_new_tokens, the
-repetition penalty, n-gram bans and bad words applied to them by BeamRules, as the reference applies
-its processors after the log-softmax), each search's best candidates, read in one host sync.
+repetition penalty, n-gram bans, bad words, sequence biases and suppressed tokens applied to them by
+BeamRules, as the reference applies its processors after the log-softmax), each search's best
+candidates, read in one host sync.
 Callers (model.generation, model.engine.beam_groups) own the K/V: each step they copy every beam's
 cache rows from its parent's.
 """
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .bad_words import banned_after, usable_bad_words
+from .biases import answer_biases, bias_tensor
 from .ngrams import NGrams, allowed_without
 from .sampler import penalize_repeats
 
@@ -142,9 +144,10 @@ class BeamRules:
 
     def __init__(self, search: BeamSearch, vocab: int, device, *, prompt_ids=(), min_new_tokens: int = 0,
                  repetition_penalty: float = 1.0, penalized_ids=(), no_repeat_ngram_size: int = 0,
-                 bad_words=()) -> None:
+                 bad_words=(), sequence_bias=(), suppress_tokens=(), begin_suppress_tokens=()) -> None:
         self.search, self.min_new_tokens, self.penalty = search, min_new_tokens, repetition_penalty
         self.bad_words = usable_bad_words(bad_words, search.stop_ids)
+        self.sequence_bias, self.suppress, self.begin_suppress = sequence_bias, suppress_tokens, begin_suppress_tokens
         self.prompt_ids = prompt_ids
         stop = sorted(i for i in search.stop_ids if 0 <= i < vocab)
         self.stop = torch.tensor(stop, dtype=torch.int64, device=device)
@@ -158,10 +161,16 @@ class BeamRules:
     @property
     def active(self) -> bool:
         return (self.seen is not None or self.ngrams is not None or bool(self.bad_words)
-                or self.search.steps < self.min_new_tokens)
+                or self.search.steps < self.min_new_tokens or bool(self.sequence_bias) or bool(self.suppress)
+                or (bool(self.begin_suppress) and not self.search.steps))
 
     def apply(self, log_probs: Tensor) -> Tensor:
         """This search's rows of log p, as its processors leave them."""
+        if self.sequence_bias:      # the reference's first processor
+            found = [(row, answer_biases(self.prompt_ids, beam, self.sequence_bias))
+                     for row, beam in enumerate(self.search.beams)]
+            bias = bias_tensor(found, *log_probs.shape, log_probs.device)
+            log_probs = log_probs if bias is None else log_probs + bias
         if self.search.steps < self.min_new_tokens and self.stop.numel():
             log_probs = log_probs.index_fill(1, self.stop, float("-inf"))
         if self.seen is not None:
@@ -175,7 +184,8 @@ class BeamRules:
         if self.bad_words:
             bans += [(row, banned_after(self.prompt_ids, beam, self.bad_words))
                      for row, beam in enumerate(self.search.beams)]
-        return bans
+        kept_out = list(self.suppress) + (list(self.begin_suppress) if not self.search.steps else [])
+        return bans + [(row, kept_out) for row in range(len(self.search.beams))]
 
     def follow(self) -> None:
         """Move the state on to the search's new beams (after BeamSearch.advance)."""

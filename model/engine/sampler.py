@@ -283,14 +283,15 @@ fused_greedy_tokens = CompiledOrEager(greedy_tokens, "the greedy draw")
 
 
 def sample_rows(logits: Tensor, state: SamplingState, slots: Tensor, params: list[SamplingParams], *,
-                compiled: bool, allowed: Tensor | None = None) -> Tensor:
+                compiled: bool, allowed: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """Next token of each row, NON_FINITE where its logits are not, the host-side facts `sample`
     takes read from the rows' requests. compiled: the engine's decode step is; its sampler is then
     compiled too (an all-greedy step one compiled function), and nuclei are found by bisection.
-    allowed: (B, V) bool, the only tokens each row may take (model.engine.constraints), or None."""
+    allowed: (B, V) bool, the only tokens each row may take (model.engine.constraints), or None;
+    bias: (B, V) float32 added to the logits first (model.engine.biases), or None."""
     sampled = [p for p in params if not p.greedy]
     penalty = any(p.penalized for p in params)
-    if not sampled and not penalty and allowed is None:
+    if not sampled and not penalty and allowed is None and bias is None:
         draw = fused_greedy_tokens if compiled else greedy_tokens
         return draw(logits, state.step, state.min_new, state.stop_mask, slots)
     top_ks = [p.top_k for p in sampled]
@@ -298,14 +299,16 @@ def sample_rows(logits: Tensor, state: SamplingState, slots: Tensor, params: lis
                     any_filter=any(p.top_k > 0 or p.top_p < 1 for p in sampled), any_penalty=penalty,
                     any_min_p=any(p.min_p > 0 for p in sampled), any_cutoffs=any(p.cut_off for p in sampled),
                     top_k_cap=max(top_ks) if top_ks and min(top_ks) > 0 else None,
-                    sort_free_nucleus=compiled and not any(top_ks), fuse_noise=compiled, allowed=allowed)
+                    sort_free_nucleus=compiled and not any(top_ks), fuse_noise=compiled, allowed=allowed,
+                    bias=bias)
     return flag_non_finite(tokens, logits)
 
 
 def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
            any_filter: bool, any_penalty: bool = False, any_min_p: bool = False, any_cutoffs: bool = False,
            top_k_cap: int | None = None,
-           sort_free_nucleus: bool = False, fuse_noise: bool = False, allowed: Tensor | None = None) -> Tensor:
+           sort_free_nucleus: bool = False, fuse_noise: bool = False, allowed: Tensor | None = None,
+           bias: Tensor | None = None) -> Tensor:
     """Next token per row (B,) int64. slots (B,) indexes the rows' SamplingState entries.
 
     any_sampling / any_filter / any_penalty / top_k_cap are host-side facts about the rows (known
@@ -315,9 +318,9 @@ def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling:
     the engine's choice with fuse_noise: compiled, it beat the sort 2.4-2.9x on a CPU (32 and 256
     rows of 49 280 tokens), and the GPU's sort took ~3 ms a step at 256 x 128 259 (run 6); eager,
     at 256 rows, it lost. fuse_noise: the noise and the draw, and the bisection, compiled (the
-    engine's choice with a compiled decode step: CUDA's default). allowed: as sample_rows's.
+    engine's choice with a compiled decode step: CUDA's default). allowed, bias: as sample_rows's.
     """
-    logits = _processed(logits, state, slots, any_penalty, allowed)
+    logits = _processed(logits, state, slots, any_penalty, allowed, bias)
     greedy = logits.argmax(dim=-1)
     if not any_sampling:
         return greedy
@@ -342,10 +345,10 @@ def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling:
 
 
 def _processed(logits: Tensor, state: SamplingState, slots: Tensor, any_penalty: bool,
-               allowed: Tensor | None) -> Tensor:
-    """float32 logits after the repetition, presence and frequency penalties (vLLM's order), the
-    bans and min_new_tokens (-inf at the stop ids)."""
-    logits = logits.float()
+               allowed: Tensor | None, bias: Tensor | None = None) -> Tensor:
+    """float32 logits after the bias (transformers' sequence_bias comes first), the repetition,
+    presence and frequency penalties (vLLM's order), the bans and min_new_tokens (-inf at the stop ids)."""
+    logits = logits.float() if bias is None else logits.float() + bias
     if any_penalty:
         logits = penalize_repeats(logits, state.penalty[slots], state.seen[slots])
         if state.answer_penalty is not None:
@@ -357,12 +360,12 @@ def _processed(logits: Tensor, state: SamplingState, slots: Tensor, any_penalty:
 
 def processed_scores(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,
                      any_penalty: bool = False, any_cutoffs: bool = False, allowed: Tensor | None = None,
-                     between: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                     between: Callable[[Tensor], Tensor] | None = None, bias: Tensor | None = None) -> Tensor:
     """(B, V) float32: the rows' logits as transformers' processors leave them (its output_scores):
     `sample`'s penalty and bans, then `between` (a caller's processors), then, where sampling,
     temperature, top-k, top-p, min-p and the cutoffs (-inf where a token is dropped). `draw` on
     them picks the token `sample` picks."""
-    logits = _processed(logits, state, slots, any_penalty, allowed)
+    logits = _processed(logits, state, slots, any_penalty, allowed, bias)
     if between is not None:
         logits = between(logits)
     if not any_sampling:

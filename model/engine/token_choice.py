@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .bad_words import sequence_bans
+from .biases import bias_tensor, sequence_biases, suppressed
 from .logprobs import StepLogprobs
 from .ngrams import allowed_without, sequence_ngrams
 from .sampler import model_tokens, sample_rows
@@ -32,18 +33,19 @@ class TokenChoice:
                                        p.frequency_penalty)
 
     def sample_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence],
-                      allowed: torch.Tensor | None = None) -> torch.Tensor:
+                      allowed: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Next token of each row, NON_FINITE where its logits are not, only `allowed` tokens where
-        given (a hook: tensor-parallel ranks take rank 0's)."""
+        given, `bias` added to the logits where given (a hook: tensor-parallel ranks take rank 0's)."""
         return sample_rows(logits, self.row_state.sampling, slots, [s.request.sampling for s in seqs],
-                           compiled=self.runner.compile, allowed=allowed)
+                           compiled=self.runner.compile, allowed=allowed, bias=bias)
 
     def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence],
                      rows: list[int]) -> tuple[torch.Tensor, StepLogprobs | None]:
         """The rows' tokens (NON_FINITE for a row whose logits are not), and their log p (and top
         tokens') when a request asks for them. The model reads `model_tokens` of them. Row rows[i]
         is seqs[i]'s."""
-        tokens = self.sample_tokens(logits, slots, seqs, self._allowed(logits, seqs, rows))
+        allowed, bias = self._allowed(logits, seqs, rows), self._bias(logits, seqs, rows)
+        tokens = self.sample_tokens(logits, slots, seqs, allowed, bias)
         logprobs = None
         if wants_logprobs(seqs):
             top = max(s.request.sampling.top_logprobs for s in seqs)
@@ -59,7 +61,13 @@ class TokenChoice:
         bans = [(row, sequence_ngrams(s).banned()) for row, s in zip(rows, seqs)
                 if s.request.sampling.no_repeat_ngram_size]
         bans += [(row, sequence_bans(s)) for row, s in zip(rows, seqs) if s.request.sampling.bad_words_ids]
+        bans += [(row, suppressed(s.request.sampling, len(s.generated))) for row, s in zip(rows, seqs)]
         unbanned = allowed_without(bans, *logits.shape, self.device) if bans else None
         if constrained is None or unbanned is None:
             return unbanned if constrained is None else constrained
         return constrained & unbanned
+
+    def _bias(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor | None:
+        """(rows, V) float32: what each row's sequence_bias adds to its logits, or None where no row has one."""
+        found = [(row, sequence_biases(s)) for row, s in zip(rows, seqs) if s.request.sampling.sequence_bias]
+        return bias_tensor(found, *logits.shape, self.device) if found else None

@@ -8,6 +8,7 @@ from typing import Literal
 from torch import Tensor
 
 from .bad_words import check_bad_words
+from .biases import normalized_sequence_bias, normalized_token_ids
 from .cutoffs import check_cutoffs
 from .json_schema import schema_text_pattern
 
@@ -42,6 +43,9 @@ class SamplingParams:
     bad_words_ids: tuple = ()         # token sequences the answer never holds (model.engine.bad_words)
     presence_penalty: float = 0.0     # vLLM's: taken off the logit of each token the answer holds already
     frequency_penalty: float = 0.0    # vLLM's: taken off a token's logit once for each time the answer holds it
+    sequence_bias: tuple | dict = ()  # {token id or ids: bias} added before the penalties (model.engine.biases)
+    suppress_tokens: tuple = ()       # token ids never taken (stop ids too), as transformers' suppress_tokens
+    begin_suppress_tokens: tuple = ()  # token ids not taken as the answer's first token
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -88,6 +92,9 @@ class SamplingParams:
         if self.bad_words_ids:
             check_bad_words(self.bad_words_ids, vocab=1 << 62)     # the vocabulary: the engine checks it
             object.__setattr__(self, "bad_words_ids", tuple(tuple(w) for w in self.bad_words_ids))
+        object.__setattr__(self, "sequence_bias", normalized_sequence_bias(self.sequence_bias))
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            object.__setattr__(self, name, normalized_token_ids(getattr(self, name), name))
 
     def _check_beams(self) -> None:
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
@@ -121,7 +128,8 @@ class SamplingParams:
     def follows_answer(self) -> bool:
         """Whether the tokens it may take next depend on its answer so far (a constraint's state,
         the n-grams to ban): no decode step is queued before the last one's tokens are read."""
-        return self.constrained or self.no_repeat_ngram_size > 0 or any(len(w) > 1 for w in self.bad_words_ids)
+        return (self.constrained or self.no_repeat_ngram_size > 0 or any(len(w) > 1 for w in self.bad_words_ids)
+                or any(len(ids) > 1 for ids, _ in self.sequence_bias))
 
     @property
     def cut_off(self) -> bool:

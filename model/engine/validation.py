@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .bad_words import check_bad_words
+from .biases import check_in_vocabulary
 from .types import Request
 
 
@@ -31,7 +32,7 @@ def check_request(request: Request, config, has_tokenizer: bool) -> None:
 
 
 def check_search(request: Request, stop_ids, max_batch_size: int, vocab: int) -> None:
-    """Beams the engine can hold, bad words of the vocabulary."""
+    """Beams the engine can hold, bad words, biased and suppressed tokens of the vocabulary."""
     rid, p = request.request_id, request.sampling
     if p.num_beams > max_batch_size:
         raise ValueError(f"request {rid!r}: num_beams={p.num_beams} takes as many slots, and the engine has "
@@ -39,11 +40,13 @@ def check_search(request: Request, stop_ids, max_batch_size: int, vocab: int) ->
     if p.num_beams > 1 and max(2, 1 + len(stop_ids)) * p.num_beams > vocab:
         raise ValueError(f"request {rid!r}: num_beams={p.num_beams} keeps more candidates a step than the "
                          f"vocabulary's {vocab} tokens")
-    if p.bad_words_ids:
-        try:
+    try:
+        if p.bad_words_ids:
             check_bad_words(p.bad_words_ids, vocab)
-        except ValueError as e:
-            raise ValueError(f"request {rid!r}: {e}") from None
+        check_in_vocabulary(vocab, p.sequence_bias, suppress_tokens=p.suppress_tokens,
+                            begin_suppress_tokens=p.begin_suppress_tokens)
+    except ValueError as e:
+        raise ValueError(f"request {rid!r}: {e}") from None
 
 
 def check_pixels(request: Request, config) -> None:

@@ -62,8 +62,9 @@ class ShardEngine(LLMEngine):
         # Free memory differs per device; the slot count (hence every schedule) must not.
         return self.comm.min_int(super().kv_token_budget(bytes_per_token, max_len))
 
-    def sample_tokens(self, logits: Tensor, slots: Tensor, seqs, allowed: Tensor | None = None) -> Tensor:
-        return self.comm.broadcast_tensor(super().sample_tokens(logits, slots, seqs, allowed).contiguous())
+    def sample_tokens(self, logits: Tensor, slots: Tensor, seqs, allowed: Tensor | None = None,
+                      bias: Tensor | None = None) -> Tensor:
+        return self.comm.broadcast_tensor(super().sample_tokens(logits, slots, seqs, allowed, bias).contiguous())
 
     def beam_candidates(self, logits: Tensor, rules) -> tuple[Tensor, Tensor]:
         values, ids = super().beam_candidates(logits, rules)

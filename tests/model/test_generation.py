@@ -139,7 +139,7 @@ def test_several_answers_a_prompt_come_as_the_references(pair):
 
 @pytest.mark.parametrize("setting", [dict(num_beam_groups=3), dict(diversity_penalty=0.5), dict(top_h=0.4),
                                      dict(output_hidden_states=True, return_dict_in_generate=True),
-                                     dict(sequence_bias=[[[5], 2.0]])])
+                                     dict(exponential_decay_length_penalty=(2, 1.5))])
 def test_settings_it_does_not_follow_are_refused_by_name(pair, setting):
     """Group beam search and the other settings it does not implement would change the answers:
     refused, not run greedily; their neutral values, and settings that change nothing, are accepted."""

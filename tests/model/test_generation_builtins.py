@@ -83,3 +83,30 @@ def test_max_time_and_the_default_length_are_the_references(pair):
     expected = ref.generate(**inputs)           # neither max_new_tokens nor max_length: 20 new tokens
     assert expected.shape[1] == inputs["input_ids"].shape[1] + 20
     assert torch.equal(ours.generate(**inputs), expected)
+
+
+@pytest.mark.parametrize("setting", [dict(), dict(repetition_penalty=1.7), dict(num_beams=2, num_return_sequences=2)],
+                         ids=["greedy", "penalty", "beams"])
+def test_sequence_bias_is_the_references(pair, setting):
+    """One-token biases, and a two-token one on the token after each row's first answer token
+    (left padding in the batch: the reference reads it too); before the repetition penalty."""
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    plain = answers(ref, inputs, **setting)
+    bias = {(int(plain[0, 1]),): -4.0, (int(plain[1, 2]),): 3.5,
+            (int(plain[0, 0]), int(plain[0, 1])): -2.5, (int(plain[1, 0]), 9): 6.0}
+    kwargs = dict(max_new_tokens=MAX_NEW, return_dict_in_generate=True, output_scores=True,
+                  sequence_bias=[[list(ids), b] for ids, b in bias.items()], **setting)
+    expected, got = ref.generate(**inputs, **kwargs), ours.generate(**inputs, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert not torch.equal(expected.sequences[:, inputs["input_ids"].shape[1]:], plain)
+    for mine, theirs in zip(got.scores, expected.scores):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    as_dict = ours.generate(**inputs, max_new_tokens=MAX_NEW, sequence_bias=bias, **setting)   # the dict form too
+    assert torch.equal(as_dict, expected.sequences)
+
+
+def test_sequence_bias_outside_the_vocabulary_is_refused(pair):
+    path, ours, _ = pair
+    with pytest.raises(ValueError, match="sequence_bias holds token id 100000"):
+        ours.generate(**mixed_batch(path), max_new_tokens=2, sequence_bias={(3, 100000): 1.0})

@@ -50,15 +50,28 @@ class Oracle:
         system turn first; `allowed`: the tokens allowed after the answer's tokens so far (a function
         of them); `counted`: vLLM's (presence, frequency) penalties (tests.fixtures.penalties);
         `generate`: more of generate's settings (repetition_penalty=...)."""
-        import torch
+        new = self.new_tokens(image, question, max_new_tokens, system, allowed, counted, **generate)
+        eos = set(self.model.generation_config.eos_token_id or [])
+        n = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+        return self.processor.decode(new[:n], skip_special_tokens=True).strip(), n
 
+    def inputs(self, image: bytes | list[bytes], question: str, system: str | None = None) -> dict:
+        """The reference processor's inputs for the row (input_ids: its prompt)."""
         images = image if isinstance(image, list) else [image]
         content = [{"type": "image", "image": Image.open(io.BytesIO(data))} for data in images]
         messages = [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
         if system:
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
-        inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True, return_tensors="pt")
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True, return_tensors="pt")
+
+    def new_tokens(self, image: bytes | list[bytes], question: str, max_new_tokens: int | None,
+                   system: str | None = None, allowed=None, counted: tuple[float, float] | None = None,
+                   **generate) -> list[int]:
+        """The tokens generate adds (as `answer`'s arguments), padding included."""
+        import torch
+
+        inputs = self.inputs(image, question, system)
         n = inputs["input_ids"].shape[1]
         if allowed is not None:
             generate["prefix_allowed_tokens_fn"] = lambda _, row: allowed(row[n:].tolist())
@@ -70,10 +83,7 @@ class Oracle:
             if max_new_tokens is not None:          # None: the checkpoint's generation_config.json decides
                 generate["max_new_tokens"] = max_new_tokens
             out = self.model.generate(**inputs, **{"do_sample": False, **generate})
-        new = out[0, inputs["input_ids"].shape[1]:]
-        eos = set(self.model.generation_config.eos_token_id or [])
-        n = next((i + 1 for i, t in enumerate(new.tolist()) if t in eos), len(new))
-        return self.processor.decode(new[:n], skip_special_tokens=True).strip(), n
+        return out[0, n:].tolist()
 
 
 @contextlib.contextmanager

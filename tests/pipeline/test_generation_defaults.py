@@ -38,12 +38,12 @@ def test_sampling_settings_count_only_with_do_sample_and_then_as_transformers_de
 
 def test_the_jobs_own_settings_win_and_none_ignores_the_file(caplog):
     tuned = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.3, "max_new_tokens": 30,
-             "bos_token_id": 1, "eos_token_id": [2, 3], "transformers_version": "5.0", "suppress_tokens": [7]}
+             "bos_token_id": 1, "eos_token_id": [2, 3], "transformers_version": "5.0", "guidance_scale": 1.5}
     config, taken = with_checkpoint_defaults(PipelineConfig(model="m", top_p=0.5, max_new_tokens=12), tuned)
     assert taken == {"temperature": 0.6, "top_k": 50, "repetition_penalty": 1.3}
     assert (config.temperature, config.top_k, config.top_p, config.repetition_penalty, config.max_new_tokens) == (
         0.6, 50, 0.5, 1.3, 12)
-    assert "suppress_tokens=[7]" in caplog.text        # what a run cannot follow is named
+    assert "guidance_scale=1.5" in caplog.text        # what a run cannot follow is named
     assert "eos_token_id" not in caplog.text
     ignored = PipelineConfig(model="m", generation_config="none")
     assert with_checkpoint_defaults(ignored, tuned) == (ignored, {})
@@ -152,3 +152,48 @@ def test_a_run_answers_as_the_checkpoints_own_generate(ray_cluster, checkpoint, 
     assert "settings_from_generation_config" not in summary
     got = {r["id"]: (r["answer"], r["num_generated_tokens"]) for r in read_output(str(tmp_path / "plain")).to_pylist()}
     assert got == {r["id"]: plain.answer(r["image"], r["question"] or config.prompt, 10) for r in rows}
+
+
+def test_settings_of_token_ids_take_the_files_forms_and_min_length_counts_each_rows_prompt():
+    config = PipelineConfig(model="m", sequence_bias={"5": -2, (3, 4): 1.5}, suppress_tokens=[1, 1, 2],
+                            begin_suppress_tokens=7, bad_words_ids=[(3, 4)], min_length=10, max_new_tokens=8)
+    assert config.sequence_bias == [[[5], -2.0], [[3, 4], 1.5]]        # JSON's form: the manifest compares it
+    assert (config.suppress_tokens, config.begin_suppress_tokens, config.bad_words_ids) == ([1, 2], [7], [[3, 4]])
+    assert [config.min_new_tokens_for(prompt, 0, 8) for prompt in (4, 9, 12, 1)] == [6, 1, 0, 8]
+    assert config.min_new_tokens_for(4, 2, 8) == 2                      # min_new_tokens wins, as transformers'
+    for bad, match in ((dict(min_length=-1), "min_length must be"), (dict(sequence_bias=[[5]]), "sequence_bias"),
+                       (dict(bad_words_ids=[[]]), "bad_words_ids"), (dict(suppress_tokens=["a"]), "suppress_tokens"),
+                       (dict(min_length=3, choices=["a"]), "min_length cannot be combined with choices")):
+        with pytest.raises(ValueError, match=match):
+            PipelineConfig(model="m", **bad)
+    taken = with_checkpoint_defaults(PipelineConfig(model="m"), {"suppress_tokens": [4], "min_length": 30})[1]
+    assert taken == {"suppress_tokens": [4], "min_length": 30}
+
+
+def test_a_run_follows_the_files_token_settings_as_transformers_does(ray_cluster, checkpoint, oracle, tmp_path):
+    """suppress_tokens, begin_suppress_tokens, sequence_bias, bad_words_ids and min_length (which
+    counts the prompt) from the file: each row's answer is transformers' generate's on that checkpoint."""
+    from pipeline import read_output, run_job
+    from tests.pipeline.helpers import Oracle
+
+    rows = good_rows(3)
+    write_parquet(tmp_path / "in" / "part-0.parquet", rows)
+    asked = [(r["image"], r["question"] or PipelineConfig(model="m").prompt) for r in rows]
+    first = [oracle.new_tokens(*row, 8) for row in asked]
+    settings = {"max_new_tokens": 8, "begin_suppress_tokens": [first[0][0]], "suppress_tokens": [first[1][1]],
+                "sequence_bias": [[[first[1][0]], -8.0], [[first[0][1], first[0][2]], 6.0]],
+                "bad_words_ids": [[first[0][2], first[0][3]]]}
+    biased = Oracle(with_generation_config(checkpoint, tmp_path / "biased", settings))
+    assert sum(biased.new_tokens(*row, None) != first[i] for i, row in enumerate(asked)) >= 2
+    eos = oracle.model.generation_config.eos_token_id
+    stop = biased.new_tokens(*asked[2], None)[1]        # row 2 would end at its second token...
+    settings.update(eos_token_id=(eos if isinstance(eos, list) else [eos]) + [stop],
+                    min_length=oracle.inputs(*asked[2])["input_ids"].shape[1] + 5)     # ... but not before 5
+    tuned = with_generation_config(checkpoint, tmp_path, settings)
+    summary = run_job(str(tmp_path / "in"), str(tmp_path / "out"), PipelineConfig(model=str(tuned), batch_size=3))
+    assert summary["settings_from_generation_config"] == {k: v for k, v in settings.items() if k != "eos_token_id"}
+    got = {r["id"]: (r["answer"], r["num_generated_tokens"]) for r in read_output(str(tmp_path / "out")).to_pylist()}
+    own = Oracle(tuned)
+    want = {r["id"]: own.answer(*row, None) for r, row in zip(rows, asked)}
+    assert got == want
+    assert own.answer(*asked[2], None, min_length=0)[1] <= 2 < want["row-2"][1]        # min_length held row 2
