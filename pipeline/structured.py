@@ -30,13 +30,14 @@ def answer_field(schema_text: str) -> pa.Field:
 
 def parsed_answers(answers: list[str | None], finish_reasons: list[str], field: pa.Field) -> pa.Array:
     """Each whole answer parsed into `field`'s type; null where the answer is not whole (cut short,
-    or ended by a stop string) or its values do not fit (an integer beyond int64)."""
+    or ended by a stop string) or is not of the type (a row's own regex or choices answer another
+    way) or its values do not fit (an integer beyond int64)."""
     values = []
     for answer, finish in zip(answers, finish_reasons):
         try:        # a stop string (--stop) may end an answer before its document does
             value = _fitted(json.loads(answer), field.type) if finish == "stop" and answer else None
             pa.array([value], field.type)
-        except (ValueError, OverflowError):     # json's and Arrow's (ArrowInvalid is a ValueError)
+        except (ValueError, TypeError, OverflowError):  # json's and Arrow's (ArrowInvalid is a ValueError)
             value = None
         values.append(value)
     return pa.array(values, field.type)
@@ -55,14 +56,27 @@ def parsed_lists(answers: list[list | None], finish_reasons: list[list | None], 
 
 
 def _fitted(value: Any, type_: pa.DataType) -> Any:
-    """`value` shaped for `type_`: structs as dicts of every field, text where JSON text is kept."""
+    """`value` shaped for `type_`: structs as dicts of every field, text where JSON text is kept,
+    integers written 3.0 as 3; ValueError where it is of another type (Arrow would convert some:
+    2.5 to an integer 2, true to a number 1.0)."""
+    if value is None or pa.types.is_null(type_):
+        if value is not None:
+            raise ValueError(f"{value!r} is not null")
+        return None
+    if pa.types.is_string(type_):
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     if pa.types.is_struct(type_) and isinstance(value, dict):
         return {f.name: _fitted(value.get(f.name), f.type) for f in type_}
     if pa.types.is_list(type_) and isinstance(value, list):
         return [_fitted(v, type_.value_type) for v in value]
-    if pa.types.is_string(type_) and value is not None and not isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    return value
+    if isinstance(value, bool):
+        if pa.types.is_boolean(type_):
+            return value
+    elif pa.types.is_integer(type_) and isinstance(value, (int, float)) and float(value).is_integer():
+        return int(value)
+    elif pa.types.is_floating(type_) and isinstance(value, (int, float)):
+        return float(value)
+    raise ValueError(f"{value!r} is not of the type {type_}")
 
 
 class _Types:

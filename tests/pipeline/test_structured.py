@@ -45,3 +45,18 @@ def test_whole_answers_are_parsed_into_it_through_parquet(tmp_path):
                        "nothing": None, "empty": "{}", "parts": None}
     assert rows[1]["mixed"] == "7" and rows[1]["parts"] == {"head": "2024-01-02"} and rows[1]["size"] == 1.0
     assert rows[2:] == [None, None, None, None]
+
+
+def test_answers_of_another_type_are_null_not_converted_nor_fatal():
+    """A row's own regex or choices (which replace the job's schema for it) may answer a number or a
+    word: its `answer_json` is null, the batch's other answers are parsed (Arrow would raise on some,
+    and quietly turn 2.5 into the integer 2 or true into 1.0)."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"},
+                                               "ok": {"type": "boolean"}}}
+    field = answer_field(json.dumps(schema))
+    answers = ['1', 'true', '"word"', '[1]', '{"n": 2.5}', '{"x": true}', '{"ok": 1}', '{"n": 3.0, "x": 2, "ok": false}']
+    rows = parsed_answers(answers, ["stop"] * len(answers), field).to_pylist()
+    assert rows == [None] * 7 + [{"n": 3, "x": 2.0, "ok": False}]
+    for kind, answer in (("integer", "true"), ("number", '"1"'), ("boolean", "0"), ("array", '{"a": 1}')):
+        typed = answer_field(json.dumps({"type": kind, "items": {"type": "integer"}}))
+        assert parsed_answers([answer], ["stop"], typed).to_pylist() == [None], kind
