@@ -157,7 +157,7 @@ def read_schema(footers: dict[str, pq.FileMetaData], columns: list[str], source:
         first_of = {}
         for path, schema in schemas.items():
             if column in schema.names:
-                first_of.setdefault(schema.field(column).type, path)
+                first_of.setdefault(without_views(schema.field(column).type), path)
         if not first_of:            # a hive partition key: in the paths, not the files
             continue
         try:
@@ -170,6 +170,24 @@ def read_schema(footers: dict[str, pq.FileMetaData], columns: list[str], source:
                              f"across files ({named}), so nothing was started: write it with one type") from None
         fields.append(unified.field(column))
     return pa.schema(fields)
+
+
+def without_views(type_: pa.DataType) -> pa.DataType:
+    """`type_` with Arrow's view layouts of text and bytes (string_view, binary_view: pyarrow keeps them
+    through Parquet, as polars writes text) as their plain ones, inside lists and structs too: the run
+    reads the files so, since the CPU stage's Arrow kernels (take) have none for views. (pyarrow 26
+    reads a Parquet list_view column as an invalid array: not one to convert.)"""
+    if pa.types.is_string_view(type_):
+        return pa.string()
+    if pa.types.is_binary_view(type_):
+        return pa.binary()
+    if pa.types.is_list(type_):
+        return pa.list_(type_.value_field.with_type(without_views(type_.value_type)))
+    if pa.types.is_large_list(type_):
+        return pa.large_list(type_.value_field.with_type(without_views(type_.value_type)))
+    if pa.types.is_struct(type_):
+        return pa.struct([f.with_type(without_views(f.type)) for f in type_])
+    return type_
 
 
 def check_column_types(schema: pa.Schema, config: PipelineConfig, source: str, renames: dict[str, str]) -> None:

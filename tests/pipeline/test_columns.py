@@ -192,3 +192,25 @@ def test_a_choices_column_that_is_missing_or_not_lists_of_text_is_named_before_a
         prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint), choices_column="label"))
     job = prepare_job(str(source), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint), choices_column="options"))
     assert "options" in job.columns and "label" not in job.columns        # read: the run uses it
+
+
+def test_columns_of_view_types_are_read_as_their_plain_types(ray_cluster, checkpoint, tmp_path):
+    """pyarrow keeps string_view / binary_view through Parquet (polars writes text so); the CPU
+    stage's Arrow kernels have none for them: the run reads them as string and binary."""
+    from pipeline import read_output, run_job
+
+    rows = good_rows(3)
+    table = pa.table({"id": pa.array([r["id"] for r in rows], pa.string_view()),
+                      "image": pa.array([r["image"] for r in rows], pa.binary_view()),
+                      "question": pa.array([r["question"] for r in rows], pa.string_view()),
+                      "note": pa.array(["a", None, "c"], pa.string_view()),
+                      "tags": pa.array([["x"], [], None], pa.list_(pa.string_view()))})
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "rows.parquet")
+    assert pq.read_schema(tmp_path / "in" / "rows.parquet").field("note").type == pa.string_view()
+    config = PipelineConfig(model=str(checkpoint), keep_columns=["note", "tags"], max_new_tokens=3)
+    summary = run_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    out = read_output(str(tmp_path / "out")).sort_by("id")
+    assert summary["error_rows"] == 0 and out.column("id").to_pylist() == [r["id"] for r in rows]
+    assert out.column("note").to_pylist() == ["a", None, "c"] and out.column("tags").to_pylist() == [["x"], [], None]
+    assert out.schema.field("note").type == pa.string()
