@@ -113,8 +113,6 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
                          "tokenizer=processor.tokenizer)")
     if s.streamer is not None:      # as the reference: each answer's rows (num_return_sequences)
         s.streamer.put(input_ids.repeat_interleave(s.copies, dim=0).cpu())
-    if s.max_new <= 0:
-        return _answer(s, input_ids.repeat_interleave(s.copies, dim=0), [], [])
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(param.device)
     embeds = _prefill_embeddings(model, input_ids, pixel_values, pixel_attention_mask)   # each image once
     if s.num_beams > 1:

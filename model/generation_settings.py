@@ -65,6 +65,10 @@ class GenerateSettings:
         if max_new is None:     # transformers 5: max_length counts the prompt; neither set: 20 new tokens
             max_new = (max_length if max_length is not None else
                        min(prompt_len + 20, text.max_position_embeddings)) - prompt_len
+        if max_new <= 0:        # as the reference: an answer of no token is a mistake, not a request
+            raise ValueError(f"max_new_tokens must be greater than 0, got {max_new}" if get("max_new_tokens")
+                             is not None else f"the prompt has {prompt_len} tokens and max_length is {max_length}: "
+                             "no room for an answer (max_length counts the prompt; set max_new_tokens)")
         self.max_new = max_new
         min_new = get("min_new_tokens")     # min_length counts the prompt; min_new_tokens wins over it
         self.min_new = min_new if min_new is not None else max(int(get("min_length", 0)) - prompt_len, 0)
@@ -84,9 +88,11 @@ class GenerateSettings:
         self.penalty = float(get("repetition_penalty", 1.0))
         if self.penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.penalty}")
-        if self.do_sample and self.temperature <= 0:
+        if self.do_sample and not self.temperature > 0:       # NaN too
             raise ValueError(f"temperature must be > 0 with do_sample=True, got {self.temperature}")
-        self.no_repeat = int(get("no_repeat_ngram_size", 0))
+        if self.do_sample and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: none) with do_sample=True, got {self.top_k}")
+        self.no_repeat = max(int(get("no_repeat_ngram_size", 0)), 0)       # transformers: <= 0 is none
         bad_words = get("bad_words_ids") or []
         check_bad_words(bad_words, text.vocab_size)
         self.bad_words = usable_bad_words(bad_words, self.eos)
@@ -130,6 +136,10 @@ class GenerateSettings:
         in its order (model.generation_hooks)."""
         forced_bos, forced_eos = get("forced_bos_token_id"), get("forced_eos_token_id")
         suppress, begin = get("suppress_tokens"), get("begin_suppress_tokens")
+        for name, forced in (("forced_bos_token_id", forced_bos), ("forced_eos_token_id", forced_eos)):
+            if forced is not None and suppress is not None and set(_as_list(forced)) <= set(_as_list(suppress)):
+                raise ValueError(f"every token of {name} ({forced}) is also in suppress_tokens: nothing could be "
+                                 "taken at its step (as transformers refuses it)")
         processors = [] if forced_bos is None else [ForcedToken([int(forced_bos)], 1)]
         if forced_eos is not None:
             processors.append(ForcedToken(_as_list(forced_eos), prompt_len + self.max_new - 1))

@@ -38,8 +38,10 @@ class Hypothesis:
 
 
 class BeamSearch:
-    """One prompt's beams. `beams` holds the running beams' new tokens (one empty beam before the
-    first step: the reference's other beams start at -1e9 and cannot be chosen then).
+    """One prompt's beams. `beams` holds the running beams' new tokens: one empty beam before the
+    first step, which stands for the reference's num_beams copies of the prompt, the others scored
+    -1e9 (`start_scores`): their candidates rank after all of the first's that are possible, so they
+    are taken only where fewer than `width` are (a forced token, a prefix_allowed_tokens_fn of one).
 
     Plain Python floats on the host (a step's few candidates: ~10x faster than small tensors). The
     reference sums in float32; here the sums come from the device in float32 and the rest is in
@@ -68,12 +70,19 @@ class BeamSearch:
     def steps(self) -> int:
         return len(self.beams[0])
 
+    @property
+    def start_scores(self) -> list[float]:
+        """The scores a step's candidates start from: each running beam's, or before the first step
+        the prompt's copies' (0 and -1e9 for the others, as the reference's)."""
+        return [0.0] + [NEG] * (self.num_beams - 1) if self.steps == 0 else self.scores
+
     def advance(self, top_scores: list[float], top_ids: list[int], vocab: int,
                 stopped: list[bool] | None = None) -> None:
         """Take a step's `width` best candidates (accumulated log p, descending; ids beam * vocab + token);
         `stopped`: the candidates a caller's stopping criteria end."""
         k, step = self.num_beams, self.steps + 1
-        parents, tokens = [i // vocab for i in top_ids], [i % vocab for i in top_ids]
+        copies, tokens = [i // vocab for i in top_ids], [i % vocab for i in top_ids]
+        parents = copies if step > 1 else [0] * len(copies)      # the first step's copies are one beam
         ends = [t in self.stop_ids or step >= self.max_new_tokens for t in tokens]
         if stopped is not None:
             ends = [end or stop for end, stop in zip(ends, stopped)]
@@ -81,16 +90,16 @@ class BeamSearch:
             ends = [end or self.completes_stop(self.beams[p] + [t]) for end, p, t in zip(ends, parents, tokens)]
         going = [s + NEG if end else s for s, end in zip(top_scores, ends)]
         order = best_first(going)[:k]
-        self._keep_finished(top_scores, parents, tokens, ends, step)
+        self._keep_finished(top_scores, parents, tokens, ends, step, copies)
         self.parents = [parents[i] for i in order]
-        self.history.append(self.parents)
+        self.history.append([copies[i] for i in order])
         self.beams = [self.beams[parents[i]] + [tokens[i]] for i in order]
         self.scores = [going[i] for i in order]
         self._check_improvable(step)
         self.done = not self.improvable or all(self.is_finished) and self.early_stopping is True or all(ends)
 
     def _keep_finished(self, scores: list[float], parents: list[int], tokens: list[int], ends: list[bool],
-                       step: int) -> None:
+                       step: int, copies: list[int]) -> None:
         """The num_beams best hypotheses so far: the kept ones and the candidates that end now (only
         among the num_beams best candidates, while they may still improve on the kept ones)."""
         k = self.num_beams
@@ -105,7 +114,7 @@ class BeamSearch:
             if i < k:
                 return self.finished[i]
             c = i - k
-            return Hypothesis(self.beams[parents[c]] + [tokens[c]], ranked[c], scores[c], parents[c])
+            return Hypothesis(self.beams[parents[c]] + [tokens[c]], ranked[c], scores[c], copies[c])
 
         self.is_finished = [self.is_finished[i] if i < k else ends[i - k] and i - k < k for i in keep]
         self.finished = [hypothesis(i) for i in keep]
@@ -123,7 +132,10 @@ class BeamSearch:
 
     def path(self, hypothesis: Hypothesis) -> list[int]:
         """The running beam each of the hypothesis's tokens continued, first token first (the
-        reference's beam_indices, within this search)."""
+        reference's beam_indices, within this search: the first token's, the prompt's copy; none
+        for an empty one, a place no candidate took)."""
+        if not hypothesis.tokens:
+            return []
         beams = [hypothesis.parent]
         for parents in reversed(self.history[:len(hypothesis.tokens) - 1]):
             beams.append(parents[beams[-1]])
@@ -216,9 +228,17 @@ def beam_log_probs(logits: Tensor, rules: list[BeamRules]) -> Tensor:
 
 
 def best_candidates(log_probs: Tensor, rules: list[BeamRules]) -> tuple[Tensor, Tensor]:
-    """top_candidates from the beams' processed log p."""
-    sizes = [len(r.search.beams) for r in rules]
-    scores = torch.tensor([s for r in rules for s in r.search.scores], dtype=torch.float32)
+    """top_candidates from the beams' processed log p (a search before its first step: its row
+    once for each of the prompt's copies, as the reference's rows)."""
+    starts = [r.search.start_scores for r in rules]
+    sizes = [len(s) for s in starts]
+    rows, first = [], 0
+    for r, size in zip(rules, sizes):
+        rows += range(first, first + size) if r.search.steps else [first] * size
+        first += len(r.search.beams)
+    if len(rows) != len(log_probs):
+        log_probs = log_probs[torch.tensor(rows, device=log_probs.device)]
+    scores = torch.tensor([s for start in starts for s in start], dtype=torch.float32)
     totals = log_probs + scores.to(log_probs.device)[:, None]
     widths = [r.search.width for r in rules]
     if len(set(sizes)) == 1 and len(set(widths)) == 1:

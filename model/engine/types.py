@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import operator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -48,6 +50,18 @@ class SamplingParams:
     begin_suppress_tokens: tuple = ()  # token ids not taken as the answer's first token
 
     def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "seed"):     # a float would fail a step, not here
+            value = getattr(self, name)
+            if value is None and name == "seed":
+                continue
+            try:
+                object.__setattr__(self, name, operator.index(value))       # numpy's integers too
+            except TypeError:
+                raise ValueError(f"{name} must be an integer, got {value!r}") from None
+            if isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:

@@ -465,9 +465,14 @@ def test_bad_requests_are_named(setup):
     with pytest.raises(ValueError, match="'z': max_new_tokens 0 answers nothing"):      # unless it scores a continuation
         engine.generate([Request("z", [1, 2], sampling=SamplingParams(max_new_tokens=0))])
     for bad in (dict(temperature=float("nan")), dict(temperature=-1.0), dict(top_p=float("nan")), dict(top_p=0.0),
-                dict(top_k=-1), dict(repetition_penalty=float("nan")), dict(min_new_tokens=65)):
+                dict(top_k=-1), dict(repetition_penalty=float("nan")), dict(min_new_tokens=65),
+                # not integers: refused here, where a step would fail (and take the running requests with it)
+                dict(top_k=2.5), dict(max_new_tokens=4.5), dict(min_new_tokens=True), dict(seed=1.5),
+                dict(length_penalty=float("nan"), num_beams=2)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad)
+    import numpy as np
+    assert SamplingParams(max_new_tokens=np.int64(5), seed=np.int32(3)).max_new_tokens.__class__ is int
 
 
 def test_an_answer_longer_than_the_context_leaves_is_cut_there(setup, monkeypatch, overlap):

@@ -110,3 +110,46 @@ def test_sequence_bias_outside_the_vocabulary_is_refused(pair):
     path, ours, _ = pair
     with pytest.raises(ValueError, match="sequence_bias holds token id 100000"):
         ours.generate(**mixed_batch(path), max_new_tokens=2, sequence_bias={(3, 100000): 1.0})
+
+
+def test_a_first_step_of_fewer_candidates_than_beams_takes_the_prompts_copies_as_the_reference(pair):
+    """The reference starts num_beams copies of the prompt (all but one scored -1e9): where the first
+    step allows one token (a forced one, a prefix_allowed_tokens_fn of one), the copies carry it."""
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    one = dict(input_ids=torch.tensor([[1]]), attention_mask=torch.ones(1, 1, dtype=torch.int64))
+    out = dict(return_dict_in_generate=True, output_scores=True)
+    for given, setting in ((inputs, dict(prefix_allowed_tokens_fn=lambda batch_id, ids: [40], max_new_tokens=4,
+                                          num_beams=3, num_return_sequences=2, **out)),
+                           (one, dict(forced_bos_token_id=40, max_new_tokens=3, num_beams=3, num_return_sequences=3,
+                                      **out))):
+        expected, got = ref.generate(**given, **setting), ours.generate(**given, **setting)
+        assert torch.equal(got.sequences, expected.sequences)
+        if given is one:        # (the copies tie at -1e9 in float32: which one torch.topk names first is its own)
+            assert torch.equal(got.beam_indices, expected.beam_indices)
+        for mine, theirs in zip(got.scores, expected.scores):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    placeholder = ours.generate(**one, forced_eos_token_id=223, max_new_tokens=1, num_beams=3,
+                                num_return_sequences=3, **out)   # a hypothesis no candidate filled
+    assert placeholder.beam_indices[-1].tolist() == [-1]
+
+
+@pytest.mark.parametrize("setting", [dict(max_new_tokens=0), dict(max_length=4),
+                                     dict(do_sample=True, temperature=float("nan")), dict(do_sample=True, top_k=-1),
+                                     dict(forced_bos_token_id=28, suppress_tokens=[28])])
+def test_settings_the_reference_refuses_are_refused(pair, setting):
+    path, ours, ref = pair
+    one = dict(input_ids=torch.tensor([[1, 5, 6, 7, 8, 9]]), attention_mask=torch.ones(1, 6, dtype=torch.int64))
+    kwargs = setting if "max_length" in setting else dict(max_new_tokens=3) | setting   # (max_new_tokens wins)
+    with pytest.raises(ValueError):
+        ref.generate(**one, **kwargs)
+    with pytest.raises(ValueError, match="max_new_tokens|max_length|temperature|top_k|suppress_tokens"):
+        ours.generate(**one, **kwargs)
+
+
+def test_a_negative_ngram_size_is_none_and_more_candidates_than_the_vocabulary_search_on(pair):
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    for setting in (dict(no_repeat_ngram_size=-1), dict(num_beams=300)):      # 2 x 300 candidates > 448 tokens
+        expected = ref.generate(**inputs, max_new_tokens=3, **setting)
+        assert torch.equal(ours.generate(**inputs, max_new_tokens=3, **setting), expected), setting
