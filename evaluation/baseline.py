@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from evaluation.metrics import get_metric
-from evaluation.scoring import _check_unique_ids, _mean, interval95, is_error_row
+from evaluation.scoring import check_unique_ids, _mean, interval95, is_error_row
 
 
 def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Table:
@@ -14,7 +14,7 @@ def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Tab
     scored against this run's ground truth (0 where the baseline's row is an error; null where it
     has no row of that id)."""
     ids = [str(i) for i in baseline.column("id").to_pylist()]
-    _check_unique_ids(ids, "the baseline's predictions")
+    check_unique_ids(ids, "the baseline's predictions")
     rows = dict(zip(ids, baseline.to_pylist()))
     score = get_metric(metric)
     answers, scores = [], []

@@ -99,14 +99,22 @@ def as_answer_list(answers: object) -> list[str]:
     if answers is None:
         return []
     if isinstance(answers, (str, int, float)) and not isinstance(answers, bool):
-        return [str(answers)]
+        return [_answer_text(answers)]
     if isinstance(answers, bytes):
         return [answers.decode("utf-8")]
     try:
         items = list(answers)  # list, tuple, numpy array, pyarrow list
     except TypeError:
         raise ValueError(f"ground truth must be a string or a list of strings, got {type(answers).__name__}")
-    return [str(a) for a in items if a is not None]
+    return [_answer_text(a) for a in items if a is not None]
+
+
+def _answer_text(answer: object) -> str:
+    """A ground-truth value as text; a whole number stored as a float (a count column with nulls,
+    written by pandas) as the integer it is: 3.0 -> "3", which a prediction "3" matches."""
+    if isinstance(answer, float) and answer.is_integer():
+        return str(int(answer))
+    return str(answer)
 
 
 def _require_answers(answers: object) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from evaluation.metrics import as_answer_list, get_metric
 
@@ -16,7 +17,7 @@ def _ids_as_strings(table: pa.Table) -> list[str]:
     return [str(v) for v in table.column("id").to_pylist()]
 
 
-def _check_unique_ids(ids: list[str], what: str) -> None:
+def check_unique_ids(ids: list[str], what: str) -> None:
     if len(set(ids)) != len(ids):
         seen, dupes = set(), []
         for i in ids:
@@ -28,31 +29,41 @@ def join_ground_truth(predictions: pa.Table, truth: pa.Table) -> pa.Table:
     """One row per ground-truth row, in ground-truth order, with its prediction attached by id.
 
     A ground-truth row without a prediction becomes an error row (a lost row must lower the score,
-    not vanish); a prediction whose id is not in the ground truth is a clear error.
+    not vanish); a prediction whose id is not in the ground truth is a clear error. Columns keep
+    their Arrow types (a map of choice_logprobs, int32 counts).
     """
     pred_ids, truth_ids = _ids_as_strings(predictions), _ids_as_strings(truth)
-    _check_unique_ids(pred_ids, "predictions")
-    _check_unique_ids(truth_ids, "ground truth")
+    check_unique_ids(pred_ids, "predictions")
+    check_unique_ids(truth_ids, "ground truth")
     unknown = sorted(set(pred_ids) - set(truth_ids))
     if unknown:
         raise ValueError(f"{len(unknown)} predictions have ids not in the ground truth, e.g. {unknown[:5]}")
     position = {i: k for k, i in enumerate(pred_ids)}
+    index = pa.array([position.get(i) for i in truth_ids], pa.int64())
+    taken = predictions.take(index)         # a null index: a row of nulls
     # The benchmark's ground truth wins; other shared columns (the question as the model saw it) come
     # from the predictions.
-    pred_cols = {name: predictions.column(name).to_pylist() for name in predictions.column_names
-                 if name not in GROUND_TRUTH_COLUMNS}
-    rows = []
-    for k, row in enumerate(truth.to_pylist()):
-        row["id"] = truth_ids[k]
-        p = position.get(truth_ids[k])
-        for name in (*pred_cols, "finish_reason", "error"):  # every row carries every column
-            row.setdefault(name, None)
-        if p is None:
-            row["finish_reason"], row["error"] = "error", "no prediction for this id"
-        else:
-            row.update({name: values[p] for name, values in pred_cols.items()})
-        rows.append(row)
-    return pa.Table.from_pylist(rows)
+    columns = {name: truth.column(name) for name in truth.column_names}
+    columns["id"] = pa.array(truth_ids, pa.string())
+    missing = index.is_null()
+    for name in [n for n in predictions.column_names if n not in GROUND_TRUTH_COLUMNS]:
+        columns[name] = (_unless(missing, columns[name], taken.column(name)) if name in columns
+                         else taken.column(name))
+    for name, value in (("finish_reason", "error"), ("error", "no prediction for this id")):
+        column = columns.get(name, pa.nulls(len(truth_ids), pa.string()))
+        if pa.types.is_null(column.type):
+            column = column.cast(pa.string())
+        columns[name] = pc.if_else(missing, pa.scalar(value, column.type), column)
+    return pa.table(columns)
+
+
+def _unless(missing: pa.Array, truth: pa.ChunkedArray, predicted: pa.ChunkedArray) -> pa.ChunkedArray:
+    """The prediction's values, the ground truth's where a row has no prediction (a shared column:
+    the question as the benchmark asks it); the prediction's alone where their types do not convert."""
+    try:
+        return pc.if_else(missing, truth, predicted.cast(truth.type))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return predicted
 
 
 def is_error_row(row: dict) -> bool:

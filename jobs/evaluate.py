@@ -173,8 +173,14 @@ def parquet_dataset(uri: str, options: dict | None = None):
 
 
 def read_parquet(uri: str, columns: list[str] | None = None, options: dict | None = None) -> pa.Table:
-    """The Parquet at `uri` as one table; requested columns it lacks are skipped."""
+    """The Parquet at `uri` as one table, its files' types unified (a shard whose category is all
+    null beside one of text); requested columns it lacks are skipped."""
+    import pyarrow.dataset as pads
+
     dataset = parquet_dataset(uri, options)
+    schema = pa.unify_schemas([f.physical_schema for f in dataset.get_fragments()] or [dataset.schema],
+                              promote_options="permissive")
+    dataset = pads.dataset(dataset.files, schema=schema, filesystem=dataset.filesystem, format="parquet")
     present = dataset.schema.names
     return dataset.to_table(columns=None if columns is None else [c for c in columns if c in present])
 
@@ -339,7 +345,10 @@ def gather_predictions(args: argparse.Namespace, metric: str) -> tuple[pa.Table,
     source, run = (args.predictions, None) if args.predictions else run_model(args, ids)
     predictions = read_predictions(source, args)
     if truth is None:
-        # the ground truth is in the predictions (kept columns, or the file's own)
+        # the ground truth is in the predictions (kept columns, or the file's own): each row once
+        from evaluation.scoring import check_unique_ids
+
+        check_unique_ids([str(i) for i in predictions.column("id").to_pylist()], "predictions")
         return predictions.slice(0, args.limit), run
     if ids is not None:
         predictions = keep_ids(predictions, ids)

@@ -205,3 +205,12 @@ def test_unicode_answers():
 def test_unknown_metric_names_the_choices():
     with pytest.raises(ValueError, match="vqa_accuracy"):
         get_metric("bleu")
+
+
+def test_whole_numbers_stored_as_floats_are_the_integers_they_are():
+    """A count column with nulls, written by pandas, holds 3.0: the prediction "3" is right."""
+    from evaluation.metrics import as_answer_list
+
+    assert as_answer_list(3.0) == ["3"] and as_answer_list([2.0, 2.5, None]) == ["2", "2.5"]
+    for metric in ("vqa_accuracy", "exact_match", "anls", "relaxed_accuracy"):
+        assert get_metric(metric)("3", 3.0) == 1.0, metric

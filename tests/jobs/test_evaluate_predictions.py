@@ -138,13 +138,16 @@ def test_ground_truth_joined_from_input_by_id_with_gallery(tmp_path):
     assert "no image" in gallery and "Colour?" in gallery
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([("q1", "a", [], None, "stop", None)], "no ground-truth answers"),
-    ([("q1", "a", ["a"], None, "stop", None), ("q1", "b", ["b"], None, "stop", None)], "duplicate ids"),
+@pytest.mark.parametrize("rows, message, joined", [
+    ([("q1", "a", [], None, "stop", None)], "no ground-truth answers", False),
+    ([("q1", "a", ["a"], None, "stop", None), ("q1", "b", ["b"], None, "stop", None)], "duplicate ids", True),
+    # the ground truth in the predictions: a row counted twice would weigh twice
+    ([("q1", "a", ["a"], None, "stop", None), ("q1", "a", ["a"], None, "stop", None),
+      ("q2", "b", ["c"], None, "stop", None)], "duplicate ids: ['q1']", False),
 ])
-def test_bad_predictions_are_clear_errors(tmp_path, capsys, rows, message):
+def test_bad_predictions_are_clear_errors(tmp_path, capsys, rows, message, joined):
     preds = write_predictions(tmp_path / "p.parquet", rows)
-    if message == "duplicate ids":  # duplicates matter when joining to the ground truth
+    if joined:
         pq.write_table(pa.table({"id": ["q1"], "answers": [["a"]]}), tmp_path / "t.parquet")
         extra = ["--input", str(tmp_path / "t.parquet")]
     else:
@@ -319,3 +322,24 @@ def test_a_baseline_run_is_compared_row_by_row(tmp_path, capsys):
     assert gallery.count('class="card') == 3 and "baseline answer" in gallery     # q1, q2, q4 changed
     assert job.main(argv[:-4] + ["--baseline", str(tmp_path / "nowhere")]) == 2
     assert "--baseline" in capsys.readouterr().err
+
+
+def test_predictions_of_other_types_join_a_benchmark_of_several_files(tmp_path):
+    """A caption run's output with --choice-logprobs (a map column) and int32 counts joins the
+    ground truth with its types; a benchmark's shards need not agree on a column that is all null in
+    one of them; a whole-number answer stored as a float (3.0) is the answer 3."""
+    (tmp_path / "bench").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "answers": pa.array([3.0, 4.0]), "category": pa.nulls(2)}),
+                   tmp_path / "bench" / "part-0.parquet")
+    pq.write_table(pa.table({"id": ["c"], "answers": pa.array([5.5]), "category": ["count"]}),
+                   tmp_path / "bench" / "part-1.parquet")
+    logprobs = pa.array([[("3", -0.1)], [("5", -0.2)], None], pa.map_(pa.string(), pa.float64()))
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "answer": ["3", "5", "5.5"], "choice_logprobs": logprobs,
+                             "num_generated_tokens": pa.array([1, 1, 2], pa.int32())}), tmp_path / "p.parquet")
+    out = tmp_path / "o"
+    assert job.main(["--predictions", str(tmp_path / "p.parquet"), "--input", str(tmp_path / "bench"),
+                     "--output", str(out), "--metric", "exact_match"]) == 0
+    scored = pq.read_table(out / "predictions.parquet")
+    assert scored.column("score").to_pylist() == [1.0, 0.0, 1.0]
+    assert scored.schema.field("num_generated_tokens").type == pa.int32()
+    assert scored.column("choice_logprobs").to_pylist()[0] == [("3", -0.1)]
