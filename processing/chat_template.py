@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2.ext import loopcontrols
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 Template = str | dict[str, str]
@@ -48,9 +48,19 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
             f"chat template tried to reach the unsafe attribute {attribute!r} of a {type(obj).__name__}")
 
 
+class _GenerationBlock(Extension):
+    """`{% generation %}...{% endgeneration %}` (the reference's marks of the assistant's tokens, for
+    its assistant-tokens mask): the body renders as it is."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 @lru_cache(maxsize=32)
 def compile_template(source: str) -> jinja2.Template:
-    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationBlock])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     return env.from_string(source)
@@ -103,11 +113,16 @@ def resolve_template(template: Template | None, choice: str | None = None) -> st
 
 def render_chat(template: str, conversation: list[dict], add_generation_prompt: bool = False,
                 continue_final_message: bool = False, **variables: Any) -> str:
-    """Render one conversation. `variables` (bos_token, ...) are visible to the template."""
+    """Render one conversation. `variables` (bos_token, ...) are visible to the template; `tools` and
+    `documents` are None unless given, as the reference defines them."""
     if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
         raise ValueError("a conversation must be a list of message dicts")
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be set: the first "
+                         "continues the last message, the second opens a new one")
     messages = [_copy_message(m) for m in conversation]
     last_text = _tag_final_message(messages) if continue_final_message else None
+    variables = {"tools": None, "documents": None, **variables}
     try:
         rendered = compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                      **variables)

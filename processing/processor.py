@@ -217,17 +217,19 @@ class Idefics3Processor:
         if bos is not None and prompts[0].startswith(bos):
             processor_kwargs["add_special_tokens"] = False
         batch_images = [images_of(conv) for conv in conversations]
-        out = self(text=prompts, images=batch_images if any(batch_images) else None, return_tensors=return_tensors,
-                   **processor_kwargs)
+        images = processor_kwargs.pop("images", batch_images if any(batch_images) else None)   # given ones win
+        out = self(text=prompts, images=images, return_tensors=return_tensors, **processor_kwargs)
         return out if return_dict else out["input_ids"]
 
     # --- decoding ------------------------------------------------------------------------------
 
-    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str | list[str]:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: Any, skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool | None = None) -> str | list[str]:
+        return self.tokenizer.decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
 
-    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
-        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens, clean_up_tokenization_spaces)
 
 
 def _as_text_list(text: Any) -> list[str] | None:

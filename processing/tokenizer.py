@@ -8,6 +8,7 @@ skips tokens flagged special.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -206,7 +207,7 @@ class Tokenizer:
         data: dict[str, Any] = {"input_ids": [e.ids for e in encodings]}
         if return_attention_mask:
             data["attention_mask"] = [e.attention_mask for e in encodings]
-        if single:
+        if single and return_tensors is None:       # as the reference: tensors keep the batch axis
             data = {k: v[0] for k, v in data.items()}
         return BatchEncoding(to_tensors(data, return_tensors))
 
@@ -249,23 +250,34 @@ class Tokenizer:
 
     # --- decoding -------------------------------------------------------------------------------
 
-    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str | list[str]:
-        """One sequence -> str; a batch (2-D) -> list[str]. Accepts lists, numpy arrays and tensors."""
+    def decode(self, ids: Any, skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool | None = None) -> str | list[str]:
+        """One sequence -> str; a batch (2-D) -> list[str]. Accepts lists, numpy arrays, tensors and
+        an encoding (its input_ids). clean_up_tokenization_spaces: None, the tokenizer's setting."""
+        if isinstance(ids, Mapping):
+            ids = ids["input_ids"]
         ids = ids.tolist() if hasattr(ids, "tolist") else ids
         if isinstance(ids, int):
             ids = [ids]
         if ids and isinstance(ids[0], (list, tuple)):
-            return self.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+            return self.batch_decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
         text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-        return self._clean_up(text)
+        return self._clean_up(text, clean_up_tokenization_spaces)
 
-    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
+        """Each sequence -> str; one sequence alone (a list of ids, a 1-D tensor) -> a list of its text."""
+        if isinstance(sequences, Mapping):
+            sequences = sequences["input_ids"]
         sequences = sequences.tolist() if hasattr(sequences, "tolist") else sequences
-        return [self.decode(list(seq), skip_special_tokens=skip_special_tokens) for seq in sequences]
+        if sequences and isinstance(sequences[0], int):
+            sequences = [sequences]
+        return [self.decode(list(seq), skip_special_tokens, clean_up_tokenization_spaces) for seq in sequences]
 
-    def _clean_up(self, text: str) -> str:
+    def _clean_up(self, text: str, clean_up: bool | None = None) -> str:
         # The reference skips this WordPiece-era cleanup for BPE models (it would eat real spaces).
-        if not self.clean_up_tokenization_spaces or type(self.backend.model).__name__ == "BPE":
+        clean_up = self.clean_up_tokenization_spaces if clean_up is None else clean_up
+        if not clean_up or type(self.backend.model).__name__ == "BPE":
             return text
         for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                               (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):

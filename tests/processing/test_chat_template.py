@@ -199,3 +199,25 @@ def test_multi_turn_with_two_images_tokenized_matches_reference(pair):
     assert torch.equal(got["attention_mask"], want["attention_mask"])
     np.testing.assert_allclose(got["pixel_values"].numpy(), want["pixel_values"].numpy(), atol=1e-6, rtol=0)
     assert got["input_ids"][0].tolist().count(ours.tokenizer.bos_token_id) == 1
+
+
+def test_template_variables_tags_and_refusals_are_the_references(pair):
+    """`tools` and `documents` are None unless given (Llama 3.1's template reads them); a
+    {% generation %} block renders its body; continuing the last message while opening a new one is
+    refused; images given in processor_kwargs replace the conversation's."""
+    ref, ours = pair
+    template = ("{% if tools is not none %}{{ tools | tojson }}{% endif %}{% if documents is none %}|no docs{% endif %}"
+                "{% for m in messages %}{% generation %}{{ m.role }}{% endgeneration %}{% endfor %}")
+    for given in ({}, {"tools": [{"name": "f"}]}):
+        assert ours.apply_chat_template(EXAMPLE, chat_template=template, **given) == \
+            ref.apply_chat_template(EXAMPLE, chat_template=template, **given)
+    for processor in (ref, ours):
+        with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt"):
+            processor.apply_chat_template(EXAMPLE, continue_final_message=True, add_generation_prompt=True)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    image = Image.fromarray(np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3))
+    kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+                  processor_kwargs={"images": [image]})
+    got, want = ours.apply_chat_template(conversation, **kwargs), ref.apply_chat_template(conversation, **kwargs)
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    torch.testing.assert_close(got["pixel_values"], want["pixel_values"], rtol=0, atol=1e-6)

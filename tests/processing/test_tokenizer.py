@@ -165,3 +165,21 @@ def test_tokenizer_json_without_post_processor_adds_no_bos(tmp_path):
 def test_missing_tokenizer_json_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_the_calls_transformers_users_write_give_the_references_results(pair):
+    """One text with return_tensors keeps its batch axis; decode takes clean_up_tokenization_spaces
+    and an encoding; batch_decode of one sequence alone gives a list of its text."""
+    ref, ours = pair
+    for kind in ("pt", "np"):
+        got, want = ours("What is in the image?", return_tensors=kind), ref("What is in the image?", return_tensors=kind)
+        assert tuple(got["input_ids"].shape) == tuple(want["input_ids"].shape) == (1, len(want["input_ids"][0]))
+    ids = ref(TEXTS[:2], padding=True, return_tensors="pt")["input_ids"]
+    for clean in (True, False, None):
+        kwargs = {} if clean is None else {"clean_up_tokenization_spaces": clean}
+        assert ours.batch_decode(ids, skip_special_tokens=True, **kwargs) == ref.batch_decode(
+            ids, skip_special_tokens=True, **kwargs)
+        assert ours.decode(ids[0], **kwargs) == ref.decode(ids[0], **kwargs)
+    assert ours.batch_decode(ids[1]) == ours.batch_decode(ids[1].tolist()) == [ref.decode(ids[1])]
+    encoding = ref(TEXTS[0])
+    assert ours.decode(encoding) == ours.decode(dict(encoding)) == ref.decode(encoding["input_ids"])
