@@ -12,6 +12,7 @@ from typing import Sequence as Seq
 
 if TYPE_CHECKING:
     from torch import Tensor
+
 Bias = tuple[tuple[int, ...], float]
 
 
