@@ -38,6 +38,9 @@ def adapter_files(folder: Path) -> tuple[dict, Path]:
     return config, weights
 
 
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")     # initialisations that change the base weights
+
+
 def check_adapter_config(config: dict, adapter: str) -> dict:
     """A LoRA (or DoRA) adapter's config whose every option merges into weights (model.lora)."""
     if config.get("peft_type") != "LORA":
@@ -46,6 +49,11 @@ def check_adapter_config(config: dict, adapter: str) -> dict:
     refused = [option for option in UNMERGED_OPTIONS if config.get(option)]
     if config.get("bias", "none") != "none":
         refused.append(f"bias={config['bias']!r}")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        # PEFT takes these adapters' principal part out of the base weights again when it loads them;
+        # W + s * B @ A on the base as it is would be other weights, silently
+        refused.append(f"init_lora_weights={init!r} (saved without converting it to a plain LoRA)")
     if refused:
         raise CheckpointError(f"adapter {adapter}: {', '.join(refused)} set; such adapters are not merged here "
                               "(merge it with PEFT's merge_and_unload and load the merged checkpoint)")

@@ -6,6 +6,7 @@ tensor by tensor from safetensors, so peak host memory is about one model plus o
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from torch import nn
 from .config import Idefics3Config
 from .files import SINGLE_FILE, CheckpointError, resolve_checkpoint_dir, weight_files
 from .lora import LoraAdapter
+
+log = logging.getLogger(__name__)
 
 GENERATION_CONFIG = "generation_config.json"
 BASE_PREFIX = "model."
@@ -61,6 +64,7 @@ def load_weights(model: nn.Module, files: list[Path], folder: Path, adapter: Lor
     from .idefics3 import Idefics3Model
     is_base = isinstance(model, Idefics3Model)
     params = dict(model.named_parameters(remove_duplicate=False))
+    tied = {name: group for group in _tied_names(model) for name in group}
     loaded, unexpected = set(), []
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -72,10 +76,30 @@ def load_weights(model: nn.Module, files: list[Path], folder: Path, adapter: Lor
                     unexpected.append(key)
                     continue
                 tensor = f.get_tensor(key)
-                _copy_tensor(params[name], adapter.merged(name, tensor) if name in (adapter or ()) else tensor, key)
+                tensor = adapter.merged(name, tensor) if name in (adapter or ()) else tensor
+                if (tied.get(name, set()) - {name}) & loaded and not _holds(params[name], tensor):
+                    params[name] = _untie(model, name, key)
+                _copy_tensor(params[name], tensor, key)
                 loaded.add(name)
     _check_keys(model, loaded, unexpected, folder)
     check_adapter(adapter, model, loaded)
+
+
+def _holds(param: torch.Tensor, tensor: torch.Tensor) -> bool:
+    return param.shape == tensor.shape and torch.equal(param.detach(), tensor.to(param.device, param.dtype))
+
+
+def _untie(model: nn.Module, name: str, key: str) -> nn.Parameter:
+    """`name`'s own parameter in place of the one it shares: a checkpoint that says it ties its LM
+    head to the embeddings but stores both, different, keeps both (as transformers does)."""
+    log.warning("%s differs from the tensor tie_word_embeddings ties it to: not tied", key)
+    owner, _, attribute = name.rpartition(".")
+    module = model.get_submodule(owner)
+    shared = getattr(module, attribute)
+    own = nn.Parameter(torch.empty_like(shared), requires_grad=shared.requires_grad)
+    setattr(module, attribute, own)
+    model.config.tie_word_embeddings = False
+    return own
 
 
 def check_adapter(adapter: LoraAdapter | None, model: nn.Module, loaded: set[str]) -> None:

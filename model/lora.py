@@ -21,7 +21,9 @@ from safetensors import safe_open
 from .files import CheckpointError, adapter_files
 
 PEFT_PREFIX = "base_model.model."
-PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "magnitude"}
+# "base": the base weight PEFT saves beside an adapted LM head or embedding (save_embedding_layers),
+# which replaces the checkpoint's when PEFT loads the adapter
+PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "magnitude", "base_layer.weight": "base"}
 
 
 class LoraAdapter:
@@ -41,10 +43,10 @@ class LoraAdapter:
                 module, part = split_key(key, folder)
                 parts.setdefault(module + ".weight", {})[part] = f.get_tensor(key).float()
         for name, found in parts.items():
-            if "A" not in found or "B" not in found:
+            if ("A" in found) != ("B" in found) or not ("A" in found or "base" in found):
                 raise CheckpointError(f"adapter {folder}: {name} has {sorted(found)} but not both lora_A and lora_B")
         scalings = {name: scaling(config, name.removesuffix(".weight"), found["A"].shape[0])
-                    for name, found in parts.items()}
+                    for name, found in parts.items() if "A" in found}
         return cls(parts, scalings, folder)
 
     def __contains__(self, name: str) -> bool:
@@ -54,8 +56,17 @@ class LoraAdapter:
         return set(self.parts)
 
     def merged(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """`weight` (the base checkpoint's tensor) with this adapter's change, float32."""
-        found, weight = self.parts[name], weight.float()
+        """`weight` (the base checkpoint's tensor, or the one the adapter saved in its place) with
+        this adapter's change, float32."""
+        found = self.parts[name]
+        if "base" in found:
+            if found["base"].shape != weight.shape:
+                raise CheckpointError(f"adapter {self.folder}: {name} is {tuple(weight.shape)} in the checkpoint, but "
+                                      f"the adapter saved it as {tuple(found['base'].shape)}")
+            weight = found["base"]
+        weight = weight.float()
+        if "A" not in found:
+            return weight
         if weight.dim() != 2 or found["B"].shape[0] != weight.shape[0] or found["A"].shape[1] != weight.shape[1]:
             raise CheckpointError(f"adapter {self.folder}: {name} is {tuple(weight.shape)} in the checkpoint, but the "
                                   f"adapter's B @ A is {found['B'].shape[0]} x {found['A'].shape[1]}")

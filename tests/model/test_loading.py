@@ -36,6 +36,28 @@ def test_sharded_checkpoint_loads_same_weights(checkpoint):
     assert sharded.lm_head.weight is sharded.model.text_model.embed_tokens.weight  # tied
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("shard_size", [None, "50KB"])
+def test_a_tied_checkpoint_storing_a_different_head_keeps_both_as_the_reference(checkpoint, tmp_path, shard_size):
+    """tie_word_embeddings, but the file holds lm_head.weight unlike the embeddings (a head trained
+    apart): transformers keeps both; tying them would drop one, whichever key was read last."""
+    folder = copy_checkpoint(checkpoint("smolvlm"), tmp_path / "ck")
+    embed = load_file(str(folder / "model.safetensors"))["model.text_model.embed_tokens.weight"]
+    head = torch.randn(embed.shape, generator=torch.Generator().manual_seed(1)) * 0.02
+    edit_weights(folder, lambda s: s.update({"lm_head.weight": head}))
+    if shard_size:      # the reference's shards of it: another order of the two keys
+        transformers.Idefics3ForConditionalGeneration.from_pretrained(folder).save_pretrained(
+            tmp_path / "sharded", max_shard_size=shard_size)
+        folder = tmp_path / "sharded"
+    ours = Idefics3ForConditionalGeneration.from_pretrained(folder)
+    assert torch.equal(ours.lm_head.weight, head) and torch.equal(ours.model.text_model.embed_tokens.weight, embed)
+    ref = transformers.Idefics3ForConditionalGeneration.from_pretrained(folder).eval()
+    batch = make_batch(ours.config)
+    torch.testing.assert_close(ours(**batch).logits, ref(**batch).logits, rtol=1e-5, atol=1e-5)
+    same = Idefics3ForConditionalGeneration.from_pretrained(checkpoint("smolvlm"))
+    assert same.lm_head.weight is same.model.text_model.embed_tokens.weight      # a plain tied one stays tied
+
+
 def test_pickle_only_folder_is_refused(checkpoint, tmp_path):
     folder = tmp_path / "pickled"
     folder.mkdir()

@@ -22,6 +22,8 @@ ADAPTERS = {   # PEFT LoraConfig settings: plain (rank and alpha per module), rs
     "rslora": dict(r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True),
     "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj", "down_proj", "o_proj"],
                  use_dora=True),
+    # the LM head adapted: PEFT saves its base weight beside A and B (lm_head.base_layer.weight)
+    "head": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]),
 }
 
 
@@ -58,7 +60,7 @@ def test_merged_weights_are_peft_merge_and_unload_bit_for_bit(adapted):
     for name, p in ours.named_parameters():
         assert torch.equal(p, want[name]), name
         changed += not torch.equal(p, plain[name])
-    assert changed >= 10                            # what the test is about: the adapter changed weights
+    assert changed >= 5                             # what the test is about: the adapter changed weights
 
 
 def test_greedy_answers_equal_transformers_on_peft_merged_model(adapted):
@@ -99,7 +101,10 @@ def test_adapters_that_do_not_merge_into_weights_are_refused(checkpoint, tmp_pat
     build_adapter(base, folder, **ADAPTERS["lora"])
     config = json.loads((folder / "adapter_config.json").read_text())
     for option, value, says in [("modules_to_save", ["lm_head"], "modules_to_save set"),
-                                ("bias", "all", "bias='all' set"), ("peft_type", "IA3", "only LoRA adapters")]:
+                                ("bias", "all", "bias='all' set"), ("peft_type", "IA3", "only LoRA adapters"),
+                                # PEFT re-initialises these on load, taking their principal part out of the base
+                                ("init_lora_weights", "pissa_niter_4", "init_lora_weights='pissa_niter_4'"),
+                                ("init_lora_weights", "olora", "init_lora_weights='olora'")]:
         (folder / "adapter_config.json").write_text(json.dumps({**config, option: value}))
         with pytest.raises(CheckpointError, match=says):
             Idefics3ForConditionalGeneration.from_pretrained(base, adapter=folder)
