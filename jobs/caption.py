@@ -43,6 +43,10 @@ def early_stopping(text: str) -> bool | str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", help=f"Parquet file, folder or glob; local, s3:// or any fsspec URL "
                                     f"(default: {DEMO_INPUT.relative_to(DEMO_INPUT.parents[2])})")
@@ -170,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--config", help="job.yaml with any of the flags above, and the settings of token ids a "
                                      "generation config holds (bad_words_ids, sequence_bias, suppress_tokens, "
                                      "begin_suppress_tokens, min_length)")
-    return ap.parse_args(argv)
+    return ap
 
 
 def pipeline_config(values: dict):
@@ -217,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.job import prepare_job, run_prepared
 
     try:
-        values = merge_args(parse_args(argv), DEFAULTS)
+        parser = build_parser()
+        values = merge_args(parser.parse_args(argv), DEFAULTS, parser)
         config = pipeline_config(values)
         source = demo_path(values["input"], DEMO_INPUT, "input")
         output = values["output"] or str(DEMO_OUTPUT)

@@ -104,19 +104,58 @@ def load_job_config(path: str | None) -> dict[str, Any]:
         return {}
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"job config {path!r} is not YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"job config {path!r} must be a mapping of flag names to values")
     return {key.replace("-", "_"): value for key, value in data.items()}
 
 
-def merge_args(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+def typed_values(parser: argparse.ArgumentParser, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """A job.yaml's values as its flags would take them (`limit: '3'` is 3); one the flag would refuse
+    (`temperature: hot`, `resume: 'false'`, `stop: 5`) is a ValueError naming it."""
+    actions = {a.dest: a for a in parser._actions}
+    typed = dict(values)
+    for key, value in values.items():
+        action = actions.get(key)
+        if action is None or value is None:
+            continue
+        wrong = f"job config {source!r}: {key}: {value!r} is not "
+        if action.nargs == 0:           # a switch (--resume, --compile / --no-compile)
+            if not isinstance(value, bool):
+                raise ValueError(wrong + "true or false")
+        elif isinstance(action, argparse._AppendAction):        # repeatable: one text, or a list of them
+            items = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, str) for v in items):
+                quote = " (YAML reads yes, no, on, off as true or false: quote them)" if any(
+                    isinstance(v, bool) for v in items) else ""
+                raise ValueError(wrong + "a text or a list of texts" + quote)
+        elif action.type is None:       # text (JSON options may be YAML mappings, kept columns a list)
+            typed[key] = value if isinstance(value, (str, dict, list)) else str(value)
+        else:
+            kind = {int: "an integer", float: "a number"}.get(action.type, "a value")
+            try:
+                if isinstance(value, (list, dict)):
+                    raise ValueError
+                typed[key] = action.type(str(value))
+            except (ValueError, TypeError, argparse.ArgumentTypeError):
+                raise ValueError(wrong + f"{kind}, as {action.option_strings[0]} takes") from None
+    return typed
+
+
+def merge_args(args: argparse.Namespace, defaults: dict[str, Any],
+               parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
     """Command line > job.yaml > defaults. Flags are declared with default None to tell them apart;
     `given_settings` names the decoding settings given either way (the checkpoint's
-    generation_config.json replaces none of them, even one given at its default value)."""
+    generation_config.json replaces none of them, even one given at its default value). `parser`:
+    the job's, whose flags type the job.yaml's values (typed_values)."""
     from pipeline.generation_defaults import SETTINGS
 
     from_file = load_job_config(getattr(args, "config", None))
+    if parser is not None:
+        from_file = typed_values(parser, from_file, args.config)
     unknown = set(from_file) - set(defaults)
     if unknown:
         raise ValueError(f"unknown keys in {args.config!r}: {sorted(unknown)}")
@@ -133,6 +172,8 @@ def merge_args(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, 
 def json_option(text: str | dict | None, name: str) -> dict:
     if text is None or isinstance(text, dict):
         return text or {}
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be a JSON object, got {text!r}")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:

@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="start over, discarding the answers an earlier run left in --output")
     add_run_flags(ap)
     ap.add_argument("--config", help="eval.yaml with any of the flags above")
-    return argparse.Namespace(**merge_args(ap.parse_args(argv), DEFAULTS))
+    return argparse.Namespace(**merge_args(ap.parse_args(argv), DEFAULTS, ap))
 
 
 DEFAULTS = dict(input=None, model=None, adapter=None, output=None, metric=None, system_prompt=None,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import string
 from dataclasses import asdict, dataclass, field, fields
 
@@ -128,6 +130,7 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be non-empty strings, got {texts!r}")
             setattr(self, name, texts)
         self._check_token_settings()
+        self._check_integers()
         if isinstance(self.keep_columns, str):
             self.keep_columns = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
         # Output columns are always there; keeping them again would duplicate them.
@@ -140,7 +143,7 @@ class PipelineConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.step_timeout_s is not None and self.step_timeout_s < 0:
+        if self.step_timeout_s is not None and not self.step_timeout_s >= 0:     # NaN too
             raise ValueError(f"step_timeout_s must be >= 0 (0 or None: no watchdog), got {self.step_timeout_s}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
@@ -199,6 +202,16 @@ class PipelineConfig:
         if self.messages_column is not None and self.prompt_template is not None:
             raise ValueError("messages_column and prompt_template are two ways to make what each row asks: give one")
 
+    def _check_integers(self) -> None:
+        """Fields typed int are integers (a job.yaml's 2.5 would fail every row, or a replica's start)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type not in ("int", "int | None") or value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{f.name} must be an integer, got {value!r}")
+            setattr(self, f.name, int(value))       # numpy's as Python's: the manifest writes them as JSON
+
     def _check_token_settings(self) -> None:
         """Settings of token ids (a generation config's) in one form, JSON's (the run manifest compares them)."""
         from model.engine.bad_words import check_bad_words
@@ -223,6 +236,8 @@ class PipelineConfig:
         """Beam search keeps the best answers, greedily: nothing that samples or constrains them."""
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
         if self.num_beams == 1:
             return
         if self.samples > self.num_beams:

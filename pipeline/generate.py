@@ -23,7 +23,7 @@ from .dedup import SharedAnswers, took_another_answer
 from .faults import crash_always_on, crash_once_on, hang_once_on
 from .groups import IMAGE_FIELDS, ungroup
 from .ledger import CrashLedger, Gate, ledger_path
-from .rows import (CHOICE_LOGPROBS, LOGPROB, ROW_CHOICES, ROW_SCORED, ROW_SETTINGS, SAMPLES, SAMPLES_LOGPROB,
+from .rows import (CHOICE_LOGPROBS, KEPT, LOGPROB, ROW_CHOICES, ROW_SCORED, ROW_SETTINGS, SAMPLES, SAMPLES_LOGPROB,
                    TOKEN_LOGPROBS, RowError, error_message, output_schema, reuse_recent, row_seed)
 from .run_stats import StatsReporter
 from .structured import answer_field, parsed_answers, parsed_lists
@@ -355,7 +355,7 @@ class Generate:
 
     def to_table(self, batch: pa.Table, outputs: list[dict]) -> pa.Table:
         c = self.config
-        kept = [batch.schema.field(n) for n in c.keep_columns]
+        kept = [batch.schema.field(KEPT + name).with_name(name) for name in c.keep_columns]
         several = c.samples > 1
         extra = ([LOGPROB] * (c.logprobs or c.score_column is not None) + [CHOICE_LOGPROBS] * c.choice_logprobs
                  + SAMPLES * several + [SAMPLES_LOGPROB] * (several and c.logprobs)
@@ -372,7 +372,7 @@ class Generate:
         if len(parsed) > 1:
             columns.append(parsed_lists([o["samples"] for o in outputs], [o["samples_finish_reason"] for o in outputs],
                                         parsed[0], parsed[1]))
-        columns += [batch.column(f.name) for f in kept]
+        columns += [batch.column(KEPT + f.name) for f in kept]
         return pa.Table.from_arrays(columns, schema=schema)
 
 

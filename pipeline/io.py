@@ -54,11 +54,17 @@ def read_rows(uri: str, storage_options: dict | None = None, **read_args) -> ray
 
 
 def parquet_files(uri: str, storage_options: dict | None = None) -> list[str]:
-    """Every `.parquet` file of the input (paths without protocol)."""
+    """Every `.parquet` file of the input (paths without protocol) that the run reads: in a folder,
+    not those whose path inside it starts with "." or "_" (`_SUCCESS`, `.ipynb_checkpoints/`, a
+    `_temporary/` upload), which Ray Data's listing of a folder leaves out."""
     paths = input_paths(uri, storage_options)
     if isinstance(paths, str):
         fs, _ = fsspec_fs(uri, storage_options)
-        paths = sorted(p for p in fs.find(paths) if p.endswith(".parquet")) if fs.isdir(paths) else [paths]
+        if not fs.isdir(paths):
+            return [paths]
+        root = paths.rstrip("/") + "/"
+        paths = sorted(p for p in fs.find(paths) if p.endswith(".parquet")
+                       and not p[len(root):].startswith((".", "_")))
     return paths
 
 

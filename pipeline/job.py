@@ -77,6 +77,12 @@ def check_output(output: str, storage_options: dict | None, resume: bool, overwr
                                 f"({output.rstrip('/')}.checkpoint) from a previous run of this job")
 
 
+def has_run(output: str, storage_options: dict | None) -> bool:
+    """Whether an earlier run wrote answers to `output`, or began to (its settings beside it)."""
+    fs, path = fsspec_fs(sibling(output, ".run.json"), storage_options)
+    return fs.exists(path) or has_files(output, storage_options)
+
+
 def start_output(output: str, storage_options: dict | None, resume: bool, overwrite: bool = False) -> None:
     """A fresh run's output made empty: its checkpoint cleared and, with `overwrite`, the files of an
     earlier run removed (only once every check has passed)."""
@@ -195,6 +201,9 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
         raise ValueError("limit is for a fresh run; resume without it to answer the rest")
     if retry_errors is not None and not resume:
         raise ValueError("retry_errors answers again the error rows of the run an output holds: resume it")
+    if retry_errors is not None and not has_run(output_uri, config.storage_options):
+        raise ValueError(f"retry_errors: the output {redact_url(output_uri)!r} holds no earlier run whose error "
+                         "rows to answer again")
     checked = check_job(input_uri, output_uri, config, resume=resume, renames=renames, overwrite=overwrite)
     config, columns, schema, input_rows, renames = (checked.config, checked.columns, checked.schema,
                                                     checked.input_rows, checked.renames)

@@ -23,7 +23,7 @@ from .faults import crash_always_on
 from .fetch import ImageFetcher
 from .groups import group_by_image
 from .ledger import CrashLedger, ledger_path
-from .rows import ROW_CHOICES, ROW_SCORED, ROW_SETTINGS, RowError, error_message, reuse_recent, row_ids
+from .rows import KEPT, ROW_CHOICES, ROW_SCORED, ROW_SETTINGS, RowError, error_message, reuse_recent, row_ids
 
 ENCODED_FIELDS = [("question", pa.string()), ("input_ids", pa.list_(pa.int32())), ("frames", pa.large_binary()),
                   ("frames_shape", pa.list_(pa.int32())), ("image_key", pa.string()), ("error", pa.string())]
@@ -80,7 +80,7 @@ class Preprocess:
         if self.config.sampling_column in batch.column_names:
             columns[ROW_SETTINGS] = batch.column(self.config.sampling_column)
         for name in self.config.keep_columns:
-            columns.setdefault(name, batch.column(name))
+            columns[KEPT + name] = batch.column(name)
         return group_by_image(pa.table(columns))
 
     def questions(self, batch: pa.Table) -> list:

@@ -34,8 +34,8 @@ def retried(table: pa.Table, matching: str) -> pa.Array:
 def drop_error_rows(output: str, storage_options: dict | None = None, matching: str = "") -> int:
     """Takes the error rows (whose error holds `matching`, if given) out of the output's files;
     returns how many."""
-    fs, _ = fsspec_fs(output, storage_options)
-    files = parquet_files(output, storage_options)
+    fs, path = fsspec_fs(output, storage_options)
+    files = parquet_files(output, storage_options) if fs.exists(path) else []     # killed before its first file
 
     def count(path: str) -> int:
         with fs.open(path, "rb") as f:

@@ -15,6 +15,8 @@ ROW_HASH = "row_hash"        # Ray Data's deterministic (file path, row index) h
 ROW_CHOICES = "_choices"     # a row's own choices (--choices-column), on their way to the model stage
 ROW_SCORED = "_scored"       # the text a row's answer is scored as (--score-column), on its way to the model stage
 ROW_SETTINGS = "_settings"   # a row's own decoding settings (--sampling-column), on their way to the model stage
+KEPT = "_kept."              # prefix of a kept input column on its way to the output: apart from the stages' own
+                             # columns (input_ids, image_key, frames, ...), whatever the input names its columns
 OUTPUT_SCHEMA = pa.schema([
     ("question", pa.string()), ("answer", pa.string()), ("finish_reason", pa.string()),
     ("error", pa.string()), ("num_prompt_tokens", pa.int32()), ("num_generated_tokens", pa.int32()),

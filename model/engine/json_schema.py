@@ -39,7 +39,21 @@ def json_schema_pattern(schema: str | dict) -> str:
             raise ValueError(f"the JSON schema is not JSON: {e}") from None
     if not isinstance(schema, dict):
         raise ValueError(f"a JSON schema is an object, not {type(schema).__name__}")
-    return _Writer(schema).value(schema, "#")
+    try:
+        return _Writer(schema).value(schema, "#")
+    except (TypeError, AttributeError, KeyError) as e:     # a keyword of the wrong type ("properties": 5)
+        raise ValueError(f"the JSON schema has a keyword of the wrong type ({type(e).__name__}: {e})") from None
+
+
+def _bounds(schema: dict, low_key: str, high_key: str, where: str) -> tuple[int, int | None]:
+    """A string's or array's length bounds: integers >= 0, the low one not above the high one."""
+    low, high = schema.get(low_key, 0), schema.get(high_key)
+    for key, value in ((low_key, low), (high_key, high)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{where}: {key} must be an integer >= 0, got {value!r}")
+    if high is not None and low > high:
+        raise ValueError(f"{where}: {low_key} {low} is above {high_key} {high}")
+    return low, high
 
 
 @lru_cache(maxsize=256)
@@ -117,14 +131,14 @@ class _Writer:
                 raise ValueError(f"{where}: the string format {schema['format']!r} is not supported "
                                  f"(supported: {', '.join(sorted(FORMATS))})")
             return f'"{FORMATS[schema["format"]]}"'
-        low, high = schema.get("minLength", 0), schema.get("maxLength")
+        low, high = _bounds(schema, "minLength", "maxLength", where)
         return f'"{STRING_CHAR}{_count(low, high)}"'
 
     def array(self, schema: dict, where: str) -> str:
         if "items" not in schema or not isinstance(schema["items"], dict):
             raise ValueError(f"{where}: an array needs `items` (one schema for its items)")
         item = self.value(schema["items"], f"{where}/items")
-        low, high = schema.get("minItems", 0), schema.get("maxItems")
+        low, high = _bounds(schema, "minItems", "maxItems", where)
         if high == 0:
             return r"\[\]"
         rest = _count(max(low - 1, 0), None if high is None else high - 1)

@@ -234,3 +234,31 @@ def test_the_printed_summary_names_what_the_run_took_shared_and_retried(capsys):
     assert "decoding took from the generation config: temperature=0.6, top_k=50" in out
     assert "3 rows asked a question already asked" in out
     assert "2 error rows of the earlier run were answered again (1 error rows now)" in out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("temperature: hot", "temperature: 'hot' is not a number, as --temperature takes"),
+    ("max_new_tokens: 2.5", "max_new_tokens: 2.5 is not an integer"), ("resume: 'false'", "is not true or false"),
+    ("stop: 5", "stop: 5 is not a text or a list of texts"), ("choices: [yes, no]", "quote them"),
+    ("storage_options: [1]", "--storage-options must be a JSON object"), ("max_new_tokens: [4", "is not YAML"),
+])
+def test_a_job_yamls_values_are_typed_as_its_flags(tmp_path, capsys, text, message):
+    """job.yaml's values go through the flags' types (a word for a number was a traceback; 2.5 for
+    top_k or seed made every row an error row): a bad one is the job's one-line error, exit 2."""
+    from jobs.caption import main
+
+    (tmp_path / "job.yaml").write_text(text + "\n")
+    assert main(["--model", "m", "--config", str(tmp_path / "job.yaml"), "--output", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_job_yamls_values_take_their_flags_forms(tmp_path):
+    from jobs.caption import DEFAULTS, build_parser
+    from jobs.common import merge_args
+
+    (tmp_path / "job.yaml").write_text("limit: '3'\ntemperature: 1\nearly_stopping: true\nkeep_columns: [a, b]\n"
+                                       "storage_options: {anon: true}\n")
+    parser = build_parser()
+    values = merge_args(parser.parse_args(["--config", str(tmp_path / "job.yaml")]), DEFAULTS, parser)
+    assert (values["limit"], values["temperature"], values["early_stopping"]) == (3, 1.0, True)
+    assert values["keep_columns"] == ["a", "b"] and values["storage_options"] == {"anon": True}

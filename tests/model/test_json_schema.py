@@ -100,6 +100,12 @@ def test_optional_properties_in_every_combination():
     ({"$ref": "#/$defs/missing"}, "names nothing"), ({"$ref": "other.json#/a"}, "inside the schema"),
     ({"type": "object", "properties": {"a": {"type": "null"}}, "required": ["b"]}, "'b' is not among"),
     ({"type": "thing"}, "unknown type"), ("[1, 2]", "is an object"), ("{not json", "not JSON"),
+    # keywords of the wrong type: a clear ValueError, not a TypeError from inside the writer
+    ({"type": "object", "properties": 5}, "keyword of the wrong type"), ({"enum": 5}, "keyword of the wrong type"),
+    ({"type": "string", "maxLength": "5"}, "maxLength must be an integer >= 0"),
+    ({"type": "string", "maxLength": -1}, "maxLength must be an integer >= 0"),
+    ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength 3 is above maxLength 2"),
+    ({"type": "array", "items": {"type": "string"}, "minItems": "a"}, "minItems must be an integer"),
 ])
 def test_schemas_a_pattern_cannot_follow_are_refused(schema, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -214,3 +214,22 @@ def test_columns_of_view_types_are_read_as_their_plain_types(ray_cluster, checkp
     assert summary["error_rows"] == 0 and out.column("id").to_pylist() == [r["id"] for r in rows]
     assert out.column("note").to_pylist() == ["a", None, "c"] and out.column("tags").to_pylist() == [["x"], [], None]
     assert out.schema.field("note").type == pa.string()
+
+
+def test_hidden_files_are_not_the_inputs_and_kept_columns_may_bear_the_stages_names(ray_cluster, checkpoint, tmp_path):
+    """Ray Data's listing of a folder leaves out paths starting with "." or "_" (`_SUCCESS`,
+    `.ipynb_checkpoints/`): the checks count what it reads (they counted those rows, which then went
+    missing, or refused their ids as repeated). A kept column named as one of the stages' own
+    (input_ids, image_key) keeps the input's values (the prompt's ids were written, or the run failed)."""
+    from pipeline import read_output, run_job
+
+    rows = [dict(r, input_ids=[7, i], image_key=f"k{i}") for i, r in enumerate(good_rows(3))]
+    write_parquet(tmp_path / "in" / "part-0.parquet", rows)
+    write_parquet(tmp_path / "in" / "_part-1.parquet", [dict(r, id=r["id"] + "x") for r in rows])
+    write_parquet(tmp_path / "in" / ".ipynb_checkpoints" / "part-0-checkpoint.parquet", rows)   # same ids
+    config = PipelineConfig(model=str(checkpoint), keep_columns=["input_ids", "image_key"], max_new_tokens=3)
+    assert prepare_job(str(tmp_path / "in"), str(tmp_path / "dry"), config).input_rows == 3
+    summary = run_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    assert (summary["input_rows"], summary["rows"], summary["missing_rows"], summary["error_rows"]) == (3, 3, 0, 0)
+    out = read_output(str(tmp_path / "out")).sort_by("id").to_pylist()
+    assert [(r["input_ids"], r["image_key"]) for r in out] == [([7, i], f"k{i}") for i in range(3)]

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline import PipelineConfig, read_output, run_job
 from pipeline.retry import drop_error_rows
-from tests.pipeline.helpers import png, write_parquet
+from tests.pipeline.helpers import good_rows, png, write_parquet
 
 MAX_NEW = 5
 
@@ -73,3 +73,13 @@ def test_the_flag_resumes_and_names_what_to_retry():
     assert merge_args(parse_args([]), DEFAULTS)["retry_errors"] is None
     from jobs import evaluate
     assert evaluate.parse_args(["--retry-errors", "generate"]).retry_errors == "generate"
+
+
+def test_retrying_an_output_that_holds_no_run_is_refused_before_writing_anything(checkpoint, tmp_path):
+    from pipeline.job import prepare_job
+
+    write_parquet(tmp_path / "in" / "part-0.parquet", good_rows(2))
+    with pytest.raises(ValueError, match="holds no earlier run whose error rows to answer again"):
+        prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint)), resume=True,
+                    retry_errors="")
+    assert not list(tmp_path.glob("out*"))
