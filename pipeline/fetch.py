@@ -17,10 +17,12 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from fsspec.asyn import sync
+
 from processing.decode import DEFAULT_MAX_BYTES
 
 from .rows import RowError
-from .storage import reader_fs, redact_url
+from .storage import reader_fs, redact_url, redact_urls
 
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 RETRYABLE_STATUS = (408, 429)
@@ -82,6 +84,23 @@ def is_range_not_satisfiable(error: BaseException) -> bool:
     return isinstance(error, OSError) and "not satisfiable" in str(error).lower()
 
 
+async def bounded_http_read(fs, url: str, limit: int) -> bytes:
+    """The first `limit` bytes at an HTTP(S) URL (fsspec's HTTPFileSystem `fs`), streamed: a server
+    that ignores Range (Python's http.server, some CDNs) sends the whole file, of which no more than
+    `limit` bytes are read; fsspec's cat_file would hold all of it first."""
+    kw = dict(fs.kwargs)
+    kw["headers"] = {**kw.get("headers", {}), "Range": f"bytes=0-{limit - 1}"}
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(url), **kw) as response:
+        fs._raise_not_found_for_status(response, url)
+        data = bytearray()
+        async for chunk in response.content.iter_chunked(1 << 16):
+            data += chunk
+            if len(data) >= limit:
+                break           # leaving the response unread closes its connection
+    return bytes(data[:limit])
+
+
 class ImageFetcher:
     def __init__(self, storage_options: dict | None = None, *, root: str | None = None, threads: int = 16,
                  attempts: int = 3, timeout_s: float = 60.0, backoff_s: float = 0.5,
@@ -129,8 +148,9 @@ class ImageFetcher:
                 if attempt == self.attempts or not is_transient(e):
                     tries = f" (after {attempt} attempts)" if attempt > 1 else ""
                     why = str(e) or (f"no answer within {self.timeout_s:g} s" if isinstance(e, TimeoutError) else "")
-                    safe = redact_url(url)
-                    return RowError(f"cannot read image {safe!r}{tries}: {type(e).__name__}: {why.replace(url, safe)}")
+                    # the error may quote the URL as its client rewrote it (%2F as /): every URL in it redacted
+                    return RowError(f"cannot read image {redact_url(url)!r}{tries}: {type(e).__name__}: "
+                                    f"{redact_urls(why.replace(url, redact_url(url)))}")
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
 
     def _read_once(self, url: str) -> bytes:
@@ -139,6 +159,8 @@ class ImageFetcher:
         # try): a server that accepts and never answers costs one attempt, not aiohttp's 5 minutes.
         timeout = {"timeout": self.timeout_s} if getattr(fs, "async_impl", False) else {}
         try:
+            if url.startswith(("http://", "https://")):
+                return sync(fs.loop, bounded_http_read, fs, path, self.max_bytes + 1, **timeout)
             return fs.cat_file(path, start=0, end=self.max_bytes + 1, **timeout)
         except Exception as e:
             if is_range_not_satisfiable(e):

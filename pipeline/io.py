@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob as globlib
 import posixpath
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -10,7 +11,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray.data
 
-from .storage import arrow_fs, fsspec_fs, is_local, protocol_of
+from .storage import arrow_fs, fsspec_fs, is_local, protocol_of, redact_url, redact_urls
 
 WHOLE_FILE_BYTES = 4 << 20
 
@@ -25,14 +26,28 @@ def input_paths(uri: str, storage_options: dict | None = None) -> list[str] | st
     """A file, a folder, or a glob -> what read_parquet takes (paths without protocol). Only
     `.parquet` files count: a dataset's folder may hold its images too."""
     fs, path = fsspec_fs(uri, storage_options)
-    if is_glob(uri, path):
-        found = sorted(p for p in fs.glob(path) if p.endswith(".parquet"))
-        if not found:
-            raise FileNotFoundError(f"no Parquet file matches {uri!r}")
-        return found
-    if not fs.exists(path):
-        raise FileNotFoundError(f"input {uri!r} does not exist")
+    with reading_input(uri):
+        if is_glob(uri, path):
+            found = sorted(p for p in fs.glob(path) if p.endswith(".parquet"))
+            if not found:
+                raise FileNotFoundError(f"no Parquet file matches {uri!r}")
+            return found
+        if not fs.exists(path):
+            raise FileNotFoundError(f"input {uri!r} does not exist")
     return path
+
+
+@contextmanager
+def reading_input(uri: str):
+    """A store's refusal while the driver looks at the input (an HTTP 403 of an expired pre-signed
+    URL, a 503) as a PermissionError naming it, its URLs redacted: the job's one-line error."""
+    try:
+        yield
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:
+        raise PermissionError(f"input {redact_url(uri)!r} cannot be read: {type(e).__name__}: "
+                              f"{redact_urls(str(e))}") from None
 
 
 def input_folder(uri: str, storage_options: dict | None = None) -> str:
@@ -41,8 +56,10 @@ def input_folder(uri: str, storage_options: dict | None = None) -> str:
     fs, path = fsspec_fs(uri, storage_options)
     if is_glob(uri, path):
         path = posixpath.dirname(path[:min(path.index(c) for c in "*?[" if c in path)])
-    elif not fs.isdir(path):
-        path = posixpath.dirname(path)
+    else:
+        with reading_input(uri):
+            if not fs.isdir(path):
+                path = posixpath.dirname(path)
     return path if is_local(uri) else f"{protocol_of(uri)}://{path}"
 
 

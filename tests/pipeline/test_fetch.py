@@ -47,7 +47,7 @@ class _Handler(BaseHTTPRequestHandler):
             server.gets[self.path] = server.gets.get(self.path, 0) + 1
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
-            status, times = server.failures.get(self.path, (200, 0))
+            status, times = server.failures.get(self.path, server.failures.get(self.path.split("?")[0], (200, 0)))
             failing = server.gets[self.path] <= times
         time.sleep(server.delays.get(self.path, server.delay_s))
         with server.lock:
@@ -62,11 +62,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_error(416)
                 return
             body, status = body[first:last + 1], 206
-        server.sent[self.path] = server.sent.get(self.path, 0) + len(body)
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        try:            # in pieces, counting what leaves before a reader that has enough hangs up
+            for start in range(0, len(body), 1 << 16):
+                self.wfile.write(body[start:start + (1 << 16)])
+                server.sent[self.path] = server.sent.get(self.path, 0) + len(body[start:start + (1 << 16)])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def byte_range(self) -> tuple[int | None, int]:
         spec = self.headers.get("Range", "")
@@ -123,8 +127,10 @@ def test_a_file_past_the_byte_limit_is_an_error_read_no_further(server, tmp_path
     for error, name in ((out[1], server.url("/big.png")), (out[3], str(tmp_path / "big.png"))):
         assert str(error) == f"image file {name!r} is larger than the limit of {limit} bytes (max_image_bytes)"
     assert server.sent["/big.png"] == limit + 1 and server.gets == {"/small.png": 1, "/big.png": 1, "/empty.png": 1}
-    server.ignores_range = True         # a server that sends the whole file anyway: still refused
-    assert isinstance(fetcher(max_bytes=limit).fetch([server.url("/big.png")])[0], RowError)
+    server.ignores_range = True         # a server that sends the whole file anyway: refused, read no further
+    server.files["/huge.png"], server.sent = bytes(64 << 20), {}
+    assert isinstance(fetcher(max_bytes=limit).fetch([server.url("/huge.png")])[0], RowError)
+    assert server.sent["/huge.png"] < 24 << 20          # what the sockets' buffers took, not the 64 MiB
     assert fetcher().fetch([server.url("/big.png")]) == [big]       # 256 MiB by default
 
 
@@ -245,7 +251,10 @@ def test_a_row_of_more_images_than_the_context_holds_is_refused_unread(server, c
 def test_error_rows_do_not_show_credentials_in_urls(server):
     signed = server.url("/private.png?X-Amz-Credential=AKIA123&X-Amz-Signature=abc123&X-Amz-Expires=60&v=2")
     with_user = signed.replace("http://", "http://alice:hunter2@")
-    for url in (signed, with_user):
+    # a real SigV4 credential holds %2F, which the HTTP client quotes back as "/" in its own message
+    sigv4 = signed.replace("AKIA123", "AKIA123%2F20260101%2Fus-east-1%2Fs3%2Faws4_request")
+    server.failures["/private.png"] = (403, 99)     # an expired signature: 403, whose error quotes the URL
+    for url in (signed, with_user, sigv4):
         error = str(fetcher().fetch([url])[0])
         assert "private.png" in error and "X-Amz-Expires=60" in error and "v=2" in error
         assert not any(secret in error for secret in ("AKIA123", "abc123", "hunter2", "alice"))
@@ -304,3 +313,16 @@ def test_error_rows_are_counted_by_stage_and_cause(server):
                                              "read image: image is null"]
     assert error_kind("preprocess: ImageDecodeError: corrupt image header: OSError: Truncated") == \
         "preprocess: ImageDecodeError"                      # what ended the row, not what it wrapped
+
+
+def test_an_input_the_server_refuses_is_one_line_without_its_signature(server, checkpoint, tmp_path):
+    """An expired pre-signed Parquet URL (HTTP 403): a PermissionError naming it, its secrets
+    redacted (it was a traceback quoting the signature)."""
+    from pipeline import PipelineConfig
+    from pipeline.job import prepare_job
+
+    server.failures["/rows.parquet"] = (403, 99)
+    signed = server.url("/rows.parquet?X-Amz-Credential=AKIA9%2F2026%2Fus&X-Amz-Signature=SIG999")
+    with pytest.raises(PermissionError, match="cannot be read") as refused:
+        prepare_job(signed, str(tmp_path / "out"), PipelineConfig(model=str(checkpoint)))
+    assert "SIG999" not in str(refused.value) and "AKIA9" not in str(refused.value)
