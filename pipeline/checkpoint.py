@@ -40,17 +40,33 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "idefics3-checkpoints")
 
 
-def remote_files(uri: str, storage_options: dict | None) -> dict[str, int]:
-    """The checkpoint's wanted files under `uri`: relative path -> size."""
+# what tells one version of a stored file from another of the same size (S3's and GCS's, then times)
+VERSION_KEYS = ("ETag", "etag", "md5Hash", "LastModified", "last_modified", "updated", "mtime", "created")
+
+
+def remote_listing(uri: str, storage_options: dict | None) -> dict[str, dict]:
+    """The checkpoint's wanted files under `uri`: relative path -> the store's facts about it."""
     fs, root = reader_fs(uri, storage_options)
     found = {}
     for path, info in fs.find(root, detail=True).items():
         relative = posixpath.relpath(path, root.rstrip("/"))
         if any(fnmatch.fnmatch(posixpath.basename(relative), p) for p in HUB_PATTERNS):
-            found[relative] = int(info.get("size") or 0)
+            found[relative] = info
     if not found:
         raise FileNotFoundError(f"no checkpoint files ({', '.join(HUB_PATTERNS)}) under {uri!r}")
     return found
+
+
+def remote_files(uri: str, storage_options: dict | None) -> dict[str, int]:
+    """The checkpoint's wanted files under `uri`: relative path -> size."""
+    return {relative: int(info.get("size") or 0) for relative, info in remote_listing(uri, storage_options).items()}
+
+
+def remote_versions(uri: str, storage_options: dict | None) -> dict[str, list]:
+    """relative path -> [size, version]: a file rewritten in place at the same size (another fine-tune
+    of the same shapes) differs by its ETag or modification time."""
+    return {relative: [int(info.get("size") or 0), next((str(info[k]) for k in VERSION_KEYS if info.get(k)), "")]
+            for relative, info in remote_listing(uri, storage_options).items()}
 
 
 def check_model(model: str, storage_options: dict | None = None, tensor_parallel_size: int = 1) -> dict | None:
@@ -307,17 +323,27 @@ def local_checkpoint(model: str, storage_options: dict | None = None) -> str:
         return model
     target = cache_root() / hashlib.sha256(model.rstrip("/").encode()).hexdigest()[:24]
     target.parent.mkdir(parents=True, exist_ok=True)
-    files = remote_files(model, storage_options)
+    files = remote_versions(model, storage_options)
     with open(f"{target}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)        # one copy per node; the others wait for it
-        marker = target / COMPLETE
-        if not (marker.is_file() and json.loads(marker.read_text()) == files):
+        if copied_files(target) != files:
             copy(model, files, target, storage_options)
-            marker.write_text(json.dumps(files))
+            marker = target / COMPLETE
+            marker.with_suffix(".tmp").write_text(json.dumps(files))
+            marker.with_suffix(".tmp").replace(marker)      # a copy killed mid-write leaves no half marker
     return str(target)
 
 
-def copy(uri: str, files: dict[str, int], target: Path, storage_options: dict | None) -> None:
+def copied_files(target: Path) -> dict | None:
+    """The listing a finished copy in `target` was made from; None where there is none (or its
+    marker cannot be read: copy again)."""
+    try:
+        return json.loads((target / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def copy(uri: str, files: dict, target: Path, storage_options: dict | None) -> None:
     shutil.rmtree(target, ignore_errors=True)
     fs, root = reader_fs(uri, storage_options)
 

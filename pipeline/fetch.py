@@ -14,6 +14,7 @@ for a whole object, first sends a HEAD for its size: a second round trip per ima
 from __future__ import annotations
 
 import os
+import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -134,7 +135,10 @@ class ImageFetcher:
         their images relative to it; a Ray worker's current directory means nothing to the user)."""
         if self.root is None or "://" in path or os.path.isabs(path):
             return path
-        return self.root.rstrip("/") + "/" + path
+        if "://" not in self.root:
+            return self.root.rstrip("/") + "/" + path
+        scheme, _, root = self.root.partition("://")        # ./ and ../ as a local path's: keys have no such parts
+        return f"{scheme}://{posixpath.normpath(root.rstrip('/') + '/' + path)}"
 
     def read(self, url: str) -> bytes | RowError:
         for attempt in range(1, self.attempts + 1):

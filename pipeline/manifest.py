@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .checkpoint import remote_files
+from .checkpoint import remote_files, remote_versions
 from .config import TOKEN_SETTINGS, PipelineConfig
 from .storage import fsspec_fs, is_local, redact_url, sibling, write_text
 
@@ -34,7 +34,7 @@ def checkpoint_fingerprint(model: str, storage_options: dict | None = None) -> s
     A URL's checkpoint: its files' names and sizes; a hub id: itself."""
     folder = Path(model)
     if not is_local(model):
-        listing = json.dumps(sorted(remote_files(model, storage_options).items()))
+        listing = json.dumps(sorted(remote_versions(model, storage_options).items()))
         return hashlib.sha256(listing.encode()).hexdigest()
     if not folder.is_dir():
         return model
@@ -59,13 +59,24 @@ def run_settings(config: PipelineConfig) -> dict:
             **{name: getattr(config, name) for name in ANSWER_SETTINGS}}
 
 
-def differences(earlier: dict, now: dict) -> list[str]:
+def names_and_sizes_fingerprint(model: str, storage_options: dict | None = None) -> str | None:
+    """A URL checkpoint's fingerprint as runs before stop 41 wrote it (names and sizes only): a run
+    resumed across that change is the same checkpoint's if this matches. None for a local one."""
+    if is_local(model):
+        return None
+    listing = json.dumps(sorted(remote_files(model, storage_options).items()))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def differences(earlier: dict, now: dict, also_same: dict | None = None) -> list[str]:
     """What changed, in words ("prompt: 'A' -> 'B'"); the model's path alone may change (a moved folder).
-    A setting newer than the earlier run's file had, then, its default."""
+    A setting newer than the earlier run's file had, then, its default; `also_same`: name -> another
+    value that counts as the one now."""
     defaults = json.loads(json.dumps({name: getattr(PipelineConfig(model=""), name) for name in ANSWER_SETTINGS}))
     earlier = {**defaults, **earlier}
+    same = also_same or {}
     changed = []
-    for name in [n for n in now if n != "model" and earlier.get(n) != now[n]]:
+    for name in [n for n in now if n != "model" and earlier.get(n) not in (now[n], same.get(n, now[n]))]:
         if name == "checkpoint":
             changed.append(f"the checkpoint's files ({earlier.get('model')!r} then, {now['model']!r} now)")
         elif name == "adapter":
@@ -83,7 +94,11 @@ def keep_run_settings(output: str, config: PipelineConfig, resume: bool, storage
     now = json.loads(json.dumps(run_settings(config)))     # as they will read back (lists, not tuples)
     fs, local = fsspec_fs(path, storage_options)
     if resume and fs.exists(local):
-        changed = differences(json.loads(fs.cat(local)), now)
+        earlier = json.loads(fs.cat(local))
+        legacy = {key: names_and_sizes_fingerprint(source, config.storage_options)
+                  for key, source in (("checkpoint", config.model), ("adapter", config.adapter))
+                  if source and earlier.get(key) != now[key]}
+        changed = differences(earlier, now, {key: value for key, value in legacy.items() if value})
         if changed:
             raise ValueError(f"cannot resume into {output!r} with other settings than its earlier run ("
                              + "; ".join(changed) + "): its answers would be a mix. Use the earlier settings, "

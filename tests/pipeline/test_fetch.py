@@ -275,6 +275,9 @@ def test_relative_paths_are_read_under_the_root(server, tmp_path):
     assert remote.fetch(["pics/a.png", server.url("/data/pics/a.png")]) == [b"remote", b"remote"]
     assert server.gets == {"/data/pics/a.png": 1}          # one file, whichever way the rows name it
     assert "/data/pics/b.png" in str(remote.fetch(["pics/b.png"])[0])     # the error names what was tried
+    # ./ and ../ under a URL root as under a local one (an object key has no such parts)
+    assert [fetcher(root="s3://b/coco/val/").resolve(p) for p in ("./a.png", "../x/a.png")] == [
+        "s3://b/coco/val/a.png", "s3://b/coco/x/a.png"]
 
 
 def test_jobs_read_relative_paths_from_the_input_folder(tmp_path):

@@ -149,6 +149,10 @@ def test_a_checkpoint_on_s3_is_copied_once_per_node_and_again_when_it_changes(s3
     s3.pipe("bucket/models/copied/generation_config.json", b'{"eos_token_id": 2, "changed": true}')
     assert local_checkpoint("s3://bucket/models/copied/") == local
     assert b"changed" in (Path(local) / "generation_config.json").read_bytes()   # rewritten remotely: copied again
+    s3.pipe("bucket/models/copied/generation_config.json", b'{"eos_token_id": 2, "chAnged": true}')   # same size
+    assert b"chAnged" in (Path(local_checkpoint("s3://bucket/models/copied/")) / "generation_config.json").read_bytes()
+    (Path(local) / ".complete.json").write_text('{"config.json": [1')     # a marker cut short: copied again
+    assert b"chAnged" in (Path(local_checkpoint("s3://bucket/models/copied/")) / "generation_config.json").read_bytes()
     with pytest.raises(FileNotFoundError, match="no checkpoint files"):
         local_checkpoint("s3://bucket/models/none/")
 
@@ -309,3 +313,29 @@ def test_error_rows_are_taken_out_of_an_output_on_s3(s3):
     assert drop_error_rows("s3://bucket/retry-out") == 2
     assert s3.ls("bucket/retry-out", refresh=True) == ["bucket/retry-out/1.parquet"]
     assert read_output("s3://bucket/retry-out").column("id").to_pylist() == ["a"]
+
+
+def test_a_checkpoint_rewritten_at_the_same_size_is_another_and_an_older_manifest_still_resumes(s3, checkpoint,
+                                                                                             tmp_path):
+    """The fingerprint of a URL checkpoint holds its files' ETags: another fine-tune of the same shapes
+    uploaded in its place is another checkpoint (a resume would mix two models' answers). A run.json
+    written before (names and sizes only) still resumes with the checkpoint it named."""
+    import json
+
+    from pipeline import PipelineConfig
+    from pipeline.manifest import checkpoint_fingerprint, keep_run_settings, names_and_sizes_fingerprint
+
+    upload_checkpoint(s3, checkpoint, "bucket/models/fp")
+    url = "s3://bucket/models/fp/"
+    before = checkpoint_fingerprint(url)
+    config = PipelineConfig(model=url)
+    keep_run_settings(str(tmp_path / "out"), config, resume=False, storage_options=None)
+    manifest = tmp_path / "out.run.json"
+    older = json.loads(manifest.read_text()) | {"checkpoint": names_and_sizes_fingerprint(url)}
+    manifest.write_text(json.dumps(older))
+    keep_run_settings(str(tmp_path / "out"), config, resume=True, storage_options=None)      # accepted
+    weights = (checkpoint / "model.safetensors").read_bytes()     # other weights of the same size
+    s3.pipe("bucket/models/fp/model.safetensors", weights[:8] + weights[8:][::-1])
+    assert checkpoint_fingerprint(url) != before
+    with pytest.raises(ValueError, match="the checkpoint's files"):
+        keep_run_settings(str(tmp_path / "out"), config, resume=True, storage_options=None)
