@@ -54,6 +54,11 @@ def check_row_encoding(config: PipelineConfig) -> None:
         except Exception as e:      # whatever it is, every row would meet it
             raise ValueError(f"model {config.model!r}: its processor files cannot make a row's prompt "
                              f"({type(e).__name__}: {e})") from None
+        for name, text in (("prompt_suffix", config.prompt_suffix), ("prompt", config.prompt)):
+            try:            # every row without a question (or every row) would meet it
+                encoder.encode(sample_png(), (text if name == "prompt" else "What is it?") + config.prompt_suffix)
+            except Exception as e:
+                raise ValueError(f"{name} {text!r} cannot make a row's prompt ({type(e).__name__}: {e})") from None
 
 
 @contextlib.contextmanager

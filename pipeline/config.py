@@ -261,7 +261,7 @@ class PipelineConfig:
         if self.prompt_template is None:
             return []
         try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f is not None]
+            fields = list(template_fields(self.prompt_template))
         except ValueError as e:
             raise ValueError(f"prompt_template {self.prompt_template!r}: {e}") from None
         bad = [f for f in fields if not f or f.isdigit() or "." in f or "[" in f]
@@ -319,3 +319,12 @@ class PipelineConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def template_fields(template: str):
+    """The fields a format string names, those inside its format specs too ("{alt:>{width}}": alt, width)."""
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is not None:
+            yield name
+            if spec:
+                yield from template_fields(spec)

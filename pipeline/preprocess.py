@@ -50,7 +50,7 @@ def conversation(messages, suffix: str):
 def fill(template: str, values: dict) -> str | RowError:
     try:
         return template.format_map(values)
-    except (ValueError, TypeError, OverflowError) as e:
+    except (ValueError, TypeError, OverflowError, KeyError, IndexError, AttributeError) as e:
         return RowError(f"the row's values do not fit the template: {type(e).__name__}: {e}")
 
 

@@ -65,12 +65,27 @@ def has_checkpoint(output: str, storage_options: dict | None = None) -> bool:
     return fs.exists(path)
 
 
+PENDING = ".pending.parquet"
+
+
+def finish_commits(fs, pending: list[str], committed: set[str]) -> None:
+    """Ray commits a checkpoint by moving X.pending.parquet to X.parquet: on an object store a copy,
+    then a delete. A run killed between the two left both: the commit is done (its rows' output file
+    written), but Ray's clean-up of pending checkpoints on the resume would delete that output file
+    with the pending one, and the committed ids would skip its rows for ever. Finish the move."""
+    for path in pending:
+        if path[:-len(PENDING)] + ".parquet" in committed:
+            fs.rm(path)
+
+
 def forget_lost_rows(output: str, storage_options: dict | None = None) -> int:
     """Before a resume: ids committed in the checkpoint whose output rows are gone (a data file deleted
     by hand, a bucket's lifecycle rule) are taken out of it, so the resumed run answers them again
     instead of skipping them for ever. Returns how many. Pending checkpoints are Ray's to clean."""
     fs, folder = fsspec_fs(checkpoint_uri(output), storage_options)
-    committed = [p for p in fs.glob(f"{folder}/*.parquet") if not p.endswith(".pending.parquet")]
+    found = fs.glob(f"{folder}/*.parquet")
+    committed = [p for p in found if not p.endswith(PENDING)]
+    finish_commits(fs, [p for p in found if p.endswith(PENDING)], set(committed))
     if not committed:
         return 0
     written = read_output(output, storage_options, columns=["id"])

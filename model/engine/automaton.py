@@ -67,7 +67,8 @@ def intersects(ranges: Ranges, lo: int, hi: int) -> bool:
 def category(name: str, ascii_only: bool) -> Ranges:
     """`re`'s \\d \\s \\w (and their negations) as code point intervals."""
     base = name.removeprefix("CATEGORY_").removeprefix("NOT_").removeprefix("UNI_")
-    test = {"DIGIT": str.isdecimal, "SPACE": str.isspace,
+    space = (lambda c: c in " \t\n\r\f\v") if ascii_only else str.isspace     # ASCII \s: not \x1c-\x1f
+    test = {"DIGIT": str.isdecimal, "SPACE": space,
             "WORD": lambda c: c.isalnum() or c == "_", "LINEBREAK": lambda c: c == "\n"}[base]
     top = 0x7F if ascii_only or base == "LINEBREAK" else MAX_CODE_POINT
     found = merged((cp, cp) for cp in range(top + 1) if test(chr(cp)))

@@ -177,8 +177,11 @@ class PatternConstraint:
             ids = self._walk(state, None if begun else self.WALKED)
             if ids is None:
                 ids = self.vocabulary.ids_of_keys(self.vocabulary.chars.allowed_keys(automaton, at))
-        # Only a vocabulary that lacks some byte's token can leave no way on: the answer ends there.
-        return sorted(ids + list(self.stop_ids) if whole or not ids else ids)
+        # A stop id is not text of the answer, whatever it spells ("." made a stop token): it ends
+        # whole answers only. No way on (no token spells what must come next) allows nothing: the
+        # request ends in error (NoTokenLeftError) rather than with an answer that does not match.
+        ids = [i for i in ids if i not in self.stop_ids]
+        return sorted(ids + list(self.stop_ids) if whole else ids)
 
     def _byte(self, state: State, byte: int) -> State | None:
         key = (*state, byte)
@@ -256,6 +259,10 @@ class EngineConstraints:
         rid, sampling = request.request_id, request.sampling
         if not stop_ids:
             raise ValueError(f"request {rid!r}: a constrained answer needs a stop token to end with")
+        outside = sorted(t for t in stop_ids if not 0 <= t < self.vocab_size)
+        if outside:
+            raise ValueError(f"request {rid!r}: stop token id {outside[0]} is outside the vocabulary's "
+                             f"{self.vocab_size} (a constrained answer must be able to end with each)")
         try:
             constraint = self.constraint(request_pattern(sampling), stop_ids)
         except ValueError as e:

@@ -11,7 +11,7 @@ from .samples import with_samples
 from .scheduler import Scheduler, Sequence
 from .scoring import choice_logprobs
 from .stop_strings import StopStringMatcher
-from .types import NonFiniteLogitsError, Request, Result
+from .types import NonFiniteLogitsError, NoTokenLeftError, Request, Result
 
 
 class RequestEndings:
@@ -50,6 +50,14 @@ class RequestEndings:
         self.runner.cache.clear_slot(seq.slot)
         self.runner.positions[seq.slot] = 0     # the free row's ignored steps then read only zeros
         self.prefixes.forget(seq.slot)
+
+    def _fail_no_token(self, seq: Sequence) -> None:
+        """End a sequence whose constraint's tokens its other settings all keep out."""
+        error = NoTokenLeftError(f"request {seq.request.request_id!r}: at new token {len(seq.generated) + 1} no "
+                                 "token was left that it may take: what its constraint needs next is spelled by no "
+                                 "token but stop ids, or its other settings keep those out (bad words, suppressed "
+                                 "tokens, n-grams, biases of -inf)")
+        seq.finish_reason, seq.error = "error", f"{type(error).__name__}: {error}"
 
     def _completes_stop_string(self, seq: Sequence) -> bool:
         check = self._stop_check(seq.request)

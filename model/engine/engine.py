@@ -32,7 +32,7 @@ from .image_cache import ImageFeatureCache, ImageNames
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket
 from .logprobs import StepLogprobs, TokenLogprobs
-from .sampler import NON_FINITE, model_tokens
+from .sampler import NO_TOKEN_LEFT, NON_FINITE, model_tokens
 from .samples import add_samples
 from .scheduler import Scheduler, Sequence
 from .scoring import add_scorers, answered, score_ends
@@ -381,6 +381,8 @@ class LLMEngine(TokenChoice, BeamSteps, RequestEndings):
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             if token == NON_FINITE:
                 self._fail_non_finite(seq)
+            elif token == NO_TOKEN_LEFT:
+                self._fail_no_token(seq)
             else:
                 if logprobs is not None:
                     seq.add_logprobs(*logprobs[i])

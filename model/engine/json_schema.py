@@ -45,6 +45,37 @@ def json_schema_pattern(schema: str | dict) -> str:
         raise ValueError(f"the JSON schema has a keyword of the wrong type ({type(e).__name__}: {e})") from None
 
 
+COMPOSED = ("$ref", "const", "enum", "anyOf", "oneOf", "allOf")   # each says the whole value alone
+JSON_TYPES = {"string": str, "boolean": bool, "null": type(None), "object": dict, "array": list}
+
+
+def check_alone(schema: dict, where: str) -> None:
+    """ValueError where a keyword that says the whole value ($ref, const, enum, anyOf, oneOf, allOf)
+    stands beside another that would constrain it too: the pattern would follow the first alone.
+    `type` beside const or enum is taken (their values of another type are left out)."""
+    composed = [key for key in COMPOSED if key in schema]
+    if not composed:
+        return
+    allowed_beside = {"type"} if composed[0] in ("const", "enum") else set()
+    others = sorted((set(schema) & KEYWORDS) - {composed[0]} - allowed_beside)
+    if others:
+        raise ValueError(f"{where}: {others[0]} beside {composed[0]} is not supported (a pattern would follow "
+                         f"{composed[0]} alone)")
+
+
+def of_types(value: Any, types: Any) -> bool:
+    """Whether a JSON value is of `types` (a type name, a list of them, or None: any)."""
+    names = [types] if isinstance(types, str) else types or list(JSON_TYPES) + ["integer", "number"]
+    for name in names:
+        if name == "integer" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if name == "number" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if name in JSON_TYPES and isinstance(value, JSON_TYPES[name]) and (name == "boolean") == isinstance(value, bool):
+            return True
+    return False
+
+
 def _bounds(schema: dict, low_key: str, high_key: str, where: str) -> tuple[int, int | None]:
     """A string's or array's length bounds: integers >= 0, the low one not above the high one."""
     low, high = schema.get(low_key, 0), schema.get(high_key)
@@ -79,14 +110,19 @@ class _Writer:
         unknown = sorted(set(schema) - KEYWORDS - ANNOTATIONS)
         if unknown:
             raise ValueError(f"{where}: the keyword {unknown[0]!r} is not supported")
+        check_alone(schema, where)
         if "$ref" in schema:
             return self.reference(schema["$ref"], where)
-        if "const" in schema:
-            return literal(schema["const"])
-        if "enum" in schema:
-            return "(?:" + "|".join(map(literal, schema["enum"])) + ")"
-        for key in ("anyOf", "oneOf"):
+        if "const" in schema or "enum" in schema:
+            values = [schema["const"]] if "const" in schema else list(schema["enum"])
+            values = [v for v in values if of_types(v, schema.get("type"))]
+            if not values:
+                raise ValueError(f"{where}: no value is allowed (an empty enum, or none of its values of the type)")
+            return "(?:" + "|".join(map(literal, values)) + ")"
+        for key in ("anyOf", "oneOf"):      # oneOf read as anyOf: a document two branches allow is allowed too
             if key in schema:
+                if not schema[key]:
+                    raise ValueError(f"{where}: an empty {key} allows no value")
                 return "(?:" + "|".join(self.value(s, f"{where}/{key}/{i}") for i, s in enumerate(schema[key])) + ")"
         if "allOf" in schema:
             if len(schema["allOf"]) != 1:
@@ -96,6 +132,8 @@ class _Writer:
         if types is None:
             raise ValueError(f"{where}: the schema does not say its type")
         if isinstance(types, list):
+            if not types:
+                raise ValueError(f"{where}: an empty list of types allows no value")
             return "(?:" + "|".join(self.typed(t, schema, where) for t in types) + ")"
         return self.typed(types, schema, where)
 
@@ -127,6 +165,9 @@ class _Writer:
 
     def string(self, schema: dict, where: str) -> str:
         if "format" in schema:
+            bounded = sorted({"minLength", "maxLength"} & set(schema))
+            if bounded:
+                raise ValueError(f"{where}: {bounded[0]} beside format is not supported (the format sets the length)")
             if schema["format"] not in FORMATS:
                 raise ValueError(f"{where}: the string format {schema['format']!r} is not supported "
                                  f"(supported: {', '.join(sorted(FORMATS))})")

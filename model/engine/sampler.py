@@ -19,6 +19,7 @@ from .types import SamplingParams
 
 _M32 = 0xFFFFFFFF
 NON_FINITE = -1     # the token of a row whose logits hold a NaN or an infinity
+NO_TOKEN_LEFT = -2  # the token of a row of which no allowed token was left to take
 
 
 def _hash32(x: Tensor) -> Tensor:
@@ -301,6 +302,8 @@ def sample_rows(logits: Tensor, state: SamplingState, slots: Tensor, params: lis
                     top_k_cap=max(top_ks) if top_ks and min(top_ks) > 0 else None,
                     sort_free_nucleus=compiled and not any(top_ks), fuse_noise=compiled, allowed=allowed,
                     bias=bias)
+    if allowed is not None:     # every allowed token barred (all -inf): argmax took one it may not take
+        tokens = torch.where(allowed.gather(-1, tokens[:, None])[:, 0], tokens, NO_TOKEN_LEFT)
     return flag_non_finite(tokens, logits)
 
 

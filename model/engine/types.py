@@ -182,6 +182,12 @@ class NonFiniteLogitsError(ArithmeticError):
     would be noise, so it ends with finish_reason "error" instead."""
 
 
+class NoTokenLeftError(ValueError):
+    """No token a request may take is left (its constraint's next text spelled only by stop ids, or
+    every token it allows kept out by bans, suppressed tokens, biases of -inf, n-grams): it ends with
+    finish_reason "error" instead of an answer that breaks its constraint; its batch goes on."""
+
+
 @dataclass
 class Result:
     request_id: str

@@ -67,3 +67,12 @@ def test_a_match_may_begin_after_one_space():
     assert automaton.accepts(state_after("ab")) and automaton.accepts(state_after(" ab"))
     assert state_after("  ") is None and state_after(" ") is not None and not automaton.accepts(state_after(" "))
     assert state_after(" ") is not None and Automaton(r"[a-z]+").step(Automaton(r"[a-z]+").start, 32) is None
+
+
+@pytest.mark.parametrize("pattern", [r"(?a)\s", r"\s", r"(?a:\S)", r"(?a)\w", r"\d", r"(?a)[^\s]"])
+def test_each_classes_code_points_are_res(pattern):
+    """ASCII \\s is [ \\t\\n\\r\\f\\v] (str.isspace also takes \\x1c-\\x1f)."""
+    automaton = Automaton(pattern)
+    for cp in [*range(0x100), 0x2028, 0x3000, 0x0663, 0x00E9]:
+        state = automaton.step(automaton.start, cp)
+        assert (state is not None and automaton.accepts(state)) == bool(re.fullmatch(pattern, chr(cp))), hex(cp)

@@ -213,3 +213,29 @@ def test_the_vocabulary_read_all_at_once_allows_what_the_walk_allows(tokenizer, 
             ids.append(token)
             state = constraint.advance(state, [token])
     assert checked > 10
+
+
+def test_a_request_left_no_token_to_take_ends_in_error_alone(setup):
+    """A constraint whose every allowed token its other settings keep out (its stop ids suppressed once
+    the answer is whole; a bias of -inf on them) ends in error naming it; its batch is answered (the
+    argmax of all -inf took token 0, which broke the pattern and failed the whole step)."""
+    ours, requests, expected, tokenizer, _ = setup
+    engine = LLMEngine(ours, tokenizer, max_batch_size=4)
+    stops = tuple(sorted(engine.stop_ids))
+    dead = [replace(requests[0], request_id="suppressed",
+                    sampling=SamplingParams(max_new_tokens=8, regex="[0-9]", suppress_tokens=stops)),
+            replace(requests[1], request_id="biased",
+                    sampling=SamplingParams(max_new_tokens=8, choices=("yes",), sequence_bias={s: float("-inf")
+                                                                                              for s in stops}))]
+    plain = requests[2]
+    results = {r.request_id: r for r in engine.generate([*dead, plain])}
+    for name in ("suppressed", "biased"):
+        assert results[name].finish_reason == "error" and results[name].error.startswith("NoTokenLeftError"), name
+    assert results[plain.request_id].token_ids == expected[plain.request_id]
+
+
+def test_a_stop_id_outside_the_vocabulary_is_refused_for_a_constrained_request(setup):
+    ours, requests, _, tokenizer, _ = setup
+    asked = replace(requests[0], sampling=SamplingParams(max_new_tokens=4, regex="[0-9]", stop_token_ids=(1, 99999)))
+    with pytest.raises(ValueError, match=r"'r0': stop token id 99999 is outside the vocabulary"):
+        LLMEngine(ours, tokenizer).generate([asked])       # (an IndexError inside the step before)

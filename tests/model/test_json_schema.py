@@ -106,7 +106,19 @@ def test_optional_properties_in_every_combination():
     ({"type": "string", "maxLength": -1}, "maxLength must be an integer >= 0"),
     ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength 3 is above maxLength 2"),
     ({"type": "array", "items": {"type": "string"}, "minItems": "a"}, "minItems must be an integer"),
+    # schemas no value satisfies, and keywords a pattern would drop beside one that says the whole value
+    ({"enum": []}, "no value is allowed"), ({"anyOf": []}, "empty anyOf"), ({"type": []}, "empty list of types"),
+    ({"const": 3, "type": "string"}, "no value is allowed"),
+    ({"type": "string", "maxLength": 2, "anyOf": [{"type": "string"}]}, "maxLength beside anyOf"),
+    ({"$ref": "#/$defs/a", "maxLength": 2, "$defs": {"a": {"type": "string"}}}, "maxLength beside $ref"),
+    ({"type": "string", "format": "date", "maxLength": 4}, "maxLength beside format"),
 ])
 def test_schemas_a_pattern_cannot_follow_are_refused(schema, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         json_schema_pattern(schema)
+
+
+def test_a_type_beside_an_enum_leaves_out_its_values_of_other_types():
+    """pydantic writes enums with their type: {"enum": [...], "type": "string", "title": ...}."""
+    pattern = re.compile(json_schema_pattern({"type": "string", "enum": ["a", 1, None], "title": "T"}))
+    assert pattern.fullmatch('"a"') and not pattern.fullmatch("1") and not pattern.fullmatch("null")

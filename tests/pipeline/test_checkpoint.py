@@ -210,6 +210,18 @@ def test_a_chat_template_that_cannot_make_a_rows_prompt_is_refused(checkpoint, t
         check_row_encoding(PipelineConfig(model=str(folder)))          # without the system turn it renders
 
 
+@pytest.mark.parametrize("setting,says", [(dict(prompt="Describe <image> it."), "prompt 'Describe <image> it.'"),
+                                          (dict(prompt_suffix=" <row_1_col_1>"), "prompt_suffix ' <row_1_col_1>'")])
+def test_a_prompt_or_suffix_no_row_can_take_is_refused(checkpoint, setting, says):
+    """An image marker in --prompt or --prompt-suffix made every row (without a question) an error
+    row, where one in --system-prompt was refused before any work: both are now."""
+    from pipeline import PipelineConfig
+    from pipeline.checks import check_row_encoding
+
+    with pytest.raises(ValueError, match=f"{says} cannot make a row's prompt .*image marker"):
+        check_row_encoding(PipelineConfig(model=str(checkpoint), **setting))
+
+
 def test_a_tokenizer_cut_short_is_refused_before_any_work(checkpoint, tmp_path):
     from pipeline import PipelineConfig
     from pipeline.job import prepare_job

@@ -61,9 +61,22 @@ def test_a_value_that_does_not_fit_the_template_is_an_error_row(checkpoint):
     assert "OverflowError" in errors[0]
 
 
+def test_columns_inside_a_format_spec_are_read_and_a_missing_one_is_the_rows_error(checkpoint):
+    """"{alt:>{width}}" names width too (it was left unread: every batch failed with a KeyError)."""
+    from pipeline.preprocess import Preprocess, fill
+
+    config = PipelineConfig(model=str(checkpoint), prompt_template="Alt: {alt:>{width}}")
+    assert config.template_columns() == ["alt", "width"]
+    rows = [dict(r, width=12) for r in rows_with_alt_text()]
+    encoded = Preprocess(config)(pa.Table.from_pylist(rows))
+    assert all(e is None for group in encoded.column("error").to_pylist() for e in group)
+    assert "KeyError" in str(fill("{alt} {gone}", {"alt": "a"}))     # a row's error, not the batch's
+
+
 @pytest.mark.parametrize("template,message", [
     ("Describe it.", "names no column"), ("Describe {}.", "name input columns"), ("{0} and {alt}", "'0'"),
     ("{meta.title}", "'meta.title'"), ("{tags[0]}", "'tags\\[0\\]'"), ("Describe {alt", "expected '}'"),
+    ("{alt:{}}", "name input columns"), ("{alt:>{0}}", "'0'"),      # fields inside a format spec too
 ])
 def test_templates_that_name_no_columns_are_refused(template, message):
     with pytest.raises(ValueError, match=message):
