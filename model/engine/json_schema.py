@@ -71,7 +71,8 @@ def of_types(value: Any, types: Any) -> bool:
             return True
         if name == "number" and isinstance(value, (int, float)) and not isinstance(value, bool):
             return True
-        if name in JSON_TYPES and isinstance(value, JSON_TYPES[name]) and (name == "boolean") == isinstance(value, bool):
+        kind = JSON_TYPES.get(name)
+        if kind is not None and isinstance(value, kind) and (name == "boolean") == isinstance(value, bool):
             return True
     return False
 
