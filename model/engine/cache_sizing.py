@@ -32,7 +32,7 @@ def plan_for(text_config, dtype: torch.dtype, need_len: int, old_len: int, max_b
                       room=lambda length: budget(per_token, length) // length, min_rows=min_rows)
     if plan.slots < 1:
         raise ValueError(f"KV cache budget too small for one sequence of {plan.max_len} tokens "
-                         f"({per_token * plan.max_len / GIB:.2f} GiB needed)")
+                         f"({per_token * plan.max_len / GIB:.3g} GiB needed)")
     return plan
 
 

@@ -149,6 +149,14 @@ class LLMEngine(TokenChoice, BeamSteps, RequestEndings):
         """ValueError naming the request if the engine cannot run it (checked before any work starts)."""
         check_request(request, self.model.config, has_tokenizer=self.tokenizer is not None)
         check_search(request, self._stop_ids(request), self.max_batch_size, self.text_config.vocab_size)
+        if self.kv_cache_tokens is not None:        # a set budget: one too small fails the request, not a step
+            p = request.sampling
+            need = len(request.prompt_ids) + len(request.continuation_ids or ()) + p.max_new_tokens + self.overlap + 1
+            try:
+                plan_for(self.text_config, self.dtype, need, 0, p.num_beams, lambda *_: self.kv_cache_tokens, 1)
+            except ValueError as e:
+                raise ValueError(f"request {request.request_id!r}: {e} (kv_cache_tokens={self.kv_cache_tokens})") \
+                    from None
         if request.sampling.constrained:
             self.constraints.check(request, self._stop_ids(request))
 

@@ -70,6 +70,7 @@ class EngineLoop:
         self._suspects: list[tuple[Submission, object]] = []       # rows of a failed step, to run alone
         self._ids = itertools.count()
         self._closed = self._stopping = False
+        self._closing = threading.Lock()        # submit's check and put, and close's, one at a time
         self._busy: tuple[float, float] | None = None   # the engine call running: its start, compile_seconds() then
         self._on_fatal = on_fatal
         self._thread = threading.Thread(target=self._serve, name="engine-loop", daemon=True)
@@ -81,17 +82,19 @@ class EngineLoop:
 
     def submit(self, requests: dict) -> Future:
         """Future of {key: Result | Exception}, one entry per request."""
-        if self._closed:
-            raise RuntimeError("submit() on a closed EngineLoop")
         submission = Submission(requests)
-        if requests:
-            self._inbox.put(submission)
+        with self._closing:     # else a close() between the check and the put leaves it behind the stop, unread
+            if self._closed:
+                raise RuntimeError("submit() on a closed EngineLoop")
+            if requests:
+                self._inbox.put(submission)
         return submission.future
 
     def close(self) -> None:
         """Answer what was submitted, then stop the thread."""
-        self._closed = True
-        self._inbox.put(_STOP)
+        with self._closing:
+            self._closed = True
+            self._inbox.put(_STOP)
         self._thread.join()
 
     def _watch(self, timeout_s: float) -> None:
@@ -150,8 +153,7 @@ class EngineLoop:
         try:
             finished = self._step()
         except Exception as e:           # each of its requests runs again, alone
-            if not self.engine.device_ok():
-                self._on_fatal(f"a step failed ({e!r}) and the device no longer works")
+            self._check_device(e)
             log.warning("a step over %d rows failed (%r); running them one at a time", len(self._live), e)
             self._suspects += self._live.values()
             self._live.clear()
@@ -159,7 +161,15 @@ class EngineLoop:
             return
         for result in finished:
             submission, key = self._live.pop(result.request_id)
-            submission.settle(key, replace(result, request_id=submission.requests[key].request_id))
+            submission.settle(key, own_ids(result, submission.requests[key].request_id))
+
+    def _check_device(self, error: Exception) -> None:
+        """After a failed call: a device that no longer works (its check watched too: on a wedged
+        GPU it never returns) ends the process, to be restarted, rather than fail every row after."""
+        with self._watched():
+            ok = self.engine.device_ok()
+        if not ok:
+            self._on_fatal(f"a step failed ({error!r}) and the device no longer works")
 
     def _take(self, block: bool) -> None:
         """Add the waiting submissions' requests to the engine (wait for one if `block`)."""
@@ -199,6 +209,13 @@ class EngineLoop:
                 finished = self._step()
             outcome = finished[0] if finished else RuntimeError("the engine dropped the request unanswered")
         except Exception as e:
+            self._check_device(e)       # a device lost now is not this row's doing
             self._abort()
             outcome = e
         submission.settle(key, outcome)
+
+
+def own_ids(result, request_id: str):
+    """A result, and its samples (each named after the request), under the caller's request id."""
+    samples = [replace(s, request_id=request_id) for s in result.samples] if result.samples else result.samples
+    return replace(result, request_id=request_id, samples=samples)

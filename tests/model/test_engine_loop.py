@@ -232,6 +232,73 @@ def test_a_step_failing_on_a_broken_device_is_the_process_fault_not_the_rows(set
     assert {k: r.token_ids for k, r in outcomes.items()} == {r.request_id: expected[r.request_id] for r in requests[:3]}
 
 
+def test_a_device_check_that_hangs_and_a_device_lost_in_a_rows_run_alone_are_the_process_fault(setup):
+    """device_ok() after a failed step is watched (on a wedged GPU its synchronize never returns),
+    and a run alone that fails on a lost device calls on_fatal too (every row after would have been
+    answered with the device's error as its own)."""
+    ours, requests, _, _, _ = setup
+    engine, fatal = LLMEngine(ours, max_batch_size=4), []
+    step = engine.step
+
+    def fails_once():
+        engine.step = step
+        raise RuntimeError("NCCL watchdog: collective timed out")
+
+    engine.step, engine.device_ok = fails_once, lambda: time.sleep(2.0) or True
+    loop = EngineLoop(engine, stall_timeout_s=0.5, on_fatal=fatal.append)
+    loop.submit(_keyed(requests[:1])).result(timeout=60)
+    loop.close()
+    assert fatal and "has not returned" in fatal[0]
+
+    engine, fatal = LLMEngine(ours, max_batch_size=4), []
+
+    def lost():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    engine.step, engine.device_ok = lost, lambda: False
+    loop = EngineLoop(engine, on_fatal=fatal.append)
+    loop.submit(_keyed(requests[:2])).result(timeout=60)
+    loop.close()
+    assert len(fatal) == 3          # the batch's step, then each row's run alone
+
+
+def test_a_submit_racing_close_is_answered_or_refused_never_left_unread(setup, monkeypatch):
+    import model.engine.loop as loop_module
+
+    ours, requests, expected, _, _ = setup
+    loop, made = EngineLoop(LLMEngine(ours, max_batch_size=2)), loop_module.Submission.__init__
+
+    def slow(self, batch):          # widens the gap between submit()'s check that the loop is open and its put
+        made(self, batch)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(loop_module.Submission, "__init__", slow)
+    outcome = {}
+
+    def submit():
+        try:
+            outcome["future"] = loop.submit(_keyed(requests[:1]))
+        except RuntimeError as e:
+            outcome["refused"] = e
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    time.sleep(0.1)
+    loop.close()
+    thread.join()
+    assert "refused" in outcome or outcome["future"].result(timeout=10)[requests[0].request_id].token_ids == \
+        expected[requests[0].request_id]
+
+
+def test_samples_through_the_loop_are_named_after_the_request(setup):
+    ours, requests, _, _, _ = setup
+    loop = EngineLoop(LLMEngine(ours, max_batch_size=4))
+    asked = replace(requests[0], sampling=SamplingParams(max_new_tokens=3, temperature=1.0, n=3, seed=1))
+    result = loop.submit({"k": asked}).result(timeout=60)["k"]
+    loop.close()
+    assert [s.request_id for s in result.samples] == [asked.request_id] * 3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_device_ok_sees_a_lost_cuda_context(checkpoint):
     """In a child process: a device-side assert loses the context for every later CUDA call."""
@@ -257,3 +324,16 @@ def test_device_ok_sees_a_lost_cuda_context(checkpoint):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=repo,
                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])))
     assert "before True" in run.stdout and "after False" in run.stdout, run.stdout + run.stderr[-2000:]
+
+
+def test_a_request_a_set_kv_budget_cannot_hold_is_refused_when_added(setup):
+    """With kv_cache_tokens set, a request too long for it is refused by add_requests, naming it; it
+    failed the next step instead, which dropped every request queued beside it."""
+    ours, requests, expected, _, _ = setup
+    engine = LLMEngine(ours, max_batch_size=2, kv_cache_tokens=1024)
+    big = replace(requests[0], request_id="big", prompt_ids=requests[0].prompt_ids + [5] * 900,
+                  sampling=SamplingParams(max_new_tokens=200))
+    with pytest.raises(ValueError, match="request 'big': KV cache budget too small .*kv_cache_tokens=1024"):
+        engine.add_requests([big])
+    results = engine.generate(requests[1:3])
+    assert [r.token_ids for r in results] == [expected[r.request_id] for r in requests[1:3]]
