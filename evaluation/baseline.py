@@ -6,6 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from evaluation.metrics import get_metric
+from evaluation.report import escape_cell
 from evaluation.scoring import check_unique_ids, _mean, interval95, is_error_row
 
 
@@ -20,9 +21,11 @@ def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Tab
     answers, scores = [], []
     for row in scored.select(["id", "answers"]).to_pylist():
         theirs = rows.get(str(row["id"]))
-        answers.append(None if theirs is None else theirs.get("answer"))
+        answer = None if theirs is None else theirs.get("answer")
+        answers.append(None if answer is None else str(answer))     # a numeric answer column too
         scores.append(None if theirs is None else 0.0 if is_error_row(theirs) else score(theirs.get("answer"),
                                                                                            row["answers"]))
+    scored = scored.drop_columns([c for c in ("baseline_answer", "baseline_score") if c in scored.column_names])
     return (scored.append_column("baseline_answer", pa.array(answers, pa.string()))
             .append_column("baseline_score", pa.array(scores, pa.float64())))
 
@@ -70,6 +73,6 @@ def report_lines(comparison: dict) -> list[str]:
              f"- rows better / worse / same: {c['better']} / {c['worse']} / {c['same']}", ""]
     if c["per_category"]:
         lines += ["| category | rows | score | baseline | delta | better | worse |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {name.replace('|', '/')} | {v['rows']} | {v['score']} | {v['baseline_score']} | {v['delta']} "
+        lines += [f"| {escape_cell(name)} | {v['rows']} | {v['score']} | {v['baseline_score']} | {v['delta']} "
                   f"| {v['better']} | {v['worse']} |" for name, v in c["per_category"].items()]
     return lines

@@ -8,6 +8,8 @@ import json
 import random
 from pathlib import Path
 
+from evaluation.metrics import as_answer_list
+
 METRICS_FILE, REPORT_FILE, CHART_FILE, GALLERY_FILE = "metrics.json", "report.md", "scores.png", "gallery.html"
 
 
@@ -37,7 +39,7 @@ def report_markdown(summary: dict, sources: dict[str, str], chart_name: str | No
     lines += [f"| {name} | {value} |" for name, value in summary["metrics"].items()]
     if summary["per_category"]:
         lines += ["", "## Per category", "", "| category | rows | score | 95 % interval |", "|---|---|---|---|"]
-        lines += [f"| {_escape_cell(c)} | {v['rows']} | {v['score']} | {_interval(v.get('ci95'))} |"
+        lines += [f"| {escape_cell(c)} | {v['rows']} | {v['score']} | {_interval(v.get('ci95'))} |"
                   for c, v in summary["per_category"].items()]
     if summary.get("baseline"):
         from evaluation.baseline import report_lines
@@ -48,7 +50,7 @@ def report_markdown(summary: dict, sources: dict[str, str], chart_name: str | No
     return "\n".join(lines) + "\n"
 
 
-def _escape_cell(text: str) -> str:
+def escape_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -112,7 +114,7 @@ def _gallery_card(row: dict, image: object) -> str:
     thumb = thumbnail_data_uri(image) if image is not None else None
     img = f'<img src="{thumb}" alt="">' if thumb else '<div class="noimg">no image</div>'
     answers = row.get("answers")
-    truth = answers if isinstance(answers, str) else " | ".join(map(str, answers or []))
+    truth = " | ".join(as_answer_list(answers))      # a number too (0, 3.0 as "3"), as the metrics read it
     cells = [("id", row.get("id")), ("question", row.get("question")), ("answer", row.get("answer")),
              ("ground truth", truth), ("score", row.get("score")), ("error", row.get("error")),
              ("baseline answer", row.get("baseline_answer")), ("baseline score", row.get("baseline_score"))]

@@ -101,6 +101,8 @@ def _string_typed(table: pa.Table) -> pa.Table:
 def score_rows(table: pa.Table, metric: str) -> pa.Table:
     """Add `score` (the primary metric) and one column per secondary metric; error rows score 0."""
     check_ground_truth(table, metric)
+    table = table.drop_columns([c for c in ("score", *SECONDARY_METRICS, "baseline_answer", "baseline_score")
+                                if c in table.column_names])      # an earlier evaluation's, scored again
     primary = get_metric(metric)
     secondary = [m for m in SECONDARY_METRICS if m != metric]
     scores: dict[str, list[float]] = {"score": [], **{m: [] for m in secondary}}

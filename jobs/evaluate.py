@@ -178,8 +178,12 @@ def read_parquet(uri: str, columns: list[str] | None = None, options: dict | Non
     import pyarrow.dataset as pads
 
     dataset = parquet_dataset(uri, options)
-    schema = pa.unify_schemas([f.physical_schema for f in dataset.get_fragments()] or [dataset.schema],
-                              promote_options="permissive")
+    try:
+        schema = pa.unify_schemas([f.physical_schema for f in dataset.get_fragments()] or [dataset.schema],
+                                  promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:      # answers as text in one file, lists in another
+        raise ValueError(f"{uri}: its files' columns are of types that do not convert to one another ({e}): "
+                         "write each column with one type") from None
     dataset = pads.dataset(dataset.files, schema=schema, filesystem=dataset.filesystem, format="parquet")
     present = dataset.schema.names
     return dataset.to_table(columns=None if columns is None else [c for c in columns if c in present])
@@ -328,6 +332,21 @@ def input_has_ids(args: argparse.Namespace) -> bool:
     return args.id_column in parquet_dataset(args.input, storage_options(args)).schema.names
 
 
+def checked_truth(args: argparse.Namespace, metric: str) -> pa.Table | None:
+    """The benchmark's ground truth (its first --limit rows), checked for the metric: the table to
+    join by id where the benchmark has ids; None where it has none (its rows carry their answers
+    through the run), checked row by row all the same."""
+    if input_has_ids(args):
+        truth = read_ground_truth(args).slice(0, args.limit)
+        check_ground_truth(truth, metric)
+        return truth
+    found = read_parquet(args.input, [args.answers_column], storage_options(args))
+    if args.answers_column in found.column_names:
+        answers = found.column(args.answers_column).slice(0, args.limit)
+        check_ground_truth(pa.table({"id": [f"row {i}" for i in range(len(answers))], "answers": answers}), metric)
+    return None
+
+
 def gather_predictions(args: argparse.Namespace, metric: str) -> tuple[pa.Table, dict | None]:
     """Predictions (run or read) with ground truth attached, one row per benchmark row (the first
     --limit ones with it); and the model run's summary (None when --predictions are scored)."""
@@ -335,11 +354,8 @@ def gather_predictions(args: argparse.Namespace, metric: str) -> tuple[pa.Table,
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    truth = read_ground_truth(args) if args.input and input_has_ids(args) else None
-    if truth is not None:
-        truth = truth.slice(0, args.limit)
-        check_ground_truth(truth, metric)  # before a long model run, not after it
-    elif args.input and args.predictions:
+    truth = checked_truth(args, metric) if args.input else None     # before a long model run, not after it
+    if truth is None and args.input and args.predictions:
         raise ValueError(f"{args.input} has no {args.id_column!r} column to join the predictions on (--id-column)")
     ids = None if truth is None or args.limit is None else [str(i) for i in truth.column("id").to_pylist()]
     source, run = (args.predictions, None) if args.predictions else run_model(args, ids)
@@ -425,8 +441,7 @@ def rehearse(args: argparse.Namespace) -> dict:
     metric = choose_metric(args)
     if args.predictions or not args.model:
         raise ValueError("--dry-run rehearses a model run: give --input and --model (not --predictions)")
-    if input_has_ids(args):
-        check_ground_truth(read_ground_truth(args).slice(0, args.limit), metric)
+    checked_truth(args, metric)
     config, truth = model_run_config(args)
     found = dry_run(args.input, raw_output(default_output(args)), config, rows=args.dry_run,
                     resume=bool(args.resume), overwrite=bool(args.overwrite), renames=truth)

@@ -343,3 +343,49 @@ def test_predictions_of_other_types_join_a_benchmark_of_several_files(tmp_path):
     assert scored.column("score").to_pylist() == [1.0, 0.0, 1.0]
     assert scored.schema.field("num_generated_tokens").type == pa.int32()
     assert scored.column("choice_logprobs").to_pylist()[0] == [("3", -0.1)]
+
+
+def test_an_evaluations_own_output_is_scored_again_and_compared_to_numbers(tmp_path):
+    """An evaluation's predictions.parquet scored again (as the README's second command does) keeps
+    one score column (it had two of each, unreadable); numeric answers and a numeric baseline answer
+    column score and show in the gallery; a category with | or a newline keeps the baseline table."""
+    rows = [{"id": "a", "answer": "3", "answers": 3, "category": "x|y"},
+            {"id": "b", "answer": "0", "answers": 0, "category": "two\nlines"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "answer": [3, 1]}), tmp_path / "base.parquet")
+    first, again = tmp_path / "first", tmp_path / "again"
+    argv = ["--metric", "exact_match", "--baseline", str(tmp_path / "base.parquet"), "--gallery", "5"]
+    assert job.main(["--predictions", str(tmp_path / "p.parquet"), "--output", str(first), *argv]) == 0
+    assert job.main(["--predictions", str(first / "predictions.parquet"), "--output", str(again), *argv]) == 0
+    scored = pq.read_table(again / "predictions.parquet")
+    assert scored.column_names.count("score") == scored.column_names.count("baseline_score") == 1
+    assert scored.column("score").to_pylist() == [1.0, 1.0]
+    assert scored.column("baseline_score").to_pylist() == [1.0, 0.0]
+    gallery = (first / "gallery.html").read_text()      # the changed row: its ground truth 0 shown (was empty)
+    assert "<dd>0</dd>" in gallery
+    table = [line for line in (first / "report.md").read_text().splitlines() if line.startswith("| x")]
+    assert table and all(line.endswith("|") for line in table) and "two lines" in (first / "report.md").read_text()
+
+
+def test_a_benchmarks_files_of_answers_in_other_forms_are_one_line(tmp_path, capsys):
+    (tmp_path / "bench").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "answers": ["x"]}), tmp_path / "bench" / "0.parquet")
+    pq.write_table(pa.table({"id": ["b"], "answers": [["y"]]}), tmp_path / "bench" / "1.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "answer": ["x", "y"]}), tmp_path / "p.parquet")
+    assert job.main(["--predictions", str(tmp_path / "p.parquet"), "--input", str(tmp_path / "bench"),
+                     "--output", str(tmp_path / "o"), "--metric", "exact_match"]) == 2
+    assert "do not convert to one another" in capsys.readouterr().err
+
+
+def test_a_benchmark_without_ids_has_its_ground_truth_checked_before_the_model_runs(tmp_path, capsys):
+    """Without an id column the rows carry their answers through the run: checked all the same, by
+    row, before any work (a run answered every row, then failed; the dry run passed)."""
+    from jobs.common import DEMO_MODEL
+
+    pq.write_table(pa.table({"image": [png("red"), png("blue")], "question": ["Colour?"] * 2,
+                             "answers": [["red"], None]}), tmp_path / "bench.parquet")
+    for extra in (["--dry-run", "2"], []):
+        assert job.main(["--input", str(tmp_path / "bench.parquet"), "--model", str(DEMO_MODEL), "--output",
+                         str(tmp_path / "o"), "--metric", "exact_match", *extra]) == 2
+        assert "1 rows have no ground-truth answers, e.g. ids ['row 1']" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
