@@ -323,9 +323,20 @@ def load_images(args: argparse.Namespace, ids: list[str]) -> dict[str, object]:
     if args.image_column not in table.column_names or args.id_column not in table.column_names:
         return {}
     wanted = set(ids)
-    return {str(i): img for i, img in zip(table.column(args.id_column).to_pylist(),
-                                          table.column(args.image_column).to_pylist())
-            if str(i) in wanted}
+    cells = {str(i): img[0] if isinstance(img, list) and img else img
+             for i, img in zip(table.column(args.id_column).to_pylist(), table.column(args.image_column).to_pylist())
+             if str(i) in wanted}
+    # paths relative to the input's folder (or --image-root) and URLs, read as the run reads them
+    from pipeline.fetch import ImageFetcher
+    from pipeline.io import input_folder
+
+    options = storage_options(args)
+    fetcher = ImageFetcher(options, root=args.image_root or input_folder(args.input, options))
+    try:
+        read = fetcher.fetch(list(cells.values()))
+    finally:
+        fetcher.close()
+    return {key: data if isinstance(data, bytes) else None for key, data in zip(cells, read)}
 
 
 def input_has_ids(args: argparse.Namespace) -> bool:

@@ -389,3 +389,17 @@ def test_a_benchmark_without_ids_has_its_ground_truth_checked_before_the_model_r
                          str(tmp_path / "o"), "--metric", "exact_match", *extra]) == 2
         assert "1 rows have no ground-truth answers, e.g. ids ['row 1']" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_gallery_reads_images_named_relative_to_the_benchmark(tmp_path, monkeypatch):
+    """As the run reads them: from the benchmark's folder (or --image-root), not the current one."""
+    (tmp_path / "bench" / "images").mkdir(parents=True)
+    for i, colour in enumerate(("red", "blue")):
+        (tmp_path / "bench" / "images" / f"{i}.png").write_bytes(png(colour))
+    pq.write_table(pa.table({"id": ["a", "b"], "image": ["images/0.png", "images/1.png"], "answers": ["red", "x"]}),
+                   tmp_path / "bench" / "bench.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "answer": ["red", "blue"]}), tmp_path / "p.parquet")
+    monkeypatch.chdir(tmp_path)
+    assert job.main(["--predictions", str(tmp_path / "p.parquet"), "--input", str(tmp_path / "bench" / "bench.parquet"),
+                     "--output", str(tmp_path / "o"), "--metric", "exact_match", "--gallery", "5"]) == 0
+    assert (tmp_path / "o" / "gallery.html").read_text().count("data:image/jpeg;base64,") == 2
