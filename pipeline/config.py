@@ -129,8 +129,8 @@ class PipelineConfig:
             if any(not isinstance(s, str) or not s for s in texts):
                 raise ValueError(f"{name} must be non-empty strings, got {texts!r}")
             setattr(self, name, texts)
-        self._check_token_settings()
         self._check_integers()
+        self._check_token_settings()
         if isinstance(self.keep_columns, str):
             self.keep_columns = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
         # Output columns are always there; keeping them again would duplicate them.
@@ -222,7 +222,7 @@ class PipelineConfig:
         self.sequence_bias = [[list(ids), bias] for ids, bias in normalized_sequence_bias(self.sequence_bias)]
         for name in ("suppress_tokens", "begin_suppress_tokens"):
             setattr(self, name, list(normalized_token_ids(getattr(self, name), name)))
-        if not isinstance(self.min_length, int) or self.min_length < 0:
+        if self.min_length < 0:         # an integer: _check_integers
             raise ValueError(f"min_length must be an integer >= 0 (0: none), got {self.min_length!r}")
 
     def min_new_tokens_for(self, prompt_len: int, min_new_tokens: int, max_new_tokens: int) -> int:

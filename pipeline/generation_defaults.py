@@ -16,16 +16,14 @@ import logging
 from dataclasses import MISSING, fields, replace
 
 from .checkpoint import generation_config_of
-from .config import PipelineConfig
+from .config import TOKEN_SETTINGS, PipelineConfig
 
 log = logging.getLogger(__name__)
 # the file's key -> the run's setting, each taken as it is
 TAKEN = {"max_new_tokens": "max_new_tokens", "min_new_tokens": "min_new_tokens",
          "repetition_penalty": "repetition_penalty", "no_repeat_ngram_size": "no_repeat_ngram_size",
          "num_beams": "num_beams", "length_penalty": "length_penalty", "early_stopping": "early_stopping",
-         "stop_strings": "stop", "bad_words_ids": "bad_words_ids", "sequence_bias": "sequence_bias",
-         "suppress_tokens": "suppress_tokens", "begin_suppress_tokens": "begin_suppress_tokens",
-         "min_length": "min_length"}
+         "stop_strings": "stop", **{name: name for name in TOKEN_SETTINGS}}
 # with do_sample: the file's key -> (the run's setting, transformers' default where the file has none)
 SAMPLED = {"temperature": ("temperature", 1.0), "top_k": ("top_k", 50), "top_p": ("top_p", None),
            "min_p": ("min_p", None), "typical_p": ("typical_p", None), "epsilon_cutoff": ("epsilon_cutoff", None),

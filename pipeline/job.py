@@ -21,7 +21,7 @@ from .generate import release_replica_groups
 from .generation_defaults import resolved as resolved_generation_config
 from .io import input_dataset, input_folder, read_output, read_rows, write_rows
 from .ledger import remove_job_ledgers
-from .manifest import keep_run_settings
+from .manifest import keep_run_settings, manifest_path
 from .resume import checkpoint_config, clear_checkpoint, forget_lost_rows, has_checkpoint
 from .retry import drop_error_rows
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
@@ -79,7 +79,7 @@ def check_output(output: str, storage_options: dict | None, resume: bool, overwr
 
 def has_run(output: str, storage_options: dict | None) -> bool:
     """Whether an earlier run wrote answers to `output`, or began to (its settings beside it)."""
-    fs, path = fsspec_fs(sibling(output, ".run.json"), storage_options)
+    fs, path = fsspec_fs(manifest_path(output), storage_options)
     return fs.exists(path) or has_files(output, storage_options)
 
 

@@ -31,11 +31,10 @@ SAMPLED_BYTES = 1 << 20     # read from each end of each weights file
 def checkpoint_fingerprint(model: str, storage_options: dict | None = None) -> str:
     """A hash of a checkpoint folder's small files and of each weights file's size and first and
     last MiB: another fine-tune of the same shapes differs, the same folder moved elsewhere does not.
-    A URL's checkpoint: its files' names and sizes; a hub id: itself."""
+    A URL's checkpoint: its files' names, sizes and versions (ETags); a hub id: itself."""
     folder = Path(model)
     if not is_local(model):
-        listing = json.dumps(sorted(remote_versions(model, storage_options).items()))
-        return hashlib.sha256(listing.encode()).hexdigest()
+        return listing_hash(remote_versions(model, storage_options))
     if not folder.is_dir():
         return model
     digest = hashlib.sha256()
@@ -62,10 +61,11 @@ def run_settings(config: PipelineConfig) -> dict:
 def names_and_sizes_fingerprint(model: str, storage_options: dict | None = None) -> str | None:
     """A URL checkpoint's fingerprint as runs before stop 41 wrote it (names and sizes only): a run
     resumed across that change is the same checkpoint's if this matches. None for a local one."""
-    if is_local(model):
-        return None
-    listing = json.dumps(sorted(remote_files(model, storage_options).items()))
-    return hashlib.sha256(listing.encode()).hexdigest()
+    return None if is_local(model) else listing_hash(remote_files(model, storage_options))
+
+
+def listing_hash(listing: dict) -> str:
+    return hashlib.sha256(json.dumps(sorted(listing.items())).encode()).hexdigest()
 
 
 def differences(earlier: dict, now: dict, also_same: dict | None = None) -> list[str]:
@@ -87,18 +87,22 @@ def differences(earlier: dict, now: dict, also_same: dict | None = None) -> list
     return changed
 
 
+def manifest_path(output: str) -> str:
+    return sibling(output, ".run.json")
+
+
 def keep_run_settings(output: str, config: PipelineConfig, resume: bool, storage_options: dict | None) -> None:
     """Write this run's settings beside the output; a resumed run first checks that they are those
     of the run it continues (ValueError naming each difference)."""
-    path = sibling(output, ".run.json")
+    path = manifest_path(output)
     now = json.loads(json.dumps(run_settings(config)))     # as they will read back (lists, not tuples)
     fs, local = fsspec_fs(path, storage_options)
     if resume and fs.exists(local):
         earlier = json.loads(fs.cat(local))
         legacy = {key: names_and_sizes_fingerprint(source, config.storage_options)
                   for key, source in (("checkpoint", config.model), ("adapter", config.adapter))
-                  if source and earlier.get(key) != now[key]}
-        changed = differences(earlier, now, {key: value for key, value in legacy.items() if value})
+                  if source and not is_local(source) and earlier.get(key) != now[key]}
+        changed = differences(earlier, now, legacy)
         if changed:
             raise ValueError(f"cannot resume into {output!r} with other settings than its earlier run ("
                              + "; ".join(changed) + "): its answers would be a mix. Use the earlier settings, "

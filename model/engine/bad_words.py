@@ -24,9 +24,18 @@ def banned_by_bad_words(ids: Seq[int], words: tuple[tuple[int, ...], ...]) -> li
 
 def banned_after(prompt_ids: Seq[int], answer: Seq[int], words: tuple[tuple[int, ...], ...]) -> list[int]:
     """banned_by_bad_words after an answer to `prompt_ids`, reading only the last tokens a word can reach."""
-    reach = max(map(len, words), default=1) - 1           # tokens before a word's last one that matter
-    ids = (list(prompt_ids[-reach:]) + list(answer[-reach:]))[-reach:] if reach else []
-    return banned_by_bad_words(ids, words)
+    return banned_by_bad_words(last_ids(prompt_ids, answer, max(map(len, words), default=1) - 1), words)
+
+
+def last_ids(prompt_ids: Seq[int], answer: Seq[int], reach: int) -> list[int]:
+    """The last `reach` tokens of the prompt and the answer so far (all a rule of token runs of at most
+    reach + 1 tokens reads: bad words, sequence biases), without copying the whole prompt."""
+    return (list(prompt_ids[-reach:]) + list(answer[-reach:]))[-reach:] if reach else []
+
+
+def is_token_id(value) -> bool:
+    """A token id as settings hold them: an int >= 0, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def sequence_bans(seq) -> list[int]:
@@ -39,6 +48,6 @@ def check_bad_words(words, vocab: int) -> None:
     """ValueError naming a bad word that is not a non-empty sequence of token ids of the vocabulary."""
     for word in words:
         if not isinstance(word, (list, tuple)) or not word or \
-                any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in word):
+                any(not is_token_id(t) or t >= vocab for t in word):
             raise ValueError(f"bad_words_ids holds {word!r}: each must be a non-empty list of token ids "
                              f"below the vocabulary's {vocab}")

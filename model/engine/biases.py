@@ -10,6 +10,8 @@ import math
 from typing import TYPE_CHECKING
 from typing import Sequence as Seq
 
+from .bad_words import is_token_id, last_ids
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -38,8 +40,7 @@ def _ids(ids) -> tuple[int, ...]:
     if isinstance(ids, str) and ids.strip().isdigit():
         ids = int(ids)
     ids = (ids,) if isinstance(ids, int) and not isinstance(ids, bool) else ids
-    if not isinstance(ids, (list, tuple)) or not ids or any(
-            not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
+    if not isinstance(ids, (list, tuple)) or not ids or not all(map(is_token_id, ids)):
         raise ValueError(f"sequence_bias holds {ids!r}: each key must be a token id or a non-empty list of them")
     return tuple(ids)
 
@@ -47,7 +48,7 @@ def _ids(ids) -> tuple[int, ...]:
 def normalized_token_ids(value, name: str) -> tuple[int, ...]:
     """A list of token ids (suppress_tokens, begin_suppress_tokens) as a tuple, one id alone as one."""
     ids = [value] if isinstance(value, int) else list(value or ())
-    if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
+    if not all(map(is_token_id, ids)):
         raise ValueError(f"{name} must be token ids, got {value!r}")
     return tuple(dict.fromkeys(ids))
 
@@ -88,9 +89,7 @@ def bias_tensor(rows: list[tuple[int, dict[int, float]]], num_rows: int, vocab: 
 
 def answer_biases(prompt_ids: Seq[int], answer: Seq[int], biases: tuple[Bias, ...]) -> dict[int, float]:
     """biases_after an answer to `prompt_ids`, reading only the last tokens an entry can reach."""
-    reach = max((len(entry) for entry, _ in biases), default=1) - 1
-    ids = (list(prompt_ids[-reach:]) + list(answer[-reach:]))[-reach:] if reach else []
-    return biases_after(ids, biases)
+    return biases_after(last_ids(prompt_ids, answer, max((len(entry) for entry, _ in biases), default=1) - 1), biases)
 
 
 def sequence_biases(seq) -> dict[int, float]:

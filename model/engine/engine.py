@@ -150,10 +150,10 @@ class LLMEngine(TokenChoice, BeamSteps, RequestEndings):
         check_request(request, self.model.config, has_tokenizer=self.tokenizer is not None)
         check_search(request, self._stop_ids(request), self.max_batch_size, self.text_config.vocab_size)
         if self.kv_cache_tokens is not None:        # a set budget: one too small fails the request, not a step
-            p = request.sampling
-            need = len(request.prompt_ids) + len(request.continuation_ids or ()) + p.max_new_tokens + self.overlap + 1
+            need = self._positions_needed(self._sequence(request))     # what its admission will ask of the cache
             try:
-                plan_for(self.text_config, self.dtype, need, 0, p.num_beams, lambda *_: self.kv_cache_tokens, 1)
+                plan_for(self.text_config, self.dtype, need, 0, request.sampling.num_beams,
+                         lambda *_: self.kv_cache_tokens, 1)
             except ValueError as e:
                 raise ValueError(f"request {request.request_id!r}: {e} (kv_cache_tokens={self.kv_cache_tokens})") \
                     from None
