@@ -44,7 +44,6 @@ def join_ground_truth(predictions: pa.Table, truth: pa.Table) -> pa.Table:
     # The benchmark's ground truth wins; other shared columns (the question as the model saw it) come
     # from the predictions.
     columns = {name: truth.column(name) for name in truth.column_names}
-    columns["id"] = pa.array(truth_ids, pa.string())
     missing = index.is_null()
     for name in [n for n in predictions.column_names if n not in GROUND_TRUTH_COLUMNS]:
         columns[name] = (_unless(missing, columns[name], taken.column(name)) if name in columns

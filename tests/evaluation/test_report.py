@@ -37,10 +37,12 @@ def test_answers_may_be_plain_strings():
 
 
 def test_join_keeps_ground_truth_order_and_matches_int_and_string_ids():
+    """Ids match by their text (a predictions file may write them as strings); the joined rows
+    keep the benchmark's own ids and their type."""
     truth = pa.table({"id": [3, 1, 2], "answers": [["c"], ["a"], ["b"]]})
     preds = pa.table({"id": ["1", "2", "3"], "answer": ["a", "x", "c"], "finish_reason": ["stop"] * 3})
     joined = join_ground_truth(preds, truth)
-    assert joined.column("id").to_pylist() == ["3", "1", "2"]
+    assert joined.column("id").to_pylist() == [3, 1, 2]
     assert joined.column("answer").to_pylist() == ["c", "a", "x"]
     scored = score_rows(joined, "exact_match")
     assert scored.column("score").to_pylist() == [1.0, 1.0, 0.0]

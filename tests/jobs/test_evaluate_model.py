@@ -54,13 +54,14 @@ def oracle_answer(checkpoint):
     return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def write_benchmark(path: Path, oracle: str, with_ids: bool = True, truth: str = "gt", ids: str = "id") -> Path:
+def write_benchmark(path: Path, oracle: str, with_ids: bool = True, truth: str = "gt", ids: str = "id",
+                    id_values: list | None = None) -> Path:
     table = {"prompt": ["Colour?", "Shape?", "Colour?", "Count?"],
              "picture": [png("red"), png("blue"), b"not an image", png("green")],
              truth: [[oracle, "other"], ["zzz-never"], ["red"], ["zzz-never", "yyy"]],
              "kind": ["colour", "shape", "colour", "count"]}
     if with_ids:
-        table = {ids: ["b0", "b1", "b2", "b3"], **table}
+        table = {ids: id_values or ["b0", "b1", "b2", "b3"], **table}
     pq.write_table(pa.table(table), path)
     return path
 
@@ -134,6 +135,16 @@ def test_a_run_continues_with_resume_and_starts_over_only_with_overwrite(ray_clu
     assert job.main(mistyped) == 2 and pq.read_table(Path(out, "raw")).num_rows == 4     # refused, answers kept
     summary, rows, out = run_by_question_id("--overwrite", "--limit", "1")
     assert [r["id"] for r in rows] == ["b0"] and pq.read_table(Path(out, "raw")).num_rows == 1
+
+
+def test_integer_ids_stay_integers(ray_cluster, checkpoint, oracle_answer, tmp_path):
+    """VQAv2's question_id is an integer: predictions.parquet keeps the benchmark's ids as they are
+    (strings before), with --limit and the gallery reading them."""
+    bench = write_benchmark(tmp_path / "bench.parquet", oracle_answer, id_values=[10, 11, 12, 13])
+    summary, rows, out = run(tmp_path, checkpoint, bench, "--limit", "3", "--gallery", "3")
+    assert [r["id"] for r in rows] == [10, 11, 12] and rows[0]["score"] == 1.0 and summary["errors"] == 1
+    assert pq.read_schema(Path(out, "predictions.parquet")).field("id").type == pa.int64()
+    assert Path(out, "gallery.html").read_text().count("data:image/jpeg") == 2      # row 12's image is broken
 
 
 def test_model_run_without_ids_scores_every_row(ray_cluster, checkpoint, oracle_answer, tmp_path):
