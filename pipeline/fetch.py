@@ -13,10 +13,13 @@ for a whole object, first sends a HEAD for its size: a second round trip per ima
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 from fsspec.asyn import sync
 
@@ -51,20 +54,43 @@ NETWORK_ERRORS = _network_errors()
 
 
 def image_source(value) -> bytes | str:
-    """Binary, HF datasets' {bytes, path} struct, or a path/URL string -> the bytes, or the URL to read."""
+    """Binary, HF datasets' {bytes, path} struct, or a path/URL string -> the bytes (a data: URL's
+    too), or the URL to read."""
     if value is None:
         raise RowError("image is null")
     if isinstance(value, dict):
         if value.get("bytes") is not None:
             return bytes(value["bytes"])
         if value.get("path"):
-            return value["path"]
+            return image_source(value["path"])
         raise RowError("image struct has neither bytes nor path")
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if isinstance(value, str):
-        return value
+        return data_url_bytes(value) if value[:5].lower() == "data:" else value
     raise RowError(f"image has unsupported type {type(value).__name__} (want bytes, {{bytes, path}} or a path)")
+
+
+def data_url_bytes(url: str) -> bytes:
+    """The bytes a data: URL carries (RFC 2397: `data:image/png;base64,...`, as OpenAI-style
+    messages and web scrapes hold images), base64 or percent-encoded."""
+    media_type, comma, payload = url[5:].partition(",")
+    if not comma:
+        raise RowError(f"the data URL {url[:40]!r}... has no ',' before its data")
+    if not media_type.lower().endswith(";base64"):
+        return unquote_to_bytes(payload)
+    try:
+        return base64.b64decode("".join(unquote(payload).split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RowError(f"the data URL {url[:40]!r}... holds invalid base64: {e}") from None
+
+
+def local_path(url: str) -> str:
+    """A file: URL's path, percent-decoded (`Path.as_uri()` writes a space as %20)."""
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise RowError(f"the file URL {url!r} names another host ({parts.netloc}): only local files are read")
+    return unquote(parts.path)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -106,7 +132,8 @@ class ImageFetcher:
     def __init__(self, storage_options: dict | None = None, *, root: str | None = None, threads: int = 16,
                  attempts: int = 3, timeout_s: float = 60.0, backoff_s: float = 0.5,
                  max_bytes: int | None = None) -> None:
-        self.storage_options, self.root = storage_options, root
+        self.storage_options = storage_options
+        self.root = unquote(urlsplit(root).path) if root and root[:5].lower() == "file:" else root
         self.max_bytes = max_bytes or DEFAULT_MAX_BYTES
         self.attempts, self.timeout_s, self.backoff_s = attempts, timeout_s, backoff_s
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="image-fetch")
@@ -118,21 +145,23 @@ class ImageFetcher:
         for i, value in enumerate(values):
             try:
                 source = image_source(value)
+                if isinstance(source, bytes):
+                    out[i] = source
+                else:
+                    rows_of.setdefault(self.resolve(source), []).append(i)
             except RowError as e:
                 out[i] = e
-                continue
-            if isinstance(source, bytes):
-                out[i] = source
-            else:
-                rows_of.setdefault(self.resolve(source), []).append(i)
         for url, data in zip(rows_of, self._pool.map(self.read, rows_of)):
             for i in rows_of[url]:
                 out[i] = data
         return out
 
     def resolve(self, path: str) -> str:
-        """A URL or an absolute path as it is; a relative path under `root` (a dataset's rows name
-        their images relative to it; a Ray worker's current directory means nothing to the user)."""
+        """A URL or an absolute path as it is (a file: URL as its path); a relative path under `root`
+        (a dataset's rows name their images relative to it; a Ray worker's current directory means
+        nothing to the user)."""
+        if path[:5].lower() == "file:":
+            return local_path(path)
         if self.root is None or "://" in path or os.path.isabs(path):
             return path
         if "://" not in self.root:

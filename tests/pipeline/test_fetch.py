@@ -1,5 +1,6 @@
 """Reading the images that rows name by path or URL: a real HTTP server on loopback (fsspec's
 http filesystem), real local files, and the preprocessing stage over both (no Ray needed)."""
+import base64
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -278,6 +279,31 @@ def test_relative_paths_are_read_under_the_root(server, tmp_path):
     # ./ and ../ under a URL root as under a local one (an object key has no such parts)
     assert [fetcher(root="s3://b/coco/val/").resolve(p) for p in ("./a.png", "../x/a.png")] == [
         "s3://b/coco/val/a.png", "s3://b/coco/x/a.png"]
+
+
+def test_data_urls_carry_their_bytes():
+    """RFC 2397, as OpenAI-style messages and scraped pages hold images: base64 (whitespace and
+    percent-escapes inside it allowed) or percent-encoded; a malformed one is its row's error."""
+    data = png(6, 4, seed=5)
+    encoded = base64.b64encode(data).decode()
+    wrapped = "\n".join(encoded[i:i + 20] for i in range(0, len(encoded), 20)).replace("+", "%2B")
+    values = [f"data:image/png;base64,{encoded}", f"DATA:image/png;BASE64,{wrapped}", "data:,a%20b",
+              {"bytes": None, "path": f"data:image/png;base64,{encoded}"},
+              "data:image/png;base64,@@@not-base64", "data:image/png;base64"]
+    out = fetcher().fetch(values)
+    assert out[:4] == [data, data, b"a b", data]
+    assert "invalid base64" in str(out[4]) and "no ','" in str(out[5])
+
+
+def test_file_urls_are_local_paths_percent_decoded(tmp_path):
+    """Path.as_uri() writes a space as %20 and non-ASCII letters as UTF-8 escapes."""
+    image = tmp_path / "my pics" / "café 1.png"
+    image.parent.mkdir()
+    image.write_bytes(b"local")
+    root = fetcher(root=image.parent.as_uri())
+    out = root.fetch([image.as_uri(), "café 1.png", f"file://localhost{image}", "file://elsewhere/x.png"])
+    assert out[:3] == [b"local"] * 3
+    assert "names another host" in str(out[3])
 
 
 def test_jobs_read_relative_paths_from_the_input_folder(tmp_path):

@@ -1,4 +1,5 @@
 """The whole graph on a real local Ray cluster: answers equal the reference's, bad rows become error rows."""
+import base64
 import json
 from pathlib import Path
 
@@ -464,20 +465,22 @@ def test_replica_dtype_is_the_one_asked_else_the_devices():
 
 
 def test_image_struct_without_ids(ray_cluster, checkpoint, tmp_path):
-    """HF datasets' Image struct (bytes, or a local path); no id column: ids are Ray's row hash (uint64)."""
+    """HF datasets' Image struct (bytes, or a local path, a file: URL or a data: URL); no id column:
+    ids are Ray's row hash (uint64)."""
     images = [png(20, 24, seed=1), png(26, 20, seed=2)]
-    (tmp_path / "img1.png").write_bytes(images[1])
+    (tmp_path / "img 1.png").write_bytes(images[1])
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    rows = [{"image": {"bytes": images[0], "path": None}}, {"image": {"bytes": None, "path": str(tmp_path / "img1.png")}},
-            {"image": {"bytes": None, "path": str(tmp_path / "missing.png")}}]
+    inline = "data:image/png;base64," + base64.b64encode(images[0]).decode()
+    paths = [str(tmp_path / "img 1.png"), str(tmp_path / "missing.png"), (tmp_path / "img 1.png").as_uri(), inline]
+    rows = [{"image": {"bytes": images[0], "path": None}}] + [{"image": {"bytes": None, "path": p}} for p in paths]
     write_parquet(tmp_path / "structs" / "x.parquet", rows, pa.schema([("image", struct)]))
     config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=1, rows_per_file=1)
     run_job(str(tmp_path / "structs" / "*.parquet"), str(tmp_path / "out1"), config)
-    assert len(list((tmp_path / "out1").glob("*.parquet"))) == 3    # a file per block of one row
+    assert len(list((tmp_path / "out1").glob("*.parquet"))) == 5    # a file per block of one row
     structs = read_output(str(tmp_path / "out1"))
     reasons = structs.column("finish_reason").to_pylist()
     assert reasons.count("error") == 1 and "missing.png" in "".join(e for e in structs["error"].to_pylist() if e)
-    assert structs.schema.field("id").type == pa.uint64() and len(set(structs["id"].to_pylist())) == 3
+    assert structs.schema.field("id").type == pa.uint64() and len(set(structs["id"].to_pylist())) == 5
 
 
 def test_batches_in_flight_fill_the_engine_unless_set():
