@@ -257,7 +257,14 @@ def model_settings(args: argparse.Namespace) -> dict[str, str]:
     adapter = {"adapter": checkpoint_fingerprint(config.adapter, config.storage_options)} if config.adapter else {}
     return {"checkpoint": checkpoint_fingerprint(config.model, config.storage_options), **adapter,
             "prompt suffix": repr(config.prompt_suffix),
-            "settings": json.dumps({name: getattr(config, name) for name in SHOWN_SETTINGS})}
+            "settings": json.dumps({name: shown(getattr(config, name)) for name in SHOWN_SETTINGS})}
+
+
+def shown(value):
+    """A setting as the report shows it: a URL (--generation-config's) without its secrets."""
+    from pipeline.storage import redact_url
+
+    return redact_url(value) if isinstance(value, str) else value
 
 
 def raw_output(output: str) -> str:
@@ -268,11 +275,12 @@ def raw_output(output: str) -> str:
 def refuse_earlier_answers(raw: str, args: argparse.Namespace) -> None:
     """Answers of an earlier run are thrown away only with --overwrite (prepare_job removes them once
     every check has passed), not by a command repeated without --resume; this says so in the job's flags."""
-    from pipeline.storage import has_files
+    from pipeline.storage import has_files, redact_url
 
     if not args.overwrite and has_files(raw, storage_options(args)):
-        raise FileExistsError(f"{args.output!r} holds the answers of an earlier run ({raw}): pass --resume to "
-                              "continue it (a finished one is scored again), or --overwrite to start over")
+        raise FileExistsError(f"{redact_url(args.output)!r} holds the answers of an earlier run "
+                              f"({redact_url(raw)}): pass --resume to continue it (a finished one is scored "
+                              "again), or --overwrite to start over")
 
 
 def model_run_config(args: argparse.Namespace):

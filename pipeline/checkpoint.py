@@ -17,7 +17,6 @@ import logging
 import os
 import posixpath
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,9 +26,9 @@ from model.config import CONFIG_NAME, Idefics3Config, check_tp
 from model.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HUB_PATTERNS, INDEX_FILE, SINGLE_FILE, CheckpointError,
                          adapter_files, check_adapter_config, check_complete_safetensors, is_hub_id, weight_files)
 
-from .storage import fsspec_fs, is_local, reader_fs
+from .storage import fsspec_fs, is_local, private_temp_folder, reader_fs, redact_url
 
-CACHE_ENV = "IDEFICS3_CHECKPOINT_CACHE"     # default: <temp dir>/idefics3-checkpoints
+CACHE_ENV = "IDEFICS3_CHECKPOINT_CACHE"     # default: <temp dir>/idefics3-checkpoints-<uid>
 COMPLETE = ".complete.json"
 log = logging.getLogger(__name__)
 GENERATION_CONFIG = "generation_config.json"
@@ -37,7 +36,7 @@ REQUIRED_FILES = (CONFIG_NAME, "tokenizer.json")      # the model's and the CPU 
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "idefics3-checkpoints")
+    return Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else private_temp_folder("idefics3-checkpoints")
 
 
 # what tells one version of a stored file from another of the same size (S3's and GCS's, then times)
@@ -49,12 +48,27 @@ def remote_listing(uri: str, storage_options: dict | None) -> dict[str, dict]:
     fs, root = reader_fs(uri, storage_options)
     found = {}
     for path, info in fs.find(root, detail=True).items():
-        relative = posixpath.relpath(path, root.rstrip("/"))
-        if any(fnmatch.fnmatch(posixpath.basename(relative), p) for p in HUB_PATTERNS):
+        wanted = any(fnmatch.fnmatch(posixpath.basename(path), p) for p in HUB_PATTERNS)
+        relative = relative_key(path, root) if wanted else None
+        if relative:
             found[relative] = info
     if not found:
-        raise FileNotFoundError(f"no checkpoint files ({', '.join(HUB_PATTERNS)}) under {uri!r}")
+        raise FileNotFoundError(f"no checkpoint files ({', '.join(HUB_PATTERNS)}) under {redact_url(uri)!r}")
     return found
+
+
+def relative_key(path: str, root: str) -> str | None:
+    """A stored file's path under the checkpoint's root (None for a listed link elsewhere), refused
+    where it would leave the root once copied to a local folder: an object store's key may hold
+    `..` parts (`ckpt/../../.ssh/x.json`), or an empty one (`ckpt//x.json`, an absolute path)."""
+    prefix = root.rstrip("/") + "/"
+    if not path.startswith(prefix):
+        return None
+    relative = path[len(prefix):]
+    if not relative or {"..", ".", ""} & set(relative.split("/")):
+        raise CheckpointError(f"checkpoint file {redact_url(path)!r} is not a plain path under {redact_url(root)!r}: "
+                              "refused (a copy of it would be written outside the checkpoint's folder)")
+    return relative
 
 
 def remote_files(uri: str, storage_options: dict | None) -> dict[str, int]:

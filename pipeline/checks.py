@@ -20,7 +20,7 @@ from .checkpoint import remote_files
 from .config import SETTABLE, PipelineConfig
 from .io import read_column, read_footers
 from .preprocess import row_encoder
-from .storage import fsspec_fs, is_local, lists_folders, protocol_of, reader_fs
+from .storage import fsspec_fs, is_local, lists_folders, protocol_of, reader_fs, redact_url, redact_urls
 
 
 def check_image_root(root: str | None, storage_options: dict | None) -> None:
@@ -30,14 +30,17 @@ def check_image_root(root: str | None, storage_options: dict | None) -> None:
     the listing."""
     if root is None or not lists_folders(root):
         return
-    fs, path = reader_fs(root, storage_options)
     try:
+        fs, path = reader_fs(root, storage_options)
         missing = not fs.isdir(path)
     except OSError:         # credentials that may read objects but not list them: not known, not refused
         return
+    except Exception as e:  # a malformed URL (botocore's ValueError quotes it): a one-line error, redacted
+        raise ValueError(f"image root {redact_url(root)!r} cannot be read: {type(e).__name__}: "
+                         f"{redact_urls(str(e))}") from None
     if missing:
-        raise FileNotFoundError(f"image root {root!r}: no such folder (relative image paths of the rows "
-                                "are read from it)")
+        raise FileNotFoundError(f"image root {redact_url(root)!r}: no such folder (relative image paths of the "
+                                "rows are read from it)")
 
 
 def check_row_encoding(config: PipelineConfig) -> None:

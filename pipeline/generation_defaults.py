@@ -17,6 +17,7 @@ from dataclasses import MISSING, fields, replace
 
 from .checkpoint import generation_config_of
 from .config import TOKEN_SETTINGS, PipelineConfig
+from .storage import redact_url
 
 log = logging.getLogger(__name__)
 # the file's key -> the run's setting, each taken as it is
@@ -84,7 +85,7 @@ def with_checkpoint_defaults(config: PipelineConfig, generation_config: dict,
     ValueError names the file (`source`, else the checkpoint's) where its settings make an impossible run."""
     if config.generation_config == "none" or not generation_config:
         return config, {}
-    whose = "the checkpoint's generation_config.json" if source is None else f"generation config {source!r}"
+    whose = "the checkpoint's generation_config.json" if source is None else f"generation config {redact_url(source)!r}"
     defaults = job_defaults()
     taken = {name: value for name, value in checkpoint_settings(generation_config).items()
              if getattr(config, name) == defaults[name] != value and name not in config.given_settings}

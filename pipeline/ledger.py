@@ -14,19 +14,20 @@ import asyncio
 import contextlib
 import json
 import os
-import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+from .storage import private_temp_folder
+
 SOLO_DEATHS = 2
-ROOT_ENV = "PIPELINE_LEDGER_DIR"      # where the files go (default: the node's temp dir)
+ROOT_ENV = "PIPELINE_LEDGER_DIR"      # where the files go (default: <the node's temp dir>/idefics3-ray-ledgers-<uid>)
 STALE_S = 7 * 24 * 3600               # a file untouched this long is an ended job's (a live actor rewrites its own)
 
 
 def ledger_root() -> Path:
-    return Path(os.environ.get(ROOT_ENV) or Path(tempfile.gettempdir()) / "idefics3-ray-ledgers")
+    return Path(os.environ[ROOT_ENV]) if os.environ.get(ROOT_ENV) else private_temp_folder("idefics3-ray-ledgers")
 
 
 def ledger_path(stage: str) -> Path | None:

@@ -6,11 +6,15 @@ S3 credentials and region come from the AWS environment and config files (boto's
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
 import re
+import stat
+import tempfile
 import threading
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
@@ -112,27 +116,40 @@ def has_files(uri: str, storage_options: dict | None = None, ext: str = ".parque
     return any(p.endswith(ext) for p in fs.find(path))
 
 
-SECRET_PARAM = re.compile(r"sig|signature|credential|token|secret|key|password|auth", re.IGNORECASE)
-
-
 def redact_url(url: str) -> str:
-    """The URL as error rows may show it: no user:password, no signature, token or key in its query
-    (pre-signed S3 / GCS URLs carry them), the rest kept so the row still says which file. A local
-    path is returned as it is."""
+    """The URL as error rows may show it: no user:password, no query values (pre-signed S3 / GCS /
+    Azure URLs carry signatures and tokens there, under names no list keeps up with) and no
+    fragment (OAuth's #access_token=), the rest kept so the row still says which file. A local path
+    is returned as it is."""
     if "://" not in url:
         return url
     parts = urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = urlencode([(k, "***" if SECRET_PARAM.search(k) else v)
-                       for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    query = urlencode([(k, "***") for k, _ in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query, fragment="***" if parts.fragment else ""))
 
 
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>()\[\]]*[^\s'\"<>()\[\].,;:]")
+# user:password@ quoted without its scheme (botocore's "Invalid bucket name \"KEY:SECRET@bucket\"")
+_USER_INFO = re.compile(r"(?<![\w/:@])[^\s/@:'\"]+:(?!//)[^\s@'\"]+@(?=[\w.-])")
 
 
 def redact_urls(text: str) -> str:
     """redact_url for every URL inside a message (a library's error may quote the URL it read)."""
-    return _URL.sub(lambda m: redact_url(m.group(0)), text)
+    return _USER_INFO.sub("***@", _URL.sub(lambda m: redact_url(m.group(0)), text))
+
+
+def private_temp_folder(name: str) -> Path:
+    """<temp dir>/<name>-<uid>, made for this user alone (mode 0700) and checked to be theirs: in a
+    shared /tmp another user could otherwise make it first, fill it (a checkpoint copy of their
+    choosing, marked complete) or plant links in it that this job's writes follow."""
+    folder = Path(tempfile.gettempdir()) / f"{name}-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    found = folder.lstat()
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        raise PermissionError(f"{folder} is not a folder of this user's alone (owner uid {found.st_uid}, mode "
+                              f"{stat.filemode(found.st_mode)}): remove it, or name another folder")
+    return folder

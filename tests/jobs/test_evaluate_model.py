@@ -247,3 +247,10 @@ def test_a_dry_run_rehearses_the_model_run(checkpoint, tmp_path, capsys):
     assert not out.exists()
     assert job.main([*argv, "--metric", "multiple_choice", "--dry-run"]) == 2     # "red" is no option letter
     assert "multiple_choice cannot use" in capsys.readouterr().err
+
+
+def test_the_reports_settings_name_a_generation_config_url_without_its_secrets(checkpoint):
+    args = job.parse_args(["--input", "bench.parquet", "--model", str(checkpoint),
+                           "--generation-config", "https://alice:pw0@h/gen.json?token=t0"])
+    settings = job.model_settings(args)["settings"]
+    assert '"generation_config": "https://***@h/gen.json?token=***"' in settings and "pw0" not in settings

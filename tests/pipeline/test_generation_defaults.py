@@ -45,6 +45,10 @@ def test_the_jobs_own_settings_win_and_none_ignores_the_file(caplog):
         0.6, 50, 0.5, 1.3, 12)
     assert "guidance_scale=1.5" in caplog.text        # what a run cannot follow is named
     assert "eos_token_id" not in caplog.text
+    caplog.clear()                                    # a file named by URL is named without its secrets
+    with_checkpoint_defaults(PipelineConfig(model="m"), tuned, "https://alice:pw0@h/gen.json?token=t0")
+    assert "generation config 'https://***@h/gen.json?token=***'" in caplog.text
+    assert "pw0" not in caplog.text and "t0" not in caplog.text
     ignored = PipelineConfig(model="m", generation_config="none")
     assert with_checkpoint_defaults(ignored, tuned) == (ignored, {})
     with pytest.raises(ValueError, match="generation_config must be 'auto', 'none' or a file's path"):

@@ -157,6 +157,24 @@ def test_a_checkpoint_on_s3_is_copied_once_per_node_and_again_when_it_changes(s3
         local_checkpoint("s3://bucket/models/none/")
 
 
+def test_a_checkpoint_key_that_would_leave_its_folder_is_refused(s3, checkpoint, tmp_path):
+    """A key with `..` parts (S3 keeps them as they are) would be copied outside the node's cache
+    (and outside the driver's temporary copy of the processor files)."""
+    from model.files import CheckpointError
+    from pipeline.checkpoint import local_checkpoint
+    from pipeline.checks import check_row_encoding
+
+    upload_checkpoint(s3, checkpoint, "bucket/models/escaping")
+    escaped = tmp_path.relative_to("/")
+    s3.pipe(f"bucket/models/escaping/{'../' * 12}{escaped}/pwned.json", b"{}")
+    s3.pipe("bucket/models/escaping/../notes.md", b"not a checkpoint file: no matter")
+    for check in (lambda: local_checkpoint("s3://bucket/models/escaping"),
+                  lambda: check_row_encoding(PipelineConfig(model="s3://bucket/models/escaping/"))):
+        with pytest.raises(CheckpointError, match=r"pwned.json' is not a plain path under"):
+            check()
+    assert not (tmp_path / "pwned.json").exists()
+
+
 def test_a_model_url_the_actors_could_not_load_is_refused_before_any_work(s3, checkpoint):
     from model.files import CheckpointError
     from pipeline.checkpoint import check_model, generation_config_of
@@ -217,6 +235,9 @@ def test_an_image_root_on_s3_must_hold_files(s3):
     check_image_root("s3://bucket/coco/val", None)
     with pytest.raises(FileNotFoundError, match="image root 's3://bucket/coco/value': no such folder"):
         check_image_root("s3://bucket/coco/value", None)
+    with pytest.raises(ValueError, match="image root 's3://\\*\\*\\*@bucket/coco' cannot be read") as refused:
+        check_image_root("s3://AKIAKEY:SECRET%2FKEY@bucket/coco", None)     # the old s3a://KEY:SECRET@ form
+    assert "SECRET" not in str(refused.value) and "AKIAKEY" not in str(refused.value)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
