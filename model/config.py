@@ -24,6 +24,15 @@ def _pick(cls, data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in names}
 
 
+def _check_sizes(config: Any, names: tuple[str, ...], where: str) -> None:
+    """The sizes a model is built from are positive integers: a config.json with 0 heads would
+    otherwise divide by zero far from the file that says so."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}.{name} must be a positive integer, got {value!r}")
+
+
 @dataclass
 class Idefics3VisionConfig:
     """SigLIP-style vision tower. Missing keys take these class defaults (some SmolVLM configs rely on it)."""
@@ -39,6 +48,10 @@ class Idefics3VisionConfig:
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
     model_type: str = "idefics3_vision"
+
+    def __post_init__(self) -> None:
+        _check_sizes(self, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                            "num_channels", "image_size", "patch_size"), "vision_config")
 
     @property
     def num_patches_per_side(self) -> int:
@@ -100,12 +113,15 @@ class LlamaConfig:
     model_type: str = "llama"
 
     def __post_init__(self) -> None:
+        _check_sizes(self, ("hidden_size", "num_attention_heads"), "text_config")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.rope_parameters = rope_parameters_from_legacy({
             "rope_parameters": self.rope_parameters, "max_position_embeddings": self.max_position_embeddings})
+        _check_sizes(self, ("vocab_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "head_dim",
+                            "max_position_embeddings"), "text_config")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -155,6 +171,7 @@ class Idefics3Config:
             self.text_config = LlamaConfig(rms_norm_eps=1e-5)
         elif isinstance(self.text_config, dict):
             self.text_config = LlamaConfig.from_dict(self.text_config)
+        _check_sizes(self, ("scale_factor",), "config")
         # The class defaults (224 / 32 = 7 patches per side, scale 2) cannot pixel-shuffle; like the
         # reference we accept them here and the connector names the problem at run time.
 

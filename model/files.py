@@ -77,6 +77,9 @@ def resolve_checkpoint_dir(path_or_id: str | Path, **hub_kwargs) -> Path:
     return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS, **hub_kwargs))
 
 
+MAX_HEADER_BYTES = 100_000_000      # the safetensors library's own limit
+
+
 def check_complete_safetensors(name: str, f: BinaryIO, size: int) -> dict[str, list[int]]:
     """A safetensors file (`f` open at its start, `size` bytes) must hold the bytes its header
     describes: a download or copy cut short would fail every replica's load, each in turn.
@@ -86,6 +89,9 @@ def check_complete_safetensors(name: str, f: BinaryIO, size: int) -> dict[str, l
     if len(head) < 8 or 8 + header_len > size:
         raise CheckpointError(f"{name} is not a complete safetensors file: its {size} bytes end before its "
                               "header does (a download or copy cut short, or not safetensors at all)")
+    if header_len > MAX_HEADER_BYTES:       # read whole before it is parsed: the file must not say how much
+        raise CheckpointError(f"{name} is not a safetensors file: its header says it is {header_len} bytes long, "
+                              f"more than safetensors' limit of {MAX_HEADER_BYTES}")
     try:
         header = json.loads(f.read(header_len))
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)

@@ -81,3 +81,18 @@ def test_bad_configs_are_clear_errors():
         LlamaConfig(num_attention_heads=6, num_key_value_heads=4)
     with pytest.raises(FileNotFoundError):
         Idefics3Config.from_pretrained("./definitely/missing")
+
+
+@pytest.mark.parametrize("where, key, value", [("text_config", "num_key_value_heads", 0),
+                                               ("text_config", "num_attention_heads", 0),
+                                               ("text_config", "vocab_size", -5),
+                                               ("text_config", "hidden_size", 64.5),
+                                               ("vision_config", "patch_size", 0),
+                                               ("vision_config", "num_attention_heads", True),
+                                               ("config", "scale_factor", 0)])
+def test_sizes_that_are_not_positive_integers_name_their_key(where, key, value):
+    """0 KV heads was a ZeroDivisionError traceback (the job's check passes ValueErrors on as one line)."""
+    data = {"text_config": {}, "vision_config": {}}
+    (data if where == "config" else data[where])[key] = value
+    with pytest.raises(ValueError, match=f"{where}.{key} must be a positive integer, got {value!r}"):
+        Idefics3Config.from_dict(data)

@@ -189,6 +189,17 @@ def test_weights_that_are_not_safetensors_are_refused(checkpoint, tmp_path):
         check_model(str(folder))
 
 
+def test_a_header_longer_than_safetensors_allows_is_refused_unread(checkpoint, tmp_path):
+    """The header is read whole before it is parsed: a file saying its header is 200 MB long (a
+    sparse file here) must not make the driver read that much."""
+    folder = copy_without(checkpoint, tmp_path)
+    with (folder / "model.safetensors").open("wb") as f:
+        f.write((200_000_000).to_bytes(8, "little"))
+        f.truncate(200_000_100)
+    with pytest.raises(CheckpointError, match="its header says it is 200000000 bytes long"):
+        check_model(str(folder))
+
+
 REFUSE_SYSTEM = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
 
 
