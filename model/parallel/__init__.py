@@ -4,7 +4,8 @@ from .layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, Sh
                      VocabParallelEmbedding)
 from .loading import load_shard
 from .shard import shard_model, sharded_fraction
-from .worker import TPEngine, TPWorker, free_port, launch_local
+from .local import TPEngine, launch_local
+from .worker import TPWorker, free_port
 
 __all__ = ["TPEngine", "TPWorker", "launch_local", "load_shard", "check_tp", "shard_model", "sharded_fraction",
            "TPContext", "ShardSpec", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",

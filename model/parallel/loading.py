@@ -14,7 +14,8 @@ from torch import nn
 from ..config import Idefics3Config, check_tp
 from ..idefics3 import Idefics3ForConditionalGeneration
 from ..files import CheckpointError, resolve_checkpoint_dir, weight_files
-from ..loading import _check_keys, _copy_tensor, _resolve_dtype, check_adapter, read_generation_config, target_name
+from ..loading import (_check_keys, _copy_tensor, _holds, _resolve_dtype, _tied_names, _untie, check_adapter,
+                       read_generation_config, target_name)
 from ..lora import LoraAdapter
 from .layers import ShardSpec, TPContext
 from .shard import shard_model
@@ -46,8 +47,10 @@ def load_sharded_weights(model: nn.Module, files: list[Path], folder: Path, spec
                          adapter: LoraAdapter | None = None) -> None:
     """Fill `model` (materialised, sharded) from `files`: slices for sharded parameters, whole tensors
     for replicated ones; a weight `adapter` changes is read whole, merged, then sliced (DoRA's
-    norms are over whole rows)."""
+    norms are over whole rows). A tied LM head stored apart and different is untied, as load_weights
+    does (each rank sees its slices: one whose slices agree keeps the tie, with the same values)."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    tied = {name: group for group in _tied_names(model) for name in group}
     loaded, unexpected = set(), []
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
@@ -57,19 +60,31 @@ def load_sharded_weights(model: nn.Module, files: list[Path], folder: Path, spec
                     continue
                 if name not in params:
                     unexpected.append(key)
-                elif name in (adapter or ()):
-                    merged = adapter.merged(name, handle.get_tensor(key))
-                    if name in specs:
-                        _copy_shard(params[name], shard_of(merged, specs[name]), key, specs[name])
-                    else:
-                        _copy_tensor(params[name], merged, key)
-                elif name in specs:
-                    _copy_shard(params[name], read_shard(handle, key, specs[name]), key, specs[name])
+                    continue
+                spec = specs.get(name)
+                tensor = _rank_tensor(handle, key, name, spec, adapter)
+                if (tied.get(name, set()) - {name}) & loaded and not _holds(_filled(params[name], spec), tensor):
+                    params[name] = _untie(model, name, key)
+                if spec is None:
+                    _copy_tensor(params[name], tensor, key)
                 else:
-                    _copy_tensor(params[name], handle.get_tensor(key), key)
+                    _copy_shard(params[name], tensor, key, spec)
                 loaded.add(name)
     _check_keys(model, loaded, unexpected, folder)
     check_adapter(adapter, model, loaded)
+
+
+def _rank_tensor(handle, key: str, name: str, spec: ShardSpec | None, adapter: LoraAdapter | None) -> torch.Tensor:
+    """What this rank keeps of checkpoint tensor `key`: its slice or the whole, with the adapter merged."""
+    if name in (adapter or ()):
+        merged = adapter.merged(name, handle.get_tensor(key))
+        return merged if spec is None else shard_of(merged, spec)
+    return handle.get_tensor(key) if spec is None else read_shard(handle, key, spec)
+
+
+def _filled(param: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
+    """The rows of a shard the checkpoint fills (not the vocabulary's padding rows)."""
+    return param if spec is None else param.narrow(spec.dim, 0, spec.stop - spec.start)
 
 
 def shard_of(tensor: torch.Tensor, spec: ShardSpec) -> torch.Tensor:

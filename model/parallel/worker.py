@@ -1,12 +1,13 @@
 """The process model: one TPWorker per rank. Rank 0 drives; ranks 1.. follow its commands.
 
 Rank 0 broadcasts each command (generate, logits, stats, stop) with its inputs once; every rank then
-runs the same steps on its shard. TPWorker is plain Python: run it in processes (`TPEngine` below, or
+runs the same steps on its shard. TPWorker is plain Python: run it in processes (`TPEngine` in local.py, or
 `python -m model.parallel.worker` under torchrun) or wrap it with `ray.remote` (model/parallel/ray_group.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -22,13 +23,10 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor
 
-from ..config import Idefics3Config, check_tp
 from ..engine import Request, Result, SamplingParams
 from ..engine.loop import EngineLoop
-from ..files import resolve_checkpoint_dir
 from ..loading import DEVICE_DTYPE, common_dtype, compute_dtype
 from .engine import Comm, ShardEngine
 from .faults import fail_once_on
@@ -145,25 +143,36 @@ class TPWorker:
         return self.comm.tp
 
     def _leave(self, together: bool = False) -> None:
-        if dist.is_initialized():
-            if together:  # every rank past the STOP broadcast before any tears its sockets down
-                dist.barrier()
-            dist.destroy_process_group()
-        # Drop every reference to the group (the engine's layers hold it) and collect now: a group
-        # object left to interpreter teardown joins its threads too late and aborts the process.
-        self.engine, self.comm = None, None
-        gc.collect()
+        try:
+            if dist.is_initialized():
+                if together:  # every rank past the STOP broadcast before any tears its sockets down
+                    dist.barrier()
+                dist.destroy_process_group()
+        finally:
+            # Drop every reference to the group (the engine's layers hold it) and collect now: a group
+            # object left to interpreter teardown joins its threads too late and aborts the process.
+            self.engine, self.comm = None, None
+            gc.collect()
 
-    def shutdown(self) -> None:
-        """Rank 0: answer what was streamed, release the followers and leave the group. Idempotent."""
+    def shutdown(self) -> bool:
+        """Rank 0: answer what was streamed, release the followers and leave the group. Idempotent.
+        False where a rank had died or hung: the group was left without it (the error that broke it
+        was raised by the call that met it)."""
         if self.loop is not None:
             self.loop.close()
             self.loop = None
         with self._lock:
             releasing = self.engine is not None and self.rank == 0
-            if releasing:
-                self.comm.broadcast_object((STOP, None))
-            self._leave(together=releasing)
+            try:
+                if releasing:
+                    self.comm.broadcast_object((STOP, None))
+                self._leave(together=releasing)
+                return True
+            except Exception as e:  # noqa: BLE001 - the survivors cannot part politely with a dead rank
+                log.warning("tensor-parallel rank %d left a broken group: %s", self.rank, e)
+                with contextlib.suppress(Exception):
+                    self._leave()
+                return False
 
     # ---- rank 0 -------------------------------------------------------------------------------
     def _command(self, name: str, payload, local=None):
@@ -280,90 +289,6 @@ class TPWorker:
                 "last_tokens": self.last_tokens, "decode_steps": self.engine.stats["decode_steps"],
                 "prefix_tokens_reused": self.engine.stats["prefix_tokens_reused"],
                 "compiled_decode": self.engine.runner is not None and self.engine.runner.compile}
-
-
-def _follower_main(rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float,
-                   spec: dict) -> None:
-    worker = TPWorker(rank, world_size, **spec)
-    try:
-        worker.setup(master_addr, master_port, timeout_s)
-    except RuntimeError:
-        return                  # rank 0 reports the failure
-    worker.follow()
-
-
-class TPEngine:
-    """`generate(list[Request]) -> list[Result]` like model.engine.LLMEngine, on `tp` devices.
-
-    This process is rank 0 (it loads its shard here and drives); ranks 1..tp-1 are spawned processes.
-    On CUDA, rank r uses cuda:r of the visible devices. A config that cannot be split raises before
-    any process starts. Close it (or use `with`) to stop the followers.
-    """
-
-    def __init__(self, model_path: str | Path, tp: int = 1, dtype: torch.dtype | str | None = None,
-                 device_type: str = "cpu", tokenizer=None, *, cpu_threads: int | None = None,
-                 timeout_s: float = 600.0, adapter: str | None = None, **engine_kwargs) -> None:
-        folder = resolve_checkpoint_dir(model_path)
-        check_tp(Idefics3Config.from_pretrained(folder), tp)
-        if device_type == "cuda" and torch.cuda.device_count() < tp:
-            raise ValueError(f"tensor_parallel_size {tp} needs {tp} visible GPUs, found {torch.cuda.device_count()}")
-        engine_kwargs.setdefault("use_cuda_graphs", tp == 1)   # graphs around NCCL collectives: not yet validated
-        # Every rank gets the tokenizer: the ranks end a sequence on a stop string each on its own.
-        spec = dict(model_path=str(folder), dtype=dtype, device_type=device_type, cpu_threads=cpu_threads,
-                    engine_kwargs=engine_kwargs, tokenizer=tokenizer, adapter=adapter and str(adapter))
-        port = free_port()
-        context = mp.get_context("spawn")
-        self.processes = [context.Process(target=_follower_main, daemon=True,
-                                          args=(rank, tp, "127.0.0.1", port, timeout_s, spec))
-                          for rank in range(1, tp)]
-        for p in self.processes:
-            p.start()
-        self.worker = TPWorker(0, tp, **spec)
-        try:
-            self.worker.setup("127.0.0.1", port, timeout_s)
-        except BaseException:
-            self._reap(timeout=5.0)
-            raise
-
-    @property
-    def engine(self) -> ShardEngine:
-        return self.worker.engine
-
-    def generate(self, requests: list[Request]) -> list[Result]:
-        return self.worker.generate(requests)
-
-    def submit(self, requests: dict) -> Future:
-        """Batches submitted from any thread share decode steps (EngineLoop); {key: Result | exception}."""
-        return self.worker.submit(requests)
-
-    def logits(self, **inputs) -> Tensor:
-        return self.worker.logits(**inputs)
-
-    def shard_stats(self) -> list[dict]:
-        return self.worker.shard_stats()
-
-    def close(self) -> None:
-        self.worker.shutdown()
-        self._reap(timeout=30.0)
-
-    def _reap(self, timeout: float) -> None:
-        for p in self.processes:
-            p.join(timeout)
-            if p.is_alive():
-                p.terminate()
-                p.join(5.0)
-        self.processes = []
-
-    def __enter__(self) -> "TPEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def launch_local(tp: int, model_path: str | Path, **kwargs) -> TPEngine:
-    """A TPEngine over `tp` local processes (this one is rank 0); kwargs as TPEngine's."""
-    return TPEngine(model_path, tp, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,7 @@ seeded samples, ranks in lockstep, about 1/tp of the sharded parameters on each 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -217,3 +218,42 @@ def test_a_checkpoint_that_does_not_fit_fails_on_every_rank_without_hanging(chec
     with pytest.raises(RuntimeError, match=r"rank 0: CheckpointError: .*does not match the model.*; rank 1: CheckpointError"):
         TPEngine(broken, 2, cpu_threads=1, timeout_s=60)
     assert multiprocessing.active_children() == []
+
+
+def test_a_dead_rank_fails_the_call_and_close_still_stops_the_group(checkpoint, tmp_path, monkeypatch):
+    """A follower killed mid-request: the call raises (gloo's closed connection); close() then parts
+    without it instead of raising the same error again and leaving the group's processes behind."""
+    import multiprocessing
+
+    from model.parallel.faults import RANK_CRASH_ONCE_ENV
+
+    path = checkpoint("tp_mqa")
+    monkeypatch.setenv(RANK_CRASH_ONCE_ENV, f"1:doomed={tmp_path / 'marker'}")       # the spawned rank 1 reads it
+    engine = TPEngine(path, 2, cpu_threads=1, timeout_s=60)
+    doomed = requests(path)[0]
+    with pytest.raises(RuntimeError):
+        engine.generate([dataclasses.replace(doomed, request_id="doomed")])
+    engine.close()
+    assert multiprocessing.active_children() == [] and engine.processes == []
+
+
+def test_a_rank_that_exits_before_joining_is_named_at_once(checkpoint, tmp_path):
+    """Before: rank 0 waited in the rendezvous for the whole timeout (600 s by default). Here the
+    spawned rank dies as it imports the script (a script without a __main__ guard fails so)."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import os, time\n"
+        "if os.environ.get('SPAWNED'):\n    os._exit(3)\n"
+        "os.environ['SPAWNED'] = '1'\n"
+        "from model.parallel import TPEngine\n"
+        "start = time.monotonic()\n"
+        "try:\n"
+        f"    TPEngine({str(checkpoint('tp_mqa'))!r}, 2, cpu_threads=1, timeout_s=100)\n"
+        "except RuntimeError as e:\n"
+        "    print(f'{time.monotonic() - start:.0f} s: {e}')\n")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=100,
+                         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    said = out.stdout.strip()
+    assert said.endswith("tensor-parallel rank 1 exited (code 3) before joining the group"), out.stderr[-2000:]
+    assert int(said.split(" s:")[0]) < 30

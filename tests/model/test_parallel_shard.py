@@ -176,3 +176,22 @@ def test_tp1_shard_is_the_plain_model(checkpoint):
     shard = load_shard(path, TPContext(0, 1))
     ids = torch.tensor([[5, 17, 300, 42, 9]])
     torch.testing.assert_close(shard(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_tied_checkpoint_storing_a_different_head_keeps_both_on_every_rank(checkpoint, tmp_path):
+    """As the plain loader (tests/model/test_loading.py): a rank tied both names to one tensor, and
+    the key read last overwrote the other (answers made with the embeddings as the LM head)."""
+    from tests.model.test_loading import copy_checkpoint, edit_weights
+
+    folder = copy_checkpoint(checkpoint("tp_mqa"), tmp_path / "ck")
+    embed = full_tensors(folder)["model.text_model.embed_tokens.weight"]
+    head = torch.randn(embed.shape, generator=torch.Generator().manual_seed(1)) * 0.02
+    edit_weights(folder, lambda s: s.update({"lm_head.weight": head}))
+    for rank in range(2):
+        shard = load_shard(folder, TPContext(rank, 2))
+        spec = shard_specs(shard)["lm_head.weight"]
+        rows = slice(spec.start, spec.stop)
+        assert torch.equal(shard.lm_head.weight[:spec.stop - spec.start], head[rows])
+        assert torch.equal(shard.model.text_model.embed_tokens.weight[:spec.stop - spec.start], embed[rows])
+    tied = load_shard(checkpoint("tp_mqa"), TPContext(1, 2))
+    assert tied.lm_head.weight is tied.model.text_model.embed_tokens.weight     # a plain tied one stays tied
