@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray.data
 
 from .builder import build_processor
@@ -144,6 +145,16 @@ def used_columns(names: list[str], config: PipelineConfig, renames: dict[str, st
     return [name for name in names if renames.get(name, name) in used]
 
 
+def input_columns(footers: dict[str, pq.FileMetaData], dataset_schema: pa.Schema) -> list[str]:
+    """Every column of the input: each file's, in the order first seen (a dataset's schema is its
+    first file's: a question or id column that file lacks was read from no file), then the hive
+    partition keys of the paths."""
+    names = {}
+    for meta in footers.values():
+        names.update(dict.fromkeys(meta.schema.to_arrow_schema().names))
+    return list({**names, **dict.fromkeys(dataset_schema.names)})
+
+
 @dataclass(frozen=True)
 class CheckedJob:
     """What the driver's checks of a run learned (they write nothing)."""
@@ -173,8 +184,9 @@ def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume
     check_input_excludes_output(list(footers), output_uri, opts)
     renames = dict(renames or {})
     rows = input_dataset(input_uri, opts)
-    check_columns([renames.get(name, name) for name in rows.schema.names], config, input_uri)
-    columns = used_columns(rows.schema.names, config, renames)
+    names = input_columns(footers, rows.schema)
+    check_columns([renames.get(name, name) for name in names], config, input_uri)
+    columns = used_columns(names, config, renames)
     schema = read_schema(footers, columns, input_uri)
     check_column_types(schema, config, input_uri, renames)
     check_ids(input_ids(rows, footers, schema, config.id_column, input_uri, opts), input_uri, config.id_column)

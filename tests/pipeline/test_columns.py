@@ -233,3 +233,23 @@ def test_hidden_files_are_not_the_inputs_and_kept_columns_may_bear_the_stages_na
     assert (summary["input_rows"], summary["rows"], summary["missing_rows"], summary["error_rows"]) == (3, 3, 0, 0)
     out = read_output(str(tmp_path / "out")).sort_by("id").to_pylist()
     assert [(r["input_ids"], r["image_key"]) for r in out] == [([7, i], f"k{i}") for i in range(3)]
+
+
+def test_columns_only_a_later_file_has_are_read_from_every_file(ray_cluster, checkpoint, tmp_path):
+    """The run's columns came from the first file's schema: one without questions made every row of
+    every file answer --prompt, silently; one without ids dropped every file's ids (row hashes
+    instead, and no check of them)."""
+    from pipeline import read_output, run_job
+
+    rows = good_rows(4)
+    write_parquet(tmp_path / "in" / "a.parquet", [{"id": r["id"], "image": r["image"]} for r in rows[:2]])
+    write_parquet(tmp_path / "in" / "b.parquet", [{"id": r["id"], "image": r["image"], "question": r["question"]}
+                                                  for r in rows[2:]])
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=2)
+    run_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    asked = {r["id"]: r["question"] for r in read_output(str(tmp_path / "out")).to_pylist()}
+    assert asked == {**{r["id"]: config.prompt for r in rows[:2]}, **{r["id"]: r["question"] or config.prompt for r in rows[2:]}}
+    write_parquet(tmp_path / "ids" / "a.parquet", [{"image": b"x"}])
+    write_parquet(tmp_path / "ids" / "b.parquet", [{"id": "b0", "image": b"x"}])
+    with pytest.raises(ValueError, match=r"1 rows have a null `id`"):
+        prepare_job(str(tmp_path / "ids"), str(tmp_path / "out2"), config)
