@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from evaluation.metrics import get_metric
-from evaluation.report import escape_cell
+from evaluation.report import code_span, escape_cell
 from evaluation.scoring import check_unique_ids, _mean, interval95, is_error_row
 
 
@@ -65,7 +65,7 @@ def report_lines(comparison: dict) -> list[str]:
     """report.md's section on the baseline."""
     c = comparison
     interval = "n/a" if c["ci95"] is None else f"[{c['ci95'][0]}, {c['ci95'][1]}]"
-    lines = ["## Against the baseline", "", f"- baseline: `{c['source']}`",
+    lines = ["## Against the baseline", "", f"- baseline: {code_span(c['source'])}",
              f"- rows compared: {c['rows']} ({c['rows_without_baseline']} without a baseline answer, "
              f"{c['baseline_rows_unused']} baseline answers to other ids)",
              f"- delta: {c['delta']} (this run {c['score']}, the baseline {c['baseline_score']}), "

@@ -6,11 +6,14 @@ import html
 import io
 import json
 import random
+import re
 from pathlib import Path
 
 from evaluation.metrics import as_answer_list
 
 METRICS_FILE, REPORT_FILE, CHART_FILE, GALLERY_FILE = "metrics.json", "report.md", "scores.png", "gallery.html"
+# Punctuation that makes Markdown code, emphasis, strike-through, links / images or a table cell's end.
+_MARKDOWN_SYNTAX = re.compile(r"([\\`*_\[\]~|])")
 
 
 def write_metrics_json(summary: dict, out_dir: Path) -> Path:
@@ -23,17 +26,22 @@ def _interval(ci95: list[float] | None) -> str:
     return "n/a" if ci95 is None else f"[{ci95[0]}, {ci95[1]}]"
 
 
-def _code(text: object) -> str:
-    return f"`{text}`"
+def code_span(text: object) -> str:
+    """`text` as a one-line Markdown code span, shown literally: its fence is longer than any run of
+    backticks inside (a value's own backtick would otherwise end the span and let Markdown / HTML in)."""
+    text = " ".join(str(text).splitlines())
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def report_markdown(summary: dict, sources: dict[str, str], chart_name: str | None = CHART_FILE) -> str:
     """report.md's text; every number is printed exactly as metrics.json holds it."""
     lines = ["# Evaluation report", ""]
-    lines += [f"- {key}: {_code(value)}" for key, value in sources.items()]
+    lines += [f"- {key}: {code_span(value)}" for key, value in sources.items()]
     interval = summary.get("ci95")
     spread = f" (95 % interval [{interval[0]}, {interval[1]}])" if interval else ""
-    lines += [f"- metric: {_code(summary['metric'])}", f"- score: {summary['score']}{spread}",
+    lines += [f"- metric: {code_span(summary['metric'])}", f"- score: {summary['score']}{spread}",
               f"- rows: {summary['rows']}", f"- errors: {summary['errors']} (scored 0)", ""]
     lines += ["## Metrics", "", "| metric | score |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in summary["metrics"].items()]
@@ -51,7 +59,11 @@ def report_markdown(summary: dict, sources: dict[str, str], chart_name: str | No
 
 
 def escape_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """A table cell showing `text` (a benchmark's own value) literally in a Markdown viewer: HTML's special
+    characters as entities (no tags), Markdown's link / code / emphasis punctuation and | backslash-escaped,
+    line breaks as spaces."""
+    text = html.escape(" ".join(str(text).splitlines()), quote=False)
+    return _MARKDOWN_SYNTAX.sub(r"\\\1", text)
 
 
 def write_report_md(summary: dict, sources: dict[str, str], out_dir: Path) -> Path:

@@ -2,27 +2,26 @@
 
 Templates ship with checkpoints, so they are untrusted code: they run in Jinja2's
 ImmutableSandboxedEnvironment (no attribute access to dunders, no mutation of our data), with the
-same helpers the reference exposes to templates (raise_exception, tojson, strftime_now).
+same helpers the reference exposes to templates (raise_exception, tojson, strftime_now), and with
+bounds on their time and memory (template_limits).
 """
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import ChatTemplateError
+from .template_limits import MAX_JSON_INDENT, BoundedSandbox, check_size, render_within_deadline
 
 Template = str | dict[str, str]
 # Appended to the last text of the final message so we can cut the render right after it.
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
-
-
-class ChatTemplateError(ValueError):
-    """A template called raise_exception(...) or could not render the conversation."""
 
 
 def _raise_exception(message: str) -> None:
@@ -31,7 +30,8 @@ def _raise_exception(message: str) -> None:
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
             sort_keys: bool = False) -> str:
-    # Jinja's own tojson HTML-escapes; templates expect plain JSON.
+    # Jinja's own tojson HTML-escapes; templates expect plain JSON. The indent repeats on every line.
+    check_size(len(indent) if isinstance(indent, str) else indent or 0, "tojson's indent", MAX_JSON_INDENT)
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -39,7 +39,7 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-class _StrictSandbox(ImmutableSandboxedEnvironment):
+class _StrictSandbox(BoundedSandbox):
     """Jinja2's sandbox turns an unsafe attribute into an Undefined that only fails when used;
     we fail at the access itself, so a probing template can never render quietly."""
 
@@ -58,7 +58,7 @@ class _GenerationBlock(Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
-@lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=32)
 def compile_template(source: str) -> jinja2.Template:
     env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationBlock])
     env.filters["tojson"] = _tojson
@@ -124,8 +124,8 @@ def render_chat(template: str, conversation: list[dict], add_generation_prompt: 
     last_text = _tag_final_message(messages) if continue_final_message else None
     variables = {"tools": None, "documents": None, **variables}
     try:
-        rendered = compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                     **variables)
+        rendered = render_within_deadline(compile_template(template), {
+            **variables, "messages": messages, "add_generation_prompt": add_generation_prompt})
     except jinja2.exceptions.SecurityError:
         raise
     except jinja2.exceptions.TemplateError as e:

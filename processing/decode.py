@@ -10,7 +10,10 @@ Every failure is a typed `InputError` whose message says what was wrong:
   ICO file, which Pillow decodes while opening it, has the headers of its icons checked before), so a
   decompression bomb never allocates its pixels.
 Animated images (GIF, APNG, WebP, multi-page TIFF) give their first frame; EXIF orientation is applied
-as the reference's path loader does. Pillow decoders are bounded by the input size, so nothing hangs.
+as the reference's path loader does. Decoding time grows with the pixel count (limited above) and
+with the input size, except for a progressive JPEG, where each scan is another pass over every pixel:
+a small file can repeat a scan thousands of times, so JPEGs with more than MAX_JPEG_SCANS scans are
+refused before decoding. There is no time limit on decoding itself.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from .sniff import sniff
 DEFAULT_MAX_PIXELS = 64_000_000       # e.g. 8000 x 8000; the processor shrinks everything to <= 4096 anyway
 DEFAULT_MAX_SIDE = 1 << 16            # longer sides are corrupt headers rather than images
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+# Encoders write 1 scan (baseline) or about 10 (progressive); 1000 passes over a 64 MP image already take seconds.
+MAX_JPEG_SCANS = 1000
 ORIENTATION_TAG = 0x0112
 # Formats Pillow registers that are not decoded: EPS is rendered by running Ghostscript over the file
 # (PostScript is a programming language; Ghostscript's -dSAFER sandbox has been escaped before).
@@ -116,6 +121,19 @@ def check_icon_sizes(data: bytes, max_pixels: int | None, max_side: int | None) 
         check_size(max(width, 1), max(height, 1), max_pixels, max_side)
 
 
+def check_jpeg_scans(data: bytes, image: Image.Image) -> None:
+    """Refuse a JPEG 'scan bomb' (a progressive JPEG repeating scans) before its costly decode."""
+    if image.format not in ("JPEG", "MPO"):
+        return
+    # Every scan starts with an SOS marker; inside entropy-coded data an 0xFF byte is written FF 00,
+    # so FF DA occurs only as a marker (or by chance inside metadata, far too rarely to matter here).
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise ImageDecodeError(f"JPEG with {scans} scans ({image.width}x{image.height}, {len(data)} bytes): more "
+                               f"than the limit of {MAX_JPEG_SCANS}; each scan is a pass over the whole image "
+                               "(a progressive-JPEG scan bomb)")
+
+
 def _load_first_frame(image: Image.Image) -> None:
     try:
         image.seek(0)
@@ -146,6 +164,7 @@ def decode_image(data: bytes | bytearray | memoryview, *, max_pixels: int | None
     check_icon_sizes(data, max_pixels, max_side)
     image = _open_header(data)
     check_size(image.width, image.height, max_pixels, max_side)
+    check_jpeg_scans(data, image)
     _load_first_frame(image)
     if exif_transpose:
         try:

@@ -24,3 +24,7 @@ class ImageTooLargeError(InputError):
 
 class PromptError(InputError):
     """The text cannot be combined with the images (placeholder mismatch, `<image>` typed by a user, ...)."""
+
+
+class ChatTemplateError(ValueError):
+    """A template called raise_exception(...), could not render the conversation, or would cost too much."""

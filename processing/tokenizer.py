@@ -8,7 +8,8 @@ skips tokens flagged special.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +20,19 @@ NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 # The reference's "no limit" sentinel for model_max_length; anything above it means "unknown".
 VERY_LARGE_INTEGER = int(1e30)
 LARGE_INTEGER = int(1e20)
+
+
+@contextmanager
+def backend_panics_as_errors() -> Iterator[None]:
+    """A panic of the Rust backend (e.g. a tokenizer.json pre-tokenizer regex hitting Oniguruma's retry limit)
+    reaches Python as pyo3's PanicException, a BaseException that would pass every per-row `except Exception`
+    and fail the whole batch: it becomes a ValueError. Other BaseExceptions (KeyboardInterrupt, ...) pass."""
+    try:
+        yield
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise ValueError(f"the tokenizer (tokenizer.json) failed on this text: {str(e).strip()}") from None
 
 
 class BatchEncoding(dict):
@@ -186,7 +200,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self.backend.no_padding()
         self.backend.no_truncation()
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        with backend_panics_as_errors():
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True, padding: bool | str = False,
                  truncation: bool | str | None = None, max_length: int | None = None,
@@ -200,7 +215,8 @@ class Tokenizer:
         pad, trunc, max_length = self._strategies(padding, truncation, max_length, pad_to_multiple_of)
         self._configure(pad, trunc, max_length, pad_to_multiple_of, padding_side)
         try:
-            encodings = self.backend.encode_batch(batch, add_special_tokens=add_special_tokens)
+            with backend_panics_as_errors():
+                encodings = self.backend.encode_batch(batch, add_special_tokens=add_special_tokens)
         finally:
             self.backend.no_padding()
             self.backend.no_truncation()
