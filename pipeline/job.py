@@ -23,7 +23,7 @@ from .generation_defaults import resolved as resolved_generation_config
 from .io import input_dataset, input_folder, read_output, read_rows, write_rows
 from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings, manifest_path
-from .resume import checkpoint_config, clear_checkpoint, forget_lost_rows, has_checkpoint
+from .resume import checkpoint_config, clean_pending_commits, clear_checkpoint, forget_lost_rows, has_checkpoint
 from .retry import drop_error_rows
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
 from .run_stats import RunCounter
@@ -223,6 +223,8 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     with writing_output(output_uri):
         start_output(output_uri, opts, resume, overwrite)
         keep_run_settings(output_uri, config, resume, opts)
+        if resume:
+            clean_pending_commits(output_uri, opts)
         retried = 0 if retry_errors is None else drop_error_rows(output_uri, opts, retry_errors)
     lost = max((forget_lost_rows(output_uri, opts) if resume else 0) - retried, 0)
     if retried:

@@ -569,3 +569,23 @@ def test_a_resume_after_a_kill_inside_a_checkpoints_commit_loses_no_row(ray_clus
     shutil.copy(committed[0], str(committed[0])[:-len(".parquet")] + ".pending.parquet")
     summary = run_job(str(tmp_path / "in.parquet"), str(out), config, resume=True)
     assert (summary["input_rows"], summary["rows"], summary["missing_rows"]) == (4, 4, 0)
+
+
+def test_a_resume_after_a_kill_inside_a_write_answers_its_rows_again(ray_cluster, checkpoint, tmp_path):
+    """Killed while a block's file was written: its checkpoint still pending, the file cut short.
+    The resume read the output (its counts, lost rows) before Ray's clean-up removed that file:
+    every resume failed on it ("Parquet magic bytes not found"); a whole one was counted as written."""
+    from pipeline.resume import checkpoint_uri
+
+    write_parquet(tmp_path / "in.parquet", [{"id": f"r{i}", "image": png(20, 20, seed=i)} for i in range(4)])
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=2, rows_per_file=2)
+    out = tmp_path / "out"
+    run_job(str(tmp_path / "in.parquet"), str(out), config)
+    committed = sorted(Path(checkpoint_uri(str(out))).glob("*.parquet"))
+    prefix = committed[0].name[:-len(".parquet")]
+    committed[0].rename(committed[0].with_name(prefix + ".pending.parquet"))
+    written = [p for p in out.glob("*.parquet") if p.name.startswith(prefix)]
+    assert len(written) == 1
+    written[0].write_bytes(written[0].read_bytes()[:100])
+    summary = run_job(str(tmp_path / "in.parquet"), str(out), config, resume=True)
+    assert (summary["rows"], summary["missing_rows"], summary["duplicate_rows"], summary["rows_this_run"]) == (4, 0, 0, 2)
