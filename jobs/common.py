@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import sys
@@ -113,6 +114,32 @@ def load_job_config(path: str | None) -> dict[str, Any]:
     return {key.replace("-", "_"): value for key, value in data.items()}
 
 
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Each long flag's name as a job.yaml key (`--step-timeout`: step_timeout) -> its action."""
+    return {option[2:].replace("-", "_"): action for action in parser._actions
+            for option in action.option_strings if option.startswith("--")}
+
+
+def by_destination(parser: argparse.ArgumentParser, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """A job.yaml's keys spelled as their flags (`step-timeout`, `choice`, `no-compile`,
+    `no-image-splitting`) as the settings they set (step_timeout_s, choices, compile_decode: false,
+    image_splitting: false); a switch's `false` is the flag not given."""
+    out = {}
+    for key, value in values.items():
+        action = flag_names(parser).get(key)
+        if action is None or key == action.dest:
+            out[key] = value
+        elif action.nargs != 0:
+            out[action.dest] = value
+        elif not isinstance(value, bool):
+            raise ValueError(f"job config {source!r}: {key}: {value!r} is not true or false")
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            out[action.dest] = value != key.startswith("no_")
+        elif value:
+            out[action.dest] = action.const
+    return out
+
+
 def typed_values(parser: argparse.ArgumentParser, values: dict[str, Any], source: str) -> dict[str, Any]:
     """A job.yaml's values as its flags would take them (`limit: '3'` is 3); one the flag would refuse
     (`temperature: hot`, `resume: 'false'`, `stop: 5`) is a ValueError naming it."""
@@ -155,10 +182,13 @@ def merge_args(args: argparse.Namespace, defaults: dict[str, Any],
 
     from_file = load_job_config(getattr(args, "config", None))
     if parser is not None:
-        from_file = typed_values(parser, from_file, args.config)
+        from_file = typed_values(parser, by_destination(parser, from_file, args.config), args.config)
     unknown = set(from_file) - set(defaults)
     if unknown:
-        raise ValueError(f"unknown keys in {args.config!r}: {sorted(unknown)}")
+        known = sorted(set(defaults) | set(flag_names(parser))) if parser is not None else sorted(defaults)
+        hints = [f"{key} (did you mean {', '.join(close)}?)" if close else key
+                 for key in sorted(unknown) for close in [difflib.get_close_matches(key, known, 2)]]
+        raise ValueError(f"unknown keys in {args.config!r}: {', '.join(hints)}")
     merged = dict(defaults)
     merged.update(from_file)
     given = {k: v for k, v in vars(args).items() if v is not None and k in defaults}

@@ -262,3 +262,30 @@ def test_a_job_yamls_values_take_their_flags_forms(tmp_path):
     values = merge_args(parser.parse_args(["--config", str(tmp_path / "job.yaml")]), DEFAULTS, parser)
     assert (values["limit"], values["temperature"], values["early_stopping"]) == (3, 1.0, True)
     assert values["keep_columns"] == ["a", "b"] and values["storage_options"] == {"anon": True}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("step-timeout: 30\nfetch-timeout: 5", {"step_timeout_s": 30.0, "fetch_timeout_s": 5.0}),
+    ("choice: [A, B]", {"choices": ["A", "B"]}),
+    ("no-image-splitting: true\nno-compile: true", {"image_splitting": False, "compile_decode": False}),
+    ("compile: true\nimage_splitting: true", {"compile_decode": True, "image_splitting": True}),
+    ("no-image-splitting: false", {"image_splitting": True}),
+])
+def test_a_job_yamls_keys_may_be_spelled_as_the_flags(tmp_path, text, expected):
+    """`--config`'s help says "any of the flags above": flags whose setting has another name were refused
+    as unknown keys (step-timeout sets step_timeout_s, --choice appends to choices, --no-compile)."""
+    from jobs.caption import DEFAULTS, build_parser
+    from jobs.common import merge_args
+
+    (tmp_path / "job.yaml").write_text(text + "\n")
+    parser = build_parser()
+    values = merge_args(parser.parse_args(["--config", str(tmp_path / "job.yaml")]), DEFAULTS, parser)
+    assert {key: values[key] for key in expected} == expected
+
+
+def test_an_unknown_job_yaml_key_names_the_flags_it_may_mean(tmp_path, capsys):
+    from jobs.caption import main
+
+    (tmp_path / "job.yaml").write_text("step_timout: 30\n")
+    assert main(["--model", "m", "--config", str(tmp_path / "job.yaml"), "--output", str(tmp_path / "o")]) == 2
+    assert "unknown keys in" in (err := capsys.readouterr().err) and "did you mean step_timeout" in err
