@@ -24,6 +24,12 @@ OUTPUT_COLUMNS = ("id", "question", "answer", "finish_reason", "error", "num_pro
                   "samples_num_generated_tokens", "samples_logprob", "samples_json", "token_logprobs")
 
 
+def kept_name(column: str) -> str:
+    """The output's name of a kept input column: its own, or input_<name> where the output has a
+    column of that name (a dataset's `answer` or `question`, kept beside the run's)."""
+    return f"input_{column}" if column in OUTPUT_COLUMNS else column
+
+
 @dataclass
 class PipelineConfig:
     model: str                                  # HF-layout checkpoint folder (or hub id)
@@ -133,8 +139,12 @@ class PipelineConfig:
         self._check_token_settings()
         if isinstance(self.keep_columns, str):
             self.keep_columns = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
-        # Output columns are always there; keeping them again would duplicate them.
-        self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c not in OUTPUT_COLUMNS]
+        # The output's id is the input's; another output column's name is kept as input_<name>.
+        self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c != "id"]
+        clash = [c for c in self.keep_columns if kept_name(c) != c and kept_name(c) in self.keep_columns]
+        if clash:
+            raise ValueError(f"keep_columns {clash} would be written as {[kept_name(c) for c in clash]}, which are "
+                             "kept too (an input column named as an output column is kept as input_<name>)")
         positive = ["max_new_tokens", "samples", "num_beams", "tensor_parallel_size", "batch_size", "max_batch_size",
                     "rows_per_file", "fetch_threads", "fetch_attempts"]
         optional = ("replicas", "batches_in_flight", "cpu_workers", "image_longest_edge", "max_image_pixels",

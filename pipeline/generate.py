@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from .checkpoint import local_checkpoint
-from .config import SETTABLE, PipelineConfig
+from .config import SETTABLE, PipelineConfig, kept_name
 from .dedup import SharedAnswers, took_another_answer
 from .faults import crash_always_on, crash_once_on, hang_once_on
 from .groups import IMAGE_FIELDS, ungroup
@@ -355,7 +355,7 @@ class Generate:
 
     def to_table(self, batch: pa.Table, outputs: list[dict]) -> pa.Table:
         c = self.config
-        kept = [batch.schema.field(KEPT + name).with_name(name) for name in c.keep_columns]
+        kept = [batch.schema.field(KEPT + name).with_name(kept_name(name)) for name in c.keep_columns]
         several = c.samples > 1
         extra = ([LOGPROB] * (c.logprobs or c.score_column is not None) + [CHOICE_LOGPROBS] * c.choice_logprobs
                  + SAMPLES * several + [SAMPLES_LOGPROB] * (several and c.logprobs)
@@ -372,7 +372,7 @@ class Generate:
         if len(parsed) > 1:
             columns.append(parsed_lists([o["samples"] for o in outputs], [o["samples_finish_reason"] for o in outputs],
                                         parsed[0], parsed[1]))
-        columns += [batch.column(KEPT + f.name) for f in kept]
+        columns += [batch.column(KEPT + name) for name in c.keep_columns]
         return pa.Table.from_arrays(columns, schema=schema)
 
 

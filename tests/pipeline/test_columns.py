@@ -253,3 +253,22 @@ def test_columns_only_a_later_file_has_are_read_from_every_file(ray_cluster, che
     write_parquet(tmp_path / "ids" / "b.parquet", [{"id": "b0", "image": b"x"}])
     with pytest.raises(ValueError, match=r"1 rows have a null `id`"):
         prepare_job(str(tmp_path / "ids"), str(tmp_path / "out2"), config)
+
+
+def test_a_kept_column_named_as_an_output_column_is_kept_as_input_name(ray_cluster, checkpoint, tmp_path):
+    """--keep-columns answer (a dataset's ground truth) or question (the original, under
+    --prompt-template) were dropped without a word: the output has columns of those names."""
+    from pipeline import read_output, run_job
+
+    rows = [dict(r, answer=f"truth {i}", note=f"n{i}") for i, r in enumerate(good_rows(2))]
+    write_parquet(tmp_path / "in.parquet", rows)
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, prompt_template="About {note}: what is it?",
+                            keep_columns=["question", "answer", "note", "id"])
+    run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config)
+    out = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    for i, row in enumerate(rows):
+        kept = out[row["id"]]
+        assert (kept["input_question"], kept["input_answer"], kept["note"]) == (row["question"], f"truth {i}", f"n{i}")
+        assert kept["question"] == f"About n{i}: what is it?" and kept["answer"] != f"truth {i}"
+    with pytest.raises(ValueError, match=r"keep_columns \['answer'\] would be written as \['input_answer'\]"):
+        PipelineConfig(model="m", keep_columns=["answer", "input_answer"])
