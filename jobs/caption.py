@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "samples_finish_reason, samples_num_generated_tokens (and samples_logprob, samples_json); "
                          "the first sample is the row's answer, as without --samples (default 1)")
     ap.add_argument("--rows-per-file", type=int,
-                    help="output rows gathered into one Parquet file (default 1000; the last file holds the rest)")
+                    help="at least this many output rows a Parquet file, whole blocks gathered until they "
+                         "hold them (default 1000; the last file holds the rest)")
     ap.add_argument("--keep-columns", help="comma-separated input columns to copy to the output")
     ap.add_argument("--resume", action="store_true", default=None, help="skip ids already in --output")
     ap.add_argument("--retry-errors", nargs="?", const="", metavar="TEXT",

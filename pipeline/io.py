@@ -146,8 +146,8 @@ def read_column(footers: dict[str, pq.FileMetaData], field: pa.Field, uri: str,
 
 def write_rows(ds: ray.data.Dataset, uri: str, storage_options: dict | None = None,
                rows_per_file: int | None = None) -> None:
-    """Output rows as a folder of Parquet files. Finished blocks are gathered until they hold
-    `rows_per_file` rows (the last file holds the rest); None: a file per block, whose size is the
+    """Output rows as a folder of Parquet files. Finished blocks are gathered, whole, until they hold
+    at least `rows_per_file` rows (the last file holds the rest); None: a file per block, whose size is the
     model stage's batch (a million rows in 16-row batches would be 62 500 tiny files)."""
     filesystem, path = arrow_fs(uri, storage_options)
     ds.write_parquet(path, filesystem=filesystem, min_rows_per_file=rows_per_file)
