@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from evaluation.baseline import baseline_scores, changed_rows, compare
 from evaluation.metrics import METRICS
-from evaluation.report import (sample_rows, write_chart, write_gallery, write_metrics_json,
+from evaluation.report import (METRICS_FILE, sample_rows, write_chart, write_gallery, write_metrics_json,
                                write_report_md)
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
 from jobs.common import BAD_ARGUMENTS, add_run_flags, merge_args, print_error, print_rehearsal, run_flag_names
@@ -150,13 +150,26 @@ def choose_suffix(args: argparse.Namespace) -> str:
 
 
 def choose_metric(args: argparse.Namespace) -> str:
-    if args.metric:
-        return args.metric
+    """--metric, else the one an evaluation's own predictions were scored with, else the benchmark's."""
+    earlier = args.predictions and not args.input and earlier_metric(args.predictions, storage_options(args))
     name = benchmark_name(args)
-    if name:
-        return DATASET_METRICS[name]
+    if args.metric or earlier or name:
+        return args.metric or earlier or DATASET_METRICS[name]
     raise ValueError(f"cannot tell the benchmark from {args.input or args.predictions!r}: pass --metric "
                      f"({', '.join(METRICS)})")
+
+
+def earlier_metric(predictions: str, options: dict) -> str | None:
+    """The metric of the metrics.json beside an evaluation's predictions.parquet (scored again: the
+    README's second command), if there is one."""
+    from pipeline.storage import fsspec_fs
+
+    fs, path = fsspec_fs(predictions, options)
+    try:
+        metric = json.loads(fs.cat_file(f"{path.rsplit('/', 1)[0]}/{METRICS_FILE}"))["metric"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return metric if metric in METRICS else None
 
 
 def storage_options(args: argparse.Namespace) -> dict:

@@ -367,6 +367,19 @@ def test_an_evaluations_own_output_is_scored_again_and_compared_to_numbers(tmp_p
     assert table and all(line.endswith("|") for line in table) and "two lines" in (first / "report.md").read_text()
 
 
+def test_an_evaluations_own_output_is_scored_again_with_its_metric(tmp_path):
+    """The README's rescoring command without --metric: the metric is the one metrics.json beside the
+    predictions names (a path naming no benchmark was refused: "cannot tell the benchmark")."""
+    pq.write_table(pa.table({"id": ["a", "b"], "answer": ["3", "0"], "answers": [["3"], ["1"]]}), tmp_path / "p.parquet")
+    first, again = tmp_path / "mine", tmp_path / "again"
+    assert job.main(["--predictions", str(tmp_path / "p.parquet"), "--output", str(first), "--metric",
+                     "relaxed_accuracy"]) == 0
+    assert job.main(["--predictions", str(first / "predictions.parquet"), "--output", str(again)]) == 0
+    assert json.loads((again / "metrics.json").read_text())["metric"] == "relaxed_accuracy"
+    with pytest.raises(ValueError, match="cannot tell the benchmark"):
+        job.evaluate(job.parse_args(["--predictions", str(tmp_path / "p.parquet"), "--output", str(again)]))
+
+
 def test_a_benchmarks_files_of_answers_in_other_forms_are_one_line(tmp_path, capsys):
     (tmp_path / "bench").mkdir()
     pq.write_table(pa.table({"id": ["a"], "answers": ["x"]}), tmp_path / "bench" / "0.parquet")
