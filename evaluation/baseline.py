@@ -17,6 +17,10 @@ def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Tab
     ids = [str(i) for i in baseline.column("id").to_pylist()]
     check_unique_ids(ids, "the baseline's predictions")
     rows = dict(zip(ids, baseline.to_pylist()))
+    ours = [str(i) for i in scored.column("id").to_pylist()]
+    if rows and ours and rows.keys().isdisjoint(ours):
+        raise ValueError(f"the baseline's {len(rows)} predictions share no id with this run's {len(ours)} rows "
+                         f"(theirs like {ids[0]!r}, ours like {ours[0]!r}): not an evaluation of the same benchmark?")
     score = get_metric(metric)
     answers, scores = [], []
     for row in scored.select(["id", "answers"]).to_pylist():

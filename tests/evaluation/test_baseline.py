@@ -40,3 +40,11 @@ def test_baseline_rows_are_scored_with_this_runs_ground_truth():
                                       "better": 1, "worse": 0, "same": 0}
     with pytest.raises(ValueError, match="the baseline's predictions has duplicate ids"):
         baseline_scores(scored, pa.table({"id": ["a", "a"], "answer": ["x", "y"]}), "exact_match")
+
+
+def test_a_baseline_sharing_no_id_with_the_run_is_refused():
+    """It reported a delta of 0.0 between two scores of 0.0 over no rows (another benchmark's
+    predictions, or ids written as other values)."""
+    scored = score_rows(pa.table({"id": ["b0", "b1"], "answer": ["a", "b"], "answers": [["a"], ["b"]]}), "exact_match")
+    with pytest.raises(ValueError, match=r"share no id with this run's 2 rows \(theirs like '0', ours like 'b0'\)"):
+        baseline_scores(scored, pa.table({"id": [0, 1], "answer": ["a", "b"]}), "exact_match")
