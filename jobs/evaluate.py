@@ -214,7 +214,8 @@ def read_ground_truth(args: argparse.Namespace) -> pa.Table:
     flags = {"id": f"--id-column {args.id_column!r}", "answers": f"--answers-column {args.answers_column!r}"}
     for needed, flag in flags.items():
         if needed not in table.column_names:
-            raise ValueError(f"{args.input} has no {needed!r} column ({flag}); columns: {table.column_names}")
+            columns = parquet_dataset(args.input, storage_options(args)).schema.names     # all, not those read
+            raise ValueError(f"{args.input} has no {needed!r} column ({flag}); columns: {columns}")
     return table
 
 

@@ -416,3 +416,13 @@ def test_the_gallery_reads_images_named_relative_to_the_benchmark(tmp_path, monk
     assert job.main(["--predictions", str(tmp_path / "p.parquet"), "--input", str(tmp_path / "bench" / "bench.parquet"),
                      "--output", str(tmp_path / "o"), "--metric", "exact_match", "--gallery", "5"]) == 0
     assert (tmp_path / "o" / "gallery.html").read_text().count("data:image/jpeg;base64,") == 2
+
+
+def test_a_benchmark_without_its_ground_truth_column_lists_all_its_columns(tmp_path, capsys):
+    """MMStar keeps its truth in `answer`: the error listed only the columns it had read (id, question),
+    hiding the one to pass as --answers-column."""
+    pq.write_table(pa.table({"id": ["a"], "image": [b"x"], "question": ["q"], "answer": ["A"]}), tmp_path / "b.parquet")
+    pq.write_table(pa.table({"id": ["a"], "answer": ["A"]}), tmp_path / "p.parquet")
+    assert job.main(["--input", str(tmp_path / "b.parquet"), "--predictions", str(tmp_path / "p.parquet"),
+                     "--output", str(tmp_path / "o"), "--metric", "exact_match"]) == 2
+    assert "columns: ['id', 'image', 'question', 'answer']" in capsys.readouterr().err
