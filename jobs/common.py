@@ -281,10 +281,17 @@ def print_summary(summary: dict) -> bool:
     if summary.get("lost_rows_answered_again"):
         print(f"{summary['lost_rows_answered_again']} rows whose output file was lost since the earlier run "
               "were answered again")
-    whole = not summary["missing_rows"] and not summary["duplicate_rows"]
-    if not whole:
-        print(f"error: the output does not hold every input row once: {summary['missing_rows']} input rows have "
-              f"no output row, {summary['duplicate_rows']} output rows repeat an id (run again with --resume "
-              "to answer the missing ones)", file=sys.stderr)
+    problem = incomplete_output(summary, "input rows")
+    if problem:
+        print(f"error: the output does not hold every input row once: {problem}", file=sys.stderr)
     print(json.dumps(summary))
-    return whole
+    return problem is None
+
+
+def incomplete_output(summary: dict, rows: str) -> str | None:
+    """What is wrong with an output that does not hold each of the `rows` once, and what to do."""
+    missing, repeated = summary["missing_rows"], summary["duplicate_rows"]
+    said = [f"{missing} {rows} have no output row (run again with --resume to answer them)"] * bool(missing)
+    said += [f"{repeated} output rows repeat an id (files of another run or copies in the output folder? "
+             "--resume does not remove them)"] * bool(repeated)
+    return "; ".join(said) or None

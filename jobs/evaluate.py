@@ -423,10 +423,9 @@ def artefact_folder(output: str, options: dict) -> Iterator[Path]:
 
 def unanswered(run: dict | None) -> str | None:
     """What the report and the exit status say of a model run whose output lacks rows."""
-    if not run or not (run["missing_rows"] or run["duplicate_rows"]):
-        return None
-    return (f"{run['missing_rows']} benchmark rows have no answer, {run['duplicate_rows']} answers repeat an id "
-            "(run again with --resume to answer the missing ones)")
+    from jobs.common import incomplete_output
+
+    return incomplete_output(run, "benchmark rows") if run else None
 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:

@@ -289,7 +289,10 @@ def test_a_model_run_that_left_rows_unanswered_is_said():
     assert job.unanswered(None) is None                                  # --predictions: no model run
     assert job.unanswered({"missing_rows": 0, "duplicate_rows": 0}) is None
     said = job.unanswered({"missing_rows": 3, "duplicate_rows": 1})
-    assert said.startswith("3 benchmark rows have no answer, 1 answers repeat an id") and "--resume" in said
+    assert said.startswith("3 benchmark rows have no output row (run again with --resume to answer them); "
+                           "1 output rows repeat an id")
+    said = job.unanswered({"missing_rows": 0, "duplicate_rows": 2})       # no advice to resume: it would not help
+    assert said.startswith("2 output rows repeat an id") and "--resume does not remove them" in said
 
 
 def test_a_baseline_run_is_compared_row_by_row(tmp_path, capsys):
