@@ -28,13 +28,28 @@ def input_paths(uri: str, storage_options: dict | None = None) -> list[str] | st
     fs, path = fsspec_fs(uri, storage_options)
     with reading_input(uri):
         if is_glob(uri, path):
-            found = sorted(p for p in fs.glob(path) if p.endswith(".parquet"))
+            found = sorted(p for p in visible_matches(fs.glob(path), path) if p.endswith(".parquet"))
             if not found:
                 raise FileNotFoundError(f"no Parquet file matches {uri!r}")
             return found
         if not fs.exists(path):
             raise FileNotFoundError(f"input {uri!r} does not exist")
     return path
+
+
+def glob_root(pattern: str) -> str:
+    """The folder a glob's fixed part names (`data/**/*.parquet`: data)."""
+    return posixpath.dirname(pattern[:min(pattern.index(c) for c in "*?[" if c in pattern)])
+
+
+def visible_matches(paths: list[str], pattern: str) -> list[str]:
+    """A glob's matches but those with a part below its fixed folder starting with "." or "_"
+    (`.ipynb_checkpoints/`, `_temporary/`), as a folder's listing leaves them out, unless the
+    pattern itself names such a part."""
+    root = glob_root(pattern)
+    if any(part.startswith((".", "_")) for part in pattern[len(root):].split("/")):
+        return paths
+    return [p for p in paths if not any(part.startswith((".", "_")) for part in p[len(root):].split("/"))]
 
 
 @contextmanager
@@ -55,7 +70,7 @@ def input_folder(uri: str, storage_options: dict | None = None) -> str:
     image paths relative to the dataset are read from."""
     fs, path = fsspec_fs(uri, storage_options)
     if is_glob(uri, path):
-        path = posixpath.dirname(path[:min(path.index(c) for c in "*?[" if c in path)])
+        path = glob_root(path)
     else:
         with reading_input(uri):
             if not fs.isdir(path):

@@ -272,3 +272,17 @@ def test_a_kept_column_named_as_an_output_column_is_kept_as_input_name(ray_clust
         assert kept["question"] == f"About n{i}: what is it?" and kept["answer"] != f"truth {i}"
     with pytest.raises(ValueError, match=r"keep_columns \['answer'\] would be written as \['input_answer'\]"):
         PipelineConfig(model="m", keep_columns=["answer", "input_answer"])
+
+
+def test_a_glob_leaves_out_hidden_paths_as_a_folder_does_unless_it_names_them(checkpoint, tmp_path):
+    """`nested/**/*.parquet` matched `.ipynb_checkpoints/x.parquet` (here cut short: the job was refused)."""
+    from pipeline.io import parquet_files
+
+    write_parquet(tmp_path / "in" / "a" / "part-0.parquet", good_rows(2))
+    (tmp_path / "in" / "a" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "in" / "a" / ".ipynb_checkpoints" / "part-0-checkpoint.parquet").write_bytes(b"PAR1 cut")
+    write_parquet(tmp_path / "in" / "_temporary" / "part-9.parquet", good_rows(2))
+    config = PipelineConfig(model=str(checkpoint))
+    assert prepare_job(str(tmp_path / "in" / "**" / "*.parquet"), str(tmp_path / "out"), config).input_rows == 2
+    named = parquet_files(str(tmp_path / "in" / "_temporary" / "*.parquet"))
+    assert [p.rsplit("/", 2)[-2:] for p in named] == [["_temporary", "part-9.parquet"]]
