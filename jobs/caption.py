@@ -215,7 +215,8 @@ def rehearse(source: str, output: str, config, values: dict) -> int:
     """--dry-run: the rehearsal's findings as JSON (jobs.common.print_rehearsal)."""
     from pipeline.dry_run import dry_run
 
-    return print_rehearsal(dry_run(source, output, config, rows=values["dry_run"], resume=bool(values["resume"])))
+    return print_rehearsal(dry_run(source, output, config, rows=values["dry_run"], resume=bool(values["resume"]),
+                                   overwrite=values["overwrite"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,10 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         config = pipeline_config(values)
         source = demo_path(values["input"], DEMO_INPUT, "input")
         output = values["output"] or str(DEMO_OUTPUT)
+        # the demo's own output starts over unless told to resume (as jobs.evaluate's demo does)
+        values["overwrite"] = values["output"] is None and not values["resume"]
         if values["dry_run"] is not None:
             return rehearse(source, output, config, values)
         job = prepare_job(source, output, config, resume=bool(values["resume"]), limit=values["limit"],
-                          retry_errors=values["retry_errors"])
+                          retry_errors=values["retry_errors"], overwrite=values["overwrite"])
         init_ray()      # only once the arguments are known good: a typo costs no cluster start
         summary = run_prepared(job)
     except BAD_ARGUMENTS as e:

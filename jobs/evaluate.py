@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", help="checkpoint folder, its URL (s3://..., copied once per node) or hub id")
     ap.add_argument("--adapter", help="a PEFT LoRA (or DoRA) adapter of --model: its folder or URL, merged "
                                       "into the weights as they load (a fine-tune published as an adapter)")
-    ap.add_argument("--output", help="folder for the artefacts (default: runs/evaluate-<dataset>)")
+    ap.add_argument("--output", help="folder for the artefacts (default: runs/evaluate-<dataset>; the demo's: "
+                                     "demo/output/evaluate)")
     ap.add_argument("--metric", choices=list(METRICS), help="default: the dataset's standard metric")
     ap.add_argument("--system-prompt", help="a system turn before every question (default: none)")
     ap.add_argument("--prompt-suffix", help="appended to every question (default: lmms-eval's instruction for "

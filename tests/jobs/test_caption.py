@@ -289,3 +289,20 @@ def test_an_unknown_job_yaml_key_names_the_flags_it_may_mean(tmp_path, capsys):
     (tmp_path / "job.yaml").write_text("step_timout: 30\n")
     assert main(["--model", "m", "--config", str(tmp_path / "job.yaml"), "--output", str(tmp_path / "o")]) == 2
     assert "unknown keys in" in (err := capsys.readouterr().err) and "did you mean step_timeout" in err
+
+
+def test_the_demo_run_again_starts_its_own_output_over(tmp_path, monkeypatch, capsys):
+    """`python -m jobs.caption` a second time (after `make demo`) was refused: its output held the
+    first run's files. Like jobs.evaluate's demo, it starts over unless told to resume."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import jobs.caption as job
+
+    demo_output = tmp_path / "captions"
+    demo_output.mkdir()
+    pq.write_table(pa.table({"id": ["x"], "answer": ["an earlier answer"]}), demo_output / "part-0.parquet")
+    monkeypatch.setattr(job, "DEMO_OUTPUT", demo_output)
+    assert job.main(["--dry-run", "1"]) == 0
+    assert job.main(["--dry-run", "1", "--output", str(demo_output)]) == 2      # an output of the user's: kept
+    assert "already holds" in capsys.readouterr().err
