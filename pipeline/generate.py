@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 CONSTRAINTS = {"choices", "regex", "json_schema"}
 GROUP_REBUILDS = 2            # per batch: a tensor-parallel group whose rank died is rebuilt this often
 PLACEMENT_TIMEOUT_S = 600.0   # an autoscaling cluster may need minutes to add a node that fits a replica
+BAD_WORD_LISTS = 4096        # per replica: the token ids of the last bad-word lists of rows, made once each
 
 
 def pick_device(config: PipelineConfig) -> str:
@@ -161,7 +162,7 @@ class Generate:
         self.engine = self.load()
         self.loop = EngineLoop(self.engine, stall_timeout_s=config.step_timeout_s) if tp == 1 else None
         self.recent_pixels: OrderedDict = OrderedDict()      # image key -> pixel values
-        self._bad_words: dict[tuple[str, ...], tuple[tuple[int, ...], ...]] = {}   # words -> their token ids
+        self._bad_words: OrderedDict[tuple[str, ...], tuple] = OrderedDict()   # words -> their token ids (LRU)
         self.ledger, self.gate = CrashLedger(ledger_path("generate")), Gate()
         self.shared, self.stats = SharedAnswers(), StatsReporter(stats)
         if tp > 1:
@@ -272,12 +273,14 @@ class Generate:
     def bad_word_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
         """The token sequences of bad words, as vLLM makes them: each word as written and after a
         space (how it is tokenized inside a sentence), each once."""
-        if words not in self._bad_words:
+        def spell() -> tuple[tuple[int, ...], ...]:
             encode = self.encoder.tokenizer.encode
             spelled = [encode(text, add_special_tokens=False) for word in words
                        for text in (word.strip(), " " + word.strip())]
-            self._bad_words[words] = tuple(dict.fromkeys(tuple(ids) for ids in spelled if ids))
-        return self._bad_words[words]
+            return tuple(dict.fromkeys(tuple(ids) for ids in spelled if ids))
+
+        # rows' own bad words (--sampling-column) may all differ: the recent lists, not every one
+        return reuse_recent(self._bad_words, words, spell, keep=BAD_WORD_LISTS)
 
     def scored_ids(self, text: str | None) -> list[int]:
         """The tokens of a text scored as the answer: after one space, as the model writes answers

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections import OrderedDict
-from typing import Callable, TypeVar
+from typing import Callable, Hashable, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -91,15 +91,15 @@ def output_schema(id_type: pa.DataType, kept: list[pa.Field], extra: list[pa.Fie
     return pa.schema([pa.field("id", id_type), *OUTPUT_SCHEMA, *extra, *kept])
 
 
-def reuse_recent(recent: OrderedDict, key: str | None, make: Callable[[], T]) -> T:
-    """`make()`, or what it gave for `key` among the RECENT_IMAGES last keys (rows about one image
-    come together in datasets of several questions an image). Key None: made, not kept."""
+def reuse_recent(recent: OrderedDict, key: Hashable | None, make: Callable[[], T], keep: int = RECENT_IMAGES) -> T:
+    """`make()`, or what it gave for `key` among the `keep` last keys (by default RECENT_IMAGES: rows
+    about one image come together in datasets of several questions an image). Key None: made, not kept."""
     if key is not None and key in recent:
         recent.move_to_end(key)
         return recent[key]
     value = make()
     if key is not None:
         recent[key] = value
-        if len(recent) > RECENT_IMAGES:
+        if len(recent) > keep:
             recent.popitem(last=False)
     return value

@@ -10,7 +10,7 @@ from tests.pipeline.helpers import good_rows
 from tests.pipeline.test_row_settings import answered
 
 
-def test_answers_avoid_the_words_as_the_reference(checkpoint, oracle):
+def test_answers_avoid_the_words_as_the_reference(checkpoint, oracle, monkeypatch):
     rows = good_rows(4)
     plain = [oracle.answer(r["image"], r["question"] or PipelineConfig.prompt, 12) for r in rows]
     words = sorted({text[:1] for text, _ in plain})        # the tiny model's answers repeat a character
@@ -26,6 +26,10 @@ def test_answers_avoid_the_words_as_the_reference(checkpoint, oracle):
     for r in rows:
         answer = tokenize(" " + out[r["id"]]["answer"], add_special_tokens=False)
         assert not any(tuple(answer[i:i + len(w)]) == w for w in ids for i in range(len(answer)))
+    monkeypatch.setattr("pipeline.generate.BAD_WORD_LISTS", 3)     # rows' own lists: the recent ones kept
+    for k in range(10):
+        stage.bad_word_ids((f"w{k}",))
+    assert len(stage._bad_words) == 3 and stage.bad_word_ids(tuple(words)) == ids
 
 
 def test_a_row_names_its_own_words_and_stops_one_text_alone(checkpoint):
