@@ -159,7 +159,7 @@ class Generate:
                                                   **config.image_settings())
         tp = config.tensor_parallel_size
         self.placement = replica_placement_group(self.rank, tp) if tp > 1 else None
-        self.engine = self.load()
+        self.engine = self.load() if tp == 1 else self.load_group()
         self.loop = EngineLoop(self.engine, stall_timeout_s=config.step_timeout_s) if tp == 1 else None
         self.recent_pixels: OrderedDict = OrderedDict()      # image key -> pixel values
         self._bad_words: OrderedDict[tuple[str, ...], tuple] = OrderedDict()   # words -> their token ids (LRU)
@@ -170,6 +170,18 @@ class Generate:
 
     def load(self):
         return load_engine(self.config, self.device, self.encoder.tokenizer, self.rank, self.placement, self.folder)
+
+    def load_group(self):
+        """A tensor-parallel group, built again where a rank dies while it starts (GROUP_REBUILDS times)."""
+        from model.parallel.ray_group import TPGroupBroken
+
+        for attempt in range(GROUP_REBUILDS + 1):
+            try:
+                return self.load()
+            except TPGroupBroken as e:
+                if attempt == GROUP_REBUILDS:
+                    raise
+                log.warning("replica: %s; building its tensor-parallel group again (attempt %d)", e, attempt + 2)
 
     async def __call__(self, groups: pa.Table) -> pa.Table:
         batch, group_of = ungroup(groups)
@@ -316,14 +328,15 @@ class Generate:
 
         error = None
         for attempt in range(GROUP_REBUILDS + 1):
-            if self.engine is None:
-                self.engine = self.load()
-            group = self.engine
+            group = None
             try:
+                if self.engine is None:
+                    self.engine = self.load()       # a rank may die as the new group starts, too
+                group = self.engine
                 return await group.answer(requests)
             except TPGroupBroken as e:
                 log.warning("replica: %s; rebuilding its tensor-parallel group (attempt %d)", e, attempt + 1)
-                if self.engine is group:
+                if group is not None and self.engine is group:
                     group.close()
                     self.engine = None
                 error = e

@@ -201,18 +201,20 @@ class EngineLoop:
 
     def _run_alone(self, submission: Submission, key) -> None:
         """The request alone in the engine, step by step (each step watched like any other)."""
+        outcome: object = RuntimeError("the engine dropped the request unanswered")
         try:
             with self._watched():
                 self.engine.add_requests([submission.requests[key]])
             finished = []
             while not finished and self.engine.has_unfinished():
                 finished = self._step()
-            outcome = finished[0] if finished else RuntimeError("the engine dropped the request unanswered")
+            outcome = finished[0] if finished else outcome
         except Exception as e:
-            self._check_device(e)       # a device lost now is not this row's doing
-            self._abort()
             outcome = e
-        submission.settle(key, outcome)
+            self._check_device(e)       # a device lost now is not this row's doing
+            self._abort()               # may fail too (a tensor-parallel group a rank left): _serve's to handle
+        finally:
+            submission.settle(key, outcome)     # popped from the suspects: nothing else would
 
 
 def own_ids(result, request_id: str):

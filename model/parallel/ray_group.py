@@ -66,13 +66,34 @@ class RayTPGroup:
         return options
 
     def _start(self, ray, timeout_s: float) -> None:
-        hosts = ray.get([w.hostname.remote() for w in self.workers])
-        if len(set(hosts)) != 1:
-            raise RuntimeError(f"the ranks of one tensor-parallel replica landed on several nodes {sorted(set(hosts))}: "
-                               f"place them with a STRICT_PACK placement group")
-        addr, port = ray.get(self.workers[0].rendezvous_address.remote())
-        ray.get([w.setup.remote(addr, port, timeout_s) for w in self.workers])
+        """Raises TPGroupBroken where a rank dies while the group starts: the caller may build another
+        (as it does for a rank lost later); a load that fails on a rank is that rank's error."""
+        try:
+            hosts = ray.get([w.hostname.remote() for w in self.workers])
+            if len(set(hosts)) != 1:
+                raise RuntimeError(f"the ranks of one tensor-parallel replica landed on several nodes "
+                                   f"{sorted(set(hosts))}: place them with a STRICT_PACK placement group")
+            addr, port = ray.get(self.workers[0].rendezvous_address.remote())
+            ray.get([w.setup.remote(addr, port, timeout_s) for w in self.workers])
+        except Exception as e:      # the survivors' collectives fail too: which error comes first varies
+            dead = self._dead_ranks(ray)
+            if not dead:
+                raise
+            self.broken = f"rank {dead[0]} died while the group started: {type(e).__name__}: {e}"
+            raise TPGroupBroken(self.broken) from e
         self.follow_refs = [w.follow.remote() for w in self.workers[1:]]
+
+    def _dead_ranks(self, ray, wait_s: float = 10.0) -> list[int]:
+        """The ranks whose actor has died (one still busy is taken as alive)."""
+        dead = []
+        for rank, worker in enumerate(self.workers):
+            try:
+                ray.get(worker.hostname.remote(), timeout=wait_s)
+            except ray.exceptions.RayActorError:
+                dead.append(rank)
+            except ray.exceptions.GetTimeoutError:
+                pass
+        return dead
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """Rank 0's answers. Raises TPGroupBroken when a rank has died (before or during the call);

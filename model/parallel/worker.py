@@ -29,7 +29,7 @@ from ..engine import Request, Result, SamplingParams
 from ..engine.loop import EngineLoop
 from ..loading import DEVICE_DTYPE, common_dtype, compute_dtype
 from .engine import Comm, ShardEngine
-from .faults import fail_once_on
+from .faults import SETUP, fail_once_at, fail_once_on
 from .layers import TPContext
 from .loading import load_shard
 from .shard import sharded_fraction
@@ -99,6 +99,7 @@ class TPWorker:
         master_addr None: rendezvous through the environment (torchrun's store). Raises on every rank
         if any rank failed to load."""
         tp = self._join(master_addr, master_port, timeout_s)
+        fail_once_at(self.rank, {SETUP})
         dtype, error = self._group_dtype(), None
         try:
             device = rank_device(self.device_type, self.rank)

@@ -337,3 +337,31 @@ def test_a_request_a_set_kv_budget_cannot_hold_is_refused_when_added(setup):
         engine.add_requests([big])
     results = engine.generate(requests[1:3])
     assert [r.token_ids for r in results] == [expected[r.request_id] for r in requests[1:3]]
+
+
+def test_a_row_run_alone_whose_abort_fails_too_is_still_answered(setup, monkeypatch):
+    """A step fails for a row's reason, so its rows run alone; then the engine breaks (a tensor-
+    parallel group whose rank died: every broadcast raises, abort too). The row being run alone was
+    left unsettled and its batch's future never completed."""
+    ours, requests, _, _, _ = setup
+    engine = LLMEngine(ours, max_batch_size=4)
+    broken = RuntimeError("Connection reset by peer: rank 1 died")
+
+    aborts = []
+
+    def abort():                    # the abort after the failed step works; the group breaks after it
+        aborts.append(1)
+        if len(aborts) > 1:
+            raise broken
+        real_abort()
+
+    def first_step_fails():
+        monkeypatch.setattr(engine, "add_requests", lambda _: (_ for _ in ()).throw(broken))
+        raise ValueError("a row's own failure")
+
+    real_abort = engine.abort
+    monkeypatch.setattr(engine, "step", first_step_fails)
+    monkeypatch.setattr(engine, "abort", abort)
+    outcomes = EngineLoop(engine).submit(_keyed(requests[:2])).result(timeout=30)
+    assert set(outcomes) == {r.request_id for r in requests[:2]}
+    assert all(isinstance(o, RuntimeError) and "rank 1 died" in str(o) for o in outcomes.values())

@@ -1,12 +1,12 @@
-"""A rank of a tensor-parallel replica dies mid-job (a real process death, through the worker's
-TP_RANK_CRASH_ONCE hook), and later another stops answering (TP_RANK_HANG_ONCE: rank 0's step waits
+"""A rank of a tensor-parallel replica dies as its group starts, then mid-job (a real process death,
+through the worker's TP_RANK_CRASH_ONCE hook), and later another stops answering (TP_RANK_HANG_ONCE: rank 0's step waits
 in a collective until its watchdog ends rank 0): each time the replica rebuilds its group in its own
 placement group and retries the batch, so every id comes out once with the same answers as
 tensor_parallel_size 1."""
 import pytest
 from ray.util import placement_group_table
 
-from model.parallel.faults import RANK_CRASH_ONCE_ENV, RANK_HANG_ONCE_ENV
+from model.parallel.faults import RANK_CRASH_ONCE_ENV, RANK_HANG_ONCE_ENV, SETUP
 from pipeline import PipelineConfig, read_output, run_job
 from tests.fixtures.checkpoints import build_checkpoint
 from tests.pipeline.helpers import good_rows, ray_with_fault, write_parquet
@@ -18,8 +18,10 @@ HANG_ROW = "row-4"    # in the third
 @pytest.fixture(scope="module")
 def rank_crash_cluster(tmp_path_factory):
     crashed, hung = tmp_path_factory.mktemp("rank-crash") / "crashed", tmp_path_factory.mktemp("rank-hang") / "hung"
-    with ray_with_fault({RANK_CRASH_ONCE_ENV: f"1:{CRASH_ROW}={crashed}", RANK_HANG_ONCE_ENV: f"1:{HANG_ROW}={hung}"}):
-        yield crashed, hung
+    started = tmp_path_factory.mktemp("rank-start") / "died"      # rank 1 dies as the first group starts too
+    with ray_with_fault({RANK_CRASH_ONCE_ENV: f"1:{CRASH_ROW}={crashed};1:{SETUP}={started}",
+                         RANK_HANG_ONCE_ENV: f"1:{HANG_ROW}={hung}"}):
+        yield crashed, hung, started
 
 
 def answers(checkpoint, source, out, tp: int) -> list[tuple]:
@@ -36,6 +38,7 @@ def test_dead_rank_group_is_rebuilt_and_its_batch_retried(rank_crash_cluster, tm
     tp2 = answers(checkpoint, tmp_path / "in.parquet", tmp_path / "out2", 2)
     assert rank_crash_cluster[0].exists(), "rank 1 never received the row that kills it"
     assert rank_crash_cluster[1].exists(), "rank 1 never received the row that hangs it"
+    assert rank_crash_cluster[2].exists(), "rank 1 never died as its group started"     # the job failed so
     assert [r[0] for r in tp2] == [f"row-{i}" for i in range(6)]
     assert all(r[2] == "length" and r[3] is None for r in tp2), tp2
     groups = [(len(g["bundles"]), g["state"]) for g in placement_group_table().values()]
