@@ -34,7 +34,6 @@ _HUGE_PRINTF = re.compile(r"%(\([^)]*\))?[-#0 +]*(\*|\d{8,}|\d*\.(\*|\d{8,}))")
 _HUGE_FORMAT = re.compile(r"\{[^{}]*:[^{}]*(\{|\d{8,})")
 
 
-
 def check_size(size: int, what: str, limit: int = MAX_ITEMS, unit: str = "items") -> None:
     if size > limit:
         raise ChatTemplateError(f"chat template: {what} would make {size} {unit}; the limit is {limit}")
