@@ -151,10 +151,18 @@ def read_generation_config(folder: Path) -> dict:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
+HUB_ARGUMENTS = {"revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "etag_timeout"}
+# transformers' arguments that change nothing here (one attention implementation; safetensors only)
+IGNORED_ARGUMENTS = {"attn_implementation", "low_cpu_mem_usage", "trust_remote_code", "use_safetensors"}
+
+
 def load_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, adapter: str | Path | None = None,
-                    **hub_kwargs) -> nn.Module:
-    """`adapter`: a PEFT LoRA adapter folder of this checkpoint, merged as the weights load (model.lora)."""
+                    **kwargs) -> nn.Module:
+    """`adapter`: a PEFT LoRA adapter folder of this checkpoint, merged as the weights load (model.lora).
+    transformers' `torch_dtype` and a one-device `device_map` are read as dtype and device; the hub's
+    download arguments pass to it; any other keyword is a TypeError (a typo was silently a float32 model)."""
+    dtype, device, hub_kwargs = _transformers_arguments(dtype, device, kwargs)
     lora = None if adapter is None else LoraAdapter.from_pretrained(adapter)
     folder = resolve_checkpoint_dir(path_or_id, **hub_kwargs)
     config = Idefics3Config.from_pretrained(folder)
@@ -169,6 +177,33 @@ def load_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | str | None
     model.config.dtype = str(target_dtype).replace("torch.", "")
     model.generation_config = read_generation_config(folder)
     return model.eval()
+
+
+def _transformers_arguments(dtype, device, kwargs: dict) -> tuple:
+    """(dtype, device, the hub's arguments) of from_pretrained's keywords, as transformers reads them."""
+    kwargs = dict(kwargs)
+    torch_dtype, device_map = kwargs.pop("torch_dtype", None), kwargs.pop("device_map", None)
+    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: pass one")
+    if device_map is not None and not isinstance(device_map, (str, torch.device, int)):
+        raise TypeError(f"device_map={device_map!r}: a model here lives on one device; pass it (device='cuda:0')")
+    if device_map is not None and device is not None and torch.device(device) != _one_device(device_map):
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree: pass one")
+    ignored = sorted(IGNORED_ARGUMENTS & kwargs.keys())
+    if ignored:
+        log.warning("from_pretrained: %s change nothing here (ignored)", ", ".join(ignored))
+    unknown = sorted(kwargs.keys() - IGNORED_ARGUMENTS - HUB_ARGUMENTS)
+    if unknown:
+        raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}")
+    device = device if device is not None or device_map is None else _one_device(device_map)
+    return dtype if dtype is not None else torch_dtype, device, {k: v for k, v in kwargs.items() if k in HUB_ARGUMENTS}
+
+
+def _one_device(device_map) -> torch.device:
+    """transformers' device_map naming one device ("auto": the GPU where there is one)."""
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device_map)
 
 
 def save_pretrained(model: nn.Module, path: str | Path) -> Path:

@@ -25,6 +25,7 @@ from .geometry import number_of_image_patches, plan_image
 from .images import fetch_images, is_tensor, nest_images, prepare_for_pil, prepare_for_torch
 from .pixels import lut_apply_torch, lut_for, lut_into_numpy, normalise_pil, normalise_torch
 from .resample import pil_resize, pil_to_chw, resample_id, torch_resize
+from .tokenizer import BatchEncoding
 
 if TYPE_CHECKING:
     import torch
@@ -39,17 +40,9 @@ CALL_ONLY = ("return_tensors", "input_data_format", "device")
 PROCESSOR_CONFIG, IMAGE_PROCESSOR_CONFIG = "processor_config.json", "preprocessor_config.json"
 
 
-class BatchFeature(dict):
-    """A dict whose keys are also attributes (`out.pixel_values`), like the reference's BatchFeature."""
-
-    def __getattr__(self, name: str):
-        try:
-            return self[name]
-        except KeyError as e:
-            raise AttributeError(name) from e
-
-    def to(self, device: str | torch.device) -> "BatchFeature":
-        return BatchFeature({k: v.to(device) if is_tensor(v) else v for k, v in self.items()})
+class BatchFeature(BatchEncoding):
+    """A dict whose keys are also attributes (`out.pixel_values`) and `.to(device, dtype)`, like the
+    reference's BatchFeature."""
 
 
 def _size_dict(size: Any, name: str) -> dict:

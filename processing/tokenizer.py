@@ -45,15 +45,22 @@ class BatchEncoding(dict):
             raise AttributeError(name) from None
 
     def to(self, *args, **kwargs) -> "BatchEncoding":
-        # Only floating tensors take a dtype; ids and masks keep their integer type.
+        """The tensors on a device (`to("cuda")`, `to(device=...)`) and the floating ones in a dtype
+        (`to(torch.bfloat16)`, `to("cuda", torch.bfloat16)`, `dtype=`): ids and masks keep their
+        integer type, as the reference's BatchFeature does."""
         import torch
         dtype = kwargs.pop("dtype", None)
-        out = BatchEncoding()
+        device = kwargs.pop("device", None)
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = arg
+        out = type(self)()
         for key, value in self.items():
             if isinstance(value, torch.Tensor):
-                value = value.to(*args, **kwargs)
-                if dtype is not None and value.is_floating_point():
-                    value = value.to(dtype)
+                value = value.to(device, **kwargs) if device is not None else value
+                value = value.to(dtype) if dtype is not None and value.is_floating_point() else value
             out[key] = value
         return out
 

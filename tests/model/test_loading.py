@@ -153,3 +153,18 @@ def test_hub_id_resolves_through_offline_cache(checkpoint, tmp_path):
     model = Idefics3ForConditionalGeneration.from_pretrained("acme/tiny-idefics3", cache_dir=tmp_path / "hub")
     local = Idefics3ForConditionalGeneration.from_pretrained(checkpoint("odd"))
     assert torch.equal(model.lm_head.weight, local.lm_head.weight)
+
+
+def test_transformers_loading_keywords_are_read_or_refused(checkpoint, caplog):
+    """torch_dtype and device_map were swallowed (a float32 model where bfloat16 was asked), and a
+    misspelt keyword too: transformers' names are read as ours, others are a TypeError."""
+    folder = checkpoint("smolvlm")
+    assert Idefics3ForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    on_cpu = Idefics3ForConditionalGeneration.from_pretrained(folder, device_map="cpu", attn_implementation="sdpa")
+    assert on_cpu.device == torch.device("cpu") and "attn_implementation change nothing here" in caplog.text
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['dtpye'\]"):
+        Idefics3ForConditionalGeneration.from_pretrained(folder, dtpye=torch.float16)
+    with pytest.raises(TypeError, match="lives on one device"):
+        Idefics3ForConditionalGeneration.from_pretrained(folder, device_map={"": 0, "lm_head": 1})
+    with pytest.raises(ValueError, match="disagree"):
+        Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, torch_dtype=torch.bfloat16)

@@ -298,3 +298,17 @@ def test_image_paths_are_loaded_like_the_reference(pair, tmp_path):
     _img(50, 30, mode="RGBA").save(path)
     kwargs = dict(text=["<image>hi", "<image>"], images=[str(path), _img(20, 20)], padding=True, return_tensors="pt")
     assert_same(ref(**kwargs), ours(**kwargs))
+
+
+@pytest.mark.parametrize("args, kwargs", [(("cpu", torch.bfloat16), {}), ((torch.bfloat16,), {}),
+                                          ((), {"device": "cpu", "dtype": torch.float16}), (("cpu",), {})])
+def test_outputs_move_and_cast_as_the_references(pair, args, kwargs):
+    """`.to("cpu", torch.bfloat16)`: a positional dtype cast the ids and masks too (generate then
+    failed in the embedding), and the image processor's outputs took a device only."""
+    ref, ours = pair
+    text, images = ["<image>What is it?"], [[_img(40, 30)]]
+    ref_out = ref(text=text, images=images, return_tensors="pt").to(*args, **kwargs)
+    our_out = ours(text=text, images=images, return_tensors="pt").to(*args, **kwargs)
+    assert {k: v.dtype for k, v in our_out.items()} == {k: v.dtype for k, v in ref_out.items()}
+    pixels = ours.image_processor(images, return_tensors="pt").to(*args, **kwargs)
+    assert {k: v.dtype for k, v in pixels.items()} == {k: v.dtype for k, v in ref_out.items() if k in pixels}
