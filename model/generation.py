@@ -6,7 +6,8 @@ per row, rows stopped by an eos id (then padded with pad_token_id), prompt + new
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,15 +36,38 @@ class GenerateOutput:
     logits: tuple[Tensor, ...] | None = None
     sequences_scores: Tensor | None = None
     beam_indices: Tensor | None = None
+    attentions: None = None         # transformers' fields never given here (output_attentions is refused,
+    hidden_states: None = None      # the cache is the engine's own): None, as theirs when not asked for
+    cache: None = None
+
+    @property
+    def past_key_values(self) -> None:      # transformers' older name of `cache`
+        return self.cache
 
     def __getitem__(self, key: str | int):
         return self.to_tuple()[key] if isinstance(key, int) else getattr(self, key)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
     def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        """The fields given, in transformers' order (its beam search output's puts sequences_scores second)."""
+        order = BEAM_FIELDS if self.beam_indices is not None else DECODER_FIELDS
+        return [name for name in order if getattr(self, name) is not None]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(name, getattr(self, name)) for name in self.keys()]
 
     def to_tuple(self) -> tuple:
         return tuple(getattr(self, name) for name in self.keys())
+
+
+DECODER_FIELDS = ("sequences", "scores", "logits", "attentions", "hidden_states", "cache")
+BEAM_FIELDS = ("sequences", "sequences_scores", "scores", "logits", "beam_indices", "attentions", "hidden_states",
+               "cache")
 
 
 def transition_scores(sequences: Tensor, scores: tuple[Tensor, ...], beam_indices: Tensor | None = None,

@@ -102,6 +102,21 @@ def test_beam_outputs_are_the_references(pair, setting):
     assert torch.equal(brief.beam_indices, got.beam_indices)
 
 
+@pytest.mark.parametrize("beams", [1, 2])
+def test_output_has_the_references_fields_in_its_order(pair, beams):
+    """attentions / hidden_states / cache were missing (AttributeError), `in` was always
+    False, and a beam search output put scores, not sequences_scores, second."""
+    path, ours, ref = pair
+    inputs = mixed_batch(path, counts=(1, 0))
+    kwargs = dict(max_new_tokens=3, num_beams=beams, do_sample=False, **DICT)
+    got, expected = ours.generate(**inputs, **kwargs), ref.generate(**inputs, **kwargs)
+    assert list(got.keys()) == [k for k in expected.keys() if k != "cache"]      # its cache is not ours to give
+    assert got.attentions is got.hidden_states is got.cache is got.past_key_values is None
+    assert "scores" in got and "attentions" not in got and list(got) == list(got.keys())
+    assert torch.equal(got[0], expected[0]) and type(got[1]) is type(expected[1]) and len(got[1]) == len(expected[1])
+    assert dict(got).keys() == dict(got.items()).keys()
+
+
 def test_output_reads_by_key_and_position(pair):
     path, ours, _ = pair
     inputs = mixed_batch(path, counts=(1, 0))
