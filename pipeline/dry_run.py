@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from .config import SETTABLE, TOKEN_SETTINGS, PipelineConfig
 from .groups import ungroup
-from .io import input_dataset
+from .io import head_rows, input_dataset
 from .job import check_job
 from .rows import ROW_HASH, error_kind, rename_columns
 from .storage import redact_url
@@ -24,7 +24,7 @@ EXAMPLES_SHOWN = 5
 def first_rows(input_uri: str, columns: list[str], schema: pa.Schema, n: int, options: dict | None) -> pa.Table:
     """The input's first n rows, the run's columns in the types it reads them as; a row hash stands
     in for missing ids, as Ray Data's does in a run."""
-    table = input_dataset(input_uri, options).head(n, columns=columns)
+    table = head_rows(input_dataset(input_uri, options), n, columns)
     types = [schema.field(name) if name in schema.names else table.schema.field(name) for name in table.column_names]
     table = table.cast(pa.schema(types))
     return table.append_column(ROW_HASH, pa.array([f"row {i}" for i in range(table.num_rows)], pa.string()))

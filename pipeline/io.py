@@ -168,6 +168,13 @@ def write_rows(ds: ray.data.Dataset, uri: str, storage_options: dict | None = No
     ds.write_parquet(path, filesystem=filesystem, min_rows_per_file=rows_per_file)
 
 
+def head_rows(dataset: pads.Dataset, rows: int, columns: list[str] | None = None) -> pa.Table:
+    """The dataset's first rows, scanned on this thread: a threaded scan stopped early leaves reads in
+    flight on Arrow's threads, which call into an fsspec filesystem's Python code (S3's) while the
+    interpreter exits, and abort it (exit 134 after a finished run)."""
+    return dataset.head(rows, columns=columns, use_threads=False)
+
+
 def read_output(uri: str, storage_options: dict | None = None, columns: list[str] | None = None,
                 limit: int | None = None) -> pa.Table | None:
     """The output folder as one Arrow table (driver side: summaries, resume, tests; read_files), or
@@ -178,7 +185,7 @@ def read_output(uri: str, storage_options: dict | None = None, columns: list[str
             dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
         except (FileNotFoundError, OSError):
             return None
-        return dataset.head(limit, columns=columns) if dataset.files else None
+        return head_rows(dataset, limit, columns) if dataset.files else None
     try:
         files = parquet_files(uri, storage_options)
     except FileNotFoundError:

@@ -360,3 +360,23 @@ def test_a_checkpoint_rewritten_at_the_same_size_is_another_and_an_older_manifes
     assert checkpoint_fingerprint(url) != before
     with pytest.raises(ValueError, match="the checkpoint's files"):
         keep_run_settings(str(tmp_path / "out"), config, resume=True, storage_options=None)
+
+
+def test_a_process_that_read_the_first_rows_of_files_on_s3_exits_cleanly(s3, tmp_path):
+    """The first rows of an output (the job's printed rows) or an input (--dry-run) of several files
+    on S3: a threaded scan stopped early left reads in flight on Arrow's threads, calling into s3fs as
+    the interpreter exited, which aborted it (exit 134 after a finished job)."""
+    import subprocess
+    import sys
+
+    for i in range(12):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"id": [f"{i}-{j}" for j in range(10)], "image": [b"x"] * 10}), buf)
+        s3.pipe(f"bucket/many/part-{i:02d}.parquet", buf.getvalue())
+    script = ("from pipeline.io import input_dataset, head_rows, read_output\n"
+              "print(read_output('s3://bucket/many', limit=5).num_rows,"
+              " head_rows(input_dataset('s3://bucket/many'), 3, ['id']).num_rows)\n")
+    repo = Path(__file__).resolve().parents[2]
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120)
+        assert (done.returncode, done.stdout.split()) == (0, ["5", "3"]), done.stderr[-2000:]
