@@ -13,8 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, add_run_flags, demo_path, init_ray,
-                         json_option, merge_args, print_error, print_rehearsal, print_summary)
+from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, Interrupted, add_run_flags, demo_path,
+                         init_ray, interrupted, json_option, merge_args, print_error, print_rehearsal, print_summary,
+                         stop_on_signals)
 
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
@@ -222,6 +223,7 @@ def rehearse(source: str, output: str, config, values: dict) -> int:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.job import prepare_job, run_prepared
 
+    stop_on_signals()
     try:
         parser = build_parser()
         values = merge_args(parser.parse_args(argv), DEFAULTS, parser)
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     except BAD_ARGUMENTS as e:
         print_error(e)
         return 2
+    except (KeyboardInterrupt, Interrupted) as e:
+        return interrupted(e, "the answers written are kept; the same command with --resume answers the rest")
     print_rows(output, config.storage_options, values["show"])
     return 0 if print_summary(summary) else 1
 

@@ -5,7 +5,9 @@ import argparse
 import difflib
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +228,39 @@ LOCAL_MIN_CPUS = 4
 FOOTER_ACTORS_VAR = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 
 
+class Interrupted(BaseException):
+    """A stop asked of the job by a signal (not an Exception: nothing that handles a row's failure
+    takes it for one)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (a scheduler's stop, `timeout`) and SIGHUP (a closed terminal) end the job as Ctrl-C
+    does: the clean-up runs (placement groups, ledgers) and the job says it was stopped. Installed
+    again after ray.init, whose own SIGTERM handler exits without a word."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _raise_interrupted)
+
+
+def interrupted(error: BaseException, then: str) -> int:
+    """The job's one line on a stop asked by a signal (Ctrl-C's KeyboardInterrupt, or Interrupted);
+    later signals are ignored, so that Ray's own shutdown is not cut short. 128 + the signal number."""
+    signum = getattr(error, "signum", signal.SIGINT)
+    if threading.current_thread() is threading.main_thread():
+        for each in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(each, signal.SIG_IGN)
+    print_error(f"stopped by {signal.Signals(signum).name}: {then}")
+    return 128 + signum
+
+
 def init_ray() -> None:
     """Join the cluster of RAY_ADDRESS (as under `ray job submit`), else start a local one.
 
@@ -245,6 +280,7 @@ def init_ray() -> None:
         # their process starts cost seconds of a small job's start-up. A value set by the user wins.
         os.environ.setdefault(FOOTER_ACTORS_VAR, str(min(cpus, 8)))
         ray.init(num_cpus=cpus, logging_level=logging.WARNING)
+    stop_on_signals()
 
 
 def print_rehearsal(found: dict) -> int:

@@ -29,7 +29,8 @@ from evaluation.metrics import METRICS
 from evaluation.report import (METRICS_FILE, sample_rows, write_chart, write_gallery, write_metrics_json,
                                write_report_md)
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
-from jobs.common import BAD_ARGUMENTS, add_run_flags, merge_args, print_error, print_rehearsal, run_flag_names
+from jobs.common import (BAD_ARGUMENTS, Interrupted, add_run_flags, interrupted, merge_args, print_error,
+                         print_rehearsal, run_flag_names, stop_on_signals)
 from pipeline.rows import rename_columns
 from pipeline.storage import redact_url
 
@@ -483,6 +484,7 @@ def rehearse(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop_on_signals()
     try:
         args = parse_args(argv)
         if args.dry_run is not None:
@@ -491,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     except BAD_ARGUMENTS as e:
         print_error(e)
         return 2
+    except (KeyboardInterrupt, Interrupted) as e:
+        return interrupted(e, "the model's answers written are kept (<output>/raw); the same command with "
+                              "--resume answers the rest and scores them")
     print(json.dumps({k: summary[k] for k in ("metric", "score", "rows", "errors")}))
     if problem:
         print_error(problem)

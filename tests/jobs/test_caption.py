@@ -74,6 +74,31 @@ def test_sigkill_mid_run_then_resume_gives_every_row_once(checkpoint, tmp_path):
     assert printed_summary(log) == summary
 
 
+def test_sigterm_then_ctrl_c_stop_the_job_in_one_line_and_a_resume_completes_it(checkpoint, tmp_path):
+    """A scheduler's SIGTERM (Ray's own handler exited without a word, status 15) and Ctrl-C (a wall of
+    tracebacks, status 1, as for an incomplete output): one line each, 128 + the signal; then --resume."""
+    write_parquet(tmp_path / "in.parquet", [{"image": png(20 + i, 24, seed=i), "question": f"Row {i}?"}
+                                            for i in range(N_ROWS)])
+    args = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model", str(checkpoint),
+            "--max-new-tokens", "96", "--batch-size", "2", "--rows-per-file", "2"]
+    for signum, extra in ((signal.SIGTERM, []), (signal.SIGINT, ["--resume"])):
+        before = len(parquet_files(tmp_path / "out"))
+        run = caption(*args, *extra, log=tmp_path / f"{signum.name}.log")
+        deadline = time.time() + 240
+        while len(parquet_files(tmp_path / "out")) == before and run.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        run.send_signal(signum)
+        log = finish(run, tmp_path / f"{signum.name}.log")
+        assert run.returncode == 128 + signum, log[-3000:]
+        assert f"error: stopped by {signum.name}: the answers written are kept; the same command with --resume" in log
+        assert "Traceback" not in log and not (tmp_path / "out.summary.json").exists()
+    last = caption(*args, "--resume", log=tmp_path / "last.log")
+    log = finish(last, tmp_path / "last.log")
+    assert last.returncode == 0, log[-3000:]
+    ids = pads.dataset(tmp_path / "out").to_table().column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == N_ROWS
+
+
 def printed_summary(log: str) -> dict:
     """The summary line the job prints last (Ray's log monitor may print warnings after it)."""
     for line in reversed(log.strip().splitlines()):
