@@ -98,7 +98,11 @@ def keep_run_settings(output: str, config: PipelineConfig, resume: bool, storage
     now = json.loads(json.dumps(run_settings(config)))     # as they will read back (lists, not tuples)
     fs, local = fsspec_fs(path, storage_options)
     if resume and fs.exists(local):
-        earlier = json.loads(fs.cat(local))
+        try:
+            earlier = json.loads(fs.cat(local))
+        except ValueError as e:
+            raise ValueError(f"the run manifest {redact_url(path)!r} does not read ({e}): a run stopped while "
+                             "writing it? Remove it to resume without checking the earlier run's settings") from None
         legacy = {key: names_and_sizes_fingerprint(source, config.storage_options)
                   for key, source in (("checkpoint", config.model), ("adapter", config.adapter))
                   if source and not is_local(source) and earlier.get(key) != now[key]}

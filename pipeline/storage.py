@@ -101,12 +101,21 @@ def reader_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Abs
 
 
 def write_text(uri: str, text: str, storage_options: dict | None = None) -> None:
+    """`text` at `uri`, replaced whole: on a local disk through a hidden temporary file and a rename
+    (a run stopped mid-write left a run manifest empty, which every resume then failed to read);
+    an object store's PUT is whole by itself."""
     fs, path = fsspec_fs(uri, storage_options)
     parent = posixpath.dirname(path)
-    if parent and is_local(uri):
+    if not is_local(uri):
+        with fs.open(path, "w") as f:
+            f.write(text)
+        return
+    if parent:
         fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as f:
+    partial = posixpath.join(parent, f".{posixpath.basename(path)}.{os.getpid()}.tmp")
+    with open(partial, "w") as f:
         f.write(text)
+    os.replace(partial, path)
 
 
 def has_files(uri: str, storage_options: dict | None = None, ext: str = ".parquet") -> bool:

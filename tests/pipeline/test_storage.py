@@ -51,3 +51,30 @@ def test_a_folder_another_user_could_have_made_is_refused(shared_tmp, planted):
 def test_a_folder_named_by_the_environment_is_taken_as_it_is(shared_tmp, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(shared_tmp / "team-cache"))
     assert cache_root() == shared_tmp / "team-cache"
+
+
+def test_a_text_file_is_replaced_whole(tmp_path, monkeypatch):
+    """A run manifest written in place and cut short by a signal was left empty: every resume failed
+    to read it (and said only "Expecting value")."""
+    import pipeline.storage as storage
+    from pipeline.storage import write_text
+
+    target = tmp_path / "out.run.json"
+    write_text(str(target), '{"a": 1}')
+    monkeypatch.setattr(storage.os, "replace", lambda *_: (_ for _ in ()).throw(SystemExit("stopped")))
+    with pytest.raises(SystemExit):
+        write_text(str(target), '{"a": 2}')
+    assert target.read_text() == '{"a": 1}'
+    monkeypatch.undo()
+    write_text(str(target), '{"a": 3}')
+    assert target.read_text() == '{"a": 3}' and [p.name for p in tmp_path.iterdir() if p.name != "out.run.json"] in (
+        [], [f".out.run.json.{os.getpid()}.tmp"])
+
+
+def test_a_run_manifest_that_does_not_read_is_named(tmp_path, checkpoint):
+    from pipeline import PipelineConfig
+    from pipeline.manifest import keep_run_settings
+
+    (tmp_path / "out.run.json").write_text("")
+    with pytest.raises(ValueError, match=r"the run manifest '.*out.run.json' does not read .*Remove it"):
+        keep_run_settings(str(tmp_path / "out"), PipelineConfig(model=str(checkpoint)), True, None)
