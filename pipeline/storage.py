@@ -113,9 +113,14 @@ def write_text(uri: str, text: str, storage_options: dict | None = None) -> None
     if parent:
         fs.makedirs(parent, exist_ok=True)
     partial = posixpath.join(parent, f".{posixpath.basename(path)}.{os.getpid()}.tmp")
-    with open(partial, "w") as f:
-        f.write(text)
-    os.replace(partial, path)
+    try:
+        with open(partial, "w") as f:
+            f.write(text)
+        os.replace(partial, path)
+    except OSError as e:        # named after the file asked for, not the temporary one
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise type(e)(e.errno, e.strerror, path) from None
 
 
 def has_files(uri: str, storage_options: dict | None = None, ext: str = ".parquet") -> bool:
