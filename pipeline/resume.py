@@ -19,7 +19,7 @@ from ray.data.checkpoint.checkpoint_filter import NumpyArrayBasedCheckpointFilte
 
 from .io import read_output
 from .rows import ROW_HASH
-from .storage import arrow_fs, fsspec_fs, is_local, sibling
+from .storage import arrow_fs, fsspec_fs, is_local, replace_whole, sibling
 
 ROW_INDEX = "__row_index"
 READ_THREADS = 32
@@ -135,18 +135,15 @@ def forget_lost_rows(output: str, storage_options: dict | None = None) -> int:
             continue
         kept = table.filter(keep)
         lost += table.num_rows - kept.num_rows
-        rewrite_checkpoint(fs, path, kept)
+        replace_table(fs, path, kept, is_local(output))
     return lost
 
 
-def rewrite_checkpoint(fs, path: str, kept: pa.Table) -> None:
-    """The checkpoint file at `path` holding only `kept`, replaced whole: a run killed while writing it
-    in place left it empty, and every resume after failed to read it."""
+def replace_table(fs, path: str, kept: pa.Table, local: bool) -> None:
+    """The Parquet file at `path` (a checkpoint file, an output file) holding only `kept` (none: the
+    file removed), replaced whole: a run killed while one was written in place left it empty, and
+    every resume after failed to read it."""
     if kept.num_rows == 0:
         fs.rm(path)
-        return
-    # hidden: Ray Data's read of the checkpoint folder leaves out names starting with "."
-    partial = posixpath.join(posixpath.dirname(path), "." + posixpath.basename(path) + ".tmp")
-    with fs.open(partial, "wb") as f:
-        pq.write_table(kept, f)
-    fs.mv(partial, path)
+    else:
+        replace_whole(fs, path, lambda f: pq.write_table(kept, f), local)

@@ -10,7 +10,6 @@ after this and before its end loses nothing: the next resume finds the ids missi
 """
 from __future__ import annotations
 
-import posixpath
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -18,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .io import parquet_files
+from .resume import replace_table
 from .storage import fsspec_fs, is_local
 
 READ_THREADS = 16
@@ -52,12 +52,4 @@ def drop_error_rows(output: str, storage_options: dict | None = None, matching: 
 def _rewrite_without(fs, path: str, matching: str, local: bool) -> None:
     with fs.open(path, "rb") as f:
         table = pq.read_table(f)
-    kept = table.filter(pc.invert(retried(table, matching)))
-    if kept.num_rows == 0:
-        fs.rm(path)
-        return
-    target = posixpath.join(posixpath.dirname(path), "." + posixpath.basename(path) + ".tmp") if local else path
-    with fs.open(target, "wb") as f:
-        pq.write_table(kept, f)
-    if local:
-        fs.mv(target, path)
+    replace_table(fs, path, table.filter(pc.invert(retried(table, matching))), local)

@@ -15,6 +15,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
+from typing import BinaryIO, Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
@@ -101,25 +102,31 @@ def reader_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Abs
 
 
 def write_text(uri: str, text: str, storage_options: dict | None = None) -> None:
-    """`text` at `uri`, replaced whole: on a local disk through a hidden temporary file and a rename
-    (a run stopped mid-write left a run manifest empty, which every resume then failed to read);
-    an object store's PUT is whole by itself."""
     fs, path = fsspec_fs(uri, storage_options)
     parent = posixpath.dirname(path)
-    if not is_local(uri):
-        with fs.open(path, "w") as f:
-            f.write(text)
-        return
-    if parent:
+    if parent and is_local(uri):
         fs.makedirs(parent, exist_ok=True)
-    partial = posixpath.join(parent, f".{posixpath.basename(path)}.{os.getpid()}.tmp")
+    replace_whole(fs, path, lambda f: f.write(text.encode()), is_local(uri))
+
+
+def replace_whole(fs, path: str, write: Callable[[BinaryIO], object], local: bool) -> None:
+    """The file at `path` made by `write(file)`, replaced whole: on a local disk through a hidden
+    temporary file and a rename (a run stopped mid-write left a run manifest or a checkpoint file
+    empty, which every resume then failed to read); an object store's PUT is whole by itself."""
+    if not local:
+        with fs.open(path, "wb") as f:
+            write(f)
+        return
+    partial = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{os.getpid()}.tmp")
     try:
-        with open(partial, "w") as f:
-            f.write(text)
+        with open(partial, "wb") as f:
+            write(f)
         os.replace(partial, path)
     except OSError as e:        # named after the file asked for, not the temporary one
         with contextlib.suppress(OSError):
             os.remove(partial)
+        if e.errno is None:
+            raise
         raise type(e)(e.errno, e.strerror, path) from None
 
 
