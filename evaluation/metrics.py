@@ -102,11 +102,24 @@ def as_answer_list(answers: object) -> list[str]:
         return [_answer_text(answers)]
     if isinstance(answers, bytes):
         return [answers.decode("utf-8")]
+    if isinstance(answers, dict):
+        answers = [answers]
     try:
         items = list(answers)  # list, tuple, numpy array, pyarrow list
     except TypeError:
         raise ValueError(f"ground truth must be a string or a list of strings, got {type(answers).__name__}")
-    return [_answer_text(a) for a in items if a is not None]
+    return [_answer_text(a) for a in map(_record_answer, items) if a is not None]
+
+
+def _record_answer(item: object) -> object:
+    """A record of the ground truth (VQAv2's {answer, answer_confidence, answer_id}) stands for its answer."""
+    if isinstance(item, dict):
+        if "answer" not in item:
+            raise ValueError(f"a ground-truth answer is a record without an 'answer' field: {sorted(item)}")
+        return item["answer"]
+    if isinstance(item, (list, tuple)):
+        raise ValueError("a ground-truth answer is itself a list: answers must be a list of strings")
+    return item
 
 
 def _answer_text(answer: object) -> str:
@@ -124,8 +137,8 @@ def _require_answers(answers: object) -> list[str]:
     return items
 
 
-def _prediction_text(prediction: str | None) -> str:
-    return "" if prediction is None else str(prediction)
+def _prediction_text(prediction: object) -> str:
+    return "" if prediction is None else _answer_text(prediction) if isinstance(prediction, float) else str(prediction)
 
 
 # ---------------------------------------------------------------------------------------------

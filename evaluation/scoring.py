@@ -41,11 +41,11 @@ def join_ground_truth(predictions: pa.Table, truth: pa.Table) -> pa.Table:
     position = {i: k for k, i in enumerate(pred_ids)}
     index = pa.array([position.get(i) for i in truth_ids], pa.int64())
     taken = predictions.take(index)         # a null index: a row of nulls
-    # The benchmark's ground truth wins; other shared columns (the question as the model saw it) come
-    # from the predictions.
+    # The benchmark's ground truth (answers, category) wins where it has the column; other shared columns
+    # (the question as the model saw it) come from the predictions.
     columns = {name: truth.column(name) for name in truth.column_names}
     missing = index.is_null()
-    for name in [n for n in predictions.column_names if n not in GROUND_TRUTH_COLUMNS]:
+    for name in [n for n in predictions.column_names if n not in GROUND_TRUTH_COLUMNS or n not in columns]:
         columns[name] = (_unless(missing, columns[name], taken.column(name)) if name in columns
                          else taken.column(name))
     for name, value in (("finish_reason", "error"), ("error", "no prediction for this id")):
@@ -105,14 +105,27 @@ def score_rows(table: pa.Table, metric: str) -> pa.Table:
     primary = get_metric(metric)
     secondary = [m for m in SECONDARY_METRICS if m != metric]
     scores: dict[str, list[float]] = {"score": [], **{m: [] for m in secondary}}
-    for row in table.to_pylist():
+    texts = _numbers_as_text(table.select([c for c in ("answer", "answers") if c in table.column_names]))
+    for row, text in zip(table.to_pylist(), texts.to_pylist()):
         failed = is_error_row(row)
-        scores["score"].append(0.0 if failed else primary(row.get("answer"), row["answers"]))
+        scores["score"].append(0.0 if failed else primary(text.get("answer"), text["answers"]))
         for m in secondary:
-            scores[m].append(0.0 if failed else get_metric(m)(row.get("answer"), row["answers"]))
+            scores[m].append(0.0 if failed else get_metric(m)(text.get("answer"), text["answers"]))
     for name, values in scores.items():
         table = table.append_column(name, pa.array(values, pa.float64()))
     return _string_typed(table)
+
+
+def _numbers_as_text(table: pa.Table) -> pa.Table:
+    """Float columns (and lists of floats) as Arrow writes them as text: the shortest form of the value
+    in its own width (a float32 0.1 is "0.1", not 0.10000000149011612) and 3.0 as "3"."""
+    for k, field in enumerate(table.schema):
+        value_type = field.type.value_type if pa.types.is_list(field.type) or pa.types.is_large_list(field.type) \
+            else field.type
+        if pa.types.is_floating(value_type):
+            text_type = pa.list_(pa.string()) if value_type != field.type else pa.string()
+            table = table.set_column(k, field.name, table.column(k).cast(text_type))
+    return table
 
 
 def _mean(values: list[float]) -> float:

@@ -18,7 +18,7 @@ import logging
 import sys
 import tempfile
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import pyarrow as pa
@@ -140,9 +140,14 @@ def resolve_demo(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def benchmark_name(args: argparse.Namespace) -> str | None:
-    """The known benchmark named in the input's (or predictions') path, if any."""
-    name = (args.input or args.predictions or "").lower().replace("-", "").replace("_", "")
-    return next((dataset for dataset in DATASET_METRICS if dataset in name), None)
+    """The known benchmark named in the input's (or predictions') path, if any: the file's own name
+    first, then its folders from the nearest (textvqa_val.parquet in docvqa_runs/ is TextVQA)."""
+    for part in reversed(PurePosixPath(args.input or args.predictions or "").parts):
+        name = part.lower().replace("-", "").replace("_", "")
+        found = next((dataset for dataset in DATASET_METRICS if dataset in name), None)
+        if found:
+            return found
+    return None
 
 
 def choose_suffix(args: argparse.Namespace) -> str:

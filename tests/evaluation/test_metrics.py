@@ -214,3 +214,30 @@ def test_whole_numbers_stored_as_floats_are_the_integers_they_are():
     assert as_answer_list(3.0) == ["3"] and as_answer_list([2.0, 2.5, None]) == ["2", "2.5"]
     for metric in ("vqa_accuracy", "exact_match", "anls", "relaxed_accuracy"):
         assert get_metric(metric)("3", 3.0) == 1.0, metric
+
+
+def test_answers_as_records_score_their_answer_field():
+    """VQAv2 ships answers as records {answer, answer_confidence, answer_id}: each stands for its answer."""
+    from evaluation.metrics import as_answer_list
+
+    records = [{"answer": "yes", "answer_confidence": "yes", "answer_id": k} for k in range(1, 11)]
+    assert as_answer_list(records) == ["yes"] * 10 and as_answer_list(records[0]) == ["yes"]
+    assert vqa_accuracy("Yes", records) == 1.0 and vqa_accuracy("no", records) == 0.0
+    with pytest.raises(ValueError, match="without an 'answer' field: \\['text'\\]"):
+        as_answer_list([{"text": "yes"}])
+    with pytest.raises(ValueError, match="itself a list"):
+        as_answer_list([["yes"]])
+
+
+def test_number_columns_score_as_their_shortest_text():
+    """A float32 ground truth 0.1 is "0.1" (not 0.10000000149011612); a float prediction 3.0 is "3"."""
+    import pyarrow as pa
+
+    from evaluation.scoring import score_rows
+
+    table = pa.table({"id": ["a", "b", "c"], "answer": pa.array([3.0, 0.1, None]),
+                      "answers": pa.array([[3.0], [0.1], [2.5]], pa.large_list(pa.float32()))})
+    assert score_rows(table, "exact_match").column("score").to_pylist() == [1.0, 1.0, 0.0]
+    table = table.set_column(2, "answers", pa.array([3, 0.1, 2.5], pa.float32()))
+    assert score_rows(table, "anls").column("score").to_pylist() == [1.0, 1.0, 0.0]
+    assert score_rows(table, "anls").schema.field("answers").type == pa.float32()    # kept as it was

@@ -101,3 +101,13 @@ def test_join_when_the_first_row_has_no_prediction():
         {"id": "a", "answers": ["x"], "question": "qa", "answer": None, "finish_reason": "error",
          "error": "no prediction for this id"},
         {"id": "b", "answers": ["y"], "question": "qb, briefly", "answer": "y", "finish_reason": None, "error": None}]
+
+
+def test_the_predictions_category_is_kept_when_the_benchmark_has_none():
+    truth = pa.table({"id": ["a", "b"], "answers": [["x"], ["y"]]})
+    predictions = pa.table({"id": ["a", "b"], "answer": ["x", "z"], "category": ["c1", "c2"]})
+    per_category = summarize(score_rows(join_ground_truth(predictions, truth), "exact_match"), "exact_match")
+    assert {name: c["score"] for name, c in per_category["per_category"].items()} == {"c1": 1.0, "c2": 0.0}
+    with_category = truth.append_column("category", pa.array(["t1", "t1"]))
+    joined = join_ground_truth(predictions, with_category)
+    assert joined.column("category").to_pylist() == ["t1", "t1"]        # the benchmark's wins

@@ -177,6 +177,13 @@ def test_metric_from_dataset_name(name, metric):
     assert job.choose_metric(job.parse_args(["--input", f"/data/{name}/test.parquet"])) == metric
 
 
+@pytest.mark.parametrize("path, metric", [("/data/docvqa_runs/textvqa_val.parquet", "vqa_accuracy"),
+                                          ("/home/me/chartqa-work/vqav2_val.parquet", "vqa_accuracy"),
+                                          ("/data/docvqa/part-*.parquet", "anls")])
+def test_the_files_own_name_names_the_benchmark_before_its_folders(path, metric):
+    assert job.choose_metric(job.parse_args(["--input", path])) == metric
+
+
 @pytest.mark.parametrize("argv, suffix", [
     (["--input", "/data/DocVQA_val/test.parquet"], job.SHORT_ANSWER),
     (["--input", "/data/vizwiz/val.parquet"], job.UNANSWERABLE),
