@@ -12,10 +12,11 @@ from .generation_hooks import ForcedToken, OutOfTime, SuppressedTokens, UserRule
 
 
 def _setting(name: str, kwargs: dict, config: dict, default=None):
-    """kwargs win, then generation_config.json, then the default."""
-    if kwargs.get(name) is not None:
+    """kwargs win, an explicit None too (transformers 5 sets it over the checkpoint's value: that step off),
+    then generation_config.json, then the default."""
+    if name in kwargs:
         return kwargs[name]
-    return config.get(name, default) if config.get(name) is not None else default
+    return default if config.get(name) is None else config[name]
 
 
 def _as_list(ids) -> list[int]:
@@ -35,7 +36,11 @@ FOLLOWED = {"max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temp
             "return_dict_in_generate", "output_scores", "output_logits"}
 CUTOFFS = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}     # their neutral values
 # transformers' settings that change nothing here: whatever their value, or at these values
-UNUSED = {"bos_token_id", "decoder_start_token_id", "use_cache", "transformers_version", "cache_implementation"}
+UNUSED = {"bos_token_id", "decoder_start_token_id", "use_cache", "transformers_version", "cache_implementation",
+          "cache_config", "return_legacy_cache", "compile_config",
+          # assisted decoding's, which changes nothing without an assistant (assistant_model: refused)
+          "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+          "assistant_lookbehind", "target_lookbehind"}
 INERT = {"num_beam_groups": 1, "encoder_repetition_penalty": 1.0, "diversity_penalty": 0.0,
          "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0}
 
@@ -45,12 +50,19 @@ def check_settings(settings: dict, source: str) -> None:
     output dicts, other logits processors): running on without it would answer otherwise than the
     reference, silently."""
     for name, value in settings.items():
-        inert = value is None or value is False or value == INERT.get(name, False) or (value == {} or value == [])
-        if name in FOLLOWED or name in UNUSED or name.startswith("_") or inert:
+        if name in FOLLOWED or name in UNUSED or name.startswith("_") or _inert(name, value):
             continue
         what = "group beam search" if name == "num_beam_groups" else "it"
         raise ValueError(f"generate does not implement {name}={value!r} ({source}): {what} would change the "
                          f"answers; it follows {', '.join(sorted(FOLLOWED))}")
+
+
+def _inert(name: str, value) -> bool:
+    """Off: None, False, empty, or the neutral value of a setting that has one (0 is not off in general:
+    top_h=0.0 is an error in transformers)."""
+    if isinstance(value, Tensor):
+        return value.numel() == 0
+    return value is None or value is False or (name in INERT and value == INERT[name]) or value in ({}, [], ())
 
 
 class GenerateSettings:
@@ -60,8 +72,12 @@ class GenerateSettings:
         cfg, text = getattr(model, "generation_config", None) or {}, model.config.text_config
         check_settings(kwargs, "given")
         check_settings({k: v for k, v in cfg.items() if k not in kwargs}, "the checkpoint's generation_config.json")
-        get = lambda name, default=None: _setting(name, kwargs, cfg, default)  # noqa: E731
-        max_new, max_length = get("max_new_tokens"), get("max_length")
+        setting = lambda name, default=None: _setting(name, kwargs, cfg, default)  # noqa: E731
+
+        def get(name: str, default=None):   # None (given explicitly) is that step off: its neutral value
+            value = setting(name, default)
+            return default if value is None else value
+        max_new, max_length = setting("max_new_tokens"), setting("max_length")
         if max_new is None:     # transformers 5: max_length counts the prompt; neither set: 20 new tokens
             max_new = (max_length if max_length is not None else
                        min(prompt_len + 20, text.max_position_embeddings)) - prompt_len
@@ -70,14 +86,15 @@ class GenerateSettings:
                              is not None else f"the prompt has {prompt_len} tokens and max_length is {max_length}: "
                              "no room for an answer (max_length counts the prompt; set max_new_tokens)")
         self.max_new = max_new
-        min_new = get("min_new_tokens")     # min_length counts the prompt; min_new_tokens wins over it
+        min_new = setting("min_new_tokens")     # min_length counts the prompt; min_new_tokens wins over it
         self.min_new = min_new if min_new is not None else max(int(get("min_length", 0)) - prompt_len, 0)
-        self.eos = _as_list(get("eos_token_id", text.eos_token_id))
-        pad = get("pad_token_id", text.pad_token_id)
+        self.eos = _as_list(setting("eos_token_id", text.eos_token_id))
+        pad = setting("pad_token_id", text.pad_token_id)
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
         self.do_sample = bool(get("do_sample", False))
         self.temperature = float(get("temperature", 1.0)) if self.do_sample else 0.0
-        self.top_k, self.top_p = int(get("top_k", 50)), float(get("top_p", 1.0))
+        top_k = setting("top_k", 50)        # 50 unless set; set to None: no top-k
+        self.top_k, self.top_p = (0 if top_k is None else int(top_k)), float(get("top_p", 1.0))
         self.min_p = float(get("min_p", 0.0)) if self.do_sample else 0.0
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
@@ -121,7 +138,7 @@ class GenerateSettings:
         self.output_scores = self.return_dict and bool(get("output_scores", False))
         self.output_logits = self.return_dict and bool(get("output_logits", False))
         self.renormalize = bool(get("renormalize_logits", False))
-        max_time = get("max_time")
+        max_time = setting("max_time")
         processors = self._transformers_processors(get, prompt_len) + list(kwargs.get("logits_processor") or ())
         criteria = list(kwargs.get("stopping_criteria") or ()) + ([] if max_time is None else [OutOfTime(max_time)])
         self.user = UserRules(kwargs.get("prefix_allowed_tokens_fn"), processors, criteria,

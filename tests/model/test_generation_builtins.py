@@ -136,14 +136,15 @@ def test_a_first_step_of_fewer_candidates_than_beams_takes_the_prompts_copies_as
 
 @pytest.mark.parametrize("setting", [dict(max_new_tokens=0), dict(max_length=4),
                                      dict(do_sample=True, temperature=float("nan")), dict(do_sample=True, top_k=-1),
-                                     dict(forced_bos_token_id=28, suppress_tokens=[28])])
+                                     dict(forced_bos_token_id=28, suppress_tokens=[28]),
+                                     dict(do_sample=True, top_h=0.0), dict(prompt_lookup_num_tokens=0)])
 def test_settings_the_reference_refuses_are_refused(pair, setting):
     path, ours, ref = pair
     one = dict(input_ids=torch.tensor([[1, 5, 6, 7, 8, 9]]), attention_mask=torch.ones(1, 6, dtype=torch.int64))
     kwargs = setting if "max_length" in setting else dict(max_new_tokens=3) | setting   # (max_new_tokens wins)
     with pytest.raises(ValueError):
         ref.generate(**one, **kwargs)
-    with pytest.raises(ValueError, match="max_new_tokens|max_length|temperature|top_k|suppress_tokens"):
+    with pytest.raises(ValueError, match="max_new_tokens|max_length|temperature|top_k|suppress_tokens|top_h|prompt_lookup"):
         ours.generate(**one, **kwargs)
 
 
@@ -153,3 +154,36 @@ def test_a_negative_ngram_size_is_none_and_more_candidates_than_the_vocabulary_s
     for setting in (dict(no_repeat_ngram_size=-1), dict(num_beams=300)):      # 2 x 300 candidates > 448 tokens
         expected = ref.generate(**inputs, max_new_tokens=3, **setting)
         assert torch.equal(ours.generate(**inputs, max_new_tokens=3, **setting), expected), setting
+
+
+@pytest.mark.parametrize("name", ["repetition_penalty", "no_repeat_ngram_size", "top_k", "max_new_tokens",
+                                  "min_new_tokens", "eos_token_id", "suppress_tokens"])
+def test_a_setting_given_as_none_is_off_over_the_checkpoints_value_as_the_references(pair, monkeypatch, name):
+    """transformers 5 applies generate's kwargs over the checkpoint's generation_config, a None too: that
+    step is off (top_k=None: no top-k; max_new_tokens=None: the default length), not the checkpoint's."""
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    plain = answers(ref, inputs)
+    second = [1] + plain[:, 1].tolist()     # stop ids that end the answers at their second token
+    value = {"repetition_penalty": 1.8, "no_repeat_ngram_size": 1, "top_k": 5, "max_new_tokens": 4, "min_new_tokens": 4,
+             "eos_token_id": second, "suppress_tokens": plain[:, 0].tolist()}[name]
+    monkeypatch.setattr(ours, "generation_config", {**(ours.generation_config or {}), name: value})
+    monkeypatch.setattr(ref.generation_config, name, value)
+    kwargs = {name: None} if name == "max_new_tokens" else {name: None, "max_new_tokens": 6}
+    kwargs |= {"eos_token_id": second} if name == "min_new_tokens" else {}
+    if name == "top_k":
+        kwargs |= dict(do_sample=True, output_scores=True, return_dict_in_generate=True)
+        expected = ref.generate(**inputs, **kwargs).scores[0]
+        assert torch.equal(torch.isinf(ours.generate(**inputs, **kwargs).scores[0]), torch.isinf(expected))
+        assert not torch.isinf(expected).any()      # every token kept
+        return
+    expected = ref.generate(**inputs, **kwargs)
+    assert torch.equal(ours.generate(**inputs, **kwargs), expected)
+
+
+def test_stop_ids_given_as_a_tensor_are_the_references(pair):
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    stops = torch.tensor([1] + answers(ref, inputs)[:, 1].tolist())
+    expected = ref.generate(**inputs, max_new_tokens=MAX_NEW, eos_token_id=stops)
+    assert torch.equal(ours.generate(**inputs, max_new_tokens=MAX_NEW, eos_token_id=stops), expected)
