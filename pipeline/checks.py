@@ -155,7 +155,8 @@ def check_ranged_reads(path: str, source: str, storage_options: dict | None) -> 
 
 def read_schema(footers: dict[str, pq.FileMetaData], columns: list[str], source: str) -> pa.Schema:
     """The schema every file is read as: `columns` (those the run uses) in the type of each that all
-    files convert to (int32 and int64: int64; string and large_string: large_string). Ray Data would
+    files convert to (int32 and int64: int64; string and large_string: large_string; a dictionary,
+    pandas' categorical, as its values: Arrow counts and unifies no dictionary). Ray Data would
     take the first 16 files' whole schemas: a conflict in a column the run does not use failed the
     read, and a later file whose column cannot be cast (text ids after integer ones) failed the job
     when it was reached, and every resume after; such a column of the run's is refused here."""
@@ -165,13 +166,15 @@ def read_schema(footers: dict[str, pq.FileMetaData], columns: list[str], source:
         first_of = {}
         for path, schema in schemas.items():
             if column in schema.names:
-                first_of.setdefault(without_views(schema.field(column).type), path)
+                first_of.setdefault(without_views(values_of(schema.field(column).type)), path)
         if not first_of:            # a hive partition key: in the paths, not the files
             continue
         try:
             if len({is_text(t) for t in first_of if is_text(t) is not None}) > 1:
                 raise pa.ArrowTypeError("text and bytes")     # image paths in one file, image bytes in another
             unified = pa.unify_schemas([pa.schema([(column, t)]) for t in first_of], promote_options="permissive")
+            if pa.uint64() in first_of and unified.field(column).type != pa.uint64():
+                raise pa.ArrowTypeError("uint64 and signed")  # int64 would not hold uint64's upper half
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             named = "; ".join(f"{t} in {path}" for t, path in list(first_of.items())[:3])
             raise ValueError(f"input {source!r}: column {column!r} has types that do not convert to one another "

@@ -147,10 +147,19 @@ def read_files(files: list[str], uri: str, storage_options: dict | None = None, 
             small = meta is None and f.size() <= WHOLE_FILE_BYTES
             parquet = pq.ParquetFile(pa.BufferReader(f.read()) if small else f, metadata=meta)
             names = parquet.schema_arrow.names
-            return parquet.read(columns=None if columns is None else [c for c in columns if c in names])
+            return decoded(parquet.read(columns=None if columns is None else [c for c in columns if c in names]))
 
     with ThreadPoolExecutor(threads) as pool:
         return pa.concat_tables(pool.map(read, files), promote_options="permissive")
+
+
+def decoded(table: pa.Table) -> pa.Table:
+    """Dictionary columns (pandas' categoricals) as their values: Arrow concatenates no dictionary
+    with plain values, nor two dictionaries of different values."""
+    for k, field in enumerate(table.schema):
+        if pa.types.is_dictionary(field.type):
+            table = table.set_column(k, field.name, table.column(k).cast(field.type.value_type))
+    return table
 
 
 def read_column(footers: dict[str, pq.FileMetaData], field: pa.Field, uri: str,

@@ -187,6 +187,9 @@ def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume
     names = input_columns(footers, rows.schema)
     check_columns([renames.get(name, name) for name in names], config, input_uri)
     columns = used_columns(names, config, renames)
+    if ROW_HASH in columns:
+        raise ValueError(f"input {input_uri!r}: its column {ROW_HASH!r} is the name of the column Ray Data adds "
+                         "(a hash of each row's file and position): the run cannot read both; rename yours")
     schema = read_schema(footers, columns, input_uri)
     check_column_types(schema, config, input_uri, renames)
     check_ids(input_ids(rows, footers, schema, config.id_column, input_uri, opts), input_uri, config.id_column)

@@ -286,3 +286,38 @@ def test_a_glob_leaves_out_hidden_paths_as_a_folder_does_unless_it_names_them(ch
     assert prepare_job(str(tmp_path / "in" / "**" / "*.parquet"), str(tmp_path / "out"), config).input_rows == 2
     named = parquet_files(str(tmp_path / "in" / "_temporary" / "*.parquet"))
     assert [p.rsplit("/", 2)[-2:] for p in named] == [["_temporary", "part-9.parquet"]]
+
+
+def test_dictionary_columns_are_read_as_their_values_in_every_file(ray_cluster, checkpoint, tmp_path):
+    """pandas writes a categorical as a dictionary: as ids it failed the job (Arrow counts no dictionary)
+    and one file's dictionary beside another's plain text was refused as types that do not convert."""
+    from pipeline import read_output, run_job
+
+    rows = good_rows(4)
+    (tmp_path / "in").mkdir()
+    for k, part in enumerate((rows[:2], rows[2:])):
+        table = pa.table({"id": [r["id"] for r in part], "image": [r["image"] for r in part],
+                          "question": [r["question"] for r in part], "lang": ["en", "fr"]})
+        if k == 0:
+            table = pa.table({name: column.dictionary_encode() if name != "image" else column
+                              for name, column in zip(table.column_names, table.columns)})
+        pq.write_table(table, tmp_path / "in" / f"part-{k}.parquet")
+    assert pa.types.is_dictionary(pq.read_schema(tmp_path / "in" / "part-0.parquet").field("id").type)
+    config = PipelineConfig(model=str(checkpoint), keep_columns=["lang"], max_new_tokens=2)
+    summary = run_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    out = read_output(str(tmp_path / "out")).sort_by("id")
+    assert (summary["rows"], summary["error_rows"], summary["missing_rows"]) == (4, 0, 0)
+    assert out.column("id").to_pylist() == sorted(r["id"] for r in rows)
+    assert out.column("lang").to_pylist().count("en") == 2 and pa.types.is_string(out.schema.field("id").type)
+
+
+def test_ids_that_int64_cannot_hold_and_a_column_named_as_rays_row_hash_are_refused(checkpoint, tmp_path):
+    config = PipelineConfig(model=str(checkpoint))
+    pq.write_table(pa.table({"id": pa.array([2**63 + 5], pa.uint64()), "image": [b"x"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": pa.array([7], pa.int64()), "image": [b"x"]}), tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match=r"column 'id' has types that do not convert .*\(uint64 in .*; int64 in"):
+        prepare_job(str(tmp_path / "*.parquet"), str(tmp_path / "out"), config)
+    source = write_parquet(tmp_path / "h" / "in.parquet", [{"id": "a", "image": b"x", "row_hash": "mine"}])
+    with pytest.raises(ValueError, match=r"its column 'row_hash' is the name of the column Ray Data adds"):
+        prepare_job(str(source), str(tmp_path / "out"), replace(config, keep_columns=["row_hash"]))
+    prepare_job(str(source), str(tmp_path / "out"), config)       # not read: no conflict
