@@ -312,6 +312,11 @@ class _Idefics3ImageProcessorBase:
     def _unpadded(self, per_sample: list[list], s: dict, kwargs: dict) -> BatchFeature:
         values = [[self.backend.normalise(f, s) for f in sample] for sample in per_sample]
         if kwargs.get("return_tensors") in ("pt", "np"):
+            shapes = {tuple(f.shape) for sample in values for f in sample} | {len(sample) for sample in values}
+            if len(shapes) > 2:    # one frame shape and one count: a tensor; else ragged
+                raise ValueError("do_pad=False with return_tensors: the images' frames differ in size or count "
+                                 "between samples, which make no one tensor; pad (do_pad=True) or return lists "
+                                 "(return_tensors=None)")
             values = self.backend.stack([self.backend.stack(sample) for sample in values])
         return BatchFeature(pixel_values=values)
 

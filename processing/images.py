@@ -149,13 +149,13 @@ def array_to_rgb(image: np.ndarray, channels_first: bool) -> np.ndarray:
     if channels == 1:
         rgb = np.repeat(hwc, 3, axis=-1)
     elif channels == 4:
-        is_float = np.issubdtype(hwc.dtype, np.floating)
-        if is_float:
+        is_int = np.issubdtype(hwc.dtype, np.integer)      # bool too is blended over 1.0, as the reference
+        if not is_int:
             _check_unit_range(hwc.min(), hwc.max())
-        white = 1.0 if is_float else 255
+        white = 255 if is_int else 1.0
         alpha = hwc[..., 3:4] / white
         blend = alpha * hwc[..., :3] + (1 - alpha) * white
-        rgb = blend.astype(hwc.dtype) if is_float else np.round(blend).astype(hwc.dtype)
+        rgb = np.round(blend).astype(hwc.dtype) if is_int else blend.astype(hwc.dtype)
     else:
         rgb = hwc
     return np.moveaxis(rgb, -1, 0) if channels_first else rgb

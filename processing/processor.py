@@ -32,6 +32,11 @@ IMAGE_KWARGS = frozenset({
 TEXT_KWARGS = frozenset({
     "add_special_tokens", "padding", "truncation", "max_length", "pad_to_multiple_of", "padding_side",
     "return_attention_mask"})
+IGNORED_KWARGS = frozenset({"return_row_col_info", "verbose"})   # rows/cols: always asked for, then dropped
+UNSUPPORTED_KWARGS = frozenset({  # the reference's outputs this processor does not make: refused by name
+    "return_mm_token_type_ids", "return_text_replacement_offsets", "return_token_type_ids", "return_length",
+    "return_overflowing_tokens", "return_offsets_mapping", "return_special_tokens_mask", "stride",
+    "is_split_into_words"})
 
 
 def expand_image(rows: int, cols: int, image_seq_len: int) -> str:
@@ -94,14 +99,17 @@ def validate(images: list[list[Any]] | None, text: list[str] | None) -> None:
 
 
 def split_kwargs(kwargs: dict) -> tuple[dict, dict]:
-    """Route call kwargs to the image processor or the tokenizer; unknown names are an error."""
+    """Route call kwargs to the image processor or the tokenizer; unknown names are an error, and so are
+    the reference's extra outputs (mm_token_type_ids, offsets, ...) when asked for."""
     image_kwargs, text_kwargs = dict(kwargs.pop("images_kwargs", {})), dict(kwargs.pop("text_kwargs", {}))
     for key, value in kwargs.items():
         if key in IMAGE_KWARGS:
             image_kwargs[key] = value
         elif key in TEXT_KWARGS:
             text_kwargs[key] = value
-        else:
+        elif key in UNSUPPORTED_KWARGS and value:
+            raise TypeError(f"Idefics3Processor does not implement {key}={value!r} (transformers' processor does)")
+        elif key not in IGNORED_KWARGS and key not in UNSUPPORTED_KWARGS:
             raise TypeError(f"Idefics3Processor got an unexpected keyword argument {key!r}")
     return image_kwargs, text_kwargs
 

@@ -87,6 +87,23 @@ def test_rgba_array_composite_differs_by_one_between_recipes():
     assert Idefics3ImageProcessorPil(**kw)(Image.fromarray(pixel, "RGBA"))["pixel_values"].max() == 227
 
 
+def test_a_bool_rgba_array_is_blended_over_one_as_the_reference(ref_cls):
+    array = np.zeros((5, 5, 4), dtype=bool)
+    array[..., 3] = True                    # opaque black, but for one transparent pixel
+    array[0, 0] = False
+    kw = dict(size={"longest_edge": 5}, max_image_size={"longest_edge": 5}, do_rescale=False, do_normalize=False)
+    expected = ref_cls(**kw)(array, return_tensors="np")["pixel_values"]
+    assert np.array_equal(Idefics3ImageProcessorPil(**kw)(array, return_tensors="np")["pixel_values"], expected)
+    assert expected[0, 0, 0].sum() < expected[0, 0, 0].size       # not all white
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_unpadded_frames_of_different_counts_as_one_tensor_are_refused_with_the_way_out(cls):
+    images = [[pil(40, 30)], [pil(30, 24, seed=1), pil(24, 24, seed=2)]]
+    with pytest.raises(ValueError, match="do_pad=False with return_tensors: .*return_tensors=None"):
+        cls(**SMALL)(images, do_pad=False, return_tensors="np")
+
+
 def test_string_inputs_use_the_path_loader(tmp_path, ref_cls):
     path = tmp_path / "a.png"
     rgba = np.dstack([photo(30, 20), np.full((20, 30), 100, np.uint8)])

@@ -172,6 +172,21 @@ def test_unknown_kwarg_is_a_clear_error(pair):
         pair[1](text="hi", do_splitting=False)
 
 
+def test_the_references_output_options_are_taken_or_refused_by_name(pair):
+    """return_row_col_info changes nothing in the reference's output (the processor drops rows/cols);
+    outputs ours does not make (mm_token_type_ids, ...) are refused by name, not as unknown."""
+    ref, ours = pair
+    image, prompt = _img(40, 30), "Look: <image> ok"
+    expected = ref(text=prompt, images=[image], return_row_col_info=True, return_tensors="np")
+    got = ours(text=prompt, images=[image], return_row_col_info=True, verbose=False, return_tensors="np")
+    assert sorted(got.keys()) == sorted(expected.keys())
+    assert np.array_equal(got["input_ids"], expected["input_ids"])
+    for option in ("return_mm_token_type_ids", "return_text_replacement_offsets", "return_length"):
+        assert option.removeprefix("return_") in ref(text=prompt, images=[image], **{option: True})
+        with pytest.raises(TypeError, match=f"does not implement {option}=True"):
+            ours(text=prompt, images=[image], **{option: True})
+
+
 def test_decode_and_batch_decode_with_skip_special_tokens(pair):
     ref, ours = pair
     out = ours(text=["<image>What?<end_of_utterance>", "plain"], images=[_img(60, 40)], padding=True)
