@@ -36,6 +36,15 @@ def plan_for(text_config, dtype: torch.dtype, need_len: int, old_len: int, max_b
     return plan
 
 
+def slots_within(text_config, dtype: torch.dtype, need_len: int, max_slots: int,
+                 budget: Callable[[int, int], int]) -> int:
+    """The slots a cache for need_len positions would have within `budget` (0: not even one)."""
+    try:
+        return plan_for(text_config, dtype, need_len, 0, max_slots, budget, 1).slots
+    except ValueError:
+        return 0
+
+
 def empty_cache(text_config, plan: CachePlan, dtype: torch.dtype, device: torch.device) -> KVCache:
     tc = text_config
     return KVCache(tc.num_hidden_layers, plan.rows, tc.num_key_value_heads, plan.max_len, tc.head_dim, dtype, device)

@@ -24,7 +24,7 @@ from ..lm_head import pad_lm_head
 from ..pointwise import compile_pointwise
 from .beam_groups import add_companions
 from .beam_steps import BeamSteps
-from .cache_sizing import RowState, default_token_budget, empty_cache, plan_for
+from .cache_sizing import RowState, default_token_budget, empty_cache, plan_for, slots_within
 from .constraints import EngineConstraints
 from .continuation import folded, runnable_prefix
 from .endings import RequestEndings
@@ -127,16 +127,24 @@ class LLMEngine(TokenChoice, BeamSteps, RequestEndings):
         # leaves its free row's idle decode steps writing one position past its prompt.
         return seq.max_length + self.overlap + (seq.max_new_tokens == 0)
 
-    def _ensure_cache(self, need_len: int) -> ModelRunner:
+    def _slots_for(self, need_len: int) -> int:
+        return slots_within(self.text_config, self.dtype, need_len, self.max_batch_size, self.kv_token_budget)
+
+    def _fits_set_budget(self, need_len: int, slots: int) -> bool:
+        return slots_within(self.text_config, self.dtype, need_len, slots, lambda *_: self.kv_cache_tokens) >= 1
+
+    def _ensure_cache(self, need_len: int, resize: bool = False) -> ModelRunner:
+        """A cache for need_len positions: grown when shorter; with `resize`, planned anew (maybe shorter,
+        for more slots)."""
         old_len = 0 if self.runner is None else self.runner.cache.max_len
-        if old_len >= need_len:
+        if old_len >= need_len and not (resize and old_len != need_len):
             return self.runner
         self.runner = self._scheduler = None        # free the old cache before sizing the new one; new slots
         self.prefixes.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        plan = plan_for(self.text_config, self.dtype, need_len, old_len, self.max_batch_size, self.kv_token_budget,
-                        ModelRunner.min_rows(self.compile))
+        plan = plan_for(self.text_config, self.dtype, need_len, 0 if resize else old_len, self.max_batch_size,
+                        self.kv_token_budget, ModelRunner.min_rows(self.compile))
         self.slots = plan.slots
         self.runner = ModelRunner(self.model, empty_cache(self.text_config, plan, self.dtype, self.device),
                                   use_cuda_graphs=self.use_cuda_graphs, compile=self.compile,
@@ -151,12 +159,9 @@ class LLMEngine(TokenChoice, BeamSteps, RequestEndings):
         check_search(request, self._stop_ids(request), self.max_batch_size, self.text_config.vocab_size)
         if self.kv_cache_tokens is not None:        # a set budget: one too small fails the request, not a step
             need = self._positions_needed(self._sequence(request))     # what its admission will ask of the cache
-            try:
-                plan_for(self.text_config, self.dtype, need, 0, request.sampling.num_beams,
-                         lambda *_: self.kv_cache_tokens, 1)
-            except ValueError as e:
-                raise ValueError(f"request {request.request_id!r}: {e} (kv_cache_tokens={self.kv_cache_tokens})") \
-                    from None
+            if not self._fits_set_budget(need, request.sampling.num_beams):
+                raise ValueError(f"request {request.request_id!r}: KV cache budget too small for one sequence of "
+                                 f"its {need} positions (kv_cache_tokens={self.kv_cache_tokens})")
         if request.sampling.constrained:
             self.constraints.check(request, self._stop_ids(request))
 
@@ -230,8 +235,18 @@ class LLMEngine(TokenChoice, BeamSteps, RequestEndings):
             if p.n > 1:
                 self._pending += add_samples(seq, self._sequence)
             if seq.request.sampling.choice_logprobs:
-                self._pending += add_scorers(seq, self.tokenizer, self._sequence)
+                self._pending += self._within_set_budget(add_scorers(seq, self.tokenizer, self._sequence))
         return seqs
+
+    def _within_set_budget(self, scorers: list[Sequence]) -> list[Sequence]:
+        """Scorers a set KV budget has room for; the others are not run, as those past the context
+        (their choices score None), rather than fail the step of every request."""
+        if self.kv_cache_tokens is None:
+            return scorers
+        for scorer in scorers:
+            if not self._fits_set_budget(self._positions_needed(scorer), 1):
+                scorer.finish_reason = "length"
+        return [s for s in scorers if s.finish_reason is None]
 
     def _admit_pending(self) -> None:
         """Pending requests join the scheduler in arrival order while they fit the cache. The cache
@@ -240,18 +255,31 @@ class LLMEngine(TokenChoice, BeamSteps, RequestEndings):
         if not self._pending:
             return
         if self._scheduler is None or self._scheduler.done:
-            self._ensure_cache(max(map(self._positions_needed, self._pending)))
+            self._size_cache_for_pending()
             if self._scheduler is None:
                 self._scheduler = Scheduler(self.slots, self.max_prefill_tokens)
         while self._pending and self._positions_needed(self._pending[0]) <= self.runner.cache.max_len:
-            seq = self._pending.pop(0)
-            if Scheduler.slots_needed(seq) > self.slots:       # beams the memory has no room for: never admitted
+            seq = self._pending[0]
+            if Scheduler.slots_needed(seq) > self.slots:
+                if Scheduler.slots_needed(seq) <= self._slots_for(self._positions_needed(seq)):
+                    break       # a cache sized for it alone has room: it waits until nothing runs
+                self._pending.pop(0)        # beams the memory has no room for: never admitted
                 seq.finish_reason = "error"
                 seq.error = (f"ValueError: its {seq.request.sampling.num_beams} beams need as many slots, and the "
-                             f"KV cache has room for {self.slots}")
+                             f"KV cache has room for {self._slots_for(self._positions_needed(seq))}")
                 self._finished.append(seq)
                 continue
-            self._scheduler.add(seq)
+            self._scheduler.add(self._pending.pop(0))
+
+    def _size_cache_for_pending(self) -> None:
+        """Nothing runs: a cache for the longest pending request, unless the first one's beams would not
+        fit it: then one for that request (a longer one behind waits for the cache to grow again)."""
+        need, head = max(map(self._positions_needed, self._pending)), self._pending[0]
+        beams = Scheduler.slots_needed(head)
+        if beams > 1 and beams > self._slots_for(max(need, self.runner.cache.max_len if self.runner else 0)):
+            self._ensure_cache(self._positions_needed(head), resize=True)
+        else:
+            self._ensure_cache(need)
 
     def _step(self) -> list[Sequence]:
         if not self.has_unfinished():

@@ -200,3 +200,26 @@ def test_searches_with_stop_strings_are_the_references(setup):
         assert hypotheses(result) == want, request.request_id
         ended += sum(s.finish_reason == "stop" and s.token_ids[-1] not in engine.stop_ids for s in result.samples)
     assert ended
+
+
+def test_a_search_beside_a_longer_request_waits_for_a_cache_with_room_for_its_beams(setup):
+    """A set budget: the cache sized for a long request has one slot, a short request's three beams
+    fit one sized for it alone. The search ended in error when the long one was queued beside it; it
+    now waits for a cache of its size, and both answer as alone."""
+    ours, requests, _, _, _ = setup
+    search = searched(requests[1:2], widths=(3,), returned=(1,))[0]
+    long = replace(requests[0], request_id="long", prompt_ids=requests[0].prompt_ids + [5] * 300,
+                   sampling=SamplingParams(max_new_tokens=4))
+    budget = 800            # 512 positions: one slot; 256: three
+    assert len(search.prompt_ids) + search.sampling.max_new_tokens + 1 <= 256
+    alone = [LLMEngine(ours, max_batch_size=8, kv_cache_tokens=budget).generate([r])[0] for r in (search, long)]
+    together = LLMEngine(ours, max_batch_size=8, kv_cache_tokens=budget).generate([search, long])
+    for a, b in zip(alone, together):
+        assert (b.error, b.token_ids, b.finish_reason) == (None, a.token_ids, a.finish_reason)
+    streamed = LLMEngine(ours, max_batch_size=8, kv_cache_tokens=budget)
+    streamed.add_requests([long])
+    streamed.add_requests([search])
+    done = {}
+    while streamed.has_unfinished():
+        done |= {r.request_id: r for r in streamed.step()}
+    assert [done[r.request_id].token_ids for r in (search, long)] == [a.token_ids for a in alone]

@@ -95,3 +95,20 @@ def test_cuda_choice_scores_as_on_cpu(setup):
     for gpu, cpu in zip(on_gpu, on_cpu):
         assert (gpu.choice_logprobs is None) == (cpu.choice_logprobs is None)
         assert gpu.choice_logprobs is None or gpu.choice_logprobs == pytest.approx(cpu.choice_logprobs, abs=1e-3)
+
+
+def test_a_choice_a_set_kv_budget_cannot_score_scores_none_and_fails_nothing(setup):
+    """With kv_cache_tokens set, a choice whose prompt and spelling outgrow one slot scores None, as one
+    past the context; it failed the step of every request beside it."""
+    ours, requests, _, tokenizer, _ = setup
+    tokenizer = Tokenizer(tokenizer)
+    long = " ".join(["zebra crossing"] * 8)
+    assert len(requests[1].prompt_ids) < 250
+    prompt = requests[1].prompt_ids + [5] * (250 - len(requests[1].prompt_ids))
+    asked = replace(requests[1], request_id="scored", prompt_ids=prompt,
+                    sampling=SamplingParams(max_new_tokens=3, choices=(long, "red"), choice_logprobs=True))
+    engine = LLMEngine(ours, tokenizer, max_batch_size=4, kv_cache_tokens=256)
+    engine.check_request(asked)
+    scored, other = engine.generate([asked, requests[2]])
+    assert scored.error is None and scored.choice_logprobs[long] is None and scored.choice_logprobs["red"] < 0
+    assert other.token_ids == LLMEngine(ours, tokenizer, max_batch_size=4).generate([requests[2]])[0].token_ids
