@@ -217,7 +217,8 @@ def rehearse(source: str, output: str, config, values: dict) -> int:
     from pipeline.dry_run import dry_run
 
     return print_rehearsal(dry_run(source, output, config, rows=values["dry_run"], resume=bool(values["resume"]),
-                                   overwrite=values["overwrite"]))
+                                   overwrite=values["overwrite"], limit=values["limit"],
+                                   retry_errors=values["retry_errors"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             return rehearse(source, output, config, values)
         job = prepare_job(source, output, config, resume=bool(values["resume"]), limit=values["limit"],
                           retry_errors=values["retry_errors"], overwrite=values["overwrite"])
-        init_ray()      # only once the arguments are known good: a typo costs no cluster start
+        init_ray(config.device)     # only once the arguments are known good: a typo costs no cluster start
         summary = run_prepared(job)
     except BAD_ARGUMENTS as e:
         print_error(e)

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 DEMO_INPUT = REPO / "demo" / "data" / "sample.parquet"
 DEMO_MODEL = REPO / "demo" / "model"
@@ -261,18 +262,21 @@ def interrupted(error: BaseException, then: str) -> int:
     return 128 + signum
 
 
-def init_ray() -> None:
+def init_ray(device: str | None = None) -> None:
     """Join the cluster of RAY_ADDRESS (as under `ray job submit`), else start a local one.
 
     A local cluster gets at least 4 logical CPUs: Ray's read/write tasks, the checkpoint filter and
-    the stage actors each hold one, and on a 2-core laptop they would otherwise wait for each other."""
+    the stage actors each hold one, and on a 2-core laptop they would otherwise wait for each other.
+    `device` "cuda" on a local cluster without GPUs is refused (its replicas would wait for ever); on a
+    joined one, said (an autoscaler may add GPU nodes)."""
     import os
 
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    joined = bool(os.environ.get("RAY_ADDRESS"))
+    if joined:
         ray.init(logging_level=logging.WARNING)
     else:
         cpus = max(os.cpu_count() or 1, LOCAL_MIN_CPUS)
@@ -281,6 +285,13 @@ def init_ray() -> None:
         os.environ.setdefault(FOOTER_ACTORS_VAR, str(min(cpus, 8)))
         ray.init(num_cpus=cpus, logging_level=logging.WARNING)
     stop_on_signals()
+    if device == "cuda" and not ray.cluster_resources().get("GPU", 0):
+        if not joined:
+            ray.shutdown()
+            raise ValueError("--device cuda: this machine has no GPU that Ray sees; use --device cpu, or submit "
+                             "the job to a cluster with GPUs (RAY_ADDRESS)")
+        log.warning("--device cuda: the cluster has no GPU now; the model stage waits for one (an autoscaling "
+                    "cluster adds GPU nodes)")
 
 
 def print_rehearsal(found: dict) -> int:

@@ -64,6 +64,16 @@ def check_row_encoding(config: PipelineConfig) -> None:
                 raise ValueError(f"{name} {text!r} cannot make a row's prompt ({type(e).__name__}: {e})") from None
 
 
+def effective_image_settings(config: PipelineConfig) -> dict:
+    """The image settings a run's None stands for (the checkpoint's longest edge and splitting, the
+    processing defaults' limits), as the CPU stage's encoder applies them."""
+    with processor_folder(config.model, config.storage_options) as folder:
+        encoder = row_encoder(config, folder, image_backend="pil")
+    processor = encoder.image_processor
+    return {"image_longest_edge": processor.size["longest_edge"], "image_splitting": processor.do_image_splitting,
+            "max_image_pixels": encoder.max_image_pixels, "max_image_bytes": encoder.max_image_bytes}
+
+
 @contextlib.contextmanager
 def processor_folder(model: str, storage_options: dict | None) -> Iterator[str]:
     """A local checkpoint folder as it is; a URL's files but its weights, copied to a temporary folder."""

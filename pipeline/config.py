@@ -164,6 +164,8 @@ class PipelineConfig:
             raise ValueError(f"fetch_timeout_s must be > 0, got {self.fetch_timeout_s}")
         if self.cpus_per_replica is not None and not self.cpus_per_replica > 0:
             raise ValueError(f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
+        if self.device not in (None, "cpu", "cuda"):     # a Ray actor sees its own GPU as cuda
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.dtype not in (None, *DTYPES):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("id_column", "image_column", "question_column", "choices_column", "messages_column",

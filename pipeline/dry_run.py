@@ -14,7 +14,8 @@ import pyarrow as pa
 from .config import SETTABLE, TOKEN_SETTINGS, PipelineConfig
 from .groups import ungroup
 from .io import head_rows, input_dataset
-from .job import check_job
+from .job import check_job, check_run_arguments
+from .manifest import check_run_settings
 from .rows import ROW_HASH, error_kind, rename_columns
 from .storage import redact_url
 
@@ -39,16 +40,21 @@ def quantiles(values: list[int]) -> dict:
 
 
 def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: int = 64, resume: bool = False,
-            overwrite: bool = False, renames: dict[str, str] | None = None) -> dict:
-    """The run's checks, then its CPU stage on the first `rows` rows; returns what they showed.
-    renames: input columns the run knows by other names (as prepare_job's)."""
+            overwrite: bool = False, renames: dict[str, str] | None = None, limit: int | None = None,
+            retry_errors: str | None = None) -> dict:
+    """The run's checks (prepare_job's, writing nothing), then its CPU stage on the first `rows` rows;
+    returns what they showed. renames: input columns the run knows by other names (as prepare_job's)."""
     from .checks import processor_folder
     from .preprocess import Preprocess
 
     if rows < 1:
         raise ValueError(f"--dry-run needs at least 1 row to try, got {rows}")
+    check_run_arguments(output_uri, config, resume, limit, retry_errors)
     checked = check_job(input_uri, output_uri, config, resume=resume, renames=renames, overwrite=overwrite)
     options = checked.config.storage_options
+    if resume:
+        check_run_settings(output_uri, checked.config, resume, options)
+    input_rows = checked.input_rows if limit is None else min(checked.input_rows, limit)
     sample = first_rows(input_uri, checked.columns, checked.schema, rows, options)
     sample = rename_columns(sample, checked.renames) if checked.renames else sample
     with processor_folder(config.model, options) as folder:        # a URL's files but its weights
@@ -61,14 +67,14 @@ def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: in
     prompts = [len(ids) for _, ids in asked]
     tiles = [shape[0] for shape in groups.column("frames_shape").to_pylist() if shape]
     mean_prompt = sum(prompts) / len(prompts) if prompts else 0.0
-    return {"input": redact_url(input_uri), "output": redact_url(output_uri), "input_rows": checked.input_rows,
+    return {"input": redact_url(input_uri), "output": redact_url(output_uri), "input_rows": input_rows,
             "rows_tried": encoded.num_rows, "error_rows": len(errors),
             "errors_by_kind": dict(Counter(error_kind(e) for _, e in errors).most_common()),
             "error_examples": [{"id": i, "error": e} for i, e in errors[:EXAMPLES_SHOWN]],
             "prompt_tokens": quantiles(prompts), "images_tried": len(tiles), "tiles_per_image": quantiles(tiles),
             "repeated_questions": len(asked) - len(set(asked)),
-            "estimated_prompt_tokens": round(mean_prompt * checked.input_rows),
-            "estimated_error_rows": round(len(errors) / max(encoded.num_rows, 1) * checked.input_rows),
+            "estimated_prompt_tokens": round(mean_prompt * input_rows),
+            "estimated_error_rows": round(len(errors) / max(encoded.num_rows, 1) * input_rows),
             "max_new_tokens": checked.config.max_new_tokens,
             "decoding": {name: getattr(checked.config, name) for name in (*SETTABLE, *TOKEN_SETTINGS)},
             "settings_from_generation_config": checked.generation_defaults}

@@ -196,6 +196,22 @@ def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume
     return CheckedJob(config, columns, schema, sum(meta.num_rows for meta in footers.values()), renames, taken)
 
 
+def check_run_arguments(output_uri: str, config: PipelineConfig, resume: bool, limit: int | None,
+                        retry_errors: str | None) -> None:
+    """The checks of a run's limit and retried errors against the output (a dry run's too)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if limit is not None and resume:
+        # Ray Data pushes a limit down to the read, before the checkpoint's filter of rows already
+        # written, so a resumed run with one would take rows it then skips.
+        raise ValueError("limit is for a fresh run; resume without it to answer the rest")
+    if retry_errors is not None and not resume:
+        raise ValueError("retry_errors answers again the error rows of the run an output holds: resume it")
+    if retry_errors is not None and not has_run(output_uri, config.storage_options):
+        raise ValueError(f"retry_errors: the output {redact_url(output_uri)!r} holds no earlier run whose error "
+                         "rows to answer again")
+
+
 def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
                 limit: int | None = None, only_ids: list[str] | None = None,
                 renames: dict[str, str] | None = None, overwrite: bool = False,
@@ -208,17 +224,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     `overwrite`: a fresh run may start over in an output that holds an earlier run's answers.
     `retry_errors` (with resume): the earlier run's error rows whose error holds this text ("": all)
     are answered again (pipeline.retry), once the run's settings are found to be the same."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    if limit is not None and resume:
-        # Ray Data pushes a limit down to the read, before the checkpoint's filter of rows already
-        # written, so a resumed run with one would take rows it then skips.
-        raise ValueError("limit is for a fresh run; resume without it to answer the rest")
-    if retry_errors is not None and not resume:
-        raise ValueError("retry_errors answers again the error rows of the run an output holds: resume it")
-    if retry_errors is not None and not has_run(output_uri, config.storage_options):
-        raise ValueError(f"retry_errors: the output {redact_url(output_uri)!r} holds no earlier run whose error "
-                         "rows to answer again")
+    check_run_arguments(output_uri, config, resume, limit, retry_errors)
     checked = check_job(input_uri, output_uri, config, resume=resume, renames=renames, overwrite=overwrite)
     config, columns, schema, input_rows, renames = (checked.config, checked.columns, checked.schema,
                                                     checked.input_rows, checked.renames)

@@ -87,6 +87,25 @@ def differences(earlier: dict, now: dict, also_same: dict | None = None) -> list
     return changed
 
 
+IMAGE_DEFAULTED = ("image_longest_edge", "image_splitting", "max_image_pixels", "max_image_bytes")
+
+
+def with_image_defaults(earlier: dict, now: dict, config: PipelineConfig) -> tuple[dict, dict]:
+    """Both runs' image settings with None as what it stood for (the checkpoint's, the defaults'): a
+    setting given at that value one time and left out the other is the same setting."""
+    if all(earlier.get(name) == now[name] for name in IMAGE_DEFAULTED):
+        return earlier, now
+    from .checks import effective_image_settings
+
+    try:
+        effective = effective_image_settings(config)
+    except Exception:       # a checkpoint whose processor files this process cannot read (a hub id): as given
+        return earlier, now
+    resolved = lambda settings: {**settings, **{n: effective[n] for n in IMAGE_DEFAULTED  # noqa: E731
+                                                if settings.get(n) is None}}
+    return resolved(earlier), resolved(now)
+
+
 def manifest_path(output: str) -> str:
     return sibling(output, ".run.json")
 
@@ -94,6 +113,13 @@ def manifest_path(output: str) -> str:
 def keep_run_settings(output: str, config: PipelineConfig, resume: bool, storage_options: dict | None) -> None:
     """Write this run's settings beside the output; a resumed run first checks that they are those
     of the run it continues (ValueError naming each difference)."""
+    now = check_run_settings(output, config, resume, storage_options)
+    write_text(manifest_path(output), json.dumps(now, indent=2), storage_options)
+
+
+def check_run_settings(output: str, config: PipelineConfig, resume: bool, storage_options: dict | None) -> dict:
+    """This run's settings (as run.json will hold them), after a resumed run's check that they are those
+    of the run it continues."""
     path = manifest_path(output)
     now = json.loads(json.dumps(run_settings(config)))     # as they will read back (lists, not tuples)
     fs, local = fsspec_fs(path, storage_options)
@@ -106,9 +132,9 @@ def keep_run_settings(output: str, config: PipelineConfig, resume: bool, storage
         legacy = {key: names_and_sizes_fingerprint(source, config.storage_options)
                   for key, source in (("checkpoint", config.model), ("adapter", config.adapter))
                   if source and not is_local(source) and earlier.get(key) != now[key]}
-        changed = differences(earlier, now, legacy)
+        changed = differences(*with_image_defaults(earlier, now, config), legacy)
         if changed:
             raise ValueError(f"cannot resume into {output!r} with other settings than its earlier run ("
                              + "; ".join(changed) + "): its answers would be a mix. Use the earlier settings, "
                              "or a new output")
-    write_text(path, json.dumps(now, indent=2), storage_options)
+    return now

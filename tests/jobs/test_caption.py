@@ -1,6 +1,7 @@
 """jobs.caption as a user runs it: a subprocess with its own local Ray, killed with SIGKILL, then --resume."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,6 +204,8 @@ def test_flags_reach_the_pipeline_config(tmp_path):
         pipeline_config(merge_args(parse_args(["--presence-penalty", "1", "--num-beams", "2"]), DEFAULTS))
     with pytest.raises(ValueError, match="dtype must be one of bfloat16, float16, float32, got 'fp8'"):
         pipeline_config(merge_args(parse_args(["--dtype", "fp8"]), DEFAULTS))
+    with pytest.raises(ValueError, match="device must be cpu or cuda, got 'tpu'"):    # (an actor's traceback)
+        pipeline_config(merge_args(parse_args(["--device", "tpu"]), DEFAULTS))
     with pytest.raises(ValueError, match="top_k must be >= 0"):         # else every row an error row
         pipeline_config(merge_args(parse_args(["--top-k", "-1"]), DEFAULTS))
     with pytest.raises(ValueError, match="max_image_pixels must be >= 1"):
@@ -331,3 +334,14 @@ def test_the_demo_run_again_starts_its_own_output_over(tmp_path, monkeypatch, ca
     assert job.main(["--dry-run", "1"]) == 0
     assert job.main(["--dry-run", "1", "--output", str(demo_output)]) == 2      # an output of the user's: kept
     assert "already holds" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a machine with a GPU has one for --device cuda")
+def test_device_cuda_on_a_local_cluster_without_gpus_is_refused_at_once(checkpoint, tmp_path):
+    """Its replicas asked Ray for a GPU and waited for ever (the autoscaler's 'No available node types')."""
+    write_parquet(tmp_path / "in.parquet", [{"image": png(24, 24), "question": "Row?"}])
+    log = tmp_path / "log.txt"
+    process = caption("--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model",
+                      str(checkpoint), "--device", "cuda", log=log)
+    text = finish(process, log, timeout=120)
+    assert process.returncode == 2 and "--device cuda: this machine has no GPU that Ray sees" in text, text[-3000:]

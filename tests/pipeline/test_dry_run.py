@@ -66,3 +66,28 @@ def test_a_rehearsal_fails_as_the_run_would(checkpoint, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert caption.main([*argv, "--dry-run", "0"]) == 2
     assert "at least 1 row" in capsys.readouterr().err
+
+
+def test_a_rehearsal_refuses_what_the_run_would_refuse_and_writes_nothing(checkpoint, tmp_path, capsys):
+    """--dry-run made check_job's checks only: a resume with other settings, --limit with --resume or 0,
+    --retry-errors into an output of no earlier run passed the rehearsal and were refused by the run."""
+    from pipeline import PipelineConfig
+    from pipeline.job import prepare_job
+
+    rows = rows_of_every_kind(tmp_path)
+    write_parquet(tmp_path / "in.parquet", rows)
+    out = tmp_path / "out"
+    argv = ["--input", str(tmp_path / "in.parquet"), "--output", str(out), "--model", str(checkpoint), "--dry-run"]
+    prepare_job(str(tmp_path / "in.parquet"), str(out), PipelineConfig(model=str(checkpoint), max_new_tokens=4))
+    run_json = (tmp_path / "out.run.json").read_text()
+    for extra, refusal in [(["--resume", "--max-new-tokens", "5"], "other settings than its earlier run"),
+                           (["--resume", "--max-new-tokens", "4", "--limit", "3"], "limit is for a fresh run"),
+                           (["--limit", "0"], "limit must be >= 1"),
+                           (["--output", str(tmp_path / "fresh"), "--retry-errors"], "holds no earlier run")]:
+        assert caption.main([*argv, *extra]) == 2, extra
+        assert refusal in capsys.readouterr().err, extra
+    assert caption.main([*argv, "--resume", "--max-new-tokens", "4"]) == 0     # the same settings: goes on
+    assert (tmp_path / "out.run.json").read_text() == run_json
+    capsys.readouterr()
+    assert caption.main([*argv, "--output", str(tmp_path / "o2"), "--limit", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_rows"] == 3                  # what the run would answer

@@ -346,6 +346,8 @@ def test_error_rows_are_counted_by_stage_and_cause(server):
                                              "read image: image is null"]
     assert error_kind("preprocess: ImageDecodeError: corrupt image header: OSError: Truncated") == \
         "preprocess: ImageDecodeError"                      # what ended the row, not what it wrapped
+    assert error_kind("prepare: RowError: the row's settings name 'bogus', not one a row may set (it may: a)") == \
+        "prepare: the row's settings name '…', not one a row may set"      # its value left out, not its cause
 
 
 def test_an_input_the_server_refuses_is_one_line_without_its_signature(server, checkpoint, tmp_path):

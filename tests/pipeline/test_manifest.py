@@ -68,3 +68,23 @@ def test_run_job_refuses_before_any_work(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="max_new_tokens: 64 -> 8"):
         run_job(str(tmp_path / "in"), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint), max_new_tokens=8),
                 resume=True)
+
+
+def test_image_settings_given_at_the_value_they_default_to_are_the_same_on_resume(checkpoint, tmp_path):
+    """None stands for the checkpoint's longest edge and splitting, and processing's limits: given at that
+    value one time and left out the other, a resume goes on; at another value, it is refused (naming
+    the values None stood for)."""
+    from dataclasses import replace
+
+    from pipeline.checks import effective_image_settings
+
+    out, plain = str(tmp_path / "out"), PipelineConfig(model=str(checkpoint))
+    given = replace(plain, **effective_image_settings(plain))
+    assert given.image_longest_edge and given.max_image_pixels and given.max_image_bytes
+    for first, then in ((given, plain), (plain, given)):
+        keep_run_settings(out, first, resume=False, storage_options=None)
+        keep_run_settings(out, then, resume=True, storage_options=None)
+    edge = given.image_longest_edge
+    with pytest.raises(ValueError, match=f"image_longest_edge: {edge} -> {2 * edge}.*image_splitting: True -> False"):
+        keep_run_settings(out, replace(given, image_longest_edge=edge * 2,
+                                       image_splitting=not given.image_splitting), resume=True, storage_options=None)
