@@ -105,7 +105,7 @@ def score_rows(table: pa.Table, metric: str) -> pa.Table:
     primary = get_metric(metric)
     secondary = [m for m in SECONDARY_METRICS if m != metric]
     scores: dict[str, list[float]] = {"score": [], **{m: [] for m in secondary}}
-    texts = _numbers_as_text(table.select([c for c in ("answer", "answers") if c in table.column_names]))
+    texts = numbers_as_text(table.select([c for c in ("answer", "answers") if c in table.column_names]))
     for row, text in zip(table.to_pylist(), texts.to_pylist()):
         failed = is_error_row(row)
         scores["score"].append(0.0 if failed else primary(text.get("answer"), text["answers"]))
@@ -116,7 +116,7 @@ def score_rows(table: pa.Table, metric: str) -> pa.Table:
     return _string_typed(table)
 
 
-def _numbers_as_text(table: pa.Table) -> pa.Table:
+def numbers_as_text(table: pa.Table) -> pa.Table:
     """Float columns (and lists of floats) as Arrow writes them as text: the shortest form of the value
     in its own width (a float32 0.1 is "0.1", not 0.10000000149011612) and 3.0 as "3"."""
     for k, field in enumerate(table.schema):

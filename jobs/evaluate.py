@@ -158,7 +158,7 @@ def choose_suffix(args: argparse.Namespace) -> str:
 
 def choose_metric(args: argparse.Namespace) -> str:
     """--metric, else the one an evaluation's own predictions were scored with, else the benchmark's."""
-    earlier = args.predictions and not args.input and earlier_metric(args.predictions, storage_options(args))
+    earlier = args.predictions and earlier_metric(args.predictions, storage_options(args))
     name = benchmark_name(args)
     if args.metric or earlier or name:
         return args.metric or earlier or DATASET_METRICS[name]
@@ -243,9 +243,11 @@ def baseline_file(uri: str, options: dict) -> str:
     """--baseline's predictions: the file named, or the predictions.parquet of the run folder named."""
     from pipeline.storage import fsspec_fs
 
-    if uri.endswith(".parquet"):
-        return uri
     fs, path = fsspec_fs(uri, options)
+    if uri.endswith(".parquet"):
+        if not fs.exists(path):
+            raise FileNotFoundError(f"--baseline {redact_url(uri)!r}: no such file")
+        return uri
     inside = f"{path.rstrip('/')}/{PREDICTIONS_FILE}"
     if not fs.exists(inside):
         raise FileNotFoundError(f"--baseline {redact_url(uri)!r} is neither a .parquet file nor an evaluation's "
@@ -441,11 +443,12 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
     args = resolve_demo(args)
     metric = choose_metric(args)
     args.output = default_output(args)
+    baseline_path = args.baseline and baseline_file(args.baseline, storage_options(args))    # before a long run
     scored, run = gather_predictions(args, metric)
     scored = score_rows(scored, metric)
     summary = summarize(scored, metric)
     if args.baseline:
-        baseline = read_predictions(baseline_file(args.baseline, storage_options(args)), args)
+        baseline = read_predictions(baseline_path, args)
         scored = baseline_scores(scored, baseline, metric)
         summary["baseline"] = compare(scored, redact_url(args.baseline), baseline.num_rows)
     sources = {k: redact_url(v) for k, v in (("model", args.model), ("input", args.input),
@@ -480,10 +483,16 @@ def rehearse(args: argparse.Namespace) -> dict:
     metric = choose_metric(args)
     if args.predictions or not args.model:
         raise ValueError("--dry-run rehearses a model run: give --input and --model (not --predictions)")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.baseline:
+        baseline_file(args.baseline, storage_options(args))
     checked_truth(args, metric)
     config, truth = model_run_config(args)
+    # a resumed evaluation may keep its --limit (it answers the first rows' missing ones, by id)
     found = dry_run(args.input, raw_output(default_output(args)), config, rows=args.dry_run,
-                    resume=bool(args.resume), overwrite=bool(args.overwrite), renames=truth)
+                    resume=bool(args.resume), overwrite=bool(args.overwrite), renames=truth,
+                    limit=None if args.resume else args.limit, retry_errors=args.retry_errors)
     return {"metric": metric, **found}
 
 

@@ -436,3 +436,47 @@ def test_a_benchmark_without_its_ground_truth_column_lists_all_its_columns(tmp_p
     assert job.main(["--input", str(tmp_path / "b.parquet"), "--predictions", str(tmp_path / "p.parquet"),
                      "--output", str(tmp_path / "o"), "--metric", "exact_match"]) == 2
     assert "columns: ['id', 'image', 'question', 'answer']" in capsys.readouterr().err
+
+
+def test_an_evaluations_own_output_joined_to_its_benchmark_is_scored_again_with_its_metric(tmp_path):
+    """With --input too, the metric of the metrics.json beside the predictions wins over the benchmark's
+    name (a DocVQA-named file scored ANLS predictions made with exact_match)."""
+    pq.write_table(pa.table({"id": ["a", "b"], "answer": ["red", "Red car"]}), tmp_path / "p.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "answers": [["red"], ["red"]]}), tmp_path / "docvqa_val.parquet")
+    first, again = tmp_path / "mine", tmp_path / "again"
+    bench = ["--input", str(tmp_path / "docvqa_val.parquet")]
+    assert job.main(["--predictions", str(tmp_path / "p.parquet"), *bench, "--output", str(first), "--metric",
+                     "exact_match"]) == 0
+    assert job.main(["--predictions", str(first / "predictions.parquet"), *bench, "--output", str(again)]) == 0
+    assert json.loads((again / "metrics.json").read_text())["metric"] == "exact_match"
+
+
+def test_a_baseline_of_numbers_scores_as_this_runs_numbers(tmp_path):
+    """A float32 answer 0.1 is "0.1" for this run and for the baseline alike (compared with itself, the
+    baseline scored 0 and the delta was 1.0)."""
+    pq.write_table(pa.table({"id": ["a", "b"], "answer": pa.array([0.1, 3.0], pa.float32())}), tmp_path / "p.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "answers": [["0.1"], ["3"]]}), tmp_path / "bench.parquet")
+    out = tmp_path / "o"
+    assert job.main(["--predictions", str(tmp_path / "p.parquet"), "--input", str(tmp_path / "bench.parquet"),
+                     "--output", str(out), "--metric", "exact_match", "--baseline", str(tmp_path / "p.parquet")]) == 0
+    base = json.loads((out / "metrics.json").read_text())["baseline"]
+    assert (base["score"], base["baseline_score"], base["delta"]) == (1.0, 1.0, 0.0)
+    assert pq.read_table(out / "predictions.parquet").column("baseline_answer").to_pylist() == ["0.1", "3"]
+
+
+def test_a_missing_baseline_or_a_bad_limit_is_refused_before_the_model_runs_and_by_the_dry_run(tmp_path, capsys):
+    from jobs.common import DEMO_MODEL
+
+    pq.write_table(pa.table({"id": ["a", "b"], "image": [png("red"), png("blue")], "question": ["Colour?"] * 2,
+                             "answers": [["red"], ["blue"]]}), tmp_path / "bench.parquet")
+    run = ["--input", str(tmp_path / "bench.parquet"), "--model", str(DEMO_MODEL), "--output", str(tmp_path / "o"),
+           "--metric", "exact_match"]
+    for extra, refusal in [(["--baseline", str(tmp_path / "nowhere")], "neither a .parquet file nor"),
+                           (["--baseline", str(tmp_path / "none.parquet")], "no such file"),
+                           (["--limit", "0"], "--limit must be >= 1")]:
+        for rehearsal in (["--dry-run", "1"], []):
+            assert job.main([*run, *extra, *rehearsal]) == 2, (extra, rehearsal)
+            assert refusal in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert job.main([*run, "--dry-run", "2", "--limit", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_rows"] == 1
