@@ -26,7 +26,7 @@ from model.config import CONFIG_NAME, Idefics3Config, check_tp
 from model.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HUB_PATTERNS, INDEX_FILE, SINGLE_FILE, CheckpointError,
                          adapter_files, check_adapter_config, check_complete_safetensors, is_hub_id, weight_files)
 
-from .storage import fsspec_fs, is_local, private_temp_folder, reader_fs, redact_url
+from .storage import fsspec_fs, is_local, private_temp_folder, reader_fs, reading_store, redact_url
 
 CACHE_ENV = "IDEFICS3_CHECKPOINT_CACHE"     # default: <temp dir>/idefics3-checkpoints-<uid>
 COMPLETE = ".complete.json"
@@ -47,7 +47,9 @@ def remote_listing(uri: str, storage_options: dict | None) -> dict[str, dict]:
     """The checkpoint's wanted files under `uri`: relative path -> the store's facts about it."""
     fs, root = reader_fs(uri, storage_options)
     found = {}
-    for path, info in fs.find(root, detail=True).items():
+    with reading_store("model", uri):   # an endpoint it cannot reach, a refusal: one line, not a traceback
+        listing = fs.find(root, detail=True)
+    for path, info in listing.items():
         wanted = any(fnmatch.fnmatch(posixpath.basename(path), p) for p in HUB_PATTERNS)
         relative = relative_key(path, root) if wanted else None
         if relative:

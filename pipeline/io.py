@@ -11,7 +11,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray.data
 
-from .storage import arrow_fs, fsspec_fs, is_local, protocol_of, redact_url, redact_urls
+from .storage import arrow_fs, fsspec_fs, is_local, protocol_of, reading_store
 
 WHOLE_FILE_BYTES = 4 << 20
 
@@ -54,15 +54,9 @@ def visible_matches(paths: list[str], pattern: str) -> list[str]:
 
 @contextmanager
 def reading_input(uri: str):
-    """A store's refusal while the driver looks at the input (an HTTP 403 of an expired pre-signed
-    URL, a 503) as a PermissionError naming it, its URLs redacted: the job's one-line error."""
-    try:
+    """A store's refusal while the driver looks at the input (storage.reading_store)."""
+    with reading_store("input", uri):
         yield
-    except (FileNotFoundError, PermissionError):
-        raise
-    except Exception as e:
-        raise PermissionError(f"input {redact_url(uri)!r} cannot be read: {type(e).__name__}: "
-                              f"{redact_urls(str(e))}") from None
 
 
 def input_folder(uri: str, storage_options: dict | None = None) -> str:
@@ -189,9 +183,9 @@ def read_output(uri: str, storage_options: dict | None = None, columns: list[str
     """The output folder as one Arrow table (driver side: summaries, resume, tests; read_files), or
     its first `limit` rows; None when empty."""
     if limit is not None:
-        filesystem, path = arrow_fs(uri, storage_options)
-        try:
-            dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
+        filesystem, _ = arrow_fs(uri, storage_options)
+        try:        # its .parquet files only: an output folder may hold others (a README, a foreign object)
+            dataset = pads.dataset(parquet_files(uri, storage_options), filesystem=filesystem, format="parquet")
         except (FileNotFoundError, OSError):
             return None
         return head_rows(dataset, limit, columns) if dataset.files else None

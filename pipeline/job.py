@@ -27,7 +27,7 @@ from .resume import checkpoint_config, clean_pending_commits, clear_checkpoint, 
 from .retry import drop_error_rows
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
 from .run_stats import RunCounter
-from .storage import fsspec_fs, has_files, redact_url, sibling, write_text
+from .storage import fsspec_fs, has_files, is_local, lists_folders, redact_url, sibling, write_text
 
 COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
 ERROR_KINDS_SHOWN = 10
@@ -66,6 +66,9 @@ def check_output(output: str, storage_options: dict | None, resume: bool, overwr
     """A fresh run needs an empty output (or leave to empty it); a resumed one needs the checkpoint
     of the run it continues."""
     fs, path = fsspec_fs(output, storage_options)
+    if not is_local(output) and lists_folders(output) and "/" not in path.strip("/"):    # an object store's
+        raise ValueError(f"output {output!r} is a bucket's root: --output names a folder inside a bucket (the "
+                         "run's files are written beside it: <output>.run.json, .checkpoint, .summary.json)")
     if fs.isfile(path):
         raise FileExistsError(f"output {output!r} is a file: --output names a folder (of Parquet files)")
     written = has_files(output, storage_options)

@@ -15,7 +15,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
@@ -174,3 +174,17 @@ def private_temp_folder(name: str) -> Path:
         raise PermissionError(f"{folder} is not a folder of this user's alone (owner uid {found.st_uid}, mode "
                               f"{stat.filemode(found.st_mode)}): remove it, or name another folder")
     return folder
+
+
+@contextlib.contextmanager
+def reading_store(what: str, uri: str) -> Iterator[None]:
+    """A store's refusal while the driver reads `what` ("input", "model": an HTTP 403 of an expired
+    pre-signed URL, a 503, an endpoint it cannot reach) as a PermissionError naming it, its URLs
+    redacted: the job's one-line error."""
+    try:
+        yield
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:
+        raise PermissionError(f"{what} {redact_url(uri)!r} cannot be read: {type(e).__name__}: "
+                              f"{redact_urls(str(e))}") from None

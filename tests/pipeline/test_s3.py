@@ -380,3 +380,33 @@ def test_a_process_that_read_the_first_rows_of_files_on_s3_exits_cleanly(s3, tmp
     for _ in range(2):
         done = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120)
         assert (done.returncode, done.stdout.split()) == (0, ["5", "3"]), done.stderr[-2000:]
+
+
+def test_a_bucket_root_output_an_unreachable_model_store_and_foreign_objects_are_one_line_or_skipped(
+        s3, checkpoint, tmp_path):
+    """An output at a bucket's root passed the checks (and --dry-run) and failed at its first write
+    (its run files would be other buckets: s3://root.run.json); a model store the driver cannot reach
+    was a 150-line traceback; a non-Parquet object in an output folder failed the rows printed after
+    a finished run."""
+    from pipeline.checkpoint import remote_listing
+    from pipeline.job import prepare_job
+
+    rows = good_rows(2)
+    s3.mkdir("rootout")
+    s3.pipe("bucket/root-in/rows.parquet", table_bytes(rows))
+    with pytest.raises(ValueError, match=r"output 's3://rootout/' is a bucket's root: --output names a folder"):
+        prepare_job("s3://bucket/root-in/rows.parquet", "s3://rootout/", PipelineConfig(model=str(checkpoint)))
+    unreachable = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}"},
+                   "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    with pytest.raises(PermissionError, match=r"^model 's3://bucket/any' cannot be read: EndpointConnectionError"):
+        remote_listing("s3://bucket/any", unreachable)
+    for k, part in enumerate((rows[:1], rows[1:])):
+        s3.pipe(f"bucket/foreign-out/part-{k}.parquet", table_bytes(part))
+    s3.pipe("bucket/foreign-out/notes.txt", b"mine")
+    assert read_output("s3://bucket/foreign-out", limit=5).num_rows == 2
+
+
+def table_bytes(rows: list[dict]) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    return sink.getvalue()
