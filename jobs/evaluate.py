@@ -374,6 +374,11 @@ def input_has_ids(args: argparse.Namespace) -> bool:
     return args.id_column in parquet_dataset(args.input, storage_options(args)).schema.names
 
 
+def check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+
+
 def checked_truth(args: argparse.Namespace, metric: str) -> pa.Table | None:
     """The benchmark's ground truth (its first --limit rows), checked for the metric: the table to
     join by id where the benchmark has ids; None where it has none (its rows carry their answers
@@ -394,8 +399,7 @@ def gather_predictions(args: argparse.Namespace, metric: str) -> tuple[pa.Table,
     --limit ones with it); and the model run's summary (None when --predictions are scored)."""
     from pipeline.rows import keep_ids
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    check_limit(args.limit)
     truth = checked_truth(args, metric) if args.input else None     # before a long model run, not after it
     if truth is None and args.input and args.predictions:
         raise ValueError(f"{args.input} has no {args.id_column!r} column to join the predictions on (--id-column)")
@@ -483,8 +487,7 @@ def rehearse(args: argparse.Namespace) -> dict:
     metric = choose_metric(args)
     if args.predictions or not args.model:
         raise ValueError("--dry-run rehearses a model run: give --input and --model (not --predictions)")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    check_limit(args.limit)
     if args.baseline:
         baseline_file(args.baseline, storage_options(args))
     checked_truth(args, metric)
