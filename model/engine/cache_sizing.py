@@ -1,4 +1,5 @@
-"""How large the engine's KV cache is, and the per-row state made beside it."""
+"""How large the engine's KV cache is, when it is (re)made (a mixin of LLMEngine), and the per-row state
+made beside it."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,7 +9,9 @@ import torch
 
 from .kv_cache import CachePlan, KVCache, plan_cache
 from .logprobs import HostLogprobs
+from .runner import ModelRunner
 from .sampler import SamplingState
+from .scheduler import Scheduler, Sequence
 
 GIB = 1 << 30
 
@@ -66,3 +69,64 @@ class RowState:
                 if device.type == "cuda" else [])
         return cls(SamplingState.empty(rows, vocab, device), torch.zeros(rows, dtype=torch.int64, device=device),
                    host, [HostLogprobs(rows) for _ in host])
+
+
+class CacheSizing:
+    """Needs the engine's settings (kv_cache_tokens, max_batch_size, overlap, compile, ...), model,
+    text_config, dtype, device, prefixes and _pending."""
+
+    def kv_token_budget(self, bytes_per_token: int, max_len: int) -> int:
+        """Tokens the KV cache may hold (a hook: tensor-parallel ranks agree on the smallest)."""
+        if self.kv_cache_tokens is not None:
+            return self.kv_cache_tokens
+        return default_token_budget(self.device, bytes_per_token, max_len, self.max_batch_size)
+
+    def _positions_needed(self, seq: Sequence) -> int:
+        # A step in flight may advance a finished row one position more; a request of no answer
+        # leaves its free row's idle decode steps writing one position past its prompt.
+        return seq.max_length + self.overlap + (seq.max_new_tokens == 0)
+
+    def _slots_for(self, need_len: int) -> int:
+        return slots_within(self.text_config, self.dtype, need_len, self.max_batch_size, self.kv_token_budget)
+
+    def _fits_set_budget(self, need_len: int, slots: int) -> bool:
+        return slots_within(self.text_config, self.dtype, need_len, slots, lambda *_: self.kv_cache_tokens) >= 1
+
+    def _ensure_cache(self, need_len: int, resize: bool = False) -> ModelRunner:
+        """A cache for need_len positions: grown when shorter; with `resize`, planned anew (maybe shorter,
+        for more slots)."""
+        old_len = 0 if self.runner is None else self.runner.cache.max_len
+        if old_len >= need_len and not (resize and old_len != need_len):
+            return self.runner
+        self.runner = self._scheduler = None        # free the old cache before sizing the new one; new slots
+        self.prefixes.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        plan = plan_for(self.text_config, self.dtype, need_len, 0 if resize else old_len, self.max_batch_size,
+                        self.kv_token_budget, ModelRunner.min_rows(self.compile))
+        self.slots = plan.slots
+        self.runner = ModelRunner(self.model, empty_cache(self.text_config, plan, self.dtype, self.device),
+                                  use_cuda_graphs=self.use_cuda_graphs, compile=self.compile,
+                                  max_image_frames=self.max_image_frames, batched_prefill=self.batched_prefill)
+        self.row_state = RowState.empty(plan.rows, self.text_config.vocab_size, self.device)
+        return self.runner
+
+    def _within_set_budget(self, scorers: list[Sequence]) -> list[Sequence]:
+        """Scorers a set KV budget has room for; the others are not run, as those past the context
+        (their choices score None), rather than fail the step of every request."""
+        if self.kv_cache_tokens is None:
+            return scorers
+        for scorer in scorers:
+            if not self._fits_set_budget(self._positions_needed(scorer), 1):
+                scorer.finish_reason = "length"
+        return [s for s in scorers if s.finish_reason is None]
+
+    def _size_cache_for_pending(self) -> None:
+        """Nothing runs: a cache for the longest pending request, unless the first one's beams would not
+        fit it: then one for that request (a longer one behind waits for the cache to grow again)."""
+        need, head = max(map(self._positions_needed, self._pending)), self._pending[0]
+        beams = Scheduler.slots_needed(head)
+        if beams > 1 and beams > self._slots_for(max(need, self.runner.cache.max_len if self.runner else 0)):
+            self._ensure_cache(self._positions_needed(head), resize=True)
+        else:
+            self._ensure_cache(need)

@@ -7,7 +7,8 @@ once (`generate`) or as they arrive (`add_requests` / `step`, and EngineLoop for
 Requests naming the same image (`Request.image_key`) encode it once (image_cache) and, by default,
 share the K/V of their prompt up to the image's end (prefix_cache): a later one prefills only its
 own question. Its steps' parts live beside it: how a row's token is chosen (token_choice), the beam
-searches' steps (beam_steps), how requests end and what they return (endings).
+searches' steps (beam_steps), how requests end and what they return (endings), the KV cache's size
+(cache_sizing).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from ..lm_head import pad_lm_head
 from ..pointwise import compile_pointwise
 from .beam_groups import add_companions
 from .beam_steps import BeamSteps
-from .cache_sizing import RowState, default_token_budget, empty_cache, plan_for, slots_within
+from .cache_sizing import CacheSizing
 from .constraints import EngineConstraints
 from .continuation import folded, runnable_prefix
 from .endings import RequestEndings
@@ -64,7 +65,7 @@ class DecodeStep:
     logprobs: StepLogprobs | None = None     # when a request asks for them
 
 
-class LLMEngine(TokenChoice, BeamSteps, RequestEndings):
+class LLMEngine(CacheSizing, TokenChoice, BeamSteps, RequestEndings):
     """Serves `generate(requests)` from one model. The model is put in eval mode and its q/k/v and
     gate/up projections are fused in place (model.fusion: same state dict, same memory); on CPU in
     float32 (or bfloat16 where the CPU has it natively) the projections also get a copy packed for
@@ -114,43 +115,6 @@ class LLMEngine(TokenChoice, BeamSteps, RequestEndings):
         self.image_names = ImageNames()             # for the samples and scorers of unnamed images
         self.stats = {"prefill_s": 0.0, "prefills": 0, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0,
                       "images_encoded": 0, "prefix_tokens_reused": 0}
-
-    # ---- cache sizing -------------------------------------------------------------------------
-    def kv_token_budget(self, bytes_per_token: int, max_len: int) -> int:
-        """Tokens the KV cache may hold (a hook: tensor-parallel ranks agree on the smallest)."""
-        if self.kv_cache_tokens is not None:
-            return self.kv_cache_tokens
-        return default_token_budget(self.device, bytes_per_token, max_len, self.max_batch_size)
-
-    def _positions_needed(self, seq: Sequence) -> int:
-        # A step in flight may advance a finished row one position more; a request of no answer
-        # leaves its free row's idle decode steps writing one position past its prompt.
-        return seq.max_length + self.overlap + (seq.max_new_tokens == 0)
-
-    def _slots_for(self, need_len: int) -> int:
-        return slots_within(self.text_config, self.dtype, need_len, self.max_batch_size, self.kv_token_budget)
-
-    def _fits_set_budget(self, need_len: int, slots: int) -> bool:
-        return slots_within(self.text_config, self.dtype, need_len, slots, lambda *_: self.kv_cache_tokens) >= 1
-
-    def _ensure_cache(self, need_len: int, resize: bool = False) -> ModelRunner:
-        """A cache for need_len positions: grown when shorter; with `resize`, planned anew (maybe shorter,
-        for more slots)."""
-        old_len = 0 if self.runner is None else self.runner.cache.max_len
-        if old_len >= need_len and not (resize and old_len != need_len):
-            return self.runner
-        self.runner = self._scheduler = None        # free the old cache before sizing the new one; new slots
-        self.prefixes.clear()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        plan = plan_for(self.text_config, self.dtype, need_len, 0 if resize else old_len, self.max_batch_size,
-                        self.kv_token_budget, ModelRunner.min_rows(self.compile))
-        self.slots = plan.slots
-        self.runner = ModelRunner(self.model, empty_cache(self.text_config, plan, self.dtype, self.device),
-                                  use_cuda_graphs=self.use_cuda_graphs, compile=self.compile,
-                                  max_image_frames=self.max_image_frames, batched_prefill=self.batched_prefill)
-        self.row_state = RowState.empty(plan.rows, self.text_config.vocab_size, self.device)
-        return self.runner
 
     # ---- requests -----------------------------------------------------------------------------
     def check_request(self, request: Request) -> None:
@@ -238,16 +202,6 @@ class LLMEngine(TokenChoice, BeamSteps, RequestEndings):
                 self._pending += self._within_set_budget(add_scorers(seq, self.tokenizer, self._sequence))
         return seqs
 
-    def _within_set_budget(self, scorers: list[Sequence]) -> list[Sequence]:
-        """Scorers a set KV budget has room for; the others are not run, as those past the context
-        (their choices score None), rather than fail the step of every request."""
-        if self.kv_cache_tokens is None:
-            return scorers
-        for scorer in scorers:
-            if not self._fits_set_budget(self._positions_needed(scorer), 1):
-                scorer.finish_reason = "length"
-        return [s for s in scorers if s.finish_reason is None]
-
     def _admit_pending(self) -> None:
         """Pending requests join the scheduler in arrival order while they fit the cache. The cache
         is (re)sized only when nothing runs; a request too long for it waits for that, and so do
@@ -270,16 +224,6 @@ class LLMEngine(TokenChoice, BeamSteps, RequestEndings):
                 self._finished.append(seq)
                 continue
             self._scheduler.add(self._pending.pop(0))
-
-    def _size_cache_for_pending(self) -> None:
-        """Nothing runs: a cache for the longest pending request, unless the first one's beams would not
-        fit it: then one for that request (a longer one behind waits for the cache to grow again)."""
-        need, head = max(map(self._positions_needed, self._pending)), self._pending[0]
-        beams = Scheduler.slots_needed(head)
-        if beams > 1 and beams > self._slots_for(max(need, self.runner.cache.max_len if self.runner else 0)):
-            self._ensure_cache(self._positions_needed(head), resize=True)
-        else:
-            self._ensure_cache(need)
 
     def _step(self) -> list[Sequence]:
         if not self.has_unfinished():
