@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from evaluation import benchmarks
 from evaluation.metrics import exact_match
 from jobs import evaluate as job
 from tests.fixtures.checkpoints import build_checkpoint
@@ -166,7 +167,7 @@ def test_a_known_benchmarks_questions_get_its_instruction(ray_cluster, checkpoin
                      "--question-column", "prompt", "--answers-column", "gt", "--image-column", "picture",
                      "--max-new-tokens", "2", "--num-beams", "2"]) == 0
     rows = pq.read_table(out / "predictions.parquet").to_pylist()
-    assert [r["question"] for r in rows] == ["Colour?" + job.SHORT_ANSWER, "Shape?" + job.SHORT_ANSWER]
+    assert [r["question"] for r in rows] == ["Colour?" + benchmarks.SHORT_ANSWER, "Shape?" + benchmarks.SHORT_ANSWER]
     assert json.loads((out / "metrics.json").read_text())["metric"] == "vqa_accuracy"
     report = (out / "report.md").read_text()
     assert "- prompt suffix: `'\\nAnswer the question using a single word or phrase.'`" in report

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from evaluation import benchmarks
 from jobs import evaluate as job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,9 +186,9 @@ def test_the_files_own_name_names_the_benchmark_before_its_folders(path, metric)
 
 
 @pytest.mark.parametrize("argv, suffix", [
-    (["--input", "/data/DocVQA_val/test.parquet"], job.SHORT_ANSWER),
-    (["--input", "/data/vizwiz/val.parquet"], job.UNANSWERABLE),
-    (["--input", "/data/MMBench_en/dev.parquet"], job.OPTION_LETTER),
+    (["--input", "/data/DocVQA_val/test.parquet"], benchmarks.SHORT_ANSWER),
+    (["--input", "/data/vizwiz/val.parquet"], benchmarks.UNANSWERABLE),
+    (["--input", "/data/MMBench_en/dev.parquet"], benchmarks.OPTION_LETTER),
     (["--input", "/data/mystery.parquet"], ""),
     (["--input", "/data/DocVQA_val/test.parquet", "--prompt-suffix", ""], ""),
     (["--input", "/data/DocVQA_val/test.parquet", "--prompt-suffix", " Be brief."], " Be brief."),
@@ -285,7 +286,7 @@ def test_flags_may_come_from_a_config_file(tmp_path):
     args = job.parse_args(["--config", str(tmp_path / "eval.yaml"), "--max-new-tokens", "8"])
     assert (args.input, args.model, args.answers_column, args.gallery) == ("s3://b/docvqa/", "m", "gt", 5)
     config = job.pipeline_config(args, [])
-    assert (config.tensor_parallel_size, config.max_new_tokens, config.prompt_suffix) == (2, 8, job.SHORT_ANSWER)
+    assert (config.tensor_parallel_size, config.max_new_tokens, config.prompt_suffix) == (2, 8, benchmarks.SHORT_ANSWER)
     assert (args.question_column, args.resume, args.limit) == ("question", False, None)
     (tmp_path / "bad.yaml").write_text("metrik: anls\n")
     with pytest.raises(ValueError, match=r"unknown keys in .*bad.yaml.*: metrik \(did you mean metric\?\)"):

@@ -1,0 +1,36 @@
+"""The benchmarks known by name: each one's standard metric, and the instruction lmms-eval appends to
+its questions (so that scores stand beside the tables made with it)."""
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+# Benchmark name (found in the input's path, lowercased, without - and _) -> its standard metric.
+DATASET_METRICS = {
+    "docvqa": "anls", "infovqa": "anls", "infographicvqa": "anls", "stvqa": "anls",
+    "chartqa": "relaxed_accuracy", "plotqa": "relaxed_accuracy",
+    "mmstar": "multiple_choice", "mmmu": "multiple_choice", "mmbench": "multiple_choice",
+    "textvqa": "vqa_accuracy", "vqav2": "vqa_accuracy", "vizwiz": "vqa_accuracy", "okvqa": "vqa_accuracy",
+    "demo": "exact_match",
+}
+# Benchmark -> the instruction appended to each question when --prompt-suffix is not given: lmms-eval's
+# default post_prompt for the task, so that scores stand beside the tables made with it.
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+UNANSWERABLE = "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT_ANSWER
+OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."
+DATASET_SUFFIXES = {
+    "docvqa": SHORT_ANSWER, "infovqa": SHORT_ANSWER, "infographicvqa": SHORT_ANSWER, "stvqa": SHORT_ANSWER,
+    "chartqa": SHORT_ANSWER, "textvqa": SHORT_ANSWER, "vqav2": SHORT_ANSWER,
+    "vizwiz": UNANSWERABLE, "okvqa": UNANSWERABLE,
+    "mmstar": OPTION_LETTER.rstrip("."), "mmmu": OPTION_LETTER, "mmbench": OPTION_LETTER,
+}
+
+
+def benchmark_in(path: str) -> str | None:
+    """The known benchmark named in a path, if any: the file's own name first, then its folders from
+    the nearest (textvqa_val.parquet in docvqa_runs/ is TextVQA)."""
+    for part in reversed(PurePosixPath(path).parts):
+        name = part.lower().replace("-", "").replace("_", "")
+        found = next((dataset for dataset in DATASET_METRICS if dataset in name), None)
+        if found:
+            return found
+    return None

@@ -1,0 +1,132 @@
+"""What jobs.evaluate reads: the benchmark's ground truth, predictions (a run's, or given), a baseline's,
+the metric of an earlier evaluation and the gallery's images; local or any fsspec URL (s3://...)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pyarrow as pa
+
+from evaluation.metrics import METRICS
+from evaluation.report import METRICS_FILE
+from pipeline.rows import rename_columns
+from pipeline.storage import redact_url
+
+PREDICTIONS_FILE = "predictions.parquet"
+
+
+def earlier_metric(predictions: str, options: dict) -> str | None:
+    """The metric of the metrics.json beside an evaluation's predictions.parquet (scored again: the
+    README's second command), if there is one."""
+    from pipeline.storage import fsspec_fs
+
+    fs, path = fsspec_fs(predictions, options)
+    try:
+        metric = json.loads(fs.cat_file(f"{path.rsplit('/', 1)[0]}/{METRICS_FILE}"))["metric"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return metric if metric in METRICS else None
+
+
+def storage_options(args: argparse.Namespace) -> dict:
+    from jobs.common import json_option
+
+    return json_option(getattr(args, "storage_options", None), "--storage-options")
+
+
+def parquet_dataset(uri: str, options: dict | None = None):
+    """A Parquet file, folder or glob, local or any fsspec URL (as the pipeline reads it)."""
+    from pipeline.io import parquet_dataset as dataset
+
+    return dataset(uri, options)
+
+
+def read_parquet(uri: str, columns: list[str] | None = None, options: dict | None = None) -> pa.Table:
+    """The Parquet at `uri` as one table, its files' types unified (a shard whose category is all
+    null beside one of text); requested columns it lacks are skipped."""
+    import pyarrow.dataset as pads
+
+    dataset = parquet_dataset(uri, options)
+    try:
+        schema = pa.unify_schemas([f.physical_schema for f in dataset.get_fragments()] or [dataset.schema],
+                                  promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:      # answers as text in one file, lists in another
+        raise ValueError(f"{uri}: its files' columns are of types that do not convert to one another ({e}): "
+                         "write each column with one type") from None
+    dataset = pads.dataset(dataset.files, schema=schema, filesystem=dataset.filesystem, format="parquet")
+    present = dataset.schema.names
+    return dataset.to_table(columns=None if columns is None else [c for c in columns if c in present])
+
+
+def _column_mapping(args: argparse.Namespace) -> dict[str, str]:
+    return {args.id_column: "id", args.question_column: "question", args.answers_column: "answers",
+            args.image_column: "image", args.category_column: "category"}
+
+
+def read_ground_truth(args: argparse.Namespace) -> pa.Table:
+    """id, answers, and question/category when present, from --input (never the image bytes)."""
+    wanted = [args.id_column, args.answers_column, args.question_column, args.category_column]
+    table = rename_columns(read_parquet(args.input, wanted, storage_options(args)), _column_mapping(args))
+    flags = {"id": f"--id-column {args.id_column!r}", "answers": f"--answers-column {args.answers_column!r}"}
+    for needed, flag in flags.items():
+        if needed not in table.column_names:
+            columns = parquet_dataset(args.input, storage_options(args)).schema.names     # all, not those read
+            raise ValueError(f"{args.input} has no {needed!r} column ({flag}); columns: {columns}")
+    return table
+
+
+def read_predictions(uri: str, args: argparse.Namespace) -> pa.Table:
+    """id, answer (the prediction: never renamed, though a benchmark may name its ground truth
+    `answer`, as MMStar does) and the rest in the contract's names."""
+    table = read_parquet(uri, None, storage_options(args))
+    mapping = {k: v for k, v in _column_mapping(args).items()
+               if k != "answer" and not (v == "id" and "id" in table.column_names)}
+    table = rename_columns(table, mapping)
+    for needed in ("id", "answer"):
+        if needed not in table.column_names:
+            raise ValueError(f"predictions {uri} have no {needed!r} column; columns: {table.column_names}")
+    return table.drop_columns([c for c in ("image",) if c in table.column_names])
+
+
+def baseline_file(uri: str, options: dict) -> str:
+    """--baseline's predictions: the file named, or the predictions.parquet of the run folder named."""
+    from pipeline.storage import fsspec_fs
+
+    fs, path = fsspec_fs(uri, options)
+    if uri.endswith(".parquet"):
+        if not fs.exists(path):
+            raise FileNotFoundError(f"--baseline {redact_url(uri)!r}: no such file")
+        return uri
+    inside = f"{path.rstrip('/')}/{PREDICTIONS_FILE}"
+    if not fs.exists(inside):
+        raise FileNotFoundError(f"--baseline {redact_url(uri)!r} is neither a .parquet file nor an evaluation's "
+                                f"output folder (no {PREDICTIONS_FILE} in it)")
+    return f"{uri.rstrip('/')}/{PREDICTIONS_FILE}"
+
+
+def load_images(args: argparse.Namespace, ids: list[str]) -> dict[str, object]:
+    """Image cells of the given ids from --input, for the gallery's thumbnails."""
+    if not args.input:
+        return {}
+    table = read_parquet(args.input, [args.id_column, args.image_column], storage_options(args))
+    if args.image_column not in table.column_names or args.id_column not in table.column_names:
+        return {}
+    wanted = set(ids)
+    cells = {str(i): img[0] if isinstance(img, list) and img else img
+             for i, img in zip(table.column(args.id_column).to_pylist(), table.column(args.image_column).to_pylist())
+             if str(i) in wanted}
+    # paths relative to the input's folder (or --image-root) and URLs, read as the run reads them
+    from pipeline.fetch import ImageFetcher
+    from pipeline.io import input_folder
+
+    options = storage_options(args)
+    fetcher = ImageFetcher(options, root=args.image_root or input_folder(args.input, options))
+    try:
+        read = fetcher.fetch(list(cells.values()))
+    finally:
+        fetcher.close()
+    return {key: data if isinstance(data, bytes) else None for key, data in zip(cells, read)}
+
+
+def input_has_ids(args: argparse.Namespace) -> bool:
+    return args.id_column in parquet_dataset(args.input, storage_options(args)).schema.names
