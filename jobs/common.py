@@ -226,7 +226,6 @@ def demo_path(value: str | None, default: Path, what: str) -> str:
 
 
 LOCAL_MIN_CPUS = 4
-FOOTER_ACTORS_VAR = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 
 
 class Interrupted(BaseException):
@@ -280,9 +279,6 @@ def init_ray(device: str | None = None) -> None:
         ray.init(logging_level=logging.WARNING)
     else:
         cpus = max(os.cpu_count() or 1, LOCAL_MIN_CPUS)
-        # Ray Data reads Parquet footers on 32 actors a listing (sized for clusters); on one machine
-        # their process starts cost seconds of a small job's start-up. A value set by the user wins.
-        os.environ.setdefault(FOOTER_ACTORS_VAR, str(min(cpus, 8)))
         ray.init(num_cpus=cpus, logging_level=logging.WARNING)
     stop_on_signals()
     if device == "cuda" and not ray.cluster_resources().get("GPU", 0):

@@ -20,7 +20,7 @@ from .checks import (check_column_types, check_columns, check_ids, check_image_r
 from .config import PipelineConfig
 from .generate import release_replica_groups
 from .generation_defaults import resolved as resolved_generation_config
-from .io import input_dataset, input_folder, read_output, read_rows, write_rows
+from .io import footer_readers_for, input_dataset, input_folder, read_output, read_rows, write_rows
 from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings, manifest_path
 from .resume import checkpoint_config, clean_pending_commits, clear_checkpoint, forget_lost_rows, has_checkpoint
@@ -136,6 +136,7 @@ class PreparedJob:
     renames: dict | None = None                 # input column -> the name the pipeline knows it by
     generation_defaults: dict = field(default_factory=dict)   # settings taken from generation_config.json
     retried_rows: int = 0                       # error rows of the earlier run answered again (retry_errors)
+    input_files: int = 1                        # Parquet files of the input (they size Ray Data's footer pool)
 
 
 def used_columns(names: list[str], config: PipelineConfig, renames: dict[str, str]) -> list[str]:
@@ -167,6 +168,7 @@ class CheckedJob:
     input_rows: int
     renames: dict[str, str]
     generation_defaults: dict = field(default_factory=dict)   # the settings taken from generation_config.json
+    input_files: int = 1                    # the input's Parquet files
 
 
 def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
@@ -196,7 +198,8 @@ def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume
     schema = read_schema(footers, columns, input_uri)
     check_column_types(schema, config, input_uri, renames)
     check_ids(input_ids(rows, footers, schema, config.id_column, input_uri, opts), input_uri, config.id_column)
-    return CheckedJob(config, columns, schema, sum(meta.num_rows for meta in footers.values()), renames, taken)
+    return CheckedJob(config, columns, schema, sum(meta.num_rows for meta in footers.values()), renames, taken,
+                      len(footers))
 
 
 def check_run_arguments(output_uri: str, config: PipelineConfig, resume: bool, limit: int | None,
@@ -249,7 +252,19 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     return PreparedJob(input_uri, output_uri, config, limit, wanted, lost,
                        output_counts(output_uri, opts, config.samples > 1),
                        tuple(columns), schema, None if only_ids is None else tuple(only_ids), renames,
-                       checked.generation_defaults, retried)
+                       checked.generation_defaults, retried, checked.input_files)
+
+
+def job_rows(job: PreparedJob) -> ray.data.Dataset:
+    """The rows the run answers, as the pipeline knows them: only the ids asked for, renamed, the first `limit`."""
+    ds = read_rows(job.input_uri, job.config.storage_options, schema=job.schema)
+    ds = ds.select_columns([*job.columns, ROW_HASH])
+    if job.only_ids is not None:
+        ds = ds.map_batches(keep_ids, fn_kwargs={"ids": job.only_ids, "column": job.config.id_column},
+                            batch_format="pyarrow")
+    if job.renames:
+        ds = ds.map_batches(rename_columns, fn_kwargs={"renames": job.renames}, batch_format="pyarrow")
+    return ds if job.limit is None else ds.limit(job.limit)
 
 
 def run_prepared(job: PreparedJob) -> dict:
@@ -260,17 +275,11 @@ def run_prepared(job: PreparedJob) -> dict:
     context.checkpoint_config = checkpoint_config(job.output_uri, opts, job.config.id_column)
     stats = RunCounter()
     try:
-        ds = read_rows(job.input_uri, opts, schema=job.schema).select_columns([*job.columns, ROW_HASH])
-        if job.only_ids is not None:
-            ds = ds.map_batches(keep_ids, fn_kwargs={"ids": job.only_ids, "column": job.config.id_column},
-                                batch_format="pyarrow")
-        if job.renames:
-            ds = ds.map_batches(rename_columns, fn_kwargs={"renames": job.renames}, batch_format="pyarrow")
-        if job.limit is not None:
-            ds = ds.limit(job.limit)
-        start = time.perf_counter()
-        answered = build_processor(job.config, stats.name, checkpoint_defaults=False)(ds)
-        write_rows(answered, job.output_uri, opts, job.config.rows_per_file)
+        with footer_readers_for(job.input_files):
+            rows = job_rows(job)
+            start = time.perf_counter()
+            answered = build_processor(job.config, stats.name, checkpoint_defaults=False)(rows)
+            write_rows(answered, job.output_uri, opts, job.config.rows_per_file)
         wall = time.perf_counter() - start
     finally:
         context.checkpoint_config = None

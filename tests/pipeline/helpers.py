@@ -86,6 +86,14 @@ class Oracle:
         return out[0, n:].tolist()
 
 
+def footer_readers() -> int:
+    """The actors Ray Data has started on this cluster to read Parquet footers (the state API needs the
+    dashboard the tests leave out: the GCS's actor table)."""
+    import ray
+
+    return sum(a["ActorClassName"] == "FooterReader" for a in ray._private.state.actors().values())
+
+
 @contextlib.contextmanager
 def ray_with_fault(faults: dict[str, str]):
     """A local Ray cluster whose workers see the fault-injection variables `faults` (name -> spec)."""

@@ -1,9 +1,12 @@
 """Reading an output folder back (summaries, resume, the rows a job shows): every file once, its
-columns in one type, or only its first rows."""
+columns in one type, or only its first rows; the pool Ray Data reads the input's footers with."""
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from pipeline.io import read_output
+from pipeline.io import FOOTER_READERS, footer_readers_for, read_output
 
 
 def test_an_output_reads_back_whole_in_one_type_or_its_first_rows(tmp_path):
@@ -23,3 +26,15 @@ def test_an_output_reads_back_whole_in_one_type_or_its_first_rows(tmp_path):
     assert read_output(str(tmp_path / "missing")) is None and read_output(str(tmp_path / "missing"), limit=3) is None
     (tmp_path / "empty").mkdir()
     assert read_output(str(tmp_path / "empty")) is None
+
+
+@pytest.mark.parametrize("files, readers", [(1, "1"), (10, "1"), (11, "2"), (5000, "32")])
+def test_ray_datas_footer_pool_is_sized_to_the_input_unless_the_environment_sets_it(monkeypatch, files, readers):
+    monkeypatch.delenv(FOOTER_READERS, raising=False)
+    with footer_readers_for(files):
+        assert os.environ[FOOTER_READERS] == readers
+    assert FOOTER_READERS not in os.environ
+    monkeypatch.setenv(FOOTER_READERS, "7")
+    with footer_readers_for(files):
+        assert os.environ[FOOTER_READERS] == "7"
+    assert os.environ[FOOTER_READERS] == "7"
