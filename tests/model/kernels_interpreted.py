@@ -249,9 +249,8 @@ def tiny(checkpoint):
 compiling = pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 
 
-@pytest.mark.parametrize("kernels, compile", [(["skinny"], False), (["attention"], False),
-                                              (["skinny", "attention"], False), (["skinny", "fused"], False),
-                                              pytest.param(["skinny", "attention"], True, marks=compiling),
+# Each kernel's launches are counted where it runs beside the others (the interpreter is slow: CI's time).
+@pytest.mark.parametrize("kernels, compile", [(["skinny", "attention"], False), (["skinny", "fused"], False),
                                               pytest.param(["skinny", "fused", "attention"], True, marks=compiling)])
 @pytest.mark.filterwarnings("error:torch.compile of")
 def test_an_engine_through_the_kernels_answers_as_the_reference(tiny, kernels, compile, monkeypatch):
