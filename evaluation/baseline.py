@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from evaluation.metrics import get_metric
 from evaluation.report import code_span, escape_cell
-from evaluation.scoring import _mean, check_unique_ids, interval95, is_error_row, numbers_as_text
+from evaluation.scoring import _mean, by_category, check_unique_ids, interval95, is_error_row, numbers_as_text
 
 
 def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Table:
@@ -50,11 +50,8 @@ def compare(scored: pa.Table, source: str, baseline_rows: int, category_column: 
     overall = paired_difference([r["score"] for r in rows], [r["baseline_score"] for r in rows])
     per_category = {}
     if category_column in scored.column_names:
-        groups: dict[str, list[dict]] = {}
-        for r in rows:
-            groups.setdefault("(none)" if r[category_column] is None else str(r[category_column]), []).append(r)
         per_category = {c: paired_difference([r["score"] for r in g], [r["baseline_score"] for r in g])
-                        for c, g in sorted(groups.items())}
+                        for c, g in by_category(rows, category_column).items()}
     return {"source": source, **overall, "per_category": per_category,
             "rows_without_baseline": scored.num_rows - len(rows), "baseline_rows_unused": baseline_rows - len(rows)}
 

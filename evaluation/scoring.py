@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -147,6 +148,19 @@ def interval95(values: list[float], low: float = 0.0, high: float = 1.0) -> list
     return [round(max(mean - half, low), DIGITS), round(min(mean + half, high), DIGITS)]
 
 
+def in_number_order(label: str) -> list:
+    """A sort key that reads the numbers in a label as numbers: "level 2" before "level 10"."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", label))]
+
+
+def by_category(rows: list[dict], column: str) -> dict[str, list[dict]]:
+    """Rows by their category (None: "(none)"), the categories in the order of their numbers."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault("(none)" if r[column] is None else str(r[column]), []).append(r)
+    return dict(sorted(groups.items(), key=lambda item: in_number_order(item[0])))
+
+
 def summarize(scored: pa.Table, metric: str, category_column: str = "category") -> dict:
     """The metrics.json document: primary score (and its 95 % interval), all metrics, per-category
     scores (each with its rows and interval: a category of a few rows tells little), rows, errors."""
@@ -158,12 +172,9 @@ def summarize(scored: pa.Table, metric: str, category_column: str = "category") 
             metrics[m] = _mean([r[m] for r in rows])
     per_category: dict[str, dict] = {}
     if category_column in scored.column_names:
-        groups: dict[str, list[float]] = {}
-        for r in rows:
-            label = "(none)" if r[category_column] is None else str(r[category_column])
-            groups.setdefault(label, []).append(r["score"])
-        per_category = {c: {"score": _mean(s), "rows": len(s), "ci95": interval95(s)}
-                        for c, s in sorted(groups.items())}
+        for c, group in by_category(rows, category_column).items():
+            s = [r["score"] for r in group]
+            per_category[c] = {"score": _mean(s), "rows": len(s), "ci95": interval95(s)}
     return {"metric": metric, "score": metrics[metric], "ci95": interval95(primary), "metrics": metrics,
             "per_category": per_category, "rows": len(rows), "errors": sum(is_error_row(r) for r in rows)}
 

@@ -48,3 +48,8 @@ def test_a_baseline_sharing_no_id_with_the_run_is_refused():
     scored = score_rows(pa.table({"id": ["b0", "b1"], "answer": ["a", "b"], "answers": [["a"], ["b"]]}), "exact_match")
     with pytest.raises(ValueError, match=r"share no id with this run's 2 rows \(theirs like '0', ours like 'b0'\)"):
         baseline_scores(scored, pa.table({"id": [0, 1], "answer": ["a", "b"]}), "exact_match")
+
+
+def test_baseline_categories_come_in_the_order_of_their_numbers():
+    rows = [{"id": str(i), "score": 1.0, "baseline_score": 0.0, "category": c} for i, c in enumerate(["v10", "v2", None])]
+    assert list(compare(pa.Table.from_pylist(rows), "base", 3)["per_category"]) == ["(none)", "v2", "v10"]

@@ -111,3 +111,11 @@ def test_the_predictions_category_is_kept_when_the_benchmark_has_none():
     with_category = truth.append_column("category", pa.array(["t1", "t1"]))
     joined = join_ground_truth(predictions, with_category)
     assert joined.column("category").to_pylist() == ["t1", "t1"]        # the benchmark's wins
+
+
+def test_categories_come_in_the_order_of_their_numbers():
+    names = ["level 10", "level 2", "(none)", "level 1b", "level 1a", "b", "a10", "a9"]
+    table = pa.table({"id": [str(i) for i in range(len(names))], "answer": ["x"] * len(names),
+                      "answers": [["x"]] * len(names), "category": names})
+    summary = summarize(score_rows(table, "exact_match"), "exact_match")
+    assert list(summary["per_category"]) == ["(none)", "a9", "a10", "b", "level 1a", "level 1b", "level 2", "level 10"]
