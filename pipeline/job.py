@@ -100,12 +100,17 @@ def start_output(output: str, storage_options: dict | None, resume: bool, overwr
 
 @contextmanager
 def writing_output(output: str):
-    """A store that refuses the output (a read-only folder, credentials without write rights) is named
-    in one line, not met as a traceback (s3fs's "Access Denied" names no path)."""
+    """A store that refuses the output (a read-only folder, credentials without write rights) or has no
+    bucket for it is named in one line, not met as a traceback (s3fs's "Access Denied" and "The specified
+    bucket does not exist" name no path)."""
     try:
         yield
     except PermissionError as e:
-        raise PermissionError(f"output {output!r} cannot be written: {e}") from None
+        raise PermissionError(f"output {redact_url(output)!r} cannot be written: {e}") from None
+    except FileNotFoundError as e:
+        if "bucket" not in str(e).lower():      # the checks' own errors name the output already
+            raise
+        raise FileNotFoundError(f"output {redact_url(output)!r} cannot be written: {e}") from None
 
 
 def release_run() -> None:

@@ -385,7 +385,8 @@ def test_a_process_that_read_the_first_rows_of_files_on_s3_exits_cleanly(s3, tmp
 def test_a_bucket_root_output_an_unreachable_model_store_and_foreign_objects_are_one_line_or_skipped(
         s3, checkpoint, tmp_path):
     """An output at a bucket's root passed the checks (and --dry-run) and failed at its first write
-    (its run files would be other buckets: s3://root.run.json); a model store the driver cannot reach
+    (its run files would be other buckets: s3://root.run.json); an output in a bucket that does not exist was
+    the store's words alone ("The specified bucket does not exist"); a model store the driver cannot reach
     was a 150-line traceback; a non-Parquet object in an output folder failed the rows printed after
     a finished run."""
     from pipeline.checkpoint import remote_listing
@@ -396,6 +397,8 @@ def test_a_bucket_root_output_an_unreachable_model_store_and_foreign_objects_are
     s3.pipe("bucket/root-in/rows.parquet", table_bytes(rows))
     with pytest.raises(ValueError, match=r"output 's3://rootout/' is a bucket's root: --output names a folder"):
         prepare_job("s3://bucket/root-in/rows.parquet", "s3://rootout/", PipelineConfig(model=str(checkpoint)))
+    with pytest.raises(FileNotFoundError, match=r"^output 's3://no-bucket/out' cannot be written: .*bucket does not"):
+        prepare_job("s3://bucket/root-in/rows.parquet", "s3://no-bucket/out", PipelineConfig(model=str(checkpoint)))
     unreachable = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}"},
                    "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
     with pytest.raises(PermissionError, match=r"^model 's3://bucket/any' cannot be read: EndpointConnectionError"):
