@@ -179,12 +179,16 @@ def private_temp_folder(name: str) -> Path:
 @contextlib.contextmanager
 def reading_store(what: str, uri: str) -> Iterator[None]:
     """A store's refusal while the driver reads `what` ("input", "model": an HTTP 403 of an expired
-    pre-signed URL, a 503, an endpoint it cannot reach) as a PermissionError naming it, its URLs
-    redacted: the job's one-line error."""
+    pre-signed URL, a 503, an endpoint it cannot reach, wrong credentials) as a PermissionError naming
+    it, its URLs redacted: the job's one-line error. One that names it already is kept as it is."""
     try:
         yield
-    except (FileNotFoundError, PermissionError):
+    except FileNotFoundError:
         raise
+    except PermissionError as e:
+        if redact_url(uri) in str(e) or uri in str(e):
+            raise
+        raise PermissionError(f"{what} {redact_url(uri)!r} cannot be read: {redact_urls(str(e))}") from None
     except Exception as e:
         raise PermissionError(f"{what} {redact_url(uri)!r} cannot be read: {type(e).__name__}: "
                               f"{redact_urls(str(e))}") from None

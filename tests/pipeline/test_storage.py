@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.checkpoint import CACHE_ENV, cache_root
 from pipeline.ledger import ROOT_ENV, ledger_root
-from pipeline.storage import private_temp_folder
+from pipeline.storage import private_temp_folder, reading_store
 
 
 @pytest.fixture
@@ -78,3 +78,17 @@ def test_a_run_manifest_that_does_not_read_is_named(tmp_path, checkpoint):
     (tmp_path / "out.run.json").write_text("")
     with pytest.raises(ValueError, match=r"the run manifest '.*out.run.json' does not read .*Remove it"):
         keep_run_settings(str(tmp_path / "out"), PipelineConfig(model=str(checkpoint)), True, None)
+
+
+def test_a_stores_refusal_that_names_no_url_is_named_by_what_was_read():
+    """s3fs's words for wrong credentials ("The request signature we calculated does not match ...",
+    "Access Denied") name no URL: the job's one line did not say whether the input or the model."""
+    signature = "The request signature we calculated does not match the signature you provided."
+    with pytest.raises(PermissionError, match=r"^input 's3://b/in/\?X-Amz-Signature=\*\*\*' cannot be read: The req"):
+        with reading_store("input", "s3://b/in/?X-Amz-Signature=abc"):
+            raise PermissionError(signature)
+    named = PermissionError("[Errno 13] Permission denied: '/data/model/config.json'")
+    with pytest.raises(PermissionError) as refused:
+        with reading_store("model", "/data/model"):
+            raise named
+    assert refused.value is named
