@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(config.device)     # only once the arguments are known good: a typo costs no cluster start
         summary = run_prepared(job)
     except BAD_ARGUMENTS as e:
-        print_error(e)
+        print_error(e, build_parser())
         return 2
     except (KeyboardInterrupt, Interrupted) as e:
         return interrupted(e, "the answers written are kept; the same command with --resume answers the rest")

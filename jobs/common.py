@@ -5,6 +5,7 @@ import argparse
 import difflib
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -91,11 +92,27 @@ def add_image_flags(ap) -> None:
 BAD_ARGUMENTS = (FileNotFoundError, FileExistsError, PermissionError, ValueError)
 
 
-def print_error(error: BaseException | str) -> None:
-    """A job's one-line error, without the passwords, signatures or tokens of the URLs it quotes."""
+def print_error(error: BaseException | str, parser: argparse.ArgumentParser | None = None) -> None:
+    """A job's one-line error, without the passwords, signatures or tokens of the URLs it quotes; with the
+    job's `parser`, a setting the message begins with is named by its flag (the library's
+    "max_new_tokens must be >= 1" is "--max-new-tokens must be >= 1" on the command line)."""
     from pipeline.storage import redact_urls
 
-    print(f"error: {redact_urls(str(error))}", file=sys.stderr)
+    message = str(error)
+    if parser is not None:
+        message = in_flag_words(message, parser)
+    print(f"error: {redact_urls(message)}", file=sys.stderr)
+
+
+SETTING_FIRST = re.compile(r"(\w+)(?= must | is for |: )")
+
+
+def in_flag_words(message: str, parser: argparse.ArgumentParser) -> str:
+    flags = {action.dest: action.option_strings[-1] for action in parser._actions if action.option_strings}
+    first = SETTING_FIRST.match(message)
+    if first is None or first.group(1) not in flags:
+        return message
+    return flags[first.group(1)] + message[first.end():]
 
 
 DTYPE_HELP = ("bfloat16 / float16 / float32 (default: bfloat16 on GPUs from Ampere on, float16 on older ones "

@@ -43,6 +43,11 @@ DEMO_OUTPUT = REPO / "demo" / "output" / "evaluate"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = build_parser()
+    return argparse.Namespace(**merge_args(ap.parse_args(argv), DEFAULTS, ap))
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", help="benchmark Parquet (file, folder, glob; local or fsspec URL)")
     ap.add_argument("--model", help="checkpoint folder, its URL (s3://..., copied once per node) or hub id")
@@ -93,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="start over, discarding the answers an earlier run left in --output")
     add_run_flags(ap)
     ap.add_argument("--config", help="eval.yaml with any of the flags above")
-    return argparse.Namespace(**merge_args(ap.parse_args(argv), DEFAULTS, ap))
+    return ap
 
 
 DEFAULTS = dict(input=None, model=None, adapter=None, output=None, metric=None, system_prompt=None,
@@ -364,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             return print_rehearsal(rehearse(args))
         summary, problem = evaluate(args)
     except BAD_ARGUMENTS as e:
-        print_error(e)
+        print_error(e, build_parser())
         return 2
     except (KeyboardInterrupt, Interrupted) as e:
         return interrupted(e, "the model's answers written are kept (<output>/raw); the same command with "

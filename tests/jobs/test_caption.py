@@ -345,3 +345,18 @@ def test_device_cuda_on_a_local_cluster_without_gpus_is_refused_at_once(checkpoi
                       str(checkpoint), "--device", "cuda", log=log)
     text = finish(process, log, timeout=120)
     assert process.returncode == 2 and "--device cuda: this machine has no GPU that Ray sees" in text, text[-3000:]
+
+
+def test_a_settings_error_names_its_flag(capsys):
+    """The library's messages name a setting as its config field (max_new_tokens); on the command line
+    the job names its flag."""
+    from jobs import caption, evaluate
+
+    for main, argv, line in [
+            (caption.main, ["--limit", "0"], "error: --limit must be >= 1, got 0"),
+            (caption.main, ["--max-new-tokens", "-1"], "error: --max-new-tokens must be >= 1, got -1"),
+            (caption.main, ["--frequency-penalty", "3"],
+             "error: --frequency-penalty must be in [-2, 2] (0: none), got 3.0"),
+            (evaluate.main, ["--num-beams", "0"], "error: --num-beams must be >= 1, got 0")]:
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == line
