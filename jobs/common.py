@@ -9,6 +9,8 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +269,26 @@ def stop_on_signals() -> None:
             signal.signal(signum, _raise_interrupted)
 
 
+@contextmanager
+def stops_held() -> Iterator[None]:
+    """A stop asked by a signal inside the block is raised once it ends (KeyboardInterrupt for Ctrl-C, else
+    Interrupted): inside ray.init, Ctrl-C could land in logging's at-fork lock release, where Python
+    ignores the exception and the lock stays held (the job hung)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    before = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
+              for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)    # None: set outside Python
+    if held:
+        raise KeyboardInterrupt if held[0] == signal.SIGINT else Interrupted(held[0])
+
+
 def interrupted(error: BaseException, then: str) -> int:
     """The job's one line on a stop asked by a signal (Ctrl-C's KeyboardInterrupt, or Interrupted);
     later signals are ignored, so that Ray's own shutdown is not cut short. 128 + the signal number."""
@@ -292,11 +314,12 @@ def init_ray(device: str | None = None) -> None:
     if ray.is_initialized():
         return
     joined = bool(os.environ.get("RAY_ADDRESS"))
-    if joined:
-        ray.init(logging_level=logging.WARNING)
-    else:
-        cpus = max(os.cpu_count() or 1, LOCAL_MIN_CPUS)
-        ray.init(num_cpus=cpus, logging_level=logging.WARNING)
+    with stops_held():
+        if joined:
+            ray.init(logging_level=logging.WARNING)
+        else:
+            cpus = max(os.cpu_count() or 1, LOCAL_MIN_CPUS)
+            ray.init(num_cpus=cpus, logging_level=logging.WARNING)
     stop_on_signals()
     if device == "cuda" and not ray.cluster_resources().get("GPU", 0):
         if not joined:

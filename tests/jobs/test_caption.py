@@ -362,3 +362,15 @@ def test_a_settings_error_names_its_flag(capsys):
             (evaluate.main, ["--num-beams", "0"], "error: --num-beams must be >= 1, got 0")]:
         assert main(argv) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == line
+
+
+def test_ctrl_c_inside_ray_init_stops_the_job_once_the_cluster_is_up():
+    """Ctrl-C while ray.init starts the cluster landed once (CI) in logging's at-fork lock release: Python
+    ignored it and the job hung on the lock. It is held until ray.init returns, then stops the job."""
+    code = ("import os, signal, threading, ray\n"
+            "from jobs.common import init_ray\n"
+            "threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+            "try:\n    init_ray()\nexcept KeyboardInterrupt:\n    print('stopped after ray.init:', ray.is_initialized())\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=180)
+    assert "stopped after ray.init: True" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
