@@ -269,6 +269,9 @@ def stop_on_signals() -> None:
             signal.signal(signum, _raise_interrupted)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)     # Ctrl-C, a scheduler's stop, a closed terminal
+
+
 @contextmanager
 def stops_held() -> Iterator[None]:
     """A stop asked by a signal inside the block is raised once it ends (KeyboardInterrupt for Ctrl-C, else
@@ -278,8 +281,7 @@ def stops_held() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    before = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
-              for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    before = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -294,7 +296,7 @@ def interrupted(error: BaseException, then: str) -> int:
     later signals are ignored, so that Ray's own shutdown is not cut short. 128 + the signal number."""
     signum = getattr(error, "signum", signal.SIGINT)
     if threading.current_thread() is threading.main_thread():
-        for each in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for each in STOP_SIGNALS:
             signal.signal(each, signal.SIG_IGN)
     print_error(f"stopped by {signal.Signals(signum).name}: {then}")
     return 128 + signum
