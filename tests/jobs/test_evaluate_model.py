@@ -29,6 +29,7 @@ def ray_cluster():
     import ray
 
     # Logical CPUs: a preprocess actor, a model replica and the write tasks each hold one.
+    ray.shutdown()      # a cluster tests/pipeline's modules share, where they ran first
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()

@@ -18,6 +18,7 @@ ROOT = str(Path(__file__).resolve().parents[2])
 
 @pytest.fixture(scope="module")
 def cluster():
+    ray.shutdown()      # a cluster tests/pipeline's modules share, where they ran first
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}})
     yield

@@ -95,16 +95,22 @@ def footer_readers() -> int:
 
 
 @contextlib.contextmanager
-def ray_with_fault(faults: dict[str, str]):
-    """A local Ray cluster whose workers see the fault-injection variables `faults` (name -> spec)."""
+def own_cluster(**init):
+    """A local Ray cluster of the caller's own (`init`: more of ray.init's arguments), the one modules
+    share (conftest.ray_cluster) shut first."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": faults})
+    ray.shutdown()
+    ray.init(include_dashboard=False, logging_level="WARNING", **init)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def ray_with_fault(faults: dict[str, str]):
+    """A local Ray cluster whose workers see the fault-injection variables `faults` (name -> spec)."""
+    return own_cluster(num_cpus=4, runtime_env={"env_vars": faults})
 
 
 @contextlib.contextmanager

@@ -5,16 +5,13 @@ import pytest
 
 from pipeline import PipelineConfig, read_output, run_job
 from pipeline.builder import cpu_worker_range, replica_count
-from tests.pipeline.helpers import png, write_parquet
+from tests.pipeline.helpers import own_cluster, png, write_parquet
 
 
 @pytest.fixture(scope="module")
 def roomy_cluster():
-    import ray
-
-    ray.init(num_cpus=8, num_gpus=4, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
+    with own_cluster(num_cpus=8, num_gpus=4) as ray:
+        yield ray
 
 
 def preprocess_actors() -> int:

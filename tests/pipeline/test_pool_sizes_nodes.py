@@ -11,6 +11,7 @@ def three_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
+    ray.shutdown()      # the cluster modules share (conftest.ray_cluster)
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2))    # a small head, two workers
     for _ in range(2):
         cluster.add_node(num_cpus=16)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import PipelineConfig, read_output, run_job
-from tests.pipeline.helpers import Oracle, good_rows
+from tests.pipeline.helpers import Oracle, good_rows, own_cluster
 
 MAX_NEW = 4
 
@@ -47,11 +47,8 @@ def s3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def s3_cluster(s3):
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+    with own_cluster(num_cpus=4):
+        yield
 
 
 def test_input_and_output_on_s3(s3, s3_cluster, checkpoint, oracle):
