@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.engine import SHAPES, add_pair_options, make_requests, padded_batch, smolvlm_pair, sync  # noqa: E402
+from bench.engine import (SHAPES, add_pair_options, fewer_layers, make_requests, padded_batch,  # noqa: E402
+                          smolvlm_pair, sync)
 from model.engine import LLMEngine, SamplingParams  # noqa: E402
 
 
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         "ref_prompts_s": round(args.batch / ref_s, 2), "engine_prompts_s": round(args.batch / engine_s, 2),
         "engine_speedup": round(ref_s / engine_s, 2), "generate_speedup": round(ref_s / generate_s, 2),
         "engine_same_answers": sum(a == b for a, b in zip(ref_tokens, engine_tokens)),
-        "generate_same_answers": sum(a == b for a, b in zip(ref_tokens, generate_tokens))}))
+        "generate_same_answers": sum(a == b for a, b in zip(ref_tokens, generate_tokens)),
+        **fewer_layers(args)}))
 
 
 if __name__ == "__main__":

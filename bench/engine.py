@@ -118,13 +118,19 @@ def add_pair_options(ap) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (fewer: a quick check)")
+
+
+def fewer_layers(args) -> dict:
+    """A row's note of --layers where given: its figures are a quick check's, not the model's."""
+    return {"layers": args.layers} if args.layers else {}
 
 
 def smolvlm_pair(args) -> tuple:
     """(the reference, ours sharing its weights, the dtype) as add_pair_options' `args` ask."""
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    ref = reference_model("smolvlm-256m", args.tile, args.device, dtype)
+    ref = reference_model("smolvlm-256m", args.tile, args.device, dtype, args.layers)
     return ref, our_model(ref), dtype
 
 
@@ -334,8 +340,7 @@ def bench_batch(name: str, batch: int, requests: list[Request], make_engine, nee
                speedup=round(ref_s / ours_s, 2), ours_prefill_s=round(stats["prefill_s"], 3),
                ours_decode_s=round(stats["decode_s"], 3))
     row["compiled"] = engine.runner.compile         # False: the compile failed and the step ran eagerly
-    if args.layers:
-        row["layers"] = args.layers
+    row.update(fewer_layers(args))
     if args.variants != ["base"]:
         row["variant"] = current_variant()
     if stats["decode_steps"]:

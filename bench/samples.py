@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.engine import SHAPES, add_pair_options, make_requests, padded_batch, smolvlm_pair, sync  # noqa: E402
+from bench.engine import (SHAPES, add_pair_options, fewer_layers, make_requests, padded_batch,  # noqa: E402
+                          smolvlm_pair, sync)
 from model.engine import LLMEngine, SamplingParams  # noqa: E402
 
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         "ref_tok_s": round(tokens / ref_s, 1), "ours_tok_s": round(tokens / shared_s, 1),
         "speedup": round(ref_s / shared_s, 2), "speedup_over_apart": round(apart_s / shared_s, 2),
         "images_encoded": shared_stats["images_encoded"], "prefix_tokens_reused": shared_stats["prefix_tokens_reused"],
-        "prefills": shared_stats["prefills"]}))
+        "prefills": shared_stats["prefills"], **fewer_layers(args)}))
 
 
 if __name__ == "__main__":

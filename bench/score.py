@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.engine import SHAPES, add_pair_options, make_requests, padded_batch, smolvlm_pair, sync  # noqa: E402
+from bench.engine import (SHAPES, add_pair_options, fewer_layers, make_requests, padded_batch,  # noqa: E402
+                          smolvlm_pair, sync)
 from model.engine import LLMEngine, SamplingParams  # noqa: E402
 
 
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"device": args.device, "dtype": args.dtype, "rows": len(requests), "images": args.images, "text_tokens": args.text_tokens, "tile": args.tile,
                       "threads": args.threads, "ref_s": round(ref_s, 3), "ours_s": round(ours_s, 3),
                       "speedup": round(ref_s / ours_s, 2), "rows_per_s": round(len(requests) / ours_s, 1),
-                      "max_abs_diff": diff, "images_encoded": engine.stats["images_encoded"]}))
+                      "max_abs_diff": diff, "images_encoded": engine.stats["images_encoded"],
+                      **fewer_layers(args)}))
 
 
 if __name__ == "__main__":

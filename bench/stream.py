@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import SHAPES, about_shared_images, make_requests, our_model, reference_model, with_fresh_keys  # noqa: E402
+from engine import (SHAPES, about_shared_images, fewer_layers, make_requests, our_model,  # noqa: E402
+                    reference_model, with_fresh_keys)
 from model.engine import LLMEngine, SamplingParams  # noqa: E402
 from model.engine.loop import EngineLoop  # noqa: E402
 from model.engine.runner import ModelRunner  # noqa: E402
@@ -126,6 +127,7 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes; --threads each)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (fewer: a quick check)")
     ap.add_argument("--system-tokens", type=int, default=0,
                     help="a system turn of this many tokens before every row's; > 0 adds a streamed run that "
                          "prefills it for every row")
@@ -135,7 +137,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     time_the_vision_tower(args.device)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    reference = reference_model(args.model, args.tile, args.device, dtype)
+    reference = reference_model(args.model, args.tile, args.device, dtype, args.layers)
     folder = tempfile.mkdtemp(prefix="bench-stream-")
     if args.tp > 1:
         reference.save_pretrained(folder)                     # safetensors, for the ranks to load
@@ -143,7 +145,7 @@ def main() -> None:
     requests = varied_requests(args, args.device)
     blocks = [requests[i:i + args.batch] for i in range(0, len(requests), args.batch)]
     report = {"device": args.device, "tp": args.tp, "blocks": args.blocks, "batch": args.batch, "slots": args.slots,
-              "new_tokens": sum(r.sampling.max_new_tokens for r in requests)}
+              "new_tokens": sum(r.sampling.max_new_tokens for r in requests), **fewer_layers(args)}
     # Prompts through their image are shared only by requests naming it, so the runs without keys
     # share only a system turn; the keyed runs measure the vision tower skipped, then the prefixes too.
     runs = [("one_at_a_time", without_image_keys(one_at_a_time), {}), ("streamed", without_image_keys(streamed), {})]

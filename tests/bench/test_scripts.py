@@ -25,7 +25,7 @@ def run_script(*args: str) -> list[dict]:
 def test_the_engine_bench_makes_its_row_and_profile(tmp_path):
     out = tmp_path / "rows.jsonl"
     (row,) = run_script("bench/engine.py", "--batches", "2", "--new-tokens", "3", "--repeats", "1", "--threads", "1",
-                        "--tile", "64", "--profile", "--out", str(out))
+                        "--tile", "64", "--layers", "2", "--profile", "--out", str(out))
     assert row["same_tokens"] == "2/2" and row["batch"] == 2 and row["ours_decode_tok_s"] > 0
     assert json.loads(out.read_text()) == row
 
@@ -50,20 +50,21 @@ def test_the_sampler_bench_times_each_kind():
 
 def test_the_stream_bench_makes_its_report():
     (report,) = run_script("bench/stream.py", "--tile", "64", "--blocks", "2", "--batch", "2", "--slots", "4",
-                           "--min-new", "2", "--max-new", "3", "--repeats", "0", "--questions-per-image", "2")
+                           "--min-new", "2", "--max-new", "3", "--repeats", "0", "--questions-per-image", "2",
+                           "--layers", "2")
     assert report["streamed_shared_prefixes"]["images_encoded"] == 2          # 4 rows about 2 images
     assert report["one_at_a_time"]["images_encoded"] == 4
 
 
 def test_the_samples_score_and_beams_benches_make_their_rows():
     (row,) = run_script("bench/samples.py", "--batch", "2", "--samples", "2", "--new-tokens", "3", "--repeats", "1",
-                        "--threads", "1", "--tile", "64")
+                        "--threads", "1", "--tile", "64", "--layers", "2")
     assert row["generated_tokens"] == 12 and row["images_encoded"] == 2
     (row,) = run_script("bench/score.py", "--images", "2", "--texts", "2", "--text-tokens", "4", "--repeats", "1",
-                        "--threads", "1", "--tile", "64")
+                        "--threads", "1", "--tile", "64", "--layers", "2")
     assert row["rows"] == 4 and row["images_encoded"] == 2 and row["max_abs_diff"] < 1e-3
     (row,) = run_script("bench/beams.py", "--batch", "2", "--beams", "2", "--new-tokens", "3", "--repeats", "1",
-                        "--threads", "1", "--tile", "64")
+                        "--threads", "1", "--tile", "64", "--layers", "2")
     assert row["engine_same_answers"] == row["generate_same_answers"] == 2
 
 
