@@ -198,6 +198,7 @@ class _PostGradGraph:
         return None
 
 
+@pytest.mark.parametrize("setup", ["smolvlm"], indirect=True)       # the graph's form, whatever the shapes
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_compiled_decode_writes_the_cache_in_place(setup, device):
@@ -420,6 +421,7 @@ def test_seeded_samples_ignore_batch_neighbours(setup, overlap):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.filterwarnings("error:torch.compile of the")
+@pytest.mark.parametrize("setup", ["smolvlm"], indirect=True)       # the sampler's fusion, whatever the model
 def test_a_compiled_engine_samples_as_the_eager_one(setup):
     """The CUDA default: a compiled decode step, and the sampler's noise and draw fused by
     torch.compile too, its nuclei (no row sets top_k) by bisection: the eager engine's seeded
