@@ -1,9 +1,17 @@
 """Ray Data graph: read -> preprocess (CPU actors) -> generate (model replicas) -> write."""
-from .builder import build_processor
-from .config import DEFAULT_PROMPT, PipelineConfig
-from .io import read_output, read_rows, write_rows
-from .job import run_job
-from .rows import OUTPUT_SCHEMA
+from importlib import import_module
 
-__all__ = ["PipelineConfig", "DEFAULT_PROMPT", "build_processor", "read_rows", "write_rows", "read_output",
-           "run_job", "OUTPUT_SCHEMA"]
+# Each name's module, imported on first use: a process that needs one module of the package (the run's
+# stats actor, ray alone) does not pay for the others' imports (Ray Data, pandas: ~1 s of a CPU each).
+_HOMES = {"PipelineConfig": "config", "DEFAULT_PROMPT": "config", "build_processor": "builder",
+          "read_rows": "io", "write_rows": "io", "read_output": "io", "run_job": "job", "OUTPUT_SCHEMA": "rows"}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
