@@ -17,7 +17,8 @@ import ray
 import ray.data
 
 from .config import PipelineConfig
-from .generate import Generate, calls_in_flight
+from .generate import Generate
+from .replica import calls_in_flight
 from .generation_defaults import resolved as resolved_generation_config
 from .preprocess import Preprocess
 
@@ -55,7 +56,7 @@ def replica_cpu_count(config: PipelineConfig) -> float:
     """CPUs of a model replica (of each rank of a tensor-parallel one): `cpus_per_replica`, else 1
     beside a GPU, and on a CPU-only run the most that its replicas can hold with one preprocessing
     actor's CPU and Ray Data's reserved ones left: on CPUs the model is the work (~20x a row's
-    preprocessing), and its torch runs a thread a CPU (generate.cpu_threads)."""
+    preprocessing), and its torch runs a thread a CPU (replica.cpu_threads)."""
     if config.cpus_per_replica is not None:
         return config.cpus_per_replica
     if on_gpu(config):
@@ -110,7 +111,7 @@ def cpu_share(config: PipelineConfig) -> float:
 
 def replica_resources(config: PipelineConfig, share: float = 1.0) -> dict:
     """Ray Data args of the model stage. A tp > 1 replica takes no device itself: its rank actors claim
-    the bundles of the placement group it makes (generate.replica_placement_group). Ray Data restarts
+    the bundles of the placement group it makes (replica.replica_placement_group). Ray Data restarts
     a dead replica and retries its batch there by default (max_restarts and max_task_retries -1;
     passing them is deprecated: tests/pipeline/test_replica_restart.py fails if that default changes)."""
     if config.tensor_parallel_size > 1:

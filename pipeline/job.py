@@ -18,7 +18,7 @@ from .checkpoint import check_adapter, check_model
 from .checks import (check_column_types, check_columns, check_ids, check_image_root, check_input_excludes_output,
                      check_input_files, check_output_outside_input, check_row_encoding, input_ids, read_schema)
 from .config import PipelineConfig
-from .generate import release_replica_groups
+from .replica import release_replica_groups
 from .generation_defaults import resolved as resolved_generation_config
 from .io import footer_readers_for, input_dataset, input_folder, read_output, read_rows, write_rows
 from .ledger import remove_job_ledgers

@@ -1,10 +1,10 @@
-"""pipeline.generate.load_engine: a replica's engine as its config asks (tensor-parallel size 1)."""
+"""pipeline.replica.load_engine: a replica's engine as its config asks (tensor-parallel size 1)."""
 from __future__ import annotations
 
 import pytest
 
 from pipeline import PipelineConfig
-from pipeline.generate import load_engine
+from pipeline.replica import load_engine
 
 
 @pytest.mark.parametrize("compile_decode", [None, True, False])

@@ -456,7 +456,7 @@ def test_model_stage_computes_in_the_dtype_asked(checkpoint):
 def test_replica_dtype_is_the_one_asked_else_the_devices():
     import torch
 
-    from pipeline.generate import replica_dtype
+    from pipeline.replica import replica_dtype
 
     assert replica_dtype(PipelineConfig(model="m"), "cpu") == torch.float32
     assert replica_dtype(PipelineConfig(model="m", dtype="bfloat16"), "cpu") == torch.bfloat16
@@ -490,7 +490,7 @@ def test_batches_in_flight_fill_the_engine_unless_set():
     from jobs.caption import DEFAULTS, parse_args, pipeline_config
     from jobs.common import merge_args
     from pipeline import PipelineConfig
-    from pipeline.generate import calls_in_flight
+    from pipeline.replica import calls_in_flight
 
     assert calls_in_flight(PipelineConfig(model="m", batch_size=16, max_batch_size=64)) == 5
     assert calls_in_flight(PipelineConfig(model="m", batch_size=100, max_batch_size=64)) == 2

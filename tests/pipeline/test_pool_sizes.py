@@ -54,7 +54,7 @@ def test_cpu_replicas_get_the_most_cpus_that_fit_the_nodes(nodes, replicas, tp, 
 
 
 def test_a_cpu_replica_runs_torch_with_a_thread_a_cpu():
-    from pipeline.generate import cpu_threads
+    from pipeline.replica import cpu_threads
 
     assert cpu_threads({"CPU": 5.0}) == 5 and cpu_threads({"CPU": 0.5}) == 1     # a small cluster's share
 
