@@ -7,6 +7,7 @@ from tests.fixtures.checkpoints import build_checkpoint
 
 # Actors Ray Data starts once per cluster (and keeps): a cluster with only these alive is as new.
 RAY_DATA_ACTORS = {"_StatsActor", "_AutoscalingCoordinatorActor", "ActorLocationTracker"}
+SHARED: list[str] = []      # the node of the cluster ray_cluster started last (a new id each start)
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +28,10 @@ def ray_cluster():
     starts a cluster of its own shuts this one first (helpers.own_cluster)."""
     import ray
 
-    if not ray.is_initialized():
+    if not (ray.is_initialized() and ray.get_runtime_context().get_node_id() in SHARED):
+        ray.shutdown()          # a cluster of other settings (Ray Data's own, started by a read without one)
         ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+        SHARED[:] = [ray.get_runtime_context().get_node_id()]
     yield ray
     if not settled(ray):
         ray.shutdown()

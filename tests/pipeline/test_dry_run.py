@@ -27,6 +27,7 @@ def rows_of_every_kind(tmp_path) -> list[dict]:
 def test_a_rehearsal_finds_the_failing_rows_and_counts_the_prompts(checkpoint, oracle, tmp_path, capsys):
     import ray
 
+    ray.shutdown()          # the cluster earlier modules share (conftest.ray_cluster): the rehearsal starts none
     rows = rows_of_every_kind(tmp_path)
     write_parquet(tmp_path / "in.parquet", rows)
     out = tmp_path / "out"

@@ -51,7 +51,9 @@ def s3_cluster(s3):
         yield
 
 
-def test_input_and_output_on_s3(s3, s3_cluster, checkpoint, oracle):
+def test_input_output_and_model_on_s3(s3, s3_cluster, checkpoint, oracle):
+    """--model s3://... too: the replica reads its node's copy (a tensor-parallel one's ranks: below)."""
+    upload_checkpoint(s3, checkpoint, "bucket/models/smolvlm")
     rows = good_rows(3)
     for row in rows:  # images as s3:// URLs read through fsspec, one of them missing
         s3.pipe(f"bucket/images/{row['id']}.png", row["image"])
@@ -65,7 +67,7 @@ def test_input_and_output_on_s3(s3, s3_cluster, checkpoint, oracle):
     pq.write_table(table, buf)
     s3.pipe("bucket/in/part-0.parquet", buf.getvalue())
 
-    config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW, batch_size=2)
+    config = PipelineConfig(model="s3://bucket/models/smolvlm", max_new_tokens=MAX_NEW, batch_size=2)
     summary = run_job("s3://bucket/in/", "s3://bucket/out", config)
     out = {r["id"]: r for r in read_output("s3://bucket/out").to_pylist()}
     assert sorted(out) == sorted(table.column("id").to_pylist())
@@ -237,22 +239,21 @@ def test_an_image_root_on_s3_must_hold_files(s3):
     assert "SECRET" not in str(refused.value) and "AKIAKEY" not in str(refused.value)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_model_on_s3(s3, s3_cluster, checkpoint, tmp_path, tp, oracle):
-    """--model s3://...: every replica (each rank of a tensor-parallel one) reads its node's copy."""
+def test_a_tensor_parallel_model_on_s3(s3, s3_cluster, tmp_path):
+    """--model s3://... with tensor_parallel_size 2: each rank reads its node's copy."""
     from tests.fixtures.checkpoints import build_checkpoint
 
-    folder = build_checkpoint(tmp_path / "ckpt", "idefics3") if tp > 1 else checkpoint   # tp 2: heads split in 2
-    upload_checkpoint(s3, folder, f"bucket/models/tp{tp}")
+    folder = build_checkpoint(tmp_path / "ckpt", "idefics3")    # heads split in 2
+    upload_checkpoint(s3, folder, "bucket/models/tp2")
     rows = good_rows(3)
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buf)
-    s3.pipe(f"bucket/in-tp{tp}/part-0.parquet", buf.getvalue())
-    config = PipelineConfig(model=f"s3://bucket/models/tp{tp}", max_new_tokens=MAX_NEW, batch_size=2,
-                            tensor_parallel_size=tp)
-    run_job(f"s3://bucket/in-tp{tp}/", f"s3://bucket/out-tp{tp}", config)
-    out = {r["id"]: r for r in read_output(f"s3://bucket/out-tp{tp}").to_pylist()}
-    want = oracle if tp == 1 else Oracle(folder)
+    s3.pipe("bucket/in-tp2/part-0.parquet", buf.getvalue())
+    config = PipelineConfig(model="s3://bucket/models/tp2", max_new_tokens=MAX_NEW, batch_size=2,
+                            tensor_parallel_size=2)
+    run_job("s3://bucket/in-tp2/", "s3://bucket/out-tp2", config)
+    out = {r["id"]: r for r in read_output("s3://bucket/out-tp2").to_pylist()}
+    want = Oracle(folder)
     for row in rows:
         text, n = want.answer(row["image"], row["question"] or config.prompt, MAX_NEW)
         assert (out[row["id"]]["answer"], out[row["id"]]["num_generated_tokens"]) == (text, n), row["id"]
