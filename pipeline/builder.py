@@ -18,9 +18,9 @@ import ray.data
 
 from .config import PipelineConfig
 from .generate import Generate
-from .replica import calls_in_flight
 from .generation_defaults import resolved as resolved_generation_config
 from .preprocess import Preprocess
+from .replica import calls_in_flight
 
 
 def cluster_has_gpus() -> bool:
