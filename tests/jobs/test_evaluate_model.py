@@ -12,6 +12,7 @@ from evaluation.metrics import exact_match
 from jobs import evaluate as job
 from tests.fixtures.checkpoints import build_checkpoint
 from tests.jobs.test_evaluate_predictions import parse_report, png
+from tests.pipeline.helpers import own_cluster
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,13 +27,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
     # Logical CPUs: a preprocess actor, a model replica and the write tasks each hold one.
-    ray.shutdown()      # a cluster tests/pipeline's modules share, where they ran first
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
+    with own_cluster(num_cpus=4) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")

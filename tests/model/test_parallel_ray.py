@@ -10,6 +10,7 @@ import torch
 from model import Idefics3ForConditionalGeneration
 from model.parallel.ray_group import RayTPGroup
 from tests.model.parallel_cases import reference_tokens, requests
+from tests.pipeline.helpers import own_cluster
 
 ray = pytest.importorskip("ray")
 torch.set_num_threads(1)
@@ -18,11 +19,9 @@ ROOT = str(Path(__file__).resolve().parents[2])
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.shutdown()      # a cluster tests/pipeline's modules share, where they ran first
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
+    with own_cluster(num_cpus=2, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}):
+        yield
 
 
 def test_ray_group_matches_tp1(cluster, checkpoint):

@@ -86,12 +86,12 @@ class Oracle:
         return out[0, n:].tolist()
 
 
-def footer_readers() -> int:
-    """The actors Ray Data has started on this cluster to read Parquet footers (the state API needs the
+def started_actors(class_name: str) -> int:
+    """The actors of `class_name` started on this cluster so far, dead ones too (the state API needs the
     dashboard the tests leave out: the GCS's actor table)."""
     import ray
 
-    return sum(a["ActorClassName"] == "FooterReader" for a in ray._private.state.actors().values())
+    return sum(a["ActorClassName"] == class_name for a in ray._private.state.actors().values())
 
 
 @contextlib.contextmanager

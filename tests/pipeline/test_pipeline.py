@@ -10,7 +10,7 @@ import pytest
 
 from model.engine.prefix_cache import MIN_SHARED_TEXT
 from pipeline import PipelineConfig, read_output, run_job
-from tests.pipeline.helpers import footer_readers, good_rows, png, serve_folder, write_parquet
+from tests.pipeline.helpers import good_rows, png, serve_folder, started_actors, write_parquet
 
 MAX_NEW = 6
 
@@ -151,14 +151,14 @@ def test_a_limited_trial_run_then_resumes_complete_it(ray_cluster, checkpoint, t
                                             for i in range(5)])
     config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=2, id_column="question_id")
     source, out = str(tmp_path / "in.parquet"), str(tmp_path / "out")
-    counts, readers = [], footer_readers()
+    counts, readers = [], started_actors("FooterReader")
     for resume, limit in [(False, 2), (True, None)]:
         summary = run_job(source, out, config, resume=resume, limit=limit)
         assert print_summary(summary) and summary["missing_rows"] == summary["duplicate_rows"] == 0
         counts.append((summary["input_rows"], summary["rows"], summary["rows_this_run"]))
     assert counts == [(2, 2, 2), (5, 5, 3)]
     # one footer reader for the one input file each run, one for the resume's checkpoint (Ray Data's 32 each)
-    assert footer_readers() - readers == 3 and "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ
+    assert started_actors("FooterReader") - readers == 3 and "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ
     assert sorted(read_output(out).column("id").to_pylist()) == [100 + i for i in range(5)]
     with pytest.raises(ValueError, match="limit is for a fresh run"):
         run_job(source, out, config, resume=True, limit=1)

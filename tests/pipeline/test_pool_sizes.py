@@ -5,19 +5,13 @@ import pytest
 
 from pipeline import PipelineConfig, read_output, run_job
 from pipeline.builder import cpu_worker_range, replica_count
-from tests.pipeline.helpers import own_cluster, png, write_parquet
+from tests.pipeline.helpers import own_cluster, png, started_actors, write_parquet
 
 
 @pytest.fixture(scope="module")
 def roomy_cluster():
     with own_cluster(num_cpus=8, num_gpus=4) as ray:
         yield ray
-
-
-def preprocess_actors() -> int:
-    import ray._private.state as state      # the GCS's actor table: no dashboard needed
-
-    return sum(a["ActorClassName"] == "MapWorker(MapBatches(Preprocess))" for a in state.actors().values())
 
 
 def test_worker_range_leaves_cpus_to_replicas_and_ray_data(roomy_cluster):
@@ -76,4 +70,4 @@ def test_pool_grows_while_rows_wait_for_preprocessing(roomy_cluster, checkpoint,
     summary = run_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
     assert summary["rows"] == 40 and summary["error_rows"] == 0
     assert sorted(read_output(str(tmp_path / "out")).column("id").to_pylist()) == list(range(40))
-    assert preprocess_actors() > 1
+    assert started_actors("MapWorker(MapBatches(Preprocess))") > 1
