@@ -100,8 +100,8 @@ def load_engine(config: PipelineConfig, device: str, tokenizer, rank: dict, plac
 
         # Each rank copies a checkpoint named by URL to its own node (the ranks' node may not be this one's).
         fetch = partial(local_checkpoint, storage_options=config.storage_options)
-        return RayTPGroup(config.model, tp, dtype=dtype, device_type=device.split(":")[0], tokenizer=tokenizer, fetch=fetch,
-                          adapter=config.adapter,
+        return RayTPGroup(config.model, tp, dtype=dtype, device_type=device.split(":")[0], tokenizer=tokenizer,
+                          fetch=fetch, adapter=config.adapter,
                           placement_group=placement, num_cpus=rank["CPU"], cpu_threads=threads,
                           batches_in_flight=calls_in_flight(config), max_batch_size=config.max_batch_size,
                           step_timeout_s=config.step_timeout_s, compile=config.compile_decode)

@@ -51,5 +51,6 @@ def test_a_baseline_sharing_no_id_with_the_run_is_refused():
 
 
 def test_baseline_categories_come_in_the_order_of_their_numbers():
-    rows = [{"id": str(i), "score": 1.0, "baseline_score": 0.0, "category": c} for i, c in enumerate(["v10", "v2", None])]
+    rows = [{"id": str(i), "score": 1.0, "baseline_score": 0.0, "category": c}
+            for i, c in enumerate(["v10", "v2", None])]
     assert list(compare(pa.Table.from_pylist(rows), "base", 3)["per_category"]) == ["(none)", "v2", "v10"]

@@ -370,7 +370,8 @@ def test_ctrl_c_inside_ray_init_stops_the_job_once_the_cluster_is_up():
     code = ("import os, signal, threading, ray\n"
             "from jobs.common import init_ray\n"
             "threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
-            "try:\n    init_ray()\nexcept KeyboardInterrupt:\n    print('stopped after ray.init:', ray.is_initialized())\n")
+            "try:\n    init_ray()\n"
+            "except KeyboardInterrupt:\n    print('stopped after ray.init:', ray.is_initialized())\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=180)
     assert "stopped after ray.init: True" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
