@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	# one worker a core; the tests that start Ray clusters keep to one of them (tests/conftest.py)
+	$(BIN)/python -m pytest -n auto --dist loadgroup tests
 
 demo: $(STAMP)
 	# a fresh run each time: the job refuses to overwrite an earlier output without --resume
