@@ -19,7 +19,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	# one worker a core; the tests that start Ray clusters keep to one of them (tests/conftest.py)
-	$(BIN)/python -m pytest -n auto --dist loadgroup tests
+	$(BIN)/python -m pytest -n auto tests
 
 demo: $(STAMP)
 	# a fresh run each time: the job refuses to overwrite an earlier output without --resume

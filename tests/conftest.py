@@ -2,24 +2,36 @@ import os
 import sys
 from pathlib import Path
 
-# Two cores are shared by every test process: keep torch from oversubscribing them.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+import pytest
+
+# Two cores are shared by every test process: keep torch from oversubscribing them (under `make test`'s two
+# workers, one thread each).
+os.environ.setdefault("OMP_NUM_THREADS", "1" if "PYTEST_XDIST_WORKER" in os.environ else "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-# Tests that start Ray clusters or jobs: under pytest-xdist (`make test` runs two workers) they run one
-# after another on one worker, so that they share its cluster and no two clusters race for the cores;
-# the rest (torch in one process: one core each) spread over the workers.
+# `make test` runs two pytest-xdist workers. The tests that start Ray clusters or jobs keep to one of them,
+# one after another, as they ran alone (they share its cluster; no two clusters race for CI's 2 cores);
+# the other files go whole (their module fixtures built once) to whichever worker is free.
 RAY_FOLDERS = {"pipeline", "jobs"}
 RAY_MODULES = {"test_parallel_ray.py"}
 
 
-def pytest_collection_modifyitems(config, items):
-    import pytest
+def work_unit(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    parts = path.split("/")
+    return "ray" if parts[-2] in RAY_FOLDERS or parts[-1] in RAY_MODULES else path
 
-    for item in items:
-        if item.path.parent.name in RAY_FOLDERS or item.path.name in RAY_MODULES:
-            item.add_marker(pytest.mark.xdist_group("ray"))
+
+@pytest.hookimpl(optionalhook=True)       # pytest-xdist's hook: absent without it
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayApart(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return RayApart(config, log)
