@@ -13,17 +13,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-# `make test` runs two pytest-xdist workers. The tests that start Ray clusters or jobs keep to one of them,
-# one after another, as they ran alone (they share its cluster; no two clusters race for CI's 2 cores);
-# the other files go whole (their module fixtures built once) to whichever worker is free.
-RAY_FOLDERS = {"pipeline", "jobs"}
-RAY_MODULES = {"test_parallel_ray.py"}
+# `make test` runs two pytest-xdist workers. The tests that start Ray clusters in the test's own process keep
+# to one of them, one after another, as they ran alone (they share its cluster: tests/pipeline/conftest.py);
+# the other files go whole (their module fixtures built once) to whichever worker is free, the jobs' command
+# lines among them (their clusters are their subprocesses', on ports of their own).
+IN_PROCESS_RAY = ("tests/pipeline/", "tests/jobs/test_evaluate_model.py", "tests/model/test_parallel_ray.py")
 
 
 def work_unit(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
-    parts = path.split("/")
-    return "ray" if parts[-2] in RAY_FOLDERS or parts[-1] in RAY_MODULES else path
+    return "ray" if path.startswith(IN_PROCESS_RAY) else path
 
 
 @pytest.hookimpl(optionalhook=True)       # pytest-xdist's hook: absent without it

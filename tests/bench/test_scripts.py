@@ -32,13 +32,13 @@ def test_the_engine_bench_makes_its_row_and_profile(tmp_path):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_the_engine_bench_runs_each_decode_variant():
-    """The decode-step candidates the device session times, compiled as on CUDA: the reference's tokens."""
+    """The decode-step candidates the device session times, compiled as on CUDA: the reference's tokens.
+    One compiled variant of two changes (a compile is ~25 s of CI; the base step compiles in tests/model)."""
     rows = run_script("bench/engine.py", "--batches", "2", "--new-tokens", "4", "--repeats", "1", "--threads", "1",
-                      "--tile", "64", "--layers", "2", "--compile", "--variants", "base", "unpadded+eager_pointwise",
-                      "eager")
-    assert [r["variant"] for r in rows] == ["base", "unpadded+eager_pointwise", "eager"]
+                      "--tile", "64", "--layers", "2", "--compile", "--variants", "unpadded+eager_pointwise", "eager")
+    assert [r["variant"] for r in rows] == ["unpadded+eager_pointwise", "eager"]
     assert all(r["same_tokens"] == "2/2" and r["layers"] == 2 for r in rows)
-    assert [r["compiled"] for r in rows] == [True, True, False]        # eager: the engine built with compile=False
+    assert [r["compiled"] for r in rows] == [True, False]        # eager: the engine built with compile=False
 
 
 def test_the_sampler_bench_times_each_kind():
