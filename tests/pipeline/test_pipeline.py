@@ -2,6 +2,7 @@
 import base64
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -47,6 +48,24 @@ def run(ray_cluster, checkpoint, tmp_path_factory):
     summary = run_job(str(tmp / "in"), str(tmp / "out"), config)
     table = read_output(str(tmp / "out"))
     return rows, {r["id"]: r for r in table.to_pylist()}, table, summary, tmp
+
+
+@pytest.fixture(scope="module")
+def finished(ray_cluster, checkpoint, tmp_path_factory):
+    """A finished run of 4 rows (r0..r3) in 2 files of 2, which tests damage and resume in copies."""
+    tmp = tmp_path_factory.mktemp("finished")
+    write_parquet(tmp / "in.parquet", [{"id": f"r{i}", "image": png(20, 20, seed=i)} for i in range(4)])
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=2, rows_per_file=2)
+    summary = run_job(str(tmp / "in.parquet"), str(tmp / "out"), config)
+    return tmp, config, summary
+
+
+def copy_of_finished(finished, tmp_path: Path) -> tuple[str, Path]:
+    """(its input, a copy of its output folder with the files the run wrote beside it)."""
+    source = finished[0]
+    for written in source.glob("out*"):
+        (shutil.copytree if written.is_dir() else shutil.copy)(written, tmp_path / written.name)
+    return str(source / "in.parquet"), tmp_path / "out"
 
 
 def test_every_id_exactly_once_with_output_schema(run):
@@ -113,29 +132,26 @@ def test_an_input_on_an_http_server_runs_end_to_end(ray_cluster, checkpoint, ora
         assert by_id[row["id"]]["answer"] == oracle.answer(row["image"], row["question"], 3)[0]
 
 
-def test_a_resume_answers_again_the_rows_of_a_lost_output_file(ray_cluster, checkpoint, tmp_path, capsys):
+def test_a_resume_answers_again_the_rows_of_a_lost_output_file(finished, tmp_path, capsys):
     """An output file lost after its rows were checkpointed (deleted by hand, a bucket lifecycle
     rule): a resume takes its ids out of the checkpoint and answers them again, the other file's rows
     not; a file copied twice shows in the summary as duplicates, and jobs.caption exits 1 on it."""
-    import shutil
-
     from jobs.common import print_summary
 
-    write_parquet(tmp_path / "in.parquet", [{"id": f"r{i}", "image": png(20, 20, seed=i)} for i in range(4)])
-    config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=2, rows_per_file=2)
-    out = tmp_path / "out"
-    assert print_summary(run_job(str(tmp_path / "in.parquet"), str(out), config))
+    assert print_summary(finished[2])
+    source, out = copy_of_finished(finished, tmp_path)
+    config = finished[1]
     files = sorted(out.glob("*.parquet"))
     assert len(files) == 2
     lost = set(pq.read_table(files[0]).column("id").to_pylist())
     files[0].unlink()
-    summary = run_job(str(tmp_path / "in.parquet"), str(out), config, resume=True)
+    summary = run_job(source, str(out), config, resume=True)
     assert (summary["input_rows"], summary["rows"], summary["missing_rows"], summary["duplicate_rows"]) == (4, 4, 0, 0)
     assert summary["rows_this_run"] == summary["lost_rows_answered_again"] == 2
     new = set(out.glob("*.parquet")) - set(files)
     assert {i for f in new for i in pq.read_table(f).column("id").to_pylist()} == lost
     shutil.copy(files[1], out / "copy.parquet")
-    summary = run_job(str(tmp_path / "in.parquet"), str(out), config, resume=True)
+    summary = run_job(source, str(out), config, resume=True)
     assert (summary["rows"], summary["missing_rows"], summary["duplicate_rows"], summary["rows_this_run"]) == (6, 0, 2, 0)
     assert not print_summary(summary) and "2 output rows repeat an id" in capsys.readouterr().err
 
@@ -556,39 +572,31 @@ def test_a_smolvlm2_checkpoint_answers_as_its_idefics3_twin(ray_cluster, oracle,
         assert (by_id[row["id"]]["answer"], by_id[row["id"]]["num_generated_tokens"]) == (text, n), row["id"]
 
 
-def test_a_resume_after_a_kill_inside_a_checkpoints_commit_loses_no_row(ray_cluster, checkpoint, tmp_path):
+def test_a_resume_after_a_kill_inside_a_checkpoints_commit_loses_no_row(finished, tmp_path):
     """On an object store Ray's commit of a checkpoint (X.pending.parquet -> X.parquet) is a copy then
     a delete: killed between them, both are left. The resume finishes the move; Ray's clean-up of
     pending checkpoints removed that block's output file with it, its ids committed: rows lost."""
-    import shutil
-
     from pipeline.resume import checkpoint_uri
 
-    write_parquet(tmp_path / "in.parquet", [{"id": f"r{i}", "image": png(20, 20, seed=i)} for i in range(4)])
-    config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=2, rows_per_file=2)
-    out = tmp_path / "out"
-    run_job(str(tmp_path / "in.parquet"), str(out), config)
+    source, out = copy_of_finished(finished, tmp_path)
     committed = sorted(p for p in Path(checkpoint_uri(str(out))).glob("*.parquet"))
     shutil.copy(committed[0], str(committed[0])[:-len(".parquet")] + ".pending.parquet")
-    summary = run_job(str(tmp_path / "in.parquet"), str(out), config, resume=True)
+    summary = run_job(source, str(out), finished[1], resume=True)
     assert (summary["input_rows"], summary["rows"], summary["missing_rows"]) == (4, 4, 0)
 
 
-def test_a_resume_after_a_kill_inside_a_write_answers_its_rows_again(ray_cluster, checkpoint, tmp_path):
+def test_a_resume_after_a_kill_inside_a_write_answers_its_rows_again(finished, tmp_path):
     """Killed while a block's file was written: its checkpoint still pending, the file cut short.
     The resume read the output (its counts, lost rows) before Ray's clean-up removed that file:
     every resume failed on it ("Parquet magic bytes not found"); a whole one was counted as written."""
     from pipeline.resume import checkpoint_uri
 
-    write_parquet(tmp_path / "in.parquet", [{"id": f"r{i}", "image": png(20, 20, seed=i)} for i in range(4)])
-    config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=2, rows_per_file=2)
-    out = tmp_path / "out"
-    run_job(str(tmp_path / "in.parquet"), str(out), config)
+    source, out = copy_of_finished(finished, tmp_path)
     committed = sorted(Path(checkpoint_uri(str(out))).glob("*.parquet"))
     prefix = committed[0].name[:-len(".parquet")]
     committed[0].rename(committed[0].with_name(prefix + ".pending.parquet"))
     written = [p for p in out.glob("*.parquet") if p.name.startswith(prefix)]
     assert len(written) == 1
     written[0].write_bytes(written[0].read_bytes()[:100])
-    summary = run_job(str(tmp_path / "in.parquet"), str(out), config, resume=True)
+    summary = run_job(source, str(out), finished[1], resume=True)
     assert (summary["rows"], summary["missing_rows"], summary["duplicate_rows"], summary["rows_this_run"]) == (4, 0, 0, 2)
