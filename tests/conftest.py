@@ -13,16 +13,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-# `make test` runs two pytest-xdist workers. The tests that start Ray clusters in the test's own process keep
-# to one of them, one after another, as they ran alone (they share its cluster: tests/pipeline/conftest.py);
-# the other files go whole (their module fixtures built once) to whichever worker is free, the jobs' command
-# lines among them (their clusters are their subprocesses', on ports of their own).
-IN_PROCESS_RAY = ("tests/pipeline/", "tests/jobs/test_evaluate_model.py", "tests/model/test_parallel_ray.py")
+# `make test` runs two pytest-xdist workers. tests/pipeline keeps to one of them, one test after another, as it
+# ran alone: its modules share one Ray cluster in that process (tests/pipeline/conftest.py) or shut it to start
+# their own. The other files go whole (their module fixtures built once) to whichever worker is free, those
+# that start a Ray cluster of their own among them (in their process, or their subprocesses' on own ports).
+SHARED_CLUSTER = "tests/pipeline/"
 
 
 def work_unit(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
-    return "ray" if path.startswith(IN_PROCESS_RAY) else path
+    return "ray" if path.startswith(SHARED_CLUSTER) else path
 
 
 @pytest.hookimpl(optionalhook=True)       # pytest-xdist's hook: absent without it
