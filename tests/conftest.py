@@ -16,13 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # `make test` runs two pytest-xdist workers. tests/pipeline keeps to one of them, one test after another, as it
 # ran alone: its modules share one Ray cluster in that process (tests/pipeline/conftest.py) or shut it to start
 # their own. The other files go whole (their module fixtures built once) to whichever worker is free, those
-# that start a Ray cluster of their own among them (in their process, or their subprocesses' on own ports).
+# that start a Ray cluster of their own among them, but the jobs' command lines go one after another: a job
+# without RAY_ADDRESS joins a cluster `ray start` made on the machine (test_caption_submit's), as ray.init does.
 SHARED_CLUSTER = "tests/pipeline/"
+COMMAND_LINES = ("tests/jobs/test_caption.py", "tests/jobs/test_caption_submit.py")
 
 
 def work_unit(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
-    return "ray" if path.startswith(SHARED_CLUSTER) else path
+    return "ray" if path.startswith(SHARED_CLUSTER) else "jobs" if path in COMMAND_LINES else path
 
 
 @pytest.hookimpl(optionalhook=True)       # pytest-xdist's hook: absent without it
