@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-# Two cores are shared by every test process: keep torch from oversubscribing them (under `make test`'s two
-# workers, one thread each).
+# Two cores are shared by every test process: keep torch from oversubscribing them (under pytest -n, one
+# thread a worker).
 os.environ.setdefault("OMP_NUM_THREADS", "1" if "PYTEST_XDIST_WORKER" in os.environ else "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -13,11 +13,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-# `make test` runs two pytest-xdist workers. tests/pipeline keeps to one of them, one test after another, as it
+# Under `pytest -n` (make test is serial for now: /work/notes/stop46.md). tests/pipeline keeps to one of them, one test after another, as it
 # ran alone: its modules share one Ray cluster in that process (tests/pipeline/conftest.py) or shut it to start
 # their own. The other files go whole (their module fixtures built once) to whichever worker is free, those
 # that start a Ray cluster of their own among them, but the jobs' command lines go one after another: a job
-# without RAY_ADDRESS joins a cluster `ray start` made on the machine (test_caption_submit's), as ray.init does.
+# without RAY_ADDRESS joins a cluster `ray start` made on the machine (test_caption_submit's), as ray.init does
+# (CI runs 4-5 still saw them join one: likely test_pool_sizes_nodes' Cluster).
 SHARED_CLUSTER = "tests/pipeline/"
 COMMAND_LINES = ("tests/jobs/test_caption.py", "tests/jobs/test_caption_submit.py")
 
