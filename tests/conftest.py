@@ -13,7 +13,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-# Under `pytest -n` (make test is serial for now: /work/notes/stop46.md). tests/pipeline keeps to one of them, one test after another, as it
+# Under `pytest -n` (make test is serial for now: /work/notes/stop46.md) tests/pipeline keeps to one worker,
+# one test after another, as it
 # ran alone: its modules share one Ray cluster in that process (tests/pipeline/conftest.py) or shut it to start
 # their own. The other files go whole (their module fixtures built once) to whichever worker is free, those
 # that start a Ray cluster of their own among them, but the jobs' command lines go one after another: a job
