@@ -18,9 +18,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	# serial: under `-n auto` (tests/conftest's units) test_caption's jobs joined a cluster that
-	# test_pool_sizes_nodes' ray.cluster_utils.Cluster had made (CI runs 4, 5): see /work/notes/stop46.md
-	$(BIN)/python -m pytest tests
+	# a worker a core (tests/conftest.py makes the units: tests/pipeline on one worker, one after another)
+	$(BIN)/python -m pytest -n auto tests
 
 demo: $(STAMP)
 	# a fresh run each time: the job refuses to overwrite an earlier output without --resume

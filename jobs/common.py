@@ -302,8 +302,21 @@ def interrupted(error: BaseException, then: str) -> int:
     return 128 + signum
 
 
+def cluster_to_join() -> str | None:
+    """The address of the cluster ray.init() joins unasked: RAY_ADDRESS's (as under `ray job submit`),
+    else the cluster `ray start` last made on this machine; None for a new local cluster (also when
+    RAY_ADDRESS is "local", Ray's way to ask for one)."""
+    # Ray's own rule (a private function of the pinned Ray): deciding otherwise than ray.init would
+    # start a cluster beside the one ray.init then refuses to size.
+    from ray._private.services import get_ray_address_from_environment
+
+    address = get_ray_address_from_environment(None, None)
+    return None if address in (None, "", "local") else address
+
+
 def init_ray(device: str | None = None) -> None:
-    """Join the cluster of RAY_ADDRESS (as under `ray job submit`), else start a local one.
+    """Join the cluster of RAY_ADDRESS or of a `ray start` on this machine (cluster_to_join), else start
+    a local one.
 
     A local cluster gets at least 4 logical CPUs: Ray's read/write tasks, the checkpoint filter and
     the stage actors each hold one, and on a 2-core laptop they would otherwise wait for each other.
@@ -315,16 +328,18 @@ def init_ray(device: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    joined = bool(os.environ.get("RAY_ADDRESS"))
+    address = cluster_to_join()
     with stops_held():
-        if joined:
-            ray.init(logging_level=logging.WARNING)
+        if address:
+            how = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "`ray start`'s; RAY_ADDRESS=local for a new one"
+            print(f"joining the Ray cluster at {address} ({how})", file=sys.stderr)
+            ray.init(address=address, logging_level=logging.WARNING)
         else:
             cpus = max(os.cpu_count() or 1, LOCAL_MIN_CPUS)
-            ray.init(num_cpus=cpus, logging_level=logging.WARNING)
+            ray.init(address="local", num_cpus=cpus, logging_level=logging.WARNING)
     stop_on_signals()
     if device == "cuda" and not ray.cluster_resources().get("GPU", 0):
-        if not joined:
+        if not address:
             ray.shutdown()
             raise ValueError("--device cuda: this machine has no GPU that Ray sees; use --device cpu, or submit "
                              "the job to a cluster with GPUs (RAY_ADDRESS)")

@@ -13,20 +13,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-# Under `pytest -n` (make test is serial for now: /work/notes/stop46.md) tests/pipeline keeps to one worker,
-# one test after another, as it
-# ran alone: its modules share one Ray cluster in that process (tests/pipeline/conftest.py) or shut it to start
-# their own. The other files go whole (their module fixtures built once) to whichever worker is free, those
-# that start a Ray cluster of their own among them, but the jobs' command lines go one after another: a job
-# without RAY_ADDRESS joins a cluster `ray start` made on the machine (test_caption_submit's), as ray.init does
-# (CI runs 4-5 still saw them join one: likely test_pool_sizes_nodes' Cluster).
+# A test's Ray cluster is its own, never one it finds: ray.init() without an address (and a job without
+# RAY_ADDRESS, as ray.init) joins the cluster a `ray start` or ray.cluster_utils.Cluster last made on the machine
+# (test_pool_sizes_nodes' Cluster, on the other xdist worker, in CI runs 4-5). A test that joins one says so.
+os.environ["RAY_ADDRESS"] = "local"
+
+
+# Under `pytest -n` (make test) tests/pipeline keeps to one worker, one test after another, as it ran alone:
+# its modules share one Ray cluster in that process (tests/pipeline/conftest.py) or shut it to start their
+# own. The other files go whole (their module fixtures built once) to whichever worker is free, those that
+# start a Ray cluster of their own among them.
 SHARED_CLUSTER = "tests/pipeline/"
-COMMAND_LINES = ("tests/jobs/test_caption.py", "tests/jobs/test_caption_submit.py")
 
 
 def work_unit(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
-    return "ray" if path.startswith(SHARED_CLUSTER) else "jobs" if path in COMMAND_LINES else path
+    return "ray" if path.startswith(SHARED_CLUSTER) else path
 
 
 @pytest.hookimpl(optionalhook=True)       # pytest-xdist's hook: absent without it

@@ -1,4 +1,5 @@
-"""`ray job submit --working-dir . -- python -m jobs.caption ...` against a `ray start --head` cluster on localhost."""
+"""A `ray start --head` cluster on localhost: `ray job submit --working-dir . -- python -m jobs.caption ...` to it,
+and a job typed on its machine without RAY_ADDRESS, which joins it as ray.init() does."""
 import os
 import signal
 import socket
@@ -37,12 +38,17 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -
     raise TimeoutError(f"no Ray dashboard at {url}")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
     """A head node in its own session and temp dir; stopped by killing that process group only
-    (`ray stop` would stop every Ray cluster on the machine)."""
-    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
+    (`ray stop` would stop every Ray cluster on the machine). RAY_TMPDIR (in place of /tmp): the address
+    file of its `ray start`, which a ray.init() without an address reads, is not the machine's
+    /tmp/ray/ray_current_cluster, where tests beside this one would find it."""
+    base = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
+    temp = Path(base) / "ray"       # Ray's temp dir under RAY_TMPDIR
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1",
+               RAY_TMPDIR=base)
+    env.pop("RAY_ADDRESS", None)    # tests/conftest's "local": a user's shell has none
     dashboard = free_port()
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--include-dashboard=true",
@@ -57,16 +63,20 @@ def cluster():
     url = f"http://127.0.0.1:{dashboard}"
     try:
         wait_for_dashboard(url, head)
-        yield url, env
+        yield url, env, temp
     finally:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("smolvlm"), "smolvlm")
+
+
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_job_to_completion(cluster, tmp_path):
-    url, env = cluster
-    checkpoint = build_checkpoint(tmp_path / "ckpt", "smolvlm")
+def test_ray_job_submit_runs_the_job_to_completion(cluster, checkpoint, tmp_path):
+    url, env, _ = cluster
     write_parquet(tmp_path / "in.parquet", good_rows(4))
     runtime_env = '{"excludes": [".venv", ".git", "*.egg-info", ".pytest_cache"]}'
     command = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".", "--runtime-env-json",
@@ -83,3 +93,19 @@ def test_ray_job_submit_runs_the_job_to_completion(cluster, tmp_path):
     table = pads.dataset(tmp_path / "out").to_table()
     assert sorted(table.column("id").to_pylist()) == [f"row-{i}" for i in range(4)]
     assert (tmp_path / "out.summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_job_without_ray_address_joins_the_cluster_ray_start_made(cluster, checkpoint, tmp_path):
+    """As ray.init() does (a job passing num_cpus to it was refused: "When connecting to an existing cluster,
+    num_cpus and num_gpus must not be provided")."""
+    _, env, temp = cluster
+    write_parquet(tmp_path / "in.parquet", good_rows(2))
+    done = subprocess.run([sys.executable, "-m", "jobs.caption", "--input", str(tmp_path / "in.parquet"),
+                           "--output", str(tmp_path / "out"), "--model", str(checkpoint), "--max-new-tokens", "3"],
+                          cwd=REPO, env=dict(env, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    address = (temp / "ray_current_cluster").read_text().strip()
+    joined = f"joining the Ray cluster at {address} (`ray start`'s; RAY_ADDRESS=local for a new one)"
+    assert joined in done.stderr, done.stderr[:3000]
+    assert sorted(pads.dataset(tmp_path / "out").to_table().column("id").to_pylist()) == ["row-0", "row-1"]
