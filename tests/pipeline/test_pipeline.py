@@ -3,6 +3,7 @@ import base64
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -50,22 +51,26 @@ def run(ray_cluster, checkpoint, tmp_path_factory):
     return rows, {r["id"]: r for r in table.to_pylist()}, table, summary, tmp
 
 
+@dataclass(frozen=True)
+class FinishedRun:
+    folder: Path            # in.parquet, and out* as the run wrote them
+    config: PipelineConfig
+    summary: dict
+
+    def copy(self, tmp_path: Path) -> tuple[str, Path]:
+        """(its input, a copy of its output folder with the files the run wrote beside it)."""
+        for written in self.folder.glob("out*"):
+            (shutil.copytree if written.is_dir() else shutil.copy)(written, tmp_path / written.name)
+        return str(self.folder / "in.parquet"), tmp_path / "out"
+
+
 @pytest.fixture(scope="module")
-def finished(ray_cluster, checkpoint, tmp_path_factory):
+def finished(ray_cluster, checkpoint, tmp_path_factory) -> FinishedRun:
     """A finished run of 4 rows (r0..r3) in 2 files of 2, which tests damage and resume in copies."""
     tmp = tmp_path_factory.mktemp("finished")
     write_parquet(tmp / "in.parquet", [{"id": f"r{i}", "image": png(20, 20, seed=i)} for i in range(4)])
     config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=2, rows_per_file=2)
-    summary = run_job(str(tmp / "in.parquet"), str(tmp / "out"), config)
-    return tmp, config, summary
-
-
-def copy_of_finished(finished, tmp_path: Path) -> tuple[str, Path]:
-    """(its input, a copy of its output folder with the files the run wrote beside it)."""
-    source = finished[0]
-    for written in source.glob("out*"):
-        (shutil.copytree if written.is_dir() else shutil.copy)(written, tmp_path / written.name)
-    return str(source / "in.parquet"), tmp_path / "out"
+    return FinishedRun(tmp, config, run_job(str(tmp / "in.parquet"), str(tmp / "out"), config))
 
 
 def test_every_id_exactly_once_with_output_schema(run):
@@ -138,9 +143,9 @@ def test_a_resume_answers_again_the_rows_of_a_lost_output_file(finished, tmp_pat
     not; a file copied twice shows in the summary as duplicates, and jobs.caption exits 1 on it."""
     from jobs.common import print_summary
 
-    assert print_summary(finished[2])
-    source, out = copy_of_finished(finished, tmp_path)
-    config = finished[1]
+    assert print_summary(finished.summary)
+    source, out = finished.copy(tmp_path)
+    config = finished.config
     files = sorted(out.glob("*.parquet"))
     assert len(files) == 2
     lost = set(pq.read_table(files[0]).column("id").to_pylist())
@@ -578,10 +583,10 @@ def test_a_resume_after_a_kill_inside_a_checkpoints_commit_loses_no_row(finished
     pending checkpoints removed that block's output file with it, its ids committed: rows lost."""
     from pipeline.resume import checkpoint_uri
 
-    source, out = copy_of_finished(finished, tmp_path)
+    source, out = finished.copy(tmp_path)
     committed = sorted(p for p in Path(checkpoint_uri(str(out))).glob("*.parquet"))
     shutil.copy(committed[0], str(committed[0])[:-len(".parquet")] + ".pending.parquet")
-    summary = run_job(source, str(out), finished[1], resume=True)
+    summary = run_job(source, str(out), finished.config, resume=True)
     assert (summary["input_rows"], summary["rows"], summary["missing_rows"]) == (4, 4, 0)
 
 
@@ -591,12 +596,12 @@ def test_a_resume_after_a_kill_inside_a_write_answers_its_rows_again(finished, t
     every resume failed on it ("Parquet magic bytes not found"); a whole one was counted as written."""
     from pipeline.resume import checkpoint_uri
 
-    source, out = copy_of_finished(finished, tmp_path)
+    source, out = finished.copy(tmp_path)
     committed = sorted(Path(checkpoint_uri(str(out))).glob("*.parquet"))
     prefix = committed[0].name[:-len(".parquet")]
     committed[0].rename(committed[0].with_name(prefix + ".pending.parquet"))
     written = [p for p in out.glob("*.parquet") if p.name.startswith(prefix)]
     assert len(written) == 1
     written[0].write_bytes(written[0].read_bytes()[:100])
-    summary = run_job(source, str(out), finished[1], resume=True)
+    summary = run_job(source, str(out), finished.config, resume=True)
     assert (summary["rows"], summary["missing_rows"], summary["duplicate_rows"], summary["rows_this_run"]) == (4, 0, 0, 2)
