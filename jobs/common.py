@@ -314,6 +314,27 @@ def cluster_to_join() -> str | None:
     return None if address in (None, "", "local") else address
 
 
+def refuse_silent_cluster(address: str, from_ray_address: bool, timeout_s: float = 5.0) -> None:
+    """ray.init retries a cluster that does not answer for minutes, saying only that the GCS timed out:
+    one that `ray start` made and that stopped without `ray stop` (a killed head, a restarted container)
+    leaves its address file behind, and every job on the machine would hang on it."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():      # a Ray Client address, or one Ray resolves itself
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        if from_ray_address:
+            raise ValueError(f"the Ray cluster of RAY_ADDRESS={address} does not answer ({e})") from None
+        from ray._common.utils import get_ray_address_file
+
+        raise ValueError(f"the Ray cluster `ray start` made at {address} does not answer ({e}): stopped without "
+                         f"`ray stop`, which removes its address file {get_ray_address_file(None)}? "
+                         f"RAY_ADDRESS=local starts a new cluster") from None
+
+
 def init_ray(device: str | None = None) -> None:
     """Join the cluster of RAY_ADDRESS or of a `ray start` on this machine (cluster_to_join), else start
     a local one.
@@ -331,9 +352,14 @@ def init_ray(device: str | None = None) -> None:
     address = cluster_to_join()
     with stops_held():
         if address:
-            how = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "`ray start`'s; RAY_ADDRESS=local for a new one"
+            from_ray_address = bool(os.environ.get("RAY_ADDRESS"))
+            refuse_silent_cluster(address, from_ray_address)
+            how = "RAY_ADDRESS" if from_ray_address else "`ray start`'s; RAY_ADDRESS=local for a new one"
             print(f"joining the Ray cluster at {address} ({how})", file=sys.stderr)
-            ray.init(address=address, logging_level=logging.WARNING)
+            try:
+                ray.init(address=address, logging_level=logging.WARNING)
+            except ConnectionError as e:    # a port that answers but is no Ray cluster's
+                raise ValueError(f"{e} ({how})") from None
         else:
             cpus = max(os.cpu_count() or 1, LOCAL_MIN_CPUS)
             ray.init(address="local", num_cpus=cpus, logging_level=logging.WARNING)

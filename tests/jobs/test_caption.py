@@ -349,6 +349,28 @@ def test_device_cuda_on_a_local_cluster_without_gpus_is_refused_at_once(checkpoi
     assert process.returncode == 2 and "--device cuda: this machine has no GPU that Ray sees" in text, text[-3000:]
 
 
+def test_a_ray_start_cluster_that_is_gone_is_named_at_once(checkpoint, tmp_path):
+    """Its address file outlived it (a head killed without `ray stop`): ray.init retried it for minutes."""
+    import socket
+
+    with socket.socket() as s:      # a port no cluster answers on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+    write_parquet(tmp_path / "in.parquet", [{"image": png(24, 24), "question": "Row?"}])
+    env = dict(os.environ, RAY_TMPDIR=str(tmp_path), PYTHONPATH=str(REPO))
+    env.pop("RAY_ADDRESS")      # tests/conftest's "local"
+    done = subprocess.run([sys.executable, "-m", "jobs.caption", "--input", str(tmp_path / "in.parquet"), "--output",
+                           str(tmp_path / "out"), "--model", str(checkpoint)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: the Ray cluster `ray start` made at 127.0.0.1:{port} does not answer ([Errno 111] Connection "
+        f"refused): stopped without `ray stop`, which removes its address file {tmp_path}/ray/ray_current_cluster? "
+        f"RAY_ADDRESS=local starts a new cluster")
+
+
 def test_a_settings_error_names_its_flag(capsys):
     """The library's messages name a setting as its config field (max_new_tokens); on the command line
     the job names its flag."""
