@@ -108,7 +108,7 @@ def with_checkpoint_defaults(config: PipelineConfig, generation_config: dict,
                          f"impossible: {e}; set those settings yourself, or ignore the file (generation_config="
                          "'none', --generation-config none)") from None
     log.warning("decoding as %s asks, for the settings this run leaves at their defaults: %s "
-                "(generation_config='none', --generation-config none, ignores the file)", whose,
+                "(to ignore the file: generation_config='none', on the command line --generation-config none)", whose,
                 listed_settings(taken))
     return taken_config, taken
 
