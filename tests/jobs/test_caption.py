@@ -366,9 +366,18 @@ def test_a_ray_start_cluster_that_is_gone_is_named_at_once(checkpoint, tmp_path)
                           text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == (
-        f"error: the Ray cluster `ray start` made at 127.0.0.1:{port} does not answer ([Errno 111] Connection "
-        f"refused): stopped without `ray stop`, which removes its address file {tmp_path}/ray/ray_current_cluster? "
-        f"RAY_ADDRESS=local starts a new cluster")
+        f"error: the Ray cluster `ray start` made at 127.0.0.1:{port} does not answer within 5 s: stopped without "
+        f"`ray stop`? Remove its address file {tmp_path}/ray/ray_current_cluster, or set RAY_ADDRESS=local for a new "
+        "cluster")
+
+
+def test_a_ray_client_address_is_refused_with_the_way_to_submit_the_job(monkeypatch):
+    """Ray Client connects, then the run's writes failed deep in Ray Data (no core worker in the driver)."""
+    from jobs.common import cluster_to_join
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://10.0.0.5:10001")
+    with pytest.raises(ValueError, match=r"^RAY_ADDRESS=ray://10.0.0.5:10001: a Ray Client address, .* ray job submit"):
+        cluster_to_join()
 
 
 def test_a_settings_error_names_its_flag(capsys):

@@ -1,12 +1,14 @@
 """A `ray start --head` cluster on localhost: `ray job submit --working-dir . -- python -m jobs.caption ...` to it,
 and a job typed on its machine without RAY_ADDRESS, which joins it as ray.init() does."""
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -33,6 +35,8 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=2)
             return
+        except urllib.error.HTTPError:      # 401 without the token: up all the same
+            return
         except OSError:
             time.sleep(1)
     raise TimeoutError(f"no Ray dashboard at {url}")
@@ -43,12 +47,15 @@ def cluster():
     """A head node in its own session and temp dir; stopped by killing that process group only
     (`ray stop` would stop every Ray cluster on the machine). RAY_TMPDIR (in place of /tmp): the address
     file of its `ray start`, which a ray.init() without an address reads, is not the machine's
-    /tmp/ray/ray_current_cluster, where tests beside this one would find it."""
+    /tmp/ray/ray_current_cluster, where tests beside this one would find it. With a token at hand and
+    RAY_AUTH_MODE unset, as on a machine where any Ray has run, the head asks for the token."""
     base = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
     temp = Path(base) / "ray"       # Ray's temp dir under RAY_TMPDIR
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1",
-               RAY_TMPDIR=base)
-    env.pop("RAY_ADDRESS", None)    # tests/conftest's "local": a user's shell has none
+    (Path(base) / "token").write_text(secrets.token_hex(32))
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1", RAY_TMPDIR=base,
+               RAY_AUTH_TOKEN_PATH=f"{base}/token")
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):   # tests/conftest's RAY_ADDRESS=local: a user's shell has none
+        env.pop(name, None)
     dashboard = free_port()
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--include-dashboard=true",
@@ -84,7 +91,8 @@ def test_ray_job_submit_runs_the_job_to_completion(cluster, checkpoint, tmp_path
                "--output", str(tmp_path / "out"), "--model", str(checkpoint), "--max-new-tokens", "3"]
     deadline = time.time() + 240  # the dashboard answers before the head's job agent is up, on a busy machine
     while True:
-        submit = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+        submit = subprocess.run(command, cwd=REPO, env=dict(env, RAY_AUTH_MODE="token"), capture_output=True,
+                                text=True, timeout=420)     # the CLI sends the token only when told to
         if "No available agent" not in submit.stderr or time.time() > deadline:
             break
         time.sleep(3)
@@ -98,7 +106,7 @@ def test_ray_job_submit_runs_the_job_to_completion(cluster, checkpoint, tmp_path
 @pytest.mark.slow
 def test_a_job_without_ray_address_joins_the_cluster_ray_start_made(cluster, checkpoint, tmp_path):
     """As ray.init() does (a job passing num_cpus to it was refused: "When connecting to an existing cluster,
-    num_cpus and num_gpus must not be provided")."""
+    num_cpus and num_gpus must not be provided"; one passing its address missed the head's token auth)."""
     _, env, temp = cluster
     write_parquet(tmp_path / "in.parquet", good_rows(2))
     done = subprocess.run([sys.executable, "-m", "jobs.caption", "--input", str(tmp_path / "in.parquet"),
