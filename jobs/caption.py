@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, Interrupted, add_run_flags, demo_path,
-                         init_ray, interrupted, json_option, merge_args, print_error, print_rehearsal, print_summary,
+                         interrupted, json_option, merge_args, print_error, print_rehearsal, print_summary,
                          stop_on_signals)
+from jobs.cluster import init_ray
 
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",

@@ -1,10 +1,9 @@
-"""Helpers shared by the job entry points: YAML job configs, JSON options, Ray start-up, summaries."""
+"""Helpers shared by the job entry points: YAML job configs, JSON options, stops by signal, summaries."""
 from __future__ import annotations
 
 import argparse
 import difflib
 import json
-import logging
 import re
 import signal
 import sys
@@ -14,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 DEMO_INPUT = REPO / "demo" / "data" / "sample.parquet"
 DEMO_MODEL = REPO / "demo" / "model"
@@ -244,9 +242,6 @@ def demo_path(value: str | None, default: Path, what: str) -> str:
     return str(default)
 
 
-LOCAL_MIN_CPUS = 4
-
-
 class Interrupted(BaseException):
     """A stop asked of the job by a signal (not an Exception: nothing that handles a row's failure
     takes it for one)."""
@@ -300,96 +295,6 @@ def interrupted(error: BaseException, then: str) -> int:
             signal.signal(each, signal.SIG_IGN)
     print_error(f"stopped by {signal.Signals(signum).name}: {then}")
     return 128 + signum
-
-
-def cluster_to_join() -> str | None:
-    """The address of the cluster ray.init() joins unasked: RAY_ADDRESS's (as under `ray job submit`),
-    else the last cluster `ray start` made on this machine with Ray's default temp dir (its address
-    file); None for a new local cluster (also when RAY_ADDRESS is "local", Ray's way to ask for one)."""
-    # Ray's own rule (a private function of the pinned Ray): deciding otherwise than ray.init would
-    # start a cluster beside the one ray.init then refuses to size.
-    from ray._private.services import get_ray_address_from_environment
-
-    try:
-        address = get_ray_address_from_environment(None, None)
-    except ConnectionError as e:    # RAY_ADDRESS=auto, and no cluster on the machine
-        raise ValueError(f"RAY_ADDRESS=auto: {e}") from None
-    if address and address.startswith("ray://"):
-        raise ValueError(f"RAY_ADDRESS={address}: a Ray Client address, which a job cannot run through (its "
-                         "writes need a driver on the cluster); submit it: ray job submit --address "
-                         "http://HEAD:8265 --working-dir . -- python -m jobs.caption ...")
-    return None if address in (None, "", "local") else address
-
-
-def address_from_environment() -> bool:
-    """Whether the cluster to join is RAY_ADDRESS's own, not one Ray found on the machine ("auto")."""
-    import os
-
-    return os.environ.get("RAY_ADDRESS", "") not in ("", "auto")
-
-
-def refuse_silent_cluster(address: str, timeout_s: float = 5.0) -> None:
-    """ray.init retries an address where no Ray cluster answers for minutes, saying only that the GCS
-    timed out, and holds Ctrl-C meanwhile: a head stopped other than by `ray stop` (killed, or its
-    container stopped) leaves its address file behind, and a dashboard's port taken for the cluster's
-    answers TCP. So: a gRPC channel to it must come up (the GCS speaks gRPC), within timeout_s."""
-    import grpc
-
-    if "://" in address:        # an http:// address: Ray's own error names it
-        return
-    channel = grpc.insecure_channel(address)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=timeout_s)
-    except grpc.FutureTimeoutError:
-        if address_from_environment():
-            raise ValueError(f"RAY_ADDRESS={address}: no Ray cluster answers there within {timeout_s:g} s (the "
-                             "head's GCS address is wanted, host:6379 unless `ray start --port` said otherwise)") \
-                from None
-        from ray._common.utils import get_ray_address_file
-
-        raise ValueError(f"the Ray cluster `ray start` made at {address} does not answer within {timeout_s:g} s: "
-                         f"stopped without `ray stop`? Remove its address file {get_ray_address_file(None)}, or "
-                         "set RAY_ADDRESS=local for a new cluster") from None
-    finally:
-        channel.close()
-
-
-def init_ray(device: str | None = None) -> None:
-    """Join the cluster of RAY_ADDRESS or of a `ray start` on this machine (cluster_to_join), else start
-    a local one.
-
-    A local cluster gets at least 4 logical CPUs: Ray's read/write tasks, the checkpoint filter and
-    the stage actors each hold one, and on a 2-core laptop they would otherwise wait for each other.
-    `device` "cuda" on a local cluster without GPUs is refused (its replicas would wait for ever); on a
-    joined one, said (an autoscaler may add GPU nodes)."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cluster_to_join()
-    if address:
-        refuse_silent_cluster(address)
-        how = "RAY_ADDRESS" if address_from_environment() else "`ray start`'s; RAY_ADDRESS=local for a new one"
-        print(f"joining the Ray cluster at {address} ({how})", file=sys.stderr)
-        try:
-            # no address: ray.init takes the same, and only then turns on the token a `ray start` head asks for
-            ray.init(logging_level=logging.WARNING)
-        except ConnectionError as e:
-            raise ValueError(f"{e} ({how})") from None
-    else:
-        with stops_held():      # starting a cluster forks; joining one does not
-            cpus = max(os.cpu_count() or 1, LOCAL_MIN_CPUS)
-            ray.init(address="local", num_cpus=cpus, logging_level=logging.WARNING)
-    stop_on_signals()
-    if device == "cuda" and not ray.cluster_resources().get("GPU", 0):
-        if not address:
-            ray.shutdown()
-            raise ValueError("--device cuda: this machine has no GPU that Ray sees; use --device cpu, or submit "
-                             "the job to a cluster with GPUs (RAY_ADDRESS)")
-        log.warning("--device cuda: the cluster has no GPU now; the model stage waits for one (an autoscaling "
-                    "cluster adds GPU nodes)")
 
 
 def print_rehearsal(found: dict) -> int:

@@ -218,7 +218,7 @@ def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[s
     The ground truth (answers, category) travels with each row as kept columns, so that rows whose
     ids the pipeline derives (inputs without `id`) are scored as well.
     """
-    from jobs.common import init_ray
+    from jobs.cluster import init_ray
     from pipeline.job import prepare_job, run_prepared
 
     if not args.model:
