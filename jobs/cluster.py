@@ -62,6 +62,15 @@ def refuse_silent_cluster(address: str, timeout_s: float = 5.0) -> None:
         channel.close()
 
 
+def local_cpus() -> int:
+    """Logical CPUs of a cluster the job starts: those the machine gives it, counted as Ray counts them
+    (a container's CPU limit, not the host's cores that os.cpu_count() sees: a pod of 6 CPUs on a
+    64-core host had CPU replicas of 61 torch threads), at least LOCAL_MIN_CPUS."""
+    from ray._private.utils import get_num_cpus
+
+    return max(int(get_num_cpus(override_docker_cpu_warning=True)), LOCAL_MIN_CPUS)
+
+
 def init_ray(device: str | None = None) -> None:
     """Join the cluster of RAY_ADDRESS or of a `ray start` on this machine (cluster_to_join), else start
     a local one.
@@ -70,8 +79,6 @@ def init_ray(device: str | None = None) -> None:
     the stage actors each hold one, and on a 2-core laptop they would otherwise wait for each other.
     `device` "cuda" on a local cluster without GPUs is refused (its replicas would wait for ever); on a
     joined one, said (an autoscaler may add GPU nodes)."""
-    import os
-
     import ray
 
     if ray.is_initialized():
@@ -88,8 +95,7 @@ def init_ray(device: str | None = None) -> None:
             raise ValueError(f"{e} ({how})") from None
     else:
         with stops_held():      # starting a cluster forks; joining one does not
-            cpus = max(os.cpu_count() or 1, LOCAL_MIN_CPUS)
-            ray.init(address="local", num_cpus=cpus, logging_level=logging.WARNING)
+            ray.init(address="local", num_cpus=local_cpus(), logging_level=logging.WARNING)
     stop_on_signals()
     if device == "cuda" and not ray.cluster_resources().get("GPU", 0):
         if not address:

@@ -44,6 +44,18 @@ def test_a_ray_client_address_is_refused_with_the_way_to_submit_the_job(monkeypa
         cluster_to_join()
 
 
+def test_a_local_cluster_counts_the_cpus_a_container_gives_not_the_hosts(monkeypatch):
+    import ray._private.utils as ray_utils
+
+    from jobs.cluster import LOCAL_MIN_CPUS, local_cpus
+
+    monkeypatch.delenv("RAY_USE_MULTIPROCESSING_CPU_COUNT", raising=False)
+    monkeypatch.setattr(ray_utils.multiprocessing, "cpu_count", lambda: 64)
+    for limit, cpus in ((None, 64), (6.0, 6), (1.5, LOCAL_MIN_CPUS)):   # cgroup's cpu.max: none, 6, 1.5 CPUs
+        monkeypatch.setattr(ray_utils, "_get_docker_cpus", lambda: limit)
+        assert local_cpus() == cpus
+
+
 def test_ctrl_c_inside_ray_init_stops_the_job_once_the_cluster_is_up():
     """Ctrl-C while ray.init starts the cluster landed once (CI) in logging's at-fork lock release: Python
     ignored it and the job hung on the lock. It is held until ray.init returns, then stops the job."""
