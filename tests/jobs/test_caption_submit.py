@@ -3,7 +3,6 @@ and a job typed on its machine without RAY_ADDRESS, which joins it as ray.init()
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,16 +15,10 @@ import pyarrow.dataset as pads
 import pytest
 
 from tests.fixtures.checkpoints import build_checkpoint
-from tests.pipeline.helpers import good_rows, write_parquet
+from tests.pipeline.helpers import free_port, good_rows, write_parquet
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:

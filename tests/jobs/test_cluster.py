@@ -8,18 +8,14 @@ from pathlib import Path
 import pytest
 
 from jobs.common import DEMO_MODEL
-from tests.pipeline.helpers import png, write_parquet
+from tests.pipeline.helpers import free_port, png, write_parquet
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_ray_start_cluster_that_is_gone_is_named_not_waited_for(tmp_path):
     """Its address file outlived it (a head killed without `ray stop`): ray.init retried it for minutes."""
-    import socket
-
-    with socket.socket() as s:      # a port no cluster answers on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()      # no cluster answers there
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
     write_parquet(tmp_path / "in.parquet", [{"image": png(24, 24), "question": "Row?"}])

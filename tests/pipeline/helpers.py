@@ -18,6 +18,15 @@ def png(width: int, height: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a server to take, or to find nothing there)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def good_rows(n: int, with_questions: bool = True) -> list[dict]:
     rows = []
     for i in range(n):

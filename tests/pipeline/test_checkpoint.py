@@ -13,6 +13,7 @@ import pytest
 
 from model.files import CheckpointError
 from pipeline.checkpoint import check_model
+from tests.pipeline.helpers import free_port
 
 
 def copy_without(checkpoint, tmp_path, *names: str):
@@ -58,11 +59,7 @@ def test_a_hub_that_does_not_answer_is_given_up_at_once_for_the_cached_config(ch
     """No answer from the hub (here: nothing listens on its port) and HF_HUB_OFFLINE unset: the
     listing fails at once, and the hub cache's config.json is checked without the hub client's
     retries (~23 s before)."""
-    import socket
-
-    with socket.socket() as probe:          # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_OFFLINE="0",
                HF_HUB_CACHE=str(hub_cache(tmp_path, "owner/smolvlm", checkpoint)))
     check = ("import sys, time\nfrom pipeline.checkpoint import check_model\nstart = time.monotonic()\n"

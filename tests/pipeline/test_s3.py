@@ -2,7 +2,6 @@
 import io
 import json
 import os
-import socket
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,15 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import PipelineConfig, read_output, run_job
-from tests.pipeline.helpers import Oracle, good_rows, own_cluster
+from tests.pipeline.helpers import Oracle, free_port, good_rows, own_cluster
 
 MAX_NEW = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
