@@ -151,19 +151,33 @@ def _llama3_scaling(inv_freq: Tensor, params: dict) -> Tensor:
     return torch.where(in_band, blended, slowed)
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that leaves a meta weight (from_pretrained's) uninitialised: normal_ on meta imports
+    torch's compiler, ~2 CPU-s of each replica's start, to produce nothing."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class LlamaRotaryEmbedding(nn.Module):
     """Holds float32 `inv_freq`; cos/sin are computed per call from arbitrary (B, L) position ids."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq", self._table(torch.empty(0).device), persistent=False)
+
+    def _table(self, device: torch.device) -> Tensor:
+        if device.type == "meta":   # a placeholder, as Embedding's: to_empty computes the table (_apply)
+            return torch.empty(self.config.head_dim // 2, device=device)
+        return rope_inv_freq(self.config, device)
 
     def _apply(self, fn, recurse: bool = True):
         # Dtype casts must not touch the table (bf16 inv_freq shifts logits); device moves and
         # meta -> real materialisation (to_empty) recompute it exactly on the new device.
         device = fn(torch.empty(0, device=self.inv_freq.device)).device
-        self.inv_freq = rope_inv_freq(self.config, device=device)
+        self.inv_freq = self._table(device)
         return self
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -259,7 +273,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)

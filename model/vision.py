@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from .config import Idefics3VisionConfig
 from .fusion import Fusable
 from .linear import Linear
-from .llama import activation
+from .llama import Embedding, activation
 
 
 def bucket_position_ids(patch_mask: Tensor, num_patches_per_side: int) -> Tensor:
@@ -40,7 +40,7 @@ class Idefics3VisionEmbeddings(nn.Module):
         self.num_patches_per_side = config.num_patches_per_side
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size,
                                          kernel_size=config.patch_size, stride=config.patch_size)
-        self.position_embedding = nn.Embedding(self.num_patches_per_side ** 2, config.hidden_size)
+        self.position_embedding = Embedding(self.num_patches_per_side ** 2, config.hidden_size)
 
     def forward(self, pixel_values: Tensor, patch_mask: Tensor) -> Tensor:
         tokens = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (n, h*w, D), row-major

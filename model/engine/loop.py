@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 from typing import Callable
 
-from . import compile_clock
+from ..compiling import compile_seconds
 
 log = logging.getLogger(__name__)
 _STOP = object()            # close(): the inbox's last item
@@ -76,7 +76,6 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._serve, name="engine-loop", daemon=True)
         self._thread.start()
         if stall_timeout_s:
-            compile_clock.install()
             threading.Thread(target=self._watch, args=(stall_timeout_s,), name="engine-watchdog",
                              daemon=True).start()
 
@@ -106,7 +105,7 @@ class EngineLoop:
             if busy is None:
                 continue
             elapsed = time.monotonic() - busy[0]
-            compiling = compile_clock.compile_seconds() - busy[1]
+            compiling = compile_seconds() - busy[1]
             if elapsed - compiling > timeout_s or compiling > COMPILE_LIMIT_S:
                 self._on_fatal(f"a call into the engine (step, add, abort) has not returned for "
                                f"{elapsed:.0f} s ({compiling:.0f} s of it compiling)")
@@ -114,7 +113,7 @@ class EngineLoop:
 
     @contextlib.contextmanager
     def _watched(self):
-        self._busy = (time.monotonic(), compile_clock.compile_seconds())
+        self._busy = (time.monotonic(), compile_seconds())
         try:
             yield
         finally:

@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ..compiling import compiled
 from .kv_cache import DecodeAttention, KVCache, PackedPrefillAttention
 
 
@@ -30,7 +31,7 @@ def compiled_decode():
     global _COMPILED
     if _COMPILED is None:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _COMPILED = _without_duck_sizing(torch.compile(decode_logits, fullgraph=True, dynamic=True))
+        _COMPILED = _without_duck_sizing(compiled(decode_logits, fullgraph=True, dynamic=True))
     return _COMPILED
 
 

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from model import compiling
 from model.engine import LLMEngine, Request, SamplingParams
 from model.engine.loop import EngineLoop
 from tests.model.test_engine import setup  # noqa: F401  (tiny checkpoints, the reference's answers)
@@ -169,15 +170,15 @@ def test_a_step_that_does_not_return_calls_the_watchdog(setup):
 
 
 def compiling_first_step(engine: LLMEngine, seconds: float, fn) -> None:
-    """The engine's next step first runs torch.compile on `fn` (new to dynamo) through a backend
-    that takes `seconds`: the real compile path, its callbacks included."""
+    """The engine's next step first compiles `fn` (new to dynamo) as the engine's compiles do
+    (model.compiling.compiled) through a backend that takes `seconds`: the real path, its callbacks included."""
     step = engine.step
 
     def slow_backend(graph, example_inputs):
         time.sleep(seconds)
         return graph.forward
 
-    compiled = torch.compile(fn, backend=slow_backend)
+    compiled = compiling.compiled(fn, backend=slow_backend)
 
     def compiling_once():
         engine.step = step

@@ -1,5 +1,6 @@
 """The driver and the CPU-stage actors never import torch: each CPU actor would carry ~180 MB of it
-and seconds more to start, for code that decodes and tiles images with Pillow and numpy."""
+and seconds more to start, for code that decodes and tiles images with Pillow and numpy. A model
+replica that does not compile (on CPU, by default) never imports torch's compiler: ~2 CPU-s of its start."""
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,31 @@ def test_the_cpu_stage_with_the_torch_recipe_still_works(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
+
+
+MODEL_STAGE = """
+import asyncio
+import sys
+
+import pyarrow.parquet as pq
+
+from jobs.common import DEMO_INPUT, DEMO_MODEL
+from pipeline.config import PipelineConfig
+from pipeline.generate import Generate
+from pipeline.preprocess import Preprocess
+
+config = PipelineConfig(model=str(DEMO_MODEL), max_new_tokens=4, device="cpu")
+stage = Generate(config)
+answered = asyncio.run(stage(Preprocess(config)(pq.read_table(DEMO_INPUT).slice(0, 2))))
+stage.loop.close()
+assert answered.column("error").to_pylist() == [None, None], answered.column("error")
+print("torch._dynamo" in sys.modules)
+"""
+
+
+def test_a_replica_that_does_not_compile_never_imports_the_compiler():
+    """from_pretrained builds on meta (whose normal_ and arithmetic import torch._dynamo) and the
+    engine loop's watchdog counts compile time (dynamo's callbacks): neither imports it until a compile."""
+    done = subprocess.run([sys.executable, "-c", MODEL_STAGE], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False", "torch._dynamo was imported by a replica that does not compile"
