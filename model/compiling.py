@@ -5,7 +5,7 @@ The seconds this process has spent compiling are for the engine loop's watchdog:
 (a replica's first decode step: 100-110 s at Idefics3-8B shapes on an H200 with 16 cores, longer with
 fewer cores or eight tensor-parallel ranks compiling side by side) is not a hang. They are counted from
 torch._dynamo's compile start/end callbacks (a private API: a torch without it counts nothing, and the
-watchdog sees compiles as steps), registered at the first `compiled`: importing torch._dynamo costs
+watchdog sees compiles as steps), registered by `compiled`: importing torch._dynamo costs
 ~2 CPU-s, which a process that never compiles (a CPU replica by default) does not spend.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ _lock = threading.Lock()
 _running = 0                    # compiles in progress (nested frames, several threads)
 _since: float | None = None     # monotonic start of the outermost one
 _done_s = 0.0                   # seconds of the compiles that ended
-_installed = False
 
 
 def _started(*_) -> None:        # callbacks take CallbackArgs in newer torch, nothing in older
@@ -44,17 +43,15 @@ def _ended(*_) -> None:
 
 
 def _install_clock() -> None:
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        _installed = True
-        try:
-            from torch._dynamo.callback import callback_handler
-            callback_handler.register_start_callback(_started)
-            callback_handler.register_end_callback(_ended)
-        except (ImportError, AttributeError):
-            pass        # this torch has no compile callbacks: nothing is counted
+    """Counts compiles from here on: again after a torch._dynamo.reset(), which drops every callback."""
+    try:
+        from torch._dynamo.callback import callback_handler
+        with _lock:
+            if _started not in getattr(callback_handler, "start_callbacks", ()):
+                callback_handler.register_start_callback(_started)
+                callback_handler.register_end_callback(_ended)
+    except (ImportError, AttributeError):
+        pass        # this torch has no compile callbacks: nothing is counted
 
 
 def compile_seconds() -> float:

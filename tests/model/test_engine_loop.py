@@ -201,6 +201,20 @@ def test_a_step_that_compiles_past_the_stall_timeout_is_not_a_hang(setup):
     assert {k: r.token_ids for k, r in outcomes.items()} == {r.request_id: expected[r.request_id] for r in requests[:3]}
 
 
+def test_compiles_after_a_dynamo_reset_are_still_counted():
+    """torch._dynamo.reset() (other tests', a notebook's) drops every compile callback: the clock's
+    are registered again by the next compile (in CI the watchdog counted none and ended the engine)."""
+    def slow_backend(graph, example_inputs):
+        time.sleep(0.3)
+        return graph.forward
+
+    compiling.compiled(lambda x: x - 1, backend=slow_backend)(torch.zeros(2))
+    torch._dynamo.reset()
+    before = compiling.compile_seconds()
+    compiling.compiled(lambda x: x * 3, backend=slow_backend)(torch.zeros(2))
+    assert compiling.compile_seconds() - before >= 0.3
+
+
 def test_a_compile_past_its_own_limit_is_a_hang(setup, monkeypatch):
     import model.engine.loop as loop_module
 
