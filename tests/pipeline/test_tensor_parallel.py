@@ -21,8 +21,13 @@ def answers(checkpoint, tmp_path, tp: int, adapter=None) -> list[tuple]:
     return sorted(zip(*(table[c].to_pylist() for c in ("id", "answer", "finish_reason", "num_generated_tokens"))))
 
 
-def test_tp2_answers_equal_tp1(ray_cluster, tmp_path):
+def test_tp2_answers_equal_tp1_and_merges_an_adapter_as_tp1(ray_cluster, tmp_path):
+    """Without and with a LoRA adapter, which each rank merges into its slices (DoRA's row norms over
+    whole rows)."""
+    from tests.model.test_lora import ADAPTERS, build_adapter
+
     checkpoint = build_checkpoint(tmp_path / "ckpt", "idefics3")   # 4 heads, 2 kv heads: splits in 2
+    build_adapter(checkpoint, tmp_path / "adapter", **ADAPTERS["dora"])
     write_parquet(tmp_path / "in.parquet", good_rows(4))
     tp1 = answers(checkpoint, tmp_path, 1)
     assert [r[0] for r in tp1] == [f"row-{i}" for i in range(4)]
@@ -30,19 +35,9 @@ def test_tp2_answers_equal_tp1(ray_cluster, tmp_path):
     assert answers(checkpoint, tmp_path, 2) == tp1
     # One group for the one replica (reserving a group per call of a Ray Data hook leaked groups until
     # the read tasks starved and the job hung), removed once the run is over: Ray would keep it as
-    # long as the driver lives, and its CPUs would starve the next run.
+    # long as the driver lives, and its CPUs would starve the next run (the next one here).
     groups = list(placement_group_table().values())
     assert [(len(g["bundles"]), g["strategy"], g["state"]) for g in groups] == [(2, "STRICT_PACK", "REMOVED")]
-    assert answers(checkpoint, tmp_path, 1) == tp1
-
-
-def test_tp2_merges_an_adapter_as_tp1(ray_cluster, tmp_path):
-    """Each rank merges the adapter into its slices (DoRA's row norms over whole rows)."""
-    from tests.model.test_lora import ADAPTERS, build_adapter
-
-    checkpoint = build_checkpoint(tmp_path / "ckpt", "idefics3")
-    build_adapter(checkpoint, tmp_path / "adapter", **ADAPTERS["dora"])
-    write_parquet(tmp_path / "in.parquet", good_rows(4))
-    tp1 = answers(checkpoint, tmp_path, 1, tmp_path / "adapter")
-    assert tp1 != answers(checkpoint, tmp_path, 1)
-    assert answers(checkpoint, tmp_path, 2, tmp_path / "adapter") == tp1
+    merged = answers(checkpoint, tmp_path, 1, tmp_path / "adapter")
+    assert merged != tp1
+    assert answers(checkpoint, tmp_path, 2, tmp_path / "adapter") == merged
