@@ -23,6 +23,11 @@ class TPGroupBroken(RuntimeError):
     """A rank of the group has died: the group cannot answer any more (build a new one)."""
 
 
+# A request's own outcome, the same on every rank (refused by check_request, no token left, non-finite
+# logits): no sign of a follower's death, which rank 0 sees as some other error of a collective.
+ROW_ERRORS = (ValueError, ArithmeticError)
+
+
 class RayTPGroup:
     def __init__(self, model_path: str | Path, tp: int, dtype: torch.dtype | str | None = None,
                  device_type: str = "cpu", tokenizer=None, *, placement_group=None, num_cpus: float = 1,
@@ -118,7 +123,7 @@ class RayTPGroup:
             outcomes = await self.workers[0].serve.remote(requests)
         except ray.exceptions.RayActorError as e:
             raise self._rank0_died(e) from e
-        if any(isinstance(o, Exception) for o in outcomes.values()):
+        if any(isinstance(o, Exception) and not isinstance(o, ROW_ERRORS) for o in outcomes.values()):
             await asyncio.to_thread(self._check_alive, ray, 2.0)    # was it a follower's death?
         return outcomes
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model import Idefics3ForConditionalGeneration
+from model.engine import Request
 from model.parallel.ray_group import RayTPGroup
 from tests.model.parallel_cases import reference_tokens, requests
 from tests.pipeline.helpers import own_cluster
@@ -51,6 +52,12 @@ def test_ray_group_matches_tp1(cluster, checkpoint):
         assert [[out[i].token_ids for i in range(len(out))] for out in outcomes] == alone
         one_after_the_other = sum(max(map(len, tokens)) - 1 for tokens in alone)   # the prefill gives a token
         assert tp.shard_stats()[0]["decode_steps"] - steps < one_after_the_other
+        # A row the engine refuses is its own error: no wait for a follower's death (2 s a batch with one)
+        waits, check_alive = [], tp._check_alive
+        tp._check_alive = lambda ray_, wait_s: (waits.append(wait_s), check_alive(ray_, wait_s))[1]
+        outcomes = asyncio.run(tp.answer({"empty": Request("empty", []), 0: short[0]}))
+        assert isinstance(outcomes["empty"], ValueError) and outcomes[0].token_ids == alone[1][0]
+        assert waits == [0.0]
     finally:
         tp.close()
         remove_placement_group(group)
