@@ -156,6 +156,12 @@ HUB_ARGUMENTS = {"revision", "cache_dir", "token", "local_files_only", "force_do
 IGNORED_ARGUMENTS = {"attn_implementation", "low_cpu_mem_usage", "trust_remote_code", "use_safetensors"}
 
 
+def materialized(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model.to_empty(device=device)` (the meta model's tensors, uninitialised on `device`) without
+    torch.empty_like, whose meta path imports sympy: ~0.9 CPU-s of every replica's start."""
+    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+
+
 def load_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, adapter: str | Path | None = None,
                     **kwargs) -> nn.Module:
@@ -170,7 +176,7 @@ def load_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | str | None
     target_dtype, target_device = _resolve_dtype(dtype, config), torch.device(device or "cpu")
     with torch.device("meta"):
         model = cls(config)
-    model = model.to(target_dtype).to_empty(device=target_device)  # casting on meta costs nothing
+    model = materialized(model.to(target_dtype), target_device)  # casting on meta costs nothing
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     load_weights(model, files, folder, lora)

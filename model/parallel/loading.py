@@ -15,7 +15,7 @@ from ..config import Idefics3Config, check_tp
 from ..idefics3 import Idefics3ForConditionalGeneration
 from ..files import CheckpointError, resolve_checkpoint_dir, weight_files
 from ..loading import (_check_keys, _copy_tensor, _holds, _resolve_dtype, _tied_names, _untie, check_adapter,
-                       read_generation_config, target_name)
+                       materialized, read_generation_config, target_name)
 from ..lora import LoraAdapter
 from .layers import ShardSpec, TPContext
 from .shard import shard_model
@@ -105,8 +105,8 @@ def load_shard(path_or_id: str | Path, tp: TPContext, dtype: torch.dtype | str |
     with torch.device("meta"):
         model = Idefics3ForConditionalGeneration(config)
     specs = shard_model(model, tp)
-    model = model.to(target_dtype).to_empty(device=torch.device(device or "cpu"))
-    model.tie_weights()   # to_empty gives each tied name its own tensor
+    model = materialized(model.to(target_dtype), torch.device(device or "cpu"))
+    model.tie_weights()   # materialising gives each tied name its own tensor
     load_sharded_weights(model, files, folder, specs, lora)
     model.config.dtype = str(target_dtype).replace("torch.", "")
     model.generation_config = read_generation_config(folder)
