@@ -10,6 +10,7 @@ watchdog sees compiles as steps), registered by `compiled`: importing torch._dyn
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import warnings
@@ -55,7 +56,12 @@ def _install_clock() -> None:
 
 
 def compile_seconds() -> float:
-    """Seconds this process has spent compiling since its first `compiled`, a compile in progress included."""
+    """Seconds this process has spent compiling since the clock was registered, a compile in progress
+    included. `compiled` registers it; so does this (read by the watchdog as each engine call starts)
+    once torch._dynamo is loaded: a torch._dynamo.reset() drops it, and a function compiled before the
+    reset compiles again."""
+    if "torch._dynamo" in sys.modules:
+        _install_clock()
     with _lock:
         return _done_s + (time.monotonic() - _since if _since is not None else 0.0)
 

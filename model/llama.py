@@ -169,7 +169,7 @@ class LlamaRotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self._table(torch.empty(0).device), persistent=False)
 
     def _table(self, device: torch.device) -> Tensor:
-        if device.type == "meta":   # a placeholder, as Embedding's: to_empty computes the table (_apply)
+        if device.type == "meta":   # a placeholder (no arithmetic on meta): materialising computes it (_apply)
             return torch.empty(self.config.head_dim // 2, device=device)
         return rope_inv_freq(self.config, device)
 

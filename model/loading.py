@@ -158,7 +158,8 @@ IGNORED_ARGUMENTS = {"attn_implementation", "low_cpu_mem_usage", "trust_remote_c
 
 def materialized(model: nn.Module, device: torch.device) -> nn.Module:
     """`model.to_empty(device=device)` (the meta model's tensors, uninitialised on `device`) without
-    torch.empty_like, whose meta path imports sympy: ~0.9 CPU-s of every replica's start."""
+    torch.empty_like, whose meta path imports sympy: ~0.9 CPU-s of every replica's start. The tensors
+    are made contiguous, as every parameter and buffer of these models is."""
     return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
 

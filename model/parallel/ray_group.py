@@ -23,9 +23,9 @@ class TPGroupBroken(RuntimeError):
     """A rank of the group has died: the group cannot answer any more (build a new one)."""
 
 
-# A request's own outcome, the same on every rank (refused by check_request, no token left, non-finite
-# logits): no sign of a follower's death, which rank 0 sees as some other error of a collective.
-ROW_ERRORS = (ValueError, ArithmeticError)
+# A request refused before any rank works on it (check_request's ValueError): no sign of a follower's
+# death, which rank 0 sees as a RuntimeError of a collective (torch.distributed's errors all are).
+ROW_ERRORS = (ValueError,)
 
 
 class RayTPGroup:
@@ -109,8 +109,9 @@ class RayTPGroup:
             return ray.get(self.workers[0].generate.remote(requests))
         except ray.exceptions.RayActorError as e:
             raise self._rank0_died(e) from e
-        except Exception:
-            self._check_alive(ray, wait_s=2.0)   # a follower's death surfaces at rank 0 as a collective error
+        except Exception as e:
+            if not isinstance(e, ROW_ERRORS):    # a follower's death surfaces at rank 0 as a collective error
+                self._check_alive(ray, wait_s=2.0)
             raise
 
     async def answer(self, requests: dict) -> dict:

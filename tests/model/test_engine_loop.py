@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,17 +203,30 @@ def test_a_step_that_compiles_past_the_stall_timeout_is_not_a_hang(setup):
 
 
 def test_compiles_after_a_dynamo_reset_are_still_counted():
-    """torch._dynamo.reset() (other tests', a notebook's) drops every compile callback: the clock's
-    are registered again by the next compile (in CI the watchdog counted none and ended the engine)."""
+    """torch._dynamo.reset() (other tests', a notebook's) drops every compile callback, and a function
+    compiled before it compiles again: the clock is registered again as the watchdog reads it (in CI
+    it counted no compile after another file's reset, and the watchdog ended the engine)."""
     def slow_backend(graph, example_inputs):
         time.sleep(0.3)
         return graph.forward
 
-    compiling.compiled(lambda x: x - 1, backend=slow_backend)(torch.zeros(2))
+    run = compiling.compiled(lambda x: x - 1, backend=slow_backend)
+    run(torch.zeros(2))
     torch._dynamo.reset()
-    before = compiling.compile_seconds()
-    compiling.compiled(lambda x: x * 3, backend=slow_backend)(torch.zeros(2))
+    before = compiling.compile_seconds()        # as the watchdog reads it when an engine call starts
+    run(torch.zeros(2))
     assert compiling.compile_seconds() - before >= 0.3
+
+
+def test_the_model_and_the_engine_compile_only_through_compiled():
+    """The clock is registered by model.compiling.compiled: a torch.compile of its own in model/ or
+    pipeline/ would compile uncounted in a fresh replica, and its watchdog would end it mid-compile."""
+    root = Path(__file__).resolve().parents[2]
+    sources = [path for folder in ("model", "pipeline") for path in (root / folder).rglob("*.py")
+               if path.name != "compiling.py"]
+    direct = [f"{path.relative_to(root)}:{n}" for path in sources
+              for n, line in enumerate(path.read_text().splitlines(), 1) if "torch.compile(" in line]
+    assert direct == []
 
 
 def test_a_compile_past_its_own_limit_is_a_hang(setup, monkeypatch):
