@@ -1,6 +1,7 @@
 """jobs.caption as a user runs it: a subprocess with its own local Ray, killed with SIGKILL, then --resume."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -94,12 +95,22 @@ def test_sigterm_then_ctrl_c_stop_the_job_in_one_line_and_a_resume_completes_it(
         log = finish(run, tmp_path / f"{signum.name}.log")
         assert run.returncode == 128 + signum, log[-3000:]
         assert f"error: stopped by {signum.name}: the answers written are kept; the same command with --resume" in log
-        assert "Traceback" not in log and not (tmp_path / "out.summary.json").exists()
+        assert not own_tracebacks(log) and not (tmp_path / "out.summary.json").exists()
     last = caption(*args, "--resume", log=tmp_path / "last.log")
     log = finish(last, tmp_path / "last.log")
     assert last.returncode == 0, log[-3000:]
     ids = pads.dataset(tmp_path / "out").to_table().column("id").to_pylist()
     assert len(ids) == len(set(ids)) == N_ROWS
+
+
+# Ray forwards its workers' output to the driver's, each line prefixed "(Name pid=N)" (colour codes first)
+WORKER_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)?\(\S.*? pid=\d+")
+
+
+def own_tracebacks(log: str) -> list[str]:
+    """The job's own traceback lines, not a Ray worker's: Ray Data's file-listing task printed one of its
+    threads' (an InterruptedError after its listing was done) while the run went on (CI, stop 48)."""
+    return [line for line in log.splitlines() if "Traceback" in line and not WORKER_LINE.match(line)]
 
 
 def printed_summary(log: str) -> dict:
