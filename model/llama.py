@@ -166,7 +166,7 @@ class LlamaRotaryEmbedding(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", self._table(torch.empty(0).device), persistent=False)
+        self.register_buffer("inv_freq", self._table(torch.get_default_device()), persistent=False)
 
     def _table(self, device: torch.device) -> Tensor:
         if device.type == "meta":   # a placeholder (no arithmetic on meta): materialising computes it (_apply)
@@ -175,7 +175,7 @@ class LlamaRotaryEmbedding(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         # Dtype casts must not touch the table (bf16 inv_freq shifts logits); device moves and
-        # meta -> real materialisation (to_empty) recompute it exactly on the new device.
+        # meta -> real materialisation (loading.materialized) recompute it exactly on the new device.
         device = fn(torch.empty(0, device=self.inv_freq.device)).device
         self.inv_freq = self._table(device)
         return self
