@@ -1,5 +1,6 @@
 """The driver and the CPU-stage actors never import torch: each CPU actor would carry ~180 MB of it
-and seconds more to start, for code that decodes and tiles images with Pillow and numpy. A model
+and seconds more to start, for code that decodes and tiles images with Pillow and numpy; nor aiohttp
+on a local dataset (0.25 CPU-s of each CPU actor's start, for images read over HTTP or S3). A model
 replica that does not compile (on CPU, by default) never imports torch's compiler nor sympy: ~3 CPU-s
 of its start."""
 import subprocess
@@ -25,7 +26,7 @@ rows = Preprocess(job.config)(pq.read_table(DEMO_INPUT).slice(0, 4))
 errors = [e for group in rows.column("error").to_pylist() for e in group]     # rows about one image: a list
 assert errors == [None] * 4, errors
 assert all(ids for group in rows.column("input_ids").to_pylist() for ids in group)
-print("torch" in sys.modules)
+print("torch" in sys.modules, "aiohttp" in sys.modules)
 """
 
 
@@ -33,7 +34,8 @@ def test_the_driver_and_the_cpu_stage_run_without_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(tmp_path / "out")], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False", "torch was imported by the driver's checks or the CPU stage"
+    assert done.stdout.strip() == "False False", f"imported by the driver's checks or the CPU stage (torch, aiohttp): " \
+                                                 f"{done.stdout.strip()}"
 
 
 def test_the_cpu_stage_with_the_torch_recipe_still_works(tmp_path):
@@ -43,7 +45,7 @@ def test_the_cpu_stage_with_the_torch_recipe_still_works(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "True"
+    assert done.stdout.strip().split()[0] == "True"
 
 
 MODEL_STAGE = """
