@@ -2,6 +2,7 @@
 and a job typed on its machine without RAY_ADDRESS, which joins it as ray.init() does."""
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,7 @@ def cluster():
     finally:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
+        shutil.rmtree(base, ignore_errors=True)     # its logs and sockets: the processes that wrote them are gone
 
 
 @pytest.fixture(scope="module")
