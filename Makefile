@@ -36,4 +36,4 @@ demo: $(STAMP)
 	$(WRITES_BYTECODE) $(BIN)/python -m jobs.caption
 
 bench: $(STAMP)
-	$(BIN)/python bench/preprocess.py
+	$(WRITES_BYTECODE) $(BIN)/python bench/preprocess.py
