@@ -31,18 +31,20 @@ from .storage import reader_fs, redact_url, redact_urls
 
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 RETRYABLE_STATUS = (408, 429)
+TRANSPORT_ERRORS = {"aiohttp": ("ClientConnectionError", "ClientPayloadError"),
+                    "botocore.exceptions": ("ConnectionError", "HTTPClientError")}
 
 
 def network_errors() -> tuple[type[BaseException], ...]:
     """Failures of the transport rather than of the request: OSError (timeouts, resets, s3fs's
     unmapped S3 errors) and the connection / payload errors of aiohttp and botocore, which are not
     OSErrors. Both come with s3fs; an error of either can only come once it is imported, and
-    importing aiohttp here cost each preprocessing actor's start 0.25 CPU-s."""
+    importing aiohttp here cost each preprocessing actor's start 0.25 CPU-s. A module that another
+    thread is still importing is in sys.modules without all its classes: one not yet made is one
+    no read can have raised."""
     kinds: list[type[BaseException]] = [OSError]
-    if (aiohttp := sys.modules.get("aiohttp")) is not None:
-        kinds += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
-    if (botocore := sys.modules.get("botocore.exceptions")) is not None:
-        kinds += [botocore.ConnectionError, botocore.HTTPClientError]
+    for module, names in TRANSPORT_ERRORS.items():
+        kinds += [kind for name in names if (kind := getattr(sys.modules.get(module), name, None))]
     return tuple(kinds)
 
 

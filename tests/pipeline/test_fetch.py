@@ -1,6 +1,7 @@
 """Reading the images that rows name by path or URL: a real HTTP server on loopback (fsspec's
 http filesystem), real local files, and the preprocessing stage over both (no Ray needed)."""
 import base64
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +22,8 @@ class ImageServer(ThreadingHTTPServer):
     """Serves `files`, honouring a GET's byte range (as object stores and most servers do) unless
     `ignores_range`; a path in `failures` answers that status its first n times; counts GETs and
     the bytes sent per path and the most requests it ever had in progress at once (each takes
-    `delay_s`, or its path's entry in `delays`)."""
+    `delay_s`, or its path's entry in `delays`); `wait_served` waits for a path's requests to end, as
+    a client that hangs up returns before the handler has counted its last piece."""
 
     daemon_threads = True
     request_queue_size = 64      # the default backlog (5) drops concurrent connects (1 s SYN retries)
@@ -36,6 +38,12 @@ class ImageServer(ThreadingHTTPServer):
         self.delays: dict[str, float] = {}
         self.delay_s, self.in_flight, self.max_in_flight = 0.0, 0, 0
         self.lock = threading.Lock()
+        self.ended: dict[str, int] = {}
+        self.request_ended = threading.Condition(self.lock)
+
+    def wait_served(self, path: str, requests: int = 1) -> None:
+        with self.request_ended:
+            assert self.request_ended.wait_for(lambda: self.ended.get(path, 0) >= requests, timeout=30), path
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}{path}"
@@ -43,6 +51,14 @@ class ImageServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
+        try:
+            self.serve()
+        finally:
+            with self.server.request_ended:
+                self.server.ended[self.path] = self.server.ended.get(self.path, 0) + 1
+                self.server.request_ended.notify_all()
+
+    def serve(self):
         server: ImageServer = self.server
         with server.lock:
             server.gets[self.path] = server.gets.get(self.path, 0) + 1
@@ -127,10 +143,12 @@ def test_a_file_past_the_byte_limit_is_an_error_read_no_further(server, tmp_path
     assert out[:1] == [small] and out[2] == b""
     for error, name in ((out[1], server.url("/big.png")), (out[3], str(tmp_path / "big.png"))):
         assert str(error) == f"image file {name!r} is larger than the limit of {limit} bytes (max_image_bytes)"
+    server.wait_served("/big.png")
     assert server.sent["/big.png"] == limit + 1 and server.gets == {"/small.png": 1, "/big.png": 1, "/empty.png": 1}
     server.ignores_range = True         # a server that sends the whole file anyway: refused, read no further
     server.files["/huge.png"], server.sent = bytes(64 << 20), {}
     assert isinstance(fetcher(max_bytes=limit).fetch([server.url("/huge.png")])[0], RowError)
+    server.wait_served("/huge.png")
     assert server.sent["/huge.png"] < 24 << 20          # what the sockets' buffers took, not the 64 MiB
     assert fetcher().fetch([server.url("/big.png")]) == [big]       # 256 MiB by default
 
@@ -202,6 +220,16 @@ def test_which_errors_are_worth_another_try():
     empty = (Status(416), coded, OSError(22, "The requested range is not satisfiable"))      # aiohttp, gcsfs, s3fs
     assert all(map(is_range_not_satisfiable, empty))
     assert not any(map(is_range_not_satisfiable, (Status(404), OSError("EIO"), ValueError("not satisfiable"))))
+
+
+def test_a_transport_module_another_thread_is_still_importing_is_no_failure(monkeypatch):
+    """A local read that fails while a thread beside it imports aiohttp (for an http row) sees aiohttp
+    in sys.modules without its classes yet: still a plain, permanent failure."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "aiohttp", types.ModuleType("aiohttp"))
+    monkeypatch.setitem(sys.modules, "botocore.exceptions", types.ModuleType("botocore.exceptions"))
+    assert not is_transient(FileNotFoundError()) and is_transient(TimeoutError())
 
 
 def test_preprocess_stage_reads_urls_and_keeps_failures_as_row_errors(server, checkpoint):
