@@ -26,6 +26,9 @@ class TPGroupBroken(RuntimeError):
 # A request refused before any rank works on it (check_request's ValueError): no sign of a follower's
 # death, which rank 0 sees as a RuntimeError of a collective (torch.distributed's errors all are).
 ROW_ERRORS = (ValueError,)
+# How long a collective's error waits for Ray to report a follower dead: Ray may take a second or
+# more to notice, longer on a loaded node, and a death taken for a row's error would fail the batch.
+DEATH_NEWS_S = 10.0
 
 
 class RayTPGroup:
@@ -111,7 +114,7 @@ class RayTPGroup:
             raise self._rank0_died(e) from e
         except Exception as e:
             if not isinstance(e, ROW_ERRORS):    # a follower's death surfaces at rank 0 as a collective error
-                self._check_alive(ray, wait_s=2.0)
+                self._check_alive(ray, wait_s=DEATH_NEWS_S)
             raise
 
     async def answer(self, requests: dict) -> dict:
@@ -125,7 +128,7 @@ class RayTPGroup:
         except ray.exceptions.RayActorError as e:
             raise self._rank0_died(e) from e
         if any(isinstance(o, Exception) and not isinstance(o, ROW_ERRORS) for o in outcomes.values()):
-            await asyncio.to_thread(self._check_alive, ray, 2.0)    # was it a follower's death?
+            await asyncio.to_thread(self._check_alive, ray, DEATH_NEWS_S)    # was it a follower's death?
         return outcomes
 
     def _rank0_died(self, error: Exception) -> TPGroupBroken:

@@ -194,8 +194,8 @@ def test_a_step_that_compiles_past_the_stall_timeout_is_not_a_hang(setup):
     the watchdog does not count torch.compile's time, only the rest."""
     ours, requests, expected, _, _ = setup
     engine, stalls = LLMEngine(ours, max_batch_size=4), []
-    compiling_first_step(engine, 1.5, lambda x: x + 1)
-    loop = EngineLoop(engine, stall_timeout_s=0.5, on_fatal=stalls.append)
+    compiling_first_step(engine, 3.0, lambda x: x + 1)
+    loop = EngineLoop(engine, stall_timeout_s=1.5, on_fatal=stalls.append)
     outcomes = loop.submit(_keyed(requests[:3])).result(timeout=60)
     loop.close()
     assert stalls == []

@@ -149,7 +149,10 @@ def serve_folder(folder: str | Path, ranges: bool):
             self.end_headers()
             self.wfile.write(body[first:last + 1])
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 64     # the default backlog (5) drops a stage's concurrent connects (1 s SYN retries)
+
+    server = Server(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"

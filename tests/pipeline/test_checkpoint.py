@@ -62,7 +62,8 @@ def test_a_hub_that_does_not_answer_is_given_up_at_once_for_the_cached_config(ch
     port = free_port()
     env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_OFFLINE="0",
                HF_HUB_CACHE=str(hub_cache(tmp_path, "owner/smolvlm", checkpoint)))
-    check = ("import sys, time\nfrom pipeline.checkpoint import check_model\nstart = time.monotonic()\n"
+    check = ("import sys, time, httpx, huggingface_hub.hf_api\nfrom pipeline.checkpoint import check_model\n"
+             "start = time.monotonic()\n"
              "try:\n    check_model(sys.argv[1], tensor_parallel_size=5)\nexcept Exception as e:\n    print(e)\n"
              "print(f'{time.monotonic() - start:.1f} s')")
     said = [subprocess.run([sys.executable, "-c", check, repo], cwd=REPO, env=env, capture_output=True, text=True,

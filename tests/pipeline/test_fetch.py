@@ -22,8 +22,8 @@ class ImageServer(ThreadingHTTPServer):
     """Serves `files`, honouring a GET's byte range (as object stores and most servers do) unless
     `ignores_range`; a path in `failures` answers that status its first n times; counts GETs and
     the bytes sent per path and the most requests it ever had in progress at once (each takes
-    `delay_s`, or its path's entry in `delays`); `wait_served` waits for a path's requests to end, as
-    a client that hangs up returns before the handler has counted its last piece."""
+    `delay_s`, or its path's entry in `delays`). A client that gives up or hangs up can return before
+    the handler has counted: `wait_for` waits for a count (`gets`: requests begun, `ended`: answered)."""
 
     daemon_threads = True
     request_queue_size = 64      # the default backlog (5) drops concurrent connects (1 s SYN retries)
@@ -39,11 +39,11 @@ class ImageServer(ThreadingHTTPServer):
         self.delay_s, self.in_flight, self.max_in_flight = 0.0, 0, 0
         self.lock = threading.Lock()
         self.ended: dict[str, int] = {}
-        self.request_ended = threading.Condition(self.lock)
+        self.counted = threading.Condition(self.lock)
 
-    def wait_served(self, path: str, requests: int = 1) -> None:
-        with self.request_ended:
-            assert self.request_ended.wait_for(lambda: self.ended.get(path, 0) >= requests, timeout=30), path
+    def wait_for(self, counts: dict[str, int], path: str, requests: int = 1) -> None:
+        with self.counted:
+            assert self.counted.wait_for(lambda: counts.get(path, 0) >= requests, timeout=30), (path, counts)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}{path}"
@@ -54,14 +54,15 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.serve()
         finally:
-            with self.server.request_ended:
+            with self.server.counted:
                 self.server.ended[self.path] = self.server.ended.get(self.path, 0) + 1
-                self.server.request_ended.notify_all()
+                self.server.counted.notify_all()
 
     def serve(self):
         server: ImageServer = self.server
         with server.lock:
             server.gets[self.path] = server.gets.get(self.path, 0) + 1
+            server.counted.notify_all()
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
             status, times = server.failures.get(self.path, server.failures.get(self.path.split("?")[0], (200, 0)))
@@ -143,12 +144,12 @@ def test_a_file_past_the_byte_limit_is_an_error_read_no_further(server, tmp_path
     assert out[:1] == [small] and out[2] == b""
     for error, name in ((out[1], server.url("/big.png")), (out[3], str(tmp_path / "big.png"))):
         assert str(error) == f"image file {name!r} is larger than the limit of {limit} bytes (max_image_bytes)"
-    server.wait_served("/big.png")
+    server.wait_for(server.ended, "/big.png")
     assert server.sent["/big.png"] == limit + 1 and server.gets == {"/small.png": 1, "/big.png": 1, "/empty.png": 1}
     server.ignores_range = True         # a server that sends the whole file anyway: refused, read no further
     server.files["/huge.png"], server.sent = bytes(64 << 20), {}
     assert isinstance(fetcher(max_bytes=limit).fetch([server.url("/huge.png")])[0], RowError)
-    server.wait_served("/huge.png")
+    server.wait_for(server.ended, "/huge.png")
     assert server.sent["/huge.png"] < 24 << 20          # what the sockets' buffers took, not the 64 MiB
     assert fetcher().fetch([server.url("/big.png")]) == [big]       # 256 MiB by default
 
@@ -170,10 +171,11 @@ def test_a_read_that_hangs_is_cut_off_and_tried_again(server):
     server.files = {"/hang.png": png(7, 7), "/ok.png": png(8, 8)}
     server.delays = {"/hang.png": 30.0}
     start = time.perf_counter()
-    out = fetcher(attempts=2, timeout_s=1.0).fetch([server.url("/hang.png"), server.url("/ok.png")])
-    assert time.perf_counter() - start < 10
+    out = fetcher(attempts=2, timeout_s=2.0).fetch([server.url("/hang.png"), server.url("/ok.png")])
+    assert time.perf_counter() - start < 15
     assert out[1] == server.files["/ok.png"]
-    assert isinstance(out[0], RowError) and "after 2 attempts" in str(out[0]) and "no answer within 1 s" in str(out[0])
+    assert isinstance(out[0], RowError) and "after 2 attempts" in str(out[0]) and "no answer within 2 s" in str(out[0])
+    server.wait_for(server.gets, "/hang.png", 2)
     assert server.gets["/hang.png"] == 2
 
 

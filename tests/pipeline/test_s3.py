@@ -20,9 +20,9 @@ def s3(tmp_path_factory):
 
     from pipeline.checkpoint import CACHE_ENV
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)    # a port no one else can take
     server.start()
+    port = server.get_host_and_port()[1]
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            CACHE_ENV: str(tmp_path_factory.mktemp("checkpoint-cache"))}
