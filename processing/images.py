@@ -32,8 +32,10 @@ CHANNEL_COUNTS = (1, 3, 4)
 
 
 def is_tensor(x: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
+    """Without importing torch (a CPU stage never does): no torch, or one another thread is still
+    importing (no Tensor yet), made no tensor."""
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    return tensor is not None and isinstance(x, tensor)
 
 
 def is_image(x: Any) -> bool:

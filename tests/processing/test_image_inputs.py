@@ -159,3 +159,18 @@ def test_number_of_image_patches(cls):
     proc = cls()
     assert proc.get_number_of_image_patches(700, 1000) == (13, 3, 4)
     assert proc.get_number_of_image_patches(700, 1000, {"do_image_splitting": False}) == (0, 0, 0)
+
+
+def test_a_torch_another_thread_is_still_importing_makes_no_tensor(monkeypatch):
+    """A CPU stage never imports torch: the image check reads sys.modules, where a torch that another
+    thread is importing has no Tensor yet."""
+    import sys
+    import types
+
+    from processing.images import is_image, is_tensor
+
+    tensor = torch.zeros(2, 2, 3)
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    assert not is_tensor(tensor) and is_image(np.zeros((2, 2, 3)))
+    monkeypatch.undo()
+    assert is_tensor(tensor)
