@@ -284,7 +284,8 @@ class Tokenizer:
             ids = [ids]
         if ids and isinstance(ids[0], (list, tuple)):
             return self.batch_decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
-        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        with backend_panics_as_errors():
+            text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return self._clean_up(text, clean_up_tokenization_spaces)
 
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = False,

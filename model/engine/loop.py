@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import replace
 from typing import Callable
 
@@ -54,8 +54,9 @@ class Submission:
 
     def settle(self, key, outcome) -> None:
         self.outcomes[key] = outcome
-        if len(self.outcomes) == len(self.requests) and not self.future.done():
-            self.future.set_result(self.outcomes)
+        if len(self.outcomes) == len(self.requests):
+            with contextlib.suppress(InvalidStateError):    # its caller cancelled it (at any moment: another thread)
+                self.future.set_result(self.outcomes)
 
 
 class EngineLoop:
@@ -131,14 +132,16 @@ class EngineLoop:
         while not (self._stopping and not self.engine.has_unfinished() and not self._suspects):
             try:
                 self._turn()
-            except Exception as e:       # a bug here must not leave callers waiting for ever
+            except BaseException as e:       # a bug here (or a Rust library's panic, a BaseException)
+                # must not end the thread and leave every caller waiting for ever
                 log.exception("engine loop")
+                failure = e if isinstance(e, Exception) else RuntimeError(f"the engine loop failed: {e!r}")
                 try:
                     self._abort()
                 except Exception:
                     log.exception("engine loop: abort")
                 for submission, key in [*self._live.values(), *self._suspects]:
-                    submission.settle(key, e)
+                    submission.settle(key, failure)
                 self._live.clear()
                 self._suspects.clear()
 

@@ -394,3 +394,37 @@ def test_a_row_run_alone_whose_abort_fails_too_is_still_answered(setup, monkeypa
     outcomes = EngineLoop(engine).submit(_keyed(requests[:2])).result(timeout=30)
     assert set(outcomes) == {r.request_id for r in requests[:2]}
     assert all(isinstance(o, RuntimeError) and "rank 1 died" in str(o) for o in outcomes.values())
+
+
+def test_a_panic_in_a_step_fails_its_rows_and_the_loop_serves_on(setup, monkeypatch):
+    """A Rust library's panic (pyo3's PanicException) is a BaseException, past every `except Exception`:
+    it ended the loop's thread, and every caller waited for ever."""
+    ours, requests, expected, _, _ = setup
+    engine = LLMEngine(ours, max_batch_size=4)
+
+    class PanicException(BaseException):
+        pass
+
+    step = engine.step
+
+    def panicking_step():
+        monkeypatch.setattr(engine, "step", step)
+        raise PanicException("called `Option::unwrap()` on a `None` value")
+
+    monkeypatch.setattr(engine, "step", panicking_step)
+    loop = EngineLoop(engine)
+    outcomes = loop.submit(_keyed(requests[:2])).result(timeout=30)
+    assert all(isinstance(o, RuntimeError) and "PanicException" in str(o) for o in outcomes.values()), outcomes
+    later = loop.submit(_keyed(requests[2:4])).result(timeout=60)
+    assert {k: r.token_ids for k, r in later.items()} == {r.request_id: expected[r.request_id] for r in requests[2:4]}
+    loop.close()
+
+
+def test_a_batch_whose_caller_cancelled_it_does_not_stop_the_loop(setup):
+    ours, requests, expected, _, _ = setup
+    loop = EngineLoop(LLMEngine(ours, max_batch_size=4))
+    cancelled = loop.submit(_keyed(requests[:2]))
+    cancelled.cancel()
+    later = loop.submit(_keyed(requests[2:4])).result(timeout=60)
+    assert {k: r.token_ids for k, r in later.items()} == {r.request_id: expected[r.request_id] for r in requests[2:4]}
+    loop.close()

@@ -35,6 +35,27 @@ def test_a_backend_panic_while_encoding_is_a_value_error(redos_tokenizer, call):
     assert redos_tokenizer("aaa!")["input_ids"]        # ordinary texts still encode
 
 
+@pytest.fixture(scope="module")
+def redos_decoder(tmp_path_factory) -> Tokenizer:
+    """The same pattern in a Replace decoder over the fused text: a generated answer panics as it is decoded
+    (in the engine's thread, whose callers then waited for ever)."""
+    path = build_tokenizer(tmp_path_factory.mktemp("redos-decoder"))
+    config = json.loads((path / "tokenizer.json").read_text())
+    replace = {"type": "Replace", "pattern": REDOS["pattern"], "content": ""}
+    config["decoder"] = {"type": "Sequence", "decoders": [config["decoder"], {"type": "Fuse"}, replace]}
+    (path / "tokenizer.json").write_text(json.dumps(config))
+    return Tokenizer.from_pretrained(path)
+
+
+def test_a_backend_panic_while_decoding_is_a_value_error(redos_decoder):
+    ids = redos_decoder.encode("a" * 40 + "!", add_special_tokens=False)
+    with pytest.raises(ValueError, match="tokenizer.*retry-limit"):
+        redos_decoder.decode(ids)
+    with pytest.raises(ValueError, match="retry-limit"):
+        redos_decoder.batch_decode([ids[:3], ids])
+    assert redos_decoder.decode(redos_decoder.encode("hi!", add_special_tokens=False)) == "hi!"     # others decode
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
 def test_interrupts_are_not_turned_into_errors(stop):
     with pytest.raises(stop), tokenizer.backend_panics_as_errors():
