@@ -77,8 +77,8 @@ class SharedAnswers:
                 owned[key].set_result(result)
                 self._remember(key, result)
         for i, future in waiting.items():
-            try:
-                results[i] = await future
+            try:        # shielded: a waiter's cancel would cancel the asking call's future (and every waiter's)
+                results[i] = await asyncio.shield(future)
             except Exception as e:      # the other call's failure: this row's too, not this whole call's
                 results[i] = e
         return {**answered, **results}

@@ -75,7 +75,7 @@ class CrashLedger:
         self.path = path
         self.deaths: Counter = Counter()          # row id -> deaths of the process while it was in flight
         self.solo_deaths: Counter = Counter()     # ... while it was the only row in flight
-        self.in_flight: set[str] = set()
+        self.in_flight: Counter = Counter()       # row id -> batches holding it (an input may repeat an id)
         self.alone = False
         self._lock = threading.Lock()
         self._recover()
@@ -112,7 +112,7 @@ class CrashLedger:
             yield
         finally:
             with self._lock:
-                self.in_flight.difference_update(rows)
+                self.in_flight -= Counter(rows)
                 self.alone = False
                 self._save()
 
@@ -159,8 +159,11 @@ class Gate:
         cond = self._cond()
         async with cond:
             self._waiting_alone += 1
-            await cond.wait_for(lambda: not self._alone and not self._shared)
-            self._waiting_alone -= 1
+            try:
+                await cond.wait_for(lambda: not self._alone and not self._shared)
+            finally:        # also when cancelled as it waits: else every later shared() would wait for ever
+                self._waiting_alone -= 1
+                cond.notify_all()
             self._alone = True
         try:
             yield

@@ -136,10 +136,11 @@ class RayTPGroup:
         return TPGroupBroken(self.broken)
 
     def _check_alive(self, ray, wait_s: float) -> None:
-        if not self.broken and self.follow_refs:
-            done, _ = ray.wait(self.follow_refs, num_returns=1, timeout=wait_s)
+        refs = self.follow_refs     # once: a batch beside this one (another thread) may close the group meanwhile
+        if not self.broken and refs:
+            done, _ = ray.wait(refs, num_returns=1, timeout=wait_s)
             if done:   # followers return only when stopped: an early return is a death
-                rank = 1 + self.follow_refs.index(done[0])
+                rank = 1 + refs.index(done[0])
                 try:
                     ray.get(done[0])
                     self.broken = f"rank {rank} left the group"

@@ -148,3 +148,30 @@ def test_the_runs_counter_adds_the_reports_and_a_lost_one_costs_no_batch(ray_clu
     gone = StatsReporter(counter.name + "-gone")        # no such counter: no error, the counts lost
     asyncio.run(gone.report({"shared_answer_rows": 1}))
     assert gone.lost
+
+
+def test_a_waiting_call_cancelled_leaves_the_asking_call_and_other_waiters_their_answer():
+    """Cancelling a call that waits on another's question cancelled the future they shared: the asking
+    call then failed as it set the answer, and the other waiters were cancelled too."""
+    from model.engine import Request, SamplingParams
+    from pipeline.dedup import SharedAnswers
+
+    shared, same = SharedAnswers(), [1, 2, 3]
+
+    def ask(name):
+        return {0: Request(name, same, sampling=SamplingParams())}
+
+    async def slow(requests):
+        await asyncio.sleep(0.05)
+        return {i: "the answer" for i in requests}
+
+    async def calls():
+        asking = asyncio.create_task(shared.answer(ask("a"), slow))
+        await asyncio.sleep(0)
+        cancelled, waiting = (asyncio.create_task(shared.answer(ask(n), slow)) for n in "bc")
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        return await asking, await waiting, await asyncio.gather(cancelled, return_exceptions=True)
+
+    asking, waiting, (cancelled,) = asyncio.run(calls())
+    assert asking == waiting == {0: "the answer"} and isinstance(cancelled, asyncio.CancelledError)

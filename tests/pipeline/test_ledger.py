@@ -70,3 +70,29 @@ def test_stale_ledger_files_of_ended_jobs_are_removed(tmp_path, monkeypatch):
     os.utime(old, (past, past))
     assert remove_stale_ledgers() == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_a_suspect_cancelled_as_it_waits_does_not_hold_back_the_others():
+    gate = Gate()
+
+    async def main():
+        async with gate.shared():
+            solo = asyncio.create_task(gate.alone().__aenter__())
+            await asyncio.sleep(0.01)
+            solo.cancel()
+            await asyncio.gather(solo, return_exceptions=True)
+        async with gate.shared():           # waited for ever on the cancelled suspect
+            return "ran"
+
+    assert asyncio.run(asyncio.wait_for(main(), timeout=5)) == "ran"
+
+
+def test_a_row_id_two_batches_hold_stays_in_flight_until_both_end(tmp_path):
+    """An input may repeat an id: the first batch to end took it off the ledger while the second still
+    held it, and a death then blamed that batch's neighbours alone."""
+    path = tmp_path / "ledger.json"
+    ledger = CrashLedger(path)
+    died_working(ledger, ["x", "a"])            # a batch that holds x when the process dies
+    with ledger.working(["x", "b"]):            # another that held x too, and ended
+        pass
+    assert [CrashLedger(path).suspect(r) for r in "abx"] == [True, False, True]
