@@ -229,6 +229,17 @@ _WATCHDOG = _Watchdog()
 os.register_at_fork(after_in_child=_WATCHDOG.__init__)   # the thread does not survive a fork; its lock might be held
 
 
+def _unwatch(render: _Render) -> None:
+    """A stop fired as the render ended can be raised as unwatch is entered, before it takes the lock:
+    the render would stay watched, and the watchdog would stop whatever this thread ran next."""
+    while True:
+        try:
+            _WATCHDOG.unwatch(render)
+            return
+        except _RenderTooSlow:
+            continue
+
+
 def render_within_deadline(template: jinja2.Template, variables: dict[str, Any]) -> str:
     render = _Render(threading.get_ident(), time.monotonic() + RENDER_SECONDS)
     try:
@@ -236,7 +247,7 @@ def render_within_deadline(template: jinja2.Template, variables: dict[str, Any])
             _WATCHDOG.watch(render)
             return template.render(**variables)
         finally:
-            _WATCHDOG.unwatch(render)
+            _unwatch(render)
     except _RenderTooSlow:
         raise ChatTemplateError(f"chat template render too slow: stopped after {RENDER_SECONDS:g} s (the template "
                                 "loops too much)") from None

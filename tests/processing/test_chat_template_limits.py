@@ -117,3 +117,19 @@ def test_renders_ending_right_at_the_deadline_never_leak_the_stop_afterwards(mon
         sum(range(100))
     assert outcomes == {"rendered", "stopped"}, (outcomes, stop_after, seconds_per_item)
     assert not template_limits._WATCHDOG._renders
+
+
+def test_a_stop_raised_as_the_watch_ends_leaves_no_render_watched(monkeypatch):
+    """The watchdog fired just as the render ended: its stop is raised on entering unwatch, before the
+    lock, and the render stayed watched (every half second a stop in whatever the thread ran next)."""
+    unwatch, raised = template_limits._Watchdog.unwatch, []
+
+    def stopped_on_entry(self, render):
+        if not raised:
+            raised.append(render)
+            raise template_limits._RenderTooSlow()
+        unwatch(self, render)
+
+    monkeypatch.setattr(template_limits._Watchdog, "unwatch", stopped_on_entry)
+    assert render_chat("{{ messages[0].content }}", MESSAGES) == "hi"
+    assert raised and not template_limits._WATCHDOG._renders
