@@ -84,6 +84,7 @@ class TPWorker:
         # a command's broadcast and its local run must not interleave with another's.
         self._lock = threading.RLock()
         self.loop: EngineLoop | None = None
+        self._shut = False                        # shutdown() began: submit() starts no new loop
 
     # ---- start and stop -----------------------------------------------------------------------
     def rendezvous_address(self) -> tuple[str, int]:
@@ -159,9 +160,10 @@ class TPWorker:
         """Rank 0: answer what was streamed, release the followers and leave the group. Idempotent.
         False where a rank had died or hung: the group was left without it (the error that broke it
         was raised by the call that met it)."""
-        if self.loop is not None:
-            self.loop.close()
-            self.loop = None
+        with self._lock:
+            self._shut, loop, self.loop = True, self.loop, None
+        if loop is not None:
+            loop.close()            # not under the lock: its thread's commands take it
         with self._lock:
             releasing = self.engine is not None and self.rank == 0
             try:
@@ -197,9 +199,12 @@ class TPWorker:
         """Future of one batch's outcomes (key -> Result, or the exception of that request alone), as
         EngineLoop.submit: its requests join the decode steps of the batches submitted before."""
         with self._lock:
+            if self._shut:
+                raise RuntimeError("submit() on a tensor-parallel worker that is shut down")
             if self.loop is None:
                 self.loop = EngineLoop(self, stall_timeout_s=self.step_timeout_s)
-        return self.loop.submit(requests)
+            loop = self.loop
+        return loop.submit(requests)
 
     def serve(self, requests: dict) -> dict:
         """submit(requests)'s outcomes, for a threaded Ray actor (its calls wait side by side)."""

@@ -123,6 +123,8 @@ def test_tp2_streamed_batches_match_tp1(checkpoint, cuda_defaults):
         streamed, images_encoded = engine.engine.stats["decode_steps"], engine.engine.stats["images_encoded"]
         stats = engine.shard_stats()
         processes = list(engine.processes)
+    with pytest.raises(RuntimeError, match="shut down"):    # a batch after the close: no new loop over a left group
+        engine.submit({"late": long[0]})
     bad = outcomes.pop("bad")
     assert isinstance(bad, ValueError) and "'bad'" in str(bad)
     assert {k: r.token_ids for k, r in outcomes.items()} == want
