@@ -27,7 +27,7 @@ from fsspec.asyn import sync
 from processing.decode import DEFAULT_MAX_BYTES
 
 from .rows import RowError
-from .storage import reader_fs, redact_url, redact_urls
+from .storage import protocol_of, reader_fs, redact_url, redact_urls
 
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 RETRYABLE_STATUS = (408, 429)
@@ -123,11 +123,20 @@ async def bounded_http_read(fs, url: str, limit: int) -> bytes:
     return bytes(data[:limit])
 
 
+def s3_pool_options(storage_options: dict | None, threads: int) -> dict:
+    """A connection for each reading thread: botocore keeps 10 (max_pool_connections), and a read
+    waiting for one spends its timeout waiting, behind a few slow objects. A setting given is kept."""
+    options = dict(storage_options or {})
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", max(threads, 10))
+    return {**options, "config_kwargs": config}
+
+
 class ImageFetcher:
     def __init__(self, storage_options: dict | None = None, *, root: str | None = None, threads: int = 16,
                  attempts: int = 3, timeout_s: float = 60.0, backoff_s: float = 0.5,
                  max_bytes: int | None = None) -> None:
-        self.storage_options = storage_options
+        self.storage_options, self.s3_options = storage_options, s3_pool_options(storage_options, threads)
         self.root = unquote(urlsplit(root).path) if root and root[:5].lower() == "file:" else root
         self.max_bytes = max_bytes or DEFAULT_MAX_BYTES
         self.attempts, self.timeout_s, self.backoff_s = attempts, timeout_s, backoff_s
@@ -181,8 +190,11 @@ class ImageFetcher:
                                     f"{redact_urls(why.replace(url, redact_url(url)))}")
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
 
+    def options_for(self, url: str) -> dict | None:
+        return self.s3_options if protocol_of(url) in ("s3", "s3a") else self.storage_options
+
     def _read_once(self, url: str) -> bytes:
-        fs, path = reader_fs(url, self.storage_options)
+        fs, path = reader_fs(url, self.options_for(url))
         # fsspec's sync() cancels an async store's read past `timeout` (FSTimeoutError, worth another
         # try): a server that accepts and never answers costs one attempt, not aiohttp's 5 minutes.
         timeout = {"timeout": self.timeout_s} if getattr(fs, "async_impl", False) else {}

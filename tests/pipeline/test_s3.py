@@ -211,13 +211,15 @@ def test_an_image_on_s3_is_one_ranged_get(s3):
     s3.pipe("bucket/fetch/a.png", b"a" * 300)
     s3.pipe("bucket/fetch/b.png", b"b" * 301)
     s3.pipe("bucket/fetch/empty.png", b"")
-    calls = []
-    reader_fs("s3://bucket/fetch/a.png")[0].s3.meta.events.register("before-call.s3", lambda **kw: calls.append(
+    calls, fetcher = [], ImageFetcher(max_bytes=300, threads=24)
+    fs = reader_fs("s3://bucket/fetch/a.png", fetcher.options_for("s3://bucket/fetch/a.png"))[0]
+    fs.s3.meta.events.register("before-call.s3", lambda **kw: calls.append(
         kw["params"].get("headers", {}).get("Range", kw["model"].name)))
-    out = ImageFetcher(max_bytes=300).fetch([f"s3://bucket/fetch/{name}.png" for name in ("a", "b", "empty")])
+    out = fetcher.fetch([f"s3://bucket/fetch/{name}.png" for name in ("a", "b", "empty")])
     assert out[0] == b"a" * 300 and out[2] == b""       # the decoder says "image data is empty"
     assert str(out[1]) == "image file 's3://bucket/fetch/b.png' is larger than the limit of 300 bytes (max_image_bytes)"
     assert calls == ["bytes=0-300"] * 3
+    assert fs.s3.meta.config.max_pool_connections == 24       # a connection a thread (botocore keeps 10)
 
 
 def test_an_image_root_on_s3_must_hold_files(s3):
