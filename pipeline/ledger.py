@@ -75,7 +75,7 @@ class CrashLedger:
         self.path = path
         self.deaths: Counter = Counter()          # row id -> deaths of the process while it was in flight
         self.solo_deaths: Counter = Counter()     # ... while it was the only row in flight
-        self.in_flight: Counter = Counter()       # row id -> batches holding it (an input may repeat an id)
+        self.in_flight: set[str] = set()
         self.alone = False
         self._lock = threading.Lock()
         self._recover()
@@ -112,7 +112,7 @@ class CrashLedger:
             yield
         finally:
             with self._lock:
-                self.in_flight -= Counter(rows)
+                self.in_flight.difference_update(rows)
                 self.alone = False
                 self._save()
 

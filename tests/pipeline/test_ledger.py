@@ -86,13 +86,3 @@ def test_a_suspect_cancelled_as_it_waits_does_not_hold_back_the_others():
 
     assert asyncio.run(asyncio.wait_for(main(), timeout=5)) == "ran"
 
-
-def test_a_row_id_two_batches_hold_stays_in_flight_until_both_end(tmp_path):
-    """An input may repeat an id: the first batch to end took it off the ledger while the second still
-    held it, and a death then blamed that batch's neighbours alone."""
-    path = tmp_path / "ledger.json"
-    ledger = CrashLedger(path)
-    died_working(ledger, ["x", "a"])            # a batch that holds x when the process dies
-    with ledger.working(["x", "b"]):            # another that held x too, and ended
-        pass
-    assert [CrashLedger(path).suspect(r) for r in "abx"] == [True, False, True]
