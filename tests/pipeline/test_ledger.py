@@ -85,4 +85,3 @@ def test_a_suspect_cancelled_as_it_waits_does_not_hold_back_the_others():
             return "ran"
 
     assert asyncio.run(asyncio.wait_for(main(), timeout=5)) == "ran"
-
