@@ -27,7 +27,7 @@ from fsspec.asyn import sync
 from processing.decode import DEFAULT_MAX_BYTES
 
 from .rows import RowError
-from .storage import protocol_of, reader_fs, redact_url, redact_urls
+from .storage import S3_PROTOCOLS, protocol_of, reader_fs, redact_url, redact_urls
 
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 RETRYABLE_STATUS = (408, 429)
@@ -191,7 +191,7 @@ class ImageFetcher:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
 
     def options_for(self, url: str) -> dict | None:
-        return self.s3_options if protocol_of(url) in ("s3", "s3a") else self.storage_options
+        return self.s3_options if protocol_of(url) in S3_PROTOCOLS else self.storage_options
 
     def _read_once(self, url: str) -> bytes:
         fs, path = reader_fs(url, self.options_for(url))

@@ -23,9 +23,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 
+S3_PROTOCOLS = ("s3", "s3a")
+
+
 def _options(protocol: str, storage_options: dict | None) -> dict:
     options = dict(storage_options or {})
-    if protocol in ("s3", "s3a"):
+    if protocol in S3_PROTOCOLS:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         client_kwargs = options.get("client_kwargs") or {}
         if endpoint and "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
@@ -43,7 +46,7 @@ def is_local(uri: str) -> bool:
 
 def lists_folders(uri: str) -> bool:
     """Whether the store of `uri` can say if a folder exists (local disks and object stores; HTTP cannot)."""
-    return is_local(uri) or protocol_of(uri) in ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+    return is_local(uri) or protocol_of(uri) in (*S3_PROTOCOLS, "gs", "gcs", "az", "abfs", "abfss")
 
 
 def fsspec_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
