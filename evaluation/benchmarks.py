@@ -2,6 +2,7 @@
 its questions (so that scores stand beside the tables made with it)."""
 from __future__ import annotations
 
+import re
 from pathlib import PurePosixPath
 
 # Benchmark name (found in the input's path, lowercased, without - and _) -> its standard metric.
@@ -12,6 +13,7 @@ DATASET_METRICS = {
     "textvqa": "vqa_accuracy", "vqav2": "vqa_accuracy", "vizwiz": "vqa_accuracy", "okvqa": "vqa_accuracy",
     "demo": "exact_match",
 }
+DEMO = "demo"           # the bundled demo's held-out rows (demo/data/heldout.parquet)
 # Benchmark -> the instruction appended to each question when --prompt-suffix is not given: lmms-eval's
 # default post_prompt for the task, so that scores stand beside the tables made with it.
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -27,10 +29,18 @@ DATASET_SUFFIXES = {
 
 def benchmark_in(path: str) -> str | None:
     """The known benchmark named in a path, if any: the file's own name first, then its folders from
-    the nearest (textvqa_val.parquet in docvqa_runs/ is TextVQA)."""
-    for part in reversed(PurePosixPath(path).parts):
-        name = part.lower().replace("-", "").replace("_", "")
-        found = next((dataset for dataset in DATASET_METRICS if dataset in name), None)
-        if found:
-            return found
+    the nearest (textvqa_val.parquet in docvqa_runs/ is TextVQA). A name counts as a word of the part,
+    written with or without - and _ (ST-VQA, doc_vqa), not inside a longer word (mytestvqa is not
+    ST-VQA); the bundled demo's name only where no benchmark is named (textvqa/demo.parquet is TextVQA)."""
+    parts = [part.lower() for part in reversed(PurePosixPath(path).parts)]
+    for names in ([d for d in DATASET_METRICS if d != DEMO], [DEMO]):
+        for part in parts:
+            found = next((dataset for dataset in names if _names_word(part, dataset)), None)
+            if found:
+                return found
     return None
+
+
+def _names_word(part: str, dataset: str) -> bool:
+    spelled = "[-_ ]?".join(re.escape(letter) for letter in dataset)
+    return re.search(f"(?<![a-z]){spelled}(?![a-z])", part) is not None

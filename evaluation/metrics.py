@@ -98,10 +98,8 @@ def as_answer_list(answers: object) -> list[str]:
     column) becomes a one-element list; list items are taken as text (str) alike."""
     if answers is None:
         return []
-    if isinstance(answers, (str, int, float)) and not isinstance(answers, bool):
+    if isinstance(answers, (str, bytes, int, float)) and not isinstance(answers, bool):
         return [_answer_text(answers)]
-    if isinstance(answers, bytes):
-        return [answers.decode("utf-8")]
     if isinstance(answers, dict):
         answers = [answers]
     try:
@@ -124,9 +122,12 @@ def _record_answer(item: object) -> object:
 
 def _answer_text(answer: object) -> str:
     """A ground-truth value as text; a whole number stored as a float (a count column with nulls,
-    written by pandas) as the integer it is: 3.0 -> "3", which a prediction "3" matches."""
+    written by pandas) as the integer it is: 3.0 -> "3", which a prediction "3" matches; bytes (a
+    string column written without its UTF-8 annotation) as their text."""
     if isinstance(answer, float) and answer.is_integer():
         return str(int(answer))
+    if isinstance(answer, bytes):
+        return answer.decode("utf-8")
     return str(answer)
 
 
@@ -220,16 +221,20 @@ _WHOLE_LETTER = re.compile(r"^[(\[]?([A-Za-z])[)\]]?[.:]?$")
 _LEADING_LETTER = re.compile(r"^[(\[]?([A-Z])(?:[)\]]|[.:,])")
 _PHRASE_LETTER = re.compile(r"(?i:answer|option|choice)\s*(?:(?i:is)\s*)?:?\s*[(\[]?([A-Z])[)\]]?(?![\w'])")
 _STANDALONE_LETTER = re.compile(r"(?<![\w'])[(\[]?([A-Z])[)\]]?(?![\w'])")
-_PROSE_CAPITAL = re.compile(r"\s+[a-z]")  # "A dog", "I think": an article or pronoun, not an option
+# "A dog", "I think": an article or pronoun, not an option ("A and B" names two options)
+_PROSE_CAPITAL = re.compile(r"\s+(?!(?:and|or|nor)\b)[a-z]")
 
 
 def extract_choice(text: str | None) -> str | None:
     """The option letter an answer chose ("B", "(B)", "B. cat", "The answer is B"), or None."""
     text = _prediction_text(text).strip()
-    for pattern in (_WHOLE_LETTER, _LEADING_LETTER, _PHRASE_LETTER):
+    for pattern in (_WHOLE_LETTER, _LEADING_LETTER):
         found = pattern.search(text)
         if found:
             return found.group(1).upper()
+    phrase = next((m for m in _PHRASE_LETTER.finditer(text) if not _is_prose(text, m)), None)
+    if phrase:      # not "Answer: I think it is B"'s I
+        return phrase.group(1).upper()
     # Last resort: a single distinct capital letter standing alone ("I think B is right" -> B).
     letters = {m.group(1) for m in _STANDALONE_LETTER.finditer(text) if not _is_prose(text, m)}
     return letters.pop() if len(letters) == 1 else None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -67,13 +68,16 @@ def _unless(missing: pa.Array, truth: pa.ChunkedArray, predicted: pa.ChunkedArra
 
 
 def is_error_row(row: dict) -> bool:
-    return row.get("error") is not None or row.get("finish_reason") == "error"
+    """A row that failed, or has no answer (a predictions file's null): it scores 0, counted in errors."""
+    return row.get("error") is not None or row.get("finish_reason") == "error" or row.get("answer") is None
 
 
 def check_ground_truth(table: pa.Table, metric: str) -> None:
     """Every row needs ground truth the metric can use (answers; option letters for multiple_choice)."""
     if "answers" not in table.column_names:
         raise ValueError("no ground-truth column 'answers' (pass --answers-column, or --input to join by id)")
+    if table.num_rows == 0:
+        raise ValueError("the benchmark has no rows: nothing to score")
     score = get_metric(metric)
     missing, unusable = [], []
     for row_id, answers in zip(table.column("id").to_pylist(), table.column("answers").to_pylist()):
@@ -119,14 +123,27 @@ def score_rows(table: pa.Table, metric: str) -> pa.Table:
 
 def numbers_as_text(table: pa.Table) -> pa.Table:
     """Float columns (and lists of floats) as Arrow writes them as text: the shortest form of the value
-    in its own width (a float32 0.1 is "0.1", not 0.10000000149011612) and 3.0 as "3"."""
+    in its own width (a float32 0.1 is "0.1", not 0.10000000149011612) and 3.0 as "3"; from 1e10 up
+    Arrow writes an exponent ("1e+10"), written out here ("10000000000", as a prediction spells it)."""
     for k, field in enumerate(table.schema):
-        value_type = field.type.value_type if pa.types.is_list(field.type) or pa.types.is_large_list(field.type) \
-            else field.type
+        is_list = pa.types.is_list(field.type) or pa.types.is_large_list(field.type)
+        value_type = field.type.value_type if is_list else field.type
         if pa.types.is_floating(value_type):
-            text_type = pa.list_(pa.string()) if value_type != field.type else pa.string()
-            table = table.set_column(k, field.name, table.column(k).cast(text_type))
+            text = table.column(k).cast(pa.list_(pa.string()) if is_list else pa.string())
+            chunks = [_positional_list(chunk) if is_list else _positional(chunk) for chunk in text.chunks]
+            table = table.set_column(k, field.name, pa.chunked_array(chunks, text.type))
     return table
+
+
+def _positional(texts: pa.Array) -> pa.Array:
+    if not pc.any(pc.match_substring(texts, "e+")).as_py():
+        return texts
+    return pa.array([t if t is None or "e+" not in t else format(Decimal(t), "f") for t in texts.to_pylist()],
+                    pa.string())
+
+
+def _positional_list(lists: pa.ListArray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(lists.offsets, _positional(lists.values), mask=lists.is_null())
 
 
 def _mean(values: list[float]) -> float:

@@ -143,6 +143,7 @@ def test_exact_match(prediction, answers, expected):
     ("B", "B"), ("(B)", "B"), ("B. cat", "B"), ("The answer is B", "B"), ("b", "B"),
     ("B)", "B"), ("[C]", "C"), ("Answer: (D).", "D"), ("The correct option is C.", "C"),
     ("I think B is right", "B"), ("A dog", None), ("", None), ("cat", None), ("B or C", None),
+    ("Both A and B", None), ("A or B", None), ("Answer: I think it is B", "B"), ("The answer is A dog", None),
 ])
 def test_extract_choice(text, letter):
     assert extract_choice(text) == letter
@@ -241,3 +242,48 @@ def test_number_columns_score_as_their_shortest_text():
     table = table.set_column(2, "answers", pa.array([3, 0.1, 2.5], pa.float32()))
     assert score_rows(table, "anls").column("score").to_pylist() == [1.0, 1.0, 0.0]
     assert score_rows(table, "anls").schema.field("answers").type == pa.float32()    # kept as it was
+
+
+def test_numbers_from_1e10_up_score_as_written_out():
+    """Arrow writes a float from 1e10 up as "1e+10": the ground truth is the number a prediction spells."""
+    import pyarrow as pa
+
+    from evaluation.scoring import score_rows
+
+    big = [10_000_000_000.0, 123_456_789_012.0, -2e15]
+    table = pa.table({"id": ["a", "b", "c"], "answer": ["10000000000", "123456789012", "-2000000000000000"],
+                      "answers": pa.array([[v] for v in big], pa.list_(pa.float64()))})
+    assert score_rows(table, "exact_match").column("score").to_pylist() == [1.0, 1.0, 1.0]
+    table = table.set_column(2, "answers", pa.chunked_array([pa.array(big[:1]), pa.array(big[1:])]))
+    assert score_rows(table, "vqa_accuracy").column("score").to_pylist() == [1.0, 1.0, 1.0]
+
+
+def test_answers_stored_as_bytes_are_their_text():
+    """A string list column written without its UTF-8 annotation (list<binary>) reads as bytes."""
+    from evaluation.metrics import as_answer_list
+
+    assert as_answer_list([b"yes", b"caf\xc3\xa9"]) == ["yes", "café"] and as_answer_list(b"no") == ["no"]
+    assert vqa_accuracy("yes", [b"yes"] * 10) == anls("total", [b"total"]) == relaxed_accuracy("12", [b"12"]) == 1.0
+
+
+def test_a_row_without_an_answer_scores_0_and_counts_as_an_error():
+    """A predictions file's null answer is no answer, whatever its ground truth normalises to ("the": "")."""
+    import pyarrow as pa
+
+    from evaluation.scoring import score_rows, summarize
+
+    table = pa.table({"id": [1, 2], "answer": pa.array([None, "dog"], pa.string()), "finish_reason": ["stop"] * 2,
+                      "error": pa.array([None, None], pa.string()), "answers": [["the"] * 10, ["dog"] * 10]})
+    summary = summarize(score_rows(table, "vqa_accuracy"), "vqa_accuracy")
+    assert (summary["score"], summary["errors"], summary["rows"]) == (0.5, 1, 2)
+
+
+def test_a_benchmark_without_rows_is_refused():
+    import pyarrow as pa
+
+    from evaluation.scoring import score_rows
+
+    table = pa.table({"id": pa.array([], pa.int64()), "answer": pa.array([], pa.string()),
+                      "answers": pa.array([], pa.list_(pa.string()))})
+    with pytest.raises(ValueError, match="no rows"):
+        score_rows(table, "anls")

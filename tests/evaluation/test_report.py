@@ -49,13 +49,6 @@ def test_join_keeps_ground_truth_order_and_matches_int_and_string_ids():
     assert joined.schema.field("error").type == scored.schema.field("error").type == pa.string()
 
 
-def test_empty_benchmark_summarises_to_zero_rows():
-    table = pa.table({"id": pa.array([], pa.string()), "answer": pa.array([], pa.string()),
-                      "answers": pa.array([], pa.list_(pa.string()))})
-    summary = summarize(score_rows(table, "anls"), "anls")
-    assert (summary["score"], summary["rows"], summary["errors"], summary["ci95"]) == (0.0, 0, 0, None)
-
-
 def test_report_markdown_prints_metrics_json_numbers_and_escapes_cells(tmp_path):
     summary = {"metric": "anls", "score": 0.123457, "metrics": {"anls": 0.123457, "exact_match": 0.1},
                "per_category": {"a|b": {"score": 0.5, "rows": 2, "ci95": [0.1, 0.9]}}, "rows": 4, "errors": 1}

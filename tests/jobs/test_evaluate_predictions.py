@@ -180,9 +180,18 @@ def test_metric_from_dataset_name(name, metric):
 
 @pytest.mark.parametrize("path, metric", [("/data/docvqa_runs/textvqa_val.parquet", "vqa_accuracy"),
                                           ("/home/me/chartqa-work/vqav2_val.parquet", "vqa_accuracy"),
-                                          ("/data/docvqa/part-*.parquet", "anls")])
+                                          ("/data/docvqa/part-*.parquet", "anls"),
+                                          ("/data/textvqa/demo.parquet", "vqa_accuracy"),   # a benchmark first
+                                          ("/data/ST-VQA/test.parquet", "anls"), ("demo/data/x.parquet", "exact_match")])
 def test_the_files_own_name_names_the_benchmark_before_its_folders(path, metric):
     assert job.choose_metric(job.parse_args(["--input", path])) == metric
+
+
+@pytest.mark.parametrize("path", ["/data/mytestvqa/val.parquet", "/data/aokvqa/val.parquet", "/data/mychartqa/x.parquet"])
+def test_a_benchmarks_name_inside_a_longer_word_names_none(path):
+    """mytestvqa is not ST-VQA, A-OKVQA not OK-VQA: --metric is asked for rather than a wrong one taken."""
+    with pytest.raises(ValueError, match="pass --metric"):
+        job.choose_metric(job.parse_args(["--input", path]))
 
 
 @pytest.mark.parametrize("argv, suffix", [
