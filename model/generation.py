@@ -94,10 +94,24 @@ def _sampling_state(s: GenerateSettings, input_ids: Tensor, mask: Tensor, vocab:
     # torch.manual_seed makes sampling repeatable; greedy leaves the global generator alone.
     seeds = torch.randint(0, 2 ** 62, (batch,)).tolist() if s.do_sample else [0] * batch
     for row in range(batch):
-        prompt = input_ids[row][mask[row].bool()].tolist() if s.penalty != 1.0 else []   # left padding is not penalised
+        prompt = penalised_prompt(input_ids[row], mask[row]) if s.penalty != 1.0 else []
         state.assign(row, s.temperature, s.top_k, s.top_p, seeds[row], s.min_new, s.eos, s.penalty, prompt, s.min_p,
                      s.typical_p, s.epsilon, s.eta)
     return state
+
+
+def penalised_prompt(row: Tensor, row_mask: Tensor) -> list[int]:
+    """The prompt ids the repetition penalty counts, as the reference: from the first attended one on
+    (left padding not; right padding and the mask's holes, which it does not look at, yes)."""
+    return row[int((row_mask != 0).int().argmax()):].tolist()
+
+
+def mask_from_padding(input_ids: Tensor, s: GenerateSettings) -> Tensor:
+    """No attention_mask: the reference's guess, the pad id's places are padding where the pad id is
+    set, not an eos id, and in the prompt; else every place is attended."""
+    if s.given_pad is None or s.given_pad in s.eos or not bool((input_ids == s.given_pad).any()):
+        return torch.ones_like(input_ids)
+    return (input_ids != s.given_pad).long()
 
 
 def _prefill_embeddings(model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None,
@@ -110,7 +124,7 @@ def _prefill_embeddings(model: nn.Module, input_ids: Tensor, pixel_values: Tenso
 
 
 @torch.inference_mode()
-def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+def generate(model: nn.Module, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
              pixel_values: Tensor | None = None, pixel_attention_mask: Tensor | None = None,
              tokenizer=None, **kwargs) -> Tensor | GenerateOutput:
     """(B, T) prompt ids (left-padded) -> (B, T + n_new) LongTensor, like transformers' generate.
@@ -127,7 +141,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
     (model.generation_hooks) and streamer.
     """
     if input_ids is None or input_ids.dim() != 2:
-        raise ValueError("generate needs input_ids of shape (batch, seq_len)")
+        raise ValueError("generate needs input_ids of shape (batch, seq_len)" + (
+            " (not inputs_embeds: the images' places are found by their ids)" if "inputs_embeds" in kwargs else ""))
     param = next(model.parameters())
     input_ids = input_ids.to(param.device)
     batch, prompt_len = input_ids.shape
@@ -137,7 +152,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None 
                          "tokenizer=processor.tokenizer)")
     if s.streamer is not None:      # as the reference: each answer's rows (num_return_sequences)
         s.streamer.put(input_ids.repeat_interleave(s.copies, dim=0).cpu())
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(param.device)
+    mask = mask_from_padding(input_ids, s) if attention_mask is None else attention_mask.to(param.device)
     embeds = _prefill_embeddings(model, input_ids, pixel_values, pixel_attention_mask)   # each image once
     if s.num_beams > 1:
         return _beam_generate(model, s, input_ids, mask, embeds, tokenizer)
@@ -249,7 +264,7 @@ def _beam_generate(model: nn.Module, s: GenerateSettings, input_ids: Tensor, mas
     rules = [BeamRules(search, tc.vocab_size, device, prompt_ids=row.tolist(), min_new_tokens=s.min_new,
                        repetition_penalty=s.penalty, no_repeat_ngram_size=s.no_repeat, bad_words=s.bad_words,
                        sequence_bias=s.sequence_bias,
-                       penalized_ids=row[row_mask.bool()].tolist())       # as the reference: not the left padding
+                       penalized_ids=penalised_prompt(row, row_mask))
              for search, row, row_mask in zip(searches, input_ids, mask)]
     next_position = positions[:, -1].repeat_interleave(k) + 1
     step_scores, raw_logits = [], []

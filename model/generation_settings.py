@@ -53,7 +53,8 @@ def check_settings(settings: dict, source: str) -> None:
         if name in FOLLOWED or name in UNUSED or name.startswith("_") or _inert(name, value):
             continue
         what = "group beam search" if name == "num_beam_groups" else "it"
-        raise ValueError(f"generate does not implement {name}={value!r} ({source}): {what} would change the "
+        shown = f"<tensor of shape {tuple(value.shape)}>" if isinstance(value, Tensor) else repr(value)
+        raise ValueError(f"generate does not implement {name}={shown} ({source}): {what} would change the "
                          f"answers; it follows {', '.join(sorted(FOLLOWED))}")
 
 
@@ -78,9 +79,9 @@ class GenerateSettings:
             value = setting(name, default)
             return default if value is None else value
         max_new, max_length = setting("max_new_tokens"), setting("max_length")
-        if max_new is None:     # transformers 5: max_length counts the prompt; neither set: 20 new tokens
-            max_new = (max_length if max_length is not None else
-                       min(prompt_len + 20, text.max_position_embeddings)) - prompt_len
+        if max_new is None:     # transformers 5: max_length counts the prompt; neither set: 20 new tokens (its
+            # cap at config.max_position_embeddings never applies: Idefics3's is the text config's, not the top level's)
+            max_new = (max_length if max_length is not None else prompt_len + 20) - prompt_len
         if max_new <= 0:        # as the reference: an answer of no token is a mistake, not a request
             raise ValueError(f"max_new_tokens must be greater than 0, got {max_new}" if get("max_new_tokens")
                              is not None else f"the prompt has {prompt_len} tokens and max_length is {max_length}: "
@@ -89,8 +90,8 @@ class GenerateSettings:
         min_new = setting("min_new_tokens")     # min_length counts the prompt; min_new_tokens wins over it
         self.min_new = min_new if min_new is not None else max(int(get("min_length", 0)) - prompt_len, 0)
         self.eos = _as_list(setting("eos_token_id", text.eos_token_id))
-        pad = setting("pad_token_id", text.pad_token_id)
-        self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
+        self.given_pad = setting("pad_token_id", text.pad_token_id)
+        self.pad = self.given_pad if self.given_pad is not None else (self.eos[0] if self.eos else 0)
         self.do_sample = bool(get("do_sample", False))
         self.temperature = float(get("temperature", 1.0)) if self.do_sample else 0.0
         top_k = setting("top_k", 50)        # 50 unless set; set to None: no top-k

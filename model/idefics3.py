@@ -149,13 +149,34 @@ def select_positions(hidden: Tensor, logits_to_keep: int | Tensor) -> Tensor:
     return torch.take_along_dim(hidden, keep[..., None], dim=1)
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor, image_token_id: int) -> Tensor:
-    """Mean next-token cross-entropy in float32. Labels of -100 and of `<image>` positions are ignored
-    (the documented behaviour; the reference counts image labels)."""
+def causal_lm_loss(logits: Tensor, labels: Tensor, image_token_id: int,
+                   num_items_in_batch: int | Tensor | None = None) -> Tensor:
+    """Mean next-token cross-entropy in float32 (with num_items_in_batch, a trainer's count of the labels
+    over its accumulated batches: their sum over it). Labels of -100 and of `<image>` positions are
+    ignored (the documented behaviour; the reference counts image labels)."""
     labels = labels.to(logits.device)
     labels = labels.masked_fill(labels == image_token_id, IGNORE_INDEX)
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)   # position t predicts label t+1
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total / torch.as_tensor(num_items_in_batch, device=total.device)
+
+
+# transformers' forward flags that change nothing here at these values (no cache is returned: use_cache
+# any); other values are refused by name rather than ignored
+NEUTRAL_FLAGS = {"return_dict": (None, True), "output_attentions": (None, False), "output_hidden_states": (None, False),
+                 "cache_position": (None,), "use_cache": None}
+
+
+def check_forward_flags(flags: dict) -> None:
+    for name, value in flags.items():
+        if name not in NEUTRAL_FLAGS:
+            raise TypeError(f"forward() got an unexpected keyword argument {name!r}")
+        allowed = NEUTRAL_FLAGS[name]
+        if allowed is not None and not any(value is a for a in allowed):
+            raise ValueError(f"forward({name}={value!r}) is not supported (only {' or '.join(map(str, allowed))})")
 
 
 class Idefics3ForConditionalGeneration(_PretrainedMixin, nn.Module):
@@ -183,8 +204,9 @@ class Idefics3ForConditionalGeneration(_PretrainedMixin, nn.Module):
                 pixel_values: Tensor | None = None, pixel_attention_mask: Tensor | None = None,
                 image_hidden_states: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 position_ids: Tensor | None = None, labels: Tensor | None = None,
-                logits_to_keep: int | Tensor = 0,
-                attention: AttentionBackend | None = None) -> Idefics3CausalLMOutput:
+                logits_to_keep: int | Tensor = 0, attention: AttentionBackend | None = None,
+                num_items_in_batch: int | Tensor | None = None, **flags) -> Idefics3CausalLMOutput:
+        check_forward_flags(flags)
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need logits at every position: use logits_to_keep=0 with labels")
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -192,11 +214,16 @@ class Idefics3ForConditionalGeneration(_PretrainedMixin, nn.Module):
                          pixel_attention_mask=pixel_attention_mask,
                          image_hidden_states=image_hidden_states, attention=attention)
         logits = self.lm_head(select_positions(out.last_hidden_state, logits_to_keep))
-        loss = None if labels is None else causal_lm_loss(logits, labels, self.config.image_token_id)
+        loss = None if labels is None else causal_lm_loss(logits, labels, self.config.image_token_id, num_items_in_batch)
         return Idefics3CausalLMOutput(logits, loss, out.image_hidden_states)
 
-    def generate(self, **kwargs):
+    def generate(self, inputs: Tensor | None = None, **kwargs):
+        """generate(input_ids, ...) or generate(**processor_outputs, ...), as the reference."""
         from .generation import generate  # imported lazily: generation imports the engine
+        if inputs is not None:
+            if kwargs.get("input_ids") is not None:
+                raise ValueError("pass the prompt ids once: generate(inputs) or generate(input_ids=...)")
+            kwargs["input_ids"] = inputs
         return generate(self, **kwargs)
 
     @staticmethod

@@ -98,6 +98,53 @@ def test_repetition_penalty_matches_reference(pair, penalty):
     assert torch.equal(ours.generate(**inputs, **kwargs), expected)
 
 
+def right_padded(inputs: dict) -> dict:
+    """The batch with each row's padding moved to its end."""
+    ids, mask = inputs["input_ids"].clone(), inputs["attention_mask"].clone()
+    for row in range(ids.shape[0]):
+        pads = int((mask[row] == 0).sum())
+        ids[row], mask[row] = ids[row].roll(-pads), mask[row].roll(-pads)
+    return dict(inputs, input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("penalty", [1.7, 0.5])
+def test_right_padding_is_penalised_as_the_reference(pair, penalty):
+    """The reference's penalty skips a row's ids before its first attended one: right padding counts."""
+    path, ours, ref = pair
+    inputs = right_padded(mixed_batch(path))
+    kwargs = dict(max_new_tokens=6, do_sample=False, repetition_penalty=penalty)
+    expected = ref.generate(**inputs, **kwargs)
+    assert torch.equal(ours.generate(**inputs, **kwargs), expected)
+    assert torch.equal(ours.generate(**inputs, **kwargs, num_beams=2), ref.generate(**inputs, **kwargs, num_beams=2))
+
+
+def test_without_an_attention_mask_the_pad_ids_are_the_padding_as_the_reference(pair):
+    """The reference's guess: where the pad id is set, in the prompt and not an eos id, its places are padding."""
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    padded = int((inputs["attention_mask"][:, 0] == 0).nonzero()[0, 0])
+    pad = int(inputs["input_ids"][padded, 0])
+    unmasked = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    for setting in (dict(pad_token_id=pad), dict(pad_token_id=pad, eos_token_id=[pad]), dict()):
+        kwargs = dict(max_new_tokens=6, do_sample=False, **setting)
+        expected = ref.generate(**unmasked, **kwargs)
+        assert torch.equal(ours.generate(**unmasked, **kwargs), expected), setting
+    assert torch.equal(ours.generate(**unmasked, max_new_tokens=6, pad_token_id=pad),
+                       ref.generate(**inputs, max_new_tokens=6, pad_token_id=pad))       # the mask was guessed
+
+
+def test_the_prompt_ids_may_come_first_as_the_references(pair):
+    path, ours, ref = pair
+    inputs = mixed_batch(path, counts=(0, 0))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=4)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=4), expected)
+    with pytest.raises(ValueError, match="once"):
+        ours.generate(ids, input_ids=ids, max_new_tokens=4)
+    with pytest.raises(ValueError, match="not inputs_embeds"):
+        ours.generate(inputs_embeds=ours.get_input_embeddings()(ids), max_new_tokens=4)
+
+
 def test_text_only_batch(pair):
     path, ours, ref = pair
     inputs = mixed_batch(path, counts=(0, 0, 0))

@@ -85,6 +85,18 @@ def test_max_time_and_the_default_length_are_the_references(pair):
     assert torch.equal(ours.generate(**inputs), expected)
 
 
+def test_the_default_length_runs_past_the_text_models_positions_as_the_reference(pair):
+    """Neither length set: 20 new tokens, where the prompt nearly fills the text model's positions too
+    (the reference caps at the top-level config's max_position_embeddings, which Idefics3's has not)."""
+    path, ours, ref = pair
+    n = ours.config.text_config.max_position_embeddings - 8
+    ids = torch.randint(3, 300, (1, n), generator=torch.Generator().manual_seed(0))
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    expected = ref.generate(**inputs)
+    assert expected.shape[1] == n + 20
+    assert torch.equal(ours.generate(**inputs), expected)
+
+
 @pytest.mark.parametrize("setting", [dict(), dict(repetition_penalty=1.7), dict(num_beams=2, num_return_sequences=2)],
                          ids=["greedy", "penalty", "beams"])
 def test_sequence_bias_is_the_references(pair, setting):

@@ -85,6 +85,24 @@ def test_loss_ignores_image_labels_like_masked_reference(pair):
 
 
 @torch.no_grad()
+def test_a_trainers_item_count_and_neutral_flags_are_the_references(pair):
+    """num_items_in_batch (gradient accumulation's label count): the summed loss over it; return_dict,
+    use_cache and output_hidden_states=False change nothing; a flag we cannot follow is refused by name."""
+    _, _, ref, ours = pair
+    batch = make_batch(ours.config, seed=2)
+    labels = labels_for(batch)
+    labels = labels.masked_fill(labels == ours.config.image_token_id, -100)
+    flags = dict(return_dict=True, use_cache=False, output_hidden_states=False, num_items_in_batch=torch.tensor(7))
+    ours_loss, ref_loss = ours(**batch, labels=labels, **flags).loss, ref(**batch, labels=labels, **flags).loss
+    torch.testing.assert_close(ours_loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours_loss, ours(**batch, labels=labels).loss)
+    with pytest.raises(ValueError, match="output_hidden_states=True"):
+        ours(**batch, output_hidden_states=True)
+    with pytest.raises(TypeError, match="'past_key_values'"):
+        ours(**batch, past_key_values=None)
+
+
+@torch.no_grad()
 def test_image_features_match_reference(pair):
     _, _, ref, ours = pair
     batch = make_batch(ours.config, seed=3)
