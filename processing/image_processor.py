@@ -36,7 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
     "image_std": [0.5, 0.5, 0.5], "do_pad": True, "return_row_col_info": False,
 }
-CALL_ONLY = ("return_tensors", "input_data_format", "device")
+CALL_ONLY = ("return_tensors", "input_data_format", "device", "disable_grouping", "data_format")
+# disable_grouping: how the reference's torch recipe batches same-sized images, not what they become
 PROCESSOR_CONFIG, IMAGE_PROCESSOR_CONFIG = "processor_config.json", "preprocessor_config.json"
 
 
@@ -225,6 +226,8 @@ class _Idefics3ImageProcessorBase:
     def _settings(self, kwargs: dict) -> dict:
         s = {key: getattr(self, key) for key in DEFAULTS}
         self._update(s, {k: v for k, v in kwargs.items() if k not in CALL_ONLY}, strict=True)
+        if kwargs.get("data_format") not in (None, "channels_first"):      # ChannelDimension.FIRST is that str
+            raise ValueError(f"data_format={kwargs['data_format']!r} is not supported: pixel values are channels first")
         if s["do_rescale"] and s["rescale_factor"] is None:
             raise ValueError("rescale_factor must be given when do_rescale=True")
         if s["do_normalize"] and (s["image_mean"] is None or s["image_std"] is None):

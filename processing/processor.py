@@ -33,6 +33,9 @@ TEXT_KWARGS = frozenset({
     "add_special_tokens", "padding", "truncation", "max_length", "pad_to_multiple_of", "padding_side",
     "return_attention_mask"})
 IGNORED_KWARGS = frozenset({"return_row_col_info", "verbose"})   # rows/cols: always asked for, then dropped
+# apply_chat_template options of the reference this processor does not follow: refused by name when set, not
+# rendered as template variables (sanitize_control_tokens would be silently off)
+UNSUPPORTED_CHAT_KWARGS = frozenset({"sanitize_control_tokens", "return_assistant_tokens_mask"})
 UNSUPPORTED_KWARGS = frozenset({  # the reference's outputs this processor does not make: refused by name
     "return_mm_token_type_ids", "return_text_replacement_offsets", "return_token_type_ids", "return_length",
     "return_overflowing_tokens", "return_offsets_mapping", "return_special_tokens_mask", "stride",
@@ -114,6 +117,15 @@ def split_kwargs(kwargs: dict) -> tuple[dict, dict]:
     return image_kwargs, text_kwargs
 
 
+def check_chat_options(continue_final_message: Any, kwargs: dict) -> None:
+    for name in sorted(UNSUPPORTED_CHAT_KWARGS):
+        if kwargs.get(name):
+            raise TypeError(f"apply_chat_template does not implement {name}={kwargs[name]!r} (transformers' does)")
+    if not isinstance(continue_final_message, bool):
+        raise TypeError(f"continue_final_message={continue_final_message!r}: True continues the last message's "
+                        "content; naming another field (transformers 5) is not implemented")
+
+
 class Idefics3Processor:
     """Image processor + tokenizer + chat template, as in the reference."""
 
@@ -165,6 +177,7 @@ class Idefics3Processor:
         images = None if images is None else nest_images(images, text)
         validate(images, text)
         image_kwargs, text_kwargs = split_kwargs(kwargs)
+        return_tensors = text_kwargs.pop("return_tensors", return_tensors)    # the reference reads it there first
         out: dict[str, Any] = {}
         if images is not None:
             pixels = dict(self.image_processor(images, return_row_col_info=True, return_tensors=return_tensors,
@@ -213,7 +226,10 @@ class Idefics3Processor:
         without the tokenizer's own BOS when the rendered prompt already starts with it."""
         template = resolve_template(self.chat_template, chat_template)
         conversations, batched = normalize_conversations(conversation)
+        check_chat_options(continue_final_message, kwargs)
         processor_kwargs = dict(processor_kwargs or {})
+        if "images" in kwargs:
+            processor_kwargs.setdefault("images", kwargs.pop("images"))
         return_tensors = processor_kwargs.pop("return_tensors", return_tensors)
         processor_kwargs.update({k: kwargs.pop(k) for k in list(kwargs) if k in IMAGE_KWARGS | TEXT_KWARGS})
         variables = {**self.tokenizer.special_tokens_map, **kwargs}

@@ -172,14 +172,20 @@ def torch_mode(resample: int, device: torch.device) -> str:
     return mode
 
 
+def _rounded_dtypes() -> frozenset:
+    """The integer types torchvision rounds back to after resizing (uint16, bool and the rest: truncated)."""
+    import torch
+    return frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
+
+
 def torch_resize(image: torch.Tensor, size: tuple[int, int], resample: int) -> torch.Tensor:
     """Resize a (..., C, H, W) tensor to `size`; identity sizes are returned untouched."""
     import torch
     import torch.nn.functional as F
-    mode = torch_mode(resample, image.device)
     *lead, channels, height, width = image.shape
     if (height, width) == tuple(size) or image.numel() == 0:
-        return image
+        return image            # before the mode's check, as the reference: box and hamming need no resize here
+    mode = torch_mode(resample, image.device)
     smooth = mode in ("bilinear", "bicubic", "lanczos")
     batch = image.reshape(-1, channels, height, width)
     dtype = image.dtype
@@ -191,7 +197,7 @@ def torch_resize(image: torch.Tensor, size: tuple[int, int], resample: int) -> t
     if cast:
         if mode in ("bicubic", "lanczos") and dtype == torch.uint8:
             out = out.clamp_(0, 255)
-        if not dtype.is_floating_point:
+        if dtype in _rounded_dtypes():
             out = out.round_()
         out = out.to(dtype)
     return out.reshape(*lead, channels, *size)

@@ -94,6 +94,26 @@ def test_tokenize_true_gives_a_single_bos_and_matches_reference(pair):
     assert ours(text=prompt, images=[_img(50, 30)])["input_ids"][0][:2] == [bos, bos]
 
 
+def test_images_given_beside_the_conversation_are_the_references(pair):
+    ref, ours = pair
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    options = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    expected = ref.apply_chat_template(conv, images=[_img(50, 30)], **options)
+    got = ours.apply_chat_template(conv, images=[_img(50, 30)], **options)
+    assert sorted(got.keys()) == sorted(expected.keys())
+    assert all(torch.allclose(got[k].float(), expected[k].float(), atol=1e-6) for k in expected)
+
+
+@pytest.mark.parametrize("option", [dict(sanitize_control_tokens=True), dict(return_assistant_tokens_mask=True),
+                                    dict(continue_final_message="content")])
+def test_chat_options_it_does_not_follow_are_refused_by_name(pair, option):
+    """Not rendered as template variables and ignored: a guard against injected control tokens silently off."""
+    with pytest.raises(TypeError, match=next(iter(option))):
+        pair[1].apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi<end_of_utterance>"}]},
+                                     {"role": "assistant", "content": [{"type": "text", "text": "A"}]}],
+                                    tokenize=True, **option)
+
+
 def test_tokenize_return_dict_with_images_and_tensors(pair):
     ref, ours = pair
     convs = [[{"role": "user", "content": [{"type": "image", "image": _img(40, 40)}, {"type": "text", "text": "a"}]}],

@@ -119,3 +119,28 @@ def test_cuda_falls_back_to_bicubic_with_a_warning(caplog):
     cpu = Idefics3ImageProcessor(**SMALL)(hwc, resample=3, return_row_col_info=True)   # bicubic on CPU
     assert out["rows"] == cpu["rows"] and torch.equal(out["pixel_attention_mask"].cpu(), cpu["pixel_attention_mask"])
     assert (out["pixel_values"].cpu() - cpu["pixel_values"]).abs().max() <= 2 / 127.5 + 1e-6
+
+
+def test_box_and_hamming_pass_where_no_resize_is_needed():
+    """As torchvision: a frame already of its size is not resized, whatever the filter."""
+    square = torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8)
+    assert torch.equal(resample.torch_resize(square, (24, 24), 4), square)
+    out = Idefics3ImageProcessor(**SMALL)(square.permute(1, 2, 0).numpy(), resample=5, do_resize=False,
+                                          do_image_splitting=False)["pixel_values"]
+    assert out.shape == (1, 1, 3, 24, 24)
+    with pytest.raises(ValueError, match="not available for tensors"):
+        resample.torch_resize(square, (12, 12), 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
+def test_integer_types_torchvision_rounds_are_rounded_the_rest_truncated(dtype):
+    torch.manual_seed(0)
+    image = torch.randint(0, 30000, (3, 30, 40), dtype=torch.int32)
+    resized = F.interpolate(image[None].float(), size=(20, 25), mode="bilinear", align_corners=False, antialias=True)[0]
+    assert torch.equal(resample.torch_resize(image.to(dtype), (20, 25), 2), resized.round().to(dtype))
+    truncated = resample.torch_resize(image.to(torch.uint16), (20, 25), 2)
+    assert torch.equal(truncated, resized.to(torch.uint16)) and not torch.equal(truncated, resized.round().to(torch.uint16))
+    bits = image > 15000                                                # a 1-bit image: any coverage sets a pixel
+    covered = F.interpolate(bits[None].float(), size=(20, 25), mode="bilinear", align_corners=False, antialias=True)[0]
+    ones = resample.torch_resize(bits, (20, 25), 2)
+    assert torch.equal(ones, covered != 0) and not torch.equal(ones, covered.round().bool())

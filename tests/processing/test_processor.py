@@ -187,6 +187,18 @@ def test_the_references_output_options_are_taken_or_refused_by_name(pair):
             ours(text=prompt, images=[image], **{option: True})
 
 
+def test_the_references_neutral_options_change_nothing(pair):
+    """return_tensors in text_kwargs (read there first), disable_grouping, data_format="channels_first"."""
+    ref, ours = pair
+    image, prompt = _img(40, 30), "Look: <image> ok"
+    expected = ref(text=prompt, images=[image], text_kwargs={"return_tensors": "pt"})
+    assert_same(expected, ours(text=prompt, images=[image], text_kwargs={"return_tensors": "pt"}))
+    options = dict(disable_grouping=True, data_format="channels_first", return_tensors="np")
+    assert_same(ref(text=prompt, images=[image], **options), ours(text=prompt, images=[image], **options))
+    with pytest.raises(ValueError, match="channels first"):
+        ours(text=prompt, images=[image], data_format="channels_last")
+
+
 def test_decode_and_batch_decode_with_skip_special_tokens(pair):
     ref, ours = pair
     out = ours(text=["<image>What?<end_of_utterance>", "plain"], images=[_img(60, 40)], padding=True)
