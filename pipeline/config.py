@@ -139,8 +139,9 @@ class PipelineConfig:
         self._check_token_settings()
         if isinstance(self.keep_columns, str):
             self.keep_columns = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
-        # The output's id is the input's; another output column's name is kept as input_<name>.
-        self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c != "id"]
+        # The output's id is the input's id column; an input `id` beside another id column (a VQAv2 image id
+        # beside question_id), as another output column's name, is kept as input_<name>.
+        self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c != "id" or self.id_column != "id"]
         clash = [c for c in self.keep_columns if kept_name(c) != c and kept_name(c) in self.keep_columns]
         if clash:
             raise ValueError(f"keep_columns {clash} would be written as {[kept_name(c) for c in clash]}, which are "

@@ -260,18 +260,20 @@ def test_a_kept_column_named_as_an_output_column_is_kept_as_input_name(ray_clust
     --prompt-template) were dropped without a word: the output has columns of those names."""
     from pipeline import read_output, run_job
 
-    rows = [dict(r, answer=f"truth {i}", note=f"n{i}") for i, r in enumerate(good_rows(2))]
+    rows = [dict(r, answer=f"truth {i}", note=f"n{i}", key=f"k{i}") for i, r in enumerate(good_rows(2))]
     write_parquet(tmp_path / "in.parquet", rows)
     config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, prompt_template="About {note}: what is it?",
-                            keep_columns=["question", "answer", "note", "id"])
+                            keep_columns=["question", "answer", "note", "id"], id_column="key")
     run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config)
     out = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
     for i, row in enumerate(rows):
-        kept = out[row["id"]]
+        kept = out[row["key"]]
         assert (kept["input_question"], kept["input_answer"], kept["note"]) == (row["question"], f"truth {i}", f"n{i}")
         assert kept["question"] == f"About n{i}: what is it?" and kept["answer"] != f"truth {i}"
+        assert kept["input_id"] == row["id"]        # an `id` beside the id column (VQAv2's image id): kept too
     with pytest.raises(ValueError, match=r"keep_columns \['answer'\] would be written as \['input_answer'\]"):
         PipelineConfig(model="m", keep_columns=["answer", "input_answer"])
+    assert PipelineConfig(model="m", keep_columns=["id", "note"]).keep_columns == ["note"]     # the output's id
 
 
 def test_a_glob_leaves_out_hidden_paths_as_a_folder_does_unless_it_names_them(checkpoint, tmp_path):
