@@ -304,7 +304,26 @@ def given_settings(cell) -> dict:
         if unknown:
             raise RowError(f"the row's settings name {unknown[0]!r}, not one a row may set "
                            f"({', '.join(SETTABLE)})")
-    return {k: v for k, v in cell.items() if v is not None}
+    return {k: checked_setting(k, v) for k, v in cell.items() if v is not None}
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+SETTING_KINDS = {   # kind -> (what a value must be, the test): JSON text holds anything ("0.7" for a number)
+    "integer": ("an integer of 64 bits", lambda v: type(v) is int and -2 ** 63 <= v < 2 ** 63),
+    "number": ("a number within float32's range", lambda v: type(v) in (int, float) and abs(v) <= FLOAT32_MAX),
+    "text": ("a text", lambda v: isinstance(v, str)),
+    "texts": ("a text or a list of texts", lambda v: isinstance(v, str) or (
+        isinstance(v, (list, tuple)) and all(isinstance(t, str) for t in v))),
+}
+
+
+def checked_setting(name: str, value):
+    """A row's setting as the engine can take it, else a row error naming it (its step would fail
+    with a message naming none: "'>=' not supported between instances of 'str' and 'int'")."""
+    what, holds = SETTING_KINDS[SETTABLE[name]]
+    if not holds(value):
+        raise RowError(f"the row's setting {name!r} must be {what}, got {value!r}")
+    return value
 
 
 def token_steps(result) -> list[dict] | None:

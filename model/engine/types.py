@@ -60,6 +60,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be an integer, got {value!r}") from None
             if isinstance(value, bool):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.seed is not None and not -2 ** 63 <= self.seed < 2 ** 63:     # a row's int64 in the sampler
+            raise ValueError(f"seed must be an integer of 64 bits, got {self.seed}")
         if not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
         if self.max_new_tokens < 0:

@@ -470,7 +470,7 @@ def test_bad_requests_are_named(setup):
                 dict(top_k=-1), dict(repetition_penalty=float("nan")), dict(min_new_tokens=65),
                 # not integers: refused here, where a step would fail (and take the running requests with it)
                 dict(top_k=2.5), dict(max_new_tokens=4.5), dict(min_new_tokens=True), dict(seed=1.5),
-                dict(length_penalty=float("nan"), num_beams=2)):
+                dict(seed=2 ** 100), dict(length_penalty=float("nan"), num_beams=2)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad)
     import numpy as np

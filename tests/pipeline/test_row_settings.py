@@ -70,6 +70,21 @@ def test_bad_json_settings_are_that_rows_error(checkpoint):
     assert out["row-2"]["error"].startswith("prepare: RowError: the row's settings are not JSON")
 
 
+@pytest.mark.parametrize("setting, message", [
+    ('{"temperature": "0.7"}', "'temperature' must be a number within float32's range, got '0.7'"),
+    ('{"stop": 5}', "'stop' must be a text or a list of texts, got 5"),
+    ('{"temperature": 1.0, "seed": 1267650600228229401496703205376}', "'seed' must be an integer of 64 bits"),
+    ('{"temperature": 1e308}', "'temperature' must be a number within float32's range, got 1e+308"),
+    ('{"max_new_tokens": true}', "'max_new_tokens' must be an integer of 64 bits, got True")])
+def test_a_setting_of_the_wrong_kind_is_that_rows_error_naming_it(checkpoint, setting, message):
+    """JSON text holds anything (a number quoted from CSV): the step failed naming no setting, or the
+    batch failed and was run again one row at a time."""
+    rows = [dict(r, settings=s) for r, s in zip(good_rows(2), [setting, '{"max_new_tokens": 1}'])]
+    out, _ = answered(PipelineConfig(model=str(checkpoint), max_new_tokens=2, sampling_column="settings"), rows)
+    assert out["row-0"]["error"].startswith(f"prepare: RowError: the row's setting {message}")
+    assert out["row-1"]["error"] is None and out["row-1"]["num_generated_tokens"] == 1
+
+
 @pytest.mark.skipif(not DEMO_MODEL.exists(), reason="the demo model is not built (python -m jobs.train_demo)")
 def test_a_run_answers_each_row_under_its_settings(ray_cluster, tmp_path):
     rows = pq.read_table(DEMO_INPUT.parent / "heldout.parquet").to_pylist()[:8]
