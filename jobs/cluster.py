@@ -71,7 +71,17 @@ def local_cpus() -> int:
     return max(int(get_num_cpus(override_docker_cpu_warning=True)), LOCAL_MIN_CPUS)
 
 
-def init_ray(device: str | None = None) -> None:
+def refuse_more_cpu_workers_than_cpus(workers: int | None, cpus_each: float) -> None:
+    """A cluster this job starts has the machine's CPUs and no more: CPU workers beyond them add no speed,
+    each is a process, and 50 of them on 4 CPUs stalled the machine (Ray's workers lost their GCS)."""
+    cpus = local_cpus()
+    if workers is not None and workers * cpus_each > cpus:
+        raise ValueError(f"--cpu-workers {workers}: the cluster this job starts has {cpus} CPUs (this machine's), "
+                         f"{workers} workers of {cpus_each:g} CPU would need {workers * cpus_each:g}: use at most "
+                         f"{int(cpus // cpus_each)}, or submit the job to a larger cluster (RAY_ADDRESS)")
+
+
+def init_ray(device: str | None = None, cpu_workers: int | None = None, cpus_per_worker: float = 1.0) -> None:
     """Join the cluster of RAY_ADDRESS or of a `ray start` on this machine (cluster_to_join), else start
     a local one.
 
@@ -94,6 +104,7 @@ def init_ray(device: str | None = None) -> None:
         except ConnectionError as e:
             raise ValueError(f"{e} ({how})") from None
     else:
+        refuse_more_cpu_workers_than_cpus(cpu_workers, cpus_per_worker)   # a joined cluster may scale up
         with stops_held():      # starting a cluster forks; joining one does not
             ray.init(address="local", num_cpus=local_cpus(), logging_level=logging.WARNING)
     stop_on_signals()

@@ -63,3 +63,22 @@ def test_ctrl_c_inside_ray_init_stops_the_job_once_the_cluster_is_up():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=180)
     assert "stopped after ray.init: True" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_more_cpu_workers_than_a_started_cluster_has_cpus_is_one_line_before_it_starts(tmp_path, monkeypatch, capsys):
+    """--cpu-workers 50 on a 4-CPU machine: 50 processes stalled it (Ray's workers lost their GCS) for minutes."""
+    import ray
+
+    import jobs.caption
+    import jobs.cluster
+
+    monkeypatch.setattr(jobs.cluster, "local_cpus", lambda: 4)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(jobs.cluster, "cluster_to_join", lambda: None)
+    write_parquet(tmp_path / "in.parquet", [{"image": png(20, 24), "question": "Row?"}])
+    args = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model", str(DEMO_MODEL)]
+    assert jobs.caption.main([*args, "--cpu-workers", "5"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == ["error: --cpu-workers 5: the cluster this job starts has 4 CPUs (this machine's), 5 workers of "
+                     "1 CPU would need 5: use at most 4, or submit the job to a larger cluster (RAY_ADDRESS)"]
+    assert not ray.is_initialized()
