@@ -31,13 +31,12 @@ def benchmark_in(path: str) -> str | None:
     """The known benchmark named in a path, if any: the file's own name first, then its folders from
     the nearest (textvqa_val.parquet in docvqa_runs/ is TextVQA). A name counts as a word of the part,
     written with or without - and _ (ST-VQA, doc_vqa), not inside a longer word (mytestvqa is not
-    ST-VQA); the bundled demo's name only where no benchmark is named (textvqa/demo.parquet is TextVQA)."""
-    parts = [part.lower() for part in reversed(PurePosixPath(path).parts)]
-    for names in ([d for d in DATASET_METRICS if d != DEMO], [DEMO]):
-        for part in parts:
-            found = next((dataset for dataset in names if _names_word(part, dataset)), None)
-            if found:
-                return found
+    ST-VQA); the bundled demo's name only as a folder above the input (textvqa/demo.parquet is TextVQA)."""
+    for k, part in enumerate(reversed(PurePosixPath(path.lower()).parts)):
+        found = next((dataset for dataset in DATASET_METRICS if (k or dataset != DEMO) and _names_word(part, dataset)),
+                     None)
+        if found:
+            return found
     return None
 
 

@@ -182,7 +182,8 @@ def test_metric_from_dataset_name(name, metric):
                                           ("/home/me/chartqa-work/vqav2_val.parquet", "vqa_accuracy"),
                                           ("/data/docvqa/part-*.parquet", "anls"),
                                           ("/data/textvqa/demo.parquet", "vqa_accuracy"),   # a benchmark first
-                                          ("/data/ST-VQA/test.parquet", "anls"), ("demo/data/x.parquet", "exact_match")])
+                                          ("/data/ST-VQA/test.parquet", "anls"), ("demo/data/x.parquet", "exact_match"),
+                                          ("/home/me/docvqa-work/repo/demo/data/heldout.parquet", "exact_match")])
 def test_the_files_own_name_names_the_benchmark_before_its_folders(path, metric):
     assert job.choose_metric(job.parse_args(["--input", path])) == metric
 
