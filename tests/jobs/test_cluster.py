@@ -72,6 +72,7 @@ def test_more_cpu_workers_than_a_started_cluster_has_cpus_is_one_line_before_it_
     import jobs.caption
     import jobs.cluster
 
+    ray.shutdown()      # a cluster another module of this process left (tests/pipeline's): the job would join it
     monkeypatch.setattr(jobs.cluster, "local_cpus", lambda: 4)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(jobs.cluster, "cluster_to_join", lambda: None)
