@@ -157,11 +157,9 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, image_token_id: int,
     labels = labels.to(logits.device)
     labels = labels.masked_fill(labels == image_token_id, IGNORE_INDEX)
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)   # position t predicts label t+1
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-    total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                            reduction="sum")
-    return total / torch.as_tensor(num_items_in_batch, device=total.device)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="mean" if num_items_in_batch is None else "sum")
+    return loss if num_items_in_batch is None else loss / torch.as_tensor(num_items_in_batch, device=loss.device)
 
 
 # transformers' forward flags that change nothing here at these values (no cache is returned: use_cache
@@ -214,7 +212,8 @@ class Idefics3ForConditionalGeneration(_PretrainedMixin, nn.Module):
                          pixel_attention_mask=pixel_attention_mask,
                          image_hidden_states=image_hidden_states, attention=attention)
         logits = self.lm_head(select_positions(out.last_hidden_state, logits_to_keep))
-        loss = None if labels is None else causal_lm_loss(logits, labels, self.config.image_token_id, num_items_in_batch)
+        loss = None if labels is None else causal_lm_loss(logits, labels, self.config.image_token_id,
+                                                          num_items_in_batch)
         return Idefics3CausalLMOutput(logits, loss, out.image_hidden_states)
 
     def generate(self, inputs: Tensor | None = None, **kwargs):

@@ -188,7 +188,8 @@ def test_the_files_own_name_names_the_benchmark_before_its_folders(path, metric)
     assert job.choose_metric(job.parse_args(["--input", path])) == metric
 
 
-@pytest.mark.parametrize("path", ["/data/mytestvqa/val.parquet", "/data/aokvqa/val.parquet", "/data/mychartqa/x.parquet"])
+@pytest.mark.parametrize("path", ["/data/mytestvqa/val.parquet", "/data/aokvqa/val.parquet",
+                                  "/data/mychartqa/x.parquet"])
 def test_a_benchmarks_name_inside_a_longer_word_names_none(path):
     """mytestvqa is not ST-VQA, A-OKVQA not OK-VQA: --metric is asked for rather than a wrong one taken."""
     with pytest.raises(ValueError, match="pass --metric"):

@@ -139,7 +139,8 @@ def test_integer_types_torchvision_rounds_are_rounded_the_rest_truncated(dtype):
     resized = F.interpolate(image[None].float(), size=(20, 25), mode="bilinear", align_corners=False, antialias=True)[0]
     assert torch.equal(resample.torch_resize(image.to(dtype), (20, 25), 2), resized.round().to(dtype))
     truncated = resample.torch_resize(image.to(torch.uint16), (20, 25), 2)
-    assert torch.equal(truncated, resized.to(torch.uint16)) and not torch.equal(truncated, resized.round().to(torch.uint16))
+    assert torch.equal(truncated, resized.to(torch.uint16))
+    assert not torch.equal(truncated, resized.round().to(torch.uint16))
     bits = image > 15000                                                # a 1-bit image: any coverage sets a pixel
     covered = F.interpolate(bits[None].float(), size=(20, 25), mode="bilinear", align_corners=False, antialias=True)[0]
     ones = resample.torch_resize(bits, (20, 25), 2)
