@@ -20,6 +20,13 @@ def folded(request: Request) -> tuple[Request, int]:
     return replace(request, prompt_ids=request.prompt_ids + request.continuation_ids, continuation_ids=None), scored
 
 
+def unfolded(request: Request, scored: int) -> Request:
+    """`folded`'s request again: its last `scored` prompt tokens as its continuation."""
+    if not scored:
+        return request
+    return replace(request, prompt_ids=request.prompt_ids[:-scored], continuation_ids=request.prompt_ids[-scored:])
+
+
 def runnable_prefix(shared: int, prompt_len: int, scored: int) -> int:
     """Of `shared` prompt tokens another slot holds, those a sequence may copy: all but its scored
     tokens and the one before them (whose logits score the first)."""

@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import replace
 from typing import Callable
 
+from .continuation import unfolded
 from .scheduler import Sequence
 from .types import Request, Result
 
@@ -38,7 +39,7 @@ def sample_requests(request: Request) -> list[Request]:
 
 def add_samples(seq: Sequence, make_sequence: Callable[[Request], Sequence]) -> list[Sequence]:
     """The sequences of `seq`'s other samples, made by `make_sequence`."""
-    for request in sample_requests(seq.request):
+    for request in sample_requests(unfolded(seq.request, seq.scored)):    # each scores the continuation too
         sibling = make_sequence(request)
         sibling.parent = seq
         seq.samples.append(sibling)

@@ -29,6 +29,17 @@ def check_request(request: Request, config, has_tokenizer: bool) -> None:
                          f"{text.max_position_embeddings} positions, leaving no room for an answer")
     if request.pixel_values is not None:
         check_pixels(request, config)
+    check_image_tokens(request, config.image_token_id)
+
+
+def check_image_tokens(request: Request, image_token_id: int) -> None:
+    """Image tokens only where pixel values give their features: alone, a text-only prompt's image
+    tokens are read as text, but a batch beside images counts them among its features and fails."""
+    rid = request.request_id
+    if request.pixel_values is None and image_token_id in request.prompt_ids:
+        raise ValueError(f"request {rid!r}: image tokens in the prompt but no pixel_values")
+    if image_token_id in (request.continuation_ids or ()):
+        raise ValueError(f"request {rid!r}: image tokens in continuation_ids: an image belongs to the prompt")
 
 
 def check_search(request: Request, stop_ids, max_batch_size: int, vocab: int) -> None:

@@ -107,3 +107,31 @@ def test_requests_that_answer_nothing_need_a_continuation(setup):
         LLMEngine(ours).generate([replace(requests[0], sampling=SamplingParams(max_new_tokens=0))])
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         LLMEngine(ours).generate([replace(requests[0], continuation_ids=[10 ** 7])])
+
+
+def test_image_tokens_without_their_pixels_are_refused(setup):
+    """Alone they were read as text; beside a request with an image, the batch counted them among its
+    image features and the step failed, taking every request of the batch."""
+    ours, requests, _, _, _ = setup
+    image_token = ours.config.image_token_id
+    with_image = next(r for r in requests if r.pixel_values is not None)
+    for bad, where in ((replace(with_image, request_id="bare", pixel_values=None, pixel_attention_mask=None),
+                        "in the prompt but no pixel_values"),
+                       (replace(requests[0], request_id="tail", continuation_ids=[image_token]), "in continuation_ids")):
+        with pytest.raises(ValueError, match=f"request '{bad.request_id}': image tokens {where}"):
+            LLMEngine(ours).generate([with_image, bad])
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, 3])
+def test_each_sample_of_a_scored_request_scores_its_continuation(setup, max_new_tokens):
+    """n > 1: the other samples were made from the request with its continuation folded into its
+    prompt: none scored it, and with max_new_tokens 0 the step failed, taking the batch's other requests."""
+    ours, requests, _, _, ref = setup
+    tail = continuations(requests)[0]
+    scored = replace(requests[0], continuation_ids=tail,
+                     sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=3, n=2))
+    other = replace(requests[1], sampling=SamplingParams(max_new_tokens=3))
+    result, answered = LLMEngine(ours, max_batch_size=4).generate([scored, other])
+    expected = pytest.approx(reference_logprobs(ref, scored, tail), abs=2e-4)
+    assert [s.continuation_logprobs for s in result.samples] == [expected, expected]
+    assert answered.token_ids == _reference(ref, other)
