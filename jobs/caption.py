@@ -223,10 +223,10 @@ def rehearse(source: str, output: str, config, values: dict) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.job import prepare_job, run_prepared
-
     stop_on_signals()
     try:
+        from pipeline.job import prepare_job, run_prepared     # 1-2.5 s of imports: a stop then is one line too
+
         parser = build_parser()
         values = merge_args(parser.parse_args(argv), DEFAULTS, parser)
         config = pipeline_config(values)

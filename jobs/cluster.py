@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 from jobs.common import stop_on_signals, stops_held
 
@@ -81,6 +83,26 @@ def refuse_more_cpu_workers_than_cpus(workers: int | None, cpus_each: float) -> 
                          f"{int(cpus // cpus_each)}, or submit the job to a larger cluster (RAY_ADDRESS)")
 
 
+@contextmanager
+def rays_sigterm_handler_left_out() -> Iterator[None]:
+    """ray.init sets, first thing, a SIGTERM handler that exits without a word (status 15): a SIGTERM
+    while it starts or joins the cluster stayed unsaid, and unheld by stops_held. Left out, the job's
+    own handler (stop_on_signals) or hold takes it. Ray's private hook: where it is gone, nothing to do."""
+    try:
+        from ray._private import utils
+    except ImportError:
+        utils = None
+    original = getattr(utils, "set_sigterm_handler", None)
+    if original is None:
+        yield
+        return
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = original
+
+
 def init_ray(device: str | None = None, cpu_workers: int | None = None, cpus_per_worker: float = 1.0) -> None:
     """Join the cluster of RAY_ADDRESS or of a `ray start` on this machine (cluster_to_join), else start
     a local one.
@@ -100,12 +122,13 @@ def init_ray(device: str | None = None, cpu_workers: int | None = None, cpus_per
         print(f"joining the Ray cluster at {address} ({how})", file=sys.stderr)
         try:
             # no address: ray.init takes the same, and only then turns on the token a `ray start` head asks for
-            ray.init(logging_level=logging.WARNING)
+            with rays_sigterm_handler_left_out():
+                ray.init(logging_level=logging.WARNING)
         except ConnectionError as e:
             raise ValueError(f"{e} ({how})") from None
     else:
         refuse_more_cpu_workers_than_cpus(cpu_workers, cpus_per_worker)   # a joined cluster may scale up
-        with stops_held():      # starting a cluster forks; joining one does not
+        with stops_held(), rays_sigterm_handler_left_out():     # starting a cluster forks; joining one does not
             ray.init(address="local", num_cpus=local_cpus(), logging_level=logging.WARNING)
     stop_on_signals()
     if device == "cuda" and not ray.cluster_resources().get("GPU", 0):

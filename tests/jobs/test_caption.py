@@ -373,3 +373,27 @@ def test_a_settings_error_names_its_flag(capsys):
             (evaluate.main, ["--num-beams", "0"], "error: --num-beams must be >= 1, got 0")]:
         assert main(argv) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == line
+
+
+def test_a_stop_while_the_job_imports_its_pipeline_is_one_line(monkeypatch, capsys):
+    """The job's first 1-2.5 s import pyarrow, Ray Data and the pipeline: a SIGTERM then was a silent death
+    (status -15), a Ctrl-C a traceback. Here the import meets the stop itself."""
+    import importlib.abc
+
+    import jobs.caption
+    from jobs.common import STOP_SIGNALS, Interrupted
+
+    class StopOnImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "pipeline.job":
+                raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.delitem(sys.modules, "pipeline.job", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [StopOnImport(), *sys.meta_path])
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        assert jobs.caption.main(["--input", "x.parquet"]) == 128 + signal.SIGTERM
+    finally:        # the job ignores later signals, and sets its own: this process's are pytest's
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert capsys.readouterr().err.startswith("error: stopped by SIGTERM")

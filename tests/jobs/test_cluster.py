@@ -83,3 +83,17 @@ def test_more_cpu_workers_than_a_started_cluster_has_cpus_is_one_line_before_it_
     assert error == ["error: --cpu-workers 5: the cluster this job starts has 4 CPUs (this machine's), 5 workers of "
                      "1 CPU would need 5: use at most 4, or submit the job to a larger cluster (RAY_ADDRESS)"]
     assert not ray.is_initialized()
+
+
+def test_sigterm_inside_ray_init_stops_the_job_once_the_cluster_is_up():
+    """ray.init's own SIGTERM handler, set first thing, exited without a word (status 15, no line)."""
+    code = ("import os, signal, threading, ray\n"
+            "from jobs.cluster import init_ray\n"
+            "from jobs.common import Interrupted, stop_on_signals\n"
+            "stop_on_signals()\n"
+            "threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+            "try:\n    init_ray()\n"
+            "except Interrupted as e:\n    print('stopped after ray.init:', ray.is_initialized(), e)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=180)
+    assert "stopped after ray.init: True SIGTERM" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
