@@ -23,6 +23,7 @@ from .generation_defaults import resolved as resolved_generation_config
 from .io import footer_readers_for, input_dataset, input_folder, read_output, read_rows, write_rows
 from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings, manifest_path
+from .output_lock import OutputLock, lock_output
 from .resume import checkpoint_config, clean_pending_commits, clear_checkpoint, forget_lost_rows, has_checkpoint
 from .retry import drop_error_rows
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
@@ -142,6 +143,7 @@ class PreparedJob:
     generation_defaults: dict = field(default_factory=dict)   # settings taken from generation_config.json
     retried_rows: int = 0                       # error rows of the earlier run answered again (retry_errors)
     input_files: int = 1                        # Parquet files of the input (they size Ray Data's footer pool)
+    output_lock: OutputLock | None = field(default=None, compare=False, repr=False)   # until run_prepared ends
 
 
 def used_columns(names: list[str], config: PipelineConfig, renames: dict[str, str]) -> list[str]:
@@ -241,12 +243,19 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
                                                     checked.input_rows, checked.renames)
     opts = config.storage_options
     with writing_output(output_uri):
-        start_output(output_uri, opts, resume, overwrite)
-        keep_run_settings(output_uri, config, resume, opts)
-        if resume:
-            clean_pending_commits(output_uri, opts)
-        retried = 0 if retry_errors is None else drop_error_rows(output_uri, opts, retry_errors)
-    lost = max((forget_lost_rows(output_uri, opts) if resume else 0) - retried, 0)
+        lock = lock_output(output_uri)      # before the output changes: a resume removes uncommitted files
+    try:
+        with writing_output(output_uri):
+            start_output(output_uri, opts, resume, overwrite)
+            keep_run_settings(output_uri, config, resume, opts)
+            if resume:
+                clean_pending_commits(output_uri, opts)
+            retried = 0 if retry_errors is None else drop_error_rows(output_uri, opts, retry_errors)
+        lost = max((forget_lost_rows(output_uri, opts) if resume else 0) - retried, 0)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     if retried:
         log.warning("%d error rows of the earlier run are answered again", retried)
     if lost:
@@ -257,7 +266,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     return PreparedJob(input_uri, output_uri, config, limit, wanted, lost,
                        output_counts(output_uri, opts, config.samples > 1),
                        tuple(columns), schema, None if only_ids is None else tuple(only_ids), renames,
-                       checked.generation_defaults, retried, checked.input_files)
+                       checked.generation_defaults, retried, checked.input_files, lock)
 
 
 def job_rows(job: PreparedJob) -> ray.data.Dataset:
@@ -274,7 +283,15 @@ def job_rows(job: PreparedJob) -> ray.data.Dataset:
 
 def run_prepared(job: PreparedJob) -> dict:
     """Runs a prepared job on the Ray cluster this process is connected to; returns (and writes
-    beside the output) the summary."""
+    beside the output) the summary. The output's lock (prepare_job's) is released at the end."""
+    try:
+        return _run(job)
+    finally:
+        if job.output_lock is not None:
+            job.output_lock.release()
+
+
+def _run(job: PreparedJob) -> dict:
     opts = job.config.storage_options
     context = ray.data.DataContext.get_current()
     context.checkpoint_config = checkpoint_config(job.output_uri, opts, job.config.id_column)
