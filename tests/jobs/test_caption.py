@@ -173,7 +173,7 @@ def test_an_output_that_cannot_be_written_is_one_line(checkpoint, tmp_path):
     log = finish(job, tmp_path / "job.log")
     assert job.returncode == 2, log[-3000:]
     assert log.strip().splitlines() == ["error: output '/sys/answers' cannot be written: [Errno 13] Permission "
-                                        "denied: '/sys/answers.run.json'"]
+                                        "denied: '/sys/answers.lock'"]
 
 
 def test_flags_reach_the_pipeline_config(tmp_path):

@@ -93,7 +93,7 @@ def test_a_step_that_fails_after_its_work_costs_only_its_own_row(setup, monkeypa
 def test_a_request_the_cache_cannot_hold_fails_alone(setup):
     ours, requests, expected, _, _ = setup
     engine = LLMEngine(ours, max_batch_size=4, kv_cache_tokens=300)
-    huge = Request("huge", requests[0].prompt_ids, sampling=SamplingParams(max_new_tokens=400))
+    huge = replace(requests[0], request_id="huge", sampling=SamplingParams(max_new_tokens=400))
     loop = EngineLoop(engine)
     outcomes = loop.submit({"r1": requests[1], "huge": huge, "r2": requests[2]}).result(timeout=60)
     assert isinstance(outcomes["huge"], ValueError) and "KV cache budget" in str(outcomes["huge"])
