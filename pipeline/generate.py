@@ -307,7 +307,7 @@ def given_settings(cell) -> dict:
     return {k: checked_setting(k, v) for k, v in cell.items() if v is not None}
 
 
-FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 SETTING_KINDS = {   # kind -> (what a value must be, the test): JSON text holds anything ("0.7" for a number)
     "integer": ("an integer of 64 bits", lambda v: type(v) is int and -2 ** 63 <= v < 2 ** 63),
     "number": ("a number within float32's range", lambda v: type(v) in (int, float) and abs(v) <= FLOAT32_MAX),

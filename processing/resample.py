@@ -12,6 +12,7 @@ torch is imported by the torch recipe's functions only (the CPU stage's Pillow r
 """
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 from typing import TYPE_CHECKING
@@ -172,6 +173,7 @@ def torch_mode(resample: int, device: torch.device) -> str:
     return mode
 
 
+@functools.cache
 def _rounded_dtypes() -> frozenset:
     """The integer types torchvision rounds back to after resizing (uint16, bool and the rest: truncated)."""
     import torch
