@@ -16,7 +16,7 @@ from pathlib import Path
 from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, Interrupted, add_run_flags, demo_path,
                          interrupted, json_option, merge_args, print_error, print_rehearsal, print_summary,
                          stop_on_signals)
-from jobs.cluster import init_ray
+from jobs.cluster import check_cluster_fits, init_ray
 
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         values["overwrite"] = values["output"] is None and not values["resume"]
         if values["dry_run"] is not None:
             return rehearse(source, output, config, values)
+        check_cluster_fits(config.cpu_workers, config.cpus_per_worker)
         job = prepare_job(source, output, config, resume=bool(values["resume"]), limit=values["limit"],
                           retry_errors=values["retry_errors"], overwrite=values["overwrite"])
         # only once the arguments are known good: a typo costs no cluster start

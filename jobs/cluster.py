@@ -83,6 +83,15 @@ def refuse_more_cpu_workers_than_cpus(workers: int | None, cpus_each: float) -> 
                          f"{int(cpus // cpus_each)}, or submit the job to a larger cluster (RAY_ADDRESS)")
 
 
+def check_cluster_fits(cpu_workers: int | None, cpus_per_worker: float = 1.0) -> None:
+    """What init_ray would refuse about the cluster, asked before the job prepares its output (a fresh
+    run's preparation removes an earlier run's answers: a refusal after it had cost them)."""
+    import ray
+
+    if not ray.is_initialized() and cluster_to_join() is None:
+        refuse_more_cpu_workers_than_cpus(cpu_workers, cpus_per_worker)
+
+
 @contextmanager
 def rays_sigterm_handler_left_out() -> Iterator[None]:
     """ray.init sets, first thing, a SIGTERM handler that exits without a word (status 15): a SIGTERM

@@ -218,7 +218,7 @@ def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[s
     The ground truth (answers, category) travels with each row as kept columns, so that rows whose
     ids the pipeline derives (inputs without `id`) are scored as well.
     """
-    from jobs.cluster import init_ray
+    from jobs.cluster import check_cluster_fits, init_ray
     from pipeline.job import prepare_job, run_prepared
 
     if not args.model:
@@ -229,6 +229,7 @@ def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[s
     raw = raw_output(args.output)
     if not args.resume:
         refuse_earlier_answers(raw, args)
+    check_cluster_fits(config.cpu_workers, config.cpus_per_worker)
     job = prepare_job(args.input, raw, config, resume=bool(args.resume), limit=args.limit if ids is None else None,
                       only_ids=ids, renames=truth, overwrite=bool(args.overwrite), retry_errors=args.retry_errors)
     init_ray(config.device, config.cpu_workers, config.cpus_per_worker)

@@ -76,6 +76,7 @@ def test_more_cpu_workers_than_a_started_cluster_has_cpus_is_one_line_before_it_
 
     import jobs.caption
     import jobs.cluster
+    import jobs.evaluate
 
     ray.shutdown()      # a cluster another module of this process left (tests/pipeline's): the job would join it
     monkeypatch.setattr(jobs.cluster, "local_cpus", lambda: 4)
@@ -83,9 +84,19 @@ def test_more_cpu_workers_than_a_started_cluster_has_cpus_is_one_line_before_it_
     monkeypatch.setattr(jobs.cluster, "cluster_to_join", lambda: None)
     write_parquet(tmp_path / "in.parquet", [{"image": png(20, 24), "question": "Row?"}])
     args = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model", str(DEMO_MODEL)]
+    refusal = ["error: --cpu-workers 5: the cluster this job starts has 4 CPUs (this machine's), 5 workers of "
+               "1 CPU would need 5: use at most 4, or submit the job to a larger cluster (RAY_ADDRESS)"]
     assert jobs.caption.main([*args, "--cpu-workers", "5"]) == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert error == ["error: --cpu-workers 5: the cluster this job starts has 4 CPUs (this machine's), 5 workers of "
-                     "1 CPU would need 5: use at most 4, or submit the job to a larger cluster (RAY_ADDRESS)"]
+    assert capsys.readouterr().err.strip().splitlines() == refusal
+    # before the output is prepared: a run that starts over had removed the earlier run's answers first
+    earlier = tmp_path / "scored" / "raw" / "part-0.parquet"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier run's answers")
+    write_parquet(tmp_path / "bench.parquet", [{"image": png(20, 24), "question": "Row?", "answers": ["a row"]}])
+    evaluate = ["--input", str(tmp_path / "bench.parquet"), "--output", str(tmp_path / "scored"), "--model",
+                str(DEMO_MODEL), "--metric", "exact_match", "--overwrite", "--cpu-workers", "5"]
+    assert jobs.evaluate.main(evaluate) == 2
+    assert capsys.readouterr().err.strip().splitlines() == refusal
+    assert earlier.read_bytes() == b"an earlier run's answers"
     assert not ray.is_initialized()
 
