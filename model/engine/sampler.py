@@ -302,9 +302,21 @@ def sample_rows(logits: Tensor, state: SamplingState, slots: Tensor, params: lis
                     top_k_cap=max(top_ks) if top_ks and min(top_ks) > 0 else None,
                     sort_free_nucleus=compiled and not any(top_ks), fuse_noise=compiled, allowed=allowed,
                     bias=bias)
-    if allowed is not None:     # every allowed token barred (all -inf): argmax took one it may not take
-        tokens = torch.where(allowed.gather(-1, tokens[:, None])[:, 0], tokens, NO_TOKEN_LEFT)
+    barred = barred_tokens(state, slots, allowed, bias)
+    if barred is not None:      # every token barred (all -inf): argmax took one it may not take
+        tokens = torch.where(barred.gather(-1, tokens[:, None])[:, 0], NO_TOKEN_LEFT, tokens)
     return flag_non_finite(tokens, logits)
+
+
+def barred_tokens(state: SamplingState, slots: Tensor, allowed: Tensor | None, bias: Tensor | None) -> Tensor | None:
+    """(B, V) True at the tokens a row may not take: not allowed, biased by -inf, or a stop id before its
+    min_new_tokens; None where no row is constrained or biased (nothing else bars every token)."""
+    if allowed is None and bias is None:
+        return None
+    barred = too_early(state.step, state.min_new, state.stop_mask, slots)
+    if allowed is not None:
+        barred = barred | ~allowed
+    return barred if bias is None else barred | torch.isneginf(bias)
 
 
 def sample(logits: Tensor, state: SamplingState, slots: Tensor, *, any_sampling: bool,

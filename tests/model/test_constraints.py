@@ -218,7 +218,8 @@ def test_the_vocabulary_read_all_at_once_allows_what_the_walk_allows(tokenizer, 
 def test_a_request_left_no_token_to_take_ends_in_error_alone(setup):
     """A constraint whose every allowed token its other settings keep out (its stop ids suppressed once
     the answer is whole; a bias of -inf on them) ends in error naming it; its batch is answered (the
-    argmax of all -inf took token 0, which broke the pattern and failed the whole step)."""
+    argmax of all -inf took token 0, which broke the pattern and failed the whole step; without a
+    constraint, token 0 was the answer)."""
     ours, requests, expected, tokenizer, _ = setup
     engine = LLMEngine(ours, tokenizer, max_batch_size=4)
     stops = tuple(sorted(engine.stop_ids))
@@ -227,9 +228,16 @@ def test_a_request_left_no_token_to_take_ends_in_error_alone(setup):
             replace(requests[1], request_id="biased",
                     sampling=SamplingParams(max_new_tokens=8, choices=("yes",), sequence_bias={s: float("-inf")
                                                                                               for s in stops}))]
+    # unconstrained: every token biased by -inf, or all but the stop ids before min_new_tokens
+    vocab = ours.config.text_config.vocab_size
+    dead += [replace(requests[3], request_id="all biased",
+                     sampling=SamplingParams(max_new_tokens=8, sequence_bias={t: float("-inf") for t in range(vocab)})),
+             replace(requests[4], request_id="too early", sampling=SamplingParams(
+                 max_new_tokens=8, min_new_tokens=2, sequence_bias={t: float("-inf") for t in range(vocab)
+                                                                    if t not in stops}))]
     plain = requests[2]
     results = {r.request_id: r for r in engine.generate([*dead, plain])}
-    for name in ("suppressed", "biased"):
+    for name in ("suppressed", "biased", "all biased", "too early"):
         assert results[name].finish_reason == "error" and results[name].error.startswith("NoTokenLeftError"), name
     assert results[plain.request_id].token_ids == expected[plain.request_id]
 
