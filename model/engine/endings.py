@@ -11,7 +11,7 @@ from .samples import with_samples
 from .scheduler import Scheduler, Sequence
 from .scoring import choice_logprobs
 from .stop_strings import StopStringMatcher
-from .types import NonFiniteLogitsError, NoTokenLeftError, Request, Result
+from .types import NonFiniteLogitsError, NoTokenLeftError, Request, Result, request_name
 
 
 class RequestEndings:
@@ -45,7 +45,7 @@ class RequestEndings:
                 if self.dtype == torch.float16 else "")
         where = f"new token {len(seq.generated) + 1}" if seq.max_new_tokens else "its scored tokens"
         error = NonFiniteLogitsError(f"the model's logits were NaN or infinite at {where} (of request "
-                                     f"{seq.request.request_id!r}){hint}")
+                                     f"{request_name(seq.request.request_id)}){hint}")
         seq.finish_reason, seq.error = "error", f"{type(error).__name__}: {error}"
         self.runner.cache.clear_slot(seq.slot)
         self.runner.positions[seq.slot] = 0     # the free row's ignored steps then read only zeros
@@ -53,7 +53,7 @@ class RequestEndings:
 
     def _fail_no_token(self, seq: Sequence) -> None:
         """End a sequence whose constraint's tokens its other settings all keep out."""
-        error = NoTokenLeftError(f"request {seq.request.request_id!r}: at new token {len(seq.generated) + 1} no "
+        error = NoTokenLeftError(f"request {request_name(seq.request.request_id)}: at new token {len(seq.generated) + 1} no "
                                  "token was left that it may take: what its constraint needs next is spelled by no "
                                  "token but stop ids, or its other settings keep those out (bad words, suppressed "
                                  "tokens, n-grams, biases of -inf)")

@@ -163,7 +163,7 @@ class EngineLoop:
             return
         for result in finished:
             submission, key = self._live.pop(result.request_id)
-            submission.settle(key, own_ids(result, submission.requests[key].request_id))
+            submission.settle(key, own_ids(result, submission.requests[key].request_id, result.request_id))
 
     def _check_device(self, error: Exception) -> None:
         """After a failed call: a device that no longer works (its check watched too: on a wedged
@@ -219,7 +219,12 @@ class EngineLoop:
             submission.settle(key, outcome)     # popped from the suspects: nothing else would
 
 
-def own_ids(result, request_id: str):
-    """A result, and its samples (each named after the request), under the caller's request id."""
-    samples = [replace(s, request_id=request_id) for s in result.samples] if result.samples else result.samples
-    return replace(result, request_id=request_id, samples=samples)
+def own_ids(result, request_id: str, internal: str):
+    """A result, and its samples (each named after the request), under the caller's request id (also
+    in their errors, which named the `internal` one the loop gave the engine)."""
+    def owned(one):
+        error = one.error and one.error.replace(repr(internal), repr(request_id))
+        return replace(one, request_id=request_id, error=error)
+
+    samples = [owned(s) for s in result.samples] if result.samples else result.samples
+    return replace(owned(result), samples=samples)

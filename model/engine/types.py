@@ -184,6 +184,14 @@ class NonFiniteLogitsError(ArithmeticError):
     would be noise, so it ends with finish_reason "error" instead."""
 
 
+def request_name(request_id: str) -> str:
+    """A request's id as an error names it: the engine's own sequences of a request (its samples, beams
+    and scorers, named `<id>\x1f<kind><i>`) as "'q0' (sample 1)", not by their internal ids."""
+    base, _, own = request_id.partition("\x1f")
+    kind = own.rstrip("0123456789")
+    return repr(base) + (f" ({kind} {own[len(kind):]})" if own else "")
+
+
 class NoTokenLeftError(ValueError):
     """No token a request may take is left (its constraint's next text spelled only by stop ids, or
     every token it allows kept out by bans, suppressed tokens, biases of -inf, n-grams): it ends with

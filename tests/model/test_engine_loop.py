@@ -428,3 +428,18 @@ def test_a_batch_whose_caller_cancelled_it_does_not_stop_the_loop(setup):
     later = loop.submit(_keyed(requests[2:4])).result(timeout=60)
     assert {k: r.token_ids for k, r in later.items()} == {r.request_id: expected[r.request_id] for r in requests[2:4]}
     loop.close()
+
+
+def test_an_answers_error_names_the_callers_request_not_the_loops(setup):
+    """The loop gives the engine ids of its own ('6#r0') and the engine its samples ('r0\\x1fsample1'):
+    an error ended in a step named those."""
+    ours, requests, _, _, _ = setup
+    vocab = ours.config.text_config.vocab_size
+    barred = replace(requests[0], sampling=SamplingParams(max_new_tokens=4, n=2, temperature=1.0, seed=3,
+                                                          sequence_bias={t: float("-inf") for t in range(vocab)}))
+    loop = EngineLoop(LLMEngine(ours, max_batch_size=3))
+    result = loop.submit({"row": barred}).result(timeout=60)["row"]
+    loop.close()
+    name = repr(barred.request_id)
+    assert result.error.startswith(f"NoTokenLeftError: request {name}: at new token 1 no token was left")
+    assert result.samples[1].error.startswith(f"NoTokenLeftError: request {name} (sample 1): at new token 1")
