@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         job = prepare_job(source, output, config, resume=bool(values["resume"]), limit=values["limit"],
                           retry_errors=values["retry_errors"], overwrite=values["overwrite"])
         # only once the arguments are known good: a typo costs no cluster start
-        init_ray(config.device, config.cpu_workers, config.cpus_per_worker)
+        if job.has_rows:
+            init_ray(config.device, config.cpu_workers, config.cpus_per_worker)
         summary = run_prepared(job)
     except BAD_ARGUMENTS as e:
         print_error(e, build_parser())

@@ -232,7 +232,8 @@ def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[s
     check_cluster_fits(config.cpu_workers, config.cpus_per_worker)
     job = prepare_job(args.input, raw, config, resume=bool(args.resume), limit=args.limit if ids is None else None,
                       only_ids=ids, renames=truth, overwrite=bool(args.overwrite), retry_errors=args.retry_errors)
-    init_ray(config.device, config.cpu_workers, config.cpus_per_worker)
+    if job.has_rows:
+        init_ray(config.device, config.cpu_workers, config.cpus_per_worker)
     return raw, run_prepared(job)
 
 

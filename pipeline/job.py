@@ -145,6 +145,11 @@ class PreparedJob:
     input_files: int = 1                        # Parquet files of the input (they size Ray Data's footer pool)
     output_lock: OutputLock | None = field(default=None, compare=False, repr=False)   # until run_prepared ends
 
+    @property
+    def has_rows(self) -> bool:
+        """Whether the run has rows to answer: one without (an empty input) needs no cluster."""
+        return self.input_rows > 0
+
 
 def used_columns(names: list[str], config: PipelineConfig, renames: dict[str, str]) -> list[str]:
     """The input columns a run reads (its rows' id, image, question, choices, messages, settings,
@@ -293,20 +298,10 @@ def run_prepared(job: PreparedJob) -> dict:
 
 def _run(job: PreparedJob) -> dict:
     opts = job.config.storage_options
-    context = ray.data.DataContext.get_current()
-    context.checkpoint_config = checkpoint_config(job.output_uri, opts, job.config.id_column)
-    stats = RunCounter()
-    try:
-        with footer_readers_for(job.input_files):
-            rows = job_rows(job)
-            start = time.perf_counter()
-            answered = build_processor(job.config, stats.name, checkpoint_defaults=False)(rows)
-            write_rows(answered, job.output_uri, opts, job.config.rows_per_file)
-        wall = time.perf_counter() - start
-    finally:
-        context.checkpoint_config = None
-        reported = stats.close()
-        release_run()
+    wall, reported = answer_rows(job) if job.has_rows else (0.0, None)
+    if is_local(job.output_uri):        # an empty input's output is an empty folder, not none (its readers fail)
+        fs, path = fsspec_fs(job.output_uri, opts)
+        fs.makedirs(path, exist_ok=True)
     after = output_counts(job.output_uri, opts, job.config.samples > 1)
     summary = summarize(job.input_uri, job.output_uri, job.before, after, wall, job.input_rows, reported)
     summary.update(lost_rows_answered_again=job.lost_rows, limit=job.limit)
@@ -321,6 +316,26 @@ def _run(job: PreparedJob) -> dict:
         summary["answers_cut_short"] = after["cut_short_rows"]
     write_text(sibling(job.output_uri, ".summary.json"), json.dumps(summary, indent=2), opts)
     return summary
+
+
+def answer_rows(job: PreparedJob) -> tuple[float, dict]:
+    """The run on Ray Data: its rows read, answered and written; its wall time and its counts."""
+    opts = job.config.storage_options
+    context = ray.data.DataContext.get_current()
+    context.checkpoint_config = checkpoint_config(job.output_uri, opts, job.config.id_column)
+    stats = RunCounter()
+    try:
+        with footer_readers_for(job.input_files):
+            rows = job_rows(job)
+            start = time.perf_counter()
+            answered = build_processor(job.config, stats.name, checkpoint_defaults=False)(rows)
+            write_rows(answered, job.output_uri, opts, job.config.rows_per_file)
+        wall = time.perf_counter() - start
+    finally:
+        context.checkpoint_config = None
+        reported = stats.close()
+        release_run()
+    return wall, reported
 
 
 def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,

@@ -397,3 +397,24 @@ def test_a_stop_while_the_job_imports_its_pipeline_is_one_line(monkeypatch, caps
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     assert capsys.readouterr().err.startswith("error: stopped by SIGTERM")
+
+
+def test_an_empty_input_is_answered_at_once_into_an_empty_output(checkpoint, tmp_path, capsys):
+    """A shard of no rows started a cluster and its actors (~1 min) and left no output folder, which its
+    readers (pd.read_parquet of every shard's output) then failed on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    import jobs.caption as job
+
+    ray.shutdown()      # a cluster another module of this process left
+    pq.write_table(pa.table({"image": pa.array([], pa.binary()), "question": pa.array([], pa.string())}),
+                   tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    assert job.main(["--input", str(tmp_path / "in.parquet"), "--output", str(out), "--model", str(checkpoint)]) == 0
+    assert not ray.is_initialized()
+    assert out.is_dir() and pq.read_table(out).num_rows == 0
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert (summary["input_rows"], summary["rows"], summary["missing_rows"]) == (0, 0, 0)
+    assert "rows 0 of 0 input rows (0 errors)" in capsys.readouterr().out
