@@ -7,17 +7,21 @@ bounds on their time and memory (template_limits).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import numpy as np
 from jinja2.ext import Extension, loopcontrols
 
 from .errors import ChatTemplateError
-from .template_limits import MAX_JSON_INDENT, BoundedSandbox, check_size, render_within_deadline
+from .template_limits import (MAX_DATE_FORMAT, MAX_JSON_INDENT, BoundedSandbox, check_printable, check_size,
+                              render_within_deadline)
 
 Template = str | dict[str, str]
 # Appended to the last text of the final message so we can cut the render right after it.
@@ -32,10 +36,12 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
             sort_keys: bool = False) -> str:
     # Jinja's own tojson HTML-escapes; templates expect plain JSON. The indent repeats on every line.
     check_size(len(indent) if isinstance(indent, str) else indent or 0, "tojson's indent", MAX_JSON_INDENT)
+    check_printable(value)
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(fmt: str) -> str:
+    check_size(len(fmt), "strftime_now's format", MAX_DATE_FORMAT, "characters")    # one C call, unstoppable
     return datetime.now().strftime(fmt)
 
 
@@ -120,25 +126,52 @@ def render_chat(template: str, conversation: list[dict], add_generation_prompt: 
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message and add_generation_prompt cannot both be set: the first "
                          "continues the last message, the second opens a new one")
-    messages = [_copy_message(m) for m in conversation]
+    check_tools(variables.get("tools"))
+    messages = [plain_data({k: v for k, v in m.items() if v is not None}) for m in conversation]
     last_text = _tag_final_message(messages) if continue_final_message else None
-    variables = {"tools": None, "documents": None, **variables}
+    variables = {"tools": None, "documents": None, **plain_data(variables)}
     try:
         rendered = render_within_deadline(compile_template(template), {
             **variables, "messages": messages, "add_generation_prompt": add_generation_prompt})
-    except jinja2.exceptions.SecurityError:
+    except (jinja2.exceptions.SecurityError, ChatTemplateError):
         raise
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError(f"chat template failed: {e}") from e
+    except Exception as e:      # {% include %} (no loader), a macro's recursion, range(10**10)'s overflow
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
     return _cut_at_tag(rendered, last_text) if continue_final_message else rendered
 
 
-def _copy_message(message: dict) -> dict:
-    # Copies the structure we edit (message, content list, blocks) without copying images.
-    out = {k: v for k, v in message.items() if v is not None}
-    if isinstance(out.get("content"), list):
-        out["content"] = [dict(b) if isinstance(b, dict) else b for b in out["content"]]
-    return out
+def plain_data(value: Any) -> Any:
+    """What a template sees of the caller's data: rebuilt of JSON's types (str, int, float, bool, None,
+    dicts, lists, tuples), anything else a placeholder naming its type ("<Image>"). An image's or an
+    array's methods are not known unsafe to the sandbox, and some write files or change the caller's
+    image; templates only ask whether a block has an image, never read it (the reference does the same)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, np.generic):           # numpy's scalars: np.bool_(False) stays falsy
+        return plain_data(value.item())
+    for kind, exact in ((str, str.__str__), (int, int.__int__), (float, float.__float__)):
+        if isinstance(value, kind):             # subclasses (enums) carry methods of their own
+            return exact(value)
+    if isinstance(value, Mapping):
+        return {plain_data(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(plain_data(v) for v in value)
+    if isinstance(value, list):
+        return [plain_data(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return f"<{type(value).__name__}>"
+
+
+def check_tools(tools: Any) -> None:
+    """Tools reach a template as JSON schemas; the reference also derives one from a function's signature
+    and docstring, which we do not."""
+    for tool in tools or ():
+        if not isinstance(tool, Mapping):
+            raise ValueError(f"tools: each tool is a JSON schema (a dict), got a {type(tool).__name__} "
+                             f"({getattr(tool, '__name__', tool)!r}): write its schema")
 
 
 def _tag_final_message(messages: list[dict]) -> str:

@@ -1,7 +1,9 @@
 """Bounds on what a chat template may cost: Jinja2's sandbox bounds neither time nor memory, and
 templates ship with checkpoints (untrusted code). Operations that grow a value (`*`, `**`, `+`, `%`,
 `~`, padding / replace / join, the output itself) refuse results over MAX_ITEMS characters or items
-(or MAX_INT_BITS bits), and a render that runs past RENDER_SECONDS is stopped.
+(or MAX_INT_BITS bits), and a render that runs past RENDER_SECONDS is stopped. A value is weighed
+whole (every level's items and characters) where one C call would print or repeat it: no deadline
+stops a call in C. Left: comparing two heavy values (`==` of nested literals of a shared large list).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ RENDER_SECONDS = 3.0
 MAX_ITEMS = 10_000_000
 MAX_INT_BITS = 1 << 16
 MAX_JSON_INDENT = 64
+MAX_DATE_FORMAT = 1000
 _SEQUENCES = (str, list, tuple)
 # printf widths / precisions from the arguments (`*`) or with 8+ digits; str.format specs with 8+ digit
 # numbers or nested replacement fields: all could ask for gigabytes of padding in one C call.
@@ -39,20 +42,47 @@ def check_size(size: int, what: str, limit: int = MAX_ITEMS, unit: str = "items"
         raise ChatTemplateError(f"chat template: {what} would make {size} {unit}; the limit is {limit}")
 
 
+def weight(value: Any, budget: int = MAX_ITEMS) -> int:
+    """Items and characters of a value, all its levels counted (a list of one 10 M-character string
+    repeated 10 M times is 10^14, not 10 M items): what printing or comparing it costs in one C call,
+    which no deadline can stop. Counted only until past `budget`."""
+    if isinstance(value, str):
+        return len(value)
+    if not isinstance(value, (list, tuple, dict)):
+        return 1
+    total = len(value)
+    for item in (value if not isinstance(value, dict) else (*value, *value.values())):
+        total += weight(item, budget - total)
+        if total > budget:
+            break
+    return total
+
+
 def _check_binop(operator: str, left: Any, right: Any) -> None:
     """Refuse, before computing it, an operation whose result would be huge."""
     if operator == "+" and isinstance(left, _SEQUENCES) and isinstance(right, _SEQUENCES):
-        check_size(len(left) + len(right), "'+'")
+        check_size(weight(left) + weight(right), "'+'")
     elif operator == "*" and isinstance(left, int) and isinstance(right, int):
         check_size(left.bit_length() + right.bit_length(), "'*'", MAX_INT_BITS, "bits")
     elif operator == "*" and isinstance(left, int) != isinstance(right, int):
         sequence, count = (right, left) if isinstance(left, int) else (left, right)
         if isinstance(sequence, _SEQUENCES):
-            check_size(len(sequence) * count, "'*'")
+            check_size(weight(sequence, MAX_ITEMS // max(count, 1)) * count, "'*'")
     elif operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
         check_size(left.bit_length() * right, "'**'", MAX_INT_BITS, "bits")
     elif operator == "%" and isinstance(left, str) and _HUGE_PRINTF.search(left):
         raise ChatTemplateError("chat template: refused a '%' width or precision from the arguments or of 8+ digits")
+
+
+def check_printable(value: Any) -> Any:
+    """A container about to be printed whole (output, `~`, string / tojson / pprint) within MAX_ITEMS."""
+    if isinstance(value, (list, tuple, dict)):
+        check_size(weight(value), "printing a value", unit="characters and items")
+    return value
+
+
+def _printed(value: Any) -> str:
+    return str(check_printable(value))
 
 
 def _check_call(text: str, name: str, args: tuple, kwargs: dict) -> None:
@@ -86,6 +116,8 @@ def _bounded_filter(name: str, filter_: Callable) -> Callable:
     @functools.wraps(filter_)
     def bounded(*args: Any, **kwargs: Any) -> Any:
         value, rest = args[value_at], args[value_at + 1:]
+        if name in ("string", "pprint", "tojson"):
+            check_printable(value)
         if name == "format":
             _check_binop("%", str(value), rest)   # its arguments are values to print, not sizes
         elif name == "join":
@@ -133,7 +165,7 @@ class _BoundedCodeGenerator(CodeGenerator):
     @optimizeconst
     def visit_Concat(self, node: jinja2.nodes.Concat, frame: Any) -> None:
         # Jinja joins `a ~ b` with its own str_join; ours goes through the bounded concat.
-        self.write("environment.concat(map(str, (")
+        self.write("environment.concat(map(environment.printed, (")
         for arg in node.nodes:
             self.visit(arg, frame)
             self.write(", ")
@@ -146,9 +178,10 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     code_generator_class = _BoundedCodeGenerator
     buffer_class = _BoundedBuffer
     concat = staticmethod(_bounded_concat)
+    printed = staticmethod(_printed)
 
     def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+        super().__init__(finalize=check_printable, **options)
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:

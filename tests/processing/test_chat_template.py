@@ -203,6 +203,34 @@ def test_render_does_not_modify_the_callers_messages(pair):
     assert conv == EXAMPLE
 
 
+def test_a_template_sees_the_callers_objects_only_as_placeholders(pair, tmp_path):
+    """An image's methods are not known unsafe to the sandbox: a template wrote files with PIL's save and
+    numpy's tofile and changed the caller's pixels; `tojson` of a block with an image failed. It sees
+    "<Image>" as the reference's does, and numpy's scalars as Python's."""
+    image, array = _img(4, 4), np.zeros((2, 2), np.uint8)
+    before = np.asarray(image).copy()
+    conv = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "image", "image": array},
+                                         {"type": "text", "text": "hi", "flag": np.bool_(False)}]}]
+    attack = ("{% set c = messages[0].content %}{{ c[0].image.save('" + str(tmp_path / "a.png") + "') }}"
+              "{{ c[1].image.tofile('" + str(tmp_path / "a.bin") + "') }}{{ c[0].image.putpixel((0, 0), 0) }}")
+    with pytest.raises(ChatTemplateError, match="has no attribute 'save'"):
+        pair[1].apply_chat_template(conv, chat_template=attack)
+    assert not list(tmp_path.iterdir()) and (np.asarray(image) == before).all()
+    shown = "{{ messages[0].content|tojson }}|{{ 'set' if messages[0].content[2].flag else 'unset' }}"
+    assert pair[1].apply_chat_template(conv, chat_template=shown) == pair[0].apply_chat_template(
+        conv, chat_template=shown) == ('[{"type": "image", "image": "<Image>"}, {"type": "image", "image": '
+                                       '"<ndarray>"}, {"type": "text", "text": "hi", "flag": false}]|unset')
+
+
+def test_tools_as_functions_are_refused_by_name(pair):
+    """The reference derives a schema from a function's docstring; ours failed in json.dumps, naming no tool."""
+    def weather(city: str) -> str:
+        return city
+
+    with pytest.raises(ValueError, match=r"tools: each tool is a JSON schema \(a dict\), got a function \('weather'\)"):
+        pair[1].apply_chat_template([{"role": "user", "content": "hi"}], tools=[weather])
+
+
 def test_tokenizer_exposes_tokenizer_config_template(folder, tmp_path):
     path, marked = _folder_with_template(folder, tmp_path, "tokenizer_config.json")
     assert Tokenizer.from_pretrained(path).chat_template == marked

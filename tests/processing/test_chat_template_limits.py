@@ -39,6 +39,15 @@ NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfo
     "{{ '{:>{}}'.format(1, 10**9)|length }}",
     "{{ '{:>999999999}'.format(1)|length }}",
     "{{ messages|tojson(indent=10**9)|length }}",
+    # one C call that no deadline stops: a value weighed whole, not by its outer items
+    "{{ (['a' * 9999999] * 20000) == (['a' * 9999999] * 20000) }}",
+    "{{ ['a' * 9999999] * 9999999 }}",
+    "{% set l = ['a' * 9999999] %}{{ (l + l)|length }}",
+    "{% set l = ['a' * 5000000] %}{% set m = [l, l, l] %}{{ m }}",
+    "{% set l = ['a' * 5000000] %}{% set m = [l, l, l] %}{{ m|string|length }}",
+    "{% set l = ['a' * 5000000] %}{% set m = [l, l, l] %}{{ m|tojson|length }}",
+    "{% set l = ['a' * 5000000] %}{% set m = [l, l, l] %}{{ ('' ~ m)|length }}",
+    "{{ strftime_now('%c' * 4999999)|length }}",
 ])
 def test_operations_that_would_make_huge_values_are_refused_before_making_them(template):
     started = time.monotonic()
@@ -133,3 +142,16 @@ def test_a_stop_raised_as_the_watch_ends_leaves_no_render_watched(monkeypatch):
     monkeypatch.setattr(template_limits._Watchdog, "unwatch", stopped_on_entry)
     assert render_chat("{{ messages[0].content }}", MESSAGES) == "hi"
     assert raised and not template_limits._WATCHDOG._renders
+
+
+@pytest.mark.parametrize("template, error", [
+    ("{% include 'x.jinja' %}", "TypeError: no loader"),
+    ("{% import 'x.jinja' as x %}", "TypeError: no loader"),
+    ("{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}", "RecursionError"),
+    ("{{ range(10**20)|length }}", "OverflowError"),
+    ("{% for k in self %}{% endfor %}", "KeyError"),
+])
+def test_a_template_failing_in_python_is_a_chat_template_error(template, error):
+    """They escaped as the bare TypeError, RecursionError, OverflowError of Jinja or Python."""
+    with pytest.raises(ChatTemplateError, match=f"^chat template failed: {error}"):
+        render_chat(template, MESSAGES)
