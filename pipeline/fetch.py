@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import os
 import posixpath
 import sys
@@ -25,11 +26,14 @@ from urllib.parse import unquote, unquote_to_bytes, urlsplit
 from fsspec.asyn import sync
 
 from processing.decode import DEFAULT_MAX_BYTES
+from processing.sniff import sniff
 
 from .rows import RowError
 from .storage import S3_PROTOCOLS, protocol_of, reader_fs, redact_url, redact_urls
 
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+PERMANENT_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)
+MAX_PATH = 4096     # Linux's PATH_MAX: a longer string names no file
 RETRYABLE_STATUS = (408, 429)
 TRANSPORT_ERRORS = {"aiohttp": ("ClientConnectionError", "ClientPayloadError"),
                     "botocore.exceptions": ("ConnectionError", "HTTPClientError")}
@@ -62,8 +66,33 @@ def image_source(value) -> bytes | str:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if isinstance(value, str):
-        return data_url_bytes(value) if value[:5].lower() == "data:" else value
+        if value[:5].lower() == "data:":
+            return data_url_bytes(value)
+        if not value.strip():
+            raise RowError("image path is empty")
+        found = base64_image(value)
+        if found is None and len(value) > MAX_PATH:
+            raise RowError(f"image string of {len(value)} characters is not a path or URL, nor an image in base64 "
+                           f"(it starts {value[:40]!r})")
+        return value if found is None else found
     raise RowError(f"image has unsupported type {type(value).__name__} (want bytes, {{bytes, path}} or a path)")
+
+
+def base64_image(text: str) -> bytes | None:
+    """The bytes of an image given in bare base64 (benchmarks from TSV files keep them so; the library's
+    processor reads them too, as the reference's), or None where the string is a path or a URL: its
+    first 16 characters must decode to an image format's signature ("iVBORw0KGgo" a PNG's)."""
+    try:
+        found = sniff(base64.b64decode(text[:16], validate=True))
+    except (binascii.Error, ValueError):
+        return None
+    if found is None or found.kind != "image":
+        return None
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RowError(f"image string starts as a {found.what} image in base64 but is not valid base64: {e}") \
+            from None
 
 
 def data_url_bytes(url: str) -> bytes:
@@ -95,6 +124,8 @@ def is_transient(error: BaseException) -> bool:
     status = getattr(error, "status", None)
     if isinstance(status, int):
         return status >= 500 or status in RETRYABLE_STATUS
+    if isinstance(error, OSError) and error.errno in PERMANENT_ERRNOS:
+        return False
     return isinstance(error, network_errors()) and not isinstance(error, PERMANENT)
 
 

@@ -329,6 +329,31 @@ def test_data_urls_carry_their_bytes():
     assert "invalid base64" in str(out[4]) and "no ','" in str(out[5])
 
 
+def test_bare_base64_images_carry_their_bytes_and_strings_that_name_no_file_fail_at_once(tmp_path):
+    """Benchmarks from TSV files keep images as bare base64 (the library's processor reads them, as the
+    reference's): a JPEG's ('/9j/...') was read as an absolute path, tried three times ('File name too
+    long') and quoted whole in its error (60 KB); an empty path was the image root's IsADirectoryError."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    jpeg = BytesIO()
+    Image.new("RGB", (4, 4)).save(jpeg, "JPEG")
+    images = [png(6, 4, seed=5), jpeg.getvalue()]
+    (tmp_path / "iVBORw0KGgo.png").write_bytes(b"a file")     # a path that starts like a PNG's base64 is a path
+    text = "\n".join(base64.b64encode(images[0]).decode()[i:i + 76] for i in range(0, 200, 76))
+    values = [base64.b64encode(images[0]).decode(), base64.b64encode(images[1]).decode(), "iVBORw0KGgo.png", "",
+              "  ", text[:-3] + "@@@", "x" * 5000]
+    started = time.monotonic()
+    out = fetcher(root=str(tmp_path)).fetch(values)
+    assert out[:3] == [*images, b"a file"] and time.monotonic() - started < 1
+    assert [str(e) for e in out[3:5]] == ["image path is empty"] * 2
+    assert str(out[5]).startswith("image string starts as a PNG image in base64 but is not valid base64")
+    assert str(out[6]) == f"image string of 5000 characters is not a path or URL, nor an image in base64 (it starts " \
+                          f"{'x' * 40!r})"
+    assert not is_transient(OSError(36, "File name too long")) and not is_transient(OSError(40, "Too many levels"))
+
+
 def test_file_urls_are_local_paths_percent_decoded(tmp_path):
     """Path.as_uri() writes a space as %20 and non-ASCII letters as UTF-8 escapes."""
     image = tmp_path / "my pics" / "café 1.png"
