@@ -150,11 +150,12 @@ class Idefics3Processor:
         """Load tokenizer, image processor ("pil": the Pillow recipe checkpoints were trained with;
         "torch": the torch recipe), image_seq_len and chat template from a local HF-layout folder.
         `image_settings` override the image processor's config, as the reference's kwargs do
-        (`size={"longest_edge": 2 * 364}`: fewer tiles; `do_image_splitting=False`: one frame)."""
+        (`size={"longest_edge": 2 * 364}`: fewer tiles; `do_image_splitting=False`: one frame). A hub
+        id's files come through huggingface_hub (revision=, cache_dir=, token= as the model's loader takes)."""
         classes = {"pil": "Idefics3ImageProcessorPil", "torch": "Idefics3ImageProcessor"}
         if image_backend not in classes:
             raise ValueError(f"image_backend must be 'pil' or 'torch', got {image_backend!r}")
-        path = _local_path(path)
+        path = _local_path(path, **{k: image_settings.pop(k) for k in HUB_ARGUMENTS & image_settings.keys()})
         ip = importlib.import_module(".image_processor", __package__)
         unknown = sorted(set(image_settings) - set(ip.DEFAULTS))
         if unknown:
@@ -265,13 +266,17 @@ def _as_text_list(text: Any) -> list[str] | None:
     return list(text)
 
 
-def _local_path(path: str | Path) -> Path:
+PROCESSOR_FILES = ["*.json", "*.jinja", "*.txt", "*.model"]     # all a processor reads: never a weight file
+HUB_ARGUMENTS = frozenset({"revision", "cache_dir", "token", "local_files_only", "force_download"})
+
+
+def _local_path(path: str | Path, **hub_kwargs: Any) -> Path:
     path = Path(path)
     if path.is_dir():
         return path
     try:  # a hub id: resolved through the local cache / huggingface_hub (offline in tests)
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(str(path)))
+        return Path(snapshot_download(str(path), allow_patterns=PROCESSOR_FILES, **hub_kwargs))
     except Exception as e:
         raise FileNotFoundError(f"{path} is not a checkpoint folder and could not be fetched: {e}") from e
 

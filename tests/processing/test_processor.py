@@ -339,3 +339,20 @@ def test_outputs_move_and_cast_as_the_references(pair, args, kwargs):
     assert {k: v.dtype for k, v in our_out.items()} == {k: v.dtype for k, v in ref_out.items()}
     pixels = ours.image_processor(images, return_tensors="pt").to(*args, **kwargs)
     assert {k: v.dtype for k, v in pixels.items()} == {k: v.dtype for k, v in ref_out.items() if k in pixels}
+
+
+def test_a_hub_ids_processor_fetches_only_the_processors_files(folder, monkeypatch):
+    """It fetched the whole repository (weights, any pickles and ONNX exports: gigabytes) in every
+    preprocessing actor of a job given `--model owner/name`, and took no revision."""
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append((repo_id, kwargs))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    processor = Idefics3Processor.from_pretrained("owner/name", revision="v1", size={"longest_edge": 728})
+    assert asked == [("owner/name", {"allow_patterns": ["*.json", "*.jinja", "*.txt", "*.model"], "revision": "v1"})]
+    assert processor.image_processor.size == {"longest_edge": 728}
