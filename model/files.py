@@ -103,6 +103,28 @@ def check_complete_safetensors(name: str, f: BinaryIO, size: int) -> dict[str, l
     return {k: t.get("shape") for k, t in header.items() if k != "__metadata__"}
 
 
+STORED_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def stored_float_dtype(files: list[Path]) -> str | None:
+    """The dtype of a checkpoint's first floating-point tensor (what transformers' dtype="auto" takes
+    where the config names none), from the first file's header alone."""
+    with open(files[0], "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return next((STORED_FLOATS[t["dtype"]] for k, t in header.items()
+                 if k != "__metadata__" and t.get("dtype") in STORED_FLOATS), None)
+
+
+def open_safetensors(file: Path):
+    """safe_open of a file checked whole first: a cut-short one ("incomplete metadata", naming no file)
+    is a CheckpointError naming it."""
+    from safetensors import safe_open
+
+    with open(file, "rb") as f:
+        check_complete_safetensors(str(file), f, file.stat().st_size)
+    return safe_open(str(file), framework="pt", device="cpu")
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder (sharded index first); pickle weights are refused."""
     index = folder / INDEX_FILE

@@ -10,12 +10,12 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .config import Idefics3Config
-from .files import SINGLE_FILE, CheckpointError, resolve_checkpoint_dir, weight_files
+from .files import (SINGLE_FILE, CheckpointError, open_safetensors, resolve_checkpoint_dir, stored_float_dtype,
+                    weight_files)
 from .lora import LoraAdapter
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def load_weights(model: nn.Module, files: list[Path], folder: Path, adapter: Lor
     tied = {name: group for group in _tied_names(model) for name in group}
     loaded, unexpected = set(), []
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 name = target_name(key, is_base)
                 if name is None:
@@ -133,11 +133,13 @@ def compute_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, config: Idefics3Config) -> torch.dtype:
-    """Explicit dtype, else "auto"/None -> the checkpoint's `dtype` (float32 when it names none)."""
+def _resolve_dtype(dtype: torch.dtype | str | None, config: Idefics3Config, files: list[Path]) -> torch.dtype:
+    """Explicit dtype, else "auto"/None -> the checkpoint's `dtype`; where it names none, its weights'
+    (as transformers' "auto"; float32 where they hold no float)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     name = config.dtype if dtype in (None, "auto") else dtype
+    name = stored_float_dtype(files) if name is None else name
     if name is None:
         return torch.float32
     resolved = getattr(torch, str(name).replace("torch.", ""), None)
@@ -174,7 +176,7 @@ def load_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | str | None
     folder = resolve_checkpoint_dir(path_or_id, **hub_kwargs)
     config = Idefics3Config.from_pretrained(folder)
     files = weight_files(folder)
-    target_dtype, target_device = _resolve_dtype(dtype, config), torch.device(device or "cpu")
+    target_dtype, target_device = _resolve_dtype(dtype, config, files), torch.device(device or "cpu")
     with torch.device("meta"):
         model = cls(config)
     model = materialized(model.to(target_dtype), target_device)  # casting on meta costs nothing

@@ -16,9 +16,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from .files import CheckpointError, adapter_files
+from .files import CheckpointError, adapter_files, open_safetensors
 
 PEFT_PREFIX = "base_model.model."
 # "base": the base weight PEFT saves beside an adapted LM head or embedding (save_embedding_layers),
@@ -38,7 +37,7 @@ class LoraAdapter:
         folder = Path(path).expanduser()
         config, weights = adapter_files(folder)
         parts: dict[str, dict[str, torch.Tensor]] = {}
-        with safe_open(str(weights), framework="pt", device="cpu") as f:
+        with open_safetensors(weights) as f:
             for key in f.keys():
                 module, part = split_key(key, folder)
                 parts.setdefault(module + ".weight", {})[part] = f.get_tensor(key).float()

@@ -53,7 +53,8 @@ class RequestEndings:
 
     def _fail_no_token(self, seq: Sequence) -> None:
         """End a sequence whose constraint's tokens its other settings all keep out."""
-        error = NoTokenLeftError(f"request {request_name(seq.request.request_id)}: at new token {len(seq.generated) + 1} no "
+        name = request_name(seq.request.request_id)
+        error = NoTokenLeftError(f"request {name}: at new token {len(seq.generated) + 1} no "
                                  "token was left that it may take: what its constraint needs next is spelled by no "
                                  "token but stop ids, or its other settings keep those out (bad words, suppressed "
                                  "tokens, n-grams, biases of -inf)")

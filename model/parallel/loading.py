@@ -8,12 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..config import Idefics3Config, check_tp
 from ..idefics3 import Idefics3ForConditionalGeneration
-from ..files import CheckpointError, resolve_checkpoint_dir, weight_files
+from ..files import CheckpointError, open_safetensors, resolve_checkpoint_dir, weight_files
 from ..loading import (_check_keys, _copy_tensor, _holds, _resolve_dtype, _tied_names, _untie, check_adapter,
                        materialized, read_generation_config, target_name)
 from ..lora import LoraAdapter
@@ -53,7 +52,7 @@ def load_sharded_weights(model: nn.Module, files: list[Path], folder: Path, spec
     tied = {name: group for group in _tied_names(model) for name in group}
     loaded, unexpected = set(), []
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
+        with open_safetensors(file) as handle:
             for key in handle.keys():
                 name = target_name(key, is_base=False)
                 if name is None:
@@ -101,7 +100,7 @@ def load_shard(path_or_id: str | Path, tp: TPContext, dtype: torch.dtype | str |
     config = Idefics3Config.from_pretrained(folder)
     check_tp(config, tp.world_size)
     files = weight_files(folder)
-    target_dtype = _resolve_dtype(dtype, config)
+    target_dtype = _resolve_dtype(dtype, config, files)
     with torch.device("meta"):
         model = Idefics3ForConditionalGeneration(config)
     specs = shard_model(model, tp)

@@ -84,6 +84,31 @@ def test_unexpected_key_and_bad_shape_are_reported(checkpoint, tmp_path):
         Idefics3ForConditionalGeneration.from_pretrained(folder)
 
 
+def test_a_weights_file_cut_short_is_named(checkpoint, tmp_path):
+    """safetensors said "incomplete metadata, file not fully covered", naming no file of the 17 shards."""
+    folder = copy_checkpoint(checkpoint("smolvlm", shard_size="50KB"), tmp_path / "ck")
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"^{shard} is not a complete safetensors file: .* bytes where"):
+        Idefics3ForConditionalGeneration.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("dtype", [None, "auto"])
+def test_weights_stored_in_bfloat16_under_a_config_naming_no_dtype_load_in_it_as_the_references(checkpoint, tmp_path,
+                                                                                               dtype):
+    """transformers' "auto" takes the weights' dtype where the config names none: ours was float32 (twice the
+    memory)."""
+    folder = copy_checkpoint(checkpoint("smolvlm"), tmp_path / "ck")
+    edit_weights(folder, lambda s: s.update({k: v.to(torch.bfloat16) for k, v in s.items()}))
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    ours = Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    asked = {} if dtype is None else {"dtype": dtype}
+    ref = transformers.Idefics3ForConditionalGeneration.from_pretrained(folder, **asked)
+    assert {p.dtype for p in ours.parameters()} == {p.dtype for p in ref.parameters()} == {torch.bfloat16}
+
+
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
         Idefics3ForConditionalGeneration.from_pretrained(tmp_path / "nowhere")

@@ -11,7 +11,7 @@ from safetensors import safe_open
 import model.parallel.loading as parallel_loading
 import tests.model.parallel_cases  # noqa: F401  (registers the "tp_mqa" fixture config)
 from model import Idefics3Config, Idefics3ForConditionalGeneration
-from model.files import weight_files
+from model.files import open_safetensors, weight_files
 from model.lm_head import padded_rows
 from model.loading import target_name
 from model.parallel import TPContext, TPEngine, check_tp, load_shard, sharded_fraction
@@ -21,13 +21,13 @@ torch.set_num_threads(1)
 
 
 class RecordingReader:
-    """Wraps safetensors' safe_open and records every read: (key, 'tensor' | 'slice', shape read)."""
+    """Wraps the loader's open_safetensors and records every read: (key, 'tensor' | 'slice', shape read)."""
 
     def __init__(self, log: list):
         self.log = log
 
-    def __call__(self, *args, **kwargs):
-        return _Handle(safe_open(*args, **kwargs), self.log)
+    def __call__(self, file):
+        return _Handle(open_safetensors(file), self.log)
 
 
 class _Handle:
@@ -69,7 +69,7 @@ class _Slice:
 @pytest.fixture
 def reads(monkeypatch):
     log: list = []
-    monkeypatch.setattr(parallel_loading, "safe_open", RecordingReader(log))
+    monkeypatch.setattr(parallel_loading, "open_safetensors", RecordingReader(log))
     return log
 
 
