@@ -31,8 +31,9 @@ from evaluation.report import sample_rows, write_chart, write_gallery, write_met
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
 from jobs.common import (BAD_ARGUMENTS, Interrupted, add_run_flags, interrupted, merge_args, print_error,
                          print_rehearsal, run_flag_names, stop_on_signals)
-from jobs.evaluate_inputs import (PREDICTIONS_FILE, baseline_file, earlier_metric, input_has_ids, load_images,
-                                  read_ground_truth, read_parquet, read_predictions, storage_options)
+from jobs.evaluate_inputs import (PREDICTIONS_FILE, baseline_file, check_column_flags, earlier_metric,
+                                  evaluation_predictions, input_has_ids, load_images, read_ground_truth, read_parquet,
+                                  read_predictions, storage_options)
 from pipeline.storage import redact_url
 
 log = logging.getLogger("jobs.evaluate")
@@ -44,7 +45,11 @@ DEMO_OUTPUT = REPO / "demo" / "output" / "evaluate"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = build_parser()
-    return argparse.Namespace(**merge_args(ap.parse_args(argv), DEFAULTS, ap))
+    args = argparse.Namespace(**merge_args(ap.parse_args(argv), DEFAULTS, ap))
+    check_column_flags(args)
+    if args.predictions:        # an evaluation's output folder: its predictions.parquet, as --baseline's
+        args.predictions = evaluation_predictions(args.predictions, storage_options(args)) or args.predictions
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--answers-column", help="the ground truth: one answer or a list (default: answers)")
     ap.add_argument("--image-column", help="default: image")
     ap.add_argument("--category-column", help="scores are also given per category (default: category)")
-    ap.add_argument("--predictions", help="score this predictions Parquet (id, answer[, answers, category]) "
-                    "instead of running a model; with --input, ground truth is joined from it by id")
+    ap.add_argument("--predictions", help="score this predictions Parquet (id, answer[, answers, category]; an "
+                    "evaluation's output folder: its predictions.parquet) instead of running a model; with --input, "
+                    "ground truth is joined from it by id")
     ap.add_argument("--baseline", metavar="PREDICTIONS",
                     help="an earlier evaluation's predictions.parquet (or its --output folder; local or URL), e.g. "
                          "the base checkpoint's: the report compares the two row by row (both scored with this "

@@ -67,12 +67,27 @@ def read_ground_truth(args: argparse.Namespace) -> pa.Table:
     """id, answers, and question/category when present, from --input (never the image bytes)."""
     wanted = [args.id_column, args.answers_column, args.question_column, args.category_column]
     table = rename_columns(read_parquet(args.input, wanted, storage_options(args)), _column_mapping(args))
-    flags = {"id": f"--id-column {args.id_column!r}", "answers": f"--answers-column {args.answers_column!r}"}
-    for needed, flag in flags.items():
-        if needed not in table.column_names:
+    needed = {"id": ("--id-column", args.id_column), "answers": ("--answers-column", args.answers_column)}
+    if args.category_column != "category":      # asked for by name: the per-category scores would be missing
+        needed["category"] = ("--category-column", args.category_column)
+    for name, (flag, column) in needed.items():
+        if name not in table.column_names:
             columns = parquet_dataset(args.input, storage_options(args)).schema.names     # all, not those read
-            raise ValueError(f"{args.input} has no {needed!r} column ({flag}); columns: {columns}")
+            raise ValueError(f"{args.input} has no {column!r} column ({flag}); columns: {columns}")
     return table
+
+
+def check_column_flags(args: argparse.Namespace) -> None:
+    """Each column flag names a column of its own: --category-column question renamed the questions away
+    (a traceback: 'Field "category" exists 2 times')."""
+    flags = {"--id-column": args.id_column, "--question-column": args.question_column,
+             "--answers-column": args.answers_column, "--image-column": args.image_column,
+             "--category-column": args.category_column}
+    named = {}
+    for flag, column in flags.items():
+        if column in named:
+            raise ValueError(f"{flag} {column!r} is the column of {named[column]} too: each names a column of its own")
+        named[column] = flag
 
 
 def read_predictions(uri: str, args: argparse.Namespace) -> pa.Table:
@@ -88,20 +103,31 @@ def read_predictions(uri: str, args: argparse.Namespace) -> pa.Table:
     return table.drop_columns([c for c in ("image",) if c in table.column_names])
 
 
+def evaluation_predictions(uri: str, options: dict) -> str | None:
+    """The predictions.parquet of the evaluation's output folder `uri` names; None where it names none
+    (its raw/ answers beside it are the same rows again: read together, every id was a duplicate)."""
+    from pipeline.storage import fsspec_fs
+
+    fs, path = fsspec_fs(uri, options)
+    if uri.endswith(".parquet") or not fs.exists(f"{path.rstrip('/')}/{PREDICTIONS_FILE}"):
+        return None
+    return f"{uri.rstrip('/')}/{PREDICTIONS_FILE}"
+
+
 def baseline_file(uri: str, options: dict) -> str:
     """--baseline's predictions: the file named, or the predictions.parquet of the run folder named."""
     from pipeline.storage import fsspec_fs
 
-    fs, path = fsspec_fs(uri, options)
     if uri.endswith(".parquet"):
+        fs, path = fsspec_fs(uri, options)
         if not fs.exists(path):
             raise FileNotFoundError(f"--baseline {redact_url(uri)!r}: no such file")
         return uri
-    inside = f"{path.rstrip('/')}/{PREDICTIONS_FILE}"
-    if not fs.exists(inside):
+    found = evaluation_predictions(uri, options)
+    if found is None:
         raise FileNotFoundError(f"--baseline {redact_url(uri)!r} is neither a .parquet file nor an evaluation's "
                                 f"output folder (no {PREDICTIONS_FILE} in it)")
-    return f"{uri.rstrip('/')}/{PREDICTIONS_FILE}"
+    return found
 
 
 def load_images(args: argparse.Namespace, ids: list[str]) -> dict[str, object]:

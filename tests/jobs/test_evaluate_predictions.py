@@ -398,6 +398,12 @@ def test_an_evaluations_own_output_is_scored_again_with_its_metric(tmp_path):
                      "relaxed_accuracy"]) == 0
     assert job.main(["--predictions", str(first / "predictions.parquet"), "--output", str(again)]) == 0
     assert json.loads((again / "metrics.json").read_text())["metric"] == "relaxed_accuracy"
+    # the folder itself, as --baseline takes it: its raw/ answers were read beside predictions.parquet,
+    # every id twice ("predictions has duplicate ids")
+    (first / "raw").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "answer": ["3", "0"]}), first / "raw" / "part-0.parquet")
+    assert job.main(["--predictions", str(first), "--output", str(tmp_path / "folder")]) == 0
+    assert json.loads((tmp_path / "folder" / "metrics.json").read_text())["metric"] == "relaxed_accuracy"
     with pytest.raises(ValueError, match="cannot tell the benchmark"):
         job.evaluate(job.parse_args(["--predictions", str(tmp_path / "p.parquet"), "--output", str(again)]))
 
@@ -492,3 +498,19 @@ def test_a_missing_baseline_or_a_bad_limit_is_refused_before_the_model_runs_and_
     assert not (tmp_path / "o").exists()
     assert job.main([*run, "--dry-run", "2", "--limit", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["input_rows"] == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--category-column", "question"], "error: --category-column 'question' is the column of --question-column too"),
+    (["--category-column", "kind"], "has no 'kind' column (--category-column)"),
+    (["--answers-column", "gt"], "has no 'gt' column (--answers-column)")])
+def test_column_flags_naming_a_used_or_missing_column_are_one_line(tmp_path, capsys, flags, message):
+    """--category-column question was a traceback ('Field "category" exists 2 times'), a missing
+    --category-column scored without a word of its categories, a missing --answers-column was named as
+    'answers'."""
+    pq.write_table(pa.table({"id": ["a"], "question": ["q"], "answers": ["A"]}), tmp_path / "b.parquet")
+    pq.write_table(pa.table({"id": ["a"], "answer": ["A"]}), tmp_path / "p.parquet")
+    assert job.main(["--input", str(tmp_path / "b.parquet"), "--predictions", str(tmp_path / "p.parquet"),
+                     "--output", str(tmp_path / "o"), "--metric", "exact_match", *flags]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0], error
