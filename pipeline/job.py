@@ -28,7 +28,7 @@ from .resume import checkpoint_config, clean_pending_commits, clear_checkpoint, 
 from .retry import drop_error_rows
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
 from .run_stats import RunCounter
-from .storage import fsspec_fs, has_files, is_local, lists_folders, redact_url, sibling, write_text
+from .storage import fsspec_fs, has_files, is_local, lists_folders, redact_url, redact_urls, sibling, write_text
 
 COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
 ERROR_KINDS_SHOWN = 10
@@ -70,6 +70,8 @@ def check_output(output: str, storage_options: dict | None, resume: bool, overwr
     if not is_local(output) and lists_folders(output) and "/" not in path.strip("/"):    # an object store's
         raise ValueError(f"output {output!r} is a bucket's root: --output names a folder inside a bucket (the "
                          "run's files are written beside it: <output>.run.json, .checkpoint, .summary.json)")
+    if not is_local(output) and lists_folders(output):
+        check_bucket(output, fs, path.strip("/").split("/")[0])
     if fs.isfile(path):
         raise FileExistsError(f"output {output!r} is a file: --output names a folder (of Parquet files)")
     written = has_files(output, storage_options)
@@ -80,6 +82,18 @@ def check_output(output: str, storage_options: dict | None, resume: bool, overwr
     elif written and not has_checkpoint(output, storage_options):
         raise FileNotFoundError(f"cannot resume into {output!r}: it has files but no checkpoint "
                                 f"({output.rstrip('/')}.checkpoint) from a previous run of this job")
+
+
+def check_bucket(output: str, fs, bucket: str) -> None:
+    """An output's bucket must exist: its listing (and so a dry run) finds nothing there, as in an empty
+    folder; only the run's first write said otherwise."""
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"output {redact_url(output)!r} cannot be written: its bucket {bucket!r} does not "
+                                "exist") from None
+    except Exception:       # no right to ask of the bucket itself (a role that may only write): the write says
+        return
 
 
 def has_run(output: str, storage_options: dict | None) -> bool:
@@ -109,9 +123,14 @@ def writing_output(output: str):
     except PermissionError as e:
         raise PermissionError(f"output {redact_url(output)!r} cannot be written: {e}") from None
     except FileNotFoundError as e:
-        if "bucket" not in str(e).lower():      # the checks' own errors name the output already
+        if "bucket" not in str(e).lower() or redact_url(output) in str(e):      # the checks' own name the output
             raise
         raise FileNotFoundError(f"output {redact_url(output)!r} cannot be written: {e}") from None
+    except (ValueError, FileExistsError):       # the checks' own
+        raise
+    except Exception as e:      # botocore's ParamValidationError of a bucket name with a space, an endpoint down
+        why = " ".join(redact_urls(str(e)).split())     # one line: botocore's runs to several
+        raise PermissionError(f"output {redact_url(output)!r} cannot be written: {type(e).__name__}: {why}") from None
 
 
 def release_run() -> None:

@@ -186,12 +186,11 @@ def reading_store(what: str, uri: str) -> Iterator[None]:
     it, its URLs redacted: the job's one-line error. One that names it already is kept as it is."""
     try:
         yield
-    except FileNotFoundError:
-        raise
-    except PermissionError as e:
+    except (FileNotFoundError, PermissionError) as e:
         if redact_url(uri) in str(e) or uri in str(e):
             raise
-        raise PermissionError(f"{what} {redact_url(uri)!r} cannot be read: {redact_urls(str(e))}") from None
+        # s3fs's "The specified bucket does not exist" names no bucket, nor what was read
+        raise type(e)(f"{what} {redact_url(uri)!r} cannot be read: {redact_urls(str(e))}") from None
     except Exception as e:
         raise PermissionError(f"{what} {redact_url(uri)!r} cannot be read: {type(e).__name__}: "
                               f"{redact_urls(str(e))}") from None

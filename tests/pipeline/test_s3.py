@@ -383,6 +383,7 @@ def test_a_bucket_root_output_an_unreachable_model_store_and_foreign_objects_are
     was a 150-line traceback; a non-Parquet object in an output folder failed the rows printed after
     a finished run."""
     from pipeline.checkpoint import remote_listing
+    from pipeline.dry_run import dry_run
     from pipeline.job import prepare_job
 
     rows = good_rows(2)
@@ -390,8 +391,19 @@ def test_a_bucket_root_output_an_unreachable_model_store_and_foreign_objects_are
     s3.pipe("bucket/root-in/rows.parquet", table_bytes(rows))
     with pytest.raises(ValueError, match=r"output 's3://rootout/' is a bucket's root: --output names a folder"):
         prepare_job("s3://bucket/root-in/rows.parquet", "s3://rootout/", PipelineConfig(model=str(checkpoint)))
-    with pytest.raises(FileNotFoundError, match=r"^output 's3://no-bucket/out' cannot be written: .*bucket does not"):
+    with pytest.raises(FileNotFoundError, match=r"^output 's3://no-bucket/out' cannot be written: .*bucket .*does not"):
         prepare_job("s3://bucket/root-in/rows.parquet", "s3://no-bucket/out", PipelineConfig(model=str(checkpoint)))
+    # a dry run made the same checks, and none saw a bucket missing (its listing is an empty folder's)
+    with pytest.raises(FileNotFoundError, match=r"^output 's3://no-bucket/out' cannot be written: its bucket "):
+        dry_run("s3://bucket/root-in/rows.parquet", "s3://no-bucket/out", PipelineConfig(model=str(checkpoint)), rows=1)
+    # a bucket name botocore refuses was its traceback, a URL's credentials in it
+    with pytest.raises(PermissionError, match=r"^output 's3://\*\*\*@my bucket/out' cannot be written: "
+                                              r"ParamValidationError: .*Invalid bucket name"):
+        prepare_job("s3://bucket/root-in/rows.parquet", "s3://KEY:SECRET@my bucket/out",
+                    PipelineConfig(model=str(checkpoint)))
+    # a model or adapter in a missing bucket: the store's words alone, naming neither
+    with pytest.raises(FileNotFoundError, match=r"^model 's3://no-bucket/m' cannot be read: .*bucket does not exist"):
+        remote_listing("s3://no-bucket/m", None)
     unreachable = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}"},
                    "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
     with pytest.raises(PermissionError, match=r"^model 's3://bucket/any' cannot be read: EndpointConnectionError"):
