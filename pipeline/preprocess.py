@@ -70,6 +70,10 @@ class Preprocess:
         questions = self.questions(batch)
         ids = row_ids(batch, self.config.id_column)
         encoded = self.encode_rows([str(i) for i in ids.to_pylist()], images, questions)
+        if self.config.score_column in batch.column_names:      # here, not in the model stage: a dry run sees it
+            unscored = RowError("the row has no text to score")
+            encoded = [self.failed_row(q, error_message("score column", unscored)) if not text and row[-1] is None
+                       else row for row, q, text in zip(encoded, questions, self.cells(batch, self.config.score_column))]
         columns = {"id": ids}
         for i, (name, type_) in enumerate(ENCODED_FIELDS):
             columns[name] = pa.array([row[i] for row in encoded], type=type_)

@@ -57,6 +57,19 @@ def test_a_rehearsal_finds_the_failing_rows_and_counts_the_prompts(checkpoint, o
     assert json.loads(capsys.readouterr().out)["rows_tried"] == 2
 
 
+def test_a_rehearsal_finds_the_rows_without_a_text_to_score(checkpoint, tmp_path, capsys):
+    """The check ran in the model stage, which a rehearsal does not run: it found no error row."""
+    rows = [{"id": "a", "image": png(20, 20), "caption": "a red square"}, {"id": "b", "image": png(20, 20),
+                                                                          "caption": None},
+            {"id": "c", "image": png(20, 20), "caption": ""}]
+    write_parquet(tmp_path / "in.parquet", rows)
+    assert caption.main(["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model",
+                         str(checkpoint), "--score-column", "caption", "--dry-run", "3"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert [e["id"] for e in found["error_examples"]] == ["b", "c"]
+    assert found["errors_by_kind"] == {"score column: the row has no text to score": 2}
+
+
 def test_a_rehearsal_fails_as_the_run_would(checkpoint, tmp_path, capsys):
     rows = rows_of_every_kind(tmp_path)
     write_parquet(tmp_path / "bad.parquet", [r for r in rows if not r["id"].startswith("good")])

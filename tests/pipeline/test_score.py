@@ -48,7 +48,7 @@ def test_the_model_stage_scores_each_rows_text_as_the_reference(checkpoint, orac
     for row in rows:
         got = out[row["id"]]
         if row["caption"] is None:
-            assert got["error"] == "prepare: RowError: the row has no text to score"
+            assert got["error"] == "score column: RowError: the row has no text to score"
             continue
         want, count = reference_score(oracle, row["image"], row["question"] or config.prompt, row["caption"])
         assert (got["answer"], got["finish_reason"], got["num_generated_tokens"]) == (row["caption"], "stop", count)
