@@ -28,11 +28,13 @@ class CachePlan:
 
 def plan_cache(need_len: int, old_len: int, cap: int, max_slots: int, room: Callable[[int], int],
                min_rows: int = 1) -> CachePlan:
-    """The cache for sequences of need_len positions (multiples of 256, at most `cap`), as many slots
-    as `room(max_len)` sequences fit, at most max_slots. A cache that had to grow (a stream of requests
-    must drain first) is likely to grow again: one that had old_len positions doubles instead, if
-    that costs no slot. `rows`: at least min_rows where the budget has room for them."""
+    """The cache for sequences of need_len positions (multiples of 256 where one fits, at most
+    `cap`), as many slots as `room(max_len)` sequences fit, at most max_slots. A cache that had to grow
+    (a stream of requests must drain first) is likely to grow again: one that had old_len positions
+    doubles instead, if that costs no slot. `rows`: at least min_rows where the budget has room for them."""
     max_len = min(-(-need_len // 256) * 256, cap)
+    if room(max_len) < 1 <= room(need_len):     # a set budget holds the sequence, if not its rounding
+        max_len = need_len
     fits = room(max_len)
     slots = min(max_slots, fits)
     ahead = min(2 * old_len, cap)

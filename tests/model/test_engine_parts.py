@@ -302,7 +302,8 @@ def test_rows_with_a_nan_or_an_infinity_are_flagged():
 
 def test_the_cache_plan():
     room = lambda budget: lambda length: budget // length            # noqa: E731
-    assert plan_cache(300, 0, 4096, 64, room(10_000)) == CachePlan(512, 19, 19)       # 256-multiples
+    assert plan_cache(300, 0, 4096, 64, room(10_000)) == CachePlan(512, 19, 19)       # 256-multiples ...
+    assert plan_cache(300, 0, 4096, 8, room(300)) == CachePlan(300, 1, 1)       # ... where one fits (300 was refused)
     assert plan_cache(4097, 0, 4100, 64, room(10**6)) == CachePlan(4100, 64, 64)      # at most the cap
     # a cache that grew doubles, where that costs no slot ...
     assert plan_cache(600, 512, 8192, 4, room(10**6)) == CachePlan(1024, 4, 4)
@@ -312,4 +313,4 @@ def test_the_cache_plan():
     # a compiled step's spare row, where there is room for it
     assert plan_cache(100, 0, 4096, 1, room(10_000), min_rows=2) == CachePlan(256, 1, 2)
     assert plan_cache(100, 0, 4096, 1, room(300), min_rows=2) == CachePlan(256, 1, 1)
-    assert plan_cache(100, 0, 4096, 8, room(100)).slots == 0                          # no room: the caller says so
+    assert plan_cache(100, 0, 4096, 8, room(99)).slots == 0                           # no room: the caller says so
