@@ -17,6 +17,7 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, Int
                          interrupted, json_option, merge_args, print_error, print_rehearsal, print_summary,
                          stop_on_signals)
 from jobs.cluster import check_cluster_fits, init_ray
+from pipeline.errors import StartFailed
 
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
@@ -246,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     except BAD_ARGUMENTS as e:
         print_error(e, build_parser())
         return 2
+    except StartFailed as e:
+        print_error(f"{e} (the answers written are kept: the same command with --resume answers the rest)")
+        return 1
     except (KeyboardInterrupt, Interrupted) as e:
         return interrupted(e, "the answers written are kept; the same command with --resume answers the rest")
     print_rows(output, config.storage_options, values["show"])

@@ -34,6 +34,7 @@ from jobs.common import (BAD_ARGUMENTS, Interrupted, add_run_flags, interrupted,
 from jobs.evaluate_inputs import (PREDICTIONS_FILE, baseline_file, check_column_flags, earlier_metric,
                                   evaluation_predictions, input_has_ids, load_images, read_ground_truth, read_parquet,
                                   read_predictions, storage_options)
+from pipeline.errors import StartFailed
 from pipeline.storage import redact_url
 
 log = logging.getLogger("jobs.evaluate")
@@ -379,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     except BAD_ARGUMENTS as e:
         print_error(e, build_parser())
         return 2
+    except StartFailed as e:
+        print_error(f"{e} (the answers written are kept: the same command with --resume answers the rest)")
+        return 1
     except (KeyboardInterrupt, Interrupted) as e:
         return interrupted(e, "the model's answers written are kept (<output>/raw); the same command with "
                               "--resume answers the rest and scores them")

@@ -4,6 +4,7 @@ through environment variables on the workers (unset, every hook does nothing).
     PIPELINE_CRASH_ONCE="<row id>=<marker file>"   the replica that gets the row dies, once
     PIPELINE_HANG_ONCE="<row id>=<marker file>"    its next engine step never returns, once
     PIPELINE_CRASH_ALWAYS="<stage>:<row id>,..."   the stage's process dies whenever it works on the row
+    PIPELINE_CRASH_ON_LOAD="1"                     a model replica's process dies whenever it loads the model
 
 "Once": the hook writes the marker first, so the retry on the restarted process goes through.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 CRASH_ONCE_ENV = "PIPELINE_CRASH_ONCE"
 HANG_ONCE_ENV = "PIPELINE_HANG_ONCE"
 CRASH_ALWAYS_ENV = "PIPELINE_CRASH_ALWAYS"
+CRASH_ON_LOAD_ENV = "PIPELINE_CRASH_ON_LOAD"
 
 
 def fault_marker(env_name: str, ids: list) -> str | None:
@@ -48,4 +50,10 @@ def crash_always_on(stage: str, ids: list) -> None:
     """A poison row: its stage's process dies every time it works on it."""
     poison = {tuple(s.split(":", 1)) for s in os.environ.get(CRASH_ALWAYS_ENV, "").split(",") if s}
     if any((stage, i) in poison for i in map(str, ids)):
+        os._exit(1)
+
+
+def crash_on_load() -> None:
+    """A model too big for the node: its replica's process is killed whenever it loads it."""
+    if os.environ.get(CRASH_ON_LOAD_ENV):
         os._exit(1)

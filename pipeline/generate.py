@@ -19,9 +19,9 @@ import pyarrow as pa
 from .checkpoint import local_checkpoint
 from .config import SETTABLE, PipelineConfig, kept_name
 from .dedup import SharedAnswers, took_another_answer
-from .faults import crash_always_on, crash_once_on, hang_once_on
+from .faults import crash_always_on, crash_on_load, crash_once_on, hang_once_on
 from .groups import IMAGE_FIELDS, ungroup
-from .ledger import CrashLedger, Gate, ledger_path
+from .ledger import CrashLedger, Gate, ledger_path, loading_watched
 from .replica import load_engine, pick_device, replica_placement_group
 from .rows import (CHOICE_LOGPROBS, KEPT, LOGPROB, ROW_CHOICES, ROW_SCORED, ROW_SETTINGS, SAMPLES, SAMPLES_LOGPROB,
                    TOKEN_LOGPROBS, RowError, error_message, output_schema, reuse_recent, row_seed)
@@ -46,12 +46,14 @@ class Generate:
 
         self.config, self.device = config, pick_device(config)
         self.rank = rank or {"CPU": 1.0}
-        self.folder = local_checkpoint(config.model, config.storage_options)
-        self.encoder = RowEncoder.from_pretrained(self.folder, image_backend=config.image_backend,
-                                                  **config.image_settings())
-        tp = config.tensor_parallel_size
-        self.placement = replica_placement_group(self.rank, tp) if tp > 1 else None
-        self.engine = self.load() if tp == 1 else self.load_group()
+        with loading_watched(ledger_path("generate-load")):
+            crash_on_load()
+            self.folder = local_checkpoint(config.model, config.storage_options)
+            self.encoder = RowEncoder.from_pretrained(self.folder, image_backend=config.image_backend,
+                                                      **config.image_settings())
+            tp = config.tensor_parallel_size
+            self.placement = replica_placement_group(self.rank, tp) if tp > 1 else None
+            self.engine = self.load() if tp == 1 else self.load_group()
         self.loop = EngineLoop(self.engine, stall_timeout_s=config.step_timeout_s) if tp == 1 else None
         self.recent_pixels: OrderedDict = OrderedDict()      # image key -> pixel values
         self._bad_words: OrderedDict[tuple[str, ...], tuple] = OrderedDict()   # words -> their token ids (LRU)

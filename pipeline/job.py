@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from .checkpoint import check_adapter, check_model
 from .checks import (check_column_types, check_columns, check_ids, check_image_root, check_input_excludes_output,
                      check_input_files, check_output_outside_input, check_row_encoding, input_ids, read_schema)
 from .config import PipelineConfig
+from .errors import StartFailed
 from .replica import release_replica_groups
 from .generation_defaults import resolved as resolved_generation_config
 from .io import footer_readers_for, input_dataset, input_folder, read_output, read_rows, write_rows
@@ -337,6 +339,20 @@ def _run(job: PreparedJob) -> dict:
     return summary
 
 
+@contextmanager
+def actors_started():
+    """Ray's ActorDiedError of an actor that could not start is its creation task's traceback, the cause
+    last; the run ends with that cause, naming the stage ("Generate": the model replicas)."""
+    try:
+        yield
+    except ray.exceptions.RayActorError as e:
+        if not getattr(e, "actor_init_failed", False):
+            raise
+        stage = re.search(r"MapBatches\((\w+)\)", str(e))
+        cause = str(e).strip().splitlines()[-1]
+        raise StartFailed(f"the run's {stage.group(1) if stage else ''} actors could not start: {cause}") from None
+
+
 def answer_rows(job: PreparedJob) -> tuple[float, dict]:
     """The run on Ray Data: its rows read, answered and written; its wall time and its counts."""
     opts = job.config.storage_options
@@ -348,7 +364,8 @@ def answer_rows(job: PreparedJob) -> tuple[float, dict]:
             rows = job_rows(job)
             start = time.perf_counter()
             answered = build_processor(job.config, stats.name, checkpoint_defaults=False)(rows)
-            write_rows(answered, job.output_uri, opts, job.config.rows_per_file)
+            with actors_started():
+                write_rows(answered, job.output_uri, opts, job.config.rows_per_file)
         wall = time.perf_counter() - start
     finally:
         context.checkpoint_config = None

@@ -22,6 +22,7 @@ from pathlib import Path
 from .storage import private_temp_folder
 
 SOLO_DEATHS = 2
+LOAD_DEATHS = 3
 ROOT_ENV = "PIPELINE_LEDGER_DIR"      # where the files go (default: <the node's temp dir>/idefics3-ray-ledgers-<uid>)
 STALE_S = 7 * 24 * 3600               # a file untouched this long is an ended job's (a live actor rewrites its own)
 
@@ -125,6 +126,27 @@ class CrashLedger:
         partial = self.path.with_suffix(".partial")
         partial.write_text(json.dumps(state))
         os.replace(partial, self.path)            # a death mid-write leaves the previous state
+
+
+@contextlib.contextmanager
+def loading_watched(path: Path | None, what: str = "the model"):
+    """A start of this actor's process that dies while it loads `what` (a host OOM kill of a model too big
+    for the node) is counted: Ray restarted it for ever, the job saying nothing. After LOAD_DEATHS, the next
+    start refuses (a RuntimeError of its creation task ends the run, naming it)."""
+    if path is None:
+        yield
+        return
+    deaths = json.loads(path.read_text())["load_deaths"] if path.exists() else 0
+    if deaths >= LOAD_DEATHS:
+        raise RuntimeError(f"this actor's process died each of the {deaths} times it loaded {what} (killed: the "
+                           "node's memory too small for it? Ray's OOM killer says so in the raylet's log); "
+                           "not tried again")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"load_deaths": deaths + 1}))
+    try:
+        yield
+    finally:        # loaded, or failed with an exception: only a death leaves the count
+        path.unlink(missing_ok=True)
 
 
 class Gate:
