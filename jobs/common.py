@@ -119,6 +119,18 @@ DTYPE_HELP = ("bfloat16 / float16 / float32 (default: bfloat16 on GPUs from Ampe
               "such as T4 and V100, float32 on CPU; a tensor-parallel replica's ranks ask their own GPUs)")
 
 
+def read_config_text(path: str) -> str:
+    """A job.yaml on this disk, or at a URL (s3://, as the data and the model may be: a job submitted to
+    a cluster reads it from there); Path made s3://b/job.yaml 's3:/b/job.yaml', a file nowhere."""
+    if "://" not in path:
+        return Path(path).read_text()
+    from pipeline.storage import fsspec_fs, reading_store
+
+    with reading_store("job config", path):
+        fs, inside = fsspec_fs(path, None)
+        return fs.cat_file(inside).decode()
+
+
 def load_job_config(path: str | None) -> dict[str, Any]:
     """A job.yaml of flag names (dashes or underscores) -> values."""
     if not path:
@@ -126,7 +138,7 @@ def load_job_config(path: str | None) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(read_config_text(path)) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"job config {path!r} is not YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):

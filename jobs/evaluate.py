@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", default=None,
                     help="start over, discarding the answers an earlier run left in --output")
     add_run_flags(ap)
-    ap.add_argument("--config", help="eval.yaml with any of the flags above")
+    ap.add_argument("--config", help="eval.yaml (a path or URL) with any of the flags above")
     return ap
 
 

@@ -414,6 +414,16 @@ def test_a_bucket_root_output_an_unreachable_model_store_and_foreign_objects_are
     assert read_output("s3://bucket/foreign-out", limit=5).num_rows == 2
 
 
+def test_a_job_config_on_s3_is_read_from_there(s3):
+    """--config s3://bucket/job.yaml was read as the local file 's3:/bucket/job.yaml'."""
+    from jobs.common import load_job_config
+
+    s3.pipe("bucket/conf/job.yaml", b"max-new-tokens: 7\nprompt: Say it.\n")
+    assert load_job_config("s3://bucket/conf/job.yaml") == {"max_new_tokens": 7, "prompt": "Say it."}
+    with pytest.raises(FileNotFoundError, match=r"^job config 's3://bucket/conf/nope.yaml' cannot be read"):
+        load_job_config("s3://bucket/conf/nope.yaml")
+
+
 def table_bytes(rows: list[dict]) -> bytes:
     sink = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), sink)
