@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(ap)
     ap.add_argument("--show", type=int, help="print this many output rows at the end (default 5)")
     ap.add_argument("--config", help="job.yaml (a path or URL) with any of the flags above, and the settings of "
-                                     "token ids a generation config holds (bad_words_ids, sequence_bias, suppress_tokens, "
-                                     "begin_suppress_tokens, min_length)")
+                                     "token ids a generation config holds (bad_words_ids, sequence_bias, "
+                                     "suppress_tokens, begin_suppress_tokens, min_length)")
     return ap
 
 
