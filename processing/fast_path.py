@@ -20,11 +20,12 @@ from .conversation import Conversation
 from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, check_size, decode_image
 from .errors import ImageDecodeError, PromptError
 from .pixels import frames_to_pixel_values
-from .processor import FAKE, GLOBAL, IMAGE, Idefics3Processor, _local_path, expand_image
+from .processor import IMAGE, Idefics3Processor, _local_path, expand_image
 from .tokenizer import LARGE_INTEGER, Tokenizer
 
-# Strings that would add or move image tokens if a user typed them into a question.
-_IMAGE_MARKUP = re.compile("|".join([re.escape(IMAGE), re.escape(FAKE), re.escape(GLOBAL), r"<row_\d+_col_\d+>"]))
+# The marker that would add image tokens if a user typed it into a question. The block's other tags
+# (<fake_token_around_image>, <global-img>, <row_i_col_j>) are text to the model as to the reference.
+_IMAGE_MARKUP = re.compile(re.escape(IMAGE))
 _PROBE_QUESTION = "Probe: what is in  the picture?\n\n Say it "
 
 

@@ -220,7 +220,7 @@ def test_a_chat_template_that_cannot_make_a_rows_prompt_is_refused(checkpoint, t
 
 
 @pytest.mark.parametrize("setting,says", [(dict(prompt="Describe <image> it."), "prompt 'Describe <image> it.'"),
-                                          (dict(prompt_suffix=" <row_1_col_1>"), "prompt_suffix ' <row_1_col_1>'")])
+                                          (dict(prompt_suffix=" <image>"), "prompt_suffix ' <image>'")])
 def test_a_prompt_or_suffix_no_row_can_take_is_refused(checkpoint, setting, says):
     """An image marker in --prompt or --prompt-suffix made every row (without a question) an error
     row, where one in --system-prompt was refused before any work: both are now."""

@@ -140,13 +140,22 @@ def test_splice_equals_full_tokenization(setup):
         enc._splice = True
 
 
-@pytest.mark.parametrize("question", ["look <image> here", "<fake_token_around_image>", "a<global-img>",
-                                      "<row_1_col_2> tile", "<row_9_col_9>"])
-def test_image_markup_in_the_question_is_refused(setup, question):
+@pytest.mark.parametrize("question", ["look <image> here", "<image>"])
+def test_the_image_marker_in_the_question_is_refused(setup, question):
     _, enc, _ = setup
     with pytest.raises(PromptError, match="image marker") as err:
         enc.encode(image=_png(_img(30, 30)), question=question)
     assert isinstance(err.value, InputError) and isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize("question", ["<fake_token_around_image>", "a<global-img>", "<row_1_col_2> tile",
+                                      "<row_9_col_9>"])
+def test_the_image_blocks_other_tags_in_the_question_are_text_as_the_references(setup, question):
+    """They were refused too, where the reference answers: they add no image token."""
+    ref, enc, _ = setup
+    image = _img(30, 30)
+    assert enc.encode(image=_png(image), question=question).input_ids == \
+        _reference(ref, image, question)["input_ids"][0].tolist()
 
 
 def test_bad_rows_raise_input_errors(setup):
