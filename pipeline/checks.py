@@ -16,6 +16,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from processing.errors import PromptError
+from processing.fast_path import check_question
+
 from .checkpoint import remote_files
 from .config import SETTABLE, PipelineConfig
 from .io import read_column, read_footers
@@ -50,6 +53,12 @@ def check_row_encoding(config: PipelineConfig) -> None:
     otherwise fail every CPU-stage actor, and the job, once a cluster is up. A hub id is left to them."""
     if is_local(config.model) and not Path(config.model).expanduser().is_dir():
         return
+    if config.system_prompt is not None:     # its error would otherwise read as the model's
+        try:
+            check_question(config.system_prompt, "the system prompt")
+        except PromptError as e:
+            raise ValueError(f"system_prompt {config.system_prompt!r} cannot make a row's prompt (PromptError: {e})") \
+                from None
     with processor_folder(config.model, config.storage_options) as folder:
         try:
             encoder = row_encoder(replace(config, max_image_pixels=None), folder, image_backend="pil")

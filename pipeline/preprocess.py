@@ -71,9 +71,10 @@ class Preprocess:
         ids = row_ids(batch, self.config.id_column)
         encoded = self.encode_rows([str(i) for i in ids.to_pylist()], images, questions)
         if self.config.score_column in batch.column_names:      # here, not in the model stage: a dry run sees it
-            unscored = RowError("the row has no text to score")
-            encoded = [self.failed_row(q, error_message("score column", unscored)) if not text and row[-1] is None
-                       else row for row, q, text in zip(encoded, questions, self.cells(batch, self.config.score_column))]
+            unscored = error_message("score column", RowError("the row has no text to score"))
+            texts = self.cells(batch, self.config.score_column)
+            encoded = [self.failed_row(q, unscored) if not text and row[-1] is None else row
+                       for row, q, text in zip(encoded, questions, texts)]
         columns = {"id": ids}
         for i, (name, type_) in enumerate(ENCODED_FIELDS):
             columns[name] = pa.array([row[i] for row in encoded], type=type_)
@@ -183,5 +184,5 @@ class Preprocess:
         """A prompt must leave room for an answer; an answer longer than the room is cut ("length")."""
         limit = self.encoder.max_length
         if limit is not None and num_prompt_tokens >= limit:
-            raise ValueError(f"the prompt is {num_prompt_tokens} tokens, which fills the model's context of {limit}: "
-                             f"no room for an answer")
+            raise PromptError(f"the prompt is {num_prompt_tokens} tokens, which fills the model's context of {limit}: "
+                              f"no room for an answer")     # as the encoder's past the context: one kind of error

@@ -73,7 +73,7 @@ def _part(part: Any, index: int) -> dict:
                               "the row's image column, in the order of the image parts")
         return {"type": "image"}
     if kind == "text":
-        check_question(part.get("text"))
+        check_question(part.get("text"), "a message's text")
         return {"type": "text", "text": part["text"]}
     raise PromptError(f"turn {index}: parts are text or image, got {_shown(part)}")
 

@@ -67,7 +67,7 @@ class RowEncoder:
                  max_length: int | None = None, system_prompt: str | None = None,
                  max_image_bytes: int | None = DEFAULT_MAX_BYTES):
         if system_prompt is not None:
-            check_question(system_prompt)
+            check_question(system_prompt, "the system prompt")
         self.system_prompt = system_prompt or None
         self.processor = processor
         self.image_processor = processor.image_processor
@@ -217,12 +217,12 @@ def question_turns(question: str, num_images: int) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": question}]}]
 
 
-def check_question(question: Any) -> None:
+def check_question(question: Any, what: str = "the question") -> None:
     if not isinstance(question, str):
-        raise PromptError(f"the question must be a string, got {type(question).__name__}")
+        raise PromptError(f"{what} must be a string, got {type(question).__name__}")
     found = _IMAGE_MARKUP.search(question)
     if found:
-        raise PromptError(f"the question contains the image marker {found.group()!r}; it would shift the image "
+        raise PromptError(f"{what} contains the image marker {found.group()!r}; it would shift the image "
                           "tokens, so the row is refused")
 
 

@@ -220,10 +220,12 @@ def test_a_chat_template_that_cannot_make_a_rows_prompt_is_refused(checkpoint, t
 
 
 @pytest.mark.parametrize("setting,says", [(dict(prompt="Describe <image> it."), "prompt 'Describe <image> it.'"),
-                                          (dict(prompt_suffix=" <image>"), "prompt_suffix ' <image>'")])
+                                          (dict(prompt_suffix=" <image>"), "prompt_suffix ' <image>'"),
+                                          (dict(system_prompt="See <image>"), "system_prompt 'See <image>'")])
 def test_a_prompt_or_suffix_no_row_can_take_is_refused(checkpoint, setting, says):
     """An image marker in --prompt or --prompt-suffix made every row (without a question) an error
-    row, where one in --system-prompt was refused before any work: both are now."""
+    row, where one in --system-prompt was refused before any work: both are now (the system prompt's
+    named as such: it read as the model's processor files failing)."""
     from pipeline import PipelineConfig
     from pipeline.checks import check_row_encoding
 

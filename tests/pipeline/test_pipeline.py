@@ -373,7 +373,7 @@ def test_an_answer_is_cut_at_the_context_and_a_prompt_that_fills_it_is_an_error_
     want = oracle.answer(rows[0]["image"], config.prompt, room, repetition_penalty=4.0)
     assert (answered[0]["answer"], answered[0]["num_generated_tokens"]) == want and want[1] == room
     assert [r["finish_reason"] for r in answered] == ["length", "error"]
-    assert answered[1]["error"] == (f"preprocess: ValueError: the prompt is {lengths[1]} tokens, which fills the "
+    assert answered[1]["error"] == (f"preprocess: PromptError: the prompt is {lengths[1]} tokens, which fills the "
                                     f"model's context of {lengths[1]}: no room for an answer")
 
 
