@@ -52,6 +52,7 @@ def error_message(stage: str, exc: BaseException) -> str:
 
 _ERROR_TYPE = re.compile(r"\b[A-Z]\w*(?:Error|Exception|Broken)\b")
 _QUOTED = re.compile(r"(?<!\w)'[^']*'(?!\w)")    # a row's own value in its error ('bogus'), not "row's"
+_CLAUSE_END = re.compile(r" \(|; ")                # the cause's first clause: what follows explains it
 
 
 def error_kind(message: str) -> str:
@@ -64,7 +65,7 @@ def error_kind(message: str) -> str:
     types = _ERROR_TYPE.findall(rest)
     if types[:1] != [RowError.__name__]:
         return f"{stage}: {types[0] if types else rest}"[:100]
-    own_words = _QUOTED.sub("'…'", rest.removeprefix(f"{RowError.__name__}: ")).split(" (")[0]
+    own_words = _CLAUSE_END.split(_QUOTED.sub("'…'", rest.removeprefix(f"{RowError.__name__}: ")))[0]
     return f"{stage}: {types[1] if len(types) > 1 else own_words}"[:100]
 
 

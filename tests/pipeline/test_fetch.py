@@ -403,6 +403,9 @@ def test_error_rows_are_counted_by_stage_and_cause(server):
         "preprocess: ImageDecodeError"                      # what ended the row, not what it wrapped
     assert error_kind("prepare: RowError: the row's settings name 'bogus', not one a row may set (it may: a)") == \
         "prepare: the row's settings name '…', not one a row may set"      # its value left out, not its cause
+    assert error_kind("messages: RowError: a message's text contains the image marker '<image>'; it would shift the "
+                      "image tokens, so the row is refused") == \
+        "messages: a message's text contains the image marker '…'"         # its first clause, not cut at 100
 
 
 def test_an_input_the_server_refuses_is_one_line_without_its_signature(server, checkpoint, tmp_path):
