@@ -177,12 +177,13 @@ class Tokenizer:
 
     @property
     def all_special_tokens(self) -> list[str]:
-        """Every added token the backend flags special (what decode skips)."""
-        return [t.content for _, t in sorted(self.backend.get_added_tokens_decoder().items()) if t.special]
+        """The named special tokens (bos, eos, ...), then the additional ones, each once: the reference's
+        list (decode skips more: every added token the backend flags special, as the reference's does)."""
+        return list(dict.fromkeys([t for t in self._named.values() if t] + self._extra))
 
     @property
     def all_special_ids(self) -> list[int]:
-        return [i for i, t in sorted(self.backend.get_added_tokens_decoder().items()) if t.special]
+        return [self.backend.token_to_id(t) for t in self.all_special_tokens]
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
