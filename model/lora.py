@@ -75,15 +75,16 @@ class LoraAdapter:
         return (found["magnitude"] / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
 
     def check_applied(self, applied: set[str], tied: set[str]) -> None:
-        """Every delta went to a weight of the model, none to a weight that another shares (tied)."""
-        left = sorted(self.names() - applied)
-        if left:
-            raise CheckpointError(f"adapter {self.folder} changes weights the model does not have: {left[:5]} "
-                                  "(an adapter of another base model?)")
+        """Every delta went to a weight of the model, none to a weight that another shares (tied: asked
+        first, as a tied checkpoint stores no LM head for its delta to go to)."""
         shared = sorted(self.names() & tied)
         if shared:
             raise CheckpointError(f"adapter {self.folder} changes {shared[0]}, which the model ties to another "
                                   "weight: merge it with PEFT (merge_and_unload) and load the merged checkpoint")
+        left = sorted(self.names() - applied)
+        if left:
+            raise CheckpointError(f"adapter {self.folder} changes weights the model does not have: {left[:5]} "
+                                  "(an adapter of another base model?)")
 
 
 def split_key(key: str, folder: Path) -> tuple[str, str]:

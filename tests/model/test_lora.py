@@ -112,6 +112,10 @@ def test_adapters_that_do_not_merge_into_weights_are_refused(checkpoint, tmp_pat
     other = checkpoint("smolvlm")            # another base: its weights have other shapes or names
     with pytest.raises(CheckpointError, match="adapter"):
         Idefics3ForConditionalGeneration.from_pretrained(other, adapter=folder)
+    tied = checkpoint("smolvlm")            # its LM head is its embedding, stored once
+    build_adapter(tied, tmp_path / "head", **ADAPTERS["head"])
+    with pytest.raises(CheckpointError, match="changes lm_head.weight, which the model ties to another weight"):
+        Idefics3ForConditionalGeneration.from_pretrained(tied, adapter=tmp_path / "head")   # not "another base"
     shutil.copy(folder / "adapter_model.safetensors", folder / "adapter_model.bin")
     (folder / "adapter_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="pickle weights are never loaded"):
