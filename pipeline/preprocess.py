@@ -47,6 +47,11 @@ def conversation(messages, suffix: str):
         return RowError(str(e))
 
 
+def which(index: int, count: int) -> str:
+    """Which image of a row's several an error is about (after its cause: the error's kind stays one)."""
+    return f" (image {index + 1} of {count})" if count > 1 else ""
+
+
 def fill(template: str, values: dict) -> str | RowError:
     try:
         return template.format_map(values)
@@ -139,8 +144,8 @@ class Preprocess:
         limit = self.encoder.max_length
         most = limit // self.encoder.processor.image_seq_len if limit else len(images)
         if len(images) > most:
-            return RowError(f"the row has {len(images)} images; the model's context of {limit} tokens holds at "
-                            f"most {most}")
+            return RowError(f"more images than the model's context holds (the row has {len(images)}; its "
+                            f"{limit} tokens hold at most {most})")     # one kind of error, whatever the counts
         return None
 
     def encode_row(self, data: list[bytes | RowError], question: str | RowError | None) -> tuple:
@@ -150,14 +155,21 @@ class Preprocess:
         if isinstance(question, RowError):
             stage = "messages" if self.config.messages_column is not None else "prompt template"
             return self.failed_row(question, error_message(stage, question))
-        failed = next((d for d in data if isinstance(d, RowError)), None if data else RowError("image list is empty"))
+        if not data:
+            return self.failed_row(question, error_message("read image", RowError("image list is empty")))
+        failed = next((k for k, d in enumerate(data) if isinstance(d, RowError)), None)
         if failed is not None:
-            return self.failed_row(question, error_message("read image", failed))
+            return self.failed_row(question, error_message("read image", data[failed]) + which(failed, len(data)))
         text = self.user_text(question)
+        hashes = [hashlib.blake2b(d, digest_size=16).hexdigest() for d in data]
+        key = hashes[0] if len(hashes) == 1 else hashlib.blake2b("".join(hashes).encode(), digest_size=16).hexdigest()
+        tiles = []
+        for k, (h, d) in enumerate(zip(hashes, data)):
+            try:
+                tiles.append(reuse_recent(self.recent, h, lambda d=d: self.encoder.image_frames(d)))
+            except Exception as e:      # this row's, the batch goes on
+                return self.failed_row(question, error_message("preprocess", e) + which(k, len(data)))
         try:
-            hashes = [hashlib.blake2b(d, digest_size=16).hexdigest() for d in data]
-            key = hashes[0] if len(hashes) == 1 else hashlib.blake2b("".join(hashes).encode(), digest_size=16).hexdigest()
-            tiles = [reuse_recent(self.recent, h, lambda d=d: self.encoder.image_frames(d)) for h, d in zip(hashes, data)]
             if isinstance(question, Conversation):
                 row = self.encoder.encode_conversation(data, question, tiles=tiles)
             else:

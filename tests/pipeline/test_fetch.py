@@ -274,9 +274,29 @@ def test_a_row_of_more_images_than_the_context_holds_is_refused_unread(server, c
     many, one = [server.url(f"/{i}.png") for i in range(1, most + 2)], [server.url("/0.png")]
     out = stage(pa.table({"id": [1, 2], "image": [many, one], "question": ["Which?", "What?"]})).to_pylist()
     errors = {row["id"][0]: row["error"][0] for row in out}
-    assert errors == {1: f"read image: RowError: the row has {most + 1} images; the model's context of 100 tokens "
-                         f"holds at most {most}", 2: None}
+    assert errors == {1: f"read image: RowError: more images than the model's context holds (the row has {most + 1}; "
+                         f"its 100 tokens hold at most {most})", 2: None}
     assert server.gets == {"/0.png": 1}
+
+
+def test_an_error_of_one_image_of_several_names_which(checkpoint):
+    """[A, <html>, A] said only 'not an image', [A, None, A] what a null cell says; too many images
+    were counted as one kind a count ('the row has 129 images', 'the row has 2000 images')."""
+    from pipeline.rows import error_kind
+
+    stage = Preprocess(PipelineConfig(model=str(checkpoint), max_new_tokens=4))
+    good = png(16, 16, seed=7)
+    rows = [[good, b"<html>404</html>", good], [good, None], [None], [good, good]]
+    out = stage(pa.table({"id": [1, 2, 3, 4], "image": rows, "question": ["Which?"] * 4})).to_pylist()
+    errors = {row["id"][k]: row["error"][k] for row in out for k in range(len(row["id"]))}
+    assert errors[1].startswith("preprocess: NotAnImageError: not an image") and errors[1].endswith("(image 2 of 3)")
+    assert errors[2] == "read image: RowError: image is null (image 2 of 2)"
+    assert errors[3] == "read image: RowError: image is null" and errors[4] is None
+    assert {error_kind(errors[2]), error_kind(errors[3])} == {"read image: image is null"}
+    stage.encoder.max_length = 100
+    counts = [error_kind(stage(pa.table({"id": [1], "image": [[good] * n], "question": ["?"]})).to_pylist()[0]
+                         ["error"][0]) for n in (60, 61)]
+    assert counts == ["read image: more images than the model's context holds"] * 2
 
 
 def test_error_rows_do_not_show_credentials_in_urls(server):
