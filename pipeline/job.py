@@ -350,7 +350,8 @@ def actors_started():
             raise
         stage = re.search(r"MapBatches\((\w+)\)", str(e))
         cause = str(e).strip().splitlines()[-1]
-        raise StartFailed(f"the run's {stage.group(1) if stage else ''} actors could not start: {cause}") from None
+        raise StartFailed(f"the run's {stage.group(1) + ' ' if stage else ''}actors could not start: {cause}") \
+            from None
 
 
 def answer_rows(job: PreparedJob) -> tuple[float, dict]:

@@ -142,7 +142,9 @@ def loading_watched(path: Path | None, what: str = "the model"):
                            "node's memory too small for it? Ray's OOM killer says so in the raylet's log); "
                            "not tried again")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"load_deaths": deaths + 1}))
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps({"load_deaths": deaths + 1}))
+    os.replace(partial, path)       # a death mid-write leaves the previous count
     try:
         yield
     finally:        # loaded, or failed with an exception: only a death leaves the count

@@ -190,7 +190,8 @@ def reading_store(what: str, uri: str) -> Iterator[None]:
         if redact_url(uri) in str(e) or uri in str(e):
             raise
         # s3fs's "The specified bucket does not exist" names no bucket, nor what was read
-        raise type(e)(f"{what} {redact_url(uri)!r} cannot be read: {redact_urls(str(e))}") from None
+        kind = FileNotFoundError if isinstance(e, FileNotFoundError) else PermissionError
+        raise kind(f"{what} {redact_url(uri)!r} cannot be read: {redact_urls(str(e))}") from None
     except Exception as e:
         raise PermissionError(f"{what} {redact_url(uri)!r} cannot be read: {type(e).__name__}: "
                               f"{redact_urls(str(e))}") from None
