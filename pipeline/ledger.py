@@ -23,6 +23,7 @@ from .storage import private_temp_folder
 
 SOLO_DEATHS = 2
 LOAD_DEATHS = 3
+LOAD_DEATHS_ENV = "PIPELINE_LOAD_DEATHS"     # another count (the tests': 1)
 ROOT_ENV = "PIPELINE_LEDGER_DIR"      # where the files go (default: <the node's temp dir>/idefics3-ray-ledgers-<uid>)
 STALE_S = 7 * 24 * 3600               # a file untouched this long is an ended job's (a live actor rewrites its own)
 
@@ -131,14 +132,14 @@ class CrashLedger:
 @contextlib.contextmanager
 def loading_watched(path: Path | None, what: str = "the model"):
     """A start of this actor's process that dies while it loads `what` (a host OOM kill of a model too big
-    for the node) is counted: Ray restarted it for ever, the job saying nothing. After LOAD_DEATHS, the next
-    start refuses (a RuntimeError of its creation task ends the run, naming it)."""
+    for the node) is counted: Ray restarted it for ever, the job saying nothing. After LOAD_DEATHS (or
+    $PIPELINE_LOAD_DEATHS), the next start refuses (a RuntimeError of its creation task ends the run, naming it)."""
     if path is None:
         yield
         return
     deaths = json.loads(path.read_text())["load_deaths"] if path.exists() else 0
-    if deaths >= LOAD_DEATHS:
-        raise RuntimeError(f"this actor's process died each of the {deaths} times it loaded {what} (killed: the "
+    if deaths >= int(os.environ.get(LOAD_DEATHS_ENV, LOAD_DEATHS)):
+        raise RuntimeError(f"this actor's process died each time it loaded {what} ({deaths} times; killed: the "
                            "node's memory too small for it? Ray's OOM killer says so in the raylet's log); "
                            "not tried again")
     path.parent.mkdir(parents=True, exist_ok=True)
