@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, Interrupted, add_run_flags, demo_path,
                          interrupted, json_option, merge_args, print_error, print_rehearsal, print_summary,
-                         stop_on_signals)
+                         run_failed, stop_on_signals)
 from jobs.cluster import check_cluster_fits, init_ray
 from pipeline.errors import StartFailed
 
@@ -242,14 +242,13 @@ def main(argv: list[str] | None = None) -> int:
                           retry_errors=values["retry_errors"], overwrite=values["overwrite"])
         # only once the arguments are known good: a typo costs no cluster start
         if job.has_rows:
-            init_ray(config.device, config.cpu_workers, config.cpus_per_worker)
+            init_ray(config.device)
         summary = run_prepared(job)
     except BAD_ARGUMENTS as e:
         print_error(e, build_parser())
         return 2
     except StartFailed as e:
-        print_error(f"{e} (the answers written are kept: the same command with --resume answers the rest)")
-        return 1
+        return run_failed(e)
     except (KeyboardInterrupt, Interrupted) as e:
         return interrupted(e, "the answers written are kept; the same command with --resume answers the rest")
     print_rows(output, config.storage_options, values["show"])

@@ -88,7 +88,7 @@ def check_cluster_fits(cpu_workers: int | None, cpus_per_worker: float = 1.0) ->
     run's preparation removes an earlier run's answers: a refusal after it had cost them)."""
     import ray
 
-    if not ray.is_initialized() and cluster_to_join() is None:
+    if not ray.is_initialized() and cluster_to_join() is None:      # a joined cluster may scale up
         refuse_more_cpu_workers_than_cpus(cpu_workers, cpus_per_worker)
 
 
@@ -112,9 +112,9 @@ def rays_sigterm_handler_left_out() -> Iterator[None]:
         utils.set_sigterm_handler = original
 
 
-def init_ray(device: str | None = None, cpu_workers: int | None = None, cpus_per_worker: float = 1.0) -> None:
+def init_ray(device: str | None = None) -> None:
     """Join the cluster of RAY_ADDRESS or of a `ray start` on this machine (cluster_to_join), else start
-    a local one.
+    a local one (its CPU workers checked against it by check_cluster_fits, before the job prepared its output).
 
     A local cluster gets at least 4 logical CPUs: Ray's read/write tasks, the checkpoint filter and
     the stage actors each hold one, and on a 2-core laptop they would otherwise wait for each other.
@@ -136,7 +136,6 @@ def init_ray(device: str | None = None, cpu_workers: int | None = None, cpus_per
         except ConnectionError as e:
             raise ValueError(f"{e} ({how})") from None
     else:
-        refuse_more_cpu_workers_than_cpus(cpu_workers, cpus_per_worker)   # a joined cluster may scale up
         with stops_held(), rays_sigterm_handler_left_out():     # starting a cluster forks; joining one does not
             ray.init(address="local", num_cpus=local_cpus(), logging_level=logging.WARNING)
     stop_on_signals()

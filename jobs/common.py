@@ -309,6 +309,12 @@ def interrupted(error: BaseException, then: str) -> int:
     return 128 + signum
 
 
+def run_failed(error: BaseException) -> int:
+    """The job's one line on a run that ended on a failure of its own (pipeline.errors): exit 1."""
+    print_error(f"{error} (the answers written are kept: the same command with --resume answers the rest)")
+    return 1
+
+
 def print_rehearsal(found: dict) -> int:
     """Prints a dry run's findings (pipeline.dry_run) as JSON; the exit status: 1 if every row tried would fail."""
     print(json.dumps(found, indent=2, ensure_ascii=False))

@@ -30,7 +30,7 @@ from evaluation.metrics import METRICS
 from evaluation.report import sample_rows, write_chart, write_gallery, write_metrics_json, write_report_md
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
 from jobs.common import (BAD_ARGUMENTS, Interrupted, add_run_flags, interrupted, merge_args, print_error,
-                         print_rehearsal, run_flag_names, stop_on_signals)
+                         print_rehearsal, run_failed, run_flag_names, stop_on_signals)
 from jobs.evaluate_inputs import (PREDICTIONS_FILE, baseline_file, check_column_flags, earlier_metric,
                                   evaluation_predictions, input_has_ids, load_images, read_ground_truth, read_parquet,
                                   read_predictions, storage_options)
@@ -240,7 +240,7 @@ def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[s
     job = prepare_job(args.input, raw, config, resume=bool(args.resume), limit=args.limit if ids is None else None,
                       only_ids=ids, renames=truth, overwrite=bool(args.overwrite), retry_errors=args.retry_errors)
     if job.has_rows:
-        init_ray(config.device, config.cpu_workers, config.cpus_per_worker)
+        init_ray(config.device)
     return raw, run_prepared(job)
 
 
@@ -381,8 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         print_error(e, build_parser())
         return 2
     except StartFailed as e:
-        print_error(f"{e} (the answers written are kept: the same command with --resume answers the rest)")
-        return 1
+        return run_failed(e)
     except (KeyboardInterrupt, Interrupted) as e:
         return interrupted(e, "the model's answers written are kept (<output>/raw); the same command with "
                               "--resume answers the rest and scores them")
