@@ -39,6 +39,19 @@ def quantiles(values: list[int]) -> dict:
     return {"mean": round(sum(values) / len(values), 1), "p50": pick(0.5), "p95": pick(0.95), "max": ordered[-1]}
 
 
+def tiles_of_images(input_ids: list[int], image_id: int, global_id: int) -> list[int]:
+    """Each image's tile count in a prompt: a tile is a run of image tokens, and an image's last is
+    its global image, the run right after <global-img> (a row of several images has its frames joined)."""
+    counts, tiles = [], 0
+    for previous, token in zip([None, *input_ids], input_ids):
+        if token == image_id and previous != image_id:
+            tiles += 1
+            if previous == global_id:
+                counts.append(tiles)
+                tiles = 0
+    return counts
+
+
 def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: int = 64, resume: bool = False,
             overwrite: bool = False, renames: dict[str, str] | None = None, limit: int | None = None,
             retry_errors: str | None = None) -> dict:
@@ -58,14 +71,18 @@ def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: in
     sample = first_rows(input_uri, checked.columns, checked.schema, rows, options)
     sample = rename_columns(sample, checked.renames) if checked.renames else sample
     with processor_folder(config.model, options) as folder:        # a URL's files but its weights
-        groups = Preprocess(checked.config, folder)(sample)
+        preprocess = Preprocess(checked.config, folder)
+        groups = preprocess(sample)
     encoded, group_of = ungroup(groups)
     keys = groups.column("image_key").to_pylist()       # rows of the same image bytes share one
     errors = [(str(i), e) for i, e in zip(encoded.column("id").to_pylist(), encoded.column("error").to_pylist()) if e]
     asked = [(keys[g], tuple(ids)) for g, ids in zip(group_of, encoded.column("input_ids").to_pylist())
              if ids is not None]
     prompts = [len(ids) for _, ids in asked]
-    tiles = [shape[0] for shape in groups.column("frames_shape").to_pylist() if shape]
+    processor = preprocess.encoder.processor
+    firsts = [ids[0] for ids in groups.column("input_ids").to_pylist() if ids[0] is not None]
+    image_id, global_id = processor.image_token_id, processor.global_image_token_id
+    tiles = [n for ids in firsts for n in tiles_of_images(ids, image_id, global_id)]
     mean_prompt = sum(prompts) / len(prompts) if prompts else 0.0
     return {"input": redact_url(input_uri), "output": redact_url(output_uri), "input_rows": input_rows,
             "rows_tried": encoded.num_rows, "error_rows": len(errors),

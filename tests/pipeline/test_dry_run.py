@@ -105,3 +105,16 @@ def test_a_rehearsal_refuses_what_the_run_would_refuse_and_writes_nothing(checkp
     capsys.readouterr()
     assert caption.main([*argv, "--output", str(tmp_path / "o2"), "--limit", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["input_rows"] == 3                  # what the run would answer
+
+
+def test_a_rehearsal_counts_each_image_of_a_row_of_several(checkpoint, oracle, tmp_path, capsys):
+    """The group table joins a row's frames: two images were one image of their tiles together."""
+    images = [png(40, 30, seed=1), png(300, 90, seed=2)]
+    write_parquet(tmp_path / "in.parquet", [{"id": "pair", "image": images, "question": "Which is wider?"}])
+    assert caption.main(["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model",
+                         str(checkpoint), "--dry-run", "1"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    tiles = [oracle.processor.image_processor(images=[Image.open(io.BytesIO(b))])["pixel_values"].shape[1]
+             for b in images]
+    assert tiles[0] != tiles[1] and found["images_tried"] == 2
+    assert (found["tiles_per_image"]["max"], found["tiles_per_image"]["mean"]) == (max(tiles), sum(tiles) / 2)
