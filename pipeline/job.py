@@ -26,7 +26,8 @@ from .io import footer_readers_for, input_dataset, input_folder, read_output, re
 from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings, manifest_path
 from .output_lock import OutputLock, lock_output
-from .resume import checkpoint_config, clean_pending_commits, clear_checkpoint, forget_lost_rows, has_checkpoint
+from .resume import (checkpoint_config, clean_pending_commits, clear_checkpoint, forget_lost_rows, has_checkpoint,
+                     unanswered_rows)
 from .retry import drop_error_rows
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
 from .run_stats import RunCounter
@@ -165,11 +166,13 @@ class PreparedJob:
     retried_rows: int = 0                       # error rows of the earlier run answered again (retry_errors)
     input_files: int = 1                        # Parquet files of the input (they size Ray Data's footer pool)
     output_lock: OutputLock | None = field(default=None, compare=False, repr=False)   # until run_prepared ends
+    unanswered: int | None = None               # of those, rows the output has none of (None: not counted)
 
     @property
     def has_rows(self) -> bool:
-        """Whether the run has rows to answer: one without (an empty input) needs no cluster."""
-        return self.input_rows > 0
+        """Whether the run has rows to answer: one without (an empty input, a resume of a finished
+        output) needs no cluster."""
+        return self.input_rows > 0 and self.unanswered != 0
 
 
 def used_columns(names: list[str], config: PipelineConfig, renames: dict[str, str]) -> list[str]:
@@ -202,6 +205,7 @@ class CheckedJob:
     renames: dict[str, str]
     generation_defaults: dict = field(default_factory=dict)   # the settings taken from generation_config.json
     input_files: int = 1                    # the input's Parquet files
+    ids: pa.ChunkedArray | None = None      # the input's ids (None: rows without, Ray Data's row hash serves)
 
 
 def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: bool = False,
@@ -230,9 +234,10 @@ def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume
                          "(a hash of each row's file and position): the run cannot read both; rename yours")
     schema = read_schema(footers, columns, input_uri)
     check_column_types(schema, config, input_uri, renames)
-    check_ids(input_ids(rows, footers, schema, config.id_column, input_uri, opts), input_uri, config.id_column)
+    ids = input_ids(rows, footers, schema, config.id_column, input_uri, opts)
+    check_ids(ids, input_uri, config.id_column)
     return CheckedJob(config, columns, schema, sum(meta.num_rows for meta in footers.values()), renames, taken,
-                      len(footers))
+                      len(footers), ids)
 
 
 def check_run_arguments(output_uri: str, config: PipelineConfig, resume: bool, limit: int | None,
@@ -289,10 +294,15 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
                     "they are answered again", lost)
     wanted = input_rows if only_ids is None else len(set(only_ids))
     wanted = wanted if limit is None else min(wanted, limit)
+    unanswered = None
+    if resume and limit is None and checked.ids is not None:
+        unanswered = unanswered_rows(output_uri, opts, checked.ids if only_ids is None else pa.array(list(only_ids)))
+        if not unanswered:
+            log.warning("every row of the input has its output row already: nothing to answer")
     return PreparedJob(input_uri, output_uri, config, limit, wanted, lost,
                        output_counts(output_uri, opts, config.samples > 1),
                        tuple(columns), schema, None if only_ids is None else tuple(only_ids), renames,
-                       checked.generation_defaults, retried, checked.input_files, lock)
+                       checked.generation_defaults, retried, checked.input_files, lock, unanswered)
 
 
 def job_rows(job: PreparedJob) -> ray.data.Dataset:

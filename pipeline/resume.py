@@ -139,6 +139,16 @@ def forget_lost_rows(output: str, storage_options: dict | None = None) -> int:
     return lost
 
 
+def unanswered_rows(output: str, storage_options: dict | None, wanted: pa.ChunkedArray | pa.Array) -> int:
+    """How many of the `wanted` ids (distinct) the output has no row of, compared as text: a resume
+    with none left needs no cluster (its start alone is a minute or two)."""
+    written = read_output(output, storage_options, columns=["id"])
+    if written is None:
+        return len(wanted)
+    present = pc.cast(written.column("id"), pa.string()).combine_chunks()
+    return len(wanted) - (pc.sum(pc.is_in(pc.cast(wanted, pa.string()), value_set=present)).as_py() or 0)
+
+
 def replace_table(fs, path: str, kept: pa.Table, local: bool) -> None:
     """The Parquet file at `path` (a checkpoint file, an output file) holding only `kept` (none: the
     file removed), replaced whole: a run killed while one was written in place left it empty, and

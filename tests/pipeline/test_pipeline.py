@@ -161,6 +161,23 @@ def test_a_resume_answers_again_the_rows_of_a_lost_output_file(finished, tmp_pat
     assert not print_summary(summary) and "2 output rows repeat an id" in capsys.readouterr().err
 
 
+def test_a_resume_of_a_finished_output_starts_no_actor(finished, tmp_path, capsys):
+    """Every input id written: the resume found nothing to do only after a cluster and its actors had
+    started (70-140 s). Its ids are counted on the driver, which reads them for the checks anyway."""
+    import ray
+
+    import jobs.caption as job
+
+    source, out = finished.copy(tmp_path)
+    actors = len(ray._private.state.actors())
+    assert job.main(["--input", source, "--output", str(out), "--model", finished.config.model, "--max-new-tokens",
+                     "2", "--batch-size", "2", "--rows-per-file", "2", "--resume"]) == 0
+    assert len(ray._private.state.actors()) == actors
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert (summary["input_rows"], summary["rows"], summary["missing_rows"], summary["rows_this_run"]) == (4, 4, 0, 0)
+    assert "rows 4 of 4 input rows" in capsys.readouterr().out
+
+
 def test_a_limited_trial_run_then_resumes_complete_it(ray_cluster, checkpoint, tmp_path):
     """--limit N answers the first N rows (a trial before the whole dataset) and reconciles against
     those; a resume answers the rest, each row once. A resume with a limit is refused (Ray Data
