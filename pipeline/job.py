@@ -107,7 +107,11 @@ def has_run(output: str, storage_options: dict | None) -> bool:
 
 def start_output(output: str, storage_options: dict | None, resume: bool, overwrite: bool = False) -> None:
     """A fresh run's output made empty: its checkpoint cleared and, with `overwrite`, the files of an
-    earlier run removed (only once every check has passed)."""
+    earlier run removed (only once every check has passed). Any run's earlier summary goes first: a run
+    killed before its own leaves none, not one of rows it has since taken out (--retry-errors)."""
+    fs, path = fsspec_fs(sibling(output, ".summary.json"), storage_options)
+    if fs.exists(path):
+        fs.rm(path)
     if resume:
         return
     if overwrite and has_files(output, storage_options):

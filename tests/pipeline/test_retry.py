@@ -1,5 +1,7 @@
 """--retry-errors: a resumed run answers again the earlier run's error rows (all, or those whose
 error holds a text), without re-running the rest, and the output holds every row once."""
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -48,14 +50,17 @@ def test_a_resume_answers_again_the_rows_that_failed_for_a_passing_reason(ray_cl
     before = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
     for name in list(made)[3:]:
         (images / name).write_bytes(made[name])
+    assert (tmp_path / "out.summary.json").exists()
     assert prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), config, resume=True,
                        retry_errors="no error says this").retried_rows == 0
+    assert not (tmp_path / "out.summary.json").exists()     # a run killed from here leaves none, not a stale one
     with pytest.raises(ValueError, match="resume it"):
         prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), config, retry_errors="")
     summary = run_job(str(tmp_path / "in"), str(tmp_path / "out"), config, resume=True, retry_errors="FileNotFound")
     assert summary["error_rows_answered_again"] == 2 and summary["rows_this_run"] == 2
     assert (summary["rows"], summary["error_rows"], summary["missing_rows"], summary["duplicate_rows"]) == (5, 0, 0, 0)
     assert summary["lost_rows_answered_again"] == 0
+    assert json.loads((tmp_path / "out.summary.json").read_text()) == summary
     after = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
     for i, name in enumerate(made):
         assert (after[f"row-{i}"]["answer"], after[f"row-{i}"]["num_generated_tokens"]) == oracle.answer(
