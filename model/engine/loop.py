@@ -183,12 +183,24 @@ class EngineLoop:
             if submission is _STOP:
                 self._stopping = True
                 return
-            for key, request in submission.requests.items():
-                self._add(submission, key, request)
+            self._add_all(submission)
             try:
                 submission = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _add_all(self, submission: Submission) -> None:
+        """Its requests added; a panic while adding one (past _add's `except Exception`) settles the
+        ones not added before _serve's handler settles those that were."""
+        keys = list(submission.requests)
+        for k, key in enumerate(keys):
+            try:
+                self._add(submission, key, submission.requests[key])
+            except BaseException as e:
+                failure = RuntimeError(f"the engine loop failed: {e!r}")
+                for unread in keys[k:]:
+                    submission.settle(unread, failure)
+                raise
 
     def _add(self, submission: Submission, key, request) -> None:
         uid = f"{next(self._ids)}#{request.request_id}"   # row ids may repeat across batches

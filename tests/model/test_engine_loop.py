@@ -443,3 +443,28 @@ def test_an_answers_error_names_the_callers_request_not_the_loops(setup):
     name = repr(barred.request_id)
     assert result.error.startswith(f"NoTokenLeftError: request {name}: at new token 1 no token was left")
     assert result.samples[1].error.startswith(f"NoTokenLeftError: request {name} (sample 1): at new token 1")
+
+
+def test_a_panic_while_a_request_is_added_settles_the_rest_of_its_batch(setup, monkeypatch):
+    """The panic's request and those after it in its submission were never added nor settled: their
+    caller waited for ever while the loop served others."""
+    ours, requests, expected, _, _ = setup
+    engine = LLMEngine(ours, max_batch_size=4)
+
+    class PanicException(BaseException):
+        pass
+
+    check = engine.check_request
+
+    def panicking_check(request):
+        if request.request_id == requests[1].request_id:
+            raise PanicException("called `Option::unwrap()` on a `None` value")
+        return check(request)
+
+    monkeypatch.setattr(engine, "check_request", panicking_check)
+    loop = EngineLoop(engine)
+    outcomes = loop.submit(_keyed(requests[:3])).result(timeout=30)
+    assert all(isinstance(o, RuntimeError) and "PanicException" in str(o) for o in outcomes.values()), outcomes
+    later = loop.submit(_keyed(requests[3:4])).result(timeout=60)
+    assert {k: r.token_ids for k, r in later.items()} == {r.request_id: expected[r.request_id] for r in requests[3:4]}
+    loop.close()
