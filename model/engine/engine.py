@@ -29,7 +29,7 @@ from .cache_sizing import CacheSizing
 from .constraints import EngineConstraints
 from .continuation import folded, runnable_prefix
 from .endings import RequestEndings
-from .image_cache import ImageFeatureCache, ImageNames
+from .image_cache import ImageFeatureCache, ImageNames, keyed_by_shape
 from .prefix_cache import SharedPrefixAdmission, SlotPrefixes
 from .runner import ModelRunner, kv_bucket
 from .logprobs import StepLogprobs, TokenLogprobs
@@ -187,7 +187,7 @@ class LLMEngine(CacheSizing, TokenChoice, BeamSteps, RequestEndings):
     def _add(self, requests: list[Request]) -> list[Sequence]:
         for r in requests:
             self.check_request(r)
-        seqs = [self._sequence(r) for r in requests]
+        seqs = [self._sequence(keyed_by_shape(r)) for r in requests]
         for seq in seqs:
             self._pending.append(seq)
             p = seq.request.sampling

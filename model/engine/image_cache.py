@@ -74,6 +74,15 @@ class ImageFeatureCache:
         return out
 
 
+def keyed_by_shape(request: Request) -> Request:
+    """The request with its image's tile grid in its key: images of a key and another grid (a file
+    name given to other images) were one image to the caches, whose features then did not fit the
+    prompt, and the whole batch failed naming none of it."""
+    if request.image_key is None or request.pixel_values is None:
+        return request
+    return replace(request, image_key=f"{request.image_key}\x1f{tuple(request.pixel_values.shape)}")
+
+
 class ImageNames:
     """Names for the unnamed images of requests the engine derives sequences from (samples,
     scorers), so that those share the image's features and prompt K/V: made here, never met before

@@ -85,3 +85,17 @@ def test_a_key_is_trusted_and_a_zero_byte_cache_keeps_nothing(setup):
     uncached.generate([replace(first, image_key="one")])
     assert uncached.generate([misnamed])[0].token_ids == expected[second.request_id]
     assert uncached.stats["images_encoded"] == 2 and len(uncached.image_cache) == 0
+
+
+def test_images_of_one_key_and_other_tile_grids_are_each_their_own(setup):
+    """A key given to other images (a file name reused): where their grids differ, the cached features
+    did not fit the prompt and the whole batch failed ("Image features and image tokens do not match")."""
+    ours, requests, expected, _, _ = setup
+    with_images = [r for r in requests if r.pixel_values is not None]
+    first, second = next((a, b) for a in with_images for b in with_images
+                         if a.pixel_values.shape[0] != b.pixel_values.shape[0])
+    engine = LLMEngine(ours, max_batch_size=4)
+    results = engine.generate([replace(first, image_key="one"), replace(second, image_key="one")])
+    assert [r.token_ids for r in results] == [expected[first.request_id], expected[second.request_id]]
+    assert engine.generate([replace(second, image_key="one")])[0].token_ids == expected[second.request_id]
+    assert engine.stats["images_encoded"] == 2

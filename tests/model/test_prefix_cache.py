@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model.engine import LLMEngine, Request, SamplingParams
+from model.engine.image_cache import keyed_by_shape
 from model.engine.prefix_cache import MIN_SHARED_TEXT, PrefixSource, SharedPrefixAdmission, SlotPrefixes
 from model.engine.scheduler import Scheduler, Sequence
 from tests.model.test_engine import _reference, setup  # noqa: F401  (tiny checkpoints, the reference)
@@ -91,12 +92,13 @@ def test_a_later_request_reuses_a_finished_rows_prefix_and_an_abort_forgets_them
     requests, expected = questions
     engine = LLMEngine(ours, max_batch_size=2)
     engine.generate(requests[:1])
-    assert engine.prefixes.holds(requests[0].image_key)
+    key = keyed_by_shape(requests[0]).image_key         # the engine's: the user's and the image's grid
+    assert engine.prefixes.holds(key)
     before = engine.stats["prefix_tokens_reused"]
     assert engine.generate(requests[1:2])[0].token_ids == expected[requests[1].request_id]
     assert engine.stats["prefix_tokens_reused"] > before and engine.stats["images_encoded"] == 1
     engine.abort()
-    assert not engine.prefixes.holds(requests[0].image_key)
+    assert not engine.prefixes.holds(key)
 
 
 def test_a_slot_overwritten_by_another_prompt_is_no_source(setup, questions):
