@@ -99,7 +99,9 @@ class GenerateSettings:
         self.min_p = float(get("min_p", 0.0)) if self.do_sample else 0.0
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        cutoffs = [float(get(name, default)) for name, default in CUTOFFS.items()]
+        typical, epsilon, eta = [float(get(name, default)) for name, default in CUTOFFS.items()]
+        # the reference applies typical_p below 1 (refusing it at 0 or less), the others inside (0, 1): else none
+        cutoffs = [typical if typical < 1 else 1.0, *(v if 0 < v < 1 else 0.0 for v in (epsilon, eta))]
         check_cutoffs(*cutoffs)
         self.typical_p, self.epsilon, self.eta = cutoffs if self.do_sample else CUTOFFS.values()
         self.cut_off = self.typical_p < 1 or self.epsilon > 0 or self.eta > 0
@@ -108,6 +110,8 @@ class GenerateSettings:
             raise ValueError(f"repetition_penalty must be > 0, got {self.penalty}")
         if self.do_sample and not self.temperature > 0:       # NaN too
             raise ValueError(f"temperature must be > 0 with do_sample=True, got {self.temperature}")
+        if self.do_sample and self.top_p < 0:
+            raise ValueError(f"top_p must be in [0, 1] (0: the likeliest token only), got {self.top_p}")
         if self.do_sample and self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0: none) with do_sample=True, got {self.top_k}")
         self.no_repeat = max(int(get("no_repeat_ngram_size", 0)), 0)       # transformers: <= 0 is none

@@ -77,7 +77,7 @@ def _keep_top_k_top_p(ranked: Tensor, top_k: Tensor, top_p: Tensor, vocab_size: 
     rank = torch.arange(ranked.shape[-1], device=ranked.device)[None, :]
     drop = rank >= torch.where(top_k > 0, top_k, vocab_size)[:, None]
     probs = ranked.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    past = probs.cumsum(dim=-1) - probs >= top_p[:, None]
+    past = (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (rank > 0)     # top_p 0 keeps the likeliest
     edge = probs.masked_fill(past, float("inf")).amin(dim=-1, keepdim=True)
     drop |= (probs < edge) & (top_p < 1)[:, None]
     return ranked.masked_fill(drop, float("-inf"))

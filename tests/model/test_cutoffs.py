@@ -145,10 +145,28 @@ def test_engine_with_typical_p_tiny_is_the_references(setup):  # noqa: F811
 
 @pytest.mark.parametrize("setting", [dict(typical_p=0.0), dict(typical_p=1.5), dict(epsilon_cutoff=1.0),
                                      dict(eta_cutoff=-0.1), dict(eta_cutoff=float("nan"))])
-def test_out_of_range_is_refused(pair, setting):  # noqa: F811
+def test_out_of_range_is_refused_by_the_engine_and_by_generate_as_by_the_reference(pair, setting):  # noqa: F811
     name = next(iter(setting))
     with pytest.raises(ValueError, match=f"{name} must be in"):
         SamplingParams(temperature=1.0, **setting)
     path, ours, _ = pair
+    if setting != dict(typical_p=0.0):
+        return          # generate() takes them as the reference does: test_top_p_zero_...
     with pytest.raises(ValueError, match=f"{name} must be in"):
         ours.generate(**mixed_batch(path, counts=(0,)), max_new_tokens=2, do_sample=True, **setting)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        ours.generate(**mixed_batch(path, counts=(0,)), max_new_tokens=2, do_sample=True, top_p=-0.1)
+
+
+@pytest.mark.parametrize("setting", [dict(), dict(typical_p=1.5), dict(epsilon_cutoff=1.0), dict(eta_cutoff=-0.1),
+                                     dict(eta_cutoff=float("nan"))])
+def test_top_p_zero_keeps_the_likeliest_and_cutoffs_out_of_range_are_none(pair, setting):  # noqa: F811
+    """generate(do_sample=True, top_p=0.0) with scores answered token 0 at every step (every token
+    dropped); cutoffs outside the reference's ranges were refused where the reference leaves them out."""
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    kwargs = dict(max_new_tokens=4, do_sample=True, top_p=0.0, return_dict_in_generate=True, output_scores=True,
+                  **setting)
+    got, want = ours.generate(**inputs, **kwargs), ref.generate(**inputs, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(torch.isfinite(s).sum(-1), torch.ones(len(s), dtype=torch.long)) for s in got.scores)
