@@ -99,6 +99,10 @@ class Automaton:
             parsed = parser.parse(pattern, 0)
         except re.error as e:
             raise ValueError(f"not a regular expression: {e}") from None
+        except OverflowError as e:          # a{4294967295}
+            raise ValueError(f"a repeat count too large: {e}") from None
+        except RecursionError:              # Python's parser recurses once a group
+            raise ValueError("the pattern nests its groups too deeply") from None
         flags = parsed.state.flags
         if flags & re.IGNORECASE:
             raise ValueError("IGNORECASE patterns are not supported: spell both cases")

@@ -44,7 +44,8 @@ def test_what_may_follow_a_state():
 @pytest.mark.parametrize("pattern,message", [
     (r"(a)\1", "groupref"), (r"a(?=b)", "assert"), (r"a(?!b)", "assert_not"), (r"a$b", "at"),
     (r"(?i)yes", "IGNORECASE"), (r"a(?i:b)", "IGNORECASE"), (r"a++", "possessive"), (r"(?>a)", "atomic"),
-    (r"a[", "not a regular expression"), (r"(?:a{1000}){1000}", "too large")])
+    (r"a[", "not a regular expression"), (r"(?:a{1000}){1000}", "too large"),
+    ("a{4294967295}", "repeat count too large"), ("(" * 1000 + "a" + ")" * 1000, "nests its groups too deeply")])
 def test_patterns_that_are_not_regular_are_refused(pattern, message):
     with pytest.raises(ValueError, match=message):
         Automaton(pattern)
