@@ -26,6 +26,7 @@ FORMATS = {
 FORMATS["date-time"] = FORMATS["date"] + "T" + FORMATS["time"]
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                "readOnly", "writeOnly", "$defs", "definitions", "additionalProperties"}
+MAX_PATTERN_CHARS = 1_000_000      # past the automaton's MAX_NFA_STATES anyway: refused before it is built
 KEYWORDS = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties", "required", "items",
             "minItems", "maxItems", "minLength", "maxLength", "format"}
 
@@ -103,6 +104,9 @@ class _Writer:
         self.root, self.resolving = root, []
 
     def value(self, schema: Any, where: str) -> str:
+        return _bounded(self._value(schema, where), where)
+
+    def _value(self, schema: Any, where: str) -> str:
         if schema is True or schema == {}:
             raise ValueError(f"{where}: a schema that allows any JSON value cannot be written as a pattern "
                              "(say its type)")
@@ -196,18 +200,30 @@ class _Writer:
             raise ValueError(f"{where}: the required property {missing[0]!r} is not among `properties`")
         members = [(f'{literal(name)}:{SPACE}{self.value(sub, f"{where}/properties/{name}")}', name in required)
                    for name, sub in properties.items()]
-        return r"\{" + _members(members) + r"\}"
+        _bounded("".join(m for m, _ in members), where)
+        return r"\{" + _members(members, where) + r"\}"
 
 
 def _count(low: int, high: int | None) -> str:
     return "*" if (low, high) == (0, None) else f"{{{low},}}" if high is None else f"{{{low},{high}}}"
 
 
-def _members(members: list[tuple[str, bool]]) -> str:
+def _bounded(pattern: str, where: str) -> str:
+    """A pattern of nested schemas grows by a factor at each level (an array writes its item twice, an
+    optional property writes the members after it again): a schema of a few hundred bytes took
+    gigabytes and minutes before the automaton refused it."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"{where}: the schema's pattern outgrows {MAX_PATTERN_CHARS:,} characters (each level of "
+                         "nested arrays writes its items' pattern twice, each optional property the members after "
+                         "it again): make it flatter, or its properties required")
+    return pattern
+
+
+def _members(members: list[tuple[str, bool]], where: str) -> str:
     """Members in order, comma-separated, the optional ones where the model writes them."""
     rest = ""               # the members from i on, while none is written yet
     for i in range(len(members) - 1, -1, -1):
         member, needed = members[i]
         with_it = member + "".join(f",{SPACE}{m}" if must else f"(?:,{SPACE}{m})?" for m, must in members[i + 1:])
-        rest = with_it if needed else f"(?:{with_it}|{rest})" if rest else f"(?:{with_it})?"
+        rest = _bounded(with_it if needed else f"(?:{with_it}|{rest})" if rest else f"(?:{with_it})?", where)
     return rest

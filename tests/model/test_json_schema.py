@@ -7,6 +7,7 @@ import itertools
 import json
 import random
 import re
+import time
 
 import jsonschema
 import pytest
@@ -122,3 +123,23 @@ def test_a_type_beside_an_enum_leaves_out_its_values_of_other_types():
     """pydantic writes enums with their type: {"enum": [...], "type": "string", "title": ...}."""
     pattern = re.compile(json_schema_pattern({"type": "string", "enum": ["a", 1, None], "title": "T"}))
     assert pattern.fullmatch('"a"') and not pattern.fullmatch("1") and not pattern.fullmatch("null")
+
+
+def _nested(depth: int, wrap) -> dict:
+    schema = {"type": "string", "maxLength": 10}
+    for _ in range(depth):
+        schema = wrap(schema)
+    return schema
+
+
+@pytest.mark.parametrize("schema", [
+    _nested(24, lambda s: {"type": "array", "items": s}),
+    _nested(6, lambda s: {"type": "object", "properties": {k: s for k in "abcd"}}),
+])
+def test_a_schema_whose_pattern_grows_by_a_factor_a_level_is_refused_at_once(schema):
+    """Each level copies what it holds (an array its item, an optional property the members after it):
+    24 nested arrays (700 bytes of JSON) took 2 GB and 22 s, and failed in MemoryError."""
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="pattern outgrows 1,000,000 characters"):
+        json_schema_pattern(schema)
+    assert time.perf_counter() - start < 5
