@@ -12,6 +12,8 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
+from functools import partial
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +31,7 @@ from .run_stats import StatsReporter
 from .structured import answer_field, parsed_answers, parsed_lists
 
 log = logging.getLogger(__name__)
+WHOLE = "whole answer"      # a prepared row's: whether a text is a whole answer of its constraint
 CONSTRAINTS = {"choices", "regex", "json_schema"}
 GROUP_REBUILDS = 2            # per batch: a tensor-parallel group whose rank died is rebuilt this often
 BAD_WORD_LISTS = 4096        # per replica: the token ids of the last bad-word lists of rows, made once each
@@ -173,6 +176,7 @@ class Generate:
                                   begin_suppress_tokens=c.begin_suppress_tokens,
                                   logprobs=c.logprobs, choice_logprobs=c.choice_logprobs and bool(choices), n=c.samples,
                                   top_logprobs=c.top_logprobs)
+        row[WHOLE] = whole_answer(sampling)
         return Request(str(row["id"]), row["input_ids"], self.pixel_values(row), sampling=sampling,
                        image_key=row["image_key"])
 
@@ -246,11 +250,11 @@ class Generate:
                     "num_generated_tokens": len(result.continuation_logprobs),
                     "answer_logprob": sum(result.continuation_logprobs)}
         samples = result.samples or [result]
-        return {"question": row["question"], "answer": answer_text(result),
+        return {"question": row["question"], "answer": answer_text(result, row.get(WHOLE)),
                 "finish_reason": result.finish_reason, "error": None,
                 "num_prompt_tokens": result.num_prompt_tokens, "num_generated_tokens": result.num_generated_tokens,
                 "answer_logprob": result.cumulative_logprob, "choice_logprobs": result.choice_logprobs,
-                "samples": [answer_text(s) for s in samples],
+                "samples": [answer_text(s, row.get(WHOLE)) for s in samples],
                 "samples_finish_reason": [s.finish_reason for s in samples],
                 "samples_num_generated_tokens": [s.num_generated_tokens for s in samples],
                 "samples_logprob": [s.cumulative_logprob for s in samples], "token_logprobs": token_steps(result)}
@@ -336,7 +340,27 @@ def token_steps(result) -> list[dict] | None:
             for token, chosen, top in zip(result.token_ids, result.token_logprobs, result.top_logprobs)]
 
 
-def answer_text(result) -> str | None:
-    """The answer as the output keeps it (without the space a model may write first); None for a
-    sample that ended in an error."""
-    return None if result.finish_reason == "error" else (result.text or "").strip()
+def answer_text(result, whole: Callable[[str], bool] | None = None) -> str | None:
+    """The answer as the output keeps it: stripped, or, where a constraint made it (`whole`: whether a
+    text is a whole answer of it), as it made it, without only the space a model may write first (a
+    pattern may ask for spaces and newlines); None for a sample that ended in an error."""
+    if result.finish_reason == "error":
+        return None
+    text = result.text or ""
+    if whole is None:
+        return text.strip()
+    cut = text[1:] if text.startswith(" ") else text
+    return cut if result.finish_reason != "stop" or whole(cut) else text
+
+
+def whole_answer(sampling) -> Callable[[str], bool] | None:
+    """Whether a text is a whole answer of the request's constraint (None: it has none)."""
+    from model.engine.automaton import matches
+    from model.engine.json_schema import schema_text_pattern
+
+    if sampling.choices:
+        return set(sampling.choices).__contains__
+    if sampling.regex is None and sampling.json_schema is None:
+        return None
+    return partial(matches, sampling.regex if sampling.regex is not None else
+                   schema_text_pattern(sampling.json_schema_text))

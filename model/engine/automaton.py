@@ -264,3 +264,19 @@ class Automaton:
     def ends(self, state: int) -> bool:
         """Whether nothing may follow (the answer is whole and can only stop)."""
         return not self._out[state]
+
+
+@lru_cache(maxsize=64)
+def _automaton_of(pattern: str) -> Automaton:
+    return Automaton(pattern)
+
+
+def matches(pattern: str, text: str) -> bool:
+    """Whether `text` is a whole match of `pattern` (re.fullmatch's sense, in one pass: no backtracking)."""
+    automaton = _automaton_of(pattern)
+    state = automaton.start
+    for ch in text:
+        if state is None:
+            return False
+        state = automaton.step(state, ord(ch))
+    return state is not None and automaton.accepts(state)

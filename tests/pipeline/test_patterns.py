@@ -45,6 +45,23 @@ def test_the_model_stage_answers_as_the_reference_with_the_same_allowed_tokens(c
     assert any(row["finish_reason"] == "stop" for row in answered)
 
 
+@pytest.mark.parametrize("constraint", [dict(regex=r"\n[a-z]{1,3}[ ]{2}\n"), dict(choices=("yes ", " no"))],
+                         ids=["regex", "choices"])
+def test_a_constrained_answer_is_kept_whole_with_its_spaces(checkpoint, constraint):
+    """The output's answer was stripped: a pattern's spaces and newlines went, and no answer matched."""
+    from pipeline.generate import Generate
+    from pipeline.preprocess import Preprocess
+
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=12, **constraint)
+    stage = Generate(config)
+    answered = asyncio.run(stage(Preprocess(config)(pa.Table.from_pylist(good_rows(3))))).to_pylist()
+    stage.loop.close()
+    assert all(row["finish_reason"] == "stop" for row in answered), answered
+    for row in answered:
+        assert row["answer"] in constraint["choices"] if "choices" in constraint else \
+            regex.fullmatch(constraint["regex"], row["answer"]), row["answer"]
+
+
 @pytest.mark.skipif(not DEMO_MODEL.exists(), reason="the demo model is not built (python -m jobs.train_demo)")
 def test_a_run_writes_json_the_schema_allows(ray_cluster, tmp_path):
     rows = pq.read_table(DEMO_INPUT.parent / "heldout.parquet").to_pylist()[:12]
