@@ -45,6 +45,8 @@ def conversation(messages, suffix: str):
         return read_conversation(messages, suffix)
     except PromptError as e:
         return RowError(str(e))
+    except Exception as e:      # whatever a cell holds, the row's error, never the batch's
+        return RowError(f"{type(e).__name__}: {e}")
 
 
 def which(index: int, count: int) -> str:

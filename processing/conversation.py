@@ -33,6 +33,8 @@ def read_conversation(messages: Any, suffix: str = "") -> Conversation:
             messages = json.loads(messages)
         except json.JSONDecodeError as e:
             raise PromptError(f"the messages are not JSON: {e}") from None
+        except RecursionError:      # json's parser recurses once a level: a cell of 100 000 "["
+            raise PromptError("the messages nest too deeply to read") from None
     if not isinstance(messages, list) or not messages:
         raise PromptError(f"the messages must be a non-empty list of turns, got {_shown(messages)}")
     turns = [_turn(m, i) for i, m in enumerate(messages)]

@@ -108,3 +108,12 @@ def test_a_run_answers_a_conversation_of_one_question_as_that_question(ray_clust
 def test_messages_and_a_template_are_refused_together():
     with pytest.raises(ValueError, match="messages_column and prompt_template are two ways"):
         PipelineConfig(model="m", messages_column="messages", prompt_template="{title}")
+
+
+def test_a_cell_no_parser_can_read_is_its_rows_error_not_the_jobs():
+    """100 000 levels of JSON raised RecursionError out of the CPU stage: the job failed, every row unanswered."""
+    from pipeline.preprocess import conversation
+    from pipeline.rows import RowError
+
+    found = conversation("[" * 100_000 + "]" * 100_000, "")
+    assert isinstance(found, RowError) and "nest too deeply" in str(found)

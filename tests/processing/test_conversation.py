@@ -79,7 +79,8 @@ def test_one_user_turn_is_the_question_with_its_images(setup):
 
 
 @pytest.mark.parametrize("messages,message", [
-    ("[{nope", "not JSON"), ([], "non-empty list"), ({"role": "user"}, "non-empty list"),
+    ("[{nope", "not JSON"), ("[" * 100_000, "nest too deeply"), ([], "non-empty list"),
+    ({"role": "user"}, "non-empty list"),
     ([{"role": "robot", "content": "hi"}], "turn 0: each message needs a role"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "turn 1: a system turn may only open"),
     ([{"role": "assistant", "content": "a"}], "ends with nothing"),
