@@ -18,6 +18,7 @@ import binascii
 import errno
 import os
 import posixpath
+import stat
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -222,7 +223,15 @@ class ImageFetcher:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
 
     def options_for(self, url: str) -> dict | None:
-        return self.s3_options if protocol_of(url) in S3_PROTOCOLS else self.storage_options
+        """The job's storage options, for its own store: an image on another web host gets none (they
+        were sent to every host a row named, an Authorization header too, and `{"anon": true}`, an S3
+        setting, failed every https image)."""
+        protocol = protocol_of(url)
+        if protocol in S3_PROTOCOLS:
+            return self.s3_options
+        if protocol in ("http", "https") and urlsplit(url).netloc != urlsplit(self.root or "").netloc:
+            return None
+        return self.storage_options
 
     def _read_once(self, url: str) -> bytes:
         fs, path = reader_fs(url, self.options_for(url))
@@ -232,6 +241,9 @@ class ImageFetcher:
         try:
             if url.startswith(("http://", "https://")):
                 return sync(fs.loop, bounded_http_read, fs, path, self.max_bytes + 1, **timeout)
+            if protocol_of(url) in ("file", "local") and not stat.S_ISREG(os.stat(path).st_mode):
+                # a pipe's read waits for a writer for ever (no timeout applies to local reads); a device's never ends
+                raise ValueError("not a regular file (a pipe, a device or a folder)")
             return fs.cat_file(path, start=0, end=self.max_bytes + 1, **timeout)
         except Exception as e:
             if is_range_not_satisfiable(e):

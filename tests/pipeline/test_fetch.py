@@ -1,6 +1,7 @@
 """Reading the images that rows name by path or URL: a real HTTP server on loopback (fsspec's
 http filesystem), real local files, and the preprocessing stage over both (no Ray needed)."""
 import base64
+import os
 import sys
 import threading
 import time
@@ -40,6 +41,7 @@ class ImageServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.ended: dict[str, int] = {}
         self.counted = threading.Condition(self.lock)
+        self.authorizations: list[str | None] = []
 
     def wait_for(self, counts: dict[str, int], path: str, requests: int = 1) -> None:
         with self.counted:
@@ -62,6 +64,7 @@ class _Handler(BaseHTTPRequestHandler):
         server: ImageServer = self.server
         with server.lock:
             server.gets[self.path] = server.gets.get(self.path, 0) + 1
+            server.authorizations.append(self.headers.get("Authorization"))
             server.counted.notify_all()
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
@@ -333,6 +336,26 @@ def test_relative_paths_are_read_under_the_root(server, tmp_path):
     # ./ and ../ under a URL root as under a local one (an object key has no such parts)
     assert [fetcher(root="s3://b/coco/val/").resolve(p) for p in ("./a.png", "../x/a.png")] == [
         "s3://b/coco/val/a.png", "s3://b/coco/x/a.png"]
+
+
+def test_the_jobs_storage_options_go_to_its_own_web_host_only(server, tmp_path):
+    """They went to every host a row named: an Authorization header too, and `{"anon": true}` (an S3
+    setting, README's own example) failed every https image in TypeError."""
+    server.files = {"/data/a.png": b"image"}
+    url = server.url("/data/a.png")
+    assert ImageFetcher({"anon": True}, backoff_s=0.01).fetch([url]) == [b"image"]
+    secret = {"headers": {"Authorization": "Bearer SECRET"}}
+    assert ImageFetcher(secret, root=str(tmp_path), backoff_s=0.01).fetch([url]) == [b"image"]
+    assert ImageFetcher(secret, root=server.url("/data/"), backoff_s=0.01).fetch(["a.png"]) == [b"image"]
+    assert server.authorizations == [None, None, "Bearer SECRET"]
+
+
+def test_a_pipe_or_a_device_is_no_image_and_no_wait(tmp_path):
+    """A row naming a FIFO waited for a writer for ever (no timeout applies to a local read): the job hung."""
+    os.mkfifo(tmp_path / "pipe")
+    started = time.monotonic()
+    out = fetcher().fetch([str(tmp_path / "pipe"), "/dev/zero", str(tmp_path)])
+    assert all("not a regular file" in str(e) for e in out) and time.monotonic() - started < 5
 
 
 def test_data_urls_carry_their_bytes():
