@@ -211,7 +211,14 @@ def print_rows(output: str, storage_options: dict, n: int) -> None:
                         limit=n)
     for row in ([] if table is None else table.to_pylist()):
         said = row["answer"] if row["finish_reason"] != "error" else f"<error: {row['error']}>"
-        print(f"[{row['id']}] {row['question']!r} -> {said!r}")
+        print(f"[{shown(str(row['id']))[1:-1]}] {shown(row['question'])} -> {shown(said)}")
+
+
+def shown(value, limit: int = 300) -> str:
+    """A dataset's text as a terminal should print it: escaped (an id's control sequences rewrote the
+    terminal's lines) and cut (a question of 100 MB was printed whole)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def rehearse(source: str, output: str, config, values: dict) -> int:

@@ -43,7 +43,10 @@ def checkpoint_fingerprint(model: str, storage_options: dict | None = None) -> s
         digest.update(f"{file.name}\0{size}\0".encode())
         with open(file, "rb") as f:
             if file.suffix != ".safetensors" or size <= 2 * SAMPLED_BYTES:
-                digest.update(f.read())
+                # read whole but a MiB at a time: a Trainer's optimizer.pt (twice the model) beside the
+                # weights was held in memory whole (the same digest as before)
+                for chunk in iter(lambda: f.read(SAMPLED_BYTES), b""):
+                    digest.update(chunk)
                 continue
             digest.update(f.read(SAMPLED_BYTES))
             f.seek(size - SAMPLED_BYTES)

@@ -436,3 +436,20 @@ def test_a_replica_killed_whenever_it_loads_the_model_ends_the_job_in_one_line(c
     assert done.stderr.strip().splitlines()[-1].startswith(
         "error: the run's Generate actors could not start: RuntimeError: this actor's process died each time it "
         "loaded the model (2 times; killed:"), done.stderr[-3000:]
+
+
+def test_the_rows_shown_are_escaped_and_cut(tmp_path, capsys):
+    """An id's control sequences reached the terminal raw (a forged line); a 100 MB question was printed whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.caption import print_rows
+
+    (tmp_path / "out").mkdir()
+    pq.write_table(pa.table({"id": ["\x1b]0;owned\x07\r[ok]"], "question": ["q" * 10_000], "answer": ["a"],
+                             "finish_reason": ["stop"], "error": pa.array([None], pa.string())}),
+                   tmp_path / "out" / "part.parquet")
+    print_rows(str(tmp_path / "out"), {}, 5)
+    printed = capsys.readouterr().out
+    assert "\x1b" not in printed and "\r" not in printed and "\\x1b]0;owned" in printed
+    assert len(printed) < 1000 and "(10002 characters)" in printed

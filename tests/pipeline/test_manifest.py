@@ -88,3 +88,19 @@ def test_image_settings_given_at_the_value_they_default_to_are_the_same_on_resum
     with pytest.raises(ValueError, match=f"image_longest_edge: {edge} -> {2 * edge}.*image_splitting: True -> False"):
         keep_run_settings(out, replace(given, image_longest_edge=edge * 2,
                                        image_splitting=not given.image_splitting), resume=True, storage_options=None)
+
+
+def test_a_large_file_beside_the_weights_is_hashed_a_mebibyte_at_a_time(tmp_path):
+    """A Trainer's optimizer.pt (twice the model's size) was read whole into the driver's memory; the
+    digest is the same as before, so a resume of an earlier run's output is not refused."""
+    import hashlib
+    import tracemalloc
+
+    content = bytes(range(256)) * (8 << 12)            # 8 MiB
+    (tmp_path / "optimizer.pt").write_bytes(content)
+    tracemalloc.start()
+    fingerprint = checkpoint_fingerprint(str(tmp_path))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 << 20
+    assert fingerprint == hashlib.sha256(f"optimizer.pt\0{len(content)}\0".encode() + content).hexdigest()
