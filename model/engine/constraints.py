@@ -294,6 +294,15 @@ class EngineConstraints:
             allowed[rows_of_ids.repeat_interleave(counts), torch.cat([s for _, s in ids])] = True
         return allowed
 
+    def is_whole(self, seq) -> bool:
+        """Whether the answer so far is a whole match of its constraint (True without one): a stop
+        string ends only whole answers, as a stop id that spells text does."""
+        if not seq.request.sampling.constrained:
+            return True
+        self._allowed_now(seq)
+        constraint, (at, begun), _ = seq.constraint_state
+        return not begun and constraint.automaton.accepts(at)
+
     def _allowed_now(self, seq) -> Tensor:
         """The sequence's allowed tokens, its state moved on by the tokens it took since the last step.
         The sequence keeps its constraint: states are numbered in the order an automaton meets them,

@@ -367,7 +367,8 @@ class LLMEngine(CacheSizing, TokenChoice, BeamSteps, RequestEndings):
                 if logprobs is not None:
                     seq.add_logprobs(*logprobs[i])
                 seq.append(token)
-                if self._completes_stop_string(seq):
+                if seq.finish_reason != "stop" and self._completes_stop_string(seq) and \
+                        self.constraints.is_whole(seq):
                     seq.finish_reason = "stop"
             if seq.finish_reason is not None:
                 scheduler.release(seq)

@@ -85,6 +85,24 @@ def test_sampled_choices_ignore_batch_neighbours(setup):
     assert len({r.text for r in together}) > 1
 
 
+def test_a_stop_string_ends_only_a_whole_choice_or_match(setup):
+    """A stop string ended a constrained answer wherever it completed: choices ("yes", "no") with
+    stop "e" answered "ye", a JSON schema with stop ":" answered ' {"a":', both finish_reason "stop"."""
+    ours, requests, _, tokenizer, _ = setup
+    asked = [replace(r, sampling=SamplingParams(max_new_tokens=16, temperature=1.5, seed=i, choices=CHOICES,
+                                                stop=tuple("aeiou")))
+             for i, r in enumerate(requests)]
+    asked += [replace(r, request_id=f"{r.request_id}-json", sampling=SamplingParams(
+        max_new_tokens=24, json_schema={"type": "object", "properties": {"a": {"enum": ["x", "y"]}},
+                                        "required": ["a"]}, stop=(":", '"')))
+        for r in requests[:2]]
+    results = LLMEngine(ours, tokenizer, max_batch_size=4).generate(asked)
+    assert all(r.finish_reason == "stop" for r in results), [(r.text, r.finish_reason) for r in results]
+    assert all(r.text.removeprefix(" ") in CHOICES for r in results[:len(requests)])
+    assert all(r.text.removeprefix(" ") in ('{"a":"x"}', '{"a": "x"}', '{"a":"y"}', '{"a": "y"}')
+               for r in results[len(requests):])
+
+
 def test_requests_with_choices_the_engine_cannot_answer_are_refused(setup):
     ours, requests, _, tokenizer, _ = setup
     r = requests[0]
