@@ -68,7 +68,8 @@ def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: in
     if resume:
         check_run_settings(output_uri, checked.config, resume, options)
     input_rows = checked.input_rows if limit is None else min(checked.input_rows, limit)
-    sample = first_rows(input_uri, checked.columns, checked.schema, rows, options)
+    sample = first_rows(input_uri, checked.columns, checked.schema, rows if limit is None else min(rows, limit),
+                        options)     # only rows the run would answer
     sample = rename_columns(sample, checked.renames) if checked.renames else sample
     with processor_folder(config.model, options) as folder:        # a URL's files but its weights
         preprocess = Preprocess(checked.config, folder)

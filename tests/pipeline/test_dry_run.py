@@ -104,7 +104,8 @@ def test_a_rehearsal_refuses_what_the_run_would_refuse_and_writes_nothing(checkp
     assert (tmp_path / "out.run.json").read_text() == run_json
     capsys.readouterr()
     assert caption.main([*argv, "--output", str(tmp_path / "o2"), "--limit", "3"]) == 0
-    assert json.loads(capsys.readouterr().out)["input_rows"] == 3                  # what the run would answer
+    found = json.loads(capsys.readouterr().out)      # what the run would answer, and only those rows tried
+    assert (found["input_rows"], found["rows_tried"], [e["id"] for e in found["error_examples"]]) == (3, 3, ["null"])
 
 
 def test_a_rehearsal_counts_each_image_of_a_row_of_several(checkpoint, oracle, tmp_path, capsys):
