@@ -10,10 +10,11 @@ import math
 from collections import Counter
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .config import SETTABLE, TOKEN_SETTINGS, PipelineConfig
 from .groups import ungroup
-from .io import head_rows, input_dataset
+from .io import head_rows, input_dataset, read_output
 from .job import check_job, check_run_arguments
 from .manifest import check_run_settings
 from .rows import ROW_HASH, error_kind, rename_columns
@@ -22,10 +23,12 @@ from .storage import redact_url
 EXAMPLES_SHOWN = 5
 
 
-def first_rows(input_uri: str, columns: list[str], schema: pa.Schema, n: int, options: dict | None) -> pa.Table:
-    """The input's first n rows, the run's columns in the types it reads them as; a row hash stands
-    in for missing ids, as Ray Data's does in a run."""
-    table = head_rows(input_dataset(input_uri, options), n, columns)
+def first_rows(input_uri: str, columns: list[str], schema: pa.Schema, n: int, options: dict | None,
+               skipped: pc.Expression | None = None) -> pa.Table:
+    """The input's first n rows (but those `skipped` selects), the run's columns in the types it reads
+    them as; a row hash stands in for missing ids, as Ray Data's does in a run."""
+    table = input_dataset(input_uri, options).head(n, columns=columns, filter=skipped, use_threads=False) \
+        if skipped is not None else head_rows(input_dataset(input_uri, options), n, columns)
     types = [schema.field(name) if name in schema.names else table.schema.field(name) for name in table.column_names]
     table = table.cast(pa.schema(types))
     return table.append_column(ROW_HASH, pa.array([f"row {i}" for i in range(table.num_rows)], pa.string()))
@@ -52,6 +55,18 @@ def tiles_of_images(input_ids: list[int], image_id: int, global_id: int) -> list
     return counts
 
 
+def written_ids(output_uri: str, options: dict | None, retry_errors: str | None) -> pa.Array:
+    """The ids a resume skips, as text: the output's rows but the error rows it answers again."""
+    from .retry import retried
+
+    table = read_output(output_uri, options, columns=["id", "finish_reason", "error"])
+    if table is None:
+        return pa.array([], pa.string())
+    if retry_errors is not None:
+        table = table.filter(pc.invert(retried(table, retry_errors)))
+    return pc.cast(table.column("id"), pa.string()).combine_chunks()
+
+
 def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: int = 64, resume: bool = False,
             overwrite: bool = False, renames: dict[str, str] | None = None, limit: int | None = None,
             retry_errors: str | None = None) -> dict:
@@ -68,8 +83,12 @@ def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: in
     if resume:
         check_run_settings(output_uri, checked.config, resume, options)
     input_rows = checked.input_rows if limit is None else min(checked.input_rows, limit)
+    written = written_ids(output_uri, options, retry_errors) if resume and checked.ids is not None else None
+    to_answer = input_rows if written is None else len(checked.ids) - (pc.sum(pc.is_in(
+        pc.cast(checked.ids, pa.string()), value_set=written)).as_py() or 0)
+    skipped = None if written is None else pc.invert(pc.field(config.id_column).cast(pa.string()).isin(written))
     sample = first_rows(input_uri, checked.columns, checked.schema, rows if limit is None else min(rows, limit),
-                        options)     # only rows the run would answer
+                        options, skipped)     # only rows the run would answer
     sample = rename_columns(sample, checked.renames) if checked.renames else sample
     with processor_folder(config.model, options) as folder:        # a URL's files but its weights
         preprocess = Preprocess(checked.config, folder)
@@ -90,9 +109,9 @@ def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: in
             "errors_by_kind": dict(Counter(error_kind(e) for _, e in errors).most_common()),
             "error_examples": [{"id": i, "error": e} for i, e in errors[:EXAMPLES_SHOWN]],
             "prompt_tokens": quantiles(prompts), "images_tried": len(tiles), "tiles_per_image": quantiles(tiles),
-            "repeated_questions": len(asked) - len(set(asked)),
-            "estimated_prompt_tokens": round(mean_prompt * input_rows),
-            "estimated_error_rows": round(len(errors) / max(encoded.num_rows, 1) * input_rows),
+            "repeated_questions": len(asked) - len(set(asked)), "rows_to_answer": to_answer,
+            "estimated_prompt_tokens": round(mean_prompt * to_answer),
+            "estimated_error_rows": round(len(errors) / max(encoded.num_rows, 1) * to_answer),
             "max_new_tokens": checked.config.max_new_tokens,
             "decoding": {name: getattr(checked.config, name) for name in (*SETTABLE, *TOKEN_SETTINGS)},
             "settings_from_generation_config": checked.generation_defaults}

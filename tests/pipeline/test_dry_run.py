@@ -119,3 +119,28 @@ def test_a_rehearsal_counts_each_image_of_a_row_of_several(checkpoint, oracle, t
              for b in images]
     assert tiles[0] != tiles[1] and found["images_tried"] == 2
     assert (found["tiles_per_image"]["max"], found["tiles_per_image"]["mean"]) == (max(tiles), sum(tiles) / 2)
+
+
+def test_a_rehearsal_of_a_resume_tries_the_rows_it_would_answer(checkpoint, tmp_path, capsys):
+    """It tried the input's first rows, answered already, and estimated for the whole input."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import PipelineConfig
+    from pipeline.job import prepare_job
+
+    write_parquet(tmp_path / "in.parquet", rows_of_every_kind(tmp_path))
+    out = tmp_path / "out"
+    prepare_job(str(tmp_path / "in.parquet"), str(out), PipelineConfig(model=str(checkpoint))).output_lock.release()
+    out.mkdir()
+    (tmp_path / "out.checkpoint").mkdir(exist_ok=True)      # as a run leaves them: its files, its checkpoint
+    pq.write_table(pa.table({"id": ["good-0", "null"], "finish_reason": ["stop", "error"],
+                             "error": [None, "read image: RowError: image is null"]}), out / "part-0.parquet")
+    argv = ["--input", str(tmp_path / "in.parquet"), "--output", str(out), "--model", str(checkpoint), "--resume",
+            "--dry-run", "3"]
+    for extra, to_answer, tried in [([], 5, ["good-1", "missing", "html"]),
+                                    (["--retry-errors"], 6, ["null", "good-1", "missing"])]:
+        assert caption.main([*argv, *extra]) in (0, 1)
+        found = json.loads(capsys.readouterr().out)
+        assert found["rows_to_answer"] == to_answer and found["rows_tried"] == 3, extra
+        assert [e["id"] for e in found["error_examples"]] == [i for i in tried if i != "good-1"], extra
