@@ -326,7 +326,8 @@ def print_summary(summary: dict) -> bool:
     limited = " (--limit)" if summary.get("limit") else ""
     print(f"rows {summary['rows']} of {summary['input_rows']} input rows{limited} ({summary['error_rows']} errors) | "
           f"this run: {summary['rows_this_run']} rows in {summary['wall_s']:.1f}s = {summary['rows_per_s']} rows/s, "
-          f"{summary['generated_tokens_per_s']} generated tokens/s")
+          + (f"{summary['scored_tokens_per_s']} scored tokens/s" if "scored_tokens_per_s" in summary else
+             f"{summary['generated_tokens_per_s']} generated tokens/s"))
     kinds = summary.get("errors_by_kind") or {}
     if kinds:
         print("errors: " + "; ".join(f"{n} x {kind}" for kind, n in kinds.items()))

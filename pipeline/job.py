@@ -340,6 +340,10 @@ def _run(job: PreparedJob) -> dict:
     after = output_counts(job.output_uri, opts, job.config.samples > 1)
     summary = summarize(job.input_uri, job.output_uri, job.before, after, wall, job.input_rows, reported)
     summary.update(lost_rows_answered_again=job.lost_rows, limit=job.limit)
+    if job.config.score_column is not None:     # the rows' own texts scored: no token generated
+        summary.update(scored_tokens_this_run=summary["generated_tokens_this_run"],
+                       scored_tokens_per_s=summary["generated_tokens_per_s"], generated_tokens_this_run=0,
+                       generated_tokens_per_s=summary["generated_tokens_per_s"] and 0.0)
     if job.retried_rows:
         summary["error_rows_answered_again"] = job.retried_rows
     if job.generation_defaults:

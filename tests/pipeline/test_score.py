@@ -66,6 +66,9 @@ def test_a_run_scores_the_right_answers_above_wrong_ones(ray_cluster, tmp_path):
     config = PipelineConfig(model=str(DEMO_MODEL), score_column="caption", batch_size=4)
     summary = run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config)
     assert summary["error_rows"] == 0 and summary["missing_rows"] == 0 and len(rows) == 4
+    out_rows = read_output(str(tmp_path / "out")).to_pylist()      # the scored texts' tokens, none generated
+    assert summary["scored_tokens_this_run"] == sum(r["num_generated_tokens"] for r in out_rows) > 0
+    assert summary["generated_tokens_this_run"] == 0
     out = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
     for r in rows:
         assert out[f"{r['id']}/right"]["answer_logprob"] > out[f"{r['id']}/wrong"]["answer_logprob"] + 1
