@@ -5,6 +5,7 @@ Every metric is a pure function `metric(prediction, answers) -> float in [0, 1]`
 """
 from __future__ import annotations
 
+import json
 import re
 from itertools import combinations
 from typing import Callable, Sequence, Union
@@ -98,6 +99,8 @@ def as_answer_list(answers: object) -> list[str]:
     column) becomes a one-element list; list items are taken as text (str) alike."""
     if answers is None:
         return []
+    if isinstance(answers, str):
+        answers = _json_list(answers)
     if isinstance(answers, (str, bytes, int, float)) and not isinstance(answers, bool):
         return [_answer_text(answers)]
     if isinstance(answers, dict):
@@ -107,6 +110,20 @@ def as_answer_list(answers: object) -> list[str]:
     except TypeError:
         raise ValueError(f"ground truth must be a string or a list of strings, got {type(answers).__name__}")
     return [_answer_text(a) for a in map(_record_answer, items) if a is not None]
+
+
+def _json_list(text: str) -> str | list:
+    """A list's JSON text (benchmarks exported to CSV keep `["cat", "kitten"]`) as that list, else
+    the text: scored as one answer, it matched neither."""
+    stripped = text.strip()
+    if not (stripped.startswith("[") and stripped.endswith("]")):
+        return text
+    try:
+        items = json.loads(stripped)
+    except ValueError:
+        return text
+    simple = all(isinstance(i, (str, int, float, dict)) and not isinstance(i, bool) for i in items)
+    return items if items and simple else text
 
 
 def _record_answer(item: object) -> object:

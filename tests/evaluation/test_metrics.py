@@ -287,3 +287,13 @@ def test_a_benchmark_without_rows_is_refused():
                       "answers": pa.array([], pa.list_(pa.string()))})
     with pytest.raises(ValueError, match="no rows"):
         score_rows(table, "anls")
+
+
+def test_answers_kept_as_a_lists_json_text_are_that_list():
+    """Benchmarks exported to CSV keep '["cat", "kitten"]': scored as one answer, "cat" matched nothing."""
+    from evaluation.metrics import as_answer_list
+
+    assert as_answer_list('["cat", "kitten"]') == ["cat", "kitten"] and as_answer_list(" [3, 4.0] ") == ["3", "4"]
+    assert exact_match("cat", '["cat", "kitten"]') == 1.0 and anls("kitten", '["cat", "kitten"]') == 1.0
+    for text in ("[citation needed]", "[]", "[[1], [2]]", "[true]", "[1, 2"):       # text, as it was
+        assert as_answer_list(text) == [text]
