@@ -148,6 +148,20 @@ class LlamaConfig:
 ARCHITECTURES = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
 
 
+def _sub_config(value: Any, kind: type, name: str):
+    """A sub-config as given: ours, None (the defaults), a dict, or another library's config object
+    (transformers' has to_dict; it failed deep in the model, "no attribute 'num_patches_per_side'")."""
+    if isinstance(value, kind):
+        return value
+    if value is None:
+        return kind() if kind is not LlamaConfig else LlamaConfig(rms_norm_eps=1e-5)
+    if not isinstance(value, dict) and callable(getattr(value, "to_dict", None)):
+        value = value.to_dict()
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a {kind.__name__}, a dict or None, got {type(value).__name__}")
+    return kind.from_dict(value)
+
+
 @dataclass
 class Idefics3Config:
     """The whole model. Without a `text_config` the text model gets `rms_norm_eps=1e-5`; a `text_config`
@@ -163,14 +177,8 @@ class Idefics3Config:
     model_type: str = "idefics3"
 
     def __post_init__(self) -> None:
-        if self.vision_config is None:
-            self.vision_config = Idefics3VisionConfig()
-        elif isinstance(self.vision_config, dict):
-            self.vision_config = Idefics3VisionConfig.from_dict(self.vision_config)
-        if self.text_config is None:
-            self.text_config = LlamaConfig(rms_norm_eps=1e-5)
-        elif isinstance(self.text_config, dict):
-            self.text_config = LlamaConfig.from_dict(self.text_config)
+        self.vision_config = _sub_config(self.vision_config, Idefics3VisionConfig, "vision_config")
+        self.text_config = _sub_config(self.text_config, LlamaConfig, "text_config")
         _check_sizes(self, ("scale_factor",), "config")
         # The class defaults (224 / 32 = 7 patches per side, scale 2) cannot pixel-shuffle; like the
         # reference we accept them here and the connector names the problem at run time.

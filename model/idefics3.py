@@ -18,20 +18,43 @@ from .vision import Idefics3VisionTransformer
 IGNORE_INDEX = -100
 
 
+def as_config(config: Any) -> Idefics3Config:
+    """Ours, or another library's Idefics3Config (transformers': it has to_dict) read as ours."""
+    if isinstance(config, Idefics3Config):
+        return config
+    if callable(getattr(config, "to_dict", None)):
+        return Idefics3Config.from_dict(config.to_dict())
+    raise TypeError(f"config must be an Idefics3Config, got {type(config).__name__}")
+
+
+class _Output:
+    """Read as transformers' ModelOutput: by name, or by position among the fields that are set, in
+    the reference's order (`model(**inputs)[0]`: the loss where labels were given, else the logits)."""
+    ORDER: tuple[str, ...] = ()
+
+    def keys(self) -> list[str]:
+        return [name for name in self.ORDER if getattr(self, name) is not None]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.keys())
+
+    def __getitem__(self, key: str | int | slice) -> Any:
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+
 @dataclass
-class Idefics3ModelOutput:
+class Idefics3ModelOutput(_Output):
     last_hidden_state: Tensor
     image_hidden_states: Tensor | None = None   # (n_real_frames, S, Dt) when images were encoded
+    ORDER = ("last_hidden_state", "image_hidden_states")
 
 
 @dataclass
-class Idefics3CausalLMOutput:
+class Idefics3CausalLMOutput(_Output):
     logits: Tensor
     loss: Tensor | None = None
     image_hidden_states: Tensor | None = None
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
+    ORDER = ("loss", "logits", "image_hidden_states")
 
 
 class _PretrainedMixin:
@@ -64,7 +87,7 @@ def _frames(x: Tensor, trailing: int) -> Tensor:
 class Idefics3Model(_PretrainedMixin, nn.Module):
     def __init__(self, config: Idefics3Config):
         super().__init__()
-        self.config = config
+        self.config = config = as_config(config)
         self.vision_model = Idefics3VisionTransformer(config.vision_config)
         self.connector = Idefics3Connector(config)
         self.text_model = LlamaModel(config.text_config)
@@ -180,7 +203,7 @@ def check_forward_flags(flags: dict) -> None:
 class Idefics3ForConditionalGeneration(_PretrainedMixin, nn.Module):
     def __init__(self, config: Idefics3Config):
         super().__init__()
-        self.config = config
+        self.config = config = as_config(config)
         self.model = Idefics3Model(config)
         text = config.text_config
         self.lm_head = Linear(text.hidden_size, text.vocab_size, bias=False)

@@ -155,7 +155,8 @@ def read_generation_config(folder: Path) -> dict:
 
 HUB_ARGUMENTS = {"revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "etag_timeout"}
 # transformers' arguments that change nothing here (one attention implementation; safetensors only)
-IGNORED_ARGUMENTS = {"attn_implementation", "low_cpu_mem_usage", "trust_remote_code", "use_safetensors"}
+IGNORED_ARGUMENTS = {"attn_implementation", "_attn_implementation", "low_cpu_mem_usage", "trust_remote_code",
+                     "use_safetensors", "use_cache"}
 
 
 def materialized(model: nn.Module, device: torch.device) -> nn.Module:

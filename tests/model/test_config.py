@@ -96,3 +96,22 @@ def test_sizes_that_are_not_positive_integers_name_their_key(where, key, value):
     (data if where == "config" else data[where])[key] = value
     with pytest.raises(ValueError, match=f"{where}.{key} must be a positive integer, got {value!r}"):
         Idefics3Config.from_dict(data)
+
+
+def test_transformers_config_objects_are_read_as_ours():
+    """A transformers Idefics3VisionConfig given as vision_config, or a transformers Idefics3Config given to
+    our model, failed deep in the model ("no attribute 'num_patches_per_side'")."""
+    from model import Idefics3ForConditionalGeneration
+
+    theirs = transformers.Idefics3Config(
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "vocab_size": 64}, scale_factor=2)
+    ours = Idefics3Config(vision_config=theirs.vision_config, text_config=theirs.text_config, scale_factor=2)
+    assert ours.vision_config.num_patches_per_side == 4 and ours.text_config.num_key_value_heads == 1
+    model = Idefics3ForConditionalGeneration(theirs)
+    assert isinstance(model.config, Idefics3Config) and model.config.to_dict() == Idefics3Config.from_dict(
+        theirs.to_dict()).to_dict()
+    with pytest.raises(TypeError, match="vision_config must be a Idefics3VisionConfig, a dict or None, got str"):
+        Idefics3Config(vision_config="junk")

@@ -127,3 +127,18 @@ def test_output_reads_by_key_and_position(pair):
     assert torch.is_tensor(ours.generate(**inputs, max_new_tokens=3, output_scores=True))   # no dict asked
     with pytest.raises(ValueError, match="does not implement output_attentions=True"):
         ours.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, output_attentions=True)
+
+
+def test_forward_outputs_read_by_position_as_the_references(pair):  # noqa: F811
+    """`model(**inputs)[0]` (common in older code) was a TypeError: the first set field, as transformers'."""
+    path, ours, ref = pair
+    inputs = mixed_batch(path)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)      # image labels left out too:
+    labels = labels.masked_fill(labels == ours.config.image_token_id, -100)           # the documented difference
+    with torch.no_grad():
+        for extra in ({}, {"labels": labels}):
+            got, want = ours(**inputs, **extra), ref(**inputs, **extra)
+            torch.testing.assert_close(got[0], want[0])
+            assert got.keys() == ["loss"] * bool(extra) + ["logits"] + ["image_hidden_states"]
+            torch.testing.assert_close(got[int(bool(extra))], want.logits)
+            assert len(got.to_tuple()) == len(got.keys()) and got["logits"] is got.logits

@@ -187,6 +187,8 @@ def test_transformers_loading_keywords_are_read_or_refused(checkpoint, caplog):
     assert Idefics3ForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
     on_cpu = Idefics3ForConditionalGeneration.from_pretrained(folder, device_map="cpu", attn_implementation="sdpa")
     assert on_cpu.device == torch.device("cpu") and "attn_implementation change nothing here" in caplog.text
+    # as model cards write them
+    Idefics3ForConditionalGeneration.from_pretrained(folder, _attn_implementation="eager", use_cache=False)
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['dtpye'\]"):
         Idefics3ForConditionalGeneration.from_pretrained(folder, dtpye=torch.float16)
     with pytest.raises(TypeError, match="lives on one device"):
