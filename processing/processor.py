@@ -126,6 +126,11 @@ def check_chat_options(continue_final_message: Any, kwargs: dict) -> None:
                         "content; naming another field (transformers 5) is not implemented")
 
 
+# from_pretrained's settings of the processor itself, as the reference's (not the image processor's)
+PROCESSOR_SETTINGS = {"image_seq_len", "padding_side", "chat_template"}
+IGNORED_SETTINGS = {"use_fast", "trust_remote_code"}     # one implementation here, no remote code
+
+
 class Idefics3Processor:
     """Image processor + tokenizer + chat template, as in the reference."""
 
@@ -156,14 +161,22 @@ class Idefics3Processor:
         if image_backend not in classes:
             raise ValueError(f"image_backend must be 'pil' or 'torch', got {image_backend!r}")
         path = _local_path(path, **{k: image_settings.pop(k) for k in HUB_ARGUMENTS & image_settings.keys()})
+        own = {k: image_settings.pop(k) for k in PROCESSOR_SETTINGS & image_settings.keys()}
+        for name in IGNORED_SETTINGS & image_settings.keys():       # transformers' that change nothing here
+            image_settings.pop(name)
         ip = importlib.import_module(".image_processor", __package__)
         unknown = sorted(set(image_settings) - set(ip.DEFAULTS))
         if unknown:
             raise TypeError(f"unknown image-processor settings {unknown}; known: {sorted(ip.DEFAULTS)}")
         image_processor = getattr(ip, classes[image_backend]).from_pretrained(path, **image_settings)
         tokenizer = Tokenizer.from_pretrained(path)
-        return cls(image_processor, tokenizer, image_seq_len=read_image_seq_len(path),
-                   chat_template=load_chat_template(path))
+        if own.get("padding_side") is not None:
+            if own["padding_side"] not in ("left", "right"):
+                raise ValueError(f"padding_side must be 'left' or 'right', got {own['padding_side']!r}")
+            tokenizer.padding_side = own["padding_side"]
+        seq_len = own.get("image_seq_len")
+        return cls(image_processor, tokenizer, image_seq_len=read_image_seq_len(path) if seq_len is None else seq_len,
+                   chat_template=own.get("chat_template") or load_chat_template(path))
 
     # --- __call__ ------------------------------------------------------------------------------
 

@@ -356,3 +356,18 @@ def test_a_hub_ids_processor_fetches_only_the_processors_files(folder, monkeypat
     processor = Idefics3Processor.from_pretrained("owner/name", revision="v1", size={"longest_edge": 728})
     assert asked == [("owner/name", {"allow_patterns": ["*.json", "*.jinja", "*.txt", "*.model"], "revision": "v1"})]
     assert processor.image_processor.size == {"longest_edge": 728}
+
+
+def test_from_pretrained_takes_the_processors_own_settings_as_the_reference(folder):
+    """image_seq_len, padding_side and chat_template are the processor's, not the image processor's:
+    they were refused as "unknown image-processor settings", and so were use_fast and trust_remote_code."""
+    settings = dict(image_seq_len=9, padding_side="left", chat_template="{{ messages[0]['content'] }}")
+    ref = transformers.AutoProcessor.from_pretrained(folder, **settings)
+    ours = Idefics3Processor.from_pretrained(folder, use_fast=True, trust_remote_code=True, **settings)
+    assert (ours.image_seq_len, ours.tokenizer.padding_side) == (9, "left")
+    assert ours.chat_template == settings["chat_template"]
+    kwargs = dict(text=["<image>hi", "a longer text <image>"], images=[_img(40, 30), _img(20, 20)], padding=True,
+                  return_tensors="pt")
+    assert_same(ref(**kwargs), ours(**kwargs))
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
+        Idefics3Processor.from_pretrained(folder, padding_side="middle")
