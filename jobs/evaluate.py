@@ -151,16 +151,26 @@ def choose_metric(args: argparse.Namespace) -> str:
                      f"({', '.join(METRICS)})")
 
 
-def pipeline_config(args: argparse.Namespace, kept: list[str]):
+def pipeline_config(args: argparse.Namespace, kept: list[str], **asked):
     """Greedy answers with the given run flags (the checkpoint's generation_config.json only with
-    --generation-config auto); what is not given is PipelineConfig's default."""
+    --generation-config auto); what is not given is PipelineConfig's default. `asked`: how rows are
+    asked (a multiple-choice benchmark's option columns)."""
     from pipeline import PipelineConfig
 
     given = {k: v for k, v in vars(args).items() if v is not None and k in PipelineConfig.field_names()
              and k not in ("model", "storage_options", "prompt_suffix")}
     given.setdefault("generation_config", "none")
     return PipelineConfig(model=args.model, keep_columns=kept, storage_options=storage_options(args),
-                          prompt_suffix=choose_suffix(args), **given)
+                          prompt_suffix=choose_suffix(args), **{**given, **asked})
+
+
+def asked_options(args: argparse.Namespace, present: list[str]) -> dict:
+    """A multiple-choice benchmark whose options are columns A, B, ... (MMBench's, with its `hint`):
+    they are asked after the question as lmms-eval asks them; without them the model saw no options."""
+    letters = [c for c in "ABCDEFGHIJ" if c in present]
+    if choose_metric(args) != "multiple_choice" or letters[:2] != ["A", "B"]:
+        return {}
+    return {"option_columns": letters, "hint_column": "hint" if "hint" in present else None}
 
 
 SHOWN_SETTINGS = ("system_prompt", "max_new_tokens", "num_beams", "generation_config", "image_backend",
@@ -211,7 +221,8 @@ def model_run_config(args: argparse.Namespace):
     present = [truth.get(c, c) for c in input_dataset(args.input, storage_options(args)).schema.names]
     if "answers" not in present:
         raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
-    return pipeline_config(args, [c for c in ("answers", "category") if c in present]), truth
+    kept = [c for c in ("answers", "category") if c in present]
+    return pipeline_config(args, kept, **asked_options(args, present)), truth
 
 
 def default_output(args: argparse.Namespace) -> str:

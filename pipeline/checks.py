@@ -350,6 +350,10 @@ def check_columns(names: list[str], config: PipelineConfig, source: str) -> None
     missing = [c for c in config.keep_columns if c not in names]
     if missing:
         raise ValueError(f"--keep-columns {missing} are not columns of {source!r} (columns: {sorted(names)})")
+    missing = [c for c in [*config.option_columns, *[config.hint_column] * bool(config.hint_column)] if c not in names]
+    if missing:
+        raise ValueError(f"option_columns / hint_column {missing} are not columns of {source!r} "
+                         f"(columns: {sorted(names)})")
     missing = [c for c in config.template_columns() if c not in names]
     if missing:
         raise ValueError(f"--prompt-template names {missing}, which are not columns of {source!r} (columns: "

@@ -43,6 +43,10 @@ class PipelineConfig:
     id_column: str = "id"                       # the input column of row ids (absent "id": Ray Data's row hash)
     image_column: str = "image"                 # the input column of each row's image(s)
     question_column: str = "question"           # the input column of each row's question (null: `prompt`)
+    option_columns: list[str] = field(default_factory=list)   # a multiple-choice question's options, a column
+                                                # each named by its letter (MMBench's A..E): asked after the
+                                                # question as lmms-eval asks MMBench's (null options left out)
+    hint_column: str | None = None              # with option_columns: a text asked before the question (null: none)
     messages_column: str | None = None          # an input column of each row's conversation (HF chat messages,
                                                 # or their JSON text) whose next assistant turn is answered
                                                 # (a last assistant turn: answered again); null: `prompt`
@@ -214,6 +218,13 @@ class PipelineConfig:
             raise ValueError(f"score_column scores given answers; {generating[0]} is about generating them: give one")
         if self.messages_column is not None and self.prompt_template is not None:
             raise ValueError("messages_column and prompt_template are two ways to make what each row asks: give one")
+        if isinstance(self.option_columns, str):
+            self.option_columns = [c.strip() for c in self.option_columns.split(",") if c.strip()]
+        made = next((name for name in ("messages_column", "prompt_template") if getattr(self, name) is not None), None)
+        if (self.option_columns or self.hint_column) and made:
+            raise ValueError(f"option_columns and {made} are two ways to make what each row asks: give one")
+        if self.hint_column is not None and not self.option_columns:
+            raise ValueError("hint_column is asked before a multiple-choice question's options: give option_columns")
 
     def _check_integers(self) -> None:
         """Fields typed int are integers (a job.yaml's 2.5 would fail every row, or a replica's start)."""

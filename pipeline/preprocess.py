@@ -49,6 +49,14 @@ def conversation(messages, suffix: str):
         return RowError(f"{type(e).__name__}: {e}")
 
 
+def with_options(question: str, hint, options: dict) -> str:
+    """A multiple-choice question as lmms-eval asks MMBench's: the hint (if any), the question and its
+    options, a line each after "There are several options:" (null, empty and "nan" options left out)."""
+    shown = lambda value: value is not None and value == value and str(value) not in ("", "nan")  # noqa: E731
+    listed = "\n".join(["There are several options:", *(f"{k}. {v}" for k, v in sorted(options.items()) if shown(v))])
+    return f"{hint} {question} {listed}" if shown(hint) else f"{question} {listed}"
+
+
 def which(index: int, count: int) -> str:
     """Which image of a row's several an error is about (after its cause: the error's kind stays one)."""
     return f" (image {index + 1} of {count})" if count > 1 else ""
@@ -104,6 +112,11 @@ class Preprocess:
             return [None if m is None else conversation(m, self.config.prompt_suffix)
                     for m in self.cells(batch, self.config.messages_column)]
         template = self.config.prompt_template
+        if template is None and self.config.option_columns:
+            hints = self.cells(batch, self.config.hint_column) if self.config.hint_column else [None] * batch.num_rows
+            options = zip(*(self.cells(batch, name) for name in self.config.option_columns))
+            return [with_options(self.config.prompt if q is None else q, hint, dict(zip(self.config.option_columns, o)))
+                    for q, hint, o in zip(self.cells(batch, self.config.question_column), hints, options)]
         if template is None:
             return self.cells(batch, self.config.question_column)
         names = self.config.template_columns()

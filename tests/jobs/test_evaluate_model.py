@@ -253,3 +253,26 @@ def test_the_reports_settings_name_a_generation_config_url_without_its_secrets(c
                            "--generation-config", "https://alice:pw0@h/gen.json?token=t0"])
     settings = job.model_settings(args)["settings"]
     assert '"generation_config": "https://***@h/gen.json?token=***"' in settings and "pw0" not in settings
+
+
+def test_a_multiple_choice_benchmarks_option_columns_are_asked(checkpoint, tmp_path):
+    """MMBench keeps its options in columns A..E (and a hint): the model was asked the question alone,
+    never seeing the options whose letter it was to answer. They are asked as lmms-eval asks them."""
+    from pipeline.groups import ungroup
+    from pipeline.preprocess import Preprocess
+
+    rows = [{"id": "q1", "image": png("red"), "question": "Which colour?", "hint": "A flag.", "A": "red",
+             "B": "blue", "C": "green", "D": None, "answers": "A"},
+            {"id": "q2", "image": png("blue"), "question": "Which shape?", "hint": None, "A": "circle",
+             "B": "square", "C": None, "D": "nan", "answers": "B"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mmbench_dev.parquet")
+    args = job.parse_args(["--input", str(tmp_path / "mmbench_dev.parquet"), "--model", str(checkpoint)])
+    config, _ = job.model_run_config(args)
+    assert (config.option_columns, config.hint_column) == (["A", "B", "C", "D"], "hint")
+    table = pa.Table.from_pylist(rows)
+    asked, _ = ungroup(Preprocess(config)(table))
+    assert asked.column("question").to_pylist() == [
+        "A flag. Which colour? There are several options:\nA. red\nB. blue\nC. green" + benchmarks.OPTION_LETTER,
+        "Which shape? There are several options:\nA. circle\nB. square" + benchmarks.OPTION_LETTER]
+    assert job.model_run_config(job.parse_args(["--input", str(tmp_path / "mmbench_dev.parquet"), "--model",
+                                                str(checkpoint), "--metric", "exact_match"]))[0].option_columns == []
