@@ -99,6 +99,15 @@ def test_a_file_that_makes_the_run_impossible_is_named():
         with_checkpoint_defaults(PipelineConfig(model="m"), {"do_sample": True, "temperature": 0.7, "num_beams": 4})
 
 
+def test_a_scoring_run_takes_nothing_of_the_file(caplog):
+    """It decodes nothing: a fine-tune's num_beams or stop_strings refused it, its temperature was announced."""
+    scoring = PipelineConfig(model="m", score_column="caption")
+    for file in ({"num_beams": 3}, {"stop_strings": ["."]}, {"do_sample": True, "temperature": 0.6}):
+        with caplog.at_level(logging.WARNING):
+            assert with_checkpoint_defaults(scoring, file) == (scoring, {})
+    assert "decoding as" not in caplog.text
+
+
 def test_the_file_is_read_from_a_folder_the_hub_cache_and_refused_when_it_is_not_json(checkpoint, tmp_path,
                                                                                    monkeypatch):
     from huggingface_hub import constants
