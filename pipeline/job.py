@@ -33,6 +33,7 @@ from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
 from .run_stats import RunCounter
 from .storage import fsspec_fs, has_files, is_local, lists_folders, redact_url, redact_urls, sibling, write_text
 
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
 ERROR_KINDS_SHOWN = 10
 ANSWERS_SHOWN = 50
@@ -313,12 +314,27 @@ def job_rows(job: PreparedJob) -> ray.data.Dataset:
     """The rows the run answers, as the pipeline knows them: only the ids asked for, renamed, the first `limit`."""
     ds = read_rows(job.input_uri, job.config.storage_options, schema=job.schema)
     ds = ds.select_columns([*job.columns, ROW_HASH])
+    keys = [c for c in job.columns if job.schema is not None and c not in job.schema.names]   # hive partition keys
+    if keys:
+        ds = ds.map_batches(hive_nulls, fn_kwargs={"columns": keys}, batch_format="pyarrow")
     if job.only_ids is not None:
         ds = ds.map_batches(keep_ids, fn_kwargs={"ids": job.only_ids, "column": job.config.id_column},
                             batch_format="pyarrow")
     if job.renames:
         ds = ds.map_batches(rename_columns, fn_kwargs={"renames": job.renames}, batch_format="pyarrow")
     return ds if job.limit is None else ds.limit(job.limit)
+
+
+def hive_nulls(batch: pa.Table, columns: list[str]) -> pa.Table:
+    """Spark's folder of a null partition value (key=__HIVE_DEFAULT_PARTITION__) as a null: Ray Data
+    read it as that text, which a kept key or a prompt template then held."""
+    for name in columns:
+        column = batch.column(name)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            null = pc.equal(column, HIVE_NULL)
+            batch = batch.set_column(batch.column_names.index(name), name,
+                                     pc.if_else(null, pa.scalar(None, column.type), column))
+    return batch
 
 
 def run_prepared(job: PreparedJob) -> dict:

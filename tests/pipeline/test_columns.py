@@ -323,3 +323,17 @@ def test_ids_that_int64_cannot_hold_and_a_column_named_as_rays_row_hash_are_refu
     with pytest.raises(ValueError, match=r"its column 'row_hash' is the name of the column Ray Data adds"):
         prepare_job(str(source), str(tmp_path / "out"), replace(config, keep_columns=["row_hash"]))
     prepare_job(str(source), str(tmp_path / "out"), config)       # not read: no conflict
+
+
+def test_sparks_folder_of_a_null_partition_value_is_a_null(ray_cluster, checkpoint, tmp_path):
+    """Spark writes a null key as `lang=__HIVE_DEFAULT_PARTITION__/`: Ray Data read it as that text, which
+    a kept key (or a prompt template) then held."""
+    from pipeline.job import job_rows
+
+    for lang in ("en", "__HIVE_DEFAULT_PARTITION__"):
+        write_parquet(tmp_path / "rows" / f"lang={lang}" / "part.parquet", [dict(good_rows(1)[0], id=lang)])
+    job = prepare_job(str(tmp_path / "rows"), str(tmp_path / "out"), PipelineConfig(model=str(checkpoint),
+                                                                                     keep_columns=["lang"]))
+    job.output_lock.release()
+    langs = {r["id"]: r["lang"] for r in job_rows(job).take_all()}
+    assert langs == {"en": "en", "__HIVE_DEFAULT_PARTITION__": None}
