@@ -23,7 +23,8 @@ DATASET_SUFFIXES = {
     "docvqa": SHORT_ANSWER, "infovqa": SHORT_ANSWER, "infographicvqa": SHORT_ANSWER, "stvqa": SHORT_ANSWER,
     "chartqa": SHORT_ANSWER, "textvqa": SHORT_ANSWER, "vqav2": SHORT_ANSWER,
     "vizwiz": UNANSWERABLE, "okvqa": UNANSWERABLE,
-    "mmstar": OPTION_LETTER.rstrip("."), "mmmu": OPTION_LETTER, "mmbench": OPTION_LETTER,
+    # MMBench's: lmms-eval puts a line break between its options and this (which begins with one)
+    "mmstar": OPTION_LETTER.rstrip("."), "mmmu": OPTION_LETTER, "mmbench": "\n" + OPTION_LETTER,
 }
 
 

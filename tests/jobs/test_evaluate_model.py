@@ -272,7 +272,7 @@ def test_a_multiple_choice_benchmarks_option_columns_are_asked(checkpoint, tmp_p
     table = pa.Table.from_pylist(rows)
     asked, _ = ungroup(Preprocess(config)(table))
     assert asked.column("question").to_pylist() == [
-        "A flag. Which colour? There are several options:\nA. red\nB. blue\nC. green" + benchmarks.OPTION_LETTER,
-        "Which shape? There are several options:\nA. circle\nB. square" + benchmarks.OPTION_LETTER]
+        "A flag. Which colour? There are several options:\nA. red\nB. blue\nC. green\n" + benchmarks.OPTION_LETTER,
+        "Which shape? There are several options:\nA. circle\nB. square\n" + benchmarks.OPTION_LETTER]
     assert job.model_run_config(job.parse_args(["--input", str(tmp_path / "mmbench_dev.parquet"), "--model",
                                                 str(checkpoint), "--metric", "exact_match"]))[0].option_columns == []

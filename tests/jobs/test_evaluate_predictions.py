@@ -199,7 +199,7 @@ def test_a_benchmarks_name_inside_a_longer_word_names_none(path):
 @pytest.mark.parametrize("argv, suffix", [
     (["--input", "/data/DocVQA_val/test.parquet"], benchmarks.SHORT_ANSWER),
     (["--input", "/data/vizwiz/val.parquet"], benchmarks.UNANSWERABLE),
-    (["--input", "/data/MMBench_en/dev.parquet"], benchmarks.OPTION_LETTER),
+    (["--input", "/data/MMBench_en/dev.parquet"], "\n" + benchmarks.OPTION_LETTER),
     (["--input", "/data/mystery.parquet"], ""),
     (["--input", "/data/DocVQA_val/test.parquet", "--prompt-suffix", ""], ""),
     (["--input", "/data/DocVQA_val/test.parquet", "--prompt-suffix", " Be brief."], " Be brief."),
