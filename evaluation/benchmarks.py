@@ -27,6 +27,8 @@ DATASET_SUFFIXES = {
     "mmstar": OPTION_LETTER.rstrip("."), "mmmu": OPTION_LETTER, "mmbench": "\n" + OPTION_LETTER,
 }
 
+CAPITALIZED = {"textvqa", "vizwiz"}     # lmms-eval asks their questions as str.capitalize writes them
+
 
 def benchmark_in(path: str) -> str | None:
     """The known benchmark named in a path, if any: the file's own name first, then its folders from

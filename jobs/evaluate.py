@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from evaluation.baseline import baseline_scores, changed_rows, compare
-from evaluation.benchmarks import DATASET_METRICS, DATASET_SUFFIXES, benchmark_in
+from evaluation.benchmarks import CAPITALIZED, DATASET_METRICS, DATASET_SUFFIXES, benchmark_in
 from evaluation.metrics import METRICS
 from evaluation.report import sample_rows, write_chart, write_gallery, write_metrics_json, write_report_md
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
@@ -222,7 +222,8 @@ def model_run_config(args: argparse.Namespace):
     if "answers" not in present:
         raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
     kept = [c for c in ("answers", "category") if c in present]
-    return pipeline_config(args, kept, **asked_options(args, present)), truth
+    capitalized = benchmark_name(args) in CAPITALIZED
+    return pipeline_config(args, kept, capitalize_questions=capitalized, **asked_options(args, present)), truth
 
 
 def default_output(args: argparse.Namespace) -> str:

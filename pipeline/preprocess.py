@@ -111,6 +111,10 @@ class Preprocess:
         if self.config.messages_column is not None:
             return [None if m is None else conversation(m, self.config.prompt_suffix)
                     for m in self.cells(batch, self.config.messages_column)]
+        asked = self._questions(batch)
+        return [q.capitalize() if isinstance(q, str) and self.config.capitalize_questions else q for q in asked]
+
+    def _questions(self, batch: pa.Table) -> list:
         template = self.config.prompt_template
         if template is None and self.config.option_columns:
             hints = self.cells(batch, self.config.hint_column) if self.config.hint_column else [None] * batch.num_rows

@@ -276,3 +276,16 @@ def test_a_multiple_choice_benchmarks_option_columns_are_asked(checkpoint, tmp_p
         "Which shape? There are several options:\nA. circle\nB. square\n" + benchmarks.OPTION_LETTER]
     assert job.model_run_config(job.parse_args(["--input", str(tmp_path / "mmbench_dev.parquet"), "--model",
                                                 str(checkpoint), "--metric", "exact_match"]))[0].option_columns == []
+
+
+def test_textvqas_questions_are_capitalized_as_lmms_eval_asks_them(checkpoint, tmp_path):
+    from pipeline.groups import ungroup
+    from pipeline.preprocess import Preprocess
+
+    rows = [{"id": "q1", "image": png("red"), "question": "what brand is on the NASA can?", "answers": ["nasa"]}]
+    for name, asked in (("textvqa_val.parquet", "What brand is on the nasa can?"),
+                        ("docvqa_val.parquet", "what brand is on the NASA can?")):
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / name)
+        config, _ = job.model_run_config(job.parse_args(["--input", str(tmp_path / name), "--model", str(checkpoint)]))
+        questions = ungroup(Preprocess(config)(pa.Table.from_pylist(rows)))[0].column("question").to_pylist()
+        assert questions == [asked + benchmarks.SHORT_ANSWER], name
