@@ -38,7 +38,7 @@ def adapter_files(folder: Path) -> tuple[dict, Path]:
     return config, weights
 
 
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")     # initialisations that change the base weights
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")     # initialisations that change the base
 
 
 def check_adapter_config(config: dict, adapter: str) -> dict:

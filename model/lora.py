@@ -35,6 +35,9 @@ class LoraAdapter:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "LoraAdapter":
         folder = Path(path).expanduser()
+        if not folder.is_dir():     # a URL or hub id is the jobs' (--adapter): the library reads a local folder
+            raise FileNotFoundError(f"adapter {str(path)!r}: no such folder (the library reads an adapter from a "
+                                    "local folder; download a hub id's or a URL's first)")
         config, weights = adapter_files(folder)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         with open_safetensors(weights) as f:
@@ -104,4 +107,6 @@ def scaling(config: dict, module: str, rank: int) -> float:
         if re.match(rf"(.*\.)?({pattern})$", module):
             alpha = value
             break
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise CheckpointError(f"adapter: lora_alpha of {module} must be a number, got {alpha!r}")
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)

@@ -104,7 +104,9 @@ def test_adapters_that_do_not_merge_into_weights_are_refused(checkpoint, tmp_pat
                                 ("bias", "all", "bias='all' set"), ("peft_type", "IA3", "only LoRA adapters"),
                                 # PEFT re-initialises these on load, taking their principal part out of the base
                                 ("init_lora_weights", "pissa_niter_4", "init_lora_weights='pissa_niter_4'"),
-                                ("init_lora_weights", "olora", "init_lora_weights='olora'")]:
+                                ("init_lora_weights", "olora", "init_lora_weights='olora'"),
+                                ("init_lora_weights", "lora_ga", "init_lora_weights='lora_ga'"),
+                                ("lora_alpha", None, "lora_alpha of .* must be a number, got None")]:
         (folder / "adapter_config.json").write_text(json.dumps({**config, option: value}))
         with pytest.raises(CheckpointError, match=says):
             Idefics3ForConditionalGeneration.from_pretrained(base, adapter=folder)
@@ -116,6 +118,9 @@ def test_adapters_that_do_not_merge_into_weights_are_refused(checkpoint, tmp_pat
     build_adapter(tied, tmp_path / "head", **ADAPTERS["head"])
     with pytest.raises(CheckpointError, match="changes lm_head.weight, which the model ties to another weight"):
         Idefics3ForConditionalGeneration.from_pretrained(tied, adapter=tmp_path / "head")   # not "another base"
+    for url in ("https://huggingface.co/owner/name", "owner/name"):   # the jobs' --adapter reads these, not the library
+        with pytest.raises(FileNotFoundError, match=f"adapter '{url}': no such folder"):
+            Idefics3ForConditionalGeneration.from_pretrained(base, adapter=url)
     shutil.copy(folder / "adapter_model.safetensors", folder / "adapter_model.bin")
     (folder / "adapter_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="pickle weights are never loaded"):
