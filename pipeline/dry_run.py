@@ -13,10 +13,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .config import SETTABLE, TOKEN_SETTINGS, PipelineConfig
-from .groups import ungroup
+from .dedup import answer_key
+from .groups import IMAGE_FIELDS, ungroup
 from .io import head_rows, input_dataset, read_output
 from .job import check_job, check_run_arguments
 from .manifest import check_run_settings
+from .requests import RowRequests
 from .rows import ROW_HASH, error_kind, rename_columns
 from .storage import redact_url
 
@@ -53,6 +55,13 @@ def tiles_of_images(input_ids: list[int], image_id: int, global_id: int) -> list
                 counts.append(tiles)
                 tiles = 0
     return counts
+
+
+class Rehearsed(RowRequests):
+    """Requests made to see which rows fail and which ask again, not to be run: without pixel values."""
+
+    def pixel_values(self, row: dict):
+        return None
 
 
 def written_ids(output_uri: str, options: dict | None, retry_errors: str | None) -> pa.Array:
@@ -94,11 +103,13 @@ def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: in
         preprocess = Preprocess(checked.config, folder)
         groups = preprocess(sample)
     encoded, group_of = ungroup(groups)
-    keys = groups.column("image_key").to_pylist()       # rows of the same image bytes share one
-    errors = [(str(i), e) for i, e in zip(encoded.column("id").to_pylist(), encoded.column("error").to_pylist()) if e]
-    asked = [(keys[g], tuple(ids)) for g, ids in zip(group_of, encoded.column("input_ids").to_pylist())
-             if ids is not None]
-    prompts = [len(ids) for _, ids in asked]
+    # the model stage's requests too (no pixels): rows whose own settings no request takes fail there
+    _, outputs, requests = Rehearsed(checked.config, preprocess.encoder, "cpu").prepare(
+        encoded, groups.select(list(IMAGE_FIELDS)).to_pylist(), group_of)
+    errors = [(str(i), o["error"]) for i, o in zip(encoded.column("id").to_pylist(), outputs) if o and o["error"]]
+    asked = [answer_key(request) for request in requests.values()]      # a question asked again: answered once
+    asked = [key for key in asked if key is not None]
+    prompts = [len(ids) for ids in encoded.column("input_ids").to_pylist() if ids is not None]
     processor = preprocess.encoder.processor
     firsts = [ids[0] for ids in groups.column("input_ids").to_pylist() if ids[0] is not None]
     image_id, global_id = processor.image_token_id, processor.global_image_token_id

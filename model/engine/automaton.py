@@ -267,13 +267,13 @@ class Automaton:
 
 
 @lru_cache(maxsize=64)
-def _automaton_of(pattern: str) -> Automaton:
+def automaton_of(pattern: str) -> Automaton:
     return Automaton(pattern)
 
 
 def matches(pattern: str, text: str) -> bool:
     """Whether `text` is a whole match of `pattern` (re.fullmatch's sense, in one pass: no backtracking)."""
-    automaton = _automaton_of(pattern)
+    automaton = automaton_of(pattern)
     state = automaton.start
     for ch in text:
         if state is None:

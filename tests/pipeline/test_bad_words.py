@@ -26,7 +26,7 @@ def test_answers_avoid_the_words_as_the_reference(checkpoint, oracle, monkeypatc
     for r in rows:
         answer = tokenize(" " + out[r["id"]]["answer"], add_special_tokens=False)
         assert not any(tuple(answer[i:i + len(w)]) == w for w in ids for i in range(len(answer)))
-    monkeypatch.setattr("pipeline.generate.BAD_WORD_LISTS", 3)     # rows' own lists: the recent ones kept
+    monkeypatch.setattr("pipeline.requests.BAD_WORD_LISTS", 3)     # rows' own lists: the recent ones kept
     for k in range(10):
         stage.bad_word_ids((f"w{k}",))
     assert len(stage._bad_words) == 3 and stage.bad_word_ids(tuple(words)) == ids

@@ -144,3 +144,24 @@ def test_a_rehearsal_of_a_resume_tries_the_rows_it_would_answer(checkpoint, tmp_
         found = json.loads(capsys.readouterr().out)
         assert found["rows_to_answer"] == to_answer and found["rows_tried"] == 3, extra
         assert [e["id"] for e in found["error_examples"]] == [i for i in tried if i != "good-1"], extra
+
+
+def test_a_rehearsal_finds_the_rows_whose_own_settings_no_request_takes(checkpoint, tmp_path, capsys):
+    """Those fail in the model stage, which a rehearsal did not run: it counted none of them; and it
+    counted a repeated question the run answers twice (drawn answers are not shared)."""
+    image = png(20, 20)
+    rows = [{"id": "hot", "image": image, "question": "Q?", "params": '{"temperature": "hot"}'},
+            {"id": "regex", "image": image, "question": "Q?", "params": '{"regex": "[unclosed"}'},
+            {"id": "none", "image": image, "question": "Q?", "params": '{"max_new_tokens": 0}'},
+            {"id": "good", "image": image, "question": "Q?", "params": None},
+            {"id": "again", "image": image, "question": "Q?", "params": None}]
+    write_parquet(tmp_path / "in.parquet", rows)
+    argv = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model", str(checkpoint),
+            "--sampling-column", "params", "--dry-run", "5"]
+    assert caption.main(argv) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert [e["id"] for e in found["error_examples"]] == ["hot", "regex", "none"]
+    assert all(e["error"].startswith("prepare: ") for e in found["error_examples"])
+    assert found["repeated_questions"] == 1                 # good, asked again: answered once
+    assert caption.main([*argv, "--temperature", "0.7"]) == 0
+    assert json.loads(capsys.readouterr().out)["repeated_questions"] == 0     # drawn: each row its own answer
