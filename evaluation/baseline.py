@@ -67,7 +67,7 @@ def report_lines(comparison: dict) -> list[str]:
     interval = "n/a" if c["ci95"] is None else f"[{c['ci95'][0]}, {c['ci95'][1]}]"
     lines = ["## Against the baseline", "", f"- baseline: {code_span(c['source'])}",
              f"- rows compared: {c['rows']} ({c['rows_without_baseline']} without a baseline answer, "
-             f"{c['baseline_rows_unused']} baseline answers to other ids)",
+             f"{c['baseline_rows_unused']} baseline answers to ids this run did not answer)",
              f"- delta: {c['delta']} (this run {c['score']}, the baseline {c['baseline_score']}), "
              f"95 % interval {interval}",
              f"- rows better / worse / same: {c['better']} / {c['worse']} / {c['same']}", ""]
