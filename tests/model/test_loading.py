@@ -142,6 +142,14 @@ def test_full_checkpoint_loads_into_bare_model(checkpoint):
     torch.testing.assert_close(full.lm_head(hidden), full(**batch).logits, atol=0, rtol=0)
 
 
+def test_a_bare_model_saves_itself_as_the_bare_architecture(checkpoint, tmp_path):
+    """Its config.json named the full model's class, which auto classes build (a head the folder lacks)."""
+    for name in ("idefics3", "smolvlm"):
+        Idefics3Model.from_pretrained(checkpoint(name)).save_pretrained(tmp_path / name)
+        assert json.loads((tmp_path / name / "config.json").read_text())["architectures"] == ["Idefics3Model"]
+        assert type(transformers.AutoModel.from_pretrained(tmp_path / name)) is transformers.Idefics3Model
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["smolvlm", "idefics3"])
 def test_save_pretrained_round_trips_into_transformers(checkpoint, tmp_path, name):
