@@ -178,6 +178,24 @@ class Idefics3Processor:
         return cls(image_processor, tokenizer, image_seq_len=read_image_seq_len(path) if seq_len is None else seq_len,
                    chat_template=own.get("chat_template") or load_chat_template(path))
 
+    def save_pretrained(self, path: str | Path) -> Path:
+        """The files from_pretrained reads (transformers' too): the tokenizer's, the image processor's,
+        processor_config.json (image_seq_len) and the chat template (chat_template.jinja; named
+        templates in chat_templates/)."""
+        path = Path(path)
+        self.image_processor.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        (path / "processor_config.json").write_text(json.dumps(
+            {"image_seq_len": self.image_seq_len, "processor_class": "Idefics3Processor"}, indent=2) + "\n")
+        templates = self.chat_template if isinstance(self.chat_template, dict) else {"default": self.chat_template}
+        for name, source in templates.items():
+            if source is None:
+                continue
+            file = path / "chat_template.jinja" if name == "default" else path / "chat_templates" / f"{name}.jinja"
+            file.parent.mkdir(exist_ok=True)
+            file.write_text(source, encoding="utf-8")
+        return path
+
     # --- __call__ ------------------------------------------------------------------------------
 
     def __call__(self, images: Any = None, text: str | Sequence[str] | None = None, image_seq_len: int | None = None,

@@ -125,6 +125,15 @@ class Tokenizer:
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
         return cls(Backend.from_file(str(tok_file)), config)
 
+    def save_pretrained(self, path: str | Path) -> None:
+        """tokenizer.json (its added tokens too) and tokenizer_config.json, as from_pretrained reads them."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(path / "tokenizer.json"))
+        config = {**self.config, "padding_side": self.padding_side, "truncation_side": self.truncation_side}
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                   encoding="utf-8")
+
     # --- special tokens -------------------------------------------------------------------------
 
     def _register_config_tokens(self) -> None:

@@ -371,3 +371,16 @@ def test_from_pretrained_takes_the_processors_own_settings_as_the_reference(fold
     assert_same(ref(**kwargs), ours(**kwargs))
     with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
         Idefics3Processor.from_pretrained(folder, padding_side="middle")
+
+
+def test_save_pretrained_writes_what_both_processors_load(folder, tmp_path):
+    """The processor had no save_pretrained: a model saved with ours could not be loaded with its processor."""
+    ours = Idefics3Processor.from_pretrained(folder, image_seq_len=9, padding_side="left")
+    ours.save_pretrained(tmp_path / "saved")
+    kwargs = dict(text=["<image>hi", "a longer text <image>"], images=[_img(40, 30), _img(20, 20)], padding=True,
+                  return_tensors="pt")
+    want = ours(**kwargs)
+    again = Idefics3Processor.from_pretrained(tmp_path / "saved")
+    assert_same(want, again(**kwargs))
+    assert again.chat_template == ours.chat_template and again.tokenizer.padding_side == "left"
+    assert_same(transformers.AutoProcessor.from_pretrained(tmp_path / "saved")(**kwargs), want)
