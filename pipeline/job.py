@@ -108,17 +108,21 @@ def has_run(output: str, storage_options: dict | None) -> bool:
 
 def start_output(output: str, storage_options: dict | None, resume: bool, overwrite: bool = False) -> None:
     """A fresh run's output made empty: its checkpoint cleared and, with `overwrite`, the files of an
-    earlier run removed (only once every check has passed). Any run's earlier summary goes first: a run
-    killed before its own leaves none, not one of rows it has since taken out (--retry-errors)."""
-    fs, path = fsspec_fs(sibling(output, ".summary.json"), storage_options)
-    if fs.exists(path):
-        fs.rm(path)
+    earlier run removed (only once every check has passed)."""
     if resume:
         return
     if overwrite and has_files(output, storage_options):
         fs, path = fsspec_fs(output, storage_options)
         fs.rm(path, recursive=True)
     clear_checkpoint(output, storage_options)
+
+
+def forget_summary(output: str, storage_options: dict | None) -> None:
+    """The earlier run's summary, once this run is let go on: a run killed before its own leaves none,
+    not one of rows it has since taken out (--retry-errors); a run refused leaves it."""
+    fs, path = fsspec_fs(sibling(output, ".summary.json"), storage_options)
+    if fs.exists(path):
+        fs.rm(path)
 
 
 @contextmanager
@@ -284,6 +288,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
         with writing_output(output_uri):
             start_output(output_uri, opts, resume, overwrite)
             keep_run_settings(output_uri, config, resume, opts)
+            forget_summary(output_uri, opts)
             if resume:
                 clean_pending_commits(output_uri, opts)
             retried = 0 if retry_errors is None else drop_error_rows(output_uri, opts, retry_errors)

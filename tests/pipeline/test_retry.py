@@ -1,6 +1,7 @@
 """--retry-errors: a resumed run answers again the earlier run's error rows (all, or those whose
 error holds a text), without re-running the rest, and the output holds every row once."""
 import json
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,6 +51,10 @@ def test_a_resume_answers_again_the_rows_that_failed_for_a_passing_reason(ray_cl
     before = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
     for name in list(made)[3:]:
         (images / name).write_bytes(made[name])
+    assert (tmp_path / "out.summary.json").exists()
+    with pytest.raises(ValueError, match="other settings than its earlier run"):      # refused: changes nothing
+        prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), replace(config, max_new_tokens=MAX_NEW + 1),
+                    resume=True)
     assert (tmp_path / "out.summary.json").exists()
     assert prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), config, resume=True,
                        retry_errors="no error says this").retried_rows == 0
