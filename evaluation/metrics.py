@@ -113,17 +113,17 @@ def as_answer_list(answers: object) -> list[str]:
 
 
 def _json_list(text: str) -> str | list:
-    """A list's JSON text (benchmarks exported to CSV keep `["cat", "kitten"]`) as that list, else
-    the text: scored as one answer, it matched neither."""
+    """A JSON list of texts (benchmarks exported to CSV keep `["cat", "kitten"]`) as that list, else
+    the text: scored as one answer, it matched neither. A list of numbers stays one answer (a
+    chart's `[12, 15]` may be the answer as written)."""
     stripped = text.strip()
-    if not (stripped.startswith("[") and stripped.endswith("]")):
+    if not (stripped.startswith('["') and stripped.endswith('"]')):
         return text
     try:
         items = json.loads(stripped)
     except ValueError:
         return text
-    simple = all(isinstance(i, (str, int, float, dict)) and not isinstance(i, bool) for i in items)
-    return items if items and simple else text
+    return items if isinstance(items, list) and all(isinstance(i, str) for i in items) else text
 
 
 def _record_answer(item: object) -> object:

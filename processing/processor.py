@@ -188,6 +188,8 @@ class Idefics3Processor:
         (path / "processor_config.json").write_text(json.dumps(
             {"image_seq_len": self.image_seq_len, "processor_class": "Idefics3Processor"}, indent=2) + "\n")
         templates = self.chat_template if isinstance(self.chat_template, dict) else {"default": self.chat_template}
+        if (path / "chat_template.json").is_file():     # an older save's, read before the .jinja: it would win
+            (path / "chat_template.json").unlink()
         for name, source in templates.items():
             if source is None:
                 continue

@@ -376,6 +376,8 @@ def test_from_pretrained_takes_the_processors_own_settings_as_the_reference(fold
 def test_save_pretrained_writes_what_both_processors_load(folder, tmp_path):
     """The processor had no save_pretrained: a model saved with ours could not be loaded with its processor."""
     ours = Idefics3Processor.from_pretrained(folder, image_seq_len=9, padding_side="left")
+    (tmp_path / "saved").mkdir()        # over an older transformers save, whose chat_template.json is read first
+    (tmp_path / "saved" / "chat_template.json").write_text('{"chat_template": "OLD {{ messages }}"}')
     ours.save_pretrained(tmp_path / "saved")
     kwargs = dict(text=["<image>hi", "a longer text <image>"], images=[_img(40, 30), _img(20, 20)], padding=True,
                   return_tensors="pt")
