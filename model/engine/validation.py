@@ -25,6 +25,9 @@ def check_request(request: Request, config, has_tokenizer: bool) -> None:
     if request.sampling.constrained and not has_tokenizer:
         raise ValueError(f"request {rid!r}: choices, regex or json_schema need the engine's tokenizer")
     if n >= text.max_position_embeddings + (request.sampling.max_new_tokens == 0):   # an answer is cut there
+        if request.sampling.max_new_tokens == 0:        # a scored text asks for no answer
+            raise ValueError(f"request {rid!r}: the prompt and its scored text ({n} tokens) pass the model's "
+                             f"context of {text.max_position_embeddings} positions")
         raise ValueError(f"request {rid!r}: the prompt ({n} tokens) fills the model's context of "
                          f"{text.max_position_embeddings} positions, leaving no room for an answer")
     if request.pixel_values is not None:

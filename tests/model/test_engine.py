@@ -490,6 +490,9 @@ def test_an_answer_longer_than_the_context_leaves_is_cut_there(setup, monkeypatc
     assert other.num_generated_tokens == 4 or other.finish_reason == "stop"
     with pytest.raises(ValueError, match=r"'full': the prompt \(\d+ tokens\) fills the model's context of"):
         engine.generate([Request("full", long.prompt_ids + [1] * 5)])
+    with pytest.raises(ValueError, match=r"'scored': the prompt and its scored text \(\d+ tokens\) pass the model"):
+        engine.generate([Request("scored", long.prompt_ids, continuation_ids=[1] * 6,
+                                 sampling=SamplingParams(max_new_tokens=0))])     # it asks for no answer
 
 
 def test_requests_with_different_tile_sizes_share_a_batch(setup):
