@@ -47,7 +47,8 @@ class PipelineConfig:
                                                 # each named by its letter (MMBench's A..E): asked after the
                                                 # question as lmms-eval asks MMBench's (null options left out)
     hint_column: str | None = None              # with option_columns: a text asked before the question (null: none)
-    capitalize_questions: bool = False          # each question as str.capitalize writes it (lmms-eval's TextVQA, VizWiz)
+    capitalize_questions: bool = False          # each question as str.capitalize writes it (lmms-eval's TextVQA,
+                                                # VizWiz)
     messages_column: str | None = None          # an input column of each row's conversation (HF chat messages,
                                                 # or their JSON text) whose next assistant turn is answered
                                                 # (a last assistant turn: answered again); null: `prompt`

@@ -84,7 +84,8 @@ def with_checkpoint_defaults(config: PipelineConfig, generation_config: dict,
     """The run's settings with the file's for those left at their defaults, and the ones taken. A
     ValueError names the file (`source`, else the checkpoint's) where its settings make an impossible run."""
     if config.generation_config == "none" or not generation_config or config.score_column is not None:
-        return config, {}       # a scoring run decodes nothing: the file's num_beams refused it, its temperature was said
+        return config, {}       # a scoring run decodes nothing: the file's num_beams refused it, its temperature
+                                # was announced
     whose = "the checkpoint's generation_config.json" if source is None else f"generation config {redact_url(source)!r}"
     defaults = job_defaults()
     taken = {name: value for name, value in checkpoint_settings(generation_config).items()

@@ -16,8 +16,9 @@ from .config import TOKEN_SETTINGS, PipelineConfig
 from .storage import fsspec_fs, is_local, redact_url, sibling, write_text
 
 ANSWER_SETTINGS = ("prompt", "system_prompt", "prompt_template", "prompt_suffix", "id_column", "image_column",
-                   "question_column", "option_columns", "hint_column", "capitalize_questions", "max_new_tokens", "min_new_tokens", "temperature",
-                   "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                   "question_column", "option_columns", "hint_column", "capitalize_questions", "max_new_tokens",
+                   "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff",
+                   "eta_cutoff",
                    "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "image_backend",
                    "image_longest_edge", "image_splitting",
                    "max_image_pixels", "max_image_bytes", "keep_columns", "logprobs", "stop",
