@@ -66,6 +66,12 @@ class Idefics3VisionConfig:
         # Any vision model_type ("idefics3", "idefics3_vision", ...) is read the same way.
         return cls(**_pick(cls, {k: v for k, v in data.items() if k != "model_type"}))
 
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path) -> "Idefics3VisionConfig":
+        """A checkpoint's vision config (its config.json's `vision_config`, or the whole file's)."""
+        data = read_config_json(path_or_id)
+        return cls.from_dict(data.get("vision_config", data))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -207,19 +213,33 @@ class Idefics3Config:
         return out
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path) -> "Idefics3Config":
-        from .files import resolve_checkpoint_dir
-        folder = resolve_checkpoint_dir(path_or_id)
-        file = folder / CONFIG_NAME
-        if not file.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
-        return cls.from_dict(json.loads(file.read_text()))
+    def from_pretrained(cls, path_or_id: str | Path, **overrides: Any) -> "Idefics3Config":
+        """config.json's config, `overrides` (scale_factor=2, ...) replacing its values, as the reference's."""
+        unknown = sorted(set(overrides) - _known_fields(cls))
+        if unknown:
+            raise TypeError(f"Idefics3Config has no settings {unknown}")
+        return cls.from_dict({**read_config_json(path_or_id), **overrides})
 
     def save_pretrained(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        (path / CONFIG_NAME).write_text(self.to_json_string())
         return path / CONFIG_NAME
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def get_text_config(self) -> LlamaConfig:
+        return self.text_config
+
+
+def read_config_json(path_or_id: str | Path) -> dict[str, Any]:
+    from .files import resolve_checkpoint_dir
+    folder = resolve_checkpoint_dir(path_or_id)
+    file = folder / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
+    return json.loads(file.read_text())
 
 
 def check_tp(config: Idefics3Config, tp: int) -> None:

@@ -115,3 +115,20 @@ def test_transformers_config_objects_are_read_as_ours():
         theirs.to_dict()).to_dict()
     with pytest.raises(TypeError, match="vision_config must be a Idefics3VisionConfig, a dict or None, got str"):
         Idefics3Config(vision_config="junk")
+
+
+def test_from_pretrained_takes_overrides_and_the_vision_config_alone_as_the_reference(tmp_path):
+    """Idefics3Config.from_pretrained(path, scale_factor=...) was a TypeError; Idefics3VisionConfig had none."""
+    from tests.fixtures.checkpoints import build_checkpoint
+
+    path = build_checkpoint(tmp_path / "ck", "smolvlm")
+    ours, theirs = Idefics3Config.from_pretrained(path, scale_factor=4), transformers.Idefics3Config.from_pretrained(
+        path, scale_factor=4)
+    assert ours.scale_factor == theirs.scale_factor == 4 and ours.get_text_config() is ours.text_config
+    vision = Idefics3VisionConfig.from_pretrained(path)
+    assert vision.to_dict() == Idefics3Config.from_pretrained(path).vision_config.to_dict()
+    assert Idefics3VisionConfig.from_pretrained(path).hidden_size == transformers.Idefics3VisionConfig.from_pretrained(
+        path).hidden_size
+    assert json.loads(ours.to_json_string())["scale_factor"] == 4
+    with pytest.raises(TypeError, match=r"no settings \['scale_facotr'\]"):
+        Idefics3Config.from_pretrained(path, scale_facotr=2)
