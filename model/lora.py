@@ -47,6 +47,9 @@ class LoraAdapter:
         for name, found in parts.items():
             if ("A" in found) != ("B" in found) or not ("A" in found or "base" in found):
                 raise CheckpointError(f"adapter {folder}: {name} has {sorted(found)} but not both lora_A and lora_B")
+            if "A" in found and found["A"].dim() != 2:      # PEFT's LoRA of a convolution: another kind of change
+                raise CheckpointError(f"adapter {folder}: {name} has a LoRA of a convolution (lora_A "
+                                      f"{tuple(found['A'].shape)}): only linear layers' LoRA merge here")
         scalings = {name: scaling(config, name.removesuffix(".weight"), found["A"].shape[0])
                     for name, found in parts.items() if "A" in found}
         return cls(parts, scalings, folder)

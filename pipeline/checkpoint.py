@@ -223,6 +223,9 @@ def check_adapter_fits(adapter: str, shapes: dict[str, list[int]], model_shapes:
             continue
         module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
         b_shape = shapes.get(key.replace(".lora_A.", ".lora_B."))
+        if len(a_shape) != 2:       # PEFT's LoRA of a convolution (the patch embedding's) is another kind of change
+            raise CheckpointError(f"adapter {adapter!r} changes {module}.weight with a LoRA of a convolution "
+                                  f"(lora_A {' x '.join(map(str, a_shape))}): only linear layers' LoRA merge here")
         want = model_shapes.get(module + ".weight")
         if want is None:
             raise CheckpointError(f"adapter {adapter!r} changes {module}.weight, which the model does not have "

@@ -118,6 +118,12 @@ def test_adapters_that_do_not_merge_into_weights_are_refused(checkpoint, tmp_pat
     build_adapter(tied, tmp_path / "head", **ADAPTERS["head"])
     with pytest.raises(CheckpointError, match="changes lm_head.weight, which the model ties to another weight"):
         Idefics3ForConditionalGeneration.from_pretrained(tied, adapter=tmp_path / "head")   # not "another base"
+    build_adapter(base, tmp_path / "conv", target_modules=["patch_embedding"])      # PEFT's LoRA of a Conv2d
+    with pytest.raises(CheckpointError, match="patch_embedding.weight has a LoRA of a convolution"):
+        Idefics3ForConditionalGeneration.from_pretrained(base, adapter=tmp_path / "conv")
+    from pipeline.checkpoint import check_adapter, check_model       # the jobs' driver check, before any actor
+    with pytest.raises(CheckpointError, match="patch_embedding.weight with a LoRA of a convolution"):
+        check_adapter(str(tmp_path / "conv"), None, check_model(str(base), None, 1))
     for url in ("https://huggingface.co/owner/name", "owner/name"):   # the jobs' --adapter reads these, not the library
         with pytest.raises(FileNotFoundError, match=f"adapter '{url}': no such folder"):
             Idefics3ForConditionalGeneration.from_pretrained(base, adapter=url)
