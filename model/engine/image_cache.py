@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .types import Request
 
+MADE_UP = "\x1fimage-"      # ImageNames' keys
 Encoder = Callable[[list[Tensor | None], list[Tensor | None]], list[Tensor | None]]
 
 
@@ -35,7 +36,7 @@ class ImageFeatureCache:
     def get(self, key: str | None) -> Tensor | None:
         features = None if key is None else self._entries.get(key)
         if features is not None:
-            self._entries.move_to_end(key)
+            self._entries.move_to_end(key, last=not key.startswith(MADE_UP))
             self.hits += 1
         return features
 
@@ -44,6 +45,8 @@ class ImageFeatureCache:
         if key in self._entries or size > self.max_bytes:
             return
         self._entries[key] = features.clone()     # not a view that would keep its whole batch alive
+        # a made-up key serves one request's samples or scorers only: the first to go, used or not
+        self._entries.move_to_end(key, last=not key.startswith(MADE_UP))
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, old = self._entries.popitem(last=False)
@@ -94,4 +97,4 @@ class ImageNames:
     def named(self, request: Request) -> Request:
         if request.image_key is not None or request.pixel_values is None:
             return request
-        return replace(request, image_key=f"\x1fimage-{next(self._count)}")
+        return replace(request, image_key=f"{MADE_UP}{next(self._count)}")
