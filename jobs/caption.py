@@ -191,9 +191,10 @@ def pipeline_config(values: dict):
     return PipelineConfig(storage_options=json_option(values["storage_options"], "--storage-options"), **config)
 
 
-def schema_text(value: str | None) -> str | None:
-    """--json-schema's schema: a file's text, or the value itself where it is not a file's path."""
-    if value is None or value.lstrip().startswith("{"):
+def schema_text(value: str | dict | None) -> str | dict | None:
+    """--json-schema's schema: a file's text, or the value itself where it is not a file's path (a
+    job.yaml's mapping too)."""
+    if value is None or isinstance(value, dict) or value.lstrip().startswith("{"):
         return value
     try:
         return Path(value).read_text()

@@ -172,11 +172,16 @@ def by_destination(parser: argparse.ArgumentParser, values: dict[str, Any], sour
     return out
 
 
+PURE_TEXT = {"prompt", "prompt_template", "prompt_suffix", "system_prompt", "model", "adapter", "input", "output",
+             "image_root", "regex", "id_column", "image_column", "question_column", "messages_column",
+             "choices_column", "sampling_column", "score_column"}     # a YAML mapping or list is no value of theirs
+
+
 def typed_values(parser: argparse.ArgumentParser, values: dict[str, Any], source: str) -> dict[str, Any]:
     """A job.yaml's values as its flags would take them (`limit: '3'` is 3); one the flag would refuse
     (`temperature: hot`, `resume: 'false'`, `stop: 5`) is a ValueError naming it."""
     actions = {a.dest: a for a in parser._actions}
-    typed = dict(values)
+    typed = {key: value for key, value in values.items() if value is not None or key not in actions}  # null: default
     for key, value in values.items():
         action = actions.get(key)
         if action is None or value is None:
@@ -192,6 +197,9 @@ def typed_values(parser: argparse.ArgumentParser, values: dict[str, Any], source
                     isinstance(v, bool) for v in items) else ""
                 raise ValueError(wrong + "a text or a list of texts" + quote)
         elif action.type is None:       # text (JSON options may be YAML mappings, kept columns a list)
+            if isinstance(value, (dict, list)) and key in PURE_TEXT:
+                raise ValueError(wrong + "a text" + (" (YAML reads {question} as a mapping: quote it)"
+                                                     if isinstance(value, dict) else ""))
             typed[key] = value if isinstance(value, (str, dict, list)) else str(value)
         else:
             kind = {int: "an integer", float: "a number"}.get(action.type, "a value")

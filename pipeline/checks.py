@@ -66,9 +66,12 @@ def check_row_encoding(config: PipelineConfig) -> None:
         except Exception as e:      # whatever it is, every row would meet it
             raise ValueError(f"model {config.model!r}: its processor files cannot make a row's prompt "
                              f"({type(e).__name__}: {e})") from None
-        for name, text in (("prompt_suffix", config.prompt_suffix), ("prompt", config.prompt)):
+        template = ("prompt_template", config.prompt_template) if config.prompt_template is not None else None
+        for name, text in (("prompt_suffix", config.prompt_suffix), ("prompt", config.prompt), *[template] * bool(
+                template)):
             try:            # every row without a question (or every row) would meet it
-                encoder.encode(sample_png(), (text if name == "prompt" else "What is it?") + config.prompt_suffix)
+                asked = text if name != "prompt_suffix" else "What is it?"
+                encoder.encode(sample_png(), asked + config.prompt_suffix)
             except Exception as e:
                 raise ValueError(f"{name} {text!r} cannot make a row's prompt ({type(e).__name__}: {e})") from None
 

@@ -216,8 +216,14 @@ class PipelineConfig:
                                             ("bad_words", self.bad_words),
                                             ("top_logprobs", self.top_logprobs), ("num_beams", self.num_beams > 1))
                       if on]
+        if self.score_column is not None and not generating and self.given_settings:
+            generating = sorted(self.given_settings)        # --temperature and the like: they changed nothing
         if self.score_column is not None and generating:
             raise ValueError(f"score_column scores given answers; {generating[0]} is about generating them: give one")
+        made = "messages_column" if self.messages_column is not None else "prompt_template"
+        if self.question_column != "question" and (self.messages_column is not None or (
+                self.prompt_template is not None and self.question_column not in self.template_columns())):
+            raise ValueError(f"question_column {self.question_column!r} is not read beside {made}: give one")
         if self.messages_column is not None and self.prompt_template is not None:
             raise ValueError("messages_column and prompt_template are two ways to make what each row asks: give one")
         if isinstance(self.option_columns, str):

@@ -282,6 +282,9 @@ def test_the_printed_summary_names_what_the_run_took_shared_and_retried(capsys):
     ("max_new_tokens: 2.5", "max_new_tokens: 2.5 is not an integer"), ("resume: 'false'", "is not true or false"),
     ("stop: 5", "stop: 5 is not a text or a list of texts"), ("choices: [yes, no]", "quote them"),
     ("storage_options: [1]", "--storage-options must be a JSON object"), ("max_new_tokens: [4", "is not YAML"),
+    # YAML reads an unquoted template as a mapping, and a list where a text is due: tracebacks, they were
+    ("prompt_template: {question}", "prompt_template: {'question': None} is not a text (YAML reads {question} as a "
+                                    "mapping: quote it)"), ("prompt_suffix: [a]", "prompt_suffix: ['a'] is not a text"),
 ])
 def test_a_job_yamls_values_are_typed_as_its_flags(tmp_path, capsys, text, message):
     """job.yaml's values go through the flags' types (a word for a number was a traceback; 2.5 for
@@ -294,15 +297,19 @@ def test_a_job_yamls_values_are_typed_as_its_flags(tmp_path, capsys, text, messa
 
 
 def test_a_job_yamls_values_take_their_flags_forms(tmp_path):
-    from jobs.caption import DEFAULTS, build_parser
+    from jobs.caption import DEFAULTS, build_parser, pipeline_config
     from jobs.common import merge_args
 
     (tmp_path / "job.yaml").write_text("limit: '3'\ntemperature: 1\nearly_stopping: true\nkeep_columns: [a, b]\n"
-                                       "storage_options: {anon: true}\n")
+                                       "storage_options: {anon: true}\nmax_new_tokens: null\nbatch_size: null\n"
+                                       "json_schema: {type: object, properties: {a: {type: integer}}}\n")
     parser = build_parser()
     values = merge_args(parser.parse_args(["--config", str(tmp_path / "job.yaml")]), DEFAULTS, parser)
     assert (values["limit"], values["temperature"], values["early_stopping"]) == (3, 1.0, True)
     assert values["keep_columns"] == ["a", "b"] and values["storage_options"] == {"anon": True}
+    config = pipeline_config({**values, "model": "m"})      # null: the default (a TypeError traceback, it was);
+    assert (config.max_new_tokens, config.batch_size) == (DEFAULTS["max_new_tokens"], DEFAULTS["batch_size"])
+    assert json.loads(config.json_schema)["properties"] == {"a": {"type": "integer"}}     # a mapping: a schema
 
 
 @pytest.mark.parametrize("text, expected", [

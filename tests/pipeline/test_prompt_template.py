@@ -81,3 +81,17 @@ def test_columns_inside_a_format_spec_are_read_and_a_missing_one_is_the_rows_err
 def test_templates_that_name_no_columns_are_refused(template, message):
     with pytest.raises(ValueError, match=message):
         PipelineConfig(model="m", prompt_template=template)
+
+
+def test_a_question_column_no_prompt_reads_and_an_image_marker_are_refused_before_any_work(checkpoint):
+    """--question-column beside a template that does not name it (or beside --messages-column) changed
+    nothing, silently; `<image>` in a template made every row an error row."""
+    from pipeline.checks import check_row_encoding
+
+    for settings, made in ((dict(prompt_template="{title}?"), "prompt_template"), (dict(messages_column="m"),
+                                                                                   "messages_column")):
+        with pytest.raises(ValueError, match=f"question_column 'q' is not read beside {made}"):
+            PipelineConfig(model="m", question_column="q", **settings)
+    assert PipelineConfig(model="m", question_column="q", prompt_template="About {q}?").question_column == "q"
+    with pytest.raises(ValueError, match="prompt_template '<image> {title}' cannot make a row's prompt"):
+        check_row_encoding(PipelineConfig(model=str(checkpoint), prompt_template="<image> {title}"))

@@ -79,7 +79,9 @@ def test_a_run_scores_the_right_answers_above_wrong_ones(ray_cluster, tmp_path):
 
 
 @pytest.mark.parametrize("settings", [dict(choices=["a"]), dict(regex="a+"), dict(samples=2, temperature=1.0),
-                                      dict(stop=["."]), dict(sampling_column="s")])
+                                      dict(stop=["."]), dict(sampling_column="s"),
+                                      # given as flags (--temperature 0.7): they changed nothing, silently
+                                      dict(temperature=0.7, given_settings=["temperature"])])
 def test_generating_settings_are_refused_beside_scoring(settings):
     with pytest.raises(ValueError, match="score_column scores given answers; .* is about generating them"):
         PipelineConfig(model="m", score_column="caption", **settings)
