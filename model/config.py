@@ -205,11 +205,13 @@ class Idefics3Config:
             raise ValueError(f"unsupported model_type {data['model_type']!r}: expected one of {sorted(ARCHITECTURES)}")
         return cls(**_pick(cls, data))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, bare: bool = False) -> dict[str, Any]:
+        """`bare`: the config of a bare Idefics3Model (auto classes build what `architectures` names)."""
         out = dataclasses.asdict(self)
         out["vision_config"] = self.vision_config.to_dict()
         out["text_config"] = self.text_config.to_dict()
-        out["architectures"] = [ARCHITECTURES[self.model_type]]
+        architecture = ARCHITECTURES[self.model_type]
+        out["architectures"] = [architecture.replace("ForConditionalGeneration", "Model") if bare else architecture]
         return out
 
     @classmethod
@@ -220,14 +222,14 @@ class Idefics3Config:
             raise TypeError(f"Idefics3Config has no settings {unknown}")
         return cls.from_dict({**read_config_json(path_or_id), **overrides})
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, bare: bool = False) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(self.to_json_string())
+        (path / CONFIG_NAME).write_text(self.to_json_string(bare))
         return path / CONFIG_NAME
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    def to_json_string(self, bare: bool = False) -> str:
+        return json.dumps(self.to_dict(bare), indent=2, sort_keys=True) + "\n"
 
     def get_text_config(self) -> LlamaConfig:
         return self.text_config

@@ -222,11 +222,7 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     config = model.config
     config.dtype = str(model.dtype).replace("torch.", "")
-    written = config.save_pretrained(path)
-    if not hasattr(model, "lm_head"):      # the bare model: auto classes build what `architectures` names
-        saved = json.loads(written.read_text())
-        saved["architectures"] = [a.replace("ForConditionalGeneration", "Model") for a in saved["architectures"]]
-        written.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    config.save_pretrained(path, bare=not hasattr(model, "lm_head"))
     state, seen = {}, set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:  # a tied head is stored once, under the embedding's name

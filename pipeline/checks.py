@@ -66,12 +66,13 @@ def check_row_encoding(config: PipelineConfig) -> None:
         except Exception as e:      # whatever it is, every row would meet it
             raise ValueError(f"model {config.model!r}: its processor files cannot make a row's prompt "
                              f"({type(e).__name__}: {e})") from None
-        template = ("prompt_template", config.prompt_template) if config.prompt_template is not None else None
-        for name, text in (("prompt_suffix", config.prompt_suffix), ("prompt", config.prompt), *[template] * bool(
-                template)):
+        texts = [("prompt_suffix", config.prompt_suffix), ("prompt", config.prompt)]
+        if config.prompt_template is not None:
+            texts.append(("prompt_template", config.prompt_template))
+        for name, text in texts:
             try:            # every row without a question (or every row) would meet it
-                asked = text if name != "prompt_suffix" else "What is it?"
-                encoder.encode(sample_png(), asked + config.prompt_suffix)
+                question = text if name != "prompt_suffix" else "What is it?"
+                encoder.encode(sample_png(), question + config.prompt_suffix)
             except Exception as e:
                 raise ValueError(f"{name} {text!r} cannot make a row's prompt ({type(e).__name__}: {e})") from None
 
@@ -353,7 +354,8 @@ def check_columns(names: list[str], config: PipelineConfig, source: str) -> None
     missing = [c for c in config.keep_columns if c not in names]
     if missing:
         raise ValueError(f"--keep-columns {missing} are not columns of {source!r} (columns: {sorted(names)})")
-    missing = [c for c in [*config.option_columns, *[config.hint_column] * bool(config.hint_column)] if c not in names]
+    asked = config.option_columns + ([config.hint_column] if config.hint_column else [])
+    missing = [c for c in asked if c not in names]
     if missing:
         raise ValueError(f"option_columns / hint_column {missing} are not columns of {source!r} "
                          f"(columns: {sorted(names)})")

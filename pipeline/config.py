@@ -220,15 +220,14 @@ class PipelineConfig:
             generating = sorted(self.given_settings)        # --temperature and the like: they changed nothing
         if self.score_column is not None and generating:
             raise ValueError(f"score_column scores given answers; {generating[0]} is about generating them: give one")
-        made = "messages_column" if self.messages_column is not None else "prompt_template"
-        if self.question_column != "question" and (self.messages_column is not None or (
-                self.prompt_template is not None and self.question_column not in self.template_columns())):
+        made = next((name for name in ("messages_column", "prompt_template") if getattr(self, name) is not None), None)
+        if self.question_column != "question" and made and (self.messages_column is not None or
+                                                            self.question_column not in self.template_columns()):
             raise ValueError(f"question_column {self.question_column!r} is not read beside {made}: give one")
         if self.messages_column is not None and self.prompt_template is not None:
             raise ValueError("messages_column and prompt_template are two ways to make what each row asks: give one")
         if isinstance(self.option_columns, str):
             self.option_columns = [c.strip() for c in self.option_columns.split(",") if c.strip()]
-        made = next((name for name in ("messages_column", "prompt_template") if getattr(self, name) is not None), None)
         if (self.option_columns or self.hint_column) and made:
             raise ValueError(f"option_columns and {made} are two ways to make what each row asks: give one")
         if self.hint_column is not None and not self.option_columns:

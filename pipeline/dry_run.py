@@ -19,6 +19,7 @@ from .io import head_rows, input_dataset, read_output
 from .job import check_job, check_run_arguments
 from .manifest import check_run_settings
 from .requests import RowRequests
+from .resume import missing_ids
 from .rows import ROW_HASH, error_kind, rename_columns
 from .storage import redact_url
 
@@ -93,8 +94,7 @@ def dry_run(input_uri: str, output_uri: str, config: PipelineConfig, *, rows: in
         check_run_settings(output_uri, checked.config, resume, options)
     input_rows = checked.input_rows if limit is None else min(checked.input_rows, limit)
     written = written_ids(output_uri, options, retry_errors) if resume and checked.ids is not None else None
-    to_answer = input_rows if written is None else len(checked.ids) - (pc.sum(pc.is_in(
-        pc.cast(checked.ids, pa.string()), value_set=written)).as_py() or 0)
+    to_answer = input_rows if written is None else missing_ids(checked.ids, written)
     skipped = None if written is None else pc.invert(pc.field(config.id_column).cast(pa.string()).isin(written))
     sample = first_rows(input_uri, checked.columns, checked.schema, rows if limit is None else min(rows, limit),
                         options, skipped)     # only rows the run would answer

@@ -359,12 +359,9 @@ def _run(job: PreparedJob) -> dict:
         fs, path = fsspec_fs(job.output_uri, opts)
         fs.makedirs(path, exist_ok=True)
     after = output_counts(job.output_uri, opts, job.config.samples > 1)
-    summary = summarize(job.input_uri, job.output_uri, job.before, after, wall, job.input_rows, reported)
+    summary = summarize(job.input_uri, job.output_uri, job.before, after, wall, job.input_rows, reported,
+                        scored=job.config.score_column is not None)
     summary.update(lost_rows_answered_again=job.lost_rows, limit=job.limit)
-    if job.config.score_column is not None:     # the rows' own texts scored: no token generated
-        summary.update(scored_tokens_this_run=summary["generated_tokens_this_run"],
-                       scored_tokens_per_s=summary["generated_tokens_per_s"], generated_tokens_this_run=0,
-                       generated_tokens_per_s=summary["generated_tokens_per_s"] and 0.0)
     if job.retried_rows:
         summary["error_rows_answered_again"] = job.retried_rows
     if job.generation_defaults:
@@ -425,21 +422,26 @@ def run_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume: 
 
 
 def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: float, input_rows: int,
-              reported: dict | None = None) -> dict:
+              reported: dict | None = None, scored: bool = False) -> dict:
     """The run in numbers, and the reconciliation a user needs at scale: input rows (those the run
     was to answer) with no output row (`missing_rows`) and output rows of an id written twice
     (`duplicate_rows`), both 0 unless something went wrong. Generated tokens are the model's: the
     rows that took a repeated question's answer (`shared_answer_rows`, `reported` by the replicas)
-    are rows of the run, their tokens are not."""
+    are rows of the run, their tokens are not. A `scored` run's tokens are its rows' own texts,
+    counted apart (`scored_tokens_*`): it generates none."""
     reported = reported or {}
     shared = reported.get("shared_answer_tokens", 0)
     rows = after["rows"] - before["rows"]
     tokens = after["generated_tokens"] - before["generated_tokens"] - shared
-    return {"input": redact_url(input_uri), "output": redact_url(output_uri), "input_rows": input_rows,
-            "missing_rows": max(input_rows - after["ids"], 0), "duplicate_rows": after["rows"] - after["ids"],
-            "rows": after["rows"], "error_rows": after["error_rows"],
-            "rows_this_run": rows, "generated_tokens_this_run": tokens, "wall_s": round(wall, 3),
-            "rows_per_s": round(rows / wall, 3) if wall > 0 else None,
-            "generated_tokens_per_s": round(tokens / wall, 3) if wall > 0 else None,
-            "shared_answer_rows": reported.get("shared_answer_rows", 0), "shared_answer_tokens": shared,
-            "errors_by_kind": after["errors_by_kind"]}
+    rate = (lambda n: round(n / wall, 3) if wall > 0 else None)  # noqa: E731
+    generated = 0 if scored else tokens
+    summary = {"input": redact_url(input_uri), "output": redact_url(output_uri), "input_rows": input_rows,
+               "missing_rows": max(input_rows - after["ids"], 0), "duplicate_rows": after["rows"] - after["ids"],
+               "rows": after["rows"], "error_rows": after["error_rows"],
+               "rows_this_run": rows, "generated_tokens_this_run": generated, "wall_s": round(wall, 3),
+               "rows_per_s": rate(rows), "generated_tokens_per_s": rate(generated),
+               "shared_answer_rows": reported.get("shared_answer_rows", 0), "shared_answer_tokens": shared,
+               "errors_by_kind": after["errors_by_kind"]}
+    if scored:
+        summary.update(scored_tokens_this_run=tokens, scored_tokens_per_s=rate(tokens))
+    return summary

@@ -140,13 +140,17 @@ def forget_lost_rows(output: str, storage_options: dict | None = None) -> int:
 
 
 def unanswered_rows(output: str, storage_options: dict | None, wanted: pa.ChunkedArray | pa.Array) -> int:
-    """How many of the `wanted` ids (distinct) the output has no row of, compared as text: a resume
-    with none left needs no cluster (its start alone is a minute or two)."""
+    """How many of the `wanted` ids (distinct) the output has no row of: a resume with none left needs
+    no cluster (its start alone is a minute or two)."""
     written = read_output(output, storage_options, columns=["id"])
     if written is None:
         return len(wanted)
-    present = pc.cast(written.column("id"), pa.string()).combine_chunks()
-    return len(wanted) - (pc.sum(pc.is_in(pc.cast(wanted, pa.string()), value_set=present)).as_py() or 0)
+    return missing_ids(wanted, pc.cast(written.column("id"), pa.string()).combine_chunks())
+
+
+def missing_ids(wanted: pa.ChunkedArray | pa.Array, written: pa.Array) -> int:
+    """How many of the `wanted` ids (distinct) are not among the `written` ones (text), compared as text."""
+    return len(wanted) - (pc.sum(pc.is_in(pc.cast(wanted, pa.string()), value_set=written)).as_py() or 0)
 
 
 def replace_table(fs, path: str, kept: pa.Table, local: bool) -> None:
