@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from evaluation.metrics import get_metric
+from evaluation.metrics import ROW_COLUMNS, score_row
 from evaluation.report import code_span, escape_cell
 from evaluation.scoring import _mean, by_category, check_unique_ids, interval95, is_error_row, numbers_as_text
 
@@ -21,13 +21,12 @@ def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Tab
     if rows and ours and rows.keys().isdisjoint(ours):
         raise ValueError(f"the baseline's {len(rows)} predictions share no id with this run's {len(ours)} rows "
                          f"(theirs like {ids[0]!r}, ours like {ours[0]!r}): not an evaluation of the same benchmark?")
-    score = get_metric(metric)
     texts = dict(zip(ids, numbers_as_text(baseline.select(["answer"])).column("answer").to_pylist()))
     answers, scores = [], []
-    for row in numbers_as_text(scored.select(["id", "answers"])).to_pylist():
+    for row in numbers_as_text(scored.select(["id", "answers", *ROW_COLUMNS.get(metric, ())])).to_pylist():
         theirs, answer = rows.get(str(row["id"])), texts.get(str(row["id"]))
         answers.append(None if answer is None else str(answer))    # as text, as scored (a float32 0.1: "0.1")
-        scores.append(None if theirs is None else 0.0 if is_error_row(theirs) else score(answer, row["answers"]))
+        scores.append(None if theirs is None else 0.0 if is_error_row(theirs) else score_row(metric, answer, row))
     scored = scored.drop_columns([c for c in ("baseline_answer", "baseline_score") if c in scored.column_names])
     return (scored.append_column("baseline_answer", pa.array(answers, pa.string()))
             .append_column("baseline_score", pa.array(scores, pa.float64())))

@@ -9,7 +9,7 @@ from pathlib import PurePosixPath
 DATASET_METRICS = {
     "docvqa": "anls", "infovqa": "anls", "infographicvqa": "anls", "stvqa": "anls",
     "chartqa": "relaxed_accuracy", "plotqa": "relaxed_accuracy",
-    "mmstar": "multiple_choice", "mmmu": "multiple_choice", "mmbench": "multiple_choice",
+    "mmstar": "multiple_choice", "mmmu": "mmmu", "mmbench": "multiple_choice",
     "textvqa": "vqa_accuracy", "vqav2": "vqa_accuracy", "vizwiz": "vqa_accuracy", "okvqa": "vqa_accuracy",
     "demo": "exact_match",
 }
@@ -23,9 +23,13 @@ DATASET_SUFFIXES = {
     "docvqa": SHORT_ANSWER, "infovqa": SHORT_ANSWER, "infographicvqa": SHORT_ANSWER, "stvqa": SHORT_ANSWER,
     "chartqa": SHORT_ANSWER, "textvqa": SHORT_ANSWER, "vqav2": SHORT_ANSWER,
     "vizwiz": UNANSWERABLE, "okvqa": UNANSWERABLE,
-    # MMBench's: lmms-eval puts a line break between its options and this (which begins with one)
-    "mmstar": OPTION_LETTER.rstrip("."), "mmmu": OPTION_LETTER, "mmbench": "\n" + OPTION_LETTER,
+    # MMBench's and MMMU's: lmms-eval puts a line break between their options and this (which begins with one)
+    "mmstar": OPTION_LETTER.rstrip("."), "mmmu": "\n" + OPTION_LETTER, "mmbench": "\n" + OPTION_LETTER,
 }
+OPEN_QUESTION_SUFFIXES = {"mmmu": "\n" + SHORT_ANSWER}     # MMMU's questions without options
+# A benchmark whose rows keep their options as one list (MMMU's `options`, a list's text) and their
+# images in columns of one each: its metric when the options are there (else the one above).
+OPTION_LIST_LAYOUT = {"mmmu": ("options", [f"image_{k}" for k in range(1, 8)])}
 
 CAPITALIZED = {"textvqa", "vizwiz"}     # lmms-eval asks their questions as str.capitalize writes them
 

@@ -273,16 +273,32 @@ def multiple_choice(prediction: str | None, answers: Answers) -> float:
     return float(chosen is not None and chosen in truths)
 
 
-METRICS: dict[str, Callable[[str | None, Answers], float]] = {
+def mmmu(prediction: str | None, answers: Answers, options: object = None) -> float:
+    """MMMU's own rules (evaluation.mmmu): a question with options (a list, or its text as MMMU's
+    `options` column holds it) by the letter the answer chose, one without by its texts and numbers."""
+    from evaluation.mmmu import mmmu_score
+
+    return mmmu_score(_prediction_text(prediction), _require_answers(answers), options)
+
+
+METRICS: dict[str, Callable[..., float]] = {
     "vqa_accuracy": vqa_accuracy,
     "anls": anls,
     "relaxed_accuracy": relaxed_accuracy,
     "exact_match": exact_match,
     "multiple_choice": multiple_choice,
+    "mmmu": mmmu,
 }
+ROW_COLUMNS = {"mmmu": ("options",)}     # what else of a row a metric reads: the columns its rows need
 
 
-def get_metric(name: str) -> Callable[[str | None, Answers], float]:
+def score_row(name: str, prediction: str | None, row: dict) -> float:
+    """The metric `name` of a prediction against its row's ground truth (answers, and the columns
+    ROW_COLUMNS names)."""
+    return get_metric(name)(prediction, row["answers"], *(row.get(c) for c in ROW_COLUMNS.get(name, ())))
+
+
+def get_metric(name: str) -> Callable[..., float]:
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)}")
     return METRICS[name]

@@ -8,11 +8,11 @@ from decimal import Decimal
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from evaluation.metrics import as_answer_list, get_metric
+from evaluation.metrics import ROW_COLUMNS, as_answer_list, get_metric, score_row
 
 SECONDARY_METRICS = ["exact_match"]
 DIGITS = 6  # metrics.json and report.md carry the same rounded numbers
-GROUND_TRUTH_COLUMNS = ("id", "answers", "category")
+GROUND_TRUTH_COLUMNS = ("id", "answers", "category", "options")
 
 
 def _ids_as_strings(table: pa.Table) -> list[str]:
@@ -78,16 +78,20 @@ def check_ground_truth(table: pa.Table, metric: str) -> None:
         raise ValueError("no ground-truth column 'answers' (pass --answers-column, or --input to join by id)")
     if table.num_rows == 0:
         raise ValueError("the benchmark has no rows: nothing to score")
-    score = get_metric(metric)
+    get_metric(metric)
+    needed = [c for c in ROW_COLUMNS.get(metric, ()) if c not in table.column_names]
+    if needed:
+        raise ValueError(f"{metric} scores with each row's {needed[0]} too: the ground truth has no {needed[0]!r} "
+                         "column")
     missing, unusable = [], []
-    for row_id, answers in zip(table.column("id").to_pylist(), table.column("answers").to_pylist()):
-        if not as_answer_list(answers):
-            missing.append(str(row_id))
+    for row in table.select(["id", "answers", *ROW_COLUMNS.get(metric, ())]).to_pylist():
+        if not as_answer_list(row["answers"]):
+            missing.append(str(row["id"]))
             continue
         try:
-            score("", answers)
+            score_row(metric, "", row)
         except ValueError as e:
-            unusable.append(f"{row_id}: {e}")
+            unusable.append(f"{row['id']}: {e}")
     if missing:
         raise ValueError(f"{len(missing)} rows have no ground-truth answers, e.g. ids {missing[:5]}")
     if unusable:
@@ -107,15 +111,14 @@ def score_rows(table: pa.Table, metric: str) -> pa.Table:
     check_ground_truth(table, metric)
     table = table.drop_columns([c for c in ("score", *SECONDARY_METRICS, "baseline_answer", "baseline_score")
                                 if c in table.column_names])      # an earlier evaluation's, scored again
-    primary = get_metric(metric)
     secondary = [m for m in SECONDARY_METRICS if m != metric]
     scores: dict[str, list[float]] = {"score": [], **{m: [] for m in secondary}}
     texts = numbers_as_text(table.select([c for c in ("answer", "answers") if c in table.column_names]))
     for row, text in zip(table.to_pylist(), texts.to_pylist()):
-        failed = is_error_row(row)
-        scores["score"].append(0.0 if failed else primary(text.get("answer"), text["answers"]))
+        failed, row = is_error_row(row), {**row, **text}
+        scores["score"].append(0.0 if failed else score_row(metric, text.get("answer"), row))
         for m in secondary:
-            scores[m].append(0.0 if failed else get_metric(m)(text.get("answer"), text["answers"]))
+            scores[m].append(0.0 if failed else score_row(m, text.get("answer"), row))
     for name, values in scores.items():
         table = table.append_column(name, pa.array(values, pa.float64()))
     return _string_typed(table)

@@ -20,7 +20,8 @@ from jobs.cluster import check_cluster_fits, init_ray
 from pipeline.errors import StartFailed
 
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
-                prompt_template=None, prompt_suffix="", id_column="id", image_column="image", question_column="question",
+                prompt_template=None, prompt_suffix="", id_column="id", image_column="image", image_columns="",
+                question_column="question", option_list_column=None, open_question_suffix=None,
                 messages_column=None, max_new_tokens=64, min_new_tokens=0, temperature=0.0, top_p=1.0, top_k=0,
                 min_p=0.0,
                 typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
@@ -69,8 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--id-column", help="the input column of row ids, the output's `id` (unique; default: id, "
                                         "else ids from each row's file and index)")
     ap.add_argument("--image-column", help="the input column of each row's image(s) (default: image)")
+    ap.add_argument("--image-columns", metavar="A,B",
+                    help="instead of --image-column: columns of an image each, a row's images their non-null cells "
+                         "in this order (MMMU's image_1,...,image_7; NLVR2's left,right)")
     ap.add_argument("--question-column", help="the input column of each row's question; rows whose cell is "
                                               "null get --prompt (default: question, if there is one)")
+    ap.add_argument("--option-list-column", metavar="NAME",
+                    help="a column of each question's options as a list (or its text, as MMMU's `options`): listed "
+                         "after the question, 'A. ...' a line each, as lmms-eval asks MMMU's; a row without options "
+                         "is an open question")
+    ap.add_argument("--open-question-suffix", metavar="TEXT",
+                    help="with --option-list-column: the suffix of a row without options (default: --prompt-suffix)")
     ap.add_argument("--messages-column", metavar="NAME",
                     help="an input column of each row's conversation (Hugging Face chat messages: role and content, "
                          "{\"type\": \"image\"} parts standing for the row's images in order; or their JSON text): "

@@ -25,15 +25,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from evaluation.baseline import baseline_scores, changed_rows, compare
-from evaluation.benchmarks import CAPITALIZED, DATASET_METRICS, DATASET_SUFFIXES, benchmark_in
-from evaluation.metrics import METRICS
+from evaluation.benchmarks import (CAPITALIZED, DATASET_METRICS, DATASET_SUFFIXES, OPEN_QUESTION_SUFFIXES,
+                                   OPTION_LIST_LAYOUT, benchmark_in)
+from evaluation.metrics import METRICS, ROW_COLUMNS
+from evaluation.mmmu import with_subjects
 from evaluation.report import sample_rows, write_chart, write_gallery, write_metrics_json, write_report_md
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
 from jobs.common import (BAD_ARGUMENTS, Interrupted, add_run_flags, interrupted, merge_args, print_error,
                          print_rehearsal, run_failed, run_flag_names, stop_on_signals)
 from jobs.evaluate_inputs import (PREDICTIONS_FILE, baseline_file, check_column_flags, earlier_metric,
-                                  evaluation_predictions, input_has_ids, load_images, read_ground_truth, read_parquet,
-                                  read_predictions, storage_options)
+                                  evaluation_predictions, input_has_ids, load_images, parquet_dataset,
+                                  read_ground_truth, read_parquet, read_predictions, storage_options)
 from pipeline.errors import StartFailed
 from pipeline.storage import redact_url
 
@@ -71,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--question-column", help="default: question")
     ap.add_argument("--answers-column", help="the ground truth: one answer or a list (default: answers)")
     ap.add_argument("--image-column", help="default: image")
+    ap.add_argument("--image-columns", metavar="A,B",
+                    help="instead of --image-column: columns of an image each, a row's images their non-null cells "
+                         "in order (default for MMMU: its image_1 ... image_7)")
     ap.add_argument("--category-column", help="scores are also given per category (default: category)")
     ap.add_argument("--predictions", help="score this predictions Parquet (id, answer[, answers, category]; an "
                     "evaluation's output folder: its predictions.parquet) instead of running a model; with --input, "
@@ -110,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 DEFAULTS = dict(input=None, model=None, adapter=None, output=None, metric=None, system_prompt=None,
                 prompt_suffix=None,
-                id_column="id", question_column="question", answers_column="answers", image_column="image",
+                id_column="id", question_column="question", answers_column="answers", image_column="image", image_columns=None,
                 category_column="category", predictions=None, baseline=None, dry_run=None, gallery=0, limit=None,
                 max_new_tokens=None, num_beams=None,
                 resume=False, retry_errors=None, overwrite=False, choices=None, choices_column=None,
@@ -145,8 +150,13 @@ def choose_metric(args: argparse.Namespace) -> str:
     """--metric, else the one an evaluation's own predictions were scored with, else the benchmark's."""
     earlier = args.predictions and earlier_metric(args.predictions, storage_options(args))
     name = benchmark_name(args)
-    if args.metric or earlier or name:
-        return args.metric or earlier or DATASET_METRICS[name]
+    if args.metric or earlier:
+        return args.metric or earlier
+    if name:
+        listed = OPTION_LIST_LAYOUT.get(name)
+        has_list = listed is None or listed[0] in parquet_dataset(args.input or args.predictions,
+                                                                  storage_options(args)).schema.names
+        return DATASET_METRICS[name] if has_list else "multiple_choice"     # its options written in the question
     raise ValueError(f"cannot tell the benchmark from {args.input or args.predictions!r}: pass --metric "
                      f"({', '.join(METRICS)})")
 
@@ -165,8 +175,17 @@ def pipeline_config(args: argparse.Namespace, kept: list[str], **asked):
 
 
 def asked_options(args: argparse.Namespace, present: list[str]) -> dict:
-    """A multiple-choice benchmark whose options are columns A, B, ... (MMBench's, with its `hint`):
-    they are asked after the question as lmms-eval asks them; without them the model saw no options."""
+    """A multiple-choice benchmark whose options are columns A, B, ... (MMBench's, with its `hint`),
+    or one list (MMMU's, its images in columns of one each): they are asked after the question as
+    lmms-eval asks them; without them the model saw no options."""
+    name = benchmark_name(args)
+    options, image_columns = OPTION_LIST_LAYOUT.get(name, OPTION_LIST_LAYOUT["mmmu"])
+    if options in present and (name in OPTION_LIST_LAYOUT or choose_metric(args) == "mmmu"):
+        images = ([c for c in image_columns if c in present]
+                  if args.image_column == "image" and "image" not in present and not args.image_columns else None)
+        open_suffix = OPEN_QUESTION_SUFFIXES.get(name) if args.prompt_suffix is None else None
+        return {"option_list_column": options, "open_question_suffix": open_suffix,
+                **({"image_columns": images} if images is not None else {})}
     letters = [c for c in "ABCDEFGHIJ" if c in present]
     if choose_metric(args) != "multiple_choice" or letters[:2] != ["A", "B"]:
         return {}
@@ -221,9 +240,10 @@ def model_run_config(args: argparse.Namespace):
     present = [truth.get(c, c) for c in input_dataset(args.input, storage_options(args)).schema.names]
     if "answers" not in present:
         raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
-    kept = [c for c in ("answers", "category") if c in present]
+    asked = asked_options(args, present)
+    kept = [c for c in ("answers", "category", asked.get("option_list_column")) if c in present]
     capitalized = benchmark_name(args) in CAPITALIZED
-    return pipeline_config(args, kept, capitalize_questions=capitalized, **asked_options(args, present)), truth
+    return pipeline_config(args, kept, capitalize_questions=capitalized, **asked), truth
 
 
 def default_output(args: argparse.Namespace) -> str:
@@ -269,10 +289,12 @@ def checked_truth(args: argparse.Namespace, metric: str) -> pa.Table | None:
         truth = read_ground_truth(args).slice(0, args.limit)
         check_ground_truth(truth, metric)
         return truth
-    found = read_parquet(args.input, [args.answers_column], storage_options(args))
+    found = read_parquet(args.input, [args.answers_column, *ROW_COLUMNS.get(metric, ())], storage_options(args))
     if args.answers_column in found.column_names:
-        answers = found.column(args.answers_column).slice(0, args.limit)
-        check_ground_truth(pa.table({"id": [f"row {i}" for i in range(len(answers))], "answers": answers}), metric)
+        found = found.slice(0, args.limit)
+        columns = {"id": [f"row {i}" for i in range(found.num_rows)], "answers": found.column(args.answers_column),
+                   **{c: found.column(c) for c in ROW_COLUMNS.get(metric, ()) if c in found.column_names}}
+        check_ground_truth(pa.table(columns), metric)
     return None
 
 
@@ -331,6 +353,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
     args.output = default_output(args)
     baseline_path = args.baseline and baseline_file(args.baseline, storage_options(args))    # before a long run
     scored, run = gather_predictions(args, metric)
+    if metric == "mmmu" and "category" not in scored.column_names:
+        scored = with_subjects(scored)
     scored = score_rows(scored, metric)
     summary = summarize(scored, metric)
     if args.baseline:

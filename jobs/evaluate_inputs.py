@@ -7,12 +7,14 @@ import json
 
 import pyarrow as pa
 
+from evaluation.benchmarks import OPTION_LIST_LAYOUT
 from evaluation.metrics import METRICS
 from evaluation.report import METRICS_FILE
 from pipeline.rows import rename_columns
 from pipeline.storage import redact_url
 
 PREDICTIONS_FILE = "predictions.parquet"
+OPTION_LISTS = sorted({options for options, _ in OPTION_LIST_LAYOUT.values()})     # ground truth of mmmu's scoring
 
 
 def earlier_metric(predictions: str, options: dict) -> str | None:
@@ -65,7 +67,7 @@ def _column_mapping(args: argparse.Namespace) -> dict[str, str]:
 
 def read_ground_truth(args: argparse.Namespace) -> pa.Table:
     """id, answers, and question/category when present, from --input (never the image bytes)."""
-    wanted = [args.id_column, args.answers_column, args.question_column, args.category_column]
+    wanted = [args.id_column, args.answers_column, args.question_column, args.category_column, *OPTION_LISTS]
     table = rename_columns(read_parquet(args.input, wanted, storage_options(args)), _column_mapping(args))
     needed = {"id": ("--id-column", args.id_column), "answers": ("--answers-column", args.answers_column)}
     if args.category_column != "category":      # asked for by name: the per-category scores would be missing
@@ -134,12 +136,17 @@ def load_images(args: argparse.Namespace, ids: list[str]) -> dict[str, object]:
     """Image cells of the given ids from --input, for the gallery's thumbnails."""
     if not args.input:
         return {}
-    table = read_parquet(args.input, [args.id_column, args.image_column], storage_options(args))
-    if args.image_column not in table.column_names or args.id_column not in table.column_names:
+    named = args.image_columns or []
+    named = [c.strip() for c in named.split(",")] if isinstance(named, str) else list(named)
+    firsts = [columns[0] for _, columns in OPTION_LIST_LAYOUT.values()]     # MMMU's image_1: a row's first image
+    candidates = [*named[:1], args.image_column, *firsts]
+    table = read_parquet(args.input, [args.id_column, *candidates], storage_options(args))
+    column = next((c for c in candidates if c in table.column_names), None)
+    if column is None or args.id_column not in table.column_names:
         return {}
     wanted = set(ids)
     cells = {str(i): img[0] if isinstance(img, list) and img else img
-             for i, img in zip(table.column(args.id_column).to_pylist(), table.column(args.image_column).to_pylist())
+             for i, img in zip(table.column(args.id_column).to_pylist(), table.column(column).to_pylist())
              if str(i) in wanted}
     # paths relative to the input's folder (or --image-root) and URLs, read as the run reads them
     from pipeline.fetch import ImageFetcher

@@ -66,13 +66,16 @@ def check_row_encoding(config: PipelineConfig) -> None:
         except Exception as e:      # whatever it is, every row would meet it
             raise ValueError(f"model {config.model!r}: its processor files cannot make a row's prompt "
                              f"({type(e).__name__}: {e})") from None
-        texts = [("prompt_suffix", config.prompt_suffix), ("prompt", config.prompt)]
+        texts = [("prompt_suffix", config.prompt_suffix, "What is it?" + config.prompt_suffix),
+                 ("prompt", config.prompt, config.prompt + config.prompt_suffix)]
         if config.prompt_template is not None:
-            texts.append(("prompt_template", config.prompt_template))
-        for name, text in texts:
+            texts.append(("prompt_template", config.prompt_template, config.prompt_template + config.prompt_suffix))
+        if config.open_question_suffix is not None:
+            texts.append(("open_question_suffix", config.open_question_suffix,
+                          "What is it?" + config.open_question_suffix))
+        for name, text, asked in texts:
             try:            # every row without a question (or every row) would meet it
-                question = text if name != "prompt_suffix" else "What is it?"
-                encoder.encode(sample_png(), question + config.prompt_suffix)
+                encoder.encode(sample_png(), asked)
             except Exception as e:
                 raise ValueError(f"{name} {text!r} cannot make a row's prompt ({type(e).__name__}: {e})") from None
 
@@ -246,7 +249,10 @@ def check_column_types(schema: pa.Schema, config: PipelineConfig, source: str, r
         if name == config.messages_column and not holds_messages(type_):
             raise ValueError(f"input {source!r}: the messages column {field.name!r} holds {field.type}, not lists of "
                              "{role, content} messages or their JSON text")
-        if name == config.image_column and not holds_images(type_):
+        if name == config.option_list_column and not (holds_texts(type_) or is_text(type_) or holds_numbers(type_)):
+            raise ValueError(f"input {source!r}: the options column {field.name!r} holds {field.type}, not lists of "
+                             "text (or numbers) or their text")
+        if name in config.image_sources() and not holds_images(type_):
             raise ValueError(f"input {source!r}: the image column {field.name!r} holds {field.type}, not image bytes, "
                              "paths or {bytes, path} structs")
 
@@ -298,6 +304,11 @@ def holds_texts(type_: pa.DataType) -> bool:
     return listed and (is_text(values_of(type_.value_type)) or pa.types.is_null(type_.value_type))
 
 
+def holds_numbers(type_: pa.DataType) -> bool:
+    listed = pa.types.is_list(type_) or pa.types.is_large_list(type_)
+    return listed and (pa.types.is_integer(type_.value_type) or pa.types.is_floating(type_.value_type))
+
+
 def is_text(type_: pa.DataType) -> bool | None:
     """True for strings, False for bytes, None for other types (Arrow would cast bytes to text)."""
     if pa.types.is_string(type_) or pa.types.is_large_string(type_):
@@ -339,15 +350,17 @@ def check_columns(names: list[str], config: PipelineConfig, source: str) -> None
     """The rows (`names`: their columns, as the model stage gets them) must have the image column
     and every column `keep_columns` names."""
     names = set(names)
-    if config.image_column not in names:
-        raise ValueError(f"input {source!r} has no `{config.image_column}` column of images (columns: "
-                         f"{sorted(names)}; --image-column names another)")
+    for column in config.image_sources():
+        if column not in names:
+            raise ValueError(f"input {source!r} has no `{column}` column of images (columns: "
+                             f"{sorted(names)}; --image-column names another)")
     if config.id_column != "id" and config.id_column not in names:
         raise ValueError(f"input {source!r} has no `{config.id_column}` column of ids (columns: {sorted(names)})")
     if config.question_column != "question" and config.question_column not in names:
         raise ValueError(f"input {source!r} has no `{config.question_column}` column of questions (columns: "
                          f"{sorted(names)})")
     for column, holding in ((config.choices_column, "choices"), (config.score_column, "texts to score"),
+                            (config.option_list_column, "options"),
                             (config.sampling_column, "decoding settings"), (config.messages_column, "conversations")):
         if column is not None and column not in names:
             raise ValueError(f"input {source!r} has no `{column}` column of {holding} (columns: {sorted(names)})")

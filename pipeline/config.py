@@ -42,11 +42,19 @@ class PipelineConfig:
                                                 # format, e.g. a benchmark's "Answer with one word."
     id_column: str = "id"                       # the input column of row ids (absent "id": Ray Data's row hash)
     image_column: str = "image"                 # the input column of each row's image(s)
+    image_columns: list[str] = field(default_factory=list)    # instead of image_column: columns of an image
+                                                # each (MMMU's image_1 ... image_7): a row's images are their
+                                                # non-null cells, in this order
     question_column: str = "question"           # the input column of each row's question (null: `prompt`)
     option_columns: list[str] = field(default_factory=list)   # a multiple-choice question's options, a column
                                                 # each named by its letter (MMBench's A..E): asked after the
                                                 # question as lmms-eval asks MMBench's (null options left out)
     hint_column: str | None = None              # with option_columns: a text asked before the question (null: none)
+    option_list_column: str | None = None       # a column of each question's options as one list (or its text, as
+                                                # MMMU's `options`): asked after the question as lmms-eval asks
+                                                # MMMU's, "A. ..." a line each; a row without options: an open one
+    open_question_suffix: str | None = None     # with option_list_column: the suffix of a row without options
+                                                # (None: prompt_suffix)
     capitalize_questions: bool = False          # each question as str.capitalize writes it (lmms-eval's TextVQA,
                                                 # VizWiz)
     messages_column: str | None = None          # an input column of each row's conversation (HF chat messages,
@@ -232,6 +240,29 @@ class PipelineConfig:
             raise ValueError(f"option_columns and {made} are two ways to make what each row asks: give one")
         if self.hint_column is not None and not self.option_columns:
             raise ValueError("hint_column is asked before a multiple-choice question's options: give option_columns")
+        self._check_option_list(made)
+        if isinstance(self.image_columns, str):
+            self.image_columns = [c.strip() for c in self.image_columns.split(",") if c.strip()]
+        if self.image_columns and self.image_column != "image":
+            raise ValueError("image_column and image_columns both name the rows' images: give one")
+        if any(not isinstance(c, str) or not c for c in self.image_columns):
+            raise ValueError(f"image_columns must be column names, got {self.image_columns!r}")
+
+    def _check_option_list(self, made: str | None) -> None:
+        if self.option_list_column is None:
+            if self.open_question_suffix is not None:
+                raise ValueError("open_question_suffix is the suffix of a row without options: give "
+                                 "option_list_column")
+            return
+        if not isinstance(self.option_list_column, str) or not self.option_list_column:
+            raise ValueError(f"option_list_column must be a column name, got {self.option_list_column!r}")
+        other = made or ("option_columns" if self.option_columns else None)
+        if other:
+            raise ValueError(f"option_list_column and {other} are two ways to make what each row asks: give one")
+
+    def image_sources(self) -> list[str]:
+        """The input columns of the rows' images."""
+        return self.image_columns or [self.image_column]
 
     def _check_integers(self) -> None:
         """Fields typed int are integers (a job.yaml's 2.5 would fail every row, or a replica's start)."""

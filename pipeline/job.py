@@ -188,9 +188,9 @@ def used_columns(names: list[str], config: PipelineConfig, renames: dict[str, st
     """The input columns a run reads (its rows' id, image, question, choices, messages, settings,
     scored texts, template's and kept columns): a dataset's other columns (a second image,
     embeddings) are not read, nor can their types fail the run."""
-    used = {config.id_column, config.image_column, config.question_column, config.choices_column,
+    used = {config.id_column, *config.image_sources(), config.question_column, config.choices_column,
             config.messages_column, config.sampling_column, config.score_column, config.hint_column,
-            *config.option_columns, *config.keep_columns, *config.template_columns()}
+            config.option_list_column, *config.option_columns, *config.keep_columns, *config.template_columns()}
     return [name for name in names if renames.get(name, name) in used]
 
 

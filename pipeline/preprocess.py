@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from processing.conversation import Conversation, read_conversation
 from processing.errors import PromptError
+from processing.options import option_list, with_option_list
 
 from .checkpoint import local_checkpoint
 from .config import PipelineConfig
@@ -57,6 +59,32 @@ def with_options(question: str, hint, options: dict) -> str:
     return f"{hint} {question} {listed}" if shown(hint) else f"{question} {listed}"
 
 
+@dataclass(frozen=True)
+class Asked:
+    """A question made whole with its suffix: a row of listed options (an open question's suffix is another)."""
+    text: str
+
+
+def with_listed_options(question: str, cell, suffix: str, open_suffix: str) -> Asked | RowError:
+    """A question as lmms-eval asks MMMU's: its options (if any) after it, a line each, then the suffix."""
+    try:
+        options = option_list(cell)
+    except PromptError as e:
+        return RowError(str(e))
+    return Asked(with_option_list(question, options) + suffix if options else question + open_suffix)
+
+
+def present_images(cells: tuple) -> list:
+    """A row's images of several columns: the cells holding one (a list: each of its images)."""
+    found = []
+    for cell in cells:
+        if isinstance(cell, dict) and cell.get("bytes") is None and cell.get("path") is None:
+            continue        # an HF datasets image struct of nothing
+        if cell is not None:
+            found.extend(cell if isinstance(cell, list) else [cell])
+    return found or [None]
+
+
 def which(index: int, count: int) -> str:
     """Which image of a row's several an error is about (after its cause: the error's kind stays one)."""
     return f" (image {index + 1} of {count})" if count > 1 else ""
@@ -81,7 +109,7 @@ class Preprocess:
         self.ledger = CrashLedger(ledger_path("preprocess"))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        images = [cell if isinstance(cell, list) else [cell] for cell in self.cells(batch, self.config.image_column)]
+        images = self.images(batch)
         questions = self.questions(batch)
         ids = row_ids(batch, self.config.id_column)
         encoded = self.encode_rows([str(i) for i in ids.to_pylist()], images, questions)
@@ -114,8 +142,19 @@ class Preprocess:
         asked = self._questions(batch)
         return [q.capitalize() if isinstance(q, str) and self.config.capitalize_questions else q for q in asked]
 
+    def images(self, batch: pa.Table) -> list[list]:
+        """Each row's images: its image column's cell (a list: several), or those of its image columns."""
+        if not self.config.image_columns:
+            return [cell if isinstance(cell, list) else [cell] for cell in self.cells(batch, self.config.image_column)]
+        return [present_images(cells) for cells in zip(*(self.cells(batch, c) for c in self.config.image_columns))]
+
     def _questions(self, batch: pa.Table) -> list:
-        template = self.config.prompt_template
+        template, listed = self.config.prompt_template, self.config.option_list_column
+        if listed is not None:
+            suffix = self.config.prompt_suffix
+            open_suffix = suffix if self.config.open_question_suffix is None else self.config.open_question_suffix
+            return [with_listed_options(self.config.prompt if q is None else q, cell, suffix, open_suffix)
+                    for q, cell in zip(self.cells(batch, self.config.question_column), self.cells(batch, listed))]
         if template is None and self.config.option_columns:
             hints = self.cells(batch, self.config.hint_column) if self.config.hint_column else [None] * batch.num_rows
             options = zip(*(self.cells(batch, name) for name in self.config.option_columns))
@@ -172,7 +211,8 @@ class Preprocess:
         image or several; never raises. The key is a hash of the image files: the engine encodes
         rows of one image once."""
         if isinstance(question, RowError):
-            stage = "messages" if self.config.messages_column is not None else "prompt template"
+            stage = ("messages" if self.config.messages_column is not None else
+                     "options" if self.config.option_list_column is not None else "prompt template")
             return self.failed_row(question, error_message(stage, question))
         if not data:
             return self.failed_row(question, error_message("read image", RowError("image list is empty")))
@@ -202,8 +242,8 @@ class Preprocess:
     def user_text(self, question) -> str:
         """The row's question (else the job's prompt) with the job's suffix, or the text of its
         conversation's turn answered (the suffix in it): what the model is asked."""
-        if isinstance(question, Conversation):
-            return question.question
+        if isinstance(question, (Conversation, Asked)):
+            return question.question if isinstance(question, Conversation) else question.text
         return (self.config.prompt if question is None else question) + self.config.prompt_suffix
 
     def failed_row(self, question, message: str) -> tuple:

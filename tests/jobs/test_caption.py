@@ -204,6 +204,13 @@ def test_flags_reach_the_pipeline_config(tmp_path):
                                                      "--prompt-suffix", " One word.", "--id-column", "key"]), DEFAULTS))
     assert (columns.image_column, columns.question_column, columns.prompt_suffix) == ("jpg", "query", " One word.")
     assert columns.id_column == "key"
+    listed = pipeline_config(merge_args(parse_args(["--image-columns", "left, right", "--option-list-column", "opts",
+                                                    "--open-question-suffix", " Briefly."]), DEFAULTS))
+    assert (listed.image_sources(), listed.option_list_column, listed.open_question_suffix) == (
+        ["left", "right"], "opts", " Briefly.")
+    (tmp_path / "lists.yaml").write_text("image_columns: [left, right]\n")
+    assert pipeline_config(merge_args(parse_args(["--config", str(tmp_path / "lists.yaml")]),
+                                      DEFAULTS)).image_columns == ["left", "right"]
     assert merge_args(parse_args(["--limit", "100"]), DEFAULTS)["limit"] == 100      # run_job's, not the config's
     assert pipeline_config(merge_args(parse_args([]), DEFAULTS)).image_settings() == {}    # the checkpoint's
     with pytest.raises(ValueError, match="repetition_penalty must be > 0"):

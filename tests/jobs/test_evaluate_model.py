@@ -289,3 +289,66 @@ def test_textvqas_questions_are_capitalized_as_lmms_eval_asks_them(checkpoint, t
         config, _ = job.model_run_config(job.parse_args(["--input", str(tmp_path / name), "--model", str(checkpoint)]))
         questions = ungroup(Preprocess(config)(pa.Table.from_pylist(rows)))[0].column("question").to_pylist()
         assert questions == [asked + benchmarks.SHORT_ANSWER], name
+
+
+def mmmu_rows() -> list[dict]:
+    """MMMU's layout: options as a list's text ("[]": an open question), images in image_1 ... as HF
+    datasets writes them ({bytes, path}), the ground truth in `answer`."""
+    image = lambda colour: {"bytes": png(colour), "path": None}     # noqa: E731
+    return [{"id": "validation_Art_1", "question": "Which is <image 1> like? <image 2>", "options": "['red', 'blue']",
+             "image_1": image("red"), "image_2": image("blue"), "image_3": None, "answer": "A"},
+            {"id": "validation_Math_2", "question": "How many sides has <image 1>?", "options": "[]",
+             "image_1": image("green"), "image_2": None, "image_3": None, "answer": "4"},
+            {"id": "validation_Math_3", "question": "Which?", "options": "['1', \"it's 2\", '3']",
+             "image_1": None, "image_2": None, "image_3": image("red"), "answer": "C"}]
+
+
+MMMU_ASKED = ["Which is <image 1> like? <image 2>\nA. red\nB. blue\n\n" + benchmarks.OPTION_LETTER.strip(),
+              "How many sides has <image 1>?\n\n" + benchmarks.SHORT_ANSWER.strip(),
+              "Which?\nA. 1\nB. it's 2\nC. 3\n\n" + benchmarks.OPTION_LETTER.strip()]
+
+
+def write_mmmu(path: Path) -> Path:
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([("id", pa.string()), ("question", pa.string()), ("options", pa.string()),
+                        *((f"image_{k}", image) for k in (1, 2, 3)), ("answer", pa.string())])
+    pq.write_table(pa.Table.from_pylist(mmmu_rows(), schema=schema), path)
+    return path
+
+
+def test_mmmus_options_and_image_columns_are_asked_as_lmms_eval_asks_them(checkpoint, tmp_path):
+    from pipeline.groups import ungroup
+    from pipeline.preprocess import Preprocess, row_encoder
+    from pipeline.rows import rename_columns
+
+    bench = write_mmmu(tmp_path / "mmmu_validation.parquet")
+    config, renames = job.model_run_config(job.parse_args(["--input", str(bench), "--model", str(checkpoint),
+                                                           "--answers-column", "answer"]))
+    assert (config.option_list_column, config.image_columns) == ("options", ["image_1", "image_2", "image_3"])
+    table = rename_columns(pq.read_table(bench), renames)       # as the job reads it
+    asked, _ = ungroup(Preprocess(config)(table))
+    assert asked.column("question").to_pylist() == MMMU_ASKED
+    two_images = row_encoder(config, str(checkpoint)).encode_images([png("red"), png("blue")], MMMU_ASKED[0])
+    assert asked.column("input_ids").to_pylist()[0] == list(two_images.input_ids)
+    suffixed = job.model_run_config(job.parse_args(["--input", str(bench), "--model", str(checkpoint),
+                                                    "--answers-column", "answer", "--prompt-suffix", " Briefly."]))
+    assert ungroup(Preprocess(suffixed[0])(table))[0].column("question").to_pylist()[:2] == [
+        "Which is <image 1> like? <image 2>\nA. red\nB. blue Briefly.", "How many sides has <image 1>? Briefly."]
+
+
+def test_an_mmmu_run_is_scored_by_mmmus_rules_per_subject(ray_cluster, checkpoint, tmp_path):
+    from evaluation.mmmu import mmmu_score
+
+    bench, out = write_mmmu(tmp_path / "mmmu_validation.parquet"), tmp_path / "out"
+    assert job.main(["--input", str(bench), "--model", str(checkpoint), "--output", str(out), "--answers-column",
+                     "answer", "--max-new-tokens", "3"]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    rows = pq.read_table(out / "predictions.parquet").to_pylist()
+    assert [r["question"] for r in rows] == MMMU_ASKED and summary["metric"] == "mmmu" and summary["errors"] == 0
+    truth = {r["id"]: r for r in mmmu_rows()}
+    assert [r["score"] for r in rows] == [mmmu_score(r["answer"], [truth[r["id"]]["answer"]],
+                                                     truth[r["id"]]["options"]) for r in rows]
+    assert {k: v["rows"] for k, v in summary["per_category"].items()} == {"Art": 1, "Math": 2}
+    rescored = tmp_path / "rescored"        # the predictions alone carry what mmmu scores with
+    assert job.main(["--predictions", str(out), "--output", str(rescored), "--answers-column", "answer"]) == 0
+    assert json.loads((rescored / "metrics.json").read_text())["score"] == summary["score"]

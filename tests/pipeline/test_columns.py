@@ -337,3 +337,43 @@ def test_sparks_folder_of_a_null_partition_value_is_a_null(ray_cluster, checkpoi
     job.output_lock.release()
     langs = {r["id"]: r["lang"] for r in job_rows(job).take_all()}
     assert langs == {"en": "en", "__HIVE_DEFAULT_PARTITION__": None}
+
+
+def test_an_option_list_or_image_columns_missing_or_of_another_type_are_named_before_any_work(checkpoint, tmp_path):
+    rows = [{"id": "a", "image_1": png(20, 20), "image_2": None, "options": "['x', 'y']", "count": 3},
+            {"id": "b", "image_1": None, "image_2": png(20, 20), "options": "[]", "count": 4}]
+    source, out = str(write_parquet(tmp_path / "in.parquet", rows)), str(tmp_path / "out")
+    config = PipelineConfig(model=str(checkpoint), image_columns="image_1, image_2", option_list_column="options")
+    for wrong, says in ((dict(option_list_column="choices"), r"has no `choices` column of options"),
+                        (dict(option_list_column="count"), r"the options column 'count' holds int64, not lists"),
+                        (dict(image_columns=["image_1", "image_3"]), r"has no `image_3` column of images"),
+                        (dict(image_columns=["image_1", "count"]), r"the image column 'count' holds int64")):
+        with pytest.raises(ValueError, match=says):
+            prepare_job(source, out, replace(config, **wrong))
+    job = prepare_job(source, out, config)
+    assert {"image_1", "image_2", "options"} <= set(job.columns) and "count" not in job.columns
+
+
+@pytest.mark.parametrize("settings, says", [
+    (dict(option_list_column="options", option_columns=["A", "B"]), "option_list_column and option_columns are"),
+    (dict(option_list_column="options", prompt_template="{q}"), "option_list_column and prompt_template are"),
+    (dict(open_question_suffix=" Briefly."), "give option_list_column"),
+    (dict(image_columns=["a", "b"], image_column="picture"), "image_column and image_columns both"),
+    (dict(image_columns=["a", ""]), "image_columns must be column names"),
+])
+def test_ways_to_ask_that_do_not_go_together_are_refused(settings, says):
+    with pytest.raises(ValueError, match=says):
+        PipelineConfig(model="m", **settings)
+
+
+def test_a_rows_images_of_several_columns_are_its_cells_holding_one(checkpoint):
+    from pipeline.groups import ungroup
+    from pipeline.preprocess import Preprocess
+
+    nothing = {"bytes": None, "path": None}         # an HF datasets image struct of no image
+    table = pa.Table.from_pylist([{"id": "a", "left": {"bytes": png(20, 20), "path": None}, "right": nothing},
+                                  {"id": "b", "left": None, "right": nothing}])
+    config = PipelineConfig(model=str(checkpoint), image_columns=["left", "right"])
+    rows, _ = ungroup(Preprocess(config)(table))
+    errors = rows.column("error").to_pylist()
+    assert errors[0] is None and "null" in errors[1] and rows.column("input_ids").to_pylist()[1] is None
