@@ -50,9 +50,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = build_parser()
     args = argparse.Namespace(**merge_args(ap.parse_args(argv), DEFAULTS, ap))
     check_column_flags(args)
+    check_job_flags(args, ap)
     if args.predictions:        # an evaluation's output folder: its predictions.parquet, as --baseline's
         args.predictions = evaluation_predictions(args.predictions, storage_options(args)) or args.predictions
     return args
+
+
+# Flags of how a model answers: with --predictions (answers given) they would change nothing
+MODEL_RUN_ONLY = ("adapter", "system_prompt", "prompt_suffix", "max_new_tokens", "num_beams", "choices",
+                  "choices_column", "resume", "retry_errors", "overwrite")
+
+
+def check_job_flags(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
+    """Flags that contradict one another are refused before any work, naming them."""
+    flags = {a.dest: a.option_strings[0] for a in ap._actions if a.option_strings}
+    if args.gallery < 0:
+        raise ValueError(f"--gallery must be >= 0 (rows shown), got {args.gallery}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume (or --retry-errors) continues the earlier run, --overwrite discards it: pass one")
+    if args.predictions:
+        unused = [flags[k] for k in (*MODEL_RUN_ONLY, *run_flag_names()) if getattr(args, k) not in (None, False)]
+        if unused:
+            raise ValueError(f"{unused[0]} is about running a model; --predictions scores answers already made: "
+                             "give one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,8 +282,6 @@ def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[s
 
     if not args.model:
         raise ValueError("--model is required to run a model (or pass --predictions to score existing answers)")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume continues the earlier run, --overwrite discards it: pass one")
     config, truth = model_run_config(args)
     raw = raw_output(args.output)
     if not args.resume:

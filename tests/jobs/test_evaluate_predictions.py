@@ -514,3 +514,30 @@ def test_column_flags_naming_a_used_or_missing_column_are_one_line(tmp_path, cap
                      "--output", str(tmp_path / "o"), "--metric", "exact_match", *flags]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0], error
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "8"], "--max-new-tokens is about running a model; --predictions scores answers"),
+    (["--replicas", "2"], "--replicas is about running a model"),
+    (["--prompt-suffix", ""], "--prompt-suffix is about running a model"),
+    (["--resume"], "--resume is about running a model"),
+    (["--gallery", "-5"], "--gallery must be >= 0"),
+])
+def test_flags_that_would_change_nothing_or_contradict_are_refused(tmp_path, capsys, flags, message):
+    """Beside --predictions, a model-run flag changed nothing, silently; --gallery -5 wrote no gallery."""
+    pq.write_table(pa.table({"id": ["a"], "answer": ["A"], "answers": ["A"]}), tmp_path / "p.parquet")
+    assert job.main(["--predictions", str(tmp_path / "p.parquet"), "--output", str(tmp_path / "o"),
+                     "--metric", "exact_match", *flags]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0], error
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_beside_overwrite_is_refused_by_the_dry_run_too(tmp_path, capsys):
+    from jobs.common import DEMO_MODEL
+
+    pq.write_table(pa.table({"id": ["a"], "image": [png("red")], "answers": [["red"]]}), tmp_path / "bench.parquet")
+    for retry in (["--resume"], ["--retry-errors"]):
+        assert job.main(["--input", str(tmp_path / "bench.parquet"), "--model", str(DEMO_MODEL), "--output",
+                         str(tmp_path / "o"), "--metric", "exact_match", "--overwrite", "--dry-run", *retry]) == 2
+        assert "continues the earlier run, --overwrite discards it" in capsys.readouterr().err
