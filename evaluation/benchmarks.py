@@ -17,11 +17,12 @@ DEMO = "demo"           # the bundled demo's held-out rows (demo/data/heldout.pa
 # Benchmark -> the instruction appended to each question when --prompt-suffix is not given: lmms-eval's
 # default post_prompt for the task, so that scores stand beside the tables made with it.
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+SINGLE_WORD = "\nAnswer the question with a single word."        # ChartQA's
 UNANSWERABLE = "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT_ANSWER
 OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."
 DATASET_SUFFIXES = {
     "docvqa": SHORT_ANSWER, "infovqa": SHORT_ANSWER, "infographicvqa": SHORT_ANSWER, "stvqa": SHORT_ANSWER,
-    "chartqa": SHORT_ANSWER, "textvqa": SHORT_ANSWER, "vqav2": SHORT_ANSWER,
+    "chartqa": SINGLE_WORD, "textvqa": SHORT_ANSWER, "vqav2": SHORT_ANSWER,
     "vizwiz": UNANSWERABLE, "okvqa": UNANSWERABLE,
     # MMBench's and MMMU's: lmms-eval puts a line break between their options and this (which begins with one)
     "mmstar": OPTION_LETTER.rstrip("."), "mmmu": "\n" + OPTION_LETTER, "mmbench": "\n" + OPTION_LETTER,
@@ -32,6 +33,13 @@ OPEN_QUESTION_SUFFIXES = {"mmmu": "\n" + SHORT_ANSWER}     # MMMU's questions wi
 OPTION_LIST_LAYOUT = {"mmmu": ("options", [f"image_{k}" for k in range(1, 8)])}
 
 CAPITALIZED = {"textvqa", "vizwiz"}     # lmms-eval asks their questions as str.capitalize writes them
+# lmms-eval strips MMStar's questions and takes this out of them before its instruction
+QUESTION_REMOVALS = {"mmstar": [" Please answer yes or no."]}
+# Benchmark -> lmms-eval's max_new_tokens for it (lmms-eval 0.7.3's task files); where a task sets none,
+# the model's class decides: 1024 for idefics2's, the class Idefics3 and SmolVLM are run with.
+DATASET_MAX_NEW_TOKENS = {"docvqa": 32, "infovqa": 32, "infographicvqa": 32, "stvqa": 32, "chartqa": 16,
+                          "vqav2": 16, "mmmu": 128, "mmbench": 1024, "textvqa": 1024, "vizwiz": 1024,
+                          "okvqa": 1024, "mmstar": 1024}
 
 
 def benchmark_in(path: str) -> str | None:

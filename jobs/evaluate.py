@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from evaluation.baseline import baseline_scores, changed_rows, compare
-from evaluation.benchmarks import (CAPITALIZED, DATASET_METRICS, DATASET_SUFFIXES, OPEN_QUESTION_SUFFIXES,
-                                   OPTION_LIST_LAYOUT, benchmark_in)
+from evaluation.benchmarks import (CAPITALIZED, DATASET_MAX_NEW_TOKENS, DATASET_METRICS, DATASET_SUFFIXES,
+                                   OPEN_QUESTION_SUFFIXES, OPTION_LIST_LAYOUT, QUESTION_REMOVALS, benchmark_in)
 from evaluation.metrics import METRICS, ROW_COLUMNS
 from evaluation.mmmu import with_subjects
 from evaluation.report import sample_rows, write_chart, write_gallery, write_metrics_json, write_report_md
@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gallery", type=int, metavar="N", help="write gallery.html with N sampled rows")
     ap.add_argument("--limit", type=int, metavar="N", help="score only the first N benchmark rows (a quick check; "
                     "the report says so)")
-    ap.add_argument("--max-new-tokens", type=int, help="default 64")
+    ap.add_argument("--max-new-tokens", type=int, help="default: lmms-eval's for a known benchmark (DocVQA 32, "
+                                                       "ChartQA 16, MMMU 128, ...), else 64")
     ap.add_argument("--num-beams", type=int, metavar="K",
                     help="beam search with K beams (transformers' num_beams; default 1: greedy, as lmms-eval "
                          "scores most benchmarks)")
@@ -190,6 +191,8 @@ def pipeline_config(args: argparse.Namespace, kept: list[str], **asked):
     given = {k: v for k, v in vars(args).items() if v is not None and k in PipelineConfig.field_names()
              and k not in ("model", "storage_options", "prompt_suffix")}
     given.setdefault("generation_config", "none")
+    if benchmark_name(args) in DATASET_MAX_NEW_TOKENS:      # lmms-eval's for the task, unless given
+        given.setdefault("max_new_tokens", DATASET_MAX_NEW_TOKENS[benchmark_name(args)])
     return PipelineConfig(model=args.model, keep_columns=kept, storage_options=storage_options(args),
                           prompt_suffix=choose_suffix(args), **{**given, **asked})
 
@@ -262,8 +265,9 @@ def model_run_config(args: argparse.Namespace):
         raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
     asked = asked_options(args, present)
     kept = [c for c in ("answers", "category", asked.get("option_list_column")) if c in present]
-    capitalized = benchmark_name(args) in CAPITALIZED
-    return pipeline_config(args, kept, capitalize_questions=capitalized, **asked), truth
+    name = benchmark_name(args)
+    return pipeline_config(args, kept, capitalize_questions=name in CAPITALIZED,
+                           question_removals=QUESTION_REMOVALS.get(name, []), **asked), truth
 
 
 def default_output(args: argparse.Namespace) -> str:

@@ -57,6 +57,9 @@ class PipelineConfig:
                                                 # (None: prompt_suffix)
     capitalize_questions: bool = False          # each question as str.capitalize writes it (lmms-eval's TextVQA,
                                                 # VizWiz)
+    question_removals: list[str] = field(default_factory=list)  # each question stripped of surrounding space,
+                                                # then these texts taken out (lmms-eval's MMStar: " Please answer
+                                                # yes or no.")
     messages_column: str | None = None          # an input column of each row's conversation (HF chat messages,
                                                 # or their JSON text) whose next assistant turn is answered
                                                 # (a last assistant turn: answered again); null: `prompt`
@@ -143,7 +146,7 @@ class PipelineConfig:
     fetch_timeout_s: float = 60.0               # an image read (async stores: s3, gcs, http) not done by then fails
 
     def __post_init__(self) -> None:
-        for name in ("stop", "choices", "bad_words"):
+        for name in ("stop", "choices", "bad_words", "question_removals"):
             texts = getattr(self, name)
             texts = [texts] if isinstance(texts, str) else list(dict.fromkeys(texts or []))
             if any(not isinstance(s, str) or not s for s in texts):

@@ -139,8 +139,14 @@ class Preprocess:
         if self.config.messages_column is not None:
             return [None if m is None else conversation(m, self.config.prompt_suffix)
                     for m in self.cells(batch, self.config.messages_column)]
-        asked = self._questions(batch)
-        return [q.capitalize() if isinstance(q, str) and self.config.capitalize_questions else q for q in asked]
+        return [self.cleaned(q) if isinstance(q, str) else q for q in self._questions(batch)]
+
+    def cleaned(self, question: str) -> str:
+        if self.config.question_removals:
+            question = question.strip()
+            for text in self.config.question_removals:
+                question = question.replace(text, "")
+        return question.capitalize() if self.config.capitalize_questions else question
 
     def images(self, batch: pa.Table) -> list[list]:
         """Each row's images: its image column's cell (a list: several), or those of its image columns."""

@@ -352,3 +352,22 @@ def test_an_mmmu_run_is_scored_by_mmmus_rules_per_subject(ray_cluster, checkpoin
     rescored = tmp_path / "rescored"        # the predictions alone carry what mmmu scores with
     assert job.main(["--predictions", str(out), "--output", str(rescored), "--answers-column", "answer"]) == 0
     assert json.loads((rescored / "metrics.json").read_text())["score"] == summary["score"]
+
+
+def test_a_benchmark_is_answered_with_lmms_evals_max_new_tokens_and_mmstars_questions_cleaned(checkpoint, tmp_path):
+    from pipeline.groups import ungroup
+    from pipeline.preprocess import Preprocess
+
+    rows = [{"id": "q1", "image": png("red"), "question": " Is it red? Please answer yes or no.\n", "answers": "A"}]
+    made = {}
+    for name in ("docvqa_val", "ChartQA_test", "mmstar", "mmmu_dev", "bench"):
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{name}.parquet")
+        args = ["--input", str(tmp_path / f"{name}.parquet"), "--model", str(checkpoint), "--metric", "exact_match"]
+        config = job.model_run_config(job.parse_args(args))[0]
+        asked = ungroup(Preprocess(config)(pa.Table.from_pylist(rows)))[0].column("question").to_pylist()[0]
+        made[name] = (config.max_new_tokens, asked)
+        assert job.model_run_config(job.parse_args([*args, "--max-new-tokens", "7"]))[0].max_new_tokens == 7
+    assert made["docvqa_val"] == (32, rows[0]["question"] + benchmarks.SHORT_ANSWER)
+    assert made["ChartQA_test"] == (16, rows[0]["question"] + "\nAnswer the question with a single word.")
+    assert made["mmstar"] == (1024, "Is it red?" + benchmarks.OPTION_LETTER.rstrip("."))
+    assert made["mmmu_dev"][0] == 128 and made["bench"] == (64, rows[0]["question"])
