@@ -23,7 +23,9 @@ def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Tab
                          f"(theirs like {ids[0]!r}, ours like {ours[0]!r}): not an evaluation of the same benchmark?")
     texts = dict(zip(ids, numbers_as_text(baseline.select(["answer"])).column("answer").to_pylist()))
     answers, scores = [], []
-    for row in numbers_as_text(scored.select(["id", "answers", *ROW_COLUMNS.get(metric, ())])).to_pylist():
+    extra = scored.select(list(ROW_COLUMNS.get(metric, ()))).to_pylist()   # options as the prompt read them
+    for row, more in zip(numbers_as_text(scored.select(["id", "answers"])).to_pylist(), extra):
+        row.update(more)
         theirs, answer = rows.get(str(row["id"])), texts.get(str(row["id"]))
         answers.append(None if answer is None else str(answer))    # as text, as scored (a float32 0.1: "0.1")
         scores.append(None if theirs is None else 0.0 if is_error_row(theirs) else score_row(metric, answer, row))

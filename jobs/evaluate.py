@@ -202,13 +202,16 @@ def asked_options(args: argparse.Namespace, present: list[str]) -> dict:
     or one list (MMMU's, its images in columns of one each): they are asked after the question as
     lmms-eval asks them; without them the model saw no options."""
     name = benchmark_name(args)
-    options, image_columns = OPTION_LIST_LAYOUT.get(name, OPTION_LIST_LAYOUT["mmmu"])
-    if options in present and (name in OPTION_LIST_LAYOUT or choose_metric(args) == "mmmu"):
-        images = ([c for c in image_columns if c in present]
-                  if args.image_column == "image" and "image" not in present and not args.image_columns else None)
-        open_suffix = OPEN_QUESTION_SUFFIXES.get(name) if args.prompt_suffix is None else None
-        return {"option_list_column": options, "open_question_suffix": open_suffix,
-                **({"image_columns": images} if images is not None else {})}
+    layout = OPTION_LIST_LAYOUT.get(name) or (OPTION_LIST_LAYOUT["mmmu"] if choose_metric(args) == "mmmu" else None)
+    if layout is not None:
+        options, image_columns = layout
+        asked = {}
+        if args.image_column == "image" and "image" not in present and not args.image_columns:
+            asked["image_columns"] = [c for c in image_columns if c in present]
+        if options in present:
+            open_suffix = OPEN_QUESTION_SUFFIXES.get(name) if args.prompt_suffix is None else None
+            asked.update(option_list_column=options, open_question_suffix=open_suffix)
+        return asked
     letters = [c for c in "ABCDEFGHIJ" if c in present]
     if choose_metric(args) != "multiple_choice" or letters[:2] != ["A", "B"]:
         return {}
@@ -224,10 +227,11 @@ def model_settings(args: argparse.Namespace) -> dict[str, str]:
     the caption job's run manifest keeps), the prompt suffix and the settings answers depend on."""
     from pipeline.manifest import checkpoint_fingerprint
 
-    config = pipeline_config(args, [])
+    config, _ = model_run_config(args)
     adapter = {"adapter": checkpoint_fingerprint(config.adapter, config.storage_options)} if config.adapter else {}
+    opened = {} if config.open_question_suffix is None else {"open question suffix": repr(config.open_question_suffix)}
     return {"checkpoint": checkpoint_fingerprint(config.model, config.storage_options), **adapter,
-            "prompt suffix": repr(config.prompt_suffix),
+            "prompt suffix": repr(config.prompt_suffix), **opened,
             "settings": json.dumps({name: shown(getattr(config, name)) for name in SHOWN_SETTINGS})}
 
 

@@ -139,7 +139,7 @@ def load_images(args: argparse.Namespace, ids: list[str]) -> dict[str, object]:
     named = args.image_columns or []
     named = [c.strip() for c in named.split(",")] if isinstance(named, str) else list(named)
     firsts = [columns[0] for _, columns in OPTION_LIST_LAYOUT.values()]     # MMMU's image_1: a row's first image
-    candidates = [*named[:1], args.image_column, *firsts]
+    candidates = list(dict.fromkeys([*named[:1], args.image_column, *firsts]))
     table = read_parquet(args.input, [args.id_column, *candidates], storage_options(args))
     column = next((c for c in candidates if c in table.column_names), None)
     if column is None or args.id_column not in table.column_names:

@@ -350,10 +350,11 @@ def check_columns(names: list[str], config: PipelineConfig, source: str) -> None
     """The rows (`names`: their columns, as the model stage gets them) must have the image column
     and every column `keep_columns` names."""
     names = set(names)
+    flag = "--image-columns name others" if config.image_columns else "--image-column names another"
     for column in config.image_sources():
         if column not in names:
             raise ValueError(f"input {source!r} has no `{column}` column of images (columns: "
-                             f"{sorted(names)}; --image-column names another)")
+                             f"{sorted(names)}; {flag})")
     if config.id_column != "id" and config.id_column not in names:
         raise ValueError(f"input {source!r} has no `{config.id_column}` column of ids (columns: {sorted(names)})")
     if config.question_column != "question" and config.question_column not in names:

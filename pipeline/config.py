@@ -156,6 +156,10 @@ class PipelineConfig:
         self._check_token_settings()
         if isinstance(self.keep_columns, str):
             self.keep_columns = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
+        for name in ("keep_columns", "image_columns", "option_columns"):     # a YAML mapping is no list of them
+            if not isinstance(getattr(self, name), (str, list, tuple)):
+                raise ValueError(f"{name} must be a list of column names (or their text, comma-separated), got "
+                                 f"{type(getattr(self, name)).__name__}")
         # The output's id is the input's id column; an input `id` beside another id column (a VQAv2 image id
         # beside question_id), as another output column's name, is kept as input_<name>.
         self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c != "id" or self.id_column != "id"]

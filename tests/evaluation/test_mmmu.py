@@ -95,3 +95,15 @@ def test_options_are_listed_a_line_each_after_their_letter():
 def test_an_options_text_is_read_as_a_python_literal_first_as_lmms_eval_reads_it():
     assert option_list('["a\\/b"]') == ["a\\/b"]          # JSON would read "a/b"
     assert option_list('["x", 1.5]') == ["x", "1.5"]
+
+
+def test_a_baseline_scores_options_of_numbers_as_this_run_does():
+    """Options [1.0, 2.0] are "1.0", "2.0" to the prompt and to this run's scoring: the baseline read them
+    as "1", "2", so that the same answers compared with themselves differed (delta -0.125 over 40 rows)."""
+    from evaluation.baseline import baseline_scores
+
+    answers = [f"my guess would be {k} of these" for k in range(40)]     # "1" is in "12", "1.0" is not
+    table = pa.table({"id": [str(k) for k in range(40)], "answer": answers, "answers": ["A"] * 40,
+                      "options": pa.array([[1.0, 2.0, 3.0, 4.0]] * 40, pa.list_(pa.float64()))})
+    scored = baseline_scores(score_rows(table, "mmmu"), table, "mmmu")
+    assert scored.column("baseline_score").to_pylist() == scored.column("score").to_pylist()

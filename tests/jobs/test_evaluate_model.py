@@ -248,8 +248,9 @@ def test_a_dry_run_rehearses_the_model_run(checkpoint, tmp_path, capsys):
     assert "multiple_choice cannot use" in capsys.readouterr().err
 
 
-def test_the_reports_settings_name_a_generation_config_url_without_its_secrets(checkpoint):
-    args = job.parse_args(["--input", "bench.parquet", "--model", str(checkpoint),
+def test_the_reports_settings_name_a_generation_config_url_without_its_secrets(checkpoint, tmp_path):
+    bench = write_benchmark(tmp_path / "docvqa.parquet", "red", truth="answers")
+    args = job.parse_args(["--input", str(bench), "--model", str(checkpoint),
                            "--generation-config", "https://alice:pw0@h/gen.json?token=t0"])
     settings = job.model_settings(args)["settings"]
     assert '"generation_config": "https://***@h/gen.json?token=***"' in settings and "pw0" not in settings
@@ -330,6 +331,12 @@ def test_mmmus_options_and_image_columns_are_asked_as_lmms_eval_asks_them(checkp
     assert asked.column("question").to_pylist() == MMMU_ASKED
     two_images = row_encoder(config, str(checkpoint)).encode_images([png("red"), png("blue")], MMMU_ASKED[0])
     assert asked.column("input_ids").to_pylist()[0] == list(two_images.input_ids)
+    unlisted = tmp_path / "mmmu" / "validation.parquet"        # options written in the question: images all the same
+    unlisted.parent.mkdir()
+    pq.write_table(pq.read_table(bench).drop_columns(["options"]), unlisted)
+    config = job.model_run_config(job.parse_args(["--input", str(unlisted), "--model", str(checkpoint),
+                                                  "--answers-column", "answer"]))[0]
+    assert (config.image_columns, config.option_list_column) == (["image_1", "image_2", "image_3"], None)
     suffixed = job.model_run_config(job.parse_args(["--input", str(bench), "--model", str(checkpoint),
                                                     "--answers-column", "answer", "--prompt-suffix", " Briefly."]))
     assert ungroup(Preprocess(suffixed[0])(table))[0].column("question").to_pylist()[:2] == [
@@ -349,6 +356,8 @@ def test_an_mmmu_run_is_scored_by_mmmus_rules_per_subject(ray_cluster, checkpoin
     assert [r["score"] for r in rows] == [mmmu_score(r["answer"], [truth[r["id"]]["answer"]],
                                                      truth[r["id"]]["options"]) for r in rows]
     assert {k: v["rows"] for k, v in summary["per_category"].items()} == {"Art": 1, "Math": 2}
+    report = (out / "report.md").read_text()      # both suffixes the answers were asked with
+    assert "- open question suffix: `'\\n\\nAnswer the question using a single word or phrase.'`" in report, report
     rescored = tmp_path / "rescored"        # the predictions alone carry what mmmu scores with
     assert job.main(["--predictions", str(out), "--output", str(rescored), "--answers-column", "answer"]) == 0
     assert json.loads((rescored / "metrics.json").read_text())["score"] == summary["score"]

@@ -541,3 +541,12 @@ def test_resume_beside_overwrite_is_refused_by_the_dry_run_too(tmp_path, capsys)
         assert job.main(["--input", str(tmp_path / "bench.parquet"), "--model", str(DEMO_MODEL), "--output",
                          str(tmp_path / "o"), "--metric", "exact_match", "--overwrite", "--dry-run", *retry]) == 2
         assert "continues the earlier run, --overwrite discards it" in capsys.readouterr().err
+
+
+def test_a_gallery_of_an_image_1_column(tmp_path):
+    """--image-column image_1 (MMMU's first image's name) read image_1 twice: a KeyError after the whole run."""
+    pq.write_table(pa.table({"id": ["a"], "image_1": [png("red")], "answers": ["red"]}), tmp_path / "docvqa.parquet")
+    pq.write_table(pa.table({"id": ["a"], "answer": ["red"]}), tmp_path / "p.parquet")
+    assert job.main(["--input", str(tmp_path / "docvqa.parquet"), "--predictions", str(tmp_path / "p.parquet"),
+                     "--image-column", "image_1", "--gallery", "1", "--output", str(tmp_path / "o")]) == 0
+    assert "data:image/jpeg" in (tmp_path / "o" / "gallery.html").read_text()

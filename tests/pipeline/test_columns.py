@@ -346,7 +346,8 @@ def test_an_option_list_or_image_columns_missing_or_of_another_type_are_named_be
     config = PipelineConfig(model=str(checkpoint), image_columns="image_1, image_2", option_list_column="options")
     for wrong, says in ((dict(option_list_column="choices"), r"has no `choices` column of options"),
                         (dict(option_list_column="count"), r"the options column 'count' holds int64, not lists"),
-                        (dict(image_columns=["image_1", "image_3"]), r"has no `image_3` column of images"),
+                        (dict(image_columns=["image_1", "image_3"]), r"has no `image_3` column of images .*; "
+                                                                     r"--image-columns name others"),
                         (dict(image_columns=["image_1", "count"]), r"the image column 'count' holds int64")):
         with pytest.raises(ValueError, match=says):
             prepare_job(source, out, replace(config, **wrong))
@@ -360,6 +361,8 @@ def test_an_option_list_or_image_columns_missing_or_of_another_type_are_named_be
     (dict(open_question_suffix=" Briefly."), "give option_list_column"),
     (dict(image_columns=["a", "b"], image_column="picture"), "image_column and image_columns both"),
     (dict(image_columns=["a", ""]), "image_columns must be column names"),
+    (dict(image_columns={"image_2": 1}), "image_columns must be a list of column names"),
+    (dict(keep_columns={"a": 1}), "keep_columns must be a list of column names"),
 ])
 def test_ways_to_ask_that_do_not_go_together_are_refused(settings, says):
     with pytest.raises(ValueError, match=says):
