@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from evaluation.metrics import ROW_COLUMNS, score_row
 from evaluation.report import code_span, escape_cell
-from evaluation.scoring import _mean, by_category, check_unique_ids, interval95, is_error_row, numbers_as_text
+from evaluation.scoring import average, by_category, check_unique_ids, groups_of, is_error_row, numbers_as_text
 
 
 def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Table:
@@ -34,25 +34,30 @@ def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Tab
             .append_column("baseline_score", pa.array(scores, pa.float64())))
 
 
-def paired_difference(now: list[float], then: list[float]) -> dict:
+def paired_difference(now: list[float], then: list[float], groups: list | None = None) -> dict:
     """Mean scores, their difference and its 95 % interval (normal approximation of the paired
-    differences' mean), and how many rows scored higher, lower, the same."""
+    differences' mean), and how many rows scored higher, lower, the same; with `groups`, means of
+    the groups' means (scoring.average)."""
     diffs = [a - b for a, b in zip(now, then)]
-    return {"rows": len(diffs), "score": _mean(now), "baseline_score": _mean(then), "delta": _mean(diffs),
-            "ci95": interval95(diffs, -1.0, 1.0),
+    delta, interval = average(diffs, groups, -1.0, 1.0)
+    return {"rows": len(diffs), "score": average(now, groups)[0], "baseline_score": average(then, groups)[0],
+            "delta": delta, "ci95": interval,
             "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs),
             "same": sum(d == 0 for d in diffs)}
 
 
-def compare(scored: pa.Table, source: str, baseline_rows: int, category_column: str = "category") -> dict:
+def compare(scored: pa.Table, source: str, baseline_rows: int, category_column: str = "category",
+            averaged_over: str | None = None) -> dict:
     """metrics.json's `baseline`: the paired comparison over the rows both runs answered, overall
-    and per category, and the rows only one of them has."""
+    and per category (means of `averaged_over`'s groups' means, as the scores), and the rows only
+    one of them has."""
     rows = [r for r in scored.to_pylist() if r["baseline_score"] is not None]
-    overall = paired_difference([r["score"] for r in rows], [r["baseline_score"] for r in rows])
+    paired = lambda g: paired_difference([r["score"] for r in g], [r["baseline_score"] for r in g],  # noqa: E731
+                                         groups_of(g, averaged_over))
+    overall = paired(rows)
     per_category = {}
     if category_column in scored.column_names:
-        per_category = {c: paired_difference([r["score"] for r in g], [r["baseline_score"] for r in g])
-                        for c, g in by_category(rows, category_column).items()}
+        per_category = {c: paired(g) for c, g in by_category(rows, category_column).items()}
     return {"source": source, **overall, "per_category": per_category,
             "rows_without_baseline": scored.num_rows - len(rows), "baseline_rows_unused": baseline_rows - len(rows)}
 

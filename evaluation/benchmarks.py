@@ -33,6 +33,9 @@ OPEN_QUESTION_SUFFIXES = {"mmmu": "\n" + SHORT_ANSWER}     # MMMU's questions wi
 OPTION_LIST_LAYOUT = {"mmmu": ("options", [f"image_{k}" for k in range(1, 8)])}
 
 CAPITALIZED = {"textvqa", "vizwiz"}     # lmms-eval asks their questions as str.capitalize writes them
+# Benchmark -> the column whose groups' mean scores lmms-eval averages into its score (MMStar's
+# "average": the mean of its 18 l2_category means), where the rows have it
+AVERAGED_OVER = {"mmstar": "l2_category"}
 # lmms-eval strips MMStar's questions and takes this out of them before its instruction
 QUESTION_REMOVALS = {"mmstar": [" Please answer yes or no."]}
 # Benchmark -> lmms-eval's max_new_tokens for it (lmms-eval 0.7.3's task files); where a task sets none,

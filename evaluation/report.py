@@ -41,6 +41,9 @@ def report_markdown(summary: dict, sources: dict[str, str], chart_name: str | No
     lines += [f"- {key}: {code_span(value)}" for key, value in sources.items()]
     interval = summary.get("ci95")
     spread = f" (95 % interval [{interval[0]}, {interval[1]}])" if interval else ""
+    if summary.get("averaged_over"):
+        over = summary["averaged_over"]
+        spread += f", the mean of the {over['groups']} {code_span(over['column'])} groups' means"
     lines += [f"- metric: {code_span(summary['metric'])}", f"- score: {summary['score']}{spread}",
               f"- rows: {summary['rows']}", f"- errors: {summary['errors']} (scored 0)", ""]
     lines += ["## Metrics", "", "| metric | score |", "|---|---|"]

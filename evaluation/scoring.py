@@ -12,7 +12,7 @@ from evaluation.metrics import ROW_COLUMNS, as_answer_list, get_metric, score_ro
 
 SECONDARY_METRICS = ["exact_match"]
 DIGITS = 6  # metrics.json and report.md carry the same rounded numbers
-GROUND_TRUTH_COLUMNS = ("id", "answers", "category", "options")
+GROUND_TRUTH_COLUMNS = ("id", "answers", "category", "options", "l2_category")
 
 
 def _ids_as_strings(table: pa.Table) -> list[str]:
@@ -168,6 +168,28 @@ def interval95(values: list[float], low: float = 0.0, high: float = 1.0) -> list
     return [round(max(mean - half, low), DIGITS), round(min(mean + half, high), DIGITS)]
 
 
+def average(values: list[float], groups: list | None = None, low: float = 0.0,
+            high: float = 1.0) -> tuple[float, list[float] | None]:
+    """The values' mean and its 95 % interval; with `groups` (each value's group), the mean of the
+    groups' means (lmms-eval's MMStar average over its l2_category), its interval from the groups'
+    own variances (a group of one row adds none)."""
+    if groups is None:
+        return _mean(values), interval95(values, low, high)
+    members: dict = {}
+    for value, group in zip(values, groups):
+        members.setdefault(group, []).append(value)
+    if not members:
+        return 0.0, None
+    means = [math.fsum(g) / len(g) for g in members.values()]
+    mean = math.fsum(means) / len(means)
+    if len(values) < 2:
+        return round(mean, DIGITS), None
+    spread = math.fsum(math.fsum((v - m) ** 2 for v in g) / (len(g) - 1) / len(g)
+                       for g, m in zip(members.values(), means) if len(g) > 1)
+    half = Z95 * math.sqrt(spread) / len(means)
+    return round(mean, DIGITS), [round(max(mean - half, low), DIGITS), round(min(mean + half, high), DIGITS)]
+
+
 def in_number_order(label: str) -> list:
     """A sort key that reads the numbers in a label as numbers: "level 2" before "level 10"."""
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", label))]
@@ -181,20 +203,32 @@ def by_category(rows: list[dict], column: str) -> dict[str, list[dict]]:
     return dict(sorted(groups.items(), key=lambda item: in_number_order(item[0])))
 
 
-def summarize(scored: pa.Table, metric: str, category_column: str = "category") -> dict:
+def groups_of(rows: list[dict], column: str | None) -> list[str] | None:
+    """Each row's group of `column` (None where the rows have no such column: no groups)."""
+    if column is None or not rows or column not in rows[0]:
+        return None
+    return ["(none)" if r[column] is None else str(r[column]) for r in rows]
+
+
+def summarize(scored: pa.Table, metric: str, category_column: str = "category",
+              averaged_over: str | None = None) -> dict:
     """The metrics.json document: primary score (and its 95 % interval), all metrics, per-category
-    scores (each with its rows and interval: a category of a few rows tells little), rows, errors."""
+    scores (each with its rows and interval: a category of a few rows tells little), rows, errors.
+    averaged_over: a column whose groups' means make each score (the mean of means), where the rows
+    have it."""
     rows = scored.to_pylist()
-    primary = [r["score"] for r in rows]
-    metrics = {metric: _mean(primary)}
+    groups = groups_of(rows, averaged_over)
+    score, interval = average([r["score"] for r in rows], groups)
+    metrics = {metric: score}
     for m in SECONDARY_METRICS:
         if m != metric:
-            metrics[m] = _mean([r[m] for r in rows])
+            metrics[m] = average([r[m] for r in rows], groups)[0]
     per_category: dict[str, dict] = {}
     if category_column in scored.column_names:
         for c, group in by_category(rows, category_column).items():
-            s = [r["score"] for r in group]
-            per_category[c] = {"score": _mean(s), "rows": len(s), "ci95": interval95(s)}
-    return {"metric": metric, "score": metrics[metric], "ci95": interval95(primary), "metrics": metrics,
+            mean, ci = average([r["score"] for r in group], groups_of(group, averaged_over))
+            per_category[c] = {"score": mean, "rows": len(group), "ci95": ci}
+    averaged = {"averaged_over": {"column": averaged_over, "groups": len(set(groups))}} if groups else {}
+    return {"metric": metric, "score": score, "ci95": interval, "metrics": metrics, **averaged,
             "per_category": per_category, "rows": len(rows), "errors": sum(is_error_row(r) for r in rows)}
 

@@ -174,7 +174,8 @@ def by_destination(parser: argparse.ArgumentParser, values: dict[str, Any], sour
 
 PURE_TEXT = {"prompt", "prompt_template", "prompt_suffix", "system_prompt", "model", "adapter", "input", "output",
              "image_root", "regex", "id_column", "image_column", "question_column", "messages_column",
-             "choices_column", "sampling_column", "score_column", "option_list_column", "open_question_suffix"}     # a YAML mapping or list is no value of theirs
+             "choices_column", "sampling_column", "score_column", "option_list_column",
+             "open_question_suffix"}     # a YAML mapping or list is no value of theirs
 
 
 def typed_values(parser: argparse.ArgumentParser, values: dict[str, Any], source: str) -> dict[str, Any]:

@@ -25,8 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from evaluation.baseline import baseline_scores, changed_rows, compare
-from evaluation.benchmarks import (CAPITALIZED, DATASET_MAX_NEW_TOKENS, DATASET_METRICS, DATASET_SUFFIXES,
-                                   OPEN_QUESTION_SUFFIXES, OPTION_LIST_LAYOUT, QUESTION_REMOVALS, benchmark_in)
+from evaluation.benchmarks import (AVERAGED_OVER, CAPITALIZED, DATASET_MAX_NEW_TOKENS, DATASET_METRICS,
+                                   DATASET_SUFFIXES, OPEN_QUESTION_SUFFIXES, OPTION_LIST_LAYOUT, QUESTION_REMOVALS,
+                                   benchmark_in)
 from evaluation.metrics import METRICS, ROW_COLUMNS
 from evaluation.mmmu import with_subjects
 from evaluation.report import sample_rows, write_chart, write_gallery, write_metrics_json, write_report_md
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 DEFAULTS = dict(input=None, model=None, adapter=None, output=None, metric=None, system_prompt=None,
                 prompt_suffix=None,
-                id_column="id", question_column="question", answers_column="answers", image_column="image", image_columns=None,
+                id_column="id", question_column="question", answers_column="answers", image_column="image",
+                image_columns=None,
                 category_column="category", predictions=None, baseline=None, dry_run=None, gallery=0, limit=None,
                 max_new_tokens=None, num_beams=None,
                 resume=False, retry_errors=None, overwrite=False, choices=None, choices_column=None,
@@ -268,8 +270,9 @@ def model_run_config(args: argparse.Namespace):
     if "answers" not in present:
         raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
     asked = asked_options(args, present)
-    kept = [c for c in ("answers", "category", asked.get("option_list_column")) if c in present]
     name = benchmark_name(args)
+    kept = [c for c in ("answers", "category", asked.get("option_list_column"), AVERAGED_OVER.get(name))
+            if c in present]
     return pipeline_config(args, kept, capitalize_questions=name in CAPITALIZED,
                            question_removals=QUESTION_REMOVALS.get(name, []), **asked), truth
 
@@ -382,11 +385,13 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
     if metric == "mmmu" and "category" not in scored.column_names:
         scored = with_subjects(scored)
     scored = score_rows(scored, metric)
-    summary = summarize(scored, metric)
+    averaged_over = AVERAGED_OVER.get(benchmark_name(args))
+    summary = summarize(scored, metric, averaged_over=averaged_over)
     if args.baseline:
         baseline = read_predictions(baseline_path, args)
         scored = baseline_scores(scored, baseline, metric)
-        summary["baseline"] = compare(scored, redact_url(args.baseline), baseline.num_rows)
+        summary["baseline"] = compare(scored, redact_url(args.baseline), baseline.num_rows,
+                                      averaged_over=averaged_over)
     sources = {k: redact_url(v) for k, v in (("model", args.model), ("input", args.input),
                                              ("predictions", args.predictions)) if v}
     if args.model and not args.predictions:

@@ -7,14 +7,15 @@ import json
 
 import pyarrow as pa
 
-from evaluation.benchmarks import OPTION_LIST_LAYOUT
+from evaluation.benchmarks import AVERAGED_OVER, OPTION_LIST_LAYOUT
 from evaluation.metrics import METRICS
 from evaluation.report import METRICS_FILE
 from pipeline.rows import rename_columns
 from pipeline.storage import redact_url
 
 PREDICTIONS_FILE = "predictions.parquet"
-OPTION_LISTS = sorted({options for options, _ in OPTION_LIST_LAYOUT.values()})     # ground truth of mmmu's scoring
+# Ground truth beside the answers: the options mmmu scores with, the groups a benchmark's score averages over
+SCORING_COLUMNS = sorted({options for options, _ in OPTION_LIST_LAYOUT.values()} | set(AVERAGED_OVER.values()))
 
 
 def earlier_metric(predictions: str, options: dict) -> str | None:
@@ -67,7 +68,7 @@ def _column_mapping(args: argparse.Namespace) -> dict[str, str]:
 
 def read_ground_truth(args: argparse.Namespace) -> pa.Table:
     """id, answers, and question/category when present, from --input (never the image bytes)."""
-    wanted = [args.id_column, args.answers_column, args.question_column, args.category_column, *OPTION_LISTS]
+    wanted = [args.id_column, args.answers_column, args.question_column, args.category_column, *SCORING_COLUMNS]
     table = rename_columns(read_parquet(args.input, wanted, storage_options(args)), _column_mapping(args))
     needed = {"id": ("--id-column", args.id_column), "answers": ("--answers-column", args.answers_column)}
     if args.category_column != "category":      # asked for by name: the per-category scores would be missing

@@ -56,3 +56,15 @@ def test_baseline_categories_come_in_the_order_of_their_numbers():
     rows = [{"id": str(i), "score": 1.0, "baseline_score": 0.0, "category": c}
             for i, c in enumerate(["v10", "v2", None])]
     assert list(compare(pa.Table.from_pylist(rows), "base", 3)["per_category"]) == ["(none)", "v2", "v10"]
+
+
+def test_a_mean_of_group_means_and_its_interval():
+    from evaluation.scoring import average
+
+    values, groups = [1.0, 0.0, 0.0, 1.0, 1.0], ["a", "a", "a", "b", "b"]
+    mean, interval = average(values, groups)
+    assert mean == round((1 / 3 + 1) / 2, 6)
+    half = 1.959964 * ((1 / 3) / 3) ** 0.5 / 2         # group a's variance 1/3 over its 3 rows; b's none
+    assert interval == pytest.approx([mean - half, min(mean + half, 1.0)], abs=2e-6)
+    assert average(values) == (0.6, average(values, ["x"] * 5)[1])         # one group: the rows' mean
+    assert paired_difference([1.0, 0.0, 1.0], [0.0, 0.0, 1.0], ["a", "a", "b"])["delta"] == 0.25

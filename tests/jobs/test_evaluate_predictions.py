@@ -550,3 +550,24 @@ def test_a_gallery_of_an_image_1_column(tmp_path):
     assert job.main(["--input", str(tmp_path / "docvqa.parquet"), "--predictions", str(tmp_path / "p.parquet"),
                      "--image-column", "image_1", "--gallery", "1", "--output", str(tmp_path / "o")]) == 0
     assert "data:image/jpeg" in (tmp_path / "o" / "gallery.html").read_text()
+
+
+def test_mmstars_score_is_the_mean_of_its_l2_categories_means_as_lmms_evals_average(tmp_path):
+    """lmms-eval's MMStar "average" is the mean of its 18 l2_category means, not of its rows: 2/3 right in
+    one l2 category and 1/1 in another is 0.833333 there, 0.75 as a row mean."""
+    rows = {"id": ["a", "b", "c", "d"], "answer": ["A", "A", "B", "C"], "answers": ["A", "A", "A", "C"],
+            "category": ["math", "math", "math", "science"], "l2_category": ["geometry"] * 3 + ["physics"]}
+    pq.write_table(pa.table(rows), tmp_path / "MMStar_val.parquet")
+    out = tmp_path / "o"
+    assert job.main(["--predictions", str(tmp_path / "MMStar_val.parquet"), "--output", str(out),
+                     "--baseline", str(tmp_path / "MMStar_val.parquet")]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert (summary["score"], summary["metric"]) == (0.833333, "multiple_choice")
+    assert summary["averaged_over"] == {"column": "l2_category", "groups": 2}
+    assert summary["per_category"]["math"]["score"] == 0.666667 and summary["metrics"]["exact_match"] == 0.833333
+    assert (summary["baseline"]["score"], summary["baseline"]["delta"]) == (0.833333, 0.0)
+    assert "- score: 0.833333 (95 % interval" in (out / "report.md").read_text()
+    assert "the mean of the 2 `l2_category` groups' means" in (out / "report.md").read_text()
+    pq.write_table(pa.table(rows).drop_columns(["l2_category"]), tmp_path / "mmstar.parquet")
+    assert job.main(["--predictions", str(tmp_path / "mmstar.parquet"), "--output", str(tmp_path / "o2")]) == 0
+    assert json.loads((tmp_path / "o2" / "metrics.json").read_text())["score"] == 0.75     # no groups: rows
