@@ -172,7 +172,7 @@ def average(values: list[float], groups: list | None = None, low: float = 0.0,
             high: float = 1.0) -> tuple[float, list[float] | None]:
     """The values' mean and its 95 % interval; with `groups` (each value's group), the mean of the
     groups' means (lmms-eval's MMStar average over its l2_category), its interval from the groups'
-    own variances (a group of one row adds none)."""
+    own variances (none where a group has one row)."""
     if groups is None:
         return _mean(values), interval95(values, low, high)
     members: dict = {}
@@ -182,10 +182,10 @@ def average(values: list[float], groups: list | None = None, low: float = 0.0,
         return 0.0, None
     means = [math.fsum(g) / len(g) for g in members.values()]
     mean = math.fsum(means) / len(means)
-    if len(values) < 2:
+    if min(map(len, members.values())) < 2:         # a group of one row: its variance unknown
         return round(mean, DIGITS), None
     spread = math.fsum(math.fsum((v - m) ** 2 for v in g) / (len(g) - 1) / len(g)
-                       for g, m in zip(members.values(), means) if len(g) > 1)
+                       for g, m in zip(members.values(), means))
     half = Z95 * math.sqrt(spread) / len(means)
     return round(mean, DIGITS), [round(max(mean - half, low), DIGITS), round(min(mean + half, high), DIGITS)]
 

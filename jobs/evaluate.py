@@ -34,7 +34,8 @@ from evaluation.report import sample_rows, write_chart, write_gallery, write_met
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
 from jobs.common import (BAD_ARGUMENTS, Interrupted, add_run_flags, interrupted, merge_args, print_error,
                          print_rehearsal, run_failed, run_flag_names, stop_on_signals)
-from jobs.evaluate_inputs import (PREDICTIONS_FILE, baseline_file, check_column_flags, earlier_metric,
+from jobs.evaluate_inputs import (PREDICTIONS_FILE, baseline_file, check_column_flags, earlier_averaged_over,
+                                  earlier_metric,
                                   evaluation_predictions, input_has_ids, load_images, parquet_dataset,
                                   read_ground_truth, read_parquet, read_predictions, storage_options)
 from pipeline.errors import StartFailed
@@ -49,9 +50,10 @@ DEMO_OUTPUT = REPO / "demo" / "output" / "evaluate"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = build_parser()
-    args = argparse.Namespace(**merge_args(ap.parse_args(argv), DEFAULTS, ap))
+    given = ap.parse_args(argv)
+    args = argparse.Namespace(**merge_args(given, DEFAULTS, ap))
     check_column_flags(args)
-    check_job_flags(args, ap)
+    check_job_flags(args, given, ap)
     if args.predictions:        # an evaluation's output folder: its predictions.parquet, as --baseline's
         args.predictions = evaluation_predictions(args.predictions, storage_options(args)) or args.predictions
     return args
@@ -60,17 +62,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Flags of how a model answers: with --predictions (answers given) they would change nothing
 MODEL_RUN_ONLY = ("adapter", "system_prompt", "prompt_suffix", "max_new_tokens", "num_beams", "choices",
                   "choices_column", "resume", "retry_errors", "overwrite")
+READING = ("storage_options", "image_root", "fetch_threads", "fetch_attempts", "fetch_timeout_s")   # rescoring reads
 
 
-def check_job_flags(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
-    """Flags that contradict one another are refused before any work, naming them."""
+def check_job_flags(args: argparse.Namespace, given: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
+    """Flags that contradict one another are refused before any work, naming them. `given`: the
+    command line's own (a job.yaml shared by a model run and its rescoring may hold run settings)."""
     flags = {a.dest: a.option_strings[0] for a in ap._actions if a.option_strings}
     if args.gallery < 0:
         raise ValueError(f"--gallery must be >= 0 (rows shown), got {args.gallery}")
     if args.resume and args.overwrite:
         raise ValueError("--resume (or --retry-errors) continues the earlier run, --overwrite discards it: pass one")
     if args.predictions:
-        unused = [flags[k] for k in (*MODEL_RUN_ONLY, *run_flag_names()) if getattr(args, k) not in (None, False)]
+        run_only = [*MODEL_RUN_ONLY, *(k for k in run_flag_names() if k not in READING)]
+        unused = [flags[k] for k in run_only if getattr(given, k, None) is not None]
         if unused:
             raise ValueError(f"{unused[0]} is about running a model; --predictions scores answers already made: "
                              "give one")
@@ -197,6 +202,14 @@ def pipeline_config(args: argparse.Namespace, kept: list[str], **asked):
         given.setdefault("max_new_tokens", DATASET_MAX_NEW_TOKENS[benchmark_name(args)])
     return PipelineConfig(model=args.model, keep_columns=kept, storage_options=storage_options(args),
                           prompt_suffix=choose_suffix(args), **{**given, **asked})
+
+
+def chosen_average(args: argparse.Namespace) -> str | None:
+    """The column whose groups' means make the score (MMStar's l2_category, by its name or as its
+    earlier evaluation's metrics.json says), under its name in the scored rows."""
+    column = AVERAGED_OVER.get(benchmark_name(args)) or (
+        args.predictions and earlier_averaged_over(args.predictions, storage_options(args)))
+    return "category" if column and column == args.category_column else column or None
 
 
 def asked_options(args: argparse.Namespace, present: list[str]) -> dict:
@@ -385,7 +398,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
     if metric == "mmmu" and "category" not in scored.column_names:
         scored = with_subjects(scored)
     scored = score_rows(scored, metric)
-    averaged_over = AVERAGED_OVER.get(benchmark_name(args))
+    averaged_over = chosen_average(args)
     summary = summarize(scored, metric, averaged_over=averaged_over)
     if args.baseline:
         baseline = read_predictions(baseline_path, args)

@@ -18,17 +18,30 @@ PREDICTIONS_FILE = "predictions.parquet"
 SCORING_COLUMNS = sorted({options for options, _ in OPTION_LIST_LAYOUT.values()} | set(AVERAGED_OVER.values()))
 
 
-def earlier_metric(predictions: str, options: dict) -> str | None:
-    """The metric of the metrics.json beside an evaluation's predictions.parquet (scored again: the
-    README's second command), if there is one."""
+def earlier_summary(predictions: str, options: dict) -> dict:
+    """The metrics.json beside an evaluation's predictions.parquet (scored again: the README's
+    second command), if there is one; else {}."""
     from pipeline.storage import fsspec_fs
 
     fs, path = fsspec_fs(predictions, options)
     try:
-        metric = json.loads(fs.cat_file(f"{path.rsplit('/', 1)[0]}/{METRICS_FILE}"))["metric"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return metric if metric in METRICS else None
+        summary = json.loads(fs.cat_file(f"{path.rsplit('/', 1)[0]}/{METRICS_FILE}"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def earlier_metric(predictions: str, options: dict) -> str | None:
+    """The metric an evaluation's predictions were scored with."""
+    metric = earlier_summary(predictions, options).get("metric")
+    return metric if isinstance(metric, str) and metric in METRICS else None
+
+
+def earlier_averaged_over(predictions: str, options: dict) -> str | None:
+    """The column whose groups' means made an evaluation's score (MMStar's l2_category), if any."""
+    averaged = earlier_summary(predictions, options).get("averaged_over")
+    column = averaged.get("column") if isinstance(averaged, dict) else None
+    return column if isinstance(column, str) else None
 
 
 def storage_options(args: argparse.Namespace) -> dict:
@@ -68,7 +81,8 @@ def _column_mapping(args: argparse.Namespace) -> dict[str, str]:
 
 def read_ground_truth(args: argparse.Namespace) -> pa.Table:
     """id, answers, and question/category when present, from --input (never the image bytes)."""
-    wanted = [args.id_column, args.answers_column, args.question_column, args.category_column, *SCORING_COLUMNS]
+    wanted = list(dict.fromkeys([args.id_column, args.answers_column, args.question_column, args.category_column,
+                                 *SCORING_COLUMNS]))
     table = rename_columns(read_parquet(args.input, wanted, storage_options(args)), _column_mapping(args))
     needed = {"id": ("--id-column", args.id_column), "answers": ("--answers-column", args.answers_column)}
     if args.category_column != "category":      # asked for by name: the per-category scores would be missing

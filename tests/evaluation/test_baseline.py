@@ -68,3 +68,4 @@ def test_a_mean_of_group_means_and_its_interval():
     assert interval == pytest.approx([mean - half, min(mean + half, 1.0)], abs=2e-6)
     assert average(values) == (0.6, average(values, ["x"] * 5)[1])         # one group: the rows' mean
     assert paired_difference([1.0, 0.0, 1.0], [0.0, 0.0, 1.0], ["a", "a", "b"])["delta"] == 0.25
+    assert average([1.0, 0.0], ["g", "h"]) == (0.5, None)    # groups of one row: their variance unknown

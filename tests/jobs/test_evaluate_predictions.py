@@ -522,6 +522,9 @@ def test_column_flags_naming_a_used_or_missing_column_are_one_line(tmp_path, cap
     (["--prompt-suffix", ""], "--prompt-suffix is about running a model"),
     (["--resume"], "--resume is about running a model"),
     (["--gallery", "-5"], "--gallery must be >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens is about running a model"),
+    (["--no-compile"], "--compile is about running a model"),
+    (["--retry-errors"], "--retry-errors is about running a model"),
 ])
 def test_flags_that_would_change_nothing_or_contradict_are_refused(tmp_path, capsys, flags, message):
     """Beside --predictions, a model-run flag changed nothing, silently; --gallery -5 wrote no gallery."""
@@ -554,9 +557,9 @@ def test_a_gallery_of_an_image_1_column(tmp_path):
 
 def test_mmstars_score_is_the_mean_of_its_l2_categories_means_as_lmms_evals_average(tmp_path):
     """lmms-eval's MMStar "average" is the mean of its 18 l2_category means, not of its rows: 2/3 right in
-    one l2 category and 1/1 in another is 0.833333 there, 0.75 as a row mean."""
-    rows = {"id": ["a", "b", "c", "d"], "answer": ["A", "A", "B", "C"], "answers": ["A", "A", "A", "C"],
-            "category": ["math", "math", "math", "science"], "l2_category": ["geometry"] * 3 + ["physics"]}
+    one l2 category and 2/2 in another is 0.833333 there, 0.8 as a row mean."""
+    rows = {"id": ["a", "b", "c", "d", "e"], "answer": ["A", "A", "B", "C", "D"], "answers": ["A", "A", "A", "C", "D"],
+            "category": ["math"] * 3 + ["science"] * 2, "l2_category": ["geometry"] * 3 + ["physics"] * 2}
     pq.write_table(pa.table(rows), tmp_path / "MMStar_val.parquet")
     out = tmp_path / "o"
     assert job.main(["--predictions", str(tmp_path / "MMStar_val.parquet"), "--output", str(out),
@@ -568,6 +571,23 @@ def test_mmstars_score_is_the_mean_of_its_l2_categories_means_as_lmms_evals_aver
     assert (summary["baseline"]["score"], summary["baseline"]["delta"]) == (0.833333, 0.0)
     assert "- score: 0.833333 (95 % interval" in (out / "report.md").read_text()
     assert "the mean of the 2 `l2_category` groups' means" in (out / "report.md").read_text()
+    assert job.main(["--predictions", str(out), "--output", str(tmp_path / "again")]) == 0    # its folder: the same
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["score"] == 0.833333
+    by_l2 = tmp_path / "by_l2"      # categories by l2_category: each group's own score, the same average
+    assert job.main(["--input", str(tmp_path / "MMStar_val.parquet"), "--predictions", str(out / "predictions.parquet"),
+                     "--category-column", "l2_category", "--output", str(by_l2)]) == 0
+    summary = json.loads((by_l2 / "metrics.json").read_text())
+    assert summary["score"] == 0.833333 and summary["per_category"]["geometry"]["score"] == 0.666667
     pq.write_table(pa.table(rows).drop_columns(["l2_category"]), tmp_path / "mmstar.parquet")
     assert job.main(["--predictions", str(tmp_path / "mmstar.parquet"), "--output", str(tmp_path / "o2")]) == 0
-    assert json.loads((tmp_path / "o2" / "metrics.json").read_text())["score"] == 0.75     # no groups: rows
+    assert json.loads((tmp_path / "o2" / "metrics.json").read_text())["score"] == 0.8      # no groups: rows
+
+
+def test_a_rescoring_reads_as_it_must_and_takes_a_shared_job_yaml(tmp_path):
+    """--storage-options and --image-root are how a rescoring reads its files; a job.yaml shared with
+    the model run holds run settings that a rescoring has no use for: none of them is refused."""
+    pq.write_table(pa.table({"id": ["a"], "answer": ["A"], "answers": ["A"]}), tmp_path / "p.parquet")
+    (tmp_path / "eval.yaml").write_text("max_new_tokens: 32\nreplicas: 2\n")
+    assert job.main(["--predictions", str(tmp_path / "p.parquet"), "--output", str(tmp_path / "o"),
+                     "--metric", "exact_match", "--storage-options", "{}", "--image-root", str(tmp_path),
+                     "--config", str(tmp_path / "eval.yaml")]) == 0
