@@ -33,6 +33,16 @@ OPEN_QUESTION_SUFFIXES = {"mmmu": "\n" + SHORT_ANSWER}     # MMMU's questions wi
 OPTION_LIST_LAYOUT = {"mmmu": ("options", [f"image_{k}" for k in range(1, 8)])}
 
 CAPITALIZED = {"textvqa", "vizwiz"}     # lmms-eval asks their questions as str.capitalize writes them
+# Benchmark -> its own names of the columns jobs.evaluate reads (as the Hugging Face hub files lmms-eval
+# reads ship them), taken where the flags leave a column unnamed and the input has no column of the
+# default name: question ids (a test server's submission needs them), the ground truth, categories
+BENCHMARK_COLUMNS = {
+    "docvqa": {"id": "questionId"}, "infovqa": {"id": "questionId"}, "infographicvqa": {"id": "questionId"},
+    "textvqa": {"id": "question_id"}, "vqav2": {"id": "question_id"}, "vizwiz": {"id": "question_id"},
+    "okvqa": {"id": "question_id"}, "stvqa": {"id": "question_id"},
+    "chartqa": {"answers": "answer", "category": "type"}, "mmbench": {"id": "index", "answers": "answer"},
+    "mmstar": {"id": "index", "answers": "answer"}, "mmmu": {"answers": "answer"},
+}
 # Benchmark -> the column whose groups' mean scores lmms-eval averages into its score (MMStar's
 # "average": the mean of its 18 l2_category means), where the rows have it
 AVERAGED_OVER = {"mmstar": "l2_category"}

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from evaluation.baseline import baseline_scores, changed_rows, compare
-from evaluation.benchmarks import (AVERAGED_OVER, CAPITALIZED, DATASET_MAX_NEW_TOKENS, DATASET_METRICS,
+from evaluation.benchmarks import (AVERAGED_OVER, BENCHMARK_COLUMNS, CAPITALIZED, DATASET_MAX_NEW_TOKENS, DATASET_METRICS,
                                    DATASET_SUFFIXES, OPEN_QUESTION_SUFFIXES, OPTION_LIST_LAYOUT, QUESTION_REMOVALS,
                                    benchmark_in)
 from evaluation.metrics import METRICS, ROW_COLUMNS
@@ -52,11 +52,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = build_parser()
     given = ap.parse_args(argv)
     args = argparse.Namespace(**merge_args(given, DEFAULTS, ap))
+    name_columns(args)
     check_column_flags(args)
     check_job_flags(args, given, ap)
     if args.predictions:        # an evaluation's output folder: its predictions.parquet, as --baseline's
         args.predictions = evaluation_predictions(args.predictions, storage_options(args)) or args.predictions
     return args
+
+
+COLUMN_FLAGS = {"id": "id_column", "answers": "answers_column", "category": "category_column"}
+
+
+def name_columns(args: argparse.Namespace) -> None:
+    """The id, ground-truth and category columns the flags leave unnamed: their default names, else
+    a known benchmark's own (DocVQA's questionId, MMStar's ground truth `answer`) where --input has
+    that column and none of the default name."""
+    unnamed = [name for name, flag in COLUMN_FLAGS.items() if getattr(args, flag) is None]
+    own = BENCHMARK_COLUMNS.get(benchmark_in(args.input or "")) or {}
+    present: list[str] = []
+    if args.input and any(name in own for name in unnamed):
+        try:
+            present = parquet_dataset(args.input, storage_options(args)).schema.names
+        except Exception:       # noqa: BLE001 (a missing or unreadable input is named where it is read)
+            present = []
+    for name in unnamed:
+        theirs = own.get(name)
+        chosen = theirs if theirs in present and name not in present else name
+        setattr(args, COLUMN_FLAGS[name], chosen)
 
 
 # Flags of how a model answers: with --predictions (answers given) they would change nothing
@@ -94,15 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-suffix", help="appended to every question (default: lmms-eval's instruction for "
                     "the benchmark named in --input, e.g. '\\nAnswer the question using a single word or phrase.' "
                     "for DocVQA; none for others; '' for none)")
-    ap.add_argument("--id-column", help="the benchmark's question ids, the predictions' `id` (default: id, "
-                                        "else ids from each row's file and index)")
+    ap.add_argument("--id-column", help="the benchmark's question ids, the predictions' `id` (default: id, else a "
+                                        "known benchmark's own: DocVQA's questionId, VQAv2's question_id, MMStar's "
+                                        "index; else ids from each row's file and index)")
     ap.add_argument("--question-column", help="default: question")
-    ap.add_argument("--answers-column", help="the ground truth: one answer or a list (default: answers)")
+    ap.add_argument("--answers-column", help="the ground truth: one answer or a list (default: answers, else a "
+                                             "known benchmark's answer: ChartQA's, MMBench's, MMStar's, MMMU's)")
     ap.add_argument("--image-column", help="default: image")
     ap.add_argument("--image-columns", metavar="A,B",
                     help="instead of --image-column: columns of an image each, a row's images their non-null cells "
                          "in order (default for MMMU: its image_1 ... image_7)")
-    ap.add_argument("--category-column", help="scores are also given per category (default: category)")
+    ap.add_argument("--category-column", help="scores are also given per category (default: category; "
+                                              "ChartQA's type)")
     ap.add_argument("--predictions", help="score this predictions Parquet (id, answer[, answers, category]; an "
                     "evaluation's output folder: its predictions.parquet) instead of running a model; with --input, "
                     "ground truth is joined from it by id")
@@ -142,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 DEFAULTS = dict(input=None, model=None, adapter=None, output=None, metric=None, system_prompt=None,
                 prompt_suffix=None,
-                id_column="id", question_column="question", answers_column="answers", image_column="image",
+                id_column=None, question_column="question", answers_column=None, image_column="image",
                 image_columns=None,
-                category_column="category", predictions=None, baseline=None, dry_run=None, gallery=0, limit=None,
+                category_column=None, predictions=None, baseline=None, dry_run=None, gallery=0, limit=None,
                 max_new_tokens=None, num_beams=None,
                 resume=False, retry_errors=None, overwrite=False, choices=None, choices_column=None,
                 **dict.fromkeys(run_flag_names()))

@@ -347,8 +347,8 @@ def test_an_mmmu_run_is_scored_by_mmmus_rules_per_subject(ray_cluster, checkpoin
     from evaluation.mmmu import mmmu_score
 
     bench, out = write_mmmu(tmp_path / "mmmu_validation.parquet"), tmp_path / "out"
-    assert job.main(["--input", str(bench), "--model", str(checkpoint), "--output", str(out), "--answers-column",
-                     "answer", "--max-new-tokens", "3"]) == 0
+    assert job.main(["--input", str(bench), "--model", str(checkpoint), "--output", str(out),   # its own `answer`
+                     "--max-new-tokens", "3"]) == 0
     summary = json.loads((out / "metrics.json").read_text())
     rows = pq.read_table(out / "predictions.parquet").to_pylist()
     assert [r["question"] for r in rows] == MMMU_ASKED and summary["metric"] == "mmmu" and summary["errors"] == 0
@@ -359,7 +359,7 @@ def test_an_mmmu_run_is_scored_by_mmmus_rules_per_subject(ray_cluster, checkpoin
     report = (out / "report.md").read_text()      # both suffixes the answers were asked with
     assert "- open question suffix: `'\\n\\nAnswer the question using a single word or phrase.'`" in report, report
     rescored = tmp_path / "rescored"        # the predictions alone carry what mmmu scores with
-    assert job.main(["--predictions", str(out), "--output", str(rescored), "--answers-column", "answer"]) == 0
+    assert job.main(["--predictions", str(out), "--output", str(rescored)]) == 0
     assert json.loads((rescored / "metrics.json").read_text())["score"] == summary["score"]
 
 

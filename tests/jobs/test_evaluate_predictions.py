@@ -591,3 +591,28 @@ def test_a_rescoring_reads_as_it_must_and_takes_a_shared_job_yaml(tmp_path):
     assert job.main(["--predictions", str(tmp_path / "p.parquet"), "--output", str(tmp_path / "o"),
                      "--metric", "exact_match", "--storage-options", "{}", "--image-root", str(tmp_path),
                      "--config", str(tmp_path / "eval.yaml")]) == 0
+
+
+def test_a_known_benchmarks_own_column_names_are_read_as_the_hub_ships_them(tmp_path):
+    """MMStar's ground truth is `answer` and its ids `index`, DocVQA's ids `questionId`, ChartQA's
+    categories `type`: each needed its flag (the run stopped at once, or wrote hashes for ids)."""
+    mmstar = tmp_path / "MMStar" / "mmstar.parquet"
+    mmstar.parent.mkdir()
+    pq.write_table(pa.table({"index": [0, 1], "question": ["q", "r"], "answer": ["A", "B"],
+                             "category": ["math", "math"], "l2_category": ["g", "g"]}), mmstar)
+    pq.write_table(pa.table({"id": [0, 1], "answer": ["A", "C"]}), tmp_path / "p.parquet")
+    assert job.main(["--input", str(mmstar), "--predictions", str(tmp_path / "p.parquet"),
+                     "--output", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["score"] == 0.5
+    args = job.parse_args(["--input", str(mmstar), "--answers-column", "answer", "--id-column", "index"])
+    assert (args.id_column, args.answers_column, args.category_column) == ("index", "answer", "category")
+    docvqa = tmp_path / "docvqa_val.parquet"
+    pq.write_table(pa.table({"questionId": ["q7"], "answers": [["x"]], "id": ["own"]}), docvqa)
+    assert job.parse_args(["--input", str(docvqa)]).id_column == "id"           # a column of the default name wins
+    pq.write_table(pa.table({"questionId": ["q7"], "answers": [["x"]]}), docvqa)
+    assert job.parse_args(["--input", str(docvqa)]).id_column == "questionId"
+    chartqa = tmp_path / "ChartQA_test.parquet"
+    pq.write_table(pa.table({"type": ["human"], "question": ["q"], "answer": ["3"]}), chartqa)
+    args = job.parse_args(["--input", str(chartqa)])
+    assert (args.id_column, args.answers_column, args.category_column) == ("id", "answer", "type")
+    assert job.parse_args(["--input", str(tmp_path / "nowhere" / "mmstar.parquet")]).answers_column == "answers"
