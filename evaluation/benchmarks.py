@@ -49,7 +49,7 @@ AVERAGED_OVER = {"mmstar": "l2_category"}
 # lmms-eval strips MMStar's questions and takes this out of them before its instruction
 QUESTION_REMOVALS = {"mmstar": [" Please answer yes or no."]}
 # Benchmark -> lmms-eval's max_new_tokens for it (lmms-eval 0.7.3's task files); where a task sets none,
-# the model's class decides: 1024 for idefics2's, the class Idefics3 and SmolVLM are run with.
+# the model's class decides: 1024, as its idefics2 class (the Idefics family's) takes.
 DATASET_MAX_NEW_TOKENS = {"docvqa": 32, "infovqa": 32, "infographicvqa": 32, "stvqa": 32, "chartqa": 16,
                           "vqav2": 16, "mmmu": 128, "mmbench": 1024, "textvqa": 1024, "vizwiz": 1024,
                           "okvqa": 1024, "mmstar": 1024}

@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from evaluation.baseline import baseline_scores, changed_rows, compare
-from evaluation.benchmarks import (AVERAGED_OVER, BENCHMARK_COLUMNS, CAPITALIZED, DATASET_MAX_NEW_TOKENS, DATASET_METRICS,
-                                   DATASET_SUFFIXES, OPEN_QUESTION_SUFFIXES, OPTION_LIST_LAYOUT, QUESTION_REMOVALS,
-                                   benchmark_in)
+from evaluation.benchmarks import (AVERAGED_OVER, BENCHMARK_COLUMNS, CAPITALIZED, DATASET_MAX_NEW_TOKENS,
+                                   DATASET_METRICS, DATASET_SUFFIXES, OPEN_QUESTION_SUFFIXES, OPTION_LIST_LAYOUT,
+                                   QUESTION_REMOVALS, benchmark_in)
 from evaluation.metrics import METRICS, ROW_COLUMNS
 from evaluation.mmmu import with_subjects
 from evaluation.report import sample_rows, write_chart, write_gallery, write_metrics_json, write_report_md

@@ -248,8 +248,10 @@ class Preprocess:
     def user_text(self, question) -> str:
         """The row's question (else the job's prompt) with the job's suffix, or the text of its
         conversation's turn answered (the suffix in it): what the model is asked."""
-        if isinstance(question, (Conversation, Asked)):
-            return question.question if isinstance(question, Conversation) else question.text
+        if isinstance(question, Conversation):
+            return question.question
+        if isinstance(question, Asked):
+            return question.text
         return (self.config.prompt if question is None else question) + self.config.prompt_suffix
 
     def failed_row(self, question, message: str) -> tuple:
