@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -68,7 +69,9 @@ def name_columns(args: argparse.Namespace) -> None:
     a known benchmark's own (DocVQA's questionId, MMStar's ground truth `answer`) where --input has
     that column and none of the default name."""
     unnamed = [name for name, flag in COLUMN_FLAGS.items() if getattr(args, flag) is None]
-    own = BENCHMARK_COLUMNS.get(benchmark_in(args.input or "")) or {}
+    own = dict(BENCHMARK_COLUMNS.get(benchmark_in(args.input or "")) or {})
+    if unnamed and (args.resume or args.retry_errors is not None):
+        own.update(resumed_columns(args))
     present: list[str] = []
     if args.input and any(name in own for name in unnamed):
         try:
@@ -79,6 +82,21 @@ def name_columns(args: argparse.Namespace) -> None:
         theirs = own.get(name)
         chosen = theirs if theirs in present and name not in present else name
         setattr(args, COLUMN_FLAGS[name], chosen)
+
+
+def resumed_columns(args: argparse.Namespace) -> dict[str, str]:
+    """The id and category columns of the run a resume continues, as its manifest names them (a run
+    begun before known benchmarks' own names were read used the default ones)."""
+    from pipeline.manifest import earlier_settings
+
+    try:
+        earlier = earlier_settings(raw_output(default_output(args)), storage_options(args))
+    except Exception:       # noqa: BLE001 (an output that cannot be read is named where the run reads it)
+        return {}
+    found = {"id": earlier["id_column"]} if isinstance(earlier.get("id_column"), str) else {}
+    if isinstance(earlier.get("keep_columns"), list) and "category" not in earlier["keep_columns"]:
+        found["category"] = "category"      # it kept none: its categories were not another column's
+    return found
 
 
 # Flags of how a model answers: with --predictions (answers given) they would change nothing
@@ -354,6 +372,11 @@ def checked_truth(args: argparse.Namespace, metric: str) -> pa.Table | None:
     through the run), checked row by row all the same."""
     if input_has_ids(args):
         truth = read_ground_truth(args).slice(0, args.limit)
+        repeated = sorted(i for i, n in Counter(str(i) for i in truth.column("id").to_pylist()).items() if n > 1)
+        if repeated:
+            raise ValueError(f"{args.input}: its id column {args.id_column!r} repeats ids, e.g. {repeated[:5]}: "
+                             "--id-column names another (id, where the input has none: each row's own from its "
+                             "file and index)")
         check_ground_truth(truth, metric)
         return truth
     found = read_parquet(args.input, [args.answers_column, *ROW_COLUMNS.get(metric, ())], storage_options(args))
@@ -365,13 +388,27 @@ def checked_truth(args: argparse.Namespace, metric: str) -> pa.Table | None:
     return None
 
 
-def gather_predictions(args: argparse.Namespace, metric: str) -> tuple[pa.Table, dict | None]:
+def check_baseline_ids(baseline_path: str, truth: pa.Table, args: argparse.Namespace) -> None:
+    """A baseline sharing no id with the benchmark is refused before the model run, not after it (a
+    run that named its rows otherwise, as row hashes without --id-column, pairs with none)."""
+    theirs = read_predictions(baseline_path, args).column("id").to_pylist()
+    ours = truth.column("id").to_pylist()
+    if theirs and ours and {str(i) for i in theirs}.isdisjoint(str(i) for i in ours):
+        raise ValueError(f"the baseline's {len(theirs)} predictions share no id with the benchmark's {len(ours)} rows "
+                         f"(theirs like {str(theirs[0])!r}, ours like {str(ours[0])!r}, the input's "
+                         f"{args.id_column!r} column): --id-column names the ids the baseline's run used")
+
+
+def gather_predictions(args: argparse.Namespace, metric: str,
+                       baseline_path: str | None = None) -> tuple[pa.Table, dict | None]:
     """Predictions (run or read) with ground truth attached, one row per benchmark row (the first
     --limit ones with it); and the model run's summary (None when --predictions are scored)."""
     from pipeline.rows import keep_ids
 
     check_limit(args.limit)
     truth = checked_truth(args, metric) if args.input else None     # before a long model run, not after it
+    if truth is not None and baseline_path:
+        check_baseline_ids(baseline_path, truth, args)
     if truth is None and args.input and args.predictions:
         raise ValueError(f"{args.input} has no {args.id_column!r} column to join the predictions on (--id-column)")
     ids = None if truth is None or args.limit is None else [str(i) for i in truth.column("id").to_pylist()]
@@ -419,7 +456,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
     metric = choose_metric(args)
     args.output = default_output(args)
     baseline_path = args.baseline and baseline_file(args.baseline, storage_options(args))    # before a long run
-    scored, run = gather_predictions(args, metric)
+    scored, run = gather_predictions(args, metric, baseline_path)
     if metric == "mmmu" and "category" not in scored.column_names:
         scored = with_subjects(scored)
     scored = score_rows(scored, metric)

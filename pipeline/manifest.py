@@ -115,6 +115,16 @@ def manifest_path(output: str) -> str:
     return sibling(output, ".run.json")
 
 
+def earlier_settings(output: str, storage_options: dict | None) -> dict:
+    """The settings the run manifest beside `output` holds ({} where there is none, or it does not read)."""
+    fs, local = fsspec_fs(manifest_path(output), storage_options)
+    try:
+        settings = json.loads(fs.cat(local)) if fs.exists(local) else {}
+    except (OSError, ValueError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
 def keep_run_settings(output: str, config: PipelineConfig, resume: bool, storage_options: dict | None) -> None:
     """Write this run's settings beside the output; a resumed run first checks that they are those
     of the run it continues (ValueError naming each difference)."""

@@ -616,3 +616,27 @@ def test_a_known_benchmarks_own_column_names_are_read_as_the_hub_ships_them(tmp_
     args = job.parse_args(["--input", str(chartqa)])
     assert (args.id_column, args.answers_column, args.category_column) == ("id", "answer", "type")
     assert job.parse_args(["--input", str(tmp_path / "nowhere" / "mmstar.parquet")]).answers_column == "answers"
+
+
+def test_a_resume_or_baseline_of_a_run_named_otherwise_is_told_before_the_model_runs(tmp_path, capsys):
+    """A DocVQA run begun with row hashes for ids (before questionId was read by default) resumes with
+    them, its manifest says so; a baseline of such ids is refused before the model run (it was after
+    it, blaming the benchmark); an id column that repeats names --id-column."""
+    docvqa = tmp_path / "DocVQA" / "validation.parquet"
+    docvqa.parent.mkdir()
+    pq.write_table(pa.table({"questionId": ["q1", "q2"], "image": [png("red")] * 2, "question": ["a", "b"],
+                             "answers": [["x"], ["y"]]}), docvqa)
+    out = tmp_path / "run"
+    out.mkdir()
+    (tmp_path / "run" / "raw.run.json").write_text(json.dumps({"id_column": "id", "keep_columns": ["answers"]}))
+    resumed = job.parse_args(["--input", str(docvqa), "--model", "m", "--output", str(out), "--resume"])
+    assert (resumed.id_column, resumed.category_column) == ("id", "category")
+    assert job.parse_args(["--input", str(docvqa), "--model", "m", "--output", str(out)]).id_column == "questionId"
+    pq.write_table(pa.table({"id": ["6678051274010405462"], "answer": ["x"]}), tmp_path / "old.parquet")
+    assert job.main(["--input", str(docvqa), "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o"),
+                     "--baseline", str(tmp_path / "old.parquet")]) == 2
+    assert "--id-column names the ids the baseline's run used" in capsys.readouterr().err
+    pq.write_table(pa.table({"questionId": ["q1", "q1"], "answers": [["x"], ["y"]]}), docvqa)
+    assert job.main(["--input", str(docvqa), "--predictions", str(tmp_path / "old.parquet"),
+                     "--output", str(tmp_path / "o")]) == 2
+    assert "its id column 'questionId' repeats ids, e.g. ['q1']: --id-column names another" in capsys.readouterr().err
