@@ -26,19 +26,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from evaluation.baseline import baseline_scores, changed_rows, compare
-from evaluation.benchmarks import (AVERAGED_OVER, BENCHMARK_COLUMNS, CAPITALIZED, DATASET_MAX_NEW_TOKENS,
-                                   DATASET_METRICS, DATASET_SUFFIXES, OPEN_QUESTION_SUFFIXES, OPTION_LIST_LAYOUT,
-                                   QUESTION_REMOVALS, benchmark_in)
+from evaluation.benchmarks import DATASET_MAX_NEW_TOKENS
 from evaluation.metrics import METRICS, ROW_COLUMNS
 from evaluation.mmmu import with_subjects
 from evaluation.report import sample_rows, write_chart, write_gallery, write_metrics_json, write_report_md
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
 from jobs.common import (BAD_ARGUMENTS, Interrupted, add_run_flags, interrupted, merge_args, print_error,
                          print_rehearsal, run_failed, run_flag_names, stop_on_signals)
-from jobs.evaluate_inputs import (PREDICTIONS_FILE, baseline_file, check_column_flags, earlier_averaged_over,
-                                  earlier_metric,
-                                  evaluation_predictions, input_has_ids, load_images, parquet_dataset,
-                                  read_ground_truth, read_parquet, read_predictions, storage_options)
+from jobs.evaluate_benchmark import (benchmark_name, choose_metric, choose_suffix, chosen_average, how_asked,
+                                     name_columns)
+from jobs.evaluate_inputs import (PREDICTIONS_FILE, baseline_file, check_column_flags, check_job_flags, default_output,
+                                  evaluation_predictions, input_has_ids, load_images, raw_output, read_ground_truth,
+                                  read_parquet, read_predictions, storage_options)
 from pipeline.errors import StartFailed
 from pipeline.storage import redact_url
 
@@ -61,64 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-COLUMN_FLAGS = {"id": "id_column", "answers": "answers_column", "category": "category_column"}
-
-
-def name_columns(args: argparse.Namespace) -> None:
-    """The id, ground-truth and category columns the flags leave unnamed: their default names, else
-    a known benchmark's own (DocVQA's questionId, MMStar's ground truth `answer`) where --input has
-    that column and none of the default name."""
-    unnamed = [name for name, flag in COLUMN_FLAGS.items() if getattr(args, flag) is None]
-    own = dict(BENCHMARK_COLUMNS.get(benchmark_in(args.input or "")) or {})
-    if unnamed and (args.resume or args.retry_errors is not None):
-        own.update(resumed_columns(args))
-    present: list[str] = []
-    if args.input and any(name in own for name in unnamed):
-        try:
-            present = parquet_dataset(args.input, storage_options(args)).schema.names
-        except Exception:       # noqa: BLE001 (a missing or unreadable input is named where it is read)
-            present = []
-    for name in unnamed:
-        theirs = own.get(name)
-        chosen = theirs if theirs in present and name not in present else name
-        setattr(args, COLUMN_FLAGS[name], chosen)
-
-
-def resumed_columns(args: argparse.Namespace) -> dict[str, str]:
-    """The id and category columns of the run a resume continues, as its manifest names them (a run
-    begun before known benchmarks' own names were read used the default ones)."""
-    from pipeline.manifest import earlier_settings
-
-    try:
-        earlier = earlier_settings(raw_output(default_output(args)), storage_options(args))
-    except Exception:       # noqa: BLE001 (an output that cannot be read is named where the run reads it)
-        return {}
-    found = {"id": earlier["id_column"]} if isinstance(earlier.get("id_column"), str) else {}
-    if isinstance(earlier.get("keep_columns"), list) and "category" not in earlier["keep_columns"]:
-        found["category"] = "category"      # it kept none: its categories were not another column's
-    return found
-
-
-# Flags of how a model answers: with --predictions (answers given) they would change nothing
-MODEL_RUN_ONLY = ("adapter", "system_prompt", "prompt_suffix", "max_new_tokens", "num_beams", "choices",
-                  "choices_column", "resume", "retry_errors", "overwrite")
-READING = ("storage_options", "image_root", "fetch_threads", "fetch_attempts", "fetch_timeout_s")   # rescoring reads
-
-
-def check_job_flags(args: argparse.Namespace, given: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
-    """Flags that contradict one another are refused before any work, naming them. `given`: the
-    command line's own (a job.yaml shared by a model run and its rescoring may hold run settings)."""
-    flags = {a.dest: a.option_strings[0] for a in ap._actions if a.option_strings}
-    if args.gallery < 0:
-        raise ValueError(f"--gallery must be >= 0 (rows shown), got {args.gallery}")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume (or --retry-errors) continues the earlier run, --overwrite discards it: pass one")
-    if args.predictions:
-        run_only = [*MODEL_RUN_ONLY, *(k for k in run_flag_names() if k not in READING)]
-        unused = [flags[k] for k in run_only if getattr(given, k, None) is not None]
-        if unused:
-            raise ValueError(f"{unused[0]} is about running a model; --predictions scores answers already made: "
-                             "give one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,31 +148,6 @@ def resolve_demo(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def benchmark_name(args: argparse.Namespace) -> str | None:
-    return benchmark_in(args.input or args.predictions or "")
-
-
-def choose_suffix(args: argparse.Namespace) -> str:
-    if args.prompt_suffix is not None:
-        return args.prompt_suffix
-    return DATASET_SUFFIXES.get(benchmark_name(args), "")
-
-
-def choose_metric(args: argparse.Namespace) -> str:
-    """--metric, else the one an evaluation's own predictions were scored with, else the benchmark's."""
-    earlier = args.predictions and earlier_metric(args.predictions, storage_options(args))
-    name = benchmark_name(args)
-    if args.metric or earlier:
-        return args.metric or earlier
-    if name:
-        listed = OPTION_LIST_LAYOUT.get(name)
-        has_list = listed is None or listed[0] in parquet_dataset(args.input or args.predictions,
-                                                                  storage_options(args)).schema.names
-        return DATASET_METRICS[name] if has_list else "multiple_choice"     # its options written in the question
-    raise ValueError(f"cannot tell the benchmark from {args.input or args.predictions!r}: pass --metric "
-                     f"({', '.join(METRICS)})")
-
-
 def pipeline_config(args: argparse.Namespace, kept: list[str], **asked):
     """Greedy answers with the given run flags (the checkpoint's generation_config.json only with
     --generation-config auto); what is not given is PipelineConfig's default. `asked`: how rows are
@@ -245,35 +161,6 @@ def pipeline_config(args: argparse.Namespace, kept: list[str], **asked):
         given.setdefault("max_new_tokens", DATASET_MAX_NEW_TOKENS[benchmark_name(args)])
     return PipelineConfig(model=args.model, keep_columns=kept, storage_options=storage_options(args),
                           prompt_suffix=choose_suffix(args), **{**given, **asked})
-
-
-def chosen_average(args: argparse.Namespace) -> str | None:
-    """The column whose groups' means make the score (MMStar's l2_category, by its name or as its
-    earlier evaluation's metrics.json says), under its name in the scored rows."""
-    column = AVERAGED_OVER.get(benchmark_name(args)) or (
-        args.predictions and earlier_averaged_over(args.predictions, storage_options(args)))
-    return "category" if column and column == args.category_column else column or None
-
-
-def asked_options(args: argparse.Namespace, present: list[str]) -> dict:
-    """A multiple-choice benchmark whose options are columns A, B, ... (MMBench's, with its `hint`),
-    or one list (MMMU's, its images in columns of one each): they are asked after the question as
-    lmms-eval asks them; without them the model saw no options."""
-    name = benchmark_name(args)
-    layout = OPTION_LIST_LAYOUT.get(name) or (OPTION_LIST_LAYOUT["mmmu"] if choose_metric(args) == "mmmu" else None)
-    if layout is not None:
-        options, image_columns = layout
-        asked = {}
-        if args.image_column == "image" and "image" not in present and not args.image_columns:
-            asked["image_columns"] = [c for c in image_columns if c in present]
-        if options in present:
-            open_suffix = OPEN_QUESTION_SUFFIXES.get(name) if args.prompt_suffix is None else None
-            asked.update(option_list_column=options, open_question_suffix=open_suffix)
-        return asked
-    letters = [c for c in "ABCDEFGHIJ" if c in present]
-    if choose_metric(args) != "multiple_choice" or letters[:2] != ["A", "B"]:
-        return {}
-    return {"option_columns": letters, "hint_column": "hint" if "hint" in present else None}
 
 
 SHOWN_SETTINGS = ("system_prompt", "max_new_tokens", "num_beams", "generation_config", "image_backend",
@@ -300,11 +187,6 @@ def shown(value):
     return redact_url(value) if isinstance(value, str) else value
 
 
-def raw_output(output: str) -> str:
-    """Where the model's answers are written (as jobs.caption writes them): <output>/raw."""
-    return output.rstrip("/") + "/raw"
-
-
 def refuse_earlier_answers(raw: str, args: argparse.Namespace) -> None:
     """Answers of an earlier run are thrown away only with --overwrite (prepare_job removes them once
     every check has passed), not by a command repeated without --resume; this says so in the job's flags."""
@@ -325,16 +207,9 @@ def model_run_config(args: argparse.Namespace):
     present = [truth.get(c, c) for c in input_dataset(args.input, storage_options(args)).schema.names]
     if "answers" not in present:
         raise ValueError(f"{args.input} has no ground-truth column {args.answers_column!r} (see --answers-column)")
-    asked = asked_options(args, present)
-    name = benchmark_name(args)
-    kept = [c for c in ("answers", "category", asked.get("option_list_column"), AVERAGED_OVER.get(name))
-            if c in present]
-    return pipeline_config(args, kept, capitalize_questions=name in CAPITALIZED,
-                           question_removals=QUESTION_REMOVALS.get(name, []), **asked), truth
-
-
-def default_output(args: argparse.Namespace) -> str:
-    return args.output or f"runs/evaluate-{Path(args.input or args.predictions).stem}"
+    asked = how_asked(args, present)
+    kept = [c for c in ("answers", "category", *asked.pop("scored_with")) if c in present]
+    return pipeline_config(args, kept, **asked), truth
 
 
 def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[str, dict]:

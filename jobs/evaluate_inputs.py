@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -107,6 +108,30 @@ def check_column_flags(args: argparse.Namespace) -> None:
         named[column] = flag
 
 
+# Flags of how a model answers: with --predictions (answers given) they would change nothing
+MODEL_RUN_ONLY = ("adapter", "system_prompt", "prompt_suffix", "max_new_tokens", "num_beams", "choices",
+                  "choices_column", "resume", "retry_errors", "overwrite")
+READING = ("storage_options", "image_root", "fetch_threads", "fetch_attempts", "fetch_timeout_s")   # rescoring reads
+
+
+def check_job_flags(args: argparse.Namespace, given: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
+    """Flags that contradict one another are refused before any work, naming them. `given`: the
+    command line's own (a job.yaml shared by a model run and its rescoring may hold run settings)."""
+    from jobs.common import run_flag_names
+
+    flags = {a.dest: a.option_strings[0] for a in ap._actions if a.option_strings}
+    if args.gallery < 0:
+        raise ValueError(f"--gallery must be >= 0 (rows shown), got {args.gallery}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume (or --retry-errors) continues the earlier run, --overwrite discards it: pass one")
+    if args.predictions:
+        run_only = [*MODEL_RUN_ONLY, *(k for k in run_flag_names() if k not in READING)]
+        unused = [flags[k] for k in run_only if getattr(given, k, None) is not None]
+        if unused:
+            raise ValueError(f"{unused[0]} is about running a model; --predictions scores answers already made: "
+                             "give one")
+
+
 def read_predictions(uri: str, args: argparse.Namespace) -> pa.Table:
     """id, answer (the prediction: never renamed, though a benchmark may name its ground truth
     `answer`, as MMStar does) and the rest in the contract's names."""
@@ -178,3 +203,12 @@ def load_images(args: argparse.Namespace, ids: list[str]) -> dict[str, object]:
 
 def input_has_ids(args: argparse.Namespace) -> bool:
     return args.id_column in parquet_dataset(args.input, storage_options(args)).schema.names
+
+
+def raw_output(output: str) -> str:
+    """Where the model's answers are written (as jobs.caption writes them): <output>/raw."""
+    return output.rstrip("/") + "/raw"
+
+
+def default_output(args: argparse.Namespace) -> str:
+    return args.output or f"runs/evaluate-{Path(args.input or args.predictions).stem}"
