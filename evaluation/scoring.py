@@ -8,11 +8,12 @@ from decimal import Decimal
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from evaluation.benchmarks import SCORING_COLUMNS
 from evaluation.metrics import ROW_COLUMNS, as_answer_list, get_metric, score_row
 
 SECONDARY_METRICS = ["exact_match"]
 DIGITS = 6  # metrics.json and report.md carry the same rounded numbers
-GROUND_TRUTH_COLUMNS = ("id", "answers", "category", "options", "l2_category")
+GROUND_TRUTH_COLUMNS = ("id", "answers", "category", *SCORING_COLUMNS)
 
 
 def _ids_as_strings(table: pa.Table) -> list[str]:

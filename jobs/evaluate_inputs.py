@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from evaluation.benchmarks import AVERAGED_OVER, OPTION_LIST_LAYOUT
+from evaluation.benchmarks import OPTION_LIST_LAYOUT, SCORING_COLUMNS
 from evaluation.metrics import METRICS
 from evaluation.report import METRICS_FILE
 from pipeline.rows import rename_columns
 from pipeline.storage import redact_url
 
 PREDICTIONS_FILE = "predictions.parquet"
-# Ground truth beside the answers: the options mmmu scores with, the groups a benchmark's score averages over
-SCORING_COLUMNS = sorted({options for options, _ in OPTION_LIST_LAYOUT.values()} | set(AVERAGED_OVER.values()))
 
 
 def earlier_summary(predictions: str, options: dict) -> dict:
@@ -176,8 +174,9 @@ def load_images(args: argparse.Namespace, ids: list[str]) -> dict[str, object]:
     """Image cells of the given ids from --input, for the gallery's thumbnails."""
     if not args.input:
         return {}
-    named = args.image_columns or []
-    named = [c.strip() for c in named.split(",")] if isinstance(named, str) else list(named)
+    from pipeline.config import column_list
+
+    named = column_list(args.image_columns or [])
     firsts = [columns[0] for _, columns in OPTION_LIST_LAYOUT.values()]     # MMMU's image_1: a row's first image
     candidates = list(dict.fromkeys([*named[:1], args.image_column, *firsts]))
     table = read_parquet(args.input, [args.id_column, *candidates], storage_options(args))

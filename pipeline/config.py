@@ -154,12 +154,11 @@ class PipelineConfig:
             setattr(self, name, texts)
         self._check_integers()
         self._check_token_settings()
-        if isinstance(self.keep_columns, str):
-            self.keep_columns = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
         for name in ("keep_columns", "image_columns", "option_columns"):     # a YAML mapping is no list of them
             if not isinstance(getattr(self, name), (str, list, tuple)):
                 raise ValueError(f"{name} must be a list of column names (or their text, comma-separated), got "
                                  f"{type(getattr(self, name)).__name__}")
+            setattr(self, name, column_list(getattr(self, name)))
         # The output's id is the input's id column; an input `id` beside another id column (a VQAv2 image id
         # beside question_id), as another output column's name, is kept as input_<name>.
         self.keep_columns = [c for c in dict.fromkeys(self.keep_columns) if c != "id" or self.id_column != "id"]
@@ -241,15 +240,11 @@ class PipelineConfig:
             raise ValueError(f"question_column {self.question_column!r} is not read beside {made}: give one")
         if self.messages_column is not None and self.prompt_template is not None:
             raise ValueError("messages_column and prompt_template are two ways to make what each row asks: give one")
-        if isinstance(self.option_columns, str):
-            self.option_columns = [c.strip() for c in self.option_columns.split(",") if c.strip()]
         if (self.option_columns or self.hint_column) and made:
             raise ValueError(f"option_columns and {made} are two ways to make what each row asks: give one")
         if self.hint_column is not None and not self.option_columns:
             raise ValueError("hint_column is asked before a multiple-choice question's options: give option_columns")
         self._check_option_list(made)
-        if isinstance(self.image_columns, str):
-            self.image_columns = [c.strip() for c in self.image_columns.split(",") if c.strip()]
         if self.image_columns and self.image_column != "image":
             raise ValueError("image_column and image_columns both name the rows' images: give one")
         if any(not isinstance(c, str) or not c for c in self.image_columns):
@@ -388,6 +383,11 @@ class PipelineConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def column_list(value: str | list | tuple) -> list:
+    """Column names given as a list, or as their text, comma-separated ("a, b")."""
+    return [c.strip() for c in value.split(",") if c.strip()] if isinstance(value, str) else list(value)
 
 
 def template_fields(template: str):
