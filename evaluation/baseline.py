@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from evaluation.metrics import ROW_COLUMNS, score_row
+from evaluation.metrics import CIRCULAR, score_row
 from evaluation.report import code_span, escape_cell
-from evaluation.scoring import average, by_category, check_unique_ids, groups_of, is_error_row, numbers_as_text
+from evaluation.scoring import (average, check_unique_ids, groups_of, is_error_row, numbers_as_text,
+                                present_row_columns, question_score, questions, questions_by_category)
 
 
 def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Table:
@@ -23,7 +24,7 @@ def baseline_scores(scored: pa.Table, baseline: pa.Table, metric: str) -> pa.Tab
                          f"(theirs like {ids[0]!r}, ours like {ours[0]!r}): not an evaluation of the same benchmark?")
     texts = dict(zip(ids, numbers_as_text(baseline.select(["answer"])).column("answer").to_pylist()))
     answers, scores = [], []
-    extra = scored.select(list(ROW_COLUMNS.get(metric, ()))).to_pylist()   # options as the prompt read them
+    extra = scored.select(present_row_columns(scored, metric)).to_pylist()   # options as the prompt read them
     for row, more in zip(numbers_as_text(scored.select(["id", "answers"])).to_pylist(), extra):
         row.update(more)
         theirs, answer = rows.get(str(row["id"])), texts.get(str(row["id"]))
@@ -47,19 +48,25 @@ def paired_difference(now: list[float], then: list[float], groups: list | None =
 
 
 def compare(scored: pa.Table, source: str, baseline_rows: int, category_column: str = "category",
-            averaged_over: str | None = None) -> dict:
+            averaged_over: str | None = None, metric: str = "") -> dict:
     """metrics.json's `baseline`: the paired comparison over the rows both runs answered, overall
-    and per category (means of `averaged_over`'s groups' means, as the scores), and the rows only
-    one of them has."""
-    rows = [r for r in scored.to_pylist() if r["baseline_score"] is not None]
-    paired = lambda g: paired_difference([r["score"] for r in g], [r["baseline_score"] for r in g],  # noqa: E731
-                                         groups_of(g, averaged_over))
-    overall = paired(rows)
+    and per category (means of `averaged_over`'s groups' means, as the scores; a circular metric's
+    over the questions both runs answered every copy of), and the rows only one of them has."""
+    asked = [q for q in questions(scored.to_pylist(), metric) if question_score(q, "baseline_score") is not None]
+
+    def paired(group: list[list[dict]]) -> dict:
+        found = paired_difference([question_score(q) for q in group],
+                                  [question_score(q, "baseline_score") for q in group],
+                                  groups_of([q[0] for q in group], averaged_over))
+        return {**found, "rows": sum(map(len, group)), **({"questions": len(group)} if metric in CIRCULAR else {})}
+
+    overall = paired(asked)
     per_category = {}
     if category_column in scored.column_names:
-        per_category = {c: paired(g) for c, g in by_category(rows, category_column).items()}
+        per_category = {c: paired(g) for c, g in questions_by_category(asked, category_column).items()}
     return {"source": source, **overall, "per_category": per_category,
-            "rows_without_baseline": scored.num_rows - len(rows), "baseline_rows_unused": baseline_rows - len(rows)}
+            "rows_without_baseline": scored.num_rows - overall["rows"],
+            "baseline_rows_unused": baseline_rows - overall["rows"]}
 
 
 def changed_rows(rows: list[dict]) -> list[dict]:
@@ -71,12 +78,13 @@ def report_lines(comparison: dict) -> list[str]:
     """report.md's section on the baseline."""
     c = comparison
     interval = "n/a" if c["ci95"] is None else f"[{c['ci95'][0]}, {c['ci95'][1]}]"
+    counted = f"questions ({c['questions']}, of {c['rows']} rows)" if "questions" in c else "rows"
     lines = ["## Against the baseline", "", f"- baseline: {code_span(c['source'])}",
              f"- rows compared: {c['rows']} ({c['rows_without_baseline']} without a baseline answer, "
              f"{c['baseline_rows_unused']} baseline answers to ids this run did not answer)",
              f"- delta: {c['delta']} (this run {c['score']}, the baseline {c['baseline_score']}), "
              f"95 % interval {interval}",
-             f"- rows better / worse / same: {c['better']} / {c['worse']} / {c['same']}", ""]
+             f"- {counted} better / worse / same: {c['better']} / {c['worse']} / {c['same']}", ""]
     if c["per_category"]:
         lines += ["| category | rows | score | baseline | delta | better | worse |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {escape_cell(name)} | {v['rows']} | {v['score']} | {v['baseline_score']} | {v['delta']} "

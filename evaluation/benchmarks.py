@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath
 
+from evaluation.mmbench import OPTION_COLUMNS
+
 # Benchmark name (found in the input's path, lowercased, without - and _) -> its standard metric.
 DATASET_METRICS = {
     "docvqa": "anls", "infovqa": "anls", "infographicvqa": "anls", "stvqa": "anls",
     "chartqa": "relaxed_accuracy", "plotqa": "relaxed_accuracy",
-    "mmstar": "multiple_choice", "mmmu": "mmmu", "mmbench": "multiple_choice",
+    "mmstar": "multiple_choice", "mmmu": "mmmu", "mmbench": "mmbench",
     "textvqa": "vqa_accuracy", "vqav2": "vqa_accuracy", "vizwiz": "vqa_accuracy", "okvqa": "vqa_accuracy",
     "demo": "exact_match",
 }
@@ -46,8 +48,10 @@ BENCHMARK_COLUMNS = {
 # Benchmark -> the column whose groups' mean scores lmms-eval averages into its score (MMStar's
 # "average": the mean of its 18 l2_category means), where the rows have it
 AVERAGED_OVER = {"mmstar": "l2_category"}
-# Ground truth beside the answers: the options mmmu scores with, the groups a benchmark's score averages over
-SCORING_COLUMNS = sorted({options for options, _ in OPTION_LIST_LAYOUT.values()} | set(AVERAGED_OVER.values()))
+# Ground truth beside the answers: the options mmmu and mmbench score with, the groups a benchmark's score
+# averages over
+SCORING_COLUMNS = sorted({options for options, _ in OPTION_LIST_LAYOUT.values()} | set(OPTION_COLUMNS)
+                         | set(AVERAGED_OVER.values()))
 # lmms-eval strips MMStar's questions and takes this out of them before its instruction
 QUESTION_REMOVALS = {"mmstar": [" Please answer yes or no."]}
 # Benchmark -> lmms-eval's max_new_tokens for it (lmms-eval 0.7.3's task files); where a task sets none,

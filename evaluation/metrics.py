@@ -10,6 +10,8 @@ import re
 from itertools import combinations
 from typing import Callable, Sequence, Union
 
+from evaluation.mmbench import OPTION_COLUMNS, mmbench_score
+
 Answers = Union[str, Sequence[str]]
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +283,12 @@ def mmmu(prediction: str | None, answers: Answers, options: object = None) -> fl
     return mmmu_score(_prediction_text(prediction), _require_answers(answers), options)
 
 
+def mmbench(prediction: str | None, answers: Answers, *options: object) -> float:
+    """MMBench's own rules (evaluation.mmbench), from the row's options A, B, C, D: the answer read as
+    one option's letter. Its summary counts a question right only when all its circular copies are."""
+    return mmbench_score(_prediction_text(prediction), _require_answers(answers), list(options))
+
+
 METRICS: dict[str, Callable[..., float]] = {
     "vqa_accuracy": vqa_accuracy,
     "anls": anls,
@@ -288,8 +296,12 @@ METRICS: dict[str, Callable[..., float]] = {
     "exact_match": exact_match,
     "multiple_choice": multiple_choice,
     "mmmu": mmmu,
+    "mmbench": mmbench,
 }
-ROW_COLUMNS = {"mmmu": ("options",)}     # what else of a row a metric reads: the columns its rows need
+# What else of a row a metric reads: the columns its rows need
+ROW_COLUMNS = {"mmmu": ("options",), "mmbench": OPTION_COLUMNS}
+NEEDED_ROW_COLUMNS = {**ROW_COLUMNS, "mmbench": OPTION_COLUMNS[:2]}    # the rest may be missing: null options
+CIRCULAR = {"mmbench"}      # metrics whose summary scores questions (a row with its circular copies), not rows
 
 
 def score_row(name: str, prediction: str | None, row: dict) -> float:

@@ -45,7 +45,7 @@ def report_markdown(summary: dict, sources: dict[str, str], chart_name: str | No
         over = summary["averaged_over"]
         spread += f", the mean of the {over['groups']} {code_span(over['column'])} groups' means"
     lines += [f"- metric: {code_span(summary['metric'])}", f"- score: {summary['score']}{spread}",
-              f"- rows: {summary['rows']}", f"- errors: {summary['errors']} (scored 0)", ""]
+              f"- rows: {summary['rows']}", *_questions_line(summary), f"- errors: {summary['errors']} (scored 0)", ""]
     lines += ["## Metrics", "", "| metric | score |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in summary["metrics"].items()]
     if summary["per_category"]:
@@ -59,6 +59,13 @@ def report_markdown(summary: dict, sources: dict[str, str], chart_name: str | No
     if chart_name:
         lines += ["", f"![{summary['metric']} per category]({chart_name})"]
     return "\n".join(lines) + "\n"
+
+
+def _questions_line(summary: dict) -> list[str]:
+    if "questions" not in summary:
+        return []
+    return [f"- questions: {summary['questions']} (scores are means over questions: a question counts right only "
+            "when the answers to all its circular copies, its options rotated, are)"]
 
 
 def escape_cell(text: str) -> str:

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from evaluation.benchmarks import SCORING_COLUMNS
-from evaluation.metrics import ROW_COLUMNS, as_answer_list, get_metric, score_row
+from evaluation.metrics import CIRCULAR, NEEDED_ROW_COLUMNS, ROW_COLUMNS, as_answer_list, get_metric, score_row
+from evaluation.mmbench import question_of
 
 SECONDARY_METRICS = ["exact_match"]
 DIGITS = 6  # metrics.json and report.md carry the same rounded numbers
@@ -80,12 +81,12 @@ def check_ground_truth(table: pa.Table, metric: str) -> None:
     if table.num_rows == 0:
         raise ValueError("the benchmark has no rows: nothing to score")
     get_metric(metric)
-    needed = [c for c in ROW_COLUMNS.get(metric, ()) if c not in table.column_names]
+    needed = [c for c in NEEDED_ROW_COLUMNS.get(metric, ()) if c not in table.column_names]
     if needed:
         raise ValueError(f"{metric} scores with each row's {needed[0]} too: the ground truth has no {needed[0]!r} "
                          "column")
     missing, unusable = [], []
-    for row in table.select(["id", "answers", *ROW_COLUMNS.get(metric, ())]).to_pylist():
+    for row in table.select(["id", "answers", *present_row_columns(table, metric)]).to_pylist():
         if not as_answer_list(row["answers"]):
             missing.append(str(row["id"]))
             continue
@@ -97,6 +98,11 @@ def check_ground_truth(table: pa.Table, metric: str) -> None:
         raise ValueError(f"{len(missing)} rows have no ground-truth answers, e.g. ids {missing[:5]}")
     if unusable:
         raise ValueError(f"{len(unusable)} rows have ground truth {metric} cannot use, e.g. {unusable[:3]}")
+
+
+def present_row_columns(table: pa.Table, metric: str) -> list[str]:
+    """The columns beside the answers that the metric reads, those the table has."""
+    return [c for c in ROW_COLUMNS.get(metric, ()) if c in table.column_names]
 
 
 def _string_typed(table: pa.Table) -> pa.Table:
@@ -198,10 +204,36 @@ def in_number_order(label: str) -> list:
 
 def by_category(rows: list[dict], column: str) -> dict[str, list[dict]]:
     """Rows by their category (None: "(none)"), the categories in the order of their numbers."""
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault("(none)" if r[column] is None else str(r[column]), []).append(r)
+    return _grouped(rows, lambda r: r[column])
+
+
+def questions_by_category(questions: list[list[dict]], column: str) -> dict[str, list[list[dict]]]:
+    """Questions by the category of their first row (a question's copies share it)."""
+    return _grouped(questions, lambda q: q[0][column])
+
+
+def _grouped(items: list, value) -> dict[str, list]:
+    groups: dict[str, list] = {}
+    for item in items:
+        groups.setdefault("(none)" if value(item) is None else str(value(item)), []).append(item)
     return dict(sorted(groups.items(), key=lambda item: in_number_order(item[0])))
+
+
+def questions(rows: list[dict], metric: str) -> list[list[dict]]:
+    """What a score is the mean of: each row alone, or for a circular metric (mmbench) each question
+    with its circular copies, its main row (id below 1e6) first."""
+    if metric not in CIRCULAR:
+        return [[r] for r in rows]
+    asked: dict[str, list[dict]] = {}
+    for r in rows:
+        asked.setdefault(question_of(r["id"]), []).append(r)
+    return [sorted(copies, key=lambda r: question_of(r["id"]) != str(r["id"])) for copies in asked.values()]
+
+
+def question_score(question: list[dict], name: str = "score") -> float | None:
+    """A question's score: the least of its rows' (right only when every copy is); None where a row's is."""
+    values = [r[name] for r in question]
+    return None if None in values else min(values)
 
 
 def groups_of(rows: list[dict], column: str | None) -> list[str] | None:
@@ -216,20 +248,22 @@ def summarize(scored: pa.Table, metric: str, category_column: str = "category",
     """The metrics.json document: primary score (and its 95 % interval), all metrics, per-category
     scores (each with its rows and interval: a category of a few rows tells little), rows, errors.
     averaged_over: a column whose groups' means make each score (the mean of means), where the rows
-    have it."""
+    have it. A circular metric's scores are means over questions, each right only when all its copies are."""
     rows = scored.to_pylist()
-    groups = groups_of(rows, averaged_over)
-    score, interval = average([r["score"] for r in rows], groups)
+    asked = questions(rows, metric)
+    counted = (lambda group: {"questions": len(group)}) if metric in CIRCULAR else (lambda group: {})  # noqa: E731
+    groups = groups_of([q[0] for q in asked], averaged_over)
+    score, interval = average([question_score(q) for q in asked], groups)
     metrics = {metric: score}
     for m in SECONDARY_METRICS:
         if m != metric:
-            metrics[m] = average([r[m] for r in rows], groups)[0]
+            metrics[m] = average([question_score(q, m) for q in asked], groups)[0]
     per_category: dict[str, dict] = {}
     if category_column in scored.column_names:
-        for c, group in by_category(rows, category_column).items():
-            mean, ci = average([r["score"] for r in group], groups_of(group, averaged_over))
-            per_category[c] = {"score": mean, "rows": len(group), "ci95": ci}
+        for c, group in questions_by_category(asked, category_column).items():
+            mean, ci = average([question_score(q) for q in group], groups_of([q[0] for q in group], averaged_over))
+            per_category[c] = {"score": mean, "rows": sum(map(len, group)), **counted(group), "ci95": ci}
     averaged = {"averaged_over": {"column": averaged_over, "groups": len(set(groups))}} if groups else {}
     return {"metric": metric, "score": score, "ci95": interval, "metrics": metrics, **averaged,
-            "per_category": per_category, "rows": len(rows), "errors": sum(is_error_row(r) for r in rows)}
-
+            "per_category": per_category, "rows": len(rows), **counted(asked),
+            "errors": sum(is_error_row(r) for r in rows)}

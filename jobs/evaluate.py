@@ -341,7 +341,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
         baseline = read_predictions(baseline_path, args)
         scored = baseline_scores(scored, baseline, metric)
         summary["baseline"] = compare(scored, redact_url(args.baseline), baseline.num_rows,
-                                      averaged_over=averaged_over)
+                                      averaged_over=averaged_over, metric=metric)
     sources = {k: redact_url(v) for k, v in (("model", args.model), ("input", args.input),
                                              ("predictions", args.predictions)) if v}
     if args.model and not args.predictions:

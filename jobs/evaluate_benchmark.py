@@ -7,9 +7,9 @@ import argparse
 
 from evaluation.benchmarks import (AVERAGED_OVER, BENCHMARK_COLUMNS, CAPITALIZED, DATASET_METRICS, DATASET_SUFFIXES,
                                    OPEN_QUESTION_SUFFIXES, OPTION_LIST_LAYOUT, QUESTION_REMOVALS, benchmark_in)
-from evaluation.metrics import METRICS
-from jobs.evaluate_inputs import (default_output, earlier_averaged_over, earlier_metric, parquet_dataset, raw_output,
-                                  storage_options)
+from evaluation.metrics import METRICS, ROW_COLUMNS
+from jobs.evaluate_inputs import (default_output, earlier_averaged_over, earlier_metric, input_has_ids, parquet_dataset,
+                                  raw_output, storage_options)
 
 
 def benchmark_name(args: argparse.Namespace) -> str | None:
@@ -99,7 +99,7 @@ def asked_options(args: argparse.Namespace, present: list[str]) -> dict:
             asked.update(option_list_column=options, open_question_suffix=open_suffix)
         return asked
     letters = [c for c in "ABCDEFGHIJ" if c in present]
-    if choose_metric(args) != "multiple_choice" or letters[:2] != ["A", "B"]:
+    if choose_metric(args) not in ("multiple_choice", "mmbench") or letters[:2] != ["A", "B"]:
         return {}
     return {"option_columns": letters, "hint_column": "hint" if "hint" in present else None}
 
@@ -109,5 +109,7 @@ def how_asked(args: argparse.Namespace, present: list[str]) -> dict:
     question clean-up), and under `scored_with` the columns its scoring reads beside the answers."""
     name, asked = benchmark_name(args), asked_options(args, present)
     scored_with = [c for c in (asked.get("option_list_column"), AVERAGED_OVER.get(name)) if c]
+    if not input_has_ids(args):     # rows joined to no ground truth carry what their metric reads (MMBench's options)
+        scored_with += [c for c in ROW_COLUMNS.get(choose_metric(args), ()) if c in present and c not in scored_with]
     return {**asked, "capitalize_questions": name in CAPITALIZED,
             "question_removals": QUESTION_REMOVALS.get(name, []), "scored_with": scored_with}

@@ -277,6 +277,11 @@ def test_a_multiple_choice_benchmarks_option_columns_are_asked(checkpoint, tmp_p
         "Which shape? There are several options:\nA. circle\nB. square\n" + benchmarks.OPTION_LETTER]
     assert job.model_run_config(job.parse_args(["--input", str(tmp_path / "mmbench_dev.parquet"), "--model",
                                                 str(checkpoint), "--metric", "exact_match"]))[0].option_columns == []
+    assert config.keep_columns == ["answers"]       # the ground truth's options are joined by id at scoring
+    pq.write_table(pa.Table.from_pylist(rows).drop_columns(["id"]), tmp_path / "mmbench_dev.parquet")
+    config, _ = job.model_run_config(job.parse_args(["--input", str(tmp_path / "mmbench_dev.parquet"), "--model",
+                                                     str(checkpoint)]))
+    assert config.keep_columns == ["answers", "A", "B", "C", "D"]   # rows without ids carry what mmbench reads
 
 
 def test_textvqas_questions_are_capitalized_as_lmms_eval_asks_them(checkpoint, tmp_path):

@@ -640,3 +640,27 @@ def test_a_resume_or_baseline_of_a_run_named_otherwise_is_told_before_the_model_
     assert job.main(["--input", str(docvqa), "--predictions", str(tmp_path / "old.parquet"),
                      "--output", str(tmp_path / "o")]) == 2
     assert "its id column 'questionId' repeats ids, e.g. ['q1']: --id-column names another" in capsys.readouterr().err
+
+
+def test_mmbench_is_scored_by_its_circular_evaluation(tmp_path):
+    """MMBench's rows are its questions and their circular copies (options rotated, index + k * 1e6):
+    lmms-eval counts a question right only when every copy's answer is, reading a letter from an
+    answer as MMBench does ("The dog" names option B). A row each made 3 of 4 right, not 1 of 2."""
+    bench = tmp_path / "MMBench" / "dev.parquet"
+    bench.parent.mkdir()
+    pq.write_table(pa.table({"index": [7, 1000007, 8, 1000008], "question": ["Which pet?"] * 2 + ["Which?"] * 2,
+                             "hint": [None] * 4, "A": ["cat", "dog", "up", "down"], "B": ["dog", "cat", "down", "up"],
+                             "C": [None] * 4, "D": [None] * 4, "answer": ["B", "A", "A", "B"],
+                             "category": ["pets", "pets", "ways", "ways"]}), bench)
+    pq.write_table(pa.table({"id": [7, 1000007, 8, 1000008], "answer": ["The dog", "B", "A", "B"]}),
+                   tmp_path / "p.parquet")
+    out = tmp_path / "o"
+    assert job.main(["--input", str(bench), "--predictions", str(tmp_path / "p.parquet"), "--output", str(out),
+                     "--baseline", str(tmp_path / "p.parquet")]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert (summary["metric"], summary["score"], summary["rows"], summary["questions"]) == ("mmbench", 0.5, 4, 2)
+    assert summary["per_category"]["ways"] == {"score": 1.0, "rows": 2, "questions": 1, "ci95": None}
+    assert (summary["baseline"]["questions"], summary["baseline"]["delta"]) == (2, 0.0)
+    assert pq.read_table(out / "predictions.parquet").column("score").to_pylist() == [1, 0, 1, 1]
+    assert job.main(["--predictions", str(out), "--output", str(tmp_path / "again")]) == 0     # options kept
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["questions"] == 2
