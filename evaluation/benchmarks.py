@@ -11,7 +11,7 @@ from evaluation.mmbench import OPTION_COLUMNS
 DATASET_METRICS = {
     "docvqa": "anls", "infovqa": "anls", "infographicvqa": "anls", "stvqa": "anls",
     "chartqa": "relaxed_accuracy", "plotqa": "relaxed_accuracy",
-    "mmstar": "multiple_choice", "mmmu": "mmmu", "mmbench": "mmbench",
+    "mmstar": "mmstar", "mmmu": "mmmu", "mmbench": "mmbench",
     "textvqa": "vqa_accuracy", "vqav2": "vqa_accuracy", "vizwiz": "vqa_accuracy", "okvqa": "vqa_accuracy",
     "demo": "exact_match",
 }

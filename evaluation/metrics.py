@@ -10,7 +10,7 @@ import re
 from itertools import combinations
 from typing import Callable, Sequence, Union
 
-from evaluation.mmbench import OPTION_COLUMNS, mmbench_score
+from evaluation.mmbench import OPTION_COLUMNS, mmbench_score, mmstar_score
 
 Answers = Union[str, Sequence[str]]
 
@@ -289,6 +289,12 @@ def mmbench(prediction: str | None, answers: Answers, *options: object) -> float
     return mmbench_score(_prediction_text(prediction), _require_answers(answers), list(options))
 
 
+def mmstar(prediction: str | None, answers: Answers) -> float:
+    """MMStar's rule as lmms-eval scores it (evaluation.mmbench): the letter its multiple-choice
+    extraction reads among A-D ("A cat" is A) is the ground truth's."""
+    return mmstar_score(_prediction_text(prediction), _require_answers(answers))
+
+
 METRICS: dict[str, Callable[..., float]] = {
     "vqa_accuracy": vqa_accuracy,
     "anls": anls,
@@ -297,6 +303,7 @@ METRICS: dict[str, Callable[..., float]] = {
     "multiple_choice": multiple_choice,
     "mmmu": mmmu,
     "mmbench": mmbench,
+    "mmstar": mmstar,
 }
 # What else of a row a metric reads: the columns its rows need
 ROW_COLUMNS = {"mmmu": ("options",), "mmbench": OPTION_COLUMNS}

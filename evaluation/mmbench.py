@@ -1,7 +1,8 @@
 """MMBench's own scoring, as lmms-eval scores it without a GPT judge (its mmbench_en_dev_static):
 each row's answer is read as one option's letter, and a question counts right only when every one of
-its circular copies (the same question with its options rotated; ids equal modulo 1e6) is. Written
-from the rules of lmms-eval's MMBench evaluator, so that our scores stand beside tables made with it."""
+its circular copies (the same question with its options rotated; ids equal modulo 1e6) is; and
+MMStar's, lmms-eval's multiple-choice extraction alone. Written from the rules of lmms-eval's
+evaluators, so that our scores stand beside tables made with it."""
 from __future__ import annotations
 
 OPTION_COLUMNS = ("A", "B", "C", "D")       # the options MMBench's rows hold, which its scoring reads
@@ -21,6 +22,7 @@ PHRASES = ("the answer is", "answer is", "the correct answer is", "correct answe
            "i pick", "my answer is", "my choice is", "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选", "答えは")
 EDGE_MARKS = (",", ".", "!", "?", ";", ":", "'", '"')        # stripped from the answer's ends, in this order
 ANY_LETTER = "ABCDEFGH"
+MMSTAR_LETTERS = "ABCD"
 
 
 def marked_letter(answer: str) -> str | None:
@@ -76,11 +78,11 @@ def chosen_letter(answer: str, options: dict[str, str]) -> str | None:
     return marked_letter(answer) or named_option(answer, options) or extracted_letter(answer, "".join(sorted(options)))
 
 
-def truth_letter(answers: list[str]) -> str:
-    letter = answers[0].strip() if len(answers) == 1 else ""
-    if len(letter) != 1 or letter not in LETTERS:
+def truth_letter(answers: list[str], letters: str = LETTERS) -> str:
+    letter = answers[0].strip().upper() if len(answers) == 1 else ""
+    if len(letter) != 1 or letter not in letters:
         raise ValueError(f"ground truth {answers if len(answers) > 1 else answers[0]!r} is not one option letter "
-                         f"({', '.join(LETTERS)})")
+                         f"({', '.join(letters)})")
     return letter
 
 
@@ -90,6 +92,12 @@ def mmbench_score(answer: str, answers: list[str], options: list[object]) -> flo
     truth = truth_letter(answers)
     given = {x: str(text) for x, text in zip(OPTION_COLUMNS, options) if text is not None}
     return float(chosen_letter(answer.strip(), given) == truth)
+
+
+def mmstar_score(answer: str, answers: list[str]) -> float:
+    """MMStar's rule as lmms-eval scores it: 1 when the letter its multiple-choice extraction reads
+    among A-D (extracted_letter) is the ground truth's."""
+    return float(extracted_letter(answer, MMSTAR_LETTERS) == truth_letter(answers, MMSTAR_LETTERS))
 
 
 def question_of(row_id: object) -> str:

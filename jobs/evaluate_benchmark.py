@@ -99,7 +99,7 @@ def asked_options(args: argparse.Namespace, present: list[str]) -> dict:
             asked.update(option_list_column=options, open_question_suffix=open_suffix)
         return asked
     letters = [c for c in "ABCDEFGHIJ" if c in present]
-    if choose_metric(args) not in ("multiple_choice", "mmbench") or letters[:2] != ["A", "B"]:
+    if choose_metric(args) not in ("multiple_choice", "mmbench", "mmstar") or letters[:2] != ["A", "B"]:
         return {}
     return {"option_columns": letters, "hint_column": "hint" if "hint" in present else None}
 

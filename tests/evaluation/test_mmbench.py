@@ -101,3 +101,13 @@ def test_options_past_b_may_be_missing_but_not_a_and_b():
     assert baseline_scores(ours, pa.table({"id": [3], "answer": ["up"]}), "mmbench").column("baseline_score")[5].as_py() == 1
     with pytest.raises(ValueError, match="mmbench scores with each row's B too"):
         score_rows(two.drop_columns(["B"]), "mmbench")
+
+
+def test_mmstar_reads_letters_as_lmms_evals_extraction_does():
+    from evaluation.metrics import mmstar, multiple_choice
+
+    assert (mmstar("A cat", "A"), multiple_choice("A cat", "A")) == (1.0, 0.0)     # ours reads an article there
+    assert mmstar("The answer is (B).", " b ") == 1.0                               # the truth's case and spaces
+    assert mmstar("E", "A") == 0.0 and mmstar("the answer is c", "C") == 0.0       # only A-D, capitals
+    with pytest.raises(ValueError, match="not one option letter"):
+        mmstar("A", "E")

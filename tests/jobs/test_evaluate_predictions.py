@@ -173,7 +173,8 @@ def test_metric_is_required_for_an_unknown_benchmark(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name, metric", [("DocVQA_val", "anls"), ("chart-qa", "relaxed_accuracy"),
-                                          ("MMStar", "multiple_choice"), ("textvqa", "vqa_accuracy")])
+                                          ("MMStar", "mmstar"), ("MMBench_en", "mmbench"),
+                                          ("textvqa", "vqa_accuracy")])
 def test_metric_from_dataset_name(name, metric):
     assert job.choose_metric(job.parse_args(["--input", f"/data/{name}/test.parquet"])) == metric
 
@@ -225,7 +226,7 @@ def test_ground_truth_a_metric_cannot_use_fails_before_scoring(tmp_path, capsys)
                                                             ("q2", "B", ["a cat"], None, "stop", None)])
     assert job.main(["--predictions", str(preds), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "multiple_choice cannot use" in err and "q2: ground truth 'a cat' is not an option letter" in err
+    assert "mmstar cannot use" in err and "q2: ground truth 'a cat' is not one option letter (A, B, C, D)" in err
 
 
 def test_joining_needs_ids_in_the_input(tmp_path, capsys):
@@ -565,7 +566,7 @@ def test_mmstars_score_is_the_mean_of_its_l2_categories_means_as_lmms_evals_aver
     assert job.main(["--predictions", str(tmp_path / "MMStar_val.parquet"), "--output", str(out),
                      "--baseline", str(tmp_path / "MMStar_val.parquet")]) == 0
     summary = json.loads((out / "metrics.json").read_text())
-    assert (summary["score"], summary["metric"]) == (0.833333, "multiple_choice")
+    assert (summary["score"], summary["metric"]) == (0.833333, "mmstar")
     assert summary["averaged_over"] == {"column": "l2_category", "groups": 2}
     assert summary["per_category"]["math"]["score"] == 0.666667 and summary["metrics"]["exact_match"] == 0.833333
     assert (summary["baseline"]["score"], summary["baseline"]["delta"]) == (0.833333, 0.0)
