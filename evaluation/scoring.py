@@ -84,7 +84,7 @@ def check_ground_truth(table: pa.Table, metric: str) -> None:
     needed = [c for c in NEEDED_ROW_COLUMNS.get(metric, ()) if c not in table.column_names]
     if needed:
         raise ValueError(f"{metric} scores with each row's {needed[0]} too: the ground truth has no {needed[0]!r} "
-                         "column")
+                         "column (--input names the benchmark's file, whose columns are joined by id)")
     missing, unusable = [], []
     for row in table.select(["id", "answers", *present_row_columns(table, metric)]).to_pylist():
         if not as_answer_list(row["answers"]):
