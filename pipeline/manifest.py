@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
 
 from .checkpoint import remote_files, remote_versions
 from .config import TOKEN_SETTINGS, PipelineConfig
@@ -27,13 +28,45 @@ ANSWER_SETTINGS = ("prompt", "system_prompt", "prompt_template", "prompt_suffix"
                    "samples", "messages_column", "sampling_column",
                    "score_column", "top_logprobs", "no_repeat_ngram_size", "num_beams", "length_penalty",
                    "early_stopping", "bad_words", *TOKEN_SETTINGS)
-SAMPLED_BYTES = 1 << 20     # read from each end of each weights file
+SAMPLED_BYTES = 1 << 20     # a weights file of more than twice this is sampled, not read whole
+TENSOR_BYTES = 256          # read from each end of each tensor of a sampled weights file
 
 
-def checkpoint_fingerprint(model: str, storage_options: dict | None = None) -> str:
-    """A hash of a checkpoint folder's small files and of each weights file's size and first and
-    last MiB: another fine-tune of the same shapes differs, the same folder moved elsewhere does not.
-    A URL's checkpoint: its files' names, sizes and versions (ETags); a hub id: itself."""
+def tensor_ends(f: BinaryIO, size: int) -> Iterator[bytes]:
+    """A safetensors file's header (each tensor's name, type, shape and place) and each tensor's first
+    and last bytes: a fine-tune changes each tensor it trained, wherever in the file it lies (the
+    language model's, between the connector's and the vision encoder's, for a text-only one)."""
+    length = int.from_bytes(f.read(8), "little")
+    header = f.read(length) if 0 < length < size else b""
+    try:
+        tensors = json.loads(header)
+    except ValueError:
+        tensors = None
+    if not isinstance(tensors, dict):       # not a safetensors file after all: its ends
+        f.seek(0)
+        yield from file_ends(f, size)
+        return
+    yield header
+    for name, tensor in sorted(tensors.items()):
+        begin, end = tensor.get("data_offsets", (0, 0)) if isinstance(tensor, dict) else (0, 0)
+        for start in sorted({begin, max(begin, end - TENSOR_BYTES)}):
+            f.seek(8 + length + start)
+            yield f.read(min(TENSOR_BYTES, end - start))
+
+
+def file_ends(f: BinaryIO, size: int) -> Iterator[bytes]:
+    """A file's first and last MiB (runs before stop 55 sampled weights files so)."""
+    yield f.read(SAMPLED_BYTES)
+    f.seek(size - SAMPLED_BYTES)
+    yield f.read()
+
+
+def checkpoint_fingerprint(model: str, storage_options: dict | None = None,
+                           sampled: Callable[[BinaryIO, int], Iterator[bytes]] = tensor_ends) -> str:
+    """A hash of a checkpoint folder's small files and of each large weights file's size and samples
+    (`sampled`: every tensor's ends): another fine-tune of the same shapes differs, the same folder
+    moved elsewhere does not. A URL's checkpoint: its files' names, sizes and versions (ETags); a hub
+    id: itself."""
     folder = Path(model)
     if not is_local(model):
         return listing_hash(remote_versions(model, storage_options))
@@ -44,15 +77,11 @@ def checkpoint_fingerprint(model: str, storage_options: dict | None = None) -> s
         size = file.stat().st_size
         digest.update(f"{file.name}\0{size}\0".encode())
         with open(file, "rb") as f:
-            if file.suffix != ".safetensors" or size <= 2 * SAMPLED_BYTES:
-                # read whole but a MiB at a time: a Trainer's optimizer.pt (twice the model) beside the
-                # weights was held in memory whole (the same digest as before)
-                for chunk in iter(lambda: f.read(SAMPLED_BYTES), b""):
-                    digest.update(chunk)
-                continue
-            digest.update(f.read(SAMPLED_BYTES))
-            f.seek(size - SAMPLED_BYTES)
-            digest.update(f.read())
+            whole = file.suffix != ".safetensors" or size <= 2 * SAMPLED_BYTES
+            # read whole but a MiB at a time: a Trainer's optimizer.pt (twice the model) beside the
+            # weights was held in memory whole
+            for chunk in iter(lambda: f.read(SAMPLED_BYTES), b"") if whole else sampled(f, size):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -67,6 +96,14 @@ def names_and_sizes_fingerprint(model: str, storage_options: dict | None = None)
     """A URL checkpoint's fingerprint as runs before stop 41 wrote it (names and sizes only): a run
     resumed across that change is the same checkpoint's if this matches. None for a local one."""
     return None if is_local(model) else listing_hash(remote_files(model, storage_options))
+
+
+def earlier_fingerprint(model: str, storage_options: dict | None = None) -> str | None:
+    """The checkpoint's fingerprint as an earlier version wrote it into a run's manifest: a URL's
+    by names and sizes (before stop 41), a folder's by its weights files' ends (before stop 55)."""
+    if is_local(model):
+        return checkpoint_fingerprint(model, storage_options, file_ends)
+    return names_and_sizes_fingerprint(model, storage_options)
 
 
 def listing_hash(listing: dict) -> str:
@@ -144,9 +181,9 @@ def check_run_settings(output: str, config: PipelineConfig, resume: bool, storag
         except ValueError as e:
             raise ValueError(f"the run manifest {redact_url(path)!r} does not read ({e}): a run stopped while "
                              "writing it? Remove it to resume without checking the earlier run's settings") from None
-        legacy = {key: names_and_sizes_fingerprint(source, config.storage_options)
+        legacy = {key: earlier_fingerprint(source, config.storage_options)
                   for key, source in (("checkpoint", config.model), ("adapter", config.adapter))
-                  if source and not is_local(source) and earlier.get(key) != now[key]}
+                  if source and earlier.get(key) != now[key]}
         changed = differences(*with_image_defaults(earlier, now, config), legacy)
         if changed:
             raise ValueError(f"cannot resume into {output!r} with other settings than its earlier run ("

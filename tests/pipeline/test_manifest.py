@@ -1,4 +1,5 @@
 """--resume continues a run only with the settings its answers were made with."""
+import json
 import shutil
 
 import pytest
@@ -104,3 +105,34 @@ def test_a_large_file_beside_the_weights_is_hashed_a_mebibyte_at_a_time(tmp_path
     tracemalloc.stop()
     assert peak < 3 << 20
     assert fingerprint == hashlib.sha256(f"optimizer.pt\0{len(content)}\0".encode() + content).hexdigest()
+
+
+def test_a_fine_tune_of_the_language_model_alone_changes_the_fingerprint(tmp_path):
+    """safetensors keeps tensors sorted by name: the connector's first, the vision encoder's last, the
+    language model's between. Only each weights file's first and last MiB were read: a fine-tune that
+    froze the vision encoder and connector passed a resume, mixing two models' answers in one output.
+    A run begun before (its manifest holds the ends' fingerprint) still resumes with the same files."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from pipeline.manifest import check_run_settings, file_ends
+
+    rng = np.random.default_rng(0)
+    weights = {"model.connector.proj": rng.standard_normal(400_000, dtype=np.float32),      # 1.6 MB
+               "model.text_model.layers.0.q": rng.standard_normal(50_000, dtype=np.float32),
+               "model.vision_model.last": rng.standard_normal(400_000, dtype=np.float32)}
+    for name, tuned in (("base", 0.0), ("tuned", 0.01)):
+        (tmp_path / name).mkdir()
+        save_file({**weights, "model.text_model.layers.0.q": weights["model.text_model.layers.0.q"] + tuned},
+                  str(tmp_path / name / "model.safetensors"))
+    base, tuned = str(tmp_path / "base"), str(tmp_path / "tuned")
+    assert checkpoint_fingerprint(base, None, file_ends) == checkpoint_fingerprint(tuned, None, file_ends)  # before
+    assert checkpoint_fingerprint(base) != checkpoint_fingerprint(tuned)
+    out = str(tmp_path / "out")
+    keep_run_settings(out, PipelineConfig(model=base), resume=False, storage_options=None)
+    with pytest.raises(ValueError, match="the checkpoint's files"):
+        check_run_settings(out, PipelineConfig(model=tuned), True, None)
+    manifest = tmp_path / "out.run.json"
+    earlier = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**earlier, "checkpoint": checkpoint_fingerprint(base, None, file_ends)}))
+    check_run_settings(out, PipelineConfig(model=base), True, None)        # a run begun before stop 55: resumes
