@@ -173,9 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-columns", help="comma-separated input columns to copy to the output")
     ap.add_argument("--resume", action="store_true", default=None, help="skip ids already in --output")
     ap.add_argument("--retry-errors", nargs="?", const="", metavar="TEXT",
-                    help="resume --output and answer again its error rows (only those whose error holds TEXT, "
-                         "e.g. 'fetch' or 'TimeoutError', if given): rows that failed for a passing reason, "
-                         "such as an image server's outage, without re-running the rest")
+                    help="resume --output and answer again its error rows (only those whose error or its kind, "
+                         "as the summary counts them, holds TEXT in any case, e.g. 'read image' or 'TimeoutError', "
+                         "if given): rows that failed for a passing reason, such as an image server's outage, "
+                         "without re-running the rest")
     ap.add_argument("--limit", type=int, help="answer only N rows (a trial run into a fresh output; "
                                               "--resume then answers the rest)")
     ap.add_argument("--dry-run", type=int, nargs="?", const=64, metavar="N",

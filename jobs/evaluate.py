@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue the model run that --output holds (a killed one answers the rest; a finished "
                          "one is scored again)")
     ap.add_argument("--retry-errors", nargs="?", const="", metavar="TEXT",
-                    help="resume, and answer again the model run's error rows (only those whose error holds TEXT, "
-                         "if given), then score")
+                    help="resume, and answer again the model run's error rows (only those whose error or its kind "
+                         "holds TEXT in any case, if given; with --limit, of its rows only), then score")
     ap.add_argument("--overwrite", action="store_true", default=None,
                     help="start over, discarding the answers an earlier run left in --output")
     add_run_flags(ap)
@@ -224,6 +224,10 @@ def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[s
 
     if not args.model:
         raise ValueError("--model is required to run a model (or pass --predictions to score existing answers)")
+    if ids is None and args.limit is not None and args.resume:
+        raise ValueError(f"--limit with --resume: {args.input} has no id column ({args.id_column!r}, --id-column) to "
+                         "find its first rows by again; a resume without --limit answers every benchmark row and "
+                         "scores them all")
     config, truth = model_run_config(args)
     raw = raw_output(args.output)
     if not args.resume:

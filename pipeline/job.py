@@ -22,12 +22,12 @@ from .config import PipelineConfig
 from .errors import StartFailed
 from .replica import release_replica_groups
 from .generation_defaults import resolved as resolved_generation_config
-from .io import footer_readers_for, input_dataset, input_folder, read_output, read_rows, write_rows
+from .io import footer_readers_for, input_dataset, input_folder, is_glob, read_output, read_rows, write_rows
 from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings, manifest_path
 from .output_lock import OutputLock, lock_output
 from .resume import (checkpoint_config, clean_pending_commits, clear_checkpoint, forget_lost_rows, has_checkpoint,
-                     unanswered_rows)
+                     missing_ids, unanswered_rows)
 from .retry import drop_error_rows
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
 from .run_stats import RunCounter
@@ -40,16 +40,22 @@ ANSWERS_SHOWN = 50
 log = logging.getLogger(__name__)
 
 
-def output_counts(output: str, storage_options: dict | None = None, samples: bool = False) -> dict:
+def output_counts(output: str, storage_options: dict | None = None, samples: bool = False,
+                  wanted: tuple[str, ...] | None = None) -> dict:
     """Rows, distinct ids, error and cut-short rows, generated tokens (every sample's, with `samples`),
-    the commonest kinds of error."""
+    the commonest kinds of error; with `wanted` ids, how many of them have no row (`missing`)."""
     tokens = "samples_num_generated_tokens" if samples else "num_generated_tokens"
     table = read_output(output, storage_options, columns=COUNTED + [tokens] * samples)
+    missing = {} if wanted is None else {"missing": len(set(wanted))}
     if table is None:
-        return {"rows": 0, "ids": 0, "error_rows": 0, "cut_short_rows": 0, "generated_tokens": 0, "errors_by_kind": {}}
+        return {"rows": 0, "ids": 0, "error_rows": 0, "cut_short_rows": 0, "generated_tokens": 0, "errors_by_kind": {},
+                **missing}
+    if wanted is not None:
+        missing["missing"] = missing_ids(pa.array(sorted(set(wanted)), pa.string()),
+                                         pc.cast(table["id"], pa.string()).combine_chunks())
     failed = table.filter(pc.equal(table["finish_reason"], "error"))
     kinds = Counter(error_kind(m or "") for m in failed["error"].to_pylist())
-    return {"rows": table.num_rows, "ids": pc.count_distinct(table["id"], mode="all").as_py(),
+    return {**missing, "rows": table.num_rows, "ids": pc.count_distinct(table["id"], mode="all").as_py(),
             "error_rows": failed.num_rows,
             "cut_short_rows": pc.sum(pc.equal(table["finish_reason"], "length")).as_py() or 0,
             "generated_tokens": pc.sum(pc.list_flatten(table[tokens]) if samples else table[tokens]).as_py() or 0,
@@ -71,6 +77,9 @@ def check_output(output: str, storage_options: dict | None, resume: bool, overwr
     """A fresh run needs an empty output (or leave to empty it); a resumed one needs the checkpoint
     of the run it continues."""
     fs, path = fsspec_fs(output, storage_options)
+    if is_glob(output, path):
+        raise ValueError(f"output {redact_url(output)!r} holds a wildcard character (*, ? or [): a folder of that name "
+                         "would be read back as a pattern, matching none of its own files; name it without them")
     if not is_local(output) and lists_folders(output) and "/" not in path.strip("/"):    # an object store's
         raise ValueError(f"output {output!r} is a bucket's root: --output names a folder inside a bucket (the "
                          "run's files are written beside it: <output>.run.json, .checkpoint, .summary.json)")
@@ -291,14 +300,18 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
             forget_summary(output_uri, opts)
             if resume:
                 clean_pending_commits(output_uri, opts)
-            retried = 0 if retry_errors is None else drop_error_rows(output_uri, opts, retry_errors)
+            retried = 0 if retry_errors is None else drop_error_rows(output_uri, opts, retry_errors, only_ids)
         lost = max((forget_lost_rows(output_uri, opts) if resume else 0) - retried, 0)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
+    before = output_counts(output_uri, opts, config.samples > 1)
     if retried:
         log.warning("%d error rows of the earlier run are answered again", retried)
+    elif retry_errors and before["error_rows"]:
+        log.warning("retry_errors %r matches no error row the run answers (the output holds %d: %s): none is "
+                    "answered again", retry_errors, before["error_rows"], "; ".join(before["errors_by_kind"]))
     if lost:
         log.warning("%d rows of an earlier run have no output row any more (a deleted output file?): "
                     "they are answered again", lost)
@@ -309,10 +322,8 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
         unanswered = unanswered_rows(output_uri, opts, checked.ids if only_ids is None else pa.array(list(only_ids)))
         if not unanswered:
             log.warning("every row of the input has its output row already: nothing to answer")
-    return PreparedJob(input_uri, output_uri, config, limit, wanted, lost,
-                       output_counts(output_uri, opts, config.samples > 1),
-                       tuple(columns), schema, None if only_ids is None else tuple(only_ids), renames,
-                       checked.generation_defaults, retried, checked.input_files, lock, unanswered)
+    return PreparedJob(input_uri, output_uri, config, limit, wanted, lost, before, tuple(columns), schema,
+                       None if only_ids is None else tuple(only_ids), renames, checked.generation_defaults, retried, checked.input_files, lock, unanswered)
 
 
 def job_rows(job: PreparedJob) -> ray.data.Dataset:
@@ -358,7 +369,7 @@ def _run(job: PreparedJob) -> dict:
     if is_local(job.output_uri):        # an empty input's output is an empty folder, not none (its readers fail)
         fs, path = fsspec_fs(job.output_uri, opts)
         fs.makedirs(path, exist_ok=True)
-    after = output_counts(job.output_uri, opts, job.config.samples > 1)
+    after = output_counts(job.output_uri, opts, job.config.samples > 1, job.only_ids)
     summary = summarize(job.input_uri, job.output_uri, job.before, after, wall, job.input_rows, reported,
                         scored=job.config.score_column is not None)
     summary.update(lost_rows_answered_again=job.lost_rows, limit=job.limit)
@@ -436,7 +447,8 @@ def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: 
     rate = (lambda n: round(n / wall, 3) if wall > 0 else None)  # noqa: E731
     generated = 0 if scored else tokens
     summary = {"input": redact_url(input_uri), "output": redact_url(output_uri), "input_rows": input_rows,
-               "missing_rows": max(input_rows - after["ids"], 0), "duplicate_rows": after["rows"] - after["ids"],
+               "missing_rows": after.get("missing", max(input_rows - after["ids"], 0)),
+               "duplicate_rows": after["rows"] - after["ids"],
                "rows": after["rows"], "error_rows": after["error_rows"],
                "rows_this_run": rows, "generated_tokens_this_run": generated, "wall_s": round(wall, 3),
                "rows_per_s": rate(rows), "generated_tokens_per_s": rate(generated),

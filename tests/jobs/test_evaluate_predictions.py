@@ -665,3 +665,15 @@ def test_mmbench_is_scored_by_its_circular_evaluation(tmp_path):
     assert pq.read_table(out / "predictions.parquet").column("score").to_pylist() == [1, 0, 1, 1]
     assert job.main(["--predictions", str(out), "--output", str(tmp_path / "again")]) == 0     # options kept
     assert json.loads((tmp_path / "again" / "metrics.json").read_text())["questions"] == 2
+
+
+def test_a_limited_resume_of_a_benchmark_without_ids_says_what_it_would_answer(tmp_path, capsys):
+    """The first rows of an input without ids cannot be found again on a resume: the pipeline's refusal
+    ("resume without it to answer the rest") led to a run that answered and scored the whole benchmark."""
+    pq.write_table(pa.table({"image": [png("red")] * 2, "question": ["q", "r"], "answers": [["x"], ["y"]]}),
+                   tmp_path / "bench.parquet")
+    assert job.main(["--input", str(tmp_path / "bench.parquet"), "--model", str(tmp_path / "m"), "--metric",
+                     "exact_match", "--output", str(tmp_path / "o"), "--resume", "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "has no id column ('id', --id-column) to find its first rows by again" in err
+    assert "a resume without --limit answers every benchmark row" in err

@@ -158,6 +158,16 @@ def test_an_output_that_is_a_file_is_named_as_such(checkpoint, tmp_path):
     assert (tmp_path / "answers.txt").read_text() == "an earlier tool's output"
 
 
+def test_an_output_named_with_a_wildcard_is_refused_before_any_work(checkpoint, tmp_path):
+    """Its files were read back as a pattern's matches, none: every row written, the summary said none
+    were (exit 1), and the resume it asked for failed on its own manifest's name."""
+    source = write_parquet(tmp_path / "in.parquet", good_rows(1))
+    for name in ("exp[1]", "run*", "what?"):
+        with pytest.raises(ValueError, match=r"output '.*' holds a wildcard character .* name it without them"):
+            prepare_job(str(source), str(tmp_path / name), PipelineConfig(model=str(checkpoint)))
+        assert not (tmp_path / name).exists()
+
+
 def test_an_output_inside_the_input_folder_is_refused(checkpoint, tmp_path):
     """A resume would read the answers (and Ray's checkpoint files) back as input rows."""
     write_parquet(tmp_path / "data" / "a.parquet", good_rows(2))

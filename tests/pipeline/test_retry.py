@@ -33,7 +33,37 @@ def test_error_rows_are_taken_out_of_the_files_that_hold_them(tmp_path):
     assert read_output(str(out)).column("id").to_pylist() == ["a", "e"]
 
 
-def test_a_resume_answers_again_the_rows_that_failed_for_a_passing_reason(ray_cluster, checkpoint, oracle, tmp_path):
+def test_errors_are_matched_by_their_kind_in_any_case_and_only_among_the_rows_answered(tmp_path):
+    """A failed image read's error is "read image: RowError: cannot read image ...: FileNotFoundError: ...":
+    the summary's kind of it ("read image: FileNotFoundError") and the help's own example matched none
+    of them. An evaluation's --limit answers its first rows only: the others' error rows were taken out
+    of the output (gone until a later resume) and counted as answered again."""
+    from pipeline.fetch import ImageFetcher
+    from pipeline.rows import error_kind, error_message
+
+    error = error_message("read image", ImageFetcher(root=str(tmp_path)).read(str(tmp_path / "gone.png")))
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "finish_reason": ["error", "error", "stop"],
+                             "error": [error, error, None], "answer": [None, None, "x"],
+                             "num_generated_tokens": [0, 0, 1]}), out / "1.parquet")
+    assert error_kind(error) == "read image: FileNotFoundError"
+    for text in ("read image: FileNotFoundError", "READ IMAGE", "filenotfounderror"):
+        assert drop_error_rows(str(out), matching=text, only_ids=["a"]) == 1, text
+        pq.write_table(pa.table({"id": ["a"], "finish_reason": ["error"], "error": [error], "answer": [None],
+                                 "num_generated_tokens": [0]}), out / "2.parquet")
+    assert drop_error_rows(str(out), matching="fetch") == 0
+    assert sorted(read_output(str(out)).column("id").to_pylist()) == ["a", "b", "c"]    # b kept, outside the ids
+    # the summary's missing rows are those of the ids the run answers (3 output ids, 2 wanted: "none missing")
+    from pipeline.job import output_counts, summarize
+
+    after = output_counts(str(out), wanted=("a", "d"))
+    assert after["missing"] == 1
+    assert summarize("in", str(out), after, after, 1.0, 2)["missing_rows"] == 1
+
+
+def test_a_resume_answers_again_the_rows_that_failed_for_a_passing_reason(ray_cluster, checkpoint, oracle, tmp_path,
+                                                                          caplog):
     """Two rows name image files not there yet (a mount not ready): error rows. Once they are, a
     resume with retry_errors answers those two only; a text no error holds retries none."""
     from pipeline.job import prepare_job
@@ -58,6 +88,8 @@ def test_a_resume_answers_again_the_rows_that_failed_for_a_passing_reason(ray_cl
     assert (tmp_path / "out.summary.json").exists()
     assert prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), config, resume=True,
                        retry_errors="no error says this").retried_rows == 0
+    assert "retry_errors 'no error says this' matches no error row the run answers (the output holds 2: " \
+           "read image: FileNotFoundError)" in caplog.text
     assert not (tmp_path / "out.summary.json").exists()     # a run killed from here leaves none, not a stale one
     with pytest.raises(ValueError, match="resume it"):
         prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), config, retry_errors="")
