@@ -323,7 +323,8 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
         if not unanswered:
             log.warning("every row of the input has its output row already: nothing to answer")
     return PreparedJob(input_uri, output_uri, config, limit, wanted, lost, before, tuple(columns), schema,
-                       None if only_ids is None else tuple(only_ids), renames, checked.generation_defaults, retried, checked.input_files, lock, unanswered)
+                       None if only_ids is None else tuple(only_ids), renames, checked.generation_defaults, retried,
+                       checked.input_files, lock, unanswered)
 
 
 def job_rows(job: PreparedJob) -> ray.data.Dataset:

@@ -31,7 +31,8 @@ def retried(table: pa.Table, matching: str, only_ids: pa.Array | None = None) ->
     failed = pc.fill_null(pc.equal(table["finish_reason"], "error"), False)
     if matching:
         failed = pc.and_(failed, pa.array([bool(f) and _holds(e, matching)
-                                           for f, e in zip(failed.to_pylist(), table["error"].to_pylist())]))
+                                           for f, e in zip(failed.to_pylist(), table["error"].to_pylist())],
+                                          pa.bool_()))
     if only_ids is not None:
         failed = pc.and_(failed, pc.is_in(pc.cast(table["id"], pa.string()), value_set=only_ids))
     return pc.fill_null(failed, False)
