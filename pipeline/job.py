@@ -117,9 +117,13 @@ def has_run(output: str, storage_options: dict | None) -> bool:
 
 def start_output(output: str, storage_options: dict | None, resume: bool, overwrite: bool = False) -> None:
     """A fresh run's output made empty: its checkpoint cleared and, with `overwrite`, the files of an
-    earlier run removed (only once every check has passed)."""
+    earlier run removed (only once every check has passed). Checked again under the output's lock: a
+    run of the same output that ended between this one's checks and its lock left its answers."""
     if resume:
         return
+    if not overwrite and has_files(output, storage_options):
+        raise FileExistsError(f"output {redact_url(output)!r} holds Parquet files written since this run's checks "
+                              "(another run of it?): pass --resume to continue that run, or --overwrite to start over")
     if overwrite and has_files(output, storage_options):
         fs, path = fsspec_fs(output, storage_options)
         fs.rm(path, recursive=True)

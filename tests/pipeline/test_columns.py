@@ -168,6 +168,22 @@ def test_an_output_named_with_a_wildcard_is_refused_before_any_work(checkpoint, 
         assert not (tmp_path / name).exists()
 
 
+def test_a_fresh_run_checks_its_output_again_under_the_lock(tmp_path):
+    """A run of the same output that ended between this one's checks and its lock left its answers: a
+    fresh run cleared their checkpoint and wrote its own beside them (every row twice)."""
+    from pipeline.job import start_output
+    from pipeline.resume import checkpoint_uri
+
+    write_parquet(tmp_path / "out" / "part-0.parquet", good_rows(1))
+    write_parquet(tmp_path / "out.checkpoint" / "c.parquet", [{"id": "row-0"}])
+    assert checkpoint_uri(str(tmp_path / "out")) == str(tmp_path / "out.checkpoint")
+    with pytest.raises(FileExistsError, match="written since this run's checks .* pass --resume"):
+        start_output(str(tmp_path / "out"), None, resume=False)
+    assert (tmp_path / "out.checkpoint" / "c.parquet").exists()
+    start_output(str(tmp_path / "out"), None, resume=False, overwrite=True)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoint" / "c.parquet").exists()
+
+
 def test_an_output_inside_the_input_folder_is_refused(checkpoint, tmp_path):
     """A resume would read the answers (and Ray's checkpoint files) back as input rows."""
     write_parquet(tmp_path / "data" / "a.parquet", good_rows(2))
