@@ -29,7 +29,8 @@ from evaluation.baseline import baseline_scores, changed_rows, compare
 from evaluation.benchmarks import DATASET_MAX_NEW_TOKENS
 from evaluation.metrics import METRICS, ROW_COLUMNS
 from evaluation.mmmu import with_subjects
-from evaluation.report import sample_rows, write_chart, write_gallery, write_metrics_json, write_report_md
+from evaluation.report import (GALLERY_FILE, sample_rows, write_chart, write_gallery, write_metrics_json,
+                               write_report_md)
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
 from jobs.common import (BAD_ARGUMENTS, Interrupted, add_run_flags, interrupted, merge_args, print_error,
                          print_rehearsal, run_failed, run_flag_names, stop_on_signals)
@@ -321,6 +322,15 @@ def artefact_folder(output: str, options: dict) -> Iterator[Path]:
             fs.put_file(str(file), f"{path.rstrip('/')}/{file.name}")
 
 
+def remove_earlier_gallery(output: str, options: dict) -> None:
+    """An earlier evaluation's gallery in the output (rescored in place) shows its scores, not these."""
+    from pipeline.storage import fsspec_fs
+
+    fs, path = fsspec_fs(f"{output.rstrip('/')}/{GALLERY_FILE}", options)
+    if fs.exists(path):
+        fs.rm(path)
+
+
 def unanswered(run: dict | None) -> str | None:
     """What the report and the exit status say of a model run whose output lacks rows."""
     from jobs.common import incomplete_output
@@ -364,6 +374,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
             rows = scored.to_pylist()
             rows = sample_rows((changed_rows(rows) if args.baseline else []) or rows, args.gallery)
             write_gallery(rows, load_images(args, [str(r["id"]) for r in rows]), summary, out_dir)
+    if args.gallery == 0:
+        remove_earlier_gallery(args.output, storage_options(args))
     log.info("%s = %s over %d rows (%d errors) -> %s", metric, summary["score"], summary["rows"],
              summary["errors"], redact_url(args.output))
     return summary, problem

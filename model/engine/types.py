@@ -178,6 +178,21 @@ class Request:
     image_key: str | None = None
     continuation_ids: list[int] | None = None
 
+    def __post_init__(self):
+        self.prompt_ids = token_list(self.prompt_ids, self.request_id)
+        if self.continuation_ids is not None:
+            self.continuation_ids = token_list(self.continuation_ids, self.request_id)
+
+
+def token_list(ids, request_id: str) -> list[int]:
+    """Token ids as a list of ints, from a tensor or array too (the processor's input_ids[0])."""
+    if isinstance(ids, list):
+        return ids
+    values = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    if values and isinstance(values[0], list):
+        raise ValueError(f"request {request_id!r}: {len(values)} rows of token ids: give one prompt's (input_ids[0])")
+    return values
+
 
 class NonFiniteLogitsError(ArithmeticError):
     """A request's logits held a NaN or an infinity (float16 overflow, broken weights): its answer

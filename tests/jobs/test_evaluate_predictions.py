@@ -137,6 +137,9 @@ def test_ground_truth_joined_from_input_by_id_with_gallery(tmp_path):
     assert gallery.count('class="card') == 3
     assert gallery.count("data:image/jpeg;base64,") == 2    # the undecodable image shows as missing
     assert "no image" in gallery and "Colour?" in gallery
+    # rescored in place without a gallery: the earlier one, showing the earlier scores, is gone
+    assert job.main(["--predictions", str(out), "--output", str(out)]) == 0
+    assert not (out / "gallery.html").exists() and (out / "report.md").exists()
 
 
 @pytest.mark.parametrize("rows, message, joined", [

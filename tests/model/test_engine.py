@@ -99,6 +99,19 @@ def test_greedy_equals_reference_alone(setup, batch, slots, overlap):
         assert res.text == tokenizer.decode(res.token_ids, skip_special_tokens=True)
 
 
+def test_prompt_ids_may_be_the_processors_tensor(setup):
+    """The README's engine example fed `inputs["input_ids"][0]` (a tensor): the validation failed in
+    "Boolean value of Tensor with more than one value is ambiguous". Taken as its ids; a batch's
+    rows (2-D) are refused naming the request."""
+    ours, requests, expected, _, _ = setup
+    req = requests[0]
+    given = Request(req.request_id, torch.tensor(req.prompt_ids), req.pixel_values, req.pixel_attention_mask,
+                    req.sampling)
+    assert LLMEngine(ours).generate([given])[0].token_ids == expected[req.request_id]
+    with pytest.raises(ValueError, match=r"request 'x': 2 rows of token ids: give one prompt's \(input_ids\[0\]\)"):
+        Request("x", torch.tensor([req.prompt_ids, req.prompt_ids]))
+
+
 @pytest.mark.parametrize("slots", [8, 3])
 def test_batched_prefill_equals_reference(setup, slots):
     """Prompts prefilled together attend as padded groups (the CUDA default): same tokens."""
