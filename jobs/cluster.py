@@ -78,7 +78,8 @@ def refuse_more_cpu_workers_than_cpus(workers: int | None, cpus_each: float) -> 
     each is a process, and 50 of them on 4 CPUs stalled the machine (Ray's workers lost their GCS)."""
     cpus = local_cpus()
     if workers is not None and workers * cpus_each > cpus:
-        raise ValueError(f"--cpu-workers {workers}: the cluster this job starts has {cpus} CPUs (this machine's), "
+        raise ValueError(f"--cpu-workers {workers}: the cluster this job starts has {cpus} CPUs (this machine's, "
+                         f"at least {LOCAL_MIN_CPUS}), "
                          f"{workers} workers of {cpus_each:g} CPU would need {workers * cpus_each:g}: use at most "
                          f"{int(cpus // cpus_each)}, or submit the job to a larger cluster (RAY_ADDRESS)")
 
@@ -136,8 +137,14 @@ def init_ray(device: str | None = None) -> None:
         except ConnectionError as e:
             raise ValueError(f"{e} ({how})") from None
     else:
-        with stops_held(), rays_sigterm_handler_left_out():     # starting a cluster forks; joining one does not
-            ray.init(address="local", num_cpus=local_cpus(), logging_level=logging.WARNING)
+        try:
+            with stops_held(), rays_sigterm_handler_left_out():     # starting a cluster forks; joining one does not
+                ray.init(address="local", num_cpus=local_cpus(), logging_level=logging.WARNING)
+        except Exception as e:      # noqa: BLE001 (Ray's own: "The current node timed out during startup")
+            from pipeline.errors import StartFailed
+
+            raise StartFailed(f"the local Ray cluster did not start ({type(e).__name__}: {e}): a busy machine? "
+                              "Run the job again, or join a running cluster (RAY_ADDRESS)") from None
     stop_on_signals()
     if device == "cuda" and not ray.cluster_resources().get("GPU", 0):
         if not address:

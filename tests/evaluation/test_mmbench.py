@@ -98,7 +98,8 @@ def test_options_past_b_may_be_missing_but_not_a_and_b():
     two = circular_table(["A", "A", "A", "B", "A", "A"]).drop_columns(["C", "D"])
     assert score_rows(two, "mmbench").column("score").to_pylist() == [1, 0, 0, 1, 1, 1]
     ours = score_rows(two, "mmbench")
-    assert baseline_scores(ours, pa.table({"id": [3], "answer": ["up"]}), "mmbench").column("baseline_score")[5].as_py() == 1
+    theirs = pa.table({"id": [3], "answer": ["up"]})
+    assert baseline_scores(ours, theirs, "mmbench").column("baseline_score")[5].as_py() == 1
     with pytest.raises(ValueError, match=r"mmbench scores with each row's B too: .* \(--input names the benchmark"):
         score_rows(two.drop_columns(["B"]), "mmbench")
 

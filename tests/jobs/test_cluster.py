@@ -84,8 +84,8 @@ def test_more_cpu_workers_than_a_started_cluster_has_cpus_is_one_line_before_it_
     monkeypatch.setattr(jobs.cluster, "cluster_to_join", lambda: None)
     write_parquet(tmp_path / "in.parquet", [{"image": png(20, 24), "question": "Row?"}])
     args = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model", str(DEMO_MODEL)]
-    refusal = ["error: --cpu-workers 5: the cluster this job starts has 4 CPUs (this machine's), 5 workers of "
-               "1 CPU would need 5: use at most 4, or submit the job to a larger cluster (RAY_ADDRESS)"]
+    refusal = ["error: --cpu-workers 5: the cluster this job starts has 4 CPUs (this machine's, at least 4), "
+               "5 workers of 1 CPU would need 5: use at most 4, or submit the job to a larger cluster (RAY_ADDRESS)"]
     assert jobs.caption.main([*args, "--cpu-workers", "5"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == refusal
     # before the output is prepared: a run that starts over had removed the earlier run's answers first
@@ -100,3 +100,23 @@ def test_more_cpu_workers_than_a_started_cluster_has_cpus_is_one_line_before_it_
     assert earlier.read_bytes() == b"an earlier run's answers"
     assert not ray.is_initialized()
 
+
+
+def test_a_local_cluster_that_does_not_start_is_one_line(monkeypatch):
+    """On a busy machine ray.init raised "The current node timed out during startup": the job ended in
+    a traceback. It is the run's own failure, in one line (exit 1), saying what to do."""
+    import ray
+
+    import jobs.cluster
+    from pipeline.errors import StartFailed
+
+    ray.shutdown()
+    monkeypatch.setattr(jobs.cluster, "cluster_to_join", lambda: None)
+
+    def timed_out(**kwargs):
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "init", timed_out)
+    with pytest.raises(StartFailed, match=r"the local Ray cluster did not start \(Exception: The current node timed "
+                                          r"out during startup\.\): a busy machine\? Run the job again"):
+        jobs.cluster.init_ray()
