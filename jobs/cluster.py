@@ -113,6 +113,35 @@ def rays_sigterm_handler_left_out() -> Iterator[None]:
         utils.set_sigterm_handler = original
 
 
+@contextmanager
+def cluster_out_of_the_jobs_process_group() -> Iterator[None]:
+    """The processes of a cluster the job starts run in sessions of their own: a stop sent to the job's
+    process group (plain `timeout`, a scheduler, a terminal's hang-up) reached them too, and the job,
+    its cluster gone, waited a minute for the GCS and ended in status 1, not its own clean stop.
+    They still end with the job: Ray's kernel fate-sharing (a parent-death signal) binds them to it;
+    where that is missing Ray's reaper needs them in the job's group, so nothing changes. Ctrl-C is
+    unchanged: Ray's processes block SIGINT. Ray's private hook: where it is gone, nothing to do."""
+    try:
+        from ray._private import services, utils
+
+        popen, shares_fate = services.ConsolePopen, utils.detect_fate_sharing_support()
+    except (ImportError, AttributeError):
+        popen, shares_fate = None, False
+    if popen is None or not shares_fate or sys.platform == "win32":
+        yield
+        return
+
+    class PopenInOwnSession(popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, start_new_session=True)
+
+    services.ConsolePopen = PopenInOwnSession
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
+
+
 def init_ray(device: str | None = None) -> None:
     """Join the cluster of RAY_ADDRESS or of a `ray start` on this machine (cluster_to_join), else start
     a local one (its CPU workers checked against it by check_cluster_fits, before the job prepared its output).
@@ -138,7 +167,8 @@ def init_ray(device: str | None = None) -> None:
             raise ValueError(f"{e} ({how})") from None
     else:
         try:
-            with stops_held(), rays_sigterm_handler_left_out():     # starting a cluster forks; joining one does not
+            # starting a cluster forks; joining one does not
+            with stops_held(), rays_sigterm_handler_left_out(), cluster_out_of_the_jobs_process_group():
                 ray.init(address="local", num_cpus=local_cpus(), logging_level=logging.WARNING)
         except Exception as e:      # noqa: BLE001 (Ray's own: "The current node timed out during startup")
             from pipeline.errors import StartFailed

@@ -24,12 +24,13 @@ def checkpoint(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("smolvlm"), "smolvlm")
 
 
-def caption(*args: str, log: Path) -> subprocess.Popen:
-    """The job in a subprocess, its output to a file (a full pipe would stall Ray's progress logging)."""
+def caption(*args: str, log: Path, own_group: bool = False) -> subprocess.Popen:
+    """The job in a subprocess, its output to a file (a full pipe would stall Ray's progress logging);
+    own_group: in a process group of its own, as under a terminal or `timeout`, to be signalled as one."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "jobs.caption", *args], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
+                                stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=own_group)
 
 
 def finish(process: subprocess.Popen, log: Path, timeout: float = 300) -> str:
@@ -78,21 +79,23 @@ def test_sigkill_mid_run_then_resume_gives_every_row_once(checkpoint, tmp_path):
 
 def test_sigterm_then_ctrl_c_stop_the_job_in_one_line_and_a_resume_completes_it(checkpoint, tmp_path):
     """A scheduler's SIGTERM (Ray's own handler exited without a word, status 15) and Ctrl-C (a wall of
-    tracebacks, status 1, as for an incomplete output): one line each, 128 + the signal; then --resume."""
+    tracebacks, status 1, as for an incomplete output): one line each, 128 + the signal; then --resume.
+    Each is sent to the job's process group, as `timeout` and a terminal send them: the local cluster's
+    processes took the SIGTERM too, and the job waited a minute for its GCS and ended in status 1."""
     write_parquet(tmp_path / "in.parquet", [{"image": png(20 + i, 24, seed=i), "question": f"Row {i}?"}
                                             for i in range(N_ROWS)])
     args = ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model", str(checkpoint),
             "--max-new-tokens", "96", "--batch-size", "2", "--rows-per-file", "2"]
     for signum, extra in ((signal.SIGTERM, []), (signal.SIGINT, ["--resume"])):
         before = len(parquet_files(tmp_path / "out"))
-        run = caption(*args, *extra, log=tmp_path / f"{signum.name}.log")
+        run = caption(*args, *extra, log=tmp_path / f"{signum.name}.log", own_group=True)
         deadline = time.time() + 240
         # more files than before, not other ones: a resume's start removes a file the stopped run wrote and
         # did not commit (a signal then came during ray.init, where Python ignored Ctrl-C, and the job hung)
         while len(parquet_files(tmp_path / "out")) <= before and run.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        run.send_signal(signum)
-        log = finish(run, tmp_path / f"{signum.name}.log")
+        os.killpg(run.pid, signum)
+        log = finish(run, tmp_path / f"{signum.name}.log", timeout=50)
         assert run.returncode == 128 + signum, log[-3000:]
         assert f"error: stopped by {signum.name}: the answers written are kept; the same command with --resume" in log
         assert not own_tracebacks(log) and not (tmp_path / "out.summary.json").exists()
