@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         values["overwrite"] = values["output"] is None and not values["resume"]
         if values["dry_run"] is not None:
             return rehearse(source, output, config, values)
-        check_cluster_fits(config.cpu_workers, config.cpus_per_worker)
+        check_cluster_fits(config.cpu_workers, config.cpus_per_worker, config.device)
         job = prepare_job(source, output, config, resume=bool(values["resume"]), limit=values["limit"],
                           retry_errors=values["retry_errors"], overwrite=values["overwrite"])
         # only once the arguments are known good: a typo costs no cluster start

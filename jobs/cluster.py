@@ -84,13 +84,33 @@ def refuse_more_cpu_workers_than_cpus(workers: int | None, cpus_each: float) -> 
                          f"{int(cpus // cpus_each)}, or submit the job to a larger cluster (RAY_ADDRESS)")
 
 
-def check_cluster_fits(cpu_workers: int | None, cpus_per_worker: float = 1.0) -> None:
+def local_gpus() -> int | None:
+    """GPUs a cluster the job starts would have, counted as Ray counts them (CUDA_VISIBLE_DEVICES
+    heeded); None where Ray's private rule is gone (init_ray then asks the started cluster)."""
+    try:
+        from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+        manager, count = ResourceAndLabelSpec._get_current_node_accelerator(None, {})
+    except Exception:       # noqa: BLE001 (a private function of the pinned Ray, or a driver's own failure)
+        return None
+    return count if manager is not None and manager.get_resource_name() == "GPU" else 0
+
+
+def refuse_cuda_without_gpus() -> None:
+    raise ValueError("--device cuda: this machine has no GPU that Ray sees; use --device cpu, or submit the job to "
+                     "a cluster with GPUs (RAY_ADDRESS)")
+
+
+def check_cluster_fits(cpu_workers: int | None, cpus_per_worker: float = 1.0, device: str | None = None) -> None:
     """What init_ray would refuse about the cluster, asked before the job prepares its output (a fresh
-    run's preparation removes an earlier run's answers: a refusal after it had cost them)."""
+    run's preparation removes an earlier run's answers: a refusal after it had cost them) and before
+    a cluster starts (tens of seconds)."""
     import ray
 
     if not ray.is_initialized() and cluster_to_join() is None:      # a joined cluster may scale up
         refuse_more_cpu_workers_than_cpus(cpu_workers, cpus_per_worker)
+        if device == "cuda" and local_gpus() == 0:
+            refuse_cuda_without_gpus()
 
 
 @contextmanager
@@ -179,7 +199,6 @@ def init_ray(device: str | None = None) -> None:
     if device == "cuda" and not ray.cluster_resources().get("GPU", 0):
         if not address:
             ray.shutdown()
-            raise ValueError("--device cuda: this machine has no GPU that Ray sees; use --device cpu, or submit "
-                             "the job to a cluster with GPUs (RAY_ADDRESS)")
+            refuse_cuda_without_gpus()
         log.warning("--device cuda: the cluster has no GPU now; the model stage waits for one (an autoscaling "
                     "cluster adds GPU nodes)")

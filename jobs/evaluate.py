@@ -233,7 +233,7 @@ def run_model(args: argparse.Namespace, ids: list[str] | None = None) -> tuple[s
     raw = raw_output(args.output)
     if not args.resume:
         refuse_earlier_answers(raw, args)
-    check_cluster_fits(config.cpu_workers, config.cpus_per_worker)
+    check_cluster_fits(config.cpu_workers, config.cpus_per_worker, config.device)
     job = prepare_job(args.input, raw, config, resume=bool(args.resume), limit=args.limit if ids is None else None,
                       only_ids=ids, renames=truth, overwrite=bool(args.overwrite), retry_errors=args.retry_errors)
     if job.has_rows:

@@ -368,13 +368,15 @@ def test_the_demo_run_again_starts_its_own_output_over(tmp_path, monkeypatch, ca
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a machine with a GPU has one for --device cuda")
 def test_device_cuda_on_a_local_cluster_without_gpus_is_refused_at_once(checkpoint, tmp_path):
-    """Its replicas asked Ray for a GPU and waited for ever (the autoscaler's 'No available node types')."""
+    """Its replicas asked Ray for a GPU and waited for ever (the autoscaler's 'No available node types').
+    Refused before the output is prepared and before a cluster starts (it was refused ~40 s in)."""
     write_parquet(tmp_path / "in.parquet", [{"image": png(24, 24), "question": "Row?"}])
     log = tmp_path / "log.txt"
     process = caption("--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model",
                       str(checkpoint), "--device", "cuda", log=log)
     text = finish(process, log, timeout=120)
     assert process.returncode == 2 and "--device cuda: this machine has no GPU that Ray sees" in text, text[-3000:]
+    assert not (tmp_path / "out").exists() and "Ray" not in text.replace("that Ray sees", ""), text[-3000:]
 
 
 def test_a_settings_error_names_its_flag(capsys):
