@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, Interrupted, add_run_flags, demo_path,
-                         interrupted, json_option, merge_args, print_error, print_rehearsal, print_summary,
-                         run_failed, stop_on_signals)
+                         interrupted, json_option, merge_args, output_folder, print_error, print_rehearsal,
+                         print_summary, run_failed, stop_on_signals)
 from jobs.cluster import check_cluster_fits, init_ray
 from pipeline.errors import StartFailed
 
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", help=f"Parquet file, folder or glob; local, s3:// or any fsspec URL "
                                     f"(default: {DEMO_INPUT.relative_to(DEMO_INPUT.parents[2])})")
-    ap.add_argument("--output", help="output folder of Parquet files (default: demo/output/captions)")
+    ap.add_argument("--output", type=output_folder, help="output folder of Parquet files (default: demo/output/captions)")
     ap.add_argument("--model", help="HF-layout checkpoint: a folder, its URL (s3://..., copied once per node) "
                                     "or a hub id (default: demo/model)")
     ap.add_argument("--adapter", help="a PEFT LoRA (or DoRA) adapter of --model: its folder or URL, merged "

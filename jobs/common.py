@@ -254,6 +254,13 @@ def json_option(text: str | dict | None, name: str) -> dict:
     return value
 
 
+def output_folder(value: str) -> str:
+    """--output's type: a local path made absolute, a URL as it is (pipeline.storage.absolute_location)."""
+    from pipeline.storage import absolute_location
+
+    return absolute_location(value)
+
+
 def demo_path(value: str | None, default: Path, what: str) -> str:
     """The given path, else the bundled demo one, which must exist."""
     if value:

@@ -32,8 +32,8 @@ from evaluation.mmmu import with_subjects
 from evaluation.report import (GALLERY_FILE, sample_rows, write_chart, write_gallery, write_metrics_json,
                                write_report_md)
 from evaluation.scoring import check_ground_truth, join_ground_truth, score_rows, summarize
-from jobs.common import (BAD_ARGUMENTS, Interrupted, add_run_flags, interrupted, merge_args, print_error,
-                         print_rehearsal, run_failed, run_flag_names, stop_on_signals)
+from jobs.common import (BAD_ARGUMENTS, Interrupted, add_run_flags, interrupted, merge_args, output_folder,
+                         print_error, print_rehearsal, run_failed, run_flag_names, stop_on_signals)
 from jobs.evaluate_benchmark import (benchmark_name, choose_metric, choose_suffix, chosen_average, how_asked,
                                      name_columns)
 from jobs.evaluate_inputs import (PREDICTIONS_FILE, baseline_file, check_column_flags, check_job_flags, default_output,
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", help="checkpoint folder, its URL (s3://..., copied once per node) or hub id")
     ap.add_argument("--adapter", help="a PEFT LoRA (or DoRA) adapter of --model: its folder or URL, merged "
                                       "into the weights as they load (a fine-tune published as an adapter)")
-    ap.add_argument("--output", help="folder for the artefacts (default: runs/evaluate-<dataset>; the demo's: "
+    ap.add_argument("--output", type=output_folder, help="folder for the artefacts (default: runs/evaluate-<dataset>; the demo's: "
                                      "demo/output/evaluate)")
     ap.add_argument("--metric", choices=list(METRICS), help="default: the dataset's standard metric")
     ap.add_argument("--system-prompt", help="a system turn before every question (default: none)")

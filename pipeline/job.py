@@ -31,7 +31,8 @@ from .resume import (checkpoint_config, clean_pending_commits, clear_checkpoint,
 from .retry import drop_error_rows
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
 from .run_stats import RunCounter
-from .storage import fsspec_fs, has_files, is_local, lists_folders, redact_url, redact_urls, sibling, write_text
+from .storage import (absolute_location, fsspec_fs, has_files, is_local, lists_folders, redact_url, redact_urls, sibling,
+                      write_text)
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
@@ -290,6 +291,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
     `overwrite`: a fresh run may start over in an output that holds an earlier run's answers.
     `retry_errors` (with resume): the earlier run's error rows whose error holds this text ("": all)
     are answered again (pipeline.retry), once the run's settings are found to be the same."""
+    output_uri = absolute_location(output_uri)
     check_run_arguments(output_uri, config, resume, limit, retry_errors)
     checked = check_job(input_uri, output_uri, config, resume=resume, renames=renames, overwrite=overwrite)
     config, columns, schema, input_rows, renames = (checked.config, checked.columns, checked.schema,

@@ -44,6 +44,16 @@ def is_local(uri: str) -> bool:
     return protocol_of(uri) in ("file", "local")
 
 
+def absolute_location(uri: str) -> str:
+    """A local path made absolute (`~` expanded, `.` and a trailing `/` resolved); a URL as it is.
+    What is kept beside an output (`<output>.summary.json`, `.checkpoint`, `.lock`) was put inside
+    the folder `.` as `..summary.json` and the rest, and `~/out` (unexpanded, as in `--output=~/out`)
+    was a folder named `~`."""
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def lists_folders(uri: str) -> bool:
     """Whether the store of `uri` can say if a folder exists (local disks and object stores; HTTP cannot)."""
     return is_local(uri) or protocol_of(uri) in (*S3_PROTOCOLS, "gs", "gcs", "az", "abfs", "abfss")

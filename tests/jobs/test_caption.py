@@ -472,3 +472,30 @@ def test_the_rows_shown_are_escaped_and_cut(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "\x1b" not in printed and "\r" not in printed and "\\x1b]0;owned" in printed
     assert len(printed) < 1000 and "(10002 characters)" in printed
+
+
+def test_a_local_output_is_made_absolute(tmp_path, monkeypatch):
+    """`--output .` put what is kept beside an output inside it (`..summary.json`, `..checkpoint`, `..lock`),
+    and `--output=~/out` (a `~` the shell leaves) made a folder named `~`; a job.yaml's output too."""
+    from jobs import caption, evaluate
+    from jobs.common import DEMO_MODEL, merge_args
+    from pipeline.config import PipelineConfig
+    from pipeline.job import prepare_job
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "job.yaml").write_text("output: ~/from-yaml/\n")
+    for parser in (caption.build_parser(), evaluate.build_parser()):
+        for given, expected in ((".", tmp_path / "work"), ("~/out/", tmp_path / "home" / "out"),
+                                ("answers/", tmp_path / "work" / "answers"), ("s3://b/out/", "s3://b/out/")):
+            assert parser.parse_args(["--output", given]).output == str(expected)
+    parser = caption.build_parser()
+    values = merge_args(parser.parse_args(["--config", str(tmp_path / "job.yaml")]), caption.DEFAULTS, parser)
+    assert values["output"] == str(tmp_path / "home" / "from-yaml")
+    write_parquet(tmp_path / "in.parquet", [{"image": png(24, 24), "question": "Row?"}])
+    job = prepare_job(str(tmp_path / "in.parquet"), "./out/", PipelineConfig(model=str(DEMO_MODEL)))     # a library call
+    try:
+        assert job.output_uri == str(tmp_path / "work" / "out") and (tmp_path / "work" / "out.lock").exists()
+    finally:
+        job.output_lock.release()
