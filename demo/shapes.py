@@ -114,8 +114,12 @@ def caption(scene: list[Shape]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+# The kind of each of questions()'s questions, in its order: a row's `category` (jobs.evaluate scores each)
+QUESTION_KINDS = ("shape", "colour", "where", "what is at", "count", "shape count", "colour count", "caption")
+
+
 def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
-    """Every question kind asked of one scene, as (question, canonical answer)."""
+    """Every question kind asked of one scene (QUESTION_KINDS), as (question, canonical answer)."""
     by_quadrant = {s.quadrant: s for s in scene}
     s = rng.choice(scene)
     q = QUADRANTS[s.quadrant]
@@ -215,7 +219,8 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def make_rows(split: str, n_images: int, questions_per_image: int, seed: int | None = None) -> list[dict]:
-    """Rows in the dataset contract (id, image PNG bytes, question, answers); deterministic per seed.
+    """Rows in the dataset contract (id, image PNG bytes, question, answers, and the question's kind as
+    `category`); deterministic per seed.
 
     `questions_per_image` of the 8 question kinds are drawn per image (all 8 when >= 8); the sample
     split asks only for the caption, with CAPTION_PROMPT.
@@ -225,14 +230,14 @@ def make_rows(split: str, n_images: int, questions_per_image: int, seed: int | N
     for i in range(n_images):
         scene = scene_for_split(rng, split)
         image = png_bytes(draw_scene(scene, rng))
-        qa = questions(scene, rng)
+        qa = list(zip(QUESTION_KINDS, questions(scene, rng)))
         if split == "sample":
-            qa = [(CAPTION_PROMPT, caption(scene))]
+            qa = [("caption", (CAPTION_PROMPT, caption(scene)))]
         elif questions_per_image < len(qa):
             qa = rng.sample(qa, questions_per_image)
-        for j, (question, answer) in enumerate(qa):
+        for j, (kind, (question, answer)) in enumerate(qa):
             rows.append({"id": f"{split}-{i:05d}-{j}", "image": image, "question": question,
-                         "answers": [answer]})
+                         "answers": [answer], "category": kind})
     return rows
 
 
@@ -241,7 +246,7 @@ def write_parquet(rows: list[dict], path: str | Path) -> Path:
     import pyarrow.parquet as pq
 
     schema = pa.schema([("id", pa.string()), ("image", pa.binary()), ("question", pa.string()),
-                        ("answers", pa.list_(pa.string()))])
+                        ("answers", pa.list_(pa.string())), ("category", pa.string())])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)

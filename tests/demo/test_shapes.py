@@ -23,7 +23,7 @@ def test_generator_is_deterministic_per_seed():
 def test_committed_splits_are_the_seeded_ones():
     for split in ("heldout", "sample"):
         table = pq.read_table(DATA / f"{split}.parquet")
-        assert table.column_names == ["id", "image", "question", "answers"]
+        assert table.column_names == ["id", "image", "question", "answers", "category"]
         assert table.to_pylist() == shapes.build_split(split)
 
 

@@ -184,6 +184,8 @@ def test_demo_model_on_its_heldout_split(ray_cluster, tmp_path):
     assert summary["metric"] == "exact_match"
     assert summary["rows"] == pq.read_metadata(job.DEMO_INPUT).num_rows and summary["errors"] == 0
     assert summary["score"] >= 0.95   # the demo issue's bar (the bundled model scores 0.989)
+    kinds = {"shape", "colour", "where", "what is at", "count", "shape count", "colour count", "caption"}
+    assert set(summary["per_category"]) == kinds and all(v["score"] >= 0.9 for v in summary["per_category"].values())
     assert parse_report((out / "report.md").read_text()) == summary
     scored = pq.read_table(out / "predictions.parquet")
     assert summary["score"] == round(sum(scored.column("score").to_pylist()) / scored.num_rows, 6)
