@@ -360,6 +360,9 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
                                              ("predictions", args.predictions)) if v}
     if args.model and not args.predictions:
         sources.update(model_settings(args))
+    if run and run.get("replicas"):       # the dtype a device chose (settings' "dtype": null) is known only here
+        sources["replicas"] = ", ".join(f"{n} x {kind}" for kind, n in sorted(run["replicas"].items())) + \
+            ("" if run["rows_this_run"] == run["rows"] else " (this run's; the resumed one's rows before it may differ)")
     if args.limit is not None:
         sources["limit"] = f"the first {args.limit} rows only"
     problem = unanswered(run)

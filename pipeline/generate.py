@@ -20,11 +20,11 @@ from .dedup import SharedAnswers, took_another_answer
 from .faults import crash_always_on, crash_on_load, crash_once_on, hang_once_on
 from .groups import IMAGE_FIELDS, ungroup
 from .ledger import CrashLedger, Gate, ledger_path, loading_watched
-from .replica import load_engine, pick_device, replica_placement_group
+from .replica import load_engine, pick_device, replica_kind, replica_placement_group
 from .requests import WHOLE, RowRequests, error_output
 from .rows import (CHOICE_LOGPROBS, KEPT, LOGPROB, ROW_SCORED, SAMPLES, SAMPLES_LOGPROB, TOKEN_LOGPROBS, RowError,
                    error_message, output_schema)
-from .run_stats import StatsReporter
+from .run_stats import REPLICA_KIND, StatsReporter
 from .structured import answer_field, parsed_answers, parsed_lists
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class Generate(RowRequests):
         RowRequests.__init__(self, config, self.encoder, self.device)
         self.ledger, self.gate = CrashLedger(ledger_path("generate")), Gate()
         self.shared, self.stats = SharedAnswers(), StatsReporter(stats)
+        self.unreported_kind: str | None = REPLICA_KIND + replica_kind(self.engine, self.device, tp)
         if tp > 1:
             self.device = "cpu"  # this actor holds no device; the ranks move the pixel values to theirs
 
@@ -81,7 +82,11 @@ class Generate(RowRequests):
         rows, outputs, requests = self.prepare(batch, groups.select(list(IMAGE_FIELDS)).to_pylist(), group_of)
         results = await self.answer_tracked(rows, requests)
         table = self.finish(batch, rows, outputs, results)
-        await self.stats.report(self.shared_counts(requests, results, outputs))
+        counts = self.shared_counts(requests, results, outputs)
+        kind, self.unreported_kind = self.unreported_kind, None     # once a replica: its batches run at once
+        if kind:
+            counts[kind] = 1
+        await self.stats.report(counts)
         return table
 
     async def answer_tracked(self, rows: list[dict], requests: dict) -> dict:

@@ -30,7 +30,7 @@ from .resume import (checkpoint_config, clean_pending_commits, clear_checkpoint,
                      missing_ids, unanswered_rows)
 from .retry import drop_error_rows
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
-from .run_stats import RunCounter
+from .run_stats import REPLICA_KIND, RunCounter
 from .storage import (absolute_location, fsspec_fs, has_files, is_local, lists_folders, redact_url, redact_urls, sibling,
                       write_text)
 
@@ -446,7 +446,8 @@ def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: 
     (`duplicate_rows`), both 0 unless something went wrong. Generated tokens are the model's: the
     rows that took a repeated question's answer (`shared_answer_rows`, `reported` by the replicas)
     are rows of the run, their tokens are not. A `scored` run's tokens are its rows' own texts,
-    counted apart (`scored_tokens_*`): it generates none."""
+    counted apart (`scored_tokens_*`): it generates none. `replicas`: the model replicas that answered
+    this run's rows, by how they ran (device, dtype: "cpu float32": 1); one Ray started again counts again."""
     reported = reported or {}
     shared = reported.get("shared_answer_tokens", 0)
     rows = after["rows"] - before["rows"]
@@ -460,6 +461,7 @@ def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: 
                "rows_this_run": rows, "generated_tokens_this_run": generated, "wall_s": round(wall, 3),
                "rows_per_s": rate(rows), "generated_tokens_per_s": rate(generated),
                "shared_answer_rows": reported.get("shared_answer_rows", 0), "shared_answer_tokens": shared,
+               "replicas": {k.removeprefix(REPLICA_KIND): n for k, n in reported.items() if k.startswith(REPLICA_KIND)},
                "errors_by_kind": after["errors_by_kind"]}
     if scored:
         summary.update(scored_tokens_this_run=tokens, scored_tokens_per_s=rate(tokens))

@@ -83,6 +83,18 @@ def replica_dtype(config: PipelineConfig, device: str):
     return compute_dtype(device)
 
 
+def replica_kind(engine, device: str, tp: int) -> str:
+    """How a loaded replica runs, as a run's summary counts its replicas: its device (a GPU's name),
+    its dtype (a dtype left to the device is only known here) and its ranks: "cuda NVIDIA A10G
+    bfloat16", "cpu float32", "cuda float16, 2 ranks"."""
+    if tp > 1:
+        return f"{device.split(':')[0]} {engine.shard_stats()[0]['dtype']}, {tp} ranks"
+    import torch
+
+    gpu = f" {torch.cuda.get_device_name(engine.device)}" if engine.device.type == "cuda" else ""
+    return f"{engine.device.type}{gpu} {str(engine.dtype).removeprefix('torch.')}"
+
+
 def cpu_threads(rank: dict) -> int:
     """A CPU replica's (or rank's) torch threads: its CPUs. Ray sets OMP_NUM_THREADS to them only
     where the environment has not (a cluster's OMP_NUM_THREADS=1 would leave a 30-CPU replica one)."""

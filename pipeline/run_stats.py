@@ -1,6 +1,7 @@
 """Counts the model replicas report to the driver during a run, which the output files cannot tell:
 how many rows took another row's answer (pipeline.dedup) and the tokens those answers hold, so the
-summary's generated tokens/s counts only what the model generated.
+summary's generated tokens/s counts only what the model generated; and how each replica ran (its
+device and dtype), with its first batch.
 
 One small named actor per run holds them; a replica awaits its report before its batch leaves, so
 the driver reads every written batch's counts once the write is done. A batch retried after its
@@ -17,6 +18,7 @@ import ray
 log = logging.getLogger(__name__)
 
 NAME_PREFIX = "idefics3-run-stats-"
+REPLICA_KIND = "replica: "      # a count's key: one replica that ran so (pipeline.replica.replica_kind)
 
 
 @ray.remote(num_cpus=0)

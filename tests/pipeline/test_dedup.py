@@ -135,6 +135,7 @@ def test_the_run_summary_counts_the_shared_answers_apart_from_the_generated_toke
     assert summary["rows_this_run"] == len(rows) and summary["shared_answer_rows"] == len(repeats)
     assert summary["shared_answer_tokens"] == sum(tokens[i] for i in repeats) > 0
     assert summary["generated_tokens_this_run"] == sum(tokens.values()) - summary["shared_answer_tokens"]
+    assert summary["replicas"] == {"cpu float32": 1}     # how the one replica ran, its dtype left to its device
 
 
 def test_the_runs_counter_adds_the_reports_and_a_lost_one_costs_no_batch(ray_cluster):

@@ -117,6 +117,7 @@ def test_summary_printed_and_written_beside_the_output(run):
                                          "preprocess: ImageTooLargeError": 1}
     assert summary["generated_tokens_this_run"] > 0 and summary["rows_per_s"] > 0
     assert summary["shared_answer_rows"] == summary["shared_answer_tokens"] == 0     # no question asked twice
+    assert set(summary["replicas"]) == {"cpu float32"} and sum(summary["replicas"].values()) >= 1
 
 
 def test_an_input_on_an_http_server_runs_end_to_end(ray_cluster, checkpoint, oracle, tmp_path):

@@ -16,7 +16,8 @@ def answers(checkpoint, tmp_path, tp: int, adapter=None) -> list[tuple]:
     if out.exists():
         shutil.rmtree(out)
         shutil.rmtree(f"{out}.checkpoint", ignore_errors=True)
-    run_job(str(tmp_path / "in.parquet"), str(out), config)
+    summary = run_job(str(tmp_path / "in.parquet"), str(out), config)
+    assert set(summary["replicas"]) == {"cpu float32" if tp == 1 else f"cpu float32, {tp} ranks"}
     table = read_output(str(out))
     return sorted(zip(*(table[c].to_pylist() for c in ("id", "answer", "finish_reason", "num_generated_tokens"))))
 
