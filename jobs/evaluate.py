@@ -37,8 +37,8 @@ from jobs.common import (BAD_ARGUMENTS, Interrupted, add_run_flags, interrupted,
 from jobs.evaluate_benchmark import (benchmark_name, choose_metric, choose_suffix, chosen_average, how_asked,
                                      name_columns)
 from jobs.evaluate_inputs import (PREDICTIONS_FILE, baseline_file, check_column_flags, check_job_flags, default_output,
-                                  evaluation_predictions, input_has_ids, load_images, raw_output, read_ground_truth,
-                                  read_parquet, read_predictions, storage_options)
+                                  earlier_sources, evaluation_predictions, input_has_ids, load_images, raw_output,
+                                  read_ground_truth, read_parquet, read_predictions, storage_options)
 from pipeline.errors import StartFailed
 from pipeline.storage import redact_url
 
@@ -360,6 +360,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
                                              ("predictions", args.predictions)) if v}
     if args.model and not args.predictions:
         sources.update(model_settings(args))
+    if args.predictions:
+        sources.update(earlier_sources(args.predictions, storage_options(args)))
     if run and run.get("replicas"):       # the dtype a device chose (settings' "dtype": null) is known only here
         sources["replicas"] = ", ".join(f"{n} x {kind}" for kind, n in sorted(run["replicas"].items())) + \
             ("" if run["rows_this_run"] == run["rows"] else " (this run's; the resumed one's rows before it may differ)")
@@ -368,6 +370,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
     problem = unanswered(run)
     if problem:
         sources["incomplete"] = problem
+    summary["sources"] = sources        # what report.md lists, for a later rescoring and for programs
     with artefact_folder(args.output, storage_options(args)) as out_dir:
         pq.write_table(scored, out_dir / PREDICTIONS_FILE)
         write_metrics_json(summary, out_dir)

@@ -43,6 +43,21 @@ def earlier_averaged_over(predictions: str, options: dict) -> str | None:
     return column if isinstance(column, str) else None
 
 
+MADE_WITH = ("model", "checkpoint", "adapter", "prompt suffix", "open question suffix", "settings", "replicas")
+CARRIED = "answers' "
+
+
+def earlier_sources(predictions: str, options: dict) -> dict[str, str]:
+    """How an evaluation's predictions were made (its metrics.json's `sources`: checkpoint, settings,
+    replicas ...), as a rescoring of them names it ("answers' checkpoint"); carried on by a rescoring
+    of a rescoring. A rescoring in place lost them with the report it replaced."""
+    sources = earlier_summary(predictions, options).get("sources")
+    if not isinstance(sources, dict):
+        return {}
+    return {key if key.startswith(CARRIED) else CARRIED + key: str(value) for key, value in sources.items()
+            if key in MADE_WITH or key.startswith(CARRIED)}
+
+
 def storage_options(args: argparse.Namespace) -> dict:
     from jobs.common import json_option
 

@@ -369,6 +369,16 @@ def test_an_mmmu_run_is_scored_by_mmmus_rules_per_subject(ray_cluster, checkpoin
     rescored = tmp_path / "rescored"        # the predictions alone carry what mmmu scores with
     assert job.main(["--predictions", str(out), "--output", str(rescored)]) == 0
     assert json.loads((rescored / "metrics.json").read_text())["score"] == summary["score"]
+    # how the answers were made goes on with them: to a rescoring, one of it, and one in place (which
+    # replaced the report that named them)
+    made = {k: summary["sources"][k] for k in ("model", "checkpoint", "open question suffix", "settings", "replicas")}
+    assert made["replicas"].endswith("x cpu float32")
+    assert job.main(["--predictions", str(rescored), "--output", str(tmp_path / "again")]) == 0
+    assert job.main(["--predictions", str(out), "--output", str(out)]) == 0
+    for folder in (rescored, tmp_path / "again", out):
+        sources = json.loads((folder / "metrics.json").read_text())["sources"]
+        assert {k: sources["answers' " + k] for k in made} == made and "model" not in sources
+        assert f"- answers' checkpoint: `{made['checkpoint']}`" in (folder / "report.md").read_text()
 
 
 def test_a_benchmark_is_answered_with_lmms_evals_max_new_tokens_and_mmstars_questions_cleaned(checkpoint, tmp_path):

@@ -59,10 +59,15 @@ def parse_report(text: str) -> dict:
             per_category[m.group(1)] = {"score": float(m.group(3)), "rows": int(m.group(2)),
                                         "ci95": [float(b) for b in bounds.groups()] if bounds else None}
     assert tables, "report has no tables"
+    sources = {}
+    for line in text.split("\n- metric:")[0].splitlines():        # the lines above the score: what was read
+        m = re.match(r"^- (.+?): (`+) ?(.*?) ?\2$", line)
+        if m:
+            sources[m.group(1)] = m.group(3)
     return {"metric": head["metric"], "score": float(head["score"]),
             "ci95": [float(interval.group(1)), float(interval.group(2))] if interval else None,
             "rows": int(head["rows"]),
-            "errors": int(head["errors"]), "metrics": metrics, "per_category": per_category}
+            "errors": int(head["errors"]), "metrics": metrics, "per_category": per_category, "sources": sources}
 
 
 def test_predictions_mode_writes_every_artefact(tmp_path):
@@ -76,7 +81,7 @@ def test_predictions_mode_writes_every_artefact(tmp_path):
         "per_category": {"colour": {"score": 0.5, "rows": 2, "ci95": [0.0, 1.0]},
                          "count": {"score": 1.0, "rows": 1, "ci95": None},       # one row: no interval
                          "shape": {"score": 0.5, "rows": 2, "ci95": [0.0, 1.0]}},
-        "rows": 5, "errors": 1,
+        "rows": 5, "errors": 1, "sources": {"predictions": str(preds)},      # what report.md lists
     }
     report = (out / "report.md").read_text()
     assert parse_report(report) == summary
