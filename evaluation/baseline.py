@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from evaluation.metrics import CIRCULAR, score_row
+from evaluation.metrics import score_row
 from evaluation.report import code_span, escape_cell
-from evaluation.scoring import (average, check_unique_ids, groups_of, is_error_row, numbers_as_text,
+from evaluation.scoring import (average, check_unique_ids, counted_questions, groups_of, is_error_row, numbers_as_text,
                                 present_row_columns, question_score, questions, questions_by_category)
 
 
@@ -58,7 +58,7 @@ def compare(scored: pa.Table, source: str, baseline_rows: int, category_column: 
         found = paired_difference([question_score(q) for q in group],
                                   [question_score(q, "baseline_score") for q in group],
                                   groups_of([q[0] for q in group], averaged_over))
-        return {**found, "rows": sum(map(len, group)), **({"questions": len(group)} if metric in CIRCULAR else {})}
+        return {**found, "rows": sum(map(len, group)), **counted_questions(group, metric)}
 
     overall = paired(asked)
     per_category = {}

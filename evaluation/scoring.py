@@ -226,8 +226,15 @@ def questions(rows: list[dict], metric: str) -> list[list[dict]]:
         return [[r] for r in rows]
     asked: dict[str, list[dict]] = {}
     for r in rows:
-        asked.setdefault(question_of(r["id"]), []).append(r)
-    return [sorted(copies, key=lambda r: question_of(r["id"]) != str(r["id"])) for copies in asked.values()]
+        key = question_of(r["id"])
+        copies = asked.setdefault(key, [])
+        copies.insert(0, r) if key == str(r["id"]) else copies.append(r)
+    return list(asked.values())
+
+
+def counted_questions(group: list[list[dict]], metric: str) -> dict[str, int]:
+    """A circular metric's count of the questions a score is over (its rows counted apart); else none."""
+    return {"questions": len(group)} if metric in CIRCULAR else {}
 
 
 def question_score(question: list[dict], name: str = "score") -> float | None:
@@ -251,7 +258,6 @@ def summarize(scored: pa.Table, metric: str, category_column: str = "category",
     have it. A circular metric's scores are means over questions, each right only when all its copies are."""
     rows = scored.to_pylist()
     asked = questions(rows, metric)
-    counted = (lambda group: {"questions": len(group)}) if metric in CIRCULAR else (lambda group: {})  # noqa: E731
     groups = groups_of([q[0] for q in asked], averaged_over)
     score, interval = average([question_score(q) for q in asked], groups)
     metrics = {metric: score}
@@ -262,8 +268,9 @@ def summarize(scored: pa.Table, metric: str, category_column: str = "category",
     if category_column in scored.column_names:
         for c, group in questions_by_category(asked, category_column).items():
             mean, ci = average([question_score(q) for q in group], groups_of([q[0] for q in group], averaged_over))
-            per_category[c] = {"score": mean, "rows": sum(map(len, group)), **counted(group), "ci95": ci}
+            per_category[c] = {"score": mean, "rows": sum(map(len, group)), **counted_questions(group, metric),
+                               "ci95": ci}
     averaged = {"averaged_over": {"column": averaged_over, "groups": len(set(groups))}} if groups else {}
     return {"metric": metric, "score": score, "ci95": interval, "metrics": metrics, **averaged,
-            "per_category": per_category, "rows": len(rows), **counted(asked),
+            "per_category": per_category, "rows": len(rows), **counted_questions(asked, metric),
             "errors": sum(is_error_row(r) for r in rows)}

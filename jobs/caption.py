@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", help=f"Parquet file, folder or glob; local, s3:// or any fsspec URL "
                                     f"(default: {DEMO_INPUT.relative_to(DEMO_INPUT.parents[2])})")
-    ap.add_argument("--output", type=output_folder, help="output folder of Parquet files (default: demo/output/captions)")
+    ap.add_argument("--output", type=output_folder,
+                    help="output folder of Parquet files (default: demo/output/captions)")
     ap.add_argument("--model", help="HF-layout checkpoint: a folder, its URL (s3://..., copied once per node) "
                                     "or a hub id (default: demo/model)")
     ap.add_argument("--adapter", help="a PEFT LoRA (or DoRA) adapter of --model: its folder or URL, merged "

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", help="checkpoint folder, its URL (s3://..., copied once per node) or hub id")
     ap.add_argument("--adapter", help="a PEFT LoRA (or DoRA) adapter of --model: its folder or URL, merged "
                                       "into the weights as they load (a fine-tune published as an adapter)")
-    ap.add_argument("--output", type=output_folder, help="folder for the artefacts (default: runs/evaluate-<dataset>; the demo's: "
+    ap.add_argument("--output", type=output_folder,
+                    help="folder for the artefacts (default: runs/evaluate-<dataset>; the demo's: "
                                      "demo/output/evaluate)")
     ap.add_argument("--metric", choices=list(METRICS), help="default: the dataset's standard metric")
     ap.add_argument("--system-prompt", help="a system turn before every question (default: none)")
@@ -363,8 +364,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, str | None]:
     if args.predictions:
         sources.update(earlier_sources(args.predictions, storage_options(args)))
     if run and run.get("replicas"):       # the dtype a device chose (settings' "dtype": null) is known only here
-        sources["replicas"] = ", ".join(f"{n} x {kind}" for kind, n in sorted(run["replicas"].items())) + \
-            ("" if run["rows_this_run"] == run["rows"] else " (this run's; the resumed one's rows before it may differ)")
+        resumed = "" if run["rows_this_run"] == run["rows"] else " (this run's; the resumed one's rows may differ)"
+        sources["replicas"] = ", ".join(f"{n} x {kind}" for kind, n in sorted(run["replicas"].items())) + resumed
     if args.limit is not None:
         sources["limit"] = f"the first {args.limit} rows only"
     problem = unanswered(run)

@@ -494,7 +494,7 @@ def test_a_local_output_is_made_absolute(tmp_path, monkeypatch):
     values = merge_args(parser.parse_args(["--config", str(tmp_path / "job.yaml")]), caption.DEFAULTS, parser)
     assert values["output"] == str(tmp_path / "home" / "from-yaml")
     write_parquet(tmp_path / "in.parquet", [{"image": png(24, 24), "question": "Row?"}])
-    job = prepare_job(str(tmp_path / "in.parquet"), "./out/", PipelineConfig(model=str(DEMO_MODEL)))     # a library call
+    job = prepare_job(str(tmp_path / "in.parquet"), "./out/", PipelineConfig(model=str(DEMO_MODEL)))  # as a library
     try:
         assert job.output_uri == str(tmp_path / "work" / "out") and (tmp_path / "work" / "out.lock").exists()
     finally:

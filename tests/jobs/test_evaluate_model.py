@@ -172,7 +172,7 @@ def test_a_known_benchmarks_questions_get_its_instruction(ray_cluster, checkpoin
     settings = json.loads(re.search(r"^- settings: `(.*)`$", report, re.M).group(1))
     assert settings["max_new_tokens"] == 2 and settings["image_backend"] == "pil" and settings["num_beams"] == 2
     assert re.search(r"^- checkpoint: `[0-9a-f]{8,}`$", report, re.M)
-    assert settings["dtype"] is None and re.search(r"^- replicas: `\d+ x cpu float32`$", report, re.M)   # the dtype used
+    assert settings["dtype"] is None and re.search(r"^- replicas: `\d+ x cpu float32`$", report, re.M)  # the one used
 
 
 def test_demo_model_on_its_heldout_split(ray_cluster, tmp_path):
