@@ -286,10 +286,12 @@ def _raise_interrupted(signum: int, frame) -> None:
 def stop_on_signals() -> None:
     """SIGTERM (a scheduler's stop, `timeout`) and SIGHUP (a closed terminal) end the job as Ctrl-C
     does: the clean-up runs (placement groups, ledgers) and the job says it was stopped. Installed
-    again after ray.init, whose own SIGTERM handler exits without a word."""
+    again after ray.init, whose own SIGTERM handler exits without a word. A signal the job was started
+    ignoring stays ignored: `nohup`'s SIGHUP stopped a job that was to outlive its terminal."""
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, _raise_interrupted)
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, _raise_interrupted)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)     # Ctrl-C, a scheduler's stop, a closed terminal
@@ -304,7 +306,8 @@ def stops_held() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    before = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in STOP_SIGNALS}
+    before = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in STOP_SIGNALS
+              if signal.getsignal(signum) is not signal.SIG_IGN}       # nohup's SIGHUP, a background job's SIGINT
     try:
         yield
     finally:

@@ -1,6 +1,7 @@
 """jobs.cluster: which Ray cluster a job runs on, as the job's user meets it (a job joining a `ray start`
 head: tests/jobs/test_caption_submit.py, beside its `ray job submit`)."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,28 @@ def test_a_stop_inside_ray_init_stops_the_job_once_the_cluster_is_up(signame, ra
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=180)
     assert f"stopped after ray.init: True {raised}" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+def test_a_hang_up_stops_the_job_unless_it_was_started_ignoring_it(ignored):
+    """`nohup python -m jobs.caption ... &`: the job set its own SIGHUP handler over nohup's SIG_IGN, and a
+    closed terminal stopped a run that was to outlive it."""
+    code = ("import os, signal\n"
+            "from jobs.common import Interrupted, stop_on_signals, stops_held\n"
+            "stop_on_signals()\n"
+            "try:\n"
+            "    with stops_held():\n"
+            "        os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    stop_on_signals()\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    print('went on')\n"
+            "except Interrupted as e:\n"
+            "    print('stopped by', e)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=60,
+                          preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignored else None)
+    assert done.stdout.strip() == ("went on" if ignored else "stopped by SIGHUP"), done.stdout + done.stderr
 
 
 def test_more_cpu_workers_than_a_started_cluster_has_cpus_is_one_line_before_it_starts(tmp_path, monkeypatch, capsys):
