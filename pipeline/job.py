@@ -415,7 +415,7 @@ def answer_rows(job: PreparedJob) -> tuple[float, dict]:
     context.checkpoint_config = checkpoint_config(job.output_uri, opts, job.config.id_column)
     stats = RunCounter()
     try:
-        with footer_readers_for(job.input_files):
+        with footer_readers_for(job.input_files, ray.cluster_resources().get("CPU")):
             rows = job_rows(job)
             start = time.perf_counter()
             answered = build_processor(job.config, stats.name, checkpoint_defaults=False)(rows)

@@ -38,3 +38,6 @@ def test_ray_datas_footer_pool_is_sized_to_the_input_unless_the_environment_sets
     with footer_readers_for(files):
         assert os.environ[FOOTER_READERS] == "7"
     assert os.environ[FOOTER_READERS] == "7"
+    monkeypatch.delenv(FOOTER_READERS)      # no more than the cluster's CPUs: 200 files on 4 made 20 processes
+    with footer_readers_for(files, cpus=4.0):
+        assert os.environ[FOOTER_READERS] == str(min(int(readers), 4))
