@@ -106,16 +106,19 @@ def finish_commits(fs, pending: list[str], committed: set[str]) -> list[str]:
     return left
 
 
-def forget_lost_rows(output: str, storage_options: dict | None = None) -> int:
+def forget_lost_rows(output: str, storage_options: dict | None = None, written: pa.Array | None | str = "read") -> int:
     """Before a resume: ids committed in the checkpoint whose output rows are gone (a data file deleted
     by hand, a bucket's lifecycle rule) are taken out of it, so the resumed run answers them again
-    instead of skipping them for ever. Returns how many. Run after clean_pending_commits."""
+    instead of skipping them for ever. Returns how many. Run after clean_pending_commits. `written`:
+    the output's ids where the caller has read them (None: no output), else "read" them here."""
     fs, folder = fsspec_fs(checkpoint_uri(output), storage_options)
     committed = [p for p in fs.glob(f"{folder}/*.parquet") if not p.endswith(PENDING)]
     if not committed:
         return 0
-    written = read_output(output, storage_options, columns=["id"])
-    present = written.column("id").combine_chunks() if written is not None else pa.array([], pa.string())
+    if isinstance(written, str):
+        table = read_output(output, storage_options, columns=["id"])
+        written = None if table is None else table.column("id").combine_chunks()
+    present = written if written is not None else pa.array([], pa.string())
 
     def read(path: str) -> pa.Table:
         with fs.open(path, "rb") as f:
@@ -139,13 +142,12 @@ def forget_lost_rows(output: str, storage_options: dict | None = None) -> int:
     return lost
 
 
-def unanswered_rows(output: str, storage_options: dict | None, wanted: pa.ChunkedArray | pa.Array) -> int:
-    """How many of the `wanted` ids (distinct) the output has no row of: a resume with none left needs
-    no cluster (its start alone is a minute or two)."""
-    written = read_output(output, storage_options, columns=["id"])
+def unanswered_rows(wanted: pa.ChunkedArray | pa.Array, written: pa.Array | None) -> int:
+    """How many of the `wanted` ids (distinct) the output's `written` ids (None: no output) have no row
+    of: a resume with none left needs no cluster (its start alone is a minute or two)."""
     if written is None:
         return len(wanted)
-    return missing_ids(wanted, pc.cast(written.column("id"), pa.string()).combine_chunks())
+    return missing_ids(wanted, pc.cast(written, pa.string()))
 
 
 def missing_ids(wanted: pa.ChunkedArray | pa.Array, written: pa.Array) -> int:
