@@ -27,7 +27,7 @@ from .ledger import remove_job_ledgers
 from .manifest import keep_run_settings, manifest_path
 from .output_lock import OutputLock, lock_output
 from .resume import (checkpoint_config, clean_pending_commits, clear_checkpoint, forget_lost_rows, has_checkpoint,
-                     missing_ids, unanswered_rows)
+                     missing_ids, output_ids, unanswered_rows)
 from .retry import drop_error_rows
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
 from .run_stats import REPLICA_KIND, RunCounter
@@ -318,7 +318,7 @@ def prepare_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resu
             retried = 0 if retry_errors is None else drop_error_rows(output_uri, opts, retry_errors, only_ids)
         # the output read once for what a resume checks and counts (20 000 files took 74 s, read five times)
         counted = counted_columns(output_uri, opts, config.samples > 1)
-        written = None if counted is None else counted.column("id").combine_chunks()
+        written = output_ids(counted)
         lost = max((forget_lost_rows(output_uri, opts, written) if resume else 0) - retried, 0)
     except BaseException:
         if lock is not None:
@@ -474,7 +474,8 @@ def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: 
                "rows_this_run": rows, "generated_tokens_this_run": generated, "wall_s": round(wall, 3),
                "rows_per_s": rate(rows), "generated_tokens_per_s": rate(generated),
                "shared_answer_rows": reported.get("shared_answer_rows", 0), "shared_answer_tokens": shared,
-               "replicas": {k.removeprefix(REPLICA_KIND): n for k, n in reported.items() if k.startswith(REPLICA_KIND)},
+               "replicas": {k.removeprefix(REPLICA_KIND): n for k, n in reported.items()
+                            if k.startswith(REPLICA_KIND)},
                "errors_by_kind": after["errors_by_kind"]}
     if scored:
         summary.update(scored_tokens_this_run=tokens, scored_tokens_per_s=rate(tokens))

@@ -86,13 +86,16 @@ def replica_dtype(config: PipelineConfig, device: str):
 def replica_kind(engine, device: str, tp: int) -> str:
     """How a loaded replica runs, as a run's summary counts its replicas: its device (a GPU's name),
     its dtype (a dtype left to the device is only known here) and its ranks: "cuda NVIDIA A10G
-    bfloat16", "cpu float32", "cuda float16, 2 ranks"."""
-    if tp > 1:
-        return f"{device.split(':')[0]} {engine.shard_stats()[0]['dtype']}, {tp} ranks"
-    import torch
+    bfloat16", "cpu float32", "cuda float16, 2 ranks". Never fails a replica: what it cannot tell, it says."""
+    try:
+        if tp > 1:
+            return f"{device.split(':')[0]} {engine.shard_stats()[0]['dtype']}, {tp} ranks"
+        import torch
 
-    gpu = f" {torch.cuda.get_device_name(engine.device)}" if engine.device.type == "cuda" else ""
-    return f"{engine.device.type}{gpu} {str(engine.dtype).removeprefix('torch.')}"
+        gpu = f" {torch.cuda.get_device_name(engine.device)}" if engine.device.type == "cuda" else ""
+        return f"{engine.device.type}{gpu} {str(engine.dtype).removeprefix('torch.')}"
+    except Exception as e:      # noqa: BLE001 (a count, not worth a replica)
+        return f"{device} (dtype not known: {type(e).__name__})"
 
 
 def cpu_threads(rank: dict) -> int:

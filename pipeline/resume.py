@@ -106,19 +106,16 @@ def finish_commits(fs, pending: list[str], committed: set[str]) -> list[str]:
     return left
 
 
-def forget_lost_rows(output: str, storage_options: dict | None = None, written: pa.Array | None | str = "read") -> int:
+def forget_lost_rows(output: str, storage_options: dict | None = None, written: pa.Array | None = None) -> int:
     """Before a resume: ids committed in the checkpoint whose output rows are gone (a data file deleted
     by hand, a bucket's lifecycle rule) are taken out of it, so the resumed run answers them again
     instead of skipping them for ever. Returns how many. Run after clean_pending_commits. `written`:
-    the output's ids where the caller has read them (None: no output), else "read" them here."""
+    the output's ids (output_ids), where the caller has them."""
     fs, folder = fsspec_fs(checkpoint_uri(output), storage_options)
     committed = [p for p in fs.glob(f"{folder}/*.parquet") if not p.endswith(PENDING)]
     if not committed:
         return 0
-    if isinstance(written, str):
-        table = read_output(output, storage_options, columns=["id"])
-        written = None if table is None else table.column("id").combine_chunks()
-    present = written if written is not None else pa.array([], pa.string())
+    present = output_ids(read_output(output, storage_options, columns=["id"])) if written is None else written
 
     def read(path: str) -> pa.Table:
         with fs.open(path, "rb") as f:
@@ -142,11 +139,14 @@ def forget_lost_rows(output: str, storage_options: dict | None = None, written: 
     return lost
 
 
-def unanswered_rows(wanted: pa.ChunkedArray | pa.Array, written: pa.Array | None) -> int:
-    """How many of the `wanted` ids (distinct) the output's `written` ids (None: no output) have no row
-    of: a resume with none left needs no cluster (its start alone is a minute or two)."""
-    if written is None:
-        return len(wanted)
+def output_ids(table: pa.Table | None) -> pa.Array:
+    """The id column of an output's rows as read (None: no output, no ids)."""
+    return pa.array([], pa.string()) if table is None else table.column("id").combine_chunks()
+
+
+def unanswered_rows(wanted: pa.ChunkedArray | pa.Array, written: pa.Array) -> int:
+    """How many of the `wanted` ids (distinct) the output's `written` ids (output_ids) have no row of: a
+    resume with none left needs no cluster (its start alone is a minute or two)."""
     return missing_ids(wanted, pc.cast(written, pa.string()))
 
 
