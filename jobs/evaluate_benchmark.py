@@ -94,6 +94,7 @@ def asked_options(args: argparse.Namespace, present: list[str]) -> dict:
         asked = {}
         if args.image_column == "image" and "image" not in present and not args.image_columns:
             asked["image_columns"] = [c for c in image_columns if c in present]
+            asked["images_named_in_text"] = True
         if options in present:
             open_suffix = OPEN_QUESTION_SUFFIXES.get(name) if args.prompt_suffix is None else None
             asked.update(option_list_column=options, open_question_suffix=open_suffix)

@@ -45,6 +45,9 @@ class PipelineConfig:
     image_columns: list[str] = field(default_factory=list)    # instead of image_column: columns of an image
                                                 # each (MMMU's image_1 ... image_7): a row's images are their
                                                 # non-null cells, in this order
+    images_named_in_text: bool = False          # with image_columns image_N: only those whose `<image N>` the
+                                                # row's question (options listed) names, as lmms-eval takes
+                                                # MMMU's; all of them where it names none
     question_column: str = "question"           # the input column of each row's question (null: `prompt`)
     option_columns: list[str] = field(default_factory=list)   # a multiple-choice question's options, a column
                                                 # each named by its letter (MMBench's A..E): asked after the

@@ -18,7 +18,8 @@ from .storage import fsspec_fs, is_local, redact_url, sibling, write_text
 
 ANSWER_SETTINGS = ("prompt", "system_prompt", "prompt_template", "prompt_suffix", "id_column", "image_column",
                    "question_column", "option_columns", "hint_column", "option_list_column", "open_question_suffix",
-                   "image_columns", "capitalize_questions", "question_removals", "max_new_tokens",
+                   "image_columns", "images_named_in_text", "capitalize_questions", "question_removals",
+                   "max_new_tokens",
                    "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff",
                    "eta_cutoff",
                    "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "image_backend",

@@ -9,6 +9,7 @@ row still flows on so that it is written with finish_reason="error".
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -74,6 +75,15 @@ def with_listed_options(question: str, cell, suffix: str, open_suffix: str) -> A
     return Asked(with_option_list(question, options) + suffix if options else question + open_suffix)
 
 
+def named_cells(columns: list[str], cells: tuple, text: Asked | str | None) -> tuple:
+    """The cells of the columns image_N whose `<image N>` the row's text names (lmms-eval's MMMU images,
+    in the columns' order); all of them where it names none that holds an image."""
+    text = text.text if isinstance(text, Asked) else text
+    named = {f"image_{n}" for n in re.findall(r"<image (\d+)>", text)} if isinstance(text, str) else set()
+    kept = tuple(cell for column, cell in zip(columns, cells) if column in named)
+    return kept if present_images(kept) != [None] else cells
+
+
 def present_images(cells: tuple) -> list:
     """A row's images of several columns: the cells holding one (a list: each of its images)."""
     found = []
@@ -109,8 +119,8 @@ class Preprocess:
         self.ledger = CrashLedger(ledger_path("preprocess"))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        images = self.images(batch)
         questions = self.questions(batch)
+        images = self.images(batch, questions)
         ids = row_ids(batch, self.config.id_column)
         encoded = self.encode_rows([str(i) for i in ids.to_pylist()], images, questions)
         if self.config.score_column in batch.column_names:      # here, not in the model stage: a dry run sees it
@@ -148,11 +158,16 @@ class Preprocess:
                 question = question.replace(text, "")
         return question.capitalize() if self.config.capitalize_questions else question
 
-    def images(self, batch: pa.Table) -> list[list]:
-        """Each row's images: its image column's cell (a list: several), or those of its image columns."""
-        if not self.config.image_columns:
+    def images(self, batch: pa.Table, questions: list) -> list[list]:
+        """Each row's images: its image column's cell (a list: several), or those of its image columns
+        (those its question names, with images_named_in_text)."""
+        columns = self.config.image_columns
+        if not columns:
             return [cell if isinstance(cell, list) else [cell] for cell in self.cells(batch, self.config.image_column)]
-        return [present_images(cells) for cells in zip(*(self.cells(batch, c) for c in self.config.image_columns))]
+        rows = zip(*(self.cells(batch, c) for c in columns))
+        if self.config.images_named_in_text:
+            rows = (named_cells(columns, cells, question) for cells, question in zip(rows, questions))
+        return [present_images(cells) for cells in rows]
 
     def _questions(self, batch: pa.Table) -> list:
         template, listed = self.config.prompt_template, self.config.option_list_column

@@ -1,4 +1,5 @@
 """jobs.evaluate running a model: the real pipeline on a local Ray cluster, a tiny random checkpoint."""
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -339,6 +340,19 @@ def test_mmmus_options_and_image_columns_are_asked_as_lmms_eval_asks_them(checkp
     assert asked.column("question").to_pylist() == MMMU_ASKED
     two_images = row_encoder(config, str(checkpoint)).encode_images([png("red"), png("blue")], MMMU_ASKED[0])
     assert asked.column("input_ids").to_pylist()[0] == list(two_images.input_ids)
+    # lmms-eval takes the images the text names as <image N>, in the columns' order: a row holding one it
+    # does not name is asked about the one it names (it was asked about both); naming none, about all
+    assert config.images_named_in_text
+    one_named = table.set_column(table.column_names.index("question"), "question",
+                                 pa.array(["Which is like <image 2>?", "How many sides?", "Which?"]))
+    asked, _ = ungroup(Preprocess(config)(one_named))
+    encoder = row_encoder(config, str(checkpoint))
+    assert asked.column("input_ids").to_pylist()[:2] == [
+        list(encoder.encode_images([png("blue")], asked.column("question")[0].as_py()).input_ids),
+        list(encoder.encode_images([png("green")], asked.column("question")[1].as_py()).input_ids)]
+    asked, _ = ungroup(Preprocess(dataclasses.replace(config, images_named_in_text=False))(one_named))
+    assert asked.column("input_ids").to_pylist()[0] == list(
+        encoder.encode_images([png("red"), png("blue")], asked.column("question")[0].as_py()).input_ids)
     unlisted = tmp_path / "mmmu" / "validation.parquet"        # options written in the question: images all the same
     unlisted.parent.mkdir()
     pq.write_table(pq.read_table(bench).drop_columns(["options"]), unlisted)
