@@ -136,7 +136,8 @@ def test_cuda_defaults_on_cpu_equal_reference(setup, monkeypatch):
 
     ours, requests, expected, _, _ = setup
     batches, decode = [], ModelRunner.decode
-    monkeypatch.setattr(ModelRunner, "decode", lambda self, rows, kv_len: batches.append(rows) or decode(self, rows, kv_len))
+    monkeypatch.setattr(ModelRunner, "decode",
+                        lambda self, rows, kv_len: batches.append(rows) or decode(self, rows, kv_len))
     engine = LLMEngine(ours, max_batch_size=3, compile=True, overlap=True, batched_prefill=True)
     for req, res in zip(requests, engine.generate(requests)):
         assert res.token_ids == expected[req.request_id], req.request_id
@@ -336,7 +337,8 @@ def test_stop_strings_end_answers_as_the_references_stop_strings(setup, overlap,
                       tokenizer=hf_tokenizer)
         if r.pixel_values is not None:
             kwargs.update(pixel_values=r.pixel_values[None], pixel_attention_mask=r.pixel_attention_mask[None])
-        want[r.request_id] = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:].tolist()
+        out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        want[r.request_id] = out[0, ids.shape[1]:].tolist()
         stopped.append(req)
     assert any(len(want[k]) < len(expected[k]) for k in want)           # some answers did stop early
     results = LLMEngine(ours, tokenizer, max_batch_size=3, overlap=overlap).generate(stopped)
@@ -477,7 +479,7 @@ def test_bad_requests_are_named(setup):
             engine.generate([Request("v", [1, token, 2])])
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
         SamplingParams(max_new_tokens=-1)
-    with pytest.raises(ValueError, match="'z': max_new_tokens 0 answers nothing"):      # unless it scores a continuation
+    with pytest.raises(ValueError, match="'z': max_new_tokens 0 answers nothing"):  # unless it scores a continuation
         engine.generate([Request("z", [1, 2], sampling=SamplingParams(max_new_tokens=0))])
     for bad in (dict(temperature=float("nan")), dict(temperature=-1.0), dict(top_p=float("nan")), dict(top_p=0.0),
                 dict(top_k=-1), dict(repetition_penalty=float("nan")), dict(min_new_tokens=65),
