@@ -17,7 +17,7 @@ from jobs.common import (BAD_ARGUMENTS, DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, Int
                          interrupted, json_option, merge_args, output_folder, print_error, print_rehearsal,
                          print_summary, run_failed, stop_on_signals)
 from jobs.cluster import check_cluster_fits, init_ray
-from pipeline.errors import StartFailed
+from pipeline.errors import RunFailed
 
 DEFAULTS = dict(input=None, output=None, model=None, adapter=None, prompt="Describe this image.", system_prompt=None,
                 prompt_template=None, prompt_suffix="", id_column="id", image_column="image", image_columns="",
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     except BAD_ARGUMENTS as e:
         print_error(e, build_parser())
         return 2
-    except StartFailed as e:
+    except RunFailed as e:     # StartFailed too
         return run_failed(e)
     except (KeyboardInterrupt, Interrupted) as e:
         return interrupted(e, "the answers written are kept; the same command with --resume answers the rest")

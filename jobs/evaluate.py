@@ -39,7 +39,7 @@ from jobs.evaluate_benchmark import (benchmark_name, choose_metric, choose_suffi
 from jobs.evaluate_inputs import (PREDICTIONS_FILE, baseline_file, check_column_flags, check_job_flags, default_output,
                                   earlier_sources, evaluation_predictions, input_has_ids, load_images, raw_output,
                                   read_ground_truth, read_parquet, read_predictions, storage_options)
-from pipeline.errors import StartFailed
+from pipeline.errors import RunFailed
 from pipeline.storage import redact_url
 
 log = logging.getLogger("jobs.evaluate")
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     except BAD_ARGUMENTS as e:
         print_error(e, build_parser())
         return 2
-    except StartFailed as e:
+    except RunFailed as e:     # StartFailed too
         return run_failed(e)
     except (KeyboardInterrupt, Interrupted) as e:
         return interrupted(e, "the model's answers written are kept (<output>/raw); the same command with "

@@ -19,7 +19,7 @@ from .checkpoint import check_adapter, check_model
 from .checks import (check_column_types, check_columns, check_ids, check_image_root, check_input_excludes_output,
                      check_input_files, check_output_outside_input, check_row_encoding, input_ids, read_schema)
 from .config import PipelineConfig
-from .errors import StartFailed
+from .errors import RunFailed, StartFailed
 from .replica import release_replica_groups
 from .generation_defaults import resolved as resolved_generation_config
 from .io import footer_readers_for, input_dataset, input_folder, is_glob, read_output, read_rows, write_rows
@@ -421,6 +421,19 @@ def actors_started():
             from None
 
 
+@contextmanager
+def tasks_failed_in_one_line():
+    """A task of the run that failed ends it with its cause in one line (RunFailed): Ray's error is the
+    remote traceback, hundreds of lines, and its type is also its cause's, so a store's FileNotFoundError
+    or PermissionError mid-run (a bucket removed, credentials revoked) read as a bad argument (exit 2)."""
+    try:
+        yield
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
+        lines = str(cause).strip().splitlines() or [""]
+        raise RunFailed(f"the run failed: {type(cause).__name__}: {redact_urls(lines[-1])}") from None
+
+
 def answer_rows(job: PreparedJob) -> tuple[float, dict]:
     """The run on Ray Data: its rows read, answered and written; its wall time and its counts."""
     opts = job.config.storage_options
@@ -432,7 +445,7 @@ def answer_rows(job: PreparedJob) -> tuple[float, dict]:
             rows = job_rows(job)
             start = time.perf_counter()
             answered = build_processor(job.config, stats.name, checkpoint_defaults=False)(rows)
-            with actors_started():
+            with actors_started(), tasks_failed_in_one_line():
                 write_rows(answered, job.output_uri, opts, job.config.rows_per_file)
         wall = time.perf_counter() - start
     finally:

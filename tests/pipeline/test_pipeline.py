@@ -623,3 +623,25 @@ def test_a_resume_after_a_kill_inside_a_write_answers_its_rows_again(finished, t
     written[0].write_bytes(written[0].read_bytes()[:100])
     summary = run_job(source, str(out), finished.config, resume=True)
     assert (summary["rows"], summary["missing_rows"], summary["duplicate_rows"], summary["rows_this_run"]) == (4, 0, 0, 2)
+
+
+def test_a_task_that_fails_mid_run_ends_it_in_one_line(ray_cluster):
+    """A store failing mid-run (an S3 audit: its bucket removed, its endpoint gone) failed the write task:
+    Ray's error was its remote traceback, hundreds of lines, and as its type is also its cause's, a
+    FileNotFoundError or PermissionError was taken for a bad argument by the jobs (exit 2)."""
+    import ray
+
+    from pipeline.errors import RunFailed
+    from pipeline.job import tasks_failed_in_one_line
+
+    @ray.remote
+    def write():
+        raise FileNotFoundError("The specified bucket does not exist: s3://KEY:SECRET@failing/out")
+
+    with pytest.raises(RunFailed) as failed:
+        with tasks_failed_in_one_line():
+            ray.get(write.remote())
+    message = str(failed.value)
+    assert not isinstance(failed.value, FileNotFoundError) and "\n" not in message
+    assert message.startswith("the run failed: FileNotFoundError: The specified bucket does not exist: s3://")
+    assert "SECRET" not in message and message.endswith("failing/out")
