@@ -407,9 +407,12 @@ def _run(job: PreparedJob) -> dict:
 
 
 @contextmanager
-def actors_started():
-    """Ray's ActorDiedError of an actor that could not start is its creation task's traceback, the cause
-    last; the run ends with that cause, naming the stage ("Generate": the model replicas)."""
+def failures_in_one_line():
+    """The run ends with a failure's cause in one line, not Ray's remote traceback (hundreds of lines):
+    an actor that could not start (StartFailed, naming the stage, "Generate": the model replicas), or a
+    task that failed (RunFailed). A failed task's error is also of its cause's type, so a store's
+    FileNotFoundError or PermissionError mid-run (a bucket removed, credentials revoked) read as a bad
+    argument (exit 2)."""
     try:
         yield
     except ray.exceptions.RayActorError as e:
@@ -419,15 +422,6 @@ def actors_started():
         cause = str(e).strip().splitlines()[-1]
         raise StartFailed(f"the run's {stage.group(1) + ' ' if stage else ''}actors could not start: {cause}") \
             from None
-
-
-@contextmanager
-def tasks_failed_in_one_line():
-    """A task of the run that failed ends it with its cause in one line (RunFailed): Ray's error is the
-    remote traceback, hundreds of lines, and its type is also its cause's, so a store's FileNotFoundError
-    or PermissionError mid-run (a bucket removed, credentials revoked) read as a bad argument (exit 2)."""
-    try:
-        yield
     except ray.exceptions.RayTaskError as e:
         cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
         lines = str(cause).strip().splitlines() or [""]
@@ -445,7 +439,7 @@ def answer_rows(job: PreparedJob) -> tuple[float, dict]:
             rows = job_rows(job)
             start = time.perf_counter()
             answered = build_processor(job.config, stats.name, checkpoint_defaults=False)(rows)
-            with actors_started(), tasks_failed_in_one_line():
+            with failures_in_one_line():
                 write_rows(answered, job.output_uri, opts, job.config.rows_per_file)
         wall = time.perf_counter() - start
     finally:

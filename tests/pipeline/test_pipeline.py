@@ -632,14 +632,14 @@ def test_a_task_that_fails_mid_run_ends_it_in_one_line(ray_cluster):
     import ray
 
     from pipeline.errors import RunFailed
-    from pipeline.job import tasks_failed_in_one_line
+    from pipeline.job import failures_in_one_line
 
     @ray.remote
     def write():
         raise FileNotFoundError("The specified bucket does not exist: s3://KEY:SECRET@failing/out")
 
     with pytest.raises(RunFailed) as failed:
-        with tasks_failed_in_one_line():
+        with failures_in_one_line():
             ray.get(write.remote())
     message = str(failed.value)
     assert not isinstance(failed.value, FileNotFoundError) and "\n" not in message
