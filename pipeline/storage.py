@@ -24,15 +24,23 @@ import pyarrow.fs as pafs
 
 
 S3_PROTOCOLS = ("s3", "s3a")
+# S3's client as s3fs sets it up (botocore's "legacy" retries) gives up on a store that refuses
+# connections within 6-11 s, and on throttling (SlowDown) after 5 tries: a blip that ended a run of
+# hours. A run's own reads and writes (its input rows, output files, their checkpoint) take botocore's
+# "standard" retries instead, 10 tries over 70-80 s, unless the storage options set theirs.
+PATIENT_RETRIES = {"max_attempts": 10, "mode": "standard"}
 
 
-def _options(protocol: str, storage_options: dict | None) -> dict:
+def _options(protocol: str, storage_options: dict | None, patient: bool = False) -> dict:
     options = dict(storage_options or {})
     if protocol in S3_PROTOCOLS:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         client_kwargs = options.get("client_kwargs") or {}
         if endpoint and "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
             options["endpoint_url"] = endpoint
+        config = options.get("config_kwargs") or {}
+        if patient and "retries" not in config:
+            options["config_kwargs"] = {**config, "retries": PATIENT_RETRIES}
     return options
 
 
@@ -59,13 +67,15 @@ def lists_folders(uri: str) -> bool:
     return is_local(uri) or protocol_of(uri) in (*S3_PROTOCOLS, "gs", "gcs", "az", "abfs", "abfss")
 
 
-def fsspec_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path without protocol) for `uri`; local paths come back absolute."""
+def fsspec_fs(uri: str, storage_options: dict | None = None,
+              patient: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path without protocol) for `uri`; local paths come back absolute. `patient`: a
+    run's reads and writes, which a store's passing trouble must not end (PATIENT_RETRIES)."""
     if is_local(uri):
         return fsspec.filesystem("file"), os.path.abspath(fsspec.core.strip_protocol(uri))
     protocol = protocol_of(uri)
     # A fresh instance: fsspec's cached ones keep directory listings from before a write.
-    fs = fsspec.filesystem(protocol, skip_instance_cache=True, **_options(protocol, storage_options))
+    fs = fsspec.filesystem(protocol, skip_instance_cache=True, **_options(protocol, storage_options, patient))
     return fs, fs._strip_protocol(uri)
 
 
@@ -80,9 +90,9 @@ class ExactReads(pafs.FSSpecHandler):
         return pa.PythonFile(self.fs.open(path, mode="rb", cache_type="none"), mode="r")
 
 
-def arrow_fs(uri: str, storage_options: dict | None = None) -> tuple[pafs.FileSystem, str]:
+def arrow_fs(uri: str, storage_options: dict | None = None, patient: bool = False) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path) for `uri`: Arrow's own for local disk, fsspec's wrapped otherwise."""
-    fs, path = fsspec_fs(uri, storage_options)
+    fs, path = fsspec_fs(uri, storage_options, patient)
     if is_local(uri):
         return pafs.LocalFileSystem(), path
     # HTTP servers need not honour ranges (fsspec's read-ahead block can take the whole small file)

@@ -1,0 +1,60 @@
+"""A store's outage mid-run, longer than its client's default retries: the run's reads and writes
+wait it out, and it ends as if there had been none. moto's standalone server behind a relay that
+goes down on cue."""
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import PipelineConfig, read_output, run_job
+from tests.pipeline.helpers import good_rows, write_parquet
+from tests.pipeline.relay import OutageRelay
+
+
+@pytest.fixture(scope="module")
+def moto_port():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    yield server.get_host_and_port()[1]
+    server.stop()
+
+
+def test_a_runs_own_reads_and_writes_of_s3_are_patient_and_the_drivers_checks_are_not():
+    from pipeline.storage import PATIENT_RETRIES, _options
+
+    assert _options("s3", {}, patient=True)["config_kwargs"] == {"retries": PATIENT_RETRIES}
+    assert "config_kwargs" not in _options("s3", {})        # a wrong endpoint is named in seconds
+    mine = {"config_kwargs": {"retries": {"max_attempts": 2}, "connect_timeout": 1}}
+    assert _options("s3", mine, patient=True) == mine       # the user's own retries win
+    both = _options("s3", {"config_kwargs": {"connect_timeout": 1}}, patient=True)
+    assert both["config_kwargs"] == {"connect_timeout": 1, "retries": PATIENT_RETRIES}
+    assert _options("gs", {}, patient=True) == {}
+
+
+def test_a_store_refusing_connections_for_longer_than_its_clients_default_retries_does_not_end_the_run(
+        moto_port, ray_cluster, checkpoint, tmp_path):
+    """Refused connections for 16 s (botocore's default retries give up within 6-11 s) where the
+    run writes its checkpoint's pending file, and again where it writes the data file: each row
+    answered and written once, the commit finished."""
+    import s3fs
+
+    steps = [b"PUT /bucket/out.checkpoint/", b"PUT /bucket/out/"]
+    relay = OutageRelay(moto_port, steps, down_s=16.0)
+    try:
+        options = {"key": "testing", "secret": "testing", "endpoint_url": relay.url}
+        store = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+        store.mkdir("bucket")
+        rows = good_rows(4)
+        write_parquet(tmp_path / "in" / "part-0.parquet", rows)
+        config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=4, storage_options=options)
+        summary = run_job(str(tmp_path / "in"), "s3://bucket/out", config)
+        assert relay.happened == steps
+        written = read_output("s3://bucket/out", options)
+        assert sorted(written.column("id").to_pylist()) == [r["id"] for r in rows]
+        counts = summary["rows"], summary["missing_rows"], summary["duplicate_rows"], summary["error_rows"]
+        assert counts == (4, 0, 0, 0)
+        marks = store.find("bucket/out.checkpoint")
+        assert marks and not [m for m in marks if ".pending" in m]
+        assert sum(pq.read_table(m, filesystem=store).num_rows for m in marks) == 4
+    finally:
+        relay.close()
