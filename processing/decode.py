@@ -69,6 +69,15 @@ def decodable_formats() -> list[str]:
     return [name for name in Image.OPEN if name not in REFUSED_FORMATS]
 
 
+def follow_pixel_limit(max_pixels: int | None) -> None:
+    """Pillow refuses, on its own, images of more than twice its `MAX_IMAGE_PIXELS` (178,956,970):
+    a limit set above it (`--max-image-pixels 250000000`) was met by Pillow's instead. Pillow's is
+    raised to ours (process-wide, as Pillow is configured; only ever raised); with no limit of ours,
+    Pillow's stays."""
+    if max_pixels is not None and Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)     # Pillow refuses past twice it: past ours
+
+
 def _open_header(data: bytes) -> Image.Image:
     with warnings.catch_warnings():
         # Our own limit is checked right after; Pillow's global bomb warning adds nothing.
@@ -161,6 +170,7 @@ def decode_image(data: bytes | bytearray | memoryview, *, max_pixels: int | None
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageTooLargeError(f"image data is {len(data)} bytes, more than the limit of {max_bytes}")
     data = bytes(data)
+    follow_pixel_limit(max_pixels)
     check_icon_sizes(data, max_pixels, max_side)
     image = _open_header(data)
     check_size(image.width, image.height, max_pixels, max_side)
