@@ -406,3 +406,27 @@ def test_a_rows_images_of_several_columns_are_its_cells_holding_one(checkpoint):
     rows, _ = ungroup(Preprocess(config)(table))
     errors = rows.column("error").to_pylist()
     assert errors[0] is None and "null" in errors[1] and rows.column("input_ids").to_pylist()[1] is None
+
+
+def test_an_input_of_large_row_groups_is_warned_of_before_any_work(checkpoint, tmp_path, monkeypatch, caplog):
+    """Arrow reads a row group whole: one of inline images in one group took several times its size
+    in one process. The file of the largest group is named, with the way out."""
+    monkeypatch.setattr("pipeline.checks.LARGE_ROW_GROUP_BYTES", 20_000)
+    rows = good_rows(8)
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in" / "one-group.parquet")
+    others = [dict(r, id=f"other-{r['id']}") for r in rows]
+    pq.write_table(pa.Table.from_pylist(others), tmp_path / "in" / "small-groups.parquet", row_group_size=1)
+    config = PipelineConfig(model=str(checkpoint))
+    sizes = [pq.ParquetFile(tmp_path / "in" / name).metadata.row_group(0).total_byte_size
+             for name in ("one-group.parquet", "small-groups.parquet")]
+    assert sizes[0] > 20_000 > sizes[1]
+    with caplog.at_level("WARNING", logger="pipeline.checks"):
+        prepare_job(str(tmp_path / "in"), str(tmp_path / "out"), config)
+    warned = [r.getMessage() for r in caplog.records if "row groups" in r.getMessage()]
+    assert len(warned) == 1 and "1 file(s)" in warned[0] and "one-group.parquet" in warned[0]
+    assert "row_group_size" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.checks"):
+        prepare_job(str(tmp_path / "in" / "small-groups.parquet"), str(tmp_path / "out2"), config)
+    assert not [r for r in caplog.records if "row groups" in r.getMessage()]
