@@ -78,7 +78,7 @@ def input_folder(uri: str, storage_options: dict | None = None) -> str:
 
 def read_rows(uri: str, storage_options: dict | None = None, **read_args) -> ray.data.Dataset:
     """Input Parquet as a Dataset, with Ray Data's `row_hash` (file path + row index) for rows without id."""
-    filesystem, _ = arrow_fs(uri, storage_options, patient=True)
+    filesystem, _ = arrow_fs(uri, storage_options)
     return ray.data.read_parquet(input_paths(uri, storage_options), filesystem=filesystem,
                                  include_row_hash=True, file_extensions=["parquet"], **read_args)
 
@@ -190,7 +190,7 @@ def write_rows(ds: ray.data.Dataset, uri: str, storage_options: dict | None = No
     """Output rows as a folder of Parquet files. Finished blocks are gathered, whole, until they hold
     at least `rows_per_file` rows (the last file holds the rest); None: a file per block, whose size is the
     model stage's batch (a million rows in 16-row batches would be 62 500 tiny files)."""
-    filesystem, path = arrow_fs(uri, storage_options, patient=True)
+    filesystem, path = arrow_fs(uri, storage_options)
     ds.write_parquet(path, filesystem=filesystem, min_rows_per_file=rows_per_file)
 
 

@@ -31,8 +31,8 @@ from .resume import (checkpoint_config, clean_pending_commits, clear_checkpoint,
 from .retry import drop_error_rows
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
 from .run_stats import REPLICA_KIND, RunCounter
-from .storage import (absolute_location, fsspec_fs, has_files, is_local, lists_folders, redact_url, redact_urls,
-                      sibling, write_text)
+from .storage import (absolute_location, fsspec_fs, has_files, is_local, lists_folders, patient_stores, redact_url,
+                      redact_urls, sibling, write_text)
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 COUNTED = ["id", "finish_reason", "error", "num_generated_tokens"]
@@ -376,7 +376,8 @@ def run_prepared(job: PreparedJob) -> dict:
     """Runs a prepared job on the Ray cluster this process is connected to; returns (and writes
     beside the output) the summary. The output's lock (prepare_job's) is released at the end."""
     try:
-        return _run(job)
+        with patient_stores():      # the run, its counts and its summary: a store's blip must not end them
+            return _run(job)
     finally:
         if job.output_lock is not None:
             job.output_lock.release()

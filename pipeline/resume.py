@@ -47,7 +47,7 @@ def checkpoint_config(output: str, storage_options: dict | None = None,
                       input_id_column: str = "id") -> CheckpointConfig:
     """Ray's checkpoint of the output's `id` column, filtering the input by `input_id_column`."""
     uri = checkpoint_uri(output)
-    filesystem, path = arrow_fs(uri, storage_options, patient=True)
+    filesystem, path = arrow_fs(uri, storage_options)
     config = CheckpointConfig(id_column="id", checkpoint_path=path if is_local(uri) else uri,
                               override_filesystem=filesystem, delete_checkpoint_on_success=False,
                               checkpoint_filter_cls=IdOrRowHashFilter)

@@ -7,6 +7,7 @@ S3 credentials and region come from the AWS environment and config files (boto's
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import posixpath
@@ -26,12 +27,25 @@ import pyarrow.fs as pafs
 S3_PROTOCOLS = ("s3", "s3a")
 # S3's client as s3fs sets it up (botocore's "legacy" retries) gives up on a store that refuses
 # connections within 6-11 s, and on throttling (SlowDown) after 5 tries: a blip that ended a run of
-# hours. A run's own reads and writes (its input rows, output files, their checkpoint) take botocore's
-# "standard" retries instead, 10 tries over 70-80 s, unless the storage options set theirs.
+# hours. Within patient_stores() (a run, once its checks have passed) it takes botocore's "standard"
+# retries instead, 10 tries over 70-80 s, unless the storage options set theirs.
 PATIENT_RETRIES = {"max_attempts": 10, "mode": "standard"}
+_PATIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("patient_stores", default=False)
 
 
-def _options(protocol: str, storage_options: dict | None, patient: bool = False) -> dict:
+@contextlib.contextmanager
+def patient_stores() -> Iterator[None]:
+    """The stores opened within (by this thread; a filesystem handed to Ray's workers goes with its
+    options) wait out their passing trouble (PATIENT_RETRIES). The driver's checks before a run are
+    not patient: a wrong endpoint is named in seconds."""
+    token = _PATIENT.set(True)
+    try:
+        yield
+    finally:
+        _PATIENT.reset(token)
+
+
+def _options(protocol: str, storage_options: dict | None) -> dict:
     options = dict(storage_options or {})
     if protocol in S3_PROTOCOLS:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -39,7 +53,7 @@ def _options(protocol: str, storage_options: dict | None, patient: bool = False)
         if endpoint and "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
             options["endpoint_url"] = endpoint
         config = options.get("config_kwargs") or {}
-        if patient and "retries" not in config:
+        if _PATIENT.get() and "retries" not in config:
             options["config_kwargs"] = {**config, "retries": PATIENT_RETRIES}
     return options
 
@@ -67,15 +81,13 @@ def lists_folders(uri: str) -> bool:
     return is_local(uri) or protocol_of(uri) in (*S3_PROTOCOLS, "gs", "gcs", "az", "abfs", "abfss")
 
 
-def fsspec_fs(uri: str, storage_options: dict | None = None,
-              patient: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path without protocol) for `uri`; local paths come back absolute. `patient`: a
-    run's reads and writes, which a store's passing trouble must not end (PATIENT_RETRIES)."""
+def fsspec_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path without protocol) for `uri`; local paths come back absolute."""
     if is_local(uri):
         return fsspec.filesystem("file"), os.path.abspath(fsspec.core.strip_protocol(uri))
     protocol = protocol_of(uri)
     # A fresh instance: fsspec's cached ones keep directory listings from before a write.
-    fs = fsspec.filesystem(protocol, skip_instance_cache=True, **_options(protocol, storage_options, patient))
+    fs = fsspec.filesystem(protocol, skip_instance_cache=True, **_options(protocol, storage_options))
     return fs, fs._strip_protocol(uri)
 
 
@@ -90,9 +102,9 @@ class ExactReads(pafs.FSSpecHandler):
         return pa.PythonFile(self.fs.open(path, mode="rb", cache_type="none"), mode="r")
 
 
-def arrow_fs(uri: str, storage_options: dict | None = None, patient: bool = False) -> tuple[pafs.FileSystem, str]:
+def arrow_fs(uri: str, storage_options: dict | None = None) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path) for `uri`: Arrow's own for local disk, fsspec's wrapped otherwise."""
-    fs, path = fsspec_fs(uri, storage_options, patient)
+    fs, path = fsspec_fs(uri, storage_options)
     if is_local(uri):
         return pafs.LocalFileSystem(), path
     # HTTP servers need not honour ranges (fsspec's read-ahead block can take the whole small file)
@@ -116,7 +128,7 @@ def reader_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Abs
     if is_local(uri):
         return fsspec_fs(uri)
     protocol = protocol_of(uri)
-    key = (protocol, json.dumps(storage_options or {}, sort_keys=True, default=str))
+    key = (protocol, json.dumps(storage_options or {}, sort_keys=True, default=str), _PATIENT.get())
     with _READERS_LOCK:
         if key not in _READERS:
             _READERS[key] = fsspec_fs(uri, storage_options)[0]

@@ -1,6 +1,8 @@
 """A store's outage mid-run, longer than its client's default retries: the run's reads and writes
 wait it out, and it ends as if there had been none. moto's standalone server behind a relay that
 goes down on cue."""
+import json
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -19,26 +21,28 @@ def moto_port():
     server.stop()
 
 
-def test_a_runs_own_reads_and_writes_of_s3_are_patient_and_the_drivers_checks_are_not():
-    from pipeline.storage import PATIENT_RETRIES, _options
+def test_a_runs_stores_are_patient_and_the_drivers_checks_are_not():
+    from pipeline.storage import PATIENT_RETRIES, _options, patient_stores
 
-    assert _options("s3", {}, patient=True)["config_kwargs"] == {"retries": PATIENT_RETRIES}
-    assert "config_kwargs" not in _options("s3", {})        # a wrong endpoint is named in seconds
-    mine = {"config_kwargs": {"retries": {"max_attempts": 2}, "connect_timeout": 1}}
-    assert _options("s3", mine, patient=True) == mine       # the user's own retries win
-    both = _options("s3", {"config_kwargs": {"connect_timeout": 1}}, patient=True)
-    assert both["config_kwargs"] == {"connect_timeout": 1, "retries": PATIENT_RETRIES}
-    assert _options("gs", {}, patient=True) == {}
+    assert "config_kwargs" not in _options("s3", {})        # the checks: a wrong endpoint is named in seconds
+    with patient_stores():
+        assert _options("s3", {})["config_kwargs"] == {"retries": PATIENT_RETRIES}
+        mine = {"config_kwargs": {"retries": {"max_attempts": 2}, "connect_timeout": 1}}
+        assert _options("s3", mine) == mine                 # the user's own retries win
+        both = _options("s3", {"config_kwargs": {"connect_timeout": 1}})
+        assert both["config_kwargs"] == {"connect_timeout": 1, "retries": PATIENT_RETRIES}
+        assert _options("gs", {}) == {}
+    assert "config_kwargs" not in _options("s3", {})
 
 
 def test_a_store_refusing_connections_for_longer_than_its_clients_default_retries_does_not_end_the_run(
         moto_port, ray_cluster, checkpoint, tmp_path):
-    """Refused connections for 16 s (botocore's default retries give up within 6-11 s) where the
-    run writes its checkpoint's pending file, and again where it writes the data file: each row
-    answered and written once, the commit finished."""
+    """Refused connections for 16 s (botocore's default retries give up within 6-11 s) where a
+    worker writes the data file (after its checkpoint's pending file) and where the driver writes
+    the summary: each row answered and written once, the commit finished, the summary written."""
     import s3fs
 
-    steps = [b"PUT /bucket/out.checkpoint/", b"PUT /bucket/out/"]
+    steps = [b"PUT /bucket/out/", b"PUT /bucket/out.summary.json"]
     relay = OutageRelay(moto_port, steps, down_s=16.0)
     try:
         options = {"key": "testing", "secret": "testing", "endpoint_url": relay.url}
@@ -56,5 +60,6 @@ def test_a_store_refusing_connections_for_longer_than_its_clients_default_retrie
         marks = store.find("bucket/out.checkpoint")
         assert marks and not [m for m in marks if ".pending" in m]
         assert sum(pq.read_table(m, filesystem=store).num_rows for m in marks) == 4
+        assert json.loads(store.cat("bucket/out.summary.json")) == summary
     finally:
         relay.close()
