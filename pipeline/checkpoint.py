@@ -26,7 +26,7 @@ from model.config import CONFIG_NAME, Idefics3Config, check_tp
 from model.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HUB_PATTERNS, INDEX_FILE, SINGLE_FILE, CheckpointError,
                          adapter_files, check_adapter_config, check_complete_safetensors, is_hub_id, weight_files)
 
-from .storage import fsspec_fs, is_local, private_temp_folder, reader_fs, reading_store, redact_url
+from .storage import fsspec_fs, is_local, patient_stores, private_temp_folder, reader_fs, reading_store, redact_url
 
 CACHE_ENV = "IDEFICS3_CHECKPOINT_CACHE"     # default: <temp dir>/idefics3-checkpoints-<uid>
 COMPLETE = ".complete.json"
@@ -342,8 +342,8 @@ def local_checkpoint(model: str, storage_options: dict | None = None) -> str:
         return model
     target = cache_root() / hashlib.sha256(model.rstrip("/").encode()).hexdigest()[:24]
     target.parent.mkdir(parents=True, exist_ok=True)
-    files = remote_versions(model, storage_options)
-    with open(f"{target}.lock", "w") as lock:
+    with patient_stores(), open(f"{target}.lock", "w") as lock:     # a store's blip here failed an actor's start
+        files = remote_versions(model, storage_options)
         fcntl.flock(lock, fcntl.LOCK_EX)        # one copy per node; the others wait for it
         if copied_files(target) != files:
             copy(model, files, target, storage_options)

@@ -27,7 +27,7 @@ from .preprocess import row_encoder
 from .storage import fsspec_fs, is_local, lists_folders, protocol_of, reader_fs, redact_url, redact_urls
 
 log = logging.getLogger(__name__)
-LARGE_ROW_GROUP_BYTES = 1 << 30
+LARGE_ROW_GROUP_BYTES = 10 ** 9
 
 
 def check_image_root(root: str | None, storage_options: dict | None) -> None:
@@ -162,24 +162,30 @@ def check_input_files(source: str, storage_options: dict | None) -> dict[str, pq
                          f"repair or remove them: {named}")
     if protocol_of(source) in ("http", "https"):
         check_ranged_reads(next(iter(footers)), source, storage_options)
-    warn_of_large_row_groups(footers, source)
     return footers
 
 
-def warn_of_large_row_groups(footers: dict[str, pq.FileMetaData], source: str) -> None:
-    """Arrow reads a Parquet row group whole, whatever the batch: a file of inline images written as
-    one row group of 1.8 GB took 10 GB in the one process reading it (and in the driver, for a dry
-    run's first rows). Said before the run, with the way out."""
-    sizes = {path: max((meta.row_group(k).total_byte_size for k in range(meta.num_row_groups)), default=0)
+def warn_of_large_row_groups(footers: dict[str, pq.FileMetaData], columns: list[str], source: str) -> None:
+    """Arrow reads a Parquet row group's columns whole, whatever the batch: a file of inline images
+    written as one row group of 1.8 GB took 10 GB in the one process reading it (and in the driver,
+    for a dry run's first rows). Groups whose `columns` (those the run reads) are large are said
+    before the run, with the way out."""
+    wanted = set(columns)
+
+    def read_bytes(group: pq.RowGroupMetaData) -> int:
+        return sum(group.column(j).total_uncompressed_size for j in range(group.num_columns)
+                   if group.column(j).path_in_schema.split(".")[0] in wanted)
+
+    sizes = {path: max((read_bytes(meta.row_group(k)) for k in range(meta.num_row_groups)), default=0)
              for path, meta in footers.items()}
     large = {path: size for path, size in sizes.items() if size > LARGE_ROW_GROUP_BYTES}
     if not large:
         return
     path, size = max(large.items(), key=lambda item: item[1])
-    log.warning("input %r: %d file(s) hold row groups over %.1f GB (%s: %.1f GB); each is read whole, at several "
-                "times its size in memory in one process: write the input with smaller row groups (pyarrow: "
-                "pq.write_table(table, path, row_group_size=100) for rows of ~1 MB images)", redact_url(source),
-                len(large), LARGE_ROW_GROUP_BYTES / 1e9, redact_url(path), size / 1e9)
+    log.warning("input %r: %d file(s) hold row groups over %.0f GB in the columns the run reads (%s: %.1f GB); "
+                "each is read whole, at several times its size in memory in one process: write the input with "
+                "smaller row groups (pyarrow: pq.write_table(table, path, row_group_size=100) for rows of ~1 MB "
+                "images)", redact_url(source), len(large), LARGE_ROW_GROUP_BYTES / 1e9, redact_url(path), size / 1e9)
 
 
 def check_ranged_reads(path: str, source: str, storage_options: dict | None) -> None:

@@ -17,7 +17,8 @@ import ray.data
 from .builder import build_processor
 from .checkpoint import check_adapter, check_model
 from .checks import (check_column_types, check_columns, check_ids, check_image_root, check_input_excludes_output,
-                     check_input_files, check_output_outside_input, check_row_encoding, input_ids, read_schema)
+                     check_input_files, check_output_outside_input, check_row_encoding, input_ids, read_schema,
+                     warn_of_large_row_groups)
 from .config import PipelineConfig
 from .errors import RunFailed, StartFailed
 from .replica import release_replica_groups
@@ -265,6 +266,7 @@ def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume
         raise ValueError(f"input {input_uri!r}: its column {ROW_HASH!r} is the name of the column Ray Data adds "
                          "(a hash of each row's file and position): the run cannot read both; rename yours")
     schema = read_schema(footers, columns, input_uri)
+    warn_of_large_row_groups(footers, columns, input_uri)
     check_column_types(schema, config, input_uri, renames)
     ids = input_ids(rows, footers, schema, config.id_column, input_uri, opts)
     check_ids(ids, input_uri, config.id_column)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import json
 import os
 import posixpath
@@ -26,10 +27,14 @@ import pyarrow.fs as pafs
 
 S3_PROTOCOLS = ("s3", "s3a")
 # S3's client as s3fs sets it up (botocore's "legacy" retries) gives up on a store that refuses
-# connections within 6-11 s, and on throttling (SlowDown) after 5 tries: a blip that ended a run of
-# hours. Within patient_stores() (a run, once its checks have passed) it takes botocore's "standard"
-# retries instead, 10 tries over 70-80 s, unless the storage options set theirs.
+# connections within 15 s (7.5 s on average), and on throttling (SlowDown) after 4 retries: a blip
+# that ended a run of hours. Within patient_stores() (a run, once its checks have passed; an actor's
+# copy of the model) it takes botocore's "standard" retries instead: 10 retries, waits of up to 20 s,
+# ~65 s in all on average, within a budget of retries that a client's concurrent requests share
+# (a worker's write has a client of its own). Unless the storage options or the AWS environment
+# choose the retries.
 PATIENT_RETRIES = {"max_attempts": 10, "mode": "standard"}
+RETRY_ENVIRONMENT = ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")
 _PATIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("patient_stores", default=False)
 
 
@@ -46,15 +51,16 @@ def patient_stores() -> Iterator[None]:
 
 
 def _options(protocol: str, storage_options: dict | None) -> dict:
-    options = dict(storage_options or {})
+    options = copy.deepcopy(storage_options or {})      # botocore rewrites a config's retries in place
     if protocol in S3_PROTOCOLS:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         client_kwargs = options.get("client_kwargs") or {}
         if endpoint and "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
             options["endpoint_url"] = endpoint
         config = options.get("config_kwargs") or {}
-        if _PATIENT.get() and "retries" not in config:
-            options["config_kwargs"] = {**config, "retries": PATIENT_RETRIES}
+        chosen = "retries" in config or any(os.environ.get(name) for name in RETRY_ENVIRONMENT)
+        if _PATIENT.get() and not chosen:
+            options["config_kwargs"] = {**config, "retries": dict(PATIENT_RETRIES)}
     return options
 
 
@@ -117,7 +123,7 @@ def sibling(uri: str, suffix: str) -> str:
     return uri.rstrip("/") + suffix
 
 
-_READERS: dict[tuple[str, str], fsspec.AbstractFileSystem] = {}
+_READERS: dict[tuple[str, str, bool], fsspec.AbstractFileSystem] = {}
 _READERS_LOCK = threading.Lock()
 
 

@@ -72,10 +72,10 @@ def decodable_formats() -> list[str]:
 def follow_pixel_limit(max_pixels: int | None) -> None:
     """Pillow refuses, on its own, images of more than twice its `MAX_IMAGE_PIXELS` (178,956,970):
     a limit set above it (`--max-image-pixels 250000000`) was met by Pillow's instead. Pillow's is
-    raised to ours (process-wide, as Pillow is configured; only ever raised); with no limit of ours,
-    Pillow's stays."""
+    raised to ours, so that it refuses only past twice ours, after our check (process-wide, as
+    Pillow is configured; only ever raised); with no limit of ours, Pillow's stays."""
     if max_pixels is not None and Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)     # Pillow refuses past twice it: past ours
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _open_header(data: bytes) -> Image.Image:

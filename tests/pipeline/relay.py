@@ -3,9 +3,14 @@ pattern: its connections cut, new ones refused (nothing listens), then it listen
 port. A store's outage of a few seconds, placed at the request the test names."""
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
+
+# Below the kernel's ephemeral ports (32768-60999 on Linux) and above Ray's workers' (10002-19999):
+# while the relay is down, no outgoing connection can take its port, which it listens on again.
+PORTS = range(20000, 32000)
 
 
 class OutageRelay:
@@ -17,10 +22,12 @@ class OutageRelay:
         self.waiting = list(outages)
         self.happened: list[bytes] = []
         self.requests: list[bytes] = []
+        self.failures: list[str] = []           # what went wrong in the relay itself (a test asserts none)
         self._lock = threading.Lock()
         self._connections: list[socket.socket] = []
-        self._listener = self._listen(0)
-        self.port = self._listener.getsockname()[1]
+        self._down_since = 0.0
+        self._closed = False
+        self._listener, self.port = self._listen_anywhere()
         threading.Thread(target=self._serve, daemon=True).start()
 
     @property
@@ -28,15 +35,29 @@ class OutageRelay:
         return f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
-        self.waiting = []
+        with self._lock:
+            self._closed = True
+            self.waiting = []
         self._stop_listening()
         self._cut_connections()
+
+    def _listen_anywhere(self) -> tuple[socket.socket, int]:
+        for port in random.sample(PORTS, 50):
+            try:
+                return self._listen(port), port
+            except OSError:
+                continue
+        raise OSError("no free port for the relay")
 
     def _listen(self, port: int) -> socket.socket:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
-        listener.listen(64)
+        try:
+            listener.bind(("127.0.0.1", port))
+            listener.listen(64)
+        except OSError:
+            listener.close()
+            raise
         return listener
 
     def _serve(self) -> None:
@@ -47,7 +68,12 @@ class OutageRelay:
                 if not self._back_up():
                     return
                 continue
-            store = socket.create_connection(("127.0.0.1", self.target_port))
+            try:
+                store = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError as e:
+                self.failures.append(f"the store refused the relay: {e}")
+                client.close()
+                continue
             with self._lock:
                 self._connections += [client, store]
             threading.Thread(target=self._pump, args=(client, store, True), daemon=True).start()
@@ -56,15 +82,17 @@ class OutageRelay:
     def _back_up(self) -> bool:
         """After an outage, listening again on the same port; False once closed for good."""
         with self._lock:
-            if not self._down_since:
+            if self._closed or not self._down_since:
                 return False
         time.sleep(max(0.0, self._down_since + self.down_s - time.monotonic()))
-        self._listener = self._listen(self.port)
+        try:
+            self._listener = self._listen(self.port)
+        except OSError as e:
+            self.failures.append(f"the relay could not listen again on {self.port}: {e}")
+            return False
         with self._lock:
             self._down_since = 0.0
         return True
-
-    _down_since = 0.0
 
     def _pump(self, source: socket.socket, sink: socket.socket, requests: bool) -> None:
         try:

@@ -429,4 +429,8 @@ def test_an_input_of_large_row_groups_is_warned_of_before_any_work(checkpoint, t
     caplog.clear()
     with caplog.at_level("WARNING", logger="pipeline.checks"):
         prepare_job(str(tmp_path / "in" / "small-groups.parquet"), str(tmp_path / "out2"), config)
+    spare = [dict(r, image=png(2, 2), spare=bytes(30_000)) for r in rows]      # a large column the run leaves
+    pq.write_table(pa.Table.from_pylist(spare), tmp_path / "spare.parquet")
+    with caplog.at_level("WARNING", logger="pipeline.checks"):
+        prepare_job(str(tmp_path / "spare.parquet"), str(tmp_path / "out3"), config)
     assert not [r for r in caplog.records if "row groups" in r.getMessage()]

@@ -21,8 +21,11 @@ def moto_port():
     server.stop()
 
 
-def test_a_runs_stores_are_patient_and_the_drivers_checks_are_not():
+def test_a_runs_stores_are_patient_and_the_drivers_checks_are_not(monkeypatch):
     from pipeline.storage import PATIENT_RETRIES, _options, patient_stores
+
+    for name in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(name, raising=False)
 
     assert "config_kwargs" not in _options("s3", {})        # the checks: a wrong endpoint is named in seconds
     with patient_stores():
@@ -32,6 +35,9 @@ def test_a_runs_stores_are_patient_and_the_drivers_checks_are_not():
         both = _options("s3", {"config_kwargs": {"connect_timeout": 1}})
         assert both["config_kwargs"] == {"connect_timeout": 1, "retries": PATIENT_RETRIES}
         assert _options("gs", {}) == {}
+        monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+        assert "config_kwargs" not in _options("s3", {})    # nor do the AWS environment's
+    monkeypatch.delenv("AWS_RETRY_MODE")
     assert "config_kwargs" not in _options("s3", {})
 
 
@@ -52,7 +58,7 @@ def test_a_store_refusing_connections_for_longer_than_its_clients_default_retrie
         write_parquet(tmp_path / "in" / "part-0.parquet", rows)
         config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=4, storage_options=options)
         summary = run_job(str(tmp_path / "in"), "s3://bucket/out", config)
-        assert relay.happened == steps
+        assert relay.happened == steps and not relay.failures
         written = read_output("s3://bucket/out", options)
         assert sorted(written.column("id").to_pylist()) == [r["id"] for r in rows]
         counts = summary["rows"], summary["missing_rows"], summary["duplicate_rows"], summary["error_rows"]
@@ -63,3 +69,33 @@ def test_a_store_refusing_connections_for_longer_than_its_clients_default_retrie
         assert json.loads(store.cat("bucket/out.summary.json")) == summary
     finally:
         relay.close()
+
+
+def test_an_actors_copy_of_a_model_on_s3_is_patient(moto_port, checkpoint, tmp_path, monkeypatch):
+    """The copy an actor makes of its node's model as it starts: a blip there failed the actor's
+    start, which ends the run. Each store it reads through waits out passing trouble."""
+    import s3fs
+
+    import pipeline.checkpoint as checkpoints
+    from pipeline.storage import PATIENT_RETRIES
+
+    for name in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(checkpoints.CACHE_ENV, str(tmp_path / "cache"))
+    options = {"key": "testing", "secret": "testing", "endpoint_url": f"http://127.0.0.1:{moto_port}"}
+    store = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    store.mkdir("models")
+    store.put(str(checkpoint) + "/", "models/tiny/", recursive=True)
+    retries, read = [], checkpoints.reader_fs
+
+    def reader(uri, storage_options=None):
+        fs, path = read(uri, storage_options)
+        retries.append(fs.config_kwargs.get("retries"))
+        return fs, path
+
+    monkeypatch.setattr(checkpoints, "reader_fs", reader)
+    folder = checkpoints.local_checkpoint("s3://models/tiny", options)
+    assert (tmp_path / "cache").exists() and folder.startswith(str(tmp_path / "cache"))
+    # the listing and the copy (botocore rewrites the retries it is given: max_attempts 10 as 11 in all)
+    assert len(retries) >= 2 and all(r == {"mode": "standard", "total_max_attempts": 11} for r in retries)
+    assert PATIENT_RETRIES == {"max_attempts": 10, "mode": "standard"}

@@ -149,11 +149,11 @@ def test_a_pixel_limit_above_pillows_own_is_the_one_applied(monkeypatch):
     capped there, silently (a 1-bit 15000 x 14000 PNG: 26 KB, 26 MB decoded)."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)     # put back after the test
     data = encode(Image.new("1", (15000, 14000)), "PNG")
-    with pytest.raises(ImageTooLargeError, match="210000000 pixels.* limit of 200000000"):
+    with pytest.raises(ImageTooLargeError, match="210000000 pixels, more than the limit of 200000000"):
         decode_image(data, max_pixels=200_000_000)
     assert decode_image(data, max_pixels=250_000_000).size == (15000, 14000)
     with pytest.raises(ImageTooLargeError, match="Pillow's decompression-bomb limit"):
-        decode_image(png_with_header(20000, 20000), max_pixels=None)      # no limit of ours: Pillow's stays
+        decode_image(png_with_header(40000, 40000), max_pixels=None)      # no limit of ours: Pillow's stays
 
 
 @pytest.mark.parametrize("bitmap_format", ["png", "bmp"])
