@@ -2,6 +2,7 @@
 wait it out, and it ends as if there had been none. moto's standalone server behind a relay that
 goes down on cue."""
 import json
+import uuid
 
 import pyarrow.parquet as pq
 import pytest
@@ -48,25 +49,26 @@ def test_a_store_refusing_connections_for_longer_than_its_clients_default_retrie
     the summary: each row answered and written once, the commit finished, the summary written."""
     import s3fs
 
-    steps = [b"PUT /bucket/out/", b"PUT /bucket/out.summary.json"]
+    bucket = f"outage-{uuid.uuid4().hex[:8]}"     # moto's buckets are one process's: other modules' are there too
+    steps = [f"PUT /{bucket}/out/".encode(), f"PUT /{bucket}/out.summary.json".encode()]
     relay = OutageRelay(moto_port, steps, down_s=16.0)
     try:
         options = {"key": "testing", "secret": "testing", "endpoint_url": relay.url}
         store = s3fs.S3FileSystem(skip_instance_cache=True, **options)
-        store.mkdir("bucket")
+        store.mkdir(bucket)
         rows = good_rows(4)
         write_parquet(tmp_path / "in" / "part-0.parquet", rows)
         config = PipelineConfig(model=str(checkpoint), max_new_tokens=2, batch_size=4, storage_options=options)
-        summary = run_job(str(tmp_path / "in"), "s3://bucket/out", config)
+        summary = run_job(str(tmp_path / "in"), f"s3://{bucket}/out", config)
         assert relay.happened == steps and not relay.failures
-        written = read_output("s3://bucket/out", options)
+        written = read_output(f"s3://{bucket}/out", options)
         assert sorted(written.column("id").to_pylist()) == [r["id"] for r in rows]
         counts = summary["rows"], summary["missing_rows"], summary["duplicate_rows"], summary["error_rows"]
         assert counts == (4, 0, 0, 0)
-        marks = store.find("bucket/out.checkpoint")
+        marks = store.find(f"{bucket}/out.checkpoint")
         assert marks and not [m for m in marks if ".pending" in m]
         assert sum(pq.read_table(m, filesystem=store).num_rows for m in marks) == 4
-        assert json.loads(store.cat("bucket/out.summary.json")) == summary
+        assert json.loads(store.cat(f"{bucket}/out.summary.json")) == summary
     finally:
         relay.close()
 
@@ -84,8 +86,9 @@ def test_an_actors_copy_of_a_model_on_s3_is_patient(moto_port, checkpoint, tmp_p
     monkeypatch.setenv(checkpoints.CACHE_ENV, str(tmp_path / "cache"))
     options = {"key": "testing", "secret": "testing", "endpoint_url": f"http://127.0.0.1:{moto_port}"}
     store = s3fs.S3FileSystem(skip_instance_cache=True, **options)
-    store.mkdir("models")
-    store.put(str(checkpoint) + "/", "models/tiny/", recursive=True)
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    store.mkdir(bucket)
+    store.put(str(checkpoint) + "/", f"{bucket}/tiny/", recursive=True)
     retries, read = [], checkpoints.reader_fs
 
     def reader(uri, storage_options=None):
@@ -94,7 +97,7 @@ def test_an_actors_copy_of_a_model_on_s3_is_patient(moto_port, checkpoint, tmp_p
         return fs, path
 
     monkeypatch.setattr(checkpoints, "reader_fs", reader)
-    folder = checkpoints.local_checkpoint("s3://models/tiny", options)
+    folder = checkpoints.local_checkpoint(f"s3://{bucket}/tiny", options)
     assert (tmp_path / "cache").exists() and folder.startswith(str(tmp_path / "cache"))
     # the listing and the copy (botocore rewrites the retries it is given: max_attempts 10 as 11 in all)
     assert len(retries) >= 2 and all(r == {"mode": "standard", "total_max_attempts": 11} for r in retries)
