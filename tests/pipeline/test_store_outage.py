@@ -102,3 +102,34 @@ def test_an_actors_copy_of_a_model_on_s3_is_patient(moto_port, checkpoint, tmp_p
     # the listing and the copy (botocore rewrites the retries it is given: max_attempts 10 as 11 in all)
     assert len(retries) >= 2 and all(r == {"mode": "standard", "total_max_attempts": 11} for r in retries)
     assert PATIENT_RETRIES == {"max_attempts": 10, "mode": "standard"}
+
+
+@pytest.mark.timeout(120)
+def test_an_upload_to_a_store_that_never_answers_fails_after_its_read_timeouts(tmp_path):
+    """A store that takes the connection and never answers: botocore asked each upload for a
+    "100 Continue", which aiohttp waited for with no timeout, so a run's write hung for ever. The
+    filesystems a run hands to Ray's workers (pickled) upload at once and time out like a read."""
+    import pickle
+    import socket
+    import threading
+    import time
+
+    from pipeline.storage import fsspec_fs
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held = []
+    threading.Thread(target=lambda: [held.append(listener.accept()) for _ in iter(int, 1)], daemon=True).start()
+    options = {"key": "testing", "secret": "testing", "endpoint_url": f"http://127.0.0.1:{listener.getsockname()[1]}",
+               "config_kwargs": {"read_timeout": 1, "connect_timeout": 1, "retries": {"max_attempts": 1}}}
+    fs, path = fsspec_fs("s3://bucket/out/part-0.parquet", options)
+    fs = pickle.loads(pickle.dumps(fs))
+    start = time.monotonic()
+    try:
+        with pytest.raises(Exception, match="Read timeout"):
+            with fs.open(path, "wb") as f:
+                f.write(b"answers")
+        assert time.monotonic() - start < 60 and held       # s3fs's own 5 tries of 1 s each, and their waits
+    finally:
+        listener.close()
