@@ -32,6 +32,7 @@ from .resume import (checkpoint_config, clean_pending_commits, clear_checkpoint,
 from .retry import drop_error_rows
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
 from .run_stats import REPLICA_KIND, RunCounter
+from .shared_paths import check_nodes_share_paths
 from .storage import (absolute_location, fsspec_fs, has_files, is_local, lists_folders, patient_stores, redact_url,
                       redact_urls, sibling, write_text)
 
@@ -434,6 +435,7 @@ def failures_in_one_line():
 def answer_rows(job: PreparedJob) -> tuple[float, dict]:
     """The run on Ray Data: its rows read, answered and written; its wall time and its counts."""
     opts = job.config.storage_options
+    check_nodes_share_paths(job.input_uri, job.output_uri, job.config)
     context = ray.data.DataContext.get_current()
     context.checkpoint_config = checkpoint_config(job.output_uri, opts, job.config.id_column)
     stats = RunCounter()

@@ -16,6 +16,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from tests.fixtures.checkpoints import build_checkpoint
+from tests.jobs.ray_nodes import agent_port_flags
 from tests.pipeline.helpers import free_port, good_rows, write_parquet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,13 +55,8 @@ def cluster():
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4", f"--temp-dir={temp}",
-         "--disable-usage-stats",
-         # Free ports for the agents too: the defaults (52365, ...) collide with any other Ray on the box,
-         # and then the job agent never comes up ("No available agent to submit job").
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-         f"--ray-client-server-port={free_port()}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+         "--disable-usage-stats", *agent_port_flags(), f"--ray-client-server-port={free_port()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     try:
         wait_for_dashboard(url, head)

@@ -1,0 +1,151 @@
+"""On a cluster of several nodes, the run's local paths must name the same files on every node.
+
+Every node works on a run: its read tasks read the input, its actors load the model and read images
+under the image root, its write tasks write the output. A folder on the driver's own disk is not on
+the others': their reads fail (every row of theirs an error row, or the run failed), and their
+writes land on their own disks, out of the output the driver counts and a resume reads. Before any
+work, each other node is asked what it sees at those paths: the output's run manifest, which the
+driver has just written (the same bytes: a folder every node shares), and a sample of the input's,
+the model's and the adapter's files (the same sizes: a copy on each node's disk will do for what is
+only read).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from .config import PipelineConfig
+from .io import parquet_files
+from .manifest import manifest_path
+from .storage import is_local
+
+SAMPLED_INPUT_FILES = 32
+NODE_ANSWER_S = 60.0
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the driver sees at one path the run uses; `digest` where the bytes must be the same."""
+    flag: str
+    path: str
+    size: int | None        # None: a folder
+    digest: str | None = None
+
+
+def local_path(uri: str) -> str:
+    return os.path.expanduser(fsspec.core.strip_protocol(uri))
+
+
+def file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def seen(flag: str, path: str, digest: bool = False) -> Expected:
+    p = Path(path)
+    if p.is_dir():
+        return Expected(flag, path, None)
+    return Expected(flag, path, p.stat().st_size, file_digest(path) if digest else None)
+
+
+def sample(paths: list[str], n: int) -> list[str]:
+    """At most `n` of `paths`, spread over them (the first and the last included)."""
+    if len(paths) <= n:
+        return paths
+    return [paths[round(i * (len(paths) - 1) / (n - 1))] for i in range(n)]
+
+
+def checkpoint_files(folder: str) -> list[str]:
+    """A local checkpoint's (or adapter's) configs and weights."""
+    p = Path(folder)
+    if not p.is_dir():      # a hub id: each node's own cache
+        return []
+    return sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix in (".json", ".safetensors"))
+
+
+def expected_paths(input_uri: str, output_uri: str, config: PipelineConfig) -> list[Expected]:
+    """What every node must see as the driver does, for the run's local paths (none for URLs)."""
+    found: list[Expected] = []
+    if is_local(output_uri):
+        found.append(seen("--output (its run manifest)", local_path(manifest_path(output_uri)), digest=True))
+    if is_local(input_uri):
+        found += [seen("--input", p) for p in sample(parquet_files(input_uri, config.storage_options),
+                                                     SAMPLED_INPUT_FILES)]
+    for flag, folder in (("--model", config.model), ("--adapter", config.adapter)):
+        if folder and is_local(folder):
+            found += [seen(flag, p) for p in checkpoint_files(local_path(folder))]
+    if config.image_root and is_local(config.image_root):
+        found.append(seen("--image-root", local_path(config.image_root)))
+    return found
+
+
+def differences(expected: list[Expected]) -> list[str]:
+    """What this node sees otherwise than the driver, one line a path (empty: all the same)."""
+    out = []
+    for e in expected:
+        try:
+            found = difference(e)
+        except OSError as error:    # unreadable there: as good as another file
+            found = f"cannot be read there ({type(error).__name__}: {error})"
+        if found:
+            out.append(f"{e.flag}: {e.path} {found}")
+    return out
+
+
+def difference(e: Expected) -> str | None:
+    p = Path(e.path)
+    if not p.exists():
+        return "does not exist there"
+    if e.size is None:
+        return None if p.is_dir() else "is not a folder there"
+    if not p.is_file() or p.stat().st_size != e.size:
+        return f"is another file there ({p.stat().st_size} bytes, here {e.size})"
+    if e.digest is not None and file_digest(e.path) != e.digest:
+        return "is another file there (this run's, just written here, is not)"
+    return None
+
+
+def working_nodes() -> list[dict]:
+    """The cluster's alive nodes that can take the run's work (a node of no CPU nor GPU takes none),
+    but the driver's."""
+    import ray
+
+    me = ray.get_runtime_context().get_node_id()
+    return [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != me
+            and (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)]
+
+
+def check_nodes_share_paths(input_uri: str, output_uri: str, config: PipelineConfig) -> None:
+    """Refuses a run whose local paths other nodes of the cluster do not see as the driver does
+    (ValueError naming the node, the flag and the path); a node that does not answer within
+    NODE_ANSWER_S is warned of, not waited for."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = working_nodes()
+    expected = expected_paths(input_uri, output_uri, config) if nodes else []
+    if not expected:
+        return
+    look = ray.remote(num_cpus=0, max_retries=0)(differences)
+    asked = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(expected):
+             n for n in nodes}
+    answered, late = ray.wait(list(asked), num_returns=len(asked), timeout=NODE_ANSWER_S)
+    for ref in late:
+        log.warning("node %s did not say within %g s whether it sees the run's local paths: not checked",
+                    node_name(asked[ref]), NODE_ANSWER_S)
+    refused = [(asked[ref], found) for ref in answered if (found := ray.get(ref))]
+    if refused:
+        node, found = refused[0]
+        others = f" (and {len(refused) - 1} other nodes)" if len(refused) > 1 else ""
+        raise ValueError(f"node {node_name(node)}{others} of the cluster does not see this machine's files: "
+                         + "; ".join(found[:3]) + ". Every node works on the run: on a cluster of several nodes, "
+                         "name folders all nodes share (NFS, a mounted volume) or an object store's URLs (s3://...)")
+
+
+def node_name(node: dict) -> str:
+    return f"{node['NodeManagerAddress']} (id {node['NodeID'][:8]})"
