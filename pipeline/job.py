@@ -32,7 +32,7 @@ from .resume import (checkpoint_config, clean_pending_commits, clear_checkpoint,
 from .retry import drop_error_rows
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
 from .run_stats import REPLICA_KIND, RunCounter
-from .shared_paths import check_nodes_share_paths
+from .shared_paths import check_nodes_share_paths, check_output_outlives_job
 from .storage import (absolute_location, fsspec_fs, has_files, is_local, lists_folders, patient_stores, redact_url,
                       redact_urls, sibling, write_text)
 
@@ -254,6 +254,7 @@ def check_job(input_uri: str, output_uri: str, config: PipelineConfig, *, resume
     check_image_root(config.image_root, opts)
     config = with_image_root(config, input_uri)
     check_output_outside_input(input_uri, output_uri, opts)
+    check_output_outlives_job(output_uri)
     with writing_output(output_uri):
         check_output(output_uri, opts, resume, overwrite)
     footers = check_input_files(input_uri, opts)

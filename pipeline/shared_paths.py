@@ -12,6 +12,7 @@ only read).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -145,6 +146,29 @@ def check_nodes_share_paths(input_uri: str, output_uri: str, config: PipelineCon
         raise ValueError(f"node {node_name(node)}{others} of the cluster does not see this machine's files: "
                          + "; ".join(found[:3]) + ". Every node works on the run: on a cluster of several nodes, "
                          "name folders all nodes share (NFS, a mounted volume) or an object store's URLs (s3://...)")
+
+
+def job_working_copy() -> str | None:
+    """Where a job submitted with a working_dir runs: Ray's copy of that folder, made for the job (and
+    deleted once unused: a later job of other code gets another), not the user's folder."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    return os.getcwd() if isinstance(job, dict) and (job.get("runtime_env") or {}).get("working_dir") else None
+
+
+def check_output_outlives_job(output_uri: str) -> None:
+    """Refuses an output in a submitted job's copy of its working dir (a relative --output there, as
+    typed on the user's machine): the answers went to a temporary folder of the head's."""
+    copy = job_working_copy()
+    if copy is None or not is_local(output_uri):
+        return
+    path = os.path.abspath(local_path(output_uri))
+    if path == copy or path.startswith(copy.rstrip("/") + "/"):
+        raise ValueError(f"output {path!r} lies in this job's copy of its --working-dir ({copy}), which Ray made for "
+                         "the job and deletes once unused (a resume with other code would not find it): name the "
+                         "output by an absolute path (a folder every node shares) or a URL (s3://...)")
 
 
 def node_name(node: dict) -> str:

@@ -92,12 +92,13 @@ def fsspec_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Abs
     if is_local(uri):
         return fsspec.filesystem("file"), os.path.abspath(fsspec.core.strip_protocol(uri))
     protocol = protocol_of(uri)
+    options = _options(protocol, storage_options)
     # A fresh instance: fsspec's cached ones keep directory listings from before a write.
     if protocol in S3_PROTOCOLS:
         from .s3_store import S3Store      # s3fs's, uploads without waiting for a "100 Continue"
-        fs = S3Store(skip_instance_cache=True, **_options(protocol, storage_options))
+        fs = S3Store(skip_instance_cache=True, **options)
     else:
-        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **_options(protocol, storage_options))
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
     return fs, fs._strip_protocol(uri)
 
 

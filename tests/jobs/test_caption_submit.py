@@ -1,6 +1,7 @@
 """A `ray start --head` cluster on localhost: `ray job submit --working-dir . -- python -m jobs.caption ...` to it,
 and a job typed on its machine without RAY_ADDRESS, which joins it as ray.init() does."""
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -72,26 +73,48 @@ def checkpoint(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("smolvlm"), "smolvlm")
 
 
+def submit(url: str, env: dict, job: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir . -- python -m jobs.caption <job>`, from the repository."""
+    runtime_env = '{"excludes": [".venv", ".git", "*.egg-info", ".pytest_cache"]}'
+    command = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".", "--runtime-env-json",
+               runtime_env, "--", "python", "-m", "jobs.caption", *job]
+    deadline = time.time() + 240  # the dashboard answers before the head's job agent is up, on a busy machine
+    while True:
+        done = subprocess.run(command, cwd=REPO, env=dict(env, RAY_AUTH_MODE="token"), capture_output=True,
+                              text=True, timeout=420)     # the CLI sends the token only when told to
+        if "No available agent" not in done.stderr or time.time() > deadline:
+            return done
+        time.sleep(3)
+
+
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_job_to_completion(cluster, checkpoint, tmp_path):
     url, env, _ = cluster
     write_parquet(tmp_path / "in.parquet", good_rows(4))
-    runtime_env = '{"excludes": [".venv", ".git", "*.egg-info", ".pytest_cache"]}'
-    command = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".", "--runtime-env-json",
-               runtime_env, "--", "python", "-m", "jobs.caption", "--input", str(tmp_path / "in.parquet"),
-               "--output", str(tmp_path / "out"), "--model", str(checkpoint), "--max-new-tokens", "3"]
-    deadline = time.time() + 240  # the dashboard answers before the head's job agent is up, on a busy machine
-    while True:
-        submit = subprocess.run(command, cwd=REPO, env=dict(env, RAY_AUTH_MODE="token"), capture_output=True,
-                                text=True, timeout=420)     # the CLI sends the token only when told to
-        if "No available agent" not in submit.stderr or time.time() > deadline:
-            break
-        time.sleep(3)
-    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
-    assert "succeeded" in submit.stdout
+    done = submit(url, env, ["--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+                             "--model", str(checkpoint), "--max-new-tokens", "3"])
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "succeeded" in done.stdout
     table = pads.dataset(tmp_path / "out").to_table()
     assert sorted(table.column("id").to_pylist()) == [f"row-{i}" for i in range(4)]
     assert (tmp_path / "out.summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_relative_output_of_a_submitted_job_is_refused_as_it_lies_in_rays_copy_of_the_working_dir(
+        cluster, checkpoint, tmp_path):
+    """It was answered into /tmp/ray/session_*/runtime_resources/working_dir_files/_ray_pkg_*/out, which Ray
+    deletes once unused, and which a job of other code does not run in."""
+    url, env, _ = cluster
+    write_parquet(tmp_path / "in.parquet", good_rows(2))
+    done = submit(url, env, ["--input", str(tmp_path / "in.parquet"), "--output", "out/captions",
+                             "--model", str(checkpoint), "--max-new-tokens", "3"])
+    assert done.returncode != 0 and "failed" in done.stdout, (done.stdout + done.stderr)[-3000:]
+    copy = re.search(r"lies in this job's copy of its --working-dir \((/\S+/_ray_pkg_\w+)\), which Ray made "
+                     r"for the job", done.stdout)
+    assert copy, done.stdout[-3000:]
+    assert f"error: output '{copy.group(1)}/out/captions' lies" in done.stdout
+    assert not Path(copy.group(1), "out").exists()      # refused before anything was written
 
 
 @pytest.mark.slow

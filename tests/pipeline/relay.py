@@ -21,7 +21,6 @@ class OutageRelay:
         self.target_port, self.down_s = target_port, down_s
         self.waiting = list(outages)
         self.happened: list[bytes] = []
-        self.requests: list[bytes] = []
         self.failures: list[str] = []           # what went wrong in the relay itself (a test asserts none)
         self._lock = threading.Lock()
         self._connections: list[socket.socket] = []
@@ -109,9 +108,6 @@ class OutageRelay:
     def _outage_for(self, data: bytes) -> bool:
         """Whether `data` starts the next outage (then taken: connections cut, nothing listening)."""
         with self._lock:
-            line = data.split(b"\r\n", 1)[0]
-            if line.endswith(b" HTTP/1.1"):
-                self.requests.append(line)
             if not self.waiting or self.waiting[0] not in data:
                 return False
             self.happened.append(self.waiting.pop(0))

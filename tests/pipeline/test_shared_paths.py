@@ -1,10 +1,13 @@
 """pipeline.shared_paths: what a node must see at a run's local paths, and what it reports seeing
 otherwise (a cluster of two nodes, one lacking them: tests/jobs/test_several_nodes.py)."""
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.config import PipelineConfig
-from pipeline.shared_paths import Expected, differences, expected_paths, sample
+from pipeline.shared_paths import Expected, check_output_outlives_job, differences, expected_paths, sample
 
 
 def run_folders(tmp_path, files: int = 3):
@@ -66,3 +69,22 @@ def test_an_image_root_of_its_own_is_expected_as_a_folder(tmp_path):
     expected = expected_paths(input_uri, output_uri, config)
     assert [e.flag for e in expected].count("--adapter") == 3
     assert expected[-1] == Expected("--image-root", str(tmp_path / "images"), None)
+
+
+def test_an_output_in_a_submitted_jobs_copy_of_its_working_dir_is_refused(tmp_path, monkeypatch):
+    """As `ray job submit --working-dir . -- python -m jobs.caption --output out` runs: in Ray's copy of the
+    folder (tests/jobs/test_caption_submit.py submits one)."""
+    copy = tmp_path / "_ray_pkg_1234"
+    copy.mkdir()
+    monkeypatch.chdir(copy)
+    check_output_outlives_job("out")        # not a submitted job's
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_1234.zip"}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    for output in ("out", str(copy / "out"), "."):
+        with pytest.raises(ValueError, match=rf"^output '{copy}(/out)?' lies in this job's copy of its --working-dir "
+                                             rf"\({copy}\), which Ray made for the job and deletes once unused"):
+            check_output_outlives_job(output)
+    for output in (str(tmp_path / "out"), "../out", "s3://bucket/out"):
+        check_output_outlives_job(output)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))
+    check_output_outlives_job("out")        # a job without a working dir runs where it was started
