@@ -96,11 +96,16 @@ def print_error(error: BaseException | str, parser: argparse.ArgumentParser | No
     """A job's one-line error, without the passwords, signatures or tokens of the URLs it quotes; with the
     job's `parser`, a setting the message begins with is named by its flag (the library's
     "max_new_tokens must be >= 1" is "--max-new-tokens must be >= 1" on the command line)."""
+    from pipeline.shared_paths import job_working_copy
     from pipeline.storage import redact_urls
 
     message = str(error)
     if parser is not None:
         message = in_flag_words(message, parser)
+    copy = job_working_copy()
+    if isinstance(error, FileNotFoundError) and copy is not None:
+        message += (f" (a submitted job runs on the cluster's head, in Ray's copy of its --working-dir, {copy}: "
+                    "a relative path is read there, an absolute one on the head's disk)")
     print(f"error: {redact_urls(message)}", file=sys.stderr)
 
 

@@ -143,6 +143,24 @@ def test_clear_errors_for_bad_arguments(checkpoint, tmp_path):
     assert bad.returncode == 2 and "--storage-options must be a JSON object" in log
 
 
+def test_a_missing_path_of_a_submitted_job_is_named_with_where_the_job_runs(checkpoint, tmp_path, monkeypatch, capsys):
+    """`ray job submit --working-dir . -- python -m jobs.caption --input data/rows.parquet` reads it in Ray's copy
+    of the folder on the head (tests/jobs/test_caption_submit.py submits jobs), not on the user's machine."""
+    from jobs.caption import main
+
+    (tmp_path / "_ray_pkg_1234").mkdir()
+    monkeypatch.chdir(tmp_path / "_ray_pkg_1234")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://x.zip"}}))
+    assert main(["--input", "data/rows.parquet", "--output", str(tmp_path / "out"), "--model", str(checkpoint)]) == 2
+    assert capsys.readouterr().err == (
+        "error: input 'data/rows.parquet' does not exist (a submitted job runs on the cluster's head, in Ray's copy of "
+        f"its --working-dir, {tmp_path}/_ray_pkg_1234: a relative path is read there, an absolute one on the head's "
+        "disk)\n")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert main(["--input", "data/rows.parquet", "--output", str(tmp_path / "out"), "--model", str(checkpoint)]) == 2
+    assert capsys.readouterr().err == "error: input 'data/rows.parquet' does not exist\n"
+
+
 def test_an_error_quotes_urls_without_their_secrets(checkpoint, tmp_path):
     from tests.pipeline.helpers import serve_folder
 
