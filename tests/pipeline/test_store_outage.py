@@ -133,3 +133,28 @@ def test_an_upload_to_a_store_that_never_answers_fails_after_its_read_timeouts(t
         assert time.monotonic() - start < 60 and held       # s3fs's own 5 tries of 1 s each, and their waits
     finally:
         listener.close()
+
+
+def test_a_request_failing_during_an_outage_is_logged_at_most_a_line_every_ten_seconds(moto_port, caplog,
+                                                                                        monkeypatch):
+    """botocore retries without a word: a run waiting out an outage only stalled its progress line."""
+    from pipeline import s3_store
+    from pipeline.storage import fsspec_fs, patient_stores
+
+    monkeypatch.setattr(s3_store.FAILURES, "_last", -s3_store.QUIET_S)     # another test's line is not this one's
+    bucket = f"logged-{uuid.uuid4().hex[:8]}"
+    relay = OutageRelay(moto_port, [f"PUT /{bucket}/a".encode()], down_s=4.0)
+    try:
+        options = {"key": "testing", "secret": "testing", "endpoint_url": relay.url}
+        with patient_stores():
+            fs, _ = fsspec_fs(f"s3://{bucket}", options)
+        fs.mkdir(bucket)
+        with caplog.at_level("WARNING", logger="pipeline.s3_store"):
+            fs.pipe(f"{bucket}/a", b"answers")      # refused for 4 s: botocore's standard retries wait it out
+        assert fs.cat(f"{bucket}/a") == b"answers" and relay.happened and not relay.failures
+        lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.s3_store"]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("S3 PutObject failed, attempt 1: ") and lines[0].endswith(
+            "; botocore tries again while its retries last"), lines
+    finally:
+        relay.close()
