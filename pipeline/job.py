@@ -415,22 +415,22 @@ def _run(job: PreparedJob) -> dict:
 def failures_in_one_line():
     """The run ends with a failure's cause in one line, not Ray's remote traceback (hundreds of lines):
     an actor that could not start (StartFailed, naming the stage, "Generate": the model replicas), or a
-    task that failed (RunFailed). A failed task's error is also of its cause's type, so a store's
-    FileNotFoundError or PermissionError mid-run (a bucket removed, credentials revoked) read as a bad
-    argument (exit 2)."""
+    task or actor that failed, a node's death among the causes (RunFailed). A failed task's error is
+    also of its cause's type, so a store's FileNotFoundError or PermissionError mid-run (a bucket
+    removed, credentials revoked) read as a bad argument (exit 2)."""
     try:
         yield
-    except ray.exceptions.RayActorError as e:
-        if not getattr(e, "actor_init_failed", False):
-            raise
+    except ray.exceptions.RayError as e:    # RayTaskError, RayActorError, NodeDiedError, UnserializableException...
         stage = re.search(r"MapBatches\((\w+)\)", str(e))
-        cause = str(e).strip().splitlines()[-1]
-        raise StartFailed(f"the run's {stage.group(1) + ' ' if stage else ''}actors could not start: {cause}") \
-            from None
-    except ray.exceptions.RayTaskError as e:
+        if isinstance(e, ray.exceptions.RayActorError) and getattr(e, "actor_init_failed", False):
+            raise StartFailed(f"the run's {stage.group(1) + ' ' if stage else ''}actors could not start: "
+                              f"{last_line(e)}") from None
         cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
-        lines = str(cause).strip().splitlines() or [""]
-        raise RunFailed(f"the run failed: {type(cause).__name__}: {redact_urls(lines[-1])}") from None
+        raise RunFailed(f"the run failed: {type(cause).__name__}: {redact_urls(last_line(cause))}") from None
+
+
+def last_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[-1]
 
 
 def answer_rows(job: PreparedJob) -> tuple[float, dict]:

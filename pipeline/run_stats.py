@@ -35,11 +35,15 @@ class RunStats:
 
 class RunCounter:
     """The driver's side: starts the run's counter (its `name` goes to the replicas) and `close()`
-    reads it. The handle is kept: a named actor still dies when its creator's last handle goes."""
+    reads it. The handle is kept: a named actor still dies when its creator's last handle goes. It
+    lives on the driver's node: on another, that node's loss mid-run lost the run's counts."""
 
     def __init__(self) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         self.name = NAME_PREFIX + uuid.uuid4().hex[:12]
-        self.handle = RunStats.options(name=self.name).remote()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.handle = RunStats.options(name=self.name, scheduling_strategy=here).remote()
 
     def close(self) -> dict[str, int]:
         """The counts reported, and the counter gone; none where it died (the run's own error, if

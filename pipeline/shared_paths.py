@@ -139,13 +139,26 @@ def check_nodes_share_paths(input_uri: str, output_uri: str, config: PipelineCon
     for ref in late:
         log.warning("node %s did not say within %g s whether it sees the run's local paths: not checked",
                     node_name(asked[ref]), NODE_ANSWER_S)
-    refused = [(asked[ref], found) for ref in answered if (found := ray.get(ref))]
+    refused = [(asked[ref], found) for ref in answered if (found := node_answer(ref, asked[ref]))]
     if refused:
         node, found = refused[0]
         others = f" (and {len(refused) - 1} other nodes)" if len(refused) > 1 else ""
         raise ValueError(f"node {node_name(node)}{others} of the cluster does not see this machine's files: "
                          + "; ".join(found[:3]) + ". Every node works on the run: on a cluster of several nodes, "
                          "name folders all nodes share (NFS, a mounted volume) or an object store's URLs (s3://...)")
+
+
+def node_answer(ref, node: dict) -> list[str]:
+    """A node's differences; none from a node that died meanwhile (warned of: the run goes on without it)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as e:
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        log.warning("node %s could not say whether it sees the run's local paths (%s): not checked",
+                    node_name(node), cause)
+        return []
 
 
 def job_working_copy() -> str | None:

@@ -645,3 +645,29 @@ def test_a_task_that_fails_mid_run_ends_it_in_one_line(ray_cluster):
     assert not isinstance(failed.value, FileNotFoundError) and "\n" not in message
     assert message.startswith("the run failed: FileNotFoundError: The specified bucket does not exist: s3://")
     assert "SECRET" not in message and message.endswith("failing/out")
+
+
+def test_an_actor_or_a_node_lost_mid_run_ends_it_in_one_line(ray_cluster):
+    """A multi-node audit: a node lost as Ray Data listed the input ended the job in ~150 lines of
+    UnserializableException (an error its node's death kept from being sent); an actor that died past
+    its restarts (not as it started) went out as Ray's own traceback too."""
+    import os
+
+    import ray
+
+    from pipeline.errors import RunFailed, StartFailed
+    from pipeline.job import failures_in_one_line
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class Replica:
+        def answer(self):
+            os._exit(1)
+
+    with pytest.raises(RunFailed) as failed:
+        with failures_in_one_line():
+            ray.get(Replica.remote().answer.remote())
+    assert not isinstance(failed.value, StartFailed) and "\n" not in str(failed.value)
+    assert str(failed.value).startswith("the run failed: ActorDiedError: ")
+    with pytest.raises(RunFailed, match=r"^the run failed: NodeDiedError: The node 10\.0\.0\.5 died\.$"):
+        with failures_in_one_line():
+            raise ray.exceptions.NodeDiedError("Traceback...\n  File x\nThe node 10.0.0.5 died.")

@@ -45,3 +45,16 @@ def test_the_model_stage_starts_its_replicas_on_those_nodes(three_nodes):
     replicas = [Replica.options(num_cpus=replica_cpu_count(config)).remote() for _ in range(replica_count(config))]
     nodes = ray.get([r.node.remote() for r in replicas], timeout=60)
     assert len(set(nodes)) == 2
+
+
+def test_the_runs_counter_lives_on_the_drivers_node(three_nodes):
+    """On another node, that node's loss mid-run lost the run's counts (a multi-node audit: "replicas": {})."""
+    import ray
+
+    from pipeline.run_stats import RunCounter
+
+    counters = [RunCounter() for _ in range(4)]
+    where = [c.handle.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for c in counters]
+    assert set(ray.get(where, timeout=60)) == {ray.get_runtime_context().get_node_id()}
+    for counter in counters:
+        assert counter.close() == {}

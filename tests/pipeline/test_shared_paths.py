@@ -88,3 +88,24 @@ def test_an_output_in_a_submitted_jobs_copy_of_its_working_dir_is_refused(tmp_pa
         check_output_outlives_job(output)
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))
     check_output_outlives_job("out")        # a job without a working dir runs where it was started
+
+
+def test_a_node_that_dies_as_it_is_asked_is_warned_of_and_not_waited_for(ray_cluster, caplog):
+    """A node lost during the check ended the job in a NodeDiedError traceback (a multi-node audit)."""
+    import os
+
+    import ray
+
+    from pipeline.shared_paths import node_answer
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class Node:
+        def differences(self):
+            os._exit(1)
+
+    node = {"NodeManagerAddress": "10.0.0.5", "NodeID": "ab12cd34" + "0" * 48}
+    with caplog.at_level("WARNING", logger="pipeline.shared_paths"):
+        assert node_answer(Node.remote().differences.remote(), node) == []
+    assert caplog.records[-1].getMessage().startswith(
+        "node 10.0.0.5 (id ab12cd34) could not say whether it sees the run's local paths (")
+    assert caplog.records[-1].getMessage().endswith("): not checked")
