@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .storage import is_local
 
 SAMPLED_INPUT_FILES = 32
 NODE_ANSWER_S = 60.0
+RECHECK_WAITS_S = (2, 4, 8, 16, 32)
 log = logging.getLogger(__name__)
 
 
@@ -124,14 +126,32 @@ def working_nodes() -> list[dict]:
 def check_nodes_share_paths(input_uri: str, output_uri: str, config: PipelineConfig) -> None:
     """Refuses a run whose local paths other nodes of the cluster do not see as the driver does
     (ValueError naming the node, the flag and the path); a node that does not answer within
-    NODE_ANSWER_S is warned of, not waited for."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+    NODE_ANSWER_S is warned of, not waited for. A node that lacks only the run manifest just written
+    is asked again for a minute first: a shared file system's client may answer from its cache for
+    that long (NFS keeps a folder's listing up to 60 s)."""
     nodes = working_nodes()
     expected = expected_paths(input_uri, output_uri, config) if nodes else []
     if not expected:
         return
+    refused = ask_nodes(nodes, expected)
+    for wait in RECHECK_WAITS_S:
+        if not refused or not all(only_fresh(found, expected) for _, found in refused):
+            break
+        time.sleep(wait)
+        refused = ask_nodes([node for node, _ in refused], expected)
+    if refused:
+        node, found = refused[0]
+        others = f" (and {len(refused) - 1} other nodes)" if len(refused) > 1 else ""
+        raise ValueError(f"node {node_name(node)}{others} of the cluster does not see this machine's files: "
+                         + "; ".join(found[:3]) + ". Every node works on the run: on a cluster of several nodes, "
+                         "name folders all nodes share (NFS, a mounted volume) or an object store's URLs (s3://...)")
+
+
+def ask_nodes(nodes: list[dict], expected: list[Expected]) -> list[tuple[dict, list[str]]]:
+    """Each node that answers and sees otherwise, with what it sees (a task pinned to each)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     look = ray.remote(num_cpus=0, max_retries=0)(differences)
     asked = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(expected):
              n for n in nodes}
@@ -139,13 +159,13 @@ def check_nodes_share_paths(input_uri: str, output_uri: str, config: PipelineCon
     for ref in late:
         log.warning("node %s did not say within %g s whether it sees the run's local paths: not checked",
                     node_name(asked[ref]), NODE_ANSWER_S)
-    refused = [(asked[ref], found) for ref in answered if (found := node_answer(ref, asked[ref]))]
-    if refused:
-        node, found = refused[0]
-        others = f" (and {len(refused) - 1} other nodes)" if len(refused) > 1 else ""
-        raise ValueError(f"node {node_name(node)}{others} of the cluster does not see this machine's files: "
-                         + "; ".join(found[:3]) + ". Every node works on the run: on a cluster of several nodes, "
-                         "name folders all nodes share (NFS, a mounted volume) or an object store's URLs (s3://...)")
+    return [(asked[ref], found) for ref in answered if (found := node_answer(ref, asked[ref]))]
+
+
+def only_fresh(found: list[str], expected: list[Expected]) -> bool:
+    """Whether a node's differences are all of files the driver has just written (those with a digest)."""
+    fresh = tuple(f"{e.flag}: {e.path} " for e in expected if e.digest is not None)
+    return bool(fresh) and all(line.startswith(fresh) for line in found)
 
 
 def node_answer(ref, node: dict) -> list[str]:

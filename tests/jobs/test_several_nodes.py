@@ -3,12 +3,14 @@ mount namespace where a tmpfs hides one folder of this machine's, as another mac
 local folders. A run whose local paths lie there is refused before any work, naming the node; a run on
 folders both nodes see answers every row."""
 import os
+import re
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -72,9 +74,10 @@ def two_nodes(tmp_path_factory):
         shutil.rmtree(base, ignore_errors=True)
 
 
-def caption(env: dict, folder: Path) -> subprocess.CompletedProcess:
+def caption(env: dict, folder: Path, output: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "jobs.caption", "--input", str(folder / "in.parquet"),
-                           "--output", str(folder / "out"), "--model", str(folder / "ckpt"), "--max-new-tokens", "3",
+                           "--output", str(output or folder / "out"), "--model", str(folder / "ckpt"),
+                           "--max-new-tokens", "3",
                            "--device", "cpu", "--no-compile", "--show", "0"],
                           cwd=REPO, env=dict(env, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
 
@@ -107,3 +110,19 @@ def test_a_run_on_folders_every_node_sees_answers_every_row(two_nodes, tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert sorted(pads.dataset(tmp_path / "out").to_table().column("id").to_pylist()) == \
         [f"row-{i}" for i in range(6)]
+
+
+@pytest.mark.slow
+def test_an_output_only_this_machine_sees_is_refused_once_asked_again_for_a_minute(two_nodes, tmp_path):
+    """The input and the model both nodes see; the output's folder the second lacks. Its run manifest, just
+    written, is asked of the node again for a minute (a shared file system may show it that late) before
+    the run is refused."""
+    env, hidden = two_nodes
+    start = time.monotonic()
+    done = caption(env, dataset_in(tmp_path, 2), output=hidden / "only-here")
+    assert done.returncode == 2, (done.stdout + done.stderr)[-3000:]
+    assert time.monotonic() - start > 62
+    error = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    refusal = (r"error: node [\d.]+ \(id \w{8}\) of the cluster does not see this machine's files: --output \(its "
+               rf"run manifest\): {hidden}/only-here\.run\.json does not exist there\. Every node works on the run: .*")
+    assert len(error) == 1 and re.fullmatch(refusal, error[0]), done.stderr[-3000:]

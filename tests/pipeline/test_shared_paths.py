@@ -109,3 +109,16 @@ def test_a_node_that_dies_as_it_is_asked_is_warned_of_and_not_waited_for(ray_clu
     assert caplog.records[-1].getMessage().startswith(
         "node 10.0.0.5 (id ab12cd34) could not say whether it sees the run's local paths (")
     assert caplog.records[-1].getMessage().endswith("): not checked")
+
+
+def test_only_the_just_written_manifest_missing_is_asked_again(tmp_path):
+    """A shared file system's client may not see the driver's new file for a while (NFS caches a folder's
+    listing up to 60 s); what was there before the run is either seen at once or not at all."""
+    from pipeline.shared_paths import only_fresh
+
+    expected = expected_paths(*run_folders(tmp_path))
+    (tmp_path / "out.run.json").unlink()
+    assert only_fresh(differences(expected), expected)
+    (tmp_path / "in" / "part-000.parquet").unlink()
+    assert not only_fresh(differences(expected), expected)
+    assert not only_fresh(differences(expected[1:]), expected[1:])      # no manifest (an object store's output)
