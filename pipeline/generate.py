@@ -24,7 +24,7 @@ from .replica import load_engine, pick_device, replica_kind, replica_placement_g
 from .requests import WHOLE, RowRequests, error_output
 from .rows import (CHOICE_LOGPROBS, KEPT, LOGPROB, ROW_SCORED, SAMPLES, SAMPLES_LOGPROB, TOKEN_LOGPROBS, RowError,
                    error_message, output_schema)
-from .run_stats import REPLICA_KIND, StatsReporter
+from .run_stats import StatsReporter, replica_key
 from .structured import answer_field, parsed_answers, parsed_lists
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Generate(RowRequests):
         RowRequests.__init__(self, config, self.encoder, self.device)
         self.ledger, self.gate = CrashLedger(ledger_path("generate")), Gate()
         self.shared, self.stats = SharedAnswers(), StatsReporter(stats)
-        self.unreported_kind: str | None = REPLICA_KIND + replica_kind(self.engine, self.device, tp)
+        self.unreported_kind: str | None = replica_key(replica_kind(self.engine, self.device, tp))
         if tp > 1:
             self.device = "cpu"  # this actor holds no device; the ranks move the pixel values to theirs
 

@@ -31,7 +31,7 @@ from .resume import (checkpoint_config, clean_pending_commits, clear_checkpoint,
                      missing_ids, output_ids, unanswered_rows)
 from .retry import drop_error_rows
 from .rows import ROW_HASH, error_kind, keep_ids, rename_columns
-from .run_stats import REPLICA_KIND, RunCounter
+from .run_stats import RunCounter, replica_kinds
 from .shared_paths import check_nodes_share_paths, check_output_outlives_job
 from .storage import (absolute_location, fsspec_fs, has_files, is_local, lists_folders, patient_stores, redact_url,
                       redact_urls, sibling, write_text)
@@ -487,8 +487,7 @@ def summarize(input_uri: str, output_uri: str, before: dict, after: dict, wall: 
                "rows_this_run": rows, "generated_tokens_this_run": generated, "wall_s": round(wall, 3),
                "rows_per_s": rate(rows), "generated_tokens_per_s": rate(generated),
                "shared_answer_rows": reported.get("shared_answer_rows", 0), "shared_answer_tokens": shared,
-               "replicas": {k.removeprefix(REPLICA_KIND): n for k, n in reported.items()
-                            if k.startswith(REPLICA_KIND)},
+               "replicas": replica_kinds(reported),
                "errors_by_kind": after["errors_by_kind"]}
     if scored:
         summary.update(scored_tokens_this_run=tokens, scored_tokens_per_s=rate(tokens))

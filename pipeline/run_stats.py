@@ -18,7 +18,19 @@ import ray
 log = logging.getLogger(__name__)
 
 NAME_PREFIX = "idefics3-run-stats-"
-REPLICA_KIND = "replica: "      # a count's key: one replica that ran so (pipeline.replica.replica_kind)
+REPLICA_KIND = "replica: "      # a count's key: one replica that ran so (pipeline.replica.replica_kind),
+REPLICA_OF = " of actor "       # ... and which: a replica restarted (its actor's id kept) reports again
+
+
+def replica_key(kind: str) -> str:
+    """A replica's count key: its kind and, inside an actor, the actor's id."""
+    return f"{REPLICA_KIND}{kind}{REPLICA_OF}{ray.get_runtime_context().get_actor_id() or ''}"
+
+
+def replica_kinds(counts: dict[str, int]) -> dict[str, int]:
+    """How many replicas ran each kind: their keys, not the reports (a restarted replica's count twice)."""
+    kinds = (k.removeprefix(REPLICA_KIND).split(REPLICA_OF)[0] for k in counts if k.startswith(REPLICA_KIND))
+    return dict(Counter(kinds))
 
 
 @ray.remote(num_cpus=0)

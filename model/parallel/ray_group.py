@@ -75,9 +75,11 @@ class RayTPGroup:
 
     def _start(self, ray, timeout_s: float) -> None:
         """Raises TPGroupBroken where a rank dies while the group starts: the caller may build another
-        (as it does for a rank lost later); a load that fails on a rank is that rank's error."""
+        (as it does for a rank lost later); a load that fails on a rank is that rank's error. Ranks
+        that no node can hold within `timeout_s` (a group rebuilt after its node's loss, where no node
+        left has room) are a RuntimeError: they waited for ever."""
         try:
-            hosts = ray.get([w.hostname.remote() for w in self.workers])
+            hosts = self._hosts(ray, timeout_s)
             if len(set(hosts)) != 1:
                 raise RuntimeError(f"the ranks of one tensor-parallel replica landed on several nodes "
                                    f"{sorted(set(hosts))}: place them with a STRICT_PACK placement group")
@@ -90,6 +92,14 @@ class RayTPGroup:
             self.broken = f"rank {dead[0]} died while the group started: {type(e).__name__}: {e}"
             raise TPGroupBroken(self.broken) from e
         self.follow_refs = [w.follow.remote() for w in self.workers[1:]]
+
+    def _hosts(self, ray, timeout_s: float) -> list[str]:
+        try:
+            return ray.get([w.hostname.remote() for w in self.workers], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"the {len(self.workers)} ranks of a tensor-parallel replica did not start within "
+                               f"{timeout_s:.0f}s: no node could hold them (cluster resources: "
+                               f"{ray.cluster_resources()})") from None
 
     def _dead_ranks(self, ray, wait_s: float = 10.0) -> list[int]:
         """The ranks whose actor has died (one still busy is taken as alive)."""

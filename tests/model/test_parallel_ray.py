@@ -93,3 +93,19 @@ def test_ray_group_built_inside_a_capturing_actor(cluster, checkpoint):
     finally:
         ray.kill(replica)
         remove_placement_group(group)
+
+
+@pytest.mark.timeout(90, method="thread")     # a hang in ray.get: no signal reaches it
+def test_ranks_that_no_node_can_hold_are_an_error_not_a_wait_for_ever(cluster, checkpoint):
+    """A group rebuilt in its placement group after that group's node was lost, where no node left had room:
+    its ranks waited for creation for ever, the run with them (a multi-node audit). The group is never
+    placed here (bundles of 8 CPUs on a cluster of 2)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([{"CPU": 8}, {"CPU": 8}], strategy="STRICT_PACK")
+    try:
+        with pytest.raises(RuntimeError, match=r"^the 2 ranks of a tensor-parallel replica did not start within 3s: "
+                                               r"no node could hold them \(cluster resources: "):
+            RayTPGroup(checkpoint("idefics3"), 2, placement_group=group, cpu_threads=1, timeout_s=3)
+    finally:
+        remove_placement_group(group)

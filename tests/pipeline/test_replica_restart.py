@@ -29,10 +29,12 @@ def faulty_cluster(tmp_path_factory):
 def test_dead_replica_is_restarted_and_its_rows_retried(faulty_cluster, checkpoint, oracle, tmp_path):
     rows = [r for r in good_rows(6) if r["id"] != HANG_ROW]
     write_parquet(tmp_path / "in.parquet", rows)
-    config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW, batch_size=2)
-    run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config)
+    # one batch at a time: the first is answered (and its replica counted) before the second kills the process
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW, batch_size=2, batches_in_flight=1)
+    summary = run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config)
     assert faulty_cluster[0].exists(), "the replica never reached the row that kills it"
     assert_reference_answers(tmp_path / "out", rows, config, oracle)
+    assert summary["replicas"] == {"cpu float32": 1}      # restarted, one replica still (it was counted twice)
 
 
 def test_hung_replica_is_ended_by_its_watchdog_and_its_rows_retried(faulty_cluster, checkpoint, oracle, tmp_path):
@@ -50,7 +52,8 @@ def test_rows_that_kill_their_process_every_time_become_error_rows(faulty_cluste
     rows = [r for r in good_rows(6) if r["id"] not in (CRASH_ROW, HANG_ROW)]
     poisoned = [dict(rows[i], id=POISON[stage]) for i, stage in enumerate(POISON)]
     write_parquet(tmp_path / "in.parquet", rows[:2] + poisoned[:1] + rows[2:] + poisoned[1:])
-    config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW, batch_size=2)
+    # one batch at a time: the first is answered (and its replica counted) before the second kills the process
+    config = PipelineConfig(model=str(checkpoint), max_new_tokens=MAX_NEW, batch_size=2, batches_in_flight=1)
     summary = run_job(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config)
     out = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
     assert sorted(out) == sorted([r["id"] for r in rows] + list(POISON.values()))
