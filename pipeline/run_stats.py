@@ -23,8 +23,10 @@ REPLICA_OF = " of actor "       # ... and which: a replica restarted (its actor'
 
 
 def replica_key(kind: str) -> str:
-    """A replica's count key: its kind and, inside an actor, the actor's id."""
-    return f"{REPLICA_KIND}{kind}{REPLICA_OF}{ray.get_runtime_context().get_actor_id() or ''}"
+    """A replica's count key: its kind and, inside an actor, the actor's id (ray.get_runtime_context()
+    would start a Ray cluster where none is: a stage made outside Ray, as the library's users may)."""
+    actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+    return f"{REPLICA_KIND}{kind}{REPLICA_OF}{actor or ''}"
 
 
 def replica_kinds(counts: dict[str, int]) -> dict[str, int]:
